@@ -1,0 +1,1 @@
+"""Audio in, VAD, streaming Whisper, transcripts out."""

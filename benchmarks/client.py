@@ -1,0 +1,156 @@
+"""A native-protocol caller: streams real audio over a websocket the way a
+phone line does (20 ms frames, real time or faster), records every server
+event with its arrival time. Used by the tests and by benchmarks/ttfs.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+
+from asr.vad import CHUNK, SileroVAD
+from streaming.codecs import encode, float_to_int16
+
+FRAME_S = 0.02
+
+
+@dataclass
+class Received:
+    at: float
+    event: dict[str, Any]
+
+
+@dataclass
+class CallResult:
+    events: list[Received] = field(default_factory=list)
+    last_voice_sent_at: float | None = None  # monotonic
+    audio_done_at: float | None = None
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [r.event for r in self.events if r.event.get("type") == kind]
+
+    def first_at(self, kind: str, **match: Any) -> float | None:
+        for r in self.events:
+            if r.event.get("type") == kind and all(r.event.get(k) == v for k, v in match.items()):
+                return r.at
+        return None
+
+    @property
+    def ttfs_s(self) -> float | None:
+        first = self.first_at("response.sentence", first=True)
+        if first is None or self.last_voice_sent_at is None:
+            return None
+        return first - self.last_voice_sent_at
+
+
+_vad: SileroVAD | None = None
+
+
+def last_voiced_s(audio16k: np.ndarray, threshold: float = 0.5) -> float:
+    """End of the last voiced 32 ms chunk of a clip (Silero, run offline)."""
+    global _vad
+    if _vad is None:
+        _vad = SileroVAD()
+    probs = _vad.stream().process(audio16k)
+    voiced = np.nonzero(probs >= threshold)[0]
+    return 0.0 if len(voiced) == 0 else float((voiced[-1] + 1) * CHUNK / 16000)
+
+
+def frames(audio: np.ndarray, rate: int, encoding: str) -> list[bytes]:
+    pcm = float_to_int16(audio)
+    n = int(rate * FRAME_S)
+    return [encode(pcm[i : i + n], encoding) for i in range(0, len(pcm), n)]  # type: ignore[arg-type]
+
+
+class NativeCaller:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ws: ClientConnection | None = None
+        self.result = CallResult()
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[str, dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+
+    async def __aenter__(self) -> NativeCaller:
+        self.ws = await connect(self.url, max_size=1 << 20, compression=None)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                ev = json.loads(raw)
+                self.result.events.append(Received(time.monotonic(), ev))
+                for waiter in list(self._waiters):
+                    kind, match, fut = waiter
+                    if ev.get("type") == kind and all(ev.get(k) == v for k, v in match.items()):
+                        self._waiters.remove(waiter)
+                        if not fut.done():
+                            fut.set_result(ev)
+        for _, _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection closed"))
+
+    async def send_json(self, msg: dict[str, Any]) -> None:
+        assert self.ws is not None
+        await self.ws.send(json.dumps(msg))
+
+    async def send_raw(self, data: str | bytes) -> None:
+        assert self.ws is not None
+        await self.ws.send(data)
+
+    async def wait_for(self, kind: str, timeout: float = 60.0, **match: Any) -> dict[str, Any]:
+        for r in self.result.events:
+            if r.event.get("type") == kind and all(r.event.get(k) == v for k, v in match.items()):
+                return r.event
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters.append((kind, match, fut))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def start(self, encoding: str = "mulaw", sample_rate: int = 8000, **extra: Any) -> dict[str, Any]:
+        await self.send_json({"type": "start", "audio": {"encoding": encoding, "sample_rate": sample_rate}, **extra})
+        return await self.wait_for("ready", timeout=10)
+
+    async def play(
+        self,
+        audio: np.ndarray,
+        rate: int,
+        encoding: str,
+        realtime: bool = True,
+        speed: float = 1.0,
+        last_voice_s: float | None = None,
+    ) -> None:
+        """Send ``audio`` (float32 at ``rate``) as 20 ms frames. Records when
+        the frame holding the last voiced sample left."""
+        assert self.ws is not None
+        chunks = frames(audio, rate, encoding)
+        t0 = time.monotonic()
+        for i, chunk in enumerate(chunks):
+            if realtime:
+                delay = t0 + i * FRAME_S / speed - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await self.ws.send(chunk)
+            if (
+                last_voice_s is not None
+                and self.result.last_voice_sent_at is None
+                and (i + 1) * FRAME_S >= last_voice_s
+            ):
+                self.result.last_voice_sent_at = time.monotonic()
+            if not realtime and i % 50 == 49:
+                await asyncio.sleep(0)  # let the reader run
+        self.result.audio_done_at = time.monotonic()

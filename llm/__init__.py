@@ -1,0 +1,1 @@
+"""LLM engines behind one interface: llama.cpp (embedded CPU), vLLM (in-process), remote."""

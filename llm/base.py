@@ -1,0 +1,83 @@
+"""The one interface every LLM engine implements.
+
+A call session never knows which engine answers it: it builds a
+:class:`GenerationRequest`, iterates :meth:`LLMEngine.stream` for text deltas
+and cancels the consuming task (or closes the iterator) to abort. Every engine
+must free the request in the engine on cancellation, so a barge-in or a
+hang-up costs no further compute.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Usage:
+    """Token counts for one generation; filled in by the engine as it streams."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Speculative decoding: tokens proposed by the drafter and how many the
+    # target model accepted. Zero when speculation is off.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        if self.draft_tokens == 0:
+            return None
+        return self.accepted_tokens / self.draft_tokens
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+        }
+
+
+@dataclass
+class GenerationRequest:
+    """One reply to generate. ``messages`` are OpenAI-style chat messages,
+    system prompt first, history in order, the caller's turn last."""
+
+    request_id: str
+    messages: list[dict[str, str]]
+    max_tokens: int = 96
+    temperature: float = 0.0
+    usage: Usage = field(default_factory=Usage)
+
+
+class EngineError(RuntimeError):
+    """The engine failed to produce a reply (not a cancellation)."""
+
+
+class LLMEngine(abc.ABC):
+    """An engine is started once per process and shared by every call."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model and run one warm-up generation. Returns when warm."""
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Yield text deltas as the model produces them.
+
+        Cancelling the consumer (or ``aclose()``) aborts the request inside the
+        engine. ``request.usage`` is complete once iteration ends.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the engine (threads, processes, memory)."""
+
+    def describe(self) -> dict[str, object]:
+        """Model, device and speculation settings, for logs and benchmarks."""
+        return {"engine": self.name}

@@ -1,0 +1,53 @@
+"""LLM settings. Every path and device is settable so a GPU deployment points
+at its own model; the defaults are the embedded CPU models shipped on PyPI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+EngineName = Literal["llamacpp", "vllm"]
+SpeculationMethod = Literal["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"]
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful voice assistant on a phone call. "
+    "Answer in one or two short spoken sentences. No lists, no markdown."
+)
+
+
+@dataclass
+class SpeculationConfig:
+    method: SpeculationMethod = "none"
+    # Tokens proposed per step (vLLM num_speculative_tokens, llama.cpp n_max).
+    num_tokens: int = 4
+    # Draft / EAGLE-3 / MTP model path (GPU deployments); unused for ngram.
+    draft_model: str | None = None
+    # ngram lookup window (vLLM prompt_lookup_min/max, llama.cpp ngram size).
+    ngram_min: int = 2
+    ngram_max: int = 4
+
+
+@dataclass
+class LLMConfig:
+    engine: EngineName = "llamacpp"
+    # GGUF file for llama.cpp; HF folder (or hub id on a machine with a hub)
+    # for vLLM. None means the embedded model (SmolLM2-135M-Instruct).
+    model: str | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int = 2
+    context_tokens: int = 2048
+    max_tokens: int = 96
+    temperature: float = 0.0
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # How many previous user/assistant turns a call keeps in its prompt.
+    history_turns: int = 10
+    # Parallel request slots (llama.cpp) / max sequences (vLLM).
+    parallel: int = 4
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    # vLLM only.
+    enforce_eager: bool = True
+    prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.85
+    dtype: str = "auto"
+    # Where converted models (GGUF -> HF safetensors for vLLM) are cached.
+    data_dir: str | None = None

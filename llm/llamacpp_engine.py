@@ -1,0 +1,190 @@
+"""llama.cpp engine (via the prebuilt `xllamacpp` wheel): the embedded CPU default.
+
+xllamacpp runs llama.cpp's own server loop in-process: continuous batching
+across ``parallel`` slots, prompt (prefix) caching per slot, and ngram
+speculation with draft/accept counters. A request is a blocking call that
+invokes a callback per streamed chunk; returning True from the callback
+cancels the request inside llama.cpp, which is how barge-in frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+_SPECULATION_TYPES = {
+    "none": "COMMON_SPECULATIVE_TYPE_NONE",
+    "ngram": "COMMON_SPECULATIVE_TYPE_NGRAM_SIMPLE",
+    "draft_model": "COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE",
+    "eagle3": "COMMON_SPECULATIVE_TYPE_DRAFT_EAGLE3",
+    "mtp": "COMMON_SPECULATIVE_TYPE_DRAFT_MTP",
+}
+
+_DONE = object()
+
+
+def resolve_gguf(model: str | None) -> Path:
+    if model is None:
+        from llm.models import embedded_gguf_path
+
+        return embedded_gguf_path()
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise EngineError(f"llama.cpp needs a GGUF file; {path} does not exist")
+    return path
+
+
+class LlamaCppEngine(LLMEngine):
+    name = "llamacpp"
+
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        self.model_path = resolve_gguf(config.model)
+        self._server: Any = None
+        # One thread per llama.cpp slot: each blocking request holds a thread
+        # until it finishes or is cancelled.
+        self._pool = ThreadPoolExecutor(max_workers=config.parallel, thread_name_prefix="llamacpp")
+        self.startup_s: float | None = None
+
+    def _params(self) -> Any:
+        import xllamacpp
+
+        cfg = self.config
+        params = xllamacpp.CommonParams()
+        params.model.path = str(self.model_path)
+        params.n_ctx = cfg.context_tokens * cfg.parallel  # llama.cpp splits n_ctx across slots
+        params.n_parallel = cfg.parallel
+        params.cpuparams.n_threads = cfg.threads
+        params.cpuparams_batch.n_threads = cfg.threads
+        params.n_gpu_layers = 999 if cfg.device == "cuda" else 0
+        params.warmup = True
+        params.cache_prompt = True
+        # llama.cpp logs every slot event at the default verbosity; keep errors.
+        params.verbosity = -1
+        spec = cfg.speculation
+        if spec.method != "none":
+            if spec.method not in _SPECULATION_TYPES:
+                raise EngineError(f"llama.cpp does not support speculation method {spec.method!r}")
+            params.speculative.types = [getattr(xllamacpp.common_speculative_type, _SPECULATION_TYPES[spec.method])]
+            if spec.method == "ngram":
+                params.speculative.ngram_simple.size_n = spec.ngram_max
+                params.speculative.ngram_simple.size_m = spec.num_tokens * 2
+            else:
+                if not spec.draft_model:
+                    raise EngineError(f"speculation {spec.method!r} needs speculation.draft_model")
+                params.speculative.draft.mparams.path = spec.draft_model
+                params.speculative.draft.n_max = spec.num_tokens
+        return params
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+
+        def build() -> Any:
+            import xllamacpp
+
+            return xllamacpp.Server(self._params())
+
+        self._server = await loop.run_in_executor(self._pool, build)
+        # One real generation so the first caller does not pay for lazy
+        # allocations (and the system prompt lands in the prefix cache).
+        warm = GenerationRequest(
+            "warmup",
+            [
+                {"role": "system", "content": self.config.system_prompt},
+                {"role": "user", "content": "Hello?"},
+            ],
+            max_tokens=8,
+        )
+        async for _ in self.stream(warm):
+            pass
+        self.startup_s = time.perf_counter() - started
+        log.info("llama.cpp engine warm in %.2f s (%s)", self.startup_s, self.model_path.name)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        if self._server is None:
+            raise EngineError("engine not started")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancelled = threading.Event()
+        body = {
+            "messages": request.messages,
+            "stream": True,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "stream_options": {"include_usage": True},
+        }
+
+        def on_chunk(chunk: Any) -> bool:
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            return cancelled.is_set()
+
+        def run() -> None:
+            try:
+                self._server.handle_chat_completions(body, on_chunk)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        future = loop.run_in_executor(self._pool, run)
+        try:
+            while True:
+                chunk = await queue.get()
+                if chunk is _DONE:
+                    break
+                text = self._absorb(chunk, request)
+                if text:
+                    yield text
+            await future  # surfaces an exception raised inside the call
+        finally:
+            # Barge-in / hang-up: the next callback returns True, which makes
+            # llama.cpp drop the request and free its slot.
+            cancelled.set()
+
+    @staticmethod
+    def _absorb(chunk: Any, request: GenerationRequest) -> str:
+        if not isinstance(chunk, dict):
+            raise EngineError(f"unexpected llama.cpp chunk: {chunk!r:.200}")
+        if "error" in chunk or (chunk.get("code", 200) >= 400 and "message" in chunk):
+            raise EngineError(f"llama.cpp: {chunk.get('error') or chunk.get('message')}")
+        usage = chunk.get("usage")
+        if usage:
+            request.usage.prompt_tokens = usage.get("prompt_tokens", 0)
+            request.usage.completion_tokens = usage.get("completion_tokens", 0)
+        timings = chunk.get("timings")
+        if timings:
+            request.usage.draft_tokens = timings.get("draft_n", 0)
+            request.usage.accepted_tokens = timings.get("draft_n_accepted", 0)
+        text = []
+        for choice in chunk.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                text.append(content)
+        return "".join(text)
+
+    async def close(self) -> None:
+        self._server = None  # the C++ server shuts down when released
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "engine": self.name,
+            "model": str(self.model_path),
+            "device": self.config.device,
+            "threads": self.config.threads,
+            "parallel": self.config.parallel,
+            "speculation": self.config.speculation.method,
+        }

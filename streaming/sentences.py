@@ -1,0 +1,312 @@
+"""Streaming sentence segmentation between the LLM and the TTS.
+
+The LLM streams a reply as small text deltas; the TTS wants whole sentences,
+and the first one as early as possible, because time-to-first-audio is what
+the caller hears. :class:`SentenceSegmenter` therefore emits a sentence the
+moment its end is *certain* and not a character later, while refusing the
+usual false ends (``Dr. Smith``, ``3.5``, ``example.com``, ``e.g. Paris``).
+
+Design: a character-at-a-time state machine. Every character is examined
+exactly once, in order, and every decision depends only on the characters
+seen so far; a decision that needs lookahead (is this ``.`` followed by a
+space and a capital?) is carried as state until the deciding character
+arrives. Two consequences follow by construction:
+
+* the work is linear in the reply length (no rescans of the buffer), and
+* the output is identical however the reply is chunked into deltas.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import string
+
+_WESTERN_TERMINATORS = frozenset(".!?…")
+# CJK text has no spaces between sentences, so these end a sentence on their own.
+_CJK_TERMINATORS = frozenset("。！？｡")
+_TERMINATORS = _WESTERN_TERMINATORS | _CJK_TERMINATORS
+# Characters after a terminator that still belong to the sentence: `"Yes."`,
+# `(see above.)`, markdown `**Note.**`.
+_CLOSERS = frozenset("\"'”’»)]}」』）】〕*_`")
+# Characters that may open the next sentence before its first letter.
+_OPENERS = frozenset("\"'“‘«([{「『（【¿¡*_`")
+_CURRENCY = frozenset("$€£¥")
+
+# A "word." that never ends a sentence: titles precede a name, Latin
+# abbreviations introduce an example, company suffixes sit mid-sentence.
+_ABBREVIATIONS = frozenset(
+    {
+        "dr", "mr", "mrs", "ms", "mx", "prof", "st", "jr", "sr", "mt", "rev",
+        "gen", "gov", "sen", "rep", "capt", "lt", "sgt", "col", "messrs",
+        "vs", "e.g", "i.e", "cf", "approx", "ph.d",
+        "inc", "ltd", "corp", "co",
+    }
+)  # fmt: skip
+# A "word." that is only an abbreviation before a number: "No. 5" is, "No. Thanks" is not.
+_NUMBER_ABBREVIATIONS = frozenset(
+    {
+        "no", "nos", "vol", "fig", "p", "pp", "ch", "sec",
+        "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
+        "nov", "dec",
+    }
+)  # fmt: skip
+# Dotted initialisms that usually *end* a clause, so a capital after them
+# starts a sentence: "Meet at 5 p.m. Bring snacks." ("U.S. Army" does not.)
+_CLAUSE_FINAL_DOTTED = frozenset({"a.m", "p.m"})
+# Run-on text is cut before these words (they start a new clause).
+_CONJUNCTIONS = frozenset(
+    {
+        "and", "but", "or", "so", "because", "which", "while", "although",
+        "though", "whereas", "yet", "since", "unless",
+    }
+)  # fmt: skip
+_CLAUSE_PUNCTUATION = (",", ";", ":")
+_DASHES = ("-", "–", "—", "--")
+# A run-on is only cut at a clause boundary with at least this many words
+# before it; a shorter chunk sounds clipped and saves little latency.
+_MIN_CLAUSE_WORDS = 6
+# The longest number read as a list marker ("12. Step") rather than a year.
+_MAX_LIST_MARKER_DIGITS = 3
+
+
+class _Mode(enum.Enum):
+    TEXT = enum.auto()  # ordinary text
+    TERMINATOR = enum.auto()  # inside a run of terminators: "?!", "..."
+    CLOSERS = enum.auto()  # after the run, consuming closing quotes/brackets
+    SPACE = enum.auto()  # whitespace after a western terminator
+    OPENERS = enum.auto()  # opening quotes/brackets after that whitespace
+
+
+class SentenceSegmenter:
+    """Split a streamed LLM reply into sentences as soon as each is certain.
+
+    Feed deltas to :meth:`push`; it returns the sentences whose end became
+    certain with that delta. Call :meth:`flush` at the end of the reply for
+    the remainder. The segmenter is reusable after :meth:`flush`.
+
+    ``max_words`` bounds a run-on sentence: once the pending text has more
+    words than that, it is cut at the last clause boundary (or at the cap), so
+    the TTS never waits on an unpunctuated ramble. Sentences shorter than
+    ``min_chars`` (after stripping) are not emitted alone; they are joined to
+    the next one, since a one-character TTS request costs a round trip for
+    nothing.
+    """
+
+    def __init__(self, max_words: int = 25, min_chars: int = 2) -> None:
+        if max_words < 1:
+            raise ValueError("max_words must be at least 1")
+        self.max_words = max_words
+        # Never emit an empty string, whatever min_chars says.
+        self.min_chars = max(1, min_chars)
+        self._chars_scanned = 0
+        self._reset()
+
+    @property
+    def chars_scanned(self) -> int:
+        """Characters examined since construction; equals characters pushed,
+        because each is examined exactly once."""
+        return self._chars_scanned
+
+    def push(self, delta: str) -> list[str]:
+        """Feed one LLM text delta; return the sentences now certainly complete."""
+        self._chars.extend(delta)
+        for ch in delta:
+            self._step(ch)
+        self._trim()
+        out, self._out = self._out, []
+        return out
+
+    def flush(self) -> list[str]:
+        """End of reply: return what remains (stripped), if non-empty, and reset."""
+        rest = self._text(self._seg_start, self._pos).strip()
+        self._reset()
+        return [rest] if rest else []
+
+    # -- state ---------------------------------------------------------------
+
+    def _reset(self) -> None:
+        # Positions are absolute offsets into the reply; ``_chars`` holds the
+        # reply from ``_base`` on (the emitted prefix is dropped in ``_trim``).
+        # A list, not a str, so appending a delta does not copy the buffer.
+        self._chars: list[str] = []
+        self._base = 0
+        self._pos = 0  # next character to examine
+        self._seg_start = 0  # start of the pending, not yet emitted, text
+        self._out: list[str] = []
+        self._mode = _Mode.TEXT
+        # The candidate sentence end under consideration (modes other than TEXT).
+        self._cand_end = 0  # just past the terminators and closers
+        self._cand_cjk = False
+        self._cand_single_dot = False  # only a lone "." can be an abbreviation
+        self._cand_token = ""  # the word the terminator is attached to
+        self._cand_list_marker = False  # "1." opening a list item
+        # Word tracking for the run-on cap, within the pending text.
+        self._in_word = False
+        self._word_start = 0
+        self._word_starts: list[int] = []
+        self._clause_cuts: list[int] = []  # where a run-on may be cut, ascending
+        self._after_colon = False  # last finished word ended with ":"
+
+    def _text(self, start: int, end: int) -> str:
+        return "".join(self._chars[start - self._base : end - self._base])
+
+    def _trim(self) -> None:
+        # Drop emitted text only once it is at least half the buffer, so the
+        # copying `del` costs amortised O(1) per character.
+        consumed = self._seg_start - self._base
+        if consumed and consumed * 2 >= len(self._chars):
+            del self._chars[:consumed]
+            self._base = self._seg_start
+
+    # -- the state machine ---------------------------------------------------
+
+    def _step(self, ch: str) -> None:
+        pos = self._pos
+        self._chars_scanned += 1
+        mode = self._mode
+        if mode is _Mode.TEXT:
+            self._scan_text(ch, pos)
+        elif mode is _Mode.TERMINATOR:
+            self._scan_terminator(ch, pos)
+        elif mode is _Mode.CLOSERS:
+            self._scan_closers(ch, pos)
+        else:
+            self._scan_after_space(ch, pos)
+        self._track_words(ch, pos)
+        # Checked in TEXT mode only, so a pending sentence end is always
+        # decided before a run-on cut could pre-empt it.
+        if self._mode is _Mode.TEXT and len(self._word_starts) > self.max_words:
+            self._cut_run_on()
+        self._pos = pos + 1
+
+    def _scan_text(self, ch: str, pos: int) -> None:
+        self._mode = _Mode.TEXT
+        if ch == "\n":
+            # A line break ends a non-empty segment: list items, bullets, headings.
+            self._emit(pos)
+        elif ch in _TERMINATORS:
+            self._start_candidate(ch, pos)
+
+    def _start_candidate(self, ch: str, pos: int) -> None:
+        self._mode = _Mode.TERMINATOR
+        self._cand_cjk = ch in _CJK_TERMINATORS
+        self._cand_single_dot = ch == "."
+        # The terminator is part of the current word, which started earlier.
+        token = self._text(self._word_start, pos) if self._in_word else ""
+        self._cand_token = token.lstrip("".join(_OPENERS))
+        is_first_word = len(self._word_starts) == 1
+        self._cand_list_marker = (
+            self._in_word
+            and (is_first_word or self._after_colon)
+            and token.isdigit()
+            and len(token) <= _MAX_LIST_MARKER_DIGITS
+        )
+
+    def _scan_terminator(self, ch: str, pos: int) -> None:
+        if ch in _TERMINATORS:
+            self._cand_cjk = self._cand_cjk or ch in _CJK_TERMINATORS
+            self._cand_single_dot = False
+            return
+        self._cand_end = pos
+        self._mode = _Mode.CLOSERS
+        self._scan_closers(ch, pos)
+
+    def _scan_closers(self, ch: str, pos: int) -> None:
+        if ch in _CLOSERS:
+            self._cand_end = pos + 1
+        elif self._cand_cjk:
+            # CJK needs no space after the terminator: the end is certain now.
+            self._emit(self._cand_end)
+            self._scan_text(ch, pos)
+        elif ch == "\n":
+            self._emit(self._cand_end)
+            self._scan_text(ch, pos)
+        elif ch.isspace():
+            self._mode = _Mode.SPACE
+        else:
+            # "3.5", "example.com", "U.S": no space, no sentence end.
+            self._scan_text(ch, pos)
+
+    def _scan_after_space(self, ch: str, pos: int) -> None:
+        if ch == "\n":
+            self._emit(self._cand_end)
+        elif self._mode is _Mode.SPACE and ch.isspace():
+            return
+        elif ch in _OPENERS:
+            self._mode = _Mode.OPENERS
+            return
+        elif _can_start_sentence(ch) and not self._is_false_end(ch):
+            self._emit(self._cand_end)
+        self._scan_text(ch, pos)
+
+    def _is_false_end(self, next_ch: str) -> bool:
+        """Whether the candidate ". X" is an abbreviation, initial or list marker."""
+        if self._cand_list_marker:
+            return True
+        token = self._cand_token
+        if not self._cand_single_dot or not token:
+            return False
+        key = token.lower()
+        if key in _ABBREVIATIONS:
+            return True
+        if next_ch.isdigit() and key in _NUMBER_ABBREVIATIONS:
+            return True
+        if len(token) == 1 and token.isupper():
+            return True  # an initial: "J. Smith"
+        parts = key.split(".")
+        is_initialism = len(parts) > 1 and all(len(p) == 1 and p.isalpha() for p in parts)
+        return is_initialism and key not in _CLAUSE_FINAL_DOTTED
+
+    # -- words and run-ons ---------------------------------------------------
+
+    def _track_words(self, ch: str, pos: int) -> None:
+        if ch.isspace():
+            if self._in_word:
+                self._finish_word(pos)
+                self._in_word = False
+        elif not self._in_word:
+            self._in_word = True
+            self._word_start = pos
+            self._word_starts.append(pos)
+
+    def _finish_word(self, end: int) -> None:
+        word = self._text(self._word_start, end)
+        bare = word.rstrip("".join(_CLOSERS))
+        self._after_colon = bare.endswith(":")
+        if bare.endswith(_CLAUSE_PUNCTUATION) or bare.endswith(_DASHES):
+            self._clause_cuts.append(end)  # cut after "word," / "word —"
+        elif word.strip(string.punctuation).lower() in _CONJUNCTIONS:
+            self._clause_cuts.append(self._word_start)  # cut before "and ..."
+
+    def _cut_run_on(self) -> None:
+        # The first word over the cap has just started; cut no later than it.
+        cap = self._word_starts[self.max_words]
+        cut = cap
+        for candidate in reversed(self._clause_cuts):
+            words_before = bisect.bisect_left(self._word_starts, candidate)
+            if candidate <= cap and words_before >= _MIN_CLAUSE_WORDS:
+                cut = candidate
+                break
+        self._emit(cut, force=True)
+
+    def _emit(self, end: int, *, force: bool = False) -> None:
+        """Emit the pending text up to ``end`` as one sentence, unless too short."""
+        sentence = self._text(self._seg_start, end).strip()
+        if not sentence or (len(sentence) < self.min_chars and not force):
+            return  # stays pending and joins the next sentence
+        self._out.append(sentence)
+        self._seg_start = end
+        # Keep only the word bookkeeping of the text after the cut.
+        self._word_starts = [w for w in self._word_starts if w >= end]
+        self._clause_cuts = [c for c in self._clause_cuts if c > end]
+        if self._in_word and self._word_start < end:
+            self._in_word = False  # CJK: the next character starts a new word
+        if not self._word_starts:
+            self._after_colon = False  # nothing before the next word any more
+
+
+def _can_start_sentence(ch: str) -> bool:
+    # Capitals, uncased scripts (CJK), numbers and prices start sentences;
+    # a lowercase letter after "etc. " or "Well... " does not.
+    return ch.isdigit() or ch in _CURRENCY or (ch.isalpha() and not ch.islower())

@@ -1,0 +1,51 @@
+"""One warm server per test session (models load once), real models, real speech."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip
+from voice.config import ServerConfig
+from voice.server import VoiceServer
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def server() -> VoiceServer:
+    config = ServerConfig(port=0, max_calls=8)
+    srv = VoiceServer(config)
+    await srv.start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture(scope="session")
+def call_url(server: VoiceServer) -> str:
+    return f"ws://127.0.0.1:{server.port}/v1/call"
+
+
+@pytest.fixture(scope="session")
+def jfk() -> Utterance:
+    return shared_clip("jfk.wav")
+
+
+@pytest.fixture(scope="session")
+def phone_prompts() -> list[Utterance]:
+    # One-sentence prompts of 7+ words: one turn each, long enough for a stable WER.
+    prompts = [
+        p
+        for p in asterisk_prompts(min_words=7)
+        if len(p.reference.split()) <= 18 and p.reference.rstrip(".!? ").count(".") == 0
+    ]
+    if not prompts:
+        pytest.skip("asterisk-core-sounds-en-wav not installed (apt-get install asterisk-core-sounds-en-wav)")
+    return prompts
+
+
+def with_silence(audio: np.ndarray, rate: int, seconds: float) -> np.ndarray:
+    return np.concatenate([audio, np.zeros(int(rate * seconds), dtype=np.float32)])

@@ -1,0 +1,155 @@
+"""End-to-end calls over a real websocket: real Whisper, VAD and LLM on real speech."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from asr.wer import word_error_rate
+from benchmarks.client import NativeCaller, last_voiced_s
+from benchmarks.corpus import asterisk_prompts
+from tests.conftest import with_silence
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def _turn_events(caller: NativeCaller, turn: int, kind: str) -> list[dict]:
+    return [e for e in caller.result.of(kind) if e.get("turn") == turn]
+
+
+@pytest.mark.realtime
+async def test_jfk_phone_call_realtime(call_url, jfk):
+    """The issue's reference call: jfk.wav as 8 kHz mu-law, real-time 20 ms frames."""
+    audio = with_silence(jfk.load(8000), 8000, 2.5)
+    async with NativeCaller(call_url) as caller:
+        ready = await caller.start("mulaw", 8000, options={"endpoint_silence_ms": 2000})
+        assert ready["audio"] == {"encoding": "mulaw", "sample_rate": 8000}
+        await caller.play(audio, 8000, "mulaw", realtime=True, last_voice_s=last_voiced_s(jfk.load(16000)))
+        done = await caller.wait_for("response.done", timeout=30)
+        finals = caller.result.of("transcript.final")
+        assert len(finals) == 1, finals
+        wer = word_error_rate(jfk.reference, finals[0]["text"])
+        assert wer <= 0.15, (wer, finals[0]["text"])
+        assert caller.result.of("transcript.partial"), "no partial transcript while the caller spoke"
+        first = caller.result.first_at("response.sentence", first=True)
+        assert first is not None and first <= caller.result.first_at("response.done")
+        assert done["cancelled"] is False and done["text"]
+        metrics = await caller.wait_for("turn.metrics", turn=1)
+        assert metrics["ttfs_ms"] is not None and metrics["ttfs_ms"] > 0
+        assert caller.result.ttfs_s is not None and caller.result.ttfs_s > 0
+
+
+async def test_two_concurrent_calls_both_complete(call_url, phone_prompts):
+    clips = [phone_prompts[3], phone_prompts[10]]
+
+    async def one(clip):
+        async with NativeCaller(call_url) as caller:
+            await caller.start("mulaw", 8000)
+            await caller.play(with_silence(clip.load(8000), 8000, 1.0), 8000, "mulaw", realtime=True, speed=4.0)
+            done = await caller.wait_for("response.done", timeout=60)
+            final = caller.result.of("transcript.final")[0]["text"]
+            return clip, final, done
+
+    results = await asyncio.gather(*(one(c) for c in clips))
+    for clip, final, done in results:
+        assert word_error_rate(clip.reference, final) <= 0.35, (clip.reference, final)
+        assert done["text"] and not done["cancelled"]
+
+
+async def test_pcm16_16k_with_commit(call_url, phone_prompts):
+    """A push-to-talk client: pcm16 at 16 kHz sent at full speed, then input.commit."""
+    clip = phone_prompts[20]
+    async with NativeCaller(call_url) as caller:
+        await caller.start("pcm16", 16000)
+        await caller.play(clip.load(16000), 16000, "pcm16", realtime=False)
+        await caller.send_json({"type": "input.commit"})
+        final = await caller.wait_for("transcript.final", timeout=30)
+        assert word_error_rate(clip.reference, final["text"]) <= 0.35, (clip.reference, final["text"])
+        await caller.wait_for("response.done", timeout=30)
+
+
+async def test_barge_in_cancels_reply_and_keeps_only_sent_text(call_url, phone_prompts):
+    # A prompt and question for which the embedded model (greedy decoding)
+    # writes a long reply, so there is a reply to talk over.
+    story = "You are a storyteller. Always answer with a long story of many short sentences."
+    by_name = {p.name: p for p in asterisk_prompts(min_words=1)}
+    first, second = by_name["asterisk/all-circuits-busy-now"], by_name["asterisk/conf-now-recording"]
+    async with NativeCaller(call_url) as caller:
+        await caller.start("mulaw", 8000, system_prompt=story, options={"max_tokens": 400})
+        await caller.play(with_silence(first.load(8000), 8000, 0.7), 8000, "mulaw", realtime=False)
+        await caller.wait_for("response.sentence", turn=1, timeout=30)
+        # The caller talks over the reply (sent at full speed so the VAD
+        # confirms speech within milliseconds, long before the reply ends).
+        await caller.play(with_silence(second.load(8000), 8000, 0.7), 8000, "mulaw", realtime=False)
+        done = await caller.wait_for("response.done", turn=1, timeout=30)
+        assert done["cancelled"] is True, done
+        sentences = [e["text"] for e in _turn_events(caller, 1, "response.sentence")]
+        deltas = "".join(e["text"] for e in _turn_events(caller, 1, "response.delta"))
+        assert done["text"] == " ".join(sentences)
+        assert len(done["text"]) <= len(deltas.strip())
+        # The interrupting speech becomes the next turn, and it is answered.
+        final2 = await caller.wait_for("transcript.final", turn=2, timeout=30)
+        assert word_error_rate(second.reference, final2["text"]) <= 0.5
+        await caller.wait_for("response.done", turn=2, timeout=30)
+
+
+BAD_INPUTS = [
+    ("not json", "invalid_json", False),
+    ('{"type": "dance"}', "unknown_event", False),
+    ('["start"]', "invalid_message", False),
+    ('{"type": "start", "audio": {"encoding": "opus", "sample_rate": 8000}}', "unsupported_encoding", False),
+    ('{"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 44100}}', "unsupported_sample_rate", False),
+    (b"\x00" * 320, "not_started", False),
+    (b"\x00" * 321, "invalid_audio", True),
+    (b"\x00" * (70 * 1024), "frame_too_large", True),
+    ('{"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}', "already_started", True),
+]
+
+
+@pytest.mark.parametrize(("payload", "code", "after_start"), BAD_INPUTS)
+async def test_bad_input_gets_error_and_other_call_unaffected(call_url, phone_prompts, payload, code, after_start):
+    clip = phone_prompts[7]
+    async with NativeCaller(call_url) as good, NativeCaller(call_url) as bad:
+        await good.start("mulaw", 8000)
+        good_play = asyncio.create_task(
+            good.play(with_silence(clip.load(8000), 8000, 1.0), 8000, "mulaw", realtime=True, speed=4.0)
+        )
+        if after_start:
+            await bad.start("pcm16", 16000)
+        await bad.send_raw(payload)
+        err = await bad.wait_for("error", timeout=10)
+        assert err["code"] == code and err["message"]
+        # The bad call is still alive and usable after the error...
+        if not after_start:
+            await bad.start("pcm16", 16000)
+        await bad.send_raw(b"\x00" * 640)
+        await good_play
+        # ...and the good call got its full turn.
+        final = await good.wait_for("transcript.final", timeout=30)
+        assert word_error_rate(clip.reference, final["text"]) <= 0.35
+        await good.wait_for("response.done", timeout=30)
+        assert not good.result.of("error")
+
+
+async def test_hangup_mid_reply_releases_everything(server, call_url, phone_prompts):
+    story = "You tell very long, detailed stories of at least ten sentences whenever asked anything."
+    baseline = len(asyncio.all_tasks())
+    for clip in phone_prompts[40:43]:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("mulaw", 8000, system_prompt=story)
+            await caller.play(with_silence(clip.load(8000), 8000, 0.7), 8000, "mulaw", realtime=False)
+            await caller.wait_for("response.delta", timeout=30)
+        # leaving the block closes the socket mid-reply
+    for _ in range(100):
+        if server.runtime.active_calls == 0 and len(asyncio.all_tasks()) <= baseline:
+            break
+        await asyncio.sleep(0.05)
+    assert server.runtime.active_calls == 0
+    assert len(asyncio.all_tasks()) <= baseline
+    # and the server still answers a call
+    clip = phone_prompts[50]
+    async with NativeCaller(call_url) as caller:
+        await caller.start("mulaw", 8000)
+        await caller.play(with_silence(clip.load(8000), 8000, 0.7), 8000, "mulaw", realtime=False)
+        await caller.wait_for("response.done", timeout=30)

@@ -1,0 +1,382 @@
+"""Tests for the streaming sentence segmenter (LLM deltas -> TTS sentences)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+import pytest
+
+from streaming.sentences import SentenceSegmenter
+
+RUN_ON_DEFAULT_CAP = (
+    "I think we should probably leave early tomorrow morning because the traffic "
+    "near the bridge gets really bad after eight and the parking lot fills up "
+    "quickly too"
+)
+
+# (text, expected sentences after push(whole text) + flush(), segmenter kwargs)
+CASES = [
+    # Plain terminators.
+    pytest.param("Hello there. How are you?", ["Hello there.", "How are you?"], {}, id="period"),
+    pytest.param("Hello! How can I help?", ["Hello!", "How can I help?"], {}, id="exclamation"),
+    pytest.param("Ready? Let's go.", ["Ready?", "Let's go."], {}, id="question"),
+    pytest.param("Really?! Yes.", ["Really?!", "Yes."], {}, id="terminator-run"),
+    pytest.param("I have two. 3 are missing.", ["I have two.", "3 are missing."], {}, id="digit-starts"),
+    pytest.param("What? no way. Fine.", ["What? no way.", "Fine."], {}, id="lowercase-no-split"),
+    # Ellipses.
+    pytest.param("Well... Maybe later.", ["Well...", "Maybe later."], {}, id="ellipsis-capital"),
+    pytest.param("Well... maybe later. Okay.", ["Well... maybe later.", "Okay."], {}, id="ellipsis-lower"),
+    pytest.param("Hmm… Let me think.", ["Hmm…", "Let me think."], {}, id="unicode-ellipsis"),
+    # Abbreviations and initials.
+    pytest.param(
+        "Dr. Smith will see you now. Please wait.",
+        ["Dr. Smith will see you now.", "Please wait."],
+        {},
+        id="dr",
+    ),
+    pytest.param(
+        "Mr. and Mrs. Jones arrived. Ms. Lee did not.",
+        ["Mr. and Mrs. Jones arrived.", "Ms. Lee did not."],
+        {},
+        id="mr-mrs-ms",
+    ),
+    pytest.param(
+        "Prof. Lee lives near St. Paul. He likes it.",
+        ["Prof. Lee lives near St. Paul.", "He likes it."],
+        {},
+        id="prof-st",
+    ),
+    pytest.param(
+        "Ask Sr. Garcia or John Smith Jr. Both know. Thanks.",
+        ["Ask Sr. Garcia or John Smith Jr. Both know.", "Thanks."],
+        {},
+        id="sr-jr",
+    ),
+    pytest.param(
+        "It was Lakers vs. Celtics tonight. Great game.",
+        ["It was Lakers vs. Celtics tonight.", "Great game."],
+        {},
+        id="vs",
+    ),
+    pytest.param(
+        "Bring pens, paper, etc. and a snack. See you.",
+        ["Bring pens, paper, etc. and a snack.", "See you."],
+        {},
+        id="etc-lowercase",
+    ),
+    pytest.param(
+        "Bring pens, paper, etc. See you soon.",
+        ["Bring pens, paper, etc.", "See you soon."],
+        {},
+        id="etc-capital-ends",
+    ),
+    pytest.param(
+        "Pick a city, e.g. Paris or Rome. Then book.",
+        ["Pick a city, e.g. Paris or Rome.", "Then book."],
+        {},
+        id="eg",
+    ),
+    pytest.param(
+        "Use the fast one, i.e. Llama. It is cheaper.",
+        ["Use the fast one, i.e. Llama.", "It is cheaper."],
+        {},
+        id="ie",
+    ),
+    pytest.param(
+        "She moved to the U.S. Army base. It was big.",
+        ["She moved to the U.S. Army base.", "It was big."],
+        {},
+        id="us",
+    ),
+    pytest.param(
+        "Prices in the U.K. are high. Really.",
+        ["Prices in the U.K. are high.", "Really."],
+        {},
+        id="uk",
+    ),
+    pytest.param(
+        "We open at 9 a.m. every day. Come by.",
+        ["We open at 9 a.m. every day.", "Come by."],
+        {},
+        id="am-lowercase",
+    ),
+    # A capital after a time usually starts a sentence ("p.m. Eastern" is rarer).
+    pytest.param(
+        "Meet me at 5 p.m. Bring snacks.",
+        ["Meet me at 5 p.m.", "Bring snacks."],
+        {},
+        id="pm-capital-ends",
+    ),
+    pytest.param(
+        "Take bus No. 5 downtown. It is quick.",
+        ["Take bus No. 5 downtown.", "It is quick."],
+        {},
+        id="no-number",
+    ),
+    pytest.param("No. Thanks anyway.", ["No.", "Thanks anyway."], {}, id="no-answer"),
+    pytest.param(
+        "Shares of Acme Inc. Rose while Widgets Ltd. Fell. Odd day.",
+        ["Shares of Acme Inc. Rose while Widgets Ltd. Fell.", "Odd day."],
+        {},
+        id="inc-ltd",
+    ),
+    pytest.param(
+        "J. R. R. Tolkien wrote it. Read it.",
+        ["J. R. R. Tolkien wrote it.", "Read it."],
+        {},
+        id="initials",
+    ),
+    # Numbers, times, versions, addresses.
+    pytest.param("Pi is about 3.14 in math. Nice.", ["Pi is about 3.14 in math.", "Nice."], {}, id="decimal"),
+    pytest.param("It costs $4.99 at 10:30. Hurry.", ["It costs $4.99 at 10:30.", "Hurry."], {}, id="price-time"),
+    pytest.param("Update to v1.2.3. It fixes bugs.", ["Update to v1.2.3.", "It fixes bugs."], {}, id="version"),
+    pytest.param(
+        "Visit example.com or mail help@example.com. We reply fast.",
+        ["Visit example.com or mail help@example.com.", "We reply fast."],
+        {},
+        id="url-email",
+    ),
+    pytest.param("The total is $5. $3 is tax.", ["The total is $5.", "$3 is tax."], {}, id="currency-starts"),
+    # Closing and opening quotes/brackets.
+    pytest.param('He said "Yes." Then he left.', ['He said "Yes."', "Then he left."], {}, id="closing-quote"),
+    pytest.param("(See the manual.) Then restart.", ["(See the manual.)", "Then restart."], {}, id="closing-paren"),
+    pytest.param('Okay. "Great," she said.', ["Okay.", '"Great," she said.'], {}, id="opening-quote"),
+    pytest.param("Hola. ¿Qué tal?", ["Hola.", "¿Qué tal?"], {}, id="inverted-question"),
+    pytest.param("**Note.** Save first.", ["**Note.**", "Save first."], {}, id="markdown-bold"),
+    # Lists, bullets and newlines.
+    pytest.param(
+        "Here are the steps:\n1. Open the app.\n2. Tap Settings.\n",
+        ["Here are the steps:", "1. Open the app.", "2. Tap Settings."],
+        {},
+        id="numbered-list",
+    ),
+    pytest.param(
+        "Sure. 1. Open it\n2. Close it",
+        ["Sure.", "1. Open it", "2. Close it"],
+        {},
+        id="list-after-sentence",
+    ),
+    pytest.param(
+        "Here's how: 1. Open settings. 2. Tap Wi-Fi.",
+        ["Here's how: 1. Open settings.", "2. Tap Wi-Fi."],
+        {},
+        id="inline-list",
+    ),
+    pytest.param("- item one\n- item two\n", ["- item one", "- item two"], {}, id="bullets"),
+    pytest.param("Title\n\nBody text here.", ["Title", "Body text here."], {}, id="blank-lines"),
+    pytest.param("Done.\nnext line", ["Done.", "next line"], {}, id="newline-after-terminator"),
+    pytest.param("First line.\r\nSecond line.", ["First line.", "Second line."], {}, id="crlf"),
+    # CJK.
+    pytest.param("你好。今天天气很好！我们走吧？", ["你好。", "今天天气很好！", "我们走吧？"], {}, id="cjk"),
+    pytest.param("他说：「好。」然后走了。", ["他说：「好。」", "然后走了。"], {}, id="cjk-closer"),
+    # Run-ons.
+    pytest.param(
+        RUN_ON_DEFAULT_CAP,
+        [
+            "I think we should probably leave early tomorrow morning because the traffic "
+            "near the bridge gets really bad after eight",
+            "and the parking lot fills up quickly too",
+        ],
+        {},
+        id="run-on-default-cap-conjunction",
+    ),
+    pytest.param(
+        "we walked along the river for hours, and then we found a small cafe",
+        ["we walked along the river for hours,", "and then we found a small cafe"],
+        {"max_words": 10},
+        id="run-on-comma",
+    ),
+    pytest.param(
+        "the plan is simple and cheap to run — we start small next week",
+        ["the plan is simple and cheap to run —", "we start small next week"],
+        {"max_words": 10},
+        id="run-on-dash",
+    ),
+    pytest.param(
+        "my brother likes the long quiet walks but he hates the rain",
+        ["my brother likes the long quiet walks", "but he hates the rain"],
+        {"max_words": 10},
+        id="run-on-before-conjunction",
+    ),
+    pytest.param(
+        "first we pack up the car; then we drive north to the lake",
+        ["first we pack up the car;", "then we drive north to the lake"],
+        {"max_words": 10},
+        id="run-on-semicolon",
+    ),
+    pytest.param(
+        "one two three four five six seven eight nine ten eleven twelve",
+        ["one two three four five six seven eight nine ten", "eleven twelve"],
+        {"max_words": 10},
+        id="run-on-word-cap",
+    ),
+    # A clause boundary after fewer than ~6 words would clip a fragment: use the cap.
+    pytest.param(
+        "Yes, we walked along the quiet river for hours today",
+        ["Yes, we walked along the quiet river for", "hours today"],
+        {"max_words": 8},
+        id="run-on-early-boundary-ignored",
+    ),
+    # Degenerate input and settings.
+    pytest.param("Hello.   ", ["Hello."], {}, id="trailing-space"),
+    pytest.param("just some words", ["just some words"], {}, id="no-terminator"),
+    pytest.param("", [], {}, id="empty"),
+    pytest.param(" \n\n ", [], {}, id="whitespace-only"),
+    pytest.param("Hi. Okay then. Bye.", ["Hi. Okay then.", "Bye."], {"min_chars": 5}, id="min-chars"),
+]
+
+
+def segment(deltas: Iterable[str], **kwargs: int) -> list[str]:
+    seg = SentenceSegmenter(**kwargs)
+    out: list[str] = []
+    for delta in deltas:
+        out.extend(seg.push(delta))
+    return out + seg.flush()
+
+
+def random_chunks(text: str, rng: random.Random, max_size: int) -> list[str]:
+    chunks: list[str] = []
+    i = 0
+    while i < len(text):
+        size = rng.randint(1, max_size)
+        chunks.append(text[i : i + size])
+        i += size
+    return chunks
+
+
+@pytest.mark.parametrize(("text", "expected", "kwargs"), CASES)
+def test_segments_whole_text(text: str, expected: list[str], kwargs: dict[str, int]) -> None:
+    assert segment([text], **kwargs) == expected
+
+
+@pytest.mark.parametrize(("text", "expected", "kwargs"), CASES)
+def test_chunking_does_not_change_segmentation(text: str, expected: list[str], kwargs: dict[str, int]) -> None:
+    chunkings = [list(text)]  # 1-char deltas
+    for seed in range(5):
+        rng = random.Random(seed)
+        chunkings.append(random_chunks(text, rng, max_size=rng.choice([2, 4, 8])))
+    for deltas in chunkings:
+        assert segment(deltas, **kwargs) == expected, deltas
+
+
+@pytest.mark.parametrize(("text", "expected", "kwargs"), CASES)
+def test_no_text_lost_or_duplicated(text: str, expected: list[str], kwargs: dict[str, int]) -> None:
+    out = segment([text], **kwargs)
+    assert all(sentence and sentence == sentence.strip() for sentence in out)
+    joined = " ".join(out)
+    # CJK sentences are cut without a space between them, so compare every
+    # visible character; elsewhere the word sequence itself must survive.
+    assert "".join(joined.split()) == "".join(text.split())
+    if not any("\u4e00" <= ch <= "\u9fff" for ch in text):
+        assert joined.split() == text.split()
+
+
+# Fragments chosen to collide: terminators next to abbreviations, numbers,
+# quotes, list markers, newlines and clause punctuation.
+FUZZ_PIECES = [
+    "Dr.", "Hello", "world", ".", "!", "?", "...", "…", " ", "  ", "\n", "\r\n",
+    '"', "'", "(", ")", "1.", "3.5", "U.S.", "e.g.", "and", "but", ",", ";", "—",
+    "-", "a", "The", "*", "¿", "No.", "5", "$4", "p.m.", "J.", "etc.", ":", "x",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_fuzzed_text_is_chunking_invariant_and_lossless(seed: int) -> None:
+    rng = random.Random(seed)
+    text = "".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(0, 80)))
+    kwargs = rng.choice([{}, {"max_words": 3}, {"max_words": 8}, {"min_chars": 6}])
+    expected = segment([text], **kwargs)
+    assert all(sentence and sentence == sentence.strip() for sentence in expected)
+    assert " ".join(expected).split() == text.split()
+    for deltas in (list(text), random_chunks(text, rng, max_size=5)):
+        assert segment(deltas, **kwargs) == expected
+
+
+def test_first_sentence_is_emitted_before_flush() -> None:
+    seg = SentenceSegmenter()
+    assert seg.push("Sure. I can help with that") == ["Sure."]
+    assert seg.flush() == ["I can help with that"]
+
+
+def test_first_sentence_is_emitted_at_the_earliest_certain_delta() -> None:
+    seg = SentenceSegmenter()
+    tokens = ["Sure", ".", " ", "I", " can", " help", "."]
+    emitted = [seg.push(token) for token in tokens]
+    # Not on "." (could be "3.5") nor on " " (could be "etc. and"): on "I".
+    assert emitted == [[], [], [], ["Sure."], [], [], []]
+    assert seg.flush() == ["I can help."]
+
+
+def test_period_at_end_of_delta_waits_for_a_decimal() -> None:
+    seg = SentenceSegmenter()
+    assert seg.push("The total is 3.") == []
+    assert seg.push("5 dollars. Thanks") == ["The total is 3.5 dollars."]
+    assert seg.flush() == ["Thanks"]
+
+
+def test_closing_quote_is_awaited_and_kept() -> None:
+    seg = SentenceSegmenter()
+    assert seg.push('He said "Yes.') == []
+    assert seg.push('" Then') == ['He said "Yes."']
+
+
+def test_newline_emits_without_waiting_for_more() -> None:
+    seg = SentenceSegmenter()
+    assert seg.push("- item one\n") == ["- item one"]
+    assert seg.push("Done.\n") == ["Done."]
+
+
+def test_cjk_terminator_emits_on_next_character() -> None:
+    seg = SentenceSegmenter()
+    assert seg.push("你好。") == []
+    assert seg.push("我") == ["你好。"]
+
+
+def test_segmenter_is_reusable_after_flush() -> None:
+    seg = SentenceSegmenter()
+    assert seg.push("First reply. Done") == ["First reply."]
+    assert seg.flush() == ["Done"]
+    assert seg.push("Second reply. Also done") == ["Second reply."]
+    assert seg.flush() == ["Also done"]
+    assert seg.flush() == []
+
+
+def test_rejects_non_positive_max_words() -> None:
+    with pytest.raises(ValueError):
+        SentenceSegmenter(max_words=0)
+
+
+def llm_like_tokens(count: int, seed: int = 0) -> list[str]:
+    """``count`` word-piece deltas over varied text, as an LLM would stream them."""
+    rng = random.Random(seed)
+    texts = [text for param in CASES for text in param.values[:1]]
+    tokens: list[str] = []
+    while len(tokens) < count:
+        text = rng.choice(texts) + " "
+        tokens.extend(random_chunks(text, rng, max_size=4))
+    return tokens[:count]
+
+
+def visible_chars(text: str) -> int:
+    return sum(not ch.isspace() for ch in text)
+
+
+def test_work_is_linear_in_stream_length() -> None:
+    # Counts work instead of timing it: each character is examined exactly
+    # once, and the text held back stays bounded, so no delta can trigger a
+    # rescan of (or a copy proportional to) everything streamed so far.
+    seg = SentenceSegmenter()
+    pushed = 0
+    held_back = 0
+    max_held_back = 0
+    for token in llm_like_tokens(2000):
+        out = seg.push(token)
+        pushed += len(token)
+        assert seg.chars_scanned == pushed
+        # Whitespace between sentences is dropped, so count visible characters.
+        held_back += visible_chars(token) - sum(visible_chars(s) for s in out)
+        max_held_back = max(max_held_back, held_back)
+    # Bounded by the longest pending sentence (the run-on cap), not the stream.
+    assert pushed > 4000
+    assert max_held_back < 300

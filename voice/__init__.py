@@ -1,0 +1,1 @@
+"""The server, its transports and the per-call session."""

@@ -1,0 +1,95 @@
+"""`firstline` command line: `firstline serve [options]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on a hub
+
+from asr.config import ASRConfig
+from llm.config import LLMConfig, SpeculationConfig
+from voice.config import ServerConfig
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"FIRSTLINE_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="firstline", description="Low-latency voice inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the websocket server")
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default loopback)")
+    serve.add_argument("--port", type=int, default=int(_env("PORT", "8765") or 8765))
+    serve.add_argument("--max-calls", type=int, default=16)
+    serve.add_argument("--engine", choices=["llamacpp", "vllm"], default=_env("ENGINE", "llamacpp"))
+    serve.add_argument("--llm-model", default=_env("LLM_MODEL"), help="GGUF (llamacpp) or HF folder (vllm)")
+    serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
+    serve.add_argument("--llm-threads", type=int, default=2)
+    serve.add_argument("--max-tokens", type=int, default=96)
+    serve.add_argument("--system-prompt", default=None)
+    serve.add_argument(
+        "--speculation",
+        choices=["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"],
+        default=_env("SPECULATION", "none"),
+    )
+    serve.add_argument("--speculative-tokens", type=int, default=4)
+    serve.add_argument("--draft-model", default=None, help="draft / EAGLE-3 / MTP model path (GPU)")
+    serve.add_argument("--asr-model", default=_env("ASR_MODEL"), help="CTranslate2 Whisper folder or size name")
+    serve.add_argument("--asr-device", choices=["cpu", "cuda", "auto"], default=_env("ASR_DEVICE", "cpu"))
+    serve.add_argument("--asr-compute-type", default=_env("ASR_COMPUTE_TYPE", "int8"))
+    serve.add_argument("--asr-threads", type=int, default=2)
+    serve.add_argument("--endpoint-silence-ms", type=int, default=500)
+    serve.add_argument("--no-partials", action="store_true")
+    serve.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    llm = LLMConfig(
+        engine=args.engine,
+        model=args.llm_model,
+        device=args.llm_device,
+        threads=args.llm_threads,
+        max_tokens=args.max_tokens,
+        speculation=SpeculationConfig(
+            method=args.speculation, num_tokens=args.speculative_tokens, draft_model=args.draft_model
+        ),
+    )
+    if args.system_prompt:
+        llm.system_prompt = args.system_prompt
+    asr = ASRConfig(
+        model=args.asr_model,
+        device=args.asr_device,
+        compute_type=args.asr_compute_type,
+        threads=args.asr_threads,
+        endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
+        partials=not args.no_partials,
+    )
+    return ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        from voice.server import VoiceServer
+
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        server = VoiceServer(config_from_args(args))
+        asyncio.run(server.serve_forever())
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

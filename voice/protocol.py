@@ -1,0 +1,139 @@
+"""firstline's native websocket protocol, version 1 (see docs/protocol.md).
+
+Client -> server: JSON text frames ``start`` / ``input.commit`` / ``stop``,
+and audio as binary frames. Server -> client: JSON text frames only.
+Parsing never raises anything but :class:`ProtocolError`, whose ``code``
+goes to the client in an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from streaming.codecs import ENCODINGS, SAMPLE_RATES
+
+PROTOCOL_VERSION = 1
+MAX_TEXT_FRAME = 64 * 1024
+MAX_AUDIO_FRAME = 64 * 1024  # 2 s of 16 kHz pcm16; real clients send 20-100 ms
+MAX_SYSTEM_PROMPT = 8 * 1024
+
+
+class ProtocolError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Start:
+    encoding: str = "pcm16"
+    sample_rate: int = 16000
+    system_prompt: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    endpoint_silence_s: float | None = None
+    partials: bool | None = None
+    max_tokens: int | None = None
+
+
+@dataclass
+class Commit:
+    pass
+
+
+@dataclass
+class Stop:
+    pass
+
+
+ClientMessage = Start | Commit | Stop
+
+
+def parse_text(raw: str) -> ClientMessage:
+    if len(raw) > MAX_TEXT_FRAME:
+        raise ProtocolError("message_too_large", f"text frame over {MAX_TEXT_FRAME} bytes")
+    try:
+        msg = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("invalid_message", "a message must be a JSON object")
+    kind = msg.get("type")
+    if kind == "start":
+        return _parse_start(msg)
+    if kind == "input.commit":
+        return Commit()
+    if kind == "stop":
+        return Stop()
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_message", "message has no string 'type'")
+    raise ProtocolError("unknown_event", f"unknown message type {kind[:64]!r}")
+
+
+def _parse_start(msg: dict[str, Any]) -> Start:
+    version = msg.get("version", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"protocol version {version!r} not supported (use 1)")
+    audio = msg.get("audio", {})
+    if not isinstance(audio, dict):
+        raise ProtocolError("invalid_message", "'audio' must be an object")
+    encoding = audio.get("encoding", "pcm16")
+    if encoding not in ENCODINGS:
+        raise ProtocolError(
+            "unsupported_encoding", f"encoding {str(encoding)[:32]!r} not supported; use one of {', '.join(ENCODINGS)}"
+        )
+    rate = audio.get("sample_rate", 16000)
+    if isinstance(rate, bool) or rate not in SAMPLE_RATES:
+        raise ProtocolError(
+            "unsupported_sample_rate", f"sample_rate {str(rate)[:16]} not supported; use one of {SAMPLE_RATES}"
+        )
+    if encoding in ("mulaw", "alaw") and rate != 8000:
+        raise ProtocolError("unsupported_sample_rate", f"{encoding} is defined at 8000 Hz only")
+    prompt = msg.get("system_prompt")
+    if prompt is not None and (not isinstance(prompt, str) or len(prompt) > MAX_SYSTEM_PROMPT):
+        raise ProtocolError("invalid_message", f"'system_prompt' must be a string of at most {MAX_SYSTEM_PROMPT} chars")
+    metadata = msg.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ProtocolError("invalid_message", "'metadata' must be an object")
+    options = msg.get("options", {})
+    if not isinstance(options, dict):
+        raise ProtocolError("invalid_message", "'options' must be an object")
+    endpoint_ms = options.get("endpoint_silence_ms")
+    if endpoint_ms is not None and (
+        isinstance(endpoint_ms, bool) or not isinstance(endpoint_ms, int | float) or not 100 <= endpoint_ms <= 5000
+    ):
+        raise ProtocolError("invalid_message", "'options.endpoint_silence_ms' must be a number in 100..5000")
+    partials = options.get("partials")
+    if partials is not None and not isinstance(partials, bool):
+        raise ProtocolError("invalid_message", "'options.partials' must be a boolean")
+    max_tokens = options.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1024
+    ):
+        raise ProtocolError("invalid_message", "'options.max_tokens' must be an integer in 1..1024")
+    return Start(
+        encoding=encoding,
+        sample_rate=int(rate),
+        system_prompt=prompt,
+        metadata=metadata,
+        endpoint_silence_s=None if endpoint_ms is None else endpoint_ms / 1000.0,
+        partials=partials,
+        max_tokens=max_tokens,
+    )
+
+
+def check_audio_frame(payload: bytes, encoding: str) -> None:
+    if len(payload) > MAX_AUDIO_FRAME:
+        raise ProtocolError("frame_too_large", f"audio frame of {len(payload)} bytes; the limit is {MAX_AUDIO_FRAME}")
+    if encoding == "pcm16" and len(payload) % 2:
+        raise ProtocolError("invalid_audio", f"pcm16 frame has an odd number of bytes ({len(payload)})")
+
+
+def event(kind: str, **fields: Any) -> str:
+    return json.dumps({"type": kind, **fields}, separators=(",", ":"))
+
+
+def error(code: str, message: str) -> str:
+    return event("error", code=code, message=message)

@@ -1,0 +1,53 @@
+"""What every call on one server shares: the ASR worker, the VAD model and
+the LLM engine. Built and warmed once per process; readiness only when warm."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from asr.vad import SileroVAD
+from asr.worker import ASRWorker
+from llm.base import LLMEngine
+from llm.config import LLMConfig
+from voice.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: LLMConfig) -> LLMEngine:
+    if config.engine == "llamacpp":
+        from llm.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(config)
+    if config.engine == "vllm":
+        from llm.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config)
+    raise ValueError(f"unknown LLM engine {config.engine!r} (use llamacpp or vllm)")
+
+
+class Runtime:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.vad = SileroVAD(config.asr.vad_model)
+        self.asr = ASRWorker(config.asr)
+        self.engine = build_engine(config.llm)
+        self.ready = False
+        self.startup_s: dict[str, float] = {}
+        self.active_calls = 0
+
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        await self.asr.start()
+        t1 = time.perf_counter()
+        await self.engine.start()
+        t2 = time.perf_counter()
+        self.startup_s = {"asr": round(t1 - t0, 3), "llm": round(t2 - t1, 3), "total": round(t2 - t0, 3)}
+        self.ready = True
+        log.info("runtime warm: %s", self.startup_s)
+
+    async def close(self) -> None:
+        self.ready = False
+        await self.asr.close()
+        await self.engine.close()
