@@ -11,8 +11,6 @@ from benchmarks.client import NativeCaller, last_voiced_s
 from benchmarks.corpus import asterisk_prompts
 from tests.conftest import with_silence
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
 
 def _turn_events(caller: NativeCaller, turn: int, kind: str) -> list[dict]:
     return [e for e in caller.result.of(kind) if e.get("turn") == turn]

