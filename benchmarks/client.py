@@ -43,10 +43,14 @@ class CallResult:
 
     @property
     def ttfs_s(self) -> float | None:
-        first = self.first_at("response.sentence", first=True)
-        if first is None or self.last_voice_sent_at is None:
+        """Last voiced frame sent -> first sentence of the reply that follows it."""
+        if self.last_voice_sent_at is None:
             return None
-        return first - self.last_voice_sent_at
+        for r in self.events:
+            ev = r.event
+            if ev.get("type") == "response.sentence" and ev.get("first") and r.at > self.last_voice_sent_at:
+                return r.at - self.last_voice_sent_at
+        return None
 
 
 _vad: SileroVAD | None = None

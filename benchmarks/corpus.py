@@ -19,6 +19,8 @@ import numpy as np
 import soundfile
 import soxr
 
+from streaming.codecs import StreamResampler, decode, encode, float_to_int16, int16_to_float
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_SPEECH = Path(os.environ.get("FIRSTLINE_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))
 ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en")
@@ -84,3 +86,9 @@ def asterisk_prompts(min_words: int = 3) -> list[Utterance]:
         if len(text.split()) >= min_words and path.exists():
             prompts.append(Utterance(f"asterisk/{name.strip()}", path, text))
     return sorted(prompts, key=lambda u: u.name)
+
+
+def through_phone_line(audio8k: np.ndarray, encoding: str = "mulaw", rate: int = 16000) -> np.ndarray:
+    """8 kHz float -> G.711 -> back -> ``rate``: what the server hears of a call."""
+    pcm = decode(encode(float_to_int16(audio8k), encoding), encoding)  # type: ignore[arg-type]
+    return StreamResampler(8000, rate).process(int16_to_float(pcm), last=True)

@@ -10,14 +10,7 @@ import pytest
 from asr.config import ASRConfig
 from asr.turns import PartialDue, SpeechStarted, TurnEnded, TurnTracker
 from asr.wer import corpus_wer, normalize, word_error_rate
-from benchmarks.corpus import shared_clips
-from streaming.codecs import StreamResampler, decode, encode, float_to_int16, int16_to_float
-
-
-def phone_line(audio8k: np.ndarray) -> np.ndarray:
-    """8 kHz float -> mu-law -> back -> 16 kHz, as the server hears a call."""
-    pcm = decode(encode(float_to_int16(audio8k), "mulaw"), "mulaw")
-    return StreamResampler(8000, 16000).process(int16_to_float(pcm), last=True)
+from benchmarks.corpus import shared_clips, through_phone_line
 
 
 def test_wer_normaliser_ignores_case_punctuation_and_digits():
@@ -27,12 +20,12 @@ def test_wer_normaliser_ignores_case_punctuation_and_digits():
     assert word_error_rate("hello there", "") == 1.0
 
 
-async def test_shared_clips_wer_over_phone_line(server):
+async def test_shared_clips_wer_over_through_phone_line(server):
     """Every single-speaker shared clip, mu-law 8 kHz, via the server's decoder."""
     worker = server.runtime.asr
     pairs = []
     for clip in shared_clips():
-        result = await worker.submit(f"wer-{clip.name}", phone_line(clip.load(8000)), final=True)
+        result = await worker.submit(f"wer-{clip.name}", through_phone_line(clip.load(8000)), final=True)
         pairs.append((clip.reference, result.text))
     assert corpus_wer(pairs) <= 0.15, pairs
 
@@ -41,7 +34,7 @@ async def test_asterisk_prompts_wer(server, phone_prompts):
     worker = server.runtime.asr
     pairs = []
     for clip in phone_prompts[::6]:
-        result = await worker.submit(f"wer-{clip.name}", phone_line(clip.load(8000)), final=True)
+        result = await worker.submit(f"wer-{clip.name}", through_phone_line(clip.load(8000)), final=True)
         pairs.append((clip.reference, result.text))
     assert len(pairs) >= 10
     assert corpus_wer(pairs) <= 0.15, pairs
@@ -49,7 +42,7 @@ async def test_asterisk_prompts_wer(server, phone_prompts):
 
 async def test_finals_jump_ahead_of_partials_and_partials_coalesce(server, phone_prompts):
     worker = server.runtime.asr
-    audio = phone_line(phone_prompts[0].load(8000))
+    audio = through_phone_line(phone_prompts[0].load(8000))
     order: list[str] = []
 
     def track(name):
