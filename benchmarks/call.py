@@ -1,6 +1,6 @@
 """Place one call from an audio file and print what the server says.
 
-    python -m benchmarks.call ../shared/data/speech/jfk.wav [--url ws://127.0.0.1:8765/v1/call]
+python -m benchmarks.call ../shared/data/speech/jfk.wav [--url ws://127.0.0.1:8765/v1/call]
 """
 
 from __future__ import annotations

