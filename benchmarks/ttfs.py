@@ -168,7 +168,8 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'config':<16}{'calls':>6}{'p50':>9}{'p95':>9}{'endpt':>8}{'asr':>7}{'ttft':>7}{'1st':>8}{'WER':>7}{'start':>7}"
+    cols = [("calls", 6), ("p50", 9), ("p95", 9), ("endpt", 8), ("asr", 7), ("ttft", 7), ("1st", 8), ("WER", 7)]
+    head = f"{'config':<16}" + "".join(f"{name:>{width}}" for name, width in cols) + f"{'start':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:

@@ -13,10 +13,10 @@ pytest.importorskip("vllm", reason="vllm not installed (bash scripts/install-vll
 
 import pytest_asyncio
 
-from llm.base import EngineError, GenerationRequest
-from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, SpeculationConfig
 from asr.wer import word_error_rate
 from benchmarks.client import NativeCaller
+from llm.base import EngineError, GenerationRequest
+from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, SpeculationConfig
 from llm.vllm_engine import VLLMEngine, speculative_config
 from tests.conftest import with_silence
 from voice.config import ServerConfig
