@@ -83,6 +83,7 @@ class CallSession:
         self._tracker: TurnTracker | None = None
         self._system_prompt = runtime.config.llm.system_prompt
         self.history: list[dict[str, str]] = []
+        self._replies: dict[int, dict[str, str]] = {}  # turn -> its assistant message in history
         self._turn_index = 0
         self._reply: asyncio.Task[None] | None = None
         self._carry_over = ""  # user words of a turn the caller talked over
@@ -256,7 +257,7 @@ class CallSession:
         else:
             # History keeps only what the caller was sent, so the model never
             # believes it said words that were cut off.
-            self._remember(user_text, spoken)
+            self._remember(turn, user_text, spoken)
         if self.closed:
             return
         with contextlib.suppress(Exception):
@@ -294,6 +295,20 @@ class CallSession:
             {"type": "response.sentence", "turn": turn, "index": len(sent) - 1, "text": text, "first": first}
         )
 
+    def reply_heard(self, turn: int, heard: str) -> None:
+        """Audio transports call this when playout tracking (marks, checkpoints)
+        shows the caller heard only ``heard`` of ``turn``'s reply before
+        cutting in: history then holds only what was actually heard."""
+        message = self._replies.get(turn)
+        if message is None:
+            return
+        if heard.strip():
+            message["content"] = heard.strip()
+        else:
+            with contextlib.suppress(ValueError):
+                self.history.remove(message)
+            del self._replies[turn]
+
     def _messages(self, user_text: str) -> list[dict[str, str]]:
         return [
             {"role": "system", "content": self._system_prompt},
@@ -301,10 +316,12 @@ class CallSession:
             {"role": "user", "content": user_text},
         ]
 
-    def _remember(self, user_text: str, reply: str) -> None:
+    def _remember(self, turn: int, user_text: str, reply: str) -> None:
         self.history.append({"role": "user", "content": user_text})
         if reply:
-            self.history.append({"role": "assistant", "content": reply})
+            message = {"role": "assistant", "content": reply}
+            self.history.append(message)
+            self._replies[turn] = message
         keep = 2 * self.runtime.config.llm.history_turns
         if len(self.history) > keep:
             del self.history[:-keep]
