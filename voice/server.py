@@ -11,6 +11,7 @@ import http
 import json
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -23,6 +24,12 @@ from voice.runtime import Runtime
 log = logging.getLogger(__name__)
 
 NATIVE_PATH = "/v1/call"
+
+CallHandler = Callable[[ServerConnection, Runtime], Awaitable[None]]
+
+# Websocket routes: path -> transport. Each transport is a thin adapter that
+# turns its wire protocol into CallSession calls (see voice/native.py).
+WS_ROUTES: dict[str, CallHandler] = {NATIVE_PATH: handle_native}
 # websockets' own hard cap; the protocol enforces tighter per-frame limits
 # and answers with an error event instead of dropping the connection.
 WS_MAX_SIZE = 1 << 20
@@ -48,7 +55,7 @@ class VoiceServer:
         if path == "/readyz":
             status = http.HTTPStatus.OK if self.runtime.ready else http.HTTPStatus.SERVICE_UNAVAILABLE
             return _json_response(status, {"ready": self.runtime.ready, "startup_s": self.runtime.startup_s})
-        if path != NATIVE_PATH:
+        if path not in WS_ROUTES:
             return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no route {path}; calls go to {NATIVE_PATH}"})
         if not self.runtime.ready:
             return _json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "warming up"})
@@ -59,7 +66,8 @@ class VoiceServer:
         return None
 
     async def _handler(self, ws: ServerConnection) -> None:
-        await handle_native(ws, self.runtime)
+        assert ws.request is not None
+        await WS_ROUTES[ws.request.path.split("?", 1)[0]](ws, self.runtime)
 
     async def start(self) -> None:
         self._server = await serve(
