@@ -28,11 +28,28 @@ class ASRConfig:
     partial_interval_s: float = 0.8
     partial_min_new_audio_s: float = 0.4
     partials: bool = True
+    # "deadline": finals jump ahead of partials, each call has at most one
+    # partial queued, and partials are shed while finals wait (asr/worker.py).
+    # "fifo": every decode in arrival order (the baseline).
+    scheduler: Literal["deadline", "fifo"] = "deadline"
+    # Under "deadline", skip a partial when this many decodes are queued.
+    shed_partials_above: int = 2
     # VAD (Silero v6).
     vad_threshold: float = 0.5
     vad_model: str | None = None  # None = the ONNX file in faster-whisper's wheel
-    # Endpointing: this much trailing silence ends the caller's turn.
+    # Endpointing: this much trailing silence ends the caller's turn (the
+    # fixed window, and the adaptive policy's "don't know" window).
     endpoint_silence_s: float = 0.5
+    # Adaptive endpointing (asr/endpointing.py): the window follows the words
+    # decoded when the pause began.
+    adaptive_endpoint: bool = True
+    endpoint_min_s: float = 0.3  # after a finished sentence or question
+    endpoint_max_s: float = 1.2  # after "and", "um", "the", a bare number...
+    # Preemptive work: this much silence after speech counts as a pause, at
+    # which the session decodes the turn and starts the LLM, gated on the
+    # endpoint (nothing reaches the client unless the turn really ended).
+    preemptive: bool = True
+    pause_s: float = 0.096
     # Speech shorter than this is a click or a breath, not a turn.
     min_speech_s: float = 0.2
     # Audio kept from before VAD fired, so the first syllable is not clipped.

@@ -34,13 +34,28 @@ class PartialDue:
 
 
 @dataclass
+class Paused:
+    """The caller went quiet (``pause_s`` of silence) mid-turn. ``audio`` is
+    the turn so far; if no voice follows, it is exactly what the turn holds
+    at its end, so work started on it now is work the endpoint need not wait for."""
+
+    audio: np.ndarray
+    speech_end_audio_s: float
+
+
+@dataclass
+class Resumed:
+    """Voice again after a :class:`Paused`: the pause was not the end."""
+
+
+@dataclass
 class TurnEnded:
     audio: np.ndarray
     speech_end_audio_s: float  # stream position just after the last voiced chunk
     forced: bool = False  # ended by the client (commit) or the length cap, not by silence
 
 
-Event = SpeechStarted | PartialDue | TurnEnded
+Event = SpeechStarted | PartialDue | Paused | Resumed | TurnEnded
 
 
 class TurnTracker:
@@ -54,6 +69,8 @@ class TurnTracker:
         self._reset_turn()
 
     def _reset_turn(self) -> None:
+        self.endpoint_s = self.config.endpoint_silence_s
+        self._paused = False
         self._chunks: list[np.ndarray] = []
         self._in_turn = False
         self._confirmed = False
@@ -105,17 +122,28 @@ class TurnTracker:
             self._pre.clear()
             self._first_voiced = self._position_chunks - 1
         self._chunks.append(chunk)
+        event: Event | None = None
         if voiced:
             self._voiced_chunks += 1
             self._silent_run = 0
             self._last_voiced_end = self._position_chunks
+            if self._paused:
+                self._paused = False
+                self.endpoint_s = cfg.endpoint_silence_s
+                event = Resumed()
         elif silent:
             self._silent_run += 1
-        event: Event | None = None
         if not self._confirmed and self._voiced_chunks * CHUNK_S >= cfg.min_speech_s:
             self._confirmed = True
             event = SpeechStarted(self._first_voiced * CHUNK_S)
-        if self._silent_run * CHUNK_S >= cfg.endpoint_silence_s:
+        if (
+            self._confirmed
+            and not self._paused
+            and self._silent_run * CHUNK_S >= cfg.pause_s - 1e-9
+        ):
+            self._paused = True
+            event = Paused(self._turn_audio(), self._last_voiced_end * CHUNK_S)
+        if self._silent_run * CHUNK_S >= self.endpoint_s - 1e-9:
             if self._confirmed:
                 return self._end_turn(forced=False)
             self._reset_turn()  # a click or a breath: never became speech
@@ -137,13 +165,22 @@ class TurnTracker:
         self._partial_at_chunks = total
         return PartialDue(np.concatenate(self._chunks))
 
-    def _end_turn(self, forced: bool) -> TurnEnded:
-        # Keep a little trailing silence (Whisper likes to hear the end of the
-        # last word) but not the whole endpoint window.
-        keep_after = round(0.2 / CHUNK_S)
+    def set_endpoint(self, seconds: float) -> None:
+        """Change this turn's silence window (adaptive endpointing). Takes
+        effect on the next chunk; resets when the turn ends or voice resumes."""
+        self.endpoint_s = seconds
+
+    def _turn_audio(self) -> np.ndarray:
+        # Up to pause_s of trailing silence (Whisper likes to hear the end of
+        # the last word) but not the whole endpoint window. Paused and
+        # TurnEnded cut at the same place, so their audio is identical when
+        # no voice came in between.
+        keep_after = max(1, round(self.config.pause_s / CHUNK_S))
         voiced_end_index = len(self._chunks) - (self._position_chunks - self._last_voiced_end)
-        audio = np.concatenate(self._chunks[: voiced_end_index + keep_after])
-        ended = TurnEnded(audio, self._last_voiced_end * CHUNK_S, forced)
+        return np.concatenate(self._chunks[: voiced_end_index + keep_after])
+
+    def _end_turn(self, forced: bool) -> TurnEnded:
+        ended = TurnEnded(self._turn_audio(), self._last_voiced_end * CHUNK_S, forced)
         self._reset_turn()
         return ended
 

@@ -46,6 +46,8 @@ class ASRWorker:
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self.decodes = {FINAL: 0, PARTIAL: 0}
+        self.shed_partials = 0
+        self._finals_waiting = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -72,14 +74,34 @@ class ASRWorker:
         """Queue a decode; the future resolves to its text. A superseded partial
         resolves with CancelledError."""
         loop = asyncio.get_running_loop()
+        if self.config.scheduler == "fifo":
+            job = _Job(0, next(self._seq), call_id, audio, loop.create_future())
+            self._queue.put_nowait(job)
+            return job.future
         old = self._pending_partial.pop(call_id, None)
         if old is not None and not old.future.done():
             old.future.cancel()  # stays in the heap; skipped when popped
-        job = _Job(FINAL if final else PARTIAL, next(self._seq), call_id, audio, loop.create_future())
-        if not final:
+        future: asyncio.Future[Decoded] = loop.create_future()
+        if not final and (self._finals_waiting or self._live_jobs() >= self.config.shed_partials_above):
+            # Under load, partials are the first thing to go: a caller waiting
+            # for a reply matters more than a live caption.
+            self.shed_partials += 1
+            future.cancel()
+            return future
+        job = _Job(FINAL if final else PARTIAL, next(self._seq), call_id, audio, future)
+        if final:
+            self._finals_waiting += 1
+            future.add_done_callback(self._final_done)
+        else:
             self._pending_partial[call_id] = job
         self._queue.put_nowait(job)
         return job.future
+
+    def _final_done(self, _future: asyncio.Future[Decoded]) -> None:
+        self._finals_waiting -= 1
+
+    def _live_jobs(self) -> int:
+        return sum(1 for job in self._queue._queue if not job.future.done())  # type: ignore[attr-defined]
 
     def forget(self, call_id: str) -> None:
         """The call ended: drop its waiting partial."""

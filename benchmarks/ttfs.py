@@ -77,33 +77,43 @@ def start_server(args: list[str], port: int, timeout: float) -> tuple[subprocess
     raise TimeoutError(f"server not ready after {timeout} s")
 
 
-async def one_call(url: str, utt: Utterance, realtime: bool, tail_s: float) -> dict[str, Any]:
-    audio8 = utt.load(8000)
-    audio = np.concatenate([audio8, np.zeros(int(8000 * tail_s), np.float32)])
-    voice_end = last_voiced_s(utt.load(16000))
+async def one_call(url: str, utts: list[Utterance], realtime: bool, tail_s: float) -> list[dict[str, Any]]:
+    """One call; each utterance is a caller turn, the next one spoken only
+    after the reply to the previous one (so history grows as in a real call)."""
+    results = []
     async with NativeCaller(url) as caller:
         await caller.start("mulaw", 8000)
-        await caller.play(audio, 8000, "mulaw", realtime=realtime, last_voice_s=voice_end)
-        # A clip with long pauses can be several turns; TTFS is about the
-        # last one, the reply to the caller's last word.
-        last_turn = max((e["turn"] for e in caller.result.of("turn.ended")), default=None)
-        if last_turn is not None:
-            try:
-                await caller.wait_for("turn.metrics", timeout=60, turn=last_turn)
-            except TimeoutError:
-                pass
-        finals = [e["text"] for e in caller.result.of("transcript.final")]
-        metrics = next((e for e in caller.result.of("turn.metrics") if e["turn"] == last_turn), {})
-        ttfs = caller.result.ttfs_s
-        return {
-            "utterance": utt.name,
-            "reference": utt.reference,
-            "transcript": " ".join(finals),
-            "turns": len(finals),
-            "ttfs_ms": None if ttfs is None else round(ttfs * 1000, 1),
-            "first_sentence": next((e["text"] for e in caller.result.of("response.sentence")), None),
-            "server": metrics,
-        }
+        for utt in utts:
+            audio = np.concatenate([utt.load(8000), np.zeros(int(8000 * tail_s), np.float32)])
+            voice_end = last_voiced_s(utt.load(16000))
+            turns_before = max((e["turn"] for e in caller.result.of("turn.ended")), default=0)
+            caller.result.last_voice_sent_at = None
+            await caller.play(audio, 8000, "mulaw", realtime=realtime, last_voice_s=voice_end)
+            # A clip with long pauses can be several turns; TTFS is about the
+            # last one, the reply to the caller's last word.
+            last_turn = max((e["turn"] for e in caller.result.of("turn.ended")), default=0)
+            if last_turn > turns_before:
+                try:
+                    await caller.wait_for("turn.metrics", timeout=60, turn=last_turn)
+                except TimeoutError:
+                    pass
+            finals = [e["text"] for e in caller.result.of("transcript.final") if e["turn"] > turns_before]
+            metrics = next((e for e in caller.result.of("turn.metrics") if e["turn"] == last_turn), {})
+            ttfs = caller.result.ttfs_s if last_turn > turns_before else None
+            sentence = next((e["text"] for e in caller.result.of("response.sentence") if e["turn"] == last_turn), None)
+            results.append(
+                {
+                    "utterance": utt.name,
+                    "reference": utt.reference,
+                    "transcript": " ".join(finals),
+                    "turns": last_turn - turns_before,
+                    "history_turns": turns_before,
+                    "ttfs_ms": None if ttfs is None else round(ttfs * 1000, 1),
+                    "first_sentence": sentence,
+                    "server": metrics,
+                }
+            )
+    return results
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -124,28 +134,32 @@ def summarise(name: str, calls: list[dict[str, Any]], startup_s: float) -> dict[
         "ttfs_mean_ms": None if not ttfs else round(statistics.fmean(ttfs), 1),
         "stage_p50_ms": stages,
         "speculative_acceptance_mean": None if not acc else round(statistics.fmean(acc), 3),
+        "wasted_generations_per_turn": round(
+            statistics.fmean([c["server"].get("wasted_generations", 0) for c in calls]) if calls else 0.0, 3
+        ),
         "wer": round(corpus_wer([(c["reference"], c["transcript"]) for c in calls]), 4),
         "startup_s": round(startup_s, 1),
     }
 
 
 async def run_config(
-    name: str, serve_args: list[str], utts: list[Utterance], concurrency: int, realtime: bool, tail_s: float
+    name: str, serve_args: list[str], utts: list[Utterance], ns: argparse.Namespace, concurrency: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     port = free_port()
     proc, startup = start_server(serve_args, port, timeout=600)
     url = f"ws://127.0.0.1:{port}/v1/call"
+    k = ns.turns_per_call
+    groups = [utts[i : i + k] for i in range(0, len(utts), k)]
     calls: list[dict[str, Any]] = []
     try:
         sem = asyncio.Semaphore(concurrency)
 
-        async def guarded(u: Utterance) -> None:
+        async def guarded(group: list[Utterance]) -> None:
             async with sem:
-                calls.append(await one_call(url, u, realtime, tail_s))
-                done = len(calls)
-                print(f"\r  {name}: {done}/{len(utts)} calls", end="", flush=True)
+                calls.extend(await one_call(url, group, not ns.fast, ns.tail))
+                print(f"\r  {name} x{concurrency}: {len(calls)}/{len(utts)} turns", end="", flush=True)
 
-        await asyncio.gather(*(guarded(u) for u in utts))
+        await asyncio.gather(*(guarded(g) for g in groups))
         print()
     finally:
         proc.terminate()
@@ -155,7 +169,20 @@ async def run_config(
             proc.kill()
     order = {u.name: i for i, u in enumerate(utts)}
     calls.sort(key=lambda c: order[c["utterance"]])
-    return summarise(name, calls, startup), calls
+    row = summarise(name, calls, startup)
+    row["concurrency"] = concurrency
+    return row, calls
+
+
+# Each latency technique on its own, against everything off, in one run.
+TECHNIQUES: dict[str, str] = {
+    "all-off": "--no-preemptive --fixed-endpoint --no-incremental-prefill --asr-scheduler fifo",
+    "+adaptive-endpoint": "--no-preemptive --no-incremental-prefill --asr-scheduler fifo",
+    "+preemptive": "--fixed-endpoint --no-incremental-prefill --asr-scheduler fifo",
+    "+incremental-prefill": "--no-preemptive --fixed-endpoint --asr-scheduler fifo",
+    "+deadline-asr": "--no-preemptive --fixed-endpoint --no-incremental-prefill",
+    "all-on": "",
+}
 
 
 def parse_config(text: str) -> tuple[str, list[str]]:
@@ -168,36 +195,51 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = [("calls", 6), ("p50", 9), ("p95", 9), ("endpt", 8), ("asr", 7), ("ttft", 7), ("1st", 8), ("WER", 7)]
-    head = f"{'config':<16}" + "".join(f"{name:>{width}}" for name, width in cols) + f"{'start':>7}"
+    cols = [("calls", 6), ("p50", 7), ("p95", 7), ("vs off", 8), ("endpt", 7), ("asr", 6), ("ttft", 6), ("1st", 6)]
+    cols += [("waste", 7), ("WER", 7), ("start", 7)]
+    head = f"{'config':<22}{'conc':>5}" + "".join(f"{name:>{width}}" for name, width in cols)
     print(head)
     print("-" * len(head))
+    base: dict[int, float] = {}
     for r in rows:
         s = r["stage_p50_ms"]
+        p50 = r["ttfs_p50_ms"] or 0.0
+        base.setdefault(r["concurrency"], p50)
+        ratio = p50 / base[r["concurrency"]] if base[r["concurrency"]] else float("nan")
         print(
-            f"{r['config']:<16}{r['answered']:>6}{r['ttfs_p50_ms'] or 0:>9.0f}{r['ttfs_p95_ms'] or 0:>9.0f}"
-            f"{s['endpoint_ms'] or 0:>8.0f}{s['asr_decode_ms'] or 0:>7.0f}{s['llm_ttft_ms'] or 0:>7.0f}"
-            f"{s['first_sentence_ms'] or 0:>8.0f}{r['wer']:>7.3f}{r['startup_s']:>7.1f}"
+            f"{r['config']:<22}{r['concurrency']:>5}{r['answered']:>6}{p50:>7.0f}{r['ttfs_p95_ms'] or 0:>7.0f}"
+            f"{ratio:>8.2f}{s['endpoint_ms'] or 0:>7.0f}{s['asr_decode_ms'] or 0:>6.0f}{s['llm_ttft_ms'] or 0:>6.0f}"
+            f"{s['first_sentence_ms'] or 0:>6.0f}{r['wasted_generations_per_turn']:>7.2f}{r['wer']:>7.3f}"
+            f"{r['startup_s']:>7.1f}"
         )
-    print("(ms; stage columns are server-side p50 from the caller's last voiced frame: endpoint fired,")
-    print(" ASR final decode, LLM first token after ASR, first sentence. start = process start to ready, s)")
+    print("(ms. p50/p95: caller-side TTFS, last voiced frame sent -> first sentence received; vs off: p50 over the")
+    print(" first row at the same concurrency. Server-side p50s: endpt = endpoint fired after speech end, asr = final")
+    print(
+        " decode time, ttft = LLM first token after the final transcript, 1st = first sentence sent after speech end."
+    )
+    print(" waste = aborted preemptive generations per turn. start = process start to ready, s)")
 
 
 async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
     utts = corpus(ns.utterances)
-    configs = [parse_config(c) for c in (ns.config or ["llamacpp"])]
+    if ns.techniques:
+        configs = [(name, shlex.split(args)) for name, args in TECHNIQUES.items()]
+    else:
+        configs = [parse_config(c) for c in (ns.config or ["llamacpp"])]
+    configs = [(name, [*args, *shlex.split(ns.serve_args)]) for name, args in configs]
     rows, details = [], {}
-    print(f"{len(utts)} utterances, {len(configs)} configurations, concurrency {ns.concurrency}")
-    for name, args in configs:
-        row, calls = await run_config(name, args, utts, ns.concurrency, not ns.fast, ns.tail)
-        rows.append(row)
-        details[name] = calls
+    print(f"{len(utts)} utterances, {ns.turns_per_call} per call, {len(configs)} configurations")
+    for concurrency in ns.concurrency:
+        for name, args in configs:
+            row, calls = await run_config(name, args, utts, ns, concurrency)
+            rows.append(row)
+            details[f"{name} x{concurrency}"] = calls
     print_table(rows)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     return {
         "machine": machine,
         "utterances": len(utts),
-        "concurrency": ns.concurrency,
+        "turns_per_call": ns.turns_per_call,
         "realtime": not ns.fast,
         "summary": rows,
         "calls": details,
@@ -208,7 +250,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", help="engine name or NAME='serve args' (repeatable)")
     parser.add_argument("--utterances", type=int, default=20)
-    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1], help="one or more levels, e.g. 1 2 4 8")
+    parser.add_argument("--techniques", action="store_true", help="compare each latency technique on/off")
+    parser.add_argument("--turns-per-call", type=int, default=1, help="utterances spoken in one call, in turn")
+    parser.add_argument("--serve-args", default="", help="extra `firstline serve` args for every configuration")
     parser.add_argument("--tail", type=float, default=1.5, help="seconds of silence after each utterance")
     parser.add_argument("--fast", action="store_true", help="send audio as fast as possible (not a TTFS figure)")
     parser.add_argument("--output", default=str(RESULTS / "ttfs.json"))

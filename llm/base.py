@@ -77,6 +77,15 @@ class LLMEngine(abc.ABC):
         engine. ``request.usage`` is complete once iteration ends.
         """
 
+    async def prefill(self, messages: list[dict[str, str]]) -> None:
+        """Compute (and cache) the prompt for ``messages`` without keeping any
+        output: a one-token generation. Engines with automatic prefix caching
+        (llama.cpp slots, vLLM APC) then serve the real request's shared
+        prefix from cache."""
+        request = GenerationRequest(f"prefill-{id(messages)}", messages, max_tokens=1)
+        async for _ in self.stream(request):
+            pass
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the engine (threads, processes, memory)."""

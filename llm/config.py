@@ -44,6 +44,9 @@ class LLMConfig:
     # Parallel request slots (llama.cpp) / max sequences (vLLM).
     parallel: int = 4
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    # Keep the prefix cache warm with the caller's words while they speak
+    # (one prefill per partial transcript), so end-of-turn prefill is short.
+    incremental_prefill: bool = True
     # vLLM only.
     enforce_eager: bool = True
     prefix_caching: bool = True

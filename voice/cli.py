@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--asr-threads", type=int, default=2)
     serve.add_argument("--endpoint-silence-ms", type=int, default=500)
     serve.add_argument("--no-partials", action="store_true")
+    # Latency techniques, each switchable so benchmarks/ttfs.py can compare.
+    serve.add_argument("--no-preemptive", action="store_true", help="start ASR final + LLM only at the endpoint")
+    serve.add_argument("--fixed-endpoint", action="store_true", help="fixed silence window, not adaptive")
+    serve.add_argument("--no-incremental-prefill", action="store_true", help="don't prefill the LLM while speaking")
+    serve.add_argument(
+        "--asr-scheduler",
+        choices=["deadline", "fifo"],
+        default="deadline",
+        help="deadline: finals before partials, one partial per call, partials shed under load",
+    )
     serve.add_argument("--log-level", default="INFO")
     return parser
 
@@ -69,7 +79,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.asr_threads,
         endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
         partials=not args.no_partials,
+        preemptive=not args.no_preemptive,
+        adaptive_endpoint=not args.fixed_endpoint,
+        scheduler=args.asr_scheduler,
     )
+    llm.incremental_prefill = not args.no_incremental_prefill
     return ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)
 
 

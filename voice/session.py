@@ -5,9 +5,11 @@ Transport-agnostic: a transport turns its wire messages into calls on
 events back through the ``emit`` callback as plain dicts, which it
 serialises in its own format.
 
-Flow per turn: audio -> G.711/PCM decode -> stateful resample to 16 kHz ->
-VAD turn tracking -> (partials while speaking) -> final decode on the shared
-ASR worker -> LLM stream -> sentence segmenter -> ``response.sentence``.
+Flow: audio -> G.711/PCM decode -> stateful resample to 16 kHz -> VAD turn
+tracking (asr.turns) -> partial decodes while the caller speaks -> at a
+pause, a preemptive :class:`voice.turn.Turn` (final decode + LLM, held
+behind a gate; the decoded words also set the endpoint window) -> at the
+endpoint, commit: transcript, then reply sentences on the wire.
 """
 
 from __future__ import annotations
@@ -24,51 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from asr.turns import PartialDue, SpeechStarted, TurnEnded, TurnTracker
-from llm.base import GenerationRequest
+from asr.config import ASRConfig
+from asr.endpointing import endpoint_window
+from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
 from streaming.codecs import StreamResampler, decode, int16_to_float
-from streaming.sentences import SentenceSegmenter
 from voice.protocol import ProtocolError, Start, check_audio_frame
 from voice.runtime import Runtime
+from voice.turn import Turn, TurnTimes
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 ASR_RATE = 16000
 _call_ids = itertools.count(1)
-
-
-@dataclasses.dataclass
-class TurnTimes:
-    """Monotonic seconds; None until the stage happened."""
-
-    speech_end: float | None = None
-    endpoint: float | None = None
-    asr_final: float | None = None
-    llm_first_token: float | None = None
-    first_sentence: float | None = None
-    done: float | None = None
-
-    def metrics(self) -> dict[str, float | None]:
-        base = self.speech_end
-
-        def rel(t: float | None) -> float | None:
-            return None if t is None or base is None else round((t - base) * 1000, 1)
-
-        return {
-            "endpoint_ms": rel(self.endpoint),
-            "asr_final_ms": rel(self.asr_final),
-            "llm_first_token_ms": rel(self.llm_first_token),
-            "first_sentence_ms": rel(self.first_sentence),
-            "done_ms": rel(self.done),
-            "ttfs_ms": rel(self.first_sentence),
-            "asr_decode_ms": None
-            if self.asr_final is None or self.endpoint is None
-            else round((self.asr_final - self.endpoint) * 1000, 1),
-            "llm_ttft_ms": None
-            if self.llm_first_token is None or self.asr_final is None
-            else round((self.llm_first_token - self.asr_final) * 1000, 1),
-        }
 
 
 class CallSession:
@@ -78,15 +48,21 @@ class CallSession:
         self.call_id = call_id or f"call-{next(_call_ids)}"
         self.started = False
         self.closed = False
+        self.asr_config: ASRConfig = runtime.config.asr
+        self.max_tokens = runtime.config.llm.max_tokens
         self._start: Start | None = None
         self._resampler: StreamResampler | None = None
         self._tracker: TurnTracker | None = None
         self._system_prompt = runtime.config.llm.system_prompt
         self.history: list[dict[str, str]] = []
         self._replies: dict[int, dict[str, str]] = {}  # turn -> its assistant message in history
+        self.carry_over = ""  # words of a turn the caller talked over before any reply went out
         self._turn_index = 0
-        self._reply: asyncio.Task[None] | None = None
-        self._carry_over = ""  # user words of a turn the caller talked over
+        self._active: Turn | None = None  # committed turn whose reply may still be streaming
+        self._pending: Turn | None = None  # preemptive turn held behind its gate
+        self._wasted = 0  # preemptive turns aborted since the last commit
+        self._last_partial = ""
+        self._prefilling = False
         self._tasks: set[asyncio.Task[None]] = set()
         # (stream position in s at the end of a fed frame, monotonic arrival)
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)
@@ -98,16 +74,19 @@ class CallSession:
         if self.started:
             raise ProtocolError("already_started", "the call has already started")
         self._start = start
-        asr_cfg = self.runtime.config.asr
         overrides: dict[str, Any] = {}
         if start.endpoint_silence_s is not None:
+            # A client that sets the window asks for a fixed one.
             overrides["endpoint_silence_s"] = start.endpoint_silence_s
+            overrides["adaptive_endpoint"] = False
         if start.partials is not None:
             overrides["partials"] = start.partials
         if overrides:
-            asr_cfg = dataclasses.replace(asr_cfg, **overrides)
+            self.asr_config = dataclasses.replace(self.asr_config, **overrides)
+        if start.max_tokens:
+            self.max_tokens = start.max_tokens
         self._resampler = StreamResampler(start.sample_rate, ASR_RATE)
-        self._tracker = TurnTracker(asr_cfg, self.runtime.vad.stream())
+        self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
         if start.system_prompt:
             self._system_prompt = start.system_prompt
         self.started = True
@@ -117,7 +96,8 @@ class CallSession:
                 "call_id": self.call_id,
                 "protocol_version": 1,
                 "audio": {"encoding": start.encoding, "sample_rate": start.sample_rate},
-                "endpoint_silence_ms": round(asr_cfg.endpoint_silence_s * 1000),
+                "endpoint_silence_ms": round(self.asr_config.endpoint_silence_s * 1000),
+                "adaptive_endpoint": self.asr_config.adaptive_endpoint,
                 "engine": self.runtime.engine.describe(),
             }
         )
@@ -148,7 +128,8 @@ class CallSession:
             return
         self.closed = True
         self.runtime.asr.forget(self.call_id)
-        tasks = [*self._tasks, *([self._reply] if self._reply else [])]
+        turns = [t.task for t in (self._active, self._pending) if t is not None]
+        tasks = [*self._tasks, *turns]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -156,24 +137,96 @@ class CallSession:
                 await task
         log.info("call %s ended (%s)", self.call_id, reason)
 
+    def reply_heard(self, turn: int, heard: str) -> None:
+        """Audio transports call this when playout tracking (marks, checkpoints)
+        shows the caller heard only ``heard`` of ``turn``'s reply before
+        cutting in: history then holds only what was actually heard."""
+        message = self._replies.get(turn)
+        if message is None:
+            return
+        if heard.strip():
+            message["content"] = heard.strip()
+        else:
+            with contextlib.suppress(ValueError):
+                self.history.remove(message)
+            del self._replies[turn]
+
     # ---- turn handling -------------------------------------------------
 
     async def _on_event(self, ev: object, now: float) -> None:
         if isinstance(ev, SpeechStarted):
             await self.emit({"type": "speech.started", "audio_ms": round(ev.audio_s * 1000)})
-            if self._reply is not None and not self._reply.done():
-                self._reply.cancel()  # barge-in: the reply task reports it
+            if self._active is not None and not self._active.task.done():
+                self._active.cancel()  # barge-in: the turn reports it
         elif isinstance(ev, PartialDue):
             self._spawn(self._partial(ev.audio, self._turn_index))
+        elif isinstance(ev, Paused):
+            self._on_pause(ev)
+        elif isinstance(ev, Resumed):
+            self._abort_pending()
         elif isinstance(ev, TurnEnded):
-            self.runtime.asr.forget(self.call_id)  # a pending partial is moot now
-            if self._reply is not None and not self._reply.done():
-                self._reply.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._reply
+            await self._on_turn_end(ev, now)
+
+    def _on_pause(self, ev: Paused) -> None:
+        cfg = self.asr_config
+        if cfg.preemptive:
+            times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s))
+            self._pending = Turn(self, self._turn_index + 1, ev.audio, times, committed=False, on_window=self._window)
+        elif cfg.adaptive_endpoint and self._tracker is not None:
+            self._tracker.set_endpoint(endpoint_window(self._last_partial, cfg))
+
+    def _window(self, turn: Turn, seconds: float) -> None:
+        # The pause decode is in: its words choose how long to wait.
+        if self.asr_config.adaptive_endpoint and turn is self._pending and self._tracker is not None:
+            self._tracker.set_endpoint(seconds)
+
+    def _abort_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._wasted += 1
+            self._pending = None
+
+    async def _on_turn_end(self, ev: TurnEnded, now: float) -> None:
+        self.runtime.asr.forget(self.call_id)  # a pending partial is moot now
+        self._last_partial = ""
+        if self._active is not None and not self._active.task.done():
+            self._active.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._active.task
+        turn = self._pending
+        self._pending = None
+        if turn is not None and ev.forced:
+            # input.commit or the length cap: the audio may differ from the pause's.
+            turn.cancel()
+            self._wasted += 1
+            turn = None
+        self._turn_index += 1
+        if turn is None:
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s), endpoint=now)
-            self._turn_index += 1
-            self._reply = asyncio.create_task(self._turn(self._turn_index, ev.audio, times))
+            turn = Turn(self, self._turn_index, ev.audio, times, committed=True)
+        turn.wasted_generations = self._wasted
+        self._wasted = 0
+        self.carry_over = ""
+        self._active = turn
+        if not turn.committed:
+            await turn.commit(now)
+
+    def reply_finished(self, turn: Turn, cancelled: bool) -> None:
+        """Called by a committed turn when its reply ends."""
+        spoken = " ".join(turn.sent)
+        if cancelled and turn.times.llm_first_token is None:
+            # The caller kept talking before any of the reply went out: this
+            # was a pause, not a turn. Their words join the next turn.
+            self.carry_over = " ".join(filter(None, [self.carry_over, turn.user_text]))
+        else:
+            # History keeps only what the caller was sent, so the model never
+            # believes it said words that were cut off.
+            self._remember(turn.index, turn.user_text, spoken)
+
+    def carry(self, pending: asyncio.Future[Any]) -> None:
+        """A committed turn was talked over mid-decode: keep its words."""
+        if not pending.cancelled() and pending.exception() is None and pending.result().text:
+            self.carry_over = " ".join(filter(None, [self.carry_over, pending.result().text]))
 
     def _arrival_of(self, position_s: float) -> float:
         """When the frame holding this stream position arrived."""
@@ -194,122 +247,27 @@ class CallSession:
             return  # superseded by a newer partial or the final
         except Exception:
             return  # a failed partial is not worth a client error; the final decides
-        if turn == self._turn_index and result.text and not self.closed:
-            await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})
+        if turn != self._turn_index or not result.text or self.closed:
+            return
+        self._last_partial = result.text
+        await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})
+        if self.runtime.config.llm.incremental_prefill and not self._prefilling:
+            self._spawn(self._prefill(result.text))
 
-    async def _turn(self, turn: int, audio: np.ndarray, times: TurnTimes) -> None:
-        pending = self.runtime.asr.submit(self.call_id, audio, final=True)
+    async def _prefill(self, partial_text: str) -> None:
+        """Warm the engine's prefix cache with the prompt as it stands, so the
+        prefill at the end of the turn covers only the last few words."""
+        if self._active is not None and not self._active.task.done():
+            return  # a reply is streaming; don't compete with it
+        self._prefilling = True
         try:
-            # Shielded: if the caller resumes talking mid-decode, the words
-            # decoded so far still join their next turn (see _carry).
-            decoded = await asyncio.shield(pending)
-        except asyncio.CancelledError:
-            pending.add_done_callback(self._carry)
-            raise
-        except Exception as exc:
-            await self.emit({"type": "error", "code": "asr_failed", "message": f"turn {turn}: {exc}"})
-            return
-        times.asr_final = time.monotonic()
-        text = " ".join(filter(None, [self._carry_over, decoded.text])).strip()
-        self._carry_over = ""
-        if not text:
-            return  # VAD heard something Whisper found no words in: no turn
-        await self.emit({"type": "transcript.final", "turn": turn, "text": text})
-        await self.emit({"type": "turn.ended", "turn": turn})
-        await self._reply_to(turn, text, times)
+            await self.runtime.engine.prefill(self.messages(partial_text))
+        except Exception:
+            log.debug("prefill failed on call %s", self.call_id, exc_info=True)
+        finally:
+            self._prefilling = False
 
-    def _carry(self, pending: asyncio.Future[Any]) -> None:
-        if not pending.cancelled() and pending.exception() is None and pending.result().text:
-            self._carry_over = " ".join(filter(None, [self._carry_over, pending.result().text]))
-
-    async def _reply_to(self, turn: int, user_text: str, times: TurnTimes) -> None:
-        cfg = self.runtime.config
-        request = GenerationRequest(
-            request_id=f"{self.call_id}-t{turn}",
-            messages=self._messages(user_text),
-            max_tokens=(self._start.max_tokens if self._start else None) or cfg.llm.max_tokens,
-            temperature=cfg.llm.temperature,
-        )
-        segmenter = SentenceSegmenter(max_words=cfg.sentence_max_words)
-        sent: list[str] = []
-        cancelled = False
-        failed: str | None = None
-        try:
-            async for delta in self.runtime.engine.stream(request):
-                if times.llm_first_token is None:
-                    times.llm_first_token = time.monotonic()
-                await self.emit({"type": "response.delta", "turn": turn, "text": delta})
-                for sentence in segmenter.push(delta):
-                    await self._send_sentence(turn, sentence, sent, times)
-            for sentence in segmenter.flush():
-                await self._send_sentence(turn, sentence, sent, times)
-        except asyncio.CancelledError:
-            cancelled = True
-        except Exception as exc:
-            log.exception("LLM failed on call %s turn %d", self.call_id, turn)
-            failed = str(exc)
-        times.done = time.monotonic()
-        spoken = " ".join(sent)
-        if cancelled and times.llm_first_token is None:
-            # The caller kept talking before any of the reply went out: this
-            # was a pause, not a turn. Their words join the next turn.
-            self._carry_over = user_text
-        else:
-            # History keeps only what the caller was sent, so the model never
-            # believes it said words that were cut off.
-            self._remember(turn, user_text, spoken)
-        if self.closed:
-            return
-        with contextlib.suppress(Exception):
-            if failed is not None:
-                await self.emit({"type": "error", "code": "llm_failed", "message": f"turn {turn}: {failed}"})
-            await self.emit(
-                {
-                    "type": "response.done",
-                    "turn": turn,
-                    "text": spoken,
-                    "cancelled": cancelled,
-                    "usage": request.usage.as_dict(),
-                }
-            )
-            await self.emit(
-                {
-                    "type": "turn.metrics",
-                    "turn": turn,
-                    **times.metrics(),
-                    "speculative_acceptance": request.usage.acceptance_rate,
-                    "draft_tokens": request.usage.draft_tokens,
-                    "accepted_tokens": request.usage.accepted_tokens,
-                    "completion_tokens": request.usage.completion_tokens,
-                }
-            )
-        if cancelled:
-            raise asyncio.CancelledError
-
-    async def _send_sentence(self, turn: int, text: str, sent: list[str], times: TurnTimes) -> None:
-        first = not sent
-        if first:
-            times.first_sentence = time.monotonic()
-        sent.append(text)
-        await self.emit(
-            {"type": "response.sentence", "turn": turn, "index": len(sent) - 1, "text": text, "first": first}
-        )
-
-    def reply_heard(self, turn: int, heard: str) -> None:
-        """Audio transports call this when playout tracking (marks, checkpoints)
-        shows the caller heard only ``heard`` of ``turn``'s reply before
-        cutting in: history then holds only what was actually heard."""
-        message = self._replies.get(turn)
-        if message is None:
-            return
-        if heard.strip():
-            message["content"] = heard.strip()
-        else:
-            with contextlib.suppress(ValueError):
-                self.history.remove(message)
-            del self._replies[turn]
-
-    def _messages(self, user_text: str) -> list[dict[str, str]]:
+    def messages(self, user_text: str) -> list[dict[str, str]]:
         return [
             {"role": "system", "content": self._system_prompt},
             *self.history,
@@ -325,3 +283,12 @@ class CallSession:
         keep = 2 * self.runtime.config.llm.history_turns
         if len(self.history) > keep:
             del self.history[:-keep]
+            kept = {id(m) for m in self.history}
+            self._replies = {t: m for t, m in self._replies.items() if id(m) in kept}
+
+    def dtmf(self, digit: str) -> None:
+        """A keypad press from an audio transport. It joins the next turn's
+        user text (as "[caller pressed 5]") through carry_over, so the LLM
+        sees it in order with what the caller says."""
+        if len(digit) == 1 and digit in "0123456789*#ABCD":
+            self.carry_over = " ".join(filter(None, [self.carry_over, f"[caller pressed {digit}]"]))

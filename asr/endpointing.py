@@ -1,0 +1,54 @@
+"""How long a pause must last before the caller's turn is over.
+
+A fixed window is either too eager (cuts callers who pause mid-sentence) or
+too patient (every reply waits for it). The window here follows the words
+decoded at the start of the pause: a finished sentence gets a short window,
+a turn that stops on a conjunction, filler, article or preposition ("and",
+"um", "the", "to") or on a bare number (a phone number or amount being
+read out) gets a long one. Whisper ends nearly every segment with a period,
+even mid-sentence, so the last *word* carries more signal than punctuation.
+
+Measured by benchmarks/endpointing.py (false cut-offs vs endpoint delay).
+"""
+
+from __future__ import annotations
+
+import re
+
+from asr.config import ASRConfig
+
+# Words after which a speaker is almost never done.
+CONTINUATION_WORDS = frozenset(
+    """
+    and but or so because since although though unless if when while whereas
+    than then that which who whose whom where what how why
+    um uh er erm ah hmm like mean
+    the a an my your his her our their its this these those some any no every
+    to of in on at for with from by about into onto over under between through
+    is are was were be been am can could would should will shall may might must
+    do does did have has had i we you he she they it
+    plus minus point dot dash oh zero
+    """.split()
+)
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def last_word(text: str) -> str:
+    words = _WORD.findall(text.lower())
+    return words[-1] if words else ""
+
+
+def endpoint_window(text: str, config: ASRConfig) -> float:
+    """Silence (s) after which a turn whose words so far are ``text`` ends."""
+    stripped = text.strip()
+    if not stripped:
+        return config.endpoint_silence_s
+    word = last_word(stripped)
+    if stripped.endswith((",", "...", "…", "-", ":")) or word in CONTINUATION_WORDS or word.isdigit():
+        return config.endpoint_max_s
+    # Whisper closes fragments with a period too ("Please enter your
+    # password."), so a period counts only after a clause-sized run of words.
+    if stripped.endswith(("?", "!")) or (stripped.endswith(".") and len(_WORD.findall(stripped.lower())) >= 5):
+        return config.endpoint_min_s
+    return config.endpoint_silence_s

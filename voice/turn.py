@@ -1,0 +1,226 @@
+"""One caller turn and the reply to it.
+
+A turn is created either at the *endpoint* (the caller's silence lasted the
+window: it is committed from birth) or, with preemptive generation, at the
+start of a *pause*: it decodes the audio and starts the LLM at once, but
+everything it produces is held behind a gate. If the caller resumes, the
+session aborts it (a wasted generation, counted). If the endpoint fires
+with no voice in between, the session commits it: the held transcript and
+reply events go out in order that instant and the rest streams live. The
+pause audio is exactly the turn's final audio (asr.turns cuts both at the
+same place), so the decode made at the pause *is* the final transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from asr.endpointing import endpoint_window
+from llm.base import GenerationRequest
+from streaming.sentences import SentenceSegmenter
+
+if TYPE_CHECKING:
+    from voice.session import CallSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TurnTimes:
+    """Monotonic seconds; None until the stage happened."""
+
+    speech_end: float | None = None
+    endpoint: float | None = None
+    asr_start: float | None = None
+    asr_final: float | None = None
+    llm_first_token: float | None = None
+    first_sentence: float | None = None
+    done: float | None = None
+
+    def metrics(self) -> dict[str, float | None]:
+        def rel(t: float | None, base: float | None = self.speech_end) -> float | None:
+            return None if t is None or base is None else round((t - base) * 1000, 1)
+
+        return {
+            "endpoint_ms": rel(self.endpoint),
+            "asr_final_ms": rel(self.asr_final),
+            "llm_first_token_ms": rel(self.llm_first_token),
+            "first_sentence_ms": rel(self.first_sentence),
+            "done_ms": rel(self.done),
+            "ttfs_ms": rel(self.first_sentence),
+            "asr_decode_ms": rel(self.asr_final, self.asr_start),
+            "llm_ttft_ms": rel(self.llm_first_token, self.asr_final),
+        }
+
+
+class Turn:
+    def __init__(
+        self,
+        session: CallSession,
+        index: int,
+        audio: np.ndarray,
+        times: TurnTimes,
+        committed: bool,
+        on_window: Callable[[Turn, float], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.index = index
+        self.audio = audio
+        self.times = times
+        self.preemptive = not committed
+        self.carry_over = session.carry_over
+        self.user_text = ""
+        self.sent: list[str] = []
+        # Preemptive turns of this caller turn that were aborted (caller
+        # resumed) before this one was committed; set by the session.
+        self.wasted_generations = 0
+        self.request: GenerationRequest | None = None
+        self._on_window = on_window
+        self._gate = asyncio.Event()
+        self._held: list[dict[str, Any]] = []
+        if committed:
+            self._gate.set()
+        self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"{session.call_id}-turn{index}")
+
+    @property
+    def committed(self) -> bool:
+        return self._gate.is_set()
+
+    @property
+    def llm_started(self) -> bool:
+        return self.request is not None
+
+    async def commit(self, endpoint_at: float) -> None:
+        """The endpoint fired: release what was held, then stream live."""
+        self.times.endpoint = endpoint_at
+        while self._held:
+            await self._send(self._held.pop(0))
+        self._gate.set()  # no await since the last pop: nothing can slip in between
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+    # ---- the work ------------------------------------------------------
+
+    async def _out(self, event: dict[str, Any]) -> None:
+        if self._gate.is_set():
+            await self._send(event)
+        else:
+            self._held.append(event)
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        if event["type"] == "response.sentence" and event["first"]:
+            self.times.first_sentence = time.monotonic()  # when it is really on the wire
+        await self.session.emit(event)
+
+    async def _run(self) -> None:
+        session = self.session
+        self.times.asr_start = time.monotonic()
+        pending = session.runtime.asr.submit(session.call_id, self.audio, final=True)
+        try:
+            # Shielded: a caller who resumes mid-decode still gets these words
+            # joined to their next turn (CallSession.carry).
+            decoded = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            if self.committed:
+                pending.add_done_callback(session.carry)
+            raise
+        except Exception as exc:
+            await self._gate.wait()
+            await session.emit({"type": "error", "code": "asr_failed", "message": f"turn {self.index}: {exc}"})
+            return
+        self.times.asr_final = time.monotonic()
+        self.user_text = " ".join(filter(None, [self.carry_over, decoded.text])).strip()
+        if self._on_window is not None and not self.committed:
+            self._on_window(self, endpoint_window(decoded.text, session.asr_config))
+        if not self.user_text:
+            return  # VAD heard something Whisper found no words in: no turn
+        await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text})
+        await self._out({"type": "turn.ended", "turn": self.index})
+        await self._reply()
+
+    async def _reply(self) -> None:
+        session = self.session
+        cfg = session.runtime.config
+        request = GenerationRequest(
+            request_id=f"{session.call_id}-t{self.index}",
+            messages=session.messages(self.user_text),
+            max_tokens=session.max_tokens,
+            temperature=cfg.llm.temperature,
+        )
+        self.request = request
+        segmenter = SentenceSegmenter(max_words=cfg.sentence_max_words)
+        cancelled = False
+        failed: str | None = None
+        try:
+            async for delta in session.runtime.engine.stream(request):
+                if self.times.llm_first_token is None:
+                    self.times.llm_first_token = time.monotonic()
+                await self._out({"type": "response.delta", "turn": self.index, "text": delta})
+                for sentence in segmenter.push(delta):
+                    await self._sentence(sentence)
+            for sentence in segmenter.flush():
+                await self._sentence(sentence)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception as exc:
+            log.exception("LLM failed on call %s turn %d", session.call_id, self.index)
+            failed = str(exc)
+        if not self.committed:
+            # Aborted before the endpoint: nothing was sent, nothing happened.
+            if cancelled:
+                raise asyncio.CancelledError
+            await self._gate.wait()  # finished early: wait to be committed or aborted
+        self.times.done = time.monotonic()
+        session.reply_finished(self, cancelled)
+        await self._report(cancelled, failed)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _sentence(self, text: str) -> None:
+        first = not self.sent
+        self.sent.append(text)
+        await self._out({"type": "response.sentence", "turn": self.index, "index": len(self.sent) - 1,
+                         "text": text, "first": first})  # fmt: skip
+
+    async def _report(self, cancelled: bool, failed: str | None) -> None:
+        session = self.session
+        if session.closed:
+            return
+        assert self.request is not None
+        usage = self.request.usage
+        with contextlib.suppress(Exception):
+            if failed is not None:
+                await session.emit({"type": "error", "code": "llm_failed", "message": f"turn {self.index}: {failed}"})
+            await session.emit(
+                {
+                    "type": "response.done",
+                    "turn": self.index,
+                    "text": " ".join(self.sent),
+                    "cancelled": cancelled or failed is not None,
+                    "usage": usage.as_dict(),
+                }
+            )
+            await session.emit(
+                {
+                    "type": "turn.metrics",
+                    "turn": self.index,
+                    **self.times.metrics(),
+                    "preemptive": self.preemptive,
+                    "wasted_generations": self.wasted_generations,
+                    "speculative_acceptance": usage.acceptance_rate,
+                    "draft_tokens": usage.draft_tokens,
+                    "accepted_tokens": usage.accepted_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "cached_tokens": usage.cached_tokens,
+                }
+            )
+
