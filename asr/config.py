@@ -44,6 +44,7 @@ class ASRConfig:
     # decoded when the pause began.
     adaptive_endpoint: bool = True
     endpoint_min_s: float = 0.3  # after a finished sentence or question
+    endpoint_unsure_s: float = 0.7  # no clear signal either way
     endpoint_max_s: float = 1.2  # after "and", "um", "the", a bare number...
     # Preemptive work: this much silence after speech counts as a pause, at
     # which the session decodes the turn and starts the LLM, gated on the

@@ -43,7 +43,7 @@ def endpoint_window(text: str, config: ASRConfig) -> float:
     """Silence (s) after which a turn whose words so far are ``text`` ends."""
     stripped = text.strip()
     if not stripped:
-        return config.endpoint_silence_s
+        return config.endpoint_unsure_s
     word = last_word(stripped)
     if stripped.endswith((",", "...", "…", "-", ":")) or word in CONTINUATION_WORDS or word.isdigit():
         return config.endpoint_max_s
@@ -51,4 +51,4 @@ def endpoint_window(text: str, config: ASRConfig) -> float:
     # password."), so a period counts only after a clause-sized run of words.
     if stripped.endswith(("?", "!")) or (stripped.endswith(".") and len(_WORD.findall(stripped.lower())) >= 5):
         return config.endpoint_min_s
-    return config.endpoint_silence_s
+    return config.endpoint_unsure_s

@@ -69,7 +69,7 @@ class TurnTracker:
         self._reset_turn()
 
     def _reset_turn(self) -> None:
-        self.endpoint_s = self.config.endpoint_silence_s
+        self.endpoint_s = self._initial_window()
         self._paused = False
         self._chunks: list[np.ndarray] = []
         self._in_turn = False
@@ -129,7 +129,7 @@ class TurnTracker:
             self._last_voiced_end = self._position_chunks
             if self._paused:
                 self._paused = False
-                self.endpoint_s = cfg.endpoint_silence_s
+                self.endpoint_s = self._initial_window()
                 event = Resumed()
         elif silent:
             self._silent_run += 1
@@ -164,6 +164,12 @@ class TurnTracker:
             return None
         self._partial_at_chunks = total
         return PartialDue(np.concatenate(self._chunks))
+
+    def _initial_window(self) -> float:
+        # Adaptive: until the pause's words are decoded, wait as long as when
+        # unsure; the decode (~0.1 s) normally lands well inside it.
+        cfg = self.config
+        return cfg.endpoint_unsure_s if cfg.adaptive_endpoint else cfg.endpoint_silence_s
 
     def set_endpoint(self, seconds: float) -> None:
         """Change this turn's silence window (adaptive endpointing). Takes

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -46,6 +48,8 @@ class ASRWorker:
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self.decodes = {FINAL: 0, PARTIAL: 0}
+        # Observer for decode durations (final?, seconds): the server's metrics.
+        self.on_decode: Callable[[bool, float], None] | None = None
         self.shed_partials = 0
         self._finals_waiting = 0
 
@@ -118,6 +122,7 @@ class ASRWorker:
                 continue
             if self._pending_partial.get(job.call_id) is job:
                 del self._pending_partial[job.call_id]
+            started = time.perf_counter()
             try:
                 result = await loop.run_in_executor(self._executor, self.decoder.decode, job.audio)
             except Exception as exc:  # one bad decode fails one turn, not the server
@@ -126,5 +131,7 @@ class ASRWorker:
                     job.future.set_exception(exc)
                 continue
             self.decodes[job.priority] += 1
+            if self.on_decode is not None:
+                self.on_decode(job.priority == FINAL, time.perf_counter() - started)
             if not job.future.done():
                 job.future.set_result(result)

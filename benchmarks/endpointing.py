@@ -114,11 +114,11 @@ def main() -> None:
         f"fixed {w:.1f}s": (ASRConfig(endpoint_silence_s=w, adaptive_endpoint=False), None)
         for w in (0.3, 0.5, 0.7, 1.0, 1.2)
     }
-    policies["adaptive 0.3/0.5/1.2s"] = (ASRConfig(), decoder)
-    policies["adaptive 0.3/0.7/1.2s"] = (ASRConfig(endpoint_silence_s=0.7), decoder)
+    policies["adaptive 0.3/0.5/1.2s"] = (ASRConfig(endpoint_unsure_s=0.5), decoder)
+    policies["adaptive 0.3/0.7/1.2s (default)"] = (ASRConfig(), decoder)
     rows = []
     print(f"{len(cases)} turns with a mid-sentence pause of {'/'.join(map(str, PAUSES_S))} s")
-    print(f"{'policy':<24}{'false cut-offs':>16}{'mean delay ms':>15}{'p95 delay ms':>14}")
+    print(f"{'policy':<34}{'false cut-offs':>16}{'mean delay ms':>15}{'p95 delay ms':>14}")
     for name, (cfg, dec) in policies.items():
         results = [run_policy(c, cfg, vad, dec) for c in cases]
         cut = sum(bool(r["cut_off"]) for r in results) / len(results)
@@ -126,7 +126,7 @@ def main() -> None:
         mean = statistics.fmean(delays) * 1000 if delays else float("nan")
         p95 = float(np.percentile(delays, 95)) * 1000 if delays else float("nan")
         rows.append({"policy": name, "false_cutoff_rate": cut, "mean_delay_ms": mean, "p95_delay_ms": p95})
-        print(f"{name:<24}{cut:>15.1%}{mean:>15.0f}{p95:>14.0f}")
+        print(f"{name:<34}{cut:>15.1%}{mean:>15.0f}{p95:>14.0f}")
     out = Path(ns.output)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"turns": len(cases), "pauses_s": PAUSES_S, "rows": rows}, indent=2))

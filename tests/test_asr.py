@@ -71,7 +71,7 @@ def test_turn_tracker_on_jfk_splits_at_long_pauses_and_not_at_short(server, jfk)
     audio = np.concatenate([audio, np.zeros(32000, np.float32)])
 
     def run(endpoint_s: float) -> list[object]:
-        cfg = ASRConfig(endpoint_silence_s=endpoint_s)
+        cfg = ASRConfig(endpoint_silence_s=endpoint_s, adaptive_endpoint=False)
         tracker = TurnTracker(cfg, server.runtime.vad.stream())
         events = []
         for i in range(0, len(audio), 320):

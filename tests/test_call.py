@@ -75,11 +75,11 @@ async def test_barge_in_cancels_reply_and_keeps_only_sent_text(call_url, phone_p
     first, second = by_name["asterisk/all-circuits-busy-now"], by_name["asterisk/conf-now-recording"]
     async with NativeCaller(call_url) as caller:
         await caller.start("mulaw", 8000, system_prompt=story, options={"max_tokens": 400})
-        await caller.play(with_silence(first.load(8000), 8000, 0.7), 8000, "mulaw", realtime=False)
+        await caller.play(with_silence(first.load(8000), 8000, 1.3), 8000, "mulaw", realtime=False)
         await caller.wait_for("response.sentence", turn=1, timeout=30)
         # The caller talks over the reply (sent at full speed so the VAD
         # confirms speech within milliseconds, long before the reply ends).
-        await caller.play(with_silence(second.load(8000), 8000, 0.7), 8000, "mulaw", realtime=False)
+        await caller.play(with_silence(second.load(8000), 8000, 1.3), 8000, "mulaw", realtime=False)
         done = await caller.wait_for("response.done", turn=1, timeout=30)
         assert done["cancelled"] is True, done
         sentences = [e["text"] for e in _turn_events(caller, 1, "response.sentence")]
@@ -136,7 +136,7 @@ async def test_hangup_mid_reply_releases_everything(server, call_url, phone_prom
     for clip in phone_prompts[40:43]:
         async with NativeCaller(call_url) as caller:
             await caller.start("mulaw", 8000, system_prompt=story)
-            await caller.play(with_silence(clip.load(8000), 8000, 0.7), 8000, "mulaw", realtime=False)
+            await caller.play(with_silence(clip.load(8000), 8000, 1.3), 8000, "mulaw", realtime=False)
             await caller.wait_for("response.delta", timeout=30)
         # leaving the block closes the socket mid-reply
     for _ in range(100):
@@ -149,5 +149,5 @@ async def test_hangup_mid_reply_releases_everything(server, call_url, phone_prom
     clip = phone_prompts[50]
     async with NativeCaller(call_url) as caller:
         await caller.start("mulaw", 8000)
-        await caller.play(with_silence(clip.load(8000), 8000, 0.7), 8000, "mulaw", realtime=False)
+        await caller.play(with_silence(clip.load(8000), 8000, 1.3), 8000, "mulaw", realtime=False)
         await caller.wait_for("response.done", timeout=30)
