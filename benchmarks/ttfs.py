@@ -134,6 +134,16 @@ def summarise(name: str, calls: list[dict[str, Any]], startup_s: float) -> dict[
         "ttfs_mean_ms": None if not ttfs else round(statistics.fmean(ttfs), 1),
         "stage_p50_ms": stages,
         "speculative_acceptance_mean": None if not acc else round(statistics.fmean(acc), 3),
+        # LLM first token after the final transcript, on turns with a long
+        # history (where incremental prefill has the most to save).
+        "llm_ttft_p50_ms_history5plus": pct(
+            [
+                c["server"]["llm_ttft_ms"]
+                for c in calls
+                if c["history_turns"] >= 5 and c["server"].get("llm_ttft_ms") is not None
+            ],
+            50,
+        ),
         "wasted_generations_per_turn": round(
             statistics.fmean([c["server"].get("wasted_generations", 0) for c in calls]) if calls else 0.0, 3
         ),
