@@ -132,6 +132,8 @@ def summarise(name: str, calls: list[dict[str, Any]], startup_s: float) -> dict[
         "ttfs_p50_ms": pct(ttfs, 50),
         "ttfs_p95_ms": pct(ttfs, 95),
         "ttfs_mean_ms": None if not ttfs else round(statistics.fmean(ttfs), 1),
+        # Warm start: the first call after the server became ready.
+        "first_call_ttfs_ms": calls[0]["ttfs_ms"] if calls else None,
         "stage_p50_ms": stages,
         "speculative_acceptance_mean": None if not acc else round(statistics.fmean(acc), 3),
         # LLM first token after the final transcript, on turns with a long
