@@ -19,6 +19,7 @@ from asr.vad import CHUNK, VADStream
 
 RATE = 16000
 CHUNK_S = CHUNK / RATE
+UNCONFIRMED_CAP_S = 3.0
 
 
 @dataclass
@@ -150,6 +151,11 @@ class TurnTracker:
             return None
         if self._confirmed and len(self._chunks) * CHUNK_S >= cfg.max_utterance_s:
             return self._end_turn(forced=True)
+        if not self._confirmed and len(self._chunks) * CHUNK_S >= UNCONFIRMED_CAP_S:
+            # VAD hovering just under the threshold for seconds: noise, not a
+            # turn. Drop it so the buffer cannot grow without bound.
+            self._reset_turn()
+            return None
         return event
 
     def _partial_if_due(self) -> PartialDue | None:

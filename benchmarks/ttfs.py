@@ -97,7 +97,16 @@ async def one_call(url: str, utts: list[Utterance], realtime: bool, tail_s: floa
                     await caller.wait_for("turn.metrics", timeout=60, turn=last_turn)
                 except TimeoutError:
                     pass
-            finals = [e["text"] for e in caller.result.of("transcript.final") if e["turn"] > turns_before]
+            finals: list[str] = []
+            for e in caller.result.of("transcript.final"):
+                if e["turn"] <= turns_before:
+                    continue
+                # A turn talked over before its reply started is carried into
+                # the next final (the words appear again there): keep the later.
+                if finals and e["text"].startswith(finals[-1]):
+                    finals[-1] = e["text"]
+                else:
+                    finals.append(e["text"])
             metrics = next((e for e in caller.result.of("turn.metrics") if e["turn"] == last_turn), {})
             ttfs = caller.result.ttfs_s if last_turn > turns_before else None
             sentence = next((e["text"] for e in caller.result.of("response.sentence") if e["turn"] == last_turn), None)
