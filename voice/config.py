@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from asr.config import ASRConfig
 from llm.config import LLMConfig
+from streaming.tts import TTSConfig
+from voice.admission import AdmissionConfig
+from voice.limits import CallLimits
 
 
 @dataclass
@@ -19,3 +22,13 @@ class ServerConfig:
     sentence_max_words: int = 25
     asr: ASRConfig = field(default_factory=ASRConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    # Per-call limits (idle timeout, stuck readers, drain deadline): voice/limits.py.
+    limits: CallLimits = field(default_factory=CallLimits)
+    # Load-based refusal of new calls beyond max_calls: voice/admission.py.
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    # Bearer token required on websocket upgrades (None: no auth; loopback bind).
+    auth_token: str | None = None
+    # Voice for the audio transports (telephony, Realtime); text-only calls never load it.
+    tts: TTSConfig = field(default_factory=TTSConfig)
+    # Asterisk AudioSocket is raw TCP, so it gets its own listener (None: off; 0: any free port).
+    audiosocket_port: int | None = None

@@ -56,8 +56,10 @@ def parse_text(raw: str) -> ClientMessage:
         raise ProtocolError("message_too_large", f"text frame over {MAX_TEXT_FRAME} bytes")
     try:
         msg = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError, not just JSONDecodeError: an integer literal over
+        # Python's 4300-digit limit raises a bare ValueError from json.
+        raise ProtocolError("invalid_json", f"text frame is not JSON: {str(exc)[:200]}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("invalid_message", "a message must be a JSON object")
     kind = msg.get("type")

@@ -11,6 +11,7 @@ from asr.worker import ASRWorker
 from llm.base import LLMEngine
 from llm.config import LLMConfig
 from voice.config import ServerConfig
+from voice.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class Runtime:
         self.ready = False
         self.startup_s: dict[str, float] = {}
         self.active_calls = 0
+        self.metrics = Metrics()
+        self.metrics.bind_gauges(lambda: self.active_calls, lambda: self.asr.queue_depth)
+        self.asr.on_decode = self.metrics.observe_asr_decode
 
     async def start(self) -> None:
         t0 = time.perf_counter()

@@ -7,6 +7,7 @@ process runs; ``/readyz`` answers 200 only once the models are warm.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import http
 import json
 import logging
@@ -16,8 +17,14 @@ from collections.abc import Awaitable, Callable
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
+from voice.admission import AdmissionController, Refusal
+from voice.audiosocket import start_audiosocket
+from voice.carriers import CARRIER_ROUTES
 from voice.config import ServerConfig
+from voice.limits import SHUTDOWN, guard_of
+from voice.metrics import CONTENT_TYPE
 from voice.native import handle_native
 from voice.runtime import Runtime
 
@@ -30,6 +37,7 @@ CallHandler = Callable[[ServerConnection, Runtime], Awaitable[None]]
 # Websocket routes: path -> transport. Each transport is a thin adapter that
 # turns its wire protocol into CallSession calls (see voice/native.py).
 WS_ROUTES: dict[str, CallHandler] = {NATIVE_PATH: handle_native}
+WS_ROUTES.update(CARRIER_ROUTES)  # telephony carriers and /v1/realtime (voice/carriers.py)
 # websockets' own hard cap; the protocol enforces tighter per-frame limits
 # and answers with an error event instead of dropping the connection.
 WS_MAX_SIZE = 1 << 20
@@ -39,35 +47,111 @@ def _json_response(status: http.HTTPStatus, body: dict[str, object]) -> Response
     response = Response(status.value, status.phrase, Headers())
     response.headers["Content-Type"] = "application/json"
     response.body = json.dumps(body).encode()
+    response.headers["Content-Length"] = str(len(response.body))
     return response
+
+
+def _refused(refusal: Refusal) -> Response:
+    response = _json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": refusal.message, "reason": refusal.reason})
+    response.headers["Retry-After"] = str(refusal.retry_after_s)
+    return response
+
+
+def _token_of(request: Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    # Carriers' media websockets cannot set headers; they can only put the
+    # token in the stream URL. (The log filter redacts it by value.)
+    _, _, query = request.path.partition("?")
+    for pair in query.split("&"):
+        key, _, value = pair.partition("=")
+        if key == "token" and value:
+            return value
+    return None
 
 
 class VoiceServer:
     def __init__(self, config: ServerConfig, runtime: Runtime | None = None) -> None:
         self.config = config
         self.runtime = runtime or Runtime(config)
+        # A borrowed runtime (tests: a second listener on the warm models) is
+        # neither started nor closed here.
+        self._owns_runtime = runtime is None
         self._server: Server | None = None
+        self.audiosocket: asyncio.Server | None = None
+        self.admission = AdmissionController(config.admission, config.max_calls)
+        self.runtime.metrics.ttfs_listeners.append(self.admission.record_ttfs)
+        self.draining = False
+        # Connections admitted at the upgrade, until their handler ends. Counted
+        # here, not in the handler, so a burst of simultaneous upgrades cannot
+        # all slip past max_calls before the first handler runs.
+        self._calls: set[ServerConnection] = set()
+        self._handlers: dict[ServerConnection, asyncio.Task[None]] = {}
+        self._hurry = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime.ready and not self.draining
+
+    def _live_calls(self) -> int:
+        # A closed socket is not a call any more: upgrades that failed after
+        # admission never reach a handler, and a handler whose socket closed
+        # has already released its session (transports stop the session
+        # before closing). Counting them would refuse a caller who redials
+        # the moment the last call hung up.
+        self._calls = {c for c in self._calls if c.state is not State.CLOSED}
+        return len(self._calls)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return _json_response(http.HTTPStatus.OK, {"status": "ok"})
         if path == "/readyz":
-            status = http.HTTPStatus.OK if self.runtime.ready else http.HTTPStatus.SERVICE_UNAVAILABLE
-            return _json_response(status, {"ready": self.runtime.ready, "startup_s": self.runtime.startup_s})
+            status = http.HTTPStatus.OK if self.ready else http.HTTPStatus.SERVICE_UNAVAILABLE
+            body: dict[str, object] = {"ready": self.ready, "startup_s": self.runtime.startup_s}
+            if self.draining:
+                body["draining"] = True
+            return _json_response(status, body)
+        if path == "/metrics":
+            response = Response(http.HTTPStatus.OK.value, "OK", Headers())
+            response.headers["Content-Type"] = CONTENT_TYPE
+            response.body = self.runtime.metrics.render()
+            response.headers["Content-Length"] = str(len(response.body))
+            return response
         if path not in WS_ROUTES:
             return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no route {path}; calls go to {NATIVE_PATH}"})
-        if not self.runtime.ready:
-            return _json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "warming up"})
-        if self.runtime.active_calls >= self.config.max_calls:
-            return _json_response(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"at capacity ({self.config.max_calls} calls)"}
-            )
+        if self.config.auth_token is not None:
+            token = _token_of(request)
+            if token is None or not hmac.compare_digest(token.encode(), self.config.auth_token.encode()):
+                self.runtime.metrics.call_refused("unauthorized")
+                response = _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
+                response.headers["WWW-Authenticate"] = 'Bearer realm="firstline"'
+                return response
+        refusal: Refusal | None
+        if self.draining:
+            refusal = Refusal("draining", "server is shutting down", retry_after_s=5)
+        elif not self.runtime.ready:
+            refusal = Refusal("warming_up", "warming up", retry_after_s=5)
+        else:
+            refusal = self.admission.check(self._live_calls(), self.runtime.asr.queue_depth)
+        if refusal is not None:
+            self.runtime.metrics.call_refused(refusal.reason)
+            return _refused(refusal)
+        self._calls.add(connection)
+        self.runtime.metrics.call_admitted()
         return None
 
     async def _handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None
-        await WS_ROUTES[ws.request.path.split("?", 1)[0]](ws, self.runtime)
+        self._calls.add(ws)
+        self._handlers[ws] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            await WS_ROUTES[ws.request.path.split("?", 1)[0]](ws, self.runtime)
+        finally:
+            del self._handlers[ws]
+            self._calls.discard(ws)
 
     async def start(self) -> None:
         self._server = await serve(
@@ -78,10 +162,13 @@ class VoiceServer:
             max_size=WS_MAX_SIZE,
             # Audio must not queue behind a slow reader for long; small
             # buffers make backpressure visible instead of growing memory.
-            write_limit=256 * 1024,
+            write_limit=self.config.limits.write_limit,
             compression=None,  # audio does not compress; deflate only adds latency
         )
-        await self.runtime.start()
+        if self._owns_runtime or not self.runtime.ready:
+            await self.runtime.start()
+        if self.config.audiosocket_port is not None:  # Asterisk AudioSocket: TCP, beside the websockets
+            self.audiosocket = await start_audiosocket(self.runtime, self.config.host, self.config.audiosocket_port)
 
     @property
     def port(self) -> int:
@@ -92,14 +179,64 @@ class VoiceServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        await self.runtime.close()
+        if self.audiosocket is not None:
+            self.audiosocket.close()
+            await self.audiosocket.wait_closed()
+        if self.admission.record_ttfs in self.runtime.metrics.ttfs_listeners:
+            self.runtime.metrics.ttfs_listeners.remove(self.admission.record_ttfs)
+        if self._owns_runtime:
+            await self.runtime.close()
+
+    async def drain(self, deadline_s: float | None = None) -> None:
+        """Stop taking calls, let live ones finish, then end the rest (1001).
+
+        Readiness goes false at once so a load balancer stops routing here;
+        the listener stays up meanwhile so /readyz and refusals still answer.
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.limits.drain_timeout_s if deadline_s is None else deadline_s)
+        log.info("draining: %d live calls, up to %.0f s", self._live_calls(), deadline - loop.time())
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            while self._live_calls() and not hurry.done() and (remaining := deadline - loop.time()) > 0:
+                # Handshakes admitted before the drain may still add handlers,
+                # hence the loop rather than one wait on a snapshot.
+                pending = {*self._handlers.values(), hurry}
+                await asyncio.wait(pending, timeout=min(remaining, 0.5), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+        left = dict(self._handlers)
+        if left:
+            log.info("drain deadline: ending %d calls", len(left))
+        bare: list[ServerConnection] = []
+        for ws in left:
+            guard = guard_of(ws)
+            if guard is not None:
+                guard.finish(SHUTDOWN)  # the transport says goodbye, then closes 1001
+            else:
+                bare.append(ws)
+        # Transports without a guard just get the close frame; their handler
+        # sees the connection end like a hang-up.
+        await asyncio.gather(*(ws.close(SHUTDOWN.code, SHUTDOWN.text) for ws in bare), return_exceptions=True)
+        if left:
+            await asyncio.wait(left.values(), timeout=self.config.limits.close_timeout_s + 1.0)
 
     async def serve_forever(self) -> None:
         await self.start()
         log.info("firstline listening on ws://%s:%d%s", self.config.host, self.port, NATIVE_PATH)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            # First signal: drain. A second one: stop waiting for calls.
+            if stop.is_set():
+                self._hurry.set()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await stop.wait()
+        await self.drain()
         await self.close()
+        log.info("firstline stopped")

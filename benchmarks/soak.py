@@ -1,0 +1,145 @@
+"""Bounded soak: many short calls against a real `firstline serve` process,
+looking for leaks and lost work rather than latency.
+
+Plays real phone prompts (8 kHz mu-law, faster than real time), up to
+``--concurrency`` calls at once, ``--calls`` in all; each call waits for its
+reply, then hangs up. Prints the server's RSS, open fds and asyncio task
+count (from /metrics) before and after, and counts calls that lost their
+transcript or reply, or were refused.
+
+    python -m benchmarks.soak                      # 200 calls, 8 at once
+    python -m benchmarks.soak --calls 40 --concurrency 4 --speed 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+
+from benchmarks.client import NativeCaller
+from benchmarks.corpus import Utterance, asterisk_prompts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    wanted = {"process_resident_memory_bytes", "process_open_fds", "firstline_asyncio_tasks", "firstline_active_calls"}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                out[sample.name] = sample.value
+    return out
+
+
+def wait_ready(port: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("server not ready")
+
+
+async def one_call(url: str, clip: Utterance, speed: float) -> str:
+    try:
+        async with NativeCaller(url) as caller:
+            await caller.start("mulaw", 8000)
+            audio = clip.load(8000)
+            audio = np.concatenate([audio, np.zeros(8000, dtype=audio.dtype)])  # 1 s of silence ends the turn
+            await caller.play(audio, 8000, "mulaw", realtime=True, speed=speed)
+            try:
+                await caller.wait_for("response.done", timeout=60)
+            except (TimeoutError, ConnectionError):
+                return "lost_transcript" if not caller.result.of("transcript.final") else "lost_reply"
+            if not caller.result.of("transcript.final"):
+                return "lost_transcript"
+            await caller.send_json({"type": "stop"})
+            await caller.wait_for("call.ended", timeout=10)
+            return "ok"
+    except InvalidStatus:
+        return "refused"
+    except (TimeoutError, ConnectionError, OSError):
+        return "error"
+
+
+async def soak(port: int, calls: int, concurrency: int, speed: float) -> dict[str, int]:
+    url = f"ws://127.0.0.1:{port}/v1/call"
+    prompts = [p for p in asterisk_prompts(min_words=5) if len(p.reference.split()) <= 14]
+    if not prompts:
+        sys.exit("asterisk-core-sounds-en-wav not installed")
+    gate = asyncio.Semaphore(concurrency)
+    outcomes: dict[str, int] = {}
+    done = 0
+
+    async def run(i: int) -> None:
+        nonlocal done
+        async with gate:
+            outcome = await one_call(url, prompts[i % len(prompts)], speed)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        done += 1
+        if done % 20 == 0:
+            print(f"  {done}/{calls} calls: {outcomes}", flush=True)
+
+    await asyncio.gather(*(run(i) for i in range(calls)))
+    return outcomes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--speed", type=float, default=4.0, help="audio sent this many times faster than real time")
+    parser.add_argument("--serve-args", default="", help="extra `firstline serve` arguments")
+    args = parser.parse_args()
+    port = free_port()
+    cmd = [sys.executable, "-m", "voice.cli", "serve", "--port", str(port), "--max-calls", str(args.concurrency)]
+    cmd += args.serve_args.split()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ})
+        try:
+            wait_ready(port)
+            start = scrape(port)
+            t0 = time.monotonic()
+            outcomes = asyncio.run(soak(port, args.calls, args.concurrency, args.speed))
+            elapsed = time.monotonic() - t0
+            time.sleep(1.0)  # let hang-ups finish server side
+            end = scrape(port)
+        finally:
+            proc.terminate()
+            rc = proc.wait(60)
+    mib = 1 / (1 << 20)
+    print(f"{args.calls} calls, {args.concurrency} at once, audio x{args.speed}: {elapsed:.0f} s")
+    print(f"outcomes: {outcomes}")
+    rss = start["process_resident_memory_bytes"] * mib, end["process_resident_memory_bytes"] * mib
+    print(f"RSS {rss[0]:.0f} -> {rss[1]:.0f} MiB")
+    print(f"open fds {start['process_open_fds']:.0f} -> {end['process_open_fds']:.0f}")
+    print(f"asyncio tasks {start['firstline_asyncio_tasks']:.0f} -> {end['firstline_asyncio_tasks']:.0f}")
+    print(f"active calls after: {end['firstline_active_calls']:.0f}; server exit code {rc}")
+    lost = sum(v for k, v in outcomes.items() if k != "ok")
+    return 0 if lost == 0 and rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

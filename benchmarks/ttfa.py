@@ -1,0 +1,70 @@
+"""Time to first audio over a carrier protocol, measured by the caller.
+
+A fake Twilio streams real phone prompts at real time (20 ms μ-law frames)
+to a fresh server; for each call: the last voiced frame leaving the caller ->
+the first reply audio frame arriving back. Also prints the server's own
+per-turn split (ttfs + TTS). Usage: python -m benchmarks.ttfa [--calls N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.client import last_voiced_s
+from tests.conftest import with_silence
+from tests.fake_carrier import CallWatcher, FakeTwilio
+from tests.transport_checks import prompt_clip
+from voice.config import ServerConfig
+from voice.server import VoiceServer
+
+
+async def run(calls: int) -> dict[str, object]:
+    server = VoiceServer(ServerConfig(port=0))
+    await server.start()
+    caller_ms: list[float] = []
+    server_rows: list[dict[str, float]] = []
+    try:
+        for i in range(calls):
+            clip = prompt_clip(60 + i)
+            with CallWatcher() as watcher:
+                async with FakeTwilio(f"ws://127.0.0.1:{server.port}") as carrier:
+                    call = await watcher.one()
+                    audio = clip.load(8000)
+                    voiced = last_voiced_s(clip.load())
+                    await carrier.say(with_silence(audio, 8000, 2.0), speed=1.0, last_voice_s=voiced)
+                    await carrier.wait_audio(timeout=30)
+                    await watcher.wait_event(call, "turn.metrics", timeout=30)
+                    assert carrier.first_audio_at is not None and carrier.last_voice_sent_at is not None
+                    caller_ms.append(round((carrier.first_audio_at - carrier.last_voice_sent_at) * 1000, 1))
+                    for _ in range(50):
+                        if 1 in call.audio_metrics:
+                            break
+                        await asyncio.sleep(0.02)
+                    server_rows.append(call.audio_metrics.get(1, {}))
+    finally:
+        await server.close()
+    tts = [r["tts_first_audio_ms"] for r in server_rows if r]
+    return {
+        "calls": calls,
+        "caller_ttfa_ms": caller_ms,
+        "caller_ttfa_median_ms": statistics.median(caller_ms),
+        "caller_ttfa_max_ms": max(caller_ms),
+        "server_ttfa_ms": [r.get("ttfa_ms") for r in server_rows],
+        "tts_first_audio_median_ms": statistics.median(tts) if tts else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=8)
+    print(json.dumps(asyncio.run(run(parser.parse_args().calls)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Per-call audio out: reply sentences -> TTS -> the stream's codec -> frames.
+
+One :class:`Playout` per call. Sentences are synthesized strictly in order by
+one worker task, each as soon as the LLM has finished it, so sentence 1 is
+on the wire while sentence 2 is still being written. The audio goes through
+a per-call :class:`StreamResampler` (no clicks at sentence edges), is encoded
+in the call's codec, cut into the message size the carrier wants, and handed
+to the transport's :class:`PlayoutSink`; after each sentence the sink may
+send a mark so the carrier reports when it has really played.
+
+A playout clock estimates when the far end will have played what was sent
+(carriers play in real time from the moment audio arrives). It paces the
+sender where a carrier's buffer is bounded (``lead_s``) and tells which
+sentences were heard on carriers that echo no marks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from streaming.codecs import StreamResampler, encode, float_to_int16
+from streaming.tts import TextToSpeech
+
+log = logging.getLogger(__name__)
+
+SILENCE_BYTE = {"pcm16": b"\x00", "mulaw": b"\xff", "alaw": b"\xd5"}
+# TTS output is fed to the per-call resampler followed by this much silence,
+# so the filter's look-ahead pushes a sentence's last samples out before its
+# mark: a mark then lands after all of its sentence's audio.
+TAIL_PAD_S = 0.03
+KEEP_SEGMENTS = 64
+
+
+@dataclass(frozen=True)
+class OutFormat:
+    encoding: str  # pcm16 | mulaw | alaw
+    sample_rate: int
+    chunk_bytes: int  # bytes per outgoing message (a multiple of the sample size)
+
+    @property
+    def sample_bytes(self) -> int:
+        return 2 if self.encoding == "pcm16" else 1
+
+    @property
+    def bytes_per_s(self) -> int:
+        return self.sample_rate * self.sample_bytes
+
+    def frame_bytes(self, seconds: float) -> int:
+        return round(self.sample_rate * seconds) * self.sample_bytes
+
+
+@dataclass
+class Segment:
+    """One sentence's audio as sent, on the playout clock (monotonic s)."""
+
+    turn: int
+    index: int
+    text: str
+    name: str
+    start_s: float
+    end_s: float
+    played: bool = False
+
+
+class PlayoutSink(Protocol):
+    async def send_audio(self, chunk: bytes) -> None: ...
+
+    async def send_mark(self, name: str) -> None: ...
+
+
+FirstAudio = Callable[[int, float], Awaitable[None]]
+
+
+class Playout:
+    def __init__(
+        self,
+        tts: TextToSpeech,
+        fmt: OutFormat,
+        sink: PlayoutSink,
+        *,
+        lead_s: float | None = None,
+        on_first_audio: FirstAudio | None = None,
+    ) -> None:
+        if fmt.chunk_bytes <= 0 or fmt.chunk_bytes % fmt.sample_bytes:
+            raise ValueError(f"chunk of {fmt.chunk_bytes} B is not whole {fmt.encoding} samples")
+        self.tts = tts
+        self.fmt = fmt
+        self.sink = sink
+        self.lead_s = lead_s
+        self.on_first_audio = on_first_audio
+        self._queue: asyncio.Queue[tuple[int, int, str, int]] = asyncio.Queue()
+        self._generation = 0  # bumped by interrupt(): older queued or in-flight audio is dropped
+        self._resampler = StreamResampler(tts.sample_rate, fmt.sample_rate)
+        self._pending = b""  # encoded bytes short of one chunk
+        self._clock_end = 0.0  # when everything sent so far will have played
+        self._busy = False
+        self.segments: deque[Segment] = deque(maxlen=KEEP_SEGMENTS)
+        self._said_at: dict[int, float] = {}
+        self._first_audio_sent: set[int] = set()
+        self.current_turn: int | None = None
+        self.failed: str | None = None
+        self._worker = asyncio.create_task(self._run())
+
+    # ---- control -------------------------------------------------------
+
+    def say(self, turn: int, index: int, text: str) -> None:
+        """Queue one sentence; it plays after every sentence queued before it."""
+        self._said_at.setdefault(turn, time.monotonic())
+        self.current_turn = turn
+        self._queue.put_nowait((turn, index, text, self._generation))
+
+    @property
+    def busy(self) -> bool:
+        """Audio queued, being synthesized, or (by the clock) still playing."""
+        unconfirmed = any(not s.played and s.end_s > time.monotonic() - 1.0 for s in self.segments)
+        return self._busy or not self._queue.empty() or self._clock_end > time.monotonic() or unconfirmed
+
+    def interrupt(self, by_clock: bool = False) -> None:
+        """Barge-in: drop queued and in-flight sentences; the transport sends
+        its carrier's clear. What had played is settled now, from the marks
+        echoed so far or, for carriers without marks, from the playout
+        clock; sentences still unplayed were flushed and are forgotten, so a
+        late echo of their mark counts for nothing."""
+        self._generation += 1
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._pending = b""
+        # Fresh filter state: the old one holds the tail of audio nobody hears.
+        self._resampler = StreamResampler(self.tts.sample_rate, self.fmt.sample_rate)
+        now = time.monotonic()
+        if by_clock:
+            for seg in self.segments:
+                seg.played = seg.played or seg.end_s <= now
+        kept = [s for s in self.segments if s.played]
+        self.segments.clear()
+        self.segments.extend(kept)
+        self._clock_end = now
+
+    def marked(self, name: str) -> Segment | None:
+        """The carrier echoed a mark: that sentence (and all before it) played."""
+        hit = None
+        for seg in self.segments:
+            if seg.name == name:
+                hit = seg
+                break
+        if hit is None:
+            return None
+        for seg in self.segments:
+            seg.played = True
+            if seg is hit:
+                break
+        return hit
+
+    def heard(self, turn: int) -> str:
+        """The sentences of ``turn`` the caller heard in full (after
+        :meth:`interrupt`: confirmed by a mark or by the playout clock)."""
+        return " ".join(s.text for s in self.segments if s.turn == turn and s.played)
+
+    async def close(self) -> None:
+        self._generation += 1
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._worker
+
+    # ---- worker --------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            turn, index, text, generation = await self._queue.get()
+            if generation != self._generation:
+                continue
+            self._busy = True
+            try:
+                await self._play(turn, index, text, generation)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A TTS or send failure loses this call's audio, not the call:
+                # the transcript and text reply still flow.
+                self.failed = str(exc)
+                log.warning("playout of turn %d sentence %d failed: %s", turn, index, exc)
+            finally:
+                self._busy = False
+
+    async def _play(self, turn: int, index: int, text: str, generation: int) -> None:
+        audio = await self.tts.synthesize(text)
+        if generation != self._generation or len(audio) == 0:
+            return
+        pad = np.zeros(round(self.tts.sample_rate * TAIL_PAD_S), dtype=np.float32)
+        resampled = self._resampler.process(np.concatenate([audio, pad]))
+        data = self._pending + encode(float_to_int16(resampled), self.fmt.encoding)  # type: ignore[arg-type]
+        # Whole chunks only: the remainder is padded with codec silence so the
+        # mark after this sentence sits right after its last sample.
+        short = -len(data) % self.fmt.chunk_bytes
+        data += SILENCE_BYTE[self.fmt.encoding] * short
+        self._pending = b""
+        start = max(self._clock_end, time.monotonic())
+        for offset in range(0, len(data), self.fmt.chunk_bytes):
+            await self._pace()
+            if generation != self._generation:
+                return
+            await self.sink.send_audio(data[offset : offset + self.fmt.chunk_bytes])
+            now = time.monotonic()
+            self._clock_end = max(self._clock_end, now) + self.fmt.chunk_bytes / self.fmt.bytes_per_s
+            if turn not in self._first_audio_sent:
+                self._first_audio_sent.add(turn)
+                if self.on_first_audio is not None:
+                    await self.on_first_audio(turn, now - self._said_at.get(turn, now))
+        name = f"t{turn}s{index}"
+        self.segments.append(Segment(turn, index, text, name, start, self._clock_end))
+        await self.sink.send_mark(name)
+
+    async def _pace(self) -> None:
+        """Keep at most ``lead_s`` of audio ahead of the far end's playback."""
+        if self.lead_s is None:
+            return
+        ahead = self._clock_end - time.monotonic() - self.lead_s
+        if ahead > 0:
+            await asyncio.sleep(ahead)

@@ -1,0 +1,114 @@
+"""Text to speech: the pluggable stage that turns reply sentences into audio.
+
+:class:`TextToSpeech` is the interface every engine implements; the embedded
+default is :class:`HibariTTS` (PyPI ``hibari-tts``: a Kokoro-distilled
+English voice, numpy + onnxruntime, 24 kHz, its model inside the wheel, so
+nothing is fetched at run time). Synthesis runs in a one-thread executor:
+it is CPU work that must not stall the event loop, and one thread keeps TTS
+from competing with Whisper and the LLM for more than one core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TTSConfig:
+    engine: str = "hibari"
+    voice: str = "heart"  # the one hibari voice shipped in the wheel; others would be downloaded
+    speed: float = 1.0
+    threads: int = 1
+
+
+class TTSError(RuntimeError):
+    """The engine could not synthesize (not installed, bad voice, model error)."""
+
+
+class TextToSpeech(Protocol):
+    sample_rate: int
+
+    async def warm(self) -> None:
+        """Load and run once, so the first caller does not pay the load."""
+
+    async def synthesize(self, text: str) -> np.ndarray:
+        """Text -> mono float32 in [-1, 1] at :attr:`sample_rate`."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class HibariTTS:
+    sample_rate = 24000
+
+    def __init__(self, config: TTSConfig | None = None) -> None:
+        self.config = config or TTSConfig()
+        self._model: Any = None
+        self._lock = threading.Lock()  # one load, even if two calls warm at once
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts")
+        self.load_s: float | None = None
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                t0 = time.perf_counter()
+                try:
+                    from hibari import Hibari
+                except ImportError as exc:
+                    raise TTSError("hibari-tts is not installed: pip install 'firstline[tts]'") from exc
+                try:
+                    model = Hibari(voice=self.config.voice, threads=self.config.threads)
+                except Exception as exc:  # a voice that is not in the wheel needs a download we never do
+                    raise TTSError(f"cannot load hibari voice {self.config.voice!r}: {exc}") from exc
+                model("Ready.")  # first run allocates onnxruntime buffers and loads the G2P lexicon
+                self._model = model
+                self.load_s = round(time.perf_counter() - t0, 3)
+                log.info("hibari TTS warm in %.2f s", self.load_s)
+            return self._model
+
+    def _synthesize(self, text: str) -> np.ndarray:
+        model = self._load()
+        audio = model(text, speed=self.config.speed)
+        return np.asarray(audio, dtype=np.float32)
+
+    async def warm(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    async def synthesize(self, text: str) -> np.ndarray:
+        if not text.strip():
+            return np.zeros(0, dtype=np.float32)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._synthesize, text)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "hibari", "voice": self.config.voice, "sample_rate": self.sample_rate}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_tts(config: TTSConfig) -> TextToSpeech:
+    if config.engine == "hibari":
+        return HibariTTS(config)
+    raise TTSError(f"unknown TTS engine {config.engine!r} (use hibari)")
+
+
+_shared: dict[TTSConfig, TextToSpeech] = {}
+
+
+def shared_tts(config: TTSConfig | None = None) -> TextToSpeech:
+    """One engine per process and config: the model is loaded once and every
+    call's synthesis goes through its single worker thread, in arrival order."""
+    config = config or TTSConfig()
+    if config not in _shared:
+        _shared[config] = build_tts(config)
+    return _shared[config]

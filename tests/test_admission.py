@@ -1,0 +1,119 @@
+"""Admission at the door: max calls under a burst, refusal on measured load,
+bearer-token auth. Refusals are fast HTTP answers with a JSON reason."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from benchmarks.client import NativeCaller
+from tests.conftest import with_silence
+from tests.http_get import http_json
+from voice.admission import AdmissionConfig, AdmissionController
+from voice.config import ServerConfig
+from voice.server import VoiceServer
+
+
+@contextlib.asynccontextmanager
+async def side_server(main: VoiceServer, **config: object) -> AsyncIterator[VoiceServer]:
+    """A second listener with its own admission settings on the warm models."""
+    srv = VoiceServer(ServerConfig(port=0, **config), runtime=main.runtime)  # type: ignore[arg-type]
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+def test_p95_window_and_idle_server_never_refuses() -> None:
+    ctl = AdmissionController(AdmissionConfig(ttfs_target_ms=1000, min_samples=5), max_calls=4)
+    for ms in [400] * 18 + [3000, 3000]:
+        ctl.record_ttfs(ms)
+    assert ctl.p95_ttfs_ms() == 3000
+    refusal = ctl.check(active_calls=1, asr_queue_depth=0)
+    assert refusal is not None and refusal.reason == "overloaded_ttfs"
+    assert ctl.check(active_calls=0, asr_queue_depth=99) is None  # stale numbers never lock it out
+    assert ctl.check(active_calls=4, asr_queue_depth=0).reason == "at_capacity"  # type: ignore[union-attr]
+    assert ctl.check(active_calls=1, asr_queue_depth=17).reason == "overloaded_asr"  # type: ignore[union-attr]
+
+
+async def test_burst_of_twice_the_limit(server: VoiceServer, phone_prompts) -> None:
+    limit = 2
+    async with side_server(server, max_calls=limit) as srv:
+        url = f"ws://127.0.0.1:{srv.port}/v1/call"
+
+        async def one(i: int) -> tuple[str, float, float | None]:
+            t0 = time.monotonic()
+            try:
+                async with NativeCaller(url) as caller:
+                    await caller.start("mulaw", 8000)
+                    clip = phone_prompts[i]
+                    audio = with_silence(clip.load(8000), 8000, 1.0)
+                    await caller.play(audio, 8000, "mulaw", realtime=True, speed=4.0)
+                    metrics = await caller.wait_for("turn.metrics", timeout=60)
+                    done = caller.result.of("response.done")[-1]
+                    assert done["text"] and not done["cancelled"]
+                    return "admitted", time.monotonic() - t0, metrics["ttfs_ms"]
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 503
+                assert b'"reason": "at_capacity"' in exc.response.body
+                return "refused", time.monotonic() - t0, None
+
+        results = await asyncio.gather(*(one(i) for i in range(2 * limit)))
+    admitted = [r for r in results if r[0] == "admitted"]
+    refused = [r for r in results if r[0] == "refused"]
+    print(
+        f"burst {2 * limit}: admitted {len(admitted)}, refused {len(refused)}; "
+        f"refusal latency max {max(r[1] for r in refused) * 1000:.0f} ms; "
+        f"admitted TTFS ms {sorted(r[2] for r in admitted)}"
+    )
+    assert len(admitted) == limit and len(refused) == limit
+    assert max(r[1] for r in refused) < 0.5
+
+
+async def test_refusal_when_measured_ttfs_misses_target(server: VoiceServer, phone_prompts) -> None:
+    # A target no real turn can meet, so one measured turn proves the gate.
+    admission = AdmissionConfig(ttfs_target_ms=1.0, min_samples=1, window_s=60)
+    async with side_server(server, max_calls=8, admission=admission) as srv:
+        url = f"ws://127.0.0.1:{srv.port}/v1/call"
+        async with NativeCaller(url) as caller:
+            await caller.start("mulaw", 8000)
+            audio = with_silence(phone_prompts[2].load(8000), 8000, 1.0)
+            await caller.play(audio, 8000, "mulaw", realtime=True, speed=4.0)
+            await caller.wait_for("turn.metrics", timeout=60)
+            status, body = await http_json(srv.port, "/v1/call", upgrade=True)
+            assert status == 503 and body["reason"] == "overloaded_ttfs", body
+            assert "target" in body["error"]
+        # With no call left up, the old measurements no longer refuse anyone.
+        for _ in range(100):
+            if srv._live_calls() == 0:
+                break
+            await asyncio.sleep(0.02)
+        async with NativeCaller(url) as caller:
+            await caller.start("mulaw", 8000)
+
+
+async def test_bearer_token_on_upgrade(server: VoiceServer) -> None:
+    async with side_server(server, auth_token="tok-123") as srv:
+        url = f"ws://127.0.0.1:{srv.port}/v1/call"
+        status, body = await http_json(srv.port, "/v1/call", upgrade=True)
+        assert status == 401 and "token" in body["error"]
+        status, _ = await http_json(srv.port, "/v1/call", upgrade=True, headers={"Authorization": "Bearer nope"})
+        assert status == 401
+        assert (await http_json(srv.port, "/healthz"))[0] == 200  # probes need no token
+        with pytest.raises(InvalidStatus) as refused:
+            async with NativeCaller(url):
+                pass
+        assert refused.value.response.status_code == 401
+        from websockets.asyncio.client import connect
+
+        async with connect(url, additional_headers={"Authorization": "Bearer tok-123"}) as ws:
+            await ws.send('{"type": "start"}')
+            assert '"ready"' in str(await asyncio.wait_for(ws.recv(), 10))
+        async with NativeCaller(url + "?token=tok-123") as caller:  # carriers: token in the URL
+            await caller.start("pcm16", 16000)

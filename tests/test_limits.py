@@ -1,0 +1,124 @@
+"""Per-call limits on the real server: bounded turn audio, idle timeout, and
+a client that stops reading (it must be dropped, not grow server memory or
+stall anyone else)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from asr.turns import TurnEnded, TurnTracker
+from benchmarks.client import NativeCaller
+from voice.limits import CallLimits
+from voice.server import VoiceServer
+
+
+@contextlib.contextmanager
+def limits(server: VoiceServer, **changes: float) -> Iterator[CallLimits]:
+    """Tighter limits for calls started inside the block (read per call)."""
+    cfg = server.runtime.config
+    old = cfg.limits
+    cfg.limits = dataclasses.replace(old, **changes)
+    try:
+        yield cfg.limits
+    finally:
+        cfg.limits = old
+
+
+def test_turn_audio_is_capped_by_max_utterance(server: VoiceServer, jfk) -> None:
+    """Speech that never pauses cannot grow a call's turn buffer past max_utterance_s."""
+    cfg = dataclasses.replace(server.runtime.config.asr, max_utterance_s=4.0, endpoint_silence_s=5.0)
+    tracker = TurnTracker(cfg, server.runtime.vad.stream())
+    speech = jfk.load(16000)
+    ended: list[TurnEnded] = []
+    for _ in range(3):  # 33 s of speech, fed in 100 ms chunks
+        for i in range(0, len(speech), 1600):
+            ended += [e for e in tracker.feed(speech[i : i + 1600]) if isinstance(e, TurnEnded)]
+    assert ended, "a turn longer than max_utterance_s was never cut"
+    for turn in ended:
+        assert len(turn.audio) / 16000 <= cfg.max_utterance_s + 0.5
+
+
+async def test_idle_call_is_closed_with_code_and_reason(server: VoiceServer, call_url: str) -> None:
+    with limits(server, idle_timeout_s=1.0):
+        async with NativeCaller(call_url) as idle, NativeCaller(call_url) as busy:
+            await idle.start("pcm16", 16000)
+            await busy.start("pcm16", 16000)
+            t0 = time.monotonic()
+            # The busy caller keeps sending (silence) and must not be closed.
+            silence = np.zeros(320, np.int16).tobytes()
+            ended = asyncio.ensure_future(idle.wait_for("call.ended", timeout=5))
+            while not ended.done():
+                await busy.send_raw(silence)
+                await asyncio.sleep(0.02)
+            event = await ended
+            assert event["reason"] == "idle_timeout"
+            assert 0.9 <= time.monotonic() - t0 <= 3.0
+            assert idle.ws is not None
+            await asyncio.wait_for(idle.ws.wait_closed(), 3)
+            assert idle.ws.close_code == 1000 and idle.ws.close_reason == "idle timeout"
+            assert busy.ws is not None and busy.ws.close_code is None
+            await busy.send_json({"type": "nope"})
+            assert (await busy.wait_for("error", timeout=5))["code"] == "unknown_event"
+
+
+async def test_client_that_stops_reading_is_dropped(server: VoiceServer, call_url: str) -> None:
+    """A real websocket client that never reads while the server keeps
+    emitting (one error event per garbage frame it sends)."""
+    rt = server.runtime
+    before = rt.active_calls
+    slow_before = rt.metrics.registry.get_sample_value("firstline_calls_ended_total", {"reason": "slow_reader"}) or 0
+    with limits(server, send_timeout_s=3.0):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A tiny receive window, so the server's writes back up quickly.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        stuck = await connect(call_url, sock=sock, max_queue=1, compression=None, close_timeout=1)
+        other = NativeCaller(call_url)
+        await other.__aenter__()
+        try:
+            await stuck.send(json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}))
+            assert rt.active_calls == before + 1 or rt.active_calls == before + 2
+
+            async def flood() -> int:
+                sent = 0
+                with contextlib.suppress(ConnectionClosed, TimeoutError):
+                    for _ in range(200_000):
+                        await asyncio.wait_for(stuck.send('{"type": "' + "x" * 60 + '"}'), 2)
+                        sent += 1
+                return sent
+
+            flooder = asyncio.ensure_future(flood())
+            await other.start("pcm16", 16000)
+            # While the stuck call backs up, the other call keeps getting answers.
+            t0 = time.monotonic()
+            for i in range(5):
+                await other.send_json({"type": f"other-{i}"})
+                await other.wait_for("error", timeout=2, message=f"unknown message type 'other-{i}'")
+            # Well inside the 3 s the stuck call may block its own sends: nobody waited on it.
+            assert time.monotonic() - t0 < 2.5
+            sent = await asyncio.wait_for(flooder, 30)
+            assert sent < 200_000, "the server never stopped reading a call that does not read"
+            # The server dropped the stuck call: counted out, its session stopped.
+            for _ in range(200):
+                if rt.active_calls <= before + 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert rt.active_calls == before + 1  # only `other` is left
+            ended = rt.metrics.registry.get_sample_value("firstline_calls_ended_total", {"reason": "slow_reader"})
+            assert ended is not None and ended == slow_before + 1
+            print(f"stuck client got {sent} frames in before the server stopped reading it")
+        finally:
+            await other.__aexit__()
+            stuck.transport.abort()
+        # The other call was never disturbed.
+        assert other.result.of("ready")

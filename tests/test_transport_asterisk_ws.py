@@ -1,0 +1,75 @@
+"""Asterisk chan_websocket: a fake Asterisk (binary media, text control) drives the real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import with_silence
+from tests.fake_carrier import CallWatcher, FakeAsteriskWS
+from tests.transport_checks import (
+    STORY,
+    barge_in_call,
+    hangups_release_everything,
+    malformed_then_call,
+    prompt_clip,
+    reply_call,
+)
+from voice.asterisk_ws import parse_control
+
+
+def base(server) -> str:
+    return f"ws://127.0.0.1:{server.port}"
+
+
+def test_control_messages_parse_in_both_forms():
+    assert parse_control("MEDIA_START connection_id:x format:ulaw optimal_frame_size:160") == (
+        "MEDIA_START",
+        {"connection_id": "x", "format": "ulaw", "optimal_frame_size": "160"},
+        False,
+    )
+    assert parse_control('{"event": "MEDIA_XOFF"}') == ("MEDIA_XOFF", {"event": "MEDIA_XOFF"}, True)
+
+
+async def test_asterisk_ulaw_call_speaks_whole_frames(server):
+    await reply_call(server, FakeAsteriskWS(base(server)), prompt_clip(25), multiple_of=160)
+
+
+async def test_asterisk_slin16_json_control(server):
+    carrier = FakeAsteriskWS(base(server), format="slin16", json=True)
+    await reply_call(server, carrier, prompt_clip(26), multiple_of=640, dtmf="3")
+
+
+async def test_asterisk_xoff_pauses_sending_until_xon(server):
+    carrier = FakeAsteriskWS(base(server))
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            call.session._system_prompt = STORY
+            await carrier.say(with_silence(prompt_clip(27).load(8000), 8000, 1.0), speed=None)
+            await carrier.wait_audio()
+            await carrier.send("MEDIA_XOFF")
+            await asyncio.sleep(0.2)
+            paused_at = len(carrier.audio_chunks)
+            await asyncio.sleep(1.0)
+            assert len(carrier.audio_chunks) <= paused_at + 1  # at most the one in flight
+            await carrier.send("MEDIA_XON")
+            await carrier.send("STATUS queue_length:0 xon_level:800 xoff_level:900 queue_full:false")
+            await asyncio.sleep(1.0)
+            assert len(carrier.audio_chunks) > paused_at
+            assert call.xoffs == 1 and call.malformed == 0
+
+
+async def test_asterisk_barge_in_flushes_media(server):
+    carrier = FakeAsteriskWS(base(server))
+    await barge_in_call(server, carrier, needs_mark=False)
+    assert "FLUSH_MEDIA" in carrier.controls
+
+
+async def test_asterisk_malformed_messages_are_ignored(server):
+    bad = ["MEDIA_START format:opus", "WHAT_IS_THIS", "{not json", "DTMF_END digit:??", b"\x00" * 3]
+    carrier = FakeAsteriskWS(base(server), format="slin16")
+    await malformed_then_call(server, carrier, bad, prompt_clip(28))
+
+
+async def test_asterisk_hangup_mid_reply_releases_everything(server):
+    await hangups_release_everything(server, lambda: FakeAsteriskWS(base(server)), [prompt_clip(50), prompt_clip(51)])

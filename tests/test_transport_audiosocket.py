@@ -1,0 +1,178 @@
+"""Asterisk AudioSocket over TCP: a fake Asterisk drives the real listener and server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import time
+import uuid
+
+import numpy as np
+
+from asr.wer import word_error_rate
+from streaming.codecs import StreamResampler, float_to_int16, int16_to_float
+from tests.conftest import with_silence
+from tests.fake_carrier import CallWatcher
+from tests.transport_checks import STORY, asr_text, prompt_clip
+from voice.audiosocket import message, start_audiosocket
+from voice.config import ServerConfig
+from voice.server import VoiceServer
+
+
+class FakeAsterisk:
+    """Asterisk's side of AudioSocket: UUID first, then 20 ms slin frames."""
+
+    def __init__(self, port: int, kind: int = 0x10, rate: int = 8000) -> None:
+        self.port, self.kind, self.rate = port, kind, rate
+        self.received: list[tuple[float, int, bytes]] = []
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> FakeAsterisk:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(message(0x01, uuid.uuid4().bytes))
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.writer is not None
+        with contextlib.suppress(Exception):
+            self.writer.write(message(0x00))
+            await self.writer.drain()
+            self.writer.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _read(self) -> None:
+        assert self.reader is not None
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                kind, length = struct.unpack(">BH", await self.reader.readexactly(3))
+                self.received.append((time.monotonic(), kind, await self.reader.readexactly(length)))
+
+    async def send_raw(self, data: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def say(self, audio: np.ndarray) -> None:
+        pcm = float_to_int16(audio)
+        n = self.rate // 50
+        for i in range(0, len(pcm) - n + 1, n):
+            await self.send_raw(message(self.kind, pcm[i : i + n].astype("<i2").tobytes()))
+
+    def speech(self) -> tuple[list[bytes], int]:
+        """The frames written so far and how many carry sound (not silence)."""
+        frames = [p for _, k, p in self.received if k == self.kind]
+        return frames, sum(1 for f in frames if any(f))
+
+
+async def listener(server):
+    return await start_audiosocket(server.runtime, "127.0.0.1", 0)
+
+
+async def test_audiosocket_call_paced_frames_and_reply(server):
+    tcp = await listener(server)
+    port = tcp.sockets[0].getsockname()[1]
+    clip = prompt_clip(29)
+    try:
+        with CallWatcher() as watcher:
+            async with FakeAsterisk(port) as asterisk:
+                call = await watcher.one()
+                call.session.max_tokens = 40  # a short reply: it plays at real time
+                await asterisk.send_raw(message(0x03, b"7"))  # DTMF before the audio starts: ignored, not a crash
+                await asterisk.say(with_silence(clip.load(8000), 8000, 1.0))
+                final = await watcher.wait_event(call, "transcript.final", timeout=60)
+                assert word_error_rate(clip.reference, final["text"]) <= 0.35, final
+                done = await watcher.wait_event(call, "response.done", turn=1, timeout=60)
+                await asyncio.sleep(0.5)
+                await asterisk.send_raw(message(0x03, b"4"))
+                # Let the whole reply play at real time, then a little silence.
+                while call.frames or (call.playout is not None and call.playout.busy):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.3)
+                frames, voiced = asterisk.speech()
+                assert frames and all(len(f) == 320 for f in frames)
+                assert voiced > 10 and call.silence_written > 0  # silence generated between
+                times = [t for t, k, _ in asterisk.received if k == 0x10]
+                span = times[-1] - times[0]
+                assert abs(span - 0.02 * (len(times) - 1)) < 0.25, (span, len(times))  # real-time pacing
+                pcm = np.frombuffer(b"".join(frames), "<i2")
+                heard = await asr_text(server, StreamResampler(8000, 16000).process(int16_to_float(pcm), last=True))
+                assert word_error_rate(done["text"], heard) <= 0.5, (done["text"], heard)
+                assert call.session.carry_over == "[caller pressed 4]"
+                assert 1 in call.audio_metrics
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
+async def test_audiosocket_16k_barge_in_stops_frames(server):
+    tcp = await listener(server)
+    port = tcp.sockets[0].getsockname()[1]
+    first, second = prompt_clip(30), prompt_clip(31)
+    try:
+        with CallWatcher() as watcher:
+            async with FakeAsterisk(port, kind=0x12, rate=16000) as asterisk:
+                call = await watcher.one()
+                await asterisk.say(np.zeros(1600, np.float32))
+                call.session._system_prompt = STORY
+                await asterisk.say(with_silence(first.load(16000), 16000, 0.7))
+                await watcher.wait_event(call, "response.sentence", turn=1, timeout=60)
+                await asyncio.sleep(1.5)
+                await asterisk.say(with_silence(second.load(16000), 16000, 0.7))
+                await watcher.wait_event(call, "transcript.final", turn=2, timeout=60)
+                assert call.barge_ins >= 1
+                assert all(len(p) == 640 for _, k, p in asterisk.received if k == 0x12)
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
+async def test_audiosocket_malformed_and_hangups_release_everything(server):
+    tcp = await listener(server)
+    port = tcp.sockets[0].getsockname()[1]
+    baseline = len(asyncio.all_tasks())
+    try:
+        for i in range(2):
+            with CallWatcher() as watcher:
+                async with FakeAsterisk(port) as asterisk:
+                    call = await watcher.one()
+                    await asterisk.send_raw(message(0x01, b"short"))  # bad UUID
+                    await asterisk.send_raw(message(0x42, b"?"))  # unknown kind
+                    await asterisk.send_raw(message(0x15, b"\x00" * 1764))  # 44.1 kHz: unsupported
+                    await asterisk.send_raw(message(0xFF, b"\x02"))  # Asterisk error: logged
+                    await asterisk.say(with_silence(prompt_clip(52 + i).load(8000), 8000, 0.7))
+                    await watcher.wait_event(call, "response.sentence", timeout=60)
+            # leaving the block hangs up (0x00) mid-reply
+        # A connection that dies mid-header must not hurt anything either.
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x10\x01")
+        writer.close()
+        for _ in range(200):
+            if server.runtime.active_calls == 0 and len(asyncio.all_tasks()) <= baseline:
+                break
+            await asyncio.sleep(0.05)
+        assert server.runtime.active_calls == 0
+        assert len(asyncio.all_tasks()) <= baseline
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
+async def test_voice_server_starts_and_stops_the_audiosocket_listener(server):
+    config = ServerConfig(port=0, audiosocket_port=0)
+    second = VoiceServer(config, runtime=server.runtime)
+    await second.start()
+    try:
+        assert second.audiosocket is not None
+        port = second.audiosocket.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+    finally:
+        await second.close()
+    assert not second.audiosocket.is_serving()

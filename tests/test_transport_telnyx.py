@@ -1,0 +1,92 @@
+"""Telnyx media streaming: a fake Telnyx (out-of-order chunks included) drives the real server."""
+
+from __future__ import annotations
+
+import random
+
+from asr.wer import word_error_rate
+from tests.conftest import with_silence
+from tests.fake_carrier import CallWatcher, FakeTelnyx
+from tests.transport_checks import (
+    barge_in_call,
+    hangups_release_everything,
+    malformed_then_call,
+    prompt_clip,
+    reply_call,
+)
+from voice.telnyx import Reorder
+
+
+def base(server) -> str:
+    return f"ws://127.0.0.1:{server.port}"
+
+
+def test_reorder_releases_in_order_and_skips_lost_chunks():
+    r = Reorder(depth=3)
+    assert r.push(2, b"b") == []
+    assert r.push(1, b"a") == [b"a", b"b"]
+    assert r.push(1, b"a") == [] and r.late == 1  # duplicate / late
+    assert r.push(4, b"d") == [] and r.push(5, b"e") == [] and r.push(6, b"f") == []
+    assert r.push(7, b"g") == [b"d", b"e", b"f", b"g"] and r.skipped == 1  # chunk 3 was lost
+    assert r.push(3, b"c") == [] and r.late == 2
+
+
+async def test_telnyx_call_speaks_the_reply(server):
+    await reply_call(server, FakeTelnyx(base(server)), prompt_clip(11), sizes={160})
+
+
+async def test_telnyx_pcma_call(server):
+    carrier = FakeTelnyx(base(server))
+    carrier.encoding = "alaw"
+    await reply_call(server, carrier, prompt_clip(12), sizes={160}, dtmf=None)
+
+
+async def test_telnyx_out_of_order_media_is_reordered(server):
+    """Chunks shuffled within windows of 4 (Telnyx guarantees no order): the
+    transcript is as good as in order."""
+    clip = prompt_clip(13)
+    carrier = FakeTelnyx(base(server))
+    rng = random.Random(7)
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            messages: list[dict] = []
+            carrier.send_original = carrier.send  # type: ignore[attr-defined]
+
+            async def collect(msg):  # the fake's frames, held back to be shuffled
+                messages.append(msg)
+
+            carrier.send = collect  # type: ignore[method-assign]
+            await carrier.say(with_silence(clip.load(8000), 8000, 1.0), speed=None)
+            carrier.send = carrier.send_original  # type: ignore[method-assign]
+            for i in range(0, len(messages), 4):
+                window = messages[i : i + 4]
+                rng.shuffle(window)
+                for msg in window:
+                    await carrier.send(msg)
+            final = await watcher.wait_event(call, "transcript.final", timeout=60)
+            assert word_error_rate(clip.reference, final["text"]) <= 0.35, final
+            assert call.reorder.late == 0 and call.reorder.skipped == 0
+            await carrier.wait_audio()
+
+
+async def test_telnyx_barge_in_clears(server):
+    await barge_in_call(server, FakeTelnyx(base(server)))
+
+
+async def test_telnyx_malformed_messages_are_ignored(server):
+    sid = FakeTelnyx.sid
+    bad = [
+        b"\x00binary",
+        "{",
+        {"event": "media", "stream_id": sid, "media": {"chunk": "x", "payload": "AAAA"}},
+        {"event": "media", "stream_id": sid, "media": {"chunk": "3", "payload": "!!"}},
+        {"event": "dtmf", "dtmf": {"digit": "12"}},
+        {"event": "error", "payload": {"code": 100002, "title": "Unknown Error"}},  # logged, not malformed
+        {"event": "mystery"},
+    ]
+    await malformed_then_call(server, FakeTelnyx(base(server)), bad, prompt_clip(14), harmless=1)
+
+
+async def test_telnyx_hangup_mid_reply_releases_everything(server):
+    await hangups_release_everything(server, lambda: FakeTelnyx(base(server)), [prompt_clip(42), prompt_clip(43)])

@@ -1,0 +1,94 @@
+"""Twilio Media Streams: a fake Twilio speaks the exact wire format to the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.conftest import with_silence
+from tests.fake_carrier import CallWatcher, FakeTwilio
+from tests.transport_checks import (
+    barge_in_call,
+    hangups_release_everything,
+    malformed_then_call,
+    prompt_clip,
+    reply_call,
+)
+
+
+def base(server) -> str:
+    return f"ws://127.0.0.1:{server.port}"
+
+
+async def test_twilio_call_speaks_the_reply(server):
+    metrics = await reply_call(server, FakeTwilio(base(server)), prompt_clip(3), sizes={160})
+    assert metrics["ttfa_ms"] > 0
+
+
+async def test_twilio_marks_echo_after_playout_and_prompt_parameter(server):
+    prompt = "You are a pirate. Answer in one short sentence."
+    carrier = FakeTwilio(base(server), parameters={"system_prompt": prompt, "customer": "42"})
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.say(with_silence(prompt_clip(5).load(8000), 8000, 1.0), speed=None)
+            await carrier.send(json.dumps({"event": "mark", "streamSid": carrier.sid, "mark": {"name": "nope"}}))
+            await watcher.wait_event(call, "response.done", turn=1, timeout=60)
+            assert call.session._system_prompt == prompt
+            assert call.session._start is not None and call.session._start.metadata["customer"] == "42"
+            await carrier.wait_audio()
+            # Marks come back only once the fake has played the audio before them
+            # (real time), and the server then counts that sentence as heard.
+            for _ in range(200):
+                if carrier.played.marks_echoed:
+                    break
+                await asyncio.sleep(0.05)
+            names = [seg.name for seg in call.playout.segments]
+            echoed = carrier.played.marks_echoed
+            assert echoed and echoed == names[: len(echoed)]
+            await asyncio.sleep(0.1)
+            assert call.playout.segments[0].played
+            if len(names) > len(echoed) + 1:
+                assert not call.playout.segments[-1].played
+
+
+async def test_twilio_barge_in_clears_and_trims_history(server):
+    await barge_in_call(server, FakeTwilio(base(server)))
+
+
+async def test_twilio_malformed_messages_are_ignored(server):
+    sid = FakeTwilio.sid
+    bad = [
+        b"\x00\x01binary",
+        "not json",
+        "[1, 2]",
+        {"event": "dance"},
+        {"no": "event"},
+        {"event": "media", "streamSid": sid, "media": {"payload": "***not base64***"}},
+        {"event": "media", "streamSid": sid},
+        {"event": "dtmf", "streamSid": sid, "dtmf": {"digit": "Z"}},
+        {"event": "mark", "streamSid": sid, "mark": {}},
+        {"event": "start", "streamSid": sid, "start": {"streamSid": sid}},  # a second start
+    ]
+    await malformed_then_call(server, FakeTwilio(base(server)), bad, prompt_clip(7))
+
+
+async def test_twilio_media_before_start_and_bad_start_are_ignored(server):
+    carrier = FakeTwilio(base(server))
+    carrier.opening = lambda: [  # type: ignore[method-assign]
+        {"event": "connected", "protocol": "Call", "version": "1.0.0"},
+        {"event": "media", "media": {"payload": "AAAA"}},
+        {"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": {"encoding": "audio/opus"}}},
+    ]
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            for _ in range(100):
+                if call.malformed >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert call.malformed == 2 and not call.session.started and not call.finished
+
+
+async def test_twilio_hangup_mid_reply_releases_everything(server):
+    await hangups_release_everything(server, lambda: FakeTwilio(base(server)), [prompt_clip(40), prompt_clip(41)])

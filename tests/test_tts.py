@@ -1,0 +1,91 @@
+"""The embedded TTS and the playout stage on their own (real hibari model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from asr.wer import word_error_rate
+from streaming.codecs import decode
+from streaming.playout import OutFormat, Playout
+from streaming.tts import HibariTTS, TTSConfig, TTSError, build_tts, shared_tts
+
+
+class Recorder:
+    """A sink that keeps what a carrier would receive."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes | str]] = []
+
+    async def send_audio(self, chunk: bytes) -> None:
+        self.items.append(("audio", chunk))
+
+    async def send_mark(self, name: str) -> None:
+        self.items.append(("mark", name))
+
+
+async def test_hibari_speaks_words_whisper_recovers(server):
+    tts = shared_tts()
+    await tts.warm()
+    text = "Your appointment is on Tuesday at three in the afternoon."
+    audio = await tts.synthesize(text)
+    assert audio.dtype == np.float32 and tts.sample_rate == 24000
+    assert 1.5 < len(audio) / 24000 < 8 and 0.05 < np.abs(audio).max() <= 1.0
+    import soxr
+
+    heard = (await server.runtime.asr.submit("tts-test", soxr.resample(audio, 24000, 16000), final=True)).text
+    assert word_error_rate(text, heard) <= 0.3, heard
+    assert len(await tts.synthesize("   ")) == 0
+
+
+def test_unknown_engine_and_voice_fail_clearly():
+    try:
+        build_tts(TTSConfig(engine="nope"))
+    except TTSError as exc:
+        assert "nope" in str(exc)
+    else:
+        raise AssertionError("no error")
+    tts = HibariTTS(TTSConfig(voice="no-such-voice"))
+    try:
+        asyncio.run(tts.warm())
+    except TTSError as exc:
+        assert "no-such-voice" in str(exc)
+    else:
+        raise AssertionError("no error")
+    finally:
+        tts.close()
+
+
+async def test_playout_orders_sentences_frames_and_marks():
+    sink = Recorder()
+    firsts: list[tuple[int, float]] = []
+
+    async def first(turn: int, seconds: float) -> None:
+        firsts.append((turn, seconds))
+
+    playout = Playout(shared_tts(), OutFormat("mulaw", 8000, 160), sink, on_first_audio=first)
+    playout.say(1, 0, "Hello there.")
+    playout.say(1, 1, "How can I help you today?")
+    for _ in range(200):
+        if sum(1 for k, _ in sink.items if k == "mark") == 2:
+            break
+        await asyncio.sleep(0.02)
+    marks = [v for k, v in sink.items if k == "mark"]
+    assert marks == ["t1s0", "t1s1"]
+    audio = [v for k, v in sink.items if k == "audio"]
+    assert all(len(c) == 160 for c in audio)
+    assert sink.items.index(("mark", "t1s0")) < len(sink.items) - 1  # sentence 2's audio follows mark 1
+    assert len(decode(b"".join(audio), "mulaw")) > 8000  # over a second of speech
+    assert firsts and firsts[0][0] == 1 and 0 < firsts[0][1] < 2.0
+    assert playout.marked("t1s1") is not None  # the carrier played turn 1 (and so everything before)
+    # Barge-in: queued sentences are dropped, nothing more is sent.
+    playout.say(2, 0, "This sentence is long enough to still be queued when the caller talks over it.")
+    playout.say(2, 1, "And this one never plays.")
+    playout.interrupt()
+    count = len(sink.items)
+    await asyncio.sleep(0.3)
+    assert len(sink.items) == count and playout.heard(2) == ""
+    assert playout.heard(1) == "Hello there. How can I help you today?"
+    assert playout.marked("t2s0") is None  # a late echo of flushed audio counts for nothing
+    await playout.close()

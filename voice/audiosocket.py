@@ -1,0 +1,162 @@
+"""Asterisk AudioSocket: a TCP listener (``AudioSocket(uuid,host:port)`` in the
+dialplan, ``Dial(AudioSocket/host:port/uuid)``, or ARI externalMedia with
+``encapsulation=audiosocket``).
+
+Every message is ``kind (1 B) | length (2 B, big-endian) | payload``. Asterisk
+sends the call's UUID (0x01) first, then signed-linear audio: 0x10 is 8 kHz,
+0x11-0x18 higher rates (0x12 = 16 kHz, 0x13 = 24 kHz), 20 ms per message;
+0x03 is a DTMF digit, 0x00 hang-up, 0xff an error. Asterisk neither buffers
+nor paces what we send, so a per-call clock writes one 20 ms frame every
+20 ms, reply audio when there is some and generated silence otherwise.
+Barge-in simply empties the frame queue; what was written had played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from streaming.playout import OutFormat
+from voice.protocol import Start
+from voice.runtime import Runtime
+from voice.telephony import MalformedMessage, TelephonyCall
+
+log = logging.getLogger(__name__)
+
+KIND_HANGUP, KIND_UUID, KIND_DTMF, KIND_ERROR = 0x00, 0x01, 0x03, 0xFF
+AUDIO_KINDS = {0x10: 8000, 0x11: 12000, 0x12: 16000, 0x13: 24000, 0x14: 32000, 0x15: 44100, 0x16: 48000}
+SUPPORTED_RATES = (8000, 16000, 24000)
+FRAME_S = 0.02
+
+
+def message(kind: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">BH", kind, len(payload)) + payload
+
+
+class AudioSocketCall(TelephonyCall):
+    transport = "audiosocket"
+    echoes_marks = False
+    lead_s = 0.2  # frames queued ahead of the 20 ms clock; barge-in drops at most this
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self.reader = reader
+        self.writer = writer
+        self.call_uuid: str | None = None
+        self.kind = 0x10
+        self.frame_bytes = 320
+        self.frames: deque[bytes] = deque()
+        self.frames_written = 0
+        self.silence_written = 0
+        self._clock: asyncio.Task[None] | None = None
+
+    async def serve(self) -> None:
+        self.admit()
+        reason = "carrier_closed"
+        try:
+            while True:
+                header = await self.reader.readexactly(3)
+                kind, length = struct.unpack(">BH", header)
+                payload = await self.reader.readexactly(length) if length else b""
+                if kind == KIND_HANGUP:
+                    reason = "carrier_stop"
+                    break
+                try:
+                    await self.on_message(kind, payload)
+                except MalformedMessage as exc:
+                    log.warning("call %s (audiosocket): ignored message: %s", self.call_id, exc)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            reason = "connection_lost"
+        except Exception:
+            log.exception("call %s (audiosocket) failed", self.call_id)
+            reason = "internal_error"
+        finally:
+            if self._clock is not None:
+                self._clock.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._clock
+            await self.finish(reason)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+                await self.writer.wait_closed()
+
+    async def on_message(self, kind: int, payload: bytes) -> None:
+        if kind == KIND_UUID:
+            if len(payload) != 16:
+                raise MalformedMessage(f"UUID of {len(payload)} bytes")
+            self.call_uuid = str(uuid.UUID(bytes=payload))
+        elif kind in AUDIO_KINDS:
+            if not self.session.started:
+                await self._start(kind)
+            elif kind != self.kind:
+                raise MalformedMessage(f"audio kind changed from {self.kind:#x} to {kind:#x}")
+            await self.audio(payload)
+        elif kind == KIND_DTMF:
+            self.on_dtmf_digit(payload.decode("ascii", "replace"))
+        elif kind == KIND_ERROR:
+            log.warning("call %s (audiosocket): Asterisk error %s", self.call_id, payload.hex() or "(no code)")
+        else:
+            raise MalformedMessage(f"unknown message kind {kind:#x}")
+
+    async def _start(self, kind: int) -> None:
+        rate = AUDIO_KINDS[kind]
+        if rate not in SUPPORTED_RATES:
+            raise MalformedMessage(f"slin at {rate} Hz is not supported; use 8, 16 or 24 kHz")
+        self.kind = kind
+        self.frame_bytes = round(rate * FRAME_S) * 2
+        await self.begin(
+            Start(encoding="pcm16", sample_rate=rate, metadata={"uuid": self.call_uuid}),
+            OutFormat("pcm16", rate, chunk_bytes=self.frame_bytes),
+        )
+        self._clock = asyncio.create_task(self._write_clock())
+
+    async def _write_clock(self) -> None:
+        """One frame per 20 ms on an absolute schedule (no drift); after a
+        stall (a blocked loop) resynchronise instead of bursting."""
+        silence = bytes(self.frame_bytes)
+        start = time.monotonic()
+        n = 0
+        while True:
+            n += 1
+            delay = start + n * FRAME_S - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.1:
+                start, n = time.monotonic(), 0
+            if self.frames:
+                frame = self.frames.popleft()
+                self.frames_written += 1
+            else:
+                frame = silence
+                self.silence_written += 1
+            self.writer.write(message(self.kind, frame))
+            await self.writer.drain()
+
+    async def send_audio(self, chunk: bytes) -> None:
+        self.frames.append(chunk)
+
+    async def send_clear(self) -> None:
+        self.frames.clear()
+
+
+async def start_audiosocket(runtime: Runtime, host: str, port: int) -> asyncio.Server:
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        config: Any = runtime.config
+        if not runtime.ready or runtime.active_calls >= config.max_calls:
+            # No websocket 503 here: an error message, then hang up.
+            writer.write(message(KIND_ERROR, b"\x02") + message(KIND_HANGUP))
+            with contextlib.suppress(Exception):
+                await writer.drain()
+                writer.close()
+            return
+        await AudioSocketCall(reader, writer, runtime).serve()
+
+    server = await asyncio.start_server(on_connect, host, port)
+    log.info("AudioSocket listening on %s:%d", host, server.sockets[0].getsockname()[1])
+    return server

@@ -1,0 +1,95 @@
+"""Exotel Voicebot applet, bidirectional (AgentStream websocket protocol).
+
+Twilio-like with snake_case names. Audio both ways is base64 raw slin:
+16-bit little-endian mono, 8 kHz unless the URL or ``start`` asks for 16 or
+24 kHz. Out: ``media`` chunks that meet Exotel's rule (a multiple of
+320 B, at least 3.2 KB, at most 100 KB), ``mark`` after each
+sentence, ``clear`` on barge-in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streaming.playout import OutFormat
+from voice.media_json import CallEnded, WebSocketCall, as_int, b64decode, b64encode, obj
+from voice.telephony import MalformedMessage
+from voice.twilio import start_from_parameters
+
+PATH = "/exotel"
+RATES = (8000, 16000, 24000)
+# Exotel's rule for outbound media: each chunk a multiple of 320 B, from
+# 3.2 KB to 100 KB. 3.2 KB is 200 ms at 8 kHz and 100 ms at 16 kHz.
+MIN_CHUNK = 3200
+CHUNK_S = 0.1
+
+
+def chunk_bytes(rate: int) -> int:
+    """The smallest legal chunk of at least 100 ms: small chunks keep a clear precise."""
+    size = max(MIN_CHUNK, round(rate * CHUNK_S) * 2)
+    return -(-size // 320) * 320
+
+
+class ExotelCall(WebSocketCall):
+    transport = "exotel"
+    ignored_events = frozenset({"connected"})
+
+    stream_sid: str | None = None
+
+    async def on_start(self, msg: dict[str, Any]) -> None:
+        if self.session.started:
+            raise MalformedMessage("second 'start'")
+        start = obj(msg, "start")
+        fmt = start.get("media_format") or {}
+        rate = as_int(fmt.get("sample_rate", self._query_rate()), "sample_rate")
+        if rate not in RATES or as_int(fmt.get("bit_rate", 16), "bit_rate") != 16:
+            raise MalformedMessage(f"unsupported media format {fmt!r}; Exotel streams 16-bit slin at 8/16/24 kHz")
+        sid = msg.get("stream_sid") or start.get("stream_sid")
+        if not isinstance(sid, str) or not sid:
+            raise MalformedMessage("start without stream_sid")
+        self.stream_sid = sid
+        params = start.get("custom_parameters") or {}
+        if not isinstance(params, dict):
+            params = {}
+        out = OutFormat("pcm16", rate, chunk_bytes=chunk_bytes(rate))
+        await self.begin(start_from_parameters("pcm16", rate, {**params, "call_sid": start.get("call_sid")}), out)
+
+    def _query_rate(self) -> int:
+        """``wss://host/exotel?sample-rate=16000``: the applet's rate choice."""
+        request = self.ws.request
+        query = request.path.split("?", 1)[1] if request is not None and "?" in request.path else ""
+        for part in query.split("&"):
+            key, _, value = part.partition("=")
+            if key == "sample-rate" and value.isdigit():
+                return int(value)
+        return 8000
+
+    async def on_media(self, msg: dict[str, Any]) -> None:
+        payload = b64decode(obj(msg, "media").get("payload"))
+        if len(payload) % 2:
+            raise MalformedMessage(f"slin payload of {len(payload)} B is not whole 16-bit samples")
+        await self.audio(payload)
+
+    async def on_dtmf(self, msg: dict[str, Any]) -> None:
+        self.on_dtmf_digit(obj(msg, "dtmf").get("digit"))
+
+    async def on_mark(self, msg: dict[str, Any]) -> None:
+        name = obj(msg, "mark").get("name")
+        if not isinstance(name, str):
+            raise MalformedMessage("mark without a name")
+        self.mark_played(name)
+
+    async def on_stop(self, msg: dict[str, Any]) -> None:
+        raise CallEnded("carrier_stop")
+
+    async def send_audio(self, chunk: bytes) -> None:
+        await self.send_json({"event": "media", "stream_sid": self.stream_sid, "media": {"payload": b64encode(chunk)}})
+
+    async def send_mark(self, name: str) -> None:
+        await self.send_json({"event": "mark", "stream_sid": self.stream_sid, "mark": {"name": name}})
+
+    async def send_clear(self) -> None:
+        await self.send_json({"event": "clear", "stream_sid": self.stream_sid})
+
+
+handle_exotel = ExotelCall.handle

@@ -1,0 +1,152 @@
+"""Per-call limits a transport enforces on its websocket: idle timeout,
+slow-reader protection on the send side, and server-initiated ends (drain).
+
+A :class:`CallGuard` wraps one call's connection. The transport calls
+:meth:`CallGuard.touch` for every frame it receives and sends through
+:meth:`CallGuard.send`. When the guard decides the call must end (idle,
+stuck reader, server shutdown) it cancels the transport's handler task and
+records why in :attr:`CallGuard.end`; the transport catches that
+cancellation, releases the call and closes with :meth:`CallGuard.close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+log = logging.getLogger(__name__)
+
+# Close codes (RFC 6455) the server uses when it ends a call itself.
+CLOSE_NORMAL = 1000  # idle timeout: the call simply ended
+CLOSE_GOING_AWAY = 1001  # server draining / shutting down
+CLOSE_POLICY = 1008  # client broke a limit (stopped reading)
+CLOSE_INTERNAL = 1011
+
+
+@dataclass
+class CallLimits:
+    # A call that sends no frame for this long is closed (1000, "idle timeout").
+    # Phone audio arrives every 20 ms, so a silent socket is a dead caller.
+    idle_timeout_s: float = 60.0
+    # One outbound frame may wait this long for the client to read; after
+    # that the client is stuck and the call is dropped (1008). Without it a
+    # reply task would block on a full socket forever, holding an LLM slot.
+    send_timeout_s: float = 5.0
+    # websockets' outbound buffer high-water mark per connection: the most
+    # server memory a non-reading client can pin (plus one frame).
+    write_limit: int = 256 * 1024
+    # On SIGTERM live calls get this long to finish before a 1001 close.
+    drain_timeout_s: float = 30.0
+    # Bound on the close handshake with a peer that may never answer.
+    close_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class CallEnd:
+    """Why the server ended a call: protocol reason, close code, close text."""
+
+    reason: str
+    code: int
+    text: str
+
+
+IDLE = CallEnd("idle_timeout", CLOSE_NORMAL, "idle timeout")
+SLOW_READER = CallEnd("slow_reader", CLOSE_POLICY, "client not reading")
+SHUTDOWN = CallEnd("server_shutdown", CLOSE_GOING_AWAY, "server shutting down")
+
+# Connection -> its guard, so the server can end guarded calls the transport's
+# way (farewell event, then close) and fall back to a bare close otherwise.
+_guards: weakref.WeakKeyDictionary[ServerConnection, CallGuard] = weakref.WeakKeyDictionary()
+
+
+def guard_of(ws: ServerConnection) -> CallGuard | None:
+    return _guards.get(ws)
+
+
+class CallGuard:
+    def __init__(self, ws: ServerConnection, limits: CallLimits) -> None:
+        self.ws = ws
+        self.limits = limits
+        self.end: CallEnd | None = None
+        self._last_rx = time.monotonic()
+        self._task: asyncio.Task[object] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        _guards[ws] = self
+
+    async def __aenter__(self) -> CallGuard:
+        self._task = asyncio.current_task()
+        self._last_rx = time.monotonic()
+        if self.limits.idle_timeout_s > 0:
+            self._watchdog = asyncio.create_task(self._watch_idle(), name="idle-watchdog")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # From here on the handler is releasing the call: never cancel it again.
+        self._task = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+
+    def touch(self) -> None:
+        self._last_rx = time.monotonic()
+
+    def finish(self, end: CallEnd) -> None:
+        """End the call from outside the transport's read loop (idempotent)."""
+        if self.end is not None:
+            return
+        self.end = end
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def ended_by_guard(self) -> bool:
+        """Call from the transport's ``except CancelledError``: True when the
+        cancellation was this guard's (swallow it), False for a real one."""
+        task = asyncio.current_task()
+        if self.end is None or task is None:
+            return False
+        task.uncancel()
+        return True
+
+    async def send(self, text: str | bytes) -> bool:
+        """Send one frame; False when it was not sent (call over or client stuck)."""
+        if self.end is SLOW_READER:
+            return False  # nothing more goes into a buffer nobody drains
+        try:
+            await asyncio.wait_for(self.ws.send(text), self.limits.send_timeout_s)
+        except TimeoutError:
+            log.warning("client not reading for %.1f s: dropping the call", self.limits.send_timeout_s)
+            if self.end is None:
+                # Cancels the handler (at its next await when it is the sender).
+                self.finish(SLOW_READER)
+            else:
+                self.end = SLOW_READER  # already ending: just skip the farewell
+            return False
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def close(self, code: int, text: str) -> None:
+        """Close handshake bounded in time: a stuck peer cannot hold the
+        handler (websockets' close waits for the outbound buffer to drain)."""
+        try:
+            await asyncio.wait_for(self.ws.close(code, text), self.limits.close_timeout_s)
+        except (TimeoutError, ConnectionClosed):
+            self.ws.transport.abort()
+
+    async def _watch_idle(self) -> None:
+        idle = self.limits.idle_timeout_s
+        while True:
+            remaining = self._last_rx + idle - time.monotonic()
+            if remaining <= 0:
+                log.info("no frame for %.0f s: closing the call", idle)
+                self.finish(IDLE)
+                return
+            await asyncio.sleep(remaining)

@@ -1,0 +1,118 @@
+"""Logging setup: plain or JSON lines, call/turn ids from context, and a
+filter that keeps audio bytes and secrets out of every log record.
+
+The call id and turn id live in context variables: a transport binds the
+call id once in its handler task, and every task the call spawns (replies,
+partials) inherits it, so any log line from inside a call carries it without
+the code that logs having to know.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable
+
+call_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("call_id", default=None)
+turn_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("turn", default=None)
+
+REDACTED = "[redacted]"
+# websockets' debug log prints frame payloads ("< BINARY 7f ff ... [160 bytes]")
+# and TEXT frames; audio and transcripts of callers must not land in logs.
+_FRAME_LINE = re.compile(r"^[<>] (BINARY|TEXT|CONT)\b")
+_AUTH_HEADER = re.compile(r"(?i)^[<>] (authorization|cookie|x-api-key|proxy-authorization): ")
+
+
+def bind_call(call_id: str) -> None:
+    call_id_var.set(call_id)
+    turn_var.set(None)
+
+
+def bind_turn(turn: object) -> None:
+    if isinstance(turn, int) and not isinstance(turn, bool) and turn_var.get() != turn:
+        turn_var.set(turn)
+
+
+class ContextFilter(logging.Filter):
+    """Stamps call_id/turn onto records and scrubs what must never be logged."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.call_id = call_id_var.get()
+        record.turn = turn_var.get()
+        if isinstance(record.args, tuple) and any(isinstance(a, bytes | bytearray | memoryview) for a in record.args):
+            record.args = tuple(_scrub_arg(a) for a in record.args)
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # a broken log call is logging's problem to report, not ours
+        changed = False
+        if record.name.startswith("websockets"):
+            frame = _FRAME_LINE.match(message)
+            if frame:
+                message, changed = f"{message[0]} {frame.group(1)} frame (payload not logged)", True
+            elif _AUTH_HEADER.match(message):
+                message, changed = message.split(":", 1)[0] + ": " + REDACTED, True
+        for secret in self.secrets:
+            if secret in message:
+                message, changed = message.replace(secret, REDACTED), True
+        if changed:
+            record.msg, record.args = message, ()
+        return True
+
+
+def _scrub_arg(arg: object) -> object:
+    # Raw bytes in a log call are almost always audio: log their size only.
+    if isinstance(arg, bytes | bytearray | memoryview):
+        return f"<{len(arg)} bytes>"
+    return arg
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        call_id = getattr(record, "call_id", None)
+        if call_id is not None:
+            out["call_id"] = call_id
+        turn = getattr(record, "turn", None)
+        if turn is not None:
+            out["turn"] = turn
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+class PlainFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(ctx)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [p for p in (getattr(record, "call_id", None), getattr(record, "turn", None)) if p is not None]
+        record.ctx = f" [{' t'.join(str(p) for p in parts)}]" if parts else ""
+        return super().format(record)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[str] = ()) -> logging.Handler:
+    """Root handler on stderr; ``fmt`` is "text" or "json"."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    # On the handler, not a logger: it then sees records from every library.
+    handler.addFilter(ContextFilter(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handler

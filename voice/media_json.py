@@ -1,0 +1,148 @@
+"""The websocket side of the carrier transports, shared by the JSON-media
+family (Twilio, Telnyx, Plivo, Exotel) and by Vonage's binary variant.
+
+:meth:`WebSocketCall.serve` owns one connection: it dispatches text frames
+by their ``event`` field to ``on_<event>`` handlers, binary frames to
+``on_binary``, and turns any malformed or unknown message into a log line
+(what the carriers themselves do: Twilio logs warnings 31950/31951 and goes
+on). Nothing a carrier sends can end the call except its own stop or close;
+a bug in one call ends that call only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from voice.protocol import MAX_TEXT_FRAME
+from voice.telephony import MalformedMessage, TelephonyCall
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class CallEnded(Exception):
+    """The carrier said the call is over (stop): leave the read loop."""
+
+
+def b64decode(value: object, what: str = "payload") -> bytes:
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{what} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedMessage(f"{what} is not valid base64") from None
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def obj(msg: dict[str, Any], key: str) -> dict[str, Any]:
+    """``msg[key]`` that must be an object."""
+    value = msg.get(key)
+    if not isinstance(value, dict):
+        raise MalformedMessage(f"'{key}' missing or not an object")
+    return value
+
+
+def as_int(value: object, what: str) -> int:
+    """Carriers send numbers as ints or as strings ("8000", "42")."""
+    if isinstance(value, bool):
+        raise MalformedMessage(f"{what} is not a number")
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise MalformedMessage(f"{what} is not a number: {str(value)[:16]!r}") from None
+
+
+class WebSocketCall(TelephonyCall):
+    # Messages a carrier may send that need no action.
+    ignored_events: frozenset[str] = frozenset()
+
+    def __init__(self, ws: ServerConnection, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ws = ws
+        self.malformed = 0
+
+    @classmethod
+    async def handle(cls, ws: ServerConnection, runtime: Any) -> None:
+        """The WS_ROUTES entry point."""
+        await cls(ws, runtime).serve()
+
+    async def serve(self) -> None:
+        self.admit()
+        reason = "carrier_closed"
+        try:
+            async for frame in self.ws:
+                try:
+                    if isinstance(frame, bytes):
+                        await self.on_binary(frame)
+                    else:
+                        await self.on_text(frame)
+                except MalformedMessage as exc:
+                    self.malformed += 1
+                    log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, exc)
+        except CallEnded as end:
+            reason = str(end) or "carrier_stop"
+        except ConnectionClosed:
+            reason = "connection_lost"
+        except Exception:
+            log.exception("call %s (%s) failed", self.call_id, self.transport)
+            reason = "internal_error"
+        finally:
+            await self.finish(reason)
+        await self.close(1000 if reason != "internal_error" else 1011)
+
+    async def on_text(self, frame: str) -> None:
+        if len(frame) > MAX_TEXT_FRAME * 16:  # carriers send ~100 ms of audio per message; 1 MiB is abuse
+            raise MalformedMessage(f"text frame of {len(frame)} chars")
+        try:
+            msg = json.loads(frame)
+        except (ValueError, RecursionError):  # ValueError: json's bare one for 4300+ digit ints
+            raise MalformedMessage(f"not JSON: {frame[:40]!r}") from None
+        if not isinstance(msg, dict):
+            raise MalformedMessage("not a JSON object")
+        event = msg.get("event")
+        if not isinstance(event, str):
+            raise MalformedMessage("no string 'event'")
+        handler = getattr(self, "on_" + event.replace(":", "_").replace(".", "_"), None)
+        if handler is None:
+            if event not in self.ignored_events:
+                raise MalformedMessage(f"unknown event {event[:40]!r}")
+            return
+        try:
+            await handler(msg)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, MalformedMessage):
+                raise
+            raise MalformedMessage(f"bad {event!r}: {exc!r}") from None
+
+    async def on_binary(self, frame: bytes) -> None:
+        raise MalformedMessage(f"binary frame of {len(frame)} B on a JSON-only protocol")
+
+    # ---- sending ------------------------------------------------------
+
+    async def send_json(self, msg: dict[str, Any]) -> None:
+        await self.send_frame(json.dumps(msg, separators=(",", ":")))
+
+    async def send_frame(self, frame: str | bytes) -> None:
+        # A failed send means the carrier is gone: the read loop sees the
+        # close at once and finish() releases the call, so nothing to do here.
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(frame)
+
+    async def close(self, code: int = 1000) -> None:
+        try:
+            await self.ws.close(code)
+        except ConnectionClosed:
+            pass

@@ -1,0 +1,153 @@
+"""Prometheus metrics for one server process, served at ``/metrics``.
+
+Fed from the edges, not from inside the pipeline: transports pass every
+session event through :meth:`Metrics.observe_event` (``turn.metrics`` and
+``error`` carry what is measured), the ASR worker reports each decode's
+duration, and the server reports admissions and refusals. Each instance has
+its own registry, so several servers in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+# Seconds. Voice latencies that matter sit between 100 ms and 3 s.
+LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# turn.metrics field -> stage label (times from the caller's speech end).
+STAGES = {
+    "endpoint_ms": "endpoint",
+    "asr_final_ms": "asr_final",
+    "llm_first_token_ms": "llm_first_token",
+    "first_sentence_ms": "first_sentence",
+    "done_ms": "done",
+    "asr_decode_ms": "asr_decode",
+    "llm_ttft_ms": "llm_ttft",
+}
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def _task_count() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped outside the loop (tests, tools)
+        return 0.0
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _label(value: object) -> str:
+    # Label values come from server-side codes, but a bounded string keeps a
+    # bug from blowing up the series count.
+    return str(value)[:48] if value is not None else "unknown"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ttfs = Histogram(
+            "firstline_ttfs_seconds",
+            "Caller's speech end -> first reply sentence sent",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "firstline_turn_stage_seconds",
+            "Per-turn stage times (turn.metrics)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.llm_ttft = Histogram(
+            "firstline_llm_ttft_seconds",
+            "LLM time to first token (ASR final -> first token)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.asr_decode = Histogram(
+            "firstline_asr_decode_seconds",
+            "Whisper decode time on the ASR worker",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.speculative_acceptance = Histogram(
+            "firstline_speculative_acceptance_ratio",
+            "Accepted / drafted tokens per reply (speculation on)",
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.turns = Counter("firstline_turns_total", "Turns answered (turn.metrics sent)", registry=r)
+        self.errors = Counter("firstline_errors_total", "error events sent to callers", ["code"], registry=r)
+        self.admitted = Counter("firstline_calls_admitted_total", "Call upgrades admitted", registry=r)
+        self.refused = Counter("firstline_calls_refused_total", "Call upgrades refused", ["reason"], registry=r)
+        self.ended = Counter("firstline_calls_ended_total", "Calls ended", ["reason"], registry=r)
+        self.active = Gauge("firstline_active_calls", "Calls in progress", registry=r)
+        self.asr_queue = Gauge("firstline_asr_queue_depth", "Decodes waiting for the ASR worker", registry=r)
+        # Leak watch (benchmarks/soak.py): RSS and fds from /proc, live asyncio tasks.
+        ProcessCollector(registry=r)
+        self.tasks = Gauge("firstline_asyncio_tasks", "Live asyncio tasks in the server's loop", registry=r)
+        self.tasks.set_function(_task_count)
+        self.ttfs_listeners: list[Callable[[float], None]] = []
+
+    def bind_gauges(self, active: Callable[[], float], asr_queue: Callable[[], float]) -> None:
+        """Gauges read live values at scrape time instead of being pushed."""
+        self.active.set_function(active)
+        self.asr_queue.set_function(asr_queue)
+
+    def observe_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if kind == "turn.metrics":
+            self._observe_turn(ev)
+        elif kind == "error":
+            self.errors.labels(_label(ev.get("code"))).inc()
+
+    def _observe_turn(self, ev: dict[str, Any]) -> None:
+        self.turns.inc()
+        for field, stage in STAGES.items():
+            ms = _number(ev.get(field))
+            if ms is not None and ms >= 0:
+                self.stage.labels(stage).observe(ms / 1000)
+        ttfs = _number(ev.get("ttfs_ms"))
+        if ttfs is not None and ttfs >= 0:
+            self.ttfs.observe(ttfs / 1000)
+            for listener in self.ttfs_listeners:
+                listener(ttfs)
+        ttft = _number(ev.get("llm_ttft_ms"))
+        if ttft is not None and ttft >= 0:
+            self.llm_ttft.observe(ttft / 1000)
+        acceptance = _number(ev.get("speculative_acceptance"))
+        if acceptance is not None:
+            self.speculative_acceptance.observe(acceptance)
+
+    def observe_asr_decode(self, final: bool, seconds: float) -> None:
+        self.asr_decode.labels("final" if final else "partial").observe(seconds)
+
+    def call_admitted(self) -> None:
+        self.admitted.inc()
+
+    def call_refused(self, reason: str) -> None:
+        self.refused.labels(_label(reason)).inc()
+
+    def call_ended(self, reason: str) -> None:
+        self.ended.labels(_label(reason)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,229 @@
+"""What every audio-out transport shares: one call = a CallSession + a Playout.
+
+A carrier adapter (Twilio, Telnyx, Plivo, Exotel, Vonage, Asterisk,
+AudioSocket, Realtime) subclasses :class:`TelephonyCall`: it parses its wire
+messages into ``begin`` / ``audio`` / ``on_mark`` / ``on_dtmf`` / ``finish``
+and implements ``send_audio`` / ``send_mark`` / ``send_clear`` in its own
+framing. This base turns the session's events into speech and does the
+parts that must behave the same on every carrier:
+
+* each ``response.sentence`` goes to the call's Playout at once (sentence 1
+  is synthesized and sent while the LLM still writes sentence 2);
+* ``speech.started`` while the reply is playing is a barge-in: drop the
+  queue, send the carrier's clear, and tell the session which sentences the
+  caller heard (``reply_heard``) once that turn's ``response.done`` is in;
+* time to first audio per turn: last voiced audio -> first reply audio byte
+  sent, i.e. the session's ``ttfs_ms`` plus the TTS+encode time measured
+  here. Logged, kept in :attr:`audio_metrics`, passed to ``on_audio_metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from prometheus_client import Histogram
+
+from streaming.playout import OutFormat, Playout
+from streaming.tts import TextToSpeech, TTSError, shared_tts
+from voice.protocol import ProtocolError, Start
+from voice.runtime import Runtime
+from voice.session import CallSession
+
+log = logging.getLogger(__name__)
+
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+
+_ttfa: dict[int, Histogram] = {}
+
+
+def ttfa_histogram(runtime: Runtime) -> Histogram:
+    """firstline_ttfa_seconds{transport}, in the runtime's metrics registry."""
+    registry = getattr(getattr(runtime, "metrics", None), "registry", None)
+    key = id(registry)
+    if key not in _ttfa:
+        _ttfa[key] = Histogram(
+            "firstline_ttfa_seconds",
+            "Caller's speech end -> first reply audio byte sent (audio transports)",
+            ["transport"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
+            registry=registry,
+        )
+    return _ttfa[key]
+
+
+class MalformedMessage(ValueError):
+    """A carrier message we cannot use: logged and ignored, the call goes on."""
+
+
+class TelephonyCall:
+    transport = "telephony"
+    # Does the carrier echo marks once audio has played? If not, the playout
+    # clock decides what the caller heard.
+    echoes_marks = True
+    # Most audio we keep ahead of the carrier's playback (None: it buffers all).
+    lead_s: float | None = None
+    # Called with every new call: lets tests and tooling watch calls that
+    # carriers cannot show (they carry no transcript events on the wire).
+    observers: ClassVar[list[Callable[[TelephonyCall], None]]] = []
+
+    def __init__(self, runtime: Runtime, tts: TextToSpeech | None = None) -> None:
+        self.runtime = runtime
+        self.session = CallSession(runtime, self._on_session_event)
+        self.call_id = self.session.call_id
+        self._tts = tts
+        self.playout: Playout | None = None
+        self.audio_metrics: dict[int, dict[str, float]] = {}
+        self._first_sentence_at: dict[int, float] = {}
+        self._first_audio: dict[int, tuple[float, float]] = {}  # turn -> (monotonic, tts+encode s)
+        self._ttfs_ms: dict[int, float] = {}
+        self._done_turns: set[int] = set()
+        self._heard_pending: dict[int, str] = {}
+        self.barge_ins = 0
+        self.finished = False
+        self._counted = False
+        # The session's events (deltas left out), for observers; bounded.
+        self.events: deque[dict[str, Any]] = deque(maxlen=256)
+        for observe in self.observers:
+            observe(self)
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def admit(self) -> None:
+        self.runtime.active_calls += 1
+        self._counted = True
+
+    async def begin(self, start: Start, out: OutFormat | None) -> None:
+        """Start the session; with ``out``, speak replies in that format."""
+        if out is not None:
+            try:
+                tts = self._tts or shared_tts(getattr(self.runtime.config, "tts", None))
+                await tts.warm()
+                self.playout = Playout(tts, out, self, lead_s=self.lead_s, on_first_audio=self._first_audio_sent)
+            except (TTSError, ValueError) as exc:
+                # No voice is better than no call: transcripts and text still flow.
+                log.error("call %s: audio out disabled: %s", self.call_id, exc)
+        await self.session.start(start)
+
+    async def audio(self, payload: bytes) -> None:
+        if not self.session.started:
+            raise MalformedMessage("media before start")
+        try:
+            await self.session.audio(payload)
+        except ProtocolError as exc:
+            raise MalformedMessage(exc.message) from None
+
+    async def finish(self, reason: str) -> None:
+        """Hang-up or lost connection: release the playout and the session."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.playout is not None:
+            await self.playout.close()
+        await self.session.stop(reason)
+        if self._counted:
+            self.runtime.active_calls -= 1
+            self._counted = False
+            metrics = getattr(self.runtime, "metrics", None)
+            if metrics is not None:
+                metrics.call_ended(reason)
+
+    # ---- carrier events ------------------------------------------------
+
+    def mark_played(self, name: str) -> None:
+        if self.playout is not None and self.playout.marked(name) is None:
+            log.debug("call %s: mark %r is not ours or was flushed", self.call_id, name)
+
+    def on_dtmf_digit(self, value: object) -> None:
+        digit = str(value).strip().upper()
+        if len(digit) != 1 or digit not in DTMF_DIGITS:
+            raise MalformedMessage(f"not a DTMF digit: {digit[:8]!r}")
+        if not self.session.started:
+            raise MalformedMessage("DTMF before start")
+        log.info("call %s: DTMF %s", self.call_id, digit)
+        self.session.dtmf(digit)
+
+    # ---- wire hooks (subclasses) ----------------------------------------
+
+    async def send_audio(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    async def send_mark(self, name: str) -> None:
+        """Carriers with marks send one after each sentence's audio."""
+
+    async def send_clear(self) -> None:
+        """Tell the carrier to drop the audio it has buffered."""
+
+    async def on_session_event(self, ev: dict[str, Any]) -> None:
+        """Session events after the base has acted on them (Realtime forwards them)."""
+
+    async def on_audio_metrics(self, turn: int, metrics: dict[str, float]) -> None:
+        """Time to first audio is known for ``turn``."""
+
+    # ---- session events --------------------------------------------------
+
+    async def _on_session_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if kind != "response.delta":
+            self.events.append(ev)
+        metrics = getattr(self.runtime, "metrics", None)
+        if metrics is not None:
+            metrics.observe_event(ev)
+        if kind == "speech.started":
+            await self.barge_in()
+        elif kind == "response.sentence" and self.playout is not None:
+            turn = int(ev["turn"])
+            self._first_sentence_at.setdefault(turn, time.monotonic())
+            self.playout.say(turn, int(ev["index"]), str(ev["text"]))
+        elif kind == "response.done":
+            turn = int(ev["turn"])
+            self._done_turns.add(turn)
+            if turn in self._heard_pending:
+                self.session.reply_heard(turn, self._heard_pending.pop(turn))
+        elif kind == "turn.metrics" and ev.get("ttfs_ms") is not None:
+            self._ttfs_ms[int(ev["turn"])] = float(ev["ttfs_ms"])
+            await self._publish_ttfa(int(ev["turn"]))
+        elif kind == "error":
+            log.warning("call %s: %s: %s", self.call_id, ev.get("code"), ev.get("message"))
+        await self.on_session_event(ev)
+
+    async def barge_in(self) -> None:
+        """The caller talks: stop the reply's audio if any is still out there."""
+        playout = self.playout
+        if playout is None or not playout.busy or playout.current_turn is None:
+            return
+        turn = playout.current_turn
+        playout.interrupt(by_clock=not self.echoes_marks)
+        self.barge_ins += 1
+        await self.send_clear()
+        heard = playout.heard(turn)
+        log.info("call %s: barge-in on turn %d; caller heard %r", self.call_id, turn, heard)
+        if turn in self._done_turns:
+            self.session.reply_heard(turn, heard)
+        else:  # the session writes the turn's history when its reply task ends
+            self._heard_pending[turn] = heard
+
+    async def _first_audio_sent(self, turn: int, tts_s: float) -> None:
+        self._first_audio[turn] = (time.monotonic(), tts_s)
+        await self._publish_ttfa(turn)
+
+    async def _publish_ttfa(self, turn: int) -> None:
+        if turn in self.audio_metrics or turn not in self._first_audio or turn not in self._ttfs_ms:
+            return
+        at, tts_s = self._first_audio[turn]
+        sentence_at = self._first_sentence_at.get(turn, at)
+        metrics = {
+            "ttfs_ms": self._ttfs_ms[turn],
+            "tts_first_audio_ms": round(tts_s * 1000, 1),
+            "ttfa_ms": round(self._ttfs_ms[turn] + (at - sentence_at) * 1000, 1),
+        }
+        self.audio_metrics[turn] = metrics
+        log.info(
+            "call %s (%s) turn %d: time to first audio %.0f ms", self.call_id, self.transport, turn, metrics["ttfa_ms"]
+        )
+        ttfa_histogram(self.runtime).labels(self.transport).observe(metrics["ttfa_ms"] / 1000)
+        await self.on_audio_metrics(turn, metrics)

@@ -1,0 +1,96 @@
+"""Twilio Media Streams, bidirectional (``<Connect><Stream url="wss://…/twilio">``).
+
+In: ``connected``, ``start``, ``media`` (base64 μ-law 8 kHz), ``dtmf``,
+``mark`` (our mark, echoed once the audio before it has played or was
+cleared), ``stop``. Out: ``media`` (20 ms μ-law frames), a ``mark`` after
+each reply sentence, and ``clear`` on barge-in. ``<Parameter>`` values arrive
+as ``start.customParameters``; ``system_prompt`` among them sets the call's
+prompt. Binary or malformed frames are logged and ignored, as Twilio does
+(warnings 31950/31951).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streaming.playout import OutFormat
+from voice.media_json import CallEnded, WebSocketCall, as_int, b64decode, b64encode, obj
+from voice.protocol import Start
+from voice.telephony import MalformedMessage
+
+PATH = "/twilio"
+ENCODINGS = {"audio/x-mulaw": "mulaw"}
+
+
+def start_from_parameters(encoding: str, rate: int, params: dict[str, Any]) -> Start:
+    """Custom parameters a carrier passes through (TwiML ``<Parameter>``,
+    TeXML, Plivo extraHeaders…): ``system_prompt`` sets the call's prompt;
+    the rest is metadata."""
+    prompt = params.get("system_prompt")
+    return Start(
+        encoding=encoding,
+        sample_rate=rate,
+        system_prompt=prompt if isinstance(prompt, str) and prompt.strip() else None,
+        metadata={str(k): v for k, v in params.items()},
+    )
+
+
+class TwilioCall(WebSocketCall):
+    transport = "twilio"
+    frame_s = 0.02
+
+    stream_sid: str | None = None
+
+    async def on_connected(self, msg: dict[str, Any]) -> None:
+        pass  # first frame; carries no stream id yet
+
+    async def on_start(self, msg: dict[str, Any]) -> None:
+        if self.session.started:
+            raise MalformedMessage("second 'start'")
+        start = obj(msg, "start")
+        sid = start.get("streamSid") or msg.get("streamSid")
+        if not isinstance(sid, str) or not sid:
+            raise MalformedMessage("start without streamSid")
+        fmt = start.get("mediaFormat") or {}
+        encoding = ENCODINGS.get(fmt.get("encoding", "audio/x-mulaw"))
+        rate = as_int(fmt.get("sampleRate", 8000), "sampleRate")
+        if encoding is None or rate != 8000:
+            raise MalformedMessage(f"unsupported media format {fmt!r}; Twilio streams audio/x-mulaw at 8000 Hz")
+        self.stream_sid = sid
+        params = start.get("customParameters") or {}
+        if not isinstance(params, dict):
+            raise MalformedMessage("customParameters is not an object")
+        out = OutFormat("mulaw", 8000, chunk_bytes=160)
+        await self.begin(start_from_parameters(encoding, rate, {**params, "callSid": start.get("callSid")}), out)
+
+    async def on_media(self, msg: dict[str, Any]) -> None:
+        media = obj(msg, "media")
+        if media.get("track", "inbound") not in ("inbound", "inbound_track"):
+            return  # only the caller's side is ours to hear
+        await self.audio(b64decode(media.get("payload")))
+
+    async def on_dtmf(self, msg: dict[str, Any]) -> None:
+        self.on_dtmf_digit(obj(msg, "dtmf").get("digit"))
+
+    async def on_mark(self, msg: dict[str, Any]) -> None:
+        name = obj(msg, "mark").get("name")
+        if not isinstance(name, str):
+            raise MalformedMessage("mark without a name")
+        self.mark_played(name)
+
+    async def on_stop(self, msg: dict[str, Any]) -> None:
+        raise CallEnded("carrier_stop")
+
+    # ---- out ----------------------------------------------------------
+
+    async def send_audio(self, chunk: bytes) -> None:
+        await self.send_json({"event": "media", "streamSid": self.stream_sid, "media": {"payload": b64encode(chunk)}})
+
+    async def send_mark(self, name: str) -> None:
+        await self.send_json({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+
+    async def send_clear(self) -> None:
+        await self.send_json({"event": "clear", "streamSid": self.stream_sid})
+
+
+handle_twilio = TwilioCall.handle
