@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--asr-threads", type=int, default=2)
     serve.add_argument("--endpoint-silence-ms", type=int, default=500)
     serve.add_argument("--no-partials", action="store_true")
+    serve.add_argument(
+        "--audiosocket-port", type=int, default=None, help="also listen for Asterisk AudioSocket (TCP) on this port"
+    )
     # Latency techniques, each switchable so benchmarks/ttfs.py can compare.
     serve.add_argument("--no-preemptive", action="store_true", help="start ASR final + LLM only at the endpoint")
     serve.add_argument("--fixed-endpoint", action="store_true", help="fixed silence window, not adaptive")
@@ -99,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     llm.incremental_prefill = not args.no_incremental_prefill
     config = ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)
+    config.audiosocket_port = args.audiosocket_port
     config.limits.idle_timeout_s = args.idle_timeout_s
     config.limits.send_timeout_s = args.send_timeout_s
     config.limits.drain_timeout_s = args.drain_timeout_s
