@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from websockets.exceptions import InvalidStatus
 
 from asr.wer import corpus_wer
 from benchmarks.client import NativeCaller, last_voiced_s
@@ -81,7 +83,16 @@ async def one_call(url: str, utts: list[Utterance], realtime: bool, tail_s: floa
     """One call; each utterance is a caller turn, the next one spoken only
     after the reply to the previous one (so history grows as in a real call)."""
     results = []
-    async with NativeCaller(url) as caller:
+    try:
+        caller_cm = await NativeCaller(url).__aenter__()
+    except InvalidStatus as refused:
+        # Admission control said no (HTTP 503): a result, not a crash.
+        status = refused.response.status_code
+        return [{"utterance": u.name, "reference": u.reference, "transcript": "", "turns": 0, "history_turns": 0,
+                 "ttfs_ms": None, "first_sentence": None, "server": {}, "refused": status} for u in utts]  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_exit(caller_cm.__aexit__)
+        caller = caller_cm
         await caller.start("mulaw", 8000)
         for utt in utts:
             audio = np.concatenate([utt.load(8000), np.zeros(int(8000 * tail_s), np.float32)])
@@ -138,6 +149,7 @@ def summarise(name: str, calls: list[dict[str, Any]], startup_s: float) -> dict[
         "config": name,
         "calls": len(calls),
         "answered": len(ttfs),
+        "refused": sum(1 for c in calls if c.get("refused")),
         "ttfs_p50_ms": pct(ttfs, 50),
         "ttfs_p95_ms": pct(ttfs, 95),
         "ttfs_mean_ms": None if not ttfs else round(statistics.fmean(ttfs), 1),
