@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.media_json import CallEnded, WebSocketCall, as_int, b64decode, b64encode, obj
+from voice.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj
 from voice.telephony import MalformedMessage
 from voice.twilio import start_from_parameters
 
@@ -30,7 +30,7 @@ def chunk_bytes(rate: int) -> int:
     return -(-size // 320) * 320
 
 
-class ExotelCall(WebSocketCall):
+class ExotelCall(MarkStyleCall):
     transport = "exotel"
     ignored_events = frozenset({"connected"})
 
@@ -69,18 +69,6 @@ class ExotelCall(WebSocketCall):
         if len(payload) % 2:
             raise MalformedMessage(f"slin payload of {len(payload)} B is not whole 16-bit samples")
         await self.audio(payload)
-
-    async def on_dtmf(self, msg: dict[str, Any]) -> None:
-        self.on_dtmf_digit(obj(msg, "dtmf").get("digit"))
-
-    async def on_mark(self, msg: dict[str, Any]) -> None:
-        name = obj(msg, "mark").get("name")
-        if not isinstance(name, str):
-            raise MalformedMessage("mark without a name")
-        self.mark_played(name)
-
-    async def on_stop(self, msg: dict[str, Any]) -> None:
-        raise CallEnded("carrier_stop")
 
     async def send_audio(self, chunk: bytes) -> None:
         await self.send_json({"event": "media", "stream_sid": self.stream_sid, "media": {"payload": b64encode(chunk)}})

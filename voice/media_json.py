@@ -146,3 +146,20 @@ class WebSocketCall(TelephonyCall):
             await self.ws.close(code)
         except ConnectionClosed:
             pass
+
+
+class MarkStyleCall(WebSocketCall):
+    """Carriers shaped like Twilio Media Streams (Twilio, Telnyx, Exotel):
+    ``dtmf`` / ``mark`` / ``stop`` events with the same fields."""
+
+    async def on_dtmf(self, msg: dict[str, Any]) -> None:
+        self.on_dtmf_digit(obj(msg, "dtmf").get("digit"))
+
+    async def on_mark(self, msg: dict[str, Any]) -> None:
+        name = obj(msg, "mark").get("name")
+        if not isinstance(name, str):
+            raise MalformedMessage("mark without a name")
+        self.mark_played(name)
+
+    async def on_stop(self, msg: dict[str, Any]) -> None:
+        raise CallEnded("carrier_stop")

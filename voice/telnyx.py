@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.media_json import CallEnded, WebSocketCall, as_int, b64decode, b64encode, obj
+from voice.media_json import CallEnded, MarkStyleCall, as_int, b64decode, b64encode, obj
 from voice.telephony import MalformedMessage
 from voice.twilio import start_from_parameters
 
@@ -66,7 +66,7 @@ class Reorder:
         return out
 
 
-class TelnyxCall(WebSocketCall):
+class TelnyxCall(MarkStyleCall):
     transport = "telnyx"
     ignored_events = frozenset({"connected"})
 
@@ -106,15 +106,6 @@ class TelnyxCall(WebSocketCall):
             return
         for ready in self.reorder.push(as_int(number, "chunk"), payload):
             await self.audio(ready)
-
-    async def on_dtmf(self, msg: dict[str, Any]) -> None:
-        self.on_dtmf_digit(obj(msg, "dtmf").get("digit"))
-
-    async def on_mark(self, msg: dict[str, Any]) -> None:
-        name = obj(msg, "mark").get("name")
-        if not isinstance(name, str):
-            raise MalformedMessage("mark without a name")
-        self.mark_played(name)
 
     async def on_error(self, msg: dict[str, Any]) -> None:
         log.warning("call %s (telnyx): carrier error %s", self.call_id, str(msg.get("payload", msg))[:200])

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.media_json import CallEnded, WebSocketCall, as_int, b64decode, b64encode, obj
+from voice.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj
 from voice.protocol import Start
 from voice.telephony import MalformedMessage
 
@@ -35,7 +35,7 @@ def start_from_parameters(encoding: str, rate: int, params: dict[str, Any]) -> S
     )
 
 
-class TwilioCall(WebSocketCall):
+class TwilioCall(MarkStyleCall):
     transport = "twilio"
     frame_s = 0.02
 
@@ -68,18 +68,6 @@ class TwilioCall(WebSocketCall):
         if media.get("track", "inbound") not in ("inbound", "inbound_track"):
             return  # only the caller's side is ours to hear
         await self.audio(b64decode(media.get("payload")))
-
-    async def on_dtmf(self, msg: dict[str, Any]) -> None:
-        self.on_dtmf_digit(obj(msg, "dtmf").get("digit"))
-
-    async def on_mark(self, msg: dict[str, Any]) -> None:
-        name = obj(msg, "mark").get("name")
-        if not isinstance(name, str):
-            raise MalformedMessage("mark without a name")
-        self.mark_played(name)
-
-    async def on_stop(self, msg: dict[str, Any]) -> None:
-        raise CallEnded("carrier_stop")
 
     # ---- out ----------------------------------------------------------
 
