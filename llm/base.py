@@ -77,6 +77,18 @@ class LLMEngine(abc.ABC):
         engine. ``request.usage`` is complete once iteration ends.
         """
 
+    async def warm_up(self, system_prompt: str) -> None:
+        """One real generation before readiness: the first step pays for lazy
+        allocations (and JIT, for some drafters), and the system prompt lands
+        in the prefix cache, so the first caller is served as fast as the tenth."""
+        request = GenerationRequest(
+            "warmup",
+            [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello?"}],
+            max_tokens=8,
+        )
+        async for _ in self.stream(request):
+            pass
+
     async def prefill(self, messages: list[dict[str, str]]) -> None:
         """Compute (and cache) the prompt for ``messages`` without keeping any
         output: a one-token generation. Engines with automatic prefix caching

@@ -97,18 +97,7 @@ class LlamaCppEngine(LLMEngine):
             return xllamacpp.Server(self._params())
 
         self._server = await loop.run_in_executor(self._pool, build)
-        # One real generation so the first caller does not pay for lazy
-        # allocations (and the system prompt lands in the prefix cache).
-        warm = GenerationRequest(
-            "warmup",
-            [
-                {"role": "system", "content": self.config.system_prompt},
-                {"role": "user", "content": "Hello?"},
-            ],
-            max_tokens=8,
-        )
-        async for _ in self.stream(warm):
-            pass
+        await self.warm_up(self.config.system_prompt)
         self.startup_s = time.perf_counter() - started
         log.info("llama.cpp engine warm in %.2f s (%s)", self.startup_s, self.model_path.name)
 

@@ -189,18 +189,7 @@ class VLLMEngine(LLMEngine):
     async def start(self) -> None:
         started = time.perf_counter()
         await asyncio.to_thread(self._build)
-        # One real generation: the first step pays for lazy allocations and
-        # (with ngram) the proposer's JIT; it also caches the system prompt.
-        warm = GenerationRequest(
-            "warmup",
-            [
-                {"role": "system", "content": self.config.system_prompt},
-                {"role": "user", "content": "Hello?"},
-            ],
-            max_tokens=8,
-        )
-        async for _ in self.stream(warm):
-            pass
+        await self.warm_up(self.config.system_prompt)
         self.startup_s = time.perf_counter() - started
         log.info("vLLM engine warm in %.2f s (%s)", self.startup_s, self.model_path)
 
