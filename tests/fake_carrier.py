@@ -102,6 +102,16 @@ class FakeCarrier:
     def dtmf(self, digit: str) -> dict[str, Any] | str:
         raise NotImplementedError
 
+    def on_mark_style_event(self, msg: dict[str, Any]) -> None:
+        """Twilio-shaped carriers (Twilio, Telnyx, Exotel) send the same media/mark/clear events."""
+        event = msg.get("event")
+        if event == "media":
+            self.got_audio(base64.b64decode(msg["media"]["payload"]), time.monotonic())
+        elif event == "mark":
+            self.got_mark(msg["mark"]["name"])
+        elif event == "clear":
+            self.got_clear()
+
     def on_server_text(self, msg: dict[str, Any]) -> None:
         """Route a server message: audio / mark / clear, per dialect."""
 
@@ -337,13 +347,7 @@ class FakeTwilio(FakeCarrier):
 
     def on_server_text(self, msg: dict[str, Any]) -> None:
         assert msg.get("streamSid") == self.sid, msg
-        event = msg.get("event")
-        if event == "media":
-            self.got_audio(base64.b64decode(msg["media"]["payload"]), time.monotonic())
-        elif event == "mark":
-            self.got_mark(msg["mark"]["name"])
-        elif event == "clear":
-            self.got_clear()
+        self.on_mark_style_event(msg)
 
     def echo_mark(self, name: str) -> dict[str, Any]:
         return {"event": "mark", "sequenceNumber": "7", "streamSid": self.sid, "mark": {"name": name}}
@@ -388,13 +392,7 @@ class FakeTelnyx(FakeCarrier):
         return {"event": "dtmf", "stream_id": self.sid, "dtmf": {"digit": digit}}
 
     def on_server_text(self, msg: dict[str, Any]) -> None:
-        event = msg.get("event")
-        if event == "media":
-            self.got_audio(base64.b64decode(msg["media"]["payload"]), time.monotonic())
-        elif event == "mark":
-            self.got_mark(msg["mark"]["name"])
-        elif event == "clear":
-            self.got_clear()
+        self.on_mark_style_event(msg)
 
     def echo_mark(self, name: str) -> dict[str, Any]:
         return {"event": "mark", "stream_id": self.sid, "mark": {"name": name}}
@@ -499,13 +497,7 @@ class FakeExotel(FakeCarrier):
 
     def on_server_text(self, msg: dict[str, Any]) -> None:
         assert msg.get("stream_sid") == self.sid, msg
-        event = msg.get("event")
-        if event == "media":
-            self.got_audio(base64.b64decode(msg["media"]["payload"]), time.monotonic())
-        elif event == "mark":
-            self.got_mark(msg["mark"]["name"])
-        elif event == "clear":
-            self.got_clear()
+        self.on_mark_style_event(msg)
 
     def echo_mark(self, name: str) -> dict[str, Any]:
         return {"event": "mark", "stream_sid": self.sid, "mark": {"name": name}}

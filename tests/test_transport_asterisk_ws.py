@@ -13,12 +13,9 @@ from tests.transport_checks import (
     malformed_then_call,
     prompt_clip,
     reply_call,
+    server_base,
 )
 from voice.asterisk_ws import parse_control
-
-
-def base(server) -> str:
-    return f"ws://127.0.0.1:{server.port}"
 
 
 def test_control_messages_parse_in_both_forms():
@@ -31,16 +28,16 @@ def test_control_messages_parse_in_both_forms():
 
 
 async def test_asterisk_ulaw_call_speaks_whole_frames(server):
-    await reply_call(server, FakeAsteriskWS(base(server)), prompt_clip(25), multiple_of=160)
+    await reply_call(server, FakeAsteriskWS(server_base(server)), prompt_clip(25), multiple_of=160)
 
 
 async def test_asterisk_slin16_json_control(server):
-    carrier = FakeAsteriskWS(base(server), format="slin16", json=True)
+    carrier = FakeAsteriskWS(server_base(server), format="slin16", json=True)
     await reply_call(server, carrier, prompt_clip(26), multiple_of=640, dtmf="3")
 
 
 async def test_asterisk_xoff_pauses_sending_until_xon(server):
-    carrier = FakeAsteriskWS(base(server))
+    carrier = FakeAsteriskWS(server_base(server))
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
@@ -60,16 +57,18 @@ async def test_asterisk_xoff_pauses_sending_until_xon(server):
 
 
 async def test_asterisk_barge_in_flushes_media(server):
-    carrier = FakeAsteriskWS(base(server))
+    carrier = FakeAsteriskWS(server_base(server))
     await barge_in_call(server, carrier, needs_mark=False)
     assert "FLUSH_MEDIA" in carrier.controls
 
 
 async def test_asterisk_malformed_messages_are_ignored(server):
     bad = ["MEDIA_START format:opus", "WHAT_IS_THIS", "{not json", "DTMF_END digit:??", b"\x00" * 3]
-    carrier = FakeAsteriskWS(base(server), format="slin16")
+    carrier = FakeAsteriskWS(server_base(server), format="slin16")
     await malformed_then_call(server, carrier, bad, prompt_clip(28))
 
 
 async def test_asterisk_hangup_mid_reply_releases_everything(server):
-    await hangups_release_everything(server, lambda: FakeAsteriskWS(base(server)), [prompt_clip(50), prompt_clip(51)])
+    await hangups_release_everything(
+        server, lambda: FakeAsteriskWS(server_base(server)), [prompt_clip(50), prompt_clip(51)]
+    )

@@ -9,16 +9,13 @@ from tests.transport_checks import (
     malformed_then_call,
     prompt_clip,
     reply_call,
+    server_base,
 )
 from voice.exotel import chunk_bytes
 
 
-def base(server) -> str:
-    return f"ws://127.0.0.1:{server.port}"
-
-
 async def test_exotel_call_speaks_the_reply_in_valid_chunks(server):
-    carrier = FakeExotel(base(server))
+    carrier = FakeExotel(server_base(server))
     await reply_call(server, carrier, prompt_clip(18), multiple_of=320)
     # Exotel's rule: each media chunk a multiple of 320 B, from 3.2 KB to 100 KB.
     assert all(3200 <= len(chunk) <= 100_000 for _, chunk in carrier.audio_chunks)
@@ -31,14 +28,14 @@ def test_exotel_chunk_sizes_follow_the_rule():
 
 
 async def test_exotel_16k_from_start(server):
-    carrier = FakeExotel(base(server))
+    carrier = FakeExotel(server_base(server))
     carrier.rate = 16000
     await reply_call(server, carrier, prompt_clip(19), multiple_of=320, dtmf=None)
     assert all(len(chunk) == 3200 for _, chunk in carrier.audio_chunks)  # 100 ms at 16 kHz
 
 
 async def test_exotel_barge_in_clears(server):
-    await barge_in_call(server, FakeExotel(base(server)))
+    await barge_in_call(server, FakeExotel(server_base(server)))
 
 
 async def test_exotel_malformed_messages_are_ignored(server):
@@ -50,8 +47,10 @@ async def test_exotel_malformed_messages_are_ignored(server):
         {"event": "dtmf", "stream_sid": sid, "dtmf": {}},
         {"event": "mark", "stream_sid": sid},
     ]
-    await malformed_then_call(server, FakeExotel(base(server)), bad, prompt_clip(20))
+    await malformed_then_call(server, FakeExotel(server_base(server)), bad, prompt_clip(20))
 
 
 async def test_exotel_hangup_mid_reply_releases_everything(server):
-    await hangups_release_everything(server, lambda: FakeExotel(base(server)), [prompt_clip(46), prompt_clip(47)])
+    await hangups_release_everything(
+        server, lambda: FakeExotel(server_base(server)), [prompt_clip(46), prompt_clip(47)]
+    )

@@ -9,24 +9,21 @@ from tests.transport_checks import (
     malformed_then_call,
     prompt_clip,
     reply_call,
+    server_base,
 )
 
 
-def base(server) -> str:
-    return f"ws://127.0.0.1:{server.port}"
-
-
 async def test_plivo_mulaw_call_speaks_the_reply(server):
-    await reply_call(server, FakePlivo(base(server)), prompt_clip(15), sizes={160})
+    await reply_call(server, FakePlivo(server_base(server)), prompt_clip(15), sizes={160})
 
 
 async def test_plivo_l16_16k_call_speaks_the_reply(server):
-    carrier = FakePlivo(base(server), encoding="pcm16", rate=16000)
+    carrier = FakePlivo(server_base(server), encoding="pcm16", rate=16000)
     await reply_call(server, carrier, prompt_clip(16), sizes={640}, dtmf="2")
 
 
 async def test_plivo_barge_in_clears(server):
-    await barge_in_call(server, FakePlivo(base(server)))
+    await barge_in_call(server, FakePlivo(server_base(server)))
 
 
 async def test_plivo_malformed_messages_are_ignored(server):
@@ -39,8 +36,8 @@ async def test_plivo_malformed_messages_are_ignored(server):
         {"event": "start", "start": {"streamId": sid, "mediaFormat": {"encoding": "audio/x-l16", "sampleRate": 44100}}},
         {"event": "unknownEvent"},
     ]
-    await malformed_then_call(server, FakePlivo(base(server)), bad, prompt_clip(17))
+    await malformed_then_call(server, FakePlivo(server_base(server)), bad, prompt_clip(17))
 
 
 async def test_plivo_hangup_mid_reply_releases_everything(server):
-    await hangups_release_everything(server, lambda: FakePlivo(base(server)), [prompt_clip(44), prompt_clip(45)])
+    await hangups_release_everything(server, lambda: FakePlivo(server_base(server)), [prompt_clip(44), prompt_clip(45)])

@@ -13,12 +13,9 @@ from tests.transport_checks import (
     malformed_then_call,
     prompt_clip,
     reply_call,
+    server_base,
 )
 from voice.telnyx import Reorder
-
-
-def base(server) -> str:
-    return f"ws://127.0.0.1:{server.port}"
 
 
 def test_reorder_releases_in_order_and_skips_lost_chunks():
@@ -32,11 +29,11 @@ def test_reorder_releases_in_order_and_skips_lost_chunks():
 
 
 async def test_telnyx_call_speaks_the_reply(server):
-    await reply_call(server, FakeTelnyx(base(server)), prompt_clip(11), sizes={160})
+    await reply_call(server, FakeTelnyx(server_base(server)), prompt_clip(11), sizes={160})
 
 
 async def test_telnyx_pcma_call(server):
-    carrier = FakeTelnyx(base(server))
+    carrier = FakeTelnyx(server_base(server))
     carrier.encoding = "alaw"
     await reply_call(server, carrier, prompt_clip(12), sizes={160}, dtmf=None)
 
@@ -45,7 +42,7 @@ async def test_telnyx_out_of_order_media_is_reordered(server):
     """Chunks shuffled within windows of 4 (Telnyx guarantees no order): the
     transcript is as good as in order."""
     clip = prompt_clip(13)
-    carrier = FakeTelnyx(base(server))
+    carrier = FakeTelnyx(server_base(server))
     rng = random.Random(7)
     with CallWatcher() as watcher:
         async with carrier:
@@ -71,7 +68,7 @@ async def test_telnyx_out_of_order_media_is_reordered(server):
 
 
 async def test_telnyx_barge_in_clears(server):
-    await barge_in_call(server, FakeTelnyx(base(server)))
+    await barge_in_call(server, FakeTelnyx(server_base(server)))
 
 
 async def test_telnyx_malformed_messages_are_ignored(server):
@@ -85,8 +82,10 @@ async def test_telnyx_malformed_messages_are_ignored(server):
         {"event": "error", "payload": {"code": 100002, "title": "Unknown Error"}},  # logged, not malformed
         {"event": "mystery"},
     ]
-    await malformed_then_call(server, FakeTelnyx(base(server)), bad, prompt_clip(14), harmless=1)
+    await malformed_then_call(server, FakeTelnyx(server_base(server)), bad, prompt_clip(14), harmless=1)
 
 
 async def test_telnyx_hangup_mid_reply_releases_everything(server):
-    await hangups_release_everything(server, lambda: FakeTelnyx(base(server)), [prompt_clip(42), prompt_clip(43)])
+    await hangups_release_everything(
+        server, lambda: FakeTelnyx(server_base(server)), [prompt_clip(42), prompt_clip(43)]
+    )

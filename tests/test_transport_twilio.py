@@ -13,21 +13,18 @@ from tests.transport_checks import (
     malformed_then_call,
     prompt_clip,
     reply_call,
+    server_base,
 )
 
 
-def base(server) -> str:
-    return f"ws://127.0.0.1:{server.port}"
-
-
 async def test_twilio_call_speaks_the_reply(server):
-    metrics = await reply_call(server, FakeTwilio(base(server)), prompt_clip(3), sizes={160})
+    metrics = await reply_call(server, FakeTwilio(server_base(server)), prompt_clip(3), sizes={160})
     assert metrics["ttfa_ms"] > 0
 
 
 async def test_twilio_marks_echo_after_playout_and_prompt_parameter(server):
     prompt = "You are a pirate. Answer in one short sentence."
-    carrier = FakeTwilio(base(server), parameters={"system_prompt": prompt, "customer": "42"})
+    carrier = FakeTwilio(server_base(server), parameters={"system_prompt": prompt, "customer": "42"})
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
@@ -53,7 +50,7 @@ async def test_twilio_marks_echo_after_playout_and_prompt_parameter(server):
 
 
 async def test_twilio_barge_in_clears_and_trims_history(server):
-    await barge_in_call(server, FakeTwilio(base(server)))
+    await barge_in_call(server, FakeTwilio(server_base(server)))
 
 
 async def test_twilio_malformed_messages_are_ignored(server):
@@ -70,11 +67,11 @@ async def test_twilio_malformed_messages_are_ignored(server):
         {"event": "mark", "streamSid": sid, "mark": {}},
         {"event": "start", "streamSid": sid, "start": {"streamSid": sid}},  # a second start
     ]
-    await malformed_then_call(server, FakeTwilio(base(server)), bad, prompt_clip(7))
+    await malformed_then_call(server, FakeTwilio(server_base(server)), bad, prompt_clip(7))
 
 
 async def test_twilio_media_before_start_and_bad_start_are_ignored(server):
-    carrier = FakeTwilio(base(server))
+    carrier = FakeTwilio(server_base(server))
     carrier.opening = lambda: [  # type: ignore[method-assign]
         {"event": "connected", "protocol": "Call", "version": "1.0.0"},
         {"event": "media", "media": {"payload": "AAAA"}},
@@ -91,4 +88,6 @@ async def test_twilio_media_before_start_and_bad_start_are_ignored(server):
 
 
 async def test_twilio_hangup_mid_reply_releases_everything(server):
-    await hangups_release_everything(server, lambda: FakeTwilio(base(server)), [prompt_clip(40), prompt_clip(41)])
+    await hangups_release_everything(
+        server, lambda: FakeTwilio(server_base(server)), [prompt_clip(40), prompt_clip(41)]
+    )

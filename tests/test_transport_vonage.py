@@ -13,24 +13,21 @@ from tests.transport_checks import (
     malformed_then_call,
     prompt_clip,
     reply_call,
+    server_base,
 )
 
 
-def base(server) -> str:
-    return f"ws://127.0.0.1:{server.port}"
-
-
 async def test_vonage_16k_call_speaks_exact_frames(server):
-    await reply_call(server, FakeVonage(base(server)), prompt_clip(21), sizes={640})
+    await reply_call(server, FakeVonage(server_base(server)), prompt_clip(21), sizes={640})
 
 
 async def test_vonage_8k_call_speaks_exact_frames(server):
-    await reply_call(server, FakeVonage(base(server), rate=8000), prompt_clip(22), sizes={320}, dtmf="9")
+    await reply_call(server, FakeVonage(server_base(server), rate=8000), prompt_clip(22), sizes={320}, dtmf="9")
 
 
 async def test_vonage_paces_its_sending(server):
     """Vonage buffers a bounded amount: the server stays a few seconds ahead, no more."""
-    carrier = FakeVonage(base(server))
+    carrier = FakeVonage(server_base(server))
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
@@ -45,7 +42,7 @@ async def test_vonage_paces_its_sending(server):
 
 
 async def test_vonage_barge_in_clears(server):
-    await barge_in_call(server, FakeVonage(base(server)))
+    await barge_in_call(server, FakeVonage(server_base(server)))
 
 
 async def test_vonage_malformed_messages_are_ignored(server):
@@ -56,8 +53,10 @@ async def test_vonage_malformed_messages_are_ignored(server):
         {"event": "websocket:connected", "content-type": "audio/l16;rate=16000"},  # a second one
         {"action": "clear"},  # a server action echoed back
     ]
-    await malformed_then_call(server, FakeVonage(base(server)), bad, prompt_clip(24))
+    await malformed_then_call(server, FakeVonage(server_base(server)), bad, prompt_clip(24))
 
 
 async def test_vonage_hangup_mid_reply_releases_everything(server):
-    await hangups_release_everything(server, lambda: FakeVonage(base(server)), [prompt_clip(48), prompt_clip(49)])
+    await hangups_release_everything(
+        server, lambda: FakeVonage(server_base(server)), [prompt_clip(48), prompt_clip(49)]
+    )

@@ -186,3 +186,8 @@ __all__ = [
     "prompt_clip",
     "reply_call",
 ]
+
+
+def server_base(server) -> str:
+    """The websocket base URL of the test session's server."""
+    return f"ws://127.0.0.1:{server.port}"
