@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-EngineName = Literal["llamacpp", "vllm"]
+EngineName = Literal["llamacpp", "vllm", "remote"]
+Isolation = Literal["process", "inprocess"]
 SpeculationMethod = Literal["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"]
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -58,3 +59,29 @@ class LLMConfig:
     block_size: int | None = None
     # Where converted models (GGUF -> HF safetensors for vLLM) are cached.
     data_dir: str | None = None
+    # Fault tolerance (llm/supervisor.py, llm/remote_engine.py).
+    # "process": the local engine runs in a supervised child process (an
+    # OpenAI-compatible server on loopback), restarted if it dies, so an
+    # engine crash never takes the voice server down. "inprocess": in this
+    # process (no HTTP hop, but a crash in llama.cpp/vLLM kills every call).
+    isolation: Isolation = "inprocess"
+    # engine="remote": OpenAI-compatible base URLs (our llm.openai_server,
+    # `vllm serve`, ...). Several make a pool: calls pinned by call id,
+    # failover to the next healthy replica.
+    remote_urls: list[str] = field(default_factory=list)
+    # Where turns go while the supervised primary is down (None/empty: the
+    # turn gets an error event, the call stays up).
+    secondary_urls: list[str] = field(default_factory=list)
+    # Model name sent to remote servers; None: the first of GET /v1/models.
+    remote_model: str | None = None
+    connect_timeout_s: float = 2.0
+    # Request sent -> first streamed token; and the longest gap between chunks.
+    first_token_timeout_s: float = 10.0
+    stall_timeout_s: float = 10.0
+    # Remote health checks (pool replicas, secondary) every this many seconds.
+    health_interval_s: float = 1.0
+    # Supervisor: restart delays double from the first up to the cap; a child
+    # that stays up this long resets them. How long a child may take to load.
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+    child_start_timeout_s: float = 300.0

@@ -1,0 +1,49 @@
+"""Building an engine from :class:`~llm.config.LLMConfig`.
+
+``build_local_engine`` makes an engine that runs in this process (llama.cpp or
+vLLM). ``build_engine`` honours the fault-tolerance settings on top: a remote
+engine or replica pool (``engine="remote"``), or a local engine run out of
+process under a supervisor (``isolation="process"``) with an optional
+secondary to fail over to.
+"""
+
+from __future__ import annotations
+
+from llm.base import LLMEngine
+from llm.config import LLMConfig
+
+
+def build_local_engine(config: LLMConfig) -> LLMEngine:
+    if config.engine == "llamacpp":
+        from llm.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(config)
+    if config.engine == "vllm":
+        from llm.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config)
+    raise ValueError(f"unknown local LLM engine {config.engine!r} (use llamacpp or vllm)")
+
+
+def build_remote_engine(urls: list[str], config: LLMConfig, name: str = "remote") -> LLMEngine:
+    """One URL: a :class:`RemoteEngine`; several: a :class:`RemotePool`."""
+    from llm.remote_engine import RemoteEngine, RemotePool
+
+    if not urls:
+        raise ValueError("a remote engine needs at least one URL")
+    if len(urls) == 1:
+        return RemoteEngine.from_config(urls[0], config)
+    return RemotePool.from_config(urls, config, name=name)
+
+
+def build_engine(config: LLMConfig) -> LLMEngine:
+    if config.engine == "remote":
+        return build_remote_engine(config.remote_urls, config)
+    if config.isolation == "inprocess":
+        return build_local_engine(config)
+    if config.isolation == "process":
+        from llm.supervisor import SupervisedEngine
+
+        secondary = build_remote_engine(config.secondary_urls, config, "secondary") if config.secondary_urls else None
+        return SupervisedEngine(config, secondary=secondary)
+    raise ValueError(f"unknown engine isolation {config.isolation!r} (use process or inprocess)")
