@@ -7,6 +7,13 @@ each reply sentence, and ``clear`` on barge-in. ``<Parameter>`` values arrive
 as ``start.customParameters``; ``system_prompt`` among them sets the call's
 prompt. Binary or malformed frames are logged and ignored, as Twilio does
 (warnings 31950/31951).
+
+Benchmark side channel (off unless asked for): with the custom parameter
+``firstline_events`` = ``"1"`` the call also gets every session event
+(``transcript.final``, ``response.sentence``, ``turn.metrics``…, as on the
+native protocol) wrapped as ``{"event": "firstline", "streamSid", "firstline":
+<event>}``, so a load generator speaking the Twilio shape can see transcripts
+and per-turn stage timings. Real Twilio never sets it (it would log 31951).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class TwilioCall(MarkStyleCall):
     frame_s = 0.02
 
     stream_sid: str | None = None
+    events_channel = False  # customParameters.firstline_events: mirror session events (benchmarks)
 
     async def on_connected(self, msg: dict[str, Any]) -> None:
         pass  # first frame; carries no stream id yet
@@ -60,6 +68,7 @@ class TwilioCall(MarkStyleCall):
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
             raise MalformedMessage("customParameters is not an object")
+        self.events_channel = str(params.get("firstline_events", "")).lower() in ("1", "true", "yes")
         out = OutFormat("mulaw", 8000, chunk_bytes=160)
         await self.begin(start_from_parameters(encoding, rate, {**params, "callSid": start.get("callSid")}), out)
 
@@ -79,6 +88,10 @@ class TwilioCall(MarkStyleCall):
 
     async def send_clear(self) -> None:
         await self.send_json({"event": "clear", "streamSid": self.stream_sid})
+
+    async def on_session_event(self, ev: dict[str, Any]) -> None:
+        if self.events_channel:
+            await self.send_json({"event": "firstline", "streamSid": self.stream_sid, "firstline": ev})
 
 
 handle_twilio = TwilioCall.handle

@@ -1,0 +1,890 @@
+"""Load generator: simulated phone callers speaking a telephony protocol.
+
+Each caller is one websocket that behaves like a carrier's media stream: a
+20 ms frame of 8 kHz μ-law leaves every 20 ms for the whole call (silence
+between turns, as a phone line sends), with optional network impairments
+(jitter, late frames that hold up the ones behind them as TCP does, dropped
+frames). The caller speaks the turns of a scripted call
+(``benchmarks/data/calls.json``, built once by ``benchmarks/make_calls.py``
+from real recordings), pauses inside a turn where the script says so, waits
+for the reply (and, on audio protocols, for it to finish playing on a
+simulated real-time playout that echoes marks as Twilio does), thinks, and
+speaks again. A barge-in turn starts while the previous reply is playing.
+
+Protocols (``PROTOCOLS``): ``twilio`` (Media Streams shape, the default),
+``native`` (firstline protocol v1, text only) and ``realtime`` (OpenAI
+Realtime GA events over ``/v1/realtime``). On the Twilio shape the caller
+asks for firstline's benchmark side channel (customParameters
+``firstline_events=1``: the session's events as ``{"event": "firstline"}``
+messages); servers that do not send it still give audio timings.
+
+Per caller turn, measured at the caller (ms after the frame holding the
+turn's last voiced sample was sent): ``ttfs_ms`` (first complete reply
+sentence received), ``asr_final_ms`` (final transcript), ``first_token_ms``
+(first reply text), ``ttfa_ms`` (first reply audio byte),
+``sentence_audio_ms`` (first sentence's audio complete: its mark), plus the
+transcript's WER against the reference, the server's ``turn.metrics`` where
+the protocol carries them, and on barge-in turns ``barge_in_ms`` (first
+voiced frame of the interruption sent -> ``clear``, or a cancelled
+``response.done`` on text protocols).
+
+    python -m benchmarks.loadgen --url ws://127.0.0.1:8765 --calls 2 --concurrency 2
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import functools
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from asr.vad import CHUNK, SileroVAD
+from asr.wer import word_error_rate
+from benchmarks.corpus import ASTERISK_SOUNDS, SHARED_SPEECH, load_audio
+from streaming.codecs import encode, float_to_int16
+from streaming.sentences import SentenceSegmenter
+
+FRAME_S = 0.02
+RATE = 8000
+FRAME_SAMPLES = 160
+SILENCE = b"\xff" * FRAME_SAMPLES  # μ-law digital silence
+CALLS_FILE = Path(__file__).resolve().parent / "data" / "calls.json"
+
+
+class ProtocolUnavailable(RuntimeError):
+    """The server does not speak this protocol (yet)."""
+
+
+# ---- the scripted calls -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One recording spoken inside a turn, after ``pause_before_s`` of silence."""
+
+    source: str  # "shared" (../shared/data/speech) or "asterisk" (Debian's prompts)
+    file: str
+    reference: str
+    pause_before_s: float = 0.0
+
+    @property
+    def path(self) -> Path:
+        root = SHARED_SPEECH if self.source == "shared" else ASTERISK_SOUNDS
+        return root / self.file
+
+
+@dataclass(frozen=True)
+class TurnSpec:
+    segments: tuple[Segment, ...]
+    # Silence after the previous reply finished playing, before speaking.
+    think_s: float = 0.6
+    # Barge-in: speak this long after the previous reply's first audio (or
+    # first sentence, on text protocols) instead of after it finished.
+    barge_in_after_s: float | None = None
+
+    @property
+    def reference(self) -> str:
+        return " ".join(s.reference for s in self.segments)
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    name: str
+    turns: tuple[TurnSpec, ...]
+
+
+def load_calls(path: Path = CALLS_FILE) -> list[CallSpec]:
+    data = json.loads(path.read_text())
+    calls = []
+    for c in data["calls"]:
+        turns = tuple(
+            TurnSpec(
+                tuple(Segment(**s) for s in t["segments"]),
+                think_s=t.get("think_s", 0.6),
+                barge_in_after_s=t.get("barge_in_after_s"),
+            )
+            for t in c["turns"]
+        )
+        calls.append(CallSpec(c["name"], turns))
+    return calls
+
+
+@dataclass
+class TurnAudio:
+    frames: list[bytes]
+    first_voice_frame: int  # index of the frame holding the first voiced sample
+    last_voice_frame: int  # ... and the last
+
+
+_vad: SileroVAD | None = None
+
+
+def _voiced_span_s(audio8k: np.ndarray) -> tuple[float, float] | None:
+    """First and last voiced instants of a clip (Silero, offline, 32 ms chunks)."""
+    global _vad
+    if _vad is None:
+        _vad = SileroVAD()
+    import soxr
+
+    audio16k = soxr.resample(audio8k, RATE, 16000)
+    probs = _vad.stream().process(np.ascontiguousarray(audio16k, dtype=np.float32))
+    voiced = np.nonzero(probs >= 0.5)[0]
+    if len(voiced) == 0:
+        return None
+    return float(voiced[0] * CHUNK / 16000), float((voiced[-1] + 1) * CHUNK / 16000)
+
+
+@functools.lru_cache(maxsize=512)
+def _clip(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+    audio = load_audio(path, RATE)
+    return audio, _voiced_span_s(audio)
+
+
+def turn_audio(turn: TurnSpec) -> TurnAudio:
+    """The turn as it goes on the wire: segments and inner pauses, μ-law frames."""
+    parts: list[np.ndarray] = []
+    first: float | None = None
+    last = 0.0
+    t = 0.0
+    for seg in turn.segments:
+        if seg.pause_before_s > 0 and parts:
+            parts.append(np.zeros(round(seg.pause_before_s * RATE), np.float32))
+            t += seg.pause_before_s
+        audio, span = _clip(seg.path)
+        if span is not None:
+            first = t + span[0] if first is None else first
+            last = t + span[1]
+        parts.append(audio)
+        t += len(audio) / RATE
+    pcm = float_to_int16(np.concatenate(parts))
+    pcm = np.concatenate([pcm, np.zeros(-len(pcm) % FRAME_SAMPLES, np.int16)])
+    frames = [encode(pcm[i : i + FRAME_SAMPLES], "mulaw") for i in range(0, len(pcm), FRAME_SAMPLES)]
+    last_frame = min(len(frames) - 1, max(0, int(np.ceil(last / FRAME_S)) - 1))
+    first_frame = min(last_frame, int((first or 0.0) / FRAME_S))
+    return TurnAudio(frames, first_frame, last_frame)
+
+
+# ---- what the caller sees ------------------------------------------------------
+
+
+@dataclass
+class Ev:
+    at: float  # monotonic arrival
+    kind: str  # speech_started final delta sentence done metrics audio mark clear interrupt
+    turn: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Timeline:
+    """Every server event of one call, normalised across protocols."""
+
+    def __init__(self) -> None:
+        self.events: list[Ev] = []
+        self._changed = asyncio.Event()
+
+    def add(self, kind: str, turn: int | None = None, **data: Any) -> Ev:
+        ev = Ev(time.monotonic(), kind, turn, data)
+        self.events.append(ev)
+        self._changed.set()
+        return ev
+
+    def since(self, t: float, kind: str | None = None) -> list[Ev]:
+        return [e for e in self.events if e.at >= t and (kind is None or e.kind == kind)]
+
+    async def changed(self, timeout: float) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+
+class Player:
+    """The far end's real-time playout of reply audio: marks are echoed when
+    the audio before them has played, and at once on ``clear`` (Twilio)."""
+
+    def __init__(self, rate_bytes_per_s: int, echo: Callable[[str], Any]) -> None:
+        self.bytes_per_s = rate_bytes_per_s
+        self.echo = echo
+        self.clock_end = 0.0
+        self._pending: list[tuple[str, asyncio.TimerHandle]] = []
+        self._echoes: set[asyncio.Future[Any]] = set()
+
+    def audio(self, nbytes: int) -> None:
+        self.clock_end = max(self.clock_end, time.monotonic()) + nbytes / self.bytes_per_s
+
+    def mark(self, name: str) -> None:
+        delay = max(0.0, self.clock_end - time.monotonic())
+        handle = asyncio.get_running_loop().call_later(delay, self._fire, name)
+        self._pending.append((name, handle))
+
+    def _fire(self, name: str) -> None:
+        self._pending = [(n, h) for n, h in self._pending if n != name]
+        self._send_echo(name)
+
+    def _send_echo(self, name: str) -> None:
+        task = asyncio.ensure_future(self.echo(name))
+        self._echoes.add(task)
+        task.add_done_callback(self._echoes.discard)
+
+    def clear(self) -> None:
+        self.clock_end = time.monotonic()
+        pending, self._pending = self._pending, []
+        for name, handle in pending:
+            handle.cancel()
+            self._send_echo(name)
+
+    @property
+    def playing(self) -> bool:
+        return self.clock_end > time.monotonic()
+
+    def close(self) -> None:
+        for _, handle in self._pending:
+            handle.cancel()
+
+
+# ---- protocols -----------------------------------------------------------------
+
+
+class Client(abc.ABC):
+    """One caller's connection, in one wire protocol."""
+
+    name = "abstract"
+    path = "/"
+    has_text = True  # transcripts and reply sentences on the wire
+    has_done = True  # an end-of-reply event on the wire (else: quiet_s of silence ends a reply)
+    has_audio = True  # reply audio on the wire
+
+    def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
+        self.url = base_url.rstrip("/") + self.path
+        self.timeline = timeline
+        self.token = token
+        self.ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.sent_frames = 0
+        self.closed = asyncio.Event()
+
+    def connect_url(self) -> str:
+        return self.url
+
+    async def connect(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self.ws = await connect(self.connect_url(), max_size=1 << 22, compression=None, additional_headers=headers)
+        self._reader = asyncio.create_task(self._read())
+        await self.opening()
+
+    async def opening(self) -> None:  # noqa: B027
+        """Messages after the upgrade, before audio."""
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                self.on_message(raw)
+        self.closed.set()
+
+    @abc.abstractmethod
+    def on_message(self, raw: str | bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None: ...
+
+    async def closing(self) -> None:  # noqa: B027
+        """Messages before hanging up."""
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await self.closing()
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def send(self, msg: dict[str, Any] | bytes) -> None:
+        assert self.ws is not None
+        await self.ws.send(msg if isinstance(msg, bytes) else json.dumps(msg, separators=(",", ":")))
+
+    def session_event(self, ev: dict[str, Any]) -> None:
+        """A firstline session event (native protocol, or the Twilio side channel)."""
+        kind = ev.get("type")
+        turn = ev.get("turn")
+        if kind == "speech.started":
+            self.timeline.add("speech_started")
+        elif kind == "transcript.final":
+            self.timeline.add("final", turn, text=ev.get("text", ""))
+        elif kind == "response.delta":
+            self.timeline.add("delta", turn)
+        elif kind == "response.sentence":
+            self.timeline.add("sentence", turn, first=bool(ev.get("first")), text=ev.get("text", ""))
+        elif kind == "response.done":
+            cancelled = bool(ev.get("cancelled"))
+            self.timeline.add("done", turn, cancelled=cancelled, text=ev.get("text", ""))
+            if cancelled:
+                self.timeline.add("interrupt", turn)
+        elif kind == "turn.metrics":
+            self.timeline.add("metrics", turn, metrics={k: v for k, v in ev.items() if k not in ("type", "turn")})
+        elif kind == "error":
+            self.timeline.add("error", turn, code=ev.get("code"), message=ev.get("message"))
+
+
+class TwilioClient(Client):
+    """Twilio Media Streams (bidirectional): JSON text frames only."""
+
+    name = "twilio"
+    path = "/twilio"
+
+    def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
+        super().__init__(base_url, timeline, token)
+        self.sid = "MZ" + uuid.uuid4().hex
+        self.call_sid = "CA" + uuid.uuid4().hex
+        self.player = Player(RATE, self._echo_mark)
+        # Until the firstline side channel (or a peer's text marks) shows up.
+        self.has_text = False
+        self.has_done = False
+
+    def connect_url(self) -> str:
+        return self.url + (f"?{urlencode({'token': self.token})}" if self.token else "")
+
+    async def opening(self) -> None:
+        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        start = {
+            "accountSid": "AC" + "0" * 32,
+            "streamSid": self.sid,
+            "callSid": self.call_sid,
+            "tracks": ["inbound"],
+            "customParameters": {"firstline_events": "1"},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
+        }
+        await self.send({"event": "start", "sequenceNumber": "1", "streamSid": self.sid, "start": start})
+
+    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
+        self.sent_frames += 1
+        media = {"track": "inbound", "chunk": str(self.sent_frames), "timestamp": str(timestamp_ms),
+                 "payload": base64.b64encode(frame).decode()}  # fmt: skip
+        await self.send({"event": "media", "sequenceNumber": str(self.sent_frames + 1), "streamSid": self.sid,
+                         "media": media})  # fmt: skip
+
+    async def _echo_mark(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.send({"event": "mark", "sequenceNumber": "0", "streamSid": self.sid, "mark": {"name": name}})
+
+    def on_message(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            return
+        msg = json.loads(raw)
+        event = msg.get("event")
+        if event == "media":
+            payload = base64.b64decode(msg["media"]["payload"])
+            self.player.audio(len(payload))
+            self.timeline.add("audio", bytes=len(payload))
+        elif event == "mark":
+            name = str(msg["mark"]["name"])
+            if name.startswith(("sentence:", "transcript:")):
+                self._peer_mark(name)
+            else:
+                self.timeline.add("mark", name=name)
+            self.player.mark(name)
+        elif event == "clear":
+            self.timeline.add("clear")
+            self.timeline.add("interrupt")
+            self.player.clear()
+        elif event == "firstline":  # the benchmark side channel
+            self.has_text = self.has_done = True
+            self.session_event(msg["firstline"])
+
+    def _peer_mark(self, name: str) -> None:
+        """The pipecat peer reports text as marks (benchmarks/peers/pipecat/bot.py):
+        ``sentence:<turn>:<index>:<text>`` and ``transcript:<turn>:<text>``;
+        it has no TTS, so no reply audio and no end-of-reply event."""
+        self.has_text = True
+        self.has_audio = False
+        if name.startswith("sentence:"):
+            _, turn, index, text = name.split(":", 3)
+            self.timeline.add("sentence", int(turn), first=int(index) == 0, text=text)
+        else:
+            _, turn, text = name.split(":", 2)
+            self.timeline.add("final", int(turn), text=text)
+
+    async def closing(self) -> None:
+        self.player.close()
+        stop = {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}
+        await self.send({"event": "stop", "sequenceNumber": str(self.sent_frames + 2), "streamSid": self.sid,
+                         "stop": stop})  # fmt: skip
+
+
+class NativeClient(Client):
+    """firstline protocol v1: binary audio in, JSON events out, no audio back."""
+
+    name = "native"
+    path = "/v1/call"
+    has_audio = False
+
+    def connect_url(self) -> str:
+        return self.url + (f"?{urlencode({'token': self.token})}" if self.token else "")
+
+    async def opening(self) -> None:
+        await self.send({"type": "start", "version": 1, "audio": {"encoding": "mulaw", "sample_rate": RATE}})
+
+    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
+        self.sent_frames += 1
+        await self.send(frame)
+
+    def on_message(self, raw: str | bytes) -> None:
+        if isinstance(raw, str):
+            self.session_event(json.loads(raw))
+
+    async def closing(self) -> None:
+        await self.send({"type": "stop"})
+
+
+class RealtimeClient(Client):
+    """OpenAI Realtime (GA event names), speech in as audio/pcmu, server VAD.
+    Sentences are cut client-side from the text deltas with firstline's
+    segmenter; ``response.done`` with status ``cancelled`` is the barge-in."""
+
+    name = "realtime"
+    path = "/v1/realtime"
+
+    def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
+        super().__init__(base_url, timeline, token)
+        self.player = Player(RATE, self._noop)
+        self._turn = 0
+        self._segmenter: SentenceSegmenter | None = None
+        self._sentences = 0
+        self._ready = asyncio.Event()
+
+    async def _noop(self, name: str) -> None:
+        pass
+
+    def connect_url(self) -> str:
+        return self.url + "?" + urlencode({"model": "firstline"})
+
+    async def connect(self) -> None:
+        try:
+            await super().connect()
+        except InvalidStatus as exc:
+            if exc.response.status_code == 404:
+                raise ProtocolUnavailable("the server has no /v1/realtime endpoint (not yet)") from exc
+            raise
+
+    async def opening(self) -> None:
+        session = {
+            "type": "realtime",
+            "output_modalities": ["audio"],
+            "audio": {
+                "input": {
+                    "format": {"type": "audio/pcmu"},
+                    "turn_detection": {"type": "server_vad", "create_response": True, "interrupt_response": True},
+                },
+                "output": {"format": {"type": "audio/pcmu"}},
+            },
+        }
+        await self.send({"type": "session.update", "session": session})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), 10)
+
+    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
+        self.sent_frames += 1
+        await self.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(frame).decode()})
+
+    def on_message(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            return
+        ev = json.loads(raw)
+        kind = ev.get("type", "")
+        tl = self.timeline
+        if kind in ("session.created", "session.updated"):
+            self._ready.set()
+        elif kind == "input_audio_buffer.speech_started":
+            tl.add("speech_started")
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            tl.add("final", self._turn + 1, text=ev.get("transcript", ""))
+        elif kind == "response.created":
+            self._turn += 1
+            self._segmenter = SentenceSegmenter()
+            self._sentences = 0
+        elif kind in ("response.output_text.delta", "response.text.delta", "response.output_audio_transcript.delta"):
+            tl.add("delta", self._turn)
+            for sentence in (self._segmenter or SentenceSegmenter()).push(ev.get("delta", "")):
+                tl.add("sentence", self._turn, first=self._sentences == 0, text=sentence)
+                self._sentences += 1
+        elif kind in ("response.output_audio.delta", "response.audio.delta"):
+            nbytes = len(base64.b64decode(ev.get("delta", "")))
+            self.player.audio(nbytes)
+            tl.add("audio", self._turn, bytes=nbytes)
+        elif kind == "response.done":
+            if self._segmenter is not None:
+                for sentence in self._segmenter.flush():
+                    tl.add("sentence", self._turn, first=self._sentences == 0, text=sentence)
+                    self._sentences += 1
+            status = (ev.get("response") or {}).get("status")
+            tl.add("done", self._turn, cancelled=status == "cancelled")
+            if status == "cancelled":
+                self.player.clear()
+                tl.add("interrupt", self._turn)
+        elif kind == "error":
+            tl.add("error", code=(ev.get("error") or {}).get("code"), message=(ev.get("error") or {}).get("message"))
+
+
+PROTOCOLS: dict[str, type[Client]] = {"twilio": TwilioClient, "native": NativeClient, "realtime": RealtimeClient}
+
+
+# ---- the line ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Impairments:
+    """Network trouble between carrier and server. Frames stay in order (one
+    TCP stream): a late frame holds up the frames behind it."""
+
+    jitter_ms: float = 0.0  # each frame leaves up to this much after its slot (uniform)
+    late_prob: float = 0.0  # chance a frame is held back late_ms
+    late_ms: float = 200.0
+    drop_prob: float = 0.0  # chance a frame never leaves (lost upstream of the carrier)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.jitter_ms or self.late_prob or self.drop_prob)
+
+
+class Line:
+    """A call's outgoing 20 ms frame clock: speech when queued, else silence."""
+
+    def __init__(self, client: Client, impairments: Impairments, speed: float, seed: int) -> None:
+        self.client = client
+        self.imp = impairments
+        self.speed = speed
+        self.rng = random.Random(seed)
+        self._queue: list[tuple[bytes, asyncio.Future[float] | None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def speak(self, audio: TurnAudio) -> tuple[asyncio.Future[float], asyncio.Future[float]]:
+        """Queue a turn; futures: when its first / last voiced frame left."""
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[float] = loop.create_future()
+        last: asyncio.Future[float] = loop.create_future()
+        for i, frame in enumerate(audio.frames):
+            fut = first if i == audio.first_voice_frame else last if i == audio.last_voice_frame else None
+            self._queue.append((frame, fut))
+        if audio.first_voice_frame == audio.last_voice_frame:  # one frame holds both
+            first.add_done_callback(lambda f: last.done() or f.exception() or last.set_result(f.result()))
+        return first, last
+
+    @property
+    def speaking(self) -> bool:
+        return bool(self._queue)
+
+    async def _run(self) -> None:
+        step = FRAME_S / self.speed
+        t0 = time.monotonic()
+        release = t0
+        i = 0
+        try:
+            while True:
+                slot = t0 + i * step
+                send_at = slot + (self.rng.uniform(0, self.imp.jitter_ms) / 1000 if self.imp.jitter_ms else 0.0)
+                if self.imp.late_prob and self.rng.random() < self.imp.late_prob:
+                    send_at += self.imp.late_ms / 1000
+                release = max(release, send_at)
+                delay = release - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                frame, fut = self._queue.pop(0) if self._queue else (SILENCE, None)
+                if self.imp.drop_prob and self.rng.random() < self.imp.drop_prob:
+                    self.dropped += 1
+                else:
+                    await self.client.send_frame(frame, round(i * FRAME_S * 1000))
+                if fut is not None and not fut.done():
+                    # The instant the voiced frame left (even if the network lost it).
+                    fut.set_result(time.monotonic())
+                i += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # connection gone: the turn driver sees it
+            self.error = exc
+            for _, fut in self._queue:
+                if fut is not None and not fut.done():
+                    fut.set_exception(ConnectionError(str(exc)))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+# ---- one call ------------------------------------------------------------------
+
+
+@dataclass
+class CallOptions:
+    protocol: str = "twilio"
+    speed: float = 1.0  # >1: faster than real time (tests only: not a latency figure)
+    impairments: Impairments = field(default_factory=Impairments)
+    turn_timeout_s: float = 30.0
+    # No reply event for this long after the last one: the reply is over
+    # (servers that send no response.done).
+    quiet_s: float = 1.2
+    wait_playout: bool = True  # wait for the reply audio to finish playing before the next turn
+    token: str | None = None
+    seed: int = 0
+
+
+def _ms(t: float | None, base: float | None) -> float | None:
+    return None if t is None or base is None else round((t - base) * 1000, 1)
+
+
+def _reply_over(tl: Timeline, client: Client, t_last: float, opts: CallOptions) -> bool:
+    evs = tl.since(t_last)
+    now = time.monotonic()
+    reply = [e for e in evs if e.kind in ("delta", "sentence", "done", "audio", "mark")]
+    if client.has_done:
+        done = [e for e in evs if e.kind == "done" and not e.data.get("cancelled")]
+        if not done:
+            return False
+        if not client.has_audio:
+            return True
+        # All of the reply's sentences have come back as audio (one mark each),
+        # or no audio came for a while.
+        turn = done[-1].turn
+        n = len([e for e in evs if e.kind == "sentence" and e.turn == turn])
+        marks = [e for e in evs if e.kind == "mark" and str(e.data.get("name", "")).startswith(f"t{turn}s")]
+        last = max(e.at for e in reply)
+        if len(marks) < n and now - last < opts.quiet_s * 2:
+            return False
+    elif not reply or now - max(e.at for e in reply) < opts.quiet_s:
+        return False
+    player = getattr(client, "player", None)
+    return not (opts.wait_playout and player is not None and player.playing)
+
+
+def _first_signal(tl: Timeline, client: Client, t_last: float) -> Ev | None:
+    """The first sign of the reply the caller could act on (barge-in timing)."""
+    kinds = ("audio",) if client.has_audio else ("sentence",)
+    evs = [e for e in tl.since(t_last) if e.kind in kinds]
+    return evs[0] if evs else None
+
+
+def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> dict[str, Any]:
+    """What one caller turn got, from the call's timeline."""
+    window = tl.since(t_first)
+    finals: list[str] = []
+    final_turns: list[int] = []
+    for e in window:
+        if e.kind != "final":
+            continue
+        text = str(e.data.get("text", ""))
+        # A turn talked over before its reply is carried into the next final
+        # (the words appear again there): keep the later.
+        if finals and text.startswith(finals[-1]):
+            finals[-1] = text
+        else:
+            finals.append(text)
+        if e.turn is not None:
+            final_turns.append(e.turn)
+    dones = [e for e in window if e.kind == "done" and e.at >= t_last]
+    answer = next((e.turn for e in reversed(dones) if not e.data.get("cancelled")), None)
+    if answer is None:
+        answer = final_turns[-1] if final_turns else None
+
+    def of(kind: str, **match: Any) -> list[Ev]:
+        return [
+            e
+            for e in window
+            if e.kind == kind
+            and e.at >= t_last
+            and (answer is None or e.turn is None or e.turn == answer)
+            and all(e.data.get(k) == v for k, v in match.items())
+        ]
+
+    sentence = next(iter(of("sentence", first=True)), None) or next(iter(of("sentence")), None)
+    final = of("final")
+    delta = of("delta")
+    audio = [e for e in window if e.kind == "audio" and e.at >= t_last]
+    marks = [e for e in window if e.kind == "mark" and e.at >= t_last]
+    metrics = next((e.data["metrics"] for e in of("metrics")), {})
+    done = next((e for e in reversed(dones) if e.turn == answer), None)
+    transcript = " ".join(finals)
+    sentences = [str(e.data.get("text", "")) for e in of("sentence")]
+    return {
+        "reference": spec.reference,
+        "transcript": transcript,
+        "wer": round(word_error_rate(spec.reference, transcript), 4) if transcript or spec.reference else None,
+        "server_turns": len(set(final_turns)),
+        "ttfs_ms": _ms(sentence.at if sentence else None, t_last),
+        "asr_final_ms": _ms(final[-1].at if final else None, t_last),
+        "first_token_ms": _ms(delta[0].at if delta else None, t_last),
+        "ttfa_ms": _ms(audio[0].at if audio else None, t_last),
+        "sentence_audio_ms": _ms(marks[0].at if marks else None, t_last),
+        "reply": (done.data.get("text") if done else None) or " ".join(sentences),
+        "server": metrics,
+    }
+
+
+async def run_call(base_url: str, spec: CallSpec, opts: CallOptions) -> list[dict[str, Any]]:
+    """Place one call; returns one record per caller turn."""
+    tl = Timeline()
+    client = PROTOCOLS[opts.protocol](base_url, tl, opts.token)
+    base = {"call": spec.name, "protocol": opts.protocol}
+    try:
+        await client.connect()
+    except InvalidStatus as exc:
+        # Refused (admission control, 503): a result, not a crash.
+        return [{**base, "turn": i, "refused": exc.response.status_code} for i in range(len(spec.turns))]
+    audios = [turn_audio(t) for t in spec.turns]
+    line = Line(client, opts.impairments, opts.speed, seed=opts.seed)
+    line.start()
+    records: list[dict[str, Any]] = []
+    try:
+        prev_last: float | None = None
+        for i, (turn, audio) in enumerate(zip(spec.turns, audios, strict=True)):
+            rec: dict[str, Any] = {**base, "turn": i, "barge_in": turn.barge_in_after_s is not None}
+            if turn.barge_in_after_s is not None and prev_last is not None:
+                # Talk over the previous reply, once it has started.
+                deadline = time.monotonic() + opts.turn_timeout_s
+                signal = _first_signal(tl, client, prev_last)
+                while signal is None and time.monotonic() < deadline and not client.closed.is_set():
+                    await tl.changed(0.05)
+                    signal = _first_signal(tl, client, prev_last)
+                start_at = (signal.at if signal else time.monotonic()) + turn.barge_in_after_s / opts.speed
+                await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+                rec["reply_playing"] = bool(getattr(client, "player", None) and client.player.playing)  # type: ignore[attr-defined]
+            else:
+                await asyncio.sleep(turn.think_s / opts.speed)
+            first_fut, last_fut = line.speak(audio)
+            t_first = await first_fut
+            t_last = await last_fut
+            if turn.barge_in_after_s is not None:
+                interrupts = tl.since(t_first, "interrupt")
+                while not interrupts and time.monotonic() < t_last + 3.0:
+                    await tl.changed(0.05)
+                    interrupts = tl.since(t_first, "interrupt")
+                rec["barge_in_ms"] = _ms(interrupts[0].at if interrupts else None, t_first)
+                heard = tl.since(t_first, "speech_started")
+                rec["speech_started_ms"] = _ms(heard[0].at if heard else None, t_first)
+            # Wait for this turn's reply (unless the next turn barges in on it).
+            next_barges = i + 1 < len(spec.turns) and spec.turns[i + 1].barge_in_after_s is not None
+            deadline = t_last + opts.turn_timeout_s
+            timed_out = False
+            while not client.closed.is_set():
+                if next_barges and _first_signal(tl, client, t_last) is not None:
+                    break
+                if not next_barges and _reply_over(tl, client, t_last, opts):
+                    break
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                await tl.changed(0.05)
+            await asyncio.sleep(0.05 / opts.speed if not next_barges else 0)  # turn.metrics follows response.done
+            rec.update(turn_record(tl, t_first, t_last, turn))
+            rec["timed_out"] = timed_out
+            rec["hung_up"] = client.closed.is_set()
+            rec["text_on_wire"] = client.has_text
+            records.append(rec)
+            prev_last = t_last
+            if client.closed.is_set():
+                break
+        rec_extra = {"dropped_frames": line.dropped}
+        if records:
+            records[-1].update(rec_extra)
+    finally:
+        await line.stop()
+        await client.close()
+    return records
+
+
+# ---- many calls ------------------------------------------------------------------
+
+
+async def run_calls(
+    base_url: str,
+    calls: list[CallSpec],
+    concurrency: int,
+    opts: CallOptions,
+    on_turns: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Place ``calls`` keeping ``concurrency`` of them up at once; each call's
+    start is staggered a little so turns do not line up artificially."""
+    sem = asyncio.Semaphore(concurrency)
+    out: list[dict[str, Any]] = []
+    rng = random.Random(opts.seed)
+
+    async def one(k: int, spec: CallSpec) -> None:
+        async with sem:
+            await asyncio.sleep(rng.uniform(0, 0.5) / opts.speed if k >= 1 else 0.0)
+            call_opts = dataclasses.replace(opts, seed=opts.seed + k)
+            try:
+                records = await run_call(base_url, spec, call_opts)
+            except ProtocolUnavailable:
+                raise
+            except Exception as exc:
+                records = [{"call": spec.name, "turn": 0, "error": f"{type(exc).__name__}: {exc}"}]
+            for r in records:
+                r["call_index"] = k
+            out.extend(records)
+            if on_turns is not None:
+                on_turns(len(records))
+
+    await asyncio.gather(*(one(k, spec) for k, spec in enumerate(calls)))
+    return out
+
+
+def calls_for(n: int, turns: int | None = None, corpus: list[CallSpec] | None = None) -> list[CallSpec]:
+    """``n`` calls from the corpus, cycling, each cut to ``turns`` turns."""
+    corpus = corpus or load_calls()
+    picked = []
+    for k in range(n):
+        spec = corpus[k % len(corpus)]
+        kept = spec.turns[:turns] if turns else spec.turns
+        picked.append(CallSpec(f"{spec.name}#{k}" if k >= len(corpus) else spec.name, kept))
+    return picked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="ws://127.0.0.1:8765", help="server base URL (no path)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="twilio")
+    parser.add_argument("--calls", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--turns", type=int, default=None, help="turns per call (default: the script's)")
+    parser.add_argument("--speed", type=float, default=1.0)
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--late-prob", type=float, default=0.0)
+    parser.add_argument("--late-ms", type=float, default=200.0)
+    parser.add_argument("--drop-prob", type=float, default=0.0)
+    parser.add_argument("--token", default=None)
+    ns = parser.parse_args()
+    opts = CallOptions(
+        protocol=ns.protocol,
+        speed=ns.speed,
+        impairments=Impairments(ns.jitter_ms, ns.late_prob, ns.late_ms, ns.drop_prob),
+        token=ns.token,
+    )
+    records = asyncio.run(run_calls(ns.url, calls_for(ns.calls, ns.turns), ns.concurrency, opts))
+    print(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    main()
