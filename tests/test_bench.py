@@ -1,0 +1,99 @@
+"""The benchmark's parts: the load generator's Twilio caller against the real
+server, the naive cascade peer on the same warm models, and the report."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.bench_report import write_report
+from benchmarks.corpus import ASTERISK_SOUNDS
+from benchmarks.loadgen import CallOptions, CallSpec, Segment, TurnSpec, run_call
+from benchmarks.peers.naive_cascade import NaiveCascadeServer
+from voice.config import ServerConfig
+
+# Faster than real time is fine for checking the plumbing (not a latency
+# figure); the line keeps sending silence after the speech, so the turn's
+# tail is as long as the reply takes (well over the 1.3 s the endpointer needs).
+FAST = CallOptions(protocol="twilio", speed=3.0, wait_playout=False, turn_timeout_s=30.0)
+
+
+def one_turn(prompt) -> CallSpec:
+    seg = Segment("asterisk", str(prompt.path.relative_to(ASTERISK_SOUNDS)), prompt.reference)
+    return CallSpec("test", (TurnSpec((seg,), think_s=0.3),))
+
+
+def check_turn(rec: dict) -> None:
+    assert not rec.get("timed_out"), rec
+    assert rec["text_on_wire"], "no firstline side channel on the Twilio stream"
+    assert rec["wer"] is not None and rec["wer"] <= 0.25, rec
+    assert rec["ttfs_ms"] is not None and rec["ttfs_ms"] > 0, rec
+    assert rec["ttfa_ms"] is not None and rec["ttfa_ms"] >= rec["ttfs_ms"], rec  # audio follows the sentence
+    assert rec["reply"], rec
+    assert rec["server"].get("ttfs_ms") is not None, rec  # turn.metrics joined in
+
+
+async def test_loadgen_twilio_call_measures_a_turn(server, phone_prompts):
+    [rec] = await run_call(f"ws://127.0.0.1:{server.port}", one_turn(phone_prompts[2]), FAST)
+    check_turn(rec)
+    assert rec["protocol"] == "twilio" and rec["server"]["preemptive"] in (True, False)
+
+
+async def test_naive_cascade_answers_a_call(server, phone_prompts):
+    naive = NaiveCascadeServer(ServerConfig(port=0), runtime=server.runtime)  # the same warm models
+    await naive.start()
+    try:
+        [rec] = await run_call(f"ws://127.0.0.1:{naive.port}", one_turn(phone_prompts[4]), FAST)
+    finally:
+        await naive.close()
+    check_turn(rec)
+    assert rec["server"]["preemptive"] is False
+    assert rec["first_token_ms"] is None  # nothing leaves before the whole reply exists
+
+
+def synthetic_turn(ttfs: float, **extra) -> dict:
+    return {
+        "call": "c",
+        "turn": 0,
+        "reference": "please leave a message",
+        "transcript": "please leave a message",
+        "ttfs_ms": ttfs,
+        "asr_final_ms": ttfs / 2,
+        "first_token_ms": ttfs * 0.8,
+        "ttfa_ms": ttfs + 20,
+        "server_turns": 1,
+        "server": {"endpoint_ms": 300.0, "asr_final_ms": 250.0, "llm_first_token_ms": 320.0},
+        **extra,
+    }
+
+
+def test_report_from_synthetic_results(tmp_path):
+    def level(c: int, base: float) -> dict:
+        turns = [synthetic_turn(base + 40 * i) for i in range(6)]
+        turns.append(synthetic_turn(base, barge_in=True, barge_in_ms=310.0))
+        return {"concurrency": c, "calls": c, "turns": turns, "cost": {"cores_busy": 0.4 * c, "cpu_s_per_turn": 1.1}}
+
+    results = {
+        "started": "2026-01-01T00:00:00+00:00",
+        "duration_s": 12,
+        "machine": {"cpu": "Test CPU", "cores": 2, "ram_gb": 8, "gpu": None},
+        "versions": {"python": "3.11", "firstline": "abc123"},
+        "options": {"protocol": "twilio", "turns": 2, "calls_per_level": 1, "target_p95_ms": 1500},
+        "systems": {
+            "firstline": {"status": "ok", "description": "d", "levels": [level(1, 400), level(2, 900)]},
+            "naive-cascade": {"status": "ok", "description": "d", "levels": [level(1, 1300), level(2, 2600)]},
+            "pipecat": {"status": "unavailable", "reason": "unavailable: no venv here", "description": "d"},
+        },
+    }
+    paths = write_report(results, tmp_path)
+    for key in ("json", "markdown", "ttfs_cdf", "ttfs_vs_calls", "stages"):
+        assert paths[key].exists() and paths[key].stat().st_size > 0, key
+    for key in ("ttfs_cdf", "ttfs_vs_calls", "stages"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(paths["json"].read_text())
+    assert saved["systems"]["firstline"]["capacity"] == 2
+    assert saved["systems"]["naive-cascade"]["capacity"] == 1
+    assert saved["systems"]["firstline"]["levels"][0]["summary"]["barge_in_p50_ms"] == 310.0
+    md = paths["markdown"].read_text()
+    assert "| firstline |" in md and "| naive-cascade |" in md
+    assert "**pipecat**: unavailable: no venv here" in md
+    assert "Test CPU" in md
