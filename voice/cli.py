@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-model", default=_env("LLM_MODEL"), help="GGUF (llamacpp) or HF folder (vllm)")
     serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
     serve.add_argument("--llm-threads", type=int, default=2)
+    serve.add_argument(
+        "--llm-parallel", type=int, default=LLMConfig.parallel, help="llama.cpp slots / vLLM max sequences"
+    )
     serve.add_argument("--max-tokens", type=int, default=96)
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument(
@@ -82,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.llm_model,
         device=args.llm_device,
         threads=args.llm_threads,
+        parallel=args.llm_parallel,
         max_tokens=args.max_tokens,
         speculation=SpeculationConfig(
             method=args.speculation, num_tokens=args.speculative_tokens, draft_model=args.draft_model
