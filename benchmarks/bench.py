@@ -254,10 +254,17 @@ async def run_system(system: System, ns: argparse.Namespace, bar: Any) -> dict[s
         seed=ns.seed,
     )
     done = 0
+    if ns.deadline is not None and time.monotonic() + 60 + _level_estimate_s(ns) > ns.deadline:
+        bar.update(planned)
+        return {**result, "status": "skipped", "reason": f"skipped: the {ns.budget_s:.0f} s time budget ran out"}
     try:
         async with serve(system, ns) as running:
             result["startup_s"] = round(running.startup_s, 1)
             for c in ns.concurrency:
+                if ns.deadline is not None and time.monotonic() + _level_estimate_s(ns) > ns.deadline:
+                    result["skipped_levels"] = [x for x in ns.concurrency if x >= c]
+                    bar.write(f"  {system.name}: time budget: levels {result['skipped_levels']} skipped")
+                    break
                 n_calls = max(c, ns.calls_per_level)
                 calls = calls_for(n_calls, ns.turns)
                 bar.set_description(f"{system.name} x{c}")
@@ -294,6 +301,12 @@ async def run_system(system: System, ns: argparse.Namespace, bar: Any) -> dict[s
     bar.update(max(0, planned - done))
     result["capacity"] = capacity(result["levels"], ns.target_p95_ms) if result["levels"] else None
     return result
+
+
+def _level_estimate_s(ns: argparse.Namespace) -> float:
+    """Rough wall time of one level: each turn is speech, reply and its
+    playout, and a pause (~12 s at real time), plus the call staggering."""
+    return ns.turns * 12.0 / ns.speed + 10.0
 
 
 def _version(dist: str) -> str | None:
@@ -406,6 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipecat-args", default=os.environ.get("BENCH_PIPECAT_ARGS", ""), help="extra bot.py flags")
     p.add_argument("--setup-pipecat", action="store_true", help="run benchmarks/peers/pipecat/setup.sh if needed")
     p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="wall-time budget: levels and systems that would not fit are skipped (and reported)")
     p.add_argument("--out", default=str(OUT))
     ns = p.parse_args(argv)  # fmt: skip
     if ns.quick:
@@ -417,6 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ns.concurrency = sorted(set(ns.concurrency or [1, 2, 4, 8, 16, 32, 64]))
     ns.turns = ns.turns or 4
     ns.calls_per_level = ns.calls_per_level or 4
+    ns.deadline = time.monotonic() + ns.budget_s if ns.budget_s > 0 else None
     return ns
 
 

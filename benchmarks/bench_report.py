@@ -161,10 +161,13 @@ def markdown(results: dict[str, Any]) -> str:
             x = min(s["levels"], key=lambda lv: lv["concurrency"])["summary"]["server_p50_ms"]
             lines.append(f"| {name} | " + " | ".join(_fmt(x.get(k)) for k, _ in SERVER_STAGES) + " |")
     missing = {n: s for n, s in systems.items() if n not in ok}
-    if missing:
+    skipped = {n: s["skipped_levels"] for n, s in ok.items() if s.get("skipped_levels")}
+    if missing or skipped:
         lines += ["", "## Not measured", ""]
         for name, s in missing.items():
             lines.append(f"- **{name}**: {s.get('reason') or s.get('status')}")
+        for name, cs in skipped.items():
+            lines.append(f"- **{name}** at {', '.join(map(str, cs))} calls: skipped (time budget)")
     lines += ["", "## Systems", ""]
     for name, s in systems.items():
         lines.append(f"- **{name}**: {s.get('description', '')}")
