@@ -534,8 +534,16 @@ class RealtimeClient(Client):
                 for sentence in self._segmenter.flush():
                     tl.add("sentence", self._turn, first=self._sentences == 0, text=sentence)
                     self._sentences += 1
-            status = (ev.get("response") or {}).get("status")
+            response = ev.get("response") or {}
+            status = response.get("status")
             tl.add("done", self._turn, cancelled=status == "cancelled")
+            # firstline puts its per-turn timings in response.metadata (strings).
+            metrics = {}
+            for k, v in (response.get("metadata") or {}).items():
+                with contextlib.suppress(TypeError, ValueError):
+                    metrics[k.removeprefix("firstline_")] = float(v)
+            if metrics:
+                tl.add("metrics", self._turn, metrics=metrics)
             if status == "cancelled":
                 self.player.clear()
                 tl.add("interrupt", self._turn)
@@ -740,6 +748,10 @@ def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> 
         "sentence_audio_ms": _ms(marks[0].at if marks else None, t_last),
         "reply": (done.data.get("text") if done else None) or " ".join(sentences),
         "server": metrics,
+        # What came back, for auditing a number: (event, server turn, ms after the last voiced frame).
+        "events": [
+            [e.kind, e.turn, _ms(e.at, t_last)] for e in window if e.kind not in ("audio", "delta", "metrics")
+        ],
     }
 
 
