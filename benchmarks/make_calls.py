@@ -8,8 +8,8 @@ the file reproducible; it is committed so every run plays the same calls.
 Per call: ``--turns`` turns; about a third of the turns are two recordings
 with a pause inside the turn (0.3-0.7 s, what a caller does mid-thought:
 an endpointer that cuts there answers half a question); the caller "thinks"
-0.4-1.2 s after each reply before speaking. Every fourth call has a barge-in
-turn: the caller talks 0.6-1.2 s into the previous reply.
+0.4-1.2 s after each reply before speaking. Every fourth call (call01, call05, …) has a
+barge-in second turn: the caller talks 0.6-1.2 s into the first reply.
 
     python -m benchmarks.make_calls [--calls 24 --turns 4 --seed 5]
 """
@@ -48,7 +48,7 @@ def build(n_calls: int, n_turns: int, seed: int) -> dict[str, object]:
     calls = []
     for k in range(n_calls):
         turns = []
-        barge_turn = 2 if k % 4 == 3 and n_turns > 2 else None
+        barge_turn = 1 if k % 4 == 1 and n_turns > 1 else None
         for t in range(n_turns):
             segments = [{**next(it), "pause_before_s": 0.0}]
             if rng.random() < 0.33:
