@@ -401,7 +401,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls-per-level", type=int, default=None, help="calls placed per level, at least the level")
     p.add_argument("--target-p95-ms", type=float, default=1500.0, help="the sweep stops past this p95 TTFS")
     p.add_argument("--no-stop", action="store_true", help="run every level even past the target")
-    p.add_argument("--quick", action="store_true", help="a few minutes: 3 systems, 1-2 calls, 2 turns")
+    p.add_argument("--quick", action="store_true", help="a few minutes: 3 systems, 1 and 2 calls, 2 turns")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="twilio")
     p.add_argument("--speed", type=float, default=1.0, help="audio speed (1 = real time; >1 is not a latency run)")
     p.add_argument("--jitter-ms", type=float, default=0.0)
@@ -428,6 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ns.concurrency = ns.concurrency or [1, 2]
         ns.turns = ns.turns or 2
         ns.calls_per_level = ns.calls_per_level or 1
+        ns.no_stop = True  # both levels: a smoke run of the whole pipeline, not a capacity search
     ns.systems = ns.systems or list(SYSTEMS)
     ns.concurrency = sorted(set(ns.concurrency or [1, 2, 4, 8, 16, 32, 64]))
     ns.turns = ns.turns or 4

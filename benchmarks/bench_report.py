@@ -117,17 +117,20 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "## Per turn, lowest load", ""]
     lines.append(
         "| system | calls | turns | TTFS p50 | TTFS p95 | final transcript p50 | first token p50 | "
-        "first audio p50 | WER | split turns | barge-in p50 (missed) |"
+        "first audio p50 | WER | split turns | barge-in p50, all levels (missed/turns) |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in ok.items():
         level = min(s["levels"], key=lambda lv: lv["concurrency"])
         x = level["summary"]
+        barge = [t for lv in s["levels"] for t in lv.get("turns", []) if t.get("barge_in")]
+        barge_ms = pct(_vals(barge, "barge_in_ms"), 50)
+        missed = sum(1 for t in barge if t.get("barge_in_ms") is None)
         lines.append(
             f"| {name} | {level['concurrency']} | {x['answered']}/{x['turns']} | {_fmt(x['ttfs_p50_ms'])} | "
             f"{_fmt(x['ttfs_p95_ms'])} | {_fmt(x['asr_final_p50_ms'])} | {_fmt(x['first_token_p50_ms'])} | "
             f"{_fmt(x['ttfa_p50_ms'])} | {_fmt(x['wer'], 3)} | {x['split_turns']} | "
-            f"{_fmt(x['barge_in_p50_ms'])} ({x['barge_in_missed']}/{x['barge_in_turns']}) |"
+            f"{_fmt(barge_ms)} ({missed}/{len(barge)}) |"
         )
     levels = sorted({lv["concurrency"] for s in ok.values() for lv in s["levels"]})
     if levels:
@@ -200,11 +203,12 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         level = min(s["levels"], key=lambda lv: lv["concurrency"])
         vals = sorted(_vals(level["turns"], "ttfs_ms"))
         if vals:
-            frac = np.arange(1, len(vals) + 1) / len(vals)
-            ax.step(vals, frac, where="post", label=f"{name} (x{level['concurrency']})")
+            frac = np.arange(0, len(vals) + 1) / len(vals)
+            ax.step([vals[0], *vals], frac, where="post", label=f"{name} (x{level['concurrency']})")
     ax.axvline(target, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("time to first sentence (ms, caller side)")
     ax.set_ylabel("fraction of turns")
+    ax.set_ylim(0, 1.02)
     ax.set_title("TTFS CDF, lowest load")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -224,6 +228,10 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.plot(cs, [np.nan if v is None else v for v in p95], "s--", color=color, alpha=0.7, label=f"{name} p95")
     ax.axhline(target, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
+    levels = sorted({lv["concurrency"] for s in ok.values() for lv in s["levels"]})
+    if levels:
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.minorticks_off()
     ax.set_xlabel("concurrent calls")
     ax.set_ylabel("TTFS (ms)")
     ax.set_title("TTFS vs concurrent calls")
