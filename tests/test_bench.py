@@ -97,3 +97,31 @@ def test_report_from_synthetic_results(tmp_path):
     assert "| firstline |" in md and "| naive-cascade |" in md
     assert "**pipecat**: unavailable: no venv here" in md
     assert "Test CPU" in md
+
+
+async def test_line_keeps_order_under_jitter_late_and_drops():
+    """Impaired frames leave late and in bursts but in order; lost ones are counted."""
+    import asyncio
+
+    from benchmarks.loadgen import SILENCE, Client, Impairments, Line, Timeline, TurnAudio
+
+    class Recorder(Client):
+        def on_message(self, raw):
+            pass
+
+        async def send_frame(self, frame, timestamp_ms):
+            sent.append((timestamp_ms, frame))
+
+    sent: list[tuple[int, bytes]] = []
+    line = Line(Recorder("ws://x", Timeline()), Impairments(20, 0.1, 100, 0.1), speed=10.0, seed=3)
+    speech = TurnAudio([bytes([i]) * 160 for i in range(1, 41)], first_voice_frame=2, last_voice_frame=37)
+    line.start()
+    first, last = line.speak(speech)
+    t_first, t_last = await asyncio.wait_for(asyncio.gather(first, last), 10)
+    await line.stop()
+    assert t_first < t_last
+    stamps = [t for t, _ in sent]
+    assert stamps == sorted(stamps)  # one TCP stream: never reordered
+    voiced = [f[0] for _, f in sent if f != SILENCE]
+    assert voiced == sorted(voiced) and len(voiced) + line.dropped >= 40 - 1
+    assert line.dropped > 0
