@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
 import importlib.util
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 from typing import ClassVar
@@ -47,18 +50,22 @@ from typing import ClassVar
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from loguru import logger
+from pipecat.audio.utils import create_stream_resampler
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.frames.frames import (
     AggregatedTextFrame,
+    ErrorFrame,
     Frame,
     LLMFullResponseStartFrame,
     OutputTransportMessageUrgentFrame,
     TranscriptionFrame,
+    TTSAudioRawFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.runner import PipelineRunner
@@ -73,7 +80,10 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.runner.utils import parse_telephony_websocket
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.services.openai.llm import OpenAILLMService
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TTSService
 from pipecat.services.whisper.stt import WhisperSTTService
+from pipecat.transcriptions.language import Language
 from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
@@ -130,6 +140,55 @@ class SharedWhisperSTTService(WhisperSTTService):
             self._models[key] = self._model
         else:
             self._model = cached
+
+
+class HibariTTSService(TTSService):
+    """Optional audio out (``--tts hibari``): PyPI ``hibari-tts``, the embedded
+    TTS firstline speaks with (24 kHz, model inside the wheel), as a pipecat
+    TTSService built like pipecat's own KokoroTTSService. One model per
+    process, one synthesis thread (as firstline's streaming/tts.py)."""
+
+    _model: ClassVar[object | None] = None
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _executor: ClassVar[ThreadPoolExecutor] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts")
+    RATE = 24000
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(
+            push_start_frame=True,
+            push_stop_frames=True,
+            settings=TTSSettings(model="hibari", voice="heart", language=Language.EN),
+            **kwargs,
+        )
+        self._resampler = create_stream_resampler()
+
+    @classmethod
+    def load(cls) -> object:
+        with cls._lock:
+            if cls._model is None:
+                from hibari import Hibari
+
+                model = Hibari(voice="heart", threads=1)
+                model("Ready.")  # allocates onnxruntime buffers, loads the lexicon
+                cls._model = model
+        return cls._model
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    async def run_tts(self, text: str, context_id: str):
+        try:
+            await self.start_tts_usage_metrics(text)
+            model = self.load()
+            audio = await asyncio.get_running_loop().run_in_executor(self._executor, model, text)
+            await self.stop_ttfb_metrics()
+            pcm = (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767).astype(np.int16).tobytes()
+            data = await self._resampler.resample(pcm, self.RATE, self.sample_rate)
+            yield TTSAudioRawFrame(audio=data, sample_rate=self.sample_rate, num_channels=1, context_id=context_id)
+        except Exception as exc:
+            yield ErrorFrame(error=f"hibari TTS failed: {exc}")
+        finally:
+            await self.stop_ttfb_metrics()
 
 
 class CallMarks:
@@ -236,6 +295,7 @@ async def run_call(websocket: WebSocket, args: argparse.Namespace) -> None:
             llm,
             LLMTextProcessor(),
             SentenceOut(marks),
+            *([HibariTTSService()] if args.tts == "hibari" else []),
             transport.output(),
             aggregators.assistant(),
         ]
@@ -307,6 +367,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--speech-timeout", type=float, default=0.6, help="for --turn-stop speech-timeout (pipecat default 0.6)"
     )
     p.add_argument("--vad-stop-secs", type=float, default=None, help="Silero stop_secs (pipecat default 0.2)")
+    p.add_argument(
+        "--tts",
+        choices=["none", "hibari"],
+        default="none",
+        help="none: sentences only (marks); hibari: also speak them (hibari-tts, mu-law back to the caller)",
+    )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     if args.whisper_model is None:
@@ -329,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         compute_type=args.whisper_compute_type,
         settings=WhisperSTTService.Settings(model=args.whisper_model),
     )
+    if args.tts == "hibari":
+        HibariTTSService.load()
     logger.info(
         f"pipecat {version('pipecat-ai')} bot on ws://{args.host}:{args.port}/twilio, "
         f"LLM {args.llm_base_url}, whisper {args.whisper_model}, turn stop {args.turn_stop}"

