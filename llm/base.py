@@ -54,10 +54,23 @@ class GenerationRequest:
     max_tokens: int = 96
     temperature: float = 0.0
     usage: Usage = field(default_factory=Usage)
+    # Stable per call (the call id): a replica pool pins every request of one
+    # call to the same replica, so that replica's prefix cache stays hot.
+    session_key: str | None = None
 
 
 class EngineError(RuntimeError):
     """The engine failed to produce a reply (not a cancellation)."""
+
+    # The ``error`` event code a turn that fails with this sends the caller.
+    code = "llm_failed"
+
+
+class EngineUnavailable(EngineError):
+    """No engine can take the request right now (the supervised engine is
+    restarting and no secondary is configured, or every replica is down)."""
+
+    code = "llm_unavailable"
 
 
 class LLMEngine(abc.ABC):
@@ -89,12 +102,12 @@ class LLMEngine(abc.ABC):
         async for _ in self.stream(request):
             pass
 
-    async def prefill(self, messages: list[dict[str, str]]) -> None:
+    async def prefill(self, messages: list[dict[str, str]], session_key: str | None = None) -> None:
         """Compute (and cache) the prompt for ``messages`` without keeping any
         output: a one-token generation. Engines with automatic prefix caching
         (llama.cpp slots, vLLM APC) then serve the real request's shared
         prefix from cache."""
-        request = GenerationRequest(f"prefill-{id(messages)}", messages, max_tokens=1)
+        request = GenerationRequest(f"prefill-{id(messages)}", messages, max_tokens=1, session_key=session_key)
         async for _ in self.stream(request):
             pass
 

@@ -64,7 +64,7 @@ class LLMConfig:
     # OpenAI-compatible server on loopback), restarted if it dies, so an
     # engine crash never takes the voice server down. "inprocess": in this
     # process (no HTTP hop, but a crash in llama.cpp/vLLM kills every call).
-    isolation: Isolation = "inprocess"
+    isolation: Isolation = "process"
     # engine="remote": OpenAI-compatible base URLs (our llm.openai_server,
     # `vllm serve`, ...). Several make a pool: calls pinned by call id,
     # failover to the next healthy replica.
@@ -80,8 +80,8 @@ class LLMConfig:
     stall_timeout_s: float = 10.0
     # Remote health checks (pool replicas, secondary) every this many seconds.
     health_interval_s: float = 1.0
-    # Supervisor: restart delays double from the first up to the cap; a child
-    # that stays up this long resets them. How long a child may take to load.
+    # Supervisor: restart delays double from the first up to the cap (back to
+    # the first once a child stays up a minute). How long a child may take to load.
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
     child_start_timeout_s: float = 300.0

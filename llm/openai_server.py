@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -32,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from llm.base import GenerationRequest, LLMEngine
-from llm.config import LLMConfig
+from llm.config import LLMConfig, SpeculationConfig
 
 log = logging.getLogger(__name__)
 
@@ -278,12 +279,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-tokens", type=int, default=4)
     p.add_argument("--draft-model", default=None)
     p.add_argument("--system-prompt", default=None, help="warm-up prompt (lands in the prefix cache)")
+    p.add_argument("--config-json", default=None, help="a whole LLMConfig as JSON (overrides the flags above)")
     p.add_argument("--log-level", default="INFO")
     return p
 
 
+def config_from_json(text: str) -> LLMConfig:
+    data = json.loads(text)
+    known = {f.name for f in dataclasses.fields(LLMConfig)}
+    spec = SpeculationConfig(**data.pop("speculation", {}))
+    return LLMConfig(**{k: v for k, v in data.items() if k in known}, speculation=spec)
+
+
 def config_from_args(args: argparse.Namespace) -> LLMConfig:
-    from llm.config import SpeculationConfig
+    if args.config_json:
+        return config_from_json(args.config_json)
 
     config = LLMConfig(
         engine=args.engine,

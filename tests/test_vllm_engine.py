@@ -40,6 +40,7 @@ async def vllm_server() -> VoiceServer:
     vLLM starts once for the module."""
     llm = LLMConfig(
         engine="vllm",
+        isolation="inprocess",  # these tests drive VLLMEngine itself
         parallel=4,
         speculation=SpeculationConfig(method="ngram", num_tokens=4, ngram_min=2, ngram_max=4),
     )

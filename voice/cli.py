@@ -26,7 +26,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default loopback)")
     serve.add_argument("--port", type=int, default=int(_env("PORT", "8765") or 8765))
     serve.add_argument("--max-calls", type=int, default=16)
-    serve.add_argument("--engine", choices=["llamacpp", "vllm"], default=_env("ENGINE", "llamacpp"))
+    serve.add_argument(
+        "--engine",
+        choices=["llamacpp", "vllm", "remote"],
+        default=_env("ENGINE", "llamacpp"),
+        help="remote: an OpenAI-compatible server or pool (--remote-url)",
+    )
+    # Fault tolerance (llm/supervisor.py, llm/remote_engine.py).
+    serve.add_argument(
+        "--engine-isolation",
+        choices=["process", "inprocess"],
+        default=_env("ENGINE_ISOLATION", LLMConfig.isolation),
+        help="process: the engine runs in a supervised child, restarted if it dies",
+    )
+    serve.add_argument(
+        "--remote-url",
+        action="append",
+        default=[],
+        help="with --engine remote: OpenAI-compatible base URL; repeat for a pool (calls pinned, failover)",
+    )
+    serve.add_argument(
+        "--secondary-url",
+        action="append",
+        default=[],
+        help="where turns go while the supervised engine is down; repeat for a pool",
+    )
+    serve.add_argument("--remote-model", default=None, help="model name for remote servers (default: their first)")
+    serve.add_argument("--llm-first-token-timeout-s", type=float, default=10.0)
     serve.add_argument("--llm-model", default=_env("LLM_MODEL"), help="GGUF (llamacpp) or HF folder (vllm)")
     serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
     serve.add_argument("--llm-threads", type=int, default=2)
@@ -93,6 +119,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     if args.system_prompt:
         llm.system_prompt = args.system_prompt
+    llm.isolation = args.engine_isolation
+    llm.remote_urls = list(args.remote_url)
+    llm.secondary_urls = list(args.secondary_url)
+    llm.remote_model = args.remote_model
+    llm.first_token_timeout_s = args.llm_first_token_timeout_s
+    if llm.engine == "remote" and not llm.remote_urls:
+        raise SystemExit("firstline: --engine remote needs at least one --remote-url")
     asr = ASRConfig(
         model=args.asr_model,
         device=args.asr_device,

@@ -105,12 +105,26 @@ class Metrics:
         ProcessCollector(registry=r)
         self.tasks = Gauge("firstline_asyncio_tasks", "Live asyncio tasks in the server's loop", registry=r)
         self.tasks.set_function(_task_count)
+        self.engine_restarts = Counter(
+            "firstline_engine_restarts", "LLM engine processes restarted by the supervisor", registry=r
+        )
+        self.engine_available = Gauge(
+            "firstline_engine_available", "1 when a turn has an LLM engine to go to", registry=r
+        )
         self.ttfs_listeners: list[Callable[[float], None]] = []
 
     def bind_gauges(self, active: Callable[[], float], asr_queue: Callable[[], float]) -> None:
         """Gauges read live values at scrape time instead of being pushed."""
         self.active.set_function(active)
         self.asr_queue.set_function(asr_queue)
+
+    def bind_engine(self, engine: object) -> None:
+        """Restarts counted as the supervisor makes them (llm/supervisor.py);
+        availability read at scrape time (engines without the notion: 1)."""
+        listeners = getattr(engine, "on_restart", None)
+        if isinstance(listeners, list):
+            listeners.append(self.engine_restarts.inc)
+        self.engine_available.set_function(lambda: float(bool(getattr(engine, "available", True))))
 
     def observe_event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")

@@ -8,6 +8,7 @@ import time
 
 from asr.vad import SileroVAD
 from asr.worker import ASRWorker
+from llm import engines
 from llm.base import LLMEngine
 from llm.config import LLMConfig
 from voice.config import ServerConfig
@@ -17,15 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(config: LLMConfig) -> LLMEngine:
-    if config.engine == "llamacpp":
-        from llm.llamacpp_engine import LlamaCppEngine
-
-        return LlamaCppEngine(config)
-    if config.engine == "vllm":
-        from llm.vllm_engine import VLLMEngine
-
-        return VLLMEngine(config)
-    raise ValueError(f"unknown LLM engine {config.engine!r} (use llamacpp or vllm)")
+    """In process, out of process under a supervisor, or remote: llm/engines.py."""
+    return engines.build_engine(config)
 
 
 class Runtime:
@@ -40,6 +34,13 @@ class Runtime:
         self.metrics = Metrics()
         self.metrics.bind_gauges(lambda: self.active_calls, lambda: self.asr.queue_depth)
         self.asr.on_decode = self.metrics.observe_asr_decode
+        self.metrics.bind_engine(self.engine)
+
+    @property
+    def llm_available(self) -> bool:
+        """Whether a turn now has an LLM to go to (False while a supervised
+        engine restarts without a secondary, or every remote replica is down)."""
+        return bool(getattr(self.engine, "available", True))
 
     async def start(self) -> None:
         t0 = time.perf_counter()

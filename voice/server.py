@@ -93,7 +93,9 @@ class VoiceServer:
 
     @property
     def ready(self) -> bool:
-        return self.runtime.ready and not self.draining
+        # Live calls stay up while the LLM restarts (their turns get an error
+        # event); readiness tells a load balancer to send new ones elsewhere.
+        return self.runtime.ready and not self.draining and self.runtime.llm_available
 
     def _live_calls(self) -> int:
         # A closed socket is not a call any more: upgrades that failed after
@@ -113,6 +115,8 @@ class VoiceServer:
             body: dict[str, object] = {"ready": self.ready, "startup_s": self.runtime.startup_s}
             if self.draining:
                 body["draining"] = True
+            if self.runtime.ready and not self.runtime.llm_available:
+                body["llm_available"] = False
             return _json_response(status, body)
         if path == "/metrics":
             response = Response(http.HTTPStatus.OK.value, "OK", Headers())

@@ -261,7 +261,7 @@ class CallSession:
             return  # a reply is streaming; don't compete with it
         self._prefilling = True
         try:
-            await self.runtime.engine.prefill(self.messages(partial_text))
+            await self.runtime.engine.prefill(self.messages(partial_text), session_key=self.call_id)
         except Exception:
             log.debug("prefill failed on call %s", self.call_id, exc_info=True)
         finally:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asr.endpointing import endpoint_window
-from llm.base import GenerationRequest
+from llm.base import EngineError, GenerationRequest
 from streaming.sentences import SentenceSegmenter
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class Turn:
         # resumed) before this one was committed; set by the session.
         self.wasted_generations = 0
         self.request: GenerationRequest | None = None
+        self.error_code = "llm_failed"  # the error event's code when the LLM fails
         self._on_window = on_window
         self._gate = asyncio.Event()
         self._held: list[dict[str, Any]] = []
@@ -155,6 +156,7 @@ class Turn:
             messages=session.messages(self.user_text),
             max_tokens=session.max_tokens,
             temperature=cfg.llm.temperature,
+            session_key=session.call_id,  # a replica pool keeps the call on one replica
         )
         self.request = request
         segmenter = SentenceSegmenter(max_words=cfg.sentence_max_words)
@@ -174,6 +176,8 @@ class Turn:
         except Exception as exc:
             log.exception("LLM failed on call %s turn %d", session.call_id, self.index)
             failed = str(exc)
+            if isinstance(exc, EngineError):
+                self.error_code = exc.code  # llm_unavailable while the engine restarts
         if not self.committed:
             # Aborted before the endpoint: nothing was sent, nothing happened.
             if cancelled:
@@ -199,7 +203,8 @@ class Turn:
         usage = self.request.usage
         with contextlib.suppress(Exception):
             if failed is not None:
-                await session.emit({"type": "error", "code": "llm_failed", "message": f"turn {self.index}: {failed}"})
+                message = f"turn {self.index}: {failed}"
+                await session.emit({"type": "error", "code": self.error_code, "message": message})
             await session.emit(
                 {
                     "type": "response.done",

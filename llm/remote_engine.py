@@ -1,0 +1,388 @@
+"""Engines that stream from OpenAI-compatible servers over HTTP.
+
+:class:`RemoteEngine` talks to one base URL: our own ``python -m
+llm.openai_server``, ``vllm serve``, or anything else that streams chat
+completions as server-sent events. Cancelling the consumer closes the HTTP
+connection, which both vLLM and llm.openai_server take as an abort. Every
+failure (refused connection, HTTP error, a stream cut before ``[DONE]``, no
+first token in time, a stall) is an :class:`~llm.base.EngineError` that says
+which server failed and how.
+
+:class:`RemotePool` spreads calls over several replicas. A call is pinned to
+one replica (rendezvous hashing of the call id, so its prefix cache stays
+hot and a replica that leaves only moves its own calls); replicas are
+health-checked, and a request whose replica fails before any text came back
+is retried on the next healthy one, to which the call is then re-pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, Usage
+from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig
+
+log = logging.getLogger(__name__)
+
+# Pins kept per pool (LRU): far more than concurrent calls, bounded anyway.
+MAX_PINS = 10_000
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:port``, ``…/v1`` or ``…/v1/`` -> ``http://host:port/v1``."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class RemoteEngine(LLMEngine):
+    name = "remote"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        connect_timeout_s: float = 2.0,
+        first_token_timeout_s: float = 10.0,
+        stall_timeout_s: float = 10.0,
+        api_key: str | None = None,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    ) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.root = self.base_url.removesuffix("/v1")
+        self.model = model
+        self.connect_timeout_s = connect_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.api_key = api_key
+        # Warmed at start (None: no warm-up), so it sits in the server's prefix cache.
+        self.system_prompt = system_prompt
+        self.healthy = False
+        self._session: aiohttp.ClientSession | None = None
+        # Responses being streamed -> why they were aborted (None: not aborted).
+        self._open: dict[aiohttp.ClientResponse, str | None] = {}
+
+    @classmethod
+    def from_config(cls, url: str, config: LLMConfig) -> RemoteEngine:
+        return cls(
+            url,
+            model=config.remote_model,
+            connect_timeout_s=config.connect_timeout_s,
+            first_token_timeout_s=config.first_token_timeout_s,
+            stall_timeout_s=config.stall_timeout_s,
+            system_prompt=config.system_prompt,
+        )
+
+    @property
+    def available(self) -> bool:
+        return self.healthy
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self.connect_timeout_s),
+                headers=headers,
+            )
+        return self._session
+
+    async def check_health(self) -> bool:
+        """GET /health (vLLM and llm.openai_server both answer 200 when ready)."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.connect_timeout_s + 1.0, sock_connect=self.connect_timeout_s)
+            async with self._client().get(self.root + "/health", timeout=timeout) as r:
+                self.healthy = r.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            self.healthy = False
+        return self.healthy
+
+    async def _resolve_model(self) -> str:
+        url = self.base_url + "/models"
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.first_token_timeout_s, sock_connect=self.connect_timeout_s)
+            async with self._client().get(url, timeout=timeout) as r:
+                if r.status != 200:
+                    raise EngineError(f"LLM server {url} answered HTTP {r.status}: {(await r.text())[:300]}")
+                data = await r.json(content_type=None)
+        except aiohttp.ClientConnectorError as exc:
+            raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise EngineError(f"LLM server {url}: {type(exc).__name__}: {exc}") from exc
+        models = data.get("data") if isinstance(data, dict) else None
+        if not models:
+            raise EngineError(f"LLM server {url} lists no model")
+        return str(models[0]["id"])
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        if self.model is None:
+            self.model = await self._resolve_model()
+        if self.system_prompt is not None:
+            await self.warm_up(self.system_prompt)
+        self.healthy = True
+        log.info("remote LLM %s (%s) ready in %.2f s", self.base_url, self.model, time.perf_counter() - started)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        return self._stream(request)
+
+    def abort_all(self, reason: str) -> None:
+        """End every stream in flight now, each with ``EngineError(reason)``
+        (the supervisor calls this the moment its child dies)."""
+        self.healthy = False
+        for response in list(self._open):
+            self._open[response] = reason
+            response.close()
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        if self.model is None:
+            self.model = await self._resolve_model()
+        url = self.base_url + "/chat/completions"
+        body = {
+            "model": self.model,
+            "messages": request.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+        }
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.first_token_timeout_s
+        response: aiohttp.ClientResponse | None = None
+        finished = False
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await self._client().post(url, json=body, headers={"X-Request-Id": request.request_id})
+            except TimeoutError:
+                limit = self.first_token_timeout_s
+                raise EngineError(f"LLM server {self.root} did not answer within {limit} s") from None
+            except aiohttp.ClientConnectorError as exc:
+                self.healthy = False
+                raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
+            except aiohttp.ClientError as exc:
+                self.healthy = False
+                raise EngineError(f"LLM server {self.root} failed the request: {type(exc).__name__}: {exc}") from exc
+            if response.status != 200:
+                detail = (await response.text())[:300]
+                if response.status >= 500:
+                    self.healthy = False
+                raise EngineError(f"LLM server {url} answered HTTP {response.status}: {detail}")
+            self._open[response] = None
+            got_text = False
+            while True:
+                try:
+                    if got_text:
+                        async with asyncio.timeout(self.stall_timeout_s):
+                            line = await response.content.readline()
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            line = await response.content.readline()
+                except TimeoutError:
+                    what = "stalled for" if got_text else "sent no token within"
+                    limit = self.stall_timeout_s if got_text else self.first_token_timeout_s
+                    raise EngineError(f"LLM server {self.root} {what} {limit} s") from None
+                except (aiohttp.ClientError, OSError) as exc:
+                    raise self._cut(response, f"{type(exc).__name__}: {exc}") from exc
+                if not line:
+                    raise self._cut(response, "connection closed before [DONE]")
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, "event:" lines
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    finished = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise EngineError(f"LLM server {self.root} sent a malformed chunk: {data[:200]!r}") from None
+                text = _absorb(chunk, request.usage, self.root)
+                if text:
+                    got_text = True
+                    yield text
+            self.healthy = True
+        finally:
+            if response is not None:
+                self._open.pop(response, None)
+                if finished:
+                    response.release()
+                else:
+                    # Closing the connection (not returning it to the pool) is
+                    # what tells the server to abort the generation.
+                    response.close()
+
+    def _cut(self, response: aiohttp.ClientResponse, detail: str) -> EngineError:
+        self.healthy = False
+        reason = self._open.get(response)
+        if reason is not None:
+            return EngineUnavailable(reason)
+        return EngineError(f"stream from LLM server {self.root} cut mid-reply ({detail})")
+
+    async def close(self) -> None:
+        self.healthy = False
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def describe(self) -> dict[str, object]:
+        return {"engine": self.name, "url": self.base_url, "model": self.model}
+
+
+def _absorb(chunk: Any, usage: Usage, server: str) -> str:
+    if not isinstance(chunk, dict):
+        raise EngineError(f"LLM server {server} sent a non-object chunk")
+    if chunk.get("error"):
+        err = chunk["error"]
+        message = err.get("message") if isinstance(err, dict) else err
+        raise EngineError(f"LLM server {server} failed mid-reply: {message}")
+    u = chunk.get("usage")
+    if u:
+        usage.prompt_tokens = u.get("prompt_tokens") or 0
+        usage.completion_tokens = u.get("completion_tokens") or 0
+        usage.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    timings = chunk.get("timings")  # llama.cpp server and llm.openai_server: speculation counters
+    if timings:
+        usage.draft_tokens = timings.get("draft_n") or 0
+        usage.accepted_tokens = timings.get("draft_n_accepted") or 0
+    parts = []
+    for choice in chunk.get("choices") or []:
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            parts.append(content)
+    return "".join(parts)
+
+
+def _score(key: str, url: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}|{url}".encode(), digest_size=8).digest(), "big")
+
+
+def session_key_of(request: GenerationRequest) -> str:
+    """The call id when the session set one; otherwise the system prompt and
+    the first user message, which stay the same for every turn of a call."""
+    if request.session_key:
+        return request.session_key
+    return json.dumps(request.messages[:2], sort_keys=True)
+
+
+class RemotePool(LLMEngine):
+    name = "pool"
+
+    def __init__(self, replicas: list[RemoteEngine], health_interval_s: float = 1.0, name: str = "pool") -> None:
+        if not replicas:
+            raise ValueError("a pool needs at least one replica")
+        self.replicas = replicas
+        self.health_interval_s = health_interval_s
+        self.name = name
+        self.failovers = 0  # requests moved off a failed replica
+        self._pins: OrderedDict[str, int] = OrderedDict()
+        self._health_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, urls: list[str], config: LLMConfig, name: str = "pool") -> RemotePool:
+        replicas = [RemoteEngine.from_config(u, config) for u in urls]
+        return cls(replicas, health_interval_s=config.health_interval_s, name=name)
+
+    @property
+    def available(self) -> bool:
+        return any(r.healthy for r in self.replicas)
+
+    async def start(self) -> None:
+        results = await asyncio.gather(*(r.start() for r in self.replicas), return_exceptions=True)
+        for replica, result in zip(self.replicas, results, strict=True):
+            if isinstance(result, BaseException):
+                replica.healthy = False
+                log.warning("replica %s not available at start: %s", replica.base_url, result)
+        if not self.available:
+            raise EngineUnavailable(
+                "no replica of the LLM pool is available: " + "; ".join(str(r) for r in results if r is not None)
+            )
+        self._health_task = asyncio.create_task(self._health_loop(), name=f"{self.name}-health")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            for replica in self.replicas:
+                was = replica.healthy
+                ok = await replica.check_health()
+                if ok and replica.model is None:
+                    with contextlib.suppress(EngineError):
+                        replica.model = await replica._resolve_model()
+                if ok != was:
+                    log.warning("replica %s is %s", replica.base_url, "back" if ok else "down")
+
+    def pinned(self, key: str) -> RemoteEngine | None:
+        index = self._pins.get(key)
+        return None if index is None else self.replicas[index]
+
+    def _pin(self, key: str, index: int) -> None:
+        self._pins[key] = index
+        self._pins.move_to_end(key)
+        while len(self._pins) > MAX_PINS:
+            self._pins.popitem(last=False)
+
+    def order(self, key: str) -> list[int]:
+        """Replicas to try for ``key``: its pinned one if healthy, then the
+        healthy ones by rendezvous hash, then the unhealthy ones (last resort:
+        health may lag behind a recovery)."""
+        ranked = sorted(range(len(self.replicas)), key=lambda i: _score(key, self.replicas[i].base_url), reverse=True)
+        pinned = self._pins.get(key)
+        if pinned is not None and self.replicas[pinned].healthy:
+            ranked.remove(pinned)
+            ranked.insert(0, pinned)
+        return [i for i in ranked if self.replicas[i].healthy] + [i for i in ranked if not self.replicas[i].healthy]
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        key = session_key_of(request)
+        errors: list[str] = []
+        for attempt, index in enumerate(self.order(key)):
+            replica = self.replicas[index]
+            if attempt:
+                self.failovers += 1
+                request.usage = Usage()
+            started = False
+            try:
+                async for delta in replica.stream(request):
+                    if not started:
+                        started = True
+                        self._pin(key, index)
+                    yield delta
+                self._pin(key, index)
+                return
+            except EngineError as exc:
+                replica.healthy = False
+                if started:
+                    # Text already went out: another replica cannot take it back.
+                    raise
+                log.warning("replica %s failed (%s); trying the next", replica.base_url, exc)
+                errors.append(str(exc))
+        raise EngineUnavailable("no LLM replica could serve the request: " + "; ".join(errors))
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await asyncio.gather(*(r.close() for r in self.replicas))
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "engine": self.name,
+            "replicas": [r.base_url for r in self.replicas],
+            "healthy": [r.healthy for r in self.replicas],
+        }

@@ -1,0 +1,304 @@
+"""Run the LLM engine out of process, so its death does not take calls down.
+
+:class:`SupervisedEngine` starts the configured local engine (llama.cpp or
+vLLM) in a child process, ``python -m llm.openai_server`` on a loopback port,
+and streams from it through a :class:`~llm.remote_engine.RemoteEngine`. It
+watches the child: when the child dies (a segfault in llama.cpp, the OOM
+killer, SIGKILL), every stream in flight ends at once with an
+:class:`~llm.base.EngineError` (the turn sends the caller an ``error`` event,
+the call stays up), and the child is restarted with exponential backoff.
+Each restart is counted (``restarts``; ``on_restart`` listeners feed
+``firstline_engine_restarts_total``).
+
+While the child is down, requests go to the optional *secondary* engine (a
+remote server or pool, e.g. a ``vllm serve`` elsewhere); a request whose
+primary fails before any text came back is retried there too. Without a
+secondary they fail fast with :class:`~llm.base.EngineUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+
+from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, Usage
+from llm.config import LLMConfig
+from llm.remote_engine import RemoteEngine
+
+log = logging.getLogger(__name__)
+
+# A child that stays up this long is healthy again: the next crash restarts
+# it after the initial delay rather than the last, doubled one.
+BACKOFF_RESET_S = 60.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def child_config_json(config: LLMConfig) -> str:
+    """The LLMConfig the child runs (its own engine, in its own process)."""
+    child = dataclasses.replace(config, isolation="inprocess", remote_urls=[], secondary_urls=[])
+    return json.dumps(dataclasses.asdict(child))
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class SupervisedEngine(LLMEngine):
+    def __init__(self, config: LLMConfig, secondary: LLMEngine | None = None, host: str = "127.0.0.1") -> None:
+        self.config = config
+        self.secondary = secondary
+        self.host = host
+        self.name = config.engine
+        self.restarts = 0  # children started after the first one died
+        self.crashes = 0  # children that died while they were meant to run
+        self.secondary_requests = 0  # requests served by the secondary
+        self.on_restart: list[Callable[[], None]] = []
+        # Backoff: doubles with each restart up to restart_backoff_max_s, back
+        # to restart_backoff_s once a child has stayed up BACKOFF_RESET_S.
+        self.next_restart_delay_s = config.restart_backoff_s
+        self.startup_s: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._remote: RemoteEngine | None = None
+        self._up = False
+        self._up_since = 0.0
+        self._port: int | None = None
+        self._closing = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # set on every up/down transition
+
+    # ---- state ---------------------------------------------------------
+
+    @property
+    def primary_up(self) -> bool:
+        return self._up and self._proc is not None and self._proc.returncode is None
+
+    @property
+    def available(self) -> bool:
+        """Whether a request now has an engine to go to."""
+        if self.primary_up:
+            return True
+        return self.secondary is not None and bool(getattr(self.secondary, "available", True))
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def base_url(self) -> str | None:
+        return None if self._remote is None else self._remote.base_url
+
+    async def wait_up(self, timeout: float) -> None:
+        """Until the primary child is up again (tests, readiness probes)."""
+        async with asyncio.timeout(timeout):
+            while not self.primary_up:
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _set_up(self, up: bool) -> None:
+        self._up = up
+        if up:
+            self._up_since = time.monotonic()
+        self._changed.set()
+
+    # ---- child process -------------------------------------------------
+
+    def command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "llm.openai_server",
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "--config-json",
+            child_config_json(self.config),
+            "--log-level",
+            "WARNING",
+        ]
+
+    async def _spawn(self) -> None:
+        """Start a child and wait until its /health answers 200."""
+        if self._port is None:
+            self._port = free_port(self.host)
+        env = {**os.environ, "FIRSTLINE_PARENT_PID": str(os.getpid())}
+        command = self.command(self._port)
+        proc = await asyncio.create_subprocess_exec(*command, env=env, stdin=asyncio.subprocess.DEVNULL)
+        self._proc = proc
+        remote = RemoteEngine(
+            f"http://{self.host}:{self._port}/v1",
+            connect_timeout_s=self.config.connect_timeout_s,
+            first_token_timeout_s=self.config.first_token_timeout_s,
+            stall_timeout_s=self.config.stall_timeout_s,
+            system_prompt=None,  # the child warmed itself with the system prompt
+        )
+        deadline = time.monotonic() + self.config.child_start_timeout_s
+        try:
+            while True:
+                if proc.returncode is not None:
+                    self._port = None  # e.g. the port was taken meanwhile: pick another next time
+                    raise EngineError(f"LLM engine process {_describe_exit(proc.returncode)} while starting")
+                if await remote.check_health():
+                    break
+                if time.monotonic() > deadline:
+                    raise EngineError(f"LLM engine process not ready after {self.config.child_start_timeout_s} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), 0.1)
+            await remote.start()
+        except BaseException:
+            await remote.close()
+            await self._stop_child(proc)
+            raise
+        old, self._remote = self._remote, remote
+        if old is not None:
+            await old.close()
+        self._set_up(True)
+        log.info("LLM engine process %d up on %s", proc.pid, remote.base_url)
+
+    async def _stop_child(self, proc: asyncio.subprocess.Process, grace_s: float = 5.0) -> None:
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def _watch(self) -> None:
+        while not self._closing:
+            proc = self._proc
+            assert proc is not None
+            await proc.wait()
+            if self._closing:
+                return
+            self.crashes += 1
+            self._set_up(False)
+            reason = f"LLM engine process {proc.pid} {_describe_exit(proc.returncode)}"
+            if self._remote is not None:
+                self._remote.abort_all(reason)  # in-flight turns fail now, not at a timeout
+            if time.monotonic() - self._up_since >= BACKOFF_RESET_S:
+                self.next_restart_delay_s = self.config.restart_backoff_s
+            log.error("%s; restarting in %.1f s", reason, self.next_restart_delay_s)
+            while not self._closing:
+                delay = self.next_restart_delay_s
+                await asyncio.sleep(delay)
+                self.next_restart_delay_s = min(delay * 2, self.config.restart_backoff_max_s)
+                self.restarts += 1
+                for listener in self.on_restart:
+                    listener()
+                try:
+                    await self._spawn()
+                    break
+                except EngineError as exc:
+                    log.error("LLM engine restart failed (%s); next try in %.1f s", exc, self.next_restart_delay_s)
+
+    async def _check_child(self, wait_s: float = 0.25) -> None:
+        """A stream just broke: if the child is dying, mark it down now, so
+        the next request does not race the watcher to a dead port."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proc.wait()), wait_s)
+        if proc.returncode is not None and self._up:
+            self._set_up(False)
+
+    # ---- LLMEngine -----------------------------------------------------
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        await self._spawn()
+        self._watcher = asyncio.create_task(self._watch(), name="llm-supervisor")
+        if self.secondary is not None:
+            try:
+                await self.secondary.start()
+            except EngineError as exc:
+                # A secondary is a fallback; the primary is up, so serve anyway.
+                log.warning("secondary LLM engine not available at start: %s", exc)
+        self.startup_s = time.perf_counter() - started
+        log.info("supervised %s engine warm in %.2f s (pid %s)", self.config.engine, self.startup_s, self.pid)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        remote = self._remote
+        if self.primary_up and remote is not None:
+            started = False
+            try:
+                async for delta in remote.stream(request):
+                    started = True
+                    yield delta
+                return
+            except EngineError as exc:
+                await self._check_child()
+                if started or self.secondary is None:
+                    raise
+                log.warning("primary LLM failed before replying (%s); using the secondary", exc)
+                request.usage = Usage()
+        elif self.secondary is None:
+            raise EngineUnavailable(f"the {self.config.engine} engine process is restarting (no secondary configured)")
+        assert self.secondary is not None
+        self.secondary_requests += 1
+        async for delta in self.secondary.stream(request):
+            yield delta
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._remote is not None:
+            await self._remote.close()
+        if self._proc is not None:
+            await self._stop_child(self._proc)
+        if self.secondary is not None:
+            await self.secondary.close()
+        self._set_up(False)
+
+    def kill_child(self, sig: int = signal.SIGKILL) -> int:
+        """Send the child a signal (tests and chaos drills); returns its pid."""
+        assert self._proc is not None
+        os.kill(self._proc.pid, sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self._set_up(False)  # don't wait for the watcher to notice
+        return self._proc.pid
+
+    def describe(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "engine": self.config.engine,
+            "isolation": "process",
+            "pid": self.pid,
+            "url": self.base_url,
+            "up": self.primary_up,
+            "restarts": self.restarts,
+        }
+        if self.secondary is not None:
+            out["secondary"] = self.secondary.describe()
+        return out
+

@@ -1,0 +1,160 @@
+"""The LLM engine dies mid-call (SIGKILL of its process); the call does not.
+
+Real calls over the native websocket protocol, real speech, real models: the
+voice server runs its llama.cpp engine out of process under the supervisor
+(``--engine-isolation process``); a second ``python -m llm.openai_server``
+is the secondary engine where one is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import pytest_asyncio
+
+from benchmarks.client import NativeCaller
+from llm.base import EngineUnavailable, GenerationRequest
+from llm.config import LLMConfig
+from llm.supervisor import SupervisedEngine
+from tests.conftest import with_silence
+from tests.openai_servers import ServerProcess
+from voice.config import ServerConfig
+from voice.server import VoiceServer
+
+STORY = "You are a storyteller. Always answer with a long story of many short sentences."
+
+
+async def _voice_server(llm: LLMConfig) -> VoiceServer:
+    srv = VoiceServer(ServerConfig(port=0, max_calls=4, llm=llm))
+    await srv.start()
+    return srv
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def secondary() -> ServerProcess:
+    server = ServerProcess()
+    yield await server.wait_healthy()
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def supervised_server() -> VoiceServer:
+    srv = await _voice_server(LLMConfig(isolation="process", restart_backoff_s=0.2))
+    yield srv
+    await srv.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def failover_server(secondary: ServerProcess) -> VoiceServer:
+    llm = LLMConfig(isolation="process", secondary_urls=[secondary.url], restart_backoff_s=0.2, health_interval_s=0.5)
+    srv = await _voice_server(llm)
+    yield srv
+    await srv.close()
+
+
+async def _say(caller: NativeCaller, clip, tail_s: float = 1.3) -> None:
+    await caller.play(with_silence(clip.load(8000), 8000, 1.0 * tail_s), 8000, "mulaw", realtime=False)
+
+
+def _events(caller: NativeCaller) -> list[dict]:
+    return [r.event for r in caller.result.events if r.event["type"] not in ("response.delta", "transcript.partial")]
+
+
+def _restarts_metric(server: VoiceServer) -> float:
+    for line in server.runtime.metrics.render().decode().splitlines():
+        if line.startswith("firstline_engine_restarts_total "):
+            return float(line.split()[1])
+    raise AssertionError("firstline_engine_restarts_total not exported")
+
+
+async def test_engine_killed_mid_reply_call_survives_and_next_turn_is_answered(supervised_server, phone_prompts):
+    srv = supervised_server
+    engine = srv.runtime.engine
+    assert isinstance(engine, SupervisedEngine) and engine.primary_up
+    url = f"ws://127.0.0.1:{srv.port}/v1/call"
+    async with NativeCaller(url) as caller:
+        ready = await caller.start("mulaw", 8000, system_prompt=STORY, options={"max_tokens": 160})
+        assert ready["engine"]["isolation"] == "process"
+        await _say(caller, phone_prompts[3])
+        await caller.wait_for("response.delta", turn=1, timeout=30)
+        pid = engine.pid
+        os.kill(pid, signal.SIGKILL)  # the engine process dies mid-reply
+        killed_at = time.monotonic()
+        err = await caller.wait_for("error", timeout=10)
+        assert time.monotonic() - killed_at < 2.0, "the turn waited for a timeout instead of failing at once"
+        assert err["code"] in ("llm_failed", "llm_unavailable") and "turn 1" in err["message"], err
+        done = await caller.wait_for("response.done", turn=1, timeout=5)
+        assert done["cancelled"] is True
+        # The supervisor brings the engine back by itself, and counts it.
+        await engine.wait_up(60)
+        assert engine.pid != pid and engine.restarts == 1 and engine.crashes == 1
+        assert _restarts_metric(srv) == 1.0
+        # Same call, next turn: answered by the restarted engine.
+        await _say(caller, phone_prompts[10])
+        try:
+            done2 = await caller.wait_for("response.done", turn=2, timeout=60)
+        except TimeoutError:
+            raise AssertionError(f"turn 2 never finished; events: {_events(caller)}") from None
+        assert done2["text"] and not done2["cancelled"], done2
+        assert len(caller.result.of("error")) == 1
+        assert caller.ws is not None and caller.ws.state.name == "OPEN"
+
+
+async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says_so(supervised_server):
+    srv = supervised_server
+    engine = srv.runtime.engine
+    await engine.wait_up(60)
+    os.kill(engine.pid, signal.SIGKILL)
+    await asyncio.sleep(0.05)  # the watcher sees the exit
+    assert not srv.runtime.llm_available and not srv.ready
+    started = time.monotonic()
+    with pytest.raises(EngineUnavailable, match="restarting"):
+        async for _ in engine.stream(GenerationRequest("x", [{"role": "user", "content": "Hi"}], 8)):
+            pass
+    assert time.monotonic() - started < 0.5
+    await engine.wait_up(60)
+    assert srv.ready and engine.restarts == 2
+
+
+async def test_secondary_serves_while_the_primary_restarts(failover_server, phone_prompts):
+    srv = failover_server
+    engine = srv.runtime.engine
+    assert isinstance(engine, SupervisedEngine) and engine.secondary is not None
+    url = f"ws://127.0.0.1:{srv.port}/v1/call"
+    async with NativeCaller(url) as caller:
+        await caller.start("mulaw", 8000)
+        await _say(caller, phone_prompts[5])
+        done1 = await caller.wait_for("response.done", turn=1, timeout=30)
+        assert done1["text"] and engine.secondary_requests == 0
+        # The primary dies between turns and restarts slowly: the next turn is
+        # answered by the secondary, with no error.
+        engine.next_restart_delay_s = 4.0
+        engine.kill_child()
+        await _say(caller, phone_prompts[12])
+        done2 = await caller.wait_for("response.done", turn=2, timeout=30)
+        assert done2["text"] and not done2["cancelled"], done2
+        assert engine.secondary_requests >= 1 and not caller.result.of("error")
+        assert srv.ready  # a turn has an engine to go to
+        # Back on the primary once it is up again.
+        await engine.wait_up(60)
+        served_by_secondary = engine.secondary_requests
+        await _say(caller, phone_prompts[20])
+        done3 = await caller.wait_for("response.done", turn=3, timeout=30)
+        assert done3["text"] and engine.secondary_requests == served_by_secondary
+
+
+async def test_primary_killed_before_first_token_is_retried_on_the_secondary(failover_server):
+    engine = failover_server.runtime.engine
+    await engine.wait_up(60)
+    engine.next_restart_delay_s = 0.2
+    # Killed, but the watcher has not run yet: the request still goes to the
+    # primary, fails to connect, and is retried on the secondary.
+    os.kill(engine.pid, signal.SIGKILL)
+    request = GenerationRequest("r", [{"role": "user", "content": "Say hello."}], 12, session_key="k")
+    text = "".join([d async for d in engine.stream(request)])
+    assert text.strip() and request.usage.completion_tokens > 0
+    await engine.wait_up(60)

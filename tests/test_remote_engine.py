@@ -1,0 +1,203 @@
+"""llm.openai_server, RemoteEngine and RemotePool against real servers
+(``python -m llm.openai_server`` processes on the embedded SmolLM2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from llm.base import EngineError, EngineUnavailable, GenerationRequest
+from llm.config import DEFAULT_SYSTEM_PROMPT
+from llm.remote_engine import RemoteEngine, RemotePool, _score, normalize_base_url
+from llm.supervisor import free_port
+from tests.openai_servers import ServerProcess, start_servers
+
+STORY = "You are a storyteller. Always answer with a long story of many short sentences."
+
+
+def _messages(question: str, system: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+async def _collect(engine, request) -> str:
+    return "".join([d async for d in engine.stream(request)])
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def replicas() -> list[ServerProcess]:
+    servers = await start_servers(2)
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+async def test_openai_server_speaks_the_openai_protocol(replicas):
+    root = replicas[0].root
+    body = {
+        "model": "whatever",
+        "messages": _messages("What is the capital of France?"),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 24,
+    }
+    async with aiohttp.ClientSession() as s:
+        async with s.get(root + "/v1/models") as r:
+            models = await r.json()
+        assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
+        async with s.post(root + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            events = [line[6:] for line in (await r.text()).splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert "paris" in text.lower()
+        assert chunks[0]["object"] == "chat.completion.chunk"
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        usage = chunks[-1]["usage"]
+        assert chunks[-1]["choices"] == [] and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= 20  # system prompt warmed at start
+        assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+        # Non-streaming, and a bad request.
+        async with s.post(root + "/v1/chat/completions", json={**body, "stream": False}) as r:
+            whole = await r.json()
+        assert whole["choices"][0]["message"]["content"].strip() and whole["usage"]["completion_tokens"] > 0
+        async with s.post(root + "/v1/chat/completions", json={"messages": []}) as r:
+            assert r.status == 400 and "messages" in (await r.json())["error"]["message"]
+
+
+async def test_remote_engine_streams_with_usage(replicas):
+    engine = RemoteEngine(replicas[0].root)  # a root URL is accepted too
+    await engine.start()
+    try:
+        assert engine.base_url == replicas[0].url and engine.model == "SmolLM2-135M-Instruct"
+        request = GenerationRequest("paris", _messages("What is the capital of France?"), max_tokens=48)
+        text = await _collect(engine, request)
+        assert "paris" in text.lower()
+        u = request.usage
+        assert u.prompt_tokens > 0 and u.completion_tokens > 0 and u.cached_tokens >= 20, u
+    finally:
+        await engine.close()
+
+
+async def test_cancelling_a_stream_aborts_it_in_the_server(replicas):
+    server = replicas[1]
+    engine = RemoteEngine(server.url, system_prompt=None)
+    await engine.start()
+    before = (await server.health())["aborted"]
+    request = GenerationRequest("story", _messages("Tell me about a dragon.", STORY), max_tokens=600)
+    got = asyncio.Event()
+
+    async def consume():
+        async for _ in engine.stream(request):
+            got.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got.wait(), 30)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        health = await server.health()
+        if health["aborted"] > before and health["active"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert health["aborted"] == before + 1 and health["active"] == 0, health
+    # The slot is free: a new request is answered at once.
+    assert await asyncio.wait_for(_collect(engine, GenerationRequest("hi", _messages("Say hello."), 8)), 10)
+    await engine.close()
+
+
+async def test_unreachable_server_is_a_clear_engine_error():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    engine = RemoteEngine(url, model="m", connect_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(EngineUnavailable, match=r"cannot connect to LLM server http://127\.0\.0\.1:\d+"):
+        await _collect(engine, GenerationRequest("x", _messages("hi")))
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(EngineUnavailable, match="cannot connect"):
+        await engine.start()  # resolving the model fails the same way
+    await engine.close()
+
+
+async def test_http_error_is_a_clear_engine_error(replicas):
+    engine = RemoteEngine(replicas[0].root + "/nowhere", model="m")  # -> /nowhere/v1/chat/completions: 404
+    with pytest.raises(EngineError, match="answered HTTP 404"):
+        await _collect(engine, GenerationRequest("x", _messages("hi")))
+    await engine.close()
+
+
+def test_base_url_forms():
+    assert normalize_base_url("127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
+    assert normalize_base_url("http://h:1/v1/") == "http://h:1/v1"
+
+
+async def test_pool_pins_each_call_to_one_replica(replicas):
+    pool = RemotePool([RemoteEngine(s.url, system_prompt=None) for s in replicas], health_interval_s=0.5)
+    await pool.start()
+    try:
+        keys = [f"call-{i}" for i in range(12)]
+        first = {k: pool.order(k)[0] for k in keys}
+        # Stable: a fresh pool (another process, a restart) ranks every key the same.
+        fresh = RemotePool([RemoteEngine(s.url) for s in replicas])
+        assert {k: fresh.order(k)[0] for k in keys} == first
+        assert set(first.values()) == {0, 1}, "rendezvous hashing left a replica without calls"
+        for key in keys[:4]:
+            cached = []
+            history: list[dict[str, str]] = []
+            for turn, question in enumerate(["Hi, what time do you open?", "And on Sunday?", "Thanks. Bye."]):
+                messages = _messages(question)[:1] + history + [{"role": "user", "content": question}]
+                request = GenerationRequest(f"{key}-{turn}", messages, max_tokens=16, session_key=key)
+                reply = await _collect(pool, request)
+                assert pool.pinned(key) is pool.replicas[first[key]]
+                cached.append(request.usage.cached_tokens)
+                history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+            # The pinned replica keeps the call's prefix hot: later turns reuse more than the system prompt.
+            assert cached[2] > cached[0], cached
+    finally:
+        await pool.close()
+
+
+async def test_pool_fails_over_when_a_replica_dies_and_repins(replicas):
+    doomed = await ServerProcess().wait_healthy()
+    survivor = replicas[0]
+    pool = RemotePool([RemoteEngine(survivor.url, system_prompt=None), RemoteEngine(doomed.url, system_prompt=None)],
+                      health_interval_s=0.3)  # fmt: skip
+    await pool.start()
+    try:
+        key = next(f"call-{i}" for i in range(100) if pool.order(f"call-{i}")[0] == 1)  # a call on the doomed one
+        await _collect(pool, GenerationRequest("t1", _messages("Hello?"), 8, session_key=key))
+        assert pool.pinned(key) is pool.replicas[1]
+        # Killed mid-reply: the stream in flight fails at once, with a clear message...
+        request = GenerationRequest("t2", _messages("Tell me about a dragon.", STORY), 600, session_key=key)
+        started = None
+        with pytest.raises(EngineError, match="cut mid-reply"):
+            async for _ in pool.stream(request):
+                if started is None:
+                    started = time.monotonic()
+                    doomed.kill()
+        assert time.monotonic() - started < 1.0
+        # ...and the call's next turn goes to the healthy replica, which it is now pinned to.
+        text = await _collect(pool, GenerationRequest("t3", _messages("Say hello."), 12, session_key=key))
+        assert text.strip() and pool.pinned(key) is pool.replicas[0]
+        assert pool.replicas[1].healthy is False and pool.available
+        # A new call whose hash prefers the dead replica is served too (health knows it is down).
+        other = next(k for k in (f"new-{i}" for i in range(100)) if _score(k, doomed.url) > _score(k, survivor.url))
+        assert await _collect(pool, GenerationRequest("t4", _messages("Say hi."), 8, session_key=other))
+    finally:
+        await pool.close()
+        doomed.stop()
+
+
+async def test_pool_with_every_replica_down_says_so():
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    pool = RemotePool([RemoteEngine(u, model="m", connect_timeout_s=0.5) for u in dead])
+    with pytest.raises(EngineUnavailable, match="no LLM replica could serve the request: cannot connect"):
+        await _collect(pool, GenerationRequest("x", _messages("hi"), session_key="k"))
+    with pytest.raises(EngineUnavailable, match="no replica of the LLM pool is available"):
+        await pool.start()
+    await pool.close()
