@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -313,16 +314,23 @@ def config_from_args(args: argparse.Namespace) -> LLMConfig:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGTERM this process if the parent that spawned it dies, so a
-    supervised engine never outlives the voice server."""
-    if os.environ.get("FIRSTLINE_PARENT_PID") is None or not sys.platform.startswith("linux"):
+    """A supervised engine never outlives the voice server that started it:
+    a daemon thread watches the parent pid (set by the supervisor) and ends
+    this process once the parent is gone, even a SIGKILLed one. (Polling, not
+    PR_SET_PDEATHSIG, which fires when the spawning *thread* exits.)"""
+    parent = os.environ.get("FIRSTLINE_PARENT_PID")
+    if parent is None:
         return
-    import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(os.environ["FIRSTLINE_PARENT_PID"]):
-        os._exit(0)  # the parent died before prctl took effect
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.5)
+        log.warning("parent process %s is gone; exiting", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        os._exit(1)  # SIGTERM did not end it in time
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -86,6 +86,7 @@ class SupervisedEngine(LLMEngine):
         self._closing = False
         self._watcher: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # set on every up/down transition
+        self._wake = asyncio.Event()  # cuts a restart backoff short
 
     # ---- state ---------------------------------------------------------
 
@@ -205,7 +206,9 @@ class SupervisedEngine(LLMEngine):
             log.error("%s; restarting in %.1f s", reason, self.next_restart_delay_s)
             while not self._closing:
                 delay = self.next_restart_delay_s
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                self._wake.clear()
                 self.next_restart_delay_s = min(delay * 2, self.config.restart_backoff_max_s)
                 self.restarts += 1
                 for listener in self.on_restart:
@@ -280,6 +283,10 @@ class SupervisedEngine(LLMEngine):
         if self.secondary is not None:
             await self.secondary.close()
         self._set_up(False)
+
+    def restart_now(self) -> None:
+        """Skip the rest of the current restart backoff (operators, tests)."""
+        self._wake.set()
 
     def kill_child(self, sig: int = signal.SIGKILL) -> int:
         """Send the child a signal (tests and chaos drills); returns its pid."""

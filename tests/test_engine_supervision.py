@@ -61,7 +61,9 @@ async def _say(caller: NativeCaller, clip, tail_s: float = 1.3) -> None:
 
 
 def _events(caller: NativeCaller) -> list[dict]:
-    return [r.event for r in caller.result.events if r.event["type"] not in ("response.delta", "transcript.partial")]
+    deltas = len(caller.result.of("response.delta"))
+    kept = [r.event for r in caller.result.events if r.event["type"] not in ("response.delta", "transcript.partial")]
+    return [*kept, {"response.delta events": deltas}]
 
 
 def _restarts_metric(server: VoiceServer) -> float:
@@ -80,12 +82,12 @@ async def test_engine_killed_mid_reply_call_survives_and_next_turn_is_answered(s
         ready = await caller.start("mulaw", 8000, system_prompt=STORY, options={"max_tokens": 160})
         assert ready["engine"]["isolation"] == "process"
         await _say(caller, phone_prompts[3])
-        await caller.wait_for("response.delta", turn=1, timeout=30)
+        await caller.wait_for("response.delta", turn=1, timeout=60)
         pid = engine.pid
         os.kill(pid, signal.SIGKILL)  # the engine process dies mid-reply
         killed_at = time.monotonic()
         err = await caller.wait_for("error", timeout=10)
-        assert time.monotonic() - killed_at < 2.0, "the turn waited for a timeout instead of failing at once"
+        assert time.monotonic() - killed_at < 5.0, "the turn waited for a timeout (10 s) instead of failing at once"
         assert err["code"] in ("llm_failed", "llm_unavailable") and "turn 1" in err["message"], err
         done = await caller.wait_for("response.done", turn=1, timeout=5)
         assert done["cancelled"] is True
@@ -108,6 +110,7 @@ async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says
     srv = supervised_server
     engine = srv.runtime.engine
     await engine.wait_up(60)
+    restarts = engine.restarts
     os.kill(engine.pid, signal.SIGKILL)
     await asyncio.sleep(0.05)  # the watcher sees the exit
     assert not srv.runtime.llm_available and not srv.ready
@@ -117,7 +120,7 @@ async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says
             pass
     assert time.monotonic() - started < 0.5
     await engine.wait_up(60)
-    assert srv.ready and engine.restarts == 2
+    assert srv.ready and engine.restarts == restarts + 1
 
 
 async def test_secondary_serves_while_the_primary_restarts(failover_server, phone_prompts):
@@ -126,24 +129,28 @@ async def test_secondary_serves_while_the_primary_restarts(failover_server, phon
     assert isinstance(engine, SupervisedEngine) and engine.secondary is not None
     url = f"ws://127.0.0.1:{srv.port}/v1/call"
     async with NativeCaller(url) as caller:
-        await caller.start("mulaw", 8000)
+        await caller.start("mulaw", 8000, options={"max_tokens": 32})  # short replies: this machine may be busy
         await _say(caller, phone_prompts[5])
-        done1 = await caller.wait_for("response.done", turn=1, timeout=30)
+        try:
+            done1 = await caller.wait_for("response.done", turn=1, timeout=60)
+        except TimeoutError:
+            raise AssertionError(f"turn 1 never finished; events: {_events(caller)}") from None
         assert done1["text"] and engine.secondary_requests == 0
         # The primary dies between turns and restarts slowly: the next turn is
         # answered by the secondary, with no error.
-        engine.next_restart_delay_s = 4.0
+        engine.next_restart_delay_s = 600.0  # held down until restart_now() below
         engine.kill_child()
         await _say(caller, phone_prompts[12])
-        done2 = await caller.wait_for("response.done", turn=2, timeout=30)
+        done2 = await caller.wait_for("response.done", turn=2, timeout=60)
         assert done2["text"] and not done2["cancelled"], done2
         assert engine.secondary_requests >= 1 and not caller.result.of("error")
         assert srv.ready  # a turn has an engine to go to
         # Back on the primary once it is up again.
+        engine.restart_now()
         await engine.wait_up(60)
         served_by_secondary = engine.secondary_requests
         await _say(caller, phone_prompts[20])
-        done3 = await caller.wait_for("response.done", turn=3, timeout=30)
+        done3 = await caller.wait_for("response.done", turn=3, timeout=60)
         assert done3["text"] and engine.secondary_requests == served_by_secondary
 
 
