@@ -40,6 +40,9 @@ class ASRConfig:
     # Endpointing: this much trailing silence ends the caller's turn (the
     # fixed window, and the adaptive policy's "don't know" window).
     endpoint_silence_s: float = 0.5
+    # Server-side turn detection. False: only the client's commit (or the
+    # length cap) ends a turn (push-to-talk, Realtime with turn_detection null).
+    auto_turns: bool = True
     # Adaptive endpointing (asr/endpointing.py): the window follows the words
     # decoded when the pause began.
     adaptive_endpoint: bool = True

@@ -146,7 +146,9 @@ class TurnTracker:
             event = Paused(self._turn_audio(), self._last_voiced_end * CHUNK_S)
         if self._silent_run * CHUNK_S >= self.endpoint_s - 1e-9:
             if self._confirmed:
-                return self._end_turn(forced=False)
+                if cfg.auto_turns:
+                    return self._end_turn(forced=False)
+                return event  # push-to-talk: the turn lasts until the client commits
             self._reset_turn()  # a click or a breath: never became speech
             return None
         if self._confirmed and len(self._chunks) * CHUNK_S >= cfg.max_utterance_s:

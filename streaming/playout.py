@@ -78,6 +78,7 @@ class PlayoutSink(Protocol):
 
 
 FirstAudio = Callable[[int, float], Awaitable[None]]
+AfterAudio = Callable[[], Awaitable[None]]
 
 
 class Playout:
@@ -97,7 +98,9 @@ class Playout:
         self.sink = sink
         self.lead_s = lead_s
         self.on_first_audio = on_first_audio
-        self._queue: asyncio.Queue[tuple[int, int, str, int]] = asyncio.Queue()
+        # (turn, sentence index, text, generation, callback): a callback item
+        # (from then()) runs in order instead of speaking.
+        self._queue: asyncio.Queue[tuple[int, int, str, int, AfterAudio | None]] = asyncio.Queue()
         self._generation = 0  # bumped by interrupt(): older queued or in-flight audio is dropped
         self._resampler = StreamResampler(tts.sample_rate, fmt.sample_rate)
         self._pending = b""  # encoded bytes short of one chunk
@@ -116,7 +119,18 @@ class Playout:
         """Queue one sentence; it plays after every sentence queued before it."""
         self._said_at.setdefault(turn, time.monotonic())
         self.current_turn = turn
-        self._queue.put_nowait((turn, index, text, self._generation))
+        self._queue.put_nowait((turn, index, text, self._generation, None))
+
+    def then(self, callback: AfterAudio) -> None:
+        """Run ``callback`` once everything queued before it has been sent
+        (or flushed by a barge-in): Realtime's ``response.done`` must follow
+        the response's last audio delta."""
+        self._queue.put_nowait((-1, -1, "", self._generation, callback))
+
+    def duration_s(self, turn: int) -> list[tuple[str, float]]:
+        """(sentence, seconds of audio) for each sentence of ``turn`` sent
+        and still known, in order."""
+        return [(s.text, s.end_s - s.start_s) for s in self.segments if s.turn == turn]
 
     @property
     def busy(self) -> bool:
@@ -131,8 +145,13 @@ class Playout:
         clock; sentences still unplayed were flushed and are forgotten, so a
         late echo of their mark counts for nothing."""
         self._generation += 1
+        callbacks = []
         while not self._queue.empty():
-            self._queue.get_nowait()
+            item = self._queue.get_nowait()
+            if item[4] is not None:
+                callbacks.append(item)  # bookkeeping, not audio: keep it
+        for item in callbacks:
+            self._queue.put_nowait(item)
         self._pending = b""
         # Fresh filter state: the old one holds the tail of audio nobody hears.
         self._resampler = StreamResampler(self.tts.sample_rate, self.fmt.sample_rate)
@@ -175,7 +194,15 @@ class Playout:
 
     async def _run(self) -> None:
         while True:
-            turn, index, text, generation = await self._queue.get()
+            turn, index, text, generation, callback = await self._queue.get()
+            if callback is not None:
+                try:
+                    await callback()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("playout callback failed")
+                continue
             if generation != self._generation:
                 continue
             self._busy = True

@@ -16,7 +16,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -64,8 +64,10 @@ class FakeCarrier:
         self.last_voice_sent_at: float | None = None
         self._sent_frames = 0  # carriers number media across the whole call
 
+    headers: dict[str, str] | None = None
+
     async def __aenter__(self) -> FakeCarrier:
-        self.ws = await connect(self.url, max_size=1 << 22, compression=None)
+        self.ws = await connect(self.url, max_size=1 << 22, compression=None, additional_headers=self.headers)
         self._reader = asyncio.create_task(self._read())
         self._player = asyncio.create_task(self._play())
         for msg in self.opening():
@@ -253,7 +255,8 @@ class FakeCarrier:
         deadline = time.monotonic() + timeout
         while not self.audio_chunks:
             if time.monotonic() > deadline:
-                raise TimeoutError("no audio from the server")
+                kinds = [m.get("type") or m.get("event") for _, m in self.texts][-12:]
+                raise TimeoutError(f"no audio from the server; last messages: {kinds}")
             await asyncio.sleep(0.02)
 
     async def wait_quiet(self, quiet_s: float = 1.5, timeout: float = 60.0) -> None:
@@ -571,3 +574,88 @@ class FakeAsteriskWS(FakeCarrier):
         self.controls.append(command)
         if command == "FLUSH_MEDIA":
             self.got_clear()
+
+
+class FakeRealtime(FakeCarrier):
+    """An OpenAI Realtime client over a raw websocket (GA event names, or the
+    beta ones with ``beta=True``). Like the reference clients it stops its
+    local playback on ``input_audio_buffer.speech_started`` and then tells
+    the server how much of the reply it played (``conversation.item.truncate``)."""
+
+    path = "/v1/realtime?model=firstline-test"
+    echo_flushed = False
+    FORMATS: ClassVar[dict[str, tuple[str, int]]] = {
+        "audio/pcm": ("pcm16", 24000), "audio/pcmu": ("mulaw", 8000), "audio/pcma": ("alaw", 8000)}  # fmt: skip
+    BETA: ClassVar[dict[str, str]] = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
+
+    def __init__(self, base_url: str, fmt: str = "audio/pcm", audio_out: bool = True, beta: bool = False,
+                 **options: Any) -> None:  # fmt: skip
+        super().__init__(base_url, **options)
+        self.format = fmt
+        self.encoding, self.rate = self.FORMATS[fmt]
+        self.audio_out = audio_out
+        self.beta = beta
+        self.headers = {"Authorization": "Bearer test", **({"OpenAI-Beta": "realtime=v1"} if beta else {})}
+        self.events: list[dict[str, Any]] = []
+        self._item_audio: dict[str, tuple[float, int]] = {}  # item -> (first audio at, bytes)
+        self._playing_item: str | None = None
+
+    def session_update(self) -> dict[str, Any]:
+        td = self.options.get("turn_detection", {"type": "server_vad"})
+        if self.beta:
+            session: dict[str, Any] = {
+                "modalities": ["text", "audio"] if self.audio_out else ["text"],
+                "input_audio_format": self.BETA[self.format],
+                "output_audio_format": self.BETA[self.format],
+                "turn_detection": td,
+            }
+        else:
+            fmt: dict[str, Any] = {"type": self.format}
+            if self.format == "audio/pcm":
+                fmt["rate"] = 24000
+            session = {
+                "type": "realtime",
+                "output_modalities": ["audio"] if self.audio_out else ["text"],
+                "audio": {"input": {"format": fmt, "turn_detection": td}, "output": {"format": fmt}},
+            }
+        if "instructions" in self.options:
+            session["instructions"] = self.options["instructions"]
+        return {"type": "session.update", "event_id": "evt_update", "session": session}
+
+    def opening(self) -> list[dict[str, Any] | bytes | str]:
+        return [self.session_update()]
+
+    def media(self, chunk: bytes, seq: int) -> dict[str, Any]:
+        return {"type": "input_audio_buffer.append", "audio": b64(chunk)}
+
+    def on_server_text(self, msg: dict[str, Any]) -> None:
+        self.events.append(msg)
+        kind = msg.get("type")
+        if kind in ("response.output_audio.delta", "response.audio.delta"):
+            item = msg["item_id"]
+            chunk = base64.b64decode(msg["delta"])
+            at, size = self._item_audio.get(item, (time.monotonic(), 0))
+            self._item_audio[item] = (at, size + len(chunk))
+            self._playing_item = item
+            self.got_audio(chunk, time.monotonic())
+        elif kind == "input_audio_buffer.speech_started" and self._playing_item is not None:
+            item, self._playing_item = self._playing_item, None
+            at, size = self._item_audio[item]
+            played_ms = min((time.monotonic() - at) * 1000, size / self.bytes_per_s * 1000)
+            self.got_clear()
+            truncate = {"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
+                        "audio_end_ms": int(played_ms)}  # fmt: skip
+            asyncio.get_running_loop().create_task(self.send(truncate))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == kind]
+
+    async def next_event(self, kind: str, timeout: float = 60.0, after: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events[after:]:
+                if e.get("type") == kind:
+                    return e
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {kind}; got {[e.get('type') for e in self.events][-20:]}")
+            await asyncio.sleep(0.02)

@@ -70,7 +70,14 @@ async def reply_call(
             done = await watcher.wait_event(call, "response.done", turn=1, timeout=60)
             assert done["text"].startswith(first["text"]) and not done["cancelled"]
             await carrier.wait_audio()
-            await carrier.wait_quiet(1.5)
+            # Every sentence's audio is out when the playout has sent its mark
+            # (not after a quiet spell: a loaded machine can pause between sentences).
+            sentences = [e for e in CallWatcher.of(call, "response.sentence") if e["turn"] == 1]
+            deadline = time.monotonic() + 60
+            while call.playout is not None and len(call.playout.segments) < len(sentences):
+                assert time.monotonic() < deadline, "the reply's audio never finished"
+                await asyncio.sleep(0.05)
+            await carrier.wait_quiet(0.5)
             check_audio_frames(carrier, sizes, multiple_of)
             # Whisper per sentence (cut at the marks): tiny.en tends to stop
             # at the first long pause of a multi-sentence clip.
@@ -80,7 +87,6 @@ async def reply_call(
             # "collar press too" is 75 %); long replies get the tighter bound.
             assert wer <= (0.5 if len(done["text"].split()) >= 8 else 0.8), (done["text"], heard, wer)
             # One mark per sentence, sent after its audio.
-            sentences = [e for e in CallWatcher.of(call, "response.sentence") if e["turn"] == 1]
             metrics = call.audio_metrics[1]
             assert metrics["ttfa_ms"] >= metrics["tts_first_audio_ms"] > 0, metrics
             assert call.playout is not None and len(call.playout.segments) == len(sentences)

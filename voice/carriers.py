@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.server import ServerConnection
 
-from voice import asterisk_ws, exotel, plivo, telnyx, twilio, vonage
+from voice import asterisk_ws, exotel, plivo, realtime, telnyx, twilio, vonage
 from voice.runtime import Runtime
 
 CARRIER_ROUTES: dict[str, Callable[[ServerConnection, Runtime], Awaitable[None]]] = {
@@ -17,4 +17,5 @@ CARRIER_ROUTES: dict[str, Callable[[ServerConnection, Runtime], Awaitable[None]]
     exotel.PATH: exotel.handle_exotel,
     vonage.PATH: vonage.handle_vonage,
     asterisk_ws.PATH: asterisk_ws.handle_asterisk_ws,
+    realtime.PATH: realtime.handle_realtime,
 }

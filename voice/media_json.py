@@ -11,9 +11,9 @@ a bug in one call ends that call only.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +22,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from voice.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CallGuard
 from voice.protocol import MAX_TEXT_FRAME
 from voice.telephony import MalformedMessage, TelephonyCall
 
@@ -68,11 +69,18 @@ def as_int(value: object, what: str) -> int:
 class WebSocketCall(TelephonyCall):
     # Messages a carrier may send that need no action.
     ignored_events: frozenset[str] = frozenset()
+    # The JSON field that names a message ("event" for carriers, "type" for Realtime).
+    dispatch_key = "event"
+    last_message: dict[str, Any] | None = None
 
     def __init__(self, ws: ServerConnection, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ws = ws
         self.malformed = 0
+        # Idle timeout, slow-reader protection and drain, as on the native
+        # protocol: a carrier that stops reading cannot pin memory or stall
+        # the reply task, and a silent socket is a dead call.
+        self.guard = CallGuard(ws, self.runtime.config.limits)
 
     @classmethod
     async def handle(cls, ws: ServerConnection, runtime: Any) -> None:
@@ -81,27 +89,48 @@ class WebSocketCall(TelephonyCall):
 
     async def serve(self) -> None:
         self.admit()
+        await self.on_open()
         reason = "carrier_closed"
+        guard = self.guard
         try:
-            async for frame in self.ws:
-                try:
-                    if isinstance(frame, bytes):
-                        await self.on_binary(frame)
-                    else:
-                        await self.on_text(frame)
-                except MalformedMessage as exc:
-                    self.malformed += 1
-                    log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, exc)
+            async with guard:
+                async for frame in self.ws:
+                    guard.touch()
+                    try:
+                        if isinstance(frame, bytes):
+                            await self.on_binary(frame)
+                        else:
+                            await self.on_text(frame)
+                    except MalformedMessage as exc:
+                        self.malformed += 1
+                        log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, exc)
+                        await self.on_malformed(exc)
         except CallEnded as end:
             reason = str(end) or "carrier_stop"
         except ConnectionClosed:
             reason = "connection_lost"
+        except asyncio.CancelledError:
+            # The guard ended the call (idle, stuck reader, drain); any other
+            # cancellation is real and goes on up.
+            if not guard.ended_by_guard():
+                raise
+            assert guard.end is not None
+            reason = guard.end.reason
         except Exception:
             log.exception("call %s (%s) failed", self.call_id, self.transport)
             reason = "internal_error"
         finally:
             await self.finish(reason)
-        await self.close(1000 if reason != "internal_error" else 1011)
+        if guard.end is not None:
+            await guard.close(guard.end.code, guard.end.text)
+        else:
+            await guard.close(CLOSE_NORMAL if reason != "internal_error" else CLOSE_INTERNAL, "")
+
+    async def on_open(self) -> None:
+        """The connection is up, before the first frame (Realtime greets here)."""
+
+    async def on_malformed(self, exc: MalformedMessage) -> None:
+        """A message was ignored; protocols with an error event send it here."""
 
     async def on_text(self, frame: str) -> None:
         if len(frame) > MAX_TEXT_FRAME * 16:  # carriers send ~100 ms of audio per message; 1 MiB is abuse
@@ -112,9 +141,10 @@ class WebSocketCall(TelephonyCall):
             raise MalformedMessage(f"not JSON: {frame[:40]!r}") from None
         if not isinstance(msg, dict):
             raise MalformedMessage("not a JSON object")
-        event = msg.get("event")
+        self.last_message = msg
+        event = msg.get(self.dispatch_key)
         if not isinstance(event, str):
-            raise MalformedMessage("no string 'event'")
+            raise MalformedMessage(f"no string {self.dispatch_key!r}")
         handler = getattr(self, "on_" + event.replace(":", "_").replace(".", "_"), None)
         if handler is None:
             if event not in self.ignored_events:
@@ -136,16 +166,9 @@ class WebSocketCall(TelephonyCall):
         await self.send_frame(json.dumps(msg, separators=(",", ":")))
 
     async def send_frame(self, frame: str | bytes) -> None:
-        # A failed send means the carrier is gone: the read loop sees the
-        # close at once and finish() releases the call, so nothing to do here.
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(frame)
-
-    async def close(self, code: int = 1000) -> None:
-        try:
-            await self.ws.close(code)
-        except ConnectionClosed:
-            pass
+        # A failed send means the carrier is gone (the read loop sees the
+        # close and finish() releases the call) or stuck (the guard ends it).
+        await self.guard.send(frame)
 
 
 class MarkStyleCall(WebSocketCall):

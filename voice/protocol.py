@@ -36,6 +36,8 @@ class Start:
     endpoint_silence_s: float | None = None
     partials: bool | None = None
     max_tokens: int | None = None
+    # False: no server-side end of turn; the client commits (push-to-talk).
+    auto_turns: bool = True
 
 
 @dataclass

@@ -81,6 +81,11 @@ class CallSession:
             overrides["adaptive_endpoint"] = False
         if start.partials is not None:
             overrides["partials"] = start.partials
+        if not start.auto_turns:
+            # Nothing ends the turn but the client, so there is no pause to
+            # start preemptive work at.
+            overrides["auto_turns"] = False
+            overrides["preemptive"] = False
         if overrides:
             self.asr_config = dataclasses.replace(self.asr_config, **overrides)
         if start.max_tokens:
@@ -115,12 +120,37 @@ class CallSession:
         for ev in self._tracker.feed(samples):
             await self._on_event(ev, now)
 
-    async def commit(self) -> None:
+    async def commit(self) -> bool:
+        """The client ends the turn now. False when it held no speech."""
         if not self.started or self._tracker is None:
             raise ProtocolError("not_started", "'input.commit' before 'start'")
         ended = self._tracker.commit()
         if ended is not None:
             await self._on_event(ended, time.monotonic())
+        return ended is not None
+
+    def clear_input(self) -> None:
+        """Forget the audio of the turn in progress (Realtime
+        ``input_audio_buffer.clear``): a fresh tracker, no pending work."""
+        if self._tracker is None:
+            return
+        self._abort_pending()
+        self.runtime.asr.forget(self.call_id)
+        self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
+        self._last_partial = ""
+
+    def cancel_reply(self) -> bool:
+        """Stop the reply being generated (Realtime ``response.cancel``).
+        The turn reports ``response.done`` with ``cancelled``. False when no
+        reply was in flight."""
+        if self._active is None or self._active.task.done():
+            return False
+        self._active.cancel()
+        return True
+
+    def set_system_prompt(self, prompt: str) -> None:
+        """New instructions for the turns from now on."""
+        self._system_prompt = prompt
 
     async def stop(self, reason: str = "client_stop") -> None:
         """Caller hung up (or the transport closed): release everything."""
@@ -171,7 +201,8 @@ class CallSession:
         cfg = self.asr_config
         if cfg.preemptive:
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s))
-            self._pending = Turn(self, self._turn_index + 1, ev.audio, times, committed=False, on_window=self._window)
+            self._pending = Turn(self, self._turn_index + 1, ev.audio, times, committed=False, on_window=self._window,
+                                 audio_end_s=ev.speech_end_audio_s)  # fmt: skip
         elif cfg.adaptive_endpoint and self._tracker is not None:
             self._tracker.set_endpoint(endpoint_window(self._last_partial, cfg))
 
@@ -203,7 +234,7 @@ class CallSession:
         self._turn_index += 1
         if turn is None:
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s), endpoint=now)
-            turn = Turn(self, self._turn_index, ev.audio, times, committed=True)
+            turn = Turn(self, self._turn_index, ev.audio, times, committed=True, audio_end_s=ev.speech_end_audio_s)
         turn.wasted_generations = self._wasted
         self._wasted = 0
         self.carry_over = ""

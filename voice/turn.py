@@ -70,8 +70,11 @@ class Turn:
         times: TurnTimes,
         committed: bool,
         on_window: Callable[[Turn, float], None] | None = None,
+        audio_end_s: float = 0.0,
     ) -> None:
         self.session = session
+        # Stream position (s of call audio) just after the turn's last voiced chunk.
+        self.audio_end_s = audio_end_s
         self.index = index
         self.audio = audio
         self.times = times
@@ -144,7 +147,8 @@ class Turn:
             self._on_window(self, endpoint_window(decoded.text, session.asr_config))
         if not self.user_text:
             return  # VAD heard something Whisper found no words in: no turn
-        await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text})
+        await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text,
+                         "audio_end_ms": round(self.audio_end_s * 1000)})  # fmt: skip
         await self._out({"type": "turn.ended", "turn": self.index})
         await self._reply()
 

@@ -1,0 +1,215 @@
+"""OpenAI-Realtime-compatible endpoint (/v1/realtime): a raw-websocket
+Realtime client (GA and beta event names) and the official ``openai`` SDK
+drive real calls through the real pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+import pytest
+
+from asr.wer import word_error_rate
+from benchmarks.corpus import shared_clip
+from streaming.codecs import StreamResampler, float_to_int16
+from tests.conftest import with_silence
+from tests.fake_carrier import CallWatcher, FakeRealtime
+from tests.transport_checks import (
+    STORY,
+    barge_in_call,
+    hangups_release_everything,
+    malformed_then_call,
+    prompt_clip,
+    reply_call,
+    server_base,
+)
+
+
+async def test_realtime_pcm24k_speaks_the_reply(server):
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm")
+    metrics = await reply_call(server, carrier, prompt_clip(11), multiple_of=2, dtmf=None)
+    assert metrics["ttfa_ms"] > 0
+    kinds = [e["type"] for e in carrier.events]
+    # The GA sequence a Realtime client expects, in order.
+    order = [
+        "session.created", "session.updated", "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "conversation.item.added",
+        "conversation.item.input_audio_transcription.completed", "response.created", "response.output_item.added",
+        "response.content_part.added", "response.output_audio_transcript.delta", "response.output_audio.delta",
+        "response.output_audio.done", "response.output_audio_transcript.done", "response.content_part.done",
+        "response.output_item.done", "conversation.item.done", "response.done",
+    ]  # fmt: skip
+    positions = [kinds.index(k) for k in order]
+    assert positions == sorted(positions), list(zip(order, positions, strict=True))
+    assert all(isinstance(e.get("event_id"), str) for e in carrier.events)
+    done = carrier.of("response.done")[0]["response"]
+    assert done["status"] == "completed"
+    transcript = carrier.of("response.output_audio_transcript.done")[0]["transcript"]
+    assert done["output"][0]["content"][0]["transcript"] == transcript
+    # firstline's per-turn timings ride in the response metadata.
+    assert float(done["metadata"]["firstline_ttfs_ms"]) > 0
+    assert float(done["metadata"]["firstline_ttfa_ms"]) > 0
+    assert done["usage"]["output_tokens"] > 0
+    # Audio deltas come before response.done, 100 ms each but the last.
+    sizes = {len(c) for _, c in carrier.audio_chunks}
+    assert 4800 in sizes and max(sizes) <= 4800
+
+
+async def test_realtime_text_only_pcmu_and_transcription_events(server):
+    clip = prompt_clip(12)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        updated = carrier.of("session.updated")[0]["session"]
+        assert updated["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+        assert updated["output_modalities"] == ["text"]
+        await carrier.say(with_silence(clip.load(8000), 8000, 1.3), speed=None)
+        done = await carrier.next_event("response.done")
+        completed = carrier.of("conversation.item.input_audio_transcription.completed")[0]
+        assert word_error_rate(clip.reference, completed["transcript"]) <= 0.35, completed
+        deltas = "".join(e["delta"] for e in carrier.of("response.output_text.delta"))
+        text = carrier.of("response.output_text.done")[0]["text"]
+        assert deltas == text and text.strip()
+        assert done["response"]["output"][0]["content"] == [{"type": "output_text", "text": text}]
+        assert not carrier.audio_chunks, "text modality sends no audio"
+        # The user item precedes the assistant's, and the ids chain.
+        user = carrier.of("conversation.item.added")[0]["item"]
+        assert user["role"] == "user" and user["id"] == completed["item_id"]
+        assistant = carrier.of("conversation.item.added")[1]
+        assert assistant["previous_item_id"] == user["id"]
+
+
+async def test_realtime_beta_names_and_g711_alaw(server):
+    clip = prompt_clip(13)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcma", beta=True)
+    async with carrier:
+        created = await carrier.next_event("session.created", timeout=10)
+        assert created["session"]["input_audio_format"] == "pcm16"  # the beta session object
+        await carrier.say(with_silence(clip.load(8000), 8000, 1.3), speed=None)
+        await carrier.next_event("response.done")
+        kinds = {e["type"] for e in carrier.events}
+        assert {"conversation.item.created", "response.audio.delta", "response.audio_transcript.delta",
+                "response.audio_transcript.done"} <= kinds, kinds  # fmt: skip
+        assert not kinds & {"conversation.item.added", "response.output_audio.delta", "conversation.item.done"}
+        assert carrier.of("session.updated")[0]["session"]["output_audio_format"] == "g711_alaw"
+        assert carrier.audio_chunks and all(len(c) <= 800 for _, c in carrier.audio_chunks)
+
+
+async def test_realtime_push_to_talk_holds_the_reply_until_response_create(server):
+    clip = prompt_clip(14)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        await carrier.send({"type": "input_audio_buffer.commit", "event_id": "evt_empty"})
+        err = await carrier.next_event("error", timeout=10)
+        assert err["error"]["code"] == "input_audio_buffer_commit_empty" and err["error"]["event_id"] == "evt_empty"
+        # Speech and a long silence: no server VAD, so nothing happens by itself.
+        await carrier.say(with_silence(clip.load(24000), 24000, 2.0), speed=None)
+        await asyncio.sleep(1.0)
+        assert not carrier.of("input_audio_buffer.speech_started")
+        assert not carrier.of("input_audio_buffer.committed")
+        await carrier.send({"type": "input_audio_buffer.commit"})
+        completed = await carrier.next_event("conversation.item.input_audio_transcription.completed")
+        assert word_error_rate(clip.reference, completed["transcript"]) <= 0.35, completed
+        await asyncio.sleep(1.5)  # the reply is generated meanwhile, but held
+        assert not carrier.of("response.created") and not carrier.of("response.output_text.delta")
+        mark = len(carrier.events)
+        await carrier.send({"type": "response.create"})
+        await carrier.next_event("response.created", after=mark, timeout=5)
+        done = await carrier.next_event("response.done", after=mark)
+        assert done["response"]["status"] == "completed" and done["response"]["output"][0]["content"][0]["text"]
+
+
+async def test_realtime_response_cancel_and_truncate_barge_in(server):
+    await barge_in_call(server, FakeRealtime(server_base(server), fmt="audio/pcmu"), needs_mark=False)
+
+
+async def test_realtime_response_cancel(server):
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, instructions=STORY)
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        await carrier.send({"type": "response.cancel", "event_id": "evt_c0"})
+        err = await carrier.next_event("error", timeout=10)
+        assert err["error"]["code"] == "response_cancel_not_active"
+        await carrier.say(with_silence(prompt_clip(15).load(24000), 24000, 1.3), speed=None)
+        await carrier.next_event("response.output_text.delta")
+        await carrier.send({"type": "response.cancel"})
+        done = await carrier.next_event("response.done")
+        assert done["response"]["status"] == "cancelled"
+        assert done["response"]["status_details"]["reason"] == "client_cancelled"
+
+
+async def test_realtime_malformed_events_get_error_events(server):
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    bad = [
+        "not json",
+        "[1]",
+        {"no": "type"},
+        {"type": "dance", "event_id": "evt_dance"},
+        {"type": "input_audio_buffer.append", "audio": "***"},
+        {"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/opus"}}}}},
+        {"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}},
+        {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "magic"}}}}},
+        {"type": "session.update", "session": {"instructions": 7}},
+        {"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 10},
+        {"type": "conversation.item.create", "item": {"type": "message"}},
+    ]
+    await malformed_then_call(server, carrier, bad, prompt_clip(16))
+    errors = carrier.of("error")
+    assert len(errors) == len(bad), [e["error"]["message"] for e in errors]
+    assert all(e["error"]["type"] == "invalid_request_error" for e in errors)
+    assert any(e["error"]["event_id"] == "evt_dance" and e["error"]["code"] == "invalid_event" for e in errors)
+    # The format can't change once audio flows.
+    async with FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False) as late:
+        await late.say(np.zeros(1600, np.float32), speed=None)
+        await late.send({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 24000}}}}})  # fmt: skip
+        err = await late.next_event("error", timeout=10)
+        assert err["error"]["code"] == "session_locked"
+
+
+async def test_realtime_hangups_release_everything(server):
+    clips = [prompt_clip(i) for i in (17, 18, 19)]
+    # A fixed 500 ms window (server_vad's silence_duration_ms): the helper
+    # sends only 0.7 s of silence after each prompt.
+    vad = {"type": "server_vad", "silence_duration_ms": 500}
+
+    def caller() -> FakeRealtime:
+        return FakeRealtime(server_base(server), fmt="audio/pcmu", turn_detection=vad)
+
+    with CallWatcher() as watcher:
+        await hangups_release_everything(server, caller, clips)
+    assert all(c.session.asr_config.endpoint_silence_s == 0.5 for c in watcher.calls)
+    assert not any(c.session.asr_config.adaptive_endpoint for c in watcher.calls)
+
+
+async def test_openai_sdk_realtime_client(server):
+    """The official SDK (GA interface) parses every event we send."""
+    openai = pytest.importorskip("openai")
+    clip = shared_clip("librispeech_quilter.wav")
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="test")
+    audio = with_silence(clip.load(24000), 24000, 1.3)
+    pcm = float_to_int16(StreamResampler(24000, 24000).process(audio, last=True)).tobytes()
+    with CallWatcher() as watcher:
+        async with client.realtime.connect(model="firstline") as conn:
+            fmt = {"type": "audio/pcm", "rate": 24000}
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                               "audio": {"input": {"format": fmt}}})  # fmt: skip
+            for i in range(0, len(pcm), 9600):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9600]).decode())
+            seen: list[str] = []
+            transcript = text = ""
+            async for event in conn:
+                seen.append(event.type)
+                if event.type == "conversation.item.input_audio_transcription.completed":
+                    transcript = event.transcript
+                elif event.type == "response.output_text.done":
+                    text = event.text
+                elif event.type == "response.done":
+                    assert event.response.status == "completed"
+                    break
+            call = await watcher.one()
+    assert word_error_rate(clip.reference, transcript) <= 0.2, transcript
+    assert text.strip() and call.transport == "realtime"
+    assert "session.created" in seen and "response.output_text.delta" in seen
