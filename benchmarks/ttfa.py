@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import statistics
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -50,11 +51,18 @@ async def run(calls: int) -> dict[str, object]:
     finally:
         await server.close()
     tts = [r["tts_first_audio_ms"] for r in server_rows if r]
+    # A negative time: the reply's audio came back before the caller's last
+    # word left, i.e. the endpoint cut the prompt at an inner pause. That is
+    # an endpointing miss, counted apart, not a latency.
+    valid = [ms for ms in caller_ms if ms > 0]
     return {
+        "command": f"python -m benchmarks.ttfa --calls {calls}",
         "calls": calls,
         "caller_ttfa_ms": caller_ms,
-        "caller_ttfa_median_ms": statistics.median(caller_ms),
-        "caller_ttfa_max_ms": max(caller_ms),
+        "cut_off_calls": len(caller_ms) - len(valid),
+        "caller_ttfa_median_ms": statistics.median(valid) if valid else None,
+        "caller_ttfa_p95_ms": sorted(valid)[min(len(valid) - 1, round(0.95 * (len(valid) - 1)))] if valid else None,
+        "caller_ttfa_max_ms": max(valid) if valid else None,
         "server_ttfa_ms": [r.get("ttfa_ms") for r in server_rows],
         "tts_first_audio_median_ms": statistics.median(tts) if tts else None,
     }
@@ -63,7 +71,11 @@ async def run(calls: int) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=8)
-    print(json.dumps(asyncio.run(run(parser.parse_args().calls)), indent=2))
+    result = asyncio.run(run(parser.parse_args().calls))
+    print(json.dumps(result, indent=2))
+    out = Path(__file__).parent / "results" / "ttfa.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
+from asr.wer import word_error_rate
 from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher, FakeTwilio
 from tests.transport_checks import (
+    asr_text,
     barge_in_call,
+    check_audio_frames,
     hangups_release_everything,
     malformed_then_call,
     prompt_clip,
@@ -91,3 +96,23 @@ async def test_twilio_hangup_mid_reply_releases_everything(server):
     await hangups_release_everything(
         server, lambda: FakeTwilio(server_base(server)), [prompt_clip(40), prompt_clip(41)]
     )
+
+
+@pytest.mark.realtime
+async def test_twilio_jfk_mulaw_reply_audio_speaks_the_first_sentence(server, jfk):
+    """The issue's reference call: jfk.wav as Twilio μ-law at real time; the
+    μ-law audio sent back, transcribed, holds the reply's first sentence."""
+    carrier = FakeTwilio(server_base(server))
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.say(with_silence(jfk.load(8000), 8000, 2.0), speed=1.0)
+            first = await watcher.wait_event(call, "response.sentence", first=True, timeout=60)
+            for _ in range(600):  # the first sentence's mark: its audio is all out
+                if carrier.mark_offsets:
+                    break
+                await asyncio.sleep(0.05)
+            assert carrier.mark_offsets, "no mark after the first sentence's audio"
+            check_audio_frames(carrier, {160})
+            heard = await asr_text(server, carrier.pieces16k()[0])
+            assert word_error_rate(first["text"], heard) <= 0.4, (first["text"], heard)
