@@ -80,7 +80,8 @@ class WebSocketCall(TelephonyCall):
         # Idle timeout, slow-reader protection and drain, as on the native
         # protocol: a carrier that stops reading cannot pin memory or stall
         # the reply task, and a silent socket is a dead call.
-        self.guard = CallGuard(ws, self.runtime.config.limits)
+        # (No socket: a parser exercised on its own, as the fuzz tests do.)
+        self.guard = CallGuard(ws, self.runtime.config.limits) if ws is not None else None
 
     @classmethod
     async def handle(cls, ws: ServerConnection, runtime: Any) -> None:
@@ -92,6 +93,7 @@ class WebSocketCall(TelephonyCall):
         await self.on_open()
         reason = "carrier_closed"
         guard = self.guard
+        assert guard is not None, "serve() needs a connection"
         try:
             async with guard:
                 async for frame in self.ws:
@@ -168,7 +170,8 @@ class WebSocketCall(TelephonyCall):
     async def send_frame(self, frame: str | bytes) -> None:
         # A failed send means the carrier is gone (the read loop sees the
         # close and finish() releases the call) or stuck (the guard ends it).
-        await self.guard.send(frame)
+        if self.guard is not None:
+            await self.guard.send(frame)
 
 
 class MarkStyleCall(WebSocketCall):
