@@ -165,7 +165,8 @@ class SupervisedEngine(LLMEngine):
                 if time.monotonic() > deadline:
                     raise EngineError(f"LLM engine process not ready after {self.config.child_start_timeout_s} s")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(proc.wait()), 0.1)
+                    async with asyncio.timeout(0.1):
+                        await asyncio.shield(proc.wait())
             await remote.start()
         except BaseException:
             await remote.close()
@@ -183,7 +184,8 @@ class SupervisedEngine(LLMEngine):
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
         try:
-            await asyncio.wait_for(proc.wait(), grace_s)
+            async with asyncio.timeout(grace_s):
+                await proc.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -207,7 +209,8 @@ class SupervisedEngine(LLMEngine):
             while not self._closing:
                 delay = self.next_restart_delay_s
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 self._wake.clear()
                 self.next_restart_delay_s = min(delay * 2, self.config.restart_backoff_max_s)
                 self.restarts += 1
@@ -226,7 +229,8 @@ class SupervisedEngine(LLMEngine):
         if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(proc.wait()), wait_s)
+            async with asyncio.timeout(wait_s):
+                await asyncio.shield(proc.wait())
         if proc.returncode is not None and self._up:
             self._set_up(False)
 

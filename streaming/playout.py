@@ -186,9 +186,14 @@ class Playout:
 
     async def close(self) -> None:
         self._generation += 1
-        self._worker.cancel()
+        # Cancel until it is done: a cancel can be lost inside library code
+        # (3.11's wait_for swallows one that races a completed send), and a
+        # worker that survives its call is a leaked task per hang-up.
+        while not self._worker.done():
+            self._worker.cancel()
+            await asyncio.wait({self._worker}, timeout=1.0)
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._worker
+            self._worker.result()
 
     # ---- worker --------------------------------------------------------
 

@@ -121,7 +121,8 @@ class AsteriskWebSocketCall(WebSocketCall):
     async def send_audio(self, chunk: bytes) -> None:
         if not self._xon.is_set():
             try:
-                await asyncio.wait_for(self._xon.wait(), XOFF_WAIT_S)
+                async with asyncio.timeout(XOFF_WAIT_S):
+                    await self._xon.wait()
             except TimeoutError:
                 log.warning("call %s (asterisk): queue full for %.0f s; dropping audio", self.call_id, XOFF_WAIT_S)
                 return

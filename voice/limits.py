@@ -120,7 +120,11 @@ class CallGuard:
         if self.end is SLOW_READER:
             return False  # nothing more goes into a buffer nobody drains
         try:
-            await asyncio.wait_for(self.ws.send(text), self.limits.send_timeout_s)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow
+            # a cancel that lands as the send completes, and the playout task
+            # sending here would then outlive its call.
+            async with asyncio.timeout(self.limits.send_timeout_s):
+                await self.ws.send(text)
         except TimeoutError:
             log.warning("client not reading for %.1f s: dropping the call", self.limits.send_timeout_s)
             if self.end is None:
@@ -137,7 +141,8 @@ class CallGuard:
         """Close handshake bounded in time: a stuck peer cannot hold the
         handler (websockets' close waits for the outbound buffer to drain)."""
         try:
-            await asyncio.wait_for(self.ws.close(code, text), self.limits.close_timeout_s)
+            async with asyncio.timeout(self.limits.close_timeout_s):
+                await self.ws.close(code, text)
         except (TimeoutError, ConnectionClosed):
             self.ws.transport.abort()
 

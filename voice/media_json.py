@@ -173,6 +173,12 @@ class WebSocketCall(TelephonyCall):
         if self.guard is not None:
             await self.guard.send(frame)
 
+    async def close(self, code: int = CLOSE_NORMAL, text: str = "") -> None:
+        """End the call from the server side (shutdown, limits, an operator):
+        the close handshake ends the read loop and finish() releases the call."""
+        if self.guard is not None:
+            await self.guard.close(code, text)
+
 
 class MarkStyleCall(WebSocketCall):
     """Carriers shaped like Twilio Media Streams (Twilio, Telnyx, Exotel):
