@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,6 +31,8 @@ from websockets.exceptions import InvalidStatus
 
 from benchmarks.client import NativeCaller
 from benchmarks.corpus import Utterance, asterisk_prompts
+
+RESULTS = Path(__file__).parent / "results" / "soak.json"
 
 
 def free_port() -> int:
@@ -62,7 +66,11 @@ def wait_ready(port: int, timeout: float = 120) -> None:
     raise TimeoutError("server not ready")
 
 
-async def one_call(url: str, clip: Utterance, speed: float) -> str:
+async def one_call(url: str, clip: Utterance, speed: float) -> tuple[str, list[str]]:
+    """One short call; returns its outcome and the event types it received
+    (kept for lost calls, so a loss can be told from a prompt the ASR hears
+    as nothing)."""
+    events: list[str] = []
     try:
         async with NativeCaller(url) as caller:
             await caller.start("mulaw", 8000)
@@ -72,38 +80,47 @@ async def one_call(url: str, clip: Utterance, speed: float) -> str:
             try:
                 await caller.wait_for("response.done", timeout=60)
             except (TimeoutError, ConnectionError):
-                return "lost_transcript" if not caller.result.of("transcript.final") else "lost_reply"
+                pass
+            events = [str(r.event.get("type")) for r in caller.result.events]
             if not caller.result.of("transcript.final"):
-                return "lost_transcript"
+                return "lost_transcript", events
+            if not caller.result.of("response.done"):
+                return "lost_reply", events
             await caller.send_json({"type": "stop"})
             await caller.wait_for("call.ended", timeout=10)
-            return "ok"
+            return "ok", events
     except InvalidStatus:
-        return "refused"
+        return "refused", events
     except (TimeoutError, ConnectionError, OSError):
-        return "error"
+        return "error", events
 
 
-async def soak(port: int, calls: int, concurrency: int, speed: float) -> dict[str, int]:
+async def soak(port: int, calls: int, concurrency: int, speed: float) -> tuple[dict[str, int], list[dict[str, object]]]:
     url = f"ws://127.0.0.1:{port}/v1/call"
     prompts = [p for p in asterisk_prompts(min_words=5) if len(p.reference.split()) <= 14]
     if not prompts:
         sys.exit("asterisk-core-sounds-en-wav not installed")
     gate = asyncio.Semaphore(concurrency)
     outcomes: dict[str, int] = {}
+    losses: list[dict[str, object]] = []
     done = 0
 
     async def run(i: int) -> None:
         nonlocal done
         async with gate:
-            outcome = await one_call(url, prompts[i % len(prompts)], speed)
+            clip = prompts[i % len(prompts)]
+            outcome, events = await one_call(url, clip, speed)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if outcome != "ok":
+            losses.append(
+                {"call": i, "outcome": outcome, "clip": clip.name, "reference": clip.reference, "events": events}
+            )
         done += 1
         if done % 20 == 0:
             print(f"  {done}/{calls} calls: {outcomes}", flush=True)
 
     await asyncio.gather(*(run(i) for i in range(calls)))
-    return outcomes
+    return outcomes, losses
 
 
 def main() -> int:
@@ -122,7 +139,7 @@ def main() -> int:
             wait_ready(port)
             start = scrape(port)
             t0 = time.monotonic()
-            outcomes = asyncio.run(soak(port, args.calls, args.concurrency, args.speed))
+            outcomes, losses = asyncio.run(soak(port, args.calls, args.concurrency, args.speed))
             elapsed = time.monotonic() - t0
             time.sleep(1.0)  # let hang-ups finish server side
             end = scrape(port)
@@ -137,6 +154,26 @@ def main() -> int:
     print(f"open fds {start['process_open_fds']:.0f} -> {end['process_open_fds']:.0f}")
     print(f"asyncio tasks {start['firstline_asyncio_tasks']:.0f} -> {end['firstline_asyncio_tasks']:.0f}")
     print(f"active calls after: {end['firstline_active_calls']:.0f}; server exit code {rc}")
+    for loss in losses:
+        print(f"  lost: call {loss['call']} {loss['outcome']} clip {loss['clip']} ({loss['reference']!r})")
+        print(f"        events {loss['events']}")
+    figures = {
+        "calls": args.calls,
+        "concurrency": args.concurrency,
+        "speed": args.speed,
+        "serve_args": args.serve_args,
+        "elapsed_s": round(elapsed, 1),
+        "outcomes": outcomes,
+        "losses": losses,
+        "rss_mib": [round(rss[0], 1), round(rss[1], 1)],
+        "open_fds": [start["process_open_fds"], end["process_open_fds"]],
+        "asyncio_tasks": [start["firstline_asyncio_tasks"], end["firstline_asyncio_tasks"]],
+        "active_calls_after": end["firstline_active_calls"],
+        "server_exit_code": rc,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"saved {RESULTS}")
     lost = sum(v for k, v in outcomes.items() if k != "ok")
     return 0 if lost == 0 and rc == 0 else 1
 
