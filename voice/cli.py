@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("AUTH_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on call upgrades (or FIRSTLINE_AUTH_TOKEN)",
     )
+    serve.add_argument(
+        "--otel-endpoint",
+        default=None,
+        help="send a trace per turn to this OTLP/HTTP URL, e.g. http://collector:4318/v1/traces "
+        "(also on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the otel extra)",
+    )
     return parser
 
 
@@ -146,6 +152,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.admission.ttfs_target_ms = args.ttfs_target_ms or None
     config.admission.max_asr_queue = args.max_asr_queue or None
     config.auth_token = args.auth_token or None
+    config.otel_endpoint = args.otel_endpoint
+    otel_env = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    config.tracing = bool(args.otel_endpoint or any(os.environ.get(name) for name in otel_env))
     return config
 
 

@@ -32,3 +32,7 @@ class ServerConfig:
     tts: TTSConfig = field(default_factory=TTSConfig)
     # Asterisk AudioSocket is raw TCP, so it gets its own listener (None: off; 0: any free port).
     audiosocket_port: int | None = None
+    # OpenTelemetry traces per turn (voice/tracing.py): off unless enabled.
+    # Endpoint None with tracing on: the standard OTEL_EXPORTER_OTLP_* variables.
+    tracing: bool = False
+    otel_endpoint: str | None = None

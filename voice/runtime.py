@@ -13,6 +13,7 @@ from llm.base import LLMEngine
 from llm.config import LLMConfig
 from voice.config import ServerConfig
 from voice.metrics import Metrics
+from voice.tracing import TurnTracer
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class Runtime:
         self.metrics.bind_gauges(lambda: self.active_calls, lambda: self.asr.queue_depth)
         self.asr.on_decode = self.metrics.observe_asr_decode
         self.metrics.bind_engine(self.engine)
+        # A span per answered turn (voice/tracing.py); None: tracing off.
+        self.tracer: TurnTracer | None = None
+        if config.tracing:
+            self.tracer = TurnTracer.to_otlp(config.otel_endpoint)
 
     @property
     def llm_available(self) -> bool:
@@ -56,3 +61,5 @@ class Runtime:
         self.ready = False
         await self.asr.close()
         await self.engine.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()

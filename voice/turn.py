@@ -205,6 +205,18 @@ class Turn:
             return
         assert self.request is not None
         usage = self.request.usage
+        metrics: dict[str, Any] = {
+            "type": "turn.metrics",
+            "turn": self.index,
+            **self.times.metrics(),
+            "preemptive": self.preemptive,
+            "wasted_generations": self.wasted_generations,
+            "speculative_acceptance": usage.acceptance_rate,
+            "draft_tokens": usage.draft_tokens,
+            "accepted_tokens": usage.accepted_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens,
+        }
         with contextlib.suppress(Exception):
             if failed is not None:
                 message = f"turn {self.index}: {failed}"
@@ -218,18 +230,11 @@ class Turn:
                     "usage": usage.as_dict(),
                 }
             )
-            await session.emit(
-                {
-                    "type": "turn.metrics",
-                    "turn": self.index,
-                    **self.times.metrics(),
-                    "preemptive": self.preemptive,
-                    "wasted_generations": self.wasted_generations,
-                    "speculative_acceptance": usage.acceptance_rate,
-                    "draft_tokens": usage.draft_tokens,
-                    "accepted_tokens": usage.accepted_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "cached_tokens": usage.cached_tokens,
-                }
-            )
-
+            await session.emit(metrics)
+        tracer = session.runtime.tracer
+        if tracer is not None:
+            try:
+                error = "cancelled" if cancelled else (self.error_code if failed is not None else None)
+                tracer.record_turn(session.call_id, self.index, self.times, metrics, error)
+            except Exception:
+                log.exception("tracing turn %d failed", self.index)  # traces are never worth a turn
