@@ -31,6 +31,14 @@ class CallResult:
     events: list[Received] = field(default_factory=list)
     last_voice_sent_at: float | None = None  # monotonic
     audio_done_at: float | None = None
+    # Reply audio (options.reply_audio): binary frames as received, and the
+    # byte offset into them at which each response.audio.mark arrived.
+    audio_frames: list[tuple[float, bytes]] = field(default_factory=list)
+    audio_bytes: int = 0
+    mark_offsets: dict[str, int] = field(default_factory=dict)
+
+    def reply_audio(self) -> bytes:
+        return b"".join(frame for _, frame in self.audio_frames)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [r.event for r in self.events if r.event.get("type") == kind]
@@ -97,8 +105,14 @@ class NativeCaller:
         assert self.ws is not None
         with contextlib.suppress(Exception):
             async for raw in self.ws:
+                if isinstance(raw, bytes):  # reply audio
+                    self.result.audio_frames.append((time.monotonic(), raw))
+                    self.result.audio_bytes += len(raw)
+                    continue
                 ev = json.loads(raw)
                 self.result.events.append(Received(time.monotonic(), ev))
+                if ev.get("type") == "response.audio.mark":
+                    self.result.mark_offsets[str(ev.get("name"))] = self.result.audio_bytes
                 for waiter in list(self._waiters):
                     kind, match, fut = waiter
                     if ev.get("type") == kind and all(ev.get(k) == v for k, v in match.items()):

@@ -38,6 +38,9 @@ class Start:
     max_tokens: int | None = None
     # False: no server-side end of turn; the client commits (push-to-talk).
     auto_turns: bool = True
+    # Native protocol: speak the reply back as binary frames in the call's own
+    # encoding and rate (default: text only, for clients with their own TTS).
+    reply_audio: bool = False
 
 
 @dataclass
@@ -50,7 +53,15 @@ class Stop:
     pass
 
 
-ClientMessage = Start | Commit | Stop
+@dataclass
+class Played:
+    """The client played a reply sentence's audio to its end (echo of a
+    ``response.audio.mark``); without these the playout clock decides."""
+
+    name: str
+
+
+ClientMessage = Start | Commit | Stop | Played
 
 
 def parse_text(raw: str) -> ClientMessage:
@@ -71,6 +82,11 @@ def parse_text(raw: str) -> ClientMessage:
         return Commit()
     if kind == "stop":
         return Stop()
+    if kind == "response.audio.played":
+        name = msg.get("name")
+        if not isinstance(name, str) or len(name) > 64:
+            raise ProtocolError("invalid_message", "'response.audio.played' needs the mark's 'name'")
+        return Played(name)
     if not isinstance(kind, str):
         raise ProtocolError("invalid_message", "message has no string 'type'")
     raise ProtocolError("unknown_event", f"unknown message type {kind[:64]!r}")
@@ -117,6 +133,9 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1024
     ):
         raise ProtocolError("invalid_message", "'options.max_tokens' must be an integer in 1..1024")
+    reply_audio = options.get("reply_audio", False)
+    if not isinstance(reply_audio, bool):
+        raise ProtocolError("invalid_message", "'options.reply_audio' must be a boolean")
     return Start(
         encoding=encoding,
         sample_rate=int(rate),
@@ -125,6 +144,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         endpoint_silence_s=None if endpoint_ms is None else endpoint_ms / 1000.0,
         partials=partials,
         max_tokens=max_tokens,
+        reply_audio=reply_audio,
     )
 
 

@@ -99,7 +99,9 @@ class TelephonyCall:
 
     async def begin(self, start: Start, out: OutFormat | None) -> None:
         """Start the session; with ``out``, speak replies in that format."""
-        if out is not None:
+        if self.session.started:
+            raise ProtocolError("already_started", "the call has already started")
+        if out is not None and self.playout is None:
             try:
                 tts = self._tts or shared_tts(getattr(self.runtime.config, "tts", None))
                 await tts.warm()

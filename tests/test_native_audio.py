@@ -1,0 +1,120 @@
+"""Reply audio on the native protocol (``options.reply_audio``): binary
+frames in the call's encoding, a mark after each sentence, a clear on
+barge-in; text-only stays the default. Real speech in, the real voice out,
+and the audio that comes back is transcribed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from asr.wer import word_error_rate
+from benchmarks.client import NativeCaller
+from streaming.codecs import StreamResampler, decode, int16_to_float
+from tests.conftest import with_silence
+from tests.fake_carrier import CallWatcher
+from tests.transport_checks import STORY, asr_text, by_name
+from voice.server import VoiceServer
+
+
+def to16k(data: bytes, encoding: str, rate: int):
+    pcm = decode(data, encoding)  # type: ignore[arg-type]
+    return StreamResampler(rate, 16000).process(int16_to_float(pcm), last=True)
+
+
+async def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("encoding", "rate", "frame_bytes"), [("mulaw", 8000, 160), ("pcm16", 16000, 640)])
+async def test_native_reply_audio_speaks_the_first_sentence(
+    server: VoiceServer, call_url: str, encoding: str, rate: int, frame_bytes: int
+) -> None:
+    clip = by_name("all-circuits-busy-now")  # one phrase: one turn, even sent 4x faster than real time
+    async with NativeCaller(call_url) as caller:
+        ready = await caller.start(encoding, rate, options={"reply_audio": True})
+        assert ready["reply_audio"] == {"encoding": encoding, "sample_rate": rate, "frame_bytes": frame_bytes}
+        await caller.play(with_silence(clip.load(rate), rate, 1.5), rate, encoding, realtime=True, speed=4.0)
+        done = await caller.wait_for("response.done", timeout=90)
+        sentences = [e for e in caller.result.of("response.sentence") if e["turn"] == done["turn"]]
+        assert sentences
+        # Every sentence's audio is followed by its mark.
+        await wait_until(lambda: len(caller.result.mark_offsets) >= len(sentences), 60, "one mark per sentence")
+        marks = [m for m in caller.result.of("response.audio.mark") if m["turn"] == done["turn"]]
+        assert [(m["turn"], m["index"]) for m in marks] == [(s["turn"], s["index"]) for s in sentences]
+        metrics = await caller.wait_for("turn.audio_metrics", timeout=10, turn=done["turn"])
+        assert metrics["ttfa_ms"] >= metrics["tts_first_audio_ms"] > 0, metrics
+        await caller.send_json({"type": "stop"})
+        await caller.wait_for("call.ended", timeout=10)
+    frames = caller.result.audio_frames
+    assert frames and all(len(f) == frame_bytes for _, f in frames), {len(f) for _, f in frames}
+    # The audio before the first mark is the first sentence (the turn before
+    # it, if any, ended with its own mark).
+    offsets = sorted(caller.result.mark_offsets.values())
+    first_cut = caller.result.mark_offsets[marks[0]["name"]]
+    start = max([0, *(o for o in offsets if o < first_cut)])
+    heard = await asr_text(server, to16k(caller.result.reply_audio()[start:first_cut], encoding, rate))
+    assert word_error_rate(sentences[0]["text"], heard) <= 0.4, (sentences[0]["text"], heard)
+
+
+async def test_native_is_text_only_by_default(call_url: str, phone_prompts) -> None:
+    clip = phone_prompts[5]
+    async with NativeCaller(call_url) as caller:
+        ready = await caller.start("mulaw", 8000)
+        assert ready["reply_audio"] is None
+        await caller.play(with_silence(clip.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+        await caller.wait_for("response.done", timeout=60)
+        await caller.send_json({"type": "stop"})
+        await caller.wait_for("call.ended", timeout=10)
+    assert caller.result.audio_frames == []
+    assert caller.result.of("response.audio.mark") == []
+
+
+async def test_native_barge_in_clears_and_history_keeps_what_was_played(server: VoiceServer, call_url: str) -> None:
+    """The caller confirms the first sentence played, then talks over the
+    rest: the server sends response.audio.clear, and the turn's history holds
+    the played sentences only."""
+    first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("pcm16", 16000, system_prompt=STORY, options={"reply_audio": True, "max_tokens": 400})
+            call = await watcher.one()
+            await caller.play(with_silence(first.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
+            mark = await caller.wait_for("response.audio.mark", timeout=60)
+            await caller.send_json({"type": "response.audio.played", "name": mark["name"]})
+            await caller.wait_for("response.sentence", timeout=30, turn=mark["turn"], index=1)
+            await caller.play(with_silence(second.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
+            clear = await caller.wait_for("response.audio.clear", timeout=20)
+            assert clear["turn"] == mark["turn"]
+            await caller.wait_for("response.done", timeout=30, turn=mark["turn"])
+            await caller.wait_for("transcript.final", timeout=30, turn=mark["turn"] + 1)
+            sentences = [e["text"] for e in caller.result.of("response.sentence") if e["turn"] == mark["turn"]]
+            reply = call.session._replies.get(mark["turn"])
+            heard = reply["content"] if reply is not None else ""
+            assert heard and len(sentences) >= 2
+            assert heard != " ".join(sentences), "history kept sentences the caller never heard"
+            assert " ".join(sentences).startswith(heard)
+            await caller.send_json({"type": "stop"})
+            await caller.wait_for("call.ended", timeout=20)
+
+
+async def test_native_bad_audio_options_get_errors_and_the_call_goes_on(call_url: str, phone_prompts) -> None:
+    clip = phone_prompts[6]
+    async with NativeCaller(call_url) as caller:
+        await caller.send_json({"type": "start", "options": {"reply_audio": "yes"}})
+        error = await caller.wait_for("error", timeout=10)
+        assert error["code"] == "invalid_message" and "reply_audio" in error["message"]
+        await caller.send_json({"type": "response.audio.played"})
+        await wait_until(lambda: len(caller.result.of("error")) >= 2, 10, "the second error")
+        assert "name" in caller.result.of("error")[1]["message"]
+        await caller.start("mulaw", 8000, options={"reply_audio": True})
+        await caller.send_json({"type": "response.audio.played", "name": "t9s9"})  # not ours: ignored
+        await caller.play(with_silence(clip.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+        await caller.wait_for("response.audio.mark", timeout=60)
+        await caller.send_json({"type": "stop"})
+        await caller.wait_for("call.ended", timeout=10)
