@@ -54,6 +54,9 @@ class ASRConfig:
     # endpoint (nothing reaches the client unless the turn really ended).
     preemptive: bool = True
     pause_s: float = 0.096
+    # A call that sends no audio this long mid-turn is treated as silent and
+    # its endpoint runs on (voice/session.py); 0: wait for audio forever.
+    silent_line_s: float = 0.5
     # Speech shorter than this is a click or a breath, not a turn.
     min_speech_s: float = 0.2
     # Audio kept from before VAD fired, so the first syllable is not clipped.

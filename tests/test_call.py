@@ -151,3 +151,22 @@ async def test_hangup_mid_reply_releases_everything(server, call_url, phone_prom
         await caller.start("mulaw", 8000)
         await caller.play(with_silence(clip.load(8000), 8000, 1.3), 8000, "mulaw", realtime=False)
         await caller.wait_for("response.done", timeout=30)
+
+
+@pytest.mark.parametrize("name", ["asterisk/queue-quantity1", "asterisk/vm-onefor-full"])
+async def test_a_line_that_goes_quiet_mid_turn_still_gets_its_turn_ended(call_url, name):
+    """The client stops sending right after the last word (silence
+    suppression on a SIP line, a client that streams only speech). These
+    prompts end on an unfinished phrase, so the adaptive window is at its
+    longest; with no audio to count it in, the server must count the silent
+    line instead, and the caller gets a transcript and a reply."""
+    clip = next(p for p in asterisk_prompts(min_words=5) if p.name == name)
+    async with NativeCaller(call_url) as caller:
+        await caller.start("mulaw", 8000)
+        await caller.play(clip.load(8000), 8000, "mulaw", realtime=True, speed=4.0)  # no trailing silence at all
+        final = await caller.wait_for("transcript.final", timeout=20)
+        assert word_error_rate(clip.reference, final["text"]) <= 0.5, (clip.reference, final["text"])
+        done = await caller.wait_for("response.done", timeout=60)
+        assert done["text"] and not done["cancelled"]
+        await caller.send_json({"type": "stop"})
+        await caller.wait_for("call.ended", timeout=10)

@@ -67,6 +67,9 @@ class CallSession:
         # (stream position in s at the end of a fed frame, monotonic arrival)
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)
         self._fed_s = 0.0
+        self._last_audio_at = 0.0  # monotonic arrival of the last frame
+        # Audio frames and the silent-line filler feed the tracker in turn.
+        self._feed_lock = asyncio.Lock()
 
     # ---- transport-facing API ------------------------------------------
 
@@ -95,6 +98,9 @@ class CallSession:
         if start.system_prompt:
             self._system_prompt = start.system_prompt
         self.started = True
+        self._last_audio_at = time.monotonic()
+        if self.asr_config.auto_turns and self.asr_config.silent_line_s > 0:
+            self._spawn(self._fill_silent_line())
         await self.emit(
             {
                 "type": "ready",
@@ -114,11 +120,35 @@ class CallSession:
         assert self._resampler is not None and self._tracker is not None
         pcm = decode(payload, self._start.encoding)  # type: ignore[arg-type]
         samples = self._resampler.process(int16_to_float(pcm))
-        now = time.monotonic()
-        self._fed_s += len(samples) / ASR_RATE
-        self._arrivals.append((self._fed_s, now))
-        for ev in self._tracker.feed(samples):
-            await self._on_event(ev, now)
+        self._last_audio_at = time.monotonic()
+        await self._feed(samples)
+
+    async def _feed(self, samples: np.ndarray) -> None:
+        async with self._feed_lock:
+            assert self._tracker is not None
+            now = time.monotonic()
+            self._fed_s += len(samples) / ASR_RATE
+            self._arrivals.append((self._fed_s, now))
+            for ev in self._tracker.feed(samples):
+                await self._on_event(ev, now)
+
+    async def _fill_silent_line(self) -> None:
+        """A line that stops sending mid-turn is a silent caller, not a paused
+        clock: SIP endpoints with silence suppression (VAD/DTX) send no RTP
+        while the caller is quiet, and a client may stop streaming after its
+        last word. Endpointing counts silence in audio time, so without this
+        such a turn would never end. After ``silent_line_s`` without a frame
+        the missing time is fed as silence; a line that keeps sending never
+        gets any."""
+        gap_s = self.asr_config.silent_line_s
+        while not self.closed:
+            await asyncio.sleep(gap_s / 2)
+            tracker = self._tracker
+            idle_s = time.monotonic() - self._last_audio_at
+            if tracker is None or not tracker.in_speech or idle_s < gap_s:
+                continue
+            self._last_audio_at = time.monotonic()
+            await self._feed(np.zeros(round(idle_s * ASR_RATE), dtype=np.float32))
 
     async def commit(self) -> bool:
         """The client ends the turn now. False when it held no speech."""
