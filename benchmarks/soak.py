@@ -95,7 +95,9 @@ async def one_call(url: str, clip: Utterance, speed: float) -> tuple[str, list[s
         return "error", events
 
 
-async def soak(port: int, calls: int, concurrency: int, speed: float) -> tuple[dict[str, int], list[dict[str, object]]]:
+async def soak(
+    port: int, calls: int, concurrency: int, speed: float
+) -> tuple[dict[str, int], list[dict[str, object]], list[tuple[int, float]]]:
     url = f"ws://127.0.0.1:{port}/v1/call"
     prompts = [p for p in asterisk_prompts(min_words=5) if len(p.reference.split()) <= 14]
     if not prompts:
@@ -103,6 +105,7 @@ async def soak(port: int, calls: int, concurrency: int, speed: float) -> tuple[d
     gate = asyncio.Semaphore(concurrency)
     outcomes: dict[str, int] = {}
     losses: list[dict[str, object]] = []
+    rss_trace: list[tuple[int, float]] = []
     done = 0
 
     async def run(i: int) -> None:
@@ -117,10 +120,14 @@ async def soak(port: int, calls: int, concurrency: int, speed: float) -> tuple[d
             )
         done += 1
         if done % 20 == 0:
-            print(f"  {done}/{calls} calls: {outcomes}", flush=True)
+            # RSS along the way: growth that levels off is warm-up (allocator,
+            # caches), growth that keeps going is a leak.
+            rss = (await asyncio.to_thread(scrape, port))["process_resident_memory_bytes"] / (1 << 20)
+            rss_trace.append((done, round(rss, 1)))
+            print(f"  {done}/{calls} calls: {outcomes}; RSS {rss:.0f} MiB", flush=True)
 
     await asyncio.gather(*(run(i) for i in range(calls)))
-    return outcomes, losses
+    return outcomes, losses, rss_trace
 
 
 def main() -> int:
@@ -139,7 +146,7 @@ def main() -> int:
             wait_ready(port)
             start = scrape(port)
             t0 = time.monotonic()
-            outcomes, losses = asyncio.run(soak(port, args.calls, args.concurrency, args.speed))
+            outcomes, losses, rss_trace = asyncio.run(soak(port, args.calls, args.concurrency, args.speed))
             elapsed = time.monotonic() - t0
             time.sleep(1.0)  # let hang-ups finish server side
             end = scrape(port)
@@ -166,6 +173,7 @@ def main() -> int:
         "outcomes": outcomes,
         "losses": losses,
         "rss_mib": [round(rss[0], 1), round(rss[1], 1)],
+        "rss_mib_by_calls": rss_trace,
         "open_fds": [start["process_open_fds"], end["process_open_fds"]],
         "asyncio_tasks": [start["firstline_asyncio_tasks"], end["firstline_asyncio_tasks"]],
         "active_calls_after": end["firstline_active_calls"],

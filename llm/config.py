@@ -44,6 +44,12 @@ class LLMConfig:
     history_turns: int = 10
     # Parallel request slots (llama.cpp) / max sequences (vLLM).
     parallel: int = 4
+    # llama.cpp's host-RAM prompt cache: saved prompt states (KV) that let a
+    # call's next turn skip prefill when it lands on another slot. llama.cpp's
+    # default (8 GiB) let a soak grow ~0.9 MiB per call; a bound keeps memory
+    # flat. 128 MiB holds ~14 SmolLM2 prompts of 400 tokens; raise it for
+    # bigger models (KV per token grows with layers x heads).
+    prompt_cache_ram_mib: int = 128
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     # Keep the prefix cache warm with the caller's words while they speak
     # (one prefill per partial transcript), so end-of-turn prefill is short.

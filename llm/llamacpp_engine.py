@@ -70,6 +70,7 @@ class LlamaCppEngine(LLMEngine):
         params.n_gpu_layers = 999 if cfg.device == "cuda" else 0
         params.warmup = True
         params.cache_prompt = True
+        params.cache_ram_mib = cfg.prompt_cache_ram_mib
         # llama.cpp logs every slot event at the default verbosity; keep errors.
         params.verbosity = -1
         spec = cfg.speculation

@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--llm-parallel", type=int, default=LLMConfig.parallel, help="llama.cpp slots / vLLM max sequences"
     )
+    serve.add_argument(
+        "--llm-prompt-cache-mib",
+        type=int,
+        default=LLMConfig.prompt_cache_ram_mib,
+        help="llama.cpp host-RAM prompt cache bound (MiB; 0: off)",
+    )
     serve.add_argument("--max-tokens", type=int, default=96)
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument(
@@ -118,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.llm_device,
         threads=args.llm_threads,
         parallel=args.llm_parallel,
+        prompt_cache_ram_mib=args.llm_prompt_cache_mib,
         max_tokens=args.max_tokens,
         speculation=SpeculationConfig(
             method=args.speculation, num_tokens=args.speculative_tokens, draft_model=args.draft_model
