@@ -88,10 +88,13 @@ class WebSocketCall(TelephonyCall):
         """The WS_ROUTES entry point."""
         await cls(ws, runtime).serve()
 
+    # Why the call ended when the peer just closed the socket.
+    closed_reason = "carrier_closed"
+
     async def serve(self) -> None:
         self.admit()
         await self.on_open()
-        reason = "carrier_closed"
+        reason = self.closed_reason
         guard = self.guard
         assert guard is not None, "serve() needs a connection"
         try:
@@ -121,8 +124,10 @@ class WebSocketCall(TelephonyCall):
         except Exception:
             log.exception("call %s (%s) failed", self.call_id, self.transport)
             reason = "internal_error"
+            await self.on_internal_error()
         finally:
             await self.finish(reason)
+        await self.on_ended(reason)
         if guard.end is not None:
             await guard.close(guard.end.code, guard.end.text)
         else:
@@ -133,6 +138,12 @@ class WebSocketCall(TelephonyCall):
 
     async def on_malformed(self, exc: MalformedMessage) -> None:
         """A message was ignored; protocols with an error event send it here."""
+
+    async def on_internal_error(self) -> None:
+        """A bug ended this call; protocols with an error event say so here."""
+
+    async def on_ended(self, reason: str) -> None:
+        """The call is released, the socket still open (a farewell event)."""
 
     async def on_text(self, frame: str) -> None:
         if len(frame) > MAX_TEXT_FRAME * 16:  # carriers send ~100 ms of audio per message; 1 MiB is abuse

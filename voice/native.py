@@ -2,7 +2,8 @@
 
 Thin: parses frames (voice.protocol), drives a CallSession, serialises its
 events as JSON. Any bad input gets an ``error`` event and the call goes on.
-Limits (idle timeout, stuck readers, drain) come from a :class:`CallGuard`.
+The read loop, limits (idle timeout, stuck readers, drain) and close are
+the carriers' (:class:`voice.media_json.WebSocketCall`).
 
 Text-only by default (clients that run their own TTS). With
 ``options.reply_audio`` the reply is also spoken back, the way the carrier
@@ -13,20 +14,17 @@ encoding and rate, a ``response.audio.mark`` after each sentence, and
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 
 from streaming.playout import OutFormat
-from voice.limits import CLOSE_INTERNAL, CLOSE_NORMAL, SLOW_READER, CallGuard
+from voice.limits import SLOW_READER
 from voice.log_format import bind_call, bind_turn
+from voice.media_json import CallEnded, WebSocketCall
 from voice.protocol import Commit, Played, ProtocolError, Start, Stop, parse_text
 from voice.runtime import Runtime
-from voice.telephony import TelephonyCall
 
 log = logging.getLogger(__name__)
 
@@ -34,67 +32,47 @@ log = logging.getLogger(__name__)
 OUT_FRAME_S = 0.02
 
 
-class NativeCall(TelephonyCall):
+class NativeCall(WebSocketCall):
     transport = "native"
+    closed_reason = "client_closed"
     # Clients may confirm played sentences (response.audio.played); the
     # playout clock decides for those that do not.
     echoes_marks = False
 
-    def __init__(self, ws: ServerConnection, runtime: Runtime) -> None:
-        super().__init__(runtime)
-        self.ws = ws
-        self.guard = CallGuard(ws, runtime.config.limits)
+    # ---- frames in (WebSocketCall's read loop) ----------------------------
 
-    async def serve(self) -> None:
+    async def on_open(self) -> None:
         bind_call(self.call_id)
-        self.admit()
-        guard = self.guard
-        reason = "client_closed"
+
+    async def on_binary(self, frame: bytes) -> None:
         try:
-            async with guard:
-                async for frame in self.ws:
-                    guard.touch()
-                    try:
-                        if isinstance(frame, bytes):
-                            await self.session.audio(frame)
-                            continue
-                        msg = parse_text(frame)
-                        if isinstance(msg, Start):
-                            await self.on_start(msg)
-                        elif isinstance(msg, Commit):
-                            await self.session.commit()
-                        elif isinstance(msg, Played):
-                            self.mark_played(msg.name)
-                        elif isinstance(msg, Stop):
-                            reason = "client_stop"
-                            break
-                    except ProtocolError as exc:
-                        await self.report_error(exc.code, exc.message)
-        except ConnectionClosed:
-            reason = "connection_lost"
-        except asyncio.CancelledError:
-            # The guard ended the call (idle, stuck reader, drain); anything else
-            # cancelling this task is a real cancellation and goes on up.
-            if not guard.ended_by_guard():
-                raise
-            assert guard.end is not None
-            reason = guard.end.reason
-        except Exception:
-            # A bug in one call must not take the server down; the caller gets a
-            # clear error and a proper close instead of a dropped socket.
-            log.exception("call %s failed", self.call_id)
-            reason = "internal_error"
-            await self.report_error("internal_error", "internal error")
-        finally:
-            await self.finish(reason)
-        if guard.end is SLOW_READER:
-            await guard.close(SLOW_READER.code, SLOW_READER.text)
-            return
+            await self.session.audio(frame)
+        except ProtocolError as exc:
+            await self.report_error(exc.code, exc.message)
+
+    async def on_text(self, frame: str) -> None:
+        try:
+            msg = parse_text(frame)
+            if isinstance(msg, Start):
+                await self.on_start(msg)
+            elif isinstance(msg, Commit):
+                await self.session.commit()
+            elif isinstance(msg, Played):
+                self.mark_played(msg.name)
+            elif isinstance(msg, Stop):
+                raise CallEnded("client_stop")
+        except ProtocolError as exc:
+            # Every bad message gets an error event with its code; the call goes on.
+            await self.report_error(exc.code, exc.message)
+
+    async def on_internal_error(self) -> None:
+        # The caller gets a clear error and a proper close, not a dropped socket.
+        await self.report_error("internal_error", "internal error")
+
+    async def on_ended(self, reason: str) -> None:
+        if self.guard is not None and self.guard.end is SLOW_READER:
+            return  # nothing more goes to a client that does not read
         await self.send_event({"type": "call.ended", "call_id": self.call_id, "reason": reason})
-        if guard.end is not None:
-            await guard.close(guard.end.code, guard.end.text)
-        else:
-            await guard.close(CLOSE_NORMAL if reason != "internal_error" else CLOSE_INTERNAL, "")
 
     async def on_start(self, start: Start) -> None:
         out = None
@@ -110,7 +88,7 @@ class NativeCall(TelephonyCall):
         await self._on_session_event({"type": "error", "code": code, "message": message})
 
     async def send_event(self, ev: dict[str, Any]) -> None:
-        await self.guard.send(json.dumps(ev, separators=(",", ":")))
+        await self.send_json(ev)
 
     async def on_session_event(self, ev: dict[str, Any]) -> None:
         # Every session event goes to the client (metrics were fed by the
@@ -133,7 +111,7 @@ class NativeCall(TelephonyCall):
     # ---- playout sink ----------------------------------------------------
 
     async def send_audio(self, chunk: bytes) -> None:
-        await self.guard.send(chunk)
+        await self.send_frame(chunk)
 
     async def send_mark(self, name: str) -> None:
         turn, _, index = name[1:].partition("s")  # Playout names sentences t{turn}s{index}
