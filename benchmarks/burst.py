@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +27,7 @@ from websockets.exceptions import InvalidStatus
 
 from benchmarks.client import NativeCaller, last_voiced_s
 from benchmarks.corpus import Utterance, asterisk_prompts
-from benchmarks.soak import free_port, wait_ready
+from benchmarks.server_proc import firstline_server
 
 RESULTS = Path(__file__).parent / "results" / "burst.json"
 
@@ -105,17 +102,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve-args", default="", help="extra `firstline serve` arguments")
     args = parser.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "voice.cli", "serve", "--port", str(port), "--max-calls", str(args.max_calls)]
-    cmd += args.serve_args.split()
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ})
-        try:
-            wait_ready(port)
-            result = asyncio.run(run(port, args.max_calls, args.rounds))
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with firstline_server(["--max-calls", str(args.max_calls), *args.serve_args.split()]) as server:
+        result = asyncio.run(run(server.port, args.max_calls, args.rounds))
     result["config"] = {"max_calls": args.max_calls, "rounds": args.rounds, "serve_args": args.serve_args}
     for phase in ("baseline", "burst"):
         s = {k: v for k, v in result[phase].items() if k != "rows"}  # type: ignore[union-attr]

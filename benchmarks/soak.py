@@ -16,11 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,14 +27,9 @@ from websockets.exceptions import InvalidStatus
 
 from benchmarks.client import NativeCaller
 from benchmarks.corpus import Utterance, asterisk_prompts
+from benchmarks.server_proc import firstline_server
 
 RESULTS = Path(__file__).parent / "results" / "soak.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -51,19 +42,6 @@ def scrape(port: int) -> dict[str, float]:
             if sample.name in wanted:
                 out[sample.name] = sample.value
     return out
-
-
-def wait_ready(port: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("server not ready")
 
 
 async def one_call(url: str, clip: Utterance, speed: float) -> tuple[str, list[str]]:
@@ -137,22 +115,16 @@ def main() -> int:
     parser.add_argument("--speed", type=float, default=4.0, help="audio sent this many times faster than real time")
     parser.add_argument("--serve-args", default="", help="extra `firstline serve` arguments")
     args = parser.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "voice.cli", "serve", "--port", str(port), "--max-calls", str(args.concurrency)]
-    cmd += args.serve_args.split()
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ})
-        try:
-            wait_ready(port)
-            start = scrape(port)
-            t0 = time.monotonic()
-            outcomes, losses, rss_trace = asyncio.run(soak(port, args.calls, args.concurrency, args.speed))
-            elapsed = time.monotonic() - t0
-            time.sleep(1.0)  # let hang-ups finish server side
-            end = scrape(port)
-        finally:
-            proc.terminate()
-            rc = proc.wait(60)
+    serve_args = ["--max-calls", str(args.concurrency), *args.serve_args.split()]
+    with firstline_server(serve_args) as server:
+        port = server.port
+        start = scrape(port)
+        t0 = time.monotonic()
+        outcomes, losses, rss_trace = asyncio.run(soak(port, args.calls, args.concurrency, args.speed))
+        elapsed = time.monotonic() - t0
+        time.sleep(1.0)  # let hang-ups finish server side
+        end = scrape(port)
+    rc = server.exit_code
     mib = 1 / (1 << 20)
     print(f"{args.calls} calls, {args.concurrency} at once, audio x{args.speed}: {elapsed:.0f} s")
     print(f"outcomes: {outcomes}")

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from websockets.exceptions import InvalidStatus
 from asr.wer import corpus_wer
 from benchmarks.client import NativeCaller, last_voiced_s
 from benchmarks.corpus import Utterance, asterisk_prompts, shared_clips
+from benchmarks.server_proc import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ["endpoint_ms", "asr_decode_ms", "llm_ttft_ms", "first_sentence_ms"]
@@ -53,12 +53,6 @@ def corpus(n: int) -> list[Utterance]:
     prompts = [p for p in asterisk_prompts(min_words=4) if p.reference.rstrip(".!? ").count(".") == 0]
     step = max(1, len(prompts) // max(1, n))
     return (clips + prompts[::step])[:n]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: list[str], port: int, timeout: float) -> tuple[subprocess.Popen[bytes], float]:
