@@ -325,8 +325,12 @@ class CallerSide:
             chunk = base64.b64encode(payload[i : i + 8000]).decode()
             await self.conns[index].send(json.dumps({"event": "media", "media": {"payload": chunk}}))
 
+    def voiced(self, index: int) -> int:
+        """Voiced reply frames call ``index`` has heard (0 before it connects)."""
+        return len(self.voiced_at[index]) if index < len(self.voiced_at) else 0
+
     def speaking(self, index: int, within_s: float = 0.3) -> bool:
-        return bool(self.voiced_at[index]) and time.monotonic() - self.voiced_at[index][-1] < within_s
+        return self.voiced(index) > 0 and time.monotonic() - self.voiced_at[index][-1] < within_s
 
 
 async def test_sip_concurrent_calls_outbound_and_hang_up_mid_reply(server, bridge, tmp_path):
@@ -361,7 +365,7 @@ async def test_sip_concurrent_calls_outbound_and_hang_up_mid_reply(server, bridg
                 deadline = time.monotonic() + 40
                 while len(hung) < 2 and time.monotonic() < deadline:
                     for i in range(len(caller.conns)):
-                        if i not in hung and len(caller.voiced_at[i]) >= 15 and caller.speaking(i):
+                        if i not in hung and caller.voiced(i) >= 15 and caller.speaking(i):
                             await caller.conns[i].close()
                             hung.add(i)
                     await asyncio.sleep(0.02)
@@ -404,7 +408,7 @@ async def test_sip_barge_in_clears_the_bridge_buffer(server, bridge, tmp_path):
                 call.session.max_tokens = 400
                 # Talk while the reply plays: after its first sentence has played out
                 # (its mark came back) when the story has a second one, else at once.
-                await wait_for(lambda: len(caller.voiced_at[0]) >= 15 and caller.speaking(0), 40, "reply over RTP")
+                await wait_for(lambda: caller.voiced(0) >= 15 and caller.speaking(0), 40, "reply over RTP")
                 deadline = time.monotonic() + 15
                 while time.monotonic() < deadline and len(call.playout.segments) > 1:
                     if call.playout.segments[0].played and caller.speaking(0):

@@ -41,6 +41,20 @@ ASR_RATE = 16000
 _call_ids = itertools.count(1)
 
 
+def keep_heard(history: list[dict[str, str]], replies: dict[int, dict[str, str]], turn: int, heard: str) -> None:
+    """Cut ``turn``'s assistant message in ``history`` to what the caller
+    heard; drop it when they heard nothing (``replies``: turn -> message)."""
+    message = replies.get(turn)
+    if message is None:
+        return
+    if heard.strip():
+        message["content"] = heard.strip()
+    else:
+        with contextlib.suppress(ValueError):
+            history.remove(message)
+        del replies[turn]
+
+
 class CallSession:
     def __init__(self, runtime: Runtime, emit: Emit, call_id: str | None = None) -> None:
         self.runtime = runtime
@@ -201,15 +215,7 @@ class CallSession:
         """Audio transports call this when playout tracking (marks, checkpoints)
         shows the caller heard only ``heard`` of ``turn``'s reply before
         cutting in: history then holds only what was actually heard."""
-        message = self._replies.get(turn)
-        if message is None:
-            return
-        if heard.strip():
-            message["content"] = heard.strip()
-        else:
-            with contextlib.suppress(ValueError):
-                self.history.remove(message)
-            del self._replies[turn]
+        keep_heard(self.history, self._replies, turn, heard)
 
     # ---- turn handling -------------------------------------------------
 

@@ -44,7 +44,7 @@ from streaming.sentences import SentenceSegmenter
 from voice.protocol import ProtocolError, Start, check_audio_frame
 from voice.runtime import Runtime
 from voice.server import VoiceServer, _json_response
-from voice.session import Emit
+from voice.session import Emit, keep_heard
 from voice.turn import TurnTimes
 from voice.twilio import PATH as TWILIO_PATH
 from voice.twilio import TwilioCall
@@ -131,14 +131,7 @@ class NaiveSession:
         log.info("call %s ended (%s)", self.call_id, reason)
 
     def reply_heard(self, turn: int, heard: str) -> None:
-        message = self._replies.get(turn)
-        if message is None:
-            return
-        if heard.strip():
-            message["content"] = heard.strip()
-        else:
-            with contextlib.suppress(ValueError):
-                self.history.remove(message)
+        keep_heard(self.history, self._replies, turn, heard)
 
     def dtmf(self, digit: str) -> None:
         self._pending_text = " ".join(filter(None, [self._pending_text, f"[caller pressed {digit}]"]))
