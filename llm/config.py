@@ -70,7 +70,7 @@ class LLMConfig:
     # OpenAI-compatible server on loopback), restarted if it dies, so an
     # engine crash never takes the voice server down. "inprocess": in this
     # process (no HTTP hop, but a crash in llama.cpp/vLLM kills every call).
-    isolation: Isolation = "inprocess"
+    isolation: Isolation = "process"
     # engine="remote": OpenAI-compatible base URLs (our llm.openai_server,
     # `vllm serve`, ...). Several make a pool: calls pinned by call id,
     # failover to the next healthy replica.
