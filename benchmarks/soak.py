@@ -3,7 +3,8 @@ looking for leaks and lost work rather than latency.
 
 Plays real phone prompts (8 kHz mu-law, faster than real time), up to
 ``--concurrency`` calls at once, ``--calls`` in all; each call waits for its
-reply, then hangs up. Prints the server's RSS, open fds and asyncio task
+reply, then hangs up. Prints the server's RSS (and that of its engine child,
+when the LLM runs out of process), open fds and asyncio task
 count (from /metrics) before and after, and counts calls that lost their
 transcript or reply, or were refused.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -73,9 +75,21 @@ async def one_call(url: str, clip: Utterance, speed: float) -> tuple[str, list[s
         return "error", events
 
 
+def tree_rss_mib(pid: int) -> float:
+    """RSS of the server and its children (the supervised engine), MiB."""
+    import psutil  # the bench extra
+
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total / (1 << 20)
+
+
 async def soak(
-    port: int, calls: int, concurrency: int, speed: float
-) -> tuple[dict[str, int], list[dict[str, object]], list[tuple[int, float]]]:
+    port: int, pid: int, calls: int, concurrency: int, speed: float
+) -> tuple[dict[str, int], list[dict[str, object]], list[tuple[int, float, float]]]:
     url = f"ws://127.0.0.1:{port}/v1/call"
     prompts = [p for p in asterisk_prompts(min_words=5) if len(p.reference.split()) <= 14]
     if not prompts:
@@ -83,7 +97,7 @@ async def soak(
     gate = asyncio.Semaphore(concurrency)
     outcomes: dict[str, int] = {}
     losses: list[dict[str, object]] = []
-    rss_trace: list[tuple[int, float]] = []
+    rss_trace: list[tuple[int, float, float]] = []
     done = 0
 
     async def run(i: int) -> None:
@@ -101,8 +115,9 @@ async def soak(
             # RSS along the way: growth that levels off is warm-up (allocator,
             # caches), growth that keeps going is a leak.
             rss = (await asyncio.to_thread(scrape, port))["process_resident_memory_bytes"] / (1 << 20)
-            rss_trace.append((done, round(rss, 1)))
-            print(f"  {done}/{calls} calls: {outcomes}; RSS {rss:.0f} MiB", flush=True)
+            tree = tree_rss_mib(pid)
+            rss_trace.append((done, round(rss, 1), round(tree, 1)))
+            print(f"  {done}/{calls} calls: {outcomes}; RSS {rss:.0f} MiB, with engine {tree:.0f} MiB", flush=True)
 
     await asyncio.gather(*(run(i) for i in range(calls)))
     return outcomes, losses, rss_trace
@@ -119,17 +134,19 @@ def main() -> int:
     with firstline_server(serve_args) as server:
         port = server.port
         start = scrape(port)
+        tree_start = tree_rss_mib(server.proc.pid)
         t0 = time.monotonic()
-        outcomes, losses, rss_trace = asyncio.run(soak(port, args.calls, args.concurrency, args.speed))
+        outcomes, losses, rss_trace = asyncio.run(soak(port, server.proc.pid, args.calls, args.concurrency, args.speed))
         elapsed = time.monotonic() - t0
         time.sleep(1.0)  # let hang-ups finish server side
         end = scrape(port)
+        tree_end = tree_rss_mib(server.proc.pid)
     rc = server.exit_code
     mib = 1 / (1 << 20)
     print(f"{args.calls} calls, {args.concurrency} at once, audio x{args.speed}: {elapsed:.0f} s")
     print(f"outcomes: {outcomes}")
     rss = start["process_resident_memory_bytes"] * mib, end["process_resident_memory_bytes"] * mib
-    print(f"RSS {rss[0]:.0f} -> {rss[1]:.0f} MiB")
+    print(f"RSS {rss[0]:.0f} -> {rss[1]:.0f} MiB; with the engine child {tree_start:.0f} -> {tree_end:.0f} MiB")
     print(f"open fds {start['process_open_fds']:.0f} -> {end['process_open_fds']:.0f}")
     print(f"asyncio tasks {start['firstline_asyncio_tasks']:.0f} -> {end['firstline_asyncio_tasks']:.0f}")
     print(f"active calls after: {end['firstline_active_calls']:.0f}; server exit code {rc}")
@@ -145,7 +162,8 @@ def main() -> int:
         "outcomes": outcomes,
         "losses": losses,
         "rss_mib": [round(rss[0], 1), round(rss[1], 1)],
-        "rss_mib_by_calls": rss_trace,
+        "rss_with_engine_mib": [round(tree_start, 1), round(tree_end, 1)],
+        "rss_mib_by_calls": rss_trace,  # (calls done, server, server + engine child)
         "open_fds": [start["process_open_fds"], end["process_open_fds"]],
         "asyncio_tasks": [start["firstline_asyncio_tasks"], end["firstline_asyncio_tasks"]],
         "active_calls_after": end["firstline_active_calls"],
