@@ -10,6 +10,7 @@ from asr.wer import word_error_rate
 from benchmarks.client import NativeCaller, last_voiced_s
 from benchmarks.corpus import asterisk_prompts
 from tests.conftest import with_silence
+from tests.transport_checks import by_name
 
 
 def _turn_events(caller: NativeCaller, turn: int, kind: str) -> list[dict]:
@@ -170,3 +171,35 @@ async def test_a_line_that_goes_quiet_mid_turn_still_gets_its_turn_ended(call_ur
         assert done["text"] and not done["cancelled"]
         await caller.send_json({"type": "stop"})
         await caller.wait_for("call.ended", timeout=10)
+
+
+async def test_an_asr_failure_fails_one_turn_not_the_call(server, call_url, monkeypatch):
+    """Fault injection into the real decoder: its next decode raises (what a
+    CUDA OOM or a broken model file does). That turn gets an ``asr_failed``
+    error; the call stays up and its next turn is transcribed and answered."""
+    decoder = server.runtime.asr.decoder
+    real_decode = decoder.decode
+    failed: list[int] = []
+
+    def decode_failing_once(audio):
+        if not failed:
+            failed.append(len(audio))
+            raise RuntimeError("injected decoder fault")
+        return real_decode(audio)
+
+    monkeypatch.setattr(decoder, "decode", decode_failing_once)
+    first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")  # one turn each
+    async with NativeCaller(call_url) as caller:
+        await caller.start("mulaw", 8000, options={"partials": False})
+        await caller.play(with_silence(first.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+        error = await caller.wait_for("error", timeout=30)
+        assert error["code"] == "asr_failed" and "injected decoder fault" in error["message"]
+        assert failed, "the injected fault never ran"
+        await caller.play(with_silence(second.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+        final = await caller.wait_for("transcript.final", timeout=30)
+        assert word_error_rate(second.reference, final["text"]) <= 0.5, (second.reference, final["text"])
+        done = await caller.wait_for("response.done", timeout=60, turn=final["turn"])
+        assert done["text"] and not done["cancelled"]
+        await caller.send_json({"type": "stop"})
+        ended = await caller.wait_for("call.ended", timeout=10)
+        assert ended["reason"] == "client_stop"
