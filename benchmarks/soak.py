@@ -89,7 +89,7 @@ def tree_rss_mib(pid: int) -> float:
 
 async def soak(
     port: int, pid: int, calls: int, concurrency: int, speed: float
-) -> tuple[dict[str, int], list[dict[str, object]], list[tuple[int, float, float]]]:
+) -> tuple[dict[str, int], list[dict[str, object]], list[tuple[int, float, float, int]]]:
     url = f"ws://127.0.0.1:{port}/v1/call"
     prompts = [p for p in asterisk_prompts(min_words=5) if len(p.reference.split()) <= 14]
     if not prompts:
@@ -97,7 +97,7 @@ async def soak(
     gate = asyncio.Semaphore(concurrency)
     outcomes: dict[str, int] = {}
     losses: list[dict[str, object]] = []
-    rss_trace: list[tuple[int, float, float]] = []
+    rss_trace: list[tuple[int, float, float, int]] = []
     done = 0
 
     async def run(i: int) -> None:
@@ -114,10 +114,12 @@ async def soak(
         if done % 20 == 0:
             # RSS along the way: growth that levels off is warm-up (allocator,
             # caches), growth that keeps going is a leak.
-            rss = (await asyncio.to_thread(scrape, port))["process_resident_memory_bytes"] / (1 << 20)
+            sample = await asyncio.to_thread(scrape, port)
+            rss = sample["process_resident_memory_bytes"] / (1 << 20)
             tree = tree_rss_mib(pid)
-            rss_trace.append((done, round(rss, 1), round(tree, 1)))
-            print(f"  {done}/{calls} calls: {outcomes}; RSS {rss:.0f} MiB, with engine {tree:.0f} MiB", flush=True)
+            fds = int(sample["process_open_fds"])
+            rss_trace.append((done, round(rss, 1), round(tree, 1), fds))
+            print(f"  {done}/{calls}: {outcomes}; RSS {rss:.0f} MiB, with engine {tree:.0f} MiB; fds {fds}", flush=True)
 
     await asyncio.gather(*(run(i) for i in range(calls)))
     return outcomes, losses, rss_trace
@@ -163,7 +165,7 @@ def main() -> int:
         "losses": losses,
         "rss_mib": [round(rss[0], 1), round(rss[1], 1)],
         "rss_with_engine_mib": [round(tree_start, 1), round(tree_end, 1)],
-        "rss_mib_by_calls": rss_trace,  # (calls done, server, server + engine child)
+        "by_calls": rss_trace,  # (calls done, server RSS MiB, server + engine child RSS MiB, server fds)
         "open_fds": [start["process_open_fds"], end["process_open_fds"]],
         "asyncio_tasks": [start["firstline_asyncio_tasks"], end["firstline_asyncio_tasks"]],
         "active_calls_after": end["firstline_active_calls"],
