@@ -154,6 +154,11 @@ async def test_realtime_malformed_events_get_error_events(server):
         {"type": "session.update", "session": {"instructions": 7}},
         {"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 10},
         {"type": "conversation.item.create", "item": {"type": "message"}},
+        {"type": "conversation.item.create", "item": {"type": "function_call_output", "output": "{}"}},
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "AAAA"}]},
+        },
     ]
     await malformed_then_call(server, carrier, bad, prompt_clip(16))
     errors = carrier.of("error")
@@ -167,6 +172,36 @@ async def test_realtime_malformed_events_get_error_events(server):
             "format": {"type": "audio/pcm", "rate": 24000}}}}})  # fmt: skip
         err = await late.next_event("error", timeout=10)
         assert err["error"]["code"] == "session_locked"
+
+
+async def test_realtime_text_items_join_the_conversation(server):
+    """conversation.item.create with text messages: acknowledged as items,
+    and the next audio turn is answered with them in its prompt."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    crm = "The caller is Ada Lovelace, a gold member."
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.send({"type": "conversation.item.create", "item": {
+                "id": "item_crm", "type": "message", "role": "system",
+                "content": [{"type": "input_text", "text": crm}]}})  # fmt: skip
+            order = [{"type": "input_text", "text": "My order is 4471."}]
+            await carrier.send({"type": "conversation.item.create",
+                                "item": {"type": "message", "role": "user", "content": order}})  # fmt: skip
+            added = await carrier.next_event("conversation.item.added", timeout=10)
+            assert added["item"]["id"] == "item_crm" and added["item"]["role"] == "system"
+            await carrier.next_event("conversation.item.done", timeout=10)
+            clip = prompt_clip(20)
+            await carrier.say(with_silence(clip.load(carrier.rate), carrier.rate, 1.3), speed=None)
+            done = await carrier.next_event("response.done", timeout=60)
+            assert done["response"]["status"] == "completed", done
+            user_items = [e["item"] for e in carrier.of("conversation.item.added") if e["item"]["role"] == "user"]
+            assert user_items[0]["content"][0]["text"] == "My order is 4471."
+            assert user_items[1]["content"][0]["type"] == "input_audio"  # the spoken turn, after the text one
+            messages = call.session.messages("")
+            assert crm in messages[0]["content"]
+            assert messages[1] == {"role": "user", "content": "My order is 4471."}
+    assert not carrier.of("error"), carrier.of("error")
 
 
 async def test_realtime_hangups_release_everything(server):

@@ -86,6 +86,12 @@ class RealtimeError(MalformedMessage):
         self.param = param
 
 
+# conversation.item.create: text messages only, as context for the audio turns.
+CONTEXT_ROLES = ("user", "assistant", "system")
+TEXT_PARTS = ("input_text", "text", "output_text")
+MAX_CONTEXT_CHARS = 8192
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
@@ -321,11 +327,45 @@ class RealtimeCall(WebSocketCall):
         )  # fmt: skip
 
     async def on_conversation_item_create(self, msg: dict[str, Any]) -> None:
-        raise RealtimeError(
-            "conversation.item.create is not supported: firstline's conversation is the caller's audio",
-            "unsupported_event",
-            "item",
-        )
+        """Text messages as context (a CRM note, an earlier exchange, extra
+        instructions): they join the conversation the next audio turn is
+        answered in. Replies are to the caller's audio, so a text item does
+        not start one; other item types are refused with an error."""
+        item = msg.get("item")
+        if not isinstance(item, dict):
+            raise RealtimeError("'item' must be an object", "invalid_value", "item")
+        if item.get("type", "message") != "message":
+            raise RealtimeError(
+                f"item type {str(item.get('type'))[:32]!r} is not supported: only text messages (context)",
+                "unsupported_item_type",
+                "item.type",
+            )
+        role = item.get("role")
+        if role not in CONTEXT_ROLES:
+            raise RealtimeError("'item.role' must be user, assistant or system", "invalid_value", "item.role")
+        content = item.get("content")
+        parts = content if isinstance(content, list) else []
+        texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") in TEXT_PARTS]
+        if not parts or len(texts) != len(parts) or not all(isinstance(t, str) for t in texts):
+            raise RealtimeError(
+                "'item.content' must be a list of text parts (input_text, text, output_text)",
+                "unsupported_content",
+                "item.content",
+            )
+        text = " ".join(texts).strip()
+        if not text or len(text) > MAX_CONTEXT_CHARS:
+            raise RealtimeError(f"item text must be 1..{MAX_CONTEXT_CHARS} characters", "invalid_value", "item.content")
+        self.session.add_context(role, text)
+        item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
+        previous = self._last_item_id
+        created = {
+            "id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": "completed",
+            "content": parts,
+        }  # fmt: skip
+        await self.send_event("conversation.item.added", previous_item_id=previous, item=created)
+        if not self.beta:
+            await self.send_event("conversation.item.done", previous_item_id=previous, item=created)
+        self._last_item_id = item_id
 
     async def on_malformed(self, exc: MalformedMessage) -> None:
         code = exc.code if isinstance(exc, RealtimeError) else "invalid_event"

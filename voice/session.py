@@ -334,6 +334,15 @@ class CallSession:
         finally:
             self._prefilling = False
 
+    def add_context(self, role: str, text: str) -> None:
+        """A text message the client adds to the conversation (Realtime
+        ``conversation.item.create``): system text extends the instructions,
+        user/assistant text joins the history the next turn is answered in."""
+        if role == "system":
+            self._system_prompt = f"{self._system_prompt}\n\n{text}"
+        else:
+            self.history.append({"role": role, "content": text})
+
     def messages(self, user_text: str) -> list[dict[str, str]]:
         return [
             {"role": "system", "content": self._system_prompt},
