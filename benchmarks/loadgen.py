@@ -12,7 +12,8 @@ simulated real-time playout that echoes marks as Twilio does), thinks, and
 speaks again. A barge-in turn starts while the previous reply is playing.
 
 Protocols (``PROTOCOLS``): ``twilio`` (Media Streams shape, the default),
-``native`` (firstline protocol v1, text only) and ``realtime`` (OpenAI
+``native`` (firstline protocol v1 with reply audio), ``native-text`` (its
+text-only mode) and ``realtime`` (OpenAI
 Realtime GA events over ``/v1/realtime``). On the Twilio shape the caller
 asks for firstline's benchmark side channel (customParameters
 ``firstline_events=1``: the session's events as ``{"event": "firstline"}``
@@ -430,28 +431,60 @@ class TwilioClient(Client):
 
 
 class NativeClient(Client):
-    """firstline protocol v1: binary audio in, JSON events out, no audio back."""
+    """firstline protocol v1: binary audio in, JSON events out, and the reply
+    spoken back as binary frames (``options.reply_audio``) with a mark per
+    sentence, echoed as ``response.audio.played`` once it has played."""
 
     name = "native"
     path = "/v1/call"
-    has_audio = False
+    reply_audio = True
+
+    def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
+        super().__init__(base_url, timeline, token)
+        self.has_audio = self.reply_audio
+        self.player = Player(RATE, self._played)
 
     def connect_url(self) -> str:
         return self.url + (f"?{urlencode({'token': self.token})}" if self.token else "")
 
     async def opening(self) -> None:
-        await self.send({"type": "start", "version": 1, "audio": {"encoding": "mulaw", "sample_rate": RATE}})
+        await self.send({"type": "start", "version": 1, "audio": {"encoding": "mulaw", "sample_rate": RATE},
+                         "options": {"reply_audio": self.reply_audio}})  # fmt: skip
 
     async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
         self.sent_frames += 1
         await self.send(frame)
 
+    async def _played(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.send({"type": "response.audio.played", "name": name})
+
     def on_message(self, raw: str | bytes) -> None:
-        if isinstance(raw, str):
-            self.session_event(json.loads(raw))
+        if isinstance(raw, bytes):  # reply audio
+            self.player.audio(len(raw))
+            self.timeline.add("audio", bytes=len(raw))
+            return
+        ev = json.loads(raw)
+        kind = ev.get("type")
+        if kind == "response.audio.mark":
+            self.timeline.add("mark", name=str(ev.get("name")))
+            self.player.mark(str(ev.get("name")))
+        elif kind == "response.audio.clear":
+            self.timeline.add("clear")
+            self.player.clear()
+        else:
+            self.session_event(ev)
 
     async def closing(self) -> None:
+        self.player.close()
         await self.send({"type": "stop"})
+
+
+class NativeTextClient(NativeClient):
+    """The native protocol in its default text-only mode (clients with their own TTS)."""
+
+    name = "native-text"
+    reply_audio = False
 
 
 class RealtimeClient(Client):
@@ -551,7 +584,12 @@ class RealtimeClient(Client):
             tl.add("error", code=(ev.get("error") or {}).get("code"), message=(ev.get("error") or {}).get("message"))
 
 
-PROTOCOLS: dict[str, type[Client]] = {"twilio": TwilioClient, "native": NativeClient, "realtime": RealtimeClient}
+PROTOCOLS: dict[str, type[Client]] = {
+    "twilio": TwilioClient,
+    "native": NativeClient,
+    "native-text": NativeTextClient,
+    "realtime": RealtimeClient,
+}
 
 
 # ---- the line ------------------------------------------------------------------

@@ -3,6 +3,7 @@ server, the naive cascade peer on the same warm models, and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from benchmarks.bench_report import write_report
@@ -36,6 +37,15 @@ async def test_loadgen_twilio_call_measures_a_turn(server, phone_prompts):
     [rec] = await run_call(f"ws://127.0.0.1:{server.port}", one_turn(phone_prompts[2]), FAST)
     check_turn(rec)
     assert rec["protocol"] == "twilio" and rec["server"]["preemptive"] in (True, False)
+
+
+async def test_loadgen_native_call_with_reply_audio(server, phone_prompts):
+    """The native protocol with reply audio gives the same per-turn record,
+    time to first audio included."""
+    options = dataclasses.replace(FAST, protocol="native")
+    [rec] = await run_call(f"ws://127.0.0.1:{server.port}", one_turn(phone_prompts[3]), options)
+    check_turn(rec)
+    assert rec["protocol"] == "native"
 
 
 async def test_naive_cascade_answers_a_call(server, phone_prompts):
