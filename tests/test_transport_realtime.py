@@ -204,6 +204,33 @@ async def test_realtime_text_items_join_the_conversation(server):
     assert not carrier.of("error"), carrier.of("error")
 
 
+async def test_realtime_context_items_are_bounded(server):
+    """A client that adds items in a loop cannot grow the prompt or memory:
+    system text stops at a cap with an error, user items keep the history's
+    length; the call goes on. (How much of that fits a small model's context
+    window is the engine's matter: long prompts get an LLM error event.)"""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            for role in ["system"] * 6 + ["user"] * 40:
+                part = {"type": "input_text", "text": role[0] * 8000}
+                await carrier.send({"type": "conversation.item.create",
+                                    "item": {"type": "message", "role": role, "content": [part]}})  # fmt: skip
+            await carrier.next_event("error", timeout=10)
+            for _ in range(200):
+                if len(carrier.of("conversation.item.added")) + len(carrier.of("error")) >= 46:
+                    break
+                await asyncio.sleep(0.05)
+            errors = carrier.of("error")
+            assert errors and all(e["error"]["code"] == "context_too_large" for e in errors), errors
+            assert len(call.session.messages("")[0]["content"]) <= 32 * 1024
+            assert len(call.session.history) <= 2 * server.runtime.config.llm.history_turns
+            # The call goes on.
+            await carrier.send({"type": "input_audio_buffer.clear"})
+            await carrier.next_event("input_audio_buffer.cleared", timeout=10)
+
+
 async def test_realtime_hangups_release_everything(server):
     clips = [prompt_clip(i) for i in (17, 18, 19)]
     # A fixed 500 ms window (server_vad's silence_duration_ms): the helper

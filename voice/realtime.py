@@ -355,7 +355,10 @@ class RealtimeCall(WebSocketCall):
         text = " ".join(texts).strip()
         if not text or len(text) > MAX_CONTEXT_CHARS:
             raise RealtimeError(f"item text must be 1..{MAX_CONTEXT_CHARS} characters", "invalid_value", "item.content")
-        self.session.add_context(role, text)
+        try:
+            self.session.add_context(role, text)
+        except ValueError as exc:
+            raise RealtimeError(str(exc), "context_too_large", "item.content") from None
         item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
         previous = self._last_item_id
         created = {

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 ASR_RATE = 16000
 _call_ids = itertools.count(1)
+# Instructions plus system context items (Realtime): a bound on the prompt a
+# client can build up, well inside the models' context.
+MAX_INSTRUCTIONS = 32 * 1024
 
 
 def keep_heard(history: list[dict[str, str]], replies: dict[int, dict[str, str]], turn: int, heard: str) -> None:
@@ -339,9 +342,13 @@ class CallSession:
         ``conversation.item.create``): system text extends the instructions,
         user/assistant text joins the history the next turn is answered in."""
         if role == "system":
-            self._system_prompt = f"{self._system_prompt}\n\n{text}"
+            prompt = f"{self._system_prompt}\n\n{text}"
+            if len(prompt) > MAX_INSTRUCTIONS:
+                raise ValueError(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
+            self._system_prompt = prompt
         else:
             self.history.append({"role": role, "content": text})
+            self._trim_history()  # a client adding items in a loop cannot grow memory
 
     def messages(self, user_text: str) -> list[dict[str, str]]:
         return [
@@ -356,6 +363,9 @@ class CallSession:
             message = {"role": "assistant", "content": reply}
             self.history.append(message)
             self._replies[turn] = message
+        self._trim_history()
+
+    def _trim_history(self) -> None:
         keep = 2 * self.runtime.config.llm.history_turns
         if len(self.history) > keep:
             del self.history[:-keep]
