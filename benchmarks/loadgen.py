@@ -437,11 +437,10 @@ class NativeClient(Client):
 
     name = "native"
     path = "/v1/call"
-    reply_audio = True
+    has_audio = True  # asks for reply audio (options.reply_audio)
 
     def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
         super().__init__(base_url, timeline, token)
-        self.has_audio = self.reply_audio
         self.player = Player(RATE, self._played)
 
     def connect_url(self) -> str:
@@ -449,7 +448,7 @@ class NativeClient(Client):
 
     async def opening(self) -> None:
         await self.send({"type": "start", "version": 1, "audio": {"encoding": "mulaw", "sample_rate": RATE},
-                         "options": {"reply_audio": self.reply_audio}})  # fmt: skip
+                         "options": {"reply_audio": self.has_audio}})  # fmt: skip
 
     async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
         self.sent_frames += 1
@@ -484,7 +483,7 @@ class NativeTextClient(NativeClient):
     """The native protocol in its default text-only mode (clients with their own TTS)."""
 
     name = "native-text"
-    reply_audio = False
+    has_audio = False
 
 
 class RealtimeClient(Client):

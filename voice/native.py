@@ -114,8 +114,10 @@ class NativeCall(WebSocketCall):
         await self.send_frame(chunk)
 
     async def send_mark(self, name: str) -> None:
-        turn, _, index = name[1:].partition("s")  # Playout names sentences t{turn}s{index}
-        await self.send_event({"type": "response.audio.mark", "turn": int(turn), "index": int(index), "name": name})
+        # The playout has just recorded the sentence this mark ends.
+        assert self.playout is not None
+        seg = next(s for s in reversed(self.playout.segments) if s.name == name)
+        await self.send_event({"type": "response.audio.mark", "turn": seg.turn, "index": seg.index, "name": name})
 
     async def send_clear(self) -> None:
         turn = self.playout.current_turn if self.playout is not None else None
