@@ -55,7 +55,7 @@ class ASRConfig:
     preemptive: bool = True
     pause_s: float = 0.096
     # A call that sends no audio this long mid-turn is treated as silent and
-    # its endpoint runs on (voice/session.py); 0: wait for audio forever.
+    # its endpoint runs on (voice/call/session.py); 0: wait for audio forever.
     silent_line_s: float = 0.5
     # Speech shorter than this is a click or a breath, not a turn.
     min_speech_s: float = 0.2

@@ -144,7 +144,7 @@ async def serve(system: System, ns: argparse.Namespace) -> AsyncIterator[Running
     serve_args = shlex.split(ns.serve_args)
     if system.kind in ("firstline", "naive"):
         port = free_port()
-        module = "voice.cli" if system.kind == "firstline" else "benchmarks.peers.naive_cascade"
+        module = "voice.server.cli" if system.kind == "firstline" else "benchmarks.peers.naive_cascade"
         args = (["serve"] if system.kind == "firstline" else []) + ["--port", str(port), *FIRSTLINE_BASE]
         proc = _spawn(module, [*args, *system.args, *serve_args])
         try:
@@ -410,17 +410,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-prob", type=float, default=0.0)
     p.add_argument("--turn-timeout", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--serve-args", default=os.environ.get("BENCH_SERVE_ARGS", ""),
-                   help="extra `firstline serve` flags for firstline and the naive cascade (models, devices)")
-    p.add_argument("--llm-server-args", default=os.environ.get("BENCH_LLM_SERVER_ARGS", ""),
-                   help="flags for `python -m llm.openai_server` (pipecat's LLM)")
-    p.add_argument("--whisper-model", default=os.environ.get("BENCH_WHISPER_MODEL"),
-                   help="pipecat's Whisper (CTranslate2 folder; default: the embedded tiny.en)")
+    p.add_argument(
+        "--serve-args",
+        default=os.environ.get("BENCH_SERVE_ARGS", ""),
+        help="extra `firstline serve` flags for firstline and the naive cascade (models, devices)",
+    )
+    p.add_argument(
+        "--llm-server-args",
+        default=os.environ.get("BENCH_LLM_SERVER_ARGS", ""),
+        help="flags for `python -m llm.openai_server` (pipecat's LLM)",
+    )
+    p.add_argument(
+        "--whisper-model",
+        default=os.environ.get("BENCH_WHISPER_MODEL"),
+        help="pipecat's Whisper (CTranslate2 folder; default: the embedded tiny.en)",
+    )
     p.add_argument("--pipecat-args", default=os.environ.get("BENCH_PIPECAT_ARGS", ""), help="extra bot.py flags")
     p.add_argument("--setup-pipecat", action="store_true", help="run benchmarks/peers/pipecat/setup.sh if needed")
     p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--budget-s", type=float, default=0.0,
-                   help="wall-time budget: levels and systems that would not fit are skipped (and reported)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="wall-time budget: levels and systems that would not fit are skipped (and reported)",
+    )
     p.add_argument("--out", default=str(OUT))
     ns = p.parse_args(argv)  # fmt: skip
     if ns.quick:

@@ -139,9 +139,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("|---|" + "---|" * (len(levels) + 1))
         for name, s in ok.items():
             by = {lv["concurrency"]: lv["summary"] for lv in s["levels"]}
-            cells = [
-                f"{_fmt(by[c]['ttfs_p50_ms'])} / {_fmt(by[c]['ttfs_p95_ms'])}" if c in by else "" for c in levels
-            ]
+            cells = [f"{_fmt(by[c]['ttfs_p50_ms'])} / {_fmt(by[c]['ttfs_p95_ms'])}" if c in by else "" for c in levels]
             cap = s.get("capacity")
             cap_text = str(cap) if cap is not None else f"< {levels[0]}"
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {cap_text} |")

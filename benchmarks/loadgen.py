@@ -786,9 +786,7 @@ def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> 
         "reply": (done.data.get("text") if done else None) or " ".join(sentences),
         "server": metrics,
         # What came back, for auditing a number: (event, server turn, ms after the last voiced frame).
-        "events": [
-            [e.kind, e.turn, _ms(e.at, t_last)] for e in window if e.kind not in ("audio", "delta", "metrics")
-        ],
+        "events": [[e.kind, e.turn, _ms(e.at, t_last)] for e in window if e.kind not in ("audio", "delta", "metrics")],
     }
 
 

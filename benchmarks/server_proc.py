@@ -34,7 +34,7 @@ def firstline_server(args: list[str], timeout: float = 600.0) -> Iterator[Server
     """``firstline serve --port P ARGS``; a server that exits or never gets
     ready raises with the tail of its log."""
     port = free_port()
-    cmd = [sys.executable, "-m", "voice.cli", "serve", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "voice.server.cli", "serve", "--port", str(port), *args]
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty server never blocks on it
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ})

@@ -21,8 +21,8 @@ from benchmarks.client import last_voiced_s
 from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher, FakeTwilio
 from tests.transport_checks import prompt_clip
-from voice.config import ServerConfig
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
+from voice.server.config import ServerConfig
 
 
 async def run(calls: int) -> dict[str, object]:

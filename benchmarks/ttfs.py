@@ -56,7 +56,7 @@ def corpus(n: int) -> list[Utterance]:
 
 
 def start_server(args: list[str], port: int, timeout: float) -> tuple[subprocess.Popen[bytes], float]:
-    cmd = [sys.executable, "-m", "voice.cli", "serve", "--port", str(port), "--log-level", "WARNING", *args]
+    cmd = [sys.executable, "-m", "voice.server.cli", "serve", "--port", str(port), "--log-level", "WARNING", *args]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     while time.monotonic() - t0 < timeout:

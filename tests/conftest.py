@@ -11,8 +11,8 @@ import pytest
 import pytest_asyncio
 
 from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip
-from voice.config import ServerConfig
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
+from voice.server.config import ServerConfig
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

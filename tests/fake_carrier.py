@@ -22,7 +22,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from streaming.codecs import StreamResampler, decode, encode, float_to_int16, int16_to_float
-from voice.telephony import TelephonyCall
+from voice.transports.telephony import TelephonyCall
 
 
 def b64(data: bytes) -> str:

@@ -14,9 +14,9 @@ from websockets.exceptions import InvalidStatus
 from benchmarks.client import NativeCaller
 from tests.conftest import with_silence
 from tests.http_get import http_json
-from voice.admission import AdmissionConfig, AdmissionController
-from voice.config import ServerConfig
-from voice.server import VoiceServer
+from voice.server.admission import AdmissionConfig, AdmissionController
+from voice.server.app import VoiceServer
+from voice.server.config import ServerConfig
 
 
 @contextlib.asynccontextmanager

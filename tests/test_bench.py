@@ -10,7 +10,7 @@ from benchmarks.bench_report import write_report
 from benchmarks.corpus import ASTERISK_SOUNDS
 from benchmarks.loadgen import CallOptions, CallSpec, Segment, TurnSpec, run_call
 from benchmarks.peers.naive_cascade import NaiveCascadeServer
-from voice.config import ServerConfig
+from voice.server.config import ServerConfig
 
 # Faster than real time is fine for checking the plumbing (not a latency
 # figure); the line keeps sending silence after the speech, so the turn's

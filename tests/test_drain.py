@@ -17,8 +17,8 @@ import time
 from benchmarks.client import NativeCaller
 from tests.conftest import with_silence
 from tests.http_get import http_json
-from voice.config import ServerConfig
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
+from voice.server.config import ServerConfig
 
 
 def _free_port() -> int:
@@ -46,7 +46,7 @@ async def test_sigterm_drains_then_exits_zero(phone_prompts) -> None:
     # Long enough that the turn finishes even on a loaded CI box; the test
     # ends the drain early with a second SIGTERM instead of waiting it out.
     drain_s = 60.0
-    cmd = [sys.executable, "-m", "voice.cli", "serve", "--port", str(port), "--drain-timeout-s", str(drain_s)]
+    cmd = [sys.executable, "-m", "voice.server.cli", "serve", "--port", str(port), "--drain-timeout-s", str(drain_s)]
     # Logs to a file, not a pipe: a pipe nobody reads would block the server.
     log = tempfile.TemporaryFile()
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, stderr=log, env={**os.environ})

@@ -22,8 +22,8 @@ from llm.config import LLMConfig
 from llm.supervisor import SupervisedEngine
 from tests.conftest import with_silence
 from tests.openai_servers import ServerProcess
-from voice.config import ServerConfig
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
+from voice.server.config import ServerConfig
 
 STORY = "You are a storyteller. Always answer with a long story of many short sentences."
 

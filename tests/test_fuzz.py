@@ -23,7 +23,8 @@ from hypothesis.extra import numpy as hnp
 from benchmarks.client import NativeCaller
 from streaming.codecs import ENCODINGS, SAMPLE_RATES, CodecError, StreamResampler, decode, encode
 from tests.conftest import with_silence
-from voice.protocol import MAX_AUDIO_FRAME, Commit, ProtocolError, Start, Stop, check_audio_frame, parse_text
+from voice.call.start import MAX_AUDIO_FRAME, ProtocolError, Start, check_audio_frame
+from voice.transports.native.protocol import Commit, Stop, parse_text
 
 # Every code docs/protocol.md lists for client mistakes.
 CLIENT_ERROR_CODES = {
@@ -196,12 +197,12 @@ def test_stream_resampler_any_chunking(in_rate: int, out_rate: int, sizes: list[
 
 
 def _carrier_classes() -> list[type]:
-    try:
-        from voice.carriers import CARRIER_ROUTES
-    except ImportError:
-        return []
+    from voice.server.routes import NATIVE_PATH, WS_ROUTES
+
     classes = []
-    for handler in CARRIER_ROUTES.values():
+    for path, handler in WS_ROUTES.items():
+        if path == NATIVE_PATH:
+            continue
         cls = getattr(handler, "__self__", None)
         if isinstance(cls, type) and hasattr(cls, "on_text"):
             classes.append(cls)
@@ -239,8 +240,8 @@ carrier_messages = st.fixed_dictionaries(
 async def test_carrier_parsers_never_crash(server, cls: type, frames: list[str]) -> None:
     """Before a start, nothing a carrier sends may escape as anything but the
     transport's MalformedMessage / CallEnded (the read loop logs and goes on)."""
-    from voice.media_json import CallEnded
-    from voice.telephony import MalformedMessage
+    from voice.transports.media_json import CallEnded
+    from voice.transports.telephony import MalformedMessage
 
     call = cls(None, server.runtime)
     try:

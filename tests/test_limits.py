@@ -18,8 +18,8 @@ from websockets.exceptions import ConnectionClosed
 
 from asr.turns import TurnEnded, TurnTracker
 from benchmarks.client import NativeCaller
-from voice.limits import CallLimits
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
+from voice.server.limits import CallLimits
 
 
 @contextlib.contextmanager

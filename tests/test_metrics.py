@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.client import NativeCaller
 from tests.conftest import with_silence
 from tests.http_get import http_get
-from voice.log_format import ContextFilter, JsonFormatter
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
+from voice.server.log_format import ContextFilter, JsonFormatter
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -16,7 +16,7 @@ from streaming.codecs import StreamResampler, decode, int16_to_float
 from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher
 from tests.transport_checks import STORY, asr_text, by_name
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
 
 
 def to16k(data: bytes, encoding: str, rate: int):

@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from benchmarks.client import NativeCaller
 from tests.conftest import with_silence
-from voice.cli import build_parser, config_from_args
-from voice.server import VoiceServer
-from voice.tracing import TracingUnavailable, TurnTracer
+from voice.server.app import VoiceServer
+from voice.server.cli import build_parser, config_from_args
+from voice.server.tracing import TracingUnavailable, TurnTracer
 
 
 async def test_a_turn_is_traced_with_its_stages(server: VoiceServer, call_url: str, phone_prompts) -> None:

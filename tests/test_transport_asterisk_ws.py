@@ -15,7 +15,7 @@ from tests.transport_checks import (
     reply_call,
     server_base,
 )
-from voice.asterisk_ws import parse_control
+from voice.transports.carriers.asterisk_ws import parse_control
 
 
 def test_control_messages_parse_in_both_forms():

@@ -15,9 +15,9 @@ from streaming.codecs import StreamResampler, float_to_int16, int16_to_float
 from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher
 from tests.transport_checks import STORY, asr_text, prompt_clip
-from voice.audiosocket import message, start_audiosocket
-from voice.config import ServerConfig
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
+from voice.server.config import ServerConfig
+from voice.transports.audiosocket import message, start_audiosocket
 
 
 class FakeAsterisk:

@@ -11,7 +11,7 @@ from tests.transport_checks import (
     reply_call,
     server_base,
 )
-from voice.exotel import chunk_bytes
+from voice.transports.carriers.exotel import chunk_bytes
 
 
 async def test_exotel_call_speaks_the_reply_in_valid_chunks(server):

@@ -15,7 +15,7 @@ from tests.transport_checks import (
     reply_call,
     server_base,
 )
-from voice.telnyx import Reorder
+from voice.transports.carriers.telnyx import Reorder
 
 
 def test_reorder_releases_in_order_and_skips_lost_chunks():

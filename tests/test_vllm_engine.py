@@ -19,8 +19,8 @@ from llm.base import EngineError, GenerationRequest
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, SpeculationConfig
 from llm.vllm_engine import VLLMEngine, speculative_config
 from tests.conftest import with_silence
-from voice.config import ServerConfig
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
+from voice.server.config import ServerConfig
 
 pytestmark = pytest.mark.vllm
 log = logging.getLogger(__name__)

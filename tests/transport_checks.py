@@ -15,7 +15,7 @@ from benchmarks.corpus import Utterance, asterisk_prompts
 from streaming.codecs import decode
 from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher, FakeCarrier
-from voice.server import VoiceServer
+from voice.server.app import VoiceServer
 
 STORY = "You are a storyteller. Always answer with a long story of many short sentences."
 DTMF_MARK = re.compile(r"\[caller pressed (.)\]\s*")

@@ -15,7 +15,7 @@ firstline; only the pipeline differs. Per turn it:
 The caller may still barge in (speech during the reply cancels it and
 clears the carrier's audio), as every framework does. Events and
 ``turn.metrics`` have the same names and definitions as firstline's
-(``voice.turn.TurnTimes``), and the Twilio benchmark side channel
+(``voice.call.turn.TurnTimes``), and the Twilio benchmark side channel
 (``customParameters.firstline_events``) works the same, so
 benchmarks/loadgen.py measures both identically.
 
@@ -41,13 +41,13 @@ from asr.turns import SpeechStarted, TurnEnded, TurnTracker
 from llm.base import GenerationRequest
 from streaming.codecs import StreamResampler, decode, int16_to_float
 from streaming.sentences import SentenceSegmenter
-from voice.protocol import ProtocolError, Start, check_audio_frame
-from voice.runtime import Runtime
-from voice.server import VoiceServer, _json_response
-from voice.session import Emit, keep_heard
-from voice.turn import TurnTimes
-from voice.twilio import PATH as TWILIO_PATH
-from voice.twilio import TwilioCall
+from voice.call.session import Emit, keep_heard
+from voice.call.start import ProtocolError, Start, check_audio_frame
+from voice.call.turn import TurnTimes
+from voice.server.app import VoiceServer, _json_response
+from voice.server.runtime import Runtime
+from voice.transports.carriers.twilio import PATH as TWILIO_PATH
+from voice.transports.carriers.twilio import TwilioCall
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class NaiveCascadeServer(VoiceServer):
 def naive_config(argv: list[str]) -> tuple[Any, float]:
     """firstline's own serve flags (models, devices, threads, port) with
     every latency technique off; plus --stop-silence-ms."""
-    from voice.cli import build_parser, config_from_args
+    from voice.server.cli import build_parser, config_from_args
 
     stop_ms = DEFAULT_STOP_SILENCE_S * 1000
     rest = []

@@ -11,9 +11,9 @@ from asr.worker import ASRWorker
 from llm import engines
 from llm.base import LLMEngine
 from llm.config import LLMConfig
-from voice.config import ServerConfig
-from voice.metrics import Metrics
-from voice.tracing import TurnTracer
+from voice.server.config import ServerConfig
+from voice.server.metrics import Metrics
+from voice.server.tracing import TurnTracer
 
 log = logging.getLogger(__name__)
 

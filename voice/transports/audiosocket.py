@@ -23,9 +23,9 @@ from collections import deque
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.protocol import Start
-from voice.runtime import Runtime
-from voice.telephony import MalformedMessage, TelephonyCall
+from voice.call.start import Start
+from voice.server.runtime import Runtime
+from voice.transports.telephony import MalformedMessage, TelephonyCall
 
 log = logging.getLogger(__name__)
 

@@ -12,32 +12,22 @@ import http
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from voice.admission import AdmissionController, Refusal
-from voice.audiosocket import start_audiosocket
-from voice.carriers import CARRIER_ROUTES
-from voice.config import ServerConfig
-from voice.limits import SHUTDOWN, guard_of
-from voice.metrics import CONTENT_TYPE
-from voice.native import handle_native
-from voice.runtime import Runtime
+from voice.server.admission import AdmissionController, Refusal
+from voice.server.config import ServerConfig
+from voice.server.limits import SHUTDOWN, guard_of
+from voice.server.metrics import CONTENT_TYPE
+from voice.server.routes import NATIVE_PATH, WS_ROUTES
+from voice.server.runtime import Runtime
+from voice.transports.audiosocket import start_audiosocket
 
 log = logging.getLogger(__name__)
 
-NATIVE_PATH = "/v1/call"
-
-CallHandler = Callable[[ServerConnection, Runtime], Awaitable[None]]
-
-# Websocket routes: path -> transport. Each transport is a thin adapter that
-# turns its wire protocol into CallSession calls (see voice/native.py).
-WS_ROUTES: dict[str, CallHandler] = {NATIVE_PATH: handle_native}
-WS_ROUTES.update(CARRIER_ROUTES)  # telephony carriers and /v1/realtime (voice/carriers.py)
 # websockets' own hard cap; the protocol enforces tighter per-frame limits
 # and answers with an error event instead of dropping the connection.
 WS_MAX_SIZE = 1 << 20

@@ -21,25 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj
-from voice.protocol import Start
-from voice.telephony import MalformedMessage
+from voice.transports.carriers.parameters import start_from_parameters
+from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj
+from voice.transports.telephony import MalformedMessage
 
 PATH = "/twilio"
 ENCODINGS = {"audio/x-mulaw": "mulaw"}
-
-
-def start_from_parameters(encoding: str, rate: int, params: dict[str, Any]) -> Start:
-    """Custom parameters a carrier passes through (TwiML ``<Parameter>``,
-    TeXML, Plivo extraHeaders…): ``system_prompt`` sets the call's prompt;
-    the rest is metadata."""
-    prompt = params.get("system_prompt")
-    return Start(
-        encoding=encoding,
-        sample_rate=rate,
-        system_prompt=prompt if isinstance(prompt, str) and prompt.strip() else None,
-        metadata={str(k): v for k, v in params.items()},
-    )
 
 
 class TwilioCall(MarkStyleCall):

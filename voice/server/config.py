@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from asr.config import ASRConfig
 from llm.config import LLMConfig
 from streaming.tts import TTSConfig
-from voice.admission import AdmissionConfig
-from voice.limits import CallLimits
+from voice.server.admission import AdmissionConfig
+from voice.server.limits import CallLimits
 
 
 @dataclass

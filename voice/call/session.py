@@ -7,7 +7,7 @@ serialises in its own format.
 
 Flow: audio -> G.711/PCM decode -> stateful resample to 16 kHz -> VAD turn
 tracking (asr.turns) -> partial decodes while the caller speaks -> at a
-pause, a preemptive :class:`voice.turn.Turn` (final decode + LLM, held
+pause, a preemptive :class:`voice.call.turn.Turn` (final decode + LLM, held
 behind a gate; the decoded words also set the endpoint window) -> at the
 endpoint, commit: transcript, then reply sentences on the wire.
 """
@@ -30,9 +30,9 @@ from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
 from streaming.codecs import StreamResampler, decode, int16_to_float
-from voice.protocol import ProtocolError, Start, check_audio_frame
-from voice.runtime import Runtime
-from voice.turn import Turn, TurnTimes
+from voice.call.start import ProtocolError, Start, check_audio_frame
+from voice.call.turn import Turn, TurnTimes
+from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Optional OpenTelemetry traces: one span per answered turn, one child span
 per stage, so a slow turn shows where its milliseconds went.
 
-Built from the times a turn already records (:class:`voice.turn.TurnTimes`)
+Built from the times a turn already records (:class:`voice.call.turn.TurnTimes`)
 when its ``turn.metrics`` event goes out, not by wrapping the pipeline in
 spans: the hot path stays free of tracing calls, and a turn that was
 aborted (the caller resumed speaking) leaves no trace.

@@ -28,7 +28,7 @@ from llm.base import EngineError, GenerationRequest
 from streaming.sentences import SentenceSegmenter
 
 if TYPE_CHECKING:
-    from voice.session import CallSession
+    from voice.call.session import CallSession
 
 log = logging.getLogger(__name__)
 

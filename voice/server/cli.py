@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on 
 
 from asr.config import ASRConfig
 from llm.config import LLMConfig, SpeculationConfig
-from voice.config import ServerConfig
-from voice.log_format import configure_logging
+from voice.server.config import ServerConfig
+from voice.server.log_format import configure_logging
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"), [getattr(args, "auth_token", "") or ""]
     )
     if args.command == "serve":
-        from voice.server import VoiceServer
+        from voice.server.app import VoiceServer
 
         try:
             import uvloop

@@ -29,9 +29,9 @@ from prometheus_client import Histogram
 
 from streaming.playout import OutFormat, Playout
 from streaming.tts import TextToSpeech, TTSError, shared_tts
-from voice.protocol import ProtocolError, Start
-from voice.runtime import Runtime
-from voice.session import CallSession
+from voice.call.session import CallSession
+from voice.call.start import ProtocolError, Start
+from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

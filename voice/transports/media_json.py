@@ -22,13 +22,16 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from voice.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CallGuard
-from voice.protocol import MAX_TEXT_FRAME
-from voice.telephony import MalformedMessage, TelephonyCall
+from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CallGuard
+from voice.transports.telephony import MalformedMessage, TelephonyCall
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+# One JSON text frame from a client: generous for any real message.
+MAX_TEXT_FRAME = 64 * 1024
 
 
 class CallEnded(Exception):

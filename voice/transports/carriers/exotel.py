@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj
-from voice.telephony import MalformedMessage
-from voice.twilio import start_from_parameters
+from voice.transports.carriers.parameters import start_from_parameters
+from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj
+from voice.transports.telephony import MalformedMessage
 
 PATH = "/exotel"
 RATES = (8000, 16000, 24000)

@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.media_json import WebSocketCall, b64decode, b64encode
-from voice.protocol import MAX_AUDIO_FRAME, Start
-from voice.telephony import MalformedMessage
+from voice.call.start import MAX_AUDIO_FRAME, Start
+from voice.transports.media_json import WebSocketCall, b64decode, b64encode
+from voice.transports.telephony import MalformedMessage
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import logging
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.media_json import CallEnded, WebSocketCall, as_int, b64decode, b64encode, obj
-from voice.telephony import MalformedMessage
-from voice.twilio import start_from_parameters
+from voice.transports.carriers.parameters import start_from_parameters
+from voice.transports.media_json import CallEnded, WebSocketCall, as_int, b64decode, b64encode, obj
+from voice.transports.telephony import MalformedMessage
 
 log = logging.getLogger(__name__)
 

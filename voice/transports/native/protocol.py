@@ -1,46 +1,23 @@
 """firstline's native websocket protocol, version 1 (see docs/protocol.md).
 
-Client -> server: JSON text frames ``start`` / ``input.commit`` / ``stop``,
-and audio as binary frames. Server -> client: JSON text frames only.
-Parsing never raises anything but :class:`ProtocolError`, whose ``code``
-goes to the client in an ``error`` event.
+Client -> server: JSON text frames ``start`` / ``input.commit`` / ``stop`` /
+``response.audio.played``, and audio as binary frames. Server -> client: JSON
+text frames, and reply audio as binary frames when asked for. Parsing never
+raises anything but :class:`ProtocolError`, whose ``code`` goes to the client
+in an ``error`` event.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from streaming.codecs import ENCODINGS, SAMPLE_RATES
+from voice.call.start import MAX_SYSTEM_PROMPT, ProtocolError, Start
+from voice.transports.media_json import MAX_TEXT_FRAME
 
 PROTOCOL_VERSION = 1
-MAX_TEXT_FRAME = 64 * 1024
-MAX_AUDIO_FRAME = 64 * 1024  # 2 s of 16 kHz pcm16; real clients send 20-100 ms
-MAX_SYSTEM_PROMPT = 8 * 1024
-
-
-class ProtocolError(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class Start:
-    encoding: str = "pcm16"
-    sample_rate: int = 16000
-    system_prompt: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    endpoint_silence_s: float | None = None
-    partials: bool | None = None
-    max_tokens: int | None = None
-    # False: no server-side end of turn; the client commits (push-to-talk).
-    auto_turns: bool = True
-    # Native protocol: speak the reply back as binary frames in the call's own
-    # encoding and rate (default: text only, for clients with their own TTS).
-    reply_audio: bool = False
 
 
 @dataclass
@@ -146,13 +123,6 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         max_tokens=max_tokens,
         reply_audio=reply_audio,
     )
-
-
-def check_audio_frame(payload: bytes, encoding: str) -> None:
-    if len(payload) > MAX_AUDIO_FRAME:
-        raise ProtocolError("frame_too_large", f"audio frame of {len(payload)} bytes; the limit is {MAX_AUDIO_FRAME}")
-    if encoding == "pcm16" and len(payload) % 2:
-        raise ProtocolError("invalid_audio", f"pcm16 frame has an odd number of bytes ({len(payload)})")
 
 
 def event(kind: str, **fields: Any) -> str:

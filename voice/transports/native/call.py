@@ -1,9 +1,9 @@
 """The native transport: firstline protocol v1 over one websocket.
 
-Thin: parses frames (voice.protocol), drives a CallSession, serialises its
+Thin: parses frames (voice.transports.native.protocol), drives a CallSession, serialises its
 events as JSON. Any bad input gets an ``error`` event and the call goes on.
 The read loop, limits (idle timeout, stuck readers, drain) and close are
-the carriers' (:class:`voice.media_json.WebSocketCall`).
+the carriers' (:class:`voice.transports.media_json.WebSocketCall`).
 
 Text-only by default (clients that run their own TTS). With
 ``options.reply_audio`` the reply is also spoken back, the way the carrier
@@ -20,11 +20,12 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 
 from streaming.playout import OutFormat
-from voice.limits import SLOW_READER
-from voice.log_format import bind_call, bind_turn
-from voice.media_json import CallEnded, WebSocketCall
-from voice.protocol import Commit, Played, ProtocolError, Start, Stop, parse_text
-from voice.runtime import Runtime
+from voice.call.start import ProtocolError, Start
+from voice.server.limits import SLOW_READER
+from voice.server.log_format import bind_call, bind_turn
+from voice.server.runtime import Runtime
+from voice.transports.media_json import CallEnded, WebSocketCall
+from voice.transports.native.protocol import Commit, Played, Stop, parse_text
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import logging
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.media_json import WebSocketCall
-from voice.protocol import Start
-from voice.telephony import MalformedMessage
+from voice.call.start import Start
+from voice.transports.media_json import WebSocketCall
+from voice.transports.telephony import MalformedMessage
 
 log = logging.getLogger(__name__)
 

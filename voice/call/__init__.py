@@ -1,0 +1,1 @@
+"""One call, transport-agnostic: its session, its turns, its history."""

@@ -1,0 +1,43 @@
+"""How a call starts, whatever its transport: the parameters every transport
+turns its own handshake into (:class:`Start`), the error a caller's input
+raises (:class:`ProtocolError`, whose ``code`` goes back to the client), and
+the per-frame audio check the session applies to every transport's audio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_AUDIO_FRAME = 64 * 1024  # 2 s of 16 kHz pcm16; real clients send 20-100 ms
+MAX_SYSTEM_PROMPT = 8 * 1024
+
+
+class ProtocolError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Start:
+    encoding: str = "pcm16"
+    sample_rate: int = 16000
+    system_prompt: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    endpoint_silence_s: float | None = None
+    partials: bool | None = None
+    max_tokens: int | None = None
+    # False: no server-side end of turn; the client commits (push-to-talk).
+    auto_turns: bool = True
+    # Native protocol: speak the reply back as binary frames in the call's own
+    # encoding and rate (default: text only, for clients with their own TTS).
+    reply_audio: bool = False
+
+
+def check_audio_frame(payload: bytes, encoding: str) -> None:
+    if len(payload) > MAX_AUDIO_FRAME:
+        raise ProtocolError("frame_too_large", f"audio frame of {len(payload)} bytes; the limit is {MAX_AUDIO_FRAME}")
+    if encoding == "pcm16" and len(payload) % 2:
+        raise ProtocolError("invalid_audio", f"pcm16 frame has an odd number of bytes ({len(payload)})")

@@ -1,0 +1,2 @@
+"""Wire protocols: each turns its messages into CallSession calls and the
+session's events into its own messages. No transport imports another."""

@@ -1,0 +1,1 @@
+"""firstline's own websocket protocol (docs/protocol.md), at /v1/call."""
