@@ -94,7 +94,7 @@ async def test_native_barge_in_clears_and_history_keeps_what_was_played(server: 
             await caller.wait_for("response.done", timeout=30, turn=mark["turn"])
             await caller.wait_for("transcript.final", timeout=30, turn=mark["turn"] + 1)
             sentences = [e["text"] for e in caller.result.of("response.sentence") if e["turn"] == mark["turn"]]
-            reply = call.session._replies.get(mark["turn"])
+            reply = call.session.history.replies.get(mark["turn"])
             heard = reply["content"] if reply is not None else ""
             assert heard and len(sentences) >= 2
             assert heard != " ".join(sentences), "history kept sentences the caller never heard"

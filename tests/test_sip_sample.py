@@ -354,7 +354,7 @@ async def test_sip_concurrent_calls_outbound_and_hang_up_mid_reply(server, bridg
                 await wait_for(lambda: len(watcher.calls) == 2, 20, "both calls reach firstline")
                 await wait_for(lambda: all(c.session.started for c in watcher.calls), 10, "both calls started")
                 for call in watcher.calls:  # a long story, so there is a reply to interrupt
-                    call.session._system_prompt = STORY
+                    call.session.history.system_prompt = STORY
                     call.session.max_tokens = 400
                 for call in watcher.calls:
                     final = await watcher.wait_event(call, "transcript.final", turn=1, timeout=40)
@@ -404,7 +404,7 @@ async def test_sip_barge_in_clears_the_bridge_buffer(server, bridge, tmp_path):
             try:
                 call = await watcher.one(timeout=20)
                 await wait_for(lambda: call.session.started, 10, "call started")
-                call.session._system_prompt = STORY
+                call.session.history.system_prompt = STORY
                 call.session.max_tokens = 400
                 # Talk while the reply plays: after its first sentence has played out
                 # (its mark came back) when the story has a second one, else at once.
@@ -423,7 +423,7 @@ async def test_sip_barge_in_clears_the_bridge_buffer(server, bridge, tmp_path):
                 assert not late, f"{len(late)} voiced frames still came over RTP after the clear"
                 await watcher.wait_event(call, "response.done", turn=1, timeout=30)
                 sentences = [e["text"] for e in sentences_of(call, 1)]
-                reply = call.session._replies.get(1)
+                reply = call.session.history.replies.get(1)
                 heard = reply["content"] if reply is not None else ""
                 if first_played:
                     assert heard, "the first sentence's mark came back, so it was heard"

@@ -41,7 +41,7 @@ async def test_asterisk_xoff_pauses_sending_until_xon(server):
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
-            call.session._system_prompt = STORY
+            call.session.history.system_prompt = STORY
             await carrier.say(with_silence(prompt_clip(27).load(8000), 8000, 1.0), speed=None)
             await carrier.wait_audio()
             await carrier.send("MEDIA_XOFF")

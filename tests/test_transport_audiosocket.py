@@ -120,7 +120,7 @@ async def test_audiosocket_16k_barge_in_stops_frames(server):
             async with FakeAsterisk(port, kind=0x12, rate=16000) as asterisk:
                 call = await watcher.one()
                 await asterisk.say(np.zeros(1600, np.float32))
-                call.session._system_prompt = STORY
+                call.session.history.system_prompt = STORY
                 await asterisk.say(with_silence(first.load(16000), 16000, 0.7))
                 await watcher.wait_event(call, "response.sentence", turn=1, timeout=60)
                 await asyncio.sleep(1.5)

@@ -36,7 +36,7 @@ async def test_twilio_marks_echo_after_playout_and_prompt_parameter(server):
             await carrier.say(with_silence(prompt_clip(5).load(8000), 8000, 1.0), speed=None)
             await carrier.send(json.dumps({"event": "mark", "streamSid": carrier.sid, "mark": {"name": "nope"}}))
             await watcher.wait_event(call, "response.done", turn=1, timeout=60)
-            assert call.session._system_prompt == prompt
+            assert call.session.history.system_prompt == prompt
             assert call.session._start is not None and call.session._start.metadata["customer"] == "42"
             await carrier.wait_audio()
             # Marks come back only once the fake has played the audio before them

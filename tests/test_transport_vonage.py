@@ -31,7 +31,7 @@ async def test_vonage_paces_its_sending(server):
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
-            call.session._system_prompt = STORY
+            call.session.history.system_prompt = STORY
             await carrier.say(with_silence(prompt_clip(23).load(16000), 16000, 1.0), speed=None)
             await carrier.wait_audio()
             await asyncio.sleep(1.5)

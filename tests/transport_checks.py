@@ -100,7 +100,7 @@ async def barge_in_call(server: VoiceServer, carrier: FakeCarrier, needs_mark: b
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
-            call.session._system_prompt = STORY  # carriers pass prompts as custom parameters; same effect
+            call.session.history.system_prompt = STORY  # carriers pass prompts as custom parameters; same effect
             call.session.max_tokens = 400
             await carrier.say(with_silence(first.load(carrier.rate), carrier.rate, 0.7), speed=None)
             await carrier.wait_audio(timeout=60)
@@ -123,7 +123,7 @@ async def barge_in_call(server: VoiceServer, carrier: FakeCarrier, needs_mark: b
             await watcher.wait_event(call, "transcript.final", turn=2, timeout=30)
             # History holds what was heard: whole sentences that played, not all that was written.
             sentences = [e["text"] for e in CallWatcher.of(call, "response.sentence") if e["turn"] == 1]
-            reply = call.session._replies.get(1)
+            reply = call.session.history.replies.get(1)
             heard = reply["content"] if reply is not None else ""
             assert len(sentences) >= 2
             assert heard != " ".join(sentences), "history kept sentences the caller never heard"
@@ -159,7 +159,7 @@ async def hangups_release_everything(server: VoiceServer, make_carrier, clips: l
             carrier = make_carrier()
             async with carrier:
                 call = await watcher.one()
-                call.session._system_prompt = STORY
+                call.session.history.system_prompt = STORY
                 await carrier.say(with_silence(clip.load(carrier.rate), carrier.rate, 0.7), speed=None)
                 await carrier.wait_audio(timeout=60)
             # leaving the block hangs up

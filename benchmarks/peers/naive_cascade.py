@@ -41,7 +41,8 @@ from asr.turns import SpeechStarted, TurnEnded, TurnTracker
 from llm.base import GenerationRequest
 from streaming.codecs import StreamResampler, decode, int16_to_float
 from streaming.sentences import SentenceSegmenter
-from voice.call.session import Emit, keep_heard
+from voice.call.history import keep_heard
+from voice.call.session import Emit
 from voice.call.start import ProtocolError, Start, check_audio_frame
 from voice.call.turn import TurnTimes
 from voice.server.app import VoiceServer, _json_response

@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -30,32 +30,16 @@ from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
 from streaming.codecs import StreamResampler, decode, int16_to_float
+from voice.call.history import MAX_INSTRUCTIONS, History, keep_heard
 from voice.call.start import ProtocolError, Start, check_audio_frame
-from voice.call.turn import Turn, TurnTimes
+from voice.call.turn import Emit, Turn, TurnContext, TurnOutcome, TurnTimes
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
 ASR_RATE = 16000
 _call_ids = itertools.count(1)
-# Instructions plus system context items (Realtime): a bound on the prompt a
-# client can build up, well inside the models' context.
-MAX_INSTRUCTIONS = 32 * 1024
-
-
-def keep_heard(history: list[dict[str, str]], replies: dict[int, dict[str, str]], turn: int, heard: str) -> None:
-    """Cut ``turn``'s assistant message in ``history`` to what the caller
-    heard; drop it when they heard nothing (``replies``: turn -> message)."""
-    message = replies.get(turn)
-    if message is None:
-        return
-    if heard.strip():
-        message["content"] = heard.strip()
-    else:
-        with contextlib.suppress(ValueError):
-            history.remove(message)
-        del replies[turn]
+__all__ = ["ASR_RATE", "MAX_INSTRUCTIONS", "CallSession", "Emit", "keep_heard"]
 
 
 class CallSession:
@@ -70,9 +54,7 @@ class CallSession:
         self._start: Start | None = None
         self._resampler: StreamResampler | None = None
         self._tracker: TurnTracker | None = None
-        self._system_prompt = runtime.config.llm.system_prompt
-        self.history: list[dict[str, str]] = []
-        self._replies: dict[int, dict[str, str]] = {}  # turn -> its assistant message in history
+        self.history = History(runtime.config.llm.system_prompt, runtime.config.llm.history_turns)
         self.carry_over = ""  # words of a turn the caller talked over before any reply went out
         self._turn_index = 0
         self._active: Turn | None = None  # committed turn whose reply may still be streaming
@@ -113,7 +95,7 @@ class CallSession:
         self._resampler = StreamResampler(start.sample_rate, ASR_RATE)
         self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
         if start.system_prompt:
-            self._system_prompt = start.system_prompt
+            self.history.system_prompt = start.system_prompt
         self.started = True
         self._last_audio_at = time.monotonic()
         if self.asr_config.auto_turns and self.asr_config.silent_line_s > 0:
@@ -197,7 +179,7 @@ class CallSession:
 
     def set_system_prompt(self, prompt: str) -> None:
         """New instructions for the turns from now on."""
-        self._system_prompt = prompt
+        self.history.system_prompt = prompt
 
     async def stop(self, reason: str = "client_stop") -> None:
         """Caller hung up (or the transport closed): release everything."""
@@ -218,7 +200,7 @@ class CallSession:
         """Audio transports call this when playout tracking (marks, checkpoints)
         shows the caller heard only ``heard`` of ``turn``'s reply before
         cutting in: history then holds only what was actually heard."""
-        keep_heard(self.history, self._replies, turn, heard)
+        self.history.heard(turn, heard)
 
     # ---- turn handling -------------------------------------------------
 
@@ -240,8 +222,15 @@ class CallSession:
         cfg = self.asr_config
         if cfg.preemptive:
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s))
-            self._pending = Turn(self, self._turn_index + 1, ev.audio, times, committed=False, on_window=self._window,
-                                 audio_end_s=ev.speech_end_audio_s)  # fmt: skip
+            self._pending = Turn(
+                self._turn_context(),
+                self._turn_index + 1,
+                ev.audio,
+                times,
+                committed=False,
+                on_window=self._window,
+                audio_end_s=ev.speech_end_audio_s,
+            )
         elif cfg.adaptive_endpoint and self._tracker is not None:
             self._tracker.set_endpoint(endpoint_window(self._last_partial, cfg))
 
@@ -273,7 +262,8 @@ class CallSession:
         self._turn_index += 1
         if turn is None:
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s), endpoint=now)
-            turn = Turn(self, self._turn_index, ev.audio, times, committed=True, audio_end_s=ev.speech_end_audio_s)
+            ctx = self._turn_context()
+            turn = Turn(ctx, self._turn_index, ev.audio, times, committed=True, audio_end_s=ev.speech_end_audio_s)
         turn.wasted_generations = self._wasted
         self._wasted = 0
         self.carry_over = ""
@@ -281,22 +271,34 @@ class CallSession:
         if not turn.committed:
             await turn.commit(now)
 
-    def reply_finished(self, turn: Turn, cancelled: bool) -> None:
-        """Called by a committed turn when its reply ends."""
-        spoken = " ".join(turn.sent)
-        if cancelled and turn.times.llm_first_token is None:
+    def _turn_context(self) -> TurnContext:
+        runtime = self.runtime
+        return TurnContext(
+            call_id=self.call_id,
+            engine=runtime.engine,
+            asr=runtime.asr,
+            asr_config=self.asr_config,
+            max_tokens=self.max_tokens,
+            temperature=runtime.config.llm.temperature,
+            sentence_max_words=runtime.config.sentence_max_words,
+            carry_over=self.carry_over,
+            messages=self.messages,
+            emit=self.emit,
+            finished=self._turn_finished,
+            is_closed=lambda: self.closed,
+            tracer=runtime.tracer,
+        )
+
+    def _turn_finished(self, outcome: TurnOutcome) -> None:
+        """A turn handed back its outcome."""
+        if outcome.cancelled and not outcome.replied:
             # The caller kept talking before any of the reply went out: this
             # was a pause, not a turn. Their words join the next turn.
-            self.carry_over = " ".join(filter(None, [self.carry_over, turn.user_text]))
+            self.carry_over = " ".join(filter(None, [self.carry_over, outcome.user_text]))
         else:
             # History keeps only what the caller was sent, so the model never
             # believes it said words that were cut off.
-            self._remember(turn.index, turn.user_text, spoken)
-
-    def carry(self, pending: asyncio.Future[Any]) -> None:
-        """A committed turn was talked over mid-decode: keep its words."""
-        if not pending.cancelled() and pending.exception() is None and pending.result().text:
-            self.carry_over = " ".join(filter(None, [self.carry_over, pending.result().text]))
+            self.history.remember(outcome.index, outcome.user_text, outcome.spoken)
 
     def _arrival_of(self, position_s: float) -> float:
         """When the frame holding this stream position arrived."""
@@ -339,38 +341,11 @@ class CallSession:
 
     def add_context(self, role: str, text: str) -> None:
         """A text message the client adds to the conversation (Realtime
-        ``conversation.item.create``): system text extends the instructions,
-        user/assistant text joins the history the next turn is answered in."""
-        if role == "system":
-            prompt = f"{self._system_prompt}\n\n{text}"
-            if len(prompt) > MAX_INSTRUCTIONS:
-                raise ValueError(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
-            self._system_prompt = prompt
-        else:
-            self.history.append({"role": role, "content": text})
-            self._trim_history()  # a client adding items in a loop cannot grow memory
+        ``conversation.item.create``); see History.add."""
+        self.history.add(role, text)
 
     def messages(self, user_text: str) -> list[dict[str, str]]:
-        return [
-            {"role": "system", "content": self._system_prompt},
-            *self.history,
-            {"role": "user", "content": user_text},
-        ]
-
-    def _remember(self, turn: int, user_text: str, reply: str) -> None:
-        self.history.append({"role": "user", "content": user_text})
-        if reply:
-            message = {"role": "assistant", "content": reply}
-            self.history.append(message)
-            self._replies[turn] = message
-        self._trim_history()
-
-    def _trim_history(self) -> None:
-        keep = 2 * self.runtime.config.llm.history_turns
-        if len(self.history) > keep:
-            del self.history[:-keep]
-            kept = {id(m) for m in self.history}
-            self._replies = {t: m for t, m in self._replies.items() if id(m) in kept}
+        return self.history.messages(user_text)
 
     def dtmf(self, digit: str) -> None:
         """A keypad press from an audio transport. It joins the next turn's

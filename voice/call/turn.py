@@ -18,19 +18,60 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
-from llm.base import EngineError, GenerationRequest
+from llm.base import EngineError, GenerationRequest, LLMEngine
 from streaming.sentences import SentenceSegmenter
 
 if TYPE_CHECKING:
-    from voice.call.session import CallSession
+    from asr.worker import ASRWorker
+    from voice.server.tracing import TurnTracer
 
 log = logging.getLogger(__name__)
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnOutcome:
+    """What a turn hands back to its session, which alone owns history,
+    carry-over and counters."""
+
+    index: int
+    user_text: str
+    spoken: str  # the reply sentences that went out, joined
+    cancelled: bool
+    # Any of the reply reached the engine's first token: a reply the caller
+    # cut off, not a pause they kept talking through.
+    replied: bool
+
+
+@dataclasses.dataclass
+class TurnContext:
+    """Everything a turn may use: the shared engines, the call's settings
+    as they stand when the turn starts, and where its events and outcome go."""
+
+    call_id: str
+    engine: LLMEngine
+    asr: ASRWorker
+    asr_config: ASRConfig
+    max_tokens: int
+    temperature: float
+    sentence_max_words: int
+    # Words of an earlier turn the caller talked over; they lead this one.
+    carry_over: str
+    # The prompt that answers the caller's words, built when the reply starts
+    # so it holds the history as of then.
+    messages: Callable[[str], list[dict[str, str]]]
+    emit: Emit
+    finished: Callable[[TurnOutcome], None]
+    is_closed: Callable[[], bool]
+    tracer: TurnTracer | None = None
 
 
 @dataclasses.dataclass
@@ -64,7 +105,7 @@ class TurnTimes:
 class Turn:
     def __init__(
         self,
-        session: CallSession,
+        ctx: TurnContext,
         index: int,
         audio: np.ndarray,
         times: TurnTimes,
@@ -72,14 +113,14 @@ class Turn:
         on_window: Callable[[Turn, float], None] | None = None,
         audio_end_s: float = 0.0,
     ) -> None:
-        self.session = session
+        self.ctx = ctx
         # Stream position (s of call audio) just after the turn's last voiced chunk.
         self.audio_end_s = audio_end_s
         self.index = index
         self.audio = audio
         self.times = times
         self.preemptive = not committed
-        self.carry_over = session.carry_over
+        self.carry_over = ctx.carry_over
         self.user_text = ""
         self.sent: list[str] = []
         # Preemptive turns of this caller turn that were aborted (caller
@@ -92,7 +133,7 @@ class Turn:
         self._held: list[dict[str, Any]] = []
         if committed:
             self._gate.set()
-        self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"{session.call_id}-turn{index}")
+        self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"{ctx.call_id}-turn{index}")
 
     @property
     def committed(self) -> bool:
@@ -112,6 +153,14 @@ class Turn:
     def cancel(self) -> None:
         self.task.cancel()
 
+    def _talked_over(self, pending: asyncio.Future[Any]) -> None:
+        """A committed turn was talked over mid-decode: its words, once
+        decoded, go back to the session to lead the next turn."""
+        if pending.cancelled() or pending.exception() is not None or not pending.result().text:
+            return
+        text = " ".join(filter(None, [self.carry_over, pending.result().text]))
+        self.ctx.finished(TurnOutcome(self.index, text, "", cancelled=True, replied=False))
+
     # ---- the work ------------------------------------------------------
 
     async def _out(self, event: dict[str, Any]) -> None:
@@ -123,28 +172,28 @@ class Turn:
     async def _send(self, event: dict[str, Any]) -> None:
         if event["type"] == "response.sentence" and event["first"]:
             self.times.first_sentence = time.monotonic()  # when it is really on the wire
-        await self.session.emit(event)
+        await self.ctx.emit(event)
 
     async def _run(self) -> None:
-        session = self.session
+        ctx = self.ctx
         self.times.asr_start = time.monotonic()
-        pending = session.runtime.asr.submit(session.call_id, self.audio, final=True)
+        pending = ctx.asr.submit(ctx.call_id, self.audio, final=True)
         try:
             # Shielded: a caller who resumes mid-decode still gets these words
-            # joined to their next turn (CallSession.carry).
+            # joined to their next turn (the outcome carries them).
             decoded = await asyncio.shield(pending)
         except asyncio.CancelledError:
             if self.committed:
-                pending.add_done_callback(session.carry)
+                pending.add_done_callback(self._talked_over)
             raise
         except Exception as exc:
             await self._gate.wait()
-            await session.emit({"type": "error", "code": "asr_failed", "message": f"turn {self.index}: {exc}"})
+            await ctx.emit({"type": "error", "code": "asr_failed", "message": f"turn {self.index}: {exc}"})
             return
         self.times.asr_final = time.monotonic()
         self.user_text = " ".join(filter(None, [self.carry_over, decoded.text])).strip()
         if self._on_window is not None and not self.committed:
-            self._on_window(self, endpoint_window(decoded.text, session.asr_config))
+            self._on_window(self, endpoint_window(decoded.text, ctx.asr_config))
         if not self.user_text:
             return  # VAD heard something Whisper found no words in: no turn
         await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text,
@@ -153,21 +202,20 @@ class Turn:
         await self._reply()
 
     async def _reply(self) -> None:
-        session = self.session
-        cfg = session.runtime.config
+        ctx = self.ctx
         request = GenerationRequest(
-            request_id=f"{session.call_id}-t{self.index}",
-            messages=session.messages(self.user_text),
-            max_tokens=session.max_tokens,
-            temperature=cfg.llm.temperature,
-            session_key=session.call_id,  # a replica pool keeps the call on one replica
+            request_id=f"{ctx.call_id}-t{self.index}",
+            messages=ctx.messages(self.user_text),
+            max_tokens=ctx.max_tokens,
+            temperature=ctx.temperature,
+            session_key=ctx.call_id,  # a replica pool keeps the call on one replica
         )
         self.request = request
-        segmenter = SentenceSegmenter(max_words=cfg.sentence_max_words)
+        segmenter = SentenceSegmenter(max_words=ctx.sentence_max_words)
         cancelled = False
         failed: str | None = None
         try:
-            async for delta in session.runtime.engine.stream(request):
+            async for delta in ctx.engine.stream(request):
                 if self.times.llm_first_token is None:
                     self.times.llm_first_token = time.monotonic()
                 await self._out({"type": "response.delta", "turn": self.index, "text": delta})
@@ -178,7 +226,7 @@ class Turn:
         except asyncio.CancelledError:
             cancelled = True
         except Exception as exc:
-            log.exception("LLM failed on call %s turn %d", session.call_id, self.index)
+            log.exception("LLM failed on call %s turn %d", ctx.call_id, self.index)
             failed = str(exc)
             if isinstance(exc, EngineError):
                 self.error_code = exc.code  # llm_unavailable while the engine restarts
@@ -188,7 +236,15 @@ class Turn:
                 raise asyncio.CancelledError
             await self._gate.wait()  # finished early: wait to be committed or aborted
         self.times.done = time.monotonic()
-        session.reply_finished(self, cancelled)
+        ctx.finished(
+            TurnOutcome(
+                self.index,
+                self.user_text,
+                " ".join(self.sent),
+                cancelled,
+                replied=self.times.llm_first_token is not None,
+            )
+        )
         await self._report(cancelled, failed)
         if cancelled:
             raise asyncio.CancelledError
@@ -200,8 +256,8 @@ class Turn:
                          "text": text, "first": first})  # fmt: skip
 
     async def _report(self, cancelled: bool, failed: str | None) -> None:
-        session = self.session
-        if session.closed:
+        ctx = self.ctx
+        if ctx.is_closed():
             return
         assert self.request is not None
         usage = self.request.usage
@@ -220,8 +276,8 @@ class Turn:
         with contextlib.suppress(Exception):
             if failed is not None:
                 message = f"turn {self.index}: {failed}"
-                await session.emit({"type": "error", "code": self.error_code, "message": message})
-            await session.emit(
+                await ctx.emit({"type": "error", "code": self.error_code, "message": message})
+            await ctx.emit(
                 {
                     "type": "response.done",
                     "turn": self.index,
@@ -230,11 +286,11 @@ class Turn:
                     "usage": usage.as_dict(),
                 }
             )
-            await session.emit(metrics)
-        tracer = session.runtime.tracer
+            await ctx.emit(metrics)
+        tracer = ctx.tracer
         if tracer is not None:
             try:
                 error = "cancelled" if cancelled else (self.error_code if failed is not None else None)
-                tracer.record_turn(session.call_id, self.index, self.times, metrics, error)
+                tracer.record_turn(ctx.call_id, self.index, self.times, metrics, error)
             except Exception:
                 log.exception("tracing turn %d failed", self.index)  # traces are never worth a turn

@@ -161,7 +161,7 @@ class WebSocketCall(TelephonyCall):
         event = msg.get(self.dispatch_key)
         if not isinstance(event, str):
             raise MalformedMessage(f"no string {self.dispatch_key!r}")
-        handler = getattr(self, "on_" + event.replace(":", "_").replace(".", "_"), None)
+        handler = self.handler_for(event)
         if handler is None:
             if event not in self.ignored_events:
                 raise MalformedMessage(f"unknown event {event[:40]!r}")
@@ -172,6 +172,10 @@ class WebSocketCall(TelephonyCall):
             if isinstance(exc, MalformedMessage):
                 raise
             raise MalformedMessage(f"bad {event!r}: {exc!r}") from None
+
+    def handler_for(self, event: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
+        """The handler of a message type: ``on_<type>`` (``.`` and ``:`` as ``_``)."""
+        return getattr(self, "on_" + event.replace(":", "_").replace(".", "_"), None)
 
     async def on_binary(self, frame: bytes) -> None:
         raise MalformedMessage(f"binary frame of {len(frame)} B on a JSON-only protocol")

@@ -1,0 +1,91 @@
+"""The ``conversation.item.*`` family: text context added by the client,
+and truncation of a reply to what the caller heard."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from voice.transports.realtime.protocol import RealtimeError, new_id
+
+if TYPE_CHECKING:
+    from voice.transports.realtime.call import RealtimeCall
+
+# conversation.item.create: text messages only, as context for the audio turns.
+CONTEXT_ROLES = ("user", "assistant", "system")
+TEXT_PARTS = ("input_text", "text", "output_text")
+MAX_CONTEXT_CHARS = 8192
+
+
+async def item_create(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    """Text messages as context (a CRM note, an earlier exchange, extra
+    instructions): they join the conversation the next audio turn is
+    answered in. Replies are to the caller's audio, so a text item does
+    not start one; other item types are refused with an error."""
+    item = msg.get("item")
+    if not isinstance(item, dict):
+        raise RealtimeError("'item' must be an object", "invalid_value", "item")
+    if item.get("type", "message") != "message":
+        raise RealtimeError(
+            f"item type {str(item.get('type'))[:32]!r} is not supported: only text messages (context)",
+            "unsupported_item_type",
+            "item.type",
+        )
+    role = item.get("role")
+    if role not in CONTEXT_ROLES:
+        raise RealtimeError("'item.role' must be user, assistant or system", "invalid_value", "item.role")
+    content = item.get("content")
+    parts = content if isinstance(content, list) else []
+    texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") in TEXT_PARTS]
+    if not parts or len(texts) != len(parts) or not all(isinstance(t, str) for t in texts):
+        raise RealtimeError(
+            "'item.content' must be a list of text parts (input_text, text, output_text)",
+            "unsupported_content",
+            "item.content",
+        )
+    text = " ".join(texts).strip()
+    if not text or len(text) > MAX_CONTEXT_CHARS:
+        raise RealtimeError(f"item text must be 1..{MAX_CONTEXT_CHARS} characters", "invalid_value", "item.content")
+    try:
+        call.session.add_context(role, text)
+    except ValueError as exc:
+        raise RealtimeError(str(exc), "context_too_large", "item.content") from None
+    item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
+    previous = call.last_item_id
+    created = {
+        "id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": "completed",
+        "content": parts,
+    }  # fmt: skip
+    await call.send_event("conversation.item.added", previous_item_id=previous, item=created)
+    if not call.beta:
+        await call.send_event("conversation.item.done", previous_item_id=previous, item=created)
+    call.last_item_id = item_id
+
+
+async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    """The client played ``audio_end_ms`` of a reply: history keeps the
+    sentences that fit in it."""
+    item_id = msg.get("item_id")
+    audio_end_ms = msg.get("audio_end_ms")
+    if isinstance(audio_end_ms, bool) or not isinstance(audio_end_ms, int | float) or audio_end_ms < 0:
+        raise RealtimeError("'audio_end_ms' must be a non-negative number", "invalid_value", "audio_end_ms")
+    response = next((r for r in call.responses.values() if r.item_id == item_id), None)
+    if response is None:
+        raise RealtimeError(f"no assistant item {str(item_id)[:40]!r}", "item_not_found", "item_id")
+    if call.playout is not None:
+        heard, budget = [], audio_end_ms / 1000.0
+        for text, seconds in call.playout.duration_s(response.turn):
+            if seconds > budget + 0.05:
+                break
+            heard.append(text)
+            budget -= seconds
+        call.session.reply_heard(response.turn, " ".join(heard))
+    await call.send_event(
+        "conversation.item.truncated", item_id=item_id, content_index=msg.get("content_index", 0),
+        audio_end_ms=audio_end_ms,
+    )  # fmt: skip
+
+
+HANDLERS = {
+    "conversation.item.create": item_create,
+    "conversation.item.truncate": item_truncate,
+}

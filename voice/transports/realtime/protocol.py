@@ -1,0 +1,58 @@
+"""What every Realtime event family shares: the audio formats, the beta
+event names, the limits, and the error a refused client event raises."""
+
+from __future__ import annotations
+
+import uuid
+
+from voice.transports.telephony import MalformedMessage
+
+PATH = "/v1/realtime"
+
+# Session audio format -> (encoding, sample rate). GA names, then beta names.
+GA_FORMATS: dict[str, tuple[str, int]] = {
+    "audio/pcm": ("pcm16", 24000),
+    "audio/pcmu": ("mulaw", 8000),
+    "audio/pcma": ("alaw", 8000),
+}
+BETA_FORMATS: dict[str, str] = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+BETA_NAMES: dict[str, str] = {
+    "response.output_text.delta": "response.text.delta",
+    "response.output_text.done": "response.text.done",
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+    "conversation.item.added": "conversation.item.created",
+}
+# Reply audio per output_audio.delta: 100 ms.
+OUT_CHUNK_S = 0.1
+MAX_INSTRUCTIONS = 8 * 1024
+MAX_OUTPUT_TOKENS = 1024
+
+
+class RealtimeError(MalformedMessage):
+    """A client event we refuse, with the Realtime error code and param."""
+
+    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def format_obj(name: str) -> dict[str, object]:
+    rate = GA_FORMATS[name][1]
+    return {"type": name, "rate": rate} if name == "audio/pcm" else {"type": name}
+
+
+def query_param(path: str, key: str) -> str | None:
+    _, _, query = path.partition("?")
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == key and value:
+            return value[:128]
+    return None

@@ -1,0 +1,174 @@
+"""The ``response.*`` family: the client asks for or cancels a reply, and
+the server side of a reply's life (created, deltas, done with firstline's
+timings in its metadata)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from voice.transports.realtime.protocol import RealtimeError, new_id
+
+if TYPE_CHECKING:
+    from voice.transports.realtime.call import RealtimeCall
+
+
+@dataclass
+class Response:
+    """One reply as the client sees it: a response holding one assistant item."""
+
+    turn: int
+    id: str = field(default_factory=lambda: new_id("resp"))
+    item_id: str = field(default_factory=lambda: new_id("item"))
+    user_item_id: str = ""
+    released: bool = False
+    dropped: bool = False
+    started: bool = False
+    held: list[dict[str, Any]] = field(default_factory=list)
+    text: str = ""
+    done: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    cancel_reason: str = "turn_detected"
+
+
+# ---- client events ---------------------------------------------------------
+
+
+async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    held = [r for r in call.responses.values() if not r.released and not r.dropped]
+    if held:
+        await release(call, held[-1])
+    elif call.session.started:
+        # The transcript of the committed turn is still being decoded:
+        # release its reply the moment it exists.
+        call.response_requested = True
+    else:
+        raise RealtimeError(
+            "no input to respond to: firstline answers the caller's audio turns", "no_input", "response"
+        )
+
+
+async def cancel(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    wanted = msg.get("response_id")
+    live = [r for r in call.responses.values() if r.done is None and not r.dropped]
+    if wanted is not None:
+        live = [r for r in live if r.id == wanted]
+    if not live or not call.session.cancel_reply():
+        raise RealtimeError("no response in progress to cancel", "response_cancel_not_active", "response_id")
+    live[-1].cancel_reason = "client_cancelled"
+    if call.playout is not None:
+        call.playout.interrupt(by_clock=True)
+
+
+HANDLERS = {
+    "response.create": create,
+    "response.cancel": cancel,
+}
+
+
+# ---- a reply's life on the wire --------------------------------------------
+
+
+async def release(call: RealtimeCall, response: Response) -> None:
+    """The client asked for a reply that was generated ahead: send what was held."""
+    response.released = True
+    await start(call, response)
+    held, response.held = response.held, []
+    for ev in held:
+        await call.forward(ev)
+
+
+async def start(call: RealtimeCall, response: Response) -> None:
+    if response.started:
+        return
+    response.started = True
+    await call.send_event("response.created", response=response_obj(call, response, "in_progress"))
+    item = item_obj(call, response, "in_progress")
+    await call.send_event("response.output_item.added", response_id=response.id, output_index=0, item=item)
+    await call.send_event("conversation.item.added", previous_item_id=response.user_item_id, item=item)
+    await call.send_event("response.content_part.added", **content_ref(response), part=part(call, ""))
+    call.last_item_id = response.item_id
+
+
+async def delta(call: RealtimeCall, response: Response, text: str) -> None:
+    await start(call, response)
+    response.text += text
+    name = "response.output_audio_transcript.delta" if call.settings.audio_out else "response.output_text.delta"
+    await call.send_event(name, **content_ref(response), delta=text)
+
+
+async def finish(call: RealtimeCall, response: Response) -> None:
+    if not response.started:
+        await start(call, response)
+    done = response.done or {}
+    status = "cancelled" if done.get("cancelled") else "completed"
+    text = str(done.get("text") or response.text)
+    ref = content_ref(response)
+    if call.settings.audio_out:
+        await call.send_event("response.output_audio.done", **ref)
+        await call.send_event("response.output_audio_transcript.done", **ref, transcript=text)
+    else:
+        await call.send_event("response.output_text.done", **ref, text=text)
+    await call.send_event("response.content_part.done", **ref, part=part(call, text))
+    item = item_obj(call, response, "completed" if status == "completed" else "incomplete", text)
+    await call.send_event("response.output_item.done", response_id=response.id, output_index=0, item=item)
+    if not call.beta:
+        await call.send_event("conversation.item.done", item=item)
+    body = response_obj(call, response, status, [item])
+    if status == "cancelled":
+        body["status_details"] = {"type": "cancelled", "reason": response.cancel_reason}
+    usage = done.get("usage") or {}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    body["usage"] = {
+        "total_tokens": prompt + completion,
+        "input_tokens": prompt,
+        "output_tokens": completion,
+        "input_token_details": {"cached_tokens": int(usage.get("cached_tokens") or 0)},
+    }
+    body["metadata"] = metadata(call, response)
+    await call.send_event("response.done", response=body)
+    call.responses.pop(response.turn, None)
+
+
+def metadata(call: RealtimeCall, response: Response) -> dict[str, str]:
+    """firstline's per-turn timings, as Realtime metadata (≤ 16 string values)."""
+    metrics = {k: v for k, v in (response.metrics or {}).items() if k.endswith("_ms") and v is not None}
+    metrics.update({k: v for k, v in call.audio_metrics.get(response.turn, {}).items() if k == "ttfa_ms"})
+    return {f"firstline_{k}": str(v) for k, v in list(metrics.items())[:16]}
+
+
+# ---- shapes ----------------------------------------------------------------
+
+
+def content_ref(response: Response) -> dict[str, Any]:
+    return {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
+
+
+def part(call: RealtimeCall, text: str) -> dict[str, Any]:
+    if call.settings.audio_out:
+        return {"type": "audio", "transcript": text}
+    return {"type": "text", "text": text}
+
+
+def item_obj(call: RealtimeCall, response: Response, status: str, text: str = "") -> dict[str, Any]:
+    content: dict[str, Any] = {"type": "output_text", "text": text}
+    if call.settings.audio_out:
+        content = {"type": "output_audio", "transcript": text}
+    return {"id": response.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+            "status": status, "content": [content] if text or status != "in_progress" else []}  # fmt: skip
+
+
+def response_obj(
+    call: RealtimeCall, response: Response, status: str, output: list[Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "id": response.id,
+        "object": "realtime.response",
+        "status": status,
+        "status_details": None,
+        "output": output or [],
+        "conversation_id": call.session_id,
+        "output_modalities": list(call.settings.output_modalities),
+        "metadata": None,
+        "usage": None,
+    }

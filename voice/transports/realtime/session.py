@@ -1,0 +1,204 @@
+"""The ``session.*`` family: the session as the client configured it, the
+``session.update`` handler, and the session object the server reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from voice.transports.realtime.protocol import (
+    BETA_FORMATS,
+    GA_FORMATS,
+    MAX_INSTRUCTIONS,
+    MAX_OUTPUT_TOKENS,
+    RealtimeError,
+    format_obj,
+)
+
+if TYPE_CHECKING:
+    from voice.transports.realtime.call import RealtimeCall
+
+
+@dataclass
+class RealtimeSettings:
+    """The session as the client configured it (GA field names)."""
+
+    model: str = "firstline"
+    output_modalities: list[str] = field(default_factory=lambda: ["audio"])
+    instructions: str | None = None
+    input_format: str = "audio/pcm"
+    output_format: str = "audio/pcm"
+    # None: push-to-talk. {"type": "server_vad" | "semantic_vad", ...}.
+    turn_detection: dict[str, Any] | None = field(default_factory=lambda: {"type": "server_vad"})
+    transcription: dict[str, Any] | None = None
+    voice: str = "default"
+    max_output_tokens: int | None = None
+
+    @property
+    def audio_out(self) -> bool:
+        return "audio" in self.output_modalities
+
+    @property
+    def auto_respond(self) -> bool:
+        td = self.turn_detection
+        return td is not None and td.get("create_response", True) is not False
+
+
+async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    update = msg.get("session")
+    if not isinstance(update, dict):
+        raise RealtimeError("'session' missing or not an object", "missing_required_parameter", "session")
+    new = apply_update(call.settings, update)
+    if call.session.started:
+        old = call.settings
+        locked = [
+            name
+            for name, before, after in (
+                ("input audio format", old.input_format, new.input_format),
+                ("output audio format", old.output_format, new.output_format),
+                ("output modalities", old.audio_out, new.audio_out),
+                ("turn_detection", td_kind(old.turn_detection), td_kind(new.turn_detection)),
+            )
+            if before != after
+        ]
+        if locked:
+            raise RealtimeError(
+                f"cannot change {', '.join(locked)} after audio has started; open a new session",
+                "session_locked",
+                "session",
+            )
+        if new.instructions and new.instructions != old.instructions:
+            call.session.set_system_prompt(new.instructions)
+        if new.max_output_tokens:
+            call.session.max_tokens = new.max_output_tokens
+    call.settings = new
+    await call.send_event("session.updated", session=call.session_object())
+
+
+def session_object(call: RealtimeCall) -> dict[str, Any]:
+    s = call.settings
+    if call.beta:
+        beta_format = {v: k for k, v in BETA_FORMATS.items()}
+        return {
+            "id": call.session_id,
+            "object": "realtime.session",
+            "model": s.model,
+            "modalities": ["text", "audio"] if s.audio_out else ["text"],
+            "instructions": s.instructions or call.runtime.config.llm.system_prompt,
+            "voice": s.voice,
+            "input_audio_format": beta_format[s.input_format],
+            "output_audio_format": beta_format[s.output_format],
+            "input_audio_transcription": s.transcription,
+            "turn_detection": s.turn_detection,
+            "tools": [],
+            "tool_choice": "auto",
+            "temperature": 0.8,
+            "max_response_output_tokens": s.max_output_tokens or "inf",
+        }
+    return {
+        "type": "realtime",
+        "object": "realtime.session",
+        "id": call.session_id,
+        "model": s.model,
+        "output_modalities": list(s.output_modalities),
+        "instructions": s.instructions or call.runtime.config.llm.system_prompt,
+        "audio": {
+            "input": {
+                "format": format_obj(s.input_format),
+                "transcription": s.transcription,
+                "noise_reduction": None,
+                "turn_detection": s.turn_detection,
+            },
+            "output": {"format": format_obj(s.output_format), "voice": s.voice, "speed": 1.0},
+        },
+        "tools": [],
+        "tool_choice": "auto",
+        "max_output_tokens": s.max_output_tokens or "inf",
+    }
+
+
+def td_kind(td: dict[str, Any] | None) -> str | None:
+    return None if td is None else str(td.get("type"))
+
+
+def apply_update(current: RealtimeSettings, update: dict[str, Any]) -> RealtimeSettings:
+    """``current`` with a GA or beta ``session.update`` applied; raises
+    :class:`RealtimeError` on a value we cannot serve."""
+    new = RealtimeSettings(**{f: getattr(current, f) for f in current.__dataclass_fields__})
+    modalities = update.get("output_modalities", update.get("modalities"))
+    if modalities is not None:
+        if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "audio"}:
+            raise RealtimeError("output_modalities must be ['text'] or ['audio']", "invalid_value", "output_modalities")
+        new.output_modalities = ["audio"] if "audio" in modalities else ["text"]
+    if "instructions" in update:
+        text = update["instructions"]
+        if text is not None and (not isinstance(text, str) or len(text) > MAX_INSTRUCTIONS):
+            raise RealtimeError(f"instructions must be a string of at most {MAX_INSTRUCTIONS} chars",
+                                "invalid_value", "instructions")  # fmt: skip
+        new.instructions = text or None
+    for key in ("max_output_tokens", "max_response_output_tokens"):
+        if key in update:
+            value = update[key]
+            if value == "inf" or value is None:
+                new.max_output_tokens = None
+            elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS:
+                raise RealtimeError(f"{key} must be 1..{MAX_OUTPUT_TOKENS} or 'inf'", "invalid_value", key)
+            else:
+                new.max_output_tokens = value
+    if isinstance(update.get("voice"), str):
+        new.voice = update["voice"][:64]
+    audio = update.get("audio")
+    if audio is not None and not isinstance(audio, dict):
+        raise RealtimeError("'audio' must be an object", "invalid_value", "audio")
+    audio = audio or {}
+    audio_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+    audio_out = audio.get("output") if isinstance(audio.get("output"), dict) else {}
+    # Formats: GA objects, or beta strings.
+    for attr, ga_value, beta_key in (
+        ("input_format", audio_in.get("format"), "input_audio_format"),
+        ("output_format", audio_out.get("format"), "output_audio_format"),
+    ):
+        if ga_value is not None:
+            setattr(new, attr, _ga_format(ga_value, f"audio.{attr.split('_')[0]}.format"))
+        elif beta_key in update:
+            name = update[beta_key]
+            if name not in BETA_FORMATS:
+                raise RealtimeError(f"{beta_key} must be one of {', '.join(BETA_FORMATS)}", "invalid_value", beta_key)
+            setattr(new, attr, BETA_FORMATS[name])
+    if isinstance(audio_out.get("voice"), str):
+        new.voice = audio_out["voice"][:64]
+    # Turn detection.
+    if "turn_detection" in audio_in or "turn_detection" in update:
+        td = audio_in["turn_detection"] if "turn_detection" in audio_in else update["turn_detection"]
+        new.turn_detection = _turn_detection(td)
+    if "transcription" in audio_in or "input_audio_transcription" in update:
+        tr = audio_in["transcription"] if "transcription" in audio_in else update["input_audio_transcription"]
+        if tr is not None and not isinstance(tr, dict):
+            raise RealtimeError("transcription must be an object or null", "invalid_value", "transcription")
+        new.transcription = tr
+    return new
+
+
+def _ga_format(value: object, param: str) -> str:
+    if not isinstance(value, dict) or value.get("type") not in GA_FORMATS:
+        raise RealtimeError(f"{param}.type must be one of {', '.join(GA_FORMATS)}", "invalid_value", param)
+    name = str(value["type"])
+    rate = value.get("rate")
+    if rate is not None and rate != GA_FORMATS[name][1]:
+        raise RealtimeError(f"{name} is served at {GA_FORMATS[name][1]} Hz only", "invalid_value", param + ".rate")
+    return name
+
+
+def _turn_detection(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("server_vad", "semantic_vad"):
+        raise RealtimeError("turn_detection.type must be server_vad, semantic_vad or null", "invalid_value",
+                            "turn_detection")  # fmt: skip
+    silence = value.get("silence_duration_ms")
+    if silence is not None and (
+        isinstance(silence, bool) or not isinstance(silence, int | float) or not 100 <= silence <= 5000
+    ):
+        raise RealtimeError("silence_duration_ms must be 100..5000", "invalid_value",
+                            "turn_detection.silence_duration_ms")  # fmt: skip
+    return {k: v for k, v in value.items() if isinstance(k, str)}
