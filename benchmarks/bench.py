@@ -13,6 +13,7 @@ machine and versions) goes to benchmarks/results/bench/.
     python -m benchmarks.bench --quick                 # a few minutes: firstline, naive cascade, pipecat
     python -m benchmarks.bench                         # everything, 1..64 calls
     python -m benchmarks.bench --systems firstline naive-cascade --concurrency 1 2 4 --turns 3
+    python -m benchmarks.bench --quick --systems firstline --baseline 19424e5   # before/after a change
     python -m benchmarks.bench --serve-args "--asr-device cuda --asr-compute-type float16 --engine vllm \\
         --llm-device cuda"                             # see benchmarks/gpu/run_h200.sh
 
@@ -37,9 +38,10 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,8 @@ class System:
     description: str
     args: list[str] = field(default_factory=list)
     protocols: tuple[str, ...] = ("twilio",)
+    # firstline as of another commit: a git worktree of it, served from there.
+    checkout: Path | None = None
 
 
 ALL_PROTOCOLS = tuple(PROTOCOLS)
@@ -108,12 +112,14 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float
     raise TimeoutError(f"not ready after {timeout:.0f} s ({url})")
 
 
-def _spawn(module: str, args: list[str]) -> subprocess.Popen[bytes]:
+def _spawn(module: str, args: list[str], cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    # ``-m`` puts cwd first on sys.path: a baseline worktree's packages win
+    # over the editable install of this checkout.
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        cwd=str(ROOT),
+        cwd=str(cwd),
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         start_new_session=True,
     )
@@ -144,9 +150,13 @@ async def serve(system: System, ns: argparse.Namespace) -> AsyncIterator[Running
     serve_args = shlex.split(ns.serve_args)
     if system.kind in ("firstline", "naive"):
         port = free_port()
-        module = "voice.server.cli" if system.kind == "firstline" else "benchmarks.peers.naive_cascade"
+        root = system.checkout or ROOT
+        module = "benchmarks.peers.naive_cascade"
+        if system.kind == "firstline":
+            # The CLI moved to voice.server.cli with the voice/ layout (older commits: voice.cli).
+            module = "voice.server.cli" if (root / "voice" / "server" / "cli.py").exists() else "voice.cli"
         args = (["serve"] if system.kind == "firstline" else []) + ["--port", str(port), *FIRSTLINE_BASE]
-        proc = _spawn(module, [*args, *system.args, *serve_args])
+        proc = _spawn(module, [*args, *system.args, *serve_args], cwd=root)
         try:
             startup = await asyncio.to_thread(_wait_http, f"http://127.0.0.1:{port}/readyz", proc, ns.startup_timeout)
             yield Running(f"ws://127.0.0.1:{port}", [proc.pid], startup)
@@ -188,6 +198,20 @@ async def serve(system: System, ns: argparse.Namespace) -> AsyncIterator[Running
             await peer.stop()
     finally:
         await asyncio.to_thread(_stop, llm_proc)
+
+
+@contextlib.contextmanager
+def baseline_system(ref: str) -> Iterator[System]:
+    """firstline at git ``ref``, from a temporary worktree (removed after)."""
+    sha = subprocess.check_output(["git", "rev-parse", "--short", ref], cwd=ROOT, text=True).strip()
+    where = Path(tempfile.mkdtemp(prefix=f"firstline-{sha}-"))
+    subprocess.run(["git", "worktree", "add", "--detach", "--force", str(where), sha], cwd=ROOT, check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        yield System(f"firstline@{sha}", "firstline", f"firstline at commit {sha} (default server)",
+                     protocols=ALL_PROTOCOLS, checkout=where)  # fmt: skip
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, capture_output=True)
 
 
 class CpuMeter:
@@ -385,10 +409,18 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
         },
         "systems": {},
     }
-    planned = len(ns.systems) * sum(max(c, ns.calls_per_level) * ns.turns for c in ns.concurrency)
-    with tqdm(total=planned, unit="turn", dynamic_ncols=True) as bar:
-        for name in ns.systems:
-            results["systems"][name] = await run_system(SYSTEMS[name], ns, bar)
+    systems = [SYSTEMS[name] for name in ns.systems]
+    with contextlib.ExitStack() as stack:
+        if ns.baseline:
+            # Before/after in one run: the baseline right after firstline, same machine state.
+            baseline = stack.enter_context(baseline_system(ns.baseline))
+            results["options"]["baseline"] = baseline.description
+            at = next((i + 1 for i, s in enumerate(systems) if s.name == "firstline"), len(systems))
+            systems.insert(at, baseline)
+        planned = len(systems) * sum(max(c, ns.calls_per_level) * ns.turns for c in ns.concurrency)
+        with tqdm(total=planned, unit="turn", dynamic_ncols=True) as bar:
+            for system in systems:
+                results["systems"][system.name] = await run_system(system, ns, bar)
     results["duration_s"] = round(time.monotonic() - t0)
     return results
 
@@ -433,6 +465,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="wall-time budget: levels and systems that would not fit are skipped (and reported)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="GIT_REF",
+        help="also run firstline as of this commit (a git worktree), beside today's: before/after in one run",
     )
     p.add_argument("--out", default=str(OUT))
     ns = p.parse_args(argv)  # fmt: skip
