@@ -46,7 +46,7 @@ async def one_call(url: str, clip: Utterance) -> dict[str, object]:
             except (TimeoutError, ConnectionError):
                 return {"outcome": "lost"}
             ttfs = caller.result.ttfs_s
-            await caller.send_json({"type": "stop"})
+            await caller.stop()
             return {"outcome": "ok", "ttfs_ms": None if ttfs is None else round(ttfs * 1000, 1)}
     except InvalidStatus as exc:
         status = exc.response.status_code

@@ -1,6 +1,7 @@
 """A native-protocol caller: streams real audio over a websocket the way a
 phone line does (20 ms frames, real time or faster), records every server
-event with its arrival time. Used by the tests and by benchmarks/ttfs.py."""
+event with its arrival time. Used by the tests and by benchmarks/ttfs.py.
+The protocol's messages come from benchmarks/callers/native.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from asr.vad import CHUNK, SileroVAD
+from benchmarks.callers.base import Mark, to_wire
+from benchmarks.callers.native import Native
 from streaming.codecs import encode, float_to_int16
 
 FRAME_S = 0.02
@@ -81,15 +84,20 @@ def frames(audio: np.ndarray, rate: int, encoding: str) -> list[bytes]:
 
 
 class NativeCaller:
-    def __init__(self, url: str) -> None:
+    """A native-protocol call (benchmarks/callers/native.py speaks it). ``url``:
+    the call's full URL (``ws://host:port/v1/call``, ``?token=`` included if
+    wanted); ``token``: sent as a bearer header instead."""
+
+    def __init__(self, url: str, token: str | None = None) -> None:
         self.url = url
+        self.wire = Native(token=token)
         self.ws: ClientConnection | None = None
         self.result = CallResult()
         self._reader: asyncio.Task[None] | None = None
         self._waiters: list[tuple[str, dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
 
     async def __aenter__(self) -> NativeCaller:
-        self.ws = await connect(self.url, max_size=1 << 20, compression=None)
+        self.ws = await connect(self.url, max_size=1 << 20, compression=None, additional_headers=self.wire.headers())
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -111,8 +119,9 @@ class NativeCaller:
                     continue
                 ev = json.loads(raw)
                 self.result.events.append(Received(time.monotonic(), ev))
-                if ev.get("type") == "response.audio.mark":
-                    self.result.mark_offsets[str(ev.get("name"))] = self.result.audio_bytes
+                for meaning in self.wire.events(ev):
+                    if isinstance(meaning, Mark):
+                        self.result.mark_offsets[meaning.name] = self.result.audio_bytes
                 for waiter in list(self._waiters):
                     kind, match, fut = waiter
                     if ev.get("type") == kind and all(ev.get(k) == v for k, v in match.items()):
@@ -124,10 +133,12 @@ class NativeCaller:
                 fut.set_exception(ConnectionError("connection closed"))
 
     async def send_json(self, msg: dict[str, Any]) -> None:
+        """Any JSON message: the protocol's, or one a test makes up."""
         assert self.ws is not None
-        await self.ws.send(json.dumps(msg))
+        await self.ws.send(to_wire(msg))
 
     async def send_raw(self, data: str | bytes) -> None:
+        """Any frame, as is (garbage on purpose included)."""
         assert self.ws is not None
         await self.ws.send(data)
 
@@ -140,8 +151,20 @@ class NativeCaller:
         return await asyncio.wait_for(fut, timeout)
 
     async def start(self, encoding: str = "mulaw", sample_rate: int = 8000, **extra: Any) -> dict[str, Any]:
-        await self.send_json({"type": "start", "audio": {"encoding": encoding, "sample_rate": sample_rate}, **extra})
+        """``start`` (``extra``: its other fields, ``options``, ``system_prompt``…); the ``ready`` event."""
+        await self.send_json(self.wire.start(encoding, sample_rate, **extra))
         return await self.wait_for("ready", timeout=10)
+
+    async def commit(self) -> None:
+        await self.send_json(self.wire.commit())
+
+    async def played(self, name: str) -> None:
+        """The reply audio before mark ``name`` has played (``response.audio.played``)."""
+        await self.send_json(self.wire.played(name))
+
+    async def stop(self) -> None:
+        for msg in self.wire.closing():
+            await self.send_raw(to_wire(msg))
 
     async def play(
         self,
@@ -162,7 +185,7 @@ class NativeCaller:
                 delay = t0 + i * FRAME_S / speed - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await self.ws.send(chunk)
+            await self.ws.send(to_wire(self.wire.media(chunk)))
             if (
                 last_voice_s is not None
                 and self.result.last_voice_sent_at is None

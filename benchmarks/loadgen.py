@@ -34,22 +34,18 @@ voiced frame of the interruption sent -> ``clear``, or a cancelled
 
 from __future__ import annotations
 
-import abc
 import argparse
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import functools
 import json
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -57,6 +53,8 @@ from websockets.exceptions import InvalidStatus
 
 from asr.vad import CHUNK, SileroVAD
 from asr.wer import word_error_rate
+from benchmarks.callers import Native, Realtime, Twilio
+from benchmarks.callers.base import Audio, Clear, Event, Mark, Message, ServerEvent, Wire, to_wire
 from benchmarks.corpus import ASTERISK_SOUNDS, SHARED_SPEECH, load_audio
 from streaming.codecs import encode, float_to_int16
 from streaming.sentences import SentenceSegmenter
@@ -242,12 +240,16 @@ class Player:
         self._echoes.add(task)
         task.add_done_callback(self._echoes.discard)
 
-    def clear(self) -> None:
+    def clear(self, echo_pending: bool = True) -> None:
+        """Stop playing. Twilio-shaped carriers echo every pending mark at
+        once on ``clear``; the native protocol confirms only what played
+        (docs/protocol.md), so its client drops them (``echo_pending=False``)."""
         self.clock_end = time.monotonic()
         pending, self._pending = self._pending, []
         for name, handle in pending:
             handle.cancel()
-            self._send_echo(name)
+            if echo_pending:
+                self._send_echo(name)
 
     @property
     def playing(self) -> bool:
@@ -261,8 +263,11 @@ class Player:
 # ---- protocols -----------------------------------------------------------------
 
 
-class Client(abc.ABC):
-    """One caller's connection, in one wire protocol."""
+class Client:
+    """One caller's connection, in one wire protocol. The protocol itself is
+    the client's ``wire`` (benchmarks/callers: the messages, both ways); the
+    client puts what comes back on the call's timeline and plays the reply
+    audio out on a :class:`Player` that confirms marks as they play."""
 
     name = "abstract"
     path = "/"
@@ -271,25 +276,33 @@ class Client(abc.ABC):
     has_audio = True  # reply audio on the wire
 
     def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
-        self.url = base_url.rstrip("/") + self.path
+        self.base_url = base_url.rstrip("/")
         self.timeline = timeline
         self.token = token
+        self.wire = self.make_wire()
+        self.url = self.connect_url()
+        self.player: Player | None = Player(self.wire.bytes_per_s, self._echo) if self.wire is not None else None
         self.ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self.sent_frames = 0
         self.closed = asyncio.Event()
 
+    def make_wire(self) -> Wire | None:
+        return None
+
     def connect_url(self) -> str:
-        return self.url
+        return self.wire.url(self.base_url) if self.wire is not None else self.base_url + self.path
 
     async def connect(self) -> None:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        headers = self.wire.headers() if self.wire is not None else None
         self.ws = await connect(self.connect_url(), max_size=1 << 22, compression=None, additional_headers=headers)
         self._reader = asyncio.create_task(self._read())
         await self.opening()
 
-    async def opening(self) -> None:  # noqa: B027
+    async def opening(self) -> None:
         """Messages after the upgrade, before audio."""
+        for msg in self.wire.opening() if self.wire is not None else []:
+            await self.send(msg)
 
     async def _read(self) -> None:
         assert self.ws is not None
@@ -298,14 +311,47 @@ class Client(abc.ABC):
                 self.on_message(raw)
         self.closed.set()
 
-    @abc.abstractmethod
-    def on_message(self, raw: str | bytes) -> None: ...
+    def on_message(self, raw: str | bytes) -> None:
+        assert self.wire is not None
+        for ev in self.wire.parse(raw):
+            self.on_event(ev)
 
-    @abc.abstractmethod
-    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None: ...
+    # Twilio and its peers confirm every pending mark when the server clears.
+    echoes_marks_on_clear = True
 
-    async def closing(self) -> None:  # noqa: B027
+    def on_event(self, ev: ServerEvent) -> None:
+        assert self.player is not None
+        match ev:
+            case Audio(data=data):
+                self.player.audio(len(data))
+                self.timeline.add("audio", bytes=len(data))
+            case Mark(name=name):
+                self.timeline.add("mark", name=str(name))
+                self.player.mark(str(name))
+            case Clear():
+                self.timeline.add("clear")
+                self.player.clear(echo_pending=self.echoes_marks_on_clear)
+            case Event(msg=msg):
+                self.session_event(msg)
+
+    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
+        assert self.wire is not None
+        self.sent_frames += 1
+        await self.send(self.wire.media(frame, timestamp_ms))
+
+    async def _echo(self, name: str) -> None:
+        """The reply audio before mark ``name`` has played."""
+        msg = self.wire.played(name) if self.wire is not None else None
+        if msg is not None:
+            with contextlib.suppress(Exception):
+                await self.send(msg)
+
+    async def closing(self) -> None:
         """Messages before hanging up."""
+        if self.player is not None:
+            self.player.close()
+        for msg in self.wire.closing() if self.wire is not None else []:
+            await self.send(msg)
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -318,9 +364,9 @@ class Client(abc.ABC):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
 
-    async def send(self, msg: dict[str, Any] | bytes) -> None:
+    async def send(self, msg: Message) -> None:
         assert self.ws is not None
-        await self.ws.send(msg if isinstance(msg, bytes) else json.dumps(msg, separators=(",", ":")))
+        await self.ws.send(to_wire(msg))
 
     def session_event(self, ev: dict[str, Any]) -> None:
         """A firstline session event (native protocol, or the Twilio side channel)."""
@@ -346,69 +392,35 @@ class Client(abc.ABC):
 
 
 class TwilioClient(Client):
-    """Twilio Media Streams (bidirectional): JSON text frames only."""
+    """Twilio Media Streams (bidirectional): JSON text frames only, with
+    firstline's benchmark side channel asked for."""
 
     name = "twilio"
-    path = "/twilio"
+    path = Twilio.path
 
     def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
         super().__init__(base_url, timeline, token)
-        self.sid = "MZ" + uuid.uuid4().hex
-        self.call_sid = "CA" + uuid.uuid4().hex
-        self.player = Player(RATE, self._echo_mark)
         # Until the firstline side channel (or a peer's text marks) shows up.
         self.has_text = False
         self.has_done = False
 
-    def connect_url(self) -> str:
-        return self.url + (f"?{urlencode({'token': self.token})}" if self.token else "")
+    def make_wire(self) -> Wire:
+        return Twilio(parameters={"firstline_events": "1"}, token=self.token)
 
-    async def opening(self) -> None:
-        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-        start = {
-            "accountSid": "AC" + "0" * 32,
-            "streamSid": self.sid,
-            "callSid": self.call_sid,
-            "tracks": ["inbound"],
-            "customParameters": {"firstline_events": "1"},
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
-        }
-        await self.send({"event": "start", "sequenceNumber": "1", "streamSid": self.sid, "start": start})
-
-    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
-        self.sent_frames += 1
-        media = {"track": "inbound", "chunk": str(self.sent_frames), "timestamp": str(timestamp_ms),
-                 "payload": base64.b64encode(frame).decode()}  # fmt: skip
-        await self.send({"event": "media", "sequenceNumber": str(self.sent_frames + 1), "streamSid": self.sid,
-                         "media": media})  # fmt: skip
-
-    async def _echo_mark(self, name: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.send({"event": "mark", "sequenceNumber": "0", "streamSid": self.sid, "mark": {"name": name}})
-
-    def on_message(self, raw: str | bytes) -> None:
-        if isinstance(raw, bytes):
-            return
-        msg = json.loads(raw)
-        event = msg.get("event")
-        if event == "media":
-            payload = base64.b64decode(msg["media"]["payload"])
-            self.player.audio(len(payload))
-            self.timeline.add("audio", bytes=len(payload))
-        elif event == "mark":
-            name = str(msg["mark"]["name"])
-            if name.startswith(("sentence:", "transcript:")):
-                self._peer_mark(name)
-            else:
-                self.timeline.add("mark", name=name)
-            self.player.mark(name)
-        elif event == "clear":
-            self.timeline.add("clear")
-            self.timeline.add("interrupt")
-            self.player.clear()
-        elif event == "firstline":  # the benchmark side channel
-            self.has_text = self.has_done = True
-            self.session_event(msg["firstline"])
+    def on_event(self, ev: ServerEvent) -> None:
+        match ev:
+            case Mark(name=name) if str(name).startswith(("sentence:", "transcript:")):
+                self._peer_mark(str(name))
+                assert self.player is not None
+                self.player.mark(str(name))
+            case Clear():
+                super().on_event(ev)
+                self.timeline.add("interrupt")
+            case Event():  # the benchmark side channel
+                self.has_text = self.has_done = True
+                super().on_event(ev)
+            case _:
+                super().on_event(ev)
 
     def _peer_mark(self, name: str) -> None:
         """The pipecat peer reports text as marks (benchmarks/peers/pipecat/bot.py):
@@ -423,12 +435,6 @@ class TwilioClient(Client):
             _, turn, text = name.split(":", 2)
             self.timeline.add("final", int(turn), text=text)
 
-    async def closing(self) -> None:
-        self.player.close()
-        stop = {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}
-        await self.send({"event": "stop", "sequenceNumber": str(self.sent_frames + 2), "streamSid": self.sid,
-                         "stop": stop})  # fmt: skip
-
 
 class NativeClient(Client):
     """firstline protocol v1: binary audio in, JSON events out, and the reply
@@ -436,47 +442,13 @@ class NativeClient(Client):
     sentence, echoed as ``response.audio.played`` once it has played."""
 
     name = "native"
-    path = "/v1/call"
+    path = Native.path
+    echoes_marks_on_clear = False  # only what played is confirmed
     has_audio = True  # asks for reply audio (options.reply_audio)
 
-    def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
-        super().__init__(base_url, timeline, token)
-        self.player = Player(RATE, self._played)
-
-    def connect_url(self) -> str:
-        return self.url + (f"?{urlencode({'token': self.token})}" if self.token else "")
-
-    async def opening(self) -> None:
-        await self.send({"type": "start", "version": 1, "audio": {"encoding": "mulaw", "sample_rate": RATE},
-                         "options": {"reply_audio": self.has_audio}})  # fmt: skip
-
-    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
-        self.sent_frames += 1
-        await self.send(frame)
-
-    async def _played(self, name: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.send({"type": "response.audio.played", "name": name})
-
-    def on_message(self, raw: str | bytes) -> None:
-        if isinstance(raw, bytes):  # reply audio
-            self.player.audio(len(raw))
-            self.timeline.add("audio", bytes=len(raw))
-            return
-        ev = json.loads(raw)
-        kind = ev.get("type")
-        if kind == "response.audio.mark":
-            self.timeline.add("mark", name=str(ev.get("name")))
-            self.player.mark(str(ev.get("name")))
-        elif kind == "response.audio.clear":
-            self.timeline.add("clear")
-            self.player.clear()
-        else:
-            self.session_event(ev)
-
-    async def closing(self) -> None:
-        self.player.close()
-        await self.send({"type": "stop"})
+    def make_wire(self) -> Wire:
+        return Native(encoding="mulaw", rate=RATE, token=self.token, version=1,
+                      options={"reply_audio": self.has_audio})  # fmt: skip
 
 
 class NativeTextClient(NativeClient):
@@ -492,21 +464,18 @@ class RealtimeClient(Client):
     segmenter; ``response.done`` with status ``cancelled`` is the barge-in."""
 
     name = "realtime"
-    path = "/v1/realtime"
+    path = Realtime.path
 
     def __init__(self, base_url: str, timeline: Timeline, token: str | None = None) -> None:
         super().__init__(base_url, timeline, token)
-        self.player = Player(RATE, self._noop)
         self._turn = 0
         self._segmenter: SentenceSegmenter | None = None
         self._sentences = 0
         self._ready = asyncio.Event()
 
-    async def _noop(self, name: str) -> None:
-        pass
-
-    def connect_url(self) -> str:
-        return self.url + "?" + urlencode({"model": "firstline"})
+    def make_wire(self) -> Wire:
+        vad = {"type": "server_vad", "create_response": True, "interrupt_response": True}
+        return Realtime(fmt="audio/pcmu", turn_detection=vad, token=self.token)
 
     async def connect(self) -> None:
         try:
@@ -517,56 +486,42 @@ class RealtimeClient(Client):
             raise
 
     async def opening(self) -> None:
-        session = {
-            "type": "realtime",
-            "output_modalities": ["audio"],
-            "audio": {
-                "input": {
-                    "format": {"type": "audio/pcmu"},
-                    "turn_detection": {"type": "server_vad", "create_response": True, "interrupt_response": True},
-                },
-                "output": {"format": {"type": "audio/pcmu"}},
-            },
-        }
-        await self.send({"type": "session.update", "session": session})
+        await super().opening()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), 10)
 
-    async def send_frame(self, frame: bytes, timestamp_ms: int) -> None:
-        self.sent_frames += 1
-        await self.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(frame).decode()})
-
-    def on_message(self, raw: str | bytes) -> None:
-        if isinstance(raw, bytes):
-            return
-        ev = json.loads(raw)
-        kind = ev.get("type", "")
+    def on_event(self, ev: ServerEvent) -> None:
+        assert self.player is not None
         tl = self.timeline
+        if isinstance(ev, Audio):
+            self.player.audio(len(ev.data))
+            tl.add("audio", self._turn, bytes=len(ev.data))
+            return
+        if not isinstance(ev, Event):
+            return
+        msg = ev.msg
+        kind = msg.get("type", "")
         if kind in ("session.created", "session.updated"):
             self._ready.set()
         elif kind == "input_audio_buffer.speech_started":
             tl.add("speech_started")
         elif kind == "conversation.item.input_audio_transcription.completed":
-            tl.add("final", self._turn + 1, text=ev.get("transcript", ""))
+            tl.add("final", self._turn + 1, text=msg.get("transcript", ""))
         elif kind == "response.created":
             self._turn += 1
             self._segmenter = SentenceSegmenter()
             self._sentences = 0
         elif kind in ("response.output_text.delta", "response.text.delta", "response.output_audio_transcript.delta"):
             tl.add("delta", self._turn)
-            for sentence in (self._segmenter or SentenceSegmenter()).push(ev.get("delta", "")):
+            for sentence in (self._segmenter or SentenceSegmenter()).push(msg.get("delta", "")):
                 tl.add("sentence", self._turn, first=self._sentences == 0, text=sentence)
                 self._sentences += 1
-        elif kind in ("response.output_audio.delta", "response.audio.delta"):
-            nbytes = len(base64.b64decode(ev.get("delta", "")))
-            self.player.audio(nbytes)
-            tl.add("audio", self._turn, bytes=nbytes)
         elif kind == "response.done":
             if self._segmenter is not None:
                 for sentence in self._segmenter.flush():
                     tl.add("sentence", self._turn, first=self._sentences == 0, text=sentence)
                     self._sentences += 1
-            response = ev.get("response") or {}
+            response = msg.get("response") or {}
             status = response.get("status")
             tl.add("done", self._turn, cancelled=status == "cancelled")
             # firstline puts its per-turn timings in response.metadata (strings).
@@ -580,7 +535,8 @@ class RealtimeClient(Client):
                 self.player.clear()
                 tl.add("interrupt", self._turn)
         elif kind == "error":
-            tl.add("error", code=(ev.get("error") or {}).get("code"), message=(ev.get("error") or {}).get("message"))
+            err = msg.get("error") or {}
+            tl.add("error", code=err.get("code"), message=err.get("message"))
 
 
 PROTOCOLS: dict[str, type[Client]] = {

@@ -66,7 +66,7 @@ async def one_call(url: str, clip: Utterance, speed: float) -> tuple[str, list[s
                 return "lost_transcript", events
             if not caller.result.of("response.done"):
                 return "lost_reply", events
-            await caller.send_json({"type": "stop"})
+            await caller.stop()
             await caller.wait_for("call.ended", timeout=10)
             return "ok", events
     except InvalidStatus:

@@ -5,15 +5,20 @@ recording as the carrier would, collects the audio the server sends back and
 plays it out on a simulated real-time clock, echoing marks / checkpoints when
 the audio before them has "played" and flushing on clear, as the real
 platforms do. The server side under test is entirely real.
+
+The wire formats themselves live in ``benchmarks/callers`` (one module per
+protocol, shared with the load generator and the SIP bridge); a fake is the
+driver: socket, playout, what came back. Its keyword options go to the wire
+(``parameters``, ``token``, formats…), but ``echo_marks=False``: a carrier
+that never confirms playback. Anything else a test needs to send (garbage,
+a wrong handshake) goes through :meth:`FakeCarrier.send` as is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,12 +26,12 @@ from typing import Any, ClassVar
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
-from streaming.codecs import StreamResampler, decode, encode, float_to_int16, int16_to_float
+from benchmarks.callers import AsteriskWS, Exotel, Plivo, Realtime, Telnyx, Twilio, Vonage
+from benchmarks.callers.audiosocket import AudioSocket, read_frame
+from benchmarks.callers.base import Audio, Clear, Control, Event, Mark, Message, ServerEvent, Wire, decode, to_wire
+from streaming.codecs import StreamResampler, encode, float_to_int16, int16_to_float
+from streaming.codecs import decode as decode_audio
 from voice.transports.telephony import TelephonyCall
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @dataclass
@@ -39,32 +44,75 @@ class Played:
 
 
 class FakeCarrier:
-    """Base: connection, reader, simulated playback. Subclasses define the dialect."""
+    """Base: connection, reader, simulated playback. The dialect is ``wire``."""
 
-    path = "/"
-    encoding = "mulaw"
-    rate = 8000
-    frame_s = 0.02  # inbound frame length the carrier sends
-    echo_flushed = True  # on clear, pending marks come back at once (Twilio, Telnyx, Exotel)
+    wire_class: ClassVar[type[Wire]]
+    sid: ClassVar[str | None] = None  # the stream id the fake always uses (tests build messages with it)
+    defaults: ClassVar[dict[str, Any]] = {}  # wire options unless the test gives its own
 
-    def __init__(self, base_url: str, **options: Any) -> None:
-        self.url = base_url + self.path
+    def __init__(self, base_url: str, echo_marks: bool = True, **options: Any) -> None:
         self.options = options
+        self.echo_marks = echo_marks
+        self.wire = self.make_wire(**{**self.defaults, **options})
+        self.url = self.wire.url(base_url)
         self.ws: ClientConnection | None = None
         self.texts: list[tuple[float, dict[str, Any]]] = []
         self.raw_text: list[str] = []
         self.audio_chunks: list[tuple[float, bytes]] = []
         self.mark_offsets: list[int] = []  # audio bytes received before each mark
+        self.controls: list[str] = []  # protocol commands received (Asterisk)
         self.played = Played()
+        self.error: BaseException | None = None  # what ended the reader, if not a close
         self._playback: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._player: asyncio.Task[None] | None = None
         self._flush = asyncio.Event()
+        self._acks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
         self.last_voice_sent_at: float | None = None
-        self._sent_frames = 0  # carriers number media across the whole call
 
-    headers: dict[str, str] | None = None
+    def make_wire(self, **options: Any) -> Wire:
+        if self.sid is not None:
+            options.setdefault("sid", self.sid)
+        return self.wire_class(strict=True, **options)
+
+    # ---- the wire's format, which a test may change before the call starts ----
+
+    @property
+    def encoding(self) -> str:
+        return self.wire.encoding
+
+    @encoding.setter
+    def encoding(self, value: str) -> None:
+        self.wire.encoding = value
+
+    @property
+    def rate(self) -> int:
+        return self.wire.rate
+
+    @rate.setter
+    def rate(self, value: int) -> None:
+        self.wire.rate = value
+
+    @property
+    def frame_s(self) -> float:
+        return self.wire.frame_ms / 1000
+
+    @property
+    def bytes_per_s(self) -> int:
+        return self.wire.bytes_per_s
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self.wire.headers()
+
+    def opening(self) -> list[Message]:
+        return self.wire.opening()
+
+    def closing(self) -> list[Message]:
+        return self.wire.closing()
+
+    # ---- io ---------------------------------------------------------------
 
     async def __aenter__(self) -> FakeCarrier:
         self.ws = await connect(self.url, max_size=1 << 22, compression=None, additional_headers=self.headers)
@@ -90,58 +138,49 @@ class FakeCarrier:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    # ---- dialect hooks ----------------------------------------------------
-
-    def opening(self) -> list[dict[str, Any] | bytes | str]:
-        return []
-
-    def closing(self) -> list[dict[str, Any] | bytes | str]:
-        return []
-
-    def media(self, chunk: bytes, seq: int) -> dict[str, Any] | bytes:
-        raise NotImplementedError
-
-    def dtmf(self, digit: str) -> dict[str, Any] | str:
-        raise NotImplementedError
-
-    def on_mark_style_event(self, msg: dict[str, Any]) -> None:
-        """Twilio-shaped carriers (Twilio, Telnyx, Exotel) send the same media/mark/clear events."""
-        event = msg.get("event")
-        if event == "media":
-            self.got_audio(base64.b64decode(msg["media"]["payload"]), time.monotonic())
-        elif event == "mark":
-            self.got_mark(msg["mark"]["name"])
-        elif event == "clear":
-            self.got_clear()
-
-    def on_server_text(self, msg: dict[str, Any]) -> None:
-        """Route a server message: audio / mark / clear, per dialect."""
-
-    def echo_mark(self, name: str) -> dict[str, Any] | None:
-        return None
-
-    # ---- io ---------------------------------------------------------------
-
-    async def send(self, msg: dict[str, Any] | bytes | str) -> None:
+    async def send(self, msg: Message) -> None:
+        """Any message: the wire's, or one a test makes up (bad on purpose)."""
         assert self.ws is not None
-        await self.ws.send(json.dumps(msg) if isinstance(msg, dict) else msg)
+        await self.ws.send(to_wire(msg))
 
     async def _read(self) -> None:
         assert self.ws is not None
-        with contextlib.suppress(Exception):
+        try:
             async for raw in self.ws:
                 now = time.monotonic()
                 if isinstance(raw, bytes):
-                    self.got_audio(raw, now)
-                    continue
-                self.raw_text.append(raw)
-                try:
-                    msg = json.loads(raw)
-                except json.JSONDecodeError:
-                    msg = {"text": raw}
-                self.texts.append((now, msg))
-                self.on_server_text(msg)
+                    events = self.wire.events(raw)
+                else:
+                    self.raw_text.append(raw)
+                    msg = decode(raw)
+                    self.texts.append((now, msg))
+                    events = self.wire.events(msg)
+                for ev in events:
+                    self.on_event(ev, now)
+        except Exception as exc:  # a closed socket, or a message that broke the protocol
+            self.error = exc
         self.closed.set()
+
+    def on_event(self, ev: ServerEvent, now: float) -> None:
+        match ev:
+            case Audio(data=data):
+                self.got_audio(data, now)
+            case Mark(name=name):
+                self.got_mark(name)
+            case Clear():
+                self.got_clear()
+                ack = self.wire.cleared()
+                if ack is not None:
+                    self._send_soon(ack)
+            case Control(command=command):
+                self.controls.append(command)
+            case Event():
+                pass
+
+    def _send_soon(self, msg: Message) -> None:
+        task = asyncio.get_running_loop().create_task(self.send(msg))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
 
     def got_audio(self, chunk: bytes, now: float) -> None:
         self.audio_chunks.append((now, chunk))
@@ -152,13 +191,12 @@ class FakeCarrier:
         self._playback.put_nowait(("mark", name))
 
     def got_clear(self) -> None:
-        """Drop buffered audio; pending marks come back at once (Twilio, Telnyx, Exotel)."""
+        """Drop buffered audio; pending marks come back at once where the carrier does that."""
         self.played.clears += 1
         self._flush.set()
 
-    @property
-    def bytes_per_s(self) -> int:
-        return self.rate * (2 if self.encoding == "pcm16" else 1)
+    def _echo(self, name: Any) -> Message | None:
+        return self.wire.played(name) if self.echo_marks else None
 
     async def _play(self) -> None:
         """Real-time playout of what the server sent; marks echo as reached."""
@@ -179,7 +217,7 @@ class FakeCarrier:
                     clock = time.monotonic()
             else:
                 self.played.marks_echoed.append(value)
-                echo = self.echo_mark(value)
+                echo = self._echo(value)
                 if echo is not None:
                     with contextlib.suppress(Exception):
                         await self.send(echo)
@@ -192,7 +230,7 @@ class FakeCarrier:
         for k, v in items:
             if k == "mark":
                 self.played.marks_flushed.append(v)
-                echo = self.echo_mark(v) if self.echo_flushed else None
+                echo = self._echo(v) if self.wire.echo_flushed else None
                 if echo is not None:
                     with contextlib.suppress(Exception):
                         await self.send(echo)
@@ -206,8 +244,6 @@ class FakeCarrier:
         n = round(self.rate * self.frame_s)
         t0 = time.monotonic()
         for i, start in enumerate(range(0, len(pcm), n)):
-            seq = self._sent_frames
-            self._sent_frames += 1
             if speed is not None:
                 delay = t0 + i * self.frame_s / speed - time.monotonic()
                 if delay > 0:
@@ -217,12 +253,12 @@ class FakeCarrier:
             frame = pcm[start : start + n]
             if len(frame) < n:
                 frame = np.concatenate([frame, np.zeros(n - len(frame), np.int16)])
-            await self.send(self.media(encode(frame, self.encoding), seq))  # type: ignore[arg-type]
+            await self.send(self.wire.media(encode(frame, self.encoding)))  # type: ignore[arg-type]
             if last_voice_s is not None and self.last_voice_sent_at is None and (i + 1) * self.frame_s >= last_voice_s:
                 self.last_voice_sent_at = time.monotonic()
 
     async def press(self, digit: str) -> None:
-        await self.send(self.dtmf(digit))
+        await self.send(self.wire.dtmf(digit))
 
     # ---- what came back -------------------------------------------------------
 
@@ -237,7 +273,7 @@ class FakeCarrier:
         return b"".join(c for _, c in self.audio_chunks)
 
     def audio16k(self) -> np.ndarray:
-        pcm = decode(self.audio_bytes(), self.encoding)  # type: ignore[arg-type]
+        pcm = decode_audio(self.audio_bytes(), self.encoding)  # type: ignore[arg-type]
         return StreamResampler(self.rate, 16000).process(int16_to_float(pcm), last=True)
 
     def pieces16k(self) -> list[np.ndarray]:
@@ -247,7 +283,7 @@ class FakeCarrier:
         out = []
         for a, b in itertools.pairwise(cuts):
             if b > a:
-                pcm = decode(data[a:b], self.encoding)  # type: ignore[arg-type]
+                pcm = decode_audio(data[a:b], self.encoding)  # type: ignore[arg-type]
                 out.append(StreamResampler(self.rate, 16000).process(int16_to_float(pcm), last=True))
         return out
 
@@ -256,7 +292,8 @@ class FakeCarrier:
         while not self.audio_chunks:
             if time.monotonic() > deadline:
                 kinds = [m.get("type") or m.get("event") for _, m in self.texts][-12:]
-                raise TimeoutError(f"no audio from the server; last messages: {kinds}")
+                error = f"; the reader stopped on {self.error!r}" if self.error is not None else ""
+                raise TimeoutError(f"no audio from the server; last messages: {kinds}{error}")
             await asyncio.sleep(0.02)
 
     async def wait_quiet(self, quiet_s: float = 1.5, timeout: float = 60.0) -> None:
@@ -311,341 +348,110 @@ class CallWatcher:
 
 
 class FakeTwilio(FakeCarrier):
-    path = "/twilio"
+    """Options: ``parameters`` (the TwiML's ``<Parameter>``s), ``call_sid``, ``token``."""
+
+    wire_class = Twilio
     sid = "MZ00000000000000000000000000000001"
-
-    def opening(self) -> list[dict[str, Any] | bytes | str]:
-        params = self.options.get("parameters", {})
-        return [
-            {"event": "connected", "protocol": "Call", "version": "1.0.0"},
-            {
-                "event": "start",
-                "sequenceNumber": "1",
-                "streamSid": self.sid,
-                "start": {
-                    "accountSid": "AC0",
-                    "streamSid": self.sid,
-                    "callSid": "CA0",
-                    "tracks": ["inbound"],
-                    "customParameters": params,
-                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                },
-            },
-        ]
-
-    def closing(self) -> list[dict[str, Any] | bytes | str]:
-        return [{"event": "stop", "sequenceNumber": "999999", "streamSid": self.sid, "stop": {"callSid": "CA0"}}]
-
-    def media(self, chunk: bytes, seq: int) -> dict[str, Any]:
-        return {
-            "event": "media",
-            "sequenceNumber": str(seq + 2),
-            "streamSid": self.sid,
-            "media": {"track": "inbound", "chunk": str(seq + 1), "timestamp": str(seq * 20), "payload": b64(chunk)},
-        }
-
-    def dtmf(self, digit: str) -> dict[str, Any]:
-        dtmf = {"track": "inbound_track", "digit": digit}
-        return {"event": "dtmf", "streamSid": self.sid, "sequenceNumber": "5", "dtmf": dtmf}
-
-    def on_server_text(self, msg: dict[str, Any]) -> None:
-        assert msg.get("streamSid") == self.sid, msg
-        self.on_mark_style_event(msg)
-
-    def echo_mark(self, name: str) -> dict[str, Any]:
-        return {"event": "mark", "sequenceNumber": "7", "streamSid": self.sid, "mark": {"name": name}}
+    defaults: ClassVar[dict[str, Any]] = {"call_sid": "CA0"}
 
 
 class FakeTelnyx(FakeCarrier):
-    path = "/telnyx"
+    """Options: ``encoding`` (``mulaw``/``alaw``), ``parameters``, ``token``."""
+
+    wire_class = Telnyx
     sid = "32de0dea-53cb-4b21-89a4-9e5f1cb5b2a5"
-
-    def opening(self) -> list[dict[str, Any] | bytes | str]:
-        encoding = "PCMA" if self.encoding == "alaw" else "PCMU"
-        return [
-            {"event": "connected", "version": "1.0.0"},
-            {
-                "event": "start",
-                "sequence_number": "1",
-                "stream_id": self.sid,
-                "start": {
-                    "user_id": "u",
-                    "call_control_id": "v3:cc",
-                    "call_session_id": "cs",
-                    "from": "+15550001111",
-                    "to": "+15550002222",
-                    "custom_parameters": self.options.get("parameters", {}),
-                    "media_format": {"encoding": encoding, "sample_rate": 8000, "channels": 1},
-                },
-            },
-        ]
-
-    def closing(self) -> list[dict[str, Any] | bytes | str]:
-        return [{"event": "stop", "sequence_number": "999999", "stream_id": self.sid, "stop": {}}]
-
-    def media(self, chunk: bytes, seq: int) -> dict[str, Any]:
-        return {
-            "event": "media",
-            "sequence_number": str(seq + 2),
-            "stream_id": self.sid,
-            "media": {"track": "inbound", "chunk": str(seq + 1), "timestamp": str(seq * 20), "payload": b64(chunk)},
-        }
-
-    def dtmf(self, digit: str) -> dict[str, Any]:
-        return {"event": "dtmf", "stream_id": self.sid, "dtmf": {"digit": digit}}
-
-    def on_server_text(self, msg: dict[str, Any]) -> None:
-        self.on_mark_style_event(msg)
-
-    def echo_mark(self, name: str) -> dict[str, Any]:
-        return {"event": "mark", "stream_id": self.sid, "mark": {"name": name}}
 
 
 class FakePlivo(FakeCarrier):
-    path = "/plivo"
+    """Options: ``encoding`` (``mulaw``/``pcm16``), ``rate``, ``extra_headers``, ``token``."""
+
+    wire_class = Plivo
     sid = "20170ada-f610-433b-8758-c02a2aab3662"
-    echo_flushed = False  # Plivo acknowledges clearAudio with clearedAudio instead
-
-    def __init__(self, base_url: str, **options: Any) -> None:
-        super().__init__(base_url, **options)
-        self.encoding = options.get("encoding", "mulaw")
-        self.rate = options.get("rate", 8000)
-
-    def opening(self) -> list[dict[str, Any] | bytes | str]:
-        content = "audio/x-mulaw" if self.encoding == "mulaw" else "audio/x-l16"
-        return [
-            {
-                "event": "start",
-                "sequenceNumber": 0,
-                "start": {
-                    "callId": "c1",
-                    "streamId": self.sid,
-                    "accountId": "a1",
-                    "tracks": ["inbound"],
-                    "mediaFormat": {"encoding": content, "sampleRate": self.rate},
-                },
-                "extra_headers": self.options.get("extra_headers", "caller=test"),
-            }
-        ]
-
-    def media(self, chunk: bytes, seq: int) -> dict[str, Any]:
-        return {
-            "event": "media",
-            "sequenceNumber": seq + 1,
-            "streamId": self.sid,
-            "media": {"track": "inbound", "timestamp": str(seq * 20), "chunk": seq + 1, "payload": b64(chunk)},
-        }
-
-    def dtmf(self, digit: str) -> dict[str, Any]:
-        return {"event": "dtmf", "streamId": self.sid, "dtmf": {"track": "inbound", "digit": digit, "timestamp": "0"}}
-
-    def on_server_text(self, msg: dict[str, Any]) -> None:
-        assert msg.get("streamId") == self.sid, msg
-        event = msg.get("event")
-        if event == "playAudio":
-            media = msg["media"]
-            assert (media["contentType"], media["sampleRate"]) == (
-                "audio/x-mulaw" if self.encoding == "mulaw" else "audio/x-l16",
-                self.rate,
-            ), media
-            self.got_audio(base64.b64decode(media["payload"]), time.monotonic())
-        elif event == "checkpoint":
-            self.got_mark(msg["name"])
-        elif event == "clearAudio":
-            self.got_clear()
-            asyncio.get_running_loop().create_task(self.send({"event": "clearedAudio", "streamId": self.sid}))
-
-    def echo_mark(self, name: str) -> dict[str, Any]:
-        return {"event": "playedStream", "streamId": self.sid, "name": name}
+    defaults: ClassVar[dict[str, Any]] = {"extra_headers": "caller=test"}
 
 
 class FakeExotel(FakeCarrier):
-    path = "/exotel"
-    encoding = "pcm16"
-    frame_s = 0.1  # Exotel sends about 100 ms per media message
+    """Options: ``rate`` (8000/16000), ``parameters``, ``token``."""
+
+    wire_class = Exotel
     sid = "b3f1c2d4e5"
-
-    def opening(self) -> list[dict[str, Any] | bytes | str]:
-        return [
-            {"event": "connected"},
-            {
-                "event": "start",
-                "sequence_number": "1",
-                "stream_sid": self.sid,
-                "start": {
-                    "stream_sid": self.sid,
-                    "call_sid": "x1",
-                    "account_sid": "acc",
-                    "from": "0",
-                    "to": "1",
-                    "custom_parameters": self.options.get("parameters", {}),
-                    "media_format": {"encoding": "base64", "sample_rate": str(self.rate), "bit_rate": "16"},
-                },
-            },
-        ]
-
-    def closing(self) -> list[dict[str, Any] | bytes | str]:
-        return [{"event": "stop", "sequence_number": "99999", "stream_sid": self.sid, "stop": {"reason": "callended"}}]
-
-    def media(self, chunk: bytes, seq: int) -> dict[str, Any]:
-        return {
-            "event": "media",
-            "sequence_number": str(seq + 2),
-            "stream_sid": self.sid,
-            "media": {"chunk": str(seq + 1), "timestamp": str(seq * 100), "payload": b64(chunk)},
-        }
-
-    def dtmf(self, digit: str) -> dict[str, Any]:
-        return {"event": "dtmf", "stream_sid": self.sid, "dtmf": {"digit": digit, "duration": "120"}}
-
-    def on_server_text(self, msg: dict[str, Any]) -> None:
-        assert msg.get("stream_sid") == self.sid, msg
-        self.on_mark_style_event(msg)
-
-    def echo_mark(self, name: str) -> dict[str, Any]:
-        return {"event": "mark", "stream_sid": self.sid, "mark": {"name": name}}
 
 
 class FakeVonage(FakeCarrier):
-    path = "/vonage"
-    encoding = "pcm16"
-    echo_flushed = False
+    """Options: ``rate`` (16000/8000), ``headers`` (the NCCO's), ``token``."""
 
-    def __init__(self, base_url: str, **options: Any) -> None:
-        super().__init__(base_url, **options)
-        self.rate = options.get("rate", 16000)
-
-    def opening(self) -> list[dict[str, Any] | bytes | str]:
-        headers = self.options.get("headers", {"caller": "test"})
-        return [{"event": "websocket:connected", "content-type": f"audio/l16;rate={self.rate}", **headers}]
-
-    def media(self, chunk: bytes, seq: int) -> bytes:
-        return chunk
-
-    def dtmf(self, digit: str) -> dict[str, Any]:
-        return {"event": "websocket:dtmf", "digit": digit, "duration": 260}
-
-    def on_server_text(self, msg: dict[str, Any]) -> None:
-        action = msg.get("action")
-        if action == "notify":
-            self.got_mark(msg["payload"])
-        elif action == "clear":
-            self.got_clear()
-            asyncio.get_running_loop().create_task(self.send({"event": "websocket:cleared"}))
-
-    def echo_mark(self, name: Any) -> dict[str, Any]:
-        return {"event": "websocket:notify", "payload": name}
+    wire_class = Vonage
+    defaults: ClassVar[dict[str, Any]] = {"headers": {"caller": "test"}}
 
 
 class FakeAsteriskWS(FakeCarrier):
-    """chan_websocket: binary media, plain-text (or JSON) control messages."""
+    """chan_websocket: binary media, plain-text (or JSON) control messages.
+    Options: ``format`` (``ulaw``/``alaw``/``slin16``), ``json``, ``token``."""
 
-    path = "/asterisk"
+    wire_class = AsteriskWS
 
-    def __init__(self, base_url: str, **options: Any) -> None:
-        super().__init__(base_url, **options)
-        self.format = options.get("format", "ulaw")
-        self.encoding, self.rate = {"ulaw": ("mulaw", 8000), "alaw": ("alaw", 8000), "slin16": ("pcm16", 16000)}[
-            self.format
-        ]
-        self.json_control = options.get("json", False)
-        self.frame_size = 160 if self.encoding != "pcm16" else 640
-        self.controls: list[str] = []
+    @property
+    def format(self) -> str:
+        return self.wire.format  # type: ignore[attr-defined]
 
-    def opening(self) -> list[dict[str, Any] | bytes | str]:
-        params = {
-            "connection_id": "abc123",
-            "channel": "WebSocket/test/0x1",
-            "format": self.format,
-            "optimal_frame_size": str(self.frame_size),
-        }
-        if self.json_control:
-            return [{"event": "MEDIA_START", **params}]
-        return ["MEDIA_START " + " ".join(f"{k}:{v}" for k, v in params.items())]
+    @property
+    def json_control(self) -> bool:
+        return self.wire.json_control  # type: ignore[attr-defined]
 
-    def media(self, chunk: bytes, seq: int) -> bytes:
-        return chunk
-
-    def dtmf(self, digit: str) -> str:
-        return f"DTMF_END digit:{digit}"
-
-    def on_server_text(self, msg: dict[str, Any]) -> None:
-        command = msg.get("command") or msg.get("text", "")
-        self.controls.append(command)
-        if command == "FLUSH_MEDIA":
-            self.got_clear()
+    @property
+    def frame_size(self) -> int:
+        return self.wire.frame_size  # type: ignore[attr-defined]
 
 
 class FakeRealtime(FakeCarrier):
     """An OpenAI Realtime client over a raw websocket (GA event names, or the
     beta ones with ``beta=True``). Like the reference clients it stops its
     local playback on ``input_audio_buffer.speech_started`` and then tells
-    the server how much of the reply it played (``conversation.item.truncate``)."""
+    the server how much of the reply it played (``conversation.item.truncate``).
+    Options: ``turn_detection``, ``instructions``, ``model``, ``token``."""
 
-    path = "/v1/realtime?model=firstline-test"
-    echo_flushed = False
-    FORMATS: ClassVar[dict[str, tuple[str, int]]] = {
-        "audio/pcm": ("pcm16", 24000), "audio/pcmu": ("mulaw", 8000), "audio/pcma": ("alaw", 8000)}  # fmt: skip
-    BETA: ClassVar[dict[str, str]] = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
+    wire_class = Realtime
+    defaults: ClassVar[dict[str, Any]] = {"model": "firstline-test", "token": "test"}
 
     def __init__(self, base_url: str, fmt: str = "audio/pcm", audio_out: bool = True, beta: bool = False,
                  **options: Any) -> None:  # fmt: skip
-        super().__init__(base_url, **options)
-        self.format = fmt
-        self.encoding, self.rate = self.FORMATS[fmt]
-        self.audio_out = audio_out
-        self.beta = beta
-        self.headers = {"Authorization": "Bearer test", **({"OpenAI-Beta": "realtime=v1"} if beta else {})}
+        super().__init__(base_url, fmt=fmt, audio_out=audio_out, beta=beta, **options)
         self.events: list[dict[str, Any]] = []
         self._item_audio: dict[str, tuple[float, int]] = {}  # item -> (first audio at, bytes)
         self._playing_item: str | None = None
 
+    @property
+    def format(self) -> str:
+        return self.wire.format  # type: ignore[attr-defined]
+
+    @property
+    def audio_out(self) -> bool:
+        return self.wire.audio_out  # type: ignore[attr-defined]
+
+    @property
+    def beta(self) -> bool:
+        return self.wire.beta  # type: ignore[attr-defined]
+
     def session_update(self) -> dict[str, Any]:
-        td = self.options.get("turn_detection", {"type": "server_vad"})
-        if self.beta:
-            session: dict[str, Any] = {
-                "modalities": ["text", "audio"] if self.audio_out else ["text"],
-                "input_audio_format": self.BETA[self.format],
-                "output_audio_format": self.BETA[self.format],
-                "turn_detection": td,
-            }
-        else:
-            fmt: dict[str, Any] = {"type": self.format}
-            if self.format == "audio/pcm":
-                fmt["rate"] = 24000
-            session = {
-                "type": "realtime",
-                "output_modalities": ["audio"] if self.audio_out else ["text"],
-                "audio": {"input": {"format": fmt, "turn_detection": td}, "output": {"format": fmt}},
-            }
-        if "instructions" in self.options:
-            session["instructions"] = self.options["instructions"]
-        return {"type": "session.update", "event_id": "evt_update", "session": session}
+        return self.wire.session_update()  # type: ignore[attr-defined]
 
-    def opening(self) -> list[dict[str, Any] | bytes | str]:
-        return [self.session_update()]
-
-    def media(self, chunk: bytes, seq: int) -> dict[str, Any]:
-        return {"type": "input_audio_buffer.append", "audio": b64(chunk)}
-
-    def on_server_text(self, msg: dict[str, Any]) -> None:
-        self.events.append(msg)
-        kind = msg.get("type")
-        if kind in ("response.output_audio.delta", "response.audio.delta"):
-            item = msg["item_id"]
-            chunk = base64.b64decode(msg["delta"])
-            at, size = self._item_audio.get(item, (time.monotonic(), 0))
-            self._item_audio[item] = (at, size + len(chunk))
-            self._playing_item = item
-            self.got_audio(chunk, time.monotonic())
-        elif kind == "input_audio_buffer.speech_started" and self._playing_item is not None:
-            item, self._playing_item = self._playing_item, None
-            at, size = self._item_audio[item]
-            played_ms = min((time.monotonic() - at) * 1000, size / self.bytes_per_s * 1000)
-            self.got_clear()
-            truncate = {"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
-                        "audio_end_ms": int(played_ms)}  # fmt: skip
-            asyncio.get_running_loop().create_task(self.send(truncate))
+    def on_event(self, ev: ServerEvent, now: float) -> None:
+        match ev:
+            case Event(msg=msg):
+                self.events.append(msg)
+                if msg.get("type") == "input_audio_buffer.speech_started" and self._playing_item is not None:
+                    item, self._playing_item = self._playing_item, None
+                    at, size = self._item_audio[item]
+                    played_ms = min((time.monotonic() - at) * 1000, size / self.bytes_per_s * 1000)
+                    self.got_clear()
+                    self._send_soon(self.wire.truncate(item, int(played_ms)))  # type: ignore[attr-defined]
+            case Audio(data=data, item=item) if item is not None:
+                at, size = self._item_audio.get(item, (time.monotonic(), 0))
+                self._item_audio[item] = (at, size + len(data))
+                self._playing_item = item
+                self.got_audio(data, time.monotonic())
+            case _:
+                super().on_event(ev, now)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("type") == kind]
@@ -659,3 +465,66 @@ class FakeRealtime(FakeCarrier):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {kind}; got {[e.get('type') for e in self.events][-20:]}")
             await asyncio.sleep(0.02)
+
+
+# ---- AudioSocket (TCP) ------------------------------------------------------------
+
+
+class FakeAsterisk:
+    """Asterisk's side of AudioSocket: UUID first, then 20 ms slin frames.
+    ``kind``: the audio's message kind (by default ``rate``'s)."""
+
+    def __init__(self, port: int, kind: int | None = None, rate: int = 8000, host: str = "127.0.0.1") -> None:
+        self.port, self.host = port, host
+        self.wire = AudioSocket(rate=rate, kind=kind)
+        self.rate, self.kind = rate, self.wire.kind
+        self.received: list[tuple[float, int, bytes]] = []
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> FakeAsterisk:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        for msg in self.wire.opening():
+            self.writer.write(msg)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.writer is not None
+        with contextlib.suppress(Exception):
+            for msg in self.wire.closing():
+                self.writer.write(msg)
+            await self.writer.drain()
+            self.writer.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _read(self) -> None:
+        assert self.reader is not None
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                kind, payload = await read_frame(self.reader)
+                self.received.append((time.monotonic(), kind, payload))
+
+    async def send_raw(self, data: bytes) -> None:
+        """Any bytes: the wire's messages, or broken ones a test makes up."""
+        assert self.writer is not None
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def say(self, audio: np.ndarray) -> None:
+        pcm = float_to_int16(audio)
+        n = self.rate * self.wire.frame_ms // 1000
+        for i in range(0, len(pcm) - n + 1, n):
+            await self.send_raw(self.wire.media(pcm[i : i + n].astype("<i2").tobytes()))
+
+    async def press(self, digit: str) -> None:
+        await self.send_raw(self.wire.dtmf(digit))
+
+    def speech(self) -> tuple[list[bytes], int]:
+        """The frames written so far and how many carry sound (not silence)."""
+        frames = [p for _, k, p in self.received if k == self.kind]
+        return frames, sum(1 for f in frames if any(f))

@@ -3,72 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import struct
-import time
-import uuid
 
 import numpy as np
 
 from asr.wer import word_error_rate
-from streaming.codecs import StreamResampler, float_to_int16, int16_to_float
+from streaming.codecs import StreamResampler, int16_to_float
 from tests.conftest import with_silence
-from tests.fake_carrier import CallWatcher
+from tests.fake_carrier import CallWatcher, FakeAsterisk
 from tests.transport_checks import STORY, asr_text, prompt_clip
 from voice.server.app import VoiceServer
 from voice.server.config import ServerConfig
 from voice.transports.audiosocket import message, start_audiosocket
-
-
-class FakeAsterisk:
-    """Asterisk's side of AudioSocket: UUID first, then 20 ms slin frames."""
-
-    def __init__(self, port: int, kind: int = 0x10, rate: int = 8000) -> None:
-        self.port, self.kind, self.rate = port, kind, rate
-        self.received: list[tuple[float, int, bytes]] = []
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> FakeAsterisk:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writer.write(message(0x01, uuid.uuid4().bytes))
-        self._task = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.writer is not None
-        with contextlib.suppress(Exception):
-            self.writer.write(message(0x00))
-            await self.writer.drain()
-            self.writer.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _read(self) -> None:
-        assert self.reader is not None
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                kind, length = struct.unpack(">BH", await self.reader.readexactly(3))
-                self.received.append((time.monotonic(), kind, await self.reader.readexactly(length)))
-
-    async def send_raw(self, data: bytes) -> None:
-        assert self.writer is not None
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def say(self, audio: np.ndarray) -> None:
-        pcm = float_to_int16(audio)
-        n = self.rate // 50
-        for i in range(0, len(pcm) - n + 1, n):
-            await self.send_raw(message(self.kind, pcm[i : i + n].astype("<i2").tobytes()))
-
-    def speech(self) -> tuple[list[bytes], int]:
-        """The frames written so far and how many carry sound (not silence)."""
-        frames = [p for _, k, p in self.received if k == self.kind]
-        return frames, sum(1 for f in frames if any(f))
 
 
 async def listener(server):

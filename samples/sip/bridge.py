@@ -9,13 +9,20 @@ thread-safe deques and ``call_soon_threadsafe``; pj calls made on behalf of
 asyncio (hang up, place a call) are queued back to the main thread.
 
     python samples/sip/bridge.py --sip-port 5070 --ws-url ws://127.0.0.1:8765/twilio
+
+The Twilio messages themselves (opening, media, dtmf, mark echoes, stop, and
+reading the server's media / mark / clear) come from the repository's one
+Twilio client, ``benchmarks/callers/twilio.py``, which the tests' fake
+carrier and the load generator use too. That package is standard library
+only, so this process needs nothing beyond requirements.txt; the bridge finds
+it from its own place in the checkout (``samples/sip/`` -> the repository
+root on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import collections
 import contextlib
 import gc
@@ -25,16 +32,25 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pjsua2 as pj
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+_REPO = str(Path(__file__).resolve().parents[2])
+if _REPO not in sys.path:
+    sys.path.append(_REPO)  # after site-packages: the checkout's benchmarks/callers, stdlib only
+
+from benchmarks.callers.base import Audio, Clear, to_wire  # noqa: E402
+from benchmarks.callers.base import Mark as MarkEvent  # noqa: E402
+from benchmarks.callers.twilio import Twilio  # noqa: E402
 
 log = logging.getLogger("sipbridge")
 
@@ -137,8 +153,11 @@ class Session:
     def __init__(self, bridge: Bridge, info: dict[str, str]) -> None:
         self.bridge = bridge
         self.info = info
-        self.stream_sid = "MZ" + uuid.uuid4().hex
-        self.inbound: asyncio.Queue[tuple[float, bytes | dict[str, Any]] | None] = asyncio.Queue(maxsize=500)
+        params = {**bridge.parameters, **{k: v for k, v in info.items() if v}}
+        # The Twilio side of the call; used on the asyncio thread only (it numbers the messages).
+        self.wire = Twilio(call_sid=info.get("sipCallId", ""), parameters=params)
+        # Caller audio (μ-law), or ("mark", name) / ("dtmf", digit) to send in order with it.
+        self.inbound: asyncio.Queue[tuple[float, bytes | tuple[str, str]] | None] = asyncio.Queue(maxsize=500)
         # Reply audio waiting for its 20 ms slot, with the time its websocket
         # frame was read when it found the queue empty (no playout queueing),
         # else None. One deque: append (asyncio) and popleft (clock) are atomic.
@@ -160,7 +179,7 @@ class Session:
         while self.out:
             item, received = self.out.popleft()
             if isinstance(item, Mark):  # all audio before it has gone out: echo it
-                self.bridge.loop.call_soon_threadsafe(self.send_soon, {"event": "mark", "mark": {"name": item.name}})
+                self.bridge.loop.call_soon_threadsafe(self.send_soon, ("mark", item.name))
                 continue
             if received is not None:
                 self.bridge.latency.outbound.append((time.perf_counter() - received) * 1000)
@@ -170,9 +189,10 @@ class Session:
 
     # --- any thread -> asyncio ---
 
-    def send_soon(self, msg: dict[str, Any]) -> None:
-        """(asyncio thread) queue a control message behind the audio."""
-        _put_drop_oldest(self.inbound, (time.perf_counter(), msg))
+    def send_soon(self, control: tuple[str, str]) -> None:
+        """(asyncio thread) queue a control message (``("mark", name)``,
+        ``("dtmf", digit)``) behind the audio."""
+        _put_drop_oldest(self.inbound, (time.perf_counter(), control))
 
     def hung_up(self) -> None:
         """(PJSIP thread) the SIP call is over."""
@@ -185,24 +205,8 @@ class Session:
         reason = "ws_closed"
         try:
             async with connect(self.bridge.ws_url, open_timeout=10, compression=None, max_size=1 << 20) as ws:
-                await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-                params = {**self.bridge.parameters, **{k: v for k, v in self.info.items() if v}}
-                await ws.send(
-                    json.dumps(
-                        {
-                            "event": "start",
-                            "sequenceNumber": "1",
-                            "streamSid": self.stream_sid,
-                            "start": {
-                                "streamSid": self.stream_sid,
-                                "callSid": self.info.get("sipCallId", ""),
-                                "tracks": ["inbound"],
-                                "customParameters": params,
-                                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                            },
-                        }
-                    )
-                )
+                for msg in self.wire.opening():
+                    await ws.send(to_wire(msg))
                 reader = asyncio.create_task(self._read(ws))
                 try:
                     reason = await self._write(ws, reader)
@@ -225,8 +229,6 @@ class Session:
                 self.bridge.pj_soon(lambda: self.bridge.hangup(self))
 
     async def _write(self, ws: Any, reader: asyncio.Task[None]) -> str:
-        seq = itertools.count(2)
-        chunk = itertools.count(1)
         while True:
             get = asyncio.ensure_future(self.inbound.get())
             done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -236,31 +238,15 @@ class Session:
             item = get.result()
             if item is None:  # SIP side hung up
                 with contextlib.suppress(ConnectionClosed):
-                    await ws.send(
-                        json.dumps({"event": "stop", "sequenceNumber": str(next(seq)), "streamSid": self.stream_sid})
-                    )
+                    for msg in self.wire.closing():
+                        await ws.send(to_wire(msg))
                 return "sip_bye"
             t0, body = item
-            if isinstance(body, dict):
-                await ws.send(json.dumps({**body, "sequenceNumber": str(next(seq)), "streamSid": self.stream_sid}))
+            if isinstance(body, tuple):
+                kind, value = body
+                await ws.send(to_wire(self.wire.played(value) if kind == "mark" else self.wire.dtmf(value)))
                 continue
-            n = next(chunk)
-            await ws.send(
-                json.dumps(
-                    {
-                        "event": "media",
-                        "sequenceNumber": str(next(seq)),
-                        "streamSid": self.stream_sid,
-                        "media": {
-                            "track": "inbound",
-                            "chunk": str(n),
-                            "timestamp": str((n - 1) * 20),
-                            "payload": base64.b64encode(body).decode("ascii"),
-                        },
-                    },
-                    separators=(",", ":"),
-                )
-            )
+            await ws.send(to_wire(self.wire.media(body)))
             self.frames_in += 1
             self.bridge.latency.inbound.append((time.perf_counter() - t0) * 1000)
 
@@ -268,25 +254,21 @@ class Session:
         async for frame in ws:
             now = time.perf_counter()
             if not isinstance(frame, str):
-                continue
-            try:
-                msg = json.loads(frame)
-            except ValueError:
-                continue
-            event = msg.get("event") if isinstance(msg, dict) else None
-            if event == "media":
-                audio = base64.b64decode(msg["media"]["payload"])
-                stamp: float | None = now if not self.out else None
-                for i in range(0, len(audio) - len(audio) % FRAME_SAMPLES, FRAME_SAMPLES):
-                    self.out.append((audio[i : i + FRAME_SAMPLES], stamp))
-                    stamp = None
-            elif event == "mark":
-                self.out.append((Mark(str(msg.get("mark", {}).get("name"))), None))
-            elif event == "clear":  # barge-in: drop what has not played; pending marks come back now
-                pending = [item for item, _ in list(self.out) if isinstance(item, Mark)]
-                self.out.clear()
-                for mark in pending:
-                    self.send_soon({"event": "mark", "mark": {"name": mark.name}})
+                continue  # Twilio's route sends text only
+            for ev in self.wire.parse(frame):
+                if isinstance(ev, Audio):
+                    audio = ev.data
+                    stamp: float | None = now if not self.out else None
+                    for i in range(0, len(audio) - len(audio) % FRAME_SAMPLES, FRAME_SAMPLES):
+                        self.out.append((audio[i : i + FRAME_SAMPLES], stamp))
+                        stamp = None
+                elif isinstance(ev, MarkEvent):
+                    self.out.append((Mark(str(ev.name)), None))
+                elif isinstance(ev, Clear):  # barge-in: drop what has not played; pending marks come back now
+                    pending = [item for item, _ in list(self.out) if isinstance(item, Mark)]
+                    self.out.clear()
+                    for mark in pending:
+                        self.send_soon(("mark", mark.name))
 
 
 _serials = itertools.count(1)
@@ -339,8 +321,7 @@ class BridgeCall(pj.Call):
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         log.info("sip call %d: DTMF %s", self.getId(), prm.digit)
         if self.session is not None:
-            msg = {"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": prm.digit}}
-            self.bridge.loop.call_soon_threadsafe(self.session.send_soon, msg)
+            self.bridge.loop.call_soon_threadsafe(self.session.send_soon, ("dtmf", prm.digit))
 
 
 def _put_drop_oldest(q: asyncio.Queue[Any], item: Any) -> None:

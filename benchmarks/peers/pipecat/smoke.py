@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from websockets.asyncio.client import connect
 
+from benchmarks.callers.base import to_wire
+from benchmarks.callers.twilio import Twilio
 from benchmarks.client import last_voiced_s
 from benchmarks.corpus import SHARED_SPEECH, load_audio
 from benchmarks.peers.pipecat.launch import PeerUnavailable, PipecatPeer
@@ -74,24 +75,9 @@ async def call(url: str, clip: Path, lead_s: float, tail_s: float) -> dict:
                             first_sentence.set()
 
         read_task = asyncio.create_task(reader())
-        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        await ws.send(
-            json.dumps(
-                {
-                    "event": "start",
-                    "sequenceNumber": "1",
-                    "streamSid": SID,
-                    "start": {
-                        "accountSid": "AC0",
-                        "streamSid": SID,
-                        "callSid": "CA0",
-                        "tracks": ["inbound"],
-                        "customParameters": {},
-                        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                    },
-                }
-            )
-        )
+        wire = Twilio(sid=SID)  # the one Twilio caller (benchmarks/callers)
+        for msg in wire.opening():
+            await ws.send(to_wire(msg))
         t0 = time.monotonic()
         total = len(speech_frames) + int(tail_s / FRAME_S)
         for i in range(total):
@@ -99,35 +85,13 @@ async def call(url: str, clip: Path, lead_s: float, tail_s: float) -> dict:
             if delay > 0:
                 await asyncio.sleep(delay)
             frame = speech_frames[i] if i < len(speech_frames) else silence
-            await ws.send(
-                json.dumps(
-                    {
-                        "event": "media",
-                        "sequenceNumber": str(i + 2),
-                        "streamSid": SID,
-                        "media": {
-                            "track": "inbound",
-                            "chunk": str(i + 1),
-                            "timestamp": str(i * 20),
-                            "payload": base64.b64encode(encode(frame, "mulaw")).decode(),
-                        },
-                    }
-                )
-            )
+            await ws.send(to_wire(wire.media(encode(frame, "mulaw"), i * 20)))
             if last_voice_at is None and (i + 1) * FRAME_S >= voice_end:
                 last_voice_at = time.monotonic()
             if first_sentence.is_set() and i >= len(speech_frames) and time.monotonic() - last_voice_at > 3.0:
                 break  # keep the line open a little for the rest of the reply
-        await ws.send(
-            json.dumps(
-                {
-                    "event": "stop",
-                    "sequenceNumber": str(total + 2),
-                    "streamSid": SID,
-                    "stop": {"accountSid": "AC0", "callSid": "CA0"},
-                }
-            )
-        )
+        for msg in wire.closing():
+            await ws.send(to_wire(msg))
         await asyncio.sleep(0.2)
         await ws.close()
         read_task.cancel()

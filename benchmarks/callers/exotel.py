@@ -1,0 +1,68 @@
+"""Exotel Voicebot streams: the carrier's side (docs/telephony.md).
+
+Twilio's shape with ``stream_sid``: ``connected``, ``start`` (16-bit linear
+PCM at 8 kHz, or 16 kHz when the stream asks for it), ``media`` of about
+100 ms, ``dtmf``, ``mark`` echoes, ``stop``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from benchmarks.callers.base import MarkStyle, Message, b64
+
+
+class Exotel(MarkStyle):
+    name = "exotel"
+    path = "/exotel"
+    sid_key = "stream_sid"
+    frame_ms = 100  # Exotel sends about 100 ms per media message
+
+    def __init__(
+        self,
+        *,
+        sid: str | None = None,
+        rate: int = 8000,
+        parameters: dict[str, Any] | None = None,
+        token: str | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(sid=sid or uuid.uuid4().hex[:10], token=token, strict=strict)
+        self.encoding = "pcm16"
+        self.rate = rate
+        self.parameters = dict(parameters or {})
+
+    def opening(self) -> list[Message]:
+        start = {
+            "stream_sid": self.sid,
+            "call_sid": "x1",
+            "account_sid": "acc",
+            "from": "0",
+            "to": "1",
+            "custom_parameters": self.parameters,
+            "media_format": {"encoding": "base64", "sample_rate": str(self.rate), "bit_rate": "16"},
+        }
+        return [
+            {"event": "connected"},
+            {"event": "start", "sequence_number": self.next_sequence(), "stream_sid": self.sid, "start": start},
+        ]
+
+    def media(self, chunk: bytes, timestamp_ms: int | None = None) -> Message:
+        n, ts = self._next_frame(timestamp_ms)
+        return {
+            "event": "media",
+            "sequence_number": self.next_sequence(),
+            "stream_sid": self.sid,
+            "media": {"chunk": str(n), "timestamp": str(ts), "payload": b64(chunk)},
+        }
+
+    def dtmf(self, digit: str) -> Message:
+        return {"event": "dtmf", "stream_sid": self.sid, "dtmf": {"digit": digit, "duration": "120"}}
+
+    def played(self, name: Any) -> Message:
+        return {"event": "mark", "stream_sid": self.sid, "mark": {"name": name}}
+
+    def closing(self) -> list[Message]:
+        stop = {"reason": "callended"}
+        return [{"event": "stop", "sequence_number": self.next_sequence(), "stream_sid": self.sid, "stop": stop}]
