@@ -44,6 +44,12 @@ test-deps: $(TEST_STAMP)
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester; \
 		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester; fi; \
 	fi
+	@# Browser call page test (tests/test_demo_page.py): Playwright drives Debian's Chromium
+	@# (Playwright's own browser download is not reachable from every CI box).
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi; \
+	fi
 	$(PIP) install -q -r samples/sip/requirements.txt
 
 test: test-deps

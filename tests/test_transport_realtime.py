@@ -275,3 +275,38 @@ async def test_openai_sdk_realtime_client(server):
     assert word_error_rate(clip.reference, transcript) <= 0.2, transcript
     assert text.strip() and call.transport == "realtime"
     assert "session.created" in seen and "response.output_text.delta" in seen
+
+
+async def test_openai_sdk_text_item_then_response_create_is_answered(server):
+    """As OpenAI's API does: a user text item plus response.create gets a
+    reply to the conversation (no audio at all), and response.create right
+    after session.update, with per-response instructions, speaks first."""
+    openai = pytest.importorskip("openai")
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="test")
+
+    async def reply(conn) -> tuple[str, list[str]]:
+        seen: list[str] = []
+        async for event in conn:
+            seen.append(event.type)
+            if event.type == "error":
+                raise AssertionError(event.error.message)
+            if event.type == "response.done":
+                assert event.response.status == "completed", event.response
+                return event.response.output[0].content[0].text, seen
+        raise AssertionError("connection closed before response.done")
+
+    with CallWatcher() as watcher:
+        async with client.realtime.connect(model="firstline") as conn:
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+            await conn.response.create(response={"instructions": "Greet the caller and ask how you can help."})
+            greeting, seen = await reply(conn)
+            assert greeting.strip() and "response.created" in seen and "response.output_text.delta" in seen
+            question = [{"type": "input_text", "text": "What time do you open?"}]
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": question})
+            await conn.response.create()
+            answer, _ = await reply(conn)
+            assert answer.strip()
+            call = await watcher.one()
+            history = call.session.history.messages_so_far
+    assert [m["role"] for m in history] == ["assistant", "user", "assistant"], history
+    assert history[0]["content"] == greeting and history[2]["content"] == answer

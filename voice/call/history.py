@@ -13,6 +13,22 @@ import contextlib
 MAX_INSTRUCTIONS = 32 * 1024
 
 Message = dict[str, str]
+# Room a prompt keeps for the caller's new words beyond the instructions.
+MIN_TURN_TOKENS = 64
+# Chat-template tokens around each message (role markers, separators).
+PER_MESSAGE_TOKENS = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """A deliberately high token count for ``text``: BPE vocabularies of chat
+    models average 4+ bytes of English per token; 3 leaves a margin, so a
+    prompt that fits by this estimate fits the engine's context. (Engines
+    that tokenize in-process, vLLM, trim exactly as a last resort.)"""
+    return len(text.encode("utf-8")) // 3 + 1
+
+
+def prompt_tokens(messages: list[Message]) -> int:
+    return sum(estimate_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in messages)
 
 
 def keep_heard(history: list[Message], replies: dict[int, Message], turn: int, heard: str) -> None:
@@ -29,6 +45,12 @@ def keep_heard(history: list[Message], replies: dict[int, Message], turn: int, h
         del replies[turn]
 
 
+class ContextTooLarge(ValueError):
+    """Instructions or context that cannot fit the model's context window."""
+
+    code = "context_too_large"
+
+
 class History:
     """Instructions, then user/assistant messages, trimmed to the last
     ``max_turns`` exchanges so a long call cannot grow memory or prompt."""
@@ -42,16 +64,54 @@ class History:
     def __len__(self) -> int:
         return len(self.messages_so_far)
 
-    def messages(self, user_text: str) -> list[Message]:
-        """The prompt that answers ``user_text`` now."""
-        return [
-            {"role": "system", "content": self.system_prompt},
-            *self.messages_so_far,
-            {"role": "user", "content": user_text},
-        ]
+    def messages(
+        self, user_text: str | None, instructions: str | None = None, budget_tokens: int | None = None
+    ) -> list[Message]:
+        """The prompt that answers ``user_text`` now (None: the conversation
+        as it stands), with ``instructions`` added for this reply only; the
+        oldest history is left out until it fits ``budget_tokens``."""
+        system = self.system_prompt if not instructions else f"{self.system_prompt}\n\n{instructions}"
+        new = [] if user_text is None else [{"role": "user", "content": user_text}]
+        head = [{"role": "system", "content": system}]
+        past = list(self.messages_so_far)
+        if budget_tokens is not None:
+            used = prompt_tokens(head) + prompt_tokens(new)
+            spare = budget_tokens - used
+            kept = 0
+            # Newest first: the turns just before this one matter most.
+            for message in reversed(past):
+                cost = estimate_tokens(message["content"]) + PER_MESSAGE_TOKENS
+                if cost > spare:
+                    break
+                spare -= cost
+                kept += 1
+            past = past[len(past) - kept :]
+            if past and past[0]["role"] == "assistant" and user_text is not None:
+                past = past[1:]  # a prompt's history starts with the caller's words
+        return [*head, *past, *new]
+
+    def check_instructions(self, prompt: str, budget_tokens: int | None) -> None:
+        """Refuse instructions that leave no room for a turn in the model's
+        context: a clear error at start, not a failed turn later."""
+        if budget_tokens is None:
+            return
+        need = estimate_tokens(prompt) + PER_MESSAGE_TOKENS + MIN_TURN_TOKENS
+        if need > budget_tokens:
+            raise ContextTooLarge(
+                f"instructions of about {need - MIN_TURN_TOKENS} tokens leave no room for the conversation "
+                f"in the model's context ({budget_tokens} tokens for the prompt); shorten them"
+            )
+
+    def last_reply(self) -> str:
+        """The newest assistant message: what the caller last heard."""
+        for message in reversed(self.messages_so_far):
+            if message["role"] == "assistant":
+                return message["content"]
+        return ""
 
     def remember(self, turn: int, user_text: str, reply: str) -> None:
-        self.messages_so_far.append({"role": "user", "content": user_text})
+        if user_text:  # a greeting or a reply to text context has no new user words
+            self.messages_so_far.append({"role": "user", "content": user_text})
         if reply:
             message = {"role": "assistant", "content": reply}
             self.messages_so_far.append(message)
@@ -62,14 +122,15 @@ class History:
         """The caller heard only ``heard`` of ``turn``'s reply."""
         keep_heard(self.messages_so_far, self.replies, turn, heard)
 
-    def add(self, role: str, text: str) -> None:
+    def add(self, role: str, text: str, budget_tokens: int | None = None) -> None:
         """A text message a client adds (Realtime ``conversation.item.create``):
         system text extends the instructions, user/assistant text joins the
         conversation the next turn is answered in."""
         if role == "system":
             prompt = f"{self.system_prompt}\n\n{text}"
             if len(prompt) > MAX_INSTRUCTIONS:
-                raise ValueError(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
+                raise ContextTooLarge(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
+            self.check_instructions(prompt, budget_tokens)
             self.system_prompt = prompt
         else:
             self.messages_so_far.append({"role": role, "content": text})

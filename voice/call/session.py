@@ -30,14 +30,16 @@ from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
 from streaming.codecs import StreamResampler, decode, int16_to_float
-from voice.call.history import MAX_INSTRUCTIONS, History, keep_heard
+from voice.call.history import MAX_INSTRUCTIONS, ContextTooLarge, History, keep_heard
 from voice.call.start import ProtocolError, Start, check_audio_frame
-from voice.call.turn import Emit, Turn, TurnContext, TurnOutcome, TurnTimes
+from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 ASR_RATE = 16000
+# Tokens the chat template adds around the whole prompt (generation prompt, BOS).
+PROMPT_MARGIN_TOKENS = 16
 _call_ids = itertools.count(1)
 __all__ = ["ASR_RATE", "MAX_INSTRUCTIONS", "CallSession", "Emit", "keep_heard"]
 
@@ -51,6 +53,7 @@ class CallSession:
         self.closed = False
         self.asr_config: ASRConfig = runtime.config.asr
         self.max_tokens = runtime.config.llm.max_tokens
+        self.reply_policy = runtime.config.reply
         self._start: Start | None = None
         self._resampler: StreamResampler | None = None
         self._tracker: TurnTracker | None = None
@@ -95,11 +98,16 @@ class CallSession:
         self._resampler = StreamResampler(start.sample_rate, ASR_RATE)
         self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
         if start.system_prompt:
+            try:
+                self.check_instructions(start.system_prompt)
+            except ContextTooLarge as exc:
+                raise ProtocolError(exc.code, str(exc)) from None
             self.history.system_prompt = start.system_prompt
         self.started = True
         self._last_audio_at = time.monotonic()
         if self.asr_config.auto_turns and self.asr_config.silent_line_s > 0:
             self._spawn(self._fill_silent_line())
+        greeting = self._greeting(start)
         await self.emit(
             {
                 "type": "ready",
@@ -111,6 +119,17 @@ class CallSession:
                 "engine": self.runtime.engine.describe(),
             }
         )
+        if greeting is not None:
+            self.speak_first(greeting)  # after "ready": its events follow it on the wire
+
+    def _greeting(self, start: Start) -> SpokenFirst | None:
+        """The call's greeting on pickup: its own (start), else the server's."""
+        config = self.runtime.config
+        if start.greeting or start.greeting_instructions:
+            return SpokenFirst(start.greeting, start.greeting_instructions)
+        if config.greeting or config.greeting_instructions:
+            return SpokenFirst(config.greeting, config.greeting_instructions)
+        return None
 
     async def audio(self, payload: bytes) -> None:
         if not self.started or self._start is None:
@@ -178,7 +197,9 @@ class CallSession:
         return True
 
     def set_system_prompt(self, prompt: str) -> None:
-        """New instructions for the turns from now on."""
+        """New instructions for the turns from now on; raises ContextTooLarge
+        when they leave no room in the model's context."""
+        self.history.check_instructions(prompt, self.prompt_budget())
         self.history.system_prompt = prompt
 
     async def stop(self, reason: str = "client_stop") -> None:
@@ -281,6 +302,8 @@ class CallSession:
             max_tokens=self.max_tokens,
             temperature=runtime.config.llm.temperature,
             sentence_max_words=runtime.config.sentence_max_words,
+            reply_policy=self.reply_policy,
+            previous_reply=self.history.last_reply(),
             carry_over=self.carry_over,
             messages=self.messages,
             emit=self.emit,
@@ -342,10 +365,39 @@ class CallSession:
     def add_context(self, role: str, text: str) -> None:
         """A text message the client adds to the conversation (Realtime
         ``conversation.item.create``); see History.add."""
-        self.history.add(role, text)
+        self.history.add(role, text, self.prompt_budget())
 
-    def messages(self, user_text: str) -> list[dict[str, str]]:
-        return self.history.messages(user_text)
+    def messages(self, user_text: str | None, instructions: str | None = None) -> list[dict[str, str]]:
+        return self.history.messages(user_text, instructions, self.prompt_budget())
+
+    def prompt_budget(self, max_tokens: int | None = None) -> int:
+        """Prompt tokens the model's context holds beside this call's reply."""
+        reply = max_tokens or self.max_tokens
+        return self.runtime.config.llm.context_tokens - reply - PROMPT_MARGIN_TOKENS
+
+    def check_instructions(self, prompt: str, max_tokens: int | None = None) -> None:
+        """Raises ContextTooLarge if ``prompt`` leaves no room for a turn."""
+        self.history.check_instructions(prompt, self.prompt_budget(max_tokens))
+
+    def reply_in_flight(self) -> bool:
+        """A committed turn is decoding or replying."""
+        return self._active is not None and not self._active.task.done()
+
+    def speak_first(self, first: SpokenFirst) -> int:
+        """Start a reply nobody spoke for: a greeting on pickup, or (Realtime
+        ``response.create``) a reply to the conversation as it stands. It goes
+        through the same reply path as any turn (sentences, TTS, history);
+        its TTFS/TTFA count from now. Returns its turn number."""
+        if not self.started:
+            raise ProtocolError("not_started", "a reply before 'start'")
+        if self.reply_in_flight():
+            raise ProtocolError("reply_in_progress", "a reply is already in progress")
+        self._turn_index += 1
+        now = time.monotonic()
+        times = TurnTimes(speech_end=now, endpoint=now)
+        self._active = Turn(self._turn_context(), self._turn_index, np.zeros(0, np.float32), times, committed=True,
+                            spoken_first=first)  # fmt: skip
+        return self._turn_index
 
     def dtmf(self, digit: str) -> None:
         """A keypad press from an audio transport. It joins the next turn's

@@ -11,6 +11,7 @@ from typing import Any
 
 MAX_AUDIO_FRAME = 64 * 1024  # 2 s of 16 kHz pcm16; real clients send 20-100 ms
 MAX_SYSTEM_PROMPT = 8 * 1024
+MAX_GREETING = 1024
 
 
 class ProtocolError(ValueError):
@@ -34,6 +35,10 @@ class Start:
     # Native protocol: speak the reply back as binary frames in the call's own
     # encoding and rate (default: text only, for clients with their own TTS).
     reply_audio: bool = False
+    # The agent speaks first: this text, or a reply generated with these
+    # instructions (default: the server's --greeting / --greeting-instructions).
+    greeting: str | None = None
+    greeting_instructions: str | None = None
 
 
 def check_audio_frame(payload: bytes, encoding: str) -> None:

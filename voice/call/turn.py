@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
 from llm.base import EngineError, GenerationRequest, LLMEngine
 from streaming.sentences import SentenceSegmenter
+from voice.call.reply_policy import SEND, ReplyGuard, ReplyPolicy, is_complete
 
 if TYPE_CHECKING:
     from asr.worker import ASRWorker
@@ -51,6 +52,22 @@ class TurnOutcome:
     replied: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class SpokenFirst:
+    """A reply the agent starts, not an answer to the caller's audio: a
+    greeting on pickup, or a reply the client asks for (Realtime
+    ``response.create``) to the conversation as it stands. ``text``: say
+    exactly this; otherwise generate, with ``instructions`` added for this
+    reply only."""
+
+    text: str | None = None
+    instructions: str | None = None
+
+
+async def _fixed(text: str) -> AsyncIterator[str]:
+    yield text
+
+
 @dataclasses.dataclass
 class TurnContext:
     """Everything a turn may use: the shared engines, the call's settings
@@ -63,11 +80,15 @@ class TurnContext:
     max_tokens: int
     temperature: float
     sentence_max_words: int
+    reply_policy: ReplyPolicy
+    # What the caller heard of the previous reply: the loop guard compares.
+    previous_reply: str
     # Words of an earlier turn the caller talked over; they lead this one.
     carry_over: str
-    # The prompt that answers the caller's words, built when the reply starts
-    # so it holds the history as of then.
-    messages: Callable[[str], list[dict[str, str]]]
+    # The prompt that answers the caller's words (None: the conversation as it
+    # stands), with extra instructions for this reply; built when the reply
+    # starts so it holds the history as of then.
+    messages: Callable[[str | None, str | None], list[dict[str, str]]]
     emit: Emit
     finished: Callable[[TurnOutcome], None]
     is_closed: Callable[[], bool]
@@ -112,8 +133,11 @@ class Turn:
         committed: bool,
         on_window: Callable[[Turn, float], None] | None = None,
         audio_end_s: float = 0.0,
+        spoken_first: SpokenFirst | None = None,
     ) -> None:
         self.ctx = ctx
+        # A reply nobody spoke for (a greeting, a reply to text context): no ASR.
+        self.spoken_first = spoken_first
         # Stream position (s of call audio) just after the turn's last voiced chunk.
         self.audio_end_s = audio_end_s
         self.index = index
@@ -128,6 +152,8 @@ class Turn:
         self.wasted_generations = 0
         self.request: GenerationRequest | None = None
         self.error_code = "llm_failed"  # the error event's code when the LLM fails
+        # Why the reply ended: complete, max_sentences, loop, token_cap, cancelled, failed.
+        self.reply_end = "complete"
         self._on_window = on_window
         self._gate = asyncio.Event()
         self._held: list[dict[str, Any]] = []
@@ -176,6 +202,9 @@ class Turn:
 
     async def _run(self) -> None:
         ctx = self.ctx
+        if self.spoken_first is not None:
+            await self._reply()
+            return
         self.times.asr_start = time.monotonic()
         pending = ctx.asr.submit(ctx.call_id, self.audio, final=True)
         try:
@@ -203,31 +232,57 @@ class Turn:
 
     async def _reply(self) -> None:
         ctx = self.ctx
+        first = self.spoken_first
+        if first is not None and first.text is not None:
+            messages: list[dict[str, str]] = []  # fixed text: nothing to generate
+        elif first is not None:
+            messages = ctx.messages(None, first.instructions)
+        else:
+            messages = ctx.messages(self.user_text, None)
         request = GenerationRequest(
             request_id=f"{ctx.call_id}-t{self.index}",
-            messages=ctx.messages(self.user_text),
+            messages=messages,
             max_tokens=ctx.max_tokens,
             temperature=ctx.temperature,
             session_key=ctx.call_id,  # a replica pool keeps the call on one replica
         )
         self.request = request
         segmenter = SentenceSegmenter(max_words=ctx.sentence_max_words)
+        guard = ReplyGuard(ctx.reply_policy, ctx.previous_reply)
         cancelled = False
         failed: str | None = None
         try:
-            async for delta in ctx.engine.stream(request):
-                if self.times.llm_first_token is None:
-                    self.times.llm_first_token = time.monotonic()
-                await self._out({"type": "response.delta", "turn": self.index, "text": delta})
-                for sentence in segmenter.push(delta):
-                    await self._sentence(sentence)
-            for sentence in segmenter.flush():
-                await self._sentence(sentence)
+            stopped = False
+            # aclosing: a reply the guard ends aborts its generation in the engine.
+            source = _fixed(first.text) if first is not None and first.text is not None else ctx.engine.stream(request)
+            async with contextlib.aclosing(source) as stream:
+                async for delta in stream:
+                    if self.times.llm_first_token is None:
+                        self.times.llm_first_token = time.monotonic()
+                    await self._out({"type": "response.delta", "turn": self.index, "text": delta})
+                    for sentence in segmenter.push(delta):
+                        if not await self._sentence(sentence, guard):
+                            stopped = True
+                            break
+                    if stopped:
+                        break
+            if not stopped:
+                cut_by_cap = request.usage.completion_tokens >= request.max_tokens
+                for sentence in segmenter.flush():
+                    if cut_by_cap and not is_complete(sentence):
+                        # The token cap cut it mid-sentence: the reply ends
+                        # at its last whole sentence, not mid-word.
+                        self.reply_end = "token_cap"
+                        break
+                    if not await self._sentence(sentence, guard):
+                        break
         except asyncio.CancelledError:
             cancelled = True
+            self.reply_end = "cancelled"
         except Exception as exc:
             log.exception("LLM failed on call %s turn %d", ctx.call_id, self.index)
             failed = str(exc)
+            self.reply_end = "failed"
             if isinstance(exc, EngineError):
                 self.error_code = exc.code  # llm_unavailable while the engine restarts
         if not self.committed:
@@ -249,11 +304,17 @@ class Turn:
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _sentence(self, text: str) -> None:
+    async def _sentence(self, text: str, guard: ReplyGuard) -> bool:
+        """Send one sentence if the reply policy lets it out; False ends the reply."""
+        verdict = guard.check(text)
+        if verdict != SEND:
+            self.reply_end = verdict
+            return False
         first = not self.sent
         self.sent.append(text)
         await self._out({"type": "response.sentence", "turn": self.index, "index": len(self.sent) - 1,
                          "text": text, "first": first})  # fmt: skip
+        return True
 
     async def _report(self, cancelled: bool, failed: str | None) -> None:
         ctx = self.ctx
@@ -272,6 +333,7 @@ class Turn:
             "accepted_tokens": usage.accepted_tokens,
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,
+            "reply_end": self.reply_end,
         }
         with contextlib.suppress(Exception):
             if failed is not None:
@@ -283,6 +345,7 @@ class Turn:
                     "turn": self.index,
                     "text": " ".join(self.sent),
                     "cancelled": cancelled or failed is not None,
+                    "reply_end": self.reply_end,
                     "usage": usage.as_dict(),
                 }
             )

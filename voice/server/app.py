@@ -1,7 +1,9 @@
 """The websocket server: HTTP health endpoints, call admission, routing.
 
 Routes: ``/v1/call`` (native protocol). ``/healthz`` answers 200 while the
-process runs; ``/readyz`` answers 200 only once the models are warm.
+process runs; ``/readyz`` answers 200 only once the models are warm. ``/``
+(and ``/demo``) is the built-in browser call page, static files from
+``voice/server/web/`` (off with ``--no-demo``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import http
 import json
 import logging
 import signal
+from importlib import resources
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -32,6 +35,34 @@ log = logging.getLogger(__name__)
 # and answers with an error event instead of dropping the connection.
 WS_MAX_SIZE = 1 << 20
 
+# The browser call page: URL path -> file in the voice.server.web package.
+# A fixed allow-list, never a path joined from the request, so no URL can
+# reach another file.
+DEMO_FILES: dict[str, str] = {
+    "/": "index.html",
+    "/demo": "index.html",
+    "/demo/": "index.html",
+    "/demo/app.js": "app.js",
+    "/demo/capture-worklet.js": "capture-worklet.js",
+    "/demo/style.css": "style.css",
+    "/demo/favicon.svg": "favicon.svg",
+    "/favicon.ico": "favicon.svg",  # browsers ask for it whatever the page says
+}
+_DEMO_TYPES = {
+    "html": "text/html; charset=utf-8",
+    "js": "text/javascript; charset=utf-8",
+    "css": "text/css; charset=utf-8",
+    "svg": "image/svg+xml",
+}
+# Same-origin scripts, styles and sockets only: no inline code, no CDN, no
+# frames. ws:/wss: are listed because older browsers do not count a
+# websocket to the page's own host as 'self'.
+DEMO_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self' ws: wss:; media-src 'self' blob:; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
 
 def _json_response(status: http.HTTPStatus, body: dict[str, object]) -> Response:
     response = Response(status.value, status.phrase, Headers())
@@ -45,6 +76,33 @@ def _refused(refusal: Refusal) -> Response:
     response = _json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": refusal.message, "reason": refusal.reason})
     response.headers["Retry-After"] = str(refusal.retry_after_s)
     return response
+
+
+def _demo_response(name: str) -> Response:
+    body = resources.files("voice.server.web").joinpath(name).read_bytes()
+    response = Response(http.HTTPStatus.OK.value, "OK", Headers())
+    response.headers["Content-Type"] = _DEMO_TYPES[name.rsplit(".", 1)[-1]]
+    response.headers["Content-Length"] = str(len(body))
+    # Revalidate every time: an upgraded server must never run a stale app.js.
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["Content-Security-Policy"] = DEMO_CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Permissions-Policy"] = "microphone=(self)"
+    # websockets closes the connection after a non-upgrade answer; saying so
+    # keeps browsers from reusing a socket that is about to go.
+    response.headers["Connection"] = "close"
+    response.body = body
+    return response
+
+
+def page_url(host: str, port: int) -> str:
+    """The call page's URL as a browser on this machine reaches it."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"  # a wildcard bind is reachable on loopback
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
 
 
 def _token_of(request: Request) -> str | None:
@@ -114,6 +172,8 @@ class VoiceServer:
             response.body = self.runtime.metrics.render()
             response.headers["Content-Length"] = str(len(response.body))
             return response
+        if self.config.demo_page and path in DEMO_FILES and "Upgrade" not in request.headers:
+            return _demo_response(DEMO_FILES[path])
         if path not in WS_ROUTES:
             return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no route {path}; calls go to {NATIVE_PATH}"})
         if self.config.auth_token is not None:
@@ -219,6 +279,9 @@ class VoiceServer:
     async def serve_forever(self) -> None:
         await self.start()
         log.info("firstline listening on ws://%s:%d%s", self.config.host, self.port, NATIVE_PATH)
+        if self.config.demo_page:
+            url = page_url(self.config.host, self.port)
+            log.info("talk to it from a browser: %s (--no-demo turns the page off)", url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on 
 
 from asr.config import ASRConfig
 from llm.config import LLMConfig, SpeculationConfig
+from voice.call.reply_policy import ReplyPolicy
 from voice.server.config import ServerConfig
 from voice.server.log_format import configure_logging
 
@@ -68,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens", type=int, default=96)
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument(
+        "--reply-max-sentences",
+        type=int,
+        default=ReplyPolicy.max_sentences,
+        help="a reply stops (and its generation is aborted) after this many sentences (0: no limit)",
+    )
+    serve.add_argument("--greeting", default=_env("GREETING"), help="say this when a call is picked up")
+    serve.add_argument(
+        "--greeting-instructions",
+        default=None,
+        help="generate a greeting on pickup with these instructions (e.g. 'Greet the caller and ask how to help.')",
+    )
+    serve.add_argument(
+        "--no-loop-guard",
+        action="store_true",
+        help="send sentences that repeat an earlier one (default: a repeat ends the reply)",
+    )
+    serve.add_argument(
         "--speculation",
         choices=["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"],
         default=_env("SPECULATION", "none"),
@@ -107,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-token",
         default=_env("AUTH_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on call upgrades (or FIRSTLINE_AUTH_TOKEN)",
+    )
+    serve.add_argument(
+        "--no-demo",
+        action="store_true",
+        default=(_env("DEMO_PAGE", "1") or "1").strip().lower() in ("0", "false", "no", "off"),
+        help="don't serve the browser call page at / (or FIRSTLINE_DEMO_PAGE=0); for production",
     )
     serve.add_argument(
         "--otel-endpoint",
@@ -160,6 +184,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.admission.max_asr_queue = args.max_asr_queue or None
     config.auth_token = args.auth_token or None
     config.otel_endpoint = args.otel_endpoint
+    config.demo_page = not args.no_demo
+    config.greeting = args.greeting or None
+    config.greeting_instructions = args.greeting_instructions or None
+    try:
+        config.reply = ReplyPolicy(max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard)
+    except ValueError as exc:
+        raise SystemExit(f"firstline: {exc}") from None
     otel_env = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     config.tracing = bool(args.otel_endpoint or any(os.environ.get(name) for name in otel_env))
     return config

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from asr.config import ASRConfig
 from llm.config import LLMConfig
 from streaming.tts import TTSConfig
+from voice.call.reply_policy import ReplyPolicy
 from voice.server.admission import AdmissionConfig
 from voice.server.limits import CallLimits
 
@@ -20,6 +21,12 @@ class ServerConfig:
     max_calls: int = 16
     # Sentences longer than this many words are cut at a clause boundary.
     sentence_max_words: int = 25
+    # What of a reply the caller hears: sentence cap, loop guard (voice/call/reply_policy.py).
+    reply: ReplyPolicy = field(default_factory=ReplyPolicy)
+    # The agent speaks first on pickup: fixed text, or generated with these
+    # instructions (None: the caller speaks first). Calls may set their own.
+    greeting: str | None = None
+    greeting_instructions: str | None = None
     asr: ASRConfig = field(default_factory=ASRConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     # Per-call limits (idle timeout, stuck readers, drain deadline): voice/limits.py.
@@ -36,3 +43,6 @@ class ServerConfig:
     # Endpoint None with tracing on: the standard OTEL_EXPORTER_OTLP_* variables.
     tracing: bool = False
     otel_endpoint: str | None = None
+    # The built-in browser call page (GET /, /demo; voice/server/web/). On by
+    # default so `make serve` can be tried at once; production turns it off.
+    demo_page: bool = True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streaming.codecs import ENCODINGS, SAMPLE_RATES
-from voice.call.start import MAX_SYSTEM_PROMPT, ProtocolError, Start
+from voice.call.start import MAX_GREETING, MAX_SYSTEM_PROMPT, ProtocolError, Start
 from voice.transports.media_json import MAX_TEXT_FRAME
 
 PROTOCOL_VERSION = 1
@@ -113,6 +113,14 @@ def _parse_start(msg: dict[str, Any]) -> Start:
     reply_audio = options.get("reply_audio", False)
     if not isinstance(reply_audio, bool):
         raise ProtocolError("invalid_message", "'options.reply_audio' must be a boolean")
+    greetings = {}
+    for key in ("greeting", "greeting_instructions"):
+        value = options.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > MAX_GREETING):
+            raise ProtocolError(
+                "invalid_message", f"'options.{key}' must be a non-empty string of at most {MAX_GREETING} chars"
+            )
+        greetings[key] = value.strip() if value else None
     return Start(
         encoding=encoding,
         sample_rate=int(rate),
@@ -122,6 +130,8 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         partials=partials,
         max_tokens=max_tokens,
         reply_audio=reply_audio,
+        greeting=greetings["greeting"],
+        greeting_instructions=greetings["greeting_instructions"],
     )
 
 

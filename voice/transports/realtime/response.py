@@ -4,10 +4,12 @@ timings in its metadata)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from voice.transports.realtime.protocol import RealtimeError, new_id
+from voice.call.turn import SpokenFirst
+from voice.transports.realtime.protocol import MAX_INSTRUCTIONS, RealtimeError, new_id
 
 if TYPE_CHECKING:
     from voice.transports.realtime.call import RealtimeCall
@@ -29,6 +31,9 @@ class Response:
     done: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     cancel_reason: str = "turn_detected"
+    # Set once response.created and its item/part events are on the wire:
+    # nothing of the reply may overtake them.
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 # ---- client events ---------------------------------------------------------
@@ -38,14 +43,30 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     held = [r for r in call.responses.values() if not r.released and not r.dropped]
     if held:
         await release(call, held[-1])
-    elif call.session.started:
+        return
+    waiting = call.session.reply_in_flight()
+    if waiting and not any(r.done is None and not r.dropped for r in call.responses.values()):
         # The transcript of the committed turn is still being decoded:
         # release its reply the moment it exists.
         call.response_requested = True
-    else:
+        return
+    if waiting:
+        raise RealtimeError("a response is already in progress", "conversation_already_has_active_response", "response")
+    # Nothing held or pending: answer the conversation as it stands (text
+    # items, or a greeting right after session.update), as OpenAI's API does.
+    options = msg.get("response") if isinstance(msg.get("response"), dict) else {}
+    instructions = options.get("instructions")
+    if instructions is not None and (not isinstance(instructions, str) or len(instructions) > MAX_INSTRUCTIONS):
         raise RealtimeError(
-            "no input to respond to: firstline answers the caller's audio turns", "no_input", "response"
+            f"response.instructions must be a string of at most {MAX_INSTRUCTIONS} chars",
+            "invalid_value",
+            "response.instructions",
         )
+    await call.ensure_started()
+    turn = call.session.speak_first(SpokenFirst(instructions=instructions or None))
+    response = Response(turn, user_item_id=call.last_item_id or "", released=True)
+    call.responses[turn] = response
+    await start(call, response)
 
 
 async def cancel(call: RealtimeCall, msg: dict[str, Any]) -> None:
@@ -80,6 +101,7 @@ async def release(call: RealtimeCall, response: Response) -> None:
 
 async def start(call: RealtimeCall, response: Response) -> None:
     if response.started:
+        await response.opened.wait()
         return
     response.started = True
     await call.send_event("response.created", response=response_obj(call, response, "in_progress"))
@@ -88,6 +110,7 @@ async def start(call: RealtimeCall, response: Response) -> None:
     await call.send_event("conversation.item.added", previous_item_id=response.user_item_id, item=item)
     await call.send_event("response.content_part.added", **content_ref(response), part=part(call, ""))
     call.last_item_id = response.item_id
+    response.opened.set()
 
 
 async def delta(call: RealtimeCall, response: Response, text: str) -> None:
@@ -98,8 +121,7 @@ async def delta(call: RealtimeCall, response: Response, text: str) -> None:
 
 
 async def finish(call: RealtimeCall, response: Response) -> None:
-    if not response.started:
-        await start(call, response)
+    await start(call, response)
     done = response.done or {}
     status = "cancelled" if done.get("cancelled") else "completed"
     text = str(done.get("text") or response.text)

@@ -49,6 +49,11 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
     if not isinstance(update, dict):
         raise RealtimeError("'session' missing or not an object", "missing_required_parameter", "session")
     new = apply_update(call.settings, update)
+    if new.instructions:
+        try:
+            call.session.check_instructions(new.instructions, new.max_output_tokens)
+        except ValueError as exc:
+            raise RealtimeError(str(exc), "context_too_large", "instructions") from None
     if call.session.started:
         old = call.settings
         locked = [

@@ -1,0 +1,56 @@
+"""Does a prompt built to the call's token budget fit a real engine's context?
+Shared by the per-engine tests (llama.cpp in process and as the supervised
+child, vLLM in process, `vllm serve` behind RemoteEngine)."""
+
+from __future__ import annotations
+
+from llm.base import GenerationRequest, LLMEngine
+from voice.call.history import MIN_TURN_TOKENS, PER_MESSAGE_TOKENS, History, estimate_tokens
+from voice.call.session import PROMPT_MARGIN_TOKENS
+
+# Real, varied conversation text (phone-agent style), repeated to make a long call.
+EXCHANGES = [
+    ("Hi, I'd like to check on my order from last Tuesday.", "Sure, can you give me the order number?"),
+    ("It's four four seven one, under the name Ada Lovelace.", "Thanks Ada, I see it here. It shipped yesterday."),
+    ("When will it arrive at my office in Cambridge?", "It should arrive on Thursday before noon."),
+    ("Can I change the delivery address to my home instead?", "Yes, I can do that. What is the new address?"),
+]
+
+
+def largest_instructions(budget_tokens: int) -> str:
+    """The longest system prompt the call accepts for this budget."""
+    sentence = "You are a careful phone agent for Acme; confirm details before you act. "
+    allowed = budget_tokens - MIN_TURN_TOKENS - PER_MESSAGE_TOKENS
+    text = sentence * (allowed * 3 // len(sentence) + 1)
+    while estimate_tokens(text) > allowed:
+        text = text[:-1]
+    return text
+
+
+async def assert_budgeted_prompt_fits(engine: LLMEngine, context_tokens: int, reply_tokens: int = 1024) -> None:
+    """A call at its limits: the largest instructions the budget admits and a
+    40-turn history. The prompt the session builds must be served, and the
+    engine's own count must leave room for a reply of ``reply_tokens`` (the
+    call's max_tokens; a large one keeps the prompt, and the test, short on
+    a 2-core machine). Only a few tokens are generated."""
+    max_tokens = 16
+    budget = context_tokens - reply_tokens - PROMPT_MARGIN_TOKENS
+    instructions = largest_instructions(budget)
+    history = History(instructions, max_turns=40)
+    history.check_instructions(instructions, budget)  # accepted
+    for turn in range(40):
+        user, agent = EXCHANGES[turn % len(EXCHANGES)]
+        history.remember(turn, user, agent)
+    messages = history.messages("And can you email me the receipt?", None, budget)
+    request = GenerationRequest("budget", messages, max_tokens=max_tokens)
+    text = "".join([d async for d in engine.stream(request)])
+    assert text.strip(), "no reply to a prompt at the budget"
+    assert 0 < request.usage.prompt_tokens <= budget, (request.usage.prompt_tokens, budget)
+
+    # With a shorter prompt the same history comes back in: trimming is by tokens.
+    history.system_prompt = "You are a phone agent."
+    roomy = history.messages("And can you email me the receipt?", None, budget)
+    assert len(roomy) > len(messages)
+    request = GenerationRequest("budget-roomy", roomy, max_tokens=max_tokens)
+    assert "".join([d async for d in engine.stream(request)]).strip()
+    assert request.usage.prompt_tokens <= budget, (request.usage.prompt_tokens, budget)

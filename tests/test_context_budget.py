@@ -1,0 +1,67 @@
+"""Context by token budget: history trimmed oldest-first by tokens,
+instructions that cannot fit refused at start with a clear error, and a
+prompt at the limits served by the real engines. (vLLM in process and
+`vllm serve`: tests/test_vllm_engine.py, tests/test_remote_vllm.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.client import NativeCaller
+from llm.config import LLMConfig
+from llm.llamacpp_engine import LlamaCppEngine
+from tests.context_checks import assert_budgeted_prompt_fits, largest_instructions
+from voice.call.history import ContextTooLarge, History, estimate_tokens, prompt_tokens
+from voice.call.start import MAX_SYSTEM_PROMPT
+
+
+def test_history_is_trimmed_oldest_first_by_tokens() -> None:
+    history = History("Be brief.", max_turns=50)
+    for turn in range(20):
+        history.remember(turn, f"question number {turn} " * 10, f"answer number {turn} " * 10)
+    everything = history.messages("now?", None, None)
+    assert len(everything) == 2 + 40
+    budget = prompt_tokens(everything) // 2
+    fitted = history.messages("now?", None, budget)
+    assert prompt_tokens(fitted) <= budget
+    assert fitted[0]["content"] == "Be brief." and fitted[-1] == {"role": "user", "content": "now?"}
+    # The newest turns are kept, the oldest dropped, and history starts with the caller.
+    assert fitted[-2] == everything[-2] and fitted[1]["role"] == "user"
+    assert "number 0 " not in " ".join(m["content"] for m in fitted)
+
+
+def test_instructions_that_leave_no_room_are_refused() -> None:
+    history = History("Be brief.", max_turns=10)
+    budget = 500
+    history.check_instructions(largest_instructions(budget), budget)
+    with pytest.raises(ContextTooLarge, match="no room"):
+        history.check_instructions("x" * (3 * budget), budget)
+    assert estimate_tokens("word " * 100) >= 500 // 4  # deliberately high for English
+
+
+async def test_a_system_prompt_at_the_protocol_maximum_is_refused_on_a_small_context(call_url, server):
+    """8 KiB of instructions (the native maximum) cannot fit the embedded
+    model's 2048-token context with a reply: refused at start, by name."""
+    assert server.config.llm.context_tokens == 2048
+    async with NativeCaller(call_url) as caller:
+        await caller.send_json({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000},
+                                "system_prompt": "Be precise. " * (MAX_SYSTEM_PROMPT // 12)})  # fmt: skip
+        error = await caller.wait_for("error", timeout=10)
+        assert error["code"] == "context_too_large" and "context" in error["message"]
+        # The call goes on: a start that fits is accepted.
+        ready = await caller.start("pcm16", 16000, system_prompt="Be precise.")
+        assert ready["type"] == "ready"
+
+
+async def test_the_supervised_engine_serves_a_prompt_at_the_budget(server):
+    await assert_budgeted_prompt_fits(server.runtime.engine, server.config.llm.context_tokens)
+
+
+async def test_in_process_llamacpp_serves_a_prompt_at_the_budget():
+    config = LLMConfig(isolation="inprocess", parallel=1, threads=1)
+    engine = LlamaCppEngine(config)
+    await engine.start()
+    try:
+        await assert_budgeted_prompt_fits(engine, config.context_tokens)
+    finally:
+        await engine.close()

@@ -1,0 +1,107 @@
+"""What of a generated reply a caller hears: phone-length, no loops, whole
+sentences only.
+
+Small models loop ("I'm just a chatbot." ×12, "no-nonsense no-nonsense …")
+and a caller hears every word through the TTS; the looped text would then be
+fed back as history for the next turns. The turn asks :class:`ReplyGuard`
+about each sentence before it goes out; a ``stop`` verdict ends the reply
+there and aborts the generation, so no compute is spent on words nobody
+will hear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+
+# Verdicts on one sentence.
+SEND = "send"
+STOP_LENGTH = "max_sentences"  # the reply has said enough for a phone call
+STOP_LOOP = "loop"  # the sentence repeats an earlier one, or stutters
+
+_WORD = re.compile(r"[a-z0-9']+")
+_TERMINAL = re.compile(r"""[.!?…]["'”’)\]]*$""")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplyPolicy:
+    # Sentences a reply may have (0: no limit). Phone replies are short by
+    # design: benchmarks/reply_quality.py chose the default.
+    max_sentences: int = 3
+    # Drop a sentence that repeats an earlier one of this reply or of the
+    # previous reply (similarity of their words, 0..1), and end the reply.
+    loop_guard: bool = True
+    similarity: float = 0.85
+    # A word or phrase said this many times in a row inside one sentence is
+    # degenerate text ("no-nonsense no-nonsense no-nonsense").
+    max_stutter: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_sentences < 0:
+            raise ValueError("reply max_sentences must be >= 0 (0: no limit)")
+        if not 0.5 <= self.similarity <= 1.0:
+            raise ValueError("reply loop similarity must be in 0.5..1.0")
+        if self.max_stutter < 2:
+            raise ValueError("reply max_stutter must be >= 2")
+
+
+def words_of(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("’", "'"))
+
+
+def is_complete(sentence: str) -> bool:
+    """Ends like a sentence (terminal punctuation, maybe a closing quote)."""
+    return bool(_TERMINAL.search(sentence.strip()))
+
+
+def stutters(words: list[str], times: int) -> bool:
+    """Some run of 1-4 words repeats ``times`` times back to back."""
+    for size in range(1, 5):
+        for start in range(0, len(words) - size * times + 1):
+            gram = words[start : start + size]
+            if all(words[start + k * size : start + (k + 1) * size] == gram for k in range(1, times)):
+                return True
+    return False
+
+
+class ReplyGuard:
+    """Judges one reply's sentences in order, against the reply so far and
+    the previous reply the caller heard."""
+
+    def __init__(self, policy: ReplyPolicy, previous_reply: str = "") -> None:
+        self.policy = policy
+        self.sent = 0
+        self._seen: list[list[str]] = []
+        if previous_reply:
+            self._previous = [w for w in (words_of(s) for s in _split(previous_reply)) if w]
+        else:
+            self._previous = []
+
+    def check(self, sentence: str) -> str:
+        policy = self.policy
+        if policy.max_sentences and self.sent >= policy.max_sentences:
+            return STOP_LENGTH
+        words = words_of(sentence)
+        if policy.loop_guard and words:
+            if stutters(words, policy.max_stutter):
+                return STOP_LOOP
+            if any(self._similar(words, earlier) for earlier in self._seen):
+                return STOP_LOOP
+            # Short answers ("Yes.", "Sure.") may recur from one reply to the next.
+            if len(words) >= 4 and any(self._similar(words, earlier) for earlier in self._previous):
+                return STOP_LOOP
+        self._seen.append(words)
+        self.sent += 1
+        return SEND
+
+    def _similar(self, a: list[str], b: list[str]) -> bool:
+        if a == b:
+            return True
+        if min(len(a), len(b)) < 4:
+            return False  # too short for "near enough" to mean anything
+        return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= self.policy.similarity
+
+
+def _split(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?…])\s+", text.strip()) if s]
