@@ -32,8 +32,29 @@ class ASRConfig:
     # partial queued, and partials are shed while finals wait (asr/worker.py).
     # "fifo": every decode in arrival order (the baseline).
     scheduler: Literal["deadline", "fifo"] = "deadline"
-    # Under "deadline", skip a partial when this many decodes are queued.
+    # Under "deadline", skip a partial when this many batches of decodes are
+    # queued (shed_partials_above * batch_size live jobs; with batching off,
+    # that many decodes).
     shed_partials_above: int = 2
+    # Batched decoding across calls (asr/worker.py): up to this many due
+    # decodes share one CTranslate2 call. 1 = batching off, one decode at a
+    # time. Chosen with benchmarks/asr_batching.py.
+    batch_size: int = 4
+    # A batch that is not full waits at most this long (from its oldest job's
+    # submission) for more decodes to join it; work that already queued behind
+    # a running decode does not wait at all, so this only bounds what a lone
+    # call can lose.
+    batch_wait_ms: float = 2.0
+    # Which decodes may share a call, whose features must all be padded to one
+    # window: "same" batches only decodes of the same window (10/20/30 s), so
+    # no item pays for a longer window than it needs and each decodes exactly
+    # as it would alone; "pad" fills the batch in priority order and pads all
+    # to the largest window.
+    batch_windows: Literal["same", "pad"] = "same"
+    # Whether partials may fill the free places of a batch holding finals.
+    # Off: a batch with a final holds only finals, so a final never shares
+    # (and pays for) a partial's decode.
+    batch_partials_with_finals: bool = False
     # VAD (Silero v6).
     vad_threshold: float = 0.5
     vad_model: str | None = None  # None = the ONNX file in faster-whisper's wheel

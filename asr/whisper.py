@@ -7,12 +7,19 @@ CTranslate2 model directly: mel features padded to the smallest window in
 ``ASRConfig.pad_windows_s`` that holds the audio (see
 ``benchmarks/asr_padding.py`` for the speed / WER trade-off behind the
 default), one greedy decode, no timestamps.
+
+Several utterances (from different calls) can share one CTranslate2 call
+(:meth:`WhisperDecoder.decode_batch`): their features are stacked into one
+``[batch, n_mels, frames]`` array, which needs one window length for all, so
+every item is padded to the largest window among them. ``asr.worker`` decides
+which utterances go together (see ``benchmarks/asr_batching.py``).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,14 +29,38 @@ from asr.models import resolve_whisper_model
 
 SAMPLE_RATE = 16000
 FRAMES_PER_SECOND = 100  # Whisper mel hop is 10 ms
+MAX_WINDOW_S = 30  # Whisper's encoder input is at most 30 s
 
 
 @dataclass
 class Decoded:
     text: str
     audio_s: float
+    # Seconds of the CTranslate2 call that produced this text (shared by every
+    # item of a batch: that is how long each of them took).
     decode_s: float
     window_s: int
+    # Filled in by asr.worker: how many utterances shared the call, and how
+    # long this one waited in the worker's queue before it started.
+    batch_size: int = 1
+    queue_s: float = 0.0
+
+
+def window_for(audio_s: float, windows: Iterable[int]) -> int:
+    """Smallest window holding the audio (Whisper's max is 30 s)."""
+    for window in sorted(windows):
+        if audio_s <= window:
+            return window
+    return MAX_WINDOW_S
+
+
+@dataclass
+class _Prepared:
+    features: np.ndarray  # [n_mels, frames], not yet padded
+    audio_s: float
+    window: int
+    max_length: int  # CTranslate2 ``max_length`` this item would get alone
+    token_cap: int  # tokens CTranslate2 generates at most with that max_length
 
 
 class WhisperDecoder:
@@ -62,36 +93,68 @@ class WhisperDecoder:
 
     def window_for(self, audio_s: float) -> int:
         """Smallest configured window holding the audio (Whisper's max is 30 s)."""
-        for window in sorted(self.config.pad_windows_s):
-            if audio_s <= window:
-                return window
-        return 30
+        return window_for(audio_s, self.config.pad_windows_s)
 
     def decode(self, audio: np.ndarray) -> Decoded:
         """float32 16 kHz mono -> text."""
-        from faster_whisper.audio import pad_or_trim
+        started = time.perf_counter()
+        return self._run([self._prepare(audio)], started)[0]
 
-        audio = audio[-30 * SAMPLE_RATE :]
+    def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
+        """Several utterances in one CTranslate2 call, results in input order.
+
+        Every item is padded to the largest window among them. Any failure
+        (one malformed item, an out-of-memory on the batch) raises for the
+        whole batch: the caller (asr.worker) then decodes the items one by one,
+        so only the bad one fails.
+        """
+        started = time.perf_counter()
+        return self._run([self._prepare(audio) for audio in audios], started)
+
+    def _prepare(self, audio: np.ndarray) -> _Prepared:
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1:
+            # A (samples, channels) array would be read as thousands of
+            # utterances and allocate gigabytes of features: refuse it early.
+            raise ValueError(f"expected mono audio (1-D), got shape {audio.shape}")
+        audio = audio[-MAX_WINDOW_S * SAMPLE_RATE :]
         audio_s = len(audio) / SAMPLE_RATE
         window = self.window_for(audio_s)
-        started = time.perf_counter()
+        # The mel features do not depend on the window; only the padding does.
         features = self.model.feature_extractor(audio, chunk_length=window)
-        features = pad_or_trim(features, window * FRAMES_PER_SECOND)
-        encoded = self.model.encode(features)
         # Whisper emits roughly 3-4 tokens per second of speech; the cap keeps
         # a hallucination loop from running to the model's 448-token limit.
         max_length = min(448 // 2, len(self._prompt) + 10 + math.ceil(audio_s * 8))
-        result = self.model.model.generate(
+        # CTranslate2's Whisper generates at most min(max_length / 2,
+        # max_length - start_step) tokens, start_step being the prompt minus its
+        # last token (src/models/whisper.cc). Kept per item so that a batch,
+        # which runs with its largest max_length, can cut each item back to
+        # exactly what it would have produced alone.
+        token_cap = min(max_length // 2, max_length - (len(self._prompt) - 1))
+        return _Prepared(features, audio_s, window, max_length, token_cap)
+
+    def _run(self, items: list[_Prepared], started: float) -> list[Decoded]:
+        from faster_whisper.audio import pad_or_trim
+
+        window = max(item.window for item in items)
+        frames = window * FRAMES_PER_SECOND
+        features = np.stack([pad_or_trim(item.features, frames) for item in items])
+        encoded = self.model.encode(features)
+        results = self.model.model.generate(
             encoded,
-            [self._prompt],
+            [self._prompt] * len(items),
             beam_size=self.config.beam_size,
-            max_length=max_length,
+            max_length=max(item.max_length for item in items),
             suppress_blank=True,
             suppress_tokens=self._suppress,
             return_scores=False,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
-        )[0]
-        tokens = [t for t in result.sequences_ids[0] if t < self.tokenizer.eot]
-        text = self.tokenizer.decode(tokens).strip()
-        return Decoded(text, audio_s, time.perf_counter() - started, window)
+        )
+        elapsed = time.perf_counter() - started
+        decoded = []
+        for item, result in zip(items, results, strict=True):
+            tokens = [t for t in result.sequences_ids[0][: item.token_cap] if t < self.tokenizer.eot]
+            text = self.tokenizer.decode(tokens).strip()
+            decoded.append(Decoded(text, item.audio_s, elapsed, window, batch_size=len(items)))
+        return decoded

@@ -6,11 +6,27 @@ deadline class: a *final* decode (a caller is waiting for a reply) always
 goes before a *partial* one, and each call has at most one partial waiting;
 a newer partial replaces the older one instead of queueing behind it. That
 keeps ASR work per call bounded however fast audio arrives.
+
+Decodes from different calls are batched: when the worker is free it takes
+the decodes that are due, finals first (in arrival order), then partials
+(longest-waiting caller first), up to ``ASRConfig.batch_size`` of them, and
+runs them as one CTranslate2 call. Work that queued while the worker was busy
+goes at once; a batch that is not full waits at most ``batch_wait_ms`` from
+its oldest job's submission for company, so a lone call loses no more than
+that. A batch shares one padded window: with ``batch_windows="same"`` only
+decodes of the same window go together. If a batched call raises, its items
+are decoded one at a time, so one bad item fails only its own job.
+
+Under load, partials go first: a partial is shed at submission while a final
+is waiting or when the backlog is ``shed_partials_above`` batches deep, and a
+queued partial older than its call's queued final is dropped (the final
+covers the same audio). Finals are never shed or reordered behind partials.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -21,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from asr.config import ASRConfig
-from asr.whisper import Decoded, WhisperDecoder
+from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, window_for
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +45,23 @@ FINAL = 0
 PARTIAL = 1
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class _Job:
-    priority: int
-    seq: int
-    call_id: str = field(compare=False)
-    audio: np.ndarray = field(compare=False, repr=False)
-    future: asyncio.Future[Decoded] = field(compare=False, repr=False)
+    priority: int  # FINAL or PARTIAL
+    seq: int  # arrival order
+    call_id: str
+    audio: np.ndarray = field(repr=False)
+    future: asyncio.Future[Decoded] = field(repr=False)
+    window: int  # padded window (s) this decode needs
+    submitted: float  # time.monotonic() at submit
+    # For a partial: when its call's oldest unserved partial was submitted. A
+    # newer partial replacing an older one keeps the older one's place, so a
+    # caller who speaks continuously is not sent to the back each time.
+    waiting_since: float
+
+    @property
+    def live(self) -> bool:
+        return not self.future.done()
 
 
 class ASRWorker:
@@ -43,22 +69,35 @@ class ASRWorker:
         self.config = config
         self.decoder: WhisperDecoder | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
-        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        # Jobs not yet handed to a decode, by seq (so in arrival order). A job
+        # whose future is cancelled (superseded, forgotten, or cancelled by its
+        # awaiting task) leaves at once: it is never decoded or counted.
+        self._waiting: dict[int, _Job] = {}
         self._pending_partial: dict[str, _Job] = {}
         self._seq = itertools.count()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.decodes = {FINAL: 0, PARTIAL: 0}
         # Observer for decode durations (final?, seconds): the server's metrics.
         self.on_decode: Callable[[bool, float], None] | None = None
         self.shed_partials = 0
-        self._finals_waiting = 0
+        self._finals_waiting = 0  # queued or being decoded
+        # Batches run, items in them, and the items now being decoded.
+        self.batches = 0
+        self.batched_items = 0
+        self.in_flight = 0
+        self.batch_fallbacks = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.decoder = await loop.run_in_executor(self._executor, WhisperDecoder, self.config)
-        # Warm-up decode: the first CTranslate2 call allocates its buffers.
-        silence = np.zeros(16000, dtype=np.float32)
+        # Warm-up decode: the first CTranslate2 call allocates its buffers; a
+        # full batch too, so the first busy moment does not pay for it.
+        silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
         await loop.run_in_executor(self._executor, self.decoder.decode, silence)
+        if self.config.batch_size > 1:
+            batch = [silence] * self.config.batch_size
+            await loop.run_in_executor(self._executor, self.decoder.decode_batch, batch)
         self._task = asyncio.create_task(self._run(), name="asr-worker")
 
     async def close(self) -> None:
@@ -72,66 +111,176 @@ class ASRWorker:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        """Decodes waiting for the worker: live jobs only, not the ones being
+        decoded now, nor superseded or forgotten ones (admission reads this)."""
+        return sum(1 for job in self._waiting.values() if job.live)
 
     def submit(self, call_id: str, audio: np.ndarray, final: bool) -> asyncio.Future[Decoded]:
         """Queue a decode; the future resolves to its text. A superseded partial
         resolves with CancelledError."""
         loop = asyncio.get_running_loop()
-        if self.config.scheduler == "fifo":
-            job = _Job(0, next(self._seq), call_id, audio, loop.create_future())
-            self._queue.put_nowait(job)
-            return job.future
-        old = self._pending_partial.pop(call_id, None)
-        if old is not None and not old.future.done():
-            old.future.cancel()  # stays in the heap; skipped when popped
         future: asyncio.Future[Decoded] = loop.create_future()
-        if not final and (self._finals_waiting or self._live_jobs() >= self.config.shed_partials_above):
+        now = time.monotonic()
+        priority = FINAL if final else PARTIAL
+        if self.config.scheduler == "fifo":
+            # Arrival order for everything (_due ignores the priority here).
+            self._enqueue(_Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, now))
+            return future
+        since = now
+        old = self._pending_partial.pop(call_id, None)
+        if old is not None and old.live:
+            since = old.waiting_since
+            old.future.cancel()
+            self._waiting.pop(old.seq, None)
+        shed_at = self.config.shed_partials_above * max(1, self.config.batch_size)
+        if not final and (self._finals_waiting or self.queue_depth >= shed_at):
             # Under load, partials are the first thing to go: a caller waiting
             # for a reply matters more than a live caption.
             self.shed_partials += 1
             future.cancel()
             return future
-        job = _Job(FINAL if final else PARTIAL, next(self._seq), call_id, audio, future)
+        job = _Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, since)
         if final:
             self._finals_waiting += 1
             future.add_done_callback(self._final_done)
         else:
             self._pending_partial[call_id] = job
-        self._queue.put_nowait(job)
-        return job.future
-
-    def _final_done(self, _future: asyncio.Future[Decoded]) -> None:
-        self._finals_waiting -= 1
-
-    def _live_jobs(self) -> int:
-        return sum(1 for job in self._queue._queue if not job.future.done())  # type: ignore[attr-defined]
+        self._enqueue(job)
+        return future
 
     def forget(self, call_id: str) -> None:
         """The call ended: drop its waiting partial."""
         job = self._pending_partial.pop(call_id, None)
-        if job is not None and not job.future.done():
+        if job is not None and job.live:
             job.future.cancel()
+            self._waiting.pop(job.seq, None)
+
+    def _window(self, audio: np.ndarray) -> int:
+        seconds = min(len(audio), MAX_WINDOW_S * SAMPLE_RATE) / SAMPLE_RATE  # the decoder keeps the last 30 s
+        return window_for(seconds, self.config.pad_windows_s)
+
+    def _enqueue(self, job: _Job) -> None:
+        self._waiting[job.seq] = job
+        # Whoever cancels it (a task awaiting it, forget, a newer partial), a
+        # cancelled job leaves the queue; a no-op once the worker took it.
+        job.future.add_done_callback(lambda _f: self._discard(job))
+        self._wake.set()
+
+    def _discard(self, job: _Job) -> None:
+        self._waiting.pop(job.seq, None)
+        if self._pending_partial.get(job.call_id) is job:
+            del self._pending_partial[job.call_id]
+
+    def _final_done(self, _future: asyncio.Future[Decoded]) -> None:
+        self._finals_waiting -= 1
+
+    # ---- batching --------------------------------------------------------
+
+    def _due(self) -> list[_Job]:
+        """Live waiting jobs in serving order."""
+        live = [job for job in self._waiting.values() if job.live]
+        if self.config.scheduler == "fifo":
+            return live
+        finals = [job for job in live if job.priority == FINAL]
+        # A partial submitted before its call's queued final is moot: the final
+        # decodes the same turn's audio, and the caller wants that.
+        last_final = {job.call_id: job.seq for job in finals}
+        partials = []
+        for job in live:
+            if job.priority != PARTIAL:
+                continue
+            if job.seq < last_final.get(job.call_id, -1):
+                job.future.cancel()
+                self._discard(job)
+                continue
+            partials.append(job)
+        partials.sort(key=lambda job: (job.waiting_since, job.seq))
+        if finals and not self.config.batch_partials_with_finals:
+            return finals
+        return finals + partials
+
+    def _next_batch(self) -> list[_Job]:
+        due = self._due()
+        if not due:
+            return []
+        limit = max(1, self.config.batch_size)
+        if self.config.batch_windows == "same":
+            head = due[0].window
+            return [job for job in due if job.window == head][:limit]
+        return due[:limit]
+
+    async def _gather(self) -> list[_Job]:
+        """Wait for due work; give a batch that is not full until its oldest
+        job has waited ``batch_wait_ms`` for more to join."""
+        budget = self.config.batch_wait_ms / 1000.0
+        while True:
+            self._wake.clear()
+            batch = self._next_batch()
+            if not batch:
+                await self._wake.wait()
+                continue
+            if len(batch) >= self.config.batch_size or budget <= 0:
+                return batch
+            remaining = min(job.submitted for job in batch) + budget - time.monotonic()
+            if remaining <= 0:
+                return batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
 
     async def _run(self) -> None:
+        while True:
+            batch = await self._gather()
+            for job in batch:
+                self._discard(job)
+            self.in_flight = len(batch)
+            try:
+                await self._decode(batch)
+            finally:
+                self.in_flight = 0
+
+    async def _decode(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         assert self.decoder is not None
-        while True:
-            job = await self._queue.get()
-            if job.future.done():  # cancelled: superseded, or its call ended
-                continue
-            if self._pending_partial.get(job.call_id) is job:
-                del self._pending_partial[job.call_id]
-            started = time.perf_counter()
-            try:
-                result = await loop.run_in_executor(self._executor, self.decoder.decode, job.audio)
-            except Exception as exc:  # one bad decode fails one turn, not the server
-                log.exception("ASR decode failed for call %s", job.call_id)
-                if not job.future.done():
-                    job.future.set_exception(exc)
-                continue
-            self.decodes[job.priority] += 1
-            if self.on_decode is not None:
-                self.on_decode(job.priority == FINAL, time.perf_counter() - started)
-            if not job.future.done():
-                job.future.set_result(result)
+        started = time.monotonic()
+        if len(batch) == 1:
+            await self._decode_one(batch[0], started)
+            return
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self.decoder.decode_batch, [job.audio for job in batch]
+            )
+        except Exception:
+            # One malformed item or an out-of-memory on the batch: decode each
+            # item alone (in serving order), so only a bad item fails its job.
+            log.warning("batched ASR decode of %d failed; decoding one by one", len(batch), exc_info=True)
+            self.batch_fallbacks += 1
+            for job in batch:
+                if job.live:
+                    await self._decode_one(job, time.monotonic())
+            return
+        self.batches += 1
+        self.batched_items += len(batch)
+        for job, result in zip(batch, results, strict=True):
+            self._deliver(job, result, started)
+
+    async def _decode_one(self, job: _Job, started: float) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.decoder is not None
+        try:
+            result = await loop.run_in_executor(self._executor, self.decoder.decode, job.audio)
+        except Exception as exc:  # one bad decode fails one turn, not the server
+            log.exception("ASR decode failed for call %s", job.call_id)
+            if job.live:
+                job.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.batched_items += 1
+        self._deliver(job, result, started)
+
+    def _deliver(self, job: _Job, result: Decoded, started: float) -> None:
+        result.queue_s = started - job.submitted
+        self.decodes[job.priority] += 1
+        if self.on_decode is not None:
+            self.on_decode(job.priority == FINAL, result.decode_s)
+        if job.live:
+            job.future.set_result(result)

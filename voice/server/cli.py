@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="deadline",
         help="deadline: finals before partials, one partial per call, partials shed under load",
     )
+    serve.add_argument(
+        "--asr-batch-size",
+        type=int,
+        default=ASRConfig.batch_size,
+        help="decodes from different calls batched into one Whisper call (1: batching off)",
+    )
+    serve.add_argument(
+        "--asr-batch-wait-ms",
+        type=float,
+        default=ASRConfig.batch_wait_ms,
+        help="a batch that is not full waits at most this long for more decodes",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     # Limits and admission (voice/limits.py, voice/admission.py).
@@ -173,6 +185,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         preemptive=not args.no_preemptive,
         adaptive_endpoint=not args.fixed_endpoint,
         scheduler=args.asr_scheduler,
+        batch_size=max(1, args.asr_batch_size),
+        batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
     )
     llm.incremental_prefill = not args.no_incremental_prefill
     config = ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)

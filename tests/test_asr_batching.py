@@ -1,0 +1,221 @@
+"""Batched ASR across calls (asr/worker.py): real Whisper tiny.en on real
+speech through a phone line, each worker with its own decoder so its
+configuration is the one under test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from asr.config import ASRConfig
+from asr.wer import corpus_wer, word_error_rate
+from asr.whisper import Decoded
+from asr.worker import ASRWorker
+from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip, shared_clips, through_phone_line
+from voice.server.cli import build_parser, config_from_args
+
+BUDGET_MS = 30.0
+
+
+async def _worker(**overrides: Any) -> ASRWorker:
+    worker = ASRWorker(ASRConfig(**overrides))
+    await worker.start()
+    return worker
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def batched() -> AsyncIterator[ASRWorker]:
+    worker = await _worker(batch_size=4, batch_wait_ms=BUDGET_MS)
+    yield worker
+    await worker.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def unbatched() -> AsyncIterator[ASRWorker]:
+    worker = await _worker(batch_size=1)
+    yield worker
+    await worker.close()
+
+
+@pytest.fixture(scope="module")
+def speech() -> list[tuple[Utterance, np.ndarray]]:
+    """Shared clips and (where installed) a spread of Asterisk prompts: 10 s
+    and 20 s windows, so batches form within and across windows."""
+    utts = shared_clips() + asterisk_prompts(min_words=5)[::20][:6]
+    return [(u, through_phone_line(u.load(8000))) for u in utts]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def alone(speech, unbatched) -> list[Decoded]:
+    """The reference: every utterance decoded one at a time."""
+    return await asyncio.gather(*(unbatched.submit(f"u{i}", a, final=True) for i, (_, a) in enumerate(speech)))
+
+
+@pytest.fixture(scope="module")
+def quilter() -> np.ndarray:
+    return through_phone_line(shared_clip("librispeech_quilter.wav").load(8000))
+
+
+@pytest.fixture(scope="module")
+def jfk_audio() -> np.ndarray:
+    return through_phone_line(shared_clip("jfk.wav").load(8000))
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.002)
+
+
+async def _busy(worker: ASRWorker, audio: np.ndarray) -> asyncio.Future[Decoded]:
+    """Occupy the worker with one partial decode, so what follows queues."""
+    fut = worker.submit("busy", audio, final=False)
+    await _until(lambda: worker.in_flight == 1)
+    return fut
+
+
+@pytest.mark.parametrize("windows", ["same", "pad"])
+async def test_batched_transcripts_match_unbatched(speech, alone, windows):
+    """All utterances at once: batched, they share CTranslate2 calls; the text
+    is the same as one at a time (padding to a larger window may move a word,
+    so "pad" is held to the same WER, not the same strings)."""
+    worker = await _worker(batch_size=4, batch_wait_ms=BUDGET_MS, batch_windows=windows)
+    try:
+        together = await asyncio.gather(*(worker.submit(f"b{i}", a, final=True) for i, (_, a) in enumerate(speech)))
+    finally:
+        await worker.close()
+    assert max(r.batch_size for r in together) > 1, "nothing was batched"
+    assert all(r.batch_size == 1 for r in alone)
+    refs = [u.reference for u, _ in speech]
+    wer_alone = corpus_wer(list(zip(refs, [r.text for r in alone], strict=True)))
+    wer_together = corpus_wer(list(zip(refs, [r.text for r in together], strict=True)))
+    assert wer_together <= wer_alone + 0.02, (wer_alone, wer_together)
+    if windows == "same":
+        # Same window, same features: only int8 GEMM shapes differ.
+        same = sum(a.text == b.text for a, b in zip(alone, together, strict=True))
+        assert same >= len(speech) - 1, [(a.text, b.text) for a, b in zip(alone, together, strict=True)]
+        assert all(r.window_s == a.window_s for r, a in zip(together, alone, strict=True))
+
+
+async def test_finals_go_before_partials_and_batch_among_themselves(batched, quilter, jfk_audio):
+    busy = await _busy(batched, jfk_audio)
+    order: list[str] = []
+    futs = {f"partial-{c}": batched.submit(f"prio-{c}", quilter, final=False) for c in "abc"}
+    # Call a's final makes its own queued partial moot (same turn's audio).
+    futs["final-a"] = batched.submit("prio-a", quilter, final=True)
+    futs["final-d"] = batched.submit("prio-d", quilter, final=True)
+    for name, fut in futs.items():
+        fut.add_done_callback(lambda f, name=name: order.append(name if not f.cancelled() else f"{name}:dropped"))
+    results = await asyncio.gather(*futs.values(), return_exceptions=True)
+    await busy
+    by_name = dict(zip(futs, results, strict=True))
+    assert futs["partial-a"].cancelled(), order
+    served = [n for n in order if ":" not in n]
+    assert served[:2] == ["final-a", "final-d"], order
+    # The two finals shared one decode, and no partial rode along with them.
+    assert by_name["final-a"].batch_size == by_name["final-d"].batch_size == 2
+    assert by_name["partial-b"].batch_size == by_name["partial-c"].batch_size == 2
+    assert word_error_rate(shared_clip("librispeech_quilter.wav").reference, by_name["final-d"].text) <= 0.2
+
+
+async def test_partials_served_longest_waiting_caller_first(unbatched, quilter, jfk_audio):
+    """A newer partial replaces an older one but keeps its place in line."""
+    busy = await _busy(unbatched, jfk_audio)
+    order: list[str] = []
+    first_a = unbatched.submit("wait-a", quilter, final=False)
+    b = unbatched.submit("wait-b", quilter, final=False)
+    a = unbatched.submit("wait-a", quilter, final=False)  # replaces first_a, keeps a's place
+    a.add_done_callback(lambda _f: order.append("a"))
+    b.add_done_callback(lambda _f: order.append("b"))
+    await asyncio.gather(a, b, busy)
+    assert first_a.cancelled()
+    assert order == ["a", "b"]
+
+
+async def test_lone_call_waits_at_most_the_budget_and_company_joins(batched, quilter):
+    lone = await batched.submit("lone", quilter, final=True)
+    assert lone.batch_size == 1
+    # It waited for company no longer than the budget (plus scheduling slack).
+    assert lone.queue_s <= (BUDGET_MS + 40) / 1000, lone.queue_s
+    first = batched.submit("pair-1", quilter, final=True)
+    await asyncio.sleep(0.005)  # a second call's final, well within the budget
+    second = batched.submit("pair-2", quilter, final=True)
+    one, two = await asyncio.gather(first, second)
+    assert one.batch_size == two.batch_size == 2
+    assert one.text == two.text == lone.text
+
+
+async def test_forget_and_queue_depth_count_only_live_jobs(batched, quilter, jfk_audio):
+    busy = await _busy(batched, jfk_audio)
+    assert batched.queue_depth == 0  # the decode in flight is not waiting
+    futs = [batched.submit(f"depth-{i}", quilter, final=False) for i in range(3)]
+    assert batched.queue_depth == 3
+    batched.submit("depth-0", quilter, final=False)  # supersedes depth-0's partial
+    assert futs[0].cancelled() and batched.queue_depth == 3
+    batched.forget("depth-1")
+    assert futs[1].cancelled() and batched.queue_depth == 2
+    futs[2].cancel()  # its awaiting task went away
+    assert batched.queue_depth == 1
+    final = batched.submit("depth-final", quilter, final=True)
+    assert batched.queue_depth == 2
+    batched.forget("depth-final")  # forget drops partials only: the turn's final stands
+    assert batched.queue_depth == 2
+    await asyncio.gather(busy, final)
+    await _until(lambda: batched.queue_depth == 0 and batched.in_flight == 0, timeout=30)
+    assert not batched._waiting and not batched._pending_partial  # nothing left behind
+
+
+async def test_deep_backlog_sheds_partials_never_finals(batched, quilter, jfk_audio):
+    busy = await _busy(batched, jfk_audio)
+    # The backlog is counted in batches: shed_partials_above batches deep.
+    shed_at = batched.config.shed_partials_above * batched.config.batch_size
+    queued = [batched.submit(f"deep-{i}", quilter, final=False) for i in range(shed_at)]
+    shed_before = batched.shed_partials
+    extra = batched.submit("deep-extra", quilter, final=False)
+    assert extra.cancelled() and batched.shed_partials == shed_before + 1
+    final = batched.submit("deep-final", quilter, final=True)
+    assert not final.done()
+    result = await final
+    assert result.text
+    for fut in queued:
+        fut.cancel()
+    await busy
+    await _until(lambda: batched.queue_depth == 0 and batched.in_flight == 0, timeout=30)
+
+
+async def test_one_bad_item_fails_alone_its_batch_mates_succeed(batched, quilter, jfk_audio):
+    """A malformed item (stereo samples x channels) makes the batched call
+    raise; the worker decodes the batch one by one and only that job fails."""
+    busy = await _busy(batched, jfk_audio)
+    fallbacks = batched.batch_fallbacks
+    good1 = batched.submit("bad-1", quilter, final=True)
+    bad = batched.submit("bad-2", np.stack([quilter, quilter], axis=1), final=True)
+    good2 = batched.submit("bad-3", quilter, final=True)
+    results = await asyncio.gather(good1, bad, good2, return_exceptions=True)
+    await busy
+    assert isinstance(results[1], ValueError), results[1]
+    assert batched.batch_fallbacks == fallbacks + 1
+    reference = shared_clip("librispeech_quilter.wav").reference
+    for result in (results[0], results[2]):
+        assert not isinstance(result, BaseException), result
+        assert word_error_rate(reference, result.text) <= 0.2, result.text
+
+
+async def test_batching_off_is_one_decode_at_a_time(unbatched, speech):
+    results = await asyncio.gather(*(unbatched.submit(f"off{i}", a, final=True) for i, (_, a) in enumerate(speech[:4])))
+    assert [r.batch_size for r in results] == [1, 1, 1, 1]
+
+
+def test_cli_flags_set_batching():
+    args = build_parser().parse_args(["serve", "--asr-batch-size", "1", "--asr-batch-wait-ms", "7.5"])
+    cfg = config_from_args(args).asr
+    assert (cfg.batch_size, cfg.batch_wait_ms) == (1, 7.5)
+    defaults = config_from_args(build_parser().parse_args(["serve"])).asr
+    assert (defaults.batch_size, defaults.batch_wait_ms) == (ASRConfig.batch_size, ASRConfig.batch_wait_ms)
