@@ -30,6 +30,22 @@ def test_history_is_trimmed_oldest_first_by_tokens() -> None:
     assert "number 0 " not in " ".join(m["content"] for m in fitted)
 
 
+def test_a_trimmed_history_keeps_its_prefix_for_the_next_turns() -> None:
+    """Trimming drops to half the room at once, so the following prompts share
+    their prefix (the engine's prefix cache serves it) until the next overflow."""
+    history = History("Be brief.", max_turns=100)
+    budget = 600
+    prompts = []
+    for turn in range(40):
+        prompts.append(history.messages("next?", None, budget))
+        history.remember(turn, f"question {turn} about the order", f"answer {turn}: it ships on Monday")
+    trims = [k for k in range(1, len(prompts)) if prompts[k][1] != prompts[k - 1][1]]
+    assert trims, "the history never overflowed the budget"
+    assert all(prompt_tokens(p) <= budget for p in prompts)
+    # Between two trims several turns go by with the same first message.
+    assert len(trims) < (len(prompts) - trims[0]) / 3, trims
+
+
 def test_instructions_that_leave_no_room_are_refused() -> None:
     history = History("Be brief.", max_turns=10)
     budget = 500

@@ -60,6 +60,8 @@ class History:
         self.max_turns = max_turns
         self.messages_so_far: list[Message] = []
         self.replies: dict[int, Message] = {}  # turn -> its assistant message
+        # The oldest message prompts still include (None: from the start).
+        self._first_kept: Message | None = None
 
     def __len__(self) -> int:
         return len(self.messages_so_far)
@@ -75,20 +77,28 @@ class History:
         head = [{"role": "system", "content": system}]
         past = list(self.messages_so_far)
         if budget_tokens is not None:
-            used = prompt_tokens(head) + prompt_tokens(new)
-            spare = budget_tokens - used
-            kept = 0
-            # Newest first: the turns just before this one matter most.
-            for message in reversed(past):
-                cost = estimate_tokens(message["content"]) + PER_MESSAGE_TOKENS
-                if cost > spare:
-                    break
-                spare -= cost
-                kept += 1
-            past = past[len(past) - kept :]
-            if past and past[0]["role"] == "assistant" and user_text is not None:
-                past = past[1:]  # a prompt's history starts with the caller's words
+            past = self._fit(past, budget_tokens - prompt_tokens(head) - prompt_tokens(new), user_text is not None)
         return [*head, *past, *new]
+
+    def _fit(self, past: list[Message], spare: int, caller_next: bool) -> list[Message]:
+        """The newest history that fits ``spare`` tokens. Once it overflows,
+        the oldest messages go in one step down to half the spare room, and
+        that starting point holds for the next turns: every prompt until the
+        next overflow then shares its prefix, which the engine's prefix cache
+        serves (trimming one message per turn would shift the prefix each
+        turn and re-prefill the whole history: seconds on a CPU)."""
+        start = next((i for i, m in enumerate(past) if m is self._first_kept), 0)
+        if sum(estimate_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in past[start:]) > spare:
+            low_water = spare // 2
+            while start < len(past) and sum(
+                estimate_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in past[start:]
+            ) > low_water:
+                start += 1
+            # A prompt's history starts with the caller's words.
+            while caller_next and start < len(past) and past[start]["role"] == "assistant":
+                start += 1
+            self._first_kept = past[start] if start < len(past) else None
+        return past[start:]
 
     def check_instructions(self, prompt: str, budget_tokens: int | None) -> None:
         """Refuse instructions that leave no room for a turn in the model's
