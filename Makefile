@@ -51,6 +51,9 @@ test-deps: $(TEST_STAMP)
 		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi; \
 	fi
 	$(PIP) install -q -r samples/sip/requirements.txt
+	@# Smart Turn v3.2 (end-of-turn audio model, BSD-2) from the pipecat-ai wheel on PyPI,
+	@# for --end-of-turn smart_turn*; a no-op once it is in ~/.cache/firstline.
+	$(PY) -m asr.end_of_turn --fetch
 
 test: test-deps
 	$(VENV)/bin/ruff check .

@@ -70,6 +70,17 @@ class ASRConfig:
     endpoint_min_s: float = 0.3  # after a finished sentence or question
     endpoint_unsure_s: float = 0.7  # no clear signal either way
     endpoint_max_s: float = 1.2  # after "and", "um", "the", a bare number...
+    # How the window is chosen at a pause (asr/end_of_turn.py, measured by
+    # benchmarks/end_of_turn.py): "adaptive" = the word rules above;
+    # "smart_turn" = Smart Turn v3.2's audio verdict (done -> min, else max);
+    # "smart_turn+rules" = the model, but a continuation word still waits max;
+    # "smart_turn_scaled+rules" = that veto, else a window that grows with the
+    # model's doubt. Only used when adaptive_endpoint is on.
+    end_of_turn: Literal["adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"] = "adaptive"
+    # Smart Turn ONNX file; None = an installed pipecat-ai or the cache that
+    # `python -m asr.end_of_turn --fetch` fills.
+    smart_turn_model: str | None = None
+    smart_turn_threshold: float = 0.5  # pipecat's: P(done) above this is "complete"
     # Preemptive work: this much silence after speech counts as a pause, at
     # which the session decodes the turn and starts the LLM, gated on the
     # endpoint (nothing reaches the client unless the turn really ended).

@@ -39,7 +39,7 @@ from voice.call.reply_policy import is_complete, words_of
 OUT = Path(__file__).resolve().parent / "results" / "reply_quality.json"
 # The defaults as they were before the reply policy and the sampling
 # defaults: every sentence sent, no repetition penalties.
-BEFORE = "--reply-max-sentences 0 --no-loop-guard --repeat-penalty 1.0 --dry-multiplier 0"
+BEFORE = "--reply-max-sentences 0 --no-loop-guard --llm-repetition-penalty 1.0"
 SERVER_BASE = ["--max-calls", "1000", "--max-asr-queue", "0", "--log-level", "WARNING"]
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+
+from llm.sampling import SamplingParams, sampling_alias
 
 
 @dataclass
@@ -47,16 +49,30 @@ class Usage:
 @dataclass
 class GenerationRequest:
     """One reply to generate. ``messages`` are OpenAI-style chat messages,
-    system prompt first, history in order, the caller's turn last."""
+    system prompt first, history in order, the caller's turn last.
+
+    ``sampling`` is everything the engine samples with; callers pass the
+    server's defaults (``config.llm.sampling``), merged with any per-call
+    overrides. ``max_tokens`` and ``temperature`` are the older spellings:
+    given (not None), they override the same fields of ``sampling``, and
+    ``request.max_tokens`` / ``request.temperature`` read them back."""
 
     request_id: str
     messages: list[dict[str, str]]
-    max_tokens: int = 96
-    temperature: float = 0.0
+    max_tokens: InitVar[int | None] = None
+    temperature: InitVar[float | None] = None
     usage: Usage = field(default_factory=Usage)
     # Stable per call (the call id): a replica pool pins every request of one
     # call to the same replica, so that replica's prefix cache stays hot.
     session_key: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self, max_tokens: int | None, temperature: float | None) -> None:
+        self.sampling = self.sampling.merged({"max_tokens": max_tokens, "temperature": temperature})
+
+
+GenerationRequest.max_tokens = sampling_alias("max_tokens")  # type: ignore[assignment,method-assign]
+GenerationRequest.temperature = sampling_alias("temperature")  # type: ignore[assignment,method-assign]
 
 
 class EngineError(RuntimeError):
@@ -110,6 +126,13 @@ class LLMEngine(abc.ABC):
         request = GenerationRequest(f"prefill-{id(messages)}", messages, max_tokens=1, session_key=session_key)
         async for _ in self.stream(request):
             pass
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise :class:`EngineError` if this engine cannot honour ``sampling``
+        (e.g. DRY on vLLM), so a server can refuse the request up front
+        instead of sampling differently from what was asked. The base
+        engine (llama.cpp, remote servers) takes every field."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -3,8 +3,10 @@ at its own model; the defaults are the embedded CPU models shipped on PyPI."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Literal
+
+from llm.sampling import SamplingParams, sampling_alias
 
 EngineName = Literal["llamacpp", "vllm", "remote"]
 Isolation = Literal["process", "inprocess"]
@@ -37,8 +39,9 @@ class LLMConfig:
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int = 2
     context_tokens: int = 2048
-    max_tokens: int = 96
-    temperature: float = 0.0
+    # Server-wide sampling defaults for every reply (a call may override
+    # fields: SamplingParams.merged). The reply length is sampling.max_tokens.
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # How many previous user/assistant turns a call keeps in its prompt.
     history_turns: int = 10
@@ -91,3 +94,18 @@ class LLMConfig:
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
     child_start_timeout_s: float = 300.0
+    # Legacy spellings, kept so LLMConfig(max_tokens=..., temperature=...)
+    # and config.max_tokens / config.temperature keep working: they are
+    # aliases of sampling.max_tokens / sampling.temperature (properties
+    # below); given here (not None) they override what ``sampling`` says.
+    max_tokens: InitVar[int | None] = None
+    temperature: InitVar[float | None] = None
+
+    def __post_init__(self, max_tokens: int | None, temperature: float | None) -> None:
+        if isinstance(self.sampling, dict):  # from JSON (the supervised child's --config-json)
+            self.sampling = SamplingParams.from_dict(self.sampling)
+        self.sampling = self.sampling.merged({"max_tokens": max_tokens, "temperature": temperature})
+
+
+LLMConfig.max_tokens = sampling_alias("max_tokens")  # type: ignore[assignment,method-assign]
+LLMConfig.temperature = sampling_alias("temperature")  # type: ignore[assignment,method-assign]

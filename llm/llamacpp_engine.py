@@ -114,9 +114,10 @@ class LlamaCppEngine(LLMEngine):
         body = {
             "messages": request.messages,
             "stream": True,
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
             "stream_options": {"include_usage": True},
+            # Every sampling field, in llama.cpp's names: nothing falls back
+            # to llama.cpp's own defaults (top_k 40, no repeat penalty, ...).
+            **request.sampling.to_llamacpp(self.config.context_tokens),
         }
 
         def on_chunk(chunk: Any) -> bool:

@@ -9,6 +9,16 @@ supervisor (llm/supervisor.py) runs as a child process, and an endpoint any
 OpenAI client (pipecat, the openai SDK, curl) can use for the same model the
 voice server embeds.
 
+Sampling: the chat-completions fields the engine honours are applied
+(temperature, top_p, max_tokens / max_completion_tokens, stop, seed,
+frequency_penalty, presence_penalty; vLLM's extras top_k, min_p,
+repetition_penalty; llama.cpp's dry_*), each defaulting to the server's
+``LLMConfig.sampling`` (flags, or the supervisor's ``--config-json``). What
+it cannot honour (n > 1, logit_bias, logprobs, tools, a non-text
+response_format, unknown fields) and out-of-range values get HTTP 400 in
+OpenAI's error shape, naming the field in ``error.param``: never a reply that
+silently ignored part of the request.
+
 A client that disconnects mid-stream aborts the generation inside the engine:
 aiohttp cancels the handler, which closes the engine's stream (llama.cpp drops
 the slot, vLLM aborts the request).
@@ -20,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import itertools
 import json
 import logging
@@ -28,55 +39,121 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from llm.base import GenerationRequest, LLMEngine
+from llm.base import EngineError, GenerationRequest, LLMEngine
 from llm.config import LLMConfig, SpeculationConfig
+from llm.sampling import SamplingError, SamplingParams, add_sampling_arguments, did_you_mean, sampling_from_args
 
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 
+# The environment variable that carries the bearer key the server requires
+# (the supervisor's random per-process key; unset: no key).
+ENGINE_KEY_ENV = "FIRSTLINE_ENGINE_KEY"
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
+    # OpenAI's error shape (clients read error.message; param names the field).
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return web.json_response(body, status=status)
 
 
-def _parse(body: Any, default_max_tokens: int) -> tuple[GenerationRequest, bool, bool]:
-    """The request body as a GenerationRequest; raises ValueError on bad input."""
+class BadRequest(ValueError):
+    """A request this server refuses (HTTP 400); ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# Fields read outside sampling: the conversation and how to send the reply.
+_PROTOCOL_FIELDS = frozenset({"messages", "stream", "stream_options"})
+# Accepted and without effect: routing and bookkeeping that change nothing
+# about the reply (one model is served, nothing is stored).
+_IGNORED_FIELDS = frozenset(
+    {"model", "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
+    | {"parallel_tool_calls"}  # without tools, nothing to run in parallel
+)
+
+
+def _text_format(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") == "text"
+
+
+# OpenAI features this server cannot honour: accepted only at their "off"
+# value (clients often send the default explicitly), a 400 otherwise, so a
+# client never gets a reply that silently ignored what it asked for.
+_ONLY_OFF: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v == 1, "must be 1: one choice per request"),
+    "logit_bias": (lambda v: not v, "is not supported"),
+    "logprobs": (lambda v: v is False, "is not supported (no log probabilities)"),
+    "top_logprobs": (lambda v: v == 0, "is not supported (no log probabilities)"),
+    "tools": (lambda v: v == [], "is not supported (no tool calling)"),
+    "functions": (lambda v: v == [], "is not supported (no tool calling)"),
+    "tool_choice": (lambda v: v in ("none", "auto"), "is not supported (no tool calling)"),
+    "function_call": (lambda v: v in ("none", "auto"), "is not supported (no tool calling)"),
+    "response_format": (_text_format, 'must be {"type": "text"} (no structured output)'),
+    "modalities": (lambda v: v == ["text"], 'must be ["text"] (text replies only)'),
+    "audio": (lambda v: False, "is not supported (text replies only)"),
+    "prediction": (lambda v: False, "is not supported (no predicted outputs)"),
+    "web_search_options": (lambda v: False, "is not supported"),
+    "reasoning_effort": (lambda v: False, "is not supported (not a reasoning model)"),
+}
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    """400 for a field this server cannot honour; unknown fields too, since
+    ignoring one (a typo, another server's extension) would answer a request
+    other than the one sent."""
+    sampling_fields = SamplingParams.openai_fields()
+    for name, value in body.items():
+        if name in _PROTOCOL_FIELDS or name in _IGNORED_FIELDS or name in sampling_fields or value is None:
+            continue
+        if name in _ONLY_OFF:
+            accepted, why = _ONLY_OFF[name]
+            if not accepted(value):
+                raise BadRequest(f"'{name}' {why}", name)
+            continue
+        known = sampling_fields | _PROTOCOL_FIELDS | _IGNORED_FIELDS | set(_ONLY_OFF)
+        raise BadRequest(f"unsupported field '{name}'{did_you_mean(name, known)}", name)
+
+
+def _parse(body: Any, defaults: SamplingParams) -> tuple[GenerationRequest, bool, bool]:
+    """The request body as a GenerationRequest sampled with ``defaults``
+    overridden by the body's sampling fields; raises BadRequest."""
     if not isinstance(body, dict):
-        raise ValueError("the body must be a JSON object")
+        raise BadRequest("the body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
+        raise BadRequest("'messages' must be a non-empty list", "messages")
     clean: list[dict[str, str]] = []
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ValueError("each message needs a string 'role'")
+            raise BadRequest("each message needs a string 'role'", "messages")
         content = m.get("content", "")
         if isinstance(content, list):  # content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
-            raise ValueError("message 'content' must be a string or a list of text parts")
+            raise BadRequest("message 'content' must be a string or a list of text parts", "messages")
         clean.append({"role": m["role"], "content": content})
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or default_max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError("'max_tokens' must be a positive integer")
-    temperature = body.get("temperature", 0.0)
-    if temperature is None:
-        temperature = 0.0
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-        raise ValueError("'temperature' must be a number")
-    stream = bool(body.get("stream", False))
+    _check_fields(body)
+    try:
+        sampling = defaults.from_openai(body)
+    except SamplingError as exc:
+        raise BadRequest(str(exc), exc.field) from None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool | None):
+        raise BadRequest("'stream' must be a boolean", "stream")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    request = GenerationRequest(
-        request_id=f"chatcmpl-{next(_ids)}", messages=clean, max_tokens=max_tokens, temperature=float(temperature)
-    )
-    return request, stream, include_usage
+    request = GenerationRequest(request_id=f"chatcmpl-{next(_ids)}", messages=clean, sampling=sampling)
+    return request, bool(stream), include_usage
 
 
 def _usage_body(request: GenerationRequest) -> dict[str, Any]:
@@ -90,24 +167,46 @@ def _usage_body(request: GenerationRequest) -> dict[str, Any]:
 
 
 def _finish_reason(request: GenerationRequest) -> str:
-    return "length" if request.usage.completion_tokens >= request.max_tokens else "stop"
+    return "length" if request.usage.completion_tokens >= request.sampling.max_tokens else "stop"
 
 
 class OpenAIServer:
     """The aiohttp application around one engine (started by :meth:`start`)."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, max_tokens: int = 96) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        model_name: str,
+        max_tokens: int | None = None,
+        sampling: SamplingParams | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
-        self.max_tokens = max_tokens
+        # Bearer key every /v1 request must carry (None: open, as a plain
+        # OpenAI-compatible server). The supervisor sets a random one per
+        # process so nothing else on the host can drive its engine child.
+        self.api_key = api_key
+        # What a request samples with for every field its body leaves out
+        # (the supervised child gets the voice server's LLMConfig.sampling).
+        self.sampling = (sampling or SamplingParams()).merged({"max_tokens": max_tokens})
         self.ready = False
         self.active = 0
         self.aborted = 0  # generations ended by a client disconnect
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
+    @web.middleware
+    async def _require_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        # /health stays open: it says only whether the engine is warm.
+        if self.api_key is not None and request.path != "/health":
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+                return _error(401, "missing or wrong API key", "authentication_error")
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4 << 20)
+        app = web.Application(client_max_size=4 << 20, middlewares=[self._require_key])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
@@ -133,9 +232,15 @@ class OpenAIServer:
             return _error(503, "model is loading", "unavailable")
         try:
             body = await http.json()
-            request, stream, include_usage = _parse(body, self.max_tokens)
         except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, str(exc))
+            return _error(400, f"the body is not valid JSON: {exc}")
+        try:
+            request, stream, include_usage = _parse(body, self.sampling)
+            self.engine.check_sampling(request.sampling)
+        except BadRequest as exc:
+            return _error(400, str(exc), param=exc.param)
+        except EngineError as exc:  # e.g. DRY asked of a vLLM engine
+            return _error(400, str(exc), param=getattr(exc.__cause__, "field", None))
         rid = http.headers.get("X-Request-Id")
         if rid:
             request.request_id = rid[:128]
@@ -275,11 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parallel", type=int, default=4, help="slots (llama.cpp) / max sequences (vLLM)")
     p.add_argument("--context-tokens", type=int, default=2048)
-    p.add_argument("--max-tokens", type=int, default=96, help="default when a request sets none")
+    p.add_argument("--max-tokens", type=int, default=None, help="default when a request sets none (96)")
     p.add_argument("--speculation", choices=["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"], default="none")
     p.add_argument("--speculative-tokens", type=int, default=4)
     p.add_argument("--draft-model", default=None)
     p.add_argument("--system-prompt", default=None, help="warm-up prompt (lands in the prefix cache)")
+    # Defaults for every field a request leaves out.
+    add_sampling_arguments(p)
     p.add_argument("--config-json", default=None, help="a whole LLMConfig as JSON (overrides the flags above)")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -287,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_json(text: str) -> LLMConfig:
     data = json.loads(text)
-    known = {f.name for f in dataclasses.fields(LLMConfig)}
+    # max_tokens / temperature: legacy spellings (init-only, not fields).
+    known = {f.name for f in dataclasses.fields(LLMConfig)} | {"max_tokens", "temperature"}
     spec = SpeculationConfig(**data.pop("speculation", {}))
     return LLMConfig(**{k: v for k, v in data.items() if k in known}, speculation=spec)
 
@@ -303,7 +411,7 @@ def config_from_args(args: argparse.Namespace) -> LLMConfig:
         threads=args.threads,
         parallel=args.parallel,
         context_tokens=args.context_tokens,
-        max_tokens=args.max_tokens,
+        sampling=sampling_from_args(args, max_tokens=args.max_tokens),
         speculation=SpeculationConfig(
             method=args.speculation, num_tokens=args.speculative_tokens, draft_model=args.draft_model
         ),
@@ -333,12 +441,16 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, config: LLMConfig) -> None:
     from llm.engines import build_local_engine
 
-    config = config_from_args(args)
     engine = build_local_engine(config)
-    server = OpenAIServer(engine, args.served_model_name or _model_name(config, engine), config.max_tokens)
+    # The key comes by environment, never argv (which `ps` shows to every user);
+    # popped so nothing this process starts inherits it.
+    api_key = os.environ.pop(ENGINE_KEY_ENV, None) or None
+    server = OpenAIServer(
+        engine, args.served_model_name or _model_name(config, engine), sampling=config.sampling, api_key=api_key
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -360,7 +472,12 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # a sampling flag out of range, bad --config-json
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
@@ -368,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args))
+    asyncio.run(serve(args, config))
     return 0
 
 

@@ -155,8 +155,9 @@ class RemoteEngine(LLMEngine):
             "messages": request.messages,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
+            # The whole sampling config, so the server samples exactly as an
+            # in-process engine would (vLLM extras only when they are set).
+            **request.sampling.to_openai(),
         }
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.first_token_timeout_s

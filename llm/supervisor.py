@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -32,7 +33,9 @@ from collections.abc import AsyncIterator, Callable
 
 from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, Usage
 from llm.config import LLMConfig
+from llm.openai_server import ENGINE_KEY_ENV
 from llm.remote_engine import RemoteEngine
+from llm.sampling import SamplingError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ class SupervisedEngine(LLMEngine):
         self.secondary = secondary
         self.host = host
         self.name = config.engine
+        # Sampling the child's engine cannot honour fails here, in the parent,
+        # with the reason (not as a child that exits while starting).
+        self.check_sampling(config.sampling)
         self.restarts = 0  # children started after the first one died
         self.crashes = 0  # children that died while they were meant to run
         self.secondary_requests = 0  # requests served by the secondary
@@ -87,6 +93,9 @@ class SupervisedEngine(LLMEngine):
         self._watcher: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # set on every up/down transition
         self._wake = asyncio.Event()  # cuts a restart backoff short
+        # Random per-process key the child requires on every /v1 request: its
+        # loopback port is reachable by anything on the host, the key is not.
+        self._key = secrets.token_urlsafe(32)
 
     # ---- state ---------------------------------------------------------
 
@@ -143,7 +152,7 @@ class SupervisedEngine(LLMEngine):
         """Start a child and wait until its /health answers 200."""
         if self._port is None:
             self._port = free_port(self.host)
-        env = {**os.environ, "FIRSTLINE_PARENT_PID": str(os.getpid())}
+        env = {**os.environ, "FIRSTLINE_PARENT_PID": str(os.getpid()), ENGINE_KEY_ENV: self._key}
         command = self.command(self._port)
         proc = await asyncio.create_subprocess_exec(*command, env=env, stdin=asyncio.subprocess.DEVNULL)
         self._proc = proc
@@ -153,6 +162,7 @@ class SupervisedEngine(LLMEngine):
             first_token_timeout_s=self.config.first_token_timeout_s,
             stall_timeout_s=self.config.stall_timeout_s,
             system_prompt=None,  # the child warmed itself with the system prompt
+            api_key=self._key,
         )
         deadline = time.monotonic() + self.config.child_start_timeout_s
         try:
@@ -249,6 +259,15 @@ class SupervisedEngine(LLMEngine):
         self.startup_s = time.perf_counter() - started
         log.info("supervised %s engine warm in %.2f s (pid %s)", self.config.engine, self.startup_s, self.pid)
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """What the child's engine would refuse (it answers such a request
+        with HTTP 400 too); the secondary, if any, is a remote server."""
+        if self.config.engine == "vllm":
+            try:
+                sampling.check_vllm(speculation=self.config.speculation.method != "none")
+            except SamplingError as exc:
+                raise EngineError(str(exc)) from exc
+
     def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         return self._stream(request)
 
@@ -312,4 +331,3 @@ class SupervisedEngine(LLMEngine):
         if self.secondary is not None:
             out["secondary"] = self.secondary.describe()
         return out
-

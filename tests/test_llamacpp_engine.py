@@ -1,11 +1,17 @@
-"""The embedded llama.cpp engine (the server's own, already warm)."""
+"""The embedded llama.cpp engine: the server's own (already warm, a supervised
+child), and one in this process for the sampling checks."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from llm.base import GenerationRequest
-from llm.config import DEFAULT_SYSTEM_PROMPT
+import pytest_asyncio
+
+from llm.base import GenerationRequest, LLMEngine
+from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig
+from llm.llamacpp_engine import LlamaCppEngine
+from llm.sampling import SamplingParams
 
 
 def _messages(question: str) -> list[dict[str, str]]:
@@ -47,3 +53,94 @@ async def test_cancel_frees_the_slot_and_the_next_request_works(server):
     requests = [GenerationRequest(f"after{i}", _messages("Say hello."), max_tokens=12) for i in range(n)]
     replies = await asyncio.wait_for(asyncio.gather(*(_collect(engine, r) for r in requests)), 60)
     assert all("".join(r).strip() for r in replies)
+
+
+# -- sampling: every field reaches llama.cpp ------------------------------------
+# These helpers observe each field's effect on real output (greedy output is
+# deterministic, a seeded sample reproducible), so a field llama.cpp did not
+# receive (a wrong name is silently ignored by it) fails. test_remote_engine.py
+# runs them through llm.openai_server too.
+
+REPEAT = "Repeat after me: apple apple apple apple apple apple apple apple"
+FRANCE = "What is the capital of France?"
+
+
+async def reply(engine: LLMEngine, question: str, **sampling: Any) -> tuple[str, GenerationRequest]:
+    request = GenerationRequest(f"s-{len(question)}", _messages(question), sampling=SamplingParams(**sampling))
+    return "".join(await _collect(engine, request)), request
+
+
+async def check_penalties(engine: LLMEngine, dry: bool = True) -> None:
+    """Greedy on a prompt that invites repetition: each penalty (and DRY,
+    where the engine has it) changes the reply, so each was applied."""
+    # (SmolLM2 on llama.cpp copies the apples; as bf16 on vLLM it apologises
+    # "I'm sorry ... I'm here to help": both have tokens to penalise.)
+    off = {"max_tokens": 16, "repetition_penalty": 1.0}  # no penalty at all (the default has one)
+    neutral, _ = await reply(engine, REPEAT, **off)
+    penalties = [("repetition_penalty", 1.5), ("frequency_penalty", 1.5), ("presence_penalty", 1.5)]
+    for field, value in penalties + ([("dry_multiplier", 3.0)] if dry else []):
+        extra = {"dry_allowed_length": 1} if field == "dry_multiplier" else {}
+        penalised, _ = await reply(engine, REPEAT, **{**off, field: value, **extra})
+        assert penalised != neutral, f"{field}={value} had no effect: {penalised!r}"
+
+
+async def check_truncation(engine: LLMEngine, min_p: bool = True) -> None:
+    """At temperature 2 a sample is noise; top_k 1, min_p 1 or a tiny top_p
+    each leave only the top token, so the reply is the greedy one."""
+    greedy, _ = await reply(engine, FRANCE, max_tokens=12)
+    hot, _ = await reply(engine, FRANCE, max_tokens=12, temperature=2.0, seed=7)
+    assert hot != greedy, "temperature 2 should not be greedy"
+    for field, value in [("top_k", 1), ("top_p", 0.0001)] + ([("min_p", 1.0)] if min_p else []):
+        cut, _ = await reply(engine, FRANCE, max_tokens=12, temperature=2.0, seed=7, **{field: value})
+        assert cut == greedy, f"{field}={value} not applied: {cut!r} vs greedy {greedy!r}"
+
+
+async def check_seed_stop_and_max_tokens(engine: LLMEngine) -> None:
+    first, _ = await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=11)
+    again, _ = await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=11)
+    assert first == again, "the same seed should give the same sample"
+    others = {(await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=s))[0] for s in (12, 13)}
+    assert others != {first}, "different seeds all gave the same sample"
+    greedy, _ = await reply(engine, FRANCE, max_tokens=24)
+    word = next(w for w in greedy.split()[1:] if len(w) >= 4 and w.isalpha())
+    cut, _ = await reply(engine, FRANCE, max_tokens=24, stop=["zzzz", word])
+    assert cut.rstrip() == greedy[: greedy.index(word)].rstrip(), (cut, word, greedy)
+    _, capped = await reply(engine, "Tell me a long story about a dragon.", max_tokens=5)
+    assert capped.usage.completion_tokens == 5
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def inprocess() -> LlamaCppEngine:
+    """llama.cpp in this process (the server fixture's engine is the
+    supervised child): starts in about a second. One thread: beside the
+    server's own engine on two shared cores, two threads spin-wait on each
+    other (measured: a 5-reply check took 116 s with two, under load)."""
+    engine = LlamaCppEngine(LLMConfig(isolation="inprocess", parallel=2, threads=1))
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+async def test_inprocess_penalties_and_dry_reach_llamacpp(inprocess) -> None:
+    await check_penalties(inprocess)
+
+
+async def test_inprocess_top_k_min_p_top_p_reach_llamacpp(inprocess) -> None:
+    await check_truncation(inprocess)
+
+
+async def test_inprocess_seed_stop_and_max_tokens(inprocess) -> None:
+    await check_seed_stop_and_max_tokens(inprocess)
+
+
+async def test_supervised_child_honours_sampling(server) -> None:
+    """The voice server's engine (llm.openai_server child under the
+    supervisor) gets a request's sampling too (every field through that
+    server: test_remote_engine.py); one field is shown here, kept short as
+    this engine is shared with the whole session."""
+    engine = server.runtime.engine
+    greedy, _ = await reply(engine, FRANCE, max_tokens=8)
+    cut, _ = await reply(engine, FRANCE, max_tokens=8, temperature=2.0, seed=7, top_k=1)
+    assert cut == greedy, (cut, greedy)
+    _, capped = await reply(engine, FRANCE, max_tokens=3, temperature=2.0, seed=7)
+    assert capped.usage.completion_tokens == 3

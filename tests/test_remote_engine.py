@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import aiohttp
@@ -14,8 +15,10 @@ import pytest_asyncio
 from llm.base import EngineError, EngineUnavailable, GenerationRequest
 from llm.config import DEFAULT_SYSTEM_PROMPT
 from llm.remote_engine import RemoteEngine, RemotePool, _score, normalize_base_url
+from llm.sampling import SamplingParams
 from llm.supervisor import free_port
 from tests.openai_servers import ServerProcess, start_servers
+from tests.test_llamacpp_engine import check_penalties, check_seed_stop_and_max_tokens, check_truncation
 
 STORY = "You are a storyteller. Always answer with a long story of many short sentences."
 
@@ -201,3 +204,53 @@ async def test_pool_with_every_replica_down_says_so():
     with pytest.raises(EngineUnavailable, match="no replica of the LLM pool is available"):
         await pool.start()
     await pool.close()
+
+
+# -- sampling through llm.openai_server (the supervised engine child) ----------
+
+
+async def test_every_sampling_field_reaches_the_engine_child(replicas):
+    """RemoteEngine sends the whole SamplingParams; llm.openai_server parses
+    it and its llama.cpp applies each field (observed in the output)."""
+    engine = RemoteEngine(replicas[0].url, system_prompt=None)
+    await engine.start()
+    try:
+        await check_penalties(engine)
+        await check_truncation(engine)
+        await check_seed_stop_and_max_tokens(engine)
+    finally:
+        await engine.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"n": 2}, "n", "'n' must be 1: one choice per request"),
+        ({"logit_bias": {"1": 5}}, "logit_bias", "'logit_bias' is not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "no tool calling"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "no structured output"),
+        ({"logprobs": True}, "logprobs", "no log probabilities"),
+        ({"mirostat": 2}, "mirostat", "unsupported field 'mirostat'"),
+        ({"temperature": 3}, "temperature", r"'temperature' must be in \[0, 2\], got 3"),
+        ({"top_k": -5}, "top_k", r"'top_k' must be an integer >= 0"),
+        ({"stop": ["a"] * 9}, "stop", "'stop' takes at most 8 strings"),
+    ],
+)
+async def test_openai_server_answers_400_for_what_it_cannot_honour(replicas, extra, param, message):
+    body = {"messages": _messages("Hi"), "max_tokens": 4, **extra}
+    async with aiohttp.ClientSession() as s, s.post(replicas[0].url + "/chat/completions", json=body) as r:
+        assert r.status == 400
+        error = (await r.json())["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == 400 and error["param"] == param
+    assert re.search(message, error["message"]), error
+
+
+async def test_remote_engine_reports_a_refused_field(replicas):
+    # The server vets values itself (any client may call it); RemoteEngine
+    # passes its answer on, field and range included.
+    engine = RemoteEngine(replicas[0].url, model="m", system_prompt=None)
+    request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=4))
+    object.__setattr__(request.sampling, "temperature", 5.0)  # past our validation, as another client might send
+    with pytest.raises(EngineError, match=r"answered HTTP 400: .*'temperature' must be in \[0, 2\], got 5"):
+        await _collect(engine, request)
+    await engine.close()

@@ -89,27 +89,56 @@ def test_bad_policies_are_refused() -> None:
 
 # ---- on a real call: the embedded model, real speech ----------------------------
 
-LOOP_PROMPT = (
-    "You are a broken robot. Whatever the caller says, reply only with the sentence "
-    "'I am a robot.' repeated twenty times."
-)
+STORY_PROMPT = "You are a storyteller. Always answer with a long story of many short sentences."
 
 
-async def test_a_looping_model_reply_is_cut_and_its_generation_aborted(call_url, phone_prompts):
+async def test_a_long_model_reply_is_cut_at_the_cap_and_its_generation_aborted(call_url, phone_prompts):
     from benchmarks.client import NativeCaller
     from tests.conftest import with_silence
+    from tests.fake_carrier import CallWatcher
 
     clip = phone_prompts[3]
-    async with NativeCaller(call_url) as caller:
-        await caller.start("mulaw", 8000, system_prompt=LOOP_PROMPT, options={"max_tokens": 200})
-        await caller.play(with_silence(clip.load(8000), 8000, 1.2), 8000, "mulaw", realtime=True, speed=4.0)
-        done = await caller.wait_for("response.done", timeout=60)
-        metrics = await caller.wait_for("turn.metrics", turn=done["turn"])
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("mulaw", 8000, system_prompt=STORY_PROMPT, options={"max_tokens": 200})
+            call = await watcher.one()
+            call.session.reply_policy = ReplyPolicy(max_sentences=1)  # one sentence: any story is cut
+            await caller.play(with_silence(clip.load(8000), 8000, 1.2), 8000, "mulaw", realtime=True, speed=4.0)
+            done = await caller.wait_for("response.done", timeout=60)
+            metrics = await caller.wait_for("turn.metrics", turn=done["turn"])
     sent = [e["text"] for e in caller.result.of("response.sentence")]
-    normalised = [" ".join(words_of(s)) for s in sent]
-    assert sent and len(normalised) == len(set(normalised)), sent
-    assert len(sent) <= ReplyPolicy().max_sentences
-    assert done["reply_end"] in (STOP_LOOP, STOP_LENGTH) and metrics["reply_end"] == done["reply_end"]
-    assert done["text"] == " ".join(sent)
-    # Aborted when the guard ended it, not run on to the 200-token cap.
+    assert len(sent) == 1, (sent, done)
+    assert done["reply_end"] == STOP_LENGTH and metrics["reply_end"] == STOP_LENGTH, (sent, done)
+    assert done["text"] == sent[0]
+    # Aborted when the policy ended it, not run on to the 200-token cap.
     assert done["usage"]["completion_tokens"] < 200, done["usage"]
+
+
+async def test_a_looping_reply_is_cut_on_the_wire(call_url):
+    """The same guard on the real reply path, with a reply that loops for
+    sure (a fixed greeting; the model's loops depend on its sampling)."""
+    from benchmarks.client import NativeCaller
+
+    looping = "Welcome to Acme. I'm just a chatbot. I'm just a chatbot. I'm just a chatbot."
+    async with NativeCaller(call_url) as caller:
+        await caller.start("pcm16", 16000, options={"greeting": looping})
+        done = await caller.wait_for("response.done", timeout=30, turn=1)
+    sent = [e["text"] for e in caller.result.of("response.sentence")]
+    assert sent == ["Welcome to Acme.", "I'm just a chatbot."], sent
+    assert done["reply_end"] == STOP_LOOP and done["text"] == " ".join(sent)
+
+
+async def test_bad_call_sampling_is_refused_at_start_by_field(call_url):
+    from benchmarks.client import NativeCaller
+
+    async with NativeCaller(call_url) as caller:
+        await caller.send_json({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000},
+                                "options": {"sampling": {"top_p": 3}}})  # fmt: skip
+        error = await caller.wait_for("error", timeout=10)
+        assert error["code"] == "invalid_sampling" and "top_p" in error["message"]
+    async with NativeCaller(call_url) as caller:
+        await caller.send_json({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000},
+                                "options": {"sampling": {"repeat_penalty": 1.2}}})  # fmt: skip
+        error = await caller.wait_for("error", timeout=10)
+        # The hint names the right field.
+        assert error["code"] == "invalid_sampling" and "repetition_penalty" in error["message"]

@@ -310,3 +310,45 @@ async def test_openai_sdk_text_item_then_response_create_is_answered(server):
             history = call.session.history.messages_so_far
     assert [m["role"] for m in history] == ["assistant", "user", "assistant"], history
     assert history[0]["content"] == greeting and history[2]["content"] == answer
+
+
+async def test_realtime_sampling_reaches_the_engine_and_is_reported(server, monkeypatch):
+    """Every sampling field set on session.update is in the request the
+    engine receives, and the session object reports the values in force."""
+    openai = pytest.importorskip("openai")
+    engine = server.runtime.engine
+    seen = []
+    real_stream = engine.stream
+
+    def spy(request):  # the real engine still answers; we only keep the request
+        seen.append(request)
+        return real_stream(request)
+
+    monkeypatch.setattr(engine, "stream", spy)
+    wanted = {"top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "frequency_penalty": 0.1,
+              "presence_penalty": 0.2, "dry_multiplier": 0.5, "stop": ["Goodbye"], "seed": 7}  # fmt: skip
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="test")
+    async with client.realtime.connect(model="firstline") as conn:
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 40,
+                                           "temperature": 0.3, "sampling": wanted})  # type: ignore[typeddict-unknown-key]  # fmt: skip
+        updated = None
+        async for event in conn:
+            if event.type == "session.updated":
+                updated = event.session
+                break
+        reported = updated.model_extra["sampling"] if updated.model_extra else None
+        assert reported is not None and reported["temperature"] == 0.3 and reported["top_p"] == 0.9, updated
+        assert updated.max_output_tokens == 40
+        await conn.response.create(response={"instructions": "Say hello."})
+        async for event in conn:
+            if event.type == "response.done":
+                break
+        await conn.send({"type": "session.update", "session": {"type": "realtime", "sampling": {"top_p": 7}}})
+        async for event in conn:
+            if event.type == "error":
+                assert "top_p" in event.error.message and event.error.code == "invalid_value"
+                break
+    request = next(r for r in seen if r.request_id.endswith("-t1"))
+    got = request.sampling.as_dict()
+    for key, value in {**wanted, "temperature": 0.3, "max_tokens": 40}.items():
+        assert got[key] == value, (key, got[key], value)

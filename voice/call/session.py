@@ -27,9 +27,14 @@ from typing import Any
 import numpy as np
 
 from asr.config import ASRConfig
+from asr.end_of_turn import SMART_TURN_POLICIES, decide_window, shared_smart_turn
 from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
+from llm.base import EngineError
+from llm.sampling import SamplingError, SamplingParams
 from streaming.codecs import StreamResampler, decode, int16_to_float
+from voice.call.audio_budget import AudioBudget, frame_seconds
+from voice.call.finals import OneFinalPerCall
 from voice.call.history import MAX_INSTRUCTIONS, ContextTooLarge, History, keep_heard
 from voice.call.start import ProtocolError, Start, check_audio_frame
 from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
@@ -54,6 +59,7 @@ class CallSession:
         self.asr_config: ASRConfig = runtime.config.asr
         self.max_tokens = runtime.config.llm.max_tokens
         self.reply_policy = runtime.config.reply
+        self.sampling: SamplingParams = runtime.config.llm.sampling
         self._start: Start | None = None
         self._resampler: StreamResampler | None = None
         self._tracker: TurnTracker | None = None
@@ -64,6 +70,11 @@ class CallSession:
         self._pending: Turn | None = None  # preemptive turn held behind its gate
         self._wasted = 0  # preemptive turns aborted since the last commit
         self._last_partial = ""
+        # End-of-turn inputs of the current pause (asr/end_of_turn.py): the
+        # word rules' window and Smart Turn's P(done), whichever is in first.
+        self._pause_id = 0  # bumped on every Paused / Resumed / TurnEnded: a late answer is dropped
+        self._eot_rule: float | None = None
+        self._eot_prob: float | None = None
         self._prefilling = False
         self._tasks: set[asyncio.Task[None]] = set()
         # (stream position in s at the end of a fed frame, monotonic arrival)
@@ -72,6 +83,14 @@ class CallSession:
         self._last_audio_at = 0.0  # monotonic arrival of the last frame
         # Audio frames and the silent-line filler feed the tracker in turn.
         self._feed_lock = asyncio.Lock()
+        # A call may not feed audio much faster than real time (the ASR worker
+        # is shared): voice/call/audio_budget.py; multiple 0 turns it off.
+        limits = getattr(runtime.config, "limits", None)
+        multiple = float(getattr(limits, "audio_rate_multiple", 0.0) or 0.0)
+        window_s = float(getattr(limits, "audio_rate_window_s", 5.0))
+        self._budget = AudioBudget(multiple, window_s) if multiple > 0 else None
+        # The shared ASR worker as this call's turns see it: one final queued at a time.
+        self._finals = OneFinalPerCall(runtime.asr)
 
     # ---- transport-facing API ------------------------------------------
 
@@ -95,6 +114,8 @@ class CallSession:
             self.asr_config = dataclasses.replace(self.asr_config, **overrides)
         if start.max_tokens:
             self.max_tokens = start.max_tokens
+        if start.sampling:
+            self.set_sampling(start.sampling)
         self._resampler = StreamResampler(start.sample_rate, ASR_RATE)
         self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
         if start.system_prompt:
@@ -136,6 +157,10 @@ class CallSession:
             raise ProtocolError("not_started", "audio before 'start'; send start first")
         check_audio_frame(payload, self._start.encoding)
         assert self._resampler is not None and self._tracker is not None
+        if self._budget is not None and not self._budget.spend(
+            frame_seconds(len(payload), self._start.encoding, self._start.sample_rate)
+        ):
+            return  # over budget, already reported: dropped
         pcm = decode(payload, self._start.encoding)  # type: ignore[arg-type]
         samples = self._resampler.process(int16_to_float(pcm))
         self._last_audio_at = time.monotonic()
@@ -226,6 +251,9 @@ class CallSession:
     # ---- turn handling -------------------------------------------------
 
     async def _on_event(self, ev: object, now: float) -> None:
+        if isinstance(ev, Paused | Resumed | TurnEnded):
+            self._pause_id += 1
+            self._eot_rule = self._eot_prob = None
         if isinstance(ev, SpeechStarted):
             await self.emit({"type": "speech.started", "audio_ms": round(ev.audio_s * 1000)})
             if self._active is not None and not self._active.task.done():
@@ -241,6 +269,10 @@ class CallSession:
 
     def _on_pause(self, ev: Paused) -> None:
         cfg = self.asr_config
+        if cfg.adaptive_endpoint and cfg.end_of_turn in SMART_TURN_POLICIES:
+            # Beside the pause decode, not after it: the model's ~0.1 s pass
+            # must land inside the pause's endpoint window.
+            self._spawn(self._smart_turn(ev.audio, self._pause_id))
         if cfg.preemptive:
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s))
             self._pending = Turn(
@@ -253,12 +285,28 @@ class CallSession:
                 audio_end_s=ev.speech_end_audio_s,
             )
         elif cfg.adaptive_endpoint and self._tracker is not None:
-            self._tracker.set_endpoint(endpoint_window(self._last_partial, cfg))
+            self._eot_rule = endpoint_window(self._last_partial, cfg)
+            self._tracker.set_endpoint(decide_window(cfg.end_of_turn, self._eot_rule, self._eot_prob, cfg))
 
     def _window(self, turn: Turn, seconds: float) -> None:
         # The pause decode is in: its words choose how long to wait.
         if self.asr_config.adaptive_endpoint and turn is self._pending and self._tracker is not None:
-            self._tracker.set_endpoint(seconds)
+            self._eot_rule = seconds
+            cfg = self.asr_config
+            self._tracker.set_endpoint(decide_window(cfg.end_of_turn, seconds, self._eot_prob, cfg))
+
+    async def _smart_turn(self, audio: np.ndarray, pause_id: int) -> None:
+        cfg = self.asr_config
+        model = shared_smart_turn(cfg.smart_turn_model)  # loaded at startup by the CLI; here a no-op
+        try:
+            probability = await asyncio.get_running_loop().run_in_executor(None, model.probability, audio)
+        except Exception:  # the word rules still decide; a model failure must not end the call
+            log.exception("smart turn failed; the word rules decide this pause")
+            return
+        if pause_id != self._pause_id or self._tracker is None:
+            return  # the caller resumed (or the turn ended) while the model ran
+        self._eot_prob = probability
+        self._tracker.set_endpoint(decide_window(cfg.end_of_turn, self._eot_rule, probability, cfg))
 
     def _abort_pending(self) -> None:
         if self._pending is not None:
@@ -297,10 +345,10 @@ class CallSession:
         return TurnContext(
             call_id=self.call_id,
             engine=runtime.engine,
-            asr=runtime.asr,
+            asr=self._finals,
             asr_config=self.asr_config,
             max_tokens=self.max_tokens,
-            temperature=runtime.config.llm.temperature,
+            sampling=self.sampling,
             sentence_max_words=runtime.config.sentence_max_words,
             reply_policy=self.reply_policy,
             previous_reply=self.history.last_reply(),
@@ -369,6 +417,21 @@ class CallSession:
 
     def messages(self, user_text: str | None, instructions: str | None = None) -> list[dict[str, str]]:
         return self.history.messages(user_text, instructions, self.prompt_budget())
+
+    def set_sampling(self, overrides: dict[str, Any]) -> None:
+        """This call's sampling from now on: the current values with
+        ``overrides`` applied. Raises ProtocolError (``invalid_sampling``,
+        naming the field) for a bad value or one the engine cannot honour."""
+        try:
+            sampling = self.sampling.merged(overrides)
+            self.runtime.engine.check_sampling(sampling)
+        except SamplingError as exc:
+            raise ProtocolError("invalid_sampling", f"sampling.{exc.field}: {exc}") from None
+        except EngineError as exc:
+            raise ProtocolError("invalid_sampling", str(exc)) from None
+        self.sampling = sampling
+        if "max_tokens" in overrides and overrides["max_tokens"] is not None:
+            self.max_tokens = sampling.max_tokens
 
     def prompt_budget(self, max_tokens: int | None = None) -> int:
         """Prompt tokens the model's context holds beside this call's reply."""

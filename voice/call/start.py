@@ -38,6 +38,8 @@ class Start:
     # The agent speaks first: this text, or a reply generated with these
     # instructions (default: the server's --greeting / --greeting-instructions).
     greeting: str | None = None
+    # Per-call sampling overrides (llm/sampling.py field names), checked at start.
+    sampling: dict[str, Any] | None = None
     greeting_instructions: str | None = None
 
 

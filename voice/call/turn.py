@@ -26,6 +26,7 @@ import numpy as np
 from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
 from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.sampling import SamplingParams
 from streaming.sentences import SentenceSegmenter
 from voice.call.reply_policy import SEND, ReplyGuard, ReplyPolicy, is_complete
 
@@ -34,6 +35,20 @@ if TYPE_CHECKING:
     from voice.server.tracing import TurnTracer
 
 log = logging.getLogger(__name__)
+
+# What a client is told when a turn fails: its code and a plain sentence.
+# The exception's own text (internal URLs, library messages) is for the
+# server log only; a caller, or whoever is behind a carrier, never sees it.
+PLAIN_ERRORS: dict[str, str] = {
+    "asr_failed": "speech recognition failed for this turn",
+    "llm_failed": "the reply could not be generated",
+    "llm_unavailable": "the language model is unavailable; try again in a moment",
+}
+
+
+def plain_error(code: str, turn: int) -> str:
+    return f"turn {turn}: {PLAIN_ERRORS.get(code, 'the turn failed')}"
+
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -78,7 +93,8 @@ class TurnContext:
     asr: ASRWorker
     asr_config: ASRConfig
     max_tokens: int
-    temperature: float
+    # The call's sampling: the server's defaults merged with its own options.
+    sampling: SamplingParams
     sentence_max_words: int
     reply_policy: ReplyPolicy
     # What the caller heard of the previous reply: the loop guard compares.
@@ -215,9 +231,10 @@ class Turn:
             if self.committed:
                 pending.add_done_callback(self._talked_over)
             raise
-        except Exception as exc:
+        except Exception:
+            log.exception("ASR failed on call %s turn %d", ctx.call_id, self.index)
             await self._gate.wait()
-            await ctx.emit({"type": "error", "code": "asr_failed", "message": f"turn {self.index}: {exc}"})
+            await ctx.emit({"type": "error", "code": "asr_failed", "message": plain_error("asr_failed", self.index)})
             return
         self.times.asr_final = time.monotonic()
         self.user_text = " ".join(filter(None, [self.carry_over, decoded.text])).strip()
@@ -243,7 +260,7 @@ class Turn:
             request_id=f"{ctx.call_id}-t{self.index}",
             messages=messages,
             max_tokens=ctx.max_tokens,
-            temperature=ctx.temperature,
+            sampling=ctx.sampling,
             session_key=ctx.call_id,  # a replica pool keeps the call on one replica
         )
         self.request = request
@@ -336,8 +353,8 @@ class Turn:
             "reply_end": self.reply_end,
         }
         with contextlib.suppress(Exception):
-            if failed is not None:
-                message = f"turn {self.index}: {failed}"
+            if failed is not None:  # the detail was logged where it happened
+                message = plain_error(self.error_code, self.index)
                 await ctx.emit({"type": "error", "code": self.error_code, "message": message})
             await ctx.emit(
                 {

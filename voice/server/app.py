@@ -9,7 +9,6 @@ process runs; ``/readyz`` answers 200 only once the models are warm. ``/``
 from __future__ import annotations
 
 import asyncio
-import hmac
 import http
 import json
 import logging
@@ -23,11 +22,14 @@ from websockets.protocol import State
 
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
-from voice.server.limits import SHUTDOWN, guard_of
+from voice.server.limits import CallEnd, guard_of
 from voice.server.metrics import CONTENT_TYPE
+from voice.server.registry import CallRegistry, CallTicket, parse_networks
 from voice.server.routes import NATIVE_PATH, WS_ROUTES
 from voice.server.runtime import Runtime
+from voice.server.signatures import SETTINGS_HEADER, SIGNATURE_HEADER, candidate_urls
 from voice.transports.audiosocket import start_audiosocket
+from voice.transports.carriers import twilio
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,15 @@ def page_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/"
 
 
+def _address_of(connection: ServerConnection) -> str | None:
+    """The peer's IP address (the proxy's, behind one)."""
+    try:
+        remote = connection.remote_address
+    except Exception:  # a transport already gone
+        return None
+    return str(remote[0]) if remote else None
+
+
 def _token_of(request: Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -131,13 +142,22 @@ class VoiceServer:
         self.audiosocket: asyncio.Server | None = None
         self.admission = AdmissionController(config.admission, config.max_calls)
         self.runtime.metrics.ttfs_listeners.append(self.admission.record_ttfs)
-        self.draining = False
-        # Connections admitted at the upgrade, until their handler ends. Counted
-        # here, not in the handler, so a burst of simultaneous upgrades cannot
+        # Auth, admission (one max_calls for every listener), per-address
+        # cap and drain: voice/server/registry.py.
+        self.registry = CallRegistry(self.runtime, self.admission, config)
+        # Websocket connections admitted at the upgrade -> their ticket. Counted
+        # there, not in the handler, so a burst of simultaneous upgrades cannot
         # all slip past max_calls before the first handler runs.
-        self._calls: set[ServerConnection] = set()
-        self._handlers: dict[ServerConnection, asyncio.Task[None]] = {}
+        self._tickets: dict[ServerConnection, CallTicket] = {}
         self._hurry = asyncio.Event()
+
+    @property
+    def draining(self) -> bool:
+        return self.registry.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.registry.draining = value
 
     @property
     def ready(self) -> bool:
@@ -146,13 +166,8 @@ class VoiceServer:
         return self.runtime.ready and not self.draining and self.runtime.llm_available
 
     def _live_calls(self) -> int:
-        # A closed socket is not a call any more: upgrades that failed after
-        # admission never reach a handler, and a handler whose socket closed
-        # has already released its session (transports stop the session
-        # before closing). Counting them would refuse a caller who redials
-        # the moment the last call hung up.
-        self._calls = {c for c in self._calls if c.state is not State.CLOSED}
-        return len(self._calls)
+        """Calls up on every listener (websockets and AudioSocket together)."""
+        return self.registry.live_calls()
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
@@ -176,36 +191,56 @@ class VoiceServer:
             return _demo_response(DEMO_FILES[path])
         if path not in WS_ROUTES:
             return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no route {path}; calls go to {NATIVE_PATH}"})
-        if self.config.auth_token is not None:
-            token = _token_of(request)
-            if token is None or not hmac.compare_digest(token.encode(), self.config.auth_token.encode()):
-                self.runtime.metrics.call_refused("unauthorized")
-                response = _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
-                response.headers["WWW-Authenticate"] = 'Bearer realm="firstline"'
-                return response
-        refusal: Refusal | None
-        if self.draining:
-            refusal = Refusal("draining", "server is shutting down", retry_after_s=5)
-        elif not self.runtime.ready:
-            refusal = Refusal("warming_up", "warming up", retry_after_s=5)
-        else:
-            refusal = self.admission.check(self._live_calls(), self.runtime.asr.queue_depth)
-        if refusal is not None:
-            self.runtime.metrics.call_refused(refusal.reason)
-            return _refused(refusal)
-        self._calls.add(connection)
-        self.runtime.metrics.call_admitted()
+        address = _address_of(connection)
+        if path == twilio.PATH and self.registry.twilio is not None:
+            # Twilio cannot send a bearer token; it signs the upgrade instead.
+            # Refused here, before the handshake, so no audio is ever read.
+            urls = candidate_urls(
+                request.path,
+                request.headers.get("Host"),
+                request.headers.get("X-Forwarded-Proto"),
+                self.config.public_url,
+            )
+            signature = request.headers.get(SIGNATURE_HEADER)
+            if not self.registry.twilio.valid(urls, signature, request.headers.get(SETTINGS_HEADER)):
+                why = "missing X-Twilio-Signature" if not signature else "X-Twilio-Signature does not match"
+                self.registry.unauthorized(path, address, why)
+                return _json_response(http.HTTPStatus.FORBIDDEN, {"error": "invalid Twilio signature"})
+        elif not self.registry.token_ok(_token_of(request)):
+            self.registry.unauthorized(path, address, "missing or wrong bearer token")
+            response = _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
+            response.headers["WWW-Authenticate"] = 'Bearer realm="firstline"'
+            return response
+        ticket = self.registry.admit(path, address, gone=lambda: connection.state is State.CLOSED)
+        if isinstance(ticket, Refusal):
+            return _refused(ticket)
+        ticket.stop = lambda end: self._end_ws(connection, end)
+        # An upgrade that fails after admission never reaches the handler
+        # that would pop its entry: forget those here.
+        self._tickets = {c: t for c, t in self._tickets.items() if c.state is not State.CLOSED}
+        self._tickets[connection] = ticket
         return None
+
+    def _end_ws(self, ws: ServerConnection, end: CallEnd) -> object:
+        guard = guard_of(ws)
+        if guard is not None:
+            guard.finish(end)  # the transport says goodbye, then closes (1001 on drain)
+            return None
+        # Transports without a guard just get the close frame; their handler
+        # sees the connection end like a hang-up.
+        return ws.close(end.code, end.text)
 
     async def _handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None
-        self._calls.add(ws)
-        self._handlers[ws] = asyncio.current_task()  # type: ignore[assignment]
+        ticket = self._tickets.pop(ws, None)
+        if ticket is None:  # not through _process_request (never in practice): count it anyway
+            ticket = self.registry.track(CallTicket(ws.request.path, _address_of(ws)))
+            ticket.stop = lambda end: self._end_ws(ws, end)
+        ticket.task = asyncio.current_task()
         try:
             await WS_ROUTES[ws.request.path.split("?", 1)[0]](ws, self.runtime)
         finally:
-            del self._handlers[ws]
-            self._calls.discard(ws)
+            self.registry.release(ticket)
 
     async def start(self) -> None:
         self._server = await serve(
@@ -222,7 +257,15 @@ class VoiceServer:
         if self._owns_runtime or not self.runtime.ready:
             await self.runtime.start()
         if self.config.audiosocket_port is not None:  # Asterisk AudioSocket: TCP, beside the websockets
-            self.audiosocket = await start_audiosocket(self.runtime, self.config.host, self.config.audiosocket_port)
+            host = self.config.audiosocket_host or self.config.host
+            allow = parse_networks(self.config.audiosocket_allow)
+            if not allow and self.config.auth_token is not None:
+                # AudioSocket carries no credential: with auth on, only an
+                # allow-list (--audiosocket-allow) or this host may connect.
+                allow = parse_networks(["127.0.0.1/32", "::1/128"])
+            self.audiosocket = await start_audiosocket(
+                self.runtime, host, self.config.audiosocket_port, registry=self.registry, allow=allow
+            )
 
     @property
     def port(self) -> int:
@@ -247,34 +290,7 @@ class VoiceServer:
         Readiness goes false at once so a load balancer stops routing here;
         the listener stays up meanwhile so /readyz and refusals still answer.
         """
-        self.draining = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.config.limits.drain_timeout_s if deadline_s is None else deadline_s)
-        log.info("draining: %d live calls, up to %.0f s", self._live_calls(), deadline - loop.time())
-        hurry = asyncio.ensure_future(self._hurry.wait())
-        try:
-            while self._live_calls() and not hurry.done() and (remaining := deadline - loop.time()) > 0:
-                # Handshakes admitted before the drain may still add handlers,
-                # hence the loop rather than one wait on a snapshot.
-                pending = {*self._handlers.values(), hurry}
-                await asyncio.wait(pending, timeout=min(remaining, 0.5), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            hurry.cancel()
-        left = dict(self._handlers)
-        if left:
-            log.info("drain deadline: ending %d calls", len(left))
-        bare: list[ServerConnection] = []
-        for ws in left:
-            guard = guard_of(ws)
-            if guard is not None:
-                guard.finish(SHUTDOWN)  # the transport says goodbye, then closes 1001
-            else:
-                bare.append(ws)
-        # Transports without a guard just get the close frame; their handler
-        # sees the connection end like a hang-up.
-        await asyncio.gather(*(ws.close(SHUTDOWN.code, SHUTDOWN.text) for ws in bare), return_exceptions=True)
-        if left:
-            await asyncio.wait(left.values(), timeout=self.config.limits.close_timeout_s + 1.0)
+        await self.registry.drain(self.config.limits.drain_timeout_s if deadline_s is None else deadline_s, self._hurry)
 
     async def serve_forever(self) -> None:
         await self.start()

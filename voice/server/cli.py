@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on 
 
 from asr.config import ASRConfig
 from llm.config import LLMConfig, SpeculationConfig
+from llm.sampling import add_sampling_arguments, sampling_from_args
 from voice.call.reply_policy import ReplyPolicy
 from voice.server.config import ServerConfig
 from voice.server.log_format import configure_logging
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="llama.cpp host-RAM prompt cache bound (MiB; 0: off)",
     )
     serve.add_argument("--max-tokens", type=int, default=96)
+    # --llm-temperature, --llm-repetition-penalty, ...: defaults for every reply (llm/sampling.py).
+    add_sampling_arguments(serve, prefix="llm-")
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument(
         "--reply-max-sentences",
@@ -104,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Latency techniques, each switchable so benchmarks/ttfs.py can compare.
     serve.add_argument("--no-preemptive", action="store_true", help="start ASR final + LLM only at the endpoint")
     serve.add_argument("--fixed-endpoint", action="store_true", help="fixed silence window, not adaptive")
+    serve.add_argument(
+        "--end-of-turn",
+        choices=["adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"],
+        default=_env("END_OF_TURN", ASRConfig.end_of_turn),
+        help="how a pause's window is chosen (asr/end_of_turn.py; benchmarks/end_of_turn.py compares them)",
+    )
+    serve.add_argument(
+        "--smart-turn-model",
+        default=_env("SMART_TURN_MODEL"),
+        help="Smart Turn v3.2 ONNX (default: installed pipecat-ai, or `python -m asr.end_of_turn --fetch`'s cache)",
+    )
     serve.add_argument("--no-incremental-prefill", action="store_true", help="don't prefill the LLM while speaking")
     serve.add_argument(
         "--asr-scheduler",
@@ -138,6 +152,62 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("AUTH_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on call upgrades (or FIRSTLINE_AUTH_TOKEN)",
     )
+    # Safe on the public internet (docs/security.md): one registry for every listener.
+    serve.add_argument(
+        "--max-calls-per-address",
+        type=int,
+        default=8,
+        help="concurrent calls from one source address, all listeners together (0: no cap)",
+    )
+    serve.add_argument(
+        "--per-address-exempt",
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="sources the per-address cap skips, e.g. your proxy (repeatable; default: loopback)",
+    )
+    serve.add_argument(
+        "--audiosocket-host",
+        default=None,
+        help="AudioSocket bind address (default 127.0.0.1: loopback unless told otherwise)",
+    )
+    serve.add_argument(
+        "--audiosocket-allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="source networks AudioSocket accepts (repeatable; default any, or this host only with --auth-token)",
+    )
+    serve.add_argument(
+        "--twilio-auth-token",
+        default=os.environ.get("TWILIO_AUTH_TOKEN"),
+        help="verify X-Twilio-Signature on /twilio upgrades with this account auth token (or TWILIO_AUTH_TOKEN)",
+    )
+    serve.add_argument(
+        "--public-url",
+        default=_env("PUBLIC_URL"),
+        help="the origin carriers connect to behind a proxy, e.g. https://voice.example.com (signatures use it)",
+    )
+    serve.add_argument(
+        "--carrier-secret",
+        default=_env("CARRIER_SECRET"),
+        help="require custom parameter firstline_secret=SECRET when a carrier stream starts "
+        "(or FIRSTLINE_CARRIER_SECRET)",
+    )
+    serve.add_argument(
+        "--audio-rate-multiple",
+        type=float,
+        default=8.0,
+        help="a call may send audio at most this many times faster than real time (0: no limit)",
+    )
+    serve.add_argument(
+        "--audio-rate-window-s", type=float, default=5.0, help="the audio rate is averaged over this many seconds"
+    )
+    serve.add_argument(
+        "--allow-custom-prompt",
+        action="store_true",
+        help="let carriers' custom parameters set the call's system_prompt (off: anyone who can call could)",
+    )
     serve.add_argument(
         "--no-demo",
         action="store_true",
@@ -154,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    try:
+        sampling = sampling_from_args(args, max_tokens=args.max_tokens)
+    except ValueError as exc:  # a sampling flag out of range, named in the message
+        raise SystemExit(f"firstline: {exc}") from None
     llm = LLMConfig(
         engine=args.engine,
         model=args.llm_model,
@@ -161,7 +235,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.llm_threads,
         parallel=args.llm_parallel,
         prompt_cache_ram_mib=args.llm_prompt_cache_mib,
-        max_tokens=args.max_tokens,
+        sampling=sampling,
         speculation=SpeculationConfig(
             method=args.speculation, num_tokens=args.speculative_tokens, draft_model=args.draft_model
         ),
@@ -184,10 +258,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         partials=not args.no_partials,
         preemptive=not args.no_preemptive,
         adaptive_endpoint=not args.fixed_endpoint,
+        end_of_turn=args.end_of_turn,
+        smart_turn_model=args.smart_turn_model,
         scheduler=args.asr_scheduler,
         batch_size=max(1, args.asr_batch_size),
         batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
     )
+    if asr.adaptive_endpoint and asr.end_of_turn != "adaptive":
+        # Load Smart Turn now: a missing model is a startup error, not a
+        # failure at the first caller's first pause.
+        from asr.end_of_turn import SmartTurnMissing, shared_smart_turn
+
+        try:
+            shared_smart_turn(asr.smart_turn_model)
+        except SmartTurnMissing as exc:
+            raise SystemExit(f"firstline: --end-of-turn {asr.end_of_turn}: {exc}") from None
     llm.incremental_prefill = not args.no_incremental_prefill
     config = ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)
     config.audiosocket_port = args.audiosocket_port
@@ -197,6 +282,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.admission.ttfs_target_ms = args.ttfs_target_ms or None
     config.admission.max_asr_queue = args.max_asr_queue or None
     config.auth_token = args.auth_token or None
+    config.max_calls_per_address = max(0, args.max_calls_per_address)
+    if args.per_address_exempt is not None:
+        config.per_address_exempt = list(args.per_address_exempt)
+    if args.audiosocket_host is not None:
+        config.audiosocket_host = args.audiosocket_host
+    config.audiosocket_allow = list(args.audiosocket_allow)
+    config.twilio_auth_token = args.twilio_auth_token or None
+    config.public_url = args.public_url or None
+    config.carrier_secret = args.carrier_secret or None
+    config.allow_custom_prompt = args.allow_custom_prompt
+    config.limits.audio_rate_multiple = max(0.0, args.audio_rate_multiple)
+    config.limits.audio_rate_window_s = max(0.1, args.audio_rate_window_s)
     config.otel_endpoint = args.otel_endpoint
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
@@ -214,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Secrets are scrubbed from every record by value (websockets logs headers at debug).
     configure_logging(
-        getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"), [getattr(args, "auth_token", "") or ""]
+        getattr(args, "log_level", "INFO"),
+        getattr(args, "log_format", "text"),
+        [getattr(args, name, "") or "" for name in ("auth_token", "twilio_auth_token", "carrier_secret")],
     )
     if args.command == "serve":
         from voice.server.app import VoiceServer

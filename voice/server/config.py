@@ -35,10 +35,33 @@ class ServerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     # Bearer token required on websocket upgrades (None: no auth; loopback bind).
     auth_token: str | None = None
+    # Twilio's account auth token: /twilio upgrades must carry a valid
+    # X-Twilio-Signature (HTTP 403 otherwise) instead of the bearer token.
+    twilio_auth_token: str | None = None
+    # The origin carriers connect to (https://voice.example.com) when a proxy
+    # sits in front; signatures are over that URL. None: from the Host header.
+    public_url: str | None = None
+    # Shared secret a carrier without upgrade signatures passes as the custom
+    # parameter ``firstline_secret``; checked at ``start`` (None: not required).
+    carrier_secret: str | None = None
+    # Whether a carrier's custom parameters may set the call's system prompt.
+    # Off: whoever can place a call could otherwise rewrite the agent.
+    allow_custom_prompt: bool = False
     # Voice for the audio transports (telephony, Realtime); text-only calls never load it.
     tts: TTSConfig = field(default_factory=TTSConfig)
     # Asterisk AudioSocket is raw TCP, so it gets its own listener (None: off; 0: any free port).
     audiosocket_port: int | None = None
+    # AudioSocket has no credentials on the wire: loopback unless told
+    # otherwise (None: same as ``host``), and an allow-list of source
+    # networks (CIDRs; empty: any, or loopback only when auth is on).
+    audiosocket_host: str | None = "127.0.0.1"
+    audiosocket_allow: list[str] = field(default_factory=list)
+    # Concurrent calls from one source address, all listeners together (0: no cap).
+    max_calls_per_address: int = 8
+    # Sources the per-address cap does not apply to: a reverse proxy or a
+    # carrier's media gateway carries every caller from one address. By
+    # default loopback (a proxy on this host, local tools and benchmarks).
+    per_address_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     # OpenTelemetry traces per turn (voice/tracing.py): off unless enabled.
     # Endpoint None with tracing on: the standard OTEL_EXPORTER_OTLP_* variables.
     tracing: bool = False

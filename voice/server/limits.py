@@ -46,6 +46,12 @@ class CallLimits:
     drain_timeout_s: float = 30.0
     # Bound on the close handshake with a peer that may never answer.
     close_timeout_s: float = 2.0
+    # Audio may arrive at most this many times faster than real time, averaged
+    # over audio_rate_window_s (a burst of multiple x window seconds of audio
+    # is fine); 0: no limit. Excess frames are dropped with an error; a call
+    # that keeps it up is closed (1008). voice/call/audio_budget.py.
+    audio_rate_multiple: float = 8.0
+    audio_rate_window_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class CallEnd:
 IDLE = CallEnd("idle_timeout", CLOSE_NORMAL, "idle timeout")
 SLOW_READER = CallEnd("slow_reader", CLOSE_POLICY, "client not reading")
 SHUTDOWN = CallEnd("server_shutdown", CLOSE_GOING_AWAY, "server shutting down")
+AUDIO_FLOOD = CallEnd("audio_rate_exceeded", CLOSE_POLICY, "audio faster than real time")
 
 # Connection -> its guard, so the server can end guarded calls the transport's
 # way (farewell event, then close) and fall back to a bare close otherwise.
@@ -70,21 +77,27 @@ def guard_of(ws: ServerConnection) -> CallGuard | None:
     return _guards.get(ws)
 
 
-class CallGuard:
-    def __init__(self, ws: ServerConnection, limits: CallLimits) -> None:
-        self.ws = ws
+class CallWatch:
+    """Idle timeout and server-initiated ends for one call on any listener
+    (the websocket guard below, AudioSocket's TCP stream): the owner calls
+    :meth:`touch` per message received; :meth:`finish` cancels the task that
+    entered the watch and records why in :attr:`end`."""
+
+    def __init__(self, limits: CallLimits) -> None:
         self.limits = limits
         self.end: CallEnd | None = None
         self._last_rx = time.monotonic()
         self._task: asyncio.Task[object] | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        _guards[ws] = self
 
-    async def __aenter__(self) -> CallGuard:
+    async def __aenter__(self) -> CallWatch:
         self._task = asyncio.current_task()
         self._last_rx = time.monotonic()
         if self.limits.idle_timeout_s > 0:
             self._watchdog = asyncio.create_task(self._watch_idle(), name="idle-watchdog")
+        if self.end is not None and self._task is not None:
+            # Ended (a drain) before the handler got here: do not start the call.
+            self._task.cancel()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -114,6 +127,26 @@ class CallGuard:
             return False
         task.uncancel()
         return True
+
+    async def _watch_idle(self) -> None:
+        idle = self.limits.idle_timeout_s
+        while True:
+            remaining = self._last_rx + idle - time.monotonic()
+            if remaining <= 0:
+                log.info("no frame for %.0f s: closing the call", idle)
+                self.finish(IDLE)
+                return
+            await asyncio.sleep(remaining)
+
+
+class CallGuard(CallWatch):
+    """A :class:`CallWatch` on a websocket, plus slow-reader protection on
+    the send side and a bounded close handshake."""
+
+    def __init__(self, ws: ServerConnection, limits: CallLimits) -> None:
+        super().__init__(limits)
+        self.ws = ws
+        _guards[ws] = self
 
     async def send(self, text: str | bytes) -> bool:
         """Send one frame; False when it was not sent (call over or client stuck)."""
@@ -145,13 +178,3 @@ class CallGuard:
                 await self.ws.close(code, text)
         except (TimeoutError, ConnectionClosed):
             self.ws.transport.abort()
-
-    async def _watch_idle(self) -> None:
-        idle = self.limits.idle_timeout_s
-        while True:
-            remaining = self._last_rx + idle - time.monotonic()
-            if remaining <= 0:
-                log.info("no frame for %.0f s: closing the call", idle)
-                self.finish(IDLE)
-                return
-            await asyncio.sleep(remaining)

@@ -24,7 +24,40 @@ REDACTED = "[redacted]"
 # websockets' debug log prints frame payloads ("< BINARY 7f ff ... [160 bytes]")
 # and TEXT frames; audio and transcripts of callers must not land in logs.
 _FRAME_LINE = re.compile(r"^[<>] (BINARY|TEXT|CONT)\b")
-_AUTH_HEADER = re.compile(r"(?i)^[<>] (authorization|cookie|x-api-key|proxy-authorization): ")
+_AUTH_HEADER = re.compile(
+    r"(?i)^[<>] (authorization|cookie|x-api-key|proxy-authorization|x-twilio-signature"
+    r"|x-twilio-webhooks-signature-settings): "
+)
+# A quoted snippet in a message about input (a repr of what the caller sent).
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
+
+
+def redact_quoted(text: str) -> str:
+    """``text`` with every quoted snippet (``'…'``, a repr of caller input:
+    a frame's start, an event name, a digit) replaced, for INFO/WARNING lines;
+    the full text belongs at DEBUG."""
+    return _QUOTED.sub("'…'", text)
+
+
+class WarningBudget:
+    """Malformed-input warnings per call: the first ``first`` are logged,
+    then silence, then one summary when the call ends. A client sending
+    garbage at 50 frames a second must not flood the log (or its disk)."""
+
+    def __init__(self, first: int = 3) -> None:
+        self.first = first
+        self.count = 0
+
+    def take(self) -> bool:
+        """Count one; True while it may still be logged."""
+        self.count += 1
+        return self.count <= self.first
+
+    def summary(self) -> str | None:
+        """The end-of-call line for the warnings not logged (None: none)."""
+        if self.count <= self.first:
+            return None
+        return f"{self.count} malformed messages in all, {self.count - self.first} not logged"
 
 
 def bind_call(call_id: str) -> None:

@@ -20,10 +20,12 @@ import struct
 import time
 import uuid
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from streaming.playout import OutFormat
 from voice.call.start import Start
+from voice.server.limits import CallEnd, CallWatch
 from voice.server.runtime import Runtime
 from voice.transports.telephony import MalformedMessage, TelephonyCall
 
@@ -44,7 +46,13 @@ class AudioSocketCall(TelephonyCall):
     echoes_marks = False
     lead_s = 0.2  # frames queued ahead of the 20 ms clock; barge-in drops at most this
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        runtime: Runtime,
+        watch: CallWatch | None = None,
+    ) -> None:
         super().__init__(runtime)
         self.reader = reader
         self.writer = writer
@@ -55,24 +63,39 @@ class AudioSocketCall(TelephonyCall):
         self.frames_written = 0
         self.silence_written = 0
         self._clock: asyncio.Task[None] | None = None
+        # Idle timeout and drain (the registry's); a silent TCP connection
+        # must not hold a call slot forever.
+        self.watch = watch or CallWatch(runtime.config.limits)
 
     async def serve(self) -> None:
         self.admit()
         reason = "carrier_closed"
+        watch = self.watch
         try:
-            while True:
-                header = await self.reader.readexactly(3)
-                kind, length = struct.unpack(">BH", header)
-                payload = await self.reader.readexactly(length) if length else b""
-                if kind == KIND_HANGUP:
-                    reason = "carrier_stop"
-                    break
-                try:
-                    await self.on_message(kind, payload)
-                except MalformedMessage as exc:
-                    log.warning("call %s (audiosocket): ignored message: %s", self.call_id, exc)
+            async with watch:
+                while True:
+                    header = await self.reader.readexactly(3)
+                    kind, length = struct.unpack(">BH", header)
+                    payload = await self.reader.readexactly(length) if length else b""
+                    watch.touch()
+                    if kind == KIND_HANGUP:
+                        reason = "carrier_stop"
+                        break
+                    try:
+                        await self.on_message(kind, payload)
+                    except MalformedMessage as exc:
+                        self.note_malformed(exc)
         except (asyncio.IncompleteReadError, ConnectionError):
             reason = "connection_lost"
+        except asyncio.CancelledError:
+            # The watch ended the call (idle, drain); any other cancellation is real.
+            if not watch.ended_by_guard():
+                raise
+            assert watch.end is not None
+            reason = watch.end.reason
+            # Tell Asterisk to hang up rather than just dropping the socket.
+            with contextlib.suppress(Exception):
+                self.writer.write(message(KIND_HANGUP))
         except Exception:
             log.exception("call %s (audiosocket) failed", self.call_id)
             reason = "internal_error"
@@ -85,6 +108,9 @@ class AudioSocketCall(TelephonyCall):
             with contextlib.suppress(Exception):
                 self.writer.close()
                 await self.writer.wait_closed()
+
+    def end_call(self, end: CallEnd) -> None:
+        self.watch.finish(end)
 
     async def on_message(self, kind: int, payload: bytes) -> None:
         if kind == KIND_UUID:
@@ -145,17 +171,63 @@ class AudioSocketCall(TelephonyCall):
         self.frames.clear()
 
 
-async def start_audiosocket(runtime: Runtime, host: str, port: int) -> asyncio.Server:
+class CallGate(Protocol):
+    """The server's call registry as this listener sees it
+    (voice/server/registry.py; a transport does not import the server)."""
+
+    async def serve_connection(
+        self,
+        listener: str,
+        address: str | None,
+        allow: Any,
+        call: Callable[[CallWatch], Awaitable[None]],
+        refuse: Callable[[str], Awaitable[None]],
+    ) -> None: ...
+
+
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
+    # No websocket 503 here: an error message, then hang up.
+    log.debug("audiosocket: refused (%s)", reason)
+    writer.write(message(KIND_ERROR, b"\x02") + message(KIND_HANGUP))
+    with contextlib.suppress(Exception):
+        await writer.drain()
+        # Half-close and wait (briefly) for the peer's close: closing with
+        # its UUID still unread would send a reset, and the peer might lose
+        # the error and hang-up that say why.
+        writer.write_eof()
+        async with asyncio.timeout(1.0):
+            while await reader.read(4096):
+                pass
+    with contextlib.suppress(Exception):
+        writer.close()
+        await writer.wait_closed()
+
+
+async def start_audiosocket(
+    runtime: Runtime, host: str, port: int, registry: CallGate | None = None, allow: Any = ()
+) -> asyncio.Server:
+    """Listen for AudioSocket. With ``registry`` (the server's) every
+    connection goes through its allow-list, admission, idle timeout and
+    drain; without one (tests driving the transport alone) only
+    ``max_calls`` on this listener is checked."""
+
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if peer else None
+
+        async def call(watch: CallWatch) -> None:
+            await AudioSocketCall(reader, writer, runtime, watch).serve()
+
+        if registry is not None:
+            await registry.serve_connection(
+                "audiosocket", address, list(allow), call, lambda reason: _refuse(reader, writer, reason)
+            )
+            return
         config: Any = runtime.config
         if not runtime.ready or runtime.active_calls >= config.max_calls:
-            # No websocket 503 here: an error message, then hang up.
-            writer.write(message(KIND_ERROR, b"\x02") + message(KIND_HANGUP))
-            with contextlib.suppress(Exception):
-                await writer.drain()
-                writer.close()
+            await _refuse(reader, writer, "at_capacity")
             return
-        await AudioSocketCall(reader, writer, runtime).serve()
+        await call(CallWatch(config.limits))
 
     server = await asyncio.start_server(on_connect, host, port)
     log.info("AudioSocket listening on %s:%d", host, server.sockets[0].getsockname()[1])

@@ -22,7 +22,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CallGuard
+from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CallEnd, CallGuard
 from voice.transports.telephony import MalformedMessage, TelephonyCall
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,15 @@ MAX_TEXT_FRAME = 64 * 1024
 
 class CallEnded(Exception):
     """The carrier said the call is over (stop): leave the read loop."""
+
+
+class CallRefused(CallEnded):
+    """The call may not go on (a wrong carrier secret): leave the read loop
+    and close with 1008 and a reason the carrier's logs will show."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(reason)
+        self.text = text
 
 
 def b64decode(value: object, what: str = "payload") -> bytes:
@@ -79,7 +88,6 @@ class WebSocketCall(TelephonyCall):
     def __init__(self, ws: ServerConnection, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ws = ws
-        self.malformed = 0
         # Idle timeout, slow-reader protection and drain, as on the native
         # protocol: a carrier that stops reading cannot pin memory or stall
         # the reply task, and a silent socket is a dead call.
@@ -98,6 +106,7 @@ class WebSocketCall(TelephonyCall):
         self.admit()
         await self.on_open()
         reason = self.closed_reason
+        refused: CallRefused | None = None
         guard = self.guard
         assert guard is not None, "serve() needs a connection"
         try:
@@ -110,9 +119,11 @@ class WebSocketCall(TelephonyCall):
                         else:
                             await self.on_text(frame)
                     except MalformedMessage as exc:
-                        self.malformed += 1
-                        log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, exc)
+                        self.note_malformed(exc)
                         await self.on_malformed(exc)
+        except CallRefused as refusal:
+            log.warning("call %s (%s): refused: %s", self.call_id, self.transport, refusal.text)
+            reason, refused = str(refusal), refusal
         except CallEnded as end:
             reason = str(end) or "carrier_stop"
         except ConnectionClosed:
@@ -131,10 +142,16 @@ class WebSocketCall(TelephonyCall):
         finally:
             await self.finish(reason)
         await self.on_ended(reason)
-        if guard.end is not None:
+        if refused is not None:
+            await guard.close(CLOSE_POLICY, refused.text)
+        elif guard.end is not None:
             await guard.close(guard.end.code, guard.end.text)
         else:
             await guard.close(CLOSE_NORMAL if reason != "internal_error" else CLOSE_INTERNAL, "")
+
+    def end_call(self, end: CallEnd) -> None:
+        if self.guard is not None:
+            self.guard.finish(end)
 
     async def on_open(self) -> None:
         """The connection is up, before the first frame (Realtime greets here)."""

@@ -29,8 +29,11 @@ from prometheus_client import Histogram
 
 from streaming.playout import OutFormat, Playout
 from streaming.tts import TextToSpeech, TTSError, shared_tts
+from voice.call.audio_budget import AudioFlood
 from voice.call.session import CallSession
 from voice.call.start import ProtocolError, Start
+from voice.server.limits import AUDIO_FLOOD, CallEnd
+from voice.server.log_format import WarningBudget, redact_quoted
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,9 @@ class TelephonyCall:
         self._done_turns: set[int] = set()
         self._heard_pending: dict[int, str] = {}
         self.barge_ins = 0
+        self.malformed = 0
+        # Malformed-input warnings: a few per call, then a summary at the end.
+        self._warnings = WarningBudget()
         self.finished = False
         self._counted = False
         # The session's events (deltas left out), for observers; bounded.
@@ -92,6 +98,18 @@ class TelephonyCall:
             observe(self)
 
     # ---- lifecycle -----------------------------------------------------
+
+    def end_call(self, end: CallEnd) -> None:
+        """End the call from the server side for ``end`` (the transport's
+        guard does it its way: farewell, close code)."""
+
+    def note_malformed(self, exc: Exception) -> None:
+        """Log an ignored message: the first few at WARNING without the
+        caller's content (quoted snippets redacted), everything at DEBUG."""
+        self.malformed += 1
+        if self._warnings.take():
+            log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, redact_quoted(str(exc)))
+        log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, exc)
 
     def admit(self) -> None:
         self.runtime.active_calls += 1
@@ -116,6 +134,9 @@ class TelephonyCall:
             raise MalformedMessage("media before start")
         try:
             await self.session.audio(payload)
+        except AudioFlood as exc:
+            log.warning("call %s (%s): %s; ending the call", self.call_id, self.transport, exc.message)
+            self.end_call(AUDIO_FLOOD)
         except ProtocolError as exc:
             raise MalformedMessage(exc.message) from None
 
@@ -124,6 +145,9 @@ class TelephonyCall:
         if self.finished:
             return
         self.finished = True
+        summary = self._warnings.summary()
+        if summary is not None:
+            log.warning("call %s (%s): %s", self.call_id, self.transport, summary)
         if self.playout is not None:
             await self.playout.close()
         await self.session.stop(reason)
@@ -146,7 +170,8 @@ class TelephonyCall:
             raise MalformedMessage(f"not a DTMF digit: {digit[:8]!r}")
         if not self.session.started:
             raise MalformedMessage("DTMF before start")
-        log.info("call %s: DTMF %s", self.call_id, digit)
+        # Digits are caller data (card numbers, PINs): never above DEBUG.
+        log.debug("call %s: DTMF %s", self.call_id, digit)
         self.session.dtmf(digit)
 
     # ---- wire hooks (subclasses) ----------------------------------------
@@ -203,7 +228,8 @@ class TelephonyCall:
         self.barge_ins += 1
         await self.send_clear()
         heard = playout.heard(turn)
-        log.info("call %s: barge-in on turn %d; caller heard %r", self.call_id, turn, heard)
+        log.info("call %s: barge-in on turn %d; caller heard %d chars", self.call_id, turn, len(heard))
+        log.debug("call %s: turn %d heard %r", self.call_id, turn, heard)
         if turn in self._done_turns:
             self.session.reply_heard(turn, heard)
         else:  # the session writes the turn's history when its reply task ends

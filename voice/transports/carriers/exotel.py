@@ -52,7 +52,10 @@ class ExotelCall(MarkStyleCall):
         if not isinstance(params, dict):
             params = {}
         out = OutFormat("pcm16", rate, chunk_bytes=chunk_bytes(rate))
-        await self.begin(start_from_parameters("pcm16", rate, {**params, "call_sid": start.get("call_sid")}), out)
+        await self.begin(
+            start_from_parameters("pcm16", rate, {**params, "call_sid": start.get("call_sid")}, self.runtime.config),
+            out,
+        )
 
     def _query_rate(self) -> int:
         """``wss://host/exotel?sample-rate=16000``: the applet's rate choice."""

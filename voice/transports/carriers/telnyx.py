@@ -91,7 +91,9 @@ class TelnyxCall(MarkStyleCall):
         if not isinstance(params, dict):
             params = {}
         await self.begin(
-            start_from_parameters(encoding, rate, {**params, "call_control_id": start.get("call_control_id")}),
+            start_from_parameters(
+                encoding, rate, {**params, "call_control_id": start.get("call_control_id")}, self.runtime.config
+            ),
             OutFormat(encoding, 8000, chunk_bytes=160),
         )
 

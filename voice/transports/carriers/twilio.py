@@ -57,7 +57,9 @@ class TwilioCall(MarkStyleCall):
             raise MalformedMessage("customParameters is not an object")
         self.events_channel = str(params.get("firstline_events", "")).lower() in ("1", "true", "yes")
         out = OutFormat("mulaw", 8000, chunk_bytes=160)
-        await self.begin(start_from_parameters(encoding, rate, {**params, "callSid": start.get("callSid")}), out)
+        await self.begin(
+            start_from_parameters(encoding, rate, {**params, "callSid": start.get("callSid")}, self.runtime.config), out
+        )
 
     async def on_media(self, msg: dict[str, Any]) -> None:
         media = obj(msg, "media")

@@ -20,8 +20,9 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 
 from streaming.playout import OutFormat
+from voice.call.audio_budget import AudioFlood
 from voice.call.start import ProtocolError, Start
-from voice.server.limits import SLOW_READER
+from voice.server.limits import AUDIO_FLOOD, SLOW_READER
 from voice.server.log_format import bind_call, bind_turn
 from voice.server.runtime import Runtime
 from voice.transports.media_json import CallEnded, WebSocketCall
@@ -50,6 +51,8 @@ class NativeCall(WebSocketCall):
             await self.session.audio(frame)
         except ProtocolError as exc:
             await self.report_error(exc.code, exc.message)
+            if isinstance(exc, AudioFlood):
+                self.end_call(AUDIO_FLOOD)
 
     async def on_text(self, frame: str) -> None:
         try:

@@ -113,6 +113,9 @@ def _parse_start(msg: dict[str, Any]) -> Start:
     reply_audio = options.get("reply_audio", False)
     if not isinstance(reply_audio, bool):
         raise ProtocolError("invalid_message", "'options.reply_audio' must be a boolean")
+    sampling = options.get("sampling")
+    if sampling is not None and (not isinstance(sampling, dict) or len(sampling) > 32):
+        raise ProtocolError("invalid_message", "'options.sampling' must be an object of sampling fields")
     greetings = {}
     for key in ("greeting", "greeting_instructions"):
         value = options.get(key)
@@ -130,6 +133,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         partials=partials,
         max_tokens=max_tokens,
         reply_audio=reply_audio,
+        sampling=sampling,
         greeting=greetings["greeting"],
         greeting_instructions=greetings["greeting_instructions"],
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from voice.call.start import ProtocolError
 from voice.transports.realtime.protocol import (
     BETA_FORMATS,
     GA_FORMATS,
@@ -54,6 +55,12 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
             call.session.check_instructions(new.instructions, new.max_output_tokens)
         except ValueError as exc:
             raise RealtimeError(str(exc), "context_too_large", "instructions") from None
+    overrides = sampling_overrides(update)
+    if overrides:
+        try:
+            call.session.set_sampling(overrides)
+        except ProtocolError as exc:
+            raise RealtimeError(exc.message, "invalid_value", "session.sampling") from None
     if call.session.started:
         old = call.settings
         locked = [
@@ -80,6 +87,21 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
     await call.send_event("session.updated", session=call.session_object())
 
 
+def sampling_overrides(update: dict[str, Any]) -> dict[str, Any]:
+    """Sampling asked for in a ``session.update``: ``temperature`` (as in
+    OpenAI's beta sessions) and firstline's ``sampling`` object (any field of
+    llm/sampling.py: top_p, repetition_penalty, stop, seed, …)."""
+    overrides: dict[str, Any] = {}
+    if "temperature" in update:
+        overrides["temperature"] = update["temperature"]
+    sampling = update.get("sampling")
+    if sampling is not None:
+        if not isinstance(sampling, dict):
+            raise RealtimeError("'sampling' must be an object of sampling fields", "invalid_value", "session.sampling")
+        overrides.update(sampling)
+    return overrides
+
+
 def session_object(call: RealtimeCall) -> dict[str, Any]:
     s = call.settings
     if call.beta:
@@ -97,8 +119,9 @@ def session_object(call: RealtimeCall) -> dict[str, Any]:
             "turn_detection": s.turn_detection,
             "tools": [],
             "tool_choice": "auto",
-            "temperature": 0.8,
-            "max_response_output_tokens": s.max_output_tokens or "inf",
+            "temperature": call.session.sampling.temperature,
+            "max_response_output_tokens": s.max_output_tokens or call.session.max_tokens,
+            "sampling": call.session.sampling.as_dict(),
         }
     return {
         "type": "realtime",
@@ -118,7 +141,9 @@ def session_object(call: RealtimeCall) -> dict[str, Any]:
         },
         "tools": [],
         "tool_choice": "auto",
-        "max_output_tokens": s.max_output_tokens or "inf",
+        "max_output_tokens": s.max_output_tokens or call.session.max_tokens,
+        # firstline's extension: every sampling value in force for this session.
+        "sampling": call.session.sampling.as_dict(),
     }
 
 

@@ -1,0 +1,617 @@
+"""Answer when the caller is done, not when they pause: end-of-turn candidates
+side by side on one labelled set of real pauses.
+
+The set (benchmarks/data/eot/pauses.json, no audio committed) holds both
+kinds of pause: ones that are NOT the end (mid-sentence, before an account
+number, between spelled letters or list items, after "and" / "um" / "so")
+and true ends (finished questions and statements, one-word answers).
+Recorded prompts are cut at a Whisper word boundary and a pause inserted
+there (as benchmarks/endpointing.py does); phone-style sentences the
+recordings lack are spoken by the embedded TTS at run time.
+
+Every candidate runs on the server's own TurnTracker: at each pause
+(``Paused``) the inputs it needs are computed for real on this machine (the
+Whisper pause decode, Smart Turn v3.2, the LLM's end-of-message
+probability) and the window they choose applies only once they would have
+finished (their measured time, in audio time), as in the server.
+
+Per candidate: false cut-offs (the turn ended inside a pause that was not
+the end), missed ends (at a true end it waited the 1.2 s maximum or
+longer), mean / p95 endpoint delay at true ends (last voiced chunk to turn
+end), and the decision's CPU cost per pause beyond the pause decode.
+
+    python -m benchmarks.end_of_turn [--smart-turn-model PATH] [--no-text-eot] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soxr
+
+from asr.config import ASRConfig
+from asr.end_of_turn import SmartTurn, decide_window
+from asr.endpointing import endpoint_window
+from asr.turns import CHUNK_S, Paused, Resumed, TurnEnded, TurnTracker
+from asr.vad import SileroVAD
+from asr.whisper import WhisperDecoder
+from benchmarks.corpus import asterisk_prompts, shared_clips, through_phone_line
+
+RATE = 16000
+FRAME = 320  # 20 ms, as callers send
+HERE = Path(__file__).resolve().parent
+SPEC = HERE / "data" / "eot" / "pauses.json"
+LEAD_S = 0.3
+TAIL_S = 3.6  # longer than pipecat's 3 s fallback, so every candidate ends the turn
+# SmolLM2's <|im_end|> (llama.cpp reports special tokens with empty text, so match the id).
+IM_END_ID = 2
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+@dataclasses.dataclass
+class Pause:
+    kind: str
+    start_s: float
+    end_s: float
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    text: str
+    end_kind: str
+    audio: np.ndarray
+    pauses: list[Pause]
+    final_start_s: float  # where the last piece of speech begins
+    built: str  # "aligned" (cut inside one recording/synthesis) or "spliced" (TTS pieces)
+
+
+# ---- building the set ------------------------------------------------------
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("-", " "))
+
+
+class Builder:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from faster_whisper import WhisperModel
+
+        from asr.models import embedded_whisper_dir
+
+        self.pauses_s: list[float] = spec["pauses_s"]
+        self._n = 0
+        self.aligner = WhisperModel(str(embedded_whisper_dir()), device="cpu", compute_type="int8", cpu_threads=2)
+        self._tts: Any = None
+
+    def _next_pause(self) -> float:
+        pause = self.pauses_s[self._n % len(self.pauses_s)]
+        self._n += 1
+        return pause
+
+    def _align(self, audio: np.ndarray) -> list[Any]:
+        segments, _ = self.aligner.transcribe(audio, language="en", word_timestamps=True, vad_filter=False)
+        return [w for s in segments for w in (s.words or [])]
+
+    def _stitch(self, pieces: list[np.ndarray], kinds: list[str]) -> tuple[np.ndarray, list[Pause], float]:
+        out = [np.zeros(int(LEAD_S * RATE), np.float32)]
+        pauses = []
+        pos = LEAD_S
+        for i, piece in enumerate(pieces):
+            out.append(piece)
+            pos += len(piece) / RATE
+            if i < len(kinds):
+                gap = self._next_pause()
+                pauses.append(Pause(kinds[i], pos, pos + gap))
+                out.append(np.zeros(int(gap * RATE), np.float32))
+                pos += int(gap * RATE) / RATE
+        final_start = pos - len(pieces[-1]) / RATE
+        out.append(np.zeros(int(TAIL_S * RATE), np.float32))
+        return np.concatenate(out), pauses, final_start
+
+    def _cut(self, audio: np.ndarray, words: list[Any], counts: list[int]) -> list[np.ndarray]:
+        cuts = [int((words[k - 1].end + words[k].start) / 2 * RATE) for k in counts]
+        return [audio[a:b] for a, b in zip([0, *cuts], [*cuts, len(audio)], strict=True)]
+
+    def recorded(self, item: dict[str, Any]) -> Case:
+        name = item["clip"]
+        if name.startswith("asterisk/"):
+            utt = next(u for u in asterisk_prompts(min_words=1) if u.name == name)
+        else:
+            utt = next(u for u in shared_clips() if u.name == name)
+        audio = through_phone_line(utt.load(8000))
+        words = self._align(audio)
+        counts = [p["after_words"] for p in item["pauses"]]
+        expected = item["text"].split("|")[0].split()
+        got = [w.word.strip() for w in words[: counts[0]]]
+        if [_words(w) for w in got] != [_words(w) for w in expected[: counts[0]]]:
+            print(f"  warning: {name}: Whisper's words differ from the spec ({' '.join(got)!r})")
+        pieces = self._cut(audio, words, counts)
+        full, pauses, final_start = self._stitch(pieces, [p["kind"] for p in item["pauses"]])
+        return Case(name, item["text"], item["end"], full, pauses, final_start, "aligned")
+
+    def _synth(self, text: str) -> np.ndarray:
+        if self._tts is None:
+            from hibari import Hibari
+
+            self._tts = Hibari(voice="heart", threads=1)
+        audio24 = np.asarray(self._tts(text), dtype=np.float32)
+        # What the server hears of a phone call: 8 kHz G.711 back to 16 kHz.
+        return _trim(through_phone_line(soxr.resample(audio24, 24000, 8000, quality="HQ")))
+
+    def spoken(self, item: dict[str, Any]) -> Case:
+        parts = [p.strip() for p in item["text"].split("|")]
+        kinds = [p["kind"] for p in item["pauses"]]
+        whole = self._synth(" ".join(parts))
+        words = self._align(whole)
+        counts = list(np.cumsum([len(_words(p)) for p in parts])[:-1])
+        spec_words = _words(" ".join(parts))
+        got = [x for w in words for x in _words(w.word)]
+        # One synthesis cut at word boundaries keeps natural mid-sentence
+        # prosody; when Whisper's words do not line up with the spec (digits
+        # written as numerals, letters run together) speak each piece alone,
+        # a comma on the non-final ones for continuation intonation.
+        aligned = (
+            len(got) == len(words)
+            and len(got) > max(counts, default=0)
+            and all(got[k - 1] == spec_words[k - 1] for k in counts)
+        )
+        if aligned:
+            pieces = self._cut(whole, words, [int(k) for k in counts])
+            built = "aligned"
+        else:
+            pieces = [
+                self._synth(p if i == len(parts) - 1 or p.endswith(",") else p + ",") for i, p in enumerate(parts)
+            ]
+            built = "spliced"
+        full, pauses, final_start = self._stitch(pieces, kinds)
+        return Case(item["id"], item["text"], item["end"], full, pauses, final_start, built)
+
+
+def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(audio) > threshold)
+    if not len(loud):
+        return audio
+    return audio[loud[0] : loud[-1] + int(0.05 * RATE)]
+
+
+def build_cases(limit: int | None) -> list[Case]:
+    spec = json.loads(SPEC.read_text())
+    builder = Builder(spec)
+    cases = []
+    items = [("recorded", x) for x in spec["recorded"]] + [("spoken", x) for x in spec["spoken"]]
+    if limit:
+        items = items[:: max(1, len(items) // limit)][:limit]
+    for source, item in items:
+        try:
+            cases.append(builder.recorded(item) if source == "recorded" else builder.spoken(item))
+        except StopIteration:
+            print(f"  skipped {item.get('clip')}: recording not on this machine")
+    return cases
+
+
+# ---- inputs computed at a pause ---------------------------------------------
+
+
+@dataclasses.dataclass
+class Inputs:
+    text: str
+    decode_s: float
+    smart_p: float | None = None
+    smart_s: float = 0.0
+    smart_cpu_s: float = 0.0
+    text_p: float | None = None
+    text_p_raw: float | None = None  # the same on Whisper's text as decoded (its final period kept)
+    text_s: float = 0.0
+    text_cpu_s: float = 0.0
+
+
+class TextEndOfTurn:
+    """P(<|im_end|>) right after the partial user text, from the embedded
+    SmolLM2 GGUF in-process (xllamacpp, one completion token, top-20 logprobs)."""
+
+    def __init__(self) -> None:
+        import xllamacpp
+
+        from llm.models import embedded_gguf_path
+
+        try:
+            from llm.config import LLMConfig
+
+            self.system = LLMConfig().system_prompt
+        except Exception:  # llm/ is being edited elsewhere; the prompt shape is what matters
+            self.system = "You are a helpful phone assistant."
+        params = xllamacpp.CommonParams()
+        params.model.path = str(embedded_gguf_path())
+        params.n_ctx = 2048
+        params.n_parallel = 1
+        params.cpuparams.n_threads = 1
+        params.cpuparams_batch.n_threads = 1
+        params.cache_prompt = True  # the system prompt is prefilled once, as in the server
+        params.verbosity = -1
+        self.server = xllamacpp.Server(params)
+
+    def probability(self, text: str, strip_period: bool = True) -> float:
+        # Whisper ends fragments with a period; the period would tell the LM
+        # the sentence is over, which is exactly what we don't know.
+        user = text.strip().rstrip(".,…").strip() if strip_period else text.strip()
+        prompt = f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>user\n{user}"
+        result = self.server.handle_completions({"prompt": prompt, "n_predict": 1, "n_probs": 20, "temperature": 0})
+        top = result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        for entry in top:
+            if entry["id"] == IM_END_ID:
+                return math.exp(entry["logprob"])
+        return 0.0  # not in the top 20: below every listed token, call it 0
+
+
+class Features:
+    """Inputs per pause audio, computed once and shared by all candidates."""
+
+    def __init__(self, decoder: WhisperDecoder, smart: SmartTurn | None, text_eot: TextEndOfTurn | None) -> None:
+        self.decoder = decoder
+        self.smart = smart
+        self.text_eot = text_eot
+        self._cache: dict[tuple[str, int], Inputs] = {}
+
+    def at(self, case: Case, audio: np.ndarray) -> Inputs:
+        key = (case.id, len(audio))
+        if key in self._cache:
+            return self._cache[key]
+        decoded = self.decoder.decode(audio)
+        inputs = Inputs(decoded.text, decoded.decode_s)
+        if self.smart is not None:
+            c0, t0 = time.process_time(), time.perf_counter()
+            inputs.smart_p = self.smart.probability(audio)
+            inputs.smart_s, inputs.smart_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        if self.text_eot is not None:
+            c0, t0 = time.process_time(), time.perf_counter()
+            inputs.text_p = self.text_eot.probability(decoded.text)
+            inputs.text_s, inputs.text_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+            inputs.text_p_raw = self.text_eot.probability(decoded.text, strip_period=False)
+        self._cache[key] = inputs
+        return inputs
+
+
+# ---- candidates -------------------------------------------------------------
+
+# A candidate turns a pause's inputs into window changes: (seconds after the
+# pause when it is known, window). Applied in order, like the session does.
+Updates = list[tuple[float, float]]
+
+
+@dataclasses.dataclass
+class Candidate:
+    name: str
+    config: ASRConfig
+    decide: Callable[[Inputs, ASRConfig], Updates] | None  # None: fixed window
+    cost: Callable[[Inputs], float]  # decision CPU beyond the pause decode (s)
+    needs: str = ""  # "smart", "text"
+
+
+def _adaptive(i: Inputs, cfg: ASRConfig) -> Updates:
+    return [(i.decode_s, endpoint_window(i.text, cfg))]
+
+
+def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
+    # The integrated code path: decide_window as each input arrives.
+    def decide(i: Inputs, cfg: ASRConfig) -> Updates:
+        arrivals = sorted([(i.decode_s, "rule"), (i.smart_s, "smart")])
+        rule: float | None = None
+        prob: float | None = None
+        out = []
+        for at, what in arrivals:
+            if what == "rule":
+                rule = endpoint_window(i.text, cfg)
+            else:
+                prob = i.smart_p
+            out.append((at, decide_window(policy, rule, prob, cfg)))
+        return out
+
+    return decide
+
+
+def _pipecat(i: Inputs, cfg: ASRConfig) -> Updates:
+    # pipecat's defaults: the model runs when VAD says stop (stop_secs 0.2);
+    # complete (P > 0.5) ends the turn there, otherwise 3 s of silence does.
+    assert i.smart_p is not None
+    return [(i.smart_s, 0.2 if i.smart_p > 0.5 else 3.0)]
+
+
+def _text(threshold: float, raw: bool = False) -> Callable[[Inputs, ASRConfig], Updates]:
+    def decide(i: Inputs, cfg: ASRConfig) -> Updates:
+        p = i.text_p_raw if raw else i.text_p
+        assert p is not None
+        window = cfg.endpoint_min_s if p >= threshold else cfg.endpoint_max_s
+        return [(i.decode_s + i.text_s, window)]
+
+    return decide
+
+
+def _smart_scaled(i: Inputs, cfg: ASRConfig) -> Updates:
+    # Pause length as the model's doubt: wait longer the less sure it is done.
+    assert i.smart_p is not None
+    return [(i.smart_s, cfg.endpoint_min_s + (1 - i.smart_p) * (cfg.endpoint_max_s - cfg.endpoint_min_s))]
+
+
+def _smart_and_text(threshold: float) -> Callable[[Inputs, ASRConfig], Updates]:
+    # Both must agree the caller is done: the audio hears a falling pitch,
+    # the LM knows "my number is" needs more words.
+    def decide(i: Inputs, cfg: ASRConfig) -> Updates:
+        assert i.smart_p is not None and i.text_p is not None
+        first = (i.smart_s, cfg.endpoint_min_s if i.smart_p >= cfg.smart_turn_threshold else cfg.endpoint_max_s)
+        done = i.smart_p >= cfg.smart_turn_threshold and i.text_p >= threshold
+        return [first, (i.decode_s + i.text_s, cfg.endpoint_min_s if done else cfg.endpoint_max_s)]
+
+    return decide
+
+
+def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate]:
+    zero: Callable[[Inputs], float] = lambda i: 0.0  # noqa: E731
+    smart_cost: Callable[[Inputs], float] = lambda i: i.smart_cpu_s  # noqa: E731
+    out = [
+        Candidate(f"fixed {w:.1f} s", ASRConfig(endpoint_silence_s=w, adaptive_endpoint=False), None, zero)
+        for w in (0.5, 0.7, 1.0)
+    ]
+    out.append(Candidate("adaptive words 0.3/0.7/1.2 (today)", ASRConfig(), _adaptive, zero))
+    if smart:
+        out += [
+            Candidate("smart turn v3.2, pipecat defaults (0.2 s / 3 s)", ASRConfig(), _pipecat, smart_cost, "smart"),
+            Candidate(
+                "smart_turn (0.3 / 1.2 s)",
+                ASRConfig(end_of_turn="smart_turn"),
+                _policy("smart_turn"),
+                smart_cost,
+                "smart",
+            ),
+            Candidate(
+                "smart_turn+rules",
+                ASRConfig(end_of_turn="smart_turn+rules"),
+                _policy("smart_turn+rules"),
+                smart_cost,
+                "smart",
+            ),
+            Candidate("smart turn x pause length (0.3 + (1-p) 0.9 s)", ASRConfig(), _smart_scaled, smart_cost, "smart"),
+            Candidate(
+                "smart_turn+rules, threshold 0.9",
+                ASRConfig(end_of_turn="smart_turn+rules", smart_turn_threshold=0.9),
+                _policy("smart_turn+rules"),
+                smart_cost,
+                "smart",
+            ),
+            Candidate(
+                "smart_turn_scaled+rules (rules veto, else 0.3 + (1-p) 0.9 s)",
+                ASRConfig(end_of_turn="smart_turn_scaled+rules"),
+                _policy("smart_turn_scaled+rules"),
+                smart_cost,
+                "smart",
+            ),
+        ]
+    if text:
+        out.append(
+            Candidate(
+                f"LLM P(<|im_end|>) >= {text_threshold:g}",
+                ASRConfig(),
+                _text(text_threshold),
+                lambda i: i.text_cpu_s,
+                "text",
+            )
+        )
+        out.append(
+            Candidate(
+                f"LLM P(<|im_end|>) >= {text_threshold:g}, Whisper's period kept",
+                ASRConfig(),
+                _text(text_threshold, raw=True),
+                lambda i: i.text_cpu_s,
+                "text",
+            )
+        )
+    if smart and text:
+        out.append(
+            Candidate(
+                f"smart turn AND LLM P >= {text_threshold:g}",
+                ASRConfig(),
+                _smart_and_text(text_threshold),
+                lambda i: i.smart_cpu_s + i.text_cpu_s,
+                "smart+text",
+            )
+        )
+    return out
+
+
+# ---- running one candidate on one case ----------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    cut: list[bool]  # per non-end pause
+    other_cuts: int  # turn ended inside the speech's own natural gaps
+    delay_s: float  # at the true end (inf: never ended)
+    pause_costs: list[float]
+
+
+def run_case(case: Case, cand: Candidate, vad: SileroVAD, features: Features, instant: bool = False) -> Outcome:
+    """``instant``: every input is known at the pause itself (decision quality
+    alone, as on a machine where the decode and the model take no time)."""
+    cfg = cand.config
+    tracker = TurnTracker(cfg, vad.stream())
+    pending: list[tuple[float, float]] = []  # (apply at stream position, window)
+    ends: list[tuple[float, float]] = []  # (turn end position, last voiced position)
+    costs: list[float] = []
+    for start in range(0, len(case.audio), FRAME):
+        position = (start + FRAME) / RATE
+        while pending and position >= pending[0][0]:
+            tracker.set_endpoint(pending.pop(0)[1])
+        for ev in tracker.feed(case.audio[start : start + FRAME]):
+            if isinstance(ev, Paused) and cand.decide is not None:
+                inputs = features.at(case, ev.audio)
+                pending = [(position + (0.0 if instant else at), window) for at, window in cand.decide(inputs, cfg)]
+                costs.append(cand.cost(inputs))
+            elif isinstance(ev, Resumed):
+                pending = []
+            elif isinstance(ev, TurnEnded):
+                pending = []
+                ends.append((tracker.position_s, ev.speech_end_audio_s))
+    cut = [any(p.start_s < t <= p.end_s + CHUNK_S for t, _ in ends) for p in case.pauses]
+    inside = [t for t, _ in ends if t <= case.final_start_s]
+    other = sum(1 for t in inside if not any(p.start_s < t <= p.end_s + CHUNK_S for p in case.pauses))
+    final = next(((t, v) for t, v in ends if t > case.final_start_s), None)
+    delay = final[0] - final[1] if final else math.inf
+    return Outcome(cut, other, delay, costs)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smart-turn-model", default=None, help="Smart Turn ONNX (default: installed pipecat / cache)")
+    parser.add_argument("--no-smart-turn", action="store_true")
+    parser.add_argument("--no-text-eot", action="store_true", help="skip the LLM end-of-message probability")
+    parser.add_argument("--text-threshold", type=float, default=0.1)
+    parser.add_argument("--limit", type=int, default=None, help="only this many items (a quick look)")
+    parser.add_argument("--output", default=str(HERE / "results" / "end_of_turn.json"))
+    ns = parser.parse_args()
+
+    t0 = time.perf_counter()
+    cases = build_cases(ns.limit)
+    n_pauses = sum(len(c.pauses) for c in cases)
+    print(
+        f"{len(cases)} turns: {n_pauses} pauses that are not the end, {len(cases)} true ends "
+        f"({sum(c.built == 'spliced' for c in cases)} spliced from TTS pieces); "
+        f"built in {time.perf_counter() - t0:.0f} s"
+    )
+    smart = None if ns.no_smart_turn else SmartTurn(ns.smart_turn_model)
+    text_eot = None
+    if not ns.no_text_eot:
+        try:
+            text_eot = TextEndOfTurn()
+        except Exception as exc:  # xllamacpp missing or too old: say so, measure the rest
+            print(f"  text end-of-turn skipped: {exc}")
+    features = Features(WhisperDecoder(ASRConfig()), smart, text_eot)
+    vad = SileroVAD()
+    max_s = ASRConfig().endpoint_max_s
+    rows = []
+    per_kind: dict[str, dict[str, list[bool]]] = {}
+    header = (
+        f"{'candidate':<62}{'false cut-off':>14}{'missed end':>11}{'mean delay':>11}"
+        f"{'p95 delay':>10}{'CPU ms/pause':>13}"
+    )
+    print(header)
+    cands = candidates(smart is not None, text_eot is not None, ns.text_threshold)
+    runs = [(cand, timing) for timing in ("measured", "instant") for cand in cands]
+    announced = False
+    for cand, timing in runs:
+        if timing == "instant" and cand.decide is None:
+            continue  # a fixed window has no inputs to wait for
+        if timing == "instant" and not announced:
+            print("decision quality alone (every input known at the pause, no compute time):")
+            announced = True
+        outcomes = [run_case(c, cand, vad, features, instant=timing == "instant") for c in cases]
+        cuts = [x for o in outcomes for x in o.cut]
+        delays = [o.delay_s for o in outcomes]
+        finite = [d for d in delays if math.isfinite(d)]
+        missed = sum(1 for d in delays if d >= max_s - 0.05) / len(delays)
+        costs = [x for o in outcomes for x in o.pause_costs]
+        row = {
+            "candidate": cand.name,
+            "timing": timing,
+            "end_of_turn": cand.config.end_of_turn,
+            "false_cutoff_rate": sum(cuts) / len(cuts),
+            "false_cutoffs": sum(cuts),
+            "other_cutoffs": sum(o.other_cuts for o in outcomes),
+            "missed_end_rate": missed,
+            "mean_delay_ms": statistics.fmean(finite) * 1000,
+            "p95_delay_ms": float(np.percentile(finite, 95)) * 1000,
+            "decision_cpu_ms_per_pause": statistics.fmean(costs) * 1000 if costs else 0.0,
+        }
+        rows.append(row)
+        kinds = per_kind.setdefault(f"{cand.name} [{timing}]", {})
+        for case, o in zip(cases, outcomes, strict=True):
+            for p, c in zip(case.pauses, o.cut, strict=True):
+                kinds.setdefault(p.kind, []).append(c)
+            kinds.setdefault(f"END:{case.end_kind}", []).append(o.delay_s >= max_s - 0.05)
+        print(
+            f"{cand.name:<62}{row['false_cutoff_rate']:>13.1%}{missed:>11.1%}{row['mean_delay_ms']:>9.0f}ms"
+            f"{row['p95_delay_ms']:>8.0f}ms{row['decision_cpu_ms_per_pause']:>13.0f}"
+        )
+    inputs = list(features._cache.values())
+    decode_ms = statistics.fmean(i.decode_s for i in inputs) * 1000
+    print(f"pause decode (shared by every adaptive candidate, needed for preemption anyway): {decode_ms:.0f} ms wall")
+    print("per kind (false cut-offs at non-end pauses; at END: share that waited >= 1.2 s):")
+    for name, kinds in per_kind.items():
+        if any(tag in name for tag in ("today", "rules", "pipecat", "AND")):
+            print(f"  {name}: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(kinds.items())))
+    detail = [
+        {
+            "case": c.id,
+            "text": c.text,
+            "built": c.built,
+            "end": c.end_kind,
+            "pauses": [dataclasses.asdict(p) for p in c.pauses],
+        }
+        for c in cases
+    ]
+    probes = [
+        {
+            "case": k[0],
+            "audio_s": round(k[1] / RATE, 3),
+            "text": v.text,
+            "smart_p": v.smart_p,
+            "text_p": v.text_p,
+            "text_p_raw": v.text_p_raw,
+            "decode_ms": round(v.decode_s * 1000, 1),
+            "smart_ms": round(v.smart_s * 1000, 1),
+            "text_ms": round(v.text_s * 1000, 1),
+        }
+        for k, v in features._cache.items()
+    ]
+    out = Path(ns.output)
+    out.parent.mkdir(exist_ok=True)
+    load = os.getloadavg()
+    out.write_text(
+        json.dumps(
+            {
+                "commit": _git_commit(),
+                "command": "python -m benchmarks.end_of_turn",
+                "machine": {"cpus": os.cpu_count(), "loadavg_at_end": load, "platform": platform.platform()},
+                "set": {
+                    "turns": len(cases),
+                    "non_end_pauses": n_pauses,
+                    "true_ends": len(cases),
+                    "spec": str(SPEC.relative_to(HERE.parent)),
+                },
+                "missed_end": f"waited >= {max_s} s (the longest window) at a true end",
+                "text_threshold": ns.text_threshold,
+                "rows": rows,
+                "per_kind": {n: {k: [sum(v), len(v)] for k, v in kinds.items()} for n, kinds in per_kind.items()},
+                "pause_decode_ms": decode_ms,
+                "cases": detail,
+                "probes": probes,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {out} (load average {load[0]:.1f} on {os.cpu_count()} cores); {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Per-call audio budget (voice/call/audio_budget.py): a call cannot feed
+audio much faster than real time; excess is dropped with an error, and a
+call that keeps it up is closed (1008)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from voice.call.audio_budget import AudioBudget, AudioFlood, AudioOverBudget, frame_seconds
+from voice.server.app import VoiceServer
+
+
+def test_bucket_refills_at_the_multiple_and_reports_once_per_episode() -> None:
+    budget = AudioBudget(multiple=2.0, window_s=1.0)  # holds 2 s of audio, refills 2 s per s
+    assert budget.spend(1.0, now=0.0) and budget.spend(1.0, now=0.0)
+    with pytest.raises(AudioOverBudget) as first:
+        budget.spend(0.5, now=0.0)
+    assert first.value.code == "audio_rate_exceeded" and not isinstance(first.value, AudioFlood)
+    assert budget.spend(0.5, now=0.0) is False  # same episode: dropped quietly
+    assert budget.spend(1.0, now=0.5)  # half a second later: 1 s of audio is back
+    with pytest.raises(AudioOverBudget):
+        budget.spend(0.5, now=0.5)  # a new episode is reported again
+    with pytest.raises(AudioFlood):
+        budget.spend(1.0, now=0.5)  # 2 s dropped in all, more than the bucket holds: the end
+    assert frame_seconds(320, "pcm16", 8000) == 0.02 and frame_seconds(160, "mulaw", 8000) == 0.02
+
+
+def test_real_time_audio_never_touches_the_budget() -> None:
+    budget = AudioBudget(multiple=1.5, window_s=2.0)
+    assert all(budget.spend(0.02, now=i * 0.02) for i in range(5000))  # 100 s at real time
+
+
+async def test_a_flooding_call_gets_an_error_then_is_closed(server: VoiceServer) -> None:
+    limits = server.runtime.config.limits
+    saved = limits.audio_rate_multiple, limits.audio_rate_window_s
+    limits.audio_rate_multiple, limits.audio_rate_window_s = 2.0, 1.0  # read when a call starts
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/call") as ws:
+            await ws.send(json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            frame = bytes(640)  # 20 ms of silence
+            events: list[dict] = []
+            try:
+                for _ in range(1000):  # 20 s of audio as fast as the socket takes it
+                    await ws.send(frame)
+                while True:
+                    msg = await ws.recv()
+                    if isinstance(msg, str):
+                        events.append(json.loads(msg))
+            except ConnectionClosed:
+                pass
+            assert ws.close_code == 1008 and ws.close_reason == "audio faster than real time"
+    finally:
+        limits.audio_rate_multiple, limits.audio_rate_window_s = saved
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors and errors[0]["code"] == "audio_rate_exceeded" and "2x real time" in errors[0]["message"]
+    assert events[-1] == {"type": "call.ended", "call_id": events[-1]["call_id"], "reason": "audio_rate_exceeded"}

@@ -1,0 +1,157 @@
+"""End of turn (asr/end_of_turn.py): the decision at a pause, with the real
+Whisper and Smart Turn models on committed cases spoken by the embedded TTS
+(benchmarks/data/eot/pauses.json), the missing-model error, and the
+session's pause hook setting the tracker's window."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from asr.config import ASRConfig
+from asr.end_of_turn import SmartTurn, SmartTurnMissing, decide_window, find_smart_turn_model
+from asr.endpointing import endpoint_window
+from asr.whisper import WhisperDecoder
+from benchmarks.end_of_turn import SPEC, Builder, Case
+from streaming.codecs import float_to_int16
+
+RATE = 16000
+CFG = ASRConfig(end_of_turn="smart_turn+rules")
+
+
+def _model_path() -> str:
+    try:
+        return str(find_smart_turn_model())
+    except SmartTurnMissing as exc:
+        pytest.skip(f"Smart Turn model not on this machine: {exc}")
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, Case]:
+    spec = json.loads(SPEC.read_text())
+    builder = Builder(spec)
+    wanted = {"tts-00", "tts-01", "tts-18"}  # account number, last four digits, a finished question
+    return {item["id"]: builder.spoken(item) for item in spec["spoken"] if item["id"] in wanted}
+
+
+@pytest.fixture(scope="module")
+def smart() -> SmartTurn:
+    return SmartTurn(_model_path())
+
+
+@pytest.fixture(scope="module")
+def decoder() -> WhisperDecoder:
+    return WhisperDecoder(ASRConfig())
+
+
+def _at_pause(case: Case, index: int | None, after_s: float = 0.1) -> np.ndarray:
+    """The turn's audio up to a pause (or the final end) plus ``after_s`` of
+    silence: 0.1 s is what the tracker hands over at ``Paused``."""
+    end = case.pauses[index].start_s if index is not None else case.final_start_s + _speech_len(case)
+    return case.audio[: int((end + after_s) * RATE)]
+
+
+def _speech_len(case: Case) -> float:
+    tail = case.audio[int(case.final_start_s * RATE) :]
+    loud = np.flatnonzero(np.abs(tail) > 0.01)
+    return (loud[-1] + 1) / RATE if len(loud) else 0.0
+
+
+def _decide(audio: np.ndarray, smart: SmartTurn, decoder: WhisperDecoder) -> tuple[float, float, str]:
+    text = decoder.decode(audio).text
+    probability = smart.probability(audio)
+    return decide_window(CFG.end_of_turn, endpoint_window(text, CFG), probability, CFG), probability, text
+
+
+def test_digit_string_pauses_are_not_the_end(cases: dict[str, Case], smart: SmartTurn, decoder: WhisperDecoder) -> None:
+    # "my account number is | four five two nine one", "the last four digits are seven seven | zero three"
+    for case_id, index in (("tts-00", 0), ("tts-01", 0), ("tts-01", 1)):
+        window, probability, text = _decide(_at_pause(cases[case_id], index), smart, decoder)
+        assert window == CFG.endpoint_max_s, (case_id, index, text, probability)
+
+
+def test_a_finished_question_is_the_end(cases: dict[str, Case], smart: SmartTurn, decoder: WhisperDecoder) -> None:
+    window, probability, text = _decide(_at_pause(cases["tts-18"], None), smart, decoder)
+    assert probability >= CFG.smart_turn_threshold, text
+    assert window == CFG.endpoint_min_s, (text, probability)
+
+
+def test_decide_window_table() -> None:
+    cfg = CFG
+    lo, mid, hi = cfg.endpoint_min_s, cfg.endpoint_unsure_s, cfg.endpoint_max_s
+    # Before anything is known: the unsure window, as today.
+    assert decide_window("smart_turn+rules", None, None, cfg) == mid
+    # The model is in first: "done" waits for the words, "not done" waits long.
+    assert decide_window("smart_turn+rules", None, 0.9, cfg) == mid
+    assert decide_window("smart_turn+rules", None, 0.1, cfg) == hi
+    # Words before the model: a veto holds, a finished sentence waits for the model.
+    assert decide_window("smart_turn+rules", hi, None, cfg) == hi
+    assert decide_window("smart_turn+rules", lo, None, cfg) == mid
+    # A continuation word / bare number overrides a "done" model.
+    assert decide_window("smart_turn+rules", hi, 0.99, cfg) == hi
+    assert decide_window("smart_turn+rules", mid, 0.9, cfg) == lo
+    assert decide_window("smart_turn+rules", lo, 0.1, cfg) == mid
+    assert decide_window("smart_turn+rules", mid, 0.1, cfg) == hi
+    # The model alone ignores the words; adaptive ignores the model.
+    assert decide_window("smart_turn", hi, 0.99, cfg) == lo
+    assert decide_window("adaptive", lo, 0.0, cfg) == lo
+    # Scaled: the window grows with the model's doubt, under the same veto.
+    assert decide_window("smart_turn_scaled+rules", mid, 1.0, cfg) == lo
+    assert decide_window("smart_turn_scaled+rules", mid, 0.0, cfg) == hi
+    assert decide_window("smart_turn_scaled+rules", hi, 1.0, cfg) == hi
+
+
+def test_missing_model_is_a_clear_error(tmp_path: object) -> None:
+    with pytest.raises(SmartTurnMissing, match="--fetch"):
+        find_smart_turn_model("/nonexistent/smart-turn.onnx")
+    from voice.server.cli import build_parser, config_from_args
+
+    argv = ["serve", "--end-of-turn", "smart_turn", "--smart-turn-model", "/nonexistent.onnx"]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(SystemExit, match=r"smart-turn-v3\.2-cpu\.onnx not found"):
+        config_from_args(args)
+    # The default never needs the model.
+    assert config_from_args(build_parser().parse_args(["serve"])).asr.end_of_turn == "adaptive"
+
+
+async def test_pause_hook_sets_the_window(server: object, cases: dict[str, Case]) -> None:
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+
+    model = _model_path()
+
+    async def emit(event: dict[str, object]) -> None:
+        return None
+
+    async def window_at(audio: np.ndarray) -> float:
+        session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
+        # No silent-line filler: the test decides how much silence the tracker hears.
+        session.asr_config = dataclasses.replace(
+            server.runtime.config.asr,  # type: ignore[attr-defined]
+            end_of_turn="smart_turn+rules",
+            smart_turn_model=model,
+            silent_line_s=0.0,
+        )
+        await session.start(Start(encoding="pcm16", sample_rate=RATE))
+        pcm = float_to_int16(audio).tobytes()
+        for i in range(0, len(pcm), 640):
+            await session.audio(pcm[i : i + 640])
+        try:
+            for _ in range(200):  # both inputs of the pause: the decode's words and the model
+                if session._eot_rule is not None and session._eot_prob is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert session._eot_rule is not None and session._eot_prob is not None
+            assert session._tracker is not None
+            return session._tracker.endpoint_s
+        finally:
+            await session.stop()
+
+    # 0.25 s of silence: enough for Paused, short of every window, so the
+    # turn is still open when the window is read.
+    assert await window_at(_at_pause(cases["tts-00"], 0, after_s=0.25)) == CFG.endpoint_max_s
+    assert await window_at(_at_pause(cases["tts-18"], None, after_s=0.25)) == CFG.endpoint_min_s

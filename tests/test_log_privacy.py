@@ -1,0 +1,95 @@
+"""Caller data out of logs, internals out of replies: no DTMF digits or
+frame snippets at INFO/WARNING, malformed-input warnings capped per call,
+and turn errors that tell the client a code and a plain sentence while the
+detail (an internal URL, a library's message) stays in the server log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+from websockets.asyncio.client import connect
+
+from benchmarks.client import NativeCaller
+from llm.base import EngineError
+from tests.conftest import with_silence
+from tests.fake_carrier import CallWatcher
+from voice.call.turn import plain_error
+from voice.server.app import VoiceServer
+from voice.server.log_format import WarningBudget, redact_quoted
+
+INTERNAL = "stream from LLM server http://127.0.0.1:40123/v1 cut mid-reply (ClientPayloadError: Response payload)"
+
+
+def loud(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Every captured line at INFO and above."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+
+
+def test_redaction_and_the_warning_budget() -> None:
+    assert redact_quoted("not JSON: 'card 4111 1111'") == "not JSON: '…'"
+    assert redact_quoted('unknown event "dance" of 3 B') == "unknown event '…' of 3 B"
+    budget = WarningBudget(first=3)
+    assert [budget.take() for _ in range(5)] == [True, True, True, False, False]
+    assert budget.summary() == "5 malformed messages in all, 2 not logged"
+    assert WarningBudget().summary() is None
+
+
+async def test_digits_and_malformed_frames_stay_out_of_info_logs(server: VoiceServer, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    start = {
+        "streamSid": "MZ1",
+        "callSid": "CA1",
+        "customParameters": {},
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+    }
+    with CallWatcher() as watcher:
+        async with connect(f"ws://127.0.0.1:{server.port}/twilio") as ws:
+            await ws.send(json.dumps({"event": "start", "start": start, "streamSid": "MZ1"}))
+            call = await watcher.one()
+            async with asyncio.timeout(30):
+                while not call.session.started:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            for digit in "4111":
+                await ws.send(json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"digit": digit}}))
+            for i in range(10):
+                await ws.send(f"my card is 5500-{i:04d}")  # not JSON: a frame snippet in the detail
+            async with asyncio.timeout(10):
+                while call.malformed < 10:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+        async with asyncio.timeout(10):
+            while not call.finished:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    lines = loud(caplog)
+    assert not [line for line in lines if "5500-" in line or "DTMF" in line], lines
+    ignored = [line for line in lines if "ignored message" in line]
+    assert len(ignored) == 3, ignored  # the first three, then silence...
+    assert any("10 malformed messages in all, 7 not logged" in line for line in lines)  # ...and one summary
+    # The detail is there for whoever turns DEBUG on.
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("5500-0009" in line for line in debug) and any("DTMF 4" in line for line in debug)
+
+
+async def test_an_engine_failure_reaches_the_client_as_a_plain_message(
+    server: VoiceServer, call_url: str, phone_prompts, monkeypatch, caplog
+) -> None:
+    engine = server.runtime.engine
+
+    async def broken_stream(request):
+        raise EngineError(INTERNAL)
+        yield  # an async generator, like the real one
+
+    monkeypatch.setattr(engine, "stream", broken_stream)
+    caplog.set_level(logging.INFO)
+    async with NativeCaller(call_url) as caller:
+        await caller.start("mulaw", 8000, options={"partials": False})
+        clip = phone_prompts[2]
+        await caller.play(with_silence(clip.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+        err = await caller.wait_for("error", timeout=60)
+    assert err["code"] == "llm_failed"
+    assert err["message"] == plain_error("llm_failed", 1) == "turn 1: the reply could not be generated"
+    assert "127.0.0.1" not in json.dumps(err) and "ClientPayloadError" not in json.dumps(err)
+    # The server's log keeps what happened.
+    assert any(INTERNAL in (r.exc_text or "") or INTERNAL in str(r.exc_info) for r in caplog.records)

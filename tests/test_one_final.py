@@ -1,0 +1,66 @@
+"""At most one queued final per call (voice/call/finals.py): a call's next
+final reaches the shared ASR worker only once its previous one is done, and
+of those waiting only the newest is kept."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from voice.call.finals import OneFinalPerCall
+
+
+class FakeWorker:
+    """Records submissions; the test settles the futures."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, bool, asyncio.Future[Any]]] = []
+        self.queue_depth = 0
+
+    def submit(self, call_id: str, audio: np.ndarray, final: bool) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.jobs.append((call_id, final, future))
+        return future
+
+    def finals(self) -> list[asyncio.Future[Any]]:
+        return [f for _, final, f in self.jobs if final]
+
+
+async def test_finals_of_one_call_reach_the_worker_one_at_a_time() -> None:
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    audio = np.zeros(160, np.float32)
+    first = asr.submit("c", audio, final=True)
+    second = asr.submit("c", audio, final=True)
+    third = asr.submit("c", audio, final=True)  # supersedes the second while both wait
+    partial = asr.submit("c", audio, final=False)  # partials are not held
+    assert len(worker.finals()) == 1 and not partial.done() and asr.queue_depth == 0
+    assert second.cancelled() and asr.superseded == 1
+    worker.finals()[0].set_result("one")
+    await asyncio.sleep(0)
+    assert await first == "one"
+    assert len(worker.finals()) == 2  # now the newest waiting one is handed over
+    worker.finals()[1].set_result("three")
+    assert await third == "three"
+    # With nothing queued, a final goes straight through.
+    fourth = asr.submit("c", audio, final=True)
+    assert len(worker.finals()) == 3 and fourth is worker.finals()[2]
+
+
+async def test_a_waiting_final_given_up_is_never_decoded_and_errors_pass_through() -> None:
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    audio = np.zeros(160, np.float32)
+    asr.submit("c", audio, final=True)
+    waiting = asr.submit("c", audio, final=True)
+    waiting.cancel()
+    worker.finals()[0].set_result("done")
+    await asyncio.sleep(0)
+    assert len(worker.finals()) == 1  # the cancelled one never reached the worker
+    failing = asr.submit("c", audio, final=True)
+    worker.finals()[1].set_exception(RuntimeError("decoder fault"))
+    with pytest.raises(RuntimeError):
+        await failing

@@ -1,0 +1,175 @@
+"""One call registry for every listener (voice/server/registry.py): websocket
+calls and AudioSocket calls share one max_calls, one per-address cap, the
+AudioSocket allow-list, idle timeout and drain. No speech is needed: an
+admitted connection holds its slot from the moment it is accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from voice.server.app import VoiceServer
+from voice.server.config import ServerConfig
+from voice.server.registry import address_allowed, parse_networks
+from voice.transports.audiosocket import KIND_ERROR, KIND_HANGUP, KIND_UUID, message
+
+REFUSED = message(KIND_ERROR, b"\x02") + message(KIND_HANGUP)
+
+
+@contextlib.asynccontextmanager
+async def side_server(main: VoiceServer, **config: object) -> AsyncIterator[VoiceServer]:
+    """A listener pair (websocket + AudioSocket) with its own limits on the warm models."""
+    srv = VoiceServer(ServerConfig(port=0, audiosocket_port=0, **config), runtime=main.runtime)  # type: ignore[arg-type]
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+def audiosocket_port(srv: VoiceServer) -> int:
+    assert srv.audiosocket is not None
+    return srv.audiosocket.sockets[0].getsockname()[1]
+
+
+async def asterisk(srv: VoiceServer, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An AudioSocket connection that has sent its UUID (no audio yet)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", audiosocket_port(srv), local_addr=(source, 0))
+    writer.write(message(KIND_UUID, uuid.uuid4().bytes))
+    await writer.drain()
+    return reader, writer
+
+
+async def until_eof(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+async def wait_live(srv: VoiceServer, n: int, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while srv.registry.live_calls() != n:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def ws_call(srv: VoiceServer) -> ClientConnection:
+    return await connect(f"ws://127.0.0.1:{srv.port}/v1/call")
+
+
+def loopback_alias_works() -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.2", 0))
+        except OSError:
+            return False
+    return True
+
+
+async def test_audiosocket_and_websockets_share_one_max_calls(server: VoiceServer) -> None:
+    async with side_server(server, max_calls=2) as srv:
+        ws = await ws_call(srv)
+        _, held = await asterisk(srv)
+        await wait_live(srv, 2)
+        # Over the shared cap: AudioSocket is told (error, hang-up) and closed...
+        reader, writer = await asterisk(srv)
+        assert await until_eof(reader) == REFUSED
+        writer.close()
+        # ...and so is a websocket upgrade, although only one websocket call is up.
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_call(srv)
+        assert refused.value.response.status_code == 503
+        assert json.loads(refused.value.response.body)["reason"] == "at_capacity"
+        # A slot freed on one listener is free for the other.
+        await ws.close()
+        await wait_live(srv, 1)
+        _, again = await asterisk(srv)
+        await wait_live(srv, 2)
+        for w in (held, again):
+            w.write(message(KIND_HANGUP))
+            w.close()
+        await wait_live(srv, 0)
+
+
+@pytest.mark.skipif(not loopback_alias_works(), reason="no 127.0.0.2 on this loopback")
+async def test_audiosocket_refuses_a_source_outside_the_allow_list(server: VoiceServer) -> None:
+    async with side_server(server, audiosocket_allow=["127.0.0.1/32"]) as srv:
+        reader, writer = await asterisk(srv, source="127.0.0.2")
+        assert await until_eof(reader) == REFUSED
+        writer.close()
+        assert srv.registry.live_calls() == 0
+        assert b'firstline_calls_refused_total{reason="unauthorized"}' in srv.runtime.metrics.render()
+        _, ok = await asterisk(srv, source="127.0.0.1")
+        await wait_live(srv, 1)
+        ok.write(message(KIND_HANGUP))
+        ok.close()
+        await wait_live(srv, 0)
+
+
+async def test_a_silent_audiosocket_is_closed_by_the_idle_timeout(server: VoiceServer) -> None:
+    async with side_server(server) as srv:
+        srv.config.limits.idle_timeout_s = 0.5
+        reader, writer = await asterisk(srv)
+        await wait_live(srv, 1)
+        # Asterisk is told to hang up, then the socket closes and the slot is free.
+        assert await until_eof(reader, timeout=5.0) == message(KIND_HANGUP)
+        writer.close()
+        await wait_live(srv, 0)
+
+
+@pytest.mark.skipif(not loopback_alias_works(), reason="no 127.0.0.2 on this loopback")
+async def test_per_address_cap_refuses_the_next_call_from_that_address(server: VoiceServer) -> None:
+    # Loopback is exempt by default (a local proxy carries everyone); not here.
+    async with side_server(server, max_calls=8, max_calls_per_address=2, per_address_exempt=[]) as srv:
+        first, second = await ws_call(srv), await ws_call(srv)
+        await wait_live(srv, 2)
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_call(srv)
+        assert refused.value.response.status_code == 503
+        body = json.loads(refused.value.response.body)
+        assert body["reason"] == "per_address_limit" and "too many calls from one address" in body["error"]
+        # The cap is per address across listeners: AudioSocket from the same one is refused too...
+        reader, writer = await asterisk(srv, source="127.0.0.1")
+        assert await until_eof(reader) == REFUSED
+        writer.close()
+        # ...while another address still gets in.
+        _, other = await asterisk(srv, source="127.0.0.2")
+        await wait_live(srv, 3)
+        other.write(message(KIND_HANGUP))
+        other.close()
+        await first.close()
+        await second.close()
+        await wait_live(srv, 0)
+
+
+async def test_drain_ends_audiosocket_calls_and_refuses_new_ones(server: VoiceServer) -> None:
+    async with side_server(server) as srv:
+        ws = await ws_call(srv)
+        reader, writer = await asterisk(srv)
+        await wait_live(srv, 2)
+        await srv.drain(deadline_s=0.3)
+        assert await until_eof(reader, timeout=5.0) == message(KIND_HANGUP)
+        writer.close()
+        await asyncio.wait_for(ws.wait_closed(), 5.0)
+        assert ws.close_code == 1001
+        assert srv.registry.live_calls() == 0
+        reader, writer = await asterisk(srv)
+        assert await until_eof(reader) == REFUSED
+        writer.close()
+
+
+def test_allow_lists() -> None:
+    nets = parse_networks(["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"])
+    assert address_allowed("10.1.2.3", nets)
+    assert address_allowed("::ffff:10.1.2.3", nets)  # dual-stack sockets report IPv4 peers like this
+    assert address_allowed("192.0.2.7", nets) and not address_allowed("192.0.2.8", nets)
+    assert address_allowed("2001:db8::1", nets)
+    assert not address_allowed("127.0.0.1", nets)
+    assert not address_allowed(None, nets) and not address_allowed("not-an-ip", nets)
+    assert address_allowed("203.0.113.9", [])  # no list: anyone

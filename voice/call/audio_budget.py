@@ -1,0 +1,73 @@
+"""Per-call audio budget: a call may not feed audio much faster than real
+time. Every frame costs ASR and VAD work on the shared worker, so one client
+pushing hours of audio in seconds would starve every other call.
+
+A token bucket in seconds of audio: it refills at ``multiple`` audio-seconds
+per wall second and holds ``multiple * window_s`` (a client catching up after
+a network stall, or a test sending a short clip at full speed, fits in it).
+A frame that does not fit is dropped; the first drop of an episode says so
+(:class:`AudioOverBudget`), and a call that keeps it up (more audio dropped
+within a few windows than the bucket holds) is ended (:class:`AudioFlood`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from voice.call.start import ProtocolError
+
+ENCODING_BYTES = {"mulaw": 1, "alaw": 1, "pcm16": 2}
+
+
+class AudioOverBudget(ProtocolError):
+    """Frames are being dropped: audio arrives faster than the budget."""
+
+    def __init__(self, multiple: float) -> None:
+        super().__init__(
+            "audio_rate_exceeded", f"audio arrives faster than {multiple:g}x real time; frames are dropped"
+        )
+
+
+class AudioFlood(AudioOverBudget):
+    """The excess went on: the call is ended."""
+
+
+class AudioBudget:
+    def __init__(self, multiple: float, window_s: float = 5.0) -> None:
+        self.multiple = multiple
+        self.capacity_s = multiple * window_s
+        self.horizon_s = 4 * window_s
+        self._tokens = self.capacity_s
+        self._at = time.monotonic()
+        self._dropping = False
+        self._drops: deque[tuple[float, float]] = deque()  # (monotonic, audio s dropped)
+        self._dropped_recent = 0.0
+        self.dropped_s = 0.0
+
+    def spend(self, audio_s: float, now: float | None = None) -> bool:
+        """Take ``audio_s`` from the bucket: True to keep the frame, False to
+        drop it quietly; raises on the first drop of an episode, and when the
+        call must end."""
+        now = time.monotonic() if now is None else now
+        self._tokens = min(self.capacity_s, self._tokens + max(0.0, now - self._at) * self.multiple)
+        self._at = now
+        if audio_s <= self._tokens:
+            self._tokens -= audio_s
+            self._dropping = False
+            return True
+        self.dropped_s += audio_s
+        self._drops.append((now, audio_s))
+        self._dropped_recent += audio_s
+        while self._drops and self._drops[0][0] < now - self.horizon_s:
+            self._dropped_recent -= self._drops.popleft()[1]
+        if self._dropped_recent > self.capacity_s:
+            raise AudioFlood(self.multiple)
+        if not self._dropping:  # once per episode, not once per frame
+            self._dropping = True
+            raise AudioOverBudget(self.multiple)
+        return False
+
+
+def frame_seconds(payload_bytes: int, encoding: str, sample_rate: int) -> float:
+    return payload_bytes / (ENCODING_BYTES.get(encoding, 2) * sample_rate)

@@ -1,0 +1,75 @@
+"""At most one queued final decode per call on the shared ASR worker.
+
+A final that is talked over stays queued (its words lead the next turn), so
+a caller who ends turns faster than the worker decodes them (a client
+spamming ``input.commit``, a line flapping between speech and silence)
+would otherwise stack finals that every other call's finals queue behind.
+Here a call's next final is handed to the worker only once its previous one
+is done; of the finals waiting behind it only the newest is kept (an older
+one belongs to a turn that has already been superseded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+
+class OneFinalPerCall:
+    """One call's view of the shared ASR worker (anything with ``submit``);
+    everything else passes through."""
+
+    def __init__(self, asr: Any) -> None:
+        self._asr = asr
+        self._queued: asyncio.Future[Any] | None = None  # this call's final on the worker
+        self._waiting: asyncio.Future[Any] | None = None  # the one next in line
+        self.superseded = 0  # finals dropped because a newer one replaced them
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._asr, name)
+
+    def submit(self, call_id: str, audio: np.ndarray, final: bool) -> asyncio.Future[Any]:
+        if not final:
+            return self._asr.submit(call_id, audio, final)
+        nothing_waits = self._waiting is None or self._waiting.done()
+        if (self._queued is None or self._queued.done()) and nothing_waits:
+            self._queued = self._asr.submit(call_id, audio, True)
+            return self._queued
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.cancel()
+            self.superseded += 1
+        waiting: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting = waiting
+
+        def hand_over(_: object) -> None:
+            if waiting.done():  # superseded or given up while it waited
+                return
+            inner = self._asr.submit(call_id, audio, True)
+            self._queued = inner
+            _chain(inner, waiting)
+
+        self._queued.add_done_callback(hand_over)
+        return waiting
+
+
+def _chain(inner: asyncio.Future[Any], outer: asyncio.Future[Any]) -> None:
+    """``outer`` settles as ``inner`` does; cancelling ``outer`` cancels ``inner``."""
+
+    def settle(_: object) -> None:
+        if outer.done():
+            return
+        if inner.cancelled():
+            outer.cancel()
+        elif inner.exception() is not None:
+            outer.set_exception(inner.exception())  # type: ignore[arg-type]
+        else:
+            outer.set_result(inner.result())
+
+    def give_up(_: object) -> None:
+        if outer.cancelled() and not inner.done():
+            inner.cancel()
+
+    inner.add_done_callback(settle)
+    outer.add_done_callback(give_up)

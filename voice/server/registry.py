@@ -1,0 +1,214 @@
+"""One call registry for every listener (websocket routes, AudioSocket TCP,
+whatever comes next): authentication, admission under one ``max_calls``, a
+per-address cap, drain, metrics and the logs that go with them.
+
+A listener asks :meth:`CallRegistry.admit` before it reads a byte of audio
+and gets a :class:`CallTicket` or a :class:`Refusal`; it hands the ticket
+back with :meth:`CallRegistry.release` when the call is over. A listener
+that does not go through here cannot count towards ``max_calls``, so the
+server's limits are the sum of all its doors, not a limit per door.
+
+Transport-agnostic on purpose: nothing here imports a transport; a
+listener passes in how to end one of its calls (``stop``) and how to tell
+that its connection is gone (``gone``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from voice.server.admission import AdmissionController, Refusal
+from voice.server.config import ServerConfig
+from voice.server.limits import SHUTDOWN, CallEnd, CallWatch
+from voice.server.runtime import Runtime
+from voice.server.signatures import TwilioSignatures
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Iterable[str]) -> list[Network]:
+    """``--audiosocket-allow`` values: CIDRs or single addresses."""
+    return [ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip()]
+
+
+def address_allowed(address: str | None, allow: list[Network]) -> bool:
+    """Whether ``address`` is in one of ``allow`` (an empty list allows all)."""
+    if not allow:
+        return True
+    if address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return any(ip.version == net.version and ip in net for net in allow)
+
+
+@dataclass(eq=False)
+class CallTicket:
+    """One admitted call, from admission until its listener releases it."""
+
+    listener: str
+    address: str | None
+    # True once the connection is gone without a release (a websocket whose
+    # upgrade failed after admission never reaches a handler).
+    gone: Callable[[], bool] = lambda: False
+    # Ends the call the listener's way (farewell, then close); set by the listener.
+    stop: Callable[[CallEnd], object] | None = None
+    task: asyncio.Task[object] | None = None
+    released: bool = False
+
+
+class CallRegistry:
+    def __init__(self, runtime: Runtime, admission: AdmissionController, config: ServerConfig) -> None:
+        self.runtime = runtime
+        self.admission = admission
+        self.config = config
+        self.draining = False
+        self._tickets: set[CallTicket] = set()
+        self._exempt = parse_networks(config.per_address_exempt)
+        self.twilio = TwilioSignatures(config.twilio_auth_token) if config.twilio_auth_token else None
+
+    # ---- auth ----------------------------------------------------------
+
+    def token_ok(self, token: str | None) -> bool:
+        """The bearer token check every listener that carries one uses."""
+        expected = self.config.auth_token
+        if expected is None:
+            return True
+        return token is not None and hmac.compare_digest(token.encode(), expected.encode())
+
+    def unauthorized(self, listener: str, address: str | None, why: str) -> None:
+        """Count and log a refusal for credentials (never the credential itself)."""
+        self.runtime.metrics.call_refused("unauthorized")
+        log.warning("%s: refused a call from %s: %s", listener, address or "?", why)
+
+    # ---- admission -----------------------------------------------------
+
+    def live(self) -> list[CallTicket]:
+        """Calls holding a slot now. A connection that is gone is not a call
+        any more: counting it would refuse a caller who redials the moment
+        the last call hung up."""
+        self._tickets = {t for t in self._tickets if not t.released and not t.gone()}
+        return list(self._tickets)
+
+    def live_calls(self, listener: str | None = None) -> int:
+        return sum(1 for t in self.live() if listener is None or t.listener == listener)
+
+    def admit(self, listener: str, address: str | None, gone: Callable[[], bool] | None = None) -> CallTicket | Refusal:
+        """A slot for a new call, or why not. Counted at once (before any
+        handler runs), so a burst of connections cannot all slip past the cap."""
+        refusal: Refusal | None
+        live = self.live()
+        per_address = self.config.max_calls_per_address
+        if self.draining:
+            refusal = Refusal("draining", "server is shutting down", retry_after_s=5)
+        elif not self.runtime.ready:
+            refusal = Refusal("warming_up", "warming up", retry_after_s=5)
+        elif (
+            per_address > 0
+            and address is not None
+            and not (self._exempt and address_allowed(address, self._exempt))
+            and _count(live, address) >= per_address
+        ):
+            refusal = Refusal("per_address_limit", f"too many calls from one address (limit {per_address})")
+        else:
+            refusal = self.admission.check(len(live), self.runtime.asr.queue_depth)
+        if refusal is not None:
+            self.runtime.metrics.call_refused(refusal.reason)
+            log.info("%s: refused a call from %s: %s", listener, address or "?", refusal.reason)
+            return refusal
+        ticket = CallTicket(listener, address, gone=gone or (lambda: False))
+        self._tickets.add(ticket)
+        self.runtime.metrics.call_admitted()
+        return ticket
+
+    def track(self, ticket: CallTicket) -> CallTicket:
+        """Count a call admitted some other way (it still holds a slot)."""
+        self._tickets.add(ticket)
+        return ticket
+
+    def release(self, ticket: CallTicket) -> None:
+        ticket.released = True
+        self._tickets.discard(ticket)
+
+    async def run(self, ticket: CallTicket, call: Callable[[CallWatch], Awaitable[None]]) -> None:
+        """Run an admitted call's handler under a :class:`CallWatch` (idle
+        timeout, drain), for listeners without a websocket guard of their own."""
+        watch = CallWatch(self.config.limits)
+        ticket.task = asyncio.current_task()
+        ticket.stop = watch.finish
+        try:
+            await call(watch)
+        finally:
+            self.release(ticket)
+
+    async def serve_connection(
+        self,
+        listener: str,
+        address: str | None,
+        allow: list[Network],
+        call: Callable[[CallWatch], Awaitable[None]],
+        refuse: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """The whole door for a listener without an HTTP handshake (TCP):
+        source allow-list, admission, then the call under a watch. ``refuse``
+        gets the reason and tells the peer in its own protocol."""
+        if not address_allowed(address, allow):
+            self.unauthorized(listener, address, "source address not allowed")
+            await refuse("unauthorized")
+            return
+        ticket = self.admit(listener, address)
+        if isinstance(ticket, Refusal):
+            await refuse(ticket.reason)
+            return
+        await self.run(ticket, call)
+
+    # ---- drain ---------------------------------------------------------
+
+    async def drain(self, deadline_s: float, hurry: asyncio.Event) -> None:
+        """Stop admitting, let live calls finish until the deadline (or
+        ``hurry``), then end the rest with :data:`SHUTDOWN`."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        log.info("draining: %d live calls, up to %.0f s", len(self.live()), deadline_s)
+        hurried = asyncio.ensure_future(hurry.wait())
+        try:
+            while self.live() and not hurried.done() and (remaining := deadline - loop.time()) > 0:
+                # Connections admitted before the drain may still start
+                # handlers, hence the loop rather than one wait on a snapshot.
+                pending: set[asyncio.Future[object]] = {t.task for t in self.live() if t.task is not None}
+                pending.add(hurried)
+                await asyncio.wait(pending, timeout=min(remaining, 0.5), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+        left = [t for t in self.live() if t.task is not None]
+        if left:
+            log.info("drain deadline: ending %d calls", len(left))
+        closing = []
+        for ticket in left:
+            if ticket.stop is not None:
+                result = ticket.stop(SHUTDOWN)
+                if asyncio.iscoroutine(result):
+                    closing.append(result)
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*closing, return_exceptions=True)
+        tasks = [t.task for t in left if t.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.limits.close_timeout_s + 1.0)
+
+
+def _count(tickets: list[CallTicket], address: str) -> int:
+    return Counter(t.address for t in tickets)[address]
