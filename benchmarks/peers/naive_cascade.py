@@ -227,14 +227,11 @@ class NaiveCascadeServer(VoiceServer):
             return _json_response(404, {"error": f"no route {path}; the naive cascade answers {TWILIO_PATH}"})  # type: ignore[arg-type]
         return super()._process_request(connection, request)
 
-    async def _handler(self, ws: Any) -> None:
-        self._calls.add(ws)
-        self._handlers[ws] = asyncio.current_task()  # type: ignore[assignment]
-        try:
-            await NaiveTwilioCall(ws, self.runtime, self.stop_silence_s).serve()
-        finally:
-            del self._handlers[ws]
-            self._calls.discard(ws)
+    def route(self, path: str) -> Any:
+        async def naive(ws: Any, runtime: Runtime) -> None:
+            await NaiveTwilioCall(ws, runtime, self.stop_silence_s).serve()
+
+        return naive
 
 
 def naive_config(argv: list[str]) -> tuple[Any, float]:

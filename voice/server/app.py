@@ -25,7 +25,7 @@ from voice.server.config import ServerConfig
 from voice.server.limits import CallEnd, guard_of
 from voice.server.metrics import CONTENT_TYPE
 from voice.server.registry import CallRegistry, CallTicket, parse_networks
-from voice.server.routes import NATIVE_PATH, WS_ROUTES
+from voice.server.routes import NATIVE_PATH, WS_ROUTES, CallHandler
 from voice.server.runtime import Runtime
 from voice.server.signatures import SETTINGS_HEADER, SIGNATURE_HEADER, candidate_urls
 from voice.transports.audiosocket import start_audiosocket
@@ -238,9 +238,15 @@ class VoiceServer:
             ticket.stop = lambda end: self._end_ws(ws, end)
         ticket.task = asyncio.current_task()
         try:
-            await WS_ROUTES[ws.request.path.split("?", 1)[0]](ws, self.runtime)
+            await self.route(ws.request.path.split("?", 1)[0])(ws, self.runtime)
         finally:
             self.registry.release(ticket)
+
+    def route(self, path: str) -> CallHandler:
+        """The transport serving ``path`` (a server with other routes, e.g.
+        the benchmarks' naive cascade, overrides this, not the handler: the
+        registry's accounting stays in one place)."""
+        return WS_ROUTES[path]
 
     async def start(self) -> None:
         self._server = await serve(
