@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+# How a pause's endpoint window is chosen (asr/end_of_turn.py).
+EndOfTurn = Literal["adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"]
+END_OF_TURN_POLICIES: tuple[str, ...] = get_args(EndOfTurn)
 
 
 @dataclass
@@ -76,7 +80,7 @@ class ASRConfig:
     # "smart_turn+rules" = the model, but a continuation word still waits max;
     # "smart_turn_scaled+rules" = that veto, else a window that grows with the
     # model's doubt. Only used when adaptive_endpoint is on.
-    end_of_turn: Literal["adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"] = "adaptive"
+    end_of_turn: EndOfTurn = "adaptive"
     # Smart Turn ONNX file; None = an installed pipecat-ai or the cache that
     # `python -m asr.end_of_turn --fetch` fills.
     smart_turn_model: str | None = None

@@ -36,18 +36,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import zipfile
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from asr.config import ASRConfig
+from asr.config import END_OF_TURN_POLICIES, ASRConfig
 
-Policy = Literal["adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"]
-POLICIES: tuple[str, ...] = ("adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules")
-SMART_TURN_POLICIES = frozenset({"smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"})
+SMART_TURN_POLICIES = frozenset(p for p in END_OF_TURN_POLICIES if p.startswith("smart_turn"))
 
 MODEL_NAME = "smart-turn-v3.2-cpu.onnx"
 # The wheel that ships the file, pinned so the model (and the preprocessing
@@ -188,17 +184,14 @@ class SmartTurn:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()  # one inference at a time per session keeps the cost per pause flat
-        self.last_cost_s = 0.0
 
     def probability(self, audio: np.ndarray) -> float:
         """``audio``: the turn so far, 16 kHz float, ending at the pause."""
-        t0 = time.perf_counter()
         window = np.asarray(audio, dtype=np.float32)[-RATE * WINDOW_S :]
         window = np.pad(window, (RATE * WINDOW_S - window.size, 0))  # zeros in front, as pipecat does
         features = log_mel(window)[None]
         with self._lock:
             out = self._session.run(None, {"input_features": features})
-        self.last_cost_s = time.perf_counter() - t0
         return float(np.asarray(out[0]).reshape(-1)[0])
 
 
@@ -211,18 +204,16 @@ def _shared(path: str | None) -> SmartTurn:
 
 
 def shared_smart_turn(model_path: str | None = None) -> SmartTurn:
-    """One model per process (the ONNX session is ~30 MB), loaded on first use."""
+    """One model per process (the ONNX session is ~30 MB), loaded on first use;
+    keyed by the file it resolves to, so None and its explicit path share it."""
     with _shared_lock:
-        return _shared(model_path)
+        return _shared(_resolved(model_path))
 
 
-def _before_model(rule_window: float | None, config: ASRConfig) -> float:
-    # Words in, model not yet (a decode that beat it): a veto holds at once,
-    # but a "finished sentence" must not end the turn before the model, which
-    # is never more than one encoder pass behind, has had its say.
-    if rule_window is not None and rule_window >= config.endpoint_max_s:
-        return config.endpoint_max_s
-    return config.endpoint_unsure_s
+@functools.lru_cache(maxsize=8)
+def _resolved(model_path: str | None) -> str:
+    # Cached: a call asks at every pause, and finding the file searches disk.
+    return str(find_smart_turn_model(model_path).resolve())
 
 
 def decide_window(policy: str, rule_window: float | None, probability: float | None, config: ASRConfig) -> float:
@@ -243,7 +234,9 @@ def decide_window(policy: str, rule_window: float | None, probability: float | N
         if rule_window is not None and rule_window >= config.endpoint_max_s:
             return config.endpoint_max_s
         if probability is None:
-            return _before_model(rule_window, config)
+            # The vetoes are handled above: a finished-looking sentence must not
+            # end the turn before the model, one encoder pass behind, has spoken.
+            return config.endpoint_unsure_s
         scaled = config.endpoint_min_s + (1.0 - probability) * (config.endpoint_max_s - config.endpoint_min_s)
         # Until the words are in, never shorter than the unsure window: they
         # may still veto.
@@ -261,7 +254,7 @@ def decide_window(policy: str, rule_window: float | None, probability: float | N
             return config.endpoint_unsure_s
         return config.endpoint_max_s
     if probability is None:
-        return _before_model(rule_window, config)
+        return config.endpoint_unsure_s  # as above: the model has not spoken yet
     if done:
         return config.endpoint_min_s
     # The model says not done: a finished-looking sentence still ends after

@@ -225,7 +225,8 @@ class ASRWorker:
             if remaining <= 0:
                 return batch
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
 
     async def _run(self) -> None:
         while True:

@@ -33,7 +33,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -472,13 +471,12 @@ def run_case(case: Case, cand: Candidate, vad: SileroVAD, features: Features, in
     return Outcome(cut, other, delay, costs)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
+def _git_commit() -> str | None:
+    """The commit, "+dirty" when the tree has changes: a figure from a dirty
+    tree must not pass for one a commit reproduces (benchmarks.bench.versions)."""
+    from benchmarks.bench import versions
+
+    return versions()["firstline"]
 
 
 def main() -> None:

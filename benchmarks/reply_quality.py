@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import re
 import shlex
 import statistics
 from pathlib import Path
@@ -34,7 +33,7 @@ from benchmarks.bench import machine, versions
 from benchmarks.corpus import ASTERISK_SOUNDS, asterisk_prompts
 from benchmarks.loadgen import CallOptions, CallSpec, Segment, TurnSpec, load_calls, run_calls
 from benchmarks.server_proc import firstline_server
-from voice.call.reply_policy import is_complete, words_of
+from voice.call.reply_policy import is_complete, split_sentences, words_of
 
 OUT = Path(__file__).resolve().parent / "results" / "reply_quality.json"
 # The defaults as they were before the reply policy and the sampling
@@ -53,10 +52,6 @@ def corpus(singles: int) -> list[CallSpec]:
     return calls
 
 
-def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?…])\s+", text.strip()) if s]
-
-
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -70,7 +65,7 @@ def quality(records: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
     replies = [str(r["reply"]) for r in answered]
     repeated = 0
     for reply in replies:
-        keys = [" ".join(words_of(s)) for s in _sentences(reply)]
+        keys = [" ".join(words_of(s)) for s in split_sentences(reply)]
         keys = [k for k in keys if k]
         repeated += len(keys) != len(set(keys))
     server = [r.get("server") or {} for r in answered]
@@ -101,7 +96,7 @@ def quality(records: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
         "mid_sentence_end_pct": round(100 * sum(not is_complete(r) for r in replies) / n, 1),
         "token_cap_pct": round(100 * at_cap / n, 1),
         "words_p50": statistics.median(len(words_of(r)) for r in replies) if replies else None,
-        "sentences_p50": statistics.median(len(_sentences(r)) for r in replies) if replies else None,
+        "sentences_p50": statistics.median(len(split_sentences(r)) for r in replies) if replies else None,
         "distinct_2": round(len(set(bigrams)) / len(bigrams), 3) if bigrams else None,
         "ttfs_p50_ms": _pct(ttfs, 0.5),
         "ttfs_p95_ms": _pct(ttfs, 0.95),
@@ -114,7 +109,7 @@ def quality(records: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
 
 
 def _first_sentence_words(records: list[dict[str, Any]]) -> float | None:
-    firsts = [len(words_of(_sentences(str(r["reply"]))[0])) for r in records if _sentences(str(r["reply"]))]
+    firsts = [len(words_of(split_sentences(str(r["reply"]))[0])) for r in records if split_sentences(str(r["reply"]))]
     return statistics.median(firsts) if firsts else None
 
 

@@ -56,6 +56,8 @@ _ids = itertools.count(1)
 # The environment variable that carries the bearer key the server requires
 # (the supervisor's random per-process key; unset: no key).
 ENGINE_KEY_ENV = "FIRSTLINE_ENGINE_KEY"
+# What a client hears of a failed generation; the exception goes to the log.
+GENERATION_FAILED = "the engine failed to generate this reply"
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
@@ -198,10 +200,12 @@ class OpenAIServer:
 
     @web.middleware
     async def _require_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        # /health stays open: it says only whether the engine is warm.
+        # /health stays open: with a key set it says only whether the engine is warm.
         if self.api_key is not None and request.path != "/health":
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), self.api_key.encode()
+            ):
                 return _error(401, "missing or wrong API key", "authentication_error")
         return await handler(request)
 
@@ -215,6 +219,8 @@ class OpenAIServer:
     async def health(self, _request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "loading"}, status=503)
+        if self.api_key is not None:  # open to any local process: no paths, no counters
+            return web.json_response({"status": "ok"})
         return web.json_response(
             {"status": "ok", "active": self.active, "aborted": self.aborted, "engine": self.engine.describe()}
         )
@@ -255,9 +261,9 @@ class OpenAIServer:
     async def _complete(self, request: GenerationRequest) -> web.Response:
         try:
             text = "".join([d async for d in self.engine.stream(request)])
-        except Exception as exc:
+        except Exception:
             log.exception("generation %s failed", request.request_id)
-            return _error(500, f"{type(exc).__name__}: {exc}", "engine_error")
+            return _error(500, GENERATION_FAILED, "engine_error")
         return web.json_response(
             {
                 "id": request.request_id,
@@ -329,12 +335,12 @@ class OpenAIServer:
             # fails): closing the stream below aborts the engine's request.
             self.aborted += 1
             raise
-        except Exception as exc:
+        except Exception:
             log.exception("generation %s failed", request.request_id)
             if first:
-                return _error(500, f"{type(exc).__name__}: {exc}", "engine_error")
+                return _error(500, GENERATION_FAILED, "engine_error")
             # Mid-stream: an error event and no [DONE], so the client knows.
-            err = {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "engine_error", "code": 500}}
+            err = {"error": {"message": GENERATION_FAILED, "type": "engine_error", "code": 500}}
             with contextlib.suppress(ConnectionError):
                 await response.write(b"data: " + json.dumps(err).encode() + b"\n\n")
         finally:
@@ -444,10 +450,10 @@ def _die_with_parent() -> None:
 async def serve(args: argparse.Namespace, config: LLMConfig) -> None:
     from llm.engines import build_local_engine
 
-    engine = build_local_engine(config)
     # The key comes by environment, never argv (which `ps` shows to every user);
-    # popped so nothing this process starts inherits it.
+    # popped first, so nothing this process starts (the engine) inherits it.
     api_key = os.environ.pop(ENGINE_KEY_ENV, None) or None
+    engine = build_local_engine(config)
     server = OpenAIServer(
         engine, args.served_model_name or _model_name(config, engine), sampling=config.sampling, api_key=api_key
     )

@@ -59,6 +59,7 @@ class RemoteEngine(LLMEngine):
         stall_timeout_s: float = 10.0,
         api_key: str | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        full_sampling: bool = False,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.root = self.base_url.removesuffix("/v1")
@@ -67,6 +68,9 @@ class RemoteEngine(LLMEngine):
         self.first_token_timeout_s = first_token_timeout_s
         self.stall_timeout_s = stall_timeout_s
         self.api_key = api_key
+        # Send every sampling field, "off" ones too: for a server whose own
+        # defaults fill gaps (the supervised child; SamplingParams.to_openai).
+        self.full_sampling = full_sampling
         # Warmed at start (None: no warm-up), so it sits in the server's prefix cache.
         self.system_prompt = system_prompt
         self.healthy = False
@@ -157,7 +161,7 @@ class RemoteEngine(LLMEngine):
             "stream_options": {"include_usage": True},
             # The whole sampling config, so the server samples exactly as an
             # in-process engine would (vLLM extras only when they are set).
-            **request.sampling.to_openai(),
+            **request.sampling.to_openai(full=self.full_sampling),
         }
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.first_token_timeout_s

@@ -46,6 +46,10 @@ MAX_STOP_CHARS = 100
 MAX_TOKENS_LIMIT = 32768
 
 
+# No vocabulary is larger; a bound keeps absurd values out of the engines.
+MAX_TOP_K = 1 << 20
+
+
 class SamplingError(ValueError):
     """A bad sampling value or an unknown field; ``field`` names it (what an
     HTTP 400 reports as ``param``, what a call's error event can point at)."""
@@ -123,6 +127,8 @@ class SamplingParams:
         _number(self, "temperature", 0.0, 2.0)
         _number(self, "top_p", 0.0, 1.0, low_open=True)
         _integer(self, "top_k", 0, None, hint="0 disables")
+        if self.top_k > MAX_TOP_K:
+            raise SamplingError("top_k", f"'top_k' must be at most {MAX_TOP_K}, got {self.top_k:.3g}")
         _number(self, "min_p", 0.0, 1.0)
         _number(self, "repetition_penalty", 0.0, 2.0, low_open=True, hint="1 disables")
         _number(self, "frequency_penalty", -2.0, 2.0)
@@ -234,12 +240,22 @@ class SamplingParams:
             "seed": self.seed,
         }
 
-    def to_openai(self) -> dict[str, Any]:
+    def to_openai(self, full: bool = False) -> dict[str, Any]:
         """Chat-completions body fields. The standard ones always; vLLM's
         extras (top_k, min_p, repetition_penalty) and llama.cpp's DRY fields
         only when they do something, so a strict OpenAI endpoint (which
         refuses unknown fields) works once they are off, i.e. with
-        ``repetition_penalty`` 1 instead of the default."""
+        ``repetition_penalty`` 1 instead of the default.
+
+        ``full``: every field, "off" values included, for a server that fills
+        a missing field with *its* default (our own llm.openai_server, the
+        supervised child): there, leaving a field out would turn a call's
+        "off" back into the server's setting."""
+        if full:
+            body = {k: v for k, v in self.as_dict().items() if k != "seed"}
+            if self.seed is not None:
+                body["seed"] = self.seed
+            return body
         body: dict[str, Any] = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
@@ -323,7 +339,11 @@ def _number(obj: SamplingParams, name: str, low: float, high: float, low_open: b
     where = f"{_range(low, high, low_open)}" + (f" ({hint})" if hint else "")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SamplingError(name, f"'{name}' must be a number {where}, got {value!r:.60}")
-    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (JSON allows 10**400)
+        finite = False
+    if not finite or value < low or value > high or (low_open and value == low):
         raise SamplingError(name, f"'{name}' must be {where}, got {value}")
     object.__setattr__(obj, name, float(value))
 

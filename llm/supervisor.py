@@ -163,6 +163,7 @@ class SupervisedEngine(LLMEngine):
             stall_timeout_s=self.config.stall_timeout_s,
             system_prompt=None,  # the child warmed itself with the system prompt
             api_key=self._key,
+            full_sampling=True,  # the child's defaults are the server's: a call's "off" must reach it
         )
         deadline = time.monotonic() + self.config.child_start_timeout_s
         try:

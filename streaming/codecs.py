@@ -17,6 +17,7 @@ import soxr
 Encoding = Literal["pcm16", "mulaw", "alaw"]
 ENCODINGS: tuple[str, ...] = ("pcm16", "mulaw", "alaw")
 SAMPLE_RATES: tuple[int, ...] = (8000, 16000, 24000)
+SAMPLE_BYTES: dict[str, int] = {"pcm16": 2, "mulaw": 1, "alaw": 1}
 
 
 class CodecError(ValueError):

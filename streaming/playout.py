@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from streaming.codecs import StreamResampler, encode, float_to_int16
+from streaming.codecs import SAMPLE_BYTES, StreamResampler, encode, float_to_int16
 from streaming.tts import TextToSpeech
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,14 @@ class OutFormat:
     sample_rate: int
     chunk_bytes: int  # bytes per outgoing message (a multiple of the sample size)
 
+    @classmethod
+    def framed(cls, encoding: str, sample_rate: int, frame_s: float) -> OutFormat:
+        """Messages of ``frame_s`` of audio each."""
+        return cls(encoding, sample_rate, round(sample_rate * frame_s) * SAMPLE_BYTES[encoding])
+
     @property
     def sample_bytes(self) -> int:
-        return 2 if self.encoding == "pcm16" else 1
+        return SAMPLE_BYTES[self.encoding]
 
     @property
     def bytes_per_s(self) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import AsyncIterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,3 +52,25 @@ def phone_prompts() -> list[Utterance]:
 
 def with_silence(audio: np.ndarray, rate: int, seconds: float) -> np.ndarray:
     return np.concatenate([audio, np.zeros(int(rate * seconds), dtype=np.float32)])
+
+
+@contextlib.asynccontextmanager
+async def side_server(main: VoiceServer, **config: object) -> AsyncIterator[VoiceServer]:
+    """A second listener with its own settings (auth, limits, admission,
+    AudioSocket) on the session's warm models."""
+    srv = VoiceServer(ServerConfig(port=0, **config), runtime=main.runtime)  # type: ignore[arg-type]
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+def loopback_alias_works() -> bool:
+    """127.0.0.2 is a second source address on this loopback (Linux: yes)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.2", 0))
+        except OSError:
+            return False
+    return True

@@ -4,30 +4,16 @@ bearer-token auth. Refusals are fast HTTP answers with a JSON reason."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from websockets.exceptions import InvalidStatus
 
 from benchmarks.client import NativeCaller
-from tests.conftest import with_silence
+from tests.conftest import side_server, with_silence
 from tests.http_get import http_json
 from voice.server.admission import AdmissionConfig, AdmissionController
 from voice.server.app import VoiceServer
-from voice.server.config import ServerConfig
-
-
-@contextlib.asynccontextmanager
-async def side_server(main: VoiceServer, **config: object) -> AsyncIterator[VoiceServer]:
-    """A second listener with its own admission settings on the warm models."""
-    srv = VoiceServer(ServerConfig(port=0, **config), runtime=main.runtime)  # type: ignore[arg-type]
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.close()
 
 
 def test_p95_window_and_idle_server_never_refuses() -> None:

@@ -29,6 +29,10 @@ async def test_the_engine_child_answers_only_the_supervisors_key() -> None:
                 assert r.status == 401
             async with s.get(url.removesuffix("/v1") + "/health") as r:
                 assert r.status == 200  # a liveness probe needs no key and learns nothing else
+                assert await r.json() == {"status": "ok"}
+            bad = {"Authorization": "Bearer caf\u00e9"}  # not ASCII: still a plain 401, not a crash
+            async with s.get(url + "/models", headers=bad) as r:
+                assert r.status == 401
             async with s.get(url + "/models", headers={"Authorization": f"Bearer {engine._key}"}) as r:
                 assert r.status == 200
         # The supervisor's own client sends the key: replies flow.

@@ -47,7 +47,7 @@ async def test_a_fixed_greeting_is_the_first_reply_then_the_caller_is_answered(c
     assert history[1]["role"] == "user" and not caller.result.of("error")
 
 
-async def test_a_generated_greeting_follows_its_instructions(call_url):
+async def test_a_generated_greeting_is_spoken_first_with_its_timings(call_url):
     async with NativeCaller(call_url) as caller:
         await caller.start("pcm16", 16000, options={"greeting_instructions": "Greet the caller in one short sentence."})
         done = await caller.wait_for("response.done", timeout=30, turn=1)

@@ -12,6 +12,8 @@ import logging
 import pytest
 from websockets.asyncio.client import connect
 
+from benchmarks.callers.base import to_wire
+from benchmarks.callers.twilio import Twilio
 from benchmarks.client import NativeCaller
 from llm.base import EngineError
 from tests.conftest import with_silence
@@ -39,21 +41,17 @@ def test_redaction_and_the_warning_budget() -> None:
 
 async def test_digits_and_malformed_frames_stay_out_of_info_logs(server: VoiceServer, caplog) -> None:
     caplog.set_level(logging.DEBUG)
-    start = {
-        "streamSid": "MZ1",
-        "callSid": "CA1",
-        "customParameters": {},
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-    }
+    twilio = Twilio(sid="MZ1", call_sid="CA1")  # the one Twilio client (benchmarks/callers)
     with CallWatcher() as watcher:
         async with connect(f"ws://127.0.0.1:{server.port}/twilio") as ws:
-            await ws.send(json.dumps({"event": "start", "start": start, "streamSid": "MZ1"}))
+            for msg in twilio.opening():
+                await ws.send(to_wire(msg))
             call = await watcher.one()
             async with asyncio.timeout(30):
                 while not call.session.started:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             for digit in "4111":
-                await ws.send(json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"digit": digit}}))
+                await ws.send(to_wire(twilio.dtmf(digit)))
             for i in range(10):
                 await ws.send(f"my card is 5500-{i:04d}")  # not JSON: a frame snippet in the detail
             async with asyncio.timeout(10):

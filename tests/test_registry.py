@@ -9,29 +9,23 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from tests.conftest import loopback_alias_works
+from tests.conftest import side_server as shared_side_server
 from voice.server.app import VoiceServer
-from voice.server.config import ServerConfig
 from voice.server.registry import address_allowed, parse_networks
 from voice.transports.audiosocket import KIND_ERROR, KIND_HANGUP, KIND_UUID, message
 
 REFUSED = message(KIND_ERROR, b"\x02") + message(KIND_HANGUP)
 
 
-@contextlib.asynccontextmanager
-async def side_server(main: VoiceServer, **config: object) -> AsyncIterator[VoiceServer]:
+def side_server(main: VoiceServer, **config: object) -> contextlib.AbstractAsyncContextManager[VoiceServer]:
     """A listener pair (websocket + AudioSocket) with its own limits on the warm models."""
-    srv = VoiceServer(ServerConfig(port=0, audiosocket_port=0, **config), runtime=main.runtime)  # type: ignore[arg-type]
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.close()
+    return shared_side_server(main, audiosocket_port=0, **config)
 
 
 def audiosocket_port(srv: VoiceServer) -> int:
@@ -59,17 +53,6 @@ async def wait_live(srv: VoiceServer, n: int, timeout: float = 5.0) -> None:
 
 async def ws_call(srv: VoiceServer) -> ClientConnection:
     return await connect(f"ws://127.0.0.1:{srv.port}/v1/call")
-
-
-def loopback_alias_works() -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.2", 0))
-        except OSError:
-            return False
-    return True
 
 
 async def test_audiosocket_and_websockets_share_one_max_calls(server: VoiceServer) -> None:

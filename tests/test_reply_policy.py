@@ -3,17 +3,17 @@ peers benchmark's looping replies), and the policy's edges."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from voice.call.reply_policy import (
     SEND,
+    SKIP,
     STOP_LENGTH,
     STOP_LOOP,
     ReplyGuard,
     ReplyPolicy,
     is_complete,
+    split_sentences,
     stutters,
     words_of,
 )
@@ -27,19 +27,18 @@ LOOPING = [
 ]
 
 
-def sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
-
-
 def said(policy: ReplyPolicy, reply: str, previous: str = "") -> tuple[list[str], str]:
+    """What a turn sends of ``reply``, and why it ends (as voice/call/turn.py does)."""
     guard = ReplyGuard(policy, previous)
     out = []
-    for sentence in sentences(reply):
+    for sentence in split_sentences(reply):
         verdict = guard.check(sentence)
+        if verdict == SKIP:
+            continue
         if verdict != SEND:
             return out, verdict
         out.append(sentence)
-    return out, "complete"
+    return out, STOP_LOOP if guard.said_nothing_but_loops else "complete"
 
 
 @pytest.mark.parametrize("reply", LOOPING)
@@ -142,3 +141,10 @@ async def test_bad_call_sampling_is_refused_at_start_by_field(call_url):
         error = await caller.wait_for("error", timeout=10)
         # The hint names the right field.
         assert error["code"] == "invalid_sampling" and "repetition_penalty" in error["message"]
+
+
+def test_a_first_sentence_that_repeats_the_previous_reply_is_left_out_not_the_whole_reply() -> None:
+    previous = "Could you please repeat your account number for me?"
+    reply = "Could you please repeat your account number for me? I need it to find your order."
+    out, end = said(ReplyPolicy(), reply, previous)
+    assert out == ["I need it to find your order."] and end == "complete"

@@ -15,7 +15,7 @@ import pytest
 
 from llm.base import GenerationRequest
 from llm.config import LLMConfig, SpeculationConfig
-from llm.openai_server import BadRequest, _parse, build_parser, config_from_args, config_from_json
+from llm.openai_server import BadRequest, _check_fields, _parse, build_parser, config_from_args, config_from_json
 from llm.sampling import SamplingError, SamplingParams, add_sampling_arguments, sampling_from_args
 from llm.supervisor import child_config_json
 
@@ -310,3 +310,22 @@ def test_a_supervised_vllm_child_refuses_dry_in_the_parent() -> None:
     speculating = SupervisedEngine(LLMConfig(engine="vllm", speculation=SpeculationConfig(method="ngram")))
     with pytest.raises(EngineError, match="min_p with speculative decoding"):
         speculating.check_sampling(SamplingParams(min_p=0.05))  # e.g. a caller's per-call override
+
+
+def test_a_full_body_carries_off_values_past_the_servers_defaults() -> None:
+    """The supervised child fills a missing field with its own default, so a
+    call's "off" must be sent: with full=True it survives the round trip."""
+    server = SamplingParams(repetition_penalty=1.1, top_k=40, min_p=0.05, stop=("x",), dry_multiplier=0.8)
+    call = SamplingParams(repetition_penalty=1.0)
+    body = call.to_openai(full=True)
+    _check_fields({"messages": [{"role": "user", "content": "hi"}], **body})  # the child takes every field
+    assert server.from_openai(body) == call
+    # The short form (for strict OpenAI servers) loses them, which is why the child gets the full one.
+    assert server.from_openai(call.to_openai()) != call
+
+
+def test_huge_numbers_are_a_sampling_error_not_a_crash() -> None:
+    with pytest.raises(SamplingError, match="temperature"):
+        SamplingParams().merged({"temperature": 10**400})
+    with pytest.raises(SamplingError, match="top_k"):
+        SamplingParams().merged({"top_k": 10**30})

@@ -331,23 +331,22 @@ async def test_realtime_sampling_reaches_the_engine_and_is_reported(server, monk
     async with client.realtime.connect(model="firstline") as conn:
         await conn.session.update(session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 40,
                                            "temperature": 0.3, "sampling": wanted})  # type: ignore[typeddict-unknown-key]  # fmt: skip
-        updated = None
-        async for event in conn:
-            if event.type == "session.updated":
-                updated = event.session
-                break
+        async def next_of(kind: str):  # the event, or a failure: a closed socket is no answer
+            async with asyncio.timeout(60):
+                async for event in conn:
+                    if event.type == kind:
+                        return event
+            raise AssertionError(f"connection closed before {kind}")
+
+        updated = (await next_of("session.updated")).session
         reported = updated.model_extra["sampling"] if updated.model_extra else None
         assert reported is not None and reported["temperature"] == 0.3 and reported["top_p"] == 0.9, updated
         assert updated.max_output_tokens == 40
         await conn.response.create(response={"instructions": "Say hello."})
-        async for event in conn:
-            if event.type == "response.done":
-                break
+        await next_of("response.done")
         await conn.send({"type": "session.update", "session": {"type": "realtime", "sampling": {"top_p": 7}}})
-        async for event in conn:
-            if event.type == "error":
-                assert "top_p" in event.error.message and event.error.code == "invalid_value"
-                break
+        error = (await next_of("error")).error
+        assert "top_p" in error.message and error.code == "invalid_value"
     request = next(r for r in seen if r.request_id.endswith("-t1"))
     got = request.sampling.as_dict()
     for key, value in {**wanted, "temperature": 0.3, "max_tokens": 40}.items():

@@ -221,6 +221,31 @@ class MarkStyle(Wire):
         self.sequence += 1
         return str(self.sequence)
 
+    # How the three spell the same messages.
+    seq_key: ClassVar[str] = "sequenceNumber"
+    media_track: ClassVar[str | None] = "inbound"  # media.track (Exotel sends none)
+    numbered_replies: ClassVar[bool] = True  # Twilio numbers dtmf and mark echoes too
+
+    def message(self, event: str, body: dict[str, Any] | None, numbered: bool = True) -> Message:
+        """``{"event", <sequence>, <stream id>, <event>: body}`` in this carrier's keys."""
+        msg: dict[str, Any] = {"event": event}
+        if numbered:
+            msg[self.seq_key] = self.next_sequence()
+        msg[self.sid_key] = self.sid
+        if body is not None:
+            msg[event] = body
+        return msg
+
+    def media(self, chunk: bytes, timestamp_ms: int | None = None) -> Message:
+        n, ts = self._next_frame(timestamp_ms)
+        media = {"chunk": str(n), "timestamp": str(ts), "payload": b64(chunk)}
+        if self.media_track is not None:
+            media = {"track": self.media_track, **media}
+        return self.message("media", media)
+
+    def played(self, name: Any) -> Message:
+        return self.message("mark", {"name": name}, numbered=self.numbered_replies)
+
     def text_events(self, msg: dict[str, Any]) -> list[ServerEvent]:
         if self.sid_in_replies:
             self.check(msg.get(self.sid_key) == self.sid, msg, f"not this stream's {self.sid_key}")

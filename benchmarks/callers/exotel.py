@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from benchmarks.callers.base import MarkStyle, Message, b64
+from benchmarks.callers.base import MarkStyle, Message
 
 
 class Exotel(MarkStyle):
@@ -18,6 +18,9 @@ class Exotel(MarkStyle):
     path = "/exotel"
     sid_key = "stream_sid"
     frame_ms = 100  # Exotel sends about 100 ms per media message
+    seq_key = "sequence_number"
+    media_track = None
+    numbered_replies = False
 
     def __init__(
         self,
@@ -45,24 +48,12 @@ class Exotel(MarkStyle):
         }
         return [
             {"event": "connected"},
-            {"event": "start", "sequence_number": self.next_sequence(), "stream_sid": self.sid, "start": start},
+            self.message("start", start),
         ]
 
-    def media(self, chunk: bytes, timestamp_ms: int | None = None) -> Message:
-        n, ts = self._next_frame(timestamp_ms)
-        return {
-            "event": "media",
-            "sequence_number": self.next_sequence(),
-            "stream_sid": self.sid,
-            "media": {"chunk": str(n), "timestamp": str(ts), "payload": b64(chunk)},
-        }
-
     def dtmf(self, digit: str) -> Message:
-        return {"event": "dtmf", "stream_sid": self.sid, "dtmf": {"digit": digit, "duration": "120"}}
-
-    def played(self, name: Any) -> Message:
-        return {"event": "mark", "stream_sid": self.sid, "mark": {"name": name}}
+        return self.message("dtmf", {"digit": digit, "duration": "120"}, numbered=False)
 
     def closing(self) -> list[Message]:
         stop = {"reason": "callended"}
-        return [{"event": "stop", "sequence_number": self.next_sequence(), "stream_sid": self.sid, "stop": stop}]
+        return [self.message("stop", stop)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from benchmarks.callers.base import MarkStyle, Message, b64
+from benchmarks.callers.base import MarkStyle, Message
 
 ENCODINGS = {"mulaw": "PCMU", "alaw": "PCMA"}
 
@@ -21,6 +21,8 @@ class Telnyx(MarkStyle):
     path = "/telnyx"
     sid_key = "stream_id"
     sid_in_replies = False
+    seq_key = "sequence_number"
+    numbered_replies = False
 
     def __init__(
         self,
@@ -48,23 +50,11 @@ class Telnyx(MarkStyle):
         }
         return [
             {"event": "connected", "version": "1.0.0"},
-            {"event": "start", "sequence_number": self.next_sequence(), "stream_id": self.sid, "start": start},
+            self.message("start", start),
         ]
 
-    def media(self, chunk: bytes, timestamp_ms: int | None = None) -> Message:
-        n, ts = self._next_frame(timestamp_ms)
-        return {
-            "event": "media",
-            "sequence_number": self.next_sequence(),
-            "stream_id": self.sid,
-            "media": {"track": "inbound", "chunk": str(n), "timestamp": str(ts), "payload": b64(chunk)},
-        }
-
     def dtmf(self, digit: str) -> Message:
-        return {"event": "dtmf", "stream_id": self.sid, "dtmf": {"digit": digit}}
-
-    def played(self, name: Any) -> Message:
-        return {"event": "mark", "stream_id": self.sid, "mark": {"name": name}}
+        return self.message("dtmf", {"digit": digit}, numbered=False)
 
     def closing(self) -> list[Message]:
-        return [{"event": "stop", "sequence_number": self.next_sequence(), "stream_id": self.sid, "stop": {}}]
+        return [self.message("stop", {})]

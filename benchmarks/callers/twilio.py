@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from benchmarks.callers.base import Event, MarkStyle, Message, ServerEvent, b64
+from benchmarks.callers.base import Event, MarkStyle, Message, ServerEvent
 
 ACCOUNT_SID = "AC" + "0" * 32
 
@@ -51,32 +51,15 @@ class Twilio(MarkStyle):
         }
         return [
             {"event": "connected", "protocol": "Call", "version": "1.0.0"},
-            {"event": "start", "sequenceNumber": self.next_sequence(), "streamSid": self.sid, "start": start},
+            self.message("start", start),
         ]
 
-    def media(self, chunk: bytes, timestamp_ms: int | None = None) -> Message:
-        n, ts = self._next_frame(timestamp_ms)
-        return {
-            "event": "media",
-            "sequenceNumber": self.next_sequence(),
-            "streamSid": self.sid,
-            "media": {"track": "inbound", "chunk": str(n), "timestamp": str(ts), "payload": b64(chunk)},
-        }
-
     def dtmf(self, digit: str) -> Message:
-        return {
-            "event": "dtmf",
-            "sequenceNumber": self.next_sequence(),
-            "streamSid": self.sid,
-            "dtmf": {"track": "inbound_track", "digit": digit},
-        }
-
-    def played(self, name: Any) -> Message:
-        return {"event": "mark", "sequenceNumber": self.next_sequence(), "streamSid": self.sid, "mark": {"name": name}}
+        return self.message("dtmf", {"track": "inbound_track", "digit": digit})
 
     def closing(self) -> list[Message]:
         stop = {"accountSid": ACCOUNT_SID, "callSid": self.call_sid}
-        return [{"event": "stop", "sequenceNumber": self.next_sequence(), "streamSid": self.sid, "stop": stop}]
+        return [self.message("stop", stop)]
 
     def text_events(self, msg: dict[str, Any]) -> list[ServerEvent]:
         if msg.get("event") == "firstline":  # the benchmark side channel

@@ -15,9 +15,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from streaming.codecs import SAMPLE_BYTES
 from voice.call.start import ProtocolError
-
-ENCODING_BYTES = {"mulaw": 1, "alaw": 1, "pcm16": 2}
 
 
 class AudioOverBudget(ProtocolError):
@@ -43,7 +42,6 @@ class AudioBudget:
         self._dropping = False
         self._drops: deque[tuple[float, float]] = deque()  # (monotonic, audio s dropped)
         self._dropped_recent = 0.0
-        self.dropped_s = 0.0
 
     def spend(self, audio_s: float, now: float | None = None) -> bool:
         """Take ``audio_s`` from the bucket: True to keep the frame, False to
@@ -56,7 +54,6 @@ class AudioBudget:
             self._tokens -= audio_s
             self._dropping = False
             return True
-        self.dropped_s += audio_s
         self._drops.append((now, audio_s))
         self._dropped_recent += audio_s
         while self._drops and self._drops[0][0] < now - self.horizon_s:
@@ -69,5 +66,11 @@ class AudioBudget:
         return False
 
 
+# What a frame costs the budget at least: the work per frame (decode,
+# resample, VAD bookkeeping) does not shrink with its length, so a flood of
+# 1-byte frames is charged like one of 10 ms frames.
+MIN_FRAME_S = 0.01
+
+
 def frame_seconds(payload_bytes: int, encoding: str, sample_rate: int) -> float:
-    return payload_bytes / (ENCODING_BYTES.get(encoding, 2) * sample_rate)
+    return max(MIN_FRAME_S, payload_bytes / (SAMPLE_BYTES.get(encoding, 2) * sample_rate))

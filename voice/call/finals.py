@@ -25,7 +25,9 @@ class OneFinalPerCall:
         self._asr = asr
         self._queued: asyncio.Future[Any] | None = None  # this call's final on the worker
         self._waiting: asyncio.Future[Any] | None = None  # the one next in line
-        self.superseded = 0  # finals dropped because a newer one replaced them
+        self._waiting_audio = np.zeros(0, np.float32)
+        self._closed = False
+        self.superseded = 0  # finals merged into a newer one
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._asr, name)
@@ -33,18 +35,26 @@ class OneFinalPerCall:
     def submit(self, call_id: str, audio: np.ndarray, final: bool) -> asyncio.Future[Any]:
         if not final:
             return self._asr.submit(call_id, audio, final)
+        if self._closed:
+            gone: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            gone.cancel()
+            return gone
         nothing_waits = self._waiting is None or self._waiting.done()
         if (self._queued is None or self._queued.done()) and nothing_waits:
             self._queued = self._asr.submit(call_id, audio, True)
             return self._queued
         if self._waiting is not None and not self._waiting.done():
+            # A newer final replaces the waiting one, but its audio is kept in
+            # front: a talked-over turn's words then lead this decode instead
+            # of being lost with the older future.
+            audio = np.concatenate([self._waiting_audio, audio])
             self._waiting.cancel()
             self.superseded += 1
         waiting: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting = waiting
+        self._waiting, self._waiting_audio = waiting, audio
 
         def hand_over(_: object) -> None:
-            if waiting.done():  # superseded or given up while it waited
+            if waiting.done() or self._closed:  # superseded, given up, or the call hung up
                 return
             inner = self._asr.submit(call_id, audio, True)
             self._queued = inner
@@ -52,6 +62,13 @@ class OneFinalPerCall:
 
         self._queued.add_done_callback(hand_over)
         return waiting
+
+    def close(self) -> None:
+        """The call is over: nothing of it is handed to the worker any more."""
+        self._closed = True
+        for future in (self._waiting, self._queued):
+            if future is not None and not future.done():
+                future.cancel()
 
 
 def _chain(inner: asyncio.Future[Any], outer: asyncio.Future[Any]) -> None:

@@ -88,11 +88,11 @@ class History:
         serves (trimming one message per turn would shift the prefix each
         turn and re-prefill the whole history: seconds on a CPU)."""
         start = next((i for i, m in enumerate(past) if m is self._first_kept), 0)
-        if sum(estimate_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in past[start:]) > spare:
+        used = prompt_tokens(past[start:])
+        if used > spare:
             low_water = spare // 2
-            while start < len(past) and sum(
-                estimate_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in past[start:]
-            ) > low_water:
+            while start < len(past) and used > low_water:
+                used -= prompt_tokens(past[start : start + 1])
                 start += 1
             # A prompt's history starts with the caller's words.
             while caller_next and start < len(past) and past[start]["role"] == "assistant":

@@ -19,6 +19,7 @@ import re
 SEND = "send"
 STOP_LENGTH = "max_sentences"  # the reply has said enough for a phone call
 STOP_LOOP = "loop"  # the sentence repeats an earlier one, or stutters
+SKIP = "skip"  # a first sentence that repeats the previous reply: left out, the reply goes on
 
 _WORD = re.compile(r"[a-z0-9']+")
 _TERMINAL = re.compile(r"""[.!?…]["'”’)\]]*$""")
@@ -72,28 +73,47 @@ class ReplyGuard:
     def __init__(self, policy: ReplyPolicy, previous_reply: str = "") -> None:
         self.policy = policy
         self.sent = 0
+        self._skipped = 0
         self._seen: list[list[str]] = []
         if previous_reply:
-            self._previous = [w for w in (words_of(s) for s in _split(previous_reply)) if w]
+            self._previous = [w for w in (words_of(s) for s in split_sentences(previous_reply)) if w]
         else:
             self._previous = []
 
+    @property
+    def said_nothing_but_loops(self) -> bool:
+        """The reply ended with only a left-out sentence: it was a loop."""
+        return self.sent == 0 and self._skipped > 0
+
+    @property
+    def full(self) -> bool:
+        """The reply has all the sentences it may have: stop generating now."""
+        return bool(self.policy.max_sentences) and self.sent >= self.policy.max_sentences
+
     def check(self, sentence: str) -> str:
         policy = self.policy
-        if policy.max_sentences and self.sent >= policy.max_sentences:
+        if self.full:
             return STOP_LENGTH
         words = words_of(sentence)
-        if policy.loop_guard and words:
-            if stutters(words, policy.max_stutter):
-                return STOP_LOOP
-            if any(self._similar(words, earlier) for earlier in self._seen):
-                return STOP_LOOP
-            # Short answers ("Yes.", "Sure.") may recur from one reply to the next.
-            if len(words) >= 4 and any(self._similar(words, earlier) for earlier in self._previous):
-                return STOP_LOOP
+        if policy.loop_guard and words and self._loops(words):
+            self._seen.append(words)
+            if self.sent == 0 and self._skipped == 0:
+                # Ending here would leave the caller with silence: leave this
+                # one sentence out and see what the model says next.
+                self._skipped += 1
+                return SKIP
+            return STOP_LOOP
         self._seen.append(words)
         self.sent += 1
         return SEND
+
+    def _loops(self, words: list[str]) -> bool:
+        if stutters(words, self.policy.max_stutter):
+            return True
+        if any(self._similar(words, earlier) for earlier in self._seen):
+            return True
+        # Short answers ("Yes.", "Sure.") may recur from one reply to the next.
+        return len(words) >= 4 and any(self._similar(words, earlier) for earlier in self._previous)
 
     def _similar(self, a: list[str], b: list[str]) -> bool:
         if a == b:
@@ -103,5 +123,6 @@ class ReplyGuard:
         return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= self.policy.similarity
 
 
-def _split(text: str) -> list[str]:
+def split_sentences(text: str) -> list[str]:
+    """Finished text (a stored reply) into its sentences."""
     return [s for s in re.split(r"(?<=[.!?…])\s+", text.strip()) if s]

@@ -15,6 +15,7 @@ endpoint, commit: transcript, then reply sentences on the wire.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import itertools
@@ -35,8 +36,8 @@ from llm.sampling import SamplingError, SamplingParams
 from streaming.codecs import StreamResampler, decode, int16_to_float
 from voice.call.audio_budget import AudioBudget, frame_seconds
 from voice.call.finals import OneFinalPerCall
-from voice.call.history import MAX_INSTRUCTIONS, ContextTooLarge, History, keep_heard
-from voice.call.start import ProtocolError, Start, check_audio_frame
+from voice.call.history import ContextTooLarge, History
+from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
 from voice.server.runtime import Runtime
 
@@ -46,7 +47,16 @@ ASR_RATE = 16000
 # Tokens the chat template adds around the whole prompt (generation prompt, BOS).
 PROMPT_MARGIN_TOKENS = 16
 _call_ids = itertools.count(1)
-__all__ = ["ASR_RATE", "MAX_INSTRUCTIONS", "CallSession", "Emit", "keep_heard"]
+__all__ = ["ASR_RATE", "CallSession", "Emit"]
+
+
+# What a caller may learn of the engine in ``ready``: what it is, not where
+# it runs (URLs, pids, file paths stay in logs and /metrics).
+PUBLIC_ENGINE_KEYS = ("engine", "isolation", "device", "speculation", "parallel")
+
+
+def public_engine_info(described: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in described.items() if k in PUBLIC_ENGINE_KEYS}
 
 
 class CallSession:
@@ -57,7 +67,6 @@ class CallSession:
         self.started = False
         self.closed = False
         self.asr_config: ASRConfig = runtime.config.asr
-        self.max_tokens = runtime.config.llm.max_tokens
         self.reply_policy = runtime.config.reply
         self.sampling: SamplingParams = runtime.config.llm.sampling
         self._start: Start | None = None
@@ -75,6 +84,7 @@ class CallSession:
         self._pause_id = 0  # bumped on every Paused / Resumed / TurnEnded: a late answer is dropped
         self._eot_rule: float | None = None
         self._eot_prob: float | None = None
+        self._smart_turn_busy = False
         self._prefilling = False
         self._tasks: set[asyncio.Task[None]] = set()
         # (stream position in s at the end of a fed frame, monotonic arrival)
@@ -85,10 +95,9 @@ class CallSession:
         self._feed_lock = asyncio.Lock()
         # A call may not feed audio much faster than real time (the ASR worker
         # is shared): voice/call/audio_budget.py; multiple 0 turns it off.
-        limits = getattr(runtime.config, "limits", None)
-        multiple = float(getattr(limits, "audio_rate_multiple", 0.0) or 0.0)
-        window_s = float(getattr(limits, "audio_rate_window_s", 5.0))
-        self._budget = AudioBudget(multiple, window_s) if multiple > 0 else None
+        limits = runtime.config.limits
+        multiple = limits.audio_rate_multiple
+        self._budget = AudioBudget(multiple, limits.audio_rate_window_s) if multiple > 0 else None
         # The shared ASR worker as this call's turns see it: one final queued at a time.
         self._finals = OneFinalPerCall(runtime.asr)
 
@@ -137,7 +146,7 @@ class CallSession:
                 "audio": {"encoding": start.encoding, "sample_rate": start.sample_rate},
                 "endpoint_silence_ms": round(self.asr_config.endpoint_silence_s * 1000),
                 "adaptive_endpoint": self.asr_config.adaptive_endpoint,
-                "engine": self.runtime.engine.describe(),
+                "engine": public_engine_info(self.runtime.engine.describe()),
             }
         )
         if greeting is not None:
@@ -211,6 +220,12 @@ class CallSession:
         self.runtime.asr.forget(self.call_id)
         self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
         self._last_partial = ""
+        # The new tracker counts stream positions from 0 again: so does the
+        # arrival map, or speech ends would map to old frames (TTFS too long).
+        self._fed_s = 0.0
+        self._arrivals.clear()
+        self._pause_id += 1
+        self._eot_rule = self._eot_prob = None
 
     def cancel_reply(self) -> bool:
         """Stop the reply being generated (Realtime ``response.cancel``).
@@ -233,6 +248,7 @@ class CallSession:
             return
         self.closed = True
         self.runtime.asr.forget(self.call_id)
+        self._finals.close()  # no decode of this call may start after it hung up
         turns = [t.task for t in (self._active, self._pending) if t is not None]
         tasks = [*self._tasks, *turns]
         for task in tasks:
@@ -269,7 +285,7 @@ class CallSession:
 
     def _on_pause(self, ev: Paused) -> None:
         cfg = self.asr_config
-        if cfg.adaptive_endpoint and cfg.end_of_turn in SMART_TURN_POLICIES:
+        if cfg.adaptive_endpoint and cfg.end_of_turn in SMART_TURN_POLICIES and not self._smart_turn_busy:
             # Beside the pause decode, not after it: the model's ~0.1 s pass
             # must land inside the pause's endpoint window.
             self._spawn(self._smart_turn(ev.audio, self._pause_id))
@@ -296,13 +312,18 @@ class CallSession:
             self._tracker.set_endpoint(decide_window(cfg.end_of_turn, seconds, self._eot_prob, cfg))
 
     async def _smart_turn(self, audio: np.ndarray, pause_id: int) -> None:
+        # One inference in flight per call: a caller flapping between speech
+        # and silence cannot queue model work ahead of other calls' pauses.
         cfg = self.asr_config
         model = shared_smart_turn(cfg.smart_turn_model)  # loaded at startup by the CLI; here a no-op
+        self._smart_turn_busy = True
         try:
             probability = await asyncio.get_running_loop().run_in_executor(None, model.probability, audio)
         except Exception:  # the word rules still decide; a model failure must not end the call
             log.exception("smart turn failed; the word rules decide this pause")
             return
+        finally:
+            self._smart_turn_busy = False
         if pause_id != self._pause_id or self._tracker is None:
             return  # the caller resumed (or the turn ended) while the model ran
         self._eot_prob = probability
@@ -335,7 +356,7 @@ class CallSession:
             turn = Turn(ctx, self._turn_index, ev.audio, times, committed=True, audio_end_s=ev.speech_end_audio_s)
         turn.wasted_generations = self._wasted
         self._wasted = 0
-        self.carry_over = ""
+        self._consume_carry_over(turn)
         self._active = turn
         if not turn.committed:
             await turn.commit(now)
@@ -347,18 +368,31 @@ class CallSession:
             engine=runtime.engine,
             asr=self._finals,
             asr_config=self.asr_config,
-            max_tokens=self.max_tokens,
             sampling=self.sampling,
             sentence_max_words=runtime.config.sentence_max_words,
             reply_policy=self.reply_policy,
             previous_reply=self.history.last_reply(),
-            carry_over=self.carry_over,
+            take_carry_over=self._take_carry_over,
             messages=self.messages,
             emit=self.emit,
             finished=self._turn_finished,
             is_closed=lambda: self.closed,
             tracer=runtime.tracer,
         )
+
+    def _take_carry_over(self, take: bool) -> str:
+        """Words waiting for the next turn (a talked-over turn's, keypresses),
+        for the turn whose transcript is being built; cleared when taken."""
+        words = self.carry_over
+        if take:
+            self.carry_over = ""
+        return words
+
+    def _consume_carry_over(self, turn: Turn) -> None:
+        """A preemptive turn is committed: the carried-over words it read at
+        its decode are its own now; any that came later stay for the next."""
+        if turn.carry_over and self.carry_over.startswith(turn.carry_over):
+            self.carry_over = self.carry_over[len(turn.carry_over) :].lstrip()
 
     def _turn_finished(self, outcome: TurnOutcome) -> None:
         """A turn handed back its outcome."""
@@ -373,10 +407,8 @@ class CallSession:
 
     def _arrival_of(self, position_s: float) -> float:
         """When the frame holding this stream position arrived."""
-        for end_s, arrived in self._arrivals:
-            if end_s >= position_s:
-                return arrived
-        return time.monotonic()
+        at = bisect.bisect_left(self._arrivals, position_s, key=lambda entry: entry[0])
+        return self._arrivals[at][1] if at < len(self._arrivals) else time.monotonic()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -421,17 +453,31 @@ class CallSession:
     def set_sampling(self, overrides: dict[str, Any]) -> None:
         """This call's sampling from now on: the current values with
         ``overrides`` applied. Raises ProtocolError (``invalid_sampling``,
-        naming the field) for a bad value or one the engine cannot honour."""
+        naming the field) for a bad value, one the engine cannot honour, or a
+        reply length the protocols do not allow or the context cannot hold."""
         try:
             sampling = self.sampling.merged(overrides)
             self.runtime.engine.check_sampling(sampling)
         except SamplingError as exc:
-            raise ProtocolError("invalid_sampling", f"sampling.{exc.field}: {exc}") from None
+            raise ProtocolError("invalid_sampling", f"sampling.{exc.field:.40}: {str(exc)[:200]}") from None
         except EngineError as exc:
-            raise ProtocolError("invalid_sampling", str(exc)) from None
+            raise ProtocolError("invalid_sampling", str(exc)[:200]) from None
+        if sampling.max_tokens > MAX_REPLY_TOKENS:
+            raise ProtocolError("invalid_sampling", f"sampling.max_tokens must be at most {MAX_REPLY_TOKENS}")
+        try:
+            self.check_instructions(self.history.system_prompt, sampling.max_tokens)
+        except ContextTooLarge:
+            raise ProtocolError("invalid_sampling", "sampling.max_tokens leaves no room for the prompt") from None
         self.sampling = sampling
-        if "max_tokens" in overrides and overrides["max_tokens"] is not None:
-            self.max_tokens = sampling.max_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        """The call's reply cap: its sampling's, the one place it is kept."""
+        return self.sampling.max_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, value: int) -> None:
+        self.sampling = self.sampling.merged({"max_tokens": value})
 
     def prompt_budget(self, max_tokens: int | None = None) -> int:
         """Prompt tokens the model's context holds beside this call's reply."""
@@ -455,6 +501,9 @@ class CallSession:
             raise ProtocolError("not_started", "a reply before 'start'")
         if self.reply_in_flight():
             raise ProtocolError("reply_in_progress", "a reply is already in progress")
+        # A preemptive turn held for this pause would take the same number;
+        # the caller's words stay in the tracker's turn and are decoded again.
+        self._abort_pending()
         self._turn_index += 1
         now = time.monotonic()
         times = TurnTimes(speech_end=now, endpoint=now)

@@ -12,6 +12,8 @@ from typing import Any
 MAX_AUDIO_FRAME = 64 * 1024  # 2 s of 16 kHz pcm16; real clients send 20-100 ms
 MAX_SYSTEM_PROMPT = 8 * 1024
 MAX_GREETING = 1024
+# The longest reply a call may ask for (native options, Realtime, sampling).
+MAX_REPLY_TOKENS = 1024
 
 
 class ProtocolError(ValueError):

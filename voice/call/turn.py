@@ -28,7 +28,7 @@ from asr.endpointing import endpoint_window
 from llm.base import EngineError, GenerationRequest, LLMEngine
 from llm.sampling import SamplingParams
 from streaming.sentences import SentenceSegmenter
-from voice.call.reply_policy import SEND, ReplyGuard, ReplyPolicy, is_complete
+from voice.call.reply_policy import SEND, SKIP, STOP_LENGTH, STOP_LOOP, ReplyGuard, ReplyPolicy, is_complete
 
 if TYPE_CHECKING:
     from asr.worker import ASRWorker
@@ -92,7 +92,6 @@ class TurnContext:
     engine: LLMEngine
     asr: ASRWorker
     asr_config: ASRConfig
-    max_tokens: int
     # The call's sampling: the server's defaults merged with its own options.
     sampling: SamplingParams
     sentence_max_words: int
@@ -100,7 +99,9 @@ class TurnContext:
     # What the caller heard of the previous reply: the loop guard compares.
     previous_reply: str
     # Words of an earlier turn the caller talked over; they lead this one.
-    carry_over: str
+    # Words waiting to lead this turn (a talked-over turn's, keypresses):
+    # ``take_carry_over(True)`` also clears them, (False) only reads.
+    take_carry_over: Callable[[bool], str]
     # The prompt that answers the caller's words (None: the conversation as it
     # stands), with extra instructions for this reply; built when the reply
     # starts so it holds the history as of then.
@@ -160,7 +161,10 @@ class Turn:
         self.audio = audio
         self.times = times
         self.preemptive = not committed
-        self.carry_over = ctx.carry_over
+        # The carried-over words this turn's transcript starts with; read when
+        # its decode is in (None until then), so keypresses and talked-over
+        # words up to that moment join it.
+        self.carry_over: str | None = None
         self.user_text = ""
         self.sent: list[str] = []
         # Preemptive turns of this caller turn that were aborted (caller
@@ -181,9 +185,6 @@ class Turn:
     def committed(self) -> bool:
         return self._gate.is_set()
 
-    @property
-    def llm_started(self) -> bool:
-        return self.request is not None
 
     async def commit(self, endpoint_at: float) -> None:
         """The endpoint fired: release what was held, then stream live."""
@@ -200,7 +201,7 @@ class Turn:
         decoded, go back to the session to lead the next turn."""
         if pending.cancelled() or pending.exception() is not None or not pending.result().text:
             return
-        text = " ".join(filter(None, [self.carry_over, pending.result().text]))
+        text = " ".join(filter(None, [self.carry_over or "", pending.result().text]))
         self.ctx.finished(TurnOutcome(self.index, text, "", cancelled=True, replied=False))
 
     # ---- the work ------------------------------------------------------
@@ -224,12 +225,17 @@ class Turn:
         self.times.asr_start = time.monotonic()
         pending = ctx.asr.submit(ctx.call_id, self.audio, final=True)
         try:
-            # Shielded: a caller who resumes mid-decode still gets these words
-            # joined to their next turn (the outcome carries them).
+            # Shielded: a caller who talks over a committed turn mid-decode
+            # still gets these words joined to their next turn.
             decoded = await asyncio.shield(pending)
         except asyncio.CancelledError:
             if self.committed:
                 pending.add_done_callback(self._talked_over)
+            else:
+                # An aborted preemptive turn: its audio is the head of the turn
+                # still going on, whose own final decodes it again. Dropping this
+                # decode frees the shared worker for every call's finals.
+                pending.cancel()
             raise
         except Exception:
             log.exception("ASR failed on call %s turn %d", ctx.call_id, self.index)
@@ -237,6 +243,9 @@ class Turn:
             await ctx.emit({"type": "error", "code": "asr_failed", "message": plain_error("asr_failed", self.index)})
             return
         self.times.asr_final = time.monotonic()
+        # A committed turn owns the words now; a preemptive one only reads them
+        # (if the caller resumes it is dropped, and they wait for the next).
+        self.carry_over = ctx.take_carry_over(self.committed)
         self.user_text = " ".join(filter(None, [self.carry_over, decoded.text])).strip()
         if self._on_window is not None and not self.committed:
             self._on_window(self, endpoint_window(decoded.text, ctx.asr_config))
@@ -259,13 +268,17 @@ class Turn:
         request = GenerationRequest(
             request_id=f"{ctx.call_id}-t{self.index}",
             messages=messages,
-            max_tokens=ctx.max_tokens,
             sampling=ctx.sampling,
             session_key=ctx.call_id,  # a replica pool keeps the call on one replica
         )
         self.request = request
         segmenter = SentenceSegmenter(max_words=ctx.sentence_max_words)
-        guard = ReplyGuard(ctx.reply_policy, ctx.previous_reply)
+        policy = ctx.reply_policy
+        if first is not None and first.text is not None:
+            # An operator's fixed text is said whole (no sentence cap), still
+            # never with a sentence twice.
+            policy = dataclasses.replace(policy, max_sentences=0)
+        guard = ReplyGuard(policy, ctx.previous_reply)
         cancelled = False
         failed: str | None = None
         try:
@@ -281,6 +294,12 @@ class Turn:
                         if not await self._sentence(sentence, guard):
                             stopped = True
                             break
+                        if guard.full:
+                            # The last sentence the reply may have is out: stop
+                            # generating now, not one sentence later.
+                            self.reply_end = STOP_LENGTH
+                            stopped = True
+                            break
                     if stopped:
                         break
             if not stopped:
@@ -293,6 +312,8 @@ class Turn:
                         break
                     if not await self._sentence(sentence, guard):
                         break
+            if guard.said_nothing_but_loops and self.reply_end == "complete":
+                self.reply_end = STOP_LOOP
         except asyncio.CancelledError:
             cancelled = True
             self.reply_end = "cancelled"
@@ -324,6 +345,8 @@ class Turn:
     async def _sentence(self, text: str, guard: ReplyGuard) -> bool:
         """Send one sentence if the reply policy lets it out; False ends the reply."""
         verdict = guard.check(text)
+        if verdict == SKIP:
+            return True
         if verdict != SEND:
             self.reply_end = verdict
             return False

@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 from importlib import resources
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -27,7 +28,7 @@ from voice.server.metrics import CONTENT_TYPE
 from voice.server.registry import CallRegistry, CallTicket, parse_networks
 from voice.server.routes import NATIVE_PATH, WS_ROUTES, CallHandler
 from voice.server.runtime import Runtime
-from voice.server.signatures import SETTINGS_HEADER, SIGNATURE_HEADER, candidate_urls
+from voice.server.signatures import SIGNATURE_HEADER, candidate_urls
 from voice.transports.audiosocket import start_audiosocket
 from voice.transports.carriers import twilio
 
@@ -56,9 +57,9 @@ _DEMO_TYPES = {
     "css": "text/css; charset=utf-8",
     "svg": "image/svg+xml",
 }
-# Same-origin scripts, styles and sockets only: no inline code, no CDN, no
-# frames. ws:/wss: are listed because older browsers do not count a
-# websocket to the page's own host as 'self'.
+# Same-origin scripts and styles only: no inline code, no CDN, no frames.
+# ws:/wss: are listed because older browsers do not count a websocket to the
+# page's own host as 'self' (the server's Origin check refuses other sites).
 DEMO_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self' ws: wss:; media-src 'self' blob:; object-src 'none'; "
@@ -69,6 +70,7 @@ DEMO_CSP = (
 def _json_response(status: http.HTTPStatus, body: dict[str, object]) -> Response:
     response = Response(status.value, status.phrase, Headers())
     response.headers["Content-Type"] = "application/json"
+    response.headers["X-Content-Type-Options"] = "nosniff"
     response.body = json.dumps(body).encode()
     response.headers["Content-Length"] = str(len(response.body))
     return response
@@ -116,19 +118,39 @@ def _address_of(connection: ServerConnection) -> str | None:
     return str(remote[0]) if remote else None
 
 
+class BadHeaders(ValueError):
+    """A header the checks read came more than once: refused, not guessed at."""
+
+
+def _header(request: Request, name: str) -> str | None:
+    """One header's value. Sent twice, which one would a proxy have checked?"""
+    values = request.headers.get_all(name)
+    if len(values) > 1:
+        raise BadHeaders(name)
+    return values[0] if values else None
+
+
 def _token_of(request: Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = (_header(request, "Authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     # Carriers' media websockets cannot set headers; they can only put the
-    # token in the stream URL. (The log filter redacts it by value.)
-    _, _, query = request.path.partition("?")
-    for pair in query.split("&"):
-        key, _, value = pair.partition("=")
-        if key == "token" and value:
-            return value
-    return None
+    # token in the stream URL, percent-encoded like any query value. (The
+    # log filter redacts it by value, both forms.)
+    tokens = parse_qs(request.path.partition("?")[2]).get("token")
+    return tokens[0] if tokens else None
+
+
+def _origin_ok(request: Request, allowed: list[str]) -> bool:
+    """A browser's websocket must come from this server's own page (or an
+    allowed origin): browsers apply no same-origin rule to websockets, so any
+    site a user visits could otherwise drive calls here. Carriers and SDKs
+    send no Origin and are not affected."""
+    origin = _header(request, "Origin")
+    if origin is None:
+        return True
+    host = urlsplit(origin).netloc.lower()
+    return host == (_header(request, "Host") or "").lower() or origin.rstrip("/").lower() in allowed
 
 
 class VoiceServer:
@@ -149,15 +171,13 @@ class VoiceServer:
         # there, not in the handler, so a burst of simultaneous upgrades cannot
         # all slip past max_calls before the first handler runs.
         self._tickets: dict[ServerConnection, CallTicket] = {}
+        if self._owns_runtime:  # the gauge counts every listener's calls, not one transport family's
+            self.runtime.metrics.active.set_function(self.registry.live_calls)
         self._hurry = asyncio.Event()
 
     @property
     def draining(self) -> bool:
         return self.registry.draining
-
-    @draining.setter
-    def draining(self, value: bool) -> None:
-        self.registry.draining = value
 
     @property
     def ready(self) -> bool:
@@ -190,27 +210,15 @@ class VoiceServer:
         if self.config.demo_page and path in DEMO_FILES and "Upgrade" not in request.headers:
             return _demo_response(DEMO_FILES[path])
         if path not in WS_ROUTES:
-            return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no route {path}; calls go to {NATIVE_PATH}"})
+            return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no such route; calls go to {NATIVE_PATH}"})
         address = _address_of(connection)
-        if path == twilio.PATH and self.registry.twilio is not None:
-            # Twilio cannot send a bearer token; it signs the upgrade instead.
-            # Refused here, before the handshake, so no audio is ever read.
-            urls = candidate_urls(
-                request.path,
-                request.headers.get("Host"),
-                request.headers.get("X-Forwarded-Proto"),
-                self.config.public_url,
-            )
-            signature = request.headers.get(SIGNATURE_HEADER)
-            if not self.registry.twilio.valid(urls, signature, request.headers.get(SETTINGS_HEADER)):
-                why = "missing X-Twilio-Signature" if not signature else "X-Twilio-Signature does not match"
-                self.registry.unauthorized(path, address, why)
-                return _json_response(http.HTTPStatus.FORBIDDEN, {"error": "invalid Twilio signature"})
-        elif not self.registry.token_ok(_token_of(request)):
-            self.registry.unauthorized(path, address, "missing or wrong bearer token")
-            response = _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
-            response.headers["WWW-Authenticate"] = 'Bearer realm="firstline"'
-            return response
+        try:
+            refused = self._authenticate(path, request, address)
+        except BadHeaders as exc:
+            self.registry.unauthorized(path, address, f"{exc} header sent more than once")
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": f"duplicate {exc} header"})
+        if refused is not None:
+            return refused
         ticket = self.registry.admit(path, address, gone=lambda: connection.state is State.CLOSED)
         if isinstance(ticket, Refusal):
             return _refused(ticket)
@@ -219,6 +227,32 @@ class VoiceServer:
         # that would pop its entry: forget those here.
         self._tickets = {c: t for c, t in self._tickets.items() if c.state is not State.CLOSED}
         self._tickets[connection] = ticket
+        return None
+
+    def _authenticate(self, path: str, request: Request, address: str | None) -> Response | None:
+        """None when the upgrade may go on to admission; else the refusal."""
+        if not _origin_ok(request, self.config.allowed_origins):
+            self.registry.unauthorized(path, address, "websocket from another site's page (Origin)")
+            return _json_response(http.HTTPStatus.FORBIDDEN, {"error": "origin not allowed"})
+        if path == twilio.PATH and self.registry.twilio is not None:
+            # Twilio cannot send a bearer token; it signs the upgrade instead.
+            # Refused here, before the handshake, so no audio is ever read.
+            urls = candidate_urls(
+                request.path,
+                _header(request, "Host"),
+                _header(request, "X-Forwarded-Proto"),
+                self.config.public_url,
+            )
+            signature = _header(request, SIGNATURE_HEADER)
+            if not self.registry.twilio.valid(urls, signature):
+                why = "missing X-Twilio-Signature" if not signature else "X-Twilio-Signature does not match"
+                self.registry.unauthorized(path, address, why)
+                return _json_response(http.HTTPStatus.FORBIDDEN, {"error": "invalid Twilio signature"})
+        elif not self.registry.token_ok(_token_of(request)):
+            self.registry.unauthorized(path, address, "missing or wrong bearer token")
+            response = _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
+            response.headers["WWW-Authenticate"] = 'Bearer realm="firstline"'
+            return response
         return None
 
     def _end_ws(self, ws: ServerConnection, end: CallEnd) -> object:
@@ -234,9 +268,9 @@ class VoiceServer:
         assert ws.request is not None
         ticket = self._tickets.pop(ws, None)
         if ticket is None:  # not through _process_request (never in practice): count it anyway
-            ticket = self.registry.track(CallTicket(ws.request.path, _address_of(ws)))
+            ticket = self.registry.track(CallTicket(ws.request.path.split("?", 1)[0], _address_of(ws)))
             ticket.stop = lambda end: self._end_ws(ws, end)
-        ticket.task = asyncio.current_task()
+        self.registry.started(ticket)
         try:
             await self.route(ws.request.path.split("?", 1)[0])(ws, self.runtime)
         finally:

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on a hub
 
-from asr.config import ASRConfig
+from asr.config import END_OF_TURN_POLICIES, ASRConfig
 from llm.config import LLMConfig, SpeculationConfig
 from llm.sampling import add_sampling_arguments, sampling_from_args
 from voice.call.reply_policy import ReplyPolicy
+from voice.server.admission import AdmissionConfig
 from voice.server.config import ServerConfig
+from voice.server.limits import CallLimits
 from voice.server.log_format import configure_logging
+from voice.server.signatures import check_public_url
+
+
+def _network(value: str) -> str:
+    """A CIDR or address flag, checked when parsed (a clear usage error, not
+    a traceback when the server builds its registry)."""
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address or network: {value!r}") from None
+    return value.strip()
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -27,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the websocket server")
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default loopback)")
     serve.add_argument("--port", type=int, default=int(_env("PORT", "8765") or 8765))
-    serve.add_argument("--max-calls", type=int, default=16)
+    serve.add_argument("--max-calls", type=int, default=ServerConfig.max_calls)
     serve.add_argument(
         "--engine",
         choices=["llamacpp", "vllm", "remote"],
@@ -109,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fixed-endpoint", action="store_true", help="fixed silence window, not adaptive")
     serve.add_argument(
         "--end-of-turn",
-        choices=["adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"],
+        choices=END_OF_TURN_POLICIES,
         default=_env("END_OF_TURN", ASRConfig.end_of_turn),
         help="how a pause's window is chosen (asr/end_of_turn.py; benchmarks/end_of_turn.py compares them)",
     )
@@ -140,13 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     # Limits and admission (voice/limits.py, voice/admission.py).
-    serve.add_argument("--idle-timeout-s", type=float, default=60.0, help="close a call silent this long (0: never)")
-    serve.add_argument("--send-timeout-s", type=float, default=5.0, help="drop a call whose client stops reading")
-    serve.add_argument("--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, live calls get this long")
+    serve.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=CallLimits.idle_timeout_s,
+        help="close a call silent this long (0: never)",
+    )
+    serve.add_argument(
+        "--send-timeout-s", type=float, default=CallLimits.send_timeout_s, help="drop a call whose client stops reading"
+    )
+    serve.add_argument(
+        "--drain-timeout-s", type=float, default=CallLimits.drain_timeout_s, help="on SIGTERM, live calls get this long"
+    )
     serve.add_argument(
         "--ttfs-target-ms", type=float, default=0.0, help="refuse new calls while recent p95 TTFS is above (0: off)"
     )
-    serve.add_argument("--max-asr-queue", type=int, default=16, help="refuse new calls above this ASR backlog (0: off)")
+    serve.add_argument(
+        "--max-asr-queue",
+        type=int,
+        default=AdmissionConfig.max_asr_queue,
+        help="refuse new calls above this ASR backlog (0: off)",
+    )
     serve.add_argument(
         "--auth-token",
         default=_env("AUTH_TOKEN"),
@@ -156,12 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-calls-per-address",
         type=int,
-        default=8,
+        default=ServerConfig.max_calls_per_address,
         help="concurrent calls from one source address, all listeners together (0: no cap)",
     )
     serve.add_argument(
         "--per-address-exempt",
         action="append",
+        type=_network,
         default=None,
         metavar="CIDR",
         help="sources the per-address cap skips, e.g. your proxy (repeatable; default: loopback)",
@@ -174,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--audiosocket-allow",
         action="append",
+        type=_network,
         default=[],
         metavar="CIDR",
         help="source networks AudioSocket accepts (repeatable; default any, or this host only with --auth-token)",
@@ -182,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--twilio-auth-token",
         default=os.environ.get("TWILIO_AUTH_TOKEN"),
         help="verify X-Twilio-Signature on /twilio upgrades with this account auth token (or TWILIO_AUTH_TOKEN)",
+    )
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web page origin (https://app.example.com) that may open call websockets; repeatable "
+        "(the server's own page always may; clients with no Origin header, carriers and SDKs, are unaffected)",
     )
     serve.add_argument(
         "--public-url",
@@ -197,11 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--audio-rate-multiple",
         type=float,
-        default=8.0,
+        default=CallLimits.audio_rate_multiple,
         help="a call may send audio at most this many times faster than real time (0: no limit)",
     )
     serve.add_argument(
-        "--audio-rate-window-s", type=float, default=5.0, help="the audio rate is averaged over this many seconds"
+        "--audio-rate-window-s",
+        type=float,
+        default=CallLimits.audio_rate_window_s,
+        help="the audio rate is averaged over this many seconds",
     )
     serve.add_argument(
         "--allow-custom-prompt",
@@ -289,7 +330,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         config.audiosocket_host = args.audiosocket_host
     config.audiosocket_allow = list(args.audiosocket_allow)
     config.twilio_auth_token = args.twilio_auth_token or None
-    config.public_url = args.public_url or None
+    config.allowed_origins = [o.rstrip("/").lower() for o in args.allow_origin]
+    try:
+        config.public_url = check_public_url(args.public_url) if args.public_url else None
+    except ValueError as exc:
+        raise SystemExit(f"firstline: {exc}") from None
     config.carrier_secret = args.carrier_secret or None
     config.allow_custom_prompt = args.allow_custom_prompt
     config.limits.audio_rate_multiple = max(0.0, args.audio_rate_multiple)

@@ -35,6 +35,9 @@ class ServerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     # Bearer token required on websocket upgrades (None: no auth; loopback bind).
     auth_token: str | None = None
+    # Browser pages on other origins allowed to open call websockets (the
+    # server's own page always is), e.g. "https://app.example.com".
+    allowed_origins: list[str] = field(default_factory=list)
     # Twilio's account auth token: /twilio upgrades must carry a valid
     # X-Twilio-Signature (HTTP 403 otherwise) instead of the bearer token.
     twilio_auth_token: str | None = None

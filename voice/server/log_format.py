@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable
+from urllib.parse import quote
 
 call_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("call_id", default=None)
 turn_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("turn", default=None)
@@ -75,7 +76,8 @@ class ContextFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s]
+        # Each secret as sent and percent-encoded (a ?token= in a logged URL).
+        self.secrets = sorted({form for s in secrets if s for form in (s, quote(s, safe=""))}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.call_id = call_id_var.get()
@@ -98,7 +100,16 @@ class ContextFilter(logging.Filter):
                 message, changed = message.replace(secret, REDACTED), True
         if changed:
             record.msg, record.args = message, ()
+        if record.exc_info and self.secrets:
+            # A traceback can quote a URL or header too; formatters use exc_text once set.
+            text = record.exc_text or _TRACEBACKS.formatException(record.exc_info)
+            for secret in self.secrets:
+                text = text.replace(secret, REDACTED)
+            record.exc_text = text
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 def _scrub_arg(arg: object) -> object:
@@ -123,7 +134,7 @@ class JsonFormatter(logging.Formatter):
         if turn is not None:
             out["turn"] = turn
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
 
 

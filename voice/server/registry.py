@@ -16,10 +16,10 @@ that its connection is gone (``gone``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +32,9 @@ from voice.server.signatures import TwilioSignatures
 
 log = logging.getLogger(__name__)
 
+# Refusals anyone can provoke are logged at WARNING this often per address.
+WARN_EVERY_S = 60.0
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -40,19 +43,30 @@ def parse_networks(values: Iterable[str]) -> list[Network]:
     return [ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip()]
 
 
+def _ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if address is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # no IPv6 zone
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return ip
+
+
+def normalize_address(address: str | None) -> str | None:
+    """One spelling per peer, so the per-address cap counts it once."""
+    ip = _ip(address)
+    return str(ip) if ip is not None else address
+
+
 def address_allowed(address: str | None, allow: list[Network]) -> bool:
     """Whether ``address`` is in one of ``allow`` (an empty list allows all)."""
     if not allow:
         return True
-    if address is None:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
-    return any(ip.version == net.version and ip in net for net in allow)
+    ip = _ip(address)
+    return ip is not None and any(ip.version == net.version and ip in net for net in allow)
 
 
 @dataclass(eq=False)
@@ -67,7 +81,6 @@ class CallTicket:
     # Ends the call the listener's way (farewell, then close); set by the listener.
     stop: Callable[[CallEnd], object] | None = None
     task: asyncio.Task[object] | None = None
-    released: bool = False
 
 
 class CallRegistry:
@@ -79,6 +92,8 @@ class CallRegistry:
         self._tickets: set[CallTicket] = set()
         self._exempt = parse_networks(config.per_address_exempt)
         self.twilio = TwilioSignatures(config.twilio_auth_token) if config.twilio_auth_token else None
+        # address -> when its refusals were last logged at WARNING (bounded).
+        self._warned: dict[str | None, float] = {}
 
     # ---- auth ----------------------------------------------------------
 
@@ -90,9 +105,19 @@ class CallRegistry:
         return token is not None and hmac.compare_digest(token.encode(), expected.encode())
 
     def unauthorized(self, listener: str, address: str | None, why: str) -> None:
-        """Count and log a refusal for credentials (never the credential itself)."""
+        """Count and log a refusal for credentials (never the credential
+        itself). Anyone can provoke these, so WARNING at most once a minute
+        per address; every one is counted and logged at DEBUG."""
         self.runtime.metrics.call_refused("unauthorized")
-        log.warning("%s: refused a call from %s: %s", listener, address or "?", why)
+        now = time.monotonic()
+        if now - self._warned.get(address, -WARN_EVERY_S) >= WARN_EVERY_S:
+            if len(self._warned) >= 1024:
+                self._warned.clear()
+            self._warned[address] = now
+            log.warning("%s: refused a call from %s: %s (more from it this minute at DEBUG)",
+                        listener, address or "?", why)  # fmt: skip
+        else:
+            log.debug("%s: refused a call from %s: %s", listener, address or "?", why)
 
     # ---- admission -----------------------------------------------------
 
@@ -100,16 +125,17 @@ class CallRegistry:
         """Calls holding a slot now. A connection that is gone is not a call
         any more: counting it would refuse a caller who redials the moment
         the last call hung up."""
-        self._tickets = {t for t in self._tickets if not t.released and not t.gone()}
+        self._tickets = {t for t in self._tickets if not t.gone()}
         return list(self._tickets)
 
-    def live_calls(self, listener: str | None = None) -> int:
-        return sum(1 for t in self.live() if listener is None or t.listener == listener)
+    def live_calls(self) -> int:
+        return len(self.live())
 
     def admit(self, listener: str, address: str | None, gone: Callable[[], bool] | None = None) -> CallTicket | Refusal:
         """A slot for a new call, or why not. Counted at once (before any
         handler runs), so a burst of connections cannot all slip past the cap."""
         refusal: Refusal | None
+        address = normalize_address(address)
         live = self.live()
         per_address = self.config.max_calls_per_address
         if self.draining:
@@ -131,8 +157,13 @@ class CallRegistry:
             return refusal
         ticket = CallTicket(listener, address, gone=gone or (lambda: False))
         self._tickets.add(ticket)
-        self.runtime.metrics.call_admitted()
         return ticket
+
+    def started(self, ticket: CallTicket) -> None:
+        """The admitted call's handler runs (a websocket upgrade that failed
+        after admission never gets here, and is not counted as a call)."""
+        ticket.task = asyncio.current_task()
+        self.runtime.metrics.call_admitted()
 
     def track(self, ticket: CallTicket) -> CallTicket:
         """Count a call admitted some other way (it still holds a slot)."""
@@ -140,14 +171,13 @@ class CallRegistry:
         return ticket
 
     def release(self, ticket: CallTicket) -> None:
-        ticket.released = True
         self._tickets.discard(ticket)
 
     async def run(self, ticket: CallTicket, call: Callable[[CallWatch], Awaitable[None]]) -> None:
         """Run an admitted call's handler under a :class:`CallWatch` (idle
         timeout, drain), for listeners without a websocket guard of their own."""
         watch = CallWatch(self.config.limits)
-        ticket.task = asyncio.current_task()
+        self.started(ticket)
         ticket.stop = watch.finish
         try:
             await call(watch)
@@ -194,17 +224,23 @@ class CallRegistry:
                 await asyncio.wait(pending, timeout=min(remaining, 0.5), return_when=asyncio.FIRST_COMPLETED)
         finally:
             hurried.cancel()
-        left = [t for t in self.live() if t.task is not None]
+        # Every live call, including one whose handler has not started yet:
+        # its stop closes the connection, so it cannot start a call later.
+        left = self.live()
         if left:
             log.info("drain deadline: ending %d calls", len(left))
         closing = []
         for ticket in left:
-            if ticket.stop is not None:
+            if ticket.stop is None:
+                continue
+            try:
                 result = ticket.stop(SHUTDOWN)
-                if asyncio.iscoroutine(result):
-                    closing.append(result)
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*closing, return_exceptions=True)
+            except Exception:  # one call failing to stop must not keep the others up
+                log.exception("drain: ending a %s call failed", ticket.listener)
+                continue
+            if asyncio.iscoroutine(result):
+                closing.append(result)
+        await asyncio.gather(*closing, return_exceptions=True)
         tasks = [t.task for t in left if t.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.limits.close_timeout_s + 1.0)

@@ -1,6 +1,7 @@
 """Twilio's own authentication of the media websocket: ``X-Twilio-Signature``
-on the upgrade, an HMAC-SHA1 (or SHA-256 with a shared key) of the URL Twilio
-connected to, keyed with the account's auth token.
+on the upgrade, an HMAC-SHA1 of the URL Twilio connected to, keyed with the
+account's auth token. (Twilio's HMAC-SHA256 mode is keyed with a separate
+SharedKey secret, which this server does not hold: such upgrades are refused.)
 
 The URL is the one Twilio saw, which behind a TLS proxy is not the one this
 process serves: ``--public-url`` names it; without it the Host header and
@@ -13,10 +14,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from twilio.request_validator import RequestValidator, get_signature_algorithm
+from twilio.request_validator import RequestValidator
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
-SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
 
 _WS_SCHEME = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}
 
@@ -51,9 +51,23 @@ class TwilioSignatures:
     def __init__(self, auth_token: str) -> None:
         self._validator = RequestValidator(auth_token)
 
-    def valid(self, urls: list[str], signature: str | None, settings_header: str | None = None) -> bool:
+    def valid(self, urls: list[str], signature: str | None) -> bool:
         """Whether ``signature`` signs one of ``urls`` (media websockets carry no body)."""
         if not signature:
             return False
-        algorithm = get_signature_algorithm(settings_header)
-        return any(self._validator.validate(url, {}, signature, algorithm) for url in urls)
+        for url in urls:
+            try:
+                if self._validator.validate(url, {}, signature):
+                    return True
+            except ValueError:  # a caller's Host that is no URL ("evil:xx", "[::1"): not signed by Twilio
+                continue
+        return False
+
+
+def check_public_url(value: str) -> str:
+    """``--public-url``: the origin Twilio connects to, with its scheme; a bare
+    host would make every signature check fail, so it is refused at start."""
+    parts = urlsplit(value)
+    if parts.scheme not in _WS_SCHEME or not parts.netloc:
+        raise ValueError(f"--public-url must look like https://voice.example.com (got {value!r})")
+    return value

@@ -126,7 +126,7 @@ class AudioSocketCall(TelephonyCall):
         elif kind == KIND_DTMF:
             self.on_dtmf_digit(payload.decode("ascii", "replace"))
         elif kind == KIND_ERROR:
-            log.warning("call %s (audiosocket): Asterisk error %s", self.call_id, payload.hex() or "(no code)")
+            self.note_peer_report(f"Asterisk error {payload[:1].hex() or '(no code)'}", payload[:64].hex())
         else:
             raise MalformedMessage(f"unknown message kind {kind:#x}")
 

@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -32,6 +33,12 @@ Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 # One JSON text frame from a client: generous for any real message.
 MAX_TEXT_FRAME = 64 * 1024
+
+
+def query_param(path: str, key: str) -> str | None:
+    """One query-string value of a request path (percent-decoded, bounded)."""
+    values = parse_qs(path.partition("?")[2]).get(key)
+    return values[0][:128] if values else None
 
 
 class CallEnded(Exception):
@@ -191,8 +198,14 @@ class WebSocketCall(TelephonyCall):
             raise MalformedMessage(f"bad {event!r}: {exc!r}") from None
 
     def handler_for(self, event: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
-        """The handler of a message type: ``on_<type>`` (``.`` and ``:`` as ``_``)."""
-        return getattr(self, "on_" + event.replace(":", "_").replace(".", "_"), None)
+        """The handler of a message type: ``on_<type>`` (``.`` and ``:`` as
+        ``_``), never one of the call's own lifecycle hooks (``on_ended``,
+        ``on_session_event``, …): the peer names the event, so it must not be
+        able to call those."""
+        name = "on_" + event.replace(":", "_").replace(".", "_")
+        if name in LIFECYCLE_HOOKS:
+            return None
+        return getattr(self, name, None)
 
     async def on_binary(self, frame: bytes) -> None:
         raise MalformedMessage(f"binary frame of {len(frame)} B on a JSON-only protocol")
@@ -213,6 +226,11 @@ class WebSocketCall(TelephonyCall):
         the close handshake ends the read loop and finish() releases the call."""
         if self.guard is not None:
             await self.guard.close(code, text)
+
+
+# The base classes' own ``on_*`` methods: hooks the read loop and the session
+# call, not messages a peer may send.
+LIFECYCLE_HOOKS = frozenset(name for name in dir(WebSocketCall) if name.startswith("on_"))
 
 
 class MarkStyleCall(WebSocketCall):

@@ -111,6 +111,14 @@ class TelephonyCall:
             log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, redact_quoted(str(exc)))
         log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, exc)
 
+    def note_peer_report(self, what: str, detail: object) -> None:
+        """Something the peer told us or caused (a carrier error, an error
+        event): the first few at WARNING without the peer's words (quoted
+        parts redacted, free text at DEBUG only), so no caller can fill the log."""
+        if self._warnings.take():
+            log.warning("call %s (%s): %s", self.call_id, self.transport, what)
+        log.debug("call %s (%s): %s: %s", self.call_id, self.transport, what, str(detail)[:500])
+
     def admit(self) -> None:
         self.runtime.active_calls += 1
         self._counted = True
@@ -215,7 +223,7 @@ class TelephonyCall:
             self._ttfs_ms[int(ev["turn"])] = float(ev["ttfs_ms"])
             await self._publish_ttfa(int(ev["turn"]))
         elif kind == "error":
-            log.warning("call %s: %s: %s", self.call_id, ev.get("code"), ev.get("message"))
+            self.note_peer_report(f"error {ev.get('code')}: {redact_quoted(str(ev.get('message')))}", ev.get("message"))
         await self.on_session_event(ev)
 
     async def barge_in(self) -> None:

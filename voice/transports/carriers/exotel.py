@@ -13,7 +13,7 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj
+from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj, query_param
 from voice.transports.telephony import MalformedMessage
 
 PATH = "/exotel"
@@ -60,12 +60,8 @@ class ExotelCall(MarkStyleCall):
     def _query_rate(self) -> int:
         """``wss://host/exotel?sample-rate=16000``: the applet's rate choice."""
         request = self.ws.request
-        query = request.path.split("?", 1)[1] if request is not None and "?" in request.path else ""
-        for part in query.split("&"):
-            key, _, value = part.partition("=")
-            if key == "sample-rate" and value.isdigit():
-                return int(value)
-        return 8000
+        value = query_param(request.path, "sample-rate") if request is not None else None
+        return int(value) if value is not None and value.isdigit() else 8000
 
     async def on_media(self, msg: dict[str, Any]) -> None:
         payload = b64decode(obj(msg, "media").get("payload"))

@@ -26,7 +26,7 @@ def start_from_parameters(encoding: str, rate: int, params: dict[str, Any], conf
     secret = getattr(config, "carrier_secret", None)
     if secret:
         given = params.get(SECRET_PARAMETER)
-        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), secret.encode()):
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(errors="surrogatepass"), secret.encode()):
             raise CallRefused("unauthorized", "carrier secret missing or wrong")
     prompt = params.get("system_prompt") if getattr(config, "allow_custom_prompt", False) else None
     return Start(

@@ -55,7 +55,7 @@ class PlivoCall(WebSocketCall):
             raise MalformedMessage("start without streamId")
         self.stream_id, self.content_type, self.rate = sid, content_type, rate
         params = _extra_headers(msg.get("extra_headers", start.get("extra_headers")))
-        out = OutFormat(encoding, rate, chunk_bytes=round(rate * 0.02) * (2 if encoding == "pcm16" else 1))
+        out = OutFormat.framed(encoding, rate, 0.02)
         await self.begin(
             start_from_parameters(encoding, rate, {**params, "callId": start.get("callId")}, self.runtime.config), out
         )

@@ -110,7 +110,7 @@ class TelnyxCall(MarkStyleCall):
             await self.audio(ready)
 
     async def on_error(self, msg: dict[str, Any]) -> None:
-        log.warning("call %s (telnyx): carrier error %s", self.call_id, str(msg.get("payload", msg))[:200])
+        self.note_peer_report("carrier error", msg.get("payload", msg))
 
     async def on_stop(self, msg: dict[str, Any]) -> None:
         for ready in self.reorder.drain():

@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.call.start import Start
+from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import WebSocketCall
 from voice.transports.telephony import MalformedMessage
 
@@ -56,13 +56,9 @@ class VonageCall(WebSocketCall):
         rate = parse_content_type(msg.get("content-type"))
         self.frame_bytes = rate // 50 * 2
         headers = {k: v for k, v in msg.items() if k not in RESERVED}
-        prompt = headers.get("system_prompt")
-        start = Start(
-            encoding="pcm16",
-            sample_rate=rate,
-            system_prompt=prompt if isinstance(prompt, str) and prompt.strip() else None,
-            metadata=headers,
-        )
+        # Vonage's custom headers are its custom parameters: the same policy
+        # (carrier secret, custom prompt only if the server allows it).
+        start = start_from_parameters("pcm16", rate, headers, self.runtime.config)
         await self.begin(start, OutFormat("pcm16", rate, chunk_bytes=self.frame_bytes))
 
     async def on_binary(self, frame: bytes) -> None:
@@ -82,7 +78,7 @@ class VonageCall(WebSocketCall):
             self.mark_played(payload["name"])
 
     async def on_websocket_error(self, msg: dict[str, Any]) -> None:
-        log.warning("call %s (vonage): carrier error %s", self.call_id, str(msg)[:200])
+        self.note_peer_report("carrier error", msg)
 
     async def send_audio(self, chunk: bytes) -> None:
         await self.send_frame(chunk)

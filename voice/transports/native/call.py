@@ -81,8 +81,7 @@ class NativeCall(WebSocketCall):
     async def on_start(self, start: Start) -> None:
         out = None
         if start.reply_audio and not self.session.started:
-            sample_bytes = 2 if start.encoding == "pcm16" else 1
-            out = OutFormat(start.encoding, start.sample_rate, round(start.sample_rate * OUT_FRAME_S) * sample_bytes)
+            out = OutFormat.framed(start.encoding, start.sample_rate, OUT_FRAME_S)
         await self.begin(start, out)
 
     # ---- session events out ----------------------------------------------

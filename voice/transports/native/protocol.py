@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streaming.codecs import ENCODINGS, SAMPLE_RATES
-from voice.call.start import MAX_GREETING, MAX_SYSTEM_PROMPT, ProtocolError, Start
+from voice.call.start import MAX_GREETING, MAX_REPLY_TOKENS, MAX_SYSTEM_PROMPT, ProtocolError, Start
 from voice.transports.media_json import MAX_TEXT_FRAME
 
 PROTOCOL_VERSION = 1
@@ -107,9 +107,9 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         raise ProtocolError("invalid_message", "'options.partials' must be a boolean")
     max_tokens = options.get("max_tokens")
     if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1024
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_REPLY_TOKENS
     ):
-        raise ProtocolError("invalid_message", "'options.max_tokens' must be an integer in 1..1024")
+        raise ProtocolError("invalid_message", f"'options.max_tokens' must be an integer in 1..{MAX_REPLY_TOKENS}")
     reply_audio = options.get("reply_audio", False)
     if not isinstance(reply_audio, bool):
         raise ProtocolError("invalid_message", "'options.reply_audio' must be a boolean")
@@ -137,11 +137,3 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         greeting=greetings["greeting"],
         greeting_instructions=greetings["greeting_instructions"],
     )
-
-
-def event(kind: str, **fields: Any) -> str:
-    return json.dumps({"type": kind, **fields}, separators=(",", ":"))
-
-
-def error(code: str, message: str) -> str:
-    return event("error", code=code, message=message)

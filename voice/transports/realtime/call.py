@@ -51,7 +51,7 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.call.start import Start
-from voice.transports.media_json import WebSocketCall, b64encode
+from voice.transports.media_json import WebSocketCall, b64encode, query_param
 from voice.transports.realtime import conversation, input_audio_buffer, session
 from voice.transports.realtime import response as response_family
 from voice.transports.realtime.protocol import (
@@ -61,7 +61,6 @@ from voice.transports.realtime.protocol import (
     PATH,
     RealtimeError,
     new_id,
-    query_param,
 )
 from voice.transports.realtime.response import Response
 from voice.transports.realtime.session import RealtimeSettings
@@ -132,14 +131,12 @@ class RealtimeCall(WebSocketCall):
             system_prompt=s.instructions,
             metadata={"model": s.model, "realtime_session": self.session_id},
             endpoint_silence_s=None if silence_ms is None else silence_ms / 1000.0,
-            max_tokens=s.max_output_tokens,
             auto_turns=td is not None,
         )
         out = None
         if s.audio_out:
             out_encoding, out_rate = GA_FORMATS[s.output_format]
-            sample_bytes = 2 if out_encoding == "pcm16" else 1
-            out = OutFormat(out_encoding, out_rate, chunk_bytes=round(out_rate * OUT_CHUNK_S) * sample_bytes)
+            out = OutFormat.framed(out_encoding, out_rate, OUT_CHUNK_S)
         await self.begin(start, out)
 
     async def on_malformed(self, exc: MalformedMessage) -> None:
@@ -245,7 +242,7 @@ class RealtimeCall(WebSocketCall):
             if not old.released:
                 old.dropped = True
                 old.held.clear()
-        self._prune()
+        self.prune()
         if self.settings.turn_detection is not None:
             await self.send_event("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
         await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
@@ -269,7 +266,7 @@ class RealtimeCall(WebSocketCall):
             response.released = True
             await response_family.start(self, response)
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         # Finished or dropped responses whose turn is long gone: bounded memory.
         while len(self.responses) > 8:
             self.responses.pop(next(iter(self.responses)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+from voice.call.start import MAX_REPLY_TOKENS, MAX_SYSTEM_PROMPT
 from voice.transports.telephony import MalformedMessage
 
 PATH = "/v1/realtime"
@@ -27,8 +28,9 @@ BETA_NAMES: dict[str, str] = {
 }
 # Reply audio per output_audio.delta: 100 ms.
 OUT_CHUNK_S = 0.1
-MAX_INSTRUCTIONS = 8 * 1024
-MAX_OUTPUT_TOKENS = 1024
+# One client field of instructions (the whole prompt is bounded by voice.call.history).
+MAX_INSTRUCTIONS = MAX_SYSTEM_PROMPT
+MAX_OUTPUT_TOKENS = MAX_REPLY_TOKENS
 
 
 class RealtimeError(MalformedMessage):
@@ -47,12 +49,3 @@ def new_id(prefix: str) -> str:
 def format_obj(name: str) -> dict[str, object]:
     rate = GA_FORMATS[name][1]
     return {"type": name, "rate": rate} if name == "audio/pcm" else {"type": name}
-
-
-def query_param(path: str, key: str) -> str | None:
-    _, _, query = path.partition("?")
-    for pair in query.split("&"):
-        name, _, value = pair.partition("=")
-        if name == key and value:
-            return value[:128]
-    return None

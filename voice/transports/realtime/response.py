@@ -149,7 +149,9 @@ async def finish(call: RealtimeCall, response: Response) -> None:
     }
     body["metadata"] = metadata(call, response)
     await call.send_event("response.done", response=body)
-    call.responses.pop(response.turn, None)
+    # Kept (the newest few, see RealtimeCall.prune): a client truncates an
+    # item while it is still playing it, after response.done.
+    call.prune()
 
 
 def metadata(call: RealtimeCall, response: Response) -> dict[str, str]:

@@ -55,12 +55,6 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
             call.session.check_instructions(new.instructions, new.max_output_tokens)
         except ValueError as exc:
             raise RealtimeError(str(exc), "context_too_large", "instructions") from None
-    overrides = sampling_overrides(update)
-    if overrides:
-        try:
-            call.session.set_sampling(overrides)
-        except ProtocolError as exc:
-            raise RealtimeError(exc.message, "invalid_value", "session.sampling") from None
     if call.session.started:
         old = call.settings
         locked = [
@@ -79,10 +73,18 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
                 "session_locked",
                 "session",
             )
-        if new.instructions and new.instructions != old.instructions:
-            call.session.set_system_prompt(new.instructions)
-        if new.max_output_tokens:
-            call.session.max_tokens = new.max_output_tokens
+    # Checked, then applied: an update that gets an error changes nothing.
+    overrides = sampling_overrides(update)
+    if any(key in update for key in ("max_output_tokens", "max_response_output_tokens")):
+        # "inf" (None here) means the server's own cap.
+        overrides["max_tokens"] = new.max_output_tokens or call.runtime.config.llm.max_tokens
+    if overrides:
+        try:
+            call.session.set_sampling(overrides)
+        except ProtocolError as exc:
+            raise RealtimeError(exc.message, "invalid_value", "session.sampling") from None
+    if call.session.started and new.instructions and new.instructions != call.settings.instructions:
+        call.session.set_system_prompt(new.instructions)
     call.settings = new
     await call.send_event("session.updated", session=call.session_object())
 
@@ -120,7 +122,7 @@ def session_object(call: RealtimeCall) -> dict[str, Any]:
             "tools": [],
             "tool_choice": "auto",
             "temperature": call.session.sampling.temperature,
-            "max_response_output_tokens": s.max_output_tokens or call.session.max_tokens,
+            "max_response_output_tokens": call.session.max_tokens,
             "sampling": call.session.sampling.as_dict(),
         }
     return {
@@ -141,7 +143,7 @@ def session_object(call: RealtimeCall) -> dict[str, Any]:
         },
         "tools": [],
         "tool_choice": "auto",
-        "max_output_tokens": s.max_output_tokens or call.session.max_tokens,
+        "max_output_tokens": call.session.max_tokens,
         # firstline's extension: every sampling value in force for this session.
         "sampling": call.session.sampling.as_dict(),
     }
