@@ -137,11 +137,7 @@ class TurnTracker:
         if not self._confirmed and self._voiced_chunks * CHUNK_S >= cfg.min_speech_s:
             self._confirmed = True
             event = SpeechStarted(self._first_voiced * CHUNK_S)
-        if (
-            self._confirmed
-            and not self._paused
-            and self._silent_run * CHUNK_S >= cfg.pause_s - 1e-9
-        ):
+        if self._confirmed and not self._paused and self._silent_run * CHUNK_S >= cfg.pause_s - 1e-9:
             self._paused = True
             event = Paused(self._turn_audio(), self._last_voiced_end * CHUNK_S)
         if self._silent_run * CHUNK_S >= self.endpoint_s - 1e-9:

@@ -200,6 +200,7 @@ async def test_hostile_upgrades_get_plain_refusals(server: VoiceServer) -> None:
 
 async def test_the_active_calls_gauge_counts_every_listener(server: VoiceServer) -> None:
     async with side_server(server) as srv:
+
         def gauge() -> float | None:  # the session server owns the gauge
             return server.runtime.metrics.registry.get_sample_value("firstline_active_calls")
 

@@ -95,12 +95,16 @@ async def check_truncation(engine: LLMEngine, min_p: bool = True) -> None:
         assert cut == greedy, f"{field}={value} not applied: {cut!r} vs greedy {greedy!r}"
 
 
-async def check_seed_stop_and_max_tokens(engine: LLMEngine) -> None:
-    first, _ = await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=11)
-    again, _ = await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=11)
-    assert first == again, "the same seed should give the same sample"
-    others = {(await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=s))[0] for s in (12, 13)}
-    assert others != {first}, "different seeds all gave the same sample"
+async def check_seed_stop_and_max_tokens(engine: LLMEngine, seed_reproduces: bool = True) -> None:
+    """seed_reproduces=False where the engine documents that a seed does not
+    pin the sample (vLLM under speculation: see tests/test_vllm_engine.py);
+    the seed's arrival is then checked on the built request instead."""
+    if seed_reproduces:
+        first, _ = await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=11)
+        again, _ = await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=11)
+        assert first == again, "the same seed should give the same sample"
+        others = {(await reply(engine, FRANCE, max_tokens=12, temperature=1.0, seed=s))[0] for s in (12, 13)}
+        assert others != {first}, "different seeds all gave the same sample"
     greedy, _ = await reply(engine, FRANCE, max_tokens=24)
     word = next(w for w in greedy.split()[1:] if len(w) >= 4 and w.isalpha())
     cut, _ = await reply(engine, FRANCE, max_tokens=24, stop=["zzzz", word])

@@ -331,6 +331,7 @@ async def test_realtime_sampling_reaches_the_engine_and_is_reported(server, monk
     async with client.realtime.connect(model="firstline") as conn:
         await conn.session.update(session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 40,
                                            "temperature": 0.3, "sampling": wanted})  # type: ignore[typeddict-unknown-key]  # fmt: skip
+
         async def next_of(kind: str):  # the event, or a failure: a closed socket is no answer
             async with asyncio.timeout(60):
                 async for event in conn:

