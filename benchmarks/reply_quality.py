@@ -12,7 +12,7 @@ caller turns. Per configuration it reports:
   over all bigrams, across replies: low means the model says the same thing);
 * TTFS p50 / p95 and LLM tokens generated per turn (server ``turn.metrics``).
 
-    python -m benchmarks.reply_quality                  # before (no policy, old sampling) vs the defaults
+    python -m benchmarks.reply_quality                  # before, the policy alone (no penalty), the defaults
     python -m benchmarks.reply_quality --config "two=--reply-max-sentences 2" --config "three="
 
 Results: benchmarks/results/reply_quality.json (with the commit).
@@ -39,6 +39,9 @@ OUT = Path(__file__).resolve().parent / "results" / "reply_quality.json"
 # The defaults as they were before the reply policy and the sampling
 # defaults: every sentence sent, no repetition penalties.
 BEFORE = "--reply-max-sentences 0 --no-loop-guard --llm-repetition-penalty 1.0"
+# The reply policy alone: does the repetition penalty buy anything the loop
+# guard does not, for what it costs in TTFS and tokens?
+POLICY_ONLY = "--llm-repetition-penalty 1.0"
 SERVER_BASE = ["--max-calls", "1000", "--max-asr-queue", "0", "--log-level", "WARNING"]
 
 
@@ -174,7 +177,7 @@ def main() -> None:
     p.add_argument("--turn-timeout", type=float, default=30.0)
     p.add_argument("--out", default=str(OUT))
     ns = p.parse_args()
-    ns.config = ns.config or [f"before={BEFORE}", "after="]
+    ns.config = ns.config or [f"before={BEFORE}", f"policy_only={POLICY_ONLY}", "after="]
     try:
         import uvloop
 
