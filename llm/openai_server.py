@@ -106,6 +106,17 @@ _ONLY_OFF: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prediction": (lambda v: False, "is not supported (no predicted outputs)"),
     "web_search_options": (lambda v: False, "is not supported"),
     "reasoning_effort": (lambda v: False, "is not supported (not a reasoning model)"),
+    # vLLM / SGLang extensions that vllm-router writes into every body it
+    # forwards, at these values (docs/scaling.md): accepted as sent, since
+    # they ask for what this server does anyway.
+    "ignore_eos": (lambda v: v is False, "is not supported (generation stops at end of message)"),
+    "no_stop_trim": (lambda v: v is False, "is not supported (stop strings are trimmed)"),
+    "continue_final_message": (lambda v: v is False, "is not supported (a reply starts a new message)"),
+    "skip_special_tokens": (lambda v: v is True, "must be true (special tokens are never sent)"),
+    "return_hidden_states": (lambda v: v is False, "is not supported"),
+    "include_reasoning": (lambda v: isinstance(v, bool), "must be a boolean (this model does not reason)"),
+    "separate_reasoning": (lambda v: isinstance(v, bool), "must be a boolean (this model does not reason)"),
+    "stream_reasoning": (lambda v: isinstance(v, bool), "must be a boolean (this model does not reason)"),
 }
 
 
@@ -195,6 +206,7 @@ class OpenAIServer:
         self.ready = False
         self.active = 0
         self.aborted = 0  # generations ended by a client disconnect
+        self.served = 0  # chat completions started (a router's spread is visible here)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -222,7 +234,13 @@ class OpenAIServer:
         if self.api_key is not None:  # open to any local process: no paths, no counters
             return web.json_response({"status": "ok"})
         return web.json_response(
-            {"status": "ok", "active": self.active, "aborted": self.aborted, "engine": self.engine.describe()}
+            {
+                "status": "ok",
+                "active": self.active,
+                "aborted": self.aborted,
+                "served": self.served,
+                "engine": self.engine.describe(),
+            }
         )
 
     async def models(self, _request: web.Request) -> web.Response:
@@ -251,6 +269,7 @@ class OpenAIServer:
         if rid:
             request.request_id = rid[:128]
         self.active += 1
+        self.served += 1
         try:
             if stream:
                 return await self._stream(http, request, include_usage)

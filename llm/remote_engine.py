@@ -8,6 +8,13 @@ failure (refused connection, HTTP error, a stream cut before ``[DONE]``, no
 first token in time, a stall) is an :class:`~llm.base.EngineError` that says
 which server failed and how.
 
+Behind vLLM's router (``vllm-router --policy sticky_least_loaded``, the
+documented way to scale the LLM tier: docs/scaling.md) every request of a
+call carries the call id as ``X-Session-ID``, so the router keeps the call
+on one replica (its prefix cache stays hot), and the call's end is sent as
+``POST /finish_session`` so the router frees the session at once instead of
+after its two-hour expiry.
+
 :class:`RemotePool` spreads calls over several replicas. A call is pinned to
 one replica (rendezvous hashing of the call id, so its prefix cache stays
 hot and a replica that leaves only moves its own calls); replicas are
@@ -46,6 +53,11 @@ def normalize_base_url(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
+class FailedBeforeText(EngineError):
+    """The server failed the request before generating anything (a 5xx, a
+    dropped connection): trying again cannot say anything twice."""
+
+
 class RemoteEngine(LLMEngine):
     name = "remote"
 
@@ -60,6 +72,7 @@ class RemoteEngine(LLMEngine):
         api_key: str | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         full_sampling: bool = False,
+        retry_before_text: bool = False,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.root = self.base_url.removesuffix("/v1")
@@ -71,17 +84,26 @@ class RemoteEngine(LLMEngine):
         # Send every sampling field, "off" ones too: for a server whose own
         # defaults fill gaps (the supervised child; SamplingParams.to_openai).
         self.full_sampling = full_sampling
+        # Retry a request that failed before any text (see _post): for a URL
+        # that fronts several replicas (vllm-router). Off where something
+        # else fails over (RemotePool, the supervisor's secondary).
+        self.retry_before_text = retry_before_text
+        self.retries = 0
         # Warmed at start (None: no warm-up), so it sits in the server's prefix cache.
         self.system_prompt = system_prompt
         self.healthy = False
         self._session: aiohttp.ClientSession | None = None
         # Responses being streamed -> why they were aborted (None: not aborted).
         self._open: dict[aiohttp.ClientResponse, str | None] = {}
+        # False once the server answered /finish_session with 404: not a router.
+        self._finishes_sessions = True
+        self._finishing: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def from_config(cls, url: str, config: LLMConfig) -> RemoteEngine:
+    def from_config(cls, url: str, config: LLMConfig, retry_before_text: bool = True) -> RemoteEngine:
         return cls(
             url,
+            retry_before_text=retry_before_text,
             model=config.remote_model,
             connect_timeout_s=config.connect_timeout_s,
             first_token_timeout_s=config.first_token_timeout_s,
@@ -168,23 +190,7 @@ class RemoteEngine(LLMEngine):
         response: aiohttp.ClientResponse | None = None
         finished = False
         try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    response = await self._client().post(url, json=body, headers={"X-Request-Id": request.request_id})
-            except TimeoutError:
-                limit = self.first_token_timeout_s
-                raise EngineError(f"LLM server {self.root} did not answer within {limit} s") from None
-            except aiohttp.ClientConnectorError as exc:
-                self.healthy = False
-                raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
-            except aiohttp.ClientError as exc:
-                self.healthy = False
-                raise EngineError(f"LLM server {self.root} failed the request: {type(exc).__name__}: {exc}") from exc
-            if response.status != 200:
-                detail = (await response.text())[:300]
-                if response.status >= 500:
-                    self.healthy = False
-                raise EngineError(f"LLM server {url} answered HTTP {response.status}: {detail}")
+            response = await self._post(url, body, request, deadline)
             self._open[response] = None
             got_text = False
             while True:
@@ -229,6 +235,85 @@ class RemoteEngine(LLMEngine):
                     # what tells the server to abort the generation.
                     response.close()
 
+    async def _post(
+        self, url: str, body: dict[str, Any], request: GenerationRequest, deadline: float
+    ) -> aiohttp.ClientResponse:
+        """The streaming response, status 200. With ``retry_before_text``, a
+        refused connection or a 5xx (nothing was generated yet, so nothing
+        is said twice) is tried again after a short backoff until the
+        first-token deadline: behind vllm-router, a replica killed a moment
+        ago keeps getting its sticky sessions until the router's health
+        check marks it down (about a second), then the retry lands on a live one."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.1
+        while True:
+            try:
+                return await self._post_once(url, body, request, deadline)
+            except EngineError as exc:
+                retryable = isinstance(exc, (EngineUnavailable, FailedBeforeText))
+                if not (self.retry_before_text and retryable) or loop.time() + backoff >= deadline:
+                    raise
+                log.debug("LLM server %s: %s; retrying in %.1f s", self.root, exc, backoff)
+                self.retries += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    async def _post_once(
+        self, url: str, body: dict[str, Any], request: GenerationRequest, deadline: float
+    ) -> aiohttp.ClientResponse:
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self._client().post(url, json=body, headers=self._headers(request))
+        except TimeoutError:
+            limit = self.first_token_timeout_s
+            raise EngineError(f"LLM server {self.root} did not answer within {limit} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            self.healthy = False
+            raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            self.healthy = False
+            raise FailedBeforeText(f"LLM server {self.root} failed the request: {type(exc).__name__}: {exc}") from exc
+        if response.status != 200:
+            detail = (await response.text())[:300]
+            response.release()
+            message = f"LLM server {url} answered HTTP {response.status}: {detail}"
+            if response.status >= 500:
+                self.healthy = False
+                raise FailedBeforeText(message)
+            raise EngineError(message)
+        return response
+
+    @staticmethod
+    def _headers(request: GenerationRequest) -> dict[str, str]:
+        headers = {"X-Request-Id": request.request_id}
+        if request.session_key:
+            # vllm-router's sticky_least_loaded (and consistent_hash) key.
+            headers["X-Session-ID"] = request.session_key
+        return headers
+
+    def end_session(self, session_key: str) -> None:
+        if not self._finishes_sessions:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._finish_session(session_key))
+        except RuntimeError:
+            return  # no loop: the process is shutting down
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish_session(self, session_key: str) -> None:
+        url = self.root + "/finish_session"
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.connect_timeout_s + 1.0, sock_connect=self.connect_timeout_s)
+            async with self._client().post(url, params={"session_id": session_key}, timeout=timeout) as r:
+                if r.status in (404, 405):
+                    # A plain vllm serve / llm.openai_server: nothing to finish, ever.
+                    self._finishes_sessions = False
+                elif r.status != 200:
+                    log.debug("finish_session at %s answered HTTP %d", self.root, r.status)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.debug("finish_session at %s failed: %s", self.root, exc)
+
     def _cut(self, response: aiohttp.ClientResponse, detail: str) -> EngineError:
         self.healthy = False
         reason = self._open.get(response)
@@ -238,6 +323,8 @@ class RemoteEngine(LLMEngine):
 
     async def close(self) -> None:
         self.healthy = False
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=self.connect_timeout_s + 1.0)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -297,7 +384,7 @@ class RemotePool(LLMEngine):
 
     @classmethod
     def from_config(cls, urls: list[str], config: LLMConfig, name: str = "pool") -> RemotePool:
-        replicas = [RemoteEngine.from_config(u, config) for u in urls]
+        replicas = [RemoteEngine.from_config(u, config, retry_before_text=False) for u in urls]
         return cls(replicas, health_interval_s=config.health_interval_s, name=name)
 
     @property
@@ -377,6 +464,11 @@ class RemotePool(LLMEngine):
                 log.warning("replica %s failed (%s); trying the next", replica.base_url, exc)
                 errors.append(str(exc))
         raise EngineUnavailable("no LLM replica could serve the request: " + "; ".join(errors))
+
+    def end_session(self, session_key: str) -> None:
+        index = self._pins.pop(session_key, None)
+        if index is not None:
+            self.replicas[index].end_session(session_key)
 
     async def close(self) -> None:
         if self._health_task is not None:

@@ -294,6 +294,11 @@ class SupervisedEngine(LLMEngine):
         async for delta in self.secondary.stream(request):
             yield delta
 
+    def end_session(self, session_key: str) -> None:
+        # The child is one llm.openai_server (no sessions); a secondary may be a router.
+        if self.secondary is not None:
+            self.secondary.end_session(session_key)
+
     async def close(self) -> None:
         self._closing = True
         if self._watcher is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,3 +69,47 @@ async def start_servers(n: int, *extra: str) -> list[ServerProcess]:
             s.stop()
         raise
     return servers
+
+
+class RouterProcess:
+    """vLLM's router (PyPI ``vllm-router``, the Rust one) in front of real
+    ``llm.openai_server`` replicas: the LLM tier of docs/scaling.md. Health
+    checks every second, one failure marks a replica down."""
+
+    def __init__(self, workers: list[str], policy: str = "sticky_least_loaded") -> None:
+        exe = shutil.which("vllm-router", path=os.path.dirname(sys.executable)) or shutil.which("vllm-router")
+        if exe is None:
+            raise RuntimeError("vllm-router is not installed (pip install -e '.[scale]')")
+        self.port = free_port()
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = self.root + "/v1"
+        self.proc = subprocess.Popen(
+            [exe, "--host", "127.0.0.1", "--port", str(self.port), "--policy", policy,
+             "--worker-urls", *workers, "--prometheus-port", str(free_port()),
+             "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
+             "--log-level", "warning"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async def wait_ready(self, timeout: float = 60.0) -> RouterProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm-router exited with {self.proc.returncode}")
+            try:
+                async with aiohttp.ClientSession() as s, s.get(self.root + "/health") as r:
+                    if r.status == 200:
+                        return self
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"vllm-router on port {self.port} not ready after {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

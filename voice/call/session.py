@@ -256,6 +256,7 @@ class CallSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.runtime.engine.end_session(self.call_id)  # e.g. vllm-router's session table
         log.info("call %s ended (%s)", self.call_id, reason)
 
     def reply_heard(self, turn: int, heard: str) -> None:
