@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8765
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install serve test test-deps lint bench clean
+.PHONY: install serve test test-deps lint bench cluster clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ test-deps: $(TEST_STAMP)
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi; \
 	fi
+	@# Scale-out topology (docs/scaling.md, tests/test_cluster.py): HAProxy in front of the voice replicas.
+	@if ! command -v haproxy >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; fi; \
+	fi
 	$(PIP) install -q -r samples/sip/requirements.txt
 	@# Smart Turn v3.2 (end-of-turn audio model, BSD-2) from the pipecat-ai wheel on PyPI,
 	@# for --end-of-turn smart_turn*; a no-op once it is in ~/.cache/firstline.
@@ -71,6 +76,11 @@ bench: test-deps
 		bash benchmarks/peers/pipecat/setup.sh || echo "pipecat peer setup failed: reported as unavailable"; \
 	fi
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+
+# The scale-out topology on this box (docs/scaling.md): 2 engine replicas behind
+# vllm-router, 2 firstline replicas behind HAProxy; prints the URL to call.
+cluster: test-deps
+	$(PY) -m benchmarks.cluster $(CLUSTER_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

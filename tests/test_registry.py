@@ -131,6 +131,36 @@ async def test_per_address_cap_refuses_the_next_call_from_that_address(server: V
         await wait_live(srv, 0)
 
 
+async def test_behind_a_trusted_proxy_the_cap_counts_callers_from_x_forwarded_for(server: VoiceServer) -> None:
+    # HAProxy on this host (deploy/haproxy.cfg, option forwardfor): every call
+    # comes from 127.0.0.1; the caller is the right-most untrusted hop.
+    config = {"max_calls": 8, "max_calls_per_address": 1, "per_address_exempt": [], "trusted_proxies": ["127.0.0.1/32"]}
+
+    async def via_proxy(srv: VoiceServer, xff: str) -> ClientConnection:
+        return await connect(f"ws://127.0.0.1:{srv.port}/v1/call", additional_headers={"X-Forwarded-For": xff})
+
+    async with side_server(server, **config) as srv:
+        first = await via_proxy(srv, "203.0.113.5")
+        await wait_live(srv, 1)
+        # The same caller again, with a made-up left-most hop: still that caller.
+        with pytest.raises(InvalidStatus) as refused:
+            await via_proxy(srv, "198.51.100.1, 203.0.113.5")
+        assert json.loads(refused.value.response.body)["reason"] == "per_address_limit"
+        # Another caller through the same proxy gets in.
+        second = await via_proxy(srv, "203.0.113.6")
+        await wait_live(srv, 2)
+        await first.close()
+        await second.close()
+        await wait_live(srv, 0)
+    async with side_server(server, max_calls=8, max_calls_per_address=1, per_address_exempt=[]) as srv:
+        first = await via_proxy(srv, "203.0.113.5")
+        await wait_live(srv, 1)
+        with pytest.raises(InvalidStatus):  # untrusted peer: X-Forwarded-For is the caller's word, ignored
+            await via_proxy(srv, "203.0.113.7")
+        await first.close()
+        await wait_live(srv, 0)
+
+
 async def test_drain_ends_audiosocket_calls_and_refuses_new_ones(server: VoiceServer) -> None:
     async with side_server(server) as srv:
         ws = await ws_call(srv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ipaddress
 import json
 import logging
 import signal
@@ -25,7 +26,13 @@ from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
 from voice.server.limits import CallEnd, guard_of
 from voice.server.metrics import CONTENT_TYPE
-from voice.server.registry import CallRegistry, CallTicket, parse_networks
+from voice.server.registry import (
+    CallRegistry,
+    CallTicket,
+    Network,
+    address_allowed,
+    parse_networks,
+)
 from voice.server.routes import NATIVE_PATH, WS_ROUTES, CallHandler
 from voice.server.runtime import Runtime
 from voice.server.signatures import SIGNATURE_HEADER, candidate_urls
@@ -118,6 +125,29 @@ def _address_of(connection: ServerConnection) -> str | None:
     return str(remote[0]) if remote else None
 
 
+def _caller_address(connection: ServerConnection, request: Request, trusted: list[Network]) -> str | None:
+    """The caller's address: the peer's, or behind a trusted proxy the
+    right-most X-Forwarded-For entry that is not a trusted proxy (entries
+    to its left were written by the caller and prove nothing)."""
+    peer = _address_of(connection)
+    if not trusted or not address_allowed(peer, trusted):
+        return peer
+    hops = [h.strip() for value in request.headers.get_all("X-Forwarded-For") for h in value.split(",")]
+    for hop in reversed([h for h in hops if h]):
+        if not address_allowed(hop, trusted):
+            # Not an address (garbage from a misconfigured hop): the proxy's, counted as one caller.
+            return hop if _is_ip(hop) else peer
+    return peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class BadHeaders(ValueError):
     """A header the checks read came more than once: refused, not guessed at."""
 
@@ -171,6 +201,7 @@ class VoiceServer:
         # there, not in the handler, so a burst of simultaneous upgrades cannot
         # all slip past max_calls before the first handler runs.
         self._tickets: dict[ServerConnection, CallTicket] = {}
+        self._trusted_proxies = parse_networks(config.trusted_proxies)
         if self._owns_runtime:  # the gauge counts every listener's calls, not one transport family's
             self.runtime.metrics.active.set_function(self.registry.live_calls)
         self._hurry = asyncio.Event()
@@ -211,7 +242,7 @@ class VoiceServer:
             return _demo_response(DEMO_FILES[path])
         if path not in WS_ROUTES:
             return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no such route; calls go to {NATIVE_PATH}"})
-        address = _address_of(connection)
+        address = _caller_address(connection, request, self._trusted_proxies)
         try:
             refused = self._authenticate(path, request, address)
         except BadHeaders as exc:

@@ -196,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sources the per-address cap skips, e.g. your proxy (repeatable; default: loopback)",
     )
     serve.add_argument(
+        "--trusted-proxy",
+        action="append",
+        type=_network,
+        default=None,
+        metavar="CIDR",
+        help="load balancer whose X-Forwarded-For names the caller (repeatable; e.g. HAProxy's address)",
+    )
+    serve.add_argument(
         "--audiosocket-host",
         default=None,
         help="AudioSocket bind address (default 127.0.0.1: loopback unless told otherwise)",
@@ -326,6 +334,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.max_calls_per_address = max(0, args.max_calls_per_address)
     if args.per_address_exempt is not None:
         config.per_address_exempt = list(args.per_address_exempt)
+    if args.trusted_proxy is not None:
+        config.trusted_proxies = list(args.trusted_proxy)
     if args.audiosocket_host is not None:
         config.audiosocket_host = args.audiosocket_host
     config.audiosocket_allow = list(args.audiosocket_allow)

@@ -65,6 +65,11 @@ class ServerConfig:
     # carrier's media gateway carries every caller from one address. By
     # default loopback (a proxy on this host, local tools and benchmarks).
     per_address_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Load balancers whose X-Forwarded-For is believed (CIDRs; empty: none).
+    # Behind HAProxy (docs/scaling.md) the caller's address is then the
+    # right-most X-Forwarded-For entry that is not itself a trusted proxy,
+    # so the per-address cap and the refusal logs see callers, not the LB.
+    trusted_proxies: list[str] = field(default_factory=list)
     # OpenTelemetry traces per turn (voice/tracing.py): off unless enabled.
     # Endpoint None with tracing on: the standard OTEL_EXPORTER_OTLP_* variables.
     tracing: bool = False

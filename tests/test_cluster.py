@@ -1,0 +1,154 @@
+"""The scale-out topology for real, on loopback (benchmarks/cluster.py,
+docs/scaling.md): HAProxy with deploy/haproxy.cfg in front of two firstline
+replicas, both on the LLM tier of two llm.openai_server replicas behind
+vllm-router. Real processes, real models, real speech; which replica took a
+call is read from its own /metrics (calls admitted), which LLM replica
+served a turn from its /health (requests served).
+
+Faults: SIGTERM of a voice replica (drain), kill -9 of a voice replica
+mid-call, a voice replica added at run time. kill -9 of an LLM replica
+mid-call is tests/test_llm_router.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.request
+
+import pytest
+import pytest_asyncio
+from websockets.exceptions import ConnectionClosed
+
+from benchmarks.client import NativeCaller
+from benchmarks.cluster import Cluster, Proc
+from tests.conftest import with_silence
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+ADMITTED = "firstline_calls_admitted_total"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def cluster():
+    c = Cluster(voice=2, llm=2, max_calls=4)
+    await asyncio.to_thread(c.start)
+    yield c
+    await asyncio.to_thread(c.stop)
+
+
+def admitted(c: Cluster) -> dict[str, float]:
+    return {r.name: c.metric(r, ADMITTED) for r in c.voice if r.alive()}
+
+
+def took(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """Replica -> calls admitted between two readings (only those that took some)."""
+    return {name: int(after[name] - before.get(name, 0)) for name in after if after[name] > before.get(name, 0)}
+
+
+def llm_served(c: Cluster) -> list[int]:
+    counts = []
+    for r in c.llm:
+        try:
+            with urllib.request.urlopen(r.root + "/health", timeout=2) as resp:
+                counts.append(json.loads(resp.read())["served"])
+        except OSError:
+            counts.append(-1)
+    return counts
+
+
+async def answered_turn(caller: NativeCaller, clip, turn: int) -> dict:
+    audio = with_silence(clip.load(8000), 8000, 1.5)
+    await caller.play(audio, 8000, "mulaw", realtime=True, speed=4.0)
+    return await caller.wait_for("response.done", timeout=90, turn=turn)
+
+
+def replica_of(c: Cluster, before: dict[str, float]) -> Proc:
+    (name,) = took(before, admitted(c))
+    return next(r for r in c.voice if r.name == name)
+
+
+async def test_calls_spread_and_a_calls_turns_stay_on_one_llm_replica(cluster, phone_prompts) -> None:
+    before = admitted(cluster)
+    async with NativeCaller(cluster.url + "/v1/call") as a, NativeCaller(cluster.url + "/v1/call") as b:
+        await a.start("mulaw", 8000)
+        await b.start("mulaw", 8000)
+        # leastconn: the second call goes to the replica without one.
+        assert sorted(took(before, admitted(cluster)).values()) == [1, 1], admitted(cluster)
+        done = await asyncio.gather(answered_turn(a, phone_prompts[0], 1), answered_turn(b, phone_prompts[1], 1))
+        assert all(d["text"] for d in done), done
+    # One call, two turns: every LLM request of it (prefills included) on one replica.
+    served = llm_served(cluster)
+    async with NativeCaller(cluster.url + "/v1/call") as c:
+        await c.start("mulaw", 8000)
+        await answered_turn(c, phone_prompts[2], 1)
+        await answered_turn(c, phone_prompts[3], 2)
+    delta = [after - was for after, was in zip(llm_served(cluster), served, strict=True)]
+    assert sorted(delta)[0] == 0 and sorted(delta)[1] >= 2, f"the call's turns were split over LLM replicas: {delta}"
+
+
+async def test_sigterm_drains_a_voice_replica_its_call_goes_on_new_calls_go_elsewhere(cluster, phone_prompts) -> None:
+    before = admitted(cluster)
+    async with NativeCaller(cluster.url + "/v1/call") as live:
+        await live.start("mulaw", 8000)
+        doomed = replica_of(cluster, before)
+        doomed.signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        others = admitted(cluster)
+        # New calls at once, before HAProxy's check has seen /readyz go 503:
+        # the draining replica refuses them (503) and HAProxy redispatches.
+        for k in range(3):
+            async with NativeCaller(cluster.url + "/v1/call") as fresh:
+                ready = await fresh.start("mulaw", 8000)
+                assert ready["type"] == "ready", k
+        assert doomed.name not in took(others, admitted(cluster)), "a draining replica took a new call"
+        assert sum(took(others, admitted(cluster)).values()) == 3
+        # The call that was live when the drain began is still answered.
+        done = await answered_turn(live, phone_prompts[4], 1)
+        assert done["text"]
+    # Its last call gone, the replica exits by itself.
+    await asyncio.to_thread(doomed.proc.wait, 60)
+    assert doomed.proc.returncode == 0
+    cluster.admin(f"set server firstline/{doomed.name} state maint")
+    replacement = await asyncio.to_thread(cluster.add_voice)
+    await asyncio.to_thread(cluster.wait_up, [replacement.name])
+
+
+async def test_kill_9_of_a_voice_replica_ends_only_its_calls(cluster, phone_prompts) -> None:
+    before = admitted(cluster)
+    async with NativeCaller(cluster.url + "/v1/call") as a:
+        await a.start("mulaw", 8000)
+        doomed = replica_of(cluster, before)
+        middle = admitted(cluster)
+        async with NativeCaller(cluster.url + "/v1/call") as b:
+            await b.start("mulaw", 8000)
+            survivor = replica_of(cluster, middle)
+            assert survivor is not doomed
+            doomed.signal(signal.SIGKILL)
+            await asyncio.to_thread(doomed.proc.wait, 10)
+            with pytest.raises((ConnectionClosed, ConnectionError, asyncio.TimeoutError)):
+                await answered_turn(a, phone_prompts[5], 1)
+            # The other replica's call goes on as if nothing happened.
+            assert (await answered_turn(b, phone_prompts[6], 1))["text"]
+            # New calls connect at once (observe layer4 marks the dead one down).
+            for _ in range(3):
+                async with NativeCaller(cluster.url + "/v1/call") as fresh:
+                    assert (await fresh.start("mulaw", 8000))["type"] == "ready"
+    cluster.admin(f"set server firstline/{doomed.name} state maint")
+
+
+async def test_a_voice_replica_added_at_run_time_takes_new_calls(cluster) -> None:
+    live = [r for r in cluster.voice if r.alive()]
+    callers = [NativeCaller(cluster.url + "/v1/call") for _ in live]
+    try:
+        for caller in callers:  # one call on each running replica: the new one is the least loaded
+            await caller.__aenter__()
+            await caller.start("mulaw", 8000)
+        added = await asyncio.to_thread(cluster.add_voice)
+        await asyncio.to_thread(cluster.wait_up, [added.name])
+        before = admitted(cluster)
+        async with NativeCaller(cluster.url + "/v1/call") as fresh:
+            await fresh.start("mulaw", 8000)
+            assert took(before, admitted(cluster)) == {added.name: 1}
+    finally:
+        for caller in callers:
+            await caller.__aexit__(None, None, None)
