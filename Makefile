@@ -50,10 +50,11 @@ test-deps: $(TEST_STAMP)
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi; \
 	fi
-	@# Scale-out topology (docs/scaling.md, tests/test_cluster.py): HAProxy in front of the voice replicas.
-	@if ! command -v haproxy >/dev/null; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; \
-		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; fi; \
+	@# Scale-out topology (docs/scaling.md, tests/test_cluster.py): HAProxy in front of the voice
+	@# replicas, Redis for the calls' shared state (re-attach on another replica).
+	@if ! command -v haproxy >/dev/null || ! command -v redis-server >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy redis-server; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy redis-server; fi; \
 	fi
 	$(PIP) install -q -r samples/sip/requirements.txt
 	@# Smart Turn v3.2 (end-of-turn audio model, BSD-2) from the pipecat-ai wheel on PyPI,

@@ -1,7 +1,9 @@
 """The scale-out topology of docs/scaling.md on one box, as real processes:
 N x ``llm.openai_server`` (the LLM replicas; ``vllm serve`` on a GPU) behind
 ``vllm-router --policy sticky_least_loaded``, M x ``firstline serve
---engine remote --remote-url <router>`` behind HAProxy (deploy/haproxy.cfg).
+--engine remote --remote-url <router> --state-url redis://…`` behind HAProxy
+(deploy/haproxy.cfg), and one redis-server holding every call's conversation
+so a call re-attaches on any replica.
 
     python -m benchmarks.cluster                 # 2 + 2 replicas; prints the URL to call
     python -m benchmarks.cluster --voice 3 --llm 1 --max-calls 4
@@ -117,9 +119,9 @@ class Cluster:
         voice_args: list[str] | None = None,
         llm_args: list[str] | None = None,
     ) -> None:
-        for tool in ("haproxy",):
+        for tool in ("haproxy", "redis-server"):
             if shutil.which(tool) is None:
-                raise RuntimeError(f"{tool} is not installed (apt-get install haproxy; make test-deps does)")
+                raise RuntimeError(f"{tool} is not installed (apt-get install {tool}; make test-deps does)")
         self.n_voice, self.n_llm = voice, llm
         self.max_calls = max_calls
         self.lb_port = lb_port or free_port()
@@ -132,6 +134,7 @@ class Cluster:
         self.voice: list[Proc] = []
         self.router: Proc | None = None
         self.lb: Proc | None = None
+        self.redis: Proc | None = None
         self._slot = 0
 
     # -- processes -------------------------------------------------------
@@ -169,14 +172,39 @@ class Cluster:
         self.router = self._spawn("router", port, cmd)
         return self.router.wait_ready("/health", 60.0)
 
-    def add_voice(self, timeout: float = 300.0, extra: list[str] | None = None) -> Proc:
+    def _start_redis(self) -> Proc:
+        port = free_port()
+        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(self.dir)]  # fmt: skip
+        self.redis = self._spawn("redis", port, cmd)
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return self.redis
+            if not self.redis.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start: {self.redis.tail()}")
+            time.sleep(0.05)
+
+    @property
+    def state_url(self) -> str:
+        assert self.redis is not None
+        return f"redis://127.0.0.1:{self.redis.port}/0"
+
+    def add_voice(
+        self, timeout: float = 300.0, extra: list[str] | None = None, register: bool = True, llm_url: str | None = None
+    ) -> Proc:
         """A new firstline replica; once /readyz is 200, put in a free slot
-        of HAProxy's backend, where it takes new calls at the next check."""
+        of HAProxy's backend, where it takes new calls at the next check.
+        ``register=False``: left out of HAProxy (a benchmark's direct path);
+        ``llm_url``: its LLM there instead of the router."""
         assert self.router is not None, "start the LLM tier first"
         port = free_port()
         cmd = [sys.executable, "-m", "voice.server.cli", "serve", "--port", str(port),
-               "--engine", "remote", "--remote-url", self.router.root + "/v1",
+               "--engine", "remote", "--remote-url", llm_url or self.router.root + "/v1",
                "--max-calls", str(self.max_calls), "--trusted-proxy", "127.0.0.1/32",
+               "--state-url", self.state_url,
                "--log-level", "WARNING", *self.voice_args, *(extra or [])]  # fmt: skip
         self._slot += 1
         if self._slot > SLOTS:
@@ -184,7 +212,7 @@ class Cluster:
         replica = self._spawn(f"voice{self._slot}", port, cmd)
         self.voice.append(replica)
         replica.wait_ready("/readyz", timeout)
-        if self.lb is not None:
+        if self.lb is not None and register:
             self.admin(f"set server {BACKEND}/{replica.name} addr 127.0.0.1 port {port}")
             self.admin(f"set server {BACKEND}/{replica.name} state ready")
         return replica
@@ -210,6 +238,7 @@ class Cluster:
             for _ in range(self.n_llm):
                 self.add_llm()
             self._start_router()
+            self._start_redis()
             self._start_lb()
             for _ in range(self.n_voice):
                 self.add_voice()
@@ -278,7 +307,8 @@ class Cluster:
         return 0.0
 
     def stop(self) -> None:
-        for proc in [*self.voice, *([self.lb] if self.lb else []), *([self.router] if self.router else []), *self.llm]:
+        others = [p for p in (self.lb, self.router, self.redis) if p is not None]
+        for proc in [*self.voice, *others, *self.llm]:
             proc.stop()
 
     def __enter__(self) -> Cluster:
@@ -301,6 +331,7 @@ def main() -> None:
         print(f"up in {time.monotonic() - t0:.1f} s; logs in {cluster.dir}")
         print(f"  LLM replicas:   {', '.join(r.root for r in cluster.llm)} behind vllm-router {cluster.router.root}")  # type: ignore[union-attr]
         print(f"  voice replicas: {', '.join(r.root for r in cluster.voice)} behind HAProxy")
+        print(f"  call state:     {cluster.state_url}")
         print(f"  HAProxy admin:  socat - UNIX-CONNECT:{cluster.socket}  (show stat; set server …)")
         print(f"call it: python -m benchmarks.call AUDIO.wav --url {cluster.url}/v1/call")
         print(f"or in a browser: http://127.0.0.1:{cluster.lb_port}/  (Ctrl-C stops everything)")

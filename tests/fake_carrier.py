@@ -348,11 +348,12 @@ class CallWatcher:
 
 
 class FakeTwilio(FakeCarrier):
-    """Options: ``parameters`` (the TwiML's ``<Parameter>``s), ``call_sid``, ``token``."""
+    """Options: ``parameters`` (the TwiML's ``<Parameter>``s), ``call_sid``
+    (default: a new one per call, as Twilio's; the same one re-attaches to
+    the call's stored conversation), ``token``."""
 
     wire_class = Twilio
     sid = "MZ00000000000000000000000000000001"
-    defaults: ClassVar[dict[str, Any]] = {"call_sid": "CA0"}
 
 
 class FakeTelnyx(FakeCarrier):

@@ -6,8 +6,9 @@ call is read from its own /metrics (calls admitted), which LLM replica
 served a turn from its /health (requests served).
 
 Faults: SIGTERM of a voice replica (drain), kill -9 of a voice replica
-mid-call, a voice replica added at run time. kill -9 of an LLM replica
-mid-call is tests/test_llm_router.py."""
+mid-call (and the Twilio call re-attached on the other through the TwiML
+endpoint, its conversation read back from Redis), a voice replica added at
+run time. kill -9 of an LLM replica mid-call is tests/test_llm_router.py."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from websockets.exceptions import ConnectionClosed
 from benchmarks.client import NativeCaller
 from benchmarks.cluster import Cluster, Proc
 from tests.conftest import with_silence
+from tests.fake_carrier import FakeTwilio
+from tests.http_get import http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ADMITTED = "firstline_calls_admitted_total"
@@ -152,3 +155,53 @@ async def test_a_voice_replica_added_at_run_time_takes_new_calls(cluster) -> Non
     finally:
         for caller in callers:
             await caller.__aexit__(None, None, None)
+
+
+def firstline_events(carrier: FakeTwilio, kind: str) -> list[dict]:
+    mirrored = [m["firstline"] for _, m in carrier.texts if m.get("event") == "firstline"]
+    return [ev for ev in mirrored if ev.get("type") == kind]
+
+
+async def wait_firstline(carrier: FakeTwilio, kind: str, timeout: float = 90.0, **match) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        for ev in firstline_events(carrier, kind):
+            if all(ev.get(k) == v for k, v in match.items()):
+                return ev
+        if carrier.closed.is_set():
+            raise ConnectionError(f"stream closed before {kind}")
+        await asyncio.sleep(0.05)
+    raise TimeoutError(kind)
+
+
+async def test_a_twilio_call_whose_replica_is_killed_re_attaches_with_its_history(cluster, phone_prompts) -> None:
+    """kill -9 mid-call; Twilio fetches the <Connect action> URL (through
+    HAProxy: any replica answers), follows the <Stream> it names, and the call
+    goes on on the other replica, its conversation read back from Redis."""
+    call_sid = "CA" + "7" * 32
+    events = {"firstline_events": "1"}  # the test's window on the session (not sent by real Twilio)
+    before = admitted(cluster)
+    async with FakeTwilio(cluster.url, call_sid=call_sid, parameters=events) as carrier:
+        await wait_firstline(carrier, "ready", timeout=20)
+        doomed = replica_of(cluster, before)
+        await carrier.say(with_silence(phone_prompts[7].load(8000), 8000, 1.5), speed=4.0)
+        first = await wait_firstline(carrier, "response.done", turn=1)
+        said = (await wait_firstline(carrier, "transcript.final", turn=1))["text"]
+        doomed.signal(signal.SIGKILL)
+        await asyncio.wait_for(carrier.closed.wait(), 10)
+    # What Twilio does next: GET the action URL, then open the stream it names.
+    status, _, twiml = await http_get(cluster.lb_port, "/twilio/reconnect?attempt=1&CallSid=" + call_sid)
+    assert status == 200, twiml
+    stream_url = twiml.decode().split('<Stream url="', 1)[1].split('"', 1)[0]
+    assert stream_url == f"ws://127.0.0.1:{cluster.lb_port}/twilio"
+    async with FakeTwilio(stream_url.removesuffix("/twilio"), call_sid=call_sid, parameters=events) as again:
+        ready = await wait_firstline(again, "ready", timeout=20)
+        assert ready["resumed"] is True
+        await again.say(with_silence(phone_prompts[8].load(8000), 8000, 1.5), speed=4.0)
+        # Turn 2, not a new call's turn 1: the history came along.
+        second = await wait_firstline(again, "response.done", turn=2)
+        assert second["text"]
+    survivor = next(r for r in cluster.voice if r.alive() and r is not doomed)
+    assert cluster.metric(survivor, "firstline_calls_resumed_total") >= 1
+    assert said and first["text"]
+    cluster.admin(f"set server firstline/{doomed.name} state maint")

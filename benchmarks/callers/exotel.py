@@ -30,8 +30,11 @@ class Exotel(MarkStyle):
         parameters: dict[str, Any] | None = None,
         token: str | None = None,
         strict: bool = False,
+        call_sid: str | None = None,
     ) -> None:
         super().__init__(sid=sid or uuid.uuid4().hex[:10], token=token, strict=strict)
+        # One per call, as Exotel's: the same one re-attaches to the call's stored conversation.
+        self.call_sid = call_sid or uuid.uuid4().hex
         self.encoding = "pcm16"
         self.rate = rate
         self.parameters = dict(parameters or {})
@@ -39,7 +42,7 @@ class Exotel(MarkStyle):
     def opening(self) -> list[Message]:
         start = {
             "stream_sid": self.sid,
-            "call_sid": "x1",
+            "call_sid": self.call_sid,
             "account_sid": "acc",
             "from": "0",
             "to": "1",

@@ -128,6 +128,14 @@ class History:
             self.replies[turn] = message
         self._trim()
 
+    def restore(self, messages: list[Message]) -> None:
+        """The conversation of a call that re-attached (voice/call/store.py).
+        Its turns' replies can no longer be cut to what was heard."""
+        self.messages_so_far = list(messages)
+        self.replies = {}
+        self._first_kept = None
+        self._trim()
+
     def heard(self, turn: int, heard: str) -> None:
         """The caller heard only ``heard`` of ``turn``'s reply."""
         keep_heard(self.messages_so_far, self.replies, turn, heard)

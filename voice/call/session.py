@@ -38,6 +38,7 @@ from voice.call.audio_budget import AudioBudget, frame_seconds
 from voice.call.finals import OneFinalPerCall
 from voice.call.history import ContextTooLarge, History
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
+from voice.call.store import CallState, StateWriter, StoreError
 from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
 from voice.server.runtime import Runtime
 
@@ -100,6 +101,9 @@ class CallSession:
         self._budget = AudioBudget(multiple, limits.audio_rate_window_s) if multiple > 0 else None
         # The shared ASR worker as this call's turns see it: one final queued at a time.
         self._finals = OneFinalPerCall(runtime.asr)
+        # The conversation kept between turns for a re-attach (voice/call/store.py).
+        self._state: StateWriter | None = None
+        self.resumed = False
 
     # ---- transport-facing API ------------------------------------------
 
@@ -133,6 +137,8 @@ class CallSession:
             except ContextTooLarge as exc:
                 raise ProtocolError(exc.code, str(exc)) from None
             self.history.system_prompt = start.system_prompt
+        if start.resume_key:
+            await self._resume(start)
         self.started = True
         self._last_audio_at = time.monotonic()
         if self.asr_config.auto_turns and self.asr_config.silent_line_s > 0:
@@ -147,10 +153,40 @@ class CallSession:
                 "endpoint_silence_ms": round(self.asr_config.endpoint_silence_s * 1000),
                 "adaptive_endpoint": self.asr_config.adaptive_endpoint,
                 "engine": public_engine_info(self.runtime.engine.describe()),
+                "resumed": self.resumed,
+                **({"resume_token": start.resume_token} if start.resume_token else {}),
             }
         )
         if greeting is not None:
             self.speak_first(greeting)  # after "ready": its events follow it on the wire
+
+    async def _resume(self, start: Start) -> None:
+        """Pick up the conversation stored under the call's key, if any; from
+        now on, write it there after every turn. A store that is down costs
+        the call its past, never the call."""
+        assert start.resume_key
+        self._state = StateWriter(self.runtime.store, start.resume_key)
+        try:
+            state = await self.runtime.store.load(start.resume_key)
+        except StoreError as exc:
+            log.warning("call %s: stored conversation not read (%s)", self.call_id, exc)
+            return
+        if state is None:
+            return
+        if not start.system_prompt:  # instructions sent again on re-attach win
+            self.history.system_prompt = state.system_prompt
+        self.history.restore(state.messages)
+        self.carry_over = state.carry_over
+        self._turn_index = state.turn
+        self.resumed = True
+        self.runtime.metrics.resumed.inc()
+        log.info("call %s re-attached at turn %d", self.call_id, state.turn)
+
+    def _save_state(self) -> None:
+        if self._state is not None:
+            history = self.history
+            state = CallState(history.system_prompt, list(history.messages_so_far), self.carry_over, self._turn_index)
+            self._state.write(state)
 
     def _greeting(self, start: Start) -> SpokenFirst | None:
         """The call's greeting on pickup: its own (start), else the server's."""
@@ -241,6 +277,7 @@ class CallSession:
         when they leave no room in the model's context."""
         self.history.check_instructions(prompt, self.prompt_budget())
         self.history.system_prompt = prompt
+        self._save_state()
 
     async def stop(self, reason: str = "client_stop") -> None:
         """Caller hung up (or the transport closed): release everything."""
@@ -257,6 +294,8 @@ class CallSession:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.runtime.engine.end_session(self.call_id)  # e.g. vllm-router's session table
+        if self._state is not None:
+            await self._state.flush()
         log.info("call %s ended (%s)", self.call_id, reason)
 
     def reply_heard(self, turn: int, heard: str) -> None:
@@ -264,6 +303,7 @@ class CallSession:
         shows the caller heard only ``heard`` of ``turn``'s reply before
         cutting in: history then holds only what was actually heard."""
         self.history.heard(turn, heard)
+        self._save_state()
 
     # ---- turn handling -------------------------------------------------
 
@@ -405,6 +445,7 @@ class CallSession:
             # History keeps only what the caller was sent, so the model never
             # believes it said words that were cut off.
             self.history.remember(outcome.index, outcome.user_text, outcome.spoken)
+        self._save_state()
 
     def _arrival_of(self, position_s: float) -> float:
         """When the frame holding this stream position arrived."""
@@ -447,6 +488,7 @@ class CallSession:
         """A text message the client adds to the conversation (Realtime
         ``conversation.item.create``); see History.add."""
         self.history.add(role, text, self.prompt_budget())
+        self._save_state()
 
     def messages(self, user_text: str | None, instructions: str | None = None) -> list[dict[str, str]]:
         return self.history.messages(user_text, instructions, self.prompt_budget())

@@ -43,6 +43,13 @@ class Start:
     # Per-call sampling overrides (llm/sampling.py field names), checked at start.
     sampling: dict[str, Any] | None = None
     greeting_instructions: str | None = None
+    # Where the call's conversation is kept between turns and, when a call
+    # re-attaches under the same key, picked up from (voice/call/store.py):
+    # "twilio:<callSid>", "native:<resume token>"; None: not kept.
+    resume_key: str | None = None
+    # Native protocol: the token handed back in ready.resume_token (a
+    # client re-attaches with start.options.resume = it).
+    resume_token: str | None = None
 
 
 def check_audio_frame(payload: bytes, encoding: str) -> None:

@@ -38,6 +38,7 @@ from voice.server.runtime import Runtime
 from voice.server.signatures import SIGNATURE_HEADER, candidate_urls
 from voice.transports.audiosocket import start_audiosocket
 from voice.transports.carriers import twilio
+from voice.transports.carriers.parameters import SECRET_PARAMETER
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,23 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def _origin_of(host: str | None, forwarded_proto: str | None) -> str | None:
+    """``https://host`` as the carrier reached us (TLS ends at the proxy,
+    which says so in X-Forwarded-Proto; no proxy: plain http)."""
+    if not host or any(c in host for c in "/?#@ \\<>\"'"):
+        return None
+    proto = (forwarded_proto or "").split(",", 1)[0].strip().lower()
+    return f"{'https' if proto == 'https' else 'http'}://{host}"
+
+
+def _query_int(path: str, name: str, default: int) -> int:
+    values = parse_qs(urlsplit(path).query).get(name)
+    try:
+        return max(1, min(1000, int(values[0]))) if values else default
+    except ValueError:
+        return default
+
+
 class BadHeaders(ValueError):
     """A header the checks read came more than once: refused, not guessed at."""
 
@@ -240,6 +258,8 @@ class VoiceServer:
             return response
         if self.config.demo_page and path in DEMO_FILES and "Upgrade" not in request.headers:
             return _demo_response(DEMO_FILES[path])
+        if path == twilio.RECONNECT_PATH and "Upgrade" not in request.headers:
+            return self._twilio_reattach(request, _caller_address(connection, request, self._trusted_proxies))
         if path not in WS_ROUTES:
             return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no such route; calls go to {NATIVE_PATH}"})
         address = _caller_address(connection, request, self._trusted_proxies)
@@ -259,6 +279,42 @@ class VoiceServer:
         self._tickets = {c: t for c, t in self._tickets.items() if c.state is not State.CLOSED}
         self._tickets[connection] = ticket
         return None
+
+    def _twilio_reattach(self, request: Request, address: str | None) -> Response:
+        """TwiML for a call whose stream closed without the call ending
+        (voice/transports/carriers/twilio.py): a new stream to this public
+        URL, where the call picks up its stored conversation."""
+        path = request.path
+        try:
+            host, proto = _header(request, "Host"), _header(request, "X-Forwarded-Proto")
+            signature = _header(request, SIGNATURE_HEADER)
+        except BadHeaders as exc:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": f"duplicate {exc} header"})
+        signed = self.registry.twilio is not None and self.registry.twilio.valid(
+            candidate_urls(path, host, proto, self.config.public_url, websocket=False), signature
+        )
+        if self.registry.twilio is not None and not signed:
+            self.registry.unauthorized(twilio.RECONNECT_PATH, address, "X-Twilio-Signature missing or wrong")
+            return _json_response(http.HTTPStatus.FORBIDDEN, {"error": "invalid Twilio signature"})
+        parameters = {}
+        if self.config.carrier_secret:
+            if not signed:  # the secret goes only to a request Twilio signed
+                return _json_response(
+                    http.HTTPStatus.FORBIDDEN,
+                    {"error": "re-attach with --carrier-secret needs --twilio-auth-token (signed requests)"},
+                )
+            parameters[SECRET_PARAMETER] = self.config.carrier_secret
+        origin = self.config.public_url or _origin_of(host, proto)
+        if origin is None:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": "no Host header and no --public-url"})
+        attempt = _query_int(path, "attempt", default=1)
+        body = twilio.reattach_twiml(origin.rstrip("/"), attempt, parameters).encode()
+        response = Response(http.HTTPStatus.OK.value, "OK", Headers())
+        response.headers["Content-Type"] = "text/xml; charset=utf-8"
+        response.headers["Content-Length"] = str(len(body))
+        response.headers["Cache-Control"] = "no-store"
+        response.body = body
+        return response
 
     def _authenticate(self, path: str, request: Request, address: str | None) -> Response | None:
         """None when the upgrade may go on to admission; else the refusal."""

@@ -14,6 +14,7 @@ from asr.config import END_OF_TURN_POLICIES, ASRConfig
 from llm.config import LLMConfig, SpeculationConfig
 from llm.sampling import add_sampling_arguments, sampling_from_args
 from voice.call.reply_policy import ReplyPolicy
+from voice.call.store import STORE_SCHEMES
 from voice.server.admission import AdmissionConfig
 from voice.server.config import ServerConfig
 from voice.server.limits import CallLimits
@@ -235,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the origin carriers connect to behind a proxy, e.g. https://voice.example.com (signatures use it)",
     )
     serve.add_argument(
+        "--state-url",
+        default=_env("STATE_URL"),
+        help="where calls' conversations are kept for re-attach: memory (default) or redis://host:port/db, "
+        "shared by every replica (or FIRSTLINE_STATE_URL)",
+    )
+    serve.add_argument(
+        "--state-ttl-s",
+        type=float,
+        default=ServerConfig.state_ttl_s,
+        help="a call's stored conversation expires this long after its last turn",
+    )
+    serve.add_argument(
         "--carrier-secret",
         default=_env("CARRIER_SECRET"),
         help="require custom parameter firstline_secret=SECRET when a carrier stream starts "
@@ -345,6 +358,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         config.public_url = check_public_url(args.public_url) if args.public_url else None
     except ValueError as exc:
         raise SystemExit(f"firstline: {exc}") from None
+    if args.state_url and args.state_url != "memory" and not args.state_url.startswith(STORE_SCHEMES):
+        raise SystemExit(f"firstline: --state-url {args.state_url!r}: use memory or redis://host:port/db")
+    config.state_url = args.state_url
+    config.state_ttl_s = max(1.0, args.state_ttl_s)
     config.carrier_secret = args.carrier_secret or None
     config.allow_custom_prompt = args.allow_custom_prompt
     config.limits.audio_rate_multiple = max(0.0, args.audio_rate_multiple)

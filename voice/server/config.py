@@ -44,6 +44,11 @@ class ServerConfig:
     # The origin carriers connect to (https://voice.example.com) when a proxy
     # sits in front; signatures are over that URL. None: from the Host header.
     public_url: str | None = None
+    # Where each call's conversation is kept between turns, so a call that
+    # re-attaches (on this replica or another) picks it up: "memory" (one
+    # process) or redis://host:port/db (every replica; voice/call/store.py).
+    state_url: str | None = None
+    state_ttl_s: float = 3600.0
     # Shared secret a carrier without upgrade signatures passes as the custom
     # parameter ``firstline_secret``; checked at ``start`` (None: not required).
     carrier_secret: str | None = None

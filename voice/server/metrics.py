@@ -99,6 +99,9 @@ class Metrics:
         self.admitted = Counter("firstline_calls_admitted_total", "Call upgrades admitted", registry=r)
         self.refused = Counter("firstline_calls_refused_total", "Call upgrades refused", ["reason"], registry=r)
         self.ended = Counter("firstline_calls_ended_total", "Calls ended", ["reason"], registry=r)
+        self.resumed = Counter(
+            "firstline_calls_resumed_total", "Calls that re-attached and picked up their stored state", registry=r
+        )
         self.active = Gauge("firstline_active_calls", "Calls in progress", registry=r)
         self.asr_queue = Gauge("firstline_asr_queue_depth", "Decodes waiting for the ASR worker", registry=r)
         # Leak watch (benchmarks/soak.py): RSS and fds from /proc, live asyncio tasks.

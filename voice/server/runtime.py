@@ -11,6 +11,7 @@ from asr.worker import ASRWorker
 from llm import engines
 from llm.base import LLMEngine
 from llm.config import LLMConfig
+from voice.call.store import RedisStore, build_store
 from voice.server.config import ServerConfig
 from voice.server.metrics import Metrics
 from voice.server.tracing import TurnTracer
@@ -36,6 +37,8 @@ class Runtime:
         self.metrics.bind_gauges(lambda: self.active_calls, lambda: self.asr.queue_depth)
         self.asr.on_decode = self.metrics.observe_asr_decode
         self.metrics.bind_engine(self.engine)
+        # Each call's conversation between turns (re-attach: voice/call/store.py).
+        self.store = build_store(config.state_url, config.state_ttl_s)
         # A span per answered turn (voice/tracing.py); None: tracing off.
         self.tracer: TurnTracer | None = None
         if config.tracing:
@@ -49,6 +52,8 @@ class Runtime:
 
     async def start(self) -> None:
         t0 = time.perf_counter()
+        if isinstance(self.store, RedisStore):
+            await self.store.check()  # a wrong --state-url fails the start, not every re-attach
         await self.asr.start()
         t1 = time.perf_counter()
         await self.engine.start()
@@ -61,5 +66,6 @@ class Runtime:
         self.ready = False
         await self.asr.close()
         await self.engine.close()
+        await self.store.close()
         if self.tracer is not None:
             self.tracer.shutdown()

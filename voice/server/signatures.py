@@ -19,30 +19,35 @@ from twilio.request_validator import RequestValidator
 SIGNATURE_HEADER = "X-Twilio-Signature"
 
 _WS_SCHEME = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}
+_HTTP_SCHEME = {"https": "https", "http": "http", "wss": "https", "ws": "http"}
 
 
-def candidate_urls(path: str, host: str | None, forwarded_proto: str | None, public_url: str | None) -> list[str]:
+def candidate_urls(
+    path: str, host: str | None, forwarded_proto: str | None, public_url: str | None, websocket: bool = True
+) -> list[str]:
     """The URLs Twilio may have signed for a request to ``path`` (path plus
     query, as received). With ``public_url`` only that origin counts; without
     it, the Host header under the forwarded scheme, or under both ws and wss
-    when no proxy says which (TLS usually ends before this process)."""
+    when no proxy says which (TLS usually ends before this process).
+    ``websocket=False``: an HTTP request (the TwiML re-attach), http(s) URLs."""
+    names = _WS_SCHEME if websocket else _HTTP_SCHEME
     if public_url:
         origin = urlsplit(public_url)
-        schemes = [_WS_SCHEME.get(origin.scheme, origin.scheme)]
+        schemes = [names.get(origin.scheme, origin.scheme)]
         netloc = origin.netloc
         prefix = origin.path.rstrip("/")
     else:
         if not host:
             return []
         proto = (forwarded_proto or "").split(",", 1)[0].strip().lower()
-        schemes = [_WS_SCHEME[proto]] if proto in _WS_SCHEME else ["wss", "ws"]
+        schemes = [names[proto]] if proto in names else sorted(set(names.values()), reverse=True)
         netloc, prefix = host, ""
     route, _, query = path.partition("?")
     urls = []
     for scheme in schemes:
         urls.append(urlunsplit((scheme, netloc, prefix + route, query, "")))
         # RequestValidator adds a default port for https only; wss's is 443 too.
-        if scheme == "wss" and ":" not in netloc.rsplit("]", 1)[-1]:
+        if scheme in ("wss", "https") and ":" not in netloc.rsplit("]", 1)[-1]:
             urls.append(urlunsplit((scheme, f"{netloc}:443", prefix + route, query, "")))
     return urls
 

@@ -53,7 +53,9 @@ class ExotelCall(MarkStyleCall):
             params = {}
         out = OutFormat("pcm16", rate, chunk_bytes=chunk_bytes(rate))
         await self.begin(
-            start_from_parameters("pcm16", rate, {**params, "call_sid": start.get("call_sid")}, self.runtime.config),
+            start_from_parameters(
+                "pcm16", rate, {**params, "call_sid": start.get("call_sid")}, self.runtime.config, carrier="exotel"
+            ),
             out,
         )
 

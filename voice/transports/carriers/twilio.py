@@ -14,11 +14,21 @@ Benchmark side channel (off unless asked for): with the custom parameter
 native protocol) wrapped as ``{"event": "firstline", "streamSid", "firstline":
 <event>}``, so a load generator speaking the Twilio shape can see transcripts
 and per-turn stage timings. Real Twilio never sets it (it would log 31951).
+
+Re-attach (docs/scaling.md): when the stream closes without the call ending
+(its replica died, or a drain ran out of time), Twilio fetches the
+``<Connect action=…>`` URL. Pointed at ``/twilio/reconnect`` (method GET),
+any replica answers with TwiML for a new ``<Stream>`` to the same public
+URL, so the call lands on a healthy replica and, keyed by its ``callSid``,
+picks up its conversation from the shared store. Bounded: after
+:data:`MAX_REATTACH` re-attaches the answer is ``<Hangup/>``.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
+from xml.sax.saxutils import quoteattr
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
@@ -26,6 +36,27 @@ from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64enc
 from voice.transports.telephony import MalformedMessage
 
 PATH = "/twilio"
+RECONNECT_PATH = "/twilio/reconnect"
+MAX_REATTACH = 3
+
+
+def reattach_twiml(origin: str, attempt: int, parameters: dict[str, str] | None = None) -> str:
+    """TwiML that connects the call to ``origin`` (``https://voice.example.com``)
+    again, with a ``<Connect action>`` back here for the next time; a
+    ``<Hangup/>`` once ``attempt`` is over :data:`MAX_REATTACH` (a stream that
+    keeps failing must not loop the caller forever)."""
+    if attempt > MAX_REATTACH:
+        return '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>'
+    ws_origin = "wss" + origin[len("https") :] if origin.startswith("https") else "ws" + origin[len("http") :]
+    action = f"{origin}{RECONNECT_PATH}?{urlencode({'attempt': attempt + 1})}"
+    params = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in (parameters or {}).items())
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><Response>'
+        f'<Connect action={quoteattr(action)} method="GET"><Stream url={quoteattr(ws_origin + PATH)}>{params}</Stream>'
+        "</Connect></Response>"
+    )
+
+
 ENCODINGS = {"audio/x-mulaw": "mulaw"}
 
 
@@ -58,7 +89,10 @@ class TwilioCall(MarkStyleCall):
         self.events_channel = str(params.get("firstline_events", "")).lower() in ("1", "true", "yes")
         out = OutFormat("mulaw", 8000, chunk_bytes=160)
         await self.begin(
-            start_from_parameters(encoding, rate, {**params, "callSid": start.get("callSid")}, self.runtime.config), out
+            start_from_parameters(
+                encoding, rate, {**params, "callSid": start.get("callSid")}, self.runtime.config, carrier="twilio"
+            ),
+            out,
         )
 
     async def on_media(self, msg: dict[str, Any]) -> None:

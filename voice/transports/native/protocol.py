@@ -10,6 +10,8 @@ in an ``error`` event.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,9 @@ from voice.call.start import MAX_GREETING, MAX_REPLY_TOKENS, MAX_SYSTEM_PROMPT, 
 from voice.transports.media_json import MAX_TEXT_FRAME
 
 PROTOCOL_VERSION = 1
+# ready.resume_token: 24 random bytes, URL-safe base64 (32 characters).
+RESUME_TOKEN_BYTES = 24
+RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 @dataclass
@@ -124,10 +129,18 @@ def _parse_start(msg: dict[str, Any]) -> Start:
                 "invalid_message", f"'options.{key}' must be a non-empty string of at most {MAX_GREETING} chars"
             )
         greetings[key] = value.strip() if value else None
+    resume = options.get("resume")
+    if resume is not None and (not isinstance(resume, str) or not RESUME_TOKEN.fullmatch(resume)):
+        raise ProtocolError("invalid_message", "'options.resume' must be the resume_token of an earlier 'ready'")
+    # A new call gets a token nobody can guess: whoever holds it gets the
+    # call's conversation back, so it is handed only to this client.
+    token = resume or secrets.token_urlsafe(RESUME_TOKEN_BYTES)
     return Start(
         encoding=encoding,
         sample_rate=int(rate),
         system_prompt=prompt,
+        resume_key=f"native:{token}",
+        resume_token=token,
         metadata=metadata,
         endpoint_silence_s=None if endpoint_ms is None else endpoint_ms / 1000.0,
         partials=partials,

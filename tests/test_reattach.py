@@ -1,0 +1,206 @@
+"""A conversation that outlives its connection (voice/call/store.py): the
+call's history, carry-over, instructions and turn counter are written after
+every turn and picked up when the call re-attaches under the same key (the
+native resume token, Twilio's callSid), on the real server with real speech;
+the TwiML re-attach endpoint; the Redis store against a real redis-server.
+Across replicas (kill -9, HAProxy, Redis): tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+import pytest_asyncio
+
+from benchmarks.client import NativeCaller
+from benchmarks.server_proc import free_port
+from tests.conftest import side_server, with_silence
+from tests.fake_carrier import CallWatcher, FakeTwilio
+from tests.http_get import http_get
+from tests.transport_checks import prompt_clip, server_base
+from voice.call.store import CallState, MemoryStore, RedisStore, StoreError
+from voice.transports.carriers.twilio import MAX_REATTACH, RECONNECT_PATH
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def one_turn(caller: NativeCaller, clip_index: int, turn: int) -> dict:
+    audio = with_silence(prompt_clip(clip_index).load(8000), 8000, 1.5)
+    await caller.play(audio, 8000, "mulaw", realtime=True, speed=4.0)
+    return await caller.wait_for("response.done", timeout=90, turn=turn)
+
+
+async def test_a_native_call_resumes_its_conversation_with_its_token(server, call_url) -> None:
+    async with NativeCaller(call_url) as first:
+        ready = await first.start("mulaw", 8000, system_prompt="You are Ada, a ferry company's agent.")
+        token = ready["resume_token"]
+        assert ready["resumed"] is False and re.fullmatch(r"[A-Za-z0-9_-]{32}", token)
+        done = await one_turn(first, 3, turn=1)
+    said = (await first.wait_for("transcript.final", turn=1))["text"]
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as again:
+            ready = await again.start("mulaw", 8000, options={"resume": token})
+            assert ready["resumed"] is True and ready["resume_token"] == token
+            call = await watcher.one()
+            # The earlier turn is in the prompt of the next one, under the stored instructions.
+            messages = call.session.messages("next")
+            assert messages[0]["content"].startswith("You are Ada")
+            assert [m["content"] for m in messages[1:3]] == [said, done["text"]]
+            # Turn numbers go on from where the call was.
+            second = await one_turn(again, 4, turn=2)
+            assert second["text"]
+
+
+async def test_a_bad_or_unknown_resume_token(call_url) -> None:
+    async with NativeCaller(call_url) as caller:
+        await caller.send_json({"type": "start", "audio": {"encoding": "mulaw", "sample_rate": 8000},
+                                "options": {"resume": "../../etc/passwd"}})  # fmt: skip
+        error = await caller.wait_for("error", timeout=10)
+        assert error["code"] == "invalid_message" and "resume" in error["message"]
+    # Well-formed but unknown (expired, another server's): a fresh call, said so.
+    async with NativeCaller(call_url) as caller:
+        ready = await caller.start("mulaw", 8000, options={"resume": "A" * 32})
+        assert ready["resumed"] is False
+
+
+async def test_a_twilio_stream_that_re_attaches_with_its_callsid_keeps_the_history(server) -> None:
+    call_sid = "CA" + "1" * 32
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
+            call = await watcher.one()
+            await carrier.say(with_silence(prompt_clip(6).load(8000), 8000, 1.5), speed=4.0)
+            await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            history = list(call.session.history.messages_so_far)
+            # The stream drops without a stop (the replica died, the network cut).
+            await carrier.hangup(say_stop=False)
+    assert history
+    resumed_before = server.runtime.metrics.resumed._value.get()
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), call_sid=call_sid):
+            call = await watcher.one()
+            for _ in range(100):
+                if call.session.started:
+                    break
+                await asyncio.sleep(0.05)
+            assert call.session.resumed
+            assert call.session.history.messages_so_far == history
+            assert call.session._turn_index == 1
+    assert server.runtime.metrics.resumed._value.get() == resumed_before + 1
+    # Another call id: nothing of it.
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), call_sid="CA" + "2" * 32):
+            call = await watcher.one()
+            await asyncio.sleep(0.3)
+            assert not call.session.resumed and not call.session.history.messages_so_far
+
+
+async def test_twiml_re_attach_endpoint(server) -> None:
+    status, headers, body = await http_get(server.port, RECONNECT_PATH + "?CallSid=CA123&attempt=1")
+    assert status == 200 and headers["content-type"].startswith("text/xml")
+    text = body.decode()
+    assert f'<Stream url="ws://127.0.0.1:{server.port}/twilio">' in text
+    assert f'action="http://127.0.0.1:{server.port}/twilio/reconnect?attempt=2" method="GET"' in text
+    # Behind the TLS proxy, the wss URL of the public origin.
+    _, _, body = await http_get(server.port, RECONNECT_PATH, headers={"X-Forwarded-Proto": "https"})
+    assert f'url="wss://127.0.0.1:{server.port}/twilio"' in body.decode()
+    # A stream that keeps failing is not re-attached forever.
+    _, _, body = await http_get(server.port, f"{RECONNECT_PATH}?attempt={MAX_REATTACH + 1}")
+    assert "<Hangup/>" in body.decode() and "<Stream" not in body.decode()
+
+
+async def test_twiml_re_attach_needs_twilios_signature_when_configured(server) -> None:
+    from twilio.request_validator import RequestValidator
+
+    async with side_server(server, twilio_auth_token="sekret", carrier_secret="carrier-pw") as srv:
+        status, _, _ = await http_get(srv.port, RECONNECT_PATH + "?attempt=1")
+        assert status == 403
+        url = f"http://127.0.0.1:{srv.port}{RECONNECT_PATH}?attempt=1&CallSid=CA9"
+        signature = RequestValidator("sekret").compute_signature(url, {})
+        path = RECONNECT_PATH + "?attempt=1&CallSid=CA9"
+        status, _, body = await http_get(srv.port, path, headers={"X-Twilio-Signature": signature})
+        assert status == 200
+        # The stream it names must pass the carrier secret check: the secret goes along.
+        assert '<Parameter name="firstline_secret" value="carrier-pw"/>' in body.decode()
+
+
+async def test_memory_store_expires_and_bounds() -> None:
+    store = MemoryStore(ttl_s=0.2, max_calls=2)
+    await store.save("a", CallState("p", [{"role": "user", "content": "hi"}], "", 1))
+    assert (await store.load("a")).turn == 1
+    await store.save("b", CallState("p"))
+    await store.save("c", CallState("p"))
+    assert await store.load("a") is None  # the oldest left
+    await asyncio.sleep(0.3)
+    assert await store.load("c") is None  # expired
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def redis_url():
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (make test-deps installs it)")
+    port = free_port()
+    folder = tempfile.mkdtemp(prefix="firstline-redis-")
+    proc = await asyncio.create_subprocess_exec(
+        exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    store = RedisStore(url)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            await store.check()
+            break
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+    await store.close()
+    yield url
+    proc.terminate()
+    await proc.wait()
+    with contextlib.suppress(OSError):
+        shutil.rmtree(folder)
+
+
+async def test_redis_store_round_trip_expiry_and_errors(redis_url) -> None:
+    store = RedisStore(redis_url, ttl_s=1)
+    state = CallState("instructions", [{"role": "user", "content": "my order is 4521"}], "and", 3)
+    await store.save("twilio:CA1", state)
+    assert await store.load("twilio:CA1") == state
+    assert await store.load("twilio:CA-unknown") is None
+    await asyncio.sleep(2.1)
+    assert await store.load("twilio:CA1") is None  # expired
+    await store.close()
+    # Nothing listening: a clear StoreError (the call goes on without its past).
+    dead = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
+    with pytest.raises(StoreError, match=re.escape("cannot reach the call state store redis://127.0.0.1")):
+        await dead.check()
+    with pytest.raises(StoreError):
+        await dead.load("x")
+    await dead.close()
+    # No password in what is said about it.
+    assert RedisStore("redis://user:hunter2@10.0.0.5:6379/0").describe() == "redis://10.0.0.5:6379/0"
+
+
+async def test_a_state_that_is_not_ours_is_ignored() -> None:
+    assert CallState.from_json(b"not json") is None
+    assert CallState.from_json('{"system_prompt": "p"}') is None
+    kept = CallState.from_json('{"system_prompt": "p", "turn": 2, "messages": [{"role": "tool", "content": "x"}]}')
+    assert kept is not None and kept.messages == [] and kept.turn == 2
+
+
+async def test_cli_refuses_an_unknown_state_url() -> None:
+    from voice.server.cli import build_parser, config_from_args
+
+    with pytest.raises(SystemExit, match="--state-url"):
+        config_from_args(build_parser().parse_args(["serve", "--state-url", "mysql://db"]))
+    config = config_from_args(build_parser().parse_args(["serve", "--state-url", "redis://r:6379/1"]))
+    assert config.state_url == "redis://r:6379/1"

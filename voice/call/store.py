@@ -1,0 +1,189 @@
+"""Where a call's conversation lives between turns, so that a call that
+loses its replica (kill -9, a drain that ran out of time, a dropped
+websocket) picks up where it was on another one (docs/scaling.md).
+
+What is kept is what the next reply depends on: the instructions, the
+history the model is answered with, words carried over to the next turn,
+and the turn counter. The session writes it after every turn and reads it
+once, at ``start``, when the call re-attaches under the same key: a
+carrier's own call id (Twilio's ``callSid``) or the resume token the native
+``ready`` event handed out.
+
+:class:`MemoryStore` (the default) survives a reconnect to the same
+process; :class:`RedisStore` (``--state-url redis://…``) is shared by every
+replica. Entries expire ``ttl_s`` after their last write. Transcripts are
+caller data: Redis holds them for that long, and nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "firstline:call:"
+# A stored state larger than this is refused (a history is bounded by
+# history_turns and MAX_INSTRUCTIONS; this is a second fence).
+MAX_STATE_BYTES = 256 * 1024
+# One box, MemoryStore: calls remembered at once (LRU beyond this).
+MAX_MEMORY_CALLS = 10_000
+STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+@dataclass
+class CallState:
+    system_prompt: str
+    messages: list[dict[str, str]] = field(default_factory=list)
+    carry_over: str = ""
+    turn: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CallState | None:
+        """None for anything that is not a state this version wrote."""
+        try:
+            data = json.loads(text)
+            messages = [
+                {"role": str(m["role"]), "content": str(m["content"])}
+                for m in data["messages"]
+                if m.get("role") in ("user", "assistant", "system")
+            ]
+            return cls(str(data["system_prompt"]), messages, str(data.get("carry_over", "")), int(data["turn"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+
+class StoreError(RuntimeError):
+    """The store could not be reached or answered nonsense."""
+
+
+class CallStore(Protocol):
+    async def load(self, key: str) -> CallState | None: ...
+
+    async def save(self, key: str, state: CallState) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+class MemoryStore:
+    def __init__(self, ttl_s: float = 3600.0, max_calls: int = MAX_MEMORY_CALLS) -> None:
+        self.ttl_s = ttl_s
+        self.max_calls = max_calls
+        self._states: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    async def load(self, key: str) -> CallState | None:
+        entry = self._states.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            self._states.pop(key, None)
+            return None
+        return CallState.from_json(entry[1])
+
+    async def save(self, key: str, state: CallState) -> None:
+        self._states[key] = (time.monotonic() + self.ttl_s, state.to_json())
+        self._states.move_to_end(key)
+        while len(self._states) > self.max_calls:
+            self._states.popitem(last=False)
+
+    async def close(self) -> None:
+        self._states.clear()
+
+    def describe(self) -> str:
+        return "memory"
+
+
+class RedisStore:
+    """One JSON string per call under ``firstline:call:<key>``, with an expiry."""
+
+    def __init__(self, url: str, ttl_s: float = 3600.0, timeout_s: float = 1.0) -> None:
+        try:
+            import redis.asyncio as redis
+        except ImportError as exc:  # pragma: no cover - the scale extra brings it
+            raise StoreError("--state-url redis://… needs the redis package (pip install -e '.[scale]')") from exc
+        self.url = url
+        self.ttl_s = ttl_s
+        self._redis: Any = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
+
+    async def check(self) -> None:
+        """At start-up: a wrong URL is a clear error, not a silent loss of every call's state."""
+        try:
+            await self._redis.ping()
+        except self._errors as exc:
+            raise StoreError(f"cannot reach the call state store {self.describe()}: {exc}") from exc
+
+    async def load(self, key: str) -> CallState | None:
+        try:
+            raw = await self._redis.get(KEY_PREFIX + key)
+        except self._errors as exc:
+            raise StoreError(f"call state store {self.describe()}: {exc}") from exc
+        return None if raw is None else CallState.from_json(raw)
+
+    async def save(self, key: str, state: CallState) -> None:
+        text = state.to_json()
+        if len(text) > MAX_STATE_BYTES:
+            raise StoreError(f"call state of {len(text)} bytes is over {MAX_STATE_BYTES}")
+        try:
+            await self._redis.set(KEY_PREFIX + key, text, ex=max(1, int(self.ttl_s)))
+        except self._errors as exc:
+            raise StoreError(f"call state store {self.describe()}: {exc}") from exc
+
+    async def close(self) -> None:
+        with contextlib.suppress(*self._errors):
+            await self._redis.aclose()
+
+    def describe(self) -> str:
+        # No password in logs: redis://user:secret@host -> redis://host
+        rest = self.url.split("://", 1)[-1].rsplit("@", 1)[-1]
+        return f"redis://{rest}"
+
+
+def build_store(url: str | None, ttl_s: float) -> CallStore:
+    if not url or url == "memory":
+        return MemoryStore(ttl_s)
+    if url.startswith(STORE_SCHEMES):
+        return RedisStore(url, ttl_s)
+    raise ValueError(f"unknown call state store {url!r}: use memory or redis://host:port/db")
+
+
+class StateWriter:
+    """Writes one call's state after each turn without holding the turn up:
+    one write in flight, the newest snapshot wins (a turn that ends while
+    the previous write is out is written right after it)."""
+
+    def __init__(self, store: CallStore, key: str) -> None:
+        self.store = store
+        self.key = key
+        self._latest: CallState | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    def write(self, state: CallState) -> None:
+        self._latest = state
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        while self._latest is not None:
+            state, self._latest = self._latest, None
+            try:
+                await self.store.save(self.key, state)
+            except StoreError as exc:
+                # The call goes on; only a re-attach would miss this turn.
+                self.failures += 1
+                log.warning("call state not saved (%s)", exc)
+
+    async def flush(self, timeout_s: float = 2.0) -> None:
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
