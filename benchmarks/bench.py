@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -41,10 +42,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,6 +54,7 @@ from benchmarks.loadgen import PROTOCOLS, CallOptions, Impairments, ProtocolUnav
 from benchmarks.ttfs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 OUT = ROOT / "benchmarks" / "results" / "bench"
 # Admission control off and no call cap: the sweep itself finds the limit.
 FIRSTLINE_BASE = ["--max-calls", "100000", "--max-asr-queue", "0", "--log-level", "WARNING"]
@@ -488,15 +490,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
-def main(argv: list[str] | None = None) -> None:
-    ns = parse_args(argv)
+def run_on_uvloop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop (the server's loop) when it is installed."""
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    results = asyncio.run(main_async(ns))
+    return asyncio.run(main)
+
+
+def run_and_save(main: Coroutine[Any, Any, dict[str, Any]], out: str | Path) -> dict[str, Any]:
+    """Run a benchmark and write its results (JSON) to ``out``."""
+    results = run_on_uvloop(main)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = parse_args(argv)
+    results = run_on_uvloop(main_async(ns))
     paths = write_report(results, Path(ns.out))
     print(Path(paths["markdown"]).read_text())
     print("wrote " + ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in paths.values()))

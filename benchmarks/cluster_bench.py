@@ -10,8 +10,9 @@
 2. **Cold start.** From starting a new voice replica to its first call, and
    a new engine replica to its first token (through the router).
 3. **Faults.** kill -9 of a voice replica with calls on it, SIGTERM of one,
-   kill -9 of an LLM replica between turns and in the middle of a reply:
-   calls lost, turns lost, time to recover.
+   kill -9 of an LLM replica between turns and in the middle of a reply
+   (what a voice replica's engine does: RemoteEngine behind the router, the
+   reply carried on after a cut): calls lost, turns lost, time to recover.
 
     python -m benchmarks.cluster_bench                  # ~6 min on 2 cores
     python -m benchmarks.cluster_bench --rounds 2 --calls 6
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import signal
 import time
@@ -32,11 +34,14 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from benchmarks.bench import machine, versions
+from benchmarks.bench import machine, run_and_save, versions
 from benchmarks.client import NativeCaller
 from benchmarks.cluster import Cluster, Proc
 from benchmarks.corpus import ASTERISK_SOUNDS, asterisk_prompts
 from benchmarks.loadgen import CallOptions, CallSpec, Segment, TurnSpec, run_calls
+from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.continuation import stream_continuing
+from llm.remote_engine import RemoteEngine, RemotePool
 
 OUT = Path(__file__).resolve().parent / "results" / "cluster.json"
 
@@ -244,46 +249,82 @@ async def faults(cluster: Cluster) -> list[dict[str, Any]]:
     cluster.admin(f"set server firstline/{victim.name} state maint")
     print(f"  {rows[-1]}")
     await asyncio.to_thread(cluster.add_voice)
-    # 3. kill -9 of an LLM replica between two turns of a session, and 4. in the middle of a reply.
+    # 3. kill -9 of an LLM replica between two turns of a call, and 4. in the
+    # middle of a reply: what a voice replica does (RemoteEngine behind the
+    # router, retrying before text; the turn's stream carried on after a cut).
     assert cluster.router is not None
-    async with aiohttp.ClientSession() as http:
+    engine = RemoteEngine(cluster.router.root + "/v1", system_prompt=None, retry_before_text=True)
+    await engine.start()
+    try:
         for where in ("between turns", "mid-reply"):
             session = "fault-" + where.replace(" ", "-")
             served = [(_served(r) if r.alive() else -1) for r in cluster.llm]
-            await first_token_ms(http, cluster.router.root, session)
+            await _reply(engine, session, "Hello, who is this?", 8)
             victim = next(r for r, was in zip(cluster.llm, served, strict=True) if r.alive() and _served(r) > was)
             lost = 0
             if where == "mid-reply":
-                body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a long story."}],
-                        "stream": True, "max_tokens": 200}  # fmt: skip
-                got_done = False
+                request = _request(session, "Tell me a long story about a lighthouse.", 120)
+                arrivals: list[float] = []
                 try:
-                    async with http.post(cluster.router.root + "/v1/chat/completions", json=body,
-                                         headers={"X-Session-ID": session}) as r:  # fmt: skip
-                        async for line in r.content:
-                            if b'"content"' in line and victim.alive():
-                                victim.signal(signal.SIGKILL)
-                            if line.strip() == b"data: [DONE]":
-                                got_done = True
-                except aiohttp.ClientError:
-                    pass  # the stream was cut: the reply in flight is lost
-                lost = 0 if got_done else 1
+                    async for _ in stream_continuing(engine, request):
+                        arrivals.append(time.perf_counter())
+                        if len(arrivals) == 3:
+                            victim.signal(signal.SIGKILL)
+                except EngineError:
+                    lost = 1
+                pause = max((b - a for a, b in itertools.pairwise(arrivals)), default=0.0)
+                row: dict[str, Any] = {"fault": f"kill -9 of an LLM replica {where}", "calls_cut": 0,
+                                       "turns_lost": lost, "reply_carried_on": request.usage.continuations,
+                                       "longest_pause_in_reply_s": round(pause, 2)}  # fmt: skip
             else:
                 victim.signal(signal.SIGKILL)
-            t0 = time.perf_counter()
-            # The next turn: RemoteEngine retries before any text (until its deadline).
-            for _ in range(100):
+                t0 = time.perf_counter()
                 try:
-                    await first_token_ms(http, cluster.router.root, session)
-                    break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
-            rows.append({"fault": f"kill -9 of an LLM replica {where}", "calls_cut": 0, "turns_lost": lost,
-                         "next_turn_answered_after_s": round(time.perf_counter() - t0, 2)})  # fmt: skip
+                    await _reply(engine, session, "Are you still there?", 8)
+                except EngineError:
+                    lost = 1
+                row = {"fault": f"kill -9 of an LLM replica {where}", "calls_cut": 0, "turns_lost": lost,
+                       "next_turn_first_token_after_s": round(time.perf_counter() - t0, 2)}  # fmt: skip
+            rows.append(row)
             print(f"  {rows[-1]}")
             if where == "between turns":
                 await asyncio.to_thread(cluster.add_llm)
+    finally:
+        await engine.close()
+    # 5. The same fault without the router: firstline's own client-side pool
+    # (RemotePool) over the live replicas, to compare what it gives.
+    await asyncio.to_thread(cluster.add_llm)
+    alive = [r for r in cluster.llm if r.alive()]
+    pool = RemotePool([RemoteEngine(r.root + "/v1", system_prompt=None) for r in alive], health_interval_s=1.0)
+    await pool.start()
+    try:
+        await _reply(pool, "pool-call", "Hello, who is this?", 8)
+        pinned = pool.pinned("pool-call")
+        assert pinned is not None
+        victim = next(r for r in alive if pinned.base_url.startswith(r.root))
+        victim.signal(signal.SIGKILL)
+        t0 = time.perf_counter()
+        lost = 0
+        try:
+            await _reply(pool, "pool-call", "Are you still there?", 8)
+        except EngineError:
+            lost = 1
+        after_s = round(time.perf_counter() - t0, 2)
+        rows.append({"fault": "kill -9 of an LLM replica between turns (RemotePool, no router)", "calls_cut": 0,
+                     "turns_lost": lost, "next_turn_first_token_after_s": after_s})  # fmt: skip
+        print(f"  {rows[-1]}")
+    finally:
+        await pool.close()
     return rows
+
+
+def _request(session: str, text: str, max_tokens: int) -> GenerationRequest:
+    messages = [{"role": "system", "content": "You are a helpful voice assistant."}, {"role": "user", "content": text}]
+    return GenerationRequest(f"{session}-{time.monotonic_ns()}", messages, max_tokens=max_tokens, session_key=session)
+
+
+async def _reply(engine: LLMEngine, session: str, text: str, max_tokens: int) -> str:
+    return "".join([d async for d in engine.stream(_request(session, text, max_tokens))])
 
 
 async def run(ns: argparse.Namespace) -> dict[str, Any]:
@@ -328,15 +369,7 @@ def main() -> None:
     p.add_argument("--max-calls", type=int, default=8)
     p.add_argument("--out", default=str(OUT))
     ns = p.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    results = asyncio.run(run(ns))
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(results, indent=1))
+    results = run_and_save(run(ns), ns.out)
     print(json.dumps({k: results[k] for k in ("ttfs_ms", "hops", "cold_start")}, indent=1))
     print(f"saved {ns.out}")
 

@@ -21,7 +21,6 @@ Results: benchmarks/results/reply_quality.json (with the commit).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import shlex
@@ -29,7 +28,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import machine, versions
+from benchmarks.bench import machine, run_and_save, versions
 from benchmarks.corpus import ASTERISK_SOUNDS, asterisk_prompts
 from benchmarks.loadgen import CallOptions, CallSpec, Segment, TurnSpec, load_calls, run_calls
 from benchmarks.server_proc import firstline_server
@@ -178,15 +177,7 @@ def main() -> None:
     p.add_argument("--out", default=str(OUT))
     ns = p.parse_args()
     ns.config = ns.config or [f"before={BEFORE}", f"policy_only={POLICY_ONLY}", "after="]
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    results = asyncio.run(run(ns))
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(results, indent=1))
+    results = run_and_save(run(ns), ns.out)
     print(table(results))
     print(f"saved {ns.out}")
 

@@ -28,6 +28,8 @@ class Usage:
     # target model accepted. Zero when speculation is off.
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    # Times the reply was carried on after its engine died mid-stream (llm/continuation.py).
+    continuations: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -43,6 +45,7 @@ class Usage:
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
             "acceptance_rate": self.acceptance_rate,
+            "continuations": self.continuations,
         }
 
 
@@ -66,6 +69,10 @@ class GenerationRequest:
     # call to the same replica, so that replica's prefix cache stays hot.
     session_key: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # The last message is the start of the assistant's reply, to be carried
+    # on from (not answered): a reply whose engine died mid-stream goes on
+    # on the next one from what was already said (voice/call/turn.py).
+    continue_final: bool = False
 
     def __post_init__(self, max_tokens: int | None, temperature: float | None) -> None:
         self.sampling = self.sampling.merged({"max_tokens": max_tokens, "temperature": temperature})

@@ -17,7 +17,10 @@ repetition_penalty; llama.cpp's dry_*), each defaulting to the server's
 it cannot honour (n > 1, logit_bias, logprobs, tools, a non-text
 response_format, unknown fields) and out-of-range values get HTTP 400 in
 OpenAI's error shape, naming the field in ``error.param``: never a reply that
-silently ignored part of the request.
+silently ignored part of the request. vLLM's ``continue_final_message`` (with
+``add_generation_prompt: false``) carries on a final assistant message (a
+reply whose engine died mid-stream, llm/continuation.py); the vLLM/SGLang
+fields vllm-router adds to every body are accepted at the values it writes.
 
 A client that disconnects mid-stream aborts the generation inside the engine:
 aiohttp cancels the handler, which closes the engine's stream (llama.cpp drops
@@ -75,7 +78,11 @@ class BadRequest(ValueError):
 
 
 # Fields read outside sampling: the conversation and how to send the reply.
-_PROTOCOL_FIELDS = frozenset({"messages", "stream", "stream_options"})
+_PROTOCOL_FIELDS = frozenset(
+    {"messages", "stream", "stream_options"}
+    # vLLM's pair for carrying on a final assistant message (checked in _parse).
+    | {"continue_final_message", "add_generation_prompt"}
+)
 # Accepted and without effect: routing and bookkeeping that change nothing
 # about the reply (one model is served, nothing is stored).
 _IGNORED_FIELDS = frozenset(
@@ -111,7 +118,6 @@ _ONLY_OFF: dict[str, tuple[Callable[[Any], bool], str]] = {
     # they ask for what this server does anyway.
     "ignore_eos": (lambda v: v is False, "is not supported (generation stops at end of message)"),
     "no_stop_trim": (lambda v: v is False, "is not supported (stop strings are trimmed)"),
-    "continue_final_message": (lambda v: v is False, "is not supported (a reply starts a new message)"),
     "skip_special_tokens": (lambda v: v is True, "must be true (special tokens are never sent)"),
     "return_hidden_states": (lambda v: v is False, "is not supported"),
     "include_reasoning": (lambda v: isinstance(v, bool), "must be a boolean (this model does not reason)"),
@@ -165,8 +171,28 @@ def _parse(body: Any, defaults: SamplingParams) -> tuple[GenerationRequest, bool
         raise BadRequest("'stream' must be a boolean", "stream")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    request = GenerationRequest(request_id=f"chatcmpl-{next(_ids)}", messages=clean, sampling=sampling)
+    request = GenerationRequest(
+        request_id=f"chatcmpl-{next(_ids)}", messages=clean, sampling=sampling, continue_final=_continues(body, clean)
+    )
     return request, bool(stream), include_usage
+
+
+def _continues(body: dict[str, Any], messages: list[dict[str, str]]) -> bool:
+    """vLLM's ``continue_final_message`` (with ``add_generation_prompt``
+    false): carry on the final assistant message instead of answering."""
+    carry_on = body.get("continue_final_message", False)
+    generation_prompt = body.get("add_generation_prompt", True)
+    if not isinstance(carry_on, bool | None) or not isinstance(generation_prompt, bool | None):
+        raise BadRequest("'continue_final_message' and 'add_generation_prompt' must be booleans")
+    if not carry_on:
+        if generation_prompt is False:
+            raise BadRequest("'add_generation_prompt': false is supported only with continue_final_message")
+        return False
+    if generation_prompt:
+        raise BadRequest("continue_final_message needs add_generation_prompt: false", "add_generation_prompt")
+    if messages[-1]["role"] != "assistant":
+        raise BadRequest("continue_final_message needs an assistant message last", "messages")
+    return True
 
 
 def _usage_body(request: GenerationRequest) -> dict[str, Any]:

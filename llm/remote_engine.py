@@ -185,6 +185,10 @@ class RemoteEngine(LLMEngine):
             # in-process engine would (vLLM extras only when they are set).
             **request.sampling.to_openai(full=self.full_sampling),
         }
+        if request.continue_final:
+            # vLLM's (and llm.openai_server's) way to carry on the last message.
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.first_token_timeout_s
         response: aiohttp.ClientResponse | None = None

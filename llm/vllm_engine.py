@@ -226,12 +226,14 @@ class VLLMEngine(LLMEngine):
 
     # -- generation -------------------------------------------------------
 
-    def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+    def _tokenize(self, messages: list[dict[str, str]], continue_final: bool = False) -> list[int]:
         # The chat template starts with <|im_start|> (SmolLM2's BOS), so no
         # extra BOS is added; vLLM gets token ids and does not re-tokenize.
+        # continue_final: the last (assistant) message is left open to carry on.
         ids = self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+            messages, add_generation_prompt=not continue_final, continue_final_message=continue_final,
+            tokenize=True, return_dict=False,
+        )  # fmt: skip
         return list(ids)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -240,11 +242,11 @@ class VLLMEngine(LLMEngine):
         messages = list(request.messages)
         budget = self.config.context_tokens - min(request.sampling.max_tokens, self.config.context_tokens // 2)
         while True:
-            ids = self._tokenize(messages)
+            ids = self._tokenize(messages, request.continue_final)
             if len(ids) <= budget:
                 return ids
             first = 1 if messages and messages[0].get("role") == "system" else 0
-            if len(messages) - first <= 1:
+            if len(messages) - first <= (2 if request.continue_final else 1):
                 raise EngineError(f"prompt of {len(ids)} tokens does not fit in {self.config.context_tokens}")
             del messages[first]
 

@@ -16,7 +16,26 @@ import aiohttp
 from llm.supervisor import free_port
 
 
-class ServerProcess:
+class _Child:
+    """A child process the tests start and must not leave behind."""
+
+    proc: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class ServerProcess(_Child):
     def __init__(self, *extra: str) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
@@ -42,19 +61,6 @@ class ServerProcess:
             await asyncio.sleep(0.1)
         raise TimeoutError(f"llm.openai_server on port {self.port} not healthy after {timeout} s")
 
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
 
 async def start_servers(n: int, *extra: str) -> list[ServerProcess]:
     # One after the other: two llama.cpp instances warming up at once on two
@@ -71,7 +77,7 @@ async def start_servers(n: int, *extra: str) -> list[ServerProcess]:
     return servers
 
 
-class RouterProcess:
+class RouterProcess(_Child):
     """vLLM's router (PyPI ``vllm-router``, the Rust one) in front of real
     ``llm.openai_server`` replicas: the LLM tier of docs/scaling.md. Health
     checks every second, one failure marks a replica down."""
@@ -104,12 +110,3 @@ class RouterProcess:
                 pass
             await asyncio.sleep(0.1)
         raise TimeoutError(f"vllm-router on port {self.port} not ready after {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

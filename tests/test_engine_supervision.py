@@ -73,7 +73,7 @@ def _restarts_metric(server: VoiceServer) -> float:
     raise AssertionError("firstline_engine_restarts_total not exported")
 
 
-async def test_engine_killed_mid_reply_call_survives_and_next_turn_is_answered(supervised_server, phone_prompts):
+async def test_engine_killed_mid_reply_the_reply_goes_on_on_the_restarted_engine(supervised_server, phone_prompts):
     srv = supervised_server
     engine = srv.runtime.engine
     assert isinstance(engine, SupervisedEngine) and engine.primary_up
@@ -85,13 +85,17 @@ async def test_engine_killed_mid_reply_call_survives_and_next_turn_is_answered(s
         await caller.wait_for("response.delta", turn=1, timeout=60)
         pid = engine.pid
         os.kill(pid, signal.SIGKILL)  # the engine process dies mid-reply
-        killed_at = time.monotonic()
-        err = await caller.wait_for("error", timeout=10)
-        assert time.monotonic() - killed_at < 5.0, "the turn waited for a timeout (10 s) instead of failing at once"
-        assert err["code"] in ("llm_failed", "llm_unavailable") and "turn 1" in err["message"], err
-        done = await caller.wait_for("response.done", turn=1, timeout=5)
-        assert done["cancelled"] is True
-        # The supervisor brings the engine back by itself, and counts it.
+        said_before = "".join(e["text"] for e in caller.result.of("response.delta"))
+        # The restarted engine carries the reply on from what was said
+        # (llm/continuation.py): no error, the turn is not lost.
+        done = await caller.wait_for("response.done", turn=1, timeout=60)
+        assert not done["cancelled"] and done["usage"]["continuations"] == 1, done
+        assert not caller.result.of("error"), caller.result.of("error")
+        reply = "".join(e["text"] for e in caller.result.of("response.delta"))
+        assert reply.startswith(said_before) and len(reply) > len(said_before) + 10, (said_before, reply)
+        sentences = [e["text"] for e in caller.result.of("response.sentence")]
+        assert len(sentences) == len(set(sentences)), f"a sentence said twice: {sentences}"
+        # The supervisor brought the engine back by itself, and counted it.
         await engine.wait_up(60)
         assert engine.pid != pid and engine.restarts == 1 and engine.crashes == 1
         assert _restarts_metric(srv) == 1.0
@@ -102,7 +106,7 @@ async def test_engine_killed_mid_reply_call_survives_and_next_turn_is_answered(s
         except TimeoutError:
             raise AssertionError(f"turn 2 never finished; events: {_events(caller)}") from None
         assert done2["text"] and not done2["cancelled"], done2
-        assert len(caller.result.of("error")) == 1
+        assert not caller.result.of("error")
         assert caller.ws is not None and caller.ws.state.name == "OPEN"
 
 

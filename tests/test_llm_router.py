@@ -108,3 +108,42 @@ async def test_a_killed_llm_replica_and_the_calls_next_turn_is_answered_by_the_o
         assert (await survivor.health())["served"] == was + 1
     finally:
         await engine.close()
+
+
+async def test_a_reply_cut_by_a_killed_replica_is_carried_on_by_the_other(tier) -> None:
+    """kill -9 mid-stream: the reply goes on on the surviving replica from
+    what was already said (llm/continuation.py, vLLM's continue_final_message
+    through the router), not from the top and not lost."""
+    from llm.continuation import stream_continuing
+
+    replicas, router = tier
+    alive = [r for r in replicas if r.proc.poll() is None]
+    if len(alive) < 2:  # the previous test killed one: a fresh pair
+        alive = [*alive, *(await start_servers(1, "--threads", "1", "--parallel", "2"))]
+        for r in alive:
+            if r not in replicas:
+                replicas.append(r)
+        router.stop()
+        router = RouterProcess([r.root for r in alive])
+        await router.wait_ready()
+    engine = RemoteEngine(router.url, system_prompt=None, retry_before_text=True)
+    await engine.start()
+    try:
+        story = [{"role": "system", "content": "You are a storyteller."},
+                 {"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]  # fmt: skip
+        request = GenerationRequest("story", story, max_tokens=80, session_key="call-story")
+        before = await served(alive)
+        parts: list[str] = []
+        async for delta in stream_continuing(engine, request):
+            parts.append(delta)
+            if len(parts) == 5:
+                now = await served(alive)
+                doomed = next(r for r, a, b in zip(alive, now, before, strict=True) if a > b)
+                doomed.kill()
+                cut_at = "".join(parts)
+        reply = "".join(parts)
+        assert request.usage.continuations == 1
+        assert reply.startswith(cut_at) and len(reply) > len(cut_at) + 20, (cut_at, reply)
+    finally:
+        await engine.close()
+        router.stop()

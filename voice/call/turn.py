@@ -26,6 +26,7 @@ import numpy as np
 from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
 from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.continuation import stream_continuing
 from llm.sampling import SamplingParams
 from streaming.sentences import SentenceSegmenter
 from voice.call.reply_policy import SEND, SKIP, STOP_LENGTH, STOP_LOOP, ReplyGuard, ReplyPolicy, is_complete
@@ -283,7 +284,10 @@ class Turn:
         try:
             stopped = False
             # aclosing: a reply the guard ends aborts its generation in the engine.
-            source = _fixed(first.text) if first is not None and first.text is not None else ctx.engine.stream(request)
+            if first is not None and first.text is not None:
+                source = _fixed(first.text)
+            else:  # an engine that dies mid-reply: the next one carries it on
+                source = stream_continuing(ctx.engine, request)
             async with contextlib.aclosing(source) as stream:
                 async for delta in stream:
                     if self.times.llm_first_token is None:
