@@ -21,7 +21,7 @@ import pytest_asyncio
 from benchmarks.client import NativeCaller
 from benchmarks.server_proc import free_port
 from tests.conftest import side_server, with_silence
-from tests.fake_carrier import CallWatcher, FakeTwilio
+from tests.fake_carrier import CallWatcher, FakeRealtime, FakeTwilio
 from tests.http_get import http_get
 from tests.transport_checks import prompt_clip, server_base
 from voice.call.store import CallState, MemoryStore, RedisStore, StoreError
@@ -98,6 +98,42 @@ async def test_a_twilio_stream_that_re_attaches_with_its_callsid_keeps_the_histo
             call = await watcher.one()
             await asyncio.sleep(0.3)
             assert not call.session.resumed and not call.session.history.messages_so_far
+
+
+async def test_a_realtime_session_resumes_with_its_token(server) -> None:
+    """?resume=<session.created.session.resume_token>: the conversation of the
+    earlier session is in the next reply's prompt, after it, the new items."""
+    first = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    async with first:
+        created = await first.next_event("session.created", timeout=10)
+        token = created["session"]["resume_token"]
+        said = [{"type": "input_text", "text": "My booking reference is Q7X."}]
+        await first.send({"type": "conversation.item.create",
+                          "item": {"type": "message", "role": "user", "content": said}})  # fmt: skip
+        await first.send({"type": "response.create"})
+        done = await first.next_event("response.done", timeout=60)
+        assert done["response"]["status"] == "completed", done
+    with CallWatcher() as watcher:
+        again = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, resume=token)
+        async with again:
+            created = await again.next_event("session.created", timeout=10)
+            assert created["session"]["resume_token"] == token
+            call = await watcher.one()
+            now = [{"type": "input_text", "text": "What was my reference?"}]
+            await again.send({"type": "conversation.item.create",
+                              "item": {"type": "message", "role": "user", "content": now}})  # fmt: skip
+            await again.send({"type": "response.create"})
+            await again.next_event("response.done", timeout=60)
+            assert call.session.resumed
+            contents = [m["content"] for m in call.session.messages(None)[1:]]
+            assert contents[0] == "My booking reference is Q7X." and "What was my reference?" in contents
+    # A mangled token: said so, and a new conversation (the call is not refused).
+    bad = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, resume="nope")
+    async with bad:
+        error = await bad.next_event("error", timeout=10)
+        assert error["error"]["code"] == "invalid_resume_token"
+        created = bad.of("session.created")[0]
+        assert created["session"]["resume_token"] != "nope"
 
 
 async def test_twiml_re_attach_endpoint(server) -> None:

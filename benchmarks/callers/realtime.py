@@ -37,6 +37,7 @@ class Realtime(Wire):
         model: str = "firstline",
         token: str | None = None,
         strict: bool = False,
+        resume: str | None = None,
     ) -> None:
         """``fmt``: ``audio/pcm`` (24 kHz), ``audio/pcmu`` or ``audio/pcma``,
         both ways; ``audio_out``: reply audio (else text only);
@@ -49,9 +50,11 @@ class Realtime(Wire):
         self.turn_detection = None if turn_detection is None else dict(turn_detection)
         self.instructions = instructions
         self.model = model
+        # session.created's resume_token of an earlier session: re-attach to its conversation.
+        self.resume = resume
 
     def query(self) -> dict[str, str]:
-        return {"model": self.model}
+        return {"model": self.model, **({"resume": self.resume} if self.resume else {})}
 
     def headers(self) -> dict[str, str] | None:
         headers = dict(super().headers() or {})

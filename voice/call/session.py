@@ -175,7 +175,9 @@ class CallSession:
             return
         if not start.system_prompt:  # instructions sent again on re-attach win
             self.history.system_prompt = state.system_prompt
-        self.history.restore(state.messages)
+        # Context a client added before the call started (Realtime text
+        # items) comes after the stored conversation, not instead of it.
+        self.history.restore([*state.messages, *self.history.messages_so_far])
         self.carry_over = state.carry_over
         self._turn_index = state.turn
         self.resumed = True

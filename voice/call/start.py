@@ -6,8 +6,21 @@ the per-frame audio check the session applies to every transport's audio.
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
+
+# The token a client re-attaches a call with (native ready.resume_token,
+# Realtime session.created.session.resume_token): 24 random bytes, URL-safe
+# base64. Whoever holds it gets the call's conversation back.
+RESUME_TOKEN_BYTES = 24
+RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+def new_resume_token() -> str:
+    return secrets.token_urlsafe(RESUME_TOKEN_BYTES)
+
 
 MAX_AUDIO_FRAME = 64 * 1024  # 2 s of 16 kHz pcm16; real clients send 20-100 ms
 MAX_SYSTEM_PROMPT = 8 * 1024

@@ -10,19 +10,22 @@ in an ``error`` event.
 from __future__ import annotations
 
 import json
-import re
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from streaming.codecs import ENCODINGS, SAMPLE_RATES
-from voice.call.start import MAX_GREETING, MAX_REPLY_TOKENS, MAX_SYSTEM_PROMPT, ProtocolError, Start
+from voice.call.start import (
+    MAX_GREETING,
+    MAX_REPLY_TOKENS,
+    MAX_SYSTEM_PROMPT,
+    RESUME_TOKEN,
+    ProtocolError,
+    Start,
+    new_resume_token,
+)
 from voice.transports.media_json import MAX_TEXT_FRAME
 
 PROTOCOL_VERSION = 1
-# ready.resume_token: 24 random bytes, URL-safe base64 (32 characters).
-RESUME_TOKEN_BYTES = 24
-RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 @dataclass
@@ -134,7 +137,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         raise ProtocolError("invalid_message", "'options.resume' must be the resume_token of an earlier 'ready'")
     # A new call gets a token nobody can guess: whoever holds it gets the
     # call's conversation back, so it is handed only to this client.
-    token = resume or secrets.token_urlsafe(RESUME_TOKEN_BYTES)
+    token = resume or new_resume_token()
     return Start(
         encoding=encoding,
         sample_rate=int(rate),

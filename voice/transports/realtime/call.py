@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.call.start import Start
+from voice.call.start import RESUME_TOKEN, Start, new_resume_token
 from voice.transports.media_json import WebSocketCall, b64encode, query_param
 from voice.transports.realtime import conversation, input_audio_buffer, session
 from voice.transports.realtime import response as response_family
@@ -93,6 +93,11 @@ class RealtimeCall(WebSocketCall):
         self.beta = "realtime=v1" in str(headers.get("OpenAI-Beta", "")).replace(" ", "")
         self.settings = RealtimeSettings(model=query_param(request.path if request else "", "model") or "firstline")
         self.session_id = new_id("sess")
+        # Re-attach (docs/scaling.md): ?resume=<the resume_token of an earlier
+        # session.created> picks up that call's conversation.
+        given = query_param(request.path if request else "", "resume")
+        self.bad_resume = given is not None and not RESUME_TOKEN.fullmatch(given)
+        self.resume_token = given if given is not None and not self.bad_resume else new_resume_token()
         self.responses: dict[int, Response] = {}
         self.next_user_item = new_id("item")
         self.last_item_id: str | None = None
@@ -112,7 +117,16 @@ class RealtimeCall(WebSocketCall):
     # ---- session lifecycle ------------------------------------------------
 
     async def on_open(self) -> None:
-        await self.send_event("session.created", session=self.session_object())
+        await self.send_event("session.created", session={**self.session_object(), "resume_token": self.resume_token})
+        if self.bad_resume:  # a fresh call, said so: nothing is lost by a mangled token
+            error = {
+                "type": "invalid_request_error",
+                "code": "invalid_resume_token",
+                "message": "'resume' is not a resume_token; this is a new conversation",
+                "param": "resume",
+                "event_id": None,
+            }
+            await self.send_event("error", error=error)
 
     def session_object(self) -> dict[str, Any]:
         return session.session_object(self)
@@ -132,6 +146,8 @@ class RealtimeCall(WebSocketCall):
             metadata={"model": s.model, "realtime_session": self.session_id},
             endpoint_silence_s=None if silence_ms is None else silence_ms / 1000.0,
             auto_turns=td is not None,
+            resume_key=f"realtime:{self.resume_token}",
+            resume_token=self.resume_token,
         )
         out = None
         if s.audio_out:
