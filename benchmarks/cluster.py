@@ -59,6 +59,24 @@ def _post(url: str, timeout: float = 30.0) -> int:
         return 0
 
 
+def router_command(port: int, workers: list[str], policy: str = "sticky_least_loaded") -> list[str]:
+    """vllm-router on loopback in front of ``workers`` (also tests/openai_servers.py)."""
+    exe = shutil.which("vllm-router", path=os.path.dirname(sys.executable)) or shutil.which("vllm-router")
+    if exe is None:
+        raise RuntimeError("vllm-router is not installed (pip install -e '.[scale]')")
+    return [exe, "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+            "--worker-urls", *workers, "--prometheus-port", str(free_port()),
+            # The default is a 60 s health interval: a dead replica would keep its sessions for a minute.
+            "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
+            "--log-level", "warning"]  # fmt: skip
+
+
+def redis_command(port: int, folder: Path) -> list[str]:
+    """A throwaway redis-server on loopback: nothing written to disk."""
+    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(folder)]  # fmt: skip
+
+
 @dataclass
 class Proc:
     """One child process of the topology, its log in a temp file."""
@@ -160,23 +178,13 @@ class Cluster:
         return replica
 
     def _start_router(self) -> Proc:
-        exe = shutil.which("vllm-router", path=os.path.dirname(sys.executable)) or shutil.which("vllm-router")
-        if exe is None:
-            raise RuntimeError("vllm-router is not installed (pip install -e '.[scale]')")
         port = free_port()
-        cmd = [exe, "--host", "127.0.0.1", "--port", str(port), "--policy", "sticky_least_loaded",
-               "--worker-urls", *[r.root for r in self.llm], "--prometheus-port", str(free_port()),
-               # Defaults are a 60 s health interval: a dead replica would keep its sessions for a minute.
-               "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
-               "--log-level", "warning"]  # fmt: skip
-        self.router = self._spawn("router", port, cmd)
+        self.router = self._spawn("router", port, router_command(port, [r.root for r in self.llm]))
         return self.router.wait_ready("/health", 60.0)
 
     def _start_redis(self) -> Proc:
         port = free_port()
-        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(self.dir)]  # fmt: skip
-        self.redis = self._spawn("redis", port, cmd)
+        self.redis = self._spawn("redis", port, redis_command(port, self.dir))
         deadline = time.monotonic() + 20
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
@@ -295,6 +303,16 @@ class Cluster:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.lb_port}"
+
+    def admitted(self) -> dict[str, float]:
+        """Calls each live voice replica has admitted so far."""
+        return {r.name: self.metric(r, "firstline_calls_admitted_total") for r in self.voice if r.alive()}
+
+    def took_call(self, before: dict[str, float]) -> Proc:
+        """The one live replica that admitted a call since ``before`` (an :meth:`admitted`)."""
+        now = self.admitted()
+        (name,) = [n for n in now if now[n] > before.get(n, 0)]
+        return next(r for r in self.voice if r.name == name)
 
     def metric(self, replica: Proc, name: str) -> float:
         """One unlabelled sample of a replica's /metrics (0 if absent)."""

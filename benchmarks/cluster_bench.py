@@ -189,25 +189,14 @@ async def until_a_call_connects(url: str, timeout: float = 30.0) -> float:
     raise TimeoutError("no call connected")
 
 
-async def replica_of(cluster: Cluster, before: dict[str, float]) -> Proc:
-    for r in cluster.voice:
-        if r.alive() and cluster.metric(r, "firstline_calls_admitted_total") > before.get(r.name, 0):
-            return r
-    raise RuntimeError("no replica took the call")
-
-
-def admitted(cluster: Cluster) -> dict[str, float]:
-    return {r.name: cluster.metric(r, "firstline_calls_admitted_total") for r in cluster.voice if r.alive()}
-
-
 async def faults(cluster: Cluster) -> list[dict[str, Any]]:
     rows = []
     # 1. kill -9 of a voice replica with calls on it (native calls; they re-attach with their token).
     calls = []
     for _ in range(4):
-        before = admitted(cluster)
+        before = cluster.admitted()
         caller, ready = await _greeted_call(cluster.url, greeting="Thanks for calling.")
-        calls.append((caller, ready, await replica_of(cluster, before)))
+        calls.append((caller, ready, cluster.took_call(before)))
     victim = calls[0][2]
     victim.signal(signal.SIGKILL)
     recovered = await until_a_call_connects(cluster.url)
@@ -230,9 +219,9 @@ async def faults(cluster: Cluster) -> list[dict[str, Any]]:
     cluster.admin(f"set server firstline/{victim.name} state maint")
     print(f"  {rows[-1]}")
     # 2. SIGTERM of a voice replica with a call on it: that call finishes, new calls go elsewhere.
-    before = admitted(cluster)
+    before = cluster.admitted()
     caller, _ = await _greeted_call(cluster.url)
-    victim = await replica_of(cluster, before)
+    victim = cluster.took_call(before)
     victim.signal(signal.SIGTERM)
     refused = 0
     for _ in range(5):

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # Pins kept per pool (LRU): far more than concurrent calls, bounded anyway.
 MAX_PINS = 10_000
+# How long a request that failed before any text is retried (a router's
+# health check notices a dead replica within its 1-2 s interval).
+RETRY_BEFORE_TEXT_S = 3.0
 
 
 def normalize_base_url(url: str) -> str:
@@ -244,18 +247,21 @@ class RemoteEngine(LLMEngine):
     ) -> aiohttp.ClientResponse:
         """The streaming response, status 200. With ``retry_before_text``, a
         refused connection or a 5xx (nothing was generated yet, so nothing
-        is said twice) is tried again after a short backoff until the
-        first-token deadline: behind vllm-router, a replica killed a moment
+        is said twice) is tried again after a short backoff for up to
+        RETRY_BEFORE_TEXT_S: behind vllm-router, a replica killed a moment
         ago keeps getting its sticky sessions until the router's health
-        check marks it down (about a second), then the retry lands on a live one."""
+        check marks it down (about a second), then the retry lands on a live
+        one. A server that is simply down fails the turn after that, not at
+        the first-token deadline."""
         loop = asyncio.get_running_loop()
+        give_up = min(deadline, loop.time() + RETRY_BEFORE_TEXT_S)
         backoff = 0.1
         while True:
             try:
                 return await self._post_once(url, body, request, deadline)
             except EngineError as exc:
                 retryable = isinstance(exc, (EngineUnavailable, FailedBeforeText))
-                if not (self.retry_before_text and retryable) or loop.time() + backoff >= deadline:
+                if not (self.retry_before_text and retryable) or loop.time() + backoff >= give_up:
                     raise
                 log.debug("LLM server %s: %s; retrying in %.1f s", self.root, exc, backoff)
                 self.retries += 1

@@ -363,21 +363,21 @@ def _integer(obj: SamplingParams, name: str, low: int, high: int | None, hint: s
 
 # -- command-line flags -----------------------------------------------------
 
-# flag suffix -> (field, type, help); one definition for `firstline serve`
-# and `python -m llm.openai_server`.
-_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("temperature", "temperature", float, "0: greedy"),
-    ("top-p", "top_p", float, "nucleus sampling, (0, 1]"),
-    ("top-k", "top_k", int, "0: off"),
-    ("min-p", "min_p", float, "0: off"),
-    ("repetition-penalty", "repetition_penalty", float, "over the whole prompt and reply; 1: off"),
-    ("frequency-penalty", "frequency_penalty", float, "-2..2, 0: off"),
-    ("presence-penalty", "presence_penalty", float, "-2..2, 0: off"),
-    ("dry-multiplier", "dry_multiplier", float, "DRY anti-repetition, llama.cpp only; 0: off"),
-    ("dry-base", "dry_base", float, "DRY penalty growth"),
-    ("dry-allowed-length", "dry_allowed_length", int, "DRY: repeats up to this long are free"),
-    ("dry-penalty-last-n", "dry_penalty_last_n", int, "DRY window in tokens (0: off)"),
-    ("seed", "seed", int, "fixed sampling seed (default: random)"),
+# field -> (type, help), the flag being the field with dashes; one definition
+# for `firstline serve` and `python -m llm.openai_server`.
+_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("temperature", float, "0: greedy"),
+    ("top_p", float, "nucleus sampling, (0, 1]"),
+    ("top_k", int, "0: off"),
+    ("min_p", float, "0: off"),
+    ("repetition_penalty", float, "over the whole prompt and reply; 1: off"),
+    ("frequency_penalty", float, "-2..2, 0: off"),
+    ("presence_penalty", float, "-2..2, 0: off"),
+    ("dry_multiplier", float, "DRY anti-repetition, llama.cpp only; 0: off"),
+    ("dry_base", float, "DRY penalty growth"),
+    ("dry_allowed_length", int, "DRY: repeats up to this long are free"),
+    ("dry_penalty_last_n", int, "DRY window in tokens (0: off)"),
+    ("seed", int, "fixed sampling seed (default: random)"),
 )
 
 
@@ -386,10 +386,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser | Any, prefix: str = 
     None: unset flags keep :class:`SamplingParams`' defaults)."""
     group = parser.add_argument_group("sampling (defaults for every reply; a request or call may override them)")
     defaults = SamplingParams()
-    for suffix, field, kind, help_text in _FLAGS:
+    for field, kind, help_text in _FLAGS:
         default = getattr(defaults, field)
         group.add_argument(
-            f"--{prefix}{suffix}",
+            f"--{prefix}{field.replace('_', '-')}",
             dest=f"sampling_{field}",
             type=kind,
             default=None,
@@ -410,7 +410,7 @@ def sampling_from_args(args: argparse.Namespace, base: SamplingParams | None = N
     """``base`` (default: :class:`SamplingParams`'s defaults) with the flags
     added by :func:`add_sampling_arguments` and ``extra`` (e.g. max_tokens)
     applied; a bad value raises ValueError naming the field."""
-    overrides = {field: getattr(args, f"sampling_{field}", None) for _, field, _, _ in _FLAGS}
+    overrides = {field: getattr(args, f"sampling_{field}", None) for field, _, _ in _FLAGS}
     overrides["stop"] = getattr(args, "sampling_stop", None)
     overrides.update(extra)
     return (base or SamplingParams()).merged(overrides)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import subprocess
 import sys
 import time
 
 import aiohttp
 
+from benchmarks.cluster import router_command
 from llm.supervisor import free_port
 
 
@@ -83,19 +82,10 @@ class RouterProcess(_Child):
     checks every second, one failure marks a replica down."""
 
     def __init__(self, workers: list[str], policy: str = "sticky_least_loaded") -> None:
-        exe = shutil.which("vllm-router", path=os.path.dirname(sys.executable)) or shutil.which("vllm-router")
-        if exe is None:
-            raise RuntimeError("vllm-router is not installed (pip install -e '.[scale]')")
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.url = self.root + "/v1"
-        self.proc = subprocess.Popen(
-            [exe, "--host", "127.0.0.1", "--port", str(self.port), "--policy", policy,
-             "--worker-urls", *workers, "--prometheus-port", str(free_port()),
-             "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
-             "--log-level", "warning"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        self.proc = subprocess.Popen(router_command(self.port, workers, policy), stdout=subprocess.DEVNULL)
 
     async def wait_ready(self, timeout: float = 60.0) -> RouterProcess:
         deadline = time.monotonic() + timeout

@@ -22,13 +22,13 @@ import pytest_asyncio
 from websockets.exceptions import ConnectionClosed
 
 from benchmarks.client import NativeCaller
-from benchmarks.cluster import Cluster, Proc
+from benchmarks.cluster import Cluster
 from tests.conftest import with_silence
 from tests.fake_carrier import FakeTwilio
 from tests.http_get import http_get
+from voice.call.store import RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-ADMITTED = "firstline_calls_admitted_total"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -37,10 +37,6 @@ async def cluster():
     await asyncio.to_thread(c.start)
     yield c
     await asyncio.to_thread(c.stop)
-
-
-def admitted(c: Cluster) -> dict[str, float]:
-    return {r.name: c.metric(r, ADMITTED) for r in c.voice if r.alive()}
 
 
 def took(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
@@ -65,18 +61,13 @@ async def answered_turn(caller: NativeCaller, clip, turn: int) -> dict:
     return await caller.wait_for("response.done", timeout=90, turn=turn)
 
 
-def replica_of(c: Cluster, before: dict[str, float]) -> Proc:
-    (name,) = took(before, admitted(c))
-    return next(r for r in c.voice if r.name == name)
-
-
 async def test_calls_spread_and_a_calls_turns_stay_on_one_llm_replica(cluster, phone_prompts) -> None:
-    before = admitted(cluster)
+    before = cluster.admitted()
     async with NativeCaller(cluster.url + "/v1/call") as a, NativeCaller(cluster.url + "/v1/call") as b:
         await a.start("mulaw", 8000)
         await b.start("mulaw", 8000)
         # leastconn: the second call goes to the replica without one.
-        assert sorted(took(before, admitted(cluster)).values()) == [1, 1], admitted(cluster)
+        assert sorted(took(before, cluster.admitted()).values()) == [1, 1], cluster.admitted()
         done = await asyncio.gather(answered_turn(a, phone_prompts[0], 1), answered_turn(b, phone_prompts[1], 1))
         assert all(d["text"] for d in done), done
     # One call, two turns: every LLM request of it (prefills included) on one replica.
@@ -90,21 +81,21 @@ async def test_calls_spread_and_a_calls_turns_stay_on_one_llm_replica(cluster, p
 
 
 async def test_sigterm_drains_a_voice_replica_its_call_goes_on_new_calls_go_elsewhere(cluster, phone_prompts) -> None:
-    before = admitted(cluster)
+    before = cluster.admitted()
     async with NativeCaller(cluster.url + "/v1/call") as live:
         await live.start("mulaw", 8000)
-        doomed = replica_of(cluster, before)
+        doomed = cluster.took_call(before)
         doomed.signal(signal.SIGTERM)
         await asyncio.sleep(0.2)
-        others = admitted(cluster)
+        others = cluster.admitted()
         # New calls at once, before HAProxy's check has seen /readyz go 503:
         # the draining replica refuses them (503) and HAProxy redispatches.
         for k in range(3):
             async with NativeCaller(cluster.url + "/v1/call") as fresh:
                 ready = await fresh.start("mulaw", 8000)
                 assert ready["type"] == "ready", k
-        assert doomed.name not in took(others, admitted(cluster)), "a draining replica took a new call"
-        assert sum(took(others, admitted(cluster)).values()) == 3
+        assert doomed.name not in took(others, cluster.admitted()), "a draining replica took a new call"
+        assert sum(took(others, cluster.admitted()).values()) == 3
         # The call that was live when the drain began is still answered.
         done = await answered_turn(live, phone_prompts[4], 1)
         assert done["text"]
@@ -117,14 +108,14 @@ async def test_sigterm_drains_a_voice_replica_its_call_goes_on_new_calls_go_else
 
 
 async def test_kill_9_of_a_voice_replica_ends_only_its_calls(cluster, phone_prompts) -> None:
-    before = admitted(cluster)
+    before = cluster.admitted()
     async with NativeCaller(cluster.url + "/v1/call") as a:
         await a.start("mulaw", 8000)
-        doomed = replica_of(cluster, before)
-        middle = admitted(cluster)
+        doomed = cluster.took_call(before)
+        middle = cluster.admitted()
         async with NativeCaller(cluster.url + "/v1/call") as b:
             await b.start("mulaw", 8000)
-            survivor = replica_of(cluster, middle)
+            survivor = cluster.took_call(middle)
             assert survivor is not doomed
             doomed.signal(signal.SIGKILL)
             await asyncio.to_thread(doomed.proc.wait, 10)
@@ -148,10 +139,10 @@ async def test_a_voice_replica_added_at_run_time_takes_new_calls(cluster) -> Non
             await caller.start("mulaw", 8000)
         added = await asyncio.to_thread(cluster.add_voice)
         await asyncio.to_thread(cluster.wait_up, [added.name])
-        before = admitted(cluster)
+        before = cluster.admitted()
         async with NativeCaller(cluster.url + "/v1/call") as fresh:
             await fresh.start("mulaw", 8000)
-            assert took(before, admitted(cluster)) == {added.name: 1}
+            assert took(before, cluster.admitted()) == {added.name: 1}
     finally:
         for caller in callers:
             await caller.__aexit__(None, None, None)
@@ -180,13 +171,24 @@ async def test_a_twilio_call_whose_replica_is_killed_re_attaches_with_its_histor
     goes on on the other replica, its conversation read back from Redis."""
     call_sid = "CA" + "7" * 32
     events = {"firstline_events": "1"}  # the test's window on the session (not sent by real Twilio)
-    before = admitted(cluster)
+    before = cluster.admitted()
     async with FakeTwilio(cluster.url, call_sid=call_sid, parameters=events) as carrier:
         await wait_firstline(carrier, "ready", timeout=20)
-        doomed = replica_of(cluster, before)
+        doomed = cluster.took_call(before)
         await carrier.say(with_silence(phone_prompts[7].load(8000), 8000, 1.5), speed=4.0)
         first = await wait_firstline(carrier, "response.done", turn=1)
         said = (await wait_firstline(carrier, "transcript.final", turn=1))["text"]
+        # The turn's state is written just after its reply (not before it, so
+        # the write costs the reply nothing): killed before that write, the
+        # replica would lose this turn. The fault tested here comes after it.
+        store = RedisStore(cluster.state_url)
+        for _ in range(100):
+            stored = await store.load(f"twilio:{call_sid}")
+            if stored is not None and stored.turn == 1:
+                break
+            await asyncio.sleep(0.05)
+        await store.close()
+        assert stored is not None and stored.turn == 1, stored
         doomed.signal(signal.SIGKILL)
         await asyncio.wait_for(carrier.closed.wait(), 10)
     # What Twilio does next: GET the action URL, then open the stream it names.

@@ -14,11 +14,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from benchmarks.client import NativeCaller
+from benchmarks.cluster import redis_command
 from benchmarks.server_proc import free_port
 from tests.conftest import side_server, with_silence
 from tests.fake_carrier import CallWatcher, FakeRealtime, FakeTwilio
@@ -174,6 +176,12 @@ async def test_memory_store_expires_and_bounds() -> None:
     assert await store.load("a") is None  # the oldest left
     await asyncio.sleep(0.3)
     assert await store.load("c") is None  # expired
+    # Bounded by bytes too: long instructions on many calls cannot grow the process.
+    small = MemoryStore(max_bytes=400)
+    for key in "abc":
+        await small.save(key, CallState("x" * 120))
+    assert await small.load("a") is None and (await small.load("c")).system_prompt == "x" * 120
+    assert small.bytes <= 400
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -183,10 +191,7 @@ async def redis_url():
         pytest.fail("redis-server is not installed (make test-deps installs it)")
     port = free_port()
     folder = tempfile.mkdtemp(prefix="firstline-redis-")
-    proc = await asyncio.create_subprocess_exec(
-        exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder,
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(*redis_command(port, Path(folder)), stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     store = RedisStore(url)
     deadline = time.monotonic() + 20

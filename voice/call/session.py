@@ -166,6 +166,8 @@ class CallSession:
         the call its past, never the call."""
         assert start.resume_key
         self._state = StateWriter(self.runtime.store, start.resume_key)
+        if not start.may_resume:
+            return  # a new key: no store round trip before ready
         try:
             state = await self.runtime.store.load(start.resume_key)
         except StoreError as exc:

@@ -63,6 +63,9 @@ class Start:
     # Native protocol: the token handed back in ready.resume_token (a
     # client re-attaches with start.options.resume = it).
     resume_token: str | None = None
+    # Whether something may be stored under resume_key already: a token this
+    # server just made up cannot have a past, so the store is not asked.
+    may_resume: bool = True
 
 
 def check_audio_frame(payload: bytes, encoding: str) -> None:

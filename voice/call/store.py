@@ -32,8 +32,11 @@ KEY_PREFIX = "firstline:call:"
 # A stored state larger than this is refused (a history is bounded by
 # history_turns and MAX_INSTRUCTIONS; this is a second fence).
 MAX_STATE_BYTES = 256 * 1024
-# One box, MemoryStore: calls remembered at once (LRU beyond this).
+# One box, MemoryStore: what it holds at once, least recently written out
+# first (every call is kept for ttl_s after its last turn, so a stream of
+# calls with long instructions must not grow the process without bound).
 MAX_MEMORY_CALLS = 10_000
+MAX_MEMORY_BYTES = 64 * 1024 * 1024
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -66,6 +69,14 @@ class StoreError(RuntimeError):
     """The store could not be reached or answered nonsense."""
 
 
+def encode_state(state: CallState) -> str:
+    """The stored form, refused (StoreError) over MAX_STATE_BYTES in every store."""
+    text = state.to_json()
+    if len(text) > MAX_STATE_BYTES:
+        raise StoreError(f"call state of {len(text)} bytes is over {MAX_STATE_BYTES}")
+    return text
+
+
 class CallStore(Protocol):
     async def load(self, key: str) -> CallState | None: ...
 
@@ -77,26 +88,39 @@ class CallStore(Protocol):
 
 
 class MemoryStore:
-    def __init__(self, ttl_s: float = 3600.0, max_calls: int = MAX_MEMORY_CALLS) -> None:
+    def __init__(
+        self, ttl_s: float = 3600.0, max_calls: int = MAX_MEMORY_CALLS, max_bytes: int = MAX_MEMORY_BYTES
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_calls = max_calls
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._states: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     async def load(self, key: str) -> CallState | None:
         entry = self._states.get(key)
         if entry is None or entry[0] < time.monotonic():
-            self._states.pop(key, None)
+            self._drop(key)
             return None
         return CallState.from_json(entry[1])
 
     async def save(self, key: str, state: CallState) -> None:
-        self._states[key] = (time.monotonic() + self.ttl_s, state.to_json())
-        self._states.move_to_end(key)
-        while len(self._states) > self.max_calls:
-            self._states.popitem(last=False)
+        text = encode_state(state)
+        self._drop(key)
+        self._states[key] = (time.monotonic() + self.ttl_s, text)
+        self.bytes += len(text)
+        while len(self._states) > self.max_calls or self.bytes > self.max_bytes:
+            _, (_, old) = self._states.popitem(last=False)
+            self.bytes -= len(old)
+
+    def _drop(self, key: str) -> None:
+        entry = self._states.pop(key, None)
+        if entry is not None:
+            self.bytes -= len(entry[1])
 
     async def close(self) -> None:
         self._states.clear()
+        self.bytes = 0
 
     def describe(self) -> str:
         return "memory"
@@ -130,9 +154,7 @@ class RedisStore:
         return None if raw is None else CallState.from_json(raw)
 
     async def save(self, key: str, state: CallState) -> None:
-        text = state.to_json()
-        if len(text) > MAX_STATE_BYTES:
-            raise StoreError(f"call state of {len(text)} bytes is over {MAX_STATE_BYTES}")
+        text = encode_state(state)
         try:
             await self._redis.set(KEY_PREFIX + key, text, ex=max(1, int(self.ttl_s)))
         except self._errors as exc:
@@ -179,9 +201,11 @@ class StateWriter:
             try:
                 await self.store.save(self.key, state)
             except StoreError as exc:
-                # The call goes on; only a re-attach would miss this turn.
+                # The call goes on; only a re-attach would miss this turn. One
+                # warning per call: a store outage must not flood the log per turn.
                 self.failures += 1
-                log.warning("call state not saved (%s)", exc)
+                level = logging.WARNING if self.failures == 1 else logging.DEBUG
+                log.log(level, "call state not saved (%s)", exc)
 
     async def flush(self, timeout_s: float = 2.0) -> None:
         if self._task is not None and not self._task.done():

@@ -144,6 +144,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         system_prompt=prompt,
         resume_key=f"native:{token}",
         resume_token=token,
+        may_resume=resume is not None,
         metadata=metadata,
         endpoint_silence_s=None if endpoint_ms is None else endpoint_ms / 1000.0,
         partials=partials,

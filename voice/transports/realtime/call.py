@@ -97,7 +97,8 @@ class RealtimeCall(WebSocketCall):
         # session.created> picks up that call's conversation.
         given = query_param(request.path if request else "", "resume")
         self.bad_resume = given is not None and not RESUME_TOKEN.fullmatch(given)
-        self.resume_token = given if given is not None and not self.bad_resume else new_resume_token()
+        self.resuming = given is not None and not self.bad_resume
+        self.resume_token = given if self.resuming else new_resume_token()
         self.responses: dict[int, Response] = {}
         self.next_user_item = new_id("item")
         self.last_item_id: str | None = None
@@ -148,6 +149,7 @@ class RealtimeCall(WebSocketCall):
             auto_turns=td is not None,
             resume_key=f"realtime:{self.resume_token}",
             resume_token=self.resume_token,
+            may_resume=self.resuming,
         )
         out = None
         if s.audio_out:
