@@ -21,6 +21,10 @@ from voice.server.config import ServerConfig
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def server() -> VoiceServer:
     config = ServerConfig(port=0, max_calls=8)
+    # Tests send speech up to 4x real time, and short clips as fast as the
+    # socket takes them (several clips in a row can exceed the default
+    # budget's 15 s burst); the budget itself is tested in test_audio_budget.
+    config.limits.audio_rate_multiple = 8.0
     srv = VoiceServer(config)
     await srv.start()
     yield srv

@@ -4,14 +4,18 @@ call that keeps it up is closed (1008)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.conftest import loopback_alias_works, side_server
 from voice.call.audio_budget import AudioBudget, AudioFlood, AudioOverBudget, frame_seconds
 from voice.server.app import VoiceServer
+from voice.server.limits import CallLimits
 
 
 def test_bucket_refills_at_the_multiple_and_reports_once_per_episode() -> None:
@@ -59,3 +63,44 @@ async def test_a_flooding_call_gets_an_error_then_is_closed(server: VoiceServer)
     errors = [e for e in events if e["type"] == "error"]
     assert errors and errors[0]["code"] == "audio_rate_exceeded" and "2x real time" in errors[0]["message"]
     assert events[-1] == {"type": "call.ended", "call_id": events[-1]["call_id"], "reason": "audio_rate_exceeded"}
+
+
+@pytest.mark.skipif(not loopback_alias_works(), reason="no 127.0.0.2 on this loopback")
+async def test_an_address_whose_call_flooded_is_refused_for_the_cool_down(server: VoiceServer) -> None:
+    """Each new call starts with a full budget, so a flooder that simply
+    reconnects would get a fresh burst every time: its address is cooled
+    down instead (429), while another address still gets in."""
+    call_limits = server.runtime.config.limits  # a call's budget is read from the runtime's
+    saved = call_limits.audio_rate_multiple, call_limits.audio_rate_window_s
+    call_limits.audio_rate_multiple, call_limits.audio_rate_window_s = 2.0, 1.0
+    limits = CallLimits(abuse_cooldown_s=30.0)  # the listener's own: its registry cools down
+    try:
+        await _flood_then_redial(server, limits)
+    finally:
+        call_limits.audio_rate_multiple, call_limits.audio_rate_window_s = saved
+
+
+async def _flood_then_redial(server: VoiceServer, limits: CallLimits) -> None:
+    async with side_server(server, limits=limits, per_address_exempt=["127.0.0.1/32"]) as srv:
+        url = f"ws://127.0.0.1:{srv.port}/v1/call"
+        async with connect(url, local_addr=("127.0.0.2", 0)) as ws:
+            await ws.send(json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(1000):
+                    await ws.send(bytes(640))
+                while True:
+                    await ws.recv()
+            assert ws.close_code == 1008
+        async with asyncio.timeout(10):
+            while srv.registry.live_calls():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url, local_addr=("127.0.0.2", 0))
+        assert refused.value.response.status_code == 429
+        body = json.loads(refused.value.response.body)
+        assert body["reason"] == "abuse_cooldown" and "audio flood" in body["error"]
+        assert 1 <= int(refused.value.response.headers["Retry-After"]) <= 30
+        async with connect(url) as other:  # another address: unaffected
+            await other.send(json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}))
+            assert json.loads(await other.recv())["type"] == "ready"

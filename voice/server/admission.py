@@ -40,6 +40,9 @@ class Refusal:
     reason: str  # machine-readable: at_capacity, overloaded_ttfs, overloaded_asr, draining, warming_up
     message: str
     retry_after_s: int = 1
+    # 503: the server is busy (any caller may be refused); 429: this caller
+    # (its address) is over its own limit.
+    status: int = 503
 
 
 class AdmissionController:

@@ -85,7 +85,7 @@ def _json_response(status: http.HTTPStatus, body: dict[str, object]) -> Response
 
 
 def _refused(refusal: Refusal) -> Response:
-    response = _json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": refusal.message, "reason": refusal.reason})
+    response = _json_response(http.HTTPStatus(refusal.status), {"error": refusal.message, "reason": refusal.reason})
     response.headers["Retry-After"] = str(refusal.retry_after_s)
     return response
 
@@ -361,7 +361,8 @@ class VoiceServer:
         try:
             await self.route(ws.request.path.split("?", 1)[0])(ws, self.runtime)
         finally:
-            self.registry.release(ticket)
+            guard = guard_of(ws)
+            self.registry.release(ticket, guard.end if guard is not None else None)
 
     def route(self, path: str) -> CallHandler:
         """The transport serving ``path`` (a server with other routes, e.g.

@@ -50,8 +50,15 @@ class CallLimits:
     # over audio_rate_window_s (a burst of multiple x window seconds of audio
     # is fine); 0: no limit. Excess frames are dropped with an error; a call
     # that keeps it up is closed (1008). voice/call/audio_budget.py.
-    audio_rate_multiple: float = 8.0
+    # 3x: a phone line sends at 1x; the rest is for a client catching up
+    # (15 s of audio at once fits). benchmarks/hostile.py measured 8x: a call
+    # speaking just under it tripled the others' TTFS p95.
+    audio_rate_multiple: float = 3.0
     audio_rate_window_s: float = 5.0
+    # An address whose call was ended for abuse (audio flood, not reading)
+    # gets no new call for this long (HTTP 429): otherwise each reconnect
+    # starts with a full audio budget. 0: off. Exempt addresses are exempt.
+    abuse_cooldown_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
-from voice.server.limits import SHUTDOWN, CallEnd, CallWatch
+from voice.server.limits import AUDIO_FLOOD, SHUTDOWN, SLOW_READER, CallEnd, CallWatch
 from voice.server.runtime import Runtime
 from voice.server.signatures import TwilioSignatures
 
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # Refusals anyone can provoke are logged at WARNING this often per address.
 WARN_EVERY_S = 60.0
+# Ends that put the caller's address in the cool-down (CallLimits.abuse_cooldown_s).
+ABUSE_ENDS = (AUDIO_FLOOD, SLOW_READER)
+COOLDOWN_MAX_ADDRESSES = 4096
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -92,8 +95,10 @@ class CallRegistry:
         self._tickets: set[CallTicket] = set()
         self._exempt = parse_networks(config.per_address_exempt)
         self.twilio = TwilioSignatures(config.twilio_auth_token) if config.twilio_auth_token else None
-        # address -> when its refusals were last logged at WARNING (bounded).
-        self._warned: dict[str | None, float] = {}
+        # address -> when its refusals were last logged at WARNING or INFO (bounded).
+        self._warned: dict[tuple[str | None, int], float] = {}
+        # address -> until when it gets no new call (bounded).
+        self._cooldown: dict[str, float] = {}
 
     # ---- auth ----------------------------------------------------------
 
@@ -106,16 +111,22 @@ class CallRegistry:
 
     def unauthorized(self, listener: str, address: str | None, why: str) -> None:
         """Count and log a refusal for credentials (never the credential
-        itself). Anyone can provoke these, so WARNING at most once a minute
-        per address; every one is counted and logged at DEBUG."""
+        itself)."""
         self.runtime.metrics.call_refused("unauthorized")
+        self._log_refusal(logging.WARNING, listener, address, why)
+
+    def _log_refusal(self, level: int, listener: str, address: str | None, why: str) -> None:
+        """Anyone can provoke refusals, as fast as they can connect: at
+        ``level`` at most once a minute per address, the rest at DEBUG
+        (every one is counted in the metrics)."""
         now = time.monotonic()
-        if now - self._warned.get(address, -WARN_EVERY_S) >= WARN_EVERY_S:
+        key = (address, level)
+        if now - self._warned.get(key, -WARN_EVERY_S) >= WARN_EVERY_S:
             if len(self._warned) >= 1024:
                 self._warned.clear()
-            self._warned[address] = now
-            log.warning("%s: refused a call from %s: %s (more from it this minute at DEBUG)",
-                        listener, address or "?", why)  # fmt: skip
+            self._warned[key] = now
+            log.log(level, "%s: refused a call from %s: %s (more from it this minute at DEBUG)",
+                    listener, address or "?", why)  # fmt: skip
         else:
             log.debug("%s: refused a call from %s: %s", listener, address or "?", why)
 
@@ -142,18 +153,20 @@ class CallRegistry:
             refusal = Refusal("draining", "server is shutting down", retry_after_s=5)
         elif not self.runtime.ready:
             refusal = Refusal("warming_up", "warming up", retry_after_s=5)
-        elif (
-            per_address > 0
-            and address is not None
-            and not (self._exempt and address_allowed(address, self._exempt))
-            and _count(live, address) >= per_address
-        ):
-            refusal = Refusal("per_address_limit", f"too many calls from one address (limit {per_address})")
+        elif (cooling := self._cooling_s(address)) > 0:
+            refusal = Refusal(
+                "abuse_cooldown",
+                "a call from this address was just ended for abuse (audio flood or not reading)",
+                retry_after_s=cooling,
+                status=429,
+            )
+        elif per_address > 0 and not self._exempt_address(address) and _count(live, address) >= per_address:
+            refusal = Refusal("per_address_limit", f"too many calls from one address (limit {per_address})", status=429)
         else:
             refusal = self.admission.check(len(live), self.runtime.asr.queue_depth)
         if refusal is not None:
             self.runtime.metrics.call_refused(refusal.reason)
-            log.info("%s: refused a call from %s: %s", listener, address or "?", refusal.reason)
+            self._log_refusal(logging.INFO, listener, address, refusal.reason)
             return refusal
         ticket = CallTicket(listener, address, gone=gone or (lambda: False))
         self._tickets.add(ticket)
@@ -170,8 +183,34 @@ class CallRegistry:
         self._tickets.add(ticket)
         return ticket
 
-    def release(self, ticket: CallTicket) -> None:
+    def release(self, ticket: CallTicket, end: CallEnd | None = None) -> None:
+        """The call is over; ``end``: why, when the server ended it."""
         self._tickets.discard(ticket)
+        cooldown = self.config.limits.abuse_cooldown_s
+        if end in ABUSE_ENDS and cooldown > 0 and not self._exempt_address(ticket.address):
+            if len(self._cooldown) >= COOLDOWN_MAX_ADDRESSES:
+                now = time.monotonic()
+                self._cooldown = {a: t for a, t in self._cooldown.items() if t > now}
+            if len(self._cooldown) < COOLDOWN_MAX_ADDRESSES:
+                assert ticket.address is not None and end is not None
+                self._cooldown[ticket.address] = time.monotonic() + cooldown
+                log.info("%s: %s ended a call (%s): no new call from it for %g s",
+                         ticket.listener, ticket.address, end.reason, cooldown)  # fmt: skip
+
+    def _exempt_address(self, address: str | None) -> bool:
+        """No per-address limit applies (unknown, or a proxy/gateway carrying many callers)."""
+        return address is None or bool(self._exempt and address_allowed(address, self._exempt))
+
+    def _cooling_s(self, address: str | None) -> int:
+        """Whole seconds left of ``address``'s cool-down (0: none)."""
+        until = self._cooldown.get(address) if address is not None else None
+        if until is None:
+            return 0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._cooldown[address]
+            return 0
+        return max(1, round(left))
 
     async def run(self, ticket: CallTicket, call: Callable[[CallWatch], Awaitable[None]]) -> None:
         """Run an admitted call's handler under a :class:`CallWatch` (idle
@@ -182,7 +221,7 @@ class CallRegistry:
         try:
             await call(watch)
         finally:
-            self.release(ticket)
+            self.release(ticket, watch.end)
 
     async def serve_connection(
         self,
@@ -246,5 +285,5 @@ class CallRegistry:
             await asyncio.wait(tasks, timeout=self.config.limits.close_timeout_s + 1.0)
 
 
-def _count(tickets: list[CallTicket], address: str) -> int:
+def _count(tickets: list[CallTicket], address: str | None) -> int:
     return Counter(t.address for t in tickets)[address]
