@@ -266,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the audio rate is averaged over this many seconds",
     )
     serve.add_argument(
+        "--abuse-cooldown-s",
+        type=float,
+        default=CallLimits.abuse_cooldown_s,
+        help="after a call is ended for an audio flood or not reading, refuse new calls from its "
+        "address for this long (HTTP 429; 0: off; --per-address-exempt addresses are exempt)",
+    )
+    serve.add_argument(
         "--allow-custom-prompt",
         action="store_true",
         help="let carriers' custom parameters set the call's system_prompt (off: anyone who can call could)",
@@ -366,6 +373,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.allow_custom_prompt = args.allow_custom_prompt
     config.limits.audio_rate_multiple = max(0.0, args.audio_rate_multiple)
     config.limits.audio_rate_window_s = max(0.1, args.audio_rate_window_s)
+    config.limits.abuse_cooldown_s = max(0.0, args.abuse_cooldown_s)
     config.otel_endpoint = args.otel_endpoint
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
