@@ -17,6 +17,12 @@ that. A batch shares one padded window: with ``batch_windows="same"`` only
 decodes of the same window go together. If a batched call raises, its items
 are decoded one at a time, so one bad item fails only its own job.
 
+Fair share: a call's place in line is pushed back by the decoder time its
+decodes took recently (seconds, halving every ``USAGE_HALF_LIFE_S``), so a
+caller who feeds audio as fast as the budget allows, or flaps between
+speech and silence, waits behind callers who used little; a normal caller's
+final still goes first against anyone's partial.
+
 Under load, partials go first: a partial is shed at submission while a final
 is waiting or when the backlog is ``shed_partials_above`` batches deep, and a
 queued partial older than its call's queued final is dropped (the final
@@ -43,6 +49,9 @@ log = logging.getLogger(__name__)
 
 FINAL = 0
 PARTIAL = 1
+# Recent decoder time per call decays with this half-life (fair share).
+USAGE_HALF_LIFE_S = 10.0
+USAGE_MAX_CALLS = 1024
 
 
 @dataclass(eq=False)
@@ -87,6 +96,8 @@ class ASRWorker:
         self.batched_items = 0
         self.in_flight = 0
         self.batch_fallbacks = 0
+        # call -> (decoder seconds used, when), decayed on read: fair share.
+        self._used: dict[str, tuple[float, float]] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,7 +205,9 @@ class ASRWorker:
                 self._discard(job)
                 continue
             partials.append(job)
-        partials.sort(key=lambda job: (job.waiting_since, job.seq))
+        now = time.monotonic()
+        finals.sort(key=lambda job: (job.submitted + self.usage(job.call_id, now), job.seq))
+        partials.sort(key=lambda job: (job.waiting_since + self.usage(job.call_id, now), job.seq))
         if finals and not self.config.batch_partials_with_finals:
             return finals
         return finals + partials
@@ -261,7 +274,9 @@ class ASRWorker:
             return
         self.batches += 1
         self.batched_items += len(batch)
+        share = (time.monotonic() - started) / len(batch)
         for job, result in zip(batch, results, strict=True):
+            self._charge(job.call_id, share)
             self._deliver(job, result, started)
 
     async def _decode_one(self, job: _Job, started: float) -> None:
@@ -276,7 +291,23 @@ class ASRWorker:
             return
         self.batches += 1
         self.batched_items += 1
+        self._charge(job.call_id, time.monotonic() - started)
         self._deliver(job, result, started)
+
+    def usage(self, call_id: str, now: float | None = None) -> float:
+        """Decoder seconds ``call_id`` used recently (decayed)."""
+        entry = self._used.get(call_id)
+        if entry is None:
+            return 0.0
+        used, at = entry
+        now = time.monotonic() if now is None else now
+        return used * 0.5 ** (max(0.0, now - at) / USAGE_HALF_LIFE_S)
+
+    def _charge(self, call_id: str, seconds: float) -> None:
+        now = time.monotonic()
+        self._used[call_id] = (self.usage(call_id, now) + seconds, now)
+        if len(self._used) > USAGE_MAX_CALLS:  # ended calls' entries decay to nothing: drop them
+            self._used = {c: e for c, e in self._used.items() if self.usage(c, now) > 0.01}
 
     def _deliver(self, job: _Job, result: Decoded, started: float) -> None:
         result.queue_s = started - job.submitted

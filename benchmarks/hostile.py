@@ -47,6 +47,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -74,7 +75,17 @@ from voice.transports.audiosocket import AUDIO_KINDS, KIND_DTMF, KIND_ERROR, KIN
 
 OUT = Path(__file__).resolve().parent / "results" / "hostile.json"
 TOKEN = "hostile-bench-secret"
-ATTACKER = "127.0.0.2"  # one loopback address for every attacker (Linux has all of 127/8)
+# The attacker's source address, set per attack (attacker_address): each
+# attack comes from its own, so one attack's cool-down (a flooder's address
+# is refused for a minute) does not spill into the next phase. Linux has all
+# of 127/8 on loopback; none of these is exempt from the per-address limits.
+ATTACKER = "127.0.0.2"
+
+
+def attacker_address(name: str) -> str:
+    return f"127.0.0.{2 + ATTACKS.index(name)}"
+
+
 RATE = 16000
 FRAME = 320  # 20 ms of pcm16 at 16 kHz, in samples
 KIND_SLIN = next(k for k, rate in AUDIO_KINDS.items() if rate == 8000)
@@ -398,6 +409,8 @@ def stop_attacker(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 async def run_attack(ns: argparse.Namespace) -> None:
     """Child process: attack until SIGTERM, then print the tally (one JSON line)."""
+    global ATTACKER
+    ATTACKER = attacker_address(ns.attack)
     tally = Tally()
     task = asyncio.create_task(attack(ns.attack, ns.port, ns.audiosocket_port, tally, ns.seed, ns.audio_rate_multiple))
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
@@ -495,6 +508,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         "--per-address-exempt", "127.0.0.1/32",
         "--max-calls", str(ns.max_calls),
         "--audio-rate-multiple", str(ns.audio_rate_multiple),
+        *shlex.split(ns.server_args),
     ]  # fmt: skip
     phases: list[dict[str, Any]] = []
     t0 = time.monotonic()
@@ -535,6 +549,7 @@ def main() -> None:
         "--audio-rate-multiple", type=float, default=CallLimits.audio_rate_multiple,
         help="the server's audio budget (x real time); the endless talker keeps just under it",
     )  # fmt: skip
+    parser.add_argument("--server-args", default="", help="more `firstline serve` flags, e.g. '--no-preemptive'")
     parser.add_argument("--out", default=str(OUT))
     # The attacker's own process (started by the run, not by hand).
     parser.add_argument("--attack", choices=ATTACKS, help=argparse.SUPPRESS)

@@ -12,7 +12,7 @@ caller turns. Per configuration it reports:
   over all bigrams, across replies: low means the model says the same thing);
 * TTFS p50 / p95 and LLM tokens generated per turn (server ``turn.metrics``).
 
-    python -m benchmarks.reply_quality                  # before, the policy alone (no penalty), the defaults
+    python -m benchmarks.reply_quality                  # before and the defaults, interleaved
     python -m benchmarks.reply_quality --config "two=--reply-max-sentences 2" --config "three="
 
 Results: benchmarks/results/reply_quality.json (with the commit).
@@ -21,6 +21,7 @@ Results: benchmarks/results/reply_quality.json (with the commit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import shlex
@@ -38,9 +39,6 @@ OUT = Path(__file__).resolve().parent / "results" / "reply_quality.json"
 # The defaults as they were before the reply policy and the sampling
 # defaults: every sentence sent, no repetition penalties.
 BEFORE = "--reply-max-sentences 0 --no-loop-guard --llm-repetition-penalty 1.0"
-# The reply policy alone: does the repetition penalty buy anything the loop
-# guard does not, for what it costs in TTFS and tokens?
-POLICY_ONLY = "--llm-repetition-penalty 1.0"
 SERVER_BASE = ["--max-calls", "1000", "--max-asr-queue", "0", "--log-level", "WARNING"]
 
 
@@ -127,19 +125,35 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
             "singles": ns.singles,
             "max_tokens": ns.max_tokens,
             "configs": ns.config,
+            "chunk": ns.chunk,
+            "interleaved": True,
         },
         "configs": {},
     }
-    for spec in ns.config:
-        name, _, args = spec.partition("=")
-        server_args = [*SERVER_BASE, "--max-tokens", str(ns.max_tokens), *shlex.split(args)]
-        with firstline_server(server_args) as server:
-            print(f"{name}: {len(calls)} calls on port {server.port} ({' '.join(shlex.split(args)) or 'defaults'})")
-            records = await run_calls(f"ws://127.0.0.1:{server.port}", calls, ns.concurrency, opts)
-        row = quality(records, ns.max_tokens)
+    configs = [spec.partition("=")[::2] for spec in ns.config]
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in configs}
+    with contextlib.ExitStack() as stack:
+        # Every configuration's server is up for the whole run, and the calls
+        # go to them in chunks, each chunk to every server in turn (the order
+        # rotating): the machine's drift falls on all of them alike. A server
+        # not taking calls is idle (no audio, no decodes).
+        urls = {}
+        for name, args in configs:
+            server_args = [*SERVER_BASE, "--max-tokens", str(ns.max_tokens), *shlex.split(args)]
+            server = stack.enter_context(firstline_server(server_args))
+            urls[name] = f"ws://127.0.0.1:{server.port}"
+            print(f"{name}: port {server.port} ({' '.join(shlex.split(args)) or 'defaults'})")
+        chunks = [calls[i : i + ns.chunk] for i in range(0, len(calls), ns.chunk)]
+        for k, chunk in enumerate(chunks):
+            names = list(urls)
+            for name in names[k % len(names) :] + names[: k % len(names)]:
+                records[name] += await run_calls(urls[name], chunk, ns.concurrency, opts)
+            print(f"chunk {k + 1}/{len(chunks)} done", flush=True)
+    for name, args in configs:
+        row = quality(records[name], ns.max_tokens)
         results["configs"][name] = {"args": args, **row, "replies": [
             {"call": r.get("call"), "turn": r.get("turn"), "reply": r.get("reply"),
-             "reply_end": (r.get("server") or {}).get("reply_end")} for r in records
+             "reply_end": (r.get("server") or {}).get("reply_end")} for r in records[name]
         ]}  # fmt: skip
         print(json.dumps({name: row}))
     return results
@@ -173,10 +187,11 @@ def main() -> None:
     p.add_argument("--speed", type=float, default=1.0, help="audio speed (1 = real time)")
     p.add_argument("--singles", type=int, default=60, help="single-turn calls added to the 24 scripted ones")
     p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--chunk", type=int, default=8, help="calls per chunk; chunks alternate between configurations")
     p.add_argument("--turn-timeout", type=float, default=30.0)
     p.add_argument("--out", default=str(OUT))
     ns = p.parse_args()
-    ns.config = ns.config or [f"before={BEFORE}", f"policy_only={POLICY_ONLY}", "after="]
+    ns.config = ns.config or [f"before={BEFORE}", "after="]
     results = run_and_save(run(ns), ns.out)
     print(table(results))
     print(f"saved {ns.out}")

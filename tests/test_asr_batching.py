@@ -139,6 +139,22 @@ async def test_partials_served_longest_waiting_caller_first(unbatched, quilter, 
     assert order == ["a", "b"]
 
 
+async def test_a_call_that_used_the_decoder_lately_waits_behind_one_that_did_not(unbatched, quilter, jfk_audio):
+    """Fair share: a caller whose decodes just took the worker (an endless
+    talker) has its next final served after a quieter caller's, though it
+    asked first."""
+    await unbatched.submit("fair-heavy", jfk_audio, final=True)  # real decoder time, charged to it
+    assert unbatched.usage("fair-heavy") > 0.05 and unbatched.usage("fair-light") == 0.0
+    busy = await _busy(unbatched, jfk_audio)
+    order: list[str] = []
+    heavy = unbatched.submit("fair-heavy", quilter, final=True)
+    light = unbatched.submit("fair-light", quilter, final=True)
+    heavy.add_done_callback(lambda _f: order.append("heavy"))
+    light.add_done_callback(lambda _f: order.append("light"))
+    await asyncio.gather(heavy, light, busy)
+    assert order == ["light", "heavy"]
+
+
 async def test_lone_call_waits_at_most_the_budget_and_company_joins(batched, quilter):
     lone = await batched.submit("lone", quilter, final=True)
     assert lone.batch_size == 1

@@ -37,6 +37,7 @@ from streaming.codecs import StreamResampler, decode, int16_to_float
 from voice.call.audio_budget import AudioBudget, frame_seconds
 from voice.call.finals import OneFinalPerCall
 from voice.call.history import ContextTooLarge, History
+from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
 from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
@@ -101,6 +102,8 @@ class CallSession:
         self._budget = AudioBudget(multiple, limits.audio_rate_window_s) if multiple > 0 else None
         # The shared ASR worker as this call's turns see it: one final queued at a time.
         self._finals = OneFinalPerCall(runtime.asr)
+        # Preemptive turns and prefills a call may waste: voice/call/speculation.py.
+        self._speculation = SpeculationBudget()
         # The conversation kept between turns for a re-attach (voice/call/store.py).
         self._state: StateWriter | None = None
         self.resumed = False
@@ -334,7 +337,7 @@ class CallSession:
             # Beside the pause decode, not after it: the model's ~0.1 s pass
             # must land inside the pause's endpoint window.
             self._spawn(self._smart_turn(ev.audio, self._pause_id))
-        if cfg.preemptive:
+        if cfg.preemptive and self._speculation.take():
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s))
             self._pending = Turn(
                 self._turn_context(),
@@ -404,6 +407,7 @@ class CallSession:
         self._consume_carry_over(turn)
         self._active = turn
         if not turn.committed:
+            self._speculation.refund()
             await turn.commit(now)
 
     def _turn_context(self) -> TurnContext:
@@ -472,7 +476,7 @@ class CallSession:
             return
         self._last_partial = result.text
         await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})
-        if self.runtime.config.llm.incremental_prefill and not self._prefilling:
+        if self.runtime.config.llm.incremental_prefill and not self._prefilling and self._speculation.available():
             self._spawn(self._prefill(result.text))
 
     async def _prefill(self, partial_text: str) -> None:
