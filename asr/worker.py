@@ -21,7 +21,10 @@ Fair share: a call's place in line is pushed back by the decoder time its
 decodes took recently (seconds, halving every ``USAGE_HALF_LIFE_S``), so a
 caller who feeds audio as fast as the budget allows, or flaps between
 speech and silence, waits behind callers who used little; a normal caller's
-final still goes first against anyone's partial.
+final still goes first against anyone's partial. A call that used more than
+a quarter of the decoder lately gets no partials at all while another call
+is being decoded too: a decode in progress cannot be pre-empted, and an
+endless talker's partials re-decode up to 28 s of audio each.
 
 Under load, partials go first: a partial is shed at submission while a final
 is waiting or when the backlog is ``shed_partials_above`` batches deep, and a
@@ -35,6 +38,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +56,11 @@ PARTIAL = 1
 # Recent decoder time per call decays with this half-life (fair share).
 USAGE_HALF_LIFE_S = 10.0
 USAGE_MAX_CALLS = 1024
+# The decayed usage of a call that kept the decoder busy all the time.
+USAGE_FULL_S = USAGE_HALF_LIFE_S / math.log(2)
+# A call that used more than this share of the decoder lately gets no
+# partials while another call is using it too (its finals still go).
+PARTIAL_SHARE = 0.25
 
 
 @dataclass(eq=False)
@@ -144,7 +153,7 @@ class ASRWorker:
             old.future.cancel()
             self._waiting.pop(old.seq, None)
         shed_at = self.config.shed_partials_above * max(1, self.config.batch_size)
-        if not final and (self._finals_waiting or self.queue_depth >= shed_at):
+        if not final and (self._finals_waiting or self.queue_depth >= shed_at or self._over_share(call_id, now)):
             # Under load, partials are the first thing to go: a caller waiting
             # for a reply matters more than a live caption.
             self.shed_partials += 1
@@ -302,6 +311,14 @@ class ASRWorker:
         used, at = entry
         now = time.monotonic() if now is None else now
         return used * 0.5 ** (max(0.0, now - at) / USAGE_HALF_LIFE_S)
+
+    def _over_share(self, call_id: str, now: float) -> bool:
+        """``call_id`` has had more than its share of the decoder lately and
+        another call is using it too: its partials (live captions, a prefill)
+        would slow the other call's turns. A lone call is never held back."""
+        if self.usage(call_id, now) <= PARTIAL_SHARE * USAGE_FULL_S:
+            return False
+        return any(c != call_id and self.usage(c, now) > 0.05 for c in self._used)
 
     def _charge(self, call_id: str, seconds: float) -> None:
         now = time.monotonic()

@@ -360,7 +360,10 @@ def attack(name: str, port: int, audiosocket_port: int, tally: Tally, seed: int,
     }[name]()
 
 
-_SAMPLE = re.compile(r'^(firstline_(?:errors|calls_refused|calls_ended)_total)\{\w+="([^"]*)"\} ([0-9.e+]+)$')
+_SAMPLE = re.compile(
+    r"^(firstline_(?:errors_total|calls_refused_total|calls_ended_total|asr_decode_seconds_sum|asr_decode_seconds_count))"
+    r'\{\w+="([^"]*)"\} ([0-9.e+]+)$'
+)
 
 
 def server_counters(port: int) -> Counter[str]:
@@ -370,7 +373,10 @@ def server_counters(port: int) -> Counter[str]:
     for line in text.splitlines():
         m = _SAMPLE.match(line)
         if m:
-            out[f"{m[1].removeprefix('firstline_').removesuffix('_total')}:{m[2]}"] = int(float(m[3]))
+            value = float(m[3])
+            out[f"{m[1].removeprefix('firstline_').removesuffix('_total')}:{m[2]}"] = (
+                round(value, 2) if m[1].endswith("_sum") else int(value)
+            )
     return out
 
 
@@ -445,7 +451,7 @@ async def phase(ns: argparse.Namespace, name: str, port: int, audiosocket_port: 
         "refused": sum(1 for r in records if r.get("refused")),
         "records": [turn_stages(r) for r in records],
         "attacker": tally,
-        "server": {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)},
+        "server": {k: round(v - before.get(k, 0), 2) for k, v in after.items() if v != before.get(k, 0)},
         "server_up": healthy(port),
     }
 

@@ -37,8 +37,15 @@ from voice.call.reply_policy import is_complete, split_sentences, words_of
 
 OUT = Path(__file__).resolve().parent / "results" / "reply_quality.json"
 # The defaults as they were before the reply policy and the sampling
-# defaults: every sentence sent, no repetition penalties.
-BEFORE = "--reply-max-sentences 0 --no-loop-guard --llm-repetition-penalty 1.0"
+# defaults: every sentence sent, no repetition penalties
+# (and the system prompt before it asked for a short first sentence).
+PROMPT_BEFORE = (
+    "You are a helpful voice assistant on a phone call. "
+    "Answer in one or two short spoken sentences. No lists, no markdown."
+)
+BEFORE = "--reply-max-sentences 0 --no-loop-guard --llm-repetition-penalty 1.0 --system-prompt " + shlex.quote(
+    PROMPT_BEFORE
+)
 SERVER_BASE = ["--max-calls", "1000", "--max-asr-queue", "0", "--log-level", "WARNING"]
 
 

@@ -16,7 +16,7 @@ import pytest_asyncio
 from asr.config import ASRConfig
 from asr.wer import corpus_wer, word_error_rate
 from asr.whisper import Decoded
-from asr.worker import ASRWorker
+from asr.worker import USAGE_FULL_S, ASRWorker
 from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip, shared_clips, through_phone_line
 from voice.server.cli import build_parser, config_from_args
 
@@ -153,6 +153,31 @@ async def test_a_call_that_used_the_decoder_lately_waits_behind_one_that_did_not
     light.add_done_callback(lambda _f: order.append("light"))
     await asyncio.gather(heavy, light, busy)
     assert order == ["light", "heavy"]
+
+
+async def test_a_call_over_its_share_gets_no_partials_while_another_call_decodes(quilter):
+    """Partials of a call that kept the decoder busy (over PARTIAL_SHARE of
+    it lately) are shed while another call is using the decoder too; alone,
+    it gets them; its finals always go."""
+    unbatched = await _worker(batch_size=1)  # its own: no other call's recent decodes
+    try:
+        await _share_checks(unbatched, quilter)
+    finally:
+        await unbatched.close()
+
+
+async def _share_checks(unbatched: ASRWorker, quilter: np.ndarray) -> None:
+    unbatched._charge("share-hog", 0.5 * USAGE_FULL_S)  # half the decoder, lately
+    alone = unbatched.submit("share-hog", quilter, final=False)
+    assert not alone.cancelled()  # nobody else is using the decoder: no one to slow
+    await alone
+    await unbatched.submit("share-other", quilter, final=True)  # another call now decodes too
+    shed_before = unbatched.shed_partials
+    assert unbatched.submit("share-hog", quilter, final=False).cancelled()
+    assert unbatched.shed_partials == shed_before + 1
+    assert not unbatched.submit("share-other", quilter, final=False).cancelled()
+    final = await unbatched.submit("share-hog", quilter, final=True)
+    assert final.text
 
 
 async def test_lone_call_waits_at_most_the_budget_and_company_joins(batched, quilter):
