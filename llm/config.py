@@ -12,9 +12,14 @@ EngineName = Literal["llamacpp", "vllm", "remote"]
 Isolation = Literal["process", "inprocess"]
 SpeculationMethod = Literal["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"]
 
+# A phone agent acknowledges first, then explains: the short first sentence
+# is the one the caller hears soonest (time to first sentence). Against the
+# plain "Answer in one or two short spoken sentences." it halved the words
+# of SmolLM2's first sentence (benchmarks/reply_quality.py, README).
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful voice assistant on a phone call. "
-    "Answer in one or two short spoken sentences. No lists, no markdown."
+    'Start every reply with a short acknowledgement of two or three words, such as "Sure." or "Okay, got it.", '
+    "then answer in one short spoken sentence. No lists, no markdown."
 )
 
 
