@@ -14,8 +14,9 @@ SpeculationMethod = Literal["none", "ngram", "eagle3", "draft_model", "mtp", "su
 
 # A phone agent acknowledges first, then explains: the short first sentence
 # is the one the caller hears soonest (time to first sentence). Against the
-# plain "Answer in one or two short spoken sentences." it halved the words
-# of SmolLM2's first sentence (benchmarks/reply_quality.py, README).
+# plain "Answer in one or two short spoken sentences." SmolLM2's first
+# sentence came 232 ms after its first token instead of 290 (p50,
+# benchmarks/reply_quality.py at b1d3b97, README).
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful voice assistant on a phone call. "
     'Start every reply with a short acknowledgement of two or three words, such as "Sure." or "Okay, got it.", '

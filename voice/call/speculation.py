@@ -17,8 +17,9 @@ the call still gets every reply, just without the head start.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+
+from voice.call.rate import TokenBucket
 
 
 @dataclass(frozen=True)
@@ -27,30 +28,15 @@ class SpeculationLimits:
     per_s: float = 0.25  # ... and more, one every 4 s
 
 
-class SpeculationBudget:
+class SpeculationBudget(TokenBucket):
     def __init__(self, limits: SpeculationLimits | None = None) -> None:
         self.limits = limits or SpeculationLimits()
-        self._tokens = self.limits.burst
-        self._at = time.monotonic()
+        super().__init__(self.limits.burst, self.limits.per_s)
         self.denied = 0  # pauses that waited for the endpoint instead
-
-    def _refill(self, now: float) -> None:
-        self._tokens = min(self.limits.burst, self._tokens + max(0.0, now - self._at) * self.limits.per_s)
-        self._at = now
-
-    def available(self, now: float | None = None) -> bool:
-        self._refill(time.monotonic() if now is None else now)
-        return self._tokens >= 1.0
 
     def take(self, now: float | None = None) -> bool:
         """One preemptive turn, if the call has a token for it."""
-        if not self.available(now):
-            self.denied += 1
-            return False
-        self._tokens -= 1.0
-        return True
-
-    def refund(self, now: float | None = None) -> None:
-        """The preemptive turn was committed: it was no waste."""
-        self._refill(time.monotonic() if now is None else now)
-        self._tokens = min(self.limits.burst, self._tokens + 1.0)
+        if super().take(now):
+            return True
+        self.denied += 1
+        return False

@@ -59,6 +59,12 @@ class CallLimits:
     # gets no new call for this long (HTTP 429): otherwise each reconnect
     # starts with a full audio budget. 0: off. Exempt addresses are exempt.
     abuse_cooldown_s: float = 60.0
+    # Malformed or refused messages a call may send (each is answered with an
+    # error or logged): this many at once, this many more a second. Past it
+    # the call is closed (1008) and its address cooled down: a client sending
+    # garbage as fast as it can kept the event loop busy for everyone.
+    malformed_burst: int = 50
+    malformed_per_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ IDLE = CallEnd("idle_timeout", CLOSE_NORMAL, "idle timeout")
 SLOW_READER = CallEnd("slow_reader", CLOSE_POLICY, "client not reading")
 SHUTDOWN = CallEnd("server_shutdown", CLOSE_GOING_AWAY, "server shutting down")
 AUDIO_FLOOD = CallEnd("audio_rate_exceeded", CLOSE_POLICY, "audio faster than real time")
+MALFORMED_FLOOD = CallEnd("malformed_flood", CLOSE_POLICY, "too many malformed messages")
 
 # Connection -> its guard, so the server can end guarded calls the transport's
 # way (farewell event, then close) and fall back to a bare close otherwise.

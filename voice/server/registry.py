@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
-from voice.server.limits import AUDIO_FLOOD, SHUTDOWN, SLOW_READER, CallEnd, CallWatch
+from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, SHUTDOWN, SLOW_READER, CallEnd, CallWatch
 from voice.server.runtime import Runtime
 from voice.server.signatures import TwilioSignatures
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # Refusals anyone can provoke are logged at WARNING this often per address.
 WARN_EVERY_S = 60.0
 # Ends that put the caller's address in the cool-down (CallLimits.abuse_cooldown_s).
-ABUSE_ENDS = (AUDIO_FLOOD, SLOW_READER)
+ABUSE_ENDS = (AUDIO_FLOOD, SLOW_READER, MALFORMED_FLOOD)
 COOLDOWN_MAX_ADDRESSES = 4096
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -30,9 +30,10 @@ from prometheus_client import Histogram
 from streaming.playout import OutFormat, Playout
 from streaming.tts import TextToSpeech, TTSError, shared_tts
 from voice.call.audio_budget import AudioFlood
+from voice.call.rate import TokenBucket
 from voice.call.session import CallSession
 from voice.call.start import ProtocolError, Start
-from voice.server.limits import AUDIO_FLOOD, CallEnd
+from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, CallEnd
 from voice.server.log_format import WarningBudget, redact_quoted
 from voice.server.runtime import Runtime
 
@@ -90,6 +91,8 @@ class TelephonyCall:
         self.malformed = 0
         # Malformed-input warnings: a few per call, then a summary at the end.
         self._warnings = WarningBudget()
+        limits = runtime.config.limits
+        self._bad_input = TokenBucket(limits.malformed_burst, limits.malformed_per_s)
         self.finished = False
         self._counted = False
         # The session's events (deltas left out), for observers; bounded.
@@ -106,10 +109,19 @@ class TelephonyCall:
     def note_malformed(self, exc: Exception) -> None:
         """Log an ignored message: the first few at WARNING without the
         caller's content (quoted snippets redacted), everything at DEBUG."""
-        self.malformed += 1
         if self._warnings.take():
             log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, redact_quoted(str(exc)))
         log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, exc)
+        self.count_bad_input()
+
+    def count_bad_input(self) -> None:
+        """One malformed or refused message; past the call's allowance
+        (CallLimits.malformed_burst / malformed_per_s) the call is ended."""
+        self.malformed += 1
+        if not self._bad_input.take() and not self.finished:
+            log.warning("call %s (%s): %d malformed messages; ending the call", self.call_id, self.transport,
+                        self.malformed)  # fmt: skip
+            self.end_call(MALFORMED_FLOOD)
 
     def note_peer_report(self, what: str, detail: object) -> None:
         """Something the peer told us or caused (a carrier error, an error

@@ -20,7 +20,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 
 from streaming.playout import OutFormat
-from voice.call.audio_budget import AudioFlood
+from voice.call.audio_budget import AudioFlood, AudioOverBudget
 from voice.call.start import ProtocolError, Start
 from voice.server.limits import AUDIO_FLOOD, SLOW_READER
 from voice.server.log_format import bind_call, bind_turn
@@ -53,6 +53,8 @@ class NativeCall(WebSocketCall):
             await self.report_error(exc.code, exc.message)
             if isinstance(exc, AudioFlood):
                 self.end_call(AUDIO_FLOOD)
+            elif not isinstance(exc, AudioOverBudget):  # dropped audio is the budget's business
+                self.count_bad_input()
 
     async def on_text(self, frame: str) -> None:
         try:
@@ -66,8 +68,10 @@ class NativeCall(WebSocketCall):
             elif isinstance(msg, Stop):
                 raise CallEnded("client_stop")
         except ProtocolError as exc:
-            # Every bad message gets an error event with its code; the call goes on.
+            # Every bad message gets an error event with its code; the call
+            # goes on, up to the call's allowance of them.
             await self.report_error(exc.code, exc.message)
+            self.count_bad_input()
 
     async def on_internal_error(self) -> None:
         # The caller gets a clear error and a proper close, not a dropped socket.

@@ -1,0 +1,34 @@
+"""A token bucket in events: ``burst`` at once, refilled at ``per_s``.
+Per-call limits on what a caller can make the server do often
+(voice/call/speculation.py, malformed input in voice/transports/telephony.py)."""
+
+from __future__ import annotations
+
+import time
+
+
+class TokenBucket:
+    def __init__(self, burst: float, per_s: float) -> None:
+        self.burst = burst
+        self.per_s = per_s
+        self._tokens = burst
+        self._at = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.per_s)
+        self._at = now
+
+    def available(self, now: float | None = None) -> bool:
+        self._refill(time.monotonic() if now is None else now)
+        return self._tokens >= 1.0
+
+    def take(self, now: float | None = None) -> bool:
+        """One event, if there is a token for it."""
+        if not self.available(now):
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def refund(self, now: float | None = None) -> None:
+        self._refill(time.monotonic() if now is None else now)
+        self._tokens = min(self.burst, self._tokens + 1.0)
