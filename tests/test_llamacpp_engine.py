@@ -14,8 +14,8 @@ from llm.llamacpp_engine import LlamaCppEngine
 from llm.sampling import SamplingParams
 
 
-def _messages(question: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+def _messages(question: str, system: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
 async def _collect(engine, request):
@@ -62,11 +62,20 @@ async def test_cancel_frees_the_slot_and_the_next_request_works(server):
 # runs them through llm.openai_server too.
 
 REPEAT = "Repeat after me: apple apple apple apple apple apple apple apple"
+# Instructions under which the models copy the apples (or repeat themselves):
+# the default's "short acknowledgement first" gives SmolLM2 one short
+# sentence with nothing for DRY to cut, so the penalty checks say their own.
+REPEAT_SYSTEM = (
+    "You are a helpful voice assistant on a phone call. "
+    "Answer in one or two short spoken sentences. No lists, no markdown."
+)
 FRANCE = "What is the capital of France?"
 
 
-async def reply(engine: LLMEngine, question: str, **sampling: Any) -> tuple[str, GenerationRequest]:
-    request = GenerationRequest(f"s-{len(question)}", _messages(question), sampling=SamplingParams(**sampling))
+async def reply(
+    engine: LLMEngine, question: str, system: str = DEFAULT_SYSTEM_PROMPT, **sampling: Any
+) -> tuple[str, GenerationRequest]:
+    request = GenerationRequest(f"s-{len(question)}", _messages(question, system), sampling=SamplingParams(**sampling))
     return "".join(await _collect(engine, request)), request
 
 
@@ -76,11 +85,11 @@ async def check_penalties(engine: LLMEngine, dry: bool = True) -> None:
     # (SmolLM2 on llama.cpp copies the apples; as bf16 on vLLM it apologises
     # "I'm sorry ... I'm here to help": both have tokens to penalise.)
     off = {"max_tokens": 16, "repetition_penalty": 1.0}  # no penalty at all (the default has one)
-    neutral, _ = await reply(engine, REPEAT, **off)
+    neutral, _ = await reply(engine, REPEAT, REPEAT_SYSTEM, **off)
     penalties = [("repetition_penalty", 1.5), ("frequency_penalty", 1.5), ("presence_penalty", 1.5)]
     for field, value in penalties + ([("dry_multiplier", 3.0)] if dry else []):
         extra = {"dry_allowed_length": 1} if field == "dry_multiplier" else {}
-        penalised, _ = await reply(engine, REPEAT, **{**off, field: value, **extra})
+        penalised, _ = await reply(engine, REPEAT, REPEAT_SYSTEM, **{**off, field: value, **extra})
         assert penalised != neutral, f"{field}={value} had no effect: {penalised!r}"
 
 
