@@ -289,24 +289,12 @@ async def slow_reader(url: str, port: int, tally: Tally, seed: int) -> None:
 async def many_connections(url: str, tally: Tally, n: int = 50) -> None:
     silence = bytes(FRAME * 2)
 
-    async def hold() -> None:
-        while True:
-            ws = await attacker_call(url, tally, local_addr=(ATTACKER, 0))
-            if ws is None:
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                await ws.send(json.dumps(START))
-                reader = asyncio.create_task(read_events(ws, tally))
-                with contextlib.suppress(ConnectionClosed):
-                    while True:
-                        await ws.send(silence)
-                        await asyncio.sleep(0.02)
-                await reader
-            finally:
-                await ws.close()
+    async def hold(ws: ClientConnection) -> None:
+        while True:  # real-time silence: the call stays up past the idle timeout
+            await ws.send(silence)
+            await asyncio.sleep(0.02)
 
-    await asyncio.gather(*(hold() for _ in range(n)))
+    await asyncio.gather(*(a_call_that(url, tally, hold) for _ in range(n)))
 
 
 async def unauthenticated(url: str, audiosocket_port: int, tally: Tally) -> None:
