@@ -186,7 +186,16 @@ def bridge(server, tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
-    print(log_path.read_text()[-2000:])
+    print(f"bridge exit code {proc.returncode}\n{log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture(autouse=True)
+def bridge_still_running(bridge):
+    """A bridge that died takes every later test in this file with it: say so
+    (with its exit code and log) where it happened, not as their timeouts."""
+    yield
+    if bridge.proc.poll() is not None:
+        pytest.fail(f"the SIP bridge exited ({bridge.proc.returncode}):\n{bridge.log.read_text()[-4000:]}")
 
 
 async def run_sipp(scenario: Path, bridge: BridgeProc, timeout: float = 90) -> tuple[int, str]:

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import faulthandler
 import gc
 import itertools
 import json
@@ -79,6 +80,8 @@ def _ulaw_encode_table() -> np.ndarray:
 ULAW_TO_PCM = _ulaw_decode_table()
 PCM_TO_ULAW = _ulaw_encode_table()
 SILENCE_PCM = bytes(FRAME_SAMPLES * 2)
+# An ended call's pj objects are freed this long after it ended (see Bridge._bury).
+BURY_AFTER_S = 1.0
 
 
 def ulaw_encode(pcm16: bytes) -> bytes:
@@ -342,7 +345,7 @@ class BridgeAccount(pj.Account):
         if len(self.bridge.calls) >= self.bridge.max_calls:
             op.statusCode = pj.PJSIP_SC_BUSY_HERE
             call.answer(op)
-            self.bridge.graveyard.append(call)
+            self.bridge.retire(call)
             return
         self.bridge.calls[prm.callId] = call
         if self.bridge.ring_s > 0:  # 180 now, 200 later (a CANCEL may come in between)
@@ -376,7 +379,8 @@ class Bridge:
         self.parameters = parameters or {}
         self.log_level = log_level
         self.calls: dict[int, BridgeCall] = {}
-        self.graveyard: list[BridgeCall] = []  # pj objects die on the main thread, later
+        # Ended calls, with the time they ended: their pj objects die on the main thread, later (see _bury).
+        self.graveyard: list[tuple[float, BridgeCall]] = []
         self.latency = Latency()
         self.loop = asyncio.new_event_loop()
         self._pj_queue: queue.Queue[Any] = queue.Queue()
@@ -415,8 +419,11 @@ class Bridge:
         for key, value in list(self.calls.items()):
             if value is call:
                 del self.calls[key]
-        if call not in self.graveyard:
-            self.graveyard.append(call)
+        self.retire(call)
+
+    def retire(self, call: BridgeCall) -> None:
+        if all(c is not call for _, c in self.graveyard):
+            self.graveyard.append((time.monotonic(), call))
 
     def place_call(self, uri: str) -> BridgeCall:
         """Outbound: dial ``uri`` (a loopback SIP URI); bridged once answered."""
@@ -510,14 +517,22 @@ class Bridge:
         if self.graveyard:
             self._bury()
 
-    def _bury(self) -> None:
+    def _bury(self, everything: bool = False) -> None:
         """Free ended calls here, on the PJSIP thread, while the library runs
         (pj objects freed later by Python's cycle collector, on any thread or
-        after libDestroy, crash PJSIP)."""
-        for call in self.graveyard:
+        after libDestroy, crash PJSIP), and only once the conference bridge
+        has let go of their port: PJSIP 2.14+ applies conference changes on
+        its clock thread, a tick or more later, so a port freed at once (as
+        the call's stream is torn down) can still be read by that thread."""
+        now = time.monotonic()
+        due = [c for t, c in self.graveyard if everything or now - t >= BURY_AFTER_S]
+        if not due:
+            return
+        self.graveyard = [] if everything else [(t, c) for t, c in self.graveyard if now - t < BURY_AFTER_S]
+        for call in due:
             call.port = None  # unregisters our conference port
             call.session = None
-        self.graveyard.clear()
+        due.clear()
         gc.collect()
 
     def stop(self) -> None:
@@ -525,9 +540,10 @@ class Bridge:
         self.poll(0.5)
         self.stopping.set()
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.graveyard.extend(self.calls.values())
+        for call in self.calls.values():
+            self.retire(call)
         self.calls.clear()
-        self._bury()
+        self._bury(everything=True)
         self.ep.libDestroy()
 
 
@@ -551,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     for uri in args.call:
         if not uri.startswith("sip:") or f"@{LOOPBACK}" not in uri:
             ap.error("this sample only dials loopback URIs (sip:user@127.0.0.1:port)")
+    faulthandler.enable()  # a crash inside PJSIP leaves every thread's Python stack in the log
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = {"system_prompt": args.system_prompt} if args.system_prompt else {}
     bridge = Bridge(
