@@ -66,7 +66,7 @@ def test_a_sentence_repeating_the_previous_reply_ends_this_one() -> None:
 def test_short_answers_may_recur_across_replies_not_within_one() -> None:
     out, end = said(ReplyPolicy(), "Yes. Your order shipped on Monday.", previous="Yes. It is open.")
     assert end == "complete" and len(out) == 2
-    assert said(ReplyPolicy(), "Yes. Your order shipped on Monday. Yes.")[1] == STOP_LOOP
+    assert said(ReplyPolicy(max_sentences=3), "Yes. Your order shipped on Monday. Yes.")[1] == STOP_LOOP
 
 
 def test_the_guard_can_be_switched_off() -> None:

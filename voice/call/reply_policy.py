@@ -29,7 +29,7 @@ _TERMINAL = re.compile(r"""[.!?…]["'”’)\]]*$""")
 class ReplyPolicy:
     # Sentences a reply may have (0: no limit). Phone replies are short by
     # design: benchmarks/reply_quality.py chose the default.
-    max_sentences: int = 3
+    max_sentences: int = 2
     # Drop a sentence that repeats an earlier one of this reply or of the
     # previous reply (similarity of their words, 0..1), and end the reply.
     loop_guard: bool = True
