@@ -24,7 +24,10 @@ speech and silence, waits behind callers who used little; a normal caller's
 final still goes first against anyone's partial. A call that used more than
 a quarter of the decoder lately gets no partials at all while another call
 is being decoded too: a decode in progress cannot be pre-empted, and an
-endless talker's partials re-decode up to 28 s of audio each.
+endless talker's partials re-decode up to 28 s of audio each. A call that
+feeds audio faster than real time (``streaming/fair_share.py``) is held back
+the same way from its first burst, before it has used anything, and its
+finals queue behind every real-time call's.
 
 Under load, partials go first: a partial is shed at submission while a final
 is waiting or when the backlog is ``shed_partials_above`` batches deep, and a
@@ -48,6 +51,7 @@ import numpy as np
 
 from asr.config import ASRConfig
 from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, window_for
+from streaming.fair_share import LowPriority
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,9 @@ USAGE_FULL_S = USAGE_HALF_LIFE_S / math.log(2)
 # A call that used more than this share of the decoder lately gets no
 # partials while another call is using it too (its finals still go).
 PARTIAL_SHARE = 0.25
+# A low-priority call's jobs (streaming/fair_share.py) sort as if submitted
+# this much later: behind every real-time call's, in order among themselves.
+LOW_PRIORITY_DELAY_S = 60.0
 
 
 @dataclass(eq=False)
@@ -83,8 +90,10 @@ class _Job:
 
 
 class ASRWorker:
-    def __init__(self, config: ASRConfig) -> None:
+    def __init__(self, config: ASRConfig, low: LowPriority | None = None) -> None:
         self.config = config
+        # Calls feeding audio faster than real time: served after the others.
+        self.low = low if low is not None else LowPriority(0)
         self.decoder: WhisperDecoder | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
         # Jobs not yet handed to a decode, by seq (so in arrival order). A job
@@ -215,8 +224,8 @@ class ASRWorker:
                 continue
             partials.append(job)
         now = time.monotonic()
-        finals.sort(key=lambda job: (job.submitted + self.usage(job.call_id, now), job.seq))
-        partials.sort(key=lambda job: (job.waiting_since + self.usage(job.call_id, now), job.seq))
+        finals.sort(key=lambda job: (job.submitted + self._penalty(job.call_id, now), job.seq))
+        partials.sort(key=lambda job: (job.waiting_since + self._penalty(job.call_id, now), job.seq))
         if finals and not self.config.batch_partials_with_finals:
             return finals
         return finals + partials
@@ -312,11 +321,16 @@ class ASRWorker:
         now = time.monotonic() if now is None else now
         return used * 0.5 ** (max(0.0, now - at) / USAGE_HALF_LIFE_S)
 
+    def _penalty(self, call_id: str, now: float) -> float:
+        """How much later than its submission a job of ``call_id`` sorts."""
+        return self.usage(call_id, now) + (LOW_PRIORITY_DELAY_S if call_id in self.low else 0.0)
+
     def _over_share(self, call_id: str, now: float) -> bool:
-        """``call_id`` has had more than its share of the decoder lately and
-        another call is using it too: its partials (live captions, a prefill)
-        would slow the other call's turns. A lone call is never held back."""
-        if self.usage(call_id, now) <= PARTIAL_SHARE * USAGE_FULL_S:
+        """``call_id`` has had more than its share of the decoder lately (or
+        feeds audio faster than real time) and another call is using it too:
+        its partials (live captions, a prefill) would slow the other call's
+        turns. A lone call is never held back."""
+        if call_id not in self.low and self.usage(call_id, now) <= PARTIAL_SHARE * USAGE_FULL_S:
             return False
         return any(c != call_id and self.usage(c, now) > 0.05 for c in self._used)
 

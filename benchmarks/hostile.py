@@ -349,8 +349,9 @@ def attack(name: str, port: int, audiosocket_port: int, tally: Tally, seed: int,
 
 
 _SAMPLE = re.compile(
-    r"^(firstline_(?:errors_total|calls_refused_total|calls_ended_total|asr_decode_seconds_sum|asr_decode_seconds_count))"
-    r'\{\w+="([^"]*)"\} ([0-9.e+]+)$'
+    r"^(firstline_(?:errors_total|calls_refused_total|calls_ended_total|asr_decode_seconds_sum"
+    r"|asr_decode_seconds_count|low_priority_total|reply_gate_waits_total))"
+    r'(?:\{\w+="([^"]*)"\})? ([0-9.e+]+)$'
 )
 
 
@@ -362,7 +363,8 @@ def server_counters(port: int) -> Counter[str]:
         m = _SAMPLE.match(line)
         if m:
             value = float(m[3])
-            out[f"{m[1].removeprefix('firstline_').removesuffix('_total')}:{m[2]}"] = (
+            name = m[1].removeprefix("firstline_").removesuffix("_total")
+            out[f"{name}:{m[2]}" if m[2] is not None else name] = (
                 round(value, 2) if m[1].endswith("_sum") else int(value)
             )
     return out

@@ -18,6 +18,7 @@ from asr.wer import corpus_wer, word_error_rate
 from asr.whisper import Decoded
 from asr.worker import USAGE_FULL_S, ASRWorker
 from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip, shared_clips, through_phone_line
+from streaming.fair_share import LowPriority
 from voice.server.cli import build_parser, config_from_args
 
 BUDGET_MS = 30.0
@@ -153,6 +154,30 @@ async def test_a_call_that_used_the_decoder_lately_waits_behind_one_that_did_not
     light.add_done_callback(lambda _f: order.append("light"))
     await asyncio.gather(heavy, light, busy)
     assert order == ["light", "heavy"]
+
+
+async def test_a_call_feeding_audio_faster_than_real_time_waits_behind_a_real_time_one(quilter, jfk_audio):
+    """A low-priority call (streaming/fair_share.py) has used nothing yet (a
+    flood's first burst) and asked first, yet its final is served after a
+    real-time caller's; it gets no partials while another call decodes."""
+    low = LowPriority(1.5)
+    worker = await _worker(batch_size=1)  # its own: no other call's recent decodes
+    worker.low = low
+    try:
+        low.update("burst", 20.0)
+        busy = await _busy(worker, jfk_audio)
+        order: list[str] = []
+        burst = worker.submit("burst", quilter, final=True)
+        caller = worker.submit("caller", quilter, final=True)
+        burst.add_done_callback(lambda _f: order.append("burst"))
+        caller.add_done_callback(lambda _f: order.append("caller"))
+        await asyncio.gather(burst, caller, busy)
+        assert order == ["caller", "burst"]
+        assert worker.submit("burst", quilter, final=False).cancelled()  # another call is decoding too
+        low.update("burst", 1.0)  # back to real time: served in turn again
+        assert not worker.submit("burst", quilter, final=False).cancelled()
+    finally:
+        await worker.close()
 
 
 async def test_a_call_over_its_share_gets_no_partials_while_another_call_decodes(quilter):

@@ -34,6 +34,7 @@ from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, Tur
 from llm.base import EngineError
 from llm.sampling import SamplingError, SamplingParams
 from streaming.codecs import StreamResampler, decode, int16_to_float
+from streaming.fair_share import IntakeRate
 from voice.call.audio_budget import AudioBudget, frame_seconds
 from voice.call.finals import OneFinalPerCall
 from voice.call.history import ContextTooLarge, History
@@ -100,6 +101,9 @@ class CallSession:
         limits = runtime.config.limits
         multiple = limits.audio_rate_multiple
         self._budget = AudioBudget(multiple, limits.audio_rate_window_s) if multiple > 0 else None
+        # Faster than real time, within the budget: served after the real-time
+        # calls (streaming/fair_share.py).
+        self._intake = IntakeRate()
         # The shared ASR worker as this call's turns see it: one final queued at a time.
         self._finals = OneFinalPerCall(runtime.asr)
         # Preemptive turns and prefills a call may waste: voice/call/speculation.py.
@@ -209,9 +213,9 @@ class CallSession:
             raise ProtocolError("not_started", "audio before 'start'; send start first")
         check_audio_frame(payload, self._start.encoding)
         assert self._resampler is not None and self._tracker is not None
-        if self._budget is not None and not self._budget.spend(
-            frame_seconds(len(payload), self._start.encoding, self._start.sample_rate)
-        ):
+        frame_s = frame_seconds(len(payload), self._start.encoding, self._start.sample_rate)
+        self.runtime.low_priority.update(self.call_id, self._intake.add(frame_s))
+        if self._budget is not None and not self._budget.spend(frame_s):
             return  # over budget, already reported: dropped
         pcm = decode(payload, self._start.encoding)  # type: ignore[arg-type]
         samples = self._resampler.process(int16_to_float(pcm))
@@ -292,6 +296,7 @@ class CallSession:
             return
         self.closed = True
         self.runtime.asr.forget(self.call_id)
+        self.runtime.low_priority.forget(self.call_id)
         self._finals.close()  # no decode of this call may start after it hung up
         turns = [t.task for t in (self._active, self._pending) if t is not None]
         tasks = [*self._tasks, *turns]
@@ -337,7 +342,7 @@ class CallSession:
             # Beside the pause decode, not after it: the model's ~0.1 s pass
             # must land inside the pause's endpoint window.
             self._spawn(self._smart_turn(ev.audio, self._pause_id))
-        if cfg.preemptive and self._speculation.take():
+        if cfg.preemptive and not self._low_priority and self._speculation.take():
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s))
             self._pending = Turn(
                 self._turn_context(),
@@ -427,7 +432,13 @@ class CallSession:
             finished=self._turn_finished,
             is_closed=lambda: self.closed,
             tracer=runtime.tracer,
+            gate=runtime.reply_gate,
         )
+
+    @property
+    def _low_priority(self) -> bool:
+        """Feeding audio faster than real time: no speculative work for it."""
+        return self.call_id in self.runtime.low_priority
 
     def _take_carry_over(self, take: bool) -> str:
         """Words waiting for the next turn (a talked-over turn's, keypresses),
@@ -476,7 +487,8 @@ class CallSession:
             return
         self._last_partial = result.text
         await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})
-        if self.runtime.config.llm.incremental_prefill and not self._prefilling and self._speculation.available():
+        speculate = not self._low_priority and self._speculation.available()
+        if self.runtime.config.llm.incremental_prefill and not self._prefilling and speculate:
             self._spawn(self._prefill(result.text))
 
     async def _prefill(self, partial_text: str) -> None:

@@ -28,6 +28,7 @@ from asr.endpointing import endpoint_window
 from llm.base import EngineError, GenerationRequest, LLMEngine
 from llm.continuation import stream_continuing
 from llm.sampling import SamplingParams
+from streaming.fair_share import ReplyGate
 from streaming.sentences import SentenceSegmenter
 from voice.call.reply_policy import SEND, SKIP, STOP_LENGTH, STOP_LOOP, ReplyGuard, ReplyPolicy, is_complete
 
@@ -111,6 +112,9 @@ class TurnContext:
     finished: Callable[[TurnOutcome], None]
     is_closed: Callable[[], bool]
     tracer: TurnTracer | None = None
+    # Keeps turns of calls sending faster than real time out of the way of
+    # the real-time calls' turns (streaming/fair_share.py); None: no gate.
+    gate: ReplyGate | None = None
 
 
 @dataclasses.dataclass
@@ -218,6 +222,13 @@ class Turn:
         await self.ctx.emit(event)
 
     async def _run(self) -> None:
+        if self.ctx.gate is None:
+            await self._work()
+            return
+        async with self.ctx.gate.turn(self.ctx.call_id):
+            await self._work()
+
+    async def _work(self) -> None:
         ctx = self.ctx
         if self.spoken_first is not None:
             await self._reply()

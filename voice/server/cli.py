@@ -266,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the audio rate is averaged over this many seconds",
     )
     serve.add_argument(
+        "--low-priority-multiple",
+        type=float,
+        default=CallLimits.low_priority_multiple,
+        help="a call sending audio faster than this many times real time is served after the others (0: off)",
+    )
+    serve.add_argument(
         "--abuse-cooldown-s",
         type=float,
         default=CallLimits.abuse_cooldown_s,
@@ -373,6 +379,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.allow_custom_prompt = args.allow_custom_prompt
     config.limits.audio_rate_multiple = max(0.0, args.audio_rate_multiple)
     config.limits.audio_rate_window_s = max(0.1, args.audio_rate_window_s)
+    config.limits.low_priority_multiple = max(0.0, args.low_priority_multiple)
     config.limits.abuse_cooldown_s = max(0.0, args.abuse_cooldown_s)
     config.otel_endpoint = args.otel_endpoint
     config.demo_page = not args.no_demo

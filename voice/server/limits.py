@@ -55,6 +55,10 @@ class CallLimits:
     # speaking just under it tripled the others' TTFS p95.
     audio_rate_multiple: float = 3.0
     audio_rate_window_s: float = 5.0
+    # A call whose audio intake (decayed over ~5 s) is over this many times
+    # real time is served after the real-time calls: its ASR jobs queue behind
+    # theirs and its turns wait for theirs (streaming/fair_share.py). 0: off.
+    low_priority_multiple: float = 1.5
     # An address whose call was ended for abuse (audio flood, not reading)
     # gets no new call for this long (HTTP 429): otherwise each reconnect
     # starts with a full audio budget. 0: off. Exempt addresses are exempt.

@@ -103,6 +103,16 @@ class Metrics:
             "firstline_calls_resumed_total", "Calls that re-attached and picked up their stored state", registry=r
         )
         self.active = Gauge("firstline_active_calls", "Calls in progress", registry=r)
+        self.low_priority = Counter(
+            "firstline_low_priority_total",
+            "Times a call feeding audio faster than real time was put behind the real-time calls",
+            registry=r,
+        )
+        self.reply_gate_waits = Counter(
+            "firstline_reply_gate_waits_total",
+            "Turns of low-priority calls that waited for a real-time call's turn to finish",
+            registry=r,
+        )
         self.asr_queue = Gauge("firstline_asr_queue_depth", "Decodes waiting for the ASR worker", registry=r)
         # Leak watch (benchmarks/soak.py): RSS and fds from /proc, live asyncio tasks.
         ProcessCollector(registry=r)

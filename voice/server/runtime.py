@@ -11,6 +11,7 @@ from asr.worker import ASRWorker
 from llm import engines
 from llm.base import LLMEngine
 from llm.config import LLMConfig
+from streaming.fair_share import LowPriority, ReplyGate
 from voice.call.store import RedisStore, build_store
 from voice.server.config import ServerConfig
 from voice.server.metrics import Metrics
@@ -28,7 +29,11 @@ class Runtime:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.vad = SileroVAD(config.asr.vad_model)
-        self.asr = ASRWorker(config.asr)
+        # Who is served last (calls feeding audio faster than real time) and
+        # the gate that keeps their turns out of the real-time calls' way.
+        self.low_priority = LowPriority(config.limits.low_priority_multiple)
+        self.reply_gate = ReplyGate(self.low_priority)
+        self.asr = ASRWorker(config.asr, self.low_priority)
         self.engine = build_engine(config.llm)
         self.ready = False
         self.startup_s: dict[str, float] = {}
@@ -37,6 +42,8 @@ class Runtime:
         self.metrics.bind_gauges(lambda: self.active_calls, lambda: self.asr.queue_depth)
         self.asr.on_decode = self.metrics.observe_asr_decode
         self.metrics.bind_engine(self.engine)
+        self.low_priority.on_mark = self.metrics.low_priority.inc
+        self.reply_gate.on_wait = self.metrics.reply_gate_waits.inc
         # Each call's conversation between turns (re-attach: voice/call/store.py).
         self.store = build_store(config.state_url, config.state_ttl_s)
         # A span per answered turn (voice/tracing.py); None: tracing off.

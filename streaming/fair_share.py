@@ -1,0 +1,119 @@
+"""Who is served first when calls compete for the shared ASR worker and LLM.
+
+A call that feeds audio faster than the pace of speech (an endless talker
+keeping just under the audio budget, a flood's first burst, a client
+catching up) is served after the calls that feed it in real time: its ASR
+jobs queue behind theirs (``asr/worker.py`` asks :class:`LowPriority`), it
+gets no speculative work, and its replies wait to start while one of theirs
+is under way (:class:`ReplyGate`). It is never refused work, only kept out
+of the others' way: alone, or beside other fast calls, it runs at full speed.
+
+Why intake and not usage: a new connection has used nothing yet, so a usage
+share cannot see a flood's first burst, which is the damage it does before
+the audio budget closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+
+# Intake is an exponentially decayed sum of audio seconds with this time
+# constant; sum / TAU is the recent rate (x real time).
+INTAKE_TAU_S = 5.0
+
+
+class IntakeRate:
+    """One call's recent audio intake, in multiples of real time. A real-time
+    caller reads ~1.0 once a few seconds have gone in (less before: a call's
+    first seconds never look fast)."""
+
+    def __init__(self, tau_s: float = INTAKE_TAU_S) -> None:
+        self.tau_s = tau_s
+        self._sum = 0.0
+        self._at = time.monotonic()
+
+    def add(self, audio_s: float, now: float | None = None) -> float:
+        """Count ``audio_s`` of audio arriving now; returns the rate."""
+        now = time.monotonic() if now is None else now
+        self._sum = self._sum * math.exp(-max(0.0, now - self._at) / self.tau_s) + audio_s
+        self._at = now
+        return self._sum / self.tau_s
+
+
+class LowPriority:
+    """The calls served last right now (their intake is over ``fast_multiple``
+    x real time). Shared by the ASR worker and the reply gate; updated by
+    each call as its audio arrives."""
+
+    def __init__(self, fast_multiple: float = 1.5) -> None:
+        self.fast_multiple = fast_multiple  # 0: nobody is ever served last
+        self._calls: set[str] = set()
+        self.marked_total = 0  # times a call turned low-priority
+        self.on_mark: Callable[[], None] | None = None  # the server's metrics
+
+    def update(self, call_id: str, rate: float) -> None:
+        if not self.fast_multiple:
+            return
+        if rate > self.fast_multiple:
+            if call_id not in self._calls:
+                self._calls.add(call_id)
+                self.marked_total += 1
+                if self.on_mark is not None:
+                    self.on_mark()
+        else:
+            self._calls.discard(call_id)
+
+    def forget(self, call_id: str) -> None:
+        self._calls.discard(call_id)
+
+    def __contains__(self, call_id: object) -> bool:
+        return call_id in self._calls
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+
+class ReplyGate:
+    """Keeps low-priority calls' turns from starting while a real-time
+    call's turn (from its final decode to its last generated token) is under
+    way. A generation in progress cannot be pre-empted, so the only way to
+    keep an endless talker out of a caller's first sentence is not to start
+    it then. The wait is bounded (``max_wait_s``): a low-priority call is
+    served late, never starved."""
+
+    def __init__(self, low: LowPriority, max_wait_s: float = 3.0) -> None:
+        self.low = low
+        self.max_wait_s = max_wait_s
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.waits = 0  # low-priority turns that had to wait
+        self.on_wait: Callable[[], None] | None = None  # the server's metrics
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    @contextlib.asynccontextmanager
+    async def turn(self, call_id: str) -> AsyncIterator[None]:
+        if call_id in self.low:
+            if self._busy:
+                self.waits += 1
+                if self.on_wait is not None:
+                    self.on_wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), self.max_wait_s)
+            yield
+            return
+        self._busy += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()

@@ -1,0 +1,144 @@
+"""Who is served first (streaming/fair_share.py): a call feeding audio faster
+than real time is seen as such, and its turns wait for a real-time call's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from streaming.fair_share import IntakeRate, LowPriority, ReplyGate
+
+
+def feed(rate: IntakeRate, multiple: float, seconds: float, start: float = 0.0) -> float:
+    """20 ms frames at ``multiple`` x real time for ``seconds`` of wall time."""
+    out, t, step = 0.0, start, 0.02 / multiple
+    while t < start + seconds:
+        out = rate.add(0.02, now=t)
+        t += step
+    return out
+
+
+def test_intake_tells_a_real_time_caller_from_a_fast_one() -> None:
+    assert 0.9 < feed(IntakeRate(), 1.0, 30.0) < 1.1  # a phone line
+    assert feed(IntakeRate(), 1.0, 2.0) < 1.0  # a call's first seconds never look fast
+    assert feed(IntakeRate(), 2.7, 8.0) > 1.5  # an endless talker under a 3x budget
+    burst = IntakeRate()
+    assert burst.add(15.0, now=0.0) > 1.5  # a flood's first 15 s arriving at once
+    assert burst.add(0.02, now=10.0) < 1.5  # ... decays once it stops
+
+
+def test_low_priority_follows_the_rate_and_can_be_switched_off() -> None:
+    low = LowPriority(1.5)
+    low.update("a", 3.0)
+    low.update("b", 1.0)
+    assert "a" in low and "b" not in low and low.marked_total == 1
+    low.update("a", 3.0)  # still low: counted once
+    low.update("a", 1.2)
+    assert "a" not in low and low.marked_total == 1
+    low.update("a", 4.0)
+    low.forget("a")
+    assert "a" not in low
+    off = LowPriority(0)
+    off.update("a", 50.0)
+    assert "a" not in off
+
+
+async def test_a_low_priority_turn_waits_for_a_real_time_turn() -> None:
+    low = LowPriority(1.5)
+    low.update("fast", 5.0)
+    gate = ReplyGate(low, max_wait_s=5.0)
+    order: list[str] = []
+    caller_in, caller_done = asyncio.Event(), asyncio.Event()
+
+    async def caller() -> None:
+        async with gate.turn("caller"):
+            caller_in.set()
+            await caller_done.wait()
+            order.append("caller")
+
+    async def fast() -> None:
+        await caller_in.wait()
+        async with gate.turn("fast"):
+            order.append("fast")
+
+    tasks = [asyncio.create_task(caller()), asyncio.create_task(fast())]
+    await caller_in.wait()
+    await asyncio.sleep(0.05)
+    assert order == [] and gate.busy == 1  # the fast call is held at the gate
+    caller_done.set()
+    await asyncio.gather(*tasks)
+    assert order == ["caller", "fast"] and gate.waits == 1 and gate.busy == 0
+
+
+async def test_the_wait_is_bounded_and_real_time_calls_never_wait() -> None:
+    low = LowPriority(1.5)
+    low.update("fast", 5.0)
+    gate = ReplyGate(low, max_wait_s=0.1)
+    async with gate.turn("caller"):
+        async with gate.turn("other"):  # real-time calls do not wait for each other
+            assert gate.busy == 2
+        # served late, never starved: the fast call gets in after max_wait_s
+        await asyncio.wait_for(_enter(gate, "fast"), 2.0)
+    assert gate.waits == 1
+
+
+async def _enter(gate: ReplyGate, call_id: str) -> None:
+    async with gate.turn(call_id):
+        pass
+
+
+async def test_a_cancelled_turn_releases_the_gate() -> None:
+    gate = ReplyGate(LowPriority(1.5))
+
+    async def hold() -> None:
+        async with gate.turn("caller"):
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+    assert gate.busy == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gate.busy == 0
+
+
+async def test_the_server_puts_a_fast_call_behind_a_real_time_one(server) -> None:
+    """On the real server: a call sending audio at full speed is marked low
+    priority (and counted in /metrics); one at the pace of speech is not;
+    a hung-up call is forgotten."""
+    from websockets.asyncio.client import connect
+
+    url = f"ws://127.0.0.1:{server.port}/v1/call"
+    low = server.runtime.low_priority
+    marked = low.marked_total
+    start = json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}})
+    async with connect(url) as fast, connect(url) as paced:
+        await fast.send(start)
+        await paced.send(start)
+        fast_id = json.loads(await fast.recv())["call_id"]
+        paced_id = json.loads(await paced.recv())["call_id"]
+        for _ in range(500):  # 10 s of silence, all at once (a 3 s burst would not count)
+            await fast.send(bytes(640))
+        for _ in range(10):  # 0.3 s of audio every 0.3 s
+            await paced.send(bytes(640 * 15))
+            await asyncio.sleep(0.3)
+        async with asyncio.timeout(5):
+            while fast_id not in low:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert paced_id not in low
+        assert low.marked_total == marked + 1
+        metrics = await asyncio.to_thread(_scrape, server.port)
+        assert "firstline_low_priority_total" in metrics
+    async with asyncio.timeout(5):
+        while fast_id in low:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
