@@ -81,6 +81,11 @@ class ASRConfig:
     # "smart_turn_scaled+rules" = that veto, else a window that grows with the
     # model's doubt. Only used when adaptive_endpoint is on.
     end_of_turn: EndOfTurn = "adaptive"
+    # A caller who starts speaking again this soon after the reply's first
+    # sentence went out was not done: the reply was premature. It stops, it
+    # leaves the history, and their two halves are answered as one turn
+    # (voice/call/session.py). 0: every barge-in is a new turn.
+    resume_grace_s: float = 1.0
     # Smart Turn ONNX file; None = an installed pipecat-ai or the cache that
     # `python -m asr.end_of_turn --fetch` fills.
     smart_turn_model: str | None = None

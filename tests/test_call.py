@@ -75,7 +75,11 @@ async def test_barge_in_cancels_reply_and_keeps_only_sent_text(call_url, phone_p
     by_name = {p.name: p for p in asterisk_prompts(min_words=1)}
     first, second = by_name["asterisk/all-circuits-busy-now"], by_name["asterisk/conf-now-recording"]
     async with NativeCaller(call_url) as caller:
-        await caller.start("mulaw", 8000, system_prompt=story, options={"max_tokens": 400})
+        # No resume grace: talking at once after the first sentence would
+        # otherwise count as the caller going on with their turn
+        # (test_native_audio.py has that case).
+        options = {"max_tokens": 400, "resume_grace_ms": 0}
+        await caller.start("mulaw", 8000, system_prompt=story, options=options)
         await caller.play(with_silence(first.load(8000), 8000, 1.3), 8000, "mulaw", realtime=False)
         await caller.wait_for("response.sentence", turn=1, timeout=30)
         # The caller talks over the reply (sent at full speed so the VAD

@@ -46,6 +46,23 @@ def test_a_trimmed_history_keeps_its_prefix_for_the_next_turns() -> None:
     assert len(trims) < (len(prompts) - trims[0]) / 3, trims
 
 
+def test_a_retracted_turn_leaves_the_history_and_the_rest_stays() -> None:
+    """A premature reply (the caller resumed right after it began) is taken
+    back with its words; the turns around it stay, in order."""
+    history = History("Be brief.", max_turns=10)
+    history.remember(1, "What time is it?", "Sure. It is noon.")
+    history.remember(2, "My order number is", "Okay.")
+    history.remember(3, "And the weather?", "Sure. Sunny.")
+    history.retract(2)
+    assert [m["content"] for m in history.messages_so_far] == [
+        "What time is it?", "Sure. It is noon.", "And the weather?", "Sure. Sunny.",
+    ]  # fmt: skip
+    assert 2 not in history.asked and 2 not in history.replies
+    history.heard(2, "Oka")  # the transport's late report about it changes nothing
+    history.retract(7)  # nothing to take back
+    assert len(history) == 4 and history.last_reply() == "Sure. Sunny."
+
+
 def test_instructions_that_leave_no_room_are_refused() -> None:
     history = History("Be brief.", max_turns=10)
     budget = 500

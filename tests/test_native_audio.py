@@ -88,6 +88,9 @@ async def test_native_barge_in_clears_and_history_keeps_what_was_played(server: 
             mark = await caller.wait_for("response.audio.mark", timeout=60)
             await caller.send_json({"type": "response.audio.played", "name": mark["name"]})
             await caller.wait_for("response.sentence", timeout=30, turn=mark["turn"], index=1)
+            # Past the resume grace: this is a new turn cutting the reply off,
+            # not the caller finishing the last one (that case is below).
+            await asyncio.sleep(server.runtime.config.asr.resume_grace_s + 0.2)
             await caller.play(with_silence(second.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
             clear = await caller.wait_for("response.audio.clear", timeout=20)
             assert clear["turn"] == mark["turn"]
@@ -99,6 +102,35 @@ async def test_native_barge_in_clears_and_history_keeps_what_was_played(server: 
             assert heard and len(sentences) >= 2
             assert heard != " ".join(sentences), "history kept sentences the caller never heard"
             assert " ".join(sentences).startswith(heard)
+            await caller.send_json({"type": "stop"})
+            await caller.wait_for("call.ended", timeout=20)
+
+
+async def test_a_caller_who_resumes_right_after_the_reply_began_is_one_turn(server: VoiceServer, call_url: str) -> None:
+    """The caller pauses, the reply starts, and they go on talking at once
+    (within resume_grace_s): the reply stops (clear), the server says the
+    turn was resumed, the history drops it, and the next turn's transcript
+    and prompt hold both halves, answered once."""
+    first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("pcm16", 16000, system_prompt=STORY, options={"reply_audio": True, "max_tokens": 400})
+            call = await watcher.one()
+            await caller.play(with_silence(first.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
+            sentence = await caller.wait_for("response.sentence", timeout=60)
+            turn = sentence["turn"]
+            await caller.play(with_silence(second.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
+            resumed = await caller.wait_for("turn.resumed", timeout=20)
+            assert resumed["turn"] == turn
+            await caller.wait_for("response.audio.clear", timeout=20, turn=turn)
+            final = await caller.wait_for("transcript.final", timeout=30, turn=turn + 1)
+            both = f"{first.reference} {second.reference}"
+            assert word_error_rate(both, final["text"]) <= 0.4, (both, final["text"])
+            await caller.wait_for("response.done", timeout=60, turn=turn + 1)
+            history = call.session.history
+            assert turn not in history.asked and turn not in history.replies
+            users = [m["content"] for m in history.messages_so_far if m["role"] == "user"]
+            assert users == [final["text"]], users  # one user turn, both halves
             await caller.send_json({"type": "stop"})
             await caller.wait_for("call.ended", timeout=20)
 

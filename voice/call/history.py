@@ -60,6 +60,7 @@ class History:
         self.max_turns = max_turns
         self.messages_so_far: list[Message] = []
         self.replies: dict[int, Message] = {}  # turn -> its assistant message
+        self.asked: dict[int, Message] = {}  # turn -> its user message
         # The oldest message prompts still include (None: from the start).
         self._first_kept: Message | None = None
 
@@ -121,7 +122,9 @@ class History:
 
     def remember(self, turn: int, user_text: str, reply: str) -> None:
         if user_text:  # a greeting or a reply to text context has no new user words
-            self.messages_so_far.append({"role": "user", "content": user_text})
+            asked = {"role": "user", "content": user_text}
+            self.messages_so_far.append(asked)
+            self.asked[turn] = asked
         if reply:
             message = {"role": "assistant", "content": reply}
             self.messages_so_far.append(message)
@@ -133,8 +136,18 @@ class History:
         Its turns' replies can no longer be cut to what was heard."""
         self.messages_so_far = list(messages)
         self.replies = {}
+        self.asked = {}
         self._first_kept = None
         self._trim()
+
+    def retract(self, turn: int) -> None:
+        """Take ``turn`` back out of the conversation: the caller resumed
+        right after its reply began, so its words go on into the next turn
+        and the reply (premature) was never an answer."""
+        for message in (self.asked.pop(turn, None), self.replies.pop(turn, None)):
+            if message is not None:
+                with contextlib.suppress(ValueError):
+                    self.messages_so_far.remove(message)
 
     def heard(self, turn: int, heard: str) -> None:
         """The caller heard only ``heard`` of ``turn``'s reply."""
@@ -160,3 +173,4 @@ class History:
             del self.messages_so_far[:-keep]
             kept = {id(m) for m in self.messages_so_far}
             self.replies = {t: m for t, m in self.replies.items() if id(m) in kept}
+            self.asked = {t: m for t, m in self.asked.items() if id(m) in kept}

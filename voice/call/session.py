@@ -125,6 +125,8 @@ class CallSession:
             overrides["adaptive_endpoint"] = False
         if start.partials is not None:
             overrides["partials"] = start.partials
+        if start.resume_grace_s is not None:
+            overrides["resume_grace_s"] = start.resume_grace_s
         if not start.auto_turns:
             # Nothing ends the turn but the client, so there is no pause to
             # start preemptive work at.
@@ -325,8 +327,11 @@ class CallSession:
             self._eot_rule = self._eot_prob = None
         if isinstance(ev, SpeechStarted):
             await self.emit({"type": "speech.started", "audio_ms": round(ev.audio_s * 1000)})
-            if self._active is not None and not self._active.task.done():
-                self._active.cancel()  # barge-in: the turn reports it
+            active = self._active
+            if active is not None and self._premature(active, now):
+                await self._resumed(active)
+            if active is not None and not active.task.done():
+                active.cancel()  # barge-in: the turn reports it
         elif isinstance(ev, PartialDue):
             self._spawn(self._partial(ev.audio, self._turn_index))
         elif isinstance(ev, Paused):
@@ -335,6 +340,28 @@ class CallSession:
             self._abort_pending()
         elif isinstance(ev, TurnEnded):
             await self._on_turn_end(ev, now)
+
+    def _premature(self, turn: Turn, now: float) -> bool:
+        """The caller starts again within the grace after ``turn``'s reply
+        began (or before any of it went out): they were not done."""
+        grace = self.asr_config.resume_grace_s
+        if grace <= 0 or turn.premature or turn.spoken_first is not None or not turn.user_text:
+            return False
+        first = turn.times.first_sentence
+        if first is None:
+            return not turn.task.done()  # still thinking: nothing was said yet
+        return now - first <= grace
+
+    async def _resumed(self, turn: Turn) -> None:
+        """The two halves are one turn: ``turn``'s words lead the next one
+        and it leaves the history (a turn still running is cancelled by the
+        caller and hands back its words as premature)."""
+        turn.premature = True
+        if turn.task.done():
+            self.history.retract(turn.index)
+            self.carry_over = " ".join(filter(None, [turn.user_text, self.carry_over]))
+            self._save_state()
+        await self.emit({"type": "turn.resumed", "turn": turn.index})
 
     def _on_pause(self, ev: Paused) -> None:
         cfg = self.asr_config
@@ -456,9 +483,10 @@ class CallSession:
 
     def _turn_finished(self, outcome: TurnOutcome) -> None:
         """A turn handed back its outcome."""
-        if outcome.cancelled and not outcome.replied:
-            # The caller kept talking before any of the reply went out: this
-            # was a pause, not a turn. Their words join the next turn.
+        if outcome.cancelled and (not outcome.replied or outcome.premature):
+            # The caller kept talking before any of the reply went out, or
+            # resumed right after it began: this was a pause, not a turn.
+            # Their words join the next turn.
             self.carry_over = " ".join(filter(None, [self.carry_over, outcome.user_text]))
         else:
             # History keeps only what the caller was sent, so the model never

@@ -44,6 +44,7 @@ class Start:
     metadata: dict[str, Any] = field(default_factory=dict)
     endpoint_silence_s: float | None = None
     partials: bool | None = None
+    resume_grace_s: float | None = None  # None: the server's (asr_config.resume_grace_s)
     max_tokens: int | None = None
     # False: no server-side end of turn; the client commits (push-to-talk).
     auto_turns: bool = True

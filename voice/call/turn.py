@@ -67,6 +67,9 @@ class TurnOutcome:
     # Any of the reply reached the engine's first token: a reply the caller
     # cut off, not a pause they kept talking through.
     replied: bool
+    # The caller resumed within the grace after the reply began: their words
+    # lead the next turn and this one leaves no trace in the history.
+    premature: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +180,9 @@ class Turn:
         self.wasted_generations = 0
         self.request: GenerationRequest | None = None
         self.error_code = "llm_failed"  # the error event's code when the LLM fails
+        # Set by the session when the caller resumed within the grace after
+        # this reply began (asr_config.resume_grace_s): the reply was premature.
+        self.premature = False
         # Why the reply ended: complete, max_sentences, loop, token_cap, cancelled, failed.
         self.reply_end = "complete"
         self._on_window = on_window
@@ -330,7 +336,7 @@ class Turn:
                 self.reply_end = STOP_LOOP
         except asyncio.CancelledError:
             cancelled = True
-            self.reply_end = "cancelled"
+            self.reply_end = "resumed" if self.premature else "cancelled"
         except Exception as exc:
             log.exception("LLM failed on call %s turn %d", ctx.call_id, self.index)
             failed = str(exc)
@@ -350,6 +356,7 @@ class Turn:
                 " ".join(self.sent),
                 cancelled,
                 replied=self.times.llm_first_token is not None,
+                premature=self.premature,
             )
         )
         await self._report(cancelled, failed)

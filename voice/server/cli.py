@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a pause's window is chosen (asr/end_of_turn.py; benchmarks/end_of_turn.py compares them)",
     )
     serve.add_argument(
+        "--resume-grace-s",
+        type=float,
+        default=ASRConfig.resume_grace_s,
+        help="a caller who talks again this soon after the reply began was not done: one turn with the next (0: off)",
+    )
+    serve.add_argument(
         "--smart-turn-model",
         default=_env("SMART_TURN_MODEL"),
         help="Smart Turn v3.2 ONNX (default: installed pipecat-ai, or `python -m asr.end_of_turn --fetch`'s cache)",
@@ -334,6 +340,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         preemptive=not args.no_preemptive,
         adaptive_endpoint=not args.fixed_endpoint,
         end_of_turn=args.end_of_turn,
+        resume_grace_s=max(0.0, args.resume_grace_s),
         smart_turn_model=args.smart_turn_model,
         scheduler=args.asr_scheduler,
         batch_size=max(1, args.asr_batch_size),

@@ -110,6 +110,11 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         isinstance(endpoint_ms, bool) or not isinstance(endpoint_ms, int | float) or not 100 <= endpoint_ms <= 5000
     ):
         raise ProtocolError("invalid_message", "'options.endpoint_silence_ms' must be a number in 100..5000")
+    grace_ms = options.get("resume_grace_ms")
+    if grace_ms is not None and (
+        isinstance(grace_ms, bool) or not isinstance(grace_ms, int | float) or not 0 <= grace_ms <= 5000
+    ):
+        raise ProtocolError("invalid_message", "'options.resume_grace_ms' must be a number in 0..5000 (0: off)")
     partials = options.get("partials")
     if partials is not None and not isinstance(partials, bool):
         raise ProtocolError("invalid_message", "'options.partials' must be a boolean")
@@ -148,6 +153,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         metadata=metadata,
         endpoint_silence_s=None if endpoint_ms is None else endpoint_ms / 1000.0,
         partials=partials,
+        resume_grace_s=None if grace_ms is None else grace_ms / 1000.0,
         max_tokens=max_tokens,
         reply_audio=reply_audio,
         sampling=sampling,
