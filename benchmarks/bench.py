@@ -90,6 +90,10 @@ SYSTEMS: dict[str, System] = {
                ["--no-incremental-prefill"], ALL_PROTOCOLS),
         System("firstline-fifo-asr", "firstline", "firstline with a FIFO ASR queue (no deadline scheduling)",
                ["--asr-scheduler", "fifo"], ALL_PROTOCOLS),
+        System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
+               ["--speculation", "ngram"], ALL_PROTOCOLS),
+        System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "
+               "draft with --serve-args '--draft-model PATH')", ["--speculation", "draft_model"], ALL_PROTOCOLS),
     ]
 }  # fmt: skip
 QUICK_SYSTEMS = ["firstline", "naive-cascade", "pipecat"]
@@ -268,7 +272,8 @@ class CpuMeter:
 
 async def run_system(system: System, ns: argparse.Namespace, bar: Any) -> dict[str, Any]:
     planned = sum(max(c, ns.calls_per_level) * ns.turns for c in ns.concurrency)
-    result: dict[str, Any] = {"description": system.description, "status": "ok", "levels": []}
+    result: dict[str, Any] = {"description": system.description, "args": list(system.args), "status": "ok"}
+    result["levels"] = []
     if ns.protocol not in system.protocols:
         bar.update(planned)
         return {**result, "status": "unavailable", "reason": f"speaks {', '.join(system.protocols)} only"}

@@ -68,6 +68,24 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "barge_in_p50_ms": pct(_vals(barge, "barge_in_ms"), 50),
         "barge_in_missed": sum(1 for t in barge if t.get("barge_in_ms") is None),
         "server_p50_ms": {k: pct([float(s[k]) for s in server if s.get(k) is not None], 50) for k, _ in SERVER_STAGES},
+        **speculation(server),
+    }
+
+
+def speculation(server: list[dict[str, Any]]) -> dict[str, Any]:
+    """Speculative decoding per answered turn (turn.metrics): the drafter's
+    acceptance rate, p50 over the turns that drafted, and the pooled rate."""
+    drafted = [s for s in server if s.get("draft_tokens")]
+    rates = [float(s["speculative_acceptance"]) for s in drafted if s.get("speculative_acceptance") is not None]
+    draft = sum(int(s["draft_tokens"]) for s in drafted)
+    accepted = sum(int(s.get("accepted_tokens") or 0) for s in drafted)
+    return {
+        "spec_turns": len(drafted),
+        "spec_acceptance_p50": None if not rates else round(float(np.percentile(rates, 50)), 3),
+        "spec_acceptance_pooled": None if not draft else round(accepted / draft, 3),
+        "completion_tokens_mean": None
+        if not server
+        else round(statistics.fmean(int(s.get("completion_tokens") or 0) for s in server), 1),
     }
 
 
@@ -161,6 +179,24 @@ def markdown(results: dict[str, Any]) -> str:
         for name, s in ok.items():
             x = min(s["levels"], key=lambda lv: lv["concurrency"])["summary"]["server_p50_ms"]
             lines.append(f"| {name} | " + " | ".join(_fmt(x.get(k)) for k, _ in SERVER_STAGES) + " |")
+        # Systems run with speculation, and any other whose turns drafted.
+        spec = {
+            n: s
+            for n, s in ok.items()
+            if "--speculation" in s.get("args", []) or any(lv["summary"].get("spec_turns") for lv in s["levels"])
+        }
+        if spec:
+            lines += ["", "## Speculative decoding, per answered turn (turn.metrics)", ""]
+            lines.append("| system | calls | turns that drafted | acceptance p50 | pooled | tokens per turn |")
+            lines.append("|---|---|---|---|---|---|")
+            for name, s in spec.items():
+                for lv in s["levels"]:
+                    x = lv["summary"]
+                    lines.append(
+                        f"| {name} | {lv['concurrency']} | {x.get('spec_turns', 0)}/{x['answered']} | "
+                        f"{_fmt(x.get('spec_acceptance_p50'), 3)} | {_fmt(x.get('spec_acceptance_pooled'), 3)} | "
+                        f"{_fmt(x.get('completion_tokens_mean'), 1)} |"
+                    )
     missing = {n: s for n, s in systems.items() if n not in ok}
     skipped = {n: s["skipped_levels"] for n, s in ok.items() if s.get("skipped_levels")}
     if missing or skipped:

