@@ -11,8 +11,9 @@ attack, one attack at a time, the phases interleaved round by round:
 - ``flood``: an authenticated call sending speech at 20x real time,
   reconnecting whenever it is closed;
 - ``endless_turns``: an authenticated call speaking turn after turn with
-  short gaps at 7x real time (just under the 8x audio budget), never
-  waiting for a reply;
+  short gaps at 0.9x the burst audio budget (2.7x real time under the 3x
+  default, over the 1.5x sustained one), never waiting for a reply,
+  reconnecting when closed;
 - ``slow_reader``: a call that asks for reply audio, speaks, sends a stream
   of bad messages (each answered with an error event) and never reads its
   socket (4 KiB receive buffer);

@@ -29,6 +29,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.bench import versions
 from llm.base import GenerationRequest, LLMEngine
 from llm.config import LLMConfig, SpeculationConfig
 
@@ -206,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     results = asyncio.run(run(args))
     print_table([r["summary"] for r in results])
     report = {
+        "benchmark": "llm_engines",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "versions": versions(),  # the commit measured (README figures must come from a clean one)
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "results": results,
     }

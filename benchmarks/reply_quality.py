@@ -12,8 +12,8 @@ caller turns. Per configuration it reports:
   over all bigrams, across replies: low means the model says the same thing);
 * TTFS p50 / p95 and LLM tokens generated per turn (server ``turn.metrics``).
 
-    python -m benchmarks.reply_quality                  # before and the defaults, interleaved
-    python -m benchmarks.reply_quality --config "two=--reply-max-sentences 2" --config "three="
+    python -m benchmarks.reply_quality                  # before, the defaults, the defaults at 3 sentences
+    python -m benchmarks.reply_quality --config "two=--reply-max-sentences 2" --config "three=--reply-max-sentences 3"
 
 Results: benchmarks/results/reply_quality.json (with the commit).
 """
@@ -198,7 +198,8 @@ def main() -> None:
     p.add_argument("--turn-timeout", type=float, default=30.0)
     p.add_argument("--out", default=str(OUT))
     ns = p.parse_args()
-    ns.config = ns.config or [f"before={BEFORE}", "after="]
+    # The third: the defaults with the cap they had before it was chosen (3).
+    ns.config = ns.config or [f"before={BEFORE}", "after=", "after-3-sentences=--reply-max-sentences 3"]
     results = run_and_save(run(ns), ns.out)
     print(table(results))
     print(f"saved {ns.out}")

@@ -25,6 +25,7 @@ async def server() -> VoiceServer:
     # socket takes them (several clips in a row can exceed the default
     # budget's 15 s burst); the budget itself is tested in test_audio_budget.
     config.limits.audio_rate_multiple = 8.0
+    config.limits.audio_rate_sustained_multiple = 0.0  # tested in test_audio_budget too
     srv = VoiceServer(config)
     await srv.start()
     yield srv

@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import loopback_alias_works, side_server
-from voice.call.audio_budget import AudioBudget, AudioFlood, AudioOverBudget, frame_seconds
+from voice.call.audio_budget import AudioBudget, AudioBudgets, AudioFlood, AudioOverBudget, frame_seconds
 from voice.server.app import VoiceServer
 from voice.server.limits import CallLimits
 
@@ -36,6 +36,36 @@ def test_bucket_refills_at_the_multiple_and_reports_once_per_episode() -> None:
 def test_real_time_audio_never_touches_the_budget() -> None:
     budget = AudioBudget(multiple=1.5, window_s=2.0)
     assert all(budget.spend(0.02, now=i * 0.02) for i in range(5000))  # 100 s at real time
+
+
+def default_budgets() -> AudioBudgets:
+    limits = CallLimits()
+    return AudioBudgets([
+        AudioBudget(limits.audio_rate_multiple, limits.audio_rate_window_s),
+        AudioBudget(limits.audio_rate_sustained_multiple, limits.audio_rate_sustained_window_s),
+    ])  # fmt: skip
+
+
+def test_the_default_budgets_close_an_endless_talker_and_spare_a_line_catching_up() -> None:
+    """The defaults (3x over 5 s, 1.5x over 20 s): a line that sends a 15 s
+    backlog at once and then real time for five minutes is never touched;
+    a talker at 2.7x (just under the burst limit) is told within half a
+    minute and closed within a minute."""
+    line = default_budgets()
+    assert line.spend(15.0, now=0.0)
+    assert all(line.spend(0.02, now=1.0 + i * 0.02) for i in range(15000))
+    talker, t, told = default_budgets(), 0.0, None
+    with pytest.raises(AudioFlood) as closed:
+        while t < 120.0:
+            try:
+                talker.spend(0.02, now=t)
+            except AudioFlood:
+                raise
+            except AudioOverBudget as exc:
+                told = told if told is not None else (t, str(exc))
+            t += 0.02 / 2.7
+    assert told is not None and 20.0 < told[0] < 30.0 and "1.5x real time (over 20 s)" in told[1], told
+    assert t < 60.0 and "1.5x" in str(closed.value)
 
 
 async def test_a_flooding_call_gets_an_error_then_is_closed(server: VoiceServer) -> None:

@@ -8,6 +8,11 @@ a network stall, or a test sending a short clip at full speed, fits in it).
 A frame that does not fit is dropped; the first drop of an episode says so
 (:class:`AudioOverBudget`), and a call that keeps it up (more audio dropped
 within a few windows than the bucket holds) is ended (:class:`AudioFlood`).
+
+Two buckets (:class:`AudioBudgets`): a burst one (3x over 5 s: a client
+catching up) and a sustained one (1.5x over 20 s). A phone line sends at 1x;
+a client that keeps feeding audio well past real time for half a minute is
+an endless talker, not a line catching up, and is closed like a flood.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from voice.call.start import ProtocolError
 class AudioOverBudget(ProtocolError):
     """Frames are being dropped: audio arrives faster than the budget."""
 
-    def __init__(self, multiple: float) -> None:
+    def __init__(self, multiple: float, window_s: float) -> None:
         super().__init__(
-            "audio_rate_exceeded", f"audio arrives faster than {multiple:g}x real time; frames are dropped"
+            "audio_rate_exceeded",
+            f"audio arrives faster than {multiple:g}x real time (over {window_s:g} s); frames are dropped",
         )
 
 
@@ -35,6 +41,7 @@ class AudioFlood(AudioOverBudget):
 class AudioBudget:
     def __init__(self, multiple: float, window_s: float = 5.0) -> None:
         self.multiple = multiple
+        self.window_s = window_s
         self.capacity_s = multiple * window_s
         self.horizon_s = 4 * window_s
         self._tokens = self.capacity_s
@@ -59,11 +66,23 @@ class AudioBudget:
         while self._drops and self._drops[0][0] < now - self.horizon_s:
             self._dropped_recent -= self._drops.popleft()[1]
         if self._dropped_recent > self.capacity_s:
-            raise AudioFlood(self.multiple)
+            raise AudioFlood(self.multiple, self.window_s)
         if not self._dropping:  # once per episode, not once per frame
             self._dropping = True
-            raise AudioOverBudget(self.multiple)
+            raise AudioOverBudget(self.multiple, self.window_s)
         return False
+
+
+class AudioBudgets:
+    """Several buckets; a frame is kept only when every one has room for it
+    (the first that has none decides: error, drop or close)."""
+
+    def __init__(self, budgets: list[AudioBudget]) -> None:
+        self.budgets = budgets
+
+    def spend(self, audio_s: float, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return all(budget.spend(audio_s, now) for budget in self.budgets)
 
 
 # What a frame costs the budget at least: the work per frame (decode,

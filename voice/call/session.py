@@ -35,7 +35,7 @@ from llm.base import EngineError
 from llm.sampling import SamplingError, SamplingParams
 from streaming.codecs import StreamResampler, decode, int16_to_float
 from streaming.fair_share import IntakeRate
-from voice.call.audio_budget import AudioBudget, frame_seconds
+from voice.call.audio_budget import AudioBudget, AudioBudgets, frame_seconds
 from voice.call.finals import OneFinalPerCall
 from voice.call.history import ContextTooLarge, History
 from voice.call.speculation import SpeculationBudget
@@ -100,7 +100,10 @@ class CallSession:
         # is shared): voice/call/audio_budget.py; multiple 0 turns it off.
         limits = runtime.config.limits
         multiple = limits.audio_rate_multiple
-        self._budget = AudioBudget(multiple, limits.audio_rate_window_s) if multiple > 0 else None
+        budgets = [AudioBudget(multiple, limits.audio_rate_window_s)] if multiple > 0 else []
+        if budgets and limits.audio_rate_sustained_multiple > 0:
+            budgets.append(AudioBudget(limits.audio_rate_sustained_multiple, limits.audio_rate_sustained_window_s))
+        self._budget = AudioBudgets(budgets) if budgets else None
         # Faster than real time, within the budget: served after the real-time
         # calls (streaming/fair_share.py).
         self._intake = IntakeRate()

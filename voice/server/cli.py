@@ -272,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the audio rate is averaged over this many seconds",
     )
     serve.add_argument(
+        "--audio-rate-sustained-multiple",
+        type=float,
+        default=CallLimits.audio_rate_sustained_multiple,
+        help="and at most this many times real time sustained (0: no sustained limit)",
+    )
+    serve.add_argument(
+        "--audio-rate-sustained-window-s",
+        type=float,
+        default=CallLimits.audio_rate_sustained_window_s,
+        help="the sustained audio rate is averaged over this many seconds",
+    )
+    serve.add_argument(
         "--low-priority-multiple",
         type=float,
         default=CallLimits.low_priority_multiple,
@@ -387,6 +399,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.limits.audio_rate_multiple = max(0.0, args.audio_rate_multiple)
     config.limits.audio_rate_window_s = max(0.1, args.audio_rate_window_s)
     config.limits.low_priority_multiple = max(0.0, args.low_priority_multiple)
+    config.limits.audio_rate_sustained_multiple = max(0.0, args.audio_rate_sustained_multiple)
+    config.limits.audio_rate_sustained_window_s = max(1.0, args.audio_rate_sustained_window_s)
     config.limits.abuse_cooldown_s = max(0.0, args.abuse_cooldown_s)
     config.otel_endpoint = args.otel_endpoint
     config.demo_page = not args.no_demo

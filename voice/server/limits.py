@@ -55,6 +55,11 @@ class CallLimits:
     # speaking just under it tripled the others' TTFS p95.
     audio_rate_multiple: float = 3.0
     audio_rate_window_s: float = 5.0
+    # And at most this multiple sustained over this window (0: no sustained
+    # limit): a client that keeps feeding audio well past real time is an
+    # endless talker, not a line catching up (benchmarks/hostile.py).
+    audio_rate_sustained_multiple: float = 1.5
+    audio_rate_sustained_window_s: float = 20.0
     # A call whose audio intake (decayed over ~5 s) is over this many times
     # real time is served after the real-time calls: its ASR jobs queue behind
     # theirs and its turns wait for theirs (streaming/fair_share.py). 0: off.
