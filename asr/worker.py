@@ -52,6 +52,7 @@ import numpy as np
 from asr.config import ASRConfig
 from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, window_for
 from streaming.fair_share import LowPriority
+from streaming.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,11 @@ class ASRWorker:
         # Calls feeding audio faster than real time: served after the others.
         self.low = low if low is not None else LowPriority(0)
         self.decoder: WhisperDecoder | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
+        # Named for the OS too: the decoder's own threads start from it and
+        # carry the name (per-stage CPU in benchmarks/bench.py).
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="asr", initializer=name_os_thread, initargs=("asr",)
+        )
         # Jobs not yet handed to a decode, by seq (so in arrival order). A job
         # whose future is cancelled (superseded, forgotten, or cancelled by its
         # awaiting task) leaves at once: it is never decoded or counted.

@@ -90,6 +90,8 @@ SYSTEMS: dict[str, System] = {
                ["--no-incremental-prefill"], ALL_PROTOCOLS),
         System("firstline-fifo-asr", "firstline", "firstline with a FIFO ASR queue (no deadline scheduling)",
                ["--asr-scheduler", "fifo"], ALL_PROTOCOLS),
+        System("firstline-12-slots", "firstline", "firstline with 12 LLM slots (llama.cpp) / sequences (vLLM), "
+               "not 4", ["--llm-parallel", "12"], ALL_PROTOCOLS),
         System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
                ["--speculation", "ngram"], ALL_PROTOCOLS),
         System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "
@@ -220,8 +222,34 @@ def baseline_system(ref: str) -> Iterator[System]:
         subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, capture_output=True)
 
 
+# Where a server's CPU goes, by thread name (Linux copies a thread's name to
+# the threads it starts, so CTranslate2's and ONNX Runtime's workers carry
+# the name of the pool thread that loaded them) and by child process.
+STAGE_BY_THREAD = (("asr", "asr"), ("tts", "tts"), ("llamacpp", "llm"))
+STAGES = ("asr", "llm", "tts", "event loop + VAD")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds by stage of one process's live threads (/proc)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # the thread ended between listing and reading
+        seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+        stage = next((s for prefix, s in STAGE_BY_THREAD if name.startswith(prefix)), "event loop + VAD")
+        out[stage] = out.get(stage, 0.0) + seconds
+    return out
+
+
 class CpuMeter:
-    """CPU seconds and memory of the servers' process trees (psutil)."""
+    """CPU seconds and memory of the servers' process trees (psutil), in
+    all and by stage: ASR, LLM (an engine child process, or llama.cpp's
+    threads in process), TTS, and the rest (event loop, protocol, VAD,
+    resampling)."""
 
     def __init__(self, pids: list[int]) -> None:
         import psutil
@@ -229,6 +257,23 @@ class CpuMeter:
         self.procs = [psutil.Process(p) for p in pids]
         self.t0 = time.monotonic()
         self.cpu0 = self._cpu()
+        self.stages0 = self.by_stage()
+
+    def by_stage(self) -> dict[str, float]:
+        """CPU seconds so far by stage. Children of a server are its LLM
+        engine (llm.openai_server, vLLM's engine core): all theirs is LLM."""
+        import psutil
+
+        out = dict.fromkeys(STAGES, 0.0)
+        for root in self.procs:
+            with contextlib.suppress(psutil.Error):
+                for stage, seconds in _thread_cpu(root.pid).items():
+                    out[stage] += seconds
+                for child in root.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        t = child.cpu_times()
+                        out["llm"] += t.user + t.system
+        return out
 
     def _tree(self) -> list[Any]:
         import psutil
@@ -258,11 +303,17 @@ class CpuMeter:
         for p in self._tree():
             with contextlib.suppress(psutil.Error):
                 rss += p.memory_info().rss
+        stages = self.by_stage()
         return {
             "cpu_s": round(cpu, 2),
             "wall_s": round(wall, 2),
             "cores_busy": round(cpu / wall, 3) if wall > 0 else None,
             "cpu_s_per_turn": round(cpu / answered, 3) if answered else None,
+            "cpu_s_per_turn_by_stage": {
+                stage: round((stages[stage] - self.stages0[stage]) / answered, 3) for stage in STAGES
+            }
+            if answered
+            else None,
             "rss_mb": round(rss / 2**20, 1),
         }
 

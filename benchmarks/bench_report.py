@@ -173,6 +173,22 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{_fmt(cost.get('cpu_s_per_turn'), 2)} | {_fmt(cost.get('rss_mb'))} | {x['refused']} | "
                     f"{x['timeouts']} |"
                 )
+        staged = [
+            (n, lv)
+            for n, s in ok.items()
+            for lv in s["levels"]
+            if (lv.get("cost") or {}).get("cpu_s_per_turn_by_stage")
+        ]
+        if staged:
+            names = list(staged[0][1]["cost"]["cpu_s_per_turn_by_stage"])
+            lines += ["", "## CPU seconds per answered turn, by stage (server threads and engine processes)", ""]
+            lines.append("| system | calls | " + " | ".join(names) + " | all |")
+            lines.append("|---|---|" + "---|" * (len(names) + 1))
+            for name, lv in staged:
+                by = lv["cost"]["cpu_s_per_turn_by_stage"]
+                cells = " | ".join(_fmt(by.get(k), 2) for k in names)
+                total = _fmt(lv["cost"].get("cpu_s_per_turn"), 2)
+                lines.append(f"| {name} | {lv['concurrency']} | {cells} | {total} |")
         lines += ["", "## Server stage timings, p50 ms after speech end (turn.metrics; lowest load)", ""]
         lines.append("| system | " + " | ".join(label for _, label in SERVER_STAGES) + " |")
         lines.append("|---|" + "---|" * len(SERVER_STAGES))

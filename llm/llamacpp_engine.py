@@ -20,6 +20,7 @@ from typing import Any
 
 from llm.base import EngineError, GenerationRequest, LLMEngine
 from llm.config import LLMConfig
+from streaming.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,12 @@ class LlamaCppEngine(LLMEngine):
         self._server: Any = None
         # One thread per llama.cpp slot: each blocking request holds a thread
         # until it finishes or is cancelled.
-        self._pool = ThreadPoolExecutor(max_workers=config.parallel, thread_name_prefix="llamacpp")
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.parallel,
+            thread_name_prefix="llamacpp",
+            initializer=name_os_thread,
+            initargs=("llamacpp",),
+        )
         self.startup_s: float | None = None
 
     def _params(self) -> Any:

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from streaming.threads import name_os_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,9 @@ class HibariTTS:
         self.config = config or TTSConfig()
         self._model: Any = None
         self._lock = threading.Lock()  # one load, even if two calls warm at once
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tts", initializer=name_os_thread, initargs=("tts",)
+        )
         self.load_s: float | None = None
 
     def _load(self) -> Any:

@@ -33,6 +33,22 @@ def test_bucket_refills_at_the_multiple_and_reports_once_per_episode() -> None:
     assert frame_seconds(320, "pcm16", 8000) == 0.02 and frame_seconds(160, "mulaw", 8000) == 0.02
 
 
+def test_a_client_held_at_the_limit_is_told_once_not_every_other_frame() -> None:
+    """Right at the limit frames are kept and dropped in turn: one episode."""
+    budget = AudioBudget(multiple=1.0, window_s=1.0)
+    assert budget.spend(1.0, now=0.0)
+    errors, t = 0, 0.0
+    for _ in range(500):  # 20 ms frames every 10 ms: twice the limit
+        t += 0.01
+        try:
+            budget.spend(0.02, now=t)
+        except AudioFlood:
+            break
+        except AudioOverBudget:
+            errors += 1
+    assert errors == 1
+
+
 def test_real_time_audio_never_touches_the_budget() -> None:
     budget = AudioBudget(multiple=1.5, window_s=2.0)
     assert all(budget.spend(0.02, now=i * 0.02) for i in range(5000))  # 100 s at real time

@@ -135,3 +135,39 @@ async def test_line_keeps_order_under_jitter_late_and_drops():
     voiced = [f[0] for _, f in sent if f != SILENCE]
     assert voiced == sorted(voiced) and len(voiced) + line.dropped >= 40 - 1
     assert line.dropped > 0
+
+
+def test_cpu_meter_splits_cpu_by_stage() -> None:
+    """The bench's CPU-by-stage split reads real thread and process CPU: a
+    live thread named like the ASR worker's pool counts as ASR, a child
+    process (an engine) as LLM."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from benchmarks.bench import CpuMeter
+    from streaming.threads import name_os_thread
+
+    def burn_then_idle() -> None:
+        name_os_thread("asr")  # as the ASR worker's pool names its thread
+        end = time.thread_time() + 0.4
+        while time.thread_time() < end:
+            pass
+        time.sleep(2.0)  # still alive when the meter reads: /proc lists live threads only
+
+    engine = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    meter = CpuMeter([os.getpid()])
+    child = subprocess.Popen([sys.executable, "-c", engine])
+    asr = threading.Thread(target=burn_then_idle, name="asr_probe")
+    try:
+        asr.start()
+        time.sleep(1.2)
+        by = meter.read(answered=2)["cpu_s_per_turn_by_stage"]
+    finally:
+        child.kill()
+        child.wait()
+        asr.join()
+    assert by["asr"] >= 0.15, by  # 0.4 s over 2 turns
+    assert by["llm"] >= 0.15, by

@@ -35,6 +35,8 @@ def test_gpu_script_dry_run_writes_the_report_with_speculation(tmp_path: Path) -
         summary = system["levels"][0]["summary"]
         assert summary["answered"] >= 1, (name, summary)
     assert "--engine vllm" in json.dumps(results["options"]), results["options"]
+    by_stage = results["systems"]["firstline"]["levels"][0]["cost"]["cpu_s_per_turn_by_stage"]
+    assert by_stage["asr"] > 0 and by_stage["llm"] > 0, by_stage  # Whisper's threads, vLLM's processes
     assert results["systems"]["firstline-ngram"]["args"] == ["--speculation", "ngram"]
     # Whether ngram (prompt lookup) finds anything to draft in one short
     # reply depends on the reply; the table reports it either way.

@@ -38,6 +38,10 @@ class AudioFlood(AudioOverBudget):
     """The excess went on: the call is ended."""
 
 
+# A drop episode is over once the bucket has refilled this share of itself.
+EPISODE_OVER = 0.25
+
+
 class AudioBudget:
     def __init__(self, multiple: float, window_s: float = 5.0) -> None:
         self.multiple = multiple
@@ -57,9 +61,13 @@ class AudioBudget:
         now = time.monotonic() if now is None else now
         self._tokens = min(self.capacity_s, self._tokens + max(0.0, now - self._at) * self.multiple)
         self._at = now
+        if self._tokens >= EPISODE_OVER * self.capacity_s:
+            # Refilled this far: the client slowed down, and the next drop is
+            # news. (A client held right at the limit keeps or drops frame by
+            # frame: that is one episode, not an error per other frame.)
+            self._dropping = False
         if audio_s <= self._tokens:
             self._tokens -= audio_s
-            self._dropping = False
             return True
         self._drops.append((now, audio_s))
         self._dropped_recent += audio_s

@@ -1,0 +1,24 @@
+"""OS-level names for the server's worker threads, so per-thread CPU can be
+told apart from outside the process (``/proc/<pid>/task/*/comm``; top -H;
+``benchmarks/bench.py`` splits CPU by stage with it). CPython 3.11 does not
+name OS threads itself, and the threads a native library starts from a named
+thread (CTranslate2's, ONNX Runtime's) inherit its name."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+PR_SET_NAME = 15
+
+
+def name_os_thread(name: str) -> None:
+    """Name the calling OS thread (Linux; elsewhere a no-op). At most 15 bytes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except OSError:
+        pass  # a name is a convenience, never worth failing over
