@@ -78,7 +78,9 @@ async def test_barge_in_cancels_reply_and_keeps_only_sent_text(call_url, phone_p
         # No resume grace: talking at once after the first sentence would
         # otherwise count as the caller going on with their turn
         # (test_native_audio.py has that case).
-        options = {"max_tokens": 400, "resume_grace_ms": 0}
+        # No sentence cap either: the reply must still be going when the
+        # caller talks over it.
+        options = {"max_tokens": 400, "resume_grace_ms": 0, "reply_max_sentences": 0}
         await caller.start("mulaw", 8000, system_prompt=story, options=options)
         await caller.play(with_silence(first.load(8000), 8000, 1.3), 8000, "mulaw", realtime=False)
         await caller.wait_for("response.sentence", turn=1, timeout=30)

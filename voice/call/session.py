@@ -137,6 +137,8 @@ class CallSession:
             overrides["preemptive"] = False
         if overrides:
             self.asr_config = dataclasses.replace(self.asr_config, **overrides)
+        if start.reply_max_sentences is not None:
+            self.reply_policy = dataclasses.replace(self.reply_policy, max_sentences=start.reply_max_sentences)
         if start.max_tokens:
             self.max_tokens = start.max_tokens
         if start.sampling:

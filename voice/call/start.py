@@ -46,6 +46,7 @@ class Start:
     partials: bool | None = None
     resume_grace_s: float | None = None  # None: the server's (asr_config.resume_grace_s)
     max_tokens: int | None = None
+    reply_max_sentences: int | None = None  # None: the server's (--reply-max-sentences)
     # False: no server-side end of turn; the client commits (push-to-talk).
     auto_turns: bool = True
     # Native protocol: speak the reply back as binary frames in the call's own

@@ -118,6 +118,11 @@ def _parse_start(msg: dict[str, Any]) -> Start:
     partials = options.get("partials")
     if partials is not None and not isinstance(partials, bool):
         raise ProtocolError("invalid_message", "'options.partials' must be a boolean")
+    max_sentences = options.get("reply_max_sentences")
+    if max_sentences is not None and (
+        isinstance(max_sentences, bool) or not isinstance(max_sentences, int) or not 0 <= max_sentences <= 20
+    ):
+        raise ProtocolError("invalid_message", "'options.reply_max_sentences' must be an integer in 0..20 (0: no cap)")
     max_tokens = options.get("max_tokens")
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_REPLY_TOKENS
@@ -155,6 +160,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         partials=partials,
         resume_grace_s=None if grace_ms is None else grace_ms / 1000.0,
         max_tokens=max_tokens,
+        reply_max_sentences=max_sentences,
         reply_audio=reply_audio,
         sampling=sampling,
         greeting=greetings["greeting"],
