@@ -227,7 +227,7 @@ def baseline_system(ref: str) -> Iterator[System]:
 # the name of the pool thread that loaded them) and by child process.
 STAGE_BY_THREAD = (("asr", "asr"), ("tts", "tts"), ("llamacpp", "llm"))
 STAGES = ("asr", "llm", "tts", "event loop + VAD")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/*/stat counts in these
 
 
 def _thread_cpu(pid: int) -> dict[str, float]:

@@ -73,9 +73,6 @@ class LowPriority:
     def __contains__(self, call_id: object) -> bool:
         return call_id in self._calls
 
-    def __len__(self) -> int:
-        return len(self._calls)
-
 
 class ReplyGate:
     """Keeps low-priority calls' turns from starting while a real-time
