@@ -40,6 +40,17 @@ class ASRConfig:
     # queued (shed_partials_above * batch_size live jobs; with batching off,
     # that many decodes).
     shed_partials_above: int = 2
+    # Decoder time all partials together may use: seconds of decoding per
+    # second of wall time (a token bucket, ``partial_budget_burst_s`` deep).
+    # Partials are live captions and prefill fuel, not the reply: on a small
+    # CPU they compete with the LLM for the same cores, so past this share
+    # they come less often (finals are never held back). One call's partials
+    # (~0.1 s of tiny.en every 0.8 s of speech) fit in it; at 8 calls they
+    # would take most of a core. 0: no limit (e.g. a GPU, where a decode
+    # takes milliseconds). Chosen with benchmarks/bench.py at 8 calls on 2
+    # cores (0.3 and 0.15 against none; firstline-no-partial-budget).
+    partial_budget: float = 0.15
+    partial_budget_burst_s: float = 1.0
     # Batched decoding across calls (asr/worker.py): up to this many due
     # decodes share one CTranslate2 call. 1 = batching off, one decode at a
     # time. Chosen with benchmarks/asr_batching.py.

@@ -33,6 +33,11 @@ Under load, partials go first: a partial is shed at submission while a final
 is waiting or when the backlog is ``shed_partials_above`` batches deep, and a
 queued partial older than its call's queued final is dropped (the final
 covers the same audio). Finals are never shed or reordered behind partials.
+All partials together also get a decoder-time budget
+(``ASRConfig.partial_budget`` seconds of decoding per second): on a CPU the
+decoder shares its cores with the LLM, so partials the queue could still
+take would slow every reply; past the budget they come less often, for
+every call alike.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import numpy as np
 from asr.config import ASRConfig
 from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, window_for
 from streaming.fair_share import LowPriority
+from streaming.rate import TokenBucket
 from streaming.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -121,6 +127,12 @@ class ASRWorker:
         self.batch_fallbacks = 0
         # call -> (decoder seconds used, when), decayed on read: fair share.
         self._used: dict[str, tuple[float, float]] = {}
+        # Decoder seconds all partials may still use (None: no limit).
+        self._partial_budget = (
+            TokenBucket(config.partial_budget_burst_s, config.partial_budget) if config.partial_budget > 0 else None
+        )
+        self.over_budget_partials = 0
+        self.on_over_budget: Callable[[], None] | None = None  # the server's metrics
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -171,6 +183,15 @@ class ASRWorker:
             # Under load, partials are the first thing to go: a caller waiting
             # for a reply matters more than a live caption.
             self.shed_partials += 1
+            future.cancel()
+            return future
+        if not final and self._partial_budget is not None and not self._partial_budget.has_credit(now):
+            # Partials have had their share of the cores lately: this one is
+            # skipped, the call's next one (after its interval) may go.
+            self.shed_partials += 1
+            self.over_budget_partials += 1
+            if self.on_over_budget is not None:
+                self.on_over_budget()
             future.cancel()
             return future
         job = _Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, since)
@@ -299,7 +320,7 @@ class ASRWorker:
         self.batched_items += len(batch)
         share = (time.monotonic() - started) / len(batch)
         for job, result in zip(batch, results, strict=True):
-            self._charge(job.call_id, share)
+            self._charge(job.call_id, share, job.priority)
             self._deliver(job, result, started)
 
     async def _decode_one(self, job: _Job, started: float) -> None:
@@ -314,7 +335,7 @@ class ASRWorker:
             return
         self.batches += 1
         self.batched_items += 1
-        self._charge(job.call_id, time.monotonic() - started)
+        self._charge(job.call_id, time.monotonic() - started, job.priority)
         self._deliver(job, result, started)
 
     def usage(self, call_id: str, now: float | None = None) -> float:
@@ -339,8 +360,10 @@ class ASRWorker:
             return False
         return any(c != call_id and self.usage(c, now) > 0.05 for c in self._used)
 
-    def _charge(self, call_id: str, seconds: float) -> None:
+    def _charge(self, call_id: str, seconds: float, priority: int) -> None:
         now = time.monotonic()
+        if priority == PARTIAL and self._partial_budget is not None:
+            self._partial_budget.charge(seconds, now)
         self._used[call_id] = (self.usage(call_id, now) + seconds, now)
         if len(self._used) > USAGE_MAX_CALLS:  # ended calls' entries decay to nothing: drop them
             self._used = {c: e for c, e in self._used.items() if self.usage(c, now) > 0.01}

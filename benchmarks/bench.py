@@ -90,8 +90,12 @@ SYSTEMS: dict[str, System] = {
                ["--no-incremental-prefill"], ALL_PROTOCOLS),
         System("firstline-fifo-asr", "firstline", "firstline with a FIFO ASR queue (no deadline scheduling)",
                ["--asr-scheduler", "fifo"], ALL_PROTOCOLS),
-        System("firstline-12-slots", "firstline", "firstline with 12 LLM slots (llama.cpp) / sequences (vLLM), "
-               "not 4", ["--llm-parallel", "12"], ALL_PROTOCOLS),
+        System("firstline-no-batching", "firstline", "firstline with ASR batching off (one Whisper decode at a time)",
+               ["--asr-batch-size", "1"], ALL_PROTOCOLS),
+        System("firstline-4-slots", "firstline", "firstline with 4 LLM slots (llama.cpp) / sequences (vLLM), not "
+               "one per call", ["--llm-parallel", "4"], ALL_PROTOCOLS),
+        System("firstline-no-partial-budget", "firstline", "firstline with no decoder budget for partials",
+               ["--asr-partial-budget", "0"], ALL_PROTOCOLS),
         System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
                ["--speculation", "ngram"], ALL_PROTOCOLS),
         System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "

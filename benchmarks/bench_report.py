@@ -64,6 +64,11 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "sentence_audio_p50_ms": pct(_vals(answered, "sentence_audio_ms"), 50),
         "wer": None if not pairs else round(corpus_wer(pairs), 4),
         "split_turns": sum(1 for t in placed if (t.get("server_turns") or 0) > 1),
+        # Preemptive generations started at a pause and thrown away when the
+        # caller went on, per answered turn (turn.metrics).
+        "wasted_preemptive_per_turn": None
+        if not server
+        else round(statistics.fmean(float(s.get("wasted_generations") or 0) for s in server), 2),
         "barge_in_turns": len(barge),
         "barge_in_p50_ms": pct(_vals(barge, "barge_in_ms"), 50),
         "barge_in_missed": sum(1 for t in barge if t.get("barge_in_ms") is None),
@@ -135,9 +140,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "## Per turn, lowest load", ""]
     lines.append(
         "| system | calls | turns | TTFS p50 | TTFS p95 | final transcript p50 | first token p50 | "
-        "first audio p50 | WER | split turns | barge-in p50, all levels (missed/turns) |"
+        "first audio p50 | WER | split turns | wasted preemptive / turn | barge-in p50, all levels (missed/turns) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in ok.items():
         level = min(s["levels"], key=lambda lv: lv["concurrency"])
         x = level["summary"]
@@ -148,7 +153,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {level['concurrency']} | {x['answered']}/{x['turns']} | {_fmt(x['ttfs_p50_ms'])} | "
             f"{_fmt(x['ttfs_p95_ms'])} | {_fmt(x['asr_final_p50_ms'])} | {_fmt(x['first_token_p50_ms'])} | "
             f"{_fmt(x['ttfa_p50_ms'])} | {_fmt(x['wer'], 3)} | {x['split_turns']} | "
-            f"{_fmt(barge_ms)} ({missed}/{len(barge)}) |"
+            f"{_fmt(x.get('wasted_preemptive_per_turn'), 2)} | {_fmt(barge_ms)} ({missed}/{len(barge)}) |"
         )
     levels = sorted({lv["concurrency"] for s in ok.values() for lv in s["levels"]})
     if levels:

@@ -19,6 +19,10 @@ Per candidate: false cut-offs (the turn ended inside a pause that was not
 the end), missed ends (at a true end it waited the 1.2 s maximum or
 longer), mean / p95 endpoint delay at true ends (last voiced chunk to turn
 end), and the decision's CPU cost per pause beyond the pause decode.
+False cut-offs are also split by what the caller had said: an unfinished
+phrase ("my number is", "and um") or words that already make a sentence
+("Please hold", "I need eggs,"), which only their going on shows was not
+the end (``complete`` in the set).
 
     python -m benchmarks.end_of_turn [--smart-turn-model PATH] [--no-text-eot] [--limit N]
 """
@@ -65,6 +69,9 @@ class Pause:
     kind: str
     start_s: float
     end_s: float
+    # The words so far already make a whole sentence ("Please hold"): no
+    # detector that hears only the past can tell it from a true end.
+    complete: bool = False
 
 
 @dataclasses.dataclass
@@ -140,6 +147,7 @@ class Builder:
             print(f"  warning: {name}: Whisper's words differ from the spec ({' '.join(got)!r})")
         pieces = self._cut(audio, words, counts)
         full, pauses, final_start = self._stitch(pieces, [p["kind"] for p in item["pauses"]])
+        _mark_complete(pauses, item)
         return Case(name, item["text"], item["end"], full, pauses, final_start, "aligned")
 
     def _synth(self, text: str) -> np.ndarray:
@@ -177,7 +185,13 @@ class Builder:
             ]
             built = "spliced"
         full, pauses, final_start = self._stitch(pieces, kinds)
+        _mark_complete(pauses, item)
         return Case(item["id"], item["text"], item["end"], full, pauses, final_start, built)
+
+
+def _mark_complete(pauses: list[Pause], item: dict[str, Any]) -> None:
+    for pause, spec in zip(pauses, item["pauses"], strict=True):
+        pause.complete = bool(spec.get("complete"))
 
 
 def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
@@ -510,8 +524,8 @@ def main() -> None:
     rows = []
     per_kind: dict[str, dict[str, list[bool]]] = {}
     header = (
-        f"{'candidate':<62}{'false cut-off':>14}{'missed end':>11}{'mean delay':>11}"
-        f"{'p95 delay':>10}{'CPU ms/pause':>13}"
+        f"{'candidate':<62}{'false cut-off':>14}{'unfinished':>11}{'complete':>9}{'missed end':>11}"
+        f"{'mean delay':>11}{'p95 delay':>10}{'CPU ms/pause':>13}"
     )
     print(header)
     cands = candidates(smart is not None, text_eot is not None, ns.text_threshold)
@@ -525,6 +539,11 @@ def main() -> None:
             announced = True
         outcomes = [run_case(c, cand, vad, features, instant=timing == "instant") for c in cases]
         cuts = [x for o in outcomes for x in o.cut]
+        split = {
+            flag: [c for case, o in zip(cases, outcomes, strict=True) for p, c in zip(case.pauses, o.cut, strict=True)
+                   if p.complete is flag]
+            for flag in (False, True)
+        }  # fmt: skip
         delays = [o.delay_s for o in outcomes]
         finite = [d for d in delays if math.isfinite(d)]
         missed = sum(1 for d in delays if d >= max_s - 0.05) / len(delays)
@@ -535,6 +554,11 @@ def main() -> None:
             "end_of_turn": cand.config.end_of_turn,
             "false_cutoff_rate": sum(cuts) / len(cuts),
             "false_cutoffs": sum(cuts),
+            # After an unfinished phrase ("my number is") vs after words that
+            # already make a sentence ("Please hold"): the second kind only
+            # the caller's going on can show.
+            "false_cutoff_rate_unfinished": sum(split[False]) / max(1, len(split[False])),
+            "false_cutoff_rate_complete": sum(split[True]) / max(1, len(split[True])),
             "other_cutoffs": sum(o.other_cuts for o in outcomes),
             "missed_end_rate": missed,
             "mean_delay_ms": statistics.fmean(finite) * 1000,
@@ -548,7 +572,8 @@ def main() -> None:
                 kinds.setdefault(p.kind, []).append(c)
             kinds.setdefault(f"END:{case.end_kind}", []).append(o.delay_s >= max_s - 0.05)
         print(
-            f"{cand.name:<62}{row['false_cutoff_rate']:>13.1%}{missed:>11.1%}{row['mean_delay_ms']:>9.0f}ms"
+            f"{cand.name:<62}{row['false_cutoff_rate']:>13.1%}{row['false_cutoff_rate_unfinished']:>11.1%}"
+            f"{row['false_cutoff_rate_complete']:>9.1%}{missed:>11.1%}{row['mean_delay_ms']:>9.0f}ms"
             f"{row['p95_delay_ms']:>8.0f}ms{row['decision_cpu_ms_per_pause']:>13.0f}"
         )
     inputs = list(features._cache.values())
@@ -594,6 +619,7 @@ def main() -> None:
                 "set": {
                     "turns": len(cases),
                     "non_end_pauses": n_pauses,
+                    "non_end_after_complete_sentence": sum(p.complete for c in cases for p in c.pauses),
                     "true_ends": len(cases),
                     "spec": str(SPEC.relative_to(HERE.parent)),
                 },

@@ -43,7 +43,15 @@ class LLMConfig:
     # for vLLM. None means the embedded model (SmolLM2-135M-Instruct).
     model: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
+    # CPU threads for the engine (llama.cpp; vLLM CPU's OpenMP binding). The
+    # server picks threads_for(cores) unless told.
     threads: int = 2
+    # How llama.cpp's threads wait between the steps of a token: 0 sleeps,
+    # up to 100 spins (llama.cpp's default is 50). Spinning wins on cores
+    # the engine has to itself; on a small shared CPU a spinning thread
+    # holds a core the ASR needs, and one descheduled thread stalls the
+    # others at every barrier.
+    thread_poll: int = 50
     context_tokens: int = 2048
     # Server-wide sampling defaults for every reply (a call may override
     # fields: SamplingParams.merged). The reply length is sampling.max_tokens.
@@ -51,7 +59,8 @@ class LLMConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # How many previous user/assistant turns a call keeps in its prompt.
     history_turns: int = 10
-    # Parallel request slots (llama.cpp) / max sequences (vLLM).
+    # Parallel request slots (llama.cpp) / max sequences (vLLM). The server
+    # sizes it from --max-calls (slots_for); a library user sets it here.
     parallel: int = 4
     # llama.cpp's host-RAM prompt cache: saved prompt states (KV) that let a
     # call's next turn skip prefill when it lands on another slot. llama.cpp's
@@ -115,3 +124,31 @@ class LLMConfig:
 
 LLMConfig.max_tokens = sampling_alias("max_tokens")  # type: ignore[assignment,method-assign]
 LLMConfig.temperature = sampling_alias("temperature")  # type: ignore[assignment,method-assign]
+
+
+# llama.cpp gives every slot its own context_tokens of KV cache (SmolLM2:
+# ~50 MB a slot), so its slots stop growing here; vLLM pages its KV cache
+# and only needs the sequence bound.
+MAX_LLAMACPP_SLOTS = 16
+MAX_VLLM_SEQUENCES = 256
+
+
+def slots_for(engine: str, max_calls: int) -> int:
+    """Slots / sequences for a server that admits ``max_calls`` calls: one
+    per call, so a call's reply never queues behind another call's prefill
+    or preemptive generation for a free slot (measured in
+    benchmarks/results/bench: 4 slots at 8 calls put the LLM first token
+    p50 at ~1.4 s, 12 at ~0.6 s). At least 4: preemptive turns and prefills
+    run beside replies."""
+    cap = MAX_VLLM_SEQUENCES if engine == "vllm" else MAX_LLAMACPP_SLOTS
+    return max(4, min(max_calls, cap))
+
+
+def threads_for(cores: int) -> int:
+    """The server's LLM threads on a machine with ``cores``: half of them,
+    the rest for the ASR decoder (2 threads), VAD and the event loop. On 2
+    cores that is 1: benchmarks/bench.py at 8 calls measured a second
+    llama.cpp thread making replies slower, not faster (each token's steps
+    wait at a barrier for a thread the ASR has preempted), while alone it
+    is ~25 % faster per token."""
+    return max(1, cores // 2)

@@ -73,6 +73,8 @@ class LlamaCppEngine(LLMEngine):
         params.n_parallel = cfg.parallel
         params.cpuparams.n_threads = cfg.threads
         params.cpuparams_batch.n_threads = cfg.threads
+        params.cpuparams.poll = cfg.thread_poll
+        params.cpuparams_batch.poll = cfg.thread_poll
         params.n_gpu_layers = 999 if cfg.device == "cuda" else 0
         params.warmup = True
         params.cache_prompt = True

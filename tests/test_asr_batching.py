@@ -16,7 +16,7 @@ import pytest_asyncio
 from asr.config import ASRConfig
 from asr.wer import corpus_wer, word_error_rate
 from asr.whisper import Decoded
-from asr.worker import USAGE_FULL_S, ASRWorker
+from asr.worker import FINAL, USAGE_FULL_S, ASRWorker
 from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip, shared_clips, through_phone_line
 from streaming.fair_share import LowPriority
 from voice.server.cli import build_parser, config_from_args
@@ -25,6 +25,9 @@ BUDGET_MS = 30.0
 
 
 async def _worker(**overrides: Any) -> ASRWorker:
+    # The ordering tests decode partials back to back, faster than any call
+    # would: without the partials' decoder budget (tested on its own below).
+    overrides.setdefault("partial_budget", 0.0)
     worker = ASRWorker(ASRConfig(**overrides))
     await worker.start()
     return worker
@@ -192,7 +195,7 @@ async def test_a_call_over_its_share_gets_no_partials_while_another_call_decodes
 
 
 async def _share_checks(unbatched: ASRWorker, quilter: np.ndarray) -> None:
-    unbatched._charge("share-hog", 0.5 * USAGE_FULL_S)  # half the decoder, lately
+    unbatched._charge("share-hog", 0.5 * USAGE_FULL_S, FINAL)  # half the decoder, lately
     alone = unbatched.submit("share-hog", quilter, final=False)
     assert not alone.cancelled()  # nobody else is using the decoder: no one to slow
     await alone
@@ -203,6 +206,28 @@ async def _share_checks(unbatched: ASRWorker, quilter: np.ndarray) -> None:
     assert not unbatched.submit("share-other", quilter, final=False).cancelled()
     final = await unbatched.submit("share-hog", quilter, final=True)
     assert final.text
+
+
+async def test_partials_past_their_decoder_budget_are_shed_until_it_refills_finals_never(quilter):
+    """All partials together may use partial_budget decoder-seconds per
+    second: a partial decode that overdraws the bucket closes it to every
+    call's partials until it has refilled; finals always go."""
+    worker = await _worker(batch_size=1, partial_budget=1.0, partial_budget_burst_s=0.01)
+    try:
+        first = await worker.submit("budget-a", quilter, final=False)  # the bucket had credit
+        assert first.text
+        # That decode took far more than the 0.01 s the bucket held.
+        assert worker.submit("budget-b", quilter, final=False).cancelled()
+        assert worker.over_budget_partials == 1
+        final = await worker.submit("budget-b", quilter, final=True)
+        assert final.text
+        # Refilled at 1 s a second after the decode time it overdrew (the final
+        # is not charged to it): partials go again.
+        await asyncio.sleep(first.decode_s + 0.05)
+        again = await worker.submit("budget-b", quilter, final=False)
+        assert again.text and worker.over_budget_partials == 1
+    finally:
+        await worker.close()
 
 
 async def test_lone_call_waits_at_most_the_budget_and_company_joins(batched, quilter):
@@ -280,8 +305,33 @@ async def test_batching_off_is_one_decode_at_a_time(unbatched, speech):
 
 
 def test_cli_flags_set_batching():
-    args = build_parser().parse_args(["serve", "--asr-batch-size", "1", "--asr-batch-wait-ms", "7.5"])
+    args = build_parser().parse_args(
+        ["serve", "--asr-batch-size", "1", "--asr-batch-wait-ms", "7.5", "--asr-partial-budget", "0"]
+    )
     cfg = config_from_args(args).asr
-    assert (cfg.batch_size, cfg.batch_wait_ms) == (1, 7.5)
+    assert (cfg.batch_size, cfg.batch_wait_ms, cfg.partial_budget) == (1, 7.5, 0.0)
     defaults = config_from_args(build_parser().parse_args(["serve"])).asr
     assert (defaults.batch_size, defaults.batch_wait_ms) == (ASRConfig.batch_size, ASRConfig.batch_wait_ms)
+    assert defaults.partial_budget == ASRConfig.partial_budget > 0
+
+
+def test_llm_slots_and_threads_follow_the_server_size():
+    """One LLM slot per admitted call (bounded per engine) and half the
+    cores for the LLM, unless set."""
+    import os
+
+    from llm.config import MAX_LLAMACPP_SLOTS, MAX_VLLM_SEQUENCES, threads_for
+
+    def llm(*flags: str):
+        return config_from_args(build_parser().parse_args(["serve", *flags])).llm
+
+    assert llm().parallel == 16  # --max-calls 16
+    assert llm("--max-calls", "8").parallel == 8
+    assert llm("--max-calls", "2").parallel == 4  # room for prefills and preemptive turns
+    assert llm("--max-calls", "100000").parallel == MAX_LLAMACPP_SLOTS
+    assert llm("--engine", "vllm", "--max-calls", "100000").parallel == MAX_VLLM_SEQUENCES
+    assert llm("--max-calls", "8", "--llm-parallel", "3").parallel == 3
+    assert llm().threads == threads_for(os.cpu_count() or 2) == max(1, (os.cpu_count() or 2) // 2)
+    assert threads_for(2) == 1 and threads_for(16) == 8
+    assert llm("--llm-threads", "3").threads == 3
+    assert llm().thread_poll == 50 and llm("--llm-thread-poll", "0").thread_poll == 0

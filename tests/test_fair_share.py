@@ -142,3 +142,28 @@ def _scrape(port: int) -> str:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
+
+
+async def test_no_incremental_prefill_while_another_turn_is_under_way(server, jfk) -> None:
+    """A prefill only helps when the engine is free: while another call's
+    turn is under way, each partial the caller gets skips its prefill
+    (counted in /metrics), and the call is still answered."""
+    from benchmarks.client import NativeCaller
+    from tests.conftest import with_silence
+
+    def skipped() -> float:
+        return server.runtime.metrics.registry.get_sample_value("firstline_prefills_skipped_total") or 0.0
+
+    before = skipped()
+    url = f"ws://127.0.0.1:{server.port}/v1/call"
+    async with server.runtime.reply_gate.turn("another-call"):  # a real-time call's turn, held
+        async with NativeCaller(url) as caller:
+            await caller.start("mulaw", 8000)
+            await caller.play(with_silence(jfk.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=2.0)
+            done = await caller.wait_for("response.done", timeout=60)
+            partials = caller.result.of("transcript.partial")
+    assert partials, "no partial transcript while the caller spoke"
+    # Every partial would have prefilled (none did): skipped, unless the
+    # call's own speculation budget was spent at a pause just then.
+    assert 1 <= skipped() - before <= len(partials)
+    assert done["text"] and not done["cancelled"]

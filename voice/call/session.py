@@ -521,8 +521,17 @@ class CallSession:
         self._last_partial = result.text
         await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})
         speculate = not self._low_priority and self._speculation.available()
-        if self.runtime.config.llm.incremental_prefill and not self._prefilling and speculate:
-            self._spawn(self._prefill(result.text))
+        # A prefill only buys latency when the engine has nothing better to
+        # do: while any call's turn is under way (its final decode or its
+        # reply) it would take the cores that turn is waiting on. One caller
+        # talking between replies never meets one; 8 calls on 2 cores nearly
+        # always do.
+        if not (self.runtime.config.llm.incremental_prefill and not self._prefilling and speculate):
+            return
+        if self.runtime.reply_gate.busy:
+            self.runtime.metrics.prefills_skipped.inc()
+            return
+        self._spawn(self._prefill(result.text))
 
     async def _prefill(self, partial_text: str) -> None:
         """Warm the engine's prefix cache with the prompt as it stands, so the

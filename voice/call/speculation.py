@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from voice.call.rate import TokenBucket
+from streaming.rate import TokenBucket
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on a hub
 
 from asr.config import END_OF_TURN_POLICIES, ASRConfig
-from llm.config import LLMConfig, SpeculationConfig
+from llm.config import MAX_LLAMACPP_SLOTS, MAX_VLLM_SEQUENCES, LLMConfig, SpeculationConfig, slots_for, threads_for
 from llm.sampling import add_sampling_arguments, sampling_from_args
 from voice.call.reply_policy import ReplyPolicy
 from voice.call.store import STORE_SCHEMES
@@ -72,9 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-first-token-timeout-s", type=float, default=10.0)
     serve.add_argument("--llm-model", default=_env("LLM_MODEL"), help="GGUF (llamacpp) or HF folder (vllm)")
     serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
-    serve.add_argument("--llm-threads", type=int, default=2)
     serve.add_argument(
-        "--llm-parallel", type=int, default=LLMConfig.parallel, help="llama.cpp slots / vLLM max sequences"
+        "--llm-threads", type=int, default=0, help="LLM engine CPU threads (0: half the cores, at least 1)"
+    )
+    serve.add_argument(
+        "--llm-thread-poll",
+        type=int,
+        default=LLMConfig.thread_poll,
+        help="llama.cpp threads between steps: 0 sleep .. 100 spin",
+    )
+    serve.add_argument(
+        "--llm-parallel",
+        type=int,
+        default=0,
+        help="llama.cpp slots / vLLM max sequences (0: one per --max-calls, at most "
+        f"{MAX_LLAMACPP_SLOTS} slots / {MAX_VLLM_SEQUENCES} sequences)",
     )
     serve.add_argument(
         "--llm-prompt-cache-mib",
@@ -157,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=ASRConfig.batch_wait_ms,
         help="a batch that is not full waits at most this long for more decodes",
+    )
+    serve.add_argument(
+        "--asr-partial-budget",
+        type=float,
+        default=ASRConfig.partial_budget,
+        help="decoder seconds per second all partials together may use (0: no limit; finals are never limited)",
     )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
@@ -325,8 +343,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         engine=args.engine,
         model=args.llm_model,
         device=args.llm_device,
-        threads=args.llm_threads,
-        parallel=args.llm_parallel,
+        threads=args.llm_threads if args.llm_threads > 0 else threads_for(os.cpu_count() or 2),
+        thread_poll=min(100, max(0, args.llm_thread_poll)),
+        parallel=args.llm_parallel if args.llm_parallel > 0 else slots_for(args.engine, args.max_calls),
         prompt_cache_ram_mib=args.llm_prompt_cache_mib,
         sampling=sampling,
         speculation=SpeculationConfig(
@@ -357,6 +376,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         scheduler=args.asr_scheduler,
         batch_size=max(1, args.asr_batch_size),
         batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
+        partial_budget=max(0.0, args.asr_partial_budget),
     )
     if asr.adaptive_endpoint and asr.end_of_turn != "adaptive":
         # Load Smart Turn now: a missing model is a startup error, not a

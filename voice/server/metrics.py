@@ -114,6 +114,17 @@ class Metrics:
             registry=r,
         )
         self.asr_queue = Gauge("firstline_asr_queue_depth", "Decodes waiting for the ASR worker", registry=r)
+        # Work that only buys latency when the machine has room for it.
+        self.partials_over_budget = Counter(
+            "firstline_partials_over_budget_total",
+            "Partial decodes skipped because partials had used their decoder budget (--asr-partial-budget)",
+            registry=r,
+        )
+        self.prefills_skipped = Counter(
+            "firstline_prefills_skipped_total",
+            "Incremental prefills skipped because another turn was under way",
+            registry=r,
+        )
         # Leak watch (benchmarks/soak.py): RSS and fds from /proc, live asyncio tasks.
         ProcessCollector(registry=r)
         self.tasks = Gauge("firstline_asyncio_tasks", "Live asyncio tasks in the server's loop", registry=r)

@@ -41,6 +41,7 @@ class Runtime:
         self.metrics = Metrics()
         self.metrics.bind_gauges(lambda: self.active_calls, lambda: self.asr.queue_depth)
         self.asr.on_decode = self.metrics.observe_asr_decode
+        self.asr.on_over_budget = self.metrics.partials_over_budget.inc
         self.metrics.bind_engine(self.engine)
         self.low_priority.on_mark = self.metrics.low_priority.inc
         self.reply_gate.on_wait = self.metrics.reply_gate_waits.inc

@@ -28,9 +28,9 @@ from typing import Any, ClassVar
 from prometheus_client import Histogram
 
 from streaming.playout import OutFormat, Playout
+from streaming.rate import TokenBucket
 from streaming.tts import TextToSpeech, TTSError, shared_tts
 from voice.call.audio_budget import AudioFlood
-from voice.call.rate import TokenBucket
 from voice.call.session import CallSession
 from voice.call.start import ProtocolError, Start
 from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, CallEnd

@@ -1,6 +1,8 @@
-"""A token bucket in events: ``burst`` at once, refilled at ``per_s``.
-Per-call limits on what a caller can make the server do often
-(voice/call/speculation.py, malformed input in voice/transports/telephony.py)."""
+"""A token bucket: ``burst`` at once, refilled at ``per_s``.
+In events: per-call limits on what a caller can make the server do often
+(voice/call/speculation.py, malformed input in voice/transports/telephony.py).
+In seconds of work: the decoder time partials may use (asr/worker.py), where
+a decode is charged after it ran and may overdraw the bucket."""
 
 from __future__ import annotations
 
@@ -28,6 +30,16 @@ class TokenBucket:
             return False
         self._tokens -= 1.0
         return True
+
+    def charge(self, amount: float, now: float | None = None) -> None:
+        """Spend ``amount`` (work already done): the bucket may go below zero
+        and stays closed until it has refilled past it."""
+        self._refill(time.monotonic() if now is None else now)
+        self._tokens -= amount
+
+    def has_credit(self, now: float | None = None) -> bool:
+        self._refill(time.monotonic() if now is None else now)
+        return self._tokens > 0.0
 
     def refund(self, now: float | None = None) -> None:
         self._refill(time.monotonic() if now is None else now)
