@@ -63,7 +63,11 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "ttfa_p95_ms": pct(_vals(answered, "ttfa_ms"), 95),
         "sentence_audio_p50_ms": pct(_vals(answered, "sentence_audio_ms"), 50),
         "wer": None if not pairs else round(corpus_wer(pairs), 4),
-        "split_turns": sum(1 for t in placed if (t.get("server_turns") or 0) > 1),
+        # Answered as more than one turn: the server turns, less those it
+        # took back when the caller went on (turn.resumed).
+        "split_turns": sum(1 for t in placed if (t.get("server_turns") or 0) - (t.get("resumed_turns") or 0) > 1),
+        "endpoints_inside_turns": sum(max(0, (t.get("server_turns") or 0) - 1) for t in placed),
+        "resumed_turns": sum(t.get("resumed_turns") or 0 for t in placed),
         # Preemptive generations started at a pause and thrown away when the
         # caller went on, per answered turn (turn.metrics).
         "wasted_preemptive_per_turn": None
@@ -236,7 +240,8 @@ def markdown(results: dict[str, Any]) -> str:
         "the `response.sentence` event on the Twilio side channel; pipecat: its `sentence:` mark). First audio = first "
         "reply `media` byte. Barge-in = first voiced frame of the interruption sent -> `clear` received (includes the "
         "server's 200 ms minimum-speech check). WER is pooled over turns against the recordings' transcripts. "
-        "Split turns: caller turns the server answered as more than one turn (an endpoint inside a pause). "
+        "Split turns: caller turns the server answered as more than one turn (an endpoint inside a pause whose "
+        "reply the server did not take back when the caller went on: `turn.resumed`). "
         "CPU cores busy: CPU time of the server's process tree / wall time of the level.",
         "",
     ]

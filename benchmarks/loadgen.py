@@ -387,6 +387,8 @@ class Client:
                 self.timeline.add("interrupt", turn)
         elif kind == "turn.metrics":
             self.timeline.add("metrics", turn, metrics={k: v for k, v in ev.items() if k not in ("type", "turn")})
+        elif kind == "turn.resumed":
+            self.timeline.add("resumed", turn)
         elif kind == "error":
             self.timeline.add("error", turn, code=ev.get("code"), message=ev.get("message"))
 
@@ -733,7 +735,11 @@ def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> 
         "reference": spec.reference,
         "transcript": transcript,
         "wer": round(word_error_rate(spec.reference, transcript), 4) if transcript or spec.reference else None,
+        # Server turns that got a final transcript, and those of them the
+        # server took back because the caller went on (turn.resumed: the
+        # halves were answered as one turn, voice/call/session.py).
         "server_turns": len(set(final_turns)),
+        "resumed_turns": len({e.turn for e in window if e.kind == "resumed" and e.turn in final_turns}),
         "ttfs_ms": _ms(sentence.at if sentence else None, t_last),
         "asr_final_ms": _ms(final[-1].at if final else None, t_last),
         "first_token_ms": _ms(delta[0].at if delta else None, t_last),

@@ -126,22 +126,29 @@ LLMConfig.max_tokens = sampling_alias("max_tokens")  # type: ignore[assignment,m
 LLMConfig.temperature = sampling_alias("temperature")  # type: ignore[assignment,method-assign]
 
 
-# llama.cpp gives every slot its own context_tokens of KV cache (SmolLM2:
-# ~50 MB a slot), so its slots stop growing here; vLLM pages its KV cache
-# and only needs the sequence bound.
+# llama.cpp on a GPU gives every slot its own context_tokens of KV cache
+# (SmolLM2: ~50 MB a slot), so its slots stop growing here; vLLM pages its
+# KV cache and only needs the sequence bound.
 MAX_LLAMACPP_SLOTS = 16
 MAX_VLLM_SEQUENCES = 256
+# llama.cpp on the CPU: a batch of more sequences is not more tokens a
+# second when the cores are the limit, only every reply's next token later.
+# benchmarks/results/bench_capacity (8 calls, 2 cores, one run): 4 slots
+# TTFS p50 / p90 / p95 1114 / 1808 / 1907 ms, 16 slots 1117 / 2918 / 5314.
+CPU_LLAMACPP_SLOTS = 4
 
 
-def slots_for(engine: str, max_calls: int) -> int:
-    """Slots / sequences for a server that admits ``max_calls`` calls: one
-    per call, so a call's reply never queues behind another call's prefill
-    or preemptive generation for a free slot (measured in
-    benchmarks/results/bench: 4 slots at 8 calls put the LLM first token
-    p50 at ~1.4 s, 12 at ~0.6 s). At least 4: preemptive turns and prefills
+def slots_for(engine: str, device: str, max_calls: int) -> int:
+    """Slots / sequences for a server that admits ``max_calls`` calls. Where
+    batching is nearly free (vLLM, llama.cpp on a GPU) one per call, so a
+    reply never queues behind another call's prefill or preemptive turn; on
+    the CPU, llama.cpp keeps 4. At least 4: preemptive turns and prefills
     run beside replies."""
-    cap = MAX_VLLM_SEQUENCES if engine == "vllm" else MAX_LLAMACPP_SLOTS
-    return max(4, min(max_calls, cap))
+    if engine == "vllm":
+        return max(4, min(max_calls, MAX_VLLM_SEQUENCES))
+    if device == "cuda":
+        return max(4, min(max_calls, MAX_LLAMACPP_SLOTS))
+    return CPU_LLAMACPP_SLOTS
 
 
 def threads_for(cores: int) -> int:

@@ -80,6 +80,10 @@ def test_report_from_synthetic_results(tmp_path):
     def level(c: int, base: float) -> dict:
         turns = [synthetic_turn(base + 40 * i) for i in range(6)]
         turns.append(synthetic_turn(base, barge_in=True, barge_in_ms=310.0))
+        # Two endpoints inside a caller's turn: one answered, one taken back
+        # (turn.resumed) is not a split; both answered is.
+        turns.append(synthetic_turn(base, server_turns=2, resumed_turns=1))
+        turns.append(synthetic_turn(base, server_turns=2, resumed_turns=0))
         return {"concurrency": c, "calls": c, "turns": turns, "cost": {"cores_busy": 0.4 * c, "cpu_s_per_turn": 1.1}}
 
     results = {
@@ -102,7 +106,9 @@ def test_report_from_synthetic_results(tmp_path):
     saved = json.loads(paths["json"].read_text())
     assert saved["systems"]["firstline"]["capacity"] == 2
     assert saved["systems"]["naive-cascade"]["capacity"] == 1
-    assert saved["systems"]["firstline"]["levels"][0]["summary"]["barge_in_p50_ms"] == 310.0
+    first = saved["systems"]["firstline"]["levels"][0]["summary"]
+    assert first["barge_in_p50_ms"] == 310.0
+    assert (first["split_turns"], first["resumed_turns"], first["endpoints_inside_turns"]) == (1, 1, 2)
     md = paths["markdown"].read_text()
     assert "| firstline |" in md and "| naive-cascade |" in md
     assert "**pipecat**: unavailable: no venv here" in md

@@ -11,7 +11,15 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on a hub
 
 from asr.config import END_OF_TURN_POLICIES, ASRConfig
-from llm.config import MAX_LLAMACPP_SLOTS, MAX_VLLM_SEQUENCES, LLMConfig, SpeculationConfig, slots_for, threads_for
+from llm.config import (
+    CPU_LLAMACPP_SLOTS,
+    MAX_LLAMACPP_SLOTS,
+    MAX_VLLM_SEQUENCES,
+    LLMConfig,
+    SpeculationConfig,
+    slots_for,
+    threads_for,
+)
 from llm.sampling import add_sampling_arguments, sampling_from_args
 from voice.call.reply_policy import ReplyPolicy
 from voice.call.store import STORE_SCHEMES
@@ -85,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--llm-parallel",
         type=int,
         default=0,
-        help="llama.cpp slots / vLLM max sequences (0: one per --max-calls, at most "
-        f"{MAX_LLAMACPP_SLOTS} slots / {MAX_VLLM_SEQUENCES} sequences)",
+        help="llama.cpp slots / vLLM max sequences (0: one per --max-calls on vLLM and llama.cpp on CUDA, at "
+        f"most {MAX_VLLM_SEQUENCES} / {MAX_LLAMACPP_SLOTS}; {CPU_LLAMACPP_SLOTS} for llama.cpp on the CPU)",
     )
     serve.add_argument(
         "--llm-prompt-cache-mib",
@@ -345,7 +353,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.llm_device,
         threads=args.llm_threads if args.llm_threads > 0 else threads_for(os.cpu_count() or 2),
         thread_poll=min(100, max(0, args.llm_thread_poll)),
-        parallel=args.llm_parallel if args.llm_parallel > 0 else slots_for(args.engine, args.max_calls),
+        parallel=args.llm_parallel
+        if args.llm_parallel > 0
+        else slots_for(args.engine, args.llm_device, args.max_calls),
         prompt_cache_ram_mib=args.llm_prompt_cache_mib,
         sampling=sampling,
         speculation=SpeculationConfig(
