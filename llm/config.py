@@ -157,5 +157,5 @@ def threads_for(cores: int) -> int:
     cores that is 1: benchmarks/bench.py at 8 calls measured a second
     llama.cpp thread making replies slower, not faster (each token's steps
     wait at a barrier for a thread the ASR has preempted), while alone it
-    is ~25 % faster per token."""
+    is faster per token."""
     return max(1, cores // 2)

@@ -313,28 +313,3 @@ def test_cli_flags_set_batching():
     defaults = config_from_args(build_parser().parse_args(["serve"])).asr
     assert (defaults.batch_size, defaults.batch_wait_ms) == (ASRConfig.batch_size, ASRConfig.batch_wait_ms)
     assert defaults.partial_budget == ASRConfig.partial_budget > 0
-
-
-def test_llm_slots_and_threads_follow_the_server_size():
-    """One LLM sequence per admitted call where batching is nearly free
-    (vLLM, llama.cpp on CUDA; bounded), 4 llama.cpp slots on the CPU, and
-    half the cores for the LLM, unless set."""
-    import os
-
-    from llm.config import CPU_LLAMACPP_SLOTS, MAX_LLAMACPP_SLOTS, MAX_VLLM_SEQUENCES, threads_for
-
-    def llm(*flags: str):
-        return config_from_args(build_parser().parse_args(["serve", *flags])).llm
-
-    assert llm().parallel == CPU_LLAMACPP_SLOTS == 4
-    assert llm("--max-calls", "100000").parallel == CPU_LLAMACPP_SLOTS
-    assert llm("--llm-device", "cuda", "--max-calls", "8").parallel == 8
-    assert llm("--llm-device", "cuda", "--max-calls", "2").parallel == 4  # room for prefills and preemptive turns
-    assert llm("--llm-device", "cuda", "--max-calls", "100000").parallel == MAX_LLAMACPP_SLOTS
-    assert llm("--engine", "vllm").parallel == 16  # --max-calls 16
-    assert llm("--engine", "vllm", "--max-calls", "100000").parallel == MAX_VLLM_SEQUENCES
-    assert llm("--max-calls", "8", "--llm-parallel", "3").parallel == 3
-    assert llm().threads == threads_for(os.cpu_count() or 2) == max(1, (os.cpu_count() or 2) // 2)
-    assert threads_for(2) == 1 and threads_for(16) == 8
-    assert llm("--llm-threads", "3").threads == 3
-    assert llm().thread_poll == 50 and llm("--llm-thread-poll", "0").thread_poll == 0
