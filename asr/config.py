@@ -19,6 +19,16 @@ class ASRConfig:
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compute_type: str = "int8"  # "float16" / "int8_float16" on CUDA
     threads: int = 2
+    # Added to the OS nice value of the decoder's threads (Linux: per
+    # thread, and CTranslate2's own threads inherit it; raising it needs no
+    # privilege). On a shared CPU the LLM's generation steps each wait for
+    # all of its threads, so one LLM thread preempted by a Whisper decode
+    # stalls every reply's next token; ranked below the LLM, the decoder
+    # takes the cores the LLM leaves. benchmarks/bench.py at 8 calls on 2
+    # cores, with 2 LLM threads: TTFS p50/p95 655/1132 and 685/1283 ms at
+    # nice 10 against 769/1367 and 746/1527 at 5 and 812/2697 at 0 (quick
+    # runs; the committed sweep is in the README). 0: same rank as the rest.
+    nice: int = 10
     language: str | None = "en"
     beam_size: int = 1
     # Whisper's encoder is trained on 30 s windows; a shorter window is much

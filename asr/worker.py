@@ -58,7 +58,7 @@ from asr.config import ASRConfig
 from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, window_for
 from streaming.fair_share import LowPriority
 from streaming.rate import TokenBucket
-from streaming.threads import name_os_thread
+from streaming.threads import lower_os_thread_priority, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,13 @@ class _Job:
         return not self.future.done()
 
 
+def _decoder_thread(nice: int) -> None:
+    # Before the model loads: CTranslate2's threads start from this one and
+    # inherit its name and rank.
+    name_os_thread("asr")
+    lower_os_thread_priority(nice)
+
+
 class ASRWorker:
     def __init__(self, config: ASRConfig, low: LowPriority | None = None) -> None:
         self.config = config
@@ -105,7 +112,7 @@ class ASRWorker:
         # Named for the OS too: the decoder's own threads start from it and
         # carry the name (per-stage CPU in benchmarks/bench.py).
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="asr", initializer=name_os_thread, initargs=("asr",)
+            max_workers=1, thread_name_prefix="asr", initializer=_decoder_thread, initargs=(config.nice,)
         )
         # Jobs not yet handed to a decode, by seq (so in arrival order). A job
         # whose future is cancelled (superseded, forgotten, or cancelled by its

@@ -98,6 +98,10 @@ SYSTEMS: dict[str, System] = {
                "right after the reply began (--resume-grace-s 0)", ["--resume-grace-s", "0"], ALL_PROTOCOLS),
         System("firstline-no-partial-budget", "firstline", "firstline with no decoder budget for partials",
                ["--asr-partial-budget", "0"], ALL_PROTOCOLS),
+        System("firstline-same-rank", "firstline", "firstline with the ASR decoder ranked with the LLM (--asr-nice 0), "
+               "2 LLM threads", ["--asr-nice", "0", "--llm-threads", "2"], ALL_PROTOCOLS),
+        System("firstline-1-llm-thread", "firstline", "firstline as at 8a103b9: decoder ranked with the LLM, 1 LLM "
+               "thread", ["--asr-nice", "0", "--llm-threads", "1"], ALL_PROTOCOLS),
         System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
                ["--speculation", "ngram"], ALL_PROTOCOLS),
         System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "

@@ -47,11 +47,12 @@ class LLMConfig:
     # server picks threads_for(cores) unless told.
     threads: int = 2
     # How llama.cpp's threads wait between the steps of a token: 0 sleeps,
-    # up to 100 spins (llama.cpp's default is 50). Spinning wins on cores
+    # up to 100 spins (llama.cpp's own default is 50). Spinning wins on cores
     # the engine has to itself; on a small shared CPU a spinning thread
-    # holds a core the ASR needs, and one descheduled thread stalls the
-    # others at every barrier.
-    thread_poll: int = 50
+    # holds a core the ASR needs. 0 here: the ASR decoder ranks below the
+    # LLM (ASRConfig.nice), so a sleeping LLM thread gets its core back as
+    # soon as it wakes.
+    thread_poll: int = 0
     context_tokens: int = 2048
     # Server-wide sampling defaults for every reply (a call may override
     # fields: SamplingParams.merged). The reply length is sampling.max_tokens.
@@ -152,10 +153,12 @@ def slots_for(engine: str, device: str, max_calls: int) -> int:
 
 
 def threads_for(cores: int) -> int:
-    """The server's LLM threads on a machine with ``cores``: half of them,
-    the rest for the ASR decoder (2 threads), VAD and the event loop. On 2
-    cores that is 1: benchmarks/bench.py at 8 calls measured a second
-    llama.cpp thread making replies slower, not faster (each token's steps
-    wait at a barrier for a thread the ASR has preempted), while alone it
-    is faster per token."""
-    return max(1, cores // 2)
+    """The server's LLM threads on a machine with ``cores``: all of them, up
+    to 4 (a 135M-parameter model's token steps are too small to split
+    further). They can have them because the ASR decoder ranks below the LLM
+    (``ASRConfig.nice``): a second llama.cpp thread on 2 cores made replies
+    slower while both ranked the same (each token's steps waited at a
+    barrier for a thread a Whisper decode had preempted), and faster once
+    the decoder yields (benchmarks/bench.py at 8 calls, README). Measured on
+    2 cores only; set --llm-threads on a bigger machine."""
+    return max(1, min(4, cores))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import threading
 
 PR_SET_NAME = 15
 
@@ -22,3 +24,17 @@ def name_os_thread(name: str) -> None:
         libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except OSError:
         pass  # a name is a convenience, never worth failing over
+
+
+def lower_os_thread_priority(increment: int) -> bool:
+    """Add ``increment`` to the calling OS thread's nice value (Linux keeps it
+    per thread; threads it starts inherit it). Lowering a priority needs no
+    privilege. Returns whether it took effect."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError:
+        return False
+    return True

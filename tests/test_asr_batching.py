@@ -5,8 +5,12 @@ configuration is the one under test."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -313,3 +317,33 @@ def test_cli_flags_set_batching():
     defaults = config_from_args(build_parser().parse_args(["serve"])).asr
     assert (defaults.batch_size, defaults.batch_wait_ms) == (ASRConfig.batch_size, ASRConfig.batch_wait_ms)
     assert defaults.partial_budget == ASRConfig.partial_budget > 0
+
+
+def _nice_of_threads(name: str) -> list[int]:
+    """Nice values of this process's threads named ``name``, one per thread
+    (/proc/<pid>/task/<tid>/stat: field 19 is the nice value)."""
+    values = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == name:
+                values.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+        except OSError:
+            continue  # the thread ended while we looked
+    return values
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+async def test_the_decoder_and_its_native_threads_rank_below_the_rest_of_the_server(batched, unbatched):
+    """Every thread of the decoder (ours and the ones CTranslate2 started
+    from it) carries the configured nice value; the event loop's does not."""
+    assert ASRConfig.nice > 0
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ranks = await asyncio.to_thread(_nice_of_threads, "asr")
+    assert len(ranks) > 2, ranks  # our decode threads and CTranslate2's
+    assert set(ranks) == {min(19, base + ASRConfig.nice)}, ranks
+
+    def asr(*flags: str) -> ASRConfig:
+        return config_from_args(build_parser().parse_args(["serve", *flags])).asr
+
+    assert asr("--asr-nice", "3").nice == 3
+    assert asr("--asr-nice", "-5").nice == 0  # never above the rest of the server

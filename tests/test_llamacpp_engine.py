@@ -162,7 +162,7 @@ async def test_supervised_child_honours_sampling(server) -> None:
 def test_llm_slots_and_threads_follow_the_server_size():
     """One LLM sequence per admitted call where batching is nearly free
     (vLLM, llama.cpp on CUDA; bounded), 4 llama.cpp slots on the CPU, and
-    half the cores for the LLM, unless set."""
+    up to 4 cores' threads for the LLM, unless set."""
     import os
 
     from llm.config import CPU_LLAMACPP_SLOTS, MAX_LLAMACPP_SLOTS, MAX_VLLM_SEQUENCES, threads_for
@@ -180,7 +180,7 @@ def test_llm_slots_and_threads_follow_the_server_size():
     assert llm("--engine", "vllm").parallel == 16  # --max-calls 16
     assert llm("--engine", "vllm", "--max-calls", "100000").parallel == MAX_VLLM_SEQUENCES
     assert llm("--max-calls", "8", "--llm-parallel", "3").parallel == 3
-    assert llm().threads == threads_for(os.cpu_count() or 2) == max(1, (os.cpu_count() or 2) // 2)
-    assert threads_for(2) == 1 and threads_for(16) == 8
+    assert llm().threads == threads_for(os.cpu_count() or 2) == max(1, min(4, os.cpu_count() or 2))
+    assert threads_for(1) == 1 and threads_for(2) == 2 and threads_for(16) == 4
     assert llm("--llm-threads", "3").threads == 3
-    assert llm().thread_poll == 50 and llm("--llm-thread-poll", "0").thread_poll == 0
+    assert llm().thread_poll == 0 and llm("--llm-thread-poll", "50").thread_poll == 50

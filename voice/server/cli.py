@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-model", default=_env("LLM_MODEL"), help="GGUF (llamacpp) or HF folder (vllm)")
     serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
     serve.add_argument(
-        "--llm-threads", type=int, default=0, help="LLM engine CPU threads (0: half the cores, at least 1)"
+        "--llm-threads", type=int, default=0, help="LLM engine CPU threads (0: the cores, at most 4)"
     )
     serve.add_argument(
         "--llm-thread-poll",
@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--asr-device", choices=["cpu", "cuda", "auto"], default=_env("ASR_DEVICE", "cpu"))
     serve.add_argument("--asr-compute-type", default=_env("ASR_COMPUTE_TYPE", "int8"))
     serve.add_argument("--asr-threads", type=int, default=2)
+    serve.add_argument(
+        "--asr-nice",
+        type=int,
+        default=ASRConfig.nice,
+        help="OS nice value added to the Whisper decoder's threads (ranks them below the LLM; 0: same rank)",
+    )
     serve.add_argument("--endpoint-silence-ms", type=int, default=500)
     serve.add_argument("--no-partials", action="store_true")
     serve.add_argument(
@@ -376,6 +382,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.asr_device,
         compute_type=args.asr_compute_type,
         threads=args.asr_threads,
+        nice=max(0, min(19, args.asr_nice)),
         endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
         partials=not args.no_partials,
         preemptive=not args.no_preemptive,
