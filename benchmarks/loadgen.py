@@ -868,6 +868,16 @@ def calls_for(n: int, turns: int | None = None, corpus: list[CallSpec] | None = 
         spec = corpus[k % len(corpus)]
         kept = spec.turns[:turns] if turns else spec.turns
         picked.append(CallSpec(f"{spec.name}#{k}" if k >= len(corpus) else spec.name, kept))
+    paths = {seg.path for call in picked for turn in call.turns for seg in turn.segments}
+    missing = sorted(str(path) for path in paths if not path.is_file())
+    if missing:
+        # Before any call is placed: a missing clip would otherwise be one
+        # failed call per level, read as the server's error rate.
+        raise FileNotFoundError(
+            f"{len(missing)} recording(s) the scripted calls need are missing, e.g. {missing[0]}. Shared clips are "
+            f"read from {SHARED_SPEECH} (../shared/data/speech beside the project, or FIRSTLINE_SPEECH_DIR); "
+            f"Asterisk prompts from {ASTERISK_SOUNDS} (`make test-deps` installs them)."
+        )
     return picked
 
 

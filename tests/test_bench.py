@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+
 from benchmarks.bench_report import write_report
 from benchmarks.corpus import ASTERISK_SOUNDS
 from benchmarks.loadgen import CallOptions, CallSpec, Segment, TurnSpec, run_call
@@ -177,3 +179,17 @@ def test_cpu_meter_splits_cpu_by_stage() -> None:
         asr.join()
     assert by["asr"] >= 0.15, by  # 0.4 s over 2 turns
     assert by["llm"] >= 0.15, by
+
+
+def test_calls_whose_recordings_are_missing_are_refused_before_any_call(tmp_path):
+    """A clip that is not on this machine stops the benchmark with its path,
+    instead of one failed call per level that reads as the server's errors."""
+    from benchmarks.loadgen import calls_for, load_calls
+
+    real = calls_for(2, turns=1)
+    assert len(real) == 2 and all(seg.path.is_file() for c in real for t in c.turns for seg in t.segments)
+    ghost = Segment("shared", "no-such-clip.wav", "hello")
+    corpus = [*load_calls()[:1], CallSpec("ghost", (TurnSpec((ghost,)),))]
+    with pytest.raises(FileNotFoundError, match=r"no-such-clip\.wav"):
+        calls_for(2, corpus=corpus)
+    assert len(calls_for(1, corpus=corpus)) == 1  # the ghost call is not among the first one
