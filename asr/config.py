@@ -29,6 +29,12 @@ class ASRConfig:
     # nice 10 against 769/1367 and 746/1527 at 5 and 812/2697 at 0 (quick
     # runs; the committed sweep is in the README). 0: same rank as the rest.
     nice: int = 10
+    # None: finals share the decoder above (and its rank). A number: finals
+    # (the pause decodes that choose the endpoint, and turn ends) get a
+    # decoder of their own, a second copy of the model (~40 MB for tiny.en)
+    # whose threads have this nice value, so only partials rank below the
+    # LLM. Decodes still run one batch at a time.
+    finals_nice: int | None = None
     language: str | None = "en"
     beam_size: int = 1
     # Whisper's encoder is trained on 30 s windows; a shorter window is much

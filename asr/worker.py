@@ -96,10 +96,10 @@ class _Job:
         return not self.future.done()
 
 
-def _decoder_thread(nice: int) -> None:
+def _decoder_thread(name: str, nice: int) -> None:
     # Before the model loads: CTranslate2's threads start from this one and
     # inherit its name and rank.
-    name_os_thread("asr")
+    name_os_thread(name)
     lower_os_thread_priority(nice)
 
 
@@ -112,7 +112,20 @@ class ASRWorker:
         # Named for the OS too: the decoder's own threads start from it and
         # carry the name (per-stage CPU in benchmarks/bench.py).
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="asr", initializer=_decoder_thread, initargs=(config.nice,)
+            max_workers=1, thread_name_prefix="asr", initializer=_decoder_thread, initargs=("asr", config.nice)
+        )
+        # Finals at a rank of their own (ASRConfig.finals_nice): a second
+        # model copy on its own threads. None: finals use the decoder above.
+        self.finals_decoder: WhisperDecoder | None = None
+        self._finals_executor = (
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="asr-final",
+                initializer=_decoder_thread,
+                initargs=("asr-final", config.finals_nice),
+            )
+            if config.finals_nice is not None and config.finals_nice != config.nice
+            else None
         )
         # Jobs not yet handed to a decode, by seq (so in arrival order). A job
         # whose future is cancelled (superseded, forgotten, or cancelled by its
@@ -144,13 +157,17 @@ class ASRWorker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.decoder = await loop.run_in_executor(self._executor, WhisperDecoder, self.config)
+        lanes = [(self._executor, self.decoder)]
+        if self._finals_executor is not None:
+            self.finals_decoder = await loop.run_in_executor(self._finals_executor, WhisperDecoder, self.config)
+            lanes.append((self._finals_executor, self.finals_decoder))
         # Warm-up decode: the first CTranslate2 call allocates its buffers; a
         # full batch too, so the first busy moment does not pay for it.
         silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
-        await loop.run_in_executor(self._executor, self.decoder.decode, silence)
-        if self.config.batch_size > 1:
-            batch = [silence] * self.config.batch_size
-            await loop.run_in_executor(self._executor, self.decoder.decode_batch, batch)
+        for executor, decoder in lanes:
+            await loop.run_in_executor(executor, decoder.decode, silence)
+            if self.config.batch_size > 1:
+                await loop.run_in_executor(executor, decoder.decode_batch, [silence] * self.config.batch_size)
         self._task = asyncio.create_task(self._run(), name="asr-worker")
 
     async def close(self) -> None:
@@ -161,6 +178,17 @@ class ASRWorker:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._finals_executor is not None:
+            self._finals_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _lane(self, batch: list[_Job]) -> tuple[ThreadPoolExecutor, WhisperDecoder]:
+        """Where a batch decodes: a batch holding a final goes to the finals'
+        decoder when they have their own rank."""
+        if self._finals_executor is not None and any(job.priority == FINAL for job in batch):
+            assert self.finals_decoder is not None
+            return self._finals_executor, self.finals_decoder
+        assert self.decoder is not None
+        return self._executor, self.decoder
 
     @property
     def queue_depth(self) -> int:
@@ -305,15 +333,13 @@ class ASRWorker:
 
     async def _decode(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
-        assert self.decoder is not None
         started = time.monotonic()
         if len(batch) == 1:
             await self._decode_one(batch[0], started)
             return
+        executor, decoder = self._lane(batch)
         try:
-            results = await loop.run_in_executor(
-                self._executor, self.decoder.decode_batch, [job.audio for job in batch]
-            )
+            results = await loop.run_in_executor(executor, decoder.decode_batch, [job.audio for job in batch])
         except Exception:
             # One malformed item or an out-of-memory on the batch: decode each
             # item alone (in serving order), so only a bad item fails its job.
@@ -332,9 +358,9 @@ class ASRWorker:
 
     async def _decode_one(self, job: _Job, started: float) -> None:
         loop = asyncio.get_running_loop()
-        assert self.decoder is not None
+        executor, decoder = self._lane([job])
         try:
-            result = await loop.run_in_executor(self._executor, self.decoder.decode, job.audio)
+            result = await loop.run_in_executor(executor, decoder.decode, job.audio)
         except Exception as exc:  # one bad decode fails one turn, not the server
             log.exception("ASR decode failed for call %s", job.call_id)
             if job.live:

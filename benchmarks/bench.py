@@ -102,6 +102,8 @@ SYSTEMS: dict[str, System] = {
                "2 LLM threads", ["--asr-nice", "0", "--llm-threads", "2"], ALL_PROTOCOLS),
         System("firstline-1-llm-thread", "firstline", "firstline as at 8a103b9: decoder ranked with the LLM, 1 LLM "
                "thread", ["--asr-nice", "0", "--llm-threads", "1"], ALL_PROTOCOLS),
+        System("firstline-finals-own-rank", "firstline", "firstline with finals on a decoder of their own, ranked "
+               "with the LLM (--asr-finals-nice 0); partials stay below it", ["--asr-finals-nice", "0"], ALL_PROTOCOLS),
         System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
                ["--speculation", "ngram"], ALL_PROTOCOLS),
         System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "

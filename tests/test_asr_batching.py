@@ -20,7 +20,7 @@ import pytest_asyncio
 from asr.config import ASRConfig
 from asr.wer import corpus_wer, word_error_rate
 from asr.whisper import Decoded
-from asr.worker import FINAL, USAGE_FULL_S, ASRWorker
+from asr.worker import FINAL, PARTIAL, USAGE_FULL_S, ASRWorker
 from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip, shared_clips, through_phone_line
 from streaming.fair_share import LowPriority
 from voice.server.cli import build_parser, config_from_args
@@ -319,6 +319,19 @@ def test_cli_flags_set_batching():
     assert defaults.partial_budget == ASRConfig.partial_budget > 0
 
 
+def _cpu_ticks_of_threads(name: str) -> int:
+    """CPU time (clock ticks, user + system) of this process's threads named ``name``."""
+    total = 0
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == name:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return total
+
+
 def _nice_of_threads(name: str) -> list[int]:
     """Nice values of this process's threads named ``name``, one per thread
     (/proc/<pid>/task/<tid>/stat: field 19 is the nice value)."""
@@ -347,3 +360,35 @@ async def test_the_decoder_and_its_native_threads_rank_below_the_rest_of_the_ser
 
     assert asr("--asr-nice", "3").nice == 3
     assert asr("--asr-nice", "-5").nice == 0  # never above the rest of the server
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+async def test_finals_can_have_a_decoder_ranked_above_the_partials(quilter, jfk_audio):
+    """--asr-finals-nice: finals decode on their own threads at their own
+    rank, partials on the lower-ranked ones; both give the same words."""
+    worker = await _worker(nice=10, finals_nice=0, batch_size=1)
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert set(await asyncio.to_thread(_nice_of_threads, "asr-final")) == {base}
+
+        async def ticks_now() -> dict[str, int]:
+            # After OpenMP's threads have stopped spinning (Intel's block time is 200 ms).
+            await asyncio.sleep(0.6)
+            return {lane: await asyncio.to_thread(_cpu_ticks_of_threads, lane) for lane in ("asr", "asr-final")}
+
+        ticks = await ticks_now()
+        finals = [await worker.submit(f"a{i}", quilter, final=True) for i in range(3)]
+        after_finals = await ticks_now()
+        partial = await worker.submit("b", quilter, final=False)
+        after_partial = await ticks_now()
+        # Each lane's threads did the work routed to it (a decode of this
+        # clip takes tens of clock ticks; the idle lane a tick at most).
+        assert after_finals["asr-final"] - ticks["asr-final"] > 5 >= after_finals["asr"] - ticks["asr"]
+        assert after_partial["asr"] - after_finals["asr"] > 1 >= after_partial["asr-final"] - after_finals["asr-final"]
+        assert finals[0].text == partial.text and "apostle of the middle classes" in partial.text.lower()
+        assert worker.decodes == {FINAL: 3, PARTIAL: 1}
+        assert worker.finals_decoder is not None and worker.finals_decoder is not worker.decoder
+    finally:
+        await worker.close()
+    assert config_from_args(build_parser().parse_args(["serve"])).asr.finals_nice is None  # one decoder by default
+    assert config_from_args(build_parser().parse_args(["serve", "--asr-finals-nice", "0"])).asr.finals_nice == 0

@@ -80,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-first-token-timeout-s", type=float, default=10.0)
     serve.add_argument("--llm-model", default=_env("LLM_MODEL"), help="GGUF (llamacpp) or HF folder (vllm)")
     serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
-    serve.add_argument(
-        "--llm-threads", type=int, default=0, help="LLM engine CPU threads (0: the cores, at most 4)"
-    )
+    serve.add_argument("--llm-threads", type=int, default=0, help="LLM engine CPU threads (0: the cores, at most 4)")
     serve.add_argument(
         "--llm-thread-poll",
         type=int,
@@ -139,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=ASRConfig.nice,
         help="OS nice value added to the Whisper decoder's threads (ranks them below the LLM; 0: same rank)",
+    )
+    serve.add_argument(
+        "--asr-finals-nice",
+        type=int,
+        default=ASRConfig.finals_nice,
+        help="give finals (pause and turn-end decodes) a decoder of their own at this nice value (default: they "
+        "share the --asr-nice decoder)",
     )
     serve.add_argument("--endpoint-silence-ms", type=int, default=500)
     serve.add_argument("--no-partials", action="store_true")
@@ -383,6 +388,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         compute_type=args.asr_compute_type,
         threads=args.asr_threads,
         nice=max(0, min(19, args.asr_nice)),
+        finals_nice=None if args.asr_finals_nice is None else max(0, min(19, args.asr_finals_nice)),
         endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
         partials=not args.no_partials,
         preemptive=not args.no_preemptive,
