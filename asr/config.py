@@ -24,16 +24,16 @@ class ASRConfig:
     # privilege). On a shared CPU the LLM's generation steps each wait for
     # all of its threads, so one LLM thread preempted by a Whisper decode
     # stalls every reply's next token; ranked below the LLM, the decoder
-    # takes the cores the LLM leaves. benchmarks/bench.py at 8 calls on 2
-    # cores, with 2 LLM threads: TTFS p50/p95 655/1132 and 685/1283 ms at
-    # nice 10 against 769/1367 and 746/1527 at 5 and 812/2697 at 0 (quick
-    # runs; the committed sweep is in the README). 0: same rank as the rest.
+    # takes the cores the LLM leaves. Measured against 0 at 8 calls on 2
+    # cores: benchmarks/results/bench_priority (README, capacity). 0: same
+    # rank as the rest of the server.
     nice: int = 10
     # None: finals share the decoder above (and its rank). A number: finals
     # (the pause decodes that choose the endpoint, and turn ends) get a
-    # decoder of their own, a second copy of the model (~40 MB for tiny.en)
-    # whose threads have this nice value, so only partials rank below the
-    # LLM. Decodes still run one batch at a time.
+    # decoder of their own, a second copy of the model (with tiny.en the
+    # server's RSS grew 176 MB: benchmarks/results/bench_finals_rank) whose
+    # threads have this nice value, so only partials rank below the LLM.
+    # Decodes still run one batch at a time.
     finals_nice: int | None = None
     language: str | None = "en"
     beam_size: int = 1

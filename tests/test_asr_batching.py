@@ -319,30 +319,26 @@ def test_cli_flags_set_batching():
     assert defaults.partial_budget == ASRConfig.partial_budget > 0
 
 
-def _cpu_ticks_of_threads(name: str) -> int:
-    """CPU time (clock ticks, user + system) of this process's threads named ``name``."""
-    total = 0
+def _stats_of_threads(name: str) -> list[list[str]]:
+    """/proc/<pid>/task/<tid>/stat fields after the command name, one list
+    per thread of this process named ``name``: [11] + [12] are its CPU
+    clock ticks (user + system), [16] its nice value."""
+    stats = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         try:
             if (task / "comm").read_text().strip() == name:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
+                stats.append((task / "stat").read_text().rsplit(")", 1)[1].split())
         except OSError:
-            continue
-    return total
+            continue  # the thread ended while we looked
+    return stats
+
+
+def _cpu_ticks_of_threads(name: str) -> int:
+    return sum(int(fields[11]) + int(fields[12]) for fields in _stats_of_threads(name))
 
 
 def _nice_of_threads(name: str) -> list[int]:
-    """Nice values of this process's threads named ``name``, one per thread
-    (/proc/<pid>/task/<tid>/stat: field 19 is the nice value)."""
-    values = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        try:
-            if (task / "comm").read_text().strip() == name:
-                values.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
-        except OSError:
-            continue  # the thread ended while we looked
-    return values
+    return [int(fields[16]) for fields in _stats_of_threads(name)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
@@ -363,7 +359,7 @@ async def test_the_decoder_and_its_native_threads_rank_below_the_rest_of_the_ser
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-async def test_finals_can_have_a_decoder_ranked_above_the_partials(quilter, jfk_audio):
+async def test_finals_can_have_a_decoder_ranked_above_the_partials(quilter):
     """--asr-finals-nice: finals decode on their own threads at their own
     rank, partials on the lower-ranked ones; both give the same words."""
     worker = await _worker(nice=10, finals_nice=0, batch_size=1)

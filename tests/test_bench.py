@@ -181,7 +181,7 @@ def test_cpu_meter_splits_cpu_by_stage() -> None:
     assert by["llm"] >= 0.15, by
 
 
-def test_calls_whose_recordings_are_missing_are_refused_before_any_call(tmp_path):
+def test_calls_whose_recordings_are_missing_are_refused_before_any_call():
     """A clip that is not on this machine stops the benchmark with its path,
     instead of one failed call per level that reads as the server's errors."""
     from benchmarks.loadgen import calls_for, load_calls
