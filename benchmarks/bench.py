@@ -104,6 +104,9 @@ SYSTEMS: dict[str, System] = {
                "thread", ["--asr-nice", "0", "--llm-threads", "1"], ALL_PROTOCOLS),
         System("firstline-finals-own-rank", "firstline", "firstline with finals on a decoder of their own, ranked "
                "with the LLM (--asr-finals-nice 0); partials stay below it", ["--asr-finals-nice", "0"], ALL_PROTOCOLS),
+        System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
+               "sentence while other turns wait for theirs (--no-first-sentences-first)",
+               ["--no-first-sentences-first"], ALL_PROTOCOLS),
         System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
                ["--speculation", "ngram"], ALL_PROTOCOLS),
         System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "

@@ -30,6 +30,8 @@ class Usage:
     accepted_tokens: int = 0
     # Times the reply was carried on after its engine died mid-stream (llm/continuation.py).
     continuations: int = 0
+    # Times the reply stepped aside for other calls' first sentences (llm/yielding.py).
+    yields: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -46,6 +48,7 @@ class Usage:
             "accepted_tokens": self.accepted_tokens,
             "acceptance_rate": self.acceptance_rate,
             "continuations": self.continuations,
+            "yields": self.yields,
         }
 
 

@@ -34,13 +34,13 @@ WAIT_S = 10.0
 RETRY_EVERY_S = 0.2
 
 
-def continuation_of(request: GenerationRequest, said: str, deltas: int, n: int) -> GenerationRequest:
+def continuation_of(request: GenerationRequest, said: str, deltas: int, n: int, tag: str = "c") -> GenerationRequest:
     """The request that carries ``request``'s reply on after ``said`` (which
     came as ``deltas`` streamed pieces, about a token each: a cut stream
-    never sent its usage)."""
+    never sent its usage). ``tag`` names why, in the request id."""
     left = max(1, request.sampling.max_tokens - deltas)
     return GenerationRequest(
-        f"{request.request_id}-c{n}",
+        f"{request.request_id}-{tag}{n}",
         [*request.messages, {"role": "assistant", "content": said}],
         sampling=request.sampling.merged({"max_tokens": left}),
         session_key=request.session_key,

@@ -114,3 +114,48 @@ class ReplyGate:
             self._busy -= 1
             if not self._busy:
                 self._idle.set()
+
+
+class FirstSentences:
+    """Which turns are waiting for their first reply sentence (from their
+    final decode until it exists), so a reply whose first sentence is already
+    out can step aside for them (llm/yielding.py).
+
+    Why: every turn's TTFS ends at its first sentence; a reply's later
+    sentences are only needed once the caller has heard the earlier ones
+    (seconds of speech). On a shared engine every sequence decoding in the
+    same step slows the others, and the decoder shares the cores, so a
+    second sentence generated while another call waits for its first costs
+    that call time and buys its own caller nothing."""
+
+    def __init__(self) -> None:
+        self._waiting: set[object] = set()
+        self._clear = asyncio.Event()
+        self._clear.set()
+        self.yields = 0  # replies that stepped aside
+        self.on_yield: Callable[[], None] | None = None  # the server's metrics
+
+    def waiting(self, key: object) -> None:
+        self._waiting.add(key)
+        self._clear.clear()
+
+    def done(self, key: object) -> None:
+        self._waiting.discard(key)
+        if not self._waiting:
+            self._clear.set()
+
+    @property
+    def any_waiting(self) -> bool:
+        return bool(self._waiting)
+
+    async def step_aside(self, max_wait_s: float) -> None:
+        """Wait until no turn waits for its first sentence, at most
+        ``max_wait_s`` (a later sentence comes late, never not at all).
+        The caller's own turn must be :meth:`done` already."""
+        if not self._waiting:
+            return
+        self.yields += 1
+        if self.on_yield is not None:
+            self.on_yield()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._clear.wait(), max_wait_s)

@@ -465,6 +465,7 @@ class CallSession:
             is_closed=lambda: self.closed,
             tracer=runtime.tracer,
             gate=runtime.reply_gate,
+            first_sentences=runtime.first_sentences,
         )
 
     @property

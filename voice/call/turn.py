@@ -28,7 +28,8 @@ from asr.endpointing import endpoint_window
 from llm.base import EngineError, GenerationRequest, LLMEngine
 from llm.continuation import stream_continuing
 from llm.sampling import SamplingParams
-from streaming.fair_share import ReplyGate
+from llm.yielding import hold_s, stream_yielding
+from streaming.fair_share import FirstSentences, ReplyGate
 from streaming.sentences import SentenceSegmenter
 from voice.call.reply_policy import SEND, SKIP, STOP_LENGTH, STOP_LOOP, ReplyGuard, ReplyPolicy, is_complete
 
@@ -118,6 +119,9 @@ class TurnContext:
     # Keeps turns of calls sending faster than real time out of the way of
     # the real-time calls' turns (streaming/fair_share.py); None: no gate.
     gate: ReplyGate | None = None
+    # Turns waiting for their first sentence; once this reply's first is out
+    # it steps aside for them (llm/yielding.py). None: replies never yield.
+    first_sentences: FirstSentences | None = None
 
 
 @dataclasses.dataclass
@@ -228,11 +232,20 @@ class Turn:
         await self.ctx.emit(event)
 
     async def _run(self) -> None:
-        if self.ctx.gate is None:
-            await self._work()
-            return
-        async with self.ctx.gate.turn(self.ctx.call_id):
-            await self._work()
+        gate = self.ctx.gate
+        async with gate.turn(self.ctx.call_id) if gate is not None else contextlib.nullcontext():
+            # A call fed faster than real time is served last: its turns never
+            # make the real-time calls' replies step aside.
+            waiting = self.ctx.first_sentences
+            if gate is not None and self.ctx.call_id in gate.low:
+                waiting = None
+            if waiting is not None:
+                waiting.waiting(self)
+            try:
+                await self._work()
+            finally:
+                if waiting is not None:
+                    waiting.done(self)
 
     async def _work(self) -> None:
         ctx = self.ctx
@@ -303,7 +316,11 @@ class Turn:
             # aclosing: a reply the guard ends aborts its generation in the engine.
             if first is not None and first.text is not None:
                 source = _fixed(first.text)
-            else:  # an engine that dies mid-reply: the next one carries it on
+            elif ctx.first_sentences is not None:
+                # Steps aside for other calls' first sentences once its own is
+                # out; an engine that dies mid-reply: the next one carries it on.
+                source = stream_yielding(ctx.engine, request, self._should_yield, self._step_aside)
+            else:
                 source = stream_continuing(ctx.engine, request)
             async with contextlib.aclosing(source) as stream:
                 async for delta in stream:
@@ -373,9 +390,20 @@ class Turn:
             return False
         first = not self.sent
         self.sent.append(text)
+        if first and self.ctx.first_sentences is not None:
+            self.ctx.first_sentences.done(self)
         await self._out({"type": "response.sentence", "turn": self.index, "index": len(self.sent) - 1,
                          "text": text, "first": first})  # fmt: skip
         return True
+
+    def _should_yield(self) -> bool:
+        waiting = self.ctx.first_sentences
+        return bool(self.sent) and waiting is not None and waiting.any_waiting
+
+    async def _step_aside(self) -> None:
+        assert self.ctx.first_sentences is not None
+        words = sum(len(sentence.split()) for sentence in self.sent)
+        await self.ctx.first_sentences.step_aside(hold_s(words, self.times.first_sentence, time.monotonic()))
 
     async def _report(self, cancelled: bool, failed: str | None) -> None:
         ctx = self.ctx
@@ -394,6 +422,7 @@ class Turn:
             "accepted_tokens": usage.accepted_tokens,
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,
+            "yields": usage.yields,
             "reply_end": self.reply_end,
         }
         with contextlib.suppress(Exception):

@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send sentences that repeat an earlier one (default: a repeat ends the reply)",
     )
     serve.add_argument(
+        "--no-first-sentences-first",
+        action="store_true",
+        help="replies keep generating after their first sentence while other turns wait for theirs "
+        "(default: they step aside, and carry on before their caller needs the next sentence)",
+    )
+    serve.add_argument(
         "--speculation",
         choices=["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"],
         default=_env("SPECULATION", "none"),
@@ -448,6 +454,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.otel_endpoint = args.otel_endpoint
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
+    config.first_sentences_first = not args.no_first_sentences_first
     config.greeting_instructions = args.greeting_instructions or None
     try:
         config.reply = ReplyPolicy(max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard)

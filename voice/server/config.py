@@ -23,6 +23,10 @@ class ServerConfig:
     sentence_max_words: int = 25
     # What of a reply the caller hears: sentence cap, loop guard (voice/call/reply_policy.py).
     reply: ReplyPolicy = field(default_factory=ReplyPolicy)
+    # A reply whose first sentence is out stops generating while another
+    # turn waits for its first, and carries on when none does or when its
+    # caller has nearly heard what is out (llm/yielding.py).
+    first_sentences_first: bool = True
     # The agent speaks first on pickup: fixed text, or generated with these
     # instructions (None: the caller speaks first). Calls may set their own.
     greeting: str | None = None

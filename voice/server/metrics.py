@@ -113,6 +113,11 @@ class Metrics:
             "Turns of low-priority calls that waited for a real-time call's turn to finish",
             registry=r,
         )
+        self.reply_yields = Counter(
+            "firstline_reply_yields_total",
+            "Times a reply whose first sentence was out stopped generating while another turn waited for its first",
+            registry=r,
+        )
         self.asr_queue = Gauge("firstline_asr_queue_depth", "Decodes waiting for the ASR worker", registry=r)
         # Work that only buys latency when the machine has room for it.
         self.partials_over_budget = Counter(

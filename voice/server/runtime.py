@@ -11,7 +11,7 @@ from asr.worker import ASRWorker
 from llm import engines
 from llm.base import LLMEngine
 from llm.config import LLMConfig
-from streaming.fair_share import LowPriority, ReplyGate
+from streaming.fair_share import FirstSentences, LowPriority, ReplyGate
 from voice.call.store import RedisStore, build_store
 from voice.server.config import ServerConfig
 from voice.server.metrics import Metrics
@@ -33,6 +33,9 @@ class Runtime:
         # the gate that keeps their turns out of the real-time calls' way.
         self.low_priority = LowPriority(config.limits.low_priority_multiple)
         self.reply_gate = ReplyGate(self.low_priority)
+        # Replies whose first sentence is out step aside for the turns still
+        # waiting for theirs (llm/yielding.py); None: they never do.
+        self.first_sentences = FirstSentences() if config.first_sentences_first else None
         self.asr = ASRWorker(config.asr, self.low_priority)
         self.engine = build_engine(config.llm)
         self.ready = False
@@ -45,6 +48,8 @@ class Runtime:
         self.metrics.bind_engine(self.engine)
         self.low_priority.on_mark = self.metrics.low_priority.inc
         self.reply_gate.on_wait = self.metrics.reply_gate_waits.inc
+        if self.first_sentences is not None:
+            self.first_sentences.on_yield = self.metrics.reply_yields.inc
         # Each call's conversation between turns (re-attach: voice/call/store.py).
         self.store = build_store(config.state_url, config.state_ttl_s)
         # A span per answered turn (voice/tracing.py); None: tracing off.

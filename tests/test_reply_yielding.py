@@ -1,0 +1,116 @@
+"""Replies step aside for other calls' first sentences (llm/yielding.py,
+streaming/fair_share.FirstSentences): the wait is bounded, it ends when no
+turn waits, and the reply carries on from what it said, not from the top."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from llm.base import GenerationRequest
+from llm.yielding import MAX_HOLD_S, hold_s, stream_yielding
+from streaming.fair_share import FirstSentences
+
+
+async def test_stepping_aside_is_bounded_and_ends_when_no_turn_waits() -> None:
+    first = FirstSentences()
+    await first.step_aside(5.0)  # nobody waits: no wait, not counted
+    assert first.yields == 0
+    other = object()
+    first.waiting(other)
+    started = time.monotonic()
+    await first.step_aside(0.2)  # the other turn never gets its sentence: bounded
+    assert time.monotonic() - started >= 0.19
+    aside = asyncio.create_task(first.step_aside(10.0))
+    await asyncio.sleep(0.05)
+    assert not aside.done()
+    first.done(other)  # its first sentence is out
+    async with asyncio.timeout(1):
+        await aside
+    assert first.yields == 2 and not first.any_waiting
+
+
+def test_the_hold_ends_before_the_words_out_are_said() -> None:
+    now = 100.0
+    # 10 words sent 1 s ago: about 3 s to say, 0.3 s margin, 1 s gone.
+    assert abs(hold_s(10, now - 1.0, now) - 1.7) < 1e-9
+    assert abs(hold_s(2, None, now) - 0.3) < 1e-9  # held, not yet sent: from now
+    assert hold_s(1, now - 5.0, now) == 0.0  # already late: carry on at once
+    assert hold_s(100, now, now) == MAX_HOLD_S
+
+
+async def test_a_reply_that_steps_aside_carries_on_where_it_stopped(server) -> None:
+    """On the real engine, greedy: the reply cut after a few pieces and
+    carried on (a second request, continue_final) is the same text as the
+    reply generated in one go, and counts the pieces of both parts."""
+    engine = server.runtime.engine
+    config = server.runtime.config.llm
+    messages = [{"role": "system", "content": config.system_prompt},
+                {"role": "user", "content": "How do I change my voicemail greeting?"}]  # fmt: skip
+    greedy = config.sampling.merged({"temperature": 0.0, "max_tokens": 48})
+    whole = GenerationRequest("whole", messages, sampling=greedy)
+    expected = "".join([delta async for delta in engine.stream(whole)])
+    pieces: list[str] = []
+    asides = 0
+
+    async def step_aside() -> None:
+        nonlocal asides
+        asides += 1
+        await asyncio.sleep(0.05)
+
+    stepped = GenerationRequest("stepped", messages, sampling=greedy)
+    async for delta in stream_yielding(engine, stepped, lambda: len(pieces) in (4, 12), step_aside):
+        pieces.append(delta)
+    assert asides == 2 and stepped.usage.yields == 2
+    assert "".join(pieces) == expected
+    assert stepped.usage.completion_tokens == whole.usage.completion_tokens == 48
+
+
+async def test_a_call_reply_steps_aside_while_another_turn_waits(server, jfk) -> None:
+    """On the real server: while another turn waits for its first sentence
+    (held here), a call's reply sends its first sentence, then stops
+    generating; once the other turn has its sentence the reply carries on
+    (well before the hold would end), is counted in /metrics and in the
+    turn's metrics, and is a whole reply."""
+    from benchmarks.client import NativeCaller
+    from tests.conftest import with_silence
+
+    first_sentences = server.runtime.first_sentences
+    assert first_sentences is not None  # on by default
+
+    def yields() -> float:
+        return server.runtime.metrics.registry.get_sample_value("firstline_reply_yields_total") or 0.0
+
+    before = yields()
+    other = object()  # a turn of another call, waiting for its first sentence
+    first_sentences.waiting(other)
+    released = False
+    try:
+        async with NativeCaller(f"ws://127.0.0.1:{server.port}/v1/call") as caller:
+            # Greedy and room for three sentences: the reply goes on after its first.
+            await caller.start("mulaw", 8000, sampling={"temperature": 0.0, "max_tokens": 96})
+            await caller.play(with_silence(jfk.load(8000), 8000, 1.5), 8000, "mulaw", realtime=False)
+            await caller.wait_for("response.sentence", timeout=60, first=True)
+            async with asyncio.timeout(10):
+                while yields() == before:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            first_sentences.done(other)
+            released = True
+            let_go = time.monotonic()
+            done = await caller.wait_for("response.done", timeout=60)
+            metrics = await caller.wait_for("turn.metrics", timeout=10)
+            sentences = caller.result.of("response.sentence")
+            second_at = caller.result.first_at("response.sentence", index=1)
+    finally:
+        if not released:
+            first_sentences.done(other)
+    assert yields() >= before + 1
+    assert metrics["yields"] >= 1 and done["usage"]["yields"] == metrics["yields"]
+    assert len(sentences) >= 2 and not done["cancelled"]
+    assert done["text"] == " ".join(s["text"] for s in sentences)
+    # The first sentence (greedy: 23 words) would hold it the longest
+    # (MAX_HOLD_S): it stood aside until let go, then carried on at once.
+    first_words = len(sentences[0]["text"].split())
+    assert hold_s(first_words, let_go - 0.2, let_go) > 1.0
+    assert second_at is not None and let_go < second_at < let_go + 1.0
