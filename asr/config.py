@@ -18,16 +18,20 @@ class ASRConfig:
     model: str | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compute_type: str = "int8"  # "float16" / "int8_float16" on CUDA
-    threads: int = 2
+    # The decoder's threads; the server gives it half the cores
+    # (decoder_threads_for) and the LLM the other half (llm.config.threads_for).
+    threads: int = 1
     # Added to the OS nice value of the decoder's threads (Linux: per
     # thread, and CTranslate2's own threads inherit it; raising it needs no
-    # privilege). On a shared CPU the LLM's generation steps each wait for
-    # all of its threads, so one LLM thread preempted by a Whisper decode
-    # stalls every reply's next token; ranked below the LLM, the decoder
-    # takes the cores the LLM leaves. Measured against 0 at 8 calls on 2
-    # cores: benchmarks/results/bench_priority (README, capacity). 0: same
-    # rank as the rest of the server.
-    nice: int = 10
+    # privilege). Useful when the LLM's threads take every core: ranked
+    # below it, the decoder takes the cores the LLM leaves (10 against 0
+    # with a 2-thread LLM at 8 calls on 2 cores: benchmarks/results/
+    # bench_priority). With the cores split between the engines (the
+    # default), neither preempts the other and the decoder keeps the rank
+    # of the rest of the server: finals choose the endpoint, and a lower
+    # rank made them wait (server endpoint p50 620 against 410 ms,
+    # benchmarks/results/bench_cores).
+    nice: int = 0
     # None: finals share the decoder above (and its rank). A number: finals
     # (the pause decodes that choose the endpoint, and turn ends) get a
     # decoder of their own, a second copy of the model (with tiny.en the
@@ -129,3 +133,9 @@ class ASRConfig:
     min_speech_s: float = 0.2
     # Audio kept from before VAD fired, so the first syllable is not clipped.
     pre_speech_pad_s: float = 0.3
+
+
+def decoder_threads_for(cores: int) -> int:
+    """The Whisper decoder's threads on a machine with ``cores``: what the
+    LLM leaves (llm.config.threads_for takes half), at least 1, at most 4."""
+    return max(1, min(4, cores - max(1, min(4, cores // 2))))

@@ -98,12 +98,19 @@ SYSTEMS: dict[str, System] = {
                "right after the reply began (--resume-grace-s 0)", ["--resume-grace-s", "0"], ALL_PROTOCOLS),
         System("firstline-no-partial-budget", "firstline", "firstline with no decoder budget for partials",
                ["--asr-partial-budget", "0"], ALL_PROTOCOLS),
-        System("firstline-same-rank", "firstline", "firstline with the ASR decoder ranked with the LLM (--asr-nice 0), "
-               "2 LLM threads", ["--asr-nice", "0", "--llm-threads", "2"], ALL_PROTOCOLS),
-        System("firstline-1-llm-thread", "firstline", "firstline as at 8a103b9: decoder ranked with the LLM, 1 LLM "
-               "thread", ["--asr-nice", "0", "--llm-threads", "1"], ALL_PROTOCOLS),
-        System("firstline-finals-own-rank", "firstline", "firstline with finals on a decoder of their own, ranked "
-               "with the LLM (--asr-finals-nice 0); partials stay below it", ["--asr-finals-nice", "0"], ALL_PROTOCOLS),
+        System("firstline-llm-both-cores", "firstline", "firstline as at 0cf3539: the LLM on both cores (2 threads), "
+               "the decoder on 2 threads ranked below it (--asr-nice 10)",
+               ["--llm-threads", "2", "--asr-threads", "2", "--asr-nice", "10"], ALL_PROTOCOLS),
+        System("firstline-same-rank", "firstline", "firstline with 2 LLM threads and 2 decoder threads ranked the same",
+               ["--llm-threads", "2", "--asr-threads", "2", "--asr-nice", "0"], ALL_PROTOCOLS),
+        System("firstline-1-llm-thread", "firstline", "firstline as at 8a103b9: 1 LLM thread, 2 decoder threads "
+               "ranked the same", ["--llm-threads", "1", "--asr-threads", "2", "--asr-nice", "0"], ALL_PROTOCOLS),
+        System("firstline-finals-own-rank", "firstline", "firstline with the LLM on both cores, partials ranked below "
+               "it and finals on a decoder of their own ranked with it (--asr-finals-nice 0)",
+               ["--llm-threads", "2", "--asr-threads", "2", "--asr-nice", "10", "--asr-finals-nice", "0"],
+               ALL_PROTOCOLS),
+        System("firstline-q4_1", "firstline", "firstline with the embedded LLM as shipped (Q4_1), not requantized "
+               "to Q8_0 (--llm-embedded-quant shipped)", ["--llm-embedded-quant", "shipped"], ALL_PROTOCOLS),
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),

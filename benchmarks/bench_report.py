@@ -41,6 +41,26 @@ def _vals(turns: list[dict[str, Any]], key: str) -> list[float]:
     return [float(t[key]) for t in turns if t.get(key) is not None]
 
 
+# Speaking rate against which a later sentence counts as late: 150 words a
+# minute, an unhurried phone voice (the server's own hold, llm/yielding.py,
+# assumes a brisker 200, so it errs early).
+HEARD_S_PER_WORD = 0.4
+
+
+def late_sentences(turn: dict[str, Any]) -> int:
+    """Sentences of a reply that reached the wire after the caller would
+    have heard every sentence before them (said from the first's arrival):
+    a gap in the reply's speech."""
+    at, words = turn.get("sentences_ms") or [], turn.get("sentence_words") or []
+    late, said_by = 0, None
+    for ms, n in zip(at, words, strict=False):
+        if said_by is not None and ms > said_by:
+            late += 1
+        starts = ms if said_by is None else max(ms, said_by)
+        said_by = starts + n * HEARD_S_PER_WORD * 1000
+    return late
+
+
 def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
     """One system at one concurrency level, from its per-turn records."""
     placed = [t for t in turns if not t.get("refused") and not t.get("error")]
@@ -73,6 +93,14 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "wasted_preemptive_per_turn": None
         if not server
         else round(statistics.fmean(float(s.get("wasted_generations") or 0) for s in server), 2),
+        # Replies that stepped aside for other calls' first sentences
+        # (llm/yielding.py), and sentences that came after the caller had
+        # heard the ones before them (a gap in the reply).
+        "yields_per_turn": None
+        if not server
+        else round(statistics.fmean(float(s.get("yields") or 0) for s in server), 2),
+        "late_sentences": sum(late_sentences(t) for t in answered),
+        "later_sentences": sum(max(0, len(t.get("sentences_ms") or []) - 1) for t in answered),
         "barge_in_turns": len(barge),
         "barge_in_p50_ms": pct(_vals(barge, "barge_in_ms"), 50),
         "barge_in_missed": sum(1 for t in barge if t.get("barge_in_ms") is None),
@@ -171,8 +199,11 @@ def markdown(results: dict[str, Any]) -> str:
             cap_text = str(cap) if cap is not None else f"< {levels[0]}"
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {cap_text} |")
         lines += ["", "## Cost as calls grow", ""]
-        lines.append("| system | calls | CPU cores busy | CPU s per answered turn | RSS MB | refused | timeouts |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append(
+            "| system | calls | CPU cores busy | CPU s per answered turn | RSS MB | refused | timeouts | "
+            "replies stepping aside / turn | later sentences late (of all) |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for name, s in ok.items():
             for lv in s["levels"]:
                 cost = lv.get("cost") or {}
@@ -180,7 +211,8 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {name} | {lv['concurrency']} | {_fmt(cost.get('cores_busy'), 2)} | "
                     f"{_fmt(cost.get('cpu_s_per_turn'), 2)} | {_fmt(cost.get('rss_mb'))} | {x['refused']} | "
-                    f"{x['timeouts']} |"
+                    f"{x['timeouts']} | {_fmt(x.get('yields_per_turn'), 2)} | "
+                    f"{x.get('late_sentences', '–')} ({x.get('later_sentences', '–')}) |"
                 )
         staged = [
             (n, lv)

@@ -745,6 +745,10 @@ def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> 
         "first_token_ms": _ms(delta[0].at if delta else None, t_last),
         "ttfa_ms": _ms(audio[0].at if audio else None, t_last),
         "sentence_audio_ms": _ms(marks[0].at if marks else None, t_last),
+        # Each reply sentence on the wire (ms after the last voiced frame) and
+        # its words: whether the next came before the caller had heard these.
+        "sentences_ms": [_ms(e.at, t_last) for e in of("sentence")],
+        "sentence_words": [len(text.split()) for text in sentences],
         "reply": (done.data.get("text") if done else None) or " ".join(sentences),
         "server": metrics,
         # What came back, for auditing a number: (event, server turn, ms after the last voiced frame).

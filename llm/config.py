@@ -46,14 +46,17 @@ class LLMConfig:
     # CPU threads for the engine (llama.cpp; vLLM CPU's OpenMP binding). The
     # server picks threads_for(cores) unless told.
     threads: int = 2
-    # How llama.cpp's threads wait between the steps of a token: 0 sleeps,
-    # up to 100 spins (llama.cpp's own default is 50). Spinning wins on cores
-    # the engine has to itself; on a small shared CPU a spinning thread
-    # holds a core the ASR needs. 0 here: the ASR decoder ranks below the
-    # LLM (ASRConfig.nice), so a sleeping LLM thread gets its core back as
-    # soon as it wakes.
+    # How llama.cpp's own threadpool waits between the steps of a token: 0
+    # sleeps, up to 100 spins (llama.cpp's default is 50). The prebuilt
+    # xllamacpp wheel runs its threads under OpenMP instead, where this has
+    # no effect and libgomp's spin-then-sleep applies (OMP_WAIT_POLICY=passive
+    # made a token 5x slower here); kept for builds with ggml's threadpool.
     thread_poll: int = 0
     context_tokens: int = 2048
+    # The embedded GGUF on a CPU, requantized once to this type (llm/models.py:
+    # llama.cpp's CPU kernels prefill Q8_0 twice as fast as the shipped Q4_1).
+    # None: as shipped. A model given with --llm-model is always used as is.
+    embedded_quant: str | None = "Q8_0"
     # Server-wide sampling defaults for every reply (a call may override
     # fields: SamplingParams.merged). The reply length is sampling.max_tokens.
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -153,12 +156,18 @@ def slots_for(engine: str, device: str, max_calls: int) -> int:
 
 
 def threads_for(cores: int) -> int:
-    """The server's LLM threads on a machine with ``cores``: all of them, up
-    to 4 (a 135M-parameter model's token steps are too small to split
-    further). They can have them because the ASR decoder ranks below the LLM
-    (``ASRConfig.nice``): a second llama.cpp thread on 2 cores made replies
-    slower while both ranked the same (each token's steps waited at a
-    barrier for a thread a Whisper decode had preempted), and faster once
-    the decoder yields (benchmarks/bench.py at 8 calls, README). Measured on
-    2 cores only; set --llm-threads on a bigger machine."""
-    return max(1, min(4, cores))
+    """The server's LLM threads on a machine with ``cores``: half of them
+    (the Whisper decoder has the other half: asr.config.decoder_threads_for),
+    at least 1 and at most 4 (a 135M-parameter model's token steps are too
+    small to split further).
+
+    Why split and not share: llama.cpp (this xllamacpp build) and
+    CTranslate2 both run their threads under OpenMP, whose threads spin at
+    every barrier of a step. On 2 cores an engine with 2 threads spins on
+    the core the other engine needs, and each of its steps waits for a
+    thread the other has preempted. With one thread each, neither has a
+    barrier: at 8 calls the server spent 1.41 CPU-s per answered turn
+    against 1.69 with the LLM on both cores and the decoder ranked below it,
+    and TTFS p90 fell (benchmarks/results/bench_cores, README). Measured on
+    2 cores only; set --llm-threads / --asr-threads on a bigger machine."""
+    return max(1, min(4, cores // 2))

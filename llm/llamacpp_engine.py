@@ -35,11 +35,14 @@ _SPECULATION_TYPES = {
 _DONE = object()
 
 
-def resolve_gguf(model: str | None) -> Path:
+def resolve_gguf(model: str | None, embedded_quant: str | None = None) -> Path:
+    """The GGUF to load: ``model``, or the embedded one (requantized to
+    ``embedded_quant`` once, cached: llm/models.py)."""
     if model is None:
-        from llm.models import embedded_gguf_path
+        from llm.models import embedded_gguf_path, requantized_gguf
 
-        return embedded_gguf_path()
+        shipped = embedded_gguf_path()
+        return requantized_gguf(shipped, embedded_quant) if embedded_quant else shipped
     path = Path(model).expanduser()
     if not path.is_file():
         raise EngineError(f"llama.cpp needs a GGUF file; {path} does not exist")
@@ -51,7 +54,8 @@ class LlamaCppEngine(LLMEngine):
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
-        self.model_path = resolve_gguf(config.model)
+        quant = config.embedded_quant if config.device == "cpu" else None
+        self.model_path = resolve_gguf(config.model, quant)
         self._server: Any = None
         # One thread per llama.cpp slot: each blocking request holds a thread
         # until it finishes or is cancelled.

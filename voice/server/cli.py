@@ -10,7 +10,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on a hub
 
-from asr.config import END_OF_TURN_POLICIES, ASRConfig
+from asr.config import END_OF_TURN_POLICIES, ASRConfig, decoder_threads_for
 from llm.config import (
     CPU_LLAMACPP_SLOTS,
     MAX_LLAMACPP_SLOTS,
@@ -79,8 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--remote-model", default=None, help="model name for remote servers (default: their first)")
     serve.add_argument("--llm-first-token-timeout-s", type=float, default=10.0)
     serve.add_argument("--llm-model", default=_env("LLM_MODEL"), help="GGUF (llamacpp) or HF folder (vllm)")
+    serve.add_argument(
+        "--llm-embedded-quant",
+        choices=["Q8_0", "shipped"],
+        default="Q8_0",
+        help="the embedded GGUF on a CPU: requantized once to Q8_0 (faster prefill in llama.cpp), or as shipped "
+        "(Q4_1); a --llm-model is always used as is",
+    )
     serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
-    serve.add_argument("--llm-threads", type=int, default=0, help="LLM engine CPU threads (0: the cores, at most 4)")
+    serve.add_argument(
+        "--llm-threads", type=int, default=0, help="LLM engine CPU threads (0: half the cores, at least 1, at most 4)"
+    )
     serve.add_argument(
         "--llm-thread-poll",
         type=int,
@@ -137,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--asr-model", default=_env("ASR_MODEL"), help="CTranslate2 Whisper folder or size name")
     serve.add_argument("--asr-device", choices=["cpu", "cuda", "auto"], default=_env("ASR_DEVICE", "cpu"))
     serve.add_argument("--asr-compute-type", default=_env("ASR_COMPUTE_TYPE", "int8"))
-    serve.add_argument("--asr-threads", type=int, default=2)
+    serve.add_argument(
+        "--asr-threads",
+        type=int,
+        default=0,
+        help="Whisper decoder CPU threads (0: the cores the LLM leaves, at most 4)",
+    )
     serve.add_argument(
         "--asr-nice",
         type=int,
         default=ASRConfig.nice,
-        help="OS nice value added to the Whisper decoder's threads (ranks them below the LLM; 0: same rank)",
+        help="OS nice value added to the Whisper decoder's threads (ranks them below the LLM: for an LLM given "
+        "every core; 0: same rank)",
     )
     serve.add_argument(
         "--asr-finals-nice",
@@ -367,6 +382,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     llm = LLMConfig(
         engine=args.engine,
         model=args.llm_model,
+        embedded_quant=None if args.llm_embedded_quant == "shipped" else args.llm_embedded_quant,
         device=args.llm_device,
         threads=args.llm_threads if args.llm_threads > 0 else threads_for(os.cpu_count() or 2),
         thread_poll=min(100, max(0, args.llm_thread_poll)),
@@ -392,7 +408,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.asr_model,
         device=args.asr_device,
         compute_type=args.asr_compute_type,
-        threads=args.asr_threads,
+        threads=args.asr_threads if args.asr_threads > 0 else decoder_threads_for(os.cpu_count() or 2),
         nice=max(0, min(19, args.asr_nice)),
         finals_nice=None if args.asr_finals_nice is None else max(0, min(19, args.asr_finals_nice)),
         endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
