@@ -73,8 +73,12 @@ class ASRConfig:
     partial_budget_burst_s: float = 1.0
     # Batched decoding across calls (asr/worker.py): up to this many due
     # decodes share one CTranslate2 call. 1 = batching off, one decode at a
-    # time. Chosen with benchmarks/asr_batching.py.
-    batch_size: int = 4
+    # time. 0: by device, 1 on a CPU and 4 elsewhere. On 2 cores batching off
+    # was as fast or faster at most load levels in every make bench sweep
+    # (benchmarks/results/bench: TTFS p50 815 against 1062 ms at 8 calls): a
+    # batch of 4 costs a CPU about 4 decodes, and a final in it waits for
+    # all of them. On a GPU one batched decode costs about what one does.
+    batch_size: int = 0
     # A batch that is not full waits at most this long (from its oldest job's
     # submission) for more decodes to join it; work that already queued behind
     # a running decode does not wait at all, so this only bounds what a lone
@@ -133,6 +137,10 @@ class ASRConfig:
     min_speech_s: float = 0.2
     # Audio kept from before VAD fired, so the first syllable is not clipped.
     pre_speech_pad_s: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            self.batch_size = 1 if self.device == "cpu" else 4
 
 
 def decoder_threads_for(cores: int) -> int:

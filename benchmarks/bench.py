@@ -90,8 +90,11 @@ SYSTEMS: dict[str, System] = {
                ["--no-incremental-prefill"], ALL_PROTOCOLS),
         System("firstline-fifo-asr", "firstline", "firstline with a FIFO ASR queue (no deadline scheduling)",
                ["--asr-scheduler", "fifo"], ALL_PROTOCOLS),
-        System("firstline-no-batching", "firstline", "firstline with ASR batching off (one Whisper decode at a time)",
-               ["--asr-batch-size", "1"], ALL_PROTOCOLS),
+        System("firstline-no-batching", "firstline", "firstline with ASR batching off (one Whisper decode at a time: "
+               "the default on a CPU)", ["--asr-batch-size", "1"], ALL_PROTOCOLS),
+        System("firstline-batching", "firstline", "firstline with ASR batching on: up to 4 calls' decodes in one "
+               "Whisper call (the default on a GPU; on a CPU before the cores were split)", ["--asr-batch-size", "4"],
+               ALL_PROTOCOLS),
         System("firstline-4-slots", "firstline", "firstline with 4 LLM slots (llama.cpp) / sequences (vLLM): the "
                "default for llama.cpp on the CPU, not one per call", ["--llm-parallel", "4"], ALL_PROTOCOLS),
         System("firstline-no-resume", "firstline", "firstline answering every endpoint, even when the caller goes on "

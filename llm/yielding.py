@@ -24,10 +24,13 @@ from llm.continuation import continuation_of, stream_continuing
 # Most times a reply steps aside: each costs a cancelled request and a short prefill.
 MAX_YIELDS = 4
 # How long the sentences already out take to say: a brisk 200 words a
-# minute, so the estimate errs early. The next sentence is wanted this
-# margin before they end (its own TTS has to start).
+# minute, so the estimate errs early. The reply carries on this margin
+# before they end: the next sentence still has to be generated, on a
+# loaded engine, and reach the TTS. With 0.3 s, 13 of 31 later sentences
+# at 12 calls came after the caller had heard the ones before them
+# (benchmarks/results/bench, 3b76549).
 SECONDS_PER_WORD = 0.3
-MARGIN_S = 0.3
+MARGIN_S = 1.0
 MAX_HOLD_S = 3.0
 # A reply does not step aside for less than this.
 MIN_HOLD_S = 0.2

@@ -315,7 +315,11 @@ def test_cli_flags_set_batching():
     cfg = config_from_args(args).asr
     assert (cfg.batch_size, cfg.batch_wait_ms, cfg.partial_budget) == (1, 7.5, 0.0)
     defaults = config_from_args(build_parser().parse_args(["serve"])).asr
-    assert (defaults.batch_size, defaults.batch_wait_ms) == (ASRConfig.batch_size, ASRConfig.batch_wait_ms)
+    # By device: off on a CPU, 4 on a GPU, unless given.
+    assert (defaults.batch_size, defaults.batch_wait_ms) == (1, ASRConfig.batch_wait_ms)
+    gpu = config_from_args(build_parser().parse_args(["serve", "--asr-device", "cuda"])).asr
+    assert gpu.batch_size == ASRConfig(device="cuda").batch_size == 4
+    assert config_from_args(build_parser().parse_args(["serve", "--asr-batch-size", "4"])).asr.batch_size == 4
     assert defaults.partial_budget == ASRConfig.partial_budget > 0
 
 

@@ -32,10 +32,10 @@ async def test_stepping_aside_is_bounded_and_ends_when_no_turn_waits() -> None:
 
 def test_the_hold_ends_before_the_words_out_are_said() -> None:
     now = 100.0
-    # 10 words sent 1 s ago: about 3 s to say, 0.3 s margin, 1 s gone.
-    assert abs(hold_s(10, now - 1.0, now) - 1.7) < 1e-9
-    assert abs(hold_s(2, None, now) - 0.3) < 1e-9  # held, not yet sent: from now
-    assert hold_s(1, now - 5.0, now) == 0.0  # already late: carry on at once
+    # 10 words sent 1 s ago: about 3 s to say, 1 s margin, 1 s gone.
+    assert abs(hold_s(10, now - 1.0, now) - 1.0) < 1e-9
+    assert abs(hold_s(5, None, now) - 0.5) < 1e-9  # held, not yet sent: from now
+    assert hold_s(3, now - 0.5, now) == 0.0  # already due: carry on at once
     assert hold_s(100, now, now) == MAX_HOLD_S
 
 
@@ -66,14 +66,20 @@ async def test_a_reply_that_steps_aside_carries_on_where_it_stopped(server) -> N
     assert stepped.usage.completion_tokens == whole.usage.completion_tokens == 48
 
 
-async def test_a_call_reply_steps_aside_while_another_turn_waits(server, jfk) -> None:
+async def test_a_call_reply_steps_aside_while_another_turn_waits(server, jfk, monkeypatch) -> None:
     """On the real server: while another turn waits for its first sentence
     (held here), a call's reply sends its first sentence, then stops
     generating; once the other turn has its sentence the reply carries on
     (well before the hold would end), is counted in /metrics and in the
     turn's metrics, and is a whole reply."""
+    import llm.yielding
     from benchmarks.client import NativeCaller
     from tests.conftest import with_silence
+
+    # A slow talker's hold (0.6 s a word, no margin), so that here the
+    # other turn's first sentence, not the hold, ends the wait.
+    monkeypatch.setattr(llm.yielding, "SECONDS_PER_WORD", 0.6)
+    monkeypatch.setattr(llm.yielding, "MARGIN_S", 0.0)
 
     first_sentences = server.runtime.first_sentences
     assert first_sentences is not None  # on by default
@@ -116,3 +122,16 @@ async def test_a_call_reply_steps_aside_while_another_turn_waits(server, jfk) ->
     hold_end = first_at + hold_s(len(sentences[0]["text"].split()), first_at, first_at)
     assert let_go + 0.5 < hold_end, "the reply's first sentence is too short to hold it"
     assert let_go < second_at < hold_end
+
+
+def test_replies_step_aside_by_default_where_the_llm_shares_this_cpu() -> None:
+    from voice.server.cli import build_parser, config_from_args
+
+    def steps_aside(*flags: str) -> bool:
+        return config_from_args(build_parser().parse_args(["serve", *flags])).replies_step_aside
+
+    assert steps_aside()  # llama.cpp on the CPU
+    assert not steps_aside("--llm-device", "cuda")  # a step's cost barely grows with its batch
+    assert not steps_aside("--engine", "remote", "--remote-url", "http://127.0.0.1:1/v1")
+    assert steps_aside("--llm-device", "cuda", "--first-sentences-first")
+    assert not steps_aside("--no-first-sentences-first")

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--llm-thread-poll",
         type=int,
         default=LLMConfig.thread_poll,
-        help="llama.cpp threads between steps: 0 sleep .. 100 spin",
+        help="llama.cpp threadpool between steps: 0 sleep .. 100 spin (no effect on OpenMP builds such as the "
+        "xllamacpp wheel)",
     )
     serve.add_argument(
         "--llm-parallel",
@@ -131,10 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="send sentences that repeat an earlier one (default: a repeat ends the reply)",
     )
     serve.add_argument(
+        "--first-sentences-first",
+        dest="first_sentences_first",
+        action="store_const",
+        const=True,
+        default=None,
+        help="a reply whose first sentence is out steps aside while other turns wait for theirs, and carries on "
+        "before its caller needs the next sentence (default: when the LLM runs on this machine's CPU)",
+    )
+    serve.add_argument(
         "--no-first-sentences-first",
-        action="store_true",
-        help="replies keep generating after their first sentence while other turns wait for theirs "
-        "(default: they step aside, and carry on before their caller needs the next sentence)",
+        dest="first_sentences_first",
+        action="store_const",
+        const=False,
+        help="replies keep generating after their first sentence while other turns wait for theirs",
     )
     serve.add_argument(
         "--speculation",
@@ -202,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--asr-batch-size",
         type=int,
         default=ASRConfig.batch_size,
-        help="decodes from different calls batched into one Whisper call (1: batching off)",
+        help="decodes from different calls batched into one Whisper call (1: batching off; 0: 1 on a CPU, 4 on a GPU)",
     )
     serve.add_argument(
         "--asr-batch-wait-ms",
@@ -419,7 +430,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         resume_grace_s=max(0.0, args.resume_grace_s),
         smart_turn_model=args.smart_turn_model,
         scheduler=args.asr_scheduler,
-        batch_size=max(1, args.asr_batch_size),
+        batch_size=max(0, args.asr_batch_size),
         batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
         partial_budget=max(0.0, args.asr_partial_budget),
     )
@@ -470,7 +481,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.otel_endpoint = args.otel_endpoint
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
-    config.first_sentences_first = not args.no_first_sentences_first
+    config.first_sentences_first = args.first_sentences_first
     config.greeting_instructions = args.greeting_instructions or None
     try:
         config.reply = ReplyPolicy(max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard)

@@ -25,8 +25,11 @@ class ServerConfig:
     reply: ReplyPolicy = field(default_factory=ReplyPolicy)
     # A reply whose first sentence is out stops generating while another
     # turn waits for its first, and carries on when none does or when its
-    # caller has nearly heard what is out (llm/yielding.py).
-    first_sentences_first: bool = True
+    # caller has nearly heard what is out (llm/yielding.py). None: when the
+    # LLM runs on this machine's CPU, where a decode step costs each sequence
+    # in it about what a sequence alone costs; on a GPU (or a remote engine)
+    # a step's cost barely grows with its batch, and a pause buys nothing.
+    first_sentences_first: bool | None = None
     # The agent speaks first on pickup: fixed text, or generated with these
     # instructions (None: the caller speaks first). Calls may set their own.
     greeting: str | None = None
@@ -86,3 +89,9 @@ class ServerConfig:
     # The built-in browser call page (GET /, /demo; voice/server/web/). On by
     # default so `make serve` can be tried at once; production turns it off.
     demo_page: bool = True
+
+    @property
+    def replies_step_aside(self) -> bool:
+        if self.first_sentences_first is not None:
+            return self.first_sentences_first
+        return self.llm.engine != "remote" and self.llm.device == "cpu"

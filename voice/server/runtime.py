@@ -35,7 +35,7 @@ class Runtime:
         self.reply_gate = ReplyGate(self.low_priority)
         # Replies whose first sentence is out step aside for the turns still
         # waiting for theirs (llm/yielding.py); None: they never do.
-        self.first_sentences = FirstSentences() if config.first_sentences_first else None
+        self.first_sentences = FirstSentences() if config.replies_step_aside else None
         self.asr = ASRWorker(config.asr, self.low_priority)
         self.engine = build_engine(config.llm)
         self.ready = False
