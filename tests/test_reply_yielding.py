@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
+
 from llm.base import GenerationRequest
 from llm.yielding import MAX_HOLD_S, hold_s, stream_yielding
 from streaming.fair_share import FirstSentences
@@ -135,3 +137,48 @@ def test_replies_step_aside_by_default_where_the_llm_shares_this_cpu() -> None:
     assert not steps_aside("--engine", "remote", "--remote-url", "http://127.0.0.1:1/v1")
     assert steps_aside("--llm-device", "cuda", "--first-sentences-first")
     assert not steps_aside("--no-first-sentences-first")
+
+
+async def test_only_real_time_calls_make_replies_step_aside(server, jfk) -> None:
+    """A turn of a call fed at the pace of speech waits for its first
+    sentence in the shared registry (others' replies step aside for it); a
+    call fed faster than real time (served last: streaming/fair_share.py)
+    never enters it, so it cannot hold the others' replies back."""
+    from benchmarks.client import NativeCaller
+    from tests.conftest import with_silence
+
+    first_sentences = server.runtime.first_sentences
+    assert first_sentences is not None
+    url = f"ws://127.0.0.1:{server.port}/v1/call"
+
+    async def turn_seen_waiting(fast: bool) -> bool:
+        seen = False
+
+        async def watch() -> None:
+            nonlocal seen
+            while True:
+                seen = seen or first_sentences.any_waiting
+                await asyncio.sleep(0.002)
+
+        async with NativeCaller(url) as caller:
+            ready = await caller.start("mulaw", 8000)
+            watcher = asyncio.create_task(watch())
+            try:
+                audio = with_silence(jfk.load(8000), 8000, 1.5)
+                if fast:  # 10 s of silence at once, then the speech: marked low priority
+                    await caller.play(np.zeros(8000 * 10, dtype=np.float32), 8000, "mulaw", realtime=False)
+                    async with asyncio.timeout(5):
+                        while ready["call_id"] not in server.runtime.low_priority:  # noqa: ASYNC110
+                            await asyncio.sleep(0.01)
+                # Real time (a 1.5x intake would count as fast), or 4x.
+                await caller.play(audio, 8000, "mulaw", realtime=True, speed=4.0 if fast else 1.0)
+                done = await caller.wait_for("response.done", timeout=60)
+                assert done["text"] and not done["cancelled"]
+                if fast:
+                    assert ready["call_id"] in server.runtime.low_priority
+            finally:
+                watcher.cancel()
+        return seen
+
+    assert await turn_seen_waiting(fast=False)
+    assert not await turn_seen_waiting(fast=True)
