@@ -70,7 +70,10 @@ async def test_realtime_text_only_pcmu_and_transcription_events(server):
         assert word_error_rate(clip.reference, completed["transcript"]) <= 0.35, completed
         deltas = "".join(e["delta"] for e in carrier.of("response.output_text.delta"))
         text = carrier.of("response.output_text.done")[0]["text"]
-        assert deltas == text and text.strip()
+        # The deltas stream the model's text as it comes; the reply policy may
+        # stop it after a sentence the deltas already ran past (docs/protocol.md),
+        # so the done text is what the deltas said, up to where it stopped.
+        assert text.strip() and " ".join(deltas.split()).startswith(" ".join(text.split())), (deltas, text)
         assert done["response"]["output"][0]["content"] == [{"type": "output_text", "text": text}]
         assert not carrier.audio_chunks, "text modality sends no audio"
         # The user item precedes the assistant's, and the ids chain.
