@@ -78,8 +78,6 @@ def embedded_gguf_path() -> Path:
 
 # Bump when the requantization changes, so stale cached files are not reused.
 REQUANT_VERSION = "1"
-# What a shipped quantization becomes for llama.cpp on a CPU (None: as shipped).
-CPU_QUANT = "Q8_0"
 
 
 def _requantize(gguf: Path, out: Path, quant: str) -> None:
@@ -114,8 +112,8 @@ def _requantize(gguf: Path, out: Path, quant: str) -> None:
     writer.close()
 
 
-def requantized_gguf(gguf: Path, quant: str = CPU_QUANT, data_dir: Path | None = None) -> Path:
-    """``gguf`` requantized to ``quant``, converted once under ``data_dir``
+def requantized_gguf(gguf: Path, quant: str, data_dir: Path | None = None) -> Path:
+    """``gguf`` requantized to ``quant`` (the server's: LLMConfig.embedded_quant), converted once under ``data_dir``
     and reused (a few seconds for the 135M model). Atomic like
     :func:`hf_folder_for_vllm`: written beside the target, then renamed."""
     gguf = Path(gguf).expanduser().resolve()

@@ -216,4 +216,4 @@ async def test_the_embedded_model_runs_requantized_to_q8_0(inprocess, tmp_path) 
     assert converted.stat().st_mtime_ns == written
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporary left behind
     with pytest.raises(ModelNotFound):
-        requantized_gguf(tmp_path / "missing.gguf")
+        requantized_gguf(tmp_path / "missing.gguf", "Q8_0")
