@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from streaming.threads import llm_share_of_cores
+
 # How a pause's endpoint window is chosen (asr/end_of_turn.py).
 EndOfTurn = Literal["adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"]
 END_OF_TURN_POLICIES: tuple[str, ...] = get_args(EndOfTurn)
@@ -29,7 +31,7 @@ class ASRConfig:
     # bench_priority). With the cores split between the engines (the
     # default), neither preempts the other and the decoder keeps the rank
     # of the rest of the server: finals choose the endpoint, and a lower
-    # rank made them wait (server endpoint p50 620 against 410 ms,
+    # rank made them wait (server endpoint p50 618 against 401 ms,
     # benchmarks/results/bench_cores).
     nice: int = 0
     # None: finals share the decoder above (and its rank). A number: finals
@@ -146,4 +148,4 @@ class ASRConfig:
 def decoder_threads_for(cores: int) -> int:
     """The Whisper decoder's threads on a machine with ``cores``: what the
     LLM leaves (llm.config.threads_for takes half), at least 1, at most 4."""
-    return max(1, min(4, cores - max(1, min(4, cores // 2))))
+    return max(1, min(4, cores - llm_share_of_cores(cores)))

@@ -7,6 +7,7 @@ from dataclasses import InitVar, dataclass, field
 from typing import Literal
 
 from llm.sampling import SamplingParams, sampling_alias
+from streaming.threads import llm_share_of_cores
 
 EngineName = Literal["llamacpp", "vllm", "remote"]
 Isolation = Literal["process", "inprocess"]
@@ -166,8 +167,9 @@ def threads_for(cores: int) -> int:
     every barrier of a step. On 2 cores an engine with 2 threads spins on
     the core the other engine needs, and each of its steps waits for a
     thread the other has preempted. With one thread each, neither has a
-    barrier: at 8 calls the server spent 1.41 CPU-s per answered turn
-    against 1.69 with the LLM on both cores and the decoder ranked below it,
-    and TTFS p90 fell (benchmarks/results/bench_cores, README). Measured on
-    2 cores only; set --llm-threads / --asr-threads on a bigger machine."""
-    return max(1, min(4, cores // 2))
+    barrier: at 8 calls the server spent 1.53 CPU-s per answered turn
+    against 1.87 with the LLM on both cores and the decoder ranked below it,
+    and TTFS p90 fell from 1689 to 1158 ms (benchmarks/results/bench_cores,
+    README; Q8_0 and stepping aside on in both). Measured on 2 cores only;
+    set --llm-threads / --asr-threads on a bigger machine."""
+    return llm_share_of_cores(cores)

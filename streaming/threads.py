@@ -38,3 +38,10 @@ def lower_os_thread_priority(increment: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def llm_share_of_cores(cores: int) -> int:
+    """The LLM's threads when the server splits ``cores`` between the LLM
+    and the Whisper decoder (llm.config.threads_for, asr.config.
+    decoder_threads_for): half, at least 1, at most 4."""
+    return max(1, min(4, cores // 2))
