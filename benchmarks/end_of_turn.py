@@ -61,6 +61,10 @@ LEAD_S = 0.3
 TAIL_S = 3.6  # longer than pipecat's 3 s fallback, so every candidate ends the turn
 # SmolLM2's <|im_end|> (llama.cpp reports special tokens with empty text, so match the id).
 IM_END_ID = 2
+# Tokens that end a sentence ("..." trails off, "," goes on: neither counts).
+SENTENCE_ENDS = frozenset({".", "?", "!"})
+# Two fixed thresholds, not one fitted to this set: "likely" and "more likely than not".
+SENTENCE_END_THRESHOLDS = (0.3, 0.5)
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -228,6 +232,7 @@ class Inputs:
     smart_cpu_s: float = 0.0
     text_p: float | None = None
     text_p_raw: float | None = None  # the same on Whisper's text as decoded (its final period kept)
+    sentence_end_p: float | None = None  # P(. ? ! or end of message next), from the same prefill as text_p
     text_s: float = 0.0
     text_cpu_s: float = 0.0
 
@@ -257,17 +262,36 @@ class TextEndOfTurn:
         params.verbosity = -1
         self.server = xllamacpp.Server(params)
 
-    def probability(self, text: str, strip_period: bool = True) -> float:
-        # Whisper ends fragments with a period; the period would tell the LM
-        # the sentence is over, which is exactly what we don't know.
-        user = text.strip().rstrip(".,…").strip() if strip_period else text.strip()
+    def _top(self, user: str) -> list[dict[str, Any]]:
         prompt = f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>user\n{user}"
         result = self.server.handle_completions({"prompt": prompt, "n_predict": 1, "n_probs": 20, "temperature": 0})
-        top = result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-        for entry in top:
+        return result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+
+    def probabilities(self, text: str, strip_period: bool = True) -> tuple[float, float]:
+        """(P(end of message), P(the sentence ends here)) right after the
+        caller's words, from one prefill.
+
+        Whisper ends fragments with a period, which would tell the LM the
+        sentence is over, exactly what we don't know: ``strip_period`` takes
+        Whisper's final punctuation off. An untuned 135M model rarely ends a
+        user message outright (the first number), but it does know "my
+        number is" needs more words and "please hold" does not: the second
+        is its mass on a full stop, question mark, exclamation mark or end
+        of message next."""
+        user = _unpunctuated(text) if strip_period else text.strip()
+        end = sentence = 0.0  # a token outside the top 20 is below every listed one: call it 0
+        for entry in self._top(user):
+            p = math.exp(entry["logprob"])
             if entry["id"] == IM_END_ID:
-                return math.exp(entry["logprob"])
-        return 0.0  # not in the top 20: below every listed token, call it 0
+                end += p
+                sentence += p
+            elif entry.get("token", "").strip() in SENTENCE_ENDS:
+                sentence += p
+        return end, sentence
+
+
+def _unpunctuated(text: str) -> str:
+    return text.strip().rstrip(".,…?!").strip()
 
 
 class Features:
@@ -291,9 +315,9 @@ class Features:
             inputs.smart_s, inputs.smart_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         if self.text_eot is not None:
             c0, t0 = time.process_time(), time.perf_counter()
-            inputs.text_p = self.text_eot.probability(decoded.text)
+            inputs.text_p, inputs.sentence_end_p = self.text_eot.probabilities(decoded.text)
             inputs.text_s, inputs.text_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-            inputs.text_p_raw = self.text_eot.probability(decoded.text, strip_period=False)
+            inputs.text_p_raw = self.text_eot.probabilities(decoded.text, strip_period=False)[0]
         self._cache[key] = inputs
         return inputs
 
@@ -371,6 +395,41 @@ def _smart_and_text(threshold: float) -> Callable[[Inputs, ASRConfig], Updates]:
     return decide
 
 
+def _sentence_end(threshold: float) -> Callable[[Inputs, ASRConfig], Updates]:
+    # The LM alone: its words say the sentence is over -> min, else max.
+    def decide(i: Inputs, cfg: ASRConfig) -> Updates:
+        assert i.sentence_end_p is not None
+        window = cfg.endpoint_min_s if i.sentence_end_p >= threshold else cfg.endpoint_max_s
+        return [(i.decode_s + i.text_s, window)]
+
+    return decide
+
+
+def _scaled_with_sentence_end(threshold: float | None) -> Callable[[Inputs, ASRConfig], Updates]:
+    """smart_turn_scaled+rules as the server runs it, then the LM's word once
+    it is in (after the pause decode and one prefill). ``threshold``: below
+    it the LM vetoes (max window), else Smart Turn's doubt sets the window;
+    None: the window grows with the doubt of both, min + (1 - Ps * Pt) (max - min)."""
+    scaled = _policy("smart_turn_scaled+rules")
+
+    def decide(i: Inputs, cfg: ASRConfig) -> Updates:
+        assert i.smart_p is not None and i.sentence_end_p is not None
+        out = scaled(i, cfg)
+        rule = endpoint_window(i.text, cfg)
+        span = cfg.endpoint_max_s - cfg.endpoint_min_s
+        if rule >= cfg.endpoint_max_s:
+            window = cfg.endpoint_max_s  # the word rules' veto stands
+        elif threshold is None:
+            window = cfg.endpoint_min_s + (1.0 - i.smart_p * i.sentence_end_p) * span
+        elif i.sentence_end_p < threshold:
+            window = cfg.endpoint_max_s
+        else:
+            window = cfg.endpoint_min_s + (1.0 - i.smart_p) * span
+        return [*out, (max(i.smart_s, i.decode_s + i.text_s), window)]
+
+    return decide
+
+
 def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate]:
     zero: Callable[[Inputs], float] = lambda i: 0.0  # noqa: E731
     smart_cost: Callable[[Inputs], float] = lambda i: i.smart_cpu_s  # noqa: E731
@@ -431,7 +490,33 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
                 "text",
             )
         )
+    if text:
+        se_cost: Callable[[Inputs], float] = lambda i: i.text_cpu_s  # noqa: E731
+        out += [
+            Candidate(f"LLM P(sentence ends here) >= {t:g}", ASRConfig(), _sentence_end(t), se_cost, "text")
+            for t in SENTENCE_END_THRESHOLDS
+        ]
     if smart and text:
+        both: Callable[[Inputs], float] = lambda i: i.smart_cpu_s + i.text_cpu_s  # noqa: E731
+        out += [
+            Candidate(
+                f"smart_turn_scaled+rules, LLM P(sentence ends) < {t:g} vetoes",
+                ASRConfig(end_of_turn="smart_turn_scaled+rules"),
+                _scaled_with_sentence_end(t),
+                both,
+                "smart+text",
+            )
+            for t in SENTENCE_END_THRESHOLDS
+        ]
+        out.append(
+            Candidate(
+                "rules veto, else 0.3 + (1 - Psmart x Psentence) 0.9 s",
+                ASRConfig(end_of_turn="smart_turn_scaled+rules"),
+                _scaled_with_sentence_end(None),
+                both,
+                "smart+text",
+            )
+        )
         out.append(
             Candidate(
                 f"smart turn AND LLM P >= {text_threshold:g}",
@@ -483,6 +568,44 @@ def run_case(case: Case, cand: Candidate, vad: SileroVAD, features: Features, in
     final = next(((t, v) for t, v in ends if t > case.final_start_s), None)
     delay = final[0] - final[1] if final else math.inf
     return Outcome(cut, other, delay, costs)
+
+
+def labelled_inputs(case: Case, vad: SileroVAD, features: Features) -> list[dict[str, Any]]:
+    """What each input said at each labelled pause and at the true end, the
+    turn never ending early (a window longer than any pause): the table a
+    reader checks a candidate's choices against."""
+    tracker = TurnTracker(ASRConfig(endpoint_silence_s=TAIL_S - 0.5, adaptive_endpoint=False), vad.stream())
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for start in range(0, len(case.audio), FRAME):
+        for ev in tracker.feed(case.audio[start : start + FRAME]):
+            if not isinstance(ev, Paused):
+                continue
+            at = ev.speech_end_audio_s
+            label = None
+            for k, pause in enumerate(case.pauses):
+                if k not in seen and pause.start_s - 0.15 <= at <= pause.end_s:
+                    label, complete = pause.kind, pause.complete
+                    seen.add(k)
+                    break
+            if label is None and at >= case.final_start_s and -1 not in seen:
+                label, complete = f"END:{case.end_kind}", True
+                seen.add(-1)
+            if label is None:
+                continue  # a gap inside the speech itself
+            i = features.at(case, ev.audio)
+            out.append(
+                {
+                    "case": case.id,
+                    "label": label,
+                    "complete": complete,
+                    "text": i.text,
+                    "rule_window_s": endpoint_window(i.text, ASRConfig()),
+                    "smart_p": i.smart_p,
+                    "sentence_end_p": i.sentence_end_p,
+                }
+            )
+    return out
 
 
 def _git_commit() -> str | None:
@@ -601,12 +724,14 @@ def main() -> None:
             "smart_p": v.smart_p,
             "text_p": v.text_p,
             "text_p_raw": v.text_p_raw,
+            "sentence_end_p": v.sentence_end_p,
             "decode_ms": round(v.decode_s * 1000, 1),
             "smart_ms": round(v.smart_s * 1000, 1),
             "text_ms": round(v.text_s * 1000, 1),
         }
         for k, v in features._cache.items()
     ]
+    labelled = [x for c in cases for x in labelled_inputs(c, vad, features)]
     out = Path(ns.output)
     out.parent.mkdir(exist_ok=True)
     load = os.getloadavg()
@@ -630,6 +755,7 @@ def main() -> None:
                 "pause_decode_ms": decode_ms,
                 "cases": detail,
                 "probes": probes,
+                "labelled_inputs": labelled,
             },
             indent=1,
         )
