@@ -8,8 +8,12 @@ from typing import Literal, get_args
 from streaming.threads import llm_share_of_cores
 
 # How a pause's endpoint window is chosen (asr/end_of_turn.py).
-EndOfTurn = Literal["adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules"]
+EndOfTurn = Literal[
+    "adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules", "smart_turn_scaled+rules+llm"
+]
 END_OF_TURN_POLICIES: tuple[str, ...] = get_args(EndOfTurn)
+# Policies that also ask the LLM whether the caller's sentence is over.
+LLM_END_OF_TURN_POLICIES = frozenset({"smart_turn_scaled+rules+llm"})
 
 
 @dataclass
@@ -116,8 +120,12 @@ class ASRConfig:
     # "smart_turn" = Smart Turn v3.2's audio verdict (done -> min, else max);
     # "smart_turn+rules" = the model, but a continuation word still waits max;
     # "smart_turn_scaled+rules" = that veto, else a window that grows with the
-    # model's doubt. Only used when adaptive_endpoint is on.
+    # model's doubt; "smart_turn_scaled+rules+llm" = that, and the loaded
+    # LLM's P(the sentence ends here) below llm_sentence_end_threshold
+    # waits the longest window too (llm/sentence_end.py). Only used when
+    # adaptive_endpoint is on.
     end_of_turn: EndOfTurn = "adaptive"
+    llm_sentence_end_threshold: float = 0.15
     # A caller who starts speaking again this soon after the reply's first
     # sentence went out was not done: the reply was premature. It stops, it
     # leaves the history, and their two halves are answered as one turn

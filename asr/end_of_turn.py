@@ -17,6 +17,9 @@ pause:
   model says; otherwise the model decides.
 * ``smart_turn_scaled+rules``: the same veto, otherwise the window grows
   with the model's doubt: ``min + (1 - P(done)) * (max - min)``.
+* ``smart_turn_scaled+rules+llm``: that, and the loaded LLM's probability
+  that the sentence ends after the caller's words (llm/sentence_end.py)
+  below ``llm_sentence_end_threshold`` waits the longest window too.
 
 Measured side by side by benchmarks/end_of_turn.py on
 benchmarks/data/eot/pauses.json.
@@ -216,15 +219,30 @@ def _resolved(model_path: str | None) -> str:
     return str(find_smart_turn_model(model_path).resolve())
 
 
-def decide_window(policy: str, rule_window: float | None, probability: float | None, config: ASRConfig) -> float:
+def decide_window(
+    policy: str,
+    rule_window: float | None,
+    probability: float | None,
+    config: ASRConfig,
+    sentence_end: float | None = None,
+) -> float:
     """Endpoint window (s) from what is known so far at this pause.
 
     ``rule_window``: the word rules' window for the pause decode (None until
     that decode is in); ``probability``: Smart Turn's P(done) (None until the
-    model ran). Either may arrive first; the session calls this on each.
+    model ran); ``sentence_end``: the LLM's P(the sentence ends here) on the
+    pause decode's words (None until it answered, or where the engine
+    cannot say). Any may arrive first; the session calls this on each.
     """
     if policy not in SMART_TURN_POLICIES:
         return rule_window if rule_window is not None else config.endpoint_unsure_s
+    if policy == "smart_turn_scaled+rules+llm":
+        # The LLM knows "my number is" and "I'd like to book an" need more
+        # words, which the rules' word list and the model's ear both miss;
+        # until it has answered, smart_turn_scaled+rules decides.
+        if sentence_end is not None and sentence_end < config.llm_sentence_end_threshold:
+            return config.endpoint_max_s
+        policy = "smart_turn_scaled+rules"
     done = probability is not None and probability >= config.smart_turn_threshold
     if policy == "smart_turn":
         if probability is None:

@@ -117,6 +117,12 @@ SYSTEMS: dict[str, System] = {
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),
+        System("firstline-smart-turn", "firstline", "firstline ending turns by Smart Turn v3.2 under the word rules' "
+               "veto (--end-of-turn smart_turn_scaled+rules)", ["--end-of-turn", "smart_turn_scaled+rules"],
+               ALL_PROTOCOLS),
+        System("firstline-eot-llm", "firstline", "firstline ending turns by Smart Turn, the word rules and the LLM's "
+               "P(the sentence ends here) (--end-of-turn smart_turn_scaled+rules+llm)",
+               ["--end-of-turn", "smart_turn_scaled+rules+llm"], ALL_PROTOCOLS),
         System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
                ["--speculation", "ngram"], ALL_PROTOCOLS),
         System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "

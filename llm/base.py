@@ -92,6 +92,11 @@ class EngineError(RuntimeError):
     code = "llm_failed"
 
 
+class SentenceEndUnsupported(EngineError):
+    """This engine has no next-token probabilities to offer (asked once; the
+    end-of-turn policy then goes on without them)."""
+
+
 class EngineUnavailable(EngineError):
     """No engine can take the request right now (the supervised engine is
     restarting and no secondary is configured, or every replica is down)."""
@@ -136,6 +141,14 @@ class LLMEngine(abc.ABC):
         request = GenerationRequest(f"prefill-{id(messages)}", messages, max_tokens=1, session_key=session_key)
         async for _ in self.stream(request):
             pass
+
+    async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
+        """P(the caller's sentence ends after the last (user) message's
+        words), an end-of-turn input: the model's mass on ". ? !" or its
+        end-of-message token next (llm/sentence_end.py). Raises
+        :class:`SentenceEndUnsupported` where this engine cannot say (a
+        remote server that is not firstline's own)."""
+        raise SentenceEndUnsupported(f"the {self.name} engine cannot score where a sentence ends")
 
     def end_session(self, session_key: str) -> None:
         """The call behind ``session_key`` ended: an engine that keeps

@@ -10,6 +10,7 @@ cancels the request inside llama.cpp, which is how barge-in frees the slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -18,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.base import EngineError, GenerationRequest, LLMEngine, SentenceEndUnsupported
 from llm.config import LLMConfig
+from llm.sentence_end import TOP_TOKENS, GGUFChatTemplate, open_prompt, sentence_end_mass
 from streaming.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class LlamaCppEngine(LLMEngine):
         quant = config.embedded_quant if config.device == "cpu" else None
         self.model_path = resolve_gguf(config.model, quant)
         self._server: Any = None
+        self._template: GGUFChatTemplate | None = None  # read from the GGUF on first use
         # One thread per llama.cpp slot: each blocking request holds a thread
         # until it finishes or is cancelled.
         self._pool = ThreadPoolExecutor(
@@ -111,6 +114,10 @@ class LlamaCppEngine(LLMEngine):
 
         self._server = await loop.run_in_executor(self._pool, build)
         await self.warm_up(self.config.system_prompt)
+        # Read now, not at the first caller's pause (parsing the GGUF's
+        # metadata takes a moment); a model without a template scores nothing.
+        with contextlib.suppress(Exception):
+            self._template = await loop.run_in_executor(self._pool, GGUFChatTemplate, self.model_path)
         self.startup_s = time.perf_counter() - started
         log.info("llama.cpp engine warm in %.2f s (%s)", self.startup_s, self.model_path.name)
 
@@ -178,6 +185,27 @@ class LlamaCppEngine(LLMEngine):
             if content:
                 text.append(content)
         return "".join(text)
+
+    async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
+        if self._server is None:
+            raise EngineError("engine not started")
+        if self._template is None:
+            try:
+                self._template = GGUFChatTemplate(self.model_path)
+            except Exception as exc:  # no template, no gguf package: the policy goes on without it
+                raise SentenceEndUnsupported(f"{self.model_path.name}: {exc}") from exc
+        template = self._template
+        prompt = open_prompt(template.render, messages)
+        body = {"prompt": prompt, "n_predict": 1, "n_probs": TOP_TOKENS, "temperature": 0, "cache_prompt": True}
+
+        def run() -> Any:
+            return self._server.handle_completions(body)
+
+        result = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        if not isinstance(result, dict) or "error" in result:
+            raise EngineError(f"llama.cpp: {result.get('error') if isinstance(result, dict) else result!r:.200}")
+        top = result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        return sentence_end_mass(((t.get("token", ""), t.get("id"), t["logprob"]) for t in top), template.end_ids)
 
     async def close(self) -> None:
         self._server = None  # the C++ server shuts down when released

@@ -48,7 +48,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.base import EngineError, GenerationRequest, LLMEngine, SentenceEndUnsupported
 from llm.config import LLMConfig, SpeculationConfig
 from llm.sampling import SamplingError, SamplingParams, add_sampling_arguments, did_you_mean, sampling_from_args
 
@@ -61,6 +61,7 @@ _ids = itertools.count(1)
 ENGINE_KEY_ENV = "FIRSTLINE_ENGINE_KEY"
 # What a client hears of a failed generation; the exception goes to the log.
 GENERATION_FAILED = "the engine failed to generate this reply"
+SENTENCE_END_PATH = "/firstline/v1/sentence_end"
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
@@ -251,6 +252,9 @@ class OpenAIServer:
         app = web.Application(client_max_size=4 << 20, middlewares=[self._require_key])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        # firstline's own: what RemoteEngine.sentence_end_probability asks
+        # (a plain OpenAI server answers 404 and the policy goes on without it).
+        app.router.add_post(SENTENCE_END_PATH, self.sentence_end)
         app.router.add_get("/health", self.health)
         return app
 
@@ -302,6 +306,33 @@ class OpenAIServer:
             return await self._complete(request)
         finally:
             self.active -= 1
+
+    async def sentence_end(self, http: web.Request) -> web.Response:
+        if not self.ready:
+            return _error(503, "model is loading", "unavailable")
+        try:
+            body = await http.json()
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"the body is not valid JSON: {exc}")
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)
+            or messages[-1]["role"] != "user"
+        ):  # fmt: skip
+            return _error(
+                400, "'messages' must be a list of {role, content} strings ending with the user's", "messages"
+            )
+        try:
+            probability = await self.engine.sentence_end_probability(messages)
+        except SentenceEndUnsupported as exc:
+            return _error(501, str(exc), "not_supported")
+        except Exception:
+            log.exception("sentence-end probe failed")
+            return _error(500, GENERATION_FAILED, "engine_error")
+        return web.json_response({"probability": probability})
 
     async def _complete(self, request: GenerationRequest) -> web.Response:
         try:

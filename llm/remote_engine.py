@@ -36,7 +36,7 @@ from typing import Any
 
 import aiohttp
 
-from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, Usage
+from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, SentenceEndUnsupported, Usage
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ class RemoteEngine(LLMEngine):
         self._open: dict[aiohttp.ClientResponse, str | None] = {}
         # False once the server answered /finish_session with 404: not a router.
         self._finishes_sessions = True
+        # False once the server had no sentence-end route: not firstline's own.
+        self._scores_sentence_end = True
         self._finishing: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -166,6 +168,34 @@ class RemoteEngine(LLMEngine):
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         return self._stream(request)
+
+    async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
+        """Asked of firstline's own engine server (llm/openai_server.py); any
+        other server has no such route and is remembered as unable."""
+        from llm.openai_server import SENTENCE_END_PATH
+
+        if not self._scores_sentence_end:
+            raise SentenceEndUnsupported(f"LLM server {self.root} cannot score where a sentence ends")
+        headers = {"X-Session-ID": session_key} if session_key else None
+        timeout = aiohttp.ClientTimeout(total=self.first_token_timeout_s, sock_connect=self.connect_timeout_s)
+        try:
+            async with self._client().post(
+                self.root + SENTENCE_END_PATH, json={"messages": messages}, headers=headers, timeout=timeout
+            ) as r:
+                if r.status in (404, 405, 501):
+                    self._scores_sentence_end = False
+                    raise SentenceEndUnsupported(f"LLM server {self.root} cannot score where a sentence ends")
+                if r.status != 200:
+                    raise EngineError(f"LLM server {self.root} answered HTTP {r.status}: {(await r.text())[:300]}")
+                data = await r.json(content_type=None)
+        except aiohttp.ClientConnectorError as exc:
+            raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise EngineError(f"LLM server {self.root}: {type(exc).__name__}: {exc}") from exc
+        probability = data.get("probability") if isinstance(data, dict) else None
+        if not isinstance(probability, int | float) or not 0.0 <= probability <= 1.0:
+            raise EngineError(f"LLM server {self.root} sent no probability: {str(data)[:200]}")
+        return float(probability)
 
     def abort_all(self, reason: str) -> None:
         """End every stream in flight now, each with ``EngineError(reason)``
@@ -474,6 +504,12 @@ class RemotePool(LLMEngine):
                 log.warning("replica %s failed (%s); trying the next", replica.base_url, exc)
                 errors.append(str(exc))
         raise EngineUnavailable("no LLM replica could serve the request: " + "; ".join(errors))
+
+    async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
+        # The call's own replica (its prefix cache holds this prompt); no
+        # failover: a probe that fails only costs the pause its LLM input.
+        index = self.order(session_key or "")[0]
+        return await self.replicas[index].sentence_end_probability(messages, session_key)
 
     def end_session(self, session_key: str) -> None:
         index = self._pins.pop(session_key, None)

@@ -294,6 +294,14 @@ class SupervisedEngine(LLMEngine):
         async for delta in self.secondary.stream(request):
             yield delta
 
+    async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
+        remote = self._remote
+        if self.primary_up and remote is not None:
+            return await remote.sentence_end_probability(messages, session_key)
+        if self.secondary is None:
+            raise EngineUnavailable(f"the {self.config.engine} engine process is restarting (no secondary configured)")
+        return await self.secondary.sentence_end_probability(messages, session_key)
+
     def end_session(self, session_key: str) -> None:
         # The child is one llm.openai_server (no sessions); a secondary may be a router.
         if self.secondary is not None:

@@ -25,6 +25,7 @@ from typing import Any
 from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
 from llm.config import LLMConfig, SpeculationConfig
 from llm.sampling import SamplingError, SamplingParams
+from llm.sentence_end import TOP_TOKENS, open_prompt, sentence_end_mass
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,36 @@ class VLLMEngine(LLMEngine):
                 # finished the reply.
                 await self._abort(request_id)
             await outputs.aclose()
+
+    async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        if self._engine is None:
+            raise EngineError("engine not started")
+        tokenizer = self._tokenizer
+
+        def render(msgs: list[dict[str, str]]) -> str:
+            return str(tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False))
+
+        # The template writes its own special tokens (BOS included) into the text.
+        ids = list(tokenizer.encode(open_prompt(render, messages), add_special_tokens=False))
+        end_ids = frozenset(
+            i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)
+        )
+        request_id = f"sentence-end-{next(self._ids)}"
+        params = VLLMSamplingParams(max_tokens=1, temperature=0.0, logprobs=TOP_TOKENS)
+        top: dict[int, Any] = {}
+        try:
+            async for output in self._engine.generate(_engine_prompt(ids), params, request_id):
+                logprobs = output.outputs[0].logprobs
+                if logprobs:
+                    top = logprobs[0]
+        except Exception as error:
+            raise EngineError(f"vLLM request {request_id} failed: {error}") from error
+        return sentence_end_mass(
+            ((entry.decoded_token or tokenizer.decode([tid]), tid, entry.logprob) for tid, entry in top.items()),
+            end_ids,
+        )
 
     async def _abort(self, request_id: str) -> None:
         engine = self._engine

@@ -34,7 +34,8 @@ def _model_path() -> str:
 def cases() -> dict[str, Case]:
     spec = json.loads(SPEC.read_text())
     builder = Builder(spec)
-    wanted = {"tts-00", "tts-01", "tts-18"}  # account number, last four digits, a finished question
+    # account number, last four digits, "and" before the rest, a finished question
+    wanted = {"tts-00", "tts-01", "tts-10", "tts-18"}
     return {item["id"]: builder.spoken(item) for item in spec["spoken"] if item["id"] in wanted}
 
 
@@ -103,6 +104,15 @@ def test_decide_window_table() -> None:
     assert decide_window("smart_turn_scaled+rules", mid, 1.0, cfg) == lo
     assert decide_window("smart_turn_scaled+rules", mid, 0.0, cfg) == hi
     assert decide_window("smart_turn_scaled+rules", hi, 1.0, cfg) == hi
+    # +llm: the LLM's "the sentence goes on" waits long whatever else says done;
+    # until it answers (or where it cannot), smart_turn_scaled+rules decides.
+    llm = "smart_turn_scaled+rules+llm"
+    below, above = cfg.llm_sentence_end_threshold / 2, min(1.0, cfg.llm_sentence_end_threshold * 2)
+    assert decide_window(llm, lo, 1.0, cfg, below) == hi
+    assert decide_window(llm, lo, 1.0, cfg, above) == lo
+    assert decide_window(llm, lo, 1.0, cfg, None) == lo
+    assert decide_window(llm, hi, 1.0, cfg, above) == hi  # the rules' veto stands
+    assert decide_window(llm, None, None, cfg, above) == mid
 
 
 def test_missing_model_is_a_clear_error(tmp_path: object) -> None:
@@ -118,7 +128,12 @@ def test_missing_model_is_a_clear_error(tmp_path: object) -> None:
     assert config_from_args(build_parser().parse_args(["serve"])).asr.end_of_turn == "adaptive"
 
 
-async def test_pause_hook_sets_the_window(server: object, cases: dict[str, Case]) -> None:
+async def _window_at(
+    server: object, audio: np.ndarray, policy: str, wait_llm: bool = False
+) -> tuple[float, float | None]:
+    """The tracker's window once the pause's inputs are in (the decode's
+    words, Smart Turn, and with ``wait_llm`` the LLM's answer), and the LLM's
+    P(the sentence ends here) (None where it was not asked)."""
     from voice.call.session import CallSession
     from voice.call.start import Start
 
@@ -127,31 +142,47 @@ async def test_pause_hook_sets_the_window(server: object, cases: dict[str, Case]
     async def emit(event: dict[str, object]) -> None:
         return None
 
-    async def window_at(audio: np.ndarray) -> float:
-        session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
-        # No silent-line filler: the test decides how much silence the tracker hears.
-        session.asr_config = dataclasses.replace(
-            server.runtime.config.asr,  # type: ignore[attr-defined]
-            end_of_turn="smart_turn+rules",
-            smart_turn_model=model,
-            silent_line_s=0.0,
-        )
-        await session.start(Start(encoding="pcm16", sample_rate=RATE))
-        pcm = float_to_int16(audio).tobytes()
-        for i in range(0, len(pcm), 640):
-            await session.audio(pcm[i : i + 640])
-        try:
-            for _ in range(200):  # both inputs of the pause: the decode's words and the model
-                if session._eot_rule is not None and session._eot_prob is not None:
+    session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
+    # No silent-line filler: the test decides how much silence the tracker hears.
+    session.asr_config = dataclasses.replace(
+        server.runtime.config.asr,  # type: ignore[attr-defined]
+        end_of_turn=policy,
+        smart_turn_model=model,
+        silent_line_s=0.0,
+    )
+    await session.start(Start(encoding="pcm16", sample_rate=RATE))
+    pcm = float_to_int16(audio).tobytes()
+    for i in range(0, len(pcm), 640):
+        await session.audio(pcm[i : i + 640])
+    try:
+        for _ in range(200):
+            if session._eot_rule is not None and session._eot_prob is not None:
+                if not wait_llm or session._eot_llm is not None:
                     break
-                await asyncio.sleep(0.05)
-            assert session._eot_rule is not None and session._eot_prob is not None
-            assert session._tracker is not None
-            return session._tracker.endpoint_s
-        finally:
-            await session.stop()
+            await asyncio.sleep(0.05)
+        assert session._eot_rule is not None and session._eot_prob is not None
+        assert session._tracker is not None
+        return session._tracker.endpoint_s, session._eot_llm
+    finally:
+        await session.stop()
 
+
+async def test_pause_hook_sets_the_window(server: object, cases: dict[str, Case]) -> None:
     # 0.25 s of silence: enough for Paused, short of every window, so the
     # turn is still open when the window is read.
-    assert await window_at(_at_pause(cases["tts-00"], 0, after_s=0.25)) == CFG.endpoint_max_s
-    assert await window_at(_at_pause(cases["tts-18"], None, after_s=0.25)) == CFG.endpoint_min_s
+    window, _ = await _window_at(server, _at_pause(cases["tts-00"], 0, after_s=0.25), "smart_turn+rules")
+    assert window == CFG.endpoint_max_s
+    window, _ = await _window_at(server, _at_pause(cases["tts-18"], None, after_s=0.25), "smart_turn+rules")
+    assert window == CFG.endpoint_min_s
+
+
+async def test_the_llm_hears_a_sentence_go_on(server: object, cases: dict[str, Case]) -> None:
+    """smart_turn_scaled+rules+llm through the server's own engine (the
+    supervised child, over its sentence-end route): "I want to pay my bill
+    and" is not over; "is the pharmacy open right now?" is."""
+    policy = "smart_turn_scaled+rules+llm"
+    threshold = CFG.llm_sentence_end_threshold
+    window, p = await _window_at(server, _at_pause(cases["tts-10"], 0, after_s=0.25), policy, wait_llm=True)
+    assert p is not None and p < threshold and window == CFG.endpoint_max_s
+    window, p = await _window_at(server, _at_pause(cases["tts-18"], None, after_s=0.25), policy, wait_llm=True)
+    assert p is not None and p >= threshold and window < CFG.endpoint_unsure_s

@@ -230,3 +230,11 @@ async def test_vllm_refuses_what_it_cannot_honour(engine: VLLMEngine) -> None:
     # As a server-wide default it fails at construction, before any loading.
     with pytest.raises(EngineError, match="vLLM has no DRY sampler"):
         VLLMEngine(LLMConfig(engine="vllm", sampling=SamplingParams(dry_multiplier=0.8)))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_vllm_knows_a_sentence_that_goes_on(engine: VLLMEngine) -> None:
+    # The same end-of-turn input as the embedded engine's (tests/test_sentence_end.py).
+    going_on = await engine.sentence_end_probability(_messages("My phone number is."))
+    over = await engine.sentence_end_probability(_messages("Where is my order?"))
+    assert going_on < 0.05 < 0.2 < over, (going_on, over)

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from asr.config import ASRConfig
+from asr.config import LLM_END_OF_TURN_POLICIES, ASRConfig
 from asr.end_of_turn import SMART_TURN_POLICIES, decide_window, shared_smart_turn
 from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
-from llm.base import EngineError
+from llm.base import EngineError, SentenceEndUnsupported
 from llm.sampling import SamplingError, SamplingParams
 from streaming.codecs import StreamResampler, decode, int16_to_float
 from streaming.fair_share import IntakeRate
@@ -87,7 +87,9 @@ class CallSession:
         self._pause_id = 0  # bumped on every Paused / Resumed / TurnEnded: a late answer is dropped
         self._eot_rule: float | None = None
         self._eot_prob: float | None = None
+        self._eot_llm: float | None = None  # the LLM's P(the sentence ends here)
         self._smart_turn_busy = False
+        self._sentence_end_busy = False
         self._prefilling = False
         self._tasks: set[asyncio.Task[None]] = set()
         # (stream position in s at the end of a fed frame, monotonic arrival)
@@ -279,7 +281,7 @@ class CallSession:
         self._fed_s = 0.0
         self._arrivals.clear()
         self._pause_id += 1
-        self._eot_rule = self._eot_prob = None
+        self._eot_rule = self._eot_prob = self._eot_llm = None
 
     def cancel_reply(self) -> bool:
         """Stop the reply being generated (Realtime ``response.cancel``).
@@ -329,7 +331,7 @@ class CallSession:
     async def _on_event(self, ev: object, now: float) -> None:
         if isinstance(ev, Paused | Resumed | TurnEnded):
             self._pause_id += 1
-            self._eot_rule = self._eot_prob = None
+            self._eot_rule = self._eot_prob = self._eot_llm = None
         if isinstance(ev, SpeechStarted):
             await self.emit({"type": "speech.started", "audio_ms": round(ev.audio_s * 1000)})
             active = self._active
@@ -387,14 +389,59 @@ class CallSession:
             )
         elif cfg.adaptive_endpoint and self._tracker is not None:
             self._eot_rule = endpoint_window(self._last_partial, cfg)
-            self._tracker.set_endpoint(decide_window(cfg.end_of_turn, self._eot_rule, self._eot_prob, cfg))
+            self._set_window()
+            self._ask_sentence_end(self._last_partial)
 
     def _window(self, turn: Turn, seconds: float) -> None:
         # The pause decode is in: its words choose how long to wait.
         if self.asr_config.adaptive_endpoint and turn is self._pending and self._tracker is not None:
             self._eot_rule = seconds
-            cfg = self.asr_config
-            self._tracker.set_endpoint(decide_window(cfg.end_of_turn, seconds, self._eot_prob, cfg))
+            self._set_window()
+            self._ask_sentence_end(turn.user_text)
+
+    def _set_window(self) -> None:
+        """The pause's endpoint window from every input in so far."""
+        cfg = self.asr_config
+        if self._tracker is not None:
+            window = decide_window(cfg.end_of_turn, self._eot_rule, self._eot_prob, cfg, self._eot_llm)
+            self._tracker.set_endpoint(window)
+
+    def _ask_sentence_end(self, words: str) -> None:
+        """Under an LLM end-of-turn policy, ask the engine whether the
+        caller's sentence is over, unless the words already wait the
+        longest window (the answer could not shorten it)."""
+        cfg = self.asr_config
+        if (
+            cfg.end_of_turn not in LLM_END_OF_TURN_POLICIES
+            or not words
+            or self._sentence_end_busy
+            or self.runtime.sentence_end_unsupported
+            or (self._eot_rule is not None and self._eot_rule >= cfg.endpoint_max_s)
+        ):
+            return
+        self._spawn(self._sentence_end(words, self._pause_id))
+
+    async def _sentence_end(self, words: str, pause_id: int) -> None:
+        # One probe in flight per call, as for Smart Turn.
+        self._sentence_end_busy = True
+        try:
+            probability = await self.runtime.engine.sentence_end_probability(
+                self.messages(words), session_key=self.call_id
+            )
+        except SentenceEndUnsupported as exc:
+            if not self.runtime.sentence_end_unsupported:
+                self.runtime.sentence_end_unsupported = True
+                log.warning("end of turn goes on without the LLM's input: %s", exc)
+            return
+        except Exception:  # the other inputs still decide; a probe failure must not end the call
+            log.debug("sentence-end probe failed on call %s", self.call_id, exc_info=True)
+            return
+        finally:
+            self._sentence_end_busy = False
+        if pause_id != self._pause_id or self._tracker is None:
+            return  # the caller resumed (or the turn ended) while the LLM answered
+        self._eot_llm = probability
+        self._set_window()
 
     async def _smart_turn(self, audio: np.ndarray, pause_id: int) -> None:
         # One inference in flight per call: a caller flapping between speech
@@ -412,7 +459,7 @@ class CallSession:
         if pause_id != self._pause_id or self._tracker is None:
             return  # the caller resumed (or the turn ended) while the model ran
         self._eot_prob = probability
-        self._tracker.set_endpoint(decide_window(cfg.end_of_turn, self._eot_rule, probability, cfg))
+        self._set_window()
 
     def _abort_pending(self) -> None:
         if self._pending is not None:

@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a pause's window is chosen (asr/end_of_turn.py; benchmarks/end_of_turn.py compares them)",
     )
     serve.add_argument(
+        "--llm-sentence-end-threshold",
+        type=float,
+        default=ASRConfig.llm_sentence_end_threshold,
+        help="under --end-of-turn smart_turn_scaled+rules+llm: below this P(the sentence ends here) wait the longest",
+    )
+    serve.add_argument(
         "--resume-grace-s",
         type=float,
         default=ASRConfig.resume_grace_s,
@@ -428,6 +434,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         adaptive_endpoint=not args.fixed_endpoint,
         end_of_turn=args.end_of_turn,
         resume_grace_s=max(0.0, args.resume_grace_s),
+        llm_sentence_end_threshold=min(1.0, max(0.0, args.llm_sentence_end_threshold)),
         smart_turn_model=args.smart_turn_model,
         scheduler=args.asr_scheduler,
         batch_size=max(0, args.asr_batch_size),

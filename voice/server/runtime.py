@@ -38,6 +38,9 @@ class Runtime:
         self.first_sentences = FirstSentences() if config.replies_step_aside else None
         self.asr = ASRWorker(config.asr, self.low_priority)
         self.engine = build_engine(config.llm)
+        # Set once the engine said it cannot score where a sentence ends
+        # (asr/end_of_turn.py's LLM input): no call asks again.
+        self.sentence_end_unsupported = False
         self.ready = False
         self.startup_s: dict[str, float] = {}
         self.active_calls = 0
