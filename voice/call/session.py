@@ -409,11 +409,14 @@ class CallSession:
     def _ask_sentence_end(self, words: str) -> None:
         """Under an LLM end-of-turn policy, ask the engine whether the
         caller's sentence is over, unless the words already wait the
-        longest window (the answer could not shorten it)."""
+        longest window (the answer could not shorten it). A call fed faster
+        than real time gets no probes: they would take the engine from the
+        real-time calls' replies."""
         cfg = self.asr_config
         if (
             cfg.end_of_turn not in LLM_END_OF_TURN_POLICIES
             or not words
+            or self._low_priority
             or self._sentence_end_busy
             or self.runtime.sentence_end_unsupported
             or (self._eot_rule is not None and self._eot_rule >= cfg.endpoint_max_s)
