@@ -281,13 +281,19 @@ class OpenAIServer:
             }
         )
 
-    async def chat_completions(self, http: web.Request) -> web.StreamResponse:
+    async def _body(self, http: web.Request) -> tuple[Any, web.Response | None]:
+        """The request's JSON body, or the error to answer instead."""
         if not self.ready:
-            return _error(503, "model is loading", "unavailable")
+            return None, _error(503, "model is loading", "unavailable")
         try:
-            body = await http.json()
+            return await http.json(), None
         except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, f"the body is not valid JSON: {exc}")
+            return None, _error(400, f"the body is not valid JSON: {exc}")
+
+    async def chat_completions(self, http: web.Request) -> web.StreamResponse:
+        body, refused = await self._body(http)
+        if refused is not None:
+            return refused
         try:
             request, stream, include_usage = _parse(body, self.sampling)
             self.engine.check_sampling(request.sampling)
@@ -308,12 +314,9 @@ class OpenAIServer:
             self.active -= 1
 
     async def sentence_end(self, http: web.Request) -> web.Response:
-        if not self.ready:
-            return _error(503, "model is loading", "unavailable")
-        try:
-            body = await http.json()
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, f"the body is not valid JSON: {exc}")
+        body, refused = await self._body(http)
+        if refused is not None:
+            return refused
         messages = body.get("messages") if isinstance(body, dict) else None
         if (
             not isinstance(messages, list)

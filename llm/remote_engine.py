@@ -140,18 +140,27 @@ class RemoteEngine(LLMEngine):
             self.healthy = False
         return self.healthy
 
-    async def _resolve_model(self) -> str:
-        url = self.base_url + "/models"
+    async def _json(
+        self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """One short (not streamed) request: its status and, for a 200, its
+        JSON body, else the start of its text."""
+        timeout = aiohttp.ClientTimeout(total=self.first_token_timeout_s, sock_connect=self.connect_timeout_s)
         try:
-            timeout = aiohttp.ClientTimeout(total=self.first_token_timeout_s, sock_connect=self.connect_timeout_s)
-            async with self._client().get(url, timeout=timeout) as r:
+            async with self._client().request(method, url, json=body, headers=headers, timeout=timeout) as r:
                 if r.status != 200:
-                    raise EngineError(f"LLM server {url} answered HTTP {r.status}: {(await r.text())[:300]}")
-                data = await r.json(content_type=None)
+                    return r.status, (await r.text())[:300]
+                return r.status, await r.json(content_type=None)
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise EngineError(f"LLM server {url}: {type(exc).__name__}: {exc}") from exc
+
+    async def _resolve_model(self) -> str:
+        url = self.base_url + "/models"
+        status, data = await self._json("GET", url)
+        if status != 200:
+            raise EngineError(f"LLM server {url} answered HTTP {status}: {data}")
         models = data.get("data") if isinstance(data, dict) else None
         if not models:
             raise EngineError(f"LLM server {url} lists no model")
@@ -177,21 +186,12 @@ class RemoteEngine(LLMEngine):
         if not self._scores_sentence_end:
             raise SentenceEndUnsupported(f"LLM server {self.root} cannot score where a sentence ends")
         headers = {"X-Session-ID": session_key} if session_key else None
-        timeout = aiohttp.ClientTimeout(total=self.first_token_timeout_s, sock_connect=self.connect_timeout_s)
-        try:
-            async with self._client().post(
-                self.root + SENTENCE_END_PATH, json={"messages": messages}, headers=headers, timeout=timeout
-            ) as r:
-                if r.status in (404, 405, 501):
-                    self._scores_sentence_end = False
-                    raise SentenceEndUnsupported(f"LLM server {self.root} cannot score where a sentence ends")
-                if r.status != 200:
-                    raise EngineError(f"LLM server {self.root} answered HTTP {r.status}: {(await r.text())[:300]}")
-                data = await r.json(content_type=None)
-        except aiohttp.ClientConnectorError as exc:
-            raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise EngineError(f"LLM server {self.root}: {type(exc).__name__}: {exc}") from exc
+        status, data = await self._json("POST", self.root + SENTENCE_END_PATH, {"messages": messages}, headers)
+        if status in (404, 405, 501):
+            self._scores_sentence_end = False
+            raise SentenceEndUnsupported(f"LLM server {self.root} cannot score where a sentence ends")
+        if status != 200:
+            raise EngineError(f"LLM server {self.root} answered HTTP {status}: {data}")
         probability = data.get("probability") if isinstance(data, dict) else None
         if not isinstance(probability, int | float) or not 0.0 <= probability <= 1.0:
             raise EngineError(f"LLM server {self.root} sent no probability: {str(data)[:200]}")
