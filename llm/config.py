@@ -77,6 +77,11 @@ class LLMConfig:
     # Keep the prefix cache warm with the caller's words while they speak
     # (one prefill per partial transcript), so end-of-turn prefill is short.
     incremental_prefill: bool = True
+    # Load what LLMEngine.sentence_end_probability needs at start (the chat
+    # template read from the GGUF takes seconds): set where the end-of-turn
+    # policy asks the LLM (asr/config.py LLM_END_OF_TURN_POLICIES), so no
+    # other engine start or restart pays for it.
+    score_sentence_ends: bool = False
     # vLLM only.
     enforce_eager: bool = True
     prefix_caching: bool = True

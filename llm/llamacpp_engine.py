@@ -59,7 +59,7 @@ class LlamaCppEngine(LLMEngine):
         quant = config.embedded_quant if config.device == "cpu" else None
         self.model_path = resolve_gguf(config.model, quant)
         self._server: Any = None
-        self._template: GGUFChatTemplate | None = None  # read from the GGUF on first use
+        self._template: asyncio.Future[GGUFChatTemplate] | None = None  # read from the GGUF once
         # One thread per llama.cpp slot: each blocking request holds a thread
         # until it finishes or is cancelled.
         self._pool = ThreadPoolExecutor(
@@ -114,10 +114,11 @@ class LlamaCppEngine(LLMEngine):
 
         self._server = await loop.run_in_executor(self._pool, build)
         await self.warm_up(self.config.system_prompt)
-        # Read now, not at the first caller's pause (parsing the GGUF's
-        # metadata takes a moment); a model without a template scores nothing.
-        with contextlib.suppress(Exception):
-            self._template = await loop.run_in_executor(self._pool, GGUFChatTemplate, self.model_path)
+        if self.config.score_sentence_ends:
+            # Now, not at the first caller's pause: parsing the GGUF's
+            # metadata takes seconds. A model without a template scores nothing.
+            with contextlib.suppress(SentenceEndUnsupported):
+                await self._chat_template()
         self.startup_s = time.perf_counter() - started
         log.info("llama.cpp engine warm in %.2f s (%s)", self.startup_s, self.model_path.name)
 
@@ -189,12 +190,7 @@ class LlamaCppEngine(LLMEngine):
     async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
         if self._server is None:
             raise EngineError("engine not started")
-        if self._template is None:
-            try:
-                self._template = GGUFChatTemplate(self.model_path)
-            except Exception as exc:  # no template, no gguf package: the policy goes on without it
-                raise SentenceEndUnsupported(f"{self.model_path.name}: {exc}") from exc
-        template = self._template
+        template = await self._chat_template()
         prompt = open_prompt(template.render, messages)
         body = {"prompt": prompt, "n_predict": 1, "n_probs": TOP_TOKENS, "temperature": 0, "cache_prompt": True}
 
@@ -206,6 +202,18 @@ class LlamaCppEngine(LLMEngine):
             raise EngineError(f"llama.cpp: {result.get('error') if isinstance(result, dict) else result!r:.200}")
         top = result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         return sentence_end_mass(((t.get("token", ""), t.get("id"), t["logprob"]) for t in top), template.end_ids)
+
+    async def _chat_template(self) -> GGUFChatTemplate:
+        """The GGUF's chat template, read once off the event loop (the first
+        caller waits for it; concurrent callers share the one read)."""
+        if self._template is None:
+            self._template = asyncio.ensure_future(
+                asyncio.get_running_loop().run_in_executor(self._pool, GGUFChatTemplate, self.model_path)
+            )
+        try:
+            return await asyncio.shield(self._template)
+        except Exception as exc:  # no template, no gguf package: the policy goes on without it
+            raise SentenceEndUnsupported(f"{self.model_path.name}: {exc}") from exc
 
     async def close(self) -> None:
         self._server = None  # the C++ server shuts down when released

@@ -58,6 +58,13 @@ def open_prompt(
     return text[:at]
 
 
+def message_end_text(render: Callable[[list[dict[str, str]]], str]) -> str:
+    """What the template writes right after a user message's words (its
+    end-of-message token first: "<|im_end|>\n", "<|eot_id|>"...)."""
+    text = render([{"role": "user", "content": _OPEN}])
+    return text[text.find(_OPEN) + len(_OPEN) :]
+
+
 def sentence_end_mass(top: Iterable[tuple[str, int | None, float]], end_ids: frozenset[int]) -> float:
     """Sum of P over ``top`` (token text, token id, logprob) entries that
     end a sentence or the message."""

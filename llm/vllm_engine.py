@@ -25,7 +25,7 @@ from typing import Any
 from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
 from llm.config import LLMConfig, SpeculationConfig
 from llm.sampling import SamplingError, SamplingParams
-from llm.sentence_end import TOP_TOKENS, open_prompt, sentence_end_mass
+from llm.sentence_end import TOP_TOKENS, message_end_text, open_prompt, sentence_end_mass
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class VLLMEngine(LLMEngine):
         self.model_path: str | None = None
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._message_end_ids: frozenset[int] | None = None  # sentence_end_probability's, read once
         self._ids = itertools.count()
         self.startup_s: float | None = None
 
@@ -324,9 +325,12 @@ class VLLMEngine(LLMEngine):
 
         # The template writes its own special tokens (BOS included) into the text.
         ids = list(tokenizer.encode(open_prompt(render, messages), add_special_tokens=False))
-        end_ids = frozenset(
-            i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)
-        )
+        if self._message_end_ids is None:
+            # The model's own end of a message, read off its template, and its EOS.
+            after = tokenizer.encode(message_end_text(render), add_special_tokens=False)[:1]
+            eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
+            self._message_end_ids = frozenset([*after, *eos])
+        end_ids = self._message_end_ids
         request_id = f"sentence-end-{next(self._ids)}"
         params = VLLMSamplingParams(max_tokens=1, temperature=0.0, logprobs=TOP_TOKENS)
         top: dict[int, Any] = {}

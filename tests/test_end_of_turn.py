@@ -155,7 +155,9 @@ async def _window_at(
     for i in range(0, len(pcm), 640):
         await session.audio(pcm[i : i + 640])
     try:
-        for _ in range(200):
+        # Up to 20 s: a child started without --end-of-turn ...+llm reads the
+        # GGUF's chat template at its first probe (seconds on 2 busy cores).
+        for _ in range(400):
             if session._eot_rule is not None and session._eot_prob is not None:
                 if not wait_llm or session._eot_llm is not None:
                     break

@@ -441,10 +441,9 @@ class CallSession:
             return
         finally:
             self._sentence_end_busy = False
-        if pause_id != self._pause_id or self._tracker is None:
-            return  # the caller resumed (or the turn ended) while the LLM answered
-        self._eot_llm = probability
-        self._set_window()
+        if self._still_pause(pause_id):
+            self._eot_llm = probability
+            self._set_window()
 
     async def _smart_turn(self, audio: np.ndarray, pause_id: int) -> None:
         # One inference in flight per call: a caller flapping between speech
@@ -459,10 +458,14 @@ class CallSession:
             return
         finally:
             self._smart_turn_busy = False
-        if pause_id != self._pause_id or self._tracker is None:
-            return  # the caller resumed (or the turn ended) while the model ran
-        self._eot_prob = probability
-        self._set_window()
+        if self._still_pause(pause_id):
+            self._eot_prob = probability
+            self._set_window()
+
+    def _still_pause(self, pause_id: int) -> bool:
+        """An input computed for ``pause_id`` still applies: the caller has
+        not resumed nor the turn ended while it was computed."""
+        return pause_id == self._pause_id and self._tracker is not None
 
     def _abort_pending(self) -> None:
         if self._pending is not None:

@@ -10,7 +10,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on a hub
 
-from asr.config import END_OF_TURN_POLICIES, ASRConfig, decoder_threads_for
+from asr.config import END_OF_TURN_POLICIES, LLM_END_OF_TURN_POLICIES, ASRConfig, decoder_threads_for
 from llm.config import (
     CPU_LLAMACPP_SLOTS,
     MAX_LLAMACPP_SLOTS,
@@ -451,6 +451,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         except SmartTurnMissing as exc:
             raise SystemExit(f"firstline: --end-of-turn {asr.end_of_turn}: {exc}") from None
     llm.incremental_prefill = not args.no_incremental_prefill
+    llm.score_sentence_ends = asr.adaptive_endpoint and asr.end_of_turn in LLM_END_OF_TURN_POLICIES
     config = ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)
     config.audiosocket_port = args.audiosocket_port
     config.limits.idle_timeout_s = args.idle_timeout_s
