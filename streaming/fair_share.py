@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 # Intake is an exponentially decayed sum of audio seconds with this time
 # constant; sum / TAU is the recent rate (x real time).
 INTAKE_TAU_S = 5.0
+# A turn waits at most this long for a first-sentence lane (FirstSentences.lane).
+LANE_MAX_WAIT_S = 2.0
 
 
 class IntakeRate:
@@ -126,23 +130,37 @@ class FirstSentences:
     (seconds of speech). On a shared engine every sequence decoding in the
     same step slows the others, and the decoder shares the cores, so a
     second sentence generated while another call waits for its first costs
-    that call time and buys its own caller nothing."""
+    that call time and buys its own caller nothing.
 
-    def __init__(self) -> None:
+    The same holds between first sentences: with ``lanes`` set (1 on this
+    CPU), only that many replies generate their first sentence at once and
+    the others wait their turn (:meth:`lane`)."""
+
+    def __init__(self, lanes: int = 0, lane_max_wait_s: float = LANE_MAX_WAIT_S) -> None:
         self._waiting: set[object] = set()
         self._clear = asyncio.Event()
         self._clear.set()
         self.yields = 0  # replies that stepped aside
         self.on_yield: Callable[[], None] | None = None  # the server's metrics
+        # How many first sentences generate at once (0: no limit); see lane().
+        self.lanes = lanes
+        self.lane_max_wait_s = lane_max_wait_s
+        self._holders: set[object] = set()
+        self._queue: list[_LaneWaiter] = []
+        self._seq = itertools.count()
+        self.lane_waits = 0  # generations that had to wait for a lane
+        self.lane_timeouts = 0  # ... and went ahead after lane_max_wait_s
 
     def waiting(self, key: object) -> None:
         self._waiting.add(key)
         self._clear.clear()
 
     def done(self, key: object) -> None:
+        """``key``'s first sentence is out, or its turn ended without one."""
         self._waiting.discard(key)
         if not self._waiting:
             self._clear.set()
+        self.leave(key)
 
     @property
     def any_waiting(self) -> bool:
@@ -159,3 +177,76 @@ class FirstSentences:
             self.on_yield()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._clear.wait(), max_wait_s)
+
+    async def lane(self, key: object, urgent: Callable[[], bool]) -> float:
+        """Wait for a lane to generate ``key``'s first sentence in; returns
+        the seconds waited. :meth:`leave` gives the lane back (at the first
+        sentence, or when the generation ends without one); call it also
+        when this wait is cancelled, as a lane may have been granted.
+
+        Why: on this CPU a llama.cpp step costs each sequence in it about
+        what it costs alone, so two first sentences generated side by side
+        both arrive when the second would have arrived one after the other
+        (``benchmarks/results/first_sentence_lanes.json``). With one lane the
+        turn that is ready first is answered first, and the next one starts
+        on free cores. The next lane goes to a turn whose endpoint has fired
+        (``urgent()``) before a preemptive one, then in arrival order. A
+        generation in progress is never stopped for a waiter, so a waiter
+        goes ahead after ``lane_max_wait_s`` (a holder stuck on a slow
+        transport must not hold every call's reply)."""
+        if not self.lanes:
+            return 0.0
+        if len(self._holders) < self.lanes and not self._queue:
+            self._holders.add(key)
+            return 0.0
+        started = time.monotonic()
+        waiter = _LaneWaiter(next(self._seq), key, urgent, asyncio.get_running_loop().create_future())
+        self._queue.append(waiter)
+        self.lane_waits += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.granted), self.lane_max_wait_s)
+        except TimeoutError:
+            self.lane_timeouts += 1
+            self._holders.add(key)  # goes ahead: counted as a holder until it leaves
+        finally:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+            if not waiter.granted.done():
+                waiter.granted.cancel()
+        return time.monotonic() - started
+
+    def leave(self, key: object) -> None:
+        """``key`` no longer needs its lane (idempotent)."""
+        if key in self._holders:
+            self._holders.discard(key)
+            self._grant()
+
+    @property
+    def lanes_busy(self) -> int:
+        return len(self._holders)
+
+    def holds_lane(self, key: object) -> bool:
+        return key in self._holders
+
+    @property
+    def endpointed_turn_waits(self) -> bool:
+        """A turn whose endpoint fired waits for a lane: a preemptive
+        generation holding one should step aside for it (voice/call/turn.py)."""
+        return any(w.urgent() for w in self._queue if not w.granted.done())
+
+    def _grant(self) -> None:
+        while self._queue and len(self._holders) < self.lanes:
+            best = min(self._queue, key=lambda w: (not w.urgent(), w.seq))
+            self._queue.remove(best)
+            if best.granted.done():
+                continue
+            self._holders.add(best.key)
+            best.granted.set_result(None)
+
+
+@dataclass(eq=False)
+class _LaneWaiter:
+    seq: int
+    key: object
+    urgent: Callable[[], bool]
+    granted: asyncio.Future[None]

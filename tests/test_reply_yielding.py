@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from llm.base import GenerationRequest
 from llm.yielding import MAX_HOLD_S, hold_s, stream_yielding
@@ -138,6 +139,15 @@ def test_replies_step_aside_by_default_where_the_llm_shares_this_cpu() -> None:
     assert steps_aside("--llm-device", "cuda", "--first-sentences-first")
     assert not steps_aside("--no-first-sentences-first")
 
+    def lanes(*flags: str) -> int:
+        return config_from_args(build_parser().parse_args(["serve", *flags])).first_sentence_lanes_in_use
+
+    assert lanes() == 1  # one first sentence at a time where replies step aside
+    assert lanes("--llm-device", "cuda") == 0 and lanes("--no-first-sentences-first") == 0
+    assert lanes("--first-sentence-lanes", "0") == 0 and lanes("--first-sentence-lanes", "2") == 2
+    with pytest.raises(SystemExit, match="first-sentence-lanes"):
+        lanes("--first-sentence-lanes", "-1")
+
 
 async def test_only_real_time_calls_make_replies_step_aside(server, jfk) -> None:
     """A turn of a call fed at the pace of speech waits for its first
@@ -182,3 +192,131 @@ async def test_only_real_time_calls_make_replies_step_aside(server, jfk) -> None
 
     assert await turn_seen_waiting(fast=False)
     assert not await turn_seen_waiting(fast=True)
+
+
+async def test_one_first_sentence_at_a_time_endpointed_turns_first() -> None:
+    """With one lane, the first generation goes at once and the others
+    wait; the lane goes next to a turn whose endpoint fired, before an
+    earlier preemptive one; a cancelled waiter takes nothing; a holder that
+    never leaves holds a waiter at most lane_max_wait_s."""
+    first = FirstSentences(lanes=1, lane_max_wait_s=5.0)
+    assert await first.lane("a", lambda: True) == 0.0 and first.lanes_busy == 1
+    endpointed = {"b": False, "c": True}
+    order: list[str] = []
+
+    async def take(key: str) -> None:
+        await first.lane(key, lambda: endpointed[key])
+        order.append(key)
+
+    b = asyncio.create_task(take("b"))  # preemptive, first in line
+    await asyncio.sleep(0.01)
+    c = asyncio.create_task(take("c"))  # endpointed, second in line
+    gone = asyncio.create_task(first.lane("d", lambda: True))  # its caller goes on
+    await asyncio.sleep(0.05)
+    assert order == [] and first.lane_waits == 3
+    assert first.endpointed_turn_waits and first.holds_lane("a")  # a preemptive "a" would step aside
+    gone.cancel()
+    await asyncio.sleep(0.01)
+    first.done("a")  # a's first sentence is out
+    await asyncio.sleep(0.01)
+    assert order == ["c"]
+    assert not first.endpointed_turn_waits  # only the preemptive "b" waits
+    first.leave("c")
+    await asyncio.sleep(0.01)
+    assert order == ["c", "b"] and first.lanes_busy == 1
+    await asyncio.gather(b, c)
+    first.leave("b")
+    assert first.lanes_busy == 0
+
+    stuck = FirstSentences(lanes=1, lane_max_wait_s=0.1)
+    await stuck.lane("holder", lambda: True)
+    waited = await stuck.lane("next", lambda: True)
+    assert 0.09 <= waited < 1.0 and stuck.lane_timeouts == 1
+    assert await FirstSentences(lanes=0).lane("x", lambda: True) == 0.0  # no limit: never waits
+
+
+async def test_a_reply_waits_for_the_first_sentence_lane(server, phone_prompts, monkeypatch) -> None:
+    """On the real server (one lane, the default on this CPU): while another
+    turn generates its first sentence (a lane held here), a call's reply does
+    not start; once the lane is free it does, and its turn.metrics say how
+    long it waited."""
+    from benchmarks.client import NativeCaller
+    from tests.conftest import with_silence
+
+    first_sentences = server.runtime.first_sentences
+    assert first_sentences is not None and first_sentences.lanes == 1
+    # The endpoint window (up to 1.2 s) passes while the turn waits, then
+    # the test's own pause: no going ahead after the usual 2 s here.
+    monkeypatch.setattr(first_sentences, "lane_max_wait_s", 30.0)
+    holder = object()  # another call's turn, generating its first sentence
+    assert await first_sentences.lane(holder, lambda: True) == 0.0
+    released = False
+    try:
+        async with NativeCaller(f"ws://127.0.0.1:{server.port}/v1/call") as caller:
+            await caller.start("mulaw", 8000)
+            prompt = phone_prompts[0]
+            # Real time: a call fed faster is served last and takes no lane.
+            await caller.play(with_silence(prompt.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True)
+            await caller.wait_for("transcript.final", timeout=30)
+            await asyncio.sleep(0.4)
+            assert not caller.result.of("response.delta"), "the reply started while the lane was held"
+            first_sentences.leave(holder)
+            released = True
+            let_go = time.monotonic()
+            await caller.wait_for("response.sentence", timeout=30, first=True)
+            metrics = await caller.wait_for("turn.metrics", timeout=30)
+    finally:
+        if not released:
+            first_sentences.leave(holder)
+    first_at = caller.result.first_at("response.sentence", first=True)
+    assert first_at is not None and first_at > let_go
+    assert metrics["lane_wait_ms"] >= 400
+    assert first_sentences.lanes_busy == 0
+
+
+async def test_a_preemptive_reply_gives_its_lane_to_an_endpointed_turn(server, phone_prompts) -> None:
+    """On the real server: a call's preemptive reply (generated in the pause,
+    before its 3 s endpoint) holds the one lane; when another turn whose
+    endpoint has fired asks for it, the preemptive reply steps aside at its
+    next token (its usage counts it), and the caller still gets one whole
+    reply."""
+    from benchmarks.client import NativeCaller
+    from tests.conftest import with_silence
+    from voice.call.turn import Turn
+
+    first_sentences = server.runtime.first_sentences
+    assert first_sentences is not None and first_sentences.lanes == 1
+    endpointed = object()  # another call's turn, endpoint fired, no lane yet
+    granted_at: float | None = None
+    async with NativeCaller(f"ws://127.0.0.1:{server.port}/v1/call") as caller:
+        await caller.start("mulaw", 8000, options={"endpoint_silence_ms": 3000}, sampling={"temperature": 0.0})
+        play = asyncio.create_task(
+            caller.play(with_silence(phone_prompts[0].load(8000), 8000, 4.0), 8000, "mulaw", realtime=True)
+        )
+        try:
+            holder: Turn | None = None
+            async with asyncio.timeout(30):
+                while holder is None:
+                    holder = next((k for k in list(first_sentences._holders) if isinstance(k, Turn)), None)
+                    await asyncio.sleep(0.002)
+            # Caught at once, in its prefill: the other turn asks before the
+            # reply's first token, at which it steps aside.
+            assert not holder.committed
+            asked = time.monotonic()
+            await first_sentences.lane(endpointed, lambda: True)
+            granted_at = time.monotonic()
+        finally:
+            first_sentences.leave(endpointed)
+        done = await caller.wait_for("response.done", timeout=60)
+        metrics = await caller.wait_for("turn.metrics", timeout=10)
+        await play
+    # Given up at the preemptive reply's next token, not at its first
+    # sentence or its 3 s endpoint.
+    assert granted_at is not None and granted_at - asked < 0.5
+    # (The caller may still have gone on after it: then a later preemptive
+    # turn is the one answered.)
+    assert holder.request is not None and holder.request.usage.yields >= 1
+    assert metrics["preemptive"]
+    sentences = caller.result.of("response.sentence")
+    assert sentences and not done["cancelled"]
+    assert done["text"] == " ".join(s["text"] for s in sentences)

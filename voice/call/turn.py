@@ -190,6 +190,11 @@ class Turn:
         # Why the reply ended: complete, max_sentences, loop, token_cap, cancelled, failed.
         self.reply_end = "complete"
         self._on_window = on_window
+        # The turns-waiting-for-a-first-sentence registry this turn is in
+        # (None: not in it: a low-priority call, or replies never yield).
+        self._waiting: FirstSentences | None = None
+        # Seconds this reply waited for a first-sentence lane (FirstSentences.lane).
+        self.lane_wait_s = 0.0
         self._gate = asyncio.Event()
         self._held: list[dict[str, Any]] = []
         if committed:
@@ -241,6 +246,7 @@ class Turn:
                 waiting = None
             if waiting is not None:
                 waiting.waiting(self)
+            self._waiting = waiting
             try:
                 await self._work()
             finally:
@@ -309,6 +315,7 @@ class Turn:
             # never with a sentence twice.
             policy = dataclasses.replace(policy, max_sentences=0)
         guard = ReplyGuard(policy, ctx.previous_reply)
+        first_needs_generating = first is None or first.text is None
         cancelled = False
         failed: str | None = None
         try:
@@ -322,6 +329,10 @@ class Turn:
                 source = stream_yielding(ctx.engine, request, self._should_yield, self._step_aside)
             else:
                 source = stream_continuing(ctx.engine, request)
+            if self._waiting is not None and first_needs_generating:
+                # One first sentence at a time where the cores are shared:
+                # this reply starts when the turns ahead have theirs.
+                self.lane_wait_s = await self._waiting.lane(self, lambda: self.committed)
             async with contextlib.aclosing(source) as stream:
                 async for delta in stream:
                     if self.times.llm_first_token is None:
@@ -360,6 +371,9 @@ class Turn:
             self.reply_end = "failed"
             if isinstance(exc, EngineError):
                 self.error_code = exc.code  # llm_unavailable while the engine restarts
+        finally:
+            if self._waiting is not None:
+                self._waiting.leave(self)  # no first sentence came (or it came): the lane is free
         if not self.committed:
             # Aborted before the endpoint: nothing was sent, nothing happened.
             if cancelled:
@@ -402,13 +416,26 @@ class Turn:
 
     def _should_yield(self) -> bool:
         waiting = self.ctx.first_sentences
+        if waiting is None:
+            return False
+        if not self.sent:
+            # A preemptive reply (its caller may still go on) before its first
+            # sentence gives its lane to a turn whose endpoint has fired.
+            return not self.committed and waiting.holds_lane(self) and waiting.endpointed_turn_waits
         # A hold too short to free the cores for anyone is not worth a
         # cancelled request and a prefill.
-        return bool(self.sent) and waiting is not None and waiting.any_waiting and self._hold_s() >= MIN_HOLD_S
+        return waiting.any_waiting and self._hold_s() >= MIN_HOLD_S
 
     async def _step_aside(self) -> None:
-        assert self.ctx.first_sentences is not None
-        await self.ctx.first_sentences.step_aside(self._hold_s())
+        waiting = self.ctx.first_sentences
+        assert waiting is not None
+        if not self.sent:
+            # Back in line (first when its own endpoint fires); it carries on
+            # from what it has generated (llm/yielding.py).
+            waiting.leave(self)
+            self.lane_wait_s += await waiting.lane(self, lambda: self.committed)
+            return
+        await waiting.step_aside(self._hold_s())
 
     async def _report(self, cancelled: bool, failed: str | None) -> None:
         ctx = self.ctx
@@ -428,6 +455,7 @@ class Turn:
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,
             "yields": usage.yields,
+            "lane_wait_ms": round(self.lane_wait_s * 1000, 1),
             "reply_end": self.reply_end,
         }
         with contextlib.suppress(Exception):

@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replies keep generating after their first sentence while other turns wait for theirs",
     )
     serve.add_argument(
+        "--first-sentence-lanes",
+        type=int,
+        default=None,
+        help="replies that generate their first sentence at once; the others wait their turn, endpointed turns "
+        "first (default: 1 where replies step aside, see --first-sentences-first; 0: no limit)",
+    )
+    serve.add_argument(
         "--speculation",
         choices=["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"],
         default=_env("SPECULATION", "none"),
@@ -490,6 +497,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
     config.first_sentences_first = args.first_sentences_first
+    if args.first_sentence_lanes is not None and args.first_sentence_lanes < 0:
+        raise SystemExit("firstline: --first-sentence-lanes must be 0 (no limit) or more")
+    config.first_sentence_lanes = args.first_sentence_lanes
     config.greeting_instructions = args.greeting_instructions or None
     try:
         config.reply = ReplyPolicy(max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard)

@@ -30,6 +30,12 @@ class ServerConfig:
     # in it about what a sequence alone costs; on a GPU (or a remote engine)
     # a step's cost barely grows with its batch, and a pause buys nothing.
     first_sentences_first: bool | None = None
+    # How many replies generate their first sentence at once, where replies
+    # step aside (above): the others wait their turn, endpointed turns before
+    # preemptive ones (streaming/fair_share.FirstSentences.lane). None: one
+    # where the LLM runs on this machine's CPU (two side by side both come
+    # later than one after the other), 0: no limit.
+    first_sentence_lanes: int | None = None
     # The agent speaks first on pickup: fixed text, or generated with these
     # instructions (None: the caller speaks first). Calls may set their own.
     greeting: str | None = None
@@ -95,3 +101,9 @@ class ServerConfig:
         if self.first_sentences_first is not None:
             return self.first_sentences_first
         return self.llm.engine != "remote" and self.llm.device == "cpu"
+
+    @property
+    def first_sentence_lanes_in_use(self) -> int:
+        if self.first_sentence_lanes is not None:
+            return self.first_sentence_lanes
+        return 1 if self.replies_step_aside else 0

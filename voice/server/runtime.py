@@ -35,7 +35,9 @@ class Runtime:
         self.reply_gate = ReplyGate(self.low_priority)
         # Replies whose first sentence is out step aside for the turns still
         # waiting for theirs (llm/yielding.py); None: they never do.
-        self.first_sentences = FirstSentences() if config.replies_step_aside else None
+        self.first_sentences = (
+            FirstSentences(lanes=config.first_sentence_lanes_in_use) if config.replies_step_aside else None
+        )
         self.asr = ASRWorker(config.asr, self.low_priority)
         self.engine = build_engine(config.llm)
         # Set once the engine said it cannot score where a sentence ends
