@@ -117,9 +117,9 @@ SYSTEMS: dict[str, System] = {
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),
-        System("firstline-first-sentences-together", "firstline", "firstline generating every waiting turn's first "
-               "sentence side by side, not one at a time (--first-sentence-lanes 0)",
-               ["--first-sentence-lanes", "0"], ALL_PROTOCOLS),
+        System("firstline-one-first-sentence", "firstline", "firstline generating one turn's first sentence at a "
+               "time, endpointed turns first (--first-sentence-lanes 1)",
+               ["--first-sentence-lanes", "1"], ALL_PROTOCOLS),
         System("firstline-smart-turn", "firstline", "firstline ending turns by Smart Turn v3.2 under the word rules' "
                "veto (--end-of-turn smart_turn_scaled+rules)", ["--end-of-turn", "smart_turn_scaled+rules"],
                ALL_PROTOCOLS),

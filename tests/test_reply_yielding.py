@@ -142,9 +142,10 @@ def test_replies_step_aside_by_default_where_the_llm_shares_this_cpu() -> None:
     def lanes(*flags: str) -> int:
         return config_from_args(build_parser().parse_args(["serve", *flags])).first_sentence_lanes_in_use
 
-    assert lanes() == 1  # one first sentence at a time where replies step aside
-    assert lanes("--llm-device", "cuda") == 0 and lanes("--no-first-sentences-first") == 0
-    assert lanes("--first-sentence-lanes", "0") == 0 and lanes("--first-sentence-lanes", "2") == 2
+    assert lanes() == 0  # no limit unless asked
+    assert lanes("--first-sentence-lanes", "1") == 1 and lanes("--first-sentence-lanes", "2") == 2
+    # Only where replies step aside (the LLM on this machine's CPU).
+    assert lanes("--llm-device", "cuda", "--first-sentence-lanes", "1") == 0
     with pytest.raises(SystemExit, match="first-sentence-lanes"):
         lanes("--first-sentence-lanes", "-1")
 
@@ -236,7 +237,7 @@ async def test_one_first_sentence_at_a_time_endpointed_turns_first() -> None:
 
 
 async def test_a_reply_waits_for_the_first_sentence_lane(server, phone_prompts, monkeypatch) -> None:
-    """On the real server (one lane, the default on this CPU): while another
+    """On the real server, with one lane: while another
     turn generates its first sentence (a lane held here), a call's reply does
     not start; once the lane is free it does, and its turn.metrics say how
     long it waited."""
@@ -244,7 +245,8 @@ async def test_a_reply_waits_for_the_first_sentence_lane(server, phone_prompts, 
     from tests.conftest import with_silence
 
     first_sentences = server.runtime.first_sentences
-    assert first_sentences is not None and first_sentences.lanes == 1
+    assert first_sentences is not None
+    monkeypatch.setattr(first_sentences, "lanes", 1)  # one lane (off by default)
     # The endpoint window (up to 1.2 s) passes while the turn waits, then
     # the test's own pause: no going ahead after the usual 2 s here.
     monkeypatch.setattr(first_sentences, "lane_max_wait_s", 30.0)
@@ -274,7 +276,7 @@ async def test_a_reply_waits_for_the_first_sentence_lane(server, phone_prompts, 
     assert first_sentences.lanes_busy == 0
 
 
-async def test_a_preemptive_reply_gives_its_lane_to_an_endpointed_turn(server, phone_prompts) -> None:
+async def test_a_preemptive_reply_gives_its_lane_to_an_endpointed_turn(server, phone_prompts, monkeypatch) -> None:
     """On the real server: a call's preemptive reply (generated in the pause,
     before its 3 s endpoint) holds the one lane; when another turn whose
     endpoint has fired asks for it, the preemptive reply steps aside at its
@@ -285,7 +287,8 @@ async def test_a_preemptive_reply_gives_its_lane_to_an_endpointed_turn(server, p
     from voice.call.turn import Turn
 
     first_sentences = server.runtime.first_sentences
-    assert first_sentences is not None and first_sentences.lanes == 1
+    assert first_sentences is not None
+    monkeypatch.setattr(first_sentences, "lanes", 1)  # one lane (off by default)
     endpointed = object()  # another call's turn, endpoint fired, no lane yet
     granted_at: float | None = None
     async with NativeCaller(f"ws://127.0.0.1:{server.port}/v1/call") as caller:

@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-sentence-lanes",
         type=int,
         default=None,
-        help="replies that generate their first sentence at once; the others wait their turn, endpointed turns "
-        "first (default: 1 where replies step aside, see --first-sentences-first; 0: no limit)",
+        help="replies that generate their first sentence at once where replies step aside "
+        "(--first-sentences-first); the others wait their turn, endpointed turns first (default 0: no limit)",
     )
     serve.add_argument(
         "--speculation",
@@ -499,7 +499,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.first_sentences_first = args.first_sentences_first
     if args.first_sentence_lanes is not None and args.first_sentence_lanes < 0:
         raise SystemExit("firstline: --first-sentence-lanes must be 0 (no limit) or more")
-    config.first_sentence_lanes = args.first_sentence_lanes
+    if args.first_sentence_lanes is not None:
+        config.first_sentence_lanes = args.first_sentence_lanes
     config.greeting_instructions = args.greeting_instructions or None
     try:
         config.reply = ReplyPolicy(max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard)

@@ -32,10 +32,10 @@ class ServerConfig:
     first_sentences_first: bool | None = None
     # How many replies generate their first sentence at once, where replies
     # step aside (above): the others wait their turn, endpointed turns before
-    # preemptive ones (streaming/fair_share.FirstSentences.lane). None: one
-    # where the LLM runs on this machine's CPU (two side by side both come
-    # later than one after the other), 0: no limit.
-    first_sentence_lanes: int | None = None
+    # preemptive ones (streaming/fair_share.FirstSentences.lane). 0: no
+    # limit (the default: one lane won on the engine alone but not yet in a
+    # whole-server run, README "Capacity"), 1: one at a time.
+    first_sentence_lanes: int = 0
     # The agent speaks first on pickup: fixed text, or generated with these
     # instructions (None: the caller speaks first). Calls may set their own.
     greeting: str | None = None
@@ -104,6 +104,4 @@ class ServerConfig:
 
     @property
     def first_sentence_lanes_in_use(self) -> int:
-        if self.first_sentence_lanes is not None:
-            return self.first_sentence_lanes
-        return 1 if self.replies_step_aside else 0
+        return self.first_sentence_lanes if self.replies_step_aside else 0
