@@ -454,6 +454,20 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def write_rows(out: Path, started: float, options: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Save a benchmark's rows with when, where and at which commit they were measured."""
+    result = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": machine(),
+        "versions": versions(),
+        "options": options,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.bench import machine, versions
+from benchmarks.bench import write_rows
 from llm.base import GenerationRequest
 from llm.config import LLMConfig, threads_for
 from llm.llamacpp_engine import LlamaCppEngine
@@ -139,16 +138,7 @@ def main() -> None:
     ns = parser.parse_args()
     started = time.time()
     rows = asyncio.run(run(ns.k, ns.rounds))
-    result = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "machine": machine(),
-        "versions": versions(),
-        "options": {"k": ns.k, "rounds": ns.rounds},
-        "rows": rows,
-    }
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {ns.out}")
+    write_rows(ns.out, started, {"k": ns.k, "rounds": ns.rounds}, rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -28,7 +27,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.bench import machine, versions
+from benchmarks.bench import write_rows
 from llm.base import GenerationRequest
 from llm.config import LLMConfig
 from llm.llamacpp_engine import LlamaCppEngine
@@ -112,16 +111,8 @@ def main() -> None:
     ns = parser.parse_args()
     started = time.time()
     rows = asyncio.run(run(ns.threads, ns.prompts, ns.words, ns.seed))
-    result = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "machine": machine(),
-        "versions": versions(),
-        "options": {"threads": ns.threads, "prompts": ns.prompts, "words": ns.words, "seed": ns.seed},
-        "rows": rows,
-    }
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {ns.out}")
+    options = {"threads": ns.threads, "prompts": ns.prompts, "words": ns.words, "seed": ns.seed}
+    write_rows(ns.out, started, options, rows)
 
 
 if __name__ == "__main__":

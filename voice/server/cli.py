@@ -497,9 +497,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
     config.first_sentences_first = args.first_sentences_first
-    if args.first_sentence_lanes is not None and args.first_sentence_lanes < 0:
-        raise SystemExit("firstline: --first-sentence-lanes must be 0 (no limit) or more")
     if args.first_sentence_lanes is not None:
+        if args.first_sentence_lanes < 0:
+            raise SystemExit("firstline: --first-sentence-lanes must be 0 (no limit) or more")
         config.first_sentence_lanes = args.first_sentence_lanes
     config.greeting_instructions = args.greeting_instructions or None
     try:
