@@ -117,6 +117,9 @@ SYSTEMS: dict[str, System] = {
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),
+        System("firstline-one-llm-copy", "firstline", "firstline with one copy of the llama.cpp engine, every turn "
+               "batched into its steps (--llm-replicas 1; the default on a CPU is 2 single-threaded copies)",
+               ["--llm-replicas", "1"], ALL_PROTOCOLS),
         System("firstline-one-first-sentence", "firstline", "firstline generating one turn's first sentence at a "
                "time, endpointed turns first (--first-sentence-lanes 1)",
                ["--first-sentence-lanes", "1"], ALL_PROTOCOLS),

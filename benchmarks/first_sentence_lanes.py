@@ -1,7 +1,8 @@
-"""First sentences side by side against one at a time, on the embedded LLM
-(llama.cpp on this CPU, the server's own settings): why the server gives one
-turn at a time a lane to generate its first sentence in
-(streaming/fair_share.FirstSentences.lane).
+"""First sentences side by side against one at a time, and against two
+copies of the engine, on the embedded LLM (llama.cpp on this CPU, the
+server's own settings): why the server runs two single-threaded copies
+(llm/replicas.py, --llm-replicas) and can give one turn at a time a lane to
+generate its first sentence in (streaming/fair_share.FirstSentences.lane).
 
 Each round is k callers' turns that reach the LLM together: k distinct phone
 questions (a round tag keeps every prompt out of the prefix cache past the
@@ -9,8 +10,10 @@ system prompt, as a new caller turn is), each generated until its first
 sentence is complete (streaming/sentences.py, as the server cuts them) and
 no further. "together": all k requests at once, as the engine batches them.
 "one at a time": each starts when the one before has its first sentence.
-Greedy sampling, so both modes produce the same sentences; the two modes
-alternate round by round (this machine is noisy). Reported per mode: the
+"two copies": all k at once through llm.replicas.ReplicaSet over two
+copies of the engine (each with the server's threads), which spreads them.
+Greedy sampling, so the modes produce much the same sentences; their order
+rotates round by round (this machine is noisy). Reported per mode: the
 time from the round's start to each turn's first sentence (p50, p95 over
 all turns) and to the round's last first sentence. Results print and go to
 benchmarks/results/first_sentence_lanes.json.
@@ -31,9 +34,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.bench import write_rows
-from llm.base import GenerationRequest
+from llm.base import GenerationRequest, LLMEngine
 from llm.config import LLMConfig, threads_for
 from llm.llamacpp_engine import LlamaCppEngine
+from llm.replicas import ReplicaSet
 from streaming.sentences import SentenceSegmenter
 from voice.server.config import ServerConfig
 
@@ -53,7 +57,7 @@ def _pct(xs: list[float], q: float) -> float:
     return round(xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))] * 1000, 1)
 
 
-async def _first_sentence(engine: LlamaCppEngine, config: LLMConfig, text: str, rid: str, max_words: int) -> str:
+async def _first_sentence(engine: LLMEngine, config: LLMConfig, text: str, rid: str, max_words: int) -> str:
     messages = [{"role": "system", "content": config.system_prompt}, {"role": "user", "content": text}]
     request = GenerationRequest(rid, messages, sampling=config.sampling.merged({"temperature": 0.0}))
     segmenter = SentenceSegmenter(max_words=max_words)
@@ -67,7 +71,7 @@ async def _first_sentence(engine: LlamaCppEngine, config: LLMConfig, text: str, 
     return " ".join(segmenter.flush())
 
 
-async def _round(engine: LlamaCppEngine, config: LLMConfig, k: int, tag: str, together: bool,
+async def _round(engine: LLMEngine, config: LLMConfig, k: int, tag: str, together: bool,
                  max_words: int) -> tuple[list[float], list[str]]:  # fmt: skip
     texts = [f"{QUESTIONS[i % len(QUESTIONS)]} ({tag})" for i in range(k)]
     started = time.perf_counter()
@@ -92,18 +96,22 @@ async def run(ks: list[int], rounds: int) -> list[dict[str, Any]]:
     config.parallel = max(ks)
     config.threads = threads_for(os.cpu_count() or 2)  # as the server picks them
     engine = LlamaCppEngine(config)
+    second = LlamaCppEngine(config)
     await engine.start()
+    await second.start()
+    copies = ReplicaSet([engine, second])
+    modes = ["together", "one at a time", "two copies"]
     rows = []
     try:
         for k in ks:
-            times: dict[str, list[float]] = {"together": [], "one at a time": []}
-            last: dict[str, list[float]] = {"together": [], "one at a time": []}
+            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            last: dict[str, list[float]] = {mode: [] for mode in modes}
             same = 0
             for r in range(rounds):
                 said = {}
-                # Alternate which mode goes first, round by round.
-                for mode in ["together", "one at a time"] if r % 2 == 0 else ["one at a time", "together"]:
-                    done, said[mode] = await _round(engine, config, k, f"k{k}r{r}{mode[0]}", mode == "together",
+                for mode in modes[r % 3 :] + modes[: r % 3]:  # which mode goes first rotates
+                    done, said[mode] = await _round(copies if mode == "two copies" else engine, config, k,
+                                                    f"k{k}r{r}{mode[0]}{mode[-1]}", mode != "one at a time",
                                                     server.sentence_max_words)  # fmt: skip
                     times[mode] += done
                     last[mode].append(max(done))
@@ -121,12 +129,14 @@ async def run(ks: list[int], rounds: int) -> list[dict[str, Any]]:
                 f"{row['together']['last_first_sentence_p50_ms']:.0f}; one at a time "
                 f"{row['one at a time']['first_sentence_p50_ms']:.0f} / "
                 f"{row['one at a time']['first_sentence_p95_ms']:.0f}, "
-                f"{row['one at a time']['last_first_sentence_p50_ms']:.0f} ({row['same_first_sentences']} same)",
+                f"{row['one at a time']['last_first_sentence_p50_ms']:.0f}; two copies "
+                f"{row['two copies']['first_sentence_p50_ms']:.0f} / {row['two copies']['first_sentence_p95_ms']:.0f}, "
+                f"{row['two copies']['last_first_sentence_p50_ms']:.0f} ({row['same_first_sentences']} same)",
                 flush=True,
             )
             rows.append(row)
     finally:
-        await engine.close()
+        await copies.close()
     return rows
 
 

@@ -67,6 +67,11 @@ class LLMConfig:
     # Parallel request slots (llama.cpp) / max sequences (vLLM). The server
     # sizes it from --max-calls (slots_for); a library user sets it here.
     parallel: int = 4
+    # Copies of a llama.cpp engine in one process, each with ``threads``
+    # threads and ``parallel`` slots (llm/replicas.py): turns that reach the
+    # LLM together run side by side on separate cores instead of sharing one
+    # batched step. The server picks replicas_for(...) unless told.
+    replicas: int = 1
     # llama.cpp's host-RAM prompt cache: saved prompt states (KV) that let a
     # call's next turn skip prefill when it lands on another slot. llama.cpp's
     # default (8 GiB) let a soak grow ~0.9 MiB per call; a bound keeps memory
@@ -159,6 +164,22 @@ def slots_for(engine: str, device: str, max_calls: int) -> int:
     if device == "cuda":
         return max(4, min(max_calls, MAX_LLAMACPP_SLOTS))
     return CPU_LLAMACPP_SLOTS
+
+
+# llama.cpp on a CPU with at least 2 cores: two single-threaded copies.
+# Engine alone, two turns together, first sentence p50 / p95 (ms): one copy
+# batching both 943 / 1112, one after the other 323 / 641, two copies 335 /
+# 421 (a quick run before the whole-server benchmark; see README).
+CPU_LLAMACPP_REPLICAS = 2
+
+
+def replicas_for(engine: str, device: str, cores: int) -> int:
+    """Engine copies for the server: on a GPU, or for vLLM, one (a batched
+    step there costs about what one sequence does); llama.cpp on a CPU
+    with two cores or more, CPU_LLAMACPP_REPLICAS."""
+    if engine != "llamacpp" or device != "cpu" or cores < 2:
+        return 1
+    return CPU_LLAMACPP_REPLICAS
 
 
 def threads_for(cores: int) -> int:

@@ -14,10 +14,18 @@ from llm.config import LLMConfig
 
 
 def build_local_engine(config: LLMConfig) -> LLMEngine:
+    if config.replicas < 1:
+        raise ValueError(f"LLM replicas must be at least 1, not {config.replicas}")
     if config.engine == "llamacpp":
         from llm.llamacpp_engine import LlamaCppEngine
 
-        return LlamaCppEngine(config)
+        if config.replicas == 1:
+            return LlamaCppEngine(config)
+        from llm.replicas import ReplicaSet
+
+        return ReplicaSet([LlamaCppEngine(config) for _ in range(config.replicas)])
+    if config.replicas > 1:
+        raise ValueError("LLM replicas are for llama.cpp; vLLM batches sequences in one engine (use --llm-parallel)")
     if config.engine == "vllm":
         from llm.vllm_engine import VLLMEngine
 

@@ -64,6 +64,14 @@ GENERATION_FAILED = "the engine failed to generate this reply"
 SENTENCE_END_PATH = "/firstline/v1/sentence_end"
 
 
+def _session_key(http: web.Request) -> str | None:
+    """The call a request belongs to (RemoteEngine sends it as X-Session-ID),
+    so an engine with several copies (llm/replicas.py) keeps a call on the
+    copy that caches its history. Bounded: it is a dict key here."""
+    key = http.headers.get("X-Session-ID")
+    return key[:128] if key else None
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
     # OpenAI's error shape (clients read error.message; param names the field).
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
@@ -304,6 +312,7 @@ class OpenAIServer:
         rid = http.headers.get("X-Request-Id")
         if rid:
             request.request_id = rid[:128]
+        request.session_key = _session_key(http)
         self.active += 1
         self.served += 1
         try:
@@ -329,7 +338,7 @@ class OpenAIServer:
                 400, "'messages' must be a list of {role, content} strings ending with the user's", "messages"
             )
         try:
-            probability = await self.engine.sentence_end_probability(messages)
+            probability = await self.engine.sentence_end_probability(messages, _session_key(http))
         except SentenceEndUnsupported as exc:
             return _error(501, str(exc), "not_supported")
         except Exception:
@@ -464,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parallel", type=int, default=4, help="slots (llama.cpp) / max sequences (vLLM)")
+    p.add_argument("--replicas", type=int, default=1, help="copies of the llama.cpp engine (llm/replicas.py)")
     p.add_argument("--context-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=None, help="default when a request sets none (96)")
     p.add_argument("--speculation", choices=["none", "ngram", "eagle3", "draft_model", "mtp", "suffix"], default="none")
@@ -495,6 +505,7 @@ def config_from_args(args: argparse.Namespace) -> LLMConfig:
         device=args.device,
         threads=args.threads,
         parallel=args.parallel,
+        replicas=args.replicas,
         context_tokens=args.context_tokens,
         sampling=sampling_from_args(args, max_tokens=args.max_tokens),
         speculation=SpeculationConfig(

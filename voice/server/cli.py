@@ -12,11 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on 
 
 from asr.config import END_OF_TURN_POLICIES, LLM_END_OF_TURN_POLICIES, ASRConfig, decoder_threads_for
 from llm.config import (
+    CPU_LLAMACPP_REPLICAS,
     CPU_LLAMACPP_SLOTS,
     MAX_LLAMACPP_SLOTS,
     MAX_VLLM_SEQUENCES,
     LLMConfig,
     SpeculationConfig,
+    replicas_for,
     slots_for,
     threads_for,
 )
@@ -103,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="llama.cpp slots / vLLM max sequences (0: one per --max-calls on vLLM and llama.cpp on CUDA, at "
         f"most {MAX_VLLM_SEQUENCES} / {MAX_LLAMACPP_SLOTS}; {CPU_LLAMACPP_SLOTS} for llama.cpp on the CPU)",
+    )
+    serve.add_argument(
+        "--llm-replicas",
+        type=int,
+        default=0,
+        help="copies of the llama.cpp engine, each with --llm-threads threads and --llm-parallel slots, so "
+        f"turns that reach the LLM together run on separate cores (0: {CPU_LLAMACPP_REPLICAS} for llama.cpp on "
+        "a CPU with 2 cores or more, else 1)",
     )
     serve.add_argument(
         "--llm-prompt-cache-mib",
@@ -413,6 +423,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         parallel=args.llm_parallel
         if args.llm_parallel > 0
         else slots_for(args.engine, args.llm_device, args.max_calls),
+        replicas=args.llm_replicas
+        if args.llm_replicas > 0
+        else replicas_for(args.engine, args.llm_device, os.cpu_count() or 2),
         prompt_cache_ram_mib=args.llm_prompt_cache_mib,
         sampling=sampling,
         speculation=SpeculationConfig(
@@ -426,6 +439,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     llm.secondary_urls = list(args.secondary_url)
     llm.remote_model = args.remote_model
     llm.first_token_timeout_s = args.llm_first_token_timeout_s
+    if llm.replicas > 1 and llm.engine != "llamacpp":
+        raise SystemExit("firstline: --llm-replicas is for llama.cpp; vLLM batches its sequences (--llm-parallel)")
     if llm.engine == "remote" and not llm.remote_urls:
         raise SystemExit("firstline: --engine remote needs at least one --remote-url")
     asr = ASRConfig(

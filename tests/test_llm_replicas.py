@@ -1,0 +1,121 @@
+"""Copies of the embedded llama.cpp engine behind one engine (llm/replicas.py,
+``--llm-replicas``): real engines, real generations, no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from llm.base import GenerationRequest
+from llm.config import LLMConfig, replicas_for
+from llm.engines import build_local_engine
+from llm.replicas import ReplicaSet
+
+SYSTEM = "You are a helpful voice assistant on a phone call. Answer in one short sentence."
+
+
+def _request(key: str | None, text: str, max_tokens: int = 16) -> GenerationRequest:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+    return GenerationRequest(f"{key}-{text[:12]}", messages, max_tokens=max_tokens, temperature=0.0, session_key=key)
+
+
+async def _say(engine, request: GenerationRequest) -> str:
+    return "".join([delta async for delta in engine.stream(request)])
+
+
+async def test_turns_that_arrive_together_run_on_separate_copies() -> None:
+    """Two calls' turns at once go to the two copies; a call's next turn goes
+    back to the copy that cached its history while that copy is free, and to
+    the other while it is busy; a stream closed early frees its copy; every
+    copy says what the one model says (greedy)."""
+    engine = build_local_engine(LLMConfig(isolation="inprocess", parallel=2, threads=1, replicas=2))
+    assert isinstance(engine, ReplicaSet) and len(engine.copies) == 2
+    await engine.start()
+    try:
+        a, b = await asyncio.gather(
+            _say(engine, _request("call-a", "What time do you open tomorrow?")),
+            _say(engine, _request("call-b", "Can I move my appointment to Friday?")),
+        )
+        assert a.strip() and b.strip()
+        assert engine.served == [1, 1] and engine.active == [0, 0]
+        home = engine._homes["call-a"]
+
+        # Free: call-a's next turn goes to its own copy, however often.
+        for text in ("And on Sunday?", "Thanks, and on Monday?"):
+            await _say(engine, _request("call-a", text))
+        assert engine.served[home] == 3 and engine.served[1 - home] == 1
+
+        # Busy (call-a's preemptive reply holds it): the turn goes to the other.
+        held = engine.stream(_request("call-a", "Tell me a long story about the sea.", max_tokens=64))
+        await held.__anext__()
+        assert engine.active[home] == 1
+        other = await _say(engine, _request("call-a", "Do you deliver to Boston?"))
+        assert engine.served[1 - home] == 2 and other.strip()
+        await held.aclose()  # closed before the end: the copy is free again
+        assert engine.active == [0, 0]
+
+        # The same model in every copy: the same greedy words.
+        question = _request(None, "How do I reset my voicemail password?")
+        said = [await _say(copy, question) for copy in engine.copies]
+        assert said[0] == said[1] and said[0].strip()
+
+        assert engine.describe()["replicas"] == 2
+        engine.end_session("call-a")
+        assert "call-a" not in engine._homes
+    finally:
+        await engine.close()
+
+
+async def test_the_engine_server_keeps_a_call_on_its_copy() -> None:
+    """``python -m llm.openai_server --replicas 2`` (the supervised engine
+    child runs the same): the call id that RemoteEngine sends as
+    X-Session-ID routes the call, even when its first words change."""
+    from llm.remote_engine import RemoteEngine
+    from tests.openai_servers import ServerProcess
+
+    server = await ServerProcess("--replicas", "2", "--threads", "1", "--parallel", "2").wait_healthy()
+    try:
+        engine = RemoteEngine(server.url, system_prompt=None)
+        try:
+            await _say(engine, _request("call-a", "What time do you open tomorrow?", 8))
+            health = await server.health()
+            assert health is not None and health["engine"]["replicas"] == 2
+            home = health["engine"]["served_by_replica"].index(1)  # call-a's copy
+            await _say(engine, _request("call-b", "Can I move my appointment to Friday?", 8))
+            # Other first words each time (no fallback key in common): only
+            # the call id can keep these on call-a's copy.
+            for text in ("Is the store open on Sunday?", "Do you sell gift cards?", "Where do I park?"):
+                await _say(engine, _request("call-a", text, 8))
+            health = await server.health()
+            assert health is not None
+            served = health["engine"]["served_by_replica"]
+            assert served[home] == 4 and served[1 - home] == 1, served
+        finally:
+            await engine.close()
+    finally:
+        server.stop()
+
+
+def test_replicas_by_default_and_by_flag() -> None:
+    """Two copies for llama.cpp on a CPU with 2+ cores, one on a GPU or for
+    vLLM; --llm-replicas sets it; vLLM refuses copies; 0 copies is an error."""
+
+    def llm(*flags: str):
+        from voice.server.cli import build_parser, config_from_args
+
+        return config_from_args(build_parser().parse_args(["serve", *flags])).llm
+
+    cores = os.cpu_count() or 2
+    assert llm().replicas == replicas_for("llamacpp", "cpu", cores) == (2 if cores >= 2 else 1)
+    assert replicas_for("llamacpp", "cpu", 1) == 1
+    assert llm("--llm-device", "cuda").replicas == 1
+    assert llm("--engine", "vllm").replicas == 1
+    assert llm("--llm-replicas", "3").replicas == 3
+    with pytest.raises(SystemExit, match=r"--llm-replicas is for llama\.cpp"):
+        llm("--engine", "vllm", "--llm-replicas", "2")
+    with pytest.raises(ValueError, match="at least 1"):
+        build_local_engine(LLMConfig(replicas=0))
+    with pytest.raises(ValueError, match="at least one engine"):
+        ReplicaSet([])
