@@ -167,9 +167,10 @@ def slots_for(engine: str, device: str, max_calls: int) -> int:
 
 
 # llama.cpp on a CPU with at least 2 cores: two single-threaded copies.
-# Engine alone, two turns together, first sentence p50 / p95 (ms): one copy
-# batching both 943 / 1112, one after the other 323 / 641, two copies 335 /
-# 421 (a quick run before the whole-server benchmark; see README).
+# Engine alone, two turns together, first sentence p50 / p95: one copy
+# batching both 1126 / 1462 ms, two copies 469 / 605 (benchmarks/results/
+# first_sentence_lanes.json); whole server at 8 calls, TTFS p50 / p95 670 /
+# 1222 against 752 / 1407 with one copy (benchmarks/results/bench_replicas).
 CPU_LLAMACPP_REPLICAS = 2
 
 
