@@ -31,6 +31,11 @@ CONTINUATION_WORDS = frozenset(
     """.split()
 )
 
+# Object pronouns end many finished sentences ("thank you.", "connect you.",
+# "I'll take it."): they hold the turn only after a word that wants more
+# ("can you", "do you", "is it", "and it").
+OBJECT_PRONOUNS = frozenset({"you", "it"})
+
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -39,13 +44,23 @@ def last_word(text: str) -> str:
     return words[-1] if words else ""
 
 
+def ends_unfinished(text: str) -> bool:
+    """The words so far stop where a speaker is almost never done."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return False
+    word = words[-1]
+    if word in OBJECT_PRONOUNS:
+        return len(words) < 2 or words[-2] in CONTINUATION_WORDS
+    return word in CONTINUATION_WORDS or word.isdigit()
+
+
 def endpoint_window(text: str, config: ASRConfig) -> float:
     """Silence (s) after which a turn whose words so far are ``text`` ends."""
     stripped = text.strip()
     if not stripped:
         return config.endpoint_unsure_s
-    word = last_word(stripped)
-    if stripped.endswith((",", "...", "…", "-", ":")) or word in CONTINUATION_WORDS or word.isdigit():
+    if stripped.endswith((",", "...", "…", "-", ":")) or ends_unfinished(stripped):
         return config.endpoint_max_s
     # Whisper closes fragments with a period too ("Please enter your
     # password."), so a period counts only after a clause-sized run of words.

@@ -81,6 +81,28 @@ def test_a_finished_question_is_the_end(cases: dict[str, Case], smart: SmartTurn
     assert window == CFG.endpoint_min_s, (text, probability)
 
 
+def test_word_rule_windows() -> None:
+    """The word rule (asr/endpointing.py): a finished sentence waits the
+    least, a turn that stops on "and", a number or "can you" the most; an
+    object pronoun that ends a sentence ("thank you.") does not hold it."""
+    lo, mid, hi = CFG.endpoint_min_s, CFG.endpoint_unsure_s, CFG.endpoint_max_s
+    table = {
+        "Please hold while we try to connect you.": lo,
+        "No, that's all, thank you.": lo,
+        "I would like to cancel it.": lo,
+        "What time do you open tomorrow?": lo,
+        "Can you": hi,
+        "Hi, I was wondering if you": hi,
+        "The order number is 45291": hi,
+        "I need eggs and": hi,
+        "Is it": hi,
+        "You": hi,
+        "Please enter your password.": mid,  # a fragment closed by Whisper's period
+        "": mid,
+    }
+    assert {text: endpoint_window(text, CFG) for text in table} == table
+
+
 def test_decide_window_table() -> None:
     cfg = CFG
     lo, mid, hi = cfg.endpoint_min_s, cfg.endpoint_unsure_s, cfg.endpoint_max_s
