@@ -282,16 +282,41 @@ def _thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def _asr_decode_seconds(base_url: str) -> dict[str, float]:
+    """Whisper decode seconds so far by kind (final: pause and turn-end
+    decodes; partial), from a firstline server's /metrics; {} from a server
+    without them (the naive cascade, pipecat)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = base_url.replace("ws://", "http://", 1) + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "firstline_asr_decode_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    out[sample.labels.get("kind", "?")] = sample.value
+    return out
+
+
 class CpuMeter:
     """CPU seconds and memory of the servers' process trees (psutil), in
     all and by stage: ASR, LLM (an engine child process, or llama.cpp's
     threads in process), TTS, and the rest (event loop, protocol, VAD,
     resampling)."""
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], base_url: str | None = None) -> None:
         import psutil
 
         self.procs = [psutil.Process(p) for p in pids]
+        self.base_url = base_url
+        self.decode0 = _asr_decode_seconds(base_url) if base_url else {}
         self.t0 = time.monotonic()
         self.cpu0 = self._cpu()
         self.stages0 = self.by_stage()
@@ -352,6 +377,14 @@ class CpuMeter:
             if answered
             else None,
             "rss_mb": round(rss / 2**20, 1),
+            # Whisper decoding (wall seconds on the decoder, about its CPU)
+            # per answered turn: where the ASR stage's CPU goes.
+            "asr_decode_s_per_turn": {
+                kind: round((seconds - self.decode0.get(kind, 0.0)) / answered, 3)
+                for kind, seconds in sorted(_asr_decode_seconds(self.base_url).items())
+            }
+            if answered and self.base_url
+            else None,
         }
 
 
@@ -387,7 +420,7 @@ async def run_system(system: System, ns: argparse.Namespace, bar: Any) -> dict[s
                 n_calls = max(c, ns.calls_per_level)
                 calls = calls_for(n_calls, ns.turns)
                 bar.set_description(f"{system.name} x{c}")
-                meter = CpuMeter(running.pids)
+                meter = CpuMeter(running.pids, running.base_url)
 
                 def progress(n: int) -> None:
                     nonlocal done

@@ -230,6 +230,14 @@ def markdown(results: dict[str, Any]) -> str:
                 cells = " | ".join(_fmt(by.get(k), 2) for k in names)
                 total = _fmt(lv["cost"].get("cpu_s_per_turn"), 2)
                 lines.append(f"| {name} | {lv['concurrency']} | {cells} | {total} |")
+            decoded = [(n, lv) for n, lv in staged if lv["cost"].get("asr_decode_s_per_turn")]
+            if decoded:
+                lines += ["", "Whisper decode seconds per answered turn, by kind (the server's /metrics):", ""]
+                lines += ["| system | calls | final (pause and turn end) | partial |", "|---|---|---|---|"]
+                for name, lv in decoded:
+                    by = lv["cost"]["asr_decode_s_per_turn"]
+                    lines.append(f"| {name} | {lv['concurrency']} | {_fmt(by.get('final'), 2)} | "
+                                 f"{_fmt(by.get('partial'), 2)} |")  # fmt: skip
         lines += ["", "## Server stage timings, p50 ms after speech end (turn.metrics; lowest load)", ""]
         lines.append("| system | " + " | ".join(label for _, label in SERVER_STAGES) + " |")
         lines.append("|---|" + "---|" * len(SERVER_STAGES))

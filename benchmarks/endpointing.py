@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from asr.endpointing import endpoint_window
 from asr.turns import CHUNK_S, Paused, Resumed, TurnEnded, TurnTracker
 from asr.vad import SileroVAD
 from asr.whisper import WhisperDecoder
+from benchmarks.bench import write_rows
 from benchmarks.corpus import Utterance, asterisk_prompts, through_phone_line
 
 RATE = 16000
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "endpointing.json"))
     ns = parser.parse_args()
+    started = time.time()
     # One short sentence each (menus read with their own pauses would blur
     # the one pause under test).
     utts = [
@@ -125,12 +127,10 @@ def main() -> None:
         delays = [float(r["delay_s"]) for r in results if not np.isnan(float(r["delay_s"]))]
         mean = statistics.fmean(delays) * 1000 if delays else float("nan")
         p95 = float(np.percentile(delays, 95)) * 1000 if delays else float("nan")
-        rows.append({"policy": name, "false_cutoff_rate": cut, "mean_delay_ms": mean, "p95_delay_ms": p95})
+        rows.append({"policy": name, "false_cutoff_rate": cut, "mean_delay_ms": mean, "p95_delay_ms": p95,
+                     "cut_off": [c.name for c, r in zip(cases, results, strict=True) if r["cut_off"]]})  # fmt: skip
         print(f"{name:<34}{cut:>15.1%}{mean:>15.0f}{p95:>14.0f}")
-    out = Path(ns.output)
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"turns": len(cases), "pauses_s": PAUSES_S, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_rows(Path(ns.output), started, {"turns": len(cases), "pauses_s": PAUSES_S}, rows)
 
 
 if __name__ == "__main__":
