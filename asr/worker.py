@@ -114,8 +114,10 @@ class ASRWorker:
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="asr", initializer=_decoder_thread, initargs=("asr", config.nice)
         )
-        # Finals at a rank of their own (ASRConfig.finals_nice): a second
-        # model copy on its own threads. None: finals use the decoder above.
+        # Finals on a decoder of their own (ASRConfig.finals_nice, at that
+        # rank, even the same one): a second model copy on its own threads,
+        # so a final never waits for a partial's decode to end. None: finals
+        # use the decoder above.
         self.finals_decoder: WhisperDecoder | None = None
         self._finals_executor = (
             ThreadPoolExecutor(
@@ -124,7 +126,7 @@ class ASRWorker:
                 initializer=_decoder_thread,
                 initargs=("asr-final", config.finals_nice),
             )
-            if config.finals_nice is not None and config.finals_nice != config.nice
+            if config.finals_nice is not None
             else None
         )
         # Jobs not yet handed to a decode, by seq (so in arrival order). A job

@@ -120,6 +120,12 @@ SYSTEMS: dict[str, System] = {
         System("firstline-one-llm-copy", "firstline", "firstline with one copy of the llama.cpp engine, every turn "
                "batched into its steps (--llm-replicas 1; the default on a CPU is 2 single-threaded copies)",
                ["--llm-replicas", "1"], ALL_PROTOCOLS),
+        System("firstline-two-lanes", "firstline", "firstline generating at most two turns' first sentences at a "
+               "time, one per LLM copy, endpointed turns first (--first-sentence-lanes 2)",
+               ["--first-sentence-lanes", "2"], ALL_PROTOCOLS),
+        System("firstline-finals-own-decoder", "firstline", "firstline with pause and turn-end decodes on a Whisper "
+               "decoder of their own, not queued behind partials (--asr-finals-nice 0)",
+               ["--asr-finals-nice", "0"], ALL_PROTOCOLS),
         System("firstline-one-first-sentence", "firstline", "firstline generating one turn's first sentence at a "
                "time, endpointed turns first (--first-sentence-lanes 1)",
                ["--first-sentence-lanes", "1"], ALL_PROTOCOLS),

@@ -45,3 +45,18 @@ def llm_share_of_cores(cores: int) -> int:
     and the Whisper decoder (llm.config.threads_for, asr.config.
     decoder_threads_for): half, at least 1, at most 4."""
     return max(1, min(4, cores // 2))
+
+
+def one_blas_thread() -> None:
+    """Run numpy's BLAS (OpenBLAS) on the calling thread only.
+
+    The server's numpy work is small (Whisper's mel filter product, a few
+    vectors per frame), but numpy's OpenBLAS keeps a pool of one thread per
+    core that busy-waits for the next call after every product. Beside each
+    Whisper decode that pool thread spun about as long as the decode itself,
+    on a core the LLM's copies and the other calls needed (the bench's CPU
+    by stage, README). threadpoolctl sets it at run time, whatever was
+    imported first."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")

@@ -98,3 +98,15 @@ def test_turn_tracker_ignores_silence_and_clicks(server):
     click[8000:8040] = 0.9
     events = tracker.feed(silence) + tracker.feed(click) + tracker.feed(silence)
     assert events == []
+
+
+async def test_numpy_blas_runs_on_the_calling_thread_only(server, jfk):
+    """A started server leaves numpy's OpenBLAS one thread (streaming/threads.
+    one_blas_thread): its pool would spin beside every Whisper decode on the
+    cores the engines need; a decode still gives the right words."""
+    from threadpoolctl import threadpool_info
+
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas and all(pool["num_threads"] == 1 for pool in blas)
+    decoded = await server.runtime.asr.submit("blas-check", jfk.load(16000), final=True)
+    assert "ask not what your country" in decoded.text.lower()

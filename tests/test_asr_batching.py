@@ -398,5 +398,11 @@ async def test_finals_can_have_a_decoder_ranked_above_the_partials(quilter):
         assert worker.finals_decoder is not None and worker.finals_decoder is not worker.decoder
     finally:
         await worker.close()
+    # The same rank as the partials still gets finals a decoder of their own.
+    same = await _worker(nice=0, finals_nice=0, batch_size=1)
+    try:
+        assert same.finals_decoder is not None and same.finals_decoder is not same.decoder
+    finally:
+        await same.close()
     assert config_from_args(build_parser().parse_args(["serve"])).asr.finals_nice is None  # one decoder by default
     assert config_from_args(build_parser().parse_args(["serve", "--asr-finals-nice", "0"])).asr.finals_nice == 0

@@ -12,6 +12,7 @@ from llm import engines
 from llm.base import LLMEngine
 from llm.config import LLMConfig
 from streaming.fair_share import FirstSentences, LowPriority, ReplyGate
+from streaming.threads import one_blas_thread
 from voice.call.store import RedisStore, build_store
 from voice.server.config import ServerConfig
 from voice.server.metrics import Metrics
@@ -70,6 +71,7 @@ class Runtime:
 
     async def start(self) -> None:
         t0 = time.perf_counter()
+        one_blas_thread()  # before any decode: numpy's thread pool spins beside each
         if isinstance(self.store, RedisStore):
             await self.store.check()  # a wrong --state-url fails the start, not every re-attach
         await self.asr.start()
