@@ -113,6 +113,25 @@ async def test_a_long_model_reply_is_cut_at_the_cap_and_its_generation_aborted(c
     assert done["usage"]["completion_tokens"] < 200, done["usage"]
 
 
+async def test_a_reply_with_no_sentence_says_the_fallback(call_url, phone_prompts):
+    """A 1-token cap cuts the model's first sentence: nothing of the reply
+    can go out, so the caller hears the fallback, not silence; the turn
+    says why (token_cap) and that it fell back."""
+    from benchmarks.client import NativeCaller
+    from tests.conftest import with_silence
+
+    clip = phone_prompts[3]
+    async with NativeCaller(call_url) as caller:
+        await caller.start("mulaw", 8000, options={"max_tokens": 1})
+        await caller.play(with_silence(clip.load(8000), 8000, 1.2), 8000, "mulaw", realtime=True, speed=4.0)
+        done = await caller.wait_for("response.done", timeout=60)
+        metrics = await caller.wait_for("turn.metrics", turn=done["turn"])
+    sent = [e["text"] for e in caller.result.of("response.sentence")]
+    assert sent == [ReplyPolicy.fallback] and done["text"] == ReplyPolicy.fallback, (sent, done)
+    assert done["reply_end"] == "token_cap" and metrics["fallback"] is True, (done, metrics)
+    assert done["usage"]["completion_tokens"] <= 1
+
+
 async def test_a_looping_reply_is_cut_on_the_wire(call_url):
     """The same guard on the real reply path, with a reply that loops for
     sure (a fixed greeting; the model's loops depend on its sampling)."""

@@ -37,6 +37,11 @@ class ReplyPolicy:
     # A word or phrase said this many times in a row inside one sentence is
     # degenerate text ("no-nonsense no-nonsense no-nonsense").
     max_stutter: int = 3
+    # Said when a reply got no sentence out at all (the token cap cut its
+    # only sentence, every sentence looped, or the model said nothing):
+    # silence on a phone line sounds like a dropped call, and the caller
+    # would wait for words that never come. "": say nothing.
+    fallback: str = "Sorry, could you say that again?"
 
     def __post_init__(self) -> None:
         if self.max_sentences < 0:

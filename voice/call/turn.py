@@ -195,6 +195,8 @@ class Turn:
         self._waiting: FirstSentences | None = None
         # Seconds this reply waited for a first-sentence lane (FirstSentences.lane).
         self.lane_wait_s = 0.0
+        # The reply had no sentence and the caller heard ReplyPolicy.fallback.
+        self.fell_back = False
         self._gate = asyncio.Event()
         self._held: list[dict[str, Any]] = []
         if committed:
@@ -362,6 +364,11 @@ class Turn:
                         break
             if guard.said_nothing_but_loops and self.reply_end == "complete":
                 self.reply_end = STOP_LOOP
+            if not self.sent and policy.fallback:
+                # Nothing went out: the caller hears the fallback, not
+                # silence; reply_end still says why the reply had nothing.
+                self.fell_back = True
+                await self._say(policy.fallback)
         except asyncio.CancelledError:
             cancelled = True
             self.reply_end = "resumed" if self.premature else "cancelled"
@@ -402,13 +409,17 @@ class Turn:
         if verdict != SEND:
             self.reply_end = verdict
             return False
+        await self._say(text)
+        return True
+
+    async def _say(self, text: str) -> None:
+        """Send one sentence of the reply (held until the turn is committed)."""
         first = not self.sent
         self.sent.append(text)
         if first and self.ctx.first_sentences is not None:
             self.ctx.first_sentences.done(self)
         await self._out({"type": "response.sentence", "turn": self.index, "index": len(self.sent) - 1,
                          "text": text, "first": first})  # fmt: skip
-        return True
 
     def _hold_s(self) -> float:
         words = sum(len(sentence.split()) for sentence in self.sent)
@@ -457,6 +468,7 @@ class Turn:
             "yields": usage.yields,
             "lane_wait_ms": round(self.lane_wait_s * 1000, 1),
             "reply_end": self.reply_end,
+            "fallback": self.fell_back,
         }
         with contextlib.suppress(Exception):
             if failed is not None:  # the detail was logged where it happened

@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=ReplyPolicy.max_sentences,
         help="a reply stops (and its generation is aborted) after this many sentences (0: no limit)",
     )
+    serve.add_argument(
+        "--reply-fallback",
+        default=ReplyPolicy.fallback,
+        help="said when a reply got no sentence out (the token cap cut it, it only looped, the model said "
+        "nothing), so the caller never hears silence ('': say nothing)",
+    )
     serve.add_argument("--greeting", default=_env("GREETING"), help="say this when a call is picked up")
     serve.add_argument(
         "--greeting-instructions",
@@ -518,7 +524,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         config.first_sentence_lanes = args.first_sentence_lanes
     config.greeting_instructions = args.greeting_instructions or None
     try:
-        config.reply = ReplyPolicy(max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard)
+        config.reply = ReplyPolicy(
+            max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard, fallback=args.reply_fallback
+        )
     except ValueError as exc:
         raise SystemExit(f"firstline: {exc}") from None
     otel_env = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
