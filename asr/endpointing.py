@@ -39,11 +39,6 @@ OBJECT_PRONOUNS = frozenset({"you", "it"})
 _WORD = re.compile(r"[a-z0-9']+")
 
 
-def last_word(text: str) -> str:
-    words = _WORD.findall(text.lower())
-    return words[-1] if words else ""
-
-
 def ends_unfinished(text: str) -> bool:
     """The words so far stop where a speaker is almost never done."""
     words = _WORD.findall(text.lower())

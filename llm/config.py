@@ -174,6 +174,16 @@ def slots_for(engine: str, device: str, max_calls: int) -> int:
 CPU_LLAMACPP_REPLICAS = 2
 
 
+def check_replicas(engine: str, replicas: int) -> None:
+    """Raise ValueError unless ``replicas`` copies of ``engine`` can run:
+    at least one, and more only for llama.cpp (vLLM and remote servers
+    batch their own sequences)."""
+    if replicas < 1:
+        raise ValueError(f"must be at least 1, not {replicas}")
+    if replicas > 1 and engine != "llamacpp":
+        raise ValueError("is for llama.cpp; vLLM and remote servers batch their own sequences (--llm-parallel)")
+
+
 def replicas_for(engine: str, device: str, cores: int) -> int:
     """Engine copies for the server: on a GPU, or for vLLM, one (a batched
     step there costs about what one sequence does); llama.cpp on a CPU

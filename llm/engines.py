@@ -10,12 +10,14 @@ secondary to fail over to.
 from __future__ import annotations
 
 from llm.base import LLMEngine
-from llm.config import LLMConfig
+from llm.config import LLMConfig, check_replicas
 
 
 def build_local_engine(config: LLMConfig) -> LLMEngine:
-    if config.replicas < 1:
-        raise ValueError(f"LLM replicas must be at least 1, not {config.replicas}")
+    try:
+        check_replicas(config.engine, config.replicas)
+    except ValueError as exc:
+        raise ValueError(f"LLM replicas {exc}") from None
     if config.engine == "llamacpp":
         from llm.llamacpp_engine import LlamaCppEngine
 
@@ -24,8 +26,6 @@ def build_local_engine(config: LLMConfig) -> LLMEngine:
         from llm.replicas import ReplicaSet
 
         return ReplicaSet([LlamaCppEngine(config) for _ in range(config.replicas)])
-    if config.replicas > 1:
-        raise ValueError("LLM replicas are for llama.cpp; vLLM batches sequences in one engine (use --llm-parallel)")
     if config.engine == "vllm":
         from llm.vllm_engine import VLLMEngine
 

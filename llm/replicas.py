@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from llm.base import GenerationRequest, LLMEngine
+from llm.remote_engine import session_key_of
 from llm.sampling import SamplingParams
 
 # Calls remembered for routing (their last copy); the oldest are forgotten
@@ -43,19 +44,11 @@ class ReplicaSet(LLMEngine):
         self._homes: OrderedDict[str, int] = OrderedDict()
         self._next = itertools.count()  # requests with no call key take turns
 
-    @property
-    def startup_s(self) -> float | None:
-        times = [getattr(c, "startup_s", None) for c in self.copies]
-        return None if None in times else sum(t for t in times if t is not None)
-
     async def start(self) -> None:
         # One after another: loading is CPU-bound, and a failure stops early.
+        # Each copy's start warms it up, so every copy caches the system prompt.
         for copy in self.copies:
             await copy.start()
-
-    async def warm_up(self, system_prompt: str) -> None:
-        for copy in self.copies:  # every copy caches the system prompt
-            await copy.warm_up(system_prompt)
 
     def pick(self, key: str | None) -> int:
         """The copy a request of call ``key`` goes to (see the module doc)."""
@@ -78,8 +71,6 @@ class ReplicaSet(LLMEngine):
         return self._stream(request)
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        from llm.remote_engine import session_key_of
-
         index = self.pick(session_key_of(request))
         self.active[index] += 1
         try:

@@ -133,8 +133,8 @@ class FirstSentences:
     that call time and buys its own caller nothing.
 
     The same holds between first sentences: with ``lanes`` set
-    (``--first-sentence-lanes``), only that many replies generate their first sentence at once and
-    the others wait their turn (:meth:`lane`)."""
+    (``--first-sentence-lanes``), only that many replies generate their
+    first sentence at once and the others wait their turn (:meth:`lane`)."""
 
     def __init__(self, lanes: int = 0, lane_max_wait_s: float = LANE_MAX_WAIT_S) -> None:
         self._waiting: set[object] = set()

@@ -18,6 +18,7 @@ from llm.config import (
     MAX_VLLM_SEQUENCES,
     LLMConfig,
     SpeculationConfig,
+    check_replicas,
     replicas_for,
     slots_for,
     threads_for,
@@ -445,8 +446,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     llm.secondary_urls = list(args.secondary_url)
     llm.remote_model = args.remote_model
     llm.first_token_timeout_s = args.llm_first_token_timeout_s
-    if llm.replicas > 1 and llm.engine != "llamacpp":
-        raise SystemExit("firstline: --llm-replicas is for llama.cpp; vLLM batches its sequences (--llm-parallel)")
+    try:
+        check_replicas(llm.engine, llm.replicas)
+    except ValueError as exc:
+        raise SystemExit(f"firstline: --llm-replicas {exc}") from None
     if llm.engine == "remote" and not llm.remote_urls:
         raise SystemExit("firstline: --engine remote needs at least one --remote-url")
     asr = ASRConfig(
