@@ -296,18 +296,34 @@ async def test_a_preemptive_reply_gives_its_lane_to_an_endpointed_turn(server, p
         play = asyncio.create_task(
             caller.play(with_silence(phone_prompts[0].load(8000), 8000, 4.0), 8000, "mulaw", realtime=True)
         )
+        tried: list[Turn] = []
         try:
-            holder: Turn | None = None
-            async with asyncio.timeout(30):
-                while holder is None:
-                    holder = next((k for k in list(first_sentences._holders) if isinstance(k, Turn)), None)
-                    await asyncio.sleep(0.002)
-            # Caught at once, in its prefill: the other turn asks before the
-            # reply's first token, at which it steps aside.
-            assert not holder.committed
-            asked = time.monotonic()
-            await first_sentences.lane(endpointed, lambda: True)
-            granted_at = time.monotonic()
+            # A preemptive reply whose caller went on (a pause inside the
+            # prompt) is cancelled and leaves its lane without stepping aside;
+            # then the next preemptive reply is the one to catch.
+            for _ in range(4):
+                holder: Turn | None = None
+                async with asyncio.timeout(30):
+                    while holder is None:
+                        holder = next(
+                            (k for k in list(first_sentences._holders) if isinstance(k, Turn) and k not in tried),
+                            None,
+                        )
+                        await asyncio.sleep(0.002)
+                tried.append(holder)
+                # Caught at once, in its prefill: the other turn asks before the
+                # reply's first token, at which it steps aside.
+                assert not holder.committed
+                asked = time.monotonic()
+                await first_sentences.lane(endpointed, lambda: True)
+                granted_at = time.monotonic()
+                first_sentences.leave(endpointed)
+                if holder.request is not None and holder.request.usage.yields >= 1:
+                    break
+                # It left its lane without a token: only a cancelled reply does.
+                await asyncio.wait({holder.task}, timeout=10)
+                assert holder.task.done() and holder.reply_end in ("cancelled", "resumed"), holder.reply_end
+                granted_at = None
         finally:
             first_sentences.leave(endpointed)
         done = await caller.wait_for("response.done", timeout=60)

@@ -132,20 +132,35 @@ class Mark:
 class FirstlinePort(pj.AudioMediaPort):
     """The call's audio as PJSIP's conference bridge sees it: it pushes the
     caller's 20 ms frames into ``onFrameReceived`` and pulls one reply frame
-    per tick from ``onFrameRequested`` (that pull is the RTP pacing)."""
+    per tick from ``onFrameRequested`` (that pull is the RTP pacing).
 
-    def __init__(self, session: Session) -> None:
+    A port is never freed while PJSIP runs: ~AudioMediaPort asks the
+    conference to remove the port and frees it at once, but PJSIP 2.14+
+    removes ports later, on its clock thread, which may still call into the
+    freed port (and so into a freed Python object: the bridge then crashed
+    in unrelated Python code). An ended call's port goes back to
+    ``Bridge.idle_ports`` and serves a later call; at most ``max_calls``
+    (plus those cooling down) exist."""
+
+    def __init__(self, name: str) -> None:
         super().__init__()
-        self.session = session
+        fmt = pj.MediaFormatAudio()
+        fmt.init(pj.PJMEDIA_FORMAT_PCM, 8000, 1, 20000, 16)
+        self.createPort(name, fmt)
+        # The call this port serves now; None while idle (the clock thread
+        # may still tick it: it then hears nothing and says silence).
+        self.session: Session | None = None
 
     def onFrameReceived(self, frame: pj.MediaFrame) -> None:
-        if frame.type != pj.PJMEDIA_FRAME_TYPE_AUDIO or frame.size == 0:
+        session = self.session
+        if session is None or frame.type != pj.PJMEDIA_FRAME_TYPE_AUDIO or frame.size == 0:
             return
-        self.session.caller_frame(bytes(frame.buf))
+        session.caller_frame(bytes(frame.buf))
 
     def onFrameRequested(self, frame: pj.MediaFrame) -> None:
+        session = self.session
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
-        frame.buf = pj.ByteVector(self.session.reply_frame())
+        frame.buf = pj.ByteVector(session.reply_frame() if session is not None else SILENCE_PCM)
         frame.size = FRAME_SAMPLES * 2
 
 
@@ -311,10 +326,8 @@ class BridgeCall(pj.Call):
                 codec = self.getStreamInfo(i).codecName
             info = {"sipCallId": ci.callIdString, "from": ci.remoteUri, "to": ci.localUri, "codec": codec}
             self.session = Session(self.bridge, info)
-            self.port = FirstlinePort(self.session)
-            fmt = pj.MediaFormatAudio()
-            fmt.init(pj.PJMEDIA_FORMAT_PCM, 8000, 1, 20000, 16)
-            self.port.createPort(f"fl{ci.id}", fmt)
+            self.port = self.bridge.take_port()
+            self.port.session = self.session
             aud.startTransmit(self.port)
             self.port.startTransmit(aud)
             self.session.task = asyncio.run_coroutine_threadsafe(self.session.run(), self.bridge.loop)
@@ -381,6 +394,9 @@ class Bridge:
         self.calls: dict[int, BridgeCall] = {}
         # Ended calls, with the time they ended: their pj objects die on the main thread, later (see _bury).
         self.graveyard: list[tuple[float, BridgeCall]] = []
+        # Conference ports no call uses (see FirstlinePort), and how many exist.
+        self.idle_ports: list[FirstlinePort] = []
+        self.ports: list[FirstlinePort] = []
         self.latency = Latency()
         self.loop = asyncio.new_event_loop()
         self._pj_queue: queue.Queue[Any] = queue.Queue()
@@ -424,6 +440,13 @@ class Bridge:
     def retire(self, call: BridgeCall) -> None:
         if all(c is not call for _, c in self.graveyard):
             self.graveyard.append((time.monotonic(), call))
+
+    def take_port(self) -> FirstlinePort:
+        if self.idle_ports:
+            return self.idle_ports.pop()
+        port = FirstlinePort(f"fl{len(self.ports)}")
+        self.ports.append(port)
+        return port
 
     def place_call(self, uri: str) -> BridgeCall:
         """Outbound: dial ``uri`` (a loopback SIP URI); bridged once answered."""
@@ -520,17 +543,21 @@ class Bridge:
     def _bury(self, everything: bool = False) -> None:
         """Free ended calls here, on the PJSIP thread, while the library runs
         (pj objects freed later by Python's cycle collector, on any thread or
-        after libDestroy, crash PJSIP), and only once the conference bridge
-        has let go of their port: PJSIP 2.14+ applies conference changes on
-        its clock thread, a tick or more later, so a port freed at once (as
-        the call's stream is torn down) can still be read by that thread."""
+        after libDestroy, crash PJSIP). Their ports go back to
+        ``idle_ports`` only once the conference has dropped the call's own
+        slot and its connections (PJSIP 2.14+ applies conference changes on
+        its clock thread, a tick or more later), so a reused port never
+        carries an old call's audio."""
         now = time.monotonic()
         due = [c for t, c in self.graveyard if everything or now - t >= BURY_AFTER_S]
         if not due:
             return
         self.graveyard = [] if everything else [(t, c) for t, c in self.graveyard if now - t < BURY_AFTER_S]
         for call in due:
-            call.port = None  # unregisters our conference port
+            if call.port is not None:
+                call.port.session = None
+                self.idle_ports.append(call.port)
+            call.port = None
             call.session = None
         due.clear()
         gc.collect()
@@ -545,6 +572,10 @@ class Bridge:
         self.calls.clear()
         self._bury(everything=True)
         self.ep.libDestroy()
+        # Freeing a port after libDestroy crashes PJSIP, and exit would: the
+        # C++ ports are left to the process's end.
+        for port in self.ports:
+            port.thisown = False
 
 
 def main(argv: list[str] | None = None) -> None:
