@@ -73,9 +73,12 @@ class ASRConfig:
     # they come less often (finals are never held back). One call's partials
     # (~0.1 s of tiny.en every 0.8 s of speech) fit in it; at 8 calls they
     # would take most of a core. 0: no limit (e.g. a GPU, where a decode
-    # takes milliseconds). Chosen with benchmarks/bench.py at 8 calls on 2
-    # cores (0.3 and 0.15 against none; firstline-no-partial-budget).
-    partial_budget: float = 0.15
+    # takes milliseconds). Chosen with benchmarks/bench.py on 2 cores: 0.15
+    # against none at 8 calls (firstline-no-partial-budget), then 0.08
+    # against 0.15 at 4, 8 and 12 calls (benchmarks/results/
+    # bench_partial_budget: 7-12 % less CPU per turn, p95 lower at each
+    # level); a lone call's partials (~0.04 s per s) never reach either.
+    partial_budget: float = 0.08
     partial_budget_burst_s: float = 1.0
     # Batched decoding across calls (asr/worker.py): up to this many due
     # decodes share one CTranslate2 call. 1 = batching off, one decode at a
