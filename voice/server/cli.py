@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replies keep generating after their first sentence while other turns wait for theirs",
     )
     serve.add_argument(
+        "--no-preemptive-hold",
+        dest="hold_preemptive",
+        action="store_false",
+        help="a reply generated before the endpoint goes on past its first sentence while it waits for it "
+        "(default: it stops there until the endpoint fires, where replies step aside)",
+    )
+    serve.add_argument(
         "--first-sentence-lanes",
         type=int,
         default=None,
@@ -521,6 +528,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
     config.first_sentences_first = args.first_sentences_first
+    config.hold_preemptive = args.hold_preemptive
     if args.first_sentence_lanes is not None:
         if args.first_sentence_lanes < 0:
             raise SystemExit("firstline: --first-sentence-lanes must be 0 (no limit) or more")

@@ -30,6 +30,11 @@ class ServerConfig:
     # in it about what a sequence alone costs; on a GPU (or a remote engine)
     # a step's cost barely grows with its batch, and a pause buys nothing.
     first_sentences_first: bool | None = None
+    # Where replies step aside (above), a preemptive reply (generated in the
+    # caller's pause, before the endpoint) also stops after its first
+    # sentence until the endpoint fires (llm/yielding.py): a caller who goes
+    # on has cost one sentence, not a whole reply.
+    hold_preemptive: bool = True
     # How many replies generate their first sentence at once, where replies
     # step aside (above): the others wait their turn, endpointed turns before
     # preemptive ones (streaming/fair_share.FirstSentences.lane). 0: no
