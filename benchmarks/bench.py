@@ -101,8 +101,8 @@ SYSTEMS: dict[str, System] = {
                "right after the reply began (--resume-grace-s 0)", ["--resume-grace-s", "0"], ALL_PROTOCOLS),
         System("firstline-no-partial-budget", "firstline", "firstline with no decoder budget for partials",
                ["--asr-partial-budget", "0"], ALL_PROTOCOLS),
-        System("firstline-no-hold", "firstline", "firstline with preemptive replies that go on past their first "
-               "sentence before the endpoint", ["--no-preemptive-hold"], ALL_PROTOCOLS),
+        System("firstline-hold", "firstline", "firstline with preemptive replies that stop after their first "
+               "sentence until the endpoint fires", ["--preemptive-hold"], ALL_PROTOCOLS),
         System("firstline-partial-budget-0.15", "firstline", "firstline with the partials' decoder budget before "
                "a035ec7 (0.15 decoder-s per s, against 0.08)", ["--asr-partial-budget", "0.15"], ALL_PROTOCOLS),
         System("firstline-llm-both-cores", "firstline", "firstline as at 0cf3539: the LLM on both cores (2 threads), "

@@ -12,10 +12,11 @@ the caller hears the same reply, with no sentence twice. The prefix cache
 holds the prompt and the text said, so carrying on costs a few tokens of
 prefill, not the whole prompt.
 
-The same stop serves a preemptive reply (generated in the caller's pause,
-before the endpoint): once its first sentence is ready it is *held* until
-the endpoint fires, then carries on. A caller who goes on cancels it, and
-then only that sentence was generated for nothing.
+The same stop can serve a preemptive reply (generated in the caller's
+pause, before the endpoint; ``--preemptive-hold``, off by default): once
+its first sentence is ready it is *held* until the endpoint fires, then
+carries on. A caller who goes on cancels it, and then only that sentence
+was generated for nothing.
 """
 
 from __future__ import annotations

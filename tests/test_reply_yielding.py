@@ -145,7 +145,7 @@ def test_replies_step_aside_by_default_where_the_llm_shares_this_cpu() -> None:
     def holds(*flags: str) -> bool:
         return config_from_args(build_parser().parse_args(["serve", *flags])).hold_preemptive
 
-    assert holds() and not holds("--no-preemptive-hold")
+    assert not holds() and holds("--preemptive-hold")
     assert lanes() == 0  # no limit unless asked
     assert lanes("--first-sentence-lanes", "1") == 1 and lanes("--first-sentence-lanes", "2") == 2
     # Only where replies step aside (the LLM on this machine's CPU).
@@ -348,8 +348,8 @@ async def test_a_preemptive_reply_gives_its_lane_to_an_endpointed_turn(server, p
 async def test_a_preemptive_reply_waits_for_its_endpoint_after_its_first_sentence(
     server, phone_prompts, monkeypatch
 ) -> None:
-    """On the real server: a reply generated in the caller's pause (its 3 s
-    endpoint still to come) stops after its first sentence, generates
+    """On the real server, with --preemptive-hold: a reply generated in the
+    caller's pause (its 3 s endpoint still to come) stops after its first sentence, generates
     nothing while held, and carries on once the endpoint fires: one whole
     reply, its first sentence not repeated, the hold counted."""
     from benchmarks.client import NativeCaller
@@ -366,6 +366,7 @@ async def test_a_preemptive_reply_waits_for_its_endpoint_after_its_first_sentenc
         return hold
 
     monkeypatch.setattr(Turn, "_should_hold", noting)
+    monkeypatch.setattr(server.runtime.config, "hold_preemptive", True)  # --preemptive-hold (off by default)
     story = "You are a storyteller on the phone. Whatever the caller says, tell a story of at least four sentences."
     async with NativeCaller(f"ws://127.0.0.1:{server.port}/v1/call") as caller:
         await caller.start(

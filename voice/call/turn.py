@@ -124,7 +124,7 @@ class TurnContext:
     first_sentences: FirstSentences | None = None
     # With first_sentences: a preemptive reply stops after its first
     # sentence until the endpoint fires (Turn._should_hold).
-    hold_preemptive: bool = True
+    hold_preemptive: bool = False
 
 
 @dataclasses.dataclass

@@ -165,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="replies keep generating after their first sentence while other turns wait for theirs",
     )
     serve.add_argument(
-        "--no-preemptive-hold",
+        "--preemptive-hold",
         dest="hold_preemptive",
-        action="store_false",
-        help="a reply generated before the endpoint goes on past its first sentence while it waits for it "
-        "(default: it stops there until the endpoint fires, where replies step aside)",
+        action="store_true",
+        help="a reply generated before the endpoint stops after its first sentence until the endpoint fires, "
+        "where replies step aside (default: it goes on)",
     )
     serve.add_argument(
         "--first-sentence-lanes",
