@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from asr.config import ASRConfig
+from asr.loops import cut_loop
 from asr.models import resolve_whisper_model
 
 SAMPLE_RATE = 16000
@@ -154,7 +155,11 @@ class WhisperDecoder:
         elapsed = time.perf_counter() - started
         decoded = []
         for item, result in zip(items, results, strict=True):
-            tokens = [t for t in result.sequences_ids[0][: item.token_cap] if t < self.tokenizer.eot]
+            sequence = result.sequences_ids[0]
+            tokens = [t for t in sequence[: item.token_cap] if t < self.tokenizer.eot]
             text = self.tokenizer.decode(tokens).strip()
+            if len(sequence) >= item.token_cap:
+                # It never stopped by itself: a repetition loop cut by the cap.
+                text = cut_loop(text)
             decoded.append(Decoded(text, item.audio_s, elapsed, window, batch_size=len(items)))
         return decoded

@@ -30,6 +30,42 @@ async def test_shared_clips_wer_over_through_phone_line(server):
     assert corpus_wer(pairs) <= 0.15, pairs
 
 
+def test_a_repetition_loop_is_cut_back_to_its_first_pass():
+    from asr.loops import cut_loop
+
+    looped = "I will try to locate them for you. 8. The Press Yard 8. The Press Yard 8. The"
+    assert cut_loop(looped) == "I will try to locate them for you. 8. The Press Yard"
+    assert cut_loop("for you. 8. The Press Yard. 8. The Press Yard. 8") == "for you. 8. The Press Yard."
+    assert cut_loop("Please hold. Please hold. Please hold.") == "Please hold."
+    for text in ("Press 0 for help.", "", "a b a b a b c", "Seven thirty."):
+        assert cut_loop(text) == text
+
+
+async def test_a_turn_whisper_loops_on_comes_back_once(server, phone_prompts):
+    """A real bench turn (an asterisk prompt, a pause, an LJ Speech clip) on
+    which tiny.en, decoded up to the last voiced frame as the pause decode
+    does, repeats its last phrase until its token cap: the transcript keeps
+    the phrase once, so it ends on a word and not mid-loop. A decode that
+    ends by itself keeps a prompt said twice."""
+    from benchmarks.loadgen import load_calls, turn_audio
+    from streaming.codecs import StreamResampler, decode, int16_to_float
+
+    turn = next(c for c in load_calls() if c.name == "call01").turns[2]
+    wire = turn_audio(turn)
+    pcm = np.concatenate([decode(frame, "mulaw") for frame in wire.frames])
+    audio = StreamResampler(8000, 16000).process(int16_to_float(pcm), last=True)
+    end = (wire.last_voice_frame + 1) * 320  # 20 ms frames at 16 kHz
+    result = await server.runtime.asr.submit("loop-turn", audio[:end], final=True)
+    text = result.text.lower()
+    assert text.count("press yard") == 1 and text.rstrip(".").endswith("press yard"), result.text
+
+    prompt = phone_prompts[0].load(8000)
+    once = await server.runtime.asr.submit("once", through_phone_line(prompt), final=True)
+    twice_audio = np.concatenate([prompt, np.zeros(4000, np.float32), prompt])
+    twice = await server.runtime.asr.submit("twice", through_phone_line(twice_audio), final=True)
+    assert len(normalize(twice.text).split()) >= 1.5 * len(normalize(once.text).split()), (once.text, twice.text)
+
+
 async def test_asterisk_prompts_wer(server, phone_prompts):
     worker = server.runtime.asr
     pairs = []

@@ -1,0 +1,42 @@
+"""Whisper's repetition loop, cut back to its first pass.
+
+On a turn that ends in a short phrase, tiny.en sometimes decodes the
+phrase again and again until it hits its token cap ("...for you. 8. The
+Press Yard 8. The Press Yard 8. The"). The text is then wrong, and it ends
+mid-phrase ("The"), so the endpoint rule waits its longest window for words
+that will never come (benchmarks/results/bench: 1.2 s on that turn at every
+load level). A decode that stopped by itself (end of text before the cap)
+is left alone: a caller may really say a thing twice ("You are now muted.
+You are now muted.").
+"""
+
+from __future__ import annotations
+
+import re
+
+_NORM = re.compile(r"[^a-z0-9']+")
+# The longest phrase looked for, in words.
+MAX_PHRASE_WORDS = 12
+
+
+def _norm(word: str) -> str:
+    return _NORM.sub("", word.lower())
+
+
+def cut_loop(text: str) -> str:
+    """``text`` without a loop at its end: where its last words repeat one
+    phrase at least twice over (the last pass may be cut short), only the
+    first pass is kept. Text with no such loop comes back unchanged."""
+    words = text.split()
+    norm = [_norm(w) for w in words]
+    n = len(norm)
+    for k in range(1, min(MAX_PHRASE_WORDS, n // 2) + 1):
+        # Walk back while each word equals the one a phrase length after it:
+        # the tail from ``start`` on repeats a k-word phrase.
+        i = n - 1 - k
+        while i >= 0 and norm[i] == norm[i + k]:
+            i -= 1
+        start = i + 1
+        if n - start >= 2 * k and any(norm[start : start + k]):
+            return " ".join(words[: start + k])
+    return text
