@@ -71,8 +71,8 @@ class ASRConfig:
     # Partials are live captions and prefill fuel, not the reply: on a small
     # CPU they compete with the LLM for the same cores, so past this share
     # they come less often (finals are never held back). One call's partials
-    # (~0.1 s of tiny.en every 0.8 s of speech) fit in it; at 8 calls they
-    # would take most of a core. 0: no limit (e.g. a GPU, where a decode
+    # (~0.1 s of tiny.en every 0.8 s of speech) fit in it within a turn,
+    # thanks to the burst; at 8 calls they would take most of a core. 0: no limit (e.g. a GPU, where a decode
     # takes milliseconds). Chosen with benchmarks/bench.py on 2 cores: 0.15
     # against none at 8 calls (firstline-no-partial-budget), then 0.08
     # against 0.15 at 4, 8 and 12 calls (benchmarks/results/

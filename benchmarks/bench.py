@@ -101,8 +101,6 @@ SYSTEMS: dict[str, System] = {
                "right after the reply began (--resume-grace-s 0)", ["--resume-grace-s", "0"], ALL_PROTOCOLS),
         System("firstline-no-partial-budget", "firstline", "firstline with no decoder budget for partials",
                ["--asr-partial-budget", "0"], ALL_PROTOCOLS),
-        System("firstline-hold", "firstline", "firstline with preemptive replies that stop after their first "
-               "sentence until the endpoint fires", ["--preemptive-hold"], ALL_PROTOCOLS),
         System("firstline-partial-budget-0.15", "firstline", "firstline with the partials' decoder budget before "
                "a035ec7 (0.15 decoder-s per s, against 0.08)", ["--asr-partial-budget", "0.15"], ALL_PROTOCOLS),
         System("firstline-llm-both-cores", "firstline", "firstline as at 0cf3539: the LLM on both cores (2 threads), "
@@ -277,7 +275,7 @@ STAGES = ("asr", "llm", "tts", "event loop + VAD")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/*/stat counts in these
 
 
-def _thread_cpu(pid: int) -> dict[str, float]:
+def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds by stage of one process's live threads (/proc)."""
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -339,7 +337,7 @@ class CpuMeter:
         out = dict.fromkeys(STAGES, 0.0)
         for root in self.procs:
             with contextlib.suppress(psutil.Error):
-                for stage, seconds in _thread_cpu(root.pid).items():
+                for stage, seconds in thread_cpu(root.pid).items():
                     out[stage] += seconds
                 for child in root.children(recursive=True):
                     with contextlib.suppress(psutil.Error):

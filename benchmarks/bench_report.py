@@ -99,11 +99,6 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "yields_per_turn": None
         if not server
         else round(statistics.fmean(float(s.get("yields") or 0) for s in server), 2),
-        # Preemptive replies that stopped after their first sentence until
-        # their endpoint fired (llm/yielding.py).
-        "holds_per_turn": None
-        if not server
-        else round(statistics.fmean(float(s.get("holds") or 0) for s in server), 2),
         "late_sentences": sum(late_sentences(t) for t in answered),
         "later_sentences": sum(max(0, len(t.get("sentences_ms") or []) - 1) for t in answered),
         "barge_in_turns": len(barge),

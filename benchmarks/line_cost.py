@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import _thread_cpu, write_rows
+from benchmarks.bench import thread_cpu, write_rows
 from benchmarks.callers.base import to_wire
 from benchmarks.callers.twilio import Twilio
 from benchmarks.server_proc import firstline_server
@@ -64,7 +64,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 
 async def measure(pid: int, url: str, calls: int, seconds: float) -> dict[str, Any]:
-    before = _thread_cpu(pid)
+    before = thread_cpu(pid)
     t0 = time.monotonic()
     if calls:
         frames = sum(await asyncio.gather(*(silent_call(url, seconds) for _ in range(calls))))
@@ -72,7 +72,7 @@ async def measure(pid: int, url: str, calls: int, seconds: float) -> dict[str, A
         await asyncio.sleep(seconds)
         frames = 0
     wall = time.monotonic() - t0
-    by_stage = _delta(_thread_cpu(pid), before)
+    by_stage = _delta(thread_cpu(pid), before)
     cpu = sum(by_stage.values())
     call_s = calls * wall
     return {

@@ -32,9 +32,6 @@ class Usage:
     continuations: int = 0
     # Times the reply stepped aside for other calls' first sentences (llm/yielding.py).
     yields: int = 0
-    # Times a preemptive reply stopped after its first sentence to wait for
-    # its endpoint (llm/yielding.py, voice/call/turn.py).
-    holds: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -52,7 +49,6 @@ class Usage:
             "acceptance_rate": self.acceptance_rate,
             "continuations": self.continuations,
             "yields": self.yields,
-            "holds": self.holds,
         }
 
 

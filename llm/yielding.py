@@ -11,12 +11,6 @@ nearly heard, and carries the reply on from the text already generated
 the caller hears the same reply, with no sentence twice. The prefix cache
 holds the prompt and the text said, so carrying on costs a few tokens of
 prefill, not the whole prompt.
-
-The same stop can serve a preemptive reply (generated in the caller's
-pause, before the endpoint; ``--preemptive-hold``, off by default): once
-its first sentence is ready it is *held* until the endpoint fires, then
-carries on. A caller who goes on cancels it, and then only that sentence
-was generated for nothing.
 """
 
 from __future__ import annotations
@@ -56,49 +50,34 @@ async def stream_yielding(
     should_yield: Callable[[], bool],
     step_aside: Callable[[], Awaitable[None]],
     max_yields: int = MAX_YIELDS,
-    should_hold: Callable[[], bool] | None = None,
-    released: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[str]:
     """``stream_continuing(engine, request)``, except that after every delta
     the consumer has handled, ``should_yield()`` may stop the generation;
-    ``step_aside()`` is awaited and the reply carries on. Likewise
-    ``should_hold()`` stops it until ``released()`` returns (a preemptive
-    reply whose first sentence is out waits for its endpoint: if the caller
-    goes on, only that sentence was generated for nothing). ``request.usage``
-    counts every part's tokens, ``request.usage.yields`` the times it
-    stepped aside and ``request.usage.holds`` the times it was held."""
+    ``step_aside()`` is awaited and the reply carries on. ``request.usage``
+    counts every part's tokens; ``request.usage.yields`` the times it
+    stepped aside."""
     said = ""
     deltas = 0
     part = request
-    parts = 0
     while True:
-        stop: str | None = None
+        stepped = False
         try:
             async with contextlib.aclosing(stream_continuing(engine, part)) as stream:
                 async for delta in stream:
                     said += delta
                     deltas += 1
                     yield delta
-                    if should_hold is not None and should_hold():
-                        stop = "hold"
-                        break
                     if request.usage.yields < max_yields and should_yield():
-                        stop = "yield"
+                        stepped = True
                         break
         finally:
             if part is not request:
                 _add_usage(request, part)
-        if stop is None:
+        if not stepped:
             return
-        if stop == "hold":
-            assert released is not None
-            request.usage.holds += 1
-            await released()
-        else:
-            request.usage.yields += 1
-            await step_aside()
-        parts += 1
-        part = continuation_of(request, said, deltas, parts, tag="h" if stop == "hold" else "y")
+        request.usage.yields += 1
+        await step_aside()
+        part = continuation_of(request, said, deltas, request.usage.yields, tag="y")
 
 
 def _add_usage(request: GenerationRequest, part: GenerationRequest) -> None:

@@ -142,10 +142,6 @@ def test_replies_step_aside_by_default_where_the_llm_shares_this_cpu() -> None:
     def lanes(*flags: str) -> int:
         return config_from_args(build_parser().parse_args(["serve", *flags])).first_sentence_lanes_in_use
 
-    def holds(*flags: str) -> bool:
-        return config_from_args(build_parser().parse_args(["serve", *flags])).hold_preemptive
-
-    assert not holds() and holds("--preemptive-hold")
     assert lanes() == 0  # no limit unless asked
     assert lanes("--first-sentence-lanes", "1") == 1 and lanes("--first-sentence-lanes", "2") == 2
     # Only where replies step aside (the LLM on this machine's CPU).
@@ -343,58 +339,3 @@ async def test_a_preemptive_reply_gives_its_lane_to_an_endpointed_turn(server, p
     sentences = caller.result.of("response.sentence")
     assert sentences and not done["cancelled"]
     assert done["text"] == " ".join(s["text"] for s in sentences)
-
-
-async def test_a_preemptive_reply_waits_for_its_endpoint_after_its_first_sentence(
-    server, phone_prompts, monkeypatch
-) -> None:
-    """On the real server, with --preemptive-hold: a reply generated in the
-    caller's pause (its 3 s endpoint still to come) stops after its first sentence, generates
-    nothing while held, and carries on once the endpoint fires: one whole
-    reply, its first sentence not repeated, the hold counted."""
-    from benchmarks.client import NativeCaller
-    from tests.conftest import with_silence
-    from voice.call.turn import Turn
-
-    held: list[Turn] = []
-    should_hold = Turn._should_hold
-
-    def noting(turn: Turn) -> bool:
-        hold = should_hold(turn)
-        if hold and turn not in held:
-            held.append(turn)
-        return hold
-
-    monkeypatch.setattr(Turn, "_should_hold", noting)
-    monkeypatch.setattr(server.runtime.config, "hold_preemptive", True)  # --preemptive-hold (off by default)
-    story = "You are a storyteller on the phone. Whatever the caller says, tell a story of at least four sentences."
-    async with NativeCaller(f"ws://127.0.0.1:{server.port}/v1/call") as caller:
-        await caller.start(
-            "mulaw",
-            8000,
-            system_prompt=story,
-            options={"endpoint_silence_ms": 3000},
-            sampling={"temperature": 0.0, "max_tokens": 96},
-        )
-        play = asyncio.create_task(
-            caller.play(with_silence(phone_prompts[0].load(8000), 8000, 4.0), 8000, "mulaw", realtime=True)
-        )
-        async with asyncio.timeout(30):
-            while not held:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        turn = held[0]
-        assert turn.request is not None and turn.sent and not turn.committed
-        # Its deltas and sentence wait behind the gate: while held, no more come.
-        waiting = len(turn._held)
-        await asyncio.sleep(0.5)
-        if not turn.committed:
-            assert len(turn._held) == waiting, "a held reply kept generating"
-        done = await caller.wait_for("response.done", timeout=60)
-        metrics = await caller.wait_for("turn.metrics", timeout=10)
-        await play
-    sentences = caller.result.of("response.sentence")
-    # (A caller who went on would cancel that turn: then a later one is answered.)
-    assert metrics["preemptive"] and metrics["holds"] == 1 and done["usage"]["holds"] == 1
-    assert len(sentences) >= 2 and not done["cancelled"]
-    assert done["text"] == " ".join(s["text"] for s in sentences)
-    assert len({s["text"] for s in sentences}) == len(sentences)

@@ -335,7 +335,8 @@ class BridgeCall(pj.Call):
             return
 
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
-        log.info("sip call %d: DTMF %s", self.getId(), prm.digit)
+        # The digit is caller data (a PIN, a card number): DEBUG only.
+        log.debug("sip call %d: DTMF %s", self.getId(), prm.digit)
         if self.session is not None:
             self.bridge.loop.call_soon_threadsafe(self.session.send_soon, ("dtmf", prm.digit))
 

@@ -519,7 +519,6 @@ class CallSession:
             tracer=runtime.tracer,
             gate=runtime.reply_gate,
             first_sentences=runtime.first_sentences,
-            hold_preemptive=runtime.config.hold_preemptive,
         )
 
     @property

@@ -122,9 +122,6 @@ class TurnContext:
     # Turns waiting for their first sentence; once this reply's first is out
     # it steps aside for them (llm/yielding.py). None: replies never yield.
     first_sentences: FirstSentences | None = None
-    # With first_sentences: a preemptive reply stops after its first
-    # sentence until the endpoint fires (Turn._should_hold).
-    hold_preemptive: bool = False
 
 
 @dataclasses.dataclass
@@ -331,14 +328,7 @@ class Turn:
             elif ctx.first_sentences is not None:
                 # Steps aside for other calls' first sentences once its own is
                 # out; an engine that dies mid-reply: the next one carries it on.
-                source = stream_yielding(
-                    ctx.engine,
-                    request,
-                    self._should_yield,
-                    self._step_aside,
-                    should_hold=self._should_hold if ctx.hold_preemptive else None,
-                    released=self._gate.wait,
-                )
+                source = stream_yielding(ctx.engine, request, self._should_yield, self._step_aside)
             else:
                 source = stream_continuing(ctx.engine, request)
             if self._waiting is not None and first_needs_generating:
@@ -435,14 +425,6 @@ class Turn:
         words = sum(len(sentence.split()) for sentence in self.sent)
         return hold_s(words, self.times.first_sentence, time.monotonic())
 
-    def _should_hold(self) -> bool:
-        """A preemptive reply with its first sentence out (held behind the
-        gate) stops there until the endpoint fires: the caller may still go
-        on, and then only that sentence was generated for nothing; the cores
-        it would have used are free meanwhile. Committed, it carries on from
-        what it said (the prefix cache holds it)."""
-        return bool(self.sent) and not self.committed
-
     def _should_yield(self) -> bool:
         waiting = self.ctx.first_sentences
         if waiting is None:
@@ -484,7 +466,6 @@ class Turn:
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,
             "yields": usage.yields,
-            "holds": usage.holds,
             "lane_wait_ms": round(self.lane_wait_s * 1000, 1),
             "reply_end": self.reply_end,
             "fallback": self.fell_back,

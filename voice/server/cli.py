@@ -165,13 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="replies keep generating after their first sentence while other turns wait for theirs",
     )
     serve.add_argument(
-        "--preemptive-hold",
-        dest="hold_preemptive",
-        action="store_true",
-        help="a reply generated before the endpoint stops after its first sentence until the endpoint fires, "
-        "where replies step aside (default: it goes on)",
-    )
-    serve.add_argument(
         "--first-sentence-lanes",
         type=int,
         default=None,
@@ -528,7 +521,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
     config.first_sentences_first = args.first_sentences_first
-    config.hold_preemptive = args.hold_preemptive
     if args.first_sentence_lanes is not None:
         if args.first_sentence_lanes < 0:
             raise SystemExit("firstline: --first-sentence-lanes must be 0 (no limit) or more")

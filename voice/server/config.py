@@ -30,15 +30,6 @@ class ServerConfig:
     # in it about what a sequence alone costs; on a GPU (or a remote engine)
     # a step's cost barely grows with its batch, and a pause buys nothing.
     first_sentences_first: bool | None = None
-    # Where replies step aside (above), a preemptive reply (generated in the
-    # caller's pause, before the endpoint) also stops after its first
-    # sentence until the endpoint fires (llm/yielding.py): a caller who goes
-    # on has cost one sentence, not a whole reply. Off: with replies capped
-    # at two sentences it saves at most one, and every held reply that is
-    # committed pays a continuation request; at 4 and 8 calls it cost more
-    # CPU per turn than it saved (benchmarks/results/bench_hold). Worth
-    # trying with longer replies (--reply-max-sentences).
-    hold_preemptive: bool = False
     # How many replies generate their first sentence at once, where replies
     # step aside (above): the others wait their turn, endpointed turns before
     # preemptive ones (streaming/fair_share.FirstSentences.lane). 0: no
