@@ -143,14 +143,6 @@ class ASRConfig:
     # endpoint (nothing reaches the client unless the turn really ended).
     preemptive: bool = True
     pause_s: float = 0.096
-    # A preemptive reply's LLM generation starts this long before the
-    # pause's endpoint window would end, not at once: at a pause with a long
-    # window (the words stop on "and", "the", a digit) the caller usually
-    # goes on, and a reply started at the pause decode is thrown away after
-    # taking the cores from other calls' replies. A window no longer than
-    # the decode plus this lead starts at once. 0: every preemptive reply
-    # starts at its pause decode. The final decode is never deferred.
-    preemptive_lead_s: float = 0.5
     # A call that sends no audio this long mid-turn is treated as silent and
     # its endpoint runs on (voice/call/session.py); 0: wait for audio forever.
     silent_line_s: float = 0.5

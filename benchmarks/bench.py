@@ -84,9 +84,6 @@ SYSTEMS: dict[str, System] = {
                "(benchmarks/peers/pipecat/)"),
         System("firstline-no-preemptive", "firstline", "firstline without preemptive generation",
                ["--no-preemptive"], ALL_PROTOCOLS),
-        System("firstline-preemptive-at-pause", "firstline", "firstline starting every preemptive reply at its "
-               "pause decode (--preemptive-lead-ms 0), not 0.5 s before its endpoint window ends",
-               ["--preemptive-lead-ms", "0"], ALL_PROTOCOLS),
         System("firstline-fixed-endpoint", "firstline", "firstline with a fixed 500 ms endpoint (not adaptive)",
                ["--fixed-endpoint"], ALL_PROTOCOLS),
         System("firstline-no-prefill", "firstline", "firstline without incremental prefill",

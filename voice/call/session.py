@@ -392,17 +392,12 @@ class CallSession:
             self._set_window()
             self._ask_sentence_end(self._last_partial)
 
-    def _window(self, turn: Turn, seconds: float) -> float | None:
-        """The pause decode is in: its words choose how long to wait.
-        Returns the pause's endpoint window as it now stands (None: the
-        turn is no longer this pause's)."""
-        if turn is not self._pending or self._tracker is None:
-            return None
-        if self.asr_config.adaptive_endpoint:
+    def _window(self, turn: Turn, seconds: float) -> None:
+        # The pause decode is in: its words choose how long to wait.
+        if self.asr_config.adaptive_endpoint and turn is self._pending and self._tracker is not None:
             self._eot_rule = seconds
             self._set_window()
             self._ask_sentence_end(turn.user_text)
-        return self._tracker.endpoint_s
 
     def _set_window(self) -> None:
         """The pause's endpoint window from every input in so far."""

@@ -160,7 +160,7 @@ class Turn:
         audio: np.ndarray,
         times: TurnTimes,
         committed: bool,
-        on_window: Callable[[Turn, float], float | None] | None = None,
+        on_window: Callable[[Turn, float], None] | None = None,
         audio_end_s: float = 0.0,
         spoken_first: SpokenFirst | None = None,
     ) -> None:
@@ -195,8 +195,6 @@ class Turn:
         self._waiting: FirstSentences | None = None
         # Seconds this reply waited for a first-sentence lane (FirstSentences.lane).
         self.lane_wait_s = 0.0
-        # Seconds a preemptive reply waited to start (_defer_reply).
-        self.deferred_s = 0.0
         # The reply had no sentence and the caller heard ReplyPolicy.fallback.
         self.fell_back = False
         self._gate = asyncio.Event()
@@ -287,42 +285,14 @@ class Turn:
         # (if the caller resumes it is dropped, and they wait for the next).
         self.carry_over = ctx.take_carry_over(self.committed)
         self.user_text = " ".join(filter(None, [self.carry_over, decoded.text])).strip()
-        window = None
         if self._on_window is not None and not self.committed:
-            window = self._on_window(self, endpoint_window(decoded.text, ctx.asr_config))
+            self._on_window(self, endpoint_window(decoded.text, ctx.asr_config))
         if not self.user_text:
             return  # VAD heard something Whisper found no words in: no turn
         await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text,
                          "audio_end_ms": round(self.audio_end_s * 1000)})  # fmt: skip
         await self._out({"type": "turn.ended", "turn": self.index})
-        if window is not None:
-            await self._defer_reply(window)
         await self._reply()
-
-    async def _defer_reply(self, window_s: float) -> None:
-        """A preemptive reply waits until ``preemptive_lead_s`` before its
-        pause's endpoint window (``window_s`` of silence) would end, or until
-        the turn is committed, whichever is first (asr/config.py). While it
-        waits it is not a turn waiting for its first sentence: no other
-        call's reply steps aside for a reply that has not started."""
-        lead = self.ctx.asr_config.preemptive_lead_s
-        speech_end = self.times.speech_end
-        if lead <= 0 or speech_end is None or self.committed:
-            return
-        delay = speech_end + window_s - lead - time.monotonic()
-        if delay <= 0:
-            return
-        waiting = self._waiting
-        if waiting is not None:
-            waiting.done(self)
-        started = time.monotonic()
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._gate.wait(), delay)
-        finally:
-            self.deferred_s = time.monotonic() - started
-        if waiting is not None:
-            waiting.waiting(self)
 
     async def _reply(self) -> None:
         ctx = self.ctx
@@ -497,7 +467,6 @@ class Turn:
             "cached_tokens": usage.cached_tokens,
             "yields": usage.yields,
             "lane_wait_ms": round(self.lane_wait_s * 1000, 1),
-            "deferred_ms": round(self.deferred_s * 1000, 1),
             "reply_end": self.reply_end,
             "fallback": self.fell_back,
         }

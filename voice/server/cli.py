@@ -208,13 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Latency techniques, each switchable so benchmarks/ttfs.py can compare.
     serve.add_argument("--no-preemptive", action="store_true", help="start ASR final + LLM only at the endpoint")
-    serve.add_argument(
-        "--preemptive-lead-ms",
-        type=float,
-        default=ASRConfig.preemptive_lead_s * 1000,
-        help="a preemptive reply's LLM starts this long before its pause's endpoint window ends "
-        "(0: at the pause decode; default %(default)s)",
-    )
     serve.add_argument("--fixed-endpoint", action="store_true", help="fixed silence window, not adaptive")
     serve.add_argument(
         "--end-of-turn",
@@ -469,7 +462,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
         partials=not args.no_partials,
         preemptive=not args.no_preemptive,
-        preemptive_lead_s=max(0.0, args.preemptive_lead_ms / 1000.0),
         adaptive_endpoint=not args.fixed_endpoint,
         end_of_turn=args.end_of_turn,
         resume_grace_s=max(0.0, args.resume_grace_s),
