@@ -84,6 +84,9 @@ SYSTEMS: dict[str, System] = {
                "(benchmarks/peers/pipecat/)"),
         System("firstline-no-preemptive", "firstline", "firstline without preemptive generation",
                ["--no-preemptive"], ALL_PROTOCOLS),
+        System("firstline-least-busy-copy", "firstline", "firstline sending every LLM request to the least busy "
+               "llama.cpp copy (--llm-home-slack 0), not to the call's own copy while it is at most one request "
+               "busier", ["--llm-home-slack", "0"], ALL_PROTOCOLS),
         System("firstline-fixed-endpoint", "firstline", "firstline with a fixed 500 ms endpoint (not adaptive)",
                ["--fixed-endpoint"], ALL_PROTOCOLS),
         System("firstline-no-prefill", "firstline", "firstline without incremental prefill",

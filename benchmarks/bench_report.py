@@ -123,6 +123,22 @@ def speculation(server: list[dict[str, Any]]) -> dict[str, Any]:
         "completion_tokens_mean": None
         if not server
         else round(statistics.fmean(int(s.get("completion_tokens") or 0) for s in server), 1),
+        # Prompt tokens the reply's engine had to compute (not in its prefix
+        # cache) and the share it found cached: what incremental prefill and
+        # the engine's routing leave to the end of the turn.
+        **_prefill_summary(server),
+    }
+
+
+def _prefill_summary(server: list[dict[str, Any]]) -> dict[str, float | None]:
+    prompts = [(int(s["prompt_tokens"]), int(s.get("cached_tokens") or 0)) for s in server if s.get("prompt_tokens")]
+    if not prompts:
+        return {"uncached_prompt_tokens_p50": None, "uncached_prompt_tokens_p95": None, "cached_prompt_share": None}
+    uncached = [max(0, p - c) for p, c in prompts]
+    return {
+        "uncached_prompt_tokens_p50": round(float(np.percentile(uncached, 50)), 1),
+        "uncached_prompt_tokens_p95": round(float(np.percentile(uncached, 95)), 1),
+        "cached_prompt_share": round(sum(c for _, c in prompts) / sum(p for p, _ in prompts), 3),
     }
 
 

@@ -72,6 +72,12 @@ class LLMConfig:
     # LLM together run side by side on separate cores instead of sharing one
     # batched step. The server picks replicas_for(...) unless told.
     replicas: int = 1
+    # How many more requests under way a call's own copy may have than the
+    # least busy one and still get the call's next request (llm/replicas.py):
+    # its prefix cache holds the call's history, which another copy would
+    # compute again (~3 ms a token on one thread here, 0.3-0.5 s for a
+    # third turn's prompt). 0: always the least busy copy.
+    replica_home_slack: int = 1
     # llama.cpp's host-RAM prompt cache: saved prompt states (KV) that let a
     # call's next turn skip prefill when it lands on another slot. llama.cpp's
     # default (8 GiB) let a soak grow ~0.9 MiB per call; a bound keeps memory

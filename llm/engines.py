@@ -25,7 +25,7 @@ def build_local_engine(config: LLMConfig) -> LLMEngine:
             return LlamaCppEngine(config)
         from llm.replicas import ReplicaSet
 
-        return ReplicaSet([LlamaCppEngine(config) for _ in range(config.replicas)])
+        return ReplicaSet([LlamaCppEngine(config) for _ in range(config.replicas)], config.replica_home_slack)
     if config.engine == "vllm":
         from llm.vllm_engine import VLLMEngine
 

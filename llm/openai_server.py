@@ -204,6 +204,16 @@ def _continues(body: dict[str, Any], messages: list[dict[str, str]]) -> bool:
     return True
 
 
+def _prompt_timings(request: GenerationRequest) -> dict[str, int] | None:
+    """The prompt's cached and computed tokens, in llama.cpp server's
+    ``timings`` names, for the first chunk: a client that stops reading
+    early (a reply cut at its sentence cap) never sees the usage chunk."""
+    u = request.usage
+    if not u.prompt_tokens:
+        return None
+    return {"cache_n": u.cached_tokens, "prompt_n": max(0, u.prompt_tokens - u.cached_tokens)}
+
+
 def _usage_body(request: GenerationRequest) -> dict[str, Any]:
     u = request.usage
     return {
@@ -372,14 +382,16 @@ class OpenAIServer:
     async def _stream(self, http: web.Request, request: GenerationRequest, include_usage: bool) -> web.StreamResponse:
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            body = {
+        def chunk(delta: dict[str, Any], finish: str | None = None, timings: dict[str, int] | None = None) -> bytes:
+            body: dict[str, Any] = {
                 "id": request.request_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": self.model_name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
+            if timings:
+                body["timings"] = timings
             return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
         response = web.StreamResponse(
@@ -393,7 +405,8 @@ class OpenAIServer:
             async for delta in stream:
                 if first:
                     await response.prepare(http)
-                    await response.write(chunk({"role": "assistant", "content": delta}))
+                    opening = {"role": "assistant", "content": delta}
+                    await response.write(chunk(opening, timings=_prompt_timings(request)))
                     first = False
                 else:
                     await response.write(chunk({"content": delta}))

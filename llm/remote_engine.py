@@ -386,7 +386,12 @@ def _absorb(chunk: Any, usage: Usage, server: str) -> str:
         usage.completion_tokens = u.get("completion_tokens") or 0
         usage.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     timings = chunk.get("timings")  # llama.cpp server and llm.openai_server: speculation counters
-    if timings:
+    if timings and not u and "cache_n" in timings:
+        # The prompt's cache hit, before the usage chunk (a reply read only
+        # up to its sentence cap never gets that far).
+        usage.cached_tokens = timings["cache_n"] or 0
+        usage.prompt_tokens = usage.cached_tokens + (timings.get("prompt_n") or 0)
+    if timings and "draft_n" in timings:
         usage.draft_tokens = timings.get("draft_n") or 0
         usage.accepted_tokens = timings.get("draft_n_accepted") or 0
     parts = []

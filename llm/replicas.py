@@ -10,9 +10,11 @@ and run two turns truly side by side on two cores; the OS shares the cores
 between them and the decoder. The weights are one memory map (llama.cpp
 mmaps the GGUF), so a copy costs its KV cache and prompt cache only.
 
-Routing: a request goes to the copy with the fewest requests under way; on
-a tie, to the copy that served the same call last, whose prefix cache holds
-the call's history (every copy holds the system prompt from its warm-up).
+Routing: a request goes to the copy that served the same call last, whose
+prefix cache holds the call's history, unless that copy has more than
+``home_slack`` requests under way beyond the least busy copy; then (and for
+a call's first request) to the least busy copy. Every copy holds the system
+prompt in every slot from its warm-up.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ _HOMES_KEPT = 4096
 class ReplicaSet(LLMEngine):
     """``copies`` engines behind one :class:`LLMEngine`."""
 
-    def __init__(self, copies: list[LLMEngine]) -> None:
+    def __init__(self, copies: list[LLMEngine], home_slack: int = 0) -> None:
         if not copies:
             raise ValueError("a replica set needs at least one engine")
         self.copies = copies
+        self.home_slack = home_slack
         self.name = copies[0].name
         self.active = [0] * len(copies)
         self.served = [0] * len(copies)  # requests routed to each copy (describe: /health)
@@ -54,7 +57,7 @@ class ReplicaSet(LLMEngine):
         """The copy a request of call ``key`` goes to (see the module doc)."""
         home = self._homes.get(key) if key else None
         fewest = min(self.active)
-        if home is not None and self.active[home] == fewest:
+        if home is not None and self.active[home] <= fewest + self.home_slack:
             index = home
         else:
             idle = [i for i, n in enumerate(self.active) if n == fewest]

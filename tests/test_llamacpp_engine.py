@@ -4,6 +4,7 @@ child), and one in this process for the sampling checks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest_asyncio
@@ -31,6 +32,46 @@ async def test_streams_a_sensible_reply_with_usage(server):
     assert request.usage.prompt_tokens > 0 and request.usage.completion_tokens > 0
     # The system prompt was cached by the warm-up generation.
     assert request.usage.cached_tokens >= 20, request.usage
+
+
+async def _first_piece(engine: LLMEngine, request: GenerationRequest) -> None:
+    async with contextlib.aclosing(engine.stream(request)) as stream:
+        async for _ in stream:
+            break  # the consumer stops at its first piece, as a reply cut at its cap does
+
+
+async def test_a_reply_stopped_early_still_reports_its_prompt_and_cache_hit(server, inprocess):
+    """A reply the server stops at its sentence cap never reads the usage
+    chunk; the first chunk's timings still say how much of the prompt was
+    computed and how much came from the prefix cache. Both paths: the
+    server's supervised child (over its OpenAI-compatible stream) and
+    llama.cpp in this process."""
+    for engine in (server.runtime.engine, inprocess):
+        messages = _messages("Tell me a long story about a dragon who guards a library.")
+        request = GenerationRequest("cut", messages, max_tokens=200, session_key="early")
+        await _first_piece(engine, request)
+        assert request.usage.prompt_tokens > 20, (engine.name, request.usage)
+        assert 0 < request.usage.cached_tokens < request.usage.prompt_tokens, request.usage
+        # Computed: the caller's words; cached: the system prompt before them.
+        assert request.usage.cached_tokens >= len(DEFAULT_SYSTEM_PROMPT.split()), request.usage
+
+
+async def test_every_slot_starts_with_the_system_prompt_cached() -> None:
+    """Turns that reach a fresh engine together land on different slots;
+    each finds the system prompt already computed (the warm-up fills every
+    slot, not only the one its generation ran in)."""
+    engine = LlamaCppEngine(LLMConfig(isolation="inprocess", parallel=3, threads=1))
+    await engine.start()
+    try:
+        system = len(DEFAULT_SYSTEM_PROMPT.split())  # fewer words than tokens
+        requests = [
+            GenerationRequest(f"first-turn-{i}", _messages(f"Caller {i} would like to pay a bill."), max_tokens=8)
+            for i in range(3)
+        ]
+        await asyncio.gather(*(_collect(engine, r) for r in requests))
+        assert all(r.usage.cached_tokens >= system for r in requests), [r.usage for r in requests]
+    finally:
+        await engine.close()
 
 
 async def test_cancel_frees_the_slot_and_the_next_request_works(server):

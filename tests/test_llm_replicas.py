@@ -47,10 +47,16 @@ async def test_turns_that_arrive_together_run_on_separate_copies() -> None:
             await _say(engine, _request("call-a", text))
         assert engine.served[home] == 3 and engine.served[1 - home] == 1
 
-        # Busy (call-a's preemptive reply holds it): the turn goes to the other.
+        # One request busier (call-a's preemptive reply holds it): within the
+        # slack, the turn stays with the copy that has its history...
+        assert engine.home_slack == 1
         held = engine.stream(_request("call-a", "Tell me a long story about the sea.", max_tokens=64))
         await held.__anext__()
         assert engine.active[home] == 1
+        same = await _say(engine, _request("call-a", "Do you deliver to Boston?"))
+        assert engine.served[home] == 5 and engine.served[1 - home] == 1 and same.strip()
+        # ... and with no slack it goes to the least busy copy.
+        engine.home_slack = 0
         other = await _say(engine, _request("call-a", "Do you deliver to Boston?"))
         assert engine.served[1 - home] == 2 and other.strip()
         await held.aclose()  # closed before the end: the copy is free again

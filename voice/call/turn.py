@@ -464,6 +464,7 @@ class Turn:
             "draft_tokens": usage.draft_tokens,
             "accepted_tokens": usage.accepted_tokens,
             "completion_tokens": usage.completion_tokens,
+            "prompt_tokens": usage.prompt_tokens,
             "cached_tokens": usage.cached_tokens,
             "yields": usage.yields,
             "lane_wait_ms": round(self.lane_wait_s * 1000, 1),

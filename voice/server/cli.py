@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         "a CPU with 2 cores or more, else 1)",
     )
     serve.add_argument(
+        "--llm-home-slack",
+        type=int,
+        default=LLMConfig.replica_home_slack,
+        help="a call's requests stay on the llama.cpp copy that holds its history while that copy has at most "
+        "this many more requests under way than the least busy one (0: always the least busy; default "
+        "%(default)s)",
+    )
+    serve.add_argument(
         "--llm-prompt-cache-mib",
         type=int,
         default=LLMConfig.prompt_cache_ram_mib,
@@ -434,6 +442,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.llm_replicas > 0
         else replicas_for(args.engine, args.llm_device, os.cpu_count() or 2),
         prompt_cache_ram_mib=args.llm_prompt_cache_mib,
+        replica_home_slack=max(0, args.llm_home_slack),
         sampling=sampling,
         speculation=SpeculationConfig(
             method=args.speculation, num_tokens=args.speculative_tokens, draft_model=args.draft_model
