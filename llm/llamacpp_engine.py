@@ -128,8 +128,9 @@ class LlamaCppEngine(LLMEngine):
         land on different slots: a slot that never held the system prompt
         computes it in full for a call's first turn (~60 tokens, 0.1-0.2 s
         of one core here; three of four turns sent at once to a copy warmed
-        in one slot had no cached token). One prefill per slot, all at once,
-        puts it in each."""
+        in one slot had no cached token). One prefill pinned to each slot
+        (``id_slot``) puts it in each; concurrent prefills would not, as a
+        quick one frees its slot before the last is assigned."""
         await super().warm_up(system_prompt)
         messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello?"}]
         body = {"messages": messages, "max_tokens": 1, "cache_prompt": True}
