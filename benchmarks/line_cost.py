@@ -25,10 +25,8 @@ from typing import Any
 from benchmarks.bench import thread_cpu, write_rows
 from benchmarks.callers.base import to_wire
 from benchmarks.callers.twilio import Twilio
+from benchmarks.loadgen import FRAME_S, SILENCE
 from benchmarks.server_proc import firstline_server
-
-FRAME_S = 0.02
-SILENCE = b"\xff" * 160  # 20 ms of μ-law silence at 8 kHz
 
 
 async def silent_call(url: str, seconds: float) -> int:

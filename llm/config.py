@@ -75,8 +75,9 @@ class LLMConfig:
     # How many more requests under way a call's own copy may have than the
     # least busy one and still get the call's next request (llm/replicas.py):
     # its prefix cache holds the call's history, which another copy would
-    # compute again (~3 ms a token on one thread here, 0.3-0.5 s for a
-    # third turn's prompt). 0: always the least busy copy.
+    # compute again. Chosen on 2 cores (benchmarks/results/bench_home,
+    # bench_home2; README): lower p95 and CPU per turn at 8 calls, p50 ~30 ms
+    # higher at 4. 0: always the least busy copy.
     replica_home_slack: int = 1
     # llama.cpp's host-RAM prompt cache: saved prompt states (KV) that let a
     # call's next turn skip prefill when it lands on another slot. llama.cpp's

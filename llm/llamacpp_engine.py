@@ -126,9 +126,9 @@ class LlamaCppEngine(LLMEngine):
         """The one real generation, then the system prompt into every slot.
         llama.cpp caches a prompt per slot and turns that arrive together
         land on different slots: a slot that never held the system prompt
-        computes it in full for a call's first turn (~60 tokens, 0.1-0.2 s
-        of one core here; three of four turns sent at once to a copy warmed
-        in one slot had no cached token). One prefill pinned to each slot
+        computes it in full (~60 tokens) for a call's first turn
+        (tests/test_llamacpp_engine.py sends turns to a fresh engine at
+        once and checks each finds it cached). One prefill pinned to each slot
         (``id_slot``) puts it in each; concurrent prefills would not, as a
         quick one frees its slot before the last is assigned."""
         await super().warm_up(system_prompt)

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from llm.base import GenerationRequest, LLMEngine
+from llm.config import LLMConfig
 from llm.remote_engine import session_key_of
 from llm.sampling import SamplingParams
 
@@ -36,7 +37,7 @@ _HOMES_KEPT = 4096
 class ReplicaSet(LLMEngine):
     """``copies`` engines behind one :class:`LLMEngine`."""
 
-    def __init__(self, copies: list[LLMEngine], home_slack: int = 0) -> None:
+    def __init__(self, copies: list[LLMEngine], home_slack: int = LLMConfig.replica_home_slack) -> None:
         if not copies:
             raise ValueError("a replica set needs at least one engine")
         self.copies = copies

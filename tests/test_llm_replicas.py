@@ -119,6 +119,9 @@ def test_replicas_by_default_and_by_flag() -> None:
     assert llm("--llm-device", "cuda").replicas == 1
     assert llm("--engine", "vllm").replicas == 1
     assert llm("--llm-replicas", "3").replicas == 3
+    assert llm().replica_home_slack == 1 and llm("--llm-home-slack", "0").replica_home_slack == 0
+    with pytest.raises(SystemExit, match=r"--llm-home-slack must be 0"):
+        llm("--llm-home-slack", "-1")
     with pytest.raises(SystemExit, match=r"--llm-replicas is for llama\.cpp"):
         llm("--engine", "vllm", "--llm-replicas", "2")
     with pytest.raises(ValueError, match="at least 1"):

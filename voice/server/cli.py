@@ -442,7 +442,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.llm_replicas > 0
         else replicas_for(args.engine, args.llm_device, os.cpu_count() or 2),
         prompt_cache_ram_mib=args.llm_prompt_cache_mib,
-        replica_home_slack=max(0, args.llm_home_slack),
+        replica_home_slack=args.llm_home_slack,
         sampling=sampling,
         speculation=SpeculationConfig(
             method=args.speculation, num_tokens=args.speculative_tokens, draft_model=args.draft_model
@@ -459,6 +459,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         check_replicas(llm.engine, llm.replicas)
     except ValueError as exc:
         raise SystemExit(f"firstline: --llm-replicas {exc}") from None
+    if llm.replica_home_slack < 0:
+        raise SystemExit("firstline: --llm-home-slack must be 0 (always the least busy copy) or more")
     if llm.engine == "remote" and not llm.remote_urls:
         raise SystemExit("firstline: --engine remote needs at least one --remote-url")
     asr = ASRConfig(
