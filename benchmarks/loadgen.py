@@ -690,6 +690,17 @@ def _first_signal(tl: Timeline, client: Client, t_last: float) -> Ev | None:
     return evs[0] if evs else None
 
 
+def metrics_arrived(tl: Timeline, records: list[dict[str, Any]]) -> None:
+    """Give each record whose turn.metrics came after it was taken (the
+    caller barged in on the reply) the metrics its server turn got since."""
+    for rec in records:
+        if rec.get("server") or rec.get("server_turn") is None:
+            continue
+        ev = next((e for e in tl.events if e.kind == "metrics" and e.turn == rec["server_turn"]), None)
+        if ev is not None:
+            rec["server"] = ev.data["metrics"]
+
+
 def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> dict[str, Any]:
     """What one caller turn got, from the call's timeline."""
     window = tl.since(t_first)
@@ -751,6 +762,9 @@ def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> 
         "sentence_words": [len(text.split()) for text in sentences],
         "reply": (done.data.get("text") if done else None) or " ".join(sentences),
         "server": metrics,
+        # The server turn that answered: a turn the next one talks over is
+        # recorded before its turn.metrics arrive (metrics_arrived fills them).
+        "server_turn": answer,
         # What came back, for auditing a number: (event, server turn, ms after the last voiced frame).
         "events": [[e.kind, e.turn, _ms(e.at, t_last)] for e in window if e.kind not in ("audio", "delta", "metrics")],
     }
@@ -819,6 +833,7 @@ async def run_call(base_url: str, spec: CallSpec, opts: CallOptions) -> list[dic
             prev_last = t_last
             if client.closed.is_set():
                 break
+        metrics_arrived(tl, records)
         rec_extra = {"dropped_frames": line.dropped}
         if records:
             records[-1].update(rec_extra)

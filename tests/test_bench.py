@@ -53,6 +53,25 @@ async def test_loadgen_native_call_with_reply_audio(server, phone_prompts):
     assert rec["protocol"] == "native"
 
 
+async def test_a_turn_the_caller_talks_over_still_gets_its_server_metrics(server, phone_prompts):
+    """The record of a turn is taken when the next turn barges in, before
+    the server's turn.metrics for it (they follow the reply's end): they are
+    joined in once the call is over, so the bench's stage breakdown does not
+    lose exactly the turns a caller interrupted."""
+    first, second = one_turn(phone_prompts[2]).turns[0], one_turn(phone_prompts[5]).turns[0]
+    spec = CallSpec("test", (first, dataclasses.replace(second, barge_in_after_s=0.3)))
+    options = dataclasses.replace(FAST, wait_playout=True)
+    records = await run_call(f"ws://127.0.0.1:{server.port}", spec, options)
+    assert [r["turn"] for r in records] == [0, 1] and records[1]["barge_in"], records
+    talked_over = records[0]
+    assert talked_over["ttfs_ms"] is not None, talked_over
+    assert talked_over["server_turn"] is not None, talked_over
+    assert talked_over["server"].get("endpoint_ms") is not None, talked_over
+    # Talked over this early (within --resume-grace-s), the two turns are
+    # answered as one: what matters here is that the second got an answer.
+    assert records[1]["ttfs_ms"] is not None and not records[1]["timed_out"], records[1]
+
+
 async def test_naive_cascade_answers_a_call(server, phone_prompts):
     naive = NaiveCascadeServer(ServerConfig(port=0), runtime=server.runtime)  # the same warm models
     await naive.start()
