@@ -293,10 +293,13 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
-def _asr_decode_seconds(base_url: str) -> dict[str, float]:
-    """Whisper decode seconds so far by kind (final: pause and turn-end
-    decodes; partial), from a firstline server's /metrics; {} from a server
-    without them (the naive cascade, pipecat)."""
+def _server_counters(base_url: str) -> dict[str, float]:
+    """A firstline server's work counters so far, from its /metrics: Whisper
+    decode seconds by kind (``asr_decode/final``: pause and turn-end decodes;
+    ``asr_decode/partial``) and LLM tokens by purpose and kind
+    (``llm/answered/generated``, ``llm/prefill/prompt_computed``, ...:
+    voice/server/metrics.py). {} from a server without them (the naive
+    cascade, pipecat)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -309,10 +312,26 @@ def _asr_decode_seconds(base_url: str) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "firstline_asr_decode_seconds":
-            for sample in family.samples:
-                if sample.name.endswith("_sum"):
-                    out[sample.labels.get("kind", "?")] = sample.value
+        for sample in family.samples:
+            if family.name == "firstline_asr_decode_seconds" and sample.name.endswith("_sum"):
+                out[f"asr_decode/{sample.labels.get('kind', '?')}"] = sample.value
+            elif family.name == "firstline_llm_tokens" and sample.name.endswith("_total"):
+                out[f"llm/{sample.labels.get('purpose', '?')}/{sample.labels.get('kind', '?')}"] = sample.value
+    return out
+
+
+def _per_turn(now: dict[str, float], before: dict[str, float], prefix: str, answered: int) -> dict[str, Any]:
+    """Counters under ``prefix`` grown since ``before``, per answered turn,
+    nested by the rest of their names."""
+    out: dict[str, Any] = {}
+    for name, value in sorted(now.items()):
+        if not name.startswith(prefix):
+            continue
+        *path, leaf = name[len(prefix) :].split("/")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = round((value - before.get(name, 0.0)) / answered, 3)
     return out
 
 
@@ -327,7 +346,7 @@ class CpuMeter:
 
         self.procs = [psutil.Process(p) for p in pids]
         self.base_url = base_url
-        self.decode0 = _asr_decode_seconds(base_url) if base_url else {}
+        self.counters0 = _server_counters(base_url) if base_url else {}
         self.t0 = time.monotonic()
         self.cpu0 = self._cpu()
         self.stages0 = self.by_stage()
@@ -377,6 +396,7 @@ class CpuMeter:
             with contextlib.suppress(psutil.Error):
                 rss += p.memory_info().rss
         stages = self.by_stage()
+        counters = _server_counters(self.base_url) if answered and self.base_url else None
         return {
             "cpu_s": round(cpu, 2),
             "wall_s": round(wall, 2),
@@ -390,11 +410,14 @@ class CpuMeter:
             "rss_mb": round(rss / 2**20, 1),
             # Whisper decoding (wall seconds on the decoder, about its CPU)
             # per answered turn: where the ASR stage's CPU goes.
-            "asr_decode_s_per_turn": {
-                kind: round((seconds - self.decode0.get(kind, 0.0)) / answered, 3)
-                for kind, seconds in sorted(_asr_decode_seconds(self.base_url).items())
-            }
-            if answered and self.base_url
+            "asr_decode_s_per_turn": _per_turn(counters, self.counters0, "asr_decode/", answered)
+            if counters is not None
+            else None,
+            # LLM tokens per answered turn by what they were for: the answer
+            # itself, or work the caller never heard (preemptive replies
+            # dropped, premature ones taken back, prefills).
+            "llm_tokens_per_turn": _per_turn(counters, self.counters0, "llm/", answered)
+            if counters is not None
             else None,
         }
 

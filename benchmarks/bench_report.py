@@ -47,6 +47,37 @@ def _vals(turns: list[dict[str, Any]], key: str) -> list[float]:
 HEARD_S_PER_WORD = 0.4
 
 
+# What a reply's LLM work was for (voice/server/metrics.py, Metrics.llm_used).
+LLM_PURPOSES = ("answered", "premature", "preemptive_aborted", "prefill", "spoken_first")
+
+
+def llm_work_table(levels: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """LLM tokens per answered turn by purpose: prompt tokens computed (not
+    from the prefix cache) + tokens generated, each cell "computed + generated"."""
+    rows = [(n, lv) for n, lv in levels if lv["cost"].get("llm_tokens_per_turn")]
+    if not rows:
+        return []
+    lines = ["", "LLM tokens per answered turn by what they were for, prompt computed + generated "
+             "(the server's /metrics; premature: replies taken back when the caller went on, "
+             "preemptive_aborted: replies to a pause the caller talked through; prefill: the prompt "
+             "warmed from a partial transcript, which the answer then reads from the cache):", ""]  # fmt: skip
+    lines.append("| system | calls | " + " | ".join(LLM_PURPOSES) + " | premature + aborted, share of all |")
+    lines.append("|---|---|" + "---|" * (len(LLM_PURPOSES) + 1))
+    for name, lv in rows:
+        by = lv["cost"]["llm_tokens_per_turn"]
+        cells, total, unheard = [], 0.0, 0.0
+        for purpose in LLM_PURPOSES:
+            x = by.get(purpose) or {}
+            computed, generated = x.get("prompt_computed", 0.0), x.get("generated", 0.0)
+            cells.append(f"{computed:.0f} + {generated:.0f}" if x else "–")
+            total += computed + generated
+            if purpose in ("premature", "preemptive_aborted"):
+                unheard += computed + generated
+        share = f"{unheard / total * 100:.0f} %" if total else "–"
+        lines.append(f"| {name} | {lv['concurrency']} | " + " | ".join(cells) + f" | {share} |")
+    return lines
+
+
 def late_sentences(turn: dict[str, Any]) -> int:
     """Sentences of a reply that reached the wire after the caller would
     have heard every sentence before them (said from the first's arrival):
@@ -254,6 +285,7 @@ def markdown(results: dict[str, Any]) -> str:
                     by = lv["cost"]["asr_decode_s_per_turn"]
                     lines.append(f"| {name} | {lv['concurrency']} | {_fmt(by.get('final'), 2)} | "
                                  f"{_fmt(by.get('partial'), 2)} |")  # fmt: skip
+            lines += llm_work_table(staged)
         lines += ["", "## Server stage timings, p50 ms after speech end (turn.metrics; lowest load)", ""]
         lines.append("| system | " + " | ".join(label for _, label in SERVER_STAGES) + " |")
         lines.append("|---|" + "---|" * len(SERVER_STAGES))

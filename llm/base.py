@@ -32,6 +32,16 @@ class Usage:
     continuations: int = 0
     # Times the reply stepped aside for other calls' first sentences (llm/yielding.py).
     yields: int = 0
+    # Prompt tokens that the reply's later parts (a continuation after a
+    # yield or a dead engine) computed, beyond the cache; prompt_tokens and
+    # cached_tokens are the first part's.
+    later_parts_prompt_computed: int = 0
+
+    @property
+    def prompt_computed(self) -> int:
+        """Prompt tokens the engine computed for this request (all its parts),
+        not served from its prefix cache: with completion_tokens, the work."""
+        return max(0, self.prompt_tokens - self.cached_tokens) + self.later_parts_prompt_computed
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -133,14 +143,15 @@ class LLMEngine(abc.ABC):
         async for _ in self.stream(request):
             pass
 
-    async def prefill(self, messages: list[dict[str, str]], session_key: str | None = None) -> None:
+    async def prefill(self, messages: list[dict[str, str]], session_key: str | None = None) -> Usage:
         """Compute (and cache) the prompt for ``messages`` without keeping any
-        output: a one-token generation. Engines with automatic prefix caching
+        output: a one-token generation; returns its usage. Engines with automatic prefix caching
         (llama.cpp slots, vLLM APC) then serve the real request's shared
         prefix from cache."""
         request = GenerationRequest(f"prefill-{id(messages)}", messages, max_tokens=1, session_key=session_key)
         async for _ in self.stream(request):
             pass
+        return request.usage
 
     async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
         """P(the caller's sentence ends after the last (user) message's

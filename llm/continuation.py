@@ -92,6 +92,7 @@ async def stream_continuing(
             tokens = current.usage.completion_tokens or part_deltas
             if current is not request:
                 request.usage.completion_tokens += tokens
+                request.usage.later_parts_prompt_computed += current.usage.prompt_computed
             elif not request.usage.completion_tokens:
                 request.usage.completion_tokens = tokens
         current = continuation_of(request, said, deltas, request.usage.continuations)

@@ -86,3 +86,4 @@ def _add_usage(request: GenerationRequest, part: GenerationRequest) -> None:
     total.draft_tokens += more.draft_tokens
     total.accepted_tokens += more.accepted_tokens
     total.continuations += more.continuations
+    total.later_parts_prompt_computed += more.prompt_computed

@@ -118,7 +118,17 @@ def test_report_from_synthetic_results(tmp_path):
         # (turn.resumed) is not a split; both answered is.
         turns.append(synthetic_turn(base, server_turns=2, resumed_turns=1))
         turns.append(synthetic_turn(base, server_turns=2, resumed_turns=0))
-        return {"concurrency": c, "calls": c, "turns": turns, "cost": {"cores_busy": 0.4 * c, "cpu_s_per_turn": 1.1}}
+        cost = {
+            "cores_busy": 0.4 * c,
+            "cpu_s_per_turn": 1.1,
+            "cpu_s_per_turn_by_stage": {"asr": 0.2, "llm": 0.7, "tts": 0.05, "event loop + VAD": 0.15},
+            "llm_tokens_per_turn": {
+                "answered": {"prompt_computed": 16.0, "generated": 20.0},
+                "premature": {"prompt_computed": 8.0, "generated": 12.0},
+                "prefill": {"prompt_computed": 24.0, "generated": 1.0},
+            },
+        }
+        return {"concurrency": c, "calls": c, "turns": turns, "cost": cost}
 
     results = {
         "started": "2026-01-01T00:00:00+00:00",
@@ -147,6 +157,8 @@ def test_report_from_synthetic_results(tmp_path):
     assert "| firstline |" in md and "| naive-cascade |" in md
     assert "**pipecat**: unavailable: no venv here" in md
     assert "Test CPU" in md
+    # Premature + aborted: 20 of 81 tokens; a purpose with no work shows as a dash.
+    assert "| firstline | 1 | 16 + 20 | 8 + 12 | – | 24 + 1 | – | 25 % |" in md
 
 
 async def test_line_keeps_order_under_jitter_late_and_drops():

@@ -167,3 +167,28 @@ async def test_no_incremental_prefill_while_another_turn_is_under_way(server, jf
     # call's own speculation budget was spent at a pause just then.
     assert 1 <= skipped() - before <= len(partials)
     assert done["text"] and not done["cancelled"]
+
+
+async def test_partials_warm_an_idle_engine_and_the_work_is_counted(server, jfk) -> None:
+    """The other side of the test above: with the engine free, the caller's
+    partials prefill the prompt, and /metrics counts those prefills and the
+    prompt tokens they computed apart from the answer's."""
+    from benchmarks.client import NativeCaller
+    from tests.conftest import with_silence
+
+    registry = server.runtime.metrics.registry
+
+    def prefill(sample: str, **labels: str) -> float:
+        return registry.get_sample_value(sample, {"purpose": "prefill", **labels}) or 0.0
+
+    requests_before = prefill("firstline_llm_requests_total")
+    computed_before = prefill("firstline_llm_tokens_total", kind="prompt_computed")
+    url = f"ws://127.0.0.1:{server.port}/v1/call"
+    async with NativeCaller(url) as caller:
+        await caller.start("mulaw", 8000)
+        await caller.play(with_silence(jfk.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=2.0)
+        done = await caller.wait_for("response.done", timeout=60)
+    assert done["text"] and not done["cancelled"]
+    assert prefill("firstline_llm_requests_total") > requests_before
+    # Each prefill computes at least the partial's new words.
+    assert prefill("firstline_llm_tokens_total", kind="prompt_computed") > computed_before

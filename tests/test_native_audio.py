@@ -110,8 +110,17 @@ async def test_a_caller_who_resumes_right_after_the_reply_began_is_one_turn(serv
     """The caller pauses, the reply starts, and they go on talking at once
     (within resume_grace_s): the reply stops (clear), the server says the
     turn was resumed, the history drops it, and the next turn's transcript
-    and prompt hold both halves, answered once."""
+    and prompt hold both halves, answered once. The server counts the taken-back
+    reply's LLM work as premature, not as an answer (/metrics)."""
     first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")
+    registry = server.runtime.metrics.registry
+
+    def llm(purpose: str, what: str = "requests") -> float:
+        if what == "requests":
+            return registry.get_sample_value("firstline_llm_requests_total", {"purpose": purpose}) or 0.0
+        return registry.get_sample_value("firstline_llm_tokens_total", {"purpose": purpose, "kind": what}) or 0.0
+
+    before = {p: (llm(p), llm(p, "generated")) for p in ("premature", "answered")}
     with CallWatcher() as watcher:
         async with NativeCaller(call_url) as caller:
             await caller.start("pcm16", 16000, system_prompt=STORY, options={"reply_audio": True, "max_tokens": 400})
@@ -133,6 +142,12 @@ async def test_a_caller_who_resumes_right_after_the_reply_began_is_one_turn(serv
             assert users == [final["text"]], users  # one user turn, both halves
             await caller.send_json({"type": "stop"})
             await caller.wait_for("call.ended", timeout=20)
+    # The reply taken back generated at least its first sentence; the answer to
+    # both halves is counted once as answered.
+    assert llm("premature") == before["premature"][0] + 1
+    assert llm("premature", "generated") > before["premature"][1]
+    assert llm("answered") >= before["answered"][0] + 1
+    assert llm("answered", "generated") > before["answered"][1]
 
 
 async def test_native_bad_audio_options_get_errors_and_the_call_goes_on(call_url: str, phone_prompts) -> None:

@@ -428,6 +428,7 @@ class CallSession:
         # One probe in flight per call, as for Smart Turn.
         self._sentence_end_busy = True
         try:
+            self.runtime.metrics.llm_used("eot_probe", None)  # its prefill's tokens are the engine's
             probability = await self.runtime.engine.sentence_end_probability(
                 self.messages(words), session_key=self.call_id
             )
@@ -519,6 +520,7 @@ class CallSession:
             tracer=runtime.tracer,
             gate=runtime.reply_gate,
             first_sentences=runtime.first_sentences,
+            llm_used=runtime.metrics.llm_used,
         )
 
     @property
@@ -594,7 +596,8 @@ class CallSession:
             return  # a reply is streaming; don't compete with it
         self._prefilling = True
         try:
-            await self.runtime.engine.prefill(self.messages(partial_text), session_key=self.call_id)
+            usage = await self.runtime.engine.prefill(self.messages(partial_text), session_key=self.call_id)
+            self.runtime.metrics.llm_used("prefill", usage)
         except Exception:
             log.debug("prefill failed on call %s", self.call_id, exc_info=True)
         finally:

@@ -25,7 +25,7 @@ import numpy as np
 
 from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
-from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
 from llm.continuation import stream_continuing
 from llm.sampling import SamplingParams
 from llm.yielding import MIN_HOLD_S, hold_s, stream_yielding
@@ -122,6 +122,10 @@ class TurnContext:
     # Turns waiting for their first sentence; once this reply's first is out
     # it steps aside for them (llm/yielding.py). None: replies never yield.
     first_sentences: FirstSentences | None = None
+    # Told once per reply what its LLM request cost and what it was for
+    # (Metrics.llm_used: answered, preemptive_aborted, premature,
+    # spoken_first). None: not counted.
+    llm_used: Callable[[str, Usage], None] | None = None
 
 
 @dataclasses.dataclass
@@ -295,6 +299,28 @@ class Turn:
         await self._reply()
 
     async def _reply(self) -> None:
+        try:
+            await self._generate_reply()
+        finally:
+            self._account_llm()
+
+    def _account_llm(self) -> None:
+        """What this reply's LLM work was for, decided when the reply is over:
+        the caller's answer (also when they talked over it), a preemptive
+        reply dropped because the caller went on, or a premature one."""
+        if self.request is None or self.ctx.llm_used is None:
+            return
+        if self.spoken_first is not None:
+            purpose = "spoken_first"
+        elif self.premature:
+            purpose = "premature"
+        elif not self.committed:
+            purpose = "preemptive_aborted"
+        else:
+            purpose = "answered"
+        self.ctx.llm_used(purpose, self.request.usage)
+
+    async def _generate_reply(self) -> None:
         ctx = self.ctx
         first = self.spoken_first
         if first is not None and first.text is not None:

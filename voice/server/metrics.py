@@ -23,6 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from llm.base import Usage
+
 # Seconds. Voice latencies that matter sit between 100 ms and 3 s.
 LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -59,6 +61,13 @@ def _label(value: object) -> str:
 
 
 class Metrics:
+    def llm_used(self, purpose: str, usage: Usage | None) -> None:
+        """One LLM request done (or given up): its tokens, by what it was for."""
+        self.llm_requests.labels(purpose).inc()
+        if usage is not None:
+            self.llm_tokens.labels(purpose, "prompt_computed").inc(usage.prompt_computed)
+            self.llm_tokens.labels(purpose, "generated").inc(usage.completion_tokens)
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -125,6 +134,19 @@ class Metrics:
             "Partial decodes skipped because partials had used their decoder budget (--asr-partial-budget)",
             registry=r,
         )
+        # Where the LLM's work goes (benchmarks/bench.py reports it per
+        # answered turn): the reply the caller got, or work nobody heard.
+        self.llm_tokens = Counter(
+            "firstline_llm_tokens",
+            "LLM tokens by what they were for (purpose: answered, preemptive_aborted, premature, spoken_first, "
+            "prefill) and kind (prompt_computed: not from the prefix cache; generated)",
+            ["purpose", "kind"],
+            registry=r,
+        )
+        self.llm_requests = Counter(
+            "firstline_llm_requests", "LLM requests by what they were for (purpose as above, and eot_probe)",
+            ["purpose"], registry=r,
+        )  # fmt: skip
         self.prefills_skipped = Counter(
             "firstline_prefills_skipped_total",
             "Incremental prefills skipped because another turn was under way",
