@@ -122,6 +122,9 @@ SYSTEMS: dict[str, System] = {
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),
+        System("firstline-no-hold-for-resume", "firstline", "firstline with replies that generate past their first "
+               "sentence at once, not after the caller has had the resume grace to go on (--no-hold-for-resume)",
+               ["--no-hold-for-resume"], ALL_PROTOCOLS),
         System("firstline-one-llm-copy", "firstline", "firstline with one copy of the llama.cpp engine, every turn "
                "batched into its steps (--llm-replicas 1; the default on a CPU is 2 single-threaded copies)",
                ["--llm-replicas", "1"], ALL_PROTOCOLS),

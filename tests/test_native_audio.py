@@ -150,6 +150,48 @@ async def test_a_caller_who_resumes_right_after_the_reply_began_is_one_turn(serv
     assert llm("answered", "generated") > before["answered"][1]
 
 
+async def test_a_reply_waits_out_the_resume_grace_before_its_second_sentence(
+    server: VoiceServer, call_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its first sentence out, a reply generates nothing more until its
+    caller has had the resume grace to go on: a caller who resumes then
+    leaves a reply of one sentence, and the tokens it generated are only
+    about that sentence's (/metrics, premature). Without the hold
+    (--no-hold-for-resume) the same call goes on generating at once."""
+    first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")
+    registry = server.runtime.metrics.registry
+
+    def premature_generated() -> float:
+        labels = {"purpose": "premature", "kind": "generated"}
+        return registry.get_sample_value("firstline_llm_tokens_total", labels) or 0.0
+
+    async def resumed_reply(url: str) -> tuple[list[str], float]:
+        before = premature_generated()
+        async with NativeCaller(url) as caller:
+            await caller.start("pcm16", 16000, system_prompt=STORY, options={"max_tokens": 400})
+            await caller.play(with_silence(first.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
+            sentence = await caller.wait_for("response.sentence", timeout=60)
+            turn = sentence["turn"]
+            # The caller goes on once the reply could have had its second
+            # sentence (~0.4 s of tokens here), still within the grace.
+            await asyncio.sleep(0.6)
+            await caller.play(with_silence(second.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
+            await caller.wait_for("turn.resumed", timeout=20, turn=turn)
+            await caller.wait_for("response.done", timeout=60, turn=turn + 1)
+            said = [e["text"] for e in caller.result.of("response.sentence") if e["turn"] == turn]
+            await caller.send_json({"type": "stop"})
+            await caller.wait_for("call.ended", timeout=20)
+        return said, premature_generated() - before
+
+    held, held_tokens = await resumed_reply(call_url)
+    assert len(held[0].split()) >= 6, "the first sentence is too short to be held"
+    assert held == held[:1], held  # nothing past the first sentence
+    assert 0 < held_tokens <= 2 * len(held[0].split()) + 8, (held, held_tokens)
+    monkeypatch.setattr(server.runtime.config, "hold_for_resume", False)  # as --no-hold-for-resume
+    unheld, unheld_tokens = await resumed_reply(call_url)
+    assert unheld_tokens > held_tokens, (unheld, unheld_tokens, held, held_tokens)
+
+
 async def test_native_bad_audio_options_get_errors_and_the_call_goes_on(call_url: str, phone_prompts) -> None:
     clip = phone_prompts[6]
     async with NativeCaller(call_url) as caller:

@@ -142,6 +142,14 @@ def test_replies_step_aside_by_default_where_the_llm_shares_this_cpu() -> None:
     def lanes(*flags: str) -> int:
         return config_from_args(build_parser().parse_args(["serve", *flags])).first_sentence_lanes_in_use
 
+    def holds(*flags: str) -> bool:
+        return config_from_args(build_parser().parse_args(["serve", *flags])).holds_for_resume
+
+    assert holds()  # where replies step aside
+    assert not holds("--no-hold-for-resume")
+    assert not holds("--resume-grace-s", "0")  # no grace, nothing to wait out
+    assert not holds("--llm-device", "cuda")  # a token costs little there
+
     assert lanes() == 0  # no limit unless asked
     assert lanes("--first-sentence-lanes", "1") == 1 and lanes("--first-sentence-lanes", "2") == 2
     # Only where replies step aside (the LLM on this machine's CPU).

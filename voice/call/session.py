@@ -521,6 +521,7 @@ class CallSession:
             gate=runtime.reply_gate,
             first_sentences=runtime.first_sentences,
             llm_used=runtime.metrics.llm_used,
+            hold_for_resume=runtime.config.holds_for_resume,
         )
 
     @property

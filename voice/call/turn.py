@@ -126,6 +126,9 @@ class TurnContext:
     # (Metrics.llm_used: answered, preemptive_aborted, premature,
     # spoken_first). None: not counted.
     llm_used: Callable[[str, Usage], None] | None = None
+    # Generate past the first sentence only once the caller has had the
+    # resume grace to go on (ServerConfig.hold_for_resume; needs first_sentences).
+    hold_for_resume: bool = False
 
 
 @dataclasses.dataclass
@@ -201,6 +204,9 @@ class Turn:
         self.lane_wait_s = 0.0
         # The reply had no sentence and the caller heard ReplyPolicy.fallback.
         self.fell_back = False
+        # Whether the reply has held for a possible resume (once at most).
+        self._held_for_resume = False
+        self._accounted = False  # its LLM work told to ctx.llm_used
         self._gate = asyncio.Event()
         self._held: list[dict[str, Any]] = []
         if committed:
@@ -305,10 +311,13 @@ class Turn:
             self._account_llm()
 
     def _account_llm(self) -> None:
-        """What this reply's LLM work was for, decided when the reply is over:
+        """What this reply's LLM work was for, told once its fate is known:
         the caller's answer (also when they talked over it), a preemptive
-        reply dropped because the caller went on, or a premature one."""
-        if self.request is None or self.ctx.llm_used is None:
+        reply dropped because the caller went on, or a premature one. A
+        reply over within the resume grace after its first sentence went
+        out may still be taken back (voice/call/session.py): it is told
+        when the grace has passed."""
+        if self.request is None or self.ctx.llm_used is None or self._accounted:
             return
         if self.spoken_first is not None:
             purpose = "spoken_first"
@@ -318,6 +327,12 @@ class Turn:
             purpose = "preemptive_aborted"
         else:
             purpose = "answered"
+            first = self.times.first_sentence
+            grace_left = 0.0 if first is None else first + self.ctx.asr_config.resume_grace_s - time.monotonic()
+            if grace_left > 0:
+                asyncio.get_running_loop().call_later(grace_left + 0.05, self._account_llm)
+                return
+        self._accounted = True
         self.ctx.llm_used(purpose, self.request.usage)
 
     async def _generate_reply(self) -> None:
@@ -461,7 +476,19 @@ class Turn:
             return not self.committed and waiting.holds_lane(self) and waiting.endpointed_turn_waits
         # A hold too short to free the cores for anyone is not worth a
         # cancelled request and a prefill.
-        return waiting.any_waiting and self._hold_s() >= MIN_HOLD_S
+        return self._resume_hold_s() >= MIN_HOLD_S or (waiting.any_waiting and self._hold_s() >= MIN_HOLD_S)
+
+    def _resume_hold_s(self) -> float:
+        """How long the reply waits, its first sentence out, before it goes
+        on: until its caller has had the resume grace to go on (a caller
+        who does takes the reply back, voice/call/session.py), but never
+        past the pacing of :func:`hold_s`. Once per reply; 0: no hold."""
+        if not self.ctx.hold_for_resume or self._held_for_resume or len(self.sent) != 1:
+            return 0.0
+        grace = self.ctx.asr_config.resume_grace_s
+        on_wire = self.times.first_sentence  # None while a preemptive reply is held back
+        grace_left = grace if on_wire is None else on_wire + grace - time.monotonic()
+        return max(0.0, min(grace_left, self._hold_s()))
 
     async def _step_aside(self) -> None:
         waiting = self.ctx.first_sentences
@@ -471,6 +498,12 @@ class Turn:
             # from what it has generated (llm/yielding.py).
             waiting.leave(self)
             self.lane_wait_s += await waiting.lane(self, lambda: self.committed)
+            return
+        resume_hold = self._resume_hold_s()
+        if resume_hold >= MIN_HOLD_S:
+            self._held_for_resume = True
+            # Cancelled here if the caller goes on: nothing more generated.
+            await asyncio.sleep(resume_hold)
             return
         await waiting.step_aside(self._hold_s())
 

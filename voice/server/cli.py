@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="replies keep generating after their first sentence while other turns wait for theirs",
     )
     serve.add_argument(
+        "--no-hold-for-resume",
+        dest="hold_for_resume",
+        action="store_const",
+        const=False,
+        default=None,
+        help="a reply whose first sentence is out generates the next at once, not after the caller has had "
+        "--resume-grace-s to go on (default: hold, where replies step aside)",
+    )
+    serve.add_argument(
         "--first-sentence-lanes",
         type=int,
         default=None,
@@ -532,6 +541,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
     config.first_sentences_first = args.first_sentences_first
+    config.hold_for_resume = args.hold_for_resume
     if args.first_sentence_lanes is not None:
         if args.first_sentence_lanes < 0:
             raise SystemExit("firstline: --first-sentence-lanes must be 0 (no limit) or more")

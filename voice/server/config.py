@@ -36,6 +36,13 @@ class ServerConfig:
     # limit (the default: one lane won on the engine alone but not yet in a
     # whole-server run, README "Capacity"), 1: one at a time.
     first_sentence_lanes: int = 0
+    # A reply whose first sentence is out generates the next one only once
+    # its caller has had asr.resume_grace_s to go on (and no later than
+    # llm/yielding.py's pacing allows, so the next sentence is not late): a
+    # caller who resumes then costs no more tokens (the reply is taken
+    # back), where each token costs a CPU ~10-25 ms (README "Capacity").
+    # None: where replies step aside (above); off when the grace is 0.
+    hold_for_resume: bool | None = None
     # The agent speaks first on pickup: fixed text, or generated with these
     # instructions (None: the caller speaks first). Calls may set their own.
     greeting: str | None = None
@@ -101,6 +108,12 @@ class ServerConfig:
         if self.first_sentences_first is not None:
             return self.first_sentences_first
         return self.llm.engine != "remote" and self.llm.device == "cpu"
+
+    @property
+    def holds_for_resume(self) -> bool:
+        wanted = self.replies_step_aside if self.hold_for_resume is None else self.hold_for_resume
+        # The hold rides on stepping aside (llm/yielding.py), and is for the grace.
+        return wanted and self.replies_step_aside and self.asr.resume_grace_s > 0
 
     @property
     def first_sentence_lanes_in_use(self) -> int:
