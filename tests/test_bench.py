@@ -3,6 +3,7 @@ server, the naive cascade peer on the same warm models, and the report."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -39,9 +40,24 @@ def check_turn(rec: dict) -> None:
 
 
 async def test_loadgen_twilio_call_measures_a_turn(server, phone_prompts):
-    [rec] = await run_call(f"ws://127.0.0.1:{server.port}", one_turn(phone_prompts[2]), FAST)
+    from benchmarks.bench import _per_turn, _server_counters
+
+    url = f"ws://127.0.0.1:{server.port}"
+
+    async def counters() -> dict[str, float]:
+        return await asyncio.to_thread(_server_counters, url)  # the server runs on this loop
+
+    before = await counters()
+    [rec] = await run_call(url, one_turn(phone_prompts[2]), FAST)
     check_turn(rec)
     assert rec["protocol"] == "twilio" and rec["server"]["preemptive"] in (True, False)
+    # The bench's per-turn work counters, from the server's /metrics: the
+    # answer's tokens (counted once the resume grace is over) and its decode.
+    await asyncio.sleep(server.runtime.config.asr.resume_grace_s + 0.2)
+    after = await counters()
+    work = _per_turn(after, before, "llm/", answered=1)
+    assert work["answered"]["generated"] >= 1, work
+    assert _per_turn(after, before, "asr_decode/", answered=1)["final"] > 0
 
 
 async def test_loadgen_native_call_with_reply_audio(server, phone_prompts):

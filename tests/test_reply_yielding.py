@@ -147,7 +147,6 @@ def test_replies_step_aside_by_default_where_the_llm_shares_this_cpu() -> None:
 
     assert holds()  # where replies step aside
     assert not holds("--no-hold-for-resume")
-    assert not holds("--resume-grace-s", "0")  # no grace, nothing to wait out
     assert not holds("--llm-device", "cuda")  # a token costs little there
 
     assert lanes() == 0  # no limit unless asked

@@ -41,7 +41,8 @@ class ServerConfig:
     # llm/yielding.py's pacing allows, so the next sentence is not late): a
     # caller who resumes then costs no more tokens (the reply is taken
     # back), where each token costs a CPU ~10-25 ms (README "Capacity").
-    # None: where replies step aside (above); off when the grace is 0.
+    # None: where replies step aside (above). A call whose grace is 0 has
+    # no hold.
     hold_for_resume: bool | None = None
     # The agent speaks first on pickup: fixed text, or generated with these
     # instructions (None: the caller speaks first). Calls may set their own.
@@ -112,8 +113,9 @@ class ServerConfig:
     @property
     def holds_for_resume(self) -> bool:
         wanted = self.replies_step_aside if self.hold_for_resume is None else self.hold_for_resume
-        # The hold rides on stepping aside (llm/yielding.py), and is for the grace.
-        return wanted and self.replies_step_aside and self.asr.resume_grace_s > 0
+        # The hold rides on stepping aside (llm/yielding.py); each call's own
+        # grace (which a call may set) bounds it, in voice/call/turn.py.
+        return wanted and self.replies_step_aside
 
     @property
     def first_sentence_lanes_in_use(self) -> int:

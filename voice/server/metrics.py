@@ -61,13 +61,6 @@ def _label(value: object) -> str:
 
 
 class Metrics:
-    def llm_used(self, purpose: str, usage: Usage | None) -> None:
-        """One LLM request done (or given up): its tokens, by what it was for."""
-        self.llm_requests.labels(purpose).inc()
-        if usage is not None:
-            self.llm_tokens.labels(purpose, "prompt_computed").inc(usage.prompt_computed)
-            self.llm_tokens.labels(purpose, "generated").inc(usage.completion_tokens)
-
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -201,6 +194,13 @@ class Metrics:
         acceptance = _number(ev.get("speculative_acceptance"))
         if acceptance is not None:
             self.speculative_acceptance.observe(acceptance)
+
+    def llm_used(self, purpose: str, usage: Usage | None) -> None:
+        """One LLM request done (or given up): its tokens, by what it was for."""
+        self.llm_requests.labels(purpose).inc()
+        if usage is not None:
+            self.llm_tokens.labels(purpose, "prompt_computed").inc(usage.prompt_computed)
+            self.llm_tokens.labels(purpose, "generated").inc(usage.completion_tokens)
 
     def observe_asr_decode(self, final: bool, seconds: float) -> None:
         self.asr_decode.labels("final" if final else "partial").observe(seconds)
