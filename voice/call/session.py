@@ -354,10 +354,10 @@ class CallSession:
         grace = self.asr_config.resume_grace_s
         if grace <= 0 or turn.premature or turn.spoken_first is not None or not turn.user_text:
             return False
-        first = turn.times.first_sentence
-        if first is None:
+        left = turn.resume_grace_left(now)
+        if left is None:
             return not turn.task.done()  # still thinking: nothing was said yet
-        return now - first <= grace
+        return left >= 0
 
     async def _resumed(self, turn: Turn) -> None:
         """The two halves are one turn: ``turn``'s words lead the next one

@@ -310,6 +310,13 @@ class Turn:
         finally:
             self._account_llm()
 
+    def resume_grace_left(self, now: float) -> float | None:
+        """Seconds left (negative: past) in which the caller's talking again
+        takes this reply back as premature (voice/call/session.py); None
+        while its first sentence has not gone out."""
+        first = self.times.first_sentence
+        return None if first is None else first + self.ctx.asr_config.resume_grace_s - now
+
     def _account_llm(self) -> None:
         """What this reply's LLM work was for, told once its fate is known:
         the caller's answer (also when they talked over it), a preemptive
@@ -327,9 +334,8 @@ class Turn:
             purpose = "preemptive_aborted"
         else:
             purpose = "answered"
-            first = self.times.first_sentence
-            grace_left = 0.0 if first is None else first + self.ctx.asr_config.resume_grace_s - time.monotonic()
-            if grace_left > 0:
+            grace_left = self.resume_grace_left(time.monotonic())
+            if grace_left is not None and grace_left > 0:
                 asyncio.get_running_loop().call_later(grace_left + 0.05, self._account_llm)
                 return
         self._accounted = True
@@ -485,9 +491,9 @@ class Turn:
         past the pacing of :func:`hold_s`. Once per reply; 0: no hold."""
         if not self.ctx.hold_for_resume or self._held_for_resume or len(self.sent) != 1:
             return 0.0
-        grace = self.ctx.asr_config.resume_grace_s
-        on_wire = self.times.first_sentence  # None while a preemptive reply is held back
-        grace_left = grace if on_wire is None else on_wire + grace - time.monotonic()
+        grace_left = self.resume_grace_left(time.monotonic())
+        if grace_left is None:  # a preemptive reply held back: the whole grace is still ahead
+            grace_left = self.ctx.asr_config.resume_grace_s
         return max(0.0, min(grace_left, self._hold_s()))
 
     async def _step_aside(self) -> None:
