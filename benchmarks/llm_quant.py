@@ -1,9 +1,9 @@
 """The embedded LLM's weights as shipped (Q4_1) against requantized to Q8_0
-(llm/models.py), on llama.cpp on this CPU: prefill and decode time per token.
+and to Q4_0 (llm/models.py), on llama.cpp on this CPU: prefill and decode time per token.
 
 A turn's prompt is mostly in the prefix cache, but the caller's words and
 the previous reply are not: a prefill of tens of tokens sits between the
-final transcript and the first token. Both quantizations run the same
+final transcript and the first token. All three run the same
 prompts in one process, one after the other, each with the thread counts
 given, one request at a time (nothing else running). Prefill: a distinct
 prompt per request (nothing cached past the system prompt), one output
@@ -33,7 +33,11 @@ from llm.config import LLMConfig
 from llm.llamacpp_engine import LlamaCppEngine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUANTS: dict[str, str | None] = {"Q4_1 (shipped)": None, "Q8_0 (requantized)": "Q8_0"}
+QUANTS: dict[str, str | None] = {
+    "Q4_1 (shipped)": None,
+    "Q8_0 (requantized)": "Q8_0",
+    "Q4_0 (requantized)": "Q4_0",
+}
 # Words for prompts no cache has seen: phone-call vocabulary in random order.
 WORDS = (
     "the caller asked about their voicemail box and the account number was lost somewhere in a list of items "

@@ -92,8 +92,8 @@ def _requantize(gguf: Path, out: Path, quant: str) -> None:
     arch = reader.fields["general.architecture"].contents()
     writer = gg.GGUFWriter(out, arch)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue  # the writer sets these itself
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue  # the writer sets these itself (the file type below)
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gg.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)

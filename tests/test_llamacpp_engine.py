@@ -252,9 +252,16 @@ async def test_the_embedded_model_runs_requantized_to_q8_0(inprocess, tmp_path) 
     assert kinds == {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0}, kinds
     same = [k for k in before.fields if not k.startswith("GGUF.") and k != "general.file_type"]
     assert all(before.fields[k].contents() == after.fields[k].contents() for k in same)
+    # The file type says what the weights now are, written once (not the shipped one overwritten).
+    assert after.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     written = converted.stat().st_mtime_ns
     assert requantized_gguf(shipped, "Q8_0", tmp_path) == converted  # reused, not written again
     assert converted.stat().st_mtime_ns == written
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporary left behind
     with pytest.raises(ModelNotFound):
         requantized_gguf(tmp_path / "missing.gguf", "Q8_0")
+
+    # Q4_0 (--llm-embedded-quant Q4_0), which llama.cpp repacks for AVX2/AVX-512.
+    q4_0 = gguf.GGUFReader(await asyncio.to_thread(requantized_gguf, shipped, "Q4_0", tmp_path))
+    assert {t.tensor_type for t in q4_0.tensors} == {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q4_0}
+    assert q4_0.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
