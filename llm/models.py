@@ -77,17 +77,32 @@ def embedded_gguf_path() -> Path:
 
 
 # Bump when the requantization changes, so stale cached files are not reused.
-REQUANT_VERSION = "1"
+# 2: the Q8_0 token embedding (the output head) is no longer lowered to a
+# 4-bit target.
+REQUANT_VERSION = "2"
+
+
+def _kept_as_shipped() -> frozenset[object]:
+    import gguf as gg
+
+    kinds = gg.GGMLQuantizationType
+    return frozenset({kinds.F32, kinds.F16, kinds.BF16, kinds.Q8_0})
 
 
 def _requantize(gguf: Path, out: Path, quant: str) -> None:
-    """Write ``gguf`` to ``out`` with every quantized tensor in ``quant``
-    (metadata, F32/F16 tensors and tensor order unchanged), with llama.cpp's
-    own Python package (``gguf``)."""
+    """Write ``gguf`` to ``out`` with its low-bit tensors in ``quant``
+    (metadata, tensor order and the 8-bit-or-wider tensors unchanged), with
+    llama.cpp's own Python package (``gguf``).
+
+    The wider tensors stay: SmolLM2 ships its token embedding in Q8_0, and
+    that matrix is also the output head (tied weights), whose precision a
+    135M-parameter model's word choice is most sensitive to; llama.cpp's
+    own quantizer likewise keeps the output head above the bulk type."""
     import gguf as gg
     from gguf.quants import dequantize, quantize
 
     target = gg.GGMLQuantizationType[quant]
+    kept = _kept_as_shipped()
     reader = gg.GGUFReader(gguf)
     arch = reader.fields["general.architecture"].contents()
     writer = gg.GGUFWriter(out, arch)
@@ -100,7 +115,7 @@ def _requantize(gguf: Path, out: Path, quant: str) -> None:
     writer.add_file_type(int(gg.LlamaFileType[f"MOSTLY_{quant}"]))
     for tensor in reader.tensors:
         kind = tensor.tensor_type
-        if kind in (gg.GGMLQuantizationType.F32, gg.GGMLQuantizationType.F16) or kind == target:
+        if kind in kept or kind == target:
             writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=kind)
             continue
         weights = dequantize(tensor.data, kind)  # rows x columns, float32

@@ -240,7 +240,7 @@ async def test_the_embedded_model_runs_requantized_to_q8_0(inprocess, tmp_path) 
 
     from llm.models import ModelNotFound, embedded_gguf_path, requantized_gguf
 
-    assert inprocess.model_path.name.endswith(".Q8_0.v1.gguf")
+    assert inprocess.model_path.name.endswith(".Q8_0.v2.gguf")
     shipped = embedded_gguf_path()
     assert LlamaCppEngine(LLMConfig(embedded_quant=None)).model_path == shipped
     assert LlamaCppEngine(LLMConfig(embedded_quant="Q8_0", device="cuda")).model_path == shipped  # CUDA: as shipped
@@ -261,7 +261,11 @@ async def test_the_embedded_model_runs_requantized_to_q8_0(inprocess, tmp_path) 
     with pytest.raises(ModelNotFound):
         requantized_gguf(tmp_path / "missing.gguf", "Q8_0")
 
-    # Q4_0 (--llm-embedded-quant Q4_0), which llama.cpp repacks for AVX2/AVX-512.
+    # Q4_0 (--llm-embedded-quant Q4_0), which llama.cpp repacks for AVX2/AVX-512:
+    # the shipped Q4_1 blocks become Q4_0; the Q8_0 token embedding (also the
+    # output head) is not lowered.
     q4_0 = gguf.GGUFReader(await asyncio.to_thread(requantized_gguf, shipped, "Q4_0", tmp_path))
-    assert {t.tensor_type for t in q4_0.tensors} == {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q4_0}
+    kinds_4 = {t.name: t.tensor_type for t in q4_0.tensors}
+    assert kinds_4.pop("token_embd.weight") == gguf.GGMLQuantizationType.Q8_0
+    assert set(kinds_4.values()) == {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q4_0}
     assert q4_0.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
