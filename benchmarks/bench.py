@@ -120,7 +120,8 @@ SYSTEMS: dict[str, System] = {
         System("firstline-q4_1", "firstline", "firstline with the embedded LLM as shipped (Q4_1), not requantized "
                "to Q8_0 (--llm-embedded-quant shipped)", ["--llm-embedded-quant", "shipped"], ALL_PROTOCOLS),
         System("firstline-q4_0", "firstline", "firstline with the embedded LLM requantized to Q4_0 (which llama.cpp "
-               "repacks for AVX2/AVX-512), not Q8_0 (--llm-embedded-quant Q4_0)", ["--llm-embedded-quant", "Q4_0"],
+               "repacks for AVX2/AVX-512; the Q8_0 token embedding kept since b8d2d87), not Q8_0 "
+               "(--llm-embedded-quant Q4_0)", ["--llm-embedded-quant", "Q4_0"],
                ALL_PROTOCOLS),
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",

@@ -82,13 +82,6 @@ def embedded_gguf_path() -> Path:
 REQUANT_VERSION = "2"
 
 
-def _kept_as_shipped() -> frozenset[object]:
-    import gguf as gg
-
-    kinds = gg.GGMLQuantizationType
-    return frozenset({kinds.F32, kinds.F16, kinds.BF16, kinds.Q8_0})
-
-
 def _requantize(gguf: Path, out: Path, quant: str) -> None:
     """Write ``gguf`` to ``out`` with its low-bit tensors in ``quant``
     (metadata, tensor order and the 8-bit-or-wider tensors unchanged), with
@@ -101,8 +94,9 @@ def _requantize(gguf: Path, out: Path, quant: str) -> None:
     import gguf as gg
     from gguf.quants import dequantize, quantize
 
-    target = gg.GGMLQuantizationType[quant]
-    kept = _kept_as_shipped()
+    kinds = gg.GGMLQuantizationType
+    target = kinds[quant]
+    kept = {kinds.F32, kinds.F16, kinds.BF16, kinds.Q8_0}
     reader = gg.GGUFReader(gguf)
     arch = reader.fields["general.architecture"].contents()
     writer = gg.GGUFWriter(out, arch)

@@ -252,7 +252,7 @@ async def test_the_embedded_model_runs_requantized_to_q8_0(inprocess, tmp_path) 
     assert kinds == {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0}, kinds
     same = [k for k in before.fields if not k.startswith("GGUF.") and k != "general.file_type"]
     assert all(before.fields[k].contents() == after.fields[k].contents() for k in same)
-    # The file type says what the weights now are, written once (not the shipped one overwritten).
+    # The file type says what the weights now are, not what was shipped.
     assert after.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     written = converted.stat().st_mtime_ns
     assert requantized_gguf(shipped, "Q8_0", tmp_path) == converted  # reused, not written again

@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--llm-embedded-quant",
         choices=["Q8_0", "Q4_0", "shipped"],
         default="Q8_0",
-        help="the embedded GGUF on a CPU: requantized once to Q8_0 (faster prefill in llama.cpp) or Q4_0 "
-        "(llama.cpp repacks it for AVX2/AVX-512), or as shipped (Q4_1); a --llm-model is always used as is",
+        help="the embedded GGUF on a CPU: requantized once to Q8_0 (faster prefill in llama.cpp), or to Q4_0 "
+        "(llama.cpp repacks it for AVX2/AVX-512: cheaper tokens, but longer first sentences that ignore the "
+        "instructions more often; README), or as shipped (Q4_1); a --llm-model is always used as is",
     )
     serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
     serve.add_argument(
