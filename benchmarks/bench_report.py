@@ -110,6 +110,11 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "ttfs_p90_ms": pct(ttfs, 90),
         "ttfs_p95_ms": pct(ttfs, 95),
         "ttfs_mean_ms": None if not ttfs else round(statistics.fmean(ttfs), 1),
+        # TTFS counts the reply's first piece, which may be a clause
+        # (--first-clause-words); this is the first piece that ends a sentence.
+        "whole_sentence_p50_ms": pct(_vals(answered, "whole_sentence_ms"), 50),
+        "whole_sentence_p95_ms": pct(_vals(answered, "whole_sentence_ms"), 95),
+        "first_clause_turns": sum(1 for t in answered if t.get("first_is_clause")),
         **{f"{k[:-3]}_p50_ms": pct(_vals(answered, k), 50) for k, _ in MILESTONES if k != "ttfs_ms"},
         "ttfa_p95_ms": pct(_vals(answered, "ttfa_ms"), 95),
         "sentence_audio_p50_ms": pct(_vals(answered, "sentence_audio_ms"), 50),
@@ -173,12 +178,14 @@ def _prefill_summary(server: list[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def capacity(levels: list[dict[str, Any]], target_ms: float, min_answered: float = 0.9) -> int | None:
-    """Most concurrent calls whose p95 TTFS met the target (and most turns answered)."""
+def capacity(
+    levels: list[dict[str, Any]], target_ms: float, min_answered: float = 0.9, key: str = "ttfs_p95_ms"
+) -> int | None:
+    """Most concurrent calls whose p95 TTFS (or ``key``) met the target (and most turns answered)."""
     best = None
     for level in sorted(levels, key=lambda lv: lv["concurrency"]):
         s = level["summary"]
-        ok = s["ttfs_p95_ms"] is not None and s["ttfs_p95_ms"] <= target_ms
+        ok = s.get(key) is not None and s[key] <= target_ms
         ok = ok and s["turns"] > 0 and s["answered"] >= min_answered * s["turns"]
         if not ok:
             break
@@ -245,6 +252,32 @@ def markdown(results: dict[str, Any]) -> str:
             cap = s.get("capacity")
             cap_text = str(cap) if cap is not None else f"< {levels[0]}"
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {cap_text} |")
+        clause_first = {
+            name: s for name, s in ok.items() if any(lv["summary"].get("first_clause_turns") for lv in s["levels"])
+        }
+        if clause_first:
+            lines += [
+                "",
+                "## First whole sentence p50 / p95 (ms) by concurrent calls, where a first piece was a clause",
+                "",
+                "(TTFS above counts the reply's first piece; with --first-clause-words that may be a clause. Here, "
+                "the first piece that ends a sentence; in brackets, the turns whose first piece was a clause.)",
+                "",
+            ]
+            lines.append("| system | " + " | ".join(str(c) for c in levels) + f" | capacity at p95 ≤ {target:.0f} ms |")
+            lines.append("|---|" + "---|" * (len(levels) + 1))
+            for name, s in clause_first.items():
+                by = {lv["concurrency"]: lv["summary"] for lv in s["levels"]}
+                cells = [
+                    f"{_fmt(by[c].get('whole_sentence_p50_ms'))} / {_fmt(by[c].get('whole_sentence_p95_ms'))} "
+                    f"({by[c].get('first_clause_turns', 0)}/{by[c]['answered']})"
+                    if c in by
+                    else ""
+                    for c in levels
+                ]
+                cap = capacity(s["levels"], target, key="whole_sentence_p95_ms")
+                cap_text = str(cap) if cap is not None else f"< {levels[0]}"
+                lines.append(f"| {name} | " + " | ".join(cells) + f" | {cap_text} |")
         lines += ["", "## Cost as calls grow", ""]
         lines.append(
             "| system | calls | CPU cores busy | CPU s per answered turn | RSS MB | refused | timeouts | "
@@ -324,8 +357,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Definitions: all latencies are measured at the caller, from the moment the 20 ms frame holding the turn's "
-        "last voiced sample was sent. TTFS = first complete reply sentence received (firstline and the naive cascade: "
-        "the `response.sentence` event on the Twilio side channel; pipecat: its `sentence:` mark). First audio = first "
+        "last voiced sample was sent. TTFS = first reply sentence received (firstline and the naive cascade: "
+        "the `response.sentence` event on the Twilio side channel; pipecat: its `sentence:` mark); since firstline "
+        "sends a first clause of 5+ words ahead of its sentence's rest (--first-clause-words), its first piece may "
+        "be a clause, and the first whole sentence is reported beside it. First audio = first "
         "reply `media` byte. Barge-in = first voiced frame of the interruption sent -> `clear` received (includes the "
         "server's 200 ms minimum-speech check). WER is pooled over turns against the recordings' transcripts. "
         "Split turns: caller turns the server answered as more than one turn (an endpoint inside a pause whose "

@@ -58,6 +58,7 @@ from benchmarks.callers.base import Audio, Clear, Event, Mark, Message, ServerEv
 from benchmarks.corpus import ASTERISK_SOUNDS, SHARED_SPEECH, load_audio
 from streaming.codecs import encode, float_to_int16
 from streaming.sentences import SentenceSegmenter
+from voice.call.reply_policy import is_complete
 
 FRAME_S = 0.02
 RATE = 8000
@@ -742,6 +743,9 @@ def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> 
     done = next((e for e in reversed(dones) if e.turn == answer), None)
     transcript = " ".join(finals)
     sentences = [str(e.data.get("text", "")) for e in of("sentence")]
+    # The first piece may be a clause (--first-clause-words): when did the
+    # first whole sentence arrive?
+    whole = next((e for e, text in zip(of("sentence"), sentences, strict=True) if is_complete(text)), None)
     return {
         "reference": spec.reference,
         "transcript": transcript,
@@ -752,6 +756,8 @@ def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> 
         "server_turns": len(set(final_turns)),
         "resumed_turns": len({e.turn for e in window if e.kind == "resumed" and e.turn in final_turns}),
         "ttfs_ms": _ms(sentence.at if sentence else None, t_last),
+        "whole_sentence_ms": _ms(whole.at if whole else None, t_last),
+        "first_is_clause": bool(sentences) and not is_complete(sentences[0]),
         "asr_final_ms": _ms(final[-1].at if final else None, t_last),
         "first_token_ms": _ms(delta[0].at if delta else None, t_last),
         "ttfa_ms": _ms(audio[0].at if audio else None, t_last),

@@ -91,12 +91,26 @@ class SentenceSegmenter:
     ``min_chars`` (after stripping) are not emitted alone; they are joined to
     the next one, since a one-character TTS request costs a round trip for
     nothing.
+
+    ``first_clause_words`` (0: off) lets the reply's *first* piece end at
+    the first clause boundary a run-on would be cut at (``,`` ``;`` ``:``
+    a dash, or before "and", "but", "so"...) with at least that many words
+    before it, the moment the boundary is certain, instead of at the
+    sentence end: the TTS can start on "I'm sorry for any
+    misunderstanding," while the model is still writing the rest. The
+    price is a pause where a speaker might not make one: "and" as often
+    joins two nouns ("the current date | and time."). Later pieces are whole sentences as usual. A clause
+    piece does not end with terminal punctuation
+    (voice.call.reply_policy.is_complete tells them apart).
     """
 
-    def __init__(self, max_words: int = 25, min_chars: int = 2) -> None:
+    def __init__(self, max_words: int = 25, min_chars: int = 2, first_clause_words: int = 0) -> None:
         if max_words < 1:
             raise ValueError("max_words must be at least 1")
+        if first_clause_words < 0:
+            raise ValueError("first_clause_words must be >= 0 (0: off)")
         self.max_words = max_words
+        self.first_clause_words = first_clause_words
         # Never emit an empty string, whatever min_chars says.
         self.min_chars = max(1, min_chars)
         self._chars_scanned = 0
@@ -147,6 +161,8 @@ class SentenceSegmenter:
         self._word_starts: list[int] = []
         self._clause_cuts: list[int] = []  # where a run-on may be cut, ascending
         self._after_colon = False  # last finished word ended with ":"
+        self._emitted_any = False  # a piece of this reply is out (first_clause_words)
+        self.clause_cut = False  # the first piece ended at a clause boundary, not a sentence end
 
     def _text(self, start: int, end: int) -> str:
         return "".join(self._chars[start - self._base : end - self._base])
@@ -176,8 +192,11 @@ class SentenceSegmenter:
         self._track_words(ch, pos)
         # Checked in TEXT mode only, so a pending sentence end is always
         # decided before a run-on cut could pre-empt it.
-        if self._mode is _Mode.TEXT and len(self._word_starts) > self.max_words:
-            self._cut_run_on()
+        if self._mode is _Mode.TEXT:
+            if len(self._word_starts) > self.max_words:
+                self._cut_run_on()
+            elif self.first_clause_words and not self._emitted_any and self._clause_cuts:
+                self._cut_first_clause()
         self._pos = pos + 1
 
     def _scan_text(self, ch: str, pos: int) -> None:
@@ -290,12 +309,21 @@ class SentenceSegmenter:
                 break
         self._emit(cut, force=True)
 
+    def _cut_first_clause(self) -> None:
+        # Only the newest boundary can newly qualify: the earlier ones were
+        # checked when they were found, with the same words before them.
+        cut = self._clause_cuts[-1]
+        if bisect.bisect_left(self._word_starts, cut) >= self.first_clause_words:
+            self._emit(cut, force=True)
+            self.clause_cut = True
+
     def _emit(self, end: int, *, force: bool = False) -> None:
         """Emit the pending text up to ``end`` as one sentence, unless too short."""
         sentence = self._text(self._seg_start, end).strip()
         if not sentence or (len(sentence) < self.min_chars and not force):
             return  # stays pending and joins the next sentence
         self._out.append(sentence)
+        self._emitted_any = True
         self._seg_start = end
         # Keep only the word bookkeeping of the text after the cut.
         self._word_starts = [w for w in self._word_starts if w >= end]

@@ -128,7 +128,7 @@ def test_a_sentence_after_the_earlier_ones_were_heard_is_late() -> None:
 
 def test_report_from_synthetic_results(tmp_path):
     def level(c: int, base: float) -> dict:
-        turns = [synthetic_turn(base + 40 * i) for i in range(6)]
+        turns = [synthetic_turn(base + 40 * i, whole_sentence_ms=base + 40 * i) for i in range(6)]
         turns.append(synthetic_turn(base, barge_in=True, barge_in_ms=310.0))
         # Two endpoints inside a caller's turn: one answered, one taken back
         # (turn.resumed) is not a split; both answered is.
@@ -154,10 +154,15 @@ def test_report_from_synthetic_results(tmp_path):
         "options": {"protocol": "twilio", "turns": 2, "calls_per_level": 1, "target_p95_ms": 1500},
         "systems": {
             "firstline": {"status": "ok", "description": "d", "levels": [level(1, 400), level(2, 900)]},
+            "firstline-clause": {"status": "ok", "description": "d", "levels": [level(1, 400), level(2, 900)]},
             "naive-cascade": {"status": "ok", "description": "d", "levels": [level(1, 1300), level(2, 2600)]},
             "pipecat": {"status": "unavailable", "reason": "unavailable: no venv here", "description": "d"},
         },
     }
+    # One system's first pieces include a clause, whose whole sentence came 700 ms later
+    # (its 1100 ms lifts the p95 of [440 .. 600, 1100] to 975).
+    for lv in results["systems"]["firstline-clause"]["levels"]:
+        lv["turns"][0].update(first_is_clause=True, whole_sentence_ms=lv["turns"][0]["ttfs_ms"] + 700)
     paths = write_report(results, tmp_path)
     for key in ("json", "markdown", "ttfs_cdf", "ttfs_vs_calls", "stages"):
         assert paths[key].exists() and paths[key].stat().st_size > 0, key
@@ -173,6 +178,12 @@ def test_report_from_synthetic_results(tmp_path):
     assert "| firstline |" in md and "| naive-cascade |" in md
     assert "**pipecat**: unavailable: no venv here" in md
     assert "Test CPU" in md
+    # The first whole sentence is reported where a first piece was a clause, and only there.
+    clause = saved["systems"]["firstline-clause"]["levels"][0]["summary"]
+    assert clause["first_clause_turns"] == 1 and first["first_clause_turns"] == 0
+    whole = md.split("## First whole sentence", 1)[1].split("##", 1)[0]
+    assert "| firstline-clause | 540 / 975 (1/9) | 1040 / 1475 (1/9) | 2 |" in whole, whole
+    assert "| firstline |" not in whole
     # Premature + aborted: 20 of 81 tokens; a purpose with no work shows as a dash.
     assert "| firstline | 1 | 16 + 20 | 8 + 12 | – | 24 + 1 | – | 25 % |" in md
 

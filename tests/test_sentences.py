@@ -218,6 +218,38 @@ CASES = [
         {"max_words": 8},
         id="run-on-early-boundary-ignored",
     ),
+    # The reply's first piece may end at its first clause boundary; later
+    # pieces are whole sentences, and a boundary too early is passed over.
+    pytest.param(
+        "I'm sorry for any misunderstanding, but as an AI I can't see your account, sadly. Ask me again.",
+        ["I'm sorry for any misunderstanding,", "but as an AI I can't see your account, sadly.", "Ask me again."],
+        {"first_clause_words": 5},
+        id="first-clause-comma",
+    ),
+    pytest.param(
+        "Please tell me more about what you need and I will help you.",
+        ["Please tell me more about what you need", "and I will help you."],
+        {"first_clause_words": 5},
+        id="first-clause-before-conjunction",
+    ),
+    pytest.param(
+        "Okay, got it. Sure, the store opens at nine, not at eight.",
+        ["Okay, got it.", "Sure, the store opens at nine, not at eight."],
+        {"first_clause_words": 5},
+        id="first-clause-too-short-and-then-sentences",
+    ),
+    pytest.param(
+        "Dr. Smith and his wife, who live here, called.",
+        ["Dr. Smith and his wife,", "who live here, called."],
+        {"first_clause_words": 4},
+        id="first-clause-after-abbreviation",
+    ),
+    pytest.param(
+        "It costs 1,000,000 dollars in total, more or less.",
+        ["It costs 1,000,000 dollars in total,", "more or less."],
+        {"first_clause_words": 5},
+        id="first-clause-not-inside-a-number",
+    ),
     # Degenerate input and settings.
     pytest.param("Hello.   ", ["Hello."], {}, id="trailing-space"),
     pytest.param("just some words", ["just some words"], {}, id="no-terminator"),
@@ -285,7 +317,7 @@ FUZZ_PIECES = [
 def test_fuzzed_text_is_chunking_invariant_and_lossless(seed: int) -> None:
     rng = random.Random(seed)
     text = "".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(0, 80)))
-    kwargs = rng.choice([{}, {"max_words": 3}, {"max_words": 8}, {"min_chars": 6}])
+    kwargs = rng.choice([{}, {"max_words": 3}, {"max_words": 8}, {"min_chars": 6}, {"first_clause_words": 2}])
     expected = segment([text], **kwargs)
     assert all(sentence and sentence == sentence.strip() for sentence in expected)
     assert " ".join(expected).split() == text.split()
@@ -345,6 +377,29 @@ def test_segmenter_is_reusable_after_flush() -> None:
 def test_rejects_non_positive_max_words() -> None:
     with pytest.raises(ValueError):
         SentenceSegmenter(max_words=0)
+    with pytest.raises(ValueError):
+        SentenceSegmenter(first_clause_words=-1)
+
+
+def test_first_clause_goes_out_the_moment_its_boundary_is_certain() -> None:
+    seg = SentenceSegmenter(first_clause_words=5)
+    assert seg.push("I'm sorry for any misunderstanding") == []
+    assert seg.push(",") == []  # "misunderstanding,x" could still be one word
+    assert seg.push(" but") == ["I'm sorry for any misunderstanding,"]
+    assert seg.clause_cut
+    # Only the first piece: later commas wait for the sentence end.
+    assert seg.push(" I can't see that, sadly. Bye") == ["but I can't see that, sadly."]
+    assert seg.flush() == ["Bye"]
+    # Each reply starts over: its first piece may be a clause again.
+    assert not seg.clause_cut
+    assert seg.push("Thanks for calling us today, ") == ["Thanks for calling us today,"]
+
+
+def test_a_first_sentence_that_ends_before_any_boundary_is_no_clause_cut() -> None:
+    seg = SentenceSegmenter(first_clause_words=5)
+    assert seg.push("Sure, I can help with that. Then, later on, we can talk. Bye") == [
+        "Sure, I can help with that.", "Then, later on, we can talk."]  # fmt: skip
+    assert not seg.clause_cut
 
 
 def llm_like_tokens(count: int, seed: int = 0) -> list[str]:

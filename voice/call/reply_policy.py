@@ -77,7 +77,8 @@ class ReplyGuard:
 
     def __init__(self, policy: ReplyPolicy, previous_reply: str = "") -> None:
         self.policy = policy
-        self.sent = 0
+        self.sent = 0  # sentences sent (a clause piece is not one)
+        self._pieces = 0
         self._skipped = 0
         self._seen: list[list[str]] = []
         if previous_reply:
@@ -88,28 +89,34 @@ class ReplyGuard:
     @property
     def said_nothing_but_loops(self) -> bool:
         """The reply ended with only a left-out sentence: it was a loop."""
-        return self.sent == 0 and self._skipped > 0
+        return self._pieces == 0 and self._skipped > 0
 
     @property
     def full(self) -> bool:
         """The reply has all the sentences it may have: stop generating now."""
         return bool(self.policy.max_sentences) and self.sent >= self.policy.max_sentences
 
-    def check(self, sentence: str) -> str:
+    def check(self, sentence: str, *, clause: bool = False) -> str:
+        """The verdict on the reply's next piece. A ``clause`` (the first
+        piece cut early for the TTS: streaming.sentences first_clause_words)
+        is judged like a sentence but not counted against max_sentences:
+        with its sentence's rest it is one sentence."""
         policy = self.policy
         if self.full:
             return STOP_LENGTH
         words = words_of(sentence)
         if policy.loop_guard and words and self._loops(words):
             self._seen.append(words)
-            if self.sent == 0 and self._skipped == 0:
+            if self._pieces == 0 and self._skipped == 0:
                 # Ending here would leave the caller with silence: leave this
                 # one sentence out and see what the model says next.
                 self._skipped += 1
                 return SKIP
             return STOP_LOOP
         self._seen.append(words)
-        self.sent += 1
+        if not clause:
+            self.sent += 1
+        self._pieces += 1
         return SEND
 
     def _loops(self, words: list[str]) -> bool:

@@ -510,6 +510,7 @@ class CallSession:
             asr_config=self.asr_config,
             sampling=self.sampling,
             sentence_max_words=runtime.config.sentence_max_words,
+            first_clause_words=runtime.config.first_clause_words,
             reply_policy=self.reply_policy,
             previous_reply=self.history.last_reply(),
             take_carry_over=self._take_carry_over,

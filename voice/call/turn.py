@@ -101,6 +101,9 @@ class TurnContext:
     # The call's sampling: the server's defaults merged with its own options.
     sampling: SamplingParams
     sentence_max_words: int
+    # The reply's first piece may end at a clause boundary with this many
+    # words before it (0: whole sentences only; streaming/sentences.py).
+    first_clause_words: int
     reply_policy: ReplyPolicy
     # What the caller heard of the previous reply: the loop guard compares.
     previous_reply: str
@@ -357,7 +360,7 @@ class Turn:
             session_key=ctx.call_id,  # a replica pool keeps the call on one replica
         )
         self.request = request
-        segmenter = SentenceSegmenter(max_words=ctx.sentence_max_words)
+        segmenter = SentenceSegmenter(max_words=ctx.sentence_max_words, first_clause_words=ctx.first_clause_words)
         policy = ctx.reply_policy
         if first is not None and first.text is not None:
             # An operator's fixed text is said whole (no sentence cap), still
@@ -369,6 +372,7 @@ class Turn:
         failed: str | None = None
         try:
             stopped = False
+            pieces = 0  # of the reply, from the segmenter
             # aclosing: a reply the guard ends aborts its generation in the engine.
             if first is not None and first.text is not None:
                 source = _fixed(first.text)
@@ -388,7 +392,10 @@ class Turn:
                         self.times.llm_first_token = time.monotonic()
                     await self._out({"type": "response.delta", "turn": self.index, "text": delta})
                     for sentence in segmenter.push(delta):
-                        if not await self._sentence(sentence, guard):
+                        # Only the reply's first piece can be a clause cut.
+                        clause = segmenter.clause_cut and pieces == 0
+                        pieces += 1
+                        if not await self._sentence(sentence, guard, clause=clause):
                             stopped = True
                             break
                         if guard.full:
@@ -448,9 +455,10 @@ class Turn:
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _sentence(self, text: str, guard: ReplyGuard) -> bool:
-        """Send one sentence if the reply policy lets it out; False ends the reply."""
-        verdict = guard.check(text)
+    async def _sentence(self, text: str, guard: ReplyGuard, *, clause: bool = False) -> bool:
+        """Send one sentence (or the first clause, ``clause``) if the reply
+        policy lets it out; False ends the reply."""
+        verdict = guard.check(text, clause=clause)
         if verdict == SKIP:
             return True
         if verdict != SEND:

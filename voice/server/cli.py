@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a reply stops (and its generation is aborted) after this many sentences (0: no limit)",
     )
     serve.add_argument(
+        "--first-clause-words",
+        type=int,
+        default=ServerConfig.first_clause_words,
+        help="a reply's first piece goes out at its first clause boundary (a comma, a dash, before 'and'...) "
+        "once it has this many words, instead of at its sentence end: the TTS starts sooner, at the price of "
+        "a pause where a speaker might not make one (0: whole sentences only; default %(default)s)",
+    )
+    serve.add_argument(
         "--reply-fallback",
         default=ReplyPolicy.fallback,
         help="said when a reply got no sentence out (the token cap cut it, it only looped, the model said "
@@ -548,6 +556,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit("firstline: --first-sentence-lanes must be 0 (no limit) or more")
         config.first_sentence_lanes = args.first_sentence_lanes
     config.greeting_instructions = args.greeting_instructions or None
+    if args.first_clause_words < 0:
+        raise SystemExit("firstline: --first-clause-words must be 0 (whole sentences only) or more")
+    config.first_clause_words = args.first_clause_words
     try:
         config.reply = ReplyPolicy(
             max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard, fallback=args.reply_fallback

@@ -21,6 +21,11 @@ class ServerConfig:
     max_calls: int = 16
     # Sentences longer than this many words are cut at a clause boundary.
     sentence_max_words: int = 25
+    # A reply's first piece goes to the TTS at its first clause boundary
+    # ("I'm sorry for any misunderstanding,") once it has this many words,
+    # not at its sentence end (0: whole sentences only). Long first
+    # sentences were the tail of TTFS under load (README "Capacity").
+    first_clause_words: int = 5
     # What of a reply the caller hears: sentence cap, loop guard (voice/call/reply_policy.py).
     reply: ReplyPolicy = field(default_factory=ReplyPolicy)
     # A reply whose first sentence is out stops generating while another
