@@ -123,9 +123,9 @@ SYSTEMS: dict[str, System] = {
                "repacks for AVX2/AVX-512; the Q8_0 token embedding kept since b8d2d87), not Q8_0 "
                "(--llm-embedded-quant Q4_0)", ["--llm-embedded-quant", "Q4_0"],
                ALL_PROTOCOLS),
-        System("firstline-whole-sentences", "firstline", "firstline with a reply's first piece a whole sentence, "
-               "never a clause sent ahead of its rest (--first-clause-words 0)", ["--first-clause-words", "0"],
-               ALL_PROTOCOLS),
+        System("firstline-first-clause", "firstline", "firstline with a reply's first piece sent at its first "
+               "clause boundary once it has 5 words, ahead of its sentence's rest (--first-clause-words 5)",
+               ["--first-clause-words", "5"], ALL_PROTOCOLS),
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),

@@ -111,7 +111,8 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "ttfs_p95_ms": pct(ttfs, 95),
         "ttfs_mean_ms": None if not ttfs else round(statistics.fmean(ttfs), 1),
         # TTFS counts the reply's first piece, which may be a clause
-        # (--first-clause-words); this is the first piece that ends a sentence.
+        # (--first-clause-words); this is the first piece that ends a sentence,
+        # and first_clause_turns counts the turns whose first piece did not.
         "whole_sentence_p50_ms": pct(_vals(answered, "whole_sentence_ms"), 50),
         "whole_sentence_p95_ms": pct(_vals(answered, "whole_sentence_ms"), 95),
         "first_clause_turns": sum(1 for t in answered if t.get("first_is_clause")),
@@ -258,10 +259,11 @@ def markdown(results: dict[str, Any]) -> str:
         if clause_first:
             lines += [
                 "",
-                "## First whole sentence p50 / p95 (ms) by concurrent calls, where a first piece was a clause",
+                "## First whole sentence p50 / p95 (ms) by concurrent calls, where a first piece was not one",
                 "",
                 "(TTFS above counts the reply's first piece; with --first-clause-words that may be a clause. Here, "
-                "the first piece that ends a sentence; in brackets, the turns whose first piece was a clause.)",
+                "the first piece that ends a sentence; in brackets, the turns whose first piece did not: a clause, a "
+                "run-on cut at its word cap, a reply with no full stop.)",
                 "",
             ]
             lines.append("| system | " + " | ".join(str(c) for c in levels) + f" | capacity at p95 ≤ {target:.0f} ms |")
@@ -358,9 +360,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Definitions: all latencies are measured at the caller, from the moment the 20 ms frame holding the turn's "
         "last voiced sample was sent. TTFS = first reply sentence received (firstline and the naive cascade: "
-        "the `response.sentence` event on the Twilio side channel; pipecat: its `sentence:` mark); since firstline "
-        "sends a first clause of 5+ words ahead of its sentence's rest (--first-clause-words), its first piece may "
-        "be a clause, and the first whole sentence is reported beside it. First audio = first "
+        "the `response.sentence` event on the Twilio side channel; pipecat: its `sentence:` mark); a system run "
+        "with --first-clause-words may send a clause first, and then the first whole sentence is reported beside "
+        "it. First audio = first "
         "reply `media` byte. Barge-in = first voiced frame of the interruption sent -> `clear` received (includes the "
         "server's 200 ms minimum-speech check). WER is pooled over turns against the recordings' transcripts. "
         "Split turns: caller turns the server answered as more than one turn (an endpoint inside a pause whose "

@@ -744,7 +744,8 @@ def turn_record(tl: Timeline, t_first: float, t_last: float, spec: TurnSpec) -> 
     transcript = " ".join(finals)
     sentences = [str(e.data.get("text", "")) for e in of("sentence")]
     # The first piece may be a clause (--first-clause-words): when did the
-    # first whole sentence arrive?
+    # first whole sentence arrive? (first_is_clause: the first piece did not
+    # end a sentence; also a run-on cut at its word cap, or no full stop.)
     whole = next((e for e, text in zip(of("sentence"), sentences, strict=True) if is_complete(text)), None)
     return {
         "reference": spec.reference,

@@ -72,7 +72,7 @@ def test_the_first_clause_setting_comes_from_the_command_line() -> None:
     def words(*flags: str) -> int:
         return config_from_args(build_parser().parse_args(["serve", *flags])).first_clause_words
 
-    assert words() == 5 and words("--first-clause-words", "0") == 0
+    assert words() == 0 and words("--first-clause-words", "5") == 5
     with pytest.raises(SystemExit, match="first-clause-words"):
         words("--first-clause-words", "-1")
 
@@ -122,12 +122,19 @@ async def test_a_long_model_reply_is_cut_at_the_cap_and_its_generation_aborted(c
             await caller.start("mulaw", 8000, system_prompt=STORY_PROMPT, options={"max_tokens": 200})
             call = await watcher.one()
             call.session.reply_policy = ReplyPolicy(max_sentences=1)  # one sentence: any story is cut
-            await caller.play(with_silence(clip.load(8000), 8000, 1.2), 8000, "mulaw", realtime=True, speed=4.0)
-            done = await caller.wait_for("response.done", timeout=60)
-            metrics = await caller.wait_for("turn.metrics", turn=done["turn"])
+            # With a first clause sent ahead ("I'm sorry for any
+            # misunderstanding,"), the clause and its rest are the one sentence.
+            config = call.session.runtime.config
+            config.first_clause_words = 5
+            try:
+                await caller.play(with_silence(clip.load(8000), 8000, 1.2), 8000, "mulaw", realtime=True, speed=4.0)
+                done = await caller.wait_for("response.done", timeout=60)
+                metrics = await caller.wait_for("turn.metrics", turn=done["turn"])
+            finally:
+                config.first_clause_words = 0
     sent = [e["text"] for e in caller.result.of("response.sentence")]
-    # One sentence; its first clause may have gone out ahead of its rest
-    # (--first-clause-words), which the cap does not count as a sentence.
+    # One sentence; its first clause may have gone out ahead of its rest,
+    # which the cap does not count as a sentence.
     assert 1 <= len(sent) <= 2 and is_complete(sent[-1]), (sent, done)
     assert len(sent) == 1 or not is_complete(sent[0]), (sent, done)
     assert done["reply_end"] == STOP_LENGTH and metrics["reply_end"] == STOP_LENGTH, (sent, done)

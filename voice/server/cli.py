@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServerConfig.first_clause_words,
         help="a reply's first piece goes out at its first clause boundary (a comma, a dash, before 'and'...) "
         "once it has this many words, instead of at its sentence end: the TTS starts sooner, at the price of "
-        "a pause where a speaker might not make one (0: whole sentences only; default %(default)s)",
+        "a pause where a speaker might not make one (e.g. 5; default %(default)s: whole sentences only)",
     )
     serve.add_argument(
         "--reply-fallback",
