@@ -99,9 +99,10 @@ class SentenceSegmenter:
     sentence end: the TTS can start on "I'm sorry for any
     misunderstanding," while the model is still writing the rest. The
     price is a pause where a speaker might not make one: "and" as often
-    joins two nouns ("the current date | and time."). Later pieces are whole sentences as usual. A clause
-    piece does not end with terminal punctuation
-    (voice.call.reply_policy.is_complete tells them apart).
+    joins two nouns ("the current date | and time."). Later pieces are
+    whole sentences as usual. :attr:`clause_cut` says whether the reply's
+    first piece was cut so: it is no sentence of its own, and a cap on a
+    reply's sentences should not count it.
     """
 
     def __init__(self, max_words: int = 25, min_chars: int = 2, first_clause_words: int = 0) -> None:
