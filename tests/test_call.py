@@ -105,6 +105,11 @@ BAD_INPUTS = [
     ('["start"]', "invalid_message", False),
     ('{"type": "start", "audio": {"encoding": "opus", "sample_rate": 8000}}', "unsupported_encoding", False),
     ('{"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 44100}}', "unsupported_sample_rate", False),
+    (
+        '{"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 8000}, "options": {"first_clause_words": -1}}',
+        "invalid_message",
+        False,
+    ),
     (b"\x00" * 320, "not_started", False),
     (b"\x00" * 321, "invalid_audio", True),
     (b"\x00" * (70 * 1024), "frame_too_large", True),

@@ -119,19 +119,16 @@ async def test_a_long_model_reply_is_cut_at_the_cap_and_its_generation_aborted(c
     clip = phone_prompts[3]
     with CallWatcher() as watcher:
         async with NativeCaller(call_url) as caller:
-            await caller.start("mulaw", 8000, system_prompt=STORY_PROMPT, options={"max_tokens": 200})
-            call = await watcher.one()
-            call.session.reply_policy = ReplyPolicy(max_sentences=1)  # one sentence: any story is cut
             # With a first clause sent ahead ("I'm sorry for any
             # misunderstanding,"), the clause and its rest are the one sentence.
-            config = call.session.runtime.config
-            config.first_clause_words = 5
-            try:
-                await caller.play(with_silence(clip.load(8000), 8000, 1.2), 8000, "mulaw", realtime=True, speed=4.0)
-                done = await caller.wait_for("response.done", timeout=60)
-                metrics = await caller.wait_for("turn.metrics", turn=done["turn"])
-            finally:
-                config.first_clause_words = 0
+            options = {"max_tokens": 200, "first_clause_words": 5}
+            await caller.start("mulaw", 8000, system_prompt=STORY_PROMPT, options=options)
+            call = await watcher.one()
+            call.session.reply_policy = ReplyPolicy(max_sentences=1)  # one sentence: any story is cut
+            assert call.session.first_clause_words == 5
+            await caller.play(with_silence(clip.load(8000), 8000, 1.2), 8000, "mulaw", realtime=True, speed=4.0)
+            done = await caller.wait_for("response.done", timeout=60)
+            metrics = await caller.wait_for("turn.metrics", turn=done["turn"])
     sent = [e["text"] for e in caller.result.of("response.sentence")]
     # One sentence; its first clause may have gone out ahead of its rest,
     # which the cap does not count as a sentence.

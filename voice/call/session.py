@@ -71,6 +71,7 @@ class CallSession:
         self.closed = False
         self.asr_config: ASRConfig = runtime.config.asr
         self.reply_policy = runtime.config.reply
+        self.first_clause_words = runtime.config.first_clause_words
         self.sampling: SamplingParams = runtime.config.llm.sampling
         self._start: Start | None = None
         self._resampler: StreamResampler | None = None
@@ -141,6 +142,8 @@ class CallSession:
             self.asr_config = dataclasses.replace(self.asr_config, **overrides)
         if start.reply_max_sentences is not None:
             self.reply_policy = dataclasses.replace(self.reply_policy, max_sentences=start.reply_max_sentences)
+        if start.first_clause_words is not None:
+            self.first_clause_words = start.first_clause_words
         if start.max_tokens:
             self.max_tokens = start.max_tokens
         if start.sampling:
@@ -510,7 +513,7 @@ class CallSession:
             asr_config=self.asr_config,
             sampling=self.sampling,
             sentence_max_words=runtime.config.sentence_max_words,
-            first_clause_words=runtime.config.first_clause_words,
+            first_clause_words=self.first_clause_words,
             reply_policy=self.reply_policy,
             previous_reply=self.history.last_reply(),
             take_carry_over=self._take_carry_over,

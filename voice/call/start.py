@@ -47,6 +47,10 @@ class Start:
     resume_grace_s: float | None = None  # None: the server's (asr_config.resume_grace_s)
     max_tokens: int | None = None
     reply_max_sentences: int | None = None  # None: the server's (--reply-max-sentences)
+    # The reply's first piece may be a clause of this many words (0: whole
+    # sentences; None: the server's --first-clause-words): for a client
+    # whose TTS takes fragments well.
+    first_clause_words: int | None = None
     # False: no server-side end of turn; the client commits (push-to-talk).
     auto_turns: bool = True
     # Native protocol: speak the reply back as binary frames in the call's own

@@ -123,6 +123,11 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         isinstance(max_sentences, bool) or not isinstance(max_sentences, int) or not 0 <= max_sentences <= 20
     ):
         raise ProtocolError("invalid_message", "'options.reply_max_sentences' must be an integer in 0..20 (0: no cap)")
+    clause_words = options.get("first_clause_words")
+    if clause_words is not None and (
+        isinstance(clause_words, bool) or not isinstance(clause_words, int) or not 0 <= clause_words <= 20
+    ):
+        raise ProtocolError("invalid_message", "'options.first_clause_words' must be an integer in 0..20 (0: off)")
     max_tokens = options.get("max_tokens")
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_REPLY_TOKENS
@@ -161,6 +166,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         resume_grace_s=None if grace_ms is None else grace_ms / 1000.0,
         max_tokens=max_tokens,
         reply_max_sentences=max_sentences,
+        first_clause_words=clause_words,
         reply_audio=reply_audio,
         sampling=sampling,
         greeting=greetings["greeting"],
