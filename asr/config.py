@@ -105,6 +105,13 @@ class ASRConfig:
     batch_partials_with_finals: bool = False
     # VAD (Silero v6).
     vad_threshold: float = 0.5
+    # Hysteresis at the end of speech: once in a turn, a chunk counts toward
+    # the pause / endpoint windows only when its speech probability is this
+    # far below vad_threshold. Chunks in between (a word's soft ending, Silero
+    # still decaying) neither count nor reset the clock, so every window
+    # starts that much later (benchmarks/end_of_turn.py measures both the
+    # delay and the cut-offs). 0: a chunk below the threshold is silence.
+    vad_end_margin: float = 0.15
     vad_model: str | None = None  # None = the ONNX file in faster-whisper's wheel
     # Endpointing: this much trailing silence ends the caller's turn (the
     # fixed window, and the adaptive policy's "don't know" window).

@@ -112,8 +112,9 @@ class TurnTracker:
         self._position_chunks += 1
         voiced = prob >= cfg.vad_threshold
         # Hysteresis: once in a turn, a chunk counts as silence only well
-        # below the threshold, so soft word endings don't start the clock.
-        silent = prob < max(cfg.vad_threshold - 0.15, 0.05)
+        # below the threshold (vad_end_margin), so soft word endings don't
+        # start the clock.
+        silent = prob < max(cfg.vad_threshold - cfg.vad_end_margin, 0.05)
         if not self._in_turn:
             if not voiced:
                 self._pre.append(chunk)

@@ -126,6 +126,9 @@ SYSTEMS: dict[str, System] = {
         System("firstline-first-clause", "firstline", "firstline with a reply's first piece sent at its first "
                "clause boundary once it has 5 words, ahead of its sentence's rest (--first-clause-words 5)",
                ["--first-clause-words", "5"], ALL_PROTOCOLS),
+        System("firstline-vad-end-0", "firstline", "firstline counting every chunk below the VAD threshold as "
+               "silence toward the pause and endpoint windows (--vad-end-margin 0; the default needs 0.15 below it)",
+               ["--vad-end-margin", "0"], ALL_PROTOCOLS),
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),

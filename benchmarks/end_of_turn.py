@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -504,6 +505,35 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
     return out
 
 
+# Candidates also run at each other --vad-end-margins value: the margin moves
+# every window's start, so it is compared on the rules people would deploy.
+MARGIN_VARIED = (
+    "fixed 0.7 s",
+    "adaptive words",
+    "smart_turn_scaled+rules (",
+    "smart_turn_scaled+rules+llm, threshold 0.15",
+)
+
+
+def with_margins(cands: list[Candidate], margins: list[float]) -> list[Candidate]:
+    """``cands`` at the server's VAD end margin, then the varied ones at each
+    other margin in ``margins``."""
+    out = list(cands)
+    for margin in margins:
+        if margin == ASRConfig.vad_end_margin:
+            continue
+        out += [
+            dataclasses.replace(
+                c,
+                name=f"{c.name} [VAD end margin {margin:g}]",
+                config=dataclasses.replace(c.config, vad_end_margin=margin),
+            )
+            for c in cands
+            if c.name.startswith(MARGIN_VARIED)
+        ]
+    return out
+
+
 # ---- running one candidate on one case ----------------------------------------
 
 
@@ -632,6 +662,13 @@ def main() -> None:
     parser.add_argument("--no-text-eot", action="store_true", help="skip the LLM end-of-message probability")
     parser.add_argument("--text-threshold", type=float, default=0.1)
     parser.add_argument("--limit", type=int, default=None, help="only this many items (a quick look)")
+    parser.add_argument(
+        "--vad-end-margins",
+        type=float,
+        nargs="+",
+        default=[ASRConfig.vad_end_margin],
+        help="also run the main rules at these VAD end margins (asr.config.ASRConfig.vad_end_margin)",
+    )
     parser.add_argument("--output", default=str(HERE / "results" / "end_of_turn.json"))
     ns = parser.parse_args()
 
@@ -656,11 +693,11 @@ def main() -> None:
     rows = []
     per_kind: dict[str, dict[str, list[bool]]] = {}
     header = (
-        f"{'candidate':<62}{'false cut-off':>14}{'unfinished':>11}{'complete':>9}{'missed end':>11}"
+        f"{'candidate':<84}{'false cut-off':>14}{'unfinished':>11}{'complete':>9}{'missed end':>11}"
         f"{'mean delay':>11}{'p95 delay':>10}{'CPU ms/pause':>13}"
     )
     print(header)
-    cands = candidates(smart is not None, text_eot is not None, ns.text_threshold)
+    cands = with_margins(candidates(smart is not None, text_eot is not None, ns.text_threshold), ns.vad_end_margins)
     runs = [(cand, timing) for timing in ("measured", "instant") for cand in cands]
     announced = False
     for cand, timing in runs:
@@ -684,6 +721,7 @@ def main() -> None:
             "candidate": cand.name,
             "timing": timing,
             "end_of_turn": cand.config.end_of_turn,
+            "vad_end_margin": cand.config.vad_end_margin,
             "false_cutoff_rate": sum(cuts) / len(cuts),
             "false_cutoffs": sum(cuts),
             # After an unfinished phrase ("my number is") vs after words that
@@ -704,7 +742,7 @@ def main() -> None:
                 kinds.setdefault(p.kind, []).append(c)
             kinds.setdefault(f"END:{case.end_kind}", []).append(o.delay_s >= max_s - 0.05)
         print(
-            f"{cand.name:<62}{row['false_cutoff_rate']:>13.1%}{row['false_cutoff_rate_unfinished']:>11.1%}"
+            f"{cand.name:<84}{row['false_cutoff_rate']:>13.1%}{row['false_cutoff_rate_unfinished']:>11.1%}"
             f"{row['false_cutoff_rate_complete']:>9.1%}{missed:>11.1%}{row['mean_delay_ms']:>9.0f}ms"
             f"{row['p95_delay_ms']:>8.0f}ms{row['decision_cpu_ms_per_pause']:>13.0f}"
         )
@@ -758,7 +796,7 @@ def main() -> None:
         json.dumps(
             {
                 "commit": _git_commit(),
-                "command": "python -m benchmarks.end_of_turn",
+                "command": " ".join(["python -m benchmarks.end_of_turn", *sys.argv[1:]]),
                 "machine": {"cpus": os.cpu_count(), "loadavg_at_end": load, "platform": platform.platform()},
                 "set": {
                     "turns": len(cases),

@@ -127,6 +127,34 @@ def test_turn_tracker_on_jfk_splits_at_long_pauses_and_not_at_short(server, jfk)
     assert 3 <= len(partials) <= 11 / ASRConfig().partial_interval_s + 1
 
 
+def test_a_smaller_vad_end_margin_starts_the_endpoint_clock_sooner(server, phone_prompts):
+    """Real prompts through the phone line: with no hysteresis (margin 0)
+    the chunks after the last voiced one that Silero still scores just under
+    the threshold count as silence, so the same turn (same last voiced
+    chunk) ends sooner on some prompts and later on none. (Sooner is also
+    the cost: a short pause inside a prompt may now end a turn;
+    benchmarks/end_of_turn.py counts those.)"""
+
+    def end_of(prompt, margin: float) -> tuple[float, float]:
+        cfg = ASRConfig(endpoint_silence_s=0.3, adaptive_endpoint=False, vad_end_margin=margin)
+        tracker = TurnTracker(cfg, server.runtime.vad.stream())
+        audio = np.concatenate([through_phone_line(prompt.load(8000)), np.zeros(16000, np.float32)])
+        ends = []
+        for i in range(0, len(audio), 320):
+            ends += [(tracker.position_s, e.speech_end_audio_s) for e in tracker.feed(audio[i : i + 320])
+                     if isinstance(e, TurnEnded)]  # fmt: skip
+        assert ends, f"no turn end on {prompt.name}"
+        return ends[-1]  # a pause inside the prompt may end a turn too: the prompt's own end
+
+    gains = []
+    for prompt in phone_prompts[:12]:
+        (ended_hysteresis, voice_hysteresis), (ended_plain, voice_plain) = end_of(prompt, 0.15), end_of(prompt, 0.0)
+        assert voice_plain == voice_hysteresis, prompt.name
+        assert ended_plain <= ended_hysteresis, prompt.name
+        gains.append(ended_hysteresis - ended_plain)
+    assert sum(g > 0 for g in gains) >= 3, gains
+
+
 def test_turn_tracker_ignores_silence_and_clicks(server):
     tracker = TurnTracker(ASRConfig(), server.runtime.vad.stream())
     silence = np.zeros(16000 * 2, np.float32)

@@ -43,6 +43,18 @@ def _network(value: str) -> str:
     return value.strip()
 
 
+def _vad_end_margin(value: str) -> float:
+    """--vad-end-margin: how far below the VAD threshold a chunk must fall to
+    count as silence; a usage error outside 0..0.45 (the threshold is 0.5)."""
+    try:
+        margin = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 <= margin <= 0.45:
+        raise argparse.ArgumentTypeError(f"must be in 0..0.45, got {margin:g}")
+    return margin
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"FIRSTLINE_{name}", default)
 
@@ -235,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Latency techniques, each switchable so benchmarks/ttfs.py can compare.
     serve.add_argument("--no-preemptive", action="store_true", help="start ASR final + LLM only at the endpoint")
     serve.add_argument("--fixed-endpoint", action="store_true", help="fixed silence window, not adaptive")
+    serve.add_argument(
+        "--vad-end-margin",
+        type=_vad_end_margin,
+        default=ASRConfig.vad_end_margin,
+        help="a chunk counts as silence toward the pause and endpoint windows only this far below the VAD "
+        "threshold (0.5); 0: any chunk below it (default %(default)s)",
+    )
     serve.add_argument(
         "--end-of-turn",
         choices=END_OF_TURN_POLICIES,
@@ -492,6 +511,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         partials=not args.no_partials,
         preemptive=not args.no_preemptive,
         adaptive_endpoint=not args.fixed_endpoint,
+        vad_end_margin=args.vad_end_margin,
         end_of_turn=args.end_of_turn,
         resume_grace_s=max(0.0, args.resume_grace_s),
         llm_sentence_end_threshold=min(1.0, max(0.0, args.llm_sentence_end_threshold)),
