@@ -125,6 +125,10 @@ class ASRConfig:
     endpoint_min_s: float = 0.3  # after a finished sentence or question
     endpoint_unsure_s: float = 0.7  # no clear signal either way
     endpoint_max_s: float = 1.2  # after "and", "um", "the", a bare number...
+    # A period counts as a finished sentence (the short window) only after at
+    # least this many words: Whisper closes fragments with one too ("At the
+    # tone."), and shorter ones wait endpoint_unsure_s.
+    endpoint_sentence_words: int = 5
     # How the window is chosen at a pause (asr/end_of_turn.py, measured by
     # benchmarks/end_of_turn.py): "adaptive" = the word rules above;
     # "smart_turn" = Smart Turn v3.2's audio verdict (done -> min, else max);

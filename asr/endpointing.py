@@ -57,8 +57,9 @@ def endpoint_window(text: str, config: ASRConfig) -> float:
         return config.endpoint_unsure_s
     if stripped.endswith((",", "...", "…", "-", ":")) or ends_unfinished(stripped):
         return config.endpoint_max_s
-    # Whisper closes fragments with a period too ("Please enter your
-    # password."), so a period counts only after a clause-sized run of words.
-    if stripped.endswith(("?", "!")) or (stripped.endswith(".") and len(_WORD.findall(stripped.lower())) >= 5):
+    # Whisper closes fragments with a period too ("At the tone."), so a
+    # period counts only after a clause-sized run of words.
+    words = len(_WORD.findall(stripped.lower()))
+    if stripped.endswith(("?", "!")) or (stripped.endswith(".") and words >= config.endpoint_sentence_words):
         return config.endpoint_min_s
     return config.endpoint_unsure_s

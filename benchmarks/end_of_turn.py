@@ -505,9 +505,10 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
     return out
 
 
-# Candidates also run at each other --vad-end-margins value: the margin moves
-# every window's start, so it is compared on the rules people would deploy.
-MARGIN_VARIED = (
+# Candidates also run with each --vary setting (and each other
+# --vad-end-margins value), one setting at a time: compared on the rules
+# people would deploy.
+VARIED = (
     "fixed 0.7 s",
     "adaptive words",
     "smart_turn_scaled+rules (",
@@ -515,21 +516,32 @@ MARGIN_VARIED = (
 )
 
 
-def with_margins(cands: list[Candidate], margins: list[float]) -> list[Candidate]:
-    """``cands`` at the server's VAD end margin, then the varied ones at each
-    other margin in ``margins``."""
+def parse_vary(text: str) -> list[tuple[str, float]]:
+    """``FIELD=V1,V2``: an ASRConfig field and the values to try it at."""
+    field_name, _, values = text.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(ASRConfig)}
+    if field_name not in fields or not values:
+        raise argparse.ArgumentTypeError(f"--vary {text!r}: use FIELD=V1,V2 with a field of asr.config.ASRConfig")
+    kind = int if isinstance(getattr(ASRConfig(), field_name), int) else float
+    return [(field_name, kind(v)) for v in values.split(",")]
+
+
+def with_variants(cands: list[Candidate], variants: list[tuple[str, float]]) -> list[Candidate]:
+    """``cands`` as the server has them, then the varied ones with each
+    (field, value) in ``variants`` that is not the server's default."""
     out = list(cands)
-    for margin in margins:
-        if margin == ASRConfig.vad_end_margin:
+    for field_name, value in variants:
+        if value == getattr(ASRConfig(), field_name):
             continue
+        label = "VAD end margin" if field_name == "vad_end_margin" else field_name
         out += [
             dataclasses.replace(
                 c,
-                name=f"{c.name} [VAD end margin {margin:g}]",
-                config=dataclasses.replace(c.config, vad_end_margin=margin),
+                name=f"{c.name} [{label} {value:g}]",
+                config=dataclasses.replace(c.config, **{field_name: value}),
             )
             for c in cands
-            if c.name.startswith(MARGIN_VARIED)
+            if c.name.startswith(VARIED)
         ]
     return out
 
@@ -669,6 +681,14 @@ def main() -> None:
         default=[ASRConfig.vad_end_margin],
         help="also run the main rules at these VAD end margins (asr.config.ASRConfig.vad_end_margin)",
     )
+    parser.add_argument(
+        "--vary",
+        type=parse_vary,
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="also run the main rules with this ASRConfig field at each value, e.g. endpoint_sentence_words=3,4",
+    )
     parser.add_argument("--output", default=str(HERE / "results" / "end_of_turn.json"))
     ns = parser.parse_args()
 
@@ -697,7 +717,8 @@ def main() -> None:
         f"{'mean delay':>11}{'p95 delay':>10}{'CPU ms/pause':>13}"
     )
     print(header)
-    cands = with_margins(candidates(smart is not None, text_eot is not None, ns.text_threshold), ns.vad_end_margins)
+    variants = [("vad_end_margin", m) for m in ns.vad_end_margins] + [v for vary in ns.vary for v in vary]
+    cands = with_variants(candidates(smart is not None, text_eot is not None, ns.text_threshold), variants)
     runs = [(cand, timing) for timing in ("measured", "instant") for cand in cands]
     announced = False
     for cand, timing in runs:
@@ -722,6 +743,7 @@ def main() -> None:
             "timing": timing,
             "end_of_turn": cand.config.end_of_turn,
             "vad_end_margin": cand.config.vad_end_margin,
+            "endpoint_sentence_words": cand.config.endpoint_sentence_words,
             "false_cutoff_rate": sum(cuts) / len(cuts),
             "false_cutoffs": sum(cuts),
             # After an unfinished phrase ("my number is") vs after words that

@@ -101,6 +101,13 @@ def test_word_rule_windows() -> None:
         "": mid,
     }
     assert {text: endpoint_window(text, CFG) for text in table} == table
+    # Fewer words make a sentence: a short one closed by a period is done,
+    # a shorter one still unsure, a continuation word still holds.
+    three = dataclasses.replace(CFG, endpoint_sentence_words=3)
+    assert endpoint_window("Press 0 for help.", three) == lo
+    assert endpoint_window("Press 0 for help.", CFG) == mid
+    assert endpoint_window("Please hold.", three) == mid
+    assert endpoint_window("The number is", three) == hi
 
 
 def test_decide_window_table() -> None:

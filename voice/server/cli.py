@@ -248,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-preemptive", action="store_true", help="start ASR final + LLM only at the endpoint")
     serve.add_argument("--fixed-endpoint", action="store_true", help="fixed silence window, not adaptive")
     serve.add_argument(
+        "--endpoint-sentence-words",
+        type=int,
+        choices=range(1, 21),
+        metavar="{1..20}",
+        default=ASRConfig.endpoint_sentence_words,
+        help="a turn whose words end on a period after at least this many words waits the short window "
+        "(default %(default)s; shorter ones wait the unsure window)",
+    )
+    serve.add_argument(
         "--vad-end-margin",
         type=_vad_end_margin,
         default=ASRConfig.vad_end_margin,
@@ -512,6 +521,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         preemptive=not args.no_preemptive,
         adaptive_endpoint=not args.fixed_endpoint,
         vad_end_margin=args.vad_end_margin,
+        endpoint_sentence_words=args.endpoint_sentence_words,
         end_of_turn=args.end_of_turn,
         resume_grace_s=max(0.0, args.resume_grace_s),
         llm_sentence_end_threshold=min(1.0, max(0.0, args.llm_sentence_end_threshold)),
