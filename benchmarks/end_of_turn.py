@@ -519,11 +519,16 @@ VARIED = (
 def parse_vary(text: str) -> list[tuple[str, float]]:
     """``FIELD=V1,V2``: an ASRConfig field and the values to try it at."""
     field_name, _, values = text.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(ASRConfig)}
-    if field_name not in fields or not values:
-        raise argparse.ArgumentTypeError(f"--vary {text!r}: use FIELD=V1,V2 with a field of asr.config.ASRConfig")
-    kind = int if isinstance(getattr(ASRConfig(), field_name), int) else float
-    return [(field_name, kind(v)) for v in values.split(",")]
+    default = getattr(ASRConfig(), field_name, None)
+    # Numbers only: a bool, str or unset field would parse as a number and
+    # fail later inside the run.
+    if isinstance(default, bool) or not isinstance(default, int | float) or not values:
+        raise argparse.ArgumentTypeError(f"--vary {text!r}: use FIELD=V1,V2 with a numeric field of ASRConfig")
+    kind = type(default)
+    try:
+        return [(field_name, kind(v)) for v in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--vary {text!r}: {field_name} takes {kind.__name__} values") from None
 
 
 def with_variants(cands: list[Candidate], variants: list[tuple[str, float]]) -> list[Candidate]:

@@ -110,6 +110,19 @@ def test_word_rule_windows() -> None:
     assert endpoint_window("The number is", three) == hi
 
 
+def test_vary_takes_numeric_asr_fields_and_refuses_the_rest() -> None:
+    import argparse
+
+    from benchmarks.end_of_turn import parse_vary
+
+    assert parse_vary("endpoint_sentence_words=3,4") == [("endpoint_sentence_words", 3), ("endpoint_sentence_words", 4)]
+    assert parse_vary("vad_end_margin=0") == [("vad_end_margin", 0.0)]
+    bad_ones = ("end_of_turn=adaptive", "preemptive=0", "no_such_field=1", "vad_end_margin=", "vad_end_margin=x")
+    for bad in bad_ones:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_vary(bad)
+
+
 def test_decide_window_table() -> None:
     cfg = CFG
     lo, mid, hi = cfg.endpoint_min_s, cfg.endpoint_unsure_s, cfg.endpoint_max_s
