@@ -595,6 +595,7 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
             },
             "serve_args": ns.serve_args,
             "quick": ns.quick,
+            "seed": ns.seed,  # staggers the calls' starts
         },
         "systems": {},
     }
