@@ -5,8 +5,11 @@ too patient (every reply waits for it). The window here follows the words
 decoded at the start of the pause: a finished sentence gets a short window,
 a turn that stops on a conjunction, filler, article or preposition ("and",
 "um", "the", "to") or on a bare number (a phone number or amount being
-read out) gets a long one. Whisper ends nearly every segment with a period,
-even mid-sentence, so the last *word* carries more signal than punctuation.
+read out) gets a long one, unless that number is read out in full: a field
+callers read digit by digit and whose length is fixed ("my zip code is
+94107", "the last four digits are 7703") is done at its last digit.
+Whisper ends nearly every segment with a period, even mid-sentence, so the
+last *word* carries more signal than punctuation.
 
 Measured by benchmarks/endpointing.py (false cut-offs vs endpoint delay).
 """
@@ -38,6 +41,54 @@ OBJECT_PRONOUNS = frozenset({"you", "it"})
 
 _WORD = re.compile(r"[a-z0-9']+")
 
+# Fields read out digit by digit whose length says when they are complete,
+# as (what names the field, how many digits complete it). A field of free
+# length (an order or account number) is not here: its end cannot be told
+# from the digits, and it keeps the long window. The field's name must come
+# right before the digits ("my zip code is 941 07").
+NUMBER_FIELDS: tuple[tuple[re.Pattern[str], frozenset[int]], ...] = (
+    (re.compile(r"\blast (?:four|4)(?: digits)?$"), frozenset({4})),
+    (re.compile(r"\b(?:zip|zip code|postal code|post code|postcode)$"), frozenset({5, 9})),
+    (re.compile(r"\b(?:phone|telephone|cell|mobile|callback|call back|contact) number$"), frozenset({10, 11})),
+    (re.compile(r"\b(?:card|credit card|debit card) number$"), frozenset({15, 16})),
+    (re.compile(r"\b(?:social security number|social|ssn)$"), frozenset({9})),
+    (re.compile(r"\brouting number$"), frozenset({9})),
+)
+# Between the field's name and its digits ("my zip code is", "it's").
+_LINKING = frozenset({"is", "are", "was", "it's", "its", "it", "that's", "should", "be", "would"})
+# Digits spoken as words: Whisper writes most as numerals, a few not.
+_DIGIT_WORDS = frozenset("zero oh o one two three four five six seven eight nine".split())
+_NUMBER_TOKEN = re.compile(r"[a-z']+|\d+")
+# A clock time with its minutes ("at 7:30", "by 1045") and a date with its
+# year ("March 3, 1985") are complete too; "at 7" and "March 3" are not.
+_MONTHS = "january|february|march|april|may|june|july|august|september|october|november|december"
+_TIME_OR_DATE = re.compile(
+    r"(?:\b(?:at|by|around|before|after|until|till) (?:[1-9]|1[0-2]):?[0-5]\d"
+    rf"|\b(?:{_MONTHS}) (?:[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?,? (?:19|20)\d\d)[.?!]?$"
+)
+
+
+def number_read_out(text: str) -> bool:
+    """The words stop on the last digit of a fixed-length field read out in
+    full ("my phone number is 555-212-4498"), or on a clock time or a date
+    with its year; False for a field cut short ("my zip code is 941") or a
+    number of free length ("the order number is 45291")."""
+    lowered = text.strip().lower()
+    if lowered.endswith((",", "-", "...", "…", ":")):
+        return False  # Whisper heard the line go on
+    if _TIME_OR_DATE.search(lowered):
+        return True
+    tokens = _NUMBER_TOKEN.findall(lowered)
+    digits = 0
+    at = len(tokens)
+    while at > 0 and (tokens[at - 1].isdigit() or tokens[at - 1] in _DIGIT_WORDS):
+        at -= 1
+        digits += len(tokens[at]) if tokens[at].isdigit() else 1
+    while at > 0 and tokens[at - 1] in _LINKING:
+        at -= 1
+    name = " ".join(tokens[:at])
+    return any(pattern.search(name) and digits in lengths for pattern, lengths in NUMBER_FIELDS)
+
 
 def ends_unfinished(text: str) -> bool:
     """The words so far stop where a speaker is almost never done."""
@@ -55,6 +106,8 @@ def endpoint_window(text: str, config: ASRConfig) -> float:
     stripped = text.strip()
     if not stripped:
         return config.endpoint_unsure_s
+    if number_read_out(stripped):
+        return config.endpoint_min_s
     if stripped.endswith((",", "...", "…", "-", ":")) or ends_unfinished(stripped):
         return config.endpoint_max_s
     # Whisper closes fragments with a period too ("At the tone."), so a

@@ -48,7 +48,7 @@ import soxr
 
 from asr.config import LLM_END_OF_TURN_POLICIES, ASRConfig
 from asr.end_of_turn import SmartTurn, decide_window
-from asr.endpointing import endpoint_window
+from asr.endpointing import endpoint_window, number_read_out
 from asr.turns import CHUNK_S, Paused, Resumed, TurnEnded, TurnTracker
 from asr.vad import SileroVAD
 from asr.whisper import WhisperDecoder
@@ -331,7 +331,7 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
     # LLM's after the pause decode and its own prefill, as the session asks).
     def decide(i: Inputs, cfg: ASRConfig) -> Updates:
         arrivals = [(i.decode_s, "rule"), (i.smart_s, "smart")]
-        if policy in LLM_END_OF_TURN_POLICIES:
+        if policy in LLM_END_OF_TURN_POLICIES and not number_read_out(i.text):  # as the session asks
             arrivals.append((i.decode_s + i.text_s, "llm"))
         rule: float | None = None
         prob: float | None = None

@@ -14,7 +14,7 @@ import pytest
 
 from asr.config import ASRConfig
 from asr.end_of_turn import SmartTurn, SmartTurnMissing, decide_window, find_smart_turn_model
-from asr.endpointing import endpoint_window
+from asr.endpointing import endpoint_window, number_read_out
 from asr.whisper import WhisperDecoder
 from benchmarks.end_of_turn import SPEC, Builder, Case
 from streaming.codecs import float_to_int16
@@ -93,7 +93,11 @@ def test_word_rule_windows() -> None:
         "What time do you open tomorrow?": lo,
         "Can you": hi,
         "Hi, I was wondering if you": hi,
-        "The order number is 45291": hi,
+        "The order number is 45291": hi,  # free length: more digits may follow
+        "My zip code is 941.": hi,
+        "My zip code is 941-07.": lo,  # five digits complete a zip code
+        "The last four digits are 7703": lo,
+        "My phone number is 555-212-": hi,
         "I need eggs and": hi,
         "Is it": hi,
         "You": hi,
@@ -108,6 +112,36 @@ def test_word_rule_windows() -> None:
     assert endpoint_window("Press 0 for help.", CFG) == mid
     assert endpoint_window("Please hold.", three) == mid
     assert endpoint_window("The number is", three) == hi
+
+
+def test_a_number_read_out_in_full_ends_the_turn() -> None:
+    """A fixed-length field ends at its last digit, whether Whisper wrote
+    numerals or words; cut short, of free length, or trailing on, it does not."""
+    done = [
+        "My phone number is (555) 212-4498.",
+        "my zip is 94107",
+        "the last four digits are seven seven zero three",
+        "Hi. My social security number is 123-45-6789.",
+        "The card number is 4111 1111 1111 1111",
+        "Can I come in tomorrow at 7:30?",
+        "tomorrow at 730.",
+        "My date of birth is March 3rd, 1985.",
+    ]
+    not_done = [
+        "My phone number is 555-212",
+        "My phone number is 555-212-4498,",  # Whisper heard the line go on
+        "The last four digits are 77",
+        "My account number is 4445291.",  # free length
+        "Press 2",
+        "My zip code is",
+        "94107",  # no field named
+        "My zip code is 94107 and",
+        "tomorrow at 7",
+        "My date of birth is March 3.",
+        "at 7:30 and",
+    ]
+    assert [t for t in done if not number_read_out(t)] == []
+    assert [t for t in not_done if number_read_out(t)] == []
 
 
 def test_vary_takes_numeric_asr_fields_and_refuses_the_rest() -> None:
