@@ -129,6 +129,9 @@ SYSTEMS: dict[str, System] = {
         System("firstline-vad-end-0", "firstline", "firstline counting every chunk below the VAD threshold as "
                "silence toward the pause and endpoint windows (--vad-end-margin 0; the default needs 0.15 below it)",
                ["--vad-end-margin", "0"], ALL_PROTOCOLS),
+        System("firstline-no-examples", "firstline", "firstline without the example turns after the system prompt "
+               "(--example-turns none): the model answers from the instruction alone",
+               ["--example-turns", "none"], ALL_PROTOCOLS),
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),

@@ -131,15 +131,13 @@ class LLMEngine(abc.ABC):
         engine. ``request.usage`` is complete once iteration ends.
         """
 
-    async def warm_up(self, system_prompt: str) -> None:
+    async def warm_up(self, head: list[dict[str, str]]) -> None:
         """One real generation before readiness: the first step pays for lazy
-        allocations (and JIT, for some drafters), and the system prompt lands
-        in the prefix cache, so the first caller is served as fast as the tenth."""
-        request = GenerationRequest(
-            "warmup",
-            [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello?"}],
-            max_tokens=8,
-        )
+        allocations (and JIT, for some drafters), and ``head`` (the system
+        prompt and example turns every prompt starts with,
+        LLMConfig.prompt_head) lands in the prefix cache, so the first caller
+        is served as fast as the tenth."""
+        request = GenerationRequest("warmup", [*head, {"role": "user", "content": "Hello?"}], max_tokens=8)
         async for _ in self.stream(request):
             pass
 

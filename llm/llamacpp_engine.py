@@ -113,7 +113,7 @@ class LlamaCppEngine(LLMEngine):
             return xllamacpp.Server(self._params())
 
         self._server = await loop.run_in_executor(self._pool, build)
-        await self.warm_up(self.config.system_prompt)
+        await self.warm_up(self.config.prompt_head())
         if self.config.score_sentence_ends:
             # Now, not at the first caller's pause: parsing the GGUF's
             # metadata takes seconds. A model without a template scores nothing.
@@ -122,8 +122,8 @@ class LlamaCppEngine(LLMEngine):
         self.startup_s = time.perf_counter() - started
         log.info("llama.cpp engine warm in %.2f s (%s)", self.startup_s, self.model_path.name)
 
-    async def warm_up(self, system_prompt: str) -> None:
-        """The one real generation, then the system prompt into every slot.
+    async def warm_up(self, head: list[dict[str, str]]) -> None:
+        """The one real generation, then ``head`` into every slot.
         llama.cpp caches a prompt per slot and turns that arrive together
         land on different slots: a slot that never held the system prompt
         computes it in full (~60 tokens) for a call's first turn
@@ -131,8 +131,8 @@ class LlamaCppEngine(LLMEngine):
         once and checks each finds it cached). One prefill pinned to each slot
         (``id_slot``) puts it in each; concurrent prefills would not, as a
         quick one frees its slot before the last is assigned."""
-        await super().warm_up(system_prompt)
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello?"}]
+        await super().warm_up(head)
+        messages = [*head, {"role": "user", "content": "Hello?"}]
         body = {"messages": messages, "max_tokens": 1, "cache_prompt": True}
         loop = asyncio.get_running_loop()
         for slot in range(self.config.parallel):

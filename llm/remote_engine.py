@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 
 from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, SentenceEndUnsupported, Usage
-from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig
+from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, example_messages
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class RemoteEngine(LLMEngine):
         stall_timeout_s: float = 10.0,
         api_key: str | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        example_turns: tuple[tuple[str, str], ...] = (),
         full_sampling: bool = False,
         retry_before_text: bool = False,
     ) -> None:
@@ -94,6 +95,7 @@ class RemoteEngine(LLMEngine):
         self.retries = 0
         # Warmed at start (None: no warm-up), so it sits in the server's prefix cache.
         self.system_prompt = system_prompt
+        self.example_turns = example_turns
         self.healthy = False
         self._session: aiohttp.ClientSession | None = None
         # Responses being streamed -> why they were aborted (None: not aborted).
@@ -114,6 +116,7 @@ class RemoteEngine(LLMEngine):
             first_token_timeout_s=config.first_token_timeout_s,
             stall_timeout_s=config.stall_timeout_s,
             system_prompt=config.system_prompt,
+            example_turns=config.example_turns,
         )
 
     @property
@@ -171,7 +174,8 @@ class RemoteEngine(LLMEngine):
         if self.model is None:
             self.model = await self._resolve_model()
         if self.system_prompt is not None:
-            await self.warm_up(self.system_prompt)
+            system = {"role": "system", "content": self.system_prompt}
+            await self.warm_up([system, *example_messages(self.example_turns)])
         self.healthy = True
         log.info("remote LLM %s (%s) ready in %.2f s", self.base_url, self.model, time.perf_counter() - started)
 

@@ -194,7 +194,7 @@ class VLLMEngine(LLMEngine):
     async def start(self) -> None:
         started = time.perf_counter()
         await asyncio.to_thread(self._build)
-        await self.warm_up(self.config.system_prompt)
+        await self.warm_up(self.config.prompt_head())
         self.startup_s = time.perf_counter() - started
         log.info("vLLM engine warm in %.2f s (%s)", self.startup_s, self.model_path)
 

@@ -30,6 +30,51 @@ def test_history_is_trimmed_oldest_first_by_tokens() -> None:
     assert "number 0 " not in " ".join(m["content"] for m in fitted)
 
 
+def test_example_turns_follow_the_servers_prompt_only() -> None:
+    """The example turns sit between the system prompt and the call's own
+    history, are never trimmed as history, and count against the budget; a
+    call that replaces the prompt gets none, one that extends it keeps them."""
+    examples = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Sure. Hello."}]
+    history = History("Be brief.", max_turns=1, examples=examples)
+    for turn in range(3):
+        history.remember(turn, f"question {turn}", f"answer {turn}")
+    prompt = history.messages("now?", None, None)
+    assert prompt[1:3] == examples and prompt[3]["content"] == "question 2" and len(prompt) == 1 + 2 + 2 + 1
+    fitted = history.messages("now?", None, prompt_tokens(prompt) - 1)
+    assert fitted[1:3] == examples and fitted[-1]["content"] == "now?" and len(fitted) == 4
+    with pytest.raises(ContextTooLarge):
+        history.check_instructions("Be brief.", estimate_tokens("Be brief.") + 4 + 64 + prompt_tokens(examples) - 1)
+    history.system_prompt = "Be brief.\n\nYou take pizza orders."  # a Realtime system item extends it
+    assert history.messages("now?")[1:3] == examples
+    history.system_prompt = "You are a pizza shop."  # the call's own prompt
+    assert [m["role"] for m in history.messages("now?")] == ["system", "user", "assistant", "user"]
+    history.check_instructions("You are a pizza shop.", estimate_tokens("You are a pizza shop.") + 4 + 64)
+
+
+def test_example_turns_flag_and_the_supervised_child(tmp_path, capsys) -> None:
+    """--example-turns: the defaults, none, or a file of pairs, which the
+    supervised engine's child receives too; a bad file is a usage error."""
+    from llm.config import DEFAULT_EXAMPLE_TURNS
+    from llm.openai_server import config_from_json
+    from llm.supervisor import child_config_json
+    from voice.server.cli import build_parser, config_from_args
+
+    def llm(*flags: str) -> LLMConfig:
+        return config_from_args(build_parser().parse_args(["serve", *flags])).llm
+
+    assert llm().example_turns == DEFAULT_EXAMPLE_TURNS and llm("--example-turns", "none").example_turns == ()
+    good = tmp_path / "good.json"
+    good.write_text('[["Where is my parcel?", "Okay. It arrives on Monday."]]')
+    mine = llm("--example-turns", str(good))
+    assert mine.example_turns == (("Where is my parcel?", "Okay. It arrives on Monday."),)
+    assert config_from_json(child_config_json(mine)).prompt_head() == mine.prompt_head()
+    for bad in ('[["only the caller"]]', "[]", '{"a": "b"}', "not json"):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(SystemExit):
+            llm("--example-turns", str(tmp_path / "bad.json"))
+        assert "--example-turns" in capsys.readouterr().err
+
+
 def test_a_trimmed_history_keeps_its_prefix_for_the_next_turns() -> None:
     """Trimming drops to half the room at once, so the following prompts share
     their prefix (the engine's prefix cache serves it) until the next overflow."""

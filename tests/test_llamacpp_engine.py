@@ -58,18 +58,24 @@ async def test_a_reply_stopped_early_still_reports_its_prompt_and_cache_hit(serv
 
 async def test_every_slot_starts_with_the_system_prompt_cached() -> None:
     """Turns that reach a fresh engine together land on different slots;
-    each finds the system prompt already computed (the warm-up fills every
-    slot, not only the one its generation ran in)."""
-    engine = LlamaCppEngine(LLMConfig(isolation="inprocess", parallel=3, threads=1))
+    each finds the system prompt and the example turns after it already
+    computed (the warm-up fills every slot, not only the one its generation
+    ran in)."""
+    config = LLMConfig(isolation="inprocess", parallel=3, threads=1)
+    head = config.prompt_head()
+    assert len(head) == 1 + 2 * len(config.example_turns) > 1
+    engine = LlamaCppEngine(config)
     await engine.start()
     try:
-        system = len(DEFAULT_SYSTEM_PROMPT.split())  # fewer words than tokens
+        words = sum(len(m["content"].split()) for m in head)  # fewer words than tokens
         requests = [
-            GenerationRequest(f"first-turn-{i}", _messages(f"Caller {i} would like to pay a bill."), max_tokens=8)
+            GenerationRequest(
+                f"first-turn-{i}", [*head, {"role": "user", "content": f"Caller {i} would like to pay a bill."}], 8
+            )
             for i in range(3)
         ]
         await asyncio.gather(*(_collect(engine, r) for r in requests))
-        assert all(r.usage.cached_tokens >= system for r in requests), [r.usage for r in requests]
+        assert all(r.usage.cached_tokens >= words for r in requests), [r.usage for r in requests]
     finally:
         await engine.close()
 

@@ -55,9 +55,15 @@ class History:
     """Instructions, then user/assistant messages, trimmed to the last
     ``max_turns`` exchanges so a long call cannot grow memory or prompt."""
 
-    def __init__(self, system_prompt: str, max_turns: int) -> None:
+    def __init__(self, system_prompt: str, max_turns: int, examples: list[Message] | None = None) -> None:
         self.system_prompt = system_prompt
         self.max_turns = max_turns
+        # Example turns (LLMConfig.example_turns) follow the server's own
+        # prompt, or one that extends it (Realtime system items); a call
+        # that replaces the prompt owns it whole: no words of ours in its
+        # model's mouth.
+        self._server_prompt = system_prompt
+        self._examples = list(examples or [])
         self.messages_so_far: list[Message] = []
         self.replies: dict[int, Message] = {}  # turn -> its assistant message
         self.asked: dict[int, Message] = {}  # turn -> its user message
@@ -75,11 +81,16 @@ class History:
         oldest history is left out until it fits ``budget_tokens``."""
         system = self.system_prompt if not instructions else f"{self.system_prompt}\n\n{instructions}"
         new = [] if user_text is None else [{"role": "user", "content": user_text}]
-        head = [{"role": "system", "content": system}]
+        head = [{"role": "system", "content": system}, *self.examples()]
         past = list(self.messages_so_far)
         if budget_tokens is not None:
             past = self._fit(past, budget_tokens - prompt_tokens(head) - prompt_tokens(new), user_text is not None)
         return [*head, *past, *new]
+
+    def examples(self) -> list[Message]:
+        """The example turns this call's prompts carry (none once the call
+        replaced the server's prompt)."""
+        return self._examples if self.system_prompt.startswith(self._server_prompt) else []
 
     def _fit(self, past: list[Message], spare: int, caller_next: bool) -> list[Message]:
         """The newest history that fits ``spare`` tokens. Once it overflows,
@@ -107,6 +118,8 @@ class History:
         if budget_tokens is None:
             return
         need = estimate_tokens(prompt) + PER_MESSAGE_TOKENS + MIN_TURN_TOKENS
+        if prompt.startswith(self._server_prompt):
+            need += prompt_tokens(self._examples)
         if need > budget_tokens:
             raise ContextTooLarge(
                 f"instructions of about {need - MIN_TURN_TOKENS} tokens leave no room for the conversation "

@@ -32,6 +32,7 @@ from asr.end_of_turn import SMART_TURN_POLICIES, decide_window, shared_smart_tur
 from asr.endpointing import endpoint_window, number_read_out
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
 from llm.base import EngineError, SentenceEndUnsupported
+from llm.config import example_messages
 from llm.sampling import SamplingError, SamplingParams
 from streaming.codecs import StreamResampler, decode, int16_to_float
 from streaming.fair_share import IntakeRate
@@ -76,7 +77,8 @@ class CallSession:
         self._start: Start | None = None
         self._resampler: StreamResampler | None = None
         self._tracker: TurnTracker | None = None
-        self.history = History(runtime.config.llm.system_prompt, runtime.config.llm.history_turns)
+        llm = runtime.config.llm
+        self.history = History(llm.system_prompt, llm.history_turns, example_messages(llm.example_turns))
         self.carry_over = ""  # words of a turn the caller talked over before any reply went out
         self._turn_index = 0
         self._active: Turn | None = None  # committed turn whose reply may still be streaming

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on a hub
 
@@ -14,6 +16,7 @@ from asr.config import END_OF_TURN_POLICIES, LLM_END_OF_TURN_POLICIES, ASRConfig
 from llm.config import (
     CPU_LLAMACPP_REPLICAS,
     CPU_LLAMACPP_SLOTS,
+    DEFAULT_EXAMPLE_TURNS,
     MAX_LLAMACPP_SLOTS,
     MAX_VLLM_SEQUENCES,
     LLMConfig,
@@ -53,6 +56,40 @@ def _vad_end_margin(value: str) -> float:
     if not 0.0 <= margin <= 0.45:
         raise argparse.ArgumentTypeError(f"must be in 0..0.45, got {margin:g}")
     return margin
+
+
+# Bounds on --example-turns: they ride in every prompt of every call.
+MAX_EXAMPLE_TURNS = 8
+MAX_EXAMPLE_CHARS = 500
+
+
+def _example_turns(value: str) -> tuple[tuple[str, str], ...]:
+    """--example-turns: "none", "default", or a JSON file holding a list of
+    [caller words, reply] pairs; anything else is a usage error."""
+    if value == "none":
+        return ()
+    if value == "default":
+        return DEFAULT_EXAMPLE_TURNS
+    try:
+        data = json.loads(Path(value).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value!r} as JSON: {exc}") from None
+    pairs = data if isinstance(data, list) else None
+    if (
+        pairs is None
+        or not 0 < len(pairs) <= MAX_EXAMPLE_TURNS
+        or not all(
+            isinstance(p, list)
+            and len(p) == 2
+            and all(isinstance(t, str) and 0 < len(t.strip()) <= MAX_EXAMPLE_CHARS for t in p)
+            for p in pairs
+        )
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} must hold a list of 1..{MAX_EXAMPLE_TURNS} [caller words, reply] pairs of "
+            f"non-empty strings of at most {MAX_EXAMPLE_CHARS} characters"
+        )
+    return tuple((user.strip(), reply.strip()) for user, reply in pairs)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -146,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     # --llm-temperature, --llm-repetition-penalty, ...: defaults for every reply (llm/sampling.py).
     add_sampling_arguments(serve, prefix="llm-")
     serve.add_argument("--system-prompt", default=None)
+    serve.add_argument(
+        "--example-turns",
+        type=_example_turns,
+        default=DEFAULT_EXAMPLE_TURNS,
+        metavar="FILE|none|default",
+        help="caller/reply example pairs after the system prompt in every prompt (few-shot; a JSON list of "
+        "[caller, reply] pairs; none: no examples). Calls that set their own prompt get none",
+    )
     serve.add_argument(
         "--reply-max-sentences",
         type=int,
@@ -496,6 +541,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     if args.system_prompt:
         llm.system_prompt = args.system_prompt
+    llm.example_turns = args.example_turns
     llm.isolation = args.engine_isolation
     llm.remote_urls = list(args.remote_url)
     llm.secondary_urls = list(args.secondary_url)
