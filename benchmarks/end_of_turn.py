@@ -251,12 +251,12 @@ class TextEndOfTurn:
         from llm.sentence_end import GGUFChatTemplate
 
         config = LLMConfig()
-        self.system = config.system_prompt
+        self.head = config.prompt_head()  # the system prompt and example turns, as every call's prompt starts
         path = resolve_gguf(config.model, config.embedded_quant)
         self.template = GGUFChatTemplate(path)
         params = xllamacpp.CommonParams()
         params.model.path = str(path)
-        params.n_ctx = 2048
+        params.n_ctx = config.context_tokens
         params.n_parallel = 1
         params.cpuparams.n_threads = 1
         params.cpuparams_batch.n_threads = 1
@@ -269,7 +269,7 @@ class TextEndOfTurn:
         caller's words, from one prefill. ``strip_period``: Whisper's final
         punctuation off first, as the server does (llm/sentence_end.py says
         why); False keeps it, to show what the period does."""
-        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": text}]
+        messages = [*self.head, {"role": "user", "content": text}]
         prompt = open_prompt(self.template.render, messages, strip=strip_period)
         body = {"prompt": prompt, "n_predict": 1, "n_probs": TOP_TOKENS, "temperature": 0}
         top = self.server.handle_completions(body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]

@@ -27,13 +27,12 @@ DEFAULT_SYSTEM_PROMPT = (
 
 # Example exchanges after the system prompt in every prompt (few-shot). A
 # 135M model copies an example's shape far more than it follows an
-# instruction: on 112 caller turns (40 Asterisk prompts, 72 turns of the
-# scripted calls; greedy), the first sentence's words p50 / p90 were 3 / 8
-# with these against 5 / 16 without, and 4 first sentences of more than 10
-# words against 35 (an uncommitted probe; benchmarks/reply_quality.py and
-# benchmarks/bench measure the server with and without, README). Three
-# acknowledgements, none an apology: one example made the model open 58 of
-# 84 replies with its words.
+# instruction: on the 156 caller turns of benchmarks/reply_quality.py at
+# 4ebc167 (results/reply_quality_examples.json), the first sentence's words
+# p50 were 3 with these against 5 without, first token to first sentence
+# 141 against 254 ms, tokens a turn 16.7 against 22.5 (README). Three
+# acknowledgements, none an apology: in a first probe (not kept), an "I'm
+# sorry." example made the model open two replies in three with "Sorry".
 DEFAULT_EXAMPLE_TURNS: tuple[tuple[str, str], ...] = (
     ("I'd like to check the balance on my account.", "Sure. Your balance is on its way, one moment please."),
     ("Can you move my appointment to Friday?", "Of course. Friday at ten works, shall I book it?"),
