@@ -127,7 +127,8 @@ async def test_a_realtime_session_resumes_with_its_token(server) -> None:
             await again.send({"type": "response.create"})
             await again.next_event("response.done", timeout=60)
             assert call.session.resumed
-            contents = [m["content"] for m in call.session.messages(None)[1:]]
+            head = 1 + len(call.session.history.examples())  # the instructions, the server's example turns
+            contents = [m["content"] for m in call.session.messages(None)[head:]]
             assert contents[0] == "My booking reference is Q7X." and "What was my reference?" in contents
     # A mangled token: said so, and a new conversation (the call is not refused).
     bad = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, resume="nope")

@@ -203,7 +203,10 @@ async def test_realtime_text_items_join_the_conversation(server):
             assert user_items[1]["content"][0]["type"] == "input_audio"  # the spoken turn, after the text one
             messages = call.session.messages("")
             assert crm in messages[0]["content"]
-            assert messages[1] == {"role": "user", "content": "My order is 4471."}
+            # A system item extends the server's prompt: its example turns stay.
+            examples = call.session.history.examples()
+            assert examples and messages[1 : 1 + len(examples)] == examples
+            assert messages[1 + len(examples)] == {"role": "user", "content": "My order is 4471."}
     assert not carrier.of("error"), carrier.of("error")
 
 
