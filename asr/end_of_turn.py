@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from asr.config import END_OF_TURN_POLICIES, ASRConfig
+from asr.config import END_OF_TURN_POLICIES, LLM_END_OF_TURN_POLICIES, ASRConfig
+from asr.endpointing import number_read_out
 
 SMART_TURN_POLICIES = frozenset(p for p in END_OF_TURN_POLICIES if p.startswith("smart_turn"))
 
@@ -217,6 +218,20 @@ def shared_smart_turn(model_path: str | None = None) -> SmartTurn:
 def _resolved(model_path: str | None) -> str:
     # Cached: a call asks at every pause, and finding the file searches disk.
     return str(find_smart_turn_model(model_path).resolve())
+
+
+def asks_llm(words: str, rule_window: float | None, config: ASRConfig) -> bool:
+    """Whether this pause's words go to the LLM for P(the sentence ends
+    here): only under an LLM policy, and not where the answer could not
+    change the window: the words already wait the longest one, or end on a
+    number read out in full (the rule counted its digits; a small LLM cannot,
+    and would hold "my zip code is 94107" as unfinished)."""
+    return (
+        config.end_of_turn in LLM_END_OF_TURN_POLICIES
+        and bool(words)
+        and not (rule_window is not None and rule_window >= config.endpoint_max_s)
+        and not number_read_out(words)
+    )
 
 
 def decide_window(

@@ -59,11 +59,12 @@ _LINKING = frozenset({"is", "are", "was", "it's", "its", "it", "that's", "should
 # Digits spoken as words: Whisper writes most as numerals, a few not.
 _DIGIT_WORDS = frozenset("zero oh o one two three four five six seven eight nine".split())
 _NUMBER_TOKEN = re.compile(r"[a-z']+|\d+")
-# A clock time with its minutes ("at 7:30", "by 1045") and a date with its
-# year ("March 3, 1985") are complete too; "at 7" and "March 3" are not.
+# A clock time with its minutes ("at 7:30") and a date with its year
+# ("March 3, 1985") are complete too; "at 7" and "March 3" are not. Without
+# its colon "at 730" may be a house number ("I live at 730 | Main Street").
 _MONTHS = "january|february|march|april|may|june|july|august|september|october|november|december"
 _TIME_OR_DATE = re.compile(
-    r"(?:\b(?:at|by|around|before|after|until|till) (?:[1-9]|1[0-2]):?[0-5]\d"
+    r"(?:\b(?:at|by|around|before|after|until|till) (?:[1-9]|1[0-2]):[0-5]\d"
     rf"|\b(?:{_MONTHS}) (?:[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?,? (?:19|20)\d\d)[.?!]?$"
 )
 

@@ -46,9 +46,9 @@ from typing import Any
 import numpy as np
 import soxr
 
-from asr.config import LLM_END_OF_TURN_POLICIES, ASRConfig
-from asr.end_of_turn import SmartTurn, decide_window
-from asr.endpointing import endpoint_window, number_read_out
+from asr.config import ASRConfig
+from asr.end_of_turn import SmartTurn, asks_llm, decide_window
+from asr.endpointing import endpoint_window
 from asr.turns import CHUNK_S, Paused, Resumed, TurnEnded, TurnTracker
 from asr.vad import SileroVAD
 from asr.whisper import WhisperDecoder
@@ -332,7 +332,7 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
     # LLM's after the pause decode and its own prefill, as the session asks).
     def decide(i: Inputs, cfg: ASRConfig) -> Updates:
         arrivals = [(i.decode_s, "rule"), (i.smart_s, "smart")]
-        if policy in LLM_END_OF_TURN_POLICIES and not number_read_out(i.text):  # as the session asks
+        if asks_llm(i.text, endpoint_window(i.text, cfg), cfg):  # each candidate's cfg names its policy
             arrivals.append((i.decode_s + i.text_s, "llm"))
         rule: float | None = None
         prob: float | None = None

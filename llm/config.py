@@ -31,8 +31,7 @@ DEFAULT_SYSTEM_PROMPT = (
 # 4ebc167 (results/reply_quality_examples.json), the first sentence's words
 # p50 were 3 with these against 5 without, first token to first sentence
 # 141 against 254 ms, tokens a turn 16.7 against 22.5 (README). Three
-# acknowledgements, none an apology: in a first probe (not kept), an "I'm
-# sorry." example made the model open two replies in three with "Sorry".
+# acknowledgements, none an apology: the model copies an example's opening.
 DEFAULT_EXAMPLE_TURNS: tuple[tuple[str, str], ...] = (
     ("I'd like to check the balance on my account.", "Sure. Your balance is on its way, one moment please."),
     ("Can you move my appointment to Friday?", "Of course. Friday at ten works, shall I book it?"),
@@ -45,6 +44,13 @@ def example_messages(turns: tuple[tuple[str, str], ...]) -> list[dict[str, str]]
     return [
         m for user, reply in turns for m in ({"role": "user", "content": user}, {"role": "assistant", "content": reply})
     ]
+
+
+def prompt_head(system_prompt: str, turns: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    """What every prompt of a call on the server's own prompt starts with:
+    the system prompt, then the example turns (a warm-up puts it in the
+    prefix cache)."""
+    return [{"role": "system", "content": system_prompt}, *example_messages(turns)]
 
 
 @dataclass
@@ -171,10 +177,7 @@ class LLMConfig:
         self.sampling = self.sampling.merged({"max_tokens": max_tokens, "temperature": temperature})
 
     def prompt_head(self) -> list[dict[str, str]]:
-        """What every prompt of a call on the server's own prompt starts
-        with: the system prompt, then the example turns (a warm-up puts it
-        in the prefix cache)."""
-        return [{"role": "system", "content": self.system_prompt}, *example_messages(self.example_turns)]
+        return prompt_head(self.system_prompt, self.example_turns)
 
 
 LLMConfig.max_tokens = sampling_alias("max_tokens")  # type: ignore[assignment,method-assign]

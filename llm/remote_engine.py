@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 
 from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, SentenceEndUnsupported, Usage
-from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, example_messages
+from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, prompt_head
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ class RemoteEngine(LLMEngine):
         if self.model is None:
             self.model = await self._resolve_model()
         if self.system_prompt is not None:
-            system = {"role": "system", "content": self.system_prompt}
-            await self.warm_up([system, *example_messages(self.example_turns)])
+            await self.warm_up(prompt_head(self.system_prompt, self.example_turns))
         self.healthy = True
         log.info("remote LLM %s (%s) ready in %.2f s", self.base_url, self.model, time.perf_counter() - started)
 

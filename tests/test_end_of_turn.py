@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from asr.config import ASRConfig
-from asr.end_of_turn import SmartTurn, SmartTurnMissing, decide_window, find_smart_turn_model
+from asr.end_of_turn import SmartTurn, SmartTurnMissing, asks_llm, decide_window, find_smart_turn_model
 from asr.endpointing import endpoint_window, number_read_out
 from asr.whisper import WhisperDecoder
 from benchmarks.end_of_turn import SPEC, Builder, Case
@@ -124,7 +124,6 @@ def test_a_number_read_out_in_full_ends_the_turn() -> None:
         "Hi. My social security number is 123-45-6789.",
         "The card number is 4111 1111 1111 1111",
         "Can I come in tomorrow at 7:30?",
-        "tomorrow at 730.",
         "My date of birth is March 3rd, 1985.",
     ]
     not_done = [
@@ -139,9 +138,22 @@ def test_a_number_read_out_in_full_ends_the_turn() -> None:
         "tomorrow at 7",
         "My date of birth is March 3.",
         "at 7:30 and",
+        "I live at 730",  # a house number as likely as a time
     ]
     assert [t for t in done if not number_read_out(t)] == []
     assert [t for t in not_done if number_read_out(t)] == []
+
+
+def test_the_llm_is_asked_only_where_its_answer_could_change_the_window() -> None:
+    """asks_llm, shared by the session and benchmarks/end_of_turn.py."""
+    llm = dataclasses.replace(CFG, end_of_turn="smart_turn_scaled+rules+llm")
+    lo, hi = CFG.endpoint_min_s, CFG.endpoint_max_s
+    assert asks_llm("Please enter your password.", lo, llm)
+    assert asks_llm("Please enter your password.", None, llm)  # the rule's window not in yet
+    assert not asks_llm("Please enter your password.", lo, CFG)  # not an LLM policy
+    assert not asks_llm("I want to pay my bill and", hi, llm)  # already the longest wait
+    assert not asks_llm("My zip code is 94107.", lo, llm)  # the rule counted the digits
+    assert not asks_llm("", None, llm)
 
 
 def test_vary_takes_numeric_asr_fields_and_refuses_the_rest() -> None:

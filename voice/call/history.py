@@ -90,7 +90,10 @@ class History:
     def examples(self) -> list[Message]:
         """The example turns this call's prompts carry (none once the call
         replaced the server's prompt)."""
-        return self._examples if self.system_prompt.startswith(self._server_prompt) else []
+        return self._examples_with(self.system_prompt)
+
+    def _examples_with(self, prompt: str) -> list[Message]:
+        return self._examples if prompt.startswith(self._server_prompt) else []
 
     def _fit(self, past: list[Message], spare: int, caller_next: bool) -> list[Message]:
         """The newest history that fits ``spare`` tokens. Once it overflows,
@@ -117,9 +120,9 @@ class History:
         context: a clear error at start, not a failed turn later."""
         if budget_tokens is None:
             return
-        need = estimate_tokens(prompt) + PER_MESSAGE_TOKENS + MIN_TURN_TOKENS
-        if prompt.startswith(self._server_prompt):
-            need += prompt_tokens(self._examples)
+        need = (
+            estimate_tokens(prompt) + PER_MESSAGE_TOKENS + MIN_TURN_TOKENS + prompt_tokens(self._examples_with(prompt))
+        )
         if need > budget_tokens:
             raise ContextTooLarge(
                 f"instructions of about {need - MIN_TURN_TOKENS} tokens leave no room for the conversation "

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from asr.config import LLM_END_OF_TURN_POLICIES, ASRConfig
-from asr.end_of_turn import SMART_TURN_POLICIES, decide_window, shared_smart_turn
-from asr.endpointing import endpoint_window, number_read_out
+from asr.config import ASRConfig
+from asr.end_of_turn import SMART_TURN_POLICIES, asks_llm, decide_window, shared_smart_turn
+from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
 from llm.base import EngineError, SentenceEndUnsupported
 from llm.config import example_messages
@@ -412,22 +412,15 @@ class CallSession:
             self._tracker.set_endpoint(window)
 
     def _ask_sentence_end(self, words: str) -> None:
-        """Under an LLM end-of-turn policy, ask the engine whether the
-        caller's sentence is over, unless the words already wait the
-        longest window (the answer could not shorten it) or end on a number
-        read out in full (the rule counted its digits; a small LLM cannot,
-        and would hold "my zip code is 94107" as unfinished). A call fed faster
-        than real time gets no probes: they would take the engine from the
-        real-time calls' replies."""
-        cfg = self.asr_config
+        """Ask the engine whether the caller's sentence is over, where the
+        answer could change the window (asr/end_of_turn.py ``asks_llm``). A
+        call fed faster than real time gets no probes: they would take the
+        engine from the real-time calls' replies."""
         if (
-            cfg.end_of_turn not in LLM_END_OF_TURN_POLICIES
-            or not words
+            not asks_llm(words, self._eot_rule, self.asr_config)
             or self._low_priority
             or self._sentence_end_busy
             or self.runtime.sentence_end_unsupported
-            or (self._eot_rule is not None and self._eot_rule >= cfg.endpoint_max_s)
-            or number_read_out(words)
         ):
             return
         self._spawn(self._sentence_end(words, self._pause_id))
