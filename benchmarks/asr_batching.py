@@ -175,7 +175,9 @@ async def run_burst(worker: ASRWorker, speech: list[np.ndarray]) -> dict[str, An
 
 
 def configs(ns: argparse.Namespace) -> dict[str, ASRConfig]:
-    base = ASRConfig(threads=ns.threads)
+    base = ASRConfig(threads=ns.threads, device=ns.device, compute_type=ns.compute_type, model=ns.model)
+    if ns.partial_budget is not None:
+        base = replace(base, partial_budget=ns.partial_budget)
     out = {f"batch {b}": replace(base, batch_size=b) for b in ns.batch_sizes}
     if ns.variants:
         b = max(2, base.batch_size)
@@ -215,7 +217,8 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
                 print(f"  round {r + 1} {name}: calls {calls}", flush=True)
             for _ in range(ns.burst_repeats if ns.burst else 0):
                 for name, worker in workers.items():
-                    burst = await run_burst(worker, speech[: ns.burst])
+                    # Cycled when the burst asks for more than the corpus holds (a GPU batch of 64).
+                    burst = await run_burst(worker, [speech[i % len(speech)] for i in range(ns.burst)])
                     rows[name]["burst"].append(burst)
                     print(f"  round {r + 1} {name}: burst {burst}", flush=True)
     finally:
@@ -279,9 +282,17 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=8, help="take every Nth Asterisk prompt")
     parser.add_argument("--max-utterance-s", type=float, default=15.0, help="longest utterance used as a turn")
     parser.add_argument("--threads", type=int, default=ASRConfig.threads, help="CTranslate2 intra threads")
+    parser.add_argument("--device", default=ASRConfig.device, choices=["cpu", "cuda"])
+    parser.add_argument("--compute-type", default=None, help="CTranslate2 compute type (int8; float16 on cuda)")
+    parser.add_argument("--model", default=None, help="CTranslate2 Whisper folder (default: the embedded tiny.en)")
+    parser.add_argument(
+        "--partial-budget", type=float, default=None, help="decoder s/s for partials (default: ASRConfig's; 0 = none)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", default=str(OUT))
     ns = parser.parse_args()
+    if ns.compute_type is None:
+        ns.compute_type = "float16" if ns.device == "cuda" else ASRConfig.compute_type
     result = asyncio.run(main_async(ns))
     out = Path(ns.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,12 @@ from streaming.codecs import StreamResampler, decode, encode, float_to_int16, in
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_SPEECH = Path(os.environ.get("FIRSTLINE_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))
-ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en")
-ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+# Debian's asterisk-core-sounds-en-wav; settable for a machine without apt
+# (benchmarks/gpu carries a subset to the lent GPU machine).
+ASTERISK_SOUNDS = Path(os.environ.get("FIRSTLINE_ASTERISK_SOUNDS", "/usr/share/asterisk/sounds/en"))
+ASTERISK_TRANSCRIPTS = Path(
+    os.environ.get("FIRSTLINE_ASTERISK_TRANSCRIPTS", "/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+)
 
 
 @dataclass(frozen=True)
