@@ -14,6 +14,8 @@ EndOfTurn = Literal[
 END_OF_TURN_POLICIES: tuple[str, ...] = get_args(EndOfTurn)
 # Policies that also ask the LLM whether the caller's sentence is over.
 LLM_END_OF_TURN_POLICIES = frozenset({"smart_turn_scaled+rules+llm"})
+# ASRConfig.partial_budget on a CPU (see there).
+CPU_PARTIAL_BUDGET = 0.08
 
 
 @dataclass
@@ -78,15 +80,24 @@ class ASRConfig:
     # against 0.15 at 4, 8 and 12 calls (benchmarks/results/
     # bench_partial_budget: 7-12 % less CPU per turn, p95 lower at each
     # level); a lone call's partials (~0.04 s per s) never reach either.
-    partial_budget: float = 0.08
+    # None: by device, that 0.08 on a CPU and no limit on a GPU, where 0.08
+    # decoder-s per s is 3-5 tiny.en decodes per second for all calls together
+    # (a decode takes 15-50 ms there: benchmarks/results/asr-cuda, which ran
+    # with no limit).
+    partial_budget: float | None = None
     partial_budget_burst_s: float = 1.0
     # Batched decoding across calls (asr/worker.py): up to this many due
     # decodes share one CTranslate2 call. 1 = batching off, one decode at a
-    # time. 0: by device, 1 on a CPU and 4 elsewhere. On 2 cores batching off
+    # time. 0: by device, 1 on a CPU and 16 elsewhere. On 2 cores batching off
     # was as fast or faster at most load levels in every make bench sweep
     # (benchmarks/results/bench: TTFS p50 815 against 1062 ms at 8 calls): a
     # batch of 4 costs a CPU about 4 decodes, and a final in it waits for
-    # all of them. On a GPU one batched decode costs about what one does.
+    # all of them. On a GPU one batched decode costs about what one does: on
+    # an H200 (benchmarks/gpu/asr_cuda.sh, benchmarks/results/asr-cuda) 256
+    # real-time calls had finals p95 362 ms with batching off, 88 ms at 16 and
+    # 97 ms at 64, and a queue of 64 decodes cleared at 35-82 decodes per s off,
+    # 132-295 at 16, 149-321 at 64; up to 64 calls batches barely form and
+    # every size was alike.
     batch_size: int = 0
     # A batch that is not full waits at most this long (from its oldest job's
     # submission) for more decodes to join it; work that already queued behind
@@ -168,7 +179,9 @@ class ASRConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
-            self.batch_size = 1 if self.device == "cpu" else 4
+            self.batch_size = 1 if self.device == "cpu" else 16
+        if self.partial_budget is None:
+            self.partial_budget = CPU_PARTIAL_BUDGET if self.device == "cpu" else 0.0
 
 
 def decoder_threads_for(cores: int) -> int:

@@ -151,7 +151,7 @@ class ASRWorker:
         self._used: dict[str, tuple[float, float]] = {}
         # Decoder seconds all partials may still use (None: no limit).
         self._partial_budget = (
-            TokenBucket(config.partial_budget_burst_s, config.partial_budget) if config.partial_budget > 0 else None
+            TokenBucket(config.partial_budget_burst_s, config.partial_budget) if config.partial_budget else None
         )
         self.over_budget_partials = 0
         self.on_over_budget: Callable[[], None] | None = None  # the server's metrics

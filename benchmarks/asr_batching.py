@@ -44,6 +44,7 @@ from asr.whisper import SAMPLE_RATE
 from asr.worker import ASRWorker
 from benchmarks.bench import machine, versions
 from benchmarks.corpus import Utterance, asterisk_prompts, shared_clips, through_phone_line
+from streaming.threads import one_blas_thread
 
 OUT = Path(__file__).parent / "results" / "asr_batching.json"
 
@@ -196,6 +197,9 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
 
 
 async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
+    # As the server does (voice/server/runtime.py): numpy's BLAS pool would
+    # otherwise spin beside every decode and count as the decoder's CPU.
+    one_blas_thread()
     utts = corpus(ns.max_utterance_s, ns.every)
     speech = [a for _, a in utts]
     cfgs = configs(ns)

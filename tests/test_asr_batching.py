@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from asr.config import ASRConfig
+from asr.config import CPU_PARTIAL_BUDGET, ASRConfig
 from asr.wer import corpus_wer, word_error_rate
 from asr.whisper import Decoded
 from asr.worker import FINAL, PARTIAL, USAGE_FULL_S, ASRWorker
@@ -315,12 +315,16 @@ def test_cli_flags_set_batching():
     cfg = config_from_args(args).asr
     assert (cfg.batch_size, cfg.batch_wait_ms, cfg.partial_budget) == (1, 7.5, 0.0)
     defaults = config_from_args(build_parser().parse_args(["serve"])).asr
-    # By device: off on a CPU, 4 on a GPU, unless given.
+    # By device: off on a CPU, 16 on a GPU, unless given.
     assert (defaults.batch_size, defaults.batch_wait_ms) == (1, ASRConfig.batch_wait_ms)
     gpu = config_from_args(build_parser().parse_args(["serve", "--asr-device", "cuda"])).asr
-    assert gpu.batch_size == ASRConfig(device="cuda").batch_size == 4
+    assert gpu.batch_size == ASRConfig(device="cuda").batch_size == 16
     assert config_from_args(build_parser().parse_args(["serve", "--asr-batch-size", "4"])).asr.batch_size == 4
-    assert defaults.partial_budget == ASRConfig.partial_budget > 0
+    # The partials' budget: on a CPU only, unless given (0 is "no limit" on either).
+    assert defaults.partial_budget == ASRConfig().partial_budget == CPU_PARTIAL_BUDGET > 0
+    assert gpu.partial_budget == 0.0
+    given = ["serve", "--asr-device", "cuda", "--asr-partial-budget", "0.2"]
+    assert config_from_args(build_parser().parse_args(given)).asr.partial_budget == 0.2
 
 
 def _stats_of_threads(name: str) -> list[list[str]]:

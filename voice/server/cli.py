@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--asr-batch-size",
         type=int,
         default=ASRConfig.batch_size,
-        help="decodes from different calls batched into one Whisper call (1: batching off; 0: 1 on a CPU, 4 on a GPU)",
+        help="decodes from different calls batched into one Whisper call (1: batching off; 0: 1 on a CPU, 16 on a GPU)",
     )
     serve.add_argument(
         "--asr-batch-wait-ms",
@@ -353,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--asr-partial-budget",
         type=float,
-        default=ASRConfig.partial_budget,
-        help="decoder seconds per second all partials together may use (0: no limit; finals are never limited)",
+        default=None,
+        help="decoder seconds per second all partials together may use (0: no limit; finals are never limited; "
+        "default: 0.08 on a CPU, no limit on a GPU)",
     )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
@@ -575,7 +576,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         scheduler=args.asr_scheduler,
         batch_size=max(0, args.asr_batch_size),
         batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
-        partial_budget=max(0.0, args.asr_partial_budget),
+        partial_budget=None if args.asr_partial_budget is None else max(0.0, args.asr_partial_budget),
     )
     if asr.adaptive_endpoint and asr.end_of_turn != "adaptive":
         # Load Smart Turn now: a missing model is a startup error, not a
