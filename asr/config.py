@@ -81,8 +81,8 @@ class ASRConfig:
     # bench_partial_budget: 7-12 % less CPU per turn, p95 lower at each
     # level); a lone call's partials (~0.04 s per s) never reach either.
     # None: by device, that 0.08 on a CPU and no limit on a GPU, where 0.08
-    # decoder-s per s is 3-5 tiny.en decodes per second for all calls together
-    # (a decode takes 15-50 ms there: benchmarks/results/asr-cuda, which ran
+    # decoder-s per s would be 3-5 tiny.en decodes per second for all calls
+    # together (one takes 15-60 ms there: benchmarks/results/asr-cuda, run
     # with no limit).
     partial_budget: float | None = None
     partial_budget_burst_s: float = 1.0
@@ -93,11 +93,11 @@ class ASRConfig:
     # (benchmarks/results/bench: TTFS p50 815 against 1062 ms at 8 calls): a
     # batch of 4 costs a CPU about 4 decodes, and a final in it waits for
     # all of them. On a GPU one batched decode costs about what one does: on
-    # an H200 (benchmarks/gpu/asr_cuda.sh, benchmarks/results/asr-cuda) 256
-    # real-time calls had finals p95 362 ms with batching off, 88 ms at 16 and
-    # 97 ms at 64, and a queue of 64 decodes cleared at 35-82 decodes per s off,
-    # 132-295 at 16, 149-321 at 64; up to 64 calls batches barely form and
-    # every size was alike.
+    # an H200 (benchmarks/gpu/asr_cuda.sh, benchmarks/results/asr-cuda, one
+    # run each) 256 real-time calls had finals p50 / p95 28 / 61 ms with
+    # batching off, 20 / 50 at 16, 30 / 65 at 64, and 665, 1072 and 850 of
+    # 2106 partials served; a queue of 64 decodes cleared at ~50 decodes per
+    # s off and ~210 at 16 or 64. Up to 64 calls batches barely formed.
     batch_size: int = 0
     # A batch that is not full waits at most this long (from its oldest job's
     # submission) for more decodes to join it; work that already queued behind

@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu/asr_cuda.sh --pack        # here (needs PyPI): fills .gpucarry/
 #   bash benchmarks/gpu/asr_cuda.sh               # there (carry .gpucarry): writes $OUT
 #
-# What the pack holds, and why:
+# What the pack holds (.gpucarry/ is git-ignored), and why:
 #   wheels/     faster-whisper and the few packages the benchmark imports that the machine lacks
 #   ct2/        the CTranslate2 4.8.5 wheel unpacked, its two large libraries (150 MB) xz-compressed
 #   tiny-en-int8/  the embedded tiny.en re-saved with int8 weights (benchmarks/gpu/shrink_whisper.py,
