@@ -132,6 +132,12 @@ SYSTEMS: dict[str, System] = {
         System("firstline-no-examples", "firstline", "firstline without the example turns after the system prompt "
                "(--example-turns none): the model answers from the instruction alone",
                ["--example-turns", "none"], ALL_PROTOCOLS),
+        System("firstline-prompt-cache-1g", "firstline", "firstline with a 1 GiB llama.cpp host-RAM prompt cache "
+               "per copy (--llm-prompt-cache-mib 1024; the default 128 holds ~20 SmolLM2 prompts): do calls' "
+               "histories survive being evicted from their slot?", ["--llm-prompt-cache-mib", "1024"], ALL_PROTOCOLS),
+        System("firstline-home-copy", "firstline", "firstline sending a call's LLM requests to its own llama.cpp "
+               "copy however busy (--llm-home-slack 99; the default moves a request when the home copy has two "
+               "more under way than the other)", ["--llm-home-slack", "99"], ALL_PROTOCOLS),
         System("firstline-no-yield", "firstline", "firstline with replies that keep generating after their first "
                "sentence while other turns wait for theirs (--no-first-sentences-first)",
                ["--no-first-sentences-first"], ALL_PROTOCOLS),
