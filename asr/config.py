@@ -178,10 +178,22 @@ class ASRConfig:
     pre_speech_pad_s: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            self.batch_size = 1 if self.device == "cpu" else 16
-        if self.partial_budget is None:
-            self.partial_budget = CPU_PARTIAL_BUDGET if self.device == "cpu" else 0.0
+        if self.batch_size <= 0 or self.partial_budget is None:
+            gpu = on_gpu(self.device)
+            if self.batch_size <= 0:
+                self.batch_size = 16 if gpu else 1
+            if self.partial_budget is None:
+                self.partial_budget = 0.0 if gpu else CPU_PARTIAL_BUDGET
+
+
+def on_gpu(device: str) -> bool:
+    """Whether Whisper will run on a GPU: "auto" is the GPU only where
+    CTranslate2 sees one (as faster-whisper resolves it)."""
+    if device != "auto":
+        return device == "cuda"
+    import ctranslate2
+
+    return ctranslate2.get_cuda_device_count() > 0
 
 
 def decoder_threads_for(cores: int) -> int:

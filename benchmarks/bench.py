@@ -135,6 +135,9 @@ SYSTEMS: dict[str, System] = {
         System("firstline-prompt-cache-1g", "firstline", "firstline with a 1 GiB llama.cpp host-RAM prompt cache "
                "per copy (--llm-prompt-cache-mib 1024; the default 128 holds ~20 SmolLM2 prompts): do calls' "
                "histories survive being evicted from their slot?", ["--llm-prompt-cache-mib", "1024"], ALL_PROTOCOLS),
+        System("firstline-slot-similarity", "firstline", "firstline with llama.cpp choosing slots by prompt "
+               "similarity, its default (--llm-slot-choice similarity; firstline takes the least recently used "
+               "slot and restores the call's saved prompt)", ["--llm-slot-choice", "similarity"], ALL_PROTOCOLS),
         System("firstline-home-copy", "firstline", "firstline sending a call's LLM requests to its own llama.cpp "
                "copy however busy (--llm-home-slack 99; the default moves a request when the home copy has two "
                "more under way than the other)", ["--llm-home-slack", "99"], ALL_PROTOCOLS),

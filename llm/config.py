@@ -117,6 +117,20 @@ class LLMConfig:
     # flat. 128 MiB holds ~14 SmolLM2 prompts of 400 tokens; raise it for
     # bigger models (KV per token grows with layers x heads).
     prompt_cache_ram_mib: int = 128
+    # How llama.cpp picks a slot for a request. "similarity" (llama.cpp's
+    # default): the idle slot whose cached prompt shares the most with the
+    # request, the host-RAM cache only when that slot would lose over half
+    # of what it holds. Every prompt here opens with the same system prompt
+    # and example turns, so another call's slot always "shares" over half,
+    # is taken without saving or restoring, and a call whose own slot is
+    # busy or taken computes its whole history again. "lru-restore": the
+    # least recently used idle slot, saved to the host-RAM cache, then
+    # loaded with the best saved prompt for the request (llama.cpp's LRU
+    # path, reached by turning similarity off). benchmarks/llm_slots.py, one
+    # copy, 4 slots, 3-8 calls taking turns: prompt tokens computed per later
+    # turn 93-120 with similarity, 38-44 with lru-restore (the new words and
+    # little else). Needs prompt_cache_ram_mib > 0; without it, similarity.
+    slot_choice: Literal["lru-restore", "similarity"] = "lru-restore"
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     # Keep the prefix cache warm with the caller's words while they speak
     # (one prefill per partial transcript), so end-of-turn prefill is short.

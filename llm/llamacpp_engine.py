@@ -86,6 +86,11 @@ class LlamaCppEngine(LLMEngine):
         params.warmup = True
         params.cache_prompt = True
         params.cache_ram_mib = cfg.prompt_cache_ram_mib
+        if cfg.slot_choice == "lru-restore" and cfg.prompt_cache_ram_mib > 0:
+            # Similarity 0 sends every request down llama.cpp's LRU path,
+            # which saves the slot it takes and restores the request's best
+            # saved prompt (LLMConfig.slot_choice says why).
+            params.slot_prompt_similarity = 0.0
         # llama.cpp logs every slot event at the default verbosity; keep errors.
         params.verbosity = -1
         spec = cfg.speculation

@@ -323,6 +323,9 @@ def test_cli_flags_set_batching():
     # The partials' budget: on a CPU only, unless given (0 is "no limit" on either).
     assert defaults.partial_budget == ASRConfig().partial_budget == CPU_PARTIAL_BUDGET > 0
     assert gpu.partial_budget == 0.0
+    # "auto" on this machine (no GPU) is the CPU's defaults.
+    auto = ASRConfig(device="auto")
+    assert (auto.batch_size, auto.partial_budget) == (1, CPU_PARTIAL_BUDGET)
     given = ["serve", "--asr-device", "cuda", "--asr-partial-budget", "0.2"]
     assert config_from_args(build_parser().parse_args(given)).asr.partial_budget == 0.2
 

@@ -80,6 +80,36 @@ async def test_every_slot_starts_with_the_system_prompt_cached() -> None:
         await engine.close()
 
 
+async def test_a_calls_history_survives_other_calls_taking_its_slot() -> None:
+    """Three calls on two slots, one turn each, then the first call's second
+    turn: its slot went to the third call, yet its history (system prompt,
+    examples, first turn and reply) is served from the host-RAM prompt cache
+    (slot_choice "lru-restore"); only the new words are computed. With
+    llama.cpp's similarity choice the same turn computes the history again
+    (benchmarks/llm_slots.py)."""
+    computed = {}
+    for choice in ("lru-restore", "similarity"):
+        config = LLMConfig(isolation="inprocess", parallel=2, threads=1, slot_choice=choice)  # type: ignore[arg-type]
+        head = config.prompt_head()
+        engine = LlamaCppEngine(config)
+        await engine.start()
+        try:
+            histories = {}
+            for caller in ("a", "b", "c"):
+                user = {"role": "user", "content": f"This is caller {caller}. My parcel has not arrived."}
+                request = GenerationRequest(f"first-{caller}", [*head, user], 16)
+                reply = "".join(await _collect(engine, request))
+                histories[caller] = [*head, user, {"role": "assistant", "content": reply}]
+            again = {"role": "user", "content": "It was due on Monday."}
+            second = GenerationRequest("second-a", [*histories["a"], again], 8)
+            await _collect(engine, second)
+            computed[choice] = second.usage.prompt_tokens - second.usage.cached_tokens
+            assert second.usage.prompt_tokens > 150
+        finally:
+            await engine.close()
+    assert computed["lru-restore"] < 30 < computed["similarity"], computed
+
+
 async def test_cancel_frees_the_slot_and_the_next_request_works(server):
     engine = server.runtime.engine
     long_request = GenerationRequest(

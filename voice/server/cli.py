@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=LLMConfig.prompt_cache_ram_mib,
         help="llama.cpp host-RAM prompt cache bound (MiB; 0: off)",
     )
+    serve.add_argument(
+        "--llm-slot-choice",
+        choices=["lru-restore", "similarity"],
+        default=LLMConfig.slot_choice,
+        help="how llama.cpp picks a slot: the least recently used one, restoring the call's saved prompt from the "
+        "host-RAM cache, or llama.cpp's prompt similarity (default %(default)s)",
+    )
     serve.add_argument("--max-tokens", type=int, default=96)
     # --llm-temperature, --llm-repetition-penalty, ...: defaults for every reply (llm/sampling.py).
     add_sampling_arguments(serve, prefix="llm-")
@@ -534,6 +541,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.llm_replicas > 0
         else replicas_for(args.engine, args.llm_device, os.cpu_count() or 2),
         prompt_cache_ram_mib=args.llm_prompt_cache_mib,
+        slot_choice=args.llm_slot_choice,
         replica_home_slack=args.llm_home_slack,
         sampling=sampling,
         speculation=SpeculationConfig(
