@@ -126,10 +126,13 @@ class LLMConfig:
     # busy or taken computes its whole history again. "lru-restore": the
     # least recently used idle slot, saved to the host-RAM cache, then
     # loaded with the best saved prompt for the request (llama.cpp's LRU
-    # path, reached by turning similarity off). benchmarks/llm_slots.py, one
-    # copy, 4 slots, 3-8 calls taking turns: prompt tokens computed per later
-    # turn 93-120 with similarity, 38-44 with lru-restore (the new words and
-    # little else). Needs prompt_cache_ram_mib > 0; without it, similarity.
+    # path, reached by turning similarity off). And where every slot shares
+    # just the head, upstream's strict comparison gives the tie to the first
+    # slot: with 3 calls on 4 idle slots, histories were still lost. benchmarks/llm_slots.py at
+    # af57b86, one copy, 4 slots, 3-8 calls taking turns: prompt tokens
+    # computed per later turn 113-132 with similarity, 34-39 with
+    # lru-restore (the new words and little else), 16-24 % less wall time.
+    # Needs prompt_cache_ram_mib > 0; without it, similarity.
     slot_choice: Literal["lru-restore", "similarity"] = "lru-restore"
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     # Keep the prefix cache warm with the caller's words while they speak
