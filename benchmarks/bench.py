@@ -96,7 +96,7 @@ SYSTEMS: dict[str, System] = {
         System("firstline-no-batching", "firstline", "firstline with ASR batching off (one Whisper decode at a time: "
                "the default on a CPU)", ["--asr-batch-size", "1"], ALL_PROTOCOLS),
         System("firstline-batching", "firstline", "firstline with ASR batching on: up to 4 calls' decodes in one "
-               "Whisper call (the default on a GPU; on a CPU before the cores were split)", ["--asr-batch-size", "4"],
+               "Whisper call (on a CPU before the cores were split; a GPU's default is 16)", ["--asr-batch-size", "4"],
                ALL_PROTOCOLS),
         System("firstline-4-slots", "firstline", "firstline with 4 LLM slots (llama.cpp) / sequences (vLLM): the "
                "default for llama.cpp on the CPU, not one per call", ["--llm-parallel", "4"], ALL_PROTOCOLS),
