@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
 import random
 import statistics
@@ -28,7 +26,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.bench import machine, versions
+from benchmarks.bench import write_rows
 from llm.base import GenerationRequest
 from llm.config import LLMConfig
 from llm.llamacpp_engine import LlamaCppEngine
@@ -69,7 +67,7 @@ async def conversation_round(
     }
 
 
-async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
+async def main_async(ns: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for slots in ns.slots:
         for calls in ns.calls:
@@ -85,13 +83,7 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
                     await engine.close()
                 print(row, flush=True)
                 rows.append(row)
-    return {
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(),
-        "options": {k: v for k, v in vars(ns).items() if k != "output"},
-        "rows": rows,
-    }
+    return rows
 
 
 def main() -> None:
@@ -102,15 +94,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", default=str(OUT))
     ns = parser.parse_args()
-    result = asyncio.run(main_async(ns))
+    started = time.time()
+    rows = asyncio.run(main_async(ns))
     print(f"\n{'slots':>5} {'calls':>5} {'choice':<12} {'computed / later turn (mean, p50, max)':>40} {'wall s':>7}")
-    for r in result["rows"]:
+    for r in rows:
         stats = f"{r['computed_mean']}, {r['computed_p50']}, {r['computed_max']}"
         print(f"{r['slots']:>5} {r['calls']:>5} {r['slot_choice']:<12} {stats:>40} {r['wall_s']:>7}")
-    out = Path(ns.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_rows(Path(ns.output), started, {k: v for k, v in vars(ns).items() if k != "output"}, rows)
 
 
 if __name__ == "__main__":
