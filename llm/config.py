@@ -126,13 +126,13 @@ class LLMConfig:
     # busy or taken computes its whole history again. "lru-restore": the
     # least recently used idle slot, saved to the host-RAM cache, then
     # loaded with the best saved prompt for the request (llama.cpp's LRU
-    # path, reached by turning similarity off). And where every slot shares
-    # just the head, upstream's strict comparison gives the tie to the first
-    # slot: with 3 calls on 4 idle slots, histories were still lost. benchmarks/llm_slots.py at
+    # path, reached by turning similarity off). benchmarks/llm_slots.py at
     # af57b86, one copy, 4 slots, 3-8 calls taking turns: prompt tokens
-    # computed per later turn 113-132 with similarity, 34-39 with
-    # lru-restore (the new words and little else), 16-24 % less wall time.
-    # Needs prompt_cache_ram_mib > 0; without it, similarity.
+    # computed per later turn 113-132 with similarity (even 3 calls on 4
+    # slots lost their histories), 34-39 with lru-restore, 16-24 % less
+    # wall time. It costs a save and a restore per request, also where the
+    # call's own slot was free (README: +16 ms TTFS p50 at 1 call). Needs
+    # prompt_cache_ram_mib > 0; without it, similarity.
     slot_choice: Literal["lru-restore", "similarity"] = "lru-restore"
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     # Keep the prefix cache warm with the caller's words while they speak

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from asr.config import CPU_PARTIAL_BUDGET, ASRConfig
+from asr.config import CPU_PARTIAL_BUDGET, ASRConfig, on_gpu
 from asr.wer import corpus_wer, word_error_rate
 from asr.whisper import Decoded
 from asr.worker import FINAL, PARTIAL, USAGE_FULL_S, ASRWorker
@@ -323,9 +323,10 @@ def test_cli_flags_set_batching():
     # The partials' budget: on a CPU only, unless given (0 is "no limit" on either).
     assert defaults.partial_budget == ASRConfig().partial_budget == CPU_PARTIAL_BUDGET > 0
     assert gpu.partial_budget == 0.0
-    # "auto" on this machine (no GPU) is the CPU's defaults.
+    # "auto" takes the GPU's defaults only where CTranslate2 sees a GPU (CI: none).
     auto = ASRConfig(device="auto")
-    assert (auto.batch_size, auto.partial_budget) == (1, CPU_PARTIAL_BUDGET)
+    expected = (16, 0.0) if on_gpu("auto") else (1, CPU_PARTIAL_BUDGET)
+    assert (auto.batch_size, auto.partial_budget) == expected
     given = ["serve", "--asr-device", "cuda", "--asr-partial-budget", "0.2"]
     assert config_from_args(build_parser().parse_args(given)).asr.partial_budget == 0.2
 

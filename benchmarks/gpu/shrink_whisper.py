@@ -16,7 +16,6 @@ do the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import struct
@@ -73,7 +72,6 @@ def shrink(src: Path, out: Path, quantization: str = "int8") -> None:
     from ctranslate2.specs.model_spec import NumpyVariable, index_spec
 
     variables, aliases = read_model_bin(src / "model.bin")
-    config = json.loads((src / "config.json").read_text())
     n_enc = _layers(variables, "encoder")
     n_dec = _layers(variables, "decoder")
     # Heads are not stored; Whisper's head size is 64 in every released size.
@@ -88,10 +86,9 @@ def shrink(src: Path, out: Path, quantization: str = "int8") -> None:
     spec.optimize(quantization=quantization)
     out.mkdir(parents=True, exist_ok=True)
     spec._serialize(str(out / "model.bin"))  # the writer CTranslate2's converters use
-    for extra in src.iterdir():
+    for extra in src.iterdir():  # config, vocabulary, tokenizer: unchanged
         if extra.name != "model.bin":
             shutil.copy(extra, out / extra.name)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def main() -> None:
