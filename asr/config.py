@@ -112,8 +112,14 @@ class ASRConfig:
     batch_windows: Literal["same", "pad"] = "same"
     # Whether partials may fill the free places of a batch holding finals.
     # Off: a batch with a final holds only finals, so a final never shares
-    # (and pays for) a partial's decode.
-    batch_partials_with_finals: bool = False
+    # (and pays for) a partial's decode, and a new partial is shed while any
+    # final waits. On: partials take the places finals leave, and are shed
+    # only while a full batch of finals waits. None: by device, off on a CPU
+    # (a batch of 4 costs it about 4 decodes) and on on a GPU, where a batch
+    # costs about one decode: on an H200 at 256 calls and batch 16 the "off"
+    # rules shed half the partials with the decoder a quarter busy
+    # (benchmarks/results/asr-cuda).
+    batch_partials_with_finals: bool | None = None
     # VAD (Silero v6).
     vad_threshold: float = 0.5
     # Hysteresis at the end of speech: once in a turn, a chunk counts toward
@@ -178,12 +184,14 @@ class ASRConfig:
     pre_speech_pad_s: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.partial_budget is None:
+        if self.batch_size <= 0 or self.partial_budget is None or self.batch_partials_with_finals is None:
             gpu = on_gpu(self.device)
             if self.batch_size <= 0:
                 self.batch_size = 16 if gpu else 1
             if self.partial_budget is None:
                 self.partial_budget = 0.0 if gpu else CPU_PARTIAL_BUDGET
+            if self.batch_partials_with_finals is None:
+                self.batch_partials_with_finals = gpu
 
 
 def on_gpu(device: str) -> bool:

@@ -30,7 +30,9 @@ the same way from its first burst, before it has used anything, and its
 finals queue behind every real-time call's.
 
 Under load, partials go first: a partial is shed at submission while a final
-is waiting or when the backlog is ``shed_partials_above`` batches deep, and a
+is waiting (on a GPU, where partials fill the places a batch of finals
+leaves, while a full batch of finals is) or when the backlog is
+``shed_partials_above`` batches deep, and a
 queued partial older than its call's queued final is dropped (the final
 covers the same audio). Finals are never shed or reordered behind partials.
 All partials together also get a decoder-time budget
@@ -216,7 +218,12 @@ class ASRWorker:
             old.future.cancel()
             self._waiting.pop(old.seq, None)
         shed_at = self.config.shed_partials_above * max(1, self.config.batch_size)
-        if not final and (self._finals_waiting or self.queue_depth >= shed_at or self._over_share(call_id, now)):
+        # Finals that leave no place for a partial: any one of them, unless
+        # partials may fill a batch beside finals (a GPU), then a full batch.
+        finals_block = self._finals_waiting >= (
+            max(1, self.config.batch_size) if self.config.batch_partials_with_finals else 1
+        )
+        if not final and (finals_block or self.queue_depth >= shed_at or self._over_share(call_id, now)):
             # Under load, partials are the first thing to go: a caller waiting
             # for a reply matters more than a live caption.
             self.shed_partials += 1

@@ -16,6 +16,7 @@ configuration, all in the same run:
 
     python -m benchmarks.asr_batching                      # batch size 1, 2, 4, 8
     python -m benchmarks.asr_batching --variants           # + window policy, partials-with-finals, gather budget
+    python -m benchmarks.asr_batching --variants mix       # + only partials-with-finals flipped
     python -m benchmarks.asr_batching --calls 8 --turns 4 --batch-sizes 1 4 --rounds 2
 
 Writes benchmarks/results/asr_batching.json (with the git commit and machine).
@@ -47,6 +48,7 @@ from benchmarks.corpus import Utterance, asterisk_prompts, shared_clips, through
 from streaming.threads import one_blas_thread
 
 OUT = Path(__file__).parent / "results" / "asr_batching.json"
+VARIANTS = ("windows", "mix", "wait")
 
 
 @dataclass
@@ -180,12 +182,15 @@ def configs(ns: argparse.Namespace) -> dict[str, ASRConfig]:
     if ns.partial_budget is not None:
         base = replace(base, partial_budget=ns.partial_budget)
     out = {f"batch {b}": replace(base, batch_size=b) for b in ns.batch_sizes}
-    if ns.variants:
-        b = max(2, base.batch_size)
+    variants = set(VARIANTS if ns.variants == [] else ns.variants or [])
+    b = max(2, base.batch_size)
+    if "windows" in variants:
         other = "pad" if base.batch_windows == "same" else "same"
         out[f"batch {b}, windows={other}"] = replace(base, batch_size=b, batch_windows=other)
+    if "mix" in variants:
         mix = not base.batch_partials_with_finals
         out[f"batch {b}, partials with finals={mix}"] = replace(base, batch_size=b, batch_partials_with_finals=mix)
+    if "wait" in variants:
         for wait in (0.0, 20.0):
             out[f"batch {b}, wait {wait:g} ms"] = replace(base, batch_size=b, batch_wait_ms=wait)
     return out
@@ -276,7 +281,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=8, help="concurrent synthetic calls")
     parser.add_argument("--turns", type=int, default=4, help="turns per call")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--variants", action="store_true", help="also window policy, mixing, gather budget")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=VARIANTS,
+        default=None,
+        help="also these variants of the device's default batch size, at least 2 (alone: all): window policy, "
+        "partials beside finals, gather budget",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat every configuration, interleaved")
     parser.add_argument("--speed", type=float, default=1.0, help="time compression of the calls (1 = real time)")
     parser.add_argument("--stagger-s", type=float, default=3.0, help="calls start within this many seconds")

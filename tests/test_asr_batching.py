@@ -267,6 +267,31 @@ async def test_forget_and_queue_depth_count_only_live_jobs(batched, quilter, jfk
     assert not batched._waiting and not batched._pending_partial  # nothing left behind
 
 
+async def test_partials_fill_the_places_finals_leave_when_allowed(quilter, jfk_audio):
+    """With partials beside finals (a GPU's default), a partial submitted
+    while finals wait is queued, not shed, and rides in the finals' batch;
+    only a full batch of waiting finals sheds it. Without (a CPU's), any
+    waiting final sheds it (test_finals_go_before_partials_... above)."""
+    worker = await _worker(batch_size=4, batch_wait_ms=BUDGET_MS, batch_partials_with_finals=True)
+    try:
+        busy = await _busy(worker, jfk_audio)
+        finals = [worker.submit(f"fill-{i}", quilter, final=True) for i in range(2)]
+        partial = worker.submit("fill-p", quilter, final=False)
+        assert not partial.cancelled()
+        results = await asyncio.gather(*finals, partial)
+        # The two finals and the partial shared one decode.
+        assert [r.batch_size for r in results] == [3, 3, 3]
+        await busy
+        busy = await _busy(worker, jfk_audio)
+        full = [worker.submit(f"full-{i}", quilter, final=True) for i in range(4)]
+        shed_before = worker.shed_partials
+        late = worker.submit("full-p", quilter, final=False)
+        assert late.cancelled() and worker.shed_partials == shed_before + 1
+        await asyncio.gather(busy, *full)
+    finally:
+        await worker.close()
+
+
 async def test_deep_backlog_sheds_partials_never_finals(batched, quilter, jfk_audio):
     busy = await _busy(batched, jfk_audio)
     # The backlog is counted in batches: shed_partials_above batches deep.
@@ -329,6 +354,12 @@ def test_cli_flags_set_batching():
     assert (auto.batch_size, auto.partial_budget) == expected
     given = ["serve", "--asr-device", "cuda", "--asr-partial-budget", "0.2"]
     assert config_from_args(build_parser().parse_args(given)).asr.partial_budget == 0.2
+    # Partials beside finals: on a GPU only, unless given.
+    assert (defaults.batch_partials_with_finals, gpu.batch_partials_with_finals) == (False, True)
+    flag = ["serve", "--asr-batch-size", "4", "--asr-partials-with-finals"]
+    assert config_from_args(build_parser().parse_args(flag)).asr.batch_partials_with_finals is True
+    flag = ["serve", "--asr-device", "cuda", "--no-asr-partials-with-finals"]
+    assert config_from_args(build_parser().parse_args(flag)).asr.batch_partials_with_finals is False
 
 
 def _stats_of_threads(name: str) -> list[list[str]]:

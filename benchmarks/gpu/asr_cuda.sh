@@ -23,7 +23,8 @@
 #     names and signatures, so libcublas.so.12 is a link to it. A GPU user installs
 #     the CUDA 12 cuBLAS wheel instead (run_h200.sh).
 # Settings: CARRY (default .gpucarry), OUT (default benchmarks/results/asr-cuda),
-# LEVELS (default "64 16"), BATCHES (default "1 4 16 64"), TURNS (default 2), PY (default python3).
+# LEVELS (default "64 16"), BATCHES (default "1 4 16 64"), TURNS (default 2), VARIANTS (default none; see
+# benchmarks.asr_batching --variants), PY (default python3).
 # DEVICE=cpu rehearses the same steps on a CPU (a Python 3.12 with numpy, tokenizers,
 # onnxruntime, huggingface_hub, tqdm, uvloop, prometheus-client, psutil and click, as that
 # machine has): DEVICE=cpu LEVELS=2 BATCHES="1 2" TURNS=1 PY=/tmp/py312/bin/python bash benchmarks/gpu/asr_cuda.sh
@@ -66,6 +67,7 @@ OUT=${OUT:-benchmarks/results/asr-cuda}
 LEVELS=${LEVELS:-"64 16"}
 BATCHES=${BATCHES:-"1 4 16 64"}
 TURNS=${TURNS:-2}
+VARIANTS=${VARIANTS:-}  # e.g. "mix": also the default batch with partials beside finals flipped
 DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cuda ]; then COMPUTE=float16; else COMPUTE=int8; fi
 mkdir -p "$OUT"
@@ -114,7 +116,8 @@ for calls in $LEVELS; do
   if [ "$DEVICE" = cuda ]; then nvidia-smi dmon -s u -d 1 > "$OUT/dmon_$calls.txt" 2>&1 & DMON=$!; fi
   # shellcheck disable=SC2086  # the batch list splits on purpose
   "$PY" -m benchmarks.asr_batching --device "$DEVICE" --compute-type "$COMPUTE" --model "$MODEL" --partial-budget 0 \
-    --calls "$calls" --turns "$TURNS" --batch-sizes $BATCHES --burst 64 --burst-repeats 2 --every 1 \
+    --calls "$calls" --turns "$TURNS" --batch-sizes $BATCHES ${VARIANTS:+--variants $VARIANTS} \
+    --burst 64 --burst-repeats 2 --every 1 \
     --output "$OUT/asr_batching_${DEVICE}_$calls.json" || echo "level $calls failed (rc $?)" >&2
   [ -z "$DMON" ] || kill "$DMON" 2>/dev/null || true
 done

@@ -364,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoder seconds per second all partials together may use (0: no limit; finals are never limited; "
         "default: 0.08 on a CPU, no limit on a GPU)",
     )
+    serve.add_argument(
+        "--asr-partials-with-finals",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="partials fill the places a batch of finals leaves and are shed only while a full batch of finals "
+        "waits (default: on a GPU, not on a CPU)",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     # Limits and admission (voice/limits.py, voice/admission.py).
@@ -585,6 +592,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         batch_size=max(0, args.asr_batch_size),
         batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
         partial_budget=None if args.asr_partial_budget is None else max(0.0, args.asr_partial_budget),
+        batch_partials_with_finals=args.asr_partials_with_finals,
     )
     if asr.adaptive_endpoint and asr.end_of_turn != "adaptive":
         # Load Smart Turn now: a missing model is a startup error, not a
