@@ -112,14 +112,22 @@ class ASRConfig:
     batch_windows: Literal["same", "pad"] = "same"
     # Whether partials may fill the free places of a batch holding finals.
     # Off: a batch with a final holds only finals, so a final never shares
-    # (and pays for) a partial's decode, and a new partial is shed while any
-    # final waits. On: partials take the places finals leave, and are shed
-    # only while a full batch of finals waits. None: by device, off on a CPU
-    # (a batch of 4 costs it about 4 decodes) and on on a GPU, where a batch
-    # costs about one decode: on an H200 at 256 calls and batch 16 the "off"
-    # rules shed half the partials with the decoder a quarter busy
-    # (benchmarks/results/asr-cuda).
-    batch_partials_with_finals: bool | None = None
+    # (and pays for) a partial's decode.
+    batch_partials_with_finals: bool = False
+    # Whether a partial submitted while a final waits (queued or decoding)
+    # queues behind it (True) or is shed (False, the default on either
+    # device: fewer partials, not later finals). On an H200 at 256 calls and
+    # batch 16 (benchmarks/results/asr-cuda, asr_batching_cuda_256_behind):
+    # queued, 1829 of 2106 partials served against 834, finals p50 / p95 41
+    # / 100 ms against 31 / 66; partials riding in the finals' batches too
+    # (batch_partials_with_finals) served ~2000 with finals at 83-97 / 152-168
+    # (asr_batching_cuda_256_fill).
+    partials_behind_finals: bool = False
+    # The most decodes a batch of partials alone takes (0: batch_size). A
+    # final that comes while such a batch decodes waits for all of it. With
+    # partials behind finals, 4 (of 16) gave finals 37 / 73 ms but served
+    # 1088 partials, 366 ms late (p50), in the same run.
+    partial_batch_size: int = 0
     # VAD (Silero v6).
     vad_threshold: float = 0.5
     # Hysteresis at the end of speech: once in a turn, a chunk counts toward
@@ -184,14 +192,12 @@ class ASRConfig:
     pre_speech_pad_s: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.partial_budget is None or self.batch_partials_with_finals is None:
+        if self.batch_size <= 0 or self.partial_budget is None:
             gpu = on_gpu(self.device)
             if self.batch_size <= 0:
                 self.batch_size = 16 if gpu else 1
             if self.partial_budget is None:
                 self.partial_budget = 0.0 if gpu else CPU_PARTIAL_BUDGET
-            if self.batch_partials_with_finals is None:
-                self.batch_partials_with_finals = gpu
 
 
 def on_gpu(device: str) -> bool:

@@ -30,8 +30,7 @@ the same way from its first burst, before it has used anything, and its
 finals queue behind every real-time call's.
 
 Under load, partials go first: a partial is shed at submission while a final
-is waiting (on a GPU, where partials fill the places a batch of finals
-leaves, while a full batch of finals is) or when the backlog is
+is waiting (unless ``partials_behind_finals``) or when the backlog is
 ``shed_partials_above`` batches deep, and a
 queued partial older than its call's queued final is dropped (the final
 covers the same audio). Finals are never shed or reordered behind partials.
@@ -218,11 +217,7 @@ class ASRWorker:
             old.future.cancel()
             self._waiting.pop(old.seq, None)
         shed_at = self.config.shed_partials_above * max(1, self.config.batch_size)
-        # Finals that leave no place for a partial: any one of them, unless
-        # partials may fill a batch beside finals (a GPU), then a full batch.
-        finals_block = self._finals_waiting >= (
-            max(1, self.config.batch_size) if self.config.batch_partials_with_finals else 1
-        )
+        finals_block = self._finals_waiting > 0 and not self.config.partials_behind_finals
         if not final and (finals_block or self.queue_depth >= shed_at or self._over_share(call_id, now)):
             # Under load, partials are the first thing to go: a caller waiting
             # for a reply matters more than a live caption.
@@ -304,11 +299,20 @@ class ASRWorker:
         due = self._due()
         if not due:
             return []
-        limit = max(1, self.config.batch_size)
+        limit = self._limit(due[0])
         if self.config.batch_windows == "same":
             head = due[0].window
             return [job for job in due if job.window == head][:limit]
         return due[:limit]
+
+    def _limit(self, head: _Job) -> int:
+        """The most decodes a batch led by ``head`` takes: a batch of partials
+        alone may be held smaller, so a final that comes while it decodes
+        waits less (finals lead every batch they are in)."""
+        limit = max(1, self.config.batch_size)
+        if head.priority == PARTIAL and self.config.partial_batch_size > 0:
+            return min(limit, self.config.partial_batch_size)
+        return limit
 
     async def _gather(self) -> list[_Job]:
         """Wait for due work; give a batch that is not full until its oldest
@@ -320,7 +324,7 @@ class ASRWorker:
             if not batch:
                 await self._wake.wait()
                 continue
-            if len(batch) >= self.config.batch_size or budget <= 0:
+            if len(batch) >= self._limit(batch[0]) or budget <= 0:
                 return batch
             remaining = min(job.submitted for job in batch) + budget - time.monotonic()
             if remaining <= 0:

@@ -48,7 +48,7 @@ from benchmarks.corpus import Utterance, asterisk_prompts, shared_clips, through
 from streaming.threads import one_blas_thread
 
 OUT = Path(__file__).parent / "results" / "asr_batching.json"
-VARIANTS = ("windows", "mix", "wait")
+VARIANTS = ("windows", "mix", "behind", "wait")
 
 
 @dataclass
@@ -190,6 +190,10 @@ def configs(ns: argparse.Namespace) -> dict[str, ASRConfig]:
     if "mix" in variants:
         mix = not base.batch_partials_with_finals
         out[f"batch {b}, partials with finals={mix}"] = replace(base, batch_size=b, batch_partials_with_finals=mix)
+    if "behind" in variants:
+        for size in (0, 4):
+            name = f"batch {b}, partials behind finals" + (f", partial batches of {size}" if size else "")
+            out[name] = replace(base, batch_size=b, partials_behind_finals=True, partial_batch_size=size)
     if "wait" in variants:
         for wait in (0.0, 20.0):
             out[f"batch {b}, wait {wait:g} ms"] = replace(base, batch_size=b, batch_wait_ms=wait)
@@ -242,6 +246,8 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
             "batch_wait_ms": cfg.batch_wait_ms,
             "batch_windows": cfg.batch_windows,
             "batch_partials_with_finals": cfg.batch_partials_with_finals,
+            "partials_behind_finals": cfg.partials_behind_finals,
+            "partial_batch_size": cfg.partial_batch_size,
             **{f"calls_{k}": _median(calls, k) for k in calls[0]},
         }
         if burst:
