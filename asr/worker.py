@@ -125,9 +125,9 @@ class ASRWorker:
                 max_workers=1,
                 thread_name_prefix="asr-final",
                 initializer=_decoder_thread,
-                initargs=("asr-final", config.finals_nice),
+                initargs=("asr-final", config.finals_nice or 0),
             )
-            if config.finals_nice is not None
+            if config.finals_nice is not None or config.parallel_finals
             else None
         )
         # Jobs not yet handed to a decode, by seq (so in arrival order). A job
@@ -137,7 +137,6 @@ class ASRWorker:
         self._pending_partial: dict[str, _Job] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.decodes = {FINAL: 0, PARTIAL: 0}
         # Observer for decode durations (final?, seconds): the server's metrics.
         self.on_decode: Callable[[bool, float], None] | None = None
@@ -147,6 +146,8 @@ class ASRWorker:
         self.batches = 0
         self.batched_items = 0
         self.in_flight = 0
+        self.parallel_batches = 0  # batches started beside another (parallel_finals)
+        self._tasks: list[asyncio.Task[None]] = []
         self.batch_fallbacks = 0
         # call -> (decoder seconds used, when), decayed on read: fair share.
         self._used: dict[str, tuple[float, float]] = {}
@@ -171,23 +172,30 @@ class ASRWorker:
             await loop.run_in_executor(executor, decoder.decode, silence)
             if self.config.batch_size > 1:
                 await loop.run_in_executor(executor, decoder.decode_batch, [silence] * self.config.batch_size)
-        self._task = asyncio.create_task(self._run(), name="asr-worker")
+        self._tasks = [asyncio.create_task(self._run(), name="asr-worker")]
+        if self.config.parallel_finals:
+            self._tasks.append(asyncio.create_task(self._run(finals_only=True), name="asr-worker-finals"))
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._finals_executor is not None:
             self._finals_executor.shutdown(wait=False, cancel_futures=True)
 
-    def _lane(self, batch: list[_Job]) -> tuple[ThreadPoolExecutor, WhisperDecoder]:
-        """Where a batch decodes: a batch holding a final goes to the finals'
-        decoder when they have their own rank."""
-        if self._finals_executor is not None and any(job.priority == FINAL for job in batch):
+    def _lane(self, batch: list[_Job], finals_only: bool = False) -> tuple[ThreadPoolExecutor, WhisperDecoder]:
+        """Where a batch decodes: the finals' loop (parallel_finals) on the
+        second decoder; a batch holding a final on it when finals have their
+        own rank; anything else on the first."""
+        if finals_only or (
+            self._finals_executor is not None
+            and not self.config.parallel_finals
+            and any(job.priority == FINAL for job in batch)
+        ):
             assert self.finals_decoder is not None
             return self._finals_executor, self.finals_decoder
         assert self.decoder is not None
@@ -295,8 +303,10 @@ class ASRWorker:
             return finals
         return finals + partials
 
-    def _next_batch(self) -> list[_Job]:
+    def _next_batch(self, finals_only: bool = False) -> list[_Job]:
         due = self._due()
+        if finals_only:
+            due = [job for job in due if job.priority == FINAL]
         if not due:
             return []
         limit = self._limit(due[0])
@@ -314,13 +324,15 @@ class ASRWorker:
             return min(limit, self.config.partial_batch_size)
         return limit
 
-    async def _gather(self) -> list[_Job]:
+    async def _gather(self, finals_only: bool = False) -> list[_Job]:
         """Wait for due work; give a batch that is not full until its oldest
-        job has waited ``batch_wait_ms`` for more to join."""
+        job has waited ``batch_wait_ms`` for more to join. The finals' loop
+        (``finals_only``) takes finals only, and only while the other loop
+        is decoding: an idle first decoder takes them itself."""
         budget = self.config.batch_wait_ms / 1000.0
         while True:
             self._wake.clear()
-            batch = self._next_batch()
+            batch = self._next_batch(finals_only) if not finals_only or self.in_flight else []
             if not batch:
                 await self._wake.wait()
                 continue
@@ -333,24 +345,31 @@ class ASRWorker:
                 async with asyncio.timeout(remaining):
                     await self._wake.wait()
 
-    async def _run(self) -> None:
+    async def _run(self, finals_only: bool = False) -> None:
         while True:
-            batch = await self._gather()
+            batch = await self._gather(finals_only)
             for job in batch:
                 self._discard(job)
-            self.in_flight = len(batch)
+            if self.in_flight:
+                self.parallel_batches += 1
+            self.in_flight += len(batch)
+            if self.config.parallel_finals:
+                self._wake.set()  # finals still queued can go beside this batch now
             try:
-                await self._decode(batch)
+                await self._decode(batch, finals_only)
             finally:
-                self.in_flight = 0
+                self.in_flight -= len(batch)
+                if finals_only:
+                    # The other loop may have left finals queued while this one decoded.
+                    self._wake.set()
 
-    async def _decode(self, batch: list[_Job]) -> None:
+    async def _decode(self, batch: list[_Job], finals_only: bool = False) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         if len(batch) == 1:
-            await self._decode_one(batch[0], started)
+            await self._decode_one(batch[0], started, finals_only)
             return
-        executor, decoder = self._lane(batch)
+        executor, decoder = self._lane(batch, finals_only)
         try:
             results = await loop.run_in_executor(executor, decoder.decode_batch, [job.audio for job in batch])
         except Exception:
@@ -360,7 +379,7 @@ class ASRWorker:
             self.batch_fallbacks += 1
             for job in batch:
                 if job.live:
-                    await self._decode_one(job, time.monotonic())
+                    await self._decode_one(job, time.monotonic(), finals_only)
             return
         self.batches += 1
         self.batched_items += len(batch)
@@ -369,9 +388,9 @@ class ASRWorker:
             self._charge(job.call_id, share, job.priority)
             self._deliver(job, result, started)
 
-    async def _decode_one(self, job: _Job, started: float) -> None:
+    async def _decode_one(self, job: _Job, started: float, finals_only: bool = False) -> None:
         loop = asyncio.get_running_loop()
-        executor, decoder = self._lane([job])
+        executor, decoder = self._lane([job], finals_only)
         try:
             result = await loop.run_in_executor(executor, decoder.decode, job.audio)
         except Exception as exc:  # one bad decode fails one turn, not the server
