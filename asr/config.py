@@ -45,14 +45,8 @@ class ASRConfig:
     # decoder of their own, a second copy of the model (with tiny.en the
     # server's RSS grew 176 MB: benchmarks/results/bench_finals_rank) whose
     # threads have this nice value, so only partials rank below the LLM.
-    # Decodes still run one batch at a time, unless parallel_finals.
+    # Decodes still run one batch at a time.
     finals_nice: int | None = None
-    # Finals that come while a decode is running go to that second decoder
-    # at once, beside it (at ``finals_nice``, 0 if unset): when every call's
-    # turn ends together (calls that start together, a burst of pauses), the
-    # queue of finals clears at twice the rate on two cores, for a second
-    # model copy. Off: one decode at a time.
-    parallel_finals: bool = False
     language: str | None = "en"
     beam_size: int = 1
     # Whisper's encoder is trained on 30 s windows; a shorter window is much

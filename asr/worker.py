@@ -125,9 +125,9 @@ class ASRWorker:
                 max_workers=1,
                 thread_name_prefix="asr-final",
                 initializer=_decoder_thread,
-                initargs=("asr-final", config.finals_nice or 0),
+                initargs=("asr-final", config.finals_nice),
             )
-            if config.finals_nice is not None or config.parallel_finals
+            if config.finals_nice is not None
             else None
         )
         # Jobs not yet handed to a decode, by seq (so in arrival order). A job
@@ -137,6 +137,7 @@ class ASRWorker:
         self._pending_partial: dict[str, _Job] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self.decodes = {FINAL: 0, PARTIAL: 0}
         # Observer for decode durations (final?, seconds): the server's metrics.
         self.on_decode: Callable[[bool, float], None] | None = None
@@ -146,8 +147,6 @@ class ASRWorker:
         self.batches = 0
         self.batched_items = 0
         self.in_flight = 0
-        self.parallel_batches = 0  # batches started beside another (parallel_finals)
-        self._tasks: list[asyncio.Task[None]] = []
         self.batch_fallbacks = 0
         # call -> (decoder seconds used, when), decayed on read: fair share.
         self._used: dict[str, tuple[float, float]] = {}
@@ -172,30 +171,23 @@ class ASRWorker:
             await loop.run_in_executor(executor, decoder.decode, silence)
             if self.config.batch_size > 1:
                 await loop.run_in_executor(executor, decoder.decode_batch, [silence] * self.config.batch_size)
-        self._tasks = [asyncio.create_task(self._run(), name="asr-worker")]
-        if self.config.parallel_finals:
-            self._tasks.append(asyncio.create_task(self._run(finals_only=True), name="asr-worker-finals"))
+        self._task = asyncio.create_task(self._run(), name="asr-worker")
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        if self._task:
+            self._task.cancel()
             try:
-                await task
+                await self._task
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._finals_executor is not None:
             self._finals_executor.shutdown(wait=False, cancel_futures=True)
 
-    def _lane(self, batch: list[_Job], finals_only: bool = False) -> tuple[ThreadPoolExecutor, WhisperDecoder]:
-        """Where a batch decodes: the finals' loop (parallel_finals) on the
-        second decoder; a batch holding a final on it when finals have their
-        own rank; anything else on the first."""
-        if finals_only or (
-            self._finals_executor is not None
-            and not self.config.parallel_finals
-            and any(job.priority == FINAL for job in batch)
-        ):
+    def _lane(self, batch: list[_Job]) -> tuple[ThreadPoolExecutor, WhisperDecoder]:
+        """Where a batch decodes: a batch holding a final goes to the finals'
+        decoder when they have their own rank."""
+        if self._finals_executor is not None and any(job.priority == FINAL for job in batch):
             assert self.finals_decoder is not None
             return self._finals_executor, self.finals_decoder
         assert self.decoder is not None
@@ -303,10 +295,8 @@ class ASRWorker:
             return finals
         return finals + partials
 
-    def _next_batch(self, finals_only: bool = False) -> list[_Job]:
+    def _next_batch(self) -> list[_Job]:
         due = self._due()
-        if finals_only:
-            due = [job for job in due if job.priority == FINAL]
         if not due:
             return []
         limit = self._limit(due[0])
@@ -324,15 +314,13 @@ class ASRWorker:
             return min(limit, self.config.partial_batch_size)
         return limit
 
-    async def _gather(self, finals_only: bool = False) -> list[_Job]:
+    async def _gather(self) -> list[_Job]:
         """Wait for due work; give a batch that is not full until its oldest
-        job has waited ``batch_wait_ms`` for more to join. The finals' loop
-        (``finals_only``) takes finals only, and only while the other loop
-        is decoding: an idle first decoder takes them itself."""
+        job has waited ``batch_wait_ms`` for more to join."""
         budget = self.config.batch_wait_ms / 1000.0
         while True:
             self._wake.clear()
-            batch = self._next_batch(finals_only) if not finals_only or self.in_flight else []
+            batch = self._next_batch()
             if not batch:
                 await self._wake.wait()
                 continue
@@ -345,31 +333,24 @@ class ASRWorker:
                 async with asyncio.timeout(remaining):
                     await self._wake.wait()
 
-    async def _run(self, finals_only: bool = False) -> None:
+    async def _run(self) -> None:
         while True:
-            batch = await self._gather(finals_only)
+            batch = await self._gather()
             for job in batch:
                 self._discard(job)
-            if self.in_flight:
-                self.parallel_batches += 1
-            self.in_flight += len(batch)
-            if self.config.parallel_finals:
-                self._wake.set()  # finals still queued can go beside this batch now
+            self.in_flight = len(batch)
             try:
-                await self._decode(batch, finals_only)
+                await self._decode(batch)
             finally:
-                self.in_flight -= len(batch)
-                if finals_only:
-                    # The other loop may have left finals queued while this one decoded.
-                    self._wake.set()
+                self.in_flight = 0
 
-    async def _decode(self, batch: list[_Job], finals_only: bool = False) -> None:
+    async def _decode(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         if len(batch) == 1:
-            await self._decode_one(batch[0], started, finals_only)
+            await self._decode_one(batch[0], started)
             return
-        executor, decoder = self._lane(batch, finals_only)
+        executor, decoder = self._lane(batch)
         try:
             results = await loop.run_in_executor(executor, decoder.decode_batch, [job.audio for job in batch])
         except Exception:
@@ -379,7 +360,7 @@ class ASRWorker:
             self.batch_fallbacks += 1
             for job in batch:
                 if job.live:
-                    await self._decode_one(job, time.monotonic(), finals_only)
+                    await self._decode_one(job, time.monotonic())
             return
         self.batches += 1
         self.batched_items += len(batch)
@@ -388,9 +369,9 @@ class ASRWorker:
             self._charge(job.call_id, share, job.priority)
             self._deliver(job, result, started)
 
-    async def _decode_one(self, job: _Job, started: float, finals_only: bool = False) -> None:
+    async def _decode_one(self, job: _Job, started: float) -> None:
         loop = asyncio.get_running_loop()
-        executor, decoder = self._lane([job], finals_only)
+        executor, decoder = self._lane([job])
         try:
             result = await loop.run_in_executor(executor, decoder.decode, job.audio)
         except Exception as exc:  # one bad decode fails one turn, not the server

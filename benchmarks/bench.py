@@ -156,9 +156,6 @@ SYSTEMS: dict[str, System] = {
         System("firstline-finals-own-decoder", "firstline", "firstline with pause and turn-end decodes on a Whisper "
                "decoder of their own, not queued behind partials (--asr-finals-nice 0)",
                ["--asr-finals-nice", "0"], ALL_PROTOCOLS),
-        System("firstline-parallel-finals", "firstline", "firstline with a second Whisper decoder taking the finals "
-               "that come while a decode runs, beside it (--asr-parallel-finals): calls whose turns end together "
-               "wait for half as many decodes", ["--asr-parallel-finals"], ALL_PROTOCOLS),
         System("firstline-one-first-sentence", "firstline", "firstline generating one turn's first sentence at a "
                "time, endpointed turns first (--first-sentence-lanes 1)",
                ["--first-sentence-lanes", "1"], ALL_PROTOCOLS),

@@ -290,32 +290,6 @@ async def test_partials_can_queue_behind_finals_in_batches_of_their_own(quilter,
         await worker.close()
 
 
-async def test_parallel_finals_decode_beside_a_running_decode(quilter, jfk_audio, speech):
-    """With parallel_finals, a final that comes while a decode runs goes to
-    the second decoder at once; an idle first decoder still takes finals
-    itself, and the texts are the ones one decoder gives."""
-    worker = await _worker(batch_size=1, parallel_finals=True)
-    try:
-        assert worker.finals_decoder is not None
-        busy = await _busy(worker, jfk_audio)
-        final = await worker.submit("parallel-f", quilter, final=True)
-        assert worker.parallel_batches == 1
-        await busy
-        assert word_error_rate(shared_clip("librispeech_quilter.wav").reference, final.text) <= 0.2
-        # Idle: the first decoder takes a final, nothing runs beside it.
-        await worker.submit("parallel-g", quilter, final=True)
-        assert worker.parallel_batches == 1
-        # A burst of finals: both decoders take them.
-        audio = [a for _, a in speech[:4]]
-        burst = await asyncio.gather(*(worker.submit(f"parallel-b{i}", a, final=True) for i, a in enumerate(audio)))
-        assert worker.parallel_batches >= 2
-        refs = [u.reference for u, _ in speech[:4]]
-        assert corpus_wer(list(zip(refs, [r.text for r in burst], strict=True))) <= 0.2
-        await _until(lambda: worker.in_flight == 0 and not worker._waiting)
-    finally:
-        await worker.close()
-
-
 async def test_deep_backlog_sheds_partials_never_finals(batched, quilter, jfk_audio):
     busy = await _busy(batched, jfk_audio)
     # The backlog is counted in batches: shed_partials_above batches deep.

@@ -291,11 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="give finals (pause and turn-end decodes) a decoder of their own at this nice value (default: they "
         "share the --asr-nice decoder)",
     )
-    serve.add_argument(
-        "--asr-parallel-finals",
-        action="store_true",
-        help="a second decoder (a model copy) takes finals that come while a decode runs, beside it",
-    )
     serve.add_argument("--endpoint-silence-ms", type=int, default=500)
     serve.add_argument("--no-partials", action="store_true")
     serve.add_argument(
@@ -587,7 +582,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.asr_threads if args.asr_threads > 0 else decoder_threads_for(os.cpu_count() or 2),
         nice=max(0, min(19, args.asr_nice)),
         finals_nice=None if args.asr_finals_nice is None else max(0, min(19, args.asr_finals_nice)),
-        parallel_finals=args.asr_parallel_finals,
         endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
         partials=not args.no_partials,
         preemptive=not args.no_preemptive,
