@@ -120,14 +120,9 @@ class ASRConfig:
     # batch 16 (benchmarks/results/asr-cuda, asr_batching_cuda_256_behind):
     # queued, 1829 of 2106 partials served against 834, finals p50 / p95 41
     # / 100 ms against 31 / 66; partials riding in the finals' batches too
-    # (batch_partials_with_finals) served ~2000 with finals at 83-97 / 152-168
+    # (batch_partials_with_finals) served 1971 with finals at 97 / 168
     # (asr_batching_cuda_256_fill).
     partials_behind_finals: bool = False
-    # The most decodes a batch of partials alone takes (0: batch_size). A
-    # final that comes while such a batch decodes waits for all of it. With
-    # partials behind finals, 4 (of 16) gave finals 37 / 73 ms but served
-    # 1088 partials, 366 ms late (p50), in the same run.
-    partial_batch_size: int = 0
     # VAD (Silero v6).
     vad_threshold: float = 0.5
     # Hysteresis at the end of speech: once in a turn, a chunk counts toward

@@ -299,20 +299,11 @@ class ASRWorker:
         due = self._due()
         if not due:
             return []
-        limit = self._limit(due[0])
+        limit = max(1, self.config.batch_size)
         if self.config.batch_windows == "same":
             head = due[0].window
             return [job for job in due if job.window == head][:limit]
         return due[:limit]
-
-    def _limit(self, head: _Job) -> int:
-        """The most decodes a batch led by ``head`` takes: a batch of partials
-        alone may be held smaller, so a final that comes while it decodes
-        waits less (finals lead every batch they are in)."""
-        limit = max(1, self.config.batch_size)
-        if head.priority == PARTIAL and self.config.partial_batch_size > 0:
-            return min(limit, self.config.partial_batch_size)
-        return limit
 
     async def _gather(self) -> list[_Job]:
         """Wait for due work; give a batch that is not full until its oldest
@@ -324,7 +315,7 @@ class ASRWorker:
             if not batch:
                 await self._wake.wait()
                 continue
-            if len(batch) >= self._limit(batch[0]) or budget <= 0:
+            if len(batch) >= self.config.batch_size or budget <= 0:
                 return batch
             remaining = min(job.submitted for job in batch) + budget - time.monotonic()
             if remaining <= 0:

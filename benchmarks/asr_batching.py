@@ -191,9 +191,7 @@ def configs(ns: argparse.Namespace) -> dict[str, ASRConfig]:
         mix = not base.batch_partials_with_finals
         out[f"batch {b}, partials with finals={mix}"] = replace(base, batch_size=b, batch_partials_with_finals=mix)
     if "behind" in variants:
-        for size in (0, 4):
-            name = f"batch {b}, partials behind finals" + (f", partial batches of {size}" if size else "")
-            out[name] = replace(base, batch_size=b, partials_behind_finals=True, partial_batch_size=size)
+        out[f"batch {b}, partials behind finals"] = replace(base, batch_size=b, partials_behind_finals=True)
     if "wait" in variants:
         for wait in (0.0, 20.0):
             out[f"batch {b}, wait {wait:g} ms"] = replace(base, batch_size=b, batch_wait_ms=wait)
@@ -247,7 +245,6 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
             "batch_windows": cfg.batch_windows,
             "batch_partials_with_finals": cfg.batch_partials_with_finals,
             "partials_behind_finals": cfg.partials_behind_finals,
-            "partial_batch_size": cfg.partial_batch_size,
             **{f"calls_{k}": _median(calls, k) for k in calls[0]},
         }
         if burst:
@@ -293,7 +290,7 @@ def main() -> None:
         choices=VARIANTS,
         default=None,
         help="also these variants of the device's default batch size, at least 2 (alone: all): window policy, "
-        "partials beside finals, gather budget",
+        "partials in the finals' batches (mix), partials queued behind finals, gather budget",
     )
     parser.add_argument("--rounds", type=int, default=1, help="repeat every configuration, interleaved")
     parser.add_argument("--speed", type=float, default=1.0, help="time compression of the calls (1 = real time)")

@@ -20,9 +20,8 @@ import os
 import random
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,7 +31,7 @@ from llm.config import LLMConfig
 from llm.llamacpp_engine import LlamaCppEngine
 
 OUT = Path(__file__).parent / "results" / "llm_slots.json"
-CHOICES = ("similarity", "lru-restore")
+CHOICES: tuple[Literal["similarity", "lru-restore"], ...] = ("similarity", "lru-restore")
 
 
 async def conversation_round(
@@ -73,7 +72,7 @@ async def main_async(ns: argparse.Namespace) -> list[dict[str, Any]]:
         for calls in ns.calls:
             for choice in CHOICES:
                 # A fresh engine for each: nothing cached from another setting.
-                config = replace(LLMConfig(), parallel=slots, threads=1, replicas=1, slot_choice=choice)  # type: ignore[arg-type]
+                config = LLMConfig(parallel=slots, threads=1, replicas=1, slot_choice=choice)
                 engine = LlamaCppEngine(config)
                 await engine.start()
                 try:

@@ -269,9 +269,9 @@ async def test_forget_and_queue_depth_count_only_live_jobs(batched, quilter, jfk
 
 async def test_partials_can_queue_behind_finals_in_batches_of_their_own(quilter, jfk_audio):
     """With partials behind finals (off by default), a partial submitted
-    while finals wait is queued, not shed, and decodes after them; a batch
-    of partials alone can be held smaller than a batch of finals."""
-    worker = await _worker(batch_size=4, batch_wait_ms=BUDGET_MS, partials_behind_finals=True, partial_batch_size=2)
+    while finals wait is queued, not shed, and decodes after them, in a
+    batch of partials only."""
+    worker = await _worker(batch_size=4, batch_wait_ms=BUDGET_MS, partials_behind_finals=True)
     try:
         busy = await _busy(worker, jfk_audio)
         order: list[str] = []
@@ -284,8 +284,9 @@ async def test_partials_can_queue_behind_finals_in_batches_of_their_own(quilter,
         await busy
         assert order[:3] == ["final-0", "final-1", "final-2"], order
         assert {results[f"final-{i}"].batch_size for i in range(3)} == {3}
-        # Three partials, at most two to a batch.
-        assert sorted(results[f"partial-{i}"].batch_size for i in range(3)) == [1, 2, 2]
+        # The three partials shared one decode of their own, after the finals.
+        assert {results[f"partial-{i}"].batch_size for i in range(3)} == {3}
+        assert sorted(order[3:]) == ["partial-0", "partial-1", "partial-2"], order
     finally:
         await worker.close()
 
@@ -354,9 +355,8 @@ def test_cli_flags_set_batching():
     assert config_from_args(build_parser().parse_args(given)).asr.partial_budget == 0.2
     # Partials behind finals: off on either device (H200: finals p95 66 ms against 100 at 256 calls), unless given.
     assert (defaults.partials_behind_finals, gpu.partials_behind_finals) == (False, False)
-    flag = ["serve", "--asr-device", "cuda", "--asr-partials-behind-finals", "--asr-partial-batch-size", "4"]
-    behind = config_from_args(build_parser().parse_args(flag)).asr
-    assert (behind.partials_behind_finals, behind.partial_batch_size) == (True, 4)
+    flag = ["serve", "--asr-device", "cuda", "--asr-partials-behind-finals"]
+    assert config_from_args(build_parser().parse_args(flag)).asr.partials_behind_finals is True
 
 
 def _stats_of_threads(name: str) -> list[list[str]]:

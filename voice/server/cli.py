@@ -369,12 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="queue a partial submitted while finals wait instead of shedding it: more live captions, later finals",
     )
-    serve.add_argument(
-        "--asr-partial-batch-size",
-        type=int,
-        default=ASRConfig.partial_batch_size,
-        help="the most decodes a batch of partials alone takes (0: --asr-batch-size)",
-    )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     # Limits and admission (voice/limits.py, voice/admission.py).
@@ -597,7 +591,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
         partial_budget=None if args.asr_partial_budget is None else max(0.0, args.asr_partial_budget),
         partials_behind_finals=args.asr_partials_behind_finals,
-        partial_batch_size=max(0, args.asr_partial_batch_size),
     )
     if asr.adaptive_endpoint and asr.end_of_turn != "adaptive":
         # Load Smart Turn now: a missing model is a startup error, not a
