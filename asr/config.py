@@ -47,6 +47,17 @@ class ASRConfig:
     # threads have this nice value, so only partials rank below the LLM.
     # Decodes still run one batch at a time.
     finals_nice: int | None = None
+    # Decode in a child process of their own (asr/lanes.py) instead of a
+    # thread of the server: the decoder never waits for the server's GIL,
+    # and a decoder crash fails only the decodes it was running (a new
+    # child starts) instead of taking every call down with the server.
+    # None: on a CPU, where two bench runs on 2 cores (README "Capacity")
+    # had it faster (decode p50 98 against 116 ms at 8 calls, TTFS p50 562
+    # against 601); not yet on a GPU, where a batch's audio would cross the
+    # process boundary by pickle (unmeasured). A script that builds an
+    # ASRWorker itself needs the `if __name__ == "__main__":` guard, as
+    # for any spawned child.
+    decoder_process: bool | None = None
     language: str | None = "en"
     beam_size: int = 1
     # Whisper's encoder is trained on 30 s windows; a shorter window is much
@@ -187,8 +198,10 @@ class ASRConfig:
     pre_speech_pad_s: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.partial_budget is None:
+        if self.batch_size <= 0 or self.partial_budget is None or self.decoder_process is None:
             gpu = on_gpu(self.device)
+            if self.decoder_process is None:
+                self.decoder_process = not gpu
             if self.batch_size <= 0:
                 self.batch_size = 16 if gpu else 1
             if self.partial_budget is None:

@@ -1,7 +1,8 @@
 """One ASR worker shared by every call on the server.
 
-Whisper decodes run on a single thread (CTranslate2 already uses all the
-cores it is given), so calls queue for it. The queue is ordered by
+Whisper decodes run one at a time (CTranslate2 already uses all the cores
+it is given), on a thread of the server or in a process of their own
+(``asr/lanes.py``), so calls queue for it. The queue is ordered by
 deadline class: a *final* decode (a caller is waiting for a reply) always
 goes before a *partial* one, and each call has at most one partial waiting;
 a newer partial replaces the older one instead of queueing behind it. That
@@ -50,16 +51,15 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from asr.config import ASRConfig
+from asr.lanes import DecoderLane, make_lane
 from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, window_for
 from streaming.fair_share import LowPriority
 from streaming.rate import TokenBucket
-from streaming.threads import lower_os_thread_priority, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -97,36 +97,21 @@ class _Job:
         return not self.future.done()
 
 
-def _decoder_thread(name: str, nice: int) -> None:
-    # Before the model loads: CTranslate2's threads start from this one and
-    # inherit its name and rank.
-    name_os_thread(name)
-    lower_os_thread_priority(nice)
-
-
 class ASRWorker:
     def __init__(self, config: ASRConfig, low: LowPriority | None = None) -> None:
         self.config = config
         # Calls feeding audio faster than real time: served after the others.
         self.low = low if low is not None else LowPriority(0)
-        self.decoder: WhisperDecoder | None = None
         # Named for the OS too: the decoder's own threads start from it and
-        # carry the name (per-stage CPU in benchmarks/bench.py).
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="asr", initializer=_decoder_thread, initargs=("asr", config.nice)
-        )
+        # carry the name (per-stage CPU in benchmarks/bench.py). A thread of
+        # this process, or a process of its own (asr/lanes.py).
+        self.lane = make_lane(config, "asr", config.nice, self._decoder_restarted)
         # Finals on a decoder of their own (ASRConfig.finals_nice, at that
         # rank, even the same one): a second model copy on its own threads,
         # so a final never waits for a partial's decode to end. None: finals
         # use the decoder above.
-        self.finals_decoder: WhisperDecoder | None = None
-        self._finals_executor = (
-            ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix="asr-final",
-                initializer=_decoder_thread,
-                initargs=("asr-final", config.finals_nice),
-            )
+        self.finals_lane = (
+            make_lane(config, "asr-final", config.finals_nice, self._decoder_restarted)
             if config.finals_nice is not None
             else None
         )
@@ -139,6 +124,9 @@ class ASRWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.decodes = {FINAL: 0, PARTIAL: 0}
+        # Decoder processes that died and were started again (asr/lanes.py), and its observer (metrics).
+        self.decoder_restarts = 0
+        self.on_decoder_restart: Callable[[], None] | None = None
         # Observer for decode durations (final?, seconds): the server's metrics.
         self.on_decode: Callable[[bool, float], None] | None = None
         self.shed_partials = 0
@@ -157,20 +145,31 @@ class ASRWorker:
         self.over_budget_partials = 0
         self.on_over_budget: Callable[[], None] | None = None  # the server's metrics
 
+    def _decoder_restarted(self) -> None:
+        self.decoder_restarts += 1
+        if self.on_decoder_restart is not None:
+            self.on_decoder_restart()
+
+    @property
+    def decoder(self) -> WhisperDecoder | None:
+        """The model, where it is in this process (None in a decoder process)."""
+        return self.lane.decoder
+
+    @property
+    def finals_decoder(self) -> WhisperDecoder | None:
+        return self.finals_lane.decoder if self.finals_lane is not None else None
+
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.decoder = await loop.run_in_executor(self._executor, WhisperDecoder, self.config)
-        lanes = [(self._executor, self.decoder)]
-        if self._finals_executor is not None:
-            self.finals_decoder = await loop.run_in_executor(self._finals_executor, WhisperDecoder, self.config)
-            lanes.append((self._finals_executor, self.finals_decoder))
+        lanes = [self.lane] if self.finals_lane is None else [self.lane, self.finals_lane]
+        for lane in lanes:
+            await lane.start()
         # Warm-up decode: the first CTranslate2 call allocates its buffers; a
         # full batch too, so the first busy moment does not pay for it.
         silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
-        for executor, decoder in lanes:
-            await loop.run_in_executor(executor, decoder.decode, silence)
+        for lane in lanes:
+            await lane.decode(silence)
             if self.config.batch_size > 1:
-                await loop.run_in_executor(executor, decoder.decode_batch, [silence] * self.config.batch_size)
+                await lane.decode_batch([silence] * self.config.batch_size)
         self._task = asyncio.create_task(self._run(), name="asr-worker")
 
     async def close(self) -> None:
@@ -180,18 +179,16 @@ class ASRWorker:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._finals_executor is not None:
-            self._finals_executor.shutdown(wait=False, cancel_futures=True)
+        self.lane.close()
+        if self.finals_lane is not None:
+            self.finals_lane.close()
 
-    def _lane(self, batch: list[_Job]) -> tuple[ThreadPoolExecutor, WhisperDecoder]:
+    def _lane(self, batch: list[_Job]) -> DecoderLane:
         """Where a batch decodes: a batch holding a final goes to the finals'
         decoder when they have their own rank."""
-        if self._finals_executor is not None and any(job.priority == FINAL for job in batch):
-            assert self.finals_decoder is not None
-            return self._finals_executor, self.finals_decoder
-        assert self.decoder is not None
-        return self._executor, self.decoder
+        if self.finals_lane is not None and any(job.priority == FINAL for job in batch):
+            return self.finals_lane
+        return self.lane
 
     @property
     def queue_depth(self) -> int:
@@ -336,14 +333,12 @@ class ASRWorker:
                 self.in_flight = 0
 
     async def _decode(self, batch: list[_Job]) -> None:
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         if len(batch) == 1:
             await self._decode_one(batch[0], started)
             return
-        executor, decoder = self._lane(batch)
         try:
-            results = await loop.run_in_executor(executor, decoder.decode_batch, [job.audio for job in batch])
+            results = await self._lane(batch).decode_batch([job.audio for job in batch])
         except Exception:
             # One malformed item or an out-of-memory on the batch: decode each
             # item alone (in serving order), so only a bad item fails its job.
@@ -361,10 +356,8 @@ class ASRWorker:
             self._deliver(job, result, started)
 
     async def _decode_one(self, job: _Job, started: float) -> None:
-        loop = asyncio.get_running_loop()
-        executor, decoder = self._lane([job])
         try:
-            result = await loop.run_in_executor(executor, decoder.decode, job.audio)
+            result = await self._lane([job]).decode(job.audio)
         except Exception as exc:  # one bad decode fails one turn, not the server
             log.exception("ASR decode failed for call %s", job.call_id)
             if job.live:

@@ -123,6 +123,9 @@ SYSTEMS: dict[str, System] = {
                "repacks for AVX2/AVX-512; the Q8_0 token embedding kept since b8d2d87), not Q8_0 "
                "(--llm-embedded-quant Q4_0)", ["--llm-embedded-quant", "Q4_0"],
                ALL_PROTOCOLS),
+        System("firstline-asr-thread", "firstline", "firstline decoding Whisper on a thread of the server "
+               "(--no-asr-process), not in a process of its own (the CPU default since it was measured)",
+               ["--no-asr-process"], ALL_PROTOCOLS),
         System("firstline-first-clause", "firstline", "firstline with a reply's first piece sent at its first "
                "clause boundary once it has 5 words, ahead of its sentence's rest (--first-clause-words 5)",
                ["--first-clause-words", "5"], ALL_PROTOCOLS),
@@ -378,7 +381,9 @@ class CpuMeter:
 
     def by_stage(self) -> dict[str, float]:
         """CPU seconds so far by stage. Children of a server are its LLM
-        engine (llm.openai_server, vLLM's engine core): all theirs is LLM."""
+        engine (llm.openai_server, vLLM's engine core): theirs is LLM, but
+        for a Whisper decoder process (--asr-process), whose threads carry
+        the decoder's name."""
         import psutil
 
         out = dict.fromkeys(STAGES, 0.0)
@@ -388,8 +393,10 @@ class CpuMeter:
                     out[stage] += seconds
                 for child in root.children(recursive=True):
                     with contextlib.suppress(psutil.Error):
-                        t = child.cpu_times()
-                        out["llm"] += t.user + t.system
+                        t = child.cpu_times()  # with the threads that have ended
+                        asr = thread_cpu(child.pid).get("asr", 0.0)
+                        out["asr"] += asr
+                        out["llm"] += t.user + t.system - asr
         return out
 
     def _tree(self) -> list[Any]:

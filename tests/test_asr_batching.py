@@ -32,6 +32,10 @@ async def _worker(**overrides: Any) -> ASRWorker:
     # The ordering tests decode partials back to back, faster than any call
     # would: without the partials' decoder budget (tested on its own below).
     overrides.setdefault("partial_budget", 0.0)
+    # In a thread of this process: these test the scheduler, and some read
+    # the decoder threads' CPU from /proc (tests/test_asr_lanes.py tests the
+    # decoder process).
+    overrides.setdefault("decoder_process", False)
     worker = ASRWorker(ASRConfig(**overrides))
     await worker.start()
     return worker

@@ -185,20 +185,21 @@ async def test_a_line_that_goes_quiet_mid_turn_still_gets_its_turn_ended(call_ur
 
 
 async def test_an_asr_failure_fails_one_turn_not_the_call(server, call_url, monkeypatch):
-    """Fault injection into the real decoder: its next decode raises (what a
-    CUDA OOM or a broken model file does). That turn gets an ``asr_failed``
-    error; the call stays up and its next turn is transcribed and answered."""
-    decoder = server.runtime.asr.decoder
-    real_decode = decoder.decode
+    """Fault injection into the real decoder's lane: its next decode raises
+    (what a CUDA OOM or a broken model file does). That turn gets an
+    ``asr_failed`` error; the call stays up and its next turn is transcribed
+    and answered. (A decoder process that dies: tests/test_asr_lanes.py.)"""
+    lane = server.runtime.asr.lane
+    real_decode = lane.decode
     failed: list[int] = []
 
-    def decode_failing_once(audio):
+    async def decode_failing_once(audio):
         if not failed:
             failed.append(len(audio))
             raise RuntimeError("injected decoder fault")
-        return real_decode(audio)
+        return await real_decode(audio)
 
-    monkeypatch.setattr(decoder, "decode", decode_failing_once)
+    monkeypatch.setattr(lane, "decode", decode_failing_once)
     first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")  # one turn each
     async with NativeCaller(call_url) as caller:
         await caller.start("mulaw", 8000, options={"partials": False})

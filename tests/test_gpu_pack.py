@@ -12,6 +12,7 @@ from pathlib import Path
 
 from asr.config import ASRConfig
 from asr.models import resolve_whisper_model
+from asr.wer import word_error_rate
 from asr.whisper import WhisperDecoder
 from benchmarks.corpus import Utterance, through_phone_line
 from benchmarks.gpu.shrink_whisper import read_model_bin, shrink
@@ -29,8 +30,11 @@ def test_int8_resave_is_smaller_and_decodes_like_the_original(tmp_path: Path, jf
     assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == sorted(p.name for p in src.iterdir())
     audio = through_phone_line(jfk.load(8000))
     texts = [WhisperDecoder(ASRConfig(model=str(m))).decode(audio).text for m in (src, tmp_path / "int8")]
-    assert texts[0] == texts[1]
-    assert "country" in texts[1]
+    # Word for word on the Xeon this was written on; on an AMD EPYC the two
+    # int8 paths (quantized at load vs on disk) round one logit apart and
+    # "American" came back "America". One word in 21 at most, then.
+    assert word_error_rate(texts[0], texts[1]) <= 0.05, texts
+    assert word_error_rate(jfk.reference, texts[1]) <= 0.15, texts[1]
 
 
 def test_a_model_it_cannot_read_is_a_clear_error(tmp_path: Path) -> None:

@@ -285,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         "every core; 0: same rank)",
     )
     serve.add_argument(
+        "--asr-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the Whisper decoder in a child process of its own: it never waits for the server's GIL, and a "
+        "decoder crash costs the decodes it was running, not the server (a new one starts). Default: on a CPU, "
+        "off on a GPU",
+    )
+    serve.add_argument(
         "--asr-finals-nice",
         type=int,
         default=ASRConfig.finals_nice,
@@ -576,6 +584,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.asr_threads if args.asr_threads > 0 else decoder_threads_for(os.cpu_count() or 2),
         nice=max(0, min(19, args.asr_nice)),
         finals_nice=None if args.asr_finals_nice is None else max(0, min(19, args.asr_finals_nice)),
+        decoder_process=args.asr_process,
         endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
         partials=not args.no_partials,
         preemptive=not args.no_preemptive,

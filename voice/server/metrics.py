@@ -120,6 +120,11 @@ class Metrics:
             "Times a reply whose first sentence was out stopped generating while another turn waited for its first",
             registry=r,
         )
+        self.asr_decoder_restarts = Counter(
+            "firstline_asr_decoder_restarts_total",
+            "Whisper decoder processes that died and were started again (--asr-process)",
+            registry=r,
+        )
         self.asr_queue = Gauge("firstline_asr_queue_depth", "Decodes waiting for the ASR worker", registry=r)
         # Work that only buys latency when the machine has room for it.
         self.partials_over_budget = Counter(

@@ -51,6 +51,7 @@ class Runtime:
         self.metrics.bind_gauges(lambda: self.active_calls, lambda: self.asr.queue_depth)
         self.asr.on_decode = self.metrics.observe_asr_decode
         self.asr.on_over_budget = self.metrics.partials_over_budget.inc
+        self.asr.on_decoder_restart = self.metrics.asr_decoder_restarts.inc
         self.metrics.bind_engine(self.engine)
         self.low_priority.on_mark = self.metrics.low_priority.inc
         self.reply_gate.on_wait = self.metrics.reply_gate_waits.inc

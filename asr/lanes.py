@@ -1,0 +1,182 @@
+"""Where Whisper decodes run: a thread of the server, or a process of their own.
+
+:class:`asr.worker.ASRWorker` decides what to decode and when; a lane is
+where it happens, one decode (or batch) at a time.
+
+- :class:`ThreadLane`: a thread of the server process (on a GPU by default).
+- :class:`ProcessLane` (``ASRConfig.decoder_process``, on a CPU by default): a child process
+  holding its own copy of the model. The decode never waits for the server's
+  GIL between its native calls (the event loop, the TTS and the LLM clients'
+  callbacks all take it), and a decoder that crashes (a CUDA fault, a
+  segfault in native code, the OOM killer) takes only the decodes it was
+  running with it: the lane starts a new child and the calls go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+import numpy as np
+
+from asr.config import ASRConfig
+from asr.whisper import Decoded, WhisperDecoder
+from streaming.threads import lower_os_thread_priority, name_os_thread, one_blas_thread
+
+log = logging.getLogger(__name__)
+
+
+class DecoderCrashed(RuntimeError):
+    """The decoder's process died while this decode ran (the lane has started
+    a new one)."""
+
+
+class DecoderLane(Protocol):
+    async def start(self) -> None: ...
+    async def decode(self, audio: np.ndarray) -> Decoded: ...
+    async def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]: ...
+    def close(self) -> None: ...
+
+
+def decoder_thread_setup(name: str, nice: int) -> None:
+    # Before the model loads: CTranslate2's threads start from this one and
+    # inherit its name (per-stage CPU in benchmarks/bench.py) and rank.
+    name_os_thread(name)
+    lower_os_thread_priority(nice)
+
+
+class ThreadLane:
+    """Decodes on one thread of the server process."""
+
+    def __init__(self, config: ASRConfig, name: str, nice: int) -> None:
+        self.config = config
+        self.decoder: WhisperDecoder | None = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name, initializer=decoder_thread_setup, initargs=(name, nice)
+        )
+
+    async def start(self) -> None:
+        self.decoder = await asyncio.get_running_loop().run_in_executor(self._executor, WhisperDecoder, self.config)
+
+    async def decode(self, audio: np.ndarray) -> Decoded:
+        assert self.decoder is not None, "start() first"
+        # Looked up at each call: a test may replace the decoder's method.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.decoder.decode, audio)
+
+    async def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
+        assert self.decoder is not None, "start() first"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.decoder.decode_batch, audios)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- the child process's side ------------------------------------------------
+
+_CHILD_DECODER: WhisperDecoder | None = None
+
+
+def _child_load(config: ASRConfig, name: str, nice: int) -> int:
+    """Runs in the child: load the model there; returns the child's pid."""
+    global _CHILD_DECODER
+    decoder_thread_setup(name, nice)
+    one_blas_thread()  # as in the server (streaming/threads.py): no spinning BLAS pool beside the decoder
+    _CHILD_DECODER = WhisperDecoder(config)
+    return os.getpid()
+
+
+def _child_decode(audio: np.ndarray) -> Decoded:
+    assert _CHILD_DECODER is not None
+    return _CHILD_DECODER.decode(audio)
+
+
+def _child_decode_batch(audios: Sequence[np.ndarray]) -> list[Decoded]:
+    assert _CHILD_DECODER is not None
+    return _CHILD_DECODER.decode_batch(audios)
+
+
+class ProcessLane:
+    """Decodes in a child process of their own, started again if it dies."""
+
+    def __init__(self, config: ASRConfig, name: str, nice: int, on_restart: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.on_restart = on_restart  # the server's metrics
+        self.name = name
+        self.nice = nice
+        self.decoder = None  # the model lives in the child
+        self.pid: int | None = None
+        self.restarts = 0
+        self._pool: ProcessPoolExecutor | None = None
+        self._closed = False
+        self._restarting: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # "spawn", not fork: the server has threads (the event loop's helpers,
+        # ONNX Runtime's, the LLM clients'), and a forked child would inherit
+        # their locks in whatever state they were.
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            pid = await asyncio.get_running_loop().run_in_executor(pool, _child_load, self.config, self.name, self.nice)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        self._pool, self.pid = pool, pid
+
+    async def decode(self, audio: np.ndarray) -> Decoded:
+        return await self._run(_child_decode, audio)
+
+    async def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
+        return await self._run(_child_decode_batch, list(audios))
+
+    async def _run(self, fn: Any, arg: Any) -> Any:
+        if self._pool is None and self._restarting is None and not self._closed and self.pid is not None:
+            # A restart failed earlier: each decode tries again.
+            self._restarting = asyncio.create_task(self._restart(None), name=f"{self.name}-restart")
+        if self._restarting is not None:
+            await asyncio.shield(self._restarting)
+        pool = self._pool
+        if pool is None:
+            raise DecoderCrashed("the Whisper decoder process is not running (it could not be started again)")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, arg)
+        except BrokenProcessPool as exc:
+            pid = self.pid
+            if self._restarting is None and pool is self._pool and not self._closed:
+                self._restarting = asyncio.create_task(self._restart(pool), name=f"{self.name}-restart")
+            raise DecoderCrashed(f"the Whisper decoder process (pid {pid}) died during this decode") from exc
+
+    async def _restart(self, broken: ProcessPoolExecutor | None) -> None:
+        self.restarts += 1
+        if broken is not None:
+            log.error("the Whisper decoder process %s died; starting a new one (restart %d)", self.pid, self.restarts)
+            broken.shutdown(wait=False, cancel_futures=True)
+            if self.on_restart is not None:
+                self.on_restart()
+        self._pool = None
+        try:
+            await self.start()
+        except Exception:
+            # The next decode fails with a clear error and tries again.
+            log.exception("the Whisper decoder process could not be started again")
+        finally:
+            self._restarting = None
+
+    def close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def make_lane(
+    config: ASRConfig, name: str, nice: int, on_restart: Callable[[], None] | None = None
+) -> ThreadLane | ProcessLane:
+    if config.decoder_process:
+        return ProcessLane(config, name, nice, on_restart)
+    return ThreadLane(config, name, nice)

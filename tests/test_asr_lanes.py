@@ -1,0 +1,96 @@
+"""The Whisper decoder in a child process of its own (asr/lanes.py): the same
+words as the in-process decoder, and a decoder that dies costs the decodes
+it was running, not the server: real model, real speech, a real SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from asr.config import ASRConfig
+from asr.lanes import DecoderCrashed, ProcessLane
+from asr.wer import word_error_rate
+from asr.worker import ASRWorker
+from benchmarks.client import NativeCaller
+from tests.conftest import with_silence
+from tests.transport_checks import by_name
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def process_worker():
+    worker = ASRWorker(ASRConfig(decoder_process=True, threads=1))
+    await worker.start()
+    yield worker
+    await worker.close()
+
+
+async def test_a_decoder_process_hears_what_the_server_thread_hears(server, process_worker, jfk):
+    audio = jfk.load(16000)
+    assert process_worker.decoder is None, "the model must live in the child, not in this process"
+    lane = process_worker.lane
+    assert isinstance(lane, ProcessLane) and lane.pid not in (None, os.getpid())
+    in_child = await process_worker.submit("lanes-a", audio, final=True)
+    in_thread = await server.runtime.asr.submit("lanes-b", audio, final=True)
+    assert in_child.text == in_thread.text, (in_child.text, in_thread.text)
+    assert word_error_rate(jfk.reference, in_child.text) <= 0.15, in_child.text
+
+
+async def test_a_killed_decoder_process_fails_its_decode_and_comes_back(process_worker, jfk):
+    audio = jfk.load(16000)
+    lane = process_worker.lane
+    assert isinstance(lane, ProcessLane)
+    dead, restarts = lane.pid, lane.restarts
+    decoding = process_worker.submit("lanes-killed", audio, final=True)
+    await asyncio.sleep(0.02)  # handed to the child (its decode takes ~80 ms)
+    os.kill(dead, signal.SIGKILL)
+    with pytest.raises(DecoderCrashed, match="died during this decode"):
+        await decoding
+    # Another call's decode waits for the new child instead of failing too.
+    after = await asyncio.wait_for(process_worker.submit("lanes-next", audio, final=True), timeout=60)
+    assert word_error_rate(jfk.reference, after.text) <= 0.15, after.text
+    assert lane.restarts == restarts + 1 and lane.pid not in (None, dead)
+
+
+async def test_a_call_outlives_its_decoder_process(server, call_url, monkeypatch):
+    """Server level: the child dies under a call. That turn gets
+    ``asr_failed``; the call stays up and its next turn is answered."""
+    worker = ASRWorker(ASRConfig(decoder_process=True, threads=1), server.runtime.low_priority)
+    await worker.start()
+    monkeypatch.setattr(server.runtime, "asr", worker)  # calls placed from here on decode in the child
+    try:
+        first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")
+        async with NativeCaller(call_url) as caller:
+            await caller.start("mulaw", 8000, options={"partials": False})
+            lane = worker.lane
+            assert isinstance(lane, ProcessLane) and lane.pid is not None
+            os.kill(lane.pid, signal.SIGKILL)
+            await caller.play(with_silence(first.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+            error = await caller.wait_for("error", timeout=30)
+            assert error["code"] == "asr_failed", error
+            await caller.play(with_silence(second.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+            final = await caller.wait_for("transcript.final", timeout=60)
+            assert word_error_rate(second.reference, final["text"]) <= 0.5, (second.reference, final["text"])
+            done = await caller.wait_for("response.done", timeout=60, turn=final["turn"])
+            assert done["text"] and not done["cancelled"]
+            assert lane.restarts == 1
+    finally:
+        await worker.close()
+
+
+async def test_a_bad_input_fails_in_the_child_with_its_own_error(process_worker):
+    """A malformed array is refused by the decoder in the child; the error
+    that comes back is the decoder's, the child lives on, and the next
+    decode is served."""
+    lane = process_worker.lane
+    assert isinstance(lane, ProcessLane)
+    pid, restarts = lane.pid, lane.restarts
+    with pytest.raises(ValueError, match="expected mono audio"):
+        await lane.decode(np.zeros((16000, 2), dtype=np.float32))
+    silence = await lane.decode(np.zeros(16000, dtype=np.float32))
+    assert isinstance(silence.text, str)
+    assert lane.pid == pid and lane.restarts == restarts
