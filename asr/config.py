@@ -51,12 +51,12 @@ class ASRConfig:
     # thread of the server: the decoder never waits for the server's GIL,
     # and a decoder crash fails only the decodes it was running (a new
     # child starts) instead of taking every call down with the server.
-    # None: on a CPU, where two bench runs on 2 cores (README "Capacity")
-    # had it faster (decode p50 98 against 116 ms at 8 calls, TTFS p50 562
-    # against 601); not yet on a GPU, where a batch's audio would cross the
-    # process boundary by pickle (unmeasured). A script that builds an
-    # ASRWorker itself needs the `if __name__ == "__main__":` guard, as
-    # for any spawned child.
+    # None: on a CPU, where two bench runs on 2 cores (README "Capacity",
+    # benchmarks/results/bench_asr_process*) had it even at 8 calls and
+    # with fewer slow turns at 12 (p95 974 against 1332 ms, pooled); not
+    # yet on a GPU, where a batch's audio would cross the process boundary
+    # by pickle (unmeasured). A script that builds an ASRWorker itself
+    # needs the `if __name__ == "__main__":` guard, as for any spawned child.
     decoder_process: bool | None = None
     language: str | None = "en"
     beam_size: int = 1

@@ -161,6 +161,8 @@ class ProcessLane:
         self._pool = None
         try:
             await self.start()
+            if self._closed:  # closed while the new child was loading
+                self.close()
         except Exception:
             # The next decode fails with a clear error and tries again.
             log.exception("the Whisper decoder process could not be started again")
