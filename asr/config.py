@@ -58,6 +58,14 @@ class ASRConfig:
     # by pickle (unmeasured). A script that builds an ASRWorker itself
     # needs the `if __name__ == "__main__":` guard, as for any spawned child.
     decoder_process: bool | None = None
+    # A decode in a decoder process that runs longer than this is taken for
+    # hung (a native deadlock, a GPU that stopped answering): the child is
+    # killed, that decode fails and a new child starts, instead of every
+    # call's ASR waiting behind it for ever. Far above any real decode
+    # (tiny.en: well under a second for a 30 s window here); raise it for a
+    # large model on a slow CPU. 0: no limit. A decoder thread cannot be
+    # stopped, so it has none.
+    decode_timeout_s: float = 60.0
     language: str | None = "en"
     beam_size: int = 1
     # Whisper's encoder is trained on 30 s windows; a shorter window is much

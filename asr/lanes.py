@@ -15,9 +15,11 @@ where it happens, one decode (or batch) at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -112,6 +114,7 @@ class ProcessLane:
         self.decoder = None  # the model lives in the child
         self.pid: int | None = None
         self.restarts = 0
+        self.timeout_s = config.decode_timeout_s  # ASRConfig.decode_timeout_s
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
         self._restarting: asyncio.Task[None] | None = None
@@ -143,13 +146,29 @@ class ProcessLane:
         pool = self._pool
         if pool is None:
             raise DecoderCrashed("the Whisper decoder process is not running (it could not be started again)")
+        pid = self.pid
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, arg)
+            running = asyncio.get_running_loop().run_in_executor(pool, fn, arg)
+            if self.timeout_s > 0:
+                return await asyncio.wait_for(running, self.timeout_s)
+            return await running
         except BrokenProcessPool as exc:
-            pid = self.pid
-            if self._restarting is None and pool is self._pool and not self._closed:
-                self._restarting = asyncio.create_task(self._restart(pool), name=f"{self.name}-restart")
+            self._restart_once(pool)
             raise DecoderCrashed(f"the Whisper decoder process (pid {pid}) died during this decode") from exc
+        except TimeoutError as exc:
+            log.error("a decode in the Whisper decoder process %s ran over %.0f s: killing it", pid, self.timeout_s)
+            if pid is not None and pool is self._pool:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self._restart_once(pool)
+            raise DecoderCrashed(
+                f"the Whisper decoder process (pid {pid}) took longer than {self.timeout_s:g} s; it was killed"
+            ) from exc
+
+    def _restart_once(self, broken: ProcessPoolExecutor) -> None:
+        """Start a new child unless one is already starting for this pool."""
+        if self._restarting is None and broken is self._pool and not self._closed:
+            self._restarting = asyncio.create_task(self._restart(broken), name=f"{self.name}-restart")
 
     async def _restart(self, broken: ProcessPoolExecutor | None) -> None:
         self.restarts += 1

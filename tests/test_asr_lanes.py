@@ -94,3 +94,22 @@ async def test_a_bad_input_fails_in_the_child_with_its_own_error(process_worker)
     silence = await lane.decode(np.zeros(16000, dtype=np.float32))
     assert isinstance(silence.text, str)
     assert lane.pid == pid and lane.restarts == restarts
+
+
+async def test_a_hung_decode_is_killed_and_the_lane_comes_back(jfk):
+    """A decode that runs past the lane's limit is taken for hung: its child
+    is killed, that decode fails with a clear error, a new child serves the
+    next one. (The limit is set below one real decode to stand in for a hang.)"""
+    audio = jfk.load(16000)
+    lane = ProcessLane(ASRConfig(threads=1, decode_timeout_s=0.02), "asr", 0)
+    await lane.start()
+    try:
+        first = lane.pid
+        with pytest.raises(DecoderCrashed, match=r"took longer than 0\.02 s"):
+            await lane.decode(audio)
+        lane.timeout_s = 60.0
+        after = await lane.decode(audio)
+        assert word_error_rate(jfk.reference, after.text) <= 0.15, after.text
+        assert lane.restarts == 1 and lane.pid not in (None, first)
+    finally:
+        lane.close()

@@ -293,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         "off on a GPU",
     )
     serve.add_argument(
+        "--asr-decode-timeout-s",
+        type=float,
+        default=ASRConfig.decode_timeout_s,
+        help="a decode in the decoder process running longer than this is taken for hung: the process is killed, "
+        "that turn fails and a new one starts (default %(default)s; 0: no limit)",
+    )
+    serve.add_argument(
         "--asr-finals-nice",
         type=int,
         default=ASRConfig.finals_nice,
@@ -585,6 +592,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         nice=max(0, min(19, args.asr_nice)),
         finals_nice=None if args.asr_finals_nice is None else max(0, min(19, args.asr_finals_nice)),
         decoder_process=args.asr_process,
+        decode_timeout_s=max(0.0, args.asr_decode_timeout_s),
         endpoint_silence_s=args.endpoint_silence_ms / 1000.0,
         partials=not args.no_partials,
         preemptive=not args.no_preemptive,
