@@ -62,9 +62,9 @@ class ASRConfig:
     # hung (a native deadlock, a GPU that stopped answering): the child is
     # killed, that decode fails and a new child starts, instead of every
     # call's ASR waiting behind it for ever. Far above any real decode
-    # (tiny.en: well under a second for a 30 s window here); raise it for a
-    # large model on a slow CPU. 0: no limit. A decoder thread cannot be
-    # stopped, so it has none.
+    # (benchmarks/asr_padding.py times them); raise it for a large model on
+    # a slow CPU. 0: no limit. A decoder thread cannot be stopped, so it
+    # has none.
     decode_timeout_s: float = 60.0
     language: str | None = "en"
     beam_size: int = 1

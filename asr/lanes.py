@@ -68,7 +68,6 @@ class ThreadLane:
 
     async def decode(self, audio: np.ndarray) -> Decoded:
         assert self.decoder is not None, "start() first"
-        # Looked up at each call: a test may replace the decoder's method.
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.decoder.decode, audio)
 
     async def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
@@ -145,7 +144,8 @@ class ProcessLane:
             await asyncio.shield(self._restarting)
         pool = self._pool
         if pool is None:
-            raise DecoderCrashed("the Whisper decoder process is not running (it could not be started again)")
+            why = "the ASR worker is closed" if self._closed else "it could not be started again"
+            raise DecoderCrashed(f"the Whisper decoder process is not running ({why})")
         pid = self.pid
         try:
             running = asyncio.get_running_loop().run_in_executor(pool, fn, arg)

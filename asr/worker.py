@@ -124,8 +124,7 @@ class ASRWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.decodes = {FINAL: 0, PARTIAL: 0}
-        # Decoder processes that died and were started again (asr/lanes.py), and its observer (metrics).
-        self.decoder_restarts = 0
+        # Observer for a decoder process that died and was started again (asr/lanes.py): the server's metrics.
         self.on_decoder_restart: Callable[[], None] | None = None
         # Observer for decode durations (final?, seconds): the server's metrics.
         self.on_decode: Callable[[bool, float], None] | None = None
@@ -146,7 +145,6 @@ class ASRWorker:
         self.on_over_budget: Callable[[], None] | None = None  # the server's metrics
 
     def _decoder_restarted(self) -> None:
-        self.decoder_restarts += 1
         if self.on_decoder_restart is not None:
             self.on_decoder_restart()
 

@@ -15,6 +15,7 @@ import pytest_asyncio
 from asr.config import ASRConfig
 from asr.lanes import DecoderCrashed, ProcessLane
 from asr.wer import word_error_rate
+from asr.whisper import WhisperDecoder
 from asr.worker import ASRWorker
 from benchmarks.client import NativeCaller
 from tests.conftest import with_silence
@@ -29,14 +30,14 @@ async def process_worker():
     await worker.close()
 
 
-async def test_a_decoder_process_hears_what_the_server_thread_hears(server, process_worker, jfk):
+async def test_a_decoder_process_hears_what_a_decoder_in_this_process_hears(process_worker, jfk):
     audio = jfk.load(16000)
     assert process_worker.decoder is None, "the model must live in the child, not in this process"
     lane = process_worker.lane
     assert isinstance(lane, ProcessLane) and lane.pid not in (None, os.getpid())
     in_child = await process_worker.submit("lanes-a", audio, final=True)
-    in_thread = await server.runtime.asr.submit("lanes-b", audio, final=True)
-    assert in_child.text == in_thread.text, (in_child.text, in_thread.text)
+    here = await asyncio.to_thread(lambda: WhisperDecoder(ASRConfig(threads=1, decoder_process=False)).decode(audio))
+    assert in_child.text == here.text, (in_child.text, here.text)
     assert word_error_rate(jfk.reference, in_child.text) <= 0.15, in_child.text
 
 
@@ -60,6 +61,9 @@ async def test_a_call_outlives_its_decoder_process(server, call_url, monkeypatch
     """Server level: the child dies under a call. That turn gets
     ``asr_failed``; the call stays up and its next turn is answered."""
     worker = ASRWorker(ASRConfig(decoder_process=True, threads=1), server.runtime.low_priority)
+    worker.on_decoder_restart = server.runtime.asr.on_decoder_restart  # the server's metrics, as wired at startup
+    registry = server.runtime.metrics.registry
+    counted = registry.get_sample_value("firstline_asr_decoder_restarts_total") or 0.0
     await worker.start()
     monkeypatch.setattr(server.runtime, "asr", worker)  # calls placed from here on decode in the child
     try:
@@ -78,6 +82,7 @@ async def test_a_call_outlives_its_decoder_process(server, call_url, monkeypatch
             done = await caller.wait_for("response.done", timeout=60, turn=final["turn"])
             assert done["text"] and not done["cancelled"]
             assert lane.restarts == 1
+            assert registry.get_sample_value("firstline_asr_decoder_restarts_total") == counted + 1
     finally:
         await worker.close()
 
