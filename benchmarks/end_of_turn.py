@@ -88,6 +88,9 @@ class Case:
     pauses: list[Pause]
     final_start_s: float  # where the last piece of speech begins
     built: str  # "aligned" (cut inside one recording/synthesis) or "spliced" (TTS pieces)
+    # The agent's line the caller answers (spoken items): the server's probe
+    # sees the call's history, so this one sees that line before the words.
+    agent: str | None = None
 
 
 # ---- building the set ------------------------------------------------------
@@ -191,7 +194,7 @@ class Builder:
             built = "spliced"
         full, pauses, final_start = self._stitch(pieces, kinds)
         _mark_complete(pauses, item)
-        return Case(item["id"], item["text"], item["end"], full, pauses, final_start, built)
+        return Case(item["id"], item["text"], item["end"], full, pauses, final_start, built, item.get("agent"))
 
 
 def _mark_complete(pauses: list[Pause], item: dict[str, Any]) -> None:
@@ -234,6 +237,7 @@ class Inputs:
     text_p: float | None = None
     text_p_raw: float | None = None  # the same on Whisper's text as decoded (its final period kept)
     sentence_end_p: float | None = None  # P(. ? ! or end of message next), from the same prefill as text_p
+    sentence_end_p_alone: float | None = None  # the same without the agent's line before the words
     text_s: float = 0.0
     text_cpu_s: float = 0.0
 
@@ -265,12 +269,16 @@ class TextEndOfTurn:
         params.verbosity = -1
         self.server = xllamacpp.Server(params)
 
-    def probabilities(self, text: str, strip_period: bool = True) -> tuple[float, float]:
+    def probabilities(self, text: str, strip_period: bool = True, agent: str | None = None) -> tuple[float, float]:
         """(P(end of message), P(the sentence ends here)) right after the
         caller's words, from one prefill. ``strip_period``: Whisper's final
         punctuation off first, as the server does (llm/sentence_end.py says
-        why); False keeps it, to show what the period does."""
-        messages = [*self.head, {"role": "user", "content": text}]
+        why); False keeps it, to show what the period does. ``agent``: the
+        agent's line the caller answers, the last assistant message before
+        the words, where a call's history has it (a greeting lands there the
+        same way)."""
+        said = [{"role": "assistant", "content": agent}] if agent else []
+        messages = [*self.head, *said, {"role": "user", "content": text}]
         prompt = open_prompt(self.template.render, messages, strip=strip_period)
         body = {"prompt": prompt, "n_predict": 1, "n_probs": TOP_TOKENS, "temperature": 0}
         top = self.server.handle_completions(body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
@@ -300,9 +308,12 @@ class Features:
             inputs.smart_s, inputs.smart_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         if self.text_eot is not None:
             c0, t0 = time.process_time(), time.perf_counter()
-            inputs.text_p, inputs.sentence_end_p = self.text_eot.probabilities(decoded.text)
+            inputs.text_p, inputs.sentence_end_p = self.text_eot.probabilities(decoded.text, agent=case.agent)
             inputs.text_s, inputs.text_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-            inputs.text_p_raw = self.text_eot.probabilities(decoded.text, strip_period=False)[0]
+            inputs.text_p_raw = self.text_eot.probabilities(decoded.text, strip_period=False, agent=case.agent)[0]
+            inputs.sentence_end_p_alone = (
+                self.text_eot.probabilities(decoded.text)[1] if case.agent else inputs.sentence_end_p
+            )
         self._cache[key] = inputs
         return inputs
 
@@ -397,6 +408,15 @@ def _sentence_end(threshold: float) -> Callable[[Inputs, ASRConfig], Updates]:
     return decide
 
 
+def _without_agent(decide: Callable[[Inputs, ASRConfig], Updates]) -> Callable[[Inputs, ASRConfig], Updates]:
+    # The same rule on the LLM's view of the words alone, as if the call had
+    # no history: what the agent's line adds, measured beside it.
+    def without(i: Inputs, cfg: ASRConfig) -> Updates:
+        return decide(dataclasses.replace(i, sentence_end_p=i.sentence_end_p_alone), cfg)
+
+    return without
+
+
 def _scaled_with_both(i: Inputs, cfg: ASRConfig) -> Updates:
     # The window grows with the doubt of both, min + (1 - Ps * Pt) (max - min),
     # the word rules' veto standing.
@@ -485,6 +505,23 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
                 "smart+text",
             )
             for t in SENTENCE_END_THRESHOLDS
+        ]
+        default = ASRConfig.llm_sentence_end_threshold
+        out += [
+            Candidate(
+                f"LLM P(sentence ends here) >= {default:g}, without the agent's line",
+                ASRConfig(),
+                _without_agent(_sentence_end(default)),
+                se_cost,
+                "text",
+            ),
+            Candidate(
+                f"smart_turn_scaled+rules+llm, threshold {default:g}, without the agent's line",
+                ASRConfig(end_of_turn="smart_turn_scaled+rules+llm"),
+                _without_agent(_policy("smart_turn_scaled+rules+llm")),
+                both,
+                "smart+text",
+            ),
         ]
         out.append(
             Candidate(
@@ -628,27 +665,33 @@ def labelled_inputs(case: Case, vad: SileroVAD, features: Features) -> list[dict
                     "rule_window_s": endpoint_window(i.text, ASRConfig()),
                     "smart_p": i.smart_p,
                     "sentence_end_p": i.sentence_end_p,
+                    "sentence_end_p_alone": i.sentence_end_p_alone,
+                    "agent": case.agent,
                 }
             )
     return out
 
 
-def fitted_frontier(labelled: list[dict[str, Any]], cfg: ASRConfig) -> list[dict[str, float]]:
+def fitted_frontier(
+    labelled: list[dict[str, Any]], cfg: ASRConfig, text_key: str = "sentence_end_p"
+) -> list[dict[str, float]]:
     """The best any rule of one family does on this set, its three knobs
     fitted to the set itself (so an optimistic bound, not a candidate): the
     LLM's P(sentence ends) below ``lo`` waits max, else Smart Turn below
     ``st`` waits ``mid``, else min. Decisions as if every input were in at
     the pause; a non-end pause is cut when its window is shorter than the
     pause; delay at a true end is its window plus one 32 ms chunk. Returns
-    the Pareto points (no other point has fewer cut-offs at less delay)."""
-    items = [x for x in labelled if x["smart_p"] is not None and x["sentence_end_p"] is not None]
+    the Pareto points (no other point has fewer cut-offs at less delay).
+    ``text_key``: which LLM input (``sentence_end_p_alone``: without the
+    agent's line)."""
+    items = [x for x in labelled if x["smart_p"] is not None and x[text_key] is not None]
     pauses = [x for x in items if x["pause_s"] is not None]
     ends = [x for x in items if x["pause_s"] is None]
     if not pauses or not ends:
         return []
 
     def window(x: dict[str, Any], lo: float, st: float, mid: float) -> float:
-        if x["sentence_end_p"] < lo:
+        if x[text_key] < lo:
             return cfg.endpoint_max_s
         return mid if x["smart_p"] < st else cfg.endpoint_min_s
 
@@ -801,6 +844,7 @@ def main() -> None:
             "text_p": v.text_p,
             "text_p_raw": v.text_p_raw,
             "sentence_end_p": v.sentence_end_p,
+            "sentence_end_p_alone": v.sentence_end_p_alone,
             "decode_ms": round(v.decode_s * 1000, 1),
             "smart_ms": round(v.smart_s * 1000, 1),
             "text_ms": round(v.text_s * 1000, 1),
@@ -809,14 +853,17 @@ def main() -> None:
     ]
     labelled = [x for c in cases for x in labelled_inputs(c, vad, features)]
     front = fitted_frontier(labelled, ASRConfig())
-    if front:
-        at_450 = min((p["false_cutoff_rate"] for p in front if p["mean_delay_ms"] <= 450), default=None)
-        at_5 = min((p["mean_delay_ms"] for p in front if p["false_cutoff_rate"] <= 0.05), default=None)
+    front_alone = fitted_frontier(labelled, ASRConfig(), "sentence_end_p_alone")
+    n_labelled = len([x for x in labelled if x["pause_s"] is not None])
+    for what, points in (("", front), (", the LLM without the agent's line", front_alone)):
+        if not points:
+            continue
+        at_450 = min((p["false_cutoff_rate"] for p in points if p["mean_delay_ms"] <= 450), default=None)
+        at_5 = min((p["mean_delay_ms"] for p in points if p["false_cutoff_rate"] <= 0.05), default=None)
         print(
-            f"fitted to this set (an optimistic bound, {len([x for x in labelled if x['pause_s'] is not None])} "
-            f"labelled pauses found): fewest false cut-offs at <= 450 ms mean delay "
-            f"{'-' if at_450 is None else f'{at_450:.1%}'}; least mean delay at <= 5 % false cut-offs "
-            f"{'-' if at_5 is None else f'{at_5:.0f} ms'}"
+            f"fitted to this set{what} (an optimistic bound, {n_labelled} labelled pauses found): "
+            f"fewest false cut-offs at <= 450 ms mean delay {'-' if at_450 is None else f'{at_450:.1%}'}; "
+            f"least mean delay at <= 5 % false cut-offs {'-' if at_5 is None else f'{at_5:.0f} ms'}"
         )
     out = Path(ns.output)
     out.parent.mkdir(exist_ok=True)
@@ -843,6 +890,7 @@ def main() -> None:
                 "probes": probes,
                 "labelled_inputs": labelled,
                 "fitted_frontier": front,
+                "fitted_frontier_without_agent_line": front_alone,
             },
             indent=1,
         )
