@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from asr.config import END_OF_TURN_POLICIES, LLM_END_OF_TURN_POLICIES, ASRConfig
-from asr.endpointing import number_read_out
+from asr.endpointing import number_read_out, short_answer
 
 SMART_TURN_POLICIES = frozenset(p for p in END_OF_TURN_POLICIES if p.startswith("smart_turn"))
 
@@ -223,14 +223,17 @@ def _resolved(model_path: str | None) -> str:
 def asks_llm(words: str, rule_window: float | None, config: ASRConfig) -> bool:
     """Whether this pause's words go to the LLM for P(the sentence ends
     here): only under an LLM policy, and not where the answer could not
-    change the window: the words already wait the longest one, or end on a
+    change the window: the words already wait the longest one, end on a
     number read out in full (the rule counted its digits; a small LLM cannot,
-    and would hold "my zip code is 94107" as unfinished)."""
+    and would hold "my zip code is 94107" as unfinished), or are a short
+    answer on their own ("Yes.", "Tuesday.": SmolLM2 reads those as going
+    on, benchmarks/end_of_turn.py)."""
     return (
         config.end_of_turn in LLM_END_OF_TURN_POLICIES
         and bool(words)
         and not (rule_window is not None and rule_window >= config.endpoint_max_s)
         and not number_read_out(words)
+        and not short_answer(words)
     )
 
 

@@ -7,7 +7,8 @@ a turn that stops on a conjunction, filler, article or preposition ("and",
 "um", "the", "to") or on a bare number (a phone number or amount being
 read out) gets a long one, unless that number is read out in full: a field
 callers read digit by digit and whose length is fixed ("my zip code is
-94107", "the last four digits are 7703") is done at its last digit.
+94107", "the last four digits are 7703") is done at its last digit. A
+short answer on its own ("No.", "Yes, please.") is never held as unfinished.
 Whisper ends nearly every segment with a period, even mid-sentence, so the
 last *word* carries more signal than punctuation.
 
@@ -91,6 +92,39 @@ def number_read_out(text: str) -> bool:
     return any(pattern.search(name) and digits in lengths for pattern, lengths in NUMBER_FIELDS)
 
 
+# A whole turn made of these is an answer in itself ("Yes.", "No, thanks.",
+# "Sure.", "Tuesday."): the caller was asked something and answered. "no"
+# is a continuation word ("no more"), so without this "No." waited the
+# longest window; and a small LLM reads a lone "Yes." as a sentence that
+# goes on. A caller who does go on ("yes | and also...") is the resume
+# rule's to merge.
+_ANSWER_CORE = frozenset(
+    """
+    yes yeah yep yup no nope nah okay ok sure right correct exactly absolutely
+    definitely fine great perfect thanks thank all
+    monday tuesday wednesday thursday friday saturday sunday today tomorrow tonight
+    """.split()
+)
+_ANSWER_FILL = frozenset({"please", "you", "that's", "very", "much"})
+SHORT_ANSWER_WORDS = 3
+
+
+def short_answer(text: str) -> bool:
+    """The whole turn is a short answer on its own ("Yes.", "No, thank
+    you.", "That's right.", "Tuesday."): at most three words, each an answer
+    word or a polite one, at least one an answer word; not when Whisper
+    heard it go on (a trailing comma)."""
+    stripped = text.strip().lower()
+    if stripped.endswith((",", "-", "...", "…", ":")):
+        return False
+    words = _WORD.findall(stripped)
+    return (
+        0 < len(words) <= SHORT_ANSWER_WORDS
+        and all(w in _ANSWER_CORE or w in _ANSWER_FILL for w in words)
+        and any(w in _ANSWER_CORE for w in words)
+    )
+
+
 def ends_unfinished(text: str) -> bool:
     """The words so far stop where a speaker is almost never done."""
     words = _WORD.findall(text.lower())
@@ -109,6 +143,8 @@ def endpoint_window(text: str, config: ASRConfig) -> float:
         return config.endpoint_unsure_s
     if number_read_out(stripped):
         return config.endpoint_min_s
+    if short_answer(stripped):
+        return config.endpoint_unsure_s  # as any short turn: not held as unfinished ("No.")
     if stripped.endswith((",", "...", "…", "-", ":")) or ends_unfinished(stripped):
         return config.endpoint_max_s
     # Whisper closes fragments with a period too ("At the tone."), so a

@@ -14,7 +14,7 @@ import pytest
 
 from asr.config import ASRConfig
 from asr.end_of_turn import SmartTurn, SmartTurnMissing, asks_llm, decide_window, find_smart_turn_model
-from asr.endpointing import endpoint_window, number_read_out
+from asr.endpointing import endpoint_window, number_read_out, short_answer
 from asr.whisper import WhisperDecoder
 from benchmarks.end_of_turn import SPEC, Builder, Case
 from streaming.codecs import float_to_int16
@@ -144,6 +144,19 @@ def test_a_number_read_out_in_full_ends_the_turn() -> None:
     assert [t for t in not_done if number_read_out(t)] == []
 
 
+def test_a_short_answer_is_a_turn_of_its_own() -> None:
+    """A short answer ("Yes.", "No, thank you.", "Tuesday.") ends a turn like any short one
+    ("No." no longer waits the longest window for its "no"); words that go
+    on, or more than an answer, do not count."""
+    answers = ["Yes.", "No.", "no", "Okay.", "Sure.", "Tuesday.", "No, thank you.", "That's right.", "Yes, please."]
+    not_answers = ["No,", "Yes, and", "No more", "You.", "Please.", "Yes I need to change my address.", "the"]
+    assert [t for t in answers if not short_answer(t)] == []
+    assert [t for t in not_answers if short_answer(t)] == []
+    assert endpoint_window("No.", CFG) == CFG.endpoint_unsure_s
+    assert endpoint_window("No,", CFG) == CFG.endpoint_max_s
+    assert endpoint_window("No and", CFG) == CFG.endpoint_max_s
+
+
 def test_the_llm_is_asked_only_where_its_answer_could_change_the_window() -> None:
     """asks_llm, shared by the session and benchmarks/end_of_turn.py."""
     llm = dataclasses.replace(CFG, end_of_turn="smart_turn_scaled+rules+llm")
@@ -153,6 +166,8 @@ def test_the_llm_is_asked_only_where_its_answer_could_change_the_window() -> Non
     assert not asks_llm("Please enter your password.", lo, CFG)  # not an LLM policy
     assert not asks_llm("I want to pay my bill and", hi, llm)  # already the longest wait
     assert not asks_llm("My zip code is 94107.", lo, llm)  # the rule counted the digits
+    assert not asks_llm("Yes.", CFG.endpoint_unsure_s, llm)  # an answer on its own
+    assert asks_llm("Yes I need", CFG.endpoint_unsure_s, llm)
     assert not asks_llm("", None, llm)
 
 
