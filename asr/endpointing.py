@@ -41,6 +41,9 @@ CONTINUATION_WORDS = frozenset(
 OBJECT_PRONOUNS = frozenset({"you", "it"})
 
 _WORD = re.compile(r"[a-z0-9']+")
+# How Whisper writes words it heard go on: a trailing comma, dash, ellipsis
+# or colon.
+_GOES_ON = (",", "-", "...", "…", ":")
 
 # Fields read out digit by digit whose length says when they are complete,
 # as (what names the field, how many digits complete it). A field of free
@@ -76,7 +79,7 @@ def number_read_out(text: str) -> bool:
     with its year; False for a field cut short ("my zip code is 941") or a
     number of free length ("the order number is 45291")."""
     lowered = text.strip().lower()
-    if lowered.endswith((",", "-", "...", "…", ":")):
+    if lowered.endswith(_GOES_ON):
         return False  # Whisper heard the line go on
     if _TIME_OR_DATE.search(lowered):
         return True
@@ -101,7 +104,7 @@ def number_read_out(text: str) -> bool:
 _ANSWER_CORE = frozenset(
     """
     yes yeah yep yup no nope nah okay ok sure right correct exactly absolutely
-    definitely fine great perfect thanks thank all
+    definitely fine great perfect thanks thank
     monday tuesday wednesday thursday friday saturday sunday today tomorrow tonight
     """.split()
 )
@@ -115,7 +118,7 @@ def short_answer(text: str) -> bool:
     word or a polite one, at least one an answer word; not when Whisper
     heard it go on (a trailing comma)."""
     stripped = text.strip().lower()
-    if stripped.endswith((",", "-", "...", "…", ":")):
+    if stripped.endswith(_GOES_ON):
         return False
     words = _WORD.findall(stripped)
     return (
@@ -145,7 +148,7 @@ def endpoint_window(text: str, config: ASRConfig) -> float:
         return config.endpoint_min_s
     if short_answer(stripped):
         return config.endpoint_unsure_s  # as any short turn: not held as unfinished ("No.")
-    if stripped.endswith((",", "...", "…", "-", ":")) or ends_unfinished(stripped):
+    if stripped.endswith(_GOES_ON) or ends_unfinished(stripped):
         return config.endpoint_max_s
     # Whisper closes fragments with a period too ("At the tone."), so a
     # period counts only after a clause-sized run of words.

@@ -149,7 +149,7 @@ def test_a_short_answer_is_a_turn_of_its_own() -> None:
     ("No." no longer waits the longest window for its "no"); words that go
     on, or more than an answer, do not count."""
     answers = ["Yes.", "No.", "no", "Okay.", "Sure.", "Tuesday.", "No, thank you.", "That's right.", "Yes, please."]
-    not_answers = ["No,", "Yes, and", "No more", "You.", "Please.", "Yes I need to change my address.", "the"]
+    not_answers = ["No,", "Yes, and", "No more", "You.", "Please.", "Yes I need to change my address.", "the", "All"]
     assert [t for t in answers if not short_answer(t)] == []
     assert [t for t in not_answers if short_answer(t)] == []
     assert endpoint_window("No.", CFG) == CFG.endpoint_unsure_s
