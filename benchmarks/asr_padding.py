@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,11 @@ def main() -> None:
         print(f"{name:<32}{wer:>8.3f}{p50:>9.0f}{p95:>9.0f}")
     out = Path(ns.output)
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"utterances": len(audio), "rows": rows}, indent=2))
+    from benchmarks.bench import versions
+
+    command = "python -m benchmarks.asr_padding " + shlex.join(sys.argv[1:])
+    report = {"versions": versions(), "command": command, "utterances": len(audio), "rows": rows}
+    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 
