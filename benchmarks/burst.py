@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from websockets.exceptions import InvalidStatus
 
+from benchmarks.bench import versions
 from benchmarks.client import NativeCaller, last_voiced_s
 from benchmarks.corpus import Utterance, asterisk_prompts
 from benchmarks.server_proc import firstline_server
@@ -101,16 +103,19 @@ def main() -> int:
     parser.add_argument("--max-calls", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve-args", default="", help="extra `firstline serve` arguments")
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     with firstline_server(["--max-calls", str(args.max_calls), *args.serve_args.split()]) as server:
         result = asyncio.run(run(server.port, args.max_calls, args.rounds))
+    result["versions"] = versions()
+    result["command"] = "python -m benchmarks.burst " + shlex.join(sys.argv[1:])
     result["config"] = {"max_calls": args.max_calls, "rounds": args.rounds, "serve_args": args.serve_args}
     for phase in ("baseline", "burst"):
         s = {k: v for k, v in result[phase].items() if k != "rows"}  # type: ignore[union-attr]
         print(f"{phase}: {json.dumps(s)}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"saved {RESULTS}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"saved {args.output}")
     burst = result["burst"]
     lost = burst["outcomes"].get("lost", 0) + burst["outcomes"].get("error", 0)  # type: ignore[index,union-attr]
     return 0 if lost == 0 else 1

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shlex
 import sys
 import time
 import urllib.request
@@ -27,6 +28,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
+from benchmarks.bench import versions
 from benchmarks.client import NativeCaller
 from benchmarks.corpus import Utterance, asterisk_prompts
 from benchmarks.server_proc import firstline_server
@@ -131,6 +133,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--speed", type=float, default=4.0, help="audio sent this many times faster than real time")
     parser.add_argument("--serve-args", default="", help="extra `firstline serve` arguments")
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     serve_args = ["--max-calls", str(args.concurrency), *args.serve_args.split()]
     with firstline_server(serve_args) as server:
@@ -156,6 +159,8 @@ def main() -> int:
         print(f"  lost: call {loss['call']} {loss['outcome']} clip {loss['clip']} ({loss['reference']!r})")
         print(f"        events {loss['events']}")
     figures = {
+        "versions": versions(),
+        "command": "python -m benchmarks.soak " + shlex.join(sys.argv[1:]),
         "calls": args.calls,
         "concurrency": args.concurrency,
         "speed": args.speed,
@@ -171,9 +176,9 @@ def main() -> int:
         "active_calls_after": end["firstline_active_calls"],
         "server_exit_code": rc,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"saved {RESULTS}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"saved {args.output}")
     lost = sum(v for k, v in outcomes.items() if k != "ok")
     return 0 if lost == 0 and rc == 0 else 1
 
