@@ -95,6 +95,9 @@ SYSTEMS: dict[str, System] = {
                ["--asr-scheduler", "fifo"], ALL_PROTOCOLS),
         System("firstline-no-batching", "firstline", "firstline with ASR batching off (one Whisper decode at a time: "
                "the default on a CPU)", ["--asr-batch-size", "1"], ALL_PROTOCOLS),
+        System("firstline-5s-window", "firstline", "firstline padding short turns' Whisper decodes to 5 s, not 10 "
+               "(--asr-pad-windows 5,10,20,30; benchmarks/asr_padding.py)", ["--asr-pad-windows", "5,10,20,30"],
+               ALL_PROTOCOLS),
         System("firstline-batching", "firstline", "firstline with ASR batching on: up to 4 calls' decodes in one "
                "Whisper call (on a CPU before the cores were split; a GPU's default is 16)", ["--asr-batch-size", "4"],
                ALL_PROTOCOLS),

@@ -446,3 +446,35 @@ async def test_finals_can_have_a_decoder_ranked_above_the_partials(quilter):
         await same.close()
     assert config_from_args(build_parser().parse_args(["serve"])).asr.finals_nice is None  # one decoder by default
     assert config_from_args(build_parser().parse_args(["serve", "--asr-finals-nice", "0"])).asr.finals_nice == 0
+
+
+def test_cli_pad_windows(capsys):
+    """``--asr-pad-windows`` sets the Whisper windows (sorted, deduplicated);
+    a window outside 1-30 s or a word is refused with the flag named."""
+    args = build_parser().parse_args(["serve", "--asr-pad-windows", "20,5,10,30,5"])
+    assert config_from_args(args).asr.pad_windows_s == (5, 10, 20, 30)
+    assert config_from_args(build_parser().parse_args(["serve"])).asr.pad_windows_s == ASRConfig.pad_windows_s
+    for bad in ("0,10", "10,45", "ten", ","):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["serve", "--asr-pad-windows", bad])
+        assert exc.value.code == 2
+        assert "--asr-pad-windows" in capsys.readouterr().err
+
+
+async def test_short_turns_decode_in_a_5_s_window(speech, alone):
+    """With 5 s windows, a turn of at most 5 s is decoded in one (not 10 s),
+    and the transcripts lose nothing against the default windows."""
+    worker = await _worker(batch_size=1, pad_windows_s=(5, 10, 20, 30))
+    try:
+        results = await asyncio.gather(*(worker.submit(f"w{i}", a, final=True) for i, (_, a) in enumerate(speech)))
+    finally:
+        await worker.close()
+    short = [i for i, (_, a) in enumerate(speech) if len(a) / 16000 <= 5]
+    assert short, "the speech fixture has no turn of 5 s or less"
+    assert all(results[i].window_s == 5 for i in short)
+    assert all(r.window_s == a.window_s for r, a, (_, audio) in zip(results, alone, speech, strict=True)
+               if len(audio) / 16000 > 5)  # fmt: skip
+    refs = [u.reference for u, _ in speech]
+    wer_default = corpus_wer(list(zip(refs, [r.text for r in alone], strict=True)))
+    wer_5s = corpus_wer(list(zip(refs, [r.text for r in results], strict=True)))
+    assert wer_5s <= wer_default + 0.02, (wer_default, wer_5s)

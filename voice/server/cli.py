@@ -367,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="decodes from different calls batched into one Whisper call (1: batching off; 0: 1 on a CPU, 16 on a GPU)",
     )
     serve.add_argument(
+        "--asr-pad-windows",
+        type=_pad_windows,
+        default=ASRConfig.pad_windows_s,
+        metavar="S[,S...]",
+        help="Whisper windows in seconds, e.g. 10,20,30: each decode is padded to the smallest that holds "
+        "its audio (longer audio: 30 s); benchmarks/asr_padding.py measures the choice",
+    )
+    serve.add_argument(
         "--asr-batch-wait-ms",
         type=float,
         default=ASRConfig.batch_wait_ms,
@@ -542,6 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pad_windows(text: str) -> tuple[int, ...]:
+    """Parse "5,10,20,30" into (5, 10, 20, 30): whole seconds within Whisper's 30 s."""
+    try:
+        windows = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: whole seconds, comma-separated (e.g. 10,20,30)") from None
+    if not windows or windows[0] < 1 or windows[-1] > 30:
+        raise argparse.ArgumentTypeError(f"{text!r}: each window between 1 and 30 s (Whisper's longest)")
+    return windows
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     try:
         sampling = sampling_from_args(args, max_tokens=args.max_tokens)
@@ -606,6 +625,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         scheduler=args.asr_scheduler,
         batch_size=max(0, args.asr_batch_size),
         batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
+        pad_windows_s=args.asr_pad_windows,
         partial_budget=None if args.asr_partial_budget is None else max(0.0, args.asr_partial_budget),
         partials_behind_finals=args.asr_partials_behind_finals,
     )
