@@ -17,6 +17,7 @@ which utterances go together (see ``benchmarks/asr_batching.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,18 @@ from asr.models import resolve_whisper_model
 SAMPLE_RATE = 16000
 FRAMES_PER_SECOND = 100  # Whisper mel hop is 10 ms
 MAX_WINDOW_S = 30  # Whisper's encoder input is at most 30 s
+# A short window's known failure: tiny.en sometimes ends a long turn with
+# pauses inside after its first sentence (a 10 s cut of
+# asterisk/conf-adminmenu-162 decodes as "Please press one to mute or unmute
+# yourself." in the 10 s window, all 24 words in 30 s). Such a decode has far
+# fewer words than its voiced seconds hold: on the Asterisk prompts and
+# shared clips with at least 4 s of voice (voiced_seconds), the references
+# run 2.8-4.1 words per voiced second; two prompts over 20 s that stop early
+# in the 30 s window itself (nothing here helps those) decode at 0.5 and 1.9.
+# Below this rate, over at least CUT_SHORT_MIN_VOICED_S of voice, a decode
+# in a shorter window is done again in the 30 s one.
+CUT_SHORT_WORDS_PER_S = 2.0
+CUT_SHORT_MIN_VOICED_S = 4.0
 
 
 @dataclass
@@ -45,6 +58,9 @@ class Decoded:
     # long this one waited in the worker's queue before it started.
     batch_size: int = 1
     queue_s: float = 0.0
+    # Decoded again in the 30 s window: the first decode stopped early
+    # (cut_short).
+    redecoded: bool = False
 
 
 def window_for(audio_s: float, windows: Iterable[int]) -> int:
@@ -62,6 +78,24 @@ class _Prepared:
     window: int
     max_length: int  # CTranslate2 ``max_length`` this item would get alone
     token_cap: int  # tokens CTranslate2 generates at most with that max_length
+    voiced_s: float = 0.0  # seconds of 20 ms frames with voice in them (voiced_seconds)
+
+
+def voiced_seconds(audio: np.ndarray, frame: int = SAMPLE_RATE // 50) -> float:
+    """Seconds of 20 ms frames louder than a fifth of the turn's loud frames
+    (the 95th percentile RMS) and than a phone line's noise floor: a rough
+    count of speech, enough to see a decode that stopped early."""
+    frames = len(audio) // frame
+    if frames == 0:
+        return 0.0
+    rms = np.sqrt(np.mean(np.square(audio[: frames * frame].reshape(frames, frame), dtype=np.float64), axis=1))
+    loud = max(0.005, 0.2 * float(np.percentile(rms, 95)))
+    return float(np.count_nonzero(rms > loud)) * frame / SAMPLE_RATE
+
+
+def cut_short(text: str, voiced_s: float) -> bool:
+    """Whether a decode has far fewer words than its voice would hold."""
+    return voiced_s >= CUT_SHORT_MIN_VOICED_S and len(text.split()) < CUT_SHORT_WORDS_PER_S * voiced_s
 
 
 class WhisperDecoder:
@@ -132,7 +166,7 @@ class WhisperDecoder:
         # which runs with its largest max_length, can cut each item back to
         # exactly what it would have produced alone.
         token_cap = min(max_length // 2, max_length - (len(self._prompt) - 1))
-        return _Prepared(features, audio_s, window, max_length, token_cap)
+        return _Prepared(features, audio_s, window, max_length, token_cap, voiced_seconds(audio))
 
     def _run(self, items: list[_Prepared], started: float) -> list[Decoded]:
         from faster_whisper.audio import pad_or_trim
@@ -162,4 +196,11 @@ class WhisperDecoder:
                 # It never stopped by itself: a repetition loop cut by the cap.
                 text = cut_loop(text)
             decoded.append(Decoded(text, item.audio_s, elapsed, window, batch_size=len(items)))
+        for i, item in enumerate(items):
+            if window < MAX_WINDOW_S and cut_short(decoded[i].text, item.voiced_s):
+                # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S);
+                # kept only if it heard more.
+                again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started)[0]
+                if len(again.text.split()) > len(decoded[i].text.split()):
+                    decoded[i] = dataclasses.replace(again, batch_size=len(items), redecoded=True)
         return decoded

@@ -174,3 +174,24 @@ async def test_numpy_blas_runs_on_the_calling_thread_only(server, jfk):
     assert blas and all(pool["num_threads"] == 1 for pool in blas)
     decoded = await server.runtime.asr.submit("blas-check", jfk.load(16000), final=True)
     assert "ask not what your country" in decoded.text.lower()
+
+
+def test_a_decode_that_stops_early_is_done_again_in_30_s() -> None:
+    """tiny.en ends this 10 s cut of a menu prompt after its first sentence
+    in the 10 s window; the decoder sees too few words for the voice and
+    decodes it again in 30 s, which hears the rest. A whole short prompt is
+    not decoded twice."""
+    from asr.config import ASRConfig
+    from asr.whisper import WhisperDecoder
+    from benchmarks.corpus import asterisk_prompts, through_phone_line
+
+    prompts = {u.name: u for u in asterisk_prompts(min_words=1)}
+    if "asterisk/conf-adminmenu-162" not in prompts:
+        pytest.skip("asterisk-core-sounds-en-wav not installed (.ci/run installs it)")
+    decoder = WhisperDecoder(ASRConfig())
+    menu = through_phone_line(prompts["asterisk/conf-adminmenu-162"].load(8000))[: 10 * 16000]
+    decoded = decoder.decode(menu)
+    assert decoded.redecoded and decoded.window_s == 30
+    assert "eject the last user" in decoded.text.lower(), decoded.text
+    short = decoder.decode(through_phone_line(prompts["asterisk/conf-getpin"].load(8000)))
+    assert not short.redecoded and short.window_s == 10
