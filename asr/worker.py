@@ -124,10 +124,13 @@ class ASRWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.decodes = {FINAL: 0, PARTIAL: 0}
+        # Of those, decoded again in the 30 s window (asr/whisper.py cut_short).
+        self.redecodes = {FINAL: 0, PARTIAL: 0}
         # Observer for a decoder process that died and was started again (asr/lanes.py): the server's metrics.
         self.on_decoder_restart: Callable[[], None] | None = None
         # Observer for decode durations (final?, seconds): the server's metrics.
         self.on_decode: Callable[[bool, float], None] | None = None
+        self.on_redecode: Callable[[bool], None] | None = None  # (final?) a decode done again
         self.shed_partials = 0
         self._finals_waiting = 0  # queued or being decoded
         # Batches run, items in them, and the items now being decoded.
@@ -401,5 +404,9 @@ class ASRWorker:
         self.decodes[job.priority] += 1
         if self.on_decode is not None:
             self.on_decode(job.priority == FINAL, result.decode_s)
+        if result.redecoded:
+            self.redecodes[job.priority] += 1
+            if self.on_redecode is not None:
+                self.on_redecode(job.priority == FINAL)
         if job.live:
             job.future.set_result(result)

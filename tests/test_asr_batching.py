@@ -478,3 +478,24 @@ async def test_short_turns_decode_in_a_5_s_window(speech, alone):
     wer_default = corpus_wer(list(zip(refs, [r.text for r in alone], strict=True)))
     wer_5s = corpus_wer(list(zip(refs, [r.text for r in results], strict=True)))
     assert wer_5s <= wer_default + 0.02, (wer_default, wer_5s)
+
+
+async def test_a_decode_done_again_is_counted_through_the_decoder_process():
+    """The decoder process hands back a re-decoded final (asr/whisper.py
+    cut_short) as such, and the worker counts it for /metrics."""
+    from voice.server.metrics import Metrics
+
+    prompts = {u.name: u for u in asterisk_prompts(min_words=1)}
+    if "asterisk/conf-adminmenu-162" not in prompts:
+        pytest.skip("asterisk-core-sounds-en-wav not installed (.ci/run installs it)")
+    menu = through_phone_line(prompts["asterisk/conf-adminmenu-162"].load(8000))[: 10 * 16000]
+    worker = await _worker(batch_size=1, decoder_process=True)
+    metrics = Metrics()
+    worker.on_redecode = metrics.observe_asr_redecode
+    try:
+        result = await worker.submit("menu", menu, final=True)
+    finally:
+        await worker.close()
+    assert result.redecoded and "eject the last user" in result.text.lower(), result.text
+    assert worker.redecodes == {FINAL: 1, PARTIAL: 0}
+    assert metrics.registry.get_sample_value("firstline_asr_redecodes_total", {"kind": "final"}) == 1

@@ -90,6 +90,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.asr_redecodes = Counter(
+            "firstline_asr_redecodes_total",
+            "Whisper decodes done again in the 30 s window because the first stopped early (asr/whisper.py)",
+            ["kind"],
+            registry=r,
+        )
         self.speculative_acceptance = Histogram(
             "firstline_speculative_acceptance_ratio",
             "Accepted / drafted tokens per reply (speculation on)",
@@ -209,6 +215,9 @@ class Metrics:
 
     def observe_asr_decode(self, final: bool, seconds: float) -> None:
         self.asr_decode.labels("final" if final else "partial").observe(seconds)
+
+    def observe_asr_redecode(self, final: bool) -> None:
+        self.asr_redecodes.labels("final" if final else "partial").inc()
 
     def call_admitted(self) -> None:
         self.admitted.inc()

@@ -50,6 +50,7 @@ class Runtime:
         self.metrics = Metrics()
         self.metrics.bind_gauges(lambda: self.active_calls, lambda: self.asr.queue_depth)
         self.asr.on_decode = self.metrics.observe_asr_decode
+        self.asr.on_redecode = self.metrics.observe_asr_redecode
         self.asr.on_over_budget = self.metrics.partials_over_budget.inc
         self.asr.on_decoder_restart = self.metrics.asr_decoder_restarts.inc
         self.metrics.bind_engine(self.engine)
