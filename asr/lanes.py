@@ -41,8 +41,12 @@ class DecoderCrashed(RuntimeError):
 
 class DecoderLane(Protocol):
     async def start(self) -> None: ...
-    async def decode(self, audio: np.ndarray) -> Decoded: ...
-    async def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]: ...
+    # ``final``: a turn's final decode, done again in 30 s if it stopped early
+    # (asr/whisper.py cut_short); partials are not.
+    async def decode(self, audio: np.ndarray, final: bool = True) -> Decoded: ...
+    async def decode_batch(
+        self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None
+    ) -> list[Decoded]: ...
     def close(self) -> None: ...
 
 
@@ -66,13 +70,14 @@ class ThreadLane:
     async def start(self) -> None:
         self.decoder = await asyncio.get_running_loop().run_in_executor(self._executor, WhisperDecoder, self.config)
 
-    async def decode(self, audio: np.ndarray) -> Decoded:
+    async def decode(self, audio: np.ndarray, final: bool = True) -> Decoded:
         assert self.decoder is not None, "start() first"
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.decoder.decode, audio)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.decoder.decode, audio, final)
 
-    async def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
+    async def decode_batch(self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None) -> list[Decoded]:
         assert self.decoder is not None, "start() first"
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.decoder.decode_batch, audios)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.decoder.decode_batch, audios, finals)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -92,14 +97,14 @@ def _child_load(config: ASRConfig, name: str, nice: int) -> int:
     return os.getpid()
 
 
-def _child_decode(audio: np.ndarray) -> Decoded:
+def _child_decode(audio: np.ndarray, final: bool) -> Decoded:
     assert _CHILD_DECODER is not None
-    return _CHILD_DECODER.decode(audio)
+    return _CHILD_DECODER.decode(audio, final)
 
 
-def _child_decode_batch(audios: Sequence[np.ndarray]) -> list[Decoded]:
+def _child_decode_batch(audios: Sequence[np.ndarray], finals: Sequence[bool] | None) -> list[Decoded]:
     assert _CHILD_DECODER is not None
-    return _CHILD_DECODER.decode_batch(audios)
+    return _CHILD_DECODER.decode_batch(audios, finals)
 
 
 class ProcessLane:
@@ -130,13 +135,13 @@ class ProcessLane:
             raise
         self._pool, self.pid = pool, pid
 
-    async def decode(self, audio: np.ndarray) -> Decoded:
-        return await self._run(_child_decode, audio)
+    async def decode(self, audio: np.ndarray, final: bool = True) -> Decoded:
+        return await self._run(_child_decode, audio, final)
 
-    async def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
-        return await self._run(_child_decode_batch, list(audios))
+    async def decode_batch(self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None) -> list[Decoded]:
+        return await self._run(_child_decode_batch, list(audios), None if finals is None else list(finals))
 
-    async def _run(self, fn: Any, arg: Any) -> Any:
+    async def _run(self, fn: Any, *args: Any) -> Any:
         if self._pool is None and self._restarting is None and not self._closed and self.pid is not None:
             # A restart failed earlier: each decode tries again.
             self._restarting = asyncio.create_task(self._restart(None), name=f"{self.name}-restart")
@@ -148,7 +153,7 @@ class ProcessLane:
             raise DecoderCrashed(f"the Whisper decoder process is not running ({why})")
         pid = self.pid
         try:
-            running = asyncio.get_running_loop().run_in_executor(pool, fn, arg)
+            running = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
             if self.timeout_s > 0:
                 return await asyncio.wait_for(running, self.timeout_s)
             return await running

@@ -130,12 +130,18 @@ class WhisperDecoder:
         """Smallest configured window holding the audio (Whisper's max is 30 s)."""
         return window_for(audio_s, self.config.pad_windows_s)
 
-    def decode(self, audio: np.ndarray) -> Decoded:
-        """float32 16 kHz mono -> text."""
+    def decode(self, audio: np.ndarray, retry_cut_short: bool = True) -> Decoded:
+        """float32 16 kHz mono -> text. ``retry_cut_short``: a decode that
+        stopped early is done again in the 30 s window (see cut_short); the
+        worker asks it for finals only, whose words would otherwise be lost
+        (a partial's are decoded again anyway, and a caller playing music
+        must not make every partial cost a 30 s decode)."""
         started = time.perf_counter()
-        return self._run([self._prepare(audio)], started)[0]
+        return self._run([self._prepare(audio)], started, [retry_cut_short])[0]
 
-    def decode_batch(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
+    def decode_batch(
+        self, audios: Sequence[np.ndarray], retry_cut_short: Sequence[bool] | None = None
+    ) -> list[Decoded]:
         """Several utterances in one CTranslate2 call, results in input order.
 
         Every item is padded to the largest window among them. Any failure
@@ -144,7 +150,8 @@ class WhisperDecoder:
         so only the bad one fails.
         """
         started = time.perf_counter()
-        return self._run([self._prepare(audio) for audio in audios], started)
+        retry = [True] * len(audios) if retry_cut_short is None else list(retry_cut_short)
+        return self._run([self._prepare(audio) for audio in audios], started, retry)
 
     def _prepare(self, audio: np.ndarray) -> _Prepared:
         audio = np.asarray(audio, dtype=np.float32)
@@ -168,7 +175,7 @@ class WhisperDecoder:
         token_cap = min(max_length // 2, max_length - (len(self._prompt) - 1))
         return _Prepared(features, audio_s, window, max_length, token_cap, voiced_seconds(audio))
 
-    def _run(self, items: list[_Prepared], started: float) -> list[Decoded]:
+    def _run(self, items: list[_Prepared], started: float, retry: Sequence[bool] | None = None) -> list[Decoded]:
         from faster_whisper.audio import pad_or_trim
 
         window = max(item.window for item in items)
@@ -197,10 +204,10 @@ class WhisperDecoder:
                 text = cut_loop(text)
             decoded.append(Decoded(text, item.audio_s, elapsed, window, batch_size=len(items)))
         for i, item in enumerate(items):
-            if window < MAX_WINDOW_S and cut_short(decoded[i].text, item.voiced_s):
+            if (retry is None or retry[i]) and window < MAX_WINDOW_S and cut_short(decoded[i].text, item.voiced_s):
                 # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S);
                 # kept only if it heard more.
-                again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started)[0]
+                again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started, [False])[0]
                 if len(again.text.split()) > len(decoded[i].text.split()):
                     decoded[i] = dataclasses.replace(again, batch_size=len(items), redecoded=True)
         return decoded

@@ -339,7 +339,9 @@ class ASRWorker:
             await self._decode_one(batch[0], started)
             return
         try:
-            results = await self._lane(batch).decode_batch([job.audio for job in batch])
+            results = await self._lane(batch).decode_batch(
+                [job.audio for job in batch], [job.priority == FINAL for job in batch]
+            )
         except Exception:
             # One malformed item or an out-of-memory on the batch: decode each
             # item alone (in serving order), so only a bad item fails its job.
@@ -358,7 +360,7 @@ class ASRWorker:
 
     async def _decode_one(self, job: _Job, started: float) -> None:
         try:
-            result = await self._lane([job]).decode(job.audio)
+            result = await self._lane([job]).decode(job.audio, job.priority == FINAL)
         except Exception as exc:  # one bad decode fails one turn, not the server
             log.exception("ASR decode failed for call %s", job.call_id)
             if job.live:

@@ -480,9 +480,12 @@ async def test_short_turns_decode_in_a_5_s_window(speech, alone):
     assert wer_5s <= wer_default + 0.02, (wer_default, wer_5s)
 
 
-async def test_a_decode_done_again_is_counted_through_the_decoder_process():
+async def test_a_final_that_stopped_early_is_done_again_through_the_decoder_process():
     """The decoder process hands back a re-decoded final (asr/whisper.py
-    cut_short) as such, and the worker counts it for /metrics."""
+    cut_short) as such, and the worker counts it for /metrics; the same
+    audio as a partial is not decoded twice (its words come again with the
+    final, and a caller playing music must not make every partial cost a
+    30 s decode)."""
     from voice.server.metrics import Metrics
 
     prompts = {u.name: u for u in asterisk_prompts(min_words=1)}
@@ -494,8 +497,10 @@ async def test_a_decode_done_again_is_counted_through_the_decoder_process():
     worker.on_redecode = metrics.observe_asr_redecode
     try:
         result = await worker.submit("menu", menu, final=True)
+        partial = await worker.submit("menu", menu, final=False)
     finally:
         await worker.close()
     assert result.redecoded and "eject the last user" in result.text.lower(), result.text
+    assert not partial.redecoded and partial.window_s == 10
     assert worker.redecodes == {FINAL: 1, PARTIAL: 0}
     assert metrics.registry.get_sample_value("firstline_asr_redecodes_total", {"kind": "final"}) == 1
