@@ -20,6 +20,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -88,9 +90,29 @@ class ThreadLane:
 _CHILD_DECODER: WhisperDecoder | None = None
 
 
-def _child_load(config: ASRConfig, name: str, nice: int) -> int:
+# How often the child looks for its server (see _exit_with_parent).
+PARENT_POLL_S = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Runs in the child: a server killed outright (SIGKILL, the OOM killer)
+    never shuts its pool down, and an idle child waiting on the pool's pipe
+    would stay, holding its model (~200 MB), for every restart of the
+    server. Once the server is gone the child is reparented: it exits."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _child_load(config: ASRConfig, name: str, nice: int, parent: int | None = None) -> int:
     """Runs in the child: load the model there; returns the child's pid."""
     global _CHILD_DECODER
+    if parent is not None:
+        _exit_with_parent(parent)
     decoder_thread_setup(name, nice)
     one_blas_thread()  # as in the server (streaming/threads.py): no spinning BLAS pool beside the decoder
     _CHILD_DECODER = WhisperDecoder(config)
@@ -129,7 +151,9 @@ class ProcessLane:
         # their locks in whatever state they were.
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            pid = await asyncio.get_running_loop().run_in_executor(pool, _child_load, self.config, self.name, self.nice)
+            pid = await asyncio.get_running_loop().run_in_executor(
+                pool, _child_load, self.config, self.name, self.nice, os.getpid()
+            )
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -118,3 +118,36 @@ async def test_a_hung_decode_is_killed_and_the_lane_comes_back(jfk):
         assert lane.restarts == 1 and lane.pid not in (None, first)
     finally:
         lane.close()
+
+
+def test_a_decoder_process_does_not_outlive_a_killed_server():
+    """A server killed outright (SIGKILL: no shutdown runs) leaves no decoder
+    child behind: the child sees it was reparented and exits, instead of
+    holding its model for every restart of the server."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import asyncio, os, signal\n"
+        "from asr.config import ASRConfig\n"
+        "from asr.lanes import ProcessLane\n"
+        "async def main():\n"
+        "    lane = ProcessLane(ASRConfig(threads=1), 'asr-test', 0)\n"
+        "    await lane.start()\n"
+        "    print(lane.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    server = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert server.returncode == -signal.SIGKILL, server.stderr[-2000:]
+    child = int(server.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail(f"decoder child {child} still running 10 s after its server was killed")
