@@ -36,12 +36,13 @@ MAX_WINDOW_S = 30  # Whisper's encoder input is at most 30 s
 # pauses inside after its first sentence (a 10 s cut of
 # asterisk/conf-adminmenu-162 decodes as "Please press one to mute or unmute
 # yourself." in the 10 s window, all 24 words in 30 s). Such a decode has far
-# fewer words than its voiced seconds hold: on the Asterisk prompts and
-# shared clips with at least 4 s of voice (voiced_seconds), the references
-# run 2.8-4.1 words per voiced second; two prompts over 20 s that stop early
-# in the 30 s window itself (nothing here helps those) decode at 0.5 and 1.9.
-# Below this rate, over at least CUT_SHORT_MIN_VOICED_S of voice, a decode
-# in a shorter window is done again in the 30 s one.
+# fewer words than its voiced seconds hold (a look by hand, not a committed
+# benchmark: the 28 Asterisk prompts and shared clips with at least 4 s of
+# voice have references at 2.8-4.1 words per voiced second; two prompts over
+# 20 s that stop early in the 30 s window itself, which nothing here helps,
+# decode at 0.5 and 1.9). Below this rate, over at least
+# CUT_SHORT_MIN_VOICED_S of voice, a final decoded in a shorter window is
+# done again in the 30 s one.
 CUT_SHORT_WORDS_PER_S = 2.0
 CUT_SHORT_MIN_VOICED_S = 4.0
 
@@ -78,7 +79,7 @@ class _Prepared:
     window: int
     max_length: int  # CTranslate2 ``max_length`` this item would get alone
     token_cap: int  # tokens CTranslate2 generates at most with that max_length
-    voiced_s: float = 0.0  # seconds of 20 ms frames with voice in them (voiced_seconds)
+    audio: np.ndarray  # kept (a reference) for the stopped-early check, which needs the voice
 
 
 def voiced_seconds(audio: np.ndarray, frame: int = SAMPLE_RATE // 50) -> float:
@@ -150,8 +151,7 @@ class WhisperDecoder:
         so only the bad one fails.
         """
         started = time.perf_counter()
-        retry = [True] * len(audios) if retry_cut_short is None else list(retry_cut_short)
-        return self._run([self._prepare(audio) for audio in audios], started, retry)
+        return self._run([self._prepare(audio) for audio in audios], started, retry_cut_short)
 
     def _prepare(self, audio: np.ndarray) -> _Prepared:
         audio = np.asarray(audio, dtype=np.float32)
@@ -173,7 +173,14 @@ class WhisperDecoder:
         # which runs with its largest max_length, can cut each item back to
         # exactly what it would have produced alone.
         token_cap = min(max_length // 2, max_length - (len(self._prompt) - 1))
-        return _Prepared(features, audio_s, window, max_length, token_cap, voiced_seconds(audio))
+        return _Prepared(features, audio_s, window, max_length, token_cap, audio)
+
+    @staticmethod
+    def _stopped_early(text: str, item: _Prepared) -> bool:
+        """cut_short on the audio's length first (voice is never longer), so
+        a decode with a normal word count, nearly all of them, costs no RMS
+        pass; only a suspect one counts its voice."""
+        return cut_short(text, item.audio_s) and cut_short(text, voiced_seconds(item.audio))
 
     def _run(self, items: list[_Prepared], started: float, retry: Sequence[bool] | None = None) -> list[Decoded]:
         from faster_whisper.audio import pad_or_trim
@@ -204,7 +211,7 @@ class WhisperDecoder:
                 text = cut_loop(text)
             decoded.append(Decoded(text, item.audio_s, elapsed, window, batch_size=len(items)))
         for i, item in enumerate(items):
-            if (retry is None or retry[i]) and window < MAX_WINDOW_S and cut_short(decoded[i].text, item.voiced_s):
+            if (retry is None or retry[i]) and window < MAX_WINDOW_S and self._stopped_early(decoded[i].text, item):
                 # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S);
                 # kept only if it heard more.
                 again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started, [False])[0]

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +61,9 @@ def main() -> None:
         print(f"{name:<32}{wer:>8.3f}{p50:>9.0f}{p95:>9.0f}")
     out = Path(ns.output)
     out.parent.mkdir(exist_ok=True)
-    from benchmarks.bench import versions
+    from benchmarks.bench import provenance
 
-    command = "python -m benchmarks.asr_padding " + shlex.join(sys.argv[1:])
-    report = {"versions": versions(), "command": command, "utterances": len(audio), "rows": rows}
+    report = {**provenance("benchmarks.asr_padding"), "utterances": len(audio), "rows": rows}
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 

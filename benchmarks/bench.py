@@ -559,6 +559,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def provenance(module: str) -> dict[str, Any]:
+    """Which code measured a result and the command that did, for a
+    benchmark's results file (a README figure cites both)."""
+    return {"versions": versions(), "command": f"python -m {module} " + shlex.join(sys.argv[1:])}
+
+
 def write_rows(out: Path, started: float, options: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Save a benchmark's rows with when, where and at which commit they were measured."""
     result = {

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from websockets.exceptions import InvalidStatus
 
-from benchmarks.bench import versions
+from benchmarks.bench import provenance
 from benchmarks.client import NativeCaller, last_voiced_s
 from benchmarks.corpus import Utterance, asterisk_prompts
 from benchmarks.server_proc import firstline_server
@@ -107,8 +106,7 @@ def main() -> int:
     args = parser.parse_args()
     with firstline_server(["--max-calls", str(args.max_calls), *args.serve_args.split()]) as server:
         result = asyncio.run(run(server.port, args.max_calls, args.rounds))
-    result["versions"] = versions()
-    result["command"] = "python -m benchmarks.burst " + shlex.join(sys.argv[1:])
+    result.update(provenance("benchmarks.burst"))
     result["config"] = {"max_calls": args.max_calls, "rounds": args.rounds, "serve_args": args.serve_args}
     for phase in ("baseline", "burst"):
         s = {k: v for k, v in result[phase].items() if k != "rows"}  # type: ignore[union-attr]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -52,10 +51,6 @@ ENCODER_HZ = 50  # Whisper's encoder: one state per 20 ms
 FOLDS = 5
 L2 = 0.01
 SEED = 0
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 def speech_end(audio: np.ndarray) -> int:
@@ -86,13 +81,13 @@ class EncoderFeatures:
 def training_turns(spec: dict[str, Any]) -> tuple[list[Any], int]:
     """Asterisk prompts disjoint from the set (clip and three-word runs)."""
     texts = [x["text"].replace("|", " ") for x in spec["recorded"] + spec["spoken"]]
-    runs = {tuple(w[i : i + 3]) for t in texts for w in [_words(t)] for i in range(len(w) - 2)}
+    runs = {tuple(w[i : i + 3]) for t in texts for w in [eot._words(t)] for i in range(len(w) - 2)}
     in_set = {x["clip"] for x in spec["recorded"]}
     prompts = [u for u in asterisk_prompts(min_words=3) if u.name not in in_set]
     kept = [
         u
         for u in prompts
-        if not any(tuple(w[i : i + 3]) in runs for w in [_words(u.reference)] for i in range(len(w) - 2))
+        if not any(tuple(w[i : i + 3]) in runs for w in [eot._words(u.reference)] for i in range(len(w) - 2))
     ]
     return kept, len(prompts)
 

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shlex
 import sys
 import time
 import urllib.request
@@ -28,7 +27,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
-from benchmarks.bench import versions
+from benchmarks.bench import provenance
 from benchmarks.client import NativeCaller
 from benchmarks.corpus import Utterance, asterisk_prompts
 from benchmarks.server_proc import firstline_server
@@ -159,8 +158,7 @@ def main() -> int:
         print(f"  lost: call {loss['call']} {loss['outcome']} clip {loss['clip']} ({loss['reference']!r})")
         print(f"        events {loss['events']}")
     figures = {
-        "versions": versions(),
-        "command": "python -m benchmarks.soak " + shlex.join(sys.argv[1:]),
+        **provenance("benchmarks.soak"),
         "calls": args.calls,
         "concurrency": args.concurrency,
         "speed": args.speed,

@@ -287,11 +287,9 @@ def main() -> None:
     ns = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report = asyncio.run(main_async(ns))
-    from benchmarks.bench import versions
+    from benchmarks.bench import provenance
 
-    # Which code measured it, so a README figure can say (and a later change
-    # to what it measures can be seen).
-    report = {"versions": versions(), "command": "python -m benchmarks.ttfs " + shlex.join(sys.argv[1:]), **report}
+    report = {**provenance("benchmarks.ttfs"), **report}
     out = Path(ns.output)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

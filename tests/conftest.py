@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip
+from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip, through_phone_line
 from voice.server.app import VoiceServer
 from voice.server.config import ServerConfig
 
@@ -53,6 +53,14 @@ def phone_prompts() -> list[Utterance]:
     if not prompts:
         pytest.skip("asterisk-core-sounds-en-wav not installed (apt-get install asterisk-core-sounds-en-wav)")
     return prompts
+
+
+def menu_that_stops_early() -> np.ndarray:
+    """The first 10 s of asterisk/conf-adminmenu-162 through a phone line:
+    in the 10 s window tiny.en decodes only its first sentence, in 30 s all
+    of it (asr/whisper.py cut_short)."""
+    prompt = next(p for p in asterisk_prompts(min_words=1) if p.name == "asterisk/conf-adminmenu-162")
+    return through_phone_line(prompt.load(8000))[: 10 * 16000]
 
 
 def with_silence(audio: np.ndarray, rate: int, seconds: float) -> np.ndarray:

@@ -183,15 +183,13 @@ def test_a_decode_that_stops_early_is_done_again_in_30_s() -> None:
     not decoded twice."""
     from asr.config import ASRConfig
     from asr.whisper import WhisperDecoder
-    from benchmarks.corpus import asterisk_prompts, through_phone_line
+    from benchmarks.corpus import through_phone_line
+    from tests.conftest import menu_that_stops_early
+    from tests.transport_checks import by_name
 
-    prompts = {u.name: u for u in asterisk_prompts(min_words=1)}
-    if "asterisk/conf-adminmenu-162" not in prompts:
-        pytest.skip("asterisk-core-sounds-en-wav not installed (.ci/run installs it)")
     decoder = WhisperDecoder(ASRConfig())
-    menu = through_phone_line(prompts["asterisk/conf-adminmenu-162"].load(8000))[: 10 * 16000]
-    decoded = decoder.decode(menu)
+    decoded = decoder.decode(menu_that_stops_early())
     assert decoded.redecoded and decoded.window_s == 30
     assert "eject the last user" in decoded.text.lower(), decoded.text
-    short = decoder.decode(through_phone_line(prompts["asterisk/conf-getpin"].load(8000)))
+    short = decoder.decode(through_phone_line(by_name("conf-getpin").load(8000)))
     assert not short.redecoded and short.window_s == 10

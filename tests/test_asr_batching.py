@@ -486,12 +486,10 @@ async def test_a_final_that_stopped_early_is_done_again_through_the_decoder_proc
     audio as a partial is not decoded twice (its words come again with the
     final, and a caller playing music must not make every partial cost a
     30 s decode)."""
+    from tests.conftest import menu_that_stops_early
     from voice.server.metrics import Metrics
 
-    prompts = {u.name: u for u in asterisk_prompts(min_words=1)}
-    if "asterisk/conf-adminmenu-162" not in prompts:
-        pytest.skip("asterisk-core-sounds-en-wav not installed (.ci/run installs it)")
-    menu = through_phone_line(prompts["asterisk/conf-adminmenu-162"].load(8000))[: 10 * 16000]
+    menu = menu_that_stops_early()
     worker = await _worker(batch_size=1, decoder_process=True)
     metrics = Metrics()
     worker.on_redecode = metrics.observe_asr_redecode
