@@ -346,6 +346,8 @@ def _server_counters(base_url: str) -> dict[str, float]:
         for sample in family.samples:
             if family.name == "firstline_asr_decode_seconds" and sample.name.endswith("_sum"):
                 out[f"asr_decode/{sample.labels.get('kind', '?')}"] = sample.value
+            elif family.name == "firstline_asr_redecodes" and sample.name.endswith("_total"):
+                out[f"asr_redecode/{sample.labels.get('kind', '?')}"] = sample.value
             elif family.name == "firstline_llm_tokens" and sample.name.endswith("_total"):
                 out[f"llm/{sample.labels.get('purpose', '?')}/{sample.labels.get('kind', '?')}"] = sample.value
     return out
@@ -452,6 +454,11 @@ class CpuMeter:
             # itself, or work the caller never heard (preemptive replies
             # dropped, premature ones taken back, prefills).
             "llm_tokens_per_turn": _per_turn(counters, self.counters0, "llm/", answered)
+            if counters is not None
+            else None,
+            # Decodes done again in the 30 s window because the first
+            # stopped early (asr/whisper.py), per answered turn.
+            "asr_redecodes_per_turn": _per_turn(counters, self.counters0, "asr_redecode/", answered)
             if counters is not None
             else None,
         }

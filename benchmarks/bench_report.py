@@ -320,6 +320,14 @@ def markdown(results: dict[str, Any]) -> str:
                     by = lv["cost"]["asr_decode_s_per_turn"]
                     lines.append(f"| {name} | {lv['concurrency']} | {_fmt(by.get('final'), 2)} | "
                                  f"{_fmt(by.get('partial'), 2)} |")  # fmt: skip
+            redone = [(n, lv) for n, lv in staged if lv["cost"].get("asr_redecodes_per_turn")]
+            if redone:
+                lines += ["", "Finals decoded again in the 30 s window because the first stopped early, "
+                          "per answered turn (`firstline_asr_redecodes_total`):", ""]  # fmt: skip
+                lines += ["| system | calls | re-decodes / turn |", "|---|---|---|"]
+                for name, lv in redone:
+                    by = lv["cost"]["asr_redecodes_per_turn"]
+                    lines.append(f"| {name} | {lv['concurrency']} | {_fmt(by.get('final'), 3)} |")
             lines += llm_work_table(staged)
         lines += ["", "## Server stage timings, p50 ms after speech end (turn.metrics; lowest load)", ""]
         lines.append("| system | " + " | ".join(label for _, label in SERVER_STAGES) + " |")

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from benchmarks.bench import provenance
 from benchmarks.llm_engines import PHONE_PROMPTS
 from llm.base import GenerationRequest, LLMEngine
 from llm.config import LLMConfig
@@ -130,7 +131,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     }
     return {
         "benchmark": "engine_isolation",
-        "command": "python -m benchmarks.engine_isolation " + " ".join(ns.argv),
+        **provenance("benchmarks.engine_isolation"),  # the commit and the command
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
         "settings": {
             "rounds": ns.rounds,
@@ -148,7 +149,6 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4, help="passes over the prompts (order flips each pass)")
@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--output", default=str(RESULTS / "engine_isolation.json"))
     ns = parser.parse_args(argv)
-    ns.argv = sys.argv[1:] if argv is None else argv
     result = asyncio.run(run(ns))
     head = ["TTFT p50", "TTFT p95", "TTFS p50", "TTFS p95"]
     print(f"{'isolation':<10} " + " ".join(f"{h:>9}" for h in head) + f" {'tok/s':>6} {'start s':>8}")

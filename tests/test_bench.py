@@ -59,6 +59,9 @@ async def test_loadgen_twilio_call_measures_a_turn(server, phone_prompts):
     work = _per_turn(after, before, "llm/", answered=1)
     assert work["answered"]["generated"] >= 1, work
     assert _per_turn(after, before, "asr_decode/", answered=1)["final"] > 0
+    # A whole short prompt is not decoded again, and the counter says so
+    # (0, not missing: the bench tells it from a server without it).
+    assert _per_turn(after, before, "asr_redecode/", answered=1) == {"final": 0.0}
 
 
 async def test_loadgen_native_call_with_reply_audio(server, phone_prompts):
@@ -144,6 +147,7 @@ def test_report_from_synthetic_results(tmp_path):
                 "premature": {"prompt_computed": 8.0, "generated": 12.0},
                 "prefill": {"prompt_computed": 24.0, "generated": 1.0},
             },
+            "asr_redecodes_per_turn": {"final": 0.125},
         }
         return {"concurrency": c, "calls": c, "turns": turns, "cost": cost}
 
@@ -187,6 +191,7 @@ def test_report_from_synthetic_results(tmp_path):
     assert "| firstline |" not in whole
     # Premature + aborted: 20 of 81 tokens; a purpose with no work shows as a dash.
     assert "| firstline | 1 | 16 + 20 | 8 + 12 | – | 24 + 1 | – | 25 % |" in md
+    assert "| firstline | 2 | 0.125 |" in md.split("decoded again in the 30 s window", 1)[1]
 
 
 async def test_line_keeps_order_under_jitter_late_and_drops():

@@ -96,6 +96,9 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        # Exported at 0 from the start: a scrape (or the bench) tells "none
+        # yet" from "this server does not count them".
+        self.asr_redecodes.labels("final")
         self.speculative_acceptance = Histogram(
             "firstline_speculative_acceptance_ratio",
             "Accepted / drafted tokens per reply (speculation on)",
