@@ -60,8 +60,10 @@ class Decoded:
     batch_size: int = 1
     queue_s: float = 0.0
     # Decoded again in the 30 s window: the first decode stopped early
-    # (cut_short).
+    # (cut_short); redecode_s is that second decode alone, which the worker
+    # charges to this item's call, not to the batch it came in.
     redecoded: bool = False
+    redecode_s: float = 0.0
 
 
 def window_for(audio_s: float, windows: Iterable[int]) -> int:
@@ -214,7 +216,11 @@ class WhisperDecoder:
             if (retry is None or retry[i]) and window < MAX_WINDOW_S and self._stopped_early(decoded[i].text, item):
                 # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S);
                 # kept only if it heard more.
+                redo_started = time.perf_counter()
                 again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started, [False])[0]
+                redo_s = time.perf_counter() - redo_started
                 if len(again.text.split()) > len(decoded[i].text.split()):
-                    decoded[i] = dataclasses.replace(again, batch_size=len(items), redecoded=True)
+                    decoded[i] = dataclasses.replace(again, batch_size=len(items), redecoded=True, redecode_s=redo_s)
+                else:
+                    decoded[i] = dataclasses.replace(decoded[i], redecode_s=redo_s)
         return decoded

@@ -353,9 +353,12 @@ class ASRWorker:
             return
         self.batches += 1
         self.batched_items += len(batch)
-        share = (time.monotonic() - started) / len(batch)
+        # The batch's time is shared; a decode done again (asr/whisper.py
+        # cut_short) is charged to the call whose audio needed it.
+        redone = sum(r.redecode_s for r in results)
+        share = max(0.0, time.monotonic() - started - redone) / len(batch)
         for job, result in zip(batch, results, strict=True):
-            self._charge(job.call_id, share, job.priority)
+            self._charge(job.call_id, share + result.redecode_s, job.priority)
             self._deliver(job, result, started)
 
     async def _decode_one(self, job: _Job, started: float) -> None:

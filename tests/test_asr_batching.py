@@ -502,3 +502,22 @@ async def test_a_final_that_stopped_early_is_done_again_through_the_decoder_proc
     assert not partial.redecoded and partial.window_s == 10
     assert worker.redecodes == {FINAL: 1, PARTIAL: 0}
     assert metrics.registry.get_sample_value("firstline_asr_redecodes_total", {"kind": "final"}) == 1
+
+
+async def test_a_re_decode_in_a_batch_is_charged_to_its_own_call(quilter):
+    """A final decoded again in the 30 s window (asr/whisper.py cut_short)
+    inside a batch: its second decode is charged to its own call's share of
+    the decoder, not split with the call it happened to be batched with."""
+    from tests.conftest import menu_that_stops_early
+
+    worker = await _worker(batch_size=2, batch_wait_ms=BUDGET_MS, batch_windows="pad")
+    try:
+        menu, other = await asyncio.gather(
+            worker.submit("menu", menu_that_stops_early(), final=True), worker.submit("other", quilter, final=True)
+        )
+        used = worker.usage("menu"), worker.usage("other")
+    finally:
+        await worker.close()
+    assert menu.batch_size == other.batch_size == 2, (menu.batch_size, other.batch_size)
+    assert menu.redecoded and menu.redecode_s > 0 and other.redecode_s == 0
+    assert used[0] - used[1] == pytest.approx(menu.redecode_s, rel=0.1), (used, menu.redecode_s)

@@ -168,6 +168,15 @@ async def test_twiml_re_attach_needs_twilios_signature_when_configured(server) -
         assert '<Parameter name="firstline_secret" value="carrier-pw"/>' in body.decode()
 
 
+async def test_twiml_re_attach_under_a_bearer_token_needs_twilios_signature(server) -> None:
+    """With --auth-token alone the stream it would name cannot get in
+    (Twilio sends no bearer token), and an unsigned answer must not carry
+    the token: refused, saying which flag is missing."""
+    async with side_server(server, auth_token="bearer-pw") as srv:
+        status, _, body = await http_get(srv.port, RECONNECT_PATH + "?attempt=1")
+        assert status == 403 and b"--twilio-auth-token" in body and b"bearer-pw" not in body
+
+
 async def test_memory_store_expires_and_bounds() -> None:
     store = MemoryStore(ttl_s=0.2, max_calls=2)
     await store.save("a", CallState("p", [{"role": "user", "content": "hi"}], "", 1))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import socket
+import uuid
 
 import numpy as np
 
@@ -13,6 +16,7 @@ from tests.fake_carrier import CallWatcher, FakeAsterisk
 from tests.transport_checks import STORY, asr_text, prompt_clip
 from voice.server.app import VoiceServer
 from voice.server.config import ServerConfig
+from voice.server.limits import SLOW_READER
 from voice.transports.audiosocket import message, start_audiosocket
 
 
@@ -105,6 +109,49 @@ async def test_audiosocket_malformed_and_hangups_release_everything(server):
         assert server.runtime.active_calls == 0
         assert len(asyncio.all_tasks()) <= baseline
     finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
+async def test_audiosocket_peer_that_stops_reading_is_dropped(server):
+    """A peer that keeps sending but reads nothing fills our send buffer;
+    its call ends as a slow reader within the send timeout (as on the
+    websockets) and frees its slot, instead of queueing reply audio
+    forever. Small buffers on both ends make the stall come in seconds."""
+    tcp = await listener(server)
+    port = tcp.sockets[0].getsockname()[1]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setblocking(False)
+    writer = None
+    try:
+        with CallWatcher() as watcher:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            _, writer = await asyncio.open_connection(sock=sock)
+            writer.write(message(0x01, uuid.uuid4().bytes) + message(0x10, bytes(320)))
+            call = await watcher.one()
+            for _ in range(200):
+                if call.session.started:
+                    break
+                await asyncio.sleep(0.02)
+            call.watch.limits = dataclasses.replace(call.watch.limits, send_timeout_s=0.5)
+            call.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2048)
+            call.writer.transport.set_write_buffer_limits(high=2048)
+            for _ in range(1500):  # audio keeps coming (not an idle call): up to 30 s
+                if call.finished:
+                    break
+                writer.write(message(0x10, bytes(320)))
+                await asyncio.sleep(0.02)
+            assert call.finished and call.watch.end is SLOW_READER, call.watch.end
+        for _ in range(100):
+            if server.runtime.active_calls == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert server.runtime.active_calls == 0
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+        sock.close()
         tcp.close()
         await tcp.wait_closed()
 

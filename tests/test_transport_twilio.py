@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
@@ -99,6 +100,60 @@ async def test_twilio_media_before_start_and_bad_start_are_ignored(server):
                     break
                 await asyncio.sleep(0.02)
             assert call.malformed == 2 and not call.session.started and not call.finished
+
+
+async def test_a_start_with_a_bad_media_format_is_refused_briefly_and_the_call_goes_on(server, caplog):
+    """A mediaFormat that is not an object is the caller's error (not a
+    crash that ends the call), and a huge one does not reach the log: the
+    WARNING names the reason in a few words. The carrier's next, good
+    start begins the call."""
+    carrier = FakeTwilio(server_base(server))
+    good = carrier.wire.opening()
+    bulky = {"encoding": "audio/opus", "padding": list(range(50_000))}  # ~340 KB, no quotes to redact
+    carrier.opening = lambda: [  # type: ignore[method-assign]
+        {"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": ["audio/x-mulaw", 8000]}},
+        {"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": bulky}},
+        *good,
+    ]
+    caplog.set_level(logging.WARNING, logger="voice")
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            for _ in range(200):
+                if call.session.started:
+                    break
+                await asyncio.sleep(0.02)
+            assert call.malformed == 2 and call.session.started and not call.finished
+    ignored = [r.getMessage() for r in caplog.records if "ignored message" in r.getMessage()]
+    assert len(ignored) == 2 and all(len(line) < 300 for line in ignored), ignored
+    assert "mediaFormat is not an object" in ignored[0] and "'…' at 8000 Hz" in ignored[1], ignored
+
+
+async def test_a_keypad_flood_carries_only_the_first_presses(server):
+    """Presses wait in the next turn's text; a flood of them before any
+    speech keeps the first MAX_CARRIED_KEYPRESSES (a card number, twice
+    over) instead of growing the text, and the call goes on."""
+    from voice.call.session import KEYPRESS_PREFIX, MAX_CARRIED_KEYPRESSES
+
+    carrier = FakeTwilio(server_base(server))
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            for _ in range(200):
+                if call.session.started:
+                    break
+                await asyncio.sleep(0.02)
+            for i in range(MAX_CARRIED_KEYPRESSES + 100):
+                await carrier.press("0123456789"[i % 10])
+            await carrier.ws.send("not json")  # handled in order: after every press
+            for _ in range(200):
+                if call.malformed:
+                    break
+                await asyncio.sleep(0.02)
+            carried = call.session.carry_over
+            assert carried.count(KEYPRESS_PREFIX) == MAX_CARRIED_KEYPRESSES, carried
+            assert carried.startswith(f"{KEYPRESS_PREFIX}0] {KEYPRESS_PREFIX}1]"), carried
+            assert not call.finished
 
 
 async def test_twilio_hangup_mid_reply_releases_everything(server):

@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 ASR_RATE = 16000
 # Tokens the chat template adds around the whole prompt (generation prompt, BOS).
 PROMPT_MARGIN_TOKENS = 16
+# Keypad presses carried into the next turn's text ("[caller pressed 5]"):
+# a 16-digit card number and its "#" twice over; more are dropped.
+KEYPRESS_PREFIX = "[caller pressed "
+MAX_CARRIED_KEYPRESSES = 32
 _call_ids = itertools.count(1)
 __all__ = ["ASR_RATE", "CallSession", "Emit"]
 
@@ -680,5 +684,13 @@ class CallSession:
         """A keypad press from an audio transport. It joins the next turn's
         user text (as "[caller pressed 5]") through carry_over, so the LLM
         sees it in order with what the caller says."""
-        if len(digit) == 1 and digit in "0123456789*#ABCD":
-            self.carry_over = " ".join(filter(None, [self.carry_over, f"[caller pressed {digit}]"]))
+        if len(digit) != 1 or digit not in "0123456789*#ABCD":
+            return
+        # A keypad flood before any speech would grow the turn's text (and
+        # the work of each press) without end: past a card number and then
+        # some, further presses are dropped until the next turn takes them.
+        if self.carry_over.count(KEYPRESS_PREFIX) >= MAX_CARRIED_KEYPRESSES:
+            log.debug("call %s: keypress dropped, %d already waiting for the turn", self.call_id,
+                      MAX_CARRIED_KEYPRESSES)  # fmt: skip
+            return
+        self.carry_over = " ".join(filter(None, [self.carry_over, f"{KEYPRESS_PREFIX}{digit}]"]))

@@ -296,6 +296,14 @@ class VoiceServer:
         if self.registry.twilio is not None and not signed:
             self.registry.unauthorized(twilio.RECONNECT_PATH, address, "X-Twilio-Signature missing or wrong")
             return _json_response(http.HTTPStatus.FORBIDDEN, {"error": "invalid Twilio signature"})
+        if self.config.auth_token is not None and self.registry.twilio is None:
+            # /twilio would want the bearer token, which Twilio cannot send
+            # and an unsigned answer must not hand out: the stream named here
+            # would be refused (401) after the caller heard it reconnect.
+            return _json_response(
+                http.HTTPStatus.FORBIDDEN,
+                {"error": "re-attach with --auth-token needs --twilio-auth-token (Twilio's streams are signed)"},
+            )
         parameters = {}
         if self.config.carrier_secret:
             if not signed:  # the secret goes only to a request Twilio signed

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from streaming.playout import OutFormat
 from voice.call.start import Start
-from voice.server.limits import CallEnd, CallWatch
+from voice.server.limits import SLOW_READER, CallEnd, CallWatch
 from voice.server.runtime import Runtime
 from voice.transports.telephony import MalformedMessage, TelephonyCall
 
@@ -107,7 +107,12 @@ class AudioSocketCall(TelephonyCall):
             await self.finish(reason)
             with contextlib.suppress(Exception):
                 self.writer.close()
-                await self.writer.wait_closed()
+                # close() flushes first; a peer that reads nothing would
+                # hold this handler (and its call slot) in wait_closed.
+                async with asyncio.timeout(self.watch.limits.close_timeout_s):
+                    await self.writer.wait_closed()
+            if self.writer.transport.get_write_buffer_size():
+                self.writer.transport.abort()  # unsent bytes nobody will read
 
     def end_call(self, end: CallEnd) -> None:
         self.watch.finish(end)
@@ -162,7 +167,17 @@ class AudioSocketCall(TelephonyCall):
                 frame = silence
                 self.silence_written += 1
             self.writer.write(message(self.kind, frame))
-            await self.writer.drain()
+            try:
+                # A peer that stops reading must not hold the call (and
+                # the replies queued for it) forever: as on the websockets.
+                async with asyncio.timeout(self.watch.limits.send_timeout_s):
+                    await self.writer.drain()
+            except TimeoutError:
+                log.warning("call %s (audiosocket): peer not reading for %.1f s: dropping the call", self.call_id,
+                            self.watch.limits.send_timeout_s)  # fmt: skip
+                self.frames.clear()
+                self.watch.finish(SLOW_READER)
+                return
 
     async def send_audio(self, chunk: bytes) -> None:
         self.frames.append(chunk)

@@ -75,6 +75,17 @@ def obj(msg: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+def optional_obj(msg: dict[str, Any], key: str) -> dict[str, Any]:
+    """``msg[key]`` that may be absent (``{}``) but, when there, must be an
+    object: a list or a string there is the caller's error, not a crash."""
+    value = msg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedMessage(f"{key} is not an object")  # unquoted: a WARNING shows it
+    return value
+
+
 def as_int(value: object, what: str) -> int:
     """Carriers send numbers as ints or as strings ("8000", "42")."""
     if isinstance(value, bool):

@@ -60,6 +60,11 @@ def ttfa_histogram(runtime: Runtime) -> Histogram:
     return _ttfa[key]
 
 
+# How much of an ignored message's error a WARNING line keeps: the reason, not
+# the message (which a caller controls and may make a megabyte long).
+MALFORMED_LOGGED_CHARS = 160
+
+
 class MalformedMessage(ValueError):
     """A carrier message we cannot use: logged and ignored, the call goes on."""
 
@@ -108,10 +113,12 @@ class TelephonyCall:
 
     def note_malformed(self, exc: Exception) -> None:
         """Log an ignored message: the first few at WARNING without the
-        caller's content (quoted snippets redacted), everything at DEBUG."""
+        caller's content (quoted snippets redacted), everything at DEBUG; each
+        line cut short, so no message can put its bulk into the log."""
         if self._warnings.take():
-            log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, redact_quoted(str(exc)))
-        log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, exc)
+            said = redact_quoted(str(exc))[:MALFORMED_LOGGED_CHARS]  # redacted whole: a cut may split a quote
+            log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, said)
+        log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, str(exc)[:500])
         self.count_bad_input()
 
     def count_bad_input(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj, query_param
+from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj, optional_obj, query_param
 from voice.transports.telephony import MalformedMessage
 
 PATH = "/exotel"
@@ -40,10 +40,13 @@ class ExotelCall(MarkStyleCall):
         if self.session.started:
             raise MalformedMessage("second 'start'")
         start = obj(msg, "start")
-        fmt = start.get("media_format") or {}
+        fmt = optional_obj(start, "media_format")
         rate = as_int(fmt.get("sample_rate", self._query_rate()), "sample_rate")
-        if rate not in RATES or as_int(fmt.get("bit_rate", 16), "bit_rate") != 16:
-            raise MalformedMessage(f"unsupported media format {fmt!r}; Exotel streams 16-bit slin at 8/16/24 kHz")
+        bits = as_int(fmt.get("bit_rate", 16), "bit_rate")
+        if rate not in RATES or bits != 16:
+            raise MalformedMessage(
+                f"unsupported media format: {bits}-bit at {rate} Hz; Exotel streams 16-bit slin at 8/16/24 kHz"
+            )
         sid = msg.get("stream_sid") or start.get("stream_sid")
         if not isinstance(sid, str) or not sid:
             raise MalformedMessage("start without stream_sid")

@@ -17,7 +17,7 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import CallEnded, MarkStyleCall, as_int, b64decode, b64encode, obj
+from voice.transports.media_json import CallEnded, MarkStyleCall, as_int, b64decode, b64encode, obj, optional_obj
 from voice.transports.telephony import MalformedMessage
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,12 @@ class TelnyxCall(MarkStyleCall):
         if self.session.started:
             raise MalformedMessage("second 'start'")
         start = obj(msg, "start")
-        fmt = start.get("media_format") or {}
-        encoding = ENCODINGS.get(str(fmt.get("encoding", "PCMU")).upper())
+        fmt = optional_obj(start, "media_format")
+        named = str(fmt.get("encoding", "PCMU"))
+        encoding = ENCODINGS.get(named.upper())
         rate = as_int(fmt.get("sample_rate", 8000), "sample_rate")
         if encoding is None or rate != 8000:
-            raise MalformedMessage(f"unsupported media format {fmt!r}; use PCMU or PCMA at 8000 Hz")
+            raise MalformedMessage(f"unsupported media format {named[:24]!r} at {rate} Hz; use PCMU or PCMA at 8000 Hz")
         sid = msg.get("stream_id")
         self.stream_id = sid if isinstance(sid, str) else None
         params = start.get("custom_parameters") or {}

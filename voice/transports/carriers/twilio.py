@@ -32,7 +32,7 @@ from xml.sax.saxutils import quoteattr
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj
+from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj, optional_obj
 from voice.transports.telephony import MalformedMessage
 
 PATH = "/twilio"
@@ -77,15 +77,16 @@ class TwilioCall(MarkStyleCall):
         sid = start.get("streamSid") or msg.get("streamSid")
         if not isinstance(sid, str) or not sid:
             raise MalformedMessage("start without streamSid")
-        fmt = start.get("mediaFormat") or {}
-        encoding = ENCODINGS.get(fmt.get("encoding", "audio/x-mulaw"))
+        fmt = optional_obj(start, "mediaFormat")
+        named = fmt.get("encoding", "audio/x-mulaw")
+        encoding = ENCODINGS.get(named) if isinstance(named, str) else None
         rate = as_int(fmt.get("sampleRate", 8000), "sampleRate")
         if encoding is None or rate != 8000:
-            raise MalformedMessage(f"unsupported media format {fmt!r}; Twilio streams audio/x-mulaw at 8000 Hz")
+            raise MalformedMessage(
+                f"unsupported media format {str(named)[:24]!r} at {rate} Hz; Twilio streams audio/x-mulaw at 8000 Hz"
+            )
         self.stream_sid = sid
-        params = start.get("customParameters") or {}
-        if not isinstance(params, dict):
-            raise MalformedMessage("customParameters is not an object")
+        params = optional_obj(start, "customParameters")
         self.events_channel = str(params.get("firstline_events", "")).lower() in ("1", "true", "yes")
         out = OutFormat("mulaw", 8000, chunk_bytes=160)
         await self.begin(
