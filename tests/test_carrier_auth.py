@@ -21,6 +21,7 @@ from benchmarks.callers.base import to_wire
 from benchmarks.callers.twilio import Twilio
 from tests.conftest import loopback_alias_works, side_server
 from tests.fake_carrier import CallWatcher
+from tests.http_get import http_get
 from voice.server.app import VoiceServer
 from voice.server.config import ServerConfig
 from voice.server.signatures import TwilioSignatures, candidate_urls
@@ -190,6 +191,15 @@ async def test_hostile_upgrades_get_plain_refusals(server: VoiceServer) -> None:
         for origin in (f"http://127.0.0.1:{srv.port}", "https://app.example.com"):
             ws = await connect(call + "?token=a%2Bb%2Fc%3D%3D", origin=origin)  # the page encodes the token
             await ws.close()
+        # DNS rebinding: a site whose name now points here sends its own
+        # name as both Origin and Host. Only addresses, loopback names and
+        # --public-url's host count as this server's own page.
+        rebound = {"Host": f"rebound.example:{srv.port}", "Origin": f"http://rebound.example:{srv.port}"}
+        status, _, _ = await http_get(srv.port, "/v1/call?token=a%2Bb%2Fc%3D%3D", headers=rebound, upgrade=True)
+        assert status == 403
+        local = {"Host": f"localhost:{srv.port}", "Origin": f"http://localhost:{srv.port}"}
+        status, _, _ = await http_get(srv.port, "/v1/call?token=a%2Bb%2Fc%3D%3D", headers=local, upgrade=True)
+        assert status == 101
         duplicate = [("Authorization", "Bearer a+b/c=="), ("Authorization", "Bearer other")]
         assert await refused_status(connect(call, additional_headers=duplicate)) == 400
     # The Host header rebuilds the signed URL when no --public-url is set: garbage there is "not signed".

@@ -75,6 +75,24 @@ def test_example_turns_flag_and_the_supervised_child(tmp_path, capsys) -> None:
         assert "--example-turns" in capsys.readouterr().err
 
 
+def test_a_reply_nobody_spoke_for_never_ends_its_prompt_on_the_agents_words() -> None:
+    """A greeting, or a Realtime response.create on the conversation as it
+    stands: engines read a trailing assistant message as text to continue
+    (the greeting came out as the rest of the last example answer; two such
+    replies in a row, HTTP 500 from llama.cpp), so the prompt ends on a cue
+    the history does not keep, or on the caller's own words."""
+    from voice.call.history import GO_ON_CUE, OPENING_CUE
+
+    examples = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Sure. Hello."}]
+    history = History("Be brief.", max_turns=4, examples=examples)
+    assert history.messages(None)[-1] == {"role": "user", "content": OPENING_CUE}
+    history.remember(1, "", "Hello, how can I help?")  # the greeting said
+    assert history.messages(None)[-1] == {"role": "user", "content": GO_ON_CUE}
+    history.messages_so_far.append({"role": "user", "content": "What time do you open?"})  # a Realtime text item
+    assert history.messages(None)[-1]["content"] == "What time do you open?"
+    assert [m["content"] for m in history.messages_so_far] == ["Hello, how can I help?", "What time do you open?"]
+
+
 def test_a_trimmed_history_keeps_its_prefix_for_the_next_turns() -> None:
     """Trimming drops to half the room at once, so the following prompts share
     their prefix (the engine's prefix cache serves it) until the next overflow."""

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from tests.conftest import loopback_alias_works
 from tests.conftest import side_server as shared_side_server
 from voice.server.app import VoiceServer
-from voice.server.registry import address_allowed, parse_networks
+from voice.server.registry import address_allowed, normalize_address, parse_networks
 from voice.transports.audiosocket import KIND_ERROR, KIND_HANGUP, KIND_UUID, message
 
 REFUSED = message(KIND_ERROR, b"\x02") + message(KIND_HANGUP)
@@ -131,15 +131,23 @@ async def test_per_address_cap_refuses_the_next_call_from_that_address(server: V
         await wait_live(srv, 0)
 
 
+# HAProxy on this host (deploy/haproxy.cfg, option forwardfor): every call
+# comes from 127.0.0.1; the caller is the right-most untrusted hop.
+BEHIND_PROXY = {
+    "max_calls": 8,
+    "max_calls_per_address": 1,
+    "per_address_exempt": [],
+    "trusted_proxies": ["127.0.0.1/32"],
+}
+
+
+async def via_proxy(srv: VoiceServer, xff: str) -> ClientConnection:
+    return await connect(f"ws://127.0.0.1:{srv.port}/v1/call", additional_headers={"X-Forwarded-For": xff})
+
+
 async def test_behind_a_trusted_proxy_the_cap_counts_callers_from_x_forwarded_for(server: VoiceServer) -> None:
-    # HAProxy on this host (deploy/haproxy.cfg, option forwardfor): every call
-    # comes from 127.0.0.1; the caller is the right-most untrusted hop.
-    config = {"max_calls": 8, "max_calls_per_address": 1, "per_address_exempt": [], "trusted_proxies": ["127.0.0.1/32"]}
 
-    async def via_proxy(srv: VoiceServer, xff: str) -> ClientConnection:
-        return await connect(f"ws://127.0.0.1:{srv.port}/v1/call", additional_headers={"X-Forwarded-For": xff})
-
-    async with side_server(server, **config) as srv:
+    async with side_server(server, **BEHIND_PROXY) as srv:
         first = await via_proxy(srv, "203.0.113.5")
         await wait_live(srv, 1)
         # The same caller again, with a made-up left-most hop: still that caller.
@@ -158,6 +166,23 @@ async def test_behind_a_trusted_proxy_the_cap_counts_callers_from_x_forwarded_fo
         with pytest.raises(InvalidStatus):  # untrusted peer: X-Forwarded-For is the caller's word, ignored
             await via_proxy(srv, "203.0.113.7")
         await first.close()
+        await wait_live(srv, 0)
+
+
+async def test_an_ipv6_caller_is_counted_by_its_64(server: VoiceServer) -> None:
+    """An IPv6 host may take a new address in its /64 for every connection:
+    the per-address cap counts the /64 as one source."""
+
+    async with side_server(server, **BEHIND_PROXY) as srv:
+        first = await via_proxy(srv, "2001:db8:1:2::a")
+        await wait_live(srv, 1)
+        with pytest.raises(InvalidStatus) as refused:  # the same /64, another address in it
+            await via_proxy(srv, "2001:db8:1:2:ffff::b")
+        assert json.loads(refused.value.response.body)["reason"] == "per_address_limit"
+        second = await via_proxy(srv, "2001:db8:1:3::a")  # the next /64: another source
+        await wait_live(srv, 2)
+        await first.close()
+        await second.close()
         await wait_live(srv, 0)
 
 
@@ -186,3 +211,7 @@ def test_allow_lists() -> None:
     assert not address_allowed("127.0.0.1", nets)
     assert not address_allowed(None, nets) and not address_allowed("not-an-ip", nets)
     assert address_allowed("203.0.113.9", [])  # no list: anyone
+    # Sources as the registry keys them: an IPv6 /64 (loopback and IPv4 as they are).
+    assert normalize_address("2001:db8:1:2::a") == "2001:db8:1:2::/64"
+    assert normalize_address("::1") == "::1" and normalize_address("::ffff:10.1.2.3") == "10.1.2.3"
+    assert address_allowed("2001:db8:1:2::/64", nets) and not address_allowed("2001:db9::/64", nets)

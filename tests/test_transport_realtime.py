@@ -318,6 +318,32 @@ async def test_openai_sdk_text_item_then_response_create_is_answered(server):
     assert history[0]["content"] == greeting and history[2]["content"] == answer
 
 
+async def test_realtime_response_create_without_a_caller_turn_is_rate_limited(server):
+    """A client looping response.create (with a cancel each time, cheaply)
+    starts an LLM generation each time and, sending no audio, never counts
+    as a fast feeder: past UNSPOKEN_REPLY_BURST it gets rate_limit_exceeded,
+    and the call itself goes on."""
+    from voice.transports.realtime.protocol import UNSPOKEN_REPLY_BURST
+
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.created", timeout=10)
+            # Whole replies take seconds here; no refill meanwhile, so the
+            # burst is what is checked (the refill is streaming/rate.py's).
+            call.unspoken_replies.per_s = 0.0
+            for _ in range(UNSPOKEN_REPLY_BURST):
+                seen = len(carrier.events)
+                await carrier.send({"type": "response.create"})
+                await carrier.next_event("response.done", timeout=60, after=seen)
+            assert not carrier.of("error"), carrier.of("error")
+            await carrier.send({"type": "response.create"})
+            error = await carrier.next_event("error", timeout=10)
+            assert error["error"]["code"] == "rate_limit_exceeded", error
+            assert not call.finished and len(carrier.of("response.created")) == UNSPOKEN_REPLY_BURST
+
+
 async def test_realtime_sampling_reaches_the_engine_and_is_reported(server, monkeypatch):
     """Every sampling field set on session.update is in the request the
     engine receives, and the session object reports the values in force."""

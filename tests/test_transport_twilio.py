@@ -102,6 +102,13 @@ async def test_twilio_media_before_start_and_bad_start_are_ignored(server):
             assert call.malformed == 2 and not call.session.started and not call.finished
 
 
+async def _until(check, timeout_s: float = 4.0) -> None:
+    """Poll ``check`` until it holds (the assert after it says what failed)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+
+
 async def test_a_start_with_a_bad_media_format_is_refused_briefly_and_the_call_goes_on(server, caplog):
     """A mediaFormat that is not an object is the caller's error (not a
     crash that ends the call), and a huge one does not reach the log: the
@@ -119,10 +126,7 @@ async def test_a_start_with_a_bad_media_format_is_refused_briefly_and_the_call_g
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
-            for _ in range(200):
-                if call.session.started:
-                    break
-                await asyncio.sleep(0.02)
+            await _until(lambda: call.session.started)
             assert call.malformed == 2 and call.session.started and not call.finished
     ignored = [r.getMessage() for r in caplog.records if "ignored message" in r.getMessage()]
     assert len(ignored) == 2 and all(len(line) < 300 for line in ignored), ignored
@@ -139,17 +143,11 @@ async def test_a_keypad_flood_carries_only_the_first_presses(server):
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
-            for _ in range(200):
-                if call.session.started:
-                    break
-                await asyncio.sleep(0.02)
+            await _until(lambda: call.session.started)
             for i in range(MAX_CARRIED_KEYPRESSES + 100):
                 await carrier.press("0123456789"[i % 10])
             await carrier.ws.send("not json")  # handled in order: after every press
-            for _ in range(200):
-                if call.malformed:
-                    break
-                await asyncio.sleep(0.02)
+            await _until(lambda: call.malformed)
             carried = call.session.carry_over
             assert carried.count(KEYPRESS_PREFIX) == MAX_CARRIED_KEYPRESSES, carried
             assert carried.startswith(f"{KEYPRESS_PREFIX}0] {KEYPRESS_PREFIX}1]"), carried

@@ -17,6 +17,13 @@ Message = dict[str, str]
 MIN_TURN_TOKENS = 64
 # Chat-template tokens around each message (role markers, separators).
 PER_MESSAGE_TOKENS = 4
+# A reply nobody spoke for (a greeting, Realtime response.create) whose
+# prompt would end on the agent's own words: chat engines read a trailing
+# assistant message as text to continue (llama.cpp: the greeting came out
+# as the rest of the last example answer; two in a row: HTTP 500), so the
+# prompt ends on one of these instead. Not kept in the history.
+OPENING_CUE = "(The call has just connected. Greet the caller.)"
+GO_ON_CUE = "(The caller is quiet. Go on.)"
 
 
 def estimate_tokens(text: str) -> int:
@@ -80,9 +87,14 @@ class History:
         as it stands), with ``instructions`` added for this reply only; the
         oldest history is left out until it fits ``budget_tokens``."""
         system = self.system_prompt if not instructions else f"{self.system_prompt}\n\n{instructions}"
-        new = [] if user_text is None else [{"role": "user", "content": user_text}]
-        head = [{"role": "system", "content": system}, *self.examples()]
         past = list(self.messages_so_far)
+        if user_text is not None:
+            new = [{"role": "user", "content": user_text}]
+        elif past and past[-1]["role"] == "user":
+            new = []  # the conversation as it stands ends on the caller's words
+        else:
+            new = [{"role": "user", "content": GO_ON_CUE if past else OPENING_CUE}]
+        head = [{"role": "system", "content": system}, *self.examples()]
         if budget_tokens is not None:
             past = self._fit(past, budget_tokens - prompt_tokens(head) - prompt_tokens(new), user_text is not None)
         return [*head, *past, *new]

@@ -189,7 +189,7 @@ def _token_of(request: Request) -> str | None:
     return tokens[0] if tokens else None
 
 
-def _origin_ok(request: Request, allowed: list[str]) -> bool:
+def _origin_ok(request: Request, allowed: list[str], public_url: str | None) -> bool:
     """A browser's websocket must come from this server's own page (or an
     allowed origin): browsers apply no same-origin rule to websockets, so any
     site a user visits could otherwise drive calls here. Carriers and SDKs
@@ -197,8 +197,29 @@ def _origin_ok(request: Request, allowed: list[str]) -> bool:
     origin = _header(request, "Origin")
     if origin is None:
         return True
+    if origin.rstrip("/").lower() in allowed:
+        return True
     host = urlsplit(origin).netloc.lower()
-    return host == (_header(request, "Host") or "").lower() or origin.rstrip("/").lower() in allowed
+    return host == (_header(request, "Host") or "").lower() and _own_name(host, public_url)
+
+
+def _own_name(host: str, public_url: str | None) -> bool:
+    """A page's own host names this server only when it is an address, a
+    loopback name or --public-url's host. Any other name may be a site that
+    re-pointed its DNS here (DNS rebinding: the page and the Host header
+    then agree), so it must be named with --allow-origin."""
+    try:
+        name = urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return public_url is not None and urlsplit(public_url).hostname == name
 
 
 class VoiceServer:
@@ -326,7 +347,7 @@ class VoiceServer:
 
     def _authenticate(self, path: str, request: Request, address: str | None) -> Response | None:
         """None when the upgrade may go on to admission; else the refusal."""
-        if not _origin_ok(request, self.config.allowed_origins):
+        if not _origin_ok(request, self.config.allowed_origins, self.config.public_url):
             self.registry.unauthorized(path, address, "websocket from another site's page (Origin)")
             return _json_response(http.HTTPStatus.FORBIDDEN, {"error": "origin not allowed"})
         if path == twilio.PATH and self.registry.twilio is not None:

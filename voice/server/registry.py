@@ -58,16 +58,34 @@ def _ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     return ip
 
 
+# An IPv6 host gets a whole /64 (RFC 6177 and every ISP's practice) and may
+# pick a new address in it per connection: per-address limits and logs count
+# the /64 as one source, or a cap of 8 calls would be a cap of 2^64.
+IPV6_SOURCE_PREFIX = 64
+
+
 def normalize_address(address: str | None) -> str | None:
-    """One spelling per peer, so the per-address cap counts it once."""
+    """One spelling per source, so the per-address cap counts it once: an
+    IPv4 address, or an IPv6 address's /64 (loopback stays itself)."""
     ip = _ip(address)
-    return str(ip) if ip is not None else address
+    if ip is None:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:
+        return str(ipaddress.IPv6Network((ip, IPV6_SOURCE_PREFIX), strict=False))
+    return str(ip)
 
 
 def address_allowed(address: str | None, allow: list[Network]) -> bool:
-    """Whether ``address`` is in one of ``allow`` (an empty list allows all)."""
+    """Whether ``address`` (or a normalised source, an IPv6 /64) is in one of
+    ``allow`` (an empty list allows all)."""
     if not allow:
         return True
+    if address is not None and "/" in address:
+        try:
+            source = ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            return False
+        return any(source.version == net.version and source.subnet_of(net) for net in allow)  # type: ignore[arg-type]
     ip = _ip(address)
     return ip is not None and any(ip.version == net.version and ip in net for net in allow)
 
@@ -120,6 +138,7 @@ class CallRegistry:
         ``level`` at most once a minute per address, the rest at DEBUG
         (every one is counted in the metrics)."""
         now = time.monotonic()
+        address = normalize_address(address)  # an IPv6 host's /64 is one source here too
         key = (address, level)
         if now - self._warned.get(key, -WARN_EVERY_S) >= WARN_EVERY_S:
             if len(self._warned) >= 1024:

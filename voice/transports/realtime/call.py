@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from streaming.playout import OutFormat
+from streaming.rate import TokenBucket
 from voice.call.start import RESUME_TOKEN, Start, new_resume_token
 from voice.transports.media_json import WebSocketCall, b64encode, query_param
 from voice.transports.realtime import conversation, input_audio_buffer, session
@@ -59,6 +60,8 @@ from voice.transports.realtime.protocol import (
     GA_FORMATS,
     OUT_CHUNK_S,
     PATH,
+    UNSPOKEN_REPLIES_PER_S,
+    UNSPOKEN_REPLY_BURST,
     RealtimeError,
     new_id,
 )
@@ -104,6 +107,12 @@ class RealtimeCall(WebSocketCall):
         self.last_item_id: str | None = None
         self._partial_sent: dict[int, str] = {}
         self.response_requested = False
+        # Replies asked for with no caller turn behind them (response.create
+        # on the conversation as it stands). Each is an LLM generation; a
+        # client looping create/cancel could otherwise keep the engine busy
+        # for every other call, and with no audio it never counts as a
+        # fast feeder (streaming/fair_share.py).
+        self.unspoken_replies = TokenBucket(UNSPOKEN_REPLY_BURST, UNSPOKEN_REPLIES_PER_S)
 
     def handler_for(self, event: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         handler = HANDLERS.get(event)

@@ -33,6 +33,12 @@ MAX_INSTRUCTIONS = MAX_SYSTEM_PROMPT
 MAX_OUTPUT_TOKENS = MAX_REPLY_TOKENS
 
 
+# response.create that starts a new reply (no caller turn behind it): 8 at
+# once, then one every 2 s (a text chat asks for one per message it sends).
+UNSPOKEN_REPLY_BURST = 8
+UNSPOKEN_REPLIES_PER_S = 0.5
+
+
 class RealtimeError(MalformedMessage):
     """A client event we refuse, with the Realtime error code and param."""
 

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from voice.call.turn import SpokenFirst
-from voice.transports.realtime.protocol import MAX_INSTRUCTIONS, RealtimeError, new_id
+from voice.transports.realtime.protocol import (
+    MAX_INSTRUCTIONS,
+    UNSPOKEN_REPLIES_PER_S,
+    UNSPOKEN_REPLY_BURST,
+    RealtimeError,
+    new_id,
+)
 
 if TYPE_CHECKING:
     from voice.transports.realtime.call import RealtimeCall
@@ -61,6 +67,15 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
             f"response.instructions must be a string of at most {MAX_INSTRUCTIONS} chars",
             "invalid_value",
             "response.instructions",
+        )
+    if not call.unspoken_replies.take():
+        # A refused event like any other: past the call's allowance of
+        # those, the call is closed (voice/transports/telephony.py).
+        raise RealtimeError(
+            f"too many responses requested: at most {UNSPOKEN_REPLY_BURST} at once, "
+            f"then one every {1 / UNSPOKEN_REPLIES_PER_S:g} s",
+            "rate_limit_exceeded",
+            "response",
         )
     await call.ensure_started()
     turn = call.session.speak_first(SpokenFirst(instructions=instructions or None))
