@@ -5,6 +5,8 @@ prompt at the limits served by the real engines. (vLLM in process and
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from benchmarks.client import NativeCaller
@@ -91,6 +93,34 @@ def test_a_reply_nobody_spoke_for_never_ends_its_prompt_on_the_agents_words() ->
     history.messages_so_far.append({"role": "user", "content": "What time do you open?"})  # a Realtime text item
     assert history.messages(None)[-1]["content"] == "What time do you open?"
     assert [m["content"] for m in history.messages_so_far] == ["Hello, how can I help?", "What time do you open?"]
+
+
+def test_prompts_take_turns_whatever_the_history_holds() -> None:
+    """Templates that insist on user/assistant turns (Gemma, Mistral) must
+    never see the agent or the caller twice in a row: the agent's lines
+    get the cue they were generated after, the caller's words run together.
+    The greeting's next prompt starts as the greeting's own did (one cached
+    prefix)."""
+    from voice.call.history import GO_ON_CUE, OPENING_CUE
+
+    examples = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Sure. Hello."}]
+    history = History("Be brief.", max_turns=8, examples=examples)
+    greeting_prompt = history.messages(None)
+    history.remember(1, "", "Hello, how can I help?")  # a greeting
+    history.remember(2, "", "Are you still there?")  # a second response.create
+    history.remember(3, "I need a taxi", "")  # the LLM failed: no reply
+    prompt = history.messages("to the airport")
+    assert prompt[: len(greeting_prompt)] == greeting_prompt
+    assert [(m["role"], m["content"]) for m in prompt[len(greeting_prompt) - 1 :]] == [
+        ("user", OPENING_CUE),
+        ("assistant", "Hello, how can I help?"),
+        ("user", GO_ON_CUE),
+        ("assistant", "Are you still there?"),
+        ("user", "I need a taxi to the airport"),
+    ]
+    roles = [m["role"] for m in prompt[1:]]
+    assert all(a != b for a, b in itertools.pairwise(roles)), roles
+    assert [m["content"] for m in history.messages_so_far][-1] == "I need a taxi"  # the history is not changed
 
 
 def test_a_trimmed_history_keeps_its_prefix_for_the_next_turns() -> None:

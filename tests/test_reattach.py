@@ -47,7 +47,8 @@ async def test_a_native_call_resumes_its_conversation_with_its_token(server, cal
     said = (await first.wait_for("transcript.final", turn=1))["text"]
     with CallWatcher() as watcher:
         async with NativeCaller(call_url) as again:
-            ready = await again.start("mulaw", 8000, options={"resume": token})
+            # A greeting asked for again is not said to a call picked up mid-conversation.
+            ready = await again.start("mulaw", 8000, options={"resume": token, "greeting": "Hello again."})
             assert ready["resumed"] is True and ready["resume_token"] == token
             call = await watcher.one()
             # The earlier turn is in the prompt of the next one, under the stored instructions.
@@ -57,6 +58,7 @@ async def test_a_native_call_resumes_its_conversation_with_its_token(server, cal
             # Turn numbers go on from where the call was.
             second = await one_turn(again, 4, turn=2)
             assert second["text"]
+            assert not [e for e in again.result.of("response.done") if e["text"] == "Hello again."]
 
 
 async def test_a_bad_or_unknown_resume_token(call_url) -> None:

@@ -124,6 +124,54 @@ async def test_realtime_push_to_talk_holds_the_reply_until_response_create(serve
         assert done["response"]["status"] == "completed" and done["response"]["output"][0]["content"][0]["text"]
 
 
+async def test_realtime_a_held_reply_never_asked_for_leaves_the_conversation(server):
+    """Push-to-talk: a turn's reply is generated and held; the client never
+    asks for it and commits another turn. That reply was never said, so it
+    is not in the history the next turn is answered with, even when it had
+    finished before the next turn came."""
+    first, second = prompt_clip(14), prompt_clip(15)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(with_silence(first.load(24000), 24000, 0.5), speed=None)
+            await carrier.send({"type": "input_audio_buffer.commit"})
+            call = await watcher.one()
+            history = call.session.history
+            for _ in range(600):  # the held reply is done (remembered) before the next turn
+                if 1 in history.replies:
+                    break
+                await asyncio.sleep(0.05)
+            assert 1 in history.replies and not carrier.of("response.created")
+            # Past the resume grace: the next commit is a turn of its own, not
+            # the first one resumed (which would retract it whole).
+            await asyncio.sleep(server.runtime.config.asr.resume_grace_s + 0.3)
+            mark = len(carrier.events)
+            await carrier.say(with_silence(second.load(24000), 24000, 0.5), speed=None)
+            await carrier.send({"type": "input_audio_buffer.commit"})
+            await carrier.next_event("conversation.item.input_audio_transcription.completed", after=mark)
+            assert 1 not in history.replies
+            assert [m["role"] for m in history.messages_so_far] == ["user"], history.messages_so_far
+
+
+async def test_realtime_a_fallback_reply_opens_before_its_audio(server):
+    """A 1-token cap leaves no sentence, so the reply policy speaks its
+    fallback: a reply with audio and no text deltas. Its response.created
+    and item still come before its first audio delta."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        mark = len(carrier.events)
+        await carrier.send({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 1}})
+        await carrier.next_event("session.updated", timeout=10, after=mark)
+        await carrier.say(with_silence(prompt_clip(16).load(8000), 8000, 1.3), speed=None)
+        done = await carrier.next_event("response.done", timeout=60)
+        kinds = [e.get("type") for e in carrier.events]
+    assert "response.output_audio.delta" in kinds, kinds
+    assert kinds.index("response.created") < kinds.index("response.output_audio.delta"), kinds
+    assert done["response"]["output"][0]["content"][0]["transcript"], done
+
+
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
     await barge_in_call(server, FakeRealtime(server_base(server), fmt="audio/pcmu"), needs_mark=False)
 
@@ -206,7 +254,36 @@ async def test_realtime_text_items_join_the_conversation(server):
             # A system item extends the server's prompt: its example turns stay.
             examples = call.session.history.examples()
             assert examples and messages[1 : 1 + len(examples)] == examples
-            assert messages[1 + len(examples)] == {"role": "user", "content": "My order is 4471."}
+            # The text item and the spoken turn are both the caller's: one
+            # user message in the prompt (voice/call/history.py alternating).
+            first = messages[1 + len(examples)]
+            assert first["role"] == "user" and first["content"].startswith("My order is 4471. "), first
+    assert not carrier.of("error"), carrier.of("error")
+
+
+async def test_realtime_system_items_outlive_new_instructions(server):
+    """The SDK's usual order: instructions in session.update, then a system
+    item, then audio. The item joins the instructions when the call starts,
+    and new instructions later replace the instructions, not the item."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, instructions="You are Ada.")
+    crm = "The caller is a gold member."
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            await carrier.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "system", "content": [{"type": "input_text", "text": crm}]}})  # fmt: skip
+            await carrier.next_event("conversation.item.done", timeout=10)
+            await carrier.say(with_silence(prompt_clip(20).load(carrier.rate), carrier.rate, 1.3), speed=None)
+            await carrier.next_event("response.done", timeout=60)
+            system = call.session.messages("")[0]["content"]
+            assert system.startswith("You are Ada.") and crm in system, system
+            mark = len(carrier.events)
+            update = {"type": "realtime", "instructions": "You are Bo."}
+            await carrier.send({"type": "session.update", "session": update})
+            await carrier.next_event("session.updated", timeout=10, after=mark)
+            system = call.session.messages("")[0]["content"]
+            assert system.startswith("You are Bo.") and crm in system and "Ada" not in system, system
     assert not carrier.of("error"), carrier.of("error")
 
 

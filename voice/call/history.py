@@ -52,6 +52,29 @@ def keep_heard(history: list[Message], replies: dict[int, Message], turn: int, h
         del replies[turn]
 
 
+def alternating(messages: list[Message], from_start: bool) -> list[Message]:
+    """The conversation with caller and agent taking turns, as chat templates
+    that insist on it (Gemma, Mistral, Llama 2 on llama.cpp or vLLM) and
+    llama.cpp's trailing-assistant rule need. The history may hold the
+    agent twice in a row (a greeting, two Realtime response.create) or the
+    caller twice (a reply nobody heard, a failed turn, a text item then
+    speech): the agent's lines get the cue they were generated after
+    between them (OPENING_CUE before a call's first line, GO_ON_CUE after
+    that), and the caller's words run together as one message. New dicts:
+    the history itself is not changed."""
+    out: list[Message] = []
+    for message in messages:
+        role = message["role"]
+        if out and role == "user" == out[-1]["role"]:
+            out[-1] = {"role": "user", "content": f"{out[-1]['content']} {message['content']}"}
+            continue
+        if role == "assistant" and (not out or out[-1]["role"] == "assistant"):
+            cue = OPENING_CUE if not out and from_start else GO_ON_CUE
+            out.append({"role": "user", "content": cue})
+        out.append(dict(message))
+    return out
+
+
 class ContextTooLarge(ValueError):
     """Instructions or context that cannot fit the model's context window."""
 
@@ -63,7 +86,12 @@ class History:
     ``max_turns`` exchanges so a long call cannot grow memory or prompt."""
 
     def __init__(self, system_prompt: str, max_turns: int, examples: list[Message] | None = None) -> None:
-        self.system_prompt = system_prompt
+        # The prompt is the instructions, then the system text a client
+        # added (Realtime system items): new instructions (session.update,
+        # start, a re-attach) replace the first and keep the second, as
+        # OpenAI's API does.
+        self.instructions = system_prompt
+        self.system_items: list[str] = []
         self.max_turns = max_turns
         # Example turns (LLMConfig.example_turns) follow the server's own
         # prompt, or one that extends it (Realtime system items); a call
@@ -80,6 +108,18 @@ class History:
     def __len__(self) -> int:
         return len(self.messages_so_far)
 
+    @property
+    def system_prompt(self) -> str:
+        return "\n\n".join([self.instructions, *self.system_items])
+
+    @system_prompt.setter
+    def system_prompt(self, instructions: str) -> None:
+        self.instructions = instructions
+
+    def prompt_with(self, instructions: str) -> str:
+        """The system prompt these instructions would make (items kept)."""
+        return "\n\n".join([instructions, *self.system_items])
+
     def messages(
         self, user_text: str | None, instructions: str | None = None, budget_tokens: int | None = None
     ) -> list[Message]:
@@ -88,16 +128,14 @@ class History:
         oldest history is left out until it fits ``budget_tokens``."""
         system = self.system_prompt if not instructions else f"{self.system_prompt}\n\n{instructions}"
         past = list(self.messages_so_far)
-        if user_text is not None:
-            new = [{"role": "user", "content": user_text}]
-        elif past and past[-1]["role"] == "user":
-            new = []  # the conversation as it stands ends on the caller's words
-        else:
+        new = [] if user_text is None else [{"role": "user", "content": user_text}]
+        if user_text is None and (not past or past[-1]["role"] != "user"):
             new = [{"role": "user", "content": GO_ON_CUE if past else OPENING_CUE}]
         head = [{"role": "system", "content": system}, *self.examples()]
         if budget_tokens is not None:
             past = self._fit(past, budget_tokens - prompt_tokens(head) - prompt_tokens(new), user_text is not None)
-        return [*head, *past, *new]
+        from_start = bool(past) and past[0] is self.messages_so_far[0]
+        return [*head, *alternating([*past, *new], from_start)]
 
     def examples(self) -> list[Message]:
         """The example turns this call's prompts carry (none once the call
@@ -190,7 +228,7 @@ class History:
             if len(prompt) > MAX_INSTRUCTIONS:
                 raise ContextTooLarge(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
             self.check_instructions(prompt, budget_tokens)
-            self.system_prompt = prompt
+            self.system_items.append(text)
         else:
             self.messages_so_far.append({"role": role, "content": text})
             self._trim()  # a client adding items in a loop cannot grow memory

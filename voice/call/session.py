@@ -38,7 +38,7 @@ from streaming.codecs import StreamResampler, decode, int16_to_float
 from streaming.fair_share import IntakeRate
 from voice.call.audio_budget import AudioBudget, AudioBudgets, frame_seconds
 from voice.call.finals import OneFinalPerCall
-from voice.call.history import ContextTooLarge, History
+from voice.call.history import MAX_INSTRUCTIONS, ContextTooLarge, History
 from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
@@ -158,7 +158,7 @@ class CallSession:
         self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
         if start.system_prompt:
             try:
-                self.check_instructions(start.system_prompt)
+                self.check_instructions(self.history.prompt_with(start.system_prompt))
             except ContextTooLarge as exc:
                 raise ProtocolError(exc.code, str(exc)) from None
             self.history.system_prompt = start.system_prompt
@@ -168,7 +168,9 @@ class CallSession:
         self._last_audio_at = time.monotonic()
         if self.asr_config.auto_turns and self.asr_config.silent_line_s > 0:
             self._spawn(self._fill_silent_line())
-        greeting = self._greeting(start)
+        # A call that re-attached mid-conversation is not picked up again:
+        # no "Hello, how can I help?" in the middle of it.
+        greeting = None if self.resumed else self._greeting(start)
         await self.emit(
             {
                 "type": "ready",
@@ -304,7 +306,10 @@ class CallSession:
     def set_system_prompt(self, prompt: str) -> None:
         """New instructions for the turns from now on; raises ContextTooLarge
         when they leave no room in the model's context."""
-        self.history.check_instructions(prompt, self.prompt_budget())
+        combined = self.history.prompt_with(prompt)  # the client's system items stay
+        if len(combined) > MAX_INSTRUCTIONS:
+            raise ContextTooLarge(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
+        self.history.check_instructions(combined, self.prompt_budget())
         self.history.system_prompt = prompt
         self._save_state()
 

@@ -264,11 +264,15 @@ class RealtimeCall(WebSocketCall):
         self._partial_sent.pop(turn, None)
         previous = self.last_item_id
         # An older reply the client never asked for is not part of the
-        # conversation; drop it (its history entry goes when its turn ends).
+        # conversation; drop it. Its history entry goes when its turn ends,
+        # or now if it already has (its response.done was among the held).
         for old in self.responses.values():
-            if not old.released:
+            if not old.released and not old.dropped:
+                ended = any(e.get("type") == "response.done" for e in old.held)
                 old.dropped = True
                 old.held.clear()
+                if ended:
+                    self.session.reply_heard(old.turn, "")
         self.prune()
         if self.settings.turn_detection is not None:
             await self.send_event("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
@@ -310,6 +314,10 @@ class RealtimeCall(WebSocketCall):
         response = self.responses.get(turn) if turn is not None else None
         if response is None:
             return
+        # A reply with no text deltas (the reply policy's fallback sentence
+        # after an empty generation) is opened here: response.created and
+        # its item come before any of its audio.
+        await response_family.start(self, response)
         await self.send_event(
             "response.output_audio.delta", **response_family.content_ref(response), delta=b64encode(chunk)
         )
