@@ -172,6 +172,30 @@ async def test_realtime_a_fallback_reply_opens_before_its_audio(server):
     assert done["response"]["output"][0]["content"][0]["transcript"], done
 
 
+async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(server):
+    """A push-to-talk commit whose audio Whisper hears no words in (a cough)
+    still closes the commit: committed, an item with an empty transcript,
+    and no response, so a client waiting on its commit is not left hanging
+    and its response.create is not carried to the next turn. (The session
+    emits turn.empty for it, voice/call/turn.py; real audio that passes the
+    VAD and decodes to nothing cannot be picked reliably, so the event is
+    given to the live call here.)"""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
+            call = await watcher.one()
+            call.response_requested = True  # a response.create sent while it decoded
+            mark = len(carrier.events)
+            await call.on_session_event({"type": "turn.empty", "turn": 1, "audio_end_ms": 900})
+            await carrier.next_event("input_audio_buffer.committed", timeout=10, after=mark)
+            done = await carrier.next_event("conversation.item.input_audio_transcription.completed", after=mark)
+            assert done["transcript"] == "" and not call.response_requested
+            await asyncio.sleep(0.3)
+            assert not carrier.of("response.created") and 1 not in call.responses
+
+
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
     await barge_in_call(server, FakeRealtime(server_base(server), fmt="audio/pcmu"), needs_mark=False)
 

@@ -301,7 +301,11 @@ class Turn:
         if self._on_window is not None and not self.committed:
             self._on_window(self, endpoint_window(decoded.text, ctx.asr_config))
         if not self.user_text:
-            return  # VAD heard something Whisper found no words in: no turn
+            # VAD heard something Whisper found no words in: no turn. Said
+            # once the turn is committed (held until then, like any event): a
+            # push-to-talk client waits for an answer to its commit.
+            await self._out({"type": "turn.empty", "turn": self.index, "audio_end_ms": round(self.audio_end_s * 1000)})
+            return
         await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text,
                          "audio_end_ms": round(self.audio_end_s * 1000)})  # fmt: skip
         await self._out({"type": "turn.ended", "turn": self.index})

@@ -211,7 +211,7 @@ class RealtimeCall(WebSocketCall):
             await self._on_speech_started(ev)
         elif kind == "transcript.partial" and isinstance(turn, int):
             await self._on_partial(turn, str(ev.get("text", "")))
-        elif kind == "transcript.final" and isinstance(turn, int):
+        elif kind in ("transcript.final", "turn.empty") and isinstance(turn, int):
             await self._on_final(turn, str(ev.get("text", "")), int(ev.get("audio_end_ms") or 0))
         elif kind == "response.delta" and isinstance(turn, int):
             response = self.responses.get(turn)
@@ -290,6 +290,11 @@ class RealtimeCall(WebSocketCall):
             transcript=text, usage={"type": "duration", "seconds": 0},
         )  # fmt: skip
         self.last_item_id = item_id
+        if not text:
+            # The committed audio held no words (turn.empty): the item and its
+            # empty transcript close the commit; there is nothing to answer.
+            self.response_requested = False
+            return
         response = Response(turn, user_item_id=item_id)
         self.responses[turn] = response
         if self.settings.auto_respond or self.response_requested:
