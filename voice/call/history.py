@@ -120,6 +120,18 @@ class History:
         """The system prompt these instructions would make (items kept)."""
         return "\n\n".join([instructions, *self.system_items])
 
+    def set_instructions(self, instructions: str, budget_tokens: int | None) -> None:
+        """New instructions (the client's system items stay); raises
+        ContextTooLarge when the prompt they make is too long."""
+        self._check_prompt(self.prompt_with(instructions), budget_tokens)
+        self.instructions = instructions
+
+    def _check_prompt(self, prompt: str, budget_tokens: int | None) -> None:
+        """Within MAX_INSTRUCTIONS characters and leaving room for a turn."""
+        if len(prompt) > MAX_INSTRUCTIONS:
+            raise ContextTooLarge(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
+        self.check_instructions(prompt, budget_tokens)
+
     def messages(
         self, user_text: str | None, instructions: str | None = None, budget_tokens: int | None = None
     ) -> list[Message]:
@@ -224,10 +236,7 @@ class History:
         system text extends the instructions, user/assistant text joins the
         conversation the next turn is answered in."""
         if role == "system":
-            prompt = f"{self.system_prompt}\n\n{text}"
-            if len(prompt) > MAX_INSTRUCTIONS:
-                raise ContextTooLarge(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
-            self.check_instructions(prompt, budget_tokens)
+            self._check_prompt(f"{self.system_prompt}\n\n{text}", budget_tokens)
             self.system_items.append(text)
         else:
             self.messages_so_far.append({"role": role, "content": text})

@@ -38,7 +38,7 @@ from streaming.codecs import StreamResampler, decode, int16_to_float
 from streaming.fair_share import IntakeRate
 from voice.call.audio_budget import AudioBudget, AudioBudgets, frame_seconds
 from voice.call.finals import OneFinalPerCall
-from voice.call.history import MAX_INSTRUCTIONS, ContextTooLarge, History
+from voice.call.history import ContextTooLarge, History
 from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
@@ -306,11 +306,7 @@ class CallSession:
     def set_system_prompt(self, prompt: str) -> None:
         """New instructions for the turns from now on; raises ContextTooLarge
         when they leave no room in the model's context."""
-        combined = self.history.prompt_with(prompt)  # the client's system items stay
-        if len(combined) > MAX_INSTRUCTIONS:
-            raise ContextTooLarge(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
-        self.history.check_instructions(combined, self.prompt_budget())
-        self.history.system_prompt = prompt
+        self.history.set_instructions(prompt, self.prompt_budget())
         self._save_state()
 
     async def stop(self, reason: str = "client_stop") -> None:
