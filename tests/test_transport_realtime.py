@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 
 import numpy as np
 import pytest
@@ -213,6 +214,67 @@ async def test_realtime_response_cancel(server):
         done = await carrier.next_event("response.done")
         assert done["response"]["status"] == "cancelled"
         assert done["response"]["status_details"]["reason"] == "client_cancelled"
+
+
+async def _story_call(server, carrier, watcher):
+    """A call on a long spoken reply whose audio goes out at the pace of
+    playback (as a carrier's does), so the reply is long in flight after
+    its text is all written."""
+    call = await watcher.one()
+    call.session.history.system_prompt = STORY
+    call.session.max_tokens = 400
+    await carrier.say(with_silence(prompt_clip(15).load(carrier.rate), carrier.rate, 1.3), speed=None)
+    await carrier.next_event("response.output_audio.delta", timeout=60)
+    call.playout.lead_s = 0.3
+    return call
+
+
+async def test_realtime_response_cancel_while_the_written_reply_still_plays(server):
+    """The reply's text is all written but its audio still plays (its
+    response.done waits for the audio): to the client it is in progress, so
+    response.cancel stops it; response.done says cancelled, and the history
+    keeps only what the playout clock says was heard."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await _story_call(server, carrier, watcher)
+            await watcher.wait_event(call, "response.done", turn=1, timeout=60)
+            assert not carrier.of("response.done"), "the reply's audio ran out before the test could cancel it"
+            assert call.playing() == 1
+            await carrier.send({"type": "response.cancel"})
+            done = await carrier.next_event("response.done", timeout=30)
+            assert done["response"]["status"] == "cancelled"
+            assert done["response"]["status_details"]["reason"] == "client_cancelled"
+            sentences = [e["text"] for e in CallWatcher.of(call, "response.sentence") if e["turn"] == 1]
+            reply = call.session.history.replies.get(1)
+            heard = reply["content"] if reply is not None else ""
+            assert len(sentences) >= 2 and heard != " ".join(sentences), "history kept what was never played"
+            assert " ".join(sentences).startswith(heard)
+
+
+async def test_realtime_truncate_before_the_reply_is_written_takes(server):
+    """A client stops playing a reply and truncates it (here to nothing)
+    while the server is still writing it: the truncate arrives before the
+    turn has written its history, and still decides what the history keeps."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            call.session.reply_policy = dataclasses.replace(call.session.reply_policy, max_sentences=0)
+            call.session.history.system_prompt = STORY
+            call.session.max_tokens = 400
+            await carrier.say(with_silence(prompt_clip(15).load(carrier.rate), carrier.rate, 1.3), speed=None)
+            await carrier.next_event("response.output_audio.delta", timeout=60)
+            assert not CallWatcher.of(call, "response.done"), "the reply was written before its first audio"
+            item_id = carrier.of("response.output_item.added")[0]["item"]["id"]
+            await carrier.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                                "audio_end_ms": 0})  # fmt: skip
+            await carrier.next_event("conversation.item.truncated", timeout=10)
+            done = await watcher.wait_event(call, "response.done", turn=1, timeout=60)
+            assert done["text"], done
+            assert 1 not in call.session.history.replies, call.session.history.replies
 
 
 async def test_realtime_malformed_events_get_error_events(server):

@@ -247,19 +247,40 @@ class TelephonyCall:
 
     async def barge_in(self) -> None:
         """The caller talks: stop the reply's audio if any is still out there."""
+        if await self.cut_reply("barge-in") is not None:
+            self.barge_ins += 1
+
+    def playing(self) -> int | None:
+        """The turn whose reply audio is queued or (by the clock) still
+        playing, if any."""
         playout = self.playout
-        if playout is None or not playout.busy or playout.current_turn is None:
-            return
-        turn = playout.current_turn
+        if playout is None or not playout.busy:
+            return None
+        return playout.current_turn
+
+    async def cut_reply(self, why: str) -> int | None:
+        """Stop the reply's audio (a barge-in, a client's cancel): the
+        carrier's buffer is cleared and the history keeps what was heard.
+        The turn cut, or None when nothing was playing."""
+        playout, turn = self.playout, self.playing()
+        if playout is None or turn is None:
+            return None
         playout.interrupt(by_clock=not self.echoes_marks)
-        self.barge_ins += 1
         await self.send_clear()
         heard = playout.heard(turn)
-        log.info("call %s: barge-in on turn %d; caller heard %d chars", self.call_id, turn, len(heard))
+        log.info("call %s: %s on turn %d; caller heard %d chars", self.call_id, why, turn, len(heard))
         log.debug("call %s: turn %d heard %r", self.call_id, turn, heard)
+        self.heard_up_to(turn, heard)
+        return turn
+
+    def heard_up_to(self, turn: int, heard: str) -> None:
+        """The caller heard only ``heard`` of ``turn``'s reply. Before the
+        turn has ended its history entry is not written yet (the session
+        writes it when the reply task ends): kept until then, so a cut that
+        races the turn's end still takes."""
         if turn in self._done_turns:
             self.session.reply_heard(turn, heard)
-        else:  # the session writes the turn's history when its reply task ends
+        else:
             self._heard_pending[turn] = heard
 
     async def _first_audio_sent(self, turn: int, tts_s: float) -> None:

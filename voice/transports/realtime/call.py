@@ -182,6 +182,15 @@ class RealtimeCall(WebSocketCall):
             },
         )
 
+    async def barge_in(self) -> None:
+        # A reply whose audio the caller talked over ends cancelled
+        # (turn_detected), even when its text was all written.
+        turn = self.playing()
+        await super().barge_in()
+        response = self.responses.get(turn) if turn is not None else None
+        if response is not None and not response.finished:
+            response.cut_short = True
+
     # ---- session events -> Realtime events ------------------------------------
 
     async def _on_session_event(self, ev: dict[str, Any]) -> None:

@@ -78,7 +78,9 @@ async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
                 break
             heard.append(text)
             budget -= seconds
-        call.session.reply_heard(response.turn, " ".join(heard))
+        # Through the transport: a truncate right after response.cancel
+        # comes before the cancelled turn has written its history.
+        call.heard_up_to(response.turn, " ".join(heard))
     await call.send_event(
         "conversation.item.truncated", item_id=item_id, content_index=msg.get("content_index", 0),
         audio_end_ms=audio_end_ms,

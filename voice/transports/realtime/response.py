@@ -37,6 +37,11 @@ class Response:
     done: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     cancel_reason: str = "turn_detected"
+    # Its audio was stopped while it still played (barge-in, response.cancel
+    # after the text was all written): response.done says cancelled.
+    cut_short: bool = False
+    # response.done is on the wire: nothing of it is in progress any more.
+    finished: bool = False
     # Set once response.created and its item/part events are on the wire:
     # nothing of the reply may overtake them.
     opened: asyncio.Event = field(default_factory=asyncio.Event)
@@ -85,15 +90,25 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
 
 
 async def cancel(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    """Stop a reply the client sees in progress: still being written (the
+    generation is cancelled) or written but still playing (its response.done
+    waits for the audio, so to the client it is not over). Its audio stops
+    and the history keeps what the playout clock says was heard."""
     wanted = msg.get("response_id")
-    live = [r for r in call.responses.values() if r.done is None and not r.dropped]
+    live = [r for r in call.responses.values() if not r.dropped and not r.finished and (r.done is None or r.started)]
     if wanted is not None:
         live = [r for r in live if r.id == wanted]
-    if not live or not call.session.cancel_reply():
+    response = live[-1] if live else None
+    if response is None:
         raise RealtimeError("no response in progress to cancel", "response_cancel_not_active", "response_id")
-    live[-1].cancel_reason = "client_cancelled"
-    if call.playout is not None:
-        call.playout.interrupt(by_clock=True)
+    writing = response.done is None and call.session.cancel_reply()
+    playing = call.playing() == response.turn
+    if not writing and not playing:
+        raise RealtimeError("no response in progress to cancel", "response_cancel_not_active", "response_id")
+    response.cancel_reason = "client_cancelled"
+    response.cut_short = True
+    if playing:
+        await call.cut_reply("response.cancel")
 
 
 HANDLERS = {
@@ -138,7 +153,7 @@ async def delta(call: RealtimeCall, response: Response, text: str) -> None:
 async def finish(call: RealtimeCall, response: Response) -> None:
     await start(call, response)
     done = response.done or {}
-    status = "cancelled" if done.get("cancelled") else "completed"
+    status = "cancelled" if done.get("cancelled") or response.cut_short else "completed"
     text = str(done.get("text") or response.text)
     ref = content_ref(response)
     if call.settings.audio_out:
@@ -163,6 +178,7 @@ async def finish(call: RealtimeCall, response: Response) -> None:
         "input_token_details": {"cached_tokens": int(usage.get("cached_tokens") or 0)},
     }
     body["metadata"] = metadata(call, response)
+    response.finished = True
     await call.send_event("response.done", response=body)
     # Kept (the newest few, see RealtimeCall.prune): a client truncates an
     # item while it is still playing it, after response.done.
