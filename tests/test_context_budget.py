@@ -123,6 +123,20 @@ def test_prompts_take_turns_whatever_the_history_holds() -> None:
     assert [m["content"] for m in history.messages_so_far][-1] == "I need a taxi"  # the history is not changed
 
 
+def test_the_cues_that_make_prompts_take_turns_fit_the_budget() -> None:
+    """A history of agent lines nobody spoke for (Realtime response.create
+    in a row, now and then a caller turn) gets a cue before each: every
+    prompt, at every length of the history, fits the budget with them."""
+    history = History("Be brief.", max_turns=100)
+    for budget in (200, 400):
+        for turn in range(60):
+            caller = "I am here." if turn % 7 == 6 else ""
+            history.remember(turn, caller, f"Are you still there? This is reminder {turn}.")
+            prompt = history.messages(None, None, budget)
+            assert prompt_tokens(prompt) <= budget, (budget, turn, prompt_tokens(prompt))
+            assert len(prompt) > 3 and prompt[-1]["role"] == "user"
+
+
 def test_a_trimmed_history_keeps_its_prefix_for_the_next_turns() -> None:
     """Trimming drops to half the room at once, so the following prompts share
     their prefix (the engine's prefix cache serves it) until the next overflow."""

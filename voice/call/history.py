@@ -38,6 +38,11 @@ def prompt_tokens(messages: list[Message]) -> int:
     return sum(estimate_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in messages)
 
 
+# The most one cue costs a prompt: the budget keeps room for the ones
+# alternating() adds (merging the caller's messages only saves tokens).
+CUE_TOKENS = max(prompt_tokens([{"role": "user", "content": cue}]) for cue in (OPENING_CUE, GO_ON_CUE))
+
+
 def keep_heard(history: list[Message], replies: dict[int, Message], turn: int, heard: str) -> None:
     """Cut ``turn``'s assistant message in ``history`` to what the caller
     heard; drop it when they heard nothing (``replies``: turn -> message)."""
@@ -73,6 +78,17 @@ def alternating(messages: list[Message], from_start: bool) -> list[Message]:
             out.append({"role": "user", "content": cue})
         out.append(dict(message))
     return out
+
+
+def fitted_costs(messages: list[Message]) -> list[int]:
+    """Each message's tokens in a prompt, with the cue :func:`alternating`
+    puts before an agent line that has no caller line before it."""
+    costs, previous = [], None
+    for message in messages:
+        cue = CUE_TOKENS if message["role"] == "assistant" and previous != "user" else 0
+        costs.append(prompt_tokens([message]) + cue)
+        previous = message["role"]
+    return costs
 
 
 class ContextTooLarge(ValueError):
@@ -145,7 +161,10 @@ class History:
             new = [{"role": "user", "content": GO_ON_CUE if past else OPENING_CUE}]
         head = [{"role": "system", "content": system}, *self.examples()]
         if budget_tokens is not None:
-            past = self._fit(past, budget_tokens - prompt_tokens(head) - prompt_tokens(new), user_text is not None)
+            # One cue's room beyond the messages' own: the oldest kept line
+            # may be the agent's with its caller line trimmed away.
+            spare = budget_tokens - prompt_tokens(head) - prompt_tokens(new) - CUE_TOKENS
+            past = self._fit(past, spare, user_text is not None)
         from_start = bool(past) and past[0] is self.messages_so_far[0]
         return [*head, *alternating([*past, *new], from_start)]
 
@@ -165,11 +184,12 @@ class History:
         serves (trimming one message per turn would shift the prefix each
         turn and re-prefill the whole history: seconds on a CPU)."""
         start = next((i for i, m in enumerate(past) if m is self._first_kept), 0)
-        used = prompt_tokens(past[start:])
+        costs = fitted_costs(past)
+        used = sum(costs[start:])
         if used > spare:
             low_water = spare // 2
             while start < len(past) and used > low_water:
-                used -= prompt_tokens(past[start : start + 1])
+                used -= costs[start]
                 start += 1
             # A prompt's history starts with the caller's words.
             while caller_next and start < len(past) and past[start]["role"] == "assistant":
