@@ -155,11 +155,13 @@ async def test_realtime_a_held_reply_never_asked_for_leaves_the_conversation(ser
             assert [m["role"] for m in history.messages_so_far] == ["user"], history.messages_so_far
 
 
-async def test_realtime_a_fallback_reply_opens_before_its_audio(server):
+@pytest.mark.parametrize("audio_out", [True, False], ids=["audio", "text"])
+async def test_realtime_a_fallback_reply_opens_before_its_audio(server, audio_out):
     """A 1-token cap leaves no sentence, so the reply policy speaks its
-    fallback: a reply with audio and no text deltas. Its response.created
-    and item still come before its first audio delta."""
-    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    fallback: a reply whose words no model delta carried. Its
+    response.created and item still come before its first audio delta,
+    and a delta carries its words."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=audio_out)
     async with carrier:
         await carrier.next_event("session.updated", timeout=10)
         mark = len(carrier.events)
@@ -168,9 +170,14 @@ async def test_realtime_a_fallback_reply_opens_before_its_audio(server):
         await carrier.say(with_silence(prompt_clip(16).load(8000), 8000, 1.3), speed=None)
         done = await carrier.next_event("response.done", timeout=60)
         kinds = [e.get("type") for e in carrier.events]
-    assert "response.output_audio.delta" in kinds, kinds
-    assert kinds.index("response.created") < kinds.index("response.output_audio.delta"), kinds
-    assert done["response"]["output"][0]["content"][0]["transcript"], done
+    content = done["response"]["output"][0]["content"][0]
+    said = content["transcript"] if audio_out else content["text"]
+    assert said, done
+    deltas = carrier.of("response.output_audio_transcript.delta" if audio_out else "response.output_text.delta")
+    assert "".join(d["delta"] for d in deltas).endswith(said), (deltas, said)
+    if audio_out:
+        assert "response.output_audio.delta" in kinds, kinds
+        assert kinds.index("response.created") < kinds.index("response.output_audio.delta"), kinds
 
 
 async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(server):
