@@ -71,6 +71,31 @@ async def test_idle_call_is_closed_with_code_and_reason(server: VoiceServer, cal
             assert (await busy.wait_for("error", timeout=5))["code"] == "unknown_event"
 
 
+async def test_a_call_past_its_maximum_length_is_ended_however_busy(server: VoiceServer, call_url: str) -> None:
+    """A line left open (a bot calling a bot) cannot hold a slot for good:
+    a call that keeps sending is ended at --max-call-s, a later one is not."""
+    with limits(server, max_call_s=1.5):
+        async with NativeCaller(call_url) as long_call:
+            await long_call.start("pcm16", 16000)
+            t0 = time.monotonic()
+            silence = np.zeros(320, np.int16).tobytes()
+            ended = asyncio.ensure_future(long_call.wait_for("call.ended", timeout=6))
+            while not ended.done():
+                await long_call.send_raw(silence)
+                await asyncio.sleep(0.02)
+            event = await ended
+            assert event["reason"] == "max_call_length"
+            assert 1.4 <= time.monotonic() - t0 <= 4.0
+            assert long_call.ws is not None
+            await asyncio.wait_for(long_call.ws.wait_closed(), 3)
+            assert long_call.ws.close_code == 1000 and long_call.ws.close_reason == "call too long"
+    async with NativeCaller(call_url) as later:  # the default limit: hours
+        await later.start("pcm16", 16000)
+        await asyncio.sleep(2.0)
+        await later.send_json({"type": "nope"})
+        assert (await later.wait_for("error", timeout=5))["code"] == "unknown_event"
+
+
 async def test_client_that_stops_reading_is_dropped(server: VoiceServer, call_url: str) -> None:
     """A real websocket client that never reads while the server keeps
     emitting (one error event per garbage frame it sends)."""

@@ -402,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a call silent this long (0: never)",
     )
     serve.add_argument(
+        "--max-call-s",
+        type=float,
+        default=CallLimits.max_call_s,
+        help="end a call this long after it started, however busy (0: no limit; default 4 h, Twilio's own)",
+    )
+    serve.add_argument(
         "--send-timeout-s", type=float, default=CallLimits.send_timeout_s, help="drop a call whose client stops reading"
     )
     serve.add_argument(
@@ -643,6 +649,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config = ServerConfig(host=args.host, port=args.port, max_calls=args.max_calls, asr=asr, llm=llm)
     config.audiosocket_port = args.audiosocket_port
     config.limits.idle_timeout_s = args.idle_timeout_s
+    config.limits.max_call_s = args.max_call_s
     config.limits.send_timeout_s = args.send_timeout_s
     config.limits.drain_timeout_s = args.drain_timeout_s
     config.admission.ttfs_target_ms = args.ttfs_target_ms or None

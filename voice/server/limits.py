@@ -1,5 +1,5 @@
 """Per-call limits a transport enforces on its websocket: idle timeout,
-slow-reader protection on the send side, and server-initiated ends (drain).
+maximum call length, slow-reader protection on the send side, and server-initiated ends (drain).
 
 A :class:`CallGuard` wraps one call's connection. The transport calls
 :meth:`CallGuard.touch` for every frame it receives and sends through
@@ -35,6 +35,10 @@ class CallLimits:
     # A call that sends no frame for this long is closed (1000, "idle timeout").
     # Phone audio arrives every 20 ms, so a silent socket is a dead caller.
     idle_timeout_s: float = 60.0
+    # A call is ended after this long however busy it is (0: no limit), so
+    # a line left open (a stuck IVR, a bot calling a bot) cannot hold a slot
+    # for good. 4 h is Twilio's own default call time limit.
+    max_call_s: float = 4 * 3600.0
     # One outbound frame may wait this long for the client to read; after
     # that the client is stuck and the call is dropped (1008). Without it a
     # reply task would block on a full socket forever, holding an LLM slot.
@@ -90,6 +94,7 @@ SLOW_READER = CallEnd("slow_reader", CLOSE_POLICY, "client not reading")
 SHUTDOWN = CallEnd("server_shutdown", CLOSE_GOING_AWAY, "server shutting down")
 AUDIO_FLOOD = CallEnd("audio_rate_exceeded", CLOSE_POLICY, "audio faster than real time")
 MALFORMED_FLOOD = CallEnd("malformed_flood", CLOSE_POLICY, "too many malformed messages")
+MAX_CALL_LENGTH = CallEnd("max_call_length", CLOSE_NORMAL, "call too long")
 
 # Connection -> its guard, so the server can end guarded calls the transport's
 # way (farewell event, then close) and fall back to a bare close otherwise.
@@ -116,8 +121,8 @@ class CallWatch:
     async def __aenter__(self) -> CallWatch:
         self._task = asyncio.current_task()
         self._last_rx = time.monotonic()
-        if self.limits.idle_timeout_s > 0:
-            self._watchdog = asyncio.create_task(self._watch_idle(), name="idle-watchdog")
+        if self.limits.idle_timeout_s > 0 or self.limits.max_call_s > 0:
+            self._watchdog = asyncio.create_task(self._watch(), name="call-watchdog")
         if self.end is not None and self._task is not None:
             # Ended (a drain) before the handler got here: do not start the call.
             self._task.cancel()
@@ -151,15 +156,21 @@ class CallWatch:
         task.uncancel()
         return True
 
-    async def _watch_idle(self) -> None:
-        idle = self.limits.idle_timeout_s
+    async def _watch(self) -> None:
+        idle, longest = self.limits.idle_timeout_s, self.limits.max_call_s
+        ends_at = time.monotonic() + longest if longest > 0 else float("inf")
         while True:
-            remaining = self._last_rx + idle - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            idle_at = self._last_rx + idle if idle > 0 else float("inf")
+            if idle_at <= now:
                 log.info("no frame for %.0f s: closing the call", idle)
                 self.finish(IDLE)
                 return
-            await asyncio.sleep(remaining)
+            if ends_at <= now:
+                log.info("call longer than %.0f s: closing it", longest)
+                self.finish(MAX_CALL_LENGTH)
+                return
+            await asyncio.sleep(min(idle_at, ends_at) - now)
 
 
 class CallGuard(CallWatch):
