@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ MAX_WINDOW_S = 30  # Whisper's encoder input is at most 30 s
 # done again in the 30 s one.
 CUT_SHORT_WORDS_PER_S = 2.0
 CUT_SHORT_MIN_VOICED_S = 4.0
+# A transcript with none of these holds no words (only punctuation).
+WORD_CHAR = re.compile(r"\w")
 
 
 @dataclass
@@ -211,6 +214,10 @@ class WhisperDecoder:
             if len(sequence) >= item.token_cap:
                 # It never stopped by itself: a repetition loop cut by the cap.
                 text = cut_loop(text)
+            if not WORD_CHAR.search(text):
+                # tiny.en writes "." or ". . ." for a breath, a click or a tone:
+                # no words, so no turn to answer (the session says turn.empty).
+                text = ""
             decoded.append(Decoded(text, item.audio_s, elapsed, window, batch_size=len(items)))
         for i, item in enumerate(items):
             if (retry is None or retry[i]) and window < MAX_WINDOW_S and self._stopped_early(decoded[i].text, item):

@@ -193,3 +193,18 @@ def test_a_decode_that_stops_early_is_done_again_in_30_s() -> None:
     assert "eject the last user" in decoded.text.lower(), decoded.text
     short = decoder.decode(through_phone_line(by_name("conf-getpin").load(8000)))
     assert not short.redecoded and short.window_s == 10
+
+
+def test_a_tone_whisper_writes_only_punctuation_for_is_no_words() -> None:
+    """tiny.en writes "." for Asterisk's descending two-tone: no words, so
+    no transcript (the session then says turn.empty instead of answering
+    a full stop)."""
+    import soundfile as sf
+    import soxr
+
+    from asr.whisper import WhisperDecoder
+    from benchmarks.corpus import ASTERISK_SOUNDS
+
+    audio, rate = sf.read(ASTERISK_SOUNDS / "descending-2tone.wav", dtype="float32")
+    decoded = WhisperDecoder(ASRConfig()).decode(soxr.resample(audio, rate, 16000).astype(np.float32))
+    assert decoded.text == "", decoded.text
