@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 # websockets' own hard cap; the protocol enforces tighter per-frame limits
 # and answers with an error event instead of dropping the connection.
 WS_MAX_SIZE = 1 << 20
+# Frames websockets reads ahead of the handler per connection (its default
+# is 16): with WS_MAX_SIZE frames that is the most a client that sends
+# faster than its call reads can pin, 4 MiB here instead of 16. A call's
+# frames are 20 ms of audio read as they come, so this only ever fills for
+# a client pushing large frames; past it TCP holds the rest.
+WS_MAX_QUEUE = 4
 
 # The browser call page: URL path -> file in the voice.server.web package.
 # A fixed allow-list, never a path joined from the request, so no URL can
@@ -406,6 +412,7 @@ class VoiceServer:
             self.config.port,
             process_request=self._process_request,
             max_size=WS_MAX_SIZE,
+            max_queue=WS_MAX_QUEUE,
             # Audio must not queue behind a slow reader for long; small
             # buffers make backpressure visible instead of growing memory.
             write_limit=self.config.limits.write_limit,
