@@ -46,9 +46,9 @@ def call_policy(main: VoiceServer, **settings: Any) -> Iterator[None]:
             setattr(config, k, v)
 
 
-def twilio_start(params: dict[str, str] | None = None) -> list[str | bytes]:
+def twilio_start(params: dict[str, str] | None = None, call_sid: str = "CA1") -> list[str | bytes]:
     """Twilio's opening messages, from the one Twilio client (benchmarks/callers)."""
-    return [to_wire(msg) for msg in Twilio(sid="MZ1", call_sid="CA1", parameters=params).opening()]
+    return [to_wire(msg) for msg in Twilio(sid="MZ1", call_sid=call_sid, parameters=params).opening()]
 
 
 async def signed_connect(url: str, signed_url: str, token: str = AUTH_TOKEN) -> ClientConnection:
@@ -84,6 +84,55 @@ async def test_signed_twilio_upgrade_is_accepted_and_unsigned_refused(server: Vo
                 while not call.session.started:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             await ws.close()
+
+
+async def test_only_the_stream_twilio_re_attached_gets_the_calls_conversation(server: VoiceServer) -> None:
+    """Twilio's upgrade signature covers the URL only, the same for every
+    call: a stream that merely names another call's callSid must not get
+    its conversation. /twilio/reconnect (a request Twilio signed, CallSid
+    included) hands the re-attaching stream a proof; with it, and only for
+    that callSid, the conversation comes back."""
+    import re
+
+    from voice.call.store import CallState
+    from voice.transports.carriers.twilio import RECONNECT_PATH
+
+    sid, other = "CA" + "7" * 32, "CA" + "8" * 32
+    said = [{"role": "user", "content": "My PIN is 4321."}, {"role": "assistant", "content": "Noted."}]
+    await server.runtime.store.save(f"twilio:{sid}", CallState("Be brief.", said, "", 1))
+
+    async def stream(srv: VoiceServer, call_sid: str, params: dict[str, str] | None = None) -> bool:
+        url = f"ws://127.0.0.1:{srv.port}/twilio"
+        with CallWatcher() as watcher:
+            ws = await signed_connect(url, url)
+            for frame in twilio_start(params, call_sid=call_sid):
+                await ws.send(frame)
+            call = await watcher.one()
+            async with asyncio.timeout(30):
+                while not call.session.started:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            resumed = call.session.resumed and call.session.history.messages_so_far == said
+            await ws.close()
+            return resumed
+
+    with call_policy(server, twilio_auth_token=AUTH_TOKEN):
+        async with side_server(server, twilio_auth_token=AUTH_TOKEN) as srv:
+            assert not await stream(srv, sid), "a signed stream naming the callSid took the conversation"
+            path = f"{RECONNECT_PATH}?attempt=1&CallSid={sid}"
+            signature = RequestValidator(AUTH_TOKEN).compute_signature(f"http://127.0.0.1:{srv.port}{path}", {})
+            status, _, body = await http_get(srv.port, path, headers={"X-Twilio-Signature": signature})
+            assert status == 200, body
+            proof = re.search(r'name="firstline_resume" value="([0-9a-f]+)"', body.decode())
+            assert proof is not None, body
+            assert not await stream(srv, other, {"firstline_resume": proof[1]}), "a proof for another call"
+            assert await stream(srv, sid, {"firstline_resume": proof[1]})
+    # A credential, like the carrier secret: never passed on as metadata.
+    assert start_from_parameters("mulaw", 8000, {"firstline_resume": proof[1], "a": "b"}).metadata == {"a": "b"}
+    # The key is the carrier's own call id; a custom parameter of that name
+    # (whoever places the call writes those) does not stand in for it.
+    forged = start_from_parameters("pcm16", 8000, {"callSid": sid, "call_sid": sid}, carrier="exotel", call_id="real")
+    assert forged.resume_key == "exotel:real"
+    assert start_from_parameters("pcm16", 8000, {"call_sid": sid}, carrier="exotel").resume_key is None
 
 
 async def test_twilio_signature_over_the_public_url_behind_a_proxy(server: VoiceServer) -> None:

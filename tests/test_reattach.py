@@ -26,7 +26,7 @@ from tests.conftest import side_server, with_silence
 from tests.fake_carrier import CallWatcher, FakeRealtime, FakeTwilio
 from tests.http_get import http_get
 from tests.transport_checks import prompt_clip, server_base
-from voice.call.store import CallState, MemoryStore, RedisStore, StoreError
+from voice.call.store import CallState, MemoryStore, RedisStore, StateWriter, StoreError, encode_state
 from voice.transports.carriers.twilio import MAX_REATTACH, RECONNECT_PATH
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -196,6 +196,37 @@ async def test_memory_store_expires_and_bounds() -> None:
     assert small.bytes <= 400
 
 
+class CountedStore(MemoryStore):
+    """The in-memory store, counting the writes it is given."""
+
+    saves = 0
+
+    async def save(self, key: str, state: CallState) -> None:
+        self.saves += 1
+        await super().save(key, state)
+
+
+async def test_a_burst_of_changes_is_written_a_few_times_and_the_newest_wins() -> None:
+    """A client adding text items in a loop changes the state hundreds of
+    times a second; each write serializes the whole conversation on the
+    event loop, so writes are spaced (StateWriter.min_interval_s) and only
+    the newest state is written. An emoji is stored as 4 bytes, not a
+    12-character escape."""
+    store = CountedStore()
+    writer = StateWriter(store, "k", min_interval_s=0.2)
+    t0 = time.monotonic()
+    for n in range(300):
+        writer.write(CallState("p", [{"role": "user", "content": f"note {n} \U0001f600"}], "", n))
+        await asyncio.sleep(0.002)
+    await writer.flush()
+    elapsed = time.monotonic() - t0
+    assert store.saves <= elapsed / 0.2 + 2, (store.saves, elapsed)
+    stored = await store.load("k")
+    assert stored is not None and stored.turn == 299
+    assert "\U0001f600" in stored.messages[0]["content"]
+    assert "\\ud83d" not in encode_state(stored) and store.bytes == len(encode_state(stored).encode("utf-8"))
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def redis_url():
     exe = shutil.which("redis-server")
@@ -239,6 +270,19 @@ async def test_redis_store_round_trip_expiry_and_errors(redis_url) -> None:
     with pytest.raises(StoreError):
         await dead.load("x")
     await dead.close()
+    # A store that stops answering (CLIENT PAUSE holds every command): a
+    # call start waits LOAD_TIMEOUT_S for its past, not the socket timeout
+    # times each round trip of a new connection.
+    slow = RedisStore(redis_url, timeout_s=5.0, load_timeout_s=0.3)
+    admin = RedisStore(redis_url)
+    await admin._redis.execute_command("CLIENT", "PAUSE", 1200, "ALL")
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match=re.escape("no answer in 0.3 s")):
+        await slow.load("twilio:CA1")
+    assert time.monotonic() - t0 < 1.0
+    await asyncio.sleep(1.2)  # the pause lapses
+    await slow.close()
+    await admin.close()
     # No password in what is said about it.
     assert RedisStore("redis://user:hunter2@10.0.0.5:6379/0").describe() == "redis://10.0.0.5:6379/0"
 

@@ -18,8 +18,8 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
-import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -54,7 +54,16 @@ PROMPT_MARGIN_TOKENS = 16
 # a 16-digit card number and its "#" twice over; more are dropped.
 KEYPRESS_PREFIX = "[caller pressed "
 MAX_CARRIED_KEYPRESSES = 32
-_call_ids = itertools.count(1)
+
+
+def new_call_id() -> str:
+    """Random, not a per-process counter: it keys the call's session at a
+    vllm-router shared by every voice replica (X-Session-ID, finish_session),
+    where two replicas' "call-1" would pin to one engine and the first to
+    hang up would end the other's session."""
+    return f"call-{secrets.token_hex(8)}"
+
+
 __all__ = ["ASR_RATE", "CallSession", "Emit"]
 
 
@@ -71,7 +80,7 @@ class CallSession:
     def __init__(self, runtime: Runtime, emit: Emit, call_id: str | None = None) -> None:
         self.runtime = runtime
         self.emit = emit
-        self.call_id = call_id or f"call-{next(_call_ids)}"
+        self.call_id = call_id or new_call_id()
         self.started = False
         self.closed = False
         self.asr_config: ASRConfig = runtime.config.asr

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,15 @@ MAX_STATE_BYTES = 256 * 1024
 # calls with long instructions must not grow the process without bound).
 MAX_MEMORY_CALLS = 10_000
 MAX_MEMORY_BYTES = 64 * 1024 * 1024
+# A call's state is written at most this often: a client adding Realtime
+# text items in a loop would otherwise have every message serialize and
+# write the whole conversation (100+ KB) on the shared event loop.
+MIN_WRITE_INTERVAL_S = 0.25
+# The most a call start waits for its stored conversation: a new connection
+# is several round trips (HELLO, CLIENT SETINFO…, GET), each bounded only by
+# the socket timeout; a slow store costs the call its past, not seconds of
+# silence before ready.
+LOAD_TIMEOUT_S = 0.5
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -48,7 +58,8 @@ class CallState:
     turn: int = 0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # Not ASCII-escaped: an emoji is 4 bytes, not a 12-character escape.
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CallState | None:
@@ -72,8 +83,9 @@ class StoreError(RuntimeError):
 def encode_state(state: CallState) -> str:
     """The stored form, refused (StoreError) over MAX_STATE_BYTES in every store."""
     text = state.to_json()
-    if len(text) > MAX_STATE_BYTES:
-        raise StoreError(f"call state of {len(text)} bytes is over {MAX_STATE_BYTES}")
+    size = len(text.encode("utf-8"))
+    if size > MAX_STATE_BYTES:
+        raise StoreError(f"call state of {size} bytes is over {MAX_STATE_BYTES}")
     return text
 
 
@@ -108,15 +120,15 @@ class MemoryStore:
         text = encode_state(state)
         self._drop(key)
         self._states[key] = (time.monotonic() + self.ttl_s, text)
-        self.bytes += len(text)
+        self.bytes += len(text.encode("utf-8"))
         while len(self._states) > self.max_calls or self.bytes > self.max_bytes:
             _, (_, old) = self._states.popitem(last=False)
-            self.bytes -= len(old)
+            self.bytes -= len(old.encode("utf-8"))
 
     def _drop(self, key: str) -> None:
         entry = self._states.pop(key, None)
         if entry is not None:
-            self.bytes -= len(entry[1])
+            self.bytes -= len(entry[1].encode("utf-8"))
 
     async def close(self) -> None:
         self._states.clear()
@@ -129,13 +141,16 @@ class MemoryStore:
 class RedisStore:
     """One JSON string per call under ``firstline:call:<key>``, with an expiry."""
 
-    def __init__(self, url: str, ttl_s: float = 3600.0, timeout_s: float = 1.0) -> None:
+    def __init__(
+        self, url: str, ttl_s: float = 3600.0, timeout_s: float = 1.0, load_timeout_s: float = LOAD_TIMEOUT_S
+    ) -> None:
         try:
             import redis.asyncio as redis
         except ImportError as exc:  # pragma: no cover - the scale extra brings it
             raise StoreError("--state-url redis://… needs the redis package (pip install -e '.[scale]')") from exc
         self.url = url
         self.ttl_s = ttl_s
+        self.load_timeout_s = load_timeout_s
         self._redis: Any = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
 
@@ -148,7 +163,10 @@ class RedisStore:
 
     async def load(self, key: str) -> CallState | None:
         try:
-            raw = await self._redis.get(KEY_PREFIX + key)
+            async with asyncio.timeout(self.load_timeout_s):
+                raw = await self._redis.get(KEY_PREFIX + key)
+        except TimeoutError:
+            raise StoreError(f"call state store {self.describe()}: no answer in {self.load_timeout_s} s") from None
         except self._errors as exc:
             raise StoreError(f"call state store {self.describe()}: {exc}") from exc
         return None if raw is None else CallState.from_json(raw)
@@ -180,14 +198,17 @@ def build_store(url: str | None, ttl_s: float) -> CallStore:
 
 class StateWriter:
     """Writes one call's state after each turn without holding the turn up:
-    one write in flight, the newest snapshot wins (a turn that ends while
-    the previous write is out is written right after it)."""
+    one write in flight, at most one per MIN_WRITE_INTERVAL_S, the newest
+    snapshot wins (a turn that ends while the previous write is out, or
+    just after it, is written once that interval has passed)."""
 
-    def __init__(self, store: CallStore, key: str) -> None:
+    def __init__(self, store: CallStore, key: str, min_interval_s: float = MIN_WRITE_INTERVAL_S) -> None:
         self.store = store
         self.key = key
+        self.min_interval_s = min_interval_s
         self._latest: CallState | None = None
         self._task: asyncio.Task[None] | None = None
+        self._last_write = -math.inf
         self.failures = 0
 
     def write(self, state: CallState) -> None:
@@ -197,7 +218,11 @@ class StateWriter:
 
     async def _drain(self) -> None:
         while self._latest is not None:
+            wait = self._last_write + self.min_interval_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # later writes replace _latest meanwhile
             state, self._latest = self._latest, None
+            self._last_write = time.monotonic()
             try:
                 await self.store.save(self.key, state)
             except StoreError as exc:

@@ -38,7 +38,7 @@ from voice.server.runtime import Runtime
 from voice.server.signatures import SIGNATURE_HEADER, candidate_urls
 from voice.transports.audiosocket import start_audiosocket
 from voice.transports.carriers import twilio
-from voice.transports.carriers.parameters import SECRET_PARAMETER
+from voice.transports.carriers.parameters import RESUME_PARAMETER, SECRET_PARAMETER
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +339,11 @@ class VoiceServer:
                     {"error": "re-attach with --carrier-secret needs --twilio-auth-token (signed requests)"},
                 )
             parameters[SECRET_PARAMETER] = self.config.carrier_secret
+        call_sid = parse_qs(urlsplit(path).query).get("CallSid", [""])[0]
+        if signed and call_sid and self.config.twilio_auth_token:
+            # Twilio signed this request, CallSid included: the stream it names
+            # may pick up that call's conversation, and no other stream may.
+            parameters[RESUME_PARAMETER] = twilio.resume_proof(self.config.twilio_auth_token, call_sid)
         origin = self.config.public_url or _origin_of(host, proto)
         if origin is None:
             return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": "no Host header and no --public-url"})

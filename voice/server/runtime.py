@@ -13,7 +13,7 @@ from llm.base import LLMEngine
 from llm.config import LLMConfig
 from streaming.fair_share import FirstSentences, LowPriority, ReplyGate
 from streaming.threads import one_blas_thread
-from voice.call.store import RedisStore, build_store
+from voice.call.store import RedisStore, StoreError, build_store
 from voice.server.config import ServerConfig
 from voice.server.metrics import Metrics
 from voice.server.tracing import TurnTracer
@@ -75,7 +75,13 @@ class Runtime:
         t0 = time.perf_counter()
         one_blas_thread()  # before any decode: numpy's thread pool spins beside each
         if isinstance(self.store, RedisStore):
-            await self.store.check()  # a wrong --state-url fails the start, not every re-attach
+            try:
+                await self.store.check()
+            except StoreError as exc:
+                # Said loudly, but the replica still starts: during a store
+                # outage calls only lose re-attach, and a replica that would
+                # not start would turn that into lost capacity.
+                log.error("%s; calls go on without re-attach until it answers", exc)
         await self.asr.start()
         t1 = time.perf_counter()
         await self.engine.start()

@@ -17,18 +17,27 @@ from voice.call.start import Start
 from voice.transports.media_json import CallRefused
 
 SECRET_PARAMETER = "firstline_secret"
-# Where the transports put the carrier's own call id among the parameters.
-CALL_ID_PARAMETERS = ("callSid", "call_sid")
+# Proof, put in the TwiML by /twilio/reconnect, that a stream may pick up
+# its call's stored conversation (voice/transports/carriers/twilio.py).
+RESUME_PARAMETER = "firstline_resume"
+# Server credentials among the parameters: never passed on as metadata.
+CREDENTIAL_PARAMETERS = (SECRET_PARAMETER, RESUME_PARAMETER)
 
 
 def start_from_parameters(
-    encoding: str, rate: int, params: dict[str, Any], config: Any = None, carrier: str | None = None
+    encoding: str,
+    rate: int,
+    params: dict[str, Any],
+    config: Any = None,
+    carrier: str | None = None,
+    call_id: object = None,
 ) -> Start:
     """The call's Start from a carrier's custom parameters; ``config`` (the
     server's) says whether ``system_prompt`` may set the prompt and which
-    ``firstline_secret`` is required. The rest is metadata. ``carrier``
-    names whose call id (``callSid`` / ``call_sid``) keys the call's stored
-    conversation (None: not kept)."""
+    ``firstline_secret`` is required. The rest is metadata. ``carrier`` and
+    ``call_id`` (the carrier's own field, never a custom parameter, which
+    whoever places the call writes) key the call's stored conversation
+    (None: not kept)."""
     secret = getattr(config, "carrier_secret", None)
     if secret:
         given = params.get(SECRET_PARAMETER)
@@ -37,12 +46,12 @@ def start_from_parameters(
     prompt = params.get("system_prompt") if getattr(config, "allow_custom_prompt", False) else None
     # The carrier's call id keys the conversation: a stream that re-attaches
     # for the same call (Twilio: <Connect action> -> a new <Stream>) picks it up.
-    call_id = next((params[k] for k in CALL_ID_PARAMETERS if isinstance(params.get(k), str) and params[k]), None)
+    key = call_id[:128] if isinstance(call_id, str) and call_id else None
     return Start(
         encoding=encoding,
         sample_rate=rate,
         system_prompt=prompt if isinstance(prompt, str) and prompt.strip() else None,
-        # The secret never reaches metadata (events, logs, traces).
-        metadata={str(k): v for k, v in params.items() if k != SECRET_PARAMETER},
-        resume_key=f"{carrier}:{call_id[:128]}" if carrier and call_id else None,
+        # Credentials never reach metadata (events, logs, traces).
+        metadata={str(k): v for k, v in params.items() if k not in CREDENTIAL_PARAMETERS},
+        resume_key=f"{carrier}:{key}" if carrier and key else None,
     )

@@ -26,18 +26,27 @@ picks up its conversation from the shared store. Bounded: after
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 from urllib.parse import urlencode
 from xml.sax.saxutils import quoteattr
 
 from streaming.playout import OutFormat
-from voice.transports.carriers.parameters import start_from_parameters
+from voice.transports.carriers.parameters import RESUME_PARAMETER, start_from_parameters
 from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj, optional_obj
 from voice.transports.telephony import MalformedMessage
 
 PATH = "/twilio"
 RECONNECT_PATH = "/twilio/reconnect"
 MAX_REATTACH = 3
+
+
+def resume_proof(token: str, call_sid: str) -> str:
+    """What /twilio/reconnect puts in the TwiML of a re-attaching stream,
+    and the stream's start must carry to get its call's conversation back:
+    keyed with the Twilio auth token every replica holds."""
+    return hmac.new(token.encode(), f"firstline-resume:{call_sid}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def reattach_twiml(origin: str, attempt: int, parameters: dict[str, str] | None = None) -> str:
@@ -89,12 +98,21 @@ class TwilioCall(MarkStyleCall):
         params = optional_obj(start, "customParameters")
         self.events_channel = str(params.get("firstline_events", "")).lower() in ("1", "true", "yes")
         out = OutFormat("mulaw", 8000, chunk_bytes=160)
-        await self.begin(
-            start_from_parameters(
-                encoding, rate, {**params, "callSid": start.get("callSid")}, self.runtime.config, carrier="twilio"
-            ),
-            out,
-        )
+        call_sid = start.get("callSid")
+        begun = start_from_parameters(encoding, rate, params, self.runtime.config, carrier="twilio", call_id=call_sid)
+        token = self.runtime.config.twilio_auth_token
+        if token:
+            # A signed upgrade proves the stream is Twilio's, not which call it
+            # is (the signature covers only the URL, the same for every call):
+            # the stored conversation goes only to a stream /twilio/reconnect
+            # named with its proof. A fresh call skips the store's round trip.
+            given = params.get(RESUME_PARAMETER)
+            begun.may_resume = (
+                isinstance(call_sid, str)
+                and isinstance(given, str)
+                and hmac.compare_digest(given.encode(errors="surrogatepass"), resume_proof(token, call_sid).encode())
+            )
+        await self.begin(begun, out)
 
     async def on_media(self, msg: dict[str, Any]) -> None:
         media = obj(msg, "media")
