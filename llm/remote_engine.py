@@ -259,7 +259,10 @@ class RemoteEngine(LLMEngine):
                 try:
                     chunk = json.loads(data)
                 except ValueError:
-                    raise EngineError(f"LLM server {self.root} sent a malformed chunk: {data[:200]!r}") from None
+                    # The chunk is model output on the caller's conversation:
+                    # its text only at DEBUG (the error is logged at ERROR).
+                    log.debug("malformed chunk from %s: %r", self.root, data[:200])
+                    raise EngineError(f"LLM server {self.root} sent a malformed chunk ({len(data)} bytes)") from None
                 text = _absorb(chunk, request.usage, self.root)
                 if text:
                     got_text = True

@@ -196,6 +196,9 @@ async def test_a_twilio_call_whose_replica_is_killed_re_attaches_with_its_histor
     assert status == 200, twiml
     stream_url = twiml.decode().split('<Stream url="', 1)[1].split('"', 1)[0]
     assert stream_url == f"ws://127.0.0.1:{cluster.lb_port}/twilio"
+    # Callers reach the calls, not the replicas' /metrics (scraped directly).
+    status, _, _ = await http_get(cluster.lb_port, "/metrics")
+    assert status == 404
     async with FakeTwilio(stream_url.removesuffix("/twilio"), call_sid=call_sid, parameters=events) as again:
         ready = await wait_firstline(again, "ready", timeout=20)
         assert ready["resumed"] is True

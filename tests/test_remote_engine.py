@@ -254,3 +254,34 @@ async def test_remote_engine_reports_a_refused_field(replicas):
     with pytest.raises(EngineError, match=r"answered HTTP 400: .*'temperature' must be in \[0, 2\], got 5"):
         await _collect(engine, request)
     await engine.close()
+
+
+async def test_a_malformed_chunk_is_an_error_that_does_not_carry_the_words(caplog):
+    """An upstream (a broken proxy in front of the LLM server) streams a
+    chunk that is not JSON: the turn fails with an EngineError that names
+    the server and the size, not the chunk's text (model output on the
+    caller's conversation), which goes to DEBUG only. The upstream is a
+    stand-in: no real server sends this."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"delta": {"content": "your PIN is 4321"\n\n')
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        engine = RemoteEngine(f"http://127.0.0.1:{port}", model="m", system_prompt=None)
+        request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=4))
+        with caplog.at_level("INFO"), pytest.raises(EngineError, match="malformed chunk") as failed:
+            await _collect(engine, request)
+        assert "4321" not in str(failed.value) and "4321" not in caplog.text
+        await engine.close()
+    finally:
+        await runner.cleanup()
