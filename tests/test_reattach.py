@@ -61,6 +61,25 @@ async def test_a_native_call_resumes_its_conversation_with_its_token(server, cal
             assert not [e for e in again.result.of("response.done") if e["text"] == "Hello again."]
 
 
+async def test_a_call_that_hangs_up_leaves_no_stored_conversation(server, call_url) -> None:
+    """A stop says the call is over (a lost socket does not: that call may
+    re-attach, the test above): its stored conversation, caller data, is
+    deleted at once instead of waiting out --state-ttl-s."""
+    store = server.runtime.store
+    async with NativeCaller(call_url) as caller:
+        ready = await caller.start("mulaw", 8000)
+        key = f"native:{ready['resume_token']}"
+        await store.save(key, CallState("p", [{"role": "user", "content": "my PIN is 4321"}], "", 1))
+        await caller.stop()
+        ended = await caller.wait_for("call.ended", timeout=10)
+        assert ended["reason"] == "client_stop"
+    for _ in range(50):
+        if await store.load(key) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await store.load(key) is None
+
+
 async def test_a_bad_or_unknown_resume_token(call_url) -> None:
     async with NativeCaller(call_url) as caller:
         await caller.send_json({"type": "start", "audio": {"encoding": "mulaw", "sample_rate": 8000},
@@ -260,6 +279,9 @@ async def test_redis_store_round_trip_expiry_and_errors(redis_url) -> None:
     await store.save("twilio:CA1", state)
     assert await store.load("twilio:CA1") == state
     assert await store.load("twilio:CA-unknown") is None
+    await store.save("twilio:CA2", state)
+    await store.delete("twilio:CA2")  # a call that hung up
+    assert await store.load("twilio:CA2") is None
     await asyncio.sleep(2.1)
     assert await store.load("twilio:CA1") is None  # expired
     await store.close()

@@ -54,6 +54,9 @@ PROMPT_MARGIN_TOKENS = 16
 # a 16-digit card number and its "#" twice over; more are dropped.
 KEYPRESS_PREFIX = "[caller pressed "
 MAX_CARRIED_KEYPRESSES = 32
+# Ends that say the call is over (the client's stop, the carrier's stop or
+# hang-up), not that its connection was lost: its stored conversation goes.
+HUNG_UP = ("client_stop", "carrier_stop")
 
 
 def new_call_id() -> str:
@@ -335,7 +338,10 @@ class CallSession:
                 await task
         self.runtime.engine.end_session(self.call_id)  # e.g. vllm-router's session table
         if self._state is not None:
-            await self._state.flush()
+            if reason in HUNG_UP:
+                await self._state.forget()
+            else:  # a lost socket, a drain: the call may re-attach
+                await self._state.flush()
         log.info("call %s ended (%s)", self.call_id, reason)
 
     def reply_heard(self, turn: int, heard: str) -> None:

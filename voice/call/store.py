@@ -94,6 +94,8 @@ class CallStore(Protocol):
 
     async def save(self, key: str, state: CallState) -> None: ...
 
+    async def delete(self, key: str) -> None: ...
+
     async def close(self) -> None: ...
 
     def describe(self) -> str: ...
@@ -124,6 +126,9 @@ class MemoryStore:
         while len(self._states) > self.max_calls or self.bytes > self.max_bytes:
             _, (_, old) = self._states.popitem(last=False)
             self.bytes -= len(old.encode("utf-8"))
+
+    async def delete(self, key: str) -> None:
+        self._drop(key)
 
     def _drop(self, key: str) -> None:
         entry = self._states.pop(key, None)
@@ -175,6 +180,15 @@ class RedisStore:
         text = encode_state(state)
         try:
             await self._redis.set(KEY_PREFIX + key, text, ex=max(1, int(self.ttl_s)))
+        except self._errors as exc:
+            raise StoreError(f"call state store {self.describe()}: {exc}") from exc
+
+    async def delete(self, key: str) -> None:
+        try:
+            async with asyncio.timeout(self.load_timeout_s):
+                await self._redis.delete(KEY_PREFIX + key)
+        except TimeoutError:
+            raise StoreError(f"call state store {self.describe()}: no answer in {self.load_timeout_s} s") from None
         except self._errors as exc:
             raise StoreError(f"call state store {self.describe()}: {exc}") from exc
 
@@ -231,6 +245,20 @@ class StateWriter:
                 self.failures += 1
                 level = logging.WARNING if self.failures == 1 else logging.DEBUG
                 log.log(level, "call state not saved (%s)", exc)
+
+    async def forget(self) -> None:
+        """The call hung up: nothing more is written, and what was is
+        deleted now instead of expiring an hour later (it is caller data,
+        and a hung-up call does not re-attach)."""
+        self._latest = None
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        try:
+            await self.store.delete(self.key)
+        except StoreError as exc:
+            log.warning("stored call state not deleted; it expires on its own (%s)", exc)
 
     async def flush(self, timeout_s: float = 2.0) -> None:
         if self._task is not None and not self._task.done():
