@@ -57,7 +57,12 @@ class ExotelCall(MarkStyleCall):
         out = OutFormat("pcm16", rate, chunk_bytes=chunk_bytes(rate))
         await self.begin(
             start_from_parameters(
-                "pcm16", rate, params, self.runtime.config, carrier="exotel", call_id=start.get("call_sid")
+                "pcm16",
+                rate,
+                {**params, "call_sid": start.get("call_sid")},  # the carrier's own id over a parameter's
+                self.runtime.config,
+                carrier="exotel",
+                call_id=start.get("call_sid"),
             ),
             out,
         )

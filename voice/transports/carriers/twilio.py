@@ -99,7 +99,10 @@ class TwilioCall(MarkStyleCall):
         self.events_channel = str(params.get("firstline_events", "")).lower() in ("1", "true", "yes")
         out = OutFormat("mulaw", 8000, chunk_bytes=160)
         call_sid = start.get("callSid")
-        begun = start_from_parameters(encoding, rate, params, self.runtime.config, carrier="twilio", call_id=call_sid)
+        # The call id in metadata too (correlation with Twilio's logs), the
+        # carrier's own over a custom parameter of that name.
+        named = {**params, "callSid": call_sid}
+        begun = start_from_parameters(encoding, rate, named, self.runtime.config, carrier="twilio", call_id=call_sid)
         token = self.runtime.config.twilio_auth_token
         if token:
             # A signed upgrade proves the stream is Twilio's, not which call it
