@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -173,6 +174,32 @@ async def test_bearer_token_still_guards_the_other_routes(server: VoiceServer) -
         # /twilio answers to its signature, not to the bearer token.
         twilio_url = f"ws://127.0.0.1:{srv.port}/twilio?token=bearer-secret"
         assert await refused_status(connect(twilio_url)) == 403
+
+
+async def test_a_browser_sends_its_token_as_a_subprotocol(server: VoiceServer) -> None:
+    """Browsers cannot set headers on a websocket: the token rides as a
+    subprotocol (out of the URL, so out of proxies' access logs), as OpenAI's
+    browser clients send their key; the server echoes the other subprotocol
+    offered, never the token. The beta vocabulary is a subprotocol too."""
+    async with side_server(server, auth_token="bearer-secret") as srv:
+        call = f"ws://127.0.0.1:{srv.port}/v1/call"
+        assert await refused_status(connect(call, subprotocols=["firstline", "firstline-token.wrong"])) == 401
+        ws = await connect(call, subprotocols=["firstline", "firstline-token.bearer-secret"])
+        assert ws.subprotocol == "firstline"
+        await ws.close()
+        realtime = f"ws://127.0.0.1:{srv.port}/v1/realtime?model=m"
+        offered = ["realtime", "openai-insecure-api-key.bearer-secret", "openai-beta.realtime-v1"]
+        async with await connect(realtime, subprotocols=offered) as ws:
+            assert ws.subprotocol == "realtime"
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+            kinds = [json.loads(await ws.recv())["type"]]
+            assert "conversation.item.created" in kinds, kinds  # the beta name
+        # A header sent twice is read, not a crash.
+        twice = [("Authorization", "Bearer bearer-secret"), ("OpenAI-Beta", "realtime=v1"), ("OpenAI-Beta", "x=1")]
+        async with await connect(realtime, additional_headers=twice) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
 
 
 @pytest.mark.skipif(not loopback_alias_works(), reason="no 127.0.0.2 on this loopback")

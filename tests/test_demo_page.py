@@ -357,3 +357,34 @@ async def test_call_from_chromium(server: VoiceServer, tmp_path: Path) -> None:
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
     print(f"browser call: {elapsed:.1f} s, {len(turns)} turns, {unmutes} unmutes, clears {clears}, waterfall {w}")
+
+
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason=f"{CHROMIUM} missing (make test-deps installs Debian's chromium)")
+async def test_the_page_sends_its_token_as_a_subprotocol(server: VoiceServer, tmp_path: Path) -> None:
+    """On a server with --auth-token, the page's call goes through with the
+    token typed in, carried as a subprotocol (not in the URL, which proxies
+    log), and a wrong one is refused."""
+    from tests.conftest import side_server
+
+    async_api = pytest.importorskip("playwright.async_api")
+    wav = tmp_path / "mic.wav"
+    fake_microphone(shared_clip(CLIP), wav)
+    async with side_server(server, auth_token="page-secret") as srv, async_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(wav), timeout=60_000)
+        try:
+            page = await (await browser.new_context()).new_page()
+            urls: list[str] = []
+            page.on("websocket", lambda ws: urls.append(ws.url))
+            await page.goto(f"http://127.0.0.1:{srv.port}/", wait_until="load")
+            fl = Page(page)
+            await page.fill("#token", "wrong")
+            await page.click("#call")
+            await fl.wait("s.state === 'failed' || s.state === 'ended'", "the refusal", 30)
+            await page.fill("#token", "page-secret")
+            await page.click("#call")
+            await fl.wait("s.state === 'live'", "the call to start", 60)
+            await page.click("#call")  # hang up
+            await fl.wait("s.state === 'ended'", "the hang-up", 30)
+            assert urls and not any("token" in url for url in urls), urls
+        finally:
+            await browser.close()

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import signal
+from collections.abc import Sequence
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.typing import Subprotocol
 
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
@@ -184,10 +186,34 @@ def _header(request: Request, name: str) -> str | None:
     return values[0] if values else None
 
 
+# A browser cannot set headers on a websocket; it can offer subprotocols,
+# which stay out of URLs and so out of proxies' access logs. OpenAI's browser
+# clients send the key as ``openai-insecure-api-key.<key>``; the call page
+# sends ``firstline-token.<token>``.
+TOKEN_SUBPROTOCOLS = ("openai-insecure-api-key.", "firstline-token.")
+
+
+def _offered_subprotocols(request: Request) -> list[str]:
+    offered = ",".join(request.headers.get_all("Sec-WebSocket-Protocol"))
+    return [p.strip() for p in offered.split(",") if p.strip()]
+
+
+def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) -> Subprotocol | None:
+    """The first subprotocol offered that is not a credential (``realtime``
+    from OpenAI's clients, ``firstline`` from the call page): a browser that
+    offered some fails the connection unless one is echoed back, and a
+    token is never echoed."""
+    return next((Subprotocol(p) for p in offered if not p.startswith(TOKEN_SUBPROTOCOLS)), None)
+
+
 def _token_of(request: Request) -> str | None:
     scheme, _, token = (_header(request, "Authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    for offered in _offered_subprotocols(request):
+        for prefix in TOKEN_SUBPROTOCOLS:
+            if offered.startswith(prefix) and len(offered) > len(prefix):
+                return offered[len(prefix) :]
     # Carriers' media websockets cannot set headers; they can only put the
     # token in the stream URL, percent-encoded like any query value. (The
     # log filter redacts it by value, both forms.)
@@ -418,6 +444,7 @@ class VoiceServer:
             process_request=self._process_request,
             max_size=WS_MAX_SIZE,
             max_queue=WS_MAX_QUEUE,
+            select_subprotocol=_select_subprotocol,
             # Audio must not queue behind a slow reader for long; small
             # buffers make backpressure visible instead of growing memory.
             write_limit=self.config.limits.write_limit,

@@ -4,7 +4,8 @@ A thin adapter like the carriers: Realtime client events become
 :class:`CallSession` calls, session events become Realtime server events.
 Both event vocabularies are spoken: the GA one by default, the beta one
 (``response.text.delta``, ``conversation.item.created``…) when the client
-connects with ``OpenAI-Beta: realtime=v1``, as the legacy SDK does.
+connects with ``OpenAI-Beta: realtime=v1``, as the legacy SDK does (from a
+browser: the ``openai-beta.realtime-v1`` subprotocol).
 
 What maps to what (see docs/realtime.md for the full table):
 
@@ -82,6 +83,8 @@ HANDLERS: dict[str, Handler] = {
     **response_family.HANDLERS,
 }
 _ids = itertools.count(1)
+# What OpenAI's browser clients offer for the beta vocabulary.
+BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 
 
 class RealtimeCall(WebSocketCall):
@@ -92,8 +95,17 @@ class RealtimeCall(WebSocketCall):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         request = getattr(self.ws, "request", None)
-        headers = request.headers if request is not None else {}
-        self.beta = "realtime=v1" in str(headers.get("OpenAI-Beta", "")).replace(" ", "")
+
+        # The beta vocabulary: the OpenAI-Beta header, or from a browser
+        # (which cannot set headers) the subprotocol OpenAI's clients offer.
+        # (get_all: a header sent twice is read, not a crash.)
+        def header(name: str) -> list[str]:
+            values = request.headers.get_all(name) if request is not None else []
+            return [v.strip() for value in values for v in value.split(",")]
+
+        self.beta = "realtime=v1" in [v.replace(" ", "") for v in header("OpenAI-Beta")] or (
+            BETA_SUBPROTOCOL in header("Sec-WebSocket-Protocol")
+        )
         self.settings = RealtimeSettings(model=query_param(request.path if request else "", "model") or "firstline")
         self.session_id = new_id("sess")
         # Re-attach (docs/scaling.md): ?resume=<the resume_token of an earlier
