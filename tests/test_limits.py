@@ -48,27 +48,41 @@ def test_turn_audio_is_capped_by_max_utterance(server: VoiceServer, jfk) -> None
         assert len(turn.audio) / 16000 <= cfg.max_utterance_s + 0.5
 
 
+async def ended_while_sending(ending: NativeCaller, sender: NativeCaller, timeout: float) -> tuple[dict, float]:
+    """``sender`` keeps sending silence (a live line) until ``ending`` gets
+    its call.ended: that event, and how long after now it came."""
+    t0 = time.monotonic()
+    silence = np.zeros(320, np.int16).tobytes()
+    ended = asyncio.ensure_future(ending.wait_for("call.ended", timeout=timeout))
+    while not ended.done():
+        await sender.send_raw(silence)
+        await asyncio.sleep(0.02)
+    return await ended, time.monotonic() - t0
+
+
+async def assert_closed_with(caller: NativeCaller, code: int, reason: str) -> None:
+    assert caller.ws is not None
+    await asyncio.wait_for(caller.ws.wait_closed(), 3)
+    assert (caller.ws.close_code, caller.ws.close_reason) == (code, reason)
+
+
+async def assert_still_served(caller: NativeCaller) -> None:
+    assert caller.ws is not None and caller.ws.close_code is None
+    await caller.send_json({"type": "nope"})
+    assert (await caller.wait_for("error", timeout=5))["code"] == "unknown_event"
+
+
 async def test_idle_call_is_closed_with_code_and_reason(server: VoiceServer, call_url: str) -> None:
     with limits(server, idle_timeout_s=1.0):
         async with NativeCaller(call_url) as idle, NativeCaller(call_url) as busy:
             await idle.start("pcm16", 16000)
             await busy.start("pcm16", 16000)
-            t0 = time.monotonic()
             # The busy caller keeps sending (silence) and must not be closed.
-            silence = np.zeros(320, np.int16).tobytes()
-            ended = asyncio.ensure_future(idle.wait_for("call.ended", timeout=5))
-            while not ended.done():
-                await busy.send_raw(silence)
-                await asyncio.sleep(0.02)
-            event = await ended
+            event, after_s = await ended_while_sending(idle, busy, timeout=5)
             assert event["reason"] == "idle_timeout"
-            assert 0.9 <= time.monotonic() - t0 <= 3.0
-            assert idle.ws is not None
-            await asyncio.wait_for(idle.ws.wait_closed(), 3)
-            assert idle.ws.close_code == 1000 and idle.ws.close_reason == "idle timeout"
-            assert busy.ws is not None and busy.ws.close_code is None
-            await busy.send_json({"type": "nope"})
-            assert (await busy.wait_for("error", timeout=5))["code"] == "unknown_event"
+            assert 0.9 <= after_s <= 3.0
+            await assert_closed_with(idle, 1000, "idle timeout")
+            await assert_still_served(busy)
 
 
 async def test_a_call_past_its_maximum_length_is_ended_however_busy(server: VoiceServer, call_url: str) -> None:
@@ -77,23 +91,14 @@ async def test_a_call_past_its_maximum_length_is_ended_however_busy(server: Voic
     with limits(server, max_call_s=1.5):
         async with NativeCaller(call_url) as long_call:
             await long_call.start("pcm16", 16000)
-            t0 = time.monotonic()
-            silence = np.zeros(320, np.int16).tobytes()
-            ended = asyncio.ensure_future(long_call.wait_for("call.ended", timeout=6))
-            while not ended.done():
-                await long_call.send_raw(silence)
-                await asyncio.sleep(0.02)
-            event = await ended
+            event, after_s = await ended_while_sending(long_call, long_call, timeout=6)
             assert event["reason"] == "max_call_length"
-            assert 1.4 <= time.monotonic() - t0 <= 4.0
-            assert long_call.ws is not None
-            await asyncio.wait_for(long_call.ws.wait_closed(), 3)
-            assert long_call.ws.close_code == 1000 and long_call.ws.close_reason == "call too long"
+            assert 1.4 <= after_s <= 4.0
+            await assert_closed_with(long_call, 1000, "call too long")
     async with NativeCaller(call_url) as later:  # the default limit: hours
         await later.start("pcm16", 16000)
         await asyncio.sleep(2.0)
-        await later.send_json({"type": "nope"})
-        assert (await later.wait_for("error", timeout=5))["code"] == "unknown_event"
+        await assert_still_served(later)
 
 
 async def test_client_that_stops_reading_is_dropped(server: VoiceServer, call_url: str) -> None:
