@@ -22,7 +22,10 @@ attack, one attack at a time, the phases interleaved round by round:
 - ``garbage``: an authenticated call sending random binary and text frames
   (~1000 a second);
 - ``unauthenticated``: AudioSocket connections from an address outside the
-  allow-list, and websocket upgrades without a token, back to back.
+  allow-list, and websocket upgrades without a token, back to back;
+- ``realtime_events``: an authenticated Realtime client sending valid events
+  (8 KB text items, new instructions, buffer clears) ~1000 a second and
+  reading every answer.
 
 Per phase: the well-behaved calls' TTFS (caller's last voiced frame -> first
 reply sentence), turns lost, and what the attack got back (HTTP refusals,
@@ -258,6 +261,53 @@ async def garbage(url: str, tally: Tally, seed: int) -> None:
     await a_call_that(url, tally, behave)
 
 
+async def realtime_events(port: int, tally: Tally, seed: int) -> None:
+    """A Realtime client sending valid events as fast as it can (~1000 a
+    second): text items of 8 KB (each answered, and each a change of the
+    conversation the server keeps), new instructions, buffer clears; it
+    reads every answer, so it is not a slow reader."""
+    rng = random.Random(seed)
+    url = f"ws://127.0.0.1:{port}/v1/realtime?model=hostile"
+    note = "The caller says: " + "lorem ipsum dolor sit amet " * 300
+
+    def event() -> str:
+        r = rng.random()
+        if r < 0.6:
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": note[:8000]}]}
+            return json.dumps({"type": "conversation.item.create", "item": item})
+        if r < 0.8:
+            session = {"type": "realtime", "instructions": f"Be brief. {rng.random()}"}
+            return json.dumps({"type": "session.update", "session": session})
+        return json.dumps({"type": "input_audio_buffer.clear"})
+
+    while True:
+        ws = await attacker_call(url, tally, local_addr=(ATTACKER, 0))
+        if ws is None:
+            await asyncio.sleep(1.0)
+            continue
+        reader = asyncio.create_task(read_realtime_events(ws, tally))
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                for _ in range(10):
+                    await ws.send(event())
+                    tally.frames_sent += 1
+                await asyncio.sleep(0.01)
+        await reader
+        await ws.close()
+        await asyncio.sleep(0.5)
+
+
+async def read_realtime_events(ws: ClientConnection, tally: Tally) -> None:
+    try:
+        async for msg in ws:
+            ev = json.loads(msg)
+            if ev.get("type") == "error":
+                tally.errors[str((ev.get("error") or {}).get("code"))] += 1
+    except ConnectionClosed:
+        pass
+    tally.closes[f"{ws.close_code} {ws.close_reason or ''}".strip()] += 1
+
+
 async def slow_reader(url: str, port: int, tally: Tally, seed: int) -> None:
     frames = speech_frames(seed, 60.0, gap_s=0.8)
     while True:
@@ -332,7 +382,7 @@ def _kinds(data: bytes) -> list[int]:
 
 # ---- the run --------------------------------------------------------------------------
 
-ATTACKS = ["flood", "endless_turns", "slow_reader", "many_connections", "garbage", "unauthenticated"]
+ATTACKS = ["flood", "endless_turns", "slow_reader", "many_connections", "garbage", "unauthenticated", "realtime_events"]
 
 
 def attack(name: str, port: int, audiosocket_port: int, tally: Tally, seed: int, budget: float) -> Awaitable[None]:
@@ -346,6 +396,7 @@ def attack(name: str, port: int, audiosocket_port: int, tally: Tally, seed: int,
         "many_connections": lambda: many_connections(url, tally),
         "garbage": lambda: garbage(url, tally, seed),
         "unauthenticated": lambda: unauthenticated(url, audiosocket_port, tally),
+        "realtime_events": lambda: realtime_events(port, tally, seed),
     }[name]()
 
 
