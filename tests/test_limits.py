@@ -101,6 +101,32 @@ async def test_a_call_past_its_maximum_length_is_ended_however_busy(server: Voic
         await assert_still_served(later)
 
 
+async def test_valid_events_past_the_allowance_are_refused_then_the_call_closed(server: VoiceServer) -> None:
+    """Valid Realtime events sent as fast as a client can (each a parse, a
+    change and an answer on the shared loop): past --control burst each is
+    refused with rate_limit_exceeded, and kept up the call is closed like a
+    malformed flood; audio is not counted."""
+    from tests.fake_carrier import FakeRealtime
+    from tests.transport_checks import server_base
+
+    with limits(server, control_burst=20, control_per_s=5.0):
+        async with FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False) as client:
+            await client.next_event("session.updated", timeout=10)  # the client's own session.update: 1 event
+            await client.say(np.zeros(24000, np.float32), speed=None)  # 1 s of audio in 100 ms appends: unmetered
+            for _ in range(30):
+                await client.send({"type": "input_audio_buffer.clear"})
+            await asyncio.sleep(0.5)
+            refused = [e for e in client.of("error") if e["error"]["code"] == "rate_limit_exceeded"]
+            assert 5 <= len(refused) <= 12, len(refused)
+            assert "at most 20 at once" in refused[0]["error"]["message"]
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(80):
+                    await client.send({"type": "input_audio_buffer.clear"})
+            await asyncio.wait_for(client.closed.wait(), 10)
+            assert client.ws is not None and client.ws.close_code == 1008, client.ws.close_code
+            assert client.ws.close_reason == "too many malformed messages"
+
+
 async def test_client_that_stops_reading_is_dropped(server: VoiceServer, call_url: str) -> None:
     """A real websocket client that never reads while the server keeps
     emitting (one error event per garbage frame it sends)."""

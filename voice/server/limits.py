@@ -78,6 +78,14 @@ class CallLimits:
     # garbage as fast as it can kept the event loop busy for everyone.
     malformed_burst: int = 50
     malformed_per_s: float = 5.0
+    # Valid messages other than audio (Realtime text items, session.update,
+    # buffer clears, marks, DTMF): this many at once, this many more a
+    # second. Past it each is refused as above (rate_limit_exceeded) and
+    # counts toward the malformed allowance: valid events sent as fast as a
+    # client can each cost the shared loop a parse, a change of the
+    # conversation and an answer. Audio has its own budget.
+    control_burst: int = 200
+    control_per_s: float = 50.0
 
 
 @dataclass(frozen=True)

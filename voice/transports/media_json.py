@@ -99,6 +99,9 @@ def as_int(value: object, what: str) -> int:
 class WebSocketCall(TelephonyCall):
     # Messages a carrier may send that need no action.
     ignored_events: frozenset[str] = frozenset()
+    # Messages outside the allowance of other messages (CallLimits.control_*):
+    # audio, which has its own budget, and the hang-up, which always counts.
+    unmetered_events: frozenset[str] = frozenset({"media", "stop"})
     # The JSON field that names a message ("event" for carriers, "type" for Realtime).
     dispatch_key = "event"
     last_message: dict[str, Any] | None = None
@@ -201,6 +204,8 @@ class WebSocketCall(TelephonyCall):
             if event not in self.ignored_events:
                 raise MalformedMessage(f"unknown event {event[:40]!r}")
             return
+        if event not in self.unmetered_events:
+            self.take_control_event()
         try:
             await handler(msg)
         except (KeyError, TypeError, ValueError) as exc:

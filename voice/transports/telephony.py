@@ -69,6 +69,12 @@ class MalformedMessage(ValueError):
     """A carrier message we cannot use: logged and ignored, the call goes on."""
 
 
+class TooManyEvents(MalformedMessage):
+    """A valid message past the call's allowance of them (CallLimits.control_*)."""
+
+    code = "rate_limit_exceeded"
+
+
 class TelephonyCall:
     transport = "telephony"
     # Does the carrier echo marks once audio has played? If not, the playout
@@ -98,6 +104,10 @@ class TelephonyCall:
         self._warnings = WarningBudget()
         limits = runtime.config.limits
         self._bad_input = TokenBucket(limits.malformed_burst, limits.malformed_per_s)
+        self._control = TokenBucket(limits.control_burst, limits.control_per_s)
+        self._control_text = (
+            f"too many events: at most {limits.control_burst} at once, then {limits.control_per_s:g} a second"
+        )
         self.finished = False
         self._counted = False
         # The session's events (deltas left out), for observers; bounded.
@@ -120,6 +130,12 @@ class TelephonyCall:
             log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, said)
         log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, str(exc)[:500])
         self.count_bad_input()
+
+    def take_control_event(self) -> None:
+        """One valid message other than audio; TooManyEvents past the
+        call's allowance (refused, and counted like a malformed one)."""
+        if not self._control.take():
+            raise TooManyEvents(self._control_text)
 
     def count_bad_input(self) -> None:
         """One malformed or refused message; past the call's allowance

@@ -27,6 +27,7 @@ from voice.server.log_format import bind_call, bind_turn
 from voice.server.runtime import Runtime
 from voice.transports.media_json import CallEnded, WebSocketCall
 from voice.transports.native.protocol import Commit, Played, Stop, parse_text
+from voice.transports.telephony import TooManyEvents
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class NativeCall(WebSocketCall):
     async def on_text(self, frame: str) -> None:
         try:
             msg = parse_text(frame)
+            if not isinstance(msg, Stop):
+                self.take_control_event()
             if isinstance(msg, Start):
                 await self.on_start(msg)
             elif isinstance(msg, Commit):
@@ -71,6 +74,9 @@ class NativeCall(WebSocketCall):
             # Every bad message gets an error event with its code; the call
             # goes on, up to the call's allowance of them.
             await self.report_error(exc.code, exc.message)
+            self.count_bad_input()
+        except TooManyEvents as exc:
+            await self.report_error(exc.code, str(exc))
             self.count_bad_input()
 
     async def on_internal_error(self) -> None:

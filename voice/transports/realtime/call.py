@@ -68,7 +68,7 @@ from voice.transports.realtime.protocol import (
 )
 from voice.transports.realtime.response import Response
 from voice.transports.realtime.session import RealtimeSettings
-from voice.transports.telephony import MalformedMessage
+from voice.transports.telephony import MalformedMessage, TooManyEvents
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class RealtimeCall(WebSocketCall):
     transport = "realtime"
     dispatch_key = "type"
     echoes_marks = False  # no marks: the playout clock and conversation.item.truncate say what was heard
+    unmetered_events = frozenset({"input_audio_buffer.append"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -179,7 +180,7 @@ class RealtimeCall(WebSocketCall):
         await self.begin(start, out)
 
     async def on_malformed(self, exc: MalformedMessage) -> None:
-        code = exc.code if isinstance(exc, RealtimeError) else "invalid_event"
+        code = exc.code if isinstance(exc, RealtimeError | TooManyEvents) else "invalid_event"
         param = exc.param if isinstance(exc, RealtimeError) else None
         event_id = (self.last_message or {}).get("event_id")
         self.last_message = None
