@@ -186,6 +186,23 @@ async def test_an_ipv6_caller_is_counted_by_its_64(server: VoiceServer) -> None:
         await wait_live(srv, 0)
 
 
+async def test_an_exempt_ipv6_gateway_is_exempt_by_its_own_address(server: VoiceServer) -> None:
+    """A gateway exempt as one IPv6 address (/128) carries many callers: it is
+    exempt though the cap counts its /64; its /64 neighbours are not."""
+    exempt = {**BEHIND_PROXY, "per_address_exempt": ["2001:db8:1:2::a/128"]}
+    async with side_server(server, **exempt) as srv:
+        calls = [await via_proxy(srv, "2001:db8:1:2::a") for _ in range(2)]
+        await wait_live(srv, 2)
+        neighbour = await via_proxy(srv, "2001:db8:1:2::b")
+        await wait_live(srv, 3)
+        with pytest.raises(InvalidStatus) as refused:  # the neighbour's /64 (the gateway's calls do not count)
+            await via_proxy(srv, "2001:db8:1:2::c")
+        assert json.loads(refused.value.response.body)["reason"] == "per_address_limit"
+        for ws in [*calls, neighbour]:
+            await ws.close()
+        await wait_live(srv, 0)
+
+
 async def test_drain_ends_audiosocket_calls_and_refuses_new_ones(server: VoiceServer) -> None:
     async with side_server(server) as srv:
         ws = await ws_call(srv)

@@ -20,7 +20,6 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -76,8 +75,8 @@ def normalize_address(address: str | None) -> str | None:
 
 
 def address_allowed(address: str | None, allow: list[Network]) -> bool:
-    """Whether ``address`` (or a normalised source, an IPv6 /64) is in one of
-    ``allow`` (an empty list allows all)."""
+    """Whether ``address`` (or a source as normalize_address keys it, an IPv6
+    /64: all of it) is in one of ``allow`` (an empty list allows all)."""
     if not allow:
         return True
     if address is not None and "/" in address:
@@ -95,7 +94,10 @@ class CallTicket:
     """One admitted call, from admission until its listener releases it."""
 
     listener: str
-    address: str | None
+    address: str | None  # the source as counted (an IPv6 address's /64)
+    # No per-address limit or cool-down (decided on the real address: an
+    # exempt gateway need not be a whole /64).
+    exempt: bool = False
     # True once the connection is gone without a release (a websocket whose
     # upgrade failed after admission never reaches a handler).
     gone: Callable[[], bool] = lambda: False
@@ -165,6 +167,7 @@ class CallRegistry:
         """A slot for a new call, or why not. Counted at once (before any
         handler runs), so a burst of connections cannot all slip past the cap."""
         refusal: Refusal | None
+        exempt = self._exempt_address(address)
         address = normalize_address(address)
         live = self.live()
         per_address = self.config.max_calls_per_address
@@ -179,7 +182,7 @@ class CallRegistry:
                 retry_after_s=cooling,
                 status=429,
             )
-        elif per_address > 0 and not self._exempt_address(address) and _count(live, address) >= per_address:
+        elif per_address > 0 and not exempt and _count(live, address) >= per_address:
             refusal = Refusal("per_address_limit", f"too many calls from one address (limit {per_address})", status=429)
         else:
             refusal = self.admission.check(len(live), self.runtime.asr.queue_depth)
@@ -187,7 +190,7 @@ class CallRegistry:
             self.runtime.metrics.call_refused(refusal.reason)
             self._log_refusal(logging.INFO, listener, address, refusal.reason)
             return refusal
-        ticket = CallTicket(listener, address, gone=gone or (lambda: False))
+        ticket = CallTicket(listener, address, exempt=exempt, gone=gone or (lambda: False))
         self._tickets.add(ticket)
         return ticket
 
@@ -206,7 +209,7 @@ class CallRegistry:
         """The call is over; ``end``: why, when the server ended it."""
         self._tickets.discard(ticket)
         cooldown = self.config.limits.abuse_cooldown_s
-        if end in ABUSE_ENDS and cooldown > 0 and not self._exempt_address(ticket.address):
+        if end in ABUSE_ENDS and cooldown > 0 and not ticket.exempt:
             if len(self._cooldown) >= COOLDOWN_MAX_ADDRESSES:
                 now = time.monotonic()
                 self._cooldown = {a: t for a, t in self._cooldown.items() if t > now}
@@ -305,4 +308,6 @@ class CallRegistry:
 
 
 def _count(tickets: list[CallTicket], address: str | None) -> int:
-    return Counter(t.address for t in tickets)[address]
+    """Calls from ``address`` that count toward its cap (an exempt gateway's
+    calls do not use up its /64 neighbours' share)."""
+    return sum(1 for t in tickets if t.address == address and not t.exempt)
