@@ -126,7 +126,7 @@ class History:
 
     @property
     def system_prompt(self) -> str:
-        return "\n\n".join([self.instructions, *self.system_items])
+        return self.prompt_with(self.instructions)
 
     @system_prompt.setter
     def system_prompt(self, instructions: str) -> None:

@@ -41,6 +41,7 @@ from voice.server.signatures import SIGNATURE_HEADER, candidate_urls
 from voice.transports.audiosocket import start_audiosocket
 from voice.transports.carriers import twilio
 from voice.transports.carriers.parameters import RESUME_PARAMETER, SECRET_PARAMETER
+from voice.transports.media_json import header_values
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +194,6 @@ def _header(request: Request, name: str) -> str | None:
 TOKEN_SUBPROTOCOLS = ("openai-insecure-api-key.", "firstline-token.")
 
 
-def _offered_subprotocols(request: Request) -> list[str]:
-    offered = ",".join(request.headers.get_all("Sec-WebSocket-Protocol"))
-    return [p.strip() for p in offered.split(",") if p.strip()]
-
-
 def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) -> Subprotocol | None:
     """The first subprotocol offered that is not a credential (``realtime``
     from OpenAI's clients, ``firstline`` from the call page): a browser that
@@ -210,7 +206,7 @@ def _token_of(request: Request) -> str | None:
     scheme, _, token = (_header(request, "Authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    for offered in _offered_subprotocols(request):
+    for offered in header_values(request, "Sec-WebSocket-Protocol"):
         for prefix in TOKEN_SUBPROTOCOLS:
             if offered.startswith(prefix) and len(offered) > len(prefix):
                 return offered[len(prefix) :]

@@ -41,6 +41,13 @@ def query_param(path: str, key: str) -> str | None:
     return values[0][:128] if values else None
 
 
+def header_values(request: Any, name: str) -> list[str]:
+    """Every comma-separated value of a request header, however many times
+    it was sent (a header sent twice is read, not a crash)."""
+    values = request.headers.get_all(name) if request is not None else []
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
 class CallEnded(Exception):
     """The carrier said the call is over (stop): leave the read loop."""
 

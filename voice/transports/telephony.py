@@ -105,9 +105,6 @@ class TelephonyCall:
         limits = runtime.config.limits
         self._bad_input = TokenBucket(limits.malformed_burst, limits.malformed_per_s)
         self._control = TokenBucket(limits.control_burst, limits.control_per_s)
-        self._control_text = (
-            f"too many events: at most {limits.control_burst} at once, then {limits.control_per_s:g} a second"
-        )
         self.finished = False
         self._counted = False
         # The session's events (deltas left out), for observers; bounded.
@@ -135,7 +132,10 @@ class TelephonyCall:
         """One valid message other than audio; TooManyEvents past the
         call's allowance (refused, and counted like a malformed one)."""
         if not self._control.take():
-            raise TooManyEvents(self._control_text)
+            limits = self.runtime.config.limits
+            raise TooManyEvents(
+                f"too many events: at most {limits.control_burst} at once, then {limits.control_per_s:g} a second"
+            )
 
     def count_bad_input(self) -> None:
         """One malformed or refused message; past the call's allowance

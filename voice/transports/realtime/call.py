@@ -53,7 +53,7 @@ from typing import Any
 from streaming.playout import OutFormat
 from streaming.rate import TokenBucket
 from voice.call.start import RESUME_TOKEN, Start, new_resume_token
-from voice.transports.media_json import WebSocketCall, b64encode, query_param
+from voice.transports.media_json import WebSocketCall, b64encode, header_values, query_param
 from voice.transports.realtime import conversation, input_audio_buffer, session
 from voice.transports.realtime import response as response_family
 from voice.transports.realtime.protocol import (
@@ -96,16 +96,10 @@ class RealtimeCall(WebSocketCall):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         request = getattr(self.ws, "request", None)
-
         # The beta vocabulary: the OpenAI-Beta header, or from a browser
         # (which cannot set headers) the subprotocol OpenAI's clients offer.
-        # (get_all: a header sent twice is read, not a crash.)
-        def header(name: str) -> list[str]:
-            values = request.headers.get_all(name) if request is not None else []
-            return [v.strip() for value in values for v in value.split(",")]
-
-        self.beta = "realtime=v1" in [v.replace(" ", "") for v in header("OpenAI-Beta")] or (
-            BETA_SUBPROTOCOL in header("Sec-WebSocket-Protocol")
+        self.beta = "realtime=v1" in [v.replace(" ", "") for v in header_values(request, "OpenAI-Beta")] or (
+            BETA_SUBPROTOCOL in header_values(request, "Sec-WebSocket-Protocol")
         )
         self.settings = RealtimeSettings(model=query_param(request.path if request else "", "model") or "firstline")
         self.session_id = new_id("sess")
