@@ -86,10 +86,12 @@ async def test_a_bad_or_unknown_resume_token(call_url) -> None:
                                 "options": {"resume": "../../etc/passwd"}})  # fmt: skip
         error = await caller.wait_for("error", timeout=10)
         assert error["code"] == "invalid_message" and "resume" in error["message"]
-    # Well-formed but unknown (expired, another server's): a fresh call, said so.
+    # Well-formed but unknown (expired, hung up, never ours): a fresh call
+    # under a fresh token, said so; the client's own token is not taken.
     async with NativeCaller(call_url) as caller:
         ready = await caller.start("mulaw", 8000, options={"resume": "A" * 32})
         assert ready["resumed"] is False
+        assert re.fullmatch(r"[A-Za-z0-9_-]{32}", ready["resume_token"]) and ready["resume_token"] != "A" * 32
 
 
 async def test_a_twilio_stream_that_re_attaches_with_its_callsid_keeps_the_history(server) -> None:
@@ -151,6 +153,13 @@ async def test_a_realtime_session_resumes_with_its_token(server) -> None:
             head = 1 + len(call.session.history.examples())  # the instructions, the server's example turns
             contents = [m["content"] for m in call.session.messages(None)[head:]]
             assert contents[0] == "My booking reference is Q7X." and "What was my reference?" in contents
+    # A token nothing is stored under: not taken, said so, a new token.
+    unknown = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, resume="B" * 32)
+    async with unknown:
+        error = await unknown.next_event("error", timeout=10)
+        assert error["error"]["code"] == "unknown_resume_token"
+        created = unknown.of("session.created")[0]
+        assert created["session"]["resume_token"] not in ("B" * 32, token)
     # A mangled token: said so, and a new conversation (the call is not refused).
     bad = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, resume="nope")
     async with bad:
@@ -158,6 +167,51 @@ async def test_a_realtime_session_resumes_with_its_token(server) -> None:
         assert error["error"]["code"] == "invalid_resume_token"
         created = bad.of("session.created")[0]
         assert created["session"]["resume_token"] != "nope"
+
+
+async def test_the_connection_a_re_attach_replaced_can_no_longer_write_the_call(server) -> None:
+    """Two live connections on one token (the client re-attached while its
+    old socket is still half open): the newest owns the conversation. The
+    old one's next write is refused and ends it (``call_reattached``); the
+    conversation is not rolled back to its view."""
+    store = server.runtime.store
+    old = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    async with old:
+        token = (await old.next_event("session.created", timeout=10))["session"]["resume_token"]
+        await old.send(user_item("My booking reference is Q7X."))
+        await old.send({"type": "response.create"})
+        await old.next_event("response.done", timeout=60)
+        stored = await wait_stored(store, f"realtime:{token}", turns=1)
+        new = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, resume=token)
+        async with new:
+            created = await new.next_event("session.created", timeout=10)
+            assert created["session"]["resume_token"] == token
+            await old.send(user_item("Forget that, it is Z9Z."))
+            await asyncio.wait_for(old.closed.wait(), 10)
+            assert old.ws is not None
+            assert (old.ws.close_code, old.ws.close_reason) == (1000, "call re-attached on another connection")
+            await asyncio.sleep(0.4)  # past the write spacing: a write would have landed
+            assert await store.load(f"realtime:{token}") == stored
+            # The new connection writes on.
+            await new.send(user_item("And a window seat."))
+            await new.send({"type": "response.create"})
+            await new.next_event("response.done", timeout=60)
+            now = await wait_stored(store, f"realtime:{token}", turns=2)
+            assert "And a window seat." in [m["content"] for m in now.messages]
+
+
+def user_item(text: str) -> dict:
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}  # fmt: skip
+
+
+async def wait_stored(store, key: str, turns: int) -> CallState:
+    for _ in range(100):
+        state = await store.load(key)
+        if state is not None and state.turn >= turns:
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing stored at turn {turns} under {key}")
 
 
 async def test_twiml_re_attach_endpoint(server) -> None:
@@ -220,9 +274,9 @@ class CountedStore(MemoryStore):
 
     saves = 0
 
-    async def save(self, key: str, state: CallState) -> None:
+    async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         self.saves += 1
-        await super().save(key, state)
+        return await super().save(key, state, owner)
 
 
 async def test_a_burst_of_changes_is_written_a_few_times_and_the_newest_wins() -> None:
@@ -307,6 +361,60 @@ async def test_redis_store_round_trip_expiry_and_errors(redis_url) -> None:
     await admin.close()
     # No password in what is said about it.
     assert RedisStore("redis://user:hunter2@10.0.0.5:6379/0").describe() == "redis://10.0.0.5:6379/0"
+
+
+async def check_ownership(store) -> None:
+    """One connection writes a key at a time: the last to claim it."""
+    one, two = CallState("p", [], "", 1), CallState("p", [], "", 2)
+    assert await store.save("twilio:CA9", one, "call-old")
+    assert (await store.claim("twilio:CA9", "call-new")) == one
+    assert not await store.save("twilio:CA9", two, "call-old")  # the replaced connection
+    assert not await store.delete("twilio:CA9", "call-old")  # nor can its hang-up delete it
+    assert await store.load("twilio:CA9") == one
+    assert await store.save("twilio:CA9", two, "call-new")
+    assert await store.load("twilio:CA9") == two
+    # A carrier's key is claimed before anything is stored under it (the
+    # replaced stream may not have written its first turn yet) ...
+    assert await store.claim("twilio:CA8", "call-new") is None
+    assert not await store.save("twilio:CA8", one, "call-old")
+    # ... a client's resume token only when something is.
+    assert await store.claim("native:T", "call-new", when_empty=False) is None
+    assert await store.save("native:T", one, "call-old")
+    assert await store.delete("twilio:CA9", "call-new") and await store.load("twilio:CA9") is None
+    # A lost writer whose key is gone may write again (an unowned key).
+    assert await store.save("twilio:CA9", one, "call-old")
+
+
+async def test_memory_store_keeps_one_writer_per_call() -> None:
+    await check_ownership(MemoryStore())
+    # Claims of keys with nothing stored are bounded like the states.
+    store = MemoryStore(max_calls=3)
+    for n in range(10):
+        await store.claim(f"twilio:CA{n}", "call-x")
+    assert len(store._owners) <= 3
+
+
+async def test_redis_store_keeps_one_writer_per_call(redis_url) -> None:
+    store = RedisStore(redis_url)
+    await check_ownership(store)
+    await store.close()
+
+
+async def test_a_writer_whose_call_re_attached_elsewhere_stops() -> None:
+    store = MemoryStore()
+    ended: list[str] = []
+    writer = StateWriter(store, "native:T", "call-old", min_interval_s=0, on_superseded=lambda: ended.append("x"))
+    writer.write(CallState("p", [], "", 1))
+    await writer.flush()
+    await store.claim("native:T", "call-new")
+    writer.write(CallState("p", [], "", 2))
+    await writer.flush()
+    assert writer.superseded and ended == ["x"]
+    writer.write(CallState("p", [], "", 3))  # nothing more is tried
+    await writer.flush()
+    assert ended == ["x"] and (await store.load("native:T")).turn == 1
+    await writer.forget()  # its hang-up leaves the new owner's conversation
+    assert (await store.load("native:T")).turn == 1
 
 
 async def test_a_state_that_is_not_ours_is_ignored() -> None:

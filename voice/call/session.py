@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
 from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
+from voice.server.limits import SUPERSEDED, CallEnd
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,10 @@ class CallSession:
         self._speculation = SpeculationBudget()
         # The conversation kept between turns for a re-attach (voice/call/store.py).
         self._state: StateWriter | None = None
+        self._claimed: CallState | None = None  # claimed by reattach, picked up at start
         self.resumed = False
+        # How the server ends this call its transport's way (set by the transport).
+        self.end_call: Callable[[CallEnd], None] | None = None
 
     # ---- transport-facing API ------------------------------------------
 
@@ -199,19 +203,32 @@ class CallSession:
         if greeting is not None:
             self.speak_first(greeting)  # after "ready": its events follow it on the wire
 
-    async def _resume(self, start: Start) -> None:
-        """Pick up the conversation stored under the call's key, if any; from
-        now on, write it there after every turn. A store that is down costs
-        the call its past, never the call."""
+    async def reattach(self, start: Start) -> None:
+        """Claim what is stored under the call's key for this connection (it
+        alone writes the key from now on; voice/call/store.py), to pick up
+        at start. A client's resume token nothing is stored under (expired,
+        hung up, or never one of ours) is not taken over: the call gets a
+        fresh token, said in ``ready`` (Realtime: ``session.created``). A
+        store that is down costs the call its past, never the call."""
         assert start.resume_key
-        self._state = StateWriter(self.runtime.store, start.resume_key)
-        if not start.may_resume:
-            return  # a new key: no store round trip before ready
+        token = start.resume_token
         try:
-            state = await self.runtime.store.load(start.resume_key)
+            self._claimed = await self.runtime.store.claim(start.resume_key, self.call_id, when_empty=token is None)
         except StoreError as exc:
             log.warning("call %s: stored conversation not read (%s)", self.call_id, exc)
-            return
+            self._claimed = None
+        start.may_resume = False  # claimed: start does not ask again
+        if self._claimed is None and token is not None:
+            start.fresh_token()
+
+    async def _resume(self, start: Start) -> None:
+        """Pick up the conversation claimed for this call, if any; from now
+        on, write it under the call's key after every turn."""
+        assert start.resume_key
+        if start.may_resume:
+            await self.reattach(start)
+        self._state = StateWriter(self.runtime.store, start.resume_key, self.call_id, on_superseded=self._superseded)
+        state, self._claimed = self._claimed, None
         if state is None:
             return
         if not start.system_prompt:  # instructions sent again on re-attach win
@@ -224,6 +241,13 @@ class CallSession:
         self.resumed = True
         self.runtime.metrics.resumed.inc()
         log.info("call %s re-attached at turn %d", self.call_id, state.turn)
+
+    def _superseded(self) -> None:
+        """The call re-attached on another connection, which now owns its
+        conversation: this one (a socket the client gave up on) ends."""
+        log.info("call %s re-attached elsewhere: ending this connection", self.call_id)
+        if self.end_call is not None:
+            self.end_call(SUPERSEDED)
 
     def _save_state(self) -> None:
         if self._state is not None:

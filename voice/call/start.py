@@ -73,6 +73,13 @@ class Start:
     # server just made up cannot have a past, so the store is not asked.
     may_resume: bool = True
 
+    def fresh_token(self) -> None:
+        """A new resume token (and key) in place of the client's."""
+        assert self.resume_token and self.resume_key and self.resume_key.endswith(self.resume_token)
+        token = new_resume_token()
+        self.resume_key = self.resume_key[: -len(self.resume_token)] + token
+        self.resume_token = token
+
 
 def check_audio_frame(payload: bytes, encoding: str) -> None:
     if len(payload) > MAX_AUDIO_FRAME:

@@ -13,6 +13,13 @@ carrier's own call id (Twilio's ``callSid``) or the resume token the native
 process; :class:`RedisStore` (``--state-url redis://…``) is shared by every
 replica. Entries expire ``ttl_s`` after their last write. Transcripts are
 caller data: Redis holds them for that long, and nothing here logs them.
+
+One connection writes a key at a time: its owner, the connection that last
+claimed it (:meth:`CallStore.claim`, on re-attach) or first wrote it. A
+connection a re-attach replaced (a half-open socket the client gave up on, a
+Twilio stream on another replica) may still be live; its writes and its
+hang-up's delete are refused (``save`` returns False), so it can neither
+roll the conversation back nor delete it, and the session ends it.
 """
 
 from __future__ import annotations
@@ -24,12 +31,36 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "firstline:call:"
+OWNER_PREFIX = "firstline:owner:"  # the call id of the connection that writes the key
+
+# KEYS: the state, its owner. ARGV: the owner, 1 to claim an empty key, ttl.
+CLAIM_SCRIPT = """
+local state = redis.call('GET', KEYS[1])
+if state or ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
+return state
+"""
+# ARGV: the owner, the state, ttl. 0: another owner holds the key.
+SAVE_SCRIPT = """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+if ARGV[1] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
+return 1
+"""
+# ARGV: the owner.
+DELETE_SCRIPT = """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
 # A stored state larger than this is refused (a history is bounded by
 # history_turns and MAX_INSTRUCTIONS; this is a second fence).
 MAX_STATE_BYTES = 256 * 1024
@@ -92,9 +123,18 @@ def encode_state(state: CallState) -> str:
 class CallStore(Protocol):
     async def load(self, key: str) -> CallState | None: ...
 
-    async def save(self, key: str, state: CallState) -> None: ...
+    async def claim(self, key: str, owner: str, *, when_empty: bool = True) -> CallState | None:
+        """What is stored under ``key``, and from now on only ``owner`` writes
+        it. ``when_empty=False``: claim only a key that holds a state (a
+        client's resume token nothing is stored under is not taken)."""
+        ...
 
-    async def delete(self, key: str) -> None: ...
+    async def save(self, key: str, state: CallState, owner: str = "") -> bool:
+        """Write ``state``; False (nothing written) when another owner has
+        claimed ``key``. An empty owner writes only a key nobody owns."""
+        ...
+
+    async def delete(self, key: str, owner: str = "") -> bool: ...
 
     async def close(self) -> None: ...
 
@@ -110,6 +150,10 @@ class MemoryStore:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._states: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        # key -> (expiry, owner); kept apart from the states so that a claim
+        # of a key with nothing stored yet (a Twilio call before its first
+        # turn) still holds off the connection it replaced.
+        self._owners: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     async def load(self, key: str) -> CallState | None:
         entry = self._states.get(key)
@@ -118,17 +162,50 @@ class MemoryStore:
             return None
         return CallState.from_json(entry[1])
 
-    async def save(self, key: str, state: CallState) -> None:
+    async def claim(self, key: str, owner: str, *, when_empty: bool = True) -> CallState | None:
+        state = await self.load(key)
+        if state is not None or when_empty:
+            self._own(key, owner, time.monotonic() + self.ttl_s)
+        return state
+
+    def _own(self, key: str, owner: str, expires: float) -> None:
+        self._owners[key] = (expires, owner)
+        self._owners.move_to_end(key)
+        # Oldest first: drop the lapsed, and keep as many as states at most.
+        while self._owners and (
+            len(self._owners) > self.max_calls or next(iter(self._owners.values()))[0] < time.monotonic()
+        ):
+            self._owners.popitem(last=False)
+
+    def _owned_by_another(self, key: str, owner: str) -> bool:
+        entry = self._owners.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            self._owners.pop(key, None)
+            return False
+        return entry[1] != owner
+
+    async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         text = encode_state(state)
+        if self._owned_by_another(key, owner):
+            return False
         self._drop(key)
-        self._states[key] = (time.monotonic() + self.ttl_s, text)
+        expires = time.monotonic() + self.ttl_s
+        self._states[key] = (expires, text)
+        if owner:
+            self._own(key, owner, expires)
         self.bytes += len(text.encode("utf-8"))
         while len(self._states) > self.max_calls or self.bytes > self.max_bytes:
-            _, (_, old) = self._states.popitem(last=False)
+            old_key, (_, old) = self._states.popitem(last=False)
+            self._owners.pop(old_key, None)
             self.bytes -= len(old.encode("utf-8"))
+        return True
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, owner: str = "") -> bool:
+        if self._owned_by_another(key, owner):
+            return False
         self._drop(key)
+        self._owners.pop(key, None)
+        return True
 
     def _drop(self, key: str) -> None:
         entry = self._states.pop(key, None)
@@ -137,6 +214,7 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._states.clear()
+        self._owners.clear()
         self.bytes = 0
 
     def describe(self) -> str:
@@ -144,7 +222,8 @@ class MemoryStore:
 
 
 class RedisStore:
-    """One JSON string per call under ``firstline:call:<key>``, with an expiry."""
+    """One JSON string per call under ``firstline:call:<key>`` and its
+    owner under ``firstline:owner:<key>``, both with an expiry."""
 
     def __init__(
         self, url: str, ttl_s: float = 3600.0, timeout_s: float = 1.0, load_timeout_s: float = LOAD_TIMEOUT_S
@@ -158,6 +237,11 @@ class RedisStore:
         self.load_timeout_s = load_timeout_s
         self._redis: Any = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
+        # One script per operation, so that checking the owner and writing
+        # is one atomic step on the server (sent by SHA once loaded).
+        self._claim = self._redis.register_script(CLAIM_SCRIPT)
+        self._save = self._redis.register_script(SAVE_SCRIPT)
+        self._delete = self._redis.register_script(DELETE_SCRIPT)
 
     async def check(self) -> None:
         """At start-up: a wrong URL is a clear error, not a silent loss of every call's state."""
@@ -167,26 +251,33 @@ class RedisStore:
             raise StoreError(f"cannot reach the call state store {self.describe()}: {exc}") from exc
 
     async def load(self, key: str) -> CallState | None:
-        try:
-            async with asyncio.timeout(self.load_timeout_s):
-                raw = await self._redis.get(KEY_PREFIX + key)
-        except TimeoutError:
-            raise StoreError(f"call state store {self.describe()}: no answer in {self.load_timeout_s} s") from None
-        except self._errors as exc:
-            raise StoreError(f"call state store {self.describe()}: {exc}") from exc
+        raw = await self._bounded(self._redis.get(KEY_PREFIX + key))
         return None if raw is None else CallState.from_json(raw)
 
-    async def save(self, key: str, state: CallState) -> None:
+    async def claim(self, key: str, owner: str, *, when_empty: bool = True) -> CallState | None:
+        keys = [KEY_PREFIX + key, OWNER_PREFIX + key]
+        raw = await self._bounded(self._claim(keys=keys, args=[owner, int(when_empty), self._ttl()]))
+        return None if raw is None else CallState.from_json(raw)
+
+    async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         text = encode_state(state)
         try:
-            await self._redis.set(KEY_PREFIX + key, text, ex=max(1, int(self.ttl_s)))
+            written = await self._save(keys=[KEY_PREFIX + key, OWNER_PREFIX + key], args=[owner, text, self._ttl()])
         except self._errors as exc:
             raise StoreError(f"call state store {self.describe()}: {exc}") from exc
+        return bool(written)
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, owner: str = "") -> bool:
+        return bool(await self._bounded(self._delete(keys=[KEY_PREFIX + key, OWNER_PREFIX + key], args=[owner])))
+
+    def _ttl(self) -> int:
+        return max(1, int(self.ttl_s))
+
+    async def _bounded(self, command: Awaitable[Any]) -> Any:
+        """A round trip on a call's start or end: at most load_timeout_s."""
         try:
             async with asyncio.timeout(self.load_timeout_s):
-                await self._redis.delete(KEY_PREFIX + key)
+                return await command
         except TimeoutError:
             raise StoreError(f"call state store {self.describe()}: no answer in {self.load_timeout_s} s") from None
         except self._errors as exc:
@@ -214,18 +305,32 @@ class StateWriter:
     """Writes one call's state after each turn without holding the turn up:
     one write in flight, at most one per MIN_WRITE_INTERVAL_S, the newest
     snapshot wins (a turn that ends while the previous write is out, or
-    just after it, is written once that interval has passed)."""
+    just after it, is written once that interval has passed). Writes as
+    ``owner``; once a re-attach elsewhere has claimed the key, it writes
+    nothing more and calls ``on_superseded`` once."""
 
-    def __init__(self, store: CallStore, key: str, min_interval_s: float = MIN_WRITE_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        store: CallStore,
+        key: str,
+        owner: str = "",
+        min_interval_s: float = MIN_WRITE_INTERVAL_S,
+        on_superseded: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.key = key
+        self.owner = owner
         self.min_interval_s = min_interval_s
+        self.on_superseded = on_superseded
+        self.superseded = False
         self._latest: CallState | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_write = -math.inf
         self.failures = 0
 
     def write(self, state: CallState) -> None:
+        if self.superseded:
+            return
         self._latest = state
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._drain())
@@ -238,25 +343,37 @@ class StateWriter:
             state, self._latest = self._latest, None
             self._last_write = time.monotonic()
             try:
-                await self.store.save(self.key, state)
+                written = await self.store.save(self.key, state, self.owner)
             except StoreError as exc:
                 # The call goes on; only a re-attach would miss this turn. One
                 # warning per call: a store outage must not flood the log per turn.
                 self.failures += 1
                 level = logging.WARNING if self.failures == 1 else logging.DEBUG
                 log.log(level, "call state not saved (%s)", exc)
+                continue
+            if not written:
+                self._superseded()
+
+    def _superseded(self) -> None:
+        self.superseded, self._latest = True, None
+        log.info("call state not saved: the call re-attached on another connection")
+        if self.on_superseded is not None:
+            self.on_superseded()
 
     async def forget(self) -> None:
         """The call hung up: nothing more is written, and what was is
         deleted now instead of expiring an hour later (it is caller data,
-        and a hung-up call does not re-attach)."""
+        and a hung-up call does not re-attach). Not when a re-attach has
+        taken the key over: that connection's conversation goes on."""
         self._latest = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self.superseded:
+            return
         try:
-            await self.store.delete(self.key)
+            await self.store.delete(self.key, self.owner)
         except StoreError as exc:
             log.warning("stored call state not deleted; it expires on its own (%s)", exc)
 

@@ -103,6 +103,8 @@ SHUTDOWN = CallEnd("server_shutdown", CLOSE_GOING_AWAY, "server shutting down")
 AUDIO_FLOOD = CallEnd("audio_rate_exceeded", CLOSE_POLICY, "audio faster than real time")
 MALFORMED_FLOOD = CallEnd("malformed_flood", CLOSE_POLICY, "too many malformed messages")
 MAX_CALL_LENGTH = CallEnd("max_call_length", CLOSE_NORMAL, "call too long")
+# The call re-attached on another connection, which now owns its conversation.
+SUPERSEDED = CallEnd("call_reattached", CLOSE_NORMAL, "call re-attached on another connection")
 
 # Connection -> its guard, so the server can end guarded calls the transport's
 # way (farewell event, then close) and fall back to a bare close otherwise.

@@ -89,6 +89,7 @@ class TelephonyCall:
     def __init__(self, runtime: Runtime, tts: TextToSpeech | None = None) -> None:
         self.runtime = runtime
         self.session = CallSession(runtime, self._on_session_event)
+        self.session.end_call = self.end_call
         self.call_id = self.session.call_id
         self._tts = tts
         self.playout: Playout | None = None

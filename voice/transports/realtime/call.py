@@ -134,12 +134,25 @@ class RealtimeCall(WebSocketCall):
     # ---- session lifecycle ------------------------------------------------
 
     async def on_open(self) -> None:
+        unknown = False
+        if self.resuming:
+            # Claimed now, before session.created names the token: a token
+            # nothing is stored under is replaced, and from here on a
+            # connection this one replaces can no longer write the call.
+            claim = Start(resume_key=f"realtime:{self.resume_token}", resume_token=self.resume_token)
+            await self.session.reattach(claim)
+            assert claim.resume_token is not None
+            unknown = claim.resume_token != self.resume_token
+            self.resume_token = claim.resume_token
         await self.send_event("session.created", session={**self.session_object(), "resume_token": self.resume_token})
-        if self.bad_resume:  # a fresh call, said so: nothing is lost by a mangled token
+        if self.bad_resume or unknown:  # a fresh call, said so: nothing is lost by a mangled token
             error = {
                 "type": "invalid_request_error",
-                "code": "invalid_resume_token",
-                "message": "'resume' is not a resume_token; this is a new conversation",
+                "code": "invalid_resume_token" if self.bad_resume else "unknown_resume_token",
+                "message": "'resume' is not a resume_token; this is a new conversation"
+                if self.bad_resume
+                else "nothing is stored under 'resume' (expired, hung up, or not ours); "
+                "this is a new conversation under session.resume_token",
                 "param": "resume",
                 "event_id": None,
             }
@@ -165,7 +178,7 @@ class RealtimeCall(WebSocketCall):
             auto_turns=td is not None,
             resume_key=f"realtime:{self.resume_token}",
             resume_token=self.resume_token,
-            may_resume=self.resuming,
+            may_resume=False,  # a resumed session claimed its conversation at open
         )
         out = None
         if s.audio_out:
