@@ -46,9 +46,12 @@ class DecoderLane(Protocol):
     # ``final``: a turn's final decode, done again in 30 s if it stopped early
     # (asr/whisper.py cut_short); partials are not.
     async def decode(self, audio: np.ndarray, final: bool = True) -> Decoded: ...
+    # A final that stopped early inside a batch comes back retry_alone: the
+    # worker hands the batch's words out, then calls decode_long for it.
     async def decode_batch(
         self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None
     ) -> list[Decoded]: ...
+    async def decode_long(self, audio: np.ndarray) -> Decoded: ...
     def close(self) -> None: ...
 
 
@@ -80,6 +83,10 @@ class ThreadLane:
         assert self.decoder is not None, "start() first"
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.decoder.decode_batch, audios, finals)
+
+    async def decode_long(self, audio: np.ndarray) -> Decoded:
+        assert self.decoder is not None, "start() first"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.decoder.decode_long, audio)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -129,6 +136,11 @@ def _child_decode_batch(audios: Sequence[np.ndarray], finals: Sequence[bool] | N
     return _CHILD_DECODER.decode_batch(audios, finals)
 
 
+def _child_decode_long(audio: np.ndarray) -> Decoded:
+    assert _CHILD_DECODER is not None
+    return _CHILD_DECODER.decode_long(audio)
+
+
 class ProcessLane:
     """Decodes in a child process of their own, started again if it dies."""
 
@@ -164,6 +176,9 @@ class ProcessLane:
 
     async def decode_batch(self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None) -> list[Decoded]:
         return await self._run(_child_decode_batch, list(audios), None if finals is None else list(finals))
+
+    async def decode_long(self, audio: np.ndarray) -> Decoded:
+        return await self._run(_child_decode_long, audio)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         if self._pool is None and self._restarting is None and not self._closed and self.pid is not None:

@@ -67,6 +67,18 @@ class Decoded:
     # charges to this item's call, not to the batch it came in.
     redecoded: bool = False
     redecode_s: float = 0.0
+    # A batch item that stopped early and is to be decoded again alone
+    # (decode_long): a batch returns at once, so the 30 s decode of one of
+    # its items does not hold the others' words back (asr.worker does it
+    # after delivering them).
+    retry_alone: bool = False
+
+
+def keep_longer(first: Decoded, again: Decoded, redo_s: float) -> Decoded:
+    """The decode done again in the 30 s window is kept only if it heard more."""
+    if len(again.text.split()) > len(first.text.split()):
+        return dataclasses.replace(again, batch_size=first.batch_size, redecoded=True, redecode_s=redo_s)
+    return dataclasses.replace(first, redecode_s=redo_s, retry_alone=False)
 
 
 def window_for(audio_s: float, windows: Iterable[int]) -> int:
@@ -156,7 +168,16 @@ class WhisperDecoder:
         so only the bad one fails.
         """
         started = time.perf_counter()
-        return self._run([self._prepare(audio) for audio in audios], started, retry_cut_short)
+        items = [self._prepare(audio) for audio in audios]
+        if len(items) == 1:
+            return self._run(items, started, retry_cut_short)
+        return self._run(items, started, retry_cut_short, alone_later=True)
+
+    def decode_long(self, audio: np.ndarray) -> Decoded:
+        """Decode in the 30 s window, alone: the retry of a batch item that
+        stopped early (Decoded.retry_alone)."""
+        started = time.perf_counter()
+        return self._run([dataclasses.replace(self._prepare(audio), window=MAX_WINDOW_S)], started, [False])[0]
 
     def _prepare(self, audio: np.ndarray) -> _Prepared:
         audio = np.asarray(audio, dtype=np.float32)
@@ -187,7 +208,13 @@ class WhisperDecoder:
         pass; only a suspect one counts its voice."""
         return cut_short(text, item.audio_s) and cut_short(text, voiced_seconds(item.audio))
 
-    def _run(self, items: list[_Prepared], started: float, retry: Sequence[bool] | None = None) -> list[Decoded]:
+    def _run(
+        self,
+        items: list[_Prepared],
+        started: float,
+        retry: Sequence[bool] | None = None,
+        alone_later: bool = False,
+    ) -> list[Decoded]:
         from faster_whisper.audio import pad_or_trim
 
         window = max(item.window for item in items)
@@ -222,12 +249,12 @@ class WhisperDecoder:
         for i, item in enumerate(items):
             if (retry is None or retry[i]) and window < MAX_WINDOW_S and self._stopped_early(decoded[i].text, item):
                 # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S);
-                # kept only if it heard more.
+                # kept only if it heard more. A batch's items are done again
+                # by the worker once the others have their words.
+                if alone_later:
+                    decoded[i] = dataclasses.replace(decoded[i], retry_alone=True)
+                    continue
                 redo_started = time.perf_counter()
                 again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started, [False])[0]
-                redo_s = time.perf_counter() - redo_started
-                if len(again.text.split()) > len(decoded[i].text.split()):
-                    decoded[i] = dataclasses.replace(again, batch_size=len(items), redecoded=True, redecode_s=redo_s)
-                else:
-                    decoded[i] = dataclasses.replace(decoded[i], redecode_s=redo_s)
+                decoded[i] = keep_longer(decoded[i], again, time.perf_counter() - redo_started)
         return decoded

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -57,7 +58,7 @@ import numpy as np
 
 from asr.config import ASRConfig
 from asr.lanes import DecoderLane, make_lane
-from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, window_for
+from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, keep_longer, window_for
 from streaming.fair_share import LowPriority
 from streaming.rate import TokenBucket
 
@@ -354,12 +355,28 @@ class ASRWorker:
         self.batches += 1
         self.batched_items += len(batch)
         # The batch's time is shared; a decode done again (asr/whisper.py
-        # cut_short) is charged to the call whose audio needed it.
-        redone = sum(r.redecode_s for r in results)
-        share = max(0.0, time.monotonic() - started - redone) / len(batch)
+        # cut_short) is charged to the call whose audio needed it, and done
+        # after the batch's other items have their words.
+        share = max(0.0, time.monotonic() - started) / len(batch)
         for job, result in zip(batch, results, strict=True):
-            self._charge(job.call_id, share + result.redecode_s, job.priority)
-            self._deliver(job, result, started)
+            if not result.retry_alone:
+                self._charge(job.call_id, share, job.priority)
+                self._deliver(job, result, started)
+        for job, result in zip(batch, results, strict=True):
+            if result.retry_alone:
+                await self._decode_again(job, result, share, started)
+
+    async def _decode_again(self, job: _Job, first: Decoded, share: float, started: float) -> None:
+        """A batch item that stopped early, decoded again alone in 30 s."""
+        redo_started = time.monotonic()
+        if job.live:
+            try:
+                first = keep_longer(first, await self._lane([job]).decode_long(job.audio), 0.0)
+            except Exception:  # its first decode stands: the turn keeps what was heard
+                log.warning("ASR decode again of call %s failed; keeping the first", job.call_id, exc_info=True)
+        first = dataclasses.replace(first, redecode_s=time.monotonic() - redo_started, retry_alone=False)
+        self._charge(job.call_id, share + first.redecode_s, job.priority)
+        self._deliver(job, first, started)
 
     async def _decode_one(self, job: _Job, started: float) -> None:
         try:

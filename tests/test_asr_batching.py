@@ -504,20 +504,30 @@ async def test_a_final_that_stopped_early_is_done_again_through_the_decoder_proc
     assert metrics.registry.get_sample_value("firstline_asr_redecodes_total", {"kind": "final"}) == 1
 
 
-async def test_a_re_decode_in_a_batch_is_charged_to_its_own_call(quilter):
+async def test_a_re_decode_in_a_batch_is_charged_to_its_own_call_and_holds_no_one_back(quilter):
     """A final decoded again in the 30 s window (asr/whisper.py cut_short)
     inside a batch: its second decode is charged to its own call's share of
-    the decoder, not split with the call it happened to be batched with."""
+    the decoder, not split with the call it happened to be batched with, and
+    is done after that call has its words (Decoded.retry_alone), through the
+    decoder process."""
     from tests.conftest import menu_that_stops_early
 
-    worker = await _worker(batch_size=2, batch_wait_ms=BUDGET_MS, batch_windows="pad")
+    worker = await _worker(batch_size=2, batch_wait_ms=BUDGET_MS, batch_windows="pad", decoder_process=True)
+    done_at: dict[str, float] = {}
     try:
-        menu, other = await asyncio.gather(
-            worker.submit("menu", menu_that_stops_early(), final=True), worker.submit("other", quilter, final=True)
-        )
+        futures = [
+            worker.submit("menu", menu_that_stops_early(), final=True),
+            worker.submit("other", quilter, final=True),
+        ]
+        for name, future in zip(("menu", "other"), futures, strict=True):
+            future.add_done_callback(lambda _, n=name: done_at.setdefault(n, time.monotonic()))
+        menu, other = await asyncio.gather(*futures)
         used = worker.usage("menu"), worker.usage("other")
     finally:
         await worker.close()
     assert menu.batch_size == other.batch_size == 2, (menu.batch_size, other.batch_size)
     assert menu.redecoded and menu.redecode_s > 0 and other.redecode_s == 0
+    assert not menu.retry_alone and not other.retry_alone
     assert used[0] - used[1] == pytest.approx(menu.redecode_s, rel=0.1), (used, menu.redecode_s)
+    # The other call's words came before the re-decode began, not after it.
+    assert done_at["menu"] - done_at["other"] >= 0.9 * menu.redecode_s, (done_at, menu.redecode_s)
