@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -183,3 +184,25 @@ async def test_client_that_stops_reading_is_dropped(server: VoiceServer, call_ur
             stuck.transport.abort()
         # The other call was never disturbed.
         assert other.result.of("ready")
+
+
+async def test_a_carrier_flood_ends_the_call_once(server: VoiceServer, caplog) -> None:
+    """Thousands of garbage frames sent as fast as a websocket goes: the
+    call is ended by its malformed allowance as soon as it runs out (not
+    after every frame already read), and that is said in one WARNING line."""
+    from tests.fake_carrier import CallWatcher, FakeTwilio
+    from tests.transport_checks import server_base
+
+    caplog.set_level(logging.WARNING, logger="voice.transports")
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server)) as carrier:
+            call = await watcher.one()
+            assert carrier.ws is not None
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(5000):
+                    await carrier.ws.send("x")
+            await asyncio.wait_for(carrier.closed.wait(), 10)
+            assert (carrier.ws.close_code, carrier.ws.close_reason) == (1008, "too many malformed messages")
+    assert call.malformed <= 100, call.malformed
+    ending = [r for r in caplog.records if "ending the call" in r.getMessage() and call.call_id in r.getMessage()]
+    assert len(ending) == 1, len(ending)

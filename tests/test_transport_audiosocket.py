@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
 import uuid
 
@@ -16,7 +17,7 @@ from tests.fake_carrier import CallWatcher, FakeAsterisk
 from tests.transport_checks import STORY, asr_text, prompt_clip
 from voice.server.app import VoiceServer
 from voice.server.config import ServerConfig
-from voice.server.limits import SLOW_READER
+from voice.server.limits import MALFORMED_FLOOD, SLOW_READER
 from voice.transports.audiosocket import message, start_audiosocket
 
 
@@ -168,3 +169,41 @@ async def test_voice_server_starts_and_stops_the_audiosocket_listener(server):
     finally:
         await second.close()
     assert not second.audiosocket.is_serving()
+
+
+async def test_a_flood_in_one_write_ends_the_call_once(server, caplog):
+    """Tens of thousands of tiny messages in one TCP write are handled
+    without the read loop ever suspending: the call's allowance ends it,
+    the end lands at once (not after every buffered message), and it is
+    said in one WARNING line, not one per message. Valid DTMF digits are
+    metered like the websocket carriers' (control allowance), so a stream
+    of them ends the call too."""
+    tcp = await listener(server)
+    port = tcp.sockets[0].getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="voice.transports")
+    floods = {
+        "unknown kinds": message(0x42, b"") * 40_000,
+        "valid digits": message(0x10, bytes(320)) + message(0x03, b"5") * 40_000,
+    }
+    try:
+        for what, flood in floods.items():
+            caplog.clear()
+            with CallWatcher() as watcher:
+                async with FakeAsterisk(port) as asterisk:
+                    call = await watcher.one()
+                    await asterisk.send_raw(flood)
+                    for _ in range(200):
+                        if call.finished:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert call.finished and call.watch.end is MALFORMED_FLOOD, (what, call.watch.end)
+                    # The control allowance (200) and the malformed one (50), a few more: not 40,000.
+                    assert call.malformed <= 100, (what, call.malformed)
+            ending = [
+                r for r in caplog.records if "ending the call" in r.getMessage() and call.call_id in r.getMessage()
+            ]
+            assert len(ending) == 1, (what, len(ending))
+            assert len([r for r in caplog.records if call.call_id in r.getMessage()]) <= 10, what
+    finally:
+        tcp.close()
+        await tcp.wait_closed()

@@ -43,7 +43,6 @@ from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
 from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
-from voice.server.limits import SUPERSEDED, CallEnd
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -137,8 +136,9 @@ class CallSession:
         self._state: StateWriter | None = None
         self._claimed: CallState | None = None  # claimed by reattach, picked up at start
         self.resumed = False
-        # How the server ends this call its transport's way (set by the transport).
-        self.end_call: Callable[[CallEnd], None] | None = None
+        # Ends this call its transport's way when another connection has
+        # re-attached it (set by the transport: voice/server/limits.py SUPERSEDED).
+        self.on_superseded: Callable[[], None] | None = None
 
     # ---- transport-facing API ------------------------------------------
 
@@ -246,8 +246,8 @@ class CallSession:
         """The call re-attached on another connection, which now owns its
         conversation: this one (a socket the client gave up on) ends."""
         log.info("call %s re-attached elsewhere: ending this connection", self.call_id)
-        if self.end_call is not None:
-            self.end_call(SUPERSEDED)
+        if self.on_superseded is not None:
+            self.on_superseded()
 
     def _save_state(self) -> None:
         if self._state is not None:

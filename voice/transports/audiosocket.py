@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import struct
 import time
@@ -27,7 +28,7 @@ from streaming.playout import OutFormat
 from voice.call.start import Start
 from voice.server.limits import SLOW_READER, CallEnd, CallWatch
 from voice.server.runtime import Runtime
-from voice.transports.telephony import MalformedMessage, TelephonyCall
+from voice.transports.telephony import MalformedMessage, TelephonyCall, between_messages
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class AudioSocketCall(TelephonyCall):
         watch = self.watch
         try:
             async with watch:
-                while True:
+                for handled in itertools.count(1):
                     header = await self.reader.readexactly(3)
                     kind, length = struct.unpack(">BH", header)
                     payload = await self.reader.readexactly(length) if length else b""
@@ -85,6 +86,7 @@ class AudioSocketCall(TelephonyCall):
                         await self.on_message(kind, payload)
                     except MalformedMessage as exc:
                         self.note_malformed(exc)
+                    await between_messages(handled, watch.end is not None)
         except (asyncio.IncompleteReadError, ConnectionError):
             reason = "connection_lost"
         except asyncio.CancelledError:
@@ -119,6 +121,7 @@ class AudioSocketCall(TelephonyCall):
 
     async def on_message(self, kind: int, payload: bytes) -> None:
         if kind == KIND_UUID:
+            self.take_control_event()
             if len(payload) != 16:
                 raise MalformedMessage(f"UUID of {len(payload)} bytes")
             self.call_uuid = str(uuid.UUID(bytes=payload))
@@ -129,9 +132,11 @@ class AudioSocketCall(TelephonyCall):
                 raise MalformedMessage(f"audio kind changed from {self.kind:#x} to {kind:#x}")
             await self.audio(payload)
         elif kind == KIND_DTMF:
+            self.take_control_event()  # metered like the websocket carriers' DTMF
             self.on_dtmf_digit(payload.decode("ascii", "replace"))
         elif kind == KIND_ERROR:
             self.note_peer_report(f"Asterisk error {payload[:1].hex() or '(no code)'}", payload[:64].hex())
+            self.count_bad_input()  # a real Asterisk sends one, not a stream
         else:
             raise MalformedMessage(f"unknown message kind {kind:#x}")
 

@@ -24,7 +24,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CallEnd, CallGuard
-from voice.transports.telephony import MalformedMessage, TelephonyCall
+from voice.transports.telephony import MalformedMessage, TelephonyCall, between_messages
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class WebSocketCall(TelephonyCall):
         assert guard is not None, "serve() needs a connection"
         try:
             async with guard:
+                handled = 0
                 async for frame in self.ws:
                     guard.touch()
                     try:
@@ -149,6 +150,8 @@ class WebSocketCall(TelephonyCall):
                     except MalformedMessage as exc:
                         self.note_malformed(exc)
                         await self.on_malformed(exc)
+                    handled += 1
+                    await between_messages(handled, guard.end is not None)
         except CallRefused as refusal:
             log.warning("call %s (%s): refused: %s", self.call_id, self.transport, refusal.text)
             reason, refused = str(refusal), refusal

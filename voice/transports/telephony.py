@@ -19,6 +19,7 @@ parts that must behave the same on every carrier:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -33,7 +34,7 @@ from streaming.tts import TextToSpeech, TTSError, shared_tts
 from voice.call.audio_budget import AudioFlood
 from voice.call.session import CallSession
 from voice.call.start import ProtocolError, Start
-from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, CallEnd
+from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, SUPERSEDED, CallEnd
 from voice.server.log_format import WarningBudget, redact_quoted
 from voice.server.runtime import Runtime
 
@@ -65,6 +66,20 @@ def ttfa_histogram(runtime: Runtime) -> Histogram:
 MALFORMED_LOGGED_CHARS = 160
 
 
+# Messages a call's read loop handles in a row before it lets the event
+# loop run other calls: a socket read can hold hundreds of thousands of tiny
+# messages, which are handled without ever suspending.
+MESSAGES_PER_YIELD = 16
+
+
+async def between_messages(handled: int, ended: bool) -> None:
+    """After each message of a read loop: give the loop away now and then,
+    and at once when the call has been ended (its cancel lands here, not
+    after the rest of the buffered messages)."""
+    if ended or handled % MESSAGES_PER_YIELD == 0:
+        await asyncio.sleep(0)
+
+
 class MalformedMessage(ValueError):
     """A carrier message we cannot use: logged and ignored, the call goes on."""
 
@@ -89,7 +104,7 @@ class TelephonyCall:
     def __init__(self, runtime: Runtime, tts: TextToSpeech | None = None) -> None:
         self.runtime = runtime
         self.session = CallSession(runtime, self._on_session_event)
-        self.session.end_call = self.end_call
+        self.session.on_superseded = lambda: self.end_call(SUPERSEDED)
         self.call_id = self.session.call_id
         self._tts = tts
         self.playout: Playout | None = None
@@ -107,6 +122,7 @@ class TelephonyCall:
         self._bad_input = TokenBucket(limits.malformed_burst, limits.malformed_per_s)
         self._control = TokenBucket(limits.control_burst, limits.control_per_s)
         self.finished = False
+        self.ending = False  # end_for has ended the call; the end has not landed yet
         self._counted = False
         # The session's events (deltas left out), for observers; bounded.
         self.events: deque[dict[str, Any]] = deque(maxlen=256)
@@ -142,10 +158,19 @@ class TelephonyCall:
         """One malformed or refused message; past the call's allowance
         (CallLimits.malformed_burst / malformed_per_s) the call is ended."""
         self.malformed += 1
-        if not self._bad_input.take() and not self.finished:
-            log.warning("call %s (%s): %d malformed messages; ending the call", self.call_id, self.transport,
-                        self.malformed)  # fmt: skip
-            self.end_call(MALFORMED_FLOOD)
+        if not self._bad_input.take():
+            self.end_for(MALFORMED_FLOOD, f"{self.malformed} malformed messages")
+
+    def end_for(self, end: CallEnd, why: str) -> None:
+        """End the call for the caller's abuse: said once. The messages
+        already read in the same socket read (hundreds of thousands of tiny
+        ones fit in one) reach here again before the end lands; they must
+        not each write a WARNING line and end the call again."""
+        if self.ending or self.finished:
+            return
+        self.ending = True
+        log.warning("call %s (%s): %s; ending the call", self.call_id, self.transport, why)
+        self.end_call(end)
 
     def note_peer_report(self, what: str, detail: object) -> None:
         """Something the peer told us or caused (a carrier error, an error
@@ -179,8 +204,7 @@ class TelephonyCall:
         try:
             await self.session.audio(payload)
         except AudioFlood as exc:
-            log.warning("call %s (%s): %s; ending the call", self.call_id, self.transport, exc.message)
-            self.end_call(AUDIO_FLOOD)
+            self.end_for(AUDIO_FLOOD, exc.message)
         except ProtocolError as exc:
             raise MalformedMessage(exc.message) from None
 

@@ -53,7 +53,7 @@ class NativeCall(WebSocketCall):
         except ProtocolError as exc:
             await self.report_error(exc.code, exc.message)
             if isinstance(exc, AudioFlood):
-                self.end_call(AUDIO_FLOOD)
+                self.end_for(AUDIO_FLOOD, exc.message)
             elif not isinstance(exc, AudioOverBudget):  # dropped audio is the budget's business
                 self.count_bad_input()
 
