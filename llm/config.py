@@ -170,10 +170,11 @@ class LLMConfig:
     # Model name sent to remote servers; None: the first of GET /v1/models.
     remote_model: str | None = None
     connect_timeout_s: float = 2.0
-    # Request sent -> first streamed token; and the longest gap between chunks.
+    # Request sent -> first streamed token; and the longest wait for more words
+    # (keep-alive comments and empty deltas do not count).
     first_token_timeout_s: float = 10.0
     stall_timeout_s: float = 10.0
-    # Remote health checks (pool replicas, secondary) every this many seconds.
+    # Remote health checks (pool replicas; a lone URL while it is down) every this many seconds.
     health_interval_s: float = 1.0
     # Supervisor: restart delays double from the first up to the cap (back to
     # the first once a child stays up a minute). How long a child may take to load.

@@ -40,7 +40,7 @@ def build_remote_engine(urls: list[str], config: LLMConfig, name: str = "remote"
     if not urls:
         raise ValueError("a remote engine needs at least one URL")
     if len(urls) == 1:
-        return RemoteEngine.from_config(urls[0], config)
+        return RemoteEngine.from_config(urls[0], config, watch_health=True)
     return RemotePool.from_config(urls, config, name=name)
 
 

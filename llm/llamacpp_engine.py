@@ -175,7 +175,10 @@ class LlamaCppEngine(LLMEngine):
 
         def run() -> None:
             try:
-                self._server.handle_chat_completions(body, on_chunk)
+                # Cancelled while queued for a slot's thread (a preemptive
+                # turn the caller talked over): no prefill at all.
+                if not cancelled.is_set():
+                    self._server.handle_chat_completions(body, on_chunk)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
@@ -191,8 +194,10 @@ class LlamaCppEngine(LLMEngine):
             await future  # surfaces an exception raised inside the call
         finally:
             # Barge-in / hang-up: the next callback returns True, which makes
-            # llama.cpp drop the request and free its slot.
+            # llama.cpp drop the request and free its slot; one still queued
+            # for the pool never starts.
             cancelled.set()
+            future.cancel()
 
     @staticmethod
     def _absorb(chunk: Any, request: GenerationRequest) -> str:

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, SentenceEndUnsupported, Usage
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, prompt_head
@@ -61,6 +62,24 @@ class FailedBeforeText(EngineError):
     dropped connection): trying again cannot say anything twice."""
 
 
+class Overloaded(FailedBeforeText):
+    """HTTP 429: the server is up but turned this request away; another
+    replica may take it, and this one is not marked down."""
+
+
+class RequestRefused(EngineError):
+    """HTTP 4xx other than 429: the request itself was refused (too long a
+    prompt, a bad field). Another replica would refuse it too: no failover,
+    and the server is not marked down for it."""
+
+
+# The most of an error response read for its message, within the request's
+# deadline: a server may send headers and then stall its body, or send a
+# body of any size.
+ERROR_BODY_BYTES = 4096
+ERROR_DETAIL_CHARS = 200
+
+
 class RemoteEngine(LLMEngine):
     name = "remote"
 
@@ -77,6 +96,7 @@ class RemoteEngine(LLMEngine):
         example_turns: tuple[tuple[str, str], ...] = (),
         full_sampling: bool = False,
         retry_before_text: bool = False,
+        health_interval_s: float | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.root = self.base_url.removesuffix("/v1")
@@ -97,6 +117,13 @@ class RemoteEngine(LLMEngine):
         self.system_prompt = system_prompt
         self.example_turns = example_turns
         self.healthy = False
+        # A lone engine (no pool's health loop over it) watches its own way
+        # back: once marked down it asks /health this often until it
+        # answers, so one failed request cannot keep /readyz at 503 on an
+        # idle replica (None: someone else watches, a pool or a supervisor).
+        self.health_interval_s = health_interval_s
+        self._recovering: asyncio.Task[None] | None = None
+        self._closed = False
         self._session: aiohttp.ClientSession | None = None
         # Responses being streamed -> why they were aborted (None: not aborted).
         self._open: dict[aiohttp.ClientResponse, str | None] = {}
@@ -107,10 +134,13 @@ class RemoteEngine(LLMEngine):
         self._finishing: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def from_config(cls, url: str, config: LLMConfig, retry_before_text: bool = True) -> RemoteEngine:
+    def from_config(
+        cls, url: str, config: LLMConfig, retry_before_text: bool = True, watch_health: bool = False
+    ) -> RemoteEngine:
         return cls(
             url,
             retry_before_text=retry_before_text,
+            health_interval_s=config.health_interval_s if watch_health else None,
             model=config.remote_model,
             connect_timeout_s=config.connect_timeout_s,
             first_token_timeout_s=config.first_token_timeout_s,
@@ -122,6 +152,24 @@ class RemoteEngine(LLMEngine):
     @property
     def available(self) -> bool:
         return self.healthy
+
+    def _mark_down(self) -> None:
+        self.healthy = False
+        if self.health_interval_s is None or self._closed:
+            return
+        if self._recovering is None or self._recovering.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: shutting down
+                self._recovering = asyncio.get_running_loop().create_task(
+                    self._recover(), name=f"llm-health-{self.root}"
+                )
+
+    async def _recover(self) -> None:
+        assert self.health_interval_s is not None
+        log.warning("LLM server %s is down; checking /health every %g s", self.root, self.health_interval_s)
+        while not self.healthy and not self._closed:
+            await asyncio.sleep(self.health_interval_s)
+            if await self.check_health():
+                log.warning("LLM server %s is back", self.root)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -235,18 +283,18 @@ class RemoteEngine(LLMEngine):
             got_text = False
             while True:
                 try:
-                    if got_text:
-                        async with asyncio.timeout(self.stall_timeout_s):
-                            line = await response.content.readline()
-                    else:
-                        async with asyncio.timeout_at(deadline):
-                            line = await response.content.readline()
+                    # Text, not any line, moves the deadline on: a server
+                    # sending keep-alive comments or empty deltas after the
+                    # first words is stalled all the same.
+                    async with asyncio.timeout_at(deadline):
+                        line = await response.content.readline()
                 except TimeoutError:
                     what = "stalled for" if got_text else "sent no token within"
                     limit = self.stall_timeout_s if got_text else self.first_token_timeout_s
                     raise EngineError(f"LLM server {self.root} {what} {limit} s") from None
-                except (aiohttp.ClientError, OSError) as exc:
-                    raise self._cut(response, f"{type(exc).__name__}: {exc}") from exc
+                except (aiohttp.ClientError, OSError, HttpProcessingError) as exc:
+                    # HttpProcessingError: LineTooLong, one line over aiohttp's 512 KiB.
+                    raise self._cut(response, f"{type(exc).__name__}: {str(exc)[:120]}") from exc
                 if not line:
                     raise self._cut(response, "connection closed before [DONE]")
                 line = line.strip()
@@ -267,7 +315,9 @@ class RemoteEngine(LLMEngine):
                 if text:
                     got_text = True
                     yield text
-            self.healthy = True
+                    # From when the reader is back: a reply held by its
+                    # consumer (a gate, a yield to another call) is not stalled.
+                    deadline = loop.time() + self.stall_timeout_s
         finally:
             if response is not None:
                 self._open.pop(response, None)
@@ -314,20 +364,43 @@ class RemoteEngine(LLMEngine):
             limit = self.first_token_timeout_s
             raise EngineError(f"LLM server {self.root} did not answer within {limit} s") from None
         except aiohttp.ClientConnectorError as exc:
-            self.healthy = False
+            self._mark_down()
             raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
         except aiohttp.ClientError as exc:
-            self.healthy = False
+            self._mark_down()
             raise FailedBeforeText(f"LLM server {self.root} failed the request: {type(exc).__name__}: {exc}") from exc
-        if response.status != 200:
-            detail = (await response.text())[:300]
-            response.release()
-            message = f"LLM server {url} answered HTTP {response.status}: {detail}"
-            if response.status >= 500:
-                self.healthy = False
-                raise FailedBeforeText(message)
-            raise EngineError(message)
-        return response
+        if response.status == 200:
+            self.healthy = True  # it answered: up, whatever an earlier request met
+            return response
+        message = f"LLM server {url} answered HTTP {response.status}{await self._error_detail(response, deadline)}"
+        if response.status >= 500:
+            self._mark_down()
+            raise FailedBeforeText(message)
+        if response.status == 429:
+            raise Overloaded(message)
+        raise RequestRefused(message)
+
+    async def _error_detail(self, response: aiohttp.ClientResponse, deadline: float) -> str:
+        """What an error response says about itself (its JSON error's
+        message, else its text), short: at most ERROR_BODY_BYTES of the body
+        are read, within the request's deadline, decoded whatever they hold."""
+        raw = b""
+        try:
+            async with asyncio.timeout_at(deadline):
+                raw = await response.content.read(ERROR_BODY_BYTES)
+        except (TimeoutError, aiohttp.ClientError, OSError, HttpProcessingError):
+            pass
+        finally:
+            response.close()  # not released: the rest of the body is not read
+        text = raw.decode("utf-8", "replace")
+        try:
+            error = json.loads(text)
+            error = error.get("error", error) if isinstance(error, dict) else None
+            message = error.get("message") if isinstance(error, dict) else None
+        except ValueError:
+            message = None
+        detail = " ".join(str(message if message else text).split())[:ERROR_DETAIL_CHARS]
+        return f": {detail}" if detail else ""
 
     @staticmethod
     def _headers(request: GenerationRequest) -> dict[str, str]:
@@ -361,7 +434,7 @@ class RemoteEngine(LLMEngine):
             log.debug("finish_session at %s failed: %s", self.root, exc)
 
     def _cut(self, response: aiohttp.ClientResponse, detail: str) -> EngineError:
-        self.healthy = False
+        self._mark_down()
         reason = self._open.get(response)
         if reason is not None:
             return EngineUnavailable(reason)
@@ -369,6 +442,11 @@ class RemoteEngine(LLMEngine):
 
     async def close(self) -> None:
         self.healthy = False
+        self._closed = True
+        if self._recovering is not None:
+            self._recovering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovering
         if self._finishing:
             await asyncio.wait(self._finishing, timeout=self.connect_timeout_s + 1.0)
         if self._session is not None:
@@ -507,8 +585,11 @@ class RemotePool(LLMEngine):
                     yield delta
                 self._pin(key, index)
                 return
+            except RequestRefused:
+                raise  # the request, not the replica: every replica would refuse it
             except EngineError as exc:
-                replica.healthy = False
+                if not isinstance(exc, Overloaded):  # busy, not down
+                    replica.healthy = False
                 if started:
                     # Text already went out: another replica cannot take it back.
                     raise

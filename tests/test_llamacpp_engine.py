@@ -305,3 +305,48 @@ async def test_the_embedded_model_runs_requantized_to_q8_0(inprocess, tmp_path) 
     assert kinds_4.pop("token_embd.weight") == gguf.GGMLQuantizationType.Q8_0
     assert set(kinds_4.values()) == {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q4_0}
     assert q4_0.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+
+
+class CountingServer:
+    """The real llama.cpp server object, counting the requests it is handed."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.handled = 0
+
+    def handle_chat_completions(self, *args: Any) -> Any:
+        self.handled += 1
+        return self.server.handle_chat_completions(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+
+async def test_a_request_cancelled_while_queued_for_a_slot_never_runs(inprocess) -> None:
+    """Both slots busy, a third request (a preemptive turn) waits for a
+    thread; the caller talks over it and it is cancelled there. It must not
+    run its prefill later, when a slot frees, on CPU every call shares."""
+    counting = CountingServer(inprocess._server)
+    inprocess._server = counting
+    try:
+        story = _messages("Tell me a long story about a dragon and a lighthouse keeper.")
+        busy = [
+            asyncio.ensure_future(_collect(inprocess, GenerationRequest(f"busy{i}", story, max_tokens=40)))
+            for i in range(2)
+        ]
+        for _ in range(1000):  # both requests on their threads
+            if counting.handled == 2:
+                break
+            await asyncio.sleep(0.01)
+        queued = inprocess.stream(GenerationRequest("queued", _messages("Say hello."), max_tokens=8))
+        waiting = asyncio.ensure_future(anext(queued))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await waiting
+        await queued.aclose()
+        await asyncio.wait_for(asyncio.gather(*busy), 120)
+        await asyncio.sleep(0.3)  # a queued run would have started by now
+        assert counting.handled == 2
+    finally:
+        inprocess._server = counting.server

@@ -285,3 +285,161 @@ async def test_a_malformed_chunk_is_an_error_that_does_not_carry_the_words(caplo
         await engine.close()
     finally:
         await runner.cleanup()
+
+
+class Upstream:
+    """A stand-in for an OpenAI-compatible server that misbehaves (no real
+    one does these on purpose): ``chat`` answers /v1/chat/completions;
+    /health answers 200; ``calls`` counts the chat requests."""
+
+    def __init__(self, chat) -> None:
+        self.chat = chat
+        self.calls = 0
+        self.runner = None
+        self.url = ""
+
+    async def __aenter__(self) -> Upstream:
+        from aiohttp import web
+
+        async def chat(request: web.Request) -> web.StreamResponse:
+            self.calls += 1
+            return await self.chat(request)
+
+        async def health(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/health", health)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # stalled handlers are cut at cleanup
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+def _text_chunk(text: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"delta": {"content": text}}]}).encode() + b"\n\n"
+
+
+async def _error_then_stall(request):
+    from aiohttp import web
+
+    response = web.StreamResponse(status=503, headers={"Retry-After": "1"})
+    await response.prepare(request)
+    await asyncio.sleep(60)  # headers, then a body that never comes
+    return response
+
+
+async def _error_not_utf8(request):
+    from aiohttp import web
+
+    return web.Response(status=503, body=b"\xff\xfe\xfa overloaded \x80")
+
+
+async def _keep_alive_after_text(request):
+    from aiohttp import web
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_text_chunk("Hello"))
+    for _ in range(120):  # comments and empty deltas, never another word
+        await response.write(b": keep-alive\n\n" + _text_chunk(""))
+        await asyncio.sleep(0.25)
+    return response
+
+
+async def _one_huge_line(request):
+    from aiohttp import web
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"data: " + b"x" * (600 * 1024) + b"\n\n")
+    await asyncio.sleep(60)
+    return response
+
+
+@pytest.mark.parametrize(
+    "chat, error",
+    [
+        (_error_then_stall, "answered HTTP 503"),
+        (_error_not_utf8, "answered HTTP 503: .*overloaded"),
+        (_keep_alive_after_text, "stalled for 1.0 s"),
+        (_one_huge_line, "cut mid-reply"),
+    ],
+    ids=["error-body-stalls", "error-body-not-utf8", "keep-alive-after-text", "one-huge-line"],
+)
+async def test_a_misbehaving_upstream_fails_the_turn_in_time(chat, error):
+    """Each ends the turn with an EngineError within the request's limits
+    (first token 1 s, stall 1 s; 5 s allowed), never a hang or a raw
+    decode error."""
+    async with Upstream(chat) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", first_token_timeout_s=1.0, stall_timeout_s=1.0)
+        request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=4))
+        with pytest.raises(EngineError, match=error):
+            await asyncio.wait_for(_collect(engine, request), 5)
+        await engine.close()
+
+
+async def test_a_lone_engine_that_failed_once_is_available_again():
+    """One failed request (a router's 503 while a replica restarts) marks a
+    lone engine down, and /readyz with it; it watches /health until the
+    server answers, so an idle replica does not stay unready for good."""
+
+    async def busy(request):
+        from aiohttp import web
+
+        return web.Response(status=503, text="restarting")
+
+    async with Upstream(busy) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None, health_interval_s=0.2)
+        await engine.start()
+        assert engine.available
+        with pytest.raises(EngineError, match="HTTP 503"):
+            await _collect(engine, GenerationRequest("x", _messages("hi")))
+        assert not engine.available
+        for _ in range(50):
+            if engine.available:
+                break
+            await asyncio.sleep(0.1)
+        assert engine.available
+        await engine.close()
+
+
+async def test_a_pool_does_not_fail_over_a_refused_request_and_skips_a_busy_replica():
+    """A 4xx is the request's fault: no other replica is asked and none is
+    marked down. A 429 is a busy replica: the next one serves the turn,
+    and the busy one stays in the pool."""
+    from aiohttp import web
+
+    async def refuse(request):
+        return web.json_response({"error": {"message": "prompt too long", "type": "BadRequestError"}}, status=400)
+
+    async def too_busy(request):
+        return web.Response(status=429, headers={"Retry-After": "1"})
+
+    async def answer(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_text_chunk("Hi.") + b"data: [DONE]\n\n")
+        return response
+
+    async with Upstream(refuse) as a, Upstream(refuse) as b:
+        pool = RemotePool([RemoteEngine(u.url, model="m", system_prompt=None) for u in (a, b)], health_interval_s=60)
+        await pool.start()
+        with pytest.raises(EngineError, match="HTTP 400: prompt too long"):
+            await _collect(pool, GenerationRequest("x", _messages("hi"), session_key="call-1"))
+        assert a.calls + b.calls == 1 and all(r.healthy for r in pool.replicas)
+        await pool.close()
+    async with Upstream(too_busy) as busy, Upstream(answer) as free:
+        replicas = [RemoteEngine(u.url, model="m", system_prompt=None) for u in (busy, free)]
+        pool = RemotePool(replicas, health_interval_s=60)
+        await pool.start()
+        key = next(k for k in (f"call-{n}" for n in range(100)) if pool.order(k)[0] == 0)  # busy one first
+        assert await _collect(pool, GenerationRequest("x", _messages("hi"), session_key=key)) == "Hi."
+        assert busy.calls == 1 and all(r.healthy for r in pool.replicas)
+        await pool.close()
