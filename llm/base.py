@@ -10,7 +10,8 @@ hang-up costs no further compute.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import InitVar, dataclass, field
 
 from llm.sampling import SamplingParams, sampling_alias
@@ -180,3 +181,30 @@ class LLMEngine(abc.ABC):
     def describe(self) -> dict[str, object]:
         """Model, device and speculation settings, for logs and benchmarks."""
         return {"engine": self.name}
+
+
+async def within_time(
+    stream: AsyncGenerator[str, None], first_token_s: float, stall_s: float, who: str
+) -> AsyncIterator[str]:
+    """``stream``, failed with :class:`EngineError` when its first words take
+    longer than ``first_token_s`` or the next ones longer than ``stall_s``
+    (time spent waiting on the engine: a delta its consumer holds does not
+    count). For the engines in this process, which have no HTTP deadline
+    (RemoteEngine's): a wedged engine fails its turn instead of hanging it,
+    and the cancel frees the request in the engine."""
+    loop = asyncio.get_running_loop()
+    limit, what = first_token_s, "produced no token within"
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(loop.time() + limit):
+                    delta = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise EngineError(f"{who} {what} {limit:g} s") from None
+            yield delta
+            if delta:
+                limit, what = stall_s, "stalled for"
+    finally:
+        await stream.aclose()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
+import pytest
 import pytest_asyncio
 
-from llm.base import GenerationRequest, LLMEngine
+from llm.base import EngineError, GenerationRequest, LLMEngine
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig
 from llm.llamacpp_engine import LlamaCppEngine
 from llm.sampling import SamplingParams
@@ -350,3 +352,20 @@ async def test_a_request_cancelled_while_queued_for_a_slot_never_runs(inprocess)
         assert counting.handled == 2
     finally:
         inprocess._server = counting.server
+
+
+async def test_a_request_the_engine_does_not_answer_in_time_fails_and_frees_its_slot(inprocess) -> None:
+    """An engine in this process has no HTTP deadline: a first token later
+    than first_token_timeout_s (here 1 ms, which no generation meets) fails
+    the request with a clear EngineError instead of hanging the turn, and
+    the slot is free for the next request."""
+    config = inprocess.config
+    inprocess.config = dataclasses.replace(config, first_token_timeout_s=0.001)
+    try:
+        with pytest.raises(EngineError, match=r"the llama.cpp engine produced no token within 0.001 s"):
+            await _collect(inprocess, GenerationRequest("late", _messages("Say hello."), max_tokens=8))
+    finally:
+        inprocess.config = config
+    after = [GenerationRequest(f"after{i}", _messages("Say hello."), max_tokens=8) for i in range(2)]
+    replies = await asyncio.wait_for(asyncio.gather(*(_collect(inprocess, r) for r in after)), 60)
+    assert all("".join(r).strip() for r in replies)
