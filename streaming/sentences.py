@@ -54,6 +54,12 @@ _NUMBER_ABBREVIATIONS = frozenset(
 # Dotted initialisms that usually *end* a clause, so a capital after them
 # starts a sentence: "Meet at 5 p.m. Bring snacks." ("U.S. Army" does not.)
 _CLAUSE_FINAL_DOTTED = frozenset({"a.m", "p.m"})
+# The longest sentence handed to the TTS, in characters (25 words of
+# English are about 150): see SentenceSegmenter.max_chars.
+MAX_SENTENCE_CHARS = 200
+# Where a "word" longer than that is cut, if it has any.
+_LONG_WORD_BREAKS = "-/_"
+
 # Run-on text is cut before these words (they start a new clause).
 _CONJUNCTIONS = frozenset(
     {
@@ -87,7 +93,10 @@ class SentenceSegmenter:
 
     ``max_words`` bounds a run-on sentence: once the pending text has more
     words than that, it is cut at the last clause boundary (or at the cap), so
-    the TTS never waits on an unpunctuated ramble. Sentences shorter than
+    the TTS never waits on an unpunctuated ramble. ``max_chars`` bounds it
+    in characters too: a "word" of hundreds (letters joined by hyphens, a
+    URL) never reaches the word cap, and as one TTS job it would hold the
+    voice every call shares for seconds. Sentences shorter than
     ``min_chars`` (after stripping) are not emitted alone; they are joined to
     the next one, since a one-character TTS request costs a round trip for
     nothing.
@@ -105,9 +114,14 @@ class SentenceSegmenter:
     reply's sentences should not count it.
     """
 
-    def __init__(self, max_words: int = 25, min_chars: int = 2, first_clause_words: int = 0) -> None:
+    def __init__(
+        self, max_words: int = 25, min_chars: int = 2, first_clause_words: int = 0, max_chars: int = MAX_SENTENCE_CHARS
+    ) -> None:
         if max_words < 1:
             raise ValueError("max_words must be at least 1")
+        if max_chars < 16:
+            raise ValueError("max_chars must be at least 16")
+        self.max_chars = max_chars
         if first_clause_words < 0:
             raise ValueError("first_clause_words must be >= 0 (0: off)")
         self.max_words = max_words
@@ -196,6 +210,8 @@ class SentenceSegmenter:
         if self._mode is _Mode.TEXT:
             if len(self._word_starts) > self.max_words:
                 self._cut_run_on()
+            elif pos + 1 - self._seg_start >= self.max_chars:
+                self._cut_overlong(pos + 1)
             elif self.first_clause_words and not self._emitted_any and self._clause_cuts:
                 self._cut_first_clause()
         self._pos = pos + 1
@@ -309,6 +325,19 @@ class SentenceSegmenter:
                 cut = candidate
                 break
         self._emit(cut, force=True)
+
+    def _cut_overlong(self, end: int) -> None:
+        # Before the last word if there are several, else after the last
+        # hyphen, slash or underscore, else right here.
+        # (A word start after a space: the rest of a word cut here before
+        # is no word of its own.)
+        later_words = [w for w in self._word_starts if w > self._seg_start and self._text(w - 1, w).isspace()]
+        if later_words:
+            self._emit(later_words[-1], force=True)
+            return
+        text = self._text(self._seg_start, end)
+        breaks = [i for i, c in enumerate(text) if c in _LONG_WORD_BREAKS]
+        self._emit(self._seg_start + breaks[-1] + 1 if breaks else end, force=True)
 
     def _cut_first_clause(self) -> None:
         # Only the newest boundary can newly qualify: the earlier ones were

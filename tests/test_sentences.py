@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from streaming.sentences import SentenceSegmenter
+from streaming.sentences import MAX_SENTENCE_CHARS, SentenceSegmenter
 
 RUN_ON_DEFAULT_CAP = (
     "I think we should probably leave early tomorrow morning because the traffic "
@@ -435,3 +435,31 @@ def test_work_is_linear_in_stream_length() -> None:
     # Bounded by the longest pending sentence (the run-on cap), not the stream.
     assert pushed > 4000
     assert max_held_back < 300
+
+
+def test_a_word_of_hundreds_of_characters_is_cut_for_the_tts() -> None:
+    """The word cap never fires on one "word" of 1,000 characters (letters
+    joined by hyphens, a run with no space): as one TTS job it held the
+    voice every call shares for 15 s. Pieces are at most max_chars, cut
+    after a hyphen where there is one, before the last whole word where
+    there are several, else where the cap falls; nothing is lost."""
+    run = "ABCDEF-" * 150
+    seg = SentenceSegmenter()
+    text = f"{run} and so on. Fine. {'x' * 450}. Done."
+    out = seg.push(text) + seg.flush()
+    assert all(len(piece) <= MAX_SENTENCE_CHARS for piece in out), [len(p) for p in out]
+    assert all(piece.endswith("-") for piece in out[:5])  # cut after a hyphen
+    assert "".join(out).replace(" ", "") == text.replace(" ", "")
+    assert out[-2:] == ["x" * 50 + ".", "Done."]  # 450: two hard cuts of 200
+    # Several long words: cut before the last whole one, never inside it.
+    words = " ".join(["y" * 60] * 5)
+    seg = SentenceSegmenter()
+    out = seg.push(words + ".") + seg.flush()
+    assert out == [" ".join(["y" * 60] * 3), " ".join(["y" * 60] * 2) + "."]
+    # Ordinary sentences never meet it.
+    seg = SentenceSegmenter()
+    assert seg.push("A perfectly normal sentence with some words in it. And") == [
+        "A perfectly normal sentence with some words in it."
+    ]
+    with pytest.raises(ValueError):
+        SentenceSegmenter(max_chars=4)
