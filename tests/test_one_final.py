@@ -18,11 +18,14 @@ class FakeWorker:
 
     def __init__(self) -> None:
         self.jobs: list[tuple[str, bool, asyncio.Future[Any]]] = []
+        self.audio: list[np.ndarray] = []  # of each final, in order
         self.queue_depth = 0
 
     def submit(self, call_id: str, audio: np.ndarray, final: bool) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.jobs.append((call_id, final, future))
+        if final:
+            self.audio.append(audio)
         return future
 
     def finals(self) -> list[asyncio.Future[Any]]:
@@ -64,3 +67,36 @@ async def test_a_waiting_final_given_up_is_never_decoded_and_errors_pass_through
     worker.finals()[1].set_exception(RuntimeError("decoder fault"))
     with pytest.raises(RuntimeError):
         await failing
+
+
+async def test_a_talked_over_turns_audio_outlives_the_final_that_carried_it() -> None:
+    """The worker is behind: turn 2's final (the caller talked over its
+    reply, so its words must lead the next turn) waits; a preemptive turn's
+    final merges turn 2's audio in front of its own, then the caller goes
+    on and that turn is dropped. Turn 2's audio leads the next final; the
+    dropped turn's own audio does not (it is in the next turn's audio)."""
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    one, two, three, four = (np.full(n, v, np.float32) for n, v in ((100, 1), (160, 2), (200, 3), (240, 4)))
+    asr.submit("c", one, final=True)
+    talked_over = asr.submit("c", two, final=True)
+    preemptive = asr.submit("c", three, final=True)
+    assert talked_over.cancelled()  # merged: its audio rides in front of the preemptive turn's
+    preemptive.cancel()
+    await asyncio.sleep(0)
+    worker.finals()[0].set_result("one")
+    await asyncio.sleep(0)
+    assert len(worker.finals()) == 1  # the dropped one never reached the worker
+    asr.submit("c", four, final=True)
+    assert np.array_equal(worker.audio[-1], np.concatenate([two, four]))
+    # Used once: the final after it is its own.
+    worker.finals()[-1].set_result("two four")
+    await asyncio.sleep(0)
+    asr.submit("c", one, final=True)
+    assert np.array_equal(worker.audio[-1], one)
+    # A hang-up keeps nothing for later.
+    asr.submit("c", two, final=True)
+    asr.submit("c", three, final=True)
+    asr.close()
+    await asyncio.sleep(0)
+    assert not len(asr._orphaned)

@@ -26,7 +26,12 @@ class OneFinalPerCall:
         self._queued: asyncio.Future[Any] | None = None  # this call's final on the worker
         self._waiting: asyncio.Future[Any] | None = None  # the one next in line
         self._waiting_audio = np.zeros(0, np.float32)
+        # Audio of talked-over turns that a waiting final carried in front of
+        # its own when its owner gave it up (a preemptive turn aborted): it
+        # leads the next final instead of being lost with that future.
+        self._orphaned = np.zeros(0, np.float32)
         self._closed = False
+        self._waiting_superseded = [False]  # set when a newer final replaces the waiting one
         self.superseded = 0  # finals merged into a newer one
 
     def __getattr__(self, name: str) -> Any:
@@ -39,19 +44,26 @@ class OneFinalPerCall:
             gone: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             gone.cancel()
             return gone
+        carried = self._orphaned
+        self._orphaned = np.zeros(0, np.float32)
         nothing_waits = self._waiting is None or self._waiting.done()
         if (self._queued is None or self._queued.done()) and nothing_waits:
-            self._queued = self._asr.submit(call_id, audio, True)
+            self._queued = self._asr.submit(call_id, np.concatenate([carried, audio]) if len(carried) else audio, True)
+            self._keep_if_given_up(self._queued, carried, superseded=[False])
             return self._queued
         if self._waiting is not None and not self._waiting.done():
             # A newer final replaces the waiting one, but its audio is kept in
             # front: a talked-over turn's words then lead this decode instead
             # of being lost with the older future.
-            audio = np.concatenate([self._waiting_audio, audio])
+            carried = np.concatenate([carried, self._waiting_audio])
+            self._waiting_superseded[0] = True
             self._waiting.cancel()
             self.superseded += 1
+        audio = np.concatenate([carried, audio]) if len(carried) else audio
         waiting: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting, self._waiting_audio = waiting, audio
+        self._waiting_superseded = [False]
+        self._keep_if_given_up(waiting, carried, self._waiting_superseded)
 
         def hand_over(_: object) -> None:
             if waiting.done() or self._closed:  # superseded, given up, or the call hung up
@@ -62,6 +74,21 @@ class OneFinalPerCall:
 
         self._queued.add_done_callback(hand_over)
         return waiting
+
+    def _keep_if_given_up(self, future: asyncio.Future[Any], carried: np.ndarray, superseded: list[bool]) -> None:
+        """``future`` decodes ``carried`` (talked-over turns' audio) in front
+        of its own turn's. Cancelled by its owner (a preemptive turn the
+        caller went on past), not superseded here nor by a hang-up, the
+        carried audio leads the next final instead of being lost with it;
+        its own audio is in the caller's next turn anyway."""
+        if not len(carried):
+            return
+
+        def given_up(_: object) -> None:
+            if future.cancelled() and not superseded[0] and not self._closed:
+                self._orphaned = np.concatenate([self._orphaned, carried])
+
+        future.add_done_callback(given_up)
 
     def close(self) -> None:
         """The call is over: nothing of it is handed to the worker any more."""
