@@ -194,7 +194,8 @@ class ProcessLane:
         try:
             running = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
             if self.timeout_s > 0:
-                return await asyncio.wait_for(running, self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):  # not wait_for: it can lose a cancel on 3.11
+                    return await running
             return await running
         except BrokenProcessPool as exc:
             self._restart_once(pool)

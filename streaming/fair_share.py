@@ -106,8 +106,12 @@ class ReplyGate:
                 self.waits += 1
                 if self.on_wait is not None:
                     self.on_wait()
+                # asyncio.timeout, not wait_for: 3.11's wait_for loses a
+                # cancel that lands as the wait completes, and an aborted
+                # turn would then live on (holding the gate for every call).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), self.max_wait_s)
+                    async with asyncio.timeout(self.max_wait_s):
+                        await self._idle.wait()
             yield
             return
         self._busy += 1
@@ -176,7 +180,8 @@ class FirstSentences:
         if self.on_yield is not None:
             self.on_yield()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._clear.wait(), max_wait_s)
+            async with asyncio.timeout(max_wait_s):  # not wait_for: see ReplyGate.turn
+                await self._clear.wait()
 
     async def lane(self, key: object, urgent: Callable[[], bool]) -> float:
         """Wait for a lane to generate ``key``'s first sentence in; returns
@@ -204,7 +209,8 @@ class FirstSentences:
         self._queue.append(waiter)
         self.lane_waits += 1
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.granted), self.lane_max_wait_s)
+            async with asyncio.timeout(self.lane_max_wait_s):  # not wait_for: see ReplyGate.turn
+                await asyncio.shield(waiter.granted)
         except TimeoutError:
             self.lane_timeouts += 1
             self._holders.add(key)  # goes ahead: counted as a holder until it leaves

@@ -192,3 +192,56 @@ async def test_partials_warm_an_idle_engine_and_the_work_is_counted(server, jfk)
     assert prefill("firstline_llm_requests_total") > requests_before
     # Each prefill computes at least the partial's new words.
     assert prefill("firstline_llm_tokens_total", kind="prompt_computed") > computed_before
+
+
+async def test_a_cancel_that_lands_as_a_wait_ends_is_not_lost() -> None:
+    """A reply stepping aside for another call's first sentence, and a
+    low-priority turn waiting for the gate: the other call's sentence goes
+    out (or the gate frees) and, in the same instant, this caller barges
+    in. Python 3.11's wait_for returned normally then, losing the cancel:
+    the aborted reply went on generating, and a preemptive turn lived on
+    past its call holding the gate for every call."""
+    from streaming.fair_share import FirstSentences
+
+    async def cancelled_after(wait, release) -> bool:
+        went_on: list[str] = []
+
+        async def reply() -> None:
+            await wait()
+            went_on.append("past the wait")
+            await asyncio.sleep(5)  # generating on
+            went_on.append("generated past the barge-in")
+
+        task = asyncio.ensure_future(reply())
+        await asyncio.sleep(0.01)
+        release()
+        await asyncio.sleep(0)  # one loop step: the wait's end is under way
+        task.cancel()
+        await asyncio.wait({task}, timeout=1)
+        lost = not task.done()
+        task.cancel()  # a lost cancel: end it now, the test has its answer
+        await asyncio.wait({task})
+        return not lost and task.cancelled() and "generated past the barge-in" not in went_on
+
+    first = FirstSentences()
+    other = object()
+    first.waiting(other)
+    assert await cancelled_after(lambda: first.step_aside(5.0), lambda: first.done(other))
+
+    low = LowPriority(1.5)
+    low.update("slow", 5.0)
+    gate = ReplyGate(low, max_wait_s=5.0)
+    holder = gate.turn("real-time")
+    await holder.__aenter__()
+
+    async def low_turn() -> None:
+        async with gate.turn("slow"):
+            pass
+
+    def free() -> None:
+        # The real-time turn ends (its exit is synchronous up to the event).
+        gate._busy -= 1
+        gate._idle.set()
+
+    assert await cancelled_after(low_turn, free)
+    assert gate.busy == 0

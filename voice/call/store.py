@@ -379,5 +379,6 @@ class StateWriter:
 
     async def flush(self, timeout_s: float = 2.0) -> None:
         if self._task is not None and not self._task.done():
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            # asyncio.wait: neither raises the write's own end nor swallows a
+            # cancel of the caller (3.11's wait_for can lose one).
+            await asyncio.wait({self._task}, timeout=timeout_s)
