@@ -38,6 +38,9 @@ SILENCE_BYTE = {"pcm16": b"\x00", "mulaw": b"\xff", "alaw": b"\xd5"}
 # mark: a mark then lands after all of its sentence's audio.
 TAIL_PAD_S = 0.03
 KEEP_SEGMENTS = 64
+# Per-turn records kept for the newest this many turns (a call of hours has
+# thousands): marks, first-audio times, what was heard, audio metrics.
+KEEP_TURNS = 16
 
 
 @dataclass(frozen=True)
@@ -111,10 +114,16 @@ class Playout:
         self._pending = b""  # encoded bytes short of one chunk
         self._clock_end = 0.0  # when everything sent so far will have played
         self._busy = False
-        self.segments: deque[Segment] = deque(maxlen=KEEP_SEGMENTS)
+        # Sentences sent, for marks and what was heard: the current turn's
+        # all (a greeting may have hundreds), earlier turns' KEEP_SEGMENTS.
+        self.segments: deque[Segment] = deque()
         self._said_at: dict[int, float] = {}
         self._first_audio_sent: set[int] = set()
         self.current_turn: int | None = None
+        # The turn a barge-in or cancel cut: its later sentences are dropped,
+        # not queued behind the carrier's clear (its generation stops a
+        # moment later, and the sends in between may wait).
+        self._cut_turn: int | None = None
         self.failed: str | None = None
         self._worker = asyncio.create_task(self._run())
 
@@ -122,9 +131,18 @@ class Playout:
 
     def say(self, turn: int, index: int, text: str) -> None:
         """Queue one sentence; it plays after every sentence queued before it."""
+        if turn == self._cut_turn:
+            return
+        if turn != self.current_turn:
+            self._forget_before(turn - KEEP_TURNS)
         self._said_at.setdefault(turn, time.monotonic())
         self.current_turn = turn
         self._queue.put_nowait((turn, index, text, self._generation, None))
+
+    def _forget_before(self, turn: int) -> None:
+        """A call of hours has thousands of turns: keep the last few's records."""
+        self._said_at = {t: at for t, at in self._said_at.items() if t >= turn}
+        self._first_audio_sent = {t for t in self._first_audio_sent if t >= turn}
 
     def then(self, callback: AfterAudio) -> None:
         """Run ``callback`` once everything queued before it has been sent
@@ -150,6 +168,7 @@ class Playout:
         clock; sentences still unplayed were flushed and are forgotten, so a
         late echo of their mark counts for nothing."""
         self._generation += 1
+        self._cut_turn = self.current_turn
         callbacks = []
         while not self._queue.empty():
             item = self._queue.get_nowait()
@@ -249,11 +268,14 @@ class Playout:
             now = time.monotonic()
             self._clock_end = max(self._clock_end, now) + self.fmt.chunk_bytes / self.fmt.bytes_per_s
             if turn not in self._first_audio_sent:
+                self._forget_before(turn - KEEP_TURNS)
                 self._first_audio_sent.add(turn)
                 if self.on_first_audio is not None:
                     await self.on_first_audio(turn, now - self._said_at.get(turn, now))
         name = f"t{turn}s{index}"
         self.segments.append(Segment(turn, index, text, name, start, self._clock_end))
+        while len(self.segments) > KEEP_SEGMENTS and self.segments[0].turn != turn:
+            self.segments.popleft()
         await self.sink.send_mark(name)
 
     async def _pace(self) -> None:

@@ -240,7 +240,8 @@ async def test_realtime_response_cancel_while_the_written_reply_still_plays(serv
     """The reply's text is all written but its audio still plays (its
     response.done waits for the audio): to the client it is in progress, so
     response.cancel stops it; response.done says cancelled, and the history
-    keeps only what the playout clock says was heard."""
+    keeps only what the playout clock says was heard. A response.create
+    meanwhile is refused."""
     carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
     with CallWatcher() as watcher:
         async with carrier:
@@ -249,6 +250,11 @@ async def test_realtime_response_cancel_while_the_written_reply_still_plays(serv
             await watcher.wait_event(call, "response.done", turn=1, timeout=60)
             assert not carrier.of("response.done"), "the reply's audio ran out before the test could cancel it"
             assert call.playing() == 1
+            # A new response now would send this one's audio under its ids:
+            # refused, as OpenAI's API refuses one while another is active.
+            await carrier.send({"type": "response.create"})
+            error = await carrier.next_event("error", timeout=10)
+            assert error["error"]["code"] == "conversation_already_has_active_response", error
             await carrier.send({"type": "response.cancel"})
             done = await carrier.next_event("response.done", timeout=30)
             assert done["response"]["status"] == "cancelled"

@@ -8,7 +8,7 @@ import numpy as np
 
 from asr.wer import word_error_rate
 from streaming.codecs import decode
-from streaming.playout import OutFormat, Playout
+from streaming.playout import KEEP_SEGMENTS, KEEP_TURNS, OutFormat, Playout
 from streaming.tts import HibariTTS, TTSConfig, TTSError, build_tts, shared_tts
 
 
@@ -88,4 +88,42 @@ async def test_playout_orders_sentences_frames_and_marks():
     assert len(sink.items) == count and playout.heard(2) == ""
     assert playout.heard(1) == "Hello there. How can I help you today?"
     assert playout.marked("t2s0") is None  # a late echo of flushed audio counts for nothing
+    await playout.close()
+
+
+async def wait_marks(sink: Recorder, n: int) -> None:
+    for _ in range(1500):
+        if sum(1 for k, _ in sink.items if k == "mark") >= n:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {n} marks")
+
+
+async def test_a_cut_reply_says_nothing_more_and_its_long_history_is_kept():
+    """After a barge-in the cut turn's later sentences (its generation stops a
+    moment later, and the transport's clear may wait on a full socket) are
+    dropped, not played over the caller; the next turn plays. A turn of
+    more sentences than the playout keeps for older turns (a long greeting)
+    keeps all of its own, so what was heard starts at its first sentence.
+    Per-turn records stay bounded over many turns."""
+    sink = Recorder()
+    playout = Playout(shared_tts(), OutFormat("mulaw", 8000, 160), sink)
+    playout.say(1, 0, "One.")
+    await wait_marks(sink, 1)
+    playout.interrupt(by_clock=True)
+    playout.say(1, 1, "A sentence the reply wrote after the caller cut in.")
+    playout.say(2, 0, "Yes.")
+    await wait_marks(sink, 2)
+    assert [v for k, v in sink.items if k == "mark"] == ["t1s0", "t2s0"]
+    words = [f"Word {n}." for n in range(KEEP_SEGMENTS + 6)]
+    for n, sentence in enumerate(words):
+        playout.say(3, n, sentence)
+    await wait_marks(sink, 2 + len(words))
+    assert playout.marked(f"t3s{len(words) - 1}") is not None  # the carrier played it all
+    playout.interrupt()
+    assert playout.heard(3) == " ".join(words)
+    for turn in range(4, 4 + 3 * KEEP_TURNS):
+        playout.say(turn, 0, "Ok.")
+    await wait_marks(sink, 2 + len(words) + 3 * KEEP_TURNS)
+    assert len(playout._said_at) <= KEEP_TURNS + 1 and len(playout._first_audio_sent) <= KEEP_TURNS + 1
     await playout.close()

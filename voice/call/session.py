@@ -336,8 +336,7 @@ class CallSession:
         reply was in flight."""
         if self._active is None or self._active.task.done():
             return False
-        self._active.cancel()
-        return True
+        return self._active.cancel()
 
     def set_system_prompt(self, prompt: str) -> None:
         """New instructions for the turns from now on; raises ContextTooLarge
@@ -382,8 +381,10 @@ class CallSession:
             self._pause_id += 1
             self._eot_rule = self._eot_prob = self._eot_llm = None
         if isinstance(ev, SpeechStarted):
-            await self.emit({"type": "speech.started", "audio_ms": round(ev.audio_s * 1000)})
             active = self._active
+            if active is not None and not active.task.done():
+                active.talked_over = True
+            await self.emit({"type": "speech.started", "audio_ms": round(ev.audio_s * 1000)})
             if active is not None and self._premature(active, now):
                 await self._resumed(active)
             if active is not None and not active.task.done():
@@ -413,7 +414,7 @@ class CallSession:
         and it leaves the history (a turn still running is cancelled by the
         caller and hands back its words as premature)."""
         turn.premature = True
-        if turn.task.done():
+        if turn.task.done() or turn.outcome_given:  # its outcome is in (it may still be reporting it)
             self.history.retract(turn.index)
             self.carry_over = " ".join(filter(None, [turn.user_text, self.carry_over]))
             self._save_state()
@@ -524,8 +525,11 @@ class CallSession:
         self._last_partial = ""
         if self._active is not None and not self._active.task.done():
             self._active.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._active.task
+            # asyncio.wait: the old turn's end (its cancel, an error) is its
+            # own; a cancel of this task (a drain, a hang-up) is not swallowed.
+            await asyncio.wait({self._active.task})
+        if self.closed:
+            return  # hung up while the old reply wound down: no new turn
         turn = self._pending
         self._pending = None
         if turn is not None and ev.forced:

@@ -209,12 +209,20 @@ class Turn:
         self.fell_back = False
         # Whether the reply has held for a possible resume (once at most).
         self._held_for_resume = False
+        # Set by the session the moment the caller starts talking over this
+        # turn, before the barge-in goes out (its sends may wait): no later
+        # sentence may be queued behind the carrier's clear. The cancel follows.
+        self.talked_over = False
         self._accounted = False  # its LLM work told to ctx.llm_used
         self._gate = asyncio.Event()
         self._held: list[dict[str, Any]] = []
         if committed:
             self._gate.set()
+        # Set just before the outcome goes to the session (ctx.finished):
+        # from then on the turn only reports it (response.done, metrics).
+        self.outcome_given = False
         self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"{ctx.call_id}-turn{index}")
+        self.task.add_done_callback(self._ended)
 
     @property
     def committed(self) -> bool:
@@ -227,8 +235,20 @@ class Turn:
             await self._send(self._held.pop(0))
         self._gate.set()  # no await since the last pop: nothing can slip in between
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
+        """Cancel the turn; False when its outcome is already the session's
+        (it is only reporting it: a cancel then would lose its response.done
+        and metrics, and the client would wait for them for good)."""
+        if self.outcome_given:
+            return False
         self.task.cancel()
+        return True
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A turn that failed outside the reply's own error handling would
+        otherwise end in silence: said in the log, where a bug shows."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call %s turn %d failed", self.ctx.call_id, self.index, exc_info=task.exception())
 
     def _talked_over(self, pending: asyncio.Future[Any]) -> None:
         """A committed turn was talked over mid-decode: its words, once
@@ -445,6 +465,7 @@ class Turn:
                 raise asyncio.CancelledError
             await self._gate.wait()  # finished early: wait to be committed or aborted
         self.times.done = time.monotonic()
+        self.outcome_given = True
         ctx.finished(
             TurnOutcome(
                 self.index,
@@ -473,6 +494,8 @@ class Turn:
 
     async def _say(self, text: str) -> None:
         """Send one sentence of the reply (held until the turn is committed)."""
+        if self.talked_over:
+            return  # the caller cut in: nothing more of it goes to the voice
         first = not self.sent
         self.sent.append(text)
         if first and self.ctx.first_sentences is not None:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import Histogram
 
-from streaming.playout import OutFormat, Playout
+from streaming.playout import KEEP_TURNS, OutFormat, Playout
 from streaming.rate import TokenBucket
 from streaming.tts import TextToSpeech, TTSError, shared_tts
 from voice.call.audio_budget import AudioFlood
@@ -279,12 +279,21 @@ class TelephonyCall:
             self._done_turns.add(turn)
             if turn in self._heard_pending:
                 self.session.reply_heard(turn, self._heard_pending.pop(turn))
+            self._forget_turns_before(turn - KEEP_TURNS)
         elif kind == "turn.metrics" and ev.get("ttfs_ms") is not None:
             self._ttfs_ms[int(ev["turn"])] = float(ev["ttfs_ms"])
             await self._publish_ttfa(int(ev["turn"]))
         elif kind == "error":
             self.note_peer_report(f"error {ev.get('code')}: {redact_quoted(str(ev.get('message')))}", ev.get("message"))
         await self.on_session_event(ev)
+
+    def _forget_turns_before(self, turn: int) -> None:
+        """Bounded per-turn records over a call of hours (thousands of turns)."""
+        for records in (self.audio_metrics, self._first_sentence_at, self._first_audio, self._ttfs_ms,
+                        self._heard_pending):  # fmt: skip
+            for old in [t for t in records if t < turn]:
+                del records[old]
+        self._done_turns = {t for t in self._done_turns if t >= turn}
 
     async def barge_in(self) -> None:
         """The caller talks: stop the reply's audio if any is still out there."""

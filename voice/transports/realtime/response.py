@@ -61,7 +61,10 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
         # release its reply the moment it exists.
         call.response_requested = True
         return
-    if waiting:
+    # A response whose text is written but whose audio still goes out is in
+    # progress too (its response.done waits for the audio): a new one now
+    # would send the old one's audio under the new one's ids.
+    if waiting or call.playing() is not None:
         raise RealtimeError("a response is already in progress", "conversation_already_has_active_response", "response")
     # Nothing held or pending: answer the conversation as it stands (text
     # items, or a greeting right after session.update), as OpenAI's API does.
