@@ -26,7 +26,7 @@ from tests.conftest import side_server, with_silence
 from tests.fake_carrier import CallWatcher, FakeRealtime, FakeTwilio
 from tests.http_get import http_get
 from tests.transport_checks import prompt_clip, server_base
-from voice.call.store import CallState, MemoryStore, RedisStore, StateWriter, StoreError, encode_state
+from voice.call.store import CallState, CallStore, MemoryStore, RedisStore, StateWriter, StoreError, encode_state
 from voice.transports.carriers.twilio import MAX_REATTACH, RECONNECT_PATH
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -171,9 +171,11 @@ async def test_a_realtime_session_resumes_with_its_token(server) -> None:
 
 async def test_the_connection_a_re_attach_replaced_can_no_longer_write_the_call(server) -> None:
     """Two live connections on one token (the client re-attached while its
-    old socket is still half open): the newest owns the conversation. The
-    old one's next write is refused and ends it (``call_reattached``); the
-    conversation is not rolled back to its view."""
+    old socket is still half open): the newest owns the conversation, and
+    the old one is ended at once (``call_reattached``: on this process; on
+    another replica its next write would be refused and end it, tested on
+    the stores and the writer below). The conversation is not rolled back
+    to its view, nor deleted when it goes."""
     store = server.runtime.store
     old = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
     async with old:
@@ -186,7 +188,6 @@ async def test_the_connection_a_re_attach_replaced_can_no_longer_write_the_call(
         async with new:
             created = await new.next_event("session.created", timeout=10)
             assert created["session"]["resume_token"] == token
-            await old.send(user_item("Forget that, it is Z9Z."))
             await asyncio.wait_for(old.closed.wait(), 10)
             assert old.ws is not None
             assert (old.ws.close_code, old.ws.close_reason) == (1000, "call re-attached on another connection")
@@ -198,6 +199,11 @@ async def test_the_connection_a_re_attach_replaced_can_no_longer_write_the_call(
             await new.next_event("response.done", timeout=60)
             now = await wait_stored(store, f"realtime:{token}", turns=2)
             assert "And a window seat." in [m["content"] for m in now.messages]
+    for _ in range(100):  # each call, ended, lets go of the key it wrote
+        if f"realtime:{token}" not in server.runtime.writers:
+            break
+        await asyncio.sleep(0.05)
+    assert f"realtime:{token}" not in server.runtime.writers
 
 
 def user_item(text: str) -> dict:
@@ -415,6 +421,31 @@ async def test_a_writer_whose_call_re_attached_elsewhere_stops() -> None:
     assert ended == ["x"] and (await store.load("native:T")).turn == 1
     await writer.forget()  # its hang-up leaves the new owner's conversation
     assert (await store.load("native:T")).turn == 1
+
+
+async def test_a_new_calls_key_is_its_own_from_its_start(redis_url) -> None:
+    """A carrier's call id names a new call before any turn is written: the
+    call takes the key at its start, so a later stream naming the same call
+    id (no re-attach proof) cannot write it first and so end the real call;
+    it is the one ended, at its first write."""
+    for store in (MemoryStore(), RedisStore(redis_url)):
+        ended: list[str] = []
+
+        def writer(owner: str, store: CallStore = store, ended: list[str] = ended) -> StateWriter:
+            return StateWriter(store, "twilio:CA5", owner, min_interval_s=0, on_superseded=lambda: ended.append(owner))
+
+        real = writer("call-real")
+        real.own_now()
+        await asyncio.sleep(0.05)
+        intruder = writer("call-x")
+        intruder.own_now()
+        intruder.write(CallState("p", [{"role": "user", "content": "not yours"}], "", 1))
+        await intruder.flush()
+        real.write(CallState("p", [], "", 1))
+        await real.flush()
+        assert ended == ["call-x"] and (await store.load("twilio:CA5")).messages == []
+        await real.forget()
+        await store.close()
 
 
 async def test_a_state_that_is_not_ours_is_ignored() -> None:

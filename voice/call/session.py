@@ -135,6 +135,7 @@ class CallSession:
         # The conversation kept between turns for a re-attach (voice/call/store.py).
         self._state: StateWriter | None = None
         self._claimed: CallState | None = None  # claimed by reattach, picked up at start
+        self._owned_key: str | None = None  # the stored key this call writes (runtime.writers)
         self.resumed = False
         # Ends this call its transport's way when another connection has
         # re-attached it (set by the transport: voice/server/limits.py SUPERSEDED).
@@ -220,6 +221,21 @@ class CallSession:
         start.may_resume = False  # claimed: start does not ask again
         if self._claimed is None and token is not None:
             start.fresh_token()
+            return
+        self._own(start.resume_key)
+
+    def _own(self, key: str, claimed: bool = True) -> None:
+        """This call writes ``key`` now. Having claimed it (a re-attach), a
+        live call in this process that wrote it before (the connection this
+        one replaces) ends at once; a call that did not claim it (a fresh
+        one) never ends another: the store refuses its writes instead."""
+        replaced = self.runtime.writers.get(key)
+        if replaced is not None and not claimed:
+            return
+        self.runtime.writers[key] = self._superseded
+        self._owned_key = key
+        if replaced is not None and replaced != self._superseded:
+            replaced()
 
     async def _resume(self, start: Start) -> None:
         """Pick up the conversation claimed for this call, if any; from now
@@ -228,6 +244,10 @@ class CallSession:
         if start.may_resume:
             await self.reattach(start)
         self._state = StateWriter(self.runtime.store, start.resume_key, self.call_id, on_superseded=self._superseded)
+        if self._owned_key != start.resume_key:
+            self._own(start.resume_key, claimed=False)
+            if start.resume_token is None:
+                self._state.own_now()  # a carrier's call id: see StateWriter.own_now
         state, self._claimed = self._claimed, None
         if state is None:
             return
@@ -360,6 +380,9 @@ class CallSession:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.runtime.engine.end_session(self.call_id)  # e.g. vllm-router's session table
+        key = self._owned_key
+        if key is not None and self.runtime.writers.get(key) == self._superseded:
+            del self.runtime.writers[key]
         if self._state is not None:
             if reason in HUNG_UP:
                 await self._state.forget()

@@ -46,6 +46,13 @@ local state = redis.call('GET', KEYS[1])
 if state or ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
 return state
 """
+# ARGV: the owner, ttl. 1: the owner writes the key now.
+OWN_IF_FREE_SCRIPT = """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
 # ARGV: the owner, the state, ttl. 0: another owner holds the key.
 SAVE_SCRIPT = """
 local owner = redis.call('GET', KEYS[2])
@@ -129,6 +136,11 @@ class CallStore(Protocol):
         client's resume token nothing is stored under is not taken)."""
         ...
 
+    async def own_if_free(self, key: str, owner: str) -> bool:
+        """Make ``owner`` the writer of ``key`` unless another connection is
+        (a new call's key: the first to start owns it). True if it is now."""
+        ...
+
     async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         """Write ``state``; False (nothing written) when another owner has
         claimed ``key``. An empty owner writes only a key nobody owns."""
@@ -167,6 +179,12 @@ class MemoryStore:
         if state is not None or when_empty:
             self._own(key, owner, time.monotonic() + self.ttl_s)
         return state
+
+    async def own_if_free(self, key: str, owner: str) -> bool:
+        if self._owned_by_another(key, owner):
+            return False
+        self._own(key, owner, time.monotonic() + self.ttl_s)
+        return True
 
     def _own(self, key: str, owner: str, expires: float) -> None:
         self._owners[key] = (expires, owner)
@@ -242,6 +260,7 @@ class RedisStore:
         self._claim = self._redis.register_script(CLAIM_SCRIPT)
         self._save = self._redis.register_script(SAVE_SCRIPT)
         self._delete = self._redis.register_script(DELETE_SCRIPT)
+        self._own_if_free = self._redis.register_script(OWN_IF_FREE_SCRIPT)
 
     async def check(self) -> None:
         """At start-up: a wrong URL is a clear error, not a silent loss of every call's state."""
@@ -258,6 +277,10 @@ class RedisStore:
         keys = [KEY_PREFIX + key, OWNER_PREFIX + key]
         raw = await self._bounded(self._claim(keys=keys, args=[owner, int(when_empty), self._ttl()]))
         return None if raw is None else CallState.from_json(raw)
+
+    async def own_if_free(self, key: str, owner: str) -> bool:
+        keys = [KEY_PREFIX + key, OWNER_PREFIX + key]
+        return bool(await self._bounded(self._own_if_free(keys=keys, args=[owner, self._ttl()])))
 
     async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         text = encode_state(state)
@@ -327,6 +350,15 @@ class StateWriter:
         self._task: asyncio.Task[None] | None = None
         self._last_write = -math.inf
         self.failures = 0
+        self._owning: asyncio.Task[bool] | None = None
+
+    def own_now(self) -> None:
+        """A new call's key (a carrier's call id): take it now, at the call's
+        start, not at its first write: a later stream naming the same call
+        id (no re-attach proof) must not write it first and so end this call."""
+        self._owning = asyncio.ensure_future(self.store.own_if_free(self.key, self.owner))
+        # Read by the first write; a call that ends before one leaves its outcome here.
+        self._owning.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     def write(self, state: CallState) -> None:
         if self.superseded:
@@ -336,6 +368,15 @@ class StateWriter:
             self._task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
+        if self._owning is not None:
+            owning, self._owning = self._owning, None
+            try:
+                owned = await owning
+            except StoreError:
+                owned = True  # the writes will say
+            if not owned:
+                self._superseded()
+                return
         while self._latest is not None:
             wait = self._last_write + self.min_interval_s - time.monotonic()
             if wait > 0:
@@ -366,6 +407,10 @@ class StateWriter:
         and a hung-up call does not re-attach). Not when a re-attach has
         taken the key over: that connection's conversation goes on."""
         self._latest = None
+        if self._owning is not None:
+            self._owning.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._owning
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

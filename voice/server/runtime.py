@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from asr.vad import SileroVAD
 from asr.worker import ASRWorker
@@ -60,6 +61,10 @@ class Runtime:
             self.first_sentences.on_yield = self.metrics.reply_yields.inc
         # Each call's conversation between turns (re-attach: voice/call/store.py).
         self.store = build_store(config.state_url, config.state_ttl_s)
+        # Stored key -> how to end the live call in this process that writes
+        # it: a re-attach here ends the connection it replaces at once (one
+        # on another replica learns at its next write, voice/call/store.py).
+        self.writers: dict[str, Callable[[], None]] = {}
         # A span per answered turn (voice/tracing.py); None: tracing off.
         self.tracer: TurnTracer | None = None
         if config.tracing:
