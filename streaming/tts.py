@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,19 @@ class TextToSpeech(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+# A run of more digits than this is an account, card or phone number: read
+# digit by digit, as a person on the phone would. hibari reads any run as one
+# number (15 sevens: 11.6 s of "seven hundred seventy-seven trillion..."),
+# and fails outright from 37 digits on.
+MAX_DIGITS_AS_NUMBER = 6
+_LONG_DIGIT_RUN = re.compile(rf"\d{{{MAX_DIGITS_AS_NUMBER + 1},}}")
+
+
+def speakable(text: str) -> str:
+    """``text`` as the voice should read it: long digit runs digit by digit."""
+    return _LONG_DIGIT_RUN.sub(lambda m: " ".join(m.group()), text)
+
+
 class HibariTTS:
     sample_rate = 24000
 
@@ -82,7 +96,7 @@ class HibariTTS:
 
     def _synthesize(self, text: str) -> np.ndarray:
         model = self._load()
-        audio = model(text, speed=self.config.speed)
+        audio = model(speakable(text), speed=self.config.speed)
         return np.asarray(audio, dtype=np.float32)
 
     async def warm(self) -> None:
