@@ -169,9 +169,7 @@ class WhisperDecoder:
         """
         started = time.perf_counter()
         items = [self._prepare(audio) for audio in audios]
-        if len(items) == 1:
-            return self._run(items, started, retry_cut_short)
-        return self._run(items, started, retry_cut_short, alone_later=True)
+        return self._run(items, started, retry_cut_short, alone_later=len(items) > 1)
 
     def decode_long(self, audio: np.ndarray) -> Decoded:
         """Decode in the 30 s window, alone: the retry of a batch item that

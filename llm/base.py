@@ -182,6 +182,19 @@ class LLMEngine(abc.ABC):
         """Model, device and speculation settings, for logs and benchmarks."""
         return {"engine": self.name}
 
+    # (first token, each next words) in seconds: set by llm/engines.py
+    # build_engine on an engine in the voice process, where no HTTP deadline
+    # (RemoteEngine's) bounds a request; None elsewhere (the engine child,
+    # whose client has that deadline; benchmarks).
+    stream_limits: tuple[float, float] | None = None
+
+    def within_limits(self, stream: AsyncGenerator[str, None], warm: bool, who: str) -> AsyncIterator[str]:
+        """``stream`` bounded by :attr:`stream_limits` once the engine is
+        ``warm`` (the warm-up's first step pays for lazy allocations)."""
+        if self.stream_limits is None or not warm:
+            return stream
+        return within_time(stream, *self.stream_limits, who)
+
 
 async def within_time(
     stream: AsyncGenerator[str, None], first_token_s: float, stall_s: float, who: str
@@ -189,9 +202,8 @@ async def within_time(
     """``stream``, failed with :class:`EngineError` when its first words take
     longer than ``first_token_s`` or the next ones longer than ``stall_s``
     (time spent waiting on the engine: a delta its consumer holds does not
-    count). For the engines in this process, which have no HTTP deadline
-    (RemoteEngine's): a wedged engine fails its turn instead of hanging it,
-    and the cancel frees the request in the engine."""
+    count). A wedged engine fails its turn instead of hanging it, and the
+    cancel frees the request in the engine."""
     loop = asyncio.get_running_loop()
     limit, what = first_token_s, "produced no token within"
     try:

@@ -48,7 +48,12 @@ def build_engine(config: LLMConfig) -> LLMEngine:
     if config.engine == "remote":
         return build_remote_engine(config.remote_urls, config)
     if config.isolation == "inprocess":
-        return build_local_engine(config)
+        engine = build_local_engine(config)
+        # In the voice process nothing else bounds a request (the supervised
+        # child's client, RemoteEngine, has its HTTP deadline).
+        for local in getattr(engine, "copies", [engine]):
+            local.stream_limits = (config.first_token_timeout_s, config.stall_timeout_s)
+        return engine
     if config.isolation == "process":
         from llm.supervisor import SupervisedEngine
 

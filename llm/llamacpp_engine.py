@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from llm.base import EngineError, GenerationRequest, LLMEngine, SentenceEndUnsupported, within_time
+from llm.base import EngineError, GenerationRequest, LLMEngine, SentenceEndUnsupported
 from llm.config import LLMConfig
 from llm.sentence_end import TOP_TOKENS, GGUFChatTemplate, open_prompt, sentence_end_mass
 from streaming.threads import name_os_thread
@@ -148,10 +148,7 @@ class LlamaCppEngine(LLMEngine):
                 raise EngineError(f"llama.cpp warm-up of slot {slot}: {result!r:.200}")
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        if self.startup_s is None:  # the warm-up: its first step pays for lazy allocations
-            return self._stream(request)
-        limits = self.config.first_token_timeout_s, self.config.stall_timeout_s
-        return within_time(self._stream(request), *limits, "the llama.cpp engine")
+        return self.within_limits(self._stream(request), self.startup_s is not None, "the llama.cpp engine")
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self._server is None:

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from llm.base import EngineError, GenerationRequest, LLMEngine, Usage, within_time
+from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
 from llm.config import LLMConfig, SpeculationConfig
 from llm.sampling import SamplingError, SamplingParams
 from llm.sentence_end import TOP_TOKENS, message_end_text, open_prompt, sentence_end_mass
@@ -279,10 +279,7 @@ class VLLMEngine(LLMEngine):
         return VLLMSamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        if self.startup_s is None:  # the warm-up: its first step pays for lazy allocations
-            return self._stream(request)
-        limits = self.config.first_token_timeout_s, self.config.stall_timeout_s
-        return within_time(self._stream(request), *limits, "the vLLM engine")
+        return self.within_limits(self._stream(request), self.startup_s is not None, "the vLLM engine")
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self._engine is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from typing import Any
 
 import pytest
@@ -355,17 +354,22 @@ async def test_a_request_cancelled_while_queued_for_a_slot_never_runs(inprocess)
 
 
 async def test_a_request_the_engine_does_not_answer_in_time_fails_and_frees_its_slot(inprocess) -> None:
-    """An engine in this process has no HTTP deadline: a first token later
-    than first_token_timeout_s (here 1 ms, which no generation meets) fails
+    """An engine in the voice process has no HTTP deadline: a first token
+    later than its limit (here 1 ms, which no generation meets) fails
     the request with a clear EngineError instead of hanging the turn, and
     the slot is free for the next request."""
-    config = inprocess.config
-    inprocess.config = dataclasses.replace(config, first_token_timeout_s=0.001)
+    inprocess.stream_limits = (0.001, 10.0)
     try:
         with pytest.raises(EngineError, match=r"the llama.cpp engine produced no token within 0.001 s"):
             await _collect(inprocess, GenerationRequest("late", _messages("Say hello."), max_tokens=8))
     finally:
-        inprocess.config = config
+        inprocess.stream_limits = None
+    # The server's in-process engine gets the configured limits (the engine
+    # child and benchmarks none: their client or nobody waits on them).
+    from llm.engines import build_engine
+
+    built = build_engine(LLMConfig(isolation="inprocess", first_token_timeout_s=7.0, stall_timeout_s=3.0))
+    assert built.stream_limits == (7.0, 3.0) and LlamaCppEngine(LLMConfig()).stream_limits is None
     after = [GenerationRequest(f"after{i}", _messages("Say hello."), max_tokens=8) for i in range(2)]
     replies = await asyncio.wait_for(asyncio.gather(*(_collect(inprocess, r) for r in after)), 60)
     assert all("".join(r).strip() for r in replies)

@@ -30,8 +30,9 @@ class OneFinalPerCall:
         # its own when its owner gave it up (a preemptive turn aborted): it
         # leads the next final instead of being lost with that future.
         self._orphaned = np.zeros(0, np.float32)
+        # Finals that decode talked-over audio in front of their own -> that audio.
+        self._carrying: dict[asyncio.Future[Any], np.ndarray] = {}
         self._closed = False
-        self._waiting_superseded = [False]  # set when a newer final replaces the waiting one
         self.superseded = 0  # finals merged into a newer one
 
     def __getattr__(self, name: str) -> Any:
@@ -49,21 +50,20 @@ class OneFinalPerCall:
         nothing_waits = self._waiting is None or self._waiting.done()
         if (self._queued is None or self._queued.done()) and nothing_waits:
             self._queued = self._asr.submit(call_id, np.concatenate([carried, audio]) if len(carried) else audio, True)
-            self._keep_if_given_up(self._queued, carried, superseded=[False])
+            self._carry(self._queued, carried)
             return self._queued
         if self._waiting is not None and not self._waiting.done():
             # A newer final replaces the waiting one, but its audio is kept in
             # front: a talked-over turn's words then lead this decode instead
             # of being lost with the older future.
             carried = np.concatenate([carried, self._waiting_audio])
-            self._waiting_superseded[0] = True
+            self._carrying.pop(self._waiting, None)  # its carried audio rides on in the new one
             self._waiting.cancel()
             self.superseded += 1
         audio = np.concatenate([carried, audio]) if len(carried) else audio
         waiting: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting, self._waiting_audio = waiting, audio
-        self._waiting_superseded = [False]
-        self._keep_if_given_up(waiting, carried, self._waiting_superseded)
+        self._carry(waiting, carried)
 
         def hand_over(_: object) -> None:
             if waiting.done() or self._closed:  # superseded, given up, or the call hung up
@@ -75,20 +75,20 @@ class OneFinalPerCall:
         self._queued.add_done_callback(hand_over)
         return waiting
 
-    def _keep_if_given_up(self, future: asyncio.Future[Any], carried: np.ndarray, superseded: list[bool]) -> None:
+    def _carry(self, future: asyncio.Future[Any], carried: np.ndarray) -> None:
         """``future`` decodes ``carried`` (talked-over turns' audio) in front
         of its own turn's. Cancelled by its owner (a preemptive turn the
         caller went on past), not superseded here nor by a hang-up, the
         carried audio leads the next final instead of being lost with it;
         its own audio is in the caller's next turn anyway."""
-        if not len(carried):
-            return
+        if len(carried):
+            self._carrying[future] = carried
+            future.add_done_callback(self._settled)
 
-        def given_up(_: object) -> None:
-            if future.cancelled() and not superseded[0] and not self._closed:
-                self._orphaned = np.concatenate([self._orphaned, carried])
-
-        future.add_done_callback(given_up)
+    def _settled(self, future: asyncio.Future[Any]) -> None:
+        carried = self._carrying.pop(future, None)
+        if carried is not None and future.cancelled() and not self._closed:
+            self._orphaned = np.concatenate([self._orphaned, carried])
 
     def close(self) -> None:
         """The call is over: nothing of it is handed to the worker any more."""
