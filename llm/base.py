@@ -101,6 +101,10 @@ class EngineError(RuntimeError):
 
     # The ``error`` event code a turn that fails with this sends the caller.
     code = "llm_failed"
+    # What an upstream server said about its refusal, kept out of the
+    # message: a server may quote the request (the caller's words) back, and
+    # the message reaches WARNING/ERROR logs. Logged at DEBUG where it is read.
+    detail: str = ""
 
 
 class SentenceEndUnsupported(EngineError):

@@ -372,13 +372,20 @@ class RemoteEngine(LLMEngine):
         if response.status == 200:
             self.healthy = True  # it answered: up, whatever an earlier request met
             return response
-        message = f"LLM server {url} answered HTTP {response.status}{await self._error_detail(response, deadline)}"
+        message = f"LLM server {url} answered HTTP {response.status}"
+        detail = await self._error_detail(response, deadline)
+        if detail:
+            log.debug("request %s: %s says: %s", request.request_id, self.root, detail)
+        error: EngineError
         if response.status >= 500:
             self._mark_down()
-            raise FailedBeforeText(message)
-        if response.status == 429:
-            raise Overloaded(message)
-        raise RequestRefused(message)
+            error = FailedBeforeText(message)
+        elif response.status == 429:
+            error = Overloaded(message)
+        else:
+            error = RequestRefused(message)
+        error.detail = detail
+        raise error
 
     async def _error_detail(self, response: aiohttp.ClientResponse, deadline: float) -> str:
         """What an error response says about itself (its JSON error's
@@ -399,8 +406,7 @@ class RemoteEngine(LLMEngine):
             message = error.get("message") if isinstance(error, dict) else None
         except ValueError:
             message = None
-        detail = " ".join(str(message if message else text).split())[:ERROR_DETAIL_CHARS]
-        return f": {detail}" if detail else ""
+        return " ".join(str(message if message else text).split())[:ERROR_DETAIL_CHARS]
 
     @staticmethod
     def _headers(request: GenerationRequest) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 
@@ -245,14 +246,19 @@ async def test_openai_server_answers_400_for_what_it_cannot_honour(replicas, ext
     assert re.search(message, error["message"]), error
 
 
-async def test_remote_engine_reports_a_refused_field(replicas):
+async def test_remote_engine_reports_a_refused_field(replicas, caplog):
     # The server vets values itself (any client may call it); RemoteEngine
-    # passes its answer on, field and range included.
+    # passes its answer on, field and range included, as the error's detail:
+    # out of its message, which reaches WARNING logs (a server may quote the
+    # request, the caller's words, back), and in the DEBUG log.
     engine = RemoteEngine(replicas[0].url, model="m", system_prompt=None)
     request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=4))
     object.__setattr__(request.sampling, "temperature", 5.0)  # past our validation, as another client might send
-    with pytest.raises(EngineError, match=r"answered HTTP 400: .*'temperature' must be in \[0, 2\], got 5"):
-        await _collect(engine, request)
+    with caplog.at_level(logging.DEBUG, logger="llm.remote_engine"):
+        with pytest.raises(EngineError, match=r"answered HTTP 400$") as refused:
+            await _collect(engine, request)
+    assert re.search(r"'temperature' must be in \[0, 2\], got 5", refused.value.detail), refused.value.detail
+    assert any(refused.value.detail in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
     await engine.close()
 
 
@@ -380,8 +386,9 @@ async def test_a_misbehaving_upstream_fails_the_turn_in_time(chat, error):
     async with Upstream(chat) as upstream:
         engine = RemoteEngine(upstream.url, model="m", first_token_timeout_s=1.0, stall_timeout_s=1.0)
         request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=4))
-        with pytest.raises(EngineError, match=error):
+        with pytest.raises(EngineError) as failed:
             await asyncio.wait_for(_collect(engine, request), 5)
+        assert re.search(error, f"{failed.value}: {failed.value.detail}"), (str(failed.value), failed.value.detail)
         await engine.close()
 
 
