@@ -18,9 +18,9 @@ from tests.conftest import loopback_alias_works
 from tests.conftest import side_server as shared_side_server
 from voice.server.app import VoiceServer
 from voice.server.registry import address_allowed, normalize_address, parse_networks
-from voice.transports.audiosocket import KIND_ERROR, KIND_HANGUP, KIND_UUID, message
+from voice.transports.audiosocket import KIND_HANGUP, KIND_UUID, message
 
-REFUSED = message(KIND_ERROR, b"\x02") + message(KIND_HANGUP)
+REFUSED = message(KIND_HANGUP)  # a hang-up alone: the dialplan goes on to its fallback
 
 
 def side_server(main: VoiceServer, **config: object) -> contextlib.AbstractAsyncContextManager[VoiceServer]:

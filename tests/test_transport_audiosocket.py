@@ -207,3 +207,36 @@ async def test_a_flood_in_one_write_ends_the_call_once(server, caplog):
     finally:
         tcp.close()
         await tcp.wait_closed()
+
+
+async def test_a_close_between_messages_is_the_carriers_and_one_inside_a_message_is_lost(server):
+    """Asterisk ends a call by closing the socket (it sends no hang-up): that
+    is `carrier_closed`, as on the websocket carriers; a socket cut inside a
+    message (its header, or a header without its payload) is
+    `connection_lost`."""
+    tcp = await listener(server)
+    port = tcp.sockets[0].getsockname()[1]
+    ended = server.runtime.metrics.ended
+
+    def count(reason: str) -> float:
+        return ended.labels(reason)._value.get()
+
+    try:
+        for tail, reason in (
+            (b"", "carrier_closed"),
+            (b"\x10\x01", "connection_lost"),  # half a header
+            (b"\x10\x01\x40" + bytes(100), "connection_lost"),  # 100 of 320 payload bytes
+        ):
+            before = count(reason)
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(message(0x01, uuid.uuid4().bytes) + message(0x10, bytes(320)) + tail)
+            await writer.drain()
+            writer.close()
+            for _ in range(200):
+                if count(reason) > before:
+                    break
+                await asyncio.sleep(0.05)
+            assert count(reason) == before + 1, (tail, reason)
+    finally:
+        tcp.close()
+        await tcp.wait_closed()

@@ -71,11 +71,14 @@ class AudioSocketCall(TelephonyCall):
     async def serve(self) -> None:
         self.admit()
         reason = "carrier_closed"
+        at_boundary = True
         watch = self.watch
         try:
             async with watch:
                 for handled in itertools.count(1):
+                    at_boundary = True
                     header = await self.reader.readexactly(3)
+                    at_boundary = False
                     kind, length = struct.unpack(">BH", header)
                     payload = await self.reader.readexactly(length) if length else b""
                     watch.touch()
@@ -87,7 +90,12 @@ class AudioSocketCall(TelephonyCall):
                     except MalformedMessage as exc:
                         self.note_malformed(exc)
                     await between_messages(handled, watch.end is not None)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except asyncio.IncompleteReadError as exc:
+            # Asterisk ends a call by closing the socket (it sends no hang-up
+            # message): a close between messages is the carrier's; one
+            # inside a message is a lost connection.
+            reason = "carrier_closed" if exc.partial == b"" and at_boundary else "connection_lost"
+        except ConnectionError:
             reason = "connection_lost"
         except asyncio.CancelledError:
             # The watch ended the call (idle, drain); any other cancellation is real.
@@ -206,9 +214,13 @@ class CallGate(Protocol):
 
 
 async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
-    # No websocket 503 here: an error message, then hang up.
+    # No websocket 503 here: a hang-up, nothing else. Asterisk's reader takes
+    # only hang-up and audio from us (the error kind is its own, "received
+    # only"): an error message makes it log an ERROR and hang the channel
+    # up, where a hang-up alone returns AudioSocket() normally and the
+    # dialplan goes on to its fallback (a queue, an agent).
     log.debug("audiosocket: refused (%s)", reason)
-    writer.write(message(KIND_ERROR, b"\x02") + message(KIND_HANGUP))
+    writer.write(message(KIND_HANGUP))
     with contextlib.suppress(Exception):
         await writer.drain()
         # Half-close and wait (briefly) for the peer's close: closing with
