@@ -107,6 +107,26 @@ class EngineError(RuntimeError):
     detail: str = ""
 
 
+class PromptTooLong(EngineError):
+    """The prompt leaves the reply no room in the engine's context: the
+    request's fault, not the engine's (it is not marked down, no other
+    replica is tried); the call's token budget grows more careful
+    (voice/call/session.py, token_scale)."""
+
+
+def says_prompt_too_long(kind: object, message: object) -> bool:
+    """An engine's or server's error type and message say the prompt did not
+    fit its context: llama.cpp (``exceed_context_size_error``, "exceeds the
+    available context size"), vLLM ("This model's maximum context length
+    is", "longer than the maximum model length"), OpenAI
+    (``context_length_exceeded``)."""
+    text = f"{kind} {message}".lower()
+    return any(k in text for k in _PROMPT_TOO_LONG)
+
+
+_PROMPT_TOO_LONG = ("exceed_context_size", "context_length_exceeded", "context size", "context length", "model length")
+
+
 class SentenceEndUnsupported(EngineError):
     """This engine has no next-token probabilities to offer (asked once; the
     end-of-turn policy then goes on without them)."""

@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.base import EngineError, GenerationRequest, LLMEngine, PromptTooLong
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,18 @@ def continuation_of(request: GenerationRequest, said: str, deltas: int, n: int, 
 
 
 async def stream_continuing(
-    engine: LLMEngine, request: GenerationRequest, wait_s: float = WAIT_S, max_continuations: int = MAX_CONTINUATIONS
+    engine: LLMEngine,
+    request: GenerationRequest,
+    wait_s: float = WAIT_S,
+    max_continuations: int = MAX_CONTINUATIONS,
+    refit: Callable[[], list[dict[str, str]]] | None = None,
 ) -> AsyncIterator[str]:
     """``engine.stream(request)``, carried on from what it said if it is cut
     mid-reply. ``request.usage`` ends up counting every part's completion
-    tokens and ``request.usage.continuations`` the cuts carried on."""
+    tokens and ``request.usage.continuations`` the cuts carried on. A prompt
+    the engine's context cannot hold is sent once more as ``refit()``
+    rebuilds it (the call's budget made smaller), instead of failing the
+    turn."""
     said = ""
     deltas = 0
     current = request
@@ -71,6 +78,11 @@ async def stream_continuing(
                     yield delta
             return
         except EngineError as exc:
+            if isinstance(exc, PromptTooLong) and not said and refit is not None:
+                request.messages = refit()
+                refit = None  # once: a prompt that still does not fit fails the turn
+                log.warning("%s: the prompt did not fit the engine's context; sent again shorter", request.request_id)
+                continue
             if not said or request.continue_final:
                 raise
             now = time.monotonic()

@@ -19,7 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from llm.base import EngineError, GenerationRequest, LLMEngine, SentenceEndUnsupported
+from llm.base import (
+    EngineError,
+    GenerationRequest,
+    LLMEngine,
+    PromptTooLong,
+    SentenceEndUnsupported,
+    says_prompt_too_long,
+)
 from llm.config import LLMConfig
 from llm.sentence_end import TOP_TOKENS, GGUFChatTemplate, open_prompt, sentence_end_mass
 from streaming.threads import name_os_thread
@@ -204,7 +211,10 @@ class LlamaCppEngine(LLMEngine):
         if not isinstance(chunk, dict):
             raise EngineError(f"unexpected llama.cpp chunk: {chunk!r:.200}")
         if "error" in chunk or (chunk.get("code", 200) >= 400 and "message" in chunk):
-            raise EngineError(f"llama.cpp: {chunk.get('error') or chunk.get('message')}")
+            error = chunk.get("error") or chunk
+            kind, message = (error.get("type"), error.get("message")) if isinstance(error, dict) else (None, error)
+            failure = PromptTooLong if says_prompt_too_long(kind, message) else EngineError
+            raise failure(f"llama.cpp: {message}")
         usage = chunk.get("usage")
         if usage:
             request.usage.prompt_tokens = usage.get("prompt_tokens", 0)

@@ -48,7 +48,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llm.base import EngineError, GenerationRequest, LLMEngine, SentenceEndUnsupported
+from llm.base import EngineError, GenerationRequest, LLMEngine, PromptTooLong, SentenceEndUnsupported
 from llm.config import LLMConfig, SpeculationConfig
 from llm.sampling import SamplingError, SamplingParams, add_sampling_arguments, did_you_mean, sampling_from_args
 
@@ -76,6 +76,18 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     # OpenAI's error shape (clients read error.message; param names the field).
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return web.json_response(body, status=status)
+
+
+def _failed(exc: Exception, what: str) -> web.Response:
+    """The answer to a request the engine failed before its first words: a
+    prompt its context cannot hold is the request's fault (400, OpenAI's
+    ``context_length_exceeded``: the client does not mark this server down
+    for it), anything else the engine's (500)."""
+    if isinstance(exc, PromptTooLong):
+        log.warning("%s: %s", what, exc)
+        return _error(400, str(exc), "context_length_exceeded")
+    log.error("%s failed", what, exc_info=exc)
+    return _error(500, GENERATION_FAILED, "engine_error")
 
 
 class BadRequest(ValueError):
@@ -351,17 +363,15 @@ class OpenAIServer:
             probability = await self.engine.sentence_end_probability(messages, _session_key(http))
         except SentenceEndUnsupported as exc:
             return _error(501, str(exc), "not_supported")
-        except Exception:
-            log.exception("sentence-end probe failed")
-            return _error(500, GENERATION_FAILED, "engine_error")
+        except Exception as exc:
+            return _failed(exc, "sentence-end probe")
         return web.json_response({"probability": probability})
 
     async def _complete(self, request: GenerationRequest) -> web.Response:
         try:
             text = "".join([d async for d in self.engine.stream(request)])
-        except Exception:
-            log.exception("generation %s failed", request.request_id)
-            return _error(500, GENERATION_FAILED, "engine_error")
+        except Exception as exc:
+            return _failed(exc, f"generation {request.request_id}")
         return web.json_response(
             {
                 "id": request.request_id,
@@ -436,10 +446,10 @@ class OpenAIServer:
             # fails): closing the stream below aborts the engine's request.
             self.aborted += 1
             raise
-        except Exception:
-            log.exception("generation %s failed", request.request_id)
+        except Exception as exc:
             if first:
-                return _error(500, GENERATION_FAILED, "engine_error")
+                return _failed(exc, f"generation {request.request_id}")
+            log.exception("generation %s failed", request.request_id)
             # Mid-stream: an error event and no [DONE], so the client knows.
             err = {"error": {"message": GENERATION_FAILED, "type": "engine_error", "code": 500}}
             with contextlib.suppress(ConnectionError):

@@ -37,7 +37,16 @@ from typing import Any
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
-from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, SentenceEndUnsupported, Usage
+from llm.base import (
+    EngineError,
+    EngineUnavailable,
+    GenerationRequest,
+    LLMEngine,
+    PromptTooLong,
+    SentenceEndUnsupported,
+    Usage,
+    says_prompt_too_long,
+)
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, prompt_head
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,10 @@ class RequestRefused(EngineError):
     """HTTP 4xx other than 429: the request itself was refused (too long a
     prompt, a bad field). Another replica would refuse it too: no failover,
     and the server is not marked down for it."""
+
+
+class PromptRefused(RequestRefused, PromptTooLong):
+    """HTTP 400 saying the prompt does not fit the server's context."""
 
 
 # The most of an error response read for its message, within the request's
@@ -373,7 +386,7 @@ class RemoteEngine(LLMEngine):
             self.healthy = True  # it answered: up, whatever an earlier request met
             return response
         message = f"LLM server {url} answered HTTP {response.status}"
-        detail = await self._error_detail(response, deadline)
+        detail, kind = await self._error_detail(response, deadline)
         if detail:
             log.debug("request %s: %s says: %s", request.request_id, self.root, detail)
         error: EngineError
@@ -382,15 +395,18 @@ class RemoteEngine(LLMEngine):
             error = FailedBeforeText(message)
         elif response.status == 429:
             error = Overloaded(message)
+        elif response.status == 400 and says_prompt_too_long(kind, detail):
+            error = PromptRefused(f"{message}: the prompt does not fit its context")
         else:
             error = RequestRefused(message)
         error.detail = detail
         raise error
 
-    async def _error_detail(self, response: aiohttp.ClientResponse, deadline: float) -> str:
+    async def _error_detail(self, response: aiohttp.ClientResponse, deadline: float) -> tuple[str, str | None]:
         """What an error response says about itself (its JSON error's
-        message, else its text), short: at most ERROR_BODY_BYTES of the body
-        are read, within the request's deadline, decoded whatever they hold."""
+        message, else its text), short, and its JSON error's type or code: at
+        most ERROR_BODY_BYTES of the body are read, within the request's
+        deadline, decoded whatever they hold."""
         raw = b""
         try:
             async with asyncio.timeout_at(deadline):
@@ -400,13 +416,16 @@ class RemoteEngine(LLMEngine):
         finally:
             response.close()  # not released: the rest of the body is not read
         text = raw.decode("utf-8", "replace")
+        message = kind = None
         try:
             error = json.loads(text)
             error = error.get("error", error) if isinstance(error, dict) else None
-            message = error.get("message") if isinstance(error, dict) else None
+            if isinstance(error, dict):
+                message = error.get("message")
+                kind = f"{error.get('type')} {error.get('code')}"
         except ValueError:
-            message = None
-        return " ".join(str(message if message else text).split())[:ERROR_DETAIL_CHARS]
+            pass
+        return " ".join(str(message if message else text).split())[:ERROR_DETAIL_CHARS], kind
 
     @staticmethod
     def _headers(request: GenerationRequest) -> dict[str, str]:

@@ -50,19 +50,21 @@ async def stream_yielding(
     should_yield: Callable[[], bool],
     step_aside: Callable[[], Awaitable[None]],
     max_yields: int = MAX_YIELDS,
+    refit: Callable[[], list[dict[str, str]]] | None = None,
 ) -> AsyncIterator[str]:
     """``stream_continuing(engine, request)``, except that after every delta
     the consumer has handled, ``should_yield()`` may stop the generation;
     ``step_aside()`` is awaited and the reply carries on. ``request.usage``
     counts every part's tokens; ``request.usage.yields`` the times it
-    stepped aside."""
+    stepped aside. ``refit``: as for stream_continuing (the first part)."""
     said = ""
     deltas = 0
     part = request
     while True:
         stepped = False
         try:
-            async with contextlib.aclosing(stream_continuing(engine, part)) as stream:
+            first_part = refit if part is request else None
+            async with contextlib.aclosing(stream_continuing(engine, part, refit=first_part)) as stream:
                 async for delta in stream:
                     said += delta
                     deltas += 1

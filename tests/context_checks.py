@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from llm.base import GenerationRequest, LLMEngine
 from voice.call.history import MIN_TURN_TOKENS, PER_MESSAGE_TOKENS, History, estimate_tokens
-from voice.call.session import PROMPT_MARGIN_TOKENS
+from voice.call.session import INITIAL_TOKEN_SCALE, PROMPT_MARGIN_TOKENS
 
 # Real, varied conversation text (phone-agent style), repeated to make a long call.
 EXCHANGES = [
@@ -15,6 +15,20 @@ EXCHANGES = [
     ("When will it arrive at my office in Cambridge?", "It should arrive on Thursday before noon."),
     ("Can I change the delivery address to my home instead?", "Yes, I can do that. What is the new address?"),
 ]
+# Text the byte estimate used to undercount on SmolLM2 (a Spanish call ran
+# 1.14x over it, digits 1.9x, Chinese 1.6x, Hindi 1.25x): each language
+# must fit at the session's starting budget.
+OTHER_LANGUAGES = {
+    "spanish": [
+        (
+            "Sí, mire, necesito cambiar la dirección de entrega de mi pedido, el número es 4512 8839.",
+            "Claro. He cambiado la dirección y el pedido llegará el viernes por la mañana, ¿algo más?",
+        )
+    ],
+    "digits": [("My card is 5500 0000 1111 2222, expiry 09 27, code 731.", "Thanks. Card ending 2222, 09/27.")],
+    "chinese": [("你好，我想改一下我订单的送货地址，星期五上午能送到吗？", "可以。地址已经改好了，星期五上午送到。")],
+    "hindi": [("नमस्ते, मैं अपने ऑर्डर का डिलीवरी पता बदलना चाहता हूँ।", "ज़रूर। नया पता बताइए, मैं अभी बदल देता हूँ।")],
+}
 
 
 def largest_instructions(budget_tokens: int) -> str:
@@ -25,6 +39,21 @@ def largest_instructions(budget_tokens: int) -> str:
     while estimate_tokens(text) > allowed:
         text = text[:-1]
     return text
+
+
+async def assert_other_languages_fit(engine: LLMEngine, context_tokens: int, reply_tokens: int = 1400) -> None:
+    """A long call in each of OTHER_LANGUAGES, trimmed to the budget a call
+    starts with (before its engine reported any prompt): the engine's own
+    count leaves room for the reply."""
+    budget = int((context_tokens - reply_tokens - PROMPT_MARGIN_TOKENS) / INITIAL_TOKEN_SCALE)
+    for language, exchanges in OTHER_LANGUAGES.items():
+        history = History("You are a phone agent.", max_turns=40)
+        for turn in range(40):
+            history.remember(turn, *exchanges[turn % len(exchanges)])
+        request = GenerationRequest(f"budget-{language}", history.messages("?", None, budget), max_tokens=4)
+        [d async for d in engine.stream(request)]
+        room = context_tokens - reply_tokens - PROMPT_MARGIN_TOKENS
+        assert 0 < request.usage.prompt_tokens <= room, (language, request.usage.prompt_tokens, room)
 
 
 async def assert_budgeted_prompt_fits(engine: LLMEngine, context_tokens: int, reply_tokens: int = 1400) -> None:

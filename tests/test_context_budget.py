@@ -12,7 +12,7 @@ import pytest
 from benchmarks.client import NativeCaller
 from llm.config import LLMConfig
 from llm.llamacpp_engine import LlamaCppEngine
-from tests.context_checks import assert_budgeted_prompt_fits, largest_instructions
+from tests.context_checks import assert_budgeted_prompt_fits, assert_other_languages_fit, largest_instructions
 from voice.call.history import ContextTooLarge, History, estimate_tokens, prompt_tokens
 from voice.call.start import MAX_SYSTEM_PROMPT
 
@@ -195,6 +195,52 @@ async def test_a_system_prompt_at_the_protocol_maximum_is_refused_on_a_small_con
 
 async def test_the_supervised_engine_serves_a_prompt_at_the_budget(server):
     await assert_budgeted_prompt_fits(server.runtime.engine, server.config.llm.context_tokens)
+    await assert_other_languages_fit(server.runtime.engine, server.config.llm.context_tokens)
+
+
+async def test_a_call_whose_words_cost_more_than_estimated_gets_a_smaller_budget(server):
+    """Spelled letters cost a token each, a third of what the byte estimate
+    says: the engine's count of the call's first prompt raises the call's
+    token scale, its budget shrinks by it, and the next prompt built to
+    that budget fits the room the reply leaves, by the engine's own count."""
+    from llm.base import GenerationRequest
+    from voice.call.history import CUE_TOKENS, prompt_tokens
+    from voice.call.session import INITIAL_TOKEN_SCALE, PROMPT_MARGIN_TOKENS, CallSession
+
+    async def emit(event):
+        pass
+
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    first_budget = session.prompt_budget()
+    spelled = "S M I T H, K X Q P L Z M W, B as in boy, R T Y U I O P, A S D F G H J K L."
+    for turn in range(10):
+        session.history.remember(turn, spelled, "Thanks. S M I T H, code K X Q P L Z M W.")
+    messages = session.messages("Did you get that?")
+    request = GenerationRequest("spelled", messages, max_tokens=4, session_key=session.call_id)
+    [d async for d in server.runtime.engine.stream(request)]
+    session._llm_used("answered", request)
+    ratio = request.usage.prompt_tokens / prompt_tokens(messages)
+    assert ratio > INITIAL_TOKEN_SCALE, ratio  # the estimate undercounts these words
+    assert session.token_scale > INITIAL_TOKEN_SCALE
+    assert session.prompt_budget() < first_budget
+    # The call goes on until its prompt is as long as the new budget lets
+    # it be (one exchange short of trimming): the engine's count of that
+    # prompt leaves the reply its room. (At the starting scale the same
+    # history ran ~1.4x over the room: refused by the engine.)
+    session.history.max_turns = 1000
+    agent = "Thanks. S M I T H, code K X Q P L Z M W."
+    exchange = prompt_tokens([{"role": "user", "content": spelled}, {"role": "assistant", "content": agent}])
+    turn = 10
+    while prompt_tokens(session.messages("And now?")) + exchange + CUE_TOKENS <= session.prompt_budget():
+        session.history.remember(turn, spelled, agent)
+        turn += 1
+        assert turn < 1000
+    messages = session.messages("And now?")
+    assert len(messages) == 1 + len(session.history.examples()) + 2 * turn + 1  # nothing trimmed: at the budget
+    request = GenerationRequest("spelled-long", messages, max_tokens=4, session_key=session.call_id)
+    [d async for d in server.runtime.engine.stream(request)]
+    room = server.config.llm.context_tokens - session.max_tokens - PROMPT_MARGIN_TOKENS
+    assert request.usage.prompt_tokens <= room, (request.usage.prompt_tokens, room)
 
 
 async def test_in_process_llamacpp_serves_a_prompt_at_the_budget():
@@ -205,3 +251,45 @@ async def test_in_process_llamacpp_serves_a_prompt_at_the_budget():
         await assert_budgeted_prompt_fits(engine, config.context_tokens)
     finally:
         await engine.close()
+
+
+async def test_a_prompt_the_engine_cannot_hold_is_sent_again_shorter(server):
+    """Before any calibration, a call of spelled letters built to its
+    starting budget runs over the engine's context. The engine says so as
+    the request's fault (llama.cpp's context error -> HTTP 400
+    context_length_exceeded from the engine child -> PromptTooLong; the
+    engine is not marked down, as a 5xx would), and the reply's stream
+    sends the prompt once more, built to a budget a quarter smaller."""
+    from llm.base import GenerationRequest, PromptTooLong
+    from llm.continuation import stream_continuing
+    from voice.call.history import CUE_TOKENS, prompt_tokens
+    from voice.call.session import INITIAL_TOKEN_SCALE, CallSession
+
+    async def emit(event):
+        pass
+
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    session.history.max_turns = 1000
+    spelled = "S M I T H, K X Q P L Z M W, B as in boy, R T Y U I O P, A S D F G H J K L."
+    agent = "Thanks. S M I T H, code K X Q P L Z M W."
+    exchange = prompt_tokens([{"role": "user", "content": spelled}, {"role": "assistant", "content": agent}])
+    turn = 0
+    while prompt_tokens(session.messages("And now?")) + exchange + CUE_TOKENS <= session.prompt_budget():
+        session.history.remember(turn, spelled, agent)
+        turn += 1
+        assert turn < 1000
+    engine = server.runtime.engine
+    request = GenerationRequest("too-long", session.messages("And now?"), max_tokens=4, session_key=session.call_id)
+    with pytest.raises(PromptTooLong):
+        [d async for d in engine.stream(request)]
+    assert server.runtime.ready and engine.primary_up and engine._remote.healthy  # the request's fault: not marked down
+
+    def refit():
+        session._prompt_too_long()
+        return session.messages("And now?")
+
+    request = GenerationRequest("refit", session.messages("And now?"), max_tokens=4, session_key=session.call_id)
+    before = len(request.messages)
+    text = "".join([d async for d in stream_continuing(engine, request, refit=refit)])
+    assert text.strip() and session.token_scale == pytest.approx(INITIAL_TOKEN_SCALE * 1.25)
+    assert len(request.messages) < before and request.usage.prompt_tokens > 0

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from llm.base import EngineError, EngineUnavailable, GenerationRequest
+from llm.base import EngineError, EngineUnavailable, GenerationRequest, PromptTooLong
 from llm.config import DEFAULT_SYSTEM_PROMPT
 from llm.remote_engine import RemoteEngine, RemotePool, _score, normalize_base_url
 from llm.sampling import SamplingParams
@@ -424,7 +424,9 @@ async def test_a_pool_does_not_fail_over_a_refused_request_and_skips_a_busy_repl
     from aiohttp import web
 
     async def refuse(request):
-        return web.json_response({"error": {"message": "prompt too long", "type": "BadRequestError"}}, status=400)
+        # vLLM's words (vllm/renderers/params.py) for a prompt its context cannot hold.
+        message = "This model's maximum context length is 2048 tokens. However, your request has 2134 input tokens."
+        return web.json_response({"error": {"message": message, "type": "BadRequestError"}}, status=400)
 
     async def too_busy(request):
         return web.Response(status=429, headers={"Retry-After": "1"})
@@ -438,7 +440,7 @@ async def test_a_pool_does_not_fail_over_a_refused_request_and_skips_a_busy_repl
     async with Upstream(refuse) as a, Upstream(refuse) as b:
         pool = RemotePool([RemoteEngine(u.url, model="m", system_prompt=None) for u in (a, b)], health_interval_s=60)
         await pool.start()
-        with pytest.raises(EngineError, match="HTTP 400: prompt too long"):
+        with pytest.raises(PromptTooLong, match="HTTP 400: the prompt does not fit its context"):
             await _collect(pool, GenerationRequest("x", _messages("hi"), session_key="call-1"))
         assert a.calls + b.calls == 1 and all(r.healthy for r in pool.replicas)
         await pool.close()

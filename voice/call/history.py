@@ -26,12 +26,24 @@ OPENING_CUE = "(The call has just connected. Greet the caller.)"
 GO_ON_CUE = "(The caller is quiet. Go on.)"
 
 
+_DIGITS = tuple(b"0123456789")
+
+
 def estimate_tokens(text: str) -> int:
-    """A deliberately high token count for ``text``: BPE vocabularies of chat
-    models average 4+ bytes of English per token; 3 leaves a margin, so a
-    prompt that fits by this estimate fits the engine's context. (Engines
-    that tokenize in-process, vLLM, trim exactly as a last resort.)"""
-    return len(text.encode("utf-8")) // 3 + 1
+    """A deliberately high token count for ``text``, without a tokenizer: BPE
+    vocabularies of chat models average 4+ bytes of English per token, and 3
+    leaves a margin; but many split numbers digit by digit (an account
+    number read out: 2 real tokens per byte-third, SmolLM2), and text in
+    other scripts costs 0.4-0.6 tokens a byte (Hindi, Chinese). So a digit
+    counts as a token, a byte outside ASCII as three quarters of one. Latin
+    languages other than English still run over (Spanish ~1.2x on SmolLM2):
+    the session scales its budget by what the engine reports
+    (``CallSession.token_scale``). Engines that tokenize in-process (vLLM)
+    also trim exactly, as a last resort."""
+    raw = text.encode("utf-8")
+    digits = sum(raw.count(d) for d in _DIGITS)
+    other_scripts = len(raw) - len(text.encode("ascii", "ignore"))
+    return (len(raw) - digits - other_scripts) // 3 + digits + other_scripts * 3 // 4 + 1
 
 
 def prompt_tokens(messages: list[Message]) -> int:

@@ -31,14 +31,14 @@ from asr.config import ASRConfig
 from asr.end_of_turn import SMART_TURN_POLICIES, asks_llm, decide_window, shared_smart_turn
 from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
-from llm.base import EngineError, SentenceEndUnsupported
+from llm.base import EngineError, GenerationRequest, PromptTooLong, SentenceEndUnsupported, Usage
 from llm.config import example_messages
 from llm.sampling import SamplingError, SamplingParams
 from streaming.codecs import StreamResampler, decode, int16_to_float
 from streaming.fair_share import IntakeRate
 from voice.call.audio_budget import AudioBudget, AudioBudgets, frame_seconds
 from voice.call.finals import OneFinalPerCall
-from voice.call.history import ContextTooLarge, History
+from voice.call.history import ContextTooLarge, History, prompt_tokens
 from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
@@ -50,6 +50,16 @@ log = logging.getLogger(__name__)
 ASR_RATE = 16000
 # Tokens the chat template adds around the whole prompt (generation prompt, BOS).
 PROMPT_MARGIN_TOKENS = 16
+# token_scale's bounds: what a prompt really cost against its estimate, with
+# a margin; a higher ratio than the cap is an engine reporting nonsense.
+TOKEN_SCALE_MARGIN = 1.05
+MAX_TOKEN_SCALE = 4.0
+# Where a call starts, before its engine has reported any prompt: Latin
+# languages other than English run up to ~1.08x history.py's estimate on
+# SmolLM2 (English ~0.65x), and a client may build a long context before the
+# first reply (Realtime conversation items).
+INITIAL_TOKEN_SCALE = 1.1
+PROMPT_TOO_LONG_STEP = 1.25
 # Keypad presses carried into the next turn's text ("[caller pressed 5]"):
 # a 16-digit card number and its "#" twice over; more are dropped.
 KEYPRESS_PREFIX = "[caller pressed "
@@ -96,6 +106,12 @@ class CallSession:
         llm = runtime.config.llm
         self.history = History(llm.system_prompt, llm.history_turns, example_messages(llm.example_turns))
         self.carry_over = ""  # words of a turn the caller talked over before any reply went out
+        # The engine's real prompt tokens per estimated one (history.py's
+        # estimate), as its requests report them; from INITIAL_TOKEN_SCALE,
+        # only up. The budget shrinks by it, so a call in a language or with
+        # spelled letters the estimate undercounts still fits the context
+        # (a Spanish call on SmolLM2 ran over and its tenth turn was refused).
+        self.token_scale = INITIAL_TOKEN_SCALE
         self._turn_index = 0
         self._active: Turn | None = None  # committed turn whose reply may still be streaming
         self._pending: Turn | None = None  # preemptive turn held behind its gate
@@ -593,7 +609,8 @@ class CallSession:
             tracer=runtime.tracer,
             gate=runtime.reply_gate,
             first_sentences=runtime.first_sentences,
-            llm_used=runtime.metrics.llm_used,
+            llm_used=self._llm_used,
+            prompt_too_long=self._prompt_too_long,
             hold_for_resume=runtime.config.holds_for_resume,
         )
 
@@ -670,8 +687,12 @@ class CallSession:
             return  # a reply is streaming; don't compete with it
         self._prefilling = True
         try:
-            usage = await self.runtime.engine.prefill(self.messages(partial_text), session_key=self.call_id)
+            messages = self.messages(partial_text)
+            usage = await self.runtime.engine.prefill(messages, session_key=self.call_id)
             self.runtime.metrics.llm_used("prefill", usage)
+            self._calibrate(messages, usage)
+        except PromptTooLong:
+            self._prompt_too_long()  # the reply's prompt, a few words longer, would not fit either
         except Exception:
             log.debug("prefill failed on call %s", self.call_id, exc_info=True)
         finally:
@@ -716,9 +737,33 @@ class CallSession:
         self.sampling = self.sampling.merged({"max_tokens": value})
 
     def prompt_budget(self, max_tokens: int | None = None) -> int:
-        """Prompt tokens the model's context holds beside this call's reply."""
+        """Estimated prompt tokens the model's context holds beside this
+        call's reply: its real room, divided by :attr:`token_scale`."""
         reply = max_tokens or self.max_tokens
-        return self.runtime.config.llm.context_tokens - reply - PROMPT_MARGIN_TOKENS
+        return int((self.runtime.config.llm.context_tokens - reply - PROMPT_MARGIN_TOKENS) / self.token_scale)
+
+    def _llm_used(self, purpose: str, request: GenerationRequest) -> None:
+        self.runtime.metrics.llm_used(purpose, request.usage)
+        self._calibrate(request.messages, request.usage)
+
+    def _prompt_too_long(self) -> None:
+        """The engine refused a prompt built to this call's budget as too
+        long for its context (a count the estimate and the calibration both
+        missed): a quarter smaller from now on."""
+        before = self.token_scale
+        self.token_scale = min(self.token_scale * PROMPT_TOO_LONG_STEP, MAX_TOKEN_SCALE)
+        log.warning("call %s: prompt too long for the engine; token scale %.2f -> %.2f", self.call_id, before,
+                    self.token_scale)  # fmt: skip
+
+    def _calibrate(self, messages: list[dict[str, str]], usage: Usage | None) -> None:
+        """Raise :attr:`token_scale` to what this prompt really cost. Only
+        up: a prompt that fitted once must go on fitting. A reply carried on
+        or resumed (continuation, yield) was sent more than its messages."""
+        if usage is None or usage.prompt_tokens <= 0 or usage.continuations or usage.yields or not messages:
+            return
+        scale = usage.prompt_tokens / prompt_tokens(messages) * TOKEN_SCALE_MARGIN
+        if scale > self.token_scale:
+            self.token_scale = min(scale, MAX_TOKEN_SCALE)
 
     def check_instructions(self, prompt: str, max_tokens: int | None = None) -> None:
         """Raises ContextTooLarge if ``prompt`` leaves no room for a turn."""

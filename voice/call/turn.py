@@ -25,7 +25,7 @@ import numpy as np
 
 from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
-from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
+from llm.base import EngineError, GenerationRequest, LLMEngine
 from llm.continuation import stream_continuing
 from llm.sampling import SamplingParams
 from llm.yielding import MIN_HOLD_S, hold_s, stream_yielding
@@ -128,7 +128,12 @@ class TurnContext:
     # Told once per reply what its LLM request cost and what it was for
     # (Metrics.llm_used: answered, preemptive_aborted, premature,
     # spoken_first). None: not counted.
-    llm_used: Callable[[str, Usage], None] | None = None
+    # The request goes along: its messages and usage (real prompt tokens)
+    # calibrate the call's token estimate (CallSession.token_scale).
+    llm_used: Callable[[str, GenerationRequest], None] | None = None
+    # The engine said the prompt did not fit its context: the call's budget
+    # shrinks, and the reply's prompt is built once more. None: not retried.
+    prompt_too_long: Callable[[], None] | None = None
     # Generate past the first sentence only once the caller has had the
     # resume grace to go on (ServerConfig.hold_for_resume; needs first_sentences).
     hold_for_resume: bool = False
@@ -366,17 +371,24 @@ class Turn:
                 asyncio.get_running_loop().call_later(grace_left + 0.05, self._account_llm)
                 return
         self._accounted = True
-        self.ctx.llm_used(purpose, self.request.usage)
+        self.ctx.llm_used(purpose, self.request)
 
     async def _generate_reply(self) -> None:
         ctx = self.ctx
         first = self.spoken_first
-        if first is not None and first.text is not None:
-            messages: list[dict[str, str]] = []  # fixed text: nothing to generate
-        elif first is not None:
-            messages = ctx.messages(None, first.instructions)
-        else:
-            messages = ctx.messages(self.user_text, None)
+
+        def build() -> list[dict[str, str]]:
+            if first is not None:
+                return ctx.messages(None, first.instructions)
+            return ctx.messages(self.user_text, None)
+
+        def refit() -> list[dict[str, str]]:
+            assert ctx.prompt_too_long is not None
+            ctx.prompt_too_long()
+            return build()
+
+        # An operator's fixed text: nothing to generate.
+        messages = [] if first is not None and first.text is not None else build()
         request = GenerationRequest(
             request_id=f"{ctx.call_id}-t{self.index}",
             messages=messages,
@@ -392,6 +404,7 @@ class Turn:
             policy = dataclasses.replace(policy, max_sentences=0)
         guard = ReplyGuard(policy, ctx.previous_reply)
         first_needs_generating = first is None or first.text is None
+        can_refit = ctx.prompt_too_long is not None
         cancelled = False
         failed: str | None = None
         try:
@@ -403,9 +416,11 @@ class Turn:
             elif ctx.first_sentences is not None:
                 # Steps aside for other calls' first sentences once its own is
                 # out; an engine that dies mid-reply: the next one carries it on.
-                source = stream_yielding(ctx.engine, request, self._should_yield, self._step_aside)
+                source = stream_yielding(
+                    ctx.engine, request, self._should_yield, self._step_aside, refit=refit if can_refit else None
+                )
             else:
-                source = stream_continuing(ctx.engine, request)
+                source = stream_continuing(ctx.engine, request, refit=refit if can_refit else None)
             if self._waiting is not None and first_needs_generating:
                 # One first sentence at a time where the cores are shared:
                 # this reply starts when the turns ahead have theirs.
