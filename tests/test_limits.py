@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -206,3 +207,75 @@ async def test_a_carrier_flood_ends_the_call_once(server: VoiceServer, caplog) -
     assert call.malformed <= 100, call.malformed
     ending = [r for r in caplog.records if "ending the call" in r.getMessage() and call.call_id in r.getMessage()]
     assert len(ending) == 1, len(ending)
+
+
+def _twilio_media(track: str) -> str:
+    return json.dumps({"event": "media", "streamSid": "MZ1", "media": {"track": track, "payload": ""}})
+
+
+@pytest.mark.parametrize(
+    "carrier_kind, frame, count",
+    [
+        # Audio events that carry no audio reach no audio budget: each is a
+        # message like any other (helpers measured 481,051 handled in 4 s).
+        ("twilio", _twilio_media("outbound"), 3000),
+        ("realtime", json.dumps({"type": "input_audio_buffer.append", "audio": ""}), 3000),
+        # chan_websocket's control lines had no allowance at all (210,604 XONs in 4 s).
+        ("asterisk_ws", "MEDIA_XON", 3000),
+        # A message that needs no action (Telnyx's "connected") was never
+        # metered, and 300 KB of JSON is parsed on the shared loop: charged
+        # by its size, and refused unread once the allowance is spent.
+        ("telnyx", json.dumps({"event": "connected", "pad": [0] * 100_000}), 400),
+    ],
+    ids=["twilio-outbound-track", "realtime-empty-append", "asterisk-xon", "telnyx-big-connected"],
+)
+async def test_messages_that_bring_no_audio_take_the_message_allowance(
+    server: VoiceServer, carrier_kind: str, frame: str, count: int
+) -> None:
+    """Each flood ends its call by the allowance of messages other than
+    audio (then the malformed one: 1008), with a bounded number handled."""
+    from tests.fake_carrier import CallWatcher, FakeAsteriskWS, FakeRealtime, FakeTelnyx, FakeTwilio
+    from tests.transport_checks import server_base
+
+    fakes = {"twilio": FakeTwilio, "telnyx": FakeTelnyx, "realtime": FakeRealtime, "asterisk_ws": FakeAsteriskWS}
+    fake = fakes[carrier_kind]
+    with CallWatcher() as watcher:
+        async with fake(server_base(server)) as carrier:
+            call = await watcher.one()
+            assert carrier.ws is not None
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(count):
+                    await carrier.ws.send(frame)
+            await asyncio.wait_for(carrier.closed.wait(), 20)
+            assert carrier.ws.close_code == 1008, (carrier.ws.close_code, carrier.ws.close_reason)
+    limits = server.config.limits
+    assert call.malformed <= limits.malformed_burst + 50, call.malformed
+
+
+async def test_asterisk_ws_reports_and_odd_fields_are_not_failures(server: VoiceServer) -> None:
+    """Asterisk's ERROR line is its report, not bad input; a MEDIA_START
+    whose optimal_frame_size is a digit only to str.isdigit ("²") is read as
+    no size (the default frame), not a crash that ends the call 1011."""
+    from tests.fake_carrier import CallWatcher, FakeAsteriskWS
+    from tests.transport_checks import server_base
+
+    with CallWatcher() as watcher:
+        async with FakeAsteriskWS(server_base(server)) as carrier:
+            assert carrier.ws is not None
+            call = await watcher.one()
+            await carrier.ws.send("ERROR channel_id:abc error_text:Unable to parse JSON command")
+            await asyncio.sleep(0.3)
+            assert call.malformed == 0
+    with CallWatcher() as watcher:
+        carrier = FakeAsteriskWS(server_base(server))
+        wire = carrier.wire
+        odd = wire.command("MEDIA_START", connection_id="c1", channel="PJSIP/1", format=wire.format,
+                           optimal_frame_size="\u00b2")  # fmt: skip
+        wire.opening = lambda: [odd]  # type: ignore[method-assign]
+        async with carrier:
+            call = await watcher.one()
+            for _ in range(100):
+                if call.session.started:
+                    break
+                await asyncio.sleep(0.02)
+            assert call.session.started and call.frame_bytes == 160 and not call.finished

@@ -199,6 +199,10 @@ class WebSocketCall(TelephonyCall):
     async def on_text(self, frame: str) -> None:
         if len(frame) > MAX_TEXT_FRAME * 16:  # carriers send ~100 ms of audio per message; 1 MiB is abuse
             raise MalformedMessage(f"text frame of {len(frame)} chars")
+        if len(frame) > MAX_TEXT_FRAME and not self.control_allowance_left():
+            # Parsing it is the cost: a caller over its allowance (big
+            # messages charge it by size) gets big frames refused unread.
+            raise MalformedMessage(f"text frame of {len(frame)} chars while over the message allowance")
         try:
             msg = json.loads(frame)
         except (ValueError, RecursionError):  # ValueError: json's bare one for 4300+ digit ints
@@ -213,15 +217,23 @@ class WebSocketCall(TelephonyCall):
         if handler is None:
             if event not in self.ignored_events:
                 raise MalformedMessage(f"unknown event {event[:40]!r}")
+            self.take_control_event(len(frame))  # no action, but a message all the same
             return
-        if event not in self.unmetered_events:
-            self.take_control_event()
+        metered = event not in self.unmetered_events
+        if metered:
+            self.take_control_event(len(frame))
+        audio_before = self.audio_messages
         try:
             await handler(msg)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, MalformedMessage):
                 raise
             raise MalformedMessage(f"bad {event!r}: {exc!r}") from None
+        if not metered and self.audio_messages == audio_before:
+            # An audio event that brought no audio (another track, a late
+            # chunk, an empty payload) reached no audio budget: a message
+            # other than audio, by its size. (The hang-up never gets here.)
+            self.take_control_event(len(frame))
 
     def handler_for(self, event: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         """The handler of a message type: ``on_<type>`` (``.`` and ``:`` as

@@ -84,6 +84,11 @@ class MalformedMessage(ValueError):
     """A carrier message we cannot use: logged and ignored, the call goes on."""
 
 
+# A message other than audio up to this size costs one of the call's
+# allowance of them; a bigger one one more per this many characters.
+CONTROL_FREE_CHARS = 16 * 1024
+
+
 class TooManyEvents(MalformedMessage):
     """A valid message past the call's allowance of them (CallLimits.control_*)."""
 
@@ -121,6 +126,9 @@ class TelephonyCall:
         limits = runtime.config.limits
         self._bad_input = TokenBucket(limits.malformed_burst, limits.malformed_per_s)
         self._control = TokenBucket(limits.control_burst, limits.control_per_s)
+        # Messages that reached the audio budget (WebSocketCall meters an
+        # audio event that did not as a control message).
+        self.audio_messages = 0
         self.finished = False
         self.ending = False  # end_for has ended the call; the end has not landed yet
         self._counted = False
@@ -145,14 +153,24 @@ class TelephonyCall:
         log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, str(exc)[:500])
         self.count_bad_input()
 
-    def take_control_event(self) -> None:
-        """One valid message other than audio; TooManyEvents past the
-        call's allowance (refused, and counted like a malformed one)."""
+    def take_control_event(self, size: int = 0) -> None:
+        """One valid message other than audio, of ``size`` characters;
+        TooManyEvents past the call's allowance (refused, and counted like a
+        malformed one). A message over CONTROL_FREE_CHARS costs one more for
+        each CONTROL_FREE_CHARS: parsing it was work in proportion."""
         if not self._control.take():
-            limits = self.runtime.config.limits
-            raise TooManyEvents(
-                f"too many events: at most {limits.control_burst} at once, then {limits.control_per_s:g} a second"
-            )
+            raise self._too_many()
+        if size > CONTROL_FREE_CHARS:
+            self._control.charge((size - 1) // CONTROL_FREE_CHARS)
+
+    def control_allowance_left(self) -> bool:
+        return self._control.available()
+
+    def _too_many(self) -> TooManyEvents:
+        limits = self.runtime.config.limits
+        return TooManyEvents(
+            f"too many events: at most {limits.control_burst} at once, then {limits.control_per_s:g} a second"
+        )
 
     def count_bad_input(self) -> None:
         """One malformed or refused message; past the call's allowance
@@ -199,6 +217,7 @@ class TelephonyCall:
         await self.session.start(start)
 
     async def audio(self, payload: bytes) -> None:
+        self.audio_messages += 1
         if not self.session.started:
             raise MalformedMessage("media before start")
         try:

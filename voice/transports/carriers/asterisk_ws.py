@@ -76,8 +76,16 @@ class AsteriskWebSocketCall(WebSocketCall):
         if len(frame) > 4096:
             raise MalformedMessage(f"control message of {len(frame)} chars")
         command, params, was_json = parse_control(frame)
+        if command != "HANGUP":
+            # Every listener's allowance of messages other than audio: a
+            # stream of XON or STATUS lines is no cheaper than any other.
+            self.take_control_event()
         if command == "MEDIA_START":
             await self._media_start(params, was_json)
+        elif command == "ERROR":
+            # Asterisk's own report (a command of ours it could not parse):
+            # the peer's words, not bad input.
+            self.note_peer_report("Asterisk reported an error", params)
         elif command == "MEDIA_XOFF":
             self.xoffs += 1
             self._xon.clear()
@@ -101,7 +109,9 @@ class AsteriskWebSocketCall(WebSocketCall):
         encoding, rate = fmt
         size = params.get("optimal_frame_size", "")
         sample = 2 if encoding == "pcm16" else 1
-        self.frame_bytes = int(size) if size.isdigit() and 0 < int(size) <= MAX_MESSAGE else rate // 50 * sample
+        # isascii: "²" is a digit to str.isdigit, not to int().
+        given = size.isascii() and size.isdigit() and 0 < int(size) <= MAX_MESSAGE
+        self.frame_bytes = int(size) if given else rate // 50 * sample
         if self.frame_bytes % sample:
             raise MalformedMessage(f"optimal_frame_size {size} is not whole samples")
         self.json_control = was_json
