@@ -273,7 +273,7 @@ class FakeCarrier:
         return b"".join(c for _, c in self.audio_chunks)
 
     def audio16k(self) -> np.ndarray:
-        pcm = decode_audio(self.audio_bytes(), self.encoding)  # type: ignore[arg-type]
+        pcm = decode_audio(self.audio_bytes(), self.wire.reply_encoding)  # type: ignore[arg-type]
         return StreamResampler(self.rate, 16000).process(int16_to_float(pcm), last=True)
 
     def pieces16k(self) -> list[np.ndarray]:
@@ -283,7 +283,7 @@ class FakeCarrier:
         out = []
         for a, b in itertools.pairwise(cuts):
             if b > a:
-                pcm = decode_audio(data[a:b], self.encoding)  # type: ignore[arg-type]
+                pcm = decode_audio(data[a:b], self.wire.reply_encoding)  # type: ignore[arg-type]
                 out.append(StreamResampler(self.rate, 16000).process(int16_to_float(pcm), last=True))
         return out
 

@@ -33,9 +33,20 @@ async def test_telnyx_call_speaks_the_reply(server):
 
 
 async def test_telnyx_pcma_call(server):
+    """A PCMA caller: the reply goes out in the stream's bidirectional codec,
+    PCMU unless the call names another (A-law played as mu-law is noise:
+    -4.9 dB SNR on a tone), and the fake decodes it as Telnyx would."""
     carrier = FakeTelnyx(server_base(server))
     carrier.encoding = "alaw"
-    await reply_call(server, carrier, prompt_clip(12), sizes={160}, dtmf=None)
+    with CallWatcher() as watcher:
+        await reply_call(server, carrier, prompt_clip(12), sizes={160}, dtmf=None)
+        assert watcher.calls[0].playout.fmt.encoding == "mulaw"
+    both_alaw = FakeTelnyx(server_base(server))
+    both_alaw.encoding = "alaw"
+    both_alaw.wire.parameters["bidirectional_codec"] = "PCMA"  # type: ignore[attr-defined]
+    with CallWatcher() as watcher:
+        await reply_call(server, both_alaw, prompt_clip(14), sizes={160}, dtmf=None)
+        assert watcher.calls[0].playout.fmt.encoding == "alaw"
 
 
 async def test_telnyx_out_of_order_media_is_reordered(server):

@@ -203,6 +203,12 @@ class Wire:
     def bytes_per_s(self) -> int:
         return self.rate * (2 if self.encoding == "pcm16" else 1)
 
+    @property
+    def reply_encoding(self) -> str:
+        """The codec the reply audio comes back in: the caller's, except
+        where the carrier sets its own (Telnyx's bidirectional codec)."""
+        return self.encoding
+
 
 class MarkStyle(Wire):
     """Twilio's media / mark / clear events, which Telnyx and Exotel copy: only

@@ -38,6 +38,13 @@ class Telnyx(MarkStyle):
         self.encoding = encoding
         self.parameters = dict(parameters or {})
 
+    @property
+    def reply_encoding(self) -> str:
+        # Telnyx plays our audio in the stream's bidirectional codec (PCMU
+        # unless set), whatever the caller's: the server is told it per call.
+        named = str(self.parameters.get("bidirectional_codec", "PCMU")).upper()
+        return {v: k for k, v in ENCODINGS.items()}[named]
+
     def opening(self) -> list[Message]:
         start = {
             "user_id": "u",

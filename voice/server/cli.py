@@ -469,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify X-Twilio-Signature on /twilio upgrades with this account auth token (or TWILIO_AUTH_TOKEN)",
     )
     serve.add_argument(
+        "--telnyx-outbound-codec",
+        choices=["PCMU", "PCMA"],
+        default="PCMU",
+        help="the codec Telnyx plays our audio in: set it as the stream's stream_bidirectional_codec "
+        "(TeXML bidirectionalCodec), whose default is PCMU whatever the caller's codec (default: %(default)s)",
+    )
+    serve.add_argument(
         "--allow-origin",
         action="append",
         default=[],
@@ -664,6 +671,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         config.audiosocket_host = args.audiosocket_host
     config.audiosocket_allow = list(args.audiosocket_allow)
     config.twilio_auth_token = args.twilio_auth_token or None
+    config.telnyx_outbound_codec = args.telnyx_outbound_codec
     config.allowed_origins = [o.rstrip("/").lower() for o in args.allow_origin]
     try:
         config.public_url = check_public_url(args.public_url) if args.public_url else None

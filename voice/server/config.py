@@ -70,6 +70,11 @@ class ServerConfig:
     # Twilio's account auth token: /twilio upgrades must carry a valid
     # X-Twilio-Signature (HTTP 403 otherwise) instead of the bearer token.
     twilio_auth_token: str | None = None
+    # The codec Telnyx plays what we send in: its bidirectional stream's own
+    # setting (stream_bidirectional_codec / TeXML bidirectionalCodec, PCMU
+    # unless set), apart from the caller's codec; a call may name it in its
+    # custom parameters (bidirectional_codec).
+    telnyx_outbound_codec: str = "PCMU"
     # The origin carriers connect to (https://voice.example.com) when a proxy
     # sits in front; signatures are over that URL. None: from the Host header.
     public_url: str | None = None

@@ -6,7 +6,9 @@ In: ``connected``, ``start`` (``media_format`` PCMU or PCMA at 8 kHz),
 guarantee message order, so inbound media goes through a small reorder
 buffer keyed by ``chunk`` before it reaches the ASR: late chunks are
 dropped, a gap is skipped once a few later chunks have piled up. Out:
-``media`` (20 ms frames in the call's codec), ``mark`` after each sentence,
+``media`` (20 ms frames in the stream's bidirectional codec, PCMU unless
+``--telnyx-outbound-codec`` or the call's ``bidirectional_codec`` custom
+parameter says PCMA), ``mark`` after each sentence,
 ``clear`` on barge-in.
 """
 
@@ -91,11 +93,18 @@ class TelnyxCall(MarkStyleCall):
         params = start.get("custom_parameters") or {}
         if not isinstance(params, dict):
             params = {}
+        # Telnyx plays what we send in its bidirectional codec, set apart
+        # from the caller's (PCMU unless the stream set another): A-law sent
+        # to a PCMU stream plays as noise.
+        named_out = str(params.get("bidirectional_codec") or self.runtime.config.telnyx_outbound_codec)
+        outbound = ENCODINGS.get(named_out.upper())
+        if outbound is None:
+            raise MalformedMessage(f"unsupported bidirectional_codec {named_out[:24]!r}; use PCMU or PCMA")
         await self.begin(
             start_from_parameters(
                 encoding, rate, {**params, "call_control_id": start.get("call_control_id")}, self.runtime.config
             ),
-            OutFormat(encoding, 8000, chunk_bytes=160),
+            OutFormat(outbound, 8000, chunk_bytes=160),
         )
 
     async def on_media(self, msg: dict[str, Any]) -> None:
