@@ -49,11 +49,28 @@ _NUMBER_ABBREVIATIONS = frozenset(
         "no", "nos", "vol", "fig", "p", "pp", "ch", "sec",
         "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
         "nov", "dec",
+        "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
     }
 )  # fmt: skip
 # Dotted initialisms that usually *end* a clause, so a capital after them
 # starts a sentence: "Meet at 5 p.m. Bring snacks." ("U.S. Army" does not.)
 _CLAUSE_FINAL_DOTTED = frozenset({"a.m", "p.m"})
+# (Only the first letters of a longer word are waited for.)
+_LONGEST_AFTER_CLOCK_TIME = 10
+# ...unless the capital starts one of these: "at 10 a.m. Monday", "3 p.m.
+# Eastern". The segmenter waits for that next word (a few characters).
+_AFTER_CLOCK_TIME = frozenset(
+    {
+        "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
+        "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
+        "january", "february", "march", "april", "may", "june", "july", "august",
+        "september", "october", "november", "december",
+        "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+        "eastern", "central", "mountain", "pacific", "atlantic", "alaska", "hawaii",
+        "est", "edt", "cst", "cdt", "mst", "mdt", "pst", "pdt", "et", "ct", "mt", "pt",
+        "gmt", "utc", "bst", "cet", "cest", "ist", "aest",
+    }
+)  # fmt: skip
 # The longest sentence handed to the TTS, in characters (25 words of
 # English are about 150): see SentenceSegmenter.max_chars.
 MAX_SENTENCE_CHARS = 200
@@ -82,6 +99,7 @@ class _Mode(enum.Enum):
     CLOSERS = enum.auto()  # after the run, consuming closing quotes/brackets
     SPACE = enum.auto()  # whitespace after a western terminator
     OPENERS = enum.auto()  # opening quotes/brackets after that whitespace
+    NEXT_WORD = enum.auto()  # "a.m. M...": the end waits for the word to finish
 
 
 class SentenceSegmenter:
@@ -170,6 +188,7 @@ class SentenceSegmenter:
         self._cand_single_dot = False  # only a lone "." can be an abbreviation
         self._cand_token = ""  # the word the terminator is attached to
         self._cand_list_marker = False  # "1." opening a list item
+        self._next_word_start = 0  # NEXT_WORD: where the word after "a.m." starts
         # Word tracking for the run-on cap, within the pending text.
         self._in_word = False
         self._word_start = 0
@@ -202,6 +221,8 @@ class SentenceSegmenter:
             self._scan_terminator(ch, pos)
         elif mode is _Mode.CLOSERS:
             self._scan_closers(ch, pos)
+        elif mode is _Mode.NEXT_WORD:
+            self._scan_next_word(ch, pos)
         else:
             self._scan_after_space(ch, pos)
         self._track_words(ch, pos)
@@ -273,6 +294,17 @@ class SentenceSegmenter:
             self._mode = _Mode.OPENERS
             return
         elif _can_start_sentence(ch) and not self._is_false_end(ch):
+            if ch.isupper() and self._cand_single_dot and self._cand_token.lower() in _CLAUSE_FINAL_DOTTED:
+                self._mode = _Mode.NEXT_WORD
+                self._next_word_start = pos
+                return
+            self._emit(self._cand_end)
+        self._scan_text(ch, pos)
+
+    def _scan_next_word(self, ch: str, pos: int) -> None:
+        if ch.isalpha() and pos - self._next_word_start < _LONGEST_AFTER_CLOCK_TIME:
+            return
+        if self._text(self._next_word_start, pos).lower() not in _AFTER_CLOCK_TIME:
             self._emit(self._cand_end)
         self._scan_text(ch, pos)
 
@@ -331,8 +363,10 @@ class SentenceSegmenter:
         # hyphen, slash or underscore, else right here.
         # (A word start after a space: the rest of a word cut here before
         # is no word of its own.)
+        # (A word with only spaces before it, the segment's first after a
+        # sentence end, is no place to cut: nothing would be emitted.)
         later_words = [w for w in self._word_starts if w > self._seg_start and self._text(w - 1, w).isspace()]
-        if later_words:
+        if later_words and self._text(self._seg_start, later_words[-1]).strip():
             self._emit(later_words[-1], force=True)
             return
         text = self._text(self._seg_start, end)

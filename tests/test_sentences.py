@@ -108,6 +108,26 @@ CASES = [
         {},
         id="pm-capital-ends",
     ),
+    # ...but not when it starts a weekday, month or time zone: the end
+    # waits for that word ("Monday" was lost behind a two-sentence cap).
+    pytest.param(
+        "Sure. Your appointment is at 10 a.m. Monday. See you.",
+        ["Sure.", "Your appointment is at 10 a.m. Monday.", "See you."],
+        {},
+        id="am-weekday",
+    ),
+    pytest.param(
+        "Call at 3 p.m. Eastern time. Thanks. Meet at 9 a.m. Mayday drills run late.",
+        ["Call at 3 p.m. Eastern time.", "Thanks.", "Meet at 9 a.m.", "Mayday drills run late."],
+        {},
+        id="pm-zone-and-a-word-that-only-starts-like-one",
+    ),
+    pytest.param(
+        "Okay. I'll book it for Fri. 3 p.m. works.",
+        ["Okay.", "I'll book it for Fri. 3 p.m. works."],
+        {},
+        id="weekday-abbreviation-before-a-number",
+    ),
     pytest.param(
         "Take bus No. 5 downtown. It is quick.",
         ["Take bus No. 5 downtown.", "It is quick."],
@@ -463,3 +483,13 @@ def test_a_word_of_hundreds_of_characters_is_cut_for_the_tts() -> None:
     ]
     with pytest.raises(ValueError):
         SentenceSegmenter(max_chars=4)
+
+
+def test_a_long_word_right_after_a_sentence_is_cut_too() -> None:
+    """The cut before "the last word" found the segment's own first word
+    (only a space before it) and emitted nothing, every character after:
+    a 300-letter word after "At nine." went out whole."""
+    segmenter = SentenceSegmenter()
+    out = segmenter.push("At nine. " + "A" * 300 + " ok.") + segmenter.flush()
+    assert out[0] == "At nine." and all(len(s) <= MAX_SENTENCE_CHARS for s in out), [len(s) for s in out]
+    assert "".join(out[1:]).replace(" ", "") == "A" * 300 + "ok."
