@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import enum
 import string
+import unicodedata
 
 _WESTERN_TERMINATORS = frozenset(".!?…")
 # CJK text has no spaces between sentences, so these end a sentence on their own.
@@ -292,6 +293,11 @@ class SentenceSegmenter:
             return
         elif ch in _OPENERS:
             self._mode = _Mode.OPENERS
+            return
+        elif self._mode is _Mode.SPACE and unicodedata.category(ch) == "So":
+            # An emoji or other symbol ("Sure! 😊 I can help"): the next
+            # letter decides, as if it were space (it was dropping the end,
+            # and the first sentence waited for the whole reply).
             return
         elif _can_start_sentence(ch) and not self._is_false_end(ch):
             if ch.isupper() and self._cand_single_dot and self._cand_token.lower() in _CLAUSE_FINAL_DOTTED:

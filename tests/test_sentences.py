@@ -128,6 +128,13 @@ CASES = [
         {},
         id="weekday-abbreviation-before-a-number",
     ),
+    # An emoji between sentences: the next letter decides.
+    pytest.param(
+        "Sure! \U0001f60a I can help with that.",
+        ["Sure!", "\U0001f60a I can help with that."],
+        {},
+        id="emoji-between-sentences",
+    ),
     pytest.param(
         "Take bus No. 5 downtown. It is quick.",
         ["Take bus No. 5 downtown.", "It is quick."],
