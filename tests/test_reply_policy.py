@@ -12,6 +12,7 @@ from voice.call.reply_policy import (
     STOP_LOOP,
     ReplyGuard,
     ReplyPolicy,
+    asks_to_repeat,
     is_complete,
     split_sentences,
     stutters,
@@ -97,6 +98,27 @@ def test_the_guard_can_be_switched_off() -> None:
 def test_complete_sentences_and_stutter() -> None:
     assert is_complete("It opens at nine.") and is_complete('He said "stop!"') and not is_complete("It opens at")
     assert stutters(words_of("the the the end"), 3) and not stutters(words_of("one two three one two"), 3)
+    # Digits read out repeat by nature: "The code is 1 1 1 4." is no stutter.
+    assert not stutters(words_of("The code is 1 1 1 4, or zero zero zero seven."), 3)
+    # A long phrase looping without punctuation: twice back to back is enough.
+    looping = "I am here to help you with your account I am here to help you with your account I am here"
+    assert stutters(words_of(looping), 3)
+    assert not stutters(words_of("I can help you with your account, and your account is up to date."), 3)
+
+
+def test_a_caller_who_asks_again_gets_the_last_reply_again() -> None:
+    """Restating the last reply is a loop unless the caller asked for it:
+    then the whole reply was left out for the fallback, "Sorry, could you
+    say that again?", to a caller who had just asked the agent that."""
+    previous = "Sure. Your appointment is on Friday at ten."
+    restated = "Yes, your appointment is on Friday at ten."
+    assert said(ReplyPolicy(), restated, previous) == ([], STOP_LOOP)  # the guard alone
+    for caller in ("Can you repeat that?", "Sorry, what was that?", "Could you confirm the time?",
+                   "I didn't catch that.", "Say that again please."):  # fmt: skip
+        assert asks_to_repeat(caller), caller
+        assert said(ReplyPolicy(), restated, "" if asks_to_repeat(caller) else previous) == ([restated], "complete")
+    for caller in ("What time is it?", "I need to book a table.", None, ""):
+        assert not asks_to_repeat(caller), caller
 
 
 def test_bad_policies_are_refused() -> None:

@@ -61,14 +61,38 @@ def is_complete(sentence: str) -> bool:
     return bool(_TERMINAL.search(sentence.strip()))
 
 
+# Digits read out ("1 1 1 4", "zero zero seven") repeat by nature.
+_DIGIT_WORDS = frozenset("zero oh one two three four five six seven eight nine double triple".split())
+# A phrase this long said twice back to back is a loop, not emphasis: a
+# model looping without punctuation ("I am here to help you with your
+# account I am here to help you with your account") never reaches the
+# sentence-level check, and its run-on goes out whole.
+_LONG_PHRASE_WORDS = range(5, 13)
+
+
 def stutters(words: list[str], times: int) -> bool:
-    """Some run of 1-4 words repeats ``times`` times back to back."""
-    for size in range(1, 5):
-        for start in range(0, len(words) - size * times + 1):
+    """Some run of 1-4 words repeats ``times`` times back to back (digits
+    read out aside), or one of 5-12 words twice."""
+    for size, repeats in [*((n, times) for n in range(1, 5)), *((n, 2) for n in _LONG_PHRASE_WORDS)]:
+        for start in range(0, len(words) - size * repeats + 1):
             gram = words[start : start + size]
-            if all(words[start + k * size : start + (k + 1) * size] == gram for k in range(1, times)):
+            if all(w.isdigit() or w in _DIGIT_WORDS for w in gram):
+                continue
+            if all(words[start + k * size : start + (k + 1) * size] == gram for k in range(1, repeats)):
                 return True
     return False
+
+
+# The caller asks for the last reply again: restating it is the answer, not a loop.
+_ASKS_AGAIN = re.compile(
+    r"\b(repeat|again|pardon|come again|say that|what was that|what did you say|one more time|"
+    r"read (it|that|them|those) back|confirm|didn'?t (catch|hear|get) (that|it|you))\b"
+)
+
+
+def asks_to_repeat(caller_words: str | None) -> bool:
+    """The caller's turn asks the agent to say (or confirm) it again."""
+    return bool(caller_words) and bool(_ASKS_AGAIN.search(caller_words.lower()))  # type: ignore[union-attr]
 
 
 class ReplyGuard:

@@ -31,7 +31,16 @@ from llm.sampling import SamplingParams
 from llm.yielding import MIN_HOLD_S, hold_s, stream_yielding
 from streaming.fair_share import FirstSentences, ReplyGate
 from streaming.sentences import SentenceSegmenter
-from voice.call.reply_policy import SEND, SKIP, STOP_LENGTH, STOP_LOOP, ReplyGuard, ReplyPolicy, is_complete
+from voice.call.reply_policy import (
+    SEND,
+    SKIP,
+    STOP_LENGTH,
+    STOP_LOOP,
+    ReplyGuard,
+    ReplyPolicy,
+    asks_to_repeat,
+    is_complete,
+)
 
 if TYPE_CHECKING:
     from asr.worker import ASRWorker
@@ -402,7 +411,8 @@ class Turn:
             # An operator's fixed text is said whole (no sentence cap), still
             # never with a sentence twice.
             policy = dataclasses.replace(policy, max_sentences=0)
-        guard = ReplyGuard(policy, ctx.previous_reply)
+        # Saying the last reply again is what a caller who asks for it wants.
+        guard = ReplyGuard(policy, "" if asks_to_repeat(self.user_text) else ctx.previous_reply)
         first_needs_generating = first is None or first.text is None
         can_refit = ctx.prompt_too_long is not None
         cancelled = False
