@@ -7,6 +7,7 @@ believes it said words the caller did not hear.
 from __future__ import annotations
 
 import contextlib
+import re
 
 # Instructions plus system context items (Realtime): a bound on the prompt a
 # client can build up, well inside the models' context.
@@ -27,6 +28,20 @@ GO_ON_CUE = "(The caller is quiet. Go on.)"
 
 
 _DIGITS = tuple(b"0123456789")
+
+
+# Chat-template control strings (ChatML / Llama 3 / Phi "<|...|>", Gemma's
+# turn markers, Llama 2 / Mistral "[INST]", "<<SYS>>", "</s>"): in a caller's
+# or client's words the engines' tokenizers read them as the real tokens, so
+# typed text could open a system turn of its own. Taken out of every message
+# but the instructions (the operator's).
+_TEMPLATE_TOKENS = re.compile(
+    r"<\|[A-Za-z0-9_.:/ -]{1,48}\|>|<(?:start|end)_of_turn>|\[/?INST\]|<</?SYS>>|</?s>", re.IGNORECASE
+)
+
+
+def without_template_tokens(text: str) -> str:
+    return _TEMPLATE_TOKENS.sub(" ", text) if "<" in text or "[" in text else text
 
 
 def estimate_tokens(text: str) -> int:
@@ -178,7 +193,8 @@ class History:
             spare = budget_tokens - prompt_tokens(head) - prompt_tokens(new) - CUE_TOKENS
             past = self._fit(past, spare, user_text is not None)
         from_start = bool(past) and past[0] is self.messages_so_far[0]
-        return [*head, *alternating([*past, *new], from_start)]
+        said = [{**m, "content": without_template_tokens(m["content"])} for m in alternating([*past, *new], from_start)]
+        return [*head, *said]
 
     def examples(self) -> list[Message]:
         """The example turns this call's prompts carry (none once the call
