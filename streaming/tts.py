@@ -57,11 +57,22 @@ class TextToSpeech(Protocol):
 # and fails outright from 37 digits on.
 MAX_DIGITS_AS_NUMBER = 6
 _LONG_DIGIT_RUN = re.compile(rf"\d{{{MAX_DIGITS_AS_NUMBER + 1},}}")
+# A number written with thousands separators is an amount ("1,250,000": one
+# million two hundred fifty thousand) up to the trillions; past that nobody
+# says it as one number, and hibari fails on 37 digits however written.
+MAX_GROUPED_DIGITS = 12
+_GROUPED_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+")
+
+
+def _grouped(match: re.Match[str]) -> str:
+    digits = match.group().replace(",", "")
+    return " ".join(digits) if len(digits) > MAX_GROUPED_DIGITS else match.group()
 
 
 def speakable(text: str) -> str:
-    """``text`` as the voice should read it: long digit runs digit by digit."""
-    return _LONG_DIGIT_RUN.sub(lambda m: " ".join(m.group()), text)
+    """``text`` as the voice should read it: long digit runs digit by digit,
+    amounts with separators as amounts unless they run past the trillions."""
+    return _LONG_DIGIT_RUN.sub(lambda m: " ".join(m.group()), _GROUPED_NUMBER.sub(_grouped, text))
 
 
 class HibariTTS:

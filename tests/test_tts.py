@@ -137,7 +137,13 @@ async def test_a_long_number_is_read_digit_by_digit():
     assert speakable("Card 4111111111111111, order 45291, year 2024.") == (
         "Card 4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1, order 45291, year 2024."
     )
+    # With thousands separators it is an amount, unless past the trillions
+    # (13 groups of 123 made hibari raise as 37 plain digits do).
+    assert speakable("That is 1,250,000 dollars.") == "That is 1,250,000 dollars."
+    grouped = ",".join(["123"] * 13)
+    assert speakable(f"Ref {grouped}.") == "Ref " + " ".join("123" * 13) + "."
     tts = shared_tts()
     await tts.warm()
-    audio = await tts.synthesize("Your reference is " + "7" * 40 + ".")
-    assert len(audio) > 0
+    for text in ("Your reference is " + "7" * 40 + ".", f"Your reference is {grouped}."):
+        audio = await tts.synthesize(text)
+        assert len(audio) > 0, text
