@@ -138,7 +138,7 @@ class TurnContext:
     # (Metrics.llm_used: answered, preemptive_aborted, premature,
     # spoken_first). None: not counted.
     # The request goes along: its messages and usage (real prompt tokens)
-    # calibrate the call's token estimate (CallSession.token_scale).
+    # calibrate the call's token estimate (the session's token_scale).
     llm_used: Callable[[str, GenerationRequest], None] | None = None
     # The engine said the prompt did not fit its context: the call's budget
     # shrinks, and the reply's prompt is built once more. None: not retried.
