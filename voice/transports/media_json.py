@@ -24,7 +24,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CallEnd, CallGuard
-from voice.transports.telephony import MalformedMessage, TelephonyCall, between_messages
+from voice.transports.telephony import NO_AUDIO_COST, MalformedMessage, TelephonyCall, between_messages
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class WebSocketCall(TelephonyCall):
             # An audio event that brought no audio (another track, a late
             # chunk, an empty payload) reached no audio budget: a message
             # other than audio, by its size. (The hang-up never gets here.)
-            self.take_control_event(len(frame))
+            self.take_control_event(len(frame), cost=NO_AUDIO_COST)
 
     def handler_for(self, event: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         """The handler of a message type: ``on_<type>`` (``.`` and ``:`` as

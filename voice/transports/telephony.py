@@ -87,6 +87,11 @@ class MalformedMessage(ValueError):
 # A message other than audio up to this size costs one of the call's
 # allowance of them; a bigger one one more per this many characters.
 CONTROL_FREE_CHARS = 16 * 1024
+# What an audio message that brought no audio costs (another track, a late
+# chunk): a stream started with both tracks sends the other one at 50 a
+# second, which must leave room for the call's marks and DTMF (allowance:
+# 50 a second), while a flood of them is still cut.
+NO_AUDIO_COST = 0.25
 
 
 class TooManyEvents(MalformedMessage):
@@ -153,15 +158,15 @@ class TelephonyCall:
         log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, str(exc)[:500])
         self.count_bad_input()
 
-    def take_control_event(self, size: int = 0) -> None:
+    def take_control_event(self, size: int = 0, cost: float = 1.0) -> None:
         """One valid message other than audio, of ``size`` characters;
         TooManyEvents past the call's allowance (refused, and counted like a
         malformed one). A message over CONTROL_FREE_CHARS costs one more for
         each CONTROL_FREE_CHARS: parsing it was work in proportion."""
-        if not self._control.take():
+        if not self._control.available():
             raise self._too_many()
-        if size > CONTROL_FREE_CHARS:
-            self._control.charge((size - 1) // CONTROL_FREE_CHARS)
+        extra = (size - 1) // CONTROL_FREE_CHARS if size > CONTROL_FREE_CHARS else 0
+        self._control.charge(cost + extra)
 
     def control_allowance_left(self) -> bool:
         return self._control.available()
