@@ -152,8 +152,9 @@ class ASRConfig:
     # delay and the cut-offs). 0: a chunk below the threshold is silence.
     vad_end_margin: float = 0.15
     vad_model: str | None = None  # None = the ONNX file in faster-whisper's wheel
-    # Endpointing: this much trailing silence ends the caller's turn (the
-    # fixed window, and the adaptive policy's "don't know" window).
+    # Endpointing: this much trailing silence ends the caller's turn with
+    # the fixed window (--fixed-endpoint, or a client's own window); the
+    # adaptive policy has its own (endpoint_unsure_s and the others).
     endpoint_silence_s: float = 0.5
     # Server-side turn detection. False: only the client's commit (or the
     # length cap) ends a turn (push-to-talk, Realtime with turn_detection null).

@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
-    # Limits and admission (voice/limits.py, voice/admission.py).
+    # Limits and admission (voice/server/limits.py, voice/server/admission.py).
     serve.add_argument(
         "--idle-timeout-s",
         type=float,

@@ -58,9 +58,9 @@ class ServerConfig:
     greeting_instructions: str | None = None
     asr: ASRConfig = field(default_factory=ASRConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    # Per-call limits (idle timeout, stuck readers, drain deadline): voice/limits.py.
+    # Per-call limits (idle timeout, stuck readers, drain deadline): voice/server/limits.py.
     limits: CallLimits = field(default_factory=CallLimits)
-    # Load-based refusal of new calls beyond max_calls: voice/admission.py.
+    # Load-based refusal of new calls beyond max_calls: voice/server/admission.py.
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     # Bearer token required on websocket upgrades (None: no auth; loopback bind).
     auth_token: str | None = None
@@ -109,7 +109,7 @@ class ServerConfig:
     # right-most X-Forwarded-For entry that is not itself a trusted proxy,
     # so the per-address cap and the refusal logs see callers, not the LB.
     trusted_proxies: list[str] = field(default_factory=list)
-    # OpenTelemetry traces per turn (voice/tracing.py): off unless enabled.
+    # OpenTelemetry traces per turn (voice/server/tracing.py): off unless enabled.
     # Endpoint None with tracing on: the standard OTEL_EXPORTER_OTLP_* variables.
     tracing: bool = False
     otel_endpoint: str | None = None

@@ -65,7 +65,7 @@ class Runtime:
         # it: a re-attach here ends the connection it replaces at once (one
         # on another replica learns at its next write, voice/call/store.py).
         self.writers: dict[str, Callable[[], None]] = {}
-        # A span per answered turn (voice/tracing.py); None: tracing off.
+        # A span per answered turn (voice/server/tracing.py); None: tracing off.
         self.tracer: TurnTracer | None = None
         if config.tracing:
             self.tracer = TurnTracer.to_otlp(config.otel_endpoint)

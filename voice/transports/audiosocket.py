@@ -225,7 +225,7 @@ async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, re
         await writer.drain()
         # Half-close and wait (briefly) for the peer's close: closing with
         # its UUID still unread would send a reset, and the peer might lose
-        # the error and hang-up that say why.
+        # the hang-up that says the call is over.
         writer.write_eof()
         async with asyncio.timeout(1.0):
             while await reader.read(4096):

@@ -7,7 +7,7 @@ the carriers' (:class:`voice.transports.media_json.WebSocketCall`).
 
 Text-only by default (clients that run their own TTS). With
 ``options.reply_audio`` the reply is also spoken back, the way the carrier
-transports do it (voice/telephony.py): binary frames in the call's own
+transports do it (voice/transports/telephony.py): binary frames in the call's own
 encoding and rate, a ``response.audio.mark`` after each sentence, and
 ``response.audio.clear`` on barge-in.
 """
