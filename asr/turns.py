@@ -80,6 +80,8 @@ class TurnTracker:
         self._first_voiced = 0
         self._last_voiced_end = 0
         self._partial_at_chunks = 0
+        # Push-to-talk: silent chunks past the endpoint window, not kept.
+        self._held_silence = 0
 
     @property
     def in_speech(self) -> bool:
@@ -128,6 +130,7 @@ class TurnTracker:
         if voiced:
             self._voiced_chunks += 1
             self._silent_run = 0
+            self._held_silence = 0
             self._last_voiced_end = self._position_chunks
             if self._paused:
                 self._paused = False
@@ -145,7 +148,13 @@ class TurnTracker:
             if self._confirmed:
                 if cfg.auto_turns:
                     return self._end_turn(forced=False)
-                return event  # push-to-talk: the turn lasts until the client commits
+                # Push-to-talk: the turn lasts until the client commits, but
+                # not its silence: kept, minutes of it grew the buffer without
+                # bound, and the length cap then fired on the next word with
+                # a turn whose last 30 s (all Whisper hears) were silence.
+                self._chunks.pop()
+                self._held_silence += 1
+                return event
             self._reset_turn()  # a click or a breath: never became speech
             return None
         if self._confirmed and len(self._chunks) * CHUNK_S >= cfg.max_utterance_s:
@@ -187,7 +196,8 @@ class TurnTracker:
         # TurnEnded cut at the same place, so their audio is identical when
         # no voice came in between.
         keep_after = max(1, round(self.config.pause_s / CHUNK_S))
-        voiced_end_index = len(self._chunks) - (self._position_chunks - self._last_voiced_end)
+        trailing = self._position_chunks - self._last_voiced_end - self._held_silence
+        voiced_end_index = len(self._chunks) - trailing
         return np.concatenate(self._chunks[: voiced_end_index + keep_after])
 
     def _end_turn(self, forced: bool) -> TurnEnded:

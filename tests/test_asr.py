@@ -208,3 +208,33 @@ def test_a_tone_whisper_writes_only_punctuation_for_is_no_words() -> None:
     audio, rate = sf.read(ASTERISK_SOUNDS / "descending-2tone.wav", dtype="float32")
     decoded = WhisperDecoder(ASRConfig()).decode(soxr.resample(audio, rate, 16000).astype(np.float32))
     assert decoded.text == "", decoded.text
+
+
+async def test_push_to_talk_keeps_the_turn_not_its_silence(server):
+    """Push-to-talk (Realtime turn_detection null): a caller who says
+    something and then stays silent for minutes without committing. The
+    turn's buffer stops growing at the endpoint window (it grew ~4 MB a
+    minute), and the commit decodes the words, with the true end of speech.
+    Speaking again after the silence is the same turn going on, not a
+    forced end whose last 30 s, all Whisper hears, were silence."""
+    clip = next(c for c in shared_clips() if c.name.startswith("jfk"))
+    speech = clip.load(16000)
+    cfg = ASRConfig(auto_turns=False)
+    tracker = TurnTracker(cfg, server.runtime.vad.stream())
+    silence = np.zeros(16000 * 120, np.float32)  # two minutes
+    events = []
+    for audio in (speech, silence):
+        for i in range(0, len(audio), 320):
+            events.extend(tracker.feed(audio[i : i + 320]))
+    assert not any(isinstance(e, TurnEnded) for e in events)
+    held_s = sum(len(c) for c in tracker._chunks) / 16000
+    assert held_s < len(speech) / 16000 + 3, held_s
+    for i in range(0, 16000, 320):  # more words, after the silence
+        events.extend(tracker.feed(speech[i : i + 320]))
+    assert not any(isinstance(e, TurnEnded) for e in events)
+    ended = tracker.commit()
+    assert ended is not None  # (forced: the client ended it)
+    assert len(ended.audio) / 16000 < len(speech) / 16000 + 5
+    assert ended.speech_end_audio_s > len(speech) / 16000 + 120  # stream time: after the silence
+    decoded = await server.runtime.asr.submit("push-to-talk", ended.audio, final=True)
+    assert word_error_rate(clip.reference, decoded.text) <= 0.35, decoded.text
