@@ -188,14 +188,16 @@ class WhisperDecoder:
         window = self.window_for(audio_s)
         # The mel features do not depend on the window; only the padding does.
         features = self.model.feature_extractor(audio, chunk_length=window)
-        # Whisper emits roughly 3-4 tokens per second of speech; the cap keeps
-        # a hallucination loop from running to the model's 448-token limit.
-        max_length = min(448 // 2, len(self._prompt) + 10 + math.ceil(audio_s * 8))
-        # CTranslate2's Whisper generates at most min(max_length / 2,
-        # max_length - start_step) tokens, start_step being the prompt minus its
-        # last token (src/models/whisper.cc). Kept per item so that a batch,
-        # which runs with its largest max_length, can cut each item back to
-        # exactly what it would have produced alone.
+        # Whisper emits roughly 3-4 tokens per second of speech (a fast talker
+        # 5-6); the cap, ~8 a second, keeps a hallucination loop from running
+        # to the model's 448-token limit. CTranslate2's Whisper generates at
+        # most min(max_length / 2, max_length - start_step) tokens, start_step
+        # being the prompt minus its last token (src/models/whisper.cc): so
+        # max_length is twice the tokens wanted (it was not, and the cap was
+        # ~4 a second: a fast talker's last words were cut). Kept per item so
+        # that a batch, which runs with its largest max_length, can cut each
+        # item back to exactly what it would have produced alone.
+        max_length = min(448, 2 * (len(self._prompt) + 10 + math.ceil(audio_s * 8)))
         token_cap = min(max_length // 2, max_length - (len(self._prompt) - 1))
         return _Prepared(features, audio_s, window, max_length, token_cap, audio)
 

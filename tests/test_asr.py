@@ -238,3 +238,17 @@ async def test_push_to_talk_keeps_the_turn_not_its_silence(server):
     assert ended.speech_end_audio_s > len(speech) / 16000 + 120  # stream time: after the silence
     decoded = await server.runtime.asr.submit("push-to-talk", ended.audio, final=True)
     assert word_error_rate(clip.reference, decoded.text) <= 0.35, decoded.text
+
+
+async def test_a_fast_talkers_last_words_are_not_cut_by_the_token_cap(server):
+    """The decode's token cap was meant as ~8 tokens a second of audio, but
+    CTranslate2 generates at most half of max_length: it was ~4, about what
+    natural speech needs, so a fast talker lost the end of the turn (this
+    clip at 1.35x speed: "...would be tedious to him and painful" without
+    "to myself")."""
+    import soxr
+
+    clip = next(c for c in shared_clips() if c.name.startswith("librispeech_2412"))
+    fast = soxr.resample(clip.load(16000), round(16000 * 1.35), 16000)
+    decoded = await server.runtime.asr.submit("fast-talker", fast, final=True)
+    assert normalize(decoded.text).endswith("painful to myself"), decoded.text
