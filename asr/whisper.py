@@ -141,6 +141,7 @@ class WhisperDecoder:
             task="transcribe",
             language=(config.language or "en") if multilingual else "en",
         )
+        self._language = (config.language or "en") if multilingual else "en"
         self._prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
         self._suppress = [-1, *self.tokenizer.non_speech_tokens]
 
@@ -173,9 +174,10 @@ class WhisperDecoder:
 
     def decode_long(self, audio: np.ndarray) -> Decoded:
         """Decode in the 30 s window, alone: the retry of a batch item that
-        stopped early (Decoded.retry_alone)."""
+        stopped early (Decoded.retry_alone); if it stops early there too,
+        with timestamps (_segmented)."""
         started = time.perf_counter()
-        return self._run([dataclasses.replace(self._prepare(audio), window=MAX_WINDOW_S)], started, [False])[0]
+        return self._run([dataclasses.replace(self._prepare(audio), window=MAX_WINDOW_S)], started, [True])[0]
 
     def _prepare(self, audio: np.ndarray) -> _Prepared:
         audio = np.asarray(audio, dtype=np.float32)
@@ -247,14 +249,39 @@ class WhisperDecoder:
                 text = ""
             decoded.append(Decoded(text, item.audio_s, elapsed, window, batch_size=len(items)))
         for i, item in enumerate(items):
-            if (retry is None or retry[i]) and window < MAX_WINDOW_S and self._stopped_early(decoded[i].text, item):
-                # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S);
-                # kept only if it heard more. A batch's items are done again
-                # by the worker once the others have their words.
+            if (retry is None or retry[i]) and self._stopped_early(decoded[i].text, item):
+                # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S),
+                # or, already in it, with timestamps (below); kept only if it
+                # heard more. A batch's items are done again by the worker
+                # once the others have their words.
                 if alone_later:
                     decoded[i] = dataclasses.replace(decoded[i], retry_alone=True)
                     continue
                 redo_started = time.perf_counter()
-                again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started, [False])[0]
+                if window < MAX_WINDOW_S:
+                    again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started, [True])[0]
+                else:
+                    again = self._segmented(item, started)
                 decoded[i] = keep_longer(decoded[i], again, time.perf_counter() - redo_started)
         return decoded
+
+    def _segmented(self, item: _Prepared, started: float) -> Decoded:
+        """The audio decoded with timestamps, segment after segment: a turn
+        of 20-28 s that Whisper stopped early in its 30 s window (7 of 59
+        words of a 25 s menu prompt) has nowhere longer to go, and without
+        timestamps the model ends where its first sentence ends; with them it
+        goes on past it. One pass, no temperature fallback: bounded time."""
+        segments, _ = self.model.transcribe(
+            item.audio,
+            language=self._language,
+            beam_size=self.config.beam_size,
+            temperature=0.0,
+            condition_on_previous_text=False,
+            without_timestamps=False,
+            vad_filter=False,
+            suppress_tokens=self._suppress,
+        )
+        text = " ".join(segment.text.strip() for segment in segments).strip()
+        if not WORD_CHAR.search(text):
+            text = ""
+        return Decoded(text, item.audio_s, time.perf_counter() - started, MAX_WINDOW_S, batch_size=1)

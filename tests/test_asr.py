@@ -252,3 +252,17 @@ async def test_a_fast_talkers_last_words_are_not_cut_by_the_token_cap(server):
     fast = soxr.resample(clip.load(16000), round(16000 * 1.35), 16000)
     decoded = await server.runtime.asr.submit("fast-talker", fast, final=True)
     assert normalize(decoded.text).endswith("painful to myself"), decoded.text
+
+
+async def test_a_long_turn_that_stops_early_in_the_longest_window_is_decoded_with_timestamps(server):
+    """A 25 s menu prompt, one turn: in Whisper's 30 s window without
+    timestamps tiny.en stopped after its first sentence (7 of 59 words) and,
+    with no longer window to retry in, the rest was lost. Decoded again with
+    timestamps, it goes on past that sentence."""
+    from benchmarks.corpus import asterisk_prompts
+
+    prompt = next(u for u in asterisk_prompts(min_words=1) if u.name == "asterisk/basic-pbx-ivr-main")
+    audio = through_phone_line(prompt.load(8000))
+    assert 20 < len(audio) / 16000 < 28  # in the 30 s window, under the turn cap
+    decoded = await server.runtime.asr.submit("long-menu", audio, final=True)
+    assert word_error_rate(prompt.reference, decoded.text) <= 0.2, decoded.text
