@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,20 @@ def auc(pos: list[float] | np.ndarray, neg: list[float] | np.ndarray) -> float |
     return float(((p[:, None] > n[None]) + 0.5 * (p[:, None] == n[None])).mean())
 
 
+def by_source_and_kind(
+    rows: list[dict[str, Any]], is_end: Callable[[dict[str, Any]], bool]
+) -> Iterator[tuple[str, str, list[dict[str, Any]], list[dict[str, Any]]]]:
+    """(source, pause kind, true ends, pauses): the set's rows split as its
+    tables are, the recorded and spoken halves apart and together."""
+    for source in ("recorded", "spoken (TTS)", "all"):
+        part = [r for r in rows if source in ("all", r["source"])]
+        ends = [r for r in part if is_end(r)]
+        pauses = [r for r in part if not is_end(r)]
+        yield source, "all pauses", ends, pauses
+        yield source, "after an unfinished phrase", ends, [r for r in pauses if not r["complete"]]
+        yield source, "after a finished sentence", ends, [r for r in pauses if r["complete"]]
+
+
 def cross_validated_auc(x: np.ndarray, y: np.ndarray, groups: list[str]) -> float | None:
     names = np.array(sorted(set(groups)))
     np.random.default_rng(SEED).shuffle(names)
@@ -215,29 +230,22 @@ def main() -> None:
     rows = set_inputs(features, SmartTurn())
     silences = [r["silence_after_speech_s"] for r in rows]
     table = []
-    for source in ("recorded", "spoken (TTS)", "all"):
-        part = [r for r in rows if source in ("all", r["source"])]
-        ends = [r for r in part if r["pause_s"] is None]
-        for kind, pauses in (
-            ("all pauses", [r for r in part if r["pause_s"] is not None]),
-            ("after an unfinished phrase", [r for r in part if r["pause_s"] is not None and not r["complete"]]),
-            ("after a finished sentence", [r for r in part if r["pause_s"] is not None and r["complete"]]),
-        ):
-            head_p = lambda rs: head.probability(np.stack([r["features"] for r in rs])) if rs else []  # noqa: E731
-            row = {
-                "source": source,
-                "pauses": kind,
-                "true_ends": len(ends),
-                "non_end_pauses": len(pauses),
-                "auc_head": auc(head_p(ends), head_p(pauses)),
-                "auc_smart_turn": auc([r["smart_p"] for r in ends], [r["smart_p"] for r in pauses]),
-            }
-            table.append(row)
-            head_auc, smart_auc = (float("nan") if v is None else v for v in (row["auc_head"], row["auc_smart_turn"]))
-            print(
-                f"{source:<14}{kind:<28} ends {row['true_ends']:>3} pauses {row['non_end_pauses']:>3}"
-                f"  AUC head {head_auc:.2f}  Smart Turn {smart_auc:.2f}"
-            )
+    for source, kind, ends, pauses in by_source_and_kind(rows, lambda r: r["pause_s"] is None):
+        head_p = lambda rs: head.probability(np.stack([r["features"] for r in rs])) if rs else []  # noqa: E731
+        row = {
+            "source": source,
+            "pauses": kind,
+            "true_ends": len(ends),
+            "non_end_pauses": len(pauses),
+            "auc_head": auc(head_p(ends), head_p(pauses)),
+            "auc_smart_turn": auc([r["smart_p"] for r in ends], [r["smart_p"] for r in pauses]),
+        }
+        table.append(row)
+        head_auc, smart_auc = (float("nan") if v is None else v for v in (row["auc_head"], row["auc_smart_turn"]))
+        print(
+            f"{source:<14}{kind:<28} ends {row['true_ends']:>3} pauses {row['non_end_pauses']:>3}"
+            f"  AUC head {head_auc:.2f}  Smart Turn {smart_auc:.2f}"
+        )
     result = {
         "commit": eot._git_commit(),
         "command": "python -m benchmarks.end_of_turn_head --output " + str(ns.output),

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import end_of_turn as eot
-from benchmarks.end_of_turn_head import auc
+from benchmarks.end_of_turn_head import auc, by_source_and_kind
 
 RATE = 16000
 WINDOW_S = 3.0
@@ -105,27 +105,20 @@ def main() -> None:
     measured = [r for r in rows if r["cues"] is not None]
     print(f"{len(rows)} points, {len(rows) - len(measured)} without enough voiced frames (left out)")
     table = []
-    for source in ("recorded", "spoken (TTS)", "all"):
-        part = [r for r in measured if source in ("all", r["source"])]
-        ends = [r for r in part if r["end"]]
-        for kind, pauses in (
-            ("all pauses", [r for r in part if not r["end"]]),
-            ("after an unfinished phrase", [r for r in part if not r["end"] and not r["complete"]]),
-            ("after a finished sentence", [r for r in part if not r["end"] and r["complete"]]),
-        ):
-            row: dict[str, Any] = {
-                "source": source,
-                "pauses": kind,
-                "true_ends": len(ends),
-                "non_end_pauses": len(pauses),
-            }
-            for cue in CUES:
-                row[f"auc_{cue}"] = auc([-r["cues"][cue] for r in ends], [-r["cues"][cue] for r in pauses])
-            table.append(row)
-            print(
-                f"{source:<14}{kind:<28} ends {len(ends):>3} pauses {len(pauses):>3}  AUC "
-                + "  ".join(f"{cue} {row[f'auc_{cue}'] or float('nan'):.2f}" for cue in CUES)
-            )
+    for source, kind, ends, pauses in by_source_and_kind(measured, lambda r: r["end"]):
+        row: dict[str, Any] = {
+            "source": source,
+            "pauses": kind,
+            "true_ends": len(ends),
+            "non_end_pauses": len(pauses),
+        }
+        for cue in CUES:
+            row[f"auc_{cue}"] = auc([-r["cues"][cue] for r in ends], [-r["cues"][cue] for r in pauses])
+        table.append(row)
+        print(
+            f"{source:<14}{kind:<28} ends {len(ends):>3} pauses {len(pauses):>3}  AUC "
+            + "  ".join(f"{cue} {row[f'auc_{cue}'] or float('nan'):.2f}" for cue in CUES)
+        )
     result = {
         "commit": eot._git_commit(),
         "command": "python -m benchmarks.end_of_turn_prosody --output " + str(ns.output),

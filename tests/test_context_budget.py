@@ -198,13 +198,33 @@ async def test_the_supervised_engine_serves_a_prompt_at_the_budget(server):
     await assert_other_languages_fit(server.runtime.engine, server.config.llm.context_tokens)
 
 
+# Spelled letters: a token each, a third of what the byte estimate says.
+SPELLED = "S M I T H, K X Q P L Z M W, B as in boy, R T Y U I O P, A S D F G H J K L."
+SPELLED_BACK = "Thanks. S M I T H, code K X Q P L Z M W."
+
+
+def _fill_to_the_budget(session, first_turn: int) -> int:
+    """Spelled exchanges until the call's prompt is as long as its budget
+    lets it be, one exchange short of trimming; the number of exchanges."""
+    from voice.call.history import CUE_TOKENS, prompt_tokens
+
+    session.history.max_turns = 1000
+    exchange = prompt_tokens([{"role": "user", "content": SPELLED}, {"role": "assistant", "content": SPELLED_BACK}])
+    turn = first_turn
+    while prompt_tokens(session.messages("And now?")) + exchange + CUE_TOKENS <= session.prompt_budget():
+        session.history.remember(turn, SPELLED, SPELLED_BACK)
+        turn += 1
+        assert turn < 1000
+    return turn
+
+
 async def test_a_call_whose_words_cost_more_than_estimated_gets_a_smaller_budget(server):
     """Spelled letters cost a token each, a third of what the byte estimate
     says: the engine's count of the call's first prompt raises the call's
     token scale, its budget shrinks by it, and the next prompt built to
     that budget fits the room the reply leaves, by the engine's own count."""
     from llm.base import GenerationRequest
-    from voice.call.history import CUE_TOKENS, prompt_tokens
+    from voice.call.history import prompt_tokens
     from voice.call.session import INITIAL_TOKEN_SCALE, PROMPT_MARGIN_TOKENS, CallSession
 
     async def emit(event):
@@ -212,9 +232,8 @@ async def test_a_call_whose_words_cost_more_than_estimated_gets_a_smaller_budget
 
     session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
     first_budget = session.prompt_budget()
-    spelled = "S M I T H, K X Q P L Z M W, B as in boy, R T Y U I O P, A S D F G H J K L."
     for turn in range(10):
-        session.history.remember(turn, spelled, "Thanks. S M I T H, code K X Q P L Z M W.")
+        session.history.remember(turn, SPELLED, SPELLED_BACK)
     messages = session.messages("Did you get that?")
     request = GenerationRequest("spelled", messages, max_tokens=4, session_key=session.call_id)
     [d async for d in server.runtime.engine.stream(request)]
@@ -227,14 +246,7 @@ async def test_a_call_whose_words_cost_more_than_estimated_gets_a_smaller_budget
     # it be (one exchange short of trimming): the engine's count of that
     # prompt leaves the reply its room. (At the starting scale the same
     # history ran ~1.4x over the room: refused by the engine.)
-    session.history.max_turns = 1000
-    agent = "Thanks. S M I T H, code K X Q P L Z M W."
-    exchange = prompt_tokens([{"role": "user", "content": spelled}, {"role": "assistant", "content": agent}])
-    turn = 10
-    while prompt_tokens(session.messages("And now?")) + exchange + CUE_TOKENS <= session.prompt_budget():
-        session.history.remember(turn, spelled, agent)
-        turn += 1
-        assert turn < 1000
+    turn = _fill_to_the_budget(session, first_turn=10)
     messages = session.messages("And now?")
     assert len(messages) == 1 + len(session.history.examples()) + 2 * turn + 1  # nothing trimmed: at the budget
     request = GenerationRequest("spelled-long", messages, max_tokens=4, session_key=session.call_id)
@@ -262,22 +274,13 @@ async def test_a_prompt_the_engine_cannot_hold_is_sent_again_shorter(server):
     sends the prompt once more, built to a budget a quarter smaller."""
     from llm.base import GenerationRequest, PromptTooLong
     from llm.continuation import stream_continuing
-    from voice.call.history import CUE_TOKENS, prompt_tokens
     from voice.call.session import INITIAL_TOKEN_SCALE, CallSession
 
     async def emit(event):
         pass
 
     session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
-    session.history.max_turns = 1000
-    spelled = "S M I T H, K X Q P L Z M W, B as in boy, R T Y U I O P, A S D F G H J K L."
-    agent = "Thanks. S M I T H, code K X Q P L Z M W."
-    exchange = prompt_tokens([{"role": "user", "content": spelled}, {"role": "assistant", "content": agent}])
-    turn = 0
-    while prompt_tokens(session.messages("And now?")) + exchange + CUE_TOKENS <= session.prompt_budget():
-        session.history.remember(turn, spelled, agent)
-        turn += 1
-        assert turn < 1000
+    _fill_to_the_budget(session, first_turn=0)
     engine = server.runtime.engine
     request = GenerationRequest("too-long", session.messages("And now?"), max_tokens=4, session_key=session.call_id)
     with pytest.raises(PromptTooLong):
