@@ -122,10 +122,36 @@ class StreamResampler:
         self._stream = (
             None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
         )
+        self._in_total = 0
+        self._out_total = 0
 
     def process(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
         """float32 samples at in_rate -> float32 samples at out_rate."""
         x = np.asarray(samples, dtype=np.float32)
         if self._stream is None:
             return x
-        return self._stream.resample_chunk(x, last=last)
+        y = self._stream.resample_chunk(x, last=last)
+        self._in_total += len(x)
+        self._out_total += len(y)
+        return y
+
+    def process_whole(self, samples: np.ndarray, pad_s: float) -> np.ndarray:
+        """``samples`` followed by at least ``pad_s`` of silence, and by more
+        until every one of ``samples`` has come out: soxr emits in blocks
+        and holds back its filter's delay, so a fixed pad let ~20 ms of a
+        sentence out only with the next one (24 -> 8 kHz, 30 ms of pad; up
+        to 60 ms of pad changed nothing for a 0.5 s sentence)."""
+        x = np.asarray(samples, dtype=np.float32)
+        pad = np.zeros(round(self.in_rate * pad_s), dtype=np.float32)
+        if self._stream is None:
+            return np.concatenate([x, pad])
+        out = [self.process(x)]
+        # Output up to the last sample, and 5 ms past it for the filter's ringing.
+        wanted = -(-self._in_total * self.out_rate // self.in_rate) + self.out_rate // 200
+        out.append(self.process(pad))
+        step = np.zeros(self.in_rate // 100, dtype=np.float32)
+        for _ in range(50):  # at most 0.5 s more: far past any filter's delay
+            if self._out_total >= wanted:
+                break
+            out.append(self.process(step))
+        return np.concatenate(out)

@@ -69,3 +69,26 @@ def test_stream_resampler_chunked_equals_whole():
 def test_resampler_passthrough_at_same_rate():
     x = np.linspace(-1, 1, 320, dtype=np.float32)
     assert np.array_equal(StreamResampler(16000, 16000).process(x), x)
+
+
+@pytest.mark.parametrize("rates", [(24000, 8000), (24000, 16000), (16000, 8000), (24000, 48000)])
+def test_a_whole_sentence_comes_out_of_the_resampler_before_its_mark(rates) -> None:
+    """The playout feeds each reply sentence, then silence, then sends its
+    mark. soxr emits in blocks and holds its filter's delay back: with a
+    fixed 30 ms of silence (up to 60 ms changed nothing) the last ~20 ms of a
+    0.5 s sentence at 24 -> 8 kHz came out only with the next sentence, after
+    the mark, or at the head of the next reply, seconds later, as a click.
+    process_whole lets all of it out: what the filter still holds is
+    silence."""
+    from streaming.codecs import StreamResampler
+
+    in_rate, out_rate = rates
+    t = np.arange(in_rate // 2) / in_rate
+    sentence = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    resampler = StreamResampler(in_rate, out_rate)
+    for _ in range(3):  # sentence after sentence: the stream's block phase moves
+        out = resampler.process_whole(sentence, 0.03)
+        assert len(out) >= len(sentence) * out_rate / in_rate
+        assert np.abs(out[: round(len(sentence) * out_rate / in_rate) - 40]).max() > 0.3
+    left = resampler.process(np.zeros(in_rate, np.float32))
+    assert float(np.abs(left).max()) < 1e-3, float(np.abs(left).max())
