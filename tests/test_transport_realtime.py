@@ -98,6 +98,12 @@ async def test_realtime_beta_names_and_g711_alaw(server):
         assert not kinds & {"conversation.item.added", "response.output_audio.delta", "conversation.item.done"}
         assert carrier.of("session.updated")[0]["session"]["output_audio_format"] == "g711_alaw"
         assert carrier.audio_chunks and all(len(c) <= 800 for _, c in carrier.audio_chunks)
+        # The beta shapes strict clients validate (pipecat's beta service
+        # refused GA's "output_audio" content and a usage without details).
+        done = carrier.of("response.done")[0]["response"]
+        assert done["output"][0]["content"][0]["type"] == "audio" and "modalities" in done
+        assert carrier.of("response.output_item.done")[0]["item"]["content"][0]["type"] == "audio"
+        assert set(done["usage"]["output_token_details"]) == {"text_tokens", "audio_tokens"}
 
 
 async def test_realtime_push_to_talk_holds_the_reply_until_response_create(server):

@@ -179,11 +179,18 @@ async def finish(call: RealtimeCall, response: Response) -> None:
         body["status_details"] = {"type": "cancelled", "reason": response.cancel_reason}
     usage = done.get("usage") or {}
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    # Every field OpenAI's usage has: strict clients (pipecat's beta service
+    # validates each event) refuse a response.done without the details.
     body["usage"] = {
         "total_tokens": prompt + completion,
         "input_tokens": prompt,
         "output_tokens": completion,
-        "input_token_details": {"cached_tokens": int(usage.get("cached_tokens") or 0)},
+        "input_token_details": {
+            "cached_tokens": int(usage.get("cached_tokens") or 0),
+            "text_tokens": prompt,
+            "audio_tokens": 0,
+        },
+        "output_token_details": {"text_tokens": completion, "audio_tokens": 0},
     }
     body["metadata"] = metadata(call, response)
     response.finished = True
@@ -214,9 +221,12 @@ def part(call: RealtimeCall, text: str) -> dict[str, Any]:
 
 
 def item_obj(call: RealtimeCall, response: Response, status: str, text: str = "") -> dict[str, Any]:
-    content: dict[str, Any] = {"type": "output_text", "text": text}
+    # The beta vocabulary names an assistant's content "audio" / "text"
+    # (GA: "output_audio" / "output_text"); strict beta clients refuse others.
+    audio, written = ("audio", "text") if call.beta else ("output_audio", "output_text")
+    content: dict[str, Any] = {"type": written, "text": text}
     if call.settings.audio_out:
-        content = {"type": "output_audio", "transcript": text}
+        content = {"type": audio, "transcript": text}
     return {"id": response.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
             "status": status, "content": [content] if text or status != "in_progress" else []}  # fmt: skip
 
@@ -224,6 +234,7 @@ def item_obj(call: RealtimeCall, response: Response, status: str, text: str = ""
 def response_obj(
     call: RealtimeCall, response: Response, status: str, output: list[Any] | None = None
 ) -> dict[str, Any]:
+    modalities = "modalities" if call.beta else "output_modalities"  # the beta name
     return {
         "id": response.id,
         "object": "realtime.response",
@@ -231,7 +242,7 @@ def response_obj(
         "status_details": None,
         "output": output or [],
         "conversation_id": call.session_id,
-        "output_modalities": list(call.settings.output_modalities),
+        modalities: list(call.settings.output_modalities),
         "metadata": None,
         "usage": None,
     }
