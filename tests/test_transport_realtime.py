@@ -566,3 +566,21 @@ async def test_realtime_sampling_reaches_the_engine_and_is_reported(server, monk
     got = request.sampling.as_dict()
     for key, value in {**wanted, "temperature": 0.3, "max_tokens": 40}.items():
         assert got[key] == value, (key, got[key], value)
+
+
+async def test_realtime_audio_positions_count_the_whole_session_across_a_clear(server):
+    """audio_start_ms / audio_end_ms are "from the start of all audio written
+    to the buffer during the session" (OpenAI): an input_audio_buffer.clear
+    restarted them at 0 (speech 0.5 s after a clear that followed 2 s of
+    audio was reported at 544 ms, not ~2,500)."""
+    clip = prompt_clip(13)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    async with carrier:
+        await carrier.next_event("session.created", timeout=10)
+        await carrier.say(np.zeros(16000, np.float32), speed=None)  # 2 s at 8 kHz
+        await carrier.send({"type": "input_audio_buffer.clear"})
+        await carrier.next_event("input_audio_buffer.cleared", timeout=10)
+        await carrier.say(with_silence(clip.load(8000), 8000, 1.3), speed=None)
+        started = await carrier.next_event("input_audio_buffer.speech_started", timeout=30)
+        stopped = await carrier.next_event("input_audio_buffer.speech_stopped", timeout=30)
+        assert 2000 <= started["audio_start_ms"] < stopped["audio_end_ms"], (started, stopped)

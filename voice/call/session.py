@@ -129,6 +129,10 @@ class CallSession:
         self._tasks: set[asyncio.Task[None]] = set()
         # (stream position in s at the end of a fed frame, monotonic arrival)
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)
+        # Audio before the last clear_input: positions the client sees count the
+        # whole session's audio (Realtime audio_start_ms / audio_end_ms), the
+        # tracker only what came since.
+        self._cleared_s = 0.0
         self._fed_s = 0.0
         self._last_audio_at = 0.0  # monotonic arrival of the last frame
         # Audio frames and the silent-line filler feed the tracker in turn.
@@ -361,6 +365,7 @@ class CallSession:
         self._last_partial = ""
         # The new tracker counts stream positions from 0 again: so does the
         # arrival map, or speech ends would map to old frames (TTFS too long).
+        self._cleared_s += self._fed_s
         self._fed_s = 0.0
         self._arrivals.clear()
         self._pause_id += 1
@@ -423,7 +428,7 @@ class CallSession:
             active = self._active
             if active is not None and not active.task.done():
                 active.talked_over = True
-            await self.emit({"type": "speech.started", "audio_ms": round(ev.audio_s * 1000)})
+            await self.emit({"type": "speech.started", "audio_ms": round((ev.audio_s + self._cleared_s) * 1000)})
             if active is not None and self._premature(active, now):
                 await self._resumed(active)
             if active is not None and not active.task.done():
@@ -474,7 +479,7 @@ class CallSession:
                 times,
                 committed=False,
                 on_window=self._window,
-                audio_end_s=ev.speech_end_audio_s,
+                audio_end_s=ev.speech_end_audio_s + self._cleared_s,
             )
         elif cfg.adaptive_endpoint and self._tracker is not None:
             self._eot_rule = endpoint_window(self._last_partial, cfg)
@@ -580,7 +585,8 @@ class CallSession:
         if turn is None:
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s), endpoint=now)
             ctx = self._turn_context()
-            turn = Turn(ctx, self._turn_index, ev.audio, times, committed=True, audio_end_s=ev.speech_end_audio_s)
+            end_s = ev.speech_end_audio_s + self._cleared_s
+            turn = Turn(ctx, self._turn_index, ev.audio, times, committed=True, audio_end_s=end_s)
         turn.wasted_generations = self._wasted
         self._wasted = 0
         self._consume_carry_over(turn)
