@@ -584,3 +584,25 @@ async def test_realtime_audio_positions_count_the_whole_session_across_a_clear(s
         started = await carrier.next_event("input_audio_buffer.speech_started", timeout=30)
         stopped = await carrier.next_event("input_audio_buffer.speech_stopped", timeout=30)
         assert 2000 <= started["audio_start_ms"] < stopped["audio_end_ms"], (started, stopped)
+
+
+async def test_realtime_truncate_past_the_items_audio_is_refused(server):
+    """OpenAI: "If the audio_end_ms is greater than the actual audio
+    duration, the server will respond with an error", and content_index is
+    0. Both were accepted and echoed back (999,999 ms; index 5)."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        await carrier.say(with_silence(prompt_clip(12).load(8000), 8000, 1.3), speed=None)
+        done = await carrier.next_event("response.done", timeout=60)
+        item_id = done["response"]["output"][0]["id"]
+        for bad, param in (({"audio_end_ms": 999_999}, "audio_end_ms"), ({"audio_end_ms": 10, "content_index": 5},
+                                                                           "content_index")):  # fmt: skip
+            seen = len(carrier.events)
+            await carrier.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, **bad})
+            error = await carrier.next_event("error", timeout=10, after=seen)
+            assert error["error"]["param"] == param, error
+        await carrier.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                            "audio_end_ms": 200})  # fmt: skip
+        truncated = await carrier.next_event("conversation.item.truncated", timeout=10)
+        assert truncated["audio_end_ms"] == 200 and truncated["content_index"] == 0

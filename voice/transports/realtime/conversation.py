@@ -61,6 +61,11 @@ async def item_create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     call.last_item_id = item_id
 
 
+# A client's clock and ours round differently: this much past the audio we
+# sent is still "all of it".
+TRUNCATE_SLACK_MS = 100
+
+
 async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
     """The client played ``audio_end_ms`` of a reply: history keeps the
     sentences that fit in it."""
@@ -68,12 +73,27 @@ async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
     audio_end_ms = msg.get("audio_end_ms")
     if isinstance(audio_end_ms, bool) or not isinstance(audio_end_ms, int | float) or audio_end_ms < 0:
         raise RealtimeError("'audio_end_ms' must be a non-negative number", "invalid_value", "audio_end_ms")
+    content_index = msg.get("content_index", 0)
+    if content_index != 0 or isinstance(content_index, bool):
+        # An assistant item has one content part (OpenAI: "Set this to 0").
+        raise RealtimeError("'content_index' must be 0", "invalid_value", "content_index")
     response = next((r for r in call.responses.values() if r.item_id == item_id), None)
     if response is None:
         raise RealtimeError(f"no assistant item {str(item_id)[:40]!r}", "item_not_found", "item_id")
     if call.playout is not None:
+        pieces = call.playout.duration_s(response.turn)
+        sent_ms = 1000.0 * sum(seconds for _, seconds in pieces)
+        if response.finished and audio_end_ms > sent_ms + TRUNCATE_SLACK_MS:
+            # OpenAI: "If the audio_end_ms is greater than the actual audio
+            # duration, the server will respond with an error." Checked once
+            # the item's audio is all out (before, more may be on its way).
+            raise RealtimeError(
+                f"'audio_end_ms' {audio_end_ms:g} is past the item's audio ({sent_ms:.0f} ms)",
+                "invalid_value",
+                "audio_end_ms",
+            )
         heard, budget = [], audio_end_ms / 1000.0
-        for text, seconds in call.playout.duration_s(response.turn):
+        for text, seconds in pieces:
             if seconds > budget + 0.05:
                 break
             heard.append(text)
@@ -82,7 +102,7 @@ async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
         # comes before the cancelled turn has written its history.
         call.heard_up_to(response.turn, " ".join(heard))
     await call.send_event(
-        "conversation.item.truncated", item_id=item_id, content_index=msg.get("content_index", 0),
+        "conversation.item.truncated", item_id=item_id, content_index=0,
         audio_end_ms=audio_end_ms,
     )  # fmt: skip
 
