@@ -148,6 +148,7 @@ REPEAT_SYSTEM = (
     "Answer in one or two short spoken sentences. No lists, no markdown."
 )
 FRANCE = "What is the capital of France?"
+TWO_PLUS_TWO = "What is two plus two?"
 
 
 async def reply(
@@ -230,8 +231,11 @@ async def test_supervised_child_honours_sampling(server) -> None:
     server: test_remote_engine.py); one field is shown here, kept short as
     this engine is shared with the whole session."""
     engine = server.runtime.engine
-    greedy, _ = await reply(engine, FRANCE, max_tokens=8)
-    cut, _ = await reply(engine, FRANCE, max_tokens=8, temperature=2.0, seed=7, top_k=1)
+    # Not FRANCE: its first token is a tie on SmolLM2 ("L" 0.1073, "The"
+    # 0.1071), which this shared engine's batching with other calls' work
+    # flipped once in CI. Here every token leads by 0.147 or more.
+    greedy, _ = await reply(engine, TWO_PLUS_TWO, max_tokens=8)
+    cut, _ = await reply(engine, TWO_PLUS_TWO, max_tokens=8, temperature=2.0, seed=7, top_k=1)
     assert cut == greedy, (cut, greedy)
     _, capped = await reply(engine, FRANCE, max_tokens=3, temperature=2.0, seed=7)
     assert capped.usage.completion_tokens == 3
