@@ -61,7 +61,7 @@ NUMBER_FIELDS: tuple[tuple[re.Pattern[str], frozenset[int]], ...] = (
 # Between the field's name and its digits ("my zip code is", "it's").
 _LINKING = frozenset({"is", "are", "was", "it's", "its", "it", "that's", "should", "be", "would"})
 # Digits spoken as words: Whisper writes most as numerals, a few not.
-_DIGIT_WORDS = frozenset("zero oh o one two three four five six seven eight nine".split())
+DIGIT_WORDS = frozenset("zero oh o one two three four five six seven eight nine".split())
 _NUMBER_TOKEN = re.compile(r"[a-z']+|\d+")
 # A clock time with its minutes ("at 7:30") and a date with its year
 # ("March 3, 1985") are complete too; "at 7" and "March 3" are not. Without
@@ -86,7 +86,7 @@ def number_read_out(text: str) -> bool:
     tokens = _NUMBER_TOKEN.findall(lowered)
     digits = 0
     at = len(tokens)
-    while at > 0 and (tokens[at - 1].isdigit() or tokens[at - 1] in _DIGIT_WORDS):
+    while at > 0 and (tokens[at - 1].isdigit() or tokens[at - 1] in DIGIT_WORDS):
         at -= 1
         digits += len(tokens[at]) if tokens[at].isdigit() else 1
     while at > 0 and tokens[at - 1] in _LINKING:

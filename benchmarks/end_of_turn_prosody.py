@@ -23,7 +23,7 @@ spoken half (the embedded TTS voice; aligned cuts and spliced pieces). A cue
 that wins only on the recorded half reads what a cut in fluent speech
 leaves, not how callers end.
 
-    pip install praat-parselmouth
+    pip install -e '.[probes]'   # praat-parselmouth
     python -m benchmarks.end_of_turn_prosody --output benchmarks/results/end_of_turn_prosody.json
 """
 

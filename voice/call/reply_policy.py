@@ -15,6 +15,8 @@ import dataclasses
 import difflib
 import re
 
+from asr.endpointing import DIGIT_WORDS
+
 # Verdicts on one sentence.
 SEND = "send"
 STOP_LENGTH = "max_sentences"  # the reply has said enough for a phone call
@@ -61,8 +63,8 @@ def is_complete(sentence: str) -> bool:
     return bool(_TERMINAL.search(sentence.strip()))
 
 
-# Digits read out ("1 1 1 4", "zero zero seven") repeat by nature.
-_DIGIT_WORDS = frozenset("zero oh one two three four five six seven eight nine double triple".split())
+# Digits read out ("1 1 1 4", "zero zero seven", "double five") repeat by nature.
+_DIGIT_WORDS = DIGIT_WORDS | {"double", "triple"}
 # A phrase this long said twice back to back is a loop, not emphasis: a
 # model looping without punctuation ("I am here to help you with your
 # account I am here to help you with your account") never reaches the
