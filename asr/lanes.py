@@ -9,7 +9,9 @@ where it happens, one decode (or batch) at a time.
   GIL between its native calls (the event loop, the TTS and the LLM clients'
   callbacks all take it), and a decoder that crashes (a CUDA fault, a
   segfault in native code, the OOM killer) takes only the decodes it was
-  running with it: the lane starts a new child and the calls go on.
+  running with it: the lane starts a new child and the calls go on (and
+  the worker decodes a final caught in the crash once more on the new
+  child, so the caller's turn is not lost to a one-off fault).
 """
 
 from __future__ import annotations
@@ -37,8 +39,15 @@ log = logging.getLogger(__name__)
 
 
 class DecoderCrashed(RuntimeError):
-    """The decoder's process died while this decode ran (the lane has started
-    a new one)."""
+    """The decoder's process died, hung or is not running: this decode failed
+    (the lane starts a new child)."""
+
+
+class DecoderDied(DecoderCrashed):
+    """The decoder's process died while this decode ran or waited for it
+    (killed, crashed): the audio may not be the cause, so the decode may be
+    tried once more on the new child. A hung decode (killed for running over
+    its limit) is not this: its audio may hang the next child too."""
 
 
 class DecoderLane(Protocol):
@@ -199,7 +208,7 @@ class ProcessLane:
             return await running
         except BrokenProcessPool as exc:
             self._restart_once(pool)
-            raise DecoderCrashed(f"the Whisper decoder process (pid {pid}) died during this decode") from exc
+            raise DecoderDied(f"the Whisper decoder process (pid {pid}) died during this decode") from exc
         except TimeoutError as exc:
             log.error("a decode in the Whisper decoder process %s ran over %.0f s: killing it", pid, self.timeout_s)
             if pid is not None and pool is self._pool:

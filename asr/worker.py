@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from asr.config import ASRConfig
-from asr.lanes import DecoderLane, make_lane
+from asr.lanes import DecoderDied, DecoderLane, make_lane
 from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, keep_longer, window_for
 from streaming.fair_share import LowPriority
 from streaming.rate import TokenBucket
@@ -139,6 +139,8 @@ class ASRWorker:
         self.batched_items = 0
         self.in_flight = 0
         self.batch_fallbacks = 0
+        # Finals decoded once more after their decoder process died under them.
+        self.crash_retries = 0
         # call -> (decoder seconds used, when), decayed on read: fair share.
         self._used: dict[str, tuple[float, float]] = {}
         # Decoder seconds all partials may still use (None: no limit).
@@ -380,7 +382,17 @@ class ASRWorker:
 
     async def _decode_one(self, job: _Job, started: float) -> None:
         try:
-            result = await self._lane([job]).decode(job.audio, job.priority == FINAL)
+            try:
+                result = await self._lane([job]).decode(job.audio, job.priority == FINAL)
+            except DecoderDied:
+                if job.priority != FINAL or not job.live:
+                    raise  # a partial is superseded by the next one anyway
+                # A caller waits on this final: once more on the new child (the
+                # lane waits for it). If the audio is what kills the decoder, the
+                # second death fails the turn and the child restarts again.
+                log.warning("the ASR decoder died under call %s's final; decoding it again", job.call_id)
+                self.crash_retries += 1
+                result = await self._lane([job]).decode(job.audio, True)
         except Exception as exc:  # one bad decode fails one turn, not the server
             log.exception("ASR decode failed for call %s", job.call_id)
             if job.live:
