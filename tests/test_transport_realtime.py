@@ -330,6 +330,38 @@ async def test_realtime_malformed_events_get_error_events(server):
         assert err["error"]["code"] == "session_locked"
 
 
+async def test_realtime_session_update_says_what_it_could_not_serve(server):
+    """Tools, a forced tool choice, a reply speed and noise reduction are not
+    served: the rest of the update takes, and an ``unsupported_parameter``
+    error names each one left out, without counting as a malformed event."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    tool = {"type": "function", "name": "lookup_order", "parameters": {"type": "object", "properties": {}}}
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.updated", timeout=10)
+            mark = len(carrier.events)
+            await carrier.send({"type": "session.update", "event_id": "evt_tools", "session": {
+                "type": "realtime", "instructions": "You are Ada's assistant.", "tools": [tool],
+                "tool_choice": "required", "audio": {"input": {"noise_reduction": {"type": "near_field"}},
+                                                     "output": {"speed": 1.5}}}})  # fmt: skip
+            updated = await carrier.next_event("session.updated", timeout=10, after=mark)
+            err = await carrier.next_event("error", timeout=10, after=mark)
+            mark = len(carrier.events)
+            # An update asking only for what is served says nothing more.
+            await carrier.send({"type": "session.update", "session": {"type": "realtime", "tools": [],
+                                "tool_choice": "auto", "audio": {"output": {"speed": 1.0}}}})  # fmt: skip
+            await carrier.next_event("session.updated", timeout=10, after=mark)
+            assert call.malformed == 0
+    assert updated["session"]["instructions"] == "You are Ada's assistant."
+    assert updated["session"]["tools"] == [] and updated["session"]["audio"]["output"]["speed"] == 1.0
+    error = err["error"]
+    assert (error["code"], error["param"], error["event_id"]) == ("unsupported_parameter", "tools", "evt_tools")
+    for name in ("tools", "tool_choice", "audio.output.speed", "audio.input.noise_reduction"):
+        assert name in error["message"], error["message"]
+    assert len(carrier.of("error")) == 1, carrier.of("error")
+
+
 async def test_realtime_text_items_join_the_conversation(server):
     """conversation.item.create with text messages: acknowledged as items,
     and the next audio turn is answered with them in its prompt."""

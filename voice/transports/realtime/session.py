@@ -87,6 +87,43 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
         call.session.set_system_prompt(new.instructions)
     call.settings = new
     await call.send_event("session.updated", session=call.session_object())
+    ignored = unserved_fields(update)
+    if ignored:
+        # The rest of the update took; say what did not, so a client that set
+        # up tools does not wait for a function call that cannot come. Not a
+        # refused event: it does not count against the client as malformed.
+        event_id = msg.get("event_id")
+        await call.send_event(
+            "error",
+            error={
+                "type": "invalid_request_error",
+                "code": "unsupported_parameter",
+                "message": "session updated without: " + "; ".join(f"{name} ({why})" for name, why in ignored),
+                "param": ignored[0][0],
+                "event_id": event_id if isinstance(event_id, str) else None,
+            },
+        )
+
+
+def unserved_fields(update: dict[str, Any]) -> list[tuple[str, str]]:
+    """Fields of a ``session.update`` asking for what firstline does not serve
+    (their values are left out of the session): (param, why)."""
+    audio = update.get("audio") if isinstance(update.get("audio"), dict) else {}
+    audio_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+    audio_out = audio.get("output") if isinstance(audio.get("output"), dict) else {}
+    ignored: list[tuple[str, str]] = []
+    if update.get("tools"):
+        ignored.append(("tools", "function calling is not served; replies are text and speech only"))
+    choice = update.get("tool_choice")
+    if choice is not None and choice not in ("auto", "none"):
+        ignored.append(("tool_choice", "no tools are served"))
+    speed = audio_out.get("speed", update.get("speed"))
+    if speed is not None and speed != 1.0:
+        ignored.append(("audio.output.speed", "replies are spoken at speed 1.0"))
+    noise = audio_in.get("noise_reduction", update.get("input_audio_noise_reduction"))
+    if noise is not None:
+        ignored.append(("audio.input.noise_reduction", "the audio is decoded as it comes"))
+    return ignored
 
 
 def sampling_overrides(update: dict[str, Any]) -> dict[str, Any]:
