@@ -71,6 +71,17 @@ class ASRConfig:
     decode_timeout_s: float = 60.0
     language: str | None = "en"
     beam_size: int = 1
+    # A decode whose no-speech probability (Whisper's own, at its first step)
+    # is above this while its words' mean log-probability is below
+    # no_speech_logprob is noise Whisper put words to ("you", "Thank you."
+    # for a tone, a hiss, a cough): no words, so no turn (turn.empty).
+    # benchmarks/asr_no_speech.py measures the pair on 574 recorded and
+    # spoken clips against tones and line noise: faster-whisper's 0.6 also
+    # dropped a spelled "d" and a "50" (heard as "SISTI"), 0.7 only a
+    # prompt Whisper misheard anyway, and 9 of the 10 noises it put words
+    # to either way. None: off.
+    no_speech_threshold: float | None = 0.7
+    no_speech_logprob: float = -1.0
     # Whisper's encoder is trained on 30 s windows; a shorter window is much
     # cheaper. Audio is padded to the smallest of these that holds it (see
     # benchmarks/asr_padding.py for the measurement behind the choice).

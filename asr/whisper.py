@@ -72,6 +72,13 @@ class Decoded:
     # its items does not hold the others' words back (asr.worker does it
     # after delivering them).
     retry_alone: bool = False
+    # Whisper's probability that the audio holds no speech, and its words'
+    # mean log-probability (None: not measured, e.g. a segmented decode, which
+    # faster-whisper filters itself). no_speech: words were heard but dropped
+    # as noise by ASRConfig.no_speech_threshold.
+    no_speech_prob: float | None = None
+    avg_logprob: float | None = None
+    no_speech: bool = False
 
 
 def keep_longer(first: Decoded, again: Decoded, redo_s: float) -> Decoded:
@@ -230,7 +237,8 @@ class WhisperDecoder:
             max_length=max(item.max_length for item in items),
             suppress_blank=True,
             suppress_tokens=self._suppress,
-            return_scores=False,
+            return_scores=True,
+            return_no_speech_prob=True,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
         )
@@ -247,7 +255,20 @@ class WhisperDecoder:
                 # tiny.en writes "." or ". . ." for a breath, a click or a tone:
                 # no words, so no turn to answer (the session says turn.empty).
                 text = ""
-            decoded.append(Decoded(text, item.audio_s, elapsed, window, batch_size=len(items)))
+            no_speech_prob, avg_logprob = float(result.no_speech_prob), float(result.scores[0])
+            noise = bool(text) and self._is_noise(no_speech_prob, avg_logprob)
+            decoded.append(
+                Decoded(
+                    "" if noise else text,
+                    item.audio_s,
+                    elapsed,
+                    window,
+                    batch_size=len(items),
+                    no_speech_prob=no_speech_prob,
+                    avg_logprob=avg_logprob,
+                    no_speech=noise,
+                )
+            )
         for i, item in enumerate(items):
             if (retry is None or retry[i]) and self._stopped_early(decoded[i].text, item):
                 # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S),
@@ -265,6 +286,14 @@ class WhisperDecoder:
                 decoded[i] = keep_longer(decoded[i], again, time.perf_counter() - redo_started)
         return decoded
 
+    def _is_noise(self, no_speech_prob: float, avg_logprob: float) -> bool:
+        """Words Whisper wrote for audio it also says holds no speech, and
+        wrote unsure of (both, as faster-whisper's own filter asks: a quiet
+        short answer can score a high no-speech probability and still be
+        sure of its word)."""
+        threshold = self.config.no_speech_threshold
+        return threshold is not None and no_speech_prob > threshold and avg_logprob < self.config.no_speech_logprob
+
     def _segmented(self, item: _Prepared, started: float) -> Decoded:
         """The audio decoded with timestamps, segment after segment: a turn
         of 20-28 s that Whisper stopped early in its 30 s window (7 of 59
@@ -280,6 +309,8 @@ class WhisperDecoder:
             without_timestamps=False,
             vad_filter=False,
             suppress_tokens=self._suppress,
+            no_speech_threshold=self.config.no_speech_threshold,
+            log_prob_threshold=self.config.no_speech_logprob,
         )
         text = " ".join(segment.text.strip() for segment in segments).strip()
         if not WORD_CHAR.search(text):

@@ -210,6 +210,30 @@ def test_a_tone_whisper_writes_only_punctuation_for_is_no_words() -> None:
     assert decoded.text == "", decoded.text
 
 
+def test_noise_whisper_puts_words_to_is_no_words() -> None:
+    """tiny.en writes "You" for Asterisk's beep through a phone line, with a
+    no-speech probability of 0.91 and a mean log-probability of -3.5: the
+    no-speech filter drops it (no turn to answer), and keeps the shortest
+    real answers, a spelled letter and a digit, that score 0.5-0.66."""
+    import dataclasses
+
+    from asr.whisper import WhisperDecoder
+    from benchmarks.corpus import ASTERISK_SOUNDS, load_audio, through_phone_line
+    from tests.transport_checks import by_name
+
+    beep = through_phone_line(load_audio(ASTERISK_SOUNDS / "beep.wav", 8000))
+    decoder = WhisperDecoder(ASRConfig())
+    dropped = decoder.decode(beep)
+    assert dropped.text == "" and dropped.no_speech, dropped
+    decoder.config = dataclasses.replace(decoder.config, no_speech_threshold=None)
+    unfiltered = decoder.decode(beep)
+    assert unfiltered.text and not unfiltered.no_speech, unfiltered
+    decoder.config = ASRConfig()
+    for name, said in (("letters/d", "d"), ("digits/8", "8")):
+        kept = decoder.decode(through_phone_line(by_name(name).load(8000)))
+        assert said in kept.text.lower() and not kept.no_speech, (name, kept)
+
+
 async def test_push_to_talk_keeps_the_turn_not_its_silence(server):
     """Push-to-talk (Realtime turn_detection null): a caller who says
     something and then stays silent for minutes without committing. The

@@ -379,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         "its audio (longer audio: 30 s); benchmarks/asr_padding.py measures the choice",
     )
     serve.add_argument(
+        "--asr-no-speech-threshold",
+        type=float,
+        default=ASRConfig.no_speech_threshold,
+        help="a decode Whisper gives a no-speech probability above this, and a mean log-probability below "
+        "--asr-no-speech-logprob, is noise: no turn (default 0.7; a negative value turns it off)",
+    )
+    serve.add_argument("--asr-no-speech-logprob", type=float, default=ASRConfig.no_speech_logprob)
+    serve.add_argument(
         "--asr-batch-wait-ms",
         type=float,
         default=ASRConfig.batch_wait_ms,
@@ -643,6 +651,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         batch_size=max(0, args.asr_batch_size),
         batch_wait_ms=max(0.0, args.asr_batch_wait_ms),
         pad_windows_s=args.asr_pad_windows,
+        no_speech_threshold=None if args.asr_no_speech_threshold < 0 else args.asr_no_speech_threshold,
+        no_speech_logprob=args.asr_no_speech_logprob,
         partial_budget=None if args.asr_partial_budget is None else max(0.0, args.asr_partial_budget),
         partials_behind_finals=args.asr_partials_behind_finals,
     )
