@@ -9,12 +9,14 @@ is the secondary engine where one is configured.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 
 import pytest
 import pytest_asyncio
+from websockets.exceptions import InvalidStatus
 
 from benchmarks.client import NativeCaller
 from llm.base import EngineUnavailable, GenerationRequest
@@ -110,7 +112,7 @@ async def test_engine_killed_mid_reply_the_reply_goes_on_on_the_restarted_engine
         assert caller.ws is not None and caller.ws.state.name == "OPEN"
 
 
-async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says_so(supervised_server):
+async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says_so(supervised_server, monkeypatch):
     srv = supervised_server
     engine = srv.runtime.engine
     await engine.wait_up(60)
@@ -128,8 +130,23 @@ async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says
         async for _ in engine.stream(GenerationRequest("x", [{"role": "user", "content": "Hi"}], 8)):
             pass
     assert time.monotonic() - started < 0.5
+    # A new call while no engine has answered for longer than the grace is
+    # refused at the door (the restart takes ~2.5 s; the grace is cut to
+    # 0.3 s here so the refusal falls inside it).
+    monkeypatch.setattr(srv.registry.admission.config, "llm_down_grace_s", 0.3)
+    while srv.runtime.llm_down_s() <= 0.3:
+        assert not srv.runtime.llm_available, "the engine came back before the grace ran out"
+        await asyncio.sleep(0.02)
+    url = f"ws://127.0.0.1:{srv.port}/v1/call"
+    with pytest.raises(InvalidStatus) as refused:
+        async with NativeCaller(url):
+            pass
+    assert refused.value.response.status_code == 503
+    assert json.loads(refused.value.response.body)["reason"] == "llm_unavailable"
     await engine.wait_up(60)
     assert srv.ready and engine.restarts == restarts + 1
+    async with NativeCaller(url) as caller:  # the engine is back: calls are admitted again
+        assert (await caller.start("mulaw", 8000))["type"] == "ready"
 
 
 async def test_secondary_serves_while_the_primary_restarts(failover_server, phone_prompts):

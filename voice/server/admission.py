@@ -33,11 +33,20 @@ class AdmissionConfig:
     min_samples: int = 5
     # Decodes waiting on the ASR worker above which new calls are refused.
     max_asr_queue: int | None = 16
+    # No LLM engine able to answer (a supervised child restarting with no
+    # secondary, every remote replica down) for longer than this: new calls
+    # are refused (503 llm_unavailable), so a carrier's fallback or a load
+    # balancer sends them where they can be answered. Shorter outages admit:
+    # a restart is back in ~2.5 s here, and a turn waits up to 10 s for an
+    # engine (README "LLM engine fault tolerance"). None: never refuse.
+    llm_down_grace_s: float | None = 10.0
 
 
 @dataclass(frozen=True)
 class Refusal:
-    reason: str  # machine-readable: at_capacity, overloaded_ttfs, overloaded_asr, draining, warming_up
+    # machine-readable: at_capacity, overloaded_ttfs, overloaded_asr,
+    # llm_unavailable, draining, warming_up, abuse_cooldown, per_address_limit
+    reason: str
     message: str
     retry_after_s: int = 1
     # 503: the server is busy (any caller may be refused); 429: this caller

@@ -435,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse new calls above this ASR backlog (0: off)",
     )
     serve.add_argument(
+        "--llm-down-grace-s",
+        type=float,
+        default=AdmissionConfig.llm_down_grace_s,
+        help="refuse new calls (503 llm_unavailable) once no LLM engine has answered for this long (negative: never)",
+    )
+    serve.add_argument(
         "--auth-token",
         default=_env("AUTH_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on call upgrades (or FIRSTLINE_AUTH_TOKEN)",
@@ -675,6 +681,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.limits.drain_timeout_s = args.drain_timeout_s
     config.admission.ttfs_target_ms = args.ttfs_target_ms or None
     config.admission.max_asr_queue = args.max_asr_queue or None
+    config.admission.llm_down_grace_s = None if args.llm_down_grace_s < 0 else args.llm_down_grace_s
     config.auth_token = args.auth_token or None
     config.max_calls_per_address = max(0, args.max_calls_per_address)
     if args.per_address_exempt is not None:

@@ -3,6 +3,8 @@ the LLM engine. Built and warmed once per process; readiness only when warm."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +22,9 @@ from voice.server.metrics import Metrics
 from voice.server.tracing import TurnTracer
 
 log = logging.getLogger(__name__)
+
+# How often the LLM's availability is sampled, to date an outage (llm_down_s).
+LLM_WATCH_INTERVAL_S = 0.25
 
 
 def build_engine(config: LLMConfig) -> LLMEngine:
@@ -46,6 +51,8 @@ class Runtime:
         # (asr/end_of_turn.py's LLM input): no call asks again.
         self.sentence_end_unsupported = False
         self.ready = False
+        self._llm_down_since: float | None = None
+        self._llm_watch: asyncio.Task[None] | None = None
         self.startup_s: dict[str, float] = {}
         self.active_calls = 0
         self.metrics = Metrics()
@@ -76,6 +83,23 @@ class Runtime:
         engine restarts without a secondary, or every remote replica is down)."""
         return bool(getattr(self.engine, "available", True))
 
+    def llm_down_s(self) -> float:
+        """Seconds since the LLM was last seen available (0: it is now).
+        Sampled here and by a watcher four times a second (start), so an outage is
+        dated from when it began, not from the first call that asked."""
+        if self.llm_available:
+            self._llm_down_since = None
+            return 0.0
+        now = time.monotonic()
+        if self._llm_down_since is None:
+            self._llm_down_since = now
+        return now - self._llm_down_since
+
+    async def _watch_llm(self) -> None:
+        while True:
+            self.llm_down_s()
+            await asyncio.sleep(LLM_WATCH_INTERVAL_S)
+
     async def start(self) -> None:
         t0 = time.perf_counter()
         one_blas_thread()  # before any decode: numpy's thread pool spins beside each
@@ -93,10 +117,15 @@ class Runtime:
         t2 = time.perf_counter()
         self.startup_s = {"asr": round(t1 - t0, 3), "llm": round(t2 - t1, 3), "total": round(t2 - t0, 3)}
         self.ready = True
+        self._llm_watch = asyncio.create_task(self._watch_llm(), name="llm-availability")
         log.info("runtime warm: %s", self.startup_s)
 
     async def close(self) -> None:
         self.ready = False
+        if self._llm_watch is not None:
+            self._llm_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._llm_watch
         await self.asr.close()
         await self.engine.close()
         await self.store.close()
