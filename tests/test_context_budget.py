@@ -170,6 +170,26 @@ def test_a_retracted_turn_leaves_the_history_and_the_rest_stays() -> None:
     assert len(history) == 4 and history.last_reply() == "Sure. Sunny."
 
 
+def test_a_turn_taken_back_removes_its_own_words_not_an_equal_earlier_turn() -> None:
+    """Callers say "Yes." more than once, and a fallback reply repeats: the
+    turn taken back (resumed) or cut to nothing (not heard) is that turn's
+    message, not the first message with the same words."""
+    history = History("Be brief.", max_turns=10)
+    history.remember(1, "Yes.", "Great, what is your account number?")
+    history.remember(2, "1 2 3 4", "Sorry, could you say that again?")
+    history.remember(3, "Yes.", "Sorry, could you say that again?")
+    history.retract(3)  # the caller resumed: turn 3's "Yes." goes on into turn 4
+    history.heard(2, "")  # unheard: turn 2's own reply goes, not turn 3's equal one (taken back already)
+    assert [m["content"] for m in history.messages_so_far] == ["Yes.", "Great, what is your account number?", "1 2 3 4"]
+    history.remember(4, "Okay.", "Sorry, could you say that again?")
+    history.remember(5, "Hm.", "Sorry, could you say that again?")
+    history.heard(5, "")  # turn 5's reply went unheard; turn 4's was heard
+    assert [m["content"] for m in history.messages_so_far] == [
+        "Yes.", "Great, what is your account number?", "1 2 3 4", "Okay.", "Sorry, could you say that again?", "Hm.",
+    ]  # fmt: skip
+    assert history.messages_so_far[4] is history.replies[4]
+
+
 def test_instructions_that_leave_no_room_are_refused() -> None:
     history = History("Be brief.", max_turns=10)
     budget = 500

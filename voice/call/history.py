@@ -6,7 +6,6 @@ believes it said words the caller did not hear.
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 # Instructions plus system context items (Realtime): a bound on the prompt a
@@ -70,6 +69,16 @@ def prompt_tokens(messages: list[Message]) -> int:
 CUE_TOKENS = max(prompt_tokens([{"role": "user", "content": cue}]) for cue in (OPENING_CUE, GO_ON_CUE))
 
 
+def remove_this(history: list[Message], message: Message) -> None:
+    """Take ``message`` itself out of ``history``: not list.remove, which
+    takes the first message *equal* to it, another turn's "Yes." or an
+    earlier fallback reply the caller did hear."""
+    for i, kept in enumerate(history):
+        if kept is message:
+            del history[i]
+            return
+
+
 def keep_heard(history: list[Message], replies: dict[int, Message], turn: int, heard: str) -> None:
     """Cut ``turn``'s assistant message in ``history`` to what the caller
     heard; drop it when they heard nothing (``replies``: turn -> message)."""
@@ -79,8 +88,7 @@ def keep_heard(history: list[Message], replies: dict[int, Message], turn: int, h
     if heard.strip():
         message["content"] = heard.strip()
     else:
-        with contextlib.suppress(ValueError):
-            history.remove(message)
+        remove_this(history, message)
         del replies[turn]
 
 
@@ -272,8 +280,7 @@ class History:
         and the reply (premature) was never an answer."""
         for message in (self.asked.pop(turn, None), self.replies.pop(turn, None)):
             if message is not None:
-                with contextlib.suppress(ValueError):
-                    self.messages_so_far.remove(message)
+                remove_this(self.messages_so_far, message)
 
     def heard(self, turn: int, heard: str) -> None:
         """The caller heard only ``heard`` of ``turn``'s reply."""
