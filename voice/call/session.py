@@ -468,7 +468,9 @@ class CallSession:
         cfg = self.asr_config
         if cfg.adaptive_endpoint and cfg.end_of_turn in SMART_TURN_POLICIES and not self._smart_turn_busy:
             # Beside the pause decode, not after it: the model's ~0.1 s pass
-            # must land inside the pause's endpoint window.
+            # must land inside the pause's endpoint window. Busy from here, not
+            # from when the task first runs: one frame can hold several pauses.
+            self._smart_turn_busy = True
             self._spawn(self._smart_turn(ev.audio, self._pause_id))
         if cfg.preemptive and not self._low_priority and self._speculation.take():
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s))
@@ -512,11 +514,11 @@ class CallSession:
             or self.runtime.sentence_end_unsupported
         ):
             return
+        self._sentence_end_busy = True  # now: one frame can hold several pauses
         self._spawn(self._sentence_end(words, self._pause_id))
 
     async def _sentence_end(self, words: str, pause_id: int) -> None:
-        # One probe in flight per call, as for Smart Turn.
-        self._sentence_end_busy = True
+        # One probe in flight per call, as for Smart Turn (busy since _ask_sentence_end).
         try:
             self.runtime.metrics.llm_used("eot_probe", None)  # its prefill's tokens are the engine's
             probability = await self.runtime.engine.sentence_end_probability(
@@ -540,9 +542,8 @@ class CallSession:
         # One inference in flight per call: a caller flapping between speech
         # and silence cannot queue model work ahead of other calls' pauses.
         cfg = self.asr_config
-        model = shared_smart_turn(cfg.smart_turn_model)  # loaded at startup by the CLI; here a no-op
-        self._smart_turn_busy = True
         try:
+            model = shared_smart_turn(cfg.smart_turn_model)  # loaded at startup by the CLI; here a no-op
             probability = await asyncio.get_running_loop().run_in_executor(None, model.probability, audio)
         except Exception:  # the word rules still decide; a model failure must not end the call
             log.exception("smart turn failed; the word rules decide this pause")
