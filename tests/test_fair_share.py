@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
 
 from streaming.fair_share import IntakeRate, LowPriority, ReplyGate
@@ -245,3 +246,33 @@ async def test_a_cancel_that_lands_as_a_wait_ends_is_not_lost() -> None:
 
     assert await cancelled_after(low_turn, free)
     assert gate.busy == 0
+
+
+async def test_a_turn_talked_over_while_it_waits_at_the_gate_keeps_its_words(server) -> None:
+    """A fast call's turn waits at the reply gate while a real-time call's
+    turn runs; the caller talks again before it has even been decoded. Its
+    words are not lost: they lead the caller's next turn."""
+    from asr.wer import word_error_rate
+    from benchmarks.client import NativeCaller
+    from tests.conftest import with_silence
+    from tests.transport_checks import by_name
+
+    first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")
+    url = f"ws://127.0.0.1:{server.port}/v1/call"
+    low = server.runtime.low_priority
+    async with NativeCaller(url) as caller:
+        ready = await caller.start("mulaw", 8000, options={"partials": False})
+        await caller.play(np.zeros(80000, np.float32), 8000, "mulaw", realtime=False)  # 10 s at once
+        async with asyncio.timeout(5):
+            while ready["call_id"] not in low:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        async with server.runtime.reply_gate.turn("another-call"):  # a real-time call's turn, held
+            audio = np.concatenate(
+                [with_silence(first.load(8000), 8000, 1.5), with_silence(second.load(8000), 8000, 1.5)]
+            )
+            await caller.play(audio, 8000, "mulaw", realtime=False)
+            final = await caller.wait_for("transcript.final", timeout=60)
+        done = await caller.wait_for("response.done", timeout=60, turn=final["turn"])
+    both = f"{first.reference} {second.reference}"
+    assert word_error_rate(both, final["text"]) <= 0.35, (both, final["text"])
+    assert done["text"] and not done["cancelled"]

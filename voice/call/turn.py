@@ -286,6 +286,17 @@ class Turn:
         await self.ctx.emit(event)
 
     async def _run(self) -> None:
+        try:
+            await self._run_gated()
+        except asyncio.CancelledError:
+            if self.committed and self.times.asr_start is None and self.spoken_first is None:
+                # Talked over while it waited its turn at the reply gate,
+                # before its final was even asked for: decoded now, its words
+                # lead the next turn (as for a turn talked over mid-decode).
+                self.ctx.asr.submit(self.ctx.call_id, self.audio, final=True).add_done_callback(self._talked_over)
+            raise
+
+    async def _run_gated(self) -> None:
         gate = self.ctx.gate
         async with gate.turn(self.ctx.call_id) if gate is not None else contextlib.nullcontext():
             # A call fed faster than real time is served last: its turns never
@@ -340,9 +351,17 @@ class Turn:
             # push-to-talk client waits for an answer to its commit.
             await self._out({"type": "turn.empty", "turn": self.index, "audio_end_ms": round(self.audio_end_s * 1000)})
             return
-        await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text,
-                         "audio_end_ms": round(self.audio_end_s * 1000)})  # fmt: skip
-        await self._out({"type": "turn.ended", "turn": self.index})
+        try:
+            await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text,
+                             "audio_end_ms": round(self.audio_end_s * 1000)})  # fmt: skip
+            await self._out({"type": "turn.ended", "turn": self.index})
+        except asyncio.CancelledError:
+            if self.committed and not self.outcome_given:
+                # Talked over while its transcript went out: the carried-over
+                # words it took are in user_text; both lead the next turn.
+                self.outcome_given = True
+                self.ctx.finished(TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=False))
+            raise
         await self._reply()
 
     async def _reply(self) -> None:
