@@ -101,6 +101,9 @@ async def test_a_twilio_stream_that_re_attaches_with_its_callsid_keeps_the_histo
             call = await watcher.one()
             await carrier.say(with_silence(prompt_clip(6).load(8000), 8000, 1.5), speed=4.0)
             await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            async with asyncio.timeout(60):  # the reply played out (its marks echoed)
+                while call.playing() is not None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
             history = list(call.session.history.messages_so_far)
             # The stream drops without a stop (the replica died, the network cut).
             await carrier.hangup(say_stop=False)
@@ -123,6 +126,31 @@ async def test_a_twilio_stream_that_re_attaches_with_its_callsid_keeps_the_histo
             call = await watcher.one()
             await asyncio.sleep(0.3)
             assert not call.session.resumed and not call.session.history.messages_so_far
+
+
+async def test_a_stream_lost_mid_reply_keeps_only_what_the_caller_heard(server) -> None:
+    """The stream drops while the reply's first sentence is still playing
+    (no mark echoed yet): the call re-attaches without the reply in its
+    history, so the agent does not go on as if the caller had heard it."""
+    call_sid = "CA" + "3" * 32
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
+            call = await watcher.one()
+            await carrier.say(with_silence(prompt_clip(6).load(8000), 8000, 1.5), speed=4.0)
+            async with asyncio.timeout(90):
+                while not carrier.audio_chunks:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert not carrier.played.marks_echoed
+            asked = (await watcher.wait_event(call, "transcript.final", turn=1))["text"]
+            await carrier.hangup(say_stop=False)
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), call_sid=call_sid):
+            call = await watcher.one()
+            async with asyncio.timeout(5):
+                while not call.session.started:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert call.session.resumed
+            assert call.session.history.messages_so_far == [{"role": "user", "content": asked}]
 
 
 async def test_a_realtime_session_resumes_with_its_token(server) -> None:

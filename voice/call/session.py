@@ -385,8 +385,12 @@ class CallSession:
         self.history.set_instructions(prompt, self.prompt_budget())
         self._save_state()
 
-    async def stop(self, reason: str = "client_stop") -> None:
-        """Caller hung up (or the transport closed): release everything."""
+    async def stop(self, reason: str = "client_stop", heard: dict[int, str] | None = None) -> None:
+        """Caller hung up (or the transport closed): release everything.
+        ``heard``: turn -> what the caller heard of its reply, for replies
+        whose audio was still going out (or whose cut was still waiting for
+        the turn to end): applied once the turns are stopped, so a call that
+        re-attaches does not carry on as if the caller heard it all."""
         if self.closed:
             return
         self.closed = True
@@ -400,6 +404,10 @@ class CallSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if heard:
+            for turn, words in heard.items():
+                self.history.heard(turn, words)
+            self._save_state()
         self.runtime.engine.end_session(self.call_id)  # e.g. vllm-router's session table
         key = self._owned_key
         if key is not None and self.runtime.writers.get(key) == self._superseded:

@@ -240,15 +240,29 @@ class TelephonyCall:
         summary = self._warnings.summary()
         if summary is not None:
             log.warning("call %s (%s): %s", self.call_id, self.transport, summary)
+        heard = self._heard_at_end()
         if self.playout is not None:
             await self.playout.close()
-        await self.session.stop(reason)
+        await self.session.stop(reason, heard)
         if self._counted:
             self.runtime.active_calls -= 1
             self._counted = False
             metrics = getattr(self.runtime, "metrics", None)
             if metrics is not None:
                 metrics.call_ended(reason)
+
+    def _heard_at_end(self) -> dict[int, str]:
+        """What the caller heard of replies cut by the end of the call: the
+        one whose audio was still going out (by its carrier's marks, or by
+        the playout clock where there are none) and cuts still waiting for
+        their turn to end. A lost socket or a drain keeps the conversation
+        for a re-attach, which must not believe the rest was said."""
+        heard = dict(self._heard_pending)
+        playout, turn = self.playout, self.playing()
+        if playout is not None and turn is not None:
+            playout.interrupt(by_clock=not self.echoes_marks)
+            heard[turn] = playout.heard(turn)
+        return heard
 
     # ---- carrier events ------------------------------------------------
 
