@@ -96,12 +96,52 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"FIRSTLINE_{name}", default)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Flags whose value must be at least this (a value below would start a server
+# that refuses every call, or hand a library a number it reads otherwise).
+AT_LEAST = {"max_calls": 1, "max_asr_queue": 0, "llm_prompt_cache_mib": 0, "max_tokens": 1}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: argparse checks ``choices`` only on values
+    typed on it, not on defaults, so a FIRSTLINE_* variable outside them
+    (FIRSTLINE_ENGINE=vLLM) would start a server that quietly does something
+    else; numbers out of range would start one that refuses every call."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for action in _command_actions(parser, args.command):
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and not isinstance(value, list):
+            if value not in action.choices:
+                flag = action.option_strings[-1] if action.option_strings else action.dest
+                parser.error(f"{flag}: {value!r} (from the environment?) is not one of {', '.join(action.choices)}")
+    if args.command == "serve":
+        for dest, least in AT_LEAST.items():
+            value = getattr(args, dest, None)
+            if value is not None and value < least:
+                parser.error(f"--{dest.replace('_', '-')} must be {least} or more (got {value})")
+        if not 0 <= args.port <= 65535:
+            parser.error(f"--port must be 0-65535 (got {args.port})")
+        audiosocket = args.audiosocket_port
+        if audiosocket is not None and (not 1 <= audiosocket <= 65535 or audiosocket == args.port):
+            parser.error(f"--audiosocket-port must be 1-65535 and not --port's (got {audiosocket})")
+    return args
+
+
+def _command_actions(parser: argparse.ArgumentParser, command: str) -> list[argparse.Action]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices[command]._actions)
+    return []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="firstline", description="Low-latency voice inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the websocket server")
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default loopback)")
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8765") or 8765))
+    # A string default goes through type=int too: a bad FIRSTLINE_PORT is a usage error, not a traceback.
+    serve.add_argument("--port", type=int, default=_env("PORT", "8765"))
     serve.add_argument("--max-calls", type=int, default=ServerConfig.max_calls)
     serve.add_argument(
         "--engine",
@@ -404,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="queue a partial submitted while finals wait instead of shedding it: more live captions, later finals",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     # Limits and admission (voice/server/limits.py, voice/server/admission.py).
     serve.add_argument(
@@ -735,7 +775,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # Secrets are scrubbed from every record by value (websockets logs headers at debug).
     configure_logging(
         getattr(args, "log_level", "INFO"),
