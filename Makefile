@@ -13,9 +13,13 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install serve test test-deps lint bench cluster clean
 
+# All or nothing: a venv left half made (Debian without python3-venv fails
+# at ensurepip) would count as done and break every later run.
 $(PY):
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	@$(PYTHON) -m venv $(VENV) && $(PIP) install -q --upgrade pip || { \
+		rm -rf $(VENV); \
+		echo "firstline: could not make $(VENV) with $(PYTHON); on Debian/Ubuntu: apt install python3-venv" >&2; \
+		exit 1; }
 
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q -e '.[models,cpu,tts]'

@@ -1,6 +1,8 @@
-"""Place one call from an audio file and print what the server says.
+"""Place one call from an audio file, or from a sentence the embedded TTS
+voice speaks, and print what the server says.
 
-python -m benchmarks.call ../shared/data/speech/jfk.wav [--url ws://127.0.0.1:8765/v1/call]
+python -m benchmarks.call --say "What time do you open tomorrow?" [--url ws://127.0.0.1:8765/v1/call]
+python -m benchmarks.call recording.wav
 """
 
 from __future__ import annotations
@@ -16,10 +18,26 @@ from benchmarks.client import NativeCaller, last_voiced_s
 from benchmarks.corpus import load_audio
 
 
+def spoken(text: str) -> np.ndarray:
+    """``text`` in the embedded TTS voice (hibari-tts, installed by `make
+    serve`), 16 kHz: a caller for a machine that has no recording at hand."""
+    import soxr
+    from hibari import Hibari
+
+    audio24 = np.asarray(Hibari(voice="heart", threads=1)(text, seed=0), dtype=np.float32)
+    return soxr.resample(audio24, 24000, 16000).astype(np.float32)
+
+
 async def run(ns: argparse.Namespace) -> None:
-    path = Path(ns.audio)
-    audio8 = np.concatenate([load_audio(path, 8000), np.zeros(int(8000 * ns.tail), np.float32)])
-    voice_end = last_voiced_s(load_audio(path, 16000))
+    if ns.say:
+        import soxr
+
+        audio16 = spoken(ns.say)
+        audio8 = soxr.resample(audio16, 16000, 8000).astype(np.float32)
+    else:
+        audio16, audio8 = load_audio(Path(ns.audio), 16000), load_audio(Path(ns.audio), 8000)
+    audio8 = np.concatenate([audio8, np.zeros(int(8000 * ns.tail), np.float32)])
+    voice_end = last_voiced_s(audio16)
     options = {"endpoint_silence_ms": ns.endpoint_ms} if ns.endpoint_ms else {}
     async with NativeCaller(ns.url) as caller:
         await caller.start("mulaw", 8000, options=options)
@@ -36,12 +54,16 @@ async def run(ns: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("audio")
+    parser.add_argument("audio", nargs="?", help="a WAV/FLAC file (any rate; sent as 8 kHz mu-law)")
+    parser.add_argument("--say", help="speak this sentence with the embedded TTS voice instead of a file")
     parser.add_argument("--url", default="ws://127.0.0.1:8765/v1/call")
     parser.add_argument("--tail", type=float, default=2.0, help="seconds of silence after the audio")
     parser.add_argument("--endpoint-ms", type=int, default=None, help="per-call endpoint silence window")
     parser.add_argument("--fast", action="store_true", help="send faster than real time")
-    asyncio.run(run(parser.parse_args()))
+    ns = parser.parse_args()
+    if bool(ns.audio) == bool(ns.say):
+        parser.error("give an audio file or --say TEXT (one of them)")
+    asyncio.run(run(ns))
 
 
 if __name__ == "__main__":
