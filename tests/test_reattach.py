@@ -197,6 +197,40 @@ async def test_a_realtime_session_resumes_with_its_token(server) -> None:
         assert created["session"]["resume_token"] != "nope"
 
 
+async def test_a_realtime_client_that_replays_its_setup_on_reconnect_gets_it_once(server) -> None:
+    """A Realtime client that sets its instructions once and sends its
+    system item again after each reconnect: the stored item is found, not
+    stacked, and the instructions stay the instructions (they were stored
+    joined with the items, and the prompt grew by one copy per reconnect)."""
+    item = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "Caller tier: gold."}]}
+    instructions = "You are Ada, a ferry company's agent."
+    token = None
+    for attempt in range(3):
+        options = {} if token is None else {"resume": token}
+        with CallWatcher() as watcher:
+            client = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, **options)
+            async with client:
+                created = await client.next_event("session.created", timeout=10)
+                token = created["session"]["resume_token"]
+                await client.next_event("session.updated", timeout=10)
+                if attempt == 0:  # instructions once; the item on every connection
+                    mark = len(client.events)
+                    await client.send({"type": "session.update", "session": {"type": "realtime",
+                                       "instructions": instructions}})  # fmt: skip
+                    await client.next_event("session.updated", timeout=10, after=mark)
+                await client.send({"type": "conversation.item.create", "item": item})
+                said = [{"type": "input_text", "text": f"Note {attempt}."}]
+                await client.send({"type": "conversation.item.create",
+                                   "item": {"type": "message", "role": "user", "content": said}})  # fmt: skip
+                await client.send({"type": "response.create"})
+                await client.next_event("response.done", timeout=60)
+                call = await watcher.one()
+                history = call.session.history
+                assert call.session.resumed == (attempt > 0)
+                assert (history.instructions, history.system_items) == (instructions, ["Caller tier: gold."])
+                assert history.system_prompt.count("Caller tier: gold.") == 1
+
+
 async def test_the_connection_a_re_attach_replaced_can_no_longer_write_the_call(server) -> None:
     """Two live connections on one token (the client re-attached while its
     old socket is still half open): the newest owns the conversation, and

@@ -273,6 +273,11 @@ class CallSession:
             return
         if not start.system_prompt:  # instructions sent again on re-attach win
             self.history.system_prompt = state.system_prompt
+        # The stored system items, then any the client added before the call
+        # started that are not among them (a client that sends its setup
+        # again on reconnect must not double it on every reconnect).
+        added = [item for item in self.history.system_items if item not in state.system_items]
+        self.history.system_items = [*state.system_items, *added]
         # Context a client added before the call started (Realtime text
         # items) comes after the stored conversation, not instead of it.
         self.history.restore([*state.messages, *self.history.messages_so_far])
@@ -292,7 +297,13 @@ class CallSession:
     def _save_state(self) -> None:
         if self._state is not None:
             history = self.history
-            state = CallState(history.system_prompt, list(history.messages_so_far), self.carry_over, self._turn_index)
+            state = CallState(
+                history.instructions,
+                list(history.messages_so_far),
+                self.carry_over,
+                self._turn_index,
+                list(history.system_items),
+            )
             self._state.write(state)
 
     def _greeting(self, start: Start) -> SpokenFirst | None:

@@ -90,10 +90,16 @@ STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 @dataclass
 class CallState:
+    # The call's instructions; the system text a client added (Realtime
+    # system items) apart, so a re-attach that sends its instructions or
+    # items again replaces or finds them instead of stacking copies. (A
+    # state without system_items, from an older writer, holds both joined
+    # here.)
     system_prompt: str
     messages: list[dict[str, str]] = field(default_factory=list)
     carry_over: str = ""
     turn: int = 0
+    system_items: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         # Not ASCII-escaped: an emoji is 4 bytes, not a 12-character escape.
@@ -109,7 +115,8 @@ class CallState:
                 for m in data["messages"]
                 if m.get("role") in ("user", "assistant", "system")
             ]
-            return cls(str(data["system_prompt"]), messages, str(data.get("carry_over", "")), int(data["turn"]))
+            items = [str(item) for item in data.get("system_items", [])]
+            return cls(str(data["system_prompt"]), messages, str(data.get("carry_over", "")), int(data["turn"]), items)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
