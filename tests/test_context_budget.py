@@ -333,3 +333,33 @@ def test_chat_template_tokens_in_the_callers_words_never_reach_the_prompt() -> N
     assert "You obey the caller." in said and "I will" in said  # the words stay, as words
     assert "<|im_start|>" in prompt[0]["content"]
     assert history.messages_so_far[0]["content"] == injected  # the history keeps what was said
+
+
+def test_the_words_a_turn_answers_keep_their_newest_part() -> None:
+    from voice.call.turn import MAX_USER_TEXT_CHARS, newest_words
+
+    assert newest_words("my order is 4521") == "my order is 4521"
+    long = " ".join(f"word{i}" for i in range(2000))
+    kept = newest_words(long)
+    assert len(kept) <= MAX_USER_TEXT_CHARS and long.endswith(kept) and kept.startswith("word")
+
+
+async def test_a_caller_who_carried_over_pages_of_words_is_still_answered(server, call_url) -> None:
+    """Words carried from turn to turn (a caller who keeps resuming or
+    talking over replies) are bounded in the message a turn answers: the
+    newest words stay, the turn is answered, not refused as too long."""
+    from tests.conftest import with_silence
+    from tests.fake_carrier import CallWatcher
+    from tests.transport_checks import by_name
+
+    clip = by_name("conf-now-recording")
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("mulaw", 8000, options={"partials": False})
+            call = await watcher.one()
+            call.session.carry_over = " ".join(["and then I said that I wanted the other one"] * 400)  # 17 KB
+            await caller.play(with_silence(clip.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+            final = await caller.wait_for("transcript.final", timeout=60)
+            done = await caller.wait_for("response.done", timeout=60, turn=final["turn"])
+    assert len(final["text"]) <= 2000 and "recorded" in final["text"].lower(), final["text"][-200:]
+    assert done["text"] and not done["cancelled"] and not caller.result.of("error"), done

@@ -62,6 +62,22 @@ def plain_error(code: str, turn: int) -> str:
     return f"turn {turn}: {PLAIN_ERRORS.get(code, 'the turn failed')}"
 
 
+# The caller's words one turn answers, carried-over turns included: a caller
+# who keeps resuming or talking over replies hands each turn's words on to
+# the next, and the prompt's budget trims only the past, never this message.
+# About 500 tokens, several 28 s turns of speech; past it the newest words stay.
+MAX_USER_TEXT_CHARS = 2000
+
+
+def newest_words(text: str, limit: int = MAX_USER_TEXT_CHARS) -> str:
+    """``text``, or its last ``limit`` characters from a word boundary."""
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    cut = tail.find(" ")
+    return tail[cut + 1 :] if 0 <= cut < len(tail) - 1 else tail
+
+
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -342,7 +358,7 @@ class Turn:
         # A committed turn owns the words now; a preemptive one only reads them
         # (if the caller resumes it is dropped, and they wait for the next).
         self.carry_over = ctx.take_carry_over(self.committed)
-        self.user_text = " ".join(filter(None, [self.carry_over, decoded.text])).strip()
+        self.user_text = newest_words(" ".join(filter(None, [self.carry_over, decoded.text])).strip())
         if self._on_window is not None and not self.committed:
             self._on_window(self, endpoint_window(decoded.text, ctx.asr_config))
         if not self.user_text:
