@@ -39,6 +39,21 @@ def test_redaction_and_the_warning_budget() -> None:
     assert WarningBudget().summary() is None
 
 
+def test_a_token_in_a_logged_url_is_redacted_however_it_was_encoded() -> None:
+    """The demo page puts a token a subprotocol cannot hold in ?token=,
+    encoded by encodeURIComponent, which leaves ( ) ! * ' as they are:
+    neither the raw token nor quote()'s form of it is in the line."""
+    import logging
+
+    from voice.server.log_format import REDACTED, ContextFilter
+
+    token = "a/b(c)=d"
+    record = logging.LogRecord("websockets.server", logging.DEBUG, __file__, 1,
+                               "< GET /v1/call?token=%s&x=1 HTTP/1.1", ("a%2Fb(c)%3Dd",), None)  # fmt: skip
+    assert ContextFilter([token]).filter(record)
+    assert record.getMessage() == f"< GET /v1/call?token={REDACTED}&x=1 HTTP/1.1"
+
+
 async def test_digits_and_malformed_frames_stay_out_of_info_logs(server: VoiceServer, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     twilio = Twilio(sid="MZ1", call_sid="CA1")  # the one Twilio client (benchmarks/callers)

@@ -29,6 +29,10 @@ _AUTH_HEADER = re.compile(
     r"(?i)^[<>] (authorization|cookie|x-api-key|proxy-authorization|x-twilio-signature"
     r"|x-twilio-webhooks-signature-settings): "
 )
+# A token in a logged URL's query, however the client percent-encoded it
+# (a browser's encodeURIComponent leaves ()!*' as they are, quote() does not,
+# so the secret's own forms above can miss it).
+_TOKEN_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s#]*")
 # A quoted snippet in a message about input (a repr of what the caller sent).
 _QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
 
@@ -98,6 +102,9 @@ class ContextFilter(logging.Filter):
         for secret in self.secrets:
             if secret in message:
                 message, changed = message.replace(secret, REDACTED), True
+        if "token=" in message.lower():
+            scrubbed = _TOKEN_QUERY.sub(lambda m: m.group(1) + REDACTED, message)
+            message, changed = scrubbed, changed or scrubbed != message
         if changed:
             record.msg, record.args = message, ()
         if record.exc_info and self.secrets:

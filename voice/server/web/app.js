@@ -432,7 +432,8 @@
     if (endedCleanly || stats.state === 'ended') return;
     if (!current.opened) {
       // The upgrade was refused; browsers hide the HTTP status, so ask /readyz.
-      let why = 'wrong or missing token, or the server is at capacity';
+      let why = 'wrong or missing token, the server is at capacity, or this page\'s address is not allowed '
+        + '(behind a proxy: --public-url or --allow-origin)';
       try {
         const ready = await (await fetch('/readyz', { cache: 'no-store' })).json();
         if (ready.draining) why = 'the server is shutting down';
