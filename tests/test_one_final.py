@@ -100,3 +100,29 @@ async def test_a_talked_over_turns_audio_outlives_the_final_that_carried_it() ->
     asr.close()
     await asyncio.sleep(0)
     assert not len(asr._orphaned)
+
+
+async def test_a_talked_over_turns_audio_outlives_a_final_dropped_after_its_decode() -> None:
+    """As above, but the preemptive turn is dropped after its final was
+    decoded (the caller went on while its reply was being generated): its
+    owner gives it up, and turn 2's audio still leads the next final."""
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    one, two, three, four = (np.full(n, v, np.float32) for n, v in ((100, 1), (160, 2), (200, 3), (240, 4)))
+    asr.submit("c", one, final=True)
+    asr.submit("c", two, final=True)  # talked over while it waits
+    preemptive = asr.submit("c", three, final=True)  # carries turn 2's audio
+    worker.finals()[0].set_result("one")
+    await asyncio.sleep(0)
+    assert np.array_equal(worker.audio[-1], np.concatenate([two, three]))
+    worker.finals()[1].set_result("two three")
+    assert await preemptive == "two three"
+    asr.abandon(preemptive)
+    asr.abandon(preemptive)  # once only
+    asr.submit("c", four, final=True)
+    assert np.array_equal(worker.audio[-1], np.concatenate([two, four]))
+    # Used once: the final after it is its own.
+    worker.finals()[-1].set_result("two four")
+    await asyncio.sleep(0)
+    asr.submit("c", one, final=True)
+    assert np.array_equal(worker.audio[-1], one)

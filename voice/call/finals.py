@@ -32,6 +32,9 @@ class OneFinalPerCall:
         self._orphaned = np.zeros(0, np.float32)
         # Finals that decode talked-over audio in front of their own -> that audio.
         self._carrying: dict[asyncio.Future[Any], np.ndarray] = {}
+        # The latest such final that finished decoding, and what it carried:
+        # its owner may still give it up (abandon) after the decode.
+        self._decoded_carry: tuple[asyncio.Future[Any], np.ndarray] | None = None
         self._closed = False
         self.superseded = 0  # finals merged into a newer one
 
@@ -87,8 +90,21 @@ class OneFinalPerCall:
 
     def _settled(self, future: asyncio.Future[Any]) -> None:
         carried = self._carrying.pop(future, None)
-        if carried is not None and future.cancelled() and not self._closed:
+        if carried is None or self._closed:
+            return
+        if future.cancelled():
             self._orphaned = np.concatenate([self._orphaned, carried])
+        else:
+            self._decoded_carry = (future, carried)
+
+    def abandon(self, future: asyncio.Future[Any]) -> None:
+        """The owner of a final that finished decoding gives its words up (a
+        preemptive turn the caller went on past): the talked-over audio it
+        carried leads the next final, as when it is cancelled mid-decode; its
+        own audio is in the caller's next turn anyway."""
+        if self._decoded_carry is not None and self._decoded_carry[0] is future and not self._closed:
+            self._orphaned = np.concatenate([self._orphaned, self._decoded_carry[1]])
+            self._decoded_carry = None
 
     def close(self) -> None:
         """The call is over: nothing of it is handed to the worker any more."""

@@ -245,6 +245,7 @@ class Turn:
         self.talked_over = False
         self._accounted = False  # its LLM work told to ctx.llm_used
         self._gate = asyncio.Event()
+        self._final: asyncio.Future[Any] | None = None  # its final decode, once asked for
         self._held: list[dict[str, Any]] = []
         if committed:
             self._gate.set()
@@ -310,6 +311,13 @@ class Turn:
                 # before its final was even asked for: decoded now, its words
                 # lead the next turn (as for a turn talked over mid-decode).
                 self.ctx.asr.submit(self.ctx.call_id, self.audio, final=True).add_done_callback(self._talked_over)
+            elif not self.committed and self._final is not None and self._final.done():
+                # Aborted (the caller went on) after its decode: talked-over
+                # turns' audio that the decode carried in front of this one's
+                # must lead the next final, or their words are lost.
+                abandon = getattr(self.ctx.asr, "abandon", None)
+                if abandon is not None:
+                    abandon(self._final)
             raise
 
     async def _run_gated(self) -> None:
@@ -335,7 +343,7 @@ class Turn:
             await self._reply()
             return
         self.times.asr_start = time.monotonic()
-        pending = ctx.asr.submit(ctx.call_id, self.audio, final=True)
+        pending = self._final = ctx.asr.submit(ctx.call_id, self.audio, final=True)
         try:
             # Shielded: a caller who talks over a committed turn mid-decode
             # still gets these words joined to their next turn.
