@@ -121,7 +121,7 @@ class NaiveSession:
             if ended is not None:
                 await self._on_event(ended, time.monotonic())
 
-    async def stop(self, reason: str = "client_stop") -> None:
+    async def stop(self, reason: str = "client_stop", heard: dict[int, str] | None = None) -> None:
         if self.closed:
             return
         self.closed = True
@@ -129,6 +129,8 @@ class NaiveSession:
             self._reply.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reply
+        for turn, words in (heard or {}).items():
+            self.reply_heard(turn, words)
         log.info("call %s ended (%s)", self.call_id, reason)
 
     def reply_heard(self, turn: int, heard: str) -> None:

@@ -240,16 +240,20 @@ class TelephonyCall:
         summary = self._warnings.summary()
         if summary is not None:
             log.warning("call %s (%s): %s", self.call_id, self.transport, summary)
-        heard = self._heard_at_end()
-        if self.playout is not None:
-            await self.playout.close()
-        await self.session.stop(reason, heard)
-        if self._counted:
-            self.runtime.active_calls -= 1
-            self._counted = False
-            metrics = getattr(self.runtime, "metrics", None)
-            if metrics is not None:
-                metrics.call_ended(reason)
+        try:
+            heard = self._heard_at_end()
+            if self.playout is not None:
+                await self.playout.close()
+            await self.session.stop(reason, heard)
+        finally:
+            # Counted off whatever the release raised: a call that leaves its
+            # count behind holds a --max-calls slot for the server's life.
+            if self._counted:
+                self.runtime.active_calls -= 1
+                self._counted = False
+                metrics = getattr(self.runtime, "metrics", None)
+                if metrics is not None:
+                    metrics.call_ended(reason)
 
     def _heard_at_end(self) -> dict[int, str]:
         """What the caller heard of replies cut by the end of the call: the
