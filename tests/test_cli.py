@@ -34,7 +34,9 @@ def test_a_variable_outside_a_flags_choices_is_refused(monkeypatch, capsys, vari
         (["--max-asr-queue", "-1"], "--max-asr-queue must be 0 or more"),
         (["--llm-prompt-cache-mib", "-1"], "--llm-prompt-cache-mib must be 0 or more"),
         (["--port", "70000"], "--port must be 0-65535"),
-        (["--audiosocket-port", "8765"], "--audiosocket-port must be 1-65535 and not --port's"),
+        (["--audiosocket-port", "8765"], "--audiosocket-port 8765 is --port's on the same address"),
+        (["--host", "0.0.0.0", "--audiosocket-port", "8765"], "is --port's on the same address"),
+        (["--audiosocket-port", "70000"], "--audiosocket-port must be 0-65535"),
         (["--log-level", "verbose"], "--log-level"),
     ],
 )
@@ -49,6 +51,12 @@ def test_a_bad_port_variable_is_a_usage_error_and_good_values_pass(monkeypatch, 
     with pytest.raises(SystemExit):
         parse_args(["serve"])
     assert "--port" in capsys.readouterr().err
+    monkeypatch.setenv("FIRSTLINE_PORT", "")  # an empty variable (a compose template) is no port given
+    assert parse_args(["serve"]).port == 8765
+    # One port number on two addresses is two listeners; 0 is any free port.
+    split = parse_args(["serve", "--host", "10.0.0.5", "--audiosocket-port", "8765"])
+    assert split.audiosocket_port == 8765
+    assert parse_args(["serve", "--port", "0", "--audiosocket-port", "0"]).audiosocket_port == 0
     monkeypatch.setenv("FIRSTLINE_PORT", "9000")
     monkeypatch.setenv("FIRSTLINE_ENGINE", "remote")
     args = parse_args(["serve", "--log-level", "debug", "--max-asr-queue", "0"])

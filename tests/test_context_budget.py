@@ -342,6 +342,9 @@ def test_the_words_a_turn_answers_keep_their_newest_part() -> None:
     long = " ".join(f"word{i}" for i in range(2000))
     kept = newest_words(long)
     assert len(kept) <= MAX_USER_TEXT_CHARS and long.endswith(kept) and kept.startswith("word")
+    # Without spaces near the cut (Japanese), the newest characters stay all the same.
+    spaced_late = "は" * 2500 + " はい"
+    assert newest_words(spaced_late) == spaced_late[-MAX_USER_TEXT_CHARS:]
 
 
 async def test_a_caller_who_carried_over_pages_of_words_is_still_answered(server, call_url) -> None:

@@ -70,12 +70,14 @@ MAX_USER_TEXT_CHARS = 2000
 
 
 def newest_words(text: str, limit: int = MAX_USER_TEXT_CHARS) -> str:
-    """``text``, or its last ``limit`` characters from a word boundary."""
+    """``text``, or its last ``limit`` characters, from a word boundary when
+    one is near the cut (text written without spaces, Chinese or Japanese
+    from a multilingual model, is cut where the limit falls)."""
     if len(text) <= limit:
         return text
     tail = text[-limit:]
-    cut = tail.find(" ")
-    return tail[cut + 1 :] if 0 <= cut < len(tail) - 1 else tail
+    cut = tail.find(" ", 0, 40)
+    return tail[cut + 1 :] if cut >= 0 else tail
 
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]

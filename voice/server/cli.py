@@ -123,8 +123,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not 0 <= args.port <= 65535:
             parser.error(f"--port must be 0-65535 (got {args.port})")
         audiosocket = args.audiosocket_port
-        if audiosocket is not None and (not 1 <= audiosocket <= 65535 or audiosocket == args.port):
-            parser.error(f"--audiosocket-port must be 1-65535 and not --port's (got {audiosocket})")
+        if audiosocket is not None:
+            if not 0 <= audiosocket <= 65535:
+                parser.error(f"--audiosocket-port must be 0-65535 (got {audiosocket})")
+            # The same port on one address (or on every address) cannot be
+            # bound twice; found now, not after the models have loaded.
+            anywhere = {"", "0.0.0.0", "::"}
+            audiosocket_host = args.audiosocket_host or ServerConfig.audiosocket_host or ""
+            hosts_meet = audiosocket_host == args.host or bool({audiosocket_host, args.host} & anywhere)
+            if audiosocket != 0 and audiosocket == args.port and hosts_meet:
+                parser.error(f"--audiosocket-port {audiosocket} is --port's on the same address")
     return args
 
 
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the websocket server")
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default loopback)")
     # A string default goes through type=int too: a bad FIRSTLINE_PORT is a usage error, not a traceback.
-    serve.add_argument("--port", type=int, default=_env("PORT", "8765"))
+    serve.add_argument("--port", type=int, default=_env("PORT") or "8765")
     serve.add_argument("--max-calls", type=int, default=ServerConfig.max_calls)
     serve.add_argument(
         "--engine",
