@@ -231,6 +231,35 @@ async def test_a_realtime_client_that_replays_its_setup_on_reconnect_gets_it_onc
                 assert history.system_prompt.count("Caller tier: gold.") == 1
 
 
+async def test_a_state_an_older_version_wrote_is_read_and_a_replayed_item_found_in_it(server) -> None:
+    """During a rolling upgrade a replica may pick up a call an older
+    version stored: instructions and items joined in one prompt. It is read
+    as the instructions, and an item the client sends again is not added a
+    second time. What this version writes, older readers read as before."""
+    import json
+
+    joined = "You are Ada.\n\nCaller tier: gold."
+    old = json.dumps({"system_prompt": joined, "messages": [{"role": "user", "content": "hi"}], "turn": 1})
+    state = CallState.from_json(old)
+    assert state is not None and (state.instructions, state.system_items) == (None, [])
+    token = "T" * 32
+    await server.runtime.store.save(f"realtime:{token}", state)
+    item = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "Caller tier: gold."}]}
+    with CallWatcher() as watcher:
+        client = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False, resume=token)
+        async with client:
+            await client.next_event("session.created", timeout=10)
+            await client.send({"type": "conversation.item.create", "item": item})
+            await client.send({"type": "response.create"})  # the session starts
+            await client.next_event("response.done", timeout=60)
+            call = await watcher.one()
+            history = call.session.history
+            assert call.session.resumed
+            assert history.system_prompt.count("Caller tier: gold.") == 1, history.system_prompt
+    written = json.loads(CallState("A\n\nB", [], "", 2, "A", ["B"]).to_json())
+    assert written["system_prompt"] == "A\n\nB"  # an older reader's whole prompt
+
+
 async def test_the_connection_a_re_attach_replaced_can_no_longer_write_the_call(server) -> None:
     """Two live connections on one token (the client re-attached while its
     old socket is still half open): the newest owns the conversation, and

@@ -271,12 +271,18 @@ class CallSession:
         state, self._claimed = self._claimed, None
         if state is None:
             return
+        # An older version's state holds instructions and items joined.
+        stored = state.system_prompt if state.instructions is None else state.instructions
         if not start.system_prompt:  # instructions sent again on re-attach win
-            self.history.system_prompt = state.system_prompt
+            self.history.system_prompt = stored
         # The stored system items, then any the client added before the call
         # started that are not among them (a client that sends its setup
         # again on reconnect must not double it on every reconnect).
-        added = [item for item in self.history.system_items if item not in state.system_items]
+        added = [
+            item
+            for item in self.history.system_items
+            if item not in state.system_items and f"\n\n{item}" not in stored
+        ]
         self.history.system_items = [*state.system_items, *added]
         # Context a client added before the call started (Realtime text
         # items) comes after the stored conversation, not instead of it.
@@ -298,10 +304,11 @@ class CallSession:
         if self._state is not None:
             history = self.history
             state = CallState(
-                history.instructions,
+                history.system_prompt,
                 list(history.messages_so_far),
                 self.carry_over,
                 self._turn_index,
+                history.instructions,
                 list(history.system_items),
             )
             self._state.write(state)

@@ -90,15 +90,16 @@ STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 @dataclass
 class CallState:
-    # The call's instructions; the system text a client added (Realtime
-    # system items) apart, so a re-attach that sends its instructions or
-    # items again replaces or finds them instead of stacking copies. (A
-    # state without system_items, from an older writer, holds both joined
-    # here.)
+    # The whole system prompt: the instructions and the system text a client
+    # added (Realtime system items), joined, as every version reads it.
     system_prompt: str
     messages: list[dict[str, str]] = field(default_factory=list)
     carry_over: str = ""
     turn: int = 0
+    # The same two apart, so a re-attach that sends its instructions or
+    # items again replaces or finds them instead of stacking copies. None:
+    # written by an older version, which stored only the joined prompt.
+    instructions: str | None = None
     system_items: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -115,8 +116,15 @@ class CallState:
                 for m in data["messages"]
                 if m.get("role") in ("user", "assistant", "system")
             ]
-            items = [str(item) for item in data.get("system_items", [])]
-            return cls(str(data["system_prompt"]), messages, str(data.get("carry_over", "")), int(data["turn"]), items)
+            instructions = data.get("instructions")
+            return cls(
+                str(data["system_prompt"]),
+                messages,
+                str(data.get("carry_over", "")),
+                int(data["turn"]),
+                None if instructions is None else str(instructions),
+                [str(item) for item in data.get("system_items", [])],
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
