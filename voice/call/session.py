@@ -279,9 +279,7 @@ class CallSession:
         # started that are not among them (a client that sends its setup
         # again on reconnect must not double it on every reconnect).
         added = [
-            item
-            for item in self.history.system_items
-            if item not in state.system_items and f"\n\n{item}" not in stored
+            item for item in self.history.system_items if item not in state.system_items and f"\n\n{item}" not in stored
         ]
         self.history.system_items = [*state.system_items, *added]
         # Context a client added before the call started (Realtime text
