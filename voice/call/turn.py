@@ -248,6 +248,7 @@ class Turn:
         self._accounted = False  # its LLM work told to ctx.llm_used
         self._gate = asyncio.Event()
         self._final: asyncio.Future[Any] | None = None  # its final decode, once asked for
+        self._started = False  # its task has taken its first step
         self._held: list[dict[str, Any]] = []
         if committed:
             self._gate.set()
@@ -274,8 +275,21 @@ class Turn:
         and metrics, and the client would wait for them for good)."""
         if self.outcome_given:
             return False
+        if not self._started:
+            # Cancelled before its first step, its task never runs (_run's
+            # handler included): a committed turn's words are handed on here.
+            self._started = True
+            self._hand_on_undecoded()
         self.task.cancel()
         return True
+
+    def _hand_on_undecoded(self) -> None:
+        """A committed turn talked over before its final was asked for: it is
+        decoded now, and its words lead the next turn (as for a turn talked
+        over mid-decode)."""
+        if self.committed and self.times.asr_start is None and self.spoken_first is None:
+            self.times.asr_start = time.monotonic()
+            self.ctx.asr.submit(self.ctx.call_id, self.audio, final=True).add_done_callback(self._talked_over)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         """A turn that failed outside the reply's own error handling would
@@ -305,14 +319,13 @@ class Turn:
         await self.ctx.emit(event)
 
     async def _run(self) -> None:
+        self._started = True
         try:
             await self._run_gated()
         except asyncio.CancelledError:
-            if self.committed and self.times.asr_start is None and self.spoken_first is None:
-                # Talked over while it waited its turn at the reply gate,
-                # before its final was even asked for: decoded now, its words
-                # lead the next turn (as for a turn talked over mid-decode).
-                self.ctx.asr.submit(self.ctx.call_id, self.audio, final=True).add_done_callback(self._talked_over)
+            if self.committed and self.times.asr_start is None:
+                # Talked over while it waited its turn at the reply gate.
+                self._hand_on_undecoded()
             elif not self.committed and self._final is not None and self._final.done():
                 # Aborted (the caller went on) after its decode: talked-over
                 # turns' audio that the decode carried in front of this one's
@@ -377,16 +390,20 @@ class Turn:
             # push-to-talk client waits for an answer to its commit.
             await self._out({"type": "turn.empty", "turn": self.index, "audio_end_ms": round(self.audio_end_s * 1000)})
             return
+        said = False
         try:
             await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text,
                              "audio_end_ms": round(self.audio_end_s * 1000)})  # fmt: skip
+            said = True
             await self._out({"type": "turn.ended", "turn": self.index})
         except asyncio.CancelledError:
             if self.committed and not self.outcome_given:
-                # Talked over while its transcript went out: the carried-over
-                # words it took are in user_text; both lead the next turn.
+                # Talked over while its transcript went out. Not yet out: its
+                # words (carried-over ones included) lead the next turn. Out:
+                # the client has them as this turn's, so they stay this turn's
+                # (the history keeps them, unanswered), not said twice.
                 self.outcome_given = True
-                self.ctx.finished(TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=False))
+                self.ctx.finished(TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=said))
             raise
         await self._reply()
 
