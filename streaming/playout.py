@@ -208,6 +208,13 @@ class Playout:
         :meth:`interrupt`: confirmed by a mark or by the playout clock)."""
         return " ".join(s.text for s in self.segments if s.turn == turn and s.played)
 
+    def heard_so_far(self, turn: int, by_clock: bool) -> str:
+        """As :meth:`heard`, without interrupting: confirmed by a mark, or
+        (``by_clock``) over by the playout clock now. For a call that ends
+        with its reply still going out."""
+        now = time.monotonic()
+        return " ".join(s.text for s in self.segments if s.turn == turn and (s.played or (by_clock and s.end_s <= now)))
+
     async def close(self) -> None:
         self._generation += 1
         # Cancel until it is done: a cancel can be lost inside library code

@@ -264,8 +264,7 @@ class TelephonyCall:
         heard = dict(self._heard_pending)
         playout, turn = self.playout, self.playing()
         if playout is not None and turn is not None:
-            playout.interrupt(by_clock=not self.echoes_marks)
-            heard[turn] = playout.heard(turn)
+            heard[turn] = playout.heard_so_far(turn, by_clock=not self.echoes_marks)
         return heard
 
     # ---- carrier events ------------------------------------------------
