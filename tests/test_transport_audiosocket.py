@@ -171,6 +171,29 @@ async def test_voice_server_starts_and_stops_the_audiosocket_listener(server):
     assert not second.audiosocket.is_serving()
 
 
+async def test_an_audiosocket_port_in_use_fails_the_start_before_the_models_load() -> None:
+    """A busy AudioSocket port is found when the listeners are bound, before
+    the server spends its warm-up loading models (it was bound after)."""
+    import time
+
+    import pytest
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    srv = VoiceServer(ServerConfig(port=0, audiosocket_port=busy.getsockname()[1]))
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError):
+            await srv.start()
+        assert time.monotonic() - started < 5 and not srv.runtime.ready
+    finally:
+        busy.close()
+        if srv._server is not None:
+            srv._server.close()
+            await srv._server.wait_closed()
+
+
 async def test_a_flood_in_one_write_ends_the_call_once(server, caplog):
     """Tens of thousands of tiny messages in one TCP write are handled
     without the read loop ever suspending: the call's allowance ends it,

@@ -446,8 +446,9 @@ class VoiceServer:
             write_limit=self.config.limits.write_limit,
             compression=None,  # audio does not compress; deflate only adds latency
         )
-        if self._owns_runtime or not self.runtime.ready:
-            await self.runtime.start()
+        # Both listeners are bound before the models load (a port in use
+        # fails at once, not after a minute of warm-up); calls that come
+        # meanwhile are refused as warming_up, on either.
         if self.config.audiosocket_port is not None:  # Asterisk AudioSocket: TCP, beside the websockets
             host = self.config.audiosocket_host or self.config.host
             allow = parse_networks(self.config.audiosocket_allow)
@@ -458,6 +459,8 @@ class VoiceServer:
             self.audiosocket = await start_audiosocket(
                 self.runtime, host, self.config.audiosocket_port, registry=self.registry, allow=allow
             )
+        if self._owns_runtime or not self.runtime.ready:
+            await self.runtime.start()
 
     @property
     def port(self) -> int:
