@@ -48,6 +48,7 @@ _ABBREVIATIONS = frozenset(
 _NUMBER_ABBREVIATIONS = frozenset(
     {
         "no", "nos", "vol", "fig", "p", "pp", "ch", "sec",
+        "ext", "apt", "ste", "rm", "bldg", "fl", "tel",
         "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
         "nov", "dec",
         "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
@@ -56,6 +57,9 @@ _NUMBER_ABBREVIATIONS = frozenset(
 # Dotted initialisms that usually *end* a clause, so a capital after them
 # starts a sentence: "Meet at 5 p.m. Bring snacks." ("U.S. Army" does not.)
 _CLAUSE_FINAL_DOTTED = frozenset({"a.m", "p.m"})
+# What an emoji is made of: the symbol, a skin tone (Sk), the variation
+# selector after "❤" (Mn), the zero-width joiner of combined ones (Cf).
+_EMOJI_PARTS = frozenset({"So", "Sk", "Mn", "Me", "Cf"})
 # (Only the first letters of a longer word are waited for.)
 _LONGEST_AFTER_CLOCK_TIME = 10
 # ...unless the capital starts one of these: "at 10 a.m. Monday", "3 p.m.
@@ -64,7 +68,8 @@ _AFTER_CLOCK_TIME = frozenset(
     {
         "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
         "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
-        "january", "february", "march", "april", "may", "june", "july", "august",
+        # Not "may": "at 9 a.m. May I have your name?" is an agent's everyday line.
+        "january", "february", "march", "april", "june", "july", "august",
         "september", "october", "november", "december",
         "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
         "eastern", "central", "mountain", "pacific", "atlantic", "alaska", "hawaii",
@@ -294,7 +299,7 @@ class SentenceSegmenter:
         elif ch in _OPENERS:
             self._mode = _Mode.OPENERS
             return
-        elif self._mode is _Mode.SPACE and unicodedata.category(ch) == "So":
+        elif self._mode is _Mode.SPACE and unicodedata.category(ch) in _EMOJI_PARTS:
             # An emoji or other symbol ("Sure! 😊 I can help"): the next
             # letter decides, as if it were space (it was dropping the end,
             # and the first sentence waited for the whole reply).

@@ -57,10 +57,11 @@ class TextToSpeech(Protocol):
 # and fails outright from 37 digits on.
 MAX_DIGITS_AS_NUMBER = 6
 _LONG_DIGIT_RUN = re.compile(rf"\d{{{MAX_DIGITS_AS_NUMBER + 1},}}")
+_CURRENCY = "$€£¥"
 # A number written with thousands separators is an amount ("1,250,000": one
 # million two hundred fifty thousand) up to the trillions; past that nobody
 # says it as one number, and hibari fails on 37 digits however written.
-MAX_GROUPED_DIGITS = 12
+MAX_GROUPED_DIGITS = 15
 _GROUPED_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+")
 
 
@@ -69,10 +70,22 @@ def _grouped(match: re.Match[str]) -> str:
     return " ".join(digits) if len(digits) > MAX_GROUPED_DIGITS else match.group()
 
 
+def _digit_run(match: re.Match[str]) -> str:
+    """A long run of digits, digit by digit, unless it is money: after a
+    currency sign or with decimals it is an amount ("$2500000" is two and a
+    half million dollars, not "two dollars, five, zero..."), up to the
+    trillions, as for separators."""
+    text, run = match.string, match.group()
+    after = text[match.end() : match.end() + 2]
+    money = (match.start() > 0 and text[match.start() - 1] in _CURRENCY) or (after[:1] == "." and after[1:].isdigit())
+    return run if money and len(run) <= MAX_GROUPED_DIGITS else " ".join(run)
+
+
 def speakable(text: str) -> str:
     """``text`` as the voice should read it: long digit runs digit by digit,
-    amounts with separators as amounts unless they run past the trillions."""
-    return _LONG_DIGIT_RUN.sub(lambda m: " ".join(m.group()), _GROUPED_NUMBER.sub(_grouped, text))
+    amounts (separators, a currency sign, decimals) as amounts unless they
+    run past the trillions."""
+    return _LONG_DIGIT_RUN.sub(_digit_run, _GROUPED_NUMBER.sub(_grouped, text))
 
 
 class HibariTTS:

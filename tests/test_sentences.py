@@ -136,6 +136,24 @@ CASES = [
         id="emoji-between-sentences",
     ),
     pytest.param(
+        "Great! \u2764\ufe0f I can help. Sure! \U0001f44d\U0001f3fd Done.",
+        ["Great!", "\u2764\ufe0f I can help.", "Sure!", "\U0001f44d\U0001f3fd Done."],
+        {},
+        id="emoji-with-variation-selector-or-skin-tone",
+    ),
+    pytest.param(
+        "Call 555-0100, ext. 12 for billing. Ship to Apt. 4B in Austin.",
+        ["Call 555-0100, ext. 12 for billing.", "Ship to Apt. 4B in Austin."],
+        {},
+        id="extension-and-apartment-before-a-number",
+    ),
+    pytest.param(
+        "We open at 9 a.m. May I have your name?",
+        ["We open at 9 a.m.", "May I have your name?"],
+        {},
+        id="may-i-after-a-clock-time",
+    ),
+    pytest.param(
         "Take bus No. 5 downtown. It is quick.",
         ["Take bus No. 5 downtown.", "It is quick."],
         {},

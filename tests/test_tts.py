@@ -140,6 +140,10 @@ async def test_a_long_number_is_read_digit_by_digit():
     # With thousands separators it is an amount, unless past the trillions
     # (13 groups of 123 made hibari raise as 37 plain digits do).
     assert speakable("That is 1,250,000 dollars.") == "That is 1,250,000 dollars."
+    # Money is an amount too, with a currency sign or decimals, up to the trillions.
+    assert speakable("It costs $2500000, or 1234567.89 euros.") == "It costs $2500000, or 1234567.89 euros."
+    assert speakable("$1,000,000,000,000 and ref 12345678.") == "$1,000,000,000,000 and ref 1 2 3 4 5 6 7 8."
+    assert speakable("$" + "7" * 16) == "$" + " ".join("7" * 16)
     grouped = ",".join(["123"] * 13)
     assert speakable(f"Ref {grouped}.") == "Ref " + " ".join("123" * 13) + "."
     tts = shared_tts()
