@@ -58,6 +58,11 @@ class TextToSpeech(Protocol):
 MAX_DIGITS_AS_NUMBER = 6
 _LONG_DIGIT_RUN = re.compile(rf"\d{{{MAX_DIGITS_AS_NUMBER + 1},}}")
 _CURRENCY = "$€£¥"
+# A phone number written with dashes ("555-0100", "(415) 555-0100",
+# "1-800-555-0100"): read digit by digit, a pause between groups, as on the
+# phone. (hibari's own phone rule misses one right before a full stop, and
+# every sentence ends in one.)
+_PHONE_NUMBER = re.compile(r"(?<![\w-])(?:1-)?(?:\(\d{3}\) ?|\d{3}-)?\d{3}-\d{4}(?![\w-])")
 # A number written with thousands separators is an amount ("1,250,000": one
 # million two hundred fifty thousand) up to the trillions; past that nobody
 # says it as one number, and hibari fails on 37 digits however written.
@@ -81,10 +86,16 @@ def _digit_run(match: re.Match[str]) -> str:
     return run if money and len(run) <= MAX_GROUPED_DIGITS else " ".join(run)
 
 
+def _phone_number(match: re.Match[str]) -> str:
+    groups = re.findall(r"\d+", match.group())
+    return ", ".join(" ".join(group) for group in groups)
+
+
 def speakable(text: str) -> str:
-    """``text`` as the voice should read it: long digit runs digit by digit,
-    amounts (separators, a currency sign, decimals) as amounts unless they
-    run past the trillions."""
+    """``text`` as the voice should read it: phone numbers and long digit
+    runs digit by digit, amounts (separators, a currency sign, decimals) as
+    amounts unless they run past the trillions."""
+    text = _PHONE_NUMBER.sub(_phone_number, text)
     return _LONG_DIGIT_RUN.sub(_digit_run, _GROUPED_NUMBER.sub(_grouped, text))
 
 

@@ -144,6 +144,12 @@ async def test_a_long_number_is_read_digit_by_digit():
     assert speakable("It costs $2500000, or 1234567.89 euros.") == "It costs $2500000, or 1234567.89 euros."
     assert speakable("$1,000,000,000,000 and ref 12345678.") == "$1,000,000,000,000 and ref 1 2 3 4 5 6 7 8."
     assert speakable("$" + "7" * 16) == "$" + " ".join("7" * 16)
+    # A phone number with dashes, digit by digit in its groups; ranges and codes are left alone.
+    assert speakable("Reach us at 555-212-4498.") == "Reach us at 5 5 5, 2 1 2, 4 4 9 8."
+    assert speakable("Call (415) 555-0100 or 1-800-555-0100.") == (
+        "Call 4 1 5, 5 5 5, 0 1 0 0 or 1, 8 0 0, 5 5 5, 0 1 0 0."
+    )
+    assert speakable("Open 9-5, 2023-2024, order ABC-555-1234.") == "Open 9-5, 2023-2024, order ABC-555-1234."
     grouped = ",".join(["123"] * 13)
     assert speakable(f"Ref {grouped}.") == "Ref " + " ".join("123" * 13) + "."
     tts = shared_tts()
