@@ -40,10 +40,13 @@ _ABBREVIATIONS = frozenset(
     {
         "dr", "mr", "mrs", "ms", "mx", "prof", "st", "jr", "sr", "mt", "rev",
         "gen", "gov", "sen", "rep", "capt", "lt", "sgt", "col", "messrs",
-        "vs", "e.g", "i.e", "cf", "approx", "ph.d",
-        "inc", "ltd", "corp", "co",
+        "vs", "e.g", "i.e", "cf", "approx", "ph.d", "co",
     }
 )  # fmt: skip
+# Company suffixes end a name, and often the sentence with it: a capital after
+# them starts a new one ("I work at Acme Inc. It is great."); anything else
+# goes on ("Acme Inc., the maker", "Acme Inc. shares").
+_SUFFIX_ABBREVIATIONS = frozenset({"inc", "ltd", "corp", "llc"})
 # A "word." that is only an abbreviation before a number: "No. 5" is, "No. Thanks" is not.
 _NUMBER_ABBREVIATIONS = frozenset(
     {
@@ -329,6 +332,8 @@ class SentenceSegmenter:
         key = token.lower()
         if key in _ABBREVIATIONS:
             return True
+        if key in _SUFFIX_ABBREVIATIONS:
+            return not next_ch.isupper()
         if next_ch.isdigit() and key in _NUMBER_ABBREVIATIONS:
             return True
         if len(token) == 1 and token.isupper():

@@ -148,6 +148,12 @@ CASES = [
         id="extension-and-apartment-before-a-number",
     ),
     pytest.param(
+        "I work at Acme Inc. It is a great place. Acme Inc. shares rose.",
+        ["I work at Acme Inc.", "It is a great place.", "Acme Inc. shares rose."],
+        {},
+        id="company-suffix-ends-a-sentence-before-a-capital",
+    ),
+    pytest.param(
         "We open at 9 a.m. May I have your name?",
         ["We open at 9 a.m.", "May I have your name?"],
         {},
@@ -161,8 +167,8 @@ CASES = [
     ),
     pytest.param("No. Thanks anyway.", ["No.", "Thanks anyway."], {}, id="no-answer"),
     pytest.param(
-        "Shares of Acme Inc. Rose while Widgets Ltd. Fell. Odd day.",
-        ["Shares of Acme Inc. Rose while Widgets Ltd. Fell.", "Odd day."],
+        "Shares of Acme Inc. rose while Widgets Ltd. fell. Odd day.",
+        ["Shares of Acme Inc. rose while Widgets Ltd. fell.", "Odd day."],
         {},
         id="inc-ltd",
     ),
