@@ -73,8 +73,8 @@ class Decoded:
     # after delivering them).
     retry_alone: bool = False
     # Whisper's probability that the audio holds no speech, and its words'
-    # mean log-probability (None: not measured, e.g. a segmented decode, which
-    # faster-whisper filters itself). no_speech: words were heard but dropped
+    # mean log-probability (None: not measured: the filter is off, or a
+    # segmented decode, which faster-whisper filters itself). no_speech: words were heard but dropped
     # as noise by ASRConfig.no_speech_threshold.
     no_speech_prob: float | None = None
     avg_logprob: float | None = None
@@ -237,8 +237,10 @@ class WhisperDecoder:
             max_length=max(item.max_length for item in items),
             suppress_blank=True,
             suppress_tokens=self._suppress,
-            return_scores=True,
-            return_no_speech_prob=True,
+            # Only for the no-speech filter (a softmax at the first step and a
+            # score per sequence; nothing when it is off).
+            return_scores=self.config.no_speech_threshold is not None,
+            return_no_speech_prob=self.config.no_speech_threshold is not None,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
         )
@@ -255,7 +257,9 @@ class WhisperDecoder:
                 # tiny.en writes "." or ". . ." for a breath, a click or a tone:
                 # no words, so no turn to answer (the session says turn.empty).
                 text = ""
-            no_speech_prob, avg_logprob = float(result.no_speech_prob), float(result.scores[0])
+            measured = self.config.no_speech_threshold is not None
+            no_speech_prob = float(result.no_speech_prob) if measured else None
+            avg_logprob = float(result.scores[0]) if measured else None
             noise = bool(text) and self._is_noise(no_speech_prob, avg_logprob)
             decoded.append(
                 Decoded(
@@ -286,13 +290,15 @@ class WhisperDecoder:
                 decoded[i] = keep_longer(decoded[i], again, time.perf_counter() - redo_started)
         return decoded
 
-    def _is_noise(self, no_speech_prob: float, avg_logprob: float) -> bool:
+    def _is_noise(self, no_speech_prob: float | None, avg_logprob: float | None) -> bool:
         """Words Whisper wrote for audio it also says holds no speech, and
         wrote unsure of (both, as faster-whisper's own filter asks: a quiet
         short answer can score a high no-speech probability and still be
         sure of its word)."""
         threshold = self.config.no_speech_threshold
-        return threshold is not None and no_speech_prob > threshold and avg_logprob < self.config.no_speech_logprob
+        if threshold is None or no_speech_prob is None or avg_logprob is None:
+            return False
+        return no_speech_prob > threshold and avg_logprob < self.config.no_speech_logprob
 
     def _segmented(self, item: _Prepared, started: float) -> Decoded:
         """The audio decoded with timestamps, segment after segment: a turn

@@ -15,24 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.client import NativeCaller, last_voiced_s
-from benchmarks.corpus import load_audio
-
-
-def spoken(text: str) -> np.ndarray:
-    """``text`` in the embedded TTS voice (hibari-tts, installed by `make
-    serve`), 16 kHz: a caller for a machine that has no recording at hand."""
-    import soxr
-    from hibari import Hibari
-
-    audio24 = np.asarray(Hibari(voice="heart", threads=1)(text, seed=0), dtype=np.float32)
-    return soxr.resample(audio24, 24000, 16000).astype(np.float32)
+from benchmarks.corpus import load_audio, spoken
 
 
 async def run(ns: argparse.Namespace) -> None:
     if ns.say:
         import soxr
 
-        audio16 = spoken(ns.say)
+        audio16 = spoken(ns.say, 16000)
         audio8 = soxr.resample(audio16, 16000, 8000).astype(np.float32)
     else:
         audio16, audio8 = load_audio(Path(ns.audio), 16000), load_audio(Path(ns.audio), 8000)

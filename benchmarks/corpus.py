@@ -92,6 +92,22 @@ def asterisk_prompts(min_words: int = 3) -> list[Utterance]:
     return sorted(prompts, key=lambda u: u.name)
 
 
+def spoken(text: str, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """``text`` in the embedded TTS voice (hibari-tts, "heart"), float32 at
+    ``rate``: a caller for a machine with no recording of the words wanted.
+    One voice, loaded once per process; ``seed`` fixes its sampling."""
+    global _voice
+    if _voice is None:
+        from hibari import Hibari
+
+        _voice = Hibari(voice="heart", threads=1)
+    audio24 = np.asarray(_voice(text, seed=seed), dtype=np.float32)
+    return soxr.resample(audio24, 24000, rate).astype(np.float32)
+
+
+_voice = None
+
+
 def through_phone_line(audio8k: np.ndarray, encoding: str = "mulaw", rate: int = 16000) -> np.ndarray:
     """8 kHz float -> G.711 -> back -> ``rate``: what the server hears of a call."""
     pcm = decode(encode(float_to_int16(audio8k), encoding), encoding)  # type: ignore[arg-type]

@@ -206,7 +206,7 @@ class Playout:
     def heard(self, turn: int) -> str:
         """The sentences of ``turn`` the caller heard in full (after
         :meth:`interrupt`: confirmed by a mark or by the playout clock)."""
-        return " ".join(s.text for s in self.segments if s.turn == turn and s.played)
+        return self.heard_so_far(turn, by_clock=False)
 
     def heard_so_far(self, turn: int, by_clock: bool) -> str:
         """As :meth:`heard`, without interrupting: confirmed by a mark, or

@@ -287,9 +287,9 @@ class Turn:
         """A committed turn talked over before its final was asked for: it is
         decoded now, and its words lead the next turn (as for a turn talked
         over mid-decode)."""
-        if self.committed and self.times.asr_start is None and self.spoken_first is None:
-            self.times.asr_start = time.monotonic()
-            self.ctx.asr.submit(self.ctx.call_id, self.audio, final=True).add_done_callback(self._talked_over)
+        if self.committed and self._final is None and self.spoken_first is None:
+            self._final = self.ctx.asr.submit(self.ctx.call_id, self.audio, final=True)
+            self._final.add_done_callback(self._talked_over)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         """A turn that failed outside the reply's own error handling would
@@ -323,7 +323,7 @@ class Turn:
         try:
             await self._run_gated()
         except asyncio.CancelledError:
-            if self.committed and self.times.asr_start is None:
+            if self.committed and self._final is None:
                 # Talked over while it waited its turn at the reply gate.
                 self._hand_on_undecoded()
             elif not self.committed and self._final is not None and self._final.done():

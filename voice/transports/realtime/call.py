@@ -191,12 +191,16 @@ class RealtimeCall(WebSocketCall):
         param = exc.param if isinstance(exc, RealtimeError) else None
         event_id = (self.last_message or {}).get("event_id")
         self.last_message = None
+        await self.client_error(code, str(exc), param, event_id)
+
+    async def client_error(self, code: str, message: str, param: str | None, event_id: object) -> None:
+        """An ``invalid_request_error`` about the client's event ``event_id``."""
         await self.send_event(
             "error",
             error={
                 "type": "invalid_request_error",
                 "code": code,
-                "message": str(exc),
+                "message": message,
                 "param": param,
                 "event_id": event_id if isinstance(event_id, str) else None,
             },

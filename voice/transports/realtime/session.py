@@ -92,17 +92,8 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
         # The rest of the update took; say what did not, so a client that set
         # up tools does not wait for a function call that cannot come. Not a
         # refused event: it does not count against the client as malformed.
-        event_id = msg.get("event_id")
-        await call.send_event(
-            "error",
-            error={
-                "type": "invalid_request_error",
-                "code": "unsupported_parameter",
-                "message": "session updated without: " + "; ".join(f"{name} ({why})" for name, why in ignored),
-                "param": ignored[0][0],
-                "event_id": event_id if isinstance(event_id, str) else None,
-            },
-        )
+        message = "session updated without: " + "; ".join(f"{name} ({why})" for name, why in ignored)
+        await call.client_error("unsupported_parameter", message, ignored[0][0], msg.get("event_id"))
 
 
 def unserved_fields(update: dict[str, Any]) -> list[tuple[str, str]]:
