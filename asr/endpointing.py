@@ -32,6 +32,10 @@ CONTINUATION_WORDS = frozenset(
     is are was were be been am can could would should will shall may might must
     do does did have has had i we you he she they it
     plus minus point dot dash oh zero
+    whether regarding including concerning except without within during toward
+    towards against across per via upon behind beyond
+    i'm i'd i'll i've we're we'll we've you're you'll they're they'll he's
+    she's it's there's what's let's
     """.split()
 )
 
@@ -40,7 +44,21 @@ CONTINUATION_WORDS = frozenset(
 # ("can you", "do you", "is it", "and it").
 OBJECT_PRONOUNS = frozenset({"you", "it"})
 
+# Whisper's question mark is its ear's verdict that a question ended; after
+# a pronoun ("Can you repeat that?", "Who is this?", "Is it?") it closes
+# the question, where a period after the same word ("I was told that.")
+# does not close the sentence.
+QUESTION_CLOSERS = frozenset({"that", "this", "these", "those", "it", "you", "them", "there", "here", "one"})
+
 _WORD = re.compile(r"[a-z0-9']+")
+
+
+def _words(text: str) -> list[str]:
+    """Lower-cased words, a typographic apostrophe read as a plain one
+    ("I’m" is one word, as "I'm")."""
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
+
+
 # How Whisper writes words it heard go on: a trailing comma, dash, ellipsis
 # or colon.
 _GOES_ON = (",", "-", "...", "…", ":")
@@ -120,7 +138,7 @@ def short_answer(text: str) -> bool:
     stripped = text.strip().lower()
     if stripped.endswith(_GOES_ON):
         return False
-    words = _WORD.findall(stripped)
+    words = _words(stripped)
     return (
         0 < len(words) <= SHORT_ANSWER_WORDS
         and all(w in _ANSWER_CORE or w in _ANSWER_FILL for w in words)
@@ -129,13 +147,19 @@ def short_answer(text: str) -> bool:
 
 
 def ends_unfinished(text: str) -> bool:
-    """The words so far stop where a speaker is almost never done."""
-    words = _WORD.findall(text.lower())
+    """The words so far stop where a speaker is almost never done: on a
+    continuation word, a numeral, or a run of digits spoken as words ("seven
+    three one"; a lone "one" ends "the blue one")."""
+    words = _words(text)
     if not words:
         return False
     word = words[-1]
+    if text.rstrip().endswith("?") and word in QUESTION_CLOSERS:
+        return False
     if word in OBJECT_PRONOUNS:
         return len(words) < 2 or words[-2] in CONTINUATION_WORDS
+    if word in DIGIT_WORDS and len(words) >= 2 and (words[-2] in DIGIT_WORDS or words[-2].isdigit()):
+        return True
     return word in CONTINUATION_WORDS or word.isdigit()
 
 
@@ -152,7 +176,7 @@ def endpoint_window(text: str, config: ASRConfig) -> float:
         return config.endpoint_max_s
     # Whisper closes fragments with a period too ("At the tone."), so a
     # period counts only after a clause-sized run of words.
-    words = len(_WORD.findall(stripped.lower()))
+    words = len(_words(stripped))
     if stripped.endswith(("?", "!")) or (stripped.endswith(".") and words >= config.endpoint_sentence_words):
         return config.endpoint_min_s
     return config.endpoint_unsure_s

@@ -103,6 +103,17 @@ def test_word_rule_windows() -> None:
         "You": hi,
         "Please enter your password.": mid,  # a fragment closed by Whisper's period
         "": mid,
+        # Words after which a caller is not done, though Whisper wrote a period.
+        "So the reason I'm.": hi,
+        "So the reason I\u2019m.": hi,
+        "I was wondering whether.": hi,
+        "I'm calling regarding.": hi,
+        "My account is seven three one.": hi,  # digits spoken as words
+        "I'll take the blue one.": lo,  # a lone "one" is not a digit run
+        "I was told that.": hi,  # "that" goes on ("I was told that | it shipped")
+        # A question mark after a pronoun closes the question.
+        "Can you repeat that?": lo,
+        "Who is this?": lo,
     }
     assert {text: endpoint_window(text, CFG) for text in table} == table
     # Fewer words make a sentence: a short one closed by a period is done,
