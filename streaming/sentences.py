@@ -23,7 +23,9 @@ import enum
 import string
 import unicodedata
 
-_WESTERN_TERMINATORS = frozenset(".!?…")
+# With the Arabic question mark and Urdu full stop ("؟", "۔") and the
+# Devanagari danda ("।", "॥"): each is followed by a space, as "." is.
+_WESTERN_TERMINATORS = frozenset(".!?…؟۔।॥")
 # CJK text has no spaces between sentences, so these end a sentence on their own.
 _CJK_TERMINATORS = frozenset("。！？｡")
 _TERMINATORS = _WESTERN_TERMINATORS | _CJK_TERMINATORS
@@ -60,6 +62,17 @@ _NUMBER_ABBREVIATIONS = frozenset(
 # Dotted initialisms that usually *end* a clause, so a capital after them
 # starts a sentence: "Meet at 5 p.m. Bring snacks." ("U.S. Army" does not.)
 _CLAUSE_FINAL_DOTTED = frozenset({"a.m", "p.m"})
+# Words that start a sentence and almost never follow a person's initial:
+# after a lone capital initial ("option A.", "vitamin C.", "Plan B.") one of
+# these starts the next sentence; a name ("J. Smith") does not.
+_SENTENCE_STARTERS = frozenset(
+    """
+    the it it's this that these those then there here you your i we they he she
+    please if and but so also next now let what when where which how why who
+    is are do does can could would will should thank thanks for to a an my our
+    just yes no okay ok great sure after before once otherwise in on at with
+    """.split()
+)
 # What an emoji is made of: the symbol, a skin tone (Sk), the variation
 # selector after "❤" (Mn), the zero-width joiner of combined ones (Cf).
 _EMOJI_PARTS = frozenset({"So", "Sk", "Mn", "Me", "Cf"})
@@ -198,6 +211,11 @@ class SentenceSegmenter:
         self._cand_token = ""  # the word the terminator is attached to
         self._cand_list_marker = False  # "1." opening a list item
         self._next_word_start = 0  # NEXT_WORD: where the word after "a.m." starts
+        # NEXT_WORD: the candidate ends unless that word is in the first set
+        # ("a.m. Monday"), or, where the second is given, only if it is there
+        # ("option A. Then").
+        self._next_word_ends_unless: frozenset[str] = frozenset()
+        self._next_word_ends_if: frozenset[str] | None = None
         # Word tracking for the run-on cap, within the pending text.
         self._in_word = False
         self._word_start = 0
@@ -309,16 +327,36 @@ class SentenceSegmenter:
             return
         elif _can_start_sentence(ch) and not self._is_false_end(ch):
             if ch.isupper() and self._cand_single_dot and self._cand_token.lower() in _CLAUSE_FINAL_DOTTED:
-                self._mode = _Mode.NEXT_WORD
-                self._next_word_start = pos
+                self._wait_next_word(pos, ends_unless=_AFTER_CLOCK_TIME)
                 return
             self._emit(self._cand_end)
+        elif ch.isupper() and self._cand_is_initial():
+            # "option A. Then..." ends; "J. Smith" does not: the next word says.
+            self._wait_next_word(pos, ends_if=_SENTENCE_STARTERS)
+            return
         self._scan_text(ch, pos)
+
+    def _wait_next_word(
+        self, pos: int, ends_unless: frozenset[str] = frozenset(), ends_if: frozenset[str] | None = None
+    ) -> None:
+        self._mode = _Mode.NEXT_WORD
+        self._next_word_start = pos
+        self._next_word_ends_unless = ends_unless
+        self._next_word_ends_if = ends_if
+
+    def _cand_is_initial(self) -> bool:
+        token = self._cand_token
+        return self._cand_single_dot and not self._cand_list_marker and len(token) == 1 and token.isupper()
 
     def _scan_next_word(self, ch: str, pos: int) -> None:
         if ch.isalpha() and pos - self._next_word_start < _LONGEST_AFTER_CLOCK_TIME:
             return
-        if self._text(self._next_word_start, pos).lower() not in _AFTER_CLOCK_TIME:
+        word = self._text(self._next_word_start, pos).lower()
+        if self._next_word_ends_if is not None:
+            ends = word in self._next_word_ends_if
+        else:
+            ends = word not in self._next_word_ends_unless
+        if ends:
             self._emit(self._cand_end)
         self._scan_text(ch, pos)
 

@@ -178,6 +178,12 @@ CASES = [
         {},
         id="initials",
     ),
+    pytest.param(
+        "Choose option A. Then press pound. This is J. Smith speaking.",
+        ["Choose option A.", "Then press pound.", "This is J. Smith speaking."],
+        {},
+        id="sentence-ends-on-a-lone-initial",
+    ),
     # Numbers, times, versions, addresses.
     pytest.param("Pi is about 3.14 in math. Nice.", ["Pi is about 3.14 in math.", "Nice."], {}, id="decimal"),
     pytest.param("It costs $4.99 at 10:30. Hurry.", ["It costs $4.99 at 10:30.", "Hurry."], {}, id="price-time"),
@@ -194,6 +200,8 @@ CASES = [
     pytest.param("(See the manual.) Then restart.", ["(See the manual.)", "Then restart."], {}, id="closing-paren"),
     pytest.param('Okay. "Great," she said.', ["Okay.", '"Great," she said.'], {}, id="opening-quote"),
     pytest.param("Hola. ¿Qué tal?", ["Hola.", "¿Qué tal?"], {}, id="inverted-question"),
+    pytest.param("مرحبا؟ كيف حالك.", ["مرحبا؟", "كيف حالك."], {}, id="arabic-question-mark"),
+    pytest.param("नमस्ते। आप कैसे हैं?", ["नमस्ते।", "आप कैसे हैं?"], {}, id="devanagari-danda"),
     pytest.param("**Note.** Save first.", ["**Note.**", "Save first."], {}, id="markdown-bold"),
     # Lists, bullets and newlines.
     pytest.param(
