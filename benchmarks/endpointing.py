@@ -73,10 +73,13 @@ def build_cases(utts: list[Utterance], n: int) -> list[Case]:
     return cases
 
 
-def run_policy(case: Case, cfg: ASRConfig, vad: SileroVAD, decoder: WhisperDecoder | None) -> dict[str, float | bool]:
+def run_policy(
+    case: Case, cfg: ASRConfig, vad: SileroVAD, decoder: WhisperDecoder | None
+) -> dict[str, float | bool | list[str]]:
     tracker = TurnTracker(cfg, vad.stream())
     pending_window: tuple[float, float] | None = None  # (apply at stream position, window)
     ends: list[float] = []
+    heard: list[str] = []  # the words decoded at each pause, for checking a rule change offline
     for start in range(0, len(case.audio), FRAME):
         position = (start + FRAME) / RATE
         if pending_window is not None and position >= pending_window[0]:
@@ -85,6 +88,7 @@ def run_policy(case: Case, cfg: ASRConfig, vad: SileroVAD, decoder: WhisperDecod
         for ev in tracker.feed(case.audio[start : start + FRAME]):
             if isinstance(ev, Paused) and decoder is not None and cfg.adaptive_endpoint:
                 decoded = decoder.decode(ev.audio)
+                heard.append(decoded.text)
                 pending_window = (position + decoded.decode_s, endpoint_window(decoded.text, cfg))
             elif isinstance(ev, Resumed):
                 pending_window = None
@@ -93,7 +97,8 @@ def run_policy(case: Case, cfg: ASRConfig, vad: SileroVAD, decoder: WhisperDecod
     first_end = ends[0] if ends else float("inf")
     cut_off = first_end < case.pause_end_s + CHUNK_S
     final_end = next((e for e in ends if e >= case.voice_end_s), None)
-    return {"cut_off": cut_off, "delay_s": (final_end - case.voice_end_s) if final_end is not None else float("nan")}
+    delay = (final_end - case.voice_end_s) if final_end is not None else float("nan")
+    return {"cut_off": cut_off, "delay_s": delay, "heard_at_pauses": heard}
 
 
 def main() -> None:
@@ -128,7 +133,9 @@ def main() -> None:
         mean = statistics.fmean(delays) * 1000 if delays else float("nan")
         p95 = float(np.percentile(delays, 95)) * 1000 if delays else float("nan")
         rows.append({"policy": name, "false_cutoff_rate": cut, "mean_delay_ms": mean, "p95_delay_ms": p95,
-                     "cut_off": [c.name for c, r in zip(cases, results, strict=True) if r["cut_off"]]})  # fmt: skip
+                     "cut_off": [c.name for c, r in zip(cases, results, strict=True) if r["cut_off"]],
+                     "heard_at_pauses": {c.name: r["heard_at_pauses"] for c, r in zip(cases, results, strict=True)
+                                         if r["heard_at_pauses"]}})  # fmt: skip
         print(f"{name:<34}{cut:>15.1%}{mean:>15.0f}{p95:>14.0f}")
     write_rows(Path(ns.output), started, {"turns": len(cases), "pauses_s": PAUSES_S}, rows)
 
