@@ -302,3 +302,17 @@ async def test_the_llm_hears_a_sentence_go_on(server: object, cases: dict[str, C
     assert p is not None and p < threshold and window == CFG.endpoint_max_s
     window, p = await _window_at(server, _at_pause(cases["tts-18"], None, after_s=0.25), policy, wait_llm=True)
     assert p is not None and p >= threshold and window < CFG.endpoint_unsure_s
+
+
+def test_a_past_run_is_checked_against_todays_word_rules() -> None:
+    """benchmarks.word_rules_check names the recorded pauses whose window a
+    rule change moves (here one recorded under the old "that" rule)."""
+    from benchmarks.word_rules_check import changed_windows
+
+    recorded = {
+        "labelled_inputs": [
+            {"case": "a", "label": "END:question", "text": "Can you repeat that?", "rule_window_s": 1.2},
+            {"case": "b", "label": "mid-sentence", "text": "My number is", "rule_window_s": 1.2},
+        ]
+    }
+    assert [x["case"] for x in changed_windows(recorded, CFG)] == ["a"]
