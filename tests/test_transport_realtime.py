@@ -124,6 +124,12 @@ async def test_realtime_push_to_talk_holds_the_reply_until_response_create(serve
         assert word_error_rate(clip.reference, completed["transcript"]) <= 0.35, completed
         await asyncio.sleep(1.5)  # the reply is generated meanwhile, but held
         assert not carrier.of("response.created") and not carrier.of("response.output_text.delta")
+        # A cancel cannot reach a reply the client was never shown (it was
+        # cancelled silently, and the create below got it back "cancelled").
+        mark = len(carrier.events)
+        await carrier.send({"type": "response.cancel"})
+        err = await carrier.next_event("error", after=mark, timeout=10)
+        assert err["error"]["code"] == "response_cancel_not_active", err
         mark = len(carrier.events)
         await carrier.send({"type": "response.create"})
         await carrier.next_event("response.created", after=mark, timeout=5)
@@ -189,25 +195,55 @@ async def test_realtime_a_fallback_reply_opens_before_its_audio(server, audio_ou
 async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(server):
     """A push-to-talk commit whose audio Whisper hears no words in (a cough)
     still closes the commit: committed, an item with an empty transcript,
-    and no response, so a client waiting on its commit is not left hanging
-    and its response.create is not carried to the next turn. (The session
-    emits turn.empty for it, voice/call/turn.py; real audio that passes the
-    VAD and decodes to nothing cannot be picked reliably, so the event is
-    given to the live call here.)"""
+    and no response of its own, so a client waiting on its commit is not
+    left hanging. A response.create sent while it decoded is answered as
+    one sent now, on the conversation as it stands (it was dropped, and a
+    client waiting for its response.done hung). (The session emits
+    turn.empty for it, voice/call/turn.py; real audio that passes the VAD
+    and decodes to nothing cannot be picked reliably, so the event is given
+    to the live call here.)"""
     carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
     with CallWatcher() as watcher:
         async with carrier:
             await carrier.next_event("session.updated", timeout=10)
             await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
             call = await watcher.one()
-            call.response_requested = True  # a response.create sent while it decoded
             mark = len(carrier.events)
             await call.on_session_event({"type": "turn.empty", "turn": 1, "audio_end_ms": 900})
             await carrier.next_event("input_audio_buffer.committed", timeout=10, after=mark)
             done = await carrier.next_event("conversation.item.input_audio_transcription.completed", after=mark)
-            assert done["transcript"] == "" and not call.response_requested
+            assert done["transcript"] == ""
             await asyncio.sleep(0.3)
             assert not carrier.of("response.created") and 1 not in call.responses
+            call.response_requested = True  # a response.create sent while the next one decoded
+            mark = len(carrier.events)
+            await call.on_session_event({"type": "turn.empty", "turn": 2, "audio_end_ms": 1900})
+            await carrier.next_event("response.created", timeout=10, after=mark)
+            answered = await carrier.next_event("response.done", timeout=60, after=mark)
+            assert answered["response"]["status"] == "completed" and not call.response_requested
+
+
+async def test_realtime_words_after_a_clear_are_a_new_item(server):
+    """Deltas of words heard after input_audio_buffer.clear go out under a
+    new item: the turn number does not move on a clear, and the cleared
+    words' prefix blocked every delta of the new ones. (The partials are
+    given to the live call: which words a real partial decode has at a
+    given moment cannot be scripted.)"""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
+            call = await watcher.one()
+            delta = "conversation.item.input_audio_transcription.delta"
+            await call.on_session_event({"type": "transcript.partial", "turn": 1, "text": "I want to cancel"})
+            first = await carrier.next_event(delta, timeout=10)
+            await carrier.send({"type": "input_audio_buffer.clear"})
+            await carrier.next_event("input_audio_buffer.cleared", timeout=10)
+            mark = len(carrier.events)
+            await call.on_session_event({"type": "transcript.partial", "turn": 1, "text": "Hello"})
+            second = await carrier.next_event(delta, timeout=10, after=mark)
+            assert second["delta"] == "Hello" and second["item_id"] != first["item_id"], (first, second)
 
 
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
@@ -328,6 +364,22 @@ async def test_realtime_malformed_events_get_error_events(server):
             "format": {"type": "audio/pcm", "rate": 24000}}}}})  # fmt: skip
         err = await late.next_event("error", timeout=10)
         assert err["error"]["code"] == "session_locked"
+
+
+async def test_realtime_an_error_names_only_the_event_that_caused_it(server):
+    """A frame that does not parse, or a binary one, after a good event
+    with an event_id: its error named the good event's id."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        for bad in ("not json", b"\x00\x01"):
+            mark = len(carrier.events)
+            await carrier.send({"type": "input_audio_buffer.clear", "event_id": "evt_ok"})
+            await carrier.next_event("input_audio_buffer.cleared", timeout=10, after=mark)
+            seen = len(carrier.events)
+            await carrier.send(bad)
+            error = await carrier.next_event("error", timeout=10, after=seen)
+            assert error["error"]["event_id"] is None, (bad, error)
 
 
 async def test_realtime_session_update_says_what_it_could_not_serve(server):
@@ -621,7 +673,8 @@ async def test_realtime_audio_positions_count_the_whole_session_across_a_clear(s
 async def test_realtime_truncate_past_the_items_audio_is_refused(server):
     """OpenAI: "If the audio_end_ms is greater than the actual audio
     duration, the server will respond with an error", and content_index is
-    0. Both were accepted and echoed back (999,999 ms; index 5)."""
+    0. Both were accepted and echoed back (999,999 ms; index 5); a
+    400-digit integer (valid JSON) overflowed the arithmetic and closed the call."""
     carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
     async with carrier:
         await carrier.next_event("session.updated", timeout=10)
@@ -629,7 +682,7 @@ async def test_realtime_truncate_past_the_items_audio_is_refused(server):
         done = await carrier.next_event("response.done", timeout=60)
         item_id = done["response"]["output"][0]["id"]
         for bad, param in (({"audio_end_ms": 999_999}, "audio_end_ms"), ({"audio_end_ms": 10, "content_index": 5},
-                                                                           "content_index")):  # fmt: skip
+                           "content_index"), ({"audio_end_ms": 10**400}, "audio_end_ms")):  # fmt: skip
             seen = len(carrier.events)
             await carrier.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, **bad})
             error = await carrier.next_event("error", timeout=10, after=seen)

@@ -197,6 +197,9 @@ class WebSocketCall(TelephonyCall):
         """The call is released, the socket still open (a farewell event)."""
 
     async def on_text(self, frame: str) -> None:
+        # Until this frame parses, an error names no client event (not the
+        # last good one's).
+        self.last_message = None
         if len(frame) > MAX_TEXT_FRAME * 16:  # carriers send ~100 ms of audio per message; 1 MiB is abuse
             raise MalformedMessage(f"text frame of {len(frame)} chars")
         if len(frame) > MAX_TEXT_FRAME and not self.control_allowance_left():
@@ -225,7 +228,9 @@ class WebSocketCall(TelephonyCall):
         audio_before = self.audio_messages
         try:
             await handler(msg)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            # ArithmeticError: a number JSON allows that float() cannot hold
+            # (a 400-digit integer) must be a bad message, not a dead call.
             if isinstance(exc, MalformedMessage):
                 raise
             raise MalformedMessage(f"bad {event!r}: {exc!r}") from None
@@ -246,6 +251,7 @@ class WebSocketCall(TelephonyCall):
         return getattr(self, name, None)
 
     async def on_binary(self, frame: bytes) -> None:
+        self.last_message = None
         raise MalformedMessage(f"binary frame of {len(frame)} B on a JSON-only protocol")
 
     # ---- sending ------------------------------------------------------

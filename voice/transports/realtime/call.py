@@ -114,6 +114,7 @@ class RealtimeCall(WebSocketCall):
         self.last_item_id: str | None = None
         self._partial_sent: dict[int, str] = {}
         self.response_requested = False
+        self.response_requested_event: object = None  # that response.create's event_id
         # Replies asked for with no caller turn behind them (response.create
         # on the conversation as it stands). Each is an LLM generation; a
         # client looping create/cancel could otherwise keep the engine busy
@@ -265,6 +266,9 @@ class RealtimeCall(WebSocketCall):
         elif kind == "error":
             code = str(ev.get("code", "server_error"))
             if code == "asr_failed":
+                # The turn a response.create waited for is gone with its
+                # words: the request does not carry over to the next turn.
+                self.response_requested = False
                 await self.send_event(
                     "conversation.item.input_audio_transcription.failed", item_id=self.next_user_item,
                     content_index=0, error={"type": "server_error", "code": code, "message": ev.get("message")},
@@ -273,6 +277,14 @@ class RealtimeCall(WebSocketCall):
                 "error", error={"type": "server_error", "code": code, "message": ev.get("message"), "param": None,
                                 "event_id": None},
             )  # fmt: skip
+
+    def input_cleared(self) -> None:
+        """The client cleared the buffer: words heard so far belong to no
+        item, and the next speech is a new one (its deltas start afresh; the
+        turn number does not move on a clear, so the old words' prefix
+        blocked every delta of the new ones)."""
+        self._partial_sent.clear()
+        self.next_user_item = new_id("item")
 
     async def _on_speech_started(self, ev: dict[str, Any]) -> None:
         if self.settings.turn_detection is None:
@@ -325,8 +337,13 @@ class RealtimeCall(WebSocketCall):
         self.last_item_id = item_id
         if not text:
             # The committed audio held no words (turn.empty): the item and its
-            # empty transcript close the commit; there is nothing to answer.
-            self.response_requested = False
+            # empty transcript close the commit. A response.create sent while
+            # it decoded is answered as one sent now, on the conversation as
+            # it stands (OpenAI's API answers every create), so a client
+            # waiting on its response.done is not left hanging.
+            if self.response_requested:
+                self.response_requested = False
+                await self._answer_deferred_create()
             return
         response = Response(turn, user_item_id=item_id)
         self.responses[turn] = response
@@ -334,6 +351,14 @@ class RealtimeCall(WebSocketCall):
             self.response_requested = False
             response.released = True
             await response_family.start(self, response)
+
+    async def _answer_deferred_create(self) -> None:
+        event_id = self.response_requested_event
+        self.response_requested_event = None
+        try:
+            await response_family.create(self, {"type": "response.create"})
+        except RealtimeError as exc:
+            await self.client_error(exc.code, str(exc), exc.param, event_id)
 
     def prune(self) -> None:
         # Finished or dropped responses whose turn is long gone: bounded memory.

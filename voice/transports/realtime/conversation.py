@@ -64,6 +64,9 @@ async def item_create(call: RealtimeCall, msg: dict[str, Any]) -> None:
 # A client's clock and ours round differently: this much past the audio we
 # sent is still "all of it".
 TRUNCATE_SLACK_MS = 100
+# No reply plays for a day: a larger value (or a 400-digit one, which JSON
+# allows and float() overflows on) is refused before any arithmetic.
+MAX_AUDIO_END_MS = 86_400_000
 
 
 async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
@@ -71,8 +74,14 @@ async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
     sentences that fit in it."""
     item_id = msg.get("item_id")
     audio_end_ms = msg.get("audio_end_ms")
-    if isinstance(audio_end_ms, bool) or not isinstance(audio_end_ms, int | float) or audio_end_ms < 0:
-        raise RealtimeError("'audio_end_ms' must be a non-negative number", "invalid_value", "audio_end_ms")
+    if (
+        isinstance(audio_end_ms, bool)
+        or not isinstance(audio_end_ms, int | float)
+        or not 0 <= audio_end_ms <= MAX_AUDIO_END_MS  # NaN fails both
+    ):
+        raise RealtimeError(
+            f"'audio_end_ms' must be a number from 0 to {MAX_AUDIO_END_MS}", "invalid_value", "audio_end_ms"
+        )
     content_index = msg.get("content_index", 0)
     if content_index != 0 or isinstance(content_index, bool):
         # An assistant item has one content part (OpenAI: "Set this to 0").

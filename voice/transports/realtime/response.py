@@ -60,6 +60,7 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
         # The transcript of the committed turn is still being decoded:
         # release its reply the moment it exists.
         call.response_requested = True
+        call.response_requested_event = msg.get("event_id")
         return
     # A response whose text is written but whose audio still goes out is in
     # progress too (its response.done waits for the audio): a new one now
@@ -98,10 +99,21 @@ async def cancel(call: RealtimeCall, msg: dict[str, Any]) -> None:
     waits for the audio, so to the client it is not over). Its audio stops
     and the history keeps what the playout clock says was heard."""
     wanted = msg.get("response_id")
-    live = [r for r in call.responses.values() if not r.dropped and not r.finished and (r.done is None or r.started)]
+    # Only a reply the client was shown (released): one held for a
+    # response.create it has not sent yet is not its to cancel.
+    live = [
+        r
+        for r in call.responses.values()
+        if r.released and not r.dropped and not r.finished and (r.done is None or r.started)
+    ]
     if wanted is not None:
         live = [r for r in live if r.id == wanted]
     response = live[-1] if live else None
+    if response is None and wanted is None and call.response_requested:
+        # Asked for while the committed turn still decoded: no response
+        # exists yet, so none is created (it is held as if never asked for).
+        call.response_requested = False
+        return
     if response is None:
         raise RealtimeError("no response in progress to cancel", "response_cancel_not_active", "response_id")
     writing = response.done is None and call.session.cancel_reply()
