@@ -246,6 +246,30 @@ async def test_realtime_words_after_a_clear_are_a_new_item(server):
             assert second["delta"] == "Hello" and second["item_id"] != first["item_id"], (first, second)
 
 
+async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server):
+    """A reply whose engine failed ended as status "cancelled" with reason
+    "turn_detected", as if the caller had talked over it. (The session's
+    done event is given to the live call: an engine failure of one call's
+    reply cannot be caused without failing the shared engine.)"""
+    from voice.transports.realtime import response as response_family
+
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
+            call = await watcher.one()
+            response = response_family.Response(7, user_item_id="", released=True)
+            call.responses[7] = response
+            response.done = {"type": "response.done", "turn": 7, "text": "", "cancelled": True,
+                             "reply_end": "failed", "error_code": "llm_failed", "usage": {}}  # fmt: skip
+            response.metrics = {"fallback": False}
+            await response_family.finish(call, response)
+            done = await carrier.next_event("response.done", timeout=10)
+            assert done["response"]["status"] == "failed", done
+            assert done["response"]["status_details"]["error"]["code"] == "llm_failed", done
+
+
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
     await barge_in_call(server, FakeRealtime(server_base(server), fmt="audio/pcmu"), needs_mark=False)
 
@@ -345,6 +369,8 @@ async def test_realtime_malformed_events_get_error_events(server):
         {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "magic"}}}}},
         {"type": "session.update", "session": {"instructions": 7}},
         {"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 10},
+        # Over the 1 MiB frame limit: an error event, not a closed socket.
+        {"type": "input_audio_buffer.append", "audio": "A" * (1 << 20)},
         {"type": "conversation.item.create", "item": {"type": "message"}},
         {"type": "conversation.item.create", "item": {"type": "function_call_output", "output": "{}"}},
         {

@@ -669,6 +669,7 @@ class Turn:
                     "text": " ".join(self.sent),
                     "cancelled": cancelled or failed is not None,
                     "reply_end": self.reply_end,
+                    "error_code": self.error_code if failed is not None else None,
                     "usage": usage.as_dict(),
                 }
             )

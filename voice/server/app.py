@@ -45,12 +45,14 @@ from voice.transports.media_json import header_values
 
 log = logging.getLogger(__name__)
 
-# websockets' own hard cap; the protocol enforces tighter per-frame limits
-# and answers with an error event instead of dropping the connection.
-WS_MAX_SIZE = 1 << 20
+# websockets' own hard cap, a quarter above the protocols' own frame limit
+# (1 MiB, voice/transports/media_json.py): a frame between the two is read
+# and refused with an error event, the call going on; only one past this
+# closes the connection (1009, message too big).
+WS_MAX_SIZE = (1 << 20) + (1 << 18)
 # Frames websockets reads ahead of the handler per connection (its default
 # is 16): with WS_MAX_SIZE frames that is the most a client that sends
-# faster than its call reads can pin, 4 MiB here instead of 16. A call's
+# faster than its call reads can pin, 5 MiB here instead of 20. A call's
 # frames are 20 ms of audio read as they come, so this only ever fills for
 # a client pushing large frames; past it TCP holds the rest.
 WS_MAX_QUEUE = 4

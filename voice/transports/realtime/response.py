@@ -168,7 +168,12 @@ async def delta(call: RealtimeCall, response: Response, text: str) -> None:
 async def finish(call: RealtimeCall, response: Response) -> None:
     await start(call, response)
     done = response.done or {}
-    status = "cancelled" if done.get("cancelled") or response.cut_short else "completed"
+    # A reply the engine failed (and no fallback sentence replaced) is
+    # "failed" in OpenAI's terms, not a caller's interruption.
+    failed = (
+        done.get("reply_end") == "failed" and not response.cut_short and not (response.metrics or {}).get("fallback")
+    )
+    status = "failed" if failed else "cancelled" if done.get("cancelled") or response.cut_short else "completed"
     text = str(done.get("text") or response.text)
     if (response.metrics or {}).get("fallback") and text:
         # The reply policy's fallback sentence is not the model's text, so
@@ -189,6 +194,9 @@ async def finish(call: RealtimeCall, response: Response) -> None:
     body = response_obj(call, response, status, [item])
     if status == "cancelled":
         body["status_details"] = {"type": "cancelled", "reason": response.cancel_reason}
+    elif status == "failed":
+        code = str(done.get("error_code") or "server_error")
+        body["status_details"] = {"type": "failed", "error": {"type": "server_error", "code": code}}
     usage = done.get("usage") or {}
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     # Every field OpenAI's usage has: strict clients (pipecat's beta service
