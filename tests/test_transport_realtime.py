@@ -270,8 +270,45 @@ async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server
             assert done["response"]["status_details"]["error"]["code"] == "llm_failed", done
 
 
+async def test_realtime_the_servers_greeting_is_not_spoken_unseen(server, monkeypatch):
+    """With --greeting set, a Realtime session generated the greeting with no
+    response to carry it (never seen, never heard, yet in the history) and
+    refused the client's own first response.create as already in progress.
+    A Realtime client greets with response.create, as on OpenAI."""
+    monkeypatch.setattr(server.runtime.config, "greeting", "Hello, thanks for calling Acme.")
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
+            call = await watcher.one()
+            await asyncio.sleep(0.5)
+            assert not call.session.history.messages_so_far
+            await carrier.send({"type": "response.create"})
+            done = await carrier.next_event("response.done", timeout=60)
+            assert done["response"]["status"] == "completed" and not carrier.of("error"), carrier.of("error")
+
+
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
     await barge_in_call(server, FakeRealtime(server_base(server), fmt="audio/pcmu"), needs_mark=False)
+
+
+async def test_realtime_push_to_talk_speech_does_not_stop_the_reply(server):
+    """turn_detection null: the client runs its own VAD and cancels a reply
+    itself (OpenAI does not interrupt with its VAD off). The server's VAD
+    cut the reply anyway ("cancelled", "turn_detected", with no
+    speech_started to explain it)."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None,
+                           instructions=STORY)  # fmt: skip
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        await carrier.say(with_silence(prompt_clip(15).load(24000), 24000, 0.5), speed=None)
+        await carrier.send({"type": "input_audio_buffer.commit"})
+        await carrier.send({"type": "response.create"})
+        await carrier.next_event("response.output_text.delta", timeout=60)
+        await carrier.say(prompt_clip(16).load(24000), speed=None)  # talks over it, no commit
+        done = await carrier.next_event("response.done", timeout=60)
+        assert done["response"]["status"] == "completed", done["response"].get("status_details")
 
 
 async def test_realtime_response_cancel(server):

@@ -316,7 +316,7 @@ class CallSession:
         config = self.runtime.config
         if start.greeting or start.greeting_instructions:
             return SpokenFirst(start.greeting, start.greeting_instructions)
-        if config.greeting or config.greeting_instructions:
+        if start.server_greeting and (config.greeting or config.greeting_instructions):
             return SpokenFirst(config.greeting, config.greeting_instructions)
         return None
 
@@ -449,10 +449,15 @@ class CallSession:
             self._pause_id += 1
             self._eot_rule = self._eot_prob = self._eot_llm = None
         if isinstance(ev, SpeechStarted):
+            audio_ms = round((ev.audio_s + self._cleared_s) * 1000)
+            if self._start is not None and not self._start.barge_in:
+                # The client decides whether speech stops the reply.
+                await self.emit({"type": "speech.started", "audio_ms": audio_ms, "barge_in": False})
+                return
             active = self._active
             if active is not None and not active.task.done():
                 active.talked_over = True
-            await self.emit({"type": "speech.started", "audio_ms": round((ev.audio_s + self._cleared_s) * 1000)})
+            await self.emit({"type": "speech.started", "audio_ms": audio_ms})
             if active is not None and self._premature(active, now):
                 await self._resumed(active)
             if active is not None and not active.task.done():

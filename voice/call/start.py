@@ -59,6 +59,15 @@ class Start:
     # The agent speaks first: this text, or a reply generated with these
     # instructions (default: the server's --greeting / --greeting-instructions).
     greeting: str | None = None
+    # False: the server's greeting is not spoken on this call (a Realtime
+    # client greets with its own response.create, as on OpenAI; the server's
+    # would be generated with no response to carry it, unseen and unheard,
+    # and hold off the client's first create).
+    server_greeting: bool = True
+    # False: the caller's speech does not stop a reply; the client does
+    # (Realtime with turn_detection null or interrupt_response false, as on
+    # OpenAI). speech.started still goes out, marked barge_in: false.
+    barge_in: bool = True
     # Per-call sampling overrides (llm/sampling.py field names), checked at start.
     sampling: dict[str, Any] | None = None
     greeting_instructions: str | None = None

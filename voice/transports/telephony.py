@@ -309,7 +309,7 @@ class TelephonyCall:
         metrics = getattr(self.runtime, "metrics", None)
         if metrics is not None:
             metrics.observe_event(ev)
-        if kind == "speech.started":
+        if kind == "speech.started" and ev.get("barge_in", True):
             await self.barge_in()
         elif kind == "response.sentence" and self.playout is not None:
             turn = int(ev["turn"])

@@ -180,6 +180,10 @@ class RealtimeCall(WebSocketCall):
             resume_key=f"realtime:{self.resume_token}",
             resume_token=self.resume_token,
             may_resume=False,  # a resumed session claimed its conversation at open
+            server_greeting=False,  # the client greets with response.create, as on OpenAI
+            # OpenAI stops a reply on speech only under its VAD, unless
+            # interrupt_response is false: otherwise the client cancels.
+            barge_in=td is not None and td.get("interrupt_response", True) is not False,
         )
         out = None
         if s.audio_out:
