@@ -105,6 +105,10 @@ class EngineError(RuntimeError):
     # message: a server may quote the request (the caller's words) back, and
     # the message reaches WARNING/ERROR logs. Logged at DEBUG where it is read.
     detail: str = ""
+    # The request itself was refused (its prompt, a field): sent again it
+    # gets the same answer, so nothing retries it (a reply cut mid-way is
+    # not carried on with it, llm/continuation.py).
+    refused: bool = False
 
 
 class PromptTooLong(EngineError):
@@ -112,6 +116,8 @@ class PromptTooLong(EngineError):
     request's fault, not the engine's (it is not marked down, no other
     replica is tried); the call's token budget grows more careful
     (voice/call/session.py, token_scale)."""
+
+    refused = True
 
 
 def says_prompt_too_long(kind: object, message: object) -> bool:

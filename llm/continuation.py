@@ -83,7 +83,10 @@ async def stream_continuing(
                 refit = None  # once: a prompt that still does not fit fails the turn
                 log.warning("%s: the prompt did not fit the engine's context; sent again shorter", request.request_id)
                 continue
-            if not said or request.continue_final:
+            if not said or request.continue_final or exc.refused:
+                # A refused continuation (a server without continue_final_message,
+                # a prompt plus what was said past the context) would be
+                # refused again every RETRY_EVERY_S until wait_s: silence.
                 raise
             now = time.monotonic()
             if got_text or deadline is None:  # a new cut

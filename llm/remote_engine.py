@@ -81,6 +81,8 @@ class RequestRefused(EngineError):
     prompt, a bad field). Another replica would refuse it too: no failover,
     and the server is not marked down for it."""
 
+    refused = True
+
 
 class PromptRefused(RequestRefused, PromptTooLong):
     """HTTP 400 saying the prompt does not fit the server's context."""

@@ -452,3 +452,37 @@ async def test_a_pool_does_not_fail_over_a_refused_request_and_skips_a_busy_repl
         assert await _collect(pool, GenerationRequest("x", _messages("hi"), session_key=key)) == "Hi."
         assert busy.calls == 1 and all(r.healthy for r in pool.replicas)
         await pool.close()
+
+
+async def test_a_refused_continuation_fails_the_turn_at_once():
+    """A reply cut mid-way is carried on with continue_final_message; a
+    server that refuses that (OpenAI's own API answers 400 for a field it
+    does not know; this upstream is its stand-in) refuses every retry too:
+    the turn fails at once instead of being re-sent every 0.2 s for the
+    whole wait (about 50 requests and 10 s of the caller's silence)."""
+    from aiohttp import web
+
+    from llm.continuation import stream_continuing
+
+    async def cut_then_refuse(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("continue_final_message"):
+            error = {"message": "Unrecognized request argument supplied: continue_final_message",
+                     "type": "invalid_request_error"}  # fmt: skip
+            return web.json_response({"error": error}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_text_chunk("Sure, I can"))
+        request.transport.close()  # the server dies mid-reply
+        return response
+
+    async with Upstream(cut_then_refuse) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=16))
+        said = []
+        with pytest.raises(EngineError) as failed:
+            async for delta in stream_continuing(engine, request, wait_s=5.0):
+                said.append(delta)
+        assert "".join(said) == "Sure, I can" and failed.value.refused, failed.value
+        assert upstream.calls == 2, upstream.calls
+        await engine.close()
