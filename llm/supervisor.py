@@ -225,13 +225,16 @@ class SupervisedEngine(LLMEngine):
                 self._wake.clear()
                 self.next_restart_delay_s = min(delay * 2, self.config.restart_backoff_max_s)
                 self.restarts += 1
-                for listener in self.on_restart:
-                    listener()
                 try:
+                    for listener in self.on_restart:
+                        listener()
                     await self._spawn()
                     break
-                except EngineError as exc:
-                    log.error("LLM engine restart failed (%s); next try in %.1f s", exc, self.next_restart_delay_s)
+                except Exception as exc:
+                    # Not only EngineError: an OSError from the fork or the
+                    # port (ENOMEM, EAGAIN right after an OOM kill) ended this
+                    # task, and with it every restart: the LLM down for good.
+                    log.error("LLM engine restart failed (%r); next try in %.1f s", exc, self.next_restart_delay_s)
 
     async def _check_child(self, wait_s: float = 0.25) -> None:
         """A stream just broke: if the child is dying, mark it down now, so

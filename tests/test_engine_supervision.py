@@ -9,6 +9,7 @@ is the secondary engine where one is configured.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -191,3 +192,33 @@ async def test_primary_killed_before_first_token_is_retried_on_the_secondary(fai
     text = "".join([d async for d in engine.stream(request)])
     assert text.strip() and request.usage.completion_tokens > 0
     await engine.wait_up(60)
+
+
+async def test_a_restart_that_cannot_fork_is_tried_again(supervised_server, monkeypatch):
+    """The first restart after a crash fails in the OS (EAGAIN from the
+    fork, as right after an OOM kill; injected here, as no test can make
+    the kernel refuse on cue): the watcher tries again instead of dying
+    with it, which left the LLM down for good."""
+    import llm.supervisor
+
+    srv = supervised_server
+    engine = srv.runtime.engine
+    await engine.wait_up(60)
+    restarts = engine.restarts
+    real_exec = asyncio.create_subprocess_exec
+    refusals = []
+
+    async def refuse_once(*args, **kwargs):
+        if not refusals:
+            refusals.append(args[0])
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(llm.supervisor.asyncio, "create_subprocess_exec", refuse_once)
+    os.kill(engine.pid, signal.SIGKILL)
+    for _ in range(500):  # until the watcher has seen the exit
+        if not engine.primary_up:
+            break
+        await asyncio.sleep(0.01)
+    await engine.wait_up(60)
+    assert refusals and engine.restarts == restarts + 2 and srv.runtime.llm_available
