@@ -226,11 +226,17 @@ class RemoteEngine(LLMEngine):
         url = self.base_url + "/models"
         status, data = await self._json("GET", url)
         if status != 200:
-            raise EngineError(f"LLM server {url} answered HTTP {status}: {data}")
+            error = EngineError(f"LLM server {url} answered HTTP {status}")
+            error.detail = str(data)[:ERROR_DETAIL_CHARS]
+            raise error
+        # Any shape a server may send: a malformed list is "no model", not a
+        # KeyError that ends the pool's health loop.
         models = data.get("data") if isinstance(data, dict) else None
-        if not models:
+        first = models[0] if isinstance(models, list) and models else None
+        model = first.get("id") if isinstance(first, dict) else None
+        if not isinstance(model, str) or not model:
             raise EngineError(f"LLM server {url} lists no model")
-        return str(models[0]["id"])
+        return model
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -490,7 +496,12 @@ def _absorb(chunk: Any, usage: Usage, server: str) -> str:
     if chunk.get("error"):
         err = chunk["error"]
         message = err.get("message") if isinstance(err, dict) else err
-        raise EngineError(f"LLM server {server} failed mid-reply: {message}")
+        # Its words may quote the request (the caller's): DEBUG only, as for
+        # an error answer (_post_once).
+        error = EngineError(f"LLM server {server} failed mid-reply (its message is logged at DEBUG)")
+        error.detail = str(message)[:ERROR_DETAIL_CHARS]
+        log.debug("LLM server %s failed mid-reply: %s", server, error.detail)
+        raise error
     u = chunk.get("usage")
     if u:
         usage.prompt_tokens = u.get("prompt_tokens") or 0
@@ -566,8 +577,10 @@ class RemotePool(LLMEngine):
                 was = replica.healthy
                 ok = await replica.check_health()
                 if ok and replica.model is None:
-                    with contextlib.suppress(EngineError):
+                    try:
                         replica.model = await replica._resolve_model()
+                    except Exception as exc:  # whatever a replica answers, the loop goes on for the others
+                        log.warning("replica %s: model not resolved (%s)", replica.base_url, type(exc).__name__)
                 if ok != was:
                     log.warning("replica %s is %s", replica.base_url, "back" if ok else "down")
 

@@ -486,3 +486,43 @@ async def test_a_refused_continuation_fails_the_turn_at_once():
         assert "".join(said) == "Sure, I can" and failed.value.refused, failed.value
         assert upstream.calls == 2, upstream.calls
         await engine.close()
+
+
+async def test_what_a_server_says_stays_out_of_the_error_and_odd_model_lists_are_no_model(caplog):
+    """An error chunk mid-reply may quote the caller: its words go to
+    DEBUG and the error's detail, not its message (which is logged at
+    WARNING/ERROR). A /v1/models answer of an odd shape is "lists no
+    model", not a KeyError (which ended a pool's health loop). The upstream
+    is a stand-in: no real server sends these on purpose."""
+    from aiohttp import web
+
+    async def error_mid_reply(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_text_chunk("Hello") + b'data: {"error": {"message": "bad input: my PIN is 4321"}}\n\n')
+        return response
+
+    async with Upstream(error_mid_reply) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        with caplog.at_level("INFO"), pytest.raises(EngineError, match="failed mid-reply") as failed:
+            await _collect(engine, GenerationRequest("x", _messages("hi")))
+        assert "4321" not in str(failed.value) and "4321" in failed.value.detail
+        assert all("4321" not in r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG)
+        await engine.close()
+
+    async def odd_models(request: web.Request) -> web.Response:
+        return web.json_response({"data": ["m"]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", odd_models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        engine = RemoteEngine(f"http://127.0.0.1:{port}", system_prompt=None)
+        with pytest.raises(EngineError, match="lists no model"):
+            await engine.start()
+        await engine.close()
+    finally:
+        await runner.cleanup()
