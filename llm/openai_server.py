@@ -291,6 +291,8 @@ class OpenAIServer:
     async def health(self, _request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "loading"}, status=503)
+        if not getattr(self.engine, "available", True):
+            return web.json_response({"status": "engine dead"}, status=503)
         if self.api_key is not None:  # open to any local process: no paths, no counters
             return web.json_response({"status": "ok"})
         return web.json_response(
@@ -560,7 +562,23 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-async def serve(args: argparse.Namespace, config: LLMConfig) -> None:
+# How often a child server looks whether its engine has died under it.
+DEAD_ENGINE_CHECK_S = 1.0
+
+
+async def _exit_when_the_engine_dies(engine: LLMEngine, stop: asyncio.Event) -> None:
+    """vLLM's engine core is a process of its own: when it dies this server
+    stays up, answering 500 to everything. Exiting instead lets the voice
+    server's supervisor (llm/supervisor.py) start a new one."""
+    while not stop.is_set():
+        await asyncio.sleep(DEAD_ENGINE_CHECK_S)
+        if not getattr(engine, "available", True):
+            log.error("the %s engine has died; exiting so that a new one is started", engine.name)
+            stop.set()
+            return
+
+
+async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
     from llm.engines import build_local_engine
 
     # The key comes by environment, never argv (which `ps` shows to every user);
@@ -584,8 +602,12 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> None:
         engine.name,
         time.perf_counter() - started,
     )
+    watchdog = asyncio.create_task(_exit_when_the_engine_dies(engine, stop))
     await stop.wait()
+    died = watchdog.done() and not watchdog.cancelled()
+    watchdog.cancel()
     await server.close()
+    return 1 if died else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -604,8 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args, config))
-    return 0
+    return asyncio.run(serve(args, config))
 
 
 if __name__ == "__main__":

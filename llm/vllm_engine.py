@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
+from llm.base import EngineError, GenerationRequest, LLMEngine, PromptTooLong, Usage
 from llm.config import LLMConfig, SpeculationConfig
 from llm.sampling import SamplingError, SamplingParams
 from llm.sentence_end import TOP_TOKENS, message_end_text, open_prompt, sentence_end_mass
@@ -142,6 +142,14 @@ class VLLMEngine(LLMEngine):
         self._ids = itertools.count()
         self.startup_s: float | None = None
 
+    @property
+    def available(self) -> bool:
+        """False once vLLM's engine core has died (a CUDA error, the OOM
+        killer): every request would fail, so readiness and admission say so
+        (voice/server/runtime.py), and a child server exits to be restarted
+        (llm/openai_server.py)."""
+        return not bool(getattr(self._engine, "errored", False))
+
     # -- start / stop -----------------------------------------------------
 
     def _engine_args(self) -> Any:
@@ -239,18 +247,19 @@ class VLLMEngine(LLMEngine):
         return list(ids)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the prompt, dropping the oldest turns if it does not
-        leave room for the reply inside ``context_tokens``."""
-        messages = list(request.messages)
+        """Token ids of the prompt; PromptTooLong if it does not leave room
+        for the reply inside ``context_tokens``. The engine does not drop
+        messages itself (the first after the system prompt is an example
+        turn's, whose loss broke the role order and the cached prefix): the
+        call's history is rebuilt shorter by its owner (refit, the call's
+        token budget), as with every other engine."""
         budget = self.config.context_tokens - min(request.sampling.max_tokens, self.config.context_tokens // 2)
-        while True:
-            ids = self._tokenize(messages, request.continue_final)
-            if len(ids) <= budget:
-                return ids
-            first = 1 if messages and messages[0].get("role") == "system" else 0
-            if len(messages) - first <= (2 if request.continue_final else 1):
-                raise EngineError(f"prompt of {len(ids)} tokens does not fit in {self.config.context_tokens}")
-            del messages[first]
+        ids = self._tokenize(list(request.messages), request.continue_final)
+        if len(ids) > budget:
+            raise PromptTooLong(
+                f"prompt of {len(ids)} tokens leaves the reply no room in the context of {self.config.context_tokens}"
+            )
+        return ids
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         try:
@@ -284,7 +293,12 @@ class VLLMEngine(LLMEngine):
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self._engine is None:
             raise EngineError("engine not started")
-        ids = self._prompt_ids(request)
+        try:
+            ids = self._prompt_ids(request)
+        except EngineError:
+            raise
+        except Exception as error:  # the chat template refused the messages (jinja's TemplateError)
+            raise EngineError(f"vLLM request {request.request_id}: no prompt ({type(error).__name__})") from error
         request.usage.prompt_tokens = len(ids)
         # vLLM needs ids unique across live requests; callers may reuse theirs.
         request_id = f"{request.request_id}-{next(self._ids)}"
@@ -301,6 +315,11 @@ class VLLMEngine(LLMEngine):
                     _absorb_spec_metrics(completion, request.usage)
                 if completion.text:
                     yield completion.text
+                if finished and completion.finish_reason in ("abort", "error"):
+                    # vLLM ended it (a pause, a shutdown, an internal failure):
+                    # a cut reply, for the continuation and the fallback to
+                    # handle, not a reply that ended.
+                    raise EngineError(f"vLLM request {request_id} ended by the engine ({completion.finish_reason})")
         except EngineError:
             raise
         except Exception as error:

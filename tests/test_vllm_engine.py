@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from asr.wer import word_error_rate
 from benchmarks.client import NativeCaller
-from llm.base import EngineError, GenerationRequest
+from llm.base import EngineError, GenerationRequest, PromptTooLong
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, SpeculationConfig
 from llm.sampling import SamplingParams
 from llm.vllm_engine import VLLMEngine, speculative_config
@@ -233,8 +233,46 @@ async def test_vllm_refuses_what_it_cannot_honour(engine: VLLMEngine) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_a_prompt_past_the_context_is_prompt_too_long(engine: VLLMEngine) -> None:
+    """Too long a prompt is PromptTooLong (the call's history is rebuilt
+    shorter, a child server answers 400 context_length_exceeded): it was a
+    plain EngineError (a 500 that marked the server down), after the
+    engine had dropped the first example turn itself."""
+    long = " ".join(["I would like to talk about my account."] * 400)
+    request = GenerationRequest("long", _messages(long), sampling=SamplingParams(max_tokens=8))
+    with pytest.raises(PromptTooLong, match="leaves the reply no room"):
+        await _collect(engine, request)
+    assert engine._engine.get_num_unfinished_requests() == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_vllm_knows_a_sentence_that_goes_on(engine: VLLMEngine) -> None:
     # The same end-of-turn input as the embedded engine's (tests/test_sentence_end.py).
     going_on = await engine.sentence_end_probability(_messages("My phone number is."))
     over = await engine.sentence_end_probability(_messages("Where is my order?"))
     assert going_on < 0.05 < 0.2 < over, (going_on, over)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_zz_a_dead_engine_core_makes_the_server_unready(vllm_server: VoiceServer, engine: VLLMEngine) -> None:
+    """vLLM's engine core is a process of its own; killed (the OOM killer,
+    a CUDA error), every request fails. The engine says it is not available,
+    so readiness and admission refuse new calls, instead of taking calls it
+    can only fail. (Last in the module: the engine is not brought back.)"""
+    import os
+    import signal
+
+    import psutil
+
+    assert engine.available and vllm_server.runtime.llm_available
+    core = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline() or [p.name()])]
+    assert core, [p.name() for p in psutil.Process().children(recursive=True)]
+    for proc in core:
+        os.kill(proc.pid, signal.SIGKILL)
+    for _ in range(300):
+        if not engine.available:
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.available and not vllm_server.runtime.llm_available
+    with pytest.raises(EngineError):
+        await _collect(engine, GenerationRequest("after", _messages("Hi"), sampling=SamplingParams(max_tokens=4)))
