@@ -143,8 +143,9 @@ class LLMConfig:
     # policy asks the LLM (asr/config.py LLM_END_OF_TURN_POLICIES), so no
     # other engine start or restart pays for it.
     score_sentence_ends: bool = False
-    # vLLM only.
-    enforce_eager: bool = True
+    # vLLM only. None: eager on a CPU (no CUDA graphs there), CUDA graphs on a
+    # GPU (eager there starts faster and decodes slower: ../shared SCALING.md).
+    enforce_eager: bool | None = None
     prefix_caching: bool = True
     gpu_memory_utilization: float = 0.85
     dtype: str = "auto"

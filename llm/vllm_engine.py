@@ -143,6 +143,12 @@ class VLLMEngine(LLMEngine):
         self.startup_s: float | None = None
 
     @property
+    def enforce_eager(self) -> bool:
+        """vLLM's enforce_eager: the setting, else eager only off a GPU."""
+        cfg = self.config
+        return cfg.enforce_eager if cfg.enforce_eager is not None else cfg.device != "cuda"
+
+    @property
     def available(self) -> bool:
         """False once vLLM's engine core has died (a CUDA error, the OOM
         killer): every request would fail, so readiness and admission say so
@@ -165,7 +171,7 @@ class VLLMEngine(LLMEngine):
             "dtype": cfg.dtype,
             "max_model_len": cfg.context_tokens,
             "max_num_seqs": cfg.parallel,
-            "enforce_eager": cfg.enforce_eager,
+            "enforce_eager": self.enforce_eager,
             "enable_prefix_caching": cfg.prefix_caching,
             "speculative_config": spec,
             # Per-step stats loggers are for the OpenAI server; usage is
@@ -226,7 +232,7 @@ class VLLMEngine(LLMEngine):
             "model": self.model_path or cfg.model or "embedded SmolLM2-135M-Instruct",
             "device": cfg.device,
             "dtype": cfg.dtype,
-            "enforce_eager": cfg.enforce_eager,
+            "enforce_eager": self.enforce_eager,
             "prefix_caching": cfg.prefix_caching,
             "parallel": cfg.parallel,
             "speculation": cfg.speculation.method,

@@ -276,3 +276,17 @@ async def test_zz_a_dead_engine_core_makes_the_server_unready(vllm_server: Voice
     assert not engine.available and not vllm_server.runtime.llm_available
     with pytest.raises(EngineError):
         await _collect(engine, GenerationRequest("after", _messages("Hi"), sampling=SamplingParams(max_tokens=4)))
+
+
+def test_cuda_graphs_are_on_by_default_on_a_gpu_only() -> None:
+    """enforce_eager was True on every device: a GPU deployment decoded
+    without CUDA graphs unless it knew to change the config (no flag did)."""
+    from voice.server.cli import config_from_args, parse_args
+
+    def eager(*argv: str) -> bool:
+        return VLLMEngine(config_from_args(parse_args(["serve", "--engine", "vllm", *argv])).llm).enforce_eager
+
+    assert eager() is True
+    assert eager("--llm-device", "cuda") is False
+    assert eager("--llm-device", "cuda", "--llm-enforce-eager") is True
+    assert eager("--no-llm-enforce-eager") is False

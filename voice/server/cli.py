@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--llm-device", choices=["cpu", "cuda"], default=_env("LLM_DEVICE", "cpu"))
     serve.add_argument(
+        "--llm-enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vLLM: no CUDA graphs (faster start, slower decode); default: eager on a CPU only",
+    )
+    serve.add_argument(
         "--llm-threads", type=int, default=0, help="LLM engine CPU threads (0: half the cores, at least 1, at most 4)"
     )
     serve.add_argument(
@@ -669,6 +675,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.system_prompt:
         llm.system_prompt = args.system_prompt
     llm.example_turns = args.example_turns
+    llm.enforce_eager = args.llm_enforce_eager
     llm.isolation = args.engine_isolation
     llm.remote_urls = list(args.remote_url)
     llm.secondary_urls = list(args.secondary_url)
