@@ -71,6 +71,12 @@ class FailedBeforeText(EngineError):
     dropped connection): trying again cannot say anything twice."""
 
 
+class CutBeforeText(FailedBeforeText):
+    """The stream broke after the server's 200 but before any text (a
+    replica killed while the request queued or prefilled; vLLM sends its
+    headers first): nothing was said, so it may be sent again."""
+
+
 class Overloaded(FailedBeforeText):
     """HTTP 429: the server is up but turned this request away; another
     replica may take it, and this one is not marked down."""
@@ -278,6 +284,24 @@ class RemoteEngine(LLMEngine):
             response.close()
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """With ``retry_before_text``, a stream cut before its first text is
+        sent again within RETRY_BEFORE_TEXT_S, as a refused POST is (_post):
+        behind vllm-router the next try lands on a live replica."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RETRY_BEFORE_TEXT_S
+        while True:
+            try:
+                async for delta in self._stream_once(request):
+                    yield delta
+                return
+            except CutBeforeText as exc:
+                if not self.retry_before_text or loop.time() + 0.1 >= give_up:
+                    raise
+                log.debug("LLM server %s: %s; sending it again", self.root, exc)
+                self.retries += 1
+                await asyncio.sleep(0.1)
+
+    async def _stream_once(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self.model is None:
             self.model = await self._resolve_model()
         url = self.base_url + "/chat/completions"
@@ -315,9 +339,9 @@ class RemoteEngine(LLMEngine):
                     raise EngineError(f"LLM server {self.root} {what} {limit} s") from None
                 except (aiohttp.ClientError, OSError, HttpProcessingError) as exc:
                     # HttpProcessingError: LineTooLong, one line over aiohttp's 512 KiB.
-                    raise self._cut(response, f"{type(exc).__name__}: {str(exc)[:120]}") from exc
+                    raise self._cut(response, f"{type(exc).__name__}: {str(exc)[:120]}", got_text) from exc
                 if not line:
-                    raise self._cut(response, "connection closed before [DONE]")
+                    raise self._cut(response, "connection closed before [DONE]", got_text)
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments, "event:" lines
@@ -466,11 +490,13 @@ class RemoteEngine(LLMEngine):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.debug("finish_session at %s failed: %s", self.root, exc)
 
-    def _cut(self, response: aiohttp.ClientResponse, detail: str) -> EngineError:
+    def _cut(self, response: aiohttp.ClientResponse, detail: str, got_text: bool) -> EngineError:
         self._mark_down()
         reason = self._open.get(response)
         if reason is not None:
             return EngineUnavailable(reason)
+        if not got_text:
+            return CutBeforeText(f"stream from LLM server {self.root} cut before any text ({detail})")
         return EngineError(f"stream from LLM server {self.root} cut mid-reply ({detail})")
 
     async def close(self) -> None:

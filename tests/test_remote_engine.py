@@ -375,7 +375,7 @@ async def _one_huge_line(request):
         (_error_then_stall, "answered HTTP 503"),
         (_error_not_utf8, "answered HTTP 503: .*overloaded"),
         (_keep_alive_after_text, "stalled for 1.0 s"),
-        (_one_huge_line, "cut mid-reply"),
+        (_one_huge_line, "cut before any text"),
     ],
     ids=["error-body-stalls", "error-body-not-utf8", "keep-alive-after-text", "one-huge-line"],
 )
@@ -526,3 +526,27 @@ async def test_what_a_server_says_stays_out_of_the_error_and_odd_model_lists_are
         await engine.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_stream_cut_before_any_text_is_sent_again():
+    """A replica killed while the request queues or prefills has already
+    sent its 200 (vLLM sends headers first): nothing was said, so the
+    request is sent again, as a refused POST is (behind vllm-router the
+    retry lands on a live replica). It failed the turn. The upstream is a
+    stand-in for that dying replica."""
+    from aiohttp import web
+
+    async def die_then_answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if upstream.calls == 1:
+            request.transport.close()  # killed before its first token
+            return response
+        await response.write(_text_chunk("Hi.") + b"data: [DONE]\n\n")
+        return response
+
+    async with Upstream(die_then_answer) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None, retry_before_text=True)
+        assert await _collect(engine, GenerationRequest("x", _messages("hi"))) == "Hi."
+        assert upstream.calls == 2 and engine.retries == 1
+        await engine.close()
