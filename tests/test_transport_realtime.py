@@ -57,6 +57,23 @@ async def test_realtime_pcm24k_speaks_the_reply(server):
     assert 4800 in sizes and max(sizes) <= 4800
 
 
+async def test_realtime_speech_stopped_is_sent_at_the_endpoint(server):
+    """input_audio_buffer.speech_stopped goes out when the server's endpoint
+    fires, before Whisper's final decode (it waited for the transcript),
+    for the item that is then committed."""
+    clip = prompt_clip(13)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(with_silence(clip.load(8000), 8000, 1.3), speed=None)
+            committed = await carrier.next_event("input_audio_buffer.committed", timeout=60)
+            stopped = carrier.of("input_audio_buffer.speech_stopped")
+            assert len(stopped) == 1 and stopped[0]["item_id"] == committed["item_id"], (stopped, committed)
+            kinds = [e.get("type") for e in (await watcher.one()).events]
+            assert kinds.index("speech.stopped") < kinds.index("transcript.final"), kinds
+
+
 async def test_realtime_text_only_pcmu_and_transcription_events(server):
     clip = prompt_clip(12)
     carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)

@@ -595,6 +595,11 @@ class CallSession:
             self._pending = None
 
     async def _on_turn_end(self, ev: TurnEnded, now: float) -> None:
+        if not ev.forced:
+            # The endpoint, before the final decode: a client's "speech
+            # stopped" need not wait for Whisper (a commit is the client's own).
+            end_ms = round((ev.speech_end_audio_s + self._cleared_s) * 1000)
+            await self.emit({"type": "speech.stopped", "audio_end_ms": end_ms})
         self.runtime.asr.forget(self.call_id)  # a pending partial is moot now
         self._last_partial = ""
         if self._active is not None and not self._active.task.done():

@@ -113,6 +113,7 @@ class RealtimeCall(WebSocketCall):
         self.next_user_item = new_id("item")
         self.last_item_id: str | None = None
         self._partial_sent: dict[int, str] = {}
+        self._stopped_item: str | None = None  # the item speech_stopped went out for
         self.response_requested = False
         self.response_requested_event: object = None  # that response.create's event_id
         # Replies asked for with no caller turn behind them (response.create
@@ -247,6 +248,8 @@ class RealtimeCall(WebSocketCall):
         turn = ev.get("turn")
         if kind == "speech.started":
             await self._on_speech_started(ev)
+        elif kind == "speech.stopped":
+            await self._on_speech_stopped(int(ev.get("audio_end_ms") or 0))
         elif kind == "transcript.partial" and isinstance(turn, int):
             await self._on_partial(turn, str(ev.get("text", "")))
         elif kind in ("transcript.final", "turn.empty") and isinstance(turn, int):
@@ -297,6 +300,15 @@ class RealtimeCall(WebSocketCall):
             "input_audio_buffer.speech_started", audio_start_ms=ev.get("audio_ms", 0), item_id=self.next_user_item
         )
 
+    async def _on_speech_stopped(self, audio_end_ms: int, item_id: str | None = None) -> None:
+        """At the endpoint, before Whisper's final decode (OpenAI sends it when
+        its VAD hears the end, then committed and the transcript)."""
+        item_id = item_id or self.next_user_item
+        if self.settings.turn_detection is None or self._stopped_item == item_id:
+            return
+        self._stopped_item = item_id
+        await self.send_event("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
+
     async def _on_partial(self, turn: int, text: str) -> None:
         before = self._partial_sent.get(turn, "")
         if not text.startswith(before) or len(text) == len(before):
@@ -323,8 +335,9 @@ class RealtimeCall(WebSocketCall):
                 if ended:
                     self.session.reply_heard(old.turn, "")
         self.prune()
-        if self.settings.turn_detection is not None:
-            await self.send_event("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
+        # Sent at the endpoint already, unless the turn ended otherwise (a
+        # commit, the length cap): then now, with its transcript.
+        await self._on_speech_stopped(audio_end_ms, item_id)
         await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
         await self.send_event(
             "conversation.item.added",
