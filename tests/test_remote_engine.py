@@ -298,8 +298,9 @@ class Upstream:
     one does these on purpose): ``chat`` answers /v1/chat/completions;
     /health answers 200; ``calls`` counts the chat requests."""
 
-    def __init__(self, chat) -> None:
+    def __init__(self, chat, models=None) -> None:
         self.chat = chat
+        self.models = models  # answers /v1/models when given
         self.calls = 0
         self.runner = None
         self.url = ""
@@ -317,6 +318,8 @@ class Upstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
         app.router.add_get("/health", health)
+        if self.models is not None:
+            app.router.add_get("/v1/models", self.models)
         self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # stalled handlers are cut at cleanup
         await self.runner.setup()
         port = free_port()
@@ -513,19 +516,11 @@ async def test_what_a_server_says_stays_out_of_the_error_and_odd_model_lists_are
     async def odd_models(request: web.Request) -> web.Response:
         return web.json_response({"data": ["m"]})
 
-    app = web.Application()
-    app.router.add_get("/v1/models", odd_models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        engine = RemoteEngine(f"http://127.0.0.1:{port}", system_prompt=None)
+    async with Upstream(error_mid_reply, models=odd_models) as upstream:
+        engine = RemoteEngine(upstream.url, system_prompt=None)
         with pytest.raises(EngineError, match="lists no model"):
             await engine.start()
         await engine.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_stream_cut_before_any_text_is_sent_again():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -25,6 +26,19 @@ from tests.transport_checks import (
     reply_call,
     server_base,
 )
+
+
+@contextlib.asynccontextmanager
+async def _started_call(server, **settings):
+    """A Realtime session (text out) started by a moment of silence, and its
+    live call, for the tests that hand the call a session event no real
+    audio can be made to cause on cue."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, **settings)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
+            yield carrier, await watcher.one()
 
 
 async def test_realtime_pcm24k_speaks_the_reply(server):
@@ -219,25 +233,20 @@ async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(se
     turn.empty for it, voice/call/turn.py; real audio that passes the VAD
     and decodes to nothing cannot be picked reliably, so the event is given
     to the live call here.)"""
-    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
-    with CallWatcher() as watcher:
-        async with carrier:
-            await carrier.next_event("session.updated", timeout=10)
-            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
-            call = await watcher.one()
-            mark = len(carrier.events)
-            await call.on_session_event({"type": "turn.empty", "turn": 1, "audio_end_ms": 900})
-            await carrier.next_event("input_audio_buffer.committed", timeout=10, after=mark)
-            done = await carrier.next_event("conversation.item.input_audio_transcription.completed", after=mark)
-            assert done["transcript"] == ""
-            await asyncio.sleep(0.3)
-            assert not carrier.of("response.created") and 1 not in call.responses
-            call.response_requested = True  # a response.create sent while the next one decoded
-            mark = len(carrier.events)
-            await call.on_session_event({"type": "turn.empty", "turn": 2, "audio_end_ms": 1900})
-            await carrier.next_event("response.created", timeout=10, after=mark)
-            answered = await carrier.next_event("response.done", timeout=60, after=mark)
-            assert answered["response"]["status"] == "completed" and not call.response_requested
+    async with _started_call(server, turn_detection=None) as (carrier, call):
+        mark = len(carrier.events)
+        await call.on_session_event({"type": "turn.empty", "turn": 1, "audio_end_ms": 900})
+        await carrier.next_event("input_audio_buffer.committed", timeout=10, after=mark)
+        done = await carrier.next_event("conversation.item.input_audio_transcription.completed", after=mark)
+        assert done["transcript"] == ""
+        await asyncio.sleep(0.3)
+        assert not carrier.of("response.created") and 1 not in call.responses
+        call.response_requested = True  # a response.create sent while the next one decoded
+        mark = len(carrier.events)
+        await call.on_session_event({"type": "turn.empty", "turn": 2, "audio_end_ms": 1900})
+        await carrier.next_event("response.created", timeout=10, after=mark)
+        answered = await carrier.next_event("response.done", timeout=60, after=mark)
+        assert answered["response"]["status"] == "completed" and not call.response_requested
 
 
 async def test_realtime_words_after_a_clear_are_a_new_item(server):
@@ -246,21 +255,16 @@ async def test_realtime_words_after_a_clear_are_a_new_item(server):
     words' prefix blocked every delta of the new ones. (The partials are
     given to the live call: which words a real partial decode has at a
     given moment cannot be scripted.)"""
-    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
-    with CallWatcher() as watcher:
-        async with carrier:
-            await carrier.next_event("session.updated", timeout=10)
-            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
-            call = await watcher.one()
-            delta = "conversation.item.input_audio_transcription.delta"
-            await call.on_session_event({"type": "transcript.partial", "turn": 1, "text": "I want to cancel"})
-            first = await carrier.next_event(delta, timeout=10)
-            await carrier.send({"type": "input_audio_buffer.clear"})
-            await carrier.next_event("input_audio_buffer.cleared", timeout=10)
-            mark = len(carrier.events)
-            await call.on_session_event({"type": "transcript.partial", "turn": 1, "text": "Hello"})
-            second = await carrier.next_event(delta, timeout=10, after=mark)
-            assert second["delta"] == "Hello" and second["item_id"] != first["item_id"], (first, second)
+    async with _started_call(server) as (carrier, call):
+        delta = "conversation.item.input_audio_transcription.delta"
+        await call.on_session_event({"type": "transcript.partial", "turn": 1, "text": "I want to cancel"})
+        first = await carrier.next_event(delta, timeout=10)
+        await carrier.send({"type": "input_audio_buffer.clear"})
+        await carrier.next_event("input_audio_buffer.cleared", timeout=10)
+        mark = len(carrier.events)
+        await call.on_session_event({"type": "transcript.partial", "turn": 1, "text": "Hello"})
+        second = await carrier.next_event(delta, timeout=10, after=mark)
+        assert second["delta"] == "Hello" and second["item_id"] != first["item_id"], (first, second)
 
 
 async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server):
@@ -270,21 +274,16 @@ async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server
     reply cannot be caused without failing the shared engine.)"""
     from voice.transports.realtime import response as response_family
 
-    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
-    with CallWatcher() as watcher:
-        async with carrier:
-            await carrier.next_event("session.updated", timeout=10)
-            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
-            call = await watcher.one()
-            response = response_family.Response(7, user_item_id="", released=True)
-            call.responses[7] = response
-            response.done = {"type": "response.done", "turn": 7, "text": "", "cancelled": True,
-                             "reply_end": "failed", "error_code": "llm_failed", "usage": {}}  # fmt: skip
-            response.metrics = {"fallback": False}
-            await response_family.finish(call, response)
-            done = await carrier.next_event("response.done", timeout=10)
-            assert done["response"]["status"] == "failed", done
-            assert done["response"]["status_details"]["error"]["code"] == "llm_failed", done
+    async with _started_call(server) as (carrier, call):
+        response = response_family.Response(7, user_item_id="", released=True)
+        call.responses[7] = response
+        response.done = {"type": "response.done", "turn": 7, "text": "", "cancelled": True,
+                         "reply_end": "failed", "error_code": "llm_failed", "usage": {}}  # fmt: skip
+        response.metrics = {"fallback": False}
+        await response_family.finish(call, response)
+        done = await carrier.next_event("response.done", timeout=10)
+        assert done["response"]["status"] == "failed", done
+        assert done["response"]["status_details"]["error"]["code"] == "llm_failed", done
 
 
 async def test_realtime_the_servers_greeting_is_not_spoken_unseen(server, monkeypatch):
@@ -293,17 +292,12 @@ async def test_realtime_the_servers_greeting_is_not_spoken_unseen(server, monkey
     refused the client's own first response.create as already in progress.
     A Realtime client greets with response.create, as on OpenAI."""
     monkeypatch.setattr(server.runtime.config, "greeting", "Hello, thanks for calling Acme.")
-    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
-    with CallWatcher() as watcher:
-        async with carrier:
-            await carrier.next_event("session.updated", timeout=10)
-            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
-            call = await watcher.one()
-            await asyncio.sleep(0.5)
-            assert not call.session.history.messages_so_far
-            await carrier.send({"type": "response.create"})
-            done = await carrier.next_event("response.done", timeout=60)
-            assert done["response"]["status"] == "completed" and not carrier.of("error"), carrier.of("error")
+    async with _started_call(server) as (carrier, call):
+        await asyncio.sleep(0.5)
+        assert not call.session.history.messages_so_far
+        await carrier.send({"type": "response.create"})
+        done = await carrier.next_event("response.done", timeout=60)
+        assert done["response"]["status"] == "completed" and not carrier.of("error"), carrier.of("error")
 
 
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
