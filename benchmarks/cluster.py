@@ -72,9 +72,12 @@ def router_command(port: int, workers: list[str], policy: str = "sticky_least_lo
 
 
 def redis_command(port: int, folder: Path) -> list[str]:
-    """A throwaway redis-server on loopback: nothing written to disk."""
+    """A throwaway redis-server on loopback: nothing written to disk. Bounded
+    (every key firstline writes has a TTL, so the nearest to expiry go first):
+    a client that opens calls, fills their context and drops them would
+    otherwise grow it by megabytes a second for the hour each state lives."""
     return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(folder)]  # fmt: skip
+            "--maxmemory", "256mb", "--maxmemory-policy", "volatile-ttl", "--dir", str(folder)]  # fmt: skip
 
 
 @dataclass

@@ -99,6 +99,8 @@ class PromptRefused(RequestRefused, PromptTooLong):
 # body of any size.
 ERROR_BODY_BYTES = 4096
 ERROR_DETAIL_CHARS = 200
+# How soon a lone server marked down after a failed request is looked at.
+FIRST_HEALTH_LOOK_S = 0.2
 
 
 class RemoteEngine(LLMEngine):
@@ -187,8 +189,14 @@ class RemoteEngine(LLMEngine):
     async def _recover(self) -> None:
         assert self.health_interval_s is not None
         log.warning("LLM server %s is down; checking /health every %g s", self.root, self.health_interval_s)
+        # The first look comes soon: behind a router one worker's failure
+        # (a cut stream, a 5xx) marks the whole router down, and every voice
+        # replica unready with it, for as long as this first wait; HAProxy
+        # (fall 2, fastinter 250 ms) then took them all out together.
+        wait = min(FIRST_HEALTH_LOOK_S, self.health_interval_s)
         while not self.healthy and not self._closed:
-            await asyncio.sleep(self.health_interval_s)
+            await asyncio.sleep(wait)
+            wait = self.health_interval_s
             if await self.check_health():
                 log.warning("LLM server %s is back", self.root)
 
@@ -252,6 +260,12 @@ class RemoteEngine(LLMEngine):
             await self.warm_up(prompt_head(self.system_prompt, self.example_turns))
         self.healthy = True
         log.info("remote LLM %s (%s) ready in %.2f s", self.base_url, self.model, time.perf_counter() - started)
+
+    def await_server(self) -> None:
+        """start() failed (the server or router not up yet): stay unavailable
+        and watch /health until it answers; the model is asked for then, at
+        the first request."""
+        self._mark_down()
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         return self._stream(request)
@@ -595,6 +609,12 @@ class RemotePool(LLMEngine):
                 "no replica of the LLM pool is available: " + "; ".join(str(r) for r in results if r is not None)
             )
         self._health_task = asyncio.create_task(self._health_loop(), name=f"{self.name}-health")
+
+    def await_server(self) -> None:
+        """start() found no replica up: the health loop brings them in as
+        they answer (each asked for its model then)."""
+        if self._health_task is None or self._health_task.done():
+            self._health_task = asyncio.create_task(self._health_loop(), name=f"{self.name}-health")
 
     async def _health_loop(self) -> None:
         while True:

@@ -154,7 +154,12 @@ class SupervisedEngine(LLMEngine):
             self._port = free_port(self.host)
         env = {**os.environ, "FIRSTLINE_PARENT_PID": str(os.getpid()), ENGINE_KEY_ENV: self._key}
         command = self.command(self._port)
-        proc = await asyncio.create_subprocess_exec(*command, env=env, stdin=asyncio.subprocess.DEVNULL)
+        # A session of its own: Ctrl-C or a signal to the server's process
+        # group must not stop the engine under the calls a drain is letting
+        # finish (the child still ends with the server: FIRSTLINE_PARENT_PID).
+        proc = await asyncio.create_subprocess_exec(
+            *command, env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+        )
         self._proc = proc
         remote = RemoteEngine(
             f"http://{self.host}:{self._port}/v1",

@@ -35,8 +35,8 @@ class _Child:
 
 
 class ServerProcess(_Child):
-    def __init__(self, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llm.openai_server", "--port", str(self.port), "--log-level", "WARNING", *extra]
         )

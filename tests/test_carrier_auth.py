@@ -293,6 +293,11 @@ async def test_hostile_upgrades_get_plain_refusals(server: VoiceServer) -> None:
         local = {"Host": f"localhost:{srv.port}", "Origin": f"http://localhost:{srv.port}"}
         status, _, _ = await http_get(srv.port, "/v1/call?token=a%2Bb%2Fc%3D%3D", headers=local, upgrade=True)
         assert status == 101
+        # An Origin that is no URL ("http://[x") was a 500 with a traceback
+        # (the caller's text in an ERROR line): a plain refusal now.
+        broken = {"Host": f"127.0.0.1:{srv.port}", "Origin": "http://[caller-text"}
+        status, _, _ = await http_get(srv.port, "/v1/call?token=a%2Bb%2Fc%3D%3D", headers=broken, upgrade=True)
+        assert status == 403
         duplicate = [("Authorization", "Bearer a+b/c=="), ("Authorization", "Bearer other")]
         assert await refused_status(connect(call, additional_headers=duplicate)) == 400
     # The Host header rebuilds the signed URL when no --public-url is set: garbage there is "not signed".

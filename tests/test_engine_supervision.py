@@ -214,6 +214,9 @@ async def test_a_restart_that_cannot_fork_is_tried_again(supervised_server, monk
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
         return await real_exec(*args, **kwargs)
 
+    # A session of its own: a signal to the server's process group (Ctrl-C)
+    # does not reach the engine the draining calls still need.
+    assert os.getpgid(engine.pid) != os.getpgid(0)
     monkeypatch.setattr(llm.supervisor.asyncio, "create_subprocess_exec", refuse_once)
     os.kill(engine.pid, signal.SIGKILL)
     for _ in range(500):  # until the watcher has seen the exit

@@ -458,6 +458,10 @@ async def test_redis_store_round_trip_expiry_and_errors(redis_url) -> None:
     await admin.close()
     # No password in what is said about it.
     assert RedisStore("redis://user:hunter2@10.0.0.5:6379/0").describe() == "redis://10.0.0.5:6379/0"
+    # A password in the query, a TLS or unix-socket URL: the scheme kept, the secret not.
+    assert RedisStore("redis://10.0.0.5:6379/0?password=hunter2").describe() == "redis://10.0.0.5:6379/0"
+    assert RedisStore("rediss://:hunter2@cache:6380").describe() == "rediss://cache:6380"
+    assert RedisStore("unix:///run/redis.sock?db=0&password=hunter2").describe() == "unix:///run/redis.sock"
 
 
 async def check_ownership(store) -> None:

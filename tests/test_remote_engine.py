@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from llm.base import EngineError, EngineUnavailable, GenerationRequest, PromptTooLong
-from llm.config import DEFAULT_SYSTEM_PROMPT
+from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig
 from llm.remote_engine import RemoteEngine, RemotePool, _score, normalize_base_url
 from llm.sampling import SamplingParams
 from llm.supervisor import free_port
@@ -545,3 +545,33 @@ async def test_a_stream_cut_before_any_text_is_sent_again():
         assert await _collect(engine, GenerationRequest("x", _messages("hi"))) == "Hi."
         assert upstream.calls == 2 and engine.retries == 1
         await engine.close()
+
+
+async def test_a_voice_server_starts_unready_while_its_llm_server_is_down():
+    """A voice replica whose LLM server (a router restarting during a
+    deploy) does not answer yet starts anyway, unready and refusing calls,
+    and is ready once the server answers: it exited at start, and under a
+    process manager crash-looped with the router."""
+    from voice.server.app import VoiceServer
+    from voice.server.config import ServerConfig
+
+    port = free_port()
+    llm = LLMConfig(engine="remote", remote_urls=[f"http://127.0.0.1:{port}/v1"], health_interval_s=0.2)
+    srv = VoiceServer(ServerConfig(port=0, max_calls=2, llm=llm))
+    await srv.start()
+    late = None
+    try:
+        assert not srv.runtime.llm_available and not srv.ready
+        late = ServerProcess(port=port)
+        await late.wait_healthy()
+        for _ in range(100):
+            if srv.runtime.llm_available:
+                break
+            await asyncio.sleep(0.1)
+        assert srv.runtime.llm_available and srv.ready
+        reply = await _collect(srv.runtime.engine, GenerationRequest("x", _messages("Hi"), max_tokens=8))
+        assert reply.strip()
+    finally:
+        await srv.close()
+        if late is not None:
+            late.stop()

@@ -326,9 +326,12 @@ class RedisStore:
             await self._redis.aclose()
 
     def describe(self) -> str:
-        # No password in logs: redis://user:secret@host -> redis://host
-        rest = self.url.split("://", 1)[-1].rsplit("@", 1)[-1]
-        return f"redis://{rest}"
+        # No password in logs: redis://user:secret@host -> redis://host, and
+        # no query (redis://host/0?password=secret, unix://...&password=).
+        scheme, _, rest = self.url.partition("://")
+        if not rest:
+            scheme, rest = "redis", scheme
+        return f"{scheme}://{rest.split('?', 1)[0].rsplit('@', 1)[-1]}"
 
 
 def build_store(url: str | None, ttl_s: float) -> CallStore:

@@ -229,7 +229,10 @@ def _origin_ok(request: Request, allowed: list[str], public_url: str | None) -> 
         return True
     if origin.rstrip("/").lower() in allowed:
         return True
-    host = urlsplit(origin).netloc.lower()
+    try:
+        host = urlsplit(origin).netloc.lower()
+    except ValueError:  # "http://[x": refused like any foreign origin, not a 500 with a traceback
+        return False
     return host == (_header(request, "Host") or "").lower() and _own_name(host, public_url)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from asr.vad import SileroVAD
 from asr.worker import ASRWorker
 from llm import engines
-from llm.base import LLMEngine
+from llm.base import EngineError, LLMEngine
 from llm.config import LLMConfig
 from streaming.fair_share import FirstSentences, LowPriority, ReplyGate
 from streaming.threads import one_blas_thread
@@ -113,7 +113,18 @@ class Runtime:
                 log.error("%s; calls go on without re-attach until it answers", exc)
         await self.asr.start()
         t1 = time.perf_counter()
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except EngineError as exc:
+            await_server = getattr(self.engine, "await_server", None)
+            if await_server is None:
+                raise  # a local engine that cannot start is a configuration error
+            # A remote LLM (a router restarting during a deploy) that is not
+            # up yet: the replica starts unready (readiness and admission say
+            # so) and comes up when the server answers, instead of exiting
+            # and crash-looping with it.
+            log.error("%s; starting without an LLM until it answers /health", exc)
+            await_server()
         t2 = time.perf_counter()
         self.startup_s = {"asr": round(t1 - t0, 3), "llm": round(t2 - t1, 3), "total": round(t2 - t0, 3)}
         self.ready = True
