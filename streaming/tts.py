@@ -135,6 +135,10 @@ class HibariTTS:
         return np.asarray(audio, dtype=np.float32)
 
     async def warm(self) -> None:
+        if self._model is not None:
+            # Loaded: a new call's start must not queue behind every sentence
+            # other calls have waiting on the one TTS thread.
+            return
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
 
     async def synthesize(self, text: str) -> np.ndarray:

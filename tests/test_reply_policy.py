@@ -203,6 +203,16 @@ async def test_bad_call_sampling_is_refused_at_start_by_field(call_url):
                                 "options": {"sampling": {"top_p": 3}}})  # fmt: skip
         error = await caller.wait_for("error", timeout=10)
         assert error["code"] == "invalid_sampling" and "top_p" in error["message"]
+    # A start refused part-way leaves nothing behind: the client's next start
+    # (text only, adaptive endpoint) got the refused one's reply audio and
+    # fixed 100 ms window.
+    async with NativeCaller(call_url) as caller:
+        await caller.send_json({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000},
+                                "options": {"reply_audio": True, "endpoint_silence_ms": 100,
+                                            "sampling": {"top_p": 3}}})  # fmt: skip
+        await caller.wait_for("error", timeout=10)
+        ready = await caller.start("mulaw", 8000)
+        assert ready["adaptive_endpoint"] is True and ready["reply_audio"] is None, ready
     async with NativeCaller(call_url) as caller:
         await caller.send_json({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000},
                                 "options": {"sampling": {"repeat_penalty": 1.2}}})  # fmt: skip

@@ -83,6 +83,28 @@ async def test_audiosocket_16k_barge_in_stops_frames(server):
         await tcp.wait_closed()
 
 
+async def test_audiosocket_an_unsupported_rate_is_hung_up_at_once_not_as_abuse(server, caplog):
+    """slin at 44.1 kHz (kind 0x15): the call is hung up at once with its
+    reason. Each frame retried the start as a malformed message until the
+    flood ended the call as abuse and cooled the PBX's address down."""
+    tcp = await listener(server)
+    try:
+        with caplog.at_level("INFO"), CallWatcher() as watcher:
+            async with FakeAsterisk(tcp.sockets[0].getsockname()[1]) as asterisk:
+                call = await watcher.one()
+                await asterisk.send_raw(message(0x15, b"\x00" * 1764))
+                for _ in range(250):
+                    if call.finished and any(kind == 0x00 for _, kind, _ in asterisk.received):
+                        break
+                    await asyncio.sleep(0.02)
+                assert call.finished and any(kind == 0x00 for _, kind, _ in asterisk.received)
+                assert call.malformed == 0
+        assert f"call {call.call_id} ended (unsupported_media_format)" in caplog.text
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
 async def test_audiosocket_malformed_and_hangups_release_everything(server):
     tcp = await listener(server)
     port = tcp.sockets[0].getsockname()[1]
@@ -94,7 +116,6 @@ async def test_audiosocket_malformed_and_hangups_release_everything(server):
                     call = await watcher.one()
                     await asterisk.send_raw(message(0x01, b"short"))  # bad UUID
                     await asterisk.send_raw(message(0x42, b"?"))  # unknown kind
-                    await asterisk.send_raw(message(0x15, b"\x00" * 1764))  # 44.1 kHz: unsupported
                     await asterisk.send_raw(message(0xFF, b"\x02"))  # Asterisk error: logged
                     await asterisk.say(with_silence(prompt_clip(52 + i).load(8000), 8000, 0.7))
                     await watcher.wait_event(call, "response.sentence", timeout=60)

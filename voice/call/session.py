@@ -163,9 +163,9 @@ class CallSession:
 
     # ---- transport-facing API ------------------------------------------
 
-    async def start(self, start: Start) -> None:
-        if self.started:
-            raise ProtocolError("already_started", "the call has already started")
+    def _configure(self, start: Start) -> None:
+        """The call's settings from its start; raises ProtocolError for a
+        value it cannot take."""
         self._start = start
         overrides: dict[str, Any] = {}
         if start.endpoint_silence_s is not None:
@@ -199,6 +199,21 @@ class CallSession:
             except ContextTooLarge as exc:
                 raise ProtocolError(exc.code, str(exc)) from None
             self.history.system_prompt = start.system_prompt
+
+    async def start(self, start: Start) -> None:
+        if self.started:
+            raise ProtocolError("already_started", "the call has already started")
+        # A start refused part-way (bad sampling, instructions too long) must
+        # leave nothing of itself behind for the client's next start (a fixed
+        # endpoint, a reply cap it did not ask for again).
+        saved = (self._start, self.asr_config, self.reply_policy, self.first_clause_words, self.max_tokens,
+                 self.sampling, self._resampler, self._tracker, self.history.system_prompt)  # fmt: skip
+        try:
+            self._configure(start)
+        except BaseException:
+            (self._start, self.asr_config, self.reply_policy, self.first_clause_words, self.max_tokens,
+             self.sampling, self._resampler, self._tracker, self.history.system_prompt) = saved  # fmt: skip
+            raise
         if start.resume_key:
             await self._resume(start)
         self.started = True

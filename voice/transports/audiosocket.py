@@ -28,6 +28,7 @@ from streaming.playout import OutFormat
 from voice.call.start import Start
 from voice.server.limits import SLOW_READER, CallEnd, CallWatch
 from voice.server.runtime import Runtime
+from voice.transports.media_json import CallRefused
 from voice.transports.telephony import MalformedMessage, TelephonyCall, between_messages
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,11 @@ class AudioSocketCall(TelephonyCall):
             reason = "carrier_closed" if exc.partial == b"" and at_boundary else "connection_lost"
         except ConnectionError:
             reason = "connection_lost"
+        except CallRefused as refusal:
+            log.warning("call %s (audiosocket): refused: %s", self.call_id, refusal.text)
+            reason = str(refusal)
+            with contextlib.suppress(Exception):
+                self.writer.write(message(KIND_HANGUP))
         except asyncio.CancelledError:
             # The watch ended the call (idle, drain); any other cancellation is real.
             if not watch.ended_by_guard():
@@ -151,7 +157,9 @@ class AudioSocketCall(TelephonyCall):
     async def _start(self, kind: int) -> None:
         rate = AUDIO_KINDS[kind]
         if rate not in SUPPORTED_RATES:
-            raise MalformedMessage(f"slin at {rate} Hz is not supported; use 8, 16 or 24 kHz")
+            # The call ends at once, not as abuse: each frame retried the
+            # start, the malformed flood ended it and cooled the PBX down.
+            raise CallRefused("unsupported_media_format", f"slin at {rate} Hz is not supported; use 8, 16 or 24 kHz")
         self.kind = kind
         self.frame_bytes = round(rate * FRAME_S) * 2
         await self.begin(

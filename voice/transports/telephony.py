@@ -211,15 +211,24 @@ class TelephonyCall:
         """Start the session; with ``out``, speak replies in that format."""
         if self.session.started:
             raise ProtocolError("already_started", "the call has already started")
+        made = None
         if out is not None and self.playout is None:
             try:
                 tts = self._tts or shared_tts(getattr(self.runtime.config, "tts", None))
                 await tts.warm()
-                self.playout = Playout(tts, out, self, lead_s=self.lead_s, on_first_audio=self._first_audio_sent)
+                made = self.playout = Playout(tts, out, self, lead_s=self.lead_s, on_first_audio=self._first_audio_sent)
             except (TTSError, ValueError) as exc:
                 # No voice is better than no call: transcripts and text still flow.
                 log.error("call %s: audio out disabled: %s", self.call_id, exc)
-        await self.session.start(start)
+        try:
+            await self.session.start(start)
+        except BaseException:
+            # A refused start's audio format must not speak the next start's
+            # replies (a text-only retry got 16 kHz PCM frames).
+            if made is not None:
+                self.playout = None
+                await made.close()
+            raise
 
     async def audio(self, payload: bytes) -> None:
         self.audio_messages += 1

@@ -19,7 +19,16 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import CallEnded, MarkStyleCall, as_int, b64decode, b64encode, obj, optional_obj
+from voice.transports.media_json import (
+    CallEnded,
+    CallRefused,
+    MarkStyleCall,
+    as_int,
+    b64decode,
+    b64encode,
+    obj,
+    optional_obj,
+)
 from voice.transports.telephony import MalformedMessage
 
 log = logging.getLogger(__name__)
@@ -87,7 +96,13 @@ class TelnyxCall(MarkStyleCall):
         encoding = ENCODINGS.get(named.upper())
         rate = as_int(fmt.get("sample_rate", 8000), "sample_rate")
         if encoding is None or rate != 8000:
-            raise MalformedMessage(f"unsupported media format {named[:24]!r} at {rate} Hz; use PCMU or PCMA at 8000 Hz")
+            # Refused, not malformed: every media frame after a malformed start
+            # counted as malformed too, and the flood ended the call as abuse,
+            # the carrier's media server then cooled down for 60 s.
+            raise CallRefused(
+                "unsupported_media_format",
+                f"unsupported media format {named[:24]!r} at {rate} Hz; use PCMU or PCMA at 8000 Hz",
+            )
         sid = msg.get("stream_id")
         self.stream_id = sid if isinstance(sid, str) else None
         params = start.get("custom_parameters") or {}
@@ -123,9 +138,13 @@ class TelnyxCall(MarkStyleCall):
         self.note_peer_report("carrier error", msg.get("payload", msg))
 
     async def on_stop(self, msg: dict[str, Any]) -> None:
-        for ready in self.reorder.drain():
-            await self.audio(ready)
-        raise CallEnded("carrier_stop")
+        try:
+            for ready in self.reorder.drain():
+                await self.audio(ready)
+        finally:
+            # A held chunk that is refused (over budget, before start) must
+            # not swallow the stop: the call would last until the socket closed.
+            raise CallEnded("carrier_stop")
 
     async def send_audio(self, chunk: bytes) -> None:
         await self.send_json({"event": "media", "media": {"payload": b64encode(chunk)}})
