@@ -9,6 +9,10 @@ read out) gets a long one, unless that number is read out in full: a field
 callers read digit by digit and whose length is fixed ("my zip code is
 94107", "the last four digits are 7703") is done at its last digit. A
 short answer on its own ("No.", "Yes, please.") is never held as unfinished.
+A contraction that wants more ("so the reason I'm.") and a run of digits
+spoken as words ("seven three one.") hold too; a question mark closes a
+question on any word but a conjunction, filler or article ("Can you repeat
+that?", "What is this regarding?").
 Whisper ends nearly every segment with a period, even mid-sentence, so the
 last *word* carries more signal than punctuation.
 
@@ -32,10 +36,10 @@ CONTINUATION_WORDS = frozenset(
     is are was were be been am can could would should will shall may might must
     do does did have has had i we you he she they it
     plus minus point dot dash oh zero
-    whether regarding including concerning except without within during toward
-    towards against across per via upon behind beyond
+    whether regarding including concerning except within during toward
+    towards across per via upon
     i'm i'd i'll i've we're we'll we've you're you'll they're they'll he's
-    she's it's there's what's let's
+    she's it's there's what's
     """.split()
 )
 
@@ -44,11 +48,16 @@ CONTINUATION_WORDS = frozenset(
 # ("can you", "do you", "is it", "and it").
 OBJECT_PRONOUNS = frozenset({"you", "it"})
 
-# Whisper's question mark is its ear's verdict that a question ended; after
-# a pronoun ("Can you repeat that?", "Who is this?", "Is it?") it closes
-# the question, where a period after the same word ("I was told that.")
-# does not close the sentence.
-QUESTION_CLOSERS = frozenset({"that", "this", "these", "those", "it", "you", "them", "there", "here", "one"})
+# Whisper's question mark is its ear's verdict that a question ended: after
+# a word that may close a question ("Can you repeat that?", "Who is this?",
+# "What is this regarding?") it does, where a period after the same word
+# ("I was told that.") does not close the sentence. Not after these, which
+# no question ends on ("And?", "Is it the?").
+NEVER_CLOSE_A_QUESTION = frozenset(
+    """
+    and but or so because um uh er erm ah hmm the a an my your his her our their its every
+    """.split()
+)
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -96,7 +105,7 @@ def number_read_out(text: str) -> bool:
     full ("my phone number is 555-212-4498"), or on a clock time or a date
     with its year; False for a field cut short ("my zip code is 941") or a
     number of free length ("the order number is 45291")."""
-    lowered = text.strip().lower()
+    lowered = text.strip().lower().replace("\u2019", "'")
     if lowered.endswith(_GOES_ON):
         return False  # Whisper heard the line go on
     if _TIME_OR_DATE.search(lowered):
@@ -154,7 +163,7 @@ def ends_unfinished(text: str) -> bool:
     if not words:
         return False
     word = words[-1]
-    if text.rstrip().endswith("?") and word in QUESTION_CLOSERS:
+    if text.rstrip().endswith("?") and word not in NEVER_CLOSE_A_QUESTION:
         return False
     if word in OBJECT_PRONOUNS:
         return len(words) < 2 or words[-2] in CONTINUATION_WORDS

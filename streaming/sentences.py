@@ -62,6 +62,17 @@ _NUMBER_ABBREVIATIONS = frozenset(
 # Dotted initialisms that usually *end* a clause, so a capital after them
 # starts a sentence: "Meet at 5 p.m. Bring snacks." ("U.S. Army" does not.)
 _CLAUSE_FINAL_DOTTED = frozenset({"a.m", "p.m"})
+# Nouns that name a thing by a letter ("option A.", "vitamin C.", "plan B.",
+# "gate D."): a sentence may end on that letter. After any other word a lone
+# capital is an initial ("J. A. Smith") or a list letter ("or B. The premium
+# plan") and goes on, as before.
+_LETTER_LABELS = frozenset(
+    """
+    option plan vitamin grade press type letter section part group class category zone gate
+    terminal platform row seat level building wing block team channel step phase form schedule
+    appendix exhibit tier model size line lane door hall floor unit suite choice answer
+    """.split()
+)
 # Words that start a sentence and almost never follow a person's initial:
 # after a lone capital initial ("option A.", "vitamin C.", "Plan B.") one of
 # these starts the next sentence; a name ("J. Smith") does not.
@@ -210,6 +221,7 @@ class SentenceSegmenter:
         self._cand_single_dot = False  # only a lone "." can be an abbreviation
         self._cand_token = ""  # the word the terminator is attached to
         self._cand_list_marker = False  # "1." opening a list item
+        self._cand_after_label = False  # the lone capital follows "option", "vitamin"... (_LETTER_LABELS)
         self._next_word_start = 0  # NEXT_WORD: where the word after "a.m." starts
         # NEXT_WORD: the candidate ends unless that word is in the first set
         # ("a.m. Monday"), or, where the second is given, only if it is there
@@ -286,6 +298,12 @@ class SentenceSegmenter:
             and token.isdigit()
             and len(token) <= _MAX_LIST_MARKER_DIGITS
         )
+        # The word before a lone initial says whether it labels something
+        # ("option A.") or is part of a name or list ("J. A. Smith", "or B.").
+        self._cand_after_label = False
+        if self._in_word and len(self._word_starts) >= 2:
+            before = self._text(self._word_starts[-2], self._word_starts[-1]).strip().lower()
+            self._cand_after_label = before in _LETTER_LABELS
 
     def _scan_terminator(self, ch: str, pos: int) -> None:
         if ch in _TERMINATORS:
@@ -345,8 +363,10 @@ class SentenceSegmenter:
         self._next_word_ends_if = ends_if
 
     def _cand_is_initial(self) -> bool:
+        """A lone capital that a label word names ("option A."): it may end
+        the sentence; any other lone capital is an initial or list letter."""
         token = self._cand_token
-        return self._cand_single_dot and not self._cand_list_marker and len(token) == 1 and token.isupper()
+        return self._cand_single_dot and self._cand_after_label and len(token) == 1 and token.isupper()
 
     def _scan_next_word(self, ch: str, pos: int) -> None:
         if ch.isalpha() and pos - self._next_word_start < _LONGEST_AFTER_CLOCK_TIME:

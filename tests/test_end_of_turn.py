@@ -96,6 +96,7 @@ def test_word_rule_windows() -> None:
         "The order number is 45291": hi,  # free length: more digits may follow
         "My zip code is 941.": hi,
         "My zip code is 941-07.": lo,  # five digits complete a zip code
+        "My zip code it\u2019s 94107.": lo,  # a typographic apostrophe reads as a plain one
         "The last four digits are 7703": lo,
         "My phone number is 555-212-": hi,
         "I need eggs and": hi,
@@ -111,9 +112,15 @@ def test_word_rule_windows() -> None:
         "My account is seven three one.": hi,  # digits spoken as words
         "I'll take the blue one.": lo,  # a lone "one" is not a digit run
         "I was told that.": hi,  # "that" goes on ("I was told that | it shipped")
-        # A question mark after a pronoun closes the question.
+        # A question mark closes a question on any word but a conjunction,
+        # filler or article.
         "Can you repeat that?": lo,
         "Who is this?": lo,
+        "What is this regarding?": lo,
+        "And?": hi,
+        # Finished sentences that end on a word near the list's.
+        "I'm two months behind.": mid,
+        "Okay, let's.": mid,
     }
     assert {text: endpoint_window(text, CFG) for text in table} == table
     # Fewer words make a sentence: a short one closed by a period is done,

@@ -184,6 +184,12 @@ CASES = [
         {},
         id="sentence-ends-on-a-lone-initial",
     ),
+    pytest.param(
+        "Your options are: A. The basic plan, or B. The premium plan. Please contact J. A. Smith. He can help.",
+        ["Your options are: A. The basic plan, or B. The premium plan.", "Please contact J. A. Smith.", "He can help."],
+        {},
+        id="list-letters-and-initials-go-on",
+    ),
     # Numbers, times, versions, addresses.
     pytest.param("Pi is about 3.14 in math. Nice.", ["Pi is about 3.14 in math.", "Nice."], {}, id="decimal"),
     pytest.param("It costs $4.99 at 10:30. Hurry.", ["It costs $4.99 at 10:30.", "Hurry."], {}, id="price-time"),
