@@ -223,7 +223,7 @@ async def test_realtime_a_fallback_reply_opens_before_its_audio(server, audio_ou
         assert kinds.index("response.created") < kinds.index("response.output_audio.delta"), kinds
 
 
-async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(server):
+async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(server, monkeypatch):
     """A push-to-talk commit whose audio Whisper hears no words in (a cough)
     still closes the commit: committed, an item with an empty transcript,
     and no response of its own, so a client waiting on its commit is not
@@ -243,7 +243,15 @@ async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(se
         assert not carrier.of("response.created") and 1 not in call.responses
         call.response_requested = True  # a response.create sent while the next one decoded
         mark = len(carrier.events)
+        # The session says a turn was empty from inside that turn's own task,
+        # still running: the create is answered once it is over (it was
+        # deferred again, to the next spoken turn).
+        winding_down = [True]
+        monkeypatch.setattr(call.session, "reply_in_flight", lambda: winding_down[0])
         await call.on_session_event({"type": "turn.empty", "turn": 2, "audio_end_ms": 1900})
+        await asyncio.sleep(0.2)
+        assert not carrier.of("response.created")
+        winding_down[0] = False
         await carrier.next_event("response.created", timeout=10, after=mark)
         answered = await carrier.next_event("response.done", timeout=60, after=mark)
         assert answered["response"]["status"] == "completed" and not call.response_requested

@@ -45,6 +45,8 @@ server events.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -83,6 +85,9 @@ HANDLERS: dict[str, Handler] = {
     **response_family.HANDLERS,
 }
 _ids = itertools.count(1)
+# How long a response.create deferred to an empty turn waits for that turn's
+# task to wind down (it is on its last step when it says the turn was empty).
+DEFERRED_CREATE_WAIT_S = 5.0
 # What OpenAI's browser clients offer for the beta vocabulary.
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 
@@ -116,6 +121,7 @@ class RealtimeCall(WebSocketCall):
         self._stopped_item: str | None = None  # the item speech_stopped went out for
         self.response_requested = False
         self.response_requested_event: object = None  # that response.create's event_id
+        self._deferred_create: asyncio.Task[None] | None = None
         # Replies asked for with no caller turn behind them (response.create
         # on the conversation as it stands). Each is an LLM generation; a
         # client looping create/cancel could otherwise keep the engine busy
@@ -289,9 +295,11 @@ class RealtimeCall(WebSocketCall):
         """The client cleared the buffer: words heard so far belong to no
         item, and the next speech is a new one (its deltas start afresh; the
         turn number does not move on a clear, so the old words' prefix
-        blocked every delta of the new ones)."""
+        blocked every delta of the new ones). Not once speech_stopped named
+        the item: that turn is committed already and keeps its id."""
         self._partial_sent.clear()
-        self.next_user_item = new_id("item")
+        if self._stopped_item != self.next_user_item:
+            self.next_user_item = new_id("item")
 
     async def _on_speech_started(self, ev: dict[str, Any]) -> None:
         if self.settings.turn_detection is None:
@@ -360,7 +368,10 @@ class RealtimeCall(WebSocketCall):
             # waiting on its response.done is not left hanging.
             if self.response_requested:
                 self.response_requested = False
-                await self._answer_deferred_create()
+                # turn.empty comes from inside the turn's own task: the create
+                # is answered once that turn is over (now it would only be
+                # deferred again, to the next turn).
+                self._deferred_create = asyncio.get_running_loop().create_task(self._answer_deferred_create())
             return
         response = Response(turn, user_item_id=item_id)
         self.responses[turn] = response
@@ -372,10 +383,18 @@ class RealtimeCall(WebSocketCall):
     async def _answer_deferred_create(self) -> None:
         event_id = self.response_requested_event
         self.response_requested_event = None
+        with contextlib.suppress(TimeoutError):  # then create() says what is in progress
+            async with asyncio.timeout(DEFERRED_CREATE_WAIT_S):
+                while self.session.reply_in_flight():  # noqa: ASYNC110 - the turn's task has no event to wait on
+                    await asyncio.sleep(0.01)
+        if self.finished:
+            return
         try:
             await response_family.create(self, {"type": "response.create"})
         except RealtimeError as exc:
             await self.client_error(exc.code, str(exc), exc.param, event_id)
+        except Exception as exc:  # the socket went meanwhile: nobody to answer
+            log.debug("call %s: deferred response.create not answered (%r)", self.call_id, exc)
 
     def prune(self) -> None:
         # Finished or dropped responses whose turn is long gone: bounded memory.
