@@ -566,16 +566,17 @@ def _die_with_parent() -> None:
 DEAD_ENGINE_CHECK_S = 1.0
 
 
-async def _exit_when_the_engine_dies(engine: LLMEngine, stop: asyncio.Event) -> None:
+async def _exit_when_the_engine_dies(engine: LLMEngine, stop: asyncio.Event) -> bool:
     """vLLM's engine core is a process of its own: when it dies this server
     stays up, answering 500 to everything. Exiting instead lets the voice
-    server's supervisor (llm/supervisor.py) start a new one."""
+    server's supervisor (llm/supervisor.py) start a new one. True: it died."""
     while not stop.is_set():
         await asyncio.sleep(DEAD_ENGINE_CHECK_S)
         if not getattr(engine, "available", True):
             log.error("the %s engine has died; exiting so that a new one is started", engine.name)
             stop.set()
-            return
+            return True
+    return False
 
 
 async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
@@ -604,7 +605,7 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
     )
     watchdog = asyncio.create_task(_exit_when_the_engine_dies(engine, stop))
     await stop.wait()
-    died = watchdog.done() and not watchdog.cancelled()
+    died = watchdog.done() and not watchdog.cancelled() and watchdog.result()
     watchdog.cancel()
     await server.close()
     return 1 if died else 0

@@ -240,7 +240,10 @@ class RemoteEngine(LLMEngine):
         url = self.base_url + "/models"
         status, data = await self._json("GET", url)
         if status != 200:
-            error = EngineError(f"LLM server {url} answered HTTP {status}")
+            # A 4xx is this server's configuration (a wrong key, model or
+            # path): refused, so a voice replica does not start and wait for it.
+            kind = RequestRefused if 400 <= status < 500 and status != 429 else EngineError
+            error = kind(f"LLM server {url} answered HTTP {status}")
             error.detail = str(data)[:ERROR_DETAIL_CHARS]
             raise error
         # Any shape a server may send: a malformed list is "no model", not a
@@ -301,15 +304,13 @@ class RemoteEngine(LLMEngine):
         """With ``retry_before_text``, a stream cut before its first text is
         sent again within RETRY_BEFORE_TEXT_S, as a refused POST is (_post):
         behind vllm-router the next try lands on a live replica."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + RETRY_BEFORE_TEXT_S
-        while True:
+        for attempt in range(2):  # once more at most: a cut that repeats is the request's
             try:
                 async for delta in self._stream_once(request):
                     yield delta
                 return
             except CutBeforeText as exc:
-                if not self.retry_before_text or loop.time() + 0.1 >= give_up:
+                if not self.retry_before_text or attempt:
                     raise
                 log.debug("LLM server %s: %s; sending it again", self.root, exc)
                 self.retries += 1
@@ -352,10 +353,12 @@ class RemoteEngine(LLMEngine):
                     limit = self.stall_timeout_s if got_text else self.first_token_timeout_s
                     raise EngineError(f"LLM server {self.root} {what} {limit} s") from None
                 except (aiohttp.ClientError, OSError, HttpProcessingError) as exc:
-                    # HttpProcessingError: LineTooLong, one line over aiohttp's 512 KiB.
-                    raise self._cut(response, f"{type(exc).__name__}: {str(exc)[:120]}", got_text) from exc
+                    # HttpProcessingError: LineTooLong, one line over aiohttp's
+                    # 512 KiB: the answer itself, so not one to send again.
+                    again = not got_text and not isinstance(exc, HttpProcessingError)
+                    raise self._cut(response, f"{type(exc).__name__}: {str(exc)[:120]}", again) from exc
                 if not line:
-                    raise self._cut(response, "connection closed before [DONE]", got_text)
+                    raise self._cut(response, "connection closed before [DONE]", not got_text)
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments, "event:" lines
@@ -504,12 +507,14 @@ class RemoteEngine(LLMEngine):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.debug("finish_session at %s failed: %s", self.root, exc)
 
-    def _cut(self, response: aiohttp.ClientResponse, detail: str, got_text: bool) -> EngineError:
+    def _cut(self, response: aiohttp.ClientResponse, detail: str, before_text: bool) -> EngineError:
+        """The stream broke; ``before_text``: before any text, in a way
+        worth one more try (CutBeforeText)."""
         self._mark_down()
         reason = self._open.get(response)
         if reason is not None:
             return EngineUnavailable(reason)
-        if not got_text:
+        if before_text:
             return CutBeforeText(f"stream from LLM server {self.root} cut before any text ({detail})")
         return EngineError(f"stream from LLM server {self.root} cut mid-reply ({detail})")
 

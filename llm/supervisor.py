@@ -290,6 +290,8 @@ class SupervisedEngine(LLMEngine):
                     yield delta
                 return
             except EngineError as exc:
+                if exc.refused:
+                    raise  # the request's fault (a prompt past the context): the call rebuilds it
                 await self._check_child()
                 if started or self.secondary is None:
                     raise

@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from llm.base import EngineError, EngineUnavailable, GenerationRequest, PromptTooLong
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig
-from llm.remote_engine import RemoteEngine, RemotePool, _score, normalize_base_url
+from llm.remote_engine import RemoteEngine, RemotePool, RequestRefused, _score, normalize_base_url
 from llm.sampling import SamplingParams
 from llm.supervisor import free_port
 from tests.openai_servers import ServerProcess, start_servers
@@ -378,7 +378,7 @@ async def _one_huge_line(request):
         (_error_then_stall, "answered HTTP 503"),
         (_error_not_utf8, "answered HTTP 503: .*overloaded"),
         (_keep_alive_after_text, "stalled for 1.0 s"),
-        (_one_huge_line, "cut before any text"),
+        (_one_huge_line, "cut mid-reply"),
     ],
     ids=["error-body-stalls", "error-body-not-utf8", "keep-alive-after-text", "one-huge-line"],
 )
@@ -575,3 +575,17 @@ async def test_a_voice_server_starts_unready_while_its_llm_server_is_down():
         await srv.close()
         if late is not None:
             late.stop()
+    # A server that refuses us (a wrong key: 401) is a configuration error,
+    # not a server still starting: the replica does not start (its /health
+    # would say 200 and make it ready for calls that all fail).
+    from aiohttp import web
+
+    async def unauthorized(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "Invalid API key"}}, status=401)
+
+    async with Upstream(unauthorized, models=unauthorized) as upstream:
+        llm = LLMConfig(engine="remote", remote_urls=[upstream.url + "/v1"])
+        srv = VoiceServer(ServerConfig(port=0, max_calls=2, llm=llm))
+        with pytest.raises(RequestRefused, match="HTTP 401"):
+            await srv.start()
+        await srv.close()

@@ -117,8 +117,11 @@ class Runtime:
             await self.engine.start()
         except EngineError as exc:
             await_server = getattr(self.engine, "await_server", None)
-            if await_server is None:
-                raise  # a local engine that cannot start is a configuration error
+            if await_server is None or exc.refused:
+                # A local engine that cannot start, or a server that refuses
+                # us (a wrong key or model: its /health would still say 200),
+                # is a configuration error.
+                raise
             # A remote LLM (a router restarting during a deploy) that is not
             # up yet: the replica starts unready (readiness and admission say
             # so) and comes up when the server answers, instead of exiting

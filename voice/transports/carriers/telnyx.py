@@ -141,10 +141,11 @@ class TelnyxCall(MarkStyleCall):
         try:
             for ready in self.reorder.drain():
                 await self.audio(ready)
-        finally:
+        except MalformedMessage as exc:
             # A held chunk that is refused (over budget, before start) must
             # not swallow the stop: the call would last until the socket closed.
-            raise CallEnded("carrier_stop")
+            self.note_malformed(exc)
+        raise CallEnded("carrier_stop")
 
     async def send_audio(self, chunk: bytes) -> None:
         await self.send_json({"event": "media", "media": {"payload": b64encode(chunk)}})
