@@ -158,7 +158,9 @@ class TurnTracker:
             self._reset_turn()  # a click or a breath: never became speech
             return None
         if self._confirmed and len(self._chunks) * CHUNK_S >= cfg.max_utterance_s:
-            return self._end_turn(forced=True)
+            # Reached in a pause, the turn's words are the pause's: not forced,
+            # so the work started at the pause is kept, not thrown away.
+            return self._end_turn(forced=not self._paused)
         if not self._confirmed and len(self._chunks) * CHUNK_S >= UNCONFIRMED_CAP_S:
             # VAD hovering just under the threshold for seconds: noise, not a
             # turn. Drop it so the buffer cannot grow without bound.

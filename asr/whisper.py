@@ -274,7 +274,9 @@ class WhisperDecoder:
                 )
             )
         for i, item in enumerate(items):
-            if (retry is None or retry[i]) and self._stopped_early(decoded[i].text, item):
+            # Not for audio the noise filter blanked: its "" is no early stop,
+            # and two more passes over noise held every other call's final.
+            if (retry is None or retry[i]) and not decoded[i].no_speech and self._stopped_early(decoded[i].text, item):
                 # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S),
                 # or, already in it, with timestamps (below); kept only if it
                 # heard more. A batch's items are done again by the worker

@@ -229,6 +229,14 @@ def test_noise_whisper_puts_words_to_is_no_words() -> None:
     unfiltered = decoder.decode(beep)
     assert unfiltered.text and not unfiltered.no_speech, unfiltered
     decoder.config = ASRConfig()
+    # Seconds of it (music on hold, a line tone the VAD takes for speech):
+    # blanked once, not decoded twice more as a decode that "stopped early".
+    runs = []
+    real_run = decoder._run
+    decoder._run = lambda *a, **k: runs.append(1) or real_run(*a, **k)  # counts, then decodes for real
+    long_beep = np.tile(beep, int(np.ceil(6.0 * 16000 / len(beep))))[: 6 * 16000]
+    assert decoder.decode(long_beep).text == "" and len(runs) == 1, runs
+    decoder._run = real_run
     for name, said in (("letters/d", "d"), ("digits/8", "8")):
         kept = decoder.decode(through_phone_line(by_name(name).load(8000)))
         assert said in kept.text.lower() and not kept.no_speech, (name, kept)

@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from asr.turns import TurnEnded, TurnTracker
+from asr.turns import Paused, TurnEnded, TurnTracker
 from benchmarks.client import NativeCaller
 from voice.server.app import VoiceServer
 from voice.server.limits import CallLimits
@@ -48,6 +48,16 @@ def test_turn_audio_is_capped_by_max_utterance(server: VoiceServer, jfk) -> None
     assert ended, "a turn longer than max_utterance_s was never cut"
     for turn in ended:
         assert len(turn.audio) / 16000 <= cfg.max_utterance_s + 0.5
+    # The cap reached inside a pause ends the turn as the pause would have:
+    # not forced (a forced end threw away the reply started at the pause).
+    cfg = dataclasses.replace(cfg, max_utterance_s=len(speech) / 16000 + 0.4, adaptive_endpoint=False)
+    tracker = TurnTracker(cfg, server.runtime.vad.stream())
+    events = []
+    for chunk in (speech, np.zeros(2 * 16000, np.float32)):
+        for i in range(0, len(chunk), 1600):
+            events += tracker.feed(chunk[i : i + 1600])
+    kinds = [type(e).__name__ for e in events if isinstance(e, Paused | TurnEnded)]
+    assert kinds[-2:] == ["Paused", "TurnEnded"] and not events[-1].forced, kinds
 
 
 async def ended_while_sending(ending: NativeCaller, sender: NativeCaller, timeout: float) -> tuple[dict, float]:
