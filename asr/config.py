@@ -69,6 +69,12 @@ class ASRConfig:
     # a slow CPU. 0: no limit. A decoder thread cannot be stopped, so it
     # has none.
     decode_timeout_s: float = 60.0
+    # A new decoder process (after one died or hung) that has not loaded its
+    # model in this long is taken for hung too (the same GPU or native hang
+    # can stop its load): it is killed and decodes fail with a clear error,
+    # each trying once more, instead of every call's ASR waiting on the load
+    # for ever. The first start, at server start, has no limit.
+    decoder_restart_timeout_s: float = 120.0
     language: str | None = "en"
     beam_size: int = 1
     # A decode whose no-speech probability (Whisper's own, at its first step)

@@ -166,16 +166,22 @@ class ProcessLane:
         self._closed = False
         self._restarting: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, timeout_s: float | None = None) -> None:
+        """Start the child and load its model; ``timeout_s``: a load past it
+        kills the child and raises TimeoutError."""
         # "spawn", not fork: the server has threads (the event loop's helpers,
         # ONNX Runtime's, the LLM clients'), and a forked child would inherit
         # their locks in whatever state they were.
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            pid = await asyncio.get_running_loop().run_in_executor(
-                pool, _child_load, self.config, self.name, self.nice, os.getpid()
-            )
+            async with asyncio.timeout(timeout_s):
+                pid = await asyncio.get_running_loop().run_in_executor(
+                    pool, _child_load, self.config, self.name, self.nice, os.getpid()
+                )
         except BaseException:
+            for child in list(getattr(pool, "_processes", {}).values()):  # a hung load ends with its child
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    child.kill()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         self._pool, self.pid = pool, pid
@@ -233,7 +239,7 @@ class ProcessLane:
                 self.on_restart()
         self._pool = None
         try:
-            await self.start()
+            await self.start(self.config.decoder_restart_timeout_s or None)
             if self._closed:  # closed while the new child was loading
                 self.close()
         except Exception:

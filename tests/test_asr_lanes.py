@@ -6,6 +6,7 @@ twice fails alone), not the server: real model, real speech, a real SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 
@@ -147,6 +148,21 @@ async def test_a_hung_decode_is_killed_and_the_lane_comes_back(jfk):
         after = await lane.decode(audio)
         assert word_error_rate(jfk.reference, after.text) <= 0.15, after.text
         assert lane.restarts == 1 and lane.pid not in (None, first)
+        # A new child whose load hangs too (the limit set below one real
+        # load to stand in for it) is killed: decodes fail with a clear
+        # error instead of waiting on the load for ever, and the next one
+        # tries again.
+        lane.config = dataclasses.replace(lane.config, decoder_restart_timeout_s=0.05)
+        lane.timeout_s = 0.02
+        with pytest.raises(DecoderCrashed, match="took longer"):
+            await lane.decode(audio)
+        with pytest.raises(DecoderCrashed, match="could not be started again"):
+            async with asyncio.timeout(30):
+                await lane.decode(audio)
+        lane.config = dataclasses.replace(lane.config, decoder_restart_timeout_s=120.0)
+        lane.timeout_s = 60.0
+        again = await lane.decode(audio)
+        assert word_error_rate(jfk.reference, again.text) <= 0.15, again.text
     finally:
         lane.close()
 
