@@ -70,8 +70,8 @@ async def test_a_final_whose_decoder_process_dies_twice_fails_alone(process_work
     start = lane.start
     doomed: list[int] = []
 
-    async def start_then_die() -> None:
-        await start()
+    async def start_then_die(timeout_s: float | None = None) -> None:
+        await start(timeout_s)
         if not doomed and lane.pid is not None:
             doomed.append(lane.pid)
             os.kill(lane.pid, signal.SIGKILL)
