@@ -104,6 +104,9 @@ class _Prepared:
     max_length: int  # CTranslate2 ``max_length`` this item would get alone
     token_cap: int  # tokens CTranslate2 generates at most with that max_length
     audio: np.ndarray  # kept (a reference) for the stopped-early check, which needs the voice
+    # All of it, when longer than Whisper's 30 s window (features hold the
+    # last 30 s): a final decodes it whole (_segmented), not its tail only.
+    whole: np.ndarray | None = None
 
 
 def voiced_seconds(audio: np.ndarray, frame: int = SAMPLE_RATE // 50) -> float:
@@ -192,6 +195,7 @@ class WhisperDecoder:
             # A (samples, channels) array would be read as thousands of
             # utterances and allocate gigabytes of features: refuse it early.
             raise ValueError(f"expected mono audio (1-D), got shape {audio.shape}")
+        whole = audio if len(audio) > MAX_WINDOW_S * SAMPLE_RATE else None
         audio = audio[-MAX_WINDOW_S * SAMPLE_RATE :]
         audio_s = len(audio) / SAMPLE_RATE
         window = self.window_for(audio_s)
@@ -208,7 +212,7 @@ class WhisperDecoder:
         # item back to exactly what it would have produced alone.
         max_length = min(448, 2 * (len(self._prompt) + 10 + math.ceil(audio_s * 8)))
         token_cap = min(max_length // 2, max_length - (len(self._prompt) - 1))
-        return _Prepared(features, audio_s, window, max_length, token_cap, audio)
+        return _Prepared(features, audio_s, window, max_length, token_cap, audio, whole)
 
     @staticmethod
     def _stopped_early(text: str, item: _Prepared) -> bool:
@@ -274,6 +278,15 @@ class WhisperDecoder:
                 )
             )
         for i, item in enumerate(items):
+            if (retry is None or retry[i]) and item.whole is not None:
+                # A final over 30 s (talked-over audio led a long turn): its
+                # first words are outside the window; decoded whole, with
+                # timestamps, they are not lost.
+                if alone_later:
+                    decoded[i] = dataclasses.replace(decoded[i], retry_alone=True)
+                else:
+                    decoded[i] = self._segmented(item, started)
+                continue
             # Not for audio the noise filter blanked: its "" is no early stop,
             # and two more passes over noise held every other call's final.
             if (retry is None or retry[i]) and not decoded[i].no_speech and self._stopped_early(decoded[i].text, item):
@@ -308,8 +321,9 @@ class WhisperDecoder:
         words of a 25 s menu prompt) has nowhere longer to go, and without
         timestamps the model ends where its first sentence ends; with them it
         goes on past it. One pass, no temperature fallback: bounded time."""
+        source = item.whole if item.whole is not None else item.audio
         segments, _ = self.model.transcribe(
-            item.audio,
+            source,
             language=self._language,
             beam_size=self.config.beam_size,
             temperature=0.0,
@@ -323,4 +337,5 @@ class WhisperDecoder:
         text = " ".join(segment.text.strip() for segment in segments).strip()
         if not WORD_CHAR.search(text):
             text = ""
-        return Decoded(text, item.audio_s, time.perf_counter() - started, MAX_WINDOW_S, batch_size=1)
+        audio_s = len(source) / SAMPLE_RATE
+        return Decoded(text, audio_s, time.perf_counter() - started, MAX_WINDOW_S, batch_size=1)

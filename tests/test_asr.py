@@ -210,6 +210,24 @@ def test_a_tone_whisper_writes_only_punctuation_for_is_no_words() -> None:
     assert decoded.text == "", decoded.text
 
 
+def test_a_final_over_thirty_seconds_keeps_its_first_words(jfk, phone_prompts) -> None:
+    """A final longer than Whisper's 30 s window (talked-over audio leading a
+    long turn): its first words were cut with everything before the last
+    30 s. Decoded whole, they are heard; a partial still hears the tail."""
+    from asr.whisper import WhisperDecoder
+
+    first = phone_prompts[3]
+    gap = np.zeros(8000, np.float32)
+    audio = np.concatenate([first.load(16000), gap, *[jfk.load(16000), gap] * 3])
+    assert len(audio) > 31 * 16000
+    decoder = WhisperDecoder(ASRConfig())
+    opening = " ".join(first.reference.split()[:3]).lower().strip(".,")
+    final = decoder.decode(audio)
+    assert opening in final.text.lower().replace(",", ""), (opening, final.text)
+    partial = decoder.decode(audio, retry_cut_short=False)
+    assert opening not in partial.text.lower().replace(",", ""), partial.text
+
+
 def test_noise_whisper_puts_words_to_is_no_words() -> None:
     """tiny.en writes "You" for Asterisk's beep through a phone line, with a
     no-speech probability of 0.91 and a mean log-probability of -3.5: the
