@@ -255,6 +255,14 @@ async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(se
         await carrier.next_event("response.created", timeout=10, after=mark)
         answered = await carrier.next_event("response.done", timeout=60, after=mark)
         assert answered["response"]["status"] == "completed" and not call.response_requested
+        # A turn whose transcription failed: the same (it was dropped).
+        call.response_requested = True
+        mark = len(carrier.events)
+        await call.on_session_event({"type": "error", "code": "asr_failed", "message": "the decode failed"})
+        await carrier.next_event("conversation.item.input_audio_transcription.failed", timeout=10, after=mark)
+        await carrier.next_event("response.created", timeout=10, after=mark)
+        answered = await carrier.next_event("response.done", timeout=60, after=mark)
+        assert answered["response"]["status"] == "completed" and not call.response_requested
 
 
 async def test_realtime_words_after_a_clear_are_a_new_item(server):

@@ -278,6 +278,7 @@ class RealtimeCall(WebSocketCall):
                     await response_family.finish(self, response)
         elif kind == "error":
             code = str(ev.get("code", "server_error"))
+            asked = code == "asr_failed" and self.response_requested
             if code == "asr_failed":
                 # The turn a response.create waited for is gone with its
                 # words: the request does not carry over to the next turn.
@@ -290,6 +291,11 @@ class RealtimeCall(WebSocketCall):
                 "error", error={"type": "server_error", "code": code, "message": ev.get("message"), "param": None,
                                 "event_id": None},
             )  # fmt: skip
+            if asked:
+                # It is answered on the conversation as it stands, as for a
+                # turn with no words: a client waiting on its response.done
+                # is not left hanging.
+                self._deferred_create = asyncio.get_running_loop().create_task(self._answer_deferred_create())
 
     def input_cleared(self) -> None:
         """The client cleared the buffer: words heard so far belong to no
