@@ -613,11 +613,12 @@ class RemotePool(LLMEngine):
             raise EngineUnavailable(
                 "no replica of the LLM pool is available: " + "; ".join(str(r) for r in results if r is not None)
             )
-        self._health_task = asyncio.create_task(self._health_loop(), name=f"{self.name}-health")
+        self.await_server()
 
     def await_server(self) -> None:
-        """start() found no replica up: the health loop brings them in as
-        they answer (each asked for its model then)."""
+        """Watch the replicas' /health (from start; or after a start that
+        found none up, which the health loop then brings in as they answer,
+        each asked for its model then)."""
         if self._health_task is None or self._health_task.done():
             self._health_task = asyncio.create_task(self._health_loop(), name=f"{self.name}-health")
 

@@ -300,8 +300,10 @@ class SentenceSegmenter:
         )
         # The word before a lone initial says whether it labels something
         # ("option A.") or is part of a name or list ("J. A. Smith", "or B.").
+        # Read only for a lone capital: every other sentence end (each one
+        # in every reply) skips the join.
         self._cand_after_label = False
-        if self._in_word and len(self._word_starts) >= 2:
+        if len(self._cand_token) == 1 and self._cand_token.isupper() and len(self._word_starts) >= 2:
             before = self._text(self._word_starts[-2], self._word_starts[-1]).strip().lower()
             self._cand_after_label = before in _LETTER_LABELS
 

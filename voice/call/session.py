@@ -89,6 +89,12 @@ def public_engine_info(described: dict[str, object]) -> dict[str, object]:
     return {k: v for k, v in described.items() if k in PUBLIC_ENGINE_KEYS}
 
 
+# What _configure sets from a start: put back as it was if the start is refused.
+_START_SETTINGS = (
+    "_start", "asr_config", "reply_policy", "first_clause_words", "max_tokens", "sampling", "_resampler", "_tracker",
+)  # fmt: skip
+
+
 class CallSession:
     def __init__(self, runtime: Runtime, emit: Emit, call_id: str | None = None) -> None:
         self.runtime = runtime
@@ -206,13 +212,14 @@ class CallSession:
         # A start refused part-way (bad sampling, instructions too long) must
         # leave nothing of itself behind for the client's next start (a fixed
         # endpoint, a reply cap it did not ask for again).
-        saved = (self._start, self.asr_config, self.reply_policy, self.first_clause_words, self.max_tokens,
-                 self.sampling, self._resampler, self._tracker, self.history.system_prompt)  # fmt: skip
+        saved = {name: getattr(self, name) for name in _START_SETTINGS}
+        prompt = self.history.system_prompt
         try:
             self._configure(start)
         except BaseException:
-            (self._start, self.asr_config, self.reply_policy, self.first_clause_words, self.max_tokens,
-             self.sampling, self._resampler, self._tracker, self.history.system_prompt) = saved  # fmt: skip
+            for name, value in saved.items():
+                setattr(self, name, value)
+            self.history.system_prompt = prompt
             raise
         if start.resume_key:
             await self._resume(start)
