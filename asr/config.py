@@ -171,6 +171,12 @@ class ASRConfig:
     # starts that much later (benchmarks/end_of_turn.py measures both the
     # delay and the cut-offs). 0: a chunk below the threshold is silence.
     vad_end_margin: float = 0.15
+    # ...but not for ever: past this much of them in one gap after the
+    # caller's last voiced chunk, in-between chunks count as silence. A line
+    # whose noise Silero keeps in that band would otherwise hold the clock
+    # still and end the turn only at max_utterance_s. Set above the longest
+    # hold measured on real speech (benchmarks/vad_soft_runs.py).
+    vad_soft_hold_max_s: float = 0.5
     vad_model: str | None = None  # None = the ONNX file in faster-whisper's wheel
     # Endpointing: this much trailing silence ends the caller's turn with
     # the fixed window (--fixed-endpoint, or a client's own window); the

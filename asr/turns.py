@@ -77,6 +77,8 @@ class TurnTracker:
         self._confirmed = False
         self._voiced_chunks = 0
         self._silent_run = 0
+        # In-between chunks since the last voiced one (vad_soft_hold_max_s).
+        self._soft_held = 0
         self._first_voiced = 0
         self._last_voiced_end = 0
         self._partial_at_chunks = 0
@@ -117,6 +119,13 @@ class TurnTracker:
         # below the threshold (vad_end_margin), so soft word endings don't
         # start the clock.
         silent = prob < max(cfg.vad_threshold - cfg.vad_end_margin, 0.05)
+        if not voiced and not silent and self._in_turn:
+            # ...for a while: a run of them that long is the line's noise
+            # sitting in the band, not a word's tail (real speech holds at
+            # most ~160 ms per gap, benchmarks/vad_soft_runs.py), and
+            # holding for ever would end the turn only at the length cap.
+            self._soft_held += 1
+            silent = self._soft_held * CHUNK_S > cfg.vad_soft_hold_max_s + 1e-9
         if not self._in_turn:
             if not voiced:
                 self._pre.append(chunk)
@@ -130,6 +139,7 @@ class TurnTracker:
         if voiced:
             self._voiced_chunks += 1
             self._silent_run = 0
+            self._soft_held = 0
             self._held_silence = 0
             self._last_voiced_end = self._position_chunks
             if self._paused:
