@@ -121,8 +121,8 @@ class TurnTracker:
         silent = prob < max(cfg.vad_threshold - cfg.vad_end_margin, 0.05)
         if not voiced and not silent and self._in_turn:
             # ...for a while: a run of them that long is the line's noise
-            # sitting in the band, not a word's tail (real speech holds at
-            # most ~160 ms per gap, benchmarks/vad_soft_runs.py), and
+            # sitting in the band, not a word's tail (real speech held at
+            # most 320 ms in 1,563 gaps, benchmarks/vad_soft_runs.py), and
             # holding for ever would end the turn only at the length cap.
             self._soft_held += 1
             silent = self._soft_held * CHUNK_S > cfg.vad_soft_hold_max_s + 1e-9

@@ -159,8 +159,9 @@ class BandVAD:
     """A fake VAD stream: Silero's score per chunk, scripted. Named a fake
     because what it stands for does not exist here: a line whose noise Silero
     keeps in the hysteresis band (0.35-0.5) for seconds. On this machine's
-    recordings, noise and muffled speech it never stays there longer than
-    ~160 ms (benchmarks/vad_soft_runs.py); the tracker must not rely on that."""
+    recordings Silero stays there at most 320 ms after a word
+    (benchmarks/vad_soft_runs.py), on white, pink and mains noise and on
+    babble it scores below or above; the tracker must not rely on that."""
 
     def __init__(self, probs: list[float]) -> None:
         self.probs = list(probs)
