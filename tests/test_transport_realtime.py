@@ -283,6 +283,35 @@ async def test_realtime_words_after_a_clear_are_a_new_item(server):
         assert second["delta"] == "Hello" and second["item_id"] != first["item_id"], (first, second)
 
 
+async def test_realtime_speech_after_the_endpoint_is_the_next_item(server):
+    """Speech that starts after speech_stopped but before the transcript is
+    the next item: its speech_started named the item being committed (the
+    id moved on only with the transcript), so a client tied the new speech
+    to the old turn. (Session events given to the live call: when a final
+    decode lands against the next words cannot be scripted with audio.)"""
+    async with _started_call(server) as (carrier, call):
+        started, stopped = "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"
+        committed = "input_audio_buffer.committed"
+        await call.on_session_event({"type": "speech.started", "audio_ms": 100})
+        first = await carrier.next_event(started, timeout=10)
+        await call.on_session_event({"type": "speech.stopped", "audio_end_ms": 900})
+        first_stopped = await carrier.next_event(stopped, timeout=10)
+        mark = len(carrier.events)
+        await call.on_session_event({"type": "speech.started", "audio_ms": 1000})
+        second = await carrier.next_event(started, timeout=10, after=mark)
+        await call.on_session_event({"type": "turn.empty", "turn": 1, "audio_end_ms": 900})
+        first_committed = await carrier.next_event(committed, timeout=10)
+        assert first["item_id"] == first_stopped["item_id"] == first_committed["item_id"], (first, first_committed)
+        assert second["item_id"] != first_committed["item_id"], (second, first_committed)
+        mark = len(carrier.events)
+        await call.on_session_event({"type": "speech.stopped", "audio_end_ms": 1800})
+        await call.on_session_event({"type": "turn.empty", "turn": 2, "audio_end_ms": 1800})
+        second_committed = await carrier.next_event(committed, timeout=10, after=mark)
+        second_stopped = carrier.of(stopped)[-1]
+        assert second["item_id"] == second_stopped["item_id"] == second_committed["item_id"], (second, second_committed)
+        assert second_committed["previous_item_id"] == first_committed["item_id"]
+
+
 async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server):
     """A reply whose engine failed ended as status "cancelled" with reason
     "turn_detected", as if the caller had talked over it. (The session's

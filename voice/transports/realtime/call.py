@@ -118,7 +118,9 @@ class RealtimeCall(WebSocketCall):
         self.next_user_item = new_id("item")
         self.last_item_id: str | None = None
         self._partial_sent: dict[int, str] = {}
-        self._stopped_item: str | None = None  # the item speech_stopped went out for
+        # The item speech_stopped named, until its transcript (or failure)
+        # closes it; speech after the endpoint is already the next item.
+        self._committing: str | None = None
         self.response_requested = False
         self.response_requested_event: object = None  # that response.create's event_id
         self._deferred_create: asyncio.Task[None] | None = None
@@ -284,7 +286,7 @@ class RealtimeCall(WebSocketCall):
                 # words: the request does not carry over to the next turn.
                 self.response_requested = False
                 await self.send_event(
-                    "conversation.item.input_audio_transcription.failed", item_id=self.next_user_item,
+                    "conversation.item.input_audio_transcription.failed", item_id=self._close_user_item(),
                     content_index=0, error={"type": "server_error", "code": code, "message": ev.get("message")},
                 )  # fmt: skip
             await self.send_event(
@@ -301,11 +303,10 @@ class RealtimeCall(WebSocketCall):
         """The client cleared the buffer: words heard so far belong to no
         item, and the next speech is a new one (its deltas start afresh; the
         turn number does not move on a clear, so the old words' prefix
-        blocked every delta of the new ones). Not once speech_stopped named
-        the item: that turn is committed already and keeps its id."""
+        blocked every delta of the new ones). An item speech_stopped named is
+        committed already and keeps its id."""
         self._partial_sent.clear()
-        if self._stopped_item != self.next_user_item:
-            self.next_user_item = new_id("item")
+        self.next_user_item = new_id("item")
 
     async def _on_speech_started(self, ev: dict[str, Any]) -> None:
         if self.settings.turn_detection is None:
@@ -314,14 +315,24 @@ class RealtimeCall(WebSocketCall):
             "input_audio_buffer.speech_started", audio_start_ms=ev.get("audio_ms", 0), item_id=self.next_user_item
         )
 
-    async def _on_speech_stopped(self, audio_end_ms: int, item_id: str | None = None) -> None:
+    async def _on_speech_stopped(self, audio_end_ms: int) -> None:
         """At the endpoint, before Whisper's final decode (OpenAI sends it when
-        its VAD hears the end, then committed and the transcript)."""
-        item_id = item_id or self.next_user_item
-        if self.settings.turn_detection is None or self._stopped_item == item_id:
+        its VAD hears the end, then committed and the transcript). The item is
+        closed to new audio from here: speech that starts before its
+        transcript is the next item, and its speech_started says so."""
+        if self.settings.turn_detection is None or self._committing is not None:
             return
-        self._stopped_item = item_id
-        await self.send_event("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
+        self._committing, self.next_user_item = self.next_user_item, new_id("item")
+        await self.send_event("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=self._committing)
+
+    def _close_user_item(self) -> str:
+        """The id of the user item a turn's end closes: the one speech_stopped
+        named, else (a commit, the length cap, push-to-talk) the open one."""
+        if self._committing is not None:
+            item_id, self._committing = self._committing, None
+        else:
+            item_id, self.next_user_item = self.next_user_item, new_id("item")
+        return item_id
 
     async def _on_partial(self, turn: int, text: str) -> None:
         before = self._partial_sent.get(turn, "")
@@ -334,8 +345,10 @@ class RealtimeCall(WebSocketCall):
         )  # fmt: skip
 
     async def _on_final(self, turn: int, text: str, audio_end_ms: int) -> None:
-        item_id = self.next_user_item
-        self.next_user_item = new_id("item")
+        # Sent at the endpoint already, unless the turn ended otherwise (a
+        # commit, the length cap): then now, with its transcript.
+        await self._on_speech_stopped(audio_end_ms)
+        item_id = self._close_user_item()
         self._partial_sent.pop(turn, None)
         previous = self.last_item_id
         # An older reply the client never asked for is not part of the
@@ -349,9 +362,6 @@ class RealtimeCall(WebSocketCall):
                 if ended:
                     self.session.reply_heard(old.turn, "")
         self.prune()
-        # Sent at the endpoint already, unless the turn ended otherwise (a
-        # commit, the length cap): then now, with its transcript.
-        await self._on_speech_stopped(audio_end_ms, item_id)
         await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
         await self.send_event(
             "conversation.item.added",
