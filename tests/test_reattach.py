@@ -124,7 +124,9 @@ async def test_a_twilio_stream_that_re_attaches_with_its_callsid_keeps_the_histo
     with CallWatcher() as watcher:
         async with FakeTwilio(server_base(server), call_sid="CA" + "2" * 32):
             call = await watcher.one()
-            await asyncio.sleep(0.3)
+            async with asyncio.timeout(5):  # started (it has read the store), or the check proves nothing
+                while not call.session.started:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
             assert not call.session.resumed and not call.session.history.messages_so_far
 
 
