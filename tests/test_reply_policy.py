@@ -28,9 +28,10 @@ LOOPING = [
 ]
 
 
-def said(policy: ReplyPolicy, reply: str, previous: str = "") -> tuple[list[str], str]:
-    """What a turn sends of ``reply``, and why it ends (as voice/call/turn.py does)."""
-    guard = ReplyGuard(policy, previous)
+def said(policy: ReplyPolicy, reply: str, previous: str = "", caller: str | None = None) -> tuple[list[str], str]:
+    """What a turn sends of ``reply`` to ``caller``'s words, and why it ends
+    (as voice/call/turn.py does)."""
+    guard = ReplyGuard.for_turn(policy, caller, previous)
     out = []
     for sentence in split_sentences(reply):
         verdict = guard.check(sentence)
@@ -112,13 +113,13 @@ def test_a_caller_who_asks_again_gets_the_last_reply_again() -> None:
     say that again?", to a caller who had just asked the agent that."""
     previous = "Sure. Your appointment is on Friday at ten."
     restated = "Yes, your appointment is on Friday at ten."
-    assert said(ReplyPolicy(), restated, previous) == ([], STOP_LOOP)  # the guard alone
     for caller in ("Can you repeat that?", "Sorry, what was that?", "Could you confirm the time?",
                    "I didn't catch that.", "Say that again please."):  # fmt: skip
         assert asks_to_repeat(caller), caller
-        assert said(ReplyPolicy(), restated, "" if asks_to_repeat(caller) else previous) == ([restated], "complete")
+        assert said(ReplyPolicy(), restated, previous, caller) == ([restated], "complete"), caller
     for caller in ("What time is it?", "I need to book a table.", None, ""):
         assert not asks_to_repeat(caller), caller
+        assert said(ReplyPolicy(), restated, previous, caller) == ([], STOP_LOOP), caller
 
 
 def test_bad_policies_are_refused() -> None:

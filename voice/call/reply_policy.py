@@ -112,6 +112,12 @@ class ReplyGuard:
         else:
             self._previous = []
 
+    @classmethod
+    def for_turn(cls, policy: ReplyPolicy, caller_words: str | None, previous_reply: str) -> ReplyGuard:
+        """The guard for a reply to ``caller_words``: saying the last reply
+        again is a loop, unless the caller asked for it again."""
+        return cls(policy, "" if asks_to_repeat(caller_words) else previous_reply)
+
     @property
     def said_nothing_but_loops(self) -> bool:
         """The reply ended with only a left-out sentence: it was a loop."""

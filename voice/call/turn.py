@@ -38,7 +38,6 @@ from voice.call.reply_policy import (
     STOP_LOOP,
     ReplyGuard,
     ReplyPolicy,
-    asks_to_repeat,
     is_complete,
 )
 
@@ -473,8 +472,7 @@ class Turn:
             # An operator's fixed text is said whole (no sentence cap), still
             # never with a sentence twice.
             policy = dataclasses.replace(policy, max_sentences=0)
-        # Saying the last reply again is what a caller who asks for it wants.
-        guard = ReplyGuard(policy, "" if asks_to_repeat(self.user_text) else ctx.previous_reply)
+        guard = ReplyGuard.for_turn(policy, self.user_text, ctx.previous_reply)
         first_needs_generating = first is None or first.text is None
         can_refit = ctx.prompt_too_long is not None
         cancelled = False
