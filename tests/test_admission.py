@@ -59,7 +59,9 @@ async def test_burst_of_twice_the_limit(server: VoiceServer, phone_prompts) -> N
         f"admitted TTFS ms {sorted(r[2] for r in admitted)}"
     )
     assert len(admitted) == limit and len(refused) == limit
-    assert max(r[1] for r in refused) < 0.5
+    # At the door, not after waiting for a slot (a call lasts seconds); the
+    # refusal's cost under load is benchmarks/burst.py's.
+    assert max(r[1] for r in refused) < 2.0
 
 
 async def test_refusal_when_measured_ttfs_misses_target(server: VoiceServer, phone_prompts) -> None:

@@ -241,8 +241,10 @@ async def test_partials_past_their_decoder_budget_are_shed_until_it_refills_fina
 async def test_lone_call_waits_at_most_the_budget_and_company_joins(batched, quilter):
     lone = await batched.submit("lone", quilter, final=True)
     assert lone.batch_size == 1
-    # It waited for company no longer than the budget (plus scheduling slack).
-    assert lone.queue_s <= (BUDGET_MS + 40) / 1000, lone.queue_s
+    # It waited for company about the budget, not until some came: the slack
+    # is for a loaded machine's scheduling (the wait itself is benchmarked
+    # in benchmarks/asr_batching.py).
+    assert lone.queue_s <= (BUDGET_MS + 250) / 1000, lone.queue_s
     first = batched.submit("pair-1", quilter, final=True)
     await asyncio.sleep(0.005)  # a second call's final, well within the budget
     second = batched.submit("pair-2", quilter, final=True)

@@ -130,7 +130,7 @@ async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says
     with pytest.raises(EngineUnavailable, match="restarting"):
         async for _ in engine.stream(GenerationRequest("x", [{"role": "user", "content": "Hi"}], 8)):
             pass
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.5  # at once, not after the ~2.5 s restart
     # A new call while no engine has answered for longer than the grace is
     # refused at the door (the restart takes ~2.5 s; the grace is cut to
     # 0.3 s here so the refusal falls inside it).

@@ -77,7 +77,9 @@ async def test_playout_orders_sentences_frames_and_marks():
     assert all(len(c) == 160 for c in audio)
     assert sink.items.index(("mark", "t1s0")) < len(sink.items) - 1  # sentence 2's audio follows mark 1
     assert len(decode(b"".join(audio), "mulaw")) > 8000  # over a second of speech
-    assert firsts and firsts[0][0] == 1 and 0 < firsts[0][1] < 2.0
+    # Timed from the sentence's hand-over (how fast: benchmarks/ttfa.py); the
+    # bound only catches a synthesis that waited on something else.
+    assert firsts and firsts[0][0] == 1 and 0 < firsts[0][1] < 20.0
     assert playout.marked("t1s1") is not None  # the carrier played turn 1 (and so everything before)
     # Barge-in: queued sentences are dropped, nothing more is sent.
     playout.say(2, 0, "This sentence is long enough to still be queued when the caller talks over it.")
