@@ -101,8 +101,21 @@ async def test_streams_sensible_reply(engine: VLLMEngine) -> None:
     assert "paris" in text.lower()
     assert request.usage.prompt_tokens > 0
     assert request.usage.completion_tokens > 0
-    # ngram speculation ran and vLLM reported it for this request.
     assert request.usage.accepted_tokens <= request.usage.draft_tokens
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_ngram_speculation_drafts_and_is_accepted_on_copied_text(engine: VLLMEngine) -> None:
+    """A reply that copies the prompt is what prompt-lookup (ngram) drafting
+    is for: vLLM drafted tokens for this request, accepted some, and reported
+    both for it alone (0 / 0 passed before: nothing showed a draft was made)."""
+    line = "The blue car is parked by the red house next to the old oak tree."
+    messages = _messages(f"Repeat this sentence exactly, three times: {line} {line}")
+    request = GenerationRequest("copy", messages, max_tokens=48, sampling=SamplingParams(repetition_penalty=1.0))
+    text = "".join(await _collect(engine, request))
+    assert "blue car" in text.lower(), text
+    assert request.usage.draft_tokens > 0, request.usage
+    assert 0 < request.usage.accepted_tokens <= request.usage.draft_tokens, request.usage
 
 
 @pytest.mark.asyncio(loop_scope="session")
