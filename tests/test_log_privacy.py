@@ -106,3 +106,40 @@ async def test_an_engine_failure_reaches_the_client_as_a_plain_message(
     assert "127.0.0.1" not in json.dumps(err) and "ClientPayloadError" not in json.dumps(err)
     # The server's log keeps what happened.
     assert any(INTERNAL in (r.exc_text or "") or INTERNAL in str(r.exc_info) for r in caplog.records)
+
+
+async def test_an_llm_server_killed_mid_reply_stays_out_of_the_clients_error(
+    server: VoiceServer, call_url: str, phone_prompts, monkeypatch, caplog
+) -> None:
+    """The same through a real failure: the turn's reply comes from a real
+    LLM server (llm.openai_server on SmolLM2, through RemoteEngine's own
+    error wrapping), killed after its first token. The client hears a code
+    and a plain sentence; the server's address is only in the server log."""
+    from llm.remote_engine import RemoteEngine
+    from tests.openai_servers import ServerProcess
+
+    upstream = await ServerProcess().wait_healthy()
+    remote = RemoteEngine(upstream.url, system_prompt=None)
+    await remote.start()
+
+    async def stream_then_kill(request):
+        async for delta in remote.stream(request):
+            upstream.kill()  # after its first token: mid-reply
+            yield delta
+
+    monkeypatch.setattr(server.runtime.engine, "stream", stream_then_kill)
+    caplog.set_level(logging.DEBUG)
+    try:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("mulaw", 8000, options={"partials": False}, sampling={"max_tokens": 200})
+            clip = phone_prompts[2]
+            await caller.play(with_silence(clip.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
+            err = await caller.wait_for("error", timeout=60)
+    finally:
+        await remote.close()
+        upstream.stop()
+    assert err["code"].startswith("llm_"), err
+    wire = json.dumps(err)
+    assert f":{upstream.port}" not in wire and "127.0.0.1" not in wire, err
+    logged = [r.getMessage() + (r.exc_text or "") + str(r.exc_info or "") for r in caplog.records]
+    assert any(f":{upstream.port}" in line for line in logged)
