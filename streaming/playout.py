@@ -271,6 +271,11 @@ class Playout:
             if generation != self._generation:
                 return
             await self.sink.send_audio(data[offset : offset + self.fmt.chunk_bytes])
+            if generation != self._generation:
+                # Interrupted while the send waited (a full socket buffer):
+                # the clear has gone out, so no clock, segment or mark for
+                # this sentence after it (its late mark echo made it "heard").
+                return
             now = time.monotonic()
             self._clock_end = max(self._clock_end, now) + self.fmt.chunk_bytes / self.fmt.bytes_per_s
             if turn not in self._first_audio_sent:

@@ -101,6 +101,57 @@ async def wait_marks(sink: Recorder, n: int) -> None:
     raise AssertionError(f"fewer than {n} marks")
 
 
+class StallingSink(Recorder):
+    """A carrier socket whose write buffer is full at frame ``at`` (a
+    stand-in for the carrier: that send waits until the test lets it go)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+        self.stalled = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send_audio(self, chunk: bytes) -> None:
+        if sum(1 for kind, _ in self.items if kind == "audio") == self.at and not self.release.is_set():
+            self.stalled.set()
+            await self.release.wait()
+        await super().send_audio(chunk)
+
+
+async def test_a_barge_in_during_a_stalled_send_sends_no_mark_after_the_clear():
+    """The caller talks while a frame's send waits on a full socket: after
+    the clear, nothing of that sentence follows (its mark went out after the
+    clear, the carrier echoed it, and the flushed sentence counted as heard).
+    The stall is on the sentence's last frame, where nothing after the send
+    looked at the interrupt."""
+    text = "This sentence is cut while its last frame goes out."
+    whole = Recorder()
+    playout = Playout(shared_tts(), OutFormat("mulaw", 8000, 160), whole)
+    playout.say(1, 0, text)
+    for _ in range(500):
+        if ("mark", "t1s0") in whole.items:
+            break
+        await asyncio.sleep(0.02)
+    await playout.close()
+    frames = sum(1 for kind, _ in whole.items if kind == "audio")
+    sink = StallingSink(at=frames - 1)
+    playout = Playout(shared_tts(), OutFormat("mulaw", 8000, 160), sink)
+    try:
+        playout.say(1, 0, text)
+        await asyncio.wait_for(sink.stalled.wait(), 30)
+        playout.interrupt(by_clock=True)
+        sink.items.append(("clear", ""))
+        sink.release.set()
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+        after = sink.items[sink.items.index(("clear", "")) + 1 :]
+        assert all(kind == "audio" for kind, _ in after) and len(after) <= 1, after  # at most the frame in flight
+        assert playout.heard_so_far(1, by_clock=True) == "" and not playout.segments
+        assert playout.marked("t1s0") is None  # a late echo of a mark that never went out
+    finally:
+        await playout.close()
+
+
 async def test_a_cut_reply_says_nothing_more_and_its_long_history_is_kept():
     """After a barge-in the cut turn's later sentences (its generation stops a
     moment later, and the transport's clear may wait on a full socket) are
