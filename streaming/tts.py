@@ -86,8 +86,21 @@ def _digit_run(match: re.Match[str]) -> str:
     return run if money and len(run) <= MAX_GROUPED_DIGITS else " ".join(run)
 
 
+# A bare "ddd-dddd" is also a range ("$500-1000", "200-1000 mg", "between
+# 100-2500 people"): read as a phone number only where the words before it
+# are about one.
+_PHONE_CONTEXT = re.compile(r"\b(call|phone|number|dial|reach|text|fax|line|ext|extension|contact)\w*\b", re.I)
+PHONE_CONTEXT_CHARS = 48
+
+
 def _phone_number(match: re.Match[str]) -> str:
-    groups = re.findall(r"\d+", match.group())
+    text, number = match.string, match.group()
+    groups = re.findall(r"\d+", number)
+    if match.start() > 0 and text[match.start() - 1] in _CURRENCY:
+        return number  # money, whatever its shape
+    before = text[max(0, match.start() - PHONE_CONTEXT_CHARS) : match.start()]
+    if len(groups) == 2 and not _PHONE_CONTEXT.search(before):
+        return number
     return ", ".join(" ".join(group) for group in groups)
 
 
