@@ -134,9 +134,12 @@ class HibariTTS:
                     raise TTSError("hibari-tts is not installed: pip install 'firstline[tts]'") from exc
                 try:
                     model = Hibari(voice=self.config.voice, threads=self.config.threads)
+                    # The first run allocates onnxruntime buffers and loads the
+                    # G2P lexicon: its failure too is a TTSError, which the
+                    # call survives without audio (anything else ended it).
+                    model("Ready.")
                 except Exception as exc:  # a voice that is not in the wheel needs a download we never do
                     raise TTSError(f"cannot load hibari voice {self.config.voice!r}: {exc}") from exc
-                model("Ready.")  # first run allocates onnxruntime buffers and loads the G2P lexicon
                 self._model = model
                 self.load_s = round(time.perf_counter() - t0, 3)
                 log.info("hibari TTS warm in %.2f s", self.load_s)
