@@ -42,7 +42,7 @@ _ABBREVIATIONS = frozenset(
     {
         "dr", "mr", "mrs", "ms", "mx", "prof", "st", "jr", "sr", "mt", "rev",
         "gen", "gov", "sen", "rep", "capt", "lt", "sgt", "col", "messrs",
-        "vs", "e.g", "i.e", "cf", "approx", "ph.d", "co",
+        "vs", "e.g", "i.e", "cf", "approx", "ph.d", "co", "dept",
     }
 )  # fmt: skip
 # Company suffixes end a name, and often the sentence with it: a capital after
@@ -59,6 +59,20 @@ _NUMBER_ABBREVIATIONS = frozenset(
         "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
     }
 )  # fmt: skip
+# A weekday abbreviation goes on into a date ("on Tues. March 5"); before any
+# other capital it ends the sentence. ("sun" and "sat" are words too.)
+_WEEKDAY_ABBREVIATIONS = frozenset({"mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri"})
+_MONTHS = frozenset(
+    {
+        "january", "february", "march", "april", "may", "june", "july", "august",
+        "september", "october", "november", "december",
+        "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+    }
+)  # fmt: skip
+# A street suffix goes on into the rest of an address ("10 Oak Rd. Suite 5");
+# before any other capital it ends the sentence ("at 42 Elm Ave. Parking is free.").
+_STREET_SUFFIXES = frozenset({"ave", "rd", "blvd", "ln", "hwy", "pkwy", "ct", "pl"})
+_ADDRESS_UNITS = frozenset({"suite", "ste", "apt", "unit", "floor", "fl", "bldg", "building", "room", "rm"})
 # Dotted initialisms that usually *end* a clause, so a capital after them
 # starts a sentence: "Meet at 5 p.m. Bring snacks." ("U.S. Army" does not.)
 _CLAUSE_FINAL_DOTTED = frozenset({"a.m", "p.m"})
@@ -91,7 +105,7 @@ _EMOJI_PARTS = frozenset({"So", "Sk", "Mn", "Me", "Cf"})
 _LONGEST_AFTER_CLOCK_TIME = 10
 # ...unless the capital starts one of these: "at 10 a.m. Monday", "3 p.m.
 # Eastern". The segmenter waits for that next word (a few characters).
-_AFTER_CLOCK_TIME = frozenset(
+_AFTER_CLOCK_TIME: frozenset[str] = frozenset(
     {
         "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
         "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
@@ -104,6 +118,13 @@ _AFTER_CLOCK_TIME = frozenset(
         "gmt", "utc", "bst", "cet", "cest", "ist", "aest",
     }
 )  # fmt: skip
+# A "word." before a capital that ends the sentence unless that capital
+# starts one of the words it goes on into.
+_GOES_ON_INTO: dict[str, frozenset[str]] = {
+    **dict.fromkeys(_CLAUSE_FINAL_DOTTED, _AFTER_CLOCK_TIME),
+    **dict.fromkeys(_WEEKDAY_ABBREVIATIONS, _MONTHS),
+    **dict.fromkeys(_STREET_SUFFIXES, _ADDRESS_UNITS),
+}
 # The longest sentence handed to the TTS, in characters (25 words of
 # English are about 150): see SentenceSegmenter.max_chars.
 MAX_SENTENCE_CHARS = 200
@@ -292,9 +313,11 @@ class SentenceSegmenter:
         token = self._text(self._word_start, pos) if self._in_word else ""
         self._cand_token = token.lstrip("".join(_OPENERS))
         is_first_word = len(self._word_starts) == 1
+        # After a colon only "1." opens a list ("Steps: 1. Open the app"):
+        # "Your total is: 15. Anything else?" ends at the number.
         self._cand_list_marker = (
             self._in_word
-            and (is_first_word or self._after_colon)
+            and (is_first_word or (self._after_colon and token == "1"))
             and token.isdigit()
             and len(token) <= _MAX_LIST_MARKER_DIGITS
         )
@@ -346,9 +369,11 @@ class SentenceSegmenter:
             # and the first sentence waited for the whole reply).
             return
         elif _can_start_sentence(ch) and not self._is_false_end(ch):
-            if ch.isupper() and self._cand_single_dot and self._cand_token.lower() in _CLAUSE_FINAL_DOTTED:
-                self._wait_next_word(pos, ends_unless=_AFTER_CLOCK_TIME)
-                return
+            if ch.isupper() and self._cand_single_dot:
+                goes_on_into = _GOES_ON_INTO.get(self._cand_token.lower())
+                if goes_on_into is not None:
+                    self._wait_next_word(pos, ends_unless=goes_on_into)
+                    return
             self._emit(self._cand_end)
         elif ch.isupper() and self._cand_is_initial():
             # "option A. Then..." ends; "J. Smith" does not: the next word says.

@@ -148,6 +148,25 @@ CASES = [
         id="extension-and-apartment-before-a-number",
     ),
     pytest.param(
+        "Your appointment is on Tues. March 5. We close Fri. Have a good day.",
+        ["Your appointment is on Tues. March 5.", "We close Fri.", "Have a good day."],
+        {},
+        id="weekday-abbreviation-goes-on-into-a-date-only",
+    ),
+    pytest.param(
+        "Send it to 10 Oak Rd. Suite 5, Austin. The store is at 42 Elm Ave. Parking is free.",
+        ["Send it to 10 Oak Rd. Suite 5, Austin.", "The store is at 42 Elm Ave.", "Parking is free."],
+        {},
+        id="street-suffix-goes-on-into-a-unit-only",
+    ),
+    pytest.param("Call the Dept. Of Labor.", ["Call the Dept. Of Labor."], {}, id="dept-abbreviation"),
+    pytest.param(
+        "Your total is: 15. Anything else? Steps: 1. Open the app.",
+        ["Your total is: 15.", "Anything else?", "Steps: 1. Open the app."],
+        {},
+        id="after-a-colon-only-1-opens-a-list",
+    ),
+    pytest.param(
         "I work at Acme Inc. It is a great place. Acme Inc. shares rose.",
         ["I work at Acme Inc.", "It is a great place.", "Acme Inc. shares rose."],
         {},
