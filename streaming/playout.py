@@ -188,6 +188,21 @@ class Playout:
         self.segments.extend(kept)
         self._clock_end = now
 
+    def delay(self, seconds: float, since: float) -> None:
+        """The far end got no audio for ``seconds`` from ``since`` (a
+        transport that writes on its own clock stalled and, not to burst,
+        skipped those slots): what was still queued then plays that much
+        later. Without this the clock counted it played, paced the next
+        sentences in on top of it and took it for heard."""
+        if seconds <= 0:
+            return
+        if self._clock_end > since:
+            self._clock_end += seconds
+        for seg in self.segments:
+            if seg.end_s > since:
+                seg.end_s += seconds
+                seg.start_s += seconds if seg.start_s > since else 0.0
+
     def marked(self, name: str) -> Segment | None:
         """The carrier echoed a mark: that sentence (and all before it) played."""
         hit = None

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import time
 import uuid
 
 import numpy as np
@@ -78,6 +79,37 @@ async def test_audiosocket_16k_barge_in_stops_frames(server):
                 await watcher.wait_event(call, "transcript.final", turn=2, timeout=60)
                 assert call.barge_ins >= 1
                 assert all(len(p) == 640 for _, k, p in asterisk.received if k == 0x12)
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
+async def test_audiosocket_a_stalled_loop_delays_the_playout_clock_with_the_frames(server):
+    """The event loop blocks for 0.4 s mid-reply (a long GIL hold): the
+    write clock skips those slots rather than burst, so the frames still
+    queued play 0.4 s later, and the playout clock says so. It counted them
+    played: it paced 0.4 s more audio in on top after every stall, and took
+    audio the caller never heard for heard."""
+    tcp = await listener(server)
+    port = tcp.sockets[0].getsockname()[1]
+    try:
+        with CallWatcher() as watcher:
+            async with FakeAsterisk(port) as asterisk:
+                call = await watcher.one()
+                await asterisk.say(np.zeros(1600, np.float32))
+                call.session.history.system_prompt = STORY
+                await asterisk.say(with_silence(prompt_clip(30).load(8000), 8000, 0.8))
+                await watcher.wait_event(call, "response.sentence", turn=1, timeout=60)
+                async with asyncio.timeout(30):
+                    while len(call.frames) < 5:  # noqa: ASYNC110
+                        await asyncio.sleep(0.005)
+                playout = call.playout
+                assert playout is not None
+                time.sleep(0.4)  # noqa: ASYNC251 - the stall: nothing on this loop runs
+                await asyncio.sleep(0.05)  # the write clock resyncs
+                queued_s = len(call.frames) * 0.02
+                ahead_s = playout._clock_end - time.monotonic()
+                assert abs(ahead_s - queued_s) < 0.1, (ahead_s, queued_s)
     finally:
         tcp.close()
         await tcp.wait_closed()

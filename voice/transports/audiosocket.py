@@ -180,7 +180,12 @@ class AudioSocketCall(TelephonyCall):
             if delay > 0:
                 await asyncio.sleep(delay)
             elif delay < -0.1:
-                start, n = time.monotonic(), 0
+                # The frames still queued go out that much later: the
+                # playout clock must know, or it paces more in on top.
+                now = time.monotonic()
+                if self.frames and self.playout is not None:
+                    self.playout.delay(-delay, since=now + delay)
+                start, n = now, 0
             if self.frames:
                 frame = self.frames.popleft()
                 self.frames_written += 1
