@@ -366,3 +366,28 @@ async def test_a_caller_who_carried_over_pages_of_words_is_still_answered(server
             done = await caller.wait_for("response.done", timeout=60, turn=final["turn"])
     assert len(final["text"]) <= 2000 and "recorded" in final["text"].lower(), final["text"][-200:]
     assert done["text"] and not done["cancelled"] and not caller.result.of("error"), done
+
+
+async def test_a_refused_start_leaves_the_clients_system_items_once(server):
+    """A Realtime client adds a system item before its first audio; a start
+    refused part-way (instructions too long) puts back the instructions
+    alone. It put back the prompt the items were joined into, as new
+    instructions, and every refused start doubled the items."""
+    from voice.call.session import CallSession
+    from voice.call.start import ProtocolError, Start
+
+    async def emit(event):
+        pass
+
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    session.history.add("system", "Always answer in one sentence.")
+    before = session.history.system_prompt
+    for _ in range(2):
+        with pytest.raises(ProtocolError):
+            await session.start(Start(encoding="pcm16", sample_rate=16000, system_prompt="word " * 100_000))
+        assert session.history.system_prompt == before
+    try:
+        await session.start(Start(encoding="pcm16", sample_rate=16000, server_greeting=False))
+        assert session.history.system_prompt.count("Always answer in one sentence.") == 1
+    finally:
+        await session.stop()

@@ -213,13 +213,16 @@ class CallSession:
         # leave nothing of itself behind for the client's next start (a fixed
         # endpoint, a reply cap it did not ask for again).
         saved = {name: getattr(self, name) for name in _START_SETTINGS}
-        prompt = self.history.system_prompt
+        # The instructions alone: the system prompt joins the client's system
+        # items to them, and putting that back as instructions doubled the
+        # items on every refused start.
+        instructions = self.history.instructions
         try:
             self._configure(start)
         except BaseException:
             for name, value in saved.items():
                 setattr(self, name, value)
-            self.history.system_prompt = prompt
+            self.history.instructions = instructions
             raise
         if start.resume_key:
             await self._resume(start)
