@@ -184,6 +184,35 @@ async def test_a_line_that_goes_quiet_mid_turn_still_gets_its_turn_ended(call_ur
         await caller.wait_for("call.ended", timeout=10)
 
 
+async def test_a_server_stall_mid_turn_is_not_taken_for_a_silent_line(call_url, phone_prompts):
+    """The caller talks on, but a feed holds the call's audio lock for 1 s
+    (its events waiting on a full socket; held by the test here): the
+    caller's frames queue behind it. The silent-line filler must not take
+    that for a quiet line: it fed ~0.5 s of made-up silence in front of the
+    queued speech, which can pause or end the turn in mid-word. Every
+    second the server hears is one the caller sent."""
+    from tests.fake_carrier import CallWatcher
+
+    clip = phone_prompts[3]
+    audio = with_silence(clip.load(8000), 8000, 1.5)
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("mulaw", 8000)
+            session = (await watcher.one()).session
+            play = asyncio.create_task(caller.play(audio, 8000, "mulaw", realtime=True, speed=1.0))
+            async with asyncio.timeout(20):
+                while session._tracker is None or not session._tracker.in_speech:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            async with session._feed_lock:
+                await asyncio.sleep(1.0)
+            await play
+            await caller.wait_for("transcript.final", timeout=30)
+            await asyncio.sleep(0.2)
+            heard_s = session._cleared_s + session._fed_s
+    sent_s = len(audio) / 8000
+    assert heard_s <= sent_s + 0.05, (heard_s, sent_s)
+
+
 async def test_an_asr_failure_fails_one_turn_not_the_call(server, call_url, monkeypatch):
     """Fault injection into the real decoder's lane: its next decode raises
     (what a CUDA OOM or a broken model file does). That turn gets an

@@ -361,12 +361,21 @@ class CallSession:
 
     async def _feed(self, samples: np.ndarray) -> None:
         async with self._feed_lock:
-            assert self._tracker is not None
-            now = time.monotonic()
-            self._fed_s += len(samples) / ASR_RATE
-            self._arrivals.append((self._fed_s, now))
+            await self._feed_locked(samples)
+
+    async def _feed_locked(self, samples: np.ndarray) -> None:
+        assert self._tracker is not None
+        now = time.monotonic()
+        self._fed_s += len(samples) / ASR_RATE
+        self._arrivals.append((self._fed_s, now))
+        try:
             for ev in self._tracker.feed(samples):
                 await self._on_event(ev, now)
+        finally:
+            # A feed that waited on its events' sends (a full socket) kept
+            # the read loop from the caller's next frames: the line was not
+            # silent, the server was.
+            self._last_audio_at = max(self._last_audio_at, time.monotonic())
 
     async def _fill_silent_line(self) -> None:
         """A line that stops sending mid-turn is a silent caller, not a paused
@@ -379,12 +388,18 @@ class CallSession:
         gap_s = self.asr_config.silent_line_s
         while not self.closed:
             await asyncio.sleep(gap_s / 2)
-            tracker = self._tracker
-            idle_s = time.monotonic() - self._last_audio_at
-            if tracker is None or not tracker.in_speech or idle_s < gap_s:
+            if time.monotonic() - self._last_audio_at < gap_s:
                 continue
-            self._last_audio_at = time.monotonic()
-            await self._feed(np.zeros(round(idle_s * ASR_RATE), dtype=np.float32))
+            # Measured again under the lock: a feed that held it (its events
+            # waiting on a full socket) was the server stalling, not the
+            # line, and the caller's frames queued behind it come first.
+            async with self._feed_lock:
+                tracker = self._tracker
+                idle_s = time.monotonic() - self._last_audio_at
+                if tracker is None or not tracker.in_speech or idle_s < gap_s or self.closed:
+                    continue
+                self._last_audio_at = time.monotonic()
+                await self._feed_locked(np.zeros(round(idle_s * ASR_RATE), dtype=np.float32))
 
     async def commit(self) -> bool:
         """The client ends the turn now. False when it held no speech."""
