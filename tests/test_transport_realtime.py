@@ -352,6 +352,38 @@ async def test_realtime_the_servers_greeting_is_not_spoken_unseen(server, monkey
         assert done["response"]["status"] == "completed" and not carrier.of("error"), carrier.of("error")
 
 
+async def test_realtime_a_reply_cancelled_before_its_first_token_leaves_the_callers_turn(server, monkeypatch):
+    """The client cancels a reply before its first token (it waits for the
+    one first-sentence lane, held here by another call's turn): the
+    caller's words, which the client already has as an item, stay a turn
+    in the history. They were carried over to lead the caller's next words,
+    so a response.create was answered as if the caller had said nothing,
+    and the words came back twice later."""
+    first_sentences = server.runtime.first_sentences
+    assert first_sentences is not None
+    monkeypatch.setattr(first_sentences, "lanes", 1)
+    other = object()  # another call's turn, holding the one lane
+    await first_sentences.lane(other, lambda: True)
+    try:
+        carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+        with CallWatcher() as watcher:
+            async with carrier:
+                await carrier.next_event("session.updated", timeout=10)
+                clip = prompt_clip(13)
+                await carrier.say(with_silence(clip.load(8000), 8000, 1.3), speed=None)
+                done_words = "conversation.item.input_audio_transcription.completed"
+                words = (await carrier.next_event(done_words, timeout=60))["transcript"]
+                await carrier.next_event("response.created", timeout=30)
+                await carrier.send({"type": "response.cancel"})
+                done = await carrier.next_event("response.done", timeout=30)
+                assert done["response"]["status"] == "cancelled", done
+                session = (await watcher.one()).session
+                assert session.carry_over == "", session.carry_over
+                assert {"role": "user", "content": words} in session.history.messages_so_far
+    finally:
+        first_sentences.leave(other)
+
+
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
     await barge_in_call(server, FakeRealtime(server_base(server), fmt="audio/pcmu"), needs_mark=False)
 

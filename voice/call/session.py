@@ -433,6 +433,7 @@ class CallSession:
         reply was in flight."""
         if self._active is None or self._active.task.done():
             return False
+        self._active.client_cancelled = True
         return self._active.cancel()
 
     def set_system_prompt(self, prompt: str) -> None:
@@ -716,10 +717,12 @@ class CallSession:
 
     def _turn_finished(self, outcome: TurnOutcome) -> None:
         """A turn handed back its outcome."""
-        if outcome.cancelled and (not outcome.replied or outcome.premature):
+        if outcome.cancelled and (outcome.premature or not (outcome.replied or outcome.client_cancelled)):
             # The caller kept talking before any of the reply went out, or
             # resumed right after it began: this was a pause, not a turn.
-            # Their words join the next turn.
+            # Their words join the next turn. (A reply the client cancelled
+            # before its first token leaves a turn with no reply: the client
+            # holds its item, and a response.create is asked about it.)
             self.carry_over = " ".join(filter(None, [self.carry_over, outcome.user_text]))
         else:
             # History keeps only what the caller was sent, so the model never

@@ -97,6 +97,9 @@ class TurnOutcome:
     # The caller resumed within the grace after the reply began: their words
     # lead the next turn and this one leaves no trace in the history.
     premature: bool = False
+    # The client stopped the reply (Realtime response.cancel), not the caller
+    # by talking: the caller's words were a turn (the client has its item).
+    client_cancelled: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +231,7 @@ class Turn:
         # Set by the session when the caller resumed within the grace after
         # this reply began (asr_config.resume_grace_s): the reply was premature.
         self.premature = False
+        self.client_cancelled = False  # see TurnOutcome.client_cancelled
         # Why the reply ended: complete, max_sentences, loop, token_cap, cancelled, failed.
         self.reply_end = "complete"
         self._on_window = on_window
@@ -559,6 +563,7 @@ class Turn:
                 cancelled,
                 replied=self.times.llm_first_token is not None,
                 premature=self.premature,
+                client_cancelled=self.client_cancelled,
             )
         )
         await self._report(cancelled, failed)
