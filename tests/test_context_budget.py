@@ -160,13 +160,15 @@ def test_a_retracted_turn_leaves_the_history_and_the_rest_stays() -> None:
     history.remember(1, "What time is it?", "Sure. It is noon.")
     history.remember(2, "My order number is", "Okay.")
     history.remember(3, "And the weather?", "Sure. Sunny.")
-    history.retract(2)
+    assert history.retract(2)
     assert [m["content"] for m in history.messages_so_far] == [
         "What time is it?", "Sure. It is noon.", "And the weather?", "Sure. Sunny.",
     ]  # fmt: skip
     assert 2 not in history.asked and 2 not in history.replies
     history.heard(2, "Oka")  # the transport's late report about it changes nothing
-    history.retract(7)  # nothing to take back
+    # Nothing to take back (a turn whose words were carried over instead):
+    # the session then must not carry its words over a second time.
+    assert not history.retract(7)
     assert len(history) == 4 and history.last_reply() == "Sure. Sunny."
 
 

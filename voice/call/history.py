@@ -274,13 +274,16 @@ class History:
         self._first_kept = None
         self._trim()
 
-    def retract(self, turn: int) -> None:
+    def retract(self, turn: int) -> bool:
         """Take ``turn`` back out of the conversation: the caller resumed
         right after its reply began, so its words go on into the next turn
-        and the reply (premature) was never an answer."""
-        for message in (self.asked.pop(turn, None), self.replies.pop(turn, None)):
+        and the reply (premature) was never an answer. False when the
+        conversation did not hold the turn's words."""
+        asked = self.asked.pop(turn, None)
+        for message in (asked, self.replies.pop(turn, None)):
             if message is not None:
                 remove_this(self.messages_so_far, message)
+        return asked is not None
 
     def heard(self, turn: int, heard: str) -> None:
         """The caller heard only ``heard`` of ``turn``'s reply."""

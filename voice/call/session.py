@@ -528,8 +528,10 @@ class CallSession:
         and it leaves the history (a turn still running is cancelled by the
         caller and hands back its words as premature)."""
         turn.premature = True
-        if turn.task.done() or turn.outcome_given:  # its outcome is in (it may still be reporting it)
-            self.history.retract(turn.index)
+        # Its outcome is in (it may still be reporting it). A turn talked over
+        # before its reply began handed its words on already: they are in
+        # carry_over, not the history, and went in twice ("X X").
+        if (turn.task.done() or turn.outcome_given) and self.history.retract(turn.index):
             self.carry_over = " ".join(filter(None, [turn.user_text, self.carry_over]))
             self._save_state()
         await self.emit({"type": "turn.resumed", "turn": turn.index})
