@@ -399,6 +399,22 @@ async def test_a_burst_of_changes_is_written_a_few_times_and_the_newest_wins() -
     assert "\\ud83d" not in encode_state(stored) and store.bytes == len(encode_state(stored).encode("utf-8"))
 
 
+async def test_a_write_after_the_call_hung_up_stores_nothing() -> None:
+    """A turn that outlives its call (finishing after the hang-up) writes
+    its state: the conversation the hang-up deleted came back, for the
+    store's whole TTL, with no owner to delete it again."""
+    store = CountedStore()
+    writer = StateWriter(store, "k", min_interval_s=0)
+    writer.write(CallState("p", [{"role": "user", "content": "my card is 4111"}], "", 1))
+    await writer.flush()
+    assert await store.load("k") is not None
+    await writer.forget()
+    assert await store.load("k") is None
+    writer.write(CallState("p", [{"role": "user", "content": "my card is 4111"}], "", 2))
+    await writer.flush()
+    assert await store.load("k") is None
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def redis_url():
     exe = shutil.which("redis-server")

@@ -141,6 +141,7 @@ class CallSession:
         self._cleared_s = 0.0
         self._fed_s = 0.0
         self._last_audio_at = 0.0  # monotonic arrival of the last frame
+        self._turn_ending = False  # _on_turn_end waits for the old turn: see reply_in_flight
         # Audio frames and the silent-line filler feed the tracker in turn.
         self._feed_lock = asyncio.Lock()
         # A call may not feed audio much faster than real time (the ASR worker
@@ -647,9 +648,13 @@ class CallSession:
         self._last_partial = ""
         if self._active is not None and not self._active.task.done():
             self._active.cancel()
-            # asyncio.wait: the old turn's end (its cancel, an error) is its
-            # own; a cancel of this task (a drain, a hang-up) is not swallowed.
-            await asyncio.wait({self._active.task})
+            self._turn_ending = True
+            try:
+                # asyncio.wait: the old turn's end (its cancel, an error) is its
+                # own; a cancel of this task (a drain, a hang-up) is not swallowed.
+                await asyncio.wait({self._active.task})
+            finally:
+                self._turn_ending = False
         if self.closed:
             return  # hung up while the old reply wound down: no new turn
         turn = self._pending
@@ -856,8 +861,10 @@ class CallSession:
         self.history.check_instructions(prompt, self.prompt_budget(max_tokens))
 
     def reply_in_flight(self) -> bool:
-        """A committed turn is decoding or replying."""
-        return self._active is not None and not self._active.task.done()
+        """A committed turn is decoding or replying, or the caller's turn is
+        ending and its own is about to start (a reply started in between
+        would be overwritten by it, never cancelled, and outlive the call)."""
+        return self._turn_ending or (self._active is not None and not self._active.task.done())
 
     def speak_first(self, first: SpokenFirst) -> int:
         """Start a reply nobody spoke for: a greeting on pickup, or (Realtime

@@ -369,6 +369,7 @@ class StateWriter:
         self._last_write = -math.inf
         self.failures = 0
         self._owning: asyncio.Task[bool] | None = None
+        self.forgotten = False
 
     def own_now(self) -> None:
         """A new call's key (a carrier's call id): take it now, at the call's
@@ -379,7 +380,9 @@ class StateWriter:
         self._owning.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     def write(self, state: CallState) -> None:
-        if self.superseded:
+        if self.superseded or self.forgotten:
+            # Forgotten: the call hung up; a write now (a turn that outlived
+            # it) would put the deleted conversation back for the full TTL.
             return
         self._latest = state
         if self._task is None or self._task.done():
@@ -424,6 +427,7 @@ class StateWriter:
         deleted now instead of expiring an hour later (it is caller data,
         and a hung-up call does not re-attach). Not when a re-attach has
         taken the key over: that connection's conversation goes on."""
+        self.forgotten = True
         self._latest = None
         if self._owning is not None:
             self._owning.cancel()
