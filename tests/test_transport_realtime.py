@@ -384,6 +384,30 @@ async def test_realtime_a_reply_cancelled_before_its_first_token_leaves_the_call
         first_sentences.leave(other)
 
 
+async def test_realtime_without_interrupt_no_turn_is_prepared_while_the_reply_goes_on(server):
+    """interrupt_response false: the reply being written goes on while the
+    caller talks. A turn prepared at the caller's pause (preemptive) would
+    be answered without that reply's exchange, which joins the history only
+    when it ends; none is prepared while it goes on. (The pause is handed to
+    the live session: a pause that lands while a reply is still being
+    written cannot be timed with audio.)"""
+    from asr.turns import Paused
+    from benchmarks.callers.realtime import SERVER_VAD
+
+    settings = {"instructions": STORY, "turn_detection": {**SERVER_VAD, "interrupt_response": False}}
+    async with _started_call(server, **settings) as (carrier, call):
+        await carrier.send({"type": "response.create"})
+        await carrier.next_event("response.output_text.delta", timeout=60)
+        session = call.session
+        assert session.reply_in_flight()
+        session._on_pause(Paused(np.zeros(16000, np.float32), 0.5))
+        assert session._pending is None
+        await carrier.send({"type": "response.cancel"})
+        await carrier.next_event("response.done", timeout=30)
+        session._on_pause(Paused(np.zeros(16000, np.float32), 0.5))  # no reply going on: prepared as ever
+        assert session._pending is not None
+
+
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
     await barge_in_call(server, FakeRealtime(server_base(server), fmt="audio/pcmu"), needs_mark=False)
 

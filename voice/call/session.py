@@ -545,7 +545,11 @@ class CallSession:
             # from when the task first runs: one frame can hold several pauses.
             self._smart_turn_busy = True
             self._spawn(self._smart_turn(ev.audio, self._pause_id))
-        if cfg.preemptive and not self._low_priority and self._speculation.take():
+        # With barge-in off, the reply being written goes on while the caller
+        # talks: a turn prepared now would be answered without that reply's
+        # exchange, which joins the history only when it ends.
+        reply_goes_on = self._start is not None and not self._start.barge_in and self.reply_in_flight()
+        if cfg.preemptive and not self._low_priority and not reply_goes_on and self._speculation.take():
             times = TurnTimes(speech_end=self._arrival_of(ev.speech_end_audio_s))
             self._pending = Turn(
                 self._turn_context(),
