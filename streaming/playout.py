@@ -188,6 +188,11 @@ class Playout:
         self.segments.extend(kept)
         self._clock_end = now
 
+    @property
+    def clock_end(self) -> float:
+        """When (monotonic s) the audio sent so far ends, by the playout clock."""
+        return self._clock_end
+
     def delay(self, seconds: float, since: float) -> None:
         """The far end got no audio for ``seconds`` from ``since`` (a
         transport that writes on its own clock stalled and, not to burst,

@@ -180,11 +180,14 @@ class AudioSocketCall(TelephonyCall):
             if delay > 0:
                 await asyncio.sleep(delay)
             elif delay < -0.1:
-                # The frames still queued go out that much later: the
-                # playout clock must know, or it paces more in on top.
+                # The frames still queued go out from now, one a slot: the
+                # playout clock must say so, or it paces more in on top. By
+                # what is queued, not by the stall: the playout may have
+                # woken first and counted part of it already.
                 now = time.monotonic()
-                if self.frames and self.playout is not None:
-                    self.playout.delay(-delay, since=now + delay)
+                if self.playout is not None:
+                    late = min(-delay, now + len(self.frames) * FRAME_S - self.playout.clock_end)
+                    self.playout.delay(late, since=now + delay)
                 start, n = now, 0
             if self.frames:
                 frame = self.frames.popleft()
