@@ -42,7 +42,7 @@ _ABBREVIATIONS = frozenset(
     {
         "dr", "mr", "mrs", "ms", "mx", "prof", "st", "jr", "sr", "mt", "rev",
         "gen", "gov", "sen", "rep", "capt", "lt", "sgt", "col", "messrs",
-        "vs", "e.g", "i.e", "cf", "approx", "ph.d", "co", "dept",
+        "vs", "e.g", "i.e", "cf", "approx", "ph.d", "co",
     }
 )  # fmt: skip
 # Company suffixes end a name, and often the sentence with it: a capital after
@@ -62,9 +62,10 @@ _NUMBER_ABBREVIATIONS = frozenset(
 # A weekday abbreviation goes on into a date ("on Tues. March 5"); before any
 # other capital it ends the sentence. ("sun" and "sat" are words too.)
 _WEEKDAY_ABBREVIATIONS = frozenset({"mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri"})
+# Not "may": "until Fri. May I have your name?" (as after a clock time).
 _MONTHS = frozenset(
     {
-        "january", "february", "march", "april", "may", "june", "july", "august",
+        "january", "february", "march", "april", "june", "july", "august",
         "september", "october", "november", "december",
         "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
     }
@@ -124,6 +125,8 @@ _GOES_ON_INTO: dict[str, frozenset[str]] = {
     **dict.fromkeys(_CLAUSE_FINAL_DOTTED, _AFTER_CLOCK_TIME),
     **dict.fromkeys(_WEEKDAY_ABBREVIATIONS, _MONTHS),
     **dict.fromkeys(_STREET_SUFFIXES, _ADDRESS_UNITS),
+    # "the Dept. of Labor" goes on; "our Billing Dept. They can help." ends.
+    "dept": frozenset({"of"}),
 }
 # The longest sentence handed to the TTS, in characters (25 words of
 # English are about 150): see SentenceSegmenter.max_chars.

@@ -159,7 +159,12 @@ CASES = [
         {},
         id="street-suffix-goes-on-into-a-unit-only",
     ),
-    pytest.param("Call the Dept. Of Labor.", ["Call the Dept. Of Labor."], {}, id="dept-abbreviation"),
+    pytest.param(
+        "Call the Dept. Of Labor. Or our Billing Dept. They can help. We close Fri. May I help?",
+        ["Call the Dept. Of Labor.", "Or our Billing Dept.", "They can help.", "We close Fri.", "May I help?"],
+        {},
+        id="dept-goes-on-into-of-and-fri-not-into-may",
+    ),
     pytest.param(
         "Your total is: 15. Anything else? Steps: 1. Open the app.",
         ["Your total is: 15.", "Anything else?", "Steps: 1. Open the app."],
