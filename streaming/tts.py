@@ -86,11 +86,16 @@ def _digit_run(match: re.Match[str]) -> str:
     return run if money and len(run) <= MAX_GROUPED_DIGITS else " ".join(run)
 
 
-# A bare "ddd-dddd" is also a range ("$500-1000", "200-1000 mg", "between
-# 100-2500 people"): read as a phone number only where the words before it
-# are about one.
-_PHONE_CONTEXT = re.compile(r"\b(call|phone|number|dial|reach|text|fax|line|ext|extension|contact)\w*\b", re.I)
-PHONE_CONTEXT_CHARS = 48
+# A bare "ddd-dddd" is a phone number ("The front desk is 555-0142."),
+# unless what is around it makes it a range: a currency sign ("$500-1000"),
+# "between" or "from" before it, a unit after it ("200-1000 mg",
+# "100-2500 people"). A second group with a leading zero is never a range.
+_RANGE_BEFORE = re.compile(r"\b(between|from)\s+$", re.I)
+_RANGE_AFTER = re.compile(
+    r"^\s*(%|percent|mg|g|kg|ml|l|lbs?|pounds|oz|km|m|cm|mm|miles|feet|ft|mph|people|persons|dollars|euros|"
+    r"calories|words|pages|hours|minutes|seconds|days|weeks|months|years|times|units|items)\b",
+    re.I,
+)
 
 
 def _phone_number(match: re.Match[str]) -> str:
@@ -98,8 +103,10 @@ def _phone_number(match: re.Match[str]) -> str:
     groups = re.findall(r"\d+", number)
     if match.start() > 0 and text[match.start() - 1] in _CURRENCY:
         return number  # money, whatever its shape
-    before = text[max(0, match.start() - PHONE_CONTEXT_CHARS) : match.start()]
-    if len(groups) == 2 and not _PHONE_CONTEXT.search(before):
+    ranged = _RANGE_BEFORE.search(text[max(0, match.start() - 12) : match.start()]) or _RANGE_AFTER.match(
+        text[match.end() : match.end() + 16]
+    )
+    if len(groups) == 2 and not groups[1].startswith("0") and ranged:
         return number
     return ", ".join(" ".join(group) for group in groups)
 

@@ -200,9 +200,11 @@ async def test_a_long_number_is_read_digit_by_digit():
     # A phone number with dashes, digit by digit in its groups; ranges and codes are left alone.
     assert speakable("Reach us at 555-212-4498.") == "Reach us at 5 5 5, 2 1 2, 4 4 9 8."
     # Without an area code the same shape is also a range: a phone number
-    # only where the words before it say so.
-    assert speakable("The number is 555-0100.") == "The number is 5 5 5, 0 1 0 0."
-    for ranged in ("It usually costs $500-1000.", "Take 200-1000 mg daily.", "Between 100-2500 people came."):
+    # unless the words around it make it one.
+    assert speakable("The front desk is 555-0142.") == "The front desk is 5 5 5, 0 1 4 2."
+    assert speakable("Sure, it is 555-2123.") == "Sure, it is 5 5 5, 2 1 2 3."
+    for ranged in ("It usually costs $500-1000.", "Take 200-1000 mg daily.", "Between 100-2500 people came.",
+                   "It takes from 100-2000 hours."):  # fmt: skip
         assert speakable(ranged) == ranged
     assert speakable("Call (415) 555-0100 or 1-800-555-0100.") == (
         "Call 4 1 5, 5 5 5, 0 1 0 0 or 1, 8 0 0, 5 5 5, 0 1 0 0."
