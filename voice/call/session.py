@@ -519,6 +519,8 @@ class CallSession:
         grace = self.asr_config.resume_grace_s
         if grace <= 0 or turn.premature or turn.spoken_first is not None or not turn.user_text:
             return False
+        if turn.client_cancelled:
+            return False  # the client ended its reply: the caller's words were a turn
         left = turn.resume_grace_left(now)
         if left is None:
             return not turn.task.done()  # still thinking: nothing was said yet
