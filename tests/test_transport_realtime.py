@@ -290,21 +290,23 @@ async def test_realtime_words_after_a_clear_are_a_new_item(server):
         assert second["delta"] == "Hello" and second["item_id"] != first["item_id"], (first, second)
 
 
-async def test_realtime_speech_after_the_endpoint_is_the_next_item(server):
-    """Speech that starts after speech_stopped but before the transcript is
-    the next item: its speech_started named the item being committed (the
-    id moved on only with the transcript), so a client tied the new speech
-    to the old turn. (Session events given to the live call: when a final
-    decode lands against the next words cannot be scripted with audio.)"""
-    async with _started_call(server) as (carrier, call):
-        started, stopped = "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"
-        committed = "input_audio_buffer.committed"
-        await call.on_session_event({"type": "speech.started", "audio_ms": 100})
+async def test_realtime_speech_after_the_endpoint_is_the_next_item_with_barge_in_off(server):
+    """interrupt_response false: speech that starts after speech_stopped but
+    before the transcript is the next item (the turn before it goes on): its
+    speech_started named the item being committed, so a client tied the new
+    speech to the old turn. (Session events given to the live call: when a
+    final decode lands against the next words cannot be scripted with audio.)"""
+    from benchmarks.callers.realtime import SERVER_VAD
+
+    started, stopped = "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"
+    committed = "input_audio_buffer.committed"
+    async with _started_call(server, turn_detection={**SERVER_VAD, "interrupt_response": False}) as (carrier, call):
+        await call.on_session_event({"type": "speech.started", "audio_ms": 100, "barge_in": False})
         first = await carrier.next_event(started, timeout=10)
         await call.on_session_event({"type": "speech.stopped", "audio_end_ms": 900})
         first_stopped = await carrier.next_event(stopped, timeout=10)
         mark = len(carrier.events)
-        await call.on_session_event({"type": "speech.started", "audio_ms": 1000})
+        await call.on_session_event({"type": "speech.started", "audio_ms": 1000, "barge_in": False})
         second = await carrier.next_event(started, timeout=10, after=mark)
         await call.on_session_event({"type": "turn.empty", "turn": 1, "audio_end_ms": 900})
         first_committed = await carrier.next_event(committed, timeout=10)
@@ -317,6 +319,40 @@ async def test_realtime_speech_after_the_endpoint_is_the_next_item(server):
         second_stopped = carrier.of(stopped)[-1]
         assert second["item_id"] == second_stopped["item_id"] == second_committed["item_id"], (second, second_committed)
         assert second_committed["previous_item_id"] == first_committed["item_id"]
+
+
+@pytest.mark.parametrize("barge_in", [True, False])
+async def test_realtime_a_turn_talked_over_before_its_transcript_is_one_item(server, barge_in):
+    """The caller talks on after speech_stopped and the turn before is
+    stopped before its transcript: its words lead the next transcript. With
+    barge-in on, the new speech reopens the item (it was left open, never
+    committed, and every later item's id was one behind); with it off, the
+    new speech's item is the one committed, with its own speech_stopped (it
+    was held back, and the merged words were committed under the old id)."""
+    from benchmarks.callers.realtime import SERVER_VAD
+
+    started, stopped = "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"
+    detection = {**SERVER_VAD, "interrupt_response": barge_in}
+    async with _started_call(server, turn_detection=detection) as (carrier, call):
+        flag = {} if barge_in else {"barge_in": False}
+        await call.on_session_event({"type": "speech.started", "audio_ms": 100, **flag})
+        first = await carrier.next_event(started, timeout=10)
+        await call.on_session_event({"type": "speech.stopped", "audio_end_ms": 900})
+        await carrier.next_event(stopped, timeout=10)
+        mark = len(carrier.events)
+        await call.on_session_event({"type": "speech.started", "audio_ms": 1000, **flag})
+        second = await carrier.next_event(started, timeout=10, after=mark)
+        # Turn 1 is stopped, its words fold into turn 2: no event of its own.
+        await call.on_session_event({"type": "speech.stopped", "audio_end_ms": 1800})
+        second_stopped = await carrier.next_event(stopped, timeout=10, after=mark)
+        await call.on_session_event({"type": "turn.empty", "turn": 2, "audio_end_ms": 1800})
+        done = await carrier.next_event("input_audio_buffer.committed", timeout=10, after=mark)
+        assert second["item_id"] == second_stopped["item_id"] == done["item_id"], (second, second_stopped, done)
+        assert (second["item_id"] == first["item_id"]) is barge_in
+        mark = len(carrier.events)
+        await call.on_session_event({"type": "speech.started", "audio_ms": 2000, **flag})
+        third = await carrier.next_event(started, timeout=10, after=mark)
+        assert third["item_id"] not in (first["item_id"], second["item_id"]), third
 
 
 async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server):

@@ -142,6 +142,7 @@ class CallSession:
         self._fed_s = 0.0
         self._last_audio_at = 0.0  # monotonic arrival of the last frame
         self._turn_ending = False  # _on_turn_end waits for the old turn: see reply_in_flight
+        self._turn_ends = 0  # turn ends begun (a late partial's check)
         # Audio frames and the silent-line filler feed the tracker in turn.
         self._feed_lock = asyncio.Lock()
         # A call may not feed audio much faster than real time (the ASR worker
@@ -505,7 +506,7 @@ class CallSession:
             if active is not None and not active.task.done():
                 active.cancel()  # barge-in: the turn reports it
         elif isinstance(ev, PartialDue):
-            self._spawn(self._partial(ev.audio, self._turn_index))
+            self._spawn(self._partial(ev.audio, self._turn_index, self._turn_ends))
         elif isinstance(ev, Paused):
             self._on_pause(ev)
         elif isinstance(ev, Resumed):
@@ -645,6 +646,7 @@ class CallSession:
             self._pending = None
 
     async def _on_turn_end(self, ev: TurnEnded, now: float) -> None:
+        self._turn_ends += 1
         if not ev.forced:
             # The endpoint, before the final decode: a client's "speech
             # stopped" need not wait for Whisper (a commit is the client's own).
@@ -753,14 +755,17 @@ class CallSession:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _partial(self, audio: np.ndarray, turn: int) -> None:
+    async def _partial(self, audio: np.ndarray, turn: int, turn_ends: int) -> None:
         try:
             result = await self.runtime.asr.submit(self.call_id, audio, final=False)
         except asyncio.CancelledError:
             return  # superseded by a newer partial or the final
         except Exception:
             return  # a failed partial is not worth a client error; the final decides
-        if turn != self._turn_index or not result.text or self.closed:
+        # turn_ends: the turn's end began (the turn number moves on only after
+        # its waits), so a partial decoded before it is late: a Realtime
+        # client would get it under the next item.
+        if turn != self._turn_index or turn_ends != self._turn_ends or not result.text or self.closed:
             return
         self._last_partial = result.text
         await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})

@@ -257,7 +257,7 @@ class RealtimeCall(WebSocketCall):
         if kind == "speech.started":
             await self._on_speech_started(ev)
         elif kind == "speech.stopped":
-            await self._on_speech_stopped(int(ev.get("audio_end_ms") or 0))
+            await self._on_speech_stopped(int(ev.get("audio_end_ms") or 0), at_endpoint=True)
         elif kind == "transcript.partial" and isinstance(turn, int):
             await self._on_partial(turn, str(ev.get("text", "")))
         elif kind in ("transcript.final", "turn.empty") and isinstance(turn, int):
@@ -311,17 +311,30 @@ class RealtimeCall(WebSocketCall):
     async def _on_speech_started(self, ev: dict[str, Any]) -> None:
         if self.settings.turn_detection is None:
             return  # push-to-talk: the client has no VAD events
+        if self._committing is not None and ev.get("barge_in", True):
+            # The caller talks over a turn whose transcript is not out: the
+            # session stops it and its words lead this speech's turn, so this
+            # is still that item (reopened), not a new one left unclosed.
+            self.next_user_item, self._committing = self._committing, None
         await self.send_event(
             "input_audio_buffer.speech_started", audio_start_ms=ev.get("audio_ms", 0), item_id=self.next_user_item
         )
 
-    async def _on_speech_stopped(self, audio_end_ms: int) -> None:
+    async def _on_speech_stopped(self, audio_end_ms: int, at_endpoint: bool = False) -> None:
         """At the endpoint, before Whisper's final decode (OpenAI sends it when
         its VAD hears the end, then committed and the transcript). The item is
         closed to new audio from here: speech that starts before its
-        transcript is the next item, and its speech_started says so."""
-        if self.settings.turn_detection is None or self._committing is not None:
+        transcript is the next item, and its speech_started says so (with
+        barge-in off; with it on, that speech reopens the item)."""
+        if self.settings.turn_detection is None:
             return
+        if self._committing is not None:
+            if not at_endpoint:
+                return  # sent at the endpoint already: this is its transcript
+            # Another endpoint while an item still waits for its transcript:
+            # with barge-in off the session now stops that turn, and its words
+            # lead this one's transcript. The new speech's item is committed.
+            self._committing = None
         self._committing, self.next_user_item = self.next_user_item, new_id("item")
         await self.send_event("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=self._committing)
 
