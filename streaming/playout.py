@@ -193,20 +193,26 @@ class Playout:
         """When (monotonic s) the audio sent so far ends, by the playout clock."""
         return self._clock_end
 
-    def delay(self, seconds: float, since: float) -> None:
-        """The far end got no audio for ``seconds`` from ``since`` (a
-        transport that writes on its own clock stalled and, not to burst,
-        skipped those slots): what was still queued then plays that much
-        later. Without this the clock counted it played, paced the next
-        sentences in on top of it and took it for heard."""
-        if seconds <= 0:
+    def delay(self, since: float, until: float, late: float) -> None:
+        """The far end got no audio from ``since`` to ``until`` (a transport
+        that writes on its own clock stalled and, not to burst, skipped those
+        slots): what was queued before the stall plays that much later; what
+        was sent after it, and the clock's end, ``late`` later (the transport
+        measures it from its queue: a playout that woke first has counted
+        part of the stall as played already). Without this the clock counted
+        the queued audio played, paced the next sentences in on top of it
+        and took it for heard."""
+        stall = until - since
+        if stall <= 0:
             return
-        if self._clock_end > since:
-            self._clock_end += seconds
         for seg in self.segments:
-            if seg.end_s > since:
-                seg.end_s += seconds
-                seg.start_s += seconds if seg.start_s > since else 0.0
+            if seg.start_s >= until:
+                seg.start_s += late
+                seg.end_s += late
+            elif seg.end_s > since:
+                seg.end_s += stall
+                seg.start_s += stall if seg.start_s > since else 0.0
+        self._clock_end += max(0.0, late)
 
     def marked(self, name: str) -> Segment | None:
         """The carrier echoed a mark: that sentence (and all before it) played."""

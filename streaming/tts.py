@@ -86,16 +86,32 @@ def _digit_run(match: re.Match[str]) -> str:
     return run if money and len(run) <= MAX_GROUPED_DIGITS else " ".join(run)
 
 
-# A bare "ddd-dddd" is a phone number ("The front desk is 555-0142."),
-# unless what is around it makes it a range: a currency sign ("$500-1000"),
-# "between" or "from" before it, a unit after it ("200-1000 mg",
-# "100-2500 people"). A second group with a leading zero is never a range.
+# A bare "ddd-dddd" is a phone number or a range. A phone word shortly
+# before it makes it a phone number ("You'll get a text from 555-2123.");
+# else a currency sign ("$500-1000"), "between"/"from" before it, a unit
+# after it ("200-1000 mg") or a round upper end above the lower ("usually
+# 500-1000") make it a range, and anything else is a phone number ("The
+# front desk is 555-0142."). A second group with a leading zero is never a range.
+_PHONE_CONTEXT = re.compile(r"\b(call|phone|number|dial|reach|text|fax|line|ext|extension|contact)\w*\b", re.I)
+PHONE_CONTEXT_CHARS = 48
 _RANGE_BEFORE = re.compile(r"\b(between|from)\s+$", re.I)
 _RANGE_AFTER = re.compile(
-    r"^\s*(%|percent|mg|g|kg|ml|l|lbs?|pounds|oz|km|m|cm|mm|miles|feet|ft|mph|people|persons|dollars|euros|"
+    r"^\s*(%|percent|mg|kg|ml|lbs?|pounds|oz|km|cm|mm|miles|feet|ft|mph|people|persons|dollars|euros|"
     r"calories|words|pages|hours|minutes|seconds|days|weeks|months|years|times|units|items)\b",
     re.I,
 )
+
+
+def _looks_like_a_range(text: str, match: re.Match[str], low: str, high: str) -> bool:
+    if high.startswith("0"):
+        return False
+    if _PHONE_CONTEXT.search(text[max(0, match.start() - PHONE_CONTEXT_CHARS) : match.start()]):
+        return False
+    if _RANGE_BEFORE.search(text[max(0, match.start() - 12) : match.start()]):
+        return True
+    if _RANGE_AFTER.match(text[match.end() : match.end() + 16]):
+        return True
+    return high.endswith("00") and int(high) > int(low)
 
 
 def _phone_number(match: re.Match[str]) -> str:
@@ -103,10 +119,7 @@ def _phone_number(match: re.Match[str]) -> str:
     groups = re.findall(r"\d+", number)
     if match.start() > 0 and text[match.start() - 1] in _CURRENCY:
         return number  # money, whatever its shape
-    ranged = _RANGE_BEFORE.search(text[max(0, match.start() - 12) : match.start()]) or _RANGE_AFTER.match(
-        text[match.end() : match.end() + 16]
-    )
-    if len(groups) == 2 and not groups[1].startswith("0") and ranged:
+    if len(groups) == 2 and _looks_like_a_range(text, match, groups[0], groups[1]):
         return number
     return ", ".join(" ".join(group) for group in groups)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from asr.wer import word_error_rate
 from streaming.codecs import decode
@@ -99,6 +100,23 @@ async def wait_marks(sink: Recorder, n: int) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"fewer than {n} marks")
+
+
+async def test_a_stall_moves_what_was_queued_by_the_stall_and_what_came_after_by_the_queue():
+    """A transport's writer stalled from 10.0 to 10.4 s with a sentence
+    queued (9.9-10.2 s by the clock) and the playout, waking first, sent
+    the next one at 10.4 s on a clock that counted the stall as played: the
+    first now ends at 10.6 s, the second follows it, and the clock's end
+    moves by what the transport still has queued (0.2 s)."""
+    from streaming.playout import Segment
+
+    playout = Playout(shared_tts(), OutFormat("mulaw", 8000, 160), Recorder())
+    playout.segments.extend([Segment(1, 0, "a", "t1s0", 9.9, 10.2), Segment(1, 1, "b", "t1s1", 10.4, 10.6)])
+    playout._clock_end = 10.6
+    playout.delay(since=10.0, until=10.4, late=0.2)
+    assert [v for s in playout.segments for v in (s.start_s, s.end_s)] == pytest.approx([9.9, 10.6, 10.6, 10.8])
+    assert playout.clock_end == pytest.approx(10.8)
+    await playout.close()
 
 
 class StallingSink(Recorder):
@@ -203,8 +221,9 @@ async def test_a_long_number_is_read_digit_by_digit():
     # unless the words around it make it one.
     assert speakable("The front desk is 555-0142.") == "The front desk is 5 5 5, 0 1 4 2."
     assert speakable("Sure, it is 555-2123.") == "Sure, it is 5 5 5, 2 1 2 3."
+    assert speakable("You'll get a text from 555-2123.") == "You'll get a text from 5 5 5, 2 1 2 3."
     for ranged in ("It usually costs $500-1000.", "Take 200-1000 mg daily.", "Between 100-2500 people came.",
-                   "It takes from 100-2000 hours."):  # fmt: skip
+                   "It takes from 100-2000 hours.", "Your deductible is usually 500-1000."):  # fmt: skip
         assert speakable(ranged) == ranged
     assert speakable("Call (415) 555-0100 or 1-800-555-0100.") == (
         "Call 4 1 5, 5 5 5, 0 1 0 0 or 1, 8 0 0, 5 5 5, 0 1 0 0."

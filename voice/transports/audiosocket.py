@@ -187,7 +187,7 @@ class AudioSocketCall(TelephonyCall):
                 now = time.monotonic()
                 if self.playout is not None:
                     late = min(-delay, now + len(self.frames) * FRAME_S - self.playout.clock_end)
-                    self.playout.delay(late, since=now + delay)
+                    self.playout.delay(since=now + delay, until=now, late=max(0.0, late))
                 start, n = now, 0
             if self.frames:
                 frame = self.frames.popleft()
