@@ -53,7 +53,7 @@ _SUFFIX_ABBREVIATIONS = frozenset({"inc", "ltd", "corp", "llc"})
 _NUMBER_ABBREVIATIONS = frozenset(
     {
         "no", "nos", "vol", "fig", "p", "pp", "ch", "sec",
-        "ext", "apt", "ste", "rm", "bldg", "fl", "tel",
+        "ext", "apt", "ste", "rm", "bldg", "fl", "tel", "dept",
         "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
         "nov", "dec",
         "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",

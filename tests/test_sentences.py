@@ -160,8 +160,15 @@ CASES = [
         id="street-suffix-goes-on-into-a-unit-only",
     ),
     pytest.param(
-        "Call the Dept. Of Labor. Or our Billing Dept. They can help. We close Fri. May I help?",
-        ["Call the Dept. Of Labor.", "Or our Billing Dept.", "They can help.", "We close Fri.", "May I help?"],
+        "Call the Dept. Of Labor. Or our Billing Dept. They can help. We close Fri. May I help? Visit Dept. 12 today.",
+        [
+            "Call the Dept. Of Labor.",
+            "Or our Billing Dept.",
+            "They can help.",
+            "We close Fri.",
+            "May I help?",
+            "Visit Dept. 12 today.",
+        ],
         {},
         id="dept-goes-on-into-of-and-fri-not-into-may",
     ),
