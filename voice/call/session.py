@@ -435,8 +435,9 @@ class CallSession:
         reply was in flight."""
         if self._active is None or self._active.task.done():
             return False
-        self._active.client_cancelled = True
-        return self._active.cancel()
+        cancelled = self._active.cancel()
+        self._active.client_cancelled = cancelled
+        return cancelled
 
     def set_system_prompt(self, prompt: str) -> None:
         """New instructions for the turns from now on; raises ContextTooLarge
@@ -647,6 +648,11 @@ class CallSession:
 
     async def _on_turn_end(self, ev: TurnEnded, now: float) -> None:
         self._turn_ends += 1
+        stopped = self._active
+        if stopped is not None and not stopped.task.done():
+            # Before speech.stopped goes out: a transcript of the old turn
+            # landing while it is sent would be told as this turn's.
+            stopped.cancel()
         if not ev.forced:
             # The endpoint, before the final decode: a client's "speech
             # stopped" need not wait for Whisper (a commit is the client's own).
@@ -655,7 +661,8 @@ class CallSession:
         self.runtime.asr.forget(self.call_id)  # a pending partial is moot now
         self._last_partial = ""
         if self._active is not None and not self._active.task.done():
-            self._active.cancel()
+            if self._active is not stopped:
+                self._active.cancel()  # one that began while speech.stopped was sent
             self._turn_ending = True
             try:
                 # asyncio.wait: the old turn's end (its cancel, an error) is its

@@ -366,6 +366,13 @@ class Turn:
             # Shielded: a caller who talks over a committed turn mid-decode
             # still gets these words joined to their next turn.
             decoded = await asyncio.shield(pending)
+            if self.committed and self.talked_over:
+                # The caller talked on while it decoded, and the session's
+                # cancel follows its barge-in send: these words lead their
+                # next turn, as for a cancel mid-decode, with no transcript of
+                # their own (it went out under the item the new speech reopened).
+                self._talked_over(pending)
+                return
         except asyncio.CancelledError:
             if self.committed:
                 pending.add_done_callback(self._talked_over)
