@@ -119,7 +119,8 @@ class RealtimeCall(WebSocketCall):
         self.last_item_id: str | None = None
         self._partial_sent: dict[int, str] = {}
         # The item speech_stopped named, until its transcript (or failure)
-        # closes it; speech after the endpoint is already the next item.
+        # closes it; speech after the endpoint is the next item, or with
+        # barge-in on reopens this one (see _on_speech_started).
         self._committing: str | None = None
         self.response_requested = False
         self.response_requested_event: object = None  # that response.create's event_id
