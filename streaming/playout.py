@@ -77,6 +77,7 @@ class Segment:
     start_s: float
     end_s: float
     played: bool = False
+    sent_at: float = 0.0  # when its first frame went to the sink (monotonic s)
 
 
 class PlayoutSink(Protocol):
@@ -206,7 +207,7 @@ class Playout:
         if stall <= 0:
             return
         for seg in self.segments:
-            if seg.start_s >= until:
+            if seg.sent_at >= since:  # sent on a clock that counted the stall as played
                 seg.start_s += late
                 seg.end_s += late
             elif seg.end_s > since:
@@ -292,6 +293,7 @@ class Playout:
         data += SILENCE_BYTE[self.fmt.encoding] * short
         self._pending = b""
         start = max(self._clock_end, time.monotonic())
+        sent_at = time.monotonic()
         for offset in range(0, len(data), self.fmt.chunk_bytes):
             await self._pace()
             if generation != self._generation:
@@ -310,7 +312,7 @@ class Playout:
                 if self.on_first_audio is not None:
                     await self.on_first_audio(turn, now - self._said_at.get(turn, now))
         name = f"t{turn}s{index}"
-        self.segments.append(Segment(turn, index, text, name, start, self._clock_end))
+        self.segments.append(Segment(turn, index, text, name, start, self._clock_end, sent_at=sent_at))
         while len(self.segments) > KEEP_SEGMENTS and self.segments[0].turn != turn:
             self.segments.popleft()
         await self.sink.send_mark(name)

@@ -104,16 +104,18 @@ async def wait_marks(sink: Recorder, n: int) -> None:
 
 async def test_a_stall_moves_what_was_queued_by_the_stall_and_what_came_after_by_the_queue():
     """A transport's writer stalled from 10.0 to 10.4 s with a sentence
-    queued (9.9-10.2 s by the clock) and the playout, waking first, sent
-    the next one at 10.4 s on a clock that counted the stall as played: the
-    first now ends at 10.6 s, the second follows it, and the clock's end
-    moves by what the transport still has queued (0.2 s)."""
+    queued (9.9-10.2 s by the clock) and the playout, waking first (just
+    before the writer, at 10.39 s), sent the next one on a clock that
+    counted the stall as played: the first now ends at 10.6 s, the second
+    follows it, and the clock's end moves by what the transport still has
+    queued (0.21 s)."""
     from streaming.playout import Segment
 
     playout = Playout(shared_tts(), OutFormat("mulaw", 8000, 160), Recorder())
-    playout.segments.extend([Segment(1, 0, "a", "t1s0", 9.9, 10.2), Segment(1, 1, "b", "t1s1", 10.4, 10.6)])
-    playout._clock_end = 10.6
-    playout.delay(since=10.0, until=10.4, late=0.2)
+    playout.segments.extend([Segment(1, 0, "a", "t1s0", 9.9, 10.2, sent_at=9.8),
+                             Segment(1, 1, "b", "t1s1", 10.39, 10.59, sent_at=10.39)])  # fmt: skip
+    playout._clock_end = 10.59
+    playout.delay(since=10.0, until=10.4, late=0.21)
     assert [v for s in playout.segments for v in (s.start_s, s.end_s)] == pytest.approx([9.9, 10.6, 10.6, 10.8])
     assert playout.clock_end == pytest.approx(10.8)
     await playout.close()
