@@ -649,27 +649,29 @@ class CallSession:
     async def _on_turn_end(self, ev: TurnEnded, now: float) -> None:
         self._turn_ends += 1
         stopped = self._active
-        if stopped is not None and not stopped.task.done():
-            # Before speech.stopped goes out: a transcript of the old turn
-            # landing while it is sent would be told as this turn's.
-            stopped.cancel()
-        if not ev.forced:
-            # The endpoint, before the final decode: a client's "speech
-            # stopped" need not wait for Whisper (a commit is the client's own).
-            end_ms = round((ev.speech_end_audio_s + self._cleared_s) * 1000)
-            await self.emit({"type": "speech.stopped", "audio_end_ms": end_ms})
-        self.runtime.asr.forget(self.call_id)  # a pending partial is moot now
-        self._last_partial = ""
-        if self._active is not None and not self._active.task.done():
-            if self._active is not stopped:
-                self._active.cancel()  # one that began while speech.stopped was sent
-            self._turn_ending = True
-            try:
+        # From here until this turn starts, a reply counts as in flight: one
+        # started meanwhile (a response.create) would be overwritten by it.
+        self._turn_ending = True
+        try:
+            if stopped is not None and not stopped.task.done():
+                # Before speech.stopped goes out: a transcript of the old turn
+                # landing while it is sent would be told as this turn's.
+                stopped.cancel()
+            if not ev.forced:
+                # The endpoint, before the final decode: a client's "speech
+                # stopped" need not wait for Whisper (a commit is the client's own).
+                end_ms = round((ev.speech_end_audio_s + self._cleared_s) * 1000)
+                await self.emit({"type": "speech.stopped", "audio_end_ms": end_ms})
+            self.runtime.asr.forget(self.call_id)  # a pending partial is moot now
+            self._last_partial = ""
+            if self._active is not None and not self._active.task.done():
+                if self._active is not stopped:
+                    self._active.cancel()  # one that began while speech.stopped was sent
                 # asyncio.wait: the old turn's end (its cancel, an error) is its
                 # own; a cancel of this task (a drain, a hang-up) is not swallowed.
                 await asyncio.wait({self._active.task})
-            finally:
-                self._turn_ending = False
+        finally:
+            self._turn_ending = False
         if self.closed:
             return  # hung up while the old reply wound down: no new turn
         turn = self._pending

@@ -384,6 +384,8 @@ class Turn:
             raise
         except Exception:
             log.exception("ASR failed on call %s turn %d", ctx.call_id, self.index)
+            if self.committed and self.talked_over:
+                return  # stopped by the caller's new speech: its failure is not told, as on a cancel
             await self._gate.wait()
             await ctx.emit({"type": "error", "code": "asr_failed", "message": plain_error("asr_failed", self.index)})
             return
