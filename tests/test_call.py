@@ -245,3 +245,44 @@ async def test_an_asr_failure_fails_one_turn_not_the_call(server, call_url, monk
         await caller.send_json({"type": "stop"})
         ended = await caller.wait_for("call.ended", timeout=10)
         assert ended["reason"] == "client_stop"
+
+
+async def test_a_turn_cancelled_while_its_transcript_is_sent_keeps_the_words_once(server, phone_prompts):
+    """The caller's transcript is on its way out (the transport's send waits
+    on a full socket) when the turn is cancelled: the client gets the words
+    as that turn's, so they stay that turn's in the history and are not
+    carried into the next turn as well (they were: said twice). The
+    session's output is the test's stand-in for the transport here."""
+    from streaming.codecs import float_to_int16
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+
+    release, sending = asyncio.Event(), asyncio.Event()
+    sent: list[dict] = []
+
+    async def emit(event: dict) -> None:
+        if event.get("type") == "transcript.final":
+            sending.set()
+            await release.wait()
+        sent.append(event)
+
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    await session.start(Start(encoding="pcm16", sample_rate=16000, server_greeting=False))
+    try:
+        clip = phone_prompts[4]
+        pcm = float_to_int16(with_silence(clip.load(16000), 16000, 1.5)).tobytes()
+        for i in range(0, len(pcm), 640):
+            await session.audio(pcm[i : i + 640])
+        await asyncio.wait_for(sending.wait(), 30)
+        turn = session._active
+        assert turn is not None and turn.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait({turn.task}, timeout=10)
+        finals = [e for e in sent if e.get("type") == "transcript.final"]
+        assert finals, "the cancel cut the transcript's send short"
+        assert session.carry_over == "", session.carry_over
+        assert {"role": "user", "content": finals[0]["text"]} in session.history.messages_so_far
+    finally:
+        release.set()
+        await session.stop()

@@ -250,6 +250,7 @@ class Turn:
         self.talked_over = False
         self._accounted = False  # its LLM work told to ctx.llm_used
         self._gate = asyncio.Event()
+        self._committing = False  # commit() is flushing what it held
         self._final: asyncio.Future[Any] | None = None  # its final decode, once asked for
         self._started = False  # its task has taken its first step
         self._held: list[dict[str, Any]] = []
@@ -268,9 +269,15 @@ class Turn:
     async def commit(self, endpoint_at: float) -> None:
         """The endpoint fired: release what was held, then stream live."""
         self.times.endpoint = endpoint_at
-        while self._held:
-            await self._send(self._held.pop(0))
-        self._gate.set()  # no await since the last pop: nothing can slip in between
+        self._committing = True
+        try:
+            while self._held:
+                await self._send(self._held.pop(0))
+        finally:
+            # No await since the last pop: nothing can slip in between. Set
+            # also when the flush is cut short (the call is going: what was
+            # still held is not sent), so the turn never waits on it for good.
+            self._gate.set()
 
     def cancel(self) -> bool:
         """Cancel the turn; False when its outcome is already the session's
@@ -403,10 +410,20 @@ class Turn:
             await self._out({"type": "turn.empty", "turn": self.index, "audio_end_ms": round(self.audio_end_s * 1000)})
             return
         said = False
+        final = {"type": "transcript.final", "turn": self.index, "text": self.user_text,
+                 "audio_end_ms": round(self.audio_end_s * 1000)}  # fmt: skip
         try:
-            await self._out({"type": "transcript.final", "turn": self.index, "text": self.user_text,
-                             "audio_end_ms": round(self.audio_end_s * 1000)})  # fmt: skip
-            said = True
+            if self.committed:
+                # Once begun it goes out whole, even if this turn is cancelled
+                # while a send waits on the socket: the client then has the
+                # words as this turn's, and they must not be carried on too.
+                sending = asyncio.ensure_future(self._send(final))
+                sending.add_done_callback(lambda done: done.cancelled() or done.exception())  # read if orphaned
+                said = True
+                await asyncio.shield(sending)
+            else:
+                await self._out(final)
+                said = True
             await self._out({"type": "turn.ended", "turn": self.index})
         except asyncio.CancelledError:
             if self.committed and not self.outcome_given:
@@ -559,7 +576,10 @@ class Turn:
                 self._waiting.leave(self)  # no first sentence came (or it came): the lane is free
         if not self.committed:
             # Aborted before the endpoint: nothing was sent, nothing happened.
-            if cancelled:
+            # Not one cancelled while its commit flushes what it held (a
+            # client's response.cancel in that moment): the session has made
+            # it the caller's turn, so it ends as a cancelled one.
+            if cancelled and not self._committing:
                 raise asyncio.CancelledError
             await self._gate.wait()  # finished early: wait to be committed or aborted
         self.times.done = time.monotonic()
