@@ -283,6 +283,10 @@ async def test_a_turn_cancelled_while_its_transcript_is_sent_keeps_the_words_onc
         assert finals, "the cancel cut the transcript's send short"
         assert session.carry_over == "", session.carry_over
         assert {"role": "user", "content": finals[0]["text"]} in session.history.messages_so_far
+        # Told, so answered as any cancelled turn: a client that has the words
+        # (a Realtime response created for them) is not left waiting.
+        done = [e for e in sent if e.get("type") == "response.done" and e.get("turn") == finals[0]["turn"]]
+        assert done and done[0]["cancelled"] and done[0]["text"] == "", done
     finally:
         release.set()
         await session.stop()

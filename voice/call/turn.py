@@ -25,7 +25,7 @@ import numpy as np
 
 from asr.config import ASRConfig
 from asr.endpointing import endpoint_window
-from llm.base import EngineError, GenerationRequest, LLMEngine
+from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
 from llm.continuation import stream_continuing
 from llm.sampling import SamplingParams
 from llm.yielding import MIN_HOLD_S, hold_s, stream_yielding
@@ -433,6 +433,11 @@ class Turn:
                 # (the history keeps them, unanswered), not said twice.
                 self.outcome_given = True
                 self.ctx.finished(TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=said))
+                if said:
+                    # Told, so answered too, as any cancelled turn: a client
+                    # (a Realtime response already created) waits for it.
+                    self.reply_end = "cancelled"
+                    await self._report(cancelled=True, failed=None)
             raise
         await self._reply()
 
@@ -671,8 +676,8 @@ class Turn:
         ctx = self.ctx
         if ctx.is_closed():
             return
-        assert self.request is not None
-        usage = self.request.usage
+        # No request: cancelled before its reply began (its words were told).
+        usage = self.request.usage if self.request is not None else Usage()
         metrics: dict[str, Any] = {
             "type": "turn.metrics",
             "turn": self.index,
