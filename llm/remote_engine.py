@@ -355,10 +355,10 @@ class RemoteEngine(LLMEngine):
                 except (aiohttp.ClientError, OSError, HttpProcessingError) as exc:
                     # HttpProcessingError: LineTooLong, one line over aiohttp's
                     # 512 KiB: the answer itself, so not one to send again.
-                    again = not got_text and not isinstance(exc, HttpProcessingError)
-                    raise self._cut(response, f"{type(exc).__name__}: {str(exc)[:120]}", again) from exc
+                    again = not isinstance(exc, HttpProcessingError)
+                    raise self._cut(response, f"{type(exc).__name__}: {str(exc)[:120]}", got_text, again) from exc
                 if not line:
-                    raise self._cut(response, "connection closed before [DONE]", not got_text)
+                    raise self._cut(response, "connection closed before [DONE]", got_text)
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments, "event:" lines
@@ -507,16 +507,19 @@ class RemoteEngine(LLMEngine):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.debug("finish_session at %s failed: %s", self.root, exc)
 
-    def _cut(self, response: aiohttp.ClientResponse, detail: str, before_text: bool) -> EngineError:
-        """The stream broke; ``before_text``: before any text, in a way
-        worth one more try (CutBeforeText)."""
+    def _cut(
+        self, response: aiohttp.ClientResponse, detail: str, got_text: bool, worth_again: bool = True
+    ) -> EngineError:
+        """The stream broke. Before any text and ``worth_again`` (not a fault
+        of the answer itself), it is a CutBeforeText: sent once more."""
         self._mark_down()
         reason = self._open.get(response)
         if reason is not None:
             return EngineUnavailable(reason)
-        if before_text:
-            return CutBeforeText(f"stream from LLM server {self.root} cut before any text ({detail})")
-        return EngineError(f"stream from LLM server {self.root} cut mid-reply ({detail})")
+        if got_text:
+            return EngineError(f"stream from LLM server {self.root} cut mid-reply ({detail})")
+        what = f"stream from LLM server {self.root} cut before any text ({detail})"
+        return CutBeforeText(what) if worth_again else EngineError(what)
 
     async def close(self) -> None:
         self.healthy = False
