@@ -27,8 +27,9 @@ from typing import Any, Protocol
 from streaming.playout import OutFormat
 from voice.call.start import Start
 from voice.server.limits import SLOW_READER, CallEnd, CallWatch
+from voice.server.log_format import redact_quoted
 from voice.server.runtime import Runtime
-from voice.transports.media_json import CallRefused
+from voice.transports.media_json import CallRefused, UnsupportedMedia
 from voice.transports.telephony import MalformedMessage, TelephonyCall, between_messages
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class AudioSocketCall(TelephonyCall):
         except ConnectionError:
             reason = "connection_lost"
         except CallRefused as refusal:
-            log.warning("call %s (audiosocket): refused: %s", self.call_id, refusal.text)
+            log.warning("call %s (audiosocket): refused: %s", self.call_id, redact_quoted(refusal.text))
             reason = str(refusal)
             with contextlib.suppress(Exception):
                 self.writer.write(message(KIND_HANGUP))
@@ -157,9 +158,7 @@ class AudioSocketCall(TelephonyCall):
     async def _start(self, kind: int) -> None:
         rate = AUDIO_KINDS[kind]
         if rate not in SUPPORTED_RATES:
-            # The call ends at once, not as abuse: each frame retried the
-            # start, the malformed flood ended it and cooled the PBX down.
-            raise CallRefused("unsupported_media_format", f"slin at {rate} Hz is not supported; use 8, 16 or 24 kHz")
+            raise UnsupportedMedia(f"slin at {rate} Hz is not supported; use 8, 16 or 24 kHz")
         self.kind = kind
         self.frame_bytes = round(rate * FRAME_S) * 2
         await self.begin(
@@ -187,7 +186,7 @@ class AudioSocketCall(TelephonyCall):
                 now = time.monotonic()
                 if self.playout is not None:
                     late = min(-delay, now + len(self.frames) * FRAME_S - self.playout.clock_end)
-                    self.playout.delay(since=now + delay, until=now, late=max(0.0, late))
+                    self.playout.delay(since=now + delay, stall=-delay, late=late)
                 start, n = now, 0
             if self.frames:
                 frame = self.frames.popleft()

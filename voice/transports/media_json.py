@@ -24,6 +24,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CallEnd, CallGuard
+from voice.server.log_format import redact_quoted
 from voice.transports.telephony import NO_AUDIO_COST, MalformedMessage, TelephonyCall, between_messages
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,16 @@ class CallRefused(CallEnded):
     def __init__(self, reason: str, text: str) -> None:
         super().__init__(reason)
         self.text = text
+
+
+class UnsupportedMedia(CallRefused):
+    """A start whose audio format this server cannot take. Refused, not
+    malformed: every media frame after a malformed start counted as
+    malformed too, the flood ended the call as abuse, and the carrier's
+    media server (or the PBX) then cooled down for a minute."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("unsupported_media_format", text)
 
 
 def b64decode(value: object, what: str = "payload") -> bytes:
@@ -153,7 +164,8 @@ class WebSocketCall(TelephonyCall):
                     handled += 1
                     await between_messages(handled, guard.end is not None)
         except CallRefused as refusal:
-            log.warning("call %s (%s): refused: %s", self.call_id, self.transport, refusal.text)
+            # The text may quote what the peer sent: quoted values are caller data.
+            log.warning("call %s (%s): refused: %s", self.call_id, self.transport, redact_quoted(refusal.text))
             reason, refused = str(refusal), refusal
         except CallEnded as end:
             reason = str(end) or "carrier_stop"

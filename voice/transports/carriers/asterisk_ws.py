@@ -21,7 +21,7 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.call.start import Start
-from voice.transports.media_json import CallEnded, CallRefused, WebSocketCall
+from voice.transports.media_json import CallEnded, UnsupportedMedia, WebSocketCall
 from voice.transports.telephony import MalformedMessage
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,8 @@ class AsteriskWebSocketCall(WebSocketCall):
             raise MalformedMessage("second MEDIA_START")
         fmt = FORMATS.get(params.get("format", ""))
         if fmt is None:
-            # Refused, not malformed: every frame after it would count as
-            # malformed, and the flood would cool the PBX down as an abuser.
-            raise CallRefused(
-                "unsupported_media_format",
-                f"unsupported format {str(params.get('format'))[:24]!r}; use one of {', '.join(FORMATS)}",
+            raise UnsupportedMedia(
+                f"unsupported format {str(params.get('format'))[:24]!r}; use one of {', '.join(FORMATS)}"
             )
         encoding, rate = fmt
         size = params.get("optimal_frame_size", "")

@@ -21,8 +21,8 @@ from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import (
     CallEnded,
-    CallRefused,
     MarkStyleCall,
+    UnsupportedMedia,
     as_int,
     b64decode,
     b64encode,
@@ -96,13 +96,7 @@ class TelnyxCall(MarkStyleCall):
         encoding = ENCODINGS.get(named.upper())
         rate = as_int(fmt.get("sample_rate", 8000), "sample_rate")
         if encoding is None or rate != 8000:
-            # Refused, not malformed: every media frame after a malformed start
-            # counted as malformed too, and the flood ended the call as abuse,
-            # the carrier's media server then cooled down for 60 s.
-            raise CallRefused(
-                "unsupported_media_format",
-                f"unsupported media format {named[:24]!r} at {rate} Hz; use PCMU or PCMA at 8000 Hz",
-            )
+            raise UnsupportedMedia(f"unsupported media format {named[:24]!r} at {rate} Hz; use PCMU or PCMA at 8000 Hz")
         sid = msg.get("stream_id")
         self.stream_id = sid if isinstance(sid, str) else None
         params = start.get("custom_parameters") or {}

@@ -283,9 +283,6 @@ class RealtimeCall(WebSocketCall):
             code = str(ev.get("code", "server_error"))
             asked = code == "asr_failed" and self.response_requested
             if code == "asr_failed":
-                # The turn a response.create waited for is gone with its
-                # words: the request does not carry over to the next turn.
-                self.response_requested = False
                 await self.send_event(
                     "conversation.item.input_audio_transcription.failed", item_id=self._close_user_item(),
                     content_index=0, error={"type": "server_error", "code": code, "message": ev.get("message")},
@@ -295,10 +292,7 @@ class RealtimeCall(WebSocketCall):
                                 "event_id": None},
             )  # fmt: skip
             if asked:
-                # It is answered on the conversation as it stands, as for a
-                # turn with no words: a client waiting on its response.done
-                # is not left hanging.
-                self._deferred_create = asyncio.get_running_loop().create_task(self._answer_deferred_create())
+                self._defer_create()
 
     def input_cleared(self) -> None:
         """The client cleared the buffer: words heard so far belong to no
@@ -329,13 +323,11 @@ class RealtimeCall(WebSocketCall):
         barge-in off; with it on, that speech reopens the item)."""
         if self.settings.turn_detection is None:
             return
-        if self._committing is not None:
-            if not at_endpoint:
-                return  # sent at the endpoint already: this is its transcript
-            # Another endpoint while an item still waits for its transcript:
-            # with barge-in off the session now stops that turn, and its words
-            # lead this one's transcript. The new speech's item is committed.
-            self._committing = None
+        if self._committing is not None and not at_endpoint:
+            return  # sent at the endpoint already: this is its transcript
+        # (Another endpoint while an item still waits for its transcript: with
+        # barge-in off the session now stops that turn, and its words lead
+        # this one's transcript. The new speech's item is the one committed.)
         self._committing, self.next_user_item = self.next_user_item, new_id("item")
         await self.send_event("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=self._committing)
 
@@ -397,11 +389,7 @@ class RealtimeCall(WebSocketCall):
             # it stands (OpenAI's API answers every create), so a client
             # waiting on its response.done is not left hanging.
             if self.response_requested:
-                self.response_requested = False
-                # turn.empty comes from inside the turn's own task: the create
-                # is answered once that turn is over (now it would only be
-                # deferred again, to the next turn).
-                self._deferred_create = asyncio.get_running_loop().create_task(self._answer_deferred_create())
+                self._defer_create()
             return
         response = Response(turn, user_item_id=item_id)
         self.responses[turn] = response
@@ -409,6 +397,17 @@ class RealtimeCall(WebSocketCall):
             self.response_requested = False
             response.released = True
             await response_family.start(self, response)
+
+    def _defer_create(self) -> None:
+        """A response.create waited for a turn that ended with no words (or
+        whose transcription failed): the request does not carry over to the
+        next turn; it is answered on the conversation as it stands, as OpenAI
+        answers every create, so a client waiting on its response.done is not
+        left hanging. Once the turn's own task is over (the event comes from
+        inside it: answered now, it would only be deferred again)."""
+        self.response_requested = False
+        # Held: the loop keeps only a weak reference to a task.
+        self._deferred_create = asyncio.get_running_loop().create_task(self._answer_deferred_create())
 
     async def _answer_deferred_create(self) -> None:
         event_id = self.response_requested_event
