@@ -194,8 +194,8 @@ class Playout:
         """When (monotonic s) the audio sent so far ends, by the playout clock."""
         return self._clock_end
 
-    def delay(self, since: float, until: float, late: float) -> None:
-        """The far end got no audio from ``since`` to ``until`` (a transport
+    def delay(self, since: float, stall: float, late: float) -> None:
+        """The far end got no audio for ``stall`` s from ``since`` (a transport
         that writes on its own clock stalled and, not to burst, skipped those
         slots): what was queued before the stall plays that much later; what
         was sent after it, and the clock's end, ``late`` later (the transport
@@ -203,9 +203,9 @@ class Playout:
         part of the stall as played already). Without this the clock counted
         the queued audio played, paced the next sentences in on top of it
         and took it for heard."""
-        stall = until - since
         if stall <= 0:
             return
+        late = max(0.0, late)  # a clock already past the queue stays where it is
         for seg in self.segments:
             if seg.sent_at >= since:  # sent on a clock that counted the stall as played
                 seg.start_s += late
@@ -213,7 +213,7 @@ class Playout:
             elif seg.end_s > since:
                 seg.end_s += stall
                 seg.start_s += stall if seg.start_s > since else 0.0
-        self._clock_end += max(0.0, late)
+        self._clock_end += late
 
     def marked(self, name: str) -> Segment | None:
         """The carrier echoed a mark: that sentence (and all before it) played."""
@@ -292,8 +292,8 @@ class Playout:
         short = -len(data) % self.fmt.chunk_bytes
         data += SILENCE_BYTE[self.fmt.encoding] * short
         self._pending = b""
-        start = max(self._clock_end, time.monotonic())
         sent_at = time.monotonic()
+        start = max(self._clock_end, sent_at)
         for offset in range(0, len(data), self.fmt.chunk_bytes):
             await self._pace()
             if generation != self._generation:

@@ -106,14 +106,10 @@ _EMOJI_PARTS = frozenset({"So", "Sk", "Mn", "Me", "Cf"})
 _LONGEST_AFTER_CLOCK_TIME = 10
 # ...unless the capital starts one of these: "at 10 a.m. Monday", "3 p.m.
 # Eastern". The segmenter waits for that next word (a few characters).
-_AFTER_CLOCK_TIME: frozenset[str] = frozenset(
+# (_MONTHS has no "may": "at 9 a.m. May I have your name?" is an agent's everyday line.)
+_AFTER_CLOCK_TIME: frozenset[str] = _MONTHS | _WEEKDAY_ABBREVIATIONS | frozenset(
     {
-        "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
-        "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
-        # Not "may": "at 9 a.m. May I have your name?" is an agent's everyday line.
-        "january", "february", "march", "april", "june", "july", "august",
-        "september", "october", "november", "december",
-        "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+        "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "sat", "sun",
         "eastern", "central", "mountain", "pacific", "atlantic", "alaska", "hawaii",
         "est", "edt", "cst", "cdt", "mst", "mdt", "pst", "pdt", "et", "ct", "mt", "pt",
         "gmt", "utc", "bst", "cet", "cest", "ist", "aest",

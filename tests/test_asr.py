@@ -160,8 +160,7 @@ class BandVAD:
     because what it stands for does not exist here: a line whose noise Silero
     keeps in the hysteresis band (0.35-0.5) for seconds. On this machine's
     recordings Silero stays there at most 320 ms after a word
-    (benchmarks/vad_soft_runs.py), on white, pink and mains noise and on
-    babble it scores below or above; the tracker must not rely on that."""
+    (benchmarks/vad_soft_runs.py); the tracker must not rely on that."""
 
     def __init__(self, probs: list[float]) -> None:
         self.probs = list(probs)

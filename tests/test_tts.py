@@ -115,7 +115,7 @@ async def test_a_stall_moves_what_was_queued_by_the_stall_and_what_came_after_by
     playout.segments.extend([Segment(1, 0, "a", "t1s0", 9.9, 10.2, sent_at=9.8),
                              Segment(1, 1, "b", "t1s1", 10.39, 10.59, sent_at=10.39)])  # fmt: skip
     playout._clock_end = 10.59
-    playout.delay(since=10.0, until=10.4, late=0.21)
+    playout.delay(since=10.0, stall=0.4, late=0.21)
     assert [v for s in playout.segments for v in (s.start_s, s.end_s)] == pytest.approx([9.9, 10.6, 10.6, 10.8])
     assert playout.clock_end == pytest.approx(10.8)
     await playout.close()

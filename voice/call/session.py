@@ -89,10 +89,10 @@ def public_engine_info(described: dict[str, object]) -> dict[str, object]:
     return {k: v for k, v in described.items() if k in PUBLIC_ENGINE_KEYS}
 
 
-# What _configure sets from a start: put back as it was if the start is refused.
-_START_SETTINGS = (
-    "_start", "asr_config", "reply_policy", "first_clause_words", "max_tokens", "sampling", "_resampler", "_tracker",
-)  # fmt: skip
+# What _configure sets from a start: put back as it was if the start is
+# refused. (max_tokens lives in sampling; the history's instructions are
+# set last, after every check that can refuse.)
+_START_SETTINGS = ("_start", "asr_config", "reply_policy", "first_clause_words", "sampling", "_resampler", "_tracker")
 
 
 class CallSession:
@@ -142,7 +142,6 @@ class CallSession:
         self._fed_s = 0.0
         self._last_audio_at = 0.0  # monotonic arrival of the last frame
         self._turn_ending = False  # _on_turn_end waits for the old turn: see reply_in_flight
-        self._turn_ends = 0  # turn ends begun (a late partial's check)
         # Audio frames and the silent-line filler feed the tracker in turn.
         self._feed_lock = asyncio.Lock()
         # A call may not feed audio much faster than real time (the ASR worker
@@ -215,16 +214,11 @@ class CallSession:
         # leave nothing of itself behind for the client's next start (a fixed
         # endpoint, a reply cap it did not ask for again).
         saved = {name: getattr(self, name) for name in _START_SETTINGS}
-        # The instructions alone: the system prompt joins the client's system
-        # items to them, and putting that back as instructions doubled the
-        # items on every refused start.
-        instructions = self.history.instructions
         try:
             self._configure(start)
         except BaseException:
             for name, value in saved.items():
                 setattr(self, name, value)
-            self.history.instructions = instructions
             raise
         if start.resume_key:
             await self._resume(start)
@@ -507,7 +501,7 @@ class CallSession:
             if active is not None and not active.task.done():
                 active.cancel()  # barge-in: the turn reports it
         elif isinstance(ev, PartialDue):
-            self._spawn(self._partial(ev.audio, self._turn_index, self._turn_ends))
+            self._spawn(self._partial(ev.audio, self._turn_index))
         elif isinstance(ev, Paused):
             self._on_pause(ev)
         elif isinstance(ev, Resumed):
@@ -647,7 +641,6 @@ class CallSession:
             self._pending = None
 
     async def _on_turn_end(self, ev: TurnEnded, now: float) -> None:
-        self._turn_ends += 1
         stopped = self._active
         # From here until this turn starts, a reply counts as in flight: one
         # started meanwhile (a response.create) would be overwritten by it.
@@ -764,17 +757,16 @@ class CallSession:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _partial(self, audio: np.ndarray, turn: int, turn_ends: int) -> None:
+    async def _partial(self, audio: np.ndarray, turn: int) -> None:
         try:
             result = await self.runtime.asr.submit(self.call_id, audio, final=False)
         except asyncio.CancelledError:
             return  # superseded by a newer partial or the final
         except Exception:
             return  # a failed partial is not worth a client error; the final decides
-        # turn_ends: the turn's end began (the turn number moves on only after
-        # its waits), so a partial decoded before it is late: a Realtime
-        # client would get it under the next item.
-        if turn != self._turn_index or turn_ends != self._turn_ends or not result.text or self.closed:
+        # While the turn ends (the turn number moves on only after its waits)
+        # a partial is late: a Realtime client would get it under the next item.
+        if turn != self._turn_index or self._turn_ending or not result.text or self.closed:
             return
         self._last_partial = result.text
         await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})

@@ -250,7 +250,6 @@ class Turn:
         self.talked_over = False
         self._accounted = False  # its LLM work told to ctx.llm_used
         self._gate = asyncio.Event()
-        self._committing = False  # commit() is flushing what it held
         self._final: asyncio.Future[Any] | None = None  # its final decode, once asked for
         self._started = False  # its task has taken its first step
         self._held: list[dict[str, Any]] = []
@@ -268,8 +267,7 @@ class Turn:
 
     async def commit(self, endpoint_at: float) -> None:
         """The endpoint fired: release what was held, then stream live."""
-        self.times.endpoint = endpoint_at
-        self._committing = True
+        self.times.endpoint = endpoint_at  # set first: a held turn being committed (see _generate_reply)
         try:
             while self._held:
                 await self._send(self._held.pop(0))
@@ -584,7 +582,7 @@ class Turn:
             # Not one cancelled while its commit flushes what it held (a
             # client's response.cancel in that moment): the session has made
             # it the caller's turn, so it ends as a cancelled one.
-            if cancelled and not self._committing:
+            if cancelled and self.times.endpoint is None:
                 raise asyncio.CancelledError
             await self._gate.wait()  # finished early: wait to be committed or aborted
         self.times.done = time.monotonic()
