@@ -8,6 +8,7 @@ from tests.transport_checks import (
     hangups_release_everything,
     malformed_then_call,
     prompt_clip,
+    refused_at_once,
     reply_call,
     server_base,
 )
@@ -48,6 +49,10 @@ async def test_exotel_malformed_messages_are_ignored(server):
         {"event": "mark", "stream_sid": sid},
     ]
     await malformed_then_call(server, FakeExotel(server_base(server)), bad, prompt_clip(20))
+
+
+async def test_exotel_an_unsupported_rate_is_refused_at_once_not_as_abuse(server):
+    await refused_at_once(FakeExotel(server_base(server), rate=44100), "unsupported media format: 16-bit at 44100 Hz")
 
 
 async def test_exotel_hangup_mid_reply_releases_everything(server):

@@ -8,6 +8,7 @@ from tests.transport_checks import (
     hangups_release_everything,
     malformed_then_call,
     prompt_clip,
+    refused_at_once,
     reply_call,
     server_base,
 )
@@ -33,10 +34,15 @@ async def test_plivo_malformed_messages_are_ignored(server):
         "nope",
         {"event": "media", "streamId": sid, "media": {"payload": 5}},
         {"event": "playedStream", "streamId": sid},
-        {"event": "start", "start": {"streamId": sid, "mediaFormat": {"encoding": "audio/x-l16", "sampleRate": 44100}}},
         {"event": "unknownEvent"},
     ]
     await malformed_then_call(server, FakePlivo(server_base(server)), bad, prompt_clip(17))
+
+
+async def test_plivo_an_unsupported_rate_is_refused_at_once_not_as_abuse(server):
+    """L16 at 44.1 kHz, which Plivo's stream cannot be asked for."""
+    carrier = FakePlivo(server_base(server), encoding="pcm16", rate=44100)
+    await refused_at_once(carrier, "unsupported media format 'audio/x-l16' at 44100 Hz")
 
 
 async def test_plivo_hangup_mid_reply_releases_everything(server):

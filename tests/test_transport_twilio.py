@@ -18,6 +18,7 @@ from tests.transport_checks import (
     hangups_release_everything,
     malformed_then_call,
     prompt_clip,
+    refused_at_once,
     reply_call,
     server_base,
 )
@@ -90,7 +91,7 @@ async def test_twilio_media_before_start_and_bad_start_are_ignored(server):
     carrier.opening = lambda: [  # type: ignore[method-assign]
         {"event": "connected", "protocol": "Call", "version": "1.0.0"},
         {"event": "media", "media": {"payload": "AAAA"}},
-        {"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": {"encoding": "audio/opus"}}},
+        {"event": "start", "start": {"mediaFormat": {"encoding": "audio/x-mulaw"}}},  # no streamSid
     ]
     with CallWatcher() as watcher:
         async with carrier:
@@ -116,7 +117,7 @@ async def test_a_start_with_a_bad_media_format_is_refused_briefly_and_the_call_g
     start begins the call."""
     carrier = FakeTwilio(server_base(server))
     good = carrier.wire.opening()
-    bulky = {"encoding": "audio/opus", "padding": list(range(50_000))}  # ~340 KB, no quotes to redact
+    bulky = {"encoding": list(range(50_000))}  # ~340 KB, no quotes to redact
     carrier.opening = lambda: [  # type: ignore[method-assign]
         {"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": ["audio/x-mulaw", 8000]}},
         {"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": bulky}},
@@ -130,7 +131,17 @@ async def test_a_start_with_a_bad_media_format_is_refused_briefly_and_the_call_g
             assert call.malformed == 2 and call.session.started and not call.finished
     ignored = [r.getMessage() for r in caplog.records if "ignored message" in r.getMessage()]
     assert len(ignored) == 2 and all(len(line) < 300 for line in ignored), ignored
-    assert "mediaFormat is not an object" in ignored[0] and "'…' at 8000 Hz" in ignored[1], ignored
+    assert "mediaFormat is not an object" in ignored[0] and "encoding is not a string" in ignored[1], ignored
+
+
+async def test_twilio_an_unsupported_media_format_is_refused_at_once_not_as_abuse(server):
+    """Twilio streams only mu-law at 8 kHz: a start naming another format
+    cannot be followed by a good one."""
+    carrier = FakeTwilio(server_base(server))
+    good = carrier.wire.opening()
+    good[1]["start"]["mediaFormat"] = {"encoding": "audio/opus", "sampleRate": 48000}
+    carrier.opening = lambda: good  # type: ignore[method-assign]
+    await refused_at_once(carrier, "unsupported media format 'audio/opus' at 48000 Hz")
 
 
 async def test_a_keypad_flood_carries_only_the_first_presses(server):

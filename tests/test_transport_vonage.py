@@ -12,6 +12,7 @@ from tests.transport_checks import (
     hangups_release_everything,
     malformed_then_call,
     prompt_clip,
+    refused_at_once,
     reply_call,
     server_base,
 )
@@ -54,6 +55,15 @@ async def test_vonage_malformed_messages_are_ignored(server):
         {"action": "clear"},  # a server action echoed back
     ]
     await malformed_then_call(server, FakeVonage(server_base(server)), bad, prompt_clip(24))
+
+
+async def test_vonage_an_unsupported_content_type_is_refused_at_once_not_as_abuse(server):
+    """Its reason quotes the peer's value: 60 three-byte characters of it
+    made a close reason over the 123 bytes a close frame holds, and
+    websockets raised instead of closing."""
+    carrier = FakeVonage(server_base(server))
+    carrier.opening = lambda: [{"event": "websocket:connected", "content-type": "audio/l16;rate=" + "€" * 60}]  # type: ignore[method-assign]
+    await refused_at_once(carrier, "unsupported content-type")
 
 
 async def test_vonage_hangup_mid_reply_releases_everything(server):

@@ -151,6 +151,25 @@ async def malformed_then_call(
             assert not call.finished
 
 
+async def refused_at_once(carrier: FakeCarrier, reason: str) -> None:
+    """A start in a format the server cannot take is refused at once with
+    1008 and ``reason``, not counted as malformed: a refused start that left
+    the call open counted every media frame after it as malformed, and the
+    flood ended the call as abuse and cooled the carrier's address down."""
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            for _ in range(250):
+                if call.finished:
+                    break
+                await asyncio.sleep(0.02)
+            assert call.finished and call.malformed == 0 and not call.session.started
+            assert carrier.ws is not None
+            await carrier.ws.wait_closed()
+            assert carrier.ws.close_code == 1008, (carrier.ws.close_code, carrier.ws.close_reason)
+            assert reason in carrier.ws.close_reason, carrier.ws.close_reason
+
+
 async def hangups_release_everything(server: VoiceServer, make_carrier, clips: list[Utterance]) -> None:
     """Callers hang up mid-reply (audio still streaming): nothing leaks."""
     baseline = len(asyncio.all_tasks())

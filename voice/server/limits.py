@@ -30,6 +30,20 @@ CLOSE_POLICY = 1008  # client broke a limit (stopped reading)
 CLOSE_INTERNAL = 1011
 
 
+# RFC 6455: a close frame's payload is at most 125 bytes, two of them the code.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to what a close frame holds, on a character boundary.
+    A refusal's reason may quote the peer's own value (a codec name), and
+    websockets raises on a longer one instead of closing."""
+    data = text.encode()
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return text
+    return data[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
 @dataclass
 class CallLimits:
     # A call that sends no frame for this long is closed (1000, "idle timeout").
@@ -219,6 +233,6 @@ class CallGuard(CallWatch):
         handler (websockets' close waits for the outbound buffer to drain)."""
         try:
             async with asyncio.timeout(self.limits.close_timeout_s):
-                await self.ws.close(code, text)
+                await self.ws.close(code, close_reason(text))
         except (TimeoutError, ConnectionClosed):
             self.ws.transport.abort()

@@ -5,8 +5,10 @@ family (Twilio, Telnyx, Plivo, Exotel) and by Vonage's binary variant.
 by their ``event`` field to ``on_<event>`` handlers, binary frames to
 ``on_binary``, and turns any malformed or unknown message into a log line
 (what the carriers themselves do: Twilio logs warnings 31950/31951 and goes
-on). Nothing a carrier sends can end the call except its own stop or close;
-a bug in one call ends that call only.
+on). What a carrier sends ends the call only as its own stop or close, or
+as a refusal (:class:`CallRefused`: a wrong carrier secret, a media format
+the server cannot take), closed 1008 with the reason; a bug in one call
+ends that call only.
 """
 
 from __future__ import annotations

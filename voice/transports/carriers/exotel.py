@@ -13,7 +13,16 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj, optional_obj, query_param
+from voice.transports.media_json import (
+    MarkStyleCall,
+    UnsupportedMedia,
+    as_int,
+    b64decode,
+    b64encode,
+    obj,
+    optional_obj,
+    query_param,
+)
 from voice.transports.telephony import MalformedMessage
 
 PATH = "/exotel"
@@ -44,7 +53,7 @@ class ExotelCall(MarkStyleCall):
         rate = as_int(fmt.get("sample_rate", self._query_rate()), "sample_rate")
         bits = as_int(fmt.get("bit_rate", 16), "bit_rate")
         if rate not in RATES or bits != 16:
-            raise MalformedMessage(
+            raise UnsupportedMedia(
                 f"unsupported media format: {bits}-bit at {rate} Hz; Exotel streams 16-bit slin at 8/16/24 kHz"
             )
         sid = msg.get("stream_sid") or start.get("stream_sid")

@@ -14,7 +14,16 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import CallEnded, WebSocketCall, as_int, b64decode, b64encode, obj, optional_obj
+from voice.transports.media_json import (
+    CallEnded,
+    UnsupportedMedia,
+    WebSocketCall,
+    as_int,
+    b64decode,
+    b64encode,
+    obj,
+    optional_obj,
+)
 from voice.transports.telephony import MalformedMessage
 
 log = logging.getLogger(__name__)
@@ -49,7 +58,7 @@ class PlivoCall(WebSocketCall):
         rate = as_int(fmt.get("sampleRate", 8000), "sampleRate")
         encoding = FORMATS.get((content_type, rate))
         if encoding is None:
-            raise MalformedMessage(f"unsupported media format {content_type[:24]!r} at {rate} Hz")
+            raise UnsupportedMedia(f"unsupported media format {content_type[:24]!r} at {rate} Hz")
         sid = start.get("streamId") or msg.get("streamId")
         if not isinstance(sid, str) or not sid:
             raise MalformedMessage("start without streamId")

@@ -34,7 +34,7 @@ from xml.sax.saxutils import quoteattr
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import RESUME_PARAMETER, start_from_parameters
-from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj, optional_obj
+from voice.transports.media_json import MarkStyleCall, UnsupportedMedia, as_int, b64decode, b64encode, obj, optional_obj
 from voice.transports.telephony import MalformedMessage
 
 PATH = "/twilio"
@@ -88,11 +88,13 @@ class TwilioCall(MarkStyleCall):
             raise MalformedMessage("start without streamSid")
         fmt = optional_obj(start, "mediaFormat")
         named = fmt.get("encoding", "audio/x-mulaw")
-        encoding = ENCODINGS.get(named) if isinstance(named, str) else None
+        if not isinstance(named, str):
+            raise MalformedMessage("mediaFormat.encoding is not a string")
+        encoding = ENCODINGS.get(named)
         rate = as_int(fmt.get("sampleRate", 8000), "sampleRate")
         if encoding is None or rate != 8000:
-            raise MalformedMessage(
-                f"unsupported media format {str(named)[:24]!r} at {rate} Hz; Twilio streams audio/x-mulaw at 8000 Hz"
+            raise UnsupportedMedia(
+                f"unsupported media format {named[:24]!r} at {rate} Hz; Twilio streams audio/x-mulaw at 8000 Hz"
             )
         self.stream_sid = sid
         params = optional_obj(start, "customParameters")

@@ -21,7 +21,7 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import WebSocketCall
+from voice.transports.media_json import UnsupportedMedia, WebSocketCall
 from voice.transports.telephony import MalformedMessage
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def parse_content_type(value: object) -> int:
     kind, _, params = value.replace(" ", "").lower().partition(";")
     rate = dict(p.split("=", 1) for p in params.split(";") if "=" in p).get("rate", "")
     if kind != "audio/l16" or not rate.isdigit() or int(rate) not in RATES:
-        raise MalformedMessage(f"unsupported content-type {value[:60]!r}; use audio/l16;rate=8000|16000|24000")
+        raise UnsupportedMedia(f"unsupported content-type {value[:60]!r}; use audio/l16;rate=8000|16000|24000")
     return int(rate)
 
 
