@@ -230,6 +230,12 @@ class WhisperDecoder:
     ) -> list[Decoded]:
         from faster_whisper.audio import pad_or_trim
 
+        if len(items) == 1 and (retry is None or retry[0]) and items[0].whole is not None and not alone_later:
+            # A final over 30 s alone is decoded whole (below) and nothing
+            # else: its last 30 s decoded first were thrown away, a 30 s
+            # encode and decode for nothing. A batch's item still gets that
+            # first decode, the words it keeps if the whole one fails.
+            return [self._segmented(items[0], started)]
         window = max(item.window for item in items)
         frames = window * FRAMES_PER_SECOND
         features = np.stack([pad_or_trim(item.features, frames) for item in items])

@@ -273,10 +273,20 @@ def test_a_final_over_thirty_seconds_keeps_its_first_words(jfk, phone_prompts) -
     assert len(audio) > 31 * 16000
     decoder = WhisperDecoder(ASRConfig())
     opening = " ".join(first.reference.split()[:3]).lower().strip(".,")
+    # Count the real encoder's passes (a spy, not a fake): the whole decode
+    # runs faster-whisper's transcribe, which encodes 30 s per segment, so
+    # a final of 31-32 s is two passes; its last 30 s decoded first and
+    # thrown away made it three.
+    passes = []
+    encode = decoder.model.encode
+    decoder.model.encode = lambda features, *a, **k: passes.append(features.shape) or encode(features, *a, **k)
     final = decoder.decode(audio)
     assert opening in final.text.lower().replace(",", ""), (opening, final.text)
+    assert len(passes) == 2, passes
+    passes.clear()
     partial = decoder.decode(audio, retry_cut_short=False)
     assert opening not in partial.text.lower().replace(",", ""), partial.text
+    assert len(passes) == 1, passes
 
 
 def test_noise_whisper_puts_words_to_is_no_words() -> None:
