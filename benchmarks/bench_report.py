@@ -92,8 +92,12 @@ def late_sentences(turn: dict[str, Any]) -> int:
     return late
 
 
-def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
-    """One system at one concurrency level, from its per-turn records."""
+def summarise(turns: list[dict[str, Any]], planned: int | None = None) -> dict[str, Any]:
+    """One system at one concurrency level, from its per-turn records.
+    ``planned``: the caller turns the level set out to place. A call that
+    failed comes back as one error record and a call hung up on stops
+    adding records, so the records alone undercount what was lost; the
+    answered share is judged against the plan (``capacity``)."""
     placed = [t for t in turns if not t.get("refused") and not t.get("error")]
     answered = [t for t in placed if t.get("ttfs_ms") is not None]
     ttfs = _vals(answered, "ttfs_ms")
@@ -102,6 +106,7 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
     server = [t.get("server") or {} for t in answered]
     return {
         "turns": len(turns),
+        "planned": max(planned or 0, len(turns)),
         "answered": len(answered),
         "refused": sum(1 for t in turns if t.get("refused")),
         "errors": sum(1 for t in turns if t.get("error")),
@@ -187,7 +192,9 @@ def capacity(
     for level in sorted(levels, key=lambda lv: lv["concurrency"]):
         s = level["summary"]
         ok = s.get(key) is not None and s[key] <= target_ms
-        ok = ok and s["turns"] > 0 and s["answered"] >= min_answered * s["turns"]
+        # Results written before "planned" have only the records.
+        planned = s.get("planned", s["turns"])
+        ok = ok and planned > 0 and s["answered"] >= min_answered * planned
         if not ok:
             break
         best = level["concurrency"]
@@ -222,8 +229,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{'real time' if opts.get('speed', 1.0) == 1.0 else str(opts.get('speed')) + 'x real time'}, "
         f"{opts.get('turns', '?')} turns per call, {opts.get('calls_per_level', '?')}+ calls per level; "
         f"network: jitter {imp.get('jitter_ms', 0)} ms, late {imp.get('late_prob', 0)} x {imp.get('late_ms', 0)} ms, "
-        f"drop {imp.get('drop_prob', 0)}. Target: p95 TTFS ≤ {target:.0f} ms."
+        f"drop {imp.get('drop_prob', 0)}. Target: p95 TTFS ≤ {target:.0f} ms, with 90 % of the planned "
+        "turns answered (turns: answered / planned; TTFS percentiles are over the answered turns)."
     )
+    if results.get("command"):
+        lines.append(f"Command: `{results['command']}`.")
     lines += ["", "## Per turn, lowest load", ""]
     lines.append(
         "| system | calls | turns | TTFS p50 | TTFS p95 | final transcript p50 | first token p50 | "
@@ -237,7 +247,8 @@ def markdown(results: dict[str, Any]) -> str:
         barge_ms = pct(_vals(barge, "barge_in_ms"), 50)
         missed = sum(1 for t in barge if t.get("barge_in_ms") is None)
         lines.append(
-            f"| {name} | {level['concurrency']} | {x['answered']}/{x['turns']} | {_fmt(x['ttfs_p50_ms'])} | "
+            f"| {name} | {level['concurrency']} | {x['answered']}/{x.get('planned', x['turns'])} | "
+            f"{_fmt(x['ttfs_p50_ms'])} | "
             f"{_fmt(x['ttfs_p95_ms'])} | {_fmt(x['asr_final_p50_ms'])} | {_fmt(x['first_token_p50_ms'])} | "
             f"{_fmt(x['ttfa_p50_ms'])} | {_fmt(x['wer'], 3)} | {x['split_turns']} | "
             f"{_fmt(x.get('wasted_preemptive_per_turn'), 2)} | {_fmt(barge_ms)} ({missed}/{len(barge)}) |"

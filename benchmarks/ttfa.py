@@ -17,6 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.bench_report import pct
 from benchmarks.client import last_voiced_s
 from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher, FakeTwilio
@@ -55,13 +56,16 @@ async def run(calls: int) -> dict[str, object]:
     # word left, i.e. the endpoint cut the prompt at an inner pause. That is
     # an endpointing miss, counted apart, not a latency.
     valid = [ms for ms in caller_ms if ms > 0]
+    from benchmarks.bench import machine, provenance
+
     return {
-        "command": f"python -m benchmarks.ttfa --calls {calls}",
+        **provenance("benchmarks.ttfa"),
+        "machine": machine(),
         "calls": calls,
         "caller_ttfa_ms": caller_ms,
         "cut_off_calls": len(caller_ms) - len(valid),
         "caller_ttfa_median_ms": statistics.median(valid) if valid else None,
-        "caller_ttfa_p95_ms": sorted(valid)[min(len(valid) - 1, round(0.95 * (len(valid) - 1)))] if valid else None,
+        "caller_ttfa_p95_ms": pct(valid, 95),
         "caller_ttfa_max_ms": max(valid) if valid else None,
         "server_ttfa_ms": [r.get("ttfa_ms") for r in server_rows],
         "tts_first_audio_median_ms": statistics.median(tts) if tts else None,

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -262,9 +261,10 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
             details[f"{name} x{concurrency}"] = calls
     print_table(rows)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    from benchmarks.bench import machine
+
     return {
-        "machine": machine,
+        "machine": machine(),
         "utterances": len(utts),
         "turns_per_call": ns.turns_per_call,
         "realtime": not ns.fast,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_report import late_sentences, write_report
+from benchmarks.bench_report import capacity, late_sentences, summarise, write_report
 from benchmarks.corpus import ASTERISK_SOUNDS
 from benchmarks.loadgen import CallOptions, CallSpec, Segment, TurnSpec, run_call
 from benchmarks.peers.naive_cascade import NaiveCascadeServer
@@ -128,6 +128,48 @@ def test_a_sentence_after_the_earlier_ones_were_heard_is_late() -> None:
     assert late_sentences({"sentences_ms": [0, 1000, 5900], "sentence_words": [5, 10, 3]}) == 0
     assert late_sentences({"sentences_ms": [0, 1000, 6100], "sentence_words": [5, 10, 3]}) == 1
     assert late_sentences({"ttfs_ms": 500}) == 0  # an older record: none counted
+
+
+def test_a_level_is_judged_on_the_turns_it_planned_not_the_records_that_came_back() -> None:
+    """Nine turns answered, then a call answered once, timed out and hung up
+    on: its third turn left no record, and a call that failed left one error
+    record for three turns. Against the records (11 and 10) 90 % looked
+    answered; against the 12 planned turns it is 83 and 75 %."""
+    answered = [synthetic_turn(400 + 10 * i) for i in range(10)]
+    hung_up = [*answered, {"call": "c", "turn": 1, "timed_out": True, "ttfs_ms": None}]
+    failed = [*answered[:9], {"call": "d", "turn": 0, "error": "OSError: reset"}]
+    for turns in (hung_up, failed):
+        summary = summarise(turns, planned=12)
+        assert summary["planned"] == 12 and summary["answered"] < 0.9 * 12, summary
+        assert capacity([{"concurrency": 4, "summary": summary}], target_ms=1500) is None
+        # The records alone would have passed it.
+        assert capacity([{"concurrency": 4, "summary": summarise(turns)}], target_ms=1500) == 4
+    assert summarise(answered[:9], planned=9)["planned"] == 9
+
+
+def test_an_untracked_python_file_marks_the_tree_dirty(tmp_path, monkeypatch) -> None:
+    """A results file must not record a clean commit for code no commit
+    holds: ``git diff`` alone ignores an untracked module a run imports."""
+    import subprocess
+
+    import benchmarks.bench as bench
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("out/\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    assert not bench.tree_state().endswith("+dirty")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.py").write_text("")  # ignored: not code of the tree
+    (tmp_path / "notes.txt").write_text("")  # untracked, but not code
+    assert not bench.tree_state().endswith("+dirty")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert bench.tree_state().endswith("+dirty")
 
 
 def test_report_from_synthetic_results(tmp_path):
