@@ -43,10 +43,12 @@ async def one_call(url: str, clip: Utterance) -> dict[str, object]:
             audio = np.concatenate([audio, np.zeros(12000, dtype=audio.dtype)])
             await caller.play(audio, 8000, "mulaw", realtime=True, last_voice_s=voiced)
             try:
-                await caller.wait_for("response.done", timeout=60)
-            except (TimeoutError, ConnectionError):
-                return {"outcome": "lost"}
+                answered = await caller.settle(0, timeout=60)
+            except ConnectionError:
+                answered = None
             ttfs = caller.result.ttfs_s
+            if answered is None or ttfs is None:
+                return {"outcome": "lost"}
             await caller.stop()
             return {"outcome": "ok", "ttfs_ms": None if ttfs is None else round(ttfs * 1000, 1)}
     except InvalidStatus as exc:

@@ -52,14 +52,27 @@ class CallResult:
                 return r.at
         return None
 
+    def last_turn(self) -> int:
+        """The last turn the server ended (0: none)."""
+        return max((e["turn"] for e in self.of("turn.ended")), default=0)
+
     @property
     def ttfs_s(self) -> float | None:
-        """Last voiced frame sent -> first sentence of the reply that follows it."""
-        if self.last_voice_sent_at is None:
+        """Last voiced frame sent -> first sentence of the reply to the last
+        turn: the one that answers the caller's last word. A clip the
+        server split at a pause has an earlier turn whose sentence may also
+        arrive after the last word; it answers only part of what was said."""
+        turn = self.last_turn()
+        if self.last_voice_sent_at is None or not turn:
             return None
         for r in self.events:
             ev = r.event
-            if ev.get("type") == "response.sentence" and ev.get("first") and r.at > self.last_voice_sent_at:
+            if (
+                ev.get("type") == "response.sentence"
+                and ev.get("first")
+                and ev.get("turn") == turn
+                and r.at > self.last_voice_sent_at
+            ):
                 return r.at - self.last_voice_sent_at
         return None
 
@@ -149,6 +162,24 @@ class NativeCaller:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters.append((kind, match, fut))
         return await asyncio.wait_for(fut, timeout)
+
+    async def settle(self, after: int, timeout: float = 60.0) -> int | None:
+        """Once the audio is sent: wait for a turn after ``after`` to end,
+        then for the last one's ``turn.metrics`` (it follows response.done).
+        The last turn, or None when none ended in time: an unanswered turn
+        the caller counts, not one left out of the percentiles."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.result.last_turn() <= after:
+            if asyncio.get_running_loop().time() > deadline or (self.ws is not None and self.ws.close_code):
+                return None
+            await asyncio.sleep(0.05)
+        turn = self.result.last_turn()
+        left = max(0.1, deadline - asyncio.get_running_loop().time())
+        try:
+            await self.wait_for("turn.metrics", timeout=left, turn=turn)
+        except TimeoutError:
+            return None
+        return turn
 
     async def start(self, encoding: str = "mulaw", sample_rate: int = 8000, **extra: Any) -> dict[str, Any]:
         """``start`` (``extra``: its other fields, ``options``, ``system_prompt``…); the ``ready`` event."""

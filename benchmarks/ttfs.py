@@ -94,13 +94,10 @@ async def one_call(url: str, utts: list[Utterance], realtime: bool, tail_s: floa
             caller.result.last_voice_sent_at = None
             await caller.play(audio, 8000, "mulaw", realtime=realtime, last_voice_s=voice_end)
             # A clip with long pauses can be several turns; TTFS is about the
-            # last one, the reply to the caller's last word.
-            last_turn = max((e["turn"] for e in caller.result.of("turn.ended")), default=0)
-            if last_turn > turns_before:
-                try:
-                    await caller.wait_for("turn.metrics", timeout=60, turn=last_turn)
-                except TimeoutError:
-                    pass
+            # last one, the reply to the caller's last word. One that ends
+            # after the tail was sent is waited for, not left out.
+            await caller.settle(turns_before, timeout=60)
+            last_turn = caller.result.last_turn()
             finals: list[str] = []
             for e in caller.result.of("transcript.final"):
                 if e["turn"] <= turns_before:
@@ -221,7 +218,7 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = [("calls", 6), ("p50", 7), ("p95", 7), ("vs off", 8), ("endpt", 7), ("asr", 6), ("ttft", 6), ("1st", 6)]
+    cols = [("ans", 6), ("p50", 7), ("p95", 7), ("vs off", 8), ("endpt", 7), ("asr", 6), ("ttft", 6), ("1st", 6)]
     cols += [("waste", 7), ("WER", 7), ("start", 7)]
     head = f"{'config':<22}{'conc':>5}" + "".join(f"{name:>{width}}" for name, width in cols)
     print(head)
@@ -238,11 +235,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{s['first_sentence_ms'] or 0:>6.0f}{r['wasted_generations_per_turn']:>7.2f}{r['wer']:>7.3f}"
             f"{r['startup_s']:>7.1f}"
         )
-    print("(ms. p50/p95: caller-side TTFS, last voiced frame sent -> first sentence received; vs off: p50 over the")
-    print(" first row at the same concurrency. Server-side p50s: endpt = endpoint fired after speech end, asr = final")
-    print(
-        " decode time, ttft = LLM first token after the final transcript, 1st = first sentence sent after speech end."
-    )
+    print("(ans: calls answered. ms. p50/p95: caller-side TTFS, last voiced frame sent -> first sentence received;")
+    print(" vs off: p50 over the first row at the same concurrency. Server-side p50s: endpt = endpoint fired")
+    print(" after speech end, asr = final decode time, ttft = LLM first token after the final transcript,")
+    print(" 1st = first sentence sent after speech end.")
     print(" waste = aborted preemptive generations per turn. start = process start to ready, s)")
 
 

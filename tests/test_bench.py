@@ -316,3 +316,23 @@ def test_calls_whose_recordings_are_missing_are_refused_before_any_call():
     with pytest.raises(FileNotFoundError, match=r"no-such-clip\.wav"):
         calls_for(2, corpus=corpus)
     assert len(calls_for(1, corpus=corpus)) == 1  # the ghost call is not among the first one
+
+
+def test_caller_ttfs_is_the_reply_to_the_last_turn_not_an_earlier_split_one() -> None:
+    """A clip the server split at a pause: turn 1's sentence arrived 150 ms
+    after the last word, the reply to all of it (turn 2) 900 ms after. The
+    caller's TTFS is the 900 ms; any first sentence after the last word read
+    150 ms."""
+    from benchmarks.client import CallResult, Received
+
+    result = CallResult(last_voice_sent_at=10.0)
+    result.events = [
+        Received(9.5, {"type": "turn.ended", "turn": 1}),
+        Received(10.15, {"type": "response.sentence", "turn": 1, "first": True}),
+        Received(10.4, {"type": "turn.ended", "turn": 2}),
+        Received(10.9, {"type": "response.sentence", "turn": 2, "first": True}),
+    ]
+    assert result.last_turn() == 2
+    assert result.ttfs_s is not None and abs(result.ttfs_s - 0.9) < 1e-9
+    assert CallResult(last_voice_sent_at=10.0, events=result.events[:2]).ttfs_s is not None
+    assert CallResult(last_voice_sent_at=10.0).ttfs_s is None  # no turn ended: unanswered
