@@ -536,6 +536,60 @@ async def test_a_writer_whose_call_re_attached_elsewhere_stops() -> None:
     assert (await store.load("native:T")).turn == 1
 
 
+async def test_a_re_attach_the_store_did_not_answer_claims_at_its_first_write(redis_url) -> None:
+    """A re-attach whose claim failed (the store down for a moment) goes on
+    without its past; the replaced connection is still the key's owner in
+    the store, so the re-attach's first write was refused once the store
+    was back and ended the call it was meant to save. It claims first."""
+    for store in (MemoryStore(), RedisStore(redis_url)):
+        await store.save("twilio:CA6", CallState("p", [{"role": "user", "content": "old"}], "", 3), "call-old")
+        ended: list[str] = []
+        writer = StateWriter(store, "twilio:CA6", "call-new", min_interval_s=0, on_superseded=ended.clear)
+        ended.append("alive")
+        writer.claim_first()
+        writer.write(CallState("p", [{"role": "user", "content": "new"}], "", 1))
+        await writer.flush()
+        assert ended == ["alive"] and (await store.load("twilio:CA6")).messages == [{"role": "user", "content": "new"}]
+        assert not await store.save("twilio:CA6", CallState("p", [], "", 4), "call-old")  # the old one is out
+        await writer.forget()
+        await store.close()
+
+
+async def test_a_twilio_re_attach_during_a_store_outage_keeps_its_call(server, monkeypatch) -> None:
+    """The same through the server: the claim raises StoreError once (a
+    stand-in for an outage), the stream goes on, and its first turn's write
+    ends neither it nor loses the turn."""
+    call_sid = "CA" + "7" * 32
+    store = server.runtime.store
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
+            call = await watcher.one()
+            async with asyncio.timeout(10):
+                while not call.session.started:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await carrier.hangup(say_stop=False)
+    await store.claim(f"twilio:{call_sid}", "call-replaced")  # a stream that died on another replica owns the key
+    real_claim = store.claim
+    failed: list[str] = []
+
+    async def claim_once_down(key: str, owner: str, **kw):
+        if not failed:
+            failed.append(key)
+            raise StoreError("no answer in 0.5 s (stand-in for an outage)")
+        return await real_claim(key, owner, **kw)
+
+    monkeypatch.setattr(store, "claim", claim_once_down)
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
+            call = await watcher.one()
+            await carrier.say(with_silence(prompt_clip(8).load(8000), 8000, 1.5), speed=4.0)
+            await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            stored = await wait_stored(store, f"twilio:{call_sid}", turns=1)
+            assert failed == [f"twilio:{call_sid}"] and stored.messages
+            await asyncio.sleep(0.3)
+            assert not call.finished
+
+
 async def test_a_new_calls_key_is_its_own_from_its_start(redis_url) -> None:
     """A carrier's call id names a new call before any turn is written: the
     call takes the key at its start, so a later stream naming the same call

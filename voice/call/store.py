@@ -369,6 +369,7 @@ class StateWriter:
         self._last_write = -math.inf
         self.failures = 0
         self._owning: asyncio.Task[bool] | None = None
+        self._claim_first = False
         self.forgotten = False
 
     def own_now(self) -> None:
@@ -378,6 +379,14 @@ class StateWriter:
         self._owning = asyncio.ensure_future(self.store.own_if_free(self.key, self.owner))
         # Read by the first write; a call that ends before one leaves its outcome here.
         self._owning.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    def claim_first(self) -> None:
+        """A re-attach whose claim the store did not answer (down, or slow):
+        the replaced connection is still the key's owner there, and this
+        call's first write would be refused and end it (``call_reattached``)
+        once the store is back. Claim the key before the first write that
+        the store answers; until then the writes fail as any do."""
+        self._claim_first = True
 
     def write(self, state: CallState) -> None:
         if self.superseded or self.forgotten:
@@ -405,6 +414,11 @@ class StateWriter:
             state, self._latest = self._latest, None
             self._last_write = time.monotonic()
             try:
+                if self._claim_first:
+                    # What the claim returns is the past this call already
+                    # went on without: the write below replaces it.
+                    await self.store.claim(self.key, self.owner)
+                    self._claim_first = False
                 written = await self.store.save(self.key, state, self.owner)
             except StoreError as exc:
                 # The call goes on; only a re-attach would miss this turn. One
