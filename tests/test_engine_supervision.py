@@ -125,7 +125,10 @@ async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says
         if not srv.runtime.llm_available:
             break
         await asyncio.sleep(0.01)
-    assert not srv.runtime.llm_available and not srv.ready
+    # Within the admission grace the replica stays ready: a load balancer
+    # that dropped it at the first failed request took a tier sharing one
+    # LLM router out all at once, for an outage its calls ride out.
+    assert not srv.runtime.llm_available and srv.ready
     started = time.monotonic()
     with pytest.raises(EngineUnavailable, match="restarting"):
         async for _ in engine.stream(GenerationRequest("x", [{"role": "user", "content": "Hi"}], 8)):
@@ -138,6 +141,7 @@ async def test_without_secondary_a_turn_while_down_fails_fast_and_readiness_says
     while srv.runtime.llm_down_s() <= 0.3:
         assert not srv.runtime.llm_available, "the engine came back before the grace ran out"
         await asyncio.sleep(0.02)
+    assert not srv.ready  # past the grace: readiness and the door agree
     url = f"ws://127.0.0.1:{srv.port}/v1/call"
     with pytest.raises(InvalidStatus) as refused:
         async with NativeCaller(url):

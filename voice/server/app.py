@@ -285,8 +285,10 @@ class VoiceServer:
     @property
     def ready(self) -> bool:
         # Live calls stay up while the LLM restarts (their turns get an error
-        # event); readiness tells a load balancer to send new ones elsewhere.
-        return self.runtime.ready and not self.draining and self.runtime.llm_available
+        # event or wait for it); readiness tells a load balancer to send new
+        # ones elsewhere once the outage outlasts the admission grace.
+        grace = self.registry.admission.config.llm_down_grace_s
+        return self.runtime.ready and not self.draining and self.runtime.llm_refusal(grace) is None
 
     def _live_calls(self) -> int:
         """Calls up on every listener (websockets and AudioSocket together)."""

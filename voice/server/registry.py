@@ -175,11 +175,8 @@ class CallRegistry:
             refusal = Refusal("draining", "server is shutting down", retry_after_s=5)
         elif not self.runtime.ready:
             refusal = Refusal("warming_up", "warming up", retry_after_s=5)
-        elif (grace := self.admission.config.llm_down_grace_s) is not None and (
-            down := self.runtime.llm_down_s()
-        ) > grace:
-            refusal = Refusal("llm_unavailable", f"no LLM engine has been able to answer for {down:.0f} s",
-                              retry_after_s=5)  # fmt: skip
+        elif (no_llm := self.runtime.llm_refusal(self.admission.config.llm_down_grace_s)) is not None:
+            refusal = Refusal("llm_unavailable", no_llm, retry_after_s=5)
         elif (cooling := self._cooling_s(address)) > 0:
             refusal = Refusal(
                 "abuse_cooldown",

@@ -52,6 +52,7 @@ class Runtime:
         self.sentence_end_unsupported = False
         self.ready = False
         self._llm_down_since: float | None = None
+        self._llm_seen_up = False
         self._llm_watch: asyncio.Task[None] | None = None
         self.startup_s: dict[str, float] = {}
         self.active_calls = 0
@@ -88,12 +89,26 @@ class Runtime:
         Sampled here and by a watcher four times a second (start), so an outage is
         dated from when it began, not from the first call that asked."""
         if self.llm_available:
-            self._llm_down_since = None
+            self._llm_down_since, self._llm_seen_up = None, True
             return 0.0
         now = time.monotonic()
         if self._llm_down_since is None:
             self._llm_down_since = now
         return now - self._llm_down_since
+
+    def llm_refusal(self, grace_s: float | None) -> str | None:
+        """Why new calls should go elsewhere for want of an LLM, or None.
+        Admission and /readyz both ask this, so a load balancer and the
+        door agree: one failed request (a 5xx from a router every voice
+        replica shares) must not take the whole voice tier out of the
+        balancer for an outage its calls would ride out. ``grace_s`` None:
+        never refuse once an engine has answered."""
+        down = self.llm_down_s()
+        if not self._llm_seen_up:
+            return "no LLM engine has answered yet"
+        if grace_s is not None and down > grace_s:
+            return f"no LLM engine has been able to answer for {down:.0f} s"
+        return None
 
     async def _watch_llm(self) -> None:
         while True:
