@@ -178,7 +178,10 @@ def _parse(body: Any, defaults: SamplingParams) -> tuple[GenerationRequest, bool
             raise BadRequest("each message needs a string 'role'", "messages")
         content = m.get("content", "")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if not all(isinstance(text, str) for text in texts):
+                raise BadRequest("a text part's 'text' must be a string", "messages")
+            content = "".join(texts)
         if not isinstance(content, str):
             raise BadRequest("message 'content' must be a string or a list of text parts", "messages")
         clean.append({"role": m["role"], "content": content})

@@ -52,6 +52,12 @@ def test_a_token_in_a_logged_url_is_redacted_however_it_was_encoded() -> None:
                                "< GET /v1/call?token=%s&x=1 HTTP/1.1", ("a%2Fb(c)%3Dd",), None)  # fmt: skip
     assert ContextFilter([token]).filter(record)
     assert record.getMessage() == f"< GET /v1/call?token={REDACTED}&x=1 HTTP/1.1"
+    # A resume token opens the caller's stored conversation: a credential
+    # too, though no server secret names it.
+    record = logging.LogRecord("websockets.server", logging.DEBUG, __file__, 1,
+                               "< GET /v1/realtime?model=x&resume=%s HTTP/1.1", ("Zq3_k9",), None)  # fmt: skip
+    assert ContextFilter([]).filter(record)
+    assert record.getMessage() == f"< GET /v1/realtime?model=x&resume={REDACTED} HTTP/1.1"
 
 
 async def test_digits_and_malformed_frames_stay_out_of_info_logs(server: VoiceServer, caplog) -> None:

@@ -273,6 +273,9 @@ def test_openai_server_parses_every_sampling_field() -> None:
         ({"max_tokens": -3}, "max_tokens", "'max_tokens' must be an integer"),
         ({"stop": [1, 2]}, "stop", "each 'stop' entry must be a string"),
         ({"seed": "x"}, "seed", "'seed' must be an integer"),
+        # A text part whose text is no string was a TypeError: a 500, which
+        # a pooled client reads as the server being down.
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages", "must be a string"),
     ],
 )
 def test_openai_server_refuses_what_it_cannot_honour(extra: dict, param: str, message: str) -> None:

@@ -128,6 +128,8 @@ async def test_realtime_beta_names_and_g711_alaw(server):
     async with carrier:
         created = await carrier.next_event("session.created", timeout=10)
         assert created["session"]["input_audio_format"] == "pcm16"  # the beta session object
+        # The operator's system prompt is not read out to a client that set none.
+        assert server.runtime.config.llm.system_prompt and created["session"]["instructions"] == ""
         await carrier.say(with_silence(clip.load(8000), 8000, 1.3), speed=None)
         await carrier.next_event("response.done")
         kinds = {e["type"] for e in carrier.events}
@@ -609,6 +611,7 @@ async def test_realtime_session_update_says_what_it_could_not_serve(server):
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
+            assert (await carrier.next_event("session.created", timeout=10))["session"]["instructions"] == ""
             await carrier.next_event("session.updated", timeout=10)
             mark = len(carrier.events)
             await carrier.send({"type": "session.update", "event_id": "evt_tools", "session": {

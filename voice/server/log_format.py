@@ -32,7 +32,9 @@ _AUTH_HEADER = re.compile(
 # A token in a logged URL's query, however the client percent-encoded it
 # (a browser's encodeURIComponent leaves ()!*' as they are, quote() does not,
 # so the secret's own forms above can miss it).
-_TOKEN_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s#]*")
+# resume=: a Realtime or native client's resume token opens its stored
+# conversation for the state's TTL (an hour): a credential too.
+_TOKEN_QUERY = re.compile(r"(?i)([?&](?:token|access_token|resume)=)[^&\s#]*")
 # A quoted snippet in a message about input (a repr of what the caller sent).
 _QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
 
@@ -102,7 +104,7 @@ class ContextFilter(logging.Filter):
         for secret in self.secrets:
             if secret in message:
                 message, changed = message.replace(secret, REDACTED), True
-        if "token=" in message.lower():
+        if "token=" in (lowered := message.lower()) or "resume=" in lowered:
             scrubbed = _TOKEN_QUERY.sub(lambda m: m.group(1) + REDACTED, message)
             message, changed = scrubbed, changed or scrubbed != message
         if changed:

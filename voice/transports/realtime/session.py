@@ -141,7 +141,7 @@ def session_object(call: RealtimeCall) -> dict[str, Any]:
             "object": "realtime.session",
             "model": s.model,
             "modalities": ["text", "audio"] if s.audio_out else ["text"],
-            "instructions": s.instructions or call.runtime.config.llm.system_prompt,
+            "instructions": s.instructions or "",
             "voice": s.voice,
             "input_audio_format": beta_format[s.input_format],
             "output_audio_format": beta_format[s.output_format],
@@ -159,7 +159,7 @@ def session_object(call: RealtimeCall) -> dict[str, Any]:
         "id": call.session_id,
         "model": s.model,
         "output_modalities": list(s.output_modalities),
-        "instructions": s.instructions or call.runtime.config.llm.system_prompt,
+        "instructions": s.instructions or "",
         "audio": {
             "input": {
                 "format": format_obj(s.input_format),
