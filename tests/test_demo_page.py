@@ -77,7 +77,11 @@ async def test_page_and_assets_are_served_with_safe_headers(server: VoiceServer)
         assert "default-src 'self'" in csp and "connect-src 'self' ws: wss:" in csp and "unsafe" not in csp
         assert headers["x-content-type-options"] == "nosniff"
     _, _, page = await http_get(server.port, "/?token=abc")  # the query is not part of the path
-    assert b'src="/demo/app.js"' in page and b"<script>" not in page  # no inline code: the CSP forbids it
+    assert b'src="demo/app.js"' in page and b"<script>" not in page  # no inline code: the CSP forbids it
+    # Its links are relative (a proxy's path prefix is kept); from /demo/
+    # they would miss, so /demo/ sends the browser to /demo, relatively.
+    status, headers, _ = await http_get(server.port, "/demo/")
+    assert status == 308 and headers["location"] == "../demo", (status, headers)
     # Only the allow-list: no traversal, no other file of the package.
     for path in ["/demo/../app.py", "/demo/%2e%2e/app.py", "/demo/__init__.py", "/demo/index.html/", "/demo//app.js",
                  "/demo/app.js/../../config.py", "/web/app.js", "/..%2fapp.py"]:  # fmt: skip

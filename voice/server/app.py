@@ -63,7 +63,6 @@ WS_MAX_QUEUE = 4
 DEMO_FILES: dict[str, str] = {
     "/": "index.html",
     "/demo": "index.html",
-    "/demo/": "index.html",
     "/demo/app.js": "app.js",
     "/demo/capture-worklet.js": "capture-worklet.js",
     "/demo/style.css": "style.css",
@@ -98,6 +97,14 @@ def _json_response(status: http.HTTPStatus, body: dict[str, object]) -> Response
 def _refused(refusal: Refusal) -> Response:
     response = _json_response(http.HTTPStatus(refusal.status), {"error": refusal.message, "reason": refusal.reason})
     response.headers["Retry-After"] = str(refusal.retry_after_s)
+    return response
+
+
+def _redirect(location: str) -> Response:
+    response = Response(http.HTTPStatus.PERMANENT_REDIRECT.value, "Permanent Redirect", Headers())
+    response.headers["Location"] = location
+    response.headers["Content-Length"] = "0"
+    response.headers["Connection"] = "close"
     return response
 
 
@@ -314,6 +321,10 @@ class VoiceServer:
             return response
         if self.config.demo_page and path in DEMO_FILES and "Upgrade" not in request.headers:
             return _demo_response(DEMO_FILES[path])
+        if self.config.demo_page and path == "/demo/" and "Upgrade" not in request.headers:
+            # The page's links are relative: from /demo/ they would miss.
+            # A relative Location keeps a proxy's path prefix.
+            return _redirect("../demo")
         if path == twilio.RECONNECT_PATH and "Upgrade" not in request.headers:
             return self._twilio_reattach(request, _caller_address(connection, request, self._trusted_proxies))
         if path not in WS_ROUTES:

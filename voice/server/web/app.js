@@ -294,7 +294,7 @@
       current.stream = await navigator.mediaDevices.getUserMedia({
         audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
       });
-      await current.ctx.audioWorklet.addModule('/demo/capture-worklet.js');
+      await current.ctx.audioWorklet.addModule('demo/capture-worklet.js');
     } catch (err) {
       const denied = err && (err.name === 'NotAllowedError' || err.name === 'SecurityError');
       notice(denied ? 'Microphone access was refused.' : `Could not start the microphone: ${err}`, 'error');
@@ -318,7 +318,7 @@
       current.ctx.close().catch(() => {});
       current.ctx = new AudioContext({ latencyHint: 'interactive', sampleRate: rate });
       await current.ctx.resume();
-      await current.ctx.audioWorklet.addModule('/demo/capture-worklet.js');
+      await current.ctx.audioWorklet.addModule('demo/capture-worklet.js');
       current.source = current.ctx.createMediaStreamSource(current.stream);
     }
     const ctx = current.ctx;
@@ -341,8 +341,10 @@
   const SUBPROTOCOL_SAFE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
   function callTarget() {
-    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    const url = `${scheme}//${location.host}/v1/call`;
+    // Relative to the page, as its files are: a path prefix is kept.
+    const address = new URL('v1/call', location.href);
+    address.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const url = address.href;
     const token = ui.token.value.trim();
     // Browsers cannot set an Authorization header on a websocket. The token
     // rides as a subprotocol, out of the URL (so out of proxies' access
@@ -435,7 +437,7 @@
       let why = 'wrong or missing token, the server is at capacity, or this page\'s address is not allowed '
         + '(behind a proxy: --public-url or --allow-origin)';
       try {
-        const ready = await (await fetch('/readyz', { cache: 'no-store' })).json();
+        const ready = await (await fetch('readyz', { cache: 'no-store' })).json();
         if (ready.draining) why = 'the server is shutting down';
         else if (!ready.ready) why = 'the server is still warming up; try again in a few seconds';
       } catch (err) {
