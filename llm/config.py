@@ -182,6 +182,13 @@ class LLMConfig:
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
     child_start_timeout_s: float = 300.0
+    # A running child's /health is asked every this many seconds; after this
+    # many misses in a row (no answer within connect_timeout_s + 1 s, or not
+    # 200) it is killed and restarted: a child that is alive but hung
+    # (SIGSTOP, a deadlocked loop, a stuck driver) failed every turn at the
+    # first-token timeout while readiness said all was well.
+    child_health_interval_s: float = 2.0
+    child_health_misses: int = 3
     # Legacy spellings, kept so LLMConfig(max_tokens=..., temperature=...)
     # and config.max_tokens / config.temperature keep working: they are
     # aliases of sampling.max_tokens / sampling.temperature (properties

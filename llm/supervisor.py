@@ -207,16 +207,41 @@ class SupervisedEngine(LLMEngine):
                 proc.kill()
             await proc.wait()
 
+    async def _until_exit_or_hung(self, proc: asyncio.subprocess.Process) -> str | None:
+        """Wait for the child to exit; a child that stops answering /health
+        (child_health_misses in a row) is killed. Why it was killed, or None."""
+        misses = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.child_health_interval_s):
+                    await asyncio.shield(proc.wait())
+            if proc.returncode is not None or self._closing:
+                return None
+            remote = self._remote
+            if remote is None or await remote.check_health():
+                misses = 0
+                continue
+            if proc.returncode is not None or self._closing:
+                return None  # it died while asked: that is the exit, not a hang
+            misses += 1
+            log.warning("LLM engine process %d did not answer /health (%d in a row)", proc.pid, misses)
+            if misses >= self.config.child_health_misses:
+                self._set_up(False)  # no request waits out a first-token timeout on it meanwhile
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                return f"not answering /health ({misses} checks in a row): killed"
+
     async def _watch(self) -> None:
         while not self._closing:
             proc = self._proc
             assert proc is not None
-            await proc.wait()
+            hung = await self._until_exit_or_hung(proc)
             if self._closing:
                 return
             self.crashes += 1
             self._set_up(False)
-            reason = f"LLM engine process {proc.pid} {_describe_exit(proc.returncode)}"
+            reason = f"LLM engine process {proc.pid} {hung or _describe_exit(proc.returncode)}"
             if self._remote is not None:
                 self._remote.abort_all(reason)  # in-flight turns fail now, not at a timeout
             if time.monotonic() - self._up_since >= BACKOFF_RESET_S:

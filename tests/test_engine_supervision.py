@@ -9,6 +9,7 @@ is the secondary engine where one is configured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -229,3 +230,32 @@ async def test_a_restart_that_cannot_fork_is_tried_again(supervised_server, monk
         await asyncio.sleep(0.01)
     await engine.wait_up(60)
     assert refusals and engine.restarts == restarts + 2 and srv.runtime.llm_available
+
+
+async def test_a_child_that_is_alive_but_hung_is_killed_and_restarted(supervised_server, monkeypatch):
+    """SIGSTOP stands for a child that is alive and answers nothing (a
+    deadlocked loop, a stuck driver): the watcher only waited for it to
+    exit, so every turn waited out the first-token timeout and failed while
+    readiness said all was well. Its /health misses now kill it."""
+    engine = supervised_server.runtime.engine
+    await engine.wait_up(60)
+    restarts, crashes, pid = engine.restarts, engine.crashes, engine.pid
+    monkeypatch.setattr(engine.config, "child_health_interval_s", 0.3)
+    monkeypatch.setattr(engine.config, "child_health_misses", 2)
+    await asyncio.sleep(2.5)  # the watcher's current wait (the default 2 s) ends: it asks every 0.3 s now
+    assert engine.pid == pid and engine.crashes == crashes  # a healthy child is left alone
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(60):
+            while engine.restarts == restarts or not engine.primary_up:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert engine.pid != pid and engine.crashes == crashes + 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped, not left stopped
+    reply = ""
+    async for delta in engine.stream(GenerationRequest("x", [{"role": "user", "content": "Hi"}], 8)):
+        reply += delta
+    assert reply.strip()
