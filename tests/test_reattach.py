@@ -368,6 +368,22 @@ async def test_memory_store_expires_and_bounds() -> None:
     assert small.bytes <= 400
 
 
+async def test_memory_store_drops_expired_conversations_unread() -> None:
+    """A caller's transcript goes at its TTL though nobody reads it again
+    (a quiet server: the runtime sweeps it every STORE_SWEEP_INTERVAL_S)."""
+    store = MemoryStore(ttl_s=0.2)
+    await store.save("twilio:CA1", CallState("p", [{"role": "user", "content": "my card is 4111"}], "", 1), "c1")
+    await store.claim("twilio:CA2", "c2")  # an owner with nothing stored yet
+    await store.save("twilio:CA3", CallState("p"), "c3")
+    assert store.sweep() == 0 and len(store._states) == 2
+    await asyncio.sleep(0.3)
+    await store.save("twilio:CA4", CallState("p"), "c4")  # a write sweeps too
+    assert list(store._states) == ["twilio:CA4"] and list(store._owners) == ["twilio:CA4"]
+    assert store.bytes == len(encode_state(CallState("p")).encode())
+    await asyncio.sleep(0.3)
+    assert store.sweep() == 1 and not store._states and not store._owners and store.bytes == 0
+
+
 class CountedStore(MemoryStore):
     """The in-memory store, counting the writes it is given."""
 

@@ -182,6 +182,21 @@ class MemoryStore:
         # turn) still holds off the connection it replaced.
         self._owners: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
+    def sweep(self) -> int:
+        """Drop every state past its TTL (oldest first: each write moves its
+        key to the end with a fresh expiry); how many went. A state was
+        dropped only when read or when the caps pushed it out, so a quiet
+        server held callers' transcripts long past the TTL."""
+        now, gone = time.monotonic(), 0
+        while self._states and next(iter(self._states.values()))[0] < now:
+            key, (_, text) = self._states.popitem(last=False)
+            self.bytes -= len(text.encode("utf-8"))
+            self._owners.pop(key, None)
+            gone += 1
+        while self._owners and next(iter(self._owners.values()))[0] < now:
+            self._owners.popitem(last=False)
+        return gone
+
     async def load(self, key: str) -> CallState | None:
         entry = self._states.get(key)
         if entry is None or entry[0] < time.monotonic():
@@ -219,6 +234,7 @@ class MemoryStore:
 
     async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         text = encode_state(state)
+        self.sweep()
         if self._owned_by_another(key, owner):
             return False
         self._drop(key)

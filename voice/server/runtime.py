@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from llm.base import EngineError, LLMEngine
 from llm.config import LLMConfig
 from streaming.fair_share import FirstSentences, LowPriority, ReplyGate
 from streaming.threads import one_blas_thread
-from voice.call.store import RedisStore, StoreError, build_store
+from voice.call.store import MemoryStore, RedisStore, StoreError, build_store
 from voice.server.config import ServerConfig
 from voice.server.metrics import Metrics
 from voice.server.tracing import TurnTracer
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # How often the LLM's availability is sampled, to date an outage (llm_down_s).
 LLM_WATCH_INTERVAL_S = 0.25
+# How often the in-memory call store drops what is past its TTL.
+STORE_SWEEP_INTERVAL_S = 30.0
 
 
 def build_engine(config: LLMConfig) -> LLMEngine:
@@ -111,8 +114,14 @@ class Runtime:
         return None
 
     async def _watch_llm(self) -> None:
-        while True:
+        """Dates an LLM outage as it begins (llm_down_s), and drops the
+        in-memory store's expired conversations on a server too quiet to
+        write any (Redis expires its own keys)."""
+        sweep_every = max(1, round(STORE_SWEEP_INTERVAL_S / LLM_WATCH_INTERVAL_S))
+        for beat in itertools.count():
             self.llm_down_s()
+            if isinstance(self.store, MemoryStore) and beat % sweep_every == 0:
+                self.store.sweep()
             await asyncio.sleep(LLM_WATCH_INTERVAL_S)
 
     async def start(self) -> None:
