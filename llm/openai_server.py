@@ -72,6 +72,11 @@ def _session_key(http: web.Request) -> str | None:
     return key[:128] if key else None
 
 
+# Requests in progress at once (MAX_REQUESTS, --max-requests): far above what
+# a voice tier sends (two per live call at most), far below what exhausts memory.
+MAX_REQUESTS = 256
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
     # OpenAI's error shape (clients read error.message; param names the field).
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
@@ -253,8 +258,14 @@ class OpenAIServer:
         max_tokens: int | None = None,
         sampling: SamplingParams | None = None,
         api_key: str | None = None,
+        max_requests: int = MAX_REQUESTS,
     ) -> None:
         self.engine = engine
+        # Requests in progress (body read included) past which a new one is
+        # answered 429 before its body is read: each may carry 4 MiB and
+        # waits in the engine's queue, which has no bound of its own.
+        self.max_requests = max_requests
+        self._in_progress = 0
         self.model_name = model_name
         # Bearer key every /v1 request must carry (None: open, as a plain
         # OpenAI-compatible server). The supervisor sets a random one per
@@ -271,6 +282,20 @@ class OpenAIServer:
         self._site: web.TCPSite | None = None
 
     @web.middleware
+    async def _bounded(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "POST":
+            return await handler(request)
+        if self._in_progress >= self.max_requests:
+            response = _error(429, f"busy: {self.max_requests} requests in progress", "rate_limit_exceeded")
+            response.headers["Retry-After"] = "1"
+            return response
+        self._in_progress += 1
+        try:
+            return await handler(request)
+        finally:
+            self._in_progress -= 1
+
+    @web.middleware
     async def _require_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
         # /health stays open: with a key set it says only whether the engine is warm.
         if self.api_key is not None and request.path != "/health":
@@ -282,7 +307,8 @@ class OpenAIServer:
         return await handler(request)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4 << 20, middlewares=[self._require_key])
+        # The key first: a caller without it is not counted against the bound.
+        app = web.Application(client_max_size=4 << 20, middlewares=[self._require_key, self._bounded])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         # firstline's own: what RemoteEngine.sentence_end_probability asks
@@ -511,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults for every field a request leaves out.
     add_sampling_arguments(p)
     p.add_argument("--config-json", default=None, help="a whole LLMConfig as JSON (overrides the flags above)")
+    p.add_argument("--max-requests", type=int, default=MAX_REQUESTS, help="requests in progress at once; more get 429")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -590,7 +617,11 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
     api_key = os.environ.pop(ENGINE_KEY_ENV, None) or None
     engine = build_local_engine(config)
     server = OpenAIServer(
-        engine, args.served_model_name or _model_name(config, engine), sampling=config.sampling, api_key=api_key
+        engine,
+        args.served_model_name or _model_name(config, engine),
+        sampling=config.sampling,
+        api_key=api_key,
+        max_requests=max(1, args.max_requests),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -589,3 +589,35 @@ async def test_a_voice_server_starts_unready_while_its_llm_server_is_down():
         with pytest.raises(RequestRefused, match="HTTP 401"):
             await srv.start()
         await srv.close()
+
+
+async def test_openai_server_bounds_the_requests_in_progress():
+    """Past --max-requests in progress a request is answered 429 (OpenAI's
+    rate-limit shape, Retry-After) before its body is read: each may carry
+    4 MiB and waits in the engine's queue, which has no bound of its own.
+    Once the earlier ones end, requests are answered again."""
+    server = await ServerProcess("--max-requests", "2").wait_healthy()
+    url = server.url + "/chat/completions"
+    body = {"messages": _messages("Count from one to two hundred, in words."), "stream": True, "max_tokens": 400}
+    try:
+        async with aiohttp.ClientSession() as s:
+            held = [await s.post(url, json=body) for _ in range(2)]
+            for response in held:
+                assert response.status == 200
+                await response.content.readline()  # generating: in progress
+            async with s.post(url, json=body) as third:
+                refused = await third.json()
+                assert third.status == 429 and third.headers["Retry-After"] == "1", refused
+                assert refused["error"]["type"] == "rate_limit_exceeded"
+            for response in held:
+                response.close()  # a client that goes aborts its generation
+            answered = None
+            for _ in range(100):
+                async with s.post(url, json={**body, "stream": False, "max_tokens": 4}) as r:
+                    if r.status == 200:
+                        answered = await r.json()
+                        break
+                await asyncio.sleep(0.1)
+            assert answered is not None and answered["choices"][0]["message"]["content"]
+    finally:
+        server.stop()
