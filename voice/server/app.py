@@ -9,6 +9,7 @@ process runs; ``/readyz`` answers 200 only once the models are warm. ``/``
 from __future__ import annotations
 
 import asyncio
+import hmac
 import http
 import ipaddress
 import json
@@ -24,6 +25,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
 from voice.server.limits import CallEnd, guard_of
@@ -325,6 +327,8 @@ class VoiceServer:
             # The page's links are relative: from /demo/ they would miss.
             # A relative Location keeps a proxy's path prefix.
             return _redirect("../demo")
+        if path == client_secrets.PATH and "Upgrade" not in request.headers:
+            return self._client_secret(request, _caller_address(connection, request, self._trusted_proxies))
         if path == twilio.RECONNECT_PATH and "Upgrade" not in request.headers:
             return self._twilio_reattach(request, _caller_address(connection, request, self._trusted_proxies))
         if path not in WS_ROUTES:
@@ -346,6 +350,38 @@ class VoiceServer:
         self._tickets = {c: t for c, t in self._tickets.items() if c.state is not State.CLOSED}
         self._tickets[connection] = ticket
         return None
+
+    def _client_secret(self, request: Request, address: str | None) -> Response:
+        """A short-lived secret for a browser's call (client_secrets.py),
+        for the operator's backend, which holds the server's token: only
+        that token in the Authorization header mints one (not a query or a
+        subprotocol, which a page would have to hold; not a client secret)."""
+        root = self.config.auth_token
+        if root is None:
+            return _json_response(
+                http.HTTPStatus.NOT_FOUND, {"error": "no --auth-token: calls need no token, so no client secret"}
+            )
+        try:
+            scheme, _, given = (_header(request, "Authorization") or "").partition(" ")
+        except BadHeaders:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": "duplicate Authorization header"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(errors="surrogatepass"), root.encode()
+        ):
+            self.registry.unauthorized(client_secrets.PATH, address, "missing or wrong bearer token")
+            response = _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
+            response.headers["WWW-Authenticate"] = 'Bearer realm="firstline"'
+            return response
+        asked = parse_qs(urlsplit(request.path).query).get("ttl_s", [str(client_secrets.DEFAULT_TTL_S)])[0]
+        try:
+            value, expires_at = client_secrets.mint(root, float(asked))
+        except ValueError as exc:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": f"ttl_s: {exc}"[:200]})
+        response = _json_response(
+            http.HTTPStatus.OK, {"value": value, "expires_at": expires_at, "routes": sorted(client_secrets.ROUTES)}
+        )
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     def _twilio_reattach(self, request: Request, address: str | None) -> Response:
         """TwiML for a call whose stream closed without the call ending
@@ -415,7 +451,7 @@ class VoiceServer:
                 why = "missing X-Twilio-Signature" if not signature else "X-Twilio-Signature does not match"
                 self.registry.unauthorized(path, address, why)
                 return _json_response(http.HTTPStatus.FORBIDDEN, {"error": "invalid Twilio signature"})
-        elif not self.registry.token_ok(_token_of(request)):
+        elif not self.registry.token_ok(_token_of(request), path):
             self.registry.unauthorized(path, address, "missing or wrong bearer token")
             response = _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
             response.headers["WWW-Authenticate"] = 'Bearer realm="firstline"'

@@ -35,6 +35,7 @@ _AUTH_HEADER = re.compile(
 # resume=: a Realtime or native client's resume token opens its stored
 # conversation for the state's TTL (an hour): a credential too.
 _TOKEN_QUERY = re.compile(r"(?i)([?&](?:token|access_token|resume)=)[^&\s#]*")
+_CLIENT_SECRET = re.compile(r"fl_ek_[A-Za-z0-9._-]*")
 # A quoted snippet in a message about input (a repr of what the caller sent).
 _QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
 
@@ -104,6 +105,8 @@ class ContextFilter(logging.Filter):
         for secret in self.secrets:
             if secret in message:
                 message, changed = message.replace(secret, REDACTED), True
+        if "fl_ek_" in message:  # a browser's client secret (client_secrets.py): a credential until it expires
+            message, changed = _CLIENT_SECRET.sub(REDACTED, message), True
         if "token=" in (lowered := message.lower()) or "resume=" in lowered:
             scrubbed = _TOKEN_QUERY.sub(lambda m: m.group(1) + REDACTED, message)
             message, changed = scrubbed, changed or scrubbed != message

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
 from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, SHUTDOWN, SLOW_READER, CallEnd, CallWatch
@@ -122,12 +123,18 @@ class CallRegistry:
 
     # ---- auth ----------------------------------------------------------
 
-    def token_ok(self, token: str | None) -> bool:
-        """The bearer token check every listener that carries one uses."""
+    def token_ok(self, token: str | None, route: str | None = None) -> bool:
+        """The bearer token check every listener that carries one uses: the
+        server's token, or on a browser's ``route`` a client secret it
+        minted that has not expired (voice/server/client_secrets.py)."""
         expected = self.config.auth_token
         if expected is None:
             return True
-        return token is not None and hmac.compare_digest(token.encode(), expected.encode())
+        if token is None:
+            return False
+        if hmac.compare_digest(token.encode(errors="surrogatepass"), expected.encode()):
+            return True
+        return route in client_secrets.ROUTES and client_secrets.valid(expected, token)
 
     def unauthorized(self, listener: str, address: str | None, why: str) -> None:
         """Count and log a refusal for credentials (never the credential
