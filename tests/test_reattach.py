@@ -532,6 +532,14 @@ async def test_memory_store_keeps_one_writer_per_call() -> None:
 async def test_redis_store_keeps_one_writer_per_call(redis_url) -> None:
     store = RedisStore(redis_url)
     await check_ownership(store)
+    # State and owner are one key with one expiry: maxmemory's volatile-ttl
+    # eviction, which drops keys one by one, cannot take the owner (the
+    # fence) and leave the conversation for a replaced connection to write.
+    await store.save("twilio:CA7", CallState("p", [], "", 1), "call-a")
+    raw = store._redis
+    assert set(await raw.keys("firstline:*CA7")) == {b"firstline:callh:twilio:CA7"}
+    assert await raw.hget("firstline:callh:twilio:CA7", "owner") == b"call-a"
+    assert 0 < await raw.ttl("firstline:callh:twilio:CA7") <= 3600
     await store.close()
 
 

@@ -37,35 +37,45 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "firstline:call:"
-OWNER_PREFIX = "firstline:owner:"  # the call id of the connection that writes the key
+# One hash per call: its state and its owner (the call id of the connection
+# that writes it) under one key with one expiry. Two keys with an expiry
+# each (the layout before) could lose only the owner to maxmemory's
+# volatile-ttl eviction, and with it the fence: a replaced connection wrote
+# the conversation back and ended the live call. ("callh": the two-key
+# layout's "firstline:call:" strings are left to expire, never misread.)
+KEY_PREFIX = "firstline:callh:"
 
-# KEYS: the state, its owner. ARGV: the owner, 1 to claim an empty key, ttl.
+# KEYS: the call. ARGV: the owner, 1 to claim an empty key, ttl.
 CLAIM_SCRIPT = """
-local state = redis.call('GET', KEYS[1])
-if state or ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state or ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
 return state
 """
 # ARGV: the owner, ttl. 1: the owner writes the key now.
 OWN_IF_FREE_SCRIPT = """
-local owner = redis.call('GET', KEYS[2])
+local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 # ARGV: the owner, the state, ttl. 0: another owner holds the key.
 SAVE_SCRIPT = """
-local owner = redis.call('GET', KEYS[2])
+local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-if ARGV[1] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[2])
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'owner', ARGV[1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 # ARGV: the owner.
 DELETE_SCRIPT = """
-local owner = redis.call('GET', KEYS[2])
+local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1])
 return 1
 """
 # A stored state larger than this is refused (a history is bounded by
@@ -271,8 +281,8 @@ class MemoryStore:
 
 
 class RedisStore:
-    """One JSON string per call under ``firstline:call:<key>`` and its
-    owner under ``firstline:owner:<key>``, both with an expiry."""
+    """One hash per call under ``firstline:callh:<key>``: its state (JSON)
+    and its owner, with one expiry."""
 
     def __init__(
         self, url: str, ttl_s: float = 3600.0, timeout_s: float = 1.0, load_timeout_s: float = LOAD_TIMEOUT_S
@@ -301,28 +311,26 @@ class RedisStore:
             raise StoreError(f"cannot reach the call state store {self.describe()}: {exc}") from exc
 
     async def load(self, key: str) -> CallState | None:
-        raw = await self._bounded(self._redis.get(KEY_PREFIX + key))
+        raw = await self._bounded(self._redis.hget(KEY_PREFIX + key, "state"))
         return None if raw is None else CallState.from_json(raw)
 
     async def claim(self, key: str, owner: str, *, when_empty: bool = True) -> CallState | None:
-        keys = [KEY_PREFIX + key, OWNER_PREFIX + key]
-        raw = await self._bounded(self._claim(keys=keys, args=[owner, int(when_empty), self._ttl()]))
+        raw = await self._bounded(self._claim(keys=[KEY_PREFIX + key], args=[owner, int(when_empty), self._ttl()]))
         return None if raw is None else CallState.from_json(raw)
 
     async def own_if_free(self, key: str, owner: str) -> bool:
-        keys = [KEY_PREFIX + key, OWNER_PREFIX + key]
-        return bool(await self._bounded(self._own_if_free(keys=keys, args=[owner, self._ttl()])))
+        return bool(await self._bounded(self._own_if_free(keys=[KEY_PREFIX + key], args=[owner, self._ttl()])))
 
     async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         text = encode_state(state)
         try:
-            written = await self._save(keys=[KEY_PREFIX + key, OWNER_PREFIX + key], args=[owner, text, self._ttl()])
+            written = await self._save(keys=[KEY_PREFIX + key], args=[owner, text, self._ttl()])
         except self._errors as exc:
             raise StoreError(f"call state store {self.describe()}: {exc}") from exc
         return bool(written)
 
     async def delete(self, key: str, owner: str = "") -> bool:
-        return bool(await self._bounded(self._delete(keys=[KEY_PREFIX + key, OWNER_PREFIX + key], args=[owner])))
+        return bool(await self._bounded(self._delete(keys=[KEY_PREFIX + key], args=[owner])))
 
     def _ttl(self) -> int:
         return max(1, int(self.ttl_s))
