@@ -91,6 +91,7 @@ class SupervisedEngine(LLMEngine):
         self._port: int | None = None
         self._closing = False
         self._watcher: asyncio.Task[None] | None = None
+        self._exit_waiters: dict[asyncio.subprocess.Process, asyncio.Future[int]] = {}
         self._changed = asyncio.Event()  # set on every up/down transition
         self._wake = asyncio.Event()  # cuts a restart backoff short
         # Random per-process key the child requires on every /v1 request: its
@@ -180,9 +181,7 @@ class SupervisedEngine(LLMEngine):
                     break
                 if time.monotonic() > deadline:
                     raise EngineError(f"LLM engine process not ready after {self.config.child_start_timeout_s} s")
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.1):
-                        await asyncio.shield(proc.wait())
+                await self._exit_of(proc, 0.1)
             await remote.start()
         except BaseException:
             await remote.close()
@@ -193,6 +192,20 @@ class SupervisedEngine(LLMEngine):
             await old.close()
         self._set_up(True)
         log.info("LLM engine process %d up on %s", proc.pid, remote.base_url)
+
+    async def _exit_of(self, proc: asyncio.subprocess.Process, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the child to exit; True if it has.
+        One waiter per child, kept: a shielded ``proc.wait()`` per check
+        left a task pending until the child exited (one every 2 s of its
+        life from the health checks, tens of thousands a day)."""
+        if proc.returncode is not None:
+            return True
+        waiter = self._exit_waiters.get(proc)
+        if waiter is None:
+            waiter = self._exit_waiters[proc] = asyncio.ensure_future(proc.wait())
+            waiter.add_done_callback(lambda _: self._exit_waiters.pop(proc, None))
+        await asyncio.wait({waiter}, timeout=timeout_s)
+        return proc.returncode is not None
 
     async def _stop_child(self, proc: asyncio.subprocess.Process, grace_s: float = 5.0) -> None:
         if proc.returncode is not None:
@@ -212,10 +225,7 @@ class SupervisedEngine(LLMEngine):
         (child_health_misses in a row) is killed. Why it was killed, or None."""
         misses = 0
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.child_health_interval_s):
-                    await asyncio.shield(proc.wait())
-            if proc.returncode is not None or self._closing:
+            if await self._exit_of(proc, max(0.1, self.config.child_health_interval_s)) or self._closing:
                 return None
             remote = self._remote
             if remote is None or await remote.check_health():
@@ -272,9 +282,7 @@ class SupervisedEngine(LLMEngine):
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait_s):
-                await asyncio.shield(proc.wait())
+        await self._exit_of(proc, wait_s)
         if proc.returncode is not None and self._up:
             self._set_up(False)
 
@@ -352,6 +360,8 @@ class SupervisedEngine(LLMEngine):
             await self._remote.close()
         if self._proc is not None:
             await self._stop_child(self._proc)
+        for waiter in list(self._exit_waiters.values()):
+            waiter.cancel()
         if self.secondary is not None:
             await self.secondary.close()
         self._set_up(False)
