@@ -562,6 +562,14 @@ async def test_a_voice_server_starts_unready_while_its_llm_server_is_down():
     late = None
     try:
         assert not srv.runtime.llm_available and not srv.ready
+        # An LLM that never answered is refused at the door however young the
+        # outage (the grace is for engines that were up); with the grace off
+        # the door stays open and readiness still says no engine is up.
+        assert srv.runtime.llm_refusal(10.0) == "no LLM engine has answered yet"
+        admission = srv.registry.admission.config
+        admission.llm_down_grace_s = None
+        assert srv.runtime.llm_refusal(None) is None and not srv.ready
+        admission.llm_down_grace_s = 10.0
         late = ServerProcess(port=port)
         await late.wait_healthy()
         for _ in range(100):

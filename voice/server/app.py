@@ -297,6 +297,8 @@ class VoiceServer:
         # event or wait for it); readiness tells a load balancer to send new
         # ones elsewhere once the outage outlasts the admission grace.
         grace = self.registry.admission.config.llm_down_grace_s
+        if grace is None:  # admission never refuses for the LLM: readiness still says whether one is up
+            return self.runtime.ready and not self.draining and self.runtime.llm_available
         return self.runtime.ready and not self.draining and self.runtime.llm_refusal(grace) is None
 
     def _live_calls(self) -> int:

@@ -104,12 +104,14 @@ class Runtime:
         Admission and /readyz both ask this, so a load balancer and the
         door agree: one failed request (a 5xx from a router every voice
         replica shares) must not take the whole voice tier out of the
-        balancer for an outage its calls would ride out. ``grace_s`` None:
-        never refuse once an engine has answered."""
+        balancer for an outage its calls would ride out. ``grace_s`` None
+        (``--llm-down-grace-s`` negative): never."""
         down = self.llm_down_s()
+        if grace_s is None:
+            return None
         if not self._llm_seen_up:
             return "no LLM engine has answered yet"
-        if grace_s is not None and down > grace_s:
+        if down > grace_s:
             return f"no LLM engine has been able to answer for {down:.0f} s"
         return None
 
