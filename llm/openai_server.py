@@ -263,7 +263,8 @@ class OpenAIServer:
         self.engine = engine
         # Requests in progress (body read included) past which a new one is
         # answered 429 before its body is read: each may carry 4 MiB and
-        # waits in the engine's queue, which has no bound of its own.
+        # waits in the engine's queue, which has no bound of its own. 0: none
+        # (the supervised child: its one client's calls are bounded by admission).
         self.max_requests = max_requests
         self._in_progress = 0
         self.model_name = model_name
@@ -285,7 +286,7 @@ class OpenAIServer:
     async def _bounded(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.method != "POST":
             return await handler(request)
-        if self._in_progress >= self.max_requests:
+        if 0 < self.max_requests <= self._in_progress:
             response = _error(429, f"busy: {self.max_requests} requests in progress", "rate_limit_exceeded")
             response.headers["Retry-After"] = "1"
             return response
@@ -537,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults for every field a request leaves out.
     add_sampling_arguments(p)
     p.add_argument("--config-json", default=None, help="a whole LLMConfig as JSON (overrides the flags above)")
-    p.add_argument("--max-requests", type=int, default=MAX_REQUESTS, help="requests in progress at once; more get 429")
+    p.add_argument(
+        "--max-requests", type=int, default=MAX_REQUESTS, help="requests in progress at once, more get 429 (0: none)"
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -621,7 +624,7 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
         args.served_model_name or _model_name(config, engine),
         sampling=config.sampling,
         api_key=api_key,
-        max_requests=max(1, args.max_requests),
+        max_requests=max(0, args.max_requests),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -147,6 +147,10 @@ class SupervisedEngine(LLMEngine):
             child_config_json(self.config),
             "--log-level",
             "WARNING",
+            # Its one client is this server, whose calls admission bounds: a
+            # replica with a hundred calls up must not get 429s from its own engine.
+            "--max-requests",
+            "0",
         ]
 
     async def _spawn(self) -> None:

@@ -264,3 +264,15 @@ async def test_a_child_that_is_alive_but_hung_is_killed_and_restarted(supervised
     async for delta in engine.stream(GenerationRequest("x", [{"role": "user", "content": "Hi"}], 8)):
         reply += delta
     assert reply.strip()
+
+
+def test_the_child_serves_its_one_client_without_a_request_bound() -> None:
+    """The standalone server answers 429 past 256 requests in progress; the
+    supervised child's one client is the voice server, whose calls
+    admission bounds, so a replica with a hundred calls up (a stream, a
+    sentence-end probe and a preemptive reply each) gets no 429s from it."""
+    from llm.openai_server import build_parser
+
+    command = SupervisedEngine(LLMConfig(isolation="process")).command(8123)
+    args = build_parser().parse_args(command[command.index("llm.openai_server") + 1 :])
+    assert args.max_requests == 0 and build_parser().parse_args([]).max_requests == 256
