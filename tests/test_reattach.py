@@ -382,6 +382,14 @@ async def test_memory_store_drops_expired_conversations_unread() -> None:
     assert store.bytes == len(encode_state(CallState("p")).encode())
     await asyncio.sleep(0.3)
     assert store.sweep() == 1 and not store._states and not store._owners and store.bytes == 0
+    # A claim after the last write renews the owner: the sweep of the state
+    # leaves that fence up.
+    await store.save("twilio:CA5", CallState("p"), "c5")
+    await asyncio.sleep(0.15)
+    await store.claim("twilio:CA5", "c6")
+    await asyncio.sleep(0.1)
+    assert store.sweep() == 1 and store._owners["twilio:CA5"][1] == "c6"
+    assert not await store.save("twilio:CA5", CallState("p"), "c5")
 
 
 class CountedStore(MemoryStore):

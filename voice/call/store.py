@@ -201,8 +201,12 @@ class MemoryStore:
         while self._states and next(iter(self._states.values()))[0] < now:
             key, (_, text) = self._states.popitem(last=False)
             self.bytes -= len(text.encode("utf-8"))
-            self._owners.pop(key, None)
             gone += 1
+            # Its owner only if that lapsed too: a claim since the last write
+            # renewed it, and that connection's fence must hold.
+            owner = self._owners.get(key)
+            if owner is not None and owner[0] < now:
+                del self._owners[key]
         while self._owners and next(iter(self._owners.values()))[0] < now:
             self._owners.popitem(last=False)
         return gone
