@@ -572,17 +572,35 @@ async def test_a_re_attach_the_store_did_not_answer_claims_at_its_first_write(re
     """A re-attach whose claim failed (the store down for a moment) goes on
     without its past; the replaced connection is still the key's owner in
     the store, so the re-attach's first write was refused once the store
-    was back and ended the call it was meant to save. It claims first."""
+    was back and ended the call it was meant to save. It claims first,
+    unless a newer re-attach claimed since it tried (then it is the one
+    replaced); and one that hangs up before any write still deletes."""
     for store in (MemoryStore(), RedisStore(redis_url)):
         await store.save("twilio:CA6", CallState("p", [{"role": "user", "content": "old"}], "", 3), "call-old")
-        ended: list[str] = []
-        writer = StateWriter(store, "twilio:CA6", "call-new", min_interval_s=0, on_superseded=ended.clear)
-        ended.append("alive")
-        writer.claim_first()
+        alive: list[str] = ["alive"]
+        tried_at = time.time()
+        writer = StateWriter(store, "twilio:CA6", "call-new", min_interval_s=0, on_superseded=alive.clear)
+        writer.claim_first(since=tried_at)
         writer.write(CallState("p", [{"role": "user", "content": "new"}], "", 1))
         await writer.flush()
-        assert ended == ["alive"] and (await store.load("twilio:CA6")).messages == [{"role": "user", "content": "new"}]
+        assert alive and (await store.load("twilio:CA6")).messages == [{"role": "user", "content": "new"}]
         assert not await store.save("twilio:CA6", CallState("p", [], "", 4), "call-old")  # the old one is out
+        # A newer re-attach claimed after this one tried: this one yields.
+        late = StateWriter(store, "twilio:CA6", "call-late", min_interval_s=0, on_superseded=alive.clear)
+        late.claim_first(since=tried_at)
+        await asyncio.sleep(0.01)
+        await store.claim("twilio:CA6", "call-newest")
+        late.write(CallState("p", [{"role": "user", "content": "late"}], "", 2))
+        await late.flush()
+        assert not alive and late.superseded
+        assert (await store.load("twilio:CA6")).messages == [{"role": "user", "content": "new"}]
+        assert await store.save("twilio:CA6", CallState("p", [], "", 5), "call-newest")
+        # Hung up before any write: it takes the key to delete it.
+        await store.save("twilio:CA9", CallState("p", [{"role": "user", "content": "card 4111"}], "", 1), "call-old")
+        gone = StateWriter(store, "twilio:CA9", "call-gone", min_interval_s=0)
+        gone.claim_first(since=time.time())
+        await gone.forget()
+        assert await store.load("twilio:CA9") is None
         await writer.forget()
         await store.close()
 

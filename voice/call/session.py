@@ -162,7 +162,8 @@ class CallSession:
         # The conversation kept between turns for a re-attach (voice/call/store.py).
         self._state: StateWriter | None = None
         self._claimed: CallState | None = None  # claimed by reattach, picked up at start
-        self._claim_unanswered = False  # reattach's claim failed: the first write claims
+        # When reattach's claim went unanswered (Unix seconds): the first write claims.
+        self._claim_unanswered: float | None = None
         self._owned_key: str | None = None  # the stored key this call writes (runtime.writers)
         self.resumed = False
         # Ends this call its transport's way when another connection has
@@ -255,14 +256,16 @@ class CallSession:
         store that is down costs the call its past, never the call."""
         assert start.resume_key
         token = start.resume_token
+        asked_at = time.time()
         try:
             self._claimed = await self.runtime.store.claim(start.resume_key, self.call_id, when_empty=token is None)
         except StoreError as exc:
             log.warning("call %s: stored conversation not read (%s)", self.call_id, exc)
             self._claimed = None
-            # A carrier's re-attach goes on under its call id: it claims the
-            # key at its first write instead (StateWriter.claim_first).
-            self._claim_unanswered = token is None
+            if token is None:
+                # A carrier's re-attach goes on under its call id: it claims
+                # the key at its first write instead (StateWriter.claim_first).
+                self._claim_unanswered = asked_at
         start.may_resume = False  # claimed: start does not ask again
         if self._claimed is None and token is not None:
             start.fresh_token()
@@ -289,8 +292,8 @@ class CallSession:
         if start.may_resume:
             await self.reattach(start)
         self._state = StateWriter(self.runtime.store, start.resume_key, self.call_id, on_superseded=self._superseded)
-        if self._claim_unanswered:
-            self._state.claim_first()
+        if self._claim_unanswered is not None:
+            self._state.claim_first(since=self._claim_unanswered)
         if self._owned_key != start.resume_key:
             self._own(start.resume_key, claimed=False)
             if start.resume_token is None:

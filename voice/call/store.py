@@ -45,14 +45,26 @@ log = logging.getLogger(__name__)
 # layout's "firstline:call:" strings are left to expire, never misread.)
 KEY_PREFIX = "firstline:callh:"
 
-# KEYS: the call. ARGV: the owner, 1 to claim an empty key, ttl.
+# KEYS: the call. ARGV: the owner, 1 to claim an empty key, ttl. A claim
+# is dated by Redis's own clock (claimed_at, Unix seconds): a re-attach whose
+# claim went unanswered claims later only if nobody claimed since it began.
 CLAIM_SCRIPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state or ARGV[2] == '1' then
-  redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+  local now = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'claimed_at', now[1] .. '.' .. string.format('%06d', now[2]))
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 return state
+"""
+# ARGV: the owner, ttl, since (Unix seconds). 0: a claim since then holds it.
+CLAIM_UNLESS_CLAIMED_SINCE_SCRIPT = """
+local claimed = redis.call('HGET', KEYS[1], 'claimed_at')
+if claimed and tonumber(claimed) > tonumber(ARGV[3]) then return 0 end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'claimed_at', now[1] .. '.' .. string.format('%06d', now[2]))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 # ARGV: the owner, ttl. 1: the owner writes the key now.
 OWN_IF_FREE_SCRIPT = """
@@ -166,6 +178,13 @@ class CallStore(Protocol):
         (a new call's key: the first to start owns it). True if it is now."""
         ...
 
+    async def claim_unless_claimed_since(self, key: str, owner: str, since: float) -> bool:
+        """A claim that went unanswered, made again: ``owner`` takes ``key``
+        unless another connection claimed it after ``since`` (Unix seconds:
+        when this one tried first), a newer re-attach that must not be ended
+        by an older one's late claim. True if ``owner`` holds it now."""
+        ...
+
     async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         """Write ``state``; False (nothing written) when another owner has
         claimed ``key``. An empty owner writes only a key nobody owns."""
@@ -191,6 +210,8 @@ class MemoryStore:
         # of a key with nothing stored yet (a Twilio call before its first
         # turn) still holds off the connection it replaced.
         self._owners: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        # key -> when it was last claimed (Unix seconds), kept while its owner is.
+        self._claimed_at: dict[str, float] = {}
 
     def sweep(self) -> int:
         """Drop every state past its TTL (oldest first: each write moves its
@@ -206,9 +227,9 @@ class MemoryStore:
             # renewed it, and that connection's fence must hold.
             owner = self._owners.get(key)
             if owner is not None and owner[0] < now:
-                del self._owners[key]
+                self._drop_owner(key)
         while self._owners and next(iter(self._owners.values()))[0] < now:
-            self._owners.popitem(last=False)
+            self._drop_owner(next(iter(self._owners)))
         return gone
 
     async def load(self, key: str) -> CallState | None:
@@ -222,7 +243,15 @@ class MemoryStore:
         state = await self.load(key)
         if state is not None or when_empty:
             self._own(key, owner, time.monotonic() + self.ttl_s)
+            self._claimed_at[key] = time.time()
         return state
+
+    async def claim_unless_claimed_since(self, key: str, owner: str, since: float) -> bool:
+        if self._claimed_at.get(key, 0.0) > since and self._owned_by_another(key, owner):
+            return False
+        self._own(key, owner, time.monotonic() + self.ttl_s)
+        self._claimed_at[key] = time.time()
+        return True
 
     async def own_if_free(self, key: str, owner: str) -> bool:
         if self._owned_by_another(key, owner):
@@ -237,12 +266,12 @@ class MemoryStore:
         while self._owners and (
             len(self._owners) > self.max_calls or next(iter(self._owners.values()))[0] < time.monotonic()
         ):
-            self._owners.popitem(last=False)
+            self._drop_owner(next(iter(self._owners)))
 
     def _owned_by_another(self, key: str, owner: str) -> bool:
         entry = self._owners.get(key)
         if entry is None or entry[0] < time.monotonic():
-            self._owners.pop(key, None)
+            self._drop_owner(key)
             return False
         return entry[1] != owner
 
@@ -259,7 +288,7 @@ class MemoryStore:
         self.bytes += len(text.encode("utf-8"))
         while len(self._states) > self.max_calls or self.bytes > self.max_bytes:
             old_key, (_, old) = self._states.popitem(last=False)
-            self._owners.pop(old_key, None)
+            self._drop_owner(old_key)
             self.bytes -= len(old.encode("utf-8"))
         return True
 
@@ -267,8 +296,12 @@ class MemoryStore:
         if self._owned_by_another(key, owner):
             return False
         self._drop(key)
-        self._owners.pop(key, None)
+        self._drop_owner(key)
         return True
+
+    def _drop_owner(self, key: str) -> None:
+        self._owners.pop(key, None)
+        self._claimed_at.pop(key, None)
 
     def _drop(self, key: str) -> None:
         entry = self._states.pop(key, None)
@@ -278,6 +311,7 @@ class MemoryStore:
     async def close(self) -> None:
         self._states.clear()
         self._owners.clear()
+        self._claimed_at.clear()
         self.bytes = 0
 
     def describe(self) -> str:
@@ -306,6 +340,7 @@ class RedisStore:
         self._save = self._redis.register_script(SAVE_SCRIPT)
         self._delete = self._redis.register_script(DELETE_SCRIPT)
         self._own_if_free = self._redis.register_script(OWN_IF_FREE_SCRIPT)
+        self._claim_unless = self._redis.register_script(CLAIM_UNLESS_CLAIMED_SINCE_SCRIPT)
 
     async def check(self) -> None:
         """At start-up: a wrong URL is a clear error, not a silent loss of every call's state."""
@@ -324,6 +359,10 @@ class RedisStore:
 
     async def own_if_free(self, key: str, owner: str) -> bool:
         return bool(await self._bounded(self._own_if_free(keys=[KEY_PREFIX + key], args=[owner, self._ttl()])))
+
+    async def claim_unless_claimed_since(self, key: str, owner: str, since: float) -> bool:
+        args = [owner, self._ttl(), f"{since:.6f}"]
+        return bool(await self._bounded(self._claim_unless(keys=[KEY_PREFIX + key], args=args)))
 
     async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         text = encode_state(state)
@@ -397,7 +436,7 @@ class StateWriter:
         self._last_write = -math.inf
         self.failures = 0
         self._owning: asyncio.Task[bool] | None = None
-        self._claim_first = False
+        self._claim_since: float | None = None
         self.forgotten = False
 
     def own_now(self) -> None:
@@ -408,13 +447,15 @@ class StateWriter:
         # Read by the first write; a call that ends before one leaves its outcome here.
         self._owning.add_done_callback(lambda task: task.cancelled() or task.exception())
 
-    def claim_first(self) -> None:
-        """A re-attach whose claim the store did not answer (down, or slow):
-        the replaced connection is still the key's owner there, and this
-        call's first write would be refused and end it (``call_reattached``)
-        once the store is back. Claim the key before the first write that
-        the store answers; until then the writes fail as any do."""
-        self._claim_first = True
+    def claim_first(self, since: float) -> None:
+        """A re-attach whose claim the store did not answer (down, or slow)
+        at ``since`` (Unix seconds): the replaced connection is still the
+        key's owner there, and this call's first write would be refused and
+        end it (``call_reattached``) once the store is back. Claim the key
+        before the first write the store answers, unless a newer re-attach
+        claimed it meanwhile (then this one is the replaced connection);
+        until then the writes fail as any do."""
+        self._claim_since = since
 
     def write(self, state: CallState) -> None:
         if self.superseded or self.forgotten:
@@ -442,11 +483,13 @@ class StateWriter:
             state, self._latest = self._latest, None
             self._last_write = time.monotonic()
             try:
-                if self._claim_first:
-                    # What the claim returns is the past this call already
-                    # went on without: the write below replaces it.
-                    await self.store.claim(self.key, self.owner)
-                    self._claim_first = False
+                if self._claim_since is not None:
+                    # The past stored there is what this call already went
+                    # on without: the write below replaces it.
+                    if not await self.store.claim_unless_claimed_since(self.key, self.owner, self._claim_since):
+                        self._superseded()
+                        return
+                    self._claim_since = None
                 written = await self.store.save(self.key, state, self.owner)
             except StoreError as exc:
                 # The call goes on; only a re-attach would miss this turn. One
@@ -482,6 +525,12 @@ class StateWriter:
         if self.superseded:
             return
         try:
+            if self._claim_since is not None:
+                # It hung up before any write took the key: take it (unless
+                # a newer re-attach did) to delete it, or the conversation
+                # stays under the replaced connection's name for the TTL.
+                if not await self.store.claim_unless_claimed_since(self.key, self.owner, self._claim_since):
+                    return
             await self.store.delete(self.key, self.owner)
         except StoreError as exc:
             log.warning("stored call state not deleted; it expires on its own (%s)", exc)
