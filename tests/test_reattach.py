@@ -155,6 +155,24 @@ async def test_a_stream_lost_mid_reply_keeps_only_what_the_caller_heard(server) 
             assert call.session.history.messages_so_far == [{"role": "user", "content": asked}]
 
 
+async def test_the_stored_state_holds_only_what_the_caller_has_heard_of_a_reply_going_out() -> None:
+    """The state is written when a turn ends, with its reply still in the
+    carrier's buffer; a re-attach often reads it before the lost socket is
+    noticed (the cut at hang-up then comes too late: the new connection
+    owns the key). So each snapshot is cut to what has been heard so far
+    (test_a_stream_lost_mid_reply_... failed about one run in two)."""
+    from voice.call.history import History
+
+    history = History("p", max_turns=8)
+    history.remember(1, "Do you open on Sundays?", "Yes. From ten to four.")
+    history.remember(2, "And Monday?", "Monday too. Nine to five.")
+    assert [m["content"] for m in history.as_heard({2: ""})] == [
+        "Do you open on Sundays?", "Yes. From ten to four.", "And Monday?"]  # fmt: skip
+    assert history.as_heard({2: "Monday too."})[-1] == {"role": "assistant", "content": "Monday too."}
+    assert history.as_heard({})[-1]["content"] == "Monday too. Nine to five."
+    assert history.messages_so_far[-1]["content"] == "Monday too. Nine to five."  # copies: the history keeps it
+
+
 async def test_a_realtime_session_resumes_with_its_token(server) -> None:
     """?resume=<session.created.session.resume_token>: the conversation of the
     earlier session is in the next reply's prompt, after it, the new items."""

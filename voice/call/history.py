@@ -289,6 +289,18 @@ class History:
         """The caller heard only ``heard`` of ``turn``'s reply."""
         keep_heard(self.messages_so_far, self.replies, turn, heard)
 
+    def as_heard(self, heard: dict[int, str]) -> list[Message]:
+        """The conversation as the caller has heard it so far: each turn in
+        ``heard`` (a reply still going out) cut to its words. Copies: the
+        history itself keeps every word sent until the call says otherwise."""
+        messages = [dict(m) for m in self.messages_so_far]
+        if heard:
+            at = {id(m): i for i, m in enumerate(self.messages_so_far)}
+            replies = {t: messages[at[id(m)]] for t, m in self.replies.items() if id(m) in at}
+            for turn, words in heard.items():
+                keep_heard(messages, replies, turn, words)
+        return messages
+
     def add(self, role: str, text: str, budget_tokens: int | None = None) -> None:
         """A text message a client adds (Realtime ``conversation.item.create``):
         system text extends the instructions, user/assistant text joins the

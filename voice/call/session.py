@@ -169,6 +169,12 @@ class CallSession:
         # Ends this call its transport's way when another connection has
         # re-attached it (set by the transport: voice/server/limits.py SUPERSEDED).
         self.on_superseded: Callable[[], None] | None = None
+        # What the caller has heard so far of replies still going out (set by
+        # the transport: its carrier's marks, else the playout clock). The
+        # state a re-attach reads holds only that: a socket lost mid-reply is
+        # often noticed after the new one has read the state, too late for
+        # the cut at stop() to reach it.
+        self.heard_now: Callable[[], dict[int, str]] | None = None
 
     # ---- transport-facing API ------------------------------------------
 
@@ -328,12 +334,16 @@ class CallSession:
         if self.on_superseded is not None:
             self.on_superseded()
 
+    def playout_advanced(self) -> None:
+        """A mark confirmed more of a reply: the stored state catches up."""
+        self._save_state()
+
     def _save_state(self) -> None:
         if self._state is not None:
             history = self.history
             state = CallState(
                 history.system_prompt,
-                list(history.messages_so_far),
+                history.as_heard(self.heard_now() if self.heard_now is not None else {}),
                 self.carry_over,
                 self._turn_index,
                 history.instructions,

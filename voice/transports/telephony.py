@@ -115,6 +115,7 @@ class TelephonyCall:
         self.runtime = runtime
         self.session = CallSession(runtime, self._on_session_event)
         self.session.on_superseded = lambda: self.end_call(SUPERSEDED)
+        self.session.heard_now = self.heard_so_far
         self.call_id = self.session.call_id
         self._tts = tts
         self.playout: Playout | None = None
@@ -250,7 +251,7 @@ class TelephonyCall:
         if summary is not None:
             log.warning("call %s (%s): %s", self.call_id, self.transport, summary)
         try:
-            heard = self._heard_at_end()
+            heard = self.heard_so_far()
             if self.playout is not None:
                 await self.playout.close()
             await self.session.stop(reason, heard)
@@ -264,12 +265,13 @@ class TelephonyCall:
                 if metrics is not None:
                     metrics.call_ended(reason)
 
-    def _heard_at_end(self) -> dict[int, str]:
-        """What the caller heard of replies cut by the end of the call: the
-        one whose audio was still going out (by its carrier's marks, or by
-        the playout clock where there are none) and cuts still waiting for
-        their turn to end. A lost socket or a drain keeps the conversation
-        for a re-attach, which must not believe the rest was said."""
+    def heard_so_far(self) -> dict[int, str]:
+        """What the caller has heard of replies not settled yet: the one
+        whose audio is still going out (by its carrier's marks, or by the
+        playout clock where there are none) and cuts still waiting for their
+        turn to end. Asked at the end of the call and for every stored
+        snapshot: a lost socket or a drain keeps the conversation for a
+        re-attach, which must not believe the rest was said."""
         heard = dict(self._heard_pending)
         playout, turn = self.playout, self.playing()
         if playout is not None and turn is not None:
@@ -279,8 +281,12 @@ class TelephonyCall:
     # ---- carrier events ------------------------------------------------
 
     def mark_played(self, name: str) -> None:
-        if self.playout is not None and self.playout.marked(name) is None:
+        if self.playout is None:
+            return
+        if self.playout.marked(name) is None:
             log.debug("call %s: mark %r is not ours or was flushed", self.call_id, name)
+            return
+        self.session.playout_advanced()
 
     def on_dtmf_digit(self, value: object) -> None:
         digit = str(value).strip().upper()
