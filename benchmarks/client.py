@@ -163,15 +163,30 @@ class NativeCaller:
         self._waiters.append((kind, match, fut))
         return await asyncio.wait_for(fut, timeout)
 
-    async def settle(self, after: int, timeout: float = 60.0) -> int | None:
-        """Once the audio is sent: wait for a turn after ``after`` to end,
-        then for the last one's ``turn.metrics`` (it follows response.done).
-        The last turn, or None when none ended in time: an unanswered turn
-        the caller counts, not one left out of the percentiles."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.result.last_turn() <= after:
-            if asyncio.get_running_loop().time() > deadline or (self.ws is not None and self.ws.close_code):
-                return None
+    async def settle(self, after: int, timeout: float = 60.0, quiet_s: float = 5.0) -> int | None:
+        """Once the audio is sent: wait until a turn after ``after`` has
+        ended and every turn the server began (``speech.started``) has ended
+        (``turn.ended`` / ``turn.empty``): a clip split at a pause ends its
+        first turn while the audio still plays, and the turn that answers
+        the last word ends later. Then the last turn's ``turn.metrics`` (it
+        follows response.done). The last turn, or None when none ended in
+        time: an unanswered turn the caller counts, not one left out of the
+        percentiles. A begun turn that never ends stops the wait after
+        ``quiet_s`` with nothing new."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen, changed = -1, loop.time()
+        while True:
+            if len(self.result.events) != seen:
+                seen, changed = len(self.result.events), loop.time()
+            begun = len(self.result.of("speech.started"))
+            over = len(self.result.of("turn.ended")) + len(self.result.of("turn.empty"))
+            if self.result.last_turn() > after and (over >= begun or loop.time() - changed > quiet_s):
+                break
+            if loop.time() > deadline or (self.ws is not None and self.ws.close_code):
+                if self.result.last_turn() <= after:
+                    return None
+                break
             await asyncio.sleep(0.05)
         turn = self.result.last_turn()
         left = max(0.1, deadline - asyncio.get_running_loop().time())

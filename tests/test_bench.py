@@ -336,3 +336,35 @@ def test_caller_ttfs_is_the_reply_to_the_last_turn_not_an_earlier_split_one() ->
     assert result.ttfs_s is not None and abs(result.ttfs_s - 0.9) < 1e-9
     assert CallResult(last_voice_sent_at=10.0, events=result.events[:2]).ttfs_s is not None
     assert CallResult(last_voice_sent_at=10.0).ttfs_s is None  # no turn ended: unanswered
+
+
+async def test_settle_waits_for_the_turn_that_answers_the_last_word() -> None:
+    """A clip split at a pause: turn 1 ends while the audio still plays,
+    turn 2 (the last word's) later. Waiting for the first new turn read
+    turn 1's reply as the answer; settle waits until every turn the server
+    began has ended, then for the last one's metrics."""
+    from benchmarks.client import NativeCaller, Received
+
+    caller = NativeCaller("ws://127.0.0.1:9/v1/call")  # never connected: events are fed below
+    now = asyncio.get_running_loop().time
+
+    def feed(*events: dict) -> None:
+        caller.result.events += [Received(now(), e) for e in events]
+        for e in events:
+            for kind, match, fut in list(caller._waiters):
+                if e["type"] == kind and all(e.get(k) == v for k, v in match.items()) and not fut.done():
+                    fut.set_result(e)
+
+    async def server() -> None:
+        feed({"type": "speech.started"}, {"type": "turn.ended", "turn": 1}, {"type": "speech.started"})
+        await asyncio.sleep(0.3)
+        feed({"type": "turn.metrics", "turn": 1})
+        await asyncio.sleep(0.3)
+        feed({"type": "turn.ended", "turn": 2})
+        await asyncio.sleep(0.2)
+        feed({"type": "turn.metrics", "turn": 2})
+
+    task = asyncio.create_task(server())
+    assert await caller.settle(0, timeout=10) == 2
+    await task
+    assert await NativeCaller("ws://127.0.0.1:9/v1/call").settle(0, timeout=0.3) is None  # nothing ended: unanswered
