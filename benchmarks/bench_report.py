@@ -184,6 +184,12 @@ def _prefill_summary(server: list[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
+def planned_turns(summary: dict[str, Any]) -> int:
+    """The turns a level set out to place (results written before "planned"
+    have only the records that came back)."""
+    return int(summary.get("planned", summary["turns"]))
+
+
 def capacity(
     levels: list[dict[str, Any]], target_ms: float, min_answered: float = 0.9, key: str = "ttfs_p95_ms"
 ) -> int | None:
@@ -192,9 +198,7 @@ def capacity(
     for level in sorted(levels, key=lambda lv: lv["concurrency"]):
         s = level["summary"]
         ok = s.get(key) is not None and s[key] <= target_ms
-        # Results written before "planned" have only the records.
-        planned = s.get("planned", s["turns"])
-        ok = ok and planned > 0 and s["answered"] >= min_answered * planned
+        ok = ok and planned_turns(s) > 0 and s["answered"] >= min_answered * planned_turns(s)
         if not ok:
             break
         best = level["concurrency"]
@@ -247,7 +251,7 @@ def markdown(results: dict[str, Any]) -> str:
         barge_ms = pct(_vals(barge, "barge_in_ms"), 50)
         missed = sum(1 for t in barge if t.get("barge_in_ms") is None)
         lines.append(
-            f"| {name} | {level['concurrency']} | {x['answered']}/{x.get('planned', x['turns'])} | "
+            f"| {name} | {level['concurrency']} | {x['answered']}/{planned_turns(x)} | "
             f"{_fmt(x['ttfs_p50_ms'])} | "
             f"{_fmt(x['ttfs_p95_ms'])} | {_fmt(x['asr_final_p50_ms'])} | {_fmt(x['first_token_p50_ms'])} | "
             f"{_fmt(x['ttfa_p50_ms'])} | {_fmt(x['wer'], 3)} | {x['split_turns']} | "

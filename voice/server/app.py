@@ -9,7 +9,6 @@ process runs; ``/readyz`` answers 200 only once the models are warm. ``/``
 from __future__ import annotations
 
 import asyncio
-import hmac
 import http
 import ipaddress
 import json
@@ -367,9 +366,8 @@ class VoiceServer:
             scheme, _, given = (_header(request, "Authorization") or "").partition(" ")
         except BadHeaders:
             return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": "duplicate Authorization header"})
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(errors="surrogatepass"), root.encode()
-        ):
+        # No route: the server's token only, never a client secret.
+        if scheme.lower() != "bearer" or not self.registry.token_ok(given.strip() or None):
             self.registry.unauthorized(client_secrets.PATH, address, "missing or wrong bearer token")
             response = _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
             response.headers["WWW-Authenticate"] = 'Bearer realm="firstline"'
