@@ -333,6 +333,15 @@ class ASRWorker:
             self.in_flight = len(batch)
             try:
                 await self._decode(batch)
+            except Exception as exc:
+                # Past the per-item handling (a bug in delivery or in a
+                # metrics hook): those calls' turns fail, the worker goes on.
+                # Uncaught, it ended the worker task and every later decode,
+                # of every call, waited for good.
+                log.exception("ASR worker: a batch of %d failed outside its decodes", len(batch))
+                for job in batch:
+                    if job.live:
+                        job.future.set_exception(exc)
             finally:
                 self.in_flight = 0
 

@@ -163,6 +163,15 @@ class NativeCaller:
         self._waiters.append((kind, match, fut))
         return await asyncio.wait_for(fut, timeout)
 
+    def _last_begun_ended(self) -> bool:
+        """The last turn the server began (speech.started) has ended since.
+        Not a count: a turn talked over before its transcript went out ends
+        inside the next one, with no event of its own."""
+        kinds = [r.event.get("type") for r in self.result.events]
+        began = max((i for i, k in enumerate(kinds) if k == "speech.started"), default=-1)
+        ended = max((i for i, k in enumerate(kinds) if k in ("turn.ended", "turn.empty")), default=-1)
+        return ended > began
+
     async def settle(self, after: int, timeout: float = 60.0, quiet_s: float = 5.0) -> int | None:
         """Once the audio is sent: wait until a turn after ``after`` has
         ended and every turn the server began (``speech.started``) has ended
@@ -179,9 +188,7 @@ class NativeCaller:
         while True:
             if len(self.result.events) != seen:
                 seen, changed = len(self.result.events), loop.time()
-            begun = len(self.result.of("speech.started"))
-            over = len(self.result.of("turn.ended")) + len(self.result.of("turn.empty"))
-            if self.result.last_turn() > after and (over >= begun or loop.time() - changed > quiet_s):
+            if self.result.last_turn() > after and (self._last_begun_ended() or loop.time() - changed > quiet_s):
                 break
             if loop.time() > deadline or (self.ws is not None and self.ws.close_code):
                 if self.result.last_turn() <= after:

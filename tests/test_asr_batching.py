@@ -538,3 +538,26 @@ async def test_a_re_decode_in_a_batch_is_charged_to_its_own_call_and_holds_no_on
     assert used[0] - used[1] == pytest.approx(menu.redecode_s, rel=0.1), (used, menu.redecode_s)
     # The other call's words came before the re-decode began, not after it.
     assert done_at["menu"] - done_at["other"] >= 0.9 * menu.redecode_s, (done_at, menu.redecode_s)
+
+
+async def test_a_failure_outside_the_decodes_fails_those_turns_and_the_worker_goes_on(unbatched, quilter):
+    """A bug past the per-item handling (delivery raising; a stand-in for
+    any such bug) ended the worker task, and every later decode of every
+    call waited for good. Now those turns fail and the next is served."""
+    real = unbatched._deliver
+    broken: list[str] = []
+
+    def deliver_once_broken(job, result, started):
+        if not broken:
+            broken.append(job.call_id)
+            raise RuntimeError("delivery bug (stand-in)")
+        return real(job, result, started)
+
+    unbatched._deliver = deliver_once_broken
+    try:
+        with pytest.raises(RuntimeError, match="stand-in"):
+            await asyncio.wait_for(unbatched.submit("guard-a", quilter, final=True), 20)
+        after = await asyncio.wait_for(unbatched.submit("guard-b", quilter, final=True), 60)
+        assert broken == ["guard-a"] and after.text
+    finally:
+        unbatched._deliver = real

@@ -367,4 +367,12 @@ async def test_settle_waits_for_the_turn_that_answers_the_last_word() -> None:
     task = asyncio.create_task(server())
     assert await caller.settle(0, timeout=10) == 2
     await task
+    # A turn talked over before its transcript went out ends inside the next
+    # one, with no event of its own: counting turns begun against turns
+    # ended waited the quiet time after every later utterance.
+    caller.result.events.clear()
+    feed({"type": "speech.started"}, {"type": "speech.started"}, {"type": "turn.ended", "turn": 3},
+         {"type": "turn.metrics", "turn": 3})  # fmt: skip
+    started = now()
+    assert await caller.settle(2, timeout=10, quiet_s=5.0) == 3 and now() - started < 1.0
     assert await NativeCaller("ws://127.0.0.1:9/v1/call").settle(0, timeout=0.3) is None  # nothing ended: unanswered

@@ -173,6 +173,30 @@ async def test_the_stored_state_holds_only_what_the_caller_has_heard_of_a_reply_
     assert history.messages_so_far[-1]["content"] == "Monday too. Nine to five."  # copies: the history keeps it
 
 
+async def test_a_reply_heard_by_the_playout_clock_is_stored_whole_once_played(server) -> None:
+    """Realtime sends no marks: what was heard is the playout clock's. The
+    state written as the turn ended was cut to what had played by then
+    (nothing yet), and nothing wrote it again: a re-attach would have
+    answered as if the reply had never been said."""
+    with CallWatcher() as watcher:
+        carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+        async with carrier:
+            token = (await carrier.next_event("session.created", timeout=10))["session"]["resume_token"]
+            call = await watcher.one()
+            await carrier.send(user_item("What are your opening hours?"))
+            await carrier.send({"type": "response.create"})
+            await carrier.next_event("response.done", timeout=60)
+            reply = call.session.history.messages_so_far[-1]
+            assert reply["role"] == "assistant" and reply["content"]
+            state = None
+            for _ in range(300):  # its audio plays out in real time
+                state = await server.runtime.store.load(f"realtime:{token}")
+                if state is not None and state.messages and state.messages[-1] == reply:
+                    break
+                await asyncio.sleep(0.1)
+            assert state is not None and state.messages[-1] == reply, state
+
+
 async def test_a_realtime_session_resumes_with_its_token(server) -> None:
     """?resume=<session.created.session.resume_token>: the conversation of the
     earlier session is in the next reply's prompt, after it, the new items."""
@@ -613,6 +637,18 @@ async def test_a_re_attach_the_store_did_not_answer_claims_at_its_first_write(re
         assert not alive and late.superseded
         assert (await store.load("twilio:CA6")).messages == [{"role": "user", "content": "new"}]
         assert await store.save("twilio:CA6", CallState("p", [], "", 5), "call-newest")
+        # Its first claim went through but was answered late (a slow store):
+        # the key is its own already, and the late claim keeps it.
+        before = time.time()
+        await asyncio.sleep(0.01)
+        await store.claim("twilio:CA8", "call-slow")
+        slow = StateWriter(store, "twilio:CA8", "call-slow", min_interval_s=0, on_superseded=alive.clear)
+        alive.append("alive")
+        slow.claim_first(since=before)
+        slow.write(CallState("p", [{"role": "user", "content": "slow"}], "", 1))
+        await slow.flush()
+        assert alive and not slow.superseded and (await store.load("twilio:CA8")).turn == 1
+        await slow.forget()
         # Hung up before any write: it takes the key to delete it.
         await store.save("twilio:CA9", CallState("p", [{"role": "user", "content": "card 4111"}], "", 1), "call-old")
         gone = StateWriter(store, "twilio:CA9", "call-gone", min_interval_s=0)

@@ -477,10 +477,10 @@ class CallSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if heard:
-            for turn, words in heard.items():
-                self.history.heard(turn, words)
-            self._save_state()
+        for turn, words in (heard or {}).items():
+            self.history.heard(turn, words)
+        # Always: the last snapshot may have been cut to a reply still playing.
+        self._save_state()
         self.runtime.engine.end_session(self.call_id)  # e.g. vllm-router's session table
         key = self._owned_key
         if key is not None and self.runtime.writers.get(key) == self._superseded:

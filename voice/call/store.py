@@ -60,7 +60,9 @@ return state
 # ARGV: the owner, ttl, since (Unix seconds). 0: a claim since then holds it.
 CLAIM_UNLESS_CLAIMED_SINCE_SCRIPT = """
 local claimed = redis.call('HGET', KEYS[1], 'claimed_at')
-if claimed and tonumber(claimed) > tonumber(ARGV[3]) then return 0 end
+if claimed and tonumber(claimed) > tonumber(ARGV[3]) and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return 0
+end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'claimed_at', now[1] .. '.' .. string.format('%06d', now[2]))
 redis.call('EXPIRE', KEYS[1], ARGV[2])

@@ -41,6 +41,9 @@ from voice.server.runtime import Runtime
 log = logging.getLogger(__name__)
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
+# How long past the playout clock's end a reply counts as still playing
+# (Playout.busy keeps an unconfirmed sentence for 1 s after its end).
+SETTLE_MARGIN_S = 1.1
 
 
 _ttfa: dict[int, Histogram] = {}
@@ -125,6 +128,7 @@ class TelephonyCall:
         self._ttfs_ms: dict[int, float] = {}
         self._done_turns: set[int] = set()
         self._heard_pending: dict[int, str] = {}
+        self._settle_timer: asyncio.TimerHandle | None = None
         self.barge_ins = 0
         self.malformed = 0
         # Malformed-input warnings: a few per call, then a summary at the end.
@@ -247,6 +251,9 @@ class TelephonyCall:
         if self.finished:
             return
         self.finished = True
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
         summary = self._warnings.summary()
         if summary is not None:
             log.warning("call %s (%s): %s", self.call_id, self.transport, summary)
@@ -283,10 +290,12 @@ class TelephonyCall:
     def mark_played(self, name: str) -> None:
         if self.playout is None:
             return
+        confirmed = sum(s.played for s in self.playout.segments)
         if self.playout.marked(name) is None:
             log.debug("call %s: mark %r is not ours or was flushed", self.call_id, name)
             return
-        self.session.playout_advanced()
+        if sum(s.played for s in self.playout.segments) > confirmed:  # an echo repeated changes nothing
+            self.session.playout_advanced()
 
     def on_dtmf_digit(self, value: object) -> None:
         digit = str(value).strip().upper()
@@ -336,12 +345,34 @@ class TelephonyCall:
             if turn in self._heard_pending:
                 self.session.reply_heard(turn, self._heard_pending.pop(turn))
             self._forget_turns_before(turn - KEEP_TURNS)
+            self._save_when_played()
         elif kind == "turn.metrics" and ev.get("ttfs_ms") is not None:
             self._ttfs_ms[int(ev["turn"])] = float(ev["ttfs_ms"])
             await self._publish_ttfa(int(ev["turn"]))
         elif kind == "error":
             self.note_peer_report(f"error {ev.get('code')}: {redact_quoted(str(ev.get('message')))}", ev.get("message"))
         await self.on_session_event(ev)
+
+    def _save_when_played(self) -> None:
+        """Once the reply's audio is over (marks, else the playout clock),
+        the stored state takes it whole: a snapshot taken while it played
+        was cut to what had been heard so far, and a carrier without marks
+        says nothing when it ends."""
+        if self.playout is None or self._settle_timer is not None:
+            return
+
+        def check() -> None:
+            self._settle_timer = None
+            if self.finished or self.playout is None:
+                return
+            if self.playing() is not None:
+                self._save_when_played()
+                return
+            self.session.playout_advanced()
+
+        # Past the clock's end by the margin Playout.busy keeps an unconfirmed sentence.
+        delay = max(0.0, self.playout.clock_end - time.monotonic()) + SETTLE_MARGIN_S
+        self._settle_timer = asyncio.get_running_loop().call_later(delay, check)
 
     def _forget_turns_before(self, turn: int) -> None:
         """Bounded per-turn records over a call of hours (thousands of turns)."""
