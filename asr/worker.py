@@ -339,9 +339,13 @@ class ASRWorker:
                 # Uncaught, it ended the worker task and every later decode,
                 # of every call, waited for good.
                 log.exception("ASR worker: a batch of %d failed outside its decodes", len(batch))
+                # Wrapped: a future refuses some exceptions (StopIteration),
+                # and raising here would end the worker after all.
+                failed = RuntimeError(f"ASR batch failed: {type(exc).__name__}")
+                failed.__cause__ = exc
                 for job in batch:
                     if job.live:
-                        job.future.set_exception(exc)
+                        job.future.set_exception(failed)
             finally:
                 self.in_flight = 0
 

@@ -164,13 +164,17 @@ class NativeCaller:
         return await asyncio.wait_for(fut, timeout)
 
     def _last_begun_ended(self) -> bool:
-        """The last turn the server began (speech.started) has ended since.
-        Not a count: a turn talked over before its transcript went out ends
-        inside the next one, with no event of its own."""
+        """The last turn the server began (speech.started) has ended: a
+        turn end after that turn's speech.stopped. Not a count: a turn
+        talked over before its transcript went out ends inside the next
+        one, with no event of its own; and not any end after the start: the
+        turn before may end just after the next one began."""
         kinds = [r.event.get("type") for r in self.result.events]
         began = max((i for i, k in enumerate(kinds) if k == "speech.started"), default=-1)
-        ended = max((i for i, k in enumerate(kinds) if k in ("turn.ended", "turn.empty")), default=-1)
-        return ended > began
+        stopped = next((i for i in range(began + 1, len(kinds)) if kinds[i] == "speech.stopped"), None)
+        if stopped is None:
+            return False
+        return any(k in ("turn.ended", "turn.empty") for k in kinds[stopped + 1 :])
 
     async def settle(self, after: int, timeout: float = 60.0, quiet_s: float = 5.0) -> int | None:
         """Once the audio is sent: wait until a turn after ``after`` has

@@ -555,8 +555,9 @@ async def test_a_failure_outside_the_decodes_fails_those_turns_and_the_worker_go
 
     unbatched._deliver = deliver_once_broken
     try:
-        with pytest.raises(RuntimeError, match="stand-in"):
+        with pytest.raises(RuntimeError, match="ASR batch failed") as failed:
             await asyncio.wait_for(unbatched.submit("guard-a", quilter, final=True), 20)
+        assert "stand-in" in str(failed.value.__cause__)
         after = await asyncio.wait_for(unbatched.submit("guard-b", quilter, final=True), 60)
         assert broken == ["guard-a"] and after.text
     finally:

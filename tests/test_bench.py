@@ -356,11 +356,12 @@ async def test_settle_waits_for_the_turn_that_answers_the_last_word() -> None:
                     fut.set_result(e)
 
     async def server() -> None:
-        feed({"type": "speech.started"}, {"type": "turn.ended", "turn": 1}, {"type": "speech.started"})
+        feed({"type": "speech.started"}, {"type": "speech.stopped"}, {"type": "turn.ended", "turn": 1},
+             {"type": "speech.started"})  # fmt: skip
         await asyncio.sleep(0.3)
         feed({"type": "turn.metrics", "turn": 1})
         await asyncio.sleep(0.3)
-        feed({"type": "turn.ended", "turn": 2})
+        feed({"type": "speech.stopped"}, {"type": "turn.ended", "turn": 2})
         await asyncio.sleep(0.2)
         feed({"type": "turn.metrics", "turn": 2})
 
@@ -371,8 +372,14 @@ async def test_settle_waits_for_the_turn_that_answers_the_last_word() -> None:
     # one, with no event of its own: counting turns begun against turns
     # ended waited the quiet time after every later utterance.
     caller.result.events.clear()
-    feed({"type": "speech.started"}, {"type": "speech.started"}, {"type": "turn.ended", "turn": 3},
-         {"type": "turn.metrics", "turn": 3})  # fmt: skip
+    feed({"type": "speech.started"}, {"type": "speech.started"}, {"type": "speech.stopped"},
+         {"type": "turn.ended", "turn": 3}, {"type": "turn.metrics", "turn": 3})  # fmt: skip
     started = now()
     assert await caller.settle(2, timeout=10, quiet_s=5.0) == 3 and now() - started < 1.0
+    # The turn before ends just after the next began (its transcript's send
+    # is shielded): that end is not the new turn's.
+    caller.result.events.clear()
+    feed({"type": "speech.started"}, {"type": "speech.stopped"}, {"type": "speech.started"},
+         {"type": "turn.ended", "turn": 4}, {"type": "turn.metrics", "turn": 4})  # fmt: skip
+    assert not caller._last_begun_ended()
     assert await NativeCaller("ws://127.0.0.1:9/v1/call").settle(0, timeout=0.3) is None  # nothing ended: unanswered

@@ -175,6 +175,7 @@ class CallSession:
         # often noticed after the new one has read the state, too late for
         # the cut at stop() to reach it.
         self.heard_now: Callable[[], dict[int, str]] | None = None
+        self._snapshot_cut = False  # the last state written held a reply cut to what was heard
 
     # ---- transport-facing API ------------------------------------------
 
@@ -341,9 +342,11 @@ class CallSession:
     def _save_state(self) -> None:
         if self._state is not None:
             history = self.history
+            heard = self.heard_now() if self.heard_now is not None else {}
+            self._snapshot_cut = bool(heard)
             state = CallState(
                 history.system_prompt,
-                history.as_heard(self.heard_now() if self.heard_now is not None else {}),
+                history.as_heard(heard),
                 self.carry_over,
                 self._turn_index,
                 history.instructions,
@@ -479,8 +482,15 @@ class CallSession:
                 await task
         for turn, words in (heard or {}).items():
             self.history.heard(turn, words)
-        # Always: the last snapshot may have been cut to a reply still playing.
-        self._save_state()
+        if heard or self._snapshot_cut:
+            # What was heard at the end, or a last snapshot cut to a reply
+            # still playing: written again. Not otherwise: a stream that
+            # named a stored call without re-attaching (no proof) must not
+            # write its own empty conversation over it as it goes. The
+            # history holds what was heard now; asked again, the playout
+            # clock would count more as heard than the history keeps.
+            self.heard_now = None
+            self._save_state()
         self.runtime.engine.end_session(self.call_id)  # e.g. vllm-router's session table
         key = self._owned_key
         if key is not None and self.runtime.writers.get(key) == self._superseded:

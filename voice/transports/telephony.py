@@ -358,7 +358,7 @@ class TelephonyCall:
         the stored state takes it whole: a snapshot taken while it played
         was cut to what had been heard so far, and a carrier without marks
         says nothing when it ends."""
-        if self.playout is None or self._settle_timer is not None:
+        if self.finished or self.playout is None or self._settle_timer is not None:
             return
 
         def check() -> None:
