@@ -178,11 +178,11 @@ class NativeCaller:
 
     async def settle(self, after: int, timeout: float = 60.0, quiet_s: float = 5.0) -> int | None:
         """Once the audio is sent: wait until a turn after ``after`` has
-        ended and every turn the server began (``speech.started``) has ended
-        (``turn.ended`` / ``turn.empty``): a clip split at a pause ends its
-        first turn while the audio still plays, and the turn that answers
-        the last word ends later. Then the last turn's ``turn.metrics`` (it
-        follows response.done). The last turn, or None when none ended in
+        ended and the last turn the server began has ended too
+        (``_last_begun_ended``): a clip split at a pause ends its first turn
+        while the audio still plays, and the turn that answers the last word
+        ends later. Then the last turn's ``turn.metrics`` (it follows
+        response.done). The last turn, or None when none ended in
         time: an unanswered turn the caller counts, not one left out of the
         percentiles. A begun turn that never ends stops the wait after
         ``quiet_s`` with nothing new."""

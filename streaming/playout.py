@@ -41,6 +41,9 @@ KEEP_SEGMENTS = 64
 # Per-turn records kept for the newest this many turns (a call of hours has
 # thousands): marks, first-audio times, what was heard, audio metrics.
 KEEP_TURNS = 16
+# How long past its end by the clock a sentence whose mark has not come
+# back still counts as playing (a carrier's echo runs a little late).
+UNCONFIRMED_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,7 @@ class Playout:
     @property
     def busy(self) -> bool:
         """Audio queued, being synthesized, or (by the clock) still playing."""
-        unconfirmed = any(not s.played and s.end_s > time.monotonic() - 1.0 for s in self.segments)
+        unconfirmed = any(not s.played and s.end_s > time.monotonic() - UNCONFIRMED_GRACE_S for s in self.segments)
         return self._busy or not self._queue.empty() or self._clock_end > time.monotonic() or unconfirmed
 
     def interrupt(self, by_clock: bool = False) -> None:

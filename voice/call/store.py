@@ -48,26 +48,37 @@ KEY_PREFIX = "firstline:callh:"
 # KEYS: the call. ARGV: the owner, 1 to claim an empty key, ttl. A claim
 # is dated by Redis's own clock (claimed_at, Unix seconds): a re-attach whose
 # claim went unanswered claims later only if nobody claimed since it began.
-CLAIM_SCRIPT = """
+# One function for both claims (a Lua local, defined in each script).
+_CLAIM_AS_OWNER = """
+local function claim_as_owner(owner)
+  local now = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'owner', owner, 'claimed_at', now[1] .. '.' .. string.format('%06d', now[2]))
+end
+"""
+CLAIM_SCRIPT = (
+    _CLAIM_AS_OWNER
+    + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state or ARGV[2] == '1' then
-  local now = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'claimed_at', now[1] .. '.' .. string.format('%06d', now[2]))
+  claim_as_owner(ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 return state
 """
+)
 # ARGV: the owner, ttl, since (Unix seconds). 0: a claim since then holds it.
-CLAIM_UNLESS_CLAIMED_SINCE_SCRIPT = """
+CLAIM_UNLESS_CLAIMED_SINCE_SCRIPT = (
+    _CLAIM_AS_OWNER
+    + """
 local claimed = redis.call('HGET', KEYS[1], 'claimed_at')
 if claimed and tonumber(claimed) > tonumber(ARGV[3]) and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
   return 0
 end
-local now = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'claimed_at', now[1] .. '.' .. string.format('%06d', now[2]))
+claim_as_owner(ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+)
 # ARGV: the owner, ttl. 1: the owner writes the key now.
 OWN_IF_FREE_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], 'owner')

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import Histogram
 
-from streaming.playout import KEEP_TURNS, OutFormat, Playout
+from streaming.playout import KEEP_TURNS, UNCONFIRMED_GRACE_S, OutFormat, Playout
 from streaming.rate import TokenBucket
 from streaming.tts import TextToSpeech, TTSError, shared_tts
 from voice.call.audio_budget import AudioFlood
@@ -41,9 +41,9 @@ from voice.server.runtime import Runtime
 log = logging.getLogger(__name__)
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
-# How long past the playout clock's end a reply counts as still playing
-# (Playout.busy keeps an unconfirmed sentence for 1 s after its end).
-SETTLE_MARGIN_S = 1.1
+# When to look whether a reply is over: just past the time Playout.busy
+# still counts its last, unconfirmed sentence as playing.
+SETTLE_MARGIN_S = UNCONFIRMED_GRACE_S + 0.1
 
 
 _ttfa: dict[int, Histogram] = {}
