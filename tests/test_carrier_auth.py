@@ -28,7 +28,7 @@ from voice.server.config import ServerConfig
 from voice.server.signatures import TwilioSignatures, candidate_urls
 from voice.transports.audiosocket import KIND_HANGUP, KIND_UUID, message
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import CallRefused
+from voice.transports.telephony import CallRefused
 
 AUTH_TOKEN = "twilio-account-auth-token"
 

@@ -243,8 +243,7 @@ carrier_messages = st.fixed_dictionaries(
 async def test_carrier_parsers_never_crash(server, cls: type, frames: list[str]) -> None:
     """Before a start, nothing a carrier sends may escape as anything but the
     transport's MalformedMessage / CallEnded (the read loop logs and goes on)."""
-    from voice.transports.media_json import CallEnded
-    from voice.transports.telephony import MalformedMessage
+    from voice.transports.telephony import CallEnded, MalformedMessage
 
     call = cls(None, server.runtime)
     try:

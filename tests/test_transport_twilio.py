@@ -189,3 +189,16 @@ async def test_twilio_jfk_mulaw_reply_audio_speaks_the_first_sentence(server, jf
             check_audio_frames(carrier, {160})
             heard = await asr_text(server, carrier.pieces16k()[0])
             assert word_error_rate(first["text"], heard) <= 0.4, (first["text"], heard)
+
+
+async def test_twilio_a_start_the_session_refuses_is_refused_at_once_not_as_abuse(server):
+    """A custom prompt the model's context cannot hold (the session refuses
+    the start) ends the stream with 1008 and why: it was counted as a
+    malformed start, every media frame after it as malformed too, and the
+    flood ended the call as abuse and cooled the carrier's address down."""
+    carrier = FakeTwilio(server_base(server), parameters={"system_prompt": "word " * 30_000})
+    server.runtime.config.allow_custom_prompt = True
+    try:
+        await refused_at_once(carrier, "context")
+    finally:
+        server.runtime.config.allow_custom_prompt = False

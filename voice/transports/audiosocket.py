@@ -29,8 +29,7 @@ from voice.call.start import Start
 from voice.server.limits import SLOW_READER, CallEnd, CallWatch
 from voice.server.log_format import redact_quoted
 from voice.server.runtime import Runtime
-from voice.transports.media_json import CallRefused, UnsupportedMedia
-from voice.transports.telephony import MalformedMessage, TelephonyCall, between_messages
+from voice.transports.telephony import CallRefused, MalformedMessage, TelephonyCall, UnsupportedMedia, between_messages
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,14 @@ from websockets.exceptions import ConnectionClosed
 
 from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CallEnd, CallGuard
 from voice.server.log_format import redact_quoted
-from voice.transports.telephony import NO_AUDIO_COST, MalformedMessage, TelephonyCall, between_messages
+from voice.transports.telephony import (
+    NO_AUDIO_COST,
+    CallEnded,
+    CallRefused,
+    MalformedMessage,
+    TelephonyCall,
+    between_messages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +56,6 @@ def header_values(request: Any, name: str) -> list[str]:
     it was sent (a header sent twice is read, not a crash)."""
     values = request.headers.get_all(name) if request is not None else []
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
-
-
-class CallEnded(Exception):
-    """The carrier said the call is over (stop): leave the read loop."""
-
-
-class CallRefused(CallEnded):
-    """The call may not go on (a wrong carrier secret): leave the read loop
-    and close with 1008 and a reason the carrier's logs will show."""
-
-    def __init__(self, reason: str, text: str) -> None:
-        super().__init__(reason)
-        self.text = text
-
-
-class UnsupportedMedia(CallRefused):
-    """A start whose audio format this server cannot take. Refused, not
-    malformed: every media frame after a malformed start counted as
-    malformed too, the flood ended the call as abuse, and the carrier's
-    media server (or the PBX) then cooled down for a minute."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__("unsupported_media_format", text)
 
 
 def b64decode(value: object, what: str = "payload") -> bytes:

@@ -83,6 +83,29 @@ async def between_messages(handled: int, ended: bool) -> None:
         await asyncio.sleep(0)
 
 
+class CallEnded(Exception):
+    """The carrier said the call is over (stop): leave the read loop."""
+
+
+class CallRefused(CallEnded):
+    """The call may not go on (a wrong carrier secret): leave the read loop
+    and close with 1008 and a reason the carrier's logs will show."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(reason)
+        self.text = text
+
+
+class UnsupportedMedia(CallRefused):
+    """A start whose audio format this server cannot take. Refused, not
+    malformed: every media frame after a malformed start counted as
+    malformed too, the flood ended the call as abuse, and the carrier's
+    media server (or the PBX) then cooled down for a minute."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("unsupported_media_format", text)
+
+
 class MalformedMessage(ValueError):
     """A carrier message we cannot use: logged and ignored, the call goes on."""
 
@@ -110,6 +133,13 @@ class TelephonyCall:
     echoes_marks = True
     # Most audio we keep ahead of the carrier's playback (None: it buffers all).
     lead_s: float | None = None
+    # A start the session refuses (instructions the context cannot hold,
+    # bad sampling) ends the call with 1008 and why (CallRefused): a carrier
+    # or a PBX has no error event to hear it on, and a call left open
+    # counted every media frame after it as malformed, until the flood ended
+    # it as abuse and cooled the carrier's address down. Protocols with an
+    # error event (native, Realtime) report it and take another start.
+    refuse_bad_start = True
     # Called with every new call: lets tests and tooling watch calls that
     # carriers cannot show (they carry no transcript events on the wire).
     observers: ClassVar[list[Callable[[TelephonyCall], None]]] = []
@@ -227,12 +257,14 @@ class TelephonyCall:
                 log.error("call %s: audio out disabled: %s", self.call_id, exc)
         try:
             await self.session.start(start)
-        except BaseException:
+        except BaseException as exc:
             # A refused start's audio format must not speak the next start's
             # replies (a text-only retry got 16 kHz PCM frames).
             if made is not None:
                 self.playout = None
                 await made.close()
+            if isinstance(exc, ProtocolError) and self.refuse_bad_start:
+                raise CallRefused(exc.code, exc.message) from None
             raise
 
     async def audio(self, payload: bytes) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.call.start import Start
-from voice.transports.media_json import CallEnded, UnsupportedMedia, WebSocketCall
-from voice.transports.telephony import MalformedMessage
+from voice.transports.media_json import WebSocketCall
+from voice.transports.telephony import CallEnded, MalformedMessage, UnsupportedMedia
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import (
     MarkStyleCall,
-    UnsupportedMedia,
     as_int,
     b64decode,
     b64encode,
@@ -23,7 +22,7 @@ from voice.transports.media_json import (
     optional_obj,
     query_param,
 )
-from voice.transports.telephony import MalformedMessage
+from voice.transports.telephony import MalformedMessage, UnsupportedMedia
 
 PATH = "/exotel"
 RATES = (8000, 16000, 24000)

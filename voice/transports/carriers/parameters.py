@@ -14,7 +14,7 @@ import hmac
 from typing import Any
 
 from voice.call.start import Start
-from voice.transports.media_json import CallRefused
+from voice.transports.telephony import CallRefused
 
 SECRET_PARAMETER = "firstline_secret"
 # Proof, put in the TwiML by /twilio/reconnect, that a stream may pick up

@@ -15,8 +15,6 @@ from typing import Any
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import (
-    CallEnded,
-    UnsupportedMedia,
     WebSocketCall,
     as_int,
     b64decode,
@@ -24,7 +22,7 @@ from voice.transports.media_json import (
     obj,
     optional_obj,
 )
-from voice.transports.telephony import MalformedMessage
+from voice.transports.telephony import CallEnded, MalformedMessage, UnsupportedMedia
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,14 @@ from typing import Any
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import (
-    CallEnded,
     MarkStyleCall,
-    UnsupportedMedia,
     as_int,
     b64decode,
     b64encode,
     obj,
     optional_obj,
 )
-from voice.transports.telephony import MalformedMessage
+from voice.transports.telephony import CallEnded, MalformedMessage, UnsupportedMedia
 
 log = logging.getLogger(__name__)
 

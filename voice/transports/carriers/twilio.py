@@ -34,8 +34,8 @@ from xml.sax.saxutils import quoteattr
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import RESUME_PARAMETER, start_from_parameters
-from voice.transports.media_json import MarkStyleCall, UnsupportedMedia, as_int, b64decode, b64encode, obj, optional_obj
-from voice.transports.telephony import MalformedMessage
+from voice.transports.media_json import MarkStyleCall, as_int, b64decode, b64encode, obj, optional_obj
+from voice.transports.telephony import MalformedMessage, UnsupportedMedia
 
 PATH = "/twilio"
 RECONNECT_PATH = "/twilio/reconnect"

@@ -21,8 +21,8 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
-from voice.transports.media_json import UnsupportedMedia, WebSocketCall
-from voice.transports.telephony import MalformedMessage
+from voice.transports.media_json import WebSocketCall
+from voice.transports.telephony import MalformedMessage, UnsupportedMedia
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from voice.call.start import ProtocolError, Start
 from voice.server.limits import AUDIO_FLOOD, SLOW_READER
 from voice.server.log_format import bind_call, bind_turn
 from voice.server.runtime import Runtime
-from voice.transports.media_json import CallEnded, WebSocketCall
+from voice.transports.media_json import WebSocketCall
 from voice.transports.native.protocol import Commit, Played, Stop, parse_text
-from voice.transports.telephony import TooManyEvents
+from voice.transports.telephony import CallEnded, TooManyEvents
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class NativeCall(WebSocketCall):
     # Clients may confirm played sentences (response.audio.played); the
     # playout clock decides for those that do not.
     echoes_marks = False
+    refuse_bad_start = False  # an error event says why; the client may start again
 
     # ---- frames in (WebSocketCall's read loop) ----------------------------
 

@@ -97,6 +97,7 @@ class RealtimeCall(WebSocketCall):
     dispatch_key = "type"
     echoes_marks = False  # no marks: the playout clock and conversation.item.truncate say what was heard
     unmetered_events = frozenset({"input_audio_buffer.append"})
+    refuse_bad_start = False  # an error event says why
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
