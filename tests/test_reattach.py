@@ -25,8 +25,9 @@ from benchmarks.server_proc import free_port
 from tests.conftest import side_server, with_silence
 from tests.fake_carrier import CallWatcher, FakeRealtime, FakeTwilio
 from tests.http_get import http_get
-from tests.transport_checks import prompt_clip, server_base
+from tests.transport_checks import prompt_clip, refused_at_once, server_base
 from voice.call.store import CallState, CallStore, MemoryStore, RedisStore, StateWriter, StoreError, encode_state
+from voice.server.limits import MAX_CALL_LENGTH
 from voice.transports.carriers.twilio import MAX_REATTACH, RECONNECT_PATH
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -128,6 +129,33 @@ async def test_a_twilio_stream_that_re_attaches_with_its_callsid_keeps_the_histo
                 while not call.session.started:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             assert not call.session.resumed and not call.session.history.messages_so_far
+
+
+async def test_a_twilio_call_the_server_ended_is_not_picked_up_again(server) -> None:
+    """--max-call-s (or a flood) ends the call, not just its stream: Twilio
+    fetches <Connect action> whenever a stream closes, and the re-attach
+    carried the call on, its conversation whole, up to MAX_REATTACH more
+    times. The conversation is replaced by a tombstone, the TwiML hangs up,
+    and a stream naming the call anyway is refused."""
+    call_sid = "CA" + "5" * 32
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
+            call = await watcher.one()
+            await carrier.say(with_silence(prompt_clip(6).load(8000), 8000, 1.5), speed=4.0)
+            await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            assert call.session.history.messages_so_far
+            call.end_call(MAX_CALL_LENGTH)  # what the call's watch does at --max-call-s
+            assert carrier.ws is not None
+            await carrier.ws.wait_closed()
+            assert carrier.ws.close_reason == MAX_CALL_LENGTH.text
+    state = await server.runtime.store.load(f"twilio:{call_sid}")
+    assert state is not None and state.ended == "max_call_length" and not state.messages, state
+    _, _, body = await http_get(server.port, f"{RECONNECT_PATH}?CallSid={call_sid}&attempt=1")
+    assert "<Hangup/>" in body.decode() and "<Stream" not in body.decode()
+    await refused_at_once(FakeTwilio(server_base(server), call_sid=call_sid), "the server ended this call")
+    # Another call's re-attach is answered as before.
+    _, _, body = await http_get(server.port, f"{RECONNECT_PATH}?CallSid=CA{'6' * 32}&attempt=1")
+    assert "<Stream" in body.decode()
 
 
 async def test_a_stream_lost_mid_reply_keeps_only_what_the_caller_heard(server) -> None:

@@ -43,6 +43,7 @@ from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
 from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
+from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, MAX_CALL_LENGTH
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ MAX_CARRIED_KEYPRESSES = 32
 # Ends that say the call is over (the client's stop, the carrier's stop or
 # hang-up), not that its connection was lost: its stored conversation goes.
 HUNG_UP = ("client_stop", "carrier_stop")
+# Ends the server chose for the call itself (limits.py), not for its
+# connection: the call is over, and a re-attach must not carry it on
+# (Twilio re-attaches whenever a stream closes, however it closed).
+ENDED_BY_SERVER = tuple(end.reason for end in (MAX_CALL_LENGTH, MALFORMED_FLOOD, AUDIO_FLOOD))
 
 
 def new_call_id() -> str:
@@ -274,8 +279,13 @@ class CallSession:
                 # the key at its first write instead (StateWriter.claim_first).
                 self._claim_unanswered = asked_at
         start.may_resume = False  # claimed: start does not ask again
+        if self._claimed is not None and self._claimed.ended:
+            ended, self._claimed = self._claimed.ended, None
+            log.info("call %s: the server ended this call before (%s); not picked up", self.call_id, ended)
+            if token is None:  # a carrier's call: the same call, carried on
+                raise ProtocolError("call_ended", f"the server ended this call ({ended}); it is not picked up again")
         if self._claimed is None and token is not None:
-            start.fresh_token()
+            start.fresh_token()  # a client's token: a new conversation, said so
             return
         self._own(start.resume_key)
 
@@ -498,6 +508,8 @@ class CallSession:
         if self._state is not None:
             if reason in HUNG_UP:
                 await self._state.forget()
+            elif reason in ENDED_BY_SERVER:
+                await self._state.forget(ended=reason)
             else:  # a lost socket, a drain: the call may re-attach
                 await self._state.flush()
         log.info("call %s ended (%s)", self.call_id, reason)

@@ -136,6 +136,12 @@ class CallState:
     # written by an older version, which stored only the joined prompt.
     instructions: str | None = None
     system_items: list[str] = field(default_factory=list)
+    # Why the server ended the call (max_call_length, a flood), if it did: a
+    # tombstone in place of the conversation, so that nothing picks the call
+    # up again. Twilio fetches <Connect action> whenever a stream closes, and
+    # its re-attach carried a call the server had ended on for up to
+    # MAX_REATTACH more streams.
+    ended: str = ""
 
     def to_json(self) -> str:
         # Not ASCII-escaped: an emoji is 4 bytes, not a 12-character escape.
@@ -159,6 +165,7 @@ class CallState:
                 int(data["turn"]),
                 None if instructions is None else str(instructions),
                 [str(item) for item in data.get("system_items", [])],
+                str(data.get("ended", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -520,11 +527,13 @@ class StateWriter:
         if self.on_superseded is not None:
             self.on_superseded()
 
-    async def forget(self) -> None:
+    async def forget(self, ended: str = "") -> None:
         """The call hung up: nothing more is written, and what was is
         deleted now instead of expiring an hour later (it is caller data,
         and a hung-up call does not re-attach). Not when a re-attach has
-        taken the key over: that connection's conversation goes on."""
+        taken the key over: that connection's conversation goes on.
+        ``ended``: the server ended the call, and why: the conversation is
+        replaced by a tombstone saying so (CallState.ended) for the TTL."""
         self.forgotten = True
         self._latest = None
         if self._owning is not None:
@@ -544,7 +553,10 @@ class StateWriter:
                 # stays under the replaced connection's name for the TTL.
                 if not await self.store.claim_unless_claimed_since(self.key, self.owner, self._claim_since):
                     return
-            await self.store.delete(self.key, self.owner)
+            if ended:
+                await self.store.save(self.key, CallState("", ended=ended), self.owner)
+            else:
+                await self.store.delete(self.key, self.owner)
         except StoreError as exc:
             log.warning("stored call state not deleted; it expires on its own (%s)", exc)
 

@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from voice.call.store import StoreError
 from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
@@ -41,7 +42,7 @@ from voice.server.runtime import Runtime
 from voice.server.signatures import SIGNATURE_HEADER, candidate_urls
 from voice.transports.audiosocket import start_audiosocket
 from voice.transports.carriers import twilio
-from voice.transports.carriers.parameters import RESUME_PARAMETER, SECRET_PARAMETER
+from voice.transports.carriers.parameters import RESUME_PARAMETER, SECRET_PARAMETER, resume_key
 from voice.transports.media_json import header_values
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,16 @@ DEMO_CSP = (
     "connect-src 'self' ws: wss:; media-src 'self' blob:; object-src 'none'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+
+
+def _twiml(text: str) -> Response:
+    body = text.encode()
+    response = Response(http.HTTPStatus.OK.value, "OK", Headers())
+    response.headers["Content-Type"] = "text/xml; charset=utf-8"
+    response.headers["Content-Length"] = str(len(body))
+    response.headers["Cache-Control"] = "no-store"
+    response.body = body
+    return response
 
 
 def _json_response(status: http.HTTPStatus, body: dict[str, object]) -> Response:
@@ -304,7 +315,7 @@ class VoiceServer:
         """Calls up on every listener (websockets and AudioSocket together)."""
         return self.registry.live_calls()
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return _json_response(http.HTTPStatus.OK, {"status": "ok"})
@@ -331,7 +342,7 @@ class VoiceServer:
         if path == client_secrets.PATH and "Upgrade" not in request.headers:
             return self._client_secret(request, _caller_address(connection, request, self._trusted_proxies))
         if path == twilio.RECONNECT_PATH and "Upgrade" not in request.headers:
-            return self._twilio_reattach(request, _caller_address(connection, request, self._trusted_proxies))
+            return await self._twilio_reattach(request, _caller_address(connection, request, self._trusted_proxies))
         if path not in WS_ROUTES:
             return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"no such route; calls go to {NATIVE_PATH}"})
         address = _caller_address(connection, request, self._trusted_proxies)
@@ -383,10 +394,11 @@ class VoiceServer:
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    def _twilio_reattach(self, request: Request, address: str | None) -> Response:
+    async def _twilio_reattach(self, request: Request, address: str | None) -> Response:
         """TwiML for a call whose stream closed without the call ending
         (voice/transports/carriers/twilio.py): a new stream to this public
-        URL, where the call picks up its stored conversation."""
+        URL, where the call picks up its stored conversation. A call the
+        server ended (max_call_length, a flood: CallState.ended) is hung up."""
         path = request.path
         try:
             host, proto = _header(request, "Host"), _header(request, "X-Forwarded-Proto")
@@ -416,6 +428,8 @@ class VoiceServer:
                 )
             parameters[SECRET_PARAMETER] = self.config.carrier_secret
         call_sid = parse_qs(urlsplit(path).query).get("CallSid", [""])[0]
+        if await self._ended_by_server(resume_key("twilio", call_sid)):
+            return _twiml(twilio.HANGUP_TWIML)
         if signed and call_sid and self.config.twilio_auth_token:
             # Twilio signed this request, CallSid included: the stream it names
             # may pick up that call's conversation, and no other stream may.
@@ -424,13 +438,19 @@ class VoiceServer:
         if origin is None:
             return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": "no Host header and no --public-url"})
         attempt = _query_int(path, "attempt", default=1)
-        body = twilio.reattach_twiml(origin.rstrip("/"), attempt, parameters).encode()
-        response = Response(http.HTTPStatus.OK.value, "OK", Headers())
-        response.headers["Content-Type"] = "text/xml; charset=utf-8"
-        response.headers["Content-Length"] = str(len(body))
-        response.headers["Cache-Control"] = "no-store"
-        response.body = body
-        return response
+        return _twiml(twilio.reattach_twiml(origin.rstrip("/"), attempt, parameters))
+
+    async def _ended_by_server(self, key: str | None) -> bool:
+        """Whether the call stored under ``key`` is a tombstone. A store that
+        does not answer says no: the stream's start asks again."""
+        if key is None:
+            return False
+        try:
+            state = await self.runtime.store.load(key)
+        except StoreError as exc:
+            log.warning("re-attach: stored call state not read (%s)", exc)
+            return False
+        return state is not None and bool(state.ended)
 
     def _authenticate(self, path: str, request: Request, address: str | None) -> Response | None:
         """None when the upgrade may go on to admission; else the refusal."""

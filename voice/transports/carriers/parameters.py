@@ -44,14 +44,18 @@ def start_from_parameters(
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(errors="surrogatepass"), secret.encode()):
             raise CallRefused("unauthorized", "carrier secret missing or wrong")
     prompt = params.get("system_prompt") if getattr(config, "allow_custom_prompt", False) else None
-    # The carrier's call id keys the conversation: a stream that re-attaches
-    # for the same call (Twilio: <Connect action> -> a new <Stream>) picks it up.
-    key = call_id[:128] if isinstance(call_id, str) and call_id else None
     return Start(
         encoding=encoding,
         sample_rate=rate,
         system_prompt=prompt if isinstance(prompt, str) and prompt.strip() else None,
         # Credentials never reach metadata (events, logs, traces).
         metadata={str(k): v for k, v in params.items() if k not in CREDENTIAL_PARAMETERS},
-        resume_key=f"{carrier}:{key}" if carrier and key else None,
+        resume_key=resume_key(carrier, call_id),
     )
+
+
+def resume_key(carrier: str | None, call_id: object) -> str | None:
+    """The store key of a carrier's call: a stream that re-attaches for the
+    same call (Twilio: <Connect action> -> a new <Stream>) picks it up."""
+    key = call_id[:128] if isinstance(call_id, str) and call_id else None
+    return f"{carrier}:{key}" if carrier and key else None

@@ -40,6 +40,7 @@ from voice.transports.telephony import MalformedMessage, UnsupportedMedia
 PATH = "/twilio"
 RECONNECT_PATH = "/twilio/reconnect"
 MAX_REATTACH = 3
+HANGUP_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>'
 
 
 def resume_proof(token: str, call_sid: str) -> str:
@@ -55,7 +56,7 @@ def reattach_twiml(origin: str, attempt: int, parameters: dict[str, str] | None 
     ``<Hangup/>`` once ``attempt`` is over :data:`MAX_REATTACH` (a stream that
     keeps failing must not loop the caller forever)."""
     if attempt > MAX_REATTACH:
-        return '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>'
+        return HANGUP_TWIML
     ws_origin = "wss" + origin[len("https") :] if origin.startswith("https") else "ws" + origin[len("http") :]
     action = f"{origin}{RECONNECT_PATH}?{urlencode({'attempt': attempt + 1})}"
     params = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in (parameters or {}).items())

@@ -163,7 +163,7 @@ class RealtimeCall(WebSocketCall):
                 "code": "invalid_resume_token" if self.bad_resume else "unknown_resume_token",
                 "message": "'resume' is not a resume_token; this is a new conversation"
                 if self.bad_resume
-                else "nothing is stored under 'resume' (expired, hung up, or not ours); "
+                else "nothing is stored under 'resume' (expired, hung up, ended by the server, or not ours); "
                 "this is a new conversation under session.resume_token",
                 "param": "resume",
                 "event_id": None,
