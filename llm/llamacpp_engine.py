@@ -209,7 +209,8 @@ class LlamaCppEngine(LLMEngine):
     @staticmethod
     def _absorb(chunk: Any, request: GenerationRequest) -> str:
         if not isinstance(chunk, dict):
-            raise EngineError(f"unexpected llama.cpp chunk: {chunk!r:.200}")
+            # Its type only: the chunk may hold model output (logged with the error).
+            raise EngineError(f"unexpected llama.cpp chunk of type {type(chunk).__name__}")
         if "error" in chunk or (chunk.get("code", 200) >= 400 and "message" in chunk):
             error = chunk.get("error") or chunk
             kind, message = (error.get("type"), error.get("message")) if isinstance(error, dict) else (None, error)

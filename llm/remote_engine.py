@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -99,6 +100,18 @@ class PromptRefused(RequestRefused, PromptTooLong):
 # body of any size.
 ERROR_BODY_BYTES = 4096
 ERROR_DETAIL_CHARS = 200
+# The most of a short answer's body read (/v1/models, a sentence-end
+# probe): a server answering with gigabytes within the timeout filled the
+# voice process's memory, and every call on it died.
+MAX_JSON_BYTES = 1024 * 1024
+# The most a usage or timings count is believed: a server's counts feed
+# process-wide counters (a negative one raised in Counter.inc, a NaN or an
+# infinite one stuck there for good) and a call's token scale.
+MAX_COUNT = 1 << 24
+# A reply longer than this many characters per token asked for is cut:
+# the stall timeout moves on with every piece of text, so a server that
+# ignores max_tokens could stream to a call for as long as it liked.
+MAX_CHARS_PER_TOKEN = 64
 # How soon a lone server marked down after a failed request is looked at.
 FIRST_HEALTH_LOOK_S = 0.2
 
@@ -229,12 +242,13 @@ class RemoteEngine(LLMEngine):
         try:
             async with self._client().request(method, url, json=body, headers=headers, timeout=timeout) as r:
                 if r.status != 200:
-                    return r.status, (await r.text())[:300]
-                return r.status, await r.json(content_type=None)
+                    return r.status, (await r.content.read(ERROR_BODY_BYTES)).decode("utf-8", "replace")[:300]
+                return r.status, json.loads(await _read_at_most(r, MAX_JSON_BYTES, url))
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise EngineError(f"LLM server {url}: {type(exc).__name__}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError, HttpProcessingError) as exc:
+            # The text of a parse error may quote the answer: its type only.
+            raise EngineError(f"LLM server {url}: {type(exc).__name__}") from exc
 
     async def _resolve_model(self) -> str:
         url = self.base_url + "/models"
@@ -337,6 +351,7 @@ class RemoteEngine(LLMEngine):
         deadline = loop.time() + self.first_token_timeout_s
         response: aiohttp.ClientResponse | None = None
         finished = False
+        chars_left = request.max_tokens * MAX_CHARS_PER_TOKEN
         try:
             response = await self._post(url, body, request, deadline)
             self._open[response] = None
@@ -356,7 +371,9 @@ class RemoteEngine(LLMEngine):
                     # HttpProcessingError: LineTooLong, one line over aiohttp's
                     # 512 KiB: the answer itself, so not one to send again.
                     again = not isinstance(exc, HttpProcessingError)
-                    raise self._cut(response, f"{type(exc).__name__}: {str(exc)[:120]}", got_text, again) from exc
+                    # LineTooLong's text quotes the line (model output): its type only.
+                    detail = type(exc).__name__ if not again else f"{type(exc).__name__}: {str(exc)[:120]}"
+                    raise self._cut(response, detail, got_text, again) from exc
                 if not line:
                     raise self._cut(response, "connection closed before [DONE]", got_text)
                 line = line.strip()
@@ -368,7 +385,7 @@ class RemoteEngine(LLMEngine):
                     break
                 try:
                     chunk = json.loads(data)
-                except ValueError:
+                except (ValueError, RecursionError):
                     # The chunk is model output on the caller's conversation:
                     # its text only at DEBUG (the error is logged at ERROR).
                     log.debug("malformed chunk from %s: %r", self.root, data[:200])
@@ -376,6 +393,11 @@ class RemoteEngine(LLMEngine):
                 text = _absorb(chunk, request.usage, self.root)
                 if text:
                     got_text = True
+                    chars_left -= len(text)
+                    if chars_left < 0:
+                        # Closed, not released: the server stops generating.
+                        log.warning("LLM server %s went on past max_tokens: reply cut", self.root)
+                        break
                     yield text
                     # From when the reader is back: a reply held by its
                     # consumer (a gate, a yield to another call) is not stalled.
@@ -538,7 +560,34 @@ class RemoteEngine(LLMEngine):
         return {"engine": self.name, "url": self.base_url, "model": self.model}
 
 
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int, url: str) -> bytes:
+    """The whole body, or EngineError once it is over ``limit`` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise EngineError(f"LLM server {url}: an answer of {response.content_length} bytes; the limit is {limit}")
+    body = bytearray()
+    async for part in response.content.iter_any():
+        body += part
+        if len(body) > limit:
+            raise EngineError(f"LLM server {url}: an answer over {limit} bytes")
+    return bytes(body)
+
+
+def _count(value: Any) -> int:
+    """A token count a server sent, believed only as a whole number in
+    0..MAX_COUNT (JSON lets a server send -1, NaN, Infinity or a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return int(min(max(value, 0), MAX_COUNT))
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _absorb(chunk: Any, usage: Usage, server: str) -> str:
+    """A stream chunk's text, its counts taken into ``usage``. A chunk of
+    another shape is an EngineError (a failed reply the pool, the
+    supervisor and the carry-on all know), never an AttributeError."""
     if not isinstance(chunk, dict):
         raise EngineError(f"LLM server {server} sent a non-object chunk")
     if chunk.get("error"):
@@ -550,23 +599,28 @@ def _absorb(chunk: Any, usage: Usage, server: str) -> str:
         error.detail = str(message)[:ERROR_DETAIL_CHARS]
         log.debug("LLM server %s failed mid-reply: %s", server, error.detail)
         raise error
-    u = chunk.get("usage")
+    u = _object(chunk.get("usage"))
     if u:
-        usage.prompt_tokens = u.get("prompt_tokens") or 0
-        usage.completion_tokens = u.get("completion_tokens") or 0
-        usage.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    timings = chunk.get("timings")  # llama.cpp server and llm.openai_server: speculation counters
+        usage.prompt_tokens = _count(u.get("prompt_tokens"))
+        usage.completion_tokens = _count(u.get("completion_tokens"))
+        usage.cached_tokens = _count(_object(u.get("prompt_tokens_details")).get("cached_tokens"))
+    timings = _object(chunk.get("timings"))  # llama.cpp server and llm.openai_server: speculation counters
     if timings and not u and "cache_n" in timings:
         # The prompt's cache hit, before the usage chunk (a reply read only
         # up to its sentence cap never gets that far).
-        usage.cached_tokens = timings["cache_n"] or 0
-        usage.prompt_tokens = usage.cached_tokens + (timings.get("prompt_n") or 0)
+        usage.cached_tokens = _count(timings["cache_n"])
+        usage.prompt_tokens = usage.cached_tokens + _count(timings.get("prompt_n"))
     if timings and "draft_n" in timings:
-        usage.draft_tokens = timings.get("draft_n") or 0
-        usage.accepted_tokens = timings.get("draft_n_accepted") or 0
+        usage.draft_tokens = _count(timings.get("draft_n"))
+        usage.accepted_tokens = min(_count(timings.get("draft_n_accepted")), usage.draft_tokens)
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise EngineError(f"LLM server {server} sent a chunk whose choices are not a list")
     parts = []
-    for choice in chunk.get("choices") or []:
-        content = (choice.get("delta") or {}).get("content")
+    for choice in choices:
+        content = _object(_object(choice).get("delta")).get("content")
+        if content is not None and not isinstance(content, str):
+            raise EngineError(f"LLM server {server} sent a chunk whose content is not a string")
         if content:
             parts.append(content)
     return "".join(parts)

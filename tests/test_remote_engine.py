@@ -629,3 +629,106 @@ async def test_openai_server_bounds_the_requests_in_progress():
             assert answered is not None and answered["choices"][0]["message"]["content"]
     finally:
         server.stop()
+
+
+def _raw_chunk(text: str) -> bytes:
+    return b"data: " + text.encode() + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    "chunk, error",
+    [
+        ('{"choices": [1]}', None),
+        ('{"choices": "abc"}', "choices are not a list"),
+        ('{"choices": [{"delta": {"content": 7}}]}', "content is not a string"),
+        ('{"choices": [{"delta": "Hi"}], "usage": [1], "timings": "x"}', None),
+        ("[" * 5000 + "]" * 5000, "malformed chunk"),
+    ],
+    ids=["choice-not-object", "choices-not-list", "content-not-string", "odd-usage", "deep-nesting"],
+)
+async def test_a_chunk_of_another_shape_is_an_engine_error_or_nothing(chunk, error):
+    """Whatever shape a chunk has, the stream either reads no text from it
+    or fails with an EngineError (which the pool, the supervisor and the
+    carry-on handle), never an AttributeError, TypeError or RecursionError
+    that they do not. The upstream is a stand-in: no real server sends these."""
+
+    async def chat(request):
+        from aiohttp import web
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_text_chunk("Hello") + _raw_chunk(chunk) + _text_chunk(" there.") + b"data: [DONE]\n\n")
+        return response
+
+    async with Upstream(chat) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=8))
+        if error is None:
+            assert await _collect(engine, request) == "Hello there."
+        else:
+            with pytest.raises(EngineError, match=error):
+                await _collect(engine, request)
+        await engine.close()
+
+
+async def test_a_servers_counts_are_believed_only_as_sane_whole_numbers():
+    """Usage and timings counts feed process-wide counters (a negative one
+    raised in Counter.inc, NaN or Infinity stayed there for good) and the
+    call's token scale: each is a whole number in 0..MAX_COUNT, accepted
+    drafts no more than drafts."""
+    from llm.remote_engine import MAX_COUNT
+
+    usage = {"prompt_tokens": -5, "completion_tokens": float("inf"), "prompt_tokens_details": {"cached_tokens": "9"}}
+    timings = {"draft_n": 1e30, "draft_n_accepted": float("nan")}
+
+    async def chat(request):
+        from aiohttp import web
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        tail = json.dumps({"choices": [], "usage": usage, "timings": timings}).encode()
+        await response.write(_text_chunk("Hi.") + b"data: " + tail + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    async with Upstream(chat) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=8))
+        assert await _collect(engine, request) == "Hi."
+        u = request.usage
+        assert (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (0, 0, 0)
+        assert (u.draft_tokens, u.accepted_tokens) == (MAX_COUNT, 0)
+        await engine.close()
+
+
+async def test_a_server_that_ignores_max_tokens_is_cut_and_a_huge_answer_refused():
+    """The stall timeout moves on with every piece of text, so a server
+    that streams past max_tokens is cut by length (MAX_CHARS_PER_TOKEN
+    per token asked for); a /v1/models answer over MAX_JSON_BYTES is an
+    error, not read whole into the voice process's memory."""
+    from aiohttp import web
+
+    from llm.remote_engine import MAX_CHARS_PER_TOKEN, MAX_JSON_BYTES
+
+    async def endless(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(100_000):
+            await response.write(_text_chunk("word "))
+        return response
+
+    async def huge_models(request):
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"data": [' + b'{"id": "m"},' * (MAX_JSON_BYTES // 8) + b'{"id": "m"}]}')
+        return response
+
+    async with Upstream(endless, models=huge_models) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=4))
+        text = await asyncio.wait_for(_collect(engine, request), 30)
+        assert 0 < len(text) <= 4 * MAX_CHARS_PER_TOKEN
+        await engine.close()
+        engine = RemoteEngine(upstream.url, system_prompt=None)
+        with pytest.raises(EngineError, match="over"):
+            await engine.start()
+        await engine.close()
