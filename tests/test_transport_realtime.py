@@ -831,6 +831,27 @@ async def test_realtime_response_create_without_a_caller_turn_is_rate_limited(se
             assert not call.finished and len(carrier.of("response.created")) == UNSPOKEN_REPLY_BURST
 
 
+async def test_realtime_response_create_right_after_response_done_is_a_new_response(server):
+    """A reply's audio goes out as fast as it is made, so its response.done
+    is on the wire while the client still plays it: a response.create then
+    starts a new response, as on OpenAI. It was refused
+    (conversation_already_has_active_response) for as long as the server's
+    clock said the audio played."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.created", timeout=10)
+            await carrier.send({"type": "response.create"})
+            await carrier.next_event("response.done", timeout=60)
+            assert call.playing() is not None, "the reply's audio ran out by the clock: nothing tested"
+            seen = len(carrier.events)
+            await carrier.send({"type": "response.create"})
+            done = await carrier.next_event("response.done", timeout=60, after=seen)
+            assert not carrier.of("error"), carrier.of("error")
+            assert len(carrier.of("response.created")) == 2 and done["response"]["status"] == "completed", done
+
+
 async def test_realtime_sampling_reaches_the_engine_and_is_reported(server, monkeypatch):
     """Every sampling field set on session.update is in the request the
     engine receives, and the session object reports the values in force."""

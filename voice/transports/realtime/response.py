@@ -64,8 +64,11 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
         return
     # A response whose text is written but whose audio still goes out is in
     # progress too (its response.done waits for the audio): a new one now
-    # would send the old one's audio under the new one's ids.
-    if waiting or call.playing() is not None:
+    # would send the old one's audio under the new one's ids. Once its
+    # response.done is out, none of its audio is left to send: what the
+    # client still plays is its own business, as on OpenAI (the server's
+    # clock said "playing" for as long as the audio lasted).
+    if waiting or in_progress(call):
         raise RealtimeError("a response is already in progress", "conversation_already_has_active_response", "response")
     # Nothing held or pending: answer the conversation as it stands (text
     # items, or a greeting right after session.update), as OpenAI's API does.
@@ -91,6 +94,11 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     response = Response(turn, user_item_id=call.last_item_id or "", released=True)
     call.responses[turn] = response
     await start(call, response)
+
+
+def in_progress(call: RealtimeCall) -> bool:
+    """Whether a response the client was shown has not had its response.done."""
+    return any(r.released and not r.dropped and not r.finished for r in call.responses.values())
 
 
 async def cancel(call: RealtimeCall, msg: dict[str, Any]) -> None:
