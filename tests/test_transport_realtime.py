@@ -177,6 +177,45 @@ async def test_realtime_push_to_talk_holds_the_reply_until_response_create(serve
         assert done["response"]["status"] == "completed" and done["response"]["output"][0]["content"][0]["text"]
 
 
+async def test_realtime_a_held_reply_released_mid_generation_keeps_its_order(server):
+    """response.create releases a reply still being written: what was held
+    goes out first, then what is written meanwhile, in the order written.
+    Sends that wait (a client reading slowly; here each forward sleeps)
+    let new deltas overtake the held ones: the client's text came out of
+    order."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None,
+                           instructions=STORY)  # fmt: skip
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            call.session.max_tokens = 200
+            emitted: list[dict] = []
+            emit, slow_forward = call.session.emit, call.forward
+
+            async def emit_seen(ev):
+                emitted.append(ev)
+                await emit(ev)
+
+            async def forward(ev):
+                await asyncio.sleep(0.2)
+                await slow_forward(ev)
+
+            call.session.emit, call.forward = emit_seen, forward
+            await carrier.say(with_silence(prompt_clip(14).load(24000), 24000, 1.0), speed=None)
+            await carrier.send({"type": "input_audio_buffer.commit"})
+            async with asyncio.timeout(60):
+                while not any(e["type"] == "response.delta" for e in emitted):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # a few deltas held, more to come
+            assert not any(e["type"] == "response.done" for e in emitted), "the reply was written before the create"
+            await carrier.send({"type": "response.create"})
+            await carrier.next_event("response.done", timeout=90)
+            written = "".join(e["text"] for e in emitted if e["type"] == "response.delta")
+            sent = "".join(e["delta"] for e in carrier.of("response.output_text.delta"))
+            assert sent == written, (sent, written)
+
+
 async def test_realtime_a_held_reply_never_asked_for_leaves_the_conversation(server):
     """Push-to-talk: a turn's reply is generated and held; the client never
     asks for it and commits another turn. That reply was never said, so it

@@ -244,7 +244,7 @@ class RealtimeCall(WebSocketCall):
                 if kind == "response.done":
                     self.session.reply_heard(response.turn, "")  # never asked for: never said
                 return
-            if not response.released:
+            if not response.released or response.draining:
                 response.held.append(ev)
                 return
         await self.forward(ev)

@@ -33,6 +33,8 @@ class Response:
     dropped: bool = False
     started: bool = False
     held: list[dict[str, Any]] = field(default_factory=list)
+    # Released, its held events still going out: new ones queue behind them.
+    draining: bool = False
     text: str = ""
     done: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
@@ -144,12 +146,17 @@ HANDLERS = {
 
 
 async def release(call: RealtimeCall, response: Response) -> None:
-    """The client asked for a reply that was generated ahead: send what was held."""
-    response.released = True
-    await start(call, response)
-    held, response.held = response.held, []
-    for ev in held:
-        await call.forward(ev)
+    """The client asked for a reply that was generated ahead: send what was
+    held, then what was written meanwhile, in order. The reply's new events
+    are held until the last held one is out: a send that waits (a client
+    reading slowly) let them overtake the held ones."""
+    response.released = response.draining = True
+    try:
+        await start(call, response)
+        while response.held:
+            await call.forward(response.held.pop(0))
+    finally:
+        response.draining = False  # no await since the list was found empty
 
 
 async def start(call: RealtimeCall, response: Response) -> None:
