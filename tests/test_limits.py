@@ -289,3 +289,40 @@ async def test_asterisk_ws_reports_and_odd_fields_are_not_failures(server: Voice
                     break
                 await asyncio.sleep(0.02)
             assert call.session.started and call.frame_bytes == 160 and not call.finished
+
+
+async def test_a_ping_flood_ends_the_call_as_abuse_and_cools_its_address_down(server: VoiceServer) -> None:
+    """websockets answers pings inside its socket read, so they reached no
+    message allowance: a client pinging as fast as it could (never reading
+    the pongs) held the event loop and queued pongs without bound. Past
+    CONTROL_FRAME_BURST the call is ended as a malformed flood and its
+    address cooled down; another address still gets in."""
+    from websockets.exceptions import InvalidStatus
+
+    from tests.conftest import loopback_alias_works, side_server
+    from voice.server.limits import CONTROL_FRAME_BURST
+
+    if not loopback_alias_works():
+        pytest.skip("127.0.0.2 does not reach this machine's loopback")
+    async with side_server(server, limits=CallLimits(abuse_cooldown_s=30.0), per_address_exempt=[]) as srv:
+        url = f"ws://127.0.0.1:{srv.port}/v1/call"
+        async with connect(url, local_addr=("127.0.0.2", 0), ping_interval=None) as ws:
+            await ws.send(json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            with contextlib.suppress(ConnectionClosed):
+                for i in range(CONTROL_FRAME_BURST * 20):
+                    await ws.ping(i.to_bytes(4, "big"))
+                while True:
+                    await ws.recv()
+        async with asyncio.timeout(10):
+            while srv.registry.live_calls():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url, local_addr=("127.0.0.2", 0))
+        assert refused.value.response.status_code == 429
+        assert json.loads(refused.value.response.body)["reason"] == "abuse_cooldown"
+        async with connect(url) as other, asyncio.timeout(10):  # another address: unaffected
+            await other.send(json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}))
+            assert json.loads(await other.recv())["type"] == "ready"
+            for i in range(CONTROL_FRAME_BURST // 2):  # pings at a client's pace are answered
+                await (await other.ping(i.to_bytes(4, "big")))

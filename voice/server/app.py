@@ -28,7 +28,7 @@ from voice.call.store import StoreError
 from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
-from voice.server.limits import CallEnd, guard_of
+from voice.server.limits import CallEnd, FloodGuardedConnection, guard_of
 from voice.server.metrics import CONTENT_TYPE
 from voice.server.registry import (
     CallRegistry,
@@ -519,6 +519,7 @@ class VoiceServer:
             # buffers make backpressure visible instead of growing memory.
             write_limit=self.config.limits.write_limit,
             compression=None,  # audio does not compress; deflate only adds latency
+            create_connection=FloodGuardedConnection,
         )
         # Both listeners are bound before the models load (a port in use
         # fails at once, not after a minute of warm-up); calls that come

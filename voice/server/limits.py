@@ -17,9 +17,14 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
+
+from streaming.rate import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +241,54 @@ class CallGuard(CallWatch):
                 await self.ws.close(code, close_reason(text))
         except (TimeoutError, ConnectionClosed):
             self.ws.transport.abort()
+
+
+# Pings and pongs a websocket may send: this many at once, this many more a
+# second. websockets answers a ping inside its socket read, before any call
+# sees it, so pings reached no message allowance: a client pinging as fast
+# as it could held the event loop for hundreds of milliseconds at a time
+# and queued its unread pongs far past write_limit. Past it the call ends
+# as a malformed flood (its address cooled down).
+CONTROL_FRAME_BURST = 50
+CONTROL_FRAMES_PER_S = 10.0
+# Unsent bytes (pongs a peer does not read) past this many times the write
+# buffer's limit: the same. Replies wait for the buffer to drain; pongs do not.
+UNSENT_PAST_LIMIT = 4
+
+
+class FloodGuardedConnection(ServerConnection):
+    """Every websocket listener's connection: its pings and pongs are
+    counted, and a flood of them ends the call (see CONTROL_FRAME_BURST)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._control_frames = TokenBucket(CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_S)
+        self.flooded = False
+
+    def process_event(self, event: Event) -> None:
+        if (
+            not self.flooded
+            and isinstance(event, Frame)
+            and event.opcode in (Opcode.PING, Opcode.PONG)
+            and not self._control_frames.take()
+        ):
+            self._flood(f"websocket pings past {CONTROL_FRAME_BURST} at once and {CONTROL_FRAMES_PER_S:g} a second")
+        super().process_event(event)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.flooded and self.transport is not None:
+            limit = UNSENT_PAST_LIMIT * max(self.transport.get_write_buffer_limits()[1], 64 * 1024)
+            if self.transport.get_write_buffer_size() > limit:
+                self._flood(f"over {limit} bytes of pongs unread")
+
+    def _flood(self, why: str) -> None:
+        self.flooded = True
+        log.warning("%s: ending the call", why)
+        # Nothing more is read (or answered), and nothing queued is sent:
+        # the call's end is decided here, its handler only releases it.
+        self.transport.pause_reading()
+        guard = guard_of(self)
+        if guard is not None and guard.end is None:
+            guard.finish(MALFORMED_FLOOD)
+        self.transport.abort()
