@@ -97,6 +97,22 @@ async def test_idle_call_is_closed_with_code_and_reason(server: VoiceServer, cal
             await assert_still_served(busy)
 
 
+async def test_bad_messages_do_not_keep_a_call_from_idling_out(server: VoiceServer, call_url: str) -> None:
+    """Only a message that was used is activity: a client sending one bad
+    message now and then (well under the malformed allowance) held its slot
+    for the whole --max-call-s (hours)."""
+    with limits(server, idle_timeout_s=1.0):
+        async with NativeCaller(call_url) as idler:
+            await idler.start("pcm16", 16000)
+            t0 = time.monotonic()
+            ended = asyncio.ensure_future(idler.wait_for("call.ended", timeout=5))
+            while not ended.done():
+                await idler.send_json({"type": "nope"})
+                await asyncio.sleep(0.3)
+            assert (await ended)["reason"] == "idle_timeout"
+            assert time.monotonic() - t0 <= 3.0
+
+
 async def test_a_call_past_its_maximum_length_is_ended_however_busy(server: VoiceServer, call_url: str) -> None:
     """A line left open (a bot calling a bot) cannot hold a slot for good:
     a call that keeps sending is ended at --max-call-s, a later one is not."""

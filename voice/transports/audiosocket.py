@@ -82,14 +82,19 @@ class AudioSocketCall(TelephonyCall):
                     at_boundary = False
                     kind, length = struct.unpack(">BH", header)
                     payload = await self.reader.readexactly(length) if length else b""
-                    watch.touch()
                     if kind == KIND_HANGUP:
                         reason = "carrier_stop"
                         break
+                    bad_before = self.malformed
                     try:
                         await self.on_message(kind, payload)
                     except MalformedMessage as exc:
                         self.note_malformed(exc)
+                    if self.malformed == bad_before:
+                        # Only a message that was used keeps the call from
+                        # idling out: one bad message a minute held a slot
+                        # for the whole --max-call-s.
+                        watch.touch()
                     await between_messages(handled, watch.end is not None)
         except asyncio.IncompleteReadError as exc:
             # Asterisk ends a call by closing the socket (it sends no hang-up

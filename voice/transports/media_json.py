@@ -138,7 +138,7 @@ class WebSocketCall(TelephonyCall):
             async with guard:
                 handled = 0
                 async for frame in self.ws:
-                    guard.touch()
+                    bad_before = self.malformed
                     try:
                         if isinstance(frame, bytes):
                             await self.on_binary(frame)
@@ -147,6 +147,11 @@ class WebSocketCall(TelephonyCall):
                     except MalformedMessage as exc:
                         self.note_malformed(exc)
                         await self.on_malformed(exc)
+                    if self.malformed == bad_before:
+                        # Only a message that was used (not one refused or
+                        # malformed) keeps the call from idling out: one bad
+                        # message a minute held a slot for --max-call-s.
+                        guard.touch()
                     handled += 1
                     await between_messages(handled, guard.end is not None)
         except CallRefused as refusal:
