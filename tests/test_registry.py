@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import loopback_alias_works
 from tests.conftest import side_server as shared_side_server
@@ -202,6 +202,31 @@ async def test_an_exempt_ipv6_gateway_is_exempt_by_its_own_address(server: Voice
         assert json.loads(refused.value.response.body)["reason"] == "per_address_limit"
         for ws in [*calls, neighbour]:
             await ws.close()
+        await wait_live(srv, 0)
+
+
+async def test_a_neighbours_flood_does_not_cool_down_an_exempt_gateway(server: VoiceServer) -> None:
+    """Cool-downs are kept per /64: a neighbour flooding from the exempt
+    gateway's /64 cools that /64 down, and the gateway (exempt, as the
+    docs say) still gets in; the neighbour's /64 does not."""
+    from voice.server.limits import CallLimits
+
+    exempt = {**BEHIND_PROXY, "per_address_exempt": ["2001:db8:1:2::a/128"], "limits": CallLimits(abuse_cooldown_s=30)}
+    async with side_server(server, **exempt) as srv:
+        neighbour = await via_proxy(srv, "2001:db8:1:2::b")
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(200):
+                await neighbour.send("not json")
+            while True:
+                await neighbour.recv()
+        assert neighbour.close_code == 1008
+        await wait_live(srv, 0)
+        with pytest.raises(InvalidStatus) as refused:
+            await via_proxy(srv, "2001:db8:1:2::c")
+        assert json.loads(refused.value.response.body)["reason"] == "abuse_cooldown"
+        gateway = await via_proxy(srv, "2001:db8:1:2::a")
+        await wait_live(srv, 1)
+        await gateway.close()
         await wait_live(srv, 0)
 
 

@@ -184,10 +184,12 @@ class CallRegistry:
             refusal = Refusal("warming_up", "warming up", retry_after_s=5)
         elif (no_llm := self.runtime.llm_refusal(self.admission.config.llm_down_grace_s)) is not None:
             refusal = Refusal("llm_unavailable", no_llm, retry_after_s=5)
-        elif (cooling := self._cooling_s(address)) > 0:
+        elif not exempt and (cooling := self._cooling_s(address)) > 0:
+            # Exempt: cool-downs are kept per /64, and a neighbour's flood
+            # must not cool down a gateway the operator exempted in it.
             refusal = Refusal(
                 "abuse_cooldown",
-                "a call from this address was just ended for abuse (audio flood or not reading)",
+                "a call from this address was just ended for abuse (audio flood, message flood or not reading)",
                 retry_after_s=cooling,
                 status=429,
             )
