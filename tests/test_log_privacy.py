@@ -91,6 +91,29 @@ async def test_digits_and_malformed_frames_stay_out_of_info_logs(server: VoiceSe
     assert any("5500-0009" in line for line in debug) and any("DTMF 4" in line for line in debug)
 
 
+async def test_connections_are_not_logged_one_line_each_above_debug(server: VoiceServer, caplog) -> None:
+    """websockets logs each connection at INFO (open, rejected, closed):
+    anyone reaching the port wrote lines as fast as they could connect.
+    At INFO they are quiet; at DEBUG they say everything."""
+    from websockets.exceptions import InvalidStatus
+
+    from voice.server.log_format import quiet_connection_logs
+
+    saved = logging.getLogger("websockets").level
+    try:
+        for level, logged in (("INFO", False), ("DEBUG", True)):
+            quiet_connection_logs(level)
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="voice"):
+                for _ in range(3):
+                    with pytest.raises(InvalidStatus):  # 404: no such route
+                        await connect(f"ws://127.0.0.1:{server.port}/nowhere")
+            lines = [r.getMessage() for r in caplog.records if r.name.startswith("websockets")]
+            assert any(line.startswith("HTTP response sent (404") for line in lines) == logged, (level, lines)
+    finally:
+        logging.getLogger("websockets").setLevel(saved)
+
+
 async def test_an_engine_failure_reaches_the_client_as_a_plain_message(
     server: VoiceServer, call_url: str, phone_prompts, monkeypatch, caplog
 ) -> None:

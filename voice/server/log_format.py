@@ -171,4 +171,14 @@ def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    quiet_connection_logs(level)
     return handler
+
+
+def quiet_connection_logs(level: str) -> None:
+    """websockets logs every connection at INFO (open, rejected, closed):
+    anyone who can reach the port could write lines as fast as they could
+    connect, past the registry's per-address throttle on refusals. Its
+    warnings and errors stay; at DEBUG it says everything."""
+    debug = level.upper() == "DEBUG"
+    logging.getLogger("websockets").setLevel(logging.DEBUG if debug else logging.WARNING)
