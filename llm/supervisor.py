@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
-from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, Usage
+from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, SentenceEndUnsupported, Usage
 from llm.config import LLMConfig
 from llm.openai_server import ENGINE_KEY_ENV
 from llm.remote_engine import RemoteEngine
@@ -347,7 +347,12 @@ class SupervisedEngine(LLMEngine):
             return await remote.sentence_end_probability(messages, session_key)
         if self.secondary is None:
             raise EngineUnavailable(f"the {self.config.engine} engine process is restarting (no secondary configured)")
-        return await self.secondary.sentence_end_probability(messages, session_key)
+        try:
+            return await self.secondary.sentence_end_probability(messages, session_key)
+        except SentenceEndUnsupported as exc:
+            # The secondary cannot (a plain vLLM server); the primary can once
+            # it is back. Said as unsupported, every call stopped asking for good.
+            raise EngineUnavailable(f"while the primary restarts: {exc}") from None
 
     def end_session(self, session_key: str) -> None:
         # The child is one llm.openai_server (no sessions); a secondary may be a router.

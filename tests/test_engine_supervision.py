@@ -199,6 +199,34 @@ async def test_primary_killed_before_first_token_is_retried_on_the_secondary(fai
     await engine.wait_up(60)
 
 
+async def test_a_secondary_that_cannot_score_sentence_ends_does_not_turn_the_probe_off(failover_server, monkeypatch):
+    """While the primary restarts, sentence-end probes go to the secondary;
+    one that cannot score them (a plain vLLM server: 404) said so as
+    SentenceEndUnsupported, and every call stopped asking for good (the
+    runtime remembers it), though the primary can once it is back. It is
+    a passing failure now; the primary answers again after its restart."""
+    from llm.base import EngineError, SentenceEndUnsupported
+
+    engine = failover_server.runtime.engine
+    await engine.wait_up(60)
+    messages = [{"role": "user", "content": "My account number is"}]
+    assert 0.0 <= await engine.sentence_end_probability(messages, "k") <= 1.0
+    replicas = getattr(engine.secondary, "replicas", [engine.secondary])
+    for replica in replicas:  # what a server without the route is remembered as (remote_engine.py)
+        monkeypatch.setattr(replica, "_scores_sentence_end", False)
+    engine.next_restart_delay_s = 600.0
+    engine.kill_child()
+    async with asyncio.timeout(10):
+        while engine.primary_up:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    with pytest.raises(EngineError) as failed:
+        await engine.sentence_end_probability(messages, "k")
+    assert not isinstance(failed.value, SentenceEndUnsupported), failed.value
+    engine.restart_now()
+    await engine.wait_up(60)
+    assert 0.0 <= await engine.sentence_end_probability(messages, "k") <= 1.0
+
+
 async def test_a_restart_that_cannot_fork_is_tried_again(supervised_server, monkeypatch):
     """The first restart after a crash fails in the OS (EAGAIN from the
     fork, as right after an OOM kill; injected here, as no test can make
