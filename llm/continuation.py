@@ -37,11 +37,16 @@ RETRY_EVERY_S = 0.2
 def continuation_of(request: GenerationRequest, said: str, deltas: int, n: int, tag: str = "c") -> GenerationRequest:
     """The request that carries ``request``'s reply on after ``said`` (which
     came as ``deltas`` streamed pieces, about a token each: a cut stream
-    never sent its usage). ``tag`` names why, in the request id."""
+    never sent its usage). ``tag`` names why, in the request id. A request
+    that itself carries a reply on (a part after a yield) has its
+    assistant message grown by ``said``, not a second one after it."""
     left = max(1, request.sampling.max_tokens - deltas)
+    messages = request.messages
+    if request.continue_final and messages and messages[-1].get("role") == "assistant":
+        messages, said = messages[:-1], messages[-1]["content"] + said
     return GenerationRequest(
         f"{request.request_id}-{tag}{n}",
-        [*request.messages, {"role": "assistant", "content": said}],
+        [*messages, {"role": "assistant", "content": said}],
         sampling=request.sampling.merged({"max_tokens": left}),
         session_key=request.session_key,
         continue_final=True,
@@ -83,10 +88,12 @@ async def stream_continuing(
                 refit = None  # once: a prompt that still does not fit fails the turn
                 log.warning("%s: the prompt did not fit the engine's context; sent again shorter", request.request_id)
                 continue
-            if not said or request.continue_final or exc.refused:
+            if not said or exc.refused:
                 # A refused continuation (a server without continue_final_message,
                 # a prompt plus what was said past the context) would be
                 # refused again every RETRY_EVERY_S until wait_s: silence.
+                # A part that carries a reply on (after a yield) is carried
+                # on like any: most of a stepping-aside reply is such parts.
                 raise
             now = time.monotonic()
             if got_text or deadline is None:  # a new cut

@@ -732,3 +732,37 @@ async def test_a_server_that_ignores_max_tokens_is_cut_and_a_huge_answer_refused
         with pytest.raises(EngineError, match="over"):
             await engine.start()
         await engine.close()
+
+
+async def test_a_part_that_carries_a_reply_on_is_itself_carried_on_when_cut():
+    """Every part of a reply after it stepped aside (llm/yielding.py) is a
+    continue_final request; one cut mid-stream failed the turn (only the
+    first part was carried on), so most of a stepping-aside reply had no
+    protection. It is carried on from its own words, the assistant message
+    grown, not a second one after it."""
+    from aiohttp import web
+
+    from llm.continuation import stream_continuing
+
+    seen: list[list[dict]] = []
+
+    async def cut_once(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(body["messages"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if len(seen) == 1:
+            await response.write(_text_chunk(" I can"))
+            request.transport.close()  # the server dies mid-part
+            return response
+        await response.write(_text_chunk(" help.") + b"data: [DONE]\n\n")
+        return response
+
+    async with Upstream(cut_once) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        messages = [*_messages("hi"), {"role": "assistant", "content": "Sure,"}]
+        request = GenerationRequest("x", messages, sampling=SamplingParams(max_tokens=16), continue_final=True)
+        text = "".join([d async for d in stream_continuing(engine, request, wait_s=5.0)])
+        assert text == " I can help." and request.usage.continuations == 1
+        assert seen[1] == [*_messages("hi"), {"role": "assistant", "content": "Sure, I can"}], seen[1]
+        await engine.close()
