@@ -565,6 +565,35 @@ async def test_realtime_response_cancel_while_the_written_reply_still_plays(serv
             assert " ".join(sentences).startswith(heard)
 
 
+async def test_realtime_truncate_mid_sentence_after_a_barge_in_is_taken(server):
+    """The standard client flow: speech over a reply whose audio is all
+    sent (response.done out), the client stops playing and truncates where
+    it stopped, mid-sentence. The barge-in left the playout only the
+    sentences wholly played, and the truncate was refused as past the
+    item's audio (an error, counted as malformed)."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            call.session.history.system_prompt = STORY
+            call.session.max_tokens = 120
+            await carrier.say(with_silence(prompt_clip(15).load(8000), 8000, 1.3), speed=None)
+            await carrier.next_event("response.done", timeout=90)
+            item_id = carrier.of("response.output_item.added")[0]["item"]["id"]
+            turn = next(r.turn for r in call.responses.values() if r.item_id == item_id)
+            assert call.playing() == turn, "the reply had played out: nothing tested"
+            assert await call.cut_reply("barge-in") == turn  # what speech over the reply does
+            kept_ms = 1000.0 * sum(seconds for _, seconds in call.playout.duration_s(turn))
+            sent_ms = sum(len(base64.b64decode(e["delta"])) for e in carrier.of("response.output_audio.delta")) / 8
+            stopped_at = kept_ms + 300  # mid-way through the sentence the caller talked over
+            assert stopped_at < sent_ms, (stopped_at, sent_ms)
+            await carrier.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                                "audio_end_ms": round(stopped_at)})  # fmt: skip
+            truncated = await carrier.next_event("conversation.item.truncated", timeout=10)
+            assert truncated["audio_end_ms"] == round(stopped_at) and not carrier.of("error"), carrier.of("error")
+
+
 async def test_realtime_truncate_before_the_reply_is_written_takes(server):
     """A client stops playing a reply and truncates it (here to nothing)
     while the server is still writing it: the truncate arrives before the

@@ -447,6 +447,9 @@ class RealtimeCall(WebSocketCall):
         # after an empty generation) is opened here: response.created and
         # its item come before any of its audio.
         await response_family.start(self, response)
+        if self.playout is not None:
+            fmt = self.playout.fmt
+            response.audio_sent_ms += 1000.0 * len(chunk) / (fmt.sample_rate * (2 if fmt.encoding == "pcm16" else 1))
         await self.send_event(
             "response.output_audio.delta", **response_family.content_ref(response), delta=b64encode(chunk)
         )

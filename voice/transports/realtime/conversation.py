@@ -91,7 +91,10 @@ async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
         raise RealtimeError(f"no assistant item {str(item_id)[:40]!r}", "item_not_found", "item_id")
     if call.playout is not None:
         pieces = call.playout.duration_s(response.turn)
-        sent_ms = 1000.0 * sum(seconds for _, seconds in pieces)
+        # What was sent, not what the playout keeps: after a barge-in it
+        # keeps only the sentences wholly played, and a client truncates
+        # where its playback stopped, mid-sentence.
+        sent_ms = max(response.audio_sent_ms, 1000.0 * sum(seconds for _, seconds in pieces))
         if response.finished and audio_end_ms > sent_ms + TRUNCATE_SLACK_MS:
             # OpenAI: "If the audio_end_ms is greater than the actual audio
             # duration, the server will respond with an error." Checked once

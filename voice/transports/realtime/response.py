@@ -35,6 +35,9 @@ class Response:
     held: list[dict[str, Any]] = field(default_factory=list)
     # Released, its held events still going out: new ones queue behind them.
     draining: bool = False
+    # Milliseconds of its audio sent (a truncate may name any point of it;
+    # after a barge-in the playout keeps only the sentences wholly played).
+    audio_sent_ms: float = 0.0
     text: str = ""
     done: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
