@@ -899,6 +899,34 @@ async def test_realtime_response_create_without_a_caller_turn_is_rate_limited(se
             assert not call.finished and len(carrier.of("response.created")) == UNSPOKEN_REPLY_BURST
 
 
+async def test_realtime_a_response_cancelled_before_its_task_ran_still_ends(server):
+    """response.create then response.cancel in one socket read: the reply
+    (nobody spoke for it) is cancelled before its task's first step, so no
+    reply path ran to end it; the client, which saw response.created, got
+    no response.done and waited for good, and every later response.create
+    was refused as one already in progress. Here the two happen with no
+    await between them, as they do in one read."""
+    from voice.call.turn import SpokenFirst
+    from voice.transports.realtime.response import Response, start
+
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.created", timeout=10)
+            await call.ensure_started()
+            turn = call.session.speak_first(SpokenFirst())  # what response.create does
+            call.responses[turn] = response = Response(turn, released=True)
+            assert call.session.cancel_reply()  # what response.cancel does, before the turn's first step
+            await start(call, response)
+            done = await carrier.next_event("response.done", timeout=30)
+            assert done["response"]["status"] == "cancelled", done
+            seen = len(carrier.events)
+            await carrier.send({"type": "response.create"})
+            done = await carrier.next_event("response.done", timeout=60, after=seen)
+            assert done["response"]["status"] == "completed" and not carrier.of("error"), carrier.of("error")
+
+
 async def test_realtime_response_create_right_after_response_done_is_a_new_response(server):
     """A reply's audio goes out as fast as it is made, so its response.done
     is on the wire while the client still plays it: a response.create then

@@ -252,6 +252,7 @@ class Turn:
         self._gate = asyncio.Event()
         self._final: asyncio.Future[Any] | None = None  # its final decode, once asked for
         self._started = False  # its task has taken its first step
+        self._cancelled_at_start = False  # a speak-first turn cancelled before its first step
         self._held: list[dict[str, Any]] = []
         if committed:
             self._gate.set()
@@ -287,9 +288,25 @@ class Turn:
             # Cancelled before its first step, its task never runs (_run's
             # handler included): a committed turn's words are handed on here.
             self._started = True
+            if self.spoken_first is not None:
+                # Its client saw it created (Realtime response.create, then
+                # response.cancel in the same read): the task runs, to end it.
+                self._cancelled_at_start = True
+                return True
             self._hand_on_undecoded()
         self.task.cancel()
         return True
+
+    async def _unspoken_cancelled(self) -> None:
+        """A reply nobody spoke for (speak_first) cancelled before it began
+        (before its first step, or at the reply gate): no reply path ran to
+        end it, and its client, which saw it created, waited for good."""
+        if self.outcome_given:
+            return
+        self.outcome_given = True
+        self.reply_end = "cancelled"
+        self.ctx.finished(TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=False))
+        await self._report(cancelled=True, failed=None)
 
     def _hand_on_undecoded(self) -> None:
         """A committed turn talked over before its final was asked for: it is
@@ -329,9 +346,13 @@ class Turn:
     async def _run(self) -> None:
         self._started = True
         try:
+            if self._cancelled_at_start:
+                raise asyncio.CancelledError
             await self._run_gated()
         except asyncio.CancelledError:
-            if self.committed and self._final is None:
+            if self.spoken_first is not None:
+                await self._unspoken_cancelled()
+            elif self.committed and self._final is None:
                 # Talked over while it waited its turn at the reply gate.
                 self._hand_on_undecoded()
             elif not self.committed and self._final is not None and self._final.done():
