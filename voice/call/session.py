@@ -43,7 +43,6 @@ from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
 from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
-from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, MAX_CALL_LENGTH
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -68,10 +67,6 @@ MAX_CARRIED_KEYPRESSES = 32
 # Ends that say the call is over (the client's stop, the carrier's stop or
 # hang-up), not that its connection was lost: its stored conversation goes.
 HUNG_UP = ("client_stop", "carrier_stop")
-# Ends the server chose for the call itself (limits.py), not for its
-# connection: the call is over, and a re-attach must not carry it on
-# (Twilio re-attaches whenever a stream closes, however it closed).
-ENDED_BY_SERVER = tuple(end.reason for end in (MAX_CALL_LENGTH, MALFORMED_FLOOD, AUDIO_FLOOD))
 
 
 def new_call_id() -> str:
@@ -471,12 +466,16 @@ class CallSession:
         self.history.set_instructions(prompt, self.prompt_budget())
         self._save_state()
 
-    async def stop(self, reason: str = "client_stop", heard: dict[int, str] | None = None) -> None:
+    async def stop(
+        self, reason: str = "client_stop", heard: dict[int, str] | None = None, ended_by_server: bool = False
+    ) -> None:
         """Caller hung up (or the transport closed): release everything.
         ``heard``: turn -> what the caller heard of its reply, for replies
         whose audio was still going out (or whose cut was still waiting for
         the turn to end): applied once the turns are stopped, so a call that
-        re-attaches does not carry on as if the caller heard it all."""
+        re-attaches does not carry on as if the caller heard it all.
+        ``ended_by_server``: the server ended the call itself (its length,
+        a flood), not its connection: it is not picked up again."""
         if self.closed:
             return
         self.closed = True
@@ -508,7 +507,7 @@ class CallSession:
         if self._state is not None:
             if reason in HUNG_UP:
                 await self._state.forget()
-            elif reason in ENDED_BY_SERVER:
+            elif ended_by_server:
                 await self._state.forget(ended=reason)
             else:  # a lost socket, a drain: the call may re-attach
                 await self._state.flush()

@@ -34,7 +34,7 @@ from streaming.tts import TextToSpeech, TTSError, shared_tts
 from voice.call.audio_budget import AudioFlood
 from voice.call.session import CallSession
 from voice.call.start import ProtocolError, Start
-from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, SUPERSEDED, CallEnd
+from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, MAX_CALL_LENGTH, SUPERSEDED, CallEnd
 from voice.server.log_format import WarningBudget, redact_quoted
 from voice.server.runtime import Runtime
 
@@ -104,6 +104,12 @@ class UnsupportedMedia(CallRefused):
 
     def __init__(self, text: str) -> None:
         super().__init__("unsupported_media_format", text)
+
+
+# Ends the server chose for the call itself, not for its connection: the
+# call is over, and a re-attach must not carry it on (Twilio re-attaches
+# whenever a stream closes, however it closed; voice/call/store.py).
+ENDED_BY_SERVER = frozenset(end.reason for end in (MAX_CALL_LENGTH, MALFORMED_FLOOD, AUDIO_FLOOD))
 
 
 class MalformedMessage(ValueError):
@@ -293,7 +299,7 @@ class TelephonyCall:
             heard = self.heard_so_far()
             if self.playout is not None:
                 await self.playout.close()
-            await self.session.stop(reason, heard)
+            await self.session.stop(reason, heard, ended_by_server=reason in ENDED_BY_SERVER)
         finally:
             # Counted off whatever the release raised: a call that leaves its
             # count behind holds a --max-calls slot for the server's life.
