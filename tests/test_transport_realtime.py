@@ -20,6 +20,7 @@ from tests.fake_carrier import CallWatcher, FakeRealtime
 from tests.transport_checks import (
     STORY,
     barge_in_call,
+    by_name,
     hangups_release_everything,
     malformed_then_call,
     prompt_clip,
@@ -175,6 +176,40 @@ async def test_realtime_push_to_talk_holds_the_reply_until_response_create(serve
         await carrier.next_event("response.created", after=mark, timeout=5)
         done = await carrier.next_event("response.done", after=mark)
         assert done["response"]["status"] == "completed" and done["response"]["output"][0]["content"][0]["text"]
+
+
+async def test_realtime_a_caller_who_resumes_right_after_the_reply_began_is_one_item(server):
+    """A caller who goes on within the resume grace after the reply began
+    was not done: the server takes their turn and its reply out of the
+    conversation and answers both halves as one item. The client is told
+    (conversation.item.deleted for both): it kept the first half's item and
+    the reply, then got an item holding both halves' words."""
+    first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, instructions=STORY)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            await carrier.say(with_silence(first.load(24000), 24000, 1.5), speed=4.0)
+            await carrier.next_event("response.output_text.delta", timeout=60)
+            seen = len(carrier.events)
+            await carrier.say(with_silence(second.load(24000), 24000, 1.5), speed=4.0)
+            resumed = await watcher.wait_event(call, "turn.resumed", timeout=20)
+            half = carrier.of("conversation.item.input_audio_transcription.completed")[0]["item_id"]
+            reply = carrier.of("response.output_item.added")[0]["item"]["id"]
+            both = await carrier.next_event("conversation.item.input_audio_transcription.completed", after=seen)
+            text = f"{first.reference} {second.reference}"
+            assert word_error_rate(text, both["transcript"]) <= 0.4, (text, both["transcript"])
+            async with asyncio.timeout(30):
+                while {e["item_id"] for e in carrier.of("conversation.item.deleted")} != {half, reply}:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            added = [e for e in carrier.of("conversation.item.added") if e["item"]["id"] == both["item_id"]]
+            assert added and added[0]["previous_item_id"] not in (half, reply), added
+            done = await carrier.next_event("response.done", after=seen, timeout=90)
+            while done["response"]["output"][0]["id"] == reply:
+                done = await carrier.next_event("response.done", after=carrier.events.index(done) + 1, timeout=90)
+            assert done["response"]["status"] == "completed", done
+            assert resumed["turn"] not in call.session.history.asked
 
 
 async def test_realtime_a_held_reply_released_mid_generation_keeps_its_order(server):

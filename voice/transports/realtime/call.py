@@ -272,6 +272,8 @@ class RealtimeCall(WebSocketCall):
             response = self.responses.get(turn)
             if response is not None:
                 response.done = ev
+        elif kind == "turn.resumed" and isinstance(turn, int):
+            await self._on_resumed(turn)
         elif kind == "turn.metrics" and isinstance(turn, int):
             response = self.responses.get(turn)
             if response is not None and response.done is not None:
@@ -392,12 +394,33 @@ class RealtimeCall(WebSocketCall):
             if self.response_requested:
                 self._defer_create()
             return
-        response = Response(turn, user_item_id=item_id)
+        response = Response(turn, user_item_id=item_id, before_item_id=previous)
         self.responses[turn] = response
         if self.settings.auto_respond or self.response_requested:
             self.response_requested = False
             response.released = True
             await response_family.start(self, response)
+
+    async def _on_resumed(self, turn: int) -> None:
+        """The caller went on within the resume grace: the server took their
+        turn and its reply out of the conversation, and the words lead the
+        next item's transcript. The client's conversation drops the two as
+        well (conversation.item.deleted; the reply's once its response.done
+        is out), or it held the caller's words twice and a reply the model
+        never saw again."""
+        response = self.responses.get(turn)
+        if response is None or not response.user_item_id:
+            return  # no transcript went out: the item was reopened instead
+        await self.send_event("conversation.item.deleted", item_id=response.user_item_id)
+        if self.last_item_id in (response.user_item_id, response.item_id):
+            self.last_item_id = response.before_item_id
+        if not response.released:
+            response.dropped = True
+            response.held.clear()
+        elif response.finished:
+            await self.send_event("conversation.item.deleted", item_id=response.item_id)
+        else:
+            response.retracted = True
 
     def _defer_create(self) -> None:
         """A response.create waited for a turn that ended with no words (or

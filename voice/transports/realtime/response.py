@@ -35,6 +35,10 @@ class Response:
     held: list[dict[str, Any]] = field(default_factory=list)
     # Released, its held events still going out: new ones queue behind them.
     draining: bool = False
+    # The item before its caller's item, and whether the two left the
+    # conversation (the caller went on: turn.resumed).
+    before_item_id: str | None = None
+    retracted: bool = False
     # Milliseconds of its audio sent (a truncate may name any point of it;
     # after a barge-in the playout keeps only the sentences wholly played).
     audio_sent_ms: float = 0.0
@@ -233,6 +237,8 @@ async def finish(call: RealtimeCall, response: Response) -> None:
     body["metadata"] = metadata(call, response)
     response.finished = True
     await call.send_event("response.done", response=body)
+    if response.retracted:
+        await call.send_event("conversation.item.deleted", item_id=response.item_id)
     # Kept (the newest few, see RealtimeCall.prune): a client truncates an
     # item while it is still playing it, after response.done.
     call.prune()
