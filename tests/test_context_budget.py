@@ -32,6 +32,22 @@ def test_history_is_trimmed_oldest_first_by_tokens() -> None:
     assert "number 0 " not in " ".join(m["content"] for m in fitted)
 
 
+def test_a_callers_turn_longer_than_the_room_left_keeps_its_newest_words() -> None:
+    """Instructions that leave little room and a long caller turn: the
+    caller's words alone overflowed the budget (only past turns were left
+    out), and the turn's retry rebuilt the same prompt. Their newest words
+    are kept, within the budget."""
+    history = History("Be brief and kind. " * 40, max_turns=10)
+    history.remember(1, "hello there", "Hi, how can I help?")
+    words = " ".join(f"item {i}," for i in range(300))
+    budget = prompt_tokens([{"role": "system", "content": history.system_prompt}]) + 120
+    fitted = history.messages(words, None, budget)
+    assert prompt_tokens(fitted) <= budget, (prompt_tokens(fitted), budget)
+    said = fitted[-1]["content"]
+    assert fitted[-1]["role"] == "user" and said.endswith("item 299,") and len(said) < len(words) // 4, said
+    assert words.endswith(said)
+
+
 def test_example_turns_follow_the_servers_prompt_only() -> None:
     """The example turns sit between the system prompt and the call's own
     history, are never trimmed as history, and count against the budget; a

@@ -60,6 +60,16 @@ def estimate_tokens(text: str) -> int:
     return (len(raw) - digits - other_scripts) // 3 + digits + other_scripts * 3 // 4 + 1
 
 
+def newest_within(text: str, tokens: int) -> str:
+    """The newest words of ``text`` that estimate_tokens counts as at most ``tokens``."""
+    kept: list[str] = []
+    for word in reversed(text.split()):
+        if estimate_tokens(" ".join([word, *kept])) > tokens:
+            break
+        kept.insert(0, word)
+    return " ".join(kept)
+
+
 def prompt_tokens(messages: list[Message]) -> int:
     return sum(estimate_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in messages)
 
@@ -196,9 +206,15 @@ class History:
             new = [{"role": "user", "content": GO_ON_CUE if past else OPENING_CUE}]
         head = [{"role": "system", "content": system}, *self.examples()]
         if budget_tokens is not None:
+            room = budget_tokens - prompt_tokens(head)
+            if user_text is not None and prompt_tokens(new) > room:
+                # The caller's words alone overflow what the instructions
+                # leave (long instructions, a long turn): their newest words,
+                # or every retry of the turn would fail the same way.
+                new = [{"role": "user", "content": newest_within(user_text, room - PER_MESSAGE_TOKENS)}]
             # One cue's room beyond the messages' own: the oldest kept line
             # may be the agent's with its caller line trimmed away.
-            spare = budget_tokens - prompt_tokens(head) - prompt_tokens(new) - CUE_TOKENS
+            spare = room - prompt_tokens(new) - CUE_TOKENS
             past = self._fit(past, spare, user_text is not None)
         from_start = bool(past) and past[0] is self.messages_so_far[0]
         said = [{**m, "content": without_template_tokens(m["content"])} for m in alternating([*past, *new], from_start)]
