@@ -962,6 +962,41 @@ async def test_realtime_a_response_cancelled_before_its_task_ran_still_ends(serv
             assert done["response"]["status"] == "completed" and not carrier.of("error"), carrier.of("error")
 
 
+async def test_realtime_instructions_and_system_items_are_checked_together(server):
+    """Before the first audio, instructions and a system item that each fit
+    the context but not together were both taken (each was checked alone,
+    the item against the server's prompt): the call's start then failed on
+    every append and the flood of errors closed it. Whichever comes second
+    is refused (context_too_large), in either order."""
+    from voice.call.history import estimate_tokens
+
+    for second in ("instructions", "item"):
+        carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+        with CallWatcher() as watcher:
+            async with carrier:
+                call = await watcher.one()
+                await carrier.next_event("session.updated", timeout=10)
+                budget = call.session.prompt_budget()
+                text = ""
+                while estimate_tokens(text) < 0.6 * budget:
+                    text += "Answer in one short sentence. "
+                item = {"type": "conversation.item.create", "item": {"type": "message", "role": "system",
+                        "content": [{"type": "input_text", "text": text}]}}  # fmt: skip
+                update = {"type": "session.update", "session": {"type": "realtime", "instructions": text}}
+                first, then = (item, update) if second == "instructions" else (update, item)
+                seen = len(carrier.events)
+                await carrier.send(first)
+                await carrier.next_event("conversation.item.added" if first is item else "session.updated", after=seen)
+                await carrier.send(then)
+                error = await carrier.next_event("error", after=seen, timeout=10)
+                assert error["error"]["code"] == "context_too_large", (second, error)
+                await carrier.say(np.zeros(4800, np.float32), speed=None)  # the call starts as set up before
+                async with asyncio.timeout(10):
+                    while not call.session.started:  # noqa: ASYNC110
+                        await asyncio.sleep(0.02)
+                assert len(carrier.of("error")) == 1, carrier.of("error")
+
+
 async def test_realtime_response_create_right_after_response_done_is_a_new_response(server):
     """A reply's audio goes out as fast as it is made, so its response.done
     is on the wire while the client still plays it: a response.create then

@@ -184,10 +184,10 @@ class History:
     def set_instructions(self, instructions: str, budget_tokens: int | None) -> None:
         """New instructions (the client's system items stay); raises
         ContextTooLarge when the prompt they make is too long."""
-        self._check_prompt(self.prompt_with(instructions), budget_tokens)
+        self.check_prompt(self.prompt_with(instructions), budget_tokens)
         self.instructions = instructions
 
-    def _check_prompt(self, prompt: str, budget_tokens: int | None) -> None:
+    def check_prompt(self, prompt: str, budget_tokens: int | None) -> None:
         """Within MAX_INSTRUCTIONS characters and leaving room for a turn."""
         if len(prompt) > MAX_INSTRUCTIONS:
             raise ContextTooLarge(f"instructions would exceed {MAX_INSTRUCTIONS} characters")
@@ -317,12 +317,14 @@ class History:
                 keep_heard(messages, replies, turn, words)
         return messages
 
-    def add(self, role: str, text: str, budget_tokens: int | None = None) -> None:
+    def add(self, role: str, text: str, budget_tokens: int | None = None, instructions: str | None = None) -> None:
         """A text message a client adds (Realtime ``conversation.item.create``):
         system text extends the instructions, user/assistant text joins the
-        conversation the next turn is answered in."""
+        conversation the next turn is answered in. ``instructions``: the
+        ones the call will start with, where they are not these yet (a
+        Realtime session before its first audio)."""
         if role == "system":
-            self._check_prompt(f"{self.system_prompt}\n\n{text}", budget_tokens)
+            self.check_prompt(f"{self.prompt_with(instructions or self.instructions)}\n\n{text}", budget_tokens)
             self.system_items.append(text)
         else:
             self.messages_so_far.append({"role": role, "content": text})

@@ -841,10 +841,10 @@ class CallSession:
         finally:
             self._prefilling = False
 
-    def add_context(self, role: str, text: str) -> None:
+    def add_context(self, role: str, text: str, instructions: str | None = None) -> None:
         """A text message the client adds to the conversation (Realtime
         ``conversation.item.create``); see History.add."""
-        self.history.add(role, text, self.prompt_budget())
+        self.history.add(role, text, self.prompt_budget(), instructions)
         self._save_state()
 
     def messages(self, user_text: str | None, instructions: str | None = None) -> list[dict[str, str]]:
@@ -911,6 +911,13 @@ class CallSession:
     def check_instructions(self, prompt: str, max_tokens: int | None = None) -> None:
         """Raises ContextTooLarge if ``prompt`` leaves no room for a turn."""
         self.history.check_instructions(prompt, self.prompt_budget(max_tokens))
+
+    def check_new_instructions(self, instructions: str, max_tokens: int | None = None) -> None:
+        """Raises ContextTooLarge if these instructions, with the system
+        items the client added, make a prompt too long or one that leaves no
+        room for a turn (checked alone, the two passed one by one and every
+        turn of the call then failed)."""
+        self.history.check_prompt(self.history.prompt_with(instructions), self.prompt_budget(max_tokens))
 
     def reply_in_flight(self) -> bool:
         """A committed turn is decoding or replying, or the caller's turn is

@@ -46,7 +46,10 @@ async def item_create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     if not text or len(text) > MAX_CONTEXT_CHARS:
         raise RealtimeError(f"item text must be 1..{MAX_CONTEXT_CHARS} characters", "invalid_value", "item.content")
     try:
-        call.session.add_context(role, text)
+        # Before the first audio the client's instructions are not the
+        # call's yet: a system item is checked with them, not the server's.
+        pending = None if call.session.started else call.settings.instructions
+        call.session.add_context(role, text, pending)
     except ValueError as exc:
         raise RealtimeError(str(exc), "context_too_large", "item.content") from None
     item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")

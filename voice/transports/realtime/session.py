@@ -52,7 +52,7 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
     new = apply_update(call.settings, update)
     if new.instructions:
         try:
-            call.session.check_instructions(new.instructions, new.max_output_tokens)
+            call.session.check_new_instructions(new.instructions, new.max_output_tokens)
         except ValueError as exc:
             raise RealtimeError(str(exc), "context_too_large", "instructions") from None
     if call.session.started:
