@@ -461,10 +461,16 @@ class NativeTextClient(NativeClient):
     has_audio = False
 
 
+SENTENCE_MARKS = (".", "!", "?", "…", '."', '!"', '?"')
+
+
 class RealtimeClient(Client):
     """OpenAI Realtime (GA event names), speech in as audio/pcmu, server VAD.
     Sentences are cut client-side from the text deltas with firstline's
-    segmenter; ``response.done`` with status ``cancelled`` is the barge-in."""
+    segmenter; a delta that ends on a sentence's last mark ends it there
+    (firstline's deltas are whole sentences, and the segmenter would wait
+    for the next one to be sure); ``response.done`` with status
+    ``cancelled`` is the barge-in."""
 
     name = "realtime"
     path = Realtime.path
@@ -516,7 +522,12 @@ class RealtimeClient(Client):
             self._sentences = 0
         elif kind in ("response.output_text.delta", "response.text.delta", "response.output_audio_transcript.delta"):
             tl.add("delta", self._turn)
-            for sentence in (self._segmenter or SentenceSegmenter()).push(msg.get("delta", "")):
+            segmenter = self._segmenter or SentenceSegmenter()
+            delta = str(msg.get("delta", ""))
+            sentences = segmenter.push(delta)
+            if delta.rstrip().endswith(SENTENCE_MARKS):
+                sentences += segmenter.flush()
+            for sentence in sentences:
                 tl.add("sentence", self._turn, first=self._sentences == 0, text=sentence)
                 self._sentences += 1
         elif kind == "response.done":

@@ -73,6 +73,19 @@ async def test_loadgen_native_call_with_reply_audio(server, phone_prompts):
     assert rec["protocol"] == "native"
 
 
+async def test_loadgen_realtime_call_times_a_sentence_at_its_own_delta(server, phone_prompts):
+    """firstline's Realtime text deltas are whole sentences: the client
+    times each at its own delta. The segmenter alone waited for the next
+    delta to be sure, so the first sentence was timed when the second came
+    (or response.done, for the last)."""
+    options = dataclasses.replace(FAST, protocol="realtime")
+    [rec] = await run_call(f"ws://127.0.0.1:{server.port}", one_turn(phone_prompts[3]), options)
+    assert rec["protocol"] == "realtime" and rec["ttfs_ms"] is not None, rec
+    # The first delta is the first sentence: timed at the same moment.
+    assert rec["ttfs_ms"] - rec["first_token_ms"] < 5, rec
+    assert rec["sentences_ms"] == sorted(rec["sentences_ms"]), rec
+
+
 async def test_a_turn_the_caller_talks_over_still_gets_its_server_metrics(server, phone_prompts):
     """The record of a turn is taken when the next turn barges in, before
     the server's turn.metrics for it (they follow the reply's end): they are

@@ -246,9 +246,36 @@ async def test_realtime_a_held_reply_released_mid_generation_keeps_its_order(ser
             assert not any(e["type"] == "response.done" for e in emitted), "the reply was written before the create"
             await carrier.send({"type": "response.create"})
             await carrier.next_event("response.done", timeout=90)
-            written = "".join(e["text"] for e in emitted if e["type"] == "response.delta")
+            written = " ".join(e["text"] for e in emitted if e["type"] == "response.sentence")
             sent = "".join(e["delta"] for e in carrier.of("response.output_text.delta"))
             assert sent == written, (sent, written)
+
+
+async def test_realtime_text_deltas_add_up_to_what_was_said(server):
+    """The text deltas are the sentences the caller was sent: the model's
+    own tokens past the sentence cap (here one sentence) were sent as
+    deltas too, and the deltas did not add up to response.done's text."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, instructions=STORY)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            call.session.reply_policy = dataclasses.replace(call.session.reply_policy, max_sentences=1)
+            generated: list[str] = []
+            emit = call.session.emit
+
+            async def emit_seen(ev):
+                if ev["type"] == "response.delta":
+                    generated.append(ev["text"])
+                await emit(ev)
+
+            call.session.emit = emit_seen
+            await carrier.say(with_silence(prompt_clip(14).load(24000), 24000, 1.0), speed=None)
+            done = await carrier.next_event("response.done", timeout=90)
+            said = done["response"]["output"][0]["content"][0]["text"]
+            deltas = "".join(e["delta"] for e in carrier.of("response.output_text.delta"))
+            assert deltas == said and said, (deltas, said)
+            assert len("".join(generated).strip()) > len(said), "the model stopped at the cap by itself: nothing tested"
 
 
 async def test_realtime_a_held_reply_never_asked_for_leaves_the_conversation(server):

@@ -267,7 +267,17 @@ class RealtimeCall(WebSocketCall):
         elif kind == "response.delta" and isinstance(turn, int):
             response = self.responses.get(turn)
             if response is not None:
-                await response_family.delta(self, response, str(ev.get("text", "")))
+                await response_family.start(self, response)  # opened at the first token, as before
+        elif kind == "response.sentence" and isinstance(turn, int):
+            # The text deltas are the sentences the caller is sent, not the
+            # model's tokens: those include a sentence the reply guard left
+            # out (a loop), the words past the sentence cap or a cut token
+            # budget, and the deltas did not add up to the transcript in
+            # response.done (a fallback sentence came on top of them).
+            response = self.responses.get(turn)
+            if response is not None:
+                text = str(ev.get("text", ""))
+                await response_family.delta(self, response, f" {text}" if response.text else text)
         elif kind == "response.done" and isinstance(turn, int):
             response = self.responses.get(turn)
             if response is not None:

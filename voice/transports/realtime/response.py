@@ -197,11 +197,6 @@ async def finish(call: RealtimeCall, response: Response) -> None:
     )
     status = "failed" if failed else "cancelled" if done.get("cancelled") or response.cut_short else "completed"
     text = str(done.get("text") or response.text)
-    if (response.metrics or {}).get("fallback") and text:
-        # The reply policy's fallback sentence is not the model's text, so
-        # no delta carried it: a client that builds the reply from deltas
-        # gets it here.
-        await delta(call, response, f" {text}" if response.text else text)
     ref = content_ref(response)
     if call.settings.audio_out:
         await call.send_event("response.output_audio.done", **ref)
