@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -249,6 +250,42 @@ async def test_realtime_a_held_reply_released_mid_generation_keeps_its_order(ser
             written = " ".join(e["text"] for e in emitted if e["type"] == "response.sentence")
             sent = "".join(e["delta"] for e in carrier.of("response.output_text.delta"))
             assert sent == written, (sent, written)
+
+
+async def test_realtime_a_long_append_lets_other_calls_run_between_its_frames(server):
+    """One append may carry 15 s of audio, fed to the session in frames;
+    each frame is VAD work on the shared event loop, and the frames ran back
+    to back with nothing else in between. Here a task counts its turns on
+    the loop, and each frame sees the count move on."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.updated", timeout=10)
+            ticks, seen_at_frame = 0, []
+            feed = call.audio
+
+            async def counted(payload):
+                seen_at_frame.append(ticks)
+                await feed(payload)
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            call.audio = counted
+            counting = asyncio.ensure_future(ticker())
+            try:
+                audio = float_to_int16(np.zeros(24000 * 5, np.float32)).tobytes()  # 5 s: several frames
+                await carrier.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode()})
+                async with asyncio.timeout(10):
+                    while len(seen_at_frame) < 4:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+            finally:
+                counting.cancel()
+            assert all(b > a for a, b in itertools.pairwise(seen_at_frame)), seen_at_frame
 
 
 async def test_realtime_text_deltas_add_up_to_what_was_said(server):

@@ -3,6 +3,7 @@ client's own end of turn (push-to-talk) or a cleared buffer."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from voice.call.start import MAX_AUDIO_FRAME
@@ -19,6 +20,10 @@ async def append(call: RealtimeCall, msg: dict[str, Any]) -> None:
     # One append may hold seconds of audio: fed in frames the session accepts.
     step = MAX_AUDIO_FRAME // 2 - (MAX_AUDIO_FRAME // 2) % 2
     for offset in range(0, len(audio), step):
+        if offset:
+            # Other calls run between frames: an append of 15 s of audio is
+            # twenty frames of VAD work, which held the shared loop at once.
+            await asyncio.sleep(0)
         await call.audio(audio[offset : offset + step])
 
 
