@@ -230,6 +230,38 @@ async def test_a_neighbours_flood_does_not_cool_down_an_exempt_gateway(server: V
         await wait_live(srv, 0)
 
 
+async def test_a_handler_stuck_after_the_drain_does_not_hold_the_server_up(server: VoiceServer) -> None:
+    """After the drain the server waits for its call handlers to release
+    their calls; one that never returned held the process up until it was
+    killed. close() gives them a deadline (serve_forever: the close
+    handshake's limit and HANDLERS_RELEASE_S)."""
+    import time
+
+    from voice.server.config import ServerConfig
+
+    entered, handlers = asyncio.Event(), []
+
+    async def stuck(ws, runtime) -> None:
+        handlers.append(asyncio.current_task())
+        entered.set()
+        await asyncio.sleep(3600)  # a release that never ends
+
+    srv = VoiceServer(ServerConfig(port=0), runtime=server.runtime)
+    srv.route = lambda path: stuck  # type: ignore[method-assign]
+    await srv.start()
+    ws = await connect(f"ws://127.0.0.1:{srv.port}/v1/call")
+    try:
+        await asyncio.wait_for(entered.wait(), 5)
+        await srv.drain(deadline_s=0.2)
+        started = time.monotonic()
+        await asyncio.wait_for(srv.close(handlers_timeout_s=0.5), 10)
+        assert time.monotonic() - started < 5
+    finally:
+        for task in handlers:
+            task.cancel()
+        await ws.close()
+
+
 async def test_drain_ends_audiosocket_calls_and_refuses_new_ones(server: VoiceServer) -> None:
     async with side_server(server) as srv:
         ws = await ws_call(srv)

@@ -46,6 +46,9 @@ from voice.transports.carriers.parameters import RESUME_PARAMETER, SECRET_PARAME
 from voice.transports.media_json import header_values
 
 log = logging.getLogger(__name__)
+# After a drain, what the call handlers get to release their calls (a state
+# write, a playout's close) beyond the close handshake's own limit.
+HANDLERS_RELEASE_S = 5.0
 
 # websockets' own hard cap, a quarter above the protocols' own frame limit
 # (1 MiB, voice/transports/media_json.py): a frame between the two is read
@@ -542,10 +545,19 @@ class VoiceServer:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
+    async def close(self, handlers_timeout_s: float | None = None) -> None:
+        """Stop listening and release the runtime. ``handlers_timeout_s``:
+        the longest the call handlers still releasing get (None: as long as
+        they take); past it the server stops without them, or one stuck
+        handler held the process up after its drain until it was killed."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            try:
+                async with asyncio.timeout(handlers_timeout_s):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                log.error("calls still releasing %g s after the listener closed: stopping without them",
+                          handlers_timeout_s)  # fmt: skip
         if self.audiosocket is not None:
             self.audiosocket.close()
             await self.audiosocket.wait_closed()
@@ -581,5 +593,5 @@ class VoiceServer:
             loop.add_signal_handler(sig, on_signal)
         await stop.wait()
         await self.drain()
-        await self.close()
+        await self.close(handlers_timeout_s=self.config.limits.close_timeout_s + HANDLERS_RELEASE_S)
         log.info("firstline stopped")
