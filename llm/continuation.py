@@ -39,8 +39,11 @@ def continuation_of(request: GenerationRequest, said: str, deltas: int, n: int, 
     came as ``deltas`` streamed pieces, about a token each: a cut stream
     never sent its usage). ``tag`` names why, in the request id. A request
     that itself carries a reply on (a part after a yield) has its
-    assistant message grown by ``said``, not a second one after it."""
-    left = max(1, request.sampling.max_tokens - deltas)
+    assistant message grown by ``said``, not a second one after it.
+    The tokens already spent are the engine's count where it gave one: with
+    speculative decoding a piece carries several tokens, and counting pieces
+    let every continuation overrun max_tokens."""
+    left = max(1, request.sampling.max_tokens - max(deltas, request.usage.completion_tokens))
     messages = request.messages
     if request.continue_final and messages and messages[-1].get("role") == "assistant":
         messages, said = messages[:-1], messages[-1]["content"] + said

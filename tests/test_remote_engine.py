@@ -766,3 +766,18 @@ async def test_a_part_that_carries_a_reply_on_is_itself_carried_on_when_cut():
         assert text == " I can help." and request.usage.continuations == 1
         assert seen[1] == [*_messages("hi"), {"role": "assistant", "content": "Sure, I can"}], seen[1]
         await engine.close()
+
+
+def test_a_continuation_gets_the_tokens_left_by_the_engines_count():
+    """A cut reply is carried on with what is left of max_tokens: counted
+    by the engine where it said (speculative decoding streams several
+    tokens a piece), by the pieces otherwise."""
+    from llm.base import Usage
+    from llm.continuation import continuation_of
+
+    request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=60))
+    assert continuation_of(request, "Sure,", 10, 1).sampling.max_tokens == 50  # pieces: about a token each
+    request.usage = Usage(completion_tokens=45)  # the engine's count: 4.5 tokens a piece
+    assert continuation_of(request, "Sure,", 10, 1).sampling.max_tokens == 15
+    request.usage = Usage(completion_tokens=90)
+    assert continuation_of(request, "Sure,", 10, 1).sampling.max_tokens == 1  # never none: the request must be valid
