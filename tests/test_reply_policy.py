@@ -12,6 +12,7 @@ from voice.call.reply_policy import (
     STOP_LOOP,
     ReplyGuard,
     ReplyPolicy,
+    asks_about_it,
     asks_to_repeat,
     is_complete,
     split_sentences,
@@ -40,6 +41,8 @@ def said(policy: ReplyPolicy, reply: str, previous: str = "", caller: str | None
         if verdict != SEND:
             return out, verdict
         out.append(sentence)
+    if not out and guard.repeated_previous is not None:
+        return [guard.repeated_previous], "complete"  # rather than the fallback
     return out, STOP_LOOP if guard.said_nothing_but_loops else "complete"
 
 
@@ -119,7 +122,41 @@ def test_a_caller_who_asks_again_gets_the_last_reply_again() -> None:
         assert said(ReplyPolicy(), restated, previous, caller) == ([restated], "complete"), caller
     for caller in ("What time is it?", "I need to book a table.", None, ""):
         assert not asks_to_repeat(caller), caller
-        assert said(ReplyPolicy(), restated, previous, caller) == ([], STOP_LOOP), caller
+
+
+def test_a_question_about_the_last_reply_may_be_answered_with_it() -> None:
+    """A question ("Is it Friday?") or a short clarifier ("What?") may get
+    the last reply restated: it was left out as a loop, and the caller
+    heard only the rest ("Anything else?") or, with nothing else, the
+    fallback asking them to say it again."""
+    previous = "Sure. Your appointment is on Friday at ten."
+    answer = "Yes, your appointment is on Friday at ten. Anything else?"
+    for caller in ("Is it Friday?", "Wait, which day?", "What?", "Sorry?", "Huh?", "Excuse me"):
+        assert asks_about_it(caller), caller
+        assert said(ReplyPolicy(), answer, previous, caller) == (split_sentences(answer), "complete"), caller
+    # A statement: the restatement is left out, and the rest goes out.
+    assert said(ReplyPolicy(), answer, previous, "I need to book a table.") == (["Anything else?"], "complete")
+
+
+def test_a_reply_that_only_restates_the_last_one_says_it_rather_than_the_fallback() -> None:
+    """All the reply had was the last reply said again ("Okay, Friday
+    then." -> "Your appointment is on Friday at ten."): the caller hears it
+    again, not "Sorry, could you say that again?" for an answer the model
+    gave. A stutter is never said."""
+    previous = "Sure. Your appointment is on Friday at ten."
+    restated = "Your appointment is on Friday at ten."
+    assert said(ReplyPolicy(), restated, previous, "Okay, Friday then.") == ([restated], "complete")
+    guard = ReplyGuard.for_turn(ReplyPolicy(), "Okay.", "no-nonsense no-nonsense no-nonsense assistant.")
+    assert guard.check("no-nonsense no-nonsense no-nonsense assistant.") == SKIP and guard.repeated_previous is None
+
+
+def test_the_loop_guard_reads_words_in_any_script() -> None:
+    """[a-z] saw no words in Russian or Hindi text, so their loops and
+    stutters went out whole; accented words were split ("está" -> "est")."""
+    assert words_of("Está bien. Я здесь!") == ["está", "bien", "я", "здесь"]
+    looping = "Я здесь, чтобы помочь. Я здесь, чтобы помочь. Я здесь, чтобы помочь."
+    assert said(ReplyPolicy(max_sentences=0), looping) == (["Я здесь, чтобы помочь."], STOP_LOOP)
+    assert stutters(words_of("मैं मैं मैं यहाँ हूँ"), 3)
 
 
 def test_bad_policies_are_refused() -> None:
@@ -194,6 +231,26 @@ async def test_a_looping_reply_is_cut_on_the_wire(call_url):
     sent = [e["text"] for e in caller.result.of("response.sentence")]
     assert sent == ["Welcome to Acme.", "I'm just a chatbot."], sent
     assert done["reply_end"] == STOP_LOOP and done["text"] == " ".join(sent)
+
+
+async def test_a_reply_that_only_restates_the_last_one_is_said_on_the_wire(call_url):
+    """On the real reply path (a fixed reply, as a greeting is: the
+    model's words depend on its sampling): its only sentence restates the
+    reply the caller last heard, and it goes out, not the fallback."""
+    from benchmarks.client import NativeCaller
+    from tests.fake_carrier import CallWatcher
+    from voice.call.turn import SpokenFirst
+
+    restated = "Your appointment is on Friday at ten."
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("pcm16", 16000)
+            call = await watcher.one()
+            call.session.history.remember(0, "Okay, Friday then.", restated)
+            turn = call.session.speak_first(SpokenFirst(text=restated))
+            done = await caller.wait_for("response.done", timeout=30, turn=turn)
+            metrics = await caller.wait_for("turn.metrics", timeout=30, turn=turn)
+    assert done["text"] == restated and metrics["fallback"] is False, (done, metrics)
 
 
 async def test_bad_call_sampling_is_refused_at_start_by_field(call_url):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import unicodedata
 
 from asr.endpointing import DIGIT_WORDS
 
@@ -23,7 +24,6 @@ STOP_LENGTH = "max_sentences"  # the reply has said enough for a phone call
 STOP_LOOP = "loop"  # the sentence repeats an earlier one, or stutters
 SKIP = "skip"  # a first sentence that repeats the previous reply: left out, the reply goes on
 
-_WORD = re.compile(r"[a-z0-9']+")
 _TERMINAL = re.compile(r"""[.!?…]["'”’)\]]*$""")
 
 
@@ -55,7 +55,12 @@ class ReplyPolicy:
 
 
 def words_of(text: str) -> list[str]:
-    return _WORD.findall(text.lower().replace("’", "'"))
+    """Its words, in any script: letters, digits and combining marks
+    (Devanagari's vowel signs are marks: "मैं" is one word). [a-z] alone
+    saw no words in Russian or Hindi, so their loops went out whole."""
+    text = text.casefold().replace("’", "'")
+    kept = (c if c.isalnum() or c == "'" or unicodedata.category(c)[0] == "M" else " " for c in text)
+    return [w for w in (word.strip("'") for word in "".join(kept).split()) if w]
 
 
 def is_complete(sentence: str) -> bool:
@@ -97,6 +102,23 @@ def asks_to_repeat(caller_words: str | None) -> bool:
     return bool(caller_words) and bool(_ASKS_AGAIN.search(caller_words.lower()))  # type: ignore[union-attr]
 
 
+# A short turn that asks for the last reply again ("What?", "Sorry?", "Huh?").
+_CLARIFIERS = {"what", "sorry", "huh", "pardon", "excuse", "eh", "hmm"}
+
+
+def asks_about_it(caller_words: str | None) -> bool:
+    """The caller's turn asks again or asks about the last reply: a question
+    ("Is it Monday?" after "Your appointment is on Monday at 3 p.m.") or a
+    short clarifier ("What?"). The answer may restate the last reply, and
+    that is no loop: left out, the caller heard the rest ("Anything else?")
+    or the fallback instead of their answer."""
+    if not caller_words:
+        return False
+    words = words_of(caller_words)
+    short_clarifier = len(words) <= 3 and any(w in _CLARIFIERS for w in words)
+    return asks_to_repeat(caller_words) or caller_words.rstrip().endswith("?") or short_clarifier
+
+
 class ReplyGuard:
     """Judges one reply's sentences in order, against the reply so far and
     the previous reply the caller heard."""
@@ -106,6 +128,10 @@ class ReplyGuard:
         self.sent = 0  # sentences sent (a clause piece is not one)
         self._pieces = 0
         self._skipped = 0
+        # The first sentence, left out because it repeated the previous reply
+        # (the first can loop on nothing else; not a stutter): said after all
+        # if the reply has nothing else, rather than the fallback.
+        self.repeated_previous: str | None = None
         self._seen: list[list[str]] = []
         if previous_reply:
             self._previous = [w for w in (words_of(s) for s in split_sentences(previous_reply)) if w]
@@ -115,8 +141,8 @@ class ReplyGuard:
     @classmethod
     def for_turn(cls, policy: ReplyPolicy, caller_words: str | None, previous_reply: str) -> ReplyGuard:
         """The guard for a reply to ``caller_words``: saying the last reply
-        again is a loop, unless the caller asked for it again."""
-        return cls(policy, "" if asks_to_repeat(caller_words) else previous_reply)
+        again is a loop, unless the caller asked for it again or about it."""
+        return cls(policy, "" if asks_about_it(caller_words) else previous_reply)
 
     @property
     def said_nothing_but_loops(self) -> bool:
@@ -143,6 +169,8 @@ class ReplyGuard:
                 # Ending here would leave the caller with silence: leave this
                 # one sentence out and see what the model says next.
                 self._skipped += 1
+                if not stutters(words, policy.max_stutter):  # a whole sentence, not degenerate text
+                    self.repeated_previous = sentence
                 return SKIP
             return STOP_LOOP
         self._seen.append(words)

@@ -579,7 +579,12 @@ class Turn:
                         break
                     if not await self._sentence(sentence, guard):
                         break
-            if guard.said_nothing_but_loops and self.reply_end == "complete":
+            if not self.sent and guard.repeated_previous is not None and not self.talked_over:
+                # All it had was the last reply said again: heard again, not
+                # "Sorry, could you say that again?" for an answer the model
+                # gave (a caller's "Okay, Monday then." got the fallback).
+                await self._say(guard.repeated_previous)
+            elif guard.said_nothing_but_loops and self.reply_end == "complete":
                 self.reply_end = STOP_LOOP
             if not self.sent and policy.fallback:
                 # Nothing went out: the caller hears the fallback, not
