@@ -207,3 +207,33 @@ async def test_native_bad_audio_options_get_errors_and_the_call_goes_on(call_url
         await caller.wait_for("response.audio.mark", timeout=60)
         await caller.send_json({"type": "stop"})
         await caller.wait_for("call.ended", timeout=10)
+
+
+async def test_a_reply_cancelled_while_its_commit_flushes_still_ends(server: VoiceServer, call_url: str) -> None:
+    """A preemptive reply written before the endpoint waits to be committed;
+    the commit then sends what it held, and a cancel in that moment (a
+    client's cancel while a send waits on a slow socket; here, during the
+    transcript's send) escaped the turn: no response.done, no metrics, and
+    the caller's words in neither the history nor the next turn."""
+    clip = by_name("conf-now-recording")
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("pcm16", 16000, options={"endpoint_silence_ms": 4000})
+            call = await watcher.one()
+            emit, cancelled = call.session.emit, []
+
+            async def cancel_mid_flush(ev: dict) -> None:
+                turn = call.session._active
+                if ev["type"] == "transcript.final" and turn is not None and not turn.committed:
+                    assert turn.times.endpoint is not None and turn.task is not None
+                    cancelled.append(turn.outcome_given)  # False: the reply waits at its commit
+                    call.session.cancel_reply()
+                await emit(ev)
+
+            call.session.emit = cancel_mid_flush
+            await caller.play(with_silence(clip.load(16000), 16000, 5.0), 16000, "pcm16", realtime=True, speed=2.0)
+            done = await caller.wait_for("response.done", timeout=60)
+            metrics = await caller.wait_for("turn.metrics", timeout=30, turn=done["turn"])
+            assert cancelled == [False], "the reply was not waiting at its commit: nothing tested"
+            assert done["cancelled"] and metrics["preemptive"], (done, metrics)
+            assert call.session.history.asked.get(done["turn"]), call.session.history.asked

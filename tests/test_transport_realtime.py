@@ -1017,6 +1017,7 @@ async def test_realtime_a_response_cancelled_before_its_task_ran_still_ends(serv
             turn = call.session.speak_first(SpokenFirst())  # what response.create does
             call.responses[turn] = response = Response(turn, released=True)
             assert call.session.cancel_reply()  # what response.cancel does, before the turn's first step
+            call.session._active.cancel()  # and a second cancel (a commit, speech) in the same read
             await start(call, response)
             done = await carrier.next_event("response.done", timeout=30)
             assert done["response"]["status"] == "cancelled", done

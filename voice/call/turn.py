@@ -284,6 +284,8 @@ class Turn:
         and metrics, and the client would wait for them for good)."""
         if self.outcome_given:
             return False
+        if self._cancelled_at_start:
+            return True  # its task runs to end it; cancelled now, it never would
         if not self._started:
             # Cancelled before its first step, its task never runs (_run's
             # handler included): a committed turn's words are handed on here.
@@ -355,7 +357,7 @@ class Turn:
             elif self.committed and self._final is None:
                 # Talked over while it waited its turn at the reply gate.
                 self._hand_on_undecoded()
-            elif not self.committed and self._final is not None and self._final.done():
+            elif not self.committed and self.times.endpoint is None and self._final is not None and self._final.done():
                 # Aborted (the caller went on) after its decode: talked-over
                 # turns' audio that the decode carried in front of this one's
                 # must lead the next final, or their words are lost.
@@ -610,7 +612,17 @@ class Turn:
             # it the caller's turn, so it ends as a cancelled one.
             if cancelled and self.times.endpoint is None:
                 raise asyncio.CancelledError
-            await self._gate.wait()  # finished early: wait to be committed or aborted
+            try:
+                await self._gate.wait()  # finished early: wait to be committed or aborted
+            except asyncio.CancelledError:
+                if self.times.endpoint is None:
+                    raise  # aborted: the caller went on before the endpoint
+                # Cancelled while its commit flushed what it held (the flush
+                # waited on a slow socket): the caller's turn all the same,
+                # or its words, response.done and metrics were lost.
+                cancelled = True
+                self.reply_end = "resumed" if self.premature else "cancelled"
+                await self._gate.wait()  # set by the commit's end, however it ends
         self.times.done = time.monotonic()
         self.outcome_given = True
         ctx.finished(
