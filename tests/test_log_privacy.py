@@ -101,7 +101,7 @@ async def test_connections_are_not_logged_one_line_each_above_debug(server: Voic
 
     saved = logging.getLogger("websockets").level
     try:
-        for level, logged in (("INFO", False), ("DEBUG", True)):
+        for level, logged in (("INFO", False), ("DEBUG", True), ("ERROR", False)):
             quiet_connection_logs(level)
             caplog.clear()
             with caplog.at_level(logging.DEBUG, logger="voice"):

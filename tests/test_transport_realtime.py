@@ -226,6 +226,8 @@ async def test_realtime_a_held_reply_released_mid_generation_keeps_its_order(ser
             await carrier.next_event("session.updated", timeout=10)
             call = await watcher.one()
             call.session.max_tokens = 200
+            # No sentence cap: the reply is still being written at the create.
+            call.session.reply_policy = dataclasses.replace(call.session.reply_policy, max_sentences=0)
             emitted: list[dict] = []
             emit, slow_forward = call.session.emit, call.forward
 

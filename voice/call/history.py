@@ -61,13 +61,14 @@ def estimate_tokens(text: str) -> int:
 
 
 def newest_within(text: str, tokens: int) -> str:
-    """The newest words of ``text`` that estimate_tokens counts as at most ``tokens``."""
-    kept: list[str] = []
-    for word in reversed(text.split()):
-        if estimate_tokens(" ".join([word, *kept])) > tokens:
-            break
-        kept.insert(0, word)
-    return " ".join(kept)
+    """The newest words of ``text`` that estimate_tokens counts as at most
+    ``tokens`` (each word with its space: a little over the whole's count)."""
+    words = text.split()
+    used, start = 0, len(words)
+    while start > 0 and used + (cost := estimate_tokens(words[start - 1] + " ")) <= tokens:
+        used += cost
+        start -= 1
+    return " ".join(words[start:])
 
 
 def prompt_tokens(messages: list[Message]) -> int:

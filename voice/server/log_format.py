@@ -180,5 +180,7 @@ def quiet_connection_logs(level: str) -> None:
     anyone who can reach the port could write lines as fast as they could
     connect, past the registry's per-address throttle on refusals. Its
     warnings and errors stay; at DEBUG it says everything."""
-    debug = level.upper() == "DEBUG"
-    logging.getLogger("websockets").setLevel(logging.DEBUG if debug else logging.WARNING)
+    asked = logging.getLevelName(level.upper())
+    asked = asked if isinstance(asked, int) else logging.INFO
+    # Never louder than asked (at ERROR its warnings stay out too).
+    logging.getLogger("websockets").setLevel(asked if asked <= logging.DEBUG else max(asked, logging.WARNING))
