@@ -469,6 +469,11 @@ class SentenceSegmenter:
         if later_words and self._text(self._seg_start, later_words[-1]).strip():
             self._emit(later_words[-1], force=True)
             return
+        if later_words:
+            # Only whitespace before the last word: dropped, the word not cut
+            # ("N" and "ext one here." after a run of spaces).
+            self._advance(later_words[-1])
+            return
         text = self._text(self._seg_start, end)
         breaks = [i for i, c in enumerate(text) if c in _LONG_WORD_BREAKS]
         self._emit(self._seg_start + breaks[-1] + 1 if breaks else end, force=True)
@@ -484,10 +489,21 @@ class SentenceSegmenter:
     def _emit(self, end: int, *, force: bool = False) -> None:
         """Emit the pending text up to ``end`` as one sentence, unless too short."""
         sentence = self._text(self._seg_start, end).strip()
+        if not sentence and end > self._seg_start:
+            # Only whitespace: nothing to say, and nothing to look at again.
+            # Left pending, every later character past max_chars (and every
+            # newline) scanned the whole run once more: seconds of the shared
+            # loop for a model writing a few thousand blank lines.
+            self._advance(end)
+            return
         if not sentence or (len(sentence) < self.min_chars and not force):
             return  # stays pending and joins the next sentence
         self._out.append(sentence)
         self._emitted_any = True
+        self._advance(end)
+
+    def _advance(self, end: int) -> None:
+        """The pending text starts at ``end`` now."""
         self._seg_start = end
         # Keep only the word bookkeeping of the text after the cut.
         self._word_starts = [w for w in self._word_starts if w >= end]

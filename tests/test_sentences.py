@@ -569,3 +569,25 @@ def test_a_long_word_right_after_a_sentence_is_cut_too() -> None:
     out = segmenter.push("At nine. " + "A" * 300 + " ok.") + segmenter.flush()
     assert out[0] == "At nine." and all(len(s) <= MAX_SENTENCE_CHARS for s in out), [len(s) for s in out]
     assert "".join(out[1:]).replace(" ", "") == "A" * 300 + "ok."
+
+
+@pytest.mark.parametrize("filler", ["\n", " ", "\n \t"])
+def test_a_reply_of_blank_lines_is_read_once(filler: str) -> None:
+    """Whitespace after a sentence stayed pending (nothing to emit), so
+    every later newline, and every character past max_chars, read the whole
+    run again: seconds of the shared event loop for a model writing a few
+    thousand blank lines. Each character is read a bounded number of times."""
+    segmenter = SentenceSegmenter()
+    read = 0
+    text_of = segmenter._text
+
+    def counted(start: int, end: int) -> str:
+        nonlocal read
+        read += max(0, end - start)
+        return text_of(start, end)
+
+    segmenter._text = counted  # type: ignore[method-assign]
+    reply = "Hello there." + filler * 4000 + " Next one here."
+    out = [s for piece in reply for s in segmenter.push(piece)] + segmenter.flush()
+    assert out == ["Hello there.", "Next one here."], out
+    assert read <= 20 * len(reply), read
