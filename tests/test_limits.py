@@ -342,3 +342,44 @@ async def test_a_ping_flood_ends_the_call_as_abuse_and_cools_its_address_down(se
             assert json.loads(await other.recv())["type"] == "ready"
             for i in range(CONTROL_FRAME_BURST // 2):  # pings at a client's pace are answered
                 await (await other.ping(i.to_bytes(4, "big")))
+
+
+async def test_pings_sent_with_the_upgrade_are_a_flood_too(server: VoiceServer) -> None:
+    """Pings in the same write as the upgrade request are read before the
+    call has its guard: the connection was dropped, but its end was a lost
+    connection, not abuse, and the address came straight back."""
+    import base64
+    import os
+
+    from websockets.exceptions import InvalidStatus
+
+    from tests.conftest import loopback_alias_works, side_server
+    from voice.server.limits import CONTROL_FRAME_BURST
+
+    if not loopback_alias_works():
+        pytest.skip("127.0.0.3 does not reach this machine's loopback")
+    async with side_server(server, limits=CallLimits(abuse_cooldown_s=30.0), per_address_exempt=[]) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port, local_addr=("127.0.0.3", 0))
+        key = base64.b64encode(os.urandom(16)).decode()
+        upgrade = (f"GET /v1/call HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+        ping = bytes([0x89, 0x80]) + os.urandom(4)  # FIN + ping, masked, empty
+        writer.write(upgrade.encode() + ping * (CONTROL_FRAME_BURST * 40))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            async with asyncio.timeout(10):
+                while await reader.read(65536):
+                    pass
+        writer.close()
+        # The call is released just after its socket goes: until then the
+        # address may still get in.
+        for _ in range(50):
+            try:
+                ws = await connect(f"ws://127.0.0.1:{srv.port}/v1/call", local_addr=("127.0.0.3", 0))
+            except InvalidStatus as refused:
+                assert refused.response.status_code == 429
+                break
+            await ws.close()
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the address was never cooled down")

@@ -28,7 +28,7 @@ from voice.call.store import StoreError
 from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
-from voice.server.limits import CallEnd, FloodGuardedConnection, guard_of
+from voice.server.limits import MALFORMED_FLOOD, CallEnd, FloodGuardedConnection, guard_of
 from voice.server.metrics import CONTENT_TYPE
 from voice.server.registry import (
     CallRegistry,
@@ -360,6 +360,12 @@ class VoiceServer:
         if isinstance(ticket, Refusal):
             return _refused(ticket)
         ticket.stop = lambda end: self._end_ws(connection, end)
+        if isinstance(connection, FloodGuardedConnection):
+            # Flooded before its handler runs (pings in the same write as the
+            # upgrade): the call never starts, and its address is cooled down.
+            connection.on_flood = lambda: self.registry.release(ticket, MALFORMED_FLOOD)
+            if connection.flooded:
+                connection.on_flood()
         # An upgrade that fails after admission never reaches the handler
         # that would pop its entry: forget those here.
         self._tickets = {c: t for c, t in self._tickets.items() if c.state is not State.CLOSED}
@@ -501,7 +507,12 @@ class VoiceServer:
             await self.route(ws.request.path.split("?", 1)[0])(ws, self.runtime)
         finally:
             guard = guard_of(ws)
-            self.registry.release(ticket, guard.end if guard is not None else None)
+            end = guard.end if guard is not None else None
+            if getattr(ws, "flooded", False):
+                # Flooded before its call had a guard (pings in the same
+                # write as the upgrade): ended as abuse all the same.
+                end = MALFORMED_FLOOD
+            self.registry.release(ticket, end)
 
     def route(self, path: str) -> CallHandler:
         """The transport serving ``path`` (a server with other routes, e.g.

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +265,9 @@ class FloodGuardedConnection(ServerConnection):
         super().__init__(*args, **kwargs)
         self._control_frames = TokenBucket(CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_S)
         self.flooded = False
+        # Ends the admitted call as abuse when the flood comes before its
+        # guard exists (set by the server at admission).
+        self.on_flood: Callable[[], None] | None = None
 
     def process_event(self, event: Event) -> None:
         if (
@@ -289,6 +293,9 @@ class FloodGuardedConnection(ServerConnection):
         # the call's end is decided here, its handler only releases it.
         self.transport.pause_reading()
         guard = guard_of(self)
-        if guard is not None and guard.end is None:
-            guard.finish(MALFORMED_FLOOD)
+        if guard is not None:
+            if guard.end is None:
+                guard.finish(MALFORMED_FLOOD)
+        elif self.on_flood is not None:
+            self.on_flood()
         self.transport.abort()
