@@ -84,6 +84,26 @@ def test_the_default_budgets_close_an_endless_talker_and_spare_a_line_catching_u
     assert t < 60.0 and "1.5x" in str(closed.value)
 
 
+def test_a_browser_sending_128_samples_a_message_in_real_time_is_never_charged_more() -> None:
+    """An AudioWorklet sends 128 samples a message (5.3 ms at 24 kHz, 2.7 ms
+    at 48 kHz): in real time it is charged real time, so it is neither served
+    last nor dropped nor ended (a 10 ms floor per frame charged it 1.9x:
+    dropped after 80 s, ended at 160 s). Tiny frames still cost a floor."""
+    from streaming.fair_share import IntakeRate
+
+    for rate in (24000, 48000):
+        frame_s = 128 / rate
+        assert frame_seconds(256, "pcm16", rate) == pytest.approx(frame_s)
+        budgets, intake = default_budgets(), IntakeRate()
+        frames = round(300 / frame_s)  # five minutes
+        assert all(budgets.spend(frame_seconds(256, "pcm16", rate), now=i * frame_s) for i in range(frames))
+        assert intake.add(0.0, now=0.0) == 0.0
+        for i in range(round(30 / frame_s)):
+            speed = intake.add(frame_seconds(256, "pcm16", rate), now=i * frame_s)
+        assert speed < 1.1, (rate, speed)
+    assert frame_seconds(1, "pcm16", 16000) == 0.0025  # a 1-byte frame is not free
+
+
 async def test_a_flooding_call_gets_an_error_then_is_closed(server: VoiceServer) -> None:
     limits = server.runtime.config.limits
     saved = limits.audio_rate_multiple, limits.audio_rate_window_s

@@ -95,8 +95,12 @@ class AudioBudgets:
 
 # What a frame costs the budget at least: the work per frame (decode,
 # resample, VAD bookkeeping) does not shrink with its length, so a flood of
-# 1-byte frames is charged like one of 10 ms frames.
-MIN_FRAME_S = 0.01
+# 1-byte frames is charged like one of 2.5 ms frames (at most 600 a second
+# within the sustained 1.5x). Not more: a browser's AudioWorklet sends 128
+# samples a message (5.3 ms at 24 kHz, 2.7 ms at 48 kHz), and with a 10 ms
+# floor such a client, in real time, was charged 1.9x: served last from its
+# first seconds, its frames dropped after 80 s, and its call ended at 160 s.
+MIN_FRAME_S = 0.0025
 
 
 def frame_seconds(payload_bytes: int, encoding: str, sample_rate: int) -> float:
