@@ -163,3 +163,23 @@ async def test_a_talked_over_turns_audio_outlives_a_final_dropped_after_its_deco
     await asyncio.sleep(0)
     asr.submit("c", one, final=True)
     assert np.array_equal(worker.audio[-1], one)
+
+
+async def test_talked_over_audio_carried_in_front_is_bounded_to_the_newest() -> None:
+    """A caller who talks over turn after turn while the first final waits
+    (backchannels, a TV in the room): each newer final carries the older
+    ones' audio in front of its own, which grew one final to a minute of
+    audio, decoded whole while every other call's finals waited. Only the
+    newest MAX_CARRIED_S of it rides along, its own turn whole."""
+    from voice.call.finals import MAX_CARRIED_S
+
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    asr.submit("c", np.zeros(16000, np.float32), final=True)  # on the worker
+    for turn in range(60):  # one second each, talked over while the first decodes
+        asr.submit("c", np.full(16000, turn, np.float32), final=True)
+    worker.finals()[0].set_result("first")
+    await asyncio.sleep(0)
+    handed = worker.audio[-1]
+    assert len(handed) == int(MAX_CARRIED_S * 16000) + 16000, len(handed) / 16000
+    assert handed[-1] == 59 and handed[0] == 59 - MAX_CARRIED_S  # the newest seconds, in order

@@ -16,6 +16,20 @@ from typing import Any
 
 import numpy as np
 
+from asr.whisper import SAMPLE_RATE
+
+# The most talked-over audio a final carries in front of its own turn (the
+# newest of it). Unbounded, a caller talking over turn after turn while the
+# first final waited (backchannels, a TV in the room) grew one final to a
+# minute of audio: a segmented decode every other call's finals waited
+# behind, whose text was then cut to its newest 2,000 characters anyway.
+MAX_CARRIED_S = 15.0
+
+
+def newest(audio: np.ndarray, seconds: float = MAX_CARRIED_S) -> np.ndarray:
+    keep = int(seconds * SAMPLE_RATE)
+    return audio[-keep:] if len(audio) > keep else audio
+
 
 class OneFinalPerCall:
     """One call's view of the shared ASR worker (anything with ``submit``);
@@ -59,7 +73,7 @@ class OneFinalPerCall:
             # A newer final replaces the waiting one, but its audio is kept in
             # front: a talked-over turn's words then lead this decode instead
             # of being lost with the older future.
-            carried = np.concatenate([carried, self._waiting_audio])
+            carried = newest(np.concatenate([carried, self._waiting_audio]))
             self._carrying.pop(self._waiting, None)  # its carried audio rides on in the new one
             self._waiting.cancel()
             self.superseded += 1
@@ -93,7 +107,7 @@ class OneFinalPerCall:
         if carried is None or self._closed:
             return
         if future.cancelled():
-            self._orphaned = np.concatenate([self._orphaned, carried])
+            self._orphaned = newest(np.concatenate([self._orphaned, carried]))
         else:
             self._decoded_carry = (future, carried)
 
@@ -103,7 +117,7 @@ class OneFinalPerCall:
         carried leads the next final, as when it is cancelled mid-decode; its
         own audio is in the caller's next turn anyway."""
         if self._decoded_carry is not None and self._decoded_carry[0] is future and not self._closed:
-            self._orphaned = np.concatenate([self._orphaned, self._decoded_carry[1]])
+            self._orphaned = newest(np.concatenate([self._orphaned, self._decoded_carry[1]]))
             self._decoded_carry = None
 
     def close(self) -> None:
