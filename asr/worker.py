@@ -243,8 +243,13 @@ class ASRWorker:
         self._enqueue(job)
         return future
 
-    def forget(self, call_id: str) -> None:
-        """The call ended: drop its waiting partial."""
+    def forget(self, call_id: str, ended: bool = False) -> None:
+        """Drop the call's waiting partial; ``ended``: the call is over, and
+        its use of the decoder too (a call that hung up after seconds of
+        decodes made the only call left look like it shared the decoder, and
+        its partials were shed for a minute while the decoder idled)."""
+        if ended:
+            self._used.pop(call_id, None)
         job = self._pending_partial.pop(call_id, None)
         if job is not None and job.live:
             job.future.cancel()

@@ -214,6 +214,10 @@ async def _share_checks(unbatched: ASRWorker, quilter: np.ndarray) -> None:
     assert not unbatched.submit("share-other", quilter, final=False).cancelled()
     final = await unbatched.submit("share-hog", quilter, final=True)
     assert final.text
+    # The other call hangs up: its decodes no longer count, and the call
+    # left alone gets its partials again (they were shed for a minute).
+    unbatched.forget("share-other", ended=True)
+    assert not unbatched.submit("share-hog", quilter, final=False).cancelled()
 
 
 async def test_partials_past_their_decoder_budget_are_shed_until_it_refills_finals_never(quilter):

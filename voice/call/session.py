@@ -479,7 +479,7 @@ class CallSession:
         if self.closed:
             return
         self.closed = True
-        self.runtime.asr.forget(self.call_id)
+        self.runtime.asr.forget(self.call_id, ended=True)
         self.runtime.low_priority.forget(self.call_id)
         self._finals.close()  # no decode of this call may start after it hung up
         turns = [t.task for t in (self._active, self._pending) if t is not None]
