@@ -237,3 +237,37 @@ async def test_a_reply_cancelled_while_its_commit_flushes_still_ends(server: Voi
             assert cancelled == [False], "the reply was not waiting at its commit: nothing tested"
             assert done["cancelled"] and metrics["preemptive"], (done, metrics)
             assert call.session.history.asked.get(done["turn"]), call.session.history.asked
+
+
+async def test_a_resumed_turn_whose_reply_ends_meanwhile_is_still_one_turn(server: VoiceServer, call_url: str) -> None:
+    """The caller resumes within the grace; while turn.resumed goes out (a
+    send that waits), the reply ends by itself. Its outcome is premature
+    but not cancelled, and the history kept the first half's turn, though
+    the client was told it was resumed (a Realtime client deleted it): the
+    next turn then had only the second half's words."""
+    first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("pcm16", 16000)
+            call = await watcher.one()
+            emit = call.session.emit
+
+            async def slow_resumed(ev: dict) -> None:
+                if ev["type"] == "turn.resumed":
+                    active = call.session._active
+                    async with asyncio.timeout(30):  # the reply ends while this send waits
+                        while active is not None and not active.outcome_given:  # noqa: ASYNC110
+                            await asyncio.sleep(0.02)
+                await emit(ev)
+
+            call.session.emit = slow_resumed
+            await caller.play(with_silence(first.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
+            sentence = await caller.wait_for("response.sentence", timeout=60)
+            turn = sentence["turn"]
+            await caller.play(with_silence(second.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
+            await caller.wait_for("turn.resumed", timeout=60, turn=turn)
+            final = await caller.wait_for("transcript.final", timeout=60, turn=turn + 1)
+            both = f"{first.reference} {second.reference}"
+            assert word_error_rate(both, final["text"]) <= 0.4, (both, final["text"])
+            await caller.wait_for("response.done", timeout=60, turn=turn + 1)
+            assert turn not in call.session.history.asked, call.session.history.messages_so_far

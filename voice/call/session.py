@@ -774,10 +774,12 @@ class CallSession:
 
     def _turn_finished(self, outcome: TurnOutcome) -> None:
         """A turn handed back its outcome."""
-        if outcome.cancelled and (outcome.premature or not (outcome.replied or outcome.client_cancelled)):
+        if outcome.premature or (outcome.cancelled and not (outcome.replied or outcome.client_cancelled)):
             # The caller kept talking before any of the reply went out, or
             # resumed right after it began: this was a pause, not a turn.
-            # Their words join the next turn. (A reply the client cancelled
+            # Their words join the next turn. (Resumed, also when the reply
+            # ended by itself while turn.resumed went out: the client was
+            # told, and a Realtime client deleted the item.) (A reply the client cancelled
             # before its first token leaves a turn with no reply: the client
             # holds its item, and a response.create is asked about it.)
             self.carry_over = " ".join(filter(None, [self.carry_over, outcome.user_text]))

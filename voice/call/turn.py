@@ -453,7 +453,9 @@ class Turn:
                 # the client has them as this turn's, so they stay this turn's
                 # (the history keeps them, unanswered), not said twice.
                 self.outcome_given = True
-                self.ctx.finished(TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=said))
+                self.ctx.finished(
+                    TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=said, premature=self.premature)
+                )
                 if said:
                     # Told, so answered too, as any cancelled turn: a client
                     # (a Realtime response already created) waits for it.
