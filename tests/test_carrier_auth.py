@@ -129,22 +129,34 @@ async def test_only_the_stream_twilio_re_attached_gets_the_calls_conversation(se
             assert not await stream(srv, other, {"firstline_resume": proof[1]}), "a proof for another call"
             assert await stream(srv, sid, {"firstline_resume": proof[1]})
             # Nor does such a stream end the live call it names: only a
-            # re-attach (with the proof) replaces a connection.
+            # re-attach (with the proof) replaces a connection. The stream
+            # itself ends at once (the call id is held), not after its
+            # caller was greeted and had a turn (at its first write).
             url = f"ws://127.0.0.1:{srv.port}/twilio"
             with CallWatcher() as watcher:
                 live = await signed_connect(url, url)
                 for frame in twilio_start({"firstline_resume": proof[1]}, call_sid=sid):
                     await live.send(frame)
+                async with asyncio.timeout(30):
+                    while not watcher.calls or not watcher.calls[0].session.started:  # noqa: ASYNC110
+                        await asyncio.sleep(0.02)
                 intruder = await signed_connect(url, url)
                 for frame in twilio_start(None, call_sid=sid):
                     await intruder.send(frame)
-                async with asyncio.timeout(30):
-                    while len(watcher.calls) < 2 or not all(c.session.started for c in watcher.calls):  # noqa: ASYNC110
-                        await asyncio.sleep(0.02)
-                await asyncio.sleep(0.3)
-                assert not any(c.finished for c in watcher.calls)
-                await intruder.close()
+                async with asyncio.timeout(10):
+                    await intruder.wait_closed()
+                assert intruder.close_reason == "call re-attached on another connection", intruder.close_reason
+                assert len(watcher.calls) == 2 and not watcher.calls[0].finished
                 await live.close()
+            # A call the server ended leaves a tombstone; a stream naming it
+            # without the proof ends at once the same way.
+            await server.runtime.store.save(f"twilio:{other}", CallState("", ended="max_call_length"), "ended-call")
+            intruder = await signed_connect(url, url)
+            for frame in twilio_start(None, call_sid=other):
+                await intruder.send(frame)
+            async with asyncio.timeout(10):
+                await intruder.wait_closed()
+            assert intruder.close_reason == "call re-attached on another connection", intruder.close_reason
     # A credential, like the carrier secret: never passed on as metadata.
     assert start_from_parameters("mulaw", 8000, {"firstline_resume": proof[1], "a": "b"}).metadata == {"a": "b"}
     # The key is the carrier's own call id; a custom parameter of that name

@@ -464,8 +464,16 @@ class StateWriter:
         start, not at its first write: a later stream naming the same call
         id (no re-attach proof) must not write it first and so end this call."""
         self._owning = asyncio.ensure_future(self.store.own_if_free(self.key, self.owner))
-        # Read by the first write; a call that ends before one leaves its outcome here.
-        self._owning.add_done_callback(lambda task: task.cancelled() or task.exception())
+        self._owning.add_done_callback(self._owned)
+
+    def _owned(self, owning: asyncio.Future[bool]) -> None:
+        """Another connection holds the key (a live stream of the same call,
+        or the tombstone of a call the server ended): this one ends now, not
+        at its first write, after its caller was greeted and had a turn."""
+        if owning.cancelled() or owning.exception() is not None:
+            return  # a store that does not answer: the writes will say
+        if not owning.result() and not self.forgotten and not self.superseded:
+            self._superseded()
 
     def claim_first(self, since: float) -> None:
         """A re-attach whose claim the store did not answer (down, or slow)
@@ -494,7 +502,8 @@ class StateWriter:
             except StoreError:
                 owned = True  # the writes will say
             if not owned:
-                self._superseded()
+                if not self.superseded:  # said once, by _owned
+                    self._superseded()
                 return
         while self._latest is not None:
             wait = self._last_write + self.min_interval_s - time.monotonic()
