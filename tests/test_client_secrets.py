@@ -91,3 +91,22 @@ async def test_a_backend_mints_a_secret_that_opens_a_browser_call_and_nothing_el
             assert refused.value.response.status_code == 401
     async with side_server(server) as open_server:  # no --auth-token: nothing to mint
         assert (await http_json(open_server.port, client_secrets.PATH))[0] == 404
+
+
+def test_a_secret_does_not_let_its_holder_test_guesses_of_the_server_token_cheaply() -> None:
+    """A page user holds a secret and its payload in the clear. With the
+    server token as the HMAC key, each guess of the token cost one HMAC
+    (billions a second on a GPU); the key is derived with scrypt, so a
+    plain HMAC with the right token does not even match."""
+    import base64
+    import hashlib
+    import hmac
+
+    from voice.server.client_secrets import _CONTEXT, PREFIX
+
+    root = "root-token-of-the-server"
+    value, _ = client_secrets.mint(root)
+    payload, mac = value.removeprefix(PREFIX).rsplit(".", 1)
+    plain = hmac.new(root.encode(), _CONTEXT + payload.encode(), hashlib.sha256).digest()
+    assert base64.urlsafe_b64encode(plain).decode().rstrip("=") != mac
+    assert client_secrets.valid(root, value) and not client_secrets.valid(root + "x", value)

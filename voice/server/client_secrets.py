@@ -9,7 +9,10 @@ that opens a browser call and nothing else, for a minute
 (``GET /v1/client_secret`` with the server token), and gives the page that.
 
 A secret is ``fl_ek_<expiry>.<nonce>.<mac>``: the expiry in Unix seconds, a
-random nonce, and an HMAC-SHA256 over both keyed by the server token. No
+random nonce, and an HMAC-SHA256 over both keyed by a key derived from the
+server token with scrypt (slow on purpose: a page user holds a secret and
+its payload, and with the token as the HMAC key could test guesses of the
+token offline at a GPU's speed; now each guess costs an scrypt). No
 state: every replica that shares the token checks it (their clocks must
 agree to a few seconds), and none has to remember what it minted. It opens a
 call on :data:`ROUTES` only, any number of times until it expires (a page
@@ -20,6 +23,7 @@ as long as the call.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -42,8 +46,15 @@ SHAPE = re.compile(r"fl_ek_(\d{1,12})\.([A-Za-z0-9_-]{16,64})\.([A-Za-z0-9_-]{43
 _CONTEXT = b"firstline client secret|"
 
 
+@functools.lru_cache(maxsize=4)
+def _key(root: str) -> bytes:
+    """The MAC key for this server token: the same on every replica, derived
+    once (about 50 ms)."""
+    return hashlib.scrypt(root.encode(), salt=_CONTEXT, n=2**14, r=8, p=1, maxmem=64 * 1024 * 1024, dklen=32)
+
+
 def _mac(root: str, payload: str) -> str:
-    digest = hmac.new(root.encode(), _CONTEXT + payload.encode(), hashlib.sha256).digest()
+    digest = hmac.new(_key(root), _CONTEXT + payload.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
