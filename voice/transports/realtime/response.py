@@ -171,12 +171,14 @@ async def start(call: RealtimeCall, response: Response) -> None:
         await response.opened.wait()
         return
     response.started = True
+    # Before the sends: a resume handled while they wait restores the item
+    # before this one's caller item, and must not be overwritten after.
+    call.last_item_id = response.item_id
     await call.send_event("response.created", response=response_obj(call, response, "in_progress"))
     item = item_obj(call, response, "in_progress")
     await call.send_event("response.output_item.added", response_id=response.id, output_index=0, item=item)
     await call.send_event("conversation.item.added", previous_item_id=response.user_item_id, item=item)
     await call.send_event("response.content_part.added", **content_ref(response), part=part(call, ""))
-    call.last_item_id = response.item_id
     response.opened.set()
 
 
