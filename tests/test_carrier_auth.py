@@ -88,6 +88,17 @@ async def test_signed_twilio_upgrade_is_accepted_and_unsigned_refused(server: Vo
             await ws.close()
 
 
+async def ended_at_once(url: str, call_sid: str) -> None:
+    """A signed stream without the re-attach proof, naming a call id another
+    connection holds: closed at once."""
+    intruder = await signed_connect(url, url)
+    for frame in twilio_start(None, call_sid=call_sid):
+        await intruder.send(frame)
+    async with asyncio.timeout(10):
+        await intruder.wait_closed()
+    assert intruder.close_reason == "call re-attached on another connection", intruder.close_reason
+
+
 async def test_only_the_stream_twilio_re_attached_gets_the_calls_conversation(server: VoiceServer) -> None:
     """Twilio's upgrade signature covers the URL only, the same for every
     call: a stream that merely names another call's callSid must not get
@@ -140,23 +151,13 @@ async def test_only_the_stream_twilio_re_attached_gets_the_calls_conversation(se
                 async with asyncio.timeout(30):
                     while not watcher.calls or not watcher.calls[0].session.started:  # noqa: ASYNC110
                         await asyncio.sleep(0.02)
-                intruder = await signed_connect(url, url)
-                for frame in twilio_start(None, call_sid=sid):
-                    await intruder.send(frame)
-                async with asyncio.timeout(10):
-                    await intruder.wait_closed()
-                assert intruder.close_reason == "call re-attached on another connection", intruder.close_reason
+                await ended_at_once(url, sid)
                 assert len(watcher.calls) == 2 and not watcher.calls[0].finished
                 await live.close()
             # A call the server ended leaves a tombstone; a stream naming it
             # without the proof ends at once the same way.
             await server.runtime.store.save(f"twilio:{other}", CallState("", ended="max_call_length"), "ended-call")
-            intruder = await signed_connect(url, url)
-            for frame in twilio_start(None, call_sid=other):
-                await intruder.send(frame)
-            async with asyncio.timeout(10):
-                await intruder.wait_closed()
-            assert intruder.close_reason == "call re-attached on another connection", intruder.close_reason
+            await ended_at_once(url, other)
     # A credential, like the carrier secret: never passed on as metadata.
     assert start_from_parameters("mulaw", 8000, {"firstline_resume": proof[1], "a": "b"}).metadata == {"a": "b"}
     # The key is the carrier's own call id; a custom parameter of that name
