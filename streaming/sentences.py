@@ -339,7 +339,10 @@ class SentenceSegmenter:
         self._scan_closers(ch, pos)
 
     def _scan_closers(self, ch: str, pos: int) -> None:
-        if ch in _CLOSERS:
+        if ch in _CLOSERS or unicodedata.category(ch) in _EMOJI_PARTS:
+            # An emoji right after the mark ("Sure!😊 I can help.") closes the
+            # sentence as a quote would (it dropped the end, and the first
+            # sentence waited for the next one).
             self._cand_end = pos + 1
         elif self._cand_cjk:
             # CJK needs no space after the terminator: the end is certain now.

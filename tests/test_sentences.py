@@ -141,6 +141,13 @@ CASES = [
         {},
         id="emoji-with-variation-selector-or-skin-tone",
     ),
+    # Right after the mark, with no space: the same (it dropped the end).
+    pytest.param(
+        "Sure!\U0001f60a I can help with that. Great.\U0001f44d Your order shipped.",
+        ["Sure!\U0001f60a", "I can help with that.", "Great.\U0001f44d", "Your order shipped."],
+        {},
+        id="emoji-right-after-the-mark",
+    ),
     pytest.param(
         "Call 555-0100, ext. 12 for billing. Ship to Apt. 4B in Austin.",
         ["Call 555-0100, ext. 12 for billing.", "Ship to Apt. 4B in Austin."],
