@@ -495,8 +495,8 @@ class SentenceSegmenter:
         if not sentence and end > self._seg_start:
             # Only whitespace: nothing to say, and nothing to look at again.
             # Left pending, every later character past max_chars (and every
-            # newline) scanned the whole run once more: seconds of the shared
-            # loop for a model writing a few thousand blank lines.
+            # newline) scanned the whole run once more: a cost growing with
+            # the square of the run, on the shared loop.
             self._advance(end)
             return
         if not sentence or (len(sentence) < self.min_chars and not force):

@@ -98,8 +98,8 @@ class AudioBudgets:
 # 1-byte frames is charged like one of 2.5 ms frames (at most 600 a second
 # within the sustained 1.5x). Not more: a browser's AudioWorklet sends 128
 # samples a message (5.3 ms at 24 kHz, 2.7 ms at 48 kHz), and with a 10 ms
-# floor such a client, in real time, was charged 1.9x: served last from its
-# first seconds, its frames dropped after 80 s, and its call ended at 160 s.
+# floor such a client, in real time, was charged 1.9x: over the sustained
+# 1.5x, so served last, then its frames dropped and its call ended.
 MIN_FRAME_S = 0.0025
 
 

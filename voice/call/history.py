@@ -208,14 +208,16 @@ class History:
         head = [{"role": "system", "content": system}, *self.examples()]
         if budget_tokens is not None:
             room = budget_tokens - prompt_tokens(head)
-            if user_text is not None and prompt_tokens(new) > room:
+            new_tokens = prompt_tokens(new)
+            if user_text is not None and new_tokens > room:
                 # The caller's words alone overflow what the instructions
                 # leave (long instructions, a long turn): their newest words,
                 # or every retry of the turn would fail the same way.
                 new = [{"role": "user", "content": newest_within(user_text, room - PER_MESSAGE_TOKENS)}]
+                new_tokens = prompt_tokens(new)
             # One cue's room beyond the messages' own: the oldest kept line
             # may be the agent's with its caller line trimmed away.
-            spare = room - prompt_tokens(new) - CUE_TOKENS
+            spare = room - new_tokens - CUE_TOKENS
             past = self._fit(past, spare, user_text is not None)
         from_start = bool(past) and past[0] is self.messages_so_far[0]
         said = [{**m, "content": without_template_tokens(m["content"])} for m in alternating([*past, *new], from_start)]

@@ -776,12 +776,12 @@ class CallSession:
         """A turn handed back its outcome."""
         if outcome.premature or (outcome.cancelled and not (outcome.replied or outcome.client_cancelled)):
             # The caller kept talking before any of the reply went out, or
-            # resumed right after it began: this was a pause, not a turn.
-            # Their words join the next turn. (Resumed, also when the reply
-            # ended by itself while turn.resumed went out: the client was
-            # told, and a Realtime client deleted the item.) (A reply the client cancelled
-            # before its first token leaves a turn with no reply: the client
-            # holds its item, and a response.create is asked about it.)
+            # resumed right after it began (also when the reply ended by
+            # itself while turn.resumed went out: the client was told):
+            # this was a pause, not a turn. Their words join the next turn.
+            # (A reply the client cancelled before its first token leaves a
+            # turn with no reply: the client holds its item, and a
+            # response.create is asked about it.)
             self.carry_over = " ".join(filter(None, [self.carry_over, outcome.user_text]))
         else:
             # History keeps only what the caller was sent, so the model never

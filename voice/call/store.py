@@ -502,9 +502,7 @@ class StateWriter:
             except StoreError:
                 owned = True  # the writes will say
             if not owned:
-                if not self.superseded:  # said once, by _owned
-                    self._superseded()
-                return
+                return  # _owned ended the call when the answer came
         while self._latest is not None:
             wait = self._last_write + self.min_interval_s - time.monotonic()
             if wait > 0:

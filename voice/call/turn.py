@@ -299,16 +299,19 @@ class Turn:
         self.task.cancel()
         return True
 
-    async def _unspoken_cancelled(self) -> None:
-        """A reply nobody spoke for (speak_first) cancelled before it began
-        (before its first step, or at the reply gate): no reply path ran to
-        end it, and its client, which saw it created, waited for good."""
-        if self.outcome_given:
-            return
+    async def _end_unanswered(self, *, told: bool, replied: bool) -> None:
+        """Cancelled before its reply began: the outcome goes to the
+        session (``replied``: its words stay this turn's), and a turn the
+        client was told of (its transcript, or a Realtime response.created)
+        is answered, as any cancelled turn, with response.done and metrics,
+        which that client waits for."""
         self.outcome_given = True
-        self.reply_end = "cancelled"
-        self.ctx.finished(TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=False))
-        await self._report(cancelled=True, failed=None)
+        self.ctx.finished(
+            TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=replied, premature=self.premature)
+        )
+        if told:
+            self.reply_end = "cancelled"
+            await self._report(cancelled=True, failed=None)
 
     def _hand_on_undecoded(self) -> None:
         """A committed turn talked over before its final was asked for: it is
@@ -352,8 +355,10 @@ class Turn:
                 raise asyncio.CancelledError
             await self._run_gated()
         except asyncio.CancelledError:
-            if self.spoken_first is not None:
-                await self._unspoken_cancelled()
+            if self.spoken_first is not None and not self.outcome_given:
+                # Cancelled before it began (before its first step, or at the
+                # reply gate): no reply path ran to end it.
+                await self._end_unanswered(told=True, replied=False)
             elif self.committed and self._final is None:
                 # Talked over while it waited its turn at the reply gate.
                 self._hand_on_undecoded()
@@ -452,15 +457,7 @@ class Turn:
                 # words (carried-over ones included) lead the next turn. Out:
                 # the client has them as this turn's, so they stay this turn's
                 # (the history keeps them, unanswered), not said twice.
-                self.outcome_given = True
-                self.ctx.finished(
-                    TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=said, premature=self.premature)
-                )
-                if said:
-                    # Told, so answered too, as any cancelled turn: a client
-                    # (a Realtime response already created) waits for it.
-                    self.reply_end = "cancelled"
-                    await self._report(cancelled=True, failed=None)
+                await self._end_unanswered(told=said, replied=said)
             raise
         await self._reply()
 

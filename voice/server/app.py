@@ -361,8 +361,9 @@ class VoiceServer:
             return _refused(ticket)
         ticket.stop = lambda end: self._end_ws(connection, end)
         if isinstance(connection, FloodGuardedConnection):
-            # Flooded before its handler runs (pings in the same write as the
-            # upgrade): the call never starts, and its address is cooled down.
+            # Flooded before its call has a guard (pings in the same write as
+            # the upgrade, read while this ran or before the handler built
+            # it): ended as abuse all the same, its address cooled down.
             connection.on_flood = lambda: self.registry.release(ticket, MALFORMED_FLOOD)
             if connection.flooded:
                 connection.on_flood()
@@ -457,7 +458,8 @@ class VoiceServer:
         try:
             state = await self.runtime.store.load(key)
         except StoreError as exc:
-            log.warning("re-attach: stored call state not read (%s)", exc)
+            # DEBUG: anyone may ask this route; the stream's start reports it.
+            log.debug("re-attach: stored call state not read (%s)", exc)
             return False
         return state is not None and bool(state.ended)
 
@@ -507,12 +509,7 @@ class VoiceServer:
             await self.route(ws.request.path.split("?", 1)[0])(ws, self.runtime)
         finally:
             guard = guard_of(ws)
-            end = guard.end if guard is not None else None
-            if getattr(ws, "flooded", False):
-                # Flooded before its call had a guard (pings in the same
-                # write as the upgrade): ended as abuse all the same.
-                end = MALFORMED_FLOOD
-            self.registry.release(ticket, end)
+            self.registry.release(ticket, guard.end if guard is not None else None)
 
     def route(self, path: str) -> CallHandler:
         """The transport serving ``path`` (a server with other routes, e.g.
@@ -521,6 +518,8 @@ class VoiceServer:
         return WS_ROUTES[path]
 
     async def start(self) -> None:
+        if self.config.auth_token is not None:
+            client_secrets.mac_key(self.config.auth_token)  # derived now, not on a call's first check
         self._server = await serve(
             self._handler,
             self.config.host,

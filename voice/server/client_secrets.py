@@ -47,14 +47,15 @@ _CONTEXT = b"firstline client secret|"
 
 
 @functools.lru_cache(maxsize=4)
-def _key(root: str) -> bytes:
+def mac_key(root: str) -> bytes:
     """The MAC key for this server token: the same on every replica, derived
-    once (about 50 ms)."""
+    once, at the server's start (scrypt takes tens of milliseconds: on the
+    first secret's check it held the event loop, every call's audio with it)."""
     return hashlib.scrypt(root.encode(), salt=_CONTEXT, n=2**14, r=8, p=1, maxmem=64 * 1024 * 1024, dklen=32)
 
 
 def _mac(root: str, payload: str) -> str:
-    digest = hmac.new(_key(root), _CONTEXT + payload.encode(), hashlib.sha256).digest()
+    digest = hmac.new(mac_key(root), _CONTEXT + payload.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 

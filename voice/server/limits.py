@@ -247,8 +247,8 @@ class CallGuard(CallWatch):
 # Pings and pongs a websocket may send: this many at once, this many more a
 # second. websockets answers a ping inside its socket read, before any call
 # sees it, so pings reached no message allowance: a client pinging as fast
-# as it could held the event loop for hundreds of milliseconds at a time
-# and queued its unread pongs far past write_limit. Past it the call ends
+# as it could held the event loop for as long as answering them took, and
+# queued its unread pongs far past write_limit. Past it the call ends
 # as a malformed flood (its address cooled down).
 CONTROL_FRAME_BURST = 50
 CONTROL_FRAMES_PER_S = 10.0

@@ -481,8 +481,7 @@ class RealtimeCall(WebSocketCall):
         # its item come before any of its audio.
         await response_family.start(self, response)
         if self.playout is not None:
-            fmt = self.playout.fmt
-            response.audio_sent_ms += 1000.0 * len(chunk) / (fmt.sample_rate * (2 if fmt.encoding == "pcm16" else 1))
+            response.audio_sent_ms += 1000.0 * len(chunk) / self.playout.fmt.bytes_per_s
         await self.send_event(
             "response.output_audio.delta", **response_family.content_ref(response), delta=b64encode(chunk)
         )
