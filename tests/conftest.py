@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
 import pytest_asyncio
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from benchmarks.corpus import Utterance, asterisk_prompts, shared_clip, through_phone_line
 from voice.server.app import VoiceServer
 from voice.server.config import ServerConfig
+
+Dial = Callable[[], Awaitable[ClientConnection]]
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -77,6 +83,29 @@ async def side_server(main: VoiceServer, **config: object) -> AsyncIterator[Voic
         yield srv
     finally:
         await srv.close()
+
+
+async def refused_once_released(dial: Dial, tries: int = 50) -> InvalidStatus:
+    """The refusal a new call (``dial()``) gets once the server has released
+    the call it ended. A call's connection is gone
+    before its handler releases it (and cools its address down): until then
+    the address may still get in, and waiting for live_calls() to reach 0
+    raced with that release."""
+    for _ in range(tries):
+        try:
+            ws = await dial()
+        except InvalidStatus as refused:
+            return refused
+        await ws.close()
+        await asyncio.sleep(0.1)
+    raise AssertionError("no call was refused")
+
+
+async def assert_gets_a_call(url: str) -> None:
+    """A native call from this test's own address starts (ready)."""
+    async with connect(url) as ws, asyncio.timeout(10):
+        await ws.send(json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}))
+        assert json.loads(await ws.recv())["type"] == "ready"
 
 
 def loopback_alias_works() -> bool:

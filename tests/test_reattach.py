@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -95,13 +96,19 @@ async def test_a_bad_or_unknown_resume_token(call_url) -> None:
         assert re.fullmatch(r"[A-Za-z0-9_-]{32}", ready["resume_token"]) and ready["resume_token"] != "A" * 32
 
 
+async def answered_turn(watcher: CallWatcher, carrier: FakeTwilio) -> Any:
+    """The carrier's call on the server, once its caller's first turn is answered."""
+    call = await watcher.one()
+    await carrier.say(with_silence(prompt_clip(6).load(8000), 8000, 1.5), speed=4.0)
+    await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+    return call
+
+
 async def test_a_twilio_stream_that_re_attaches_with_its_callsid_keeps_the_history(server) -> None:
     call_sid = "CA" + "1" * 32
     with CallWatcher() as watcher:
         async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
-            call = await watcher.one()
-            await carrier.say(with_silence(prompt_clip(6).load(8000), 8000, 1.5), speed=4.0)
-            await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            call = await answered_turn(watcher, carrier)
             async with asyncio.timeout(60):  # the reply played out (its marks echoed)
                 while call.playing() is not None:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
@@ -140,9 +147,7 @@ async def test_a_twilio_call_the_server_ended_is_not_picked_up_again(server) -> 
     call_sid = "CA" + "5" * 32
     with CallWatcher() as watcher:
         async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
-            call = await watcher.one()
-            await carrier.say(with_silence(prompt_clip(6).load(8000), 8000, 1.5), speed=4.0)
-            await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            call = await answered_turn(watcher, carrier)
             assert call.session.history.messages_so_far
             call.end_call(MAX_CALL_LENGTH)  # what the call's watch does at --max-call-s
             assert carrier.ws is not None
