@@ -54,10 +54,46 @@ def test_a_bad_port_variable_is_a_usage_error_and_good_values_pass(monkeypatch, 
     monkeypatch.setenv("FIRSTLINE_PORT", "")  # an empty variable (a compose template) is no port given
     assert parse_args(["serve"]).port == 8765
     # One port number on two addresses is two listeners; 0 is any free port.
-    split = parse_args(["serve", "--host", "10.0.0.5", "--audiosocket-port", "8765"])
+    split = parse_args(["serve", "--host", "10.0.0.5", "--audiosocket-port", "8765", "--auth-token", "t"])
     assert split.audiosocket_port == 8765
     assert parse_args(["serve", "--port", "0", "--audiosocket-port", "0"]).audiosocket_port == 0
     monkeypatch.setenv("FIRSTLINE_PORT", "9000")
     monkeypatch.setenv("FIRSTLINE_ENGINE", "remote")
     args = parse_args(["serve", "--log-level", "debug", "--max-asr-queue", "0"])
     assert (args.port, args.engine, args.log_level, args.max_asr_queue) == (9000, "remote", "DEBUG", 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 listens beyond this machine, and no --auth-token"),
+        (["--host", "10.0.0.5"], "anyone who reaches the port could place calls"),
+        (["--host", ""], "--host (all) listens beyond this machine"),
+        (["--host", "voice.example.com"], "--no-auth"),
+        # AudioSocket carries no credential: a public bind needs its allow-list.
+        (["--audiosocket-port", "9092", "--audiosocket-host", "0.0.0.0"], "--audiosocket-allow CIDR"),
+    ],
+)
+def test_a_listener_open_beyond_this_machine_with_no_credential_is_refused(monkeypatch, capsys, argv, says) -> None:
+    monkeypatch.delenv("FIRSTLINE_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("FIRSTLINE_NO_AUTH", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["serve", *argv])
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_public_bind_starts_with_a_token_or_when_told_to(monkeypatch) -> None:
+    monkeypatch.delenv("FIRSTLINE_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("FIRSTLINE_NO_AUTH", raising=False)
+    for loopback in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert parse_args(["serve", "--host", loopback]).host == loopback
+    assert parse_args(["serve", "--host", "0.0.0.0", "--auth-token", "s3cret"]).auth_token == "s3cret"
+    assert parse_args(["serve", "--host", "0.0.0.0", "--no-auth"]).no_auth
+    open_pbx = ["--audiosocket-port", "9092", "--audiosocket-host", "0.0.0.0", "--audiosocket-allow", "10.0.0.0/8"]
+    assert parse_args(["serve", *open_pbx]).audiosocket_allow
+    monkeypatch.setenv("FIRSTLINE_NO_AUTH", "1")
+    assert parse_args(["serve", "--host", "0.0.0.0"]).no_auth
+    monkeypatch.setenv("FIRSTLINE_NO_AUTH", "")
+    monkeypatch.setenv("FIRSTLINE_AUTH_TOKEN", "from-the-environment")
+    assert parse_args(["serve", "--host", "::"]).auth_token == "from-the-environment"

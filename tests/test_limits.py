@@ -365,3 +365,51 @@ async def test_pings_sent_with_the_upgrade_are_a_flood_too(server: VoiceServer) 
         url = f"ws://127.0.0.1:{srv.port}/v1/call"
         refused = await refused_once_released(lambda: connect(url, local_addr=("127.0.0.3", 0)))
         assert refused.response.status_code == 429
+
+
+async def test_sockets_that_never_upgrade_are_capped_per_address_and_time_out(server: VoiceServer) -> None:
+    """A peer that opens TCP connections and sends nothing held each one
+    for websockets' 10 s handshake timeout, as many as it could open: one
+    address could hold every descriptor the process had. Now its open
+    connections are counted from accept: past the cap the next gets a 429
+    before a byte of it is read, a silent one is closed after the opening
+    handshake's timeout, and another address still gets a call."""
+    from tests.conftest import assert_gets_a_call, loopback_alias_works, side_server
+
+    if not loopback_alias_works():
+        pytest.skip("127.0.0.4 does not reach this machine's loopback")
+    config = {"per_address_exempt": [], "max_connections_per_address": 3}
+    async with side_server(server, limits=CallLimits(open_timeout_s=1.5), **config) as srv:
+
+        async def open_one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection("127.0.0.1", srv.port, local_addr=("127.0.0.4", 0))
+
+        async def count_is(n: int) -> None:
+            async with asyncio.timeout(5):
+                while srv.registry.connections_open("127.0.0.4") != n:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+
+        silent = [await open_one() for _ in range(3)]
+        await count_is(3)
+        reader, writer = await open_one()
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # the 429, then the server's close
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 429 "), answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["reason"] == "connection_limit"
+        url = f"ws://127.0.0.1:{srv.port}/v1/call"
+        await assert_gets_a_call(url)  # another address: unaffected
+        # The silent ones end at the opening handshake's timeout, and their
+        # address is free again (its count does not leak).
+        started = time.monotonic()
+        for silent_reader, silent_writer in silent:
+            async with asyncio.timeout(10):
+                assert await silent_reader.read() == b""
+            silent_writer.close()
+        assert time.monotonic() - started < 5
+        await count_is(0)
+        async with connect(url, local_addr=("127.0.0.4", 0)) as ws:
+            await ws.send(json.dumps({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await count_is(1)
+        await count_is(0)

@@ -740,6 +740,20 @@ async def test_realtime_malformed_events_get_error_events(server):
             "type": "conversation.item.create",
             "item": {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "AAAA"}]},
         },
+        # A client's item id is echoed in every event about the item: bounded.
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "id": "i" * 65,
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "hi"}],
+            },
+        },
+        {
+            "type": "conversation.item.create",
+            "item": {"id": 7, "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        },
     ]
     await malformed_then_call(server, carrier, bad, prompt_clip(16))
     errors = carrier.of("error")
@@ -812,14 +826,19 @@ async def test_realtime_text_items_join_the_conversation(server):
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
+            nested: object = "deep"
+            for _ in range(400):
+                nested = [nested]
             await carrier.send({"type": "conversation.item.create", "item": {
                 "id": "item_crm", "type": "message", "role": "system",
-                "content": [{"type": "input_text", "text": crm}]}})  # fmt: skip
+                "content": [{"type": "input_text", "text": crm, "annotations": nested}]}})  # fmt: skip
             order = [{"type": "input_text", "text": "My order is 4471."}]
             await carrier.send({"type": "conversation.item.create",
                                 "item": {"type": "message", "role": "user", "content": order}})  # fmt: skip
             added = await carrier.next_event("conversation.item.added", timeout=10)
             assert added["item"]["id"] == "item_crm" and added["item"]["role"] == "system"
+            # Only the parts' type and text come back, not whatever else a client nested in them.
+            assert added["item"]["content"] == [{"type": "input_text", "text": crm}]
             await carrier.next_event("conversation.item.done", timeout=10)
             clip = prompt_clip(20)
             await carrier.say(with_silence(clip.load(carrier.rate), carrier.rate, 1.3), speed=None)

@@ -9,6 +9,7 @@ process runs; ``/readyz`` answers 200 only once the models are warm. ``/``
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import ipaddress
 import json
@@ -532,7 +533,10 @@ class VoiceServer:
             # buffers make backpressure visible instead of growing memory.
             write_limit=self.config.limits.write_limit,
             compression=None,  # audio does not compress; deflate only adds latency
-            create_connection=FloodGuardedConnection,
+            # Counted against its source from accept (the registry's
+            # connection cap), before any handshake byte is read.
+            create_connection=functools.partial(FloodGuardedConnection, gate=self.registry.connection_opened),
+            open_timeout=self.config.limits.open_timeout_s,
         )
         # Both listeners are bound before the models load (a port in use
         # fails at once, not after a minute of warm-up); calls that come

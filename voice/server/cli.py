@@ -133,7 +133,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             hosts_meet = audiosocket_host == args.host or bool({audiosocket_host, args.host} & anywhere)
             if audiosocket != 0 and audiosocket == args.port and hosts_meet:
                 parser.error(f"--audiosocket-port {audiosocket} is --port's on the same address")
+        _refuse_open_doors(parser, args)
     return args
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a bind address is reachable from this machine alone (a name
+    other than localhost may resolve anywhere: not loopback)."""
+    if host is None:
+        return False
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_open_doors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A listener reachable beyond this machine with nothing to check a
+    caller by would let anyone who finds the port place calls on the
+    operator's models (and read what the agent says): refused at start,
+    unless the operator says so with --no-auth (a private network, a proxy
+    that authenticates)."""
+    if args.no_auth:
+        return
+    if not args.auth_token and not is_loopback(args.host):
+        parser.error(
+            f"--host {args.host or '(all)'} listens beyond this machine, and no --auth-token (or "
+            "FIRSTLINE_AUTH_TOKEN) is set: anyone who reaches the port could place calls. Set a token, "
+            "or pass --no-auth (FIRSTLINE_NO_AUTH=1) where something else keeps strangers out"
+        )
+    if args.audiosocket_port is not None and not args.audiosocket_allow:
+        host = ServerConfig.audiosocket_host if args.audiosocket_host is None else args.audiosocket_host
+        if not is_loopback(host) and not args.auth_token:
+            parser.error(
+                f"--audiosocket-host {host or '(all)'} listens beyond this machine, and AudioSocket "
+                "carries no credential: name the PBX's network with --audiosocket-allow CIDR, "
+                "or pass --no-auth (FIRSTLINE_NO_AUTH=1)"
+            )
 
 
 def _command_actions(parser: argparse.ArgumentParser, command: str) -> list[argparse.Action]:
@@ -498,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-token",
         default=_env("AUTH_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on call upgrades (or FIRSTLINE_AUTH_TOKEN)",
+    )
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        default=(_env("NO_AUTH", "") or "").strip().lower() in ("1", "true", "yes", "on"),
+        help="listen beyond loopback with no --auth-token (or FIRSTLINE_NO_AUTH=1): refused at start "
+        "otherwise; for a private network or a proxy that authenticates",
     )
     # Safe on the public internet (docs/security.md): one registry for every listener.
     serve.add_argument(

@@ -100,6 +100,15 @@ class ServerConfig:
     audiosocket_allow: list[str] = field(default_factory=list)
     # Concurrent calls from one source address, all listeners together (0: no cap).
     max_calls_per_address: int = 8
+    # Open TCP connections from one source address on the websocket listener,
+    # counted at accept, before the peer sends a byte (handshakes under way,
+    # HTTP requests and calls together; 0: no cap). None: four per call the
+    # per-address cap allows, at least 32 (off with that cap off). A peer
+    # that opens sockets and never sends its upgrade holds each one until
+    # the opening handshake times out; without this cap one address could
+    # hold every descriptor the process has. Exempt sources (below, and
+    # trusted proxies, whose connections carry many callers) are not capped.
+    max_connections_per_address: int | None = None
     # Sources the per-address cap does not apply to: a reverse proxy or a
     # carrier's media gateway carries every caller from one address. By
     # default loopback (a proxy on this host, local tools and benchmarks).
@@ -116,6 +125,15 @@ class ServerConfig:
     # The built-in browser call page (GET /, /demo; voice/server/web/). On by
     # default so `make serve` can be tried at once; production turns it off.
     demo_page: bool = True
+
+    @property
+    def connections_per_address(self) -> int:
+        """The open-connection cap per source address in force (0: none)."""
+        if self.max_connections_per_address is not None:
+            return max(0, self.max_connections_per_address)
+        if self.max_calls_per_address <= 0:
+            return 0
+        return max(32, 4 * self.max_calls_per_address)
 
     @property
     def replies_step_aside(self) -> bool:

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -26,6 +26,9 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event
 
 from streaming.rate import TokenBucket
+
+if TYPE_CHECKING:
+    from voice.server.registry import ConnectionSlot
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,10 @@ class CallLimits:
     drain_timeout_s: float = 30.0
     # Bound on the close handshake with a peer that may never answer.
     close_timeout_s: float = 2.0
+    # Bound on the opening handshake (websockets' default is 10 s): a peer
+    # that connects and sends no upgrade holds a socket, and a slot of its
+    # source's connection cap, this long.
+    open_timeout_s: float = 5.0
     # Audio may arrive at most this many times faster than real time, averaged
     # over audio_rate_window_s (a burst of multiple x window seconds of audio
     # is fine); 0: no limit. Excess frames are dropped with an error; a call
@@ -257,17 +264,52 @@ CONTROL_FRAMES_PER_S = 10.0
 UNSENT_PAST_LIMIT = 4
 
 
-class FloodGuardedConnection(ServerConnection):
-    """Every websocket listener's connection: its pings and pongs are
-    counted, and a flood of them ends the call (see CONTROL_FRAME_BURST)."""
+# What a connection past its source's cap gets before it is closed: no
+# handshake is read, but a client (or the operator's curl) is told why.
+_TOO_MANY_BODY = b'{"reason": "connection_limit", "error": "too many connections open from one address"}'
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
+)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class FloodGuardedConnection(ServerConnection):
+    """Every websocket listener's connection: counted against its source
+    from accept (``gate``: the registry's connection_opened), and its pings
+    and pongs are counted, a flood of them ending the call (see
+    CONTROL_FRAME_BURST)."""
+
+    def __init__(
+        self, *args: Any, gate: Callable[[str | None], ConnectionSlot | None] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._control_frames = TokenBucket(CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_S)
         self.flooded = False
         # Ends the admitted call as abuse when the flood comes before its
         # guard exists (set by the server at admission).
         self.on_flood: Callable[[], None] | None = None
+        self._gate = gate
+        self._slot: ConnectionSlot | None = None
+        self.turned_away = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._gate is None:
+            return
+        peer = transport.get_extra_info("peername")
+        self._slot = self._gate(str(peer[0]) if peer else None)
+        if self._slot is None:
+            # Nothing of it is read: its handshake waits for a request that
+            # never comes and ends when the socket does.
+            self.turned_away = True
+            self.transport.pause_reading()
+            self.transport.write(TOO_MANY_CONNECTIONS)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._slot is not None:
+            self._slot.close()
+        super().connection_lost(exc)
 
     def process_event(self, event: Event) -> None:
         if (

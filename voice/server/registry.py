@@ -107,6 +107,24 @@ class CallTicket:
     task: asyncio.Task[object] | None = None
 
 
+@dataclass(eq=False)
+class ConnectionSlot:
+    """One open connection counted against its source (closed once)."""
+
+    key: str | None
+    counts: dict[str, int]
+
+    def close(self) -> None:
+        if self.key is None:
+            return
+        left = self.counts.get(self.key, 1) - 1
+        if left > 0:
+            self.counts[self.key] = left
+        else:
+            self.counts.pop(self.key, None)
+        self.key = None
+
+
 class CallRegistry:
     def __init__(self, runtime: Runtime, admission: AdmissionController, config: ServerConfig) -> None:
         self.runtime = runtime
@@ -120,6 +138,10 @@ class CallRegistry:
         self._warned: dict[tuple[str | None, int], float] = {}
         # address -> until when it gets no new call (bounded).
         self._cooldown: dict[str, float] = {}
+        # source -> connections open on the websocket listener (an entry
+        # lives as long as one of its connections).
+        self._connections: dict[str, int] = {}
+        self._connection_exempt = self._exempt + parse_networks(config.trusted_proxies)
 
     # ---- auth ----------------------------------------------------------
 
@@ -150,13 +172,37 @@ class CallRegistry:
         address = normalize_address(address)  # an IPv6 host's /64 is one source here too
         key = (address, level)
         if now - self._warned.get(key, -WARN_EVERY_S) >= WARN_EVERY_S:
+            self._warned.pop(key, None)  # re-inserted last: the oldest entries go first
             if len(self._warned) >= 1024:
-                self._warned.clear()
+                # Dropping all at once let a source that cycles addresses
+                # log again at once for every address it had used.
+                del self._warned[next(iter(self._warned))]
             self._warned[key] = now
             log.log(level, "%s: refused a call from %s: %s (more from it this minute at DEBUG)",
                     listener, address or "?", why)  # fmt: skip
         else:
             log.debug("%s: refused a call from %s: %s", listener, address or "?", why)
+
+    # ---- connections, before any handshake ----------------------------
+
+    def connection_opened(self, address: str | None, listener: str = "websocket") -> ConnectionSlot | None:
+        """Count a connection from ``address`` at accept; None when its
+        source already holds the cap (ServerConfig.max_connections_per_address),
+        and the listener turns it away before reading a byte of it."""
+        cap = self.config.connections_per_address
+        exempt = bool(self._connection_exempt) and address_allowed(address, self._connection_exempt)
+        if cap <= 0 or address is None or exempt:
+            return ConnectionSlot(None, self._connections)
+        key = normalize_address(address) or address
+        if self._connections.get(key, 0) >= cap:
+            self.runtime.metrics.call_refused("connection_limit")
+            self._log_refusal(logging.INFO, listener, key, f"over {cap} connections open from one address")
+            return None
+        self._connections[key] = self._connections.get(key, 0) + 1
+        return ConnectionSlot(key, self._connections)
+
+    def connections_open(self, address: str) -> int:
+        return self._connections.get(normalize_address(address) or address, 0)
 
     # ---- admission -----------------------------------------------------
 
@@ -266,7 +312,8 @@ class CallRegistry:
     ) -> None:
         """The whole door for a listener without an HTTP handshake (TCP):
         source allow-list, admission, then the call under a watch. ``refuse``
-        gets the reason and tells the peer in its own protocol."""
+        gets the reason and tells the peer in its own protocol. The caller
+        has counted the connection (connection_opened) already."""
         if not address_allowed(address, allow):
             self.unauthorized(listener, address, "source address not allowed")
             await refuse("unauthorized")

@@ -218,9 +218,17 @@ class AudioSocketCall(TelephonyCall):
         self.frames.clear()
 
 
+class OpenConnection(Protocol):
+    """A connection counted against its source's cap until closed."""
+
+    def close(self) -> None: ...
+
+
 class CallGate(Protocol):
     """The server's call registry as this listener sees it
     (voice/server/registry.py; a transport does not import the server)."""
+
+    def connection_opened(self, address: str | None, listener: str = "websocket") -> OpenConnection | None: ...
 
     async def serve_connection(
         self,
@@ -270,9 +278,16 @@ async def start_audiosocket(
             await AudioSocketCall(reader, writer, runtime, watch).serve()
 
         if registry is not None:
-            await registry.serve_connection(
-                "audiosocket", address, list(allow), call, lambda reason: _refuse(reader, writer, reason)
-            )
+            slot = registry.connection_opened(address, "audiosocket")
+            if slot is None:  # its source holds the cap: closed before a byte is read
+                writer.close()
+                return
+            try:
+                await registry.serve_connection(
+                    "audiosocket", address, list(allow), call, lambda reason: _refuse(reader, writer, reason)
+                )
+            finally:
+                slot.close()
             return
         config: Any = runtime.config
         if not runtime.ready or runtime.active_calls >= config.max_calls:

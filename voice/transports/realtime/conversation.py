@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 CONTEXT_ROLES = ("user", "assistant", "system")
 TEXT_PARTS = ("input_text", "text", "output_text")
 MAX_CONTEXT_CHARS = 8192
+# A client's own item id: printable, no longer than this. It is echoed in
+# every event about the item and kept in the call's state for its length.
+MAX_ITEM_ID_CHARS = 64
 
 
 async def item_create(call: RealtimeCall, msg: dict[str, Any]) -> None:
@@ -30,6 +33,12 @@ async def item_create(call: RealtimeCall, msg: dict[str, Any]) -> None:
             "unsupported_item_type",
             "item.type",
         )
+    item_id = item.get("id", None)
+    if item_id is None:
+        item_id = new_id("item")
+    elif not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ITEM_ID_CHARS or not item_id.isprintable():
+        why = f"'item.id' must be 1..{MAX_ITEM_ID_CHARS} printable characters"
+        raise RealtimeError(why, "invalid_value", "item.id")
     role = item.get("role")
     if role not in CONTEXT_ROLES:
         raise RealtimeError("'item.role' must be user, assistant or system", "invalid_value", "item.role")
@@ -52,11 +61,14 @@ async def item_create(call: RealtimeCall, msg: dict[str, Any]) -> None:
         call.session.add_context(role, text, pending)
     except ValueError as exc:
         raise RealtimeError(str(exc), "context_too_large", "item.content") from None
-    item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
     previous = call.last_item_id
+    # The parts echoed are the ones read, not the client's objects whole:
+    # anything else in them (nested to the parser's limit, say) is not
+    # sent back, so the echo cannot fail where the parse did not.
+    echoed = [{"type": p["type"], "text": p["text"]} for p in parts]
     created = {
         "id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": "completed",
-        "content": parts,
+        "content": echoed,
     }  # fmt: skip
     await call.send_event("conversation.item.added", previous_item_id=previous, item=created)
     if not call.beta:
