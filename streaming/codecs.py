@@ -146,9 +146,27 @@ class StreamResampler:
         if self._stream is None:
             return np.concatenate([x, pad])
         out = [self.process(x)]
-        # Output up to the last sample, and 5 ms past it for the filter's ringing.
-        wanted = -(-self._in_total * self.out_rate // self.in_rate) + self.out_rate // 200
+        wanted = self._wanted()
         out.append(self.process(pad))
+        out.append(self._out_until(wanted))
+        return np.concatenate(out)
+
+    def drain(self) -> np.ndarray:
+        """What the filter still holds back of the input so far, out now
+        (with a few ms of its ringing; silence is fed in behind it). At a
+        commit, or when a line falls silent, the last 20-70 ms of the
+        caller's last word would otherwise come out only with their next
+        audio, after the turn was decoded without it."""
+        if self._stream is None:
+            return np.zeros(0, dtype=np.float32)
+        return self._out_until(self._wanted())
+
+    def _wanted(self) -> int:
+        # Output up to the last input sample, and 5 ms past it for the filter's ringing.
+        return -(-self._in_total * self.out_rate // self.in_rate) + self.out_rate // 200
+
+    def _out_until(self, wanted: int) -> np.ndarray:
+        out = [np.zeros(0, dtype=np.float32)]
         step = np.zeros(self.in_rate // 100, dtype=np.float32)
         for _ in range(50):  # at most 0.5 s more: far past any filter's delay
             if self._out_total >= wanted:

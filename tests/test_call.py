@@ -290,3 +290,28 @@ async def test_a_turn_cancelled_while_its_transcript_is_sent_keeps_the_words_onc
     finally:
         release.set()
         await session.stop()
+
+
+async def test_a_commit_right_after_the_last_word_decodes_all_of_it(server, phone_prompts) -> None:
+    """A push-to-talk client at 8 kHz commits right after its last frame:
+    the resampler still held the last 20-70 ms of it, which reached the
+    tracker only with the next turn's audio. The commit drains it into the
+    turn it belongs to."""
+    from streaming.codecs import float_to_int16
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+
+    async def emit(event: dict) -> None:
+        pass
+
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    await session.start(Start(encoding="pcm16", sample_rate=8000, server_greeting=False))
+    try:
+        audio = phone_prompts[20].load(8000)
+        pcm = float_to_int16(audio).tobytes()
+        for i in range(0, len(pcm), 320):
+            await session.audio(pcm[i : i + 320])
+        assert await session.commit()
+        assert session._fed_s >= len(audio) / 8000, (session._fed_s, len(audio) / 8000)
+    finally:
+        await session.stop()

@@ -386,14 +386,18 @@ class CallSession:
         async with self._feed_lock:
             await self._feed_locked(samples)
 
-    async def _feed_locked(self, samples: np.ndarray) -> None:
+    async def _feed_locked(self, samples: np.ndarray) -> bool:
+        """Feed the tracker and act on its events; True when a turn ended."""
         assert self._tracker is not None
         now = time.monotonic()
         self._fed_s += len(samples) / ASR_RATE
         self._arrivals.append((self._fed_s, now))
+        ended = False
         try:
             for ev in self._tracker.feed(samples):
+                ended = ended or isinstance(ev, TurnEnded)
                 await self._on_event(ev, now)
+            return ended
         finally:
             # A feed that waited on its events' sends (a full socket) kept
             # the read loop from the caller's next frames: the line was not
@@ -422,22 +426,43 @@ class CallSession:
                 if tracker is None or not tracker.in_speech or idle_s < gap_s or self.closed:
                     continue
                 self._last_audio_at = time.monotonic()
-                await self._feed_locked(np.zeros(round(idle_s * ASR_RATE), dtype=np.float32))
+                # The caller's last word first: the resampler still holds its tail.
+                tail = self._resampler.drain() if self._resampler is not None else np.zeros(0, np.float32)
+                silence = max(0, round(idle_s * ASR_RATE) - len(tail))
+                await self._feed_locked(np.concatenate([tail, np.zeros(silence, dtype=np.float32)]))
 
     async def commit(self) -> bool:
         """The client ends the turn now. False when it held no speech."""
         if not self.started or self._tracker is None:
             raise ProtocolError("not_started", "'input.commit' before 'start'")
-        ended = self._tracker.commit()
-        if ended is not None:
-            await self._on_event(ended, time.monotonic())
-        return ended is not None
+        # Under the feed lock: a silence fill's feed mid-way (its events
+        # waiting on a send) must not end the turn after it was committed.
+        async with self._feed_lock:
+            if self._tracker is None:
+                return False
+            # The tail of the last word the resampler holds back is the
+            # turn's too (a push-to-talk client commits right after it).
+            tail = self._resampler.drain() if self._resampler is not None else np.zeros(0, np.float32)
+            if len(tail) and await self._feed_locked(tail):
+                return True  # the tail closed the turn's silence window: ended, not empty
+            ended = self._tracker.commit()
+            if ended is not None:
+                await self._on_event(ended, time.monotonic())
+            return ended is not None
 
-    def clear_input(self) -> None:
+    async def clear_input(self) -> None:
         """Forget the audio of the turn in progress (Realtime
-        ``input_audio_buffer.clear``): a fresh tracker, no pending work."""
-        if self._tracker is None:
+        ``input_audio_buffer.clear``): a fresh tracker, no pending work.
+        Under the feed lock, so a feed mid-way cannot go on with the old
+        tracker's events after it."""
+        async with self._feed_lock:
+            self._clear_input_locked()
+
+    def _clear_input_locked(self) -> None:
+        if self._tracker is None or self._start is None:
             return
+        # What the resampler holds back is the cleared audio's.
+        self._resampler = StreamResampler(self._start.sample_rate, ASR_RATE)
         self._abort_pending()
         self.runtime.asr.forget(self.call_id)
         self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())

@@ -33,7 +33,7 @@ async def commit(call: RealtimeCall, msg: dict[str, Any]) -> None:
 
 
 async def clear(call: RealtimeCall, msg: dict[str, Any]) -> None:
-    call.session.clear_input()
+    await call.session.clear_input()
     call.input_cleared()
     await call.send_event("input_audio_buffer.cleared")
 
