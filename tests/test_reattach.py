@@ -63,6 +63,37 @@ async def test_a_native_call_resumes_its_conversation_with_its_token(server, cal
             assert not [e for e in again.result.of("response.done") if e["text"] == "Hello again."]
 
 
+async def test_a_stream_lost_while_its_turn_decodes_keeps_the_callers_words(server, call_url) -> None:
+    """The connection drops (no stop: the call may come back) just after
+    the endpoint, while the turn's final decodes: the decode was cancelled
+    with the call, and the call that re-attached had lost what its caller
+    last said. The decode is let finish (bounded), and the words wait in
+    the stored conversation for the next turn."""
+    import dataclasses
+
+    from asr.wer import word_error_rate
+
+    cfg = server.runtime.config
+    saved = cfg.asr
+    cfg.asr = dataclasses.replace(saved, preemptive=False)  # the final starts at the endpoint, not at the pause
+    try:
+        clip = prompt_clip(5)
+        async with NativeCaller(call_url) as caller:
+            token = (await caller.start("mulaw", 8000))["resume_token"]
+            await caller.play(with_silence(clip.load(8000), 8000, 1.5), 8000, "mulaw", realtime=False)
+            await caller.wait_for("speech.stopped", timeout=30)
+            assert caller.ws is not None
+            await caller.ws.close()  # at once: the final is still decoding
+            assert not caller.result.of("transcript.final")
+    finally:
+        cfg.asr = saved
+    async with asyncio.timeout(10):
+        while (state := await server.runtime.store.load(f"native:{token}")) is None or not state.carry_over:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert word_error_rate(clip.reference, state.carry_over) <= 0.5, (clip.reference, state.carry_over)
+    assert not state.messages  # not answered: the words lead the next turn
+
+
 async def test_a_call_that_hangs_up_leaves_no_stored_conversation(server, call_url) -> None:
     """A stop says the call is over (a lost socket does not: that call may
     re-attach, the test above): its stored conversation, caller data, is

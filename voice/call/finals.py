@@ -120,6 +120,13 @@ class OneFinalPerCall:
             self._orphaned = newest(np.concatenate([self._orphaned, self._decoded_carry[1]]))
             self._decoded_carry = None
 
+    async def settle(self, timeout_s: float) -> None:
+        """Wait, at most ``timeout_s``, for this call's finals on the worker
+        (the one decoding and the one next in line) to be done."""
+        pending = {f for f in (self._queued, self._waiting) if f is not None and not f.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
     def close(self) -> None:
         """The call is over: nothing of it is handed to the worker any more."""
         self._closed = True

@@ -67,6 +67,9 @@ MAX_CARRIED_KEYPRESSES = 32
 # Ends that say the call is over (the client's stop, the carrier's stop or
 # hang-up), not that its connection was lost: its stored conversation goes.
 HUNG_UP = ("client_stop", "carrier_stop")
+# The longest a stream lost mid-decode waits for its caller's last words
+# (a final decode under load; the handler's release has 5 s in all).
+LAST_WORDS_WAIT_S = 3.0
 
 
 def new_call_id() -> str:
@@ -506,7 +509,13 @@ class CallSession:
         self.closed = True
         self.runtime.asr.forget(self.call_id, ended=True)
         self.runtime.low_priority.forget(self.call_id)
-        self._finals.close()  # no decode of this call may start after it hung up
+        # A stream that may come back (lost, drained) keeps the words its
+        # caller last said: a final decoding now is let finish (bounded),
+        # and its words wait for the re-attached call's next turn. Otherwise
+        # no decode of this call may start after it hung up.
+        keep_last_words = self._state is not None and reason not in HUNG_UP and not ended_by_server
+        if not keep_last_words:
+            self._finals.close()
         turns = [t.task for t in (self._active, self._pending) if t is not None]
         tasks = [*self._tasks, *turns]
         for task in tasks:
@@ -514,6 +523,11 @@ class CallSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if keep_last_words:
+            # A committed turn cancelled mid-decode hands its words on when
+            # the decode is done (Turn._talked_over -> _turn_finished).
+            await self._finals.settle(LAST_WORDS_WAIT_S)
+            self._finals.close()
         for turn, words in (heard or {}).items():
             self.history.heard(turn, words)
         if heard or self._snapshot_cut:
