@@ -97,3 +97,20 @@ def test_a_public_bind_starts_with_a_token_or_when_told_to(monkeypatch) -> None:
     monkeypatch.setenv("FIRSTLINE_NO_AUTH", "")
     monkeypatch.setenv("FIRSTLINE_AUTH_TOKEN", "from-the-environment")
     assert parse_args(["serve", "--host", "::"]).auth_token == "from-the-environment"
+
+
+def test_the_open_files_limit_is_raised_toward_what_a_server_needs() -> None:
+    """Each call, handshake and HTTP request holds a descriptor; a soft limit
+    of 1,024 is what many systems start a process with."""
+    import resource
+
+    from voice.server.cli import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        now = raise_open_files_limit(4096)
+        assert now == min(4096, hard) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raise_open_files_limit(512) == now  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -133,6 +133,50 @@ async def test_per_address_cap_refuses_the_next_call_from_that_address(server: V
         await wait_live(srv, 0)
 
 
+async def test_audiosocket_connections_count_toward_the_sources_connection_cap(server: VoiceServer) -> None:
+    """The cap on open connections per source holds for every listener: an
+    AudioSocket connection past it is closed before a byte of it is read
+    (no hang-up message: nothing was admitted), and its count comes back
+    when the connections close."""
+    config = {"max_calls": 8, "per_address_exempt": [], "max_connections_per_address": 2}
+    async with side_server(server, **config) as srv:
+        first, second = await asterisk(srv), await asterisk(srv)
+        await wait_live(srv, 2)
+        reader, writer = await asterisk(srv)
+        try:  # closed unread (its UUID unread: a reset), not admitted, so not a call's hang-up
+            assert await until_eof(reader) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        assert srv.registry.connections_open("127.0.0.1") == 2 and srv.registry.live_calls() == 2
+        for _, call in (first, second):
+            call.write(message(KIND_HANGUP))
+            call.close()
+        await wait_live(srv, 0)
+        async with asyncio.timeout(5):
+            while srv.registry.connections_open("127.0.0.1"):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+
+def test_a_full_cool_down_map_makes_room_for_the_newest_abuser(server: VoiceServer, monkeypatch) -> None:
+    """The cool-downs are bounded; full of live ones (many sources abusing
+    at once), the newest abuser was let straight back in. Now the cool-down
+    nearest its end makes room."""
+    from voice.server import registry as registry_module
+    from voice.server.admission import AdmissionController
+    from voice.server.config import ServerConfig
+    from voice.server.limits import AUDIO_FLOOD, CallLimits
+    from voice.server.registry import CallRegistry, CallTicket
+
+    monkeypatch.setattr(registry_module, "COOLDOWN_MAX_ADDRESSES", 3)
+    config = ServerConfig(per_address_exempt=[], limits=CallLimits(abuse_cooldown_s=60.0))
+    registry = CallRegistry(server.runtime, AdmissionController(config.admission, config.max_calls), config)
+    for n in range(1, 5):
+        registry.release(CallTicket("websocket", f"192.0.2.{n}"), AUDIO_FLOOD)
+    cooling = [registry._cooling_s(f"192.0.2.{n}") for n in range(1, 5)]
+    assert cooling[0] == 0 and all(c > 50 for c in cooling[1:]), cooling
+
+
 # HAProxy on this host (deploy/haproxy.cfg, option forwardfor): every call
 # comes from 127.0.0.1; the caller is the right-most untrusted hop.
 BEHIND_PROXY = {

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,8 @@ from voice.server.config import ServerConfig
 from voice.server.limits import CallLimits
 from voice.server.log_format import configure_logging
 from voice.server.signatures import check_public_url
+
+log = logging.getLogger(__name__)
 
 
 def _network(value: str) -> str:
@@ -834,6 +837,30 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
+# Descriptors the server asks for (up to the hard limit): each call, each
+# handshake under way and each HTTP request holds one, and the soft limit
+# is often 1,024, which many sources' connections could use up together.
+OPEN_FILES_WANTED = 65536
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """Raise the soft RLIMIT_NOFILE toward ``wanted`` (never past the hard
+    limit, never down); the soft limit in force after."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Secrets are scrubbed from every record by value (websockets logs headers at debug).
@@ -851,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
+        files = raise_open_files_limit()
+        log.debug("open files limit: %d", files)
         server = VoiceServer(config_from_args(args))
         asyncio.run(server.serve_forever())
         return 0

@@ -270,11 +270,15 @@ class CallRegistry:
             if len(self._cooldown) >= COOLDOWN_MAX_ADDRESSES:
                 now = time.monotonic()
                 self._cooldown = {a: t for a, t in self._cooldown.items() if t > now}
-            if len(self._cooldown) < COOLDOWN_MAX_ADDRESSES:
-                assert ticket.address is not None and end is not None
-                self._cooldown[ticket.address] = time.monotonic() + cooldown
-                log.info("%s: %s ended a call (%s): no new call from it for %g s",
-                         ticket.listener, ticket.address, end.reason, cooldown)  # fmt: skip
+            if len(self._cooldown) >= COOLDOWN_MAX_ADDRESSES:
+                # Full of live cool-downs (many sources abusing at once): the
+                # one nearest its end makes room, so the newest abuser is
+                # cooled down too (it was let straight back in).
+                del self._cooldown[min(self._cooldown, key=self._cooldown.__getitem__)]
+            assert ticket.address is not None and end is not None
+            self._cooldown[ticket.address] = time.monotonic() + cooldown
+            log.info("%s: %s ended a call (%s): no new call from it for %g s",
+                     ticket.listener, ticket.address, end.reason, cooldown)  # fmt: skip
 
     def _exempt_address(self, address: str | None) -> bool:
         """No per-address limit applies (unknown, or a proxy/gateway carrying many callers)."""
