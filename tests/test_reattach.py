@@ -94,6 +94,30 @@ async def test_a_stream_lost_while_its_turn_decodes_keeps_the_callers_words(serv
     assert not state.messages  # not answered: the words lead the next turn
 
 
+async def test_a_snapshot_taken_mid_reply_keeps_the_words_being_answered(server, call_url) -> None:
+    """The stored conversation is what a replica that dies mid-reply leaves
+    for the call's re-attach elsewhere. The turn being answered joined the
+    history only when it ended, so a snapshot taken meanwhile had lost the
+    caller's last words. They are in it now, to lead the next turn."""
+    story = "You are a storyteller. Always answer with a long story of many short sentences."
+    options = {"max_tokens": 400, "reply_max_sentences": 0, "resume_grace_ms": 0}
+    async with NativeCaller(call_url) as caller:
+        token = (await caller.start("mulaw", 8000, system_prompt=story, options=options))["resume_token"]
+        await caller.play(with_silence(prompt_clip(3).load(8000), 8000, 1.5), 8000, "mulaw", realtime=False)
+        said = (await caller.wait_for("transcript.final", turn=1, timeout=60))["text"]
+        await caller.wait_for("response.sentence", turn=1, timeout=60)
+        async with asyncio.timeout(10):
+            while (state := await server.runtime.store.load(f"native:{token}")) is None or not state.carry_over:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert not caller.result.of("response.done"), "the reply ended before the check: the story was too short"
+        assert state.carry_over == said and not state.messages, state
+        await caller.wait_for("response.done", turn=1, timeout=90)
+        async with asyncio.timeout(10):  # once answered, the words are the history's, not carried
+            while (state := await server.runtime.store.load(f"native:{token}")) is None or state.carry_over:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert state.messages[0] == {"role": "user", "content": said}, state
+
+
 async def test_a_call_that_hangs_up_leaves_no_stored_conversation(server, call_url) -> None:
     """A stop says the call is over (a lost socket does not: that call may
     re-attach, the test above): its stored conversation, caller data, is
@@ -216,7 +240,12 @@ async def test_a_stream_lost_mid_reply_keeps_only_what_the_caller_heard(server) 
                 while not call.session.started:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             assert call.session.resumed
-            assert call.session.history.messages_so_far == [{"role": "user", "content": asked}]
+            # Nothing of the reply; the caller's words kept: in the history,
+            # or (a snapshot taken while the reply was written) carried to
+            # lead the next turn.
+            history = call.session.history.messages_so_far
+            assert history in ([{"role": "user", "content": asked}], []), history
+            assert (call.session.carry_over if not history else "") == ("" if history else asked)
 
 
 async def test_the_stored_state_holds_only_what_the_caller_has_heard_of_a_reply_going_out() -> None:

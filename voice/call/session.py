@@ -347,15 +347,26 @@ class CallSession:
         """A mark confirmed more of a reply: the stored state catches up."""
         self._save_state()
 
+    def _words_owned(self, turn: Turn) -> None:
+        if turn is self._active:
+            self._save_state()
+
     def _save_state(self) -> None:
         if self._state is not None:
             history = self.history
             heard = self.heard_now() if self.heard_now is not None else {}
             self._snapshot_cut = bool(heard)
+            # The turn being answered is not in the history until it ends: a
+            # snapshot taken meanwhile keeps its words to lead the next turn
+            # (a replica lost mid-reply; the turn's end writes them over).
+            turn = self._active
+            in_flight = ""
+            if turn is not None and turn.committed and not turn.outcome_given and turn.spoken_first is None:
+                in_flight = turn.user_text
             state = CallState(
                 history.system_prompt,
                 history.as_heard(heard),
-                self.carry_over,
+                " ".join(filter(None, [in_flight, self.carry_over])),
                 self._turn_index,
                 history.instructions,
                 list(history.system_items),
@@ -790,6 +801,7 @@ class CallSession:
             llm_used=self._llm_used,
             prompt_too_long=self._prompt_too_long,
             hold_for_resume=runtime.config.holds_for_resume,
+            words_owned=self._words_owned,
         )
 
     @property

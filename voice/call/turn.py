@@ -166,6 +166,10 @@ class TurnContext:
     # Generate past the first sentence only once the caller has had the
     # resume grace to go on (ServerConfig.hold_for_resume; needs first_sentences).
     hold_for_resume: bool = False
+    # The turn is committed and its words are known (before its reply): the
+    # session snapshots the call, so a replica lost mid-reply does not lose
+    # what the caller just said. None: not told.
+    words_owned: Callable[[Turn], None] | None = None
 
 
 @dataclasses.dataclass
@@ -277,6 +281,11 @@ class Turn:
             # also when the flush is cut short (the call is going: what was
             # still held is not sent), so the turn never waits on it for good.
             self._gate.set()
+        self._tell_words_owned()
+
+    def _tell_words_owned(self) -> None:
+        if self.committed and self.user_text and not self.outcome_given and self.ctx.words_owned is not None:
+            self.ctx.words_owned(self)
 
     def cancel(self) -> bool:
         """Cancel the turn; False when its outcome is already the session's
@@ -446,6 +455,7 @@ class Turn:
                 sending = asyncio.ensure_future(self._send(final))
                 sending.add_done_callback(lambda done: done.cancelled() or done.exception())  # read if orphaned
                 said = True
+                self._tell_words_owned()
                 await asyncio.shield(sending)
             else:
                 await self._out(final)
