@@ -179,6 +179,52 @@ async def test_realtime_push_to_talk_holds_the_reply_until_response_create(serve
         assert done["response"]["status"] == "completed" and done["response"]["output"][0]["content"][0]["text"]
 
 
+async def test_realtime_a_held_reply_written_before_new_context_is_written_again(server, monkeypatch):
+    """The manual flow: commit, add what was looked up (a text item), then
+    response.create. The reply held since the commit was written without
+    the item, and the create released it as it was. Now it is dropped
+    unseen and the create answers the conversation with the item in it."""
+    clip = prompt_clip(14)
+    engine = server.runtime.engine
+    prompts: list[list[dict[str, str]]] = []
+    real_stream = engine.stream
+
+    def spy(request):  # the real engine, watched
+        prompts.append(list(request.messages))
+        return real_stream(request)
+
+    monkeypatch.setattr(engine, "stream", spy)
+    note = "Looked up: the caller's booking reference is QX-7731, ferry at 9:40."
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            await carrier.say(with_silence(clip.load(24000), 24000, 0.5), speed=None)
+            await carrier.send({"type": "input_audio_buffer.commit"})
+            completed = await carrier.next_event("conversation.item.input_audio_transcription.completed", timeout=60)
+            async with asyncio.timeout(30):  # the held reply is being written
+                while not prompts:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert all(note not in m["content"] for m in prompts[0])
+            await carrier.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "system", "content": [{"type": "input_text", "text": note}]}})  # fmt: skip
+            await carrier.next_event("conversation.item.added", timeout=10,
+                                     after=carrier.events.index(completed))  # fmt: skip
+            mark = len(carrier.events)
+            await carrier.send({"type": "response.create", "event_id": "evt_after_note"})
+            done = await carrier.next_event("response.done", after=mark, timeout=90)
+            assert done["response"]["status"] == "completed", done
+            assert len(carrier.of("response.created")) == 1  # the held one was never shown
+            answered = prompts[-1]
+            assert any(note in m["content"] for m in answered), answered
+            assert any(completed["transcript"] in m["content"] for m in answered if m["role"] == "user"), answered
+            # The caller's words stay their turn; the dropped reply is not in the history.
+            said = [m for m in call.session.history.messages_so_far if m["role"] == "assistant"]
+            assert [m["content"] for m in said] == [done["response"]["output"][0]["content"][0]["text"]], said
+    assert not carrier.of("error"), carrier.of("error")
+
+
 async def test_realtime_a_caller_who_resumes_right_after_the_reply_began_is_one_item(server):
     """A caller who goes on within the resume grace after the reply began
     was not done: the server takes their turn and its reply out of the

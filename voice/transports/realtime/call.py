@@ -126,6 +126,7 @@ class RealtimeCall(WebSocketCall):
         self.response_requested = False
         self.response_requested_event: object = None  # that response.create's event_id
         self._deferred_create: asyncio.Task[None] | None = None
+        self._deferred_msg: dict[str, Any] = {"type": "response.create"}  # what a deferred create answers
         # Replies asked for with no caller turn behind them (response.create
         # on the conversation as it stands). Each is an LLM generation; a
         # client looping create/cancel could otherwise keep the engine busy
@@ -375,11 +376,7 @@ class RealtimeCall(WebSocketCall):
         # or now if it already has (its response.done was among the held).
         for old in self.responses.values():
             if not old.released and not old.dropped:
-                ended = any(e.get("type") == "response.done" for e in old.held)
-                old.dropped = True
-                old.held.clear()
-                if ended:
-                    self.session.reply_heard(old.turn, "")
+                response_family.drop(self, old)
         self.prune()
         await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
         await self.send_event(
@@ -432,6 +429,12 @@ class RealtimeCall(WebSocketCall):
         else:
             response.retracted = True
 
+    def defer_create(self, msg: dict[str, Any]) -> None:
+        """Answer ``msg`` (a response.create) once the turn in flight is over."""
+        self.response_requested_event = msg.get("event_id")
+        self._deferred_msg = msg
+        self._defer_create()
+
     def _defer_create(self) -> None:
         """A response.create waited for a turn that ended with no words (or
         whose transcription failed): the request does not carry over to the
@@ -446,6 +449,7 @@ class RealtimeCall(WebSocketCall):
     async def _answer_deferred_create(self) -> None:
         event_id = self.response_requested_event
         self.response_requested_event = None
+        msg, self._deferred_msg = self._deferred_msg, {"type": "response.create"}
         with contextlib.suppress(TimeoutError):  # then create() says what is in progress
             async with asyncio.timeout(DEFERRED_CREATE_WAIT_S):
                 while self.session.reply_in_flight():  # noqa: ASYNC110 - the turn's task has no event to wait on
@@ -453,7 +457,7 @@ class RealtimeCall(WebSocketCall):
         if self.finished:
             return
         try:
-            await response_family.create(self, {"type": "response.create"})
+            await response_family.create(self, msg)
         except RealtimeError as exc:
             await self.client_error(exc.code, str(exc), exc.param, event_id)
         except Exception as exc:  # the socket went meanwhile: nobody to answer

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from voice.transports.realtime.protocol import RealtimeError, new_id
+from voice.transports.realtime.response import context_changed
 
 if TYPE_CHECKING:
     from voice.transports.realtime.call import RealtimeCall
@@ -61,6 +62,7 @@ async def item_create(call: RealtimeCall, msg: dict[str, Any]) -> None:
         call.session.add_context(role, text, pending)
     except ValueError as exc:
         raise RealtimeError(str(exc), "context_too_large", "item.content") from None
+    context_changed(call)
     previous = call.last_item_id
     # The parts echoed are the ones read, not the client's objects whole:
     # anything else in them (nested to the parser's limit, say) is not

@@ -54,6 +54,10 @@ class Response:
     # Set once response.created and its item/part events are on the wire:
     # nothing of the reply may overtake them.
     opened: asyncio.Event = field(default_factory=asyncio.Event)
+    # Held (never shown), and the client changed the conversation since
+    # (a text item, new instructions): written without that, it is not the
+    # reply a response.create now asks for.
+    stale: bool = False
 
 
 # ---- client events ---------------------------------------------------------
@@ -61,8 +65,18 @@ class Response:
 
 async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     held = [r for r in call.responses.values() if not r.released and not r.dropped]
-    if held:
+    if held and not held[-1].stale:
         await release(call, held[-1])
+        return
+    if held:
+        # Written before the context the client added since (the usual
+        # manual flow: commit, add what was looked up, then create): dropped
+        # unseen, its generation stopped (the caller's words stay their
+        # turn), and this create answers the conversation as it stands once
+        # that turn is over.
+        drop(call, held[-1])
+        call.session.cancel_reply()
+        call.defer_create(msg)
         return
     waiting = call.session.reply_in_flight()
     if waiting and not any(r.done is None and not r.dropped for r in call.responses.values()):
@@ -103,6 +117,23 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     response = Response(turn, user_item_id=call.last_item_id or "", released=True)
     call.responses[turn] = response
     await start(call, response)
+
+
+def drop(call: RealtimeCall, response: Response) -> None:
+    """A held reply the client will never be shown leaves the conversation:
+    now if its turn is over (its response.done was held), else when it is."""
+    ended = any(e.get("type") == "response.done" for e in response.held)
+    response.dropped = True
+    response.held.clear()
+    if ended:
+        call.session.reply_heard(response.turn, "")
+
+
+def context_changed(call: RealtimeCall) -> None:
+    """The client changed what a reply should answer: held replies are stale."""
+    for response in call.responses.values():
+        if not response.released and not response.dropped:
+            response.stale = True
 
 
 def in_progress(call: RealtimeCall) -> bool:

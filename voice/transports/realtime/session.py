@@ -15,6 +15,7 @@ from voice.transports.realtime.protocol import (
     RealtimeError,
     format_obj,
 )
+from voice.transports.realtime.response import context_changed
 
 if TYPE_CHECKING:
     from voice.transports.realtime.call import RealtimeCall
@@ -85,6 +86,7 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
             raise RealtimeError(exc.message, "invalid_value", "session.sampling") from None
     if call.session.started and new.instructions and new.instructions != call.settings.instructions:
         call.session.set_system_prompt(new.instructions)
+        context_changed(call)
     call.settings = new
     await call.send_event("session.updated", session=call.session_object())
     ignored = unserved_fields(update)
