@@ -38,6 +38,8 @@ def test_a_variable_outside_a_flags_choices_is_refused(monkeypatch, capsys, vari
         (["--host", "0.0.0.0", "--audiosocket-port", "8765"], "is --port's on the same address"),
         (["--audiosocket-port", "70000"], "--audiosocket-port must be 0-65535"),
         (["--log-level", "verbose"], "--log-level"),
+        (["--trusted-proxy", "0.0.0.0/0"], "too wide to trust"),
+        (["--trusted-proxy", "::/0"], "too wide to trust"),
     ],
 )
 def test_numbers_that_would_refuse_every_call_are_refused_at_start(capsys, argv, says) -> None:
@@ -90,6 +92,7 @@ def test_a_public_bind_starts_with_a_token_or_when_told_to(monkeypatch) -> None:
         assert parse_args(["serve", "--host", loopback]).host == loopback
     assert parse_args(["serve", "--host", "0.0.0.0", "--auth-token", "s3cret"]).auth_token == "s3cret"
     assert parse_args(["serve", "--host", "0.0.0.0", "--no-auth"]).no_auth
+    assert parse_args(["serve", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "fd00::/32"]).trusted_proxy
     open_pbx = ["--audiosocket-port", "9092", "--audiosocket-host", "0.0.0.0", "--audiosocket-allow", "10.0.0.0/8"]
     assert parse_args(["serve", *open_pbx]).audiosocket_allow
     monkeypatch.setenv("FIRSTLINE_NO_AUTH", "1")

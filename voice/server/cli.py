@@ -49,6 +49,23 @@ def _network(value: str) -> str:
     return value.strip()
 
 
+# A trusted proxy's X-Forwarded-For names the caller: trusting networks this
+# wide lets anyone in them claim any address and slip the per-address cap
+# and the abuse cool-down (a proxy is a host or a small subnet).
+WIDEST_TRUSTED_PREFIX = {4: 8, 6: 32}
+
+
+def _trusted_proxy(value: str) -> str:
+    value = _network(value)
+    net = ipaddress.ip_network(value, strict=False)
+    if net.prefixlen < WIDEST_TRUSTED_PREFIX[net.version]:
+        raise argparse.ArgumentTypeError(
+            f"{value}: too wide to trust (anyone in it could claim any caller address in X-Forwarded-For); "
+            f"name the proxies' addresses or subnet (/{WIDEST_TRUSTED_PREFIX[net.version]} at the widest)"
+        )
+    return value
+
+
 def _vad_end_margin(value: str) -> float:
     """--vad-end-margin: how far below the VAD threshold a chunk must fall to
     count as silence; a usage error outside 0..0.45 (the threshold is 0.5)."""
@@ -565,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--trusted-proxy",
         action="append",
-        type=_network,
+        type=_trusted_proxy,
         default=None,
         metavar="CIDR",
         help="load balancer whose X-Forwarded-For names the caller (repeatable; e.g. HAProxy's address)",
