@@ -413,3 +413,44 @@ async def test_sockets_that_never_upgrade_are_capped_per_address_and_time_out(se
             assert json.loads(await ws.recv())["type"] == "ready"
             await count_is(1)
         await count_is(0)
+
+
+async def test_a_connection_that_never_starts_its_call_is_ended(server: VoiceServer) -> None:
+    """Any used message kept the idle clock going, started or not: a
+    connection sending Telnyx's "connected" every few seconds and never a
+    start (which is where --carrier-secret is checked) held a call slot for
+    the whole --max-call-s. A call must start within start_timeout_s; a
+    Realtime session, which is its connection, is not held to it."""
+    with limits(server, start_timeout_s=1.0):  # a call's guard reads the runtime's limits
+        await _calls_that_never_start(server)
+
+
+async def _calls_that_never_start(server: VoiceServer) -> None:
+    from tests.conftest import side_server
+
+    async with side_server(server) as srv:
+        base = f"ws://127.0.0.1:{srv.port}"
+        started = time.monotonic()
+        async with connect(f"{base}/telnyx") as telnyx, connect(f"{base}/v1/call") as native:
+            with contextlib.suppress(ConnectionClosed):
+                async with asyncio.timeout(10):
+                    while True:
+                        await telnyx.send(json.dumps({"event": "connected", "version": "1.0.0"}))
+                        await asyncio.sleep(0.3)
+            assert telnyx.close_code == 1008 and telnyx.close_reason == "the call did not start"
+            assert time.monotonic() - started < 5
+            with contextlib.suppress(ConnectionClosed):
+                async with asyncio.timeout(10):
+                    async for _ in native:
+                        pass
+            assert native.close_code == 1008
+        async with asyncio.timeout(5):
+            while srv.registry.live_calls():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        # A Realtime session is up from its connection: no start to wait for.
+        async with connect(f"{base}/v1/realtime") as realtime:
+            await asyncio.sleep(1.6)
+            await realtime.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            async with asyncio.timeout(10):
+                while json.loads(await realtime.recv())["type"] != "input_audio_buffer.cleared":
+                    pass

@@ -73,6 +73,13 @@ class CallLimits:
     drain_timeout_s: float = 30.0
     # Bound on the close handshake with a peer that may never answer.
     close_timeout_s: float = 2.0
+    # A call must start (its start message; AudioSocket: its first audio)
+    # within this long of the connection, or it is ended (1008 "no start";
+    # 0: no deadline). Messages before the start kept the idle clock going:
+    # a connection sending a "connected" event a minute held a call slot,
+    # without any credential a start is checked for (--carrier-secret),
+    # for the whole --max-call-s. Carriers start within a second.
+    start_timeout_s: float = 10.0
     # Bound on the opening handshake (websockets' default is 10 s): a peer
     # that connects and sends no upgrade holds a socket, and a slot of its
     # source's connection cap, this long.
@@ -130,6 +137,7 @@ SHUTDOWN = CallEnd("server_shutdown", CLOSE_GOING_AWAY, "server shutting down")
 AUDIO_FLOOD = CallEnd("audio_rate_exceeded", CLOSE_POLICY, "audio faster than real time")
 MALFORMED_FLOOD = CallEnd("malformed_flood", CLOSE_POLICY, "too many malformed messages")
 MAX_CALL_LENGTH = CallEnd("max_call_length", CLOSE_NORMAL, "call too long")
+NO_START = CallEnd("no_start", CLOSE_POLICY, "the call did not start")
 # The call re-attached on another connection, which now owns its conversation.
 SUPERSEDED = CallEnd("call_reattached", CLOSE_NORMAL, "call re-attached on another connection")
 
@@ -154,11 +162,15 @@ class CallWatch:
         self._last_rx = time.monotonic()
         self._task: asyncio.Task[object] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        # Whether the call has started (set by the transport; None: it starts
+        # with its connection, as a Realtime session does).
+        self.has_started: Callable[[], bool] | None = None
 
     async def __aenter__(self) -> CallWatch:
         self._task = asyncio.current_task()
         self._last_rx = time.monotonic()
-        if self.limits.idle_timeout_s > 0 or self.limits.max_call_s > 0:
+        deadlines = (self.limits.idle_timeout_s, self.limits.max_call_s, self.limits.start_timeout_s)
+        if any(limit > 0 for limit in deadlines):
             self._watchdog = asyncio.create_task(self._watch(), name="call-watchdog")
         if self.end is not None and self._task is not None:
             # Ended (a drain) before the handler got here: do not start the call.
@@ -196,8 +208,17 @@ class CallWatch:
     async def _watch(self) -> None:
         idle, longest = self.limits.idle_timeout_s, self.limits.max_call_s
         ends_at = time.monotonic() + longest if longest > 0 else float("inf")
+        start_by = self.limits.start_timeout_s
+        starts_by = time.monotonic() + start_by if start_by > 0 and self.has_started is not None else float("inf")
         while True:
             now = time.monotonic()
+            if starts_by <= now:
+                assert self.has_started is not None
+                if not self.has_started():
+                    log.info("no start %.0f s after the connection: closing it", start_by)
+                    self.finish(NO_START)
+                    return
+                starts_by = float("inf")
             idle_at = self._last_rx + idle if idle > 0 else float("inf")
             if idle_at <= now:
                 log.info("no frame for %.0f s: closing the call", idle)
@@ -207,7 +228,7 @@ class CallWatch:
                 log.info("call longer than %.0f s: closing it", longest)
                 self.finish(MAX_CALL_LENGTH)
                 return
-            await asyncio.sleep(min(idle_at, ends_at) - now)
+            await asyncio.sleep(min(idle_at, ends_at, starts_by) - now)
 
 
 class CallGuard(CallWatch):

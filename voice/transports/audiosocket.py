@@ -68,6 +68,7 @@ class AudioSocketCall(TelephonyCall):
         # Idle timeout and drain (the registry's); a silent TCP connection
         # must not hold a call slot forever.
         self.watch = watch or CallWatch(runtime.config.limits)
+        self.watch.has_started = lambda: self.session.started  # its first audio: CallLimits.start_timeout_s
 
     async def serve(self) -> None:
         self.admit()

@@ -118,6 +118,8 @@ class WebSocketCall(TelephonyCall):
         # the reply task, and a silent socket is a dead call.
         # (No socket: a parser exercised on its own, as the fuzz tests do.)
         self.guard = CallGuard(ws, self.runtime.config.limits) if ws is not None else None
+        if self.guard is not None and self.starts_with_message:
+            self.guard.has_started = lambda: self.session.started  # CallLimits.start_timeout_s
 
     @classmethod
     async def handle(cls, ws: ServerConnection, runtime: Any) -> None:
@@ -126,6 +128,9 @@ class WebSocketCall(TelephonyCall):
 
     # Why the call ended when the peer just closed the socket.
     closed_reason = "carrier_closed"
+    # The call starts with a start message (CallLimits.start_timeout_s), not
+    # with its connection (a Realtime session).
+    starts_with_message = True
 
     async def serve(self) -> None:
         self.admit()

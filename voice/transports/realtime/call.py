@@ -98,6 +98,9 @@ class RealtimeCall(WebSocketCall):
     echoes_marks = False  # no marks: the playout clock and conversation.item.truncate say what was heard
     unmetered_events = frozenset({"input_audio_buffer.append"})
     refuse_bad_start = False  # an error event says why
+    # The session is the connection (session.created at open); its call
+    # starts with the first audio, which a client may hold back for long.
+    starts_with_message = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
