@@ -72,3 +72,45 @@ async def test_asterisk_hangup_mid_reply_releases_everything(server):
     await hangups_release_everything(
         server, lambda: FakeAsteriskWS(server_base(server)), [prompt_clip(50), prompt_clip(51)]
     )
+
+
+async def test_asterisk_a_tiny_frame_size_does_not_make_tiny_messages(server):
+    """MEDIA_START's optimal_frame_size is the peer's to pick: 2 bytes made
+    each reply message 1/16 ms of audio, thousands of messages a second on
+    the event loop every call shares. A message carries at least 20 ms."""
+    carrier = FakeAsteriskWS(server_base(server), format="slin16")
+    opening = carrier.wire.opening
+
+    def tiny_frames() -> list:
+        return [m.replace("optimal_frame_size:640", "optimal_frame_size:2") for m in opening()]
+
+    carrier.wire.opening = tiny_frames  # type: ignore[method-assign]
+    await reply_call(server, carrier, prompt_clip(26), multiple_of=2, dtmf=None)
+    sizes = [len(chunk) for _, chunk in carrier.audio_chunks]
+    short = [size for size in sizes if size < 640]  # 20 ms at 16 kHz
+    # A sentence's last message may be short; before, every one was 10 bytes.
+    assert sizes and len(short) <= max(3, len(sizes) // 10), (len(sizes), short[:10])
+
+
+async def test_asterisk_audio_waiting_out_an_xoff_is_dropped_by_a_flush(server):
+    """Asterisk said MEDIA_XOFF, so the playout's next chunk waits. A
+    barge-in then sends FLUSH_MEDIA (and the queue is empty, so sending may
+    go on): the waiting chunk, of the reply just cut, went out after the
+    flush and played."""
+    from voice.transports.carriers.asterisk_ws import AsteriskWebSocketCall
+
+    call = AsteriskWebSocketCall(None, server.runtime)  # no socket: its sends are recorded
+    sent: list[str | bytes] = []
+
+    async def record(frame: str | bytes) -> None:
+        sent.append(frame)
+
+    call.send_frame = record  # type: ignore[method-assign]
+    call._xon.clear()  # MEDIA_XOFF
+    waiting = asyncio.create_task(call.send_audio(b"old reply"))
+    await asyncio.sleep(0.05)
+    assert not sent
+    await call.send_clear()  # the barge-in
+    await asyncio.wait_for(waiting, 5)
+    await call.send_audio(b"new reply")
+    assert sent == ["FLUSH_MEDIA", b"new reply"], sent

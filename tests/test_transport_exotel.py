@@ -59,3 +59,33 @@ async def test_exotel_hangup_mid_reply_releases_everything(server):
     await hangups_release_everything(
         server, lambda: FakeExotel(server_base(server)), [prompt_clip(46), prompt_clip(47)]
     )
+
+
+async def test_exotel_a_bit_rate_given_in_kbps_is_taken(server):
+    """Exotel documents bit_rate "16" (bits per sample); many Exotel
+    clients and simulators send the stream's rate ("128kbps" at 8 kHz),
+    which was a malformed start: its media then counted as a flood and
+    cooled the Exotel address down."""
+    carrier = FakeExotel(server_base(server))
+    opening = carrier.wire.opening
+
+    def in_kbps() -> list:
+        messages = opening()
+        messages[1]["start"]["media_format"]["bit_rate"] = "128kbps"
+        return messages
+
+    carrier.wire.opening = in_kbps  # type: ignore[method-assign]
+    await reply_call(server, carrier, prompt_clip(18), multiple_of=320)
+
+
+async def test_exotel_a_media_encoding_it_cannot_take_is_refused_at_once(server):
+    carrier = FakeExotel(server_base(server))
+    opening = carrier.wire.opening
+
+    def mulaw() -> list:
+        messages = opening()
+        messages[1]["start"]["media_format"]["encoding"] = "audio/x-mulaw"
+        return messages
+
+    carrier.wire.opening = mulaw  # type: ignore[method-assign]
+    await refused_at_once(carrier, "encoding 'audio/x-mulaw'")

@@ -109,3 +109,11 @@ async def test_telnyx_an_unsupported_codec_is_refused_at_once_not_as_abuse(serve
 
     monkeypatch.setitem(wire.ENCODINGS, "g722", "G722")
     await refused_at_once(FakeTelnyx(server_base(server), encoding="g722"), "unsupported media format 'G722'")
+
+
+async def test_telnyx_a_bidirectional_codec_it_cannot_send_is_refused_at_once(server):
+    """A stream whose custom bidirectional_codec the server cannot send
+    (G.722) was a malformed start: every media frame after it counted as
+    malformed, and the flood cooled the Telnyx address down."""
+    carrier = FakeTelnyx(server_base(server), parameters={"bidirectional_codec": "G722"})
+    await refused_at_once(carrier, "unsupported bidirectional_codec 'G722'")

@@ -35,6 +35,7 @@ FORMATS = {
     "slin24": ("pcm16", 24000),
 }
 MAX_MESSAGE = 65500  # Asterisk's largest websocket message
+MIN_MESSAGE_S = 0.02  # the least audio one reply message carries
 XOFF_WAIT_S = 30.0  # a queue that never drains means Asterisk is stuck: drop audio rather than hang
 
 
@@ -70,6 +71,7 @@ class AsteriskWebSocketCall(WebSocketCall):
         self.frame_bytes = 160
         self._xon = asyncio.Event()
         self._xon.set()
+        self._flushes = 0  # FLUSH_MEDIA sent: a send woken by one drops its chunk
         self.xoffs = 0
 
     async def on_text(self, frame: str) -> None:
@@ -117,8 +119,13 @@ class AsteriskWebSocketCall(WebSocketCall):
         if self.frame_bytes % sample:
             raise MalformedMessage(f"optimal_frame_size {size} is not whole samples")
         self.json_control = was_json
-        # Several frames per message: fewer messages, still whole frames.
-        chunk = self.frame_bytes * max(1, min(5, MAX_MESSAGE // self.frame_bytes))
+        # Several frames per message: fewer messages, still whole frames,
+        # and never under MIN_MESSAGE_S of audio: a peer's frame size of 2
+        # bytes made a reply thousands of messages a second, stalling the
+        # event loop every call shares.
+        fewest = -(-round(rate * sample * MIN_MESSAGE_S) // self.frame_bytes)
+        frames = min(max(fewest, min(5, MAX_MESSAGE // self.frame_bytes)), MAX_MESSAGE // self.frame_bytes)
+        chunk = self.frame_bytes * max(1, frames)
         start = Start(encoding=encoding, sample_rate=rate, metadata={k: v for k, v in params.items() if k != "event"})
         await self.begin(start, OutFormat(encoding, rate, chunk_bytes=chunk))
 
@@ -132,15 +139,21 @@ class AsteriskWebSocketCall(WebSocketCall):
 
     async def send_audio(self, chunk: bytes) -> None:
         if not self._xon.is_set():
+            flushes = self._flushes
             try:
                 async with asyncio.timeout(XOFF_WAIT_S):
                     await self._xon.wait()
             except TimeoutError:
                 log.warning("call %s (asterisk): queue full for %.0f s; dropping audio", self.call_id, XOFF_WAIT_S)
                 return
+            if self._flushes != flushes:
+                # Woken by a flush (a barge-in): this chunk is of the reply
+                # just cut, and must not play after FLUSH_MEDIA.
+                return
         await self.send_frame(chunk)
 
     async def send_clear(self) -> None:
+        self._flushes += 1
         await self.send_control("FLUSH_MEDIA")
         self._xon.set()  # a flushed queue is empty
 

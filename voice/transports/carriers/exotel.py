@@ -38,6 +38,27 @@ def chunk_bytes(rate: int) -> int:
     return -(-size // 320) * 320
 
 
+# media_format.encoding values that name 16-bit slin: Exotel's own
+# ("audio/x-raw"), and the payload's transfer encoding many Exotel clients
+# and simulators send in its place.
+RAW_ENCODINGS = frozenset({"audio/x-raw", "raw", "slin", "slin16", "base64"})
+
+
+def sample_bits(value: object, rate: int) -> int:
+    """media_format.bit_rate: bits per sample ("16", Exotel's documented
+    value), or the stream's bit rate ("128kbps" at 8 kHz mono, as many
+    clients send it); 0 for anything else (refused as unsupported, not
+    malformed)."""
+    text = str(value).strip().lower()
+    try:
+        if text.endswith("kbps"):
+            kbps = int(text[:-4].strip())
+            return kbps * 1000 // rate if rate and kbps * 1000 % rate == 0 else 0
+        return int(text)
+    except ValueError:
+        return 0
+
+
 class ExotelCall(MarkStyleCall):
     transport = "exotel"
     ignored_events = frozenset({"connected"})
@@ -50,10 +71,12 @@ class ExotelCall(MarkStyleCall):
         start = obj(msg, "start")
         fmt = optional_obj(start, "media_format")
         rate = as_int(fmt.get("sample_rate", self._query_rate()), "sample_rate")
-        bits = as_int(fmt.get("bit_rate", 16), "bit_rate")
-        if rate not in RATES or bits != 16:
+        bits = sample_bits(fmt.get("bit_rate", 16), rate)
+        encoding = str(fmt.get("encoding") or "audio/x-raw").lower()
+        if rate not in RATES or bits != 16 or encoding not in RAW_ENCODINGS:
             raise UnsupportedMedia(
-                f"unsupported media format: {bits}-bit at {rate} Hz; Exotel streams 16-bit slin at 8/16/24 kHz"
+                f"unsupported media format: {bits or '?'}-bit at {rate} Hz, encoding {encoding[:24]!r}; "
+                "Exotel streams 16-bit slin (audio/x-raw) at 8/16/24 kHz"
             )
         sid = msg.get("stream_sid") or start.get("stream_sid")
         if not isinstance(sid, str) or not sid:

@@ -106,7 +106,10 @@ class TelnyxCall(MarkStyleCall):
         named_out = str(params.get("bidirectional_codec") or self.runtime.config.telnyx_outbound_codec)
         outbound = ENCODINGS.get(named_out.upper())
         if outbound is None:
-            raise MalformedMessage(f"unsupported bidirectional_codec {named_out[:24]!r}; use PCMU or PCMA")
+            # Refused, not malformed: every media frame after a malformed
+            # start counts as malformed too, and the flood cooled the Telnyx
+            # media server's address down for every call from it.
+            raise UnsupportedMedia(f"unsupported bidirectional_codec {named_out[:24]!r}; use PCMU or PCMA")
         await self.begin(
             start_from_parameters(
                 encoding, rate, {**params, "call_control_id": start.get("call_control_id")}, self.runtime.config
