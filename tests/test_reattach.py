@@ -118,6 +118,89 @@ async def test_a_snapshot_taken_mid_reply_keeps_the_words_being_answered(server,
         assert state.messages[0] == {"role": "user", "content": said}, state
 
 
+async def test_a_resume_claim_the_store_applied_but_answered_late_is_not_orphaned(
+    server, call_url, monkeypatch
+) -> None:
+    """A store that applies a claim but answers after the call's bound (a
+    slow Redis): the call took a fresh token and left the old key owned by
+    a connection that never wrote or deleted it, the conversation there for
+    the whole TTL while the client was told nothing was stored. The claim
+    is asked again (the same owner's claim is the same claim); a store that
+    never answers leaves the client its token, and the call claims the key
+    at its first write."""
+    async with NativeCaller(call_url) as first:
+        token = (await first.start("mulaw", 8000))["resume_token"]
+        await one_turn(first, 3, turn=1)
+    said = (await first.wait_for("transcript.final", turn=1))["text"]
+    store = server.runtime.store
+    real_claim = store.claim
+    late = {"left": 1}
+
+    async def answered_late(key, owner, **kw):
+        state = await real_claim(key, owner, **kw)  # applied...
+        if late["left"]:
+            late["left"] -= 1
+            raise StoreError("call state store: no answer in 0.5 s")  # ...but the answer came too late
+        return state
+
+    monkeypatch.setattr(store, "claim", answered_late)
+    async with NativeCaller(call_url) as again:
+        ready = await again.start("mulaw", 8000, options={"resume": token})
+        assert ready["resumed"] is True and ready["resume_token"] == token, ready
+    # Never answered: the token is kept, and the key is this call's from its first write.
+    late["left"] = 10
+    async with NativeCaller(call_url) as third:
+        ready = await third.start("mulaw", 8000, options={"resume": token})
+        assert ready["resumed"] is False and ready["resume_token"] == token, ready
+        monkeypatch.setattr(store, "claim", real_claim)
+        await one_turn(third, 4, turn=1)
+        async with asyncio.timeout(10):
+            while not any(  # noqa: ASYNC110
+                m["role"] == "assistant" for m in ((await store.load(f"native:{token}")) or CallState("")).messages
+            ):
+                await asyncio.sleep(0.05)
+        state = await store.load(f"native:{token}")
+        assert said not in [m["content"] for m in state.messages], state  # a new conversation under the kept token
+
+
+async def test_a_resumed_call_keeps_its_llm_session_key(server, call_url, monkeypatch) -> None:
+    """An LLM pool (vllm-router's sticky_least_loaded, the in-process
+    replicas) keeps a call on one replica by its session key. It was the
+    connection's id, so a re-attached call started a new session on another,
+    cold replica, and a lost connection ended a session its re-attach would
+    have gone on with. The key is now the stored call's (hashed: a resume
+    token is a credential), and only a call that is over ends it."""
+    engine = server.runtime.engine
+    keys: list[str | None] = []
+    ended: list[str] = []
+    real_stream, real_end = engine.stream, engine.end_session
+
+    def spy(request):  # the real engine, watched
+        keys.append(request.session_key)
+        return real_stream(request)
+
+    def ending(key: str) -> None:
+        ended.append(key)
+        real_end(key)
+
+    monkeypatch.setattr(engine, "stream", spy)
+    monkeypatch.setattr(engine, "end_session", ending)
+    async with NativeCaller(call_url) as first:
+        token = (await first.start("mulaw", 8000))["resume_token"]
+        await one_turn(first, 3, turn=1)
+    await asyncio.sleep(0.2)
+    assert not ended  # a lost connection (no stop): the call may come back
+    async with NativeCaller(call_url) as again:
+        ready = await again.start("mulaw", 8000, options={"resume": token})
+        assert ready["resumed"] is True
+        await one_turn(again, 4, turn=2)
+        await again.send_json({"type": "stop"})
+        await again.wait_for("call.ended", timeout=10)
+    assert len(set(keys)) == 1 and keys[0] is not None and keys[0].startswith("call-"), keys
+    assert token not in keys[0]
+    assert ended == [keys[0]]  # hung up: its session is over
+
+
 async def test_a_call_that_hangs_up_leaves_no_stored_conversation(server, call_url) -> None:
     """A stop says the call is over (a lost socket does not: that call may
     re-attach, the test above): its stored conversation, caller data, is

@@ -18,6 +18,7 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import secrets
 import time
@@ -67,6 +68,10 @@ MAX_CARRIED_KEYPRESSES = 32
 # Ends that say the call is over (the client's stop, the carrier's stop or
 # hang-up), not that its connection was lost: its stored conversation goes.
 HUNG_UP = ("client_stop", "carrier_stop")
+# A resume claim the store did not answer is asked this many times in all,
+# this far apart (each is bounded by the store's own load timeout).
+CLAIM_ATTEMPTS = 2
+CLAIM_RETRY_S = 0.1
 # The longest a stream lost mid-decode waits for its caller's last words
 # (a final decode under load; the handler's release has 5 s in all).
 LAST_WORDS_WAIT_S = 3.0
@@ -96,6 +101,12 @@ def public_engine_info(described: dict[str, object]) -> dict[str, object]:
 # refused. (max_tokens lives in sampling; the history's instructions are
 # set last, after every check that can refuse.)
 _START_SETTINGS = ("_start", "asr_config", "reply_policy", "first_clause_words", "sampling", "_resampler", "_tracker")
+
+
+def llm_session_key(resume_key: str) -> str:
+    """The LLM session key of a call kept under ``resume_key``: hashed, since
+    a client's resume token is a credential and routers log session ids."""
+    return "call-" + hashlib.sha256(resume_key.encode()).hexdigest()[:32]
 
 
 class CallSession:
@@ -169,6 +180,10 @@ class CallSession:
         self._claim_unanswered: float | None = None
         self._owned_key: str | None = None  # the stored key this call writes (runtime.writers)
         self.resumed = False
+        # The key an LLM pool keeps the call on one replica by (vllm-router's
+        # X-Session-ID): the call's own id, or, for a call that may come
+        # back, one its re-attach shares (its prefix cache stays warm there).
+        self.llm_session_key = self.call_id
         # Ends this call its transport's way when another connection has
         # re-attached it (set by the transport: voice/server/limits.py SUPERSEDED).
         self.on_superseded: Callable[[], None] | None = None
@@ -267,23 +282,36 @@ class CallSession:
         assert start.resume_key
         token = start.resume_token
         asked_at = time.time()
-        try:
-            self._claimed = await self.runtime.store.claim(start.resume_key, self.call_id, when_empty=token is None)
-        except StoreError as exc:
-            log.warning("call %s: stored conversation not read (%s)", self.call_id, exc)
-            self._claimed = None
-            if token is None:
-                # A carrier's re-attach goes on under its call id: it claims
-                # the key at its first write instead (StateWriter.claim_first).
-                self._claim_unanswered = asked_at
+        unanswered = False
+        for attempt in range(CLAIM_ATTEMPTS):
+            try:
+                # Asked again when unanswered: a slow store may have applied
+                # the first, and a claim by the same owner is the same claim.
+                claim = self.runtime.store.claim(start.resume_key, self.call_id, when_empty=token is None)
+                self._claimed = await claim
+                unanswered = False
+                break
+            except StoreError as exc:
+                log.warning("call %s: stored conversation not read (%s)", self.call_id, exc)
+                self._claimed, unanswered = None, True
+                if attempt + 1 < CLAIM_ATTEMPTS:
+                    await asyncio.sleep(CLAIM_RETRY_S)
+        if unanswered:
+            # Not refused, unanswered: the claim may have landed, leaving the
+            # key this connection's. The call goes on under its key (a
+            # client keeps its token) and claims it at its first write the
+            # store answers (StateWriter.claim_first), unless a newer
+            # connection has since: nothing is left owned by a connection
+            # that never writes it.
+            self._claim_unanswered = asked_at
         start.may_resume = False  # claimed: start does not ask again
         if self._claimed is not None and self._claimed.ended:
             ended, self._claimed = self._claimed.ended, None
             log.info("call %s: the server ended this call before (%s); not picked up", self.call_id, ended)
             if token is None:  # a carrier's call: the same call, carried on
                 raise ProtocolError("call_ended", f"the server ended this call ({ended}); it is not picked up again")
-        if self._claimed is None and token is not None:
-            start.fresh_token()  # a client's token: a new conversation, said so
+        if self._claimed is None and token is not None and not unanswered:
+            start.fresh_token()  # a client's token nothing is stored under: a new conversation, said so
             return
         self._own(start.resume_key)
 
@@ -307,6 +335,7 @@ class CallSession:
         if start.may_resume:
             await self.reattach(start)
         self._state = StateWriter(self.runtime.store, start.resume_key, self.call_id, on_superseded=self._superseded)
+        self.llm_session_key = llm_session_key(start.resume_key)
         if self._claim_unanswered is not None:
             self._state.claim_first(since=self._claim_unanswered)
         if self._owned_key != start.resume_key:
@@ -550,7 +579,10 @@ class CallSession:
             # clock would count more as heard than the history keeps.
             self.heard_now = None
             self._save_state()
-        self.runtime.engine.end_session(self.call_id)  # e.g. vllm-router's session table
+        if reason in HUNG_UP or ended_by_server:
+            # e.g. vllm-router's session table. A stream that may come back
+            # keeps its session: the re-attach goes on under the same key.
+            self.runtime.engine.end_session(self.llm_session_key)
         key = self._owned_key
         if key is not None and self.runtime.writers.get(key) == self._superseded:
             del self.runtime.writers[key]
@@ -687,7 +719,7 @@ class CallSession:
         try:
             self.runtime.metrics.llm_used("eot_probe", None)  # its prefill's tokens are the engine's
             probability = await self.runtime.engine.sentence_end_probability(
-                self.messages(words), session_key=self.call_id
+                self.messages(words), session_key=self.llm_session_key
             )
         except SentenceEndUnsupported as exc:
             if not self.runtime.sentence_end_unsupported:
@@ -790,6 +822,7 @@ class CallSession:
             first_clause_words=self.first_clause_words,
             reply_policy=self.reply_policy,
             previous_reply=self.history.last_reply(),
+            llm_session_key=self.llm_session_key,
             take_carry_over=self._take_carry_over,
             messages=self.messages,
             emit=self.emit,
@@ -884,7 +917,7 @@ class CallSession:
         self._prefilling = True
         try:
             messages = self.messages(partial_text)
-            usage = await self.runtime.engine.prefill(messages, session_key=self.call_id)
+            usage = await self.runtime.engine.prefill(messages, session_key=self.llm_session_key)
             self.runtime.metrics.llm_used("prefill", usage)
             self._calibrate(messages, usage)
         except PromptTooLong:

@@ -166,6 +166,8 @@ class TurnContext:
     # Generate past the first sentence only once the caller has had the
     # resume grace to go on (ServerConfig.hold_for_resume; needs first_sentences).
     hold_for_resume: bool = False
+    # An LLM pool's key for the call (CallSession.llm_session_key; None: call_id).
+    llm_session_key: str | None = None
     # The turn is committed and its words are known (before its reply): the
     # session snapshots the call, so a replica lost mid-reply does not lose
     # what the caller just said. None: not told.
@@ -528,7 +530,7 @@ class Turn:
             request_id=f"{ctx.call_id}-t{self.index}",
             messages=messages,
             sampling=ctx.sampling,
-            session_key=ctx.call_id,  # a replica pool keeps the call on one replica
+            session_key=ctx.llm_session_key or ctx.call_id,  # a replica pool keeps the call on one replica
         )
         self.request = request
         segmenter = SentenceSegmenter(max_words=ctx.sentence_max_words, first_clause_words=ctx.first_clause_words)
