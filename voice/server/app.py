@@ -9,6 +9,7 @@ process runs; ``/readyz`` answers 200 only once the models are warm. ``/``
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import http
 import ipaddress
@@ -216,7 +217,9 @@ def _header(request: Request, name: str) -> str | None:
 # which stay out of URLs and so out of proxies' access logs. OpenAI's browser
 # clients send the key as ``openai-insecure-api-key.<key>``; the call page
 # sends ``firstline-token.<token>``.
-TOKEN_SUBPROTOCOLS = ("openai-insecure-api-key.", "firstline-token.")
+TOKEN_SUBPROTOCOLS = ("openai-insecure-api-key.", "firstline-token.", "firstline-token-b64.")
+# A token a subprotocol cannot hold as it is (a base64 one: '/', '='), base64url-encoded.
+B64_TOKEN_SUBPROTOCOL = "firstline-token-b64."
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) -> Subprotocol | None:
@@ -227,6 +230,15 @@ def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) ->
     return next((Subprotocol(p) for p in offered if not p.startswith(TOKEN_SUBPROTOCOLS)), None)
 
 
+def _unb64(text: str) -> str:
+    """A base64url token subprotocol's token; one that does not decode is
+    kept as sent (it matches no token)."""
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return text
+
+
 def _token_of(request: Request) -> str | None:
     scheme, _, token = (_header(request, "Authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -234,7 +246,8 @@ def _token_of(request: Request) -> str | None:
     for offered in header_values(request, "Sec-WebSocket-Protocol"):
         for prefix in TOKEN_SUBPROTOCOLS:
             if offered.startswith(prefix) and len(offered) > len(prefix):
-                return offered[len(prefix) :]
+                token = offered[len(prefix) :]
+                return _unb64(token) if prefix == B64_TOKEN_SUBPROTOCOL else token
     # Carriers' media websockets cannot set headers; they can only put the
     # token in the stream URL, percent-encoded like any query value. (The
     # log filter redacts it by value, both forms.)

@@ -296,9 +296,12 @@
       });
       await current.ctx.audioWorklet.addModule('demo/capture-worklet.js');
     } catch (err) {
+      teardown(current);
+      // Hung up while the permission prompt was open (or another call began):
+      // this call's failure is not the page's state any more.
+      if (call !== current || current.ended) return;
       const denied = err && (err.name === 'NotAllowedError' || err.name === 'SecurityError');
       notice(denied ? 'Microphone access was refused.' : `Could not start the microphone: ${err}`, 'error');
-      teardown(current);
       setState('failed');
       return;
     }
@@ -347,12 +350,20 @@
     const url = address.href;
     const token = ui.token.value.trim();
     // Browsers cannot set an Authorization header on a websocket. The token
-    // rides as a subprotocol, out of the URL (so out of proxies' access
-    // logs); one a subprotocol cannot hold goes in the query. The server
-    // takes both (voice/server/app.py _token_of) and echoes "firstline".
+    // rides as a subprotocol, never in the URL (proxies and CDNs log URLs);
+    // one a subprotocol cannot hold as it is ('/', '=', spaces: a base64
+    // token) goes base64url-encoded. The server takes both
+    // (voice/server/app.py _token_of) and echoes "firstline".
     if (!token) return { url, protocols: [] };
     if (SUBPROTOCOL_SAFE.test(token)) return { url, protocols: ['firstline', `firstline-token.${token}`] };
-    return { url: `${url}?token=${encodeURIComponent(token)}`, protocols: [] };
+    return { url, protocols: ['firstline', `firstline-token-b64.${base64url(token)}`] };
+  }
+
+  function base64url(text) {
+    const bytes = new TextEncoder().encode(text);
+    let binary = '';
+    for (const b of bytes) binary += String.fromCharCode(b);
+    return btoa(binary).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
   }
 
   function connect(current) {
