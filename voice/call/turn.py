@@ -166,7 +166,7 @@ class TurnContext:
     # Generate past the first sentence only once the caller has had the
     # resume grace to go on (ServerConfig.hold_for_resume; needs first_sentences).
     hold_for_resume: bool = False
-    # An LLM pool's key for the call (CallSession.llm_session_key; None: call_id).
+    # An LLM pool's key for the call (the session's llm_session_key; None: call_id).
     llm_session_key: str | None = None
     # The turn is committed and its words are known (before its reply): the
     # session snapshots the call, so a replica lost mid-reply does not lose
