@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -839,7 +840,7 @@ async def test_a_twilio_re_attach_during_a_store_outage_keeps_its_call(server, m
     """The same through the server: the claim raises StoreError once (a
     stand-in for an outage), the stream goes on, and its first turn's write
     ends neither it nor loses the turn."""
-    call_sid = "CA" + "7" * 32
+    call_sid = "CA" + uuid.uuid4().hex  # its own: test_carrier_auth stores a conversation under CA777…
     store = server.runtime.store
     with CallWatcher() as watcher:
         async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
@@ -863,7 +864,15 @@ async def test_a_twilio_re_attach_during_a_store_outage_keeps_its_call(server, m
         async with FakeTwilio(server_base(server), call_sid=call_sid) as carrier:
             call = await watcher.one()
             await carrier.say(with_silence(prompt_clip(8).load(8000), 8000, 1.5), speed=4.0)
-            await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            try:
+                await watcher.wait_event(call, "response.done", turn=1, timeout=60)
+            except TimeoutError:
+                session = call.session
+                seen = [e.get("type") for e in call.events]
+                raise AssertionError(
+                    f"no reply: finished={call.finished} closed={session.closed} resumed={session.resumed} "
+                    f"turn={session._turn_index} events={seen[-30:]}"
+                ) from None
             stored = await wait_stored(store, f"twilio:{call_sid}", turns=1)
             assert failed == [f"twilio:{call_sid}"] and stored.messages
             await asyncio.sleep(0.3)
