@@ -66,26 +66,23 @@ async def test_exotel_a_bit_rate_given_in_kbps_is_taken(server):
     clients and simulators send the stream's rate ("128kbps" at 8 kHz),
     which was a malformed start: its media then counted as a flood and
     cooled the Exotel address down."""
-    carrier = FakeExotel(server_base(server))
-    opening = carrier.wire.opening
-
-    def in_kbps() -> list:
-        messages = opening()
-        messages[1]["start"]["media_format"]["bit_rate"] = "128kbps"
-        return messages
-
-    carrier.wire.opening = in_kbps  # type: ignore[method-assign]
+    carrier = with_media_format(FakeExotel(server_base(server)), bit_rate="128kbps")
     await reply_call(server, carrier, prompt_clip(18), multiple_of=320)
 
 
 async def test_exotel_a_media_encoding_it_cannot_take_is_refused_at_once(server):
-    carrier = FakeExotel(server_base(server))
+    carrier = with_media_format(FakeExotel(server_base(server)), encoding="audio/x-mulaw")
+    await refused_at_once(carrier, "encoding 'audio/x-mulaw'")
+
+
+def with_media_format(carrier: FakeExotel, **fields: str) -> FakeExotel:
+    """The carrier's start with these media_format fields changed."""
     opening = carrier.wire.opening
 
-    def mulaw() -> list:
+    def changed() -> list:
         messages = opening()
-        messages[1]["start"]["media_format"]["encoding"] = "audio/x-mulaw"
+        messages[1]["start"]["media_format"].update(fields)
         return messages
 
-    carrier.wire.opening = mulaw  # type: ignore[method-assign]
-    await refused_at_once(carrier, "encoding 'audio/x-mulaw'")
+    carrier.wire.opening = changed  # type: ignore[method-assign]
+    return carrier

@@ -238,3 +238,38 @@ async def test_a_long_number_is_read_digit_by_digit():
     for text in ("Your reference is " + "7" * 40 + ".", f"Your reference is {grouped}."):
         audio = await tts.synthesize(text)
         assert len(audio) > 0, text
+
+
+async def test_a_barge_in_cuts_an_earlier_reply_still_playing_ahead_of_the_new_one(server):
+    """A Realtime client may create a response once the last one's text is
+    done, its audio still going out: both replies are in the playout when
+    the caller talks. The clear stops both, and only the newest turn's
+    history was cut to what was heard: the earlier one stayed whole, as if
+    the caller had heard all of it."""
+    from voice.transports.native.call import NativeCall
+
+    call = NativeCall(None, server.runtime)  # no socket: what it sends is recorded
+    sent: list[object] = []
+
+    async def record(frame: object) -> None:
+        sent.append(frame)
+
+    call.send_frame = record  # type: ignore[method-assign]
+    call.playout = Playout(shared_tts(), OutFormat("mulaw", 8000, 160), call)
+    earlier = "The ferry leaves at nine. It takes about two hours. Bring your ticket."
+    try:
+        call.session.history.remember(1, "When does the ferry leave?", earlier)
+        await call._on_session_event({"type": "response.done", "turn": 1})  # its text is done
+        for index, sentence in enumerate(earlier.split(". ")):
+            call.playout.say(1, index, sentence.rstrip(".") + ".")
+        call.playout.say(2, 0, "Anything else?")  # the next response, queued behind it
+        async with asyncio.timeout(60):  # every sentence sent; turn 1 still plays by the clock
+            while len(call.playout.segments) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert call.playing() == 2
+        assert await call.cut_reply("barge-in") == 2
+        said = [m["content"] for m in call.session.history.messages_so_far if m["role"] == "assistant"]
+        assert said != [earlier], said  # cut to what the clock says was heard, not kept whole
+    finally:
+        call.finished = True  # its settle timer does nothing now
+        await call.playout.close()

@@ -440,12 +440,18 @@ class TelephonyCall:
         playout, turn = self.playout, self.playing()
         if playout is None or turn is None:
             return None
+        # An earlier reply may still be playing ahead of this one (a Realtime
+        # response created once the last one's text was done, its audio
+        # still going out): the clear cuts it too, and its history must say
+        # so, not keep it whole.
+        earlier = sorted({s.turn for s in playout.segments if not s.played and s.turn != turn})
         playout.interrupt(by_clock=not self.echoes_marks)
         await self.send_clear()
-        heard = playout.heard(turn)
-        log.info("call %s: %s on turn %d; caller heard %d chars", self.call_id, why, turn, len(heard))
-        log.debug("call %s: turn %d heard %r", self.call_id, turn, heard)
-        self.heard_up_to(turn, heard)
+        for cut in [*earlier, turn]:
+            heard = playout.heard(cut)
+            log.info("call %s: %s on turn %d; caller heard %d chars", self.call_id, why, cut, len(heard))
+            log.debug("call %s: turn %d heard %r", self.call_id, cut, heard)
+            self.heard_up_to(cut, heard)
         return turn
 
     def heard_up_to(self, turn: int, heard: str) -> None:
