@@ -138,8 +138,8 @@ class CallRegistry:
         self._warned: dict[tuple[str | None, int], float] = {}
         # address -> until when it gets no new call (bounded).
         self._cooldown: dict[str, float] = {}
-        # source -> connections open on the websocket listener (an entry
-        # lives as long as one of its connections).
+        # source -> connections open on the websocket and AudioSocket
+        # listeners (an entry lives as long as one of its connections).
         self._connections: dict[str, int] = {}
         self._connection_exempt = self._exempt + parse_networks(config.trusted_proxies)
 
