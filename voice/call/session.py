@@ -469,10 +469,13 @@ class CallSession:
                 if tracker is None or not tracker.in_speech or idle_s < gap_s or self.closed:
                     continue
                 self._last_audio_at = time.monotonic()
-                # The caller's last word first: the resampler still holds its tail.
-                tail = self._resampler.drain() if self._resampler is not None else np.zeros(0, np.float32)
+                tail = self._held_back()  # the caller's last word first
                 silence = max(0, round(idle_s * ASR_RATE) - len(tail))
                 await self._feed_locked(np.concatenate([tail, np.zeros(silence, dtype=np.float32)]))
+
+    def _held_back(self) -> np.ndarray:
+        """What the input resampler still holds of the caller's audio."""
+        return self._resampler.drain() if self._resampler is not None else np.zeros(0, np.float32)
 
     async def commit(self) -> bool:
         """The client ends the turn now. False when it held no speech."""
@@ -483,9 +486,9 @@ class CallSession:
         async with self._feed_lock:
             if self._tracker is None:
                 return False
-            # The tail of the last word the resampler holds back is the
-            # turn's too (a push-to-talk client commits right after it).
-            tail = self._resampler.drain() if self._resampler is not None else np.zeros(0, np.float32)
+            # The tail of the last word is the turn's too (a push-to-talk
+            # client commits right after it).
+            tail = self._held_back()
             if len(tail) and await self._feed_locked(tail):
                 return True  # the tail closed the turn's silence window: ended, not empty
             ended = self._tracker.commit()
@@ -553,8 +556,8 @@ class CallSession:
         # caller last said: a final decoding now is let finish (bounded),
         # and its words wait for the re-attached call's next turn. Otherwise
         # no decode of this call may start after it hung up.
-        keep_last_words = self._state is not None and reason not in HUNG_UP and not ended_by_server
-        if not keep_last_words:
+        may_come_back = self._state is not None and reason not in HUNG_UP and not ended_by_server
+        if not may_come_back:
             self._finals.close()
         turns = [t.task for t in (self._active, self._pending) if t is not None]
         tasks = [*self._tasks, *turns]
@@ -563,7 +566,7 @@ class CallSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if keep_last_words:
+        if may_come_back:
             # A committed turn cancelled mid-decode hands its words on when
             # the decode is done (Turn._talked_over -> _turn_finished).
             await self._finals.settle(LAST_WORDS_WAIT_S)
@@ -579,7 +582,7 @@ class CallSession:
             # clock would count more as heard than the history keeps.
             self.heard_now = None
             self._save_state()
-        if reason in HUNG_UP or ended_by_server:
+        if not may_come_back:
             # e.g. vllm-router's session table. A stream that may come back
             # keeps its session: the re-attach goes on under the same key.
             self.runtime.engine.end_session(self.llm_session_key)
