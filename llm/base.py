@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import InitVar, dataclass, field
+from typing import TypeVar
 
 from llm.sampling import SamplingParams, sampling_alias
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -224,6 +227,21 @@ class LLMEngine(abc.ABC):
         if self.stream_limits is None or not warm:
             return stream
         return within_time(stream, *self.stream_limits, who)
+
+    async def answer_within_limits(self, answer: Awaitable[_T], warm: bool, who: str) -> _T:
+        """One short answer (a sentence-end probe) bounded as a reply's first
+        token is, once its kind is ``warm`` (the first probe compiles and
+        allocates what the warm-up's reply did not need): a wedged engine
+        fails the probe, and the cancel frees it in the engine (or drops it
+        from the queue), instead of holding the call's one probe slot for good."""
+        if self.stream_limits is None or not warm:
+            return await answer
+        limit = self.stream_limits[0]
+        try:
+            async with asyncio.timeout(limit):
+                return await answer
+        except TimeoutError:
+            raise EngineError(f"{who} gave no answer within {limit:g} s") from None
 
 
 async def within_time(

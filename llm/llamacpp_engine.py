@@ -67,6 +67,7 @@ class LlamaCppEngine(LLMEngine):
         self.model_path = resolve_gguf(config.model, quant)
         self._server: Any = None
         self._template: asyncio.Future[GGUFChatTemplate] | None = None  # read from the GGUF once
+        self._probed = False  # a probe has answered: the next ones are bounded
         # One thread per llama.cpp slot: each blocking request holds a thread
         # until it finishes or is cancelled.
         self._pool = ThreadPoolExecutor(
@@ -246,9 +247,12 @@ class LlamaCppEngine(LLMEngine):
         def run() -> Any:
             return self._server.handle_completions(body)
 
-        result = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        result = await self.answer_within_limits(
+            asyncio.get_running_loop().run_in_executor(self._pool, run), self._probed, "llama.cpp sentence-end probe"
+        )
         if not isinstance(result, dict) or "error" in result:
             raise EngineError(f"llama.cpp: {result.get('error') if isinstance(result, dict) else result!r:.200}")
+        self._probed = True
         top = result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         return sentence_end_mass(((t.get("token", ""), t.get("id"), t["logprob"]) for t in top), template.end_ids)
 

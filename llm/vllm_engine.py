@@ -139,6 +139,7 @@ class VLLMEngine(LLMEngine):
         self._engine: Any = None
         self._tokenizer: Any = None
         self._message_end_ids: frozenset[int] | None = None  # sentence_end_probability's, read once
+        self._probed = False  # a probe has answered: the next ones are bounded
         self._ids = itertools.count()
         self.startup_s: float | None = None
 
@@ -359,13 +360,21 @@ class VLLMEngine(LLMEngine):
         request_id = f"sentence-end-{next(self._ids)}"
         params = VLLMSamplingParams(max_tokens=1, temperature=0.0, logprobs=TOP_TOKENS)
         top: dict[int, Any] = {}
-        try:
+
+        async def probe() -> None:
+            nonlocal top
             async for output in self._engine.generate(_engine_prompt(ids), params, request_id):
                 logprobs = output.outputs[0].logprobs
                 if logprobs:
                     top = logprobs[0]
+
+        try:
+            await self.answer_within_limits(probe(), self._probed, f"vLLM request {request_id}")
+        except EngineError:
+            raise
         except Exception as error:
             raise EngineError(f"vLLM request {request_id} failed: {error}") from error
+        self._probed = True
         return sentence_end_mass(
             ((entry.decoded_token or tokenizer.decode([tid]), tid, entry.logprob) for tid, entry in top.items()),
             end_ids,

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from llm.base import EngineError
 from llm.config import LLMConfig
 from llm.llamacpp_engine import LlamaCppEngine, resolve_gguf
 from llm.sentence_end import GGUFChatTemplate, open_prompt, sentence_end_mass
@@ -54,5 +55,13 @@ async def test_embedded_model_knows_a_sentence_that_goes_on() -> None:
         over = [await p(w) for w in ("Where is my order?", "I think I need to reset my password.")]
         assert max(going_on) < 0.05, going_on
         assert min(over) > 0.2, over
+        # In the voice process a probe is bounded as a reply's first token is
+        # (build_engine sets stream_limits): one the engine cannot answer in
+        # time fails with an engine error, and the engine goes on answering.
+        engine.stream_limits = (1e-4, 1e-4)
+        with pytest.raises(EngineError, match="no answer within"):
+            await p("Where is my order?")
+        engine.stream_limits = None
+        assert await p("Where is my order?") == pytest.approx(over[0], abs=1e-3)
     finally:
         await engine.close()

@@ -264,6 +264,17 @@ async def test_vllm_knows_a_sentence_that_goes_on(engine: VLLMEngine) -> None:
     going_on = await engine.sentence_end_probability(_messages("My phone number is."))
     over = await engine.sentence_end_probability(_messages("Where is my order?"))
     assert going_on < 0.05 < 0.2 < over, (going_on, over)
+    # Bounded as a reply's first token is: a probe past the limit fails and
+    # is aborted in the engine, which goes on answering.
+    limits = engine.stream_limits
+    engine.stream_limits = (1e-4, 1e-4)
+    try:
+        with pytest.raises(EngineError, match="no answer within"):
+            await engine.sentence_end_probability(_messages("Where is my order?"))
+    finally:
+        engine.stream_limits = limits
+    assert engine._engine.get_num_unfinished_requests() == 0
+    assert await engine.sentence_end_probability(_messages("Where is my order?")) == pytest.approx(over, abs=1e-3)
 
 
 @pytest.mark.asyncio(loop_scope="session")

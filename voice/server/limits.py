@@ -311,7 +311,6 @@ class FloodGuardedConnection(ServerConnection):
         self.on_flood: Callable[[], None] | None = None
         self._gate = gate
         self._slot: ConnectionSlot | None = None
-        self.turned_away = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -322,7 +321,6 @@ class FloodGuardedConnection(ServerConnection):
         if self._slot is None:
             # Nothing of it is read: its handshake waits for a request that
             # never comes and ends when the socket does.
-            self.turned_away = True
             self.transport.pause_reading()
             self.transport.write(TOO_MANY_CONNECTIONS)
             self.transport.close()
