@@ -259,6 +259,127 @@ async def test_realtime_a_caller_who_resumes_right_after_the_reply_began_is_one_
             assert resumed["turn"] not in call.session.history.asked
 
 
+async def test_realtime_a_create_cancelled_before_its_turn_decoded_is_answered_cancelled(server):
+    """Push-to-talk: response.create then response.cancel while the
+    committed turn still decodes. No response existed yet, so the cancel
+    said nothing and a client waiting on its response.done hung; now it gets
+    the created/done pair of a response cancelled at once, and the turn's
+    reply, generated after, stays held (never shown)."""
+    clip = prompt_clip(14)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        await carrier.say(with_silence(clip.load(24000), 24000, 0.5), speed=None)
+        await carrier.send({"type": "input_audio_buffer.commit"})
+        await carrier.send({"type": "response.create"})
+        await carrier.send({"type": "response.cancel"})
+        done = await carrier.next_event("response.done", timeout=30)
+        assert not carrier.of("conversation.item.input_audio_transcription.completed")  # before the transcript
+        created = carrier.of("response.created")
+        assert len(created) == 1 and created[0]["response"]["id"] == done["response"]["id"], created
+        assert done["response"]["status"] == "cancelled", done
+        assert done["response"]["status_details"]["reason"] == "client_cancelled" and done["response"]["output"] == []
+        await carrier.next_event("conversation.item.input_audio_transcription.completed", timeout=60)
+        await asyncio.sleep(1.5)  # the reply is generated meanwhile, but held
+        assert len(carrier.of("response.created")) == 1 and not carrier.of("response.output_text.delta")
+    assert not carrier.of("error"), carrier.of("error")
+
+
+async def test_realtime_a_create_while_the_next_turn_decodes_answers_that_turn(server):
+    """Push-to-talk: turn 1's reply is held; the client commits turn 2 and
+    sends response.create while it decodes. The conversation ends with turn
+    2 now: the create is answered by turn 2's reply (it released turn 1's,
+    written without turn 2, and turn 2's stayed held and unseen)."""
+    first, second = prompt_clip(14), prompt_clip(15)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(with_silence(first.load(24000), 24000, 0.5), speed=None)
+            await carrier.send({"type": "input_audio_buffer.commit"})
+            call = await watcher.one()
+            for _ in range(600):  # turn 1's held reply is written
+                if 1 in call.session.history.replies:
+                    break
+                await asyncio.sleep(0.05)
+            assert 1 in call.session.history.replies and not carrier.of("response.created")
+            # Past the resume grace: turn 2 is a turn of its own.
+            await asyncio.sleep(server.runtime.config.asr.resume_grace_s + 0.3)
+            mark = len(carrier.events)
+            await carrier.say(with_silence(second.load(24000), 24000, 0.5), speed=None)
+            await carrier.send({"type": "input_audio_buffer.commit"})
+            await carrier.send({"type": "response.create", "event_id": "evt_turn2"})
+            completed = await carrier.next_event("conversation.item.input_audio_transcription.completed", after=mark)
+            done = await carrier.next_event("response.done", after=mark, timeout=90)
+            assert done["response"]["status"] == "completed", done
+            assert len(carrier.of("response.created")) == 1
+            added = [e for e in carrier.of("conversation.item.added") if e["item"]["role"] == "assistant"]
+            assert [e["previous_item_id"] for e in added] == [completed["item_id"]], added
+            assert 1 not in call.session.history.replies
+    assert not carrier.of("error"), carrier.of("error")
+
+
+async def test_realtime_a_create_with_its_own_instructions_is_not_given_the_held_reply(server, monkeypatch):
+    """Push-to-talk: a reply is held since the commit; response.create then
+    gives instructions of its own ("answer in French" style). The held reply
+    was written without them, and the create released it as it was; now it
+    is dropped unseen and the create is answered with its instructions."""
+    clip = prompt_clip(14)
+    engine = server.runtime.engine
+    prompts: list[list[dict[str, str]]] = []
+    real_stream = engine.stream
+
+    def spy(request):  # the real engine, watched
+        prompts.append(list(request.messages))
+        return real_stream(request)
+
+    monkeypatch.setattr(engine, "stream", spy)
+    own = "Answer with one short sentence that names the caller's ferry, the 9:40 to Oban."
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        await carrier.say(with_silence(clip.load(24000), 24000, 0.5), speed=None)
+        await carrier.send({"type": "input_audio_buffer.commit"})
+        await carrier.next_event("conversation.item.input_audio_transcription.completed", timeout=60)
+        async with asyncio.timeout(30):  # the held reply is being written
+            while not prompts:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert all(own not in m["content"] for m in prompts[0])
+        await carrier.send({"type": "response.create", "response": {"instructions": own}})
+        done = await carrier.next_event("response.done", timeout=90)
+        assert done["response"]["status"] == "completed", done
+        assert len(carrier.of("response.created")) == 1  # the held one was never shown
+        assert any(own in m["content"] for m in prompts[-1] if m["role"] == "system"), prompts[-1]
+    assert not carrier.of("error"), carrier.of("error")
+
+
+async def test_realtime_settings_keep_no_nested_values(server):
+    """turn_detection and transcription are echoed in every session object:
+    whatever a client nested in them was kept whole and sent back with every
+    session.updated (500 levels deep here; past the parser's limit the server
+    and its clients cannot read it). Only flat fields are kept."""
+    deep = '{"a":' * 500 + "1" + "}" * 500
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        mark = len(carrier.events)
+        assert carrier.ws is not None
+        await carrier.ws.send(
+            '{"type": "session.update", "session": {"type": "realtime", "audio": {"input": {'
+            f'"turn_detection": {{"type": "server_vad", "silence_duration_ms": 600, "nested": {deep}}}, '
+            f'"transcription": {{"model": "whisper-1", "nested": {deep}}}}}}}}}}}'
+        )
+        updated = await carrier.next_event("session.updated", timeout=10, after=mark)
+        echoed = updated["session"]["audio"]["input"]
+        assert echoed["turn_detection"] == {"type": "server_vad", "silence_duration_ms": 600}, echoed
+        assert echoed["transcription"] == {"model": "whisper-1"}, echoed
+        mark = len(carrier.events)
+        await carrier.send({"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief."}})
+        await carrier.next_event("session.updated", timeout=10, after=mark)
+        assert not carrier.closed.is_set()
+    assert not carrier.of("error"), carrier.of("error")
+
+
 async def test_realtime_a_held_reply_released_mid_generation_keeps_its_order(server):
     """response.create releases a reply still being written: what was held
     goes out first, then what is written meanwhile, in the order written.

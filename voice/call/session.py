@@ -1014,6 +1014,15 @@ class CallSession:
         would be overwritten by it, never cancelled, and outlive the call)."""
         return self._turn_ending or (self._active is not None and not self._active.task.done())
 
+    def caller_turn_after(self, turn: int) -> bool:
+        """Whether a caller's turn numbered after ``turn`` is ending or in
+        flight (Realtime: a response.create then asks for its reply, not for
+        an older one held)."""
+        if self._turn_ending:
+            return True
+        active = self._active
+        return active is not None and not active.task.done() and active.index > turn and active.spoken_first is None
+
     def speak_first(self, first: SpokenFirst) -> int:
         """Start a reply nobody spoke for: a greeting on pickup, or (Realtime
         ``response.create``) a reply to the conversation as it stands. It goes

@@ -130,6 +130,7 @@ class RealtimeCall(WebSocketCall):
         self.response_requested_event: object = None  # that response.create's event_id
         self._deferred_create: asyncio.Task[None] | None = None
         self._deferred_msg: dict[str, Any] = {"type": "response.create"}  # what a deferred create answers
+        self._deferred_waiting = False  # that create still waits on the turn in flight
         # Replies asked for with no caller turn behind them (response.create
         # on the conversation as it stands). Each is an LLM generation; a
         # client looping create/cancel could otherwise keep the engine busy
@@ -406,8 +407,17 @@ class RealtimeCall(WebSocketCall):
             return
         response = Response(turn, user_item_id=item_id, before_item_id=previous)
         self.responses[turn] = response
+        if self.response_requested and response_family.own_instructions(self._deferred_msg):
+            # The create asked for its own instructions, which this turn's
+            # reply is written without: dropped unseen, and the create is
+            # answered once this turn is over, with them.
+            response.dropped = True
+            self.session.cancel_reply()
+            self._defer_create()
+            return
         if self.settings.auto_respond or self.response_requested:
             self.response_requested = False
+            self._deferred_msg = {"type": "response.create"}
             response.released = True
             await response_family.start(self, response)
 
@@ -438,6 +448,27 @@ class RealtimeCall(WebSocketCall):
         self._deferred_msg = msg
         self._defer_create()
 
+    def request_response(self, msg: dict[str, Any]) -> None:
+        """Answer ``msg`` (a response.create) with the reply of the turn whose
+        transcript is being decoded, released the moment it exists."""
+        self.response_requested = True
+        self.response_requested_event = msg.get("event_id")
+        self._deferred_msg = msg
+
+    def withdraw_request(self) -> bool:
+        """response.cancel of a create not answered yet: forgotten. False when
+        there is none (or its answer is already being sent)."""
+        if self.response_requested:
+            self.response_requested = False
+        elif self._deferred_create is not None and not self._deferred_create.done() and self._deferred_waiting:
+            self._deferred_create.cancel()
+            self._deferred_waiting = False
+        else:
+            return False
+        self.response_requested_event = None
+        self._deferred_msg = {"type": "response.create"}
+        return True
+
     def _defer_create(self) -> None:
         """A response.create waited for a turn that ended with no words (or
         whose transcription failed): the request does not carry over to the
@@ -446,6 +477,7 @@ class RealtimeCall(WebSocketCall):
         left hanging. Once the turn's own task is over (the event comes from
         inside it: answered now, it would only be deferred again)."""
         self.response_requested = False
+        self._deferred_waiting = True
         # Held: the loop keeps only a weak reference to a task.
         self._deferred_create = asyncio.get_running_loop().create_task(self._answer_deferred_create())
 
@@ -457,6 +489,7 @@ class RealtimeCall(WebSocketCall):
             async with asyncio.timeout(DEFERRED_CREATE_WAIT_S):
                 while self.session.reply_in_flight():  # noqa: ASYNC110 - the turn's task has no event to wait on
                     await asyncio.sleep(0.01)
+        self._deferred_waiting = False  # a cancel from here is the response's own
         if self.finished:
             return
         try:

@@ -64,16 +64,23 @@ class Response:
 
 
 async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    instructions = _instructions(msg)
     held = [r for r in call.responses.values() if not r.released and not r.dropped]
-    if held and not held[-1].stale:
+    if held and _caller_turn_coming(call, held[-1].turn):
+        # A turn committed after the held reply's is still decoding: the
+        # conversation now ends with it, so this create is for its reply
+        # (the held one, never shown, is dropped at that transcript).
+        call.request_response(msg)
+        return
+    if held and not held[-1].stale and instructions is None:
         await release(call, held[-1])
         return
     if held:
         # Written before the context the client added since (the usual
-        # manual flow: commit, add what was looked up, then create): dropped
-        # unseen, its generation stopped (the caller's words stay their
-        # turn), and this create answers the conversation as it stands once
-        # that turn is over.
+        # manual flow: commit, add what was looked up, then create), or
+        # without the instructions this create gives: dropped unseen, its
+        # generation stopped (the caller's words stay their turn), and this
+        # create answers the conversation as it stands once that turn is over.
         drop(call, held[-1])
         call.session.cancel_reply()
         call.defer_create(msg)
@@ -82,8 +89,7 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     if waiting and not any(r.done is None and not r.dropped for r in call.responses.values()):
         # The transcript of the committed turn is still being decoded:
         # release its reply the moment it exists.
-        call.response_requested = True
-        call.response_requested_event = msg.get("event_id")
+        call.request_response(msg)
         return
     # A response whose text is written but whose audio still goes out is in
     # progress too (its response.done waits for the audio): a new one now
@@ -95,14 +101,6 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
         raise RealtimeError("a response is already in progress", "conversation_already_has_active_response", "response")
     # Nothing held or pending: answer the conversation as it stands (text
     # items, or a greeting right after session.update), as OpenAI's API does.
-    options = msg.get("response") if isinstance(msg.get("response"), dict) else {}
-    instructions = options.get("instructions")
-    if instructions is not None and (not isinstance(instructions, str) or len(instructions) > MAX_INSTRUCTIONS):
-        raise RealtimeError(
-            f"response.instructions must be a string of at most {MAX_INSTRUCTIONS} chars",
-            "invalid_value",
-            "response.instructions",
-        )
     if not call.unspoken_replies.take():
         # A refused event like any other: past the call's allowance of
         # those, the call is closed (voice/transports/telephony.py).
@@ -117,6 +115,32 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     response = Response(turn, user_item_id=call.last_item_id or "", released=True)
     call.responses[turn] = response
     await start(call, response)
+
+
+def own_instructions(msg: dict[str, Any]) -> bool:
+    """Whether a (checked) response.create gives instructions of its own."""
+    options = msg.get("response")
+    return isinstance(options, dict) and bool(options.get("instructions"))
+
+
+def _instructions(msg: dict[str, Any]) -> str | None:
+    """The create's own instructions (``response.instructions``), checked."""
+    options = msg.get("response") if isinstance(msg.get("response"), dict) else {}
+    instructions = options.get("instructions")
+    if instructions is not None and (not isinstance(instructions, str) or len(instructions) > MAX_INSTRUCTIONS):
+        raise RealtimeError(
+            f"response.instructions must be a string of at most {MAX_INSTRUCTIONS} chars",
+            "invalid_value",
+            "response.instructions",
+        )
+    return instructions or None
+
+
+def _caller_turn_coming(call: RealtimeCall, turn: int) -> bool:
+    """A caller turn later than ``turn`` is ending or decoding, its
+    transcript (and so its response) not out yet."""
+    later_response = any(r.turn > turn for r in call.responses.values())
+    return not later_response and call.session.caller_turn_after(turn)
 
 
 def drop(call: RealtimeCall, response: Response) -> None:
@@ -157,10 +181,13 @@ async def cancel(call: RealtimeCall, msg: dict[str, Any]) -> None:
     if wanted is not None:
         live = [r for r in live if r.id == wanted]
     response = live[-1] if live else None
-    if response is None and wanted is None and call.response_requested:
-        # Asked for while the committed turn still decoded: no response
-        # exists yet, so none is created (it is held as if never asked for).
-        call.response_requested = False
+    if response is None and wanted is None and call.withdraw_request():
+        # A create not answered yet (its turn still decoding, or waiting on
+        # the turn in flight): the reply is held as if never asked for, and
+        # the client gets the created/done pair OpenAI's API gives a
+        # response cancelled at once, so one waiting on response.done is not
+        # left hanging.
+        await cancelled_before_start(call)
         return
     if response is None:
         raise RealtimeError("no response in progress to cancel", "response_cancel_not_active", "response_id")
@@ -213,6 +240,15 @@ async def start(call: RealtimeCall, response: Response) -> None:
     response.opened.set()
 
 
+async def cancelled_before_start(call: RealtimeCall) -> None:
+    response = Response(-1, released=True, started=True, finished=True, cancel_reason="client_cancelled")
+    await call.send_event("response.created", response=response_obj(call, response, "in_progress"))
+    body = response_obj(call, response, "cancelled")
+    body["status_details"] = {"type": "cancelled", "reason": response.cancel_reason}
+    body["usage"] = usage_obj({})
+    await call.send_event("response.done", response=body)
+
+
 async def delta(call: RealtimeCall, response: Response, text: str) -> None:
     await start(call, response)
     response.text += text
@@ -247,11 +283,23 @@ async def finish(call: RealtimeCall, response: Response) -> None:
     elif status == "failed":
         code = str(done.get("error_code") or "server_error")
         body["status_details"] = {"type": "failed", "error": {"type": "server_error", "code": code}}
-    usage = done.get("usage") or {}
+    body["usage"] = usage_obj(done.get("usage") or {})
+    body["metadata"] = metadata(call, response)
+    response.finished = True
+    await call.send_event("response.done", response=body)
+    if response.retracted:
+        await call.send_event("conversation.item.deleted", item_id=response.item_id)
+    # Kept (the newest few, see RealtimeCall.prune): a client truncates an
+    # item while it is still playing it, after response.done.
+    call.prune()
+
+
+def usage_obj(usage: dict[str, Any]) -> dict[str, Any]:
+    """A reply's token counts as response.done carries them: every field
+    OpenAI's usage has (strict clients, pipecat's beta service among them,
+    validate each event and refuse a response.done without the details)."""
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    # Every field OpenAI's usage has: strict clients (pipecat's beta service
-    # validates each event) refuse a response.done without the details.
-    body["usage"] = {
+    return {
         "total_tokens": prompt + completion,
         "input_tokens": prompt,
         "output_tokens": completion,
@@ -262,14 +310,6 @@ async def finish(call: RealtimeCall, response: Response) -> None:
         },
         "output_token_details": {"text_tokens": completion, "audio_tokens": 0},
     }
-    body["metadata"] = metadata(call, response)
-    response.finished = True
-    await call.send_event("response.done", response=body)
-    if response.retracted:
-        await call.send_event("conversation.item.deleted", item_id=response.item_id)
-    # Kept (the newest few, see RealtimeCall.prune): a client truncates an
-    # item while it is still playing it, after response.done.
-    call.prune()
 
 
 def metadata(call: RealtimeCall, response: Response) -> dict[str, str]:

@@ -237,7 +237,7 @@ def apply_update(current: RealtimeSettings, update: dict[str, Any]) -> RealtimeS
         tr = audio_in["transcription"] if "transcription" in audio_in else update["input_audio_transcription"]
         if tr is not None and not isinstance(tr, dict):
             raise RealtimeError("transcription must be an object or null", "invalid_value", "transcription")
-        new.transcription = tr
+        new.transcription = None if tr is None else _scalar_fields(tr)
     return new
 
 
@@ -263,4 +263,24 @@ def _turn_detection(value: object) -> dict[str, Any] | None:
     ):
         raise RealtimeError("silence_duration_ms must be 100..5000", "invalid_value",
                             "turn_detection.silence_duration_ms")  # fmt: skip
-    return {k: v for k, v in value.items() if isinstance(k, str)}
+    return _scalar_fields(value)
+
+
+# What a settings object may keep of the client's: echoed in every session
+# object, so nothing nested (any depth the parser took was kept whole and sent
+# back with every session.updated) and no long text.
+MAX_ECHOED_FIELDS = 32
+MAX_ECHOED_CHARS = 1024
+
+
+def _scalar_fields(value: dict[Any, Any]) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for key, item in value.items():
+        if len(kept) == MAX_ECHOED_FIELDS:
+            break
+        if not isinstance(key, str) or len(key) > 64:
+            continue
+        short_text = isinstance(item, str) and len(item) <= MAX_ECHOED_CHARS
+        if item is None or isinstance(item, bool | int | float) or short_text:
+            kept[key] = item
+    return kept
