@@ -216,7 +216,11 @@ class LlamaCppEngine(LLMEngine):
             error = chunk.get("error") or chunk
             kind, message = (error.get("type"), error.get("message")) if isinstance(error, dict) else (None, error)
             failure = PromptTooLong if says_prompt_too_long(kind, message) else EngineError
-            raise failure(f"llama.cpp: {message}")
+            refusal = failure(f"llama.cpp: {message}")
+            code = error.get("code") if isinstance(error, dict) else chunk.get("code")
+            # A 4xx is the request's (its messages, a field), not the engine's.
+            refusal.refused = refusal.refused or (isinstance(code, int) and 400 <= code < 500)
+            raise refusal
         usage = chunk.get("usage")
         if usage:
             request.usage.prompt_tokens = usage.get("prompt_tokens", 0)

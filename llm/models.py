@@ -197,6 +197,10 @@ def hf_folder_for_vllm(gguf: Path, data_dir: Path | None = None) -> Path:
         _convert(gguf, tmp)
         # mkdtemp makes the folder 0700; the cache may be shared by services.
         tmp.chmod(0o755)
+        if _is_converted(target):
+            # Another process converted it meanwhile (two replicas on one
+            # data directory), and may be loading it now: keep that one.
+            return target
         if target.exists():
             # A stale or partial folder from an older conversion version.
             shutil.rmtree(target, ignore_errors=True)

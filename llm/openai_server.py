@@ -61,6 +61,7 @@ _ids = itertools.count(1)
 ENGINE_KEY_ENV = "FIRSTLINE_ENGINE_KEY"
 # What a client hears of a failed generation; the exception goes to the log.
 GENERATION_FAILED = "the engine failed to generate this reply"
+REQUEST_REFUSED = "the engine cannot take these messages (its chat template refused them)"
 SENTENCE_END_PATH = "/firstline/v1/sentence_end"
 
 
@@ -91,6 +92,12 @@ def _failed(exc: Exception, what: str) -> web.Response:
     if isinstance(exc, PromptTooLong):
         log.warning("%s: %s", what, exc)
         return _error(400, str(exc), "context_length_exceeded")
+    if isinstance(exc, EngineError) and exc.refused:
+        # The messages themselves (a chat template that refuses them): the
+        # client must not mark this server down for it, as a 500 made it.
+        log.warning("%s: the engine refused its messages", what)  # its words may quote them: DEBUG
+        log.debug("%s refused: %s", what, exc)
+        return _error(400, REQUEST_REFUSED)
     log.error("%s failed", what, exc_info=exc)
     return _error(500, GENERATION_FAILED, "engine_error")
 

@@ -83,6 +83,12 @@ class Overloaded(FailedBeforeText):
     replica may take it, and this one is not marked down."""
 
 
+class ServerMisconfigured(FailedBeforeText):
+    """HTTP 401, 403 or 404: this server refuses every request (a key it no
+    longer takes, a model it does not serve after a rolling change), not
+    this one's fields: marked down, and another replica may take it."""
+
+
 class RequestRefused(EngineError):
     """HTTP 4xx other than 429: the request itself was refused (too long a
     prompt, a bad field). Another replica would refuse it too: no failover,
@@ -468,6 +474,9 @@ class RemoteEngine(LLMEngine):
             error = Overloaded(message)
         elif response.status == 400 and says_prompt_too_long(kind, detail):
             error = PromptRefused(f"{message}: the prompt does not fit its context")
+        elif response.status in (401, 403, 404):
+            self._mark_down()
+            error = ServerMisconfigured(f"{message} (its key or model)")
         else:
             error = RequestRefused(message)
         error.detail = detail
@@ -631,11 +640,13 @@ def _score(key: str, url: str) -> int:
 
 
 def session_key_of(request: GenerationRequest) -> str:
-    """The call id when the session set one; otherwise the system prompt and
-    the first user message, which stay the same for every turn of a call."""
+    """The call id when the session set one; otherwise a digest of the system
+    prompt and the first user message, which stay the same for every turn of
+    a call (a digest: the keys are kept, thousands of them, and a prompt may
+    be megabytes)."""
     if request.session_key:
         return request.session_key
-    return json.dumps(request.messages[:2], sort_keys=True)
+    return hashlib.blake2b(json.dumps(request.messages[:2], sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 class RemotePool(LLMEngine):

@@ -56,6 +56,17 @@ def child_config_json(config: LLMConfig) -> str:
     return json.dumps(dataclasses.asdict(child))
 
 
+def _end_process_group(proc: asyncio.subprocess.Process) -> None:
+    """Kill what an exited child left running. It leads a session and process
+    group of its own (start_new_session), and the processes it started are in
+    that group: vLLM's engine core and workers outlive a SIGKILLed or crashed
+    child and keep their GPU memory, so every restart after failed for want
+    of it. Called once the child is reaped; the group's id stays taken (no
+    new process gets it) while any member lives."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
@@ -213,6 +224,7 @@ class SupervisedEngine(LLMEngine):
 
     async def _stop_child(self, proc: asyncio.subprocess.Process, grace_s: float = 5.0) -> None:
         if proc.returncode is not None:
+            _end_process_group(proc)
             return
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
@@ -223,6 +235,7 @@ class SupervisedEngine(LLMEngine):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+        _end_process_group(proc)
 
     async def _until_exit_or_hung(self, proc: asyncio.subprocess.Process) -> str | None:
         """Wait for the child to exit; a child that stops answering /health
@@ -253,6 +266,7 @@ class SupervisedEngine(LLMEngine):
             hung = await self._until_exit_or_hung(proc)
             if self._closing:
                 return
+            _end_process_group(proc)
             self.crashes += 1
             self._set_up(False)
             reason = f"LLM engine process {proc.pid} {hung or _describe_exit(proc.returncode)}"

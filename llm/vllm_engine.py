@@ -305,7 +305,9 @@ class VLLMEngine(LLMEngine):
         except EngineError:
             raise
         except Exception as error:  # the chat template refused the messages (jinja's TemplateError)
-            raise EngineError(f"vLLM request {request.request_id}: no prompt ({type(error).__name__})") from error
+            refusal = EngineError(f"vLLM request {request.request_id}: no prompt ({type(error).__name__})")
+            refusal.refused = True  # these messages, not the engine: a 400 from a child server
+            raise refusal from error
         request.usage.prompt_tokens = len(ids)
         # vLLM needs ids unique across live requests; callers may reuse theirs.
         request_id = f"{request.request_id}-{next(self._ids)}"

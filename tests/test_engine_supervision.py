@@ -294,6 +294,52 @@ async def test_a_child_that_is_alive_but_hung_is_killed_and_restarted(supervised
     assert reply.strip()
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_what_a_killed_child_started_goes_with_it(supervised_server, monkeypatch, tmp_path):
+    """vLLM's engine core and workers are processes the child starts; a
+    SIGKILLed child left them running (and holding GPU memory, so every
+    restart after failed). A `sleep` the child starts stands in for them
+    here (vLLM's own, on this machine, takes a minute to start): once the
+    child is killed and restarted, nothing of it is left running."""
+    engine = supervised_server.runtime.engine
+    await engine.wait_up(60)
+    pidfile = tmp_path / "grandchild.pid"
+    real_command = engine.command
+
+    def with_a_grandchild(port: int) -> list[str]:
+        # The shell starts the stand-in, then becomes the engine (exec): the
+        # stand-in is the engine's child, in its process group.
+        return ["/bin/sh", "-c", f'sleep 600 & echo $! > {pidfile}; exec "$@"', "sh", *real_command(port)]
+
+    monkeypatch.setattr(engine, "command", with_a_grandchild)
+    restarts = engine.restarts
+    engine.kill_child()
+    async with asyncio.timeout(120):
+        while engine.restarts == restarts or not engine.primary_up:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    grandchild = int(pidfile.read_text())
+    assert _running(grandchild) and os.getpgid(grandchild) == engine.pid
+    monkeypatch.setattr(engine, "command", real_command)
+    restarts = engine.restarts
+    engine.kill_child()
+    async with asyncio.timeout(120):
+        while engine.restarts == restarts or not engine.primary_up:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    for _ in range(100):  # its reaper (init) may take a moment
+        if not _running(grandchild):
+            break
+        await asyncio.sleep(0.05)
+    assert not _running(grandchild), "the killed child's own child still runs"
+
+
 def test_the_child_serves_its_one_client_without_a_request_bound() -> None:
     """The standalone server answers 429 past 256 requests in progress; the
     supervised child's one client is the voice server, whose calls

@@ -128,3 +128,16 @@ def test_replicas_by_default_and_by_flag() -> None:
         build_local_engine(LLMConfig(replicas=0))
     with pytest.raises(ValueError, match="at least one engine"):
         ReplicaSet([])
+
+
+def test_a_request_without_a_call_id_is_routed_by_a_digest() -> None:
+    """With no call id, the system prompt and first user message route the
+    request: the key is kept (thousands of them), so it is a digest of
+    those, not the words (a prompt of megabytes was kept whole)."""
+    from llm.remote_engine import session_key_of
+
+    long = "I would like to talk about my account. " * 50_000
+    key = session_key_of(_request(None, long))
+    assert len(key) <= 64 and long[:20] not in key
+    assert key == session_key_of(_request(None, long)) != session_key_of(_request(None, "Hello?"))
+    assert session_key_of(_request("call-a", long)) == "call-a"

@@ -457,6 +457,35 @@ async def test_a_pool_does_not_fail_over_a_refused_request_and_skips_a_busy_repl
         await pool.close()
 
 
+async def test_a_pool_fails_over_a_replica_that_refuses_every_request():
+    """401, 403, 404 are the replica's (a key it no longer takes, a model
+    it does not serve after a rolling change), not the request's: they were
+    refusals, so no other replica was asked, and every call whose hash
+    landed there failed every turn. Now the next replica serves the turn
+    and the refusing one is marked down."""
+    from aiohttp import web
+
+    async def answer(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_text_chunk("Hi.") + b"data: [DONE]\n\n")
+        return response
+
+    for status in (401, 403, 404):
+
+        async def refuse_all(request, status=status):
+            return web.json_response({"error": {"message": "no", "type": "invalid_request_error"}}, status=status)
+
+        async with Upstream(refuse_all) as wrong, Upstream(answer) as right:
+            replicas = [RemoteEngine(u.url, model="m", system_prompt=None) for u in (wrong, right)]
+            pool = RemotePool(replicas, health_interval_s=60)
+            await pool.start()
+            key = next(k for k in (f"call-{n}" for n in range(100)) if pool.order(k)[0] == 0)
+            assert await _collect(pool, GenerationRequest("x", _messages("hi"), session_key=key)) == "Hi.", status
+            assert wrong.calls == 1 and not replicas[0].healthy and replicas[1].healthy, status
+            await pool.close()
+
+
 async def test_a_refused_continuation_fails_the_turn_at_once():
     """A reply cut mid-way is carried on with continue_final_message; a
     server that refuses that (OpenAI's own API answers 400 for a field it
@@ -781,3 +810,26 @@ def test_a_continuation_gets_the_tokens_left_by_the_engines_count():
     assert continuation_of(request, "Sure,", 10, 1).sampling.max_tokens == 15
     request.usage = Usage(completion_tokens=90)
     assert continuation_of(request, "Sure,", 10, 1).sampling.max_tokens == 1  # never none: the request must be valid
+
+
+def test_messages_the_engine_refuses_are_a_400_from_its_server() -> None:
+    """llama.cpp says 4xx about a request its chat template refuses (two user
+    messages in a row under a template that wants them to alternate, as a
+    Realtime client's items can make): that was a plain engine failure, so
+    the engine server answered 500 and its client marked it down (a pool
+    then tried every replica and readiness went with them). A 4xx from the
+    engine is the request's: a 400, which no client marks a server down for.
+    (The engine's own refusal cannot be had from the embedded model's
+    template, which takes any order: its chunk is given here.)"""
+    from llm.llamacpp_engine import LlamaCppEngine
+    from llm.openai_server import _failed
+
+    request = GenerationRequest("x", _messages("hi"))
+    refusal = {"error": {"code": 400, "message": "Conversation roles must alternate", "type": "invalid_request_error"}}
+    with pytest.raises(EngineError) as refused:
+        LlamaCppEngine._absorb(refusal, request)
+    assert refused.value.refused and _failed(refused.value, "chat completion").status == 400
+    failure = {"error": {"code": 500, "message": "slot failed", "type": "server_error"}}
+    with pytest.raises(EngineError) as failed:
+        LlamaCppEngine._absorb(failure, request)
+    assert not failed.value.refused and _failed(failed.value, "chat completion").status == 500
