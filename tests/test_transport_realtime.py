@@ -1250,6 +1250,64 @@ async def test_realtime_instructions_and_system_items_are_checked_together(serve
                 assert len(carrier.of("error")) == 1, carrier.of("error")
 
 
+async def test_realtime_a_reply_cap_is_checked_against_the_clients_instructions(server):
+    """Before the first audio, instructions that fit with the reply cap in
+    force and a sampling.max_tokens that leaves them no room, in one update:
+    the cap was checked against the server's short prompt and both were
+    taken, so the call's start then failed on every append. Refused now
+    (context_too_large), and nothing of the update is applied; the call
+    starts as it was set up before."""
+    from voice.call.history import estimate_tokens
+
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.updated", timeout=10)
+            cap = call.session.max_tokens
+            budget = call.session.prompt_budget()
+            text = ""
+            while estimate_tokens(text) < 0.8 * budget:
+                text += "Answer in one short sentence. "
+            seen = len(carrier.events)
+            await carrier.send({"type": "session.update", "session": {
+                "type": "realtime", "instructions": text, "sampling": {"max_tokens": 1024}}})  # fmt: skip
+            error = await carrier.next_event("error", after=seen, timeout=10)
+            assert error["error"]["code"] == "context_too_large", error
+            assert call.session.max_tokens == cap and call.settings.instructions is None
+            await carrier.say(np.zeros(4800, np.float32), speed=None)
+            async with asyncio.timeout(10):
+                while not call.session.started:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            assert len(carrier.of("error")) == 1, carrier.of("error")
+
+
+async def test_realtime_cleared_instructions_give_the_server_its_own_again(server):
+    """instructions "" (or null) after the call started: session.updated said
+    so, but the call went on with the old ones."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, instructions=STORY)
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(np.zeros(4800, np.float32), speed=None)
+            async with asyncio.timeout(10):
+                while not call.session.started:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            assert call.session.history.system_prompt == STORY
+            for cleared in ("", None):
+                seen = len(carrier.events)
+                await carrier.send({"type": "session.update", "session": {"type": "realtime", "instructions": STORY}})
+                await carrier.next_event("session.updated", after=seen, timeout=10)
+                assert call.session.history.system_prompt == STORY
+                seen = len(carrier.events)
+                await carrier.send({"type": "session.update", "session": {"type": "realtime", "instructions": cleared}})
+                updated = await carrier.next_event("session.updated", after=seen, timeout=10)
+                assert not updated["session"].get("instructions")
+                assert call.session.history.system_prompt == server.runtime.config.llm.system_prompt, cleared
+    assert not carrier.of("error"), carrier.of("error")
+
+
 async def test_realtime_response_create_right_after_response_done_is_a_new_response(server):
     """A reply's audio goes out as fast as it is made, so its response.done
     is on the wire while the client still plays it: a response.create then

@@ -51,11 +51,12 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
     if not isinstance(update, dict):
         raise RealtimeError("'session' missing or not an object", "missing_required_parameter", "session")
     new = apply_update(call.settings, update)
-    if new.instructions:
-        try:
-            call.session.check_new_instructions(new.instructions, new.max_output_tokens)
-        except ValueError as exc:
-            raise RealtimeError(str(exc), "context_too_large", "instructions") from None
+    # Checked, then applied: an update that gets an error changes nothing.
+    overrides = sampling_overrides(update)
+    if any(key in update for key in ("max_output_tokens", "max_response_output_tokens")):
+        # "inf" (None here) means the server's own cap.
+        overrides["max_tokens"] = new.max_output_tokens or call.runtime.config.llm.max_tokens
+    sampling_before = call.session.sampling
     if call.session.started:
         old = call.settings
         locked = [
@@ -74,19 +75,25 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
                 "session_locked",
                 "session",
             )
-    # Checked, then applied: an update that gets an error changes nothing.
-    overrides = sampling_overrides(update)
-    if any(key in update for key in ("max_output_tokens", "max_response_output_tokens")):
-        # "inf" (None here) means the server's own cap.
-        overrides["max_tokens"] = new.max_output_tokens or call.runtime.config.llm.max_tokens
     if overrides:
         try:
             call.session.set_sampling(overrides)
         except ProtocolError as exc:
             raise RealtimeError(exc.message, "invalid_value", "session.sampling") from None
-    if call.session.started and new.instructions and new.instructions != call.settings.instructions:
-        call.session.set_system_prompt(new.instructions)
-        context_changed(call)
+    # The instructions must leave room for the reply cap this update sets,
+    # however it sets it (one set by sampling.max_tokens was not checked
+    # against the client's instructions, and every turn of the call failed).
+    prompt = new.instructions or call.runtime.config.llm.system_prompt
+    if new.instructions or new.instructions != call.settings.instructions or "max_tokens" in overrides:
+        try:
+            call.session.check_new_instructions(prompt)
+            if call.session.started and new.instructions != call.settings.instructions:
+                # Cleared ("" or null): the server's own instructions again.
+                call.session.set_system_prompt(prompt)
+                context_changed(call)
+        except ValueError as exc:
+            call.session.sampling = sampling_before
+            raise RealtimeError(str(exc), "context_too_large", "instructions") from None
     call.settings = new
     await call.send_event("session.updated", session=call.session_object())
     ignored = unserved_fields(update)
