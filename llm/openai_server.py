@@ -39,10 +39,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +267,16 @@ class OpenAIServer:
         sampling: SamplingParams | None = None,
         api_key: str | None = None,
         max_requests: int = MAX_REQUESTS,
+        stuck_after_s: float = 0.0,
     ) -> None:
         self.engine = engine
+        # An engine with work and no progress (no token, no answer) for this
+        # long is stuck (a hung CUDA kernel, deadlocked slot threads) while
+        # this loop still answers: /health says 503, so a supervisor restarts
+        # it and a balancer takes it out. 0: never said.
+        self.stuck_after_s = stuck_after_s
+        self._working = 0  # engine calls in progress (replies and probes)
+        self._progress_at = time.monotonic()
         # Requests in progress (body read included) past which a new one is
         # answered 429 before its body is read: each may carry 4 MiB and
         # waits in the engine's queue, which has no bound of its own. 0: none
@@ -287,7 +296,7 @@ class OpenAIServer:
         self.aborted = 0  # generations ended by a client disconnect
         self.served = 0  # chat completions started (a router's spread is visible here)
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
 
     @web.middleware
     async def _bounded(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -325,11 +334,44 @@ class OpenAIServer:
         app.router.add_get("/health", self.health)
         return app
 
+    @contextlib.contextmanager
+    def _engine_work(self) -> Any:
+        if not self._working:
+            self._progress_at = time.monotonic()  # the clock starts with the work
+        self._working += 1
+        try:
+            yield
+        finally:
+            self._working -= 1
+            self._progress_at = time.monotonic()
+
+    async def _watched(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``stream``'s deltas, the time spent waiting on the engine for each
+        counted as engine work (not the time a slow client takes to read
+        them: that is no sign of a stuck engine)."""
+        deltas = aiter(stream)
+        while True:
+            with self._engine_work():
+                try:
+                    delta = await anext(deltas)
+                except StopAsyncIteration:
+                    return
+            yield delta
+
+    @property
+    def stuck(self) -> bool:
+        """Work in the engine and nothing from it for stuck_after_s."""
+        idle = time.monotonic() - self._progress_at
+        return 0 < self.stuck_after_s < idle and self._working > 0
+
     async def health(self, _request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "loading"}, status=503)
         if not getattr(self.engine, "available", True):
             return web.json_response({"status": "engine dead"}, status=503)
+        if self.stuck:
+            log.error("the engine has had work and no progress for %.0f s", self.stuck_after_s)
+            return web.json_response({"status": "engine stuck"}, status=503)
         if self.api_key is not None:  # open to any local process: no paths, no counters
             return web.json_response({"status": "ok"})
         return web.json_response(
@@ -399,7 +441,8 @@ class OpenAIServer:
                 400, "'messages' must be a list of {role, content} strings ending with the user's", "messages"
             )
         try:
-            probability = await self.engine.sentence_end_probability(messages, _session_key(http))
+            with self._engine_work():
+                probability = await self.engine.sentence_end_probability(messages, _session_key(http))
         except SentenceEndUnsupported as exc:
             return _error(501, str(exc), "not_supported")
         except Exception as exc:
@@ -408,7 +451,7 @@ class OpenAIServer:
 
     async def _complete(self, request: GenerationRequest) -> web.Response:
         try:
-            text = "".join([d async for d in self.engine.stream(request)])
+            text = "".join([d async for d in self._watched(self.engine.stream(request))])
         except Exception as exc:
             return _failed(exc, f"generation {request.request_id}")
         return web.json_response(
@@ -451,7 +494,7 @@ class OpenAIServer:
         try:
             # Not prepared until the first token: an engine that fails at once
             # still gets a proper HTTP error status.
-            async for delta in stream:
+            async for delta in self._watched(stream):
                 if first:
                     await response.prepare(http)
                     opening = {"role": "assistant", "content": delta}
@@ -497,14 +540,21 @@ class OpenAIServer:
             await stream.aclose()  # type: ignore[attr-defined]
         return response
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen first (``/health`` answers 503 while loading), then warm the engine."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Listen first (``/health`` answers 503 while loading), then warm the
+        engine. ``sock``: a listening socket to serve on instead (the
+        supervisor binds it and hands it over)."""
         # handler_cancellation: a client disconnect cancels its handler, which
         # is how a hang-up reaches the engine as an abort.
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await self._site.start()
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(self._runner, sock)
+        else:
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        self._site = site
+        await site.start()
         bound = self._runner.addresses[0][1]
         await self.engine.start()
         self.ready = True
@@ -547,6 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-json", default=None, help="a whole LLMConfig as JSON (overrides the flags above)")
     p.add_argument(
         "--max-requests", type=int, default=MAX_REQUESTS, help="requests in progress at once, more get 429 (0: none)"
+    )
+    p.add_argument(
+        "--listen-fd", type=int, default=None, help="serve on this inherited listening socket (the supervisor's)"
+    )
+    p.add_argument(
+        "--stuck-after-s",
+        type=float,
+        default=None,
+        help="/health says 503 once the engine has work and no progress this long "
+        "(default: twice the first-token timeout, 20 s; 0: never)",
     )
     p.add_argument("--log-level", default="INFO")
     return p
@@ -632,13 +692,15 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
         sampling=config.sampling,
         api_key=api_key,
         max_requests=max(0, args.max_requests),
+        stuck_after_s=2 * config.first_token_timeout_s if args.stuck_after_s is None else args.stuck_after_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     started = time.perf_counter()
-    port = await server.start(args.host, args.port)
+    handed = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
+    port = await server.start(args.host, args.port, handed)
     log.info(
         "OpenAI-compatible server on http://%s:%d/v1 (model %s, %s), warm in %.1f s",
         args.host,

@@ -145,7 +145,11 @@ class SupervisedEngine(LLMEngine):
 
     # ---- child process -------------------------------------------------
 
-    def command(self, port: int) -> list[str]:
+    def command(self, port: int, listen_fd: int | None = None) -> list[str]:
+        handed = [] if listen_fd is None else ["--listen-fd", str(listen_fd)]
+        return [*self._command(port), *handed]
+
+    def _command(self, port: int) -> list[str]:
         return [
             sys.executable,
             "-m",
@@ -164,18 +168,48 @@ class SupervisedEngine(LLMEngine):
             "0",
         ]
 
+    def _listener(self) -> socket.socket:
+        """The child's listening socket, bound here and handed to it. Bound by
+        the child itself, the port was free for anything on the host to take
+        between a child's death and its successor's bind (late: after its
+        imports), and what took it got the health checks, which carry the
+        engine key, and then the calls' turns. The last port again if it is
+        free, else another."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        for port in dict.fromkeys([self._port or 0, 0]):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            # Past the last child's connections in TIME_WAIT; not past a
+            # socket listening there (Linux refuses that bind).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, port))
+                sock.listen(512)
+                return sock
+            except OSError:
+                sock.close()
+                if port == 0:
+                    raise
+        raise AssertionError("unreachable")
+
     async def _spawn(self) -> None:
         """Start a child and wait until its /health answers 200."""
-        if self._port is None:
-            self._port = free_port(self.host)
         env = {**os.environ, "FIRSTLINE_PARENT_PID": str(os.getpid()), ENGINE_KEY_ENV: self._key}
-        command = self.command(self._port)
-        # A session of its own: Ctrl-C or a signal to the server's process
-        # group must not stop the engine under the calls a drain is letting
-        # finish (the child still ends with the server: FIRSTLINE_PARENT_PID).
-        proc = await asyncio.create_subprocess_exec(
-            *command, env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
-        )
+        listener = self._listener()
+        try:
+            self._port = listener.getsockname()[1]
+            command = self.command(self._port, listener.fileno())
+            # A session of its own: Ctrl-C or a signal to the server's process
+            # group must not stop the engine under the calls a drain is letting
+            # finish (the child still ends with the server: FIRSTLINE_PARENT_PID).
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=(listener.fileno(),),
+            )
+        finally:
+            listener.close()  # the child holds its own copy
         self._proc = proc
         remote = RemoteEngine(
             f"http://{self.host}:{self._port}/v1",
@@ -190,7 +224,6 @@ class SupervisedEngine(LLMEngine):
         try:
             while True:
                 if proc.returncode is not None:
-                    self._port = None  # e.g. the port was taken meanwhile: pick another next time
                     raise EngineError(f"LLM engine process {_describe_exit(proc.returncode)} while starting")
                 if await remote.check_health():
                     break

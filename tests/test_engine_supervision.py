@@ -314,10 +314,11 @@ async def test_what_a_killed_child_started_goes_with_it(supervised_server, monke
     pidfile = tmp_path / "grandchild.pid"
     real_command = engine.command
 
-    def with_a_grandchild(port: int) -> list[str]:
+    def with_a_grandchild(port: int, listen_fd: int | None = None) -> list[str]:
         # The shell starts the stand-in, then becomes the engine (exec): the
         # stand-in is the engine's child, in its process group.
-        return ["/bin/sh", "-c", f'sleep 600 & echo $! > {pidfile}; exec "$@"', "sh", *real_command(port)]
+        command = real_command(port, listen_fd)
+        return ["/bin/sh", "-c", f'sleep 600 & echo $! > {pidfile}; exec "$@"', "sh", *command]
 
     monkeypatch.setattr(engine, "command", with_a_grandchild)
     restarts = engine.restarts
@@ -338,6 +339,52 @@ async def test_what_a_killed_child_started_goes_with_it(supervised_server, monke
             break
         await asyncio.sleep(0.05)
     assert not _running(grandchild), "the killed child's own child still runs"
+
+
+async def test_a_process_that_takes_the_childs_port_gets_nothing(supervised_server):
+    """Between a child's death and its successor's start, anything on the
+    host could bind the port the child had: the child bound it itself, late
+    (after its imports), and the supervisor's health checks, which carry the
+    engine key, went to whatever answered there. The supervisor now binds
+    the socket and hands it over, on another port when that one is taken."""
+    from aiohttp import web
+
+    engine = supervised_server.runtime.engine
+    await engine.wait_up(60)
+    port = int(engine.base_url.rsplit(":", 1)[1].split("/")[0])
+    asked: list[tuple[str, str | None]] = []
+
+    async def impostor(request: web.Request) -> web.Response:
+        asked.append((request.path, request.headers.get("Authorization")))
+        return web.json_response({"status": "ok", "data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", impostor)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    restarts = engine.restarts
+    engine.kill_child()
+    try:
+        for _ in range(100):  # the port is free once the killed child is gone
+            try:
+                site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+                await site.start()
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the killed child's port never came free")
+        async with asyncio.timeout(120):
+            while engine.restarts == restarts or not engine.primary_up:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        assert not asked, asked
+        assert not engine.base_url.endswith(f":{port}/v1")
+        reply = ""
+        async for delta in engine.stream(GenerationRequest("x", [{"role": "user", "content": "Hi"}], 8)):
+            reply += delta
+        assert reply.strip()
+    finally:
+        await runner.cleanup()
 
 
 def test_the_child_serves_its_one_client_without_a_request_bound() -> None:

@@ -833,3 +833,32 @@ def test_messages_the_engine_refuses_are_a_400_from_its_server() -> None:
     with pytest.raises(EngineError) as failed:
         LlamaCppEngine._absorb(failure, request)
     assert not failed.value.refused and _failed(failed.value, "chat completion").status == 500
+
+
+async def test_an_engine_with_work_and_no_progress_says_so_on_health():
+    """/health said 200 while the engine had work and gave nothing (a hung
+    CUDA kernel, deadlocked slot threads: the server's loop still answers),
+    so a supervisor never restarted it and a balancer kept sending it calls.
+    Past --stuck-after-s of waiting on the engine it says 503 "engine
+    stuck". A long prompt pass on one thread stands in for a stuck engine
+    here, with the bound set far below it (the default is 20 s)."""
+    server = await ServerProcess("--stuck-after-s", "0.3", "--threads", "1", "--parallel", "1").wait_healthy()
+    try:
+        engine = RemoteEngine(server.url, system_prompt=None, first_token_timeout_s=60.0)
+        long = "I would like to talk about my account and the bill I got. " * 40
+        request = GenerationRequest("long", _messages(long), sampling=SamplingParams(max_tokens=4))
+        answer = asyncio.ensure_future(_collect(engine, request))
+        said: list[tuple[int, str]] = []
+        async with aiohttp.ClientSession() as s:
+            while not answer.done():
+                async with s.get(server.root + "/health") as r:
+                    said.append((r.status, (await r.json()).get("status")))
+                await asyncio.sleep(0.05)
+            await answer
+            async with s.get(server.root + "/health") as r:
+                assert r.status == 200  # done: nothing waits on the engine
+        assert (503, "engine stuck") in said, said
+        assert said[0] == (200, "ok"), said  # the clock starts with the work
+        await engine.close()
+    finally:
+        server.stop()
