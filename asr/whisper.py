@@ -293,9 +293,12 @@ class WhisperDecoder:
                 else:
                     decoded[i] = self._segmented(item, started)
                 continue
-            # Not for audio the noise filter blanked: its "" is no early stop,
-            # and two more passes over noise held every other call's final.
-            if (retry is None or retry[i]) and not decoded[i].no_speech and self._stopped_early(decoded[i].text, item):
+            # Not for audio the noise filter blanked, nor for audio Whisper
+            # wrote no word for at all ("." for hiss or music on hold): that
+            # "" is no early stop, and two more passes over noise, the second
+            # a whole transcribe, held every other call's final.
+            words = decoded[i].text if not decoded[i].no_speech else ""
+            if (retry is None or retry[i]) and words and self._stopped_early(words, item):
                 # Once, alone, in the longest window (see CUT_SHORT_WORDS_PER_S),
                 # or, already in it, with timestamps (below); kept only if it
                 # heard more. A batch's items are done again by the worker

@@ -123,7 +123,11 @@ class Playout:
         self.segments: deque[Segment] = deque()
         self._said_at: dict[int, float] = {}
         self._first_audio_sent: set[int] = set()
-        self.current_turn: int | None = None
+        self.current_turn: int | None = None  # the newest turn queued
+        # The turn whose sentence is being sent now: a sink that labels its
+        # audio with a turn (Realtime's response ids) reads this one, not
+        # current_turn, which is already the next reply's once it is queued.
+        self.sending_turn: int | None = None
         # The turn a barge-in or cancel cut: its later sentences are dropped,
         # not queued behind the carrier's clear (its generation stops a
         # moment later, and the sends in between may wait).
@@ -297,6 +301,7 @@ class Playout:
         self._pending = b""
         sent_at = time.monotonic()
         start = max(self._clock_end, sent_at)
+        self.sending_turn = turn
         for offset in range(0, len(data), self.fmt.chunk_bytes):
             await self._pace()
             if generation != self._generation:

@@ -353,6 +353,35 @@ async def test_realtime_a_create_with_its_own_instructions_is_not_given_the_held
     assert not carrier.of("error"), carrier.of("error")
 
 
+async def test_realtime_speech_after_a_commit_is_the_next_item(server):
+    """Push-to-talk: the client commits and goes on appending before the
+    committed turn's transcript is out. The new speech's transcription
+    deltas named the committed item (its id changed only at the
+    transcript); the commit closes the item now. (The new speech's partial
+    is handed to the live call right after the commit: on real audio it
+    comes too late or too early to be put there on cue.)"""
+    from voice.transports.realtime import input_audio_buffer
+
+    clip = prompt_clip(14)
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            audio = with_silence(clip.load(24000), 24000, 0.5)
+            await carrier.say(audio, speed=None)
+            async with asyncio.timeout(10):  # all of it in the buffer
+                while call.session._fed_s < len(audio) / 24000 - 0.05:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            await input_audio_buffer.commit(call, {"type": "input_audio_buffer.commit"})
+            await call._on_partial(call.session._turn_index + 1, "and one more thing")
+            delta = await carrier.next_event("conversation.item.input_audio_transcription.delta", timeout=10)
+            completed = await carrier.next_event("conversation.item.input_audio_transcription.completed", timeout=60)
+            assert delta["item_id"] != completed["item_id"], (delta, completed)
+            committed = carrier.of("input_audio_buffer.committed")
+            assert [c["item_id"] for c in committed] == [completed["item_id"]], committed
+
+
 async def test_realtime_settings_keep_no_nested_values(server):
     """turn_detection and transcription are echoed in every session object:
     whatever a client nested in them was kept whole and sent back with every

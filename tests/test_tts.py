@@ -94,6 +94,45 @@ async def test_playout_orders_sentences_frames_and_marks():
     await playout.close()
 
 
+class TurnLabels(Recorder):
+    """A sink that labels each chunk with the turn the playout says it is
+    sending, as the Realtime transport names its response."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.playout: Playout | None = None
+        self.labels: list[int | None] = []
+
+    async def send_audio(self, chunk: bytes) -> None:
+        assert self.playout is not None
+        self.labels.append(self.playout.sending_turn)
+        await super().send_audio(chunk)
+
+
+async def test_audio_still_going_out_is_labelled_with_its_own_turn():
+    """A reply queued while the last one's audio still goes out (Realtime
+    with interrupt_response off): the rest of the earlier reply's audio went
+    out under the newer turn's ids (labelled by current_turn, the newest
+    queued)."""
+    sink = TurnLabels()
+    playout = Playout(shared_tts(), OutFormat("mulaw", 8000, 160), sink, lead_s=0.2)
+    sink.playout = playout
+    playout.say(1, 0, "Your order shipped this morning and should arrive on Thursday.")
+    for _ in range(500):
+        if sink.labels:
+            break
+        await asyncio.sleep(0.01)
+    playout.say(2, 0, "Anything else?")  # queued while turn 1 is paced out
+    await wait_marks(sink, 2)
+    marks = [v for k, v in sink.items if k == "mark"]
+    assert marks == ["t1s0", "t2s0"]
+    first_of_two = sink.items.index(("mark", "t1s0"))
+    audio_before = sum(1 for k, _ in sink.items[:first_of_two] if k == "audio")
+    assert sink.labels[:audio_before] == [1] * audio_before, sink.labels[:audio_before]
+    assert set(sink.labels[audio_before:]) == {2}
+    await playout.close()
+
+
 async def wait_marks(sink: Recorder, n: int) -> None:
     for _ in range(1500):
         if sum(1 for k, _ in sink.items if k == "mark") >= n:

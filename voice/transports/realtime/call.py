@@ -321,6 +321,14 @@ class RealtimeCall(WebSocketCall):
         self._partial_sent.clear()
         self.next_user_item = new_id("item")
 
+    def input_committed(self, item_id: str) -> None:
+        """The client's commit closed item ``item_id``: its transcript will
+        carry that id, and speech from now on is the next item (its deltas
+        named the committed one until the transcript was out). Nothing to do
+        when the transcript is out already, or an endpoint named it."""
+        if self._committing is None and self.next_user_item == item_id:
+            self._committing, self.next_user_item = item_id, new_id("item")
+
     async def _on_speech_started(self, ev: dict[str, Any]) -> None:
         if self.settings.turn_detection is None:
             return  # push-to-talk: the client has no VAD events
@@ -373,7 +381,10 @@ class RealtimeCall(WebSocketCall):
         # commit, the length cap): then now, with its transcript.
         await self._on_speech_stopped(audio_end_ms)
         item_id = self._close_user_item()
-        self._partial_sent.pop(turn, None)
+        # This turn's, and any earlier one's that never got a transcript (a
+        # turn talked over or resumed): one entry per such turn, for hours.
+        for old_turn in [t for t in self._partial_sent if t <= turn]:
+            del self._partial_sent[old_turn]
         previous = self.last_item_id
         # An older reply the client never asked for is not part of the
         # conversation; drop it. Its history entry goes when its turn ends,
@@ -512,7 +523,7 @@ class RealtimeCall(WebSocketCall):
         await self.send_json({"type": kind, "event_id": f"event_{next(_ids)}", **fields})
 
     async def send_audio(self, chunk: bytes) -> None:
-        turn = self.playout.current_turn if self.playout is not None else None
+        turn = self.playout.sending_turn if self.playout is not None else None
         response = self.responses.get(turn) if turn is not None else None
         if response is None:
             return

@@ -28,8 +28,10 @@ async def append(call: RealtimeCall, msg: dict[str, Any]) -> None:
 
 
 async def commit(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    item_id = call.next_user_item
     if not call.session.started or not await call.session.commit():
         raise RealtimeError("buffer has no speech to commit", "input_audio_buffer_commit_empty", "input_audio_buffer")
+    call.input_committed(item_id)
 
 
 async def clear(call: RealtimeCall, msg: dict[str, Any]) -> None:
