@@ -223,6 +223,9 @@ class TurnTracker:
             self._reset_turn()
             return None
         if len(self._pending):
-            self._chunks.append(self._pending)
-            self._pending = np.zeros(0, dtype=np.float32)
+            # The turn's audio ends with the samples short of a chunk; they
+            # stay pending too, so the stream position, counted in whole
+            # chunks, still counts them once the next chunk is full: dropped,
+            # each commit set every later position up to 32 ms early.
+            self._chunks.append(self._pending.copy())
         return self._end_turn(forced=True)

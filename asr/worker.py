@@ -69,6 +69,8 @@ PARTIAL = 1
 # Recent decoder time per call decays with this half-life (fair share).
 USAGE_HALF_LIFE_S = 10.0
 USAGE_MAX_CALLS = 1024
+# How long a call that ended is remembered as ended (longer than any decode).
+ENDED_KEPT_S = 60.0
 # The decayed usage of a call that kept the decoder busy all the time.
 USAGE_FULL_S = USAGE_HALF_LIFE_S / math.log(2)
 # A call that used more than this share of the decoder lately gets no
@@ -143,6 +145,9 @@ class ASRWorker:
         self.crash_retries = 0
         # call -> (decoder seconds used, when), decayed on read: fair share.
         self._used: dict[str, tuple[float, float]] = {}
+        # Calls that ended (forget(ended=True)): a decode of theirs still
+        # running then is not charged, or their use came back for a minute.
+        self._ended: dict[str, float] = {}
         # Decoder seconds all partials may still use (None: no limit).
         self._partial_budget = (
             TokenBucket(config.partial_budget_burst_s, config.partial_budget) if config.partial_budget else None
@@ -207,6 +212,7 @@ class ASRWorker:
         future: asyncio.Future[Decoded] = loop.create_future()
         now = time.monotonic()
         priority = FINAL if final else PARTIAL
+        self._ended.pop(call_id, None)  # the call goes on (a carrier call re-attached under its id)
         if self.config.scheduler == "fifo":
             # Arrival order for everything (_due ignores the priority here).
             self._enqueue(_Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, now))
@@ -250,6 +256,10 @@ class ASRWorker:
         its partials were shed for a minute while the decoder idled)."""
         if ended:
             self._used.pop(call_id, None)
+            now = time.monotonic()
+            self._ended[call_id] = now
+            if len(self._ended) > USAGE_MAX_CALLS:  # bounded: only the last minute's are read
+                self._ended = {c: at for c, at in self._ended.items() if now - at < ENDED_KEPT_S}
         job = self._pending_partial.pop(call_id, None)
         if job is not None and job.live:
             job.future.cancel()
@@ -447,6 +457,9 @@ class ASRWorker:
         now = time.monotonic()
         if priority == PARTIAL and self._partial_budget is not None:
             self._partial_budget.charge(seconds, now)
+        ended = self._ended.get(call_id)
+        if ended is not None and now - ended < ENDED_KEPT_S:
+            return  # its last decode, done after it hung up: no share left to keep
         self._used[call_id] = (self.usage(call_id, now) + seconds, now)
         if len(self._used) > USAGE_MAX_CALLS:  # ended calls' entries decay to nothing: drop them
             self._used = {c: e for c, e in self._used.items() if self.usage(c, now) > 0.01}

@@ -567,6 +567,14 @@ class OpenAIServer:
         await self.engine.close()
 
 
+def default_stuck_after_s(config: LLMConfig) -> float:
+    """How long an engine may have work and give nothing before /health says
+    it is stuck: far past the point where every client gave up on it (the
+    first-token timeout), and past a first request that compiles a shape
+    the warm-up did not (vLLM on a CPU: tens of seconds)."""
+    return max(60.0, 4 * config.first_token_timeout_s)
+
+
 def _model_name(config: LLMConfig, engine: LLMEngine) -> str:
     model = engine.describe().get("model") or config.model
     if model:
@@ -606,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="/health says 503 once the engine has work and no progress this long "
-        "(default: twice the first-token timeout, 20 s; 0: never)",
+        "(default: four first-token timeouts, at least 60 s; 0: never)",
     )
     p.add_argument("--log-level", default="INFO")
     return p
@@ -692,7 +700,7 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
         sampling=config.sampling,
         api_key=api_key,
         max_requests=max(0, args.max_requests),
-        stuck_after_s=2 * config.first_token_timeout_s if args.stuck_after_s is None else args.stuck_after_s,
+        stuck_after_s=default_stuck_after_s(config) if args.stuck_after_s is None else args.stuck_after_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -294,6 +294,13 @@ class SentenceSegmenter:
                 self._cut_overlong(pos + 1)
             elif self.first_clause_words and not self._emitted_any and self._clause_cuts:
                 self._cut_first_clause()
+        elif self._mode in (_Mode.TERMINATOR, _Mode.CLOSERS) and pos + 1 - self._seg_start >= self.max_chars:
+            # A run of marks or emoji a looping model writes ("Well......",
+            # "Thanks!😊😊😊") never goes back to TEXT: the cap held nothing
+            # back, the first sentence waited for the run's end and went to
+            # the voice as one. A sentence has ended by now: cut here.
+            self._emit(pos + 1, force=True)
+            self._mode = _Mode.TEXT
         self._pos = pos + 1
 
     def _scan_text(self, ch: str, pos: int) -> None:

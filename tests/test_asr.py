@@ -206,6 +206,26 @@ def test_the_band_hold_cap_moves_no_turn_end_on_real_prompts(server, phone_promp
         assert capped and capped == ends(prompt, 1e9), prompt.name
 
 
+def test_commits_keep_the_stream_position(server, phone_prompts) -> None:
+    """Push-to-talk: each commit took the samples short of a whole chunk
+    into the turn and out of the stream, so the tracker's position fell up
+    to 32 ms behind the audio fed per commit, and every later speech event
+    and arrival time with it (here 6 commits of prompts 500 samples past a
+    chunk: 0.19 s)."""
+    from asr.turns import CHUNK, CHUNK_S
+
+    tracker = TurnTracker(ASRConfig(auto_turns=False), server.runtime.vad.stream())
+    fed = 0
+    for prompt in phone_prompts[:6]:
+        audio = through_phone_line(prompt.load(8000))
+        audio = audio[: (len(audio) // CHUNK - 1) * CHUNK + 500]
+        for i in range(0, len(audio), 320):
+            tracker.feed(audio[i : i + 320])
+        fed += len(audio)
+        assert tracker.commit() is not None, prompt.name
+    assert abs(fed / 16000 - tracker.position_s) < CHUNK_S, (fed / 16000, tracker.position_s)
+
+
 def test_turn_tracker_ignores_silence_and_clicks(server):
     tracker = TurnTracker(ASRConfig(), server.runtime.vad.stream())
     silence = np.zeros(16000 * 2, np.float32)

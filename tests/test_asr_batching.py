@@ -218,6 +218,12 @@ async def _share_checks(unbatched: ASRWorker, quilter: np.ndarray) -> None:
     # left alone gets its partials again (they were shed for a minute).
     unbatched.forget("share-other", ended=True)
     assert not unbatched.submit("share-hog", quilter, final=False).cancelled()
+    # A call that hangs up while its final decodes: that decode is not
+    # charged (it put the call's use back for a minute after its end).
+    late = unbatched.submit("share-late", quilter, final=True)
+    unbatched.forget("share-late", ended=True)
+    await late
+    assert "share-late" not in unbatched._used
 
 
 async def test_partials_past_their_decoder_budget_are_shed_until_it_refills_finals_never(quilter):

@@ -213,6 +213,36 @@ async def test_a_server_stall_mid_turn_is_not_taken_for_a_silent_line(call_url, 
     assert heard_s <= sent_s + 0.05, (heard_s, sent_s)
 
 
+async def test_a_client_sending_second_long_messages_in_real_time_gets_no_made_up_silence(call_url, phone_prompts):
+    """A client that streams its caller in one-second messages, in real
+    time (a Realtime append a second, or a native client's big frames), is
+    quiet for most of each second between them. The silent-line filler took
+    each such gap past 0.5 s for a quiet line and fed half a second of
+    silence after every message: pauses in the middle of the caller's words
+    (a turn cut short) and every later position that much late. Every
+    second the server hears is one the caller sent."""
+    from benchmarks.callers.base import to_wire
+    from benchmarks.client import frames
+    from tests.fake_carrier import CallWatcher
+
+    clip = phone_prompts[3]
+    audio = clip.load(8000)
+    messages = [b"".join(frames(audio[i : i + 8000], 8000, "mulaw")) for i in range(0, len(audio), 8000)]
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            await caller.start("mulaw", 8000)
+            session = (await watcher.one()).session
+            assert caller.ws is not None
+            started = asyncio.get_running_loop().time()
+            for i, message in enumerate(messages):
+                await asyncio.sleep(max(0.0, started + i - asyncio.get_running_loop().time()))
+                await caller.ws.send(to_wire(caller.wire.media(message)))
+            await asyncio.sleep(0.2)  # the last message fed (its own quiet line comes later)
+            heard_s = session._cleared_s + session._fed_s
+    sent_s = len(audio) / 8000
+    assert heard_s <= sent_s + 0.05, (heard_s, sent_s)
+
+
 async def test_an_asr_failure_fails_one_turn_not_the_call(server, call_url, monkeypatch):
     """Fault injection into the real decoder's lane: its next decode raises
     (what a CUDA OOM or a broken model file does). That turn gets an
@@ -313,5 +343,30 @@ async def test_a_commit_right_after_the_last_word_decodes_all_of_it(server, phon
             await session.audio(pcm[i : i + 320])
         assert await session.commit()
         assert session._fed_s >= len(audio) / 8000, (session._fed_s, len(audio) / 8000)
+    finally:
+        await session.stop()
+
+
+async def test_words_carried_over_turn_after_turn_stay_bounded(server) -> None:
+    """Turns talked over before any reply went out hand their words to the
+    next turn; on a line where that happens turn after turn (a noisy line,
+    a chatty caller on a loaded decoder) nothing took them, and they grew
+    without bound, in every saved call state too (past the store's size
+    none was saved). They keep the newest words, as a turn's words do."""
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+    from voice.call.turn import MAX_USER_TEXT_CHARS, TurnOutcome
+
+    async def emit(event: dict) -> None:
+        return None
+
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    await session.start(Start(encoding="pcm16", sample_rate=16000, server_greeting=False))
+    try:
+        for index in range(1, 200):
+            words = f"and then item {index} of the list I was reading out"
+            session._turn_finished(TurnOutcome(index, words, "", cancelled=True, replied=False))
+        assert len(session.carry_over) <= MAX_USER_TEXT_CHARS, len(session.carry_over)
+        assert session.carry_over.endswith("item 199 of the list I was reading out")
     finally:
         await session.stop()

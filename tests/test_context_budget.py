@@ -48,6 +48,25 @@ def test_a_callers_turn_longer_than_the_room_left_keeps_its_newest_words() -> No
     assert words.endswith(said)
 
 
+def test_a_long_text_item_a_reply_answers_keeps_its_newest_words() -> None:
+    """A Realtime client adds a long user text item, then response.create
+    (no words of a turn to answer): the item is what the reply answers. It
+    was history like any other, left out whole with the oldest once it did
+    not fit, and the model got the system prompt alone."""
+    history = History("Be brief.", max_turns=10)
+    history.remember(1, "hello there", "Hi, how can I help?")
+    words = " ".join(f"item {i}," for i in range(400))
+    history.add("user", words)
+    budget = prompt_tokens([{"role": "system", "content": "Be brief."}]) + 150
+    fitted = history.messages(None, None, budget)
+    assert prompt_tokens(fitted) <= budget, (prompt_tokens(fitted), budget)
+    said = fitted[-1]["content"]
+    assert fitted[-1]["role"] == "user" and said.endswith("item 399,") and words.endswith(said), fitted
+    # With room for all of it, the prompt is the conversation as it stands.
+    whole = history.messages(None, None, None)
+    assert whole[-1] == {"role": "user", "content": words} and whole[-2]["role"] == "assistant"
+
+
 def test_example_turns_follow_the_servers_prompt_only() -> None:
     """The example turns sit between the system prompt and the call's own
     history, are never trimmed as history, and count against the budget; a

@@ -598,3 +598,24 @@ def test_a_reply_of_blank_lines_is_read_once(filler: str) -> None:
     out = [s for piece in reply for s in segmenter.push(piece)] + segmenter.flush()
     assert out == ["Hello there.", "Next one here."], out
     assert read <= 20 * len(reply), read
+
+
+@pytest.mark.parametrize(
+    "run",
+    ["Well" + "." * 400, "Yes!" + "😊" * 300, "Sure!!" + "!" * 400],
+    ids=["dots", "emoji", "marks"],
+)
+def test_a_run_of_marks_or_emoji_is_cut_at_the_cap(run: str) -> None:
+    """A looping model's run of marks or emoji stayed past the sentence end
+    it began with: the cap was checked only between words, the first
+    sentence waited for the run's end, and the voice got all of it as one
+    (404 characters for the dots)."""
+    seg = SentenceSegmenter()
+    out: list[str] = []
+    for i in range(0, len(run), 3):
+        out += seg.push(run[i : i + 3])
+    assert out, "nothing came out before the run ended"
+    out += seg.push(" Anything else?") + seg.flush()
+    assert all(len(s) <= MAX_SENTENCE_CHARS for s in out), [len(s) for s in out]
+    assert out[-1].endswith("Anything else?"), out
+    assert "".join(out).replace(" ", "") == (run + "Anything else?").replace(" ", ""), out  # nothing lost

@@ -382,6 +382,29 @@ async def test_realtime_speech_after_a_commit_is_the_next_item(server):
             assert [c["item_id"] for c in committed] == [completed["item_id"]], committed
 
 
+async def test_realtime_reply_instructions_that_leave_no_room_are_refused(server):
+    """response.create with instructions of its own that, beside the call's
+    prompt, leave the model no room: they were only held to 32K characters,
+    the engine refused the prompt, and each refusal made every later prompt
+    of the call a quarter smaller. Refused now (context_too_large), nothing
+    sent to the engine."""
+    from voice.transports.realtime.protocol import MAX_INSTRUCTIONS
+
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.updated", timeout=10)
+            scale = call.session.token_scale
+            text = ("Answer in one short sentence. " * 2000)[: MAX_INSTRUCTIONS - 100]
+            await carrier.send({"type": "response.create", "event_id": "evt_long", "response": {"instructions": text}})
+            error = await carrier.next_event("error", timeout=10)
+            assert error["error"]["code"] == "context_too_large", error
+            assert error["error"]["param"] == "response.instructions" and error["error"]["event_id"] == "evt_long"
+            await asyncio.sleep(0.3)
+            assert not carrier.of("response.created") and call.session.token_scale == scale
+
+
 async def test_realtime_settings_keep_no_nested_values(server):
     """turn_detection and transcription are echoed in every session object:
     whatever a client nested in them was kept whole and sent back with every
@@ -463,9 +486,9 @@ async def test_realtime_a_long_append_lets_other_calls_run_between_its_frames(se
             ticks, seen_at_frame = 0, []
             feed = call.audio
 
-            async def counted(payload):
+            async def counted(payload, message_s=None):
                 seen_at_frame.append(ticks)
-                await feed(payload)
+                await feed(payload, message_s)
 
             async def ticker():
                 nonlocal ticks

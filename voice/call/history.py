@@ -202,23 +202,30 @@ class History:
         oldest history is left out until it fits ``budget_tokens``."""
         system = self.system_prompt if not instructions else f"{self.system_prompt}\n\n{instructions}"
         past = list(self.messages_so_far)
-        new = [] if user_text is None else [{"role": "user", "content": user_text}]
-        if user_text is None and (not past or past[-1]["role"] != "user"):
+        answering = user_text
+        if user_text is None and past and past[-1]["role"] == "user":
+            # The conversation ends with the caller's words (a text item):
+            # they are what this reply answers, trimmed like a turn's words
+            # if they overflow, never left out whole with the oldest history
+            # (the model got the system prompt alone).
+            answering = past.pop()["content"]
+        new = [] if answering is None else [{"role": "user", "content": answering}]
+        if answering is None:
             new = [{"role": "user", "content": GO_ON_CUE if past else OPENING_CUE}]
         head = [{"role": "system", "content": system}, *self.examples()]
         if budget_tokens is not None:
             room = budget_tokens - prompt_tokens(head)
             new_tokens = prompt_tokens(new)
-            if user_text is not None and new_tokens > room:
+            if answering is not None and new_tokens > room:
                 # The caller's words alone overflow what the instructions
                 # leave (long instructions, a long turn): their newest words,
                 # or every retry of the turn would fail the same way.
-                new = [{"role": "user", "content": newest_within(user_text, room - PER_MESSAGE_TOKENS)}]
+                new = [{"role": "user", "content": newest_within(answering, room - PER_MESSAGE_TOKENS)}]
                 new_tokens = prompt_tokens(new)
             # One cue's room beyond the messages' own: the oldest kept line
             # may be the agent's with its caller line trimmed away.
             spare = room - new_tokens - CUE_TOKENS
-            past = self._fit(past, spare, user_text is not None)
+            past = self._fit(past, spare, answering is not None)
         from_start = bool(past) and past[0] is self.messages_so_far[0]
         said = [{**m, "content": without_template_tokens(m["content"])} for m in alternating([*past, *new], from_start)]
         return [*head, *said]

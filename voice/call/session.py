@@ -43,7 +43,7 @@ from voice.call.history import ContextTooLarge, History, prompt_tokens
 from voice.call.speculation import SpeculationBudget
 from voice.call.start import MAX_REPLY_TOKENS, ProtocolError, Start, check_audio_frame
 from voice.call.store import CallState, StateWriter, StoreError
-from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes
+from voice.call.turn import Emit, SpokenFirst, Turn, TurnContext, TurnOutcome, TurnTimes, newest_words
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ CLAIM_RETRY_S = 0.1
 # The longest a stream lost mid-decode waits for its caller's last words
 # (a final decode under load; the handler's release has 5 s in all).
 LAST_WORDS_WAIT_S = 3.0
+# A line is silent once this many of its own messages' worth of time has
+# passed with none (and at least silent_line_s): a client streaming 1 s
+# messages in real time is quiet for most of each second between them.
+SILENT_LINE_MESSAGES = 1.5
 
 
 def new_call_id() -> str:
@@ -155,6 +159,7 @@ class CallSession:
         self._cleared_s = 0.0
         self._fed_s = 0.0
         self._last_audio_at = 0.0  # monotonic arrival of the last frame
+        self._message_s = 0.0  # audio seconds in the client's last message
         self._turn_ending = False  # _on_turn_end waits for the old turn: see reply_in_flight
         # Audio frames and the silent-line filler feed the tracker in turn.
         self._feed_lock = asyncio.Lock()
@@ -411,7 +416,10 @@ class CallSession:
             return SpokenFirst(config.greeting, config.greeting_instructions)
         return None
 
-    async def audio(self, payload: bytes) -> None:
+    async def audio(self, payload: bytes, message_s: float | None = None) -> None:
+        """One frame of the caller's audio. ``message_s``: the audio seconds
+        of the client message it is part of, where a transport cuts one
+        message into frames (a Realtime append of seconds)."""
         if not self.started or self._start is None:
             raise ProtocolError("not_started", "audio before 'start'; send start first")
         check_audio_frame(payload, self._start.encoding)
@@ -423,6 +431,7 @@ class CallSession:
         pcm = decode(payload, self._start.encoding)  # type: ignore[arg-type]
         samples = self._resampler.process(int16_to_float(pcm))
         self._last_audio_at = time.monotonic()
+        self._message_s = frame_s if message_s is None else max(frame_s, message_s)
         await self._feed(samples)
 
     async def _feed(self, samples: np.ndarray) -> None:
@@ -454,10 +463,15 @@ class CallSession:
         last word. Endpointing counts silence in audio time, so without this
         such a turn would never end. After ``silent_line_s`` without a frame
         the missing time is fed as silence; a line that keeps sending never
-        gets any."""
-        gap_s = self.asr_config.silent_line_s
+        gets any. A client whose messages are long (a Realtime append of a
+        second, sent in real time) has that long between them: it gets the
+        silence only after SILENT_LINE_MESSAGES of them (filled at 0.5 s,
+        its second-long messages came with half a second of silence
+        inserted after each, a pause in the middle of its caller's words)."""
+        base_s = self.asr_config.silent_line_s
         while not self.closed:
-            await asyncio.sleep(gap_s / 2)
+            await asyncio.sleep(base_s / 2)
+            gap_s = max(base_s, SILENT_LINE_MESSAGES * self._message_s)
             if time.monotonic() - self._last_audio_at < gap_s:
                 continue
             # Measured again under the lock: a feed that held it (its events
@@ -469,7 +483,10 @@ class CallSession:
                 if tracker is None or not tracker.in_speech or idle_s < gap_s or self.closed:
                     continue
                 self._last_audio_at = time.monotonic()
+                self._message_s = 0.0  # from here the line's own silence: filled every silent_line_s
                 tail = self._held_back()  # the caller's last word first
+                # All of it: a message carries audio captured before it was
+                # sent, so none of the time since covers the quiet line.
                 silence = max(0, round(idle_s * ASR_RATE) - len(tail))
                 await self._feed_locked(np.concatenate([tail, np.zeros(silence, dtype=np.float32)]))
 
@@ -656,7 +673,7 @@ class CallSession:
         # before its reply began handed its words on already: they are in
         # carry_over, not the history, and went in twice ("X X").
         if (turn.task.done() or turn.outcome_given) and self.history.retract(turn.index):
-            self.carry_over = " ".join(filter(None, [turn.user_text, self.carry_over]))
+            self.carry_over = newest_words(" ".join(filter(None, [turn.user_text, self.carry_over])))
             self._save_state()
         await self.emit({"type": "turn.resumed", "turn": turn.index})
 
@@ -869,7 +886,10 @@ class CallSession:
             # (A reply the client cancelled before its first token leaves a
             # turn with no reply: the client holds its item, and a
             # response.create is asked about it.)
-            self.carry_over = " ".join(filter(None, [self.carry_over, outcome.user_text]))
+            # Bounded as a turn's words are: a line whose turns are talked
+            # over one after another grew it, and every saved state with it,
+            # until a turn took it (past the store's size, none was saved).
+            self.carry_over = newest_words(" ".join(filter(None, [self.carry_over, outcome.user_text])))
         else:
             # History keeps only what the caller was sent, so the model never
             # believes it said words that were cut off.
@@ -1000,6 +1020,13 @@ class CallSession:
     def check_instructions(self, prompt: str, max_tokens: int | None = None) -> None:
         """Raises ContextTooLarge if ``prompt`` leaves no room for a turn."""
         self.history.check_instructions(prompt, self.prompt_budget(max_tokens))
+
+    def check_reply_instructions(self, instructions: str) -> None:
+        """Raises ContextTooLarge if one reply's own instructions (Realtime
+        ``response.instructions``), added to the call's prompt, leave no room
+        for a turn: sent on, the engine refused the prompt, and each refusal
+        made every later prompt of the call a quarter smaller."""
+        self.check_instructions(f"{self.history.system_prompt}\n\n{instructions}")
 
     def check_new_instructions(self, instructions: str, max_tokens: int | None = None) -> None:
         """Raises ContextTooLarge if these instructions, with the system

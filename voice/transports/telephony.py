@@ -273,12 +273,12 @@ class TelephonyCall:
                 raise CallRefused(exc.code, exc.message) from None
             raise
 
-    async def audio(self, payload: bytes) -> None:
+    async def audio(self, payload: bytes, message_s: float | None = None) -> None:
         self.audio_messages += 1
         if not self.session.started:
             raise MalformedMessage("media before start")
         try:
-            await self.session.audio(payload)
+            await self.session.audio(payload, message_s)
         except AudioFlood as exc:
             self.end_for(AUDIO_FLOOD, exc.message)
         except ProtocolError as exc:

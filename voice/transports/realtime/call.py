@@ -54,6 +54,7 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from streaming.rate import TokenBucket
+from voice.call.audio_budget import frame_seconds
 from voice.call.start import RESUME_TOKEN, Start, new_resume_token
 from voice.transports.media_json import WebSocketCall, b64encode, header_values, query_param
 from voice.transports.realtime import conversation, input_audio_buffer, session
@@ -177,6 +178,11 @@ class RealtimeCall(WebSocketCall):
 
     def session_object(self) -> dict[str, Any]:
         return session.session_object(self)
+
+    def input_seconds(self, payload_bytes: int) -> float:
+        """Seconds of audio in ``payload_bytes`` of the input format."""
+        encoding, rate = GA_FORMATS[self.settings.input_format]
+        return frame_seconds(payload_bytes, encoding, rate)
 
     async def ensure_started(self) -> None:
         """The call starts on the first audio, in the format configured by then."""

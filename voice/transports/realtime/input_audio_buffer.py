@@ -19,12 +19,13 @@ async def append(call: RealtimeCall, msg: dict[str, Any]) -> None:
     await call.ensure_started()
     # One append may hold seconds of audio: fed in frames the session accepts.
     step = MAX_AUDIO_FRAME // 2 - (MAX_AUDIO_FRAME // 2) % 2
+    message_s = call.input_seconds(len(audio))
     for offset in range(0, len(audio), step):
         if offset:
             # Other calls run between frames: an append of 15 s of audio is
             # twenty frames of VAD work, which held the shared loop at once.
             await asyncio.sleep(0)
-        await call.audio(audio[offset : offset + step])
+        await call.audio(audio[offset : offset + step], message_s)
 
 
 async def commit(call: RealtimeCall, msg: dict[str, Any]) -> None:

@@ -65,6 +65,11 @@ class Response:
 
 async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     instructions = _instructions(msg)
+    if instructions:
+        try:
+            call.session.check_reply_instructions(instructions)
+        except ValueError as exc:  # ContextTooLarge
+            raise RealtimeError(str(exc), "context_too_large", "response.instructions") from None
     held = [r for r in call.responses.values() if not r.released and not r.dropped]
     if held and _caller_turn_coming(call, held[-1].turn):
         # A turn committed after the held reply's is still decoding: the
