@@ -303,6 +303,19 @@ def _running(pid: int) -> bool:
         return False
 
 
+async def _restarted(engine, restarts: int) -> None:
+    """Until the supervisor has started a child after ``restarts`` and it is up."""
+    async with asyncio.timeout(120):
+        while engine.restarts == restarts or not engine.primary_up:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
+
+async def _killed_and_restarted(engine) -> None:
+    restarts = engine.restarts
+    engine.kill_child()
+    await _restarted(engine, restarts)
+
+
 async def test_what_a_killed_child_started_goes_with_it(supervised_server, monkeypatch, tmp_path):
     """vLLM's engine core and workers are processes the child starts; a
     SIGKILLed child left them running (and holding GPU memory, so every
@@ -321,19 +334,11 @@ async def test_what_a_killed_child_started_goes_with_it(supervised_server, monke
         return ["/bin/sh", "-c", f'sleep 600 & echo $! > {pidfile}; exec "$@"', "sh", *command]
 
     monkeypatch.setattr(engine, "command", with_a_grandchild)
-    restarts = engine.restarts
-    engine.kill_child()
-    async with asyncio.timeout(120):
-        while engine.restarts == restarts or not engine.primary_up:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
+    await _killed_and_restarted(engine)
     grandchild = int(pidfile.read_text())
     assert _running(grandchild) and os.getpgid(grandchild) == engine.pid
     monkeypatch.setattr(engine, "command", real_command)
-    restarts = engine.restarts
-    engine.kill_child()
-    async with asyncio.timeout(120):
-        while engine.restarts == restarts or not engine.primary_up:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
+    await _killed_and_restarted(engine)
     for _ in range(100):  # its reaper (init) may take a moment
         if not _running(grandchild):
             break
@@ -374,9 +379,7 @@ async def test_a_process_that_takes_the_childs_port_gets_nothing(supervised_serv
                 await asyncio.sleep(0.02)
         else:
             raise AssertionError("the killed child's port never came free")
-        async with asyncio.timeout(120):
-            while engine.restarts == restarts or not engine.primary_up:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
+        await _restarted(engine, restarts)
         assert not asked, asked
         assert not engine.base_url.endswith(f":{port}/v1")
         reply = ""

@@ -30,6 +30,35 @@ from tests.transport_checks import (
 )
 
 
+def _watched_prompts(server, monkeypatch) -> list[list[dict[str, str]]]:
+    """The prompts the server's real engine is sent from now on, in order."""
+    engine = server.runtime.engine
+    prompts: list[list[dict[str, str]]] = []
+    real_stream = engine.stream
+
+    def spy(request):  # the real engine, watched
+        prompts.append(list(request.messages))
+        return real_stream(request)
+
+    monkeypatch.setattr(engine, "stream", spy)
+    return prompts
+
+
+async def _first_turn_held(carrier: FakeRealtime, watcher: CallWatcher, clip):
+    """Push-to-talk: ``clip`` said and committed, and its reply written and
+    held (remembered, never shown); the live call."""
+    await carrier.next_event("session.updated", timeout=10)
+    await carrier.say(with_silence(clip.load(24000), 24000, 0.5), speed=None)
+    await carrier.send({"type": "input_audio_buffer.commit"})
+    call = await watcher.one()
+    for _ in range(600):  # the held reply is done (remembered) before the next turn
+        if 1 in call.session.history.replies:
+            break
+        await asyncio.sleep(0.05)
+    assert 1 in call.session.history.replies and not carrier.of("response.created")
+    return call
+
+
 @contextlib.asynccontextmanager
 async def _started_call(server, **settings):
     """A Realtime session (text out) started by a moment of silence, and its
@@ -185,15 +214,7 @@ async def test_realtime_a_held_reply_written_before_new_context_is_written_again
     the item, and the create released it as it was. Now it is dropped
     unseen and the create answers the conversation with the item in it."""
     clip = prompt_clip(14)
-    engine = server.runtime.engine
-    prompts: list[list[dict[str, str]]] = []
-    real_stream = engine.stream
-
-    def spy(request):  # the real engine, watched
-        prompts.append(list(request.messages))
-        return real_stream(request)
-
-    monkeypatch.setattr(engine, "stream", spy)
+    prompts = _watched_prompts(server, monkeypatch)
     note = "Looked up: the caller's booking reference is QX-7731, ferry at 9:40."
     carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
     with CallWatcher() as watcher:
@@ -294,15 +315,7 @@ async def test_realtime_a_create_while_the_next_turn_decodes_answers_that_turn(s
     carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
     with CallWatcher() as watcher:
         async with carrier:
-            await carrier.next_event("session.updated", timeout=10)
-            await carrier.say(with_silence(first.load(24000), 24000, 0.5), speed=None)
-            await carrier.send({"type": "input_audio_buffer.commit"})
-            call = await watcher.one()
-            for _ in range(600):  # turn 1's held reply is written
-                if 1 in call.session.history.replies:
-                    break
-                await asyncio.sleep(0.05)
-            assert 1 in call.session.history.replies and not carrier.of("response.created")
+            call = await _first_turn_held(carrier, watcher, first)
             # Past the resume grace: turn 2 is a turn of its own.
             await asyncio.sleep(server.runtime.config.asr.resume_grace_s + 0.3)
             mark = len(carrier.events)
@@ -325,15 +338,7 @@ async def test_realtime_a_create_with_its_own_instructions_is_not_given_the_held
     was written without them, and the create released it as it was; now it
     is dropped unseen and the create is answered with its instructions."""
     clip = prompt_clip(14)
-    engine = server.runtime.engine
-    prompts: list[list[dict[str, str]]] = []
-    real_stream = engine.stream
-
-    def spy(request):  # the real engine, watched
-        prompts.append(list(request.messages))
-        return real_stream(request)
-
-    monkeypatch.setattr(engine, "stream", spy)
+    prompts = _watched_prompts(server, monkeypatch)
     own = "Answer with one short sentence that names the caller's ferry, the 9:40 to Oban."
     carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
     async with carrier:
@@ -545,16 +550,8 @@ async def test_realtime_a_held_reply_never_asked_for_leaves_the_conversation(ser
     carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False, turn_detection=None)
     with CallWatcher() as watcher:
         async with carrier:
-            await carrier.next_event("session.updated", timeout=10)
-            await carrier.say(with_silence(first.load(24000), 24000, 0.5), speed=None)
-            await carrier.send({"type": "input_audio_buffer.commit"})
-            call = await watcher.one()
+            call = await _first_turn_held(carrier, watcher, first)
             history = call.session.history
-            for _ in range(600):  # the held reply is done (remembered) before the next turn
-                if 1 in history.replies:
-                    break
-                await asyncio.sleep(0.05)
-            assert 1 in history.replies and not carrier.of("response.created")
             # Past the resume grace: the next commit is a turn of its own, not
             # the first one resumed (which would retract it whole).
             await asyncio.sleep(server.runtime.config.asr.resume_grace_s + 0.3)
