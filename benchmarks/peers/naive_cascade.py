@@ -103,7 +103,9 @@ class NaiveSession:
                          "adaptive_endpoint": False, "engine": self.runtime.engine.describe(),
                          "pipeline": "naive-cascade"})  # fmt: skip
 
-    async def audio(self, payload: bytes) -> None:
+    async def audio(self, payload: bytes, message_s: float | None = None) -> None:
+        # message_s: the transport's hint for the silent-line filler, which
+        # this baseline does not have.
         if not self.started or self._start is None:
             raise ProtocolError("not_started", "audio before 'start'; send start first")
         check_audio_frame(payload, self._start.encoding)
