@@ -277,6 +277,7 @@ class OpenAIServer:
         self.stuck_after_s = stuck_after_s
         self._working = 0  # engine calls in progress (replies and probes)
         self._progress_at = time.monotonic()
+        self._stuck_said_at: float | None = None  # the stuck episode already logged
         # Requests in progress (body read included) past which a new one is
         # answered 429 before its body is read: each may carry 4 MiB and
         # waits in the engine's queue, which has no bound of its own. 0: none
@@ -370,7 +371,11 @@ class OpenAIServer:
         if not getattr(self.engine, "available", True):
             return web.json_response({"status": "engine dead"}, status=503)
         if self.stuck:
-            log.error("the engine has had work and no progress for %.0f s", self.stuck_after_s)
+            # Once per episode: /health is open, and anything on the host
+            # asking it in a loop wrote an ERROR line per request.
+            if self._stuck_said_at != self._progress_at:
+                self._stuck_said_at = self._progress_at
+                log.error("the engine has had work and no progress for %.0f s", self.stuck_after_s)
             return web.json_response({"status": "engine stuck"}, status=503)
         if self.api_key is not None:  # open to any local process: no paths, no counters
             return web.json_response({"status": "ok"})
