@@ -347,6 +347,42 @@ async def test_a_commit_right_after_the_last_word_decodes_all_of_it(server, phon
         await session.stop()
 
 
+async def test_a_connection_lost_right_after_a_commit_keeps_the_committed_words(server, phone_prompts) -> None:
+    """A client commits its turn and its connection drops in the same read
+    (no stop: the call may come back). The committed turn's task had not
+    taken its first step, and the stop cancelled it directly: its handler,
+    which hands the words on, never ran, and the re-attached call had lost
+    what its caller last said. The stop cancels it as a turn, so the words
+    are decoded and wait in the stored conversation."""
+    import uuid
+
+    from asr.wer import word_error_rate
+    from streaming.codecs import float_to_int16
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+
+    async def emit(event: dict) -> None:
+        pass
+
+    key = f"native:test-{uuid.uuid4().hex}"
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    await session.start(
+        Start(encoding="pcm16", sample_rate=16000, server_greeting=False, resume_key=key, may_resume=False)
+    )
+    clip = phone_prompts[5]
+    pcm = float_to_int16(clip.load(16000)).tobytes()
+    for i in range(0, len(pcm), 640):
+        await session.audio(pcm[i : i + 640])
+    assert await session.commit()
+    turn = session._active
+    assert turn is not None and not turn._started  # no step taken yet: the same read
+    await session.stop("connection_lost")
+    async with asyncio.timeout(10):
+        while (state := await server.runtime.store.load(key)) is None or not state.carry_over:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert word_error_rate(clip.reference, state.carry_over) <= 0.5, (clip.reference, state.carry_over)
+
+
 async def test_words_carried_over_turn_after_turn_stay_bounded(server) -> None:
     """Turns talked over before any reply went out hand their words to the
     next turn; on a line where that happens turn after turn (a noisy line,

@@ -576,8 +576,13 @@ class CallSession:
         may_come_back = self._state is not None and reason not in HUNG_UP and not ended_by_server
         if not may_come_back:
             self._finals.close()
-        turns = [t.task for t in (self._active, self._pending) if t is not None]
-        tasks = [*self._tasks, *turns]
+        turns = [t for t in (self._active, self._pending) if t is not None]
+        tasks = [*self._tasks, *(t.task for t in turns)]
+        for turn in turns:
+            # As a turn: one that has not taken its first step (committed in
+            # the read the connection dropped in) hands its words on here;
+            # a bare task cancel would skip the handler that does it.
+            turn.cancel()
         for task in tasks:
             task.cancel()
         for task in tasks:
