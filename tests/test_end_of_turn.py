@@ -6,6 +6,7 @@ session's pause hook setting the tracker's window."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 
@@ -312,6 +313,54 @@ async def test_pause_hook_sets_the_window(server: object, cases: dict[str, Case]
     assert window == CFG.endpoint_max_s
     window, _ = await _window_at(server, _at_pause(cases["tts-18"], None, after_s=0.25), "smart_turn+rules")
     assert window == CFG.endpoint_min_s
+
+
+async def _rule_window_without_preemption(server: object, audio: np.ndarray, expected: float) -> str:
+    """The window once the pause's words are in, on a call with no
+    preemptive turn, fed at once; the words that chose it."""
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+
+    async def emit(event: dict[str, object]) -> None:
+        return None
+
+    session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
+    session.asr_config = dataclasses.replace(
+        server.runtime.config.asr,  # type: ignore[attr-defined]
+        end_of_turn="adaptive",
+        preemptive=False,
+        silent_line_s=0.0,
+    )
+    await session.start(Start(encoding="pcm16", sample_rate=RATE, server_greeting=False))
+    try:
+        pcm = float_to_int16(audio).tobytes()
+        for i in range(0, len(pcm), 640):
+            await session.audio(pcm[i : i + 640])
+        assert session._pending is None and session._tracker is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(20):
+                while session._tracker.endpoint_s != expected:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        return f"{session._tracker.endpoint_s} from {session._last_partial!r}"
+    finally:
+        await session.stop()
+
+
+async def test_without_a_preemptive_turn_the_pause_s_own_words_choose_the_window(
+    server: object, cases: dict[str, Case]
+) -> None:
+    """With no preemptive turn at the pause (preemption off, its budget
+    spent), the window came from the last partial, which can be a second
+    behind the caller (here, fed at once, there was none): "my account
+    number is" and "is the pharmacy open right now?" both got the unsure
+    window. The pause is decoded itself, as a preemptive turn's is."""
+    # 0.25 s of silence: the pause is heard, no window has passed.
+    got = await _rule_window_without_preemption(server, _at_pause(cases["tts-00"], 0, after_s=0.25), CFG.endpoint_max_s)
+    assert got.startswith(f"{CFG.endpoint_max_s} "), got
+    got = await _rule_window_without_preemption(
+        server, _at_pause(cases["tts-18"], None, after_s=0.25), CFG.endpoint_min_s
+    )
+    assert got.startswith(f"{CFG.endpoint_min_s} "), got
 
 
 async def test_the_llm_hears_a_sentence_go_on(server: object, cases: dict[str, Case]) -> None:

@@ -706,9 +706,33 @@ class CallSession:
                 audio_end_s=ev.speech_end_audio_s + self._cleared_s,
             )
         elif cfg.adaptive_endpoint and self._tracker is not None:
+            # Until the pause's own words are in, the last partial's: it can be
+            # a second behind the caller, and the words just before the pause
+            # ("... and") are the ones that decide. A call fed faster than
+            # real time is served last and keeps the partial's window.
             self._eot_rule = endpoint_window(self._last_partial, cfg)
             self._set_window()
-            self._ask_sentence_end(self._last_partial)
+            if self._low_priority:
+                self._ask_sentence_end(self._last_partial)
+            else:
+                self._spawn(self._pause_words(ev.audio, self._pause_id))
+
+    async def _pause_words(self, audio: np.ndarray, pause_id: int) -> None:
+        """The pause's own decode, where no preemptive turn makes one
+        (preemption off, its budget spent, barge-in off mid-reply): its words
+        choose the window, as a preemptive turn's do."""
+        try:
+            result = await self.runtime.asr.submit(self.call_id, audio, final=False)
+        except asyncio.CancelledError:
+            return  # superseded (the turn ended, the caller went on) or the call stopped
+        except Exception:
+            return  # the last partial's window stands; the final decides the words
+        if not self._still_pause(pause_id) or self.closed:
+            return
+        self._last_partial = result.text
+        self._eot_rule = endpoint_window(result.text, self.asr_config)
+        self._set_window()
+        self._ask_sentence_end(" ".join(filter(None, [self.carry_over, result.text])))
 
     def _window(self, turn: Turn, seconds: float) -> None:
         # The pause decode is in: its words choose how long to wait.
