@@ -159,6 +159,9 @@ class RemoteEngine(LLMEngine):
         self.system_prompt = system_prompt
         self.example_turns = example_turns
         self.healthy = False
+        # Bumped by every request the server answered: a health probe that
+        # failed does not mark down a server that served one meanwhile.
+        self._answered = 0
         # A lone engine (no pool's health loop over it) watches its own way
         # back: once marked down it asks /health this often until it
         # answers, so one failed request cannot keep /readyz at 503 on an
@@ -230,14 +233,25 @@ class RemoteEngine(LLMEngine):
         return self._session
 
     async def check_health(self) -> bool:
-        """GET /health (vLLM and llm.openai_server both answer 200 when ready)."""
+        """Up when GET /health answers 200 (vLLM and llm.openai_server, when
+        ready) or, failing that, GET /readiness does: vllm-router's /health
+        is 503 while *any* of its workers is down, its /readiness 200 while
+        one can serve. On /health alone one dead worker kept every voice
+        replica behind the router marked down, /readyz 503, out of HAProxy.
+        A request answered while the probe was out wins over a failed probe."""
+        answered = self._answered
+        up = await self._probe("/health") or await self._probe("/readiness")
+        if up or self._answered == answered:
+            self.healthy = up
+        return self.healthy
+
+    async def _probe(self, path: str) -> bool:
         try:
             timeout = aiohttp.ClientTimeout(total=self.connect_timeout_s + 1.0, sock_connect=self.connect_timeout_s)
-            async with self._client().get(self.root + "/health", timeout=timeout) as r:
-                self.healthy = r.status == 200
+            async with self._client().get(self.root + path, timeout=timeout) as r:
+                return r.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
-            self.healthy = False
-        return self.healthy
+            return False
 
     async def _json(
         self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
@@ -282,6 +296,7 @@ class RemoteEngine(LLMEngine):
         if self.system_prompt is not None:
             await self.warm_up(prompt_head(self.system_prompt, self.example_turns))
         self.healthy = True
+        self._answered += 1
         log.info("remote LLM %s (%s) ready in %.2f s", self.base_url, self.model, time.perf_counter() - started)
 
     def await_server(self) -> None:
@@ -461,6 +476,7 @@ class RemoteEngine(LLMEngine):
             raise FailedBeforeText(f"LLM server {self.root} failed the request: {type(exc).__name__}: {exc}") from exc
         if response.status == 200:
             self.healthy = True  # it answered: up, whatever an earlier request met
+            self._answered += 1
             return response
         message = f"LLM server {url} answered HTTP {response.status}"
         detail, kind = await self._error_detail(response, deadline)

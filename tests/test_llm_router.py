@@ -14,6 +14,7 @@ import pytest_asyncio
 from llm.base import GenerationRequest
 from llm.config import DEFAULT_SYSTEM_PROMPT
 from llm.remote_engine import RemoteEngine
+from tests.http_get import http_get
 from tests.openai_servers import RouterProcess, ServerProcess, start_servers
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -106,6 +107,12 @@ async def test_a_killed_llm_replica_and_the_calls_next_turn_is_answered_by_the_o
         was = (await survivor.health())["served"]
         assert await turn(engine, "call-d", "Good morning.")
         assert (await survivor.health())["served"] == was + 1
+        # Once the router has noticed (its /health is 503 while any worker is
+        # down), the tier is still up for the voice replicas: one worker serves.
+        async with asyncio.timeout(15):
+            while (await http_get(router.port, "/health"))[0] != 503:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        assert await engine.check_health(), "one dead worker marked the whole router down"
     finally:
         await engine.close()
 
