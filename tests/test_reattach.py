@@ -28,7 +28,16 @@ from tests.conftest import side_server, with_silence
 from tests.fake_carrier import CallWatcher, FakeRealtime, FakeTwilio
 from tests.http_get import http_get
 from tests.transport_checks import prompt_clip, refused_at_once, server_base
-from voice.call.store import CallState, CallStore, MemoryStore, RedisStore, StateWriter, StoreError, encode_state
+from voice.call.store import (
+    CallState,
+    CallStore,
+    MemoryStore,
+    RedisStore,
+    StateWriter,
+    StoreError,
+    encode_state,
+    redis_key,
+)
 from voice.server.limits import MAX_CALL_LENGTH
 from voice.transports.carriers.twilio import MAX_REATTACH, RECONNECT_PATH
 
@@ -764,9 +773,16 @@ async def test_redis_store_keeps_one_writer_per_call(redis_url) -> None:
     # fence) and leave the conversation for a replaced connection to write.
     await store.save("twilio:CA7", CallState("p", [], "", 1), "call-a")
     raw = store._redis
-    assert set(await raw.keys("firstline:*CA7")) == {b"firstline:callh:twilio:CA7"}
-    assert await raw.hget("firstline:callh:twilio:CA7", "owner") == b"call-a"
-    assert 0 < await raw.ttl("firstline:callh:twilio:CA7") <= 3600
+    name = redis_key("twilio:CA7")
+    assert await raw.hget(name, "owner") == b"call-a"
+    assert 0 < await raw.ttl(name) <= 3600
+    # A resume token is a credential: no key name shows it to whoever can
+    # read Redis (SCAN, MONITOR, SLOWLOG, a replica, an RDB file).
+    token = "tok-3f9a1c0e5b7d4e2a9c8b6d4f2e1a0b9c"
+    await store.save(f"native:{token}", CallState("p", [], "", 1), "call-b")
+    names = [k.decode() for k in await raw.keys("*")]
+    assert not [k for k in names if "CA7" in k or token in k or "tok-" in k], names
+    assert await store.load(f"native:{token}") == CallState("p", [], "", 1)
     await store.close()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -43,7 +44,17 @@ log = logging.getLogger(__name__)
 # volatile-ttl eviction, and with it the fence: a replaced connection wrote
 # the conversation back and ended the live call. ("callh": the two-key
 # layout's "firstline:call:" strings are left to expire, never misread.)
-KEY_PREFIX = "firstline:callh:"
+# The call's key is hashed into the name ("callk"; the "callh" names before
+# held it raw, and expire): a native or Realtime resume token is a
+# credential, and key names are what SCAN, MONITOR, SLOWLOG, replicas and
+# RDB files show to anyone with read access to Redis.
+KEY_PREFIX = "firstline:callk:"
+
+
+def redis_key(key: str) -> str:
+    """The Redis key name of a call's key ("native:<token>", "twilio:<callSid>")."""
+    return KEY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
 
 # KEYS: the call. ARGV: the owner, 1 to claim an empty key, ttl. A claim
 # is dated by Redis's own clock (claimed_at, Unix seconds): a re-attach whose
@@ -339,7 +350,7 @@ class MemoryStore:
 
 
 class RedisStore:
-    """One hash per call under ``firstline:callh:<key>``: its state (JSON)
+    """One hash per call under ``firstline:callk:<sha256 of key>``: its state (JSON)
     and its owner, with one expiry."""
 
     def __init__(
@@ -370,30 +381,30 @@ class RedisStore:
             raise StoreError(f"cannot reach the call state store {self.describe()}: {exc}") from exc
 
     async def load(self, key: str) -> CallState | None:
-        raw = await self._bounded(self._redis.hget(KEY_PREFIX + key, "state"))
+        raw = await self._bounded(self._redis.hget(redis_key(key), "state"))
         return None if raw is None else CallState.from_json(raw)
 
     async def claim(self, key: str, owner: str, *, when_empty: bool = True) -> CallState | None:
-        raw = await self._bounded(self._claim(keys=[KEY_PREFIX + key], args=[owner, int(when_empty), self._ttl()]))
+        raw = await self._bounded(self._claim(keys=[redis_key(key)], args=[owner, int(when_empty), self._ttl()]))
         return None if raw is None else CallState.from_json(raw)
 
     async def own_if_free(self, key: str, owner: str) -> bool:
-        return bool(await self._bounded(self._own_if_free(keys=[KEY_PREFIX + key], args=[owner, self._ttl()])))
+        return bool(await self._bounded(self._own_if_free(keys=[redis_key(key)], args=[owner, self._ttl()])))
 
     async def claim_unless_claimed_since(self, key: str, owner: str, since: float) -> bool:
         args = [owner, self._ttl(), f"{since:.6f}"]
-        return bool(await self._bounded(self._claim_unless(keys=[KEY_PREFIX + key], args=args)))
+        return bool(await self._bounded(self._claim_unless(keys=[redis_key(key)], args=args)))
 
     async def save(self, key: str, state: CallState, owner: str = "") -> bool:
         text = encode_state(state)
         try:
-            written = await self._save(keys=[KEY_PREFIX + key], args=[owner, text, self._ttl()])
+            written = await self._save(keys=[redis_key(key)], args=[owner, text, self._ttl()])
         except self._errors as exc:
             raise StoreError(f"call state store {self.describe()}: {exc}") from exc
         return bool(written)
 
     async def delete(self, key: str, owner: str = "") -> bool:
-        return bool(await self._bounded(self._delete(keys=[KEY_PREFIX + key], args=[owner])))
+        return bool(await self._bounded(self._delete(keys=[redis_key(key)], args=[owner])))
 
     def _ttl(self) -> int:
         return max(1, int(self.ttl_s))
