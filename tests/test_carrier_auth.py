@@ -179,6 +179,30 @@ async def test_twilio_signature_over_the_public_url_behind_a_proxy(server: Voice
         assert await refused_status(signed_connect(url, "wss://evil.example.com/twilio?x=1")) == 403
 
 
+def test_a_public_url_given_as_the_streams_own_scheme_still_re_attaches() -> None:
+    """--public-url wss://voice.example.com (the stream's own scheme, an
+    easy choice) was taken as given, and every re-attach's TwiML was broken:
+    a wss:// callback Twilio cannot fetch and a stream URL "ws//voice...":
+    each dropped call failed to come back. It is kept as https://, and the
+    TwiML is built right from either."""
+    from voice.server.signatures import check_public_url
+    from voice.transports.carriers.twilio import reattach_twiml
+
+    assert check_public_url("wss://voice.example.com") == "https://voice.example.com"
+    assert check_public_url("ws://10.0.0.5:8080/base/") == "http://10.0.0.5:8080/base"
+    assert check_public_url("https://voice.example.com/") == "https://voice.example.com"
+    for bad in ("voice.example.com", "ftp://voice.example.com", "https://voice.example.com/?x=1"):
+        with pytest.raises(ValueError, match="--public-url"):
+            check_public_url(bad)
+    for origin, action, stream in (
+        ("https://voice.example.com", "https://voice.example.com/twilio/reconnect", "wss://voice.example.com/twilio"),
+        ("wss://voice.example.com", "https://voice.example.com/twilio/reconnect", "wss://voice.example.com/twilio"),
+        ("ws://h:8080/base/", "http://h:8080/base/twilio/reconnect", "ws://h:8080/base/twilio"),
+    ):
+        twiml = reattach_twiml(origin, 1)
+        assert f'action="{action}?attempt=2"' in twiml and f'<Stream url="{stream}">' in twiml, twiml
+
+
 def test_candidate_urls_from_host_and_forwarded_scheme() -> None:
     assert candidate_urls("/twilio?t=1", "h.example:8765", None, None) == [
         "wss://h.example:8765/twilio?t=1",

@@ -71,8 +71,11 @@ class TwilioSignatures:
 
 def check_public_url(value: str) -> str:
     """``--public-url``: the origin Twilio connects to, with its scheme; a bare
-    host would make every signature check fail, so it is refused at start."""
+    host would make every signature check fail, so it is refused at start.
+    Given as the stream's own ``wss://`` (or ``ws://``) it is kept as
+    ``https://`` (``http://``): the re-attach TwiML's callback is an HTTP
+    URL, and its stream URL is made from it."""
     parts = urlsplit(value)
-    if parts.scheme not in _WS_SCHEME or not parts.netloc:
+    if parts.scheme not in _WS_SCHEME or not parts.netloc or parts.query or parts.fragment:
         raise ValueError(f"--public-url must look like https://voice.example.com (got {value!r})")
-    return value
+    return urlunsplit((_HTTP_SCHEME[parts.scheme], parts.netloc, parts.path.rstrip("/"), "", ""))

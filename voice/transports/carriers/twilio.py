@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 from xml.sax.saxutils import quoteattr
 
 from streaming.playout import OutFormat
@@ -57,8 +57,11 @@ def reattach_twiml(origin: str, attempt: int, parameters: dict[str, str] | None 
     keeps failing must not loop the caller forever)."""
     if attempt > MAX_REATTACH:
         return HANGUP_TWIML
-    ws_origin = "wss" + origin[len("https") :] if origin.startswith("https") else "ws" + origin[len("http") :]
-    action = f"{origin}{RECONNECT_PATH}?{urlencode({'attempt': attempt + 1})}"
+    parts = urlsplit(origin)
+    secure = parts.scheme in ("https", "wss")  # an origin given as the stream's own scheme counts too
+    where = parts.netloc + parts.path.rstrip("/")
+    ws_origin = f"{'wss' if secure else 'ws'}://{where}"
+    action = f"{'https' if secure else 'http'}://{where}{RECONNECT_PATH}?{urlencode({'attempt': attempt + 1})}"
     params = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in (parameters or {}).items())
     return (
         '<?xml version="1.0" encoding="UTF-8"?><Response>'
