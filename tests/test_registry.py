@@ -215,6 +215,24 @@ async def test_behind_a_trusted_proxy_the_cap_counts_callers_from_x_forwarded_fo
         await wait_live(srv, 0)
 
 
+async def test_a_forwarded_hop_with_a_port_is_still_its_caller(server: VoiceServer) -> None:
+    """Some balancers write X-Forwarded-For entries as IP:port or [v6]:port.
+    Taken as garbage, every caller behind them was the proxy: one source,
+    so the whole service was capped at one caller's share."""
+    async with side_server(server, **BEHIND_PROXY) as srv:
+        first = await via_proxy(srv, "203.0.113.5:41234")
+        await wait_live(srv, 1)
+        with pytest.raises(InvalidStatus) as refused:  # the same caller, another source port
+            await via_proxy(srv, "203.0.113.5:41999")
+        assert json.loads(refused.value.response.body)["reason"] == "per_address_limit"
+        second = await via_proxy(srv, "203.0.113.6:41234")  # another caller through the proxy
+        third = await via_proxy(srv, "[2001:db8:1:2::a]:443")
+        await wait_live(srv, 3)
+        for ws in (first, second, third):
+            await ws.close()
+        await wait_live(srv, 0)
+
+
 async def test_an_ipv6_caller_is_counted_by_its_64(server: VoiceServer) -> None:
     """An IPv6 host may take a new address in its /64 for every connection:
     the per-address cap counts the /64 as one source."""

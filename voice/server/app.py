@@ -168,12 +168,35 @@ def _caller_address(connection: ServerConnection, request: Request, trusted: lis
     peer = _address_of(connection)
     if not trusted or not address_allowed(peer, trusted):
         return peer
-    hops = [h.strip() for value in request.headers.get_all("X-Forwarded-For") for h in value.split(",")]
+    hops = [_without_port(h) for value in request.headers.get_all("X-Forwarded-For") for h in value.split(",")]
     for hop in reversed([h for h in hops if h]):
         if not address_allowed(hop, trusted):
-            # Not an address (garbage from a misconfigured hop): the proxy's, counted as one caller.
-            return hop if _is_ip(hop) else peer
+            if _is_ip(hop):
+                return hop
+            # Garbage from a misconfigured hop: the proxy's, counted as one
+            # caller, which caps the whole tier at one caller's share. Said
+            # once (a misconfigured proxy would say it on every connection).
+            if not _GARBAGE_HOP_SAID:
+                _GARBAGE_HOP_SAID.append(True)
+                log.warning("X-Forwarded-For hop that is no address; callers behind %s count as one", peer)
+            return peer
     return peer
+
+
+_GARBAGE_HOP_SAID: list[bool] = []
+
+
+def _without_port(hop: str) -> str:
+    """An X-Forwarded-For entry as an address: some balancers (Azure
+    Application Gateway) write ``IP:port`` or ``[v6]:port``, and taken as
+    garbage every caller behind them was the proxy, one source."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        return hop[1:].split("]", 1)[0]
+    host, sep, port = hop.rpartition(":")
+    if sep and host.count(":") == 0 and port.isdigit():  # IPv4:port (a bare IPv6 has several colons)
+        return host
+    return hop
 
 
 def _is_ip(text: str) -> bool:
