@@ -184,14 +184,18 @@ class Metrics:
             listeners.append(self.engine_restarts.inc)
         self.engine_available.set_function(lambda: float(bool(getattr(engine, "available", True))))
 
-    def observe_event(self, ev: dict[str, Any]) -> None:
+    def observe_event(self, ev: dict[str, Any], low_priority: bool = False) -> None:
+        """``low_priority``: the call is fed faster than real time and served
+        last on purpose; its turns' TTFS is kept out of the listeners
+        (admission), or one such client could make the server refuse every
+        new call while it ran on."""
         kind = ev.get("type")
         if kind == "turn.metrics":
-            self._observe_turn(ev)
+            self._observe_turn(ev, low_priority)
         elif kind == "error":
             self.errors.labels(_label(ev.get("code"))).inc()
 
-    def _observe_turn(self, ev: dict[str, Any]) -> None:
+    def _observe_turn(self, ev: dict[str, Any], low_priority: bool) -> None:
         self.turns.inc()
         for field, stage in STAGES.items():
             ms = _number(ev.get(field))
@@ -200,7 +204,7 @@ class Metrics:
         ttfs = _number(ev.get("ttfs_ms"))
         if ttfs is not None and ttfs >= 0:
             self.ttfs.observe(ttfs / 1000)
-            for listener in self.ttfs_listeners:
+            for listener in [] if low_priority else self.ttfs_listeners:
                 listener(ttfs)
         ttft = _number(ev.get("llm_ttft_ms"))
         if ttft is not None and ttft >= 0:

@@ -370,7 +370,7 @@ class TelephonyCall:
             self.events.append(ev)
         metrics = getattr(self.runtime, "metrics", None)
         if metrics is not None:
-            metrics.observe_event(ev)
+            metrics.observe_event(ev, low_priority=self.call_id in self.runtime.low_priority)
         if kind == "speech.started" and ev.get("barge_in", True):
             await self.barge_in()
         elif kind == "response.sentence" and self.playout is not None:
