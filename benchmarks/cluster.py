@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.server_proc import free_port
+from voice.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
@@ -139,6 +140,8 @@ class Cluster:
         lb_port: int | None = None,
         voice_args: list[str] | None = None,
         llm_args: list[str] | None = None,
+        per_source: int = ServerConfig.max_calls_per_address,
+        lb_exempt: list[str] | None = None,
     ) -> None:
         for tool in ("haproxy", "redis-server"):
             if shutil.which(tool) is None:
@@ -147,6 +150,11 @@ class Cluster:
         self.max_calls = max_calls
         self.lb_port = lb_port or free_port()
         self.voice_args = voice_args or []
+        # HAProxy's cap on one source's calls across the tier, and the sources
+        # it does not count: the replicas' own defaults (--max-calls-per-address,
+        # --per-address-exempt), so the tier and each replica agree.
+        self.per_source = per_source
+        self.lb_exempt = ServerConfig().per_address_exempt if lb_exempt is None else lb_exempt
         # One thread per engine: two engines and two voice replicas share the cores.
         self.llm_args = llm_args or ["--threads", "1", "--parallel", str(max(2, max_calls))]
         self.dir = Path(tempfile.mkdtemp(prefix="firstline-cluster-"))
@@ -233,7 +241,10 @@ class Cluster:
             "FIRSTLINE_LB_BIND": f"127.0.0.1:{self.lb_port}",
             "FIRSTLINE_LB_SOCKET": str(self.socket),
             "FIRSTLINE_MAX_CALLS": str(self.max_calls),
+            "FIRSTLINE_LB_PER_SOURCE": str(self.per_source),
+            "FIRSTLINE_LB_EXEMPT": str(self.dir / "exempt.lst"),
         }
+        (self.dir / "exempt.lst").write_text("".join(f"{cidr}\n" for cidr in self.lb_exempt))
         self.lb = self._spawn("haproxy", self.lb_port, ["haproxy", "-db", "-f", str(HAPROXY_CFG)], env)
         deadline = time.monotonic() + 30
         while not self.socket.exists():

@@ -19,7 +19,8 @@ import urllib.request
 
 import pytest
 import pytest_asyncio
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from benchmarks.client import NativeCaller
 from benchmarks.cluster import Cluster
@@ -29,11 +30,14 @@ from tests.http_get import http_get
 from voice.call.store import RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+PER_SOURCE = 5
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def cluster():
-    c = Cluster(voice=2, llm=2, max_calls=4)
+    # Loopback is not exempt at the tier here, so its per-source cap is tested
+    # (each replica exempts it: they count callers from X-Forwarded-For).
+    c = Cluster(voice=2, llm=2, max_calls=4, per_source=PER_SOURCE, lb_exempt=[])
     await asyncio.to_thread(c.start)
     yield c
     await asyncio.to_thread(c.stop)
@@ -59,6 +63,32 @@ async def answered_turn(caller: NativeCaller, clip, turn: int) -> dict:
     audio = with_silence(clip.load(8000), 8000, 1.5)
     await caller.play(audio, 8000, "mulaw", realtime=True, speed=4.0)
     return await caller.wait_for("response.done", timeout=90, turn=turn)
+
+
+async def test_one_source_s_calls_are_capped_across_the_tier(cluster) -> None:
+    """Each replica's per-address cap counts only its own calls, and
+    leastconn spreads one address's calls over all of them: N replicas let
+    it hold N x the cap. HAProxy caps the source across the tier, refusing
+    as a replica would (429, JSON reason), and frees the slot at hang-up."""
+    held: list[ClientConnection] = []
+    try:
+        for _ in range(PER_SOURCE):
+            held.append(await connect(cluster.url + "/v1/call"))
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(cluster.url + "/v1/call")
+        assert refused.value.response.status_code == 429
+        assert json.loads(refused.value.response.body)["reason"] == "per_address_limit"
+        await held.pop().close()
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    held.append(await connect(cluster.url + "/v1/call"))
+                    break
+                except InvalidStatus:  # HAProxy counts the closed one down as its side closes
+                    await asyncio.sleep(0.1)
+    finally:
+        for ws in held:
+            await ws.close()
 
 
 async def test_calls_spread_and_a_calls_turns_stay_on_one_llm_replica(cluster, phone_prompts) -> None:
