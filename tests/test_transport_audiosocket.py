@@ -10,6 +10,7 @@ import time
 import uuid
 
 import numpy as np
+import pytest
 
 from asr.wer import word_error_rate
 from streaming.codecs import StreamResampler, int16_to_float
@@ -119,16 +120,20 @@ async def test_audiosocket_a_stalled_loop_delays_the_playout_clock_with_the_fram
         await tcp.wait_closed()
 
 
-async def test_audiosocket_an_unsupported_rate_is_hung_up_at_once_not_as_abuse(server, caplog):
-    """slin at 44.1 kHz (kind 0x15): the call is hung up at once with its
-    reason. Each frame retried the start as a malformed message until the
-    flood ended the call as abuse and cooled the PBX's address down."""
+@pytest.mark.parametrize("kind", [0x15, 0x17, 0x1A])
+async def test_audiosocket_an_unsupported_rate_is_hung_up_at_once_not_as_abuse(server, caplog, kind):
+    """slin at 44.1 kHz (kind 0x15), at 96 kHz (0x17, which was not known as
+    audio at all), an audio kind no Asterisk has yet (0x1A): the call is hung
+    up at once with its reason. Each frame retried the start (or was an
+    unknown kind) as a malformed message until the flood ended the call as
+    abuse and cooled the PBX's address, every caller behind it, down."""
     tcp = await listener(server)
     try:
         with caplog.at_level("INFO"), CallWatcher() as watcher:
             async with FakeAsterisk(tcp.sockets[0].getsockname()[1]) as asterisk:
                 call = await watcher.one()
-                await asterisk.send_raw(message(0x15, b"\x00" * 1764))
+                for _ in range(60):  # a second of frames: past the malformed allowance's burst
+                    await asterisk.send_raw(message(kind, b"\x00" * 1764))
                 for _ in range(250):
                     if call.finished and any(kind == 0x00 for _, kind, _ in asterisk.received):
                         break

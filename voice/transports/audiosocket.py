@@ -34,7 +34,15 @@ from voice.transports.telephony import CallRefused, MalformedMessage, TelephonyC
 log = logging.getLogger(__name__)
 
 KIND_HANGUP, KIND_UUID, KIND_DTMF, KIND_ERROR = 0x00, 0x01, 0x03, 0xFF
-AUDIO_KINDS = {0x10: 8000, 0x11: 12000, 0x12: 16000, 0x13: 24000, 0x14: 32000, 0x15: 44100, 0x16: 48000}
+AUDIO_KINDS = {
+    0x10: 8000, 0x11: 12000, 0x12: 16000, 0x13: 24000, 0x14: 32000, 0x15: 44100, 0x16: 48000, 0x17: 96000,
+    0x18: 192000,
+}  # fmt: skip
+# The protocol's audio range: a kind in it that is not listed (a newer
+# Asterisk's rate) is audio this server cannot take, refused at once as such,
+# not counted as malformed frames until the flood ends the call as abuse and
+# cools the PBX's address (every caller behind it) down.
+AUDIO_KIND_RANGE = range(0x10, 0x20)
 SUPPORTED_RATES = (8000, 16000, 24000)
 FRAME_S = 0.02
 
@@ -145,7 +153,7 @@ class AudioSocketCall(TelephonyCall):
             if len(payload) != 16:
                 raise MalformedMessage(f"UUID of {len(payload)} bytes")
             self.call_uuid = str(uuid.UUID(bytes=payload))
-        elif kind in AUDIO_KINDS:
+        elif kind in AUDIO_KIND_RANGE:
             if not self.session.started:
                 await self._start(kind)
             elif kind != self.kind:
@@ -161,7 +169,9 @@ class AudioSocketCall(TelephonyCall):
             raise MalformedMessage(f"unknown message kind {kind:#x}")
 
     async def _start(self, kind: int) -> None:
-        rate = AUDIO_KINDS[kind]
+        rate = AUDIO_KINDS.get(kind)
+        if rate is None:
+            raise UnsupportedMedia(f"audio kind {kind:#x} is not supported; use slin at 8, 16 or 24 kHz")
         if rate not in SUPPORTED_RATES:
             raise UnsupportedMedia(f"slin at {rate} Hz is not supported; use 8, 16 or 24 kHz")
         self.kind = kind
