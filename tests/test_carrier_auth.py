@@ -275,24 +275,35 @@ async def test_audiosocket_with_auth_on_takes_only_this_host_or_the_allow_list(s
         ok.close()
 
 
-async def test_carrier_secret_is_checked_at_start(server: VoiceServer) -> None:
+async def test_carrier_secret_is_checked_at_start(server: VoiceServer, caplog) -> None:
+    """A wrong or missing carrier secret ends the call with 1008; each is
+    counted as an unauthorized refusal and logged as refusals at the door
+    are (anyone can provoke them as fast as they connect): at WARNING at
+    most once a minute per address. Every one was a WARNING, uncounted."""
+    metrics = server.runtime.metrics.registry
+    before = metrics.get_sample_value("firstline_calls_refused_total", {"reason": "unauthorized"}) or 0.0
     async with side_server(server) as srv:
         url = f"ws://127.0.0.1:{srv.port}/twilio"
-        with call_policy(server, carrier_secret="shared-secret"), CallWatcher() as watcher:
-            for params in ({}, {"firstline_secret": "wrong"}):
+        with caplog.at_level("WARNING"), call_policy(server, carrier_secret="shared-secret"), CallWatcher() as watcher:
+            for params in ({}, {"firstline_secret": "nope-1"}, {}, {"firstline_secret": "nope-2"}):
                 ws = await connect(url)
                 for frame in twilio_start(params):
                     await ws.send(frame)
                 await asyncio.wait_for(ws.wait_closed(), 10)
                 assert ws.close_code == 1008 and ws.close_reason == "carrier secret missing or wrong"
-            assert len(watcher.calls) == 2 and all(not c.session.started for c in watcher.calls)
+            assert len(watcher.calls) == 4 and all(not c.session.started for c in watcher.calls)
+            after = metrics.get_sample_value("firstline_calls_refused_total", {"reason": "unauthorized"})
+            assert after == before + 4, (before, after)
+            warned = [r for r in caplog.records if r.levelname == "WARNING" and "refused" in r.getMessage()]
+            assert len(warned) == 1, [r.getMessage() for r in warned]
+            assert "nope" not in caplog.text  # what the peer sent is caller data
             ws = await connect(url)
             for frame in twilio_start({"firstline_secret": "shared-secret", "customer": "42"}):
                 await ws.send(frame)
             async with asyncio.timeout(10):
-                while len(watcher.calls) < 3:  # noqa: ASYNC110
+                while len(watcher.calls) < 5:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
-            call = watcher.calls[2]
+            call = watcher.calls[4]
             async with asyncio.timeout(30):
                 while not call.session.started:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)

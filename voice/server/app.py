@@ -546,6 +546,7 @@ class VoiceServer:
             await self.route(ws.request.path.split("?", 1)[0])(ws, self.runtime)
         finally:
             guard = guard_of(ws)
+            self.registry.refused_in_call(ticket, guard)
             self.registry.release(ticket, guard.end if guard is not None else None)
 
     def route(self, path: str) -> CallHandler:

@@ -165,6 +165,11 @@ class CallWatch:
         # Whether the call has started (set by the transport; None: it starts
         # with its connection, as a Realtime session does).
         self.has_started: Callable[[], bool] | None = None
+        # Set by the transport when it refused the call after admission (a
+        # wrong carrier secret, an audio format it cannot take): (reason, why,
+        # caller data redacted). The registry counts and logs it as it does
+        # refusals at the door, at most once a minute per address at WARNING.
+        self.refused: tuple[str, str] | None = None
 
     async def __aenter__(self) -> CallWatch:
         self._task = asyncio.current_task()

@@ -164,6 +164,20 @@ class CallRegistry:
         self.runtime.metrics.call_refused("unauthorized")
         self._log_refusal(logging.WARNING, listener, address, why)
 
+    def refused_in_call(self, ticket: CallTicket, watch: CallWatch | None) -> None:
+        """A call its transport refused after admission (``watch.refused``):
+        a wrong carrier secret counts as ``unauthorized``, as a wrong token
+        at the door does; the rest (an audio format it cannot take, a start
+        it cannot use) under their own reason. Logged as refusals at the door."""
+        if watch is None or watch.refused is None:
+            return
+        reason, why = watch.refused
+        if reason == "unauthorized":
+            self.unauthorized(ticket.listener, ticket.address, why)
+        else:
+            self.runtime.metrics.call_refused(reason)
+            self._log_refusal(logging.WARNING, ticket.listener, ticket.address, why)
+
     def _log_refusal(self, level: int, listener: str, address: str | None, why: str) -> None:
         """Anyone can provoke refusals, as fast as they can connect: at
         ``level`` at most once a minute per address, the rest at DEBUG
@@ -304,6 +318,7 @@ class CallRegistry:
         try:
             await call(watch)
         finally:
+            self.refused_in_call(ticket, watch)
             self.release(ticket, watch.end)
 
     async def serve_connection(

@@ -113,7 +113,9 @@ class AudioSocketCall(TelephonyCall):
         except ConnectionError:
             reason = "connection_lost"
         except CallRefused as refusal:
-            log.warning("call %s (audiosocket): refused: %s", self.call_id, redact_quoted(refusal.text))
+            # Logged by the registry (watch.refused), rate-limited per address.
+            log.debug("call %s (audiosocket): refused: %s", self.call_id, redact_quoted(refusal.text))
+            watch.refused = (str(refusal), redact_quoted(refusal.text))
             reason = str(refusal)
             with contextlib.suppress(Exception):
                 self.writer.write(message(KIND_HANGUP))

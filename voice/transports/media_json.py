@@ -160,8 +160,11 @@ class WebSocketCall(TelephonyCall):
                     handled += 1
                     await between_messages(handled, guard.end is not None)
         except CallRefused as refusal:
-            # The text may quote what the peer sent: quoted values are caller data.
-            log.warning("call %s (%s): refused: %s", self.call_id, self.transport, redact_quoted(refusal.text))
+            # The text may quote what the peer sent: quoted values are caller
+            # data. Anyone can provoke a refusal as fast as they connect: the
+            # registry logs it (guard.refused), rate-limited per address.
+            log.debug("call %s (%s): refused: %s", self.call_id, self.transport, redact_quoted(refusal.text))
+            guard.refused = (str(refusal), redact_quoted(refusal.text))
             reason, refused = str(refusal), refusal
         except CallEnded as end:
             reason = str(end) or "carrier_stop"
