@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import time
@@ -53,8 +54,9 @@ QUESTIONS = [
 
 
 def _pct(xs: list[float], q: float) -> float:
+    """Nearest rank (ceil: round(x + 0.5) rounded halves to even, a rank too high)."""
     xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))] * 1000, 1)
+    return round(xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))] * 1000, 1)
 
 
 async def _first_sentence(engine: LLMEngine, config: LLMConfig, text: str, rid: str, max_words: int) -> str:

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -89,7 +90,9 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile: with 12 samples p95 is the largest, not an
     interpolation past it."""
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    # ceil, not round(x + 0.5): Python rounds halves to even, which put
+    # p95 of 20 and p50 of 10 one rank too high.
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
