@@ -396,3 +396,14 @@ async def test_settle_waits_for_the_turn_that_answers_the_last_word() -> None:
          {"type": "turn.ended", "turn": 4}, {"type": "turn.metrics", "turn": 4})  # fmt: skip
     assert not caller._last_begun_ended()
     assert await NativeCaller("ws://127.0.0.1:9/v1/call").settle(0, timeout=0.3) is None  # nothing ended: unanswered
+
+
+def test_nearest_rank_percentiles_take_the_rank_ceil_gives() -> None:
+    """p95 of 20 samples is the 19th, p50 of 10 the 5th: the helpers used
+    round(x + 0.5), which Python rounds half to even, one rank too high."""
+    from benchmarks.first_sentence_lanes import _pct
+    from benchmarks.llm_engines import percentile
+
+    twenty, ten = [float(x) for x in range(1, 21)], [float(x) for x in range(1, 11)]
+    assert percentile(twenty, 95) == 19.0 and percentile(ten, 50) == 5.0 and percentile(twenty, 100) == 20.0
+    assert _pct([x / 1000 for x in twenty], 95) == 19.0 and _pct([x / 1000 for x in ten], 50) == 5.0
