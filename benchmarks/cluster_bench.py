@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from benchmarks.bench import machine, run_and_save, versions
+from benchmarks.bench import machine, provenance, run_and_save
 from benchmarks.client import NativeCaller
 from benchmarks.cluster import Cluster, Proc
 from benchmarks.corpus import ASTERISK_SOUNDS, asterisk_prompts
@@ -218,7 +218,8 @@ async def faults(cluster: Cluster) -> list[dict[str, Any]]:
                  "turns_lost": "a cut call's turn in flight, if any"})  # fmt: skip
     cluster.admin(f"set server firstline/{victim.name} state maint")
     print(f"  {rows[-1]}")
-    # 2. SIGTERM of a voice replica with a call on it: that call finishes, new calls go elsewhere.
+    # 2. SIGTERM of a voice replica with a call on it: the caller speaks a
+    # turn through the drain, which is answered; new calls go elsewhere.
     before = cluster.admitted()
     caller, _ = await _greeted_call(cluster.url)
     victim = cluster.took_call(before)
@@ -230,11 +231,22 @@ async def faults(cluster: Cluster) -> list[dict[str, Any]]:
                 await fresh.start("mulaw", 8000)
         except Exception:
             refused += 1
+    spoken = asterisk_prompts(min_words=4)[0]
+    audio = np.concatenate([spoken.load(8000), np.zeros(12000, np.float32)])  # then 1.5 s of silence
+    answered = False
+    try:
+        await caller.play(audio, 8000, "mulaw", realtime=True)
+        final = await caller.wait_for("transcript.final", timeout=60)
+        done = await caller.wait_for("response.done", timeout=60, turn=final["turn"])
+        answered = bool(done.get("text")) and not done.get("cancelled")
+    except Exception:  # cut, or never answered: the turn is lost
+        answered = False
     alive = caller.ws is not None and caller.ws.close_code is None
     await caller.__aexit__(None, None, None)
     await asyncio.to_thread(victim.proc.wait, 60)
     rows.append({"fault": "SIGTERM of a voice replica (drain)", "calls_cut": 0 if alive else 1,
-                 "new_calls_refused": refused, "turns_lost": 0})  # fmt: skip
+                 "new_calls_refused": refused, "turns_lost": 0 if answered else 1,
+                 "turn_spoken_during_drain": spoken.reference})  # fmt: skip
     cluster.admin(f"set server firstline/{victim.name} state maint")
     print(f"  {rows[-1]}")
     await asyncio.to_thread(cluster.add_voice)
@@ -322,7 +334,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     await asyncio.to_thread(cluster.start)
     results: dict[str, Any] = {
         "machine": machine(),
-        "versions": versions(),
+        **provenance("benchmarks.cluster_bench"),
         "options": {"rounds": ns.rounds, "calls": ns.calls, "max_calls": ns.max_calls},
         "startup": {
             "cluster_s": round(time.perf_counter() - t0, 1),
