@@ -155,9 +155,23 @@ def test_a_level_is_judged_on_the_turns_it_planned_not_the_records_that_came_bac
         summary = summarise(turns, planned=12)
         assert summary["planned"] == 12 and summary["answered"] < 0.9 * 12, summary
         assert capacity([{"concurrency": 4, "summary": summary}], target_ms=1500) is None
-        # The records alone would have passed it.
-        assert capacity([{"concurrency": 4, "summary": summarise(turns)}], target_ms=1500) == 4
+        # The records alone looked 90 % answered.
+        alone = summarise(turns)
+        assert alone["answered"] >= 0.9 * alone["planned"], alone
     assert summarise(answered[:9], planned=9)["planned"] == 9
+
+
+def test_a_turn_never_answered_counts_as_the_slowest_in_the_p95() -> None:
+    """19 of 20 planned turns answered at 400-580 ms: their p95 met a 1 s
+    target and 95 % were answered, so the level passed with one turn lost.
+    Over the plan, the lost turn is the slowest there is."""
+    turns = [synthetic_turn(400 + 10 * i) for i in range(19)]
+    summary = summarise(turns, planned=20)
+    assert summary["ttfs_p95_ms"] < 1000 and summary["ttfs_p95_planned_ms"] is None, summary
+    assert capacity([{"concurrency": 8, "summary": summary}], target_ms=1000) is None
+    whole = summarise([*turns, synthetic_turn(600)], planned=20)
+    assert whole["ttfs_p95_planned_ms"] == whole["ttfs_p95_ms"]
+    assert capacity([{"concurrency": 8, "summary": whole}], target_ms=1000) == 8
 
 
 def test_an_untracked_python_file_marks_the_tree_dirty(tmp_path, monkeypatch) -> None:
