@@ -479,7 +479,13 @@ async def phase(ns: argparse.Namespace, name: str, port: int, audiosocket_port: 
     if attacker is not None:
         await asyncio.sleep(3.0)  # the attack is under way before the first call
     opts = CallOptions(protocol="native", token=TOKEN, seed=100 * rnd)
-    records = await run_calls(f"ws://127.0.0.1:{port}", calls_for(3, turns=ns.turns), 3, opts)
+    calls = calls_for(3, turns=ns.turns)
+    records = await run_calls(f"ws://127.0.0.1:{port}", calls, 3, opts)
+    # Against the plan, not the records: a call cut mid-way stops adding
+    # records and a call that failed leaves one error record, and the turns
+    # an attack cost would otherwise drop out of both counts.
+    planned = sum(len(call.turns) for call in calls)
+    answered = sum(1 for r in records if r.get("ttfs_ms") is not None)
     tally = {} if attacker is None else stop_attacker(attacker)
     await asyncio.sleep(1.0)  # the attacker's calls are released before the next phase
     after = server_counters(port)
@@ -488,8 +494,8 @@ async def phase(ns: argparse.Namespace, name: str, port: int, audiosocket_port: 
         "phase": name,
         "round": rnd,
         "ttfs_ms": ttfs,
-        "turns": len(records),
-        "lost": sum(1 for r in records if r.get("ttfs_ms") is None),
+        "turns": planned,
+        "lost": planned - answered,
         "refused": sum(1 for r in records if r.get("refused")),
         "records": [turn_stages(r) for r in records],
         "attacker": tally,
