@@ -28,7 +28,19 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks.callers import AsteriskWS, Exotel, Plivo, Realtime, Telnyx, Twilio, Vonage
 from benchmarks.callers.audiosocket import AudioSocket, read_frame
-from benchmarks.callers.base import Audio, Clear, Control, Event, Mark, Message, ServerEvent, Wire, decode, to_wire
+from benchmarks.callers.base import (
+    Audio,
+    Clear,
+    Control,
+    Event,
+    Mark,
+    Message,
+    ServerEvent,
+    Wire,
+    WireError,
+    decode,
+    to_wire,
+)
 from streaming.codecs import StreamResampler, encode, float_to_int16, int16_to_float
 from streaming.codecs import decode as decode_audio
 from voice.transports.telephony import TelephonyCall
@@ -124,6 +136,11 @@ class FakeCarrier:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.hangup()
+        # The wires are strict: a server message that broke the protocol
+        # stopped the reader. After the last thing a test waited for it went
+        # unseen; it fails the test here (unless the test failed already).
+        if exc[0] is None and isinstance(self.error, WireError):
+            raise AssertionError(f"the server broke the carrier's protocol: {self.error}") from self.error
 
     async def hangup(self, say_stop: bool = True) -> None:
         if self.ws is not None:

@@ -59,6 +59,7 @@ async def test_sigterm_drains_then_exits_zero(phone_prompts) -> None:
             await caller.play(audio, 8000, "mulaw", realtime=True, speed=4.0)
             t_term = time.monotonic()
             proc.send_signal(signal.SIGTERM)  # mid-turn: the reply is not out yet
+            assert not caller.result.of("response.done"), "the turn was over before the drain: nothing tested"
             await asyncio.sleep(0.2)
             status, body = await http_json(port, "/readyz")
             assert status == 503 and body["draining"] is True

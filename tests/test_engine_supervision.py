@@ -193,9 +193,11 @@ async def test_primary_killed_before_first_token_is_retried_on_the_secondary(fai
     # Killed, but the watcher has not run yet: the request still goes to the
     # primary, fails to connect, and is retried on the secondary.
     os.kill(engine.pid, signal.SIGKILL)
+    served_before = engine.secondary_requests
     request = GenerationRequest("r", [{"role": "user", "content": "Say hello."}], 12, session_key="k")
     text = "".join([d async for d in engine.stream(request)])
     assert text.strip() and request.usage.completion_tokens > 0
+    assert engine.secondary_requests == served_before + 1, "not answered by the secondary"
     await engine.wait_up(60)
 
 

@@ -282,3 +282,7 @@ async def test_a_turn_talked_over_while_it_waits_at_the_gate_keeps_its_words(ser
     both = f"{first.reference} {second.reference}"
     assert word_error_rate(both, final["text"]) <= 0.35, (both, final["text"])
     assert done["text"] and not done["cancelled"]
+    # Two turns ended (the first one talked over, with no transcript of its
+    # own), not one turn holding both clips.
+    assert final["turn"] >= 2, "the clips made one turn: nothing was talked over"
+    assert [e["turn"] for e in caller.result.of("transcript.final")] == [final["turn"]]

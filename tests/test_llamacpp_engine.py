@@ -346,9 +346,11 @@ async def test_a_request_cancelled_while_queued_for_a_slot_never_runs(inprocess)
             if counting.handled == 2:
                 break
             await asyncio.sleep(0.01)
+        assert counting.handled == 2, "the two busy requests never took their slots: nothing queued"
         queued = inprocess.stream(GenerationRequest("queued", _messages("Say hello."), max_tokens=8))
         waiting = asyncio.ensure_future(anext(queued))
         await asyncio.sleep(0.1)
+        assert not waiting.done() and not any(b.done() for b in busy), "no longer queued when cancelled"
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
             await waiting

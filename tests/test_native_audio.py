@@ -251,6 +251,7 @@ async def test_a_resumed_turn_whose_reply_ends_meanwhile_is_still_one_turn(serve
             await caller.start("pcm16", 16000)
             call = await watcher.one()
             emit = call.session.emit
+            ended_meanwhile: list[bool] = []
 
             async def slow_resumed(ev: dict) -> None:
                 if ev["type"] == "turn.resumed":
@@ -258,6 +259,7 @@ async def test_a_resumed_turn_whose_reply_ends_meanwhile_is_still_one_turn(serve
                     async with asyncio.timeout(30):  # the reply ends while this send waits
                         while active is not None and not active.outcome_given:  # noqa: ASYNC110
                             await asyncio.sleep(0.02)
+                    ended_meanwhile.append(active is not None and active.outcome_given)
                 await emit(ev)
 
             call.session.emit = slow_resumed
@@ -270,4 +272,5 @@ async def test_a_resumed_turn_whose_reply_ends_meanwhile_is_still_one_turn(serve
             both = f"{first.reference} {second.reference}"
             assert word_error_rate(both, final["text"]) <= 0.4, (both, final["text"])
             await caller.wait_for("response.done", timeout=60, turn=turn + 1)
+            assert ended_meanwhile == [True], "the reply did not end while turn.resumed was sent: nothing tested"
             assert turn not in call.session.history.asked, call.session.history.messages_so_far

@@ -803,7 +803,19 @@ async def test_realtime_without_interrupt_no_turn_is_prepared_while_the_reply_go
 
 
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
-    await barge_in_call(server, FakeRealtime(server_base(server), fmt="audio/pcmu"), needs_mark=False)
+    """The caller talks over the spoken reply: the server's VAD cancels it,
+    and the client truncates the reply's item at what it played (the fake
+    does on speech_started, as OpenAI's clients do). The truncate is
+    answered, not refused, and the reply ends cancelled."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
+    await barge_in_call(server, carrier, needs_mark=False)
+    assert not carrier.of("error"), carrier.of("error")
+    first = carrier.of("response.done")[0]["response"]
+    assert first["status"] == "cancelled", first.get("status_details")
+    truncated = carrier.of("conversation.item.truncated")
+    assert truncated, "the client's truncate was not answered"
+    assert truncated[0]["item_id"] == first["output"][0]["id"]
+    assert truncated[0]["audio_end_ms"] > 0  # it had played some of it (2.5 s in)
 
 
 async def test_realtime_push_to_talk_speech_does_not_stop_the_reply(server):
@@ -1119,6 +1131,8 @@ async def test_realtime_context_items_are_bounded(server):
                 if len(carrier.of("conversation.item.added")) + len(carrier.of("error")) >= 46:
                     break
                 await asyncio.sleep(0.05)
+            answered = len(carrier.of("conversation.item.added")) + len(carrier.of("error"))
+            assert answered >= 46, f"{answered} of 46 items answered: the bounds were not reached"
             errors = carrier.of("error")
             assert errors and all(e["error"]["code"] == "context_too_large" for e in errors), errors
             assert len(call.session.messages("")[0]["content"]) <= 32 * 1024

@@ -30,7 +30,7 @@ async def test_twilio_call_speaks_the_reply(server):
 
 
 async def test_twilio_marks_echo_after_playout_and_prompt_parameter(server):
-    prompt = "You are a pirate. Answer in one short sentence."
+    prompt = "You are a pirate. Answer in two or three short sentences."
     carrier = FakeTwilio(server_base(server), parameters={"system_prompt": prompt, "customer": "42"})
     # Custom parameters may set the prompt only when the server allows it (off by default).
     server.runtime.config.allow_custom_prompt = True
@@ -51,18 +51,24 @@ async def _prompt_parameter_call(carrier: FakeTwilio, prompt: str) -> None:
             assert call.session._start is not None and call.session._start.metadata["customer"] == "42"
             await carrier.wait_audio()
             # Marks come back only once the fake has played the audio before them
-            # (real time), and the server then counts that sentence as heard.
-            for _ in range(200):
-                if carrier.played.marks_echoed:
-                    break
-                await asyncio.sleep(0.05)
-            names = [seg.name for seg in call.playout.segments]
-            echoed = carrier.played.marks_echoed
-            assert echoed and echoed == names[: len(echoed)]
-            await asyncio.sleep(0.1)
-            assert call.playout.segments[0].played
-            if len(names) > len(echoed) + 1:
-                assert not call.playout.segments[-1].played
+            # (real time), and only then does the server count that sentence as
+            # heard: at every moment what it counts as played was echoed (a
+            # server that counted a sentence played when sent fails here while
+            # the fake is still playing it out).
+            seen_unplayed = False
+            async with asyncio.timeout(60):
+                while True:
+                    echoed = set(carrier.played.marks_echoed)
+                    played = {seg.name for seg in call.playout.segments if seg.played}
+                    assert played <= echoed, (played, echoed)
+                    seen_unplayed = seen_unplayed or len(played) < len(call.playout.segments)
+                    names = [seg.name for seg in call.playout.segments]
+                    if names and set(names) <= echoed and len(played) == len(names):
+                        break
+                    await asyncio.sleep(0.02)
+            assert seen_unplayed, "every sentence was played before the first look: nothing tested"
+            assert carrier.played.marks_echoed[: len(names)] == names  # in order
+            assert "nope" not in names  # a mark the server never sent marks nothing
 
 
 async def test_twilio_barge_in_clears_and_trims_history(server):
