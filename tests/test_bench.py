@@ -194,7 +194,12 @@ def test_an_untracked_python_file_marks_the_tree_dirty(tmp_path, monkeypatch) ->
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.py").write_text("")  # ignored: not code of the tree
     (tmp_path / "notes.txt").write_text("")  # untracked, but not code
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "new.json").write_text("{}")  # what a run writes
     assert not bench.tree_state().endswith("+dirty")
+    (tmp_path / "spec.json").write_text("{}")  # data a run may read
+    assert bench.tree_state().endswith("+dirty")
+    (tmp_path / "spec.json").unlink()
     (tmp_path / "b.py").write_text("y = 2\n")
     assert bench.tree_state().endswith("+dirty")
 
@@ -421,3 +426,16 @@ def test_nearest_rank_percentiles_take_the_rank_ceil_gives() -> None:
     twenty, ten = [float(x) for x in range(1, 21)], [float(x) for x in range(1, 11)]
     assert percentile(twenty, 95) == 19.0 and percentile(ten, 50) == 5.0 and percentile(twenty, 100) == 20.0
     assert _pct([x / 1000 for x in twenty], 95) == 19.0 and _pct([x / 1000 for x in ten], 50) == 5.0
+
+
+def test_a_tree_that_changed_during_a_run_is_not_recorded_clean(monkeypatch) -> None:
+    """Stamped only at the end, a run measured on a dirty tree that was
+    committed before it ended recorded a clean commit."""
+    import benchmarks.bench as bench
+
+    monkeypatch.setattr(bench, "STATE_AT_START", "abc1234+dirty")
+    monkeypatch.setattr(bench, "tree_state", lambda: "def5678")
+    assert bench.run_state() == "abc1234+dirty+changed-during-run"
+    assert bench.versions()["firstline"] == "abc1234+dirty+changed-during-run"
+    monkeypatch.setattr(bench, "STATE_AT_START", "def5678")
+    assert bench.run_state() == "def5678"
