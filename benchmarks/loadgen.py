@@ -632,8 +632,11 @@ class Line:
                 else:
                     await self.client.send_frame(frame, round(i * FRAME_S * 1000))
                 if fut is not None and not fut.done():
-                    # The instant the voiced frame left (even if the network lost it).
-                    fut.set_result(time.monotonic())
+                    # The instant the voiced frame left (even if the network lost
+                    # it), less the delay the impaired line added (jitter, a late
+                    # frame holding those behind it): the caller spoke it then,
+                    # and the line's delay is part of what they wait. 0 unimpaired.
+                    fut.set_result(time.monotonic() - max(0.0, release - slot))
                 i += 1
         except asyncio.CancelledError:
             raise
