@@ -103,6 +103,8 @@ SYSTEMS: dict[str, System] = {
                ALL_PROTOCOLS),
         System("firstline-4-slots", "firstline", "firstline with 4 LLM slots (llama.cpp) / sequences (vLLM): the "
                "default for llama.cpp on the CPU, not one per call", ["--llm-parallel", "4"], ALL_PROTOCOLS),
+        System("firstline-16-slots", "firstline", "firstline with 16 LLM slots (llama.cpp) / sequences (vLLM), "
+               "as at eea319d, not 4", ["--llm-parallel", "16"], ALL_PROTOCOLS),
         System("firstline-no-resume", "firstline", "firstline answering every endpoint, even when the caller goes on "
                "right after the reply began (--resume-grace-s 0)", ["--resume-grace-s", "0"], ALL_PROTOCOLS),
         System("firstline-no-partial-budget", "firstline", "firstline with no decoder budget for partials",
