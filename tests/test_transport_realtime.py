@@ -81,13 +81,20 @@ async def test_realtime_pcm24k_speaks_the_reply(server):
     order = [
         "session.created", "session.updated", "input_audio_buffer.speech_started",
         "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "conversation.item.added",
-        "conversation.item.input_audio_transcription.completed", "response.created", "response.output_item.added",
-        "response.content_part.added", "response.output_audio_transcript.delta", "response.output_audio.delta",
-        "response.output_audio.done", "response.output_audio_transcript.done", "response.content_part.done",
-        "response.output_item.done", "conversation.item.done", "response.done",
+        "conversation.item.done", "conversation.item.input_audio_transcription.completed", "response.created",
+        "response.output_item.added", "response.content_part.added", "response.output_audio_transcript.delta",
+        "response.output_audio.delta", "response.output_audio.done", "response.output_audio_transcript.done",
+        "response.content_part.done", "response.output_item.done", "response.done",
     ]  # fmt: skip
     positions = [kinds.index(k) for k in order]
     assert positions == sorted(positions), list(zip(order, positions, strict=True))
+    # Each item added is finalized: the caller's (at once, its transcript in)
+    # and the reply's (after its output item is done, before response.done).
+    added = [e["item"]["id"] for e in carrier.of("conversation.item.added")]
+    done_items = [e["item"]["id"] for e in carrier.of("conversation.item.done")]
+    assert done_items == added, (added, done_items)
+    last_done = len(kinds) - 1 - kinds[::-1].index("conversation.item.done")
+    assert kinds.index("response.output_item.done") < last_done < kinds.index("response.done")
     assert all(isinstance(e.get("event_id"), str) for e in carrier.events)
     done = carrier.of("response.done")[0]["response"]
     assert done["status"] == "completed"
@@ -100,6 +107,29 @@ async def test_realtime_pcm24k_speaks_the_reply(server):
     # Audio deltas come before response.done, 100 ms each but the last.
     sizes = {len(c) for _, c in carrier.audio_chunks}
     assert 4800 in sizes and max(sizes) <= 4800
+
+
+async def test_realtime_items_can_be_retrieved(server):
+    """OpenAI's agents SDKs send conversation.item.retrieve for each user
+    item once its transcript is in; it was refused as an unknown event, an
+    error on every turn. It answers with the item as last sent."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm", audio_out=False)
+    async with carrier:
+        await carrier.next_event("session.updated", timeout=10)
+        await carrier.say(with_silence(prompt_clip(11).load(24000), 24000, 1.3), speed=None)
+        transcribed = await carrier.next_event("conversation.item.input_audio_transcription.completed", timeout=60)
+        await carrier.send({"type": "conversation.item.retrieve", "item_id": transcribed["item_id"]})
+        got = (await carrier.next_event("conversation.item.retrieved", timeout=10))["item"]
+        assert got["id"] == transcribed["item_id"] and got["role"] == "user"
+        assert got["content"][0]["transcript"] == transcribed["transcript"]
+        done = (await carrier.next_event("response.done", timeout=60))["response"]
+        mark = len(carrier.events)
+        await carrier.send({"type": "conversation.item.retrieve", "item_id": done["output"][0]["id"]})
+        reply = (await carrier.next_event("conversation.item.retrieved", timeout=10, after=mark))["item"]
+        assert reply["role"] == "assistant" and reply["content"][0]["text"] == done["output"][0]["content"][0]["text"]
+        await carrier.send({"type": "conversation.item.retrieve", "item_id": "item_nope", "event_id": "evt_r"})
+        err = await carrier.next_event("error", timeout=10)
+        assert err["error"]["code"] == "item_not_found" and err["error"]["event_id"] == "evt_r", err
 
 
 async def test_realtime_speech_stopped_is_sent_at_the_endpoint(server, jfk):
@@ -624,7 +654,15 @@ async def test_realtime_a_commit_with_no_words_is_answered_with_an_empty_item(se
         call.response_requested = True
         mark = len(carrier.events)
         await call.on_session_event({"type": "error", "code": "asr_failed", "message": "the decode failed"})
-        await carrier.next_event("conversation.item.input_audio_transcription.failed", timeout=10, after=mark)
+        failed = await carrier.next_event("conversation.item.input_audio_transcription.failed", timeout=10, after=mark)
+        # As OpenAI: the item it names was committed and added first, and no error event.
+        kinds = [e["type"] for e in carrier.events[mark:]]
+        committed = await carrier.next_event("input_audio_buffer.committed", timeout=10, after=mark)
+        added = await carrier.next_event("conversation.item.added", timeout=10, after=mark)
+        assert committed["item_id"] == added["item"]["id"] == failed["item_id"], (committed, added, failed)
+        failed_at = kinds.index("conversation.item.input_audio_transcription.failed")
+        assert kinds.index("conversation.item.added") < failed_at, kinds
+        assert "error" not in kinds, kinds
         await carrier.next_event("response.created", timeout=10, after=mark)
         answered = await carrier.next_event("response.done", timeout=60, after=mark)
         assert answered["response"]["status"] == "completed" and not call.response_requested
@@ -730,6 +768,28 @@ async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server
         done = await carrier.next_event("response.done", timeout=10)
         assert done["response"]["status"] == "failed", done
         assert done["response"]["status_details"]["error"]["code"] == "llm_failed", done
+        assert done["response"]["status_details"]["error"]["message"], done  # pipecat reads it
+
+
+async def test_realtime_a_failed_reply_not_yet_asked_for_keeps_its_error(server):
+    """With create_response false the caller's turn is answered but held
+    until the client's response.create. Its engine failure went out at once
+    as an error for a reply the client never asked for (pipecat ends its
+    session on any error); it is held with the reply's other events, and
+    dropped unseen with them."""
+    from voice.transports.realtime import response as response_family
+
+    async with _started_call(server) as (carrier, call):
+        response = response_family.Response(9, user_item_id="item_x")  # not released: held
+        call.responses[9] = response
+        failure = {"type": "error", "code": "llm_failed", "message": "the reply failed", "turn": 9}
+        await call._on_session_event(failure)
+        await asyncio.sleep(0.2)
+        assert not carrier.of("error") and failure in response.held, carrier.of("error")
+        # An error of no held reply still goes out at once.
+        await call._on_session_event({"type": "error", "code": "llm_unavailable", "message": "no engine"})
+        err = await carrier.next_event("error", timeout=10)
+        assert err["error"]["code"] == "llm_unavailable", err
 
 
 async def test_realtime_the_servers_greeting_is_not_spoken_unseen(server, monkeypatch):
@@ -862,6 +922,42 @@ async def _story_call(server, carrier, watcher):
     await carrier.next_event("response.output_audio.delta", timeout=60)
     call.playout.lead_s = 0.3
     return call
+
+
+async def test_realtime_without_interrupt_a_turns_response_waits_for_the_one_still_playing(server):
+    """interrupt_response false: the caller speaks while the reply's audio
+    still goes out (its text all written). The new turn's response.created
+    went out before the playing one's response.done: two responses in
+    flight, which OpenAI refuses and clients do not expect (LiveKit's closed
+    the new one at the old one's done and lost its reply). It waits."""
+    from benchmarks.callers.realtime import SERVER_VAD
+
+    detection = {**SERVER_VAD, "interrupt_response": False}
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", turn_detection=detection)
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            call = await watcher.one()
+            call.session.history.system_prompt = STORY
+            call.session.max_tokens = 60
+            await carrier.say(with_silence(prompt_clip(15).load(carrier.rate), carrier.rate, 1.3), speed=None)
+            await carrier.next_event("response.output_audio.delta", timeout=60)
+            call.playout.lead_s = 0.3  # paced as a carrier's: long in flight after its text is written
+            await watcher.wait_event(call, "response.done", turn=1, timeout=60)
+            await carrier.say(with_silence(prompt_clip(16).load(carrier.rate), carrier.rate, 1.3), speed=None)
+            await watcher.wait_event(call, "transcript.final", turn=2, timeout=60)
+            assert not carrier.of("response.done"), "the first reply's audio ran out before the second turn"
+            async with asyncio.timeout(120):
+                while len(carrier.of("response.done")) < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+    kinds = [(e["type"], (e.get("response") or {}).get("id")) for e in carrier.events]
+    created = [i for i, (kind, _) in enumerate(kinds) if kind == "response.created"]
+    done = [i for i, (kind, _) in enumerate(kinds) if kind == "response.done"]
+    assert len(created) == 2 and len(done) == 2, kinds
+    assert created[0] < done[0] < created[1] < done[1], kinds
+    assert kinds[done[0]][1] == kinds[created[0]][1] and kinds[done[1]][1] == kinds[created[1]][1]
+    statuses = [e["response"]["status"] for e in carrier.of("response.done")]
+    assert statuses == ["completed", "completed"], statuses
 
 
 async def test_realtime_response_cancel_while_the_written_reply_still_plays(server):

@@ -745,7 +745,9 @@ class Turn:
         with contextlib.suppress(Exception):
             if failed is not None:  # the detail was logged where it happened
                 message = plain_error(self.error_code, self.index)
-                await ctx.emit({"type": "error", "code": self.error_code, "message": message})
+                # With its turn: a Realtime reply not yet asked for holds it
+                # with the rest of its events (dropped unseen with them).
+                await ctx.emit({"type": "error", "code": self.error_code, "message": message, "turn": self.index})
             await ctx.emit(
                 {
                     "type": "response.done",

@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -74,6 +75,8 @@ from voice.transports.realtime.session import RealtimeSettings
 from voice.transports.telephony import MalformedMessage, TooManyEvents
 
 log = logging.getLogger(__name__)
+# conversation.item.retrieve answers for this many of the newest items.
+MAX_ITEMS_KEPT = 256
 
 __all__ = ["PATH", "RealtimeCall", "handle_realtime"]
 
@@ -120,6 +123,11 @@ class RealtimeCall(WebSocketCall):
         self.resuming = given is not None and not self.bad_resume
         self.resume_token = given if self.resuming else new_resume_token()
         self.responses: dict[int, Response] = {}
+        # The items the client was told of, as last sent (conversation.item.
+        # added/done), for conversation.item.retrieve: OpenAI's agents SDKs
+        # ask for every user item once its transcript is in. The newest
+        # MAX_ITEMS_KEPT; a deleted item is forgotten.
+        self.items: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.next_user_item = new_id("item")
         self.last_item_id: str | None = None
         self._partial_sent: dict[int, str] = {}
@@ -250,7 +258,8 @@ class RealtimeCall(WebSocketCall):
         turn = ev.get("turn")
         response = self.responses.get(turn) if isinstance(turn, int) else None
         kind = ev.get("type")
-        if response is not None and kind in ("response.delta", "response.sentence", "response.done", "turn.metrics"):
+        held_kinds = ("response.delta", "response.sentence", "response.done", "turn.metrics", "error")
+        if response is not None and kind in held_kinds:
             if response.dropped:
                 if kind == "response.done":
                     self.session.reply_heard(response.turn, "")  # never asked for: never said
@@ -307,16 +316,35 @@ class RealtimeCall(WebSocketCall):
             code = str(ev.get("code", "server_error"))
             asked = code == "asr_failed" and self.response_requested
             if code == "asr_failed":
+                await self._transcription_failed(code, ev.get("message"))
+            else:
                 await self.send_event(
-                    "conversation.item.input_audio_transcription.failed", item_id=self._close_user_item(),
-                    content_index=0, error={"type": "server_error", "code": code, "message": ev.get("message")},
+                    "error", error={"type": "server_error", "code": code, "message": ev.get("message"),
+                                    "param": None, "event_id": None},
                 )  # fmt: skip
-            await self.send_event(
-                "error", error={"type": "server_error", "code": code, "message": ev.get("message"), "param": None,
-                                "event_id": None},
-            )  # fmt: skip
             if asked:
                 self._defer_create()
+
+    async def _transcription_failed(self, code: str, message: object) -> None:
+        """As OpenAI: the caller's item is committed and added (its
+        transcript null) and then its transcription fails; no ``error``
+        event (pipecat's client ends its session on any). It named an item
+        the client had never been told of, and sent an error besides."""
+        item_id = self._close_user_item()
+        previous = self.last_item_id
+        await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
+        item = {
+            "id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }  # fmt: skip
+        await self.send_event("conversation.item.added", previous_item_id=previous, item=item)
+        if not self.beta:
+            await self.send_event("conversation.item.done", previous_item_id=previous, item=item)
+        self.last_item_id = item_id
+        await self.send_event(
+            "conversation.item.input_audio_transcription.failed", item_id=item_id, content_index=0,
+            error={"type": "server_error", "code": code, "message": message},
+        )  # fmt: skip
 
     def input_cleared(self) -> None:
         """The client cleared the buffer: words heard so far belong to no
@@ -396,18 +424,19 @@ class RealtimeCall(WebSocketCall):
         # conversation; drop it. Its history entry goes when its turn ends,
         # or now if it already has (its response.done was among the held).
         for old in self.responses.values():
-            if not old.released and not old.dropped:
+            if not old.released and not old.dropped and not old.queued:
                 response_family.drop(self, old)
         self.prune()
         await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
-        await self.send_event(
-            "conversation.item.added",
-            previous_item_id=previous,
-            item={
-                "id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
-                "content": [{"type": "input_audio", "transcript": text}],
-            },
-        )  # fmt: skip
+        user_item = {
+            "id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": [{"type": "input_audio", "transcript": text}],
+        }  # fmt: skip
+        await self.send_event("conversation.item.added", previous_item_id=previous, item=user_item)
+        if not self.beta:
+            # GA finalizes every item it adds (as client-created ones here);
+            # this one is final already, its transcript in.
+            await self.send_event("conversation.item.done", previous_item_id=previous, item=user_item)
         await self.send_event(
             "conversation.item.input_audio_transcription.completed", item_id=item_id, content_index=0,
             transcript=text, usage={"type": "duration", "seconds": 0},
@@ -435,6 +464,11 @@ class RealtimeCall(WebSocketCall):
         if self.settings.auto_respond or self.response_requested:
             self.response_requested = False
             self._deferred_msg = {"type": "response.create"}
+            if response_family.in_progress(self):
+                # The previous reply's audio still goes out (barge-in off):
+                # this one is shown once that one's response.done is out.
+                response.queued = True
+                return
             response.released = True
             await response_family.start(self, response)
 
@@ -516,6 +550,12 @@ class RealtimeCall(WebSocketCall):
         except Exception as exc:  # the socket went meanwhile: nobody to answer
             log.debug("call %s: deferred response.create not answered (%r)", self.call_id, exc)
 
+    def _keep_item(self, item: dict[str, Any]) -> None:
+        self.items[str(item["id"])] = item
+        self.items.move_to_end(str(item["id"]))
+        while len(self.items) > MAX_ITEMS_KEPT:
+            self.items.popitem(last=False)
+
     def prune(self) -> None:
         # Finished or dropped responses whose turn is long gone: bounded memory.
         while len(self.responses) > 8:
@@ -524,6 +564,10 @@ class RealtimeCall(WebSocketCall):
     # ---- wire -------------------------------------------------------------
 
     async def send_event(self, kind: str, **fields: Any) -> None:
+        if kind in ("conversation.item.added", "conversation.item.done"):
+            self._keep_item(fields["item"])
+        elif kind == "conversation.item.deleted":
+            self.items.pop(str(fields["item_id"]), None)
         if self.beta:
             kind = BETA_NAMES.get(kind, kind)
         await self.send_json({"type": kind, "event_id": f"event_{next(_ids)}", **fields})

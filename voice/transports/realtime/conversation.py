@@ -136,7 +136,19 @@ async def item_truncate(call: RealtimeCall, msg: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
+async def item_retrieve(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    """The server's copy of an item the client was told of (OpenAI's agents
+    SDKs ask for each user item once its transcript is in). No audio is
+    kept: the item is as last sent, its transcript or text in."""
+    item_id = msg.get("item_id")
+    item = call.items.get(item_id) if isinstance(item_id, str) else None
+    if item is None:
+        raise RealtimeError(f"no item {str(item_id)[:40]!r}", "item_not_found", "item_id")
+    await call.send_event("conversation.item.retrieved", item=item)
+
+
 HANDLERS = {
     "conversation.item.create": item_create,
     "conversation.item.truncate": item_truncate,
+    "conversation.item.retrieve": item_retrieve,
 }

@@ -58,6 +58,12 @@ class Response:
     # (a text item, new instructions): written without that, it is not the
     # reply a response.create now asks for.
     stale: bool = False
+    # Asked for (auto-respond, or a create) while another the client was
+    # shown is in progress (written, its audio still going out: barge-in
+    # off): released once that one's response.done is out. Two responses
+    # in flight is what OpenAI refuses, and clients keep one at a time
+    # (LiveKit's lost the second reply).
+    queued: bool = False
 
 
 # ---- client events ---------------------------------------------------------
@@ -70,7 +76,7 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
             call.session.check_reply_instructions(instructions)
         except ValueError as exc:  # ContextTooLarge
             raise RealtimeError(str(exc), "context_too_large", "response.instructions") from None
-    held = [r for r in call.responses.values() if not r.released and not r.dropped]
+    held = [r for r in call.responses.values() if not r.released and not r.dropped and not r.queued]
     if held and _caller_turn_coming(call, held[-1].turn):
         # A turn committed after the held reply's is still decoding: the
         # conversation now ends with it, so this create is for its reply
@@ -78,6 +84,9 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
         call.request_response(msg)
         return
     if held and not held[-1].stale and instructions is None:
+        if in_progress(call):
+            held[-1].queued = True  # shown once the one in progress is done
+            return
         await release(call, held[-1])
         return
     if held:
@@ -161,13 +170,14 @@ def drop(call: RealtimeCall, response: Response) -> None:
 def context_changed(call: RealtimeCall) -> None:
     """The client changed what a reply should answer: held replies are stale."""
     for response in call.responses.values():
-        if not response.released and not response.dropped:
+        if not response.released and not response.dropped and not response.queued:
             response.stale = True
 
 
 def in_progress(call: RealtimeCall) -> bool:
-    """Whether a response the client was shown has not had its response.done."""
-    return any(r.released and not r.dropped and not r.finished for r in call.responses.values())
+    """Whether a response the client was shown (or one queued behind it)
+    has not had its response.done."""
+    return any((r.released or r.queued) and not r.dropped and not r.finished for r in call.responses.values())
 
 
 async def cancel(call: RealtimeCall, msg: dict[str, Any]) -> None:
@@ -281,19 +291,24 @@ async def finish(call: RealtimeCall, response: Response) -> None:
     item = item_obj(call, response, "completed" if status == "completed" else "incomplete", text)
     await call.send_event("response.output_item.done", response_id=response.id, output_index=0, item=item)
     if not call.beta:
-        await call.send_event("conversation.item.done", item=item)
+        await call.send_event("conversation.item.done", previous_item_id=response.user_item_id, item=item)
     body = response_obj(call, response, status, [item])
     if status == "cancelled":
         body["status_details"] = {"type": "cancelled", "reason": response.cancel_reason}
     elif status == "failed":
         code = str(done.get("error_code") or "server_error")
-        body["status_details"] = {"type": "failed", "error": {"type": "server_error", "code": code}}
+        message = "the reply could not be generated" if code == "server_error" else f"the reply failed: {code}"
+        body["status_details"] = {"type": "failed", "error": {"type": "server_error", "code": code, "message": message}}
     body["usage"] = usage_obj(done.get("usage") or {})
     body["metadata"] = metadata(call, response)
     response.finished = True
     await call.send_event("response.done", response=body)
     if response.retracted:
         await call.send_event("conversation.item.deleted", item_id=response.item_id)
+    queued = next((r for r in call.responses.values() if r.queued and not r.dropped), None)
+    if queued is not None:
+        queued.queued = False
+        await release(call, queued)
     # Kept (the newest few, see RealtimeCall.prune): a client truncates an
     # item while it is still playing it, after response.done.
     call.prune()
