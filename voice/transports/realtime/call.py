@@ -325,21 +325,26 @@ class RealtimeCall(WebSocketCall):
             if asked:
                 self._defer_create()
 
+    async def _commit_user_item(self, item_id: str, previous: str | None, transcript: str | None) -> None:
+        """The caller's audio item goes into the conversation: committed,
+        added and, in GA (which finalizes every item it adds, as client-made
+        ones here), done at once (its transcript is in, or null: it failed)."""
+        await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
+        item = {
+            "id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": [{"type": "input_audio", "transcript": transcript}],
+        }  # fmt: skip
+        await self.send_event("conversation.item.added", previous_item_id=previous, item=item)
+        if not self.beta:
+            await self.send_event("conversation.item.done", previous_item_id=previous, item=item)
+
     async def _transcription_failed(self, code: str, message: object) -> None:
         """As OpenAI: the caller's item is committed and added (its
         transcript null) and then its transcription fails; no ``error``
         event (pipecat's client ends its session on any). It named an item
         the client had never been told of, and sent an error besides."""
         item_id = self._close_user_item()
-        previous = self.last_item_id
-        await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
-        item = {
-            "id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
-            "content": [{"type": "input_audio", "transcript": None}],
-        }  # fmt: skip
-        await self.send_event("conversation.item.added", previous_item_id=previous, item=item)
-        if not self.beta:
-            await self.send_event("conversation.item.done", previous_item_id=previous, item=item)
+        await self._commit_user_item(item_id, self.last_item_id, None)
         self.last_item_id = item_id
         await self.send_event(
             "conversation.item.input_audio_transcription.failed", item_id=item_id, content_index=0,
@@ -427,16 +432,7 @@ class RealtimeCall(WebSocketCall):
             if not old.released and not old.dropped and not old.queued:
                 response_family.drop(self, old)
         self.prune()
-        await self.send_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
-        user_item = {
-            "id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
-            "content": [{"type": "input_audio", "transcript": text}],
-        }  # fmt: skip
-        await self.send_event("conversation.item.added", previous_item_id=previous, item=user_item)
-        if not self.beta:
-            # GA finalizes every item it adds (as client-created ones here);
-            # this one is final already, its transcript in.
-            await self.send_event("conversation.item.done", previous_item_id=previous, item=user_item)
+        await self._commit_user_item(item_id, previous, text)
         await self.send_event(
             "conversation.item.input_audio_transcription.completed", item_id=item_id, content_index=0,
             transcript=text, usage={"type": "duration", "seconds": 0},
