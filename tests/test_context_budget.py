@@ -428,3 +428,25 @@ async def test_a_refused_start_leaves_the_clients_system_items_once(server):
         assert session.history.system_prompt.count("Always answer in one sentence.") == 1
     finally:
         await session.stop()
+
+
+def test_a_trimmed_history_never_tells_the_model_the_call_just_connected() -> None:
+    """Once the oldest turns are dropped, the first message kept can be an
+    agent line (a turn with no reply shifted the pairs): it got the cue a
+    call's first line gets, "The call has just connected. Greet the
+    caller.", in the middle of the call."""
+    from voice.call.history import GO_ON_CUE, OPENING_CUE
+
+    history = History("SYS", max_turns=2)
+    history.remember(0, "", "Hello, how can I help?")  # the greeting
+    history.remember(1, "I want to check my order", "Sure, what's the order number?")
+    history.remember(2, "It's 4 4 7", "")  # no reply (the LLM failed)
+    history.remember(3, "sorry, 4 4 7 1", "Thanks, let me look.")
+    prompt = history.messages("When will it arrive?")
+    assert history.messages_so_far[0]["role"] == "assistant"  # the case: an agent line kept first
+    assert OPENING_CUE not in [m["content"] for m in prompt], prompt
+    assert prompt[1] == {"role": "user", "content": GO_ON_CUE}, prompt
+    # A call that never lost a message still opens with the greeting's cue.
+    fresh = History("SYS", max_turns=8)
+    fresh.remember(0, "", "Hello, how can I help?")
+    assert fresh.messages("Hi")[1] == {"role": "user", "content": OPENING_CUE}

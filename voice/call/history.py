@@ -162,6 +162,9 @@ class History:
         self._server_prompt = system_prompt
         self._examples = list(examples or [])
         self.messages_so_far: list[Message] = []
+        # The oldest messages were dropped (max_turns): the first one kept is
+        # not the call's first, and an agent line there is no greeting.
+        self._trimmed = False
         self.replies: dict[int, Message] = {}  # turn -> its assistant message
         self.asked: dict[int, Message] = {}  # turn -> its user message
         # The oldest message prompts still include (None: from the start).
@@ -226,7 +229,7 @@ class History:
             # may be the agent's with its caller line trimmed away.
             spare = room - new_tokens - CUE_TOKENS
             past = self._fit(past, spare, answering is not None)
-        from_start = bool(past) and past[0] is self.messages_so_far[0]
+        from_start = bool(past) and past[0] is self.messages_so_far[0] and not self._trimmed
         said = [{**m, "content": without_template_tokens(m["content"])} for m in alternating([*past, *new], from_start)]
         return [*head, *said]
 
@@ -295,6 +298,7 @@ class History:
         """The conversation of a call that re-attached (voice/call/store.py).
         Its turns' replies can no longer be cut to what was heard."""
         self.messages_so_far = list(messages)
+        self._trimmed = len(messages) >= 2 * self.max_turns  # as full as trimming leaves it: it may have been
         self.replies = {}
         self.asked = {}
         self._first_kept = None
@@ -344,6 +348,7 @@ class History:
         keep = 2 * self.max_turns
         if len(self.messages_so_far) > keep:
             del self.messages_so_far[:-keep]
+            self._trimmed = True
             kept = {id(m) for m in self.messages_so_far}
             self.replies = {t: m for t, m in self.replies.items() if id(m) in kept}
             self.asked = {t: m for t, m in self.asked.items() if id(m) in kept}
