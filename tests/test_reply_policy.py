@@ -284,3 +284,66 @@ def test_a_first_sentence_that_repeats_the_previous_reply_is_left_out_not_the_wh
     reply = "Could you please repeat your account number for me? I need it to find your order."
     out, end = said(ReplyPolicy(), reply, previous)
     assert out == ["I need it to find your order."] and end == "complete"
+
+
+def _pieces(policy: ReplyPolicy, reply: str, max_words: int = 25) -> list[str]:
+    """What a turn sends of ``reply`` streamed through the segmenter (its
+    word cap cuts long sentences), as voice/call/turn.py does."""
+    from streaming.sentences import SentenceSegmenter
+
+    guard, segmenter, out = ReplyGuard(policy), SentenceSegmenter(max_words=max_words), []
+    for piece in [*segmenter.push(reply), *segmenter.flush()]:
+        verdict = guard.check(piece)
+        if verdict == SKIP:
+            continue
+        if verdict != SEND:
+            break
+        out.append(piece)
+    return out
+
+
+def test_a_long_sentence_cut_at_the_word_cap_is_not_counted_twice() -> None:
+    """The segmenter cuts a sentence past 25 words; its first part counted
+    as a sentence, so with two allowed the reply stopped mid-sentence,
+    on a comma, and the history kept it so."""
+    reply = (
+        "Sure. Your appointment is booked for Monday at three in the afternoon with doctor Patel at our "
+        "downtown clinic on the second floor, and please bring your insurance card and a photo ID with you. "
+        "Anything else?"
+    )
+    out = _pieces(ReplyPolicy(max_sentences=2), reply)
+    assert len(out) == 3 and out[-1].endswith("with you."), out
+    assert " ".join(out).endswith("photo ID with you.")
+
+
+def test_a_loop_of_a_long_phrase_is_stopped() -> None:
+    """A 13-word or longer phrase looped back to back was past stutters'
+    reach (5-12 words), and cut over word-capped pieces no two pieces were
+    alike: the caller heard the loop."""
+    phrase = "please let me know if there is anything else that I can help you with today"
+    guard = ReplyGuard(ReplyPolicy(max_sentences=0))
+    assert guard.check(f"{phrase} {phrase}") in (SKIP, STOP_LOOP)
+    out = _pieces(ReplyPolicy(max_sentences=0), " ".join([phrase + " and"] * 4))
+    heard = " ".join(out).split()
+    assert len(heard) < 2 * len(phrase.split()), out
+    # Digits and spelled letters read back twice are no loop.
+    code = "Your code is A B 7 2 9 4 4 1 and again A B 7 2 9 4 4 1."
+    assert ReplyGuard(ReplyPolicy()).check(code) == SEND
+
+
+def test_letters_spelled_out_are_not_a_stutter() -> None:
+    """ "A A A 7 2" and "w w w dot" are read-backs: they got the fallback."""
+    for sentence in ("Your code is A A A 7 2.", "That's w w w dot example dot com."):
+        assert ReplyGuard(ReplyPolicy()).check(sentence) == SEND, sentence
+    assert stutters(words_of("the the the the cat"), 3)  # words still do
+
+
+def test_a_piece_with_no_words_is_neither_said_nor_counted() -> None:
+    """ "---" between two lines filled the two-sentence cap ahead of the
+    answer; a reply of only "..." stood for the reply and kept the
+    fallback out, so the caller heard silence."""
+    out = _pieces(ReplyPolicy(max_sentences=2), "Sure!\n---\nYour order 4471 shipped on Monday.")
+    assert out[0] == "Sure!" and out[-1].endswith("shipped on Monday."), out
+    assert "---" not in " ".join(out)
+    guard = ReplyGuard(ReplyPolicy())
+    assert guard.check("...") == SKIP and guard.sent == 0 and not guard.said_nothing_but_loops

@@ -75,15 +75,24 @@ _DIGIT_WORDS = DIGIT_WORDS | {"double", "triple"}
 # account I am here to help you with your account") never reaches the
 # sentence-level check, and its run-on goes out whole.
 _LONG_PHRASE_WORDS = range(5, 13)
+# A run of this many words said a second time anywhere in one reply is a
+# loop: a phrase of 13 words or more looped past stutters' reach, split
+# over the segmenter's word-capped pieces so no two pieces were alike.
+REPEATED_RUN_WORDS = 8
+
+
+def _read_out(gram: list[str]) -> bool:
+    """Digits, or letters spelled out ("A A A 7 2", "w w w"): they repeat by nature."""
+    return all(w.isdigit() or w in _DIGIT_WORDS or len(w) == 1 for w in gram)
 
 
 def stutters(words: list[str], times: int) -> bool:
     """Some run of 1-4 words repeats ``times`` times back to back (digits
-    read out aside), or one of 5-12 words twice."""
+    and spelled letters read out aside), or one of 5-12 words twice."""
     for size, repeats in [*((n, times) for n in range(1, 5)), *((n, 2) for n in _LONG_PHRASE_WORDS)]:
         for start in range(0, len(words) - size * repeats + 1):
             gram = words[start : start + size]
-            if all(w.isdigit() or w in _DIGIT_WORDS for w in gram):
+            if _read_out(gram):
                 continue
             if all(words[start + k * size : start + (k + 1) * size] == gram for k in range(1, repeats)):
                 return True
@@ -163,7 +172,12 @@ class ReplyGuard:
         if self.full:
             return STOP_LENGTH
         words = words_of(sentence)
-        if policy.loop_guard and words and self._loops(words):
+        if not words:
+            # Nothing to say ("...", "---", an emoji): not spoken and not
+            # counted. Counted, it filled the sentence cap ahead of the
+            # answer, or stood for the reply and kept the fallback out.
+            return SKIP
+        if policy.loop_guard and self._loops(words):
             self._seen.append(words)
             if self._pieces == 0 and self._skipped == 0:
                 # Ending here would leave the caller with silence: leave this
@@ -174,18 +188,36 @@ class ReplyGuard:
                 return SKIP
             return STOP_LOOP
         self._seen.append(words)
-        if not clause:
+        if not clause and is_complete(sentence):
+            # A piece the segmenter cut at its word cap is part of a
+            # sentence: counted, a long one stopped the reply mid-sentence.
             self.sent += 1
         self._pieces += 1
         return SEND
 
     def _loops(self, words: list[str]) -> bool:
-        if stutters(words, self.policy.max_stutter):
+        if stutters(words, self.policy.max_stutter) or self._repeats_a_run(words):
             return True
         if any(self._similar(words, earlier) for earlier in self._seen):
             return True
         # Short answers ("Yes.", "Sure.") may recur from one reply to the next.
         return len(words) >= 4 and any(self._similar(words, earlier) for earlier in self._previous)
+
+    def _repeats_a_run(self, words: list[str]) -> bool:
+        """A run of REPEATED_RUN_WORDS words ending in ``words`` was said
+        before in this reply (in an earlier piece, or earlier in this one)."""
+        size = REPEATED_RUN_WORDS
+        earlier = [w for seen in self._seen for w in seen]
+        everything = [*earlier, *words]
+        runs: set[tuple[str, ...]] = set()
+        for start in range(len(everything) - size + 1):
+            run = tuple(everything[start : start + size])
+            if _read_out(list(run)):
+                continue
+            if run in runs and start + size > len(earlier):
+                return True
+            runs.add(run)
+        return False
 
     def _similar(self, a: list[str], b: list[str]) -> bool:
         if a == b:
