@@ -42,13 +42,13 @@ _ABBREVIATIONS = frozenset(
     {
         "dr", "mr", "mrs", "ms", "mx", "prof", "st", "jr", "sr", "mt", "rev",
         "gen", "gov", "sen", "rep", "capt", "lt", "sgt", "col", "messrs",
-        "vs", "e.g", "i.e", "cf", "approx", "ph.d", "co",
+        "vs", "e.g", "i.e", "cf", "approx", "ph.d",
     }
 )  # fmt: skip
 # Company suffixes end a name, and often the sentence with it: a capital after
 # them starts a new one ("I work at Acme Inc. It is great."); anything else
 # goes on ("Acme Inc., the maker", "Acme Inc. shares").
-_SUFFIX_ABBREVIATIONS = frozenset({"inc", "ltd", "corp", "llc"})
+_SUFFIX_ABBREVIATIONS = frozenset({"inc", "ltd", "corp", "llc", "co"})
 # A "word." that is only an abbreviation before a number: "No. 5" is, "No. Thanks" is not.
 _NUMBER_ABBREVIATIONS = frozenset(
     {

@@ -192,6 +192,14 @@ CASES = [
         id="company-suffix-ends-a-sentence-before-a-capital",
     ),
     pytest.param(
+        # "Co." is a company suffix too: it held the first sentence back
+        # until the second was done, and the two counted as one.
+        "I called Acme Co. They were closed. Acme Co. staff said so.",
+        ["I called Acme Co.", "They were closed.", "Acme Co. staff said so."],
+        {},
+        id="co-is-a-company-suffix",
+    ),
+    pytest.param(
         "We open at 9 a.m. May I have your name?",
         ["We open at 9 a.m.", "May I have your name?"],
         {},
