@@ -863,15 +863,17 @@ async def test_realtime_without_interrupt_no_turn_is_prepared_while_the_reply_go
 
 
 async def test_realtime_response_cancel_and_truncate_barge_in(server):
-    """The caller talks over the spoken reply: the server's VAD cancels it,
-    and the client truncates the reply's item at what it played (the fake
-    does on speech_started, as OpenAI's clients do). The truncate is
-    answered, not refused, and the reply ends cancelled."""
+    """The caller talks over the spoken reply and the client truncates the
+    reply's item at what it played (the fake does on speech_started, as
+    OpenAI's clients do): the truncate is answered, not refused, and the
+    history keeps only what played (barge_in_call). The reply's audio may
+    all be sent by then (its response.done out, "completed", as on OpenAI),
+    or not (the barge-in cancels it)."""
     carrier = FakeRealtime(server_base(server), fmt="audio/pcmu")
     await barge_in_call(server, carrier, needs_mark=False)
     assert not carrier.of("error"), carrier.of("error")
     first = carrier.of("response.done")[0]["response"]
-    assert first["status"] == "cancelled", first.get("status_details")
+    assert first["status"] in ("completed", "cancelled"), first.get("status_details")
     truncated = carrier.of("conversation.item.truncated")
     assert truncated, "the client's truncate was not answered"
     assert truncated[0]["item_id"] == first["output"][0]["id"]
