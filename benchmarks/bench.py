@@ -555,10 +555,13 @@ UNTRACKED_THAT_COUNTS = ("*.py", "*.json", "*.cfg", "*.toml", "*.yaml", "*.yml",
 def tree_state() -> str | None:
     """The commit measured, ``+dirty`` when the tree differs from it: a
     tracked file changed, or an untracked file of code, data or
-    configuration outside benchmarks/results."""
+    configuration, outside benchmarks/results (what runs write: a second
+    benchmark after a first is still measuring the commit)."""
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+        # Results a run (or the one before it) wrote are no change to the code.
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!benchmarks/results"], cwd=ROOT)
+        changed = changed.returncode != 0
         untracked = subprocess.check_output(
             ["git", "ls-files", "--others", "--exclude-standard", "--", *UNTRACKED_THAT_COUNTS,
              ":!benchmarks/results/**"],

@@ -197,6 +197,10 @@ def test_an_untracked_python_file_marks_the_tree_dirty(tmp_path, monkeypatch) ->
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "new.json").write_text("{}")  # what a run writes
     assert not bench.tree_state().endswith("+dirty")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    (tmp_path / "benchmarks" / "results" / "new.json").write_text('{"a": 1}')  # a tracked result rewritten
+    assert not bench.tree_state().endswith("+dirty")
     (tmp_path / "spec.json").write_text("{}")  # data a run may read
     assert bench.tree_state().endswith("+dirty")
     (tmp_path / "spec.json").unlink()
