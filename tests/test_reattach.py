@@ -889,7 +889,11 @@ async def test_a_twilio_re_attach_during_a_store_outage_keeps_its_call(server, m
                     f"no reply: finished={call.finished} closed={session.closed} resumed={session.resumed} "
                     f"turn={session._turn_index} events={seen[-30:]}"
                 ) from None
-            stored = await wait_stored(store, f"twilio:{call_sid}", turns=1)
+            # The turn's exchange, not the snapshot taken while it was answered
+            # (turn 1, its words in carry_over): writes are spaced 0.25 s apart.
+            async with asyncio.timeout(10):
+                while not (stored := await wait_stored(store, f"twilio:{call_sid}", turns=1)).messages:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
             assert failed == [f"twilio:{call_sid}"] and stored.messages
             await asyncio.sleep(0.3)
             assert not call.finished
