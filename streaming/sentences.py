@@ -240,6 +240,7 @@ class SentenceSegmenter:
         self._cand_cjk = False
         self._cand_single_dot = False  # only a lone "." can be an abbreviation
         self._cand_token = ""  # the word the terminator is attached to
+        self._cand_street = False  # "St." after a name or number: a street, see _start_candidate
         self._cand_list_marker = False  # "1." opening a list item
         self._cand_after_label = False  # the lone capital follows "option", "vitamin"... (_LETTER_LABELS)
         self._next_word_start = 0  # NEXT_WORD: where the word after "a.m." starts
@@ -335,6 +336,13 @@ class SentenceSegmenter:
         if len(self._cand_token) == 1 and self._cand_token.isupper() and len(self._word_starts) >= 2:
             before = self._text(self._word_starts[-2], self._word_starts[-1]).strip().lower()
             self._cand_after_label = before in _LETTER_LABELS
+        # "St." after a name or a number is a street ("42 Main St. We open at
+        # nine."), which may end the sentence; after anything else a saint
+        # ("near St. Paul"). It held a first sentence back until the next.
+        self._cand_street = False
+        if self._cand_token.lower() == "st" and len(self._word_starts) >= 2:
+            before = self._text(self._word_starts[-2], self._word_starts[-1]).strip()
+            self._cand_street = bool(before) and (before[0].isupper() or before[0].isdigit())
 
     def _scan_terminator(self, ch: str, pos: int) -> None:
         if ch in _TERMINATORS:
@@ -384,8 +392,10 @@ class SentenceSegmenter:
                     self._wait_next_word(pos, ends_unless=goes_on_into)
                     return
             self._emit(self._cand_end)
-        elif ch.isupper() and self._cand_is_initial():
-            # "option A. Then..." ends; "J. Smith" does not: the next word says.
+        elif ch.isupper() and (self._cand_is_initial() or (self._cand_street and self._cand_single_dot)):
+            # "option A. Then..." ends; "J. Smith" does not: the next word
+            # says. So for a street's "St.": "Main St. We open" ends, "Visit
+            # St. Paul" goes on.
             self._wait_next_word(pos, ends_if=_SENTENCE_STARTERS)
             return
         self._scan_text(ch, pos)

@@ -192,6 +192,14 @@ CASES = [
         id="company-suffix-ends-a-sentence-before-a-capital",
     ),
     pytest.param(
+        # "St." after a name or a number is a street: a sentence starter after
+        # it starts a new sentence (the first one waited for the second).
+        "Our office is at 42 Main St. We open at nine. Visit St. Paul too. Go to Main St. Paul is there.",
+        ["Our office is at 42 Main St.", "We open at nine.", "Visit St. Paul too.", "Go to Main St. Paul is there."],
+        {},
+        id="st-after-a-name-or-number-is-a-street",
+    ),
+    pytest.param(
         # "Co." is a company suffix too: it held the first sentence back
         # until the second was done, and the two counted as one.
         "I called Acme Co. They were closed. Acme Co. staff said so.",
