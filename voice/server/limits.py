@@ -166,8 +166,8 @@ class CallWatch:
         # with its connection, as a Realtime session does).
         self.has_started: Callable[[], bool] | None = None
         # Set by the transport when it refused the call after admission (a
-        # wrong carrier secret, an audio format it cannot take): (reason, why,
-        # caller data redacted). The registry counts and logs it as it does
+        # wrong carrier secret, an audio format it cannot take): (reason, why
+        # with caller data redacted). The registry counts and logs it as it does
         # refusals at the door, at most once a minute per address at WARNING.
         self.refused: tuple[str, str] | None = None
 

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 from streaming.playout import OutFormat
 from voice.call.start import Start
 from voice.server.limits import SLOW_READER, CallEnd, CallWatch
-from voice.server.log_format import redact_quoted
 from voice.server.runtime import Runtime
 from voice.transports.telephony import CallRefused, MalformedMessage, TelephonyCall, UnsupportedMedia, between_messages
 
@@ -113,9 +112,7 @@ class AudioSocketCall(TelephonyCall):
         except ConnectionError:
             reason = "connection_lost"
         except CallRefused as refusal:
-            # Logged by the registry (watch.refused), rate-limited per address.
-            log.debug("call %s (audiosocket): refused: %s", self.call_id, redact_quoted(refusal.text))
-            watch.refused = (str(refusal), redact_quoted(refusal.text))
+            self.note_refused(watch, refusal)
             reason = str(refusal)
             with contextlib.suppress(Exception):
                 self.writer.write(message(KIND_HANGUP))

@@ -26,7 +26,6 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CallEnd, CallGuard
-from voice.server.log_format import redact_quoted
 from voice.transports.telephony import (
     NO_AUDIO_COST,
     CallEnded,
@@ -160,11 +159,7 @@ class WebSocketCall(TelephonyCall):
                     handled += 1
                     await between_messages(handled, guard.end is not None)
         except CallRefused as refusal:
-            # The text may quote what the peer sent: quoted values are caller
-            # data. Anyone can provoke a refusal as fast as they connect: the
-            # registry logs it (guard.refused), rate-limited per address.
-            log.debug("call %s (%s): refused: %s", self.call_id, self.transport, redact_quoted(refusal.text))
-            guard.refused = (str(refusal), redact_quoted(refusal.text))
+            self.note_refused(guard, refusal)
             reason, refused = str(refusal), refusal
         except CallEnded as end:
             reason = str(end) or "carrier_stop"

@@ -34,7 +34,7 @@ from streaming.tts import TextToSpeech, TTSError, shared_tts
 from voice.call.audio_budget import AudioFlood
 from voice.call.session import CallSession
 from voice.call.start import ProtocolError, Start
-from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, MAX_CALL_LENGTH, SUPERSEDED, CallEnd
+from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, MAX_CALL_LENGTH, SUPERSEDED, CallEnd, CallWatch
 from voice.server.log_format import WarningBudget, redact_quoted
 from voice.server.runtime import Runtime
 
@@ -188,6 +188,15 @@ class TelephonyCall:
     def end_call(self, end: CallEnd) -> None:
         """End the call from the server side for ``end`` (the transport's
         guard does it its way: farewell, close code)."""
+
+    def note_refused(self, watch: CallWatch, refusal: CallRefused) -> None:
+        """The call is refused after admission: the registry counts and logs
+        it (``watch.refused``), at most once a minute per address, as a
+        refusal at the door (anyone can provoke one as fast as they connect).
+        The text may quote what the peer sent: quoted values are caller data."""
+        said = redact_quoted(refusal.text)
+        log.debug("call %s (%s): refused: %s", self.call_id, self.transport, said)
+        watch.refused = (str(refusal), said)
 
     def note_malformed(self, exc: Exception) -> None:
         """Log an ignored message: the first few at WARNING without the
