@@ -333,16 +333,19 @@ class SentenceSegmenter:
         # Read only for a lone capital: every other sentence end (each one
         # in every reply) skips the join.
         self._cand_after_label = False
-        if len(self._cand_token) == 1 and self._cand_token.isupper() and len(self._word_starts) >= 2:
-            before = self._text(self._word_starts[-2], self._word_starts[-1]).strip().lower()
-            self._cand_after_label = before in _LETTER_LABELS
+        if len(self._cand_token) == 1 and self._cand_token.isupper():
+            self._cand_after_label = self._word_before().lower() in _LETTER_LABELS
         # "St." after a name or a number is a street ("42 Main St. We open at
         # nine."), which may end the sentence; after anything else a saint
         # ("near St. Paul"). It held a first sentence back until the next.
-        self._cand_street = False
-        if self._cand_token.lower() == "st" and len(self._word_starts) >= 2:
-            before = self._text(self._word_starts[-2], self._word_starts[-1]).strip()
-            self._cand_street = bool(before) and (before[0].isupper() or before[0].isdigit())
+        before = self._word_before() if self._cand_token.lower() == "st" else ""
+        self._cand_street = bool(before) and (before[0].isupper() or before[0].isdigit())
+
+    def _word_before(self) -> str:
+        """The word before the candidate's ("" at the start)."""
+        if len(self._word_starts) < 2:
+            return ""
+        return self._text(self._word_starts[-2], self._word_starts[-1]).strip()
 
     def _scan_terminator(self, ch: str, pos: int) -> None:
         if ch in _TERMINATORS:

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import re
 import unicodedata
+from collections.abc import Sequence
 
 from asr.endpointing import DIGIT_WORDS
 
@@ -81,7 +82,7 @@ _LONG_PHRASE_WORDS = range(5, 13)
 REPEATED_RUN_WORDS = 8
 
 
-def _read_out(gram: list[str]) -> bool:
+def _read_out(gram: Sequence[str]) -> bool:
     """Digits, or letters spelled out ("A A A 7 2", "w w w"): they repeat by nature."""
     return all(w.isdigit() or w in _DIGIT_WORDS or len(w) == 1 for w in gram)
 
@@ -212,7 +213,7 @@ class ReplyGuard:
         runs: set[tuple[str, ...]] = set()
         for start in range(len(everything) - size + 1):
             run = tuple(everything[start : start + size])
-            if _read_out(list(run)):
+            if _read_out(run):
                 continue
             if run in runs and start + size > len(earlier):
                 return True

@@ -176,14 +176,15 @@ def _caller_address(connection: ServerConnection, request: Request, trusted: lis
             # Garbage from a misconfigured hop: the proxy's, counted as one
             # caller, which caps the whole tier at one caller's share. Said
             # once (a misconfigured proxy would say it on every connection).
-            if not _GARBAGE_HOP_SAID:
-                _GARBAGE_HOP_SAID.append(True)
+            global _garbage_hop_said
+            if not _garbage_hop_said:
+                _garbage_hop_said = True
                 log.warning("X-Forwarded-For hop that is no address; callers behind %s count as one", peer)
             return peer
     return peer
 
 
-_GARBAGE_HOP_SAID: list[bool] = []
+_garbage_hop_said = False  # a misconfigured proxy's hop, said once per process
 
 
 def _without_port(hop: str) -> str:

@@ -204,8 +204,9 @@ class Metrics:
         ttfs = _number(ev.get("ttfs_ms"))
         if ttfs is not None and ttfs >= 0:
             self.ttfs.observe(ttfs / 1000)
-            for listener in [] if low_priority else self.ttfs_listeners:
-                listener(ttfs)
+            if not low_priority:
+                for listener in self.ttfs_listeners:
+                    listener(ttfs)
         ttft = _number(ev.get("llm_ttft_ms"))
         if ttft is not None and ttft >= 0:
             self.llm_ttft.observe(ttft / 1000)
