@@ -76,7 +76,7 @@ from voice.transports.telephony import MalformedMessage, TooManyEvents
 
 log = logging.getLogger(__name__)
 # conversation.item.retrieve answers for this many of the newest items.
-MAX_ITEMS_KEPT = 256
+MAX_ITEMS_KEPT = 64  # a client asks for its newest; each may hold a text item's 8 KB
 
 __all__ = ["PATH", "RealtimeCall", "handle_realtime"]
 

@@ -8,7 +8,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from voice.call.turn import SpokenFirst
+from voice.call.turn import PLAIN_ERRORS, SpokenFirst
 from voice.transports.realtime.protocol import (
     MAX_INSTRUCTIONS,
     UNSPOKEN_REPLIES_PER_S,
@@ -297,7 +297,7 @@ async def finish(call: RealtimeCall, response: Response) -> None:
         body["status_details"] = {"type": "cancelled", "reason": response.cancel_reason}
     elif status == "failed":
         code = str(done.get("error_code") or "server_error")
-        message = "the reply could not be generated" if code == "server_error" else f"the reply failed: {code}"
+        message = PLAIN_ERRORS.get(code, "the reply could not be generated")
         body["status_details"] = {"type": "failed", "error": {"type": "server_error", "code": code, "message": message}}
     body["usage"] = usage_obj(done.get("usage") or {})
     body["metadata"] = metadata(call, response)
