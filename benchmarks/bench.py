@@ -604,16 +604,18 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def command_line() -> str:
-    """How this run was started, as ``python -m benchmarks.<name> ...``."""
-    module = f"benchmarks.{Path(sys.argv[0]).stem}" if sys.argv and sys.argv[0].endswith(".py") else "?"
+def command_line(module: str | None = None) -> str:
+    """How this run was started, as ``python -m <module> ...`` (by default
+    the module this process runs)."""
+    if module is None:
+        module = f"benchmarks.{Path(sys.argv[0]).stem}" if sys.argv and sys.argv[0].endswith(".py") else "?"
     return f"python -m {module} " + shlex.join(sys.argv[1:])
 
 
 def provenance(module: str) -> dict[str, Any]:
     """Which code measured a result and the command that did, for a
     benchmark's results file (a README figure cites both)."""
-    return {"versions": versions(), "command": f"python -m {module} " + shlex.join(sys.argv[1:])}
+    return {"versions": versions(), "command": command_line(module)}
 
 
 def write_rows(out: Path, started: float, options: dict[str, Any], rows: list[dict[str, Any]]) -> None:

@@ -41,15 +41,12 @@ def pct(values: list[float], q: float) -> float | None:
 def _p95_of_plan(ttfs: list[float], planned: int) -> float | None:
     """numpy's linear p95 over ``planned`` turns, the unanswered ones last;
     None where it reaches one of them."""
-    n = max(planned, len(ttfs))
-    if not ttfs or n == 0:
+    missing = max(0, planned - len(ttfs))
+    if not ttfs or math.ceil(0.95 * (len(ttfs) + missing - 1)) >= len(ttfs):
         return None
-    ordered = sorted(ttfs)
-    at = 0.95 * (n - 1)
-    lo, hi = math.floor(at), math.ceil(at)
-    if hi >= len(ordered):
-        return None
-    return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo), 1)
+    # The interpolation reads answered turns only: the unanswered ones stand
+    # in at the top as the slowest answered (no infinities through numpy).
+    return pct(ttfs + [max(ttfs)] * missing, 95)
 
 
 def _vals(turns: list[dict[str, Any]], key: str) -> list[float]:
