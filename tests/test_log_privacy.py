@@ -18,6 +18,7 @@ from benchmarks.client import NativeCaller
 from llm.base import EngineError
 from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher
+from voice.call.reply_policy import ReplyPolicy
 from voice.call.turn import plain_error
 from voice.server.app import VoiceServer
 from voice.server.log_format import WarningBudget, redact_quoted
@@ -130,8 +131,16 @@ async def test_an_engine_failure_reaches_the_client_as_a_plain_message(
         clip = phone_prompts[2]
         await caller.play(with_silence(clip.load(8000), 8000, 1.5), 8000, "mulaw", realtime=True, speed=4.0)
         err = await caller.wait_for("error", timeout=60)
+        done = await caller.wait_for("response.done", turn=1, timeout=30)
     assert err["code"] == "llm_failed"
     assert err["message"] == plain_error("llm_failed", 1) == "turn 1: the reply could not be generated"
+    # A phone caller hears no error event: the turn says the failure line
+    # (not the fallback, which would ask them to repeat themselves).
+    events = [r.event for r in caller.result.events]
+    said = [e for e in events if e.get("type") == "response.sentence" and e.get("turn") == 1]
+    assert [e["text"] for e in said] == [ReplyPolicy.failure_line], said
+    assert done["text"] == ReplyPolicy.failure_line and done["reply_end"] == "failed", done
+    assert done["error_code"] == "llm_failed" and done["cancelled"] is True, done
     assert "127.0.0.1" not in json.dumps(err) and "ClientPayloadError" not in json.dumps(err)
     # The server's log keeps what happened.
     assert any(INTERNAL in (r.exc_text or "") or INTERNAL in str(r.exc_info) for r in caplog.records)

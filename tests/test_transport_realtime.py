@@ -28,6 +28,7 @@ from tests.transport_checks import (
     reply_call,
     server_base,
 )
+from voice.call.reply_policy import ReplyPolicy
 
 
 def _watched_prompts(server, monkeypatch) -> list[list[dict[str, str]]]:
@@ -769,6 +770,20 @@ async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server
         assert done["response"]["status"] == "failed", done
         assert done["response"]["status_details"]["error"]["code"] == "llm_failed", done
         assert done["response"]["status_details"]["error"]["message"], done  # pipecat reads it
+        # The failure line the caller heard in its place: said, still failed.
+        line = ReplyPolicy.failure_line
+        said = response_family.Response(8, user_item_id="", released=True)
+        call.responses[8] = said
+        await call.on_session_event({"type": "response.sentence", "turn": 8, "index": 0, "text": line, "first": True})
+        said.done = {"type": "response.done", "turn": 8, "text": line, "cancelled": True,
+                     "reply_end": "failed", "error_code": "llm_unavailable", "usage": {}}  # fmt: skip
+        said.metrics = {"fallback": False}
+        await response_family.finish(call, said)
+        done = await carrier.next_event("response.done", timeout=10, after=carrier.events.index(done) + 1)
+        assert done["response"]["status"] == "failed", done
+        assert done["response"]["status_details"]["error"]["code"] == "llm_unavailable", done
+        content = done["response"]["output"][0]["content"][0]
+        assert line in (content.get("text"), content.get("transcript")), done
 
 
 async def test_realtime_a_failed_reply_not_yet_asked_for_keeps_its_error(server):

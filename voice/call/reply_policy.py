@@ -45,6 +45,10 @@ class ReplyPolicy:
     # silence on a phone line sounds like a dropped call, and the caller
     # would wait for words that never come. "": say nothing.
     fallback: str = "Sorry, could you say that again?"
+    # Said when the LLM failed before any sentence went out (the engine
+    # died, is restarting, refused the request): not the fallback, which
+    # asks the caller to repeat what the model never read. "": say nothing.
+    failure_line: str = "Sorry, I can't answer right now. Please try again in a moment."
 
     def __post_init__(self) -> None:
         if self.max_sentences < 0:

@@ -613,6 +613,14 @@ class Turn:
             self.reply_end = "failed"
             if isinstance(exc, EngineError):
                 self.error_code = exc.code  # llm_unavailable while the engine restarts
+            if not self.sent and policy.failure_line:
+                # A phone caller hears no error event: without a line, a
+                # failed engine is a dead line they wait on, then hang up.
+                try:
+                    await self._say(policy.failure_line)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    self.reply_end = "resumed" if self.premature else "cancelled"
         finally:
             if self._waiting is not None:
                 self._waiting.leave(self)  # no first sentence came (or it came): the lane is free

@@ -330,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="said when a reply got no sentence out (the token cap cut it, it only looped, the model said "
         "nothing), so the caller never hears silence ('': say nothing)",
     )
+    serve.add_argument(
+        "--reply-failure-line",
+        default=ReplyPolicy.failure_line,
+        help="said when the LLM failed before the reply's first sentence (a phone caller hears no error "
+        "event; silence sounds like a dropped call) ('': say nothing)",
+    )
     serve.add_argument("--greeting", default=_env("GREETING"), help="say this when a call is picked up")
     serve.add_argument(
         "--greeting-instructions",
@@ -845,7 +851,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.first_clause_words = args.first_clause_words
     try:
         config.reply = ReplyPolicy(
-            max_sentences=args.reply_max_sentences, loop_guard=not args.no_loop_guard, fallback=args.reply_fallback
+            max_sentences=args.reply_max_sentences,
+            loop_guard=not args.no_loop_guard,
+            fallback=args.reply_fallback,
+            failure_line=args.reply_failure_line,
         )
     except ValueError as exc:
         raise SystemExit(f"firstline: {exc}") from None
