@@ -41,6 +41,10 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 def corpus_wer(pairs: list[tuple[str, str]]) -> float:
     """Pooled WER over many utterances (errors / reference words)."""
+    if not pairs:
+        # jiwer scores nothing against nothing as 0.0: a perfect score for
+        # a run that decoded no utterance.
+        raise ValueError("corpus_wer: no utterances to score")
     refs = [normalize(r) for r, _ in pairs]
     hyps = [normalize(h) for _, h in pairs]
     return float(jiwer.wer(refs, hyps))

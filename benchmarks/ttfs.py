@@ -160,7 +160,7 @@ def summarise(name: str, calls: list[dict[str, Any]], startup_s: float) -> dict[
         "wasted_generations_per_turn": round(
             statistics.fmean([c["server"].get("wasted_generations", 0) for c in calls]) if calls else 0.0, 3
         ),
-        "wer": round(corpus_wer([(c["reference"], c["transcript"]) for c in calls]), 4),
+        "wer": round(corpus_wer([(c["reference"], c["transcript"]) for c in calls]), 4) if calls else None,
         "startup_s": round(startup_s, 1),
     }
 

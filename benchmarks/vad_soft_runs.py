@@ -61,8 +61,9 @@ def soft_chunks_per_gap(probs: np.ndarray, threshold: float, margin: float) -> l
     return gaps
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
+def _percentile(values: list[float], q: float) -> float | None:
+    # None, not 0: a source with no gaps held nothing because it had nothing to hold.
+    return round(float(np.percentile(values, q)), 1) if values else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         report[name] = {
             "clips": len(clips),
             "gaps": len(held_ms),
-            "held_ms": {q: round(_percentile(held_ms, float(q)), 1) for q in ("50", "95", "99", "99.9", "100")},
+            "held_ms": {q: _percentile(held_ms, float(q)) for q in ("50", "95", "99", "99.9", "100")},
             "gaps_a_cap_would_shorten": {f"{cap:g}": sum(1 for h in held_ms if h > cap * 1000) for cap in CAPS_S},
         }
     from benchmarks.bench import versions

@@ -18,6 +18,9 @@ def test_wer_normaliser_ignores_case_punctuation_and_digits():
     assert word_error_rate("Mr. Quilter is here", "mr quilter is here") == 0.0
     assert word_error_rate("ask not what", "ask what") == pytest.approx(1 / 3)
     assert word_error_rate("hello there", "") == 1.0
+    # No utterances is no score, not a perfect one (jiwer says 0.0).
+    with pytest.raises(ValueError, match="no utterances"):
+        corpus_wer([])
 
 
 async def test_shared_clips_wer_over_through_phone_line(server):
