@@ -9,11 +9,22 @@ from streaming.threads import llm_share_of_cores
 
 # How a pause's endpoint window is chosen (asr/end_of_turn.py).
 EndOfTurn = Literal[
-    "adaptive", "smart_turn", "smart_turn+rules", "smart_turn_scaled+rules", "smart_turn_scaled+rules+llm"
+    "adaptive",
+    "smart_turn",
+    "smart_turn+rules",
+    "smart_turn_scaled+rules",
+    "smart_turn_scaled+rules+llm",
+    "whisper+rules",
+    "whisper+rules+llm",
 ]
 END_OF_TURN_POLICIES: tuple[str, ...] = get_args(EndOfTurn)
 # Policies that also ask the LLM whether the caller's sentence is over.
-LLM_END_OF_TURN_POLICIES = frozenset({"smart_turn_scaled+rules+llm"})
+LLM_END_OF_TURN_POLICIES = frozenset({"smart_turn_scaled+rules+llm", "whisper+rules+llm"})
+# Policies that run Smart Turn at each pause.
+SMART_TURN_POLICIES = frozenset(p for p in END_OF_TURN_POLICIES if p.startswith("smart_turn"))
+# Policies that read Whisper's own punctuation at a pause (asr/whisper.py
+# ``Decoded.sentence_end_p``).
+WHISPER_END_OF_TURN_POLICIES = frozenset({"whisper+rules", "whisper+rules+llm"})
 # ASRConfig.partial_budget on a CPU (see there).
 CPU_PARTIAL_BUDGET = 0.08
 
@@ -202,7 +213,10 @@ class ASRConfig:
     # "smart_turn_scaled+rules" = that veto, else a window that grows with the
     # model's doubt; "smart_turn_scaled+rules+llm" = that, and the loaded
     # LLM's P(the sentence ends here) below llm_sentence_end_threshold
-    # waits the longest window too (llm/sentence_end.py). Only used when
+    # waits the longest window too (llm/sentence_end.py); "whisper+rules" =
+    # the word rules, and Whisper's own P(. ? ! rather than , or ...) after
+    # the words it heard below whisper_sentence_end_threshold waits the
+    # longest window ("+llm": the LLM's veto too). Only used when
     # adaptive_endpoint is on.
     end_of_turn: EndOfTurn = "adaptive"
     # 0.15 before the example turns (llm/config.py) joined the prompt; with
@@ -210,6 +224,11 @@ class ASRConfig:
     # cut-offs (4.0 %) on the labelled set (benchmarks/end_of_turn.py at
     # a13dce8, README). Chosen on that set: read it as tuned there.
     llm_sentence_end_threshold: float = 0.3
+    # Whisper's share of a sentence end among the punctuation it could write
+    # next (benchmarks/end_of_turn_whisper_punct.py): below it, "whisper+rules"
+    # waits the longest window. 0.95 was chosen on the labelled set's
+    # recorded half before any run of the policy; read it as tuned there.
+    whisper_sentence_end_threshold: float = 0.95
     # A caller who starts speaking again this soon after the reply's first
     # sentence went out was not done: the reply was premature. It stops, it
     # leaves the history, and their two halves are answered as one turn

@@ -20,6 +20,13 @@ pause:
 * ``smart_turn_scaled+rules+llm``: that, and the loaded LLM's probability
   that the sentence ends after the caller's words (llm/sentence_end.py)
   below ``llm_sentence_end_threshold`` waits the longest window too.
+* ``whisper+rules``: the word rules, and Whisper's own punctuation after
+  the words it heard at the pause (asr/whisper.py ``sentence_end_share``:
+  P(. ? !) against P(. ? ! , ...), read from the pause decode itself, so
+  free) below ``whisper_sentence_end_threshold`` waits the longest window.
+  Whisper picks its mark from the voice as well as the words: "Please
+  hold" cut in fluent speech gets a comma, said as a whole turn a full stop.
+* ``whisper+rules+llm``: that, and the LLM's veto as above.
 
 Measured side by side by benchmarks/end_of_turn.py on
 benchmarks/data/eot/pauses.json.
@@ -44,10 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from asr.config import END_OF_TURN_POLICIES, LLM_END_OF_TURN_POLICIES, ASRConfig
+from asr.config import LLM_END_OF_TURN_POLICIES, SMART_TURN_POLICIES, WHISPER_END_OF_TURN_POLICIES, ASRConfig
 from asr.endpointing import number_read_out, short_answer
-
-SMART_TURN_POLICIES = frozenset(p for p in END_OF_TURN_POLICIES if p.startswith("smart_turn"))
 
 MODEL_NAME = "smart-turn-v3.2-cpu.onnx"
 # The wheel that ships the file, pinned so the model (and the preprocessing
@@ -220,6 +225,23 @@ def _resolved(model_path: str | None) -> str:
     return str(find_smart_turn_model(model_path).resolve())
 
 
+def wants_marks(config: ASRConfig) -> bool:
+    """Whether a pause's decode reads Whisper's sentence-end share
+    (Decoded.sentence_end_p): only under a policy that uses it."""
+    return config.adaptive_endpoint and config.end_of_turn in WHISPER_END_OF_TURN_POLICIES
+
+
+def whisper_marks(words: str, share: float | None) -> float | None:
+    """Whisper's sentence-end share at a pause as an end-of-turn input, or
+    None where it must not hold the turn: a short answer on its own ("Yes.",
+    "Tuesday.") or a number read out in full, which the word rules know are
+    complete and Whisper, hearing one word or a string of digits, is unsure
+    of (as the LLM is not asked about them: ``asks_llm``)."""
+    if share is None or short_answer(words) or number_read_out(words):
+        return None
+    return share
+
+
 def asks_llm(words: str, rule_window: float | None, config: ASRConfig) -> bool:
     """Whether this pause's words go to the LLM for P(the sentence ends
     here): only under an LLM policy, and not where the answer could not
@@ -243,6 +265,7 @@ def decide_window(
     probability: float | None,
     config: ASRConfig,
     sentence_end: float | None = None,
+    whisper_end: float | None = None,
 ) -> float:
     """Endpoint window (s) from what is known so far at this pause.
 
@@ -250,8 +273,20 @@ def decide_window(
     that decode is in); ``probability``: Smart Turn's P(done) (None until the
     model ran); ``sentence_end``: the LLM's P(the sentence ends here) on the
     pause decode's words (None until it answered, or where the engine
-    cannot say). Any may arrive first; the session calls this on each.
+    cannot say); ``whisper_end``: Whisper's sentence-end share from the same
+    decode as ``rule_window`` (None where it has none). Any may arrive
+    first; the session calls this on each.
     """
+    if policy in WHISPER_END_OF_TURN_POLICIES:
+        if policy == "whisper+rules+llm" and sentence_end is not None:
+            if sentence_end < config.llm_sentence_end_threshold:
+                return config.endpoint_max_s
+        if rule_window is None:
+            return config.endpoint_unsure_s  # the pause decode is not in: neither are its words nor its marks
+        if whisper_end is not None and whisper_end < config.whisper_sentence_end_threshold:
+            # Whisper heard a voice that goes on, whatever mark it wrote.
+            return config.endpoint_max_s
+        return rule_window
     if policy not in SMART_TURN_POLICIES:
         return rule_window if rule_window is not None else config.endpoint_unsure_s
     if policy == "smart_turn_scaled+rules+llm":

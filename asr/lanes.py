@@ -54,11 +54,12 @@ class DecoderLane(Protocol):
     async def start(self) -> None: ...
     # ``final``: a turn's final decode, done again in 30 s if it stopped early
     # (asr/whisper.py cut_short); partials are not.
-    async def decode(self, audio: np.ndarray, final: bool = True) -> Decoded: ...
+    # ``marks``: read Whisper's sentence-end share too (Decoded.sentence_end_p).
+    async def decode(self, audio: np.ndarray, final: bool = True, marks: bool = False) -> Decoded: ...
     # A final that stopped early inside a batch comes back retry_alone: the
     # worker hands the batch's words out, then calls decode_long for it.
     async def decode_batch(
-        self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None
+        self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None, marks: Sequence[bool] | None = None
     ) -> list[Decoded]: ...
     async def decode_long(self, audio: np.ndarray) -> Decoded: ...
     def close(self) -> None: ...
@@ -84,14 +85,17 @@ class ThreadLane:
     async def start(self) -> None:
         self.decoder = await asyncio.get_running_loop().run_in_executor(self._executor, WhisperDecoder, self.config)
 
-    async def decode(self, audio: np.ndarray, final: bool = True) -> Decoded:
-        assert self.decoder is not None, "start() first"
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.decoder.decode, audio, final)
-
-    async def decode_batch(self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None) -> list[Decoded]:
+    async def decode(self, audio: np.ndarray, final: bool = True, marks: bool = False) -> Decoded:
         assert self.decoder is not None, "start() first"
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.decoder.decode_batch, audios, finals)
+        return await loop.run_in_executor(self._executor, self.decoder.decode, audio, final, marks)
+
+    async def decode_batch(
+        self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None, marks: Sequence[bool] | None = None
+    ) -> list[Decoded]:
+        assert self.decoder is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.decoder.decode_batch, audios, finals, marks)
 
     async def decode_long(self, audio: np.ndarray) -> Decoded:
         assert self.decoder is not None, "start() first"
@@ -135,14 +139,16 @@ def _child_load(config: ASRConfig, name: str, nice: int, parent: int | None = No
     return os.getpid()
 
 
-def _child_decode(audio: np.ndarray, final: bool) -> Decoded:
+def _child_decode(audio: np.ndarray, final: bool, marks: bool) -> Decoded:
     assert _CHILD_DECODER is not None
-    return _CHILD_DECODER.decode(audio, final)
+    return _CHILD_DECODER.decode(audio, final, marks)
 
 
-def _child_decode_batch(audios: Sequence[np.ndarray], finals: Sequence[bool] | None) -> list[Decoded]:
+def _child_decode_batch(
+    audios: Sequence[np.ndarray], finals: Sequence[bool] | None, marks: Sequence[bool] | None
+) -> list[Decoded]:
     assert _CHILD_DECODER is not None
-    return _CHILD_DECODER.decode_batch(audios, finals)
+    return _CHILD_DECODER.decode_batch(audios, finals, marks)
 
 
 def _child_decode_long(audio: np.ndarray) -> Decoded:
@@ -186,11 +192,14 @@ class ProcessLane:
             raise
         self._pool, self.pid = pool, pid
 
-    async def decode(self, audio: np.ndarray, final: bool = True) -> Decoded:
-        return await self._run(_child_decode, audio, final)
+    async def decode(self, audio: np.ndarray, final: bool = True, marks: bool = False) -> Decoded:
+        return await self._run(_child_decode, audio, final, marks)
 
-    async def decode_batch(self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None) -> list[Decoded]:
-        return await self._run(_child_decode_batch, list(audios), None if finals is None else list(finals))
+    async def decode_batch(
+        self, audios: Sequence[np.ndarray], finals: Sequence[bool] | None = None, marks: Sequence[bool] | None = None
+    ) -> list[Decoded]:
+        finals_list = None if finals is None else list(finals)
+        return await self._run(_child_decode_batch, list(audios), finals_list, None if marks is None else list(marks))
 
     async def decode_long(self, audio: np.ndarray) -> Decoded:
         return await self._run(_child_decode_long, audio)

@@ -48,6 +48,34 @@ CUT_SHORT_WORDS_PER_S = 2.0
 CUT_SHORT_MIN_VOICED_S = 4.0
 # A transcript with none of these holds no words (only punctuation).
 WORD_CHAR = re.compile(r"\w")
+# What Whisper may write right after its last word: a sentence end, or
+# punctuation that goes on. It picks from the voice as much as the words
+# (the same "Please hold" gets a full stop when the voice falls, a comma
+# when it holds): benchmarks/end_of_turn_whisper_punct.py measures it.
+SENTENCE_END_MARKS = (".", "?", "!")
+CONTINUE_MARKS = (",", "...", "…", " ...")
+
+
+def punctuation_ids(tokenizer: object) -> tuple[list[int], list[int]]:
+    """Token ids of the sentence-end and the going-on marks (those that are
+    one token in this vocabulary)."""
+
+    def ids(marks: tuple[str, ...]) -> list[int]:
+        encoded = (tokenizer.encode(mark) for mark in marks)  # type: ignore[attr-defined]
+        return sorted({tokens[0] for tokens in encoded if len(tokens) == 1})
+
+    return ids(SENTENCE_END_MARKS), ids(CONTINUE_MARKS)
+
+
+def sentence_end_share(logits: np.ndarray, end_ids: list[int], continue_ids: list[int]) -> float | None:
+    """P(. ? !) against P(. ? ! , ...) from one step's logits; None when the
+    step allows none of them."""
+    marks = np.asarray(logits, dtype=np.float64)[end_ids + continue_ids]
+    top = marks.max()
+    if not np.isfinite(top):
+        return None
+    weights = np.exp(marks - top)
+    return float(weights[: len(end_ids)].sum() / weights.sum())
 
 
 @dataclass
@@ -79,6 +107,11 @@ class Decoded:
     no_speech_prob: float | None = None
     avg_logprob: float | None = None
     no_speech: bool = False
+    # Whisper's P(. ? !) against P(. ? ! , ...) right after its last word
+    # (sentence_end_share), where the decode asked for it (``marks``): an
+    # end-of-turn input (asr/end_of_turn.py). None: not asked, no word, a
+    # beam search, or a decode done with timestamps.
+    sentence_end_p: float | None = None
 
 
 def keep_longer(first: Decoded, again: Decoded, redo_s: float) -> Decoded:
@@ -154,22 +187,33 @@ class WhisperDecoder:
         self._language = (config.language or "en") if multilingual else "en"
         self._prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
         self._suppress = [-1, *self.tokenizer.non_speech_tokens]
+        # Whisper's next-token view after the last word (an end-of-turn
+        # input) is read only where a decode asks (``marks``): it costs that
+        # decode its logits, a vocabulary of floats per token, freed at once.
+        # Greedy decoding only: a beam's steps are not one sequence's.
+        self.can_mark = config.beam_size == 1
+        self._end_ids, self._continue_ids = punctuation_ids(self.tokenizer)
+        self._has_word: dict[int, bool] = {}
 
     def window_for(self, audio_s: float) -> int:
         """Smallest configured window holding the audio (Whisper's max is 30 s)."""
         return window_for(audio_s, self.config.pad_windows_s)
 
-    def decode(self, audio: np.ndarray, retry_cut_short: bool = True) -> Decoded:
+    def decode(self, audio: np.ndarray, retry_cut_short: bool = True, marks: bool = False) -> Decoded:
         """float32 16 kHz mono -> text. ``retry_cut_short``: a decode that
         stopped early is done again in the 30 s window (see cut_short); the
         worker asks it for finals only, whose words would otherwise be lost
         (a partial's are decoded again anyway, and a caller playing music
-        must not make every partial cost a 30 s decode)."""
+        must not make every partial cost a 30 s decode). ``marks``: read
+        Decoded.sentence_end_p too."""
         started = time.perf_counter()
-        return self._run([self._prepare(audio)], started, [retry_cut_short])[0]
+        return self._run([self._prepare(audio)], started, [retry_cut_short], marks=[marks])[0]
 
     def decode_batch(
-        self, audios: Sequence[np.ndarray], retry_cut_short: Sequence[bool] | None = None
+        self,
+        audios: Sequence[np.ndarray],
+        retry_cut_short: Sequence[bool] | None = None,
+        marks: Sequence[bool] | None = None,
     ) -> list[Decoded]:
         """Several utterances in one CTranslate2 call, results in input order.
 
@@ -180,7 +224,7 @@ class WhisperDecoder:
         """
         started = time.perf_counter()
         items = [self._prepare(audio) for audio in audios]
-        return self._run(items, started, retry_cut_short, alone_later=len(items) > 1)
+        return self._run(items, started, retry_cut_short, alone_later=len(items) > 1, marks=marks)
 
     def decode_long(self, audio: np.ndarray) -> Decoded:
         """Decode in the 30 s window, alone: the retry of a batch item that
@@ -227,8 +271,11 @@ class WhisperDecoder:
         started: float,
         retry: Sequence[bool] | None = None,
         alone_later: bool = False,
+        marks: Sequence[bool] | None = None,
     ) -> list[Decoded]:
         from faster_whisper.audio import pad_or_trim
+
+        wants_marks = [self.can_mark and marks is not None and bool(marks[i]) for i in range(len(items))]
 
         if len(items) == 1 and (retry is None or retry[0]) and items[0].whole is not None and not alone_later:
             # A final over 30 s alone is decoded whole (below) and nothing
@@ -253,6 +300,7 @@ class WhisperDecoder:
             return_no_speech_prob=self.config.no_speech_threshold is not None,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
+            return_logits_vocab=any(wants_marks),
         )
         elapsed = time.perf_counter() - started
         decoded = []
@@ -271,6 +319,10 @@ class WhisperDecoder:
             no_speech_prob = float(result.no_speech_prob) if measured else None
             avg_logprob = float(result.scores[0]) if measured else None
             noise = bool(text) and self._is_noise(no_speech_prob, avg_logprob)
+            # Not for a loop cut by the cap: its last word is not where it stopped.
+            ended = len(sequence) < item.token_cap
+            read = wants_marks[len(decoded)] and text and ended and not noise
+            end_p = self._sentence_end_p(result, tokens) if read else None
             decoded.append(
                 Decoded(
                     "" if noise else text,
@@ -281,6 +333,7 @@ class WhisperDecoder:
                     no_speech_prob=no_speech_prob,
                     avg_logprob=avg_logprob,
                     no_speech=noise,
+                    sentence_end_p=end_p,
                 )
             )
         for i, item in enumerate(items):
@@ -308,11 +361,28 @@ class WhisperDecoder:
                     continue
                 redo_started = time.perf_counter()
                 if window < MAX_WINDOW_S:
-                    again = self._run([dataclasses.replace(item, window=MAX_WINDOW_S)], started, [True])[0]
+                    longer = dataclasses.replace(item, window=MAX_WINDOW_S)
+                    again = self._run([longer], started, [True], marks=[wants_marks[i]])[0]
                 else:
                     again = self._segmented(item, started)
                 decoded[i] = keep_longer(decoded[i], again, time.perf_counter() - redo_started)
         return decoded
+
+    def _sentence_end_p(self, result: object, tokens: list[int]) -> float | None:
+        """sentence_end_share at the step after the last token with a word
+        character in it: what Whisper would write next, whether it wrote a
+        mark there or ended."""
+        last = -1
+        for i, token in enumerate(tokens):
+            has = self._has_word.get(token)
+            if has is None:
+                has = self._has_word[token] = bool(WORD_CHAR.search(self.tokenizer.decode([token])))
+            if has:
+                last = i
+        steps = result.logits[0]  # type: ignore[attr-defined]
+        if last < 0 or last + 1 >= len(steps):
+            return None
+        return sentence_end_share(np.asarray(steps[last + 1]), self._end_ids, self._continue_ids)
 
     def _is_noise(self, no_speech_prob: float | None, avg_logprob: float | None) -> bool:
         """Words Whisper wrote for audio it also says holds no speech, and

@@ -94,6 +94,7 @@ class _Job:
     # newer partial replacing an older one keeps the older one's place, so a
     # caller who speaks continuously is not sent to the back each time.
     waiting_since: float
+    marks: bool = False  # read Whisper's sentence-end share too (Decoded.sentence_end_p)
 
     @property
     def live(self) -> bool:
@@ -205,9 +206,10 @@ class ASRWorker:
         decoded now, nor superseded or forgotten ones (admission reads this)."""
         return sum(1 for job in self._waiting.values() if job.live)
 
-    def submit(self, call_id: str, audio: np.ndarray, final: bool) -> asyncio.Future[Decoded]:
+    def submit(self, call_id: str, audio: np.ndarray, final: bool, marks: bool = False) -> asyncio.Future[Decoded]:
         """Queue a decode; the future resolves to its text. A superseded partial
-        resolves with CancelledError."""
+        resolves with CancelledError. ``marks``: the decode reads Whisper's
+        sentence-end share too (an end-of-turn input)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decoded] = loop.create_future()
         now = time.monotonic()
@@ -215,7 +217,7 @@ class ASRWorker:
         self._ended.pop(call_id, None)  # the call goes on (a carrier call re-attached under its id)
         if self.config.scheduler == "fifo":
             # Arrival order for everything (_due ignores the priority here).
-            self._enqueue(_Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, now))
+            self._enqueue(_Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, now, marks))
             return future
         since = now
         old = self._pending_partial.pop(call_id, None)
@@ -240,7 +242,7 @@ class ASRWorker:
                 self.on_over_budget()
             future.cancel()
             return future
-        job = _Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, since)
+        job = _Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, since, marks)
         if final:
             self._finals_waiting += 1
             future.add_done_callback(self._final_done)
@@ -371,7 +373,7 @@ class ASRWorker:
             return
         try:
             results = await self._lane(batch).decode_batch(
-                [job.audio for job in batch], [job.priority == FINAL for job in batch]
+                [job.audio for job in batch], [job.priority == FINAL for job in batch], [job.marks for job in batch]
             )
         except Exception:
             # One malformed item or an out-of-memory on the batch: decode each
@@ -411,7 +413,7 @@ class ASRWorker:
     async def _decode_one(self, job: _Job, started: float) -> None:
         try:
             try:
-                result = await self._lane([job]).decode(job.audio, job.priority == FINAL)
+                result = await self._lane([job]).decode(job.audio, job.priority == FINAL, job.marks)
             except DecoderDied:
                 if job.priority != FINAL or not job.live:
                     raise  # a partial is superseded by the next one anyway
@@ -420,7 +422,7 @@ class ASRWorker:
                 # second death fails the turn and the child restarts again.
                 log.warning("the ASR decoder died under call %s's final; decoding it again", job.call_id)
                 self.crash_retries += 1
-                result = await self._lane([job]).decode(job.audio, True)
+                result = await self._lane([job]).decode(job.audio, True, job.marks)
         except Exception as exc:  # one bad decode fails one turn, not the server
             log.exception("ASR decode failed for call %s", job.call_id)
             if job.live:

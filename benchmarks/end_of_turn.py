@@ -47,7 +47,7 @@ import numpy as np
 import soxr
 
 from asr.config import ASRConfig
-from asr.end_of_turn import SmartTurn, asks_llm, decide_window
+from asr.end_of_turn import SmartTurn, asks_llm, decide_window, whisper_marks
 from asr.endpointing import endpoint_window
 from asr.turns import CHUNK_S, Paused, Resumed, TurnEnded, TurnTracker
 from asr.vad import SileroVAD
@@ -70,6 +70,10 @@ TAIL_S = 3.6  # longer than pipecat's 3 s fallback, so every candidate ends the 
 # ASRConfig.llm_sentence_end_threshold) after it, from its labelled table:
 # read those rows as tuned on this set.
 SENTENCE_END_THRESHOLDS = (0.15, 0.3, 0.5)
+# Whisper's sentence-end share (odds 9:1, 19:1, 49:1); 0.95, the default,
+# was chosen on the set's recorded half by end_of_turn_whisper_punct's
+# first run, before any run of these candidates.
+WHISPER_THRESHOLDS = (0.9, 0.95, 0.98)
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -244,6 +248,9 @@ class Inputs:
     sentence_end_p_alone: float | None = None  # the same without the agent's line before the words
     text_s: float = 0.0
     text_cpu_s: float = 0.0
+    # Whisper's P(. ? !) against P(. ? ! , ...) after its last word, from
+    # the pause decode itself (asr/whisper.py): no compute of its own.
+    whisper_end_p: float | None = None
 
 
 class TextEndOfTurn:
@@ -304,8 +311,8 @@ class Features:
         key = (case.id, len(audio))
         if key in self._cache:
             return self._cache[key]
-        decoded = self.decoder.decode(audio)
-        inputs = Inputs(decoded.text, decoded.decode_s)
+        decoded = self.decoder.decode(audio, marks=True)  # the words are the same either way
+        inputs = Inputs(decoded.text, decoded.decode_s, whisper_end_p=decoded.sentence_end_p)
         if self.smart is not None:
             c0, t0 = time.process_time(), time.perf_counter()
             inputs.smart_p = self.smart.probability(audio)
@@ -353,15 +360,16 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
         rule: float | None = None
         prob: float | None = None
         sentence_end: float | None = None
+        whisper_end: float | None = None
         out = []
         for at, what in sorted(arrivals):
             if what == "rule":
-                rule = rule_window
+                rule, whisper_end = rule_window, whisper_marks(i.text, i.whisper_end_p)  # one decode gives both
             elif what == "smart":
                 prob = i.smart_p
             else:
                 sentence_end = i.sentence_end_p
-            out.append((at, decide_window(policy, rule, prob, cfg, sentence_end)))
+            out.append((at, decide_window(policy, rule, prob, cfg, sentence_end, whisper_end)))
         return out
 
     return decide
@@ -421,6 +429,15 @@ def _without_agent(decide: Callable[[Inputs, ASRConfig], Updates]) -> Callable[[
     return without
 
 
+def _whisper_alone(threshold: float) -> Callable[[Inputs, ASRConfig], Updates]:
+    # Whisper's marks alone: a sentence end it is sure of -> min, else max.
+    def decide(i: Inputs, cfg: ASRConfig) -> Updates:
+        sure = i.whisper_end_p is not None and i.whisper_end_p >= threshold
+        return [(i.decode_s, cfg.endpoint_min_s if sure else cfg.endpoint_max_s)]
+
+    return decide
+
+
 def _scaled_with_both(i: Inputs, cfg: ASRConfig) -> Updates:
     # The window grows with the doubt of both, min + (1 - Ps * Pt) (max - min),
     # the word rules' veto standing.
@@ -440,6 +457,20 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
         for w in (0.5, 0.7, 1.0)
     ]
     out.append(Candidate("adaptive words 0.3/0.7/1.2 (today)", ASRConfig(), _adaptive, zero))
+    # Whisper's marks cost nothing beyond the pause decode (read from its logits).
+    out += [
+        Candidate(f"Whisper P(. ? ! of the marks) >= {t:g} alone", ASRConfig(), _whisper_alone(t), zero)
+        for t in WHISPER_THRESHOLDS
+    ]
+    out += [
+        Candidate(
+            f"whisper+rules, threshold {t:g}",
+            ASRConfig(end_of_turn="whisper+rules", whisper_sentence_end_threshold=t),
+            _policy("whisper+rules"),
+            zero,
+        )
+        for t in WHISPER_THRESHOLDS
+    ]
     if smart:
         out += [
             Candidate("smart turn v3.2, pipecat defaults (0.2 s / 3 s)", ASRConfig(), _pipecat, smart_cost, "smart"),
@@ -498,6 +529,17 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
             Candidate(f"LLM P(sentence ends here) >= {t:g}", ASRConfig(), _sentence_end(t), se_cost, "text")
             for t in SENTENCE_END_THRESHOLDS
         ]
+    if text:
+        out.append(
+            Candidate(
+                f"whisper+rules+llm, thresholds {ASRConfig.whisper_sentence_end_threshold:g} / "
+                f"{ASRConfig.llm_sentence_end_threshold:g}",
+                ASRConfig(end_of_turn="whisper+rules+llm"),
+                _policy("whisper+rules+llm"),
+                lambda i: i.text_cpu_s,
+                "text",
+            )
+        )
     if smart and text:
         both: Callable[[Inputs], float] = lambda i: i.smart_cpu_s + i.text_cpu_s  # noqa: E731
         out += [
@@ -556,6 +598,7 @@ VARIED = (
     "adaptive words",
     "smart_turn_scaled+rules (",
     "smart_turn_scaled+rules+llm, threshold 0.3",
+    f"whisper+rules, threshold {ASRConfig.whisper_sentence_end_threshold:g}",
 )
 
 
@@ -670,6 +713,7 @@ def labelled_inputs(case: Case, vad: SileroVAD, features: Features) -> list[dict
                     "smart_p": i.smart_p,
                     "sentence_end_p": i.sentence_end_p,
                     "sentence_end_p_alone": i.sentence_end_p_alone,
+                    "whisper_end_p": i.whisper_end_p,
                     "agent": case.agent,
                 }
             )
@@ -710,6 +754,37 @@ def fitted_frontier(
     for cut, delay, lo, st, mid in sorted(points, key=lambda p: (p[1], p[0])):
         if not front or cut < front[-1]["false_cutoff_rate"]:
             front.append({"false_cutoff_rate": cut, "mean_delay_ms": delay * 1000, "lo": lo, "st": st, "mid_s": mid})
+    return front
+
+
+def fitted_frontier_whisper(labelled: list[dict[str, Any]], cfg: ASRConfig) -> list[dict[str, float]]:
+    """The same kind of optimistic bound for the whisper+rules(+llm)
+    family, its two knobs fitted to the set: the word rules' long window,
+    Whisper's share below ``w`` or the LLM's P(sentence ends) below ``lo``
+    waits max, else the rules' window (Whisper's marks as the session
+    reads them: ``whisper_marks``). ``lo`` 0: without the LLM."""
+    pauses = [x for x in labelled if x["pause_s"] is not None]
+    ends = [x for x in labelled if x["pause_s"] is None]
+    if not pauses or not ends:
+        return []
+
+    def window(x: dict[str, Any], w: float, lo: float) -> float:
+        rule = float(x["rule_window_s"])
+        marks = whisper_marks(x["text"], x["whisper_end_p"])
+        llm = x["sentence_end_p"]
+        held = rule >= cfg.endpoint_max_s or (marks is not None and marks < w) or (llm is not None and llm < lo)
+        return cfg.endpoint_max_s if held else rule
+
+    points = []
+    for w in (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99):
+        for lo in np.arange(0.0, 0.5, 0.025):
+            cut = sum(window(x, w, lo) < x["pause_s"] for x in pauses) / len(pauses)
+            delay = statistics.fmean(window(x, w, lo) for x in ends) + CHUNK_S
+            points.append((cut, delay, w, float(lo)))
+    front: list[dict[str, float]] = []
+    for cut, delay, w, lo in sorted(points, key=lambda p: (p[1], p[0])):
+        if not front or cut < front[-1]["false_cutoff_rate"]:
+            front.append({"false_cutoff_rate": cut, "mean_delay_ms": delay * 1000, "whisper": w, "lo": lo})
     return front
 
 
@@ -849,6 +924,7 @@ def main() -> None:
             "text_p_raw": v.text_p_raw,
             "sentence_end_p": v.sentence_end_p,
             "sentence_end_p_alone": v.sentence_end_p_alone,
+            "whisper_end_p": v.whisper_end_p,
             "decode_ms": round(v.decode_s * 1000, 1),
             "smart_ms": round(v.smart_s * 1000, 1),
             "text_ms": round(v.text_s * 1000, 1),
@@ -858,8 +934,13 @@ def main() -> None:
     labelled = [x for c in cases for x in labelled_inputs(c, vad, features)]
     front = fitted_frontier(labelled, ASRConfig())
     front_alone = fitted_frontier(labelled, ASRConfig(), "sentence_end_p_alone")
+    front_whisper = fitted_frontier_whisper(labelled, ASRConfig())
     n_labelled = len([x for x in labelled if x["pause_s"] is not None])
-    for what, points in (("", front), (", the LLM without the agent's line", front_alone)):
+    for what, points in (
+        ("", front),
+        (", the LLM without the agent's line", front_alone),
+        (", whisper+rules(+llm)", front_whisper),
+    ):
         if not points:
             continue
         at_450 = min((p["false_cutoff_rate"] for p in points if p["mean_delay_ms"] <= 450), default=None)
@@ -895,6 +976,7 @@ def main() -> None:
                 "labelled_inputs": labelled,
                 "fitted_frontier": front,
                 "fitted_frontier_without_agent_line": front_alone,
+                "fitted_frontier_whisper": front_whisper,
             },
             indent=1,
         )

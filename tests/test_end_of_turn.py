@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from asr.config import ASRConfig
-from asr.end_of_turn import SmartTurn, SmartTurnMissing, asks_llm, decide_window, find_smart_turn_model
+from asr.end_of_turn import (
+    SmartTurn,
+    SmartTurnMissing,
+    asks_llm,
+    decide_window,
+    find_smart_turn_model,
+    whisper_marks,
+)
 from asr.endpointing import endpoint_window, number_read_out, short_answer
 from asr.whisper import WhisperDecoder
 from benchmarks.end_of_turn import SPEC, Builder, Case
@@ -35,8 +42,8 @@ def _model_path() -> str:
 def cases() -> dict[str, Case]:
     spec = json.loads(SPEC.read_text())
     builder = Builder(spec)
-    # account number, last four digits, "and" before the rest, a finished question
-    wanted = {"tts-00", "tts-01", "tts-10", "tts-18"}
+    # account number, last four digits, a list, "and" before the rest, a finished question
+    wanted = {"tts-00", "tts-01", "tts-09", "tts-10", "tts-18"}
     return {item["id"]: builder.spoken(item) for item in spec["spoken"] if item["id"] in wanted}
 
 
@@ -252,6 +259,55 @@ def test_decide_window_table() -> None:
     assert decide_window(llm, None, None, cfg, above) == mid
 
 
+def test_decide_window_whisper_table() -> None:
+    """whisper+rules: the rules' window unless Whisper's share of a
+    sentence end is below its threshold (or the rules already wait the
+    longest); +llm adds the LLM's veto."""
+    cfg = CFG
+    lo, mid, hi = cfg.endpoint_min_s, cfg.endpoint_unsure_s, cfg.endpoint_max_s
+    sure, unsure = 0.99, cfg.whisper_sentence_end_threshold - 0.1
+    assert decide_window("whisper+rules", None, None, cfg) == mid  # the pause decode is not in
+    assert decide_window("whisper+rules", lo, None, cfg, None, sure) == lo
+    assert decide_window("whisper+rules", mid, None, cfg, None, sure) == mid  # a short sentence waits as the rules say
+    assert decide_window("whisper+rules", lo, None, cfg, None, unsure) == hi  # a voice that goes on
+    assert decide_window("whisper+rules", hi, None, cfg, None, sure) == hi  # the rules' veto stands
+    assert decide_window("whisper+rules", lo, None, cfg, None, None) == lo  # no marks read: the rules alone
+    assert decide_window("whisper+rules", lo, 0.0, cfg, 0.0, sure) == lo  # neither Smart Turn nor the LLM counts
+    below = cfg.llm_sentence_end_threshold / 2
+    assert decide_window("whisper+rules+llm", lo, None, cfg, below, sure) == hi
+    assert decide_window("whisper+rules+llm", None, None, cfg, below, None) == hi
+    assert decide_window("whisper+rules+llm", lo, None, cfg, 0.9, sure) == lo
+    llm = dataclasses.replace(CFG, end_of_turn="whisper+rules+llm")
+    assert asks_llm("Please enter your password.", lo, llm)
+    # A short answer or a number read out in full is complete by the rules:
+    # Whisper's doubt about one word does not hold it.
+    assert whisper_marks("Yes.", unsure) is None
+    assert whisper_marks("My zip code is 94107.", unsure) is None
+    assert whisper_marks("I need eggs.", unsure) == unsure
+    assert whisper_marks("I need eggs.", None) is None
+
+
+def test_whisper_marks_hear_a_voice_go_on(cases: dict[str, Case], decoder: WhisperDecoder) -> None:
+    """Whisper's share of a sentence end after its last word, read from the
+    decode itself: "I want to pay my bill and | check my balance" and "I
+    need eggs, | milk..." at the pause (TTS pieces said with the comma's
+    rising voice) fall below the threshold, their true ends and a finished
+    question do not. The words alone do not tell these pauses: tiny.en
+    writes "I need eggs." with a full stop, which the rules take for an end."""
+    threshold = CFG.whisper_sentence_end_threshold
+    for case_id, index in (("tts-10", 0), ("tts-09", 0)):
+        decoded = decoder.decode(_at_pause(cases[case_id], index), marks=True)
+        assert decoded.sentence_end_p is not None and decoded.sentence_end_p < threshold, (case_id, decoded)
+    for case_id in ("tts-10", "tts-09", "tts-18"):
+        decoded = decoder.decode(_at_pause(cases[case_id], None), marks=True)
+        assert decoded.sentence_end_p is not None and decoded.sentence_end_p >= threshold, (case_id, decoded)
+    # Read only where asked, per item of a batch too.
+    audios = [_at_pause(cases["tts-18"], None), _at_pause(cases["tts-10"], 0)]
+    assert decoder.decode(audios[0]).sentence_end_p is None
+    both = decoder.decode_batch(audios, [True, True], [False, True])
+    assert both[0].sentence_end_p is None and both[1].sentence_end_p is not None
+
+
 def test_missing_model_is_a_clear_error(tmp_path: object) -> None:
     with pytest.raises(SmartTurnMissing, match="--fetch"):
         find_smart_turn_model("/nonexistent/smart-turn.onnx")
@@ -373,6 +429,44 @@ async def test_the_llm_hears_a_sentence_go_on(server: object, cases: dict[str, C
     assert p is not None and p < threshold and window == CFG.endpoint_max_s
     window, p = await _window_at(server, _at_pause(cases["tts-18"], None, after_s=0.25), policy, wait_llm=True)
     assert p is not None and p >= threshold and window < CFG.endpoint_unsure_s
+
+
+async def test_whisper_marks_choose_the_window_in_the_session(server: object, cases: dict[str, Case]) -> None:
+    """whisper+rules through the server's own ASR worker (its decoder
+    process): the preemptive turn's pause decode asks for Whisper's marks
+    and the session's window reads them. "I want to pay my bill and" (heard
+    as a finished "...and check.", which the rules alone end in 0.3 s) waits
+    the longest window; the finished question the shortest."""
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+
+    async def window_at(audio: np.ndarray) -> tuple[float, float | None]:
+        async def emit(event: dict[str, object]) -> None:
+            return None
+
+        session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
+        session.asr_config = dataclasses.replace(
+            server.runtime.config.asr,  # type: ignore[attr-defined]
+            end_of_turn="whisper+rules",
+            silent_line_s=0.0,
+        )
+        await session.start(Start(encoding="pcm16", sample_rate=RATE, server_greeting=False))
+        try:
+            pcm = float_to_int16(audio).tobytes()
+            for i in range(0, len(pcm), 640):
+                await session.audio(pcm[i : i + 640])
+            async with asyncio.timeout(20):
+                while session._eot_rule is None or session._eot_whisper is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert session._tracker is not None
+            return session._tracker.endpoint_s, session._eot_whisper
+        finally:
+            await session.stop()
+
+    window, share = await window_at(_at_pause(cases["tts-10"], 0, after_s=0.25))
+    assert window == CFG.endpoint_max_s, share
+    window, share = await window_at(_at_pause(cases["tts-18"], None, after_s=0.25))
+    assert window == CFG.endpoint_min_s, share
 
 
 def test_a_past_run_is_checked_against_todays_word_rules() -> None:

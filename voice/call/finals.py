@@ -55,9 +55,9 @@ class OneFinalPerCall:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._asr, name)
 
-    def submit(self, call_id: str, audio: np.ndarray, final: bool) -> asyncio.Future[Any]:
+    def submit(self, call_id: str, audio: np.ndarray, final: bool, marks: bool = False) -> asyncio.Future[Any]:
         if not final:
-            return self._asr.submit(call_id, audio, final)
+            return self._asr.submit(call_id, audio, final, marks)
         if self._closed:
             gone: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             gone.cancel()
@@ -66,7 +66,8 @@ class OneFinalPerCall:
         self._orphaned = np.zeros(0, np.float32)
         nothing_waits = self._waiting is None or self._waiting.done()
         if (self._queued is None or self._queued.done()) and nothing_waits:
-            self._queued = self._asr.submit(call_id, np.concatenate([carried, audio]) if len(carried) else audio, True)
+            joined = np.concatenate([carried, audio]) if len(carried) else audio
+            self._queued = self._asr.submit(call_id, joined, True, marks)
             self._carry(self._queued, carried)
             return self._queued
         if self._waiting is not None and not self._waiting.done():
@@ -85,7 +86,7 @@ class OneFinalPerCall:
         def hand_over(_: object) -> None:
             if waiting.done() or self._closed:  # superseded, given up, or the call hung up
                 return
-            inner = self._asr.submit(call_id, audio, True)
+            inner = self._asr.submit(call_id, audio, True, marks)
             self._queued = inner
             _chain(inner, waiting)
 

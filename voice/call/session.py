@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from asr.config import ASRConfig
-from asr.end_of_turn import SMART_TURN_POLICIES, asks_llm, decide_window, shared_smart_turn
+from asr.end_of_turn import (
+    SMART_TURN_POLICIES,
+    asks_llm,
+    decide_window,
+    shared_smart_turn,
+    wants_marks,
+    whisper_marks,
+)
 from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
 from llm.base import EngineError, GenerationRequest, PromptTooLong, SentenceEndUnsupported, Usage
@@ -147,6 +154,8 @@ class CallSession:
         self._eot_rule: float | None = None
         self._eot_prob: float | None = None
         self._eot_llm: float | None = None  # the LLM's P(the sentence ends here)
+        self._eot_whisper: float | None = None  # Whisper's sentence-end share, with _eot_rule's words
+        self._last_partial_end_p: float | None = None  # the same for _last_partial
         self._smart_turn_busy = False
         self._sentence_end_busy = False
         self._prefilling = False
@@ -530,13 +539,14 @@ class CallSession:
         self.runtime.asr.forget(self.call_id)
         self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
         self._last_partial = ""
+        self._last_partial_end_p = None
         # The new tracker counts stream positions from 0 again: so does the
         # arrival map, or speech ends would map to old frames (TTFS too long).
         self._cleared_s += self._fed_s
         self._fed_s = 0.0
         self._arrivals.clear()
         self._pause_id += 1
-        self._eot_rule = self._eot_prob = self._eot_llm = None
+        self._eot_rule = self._eot_prob = self._eot_llm = self._eot_whisper = None
 
     def cancel_reply(self) -> bool:
         """Stop the reply being generated (Realtime ``response.cancel``).
@@ -632,7 +642,7 @@ class CallSession:
     async def _on_event(self, ev: object, now: float) -> None:
         if isinstance(ev, Paused | Resumed | TurnEnded):
             self._pause_id += 1
-            self._eot_rule = self._eot_prob = self._eot_llm = None
+            self._eot_rule = self._eot_prob = self._eot_llm = self._eot_whisper = None
         if isinstance(ev, SpeechStarted):
             audio_ms = round((ev.audio_s + self._cleared_s) * 1000)
             if self._start is not None and not self._start.barge_in:
@@ -711,6 +721,7 @@ class CallSession:
             # ("... and") are the ones that decide. A call fed faster than
             # real time is served last and keeps the partial's window.
             self._eot_rule = endpoint_window(self._last_partial, cfg)
+            self._eot_whisper = whisper_marks(self._last_partial, self._last_partial_end_p)
             self._set_window()
             if self._low_priority:
                 self._ask_sentence_end(self._last_partial)
@@ -722,7 +733,7 @@ class CallSession:
         (preemption off, its budget spent, barge-in off mid-reply): its words
         choose the window, as a preemptive turn's do."""
         try:
-            result = await self.runtime.asr.submit(self.call_id, audio, final=False)
+            result = await self.runtime.asr.submit(self.call_id, audio, final=False, marks=wants_marks(self.asr_config))
         except asyncio.CancelledError:
             return  # superseded (the turn ended, the caller went on) or the call stopped
         except Exception:
@@ -730,14 +741,17 @@ class CallSession:
         if not self._still_pause(pause_id) or self.closed:
             return
         self._last_partial = result.text
+        self._last_partial_end_p = result.sentence_end_p
         self._eot_rule = endpoint_window(result.text, self.asr_config)
+        self._eot_whisper = whisper_marks(result.text, result.sentence_end_p)
         self._set_window()
         self._ask_sentence_end(" ".join(filter(None, [self.carry_over, result.text])))
 
-    def _window(self, turn: Turn, seconds: float) -> None:
-        # The pause decode is in: its words choose how long to wait.
+    def _window(self, turn: Turn, seconds: float, whisper_end: float | None) -> None:
+        # The pause decode is in: its words (and Whisper's marks) choose how long to wait.
         if self.asr_config.adaptive_endpoint and turn is self._pending and self._tracker is not None:
             self._eot_rule = seconds
+            self._eot_whisper = whisper_end
             self._set_window()
             self._ask_sentence_end(turn.user_text)
 
@@ -745,7 +759,9 @@ class CallSession:
         """The pause's endpoint window from every input in so far."""
         cfg = self.asr_config
         if self._tracker is not None:
-            window = decide_window(cfg.end_of_turn, self._eot_rule, self._eot_prob, cfg, self._eot_llm)
+            window = decide_window(
+                cfg.end_of_turn, self._eot_rule, self._eot_prob, cfg, self._eot_llm, self._eot_whisper
+            )
             self._tracker.set_endpoint(window)
 
     def _ask_sentence_end(self, words: str) -> None:
@@ -828,6 +844,7 @@ class CallSession:
                 await self.emit({"type": "speech.stopped", "audio_end_ms": end_ms})
             self.runtime.asr.forget(self.call_id)  # a pending partial is moot now
             self._last_partial = ""
+            self._last_partial_end_p = None
             if self._active is not None and not self._active.task.done():
                 if self._active is not stopped:
                     self._active.cancel()  # one that began while speech.stopped was sent
@@ -937,7 +954,9 @@ class CallSession:
 
     async def _partial(self, audio: np.ndarray, turn: int) -> None:
         try:
-            result = await self.runtime.asr.submit(self.call_id, audio, final=False)
+            # Marks: a pause with no preemptive turn takes the last partial's.
+            marks = wants_marks(self.asr_config)
+            result = await self.runtime.asr.submit(self.call_id, audio, final=False, marks=marks)
         except asyncio.CancelledError:
             return  # superseded by a newer partial or the final
         except Exception:
@@ -947,6 +966,7 @@ class CallSession:
         if turn != self._turn_index or self._turn_ending or not result.text or self.closed:
             return
         self._last_partial = result.text
+        self._last_partial_end_p = result.sentence_end_p
         await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})
         speculate = not self._low_priority and self._speculation.available()
         # A prefill only buys latency when the engine has nothing better to

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asr.config import ASRConfig
+from asr.end_of_turn import wants_marks, whisper_marks
 from asr.endpointing import endpoint_window
 from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
 from llm.continuation import stream_continuing
@@ -210,7 +211,8 @@ class Turn:
         audio: np.ndarray,
         times: TurnTimes,
         committed: bool,
-        on_window: Callable[[Turn, float], None] | None = None,
+        # Told the pause decode's rule window and Whisper's sentence-end share.
+        on_window: Callable[[Turn, float, float | None], None] | None = None,
         audio_end_s: float = 0.0,
         spoken_first: SpokenFirst | None = None,
     ) -> None:
@@ -405,7 +407,10 @@ class Turn:
             await self._reply()
             return
         self.times.asr_start = time.monotonic()
-        pending = self._final = ctx.asr.submit(ctx.call_id, self.audio, final=True)
+        # A preemptive turn's decode is its pause's: Whisper's marks there are
+        # an end-of-turn input where the policy reads them.
+        marks = not self.committed and wants_marks(ctx.asr_config)
+        pending = self._final = ctx.asr.submit(ctx.call_id, self.audio, final=True, marks=marks)
         try:
             # Shielded: a caller who talks over a committed turn mid-decode
             # still gets these words joined to their next turn.
@@ -439,7 +444,8 @@ class Turn:
         self.carry_over = ctx.take_carry_over(self.committed)
         self.user_text = newest_words(" ".join(filter(None, [self.carry_over, decoded.text])).strip())
         if self._on_window is not None and not self.committed:
-            self._on_window(self, endpoint_window(decoded.text, ctx.asr_config))
+            marks = whisper_marks(decoded.text, decoded.sentence_end_p)
+            self._on_window(self, endpoint_window(decoded.text, ctx.asr_config), marks)
         if not self.user_text:
             # VAD heard something Whisper found no words in: no turn. Said
             # once the turn is committed (held until then, like any event): a

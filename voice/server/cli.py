@@ -13,7 +13,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never wait on a hub
 
-from asr.config import END_OF_TURN_POLICIES, LLM_END_OF_TURN_POLICIES, ASRConfig, decoder_threads_for
+from asr.config import (
+    END_OF_TURN_POLICIES,
+    LLM_END_OF_TURN_POLICIES,
+    SMART_TURN_POLICIES,
+    ASRConfig,
+    decoder_threads_for,
+)
 from llm.config import (
     CPU_LLAMACPP_REPLICAS,
     CPU_LLAMACPP_SLOTS,
@@ -462,7 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--llm-sentence-end-threshold",
         type=float,
         default=ASRConfig.llm_sentence_end_threshold,
-        help="under --end-of-turn smart_turn_scaled+rules+llm: below this P(the sentence ends here) wait the longest",
+        help="under an --end-of-turn policy ending in +llm: below this P(the sentence ends here) wait the longest",
+    )
+    serve.add_argument(
+        "--whisper-sentence-end-threshold",
+        type=float,
+        default=ASRConfig.whisper_sentence_end_threshold,
+        help="under --end-of-turn whisper+rules(+llm): below this share of a full stop among the marks Whisper "
+        "could write after the caller's last word, wait the longest window (default %(default)s)",
     )
     serve.add_argument(
         "--resume-grace-s",
@@ -778,6 +791,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         end_of_turn=args.end_of_turn,
         resume_grace_s=max(0.0, args.resume_grace_s),
         llm_sentence_end_threshold=min(1.0, max(0.0, args.llm_sentence_end_threshold)),
+        whisper_sentence_end_threshold=min(1.0, max(0.0, args.whisper_sentence_end_threshold)),
         smart_turn_model=args.smart_turn_model,
         scheduler=args.asr_scheduler,
         batch_size=max(0, args.asr_batch_size),
@@ -788,7 +802,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         partial_budget=None if args.asr_partial_budget is None else max(0.0, args.asr_partial_budget),
         partials_behind_finals=args.asr_partials_behind_finals,
     )
-    if asr.adaptive_endpoint and asr.end_of_turn != "adaptive":
+    if asr.adaptive_endpoint and asr.end_of_turn in SMART_TURN_POLICIES:
         # Load Smart Turn now: a missing model is a startup error, not a
         # failure at the first caller's first pause.
         from asr.end_of_turn import SmartTurnMissing, shared_smart_turn
