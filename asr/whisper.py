@@ -67,6 +67,19 @@ def punctuation_ids(tokenizer: object) -> tuple[list[int], list[int]]:
     return ids(SENTENCE_END_MARKS), ids(CONTINUE_MARKS)
 
 
+def _on_cpu(logits: object) -> np.ndarray:
+    """One step's logits as float32 numpy: on a GPU, or in float16 /
+    bfloat16, a StorageView has no array interface of its own."""
+    import ctranslate2
+
+    view = logits
+    if getattr(view, "dtype", ctranslate2.DataType.float32) != ctranslate2.DataType.float32:
+        view = view.to(ctranslate2.DataType.float32)  # type: ignore[attr-defined]
+    if getattr(view, "device", "cpu") != "cpu":
+        view = view.to_device(ctranslate2.Device.cpu)  # type: ignore[attr-defined]
+    return np.asarray(view)
+
+
 def sentence_end_share(logits: np.ndarray, end_ids: list[int], continue_ids: list[int]) -> float | None:
     """P(. ? !) against P(. ? ! , ...) from one step's logits; None when the
     step allows none of them."""
@@ -322,7 +335,7 @@ class WhisperDecoder:
             # Not for a loop cut by the cap: its last word is not where it stopped.
             ended = len(sequence) < item.token_cap
             read = wants_marks[len(decoded)] and text and ended and not noise
-            end_p = self._sentence_end_p(result, tokens) if read else None
+            end_p = self._sentence_end_p(result, sequence[: item.token_cap]) if read else None
             decoded.append(
                 Decoded(
                     "" if noise else text,
@@ -368,12 +381,15 @@ class WhisperDecoder:
                 decoded[i] = keep_longer(decoded[i], again, time.perf_counter() - redo_started)
         return decoded
 
-    def _sentence_end_p(self, result: object, tokens: list[int]) -> float | None:
+    def _sentence_end_p(self, result: object, sequence: list[int]) -> float | None:
         """sentence_end_share at the step after the last token with a word
         character in it: what Whisper would write next, whether it wrote a
-        mark there or ended."""
+        mark there or ended. ``sequence``: the generated ids, one step each
+        (the logits' index), special tokens included."""
         last = -1
-        for i, token in enumerate(tokens):
+        for i, token in enumerate(sequence):
+            if token >= self.tokenizer.eot:
+                continue  # end of text, a timestamp: no word
             has = self._has_word.get(token)
             if has is None:
                 has = self._has_word[token] = bool(WORD_CHAR.search(self.tokenizer.decode([token])))
@@ -382,7 +398,7 @@ class WhisperDecoder:
         steps = result.logits[0]  # type: ignore[attr-defined]
         if last < 0 or last + 1 >= len(steps):
             return None
-        return sentence_end_share(np.asarray(steps[last + 1]), self._end_ids, self._continue_ids)
+        return sentence_end_share(_on_cpu(steps[last + 1]), self._end_ids, self._continue_ids)
 
     def _is_noise(self, no_speech_prob: float | None, avg_logprob: float | None) -> bool:
         """Words Whisper wrote for audio it also says holds no speech, and

@@ -308,6 +308,22 @@ def test_whisper_marks_hear_a_voice_go_on(cases: dict[str, Case], decoder: Whisp
     assert both[0].sentence_end_p is None and both[1].sentence_end_p is not None
 
 
+def test_marks_read_half_precision_logits() -> None:
+    """A float16 decode's logits have no array interface of their own (nor
+    does a GPU's: that path cannot run on this machine); both go through
+    float32 on the CPU. The share is the full stop's mass among the marks."""
+    import ctranslate2
+
+    from asr.whisper import _on_cpu, sentence_end_share
+
+    half = ctranslate2.StorageView.from_array(np.array([0.0, 1.0, 2.0, 3.0], dtype=np.float16))
+    logits = _on_cpu(half)
+    assert logits.dtype == np.float32 and list(logits) == [0.0, 1.0, 2.0, 3.0]
+    share = sentence_end_share(logits, [3], [1])
+    assert share == pytest.approx(np.e**2 / (1 + np.e**2))
+    assert sentence_end_share(np.array([-np.inf, -np.inf]), [0], [1]) is None
+
+
 def test_missing_model_is_a_clear_error(tmp_path: object) -> None:
     with pytest.raises(SmartTurnMissing, match="--fetch"):
         find_smart_turn_model("/nonexistent/smart-turn.onnx")

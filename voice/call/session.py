@@ -154,8 +154,9 @@ class CallSession:
         self._eot_rule: float | None = None
         self._eot_prob: float | None = None
         self._eot_llm: float | None = None  # the LLM's P(the sentence ends here)
-        self._eot_whisper: float | None = None  # Whisper's sentence-end share, with _eot_rule's words
-        self._last_partial_end_p: float | None = None  # the same for _last_partial
+        # Whisper's sentence-end share from the pause's own decode (never a
+        # partial's: a partial ends mid-speech, not at a pause).
+        self._eot_whisper: float | None = None
         self._smart_turn_busy = False
         self._sentence_end_busy = False
         self._prefilling = False
@@ -539,7 +540,6 @@ class CallSession:
         self.runtime.asr.forget(self.call_id)
         self._tracker = TurnTracker(self.asr_config, self.runtime.vad.stream())
         self._last_partial = ""
-        self._last_partial_end_p = None
         # The new tracker counts stream positions from 0 again: so does the
         # arrival map, or speech ends would map to old frames (TTFS too long).
         self._cleared_s += self._fed_s
@@ -721,7 +721,6 @@ class CallSession:
             # ("... and") are the ones that decide. A call fed faster than
             # real time is served last and keeps the partial's window.
             self._eot_rule = endpoint_window(self._last_partial, cfg)
-            self._eot_whisper = whisper_marks(self._last_partial, self._last_partial_end_p)
             self._set_window()
             if self._low_priority:
                 self._ask_sentence_end(self._last_partial)
@@ -741,7 +740,6 @@ class CallSession:
         if not self._still_pause(pause_id) or self.closed:
             return
         self._last_partial = result.text
-        self._last_partial_end_p = result.sentence_end_p
         self._eot_rule = endpoint_window(result.text, self.asr_config)
         self._eot_whisper = whisper_marks(result.text, result.sentence_end_p)
         self._set_window()
@@ -844,7 +842,6 @@ class CallSession:
                 await self.emit({"type": "speech.stopped", "audio_end_ms": end_ms})
             self.runtime.asr.forget(self.call_id)  # a pending partial is moot now
             self._last_partial = ""
-            self._last_partial_end_p = None
             if self._active is not None and not self._active.task.done():
                 if self._active is not stopped:
                     self._active.cancel()  # one that began while speech.stopped was sent
@@ -954,9 +951,7 @@ class CallSession:
 
     async def _partial(self, audio: np.ndarray, turn: int) -> None:
         try:
-            # Marks: a pause with no preemptive turn takes the last partial's.
-            marks = wants_marks(self.asr_config)
-            result = await self.runtime.asr.submit(self.call_id, audio, final=False, marks=marks)
+            result = await self.runtime.asr.submit(self.call_id, audio, final=False)
         except asyncio.CancelledError:
             return  # superseded by a newer partial or the final
         except Exception:
@@ -966,7 +961,6 @@ class CallSession:
         if turn != self._turn_index or self._turn_ending or not result.text or self.closed:
             return
         self._last_partial = result.text
-        self._last_partial_end_p = result.sentence_end_p
         await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})
         speculate = not self._low_priority and self._speculation.available()
         # A prefill only buys latency when the engine has nothing better to
