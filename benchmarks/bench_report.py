@@ -104,6 +104,13 @@ def late_sentences(turn: dict[str, Any]) -> int:
     return late
 
 
+def failed_reply(turn: dict[str, Any]) -> bool:
+    """The server's reply failed (its engine), though the caller heard the
+    failure line (--reply-failure-line): a sentence on the wire that is no
+    answer, and fast when the engine refuses at once."""
+    return (turn.get("server") or {}).get("reply_end") == "failed"
+
+
 def summarise(turns: list[dict[str, Any]], planned: int | None = None) -> dict[str, Any]:
     """One system at one concurrency level, from its per-turn records.
     ``planned``: the caller turns the level set out to place. A call that
@@ -111,7 +118,7 @@ def summarise(turns: list[dict[str, Any]], planned: int | None = None) -> dict[s
     adding records, so the records alone undercount what was lost; the
     answered share is judged against the plan (``capacity``)."""
     placed = [t for t in turns if not t.get("refused") and not t.get("error")]
-    answered = [t for t in placed if t.get("ttfs_ms") is not None]
+    answered = [t for t in placed if t.get("ttfs_ms") is not None and not failed_reply(t)]
     ttfs = _vals(answered, "ttfs_ms")
     pairs = [(t["reference"], t.get("transcript") or "") for t in placed if t.get("reference")]
     barge = [t for t in placed if t.get("barge_in")]
@@ -123,6 +130,7 @@ def summarise(turns: list[dict[str, Any]], planned: int | None = None) -> dict[s
         "refused": sum(1 for t in turns if t.get("refused")),
         "errors": sum(1 for t in turns if t.get("error")),
         "timeouts": sum(1 for t in placed if t.get("timed_out")),
+        "failed_replies": sum(1 for t in placed if failed_reply(t)),
         "ttfs_p50_ms": pct(ttfs, 50),
         "ttfs_p90_ms": pct(ttfs, 90),
         "ttfs_p95_ms": pct(ttfs, 95),

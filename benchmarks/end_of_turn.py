@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -950,6 +949,8 @@ def main() -> None:
             f"fewest false cut-offs at <= 450 ms mean delay {'-' if at_450 is None else f'{at_450:.1%}'}; "
             f"least mean delay at <= 5 % false cut-offs {'-' if at_5 is None else f'{at_5:.0f} ms'}"
         )
+    from benchmarks.bench import machine
+
     out = Path(ns.output)
     out.parent.mkdir(exist_ok=True)
     load = os.getloadavg()
@@ -958,7 +959,9 @@ def main() -> None:
             {
                 "commit": _git_commit(),
                 "command": " ".join(["python -m benchmarks.end_of_turn", *sys.argv[1:]]),
-                "machine": {"cpus": os.cpu_count(), "loadavg_at_end": load, "platform": platform.platform()},
+                # The CPU model too: tiny.en's int8 kernels differ by CPU, and
+                # with them the words heard and the recorded cuts.
+                "machine": {**machine(), "loadavg_at_end": load},
                 "set": {
                     "turns": len(cases),
                     "non_end_pauses": n_pauses,

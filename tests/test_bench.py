@@ -174,6 +174,17 @@ def test_a_turn_never_answered_counts_as_the_slowest_in_the_p95() -> None:
     assert capacity([{"concurrency": 8, "summary": whole}], target_ms=1000) == 8
 
 
+def test_a_failed_reply_is_not_an_answer() -> None:
+    """A reply whose engine failed says the failure line (--reply-failure-line):
+    a sentence on the wire, and a fast one when the engine refuses at once.
+    It is neither answered nor in the TTFS percentiles."""
+    turns = [synthetic_turn(600 + 10 * i) for i in range(9)]
+    failed = synthetic_turn(90, server={"reply_end": "failed", "endpoint_ms": 300.0})
+    summary = summarise([*turns, failed], planned=10)
+    assert summary["answered"] == 9 and summary["failed_replies"] == 1, summary
+    assert summary["ttfs_p50_ms"] >= 600, summary
+
+
 def test_an_untracked_python_file_marks_the_tree_dirty(tmp_path, monkeypatch) -> None:
     """A results file must not record a clean commit for code no commit
     holds: ``git diff`` alone ignores an untracked module a run imports."""
