@@ -50,7 +50,16 @@ from typing import Any, TypeVar
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.bench_report import capacity, summarise, write_report
-from benchmarks.loadgen import PROTOCOLS, CallOptions, Impairments, ProtocolUnavailable, calls_for, run_calls
+from benchmarks.loadgen import (
+    CALLS_FILE,
+    PROTOCOLS,
+    CallOptions,
+    Impairments,
+    ProtocolUnavailable,
+    calls_for,
+    load_calls,
+    run_calls,
+)
 from benchmarks.ttfs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -499,7 +508,7 @@ async def run_system(system: System, ns: argparse.Namespace, bar: Any) -> dict[s
                     bar.write(f"  {system.name}: time budget: levels {result['skipped_levels']} skipped")
                     break
                 n_calls = max(c, ns.calls_per_level)
-                calls = calls_for(n_calls, ns.turns)
+                calls = calls_for(n_calls, ns.turns, load_calls(Path(ns.calls_file)))
                 bar.set_description(f"{system.name} x{c}")
                 meter = CpuMeter(running.pids, running.base_url)
 
@@ -727,6 +736,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--late-ms", type=float, default=200.0)
     p.add_argument("--drop-prob", type=float, default=0.0)
     p.add_argument("--turn-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--calls-file",
+        default=str(CALLS_FILE),
+        help="scripted calls (benchmarks/make_calls.py; --mid-sentence writes calls whose callers pause "
+        "mid-sentence: benchmarks/data/calls_mid_sentence.json)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--serve-args",

@@ -82,6 +82,11 @@ class Segment:
     file: str
     reference: str
     pause_before_s: float = 0.0
+    # A piece of the recording (seconds into it): a sentence cut between two
+    # words, so the caller pauses mid-sentence (benchmarks/make_calls.py
+    # --mid-sentence). 0 / None: all of it.
+    start_s: float = 0.0
+    end_s: float | None = None
 
     @property
     def path(self) -> Path:
@@ -151,8 +156,12 @@ def _voiced_span_s(audio8k: np.ndarray) -> tuple[float, float] | None:
 
 
 @functools.lru_cache(maxsize=512)
-def _clip(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+def _clip(
+    path: Path, start_s: float = 0.0, end_s: float | None = None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
     audio = load_audio(path, RATE)
+    if start_s or end_s is not None:
+        audio = audio[int(start_s * RATE) : None if end_s is None else int(end_s * RATE)]
     return audio, _voiced_span_s(audio)
 
 
@@ -166,7 +175,7 @@ def turn_audio(turn: TurnSpec) -> TurnAudio:
         if seg.pause_before_s > 0 and parts:
             parts.append(np.zeros(round(seg.pause_before_s * RATE), np.float32))
             t += seg.pause_before_s
-        audio, span = _clip(seg.path)
+        audio, span = _clip(seg.path, seg.start_s, seg.end_s)
         if span is not None:
             first = t + span[0] if first is None else first
             last = t + span[1]
@@ -901,7 +910,8 @@ async def run_calls(
 
 
 def calls_for(n: int, turns: int | None = None, corpus: list[CallSpec] | None = None) -> list[CallSpec]:
-    """``n`` calls from the corpus, cycling, each cut to ``turns`` turns."""
+    """``n`` calls from the corpus (default: the scripted calls file), cycling,
+    each cut to ``turns`` turns."""
     corpus = corpus or load_calls()
     picked = []
     for k in range(n):

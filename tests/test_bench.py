@@ -174,6 +174,27 @@ def test_a_turn_never_answered_counts_as_the_slowest_in_the_p95() -> None:
     assert capacity([{"concurrency": 8, "summary": whole}], target_ms=1000) == 8
 
 
+def test_mid_sentence_calls_play_the_pieces_their_cuts_name() -> None:
+    """benchmarks/data/calls_mid_sentence.json: every caller turn is one
+    recording cut where the end-of-turn set pauses; on the wire it is the
+    pieces with the pause between, nothing of the recording lost or doubled."""
+    from benchmarks.loadgen import FRAME_SAMPLES, RATE, load_audio, load_calls, turn_audio
+    from benchmarks.make_calls import MID_SENTENCE_FILE
+
+    calls = load_calls(MID_SENTENCE_FILE)
+    turns = [turn for call in calls for turn in call.turns]
+    assert len(calls) >= 8 and all(len(turn.segments) >= 2 for turn in turns)
+    turn = next(t for t in turns if t.segments[0].source == "asterisk")
+    if not turn.segments[0].path.is_file():
+        pytest.skip("asterisk-core-sounds-en-wav not installed")
+    whole = load_audio(turn.segments[0].path, RATE)
+    for seg in turn.segments:
+        assert seg.path == turn.segments[0].path  # pieces of one recording, in order
+    played = len(turn_audio(turn).frames) * FRAME_SAMPLES
+    pauses = sum(round(seg.pause_before_s * RATE) for seg in turn.segments)
+    assert len(whole) + pauses <= played < len(whole) + pauses + FRAME_SAMPLES
+
+
 def test_a_failed_reply_is_not_an_answer() -> None:
     """A reply whose engine failed says the failure line (--reply-failure-line):
     a sentence on the wire, and a fast one when the engine refuses at once.
