@@ -18,6 +18,7 @@ which utterances go together (see ``benchmarks/asr_batching.py``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import time
@@ -29,6 +30,8 @@ import numpy as np
 from asr.config import ASRConfig
 from asr.loops import cut_loop
 from asr.models import resolve_whisper_model
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 FRAMES_PER_SECOND = 100  # Whisper mel hop is 10 ms
@@ -207,6 +210,7 @@ class WhisperDecoder:
         self.can_mark = config.beam_size == 1
         self._end_ids, self._continue_ids = punctuation_ids(self.tokenizer)
         self._has_word: dict[int, bool] = {}
+        self._marks_failed = False  # logged once
 
     def window_for(self, audio_s: float) -> int:
         """Smallest configured window holding the audio (Whisper's max is 30 s)."""
@@ -398,7 +402,15 @@ class WhisperDecoder:
         steps = result.logits[0]  # type: ignore[attr-defined]
         if last < 0 or last + 1 >= len(steps):
             return None
-        return sentence_end_share(_on_cpu(steps[last + 1]), self._end_ids, self._continue_ids)
+        try:
+            return sentence_end_share(_on_cpu(steps[last + 1]), self._end_ids, self._continue_ids)
+        except Exception:
+            # An input lost, not the caller's words: the word rules decide
+            # this pause (a device or dtype this code has not met).
+            if not self._marks_failed:
+                self._marks_failed = True
+                log.warning("Whisper's marks could not be read; the word rules decide pauses", exc_info=True)
+            return None
 
     def _is_noise(self, no_speech_prob: float | None, avg_logprob: float | None) -> bool:
         """Words Whisper wrote for audio it also says holds no speech, and

@@ -183,8 +183,10 @@ SYSTEMS: dict[str, System] = {
                "P(the sentence ends here) (--end-of-turn smart_turn_scaled+rules+llm)",
                ["--end-of-turn", "smart_turn_scaled+rules+llm"], ALL_PROTOCOLS),
         System("firstline-eot-whisper", "firstline", "firstline ending turns by the word rules and Whisper's own "
-               "punctuation at the pause (--end-of-turn whisper+rules)", ["--end-of-turn", "whisper+rules"],
-               ALL_PROTOCOLS),
+               "punctuation at the pause (--end-of-turn whisper+rules, the default)",
+               ["--end-of-turn", "whisper+rules"], ALL_PROTOCOLS),
+        System("firstline-eot-rules", "firstline", "firstline ending turns by the word rules alone (--end-of-turn "
+               "adaptive, the default before whisper+rules)", ["--end-of-turn", "adaptive"], ALL_PROTOCOLS),
         System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
                ["--speculation", "ngram"], ALL_PROTOCOLS),
         System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "

@@ -252,11 +252,11 @@ async def test_an_asr_failure_fails_one_turn_not_the_call(server, call_url, monk
     real_decode = lane.decode
     failed: list[int] = []
 
-    async def decode_failing_once(audio, final=True):
+    async def decode_failing_once(audio, final=True, marks=False):
         if not failed:
             failed.append(len(audio))
             raise RuntimeError("injected decoder fault")
-        return await real_decode(audio, final)
+        return await real_decode(audio, final, marks)
 
     monkeypatch.setattr(lane, "decode", decode_failing_once)
     first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")  # one turn each

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -26,6 +28,9 @@ from asr.endpointing import endpoint_window, number_read_out, short_answer
 from asr.whisper import WhisperDecoder
 from benchmarks.end_of_turn import SPEC, Builder, Case
 from streaming.codecs import float_to_int16
+
+if TYPE_CHECKING:
+    from voice.call.session import CallSession
 
 RATE = 16000
 CFG = ASRConfig(end_of_turn="smart_turn+rules")
@@ -334,7 +339,36 @@ def test_missing_model_is_a_clear_error(tmp_path: object) -> None:
     with pytest.raises(SystemExit, match=r"smart-turn-v3\.2-cpu\.onnx not found"):
         config_from_args(args)
     # The default never needs the model.
-    assert config_from_args(build_parser().parse_args(["serve"])).asr.end_of_turn == "adaptive"
+    assert config_from_args(build_parser().parse_args(["serve"])).asr.end_of_turn == "whisper+rules"
+
+
+@contextlib.asynccontextmanager
+async def _fed_session(
+    server: object, audio: np.ndarray, greeting: bool = True, **asr: object
+) -> AsyncIterator[CallSession]:
+    """A call on the shared server with these ASR settings, ``audio`` fed at
+    once as 20 ms frames; stopped on the way out. No silent-line filler: the
+    test decides how much silence the tracker hears."""
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+
+    async def emit(event: dict[str, object]) -> None:
+        return None
+
+    session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
+    session.asr_config = dataclasses.replace(
+        server.runtime.config.asr,  # type: ignore[attr-defined]
+        silent_line_s=0.0,
+        **asr,
+    )
+    await session.start(Start(encoding="pcm16", sample_rate=RATE, server_greeting=greeting))
+    try:
+        pcm = float_to_int16(audio).tobytes()
+        for i in range(0, len(pcm), 640):
+            await session.audio(pcm[i : i + 640])
+        yield session
+    finally:
+        await session.stop()
 
 
 async def _window_at(
@@ -343,27 +377,8 @@ async def _window_at(
     """The tracker's window once the pause's inputs are in (the decode's
     words, Smart Turn, and with ``wait_llm`` the LLM's answer), and the LLM's
     P(the sentence ends here) (None where it was not asked)."""
-    from voice.call.session import CallSession
-    from voice.call.start import Start
-
     model = _model_path()
-
-    async def emit(event: dict[str, object]) -> None:
-        return None
-
-    session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
-    # No silent-line filler: the test decides how much silence the tracker hears.
-    session.asr_config = dataclasses.replace(
-        server.runtime.config.asr,  # type: ignore[attr-defined]
-        end_of_turn=policy,
-        smart_turn_model=model,
-        silent_line_s=0.0,
-    )
-    await session.start(Start(encoding="pcm16", sample_rate=RATE))
-    pcm = float_to_int16(audio).tobytes()
-    for i in range(0, len(pcm), 640):
-        await session.audio(pcm[i : i + 640])
-    try:
+    async with _fed_session(server, audio, end_of_turn=policy, smart_turn_model=model) as session:
         # Up to 20 s: a child started without --end-of-turn ...+llm reads the
         # GGUF's chat template at its first probe (seconds on 2 busy cores).
         for _ in range(400):
@@ -374,8 +389,6 @@ async def _window_at(
         assert session._eot_rule is not None and session._eot_prob is not None
         assert session._tracker is not None
         return session._tracker.endpoint_s, session._eot_llm
-    finally:
-        await session.stop()
 
 
 async def test_pause_hook_sets_the_window(server: object, cases: dict[str, Case]) -> None:
@@ -390,32 +403,13 @@ async def test_pause_hook_sets_the_window(server: object, cases: dict[str, Case]
 async def _rule_window_without_preemption(server: object, audio: np.ndarray, expected: float) -> str:
     """The window once the pause's words are in, on a call with no
     preemptive turn, fed at once; the words that chose it."""
-    from voice.call.session import CallSession
-    from voice.call.start import Start
-
-    async def emit(event: dict[str, object]) -> None:
-        return None
-
-    session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
-    session.asr_config = dataclasses.replace(
-        server.runtime.config.asr,  # type: ignore[attr-defined]
-        end_of_turn="adaptive",
-        preemptive=False,
-        silent_line_s=0.0,
-    )
-    await session.start(Start(encoding="pcm16", sample_rate=RATE, server_greeting=False))
-    try:
-        pcm = float_to_int16(audio).tobytes()
-        for i in range(0, len(pcm), 640):
-            await session.audio(pcm[i : i + 640])
+    async with _fed_session(server, audio, greeting=False, end_of_turn="adaptive", preemptive=False) as session:
         assert session._pending is None and session._tracker is not None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(20):
                 while session._tracker.endpoint_s != expected:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
         return f"{session._tracker.endpoint_s} from {session._last_partial!r}"
-    finally:
-        await session.stop()
 
 
 async def test_without_a_preemptive_turn_the_pause_s_own_words_choose_the_window(
@@ -453,31 +447,14 @@ async def test_whisper_marks_choose_the_window_in_the_session(server: object, ca
     and the session's window reads them. "I want to pay my bill and" (heard
     as a finished "...and check.", which the rules alone end in 0.3 s) waits
     the longest window; the finished question the shortest."""
-    from voice.call.session import CallSession
-    from voice.call.start import Start
 
     async def window_at(audio: np.ndarray) -> tuple[float, float | None]:
-        async def emit(event: dict[str, object]) -> None:
-            return None
-
-        session = CallSession(server.runtime, emit)  # type: ignore[attr-defined]
-        session.asr_config = dataclasses.replace(
-            server.runtime.config.asr,  # type: ignore[attr-defined]
-            end_of_turn="whisper+rules",
-            silent_line_s=0.0,
-        )
-        await session.start(Start(encoding="pcm16", sample_rate=RATE, server_greeting=False))
-        try:
-            pcm = float_to_int16(audio).tobytes()
-            for i in range(0, len(pcm), 640):
-                await session.audio(pcm[i : i + 640])
+        async with _fed_session(server, audio, greeting=False, end_of_turn="whisper+rules") as session:
             async with asyncio.timeout(20):
                 while session._eot_rule is None or session._eot_whisper is None:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             assert session._tracker is not None
             return session._tracker.endpoint_s, session._eot_whisper
-        finally:
-            await session.stop()
 
     window, share = await window_at(_at_pause(cases["tts-10"], 0, after_s=0.25))
     assert window == CFG.endpoint_max_s, share

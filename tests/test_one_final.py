@@ -57,16 +57,36 @@ class FakeWorker:
         self.jobs: list[tuple[str, bool, asyncio.Future[Any]]] = []
         self.audio: list[np.ndarray] = []  # of each final, in order
         self.queue_depth = 0
+        self.marks: list[bool] = []  # of each submission, in order
 
-    def submit(self, call_id: str, audio: np.ndarray, final: bool) -> asyncio.Future[Any]:
+    def submit(self, call_id: str, audio: np.ndarray, final: bool, marks: bool = False) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.jobs.append((call_id, final, future))
+        self.marks.append(marks)
         if final:
             self.audio.append(audio)
         return future
 
     def finals(self) -> list[asyncio.Future[Any]]:
         return [f for _, final, f in self.jobs if final]
+
+
+async def test_a_final_that_asks_for_marks_keeps_asking_when_it_waits() -> None:
+    """Whisper's marks (an end-of-turn input) are asked per decode: a final
+    queued behind its call's previous one still asks when it is handed on,
+    and a partial passes the flag straight through."""
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    audio = np.zeros(160, np.float32)
+    first = asr.submit("c", audio, final=True, marks=False)
+    second = asr.submit("c", audio, final=True, marks=True)
+    asr.submit("c", audio, final=False, marks=True)
+    assert worker.marks == [False, True]  # the first final, the partial; the second waits
+    worker.finals()[0].set_result("one")
+    await asyncio.sleep(0)
+    assert worker.marks == [False, True, True]  # handed on, still asking
+    worker.finals()[1].set_result("two")
+    assert await first == "one" and await second == "two"
 
 
 async def test_finals_of_one_call_reach_the_worker_one_at_a_time() -> None:
