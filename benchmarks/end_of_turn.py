@@ -456,7 +456,8 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
         for w in (0.5, 0.7, 1.0)
     ]
     out.append(Candidate("adaptive words 0.3/0.7/1.2 (today)", ASRConfig(), _adaptive, zero))
-    # Whisper's marks cost nothing beyond the pause decode (read from its logits).
+    # Whisper's marks are read from the pause decode's logits: no compute of
+    # their own is counted (the decode's time is in every adaptive candidate's).
     out += [
         Candidate(f"Whisper P(. ? ! of the marks) >= {t:g} alone", ASRConfig(), _whisper_alone(t), zero)
         for t in WHISPER_THRESHOLDS
