@@ -455,7 +455,7 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
         Candidate(f"fixed {w:.1f} s", ASRConfig(endpoint_silence_s=w, adaptive_endpoint=False), None, zero)
         for w in (0.5, 0.7, 1.0)
     ]
-    out.append(Candidate("adaptive words 0.3/0.7/1.2 (today)", ASRConfig(), _adaptive, zero))
+    out.append(Candidate("adaptive words 0.3/0.7/1.2 (the rules alone)", ASRConfig(), _adaptive, zero))
     # Whisper's marks are read from the pause decode's logits: no compute of
     # their own is counted (the decode's time is in every adaptive candidate's).
     out += [
@@ -902,7 +902,7 @@ def main() -> None:
     print(f"pause decode (shared by every adaptive candidate, needed for preemption anyway): {decode_ms:.0f} ms wall")
     print("per kind (false cut-offs at non-end pauses; at END: share that waited >= 1.2 s):")
     for name, kinds in per_kind.items():
-        if any(tag in name for tag in ("today", "rules", "pipecat", "AND")):
+        if any(tag in name for tag in ("rules", "pipecat", "AND")):
             print(f"  {name}: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(kinds.items())))
     detail = [
         {
