@@ -227,8 +227,9 @@ def _resolved(model_path: str | None) -> str:
 
 def wants_marks(config: ASRConfig) -> bool:
     """Whether a pause's decode reads Whisper's sentence-end share
-    (Decoded.sentence_end_p): only under a policy that uses it."""
-    return config.adaptive_endpoint and config.end_of_turn in WHISPER_END_OF_TURN_POLICIES
+    (Decoded.sentence_end_p): only under a policy that uses it, and only
+    where a pause can end the turn (not push-to-talk)."""
+    return config.adaptive_endpoint and config.auto_turns and config.end_of_turn in WHISPER_END_OF_TURN_POLICIES
 
 
 def whisper_marks(words: str, share: float | None) -> float | None:
@@ -242,17 +243,24 @@ def whisper_marks(words: str, share: float | None) -> float | None:
     return share
 
 
-def asks_llm(words: str, rule_window: float | None, config: ASRConfig) -> bool:
+def asks_llm(words: str, rule_window: float | None, config: ASRConfig, whisper_end: float | None = None) -> bool:
     """Whether this pause's words go to the LLM for P(the sentence ends
     here): only under an LLM policy, and not where the answer could not
     change the window: the words already wait the longest one, end on a
     number read out in full (the rule counted its digits; a small LLM cannot,
     and would hold "my zip code is 94107" as unfinished), or are a short
     answer on their own ("Yes.", "Tuesday.": SmolLM2 reads those as going
-    on, benchmarks/end_of_turn.py)."""
+    on, benchmarks/end_of_turn.py), nor where Whisper's marks
+    (``whisper_end``, as ``whisper_marks`` gives them) already hold it."""
+    held_by_marks = (
+        config.end_of_turn in WHISPER_END_OF_TURN_POLICIES
+        and whisper_end is not None
+        and whisper_end < config.whisper_sentence_end_threshold
+    )
     return (
         config.end_of_turn in LLM_END_OF_TURN_POLICIES
         and bool(words)
+        and not held_by_marks
         and not (rule_window is not None and rule_window >= config.endpoint_max_s)
         and not number_read_out(words)
         and not short_answer(words)

@@ -399,10 +399,12 @@ class WhisperDecoder:
                 has = self._has_word[token] = bool(WORD_CHAR.search(self.tokenizer.decode([token])))
             if has:
                 last = i
-        steps = result.logits[0]  # type: ignore[attr-defined]
-        if last < 0 or last + 1 >= len(steps):
+        if last < 0:
             return None
         try:
+            steps = result.logits[0]  # type: ignore[attr-defined]
+            if last + 1 >= len(steps):
+                return None
             return sentence_end_share(_on_cpu(steps[last + 1]), self._end_ids, self._continue_ids)
         except Exception:
             # An input lost, not the caller's words: the word rules decide

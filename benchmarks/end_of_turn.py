@@ -354,7 +354,8 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
     def decide(i: Inputs, cfg: ASRConfig) -> Updates:
         arrivals = [(i.decode_s, "rule"), (i.smart_s, "smart")]
         rule_window = endpoint_window(i.text, cfg)  # known once the pause decode is in
-        if asks_llm(i.text, rule_window, cfg):  # each candidate's cfg names its policy
+        # Each candidate's cfg names its policy.
+        if asks_llm(i.text, rule_window, cfg, whisper_marks(i.text, i.whisper_end_p)):
             arrivals.append((i.decode_s + i.text_s, "llm"))
         rule: float | None = None
         prob: float | None = None

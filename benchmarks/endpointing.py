@@ -122,7 +122,7 @@ def main() -> None:
         for w in (0.3, 0.5, 0.7, 1.0, 1.2)
     }
     policies["adaptive 0.3/0.5/1.2s"] = (ASRConfig(endpoint_unsure_s=0.5), decoder)
-    policies["adaptive 0.3/0.7/1.2s (default)"] = (ASRConfig(), decoder)
+    policies["adaptive 0.3/0.7/1.2s (the word rules)"] = (ASRConfig(), decoder)
     rows = []
     print(f"{len(cases)} turns with a mid-sentence pause of {'/'.join(map(str, PAUSES_S))} s")
     print(f"{'policy':<34}{'false cut-offs':>16}{'mean delay ms':>15}{'p95 delay ms':>14}")

@@ -22,6 +22,7 @@ from asr.end_of_turn import (
     asks_llm,
     decide_window,
     find_smart_turn_model,
+    wants_marks,
     whisper_marks,
 )
 from asr.endpointing import endpoint_window, number_read_out, short_answer
@@ -284,6 +285,13 @@ def test_decide_window_whisper_table() -> None:
     assert decide_window("whisper+rules+llm", lo, None, cfg, 0.9, sure) == lo
     llm = dataclasses.replace(CFG, end_of_turn="whisper+rules+llm")
     assert asks_llm("Please enter your password.", lo, llm)
+    assert asks_llm("Please enter your password.", lo, llm, sure)
+    assert not asks_llm("Please enter your password.", lo, llm, unsure)  # the marks already hold it
+    # Marks are read only where a pause can end the turn, under a policy that reads them.
+    assert wants_marks(dataclasses.replace(CFG, end_of_turn="whisper+rules"))
+    assert not wants_marks(dataclasses.replace(CFG, end_of_turn="whisper+rules", auto_turns=False))  # push-to-talk
+    assert not wants_marks(dataclasses.replace(CFG, end_of_turn="whisper+rules", adaptive_endpoint=False))
+    assert not wants_marks(dataclasses.replace(CFG, end_of_turn="adaptive"))
     # A short answer or a number read out in full is complete by the rules:
     # Whisper's doubt about one word does not hold it.
     assert whisper_marks("Yes.", unsure) is None
@@ -400,10 +408,12 @@ async def test_pause_hook_sets_the_window(server: object, cases: dict[str, Case]
     assert window == CFG.endpoint_min_s
 
 
-async def _rule_window_without_preemption(server: object, audio: np.ndarray, expected: float) -> str:
+async def _rule_window_without_preemption(
+    server: object, audio: np.ndarray, expected: float, policy: str = "adaptive"
+) -> str:
     """The window once the pause's words are in, on a call with no
     preemptive turn, fed at once; the words that chose it."""
-    async with _fed_session(server, audio, greeting=False, end_of_turn="adaptive", preemptive=False) as session:
+    async with _fed_session(server, audio, greeting=False, end_of_turn=policy, preemptive=False) as session:
         assert session._pending is None and session._tracker is not None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(20):
@@ -427,6 +437,12 @@ async def test_without_a_preemptive_turn_the_pause_s_own_words_choose_the_window
         server, _at_pause(cases["tts-18"], None, after_s=0.25), CFG.endpoint_min_s
     )
     assert got.startswith(f"{CFG.endpoint_min_s} "), got
+    # Under Whisper's marks the pause's own decode reads them too: "I want to
+    # pay my bill and" (heard as a finished "...and check.") is held.
+    got = await _rule_window_without_preemption(
+        server, _at_pause(cases["tts-10"], 0, after_s=0.25), CFG.endpoint_max_s, "whisper+rules"
+    )
+    assert got.startswith(f"{CFG.endpoint_max_s} "), got
 
 
 async def test_the_llm_hears_a_sentence_go_on(server: object, cases: dict[str, Case]) -> None:

@@ -715,12 +715,19 @@ class CallSession:
                 on_window=self._window,
                 audio_end_s=ev.speech_end_audio_s + self._cleared_s,
             )
-        elif cfg.adaptive_endpoint and self._tracker is not None:
+        elif cfg.adaptive_endpoint and cfg.auto_turns and self._tracker is not None:
+            # (Push-to-talk: no pause ends the turn, so none is decoded for its window.)
             # Until the pause's own words are in, the last partial's: it can be
             # a second behind the caller, and the words just before the pause
             # ("... and") are the ones that decide. A call fed faster than
             # real time is served last and keeps the partial's window.
+            # Under Whisper's marks the partial's words alone would end a
+            # finished-looking phrase in 0.3 s before the marks are read (and a
+            # shed pause decode never reads them): at least the unsure window
+            # until the pause's own decode is in.
             self._eot_rule = endpoint_window(self._last_partial, cfg)
+            if wants_marks(cfg) and not self._low_priority:
+                self._eot_rule = max(self._eot_rule, cfg.endpoint_unsure_s)
             self._set_window()
             if self._low_priority:
                 self._ask_sentence_end(self._last_partial)
@@ -768,7 +775,7 @@ class CallSession:
         call fed faster than real time gets no probes: they would take the
         engine from the real-time calls' replies."""
         if (
-            not asks_llm(words, self._eot_rule, self.asr_config)
+            not asks_llm(words, self._eot_rule, self.asr_config, self._eot_whisper)
             or self._low_priority
             or self._sentence_end_busy
             or self.runtime.sentence_end_unsupported
