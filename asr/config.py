@@ -219,8 +219,8 @@ class ASRConfig:
     # longest window ("+llm": the LLM's veto too). Only used when
     # adaptive_endpoint is on. The default since whole calls measured it
     # (README, end of turn): on calls whose callers pause mid-sentence 1
-    # endpoint inside a caller's turn in 24 against 16, TTFS p50 150 ms
-    # lower; p95 0.45-0.5 s higher (true ends it holds 1.2 s).
+    # endpoint inside a caller's turn in 24 against 15-16, TTFS p50 120-170
+    # ms lower; p95 0.4-0.5 s higher (true ends it holds 1.2 s).
     end_of_turn: EndOfTurn = "whisper+rules"
     # 0.15 before the example turns (llm/config.py) joined the prompt; with
     # them the model puts more mass on a full stop, and 0.3 keeps the same
