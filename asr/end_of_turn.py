@@ -243,6 +243,12 @@ def whisper_marks(words: str, share: float | None) -> float | None:
     return share
 
 
+def marks_hold(whisper_end: float | None, config: ASRConfig) -> bool:
+    """Whisper's marks (as ``whisper_marks`` gives them) hold the turn the
+    longest window: its share of a full stop is below the threshold."""
+    return whisper_end is not None and whisper_end < config.whisper_sentence_end_threshold
+
+
 def asks_llm(words: str, rule_window: float | None, config: ASRConfig, whisper_end: float | None = None) -> bool:
     """Whether this pause's words go to the LLM for P(the sentence ends
     here): only under an LLM policy, and not where the answer could not
@@ -252,15 +258,10 @@ def asks_llm(words: str, rule_window: float | None, config: ASRConfig, whisper_e
     answer on their own ("Yes.", "Tuesday.": SmolLM2 reads those as going
     on, benchmarks/end_of_turn.py), nor where Whisper's marks
     (``whisper_end``, as ``whisper_marks`` gives them) already hold it."""
-    held_by_marks = (
-        config.end_of_turn in WHISPER_END_OF_TURN_POLICIES
-        and whisper_end is not None
-        and whisper_end < config.whisper_sentence_end_threshold
-    )
     return (
         config.end_of_turn in LLM_END_OF_TURN_POLICIES
         and bool(words)
-        and not held_by_marks
+        and not marks_hold(whisper_end, config)
         and not (rule_window is not None and rule_window >= config.endpoint_max_s)
         and not number_read_out(words)
         and not short_answer(words)
@@ -285,25 +286,20 @@ def decide_window(
     decode as ``rule_window`` (None where it has none). Any may arrive
     first; the session calls this on each.
     """
-    if policy in WHISPER_END_OF_TURN_POLICIES:
-        if policy == "whisper+rules+llm" and sentence_end is not None:
-            if sentence_end < config.llm_sentence_end_threshold:
-                return config.endpoint_max_s
-        if rule_window is None:
-            return config.endpoint_unsure_s  # the pause decode is not in: neither are its words nor its marks
-        if whisper_end is not None and whisper_end < config.whisper_sentence_end_threshold:
-            # Whisper heard a voice that goes on, whatever mark it wrote.
-            return config.endpoint_max_s
-        return rule_window
-    if policy not in SMART_TURN_POLICIES:
-        return rule_window if rule_window is not None else config.endpoint_unsure_s
-    if policy == "smart_turn_scaled+rules+llm":
+    if policy in LLM_END_OF_TURN_POLICIES:
         # The LLM knows "my number is" and "I'd like to book an" need more
-        # words, which the rules' word list and the model's ear both miss;
-        # until it has answered, smart_turn_scaled+rules decides.
+        # words, which the rules' word list and an ear both miss; until it
+        # has answered, the policy without it decides.
         if sentence_end is not None and sentence_end < config.llm_sentence_end_threshold:
             return config.endpoint_max_s
-        policy = "smart_turn_scaled+rules"
+        policy = policy.removesuffix("+llm")
+    if policy in WHISPER_END_OF_TURN_POLICIES:
+        if rule_window is None:
+            return config.endpoint_unsure_s  # the pause decode is not in: neither are its words nor its marks
+        # Whisper heard a voice that goes on, whatever mark it wrote.
+        return config.endpoint_max_s if marks_hold(whisper_end, config) else rule_window
+    if policy not in SMART_TURN_POLICIES:
+        return rule_window if rule_window is not None else config.endpoint_unsure_s
     done = probability is not None and probability >= config.smart_turn_threshold
     if policy == "smart_turn":
         if probability is None:

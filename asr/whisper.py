@@ -292,7 +292,7 @@ class WhisperDecoder:
     ) -> list[Decoded]:
         from faster_whisper.audio import pad_or_trim
 
-        wants_marks = [self.can_mark and marks is not None and bool(marks[i]) for i in range(len(items))]
+        marked = [self.can_mark and marks is not None and bool(marks[i]) for i in range(len(items))]
 
         if len(items) == 1 and (retry is None or retry[0]) and items[0].whole is not None and not alone_later:
             # A final over 30 s alone is decoded whole (below) and nothing
@@ -317,15 +317,16 @@ class WhisperDecoder:
             return_no_speech_prob=self.config.no_speech_threshold is not None,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
-            return_logits_vocab=any(wants_marks),
+            return_logits_vocab=any(marked),
         )
         elapsed = time.perf_counter() - started
         decoded = []
-        for item, result in zip(items, results, strict=True):
+        for item, result, mark in zip(items, results, marked, strict=True):
             sequence = result.sequences_ids[0]
             tokens = [t for t in sequence[: item.token_cap] if t < self.tokenizer.eot]
             text = self.tokenizer.decode(tokens).strip()
-            if len(sequence) >= item.token_cap:
+            looped = len(sequence) >= item.token_cap
+            if looped:
                 # It never stopped by itself: a repetition loop cut by the cap.
                 text = cut_loop(text)
             if not WORD_CHAR.search(text):
@@ -337,9 +338,7 @@ class WhisperDecoder:
             avg_logprob = float(result.scores[0]) if measured else None
             noise = bool(text) and self._is_noise(no_speech_prob, avg_logprob)
             # Not for a loop cut by the cap: its last word is not where it stopped.
-            ended = len(sequence) < item.token_cap
-            read = wants_marks[len(decoded)] and text and ended and not noise
-            end_p = self._sentence_end_p(result, sequence[: item.token_cap]) if read else None
+            end_p = self._sentence_end_p(result, sequence) if mark and text and not looped and not noise else None
             decoded.append(
                 Decoded(
                     "" if noise else text,
@@ -379,7 +378,7 @@ class WhisperDecoder:
                 redo_started = time.perf_counter()
                 if window < MAX_WINDOW_S:
                     longer = dataclasses.replace(item, window=MAX_WINDOW_S)
-                    again = self._run([longer], started, [True], marks=[wants_marks[i]])[0]
+                    again = self._run([longer], started, [True], marks=[marked[i]])[0]
                 else:
                     again = self._segmented(item, started)
                 decoded[i] = keep_longer(decoded[i], again, time.perf_counter() - redo_started)

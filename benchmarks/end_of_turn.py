@@ -38,7 +38,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,12 @@ import numpy as np
 import soxr
 
 from asr.config import ASRConfig
-from asr.end_of_turn import SmartTurn, asks_llm, decide_window, whisper_marks
+from asr.end_of_turn import SmartTurn, asks_llm, decide_window, wants_marks, whisper_marks
 from asr.endpointing import endpoint_window
 from asr.turns import CHUNK_S, Paused, Resumed, TurnEnded, TurnTracker
 from asr.vad import SileroVAD
 from asr.whisper import WhisperDecoder
-from benchmarks.corpus import asterisk_prompts, shared_clips, through_phone_line
+from benchmarks.corpus import Utterance, asterisk_prompts, shared_clips, through_phone_line
 from llm.sentence_end import TOP_TOKENS, open_prompt, sentence_end_mass
 
 RATE = 16000
@@ -118,12 +118,12 @@ class Builder:
         self.aligner = WhisperModel(str(embedded_whisper_dir()), device="cpu", compute_type="int8", cpu_threads=2)
         self._tts: Any = None
 
-    def _next_pause(self) -> float:
+    def next_pause(self) -> float:
         pause = self.pauses_s[self._n % len(self.pauses_s)]
         self._n += 1
         return pause
 
-    def _align(self, audio: np.ndarray) -> list[Any]:
+    def align(self, audio: np.ndarray) -> list[Any]:
         segments, _ = self.aligner.transcribe(audio, language="en", word_timestamps=True, vad_filter=False)
         return [w for s in segments for w in (s.words or [])]
 
@@ -135,7 +135,7 @@ class Builder:
             out.append(piece)
             pos += len(piece) / RATE
             if i < len(kinds):
-                gap = self._next_pause()
+                gap = self.next_pause()
                 pauses.append(Pause(kinds[i], pos, pos + gap))
                 out.append(np.zeros(int(gap * RATE), np.float32))
                 pos += int(gap * RATE) / RATE
@@ -143,18 +143,28 @@ class Builder:
         out.append(np.zeros(int(TAIL_S * RATE), np.float32))
         return np.concatenate(out), pauses, final_start
 
+    @staticmethod
+    def cut_times(words: list[Any], counts: list[int]) -> list[float]:
+        """Seconds into the speech where the set cuts: after ``count`` words,
+        midway between that word's end and the next one's start."""
+        return [(words[k - 1].end + words[k].start) / 2 for k in counts]
+
     def _cut(self, audio: np.ndarray, words: list[Any], counts: list[int]) -> list[np.ndarray]:
-        cuts = [int((words[k - 1].end + words[k].start) / 2 * RATE) for k in counts]
+        cuts = [int(t * RATE) for t in self.cut_times(words, counts)]
         return [audio[a:b] for a, b in zip([0, *cuts], [*cuts, len(audio)], strict=True)]
+
+    @staticmethod
+    def recording(name: str) -> Utterance:
+        """A recorded item's clip (StopIteration: not on this machine)."""
+        if name.startswith("asterisk/"):
+            return next(u for u in asterisk_prompts(min_words=1) if u.name == name)
+        return next(u for u in shared_clips() if u.name == name)
 
     def recorded(self, item: dict[str, Any]) -> Case:
         name = item["clip"]
-        if name.startswith("asterisk/"):
-            utt = next(u for u in asterisk_prompts(min_words=1) if u.name == name)
-        else:
-            utt = next(u for u in shared_clips() if u.name == name)
+        utt = self.recording(name)
         audio = through_phone_line(utt.load(8000))
-        words = self._align(audio)
+        words = self.align(audio)
         counts = [p["after_words"] for p in item["pauses"]]
         expected = item["text"].split("|")[0].split()
         got = [w.word.strip() for w in words[: counts[0]]]
@@ -178,7 +188,7 @@ class Builder:
         parts = [p.strip() for p in item["text"].split("|")]
         kinds = [p["kind"] for p in item["pauses"]]
         whole = self._synth(" ".join(parts))
-        words = self._align(whole)
+        words = self.align(whole)
         counts = list(np.cumsum([len(_words(p)) for p in parts])[:-1])
         spec_words = _words(" ".join(parts))
         got = [x for w in words for x in _words(w.word)]
@@ -354,8 +364,10 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
     def decide(i: Inputs, cfg: ASRConfig) -> Updates:
         arrivals = [(i.decode_s, "rule"), (i.smart_s, "smart")]
         rule_window = endpoint_window(i.text, cfg)  # known once the pause decode is in
-        # Each candidate's cfg names its policy.
-        if asks_llm(i.text, rule_window, cfg, whisper_marks(i.text, i.whisper_end_p)):
+        # Each candidate's cfg names its policy; the marks are read (in the
+        # same decode as the words) only where it uses them, as the server does.
+        marks = whisper_marks(i.text, i.whisper_end_p) if wants_marks(cfg) else None
+        if asks_llm(i.text, rule_window, cfg, marks):
             arrivals.append((i.decode_s + i.text_s, "llm"))
         rule: float | None = None
         prob: float | None = None
@@ -364,7 +376,7 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
         out = []
         for at, what in sorted(arrivals):
             if what == "rule":
-                rule, whisper_end = rule_window, whisper_marks(i.text, i.whisper_end_p)  # one decode gives both
+                rule, whisper_end = rule_window, marks
             elif what == "smart":
                 prob = i.smart_p
             else:
@@ -721,72 +733,75 @@ def labelled_inputs(case: Case, vad: SileroVAD, features: Features) -> list[dict
     return out
 
 
-def fitted_frontier(
-    labelled: list[dict[str, Any]], cfg: ASRConfig, text_key: str = "sentence_end_p"
+def frontier(
+    labelled: list[dict[str, Any]],
+    grid: Iterable[dict[str, float]],
+    window: Callable[[dict[str, Any], dict[str, float]], float],
 ) -> list[dict[str, float]]:
-    """The best any rule of one family does on this set, its three knobs
-    fitted to the set itself (so an optimistic bound, not a candidate): the
-    LLM's P(sentence ends) below ``lo`` waits max, else Smart Turn below
-    ``st`` waits ``mid``, else min. Decisions as if every input were in at
-    the pause; a non-end pause is cut when its window is shorter than the
-    pause; delay at a true end is its window plus one 32 ms chunk. Returns
-    the Pareto points (no other point has fewer cut-offs at less delay).
-    ``text_key``: which LLM input (``sentence_end_p_alone``: without the
-    agent's line)."""
-    items = [x for x in labelled if x["smart_p"] is not None and x[text_key] is not None]
-    pauses = [x for x in items if x["pause_s"] is not None]
-    ends = [x for x in items if x["pause_s"] is None]
-    if not pauses or not ends:
-        return []
-
-    def window(x: dict[str, Any], lo: float, st: float, mid: float) -> float:
-        if x[text_key] < lo:
-            return cfg.endpoint_max_s
-        return mid if x["smart_p"] < st else cfg.endpoint_min_s
-
-    points = []
-    for lo in np.arange(0.0, 0.5, 0.025):
-        for st in np.arange(0.0, 1.0, 0.05):
-            for mid in (0.5, 0.7, 0.9, cfg.endpoint_max_s):
-                cut = sum(window(x, lo, st, mid) < x["pause_s"] for x in pauses) / len(pauses)
-                delay = statistics.fmean(window(x, lo, st, mid) for x in ends) + CHUNK_S
-                points.append((cut, delay, float(lo), float(st), mid))
-    front: list[dict[str, float]] = []
-    for cut, delay, lo, st, mid in sorted(points, key=lambda p: (p[1], p[0])):
-        if not front or cut < front[-1]["false_cutoff_rate"]:
-            front.append({"false_cutoff_rate": cut, "mean_delay_ms": delay * 1000, "lo": lo, "st": st, "mid_s": mid})
-    return front
-
-
-def fitted_frontier_whisper(labelled: list[dict[str, Any]], cfg: ASRConfig) -> list[dict[str, float]]:
-    """The same kind of optimistic bound for the whisper+rules(+llm)
-    family, its two knobs fitted to the set: the word rules' long window,
-    Whisper's share below ``w`` or the LLM's P(sentence ends) below ``lo``
-    waits max, else the rules' window (Whisper's marks as the session
-    reads them: ``whisper_marks``). ``lo`` 0: without the LLM."""
+    """The Pareto points of one rule family on the labelled pauses and
+    ends, its knobs (``grid``) fitted to the set itself, so an optimistic
+    bound, not a candidate: decisions as if every input were in at the
+    pause; a non-end pause is cut when its window (``window(item, knobs)``)
+    is shorter than the pause; delay at a true end is its window plus one
+    32 ms chunk. A point is kept when no other has fewer cut-offs at less
+    delay."""
     pauses = [x for x in labelled if x["pause_s"] is not None]
     ends = [x for x in labelled if x["pause_s"] is None]
     if not pauses or not ends:
         return []
-
-    def window(x: dict[str, Any], w: float, lo: float) -> float:
-        rule = float(x["rule_window_s"])
-        marks = whisper_marks(x["text"], x["whisper_end_p"])
-        llm = x["sentence_end_p"]
-        held = rule >= cfg.endpoint_max_s or (marks is not None and marks < w) or (llm is not None and llm < lo)
-        return cfg.endpoint_max_s if held else rule
-
     points = []
-    for w in (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99):
-        for lo in np.arange(0.0, 0.5, 0.025):
-            cut = sum(window(x, w, lo) < x["pause_s"] for x in pauses) / len(pauses)
-            delay = statistics.fmean(window(x, w, lo) for x in ends) + CHUNK_S
-            points.append((cut, delay, w, float(lo)))
+    for knobs in grid:
+        cut = sum(window(x, knobs) < x["pause_s"] for x in pauses) / len(pauses)
+        points.append((cut, statistics.fmean(window(x, knobs) for x in ends) + CHUNK_S, knobs))
     front: list[dict[str, float]] = []
-    for cut, delay, w, lo in sorted(points, key=lambda p: (p[1], p[0])):
+    for cut, delay, knobs in sorted(points, key=lambda p: (p[1], p[0])):
         if not front or cut < front[-1]["false_cutoff_rate"]:
-            front.append({"false_cutoff_rate": cut, "mean_delay_ms": delay * 1000, "whisper": w, "lo": lo})
+            front.append({"false_cutoff_rate": cut, "mean_delay_ms": delay * 1000, **knobs})
     return front
+
+
+def fitted_frontier(
+    labelled: list[dict[str, Any]], cfg: ASRConfig, text_key: str = "sentence_end_p"
+) -> list[dict[str, float]]:
+    """``frontier`` of the Smart Turn and LLM family, three knobs: the
+    LLM's P(sentence ends) below ``lo`` waits max, else Smart Turn below
+    ``st`` waits ``mid_s``, else min. ``text_key``: which LLM input
+    (``sentence_end_p_alone``: without the agent's line)."""
+    items = [x for x in labelled if x["smart_p"] is not None and x[text_key] is not None]
+
+    def window(x: dict[str, Any], k: dict[str, float]) -> float:
+        if x[text_key] < k["lo"]:
+            return cfg.endpoint_max_s
+        return k["mid_s"] if x["smart_p"] < k["st"] else cfg.endpoint_min_s
+
+    grid = [
+        {"lo": float(lo), "st": float(st), "mid_s": mid}
+        for lo in np.arange(0.0, 0.5, 0.025)
+        for st in np.arange(0.0, 1.0, 0.05)
+        for mid in (0.5, 0.7, 0.9, cfg.endpoint_max_s)
+    ]
+    return frontier(items, grid, window)
+
+
+WHISPER_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99)
+
+
+def whisper_rules_window(x: dict[str, Any], cfg: ASRConfig, whisper: float, lo: float = 0.0) -> float:
+    """whisper+rules(+llm)'s window for a labelled item with every input
+    in: the server's own ``decide_window``, at these thresholds (``lo`` 0:
+    without the LLM), the marks as the session reads them."""
+    knobs = dataclasses.replace(cfg, whisper_sentence_end_threshold=whisper, llm_sentence_end_threshold=lo)
+    marks = whisper_marks(x["text"], x["whisper_end_p"])
+    rule = float(x["rule_window_s"])
+    return decide_window("whisper+rules+llm", rule, None, knobs, x["sentence_end_p"], marks)
+
+
+def fitted_frontier_whisper(labelled: list[dict[str, Any]], cfg: ASRConfig) -> list[dict[str, float]]:
+    """``frontier`` of the whisper+rules(+llm) family, two knobs: the word
+    rules' long window, Whisper's share below ``whisper`` or the LLM's
+    P(sentence ends) below ``lo`` waits max, else the rules' window."""
+    grid = [{"whisper": w, "lo": float(lo)} for w in WHISPER_GRID for lo in np.arange(0.0, 0.5, 0.025)]
+    return frontier(labelled, grid, lambda x, k: whisper_rules_window(x, cfg, k["whisper"], k["lo"]))
 
 
 def _git_commit() -> str | None:

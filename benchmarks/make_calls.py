@@ -86,19 +86,19 @@ def build_mid_sentence(n_turns: int, seed: int) -> dict[str, object]:
 
     spec = json.loads(eot.SPEC.read_text())
     builder = eot.Builder(spec)
-    prompts = {p.name: p for p in asterisk_prompts(min_words=1)} | {c.name: c for c in shared_clips()}
     turns = []
     for item in spec["recorded"]:
-        utt = prompts.get(item["clip"])
-        if utt is None:
+        try:
+            utt = builder.recording(item["clip"])
+        except StopIteration:
             print(f"  skipped {item['clip']}: recording not on this machine")
             continue
-        words = builder._align(through_phone_line(utt.load(8000)))
+        words = builder.align(through_phone_line(utt.load(8000)))
         counts = [p["after_words"] for p in item["pauses"]]
         if max(counts) >= len(words):
             print(f"  skipped {item['clip']}: Whisper heard {len(words)} words")
             continue
-        cuts = [round((words[k - 1].end + words[k].start) / 2, 3) for k in counts]
+        cuts = [round(t, 3) for t in builder.cut_times(words, counts)]
         root = ASTERISK_SOUNDS if utt.path.is_relative_to(ASTERISK_SOUNDS) else SHARED_SPEECH
         texts = [t.strip() for t in item["text"].split("|")]
         segments = [
@@ -106,7 +106,7 @@ def build_mid_sentence(n_turns: int, seed: int) -> dict[str, object]:
                 "source": "asterisk" if root == ASTERISK_SOUNDS else "shared",
                 "file": str(utt.path.relative_to(root)),
                 "reference": text,
-                "pause_before_s": builder._next_pause() if i else 0.0,
+                "pause_before_s": builder.next_pause() if i else 0.0,
                 "start_s": start,
                 **({"end_s": end} if end is not None else {}),
             }

@@ -39,6 +39,7 @@ from asr.end_of_turn import (
 )
 from asr.endpointing import endpoint_window
 from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
+from asr.whisper import Decoded
 from llm.base import EngineError, GenerationRequest, PromptTooLong, SentenceEndUnsupported, Usage
 from llm.config import example_messages
 from llm.sampling import SamplingError, SamplingParams
@@ -747,18 +748,20 @@ class CallSession:
         if not self._still_pause(pause_id) or self.closed:
             return
         self._last_partial = result.text
-        self._eot_rule = endpoint_window(result.text, self.asr_config)
-        self._eot_whisper = whisper_marks(result.text, result.sentence_end_p)
-        self._set_window()
-        self._ask_sentence_end(" ".join(filter(None, [self.carry_over, result.text])))
+        self._pause_decoded(result, " ".join(filter(None, [self.carry_over, result.text])))
 
-    def _window(self, turn: Turn, seconds: float, whisper_end: float | None) -> None:
-        # The pause decode is in: its words (and Whisper's marks) choose how long to wait.
+    def _window(self, turn: Turn, decoded: Decoded) -> None:
         if self.asr_config.adaptive_endpoint and turn is self._pending and self._tracker is not None:
-            self._eot_rule = seconds
-            self._eot_whisper = whisper_end
-            self._set_window()
-            self._ask_sentence_end(turn.user_text)
+            self._pause_decoded(decoded, turn.user_text)
+
+    def _pause_decoded(self, decoded: Decoded, words: str) -> None:
+        """The pause's decode is in (a preemptive turn's or its own): its
+        words and Whisper's marks choose how long to wait; ``words`` (with
+        any carried over) may go to the LLM."""
+        self._eot_rule = endpoint_window(decoded.text, self.asr_config)
+        self._eot_whisper = whisper_marks(decoded.text, decoded.sentence_end_p)
+        self._set_window()
+        self._ask_sentence_end(words)
 
     def _set_window(self) -> None:
         """The pause's endpoint window from every input in so far."""

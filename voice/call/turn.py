@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asr.config import ASRConfig
-from asr.end_of_turn import wants_marks, whisper_marks
-from asr.endpointing import endpoint_window
+from asr.end_of_turn import wants_marks
 from llm.base import EngineError, GenerationRequest, LLMEngine, Usage
 from llm.continuation import stream_continuing
 from llm.sampling import SamplingParams
@@ -43,6 +42,7 @@ from voice.call.reply_policy import (
 )
 
 if TYPE_CHECKING:
+    from asr.whisper import Decoded
     from asr.worker import ASRWorker
     from voice.server.tracing import TurnTracer
 
@@ -211,8 +211,8 @@ class Turn:
         audio: np.ndarray,
         times: TurnTimes,
         committed: bool,
-        # Told the pause decode's rule window and Whisper's sentence-end share.
-        on_window: Callable[[Turn, float, float | None], None] | None = None,
+        # Told the pause decode (its words and Whisper's marks choose the window).
+        on_window: Callable[[Turn, Decoded], None] | None = None,
         audio_end_s: float = 0.0,
         spoken_first: SpokenFirst | None = None,
     ) -> None:
@@ -444,8 +444,7 @@ class Turn:
         self.carry_over = ctx.take_carry_over(self.committed)
         self.user_text = newest_words(" ".join(filter(None, [self.carry_over, decoded.text])).strip())
         if self._on_window is not None and not self.committed:
-            marks = whisper_marks(decoded.text, decoded.sentence_end_p)
-            self._on_window(self, endpoint_window(decoded.text, ctx.asr_config), marks)
+            self._on_window(self, decoded)
         if not self.user_text:
             # VAD heard something Whisper found no words in: no turn. Said
             # once the turn is committed (held until then, like any event): a
