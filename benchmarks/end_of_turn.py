@@ -226,8 +226,8 @@ def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
     return audio[loud[0] : loud[-1] + int(0.05 * RATE)]
 
 
-def build_cases(limit: int | None) -> list[Case]:
-    spec = json.loads(SPEC.read_text())
+def build_cases(limit: int | None, spec_path: Path = SPEC) -> list[Case]:
+    spec = json.loads(spec_path.read_text())
     builder = Builder(spec)
     cases = []
     items = [("recorded", x) for x in spec["recorded"]] + [("spoken", x) for x in spec["spoken"]]
@@ -820,6 +820,17 @@ def main() -> None:
     parser.add_argument("--text-threshold", type=float, default=0.1)
     parser.add_argument("--limit", type=int, default=None, help="only this many items (a quick look)")
     parser.add_argument(
+        "--spec",
+        default=str(SPEC),
+        help="the labelled set (default the main one; benchmarks/data/eot/holdout.json: the held-out recordings)",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="REGEX",
+        help="only the candidates whose name matches (re.search), e.g. 'whisper|rules alone'",
+    )
+    parser.add_argument(
         "--vad-end-margins",
         type=float,
         nargs="+",
@@ -838,7 +849,8 @@ def main() -> None:
     ns = parser.parse_args()
 
     t0 = time.perf_counter()
-    cases = build_cases(ns.limit)
+    spec_path = Path(ns.spec).resolve()
+    cases = build_cases(ns.limit, spec_path)
     n_pauses = sum(len(c.pauses) for c in cases)
     print(
         f"{len(cases)} turns: {n_pauses} pauses that are not the end, {len(cases)} true ends "
@@ -864,6 +876,8 @@ def main() -> None:
     print(header)
     variants = [("vad_end_margin", m) for m in ns.vad_end_margins] + [v for vary in ns.vary for v in vary]
     cands = with_variants(candidates(smart is not None, text_eot is not None, ns.text_threshold), variants)
+    if ns.only:
+        cands = [c for c in cands if re.search(ns.only, c.name)]
     runs = [(cand, timing) for timing in ("measured", "instant") for cand in cands]
     announced = False
     for cand, timing in runs:
@@ -984,7 +998,9 @@ def main() -> None:
                     "non_end_pauses": n_pauses,
                     "non_end_after_complete_sentence": sum(p.complete for c in cases for p in c.pauses),
                     "true_ends": len(cases),
-                    "spec": str(SPEC.relative_to(HERE.parent)),
+                    "spec": str(spec_path.relative_to(HERE.parent))
+                    if spec_path.is_relative_to(HERE.parent)
+                    else str(spec_path),
                 },
                 "missed_end": f"waited >= {max_s} s (the longest window) at a true end",
                 "text_threshold": ns.text_threshold,

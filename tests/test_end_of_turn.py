@@ -490,3 +490,35 @@ def test_a_past_run_is_checked_against_todays_word_rules() -> None:
         ]
     }
     assert [x["case"] for x in changed_windows(recorded, CFG)] == ["a"]
+
+
+def test_holdout_labels_come_from_the_transcript() -> None:
+    """The held-out set's pauses: one inside a sentence at a boundary the
+    transcript leaves unpunctuated, one at a sentence end (complete), none
+    where Whisper's words and the transcript disagree."""
+    from benchmarks.make_eot_holdout import holdout_item
+
+    ref = "That agent is already logged on.  Please enter your agent number followed by the pound key."
+    item = holdout_item("x", ref, ref.split())
+    assert item is not None
+    kinds = [(p["after_words"], p["kind"], p.get("complete", False)) for p in item["pauses"]]
+    assert (6, "between-sentences", True) in kinds
+    inside = [k for k in kinds if not k[2]]
+    assert len(inside) == 1 and inside[0][0] not in (6, 16)
+    assert item["text"].replace(" |", "").split() == ref.split()
+    # Whisper heard other words: no item (its labels could be wrong).
+    assert holdout_item("x", ref, ref.replace("agent number", "agent numbers").split()) is None
+    # Punctuation Whisper writes is ignored: labels are the transcript's.
+    heard = "Please enter a new extension followed by pound".split()
+    item = holdout_item("y", "Please enter a new extension, followed by pound.", heard)
+    assert item is not None and all(p["kind"] != "between-sentences" for p in item["pauses"])
+    assert "extension, |" not in item["text"]
+    # Three sentences: no place to pause that the labels can name.
+    assert (
+        holdout_item(
+            "z",
+            "One two three. Four five six. Seven eight nine.",
+            "One two three. Four five six. Seven eight nine.".split(),
+        )
+        is None
+    )
