@@ -522,3 +522,17 @@ def test_holdout_labels_come_from_the_transcript() -> None:
         )
         is None
     )
+
+
+def test_combined_probe_scores_and_fits() -> None:
+    """The combination probe's AUC counts ties as half and its regression
+    ranks a separable input the right way round (it fits one set and
+    scores the other: a sign error would read as "no gain")."""
+    from benchmarks.end_of_turn_combined import Logistic, auc
+
+    assert auc(np.array([1, 1, 0, 0]), np.array([0.9, 0.5, 0.5, 0.1])) == pytest.approx(0.875)
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(-2, 1, 50), rng.normal(2, 1, 50)][:, None]
+    y = np.r_[np.zeros(50), np.ones(50)]
+    p = Logistic().fit(x, y).probability(x)
+    assert auc(y, p) > 0.95 and p[:50].mean() < 0.5 < p[50:].mean()
