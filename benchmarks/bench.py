@@ -187,6 +187,9 @@ SYSTEMS: dict[str, System] = {
                ["--end-of-turn", "whisper+rules"], ALL_PROTOCOLS),
         System("firstline-eot-rules", "firstline", "firstline ending turns by the word rules alone (--end-of-turn "
                "adaptive, the default before whisper+rules)", ["--end-of-turn", "adaptive"], ALL_PROTOCOLS),
+        System("firstline-eot-as-filed", "firstline", "firstline ending turns as before issue 14: the word rules "
+               "alone, and a caller who goes on after the reply began is a new turn (--end-of-turn adaptive "
+               "--resume-grace-s 0)", ["--end-of-turn", "adaptive", "--resume-grace-s", "0"], ALL_PROTOCOLS),
         System("firstline-ngram", "firstline", "firstline with ngram (prompt lookup) speculative decoding",
                ["--speculation", "ngram"], ALL_PROTOCOLS),
         System("firstline-draft", "firstline", "firstline with draft-model speculative decoding (vLLM; give the "
