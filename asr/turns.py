@@ -197,6 +197,14 @@ class TurnTracker:
         cfg = self.config
         return cfg.endpoint_unsure_s if cfg.adaptive_endpoint else cfg.endpoint_silence_s
 
+    def reconfigure(self, config: ASRConfig) -> None:
+        """New settings from the next chunk on (a client changed its end of
+        turn mid-call). A pause already timing keeps the window chosen for
+        it; otherwise the window is the new settings' own."""
+        self.config = config
+        if not self._paused:
+            self.endpoint_s = self._initial_window()
+
     def set_endpoint(self, seconds: float) -> None:
         """Change this turn's silence window (adaptive endpointing). Takes
         effect on the next chunk; resets when the turn ends or voice resumes."""

@@ -434,3 +434,33 @@ async def test_a_long_turn_that_stops_early_in_the_longest_window_is_decoded_wit
     assert 20 < len(audio) / 16000 < 28  # in the 30 s window, under the turn cap
     decoded = await server.runtime.asr.submit("long-menu", audio, final=True)
     assert word_error_rate(prompt.reference, decoded.text) <= 0.2, decoded.text
+
+
+def test_a_new_window_mid_call_applies_from_the_next_turn(server, phone_prompts) -> None:
+    """A client that changes its silence window mid-call (Realtime
+    session.update) gets it on the next turn: reconfigured between turns,
+    the tracker waits the new 1.5 s after a real prompt, not the 0.3 s it
+    started with; reconfigured back, the turn after ends at 0.3 s again."""
+    prompt = through_phone_line(phone_prompts[0].load(8000))
+    short, long = (ASRConfig(endpoint_silence_s=s, adaptive_endpoint=False) for s in (0.3, 1.5))
+    tracker = TurnTracker(short, server.runtime.vad.stream())
+
+    def waited(silence_s: float, speech: bool = True) -> float | None:
+        audio = np.concatenate([prompt if speech else prompt[:0], np.zeros(int(silence_s * 16000), np.float32)])
+        for i in range(0, len(audio), 320):
+            for e in tracker.feed(audio[i : i + 320]):
+                if isinstance(e, TurnEnded):
+                    return tracker.position_s - e.speech_end_audio_s
+        return None
+
+    # The window plus Silero's soft tail after the last word (under 0.35 s
+    # on these recordings: benchmarks/vad_soft_runs.py).
+    first = waited(1.0)
+    assert first is not None and 0.3 <= first < 0.7
+    tracker.reconfigure(long)
+    assert waited(1.0) is None  # 1 s of silence: the 1.5 s window still runs
+    later = waited(1.0, speech=False)
+    assert later is not None and 1.5 <= later < 1.9
+    tracker.reconfigure(short)
+    again = waited(1.0)
+    assert again is not None and 0.3 <= again < 0.7

@@ -1159,6 +1159,48 @@ async def test_realtime_session_update_says_what_it_could_not_serve(server):
     assert len(carrier.of("error")) == 1, carrier.of("error")
 
 
+async def test_realtime_turn_detection_changes_mid_call_are_applied(server):
+    """After audio started, a session.update that changes the silence
+    window or interrupt_response is applied to the call (it was echoed and
+    ignored), semantic_vad gives firstline's own end of turn back, and a
+    switch to push-to-talk is refused with nothing changed."""
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
+
+    def td(**kw: object) -> dict[str, object]:
+        return {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": kw}}}}
+
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(np.zeros(1600, np.float32), speed=None)  # the call starts on its first audio
+            session = call.session
+            for _ in range(500):
+                if session.started:
+                    break
+                await asyncio.sleep(0.01)
+            assert session.asr_config.adaptive_endpoint and session._start.barge_in
+            mark = len(carrier.events)
+            await carrier.send(td(type="server_vad", silence_duration_ms=1500, interrupt_response=False))
+            updated = await carrier.next_event("session.updated", timeout=10, after=mark)
+            assert updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 1500
+            assert not session.asr_config.adaptive_endpoint and session.asr_config.endpoint_silence_s == 1.5
+            assert session._tracker.config is session.asr_config and session._tracker.endpoint_s == 1.5
+            assert not session._start.barge_in
+            mark = len(carrier.events)
+            await carrier.send(td(type="semantic_vad"))
+            await carrier.next_event("session.updated", timeout=10, after=mark)
+            assert session.asr_config.adaptive_endpoint and session._start.barge_in
+            assert session.asr_config.end_of_turn == server.runtime.config.asr.end_of_turn
+            mark = len(carrier.events)
+            await carrier.send({"type": "session.update", "session": {"type": "realtime", "audio": {
+                "input": {"turn_detection": None}}}})  # fmt: skip
+            err = await carrier.next_event("error", timeout=10, after=mark)
+            assert err["error"]["code"] == "session_locked" and "null" in err["error"]["message"]
+            assert session.asr_config.auto_turns and session.asr_config.adaptive_endpoint
+            assert call.settings.turn_detection == {"type": "semantic_vad"}
+
+
 async def test_realtime_text_items_join_the_conversation(server):
     """conversation.item.create with text messages: acknowledged as items,
     and the next audio turn is answered with them in its prompt."""

@@ -559,6 +559,25 @@ class CallSession:
         self._active.client_cancelled = cancelled
         return cancelled
 
+    def set_turn_detection(self, endpoint_silence_s: float | None, barge_in: bool) -> None:
+        """A client's new end-of-turn settings mid-call (a Realtime
+        ``session.update``): a fixed silence window, or None for the
+        server's own end of turn, and whether speech stops a reply. From the
+        next pause on: a pause already timing keeps the window it has.
+        Switching between automatic turns and push-to-talk is not here: the
+        transport refuses it after the call started."""
+        if self._start is None:
+            return
+        self._start = dataclasses.replace(self._start, endpoint_silence_s=endpoint_silence_s, barge_in=barge_in)
+        server = self.runtime.config.asr
+        if endpoint_silence_s is None:
+            window = {"adaptive_endpoint": server.adaptive_endpoint, "endpoint_silence_s": server.endpoint_silence_s}
+        else:
+            window = {"adaptive_endpoint": False, "endpoint_silence_s": endpoint_silence_s}
+        self.asr_config = dataclasses.replace(self.asr_config, **window)
+        if self._tracker is not None:
+            self._tracker.reconfigure(self.asr_config)
+
     def set_system_prompt(self, prompt: str) -> None:
         """New instructions for the turns from now on; raises ContextTooLarge
         when they leave no room in the model's context."""

@@ -71,7 +71,7 @@ from voice.transports.realtime.protocol import (
     new_id,
 )
 from voice.transports.realtime.response import Response
-from voice.transports.realtime.session import RealtimeSettings
+from voice.transports.realtime.session import RealtimeSettings, turn_taking
 from voice.transports.telephony import MalformedMessage, TooManyEvents
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class RealtimeCall(WebSocketCall):
     echoes_marks = False  # no marks: the playout clock and conversation.item.truncate say what was heard
     unmetered_events = frozenset({"input_audio_buffer.append"})
     refuse_bad_start = False  # an error event says why
+    says_asr_failures = False  # transcription.failed: the client decides what the caller hears
     # The session is the connection (session.created at open); its call
     # starts with the first audio, which a client may hold back for long.
     starts_with_message = False
@@ -199,13 +200,13 @@ class RealtimeCall(WebSocketCall):
         s = self.settings
         encoding, rate = GA_FORMATS[s.input_format]
         td = s.turn_detection
-        silence_ms = td.get("silence_duration_ms") if td and td.get("type") == "server_vad" else None
+        silence_s, barge_in = turn_taking(td) if td is not None else (None, False)
         start = Start(
             encoding=encoding,
             sample_rate=rate,
             system_prompt=s.instructions,
             metadata={"model": s.model, "realtime_session": self.session_id},
-            endpoint_silence_s=None if silence_ms is None else silence_ms / 1000.0,
+            endpoint_silence_s=silence_s,
             auto_turns=td is not None,
             resume_key=f"realtime:{self.resume_token}",
             resume_token=self.resume_token,
@@ -213,7 +214,7 @@ class RealtimeCall(WebSocketCall):
             server_greeting=False,  # the client greets with response.create, as on OpenAI
             # OpenAI stops a reply on speech only under its VAD, unless
             # interrupt_response is false: otherwise the client cancels.
-            barge_in=td is not None and td.get("interrupt_response", True) is not False,
+            barge_in=barge_in,
         )
         out = None
         if s.audio_out:

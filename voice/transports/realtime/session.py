@@ -65,7 +65,9 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
                 ("input audio format", old.input_format, new.input_format),
                 ("output audio format", old.output_format, new.output_format),
                 ("output modalities", old.audio_out, new.audio_out),
-                ("turn_detection", td_kind(old.turn_detection), td_kind(new.turn_detection)),
+                # Automatic turns <-> push-to-talk changes what ends a turn
+                # (and whether a pause starts work); a window changes live.
+                ("turn_detection to or from null", old.turn_detection is None, new.turn_detection is None),
             )
             if before != after
         ]
@@ -94,6 +96,8 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
         except ValueError as exc:
             call.session.sampling = sampling_before
             raise RealtimeError(str(exc), "context_too_large", "instructions") from None
+    if call.session.started and new.turn_detection is not None and new.turn_detection != call.settings.turn_detection:
+        call.session.set_turn_detection(*turn_taking(new.turn_detection))
     call.settings = new
     await call.send_event("session.updated", session=call.session_object())
     ignored = unserved_fields(update)
@@ -186,8 +190,13 @@ def session_object(call: RealtimeCall) -> dict[str, Any]:
     }
 
 
-def td_kind(td: dict[str, Any] | None) -> str | None:
-    return None if td is None else str(td.get("type"))
+def turn_taking(td: dict[str, Any]) -> tuple[float | None, bool]:
+    """(endpoint silence window s, barge-in) of an automatic
+    ``turn_detection``: ``server_vad`` with ``silence_duration_ms`` is a
+    fixed window, anything else firstline's own end of turn; OpenAI stops a
+    reply on speech unless ``interrupt_response`` is false."""
+    silence_ms = td.get("silence_duration_ms") if td.get("type") == "server_vad" else None
+    return None if silence_ms is None else silence_ms / 1000.0, td.get("interrupt_response", True) is not False
 
 
 def apply_update(current: RealtimeSettings, update: dict[str, Any]) -> RealtimeSettings:
