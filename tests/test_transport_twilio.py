@@ -208,3 +208,35 @@ async def test_twilio_a_start_the_session_refuses_is_refused_at_once_not_as_abus
         await refused_at_once(carrier, "context")
     finally:
         server.runtime.config.allow_custom_prompt = False
+
+
+async def test_twilio_an_asr_failure_is_said_not_silence(server, monkeypatch):
+    """A phone caller hears no error event: the turn whose final decode
+    fails (a fault injected into the real decoder's lane, as a CUDA OOM
+    would) gets the reply policy's fallback spoken, heard as audio, and
+    leaves nothing in the history; the call stays up."""
+    lane = server.runtime.asr.lane
+    real_decode = lane.decode
+    failed: list[int] = []
+
+    async def decode_failing_once(audio, final=True, marks=False):
+        if final and not failed:
+            failed.append(len(audio))
+            raise RuntimeError("injected decoder fault")
+        return await real_decode(audio, final, marks)
+
+    monkeypatch.setattr(lane, "decode", decode_failing_once)
+    carrier = FakeTwilio(server_base(server))
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await carrier.say(with_silence(prompt_clip(3).load(8000), 8000, 1.5), speed=None)
+            error = await watcher.wait_event(call, "error", code="asr_failed", timeout=60)
+            await carrier.wait_audio()
+            await carrier.wait_quiet()
+            assert failed and isinstance(error["turn"], int)
+            assert not watcher.of(call, "response.done") and not call.session.history.messages_so_far
+            line = call.session.reply_policy.fallback
+            heard = await asr_text(server, carrier.audio16k())
+            assert word_error_rate(line, heard) <= 0.4, (line, heard)
+            assert not call.finished

@@ -436,7 +436,8 @@ class Turn:
             if self.committed and self.talked_over:
                 return  # stopped by the caller's new speech: its failure is not told, as on a cancel
             await self._gate.wait()
-            await ctx.emit({"type": "error", "code": "asr_failed", "message": plain_error("asr_failed", self.index)})
+            message = plain_error("asr_failed", self.index)
+            await ctx.emit({"type": "error", "code": "asr_failed", "message": message, "turn": self.index})
             return
         self.times.asr_final = time.monotonic()
         # A committed turn owns the words now; a preemptive one only reads them

@@ -146,6 +146,12 @@ class TelephonyCall:
     # it as abuse and cooled the carrier's address down. Protocols with an
     # error event (native, Realtime) report it and take another start.
     refuse_bad_start = True
+    # A turn whose speech recognition failed is answered, where the call
+    # speaks, with the reply policy's fallback ("Sorry, could you say that
+    # again?"): a phone caller hears no error event, and silence sounds like
+    # a dropped call. Realtime says transcription failed and its client
+    # decides (it may answer the audio all the same).
+    says_asr_failures = True
     # Called with every new call: lets tests and tooling watch calls that
     # carriers cannot show (they carry no transcript events on the wire).
     observers: ClassVar[list[Callable[[TelephonyCall], None]]] = []
@@ -398,7 +404,16 @@ class TelephonyCall:
             await self._publish_ttfa(int(ev["turn"]))
         elif kind == "error":
             self.note_peer_report(f"error {ev.get('code')}: {redact_quoted(str(ev.get('message')))}", ev.get("message"))
+            if ev.get("code") == "asr_failed" and isinstance(ev.get("turn"), int):
+                self._say_fallback(int(ev["turn"]))
         await self.on_session_event(ev)
+
+    def _say_fallback(self, turn: int) -> None:
+        """Speak the reply policy's fallback for a turn that has no reply (its
+        speech recognition failed), where this call speaks at all."""
+        line = self.session.reply_policy.fallback
+        if self.says_asr_failures and self.playout is not None and line:
+            self.playout.say(turn, 0, line)
 
     def _save_when_played(self) -> None:
         """Once the reply's audio is over (marks, else the playout clock),
