@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 import pytest
 
+from asr.config import ASRConfig
 from asr.wer import word_error_rate
 from benchmarks.corpus import shared_clip
 from streaming.codecs import StreamResampler, float_to_int16
@@ -1186,6 +1187,10 @@ async def test_realtime_turn_detection_changes_mid_call_are_applied(server):
             assert updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 1500
             assert not session.asr_config.adaptive_endpoint and session.asr_config.endpoint_silence_s == 1.5
             assert session._tracker.config is session.asr_config and session._tracker.endpoint_s == 1.5
+            # A pause's decode or probe answering after the switch leaves the client's window alone.
+            session._eot_rule = ASRConfig().endpoint_min_s
+            session._set_window()
+            assert session._tracker.endpoint_s == 1.5
             assert not session._start.barge_in
             mark = len(carrier.events)
             await carrier.send(td(type="semantic_vad"))

@@ -785,7 +785,10 @@ class CallSession:
     def _set_window(self) -> None:
         """The pause's endpoint window from every input in so far."""
         cfg = self.asr_config
-        if self._tracker is not None:
+        # Not under a fixed window: a client that chose one mid-pause
+        # (set_turn_detection) must not have it replaced by a decode, a
+        # probe or Smart Turn answering for the pause.
+        if self._tracker is not None and cfg.adaptive_endpoint:
             window = decide_window(
                 cfg.end_of_turn, self._eot_rule, self._eot_prob, cfg, self._eot_llm, self._eot_whisper
             )

@@ -149,8 +149,8 @@ class TelephonyCall:
     # A turn whose speech recognition failed is answered, where the call
     # speaks, with the reply policy's fallback ("Sorry, could you say that
     # again?"): a phone caller hears no error event, and silence sounds like
-    # a dropped call. Realtime says transcription failed and its client
-    # decides (it may answer the audio all the same).
+    # a dropped call. Realtime and the native protocol put asr_failed on
+    # the wire, and their client decides.
     says_asr_failures = True
     # Called with every new call: lets tests and tooling watch calls that
     # carriers cannot show (they carry no transcript events on the wire).

@@ -42,6 +42,7 @@ class NativeCall(WebSocketCall):
     # playout clock decides for those that do not.
     echoes_marks = False
     refuse_bad_start = False  # an error event says why; the client may start again
+    says_asr_failures = False  # asr_failed is on the wire: the client decides what its caller hears
 
     # ---- frames in (WebSocketCall's read loop) ----------------------------
 
