@@ -85,7 +85,15 @@ async def reply_call(
             wer = word_error_rate(done["text"], heard)
             # tiny.en on a few synthesized words is noisy ("caller pressed 2" ->
             # "collar press too" is 75 %); long replies get the tighter bound.
-            assert wer <= (0.5 if len(done["text"].split()) >= 8 else 0.8), (done["text"], heard, wer)
+            bound = 0.5 if len(done["text"].split()) >= 8 else 0.8
+            if wer > bound:
+                # tiny.en also hears nothing in a piece now and then (a CI run:
+                # "Now let me just play some music for you." came back empty):
+                # the whole reply read at once is the second reading. Audio a
+                # transport lost or garbled fails both.
+                whole = await asr_text(server, carrier.audio16k())
+                wer, heard = min((wer, heard), (word_error_rate(done["text"], whole), whole))
+            assert wer <= bound, (done["text"], heard, wer)
             # One mark per sentence, sent after its audio.
             metrics = call.audio_metrics[1]
             assert metrics["ttfa_ms"] >= metrics["tts_first_audio_ms"] > 0, metrics
