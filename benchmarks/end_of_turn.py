@@ -64,6 +64,10 @@ LEAD_S = 0.3
 # pauses fell the other way between runs of unchanged code).
 TTS_SEED = 0
 TAIL_S = 3.6  # longer than pipecat's 3 s fallback, so every candidate ends the turn
+# How far before an inserted pause the recording's own gap may begin (the
+# labelled inputs' pause event; benchmarks/make_eot_holdout.py cuts two
+# sentences apart where the speaker already paused).
+GAP_BEFORE_S = 0.8
 # 0.3 and 0.5 were set before the first run; 0.15 (the server's default
 # until the example turns joined the prompt, now 0.3:
 # ASRConfig.llm_sentence_end_threshold) after it, from its labelled table:
@@ -696,40 +700,43 @@ def labelled_inputs(case: Case, vad: SileroVAD, features: Features) -> list[dict
     turn never ending early (a window longer than any pause): the table a
     reader checks a candidate's choices against."""
     tracker = TurnTracker(ASRConfig(endpoint_silence_s=TAIL_S - 0.5, adaptive_endpoint=False), vad.stream())
-    out: list[dict[str, Any]] = []
-    seen: set[int] = set()
+    paused: list[Paused] = []
     for start in range(0, len(case.audio), FRAME):
-        for ev in tracker.feed(case.audio[start : start + FRAME]):
-            if not isinstance(ev, Paused):
-                continue
-            at = ev.speech_end_audio_s
-            label = None
-            for k, pause in enumerate(case.pauses):
-                if k not in seen and pause.start_s - 0.15 <= at <= pause.end_s:
-                    label, complete, pause_s = pause.kind, pause.complete, pause.end_s - pause.start_s
-                    seen.add(k)
-                    break
-            if label is None and at >= case.final_start_s and -1 not in seen:
-                label, complete, pause_s = f"END:{case.end_kind}", True, None
-                seen.add(-1)
-            if label is None:
-                continue  # a gap inside the speech itself
-            i = features.at(case, ev.audio)
-            out.append(
-                {
-                    "case": case.id,
-                    "label": label,
-                    "complete": complete,
-                    "pause_s": pause_s,
-                    "text": i.text,
-                    "rule_window_s": endpoint_window(i.text, ASRConfig()),
-                    "smart_p": i.smart_p,
-                    "sentence_end_p": i.sentence_end_p,
-                    "sentence_end_p_alone": i.sentence_end_p_alone,
-                    "whisper_end_p": i.whisper_end_p,
-                    "agent": case.agent,
-                }
-            )
+        paused += [ev for ev in tracker.feed(case.audio[start : start + FRAME]) if isinstance(ev, Paused)]
+    # Each labelled pause is the last pause event that starts near it: a
+    # recording with its own gap before the inserted one (two sentences)
+    # pauses there first and stays quiet into it, up to GAP_BEFORE_S
+    # earlier; the end is the turn's last pause event.
+    chosen: list[tuple[Paused, str, bool, float | None]] = []
+    after = 0.0  # never the event of the pause before
+    for pause in case.pauses:
+        lo = max(after, pause.start_s - GAP_BEFORE_S)
+        near = [ev for ev in paused if lo < ev.speech_end_audio_s <= pause.end_s]
+        after = pause.end_s
+        if near:
+            chosen.append((near[-1], pause.kind, pause.complete, pause.end_s - pause.start_s))
+        else:
+            print(f"  {case.id}: no pause event at the {pause.kind} pause ({pause.start_s:.2f} s)")
+    if paused and paused[-1].speech_end_audio_s > after:
+        chosen.append((paused[-1], f"END:{case.end_kind}", True, None))
+    out: list[dict[str, Any]] = []
+    for ev, label, complete, pause_s in chosen:
+        i = features.at(case, ev.audio)
+        out.append(
+            {
+                "case": case.id,
+                "label": label,
+                "complete": complete,
+                "pause_s": pause_s,
+                "text": i.text,
+                "rule_window_s": endpoint_window(i.text, ASRConfig()),
+                "smart_p": i.smart_p,
+                "sentence_end_p": i.sentence_end_p,
+                "sentence_end_p_alone": i.sentence_end_p_alone,
+                "whisper_end_p": i.whisper_end_p,
+                "agent": case.agent,
+            }
+        )
     return out
 
 

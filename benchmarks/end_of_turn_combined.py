@@ -108,17 +108,23 @@ def operating_point(items: list[dict[str, Any]], p: np.ndarray, t: float, cfg: A
 def fit_threshold(items: list[dict[str, Any]], p: np.ndarray, cfg: ASRConfig) -> float:
     """The threshold with the least mean delay at <= 5 % false cut-offs on
     these items (the highest, 1.0, holds every pause and end)."""
-    best = (float("inf"), 1.0)
-    for t in sorted(set(np.round(p, 4).tolist()) | {1.0}):
+    best = (float("inf"), float(np.nextafter(p.max(), 2.0)))
+    # Every score is a threshold (the items at or above it keep the rules'
+    # window); above the highest, all wait the longest.
+    for t in sorted({*p.tolist(), float(np.nextafter(p.max(), 2.0))}):
         cut, delay = operating_point(items, p, t, cfg)
         if cut <= TARGET_CUTOFFS and delay < best[0]:
             best = (delay, t)
     return best[1]
 
 
-def usable(path: Path, names: set[str]) -> list[dict[str, Any]]:
+def usable(path: Path, names: set[str]) -> tuple[list[dict[str, Any]], int]:
+    """The labelled items with every input (one set of items for every
+    row, so the rows compare), and how many were left out: a pause whose
+    decode gave no marks (it looped) or no words."""
     items = json.loads(path.read_text())["labelled_inputs"]
-    return [x for x in items if all(x.get(n) is not None for n in names if n != "rules")]
+    kept = [x for x in items if all(x.get(n) is not None for n in names if n != "rules")]
+    return kept, len(items) - len(kept)
 
 
 def main() -> None:
@@ -127,7 +133,10 @@ def main() -> None:
     ns = parser.parse_args()
     cfg = ASRConfig()
     every = {n for names in INPUTS.values() for n in names}
-    data = {name: usable(path, every) for name, path in SETS.items()}
+    loaded = {name: usable(path, every) for name, path in SETS.items()}
+    data = {name: kept for name, (kept, _) in loaded.items()}
+    for name, (kept, left) in loaded.items():
+        print(f"{name}: {len(kept)} labelled pauses and ends with every input ({left} without one left out)")
     rows = []
     print(f"{'inputs':<26}{'train -> test':<20}{'AUC':>6}{'AUC inside':>11}{'t':>8}{'cut-offs':>10}{'mean delay':>12}")
     for label, names in INPUTS.items():
@@ -164,7 +173,11 @@ def main() -> None:
                 "commit": _git_commit(),
                 "command": "python -m benchmarks.end_of_turn_combined",
                 "sets": {
-                    name: {"file": str(path.relative_to(HERE.parent)), "items": len(data[name])}
+                    name: {
+                        "file": str(path.relative_to(HERE.parent)),
+                        "items": len(data[name]),
+                        "left_out_without_an_input": loaded[name][1],
+                    }
                     for name, path in SETS.items()
                 },
                 "target_cutoffs": TARGET_CUTOFFS,

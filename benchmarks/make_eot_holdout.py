@@ -4,15 +4,15 @@
 The labelled set (benchmarks/data/eot/pauses.json) chose the policies and
 their thresholds, so its figures flatter them. This file holds recorded
 turns that no choice has seen: every Asterisk prompt (real 8 kHz phone
-speech) of 6 to 24 words that the set does not use, whose Whisper words
-match its transcript word for word. The labels come from the transcript,
+speech) of 6 to 24 words that the set does not use (by name or by its
+words), once, whose Whisper words match its transcript word for word. The labels come from the transcript,
 never from Whisper (whose punctuation is one of the inputs under test):
 
 * one pause that is NOT the end inside a sentence, at the word boundary
   nearest the middle that has no punctuation in the transcript (its kind
   names the word before it where that word cannot end a sentence:
-  ``after-conjunction``, ``after-article``, ``after-preposition``; else
-  ``mid-sentence``);
+  ``after-to``, ``after-conjunction``, ``after-article``,
+  ``after-preposition``; else ``mid-sentence``);
 * where the transcript has two sentences, one pause at the first sentence
   end too (``between-sentences``, ``complete``: the words so far make a
   whole sentence, and only the caller going on shows it was not the end);
@@ -38,8 +38,8 @@ from benchmarks.corpus import asterisk_prompts, through_phone_line
 
 HOLDOUT = eot.SPEC.parent / "holdout.json"
 MIN_WORDS, MAX_WORDS = 6, 24
-_CONJUNCTIONS = {"and", "or", "but", "so", "because", "then", "if", "when", "while", "to"}
-_ARTICLES = {"a", "an", "the", "your", "my", "our", "this", "that"}
+_CONJUNCTIONS = {"and", "or", "but", "so", "because", "then", "if", "when", "while"}
+_ARTICLES = {"a", "an", "the", "your", "my", "our", "this"}
 _PREPOSITIONS = {"of", "for", "in", "on", "at", "from", "with", "by", "into", "after", "before"}
 _SENTENCE_END = re.compile(r"[.?!]+[\"')]*$")
 _ANY_MARK = re.compile(r"[.?!,;:]+[\"')]*$")
@@ -57,6 +57,8 @@ def _parts(tokens: list[str]) -> list[tuple[str, int, bool]]:
 
 
 def _kind(word: str) -> str:
+    if word == "to":  # "press 1 to |": an infinitive, the commonest cut in IVR prompts
+        return "after-to"
     if word in _CONJUNCTIONS:
         return "after-conjunction"
     if word in _ARTICLES:
@@ -107,15 +109,27 @@ def holdout_item(name: str, reference: str, whisper_words: list[str]) -> dict[st
     return {"clip": name, "text": text, "pauses": pauses, "end": "statement"}
 
 
+def _said(text: str) -> tuple[str, ...]:
+    return tuple(eot._words(text.replace("|", " ")))
+
+
 def build() -> dict[str, Any]:
     spec = json.loads(eot.SPEC.read_text())
     used = {item["clip"] for item in spec["recorded"]}
+    # The same words under another name (Asterisk records some prompts
+    # twice, or in three voices) would be the main set's turn again, or one
+    # turn counted three times.
+    seen = {_said(item["text"]) for item in spec["recorded"]}
     builder = eot.Builder(spec)
     items = []
     for utt in asterisk_prompts(min_words=MIN_WORDS):
         n = len(utt.reference.split())
         if utt.name in used or n > MAX_WORDS or "..." in utt.reference or "…" in utt.reference:
             continue
+        if _said(utt.reference) in seen:
+            print(f"  skipped {utt.name}: the same words as a turn already in a set")
+            continue
+        seen.add(_said(utt.reference))
         words = builder.align(through_phone_line(utt.load(8000)))
         item = holdout_item(utt.name, utt.reference, [w.word.strip() for w in words])
         if item is None:

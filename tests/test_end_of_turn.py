@@ -536,3 +536,28 @@ def test_combined_probe_scores_and_fits() -> None:
     y = np.r_[np.zeros(50), np.ones(50)]
     p = Logistic().fit(x, y).probability(x)
     assert auc(y, p) > 0.95 and p[:50].mean() < 0.5 < p[50:].mean()
+
+
+def test_every_labelled_pause_of_a_two_sentence_turn_is_read(decoder: WhisperDecoder) -> None:
+    """Where a recording pauses on its own between two sentences and the
+    set inserts its pause there, the inputs are read at that pause (the
+    last pause event before the inserted silence ends), not dropped as a
+    gap inside the speech: every labelled pause and the end get one entry,
+    in order (6 of 14 such pauses of the held-out set were missing)."""
+    from asr.vad import SileroVAD
+    from benchmarks.end_of_turn import Features, labelled_inputs
+    from benchmarks.make_eot_holdout import HOLDOUT
+
+    spec = json.loads(HOLDOUT.read_text())
+    builder = Builder(spec)
+    two = [x for x in spec["recorded"] if any(p["kind"] == "between-sentences" for p in x["pauses"])]
+    assert two, "the held-out set has no two-sentence turn"
+    features = Features(decoder, None, None)
+    vad = SileroVAD()
+    for item in two:
+        try:
+            case = builder.recorded(item)
+        except StopIteration:
+            pytest.skip("asterisk-core-sounds-en-wav not installed")
+        got = [x["label"] for x in labelled_inputs(case, vad, features)]
+        assert got == [p["kind"] for p in item["pauses"]] + ["END:statement"], (item["clip"], got)
