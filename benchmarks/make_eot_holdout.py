@@ -35,13 +35,13 @@ from typing import Any
 
 from benchmarks import end_of_turn as eot
 from benchmarks.corpus import asterisk_prompts, through_phone_line
+from voice.call.reply_policy import is_complete
 
 HOLDOUT = eot.SPEC.parent / "holdout.json"
 MIN_WORDS, MAX_WORDS = 6, 24
 _CONJUNCTIONS = {"and", "or", "but", "so", "because", "then", "if", "when", "while"}
 _ARTICLES = {"a", "an", "the", "your", "my", "our", "this"}
 _PREPOSITIONS = {"of", "for", "in", "on", "at", "from", "with", "by", "into", "after", "before"}
-_SENTENCE_END = re.compile(r"[.?!]+[\"')]*$")
 _ANY_MARK = re.compile(r"[.?!,;:]+[\"')]*$")
 
 
@@ -83,8 +83,8 @@ def holdout_item(name: str, reference: str, whisper_words: list[str]) -> dict[st
         (word, tok, tok_last), (_, heard_word, heard_last) = ref[k], heard[k]
         if tok_last and heard_last:
             bounds.append((k, word, ref_tokens[tok], heard_word))
-    ends = [b for b in bounds if _SENTENCE_END.search(b[2])]
-    inside = [i for i, t in enumerate(ref_tokens[:-1]) if _SENTENCE_END.search(t)]
+    ends = [b for b in bounds if is_complete(b[2])]
+    inside = [i for i, t in enumerate(ref_tokens[:-1]) if is_complete(t)]
     if len(inside) > 1 or len(ends) != len(inside):
         return None  # more than two sentences, or a sentence end where no pause can go
     open_ = [b for b in bounds if not _ANY_MARK.search(b[2])]
@@ -98,7 +98,7 @@ def holdout_item(name: str, reference: str, whisper_words: list[str]) -> dict[st
     pauses = []
     cut_tokens = set()
     for k, word, token, heard_word in pick:
-        sentence = bool(_SENTENCE_END.search(token))
+        sentence = is_complete(token)
         kind = "between-sentences" if sentence else _kind(word)
         pause: dict[str, Any] = {"after_words": heard_word + 1, "kind": kind}
         if sentence:

@@ -10,7 +10,7 @@ from asr.wer import word_error_rate
 from benchmarks.client import NativeCaller, last_voiced_s
 from benchmarks.corpus import asterisk_prompts
 from tests.conftest import with_silence
-from tests.transport_checks import by_name
+from tests.transport_checks import by_name, fail_next_final_decode
 
 
 def _turn_events(caller: NativeCaller, turn: int, kind: str) -> list[dict]:
@@ -248,17 +248,7 @@ async def test_an_asr_failure_fails_one_turn_not_the_call(server, call_url, monk
     (what a CUDA OOM or a broken model file does). That turn gets an
     ``asr_failed`` error; the call stays up and its next turn is transcribed
     and answered. (A decoder process that dies: tests/test_asr_lanes.py.)"""
-    lane = server.runtime.asr.lane
-    real_decode = lane.decode
-    failed: list[int] = []
-
-    async def decode_failing_once(audio, final=True, marks=False):
-        if not failed:
-            failed.append(len(audio))
-            raise RuntimeError("injected decoder fault")
-        return await real_decode(audio, final, marks)
-
-    monkeypatch.setattr(lane, "decode", decode_failing_once)
+    failed = fail_next_final_decode(server, monkeypatch)  # partials are off: the turn's first decode
     first, second = by_name("all-circuits-busy-now"), by_name("conf-now-recording")  # one turn each
     async with NativeCaller(call_url) as caller:
         await caller.start("mulaw", 8000, options={"partials": False})

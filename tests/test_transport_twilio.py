@@ -15,6 +15,7 @@ from tests.transport_checks import (
     asr_text,
     barge_in_call,
     check_audio_frames,
+    fail_next_final_decode,
     hangups_release_everything,
     malformed_then_call,
     prompt_clip,
@@ -215,17 +216,7 @@ async def test_twilio_an_asr_failure_is_said_not_silence(server, monkeypatch):
     fails (a fault injected into the real decoder's lane, as a CUDA OOM
     would) gets the reply policy's fallback spoken, heard as audio, and
     leaves nothing in the history; the call stays up."""
-    lane = server.runtime.asr.lane
-    real_decode = lane.decode
-    failed: list[int] = []
-
-    async def decode_failing_once(audio, final=True, marks=False):
-        if final and not failed:
-            failed.append(len(audio))
-            raise RuntimeError("injected decoder fault")
-        return await real_decode(audio, final, marks)
-
-    monkeypatch.setattr(lane, "decode", decode_failing_once)
+    failed = fail_next_final_decode(server, monkeypatch)
     carrier = FakeTwilio(server_base(server))
     with CallWatcher() as watcher:
         async with carrier:

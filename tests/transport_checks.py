@@ -21,6 +21,24 @@ STORY = "You are a storyteller. Always answer with a long story of many short se
 DTMF_MARK = re.compile(r"\[caller pressed (.)\]\s*")
 
 
+def fail_next_final_decode(server: VoiceServer, monkeypatch: object) -> list[int]:
+    """Fault injection into the real decoder's lane: its next final decode
+    raises (what a CUDA OOM or a broken model file does), the others run.
+    Returns the list the failed decode's audio length lands in."""
+    lane = server.runtime.asr.lane
+    real_decode = lane.decode
+    failed: list[int] = []
+
+    async def decode_failing_once(audio: np.ndarray, final: bool = True, marks: bool = False) -> object:
+        if final and not failed:
+            failed.append(len(audio))
+            raise RuntimeError("injected decoder fault")
+        return await real_decode(audio, final, marks)
+
+    monkeypatch.setattr(lane, "decode", decode_failing_once)  # type: ignore[attr-defined]
+    return failed
+
+
 def by_name(name: str) -> Utterance:
     return {p.name: p for p in asterisk_prompts(min_words=1)}[f"asterisk/{name}"]
 
