@@ -206,6 +206,15 @@ class ASRConfig:
     # least this many words: Whisper closes fragments with one too ("At the
     # tone."), and shorter ones wait endpoint_unsure_s.
     endpoint_sentence_words: int = 5
+    # A short answer on its own ("Yes.", "No, thanks.", "Tuesday.":
+    # asr/endpointing.py short_answer) ends after this much silence.
+    endpoint_answer_s: float = 0.7
+    # Under the Whisper policies: a finished sentence by the rules (their
+    # shortest window) that Whisper also closes with a share of at least
+    # whisper_sure_threshold ends after endpoint_sure_s: the words and the
+    # voice agree the caller is done. Equal to endpoint_min_s: no such tier.
+    endpoint_sure_s: float = 0.3
+    whisper_sure_threshold: float = 0.98
     # How the window is chosen at a pause (asr/end_of_turn.py, measured by
     # benchmarks/end_of_turn.py): "adaptive" = the word rules above;
     # "smart_turn" = Smart Turn v3.2's audio verdict (done -> min, else max);

@@ -26,6 +26,8 @@ pause:
   free) below ``whisper_sentence_end_threshold`` waits the longest window.
   Whisper picks its mark from the voice as well as the words: "Please
   hold" cut in fluent speech gets a comma, said as a whole turn a full stop.
+  A finished sentence Whisper closes with a share of at least
+  ``whisper_sure_threshold`` ends after ``endpoint_sure_s`` (``sure_end``).
 * ``whisper+rules+llm``: that, and the LLM's veto as above.
 
 Measured side by side by benchmarks/end_of_turn.py on
@@ -249,6 +251,17 @@ def marks_hold(whisper_end: float | None, config: ASRConfig) -> bool:
     return whisper_end is not None and whisper_end < config.whisper_sentence_end_threshold
 
 
+def sure_end(rule_window: float, whisper_end: float | None, config: ASRConfig) -> bool:
+    """The rules read a finished sentence (their shortest window) and
+    Whisper's marks close it with a share of at least
+    ``whisper_sure_threshold``: both say done, so ``endpoint_sure_s``."""
+    return (
+        rule_window <= config.endpoint_min_s
+        and whisper_end is not None
+        and whisper_end >= config.whisper_sure_threshold
+    )
+
+
 def asks_llm(words: str, rule_window: float | None, config: ASRConfig, whisper_end: float | None = None) -> bool:
     """Whether this pause's words go to the LLM for P(the sentence ends
     here): only under an LLM policy, and not where the answer could not
@@ -297,7 +310,11 @@ def decide_window(
         if rule_window is None:
             return config.endpoint_unsure_s  # the pause decode is not in: neither are its words nor its marks
         # Whisper heard a voice that goes on, whatever mark it wrote.
-        return config.endpoint_max_s if marks_hold(whisper_end, config) else rule_window
+        if marks_hold(whisper_end, config):
+            return config.endpoint_max_s
+        if sure_end(rule_window, whisper_end, config):
+            return config.endpoint_sure_s
+        return rule_window
     if policy not in SMART_TURN_POLICIES:
         return rule_window if rule_window is not None else config.endpoint_unsure_s
     done = probability is not None and probability >= config.smart_turn_threshold

@@ -488,6 +488,27 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
         )
         for t in WHISPER_THRESHOLDS
     ]
+    # Shorter windows where the inputs agree: a short answer on its own at
+    # the shortest window, and a finished sentence Whisper is surer of than
+    # the threshold (sure_end) at 0.2 s, alone and together.
+    threshold = ASRConfig.whisper_sentence_end_threshold
+    for answer_s, sure_at in ((0.3, None), (None, 0.98), (0.3, 0.98), (0.3, 0.95)):
+        knobs: dict[str, float] = {}
+        label = []
+        if answer_s is not None:
+            knobs["endpoint_answer_s"] = answer_s
+            label.append(f"short answers {answer_s:g} s")
+        if sure_at is not None:
+            knobs |= {"endpoint_sure_s": 0.2, "whisper_sure_threshold": sure_at}
+            label.append(f">= {sure_at:g} at 0.2 s")
+        out.append(
+            Candidate(
+                f"whisper+rules {threshold:g}, " + ", ".join(label),
+                ASRConfig(end_of_turn="whisper+rules", **knobs),
+                _policy("whisper+rules"),
+                zero,
+            )
+        )
     if smart:
         out += [
             Candidate("smart turn v3.2, pipecat defaults (0.2 s / 3 s)", ASRConfig(), _pipecat, smart_cost, "smart"),

@@ -300,6 +300,25 @@ def test_decide_window_whisper_table() -> None:
     assert whisper_marks("I need eggs.", None) is None
 
 
+def test_sure_tier_and_short_answer_window() -> None:
+    """A finished sentence that Whisper closes at or above
+    whisper_sure_threshold ends after endpoint_sure_s; below it, or a
+    sentence the rules do not call finished, keeps its window. A short
+    answer waits endpoint_answer_s."""
+    cfg = dataclasses.replace(CFG, end_of_turn="whisper+rules", endpoint_sure_s=0.2, whisper_sure_threshold=0.98)
+    lo, mid, hi = cfg.endpoint_min_s, cfg.endpoint_unsure_s, cfg.endpoint_max_s
+    assert decide_window("whisper+rules", lo, None, cfg, None, 0.99) == 0.2
+    assert decide_window("whisper+rules", lo, None, cfg, None, 0.98) == 0.2
+    assert decide_window("whisper+rules", lo, None, cfg, None, 0.97) == lo  # sure enough to end, not to hurry
+    assert decide_window("whisper+rules", lo, None, cfg, None, None) == lo  # no marks: no agreement to act on
+    assert decide_window("whisper+rules", mid, None, cfg, None, 0.99) == mid  # a short fragment: the rules' window
+    assert decide_window("whisper+rules", hi, None, cfg, None, 0.99) == hi
+    assert decide_window("adaptive", lo, None, cfg, None, 0.99) == lo  # the rules alone read no marks
+    assert endpoint_window("Yes.", CFG) == CFG.endpoint_answer_s
+    assert endpoint_window("No, thank you.", dataclasses.replace(CFG, endpoint_answer_s=0.3)) == 0.3
+    assert endpoint_window("No, and", dataclasses.replace(CFG, endpoint_answer_s=0.3)) == hi  # goes on
+
+
 def test_whisper_marks_hear_a_voice_go_on(cases: dict[str, Case], decoder: WhisperDecoder) -> None:
     """Whisper's share of a sentence end after its last word, read from the
     decode itself: "I want to pay my bill and | check my balance" and "I
