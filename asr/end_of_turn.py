@@ -313,7 +313,7 @@ def decide_window(
         if marks_hold(whisper_end, config):
             return config.endpoint_max_s
         if sure_end(rule_window, whisper_end, config):
-            return config.endpoint_sure_s
+            return min(config.endpoint_sure_s, rule_window)  # never longer for being sure
         return rule_window
     if policy not in SMART_TURN_POLICIES:
         return rule_window if rule_window is not None else config.endpoint_unsure_s

@@ -939,6 +939,8 @@ def main() -> None:
             "false_cutoff_rate_unfinished": sum(split[False]) / max(1, len(split[False])),
             "false_cutoff_rate_complete": sum(split[True]) / max(1, len(split[True])),
             "other_cutoffs": sum(o.other_cuts for o in outcomes),
+            # Which recordings' own gaps ended a turn: a reader listens to them.
+            "other_cutoff_cases": [case.id for case, o in zip(cases, outcomes, strict=True) if o.other_cuts],
             "missed_end_rate": missed,
             "mean_delay_ms": statistics.fmean(finite) * 1000,
             "p95_delay_ms": float(np.percentile(finite, 95)) * 1000,

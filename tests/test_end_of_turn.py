@@ -314,6 +314,8 @@ def test_sure_tier_and_short_answer_window() -> None:
     assert decide_window("whisper+rules", mid, None, cfg, None, 0.99) == mid  # a short fragment: the rules' window
     assert decide_window("whisper+rules", hi, None, cfg, None, 0.99) == hi
     assert decide_window("adaptive", lo, None, cfg, None, 0.99) == lo  # the rules alone read no marks
+    shorter = dataclasses.replace(cfg, endpoint_min_s=0.15)
+    assert decide_window("whisper+rules", 0.15, None, shorter, None, 0.99) == 0.15  # never longer for being sure
     assert endpoint_window("Yes.", CFG) == CFG.endpoint_answer_s
     assert endpoint_window("No, thank you.", dataclasses.replace(CFG, endpoint_answer_s=0.3)) == 0.3
     assert endpoint_window("No, and", dataclasses.replace(CFG, endpoint_answer_s=0.3)) == hi  # goes on
