@@ -207,12 +207,16 @@ class ASRConfig:
     # tone."), and shorter ones wait endpoint_unsure_s.
     endpoint_sentence_words: int = 5
     # A short answer on its own ("Yes.", "No, thanks.", "Tuesday.":
-    # asr/endpointing.py short_answer) ends after this much silence.
+    # asr/endpointing.py short_answer) ends after this much silence. 0.3 cut
+    # off 10 of 12 callers who went on after one ("yes, | and could you..."),
+    # 0.7 cuts 4 (benchmarks/data/eot/answers.json, README "Shorter windows").
     endpoint_answer_s: float = 0.7
     # Under the Whisper policies: a finished sentence by the rules (their
     # shortest window) that Whisper also closes with a share of at least
     # whisper_sure_threshold ends after endpoint_sure_s: the words and the
     # voice agree the caller is done. Equal to endpoint_min_s: no such tier.
+    # 0.2 is worth 6-7 ms on 2 cores (the pause decode lands after it) and
+    # 33-46 ms with the decode in at once (README "Shorter windows").
     endpoint_sure_s: float = 0.3
     whisper_sure_threshold: float = 0.98
     # How the window is chosen at a pause (asr/end_of_turn.py, measured by
