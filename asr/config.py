@@ -207,17 +207,20 @@ class ASRConfig:
     # tone."), and shorter ones wait endpoint_unsure_s.
     endpoint_sentence_words: int = 5
     # A short answer on its own ("Yes.", "No, thanks.", "Tuesday.":
-    # asr/endpointing.py short_answer) ends after this much silence. 0.3 cut
-    # off 10 of 12 callers who went on after one ("yes, | and could you..."),
-    # 0.7 cuts 4 (benchmarks/data/eot/answers.json, README "Shorter windows").
-    endpoint_answer_s: float = 0.7
-    # Under the Whisper policies: a finished sentence by the rules (their
-    # shortest window) that Whisper also closes with a share of at least
-    # whisper_sure_threshold ends after endpoint_sure_s: the words and the
-    # voice agree the caller is done. Equal to endpoint_min_s: no such tier.
-    # 0.2 is worth 6-7 ms on 2 cores (the pause decode lands after it) and
+    # asr/endpointing.py short_answer) is the word rules' window for it
+    # (under every policy that reads their window). 0: endpoint_unsure_s.
+    # 0.3 s cut off all 10 callers whose pause decode read a short answer
+    # and who went on ("yes, | and could you..."), endpoint_unsure_s 4
+    # (benchmarks/data/eot/answers.json, README "Shorter windows").
+    endpoint_answer_s: float = 0.0
+    # Under the Whisper policies (+llm too, where a window this short
+    # mostly runs out before the LLM answers: not measured): a finished
+    # sentence by the rules (their shortest window) that Whisper also closes
+    # with a share of at least whisper_sure_threshold ends after
+    # endpoint_sure_s, or the rules' window if shorter. 0: no such tier. 0.2
+    # was worth 5-6 ms on 2 cores (the pause decode lands after it) and
     # 33-46 ms with the decode in at once (README "Shorter windows").
-    endpoint_sure_s: float = 0.3
+    endpoint_sure_s: float = 0.0
     whisper_sure_threshold: float = 0.98
     # How the window is chosen at a pause (asr/end_of_turn.py, measured by
     # benchmarks/end_of_turn.py): "adaptive" = the word rules above;
@@ -268,6 +271,10 @@ class ASRConfig:
     pre_speech_pad_s: float = 0.3
 
     def __post_init__(self) -> None:
+        if self.endpoint_answer_s < 0 or self.endpoint_sure_s < 0:
+            raise ValueError("endpoint_answer_s and endpoint_sure_s are seconds, 0 or more (0: off)")
+        if not 0.0 <= self.whisper_sure_threshold <= 1.0:
+            raise ValueError(f"whisper_sure_threshold is a share, 0 to 1: got {self.whisper_sure_threshold}")
         if self.compute_type == "auto":
             self.compute_type = "float16" if on_gpu(self.device) else "int8"
         if self.batch_size <= 0 or self.partial_budget is None or self.decoder_process is None:

@@ -254,9 +254,11 @@ def marks_hold(whisper_end: float | None, config: ASRConfig) -> bool:
 def sure_end(rule_window: float, whisper_end: float | None, config: ASRConfig) -> bool:
     """The rules read a finished sentence (their shortest window) and
     Whisper's marks close it with a share of at least
-    ``whisper_sure_threshold``: both say done, so ``endpoint_sure_s``."""
+    ``whisper_sure_threshold``: both say done, so ``endpoint_sure_s``
+    (0: no such tier)."""
     return (
-        rule_window <= config.endpoint_min_s
+        config.endpoint_sure_s > 0
+        and rule_window <= config.endpoint_min_s
         and whisper_end is not None
         and whisper_end >= config.whisper_sure_threshold
     )

@@ -180,7 +180,9 @@ def endpoint_window(text: str, config: ASRConfig) -> float:
     if number_read_out(stripped):
         return config.endpoint_min_s
     if short_answer(stripped):
-        return config.endpoint_answer_s  # not held as unfinished ("No."): an answer in itself
+        # Not held as unfinished ("No."): an answer in itself, but one the
+        # caller may go on from ("yes, | and...").
+        return config.endpoint_answer_s or config.endpoint_unsure_s
     if stripped.endswith(_GOES_ON) or ends_unfinished(stripped):
         return config.endpoint_max_s
     # Whisper closes fragments with a period too ("At the tone."), so a

@@ -314,9 +314,25 @@ def test_sure_tier_and_short_answer_window() -> None:
     assert decide_window("whisper+rules", mid, None, cfg, None, 0.99) == mid  # a short fragment: the rules' window
     assert decide_window("whisper+rules", hi, None, cfg, None, 0.99) == hi
     assert decide_window("adaptive", lo, None, cfg, None, 0.99) == lo  # the rules alone read no marks
+    # Off by default: a shortest window set above 0.2 s stays the shortest.
+    slower = dataclasses.replace(CFG, end_of_turn="whisper+rules", endpoint_min_s=0.5)
+    assert decide_window("whisper+rules", 0.5, None, slower, None, 0.99) == 0.5
+    # A short answer or a number read out reads no marks, so never the sure tier.
+    for words, window in (("Yes.", mid), ("My zip code is 94107.", lo)):
+        marks = whisper_marks(words, 0.99)
+        assert decide_window("whisper+rules", endpoint_window(words, cfg), None, cfg, None, marks) == window
+    # The LLM's veto beats it; before the LLM answers, it stands.
+    llm = dataclasses.replace(cfg, end_of_turn="whisper+rules+llm")
+    assert decide_window("whisper+rules+llm", lo, None, llm, 0.01, 0.99) == hi
+    assert decide_window("whisper+rules+llm", lo, None, llm, None, 0.99) == 0.2
     shorter = dataclasses.replace(cfg, endpoint_min_s=0.15)
     assert decide_window("whisper+rules", 0.15, None, shorter, None, 0.99) == 0.15  # never longer for being sure
-    assert endpoint_window("Yes.", CFG) == CFG.endpoint_answer_s
+    assert endpoint_window("Yes.", CFG) == CFG.endpoint_unsure_s  # 0: as unsure, and follows it
+    assert endpoint_window("Yes.", dataclasses.replace(CFG, endpoint_unsure_s=0.6)) == 0.6
+    with pytest.raises(ValueError, match="endpoint_answer_s"):
+        ASRConfig(endpoint_answer_s=-1)
+    with pytest.raises(ValueError, match="whisper_sure_threshold"):
+        ASRConfig(whisper_sure_threshold=1.5)
     assert endpoint_window("No, thank you.", dataclasses.replace(CFG, endpoint_answer_s=0.3)) == 0.3
     assert endpoint_window("No, and", dataclasses.replace(CFG, endpoint_answer_s=0.3)) == hi  # goes on
 
