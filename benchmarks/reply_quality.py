@@ -6,7 +6,10 @@ multi-turn calls of benchmarks/data/calls.json plus single-turn calls of
 Debian's Asterisk prompts that those calls do not use, so at least 150
 caller turns. Per configuration it reports:
 
-* replies with a repeated sentence (the same words twice in one reply);
+* replies with a repeated sentence (the same words twice in one reply),
+  and replies that say a sentence of the call's previous reply again (of
+  four words or more: "Sure." may recur), whether or not the caller asked
+  for it again: what a caller hears as the agent going round in circles;
 * replies ending mid-sentence (no terminal punctuation) and at the token cap;
 * median words and sentences per reply, and distinct-2 (unique word bigrams
   over all bigrams, across replies: low means the model says the same thing);
@@ -92,6 +95,7 @@ def quality(records: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
         if m.get("first_sentence_ms") is not None and m.get("llm_first_token_ms") is not None
     ]
     n = len(replies) or 1
+    again = repeats_previous(answered)
     ends: dict[str, int] = {}
     for m in server:
         if m.get("reply_end"):
@@ -100,6 +104,7 @@ def quality(records: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
         "turns": len(records),
         "answered": len(replies),
         "repeated_sentence_pct": round(100 * repeated / n, 1),
+        "repeats_previous_reply_pct": round(100 * again / n, 1),
         "mid_sentence_end_pct": round(100 * sum(not is_complete(r) for r in replies) / n, 1),
         "token_cap_pct": round(100 * at_cap / n, 1),
         "words_p50": statistics.median(len(words_of(r)) for r in replies) if replies else None,
@@ -113,6 +118,26 @@ def quality(records: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
         "reply_end": ends,
         "first_sentence_words_p50": _first_sentence_words(answered),
     }
+
+
+REPEAT_MIN_WORDS = 4
+
+
+def repeats_previous(records: list[dict[str, Any]]) -> int:
+    """Replies with a sentence of REPEAT_MIN_WORDS words or more that the
+    same call's previous reply (the turn before, answered) also said."""
+    by_call: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_call.setdefault(str(r.get("call")), []).append(r)
+    count = 0
+    for turns in by_call.values():
+        previous: set[str] = set()
+        for r in sorted(turns, key=lambda r: int(r.get("turn") or 0)):
+            sentences = (words_of(s) for s in split_sentences(str(r["reply"])))
+            keys = {" ".join(w) for w in sentences if len(w) >= REPEAT_MIN_WORDS}
+            count += bool(keys & previous)
+            previous = keys
+    return count
 
 
 def _first_sentence_words(records: list[dict[str, Any]]) -> float | None:
@@ -169,6 +194,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     cols = [
         ("repeated_sentence_pct", "repeat %"),
+        ("repeats_previous_reply_pct", "previous reply again %"),
         ("mid_sentence_end_pct", "mid-sentence end %"),
         ("token_cap_pct", "token cap %"),
         ("words_p50", "words p50"),

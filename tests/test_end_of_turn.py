@@ -331,6 +331,14 @@ def test_sure_tier_and_short_answer_window() -> None:
     assert endpoint_window("Yes.", dataclasses.replace(CFG, endpoint_unsure_s=0.6)) == 0.6
     with pytest.raises(ValueError, match="endpoint_answer_s"):
         ASRConfig(endpoint_answer_s=-1)
+    from voice.server.cli import build_parser, config_from_args
+
+    def asr(*flags: str) -> ASRConfig:
+        return config_from_args(build_parser().parse_args(["serve", *flags])).asr
+
+    assert (asr().endpoint_sure_s, asr().endpoint_answer_s) == (0.0, 0.0)  # both off
+    tuned = asr("--endpoint-sure-ms", "200", "--whisper-sure-threshold", "0.97", "--endpoint-answer-ms", "400")
+    assert (tuned.endpoint_sure_s, tuned.whisper_sure_threshold, tuned.endpoint_answer_s) == (0.2, 0.97, 0.4)
     with pytest.raises(ValueError, match="whisper_sure_threshold"):
         ASRConfig(whisper_sure_threshold=1.5)
     assert endpoint_window("No, thank you.", dataclasses.replace(CFG, endpoint_answer_s=0.3)) == 0.3
