@@ -8,6 +8,7 @@ import pytest
 from voice.call.reply_policy import (
     SEND,
     SKIP,
+    STOP_CODE,
     STOP_LENGTH,
     STOP_LOOP,
     ReplyGuard,
@@ -15,6 +16,7 @@ from voice.call.reply_policy import (
     asks_about_it,
     asks_to_repeat,
     is_complete,
+    speakable,
     split_sentences,
     stutters,
     words_of,
@@ -217,6 +219,30 @@ async def test_a_reply_with_no_sentence_says_the_fallback(call_url, phone_prompt
     assert sent == [ReplyPolicy.fallback] and done["text"] == ReplyPolicy.fallback, (sent, done)
     assert done["reply_end"] == "token_cap" and metrics["fallback"] is True, (done, metrics)
     assert done["usage"]["completion_tokens"] <= 1
+
+
+def test_markdown_is_not_read_out_and_code_ends_the_reply() -> None:
+    assert speakable("**Note:** press 1 for `billing`.") == ("Note: press 1 for billing.", False)
+    assert speakable("## Steps\n- Open the app\n- Tap *Settings*") == ("Steps Open the app Tap *Settings*", False)
+    assert speakable("Press * to go back, or 1. to repeat.") == ("Press * to go back, or 1. to repeat.", False)
+    assert speakable("To exit the menu: ```python def get_menu():") == ("To exit the menu:", True)
+    assert speakable("```python print('hi')") == ("", True)
+    assert speakable("> Quoted, as said.") == ("Quoted, as said.", False)
+
+
+async def test_a_reply_that_turns_to_code_stops_before_it_on_the_wire(call_url):
+    """A fixed reply (a greeting, as the model's words depend on its
+    sampling) with markdown and then a code block: its marks are not sent,
+    the code is not, and the reply ends there (reply_end "code")."""
+    from benchmarks.client import NativeCaller
+
+    markdown = "**Sure.** Here is how: ```python\nprint('hi')\n``` Anything else?"
+    async with NativeCaller(call_url) as caller:
+        await caller.start("pcm16", 16000, options={"greeting": markdown})
+        done = await caller.wait_for("response.done", timeout=30, turn=1)
+    sent = [e["text"] for e in caller.result.of("response.sentence")]
+    assert sent == ["Sure.", "Here is how:"], sent
+    assert done["reply_end"] == STOP_CODE and done["text"] == " ".join(sent), done
 
 
 async def test_a_looping_reply_is_cut_on_the_wire(call_url):

@@ -23,7 +23,27 @@ from asr.endpointing import DIGIT_WORDS
 SEND = "send"
 STOP_LENGTH = "max_sentences"  # the reply has said enough for a phone call
 STOP_LOOP = "loop"  # the sentence repeats an earlier one, or stutters
+STOP_CODE = "code"  # the model began a code block: nothing in it can be said on a call
 SKIP = "skip"  # a first sentence that repeats the previous reply: left out, the reply goes on
+
+# Markdown a chat model writes that a voice must not read out: emphasis and
+# inline code marks, and at a line's start a heading, a bullet or a quote. A
+# lone "*" stays ("press * to go back"), as does "1." (a spoken list).
+_INLINE_MARKUP = re.compile(r"\*\*|__|~~|`")
+_LINE_MARKUP = re.compile(r"^[ \t]*(?:#{1,6}[ \t]+|[-*•][ \t]+|>[ \t]*)", re.MULTILINE)
+_CODE_FENCE = "```"
+
+
+def speakable(sentence: str) -> tuple[str, bool]:
+    """The sentence as a voice says it, and whether a code block begins in
+    it. Markdown's marks come out ("**Note:** press 1." -> "Note: press
+    1."); from a code fence on nothing is speakable, so only the words
+    before it are kept and the reply should end there (SmolLM2-135M writes
+    Python on a phone call: benchmarks/reply_quality.py)."""
+    text, fence, _ = sentence.partition(_CODE_FENCE)
+    text = _INLINE_MARKUP.sub("", _LINE_MARKUP.sub("", text))
+    return " ".join(text.split()), bool(fence)
+
 
 _TERMINAL = re.compile(r"""[.!?…]["'”’)\]]*$""")
 

@@ -34,11 +34,13 @@ from streaming.sentences import SentenceSegmenter
 from voice.call.reply_policy import (
     SEND,
     SKIP,
+    STOP_CODE,
     STOP_LENGTH,
     STOP_LOOP,
     ReplyGuard,
     ReplyPolicy,
     is_complete,
+    speakable,
 )
 
 if TYPE_CHECKING:
@@ -667,14 +669,18 @@ class Turn:
 
     async def _sentence(self, text: str, guard: ReplyGuard, *, clause: bool = False) -> bool:
         """Send one sentence (or the first clause, ``clause``) if the reply
-        policy lets it out; False ends the reply."""
-        verdict = guard.check(text, clause=clause)
-        if verdict == SKIP:
-            return True
-        if verdict != SEND:
+        policy lets it out, as a voice says it (``speakable``); False ends
+        the reply."""
+        spoken, code = speakable(text)
+        verdict = guard.check(spoken, clause=clause)
+        if verdict not in (SEND, SKIP):
             self.reply_end = verdict
             return False
-        await self._say(text)
+        if verdict == SEND:
+            await self._say(spoken)
+        if code:
+            self.reply_end = STOP_CODE  # the rest is a code block: aborted, not read out
+            return False
         return True
 
     async def _say(self, text: str) -> None:
