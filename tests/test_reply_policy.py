@@ -223,11 +223,28 @@ async def test_a_reply_with_no_sentence_says_the_fallback(call_url, phone_prompt
 
 def test_markdown_is_not_read_out_and_code_ends_the_reply() -> None:
     assert speakable("**Note:** press 1 for `billing`.") == ("Note: press 1 for billing.", False)
-    assert speakable("## Steps\n- Open the app\n- Tap *Settings*") == ("Steps Open the app Tap *Settings*", False)
-    assert speakable("Press * to go back, or 1. to repeat.") == ("Press * to go back, or 1. to repeat.", False)
+    assert speakable("## Steps\n- Open the app\n- Tap *Settings*") == ("Steps Open the app Tap Settings", False)
     assert speakable("To exit the menu: ```python def get_menu():") == ("To exit the menu:", True)
     assert speakable("```python print('hi')") == ("", True)
+    assert speakable("~~~ ls") == ("", True)
     assert speakable("> Quoted, as said.") == ("Quoted, as said.", False)
+    assert speakable("**Both *ways* at once.**") == ("Both ways at once.", False)
+    # What a caller must hear as written stays.
+    for kept in (
+        "Press * to go back, or 1. to repeat.",
+        "It's 5 * 3 = 15.",
+        "Your username is jane__doe.",
+        "Your password is abc**123.",
+        "You can dial **21* and then your number.",
+        "Press ** to return.",
+        "Dial *67 then *82.",
+        "- 5 degrees today.",
+        "> 3 items are left.",
+        "# of items is 3.",
+        "Call 1-800-555-0199.",
+        "C# is fine.",
+    ):
+        assert speakable(kept) == (kept, False), kept
 
 
 async def test_a_reply_that_turns_to_code_stops_before_it_on_the_wire(call_url):

@@ -26,12 +26,18 @@ STOP_LOOP = "loop"  # the sentence repeats an earlier one, or stutters
 STOP_CODE = "code"  # the model began a code block: nothing in it can be said on a call
 SKIP = "skip"  # a first sentence that repeats the previous reply: left out, the reply goes on
 
-# Markdown a chat model writes that a voice must not read out: emphasis and
-# inline code marks, and at a line's start a heading, a bullet or a quote. A
-# lone "*" stays ("press * to go back"), as does "1." (a spoken list).
-_INLINE_MARKUP = re.compile(r"\*\*|__|~~|`")
-_LINE_MARKUP = re.compile(r"^[ \t]*(?:#{1,6}[ \t]+|[-*•][ \t]+|>[ \t]*)", re.MULTILINE)
-_CODE_FENCE = "```"
+# Markdown a chat model writes that a voice must not read out. Emphasis
+# only as a pair around words ("**Note:**", "*Settings*"), never inside one
+# ("jane__doe", "abc**123", "**21*" a keypad code, "5 * 3", "press * or #");
+# inline code marks; and at a line's start a heading before a capitalised
+# word, or a bullet or quote before a letter ("- 5 degrees", "> 3 items",
+# "# of items" stay). A piece the segmenter cut mid-line (a first clause, a
+# run-on) can start with "* then 0": a bullet to this, a rare loss.
+_EMPHASIS = re.compile(r"(?<![\w*~])(\*\*|__|~~|\*)(?=[^\s*~])([^\n]+?)(?<=[^\s*~])\1(?![\w*~])")
+_LINE_MARKUP = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]+(?=[A-Z])|[-*•+][ \t]+(?=[^\W\d_])|>[ \t]*(?=[^\W\d_]))", re.MULTILINE
+)
+_CODE_FENCE = re.compile(r"```|~~~")
 
 
 def speakable(sentence: str) -> tuple[str, bool]:
@@ -40,9 +46,11 @@ def speakable(sentence: str) -> tuple[str, bool]:
     1."); from a code fence on nothing is speakable, so only the words
     before it are kept and the reply should end there (SmolLM2-135M writes
     Python on a phone call: benchmarks/reply_quality.py)."""
-    text, fence, _ = sentence.partition(_CODE_FENCE)
-    text = _INLINE_MARKUP.sub("", _LINE_MARKUP.sub("", text))
-    return " ".join(text.split()), bool(fence)
+    fence = _CODE_FENCE.search(sentence)
+    text = sentence[: fence.start()] if fence else sentence
+    text = _LINE_MARKUP.sub("", text)
+    text = _EMPHASIS.sub(r"\2", _EMPHASIS.sub(r"\2", text)).replace("`", "")  # twice: nested, "**a *b* c**"
+    return " ".join(text.split()), fence is not None
 
 
 _TERMINAL = re.compile(r"""[.!?…]["'”’)\]]*$""")

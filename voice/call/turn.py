@@ -242,7 +242,7 @@ class Turn:
         # this reply began (asr_config.resume_grace_s): the reply was premature.
         self.premature = False
         self.client_cancelled = False  # see TurnOutcome.client_cancelled
-        # Why the reply ended: complete, max_sentences, loop, token_cap, cancelled, failed.
+        # Why the reply ended: complete, max_sentences, loop, code, token_cap, cancelled, resumed, failed.
         self.reply_end = "complete"
         self._on_window = on_window
         # The turns-waiting-for-a-first-sentence registry this turn is in
@@ -593,7 +593,8 @@ class Turn:
             if not stopped:
                 cut_by_cap = request.usage.completion_tokens >= request.max_tokens
                 for sentence in segmenter.flush():
-                    if cut_by_cap and not is_complete(sentence):
+                    spoken, code = speakable(sentence)
+                    if cut_by_cap and not code and not is_complete(spoken):
                         # The token cap cut it mid-sentence: the reply ends
                         # at its last whole sentence, not mid-word.
                         self.reply_end = "token_cap"
