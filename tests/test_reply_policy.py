@@ -247,17 +247,23 @@ def test_markdown_is_not_read_out_and_code_ends_the_reply() -> None:
         assert speakable(kept) == (kept, False), kept
 
 
+async def _greeting_said(call_url: str, greeting: str) -> tuple[list[str], dict]:
+    """A fixed reply on the real reply path (a greeting: the model's own
+    words depend on its sampling): the sentences sent, and response.done."""
+    from benchmarks.client import NativeCaller
+
+    async with NativeCaller(call_url) as caller:
+        await caller.start("pcm16", 16000, options={"greeting": greeting})
+        done = await caller.wait_for("response.done", timeout=30, turn=1)
+    return [e["text"] for e in caller.result.of("response.sentence")], done
+
+
 async def test_a_reply_that_turns_to_code_stops_before_it_on_the_wire(call_url):
     """A fixed reply (a greeting, as the model's words depend on its
     sampling) with markdown and then a code block: its marks are not sent,
     the code is not, and the reply ends there (reply_end "code")."""
-    from benchmarks.client import NativeCaller
-
     markdown = "**Sure.** Here is how: ```python\nprint('hi')\n``` Anything else?"
-    async with NativeCaller(call_url) as caller:
-        await caller.start("pcm16", 16000, options={"greeting": markdown})
-        done = await caller.wait_for("response.done", timeout=30, turn=1)
-    sent = [e["text"] for e in caller.result.of("response.sentence")]
+    sent, done = await _greeting_said(call_url, markdown)
     assert sent == ["Sure.", "Here is how:"], sent
     assert done["reply_end"] == STOP_CODE and done["text"] == " ".join(sent), done
 
@@ -265,13 +271,8 @@ async def test_a_reply_that_turns_to_code_stops_before_it_on_the_wire(call_url):
 async def test_a_looping_reply_is_cut_on_the_wire(call_url):
     """The same guard on the real reply path, with a reply that loops for
     sure (a fixed greeting; the model's loops depend on its sampling)."""
-    from benchmarks.client import NativeCaller
-
     looping = "Welcome to Acme. I'm just a chatbot. I'm just a chatbot. I'm just a chatbot."
-    async with NativeCaller(call_url) as caller:
-        await caller.start("pcm16", 16000, options={"greeting": looping})
-        done = await caller.wait_for("response.done", timeout=30, turn=1)
-    sent = [e["text"] for e in caller.result.of("response.sentence")]
+    sent, done = await _greeting_said(call_url, looping)
     assert sent == ["Welcome to Acme.", "I'm just a chatbot."], sent
     assert done["reply_end"] == STOP_LOOP and done["text"] == " ".join(sent)
 

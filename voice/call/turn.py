@@ -593,13 +593,7 @@ class Turn:
             if not stopped:
                 cut_by_cap = request.usage.completion_tokens >= request.max_tokens
                 for sentence in segmenter.flush():
-                    spoken, code = speakable(sentence)
-                    if cut_by_cap and not code and not is_complete(spoken):
-                        # The token cap cut it mid-sentence: the reply ends
-                        # at its last whole sentence, not mid-word.
-                        self.reply_end = "token_cap"
-                        break
-                    if not await self._sentence(sentence, guard):
+                    if not await self._sentence(sentence, guard, cut_by_cap=cut_by_cap):
                         break
             if not self.sent and guard.repeated_previous is not None and not self.talked_over:
                 # All it had was the last reply said again: heard again, not
@@ -668,11 +662,16 @@ class Turn:
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _sentence(self, text: str, guard: ReplyGuard, *, clause: bool = False) -> bool:
+    async def _sentence(self, text: str, guard: ReplyGuard, *, clause: bool = False, cut_by_cap: bool = False) -> bool:
         """Send one sentence (or the first clause, ``clause``) if the reply
         policy lets it out, as a voice says it (``speakable``); False ends
-        the reply."""
+        the reply. ``cut_by_cap``: the token cap ended the generation, so
+        an unfinished sentence is where it cut."""
         spoken, code = speakable(text)
+        if cut_by_cap and not code and not is_complete(spoken):
+            # The reply ends at its last whole sentence, not mid-word.
+            self.reply_end = "token_cap"
+            return False
         verdict = guard.check(spoken, clause=clause)
         if verdict not in (SEND, SKIP):
             self.reply_end = verdict
