@@ -229,6 +229,10 @@ def test_markdown_is_not_read_out_and_code_ends_the_reply() -> None:
     assert speakable("~~~ ls") == ("", True)
     assert speakable("> Quoted, as said.") == ("Quoted, as said.", False)
     assert speakable("**Both *ways* at once.**") == ("Both ways at once.", False)
+    # A fence closed on the same line is inline code: said, the reply goes on.
+    assert speakable("Type ```ls``` and press enter.") == ("Type ls and press enter.", False)
+    assert speakable("Type ~~~ls~~~, then ```python") == ("Type ls, then", True)
+    assert speakable("* Open the app") == ("Open the app", False)
     # What a caller must hear as written stays.
     for kept in (
         "Press * to go back, or 1. to repeat.",
@@ -237,6 +241,7 @@ def test_markdown_is_not_read_out_and_code_ends_the_reply() -> None:
         "Your password is abc**123.",
         "You can dial **21* and then your number.",
         "Press ** to return.",
+        "* then 0 for the operator.",  # a piece cut mid-line before the keypad's star
         "Dial *67 then *82.",
         "- 5 degrees today.",
         "> 3 items are left.",

@@ -31,12 +31,18 @@ SKIP = "skip"  # a first sentence that repeats the previous reply: left out, the
 # ("jane__doe", "abc**123", "**21*" a keypad code, "5 * 3", "press * or #");
 # inline code marks; and at a line's start a heading before a capitalised
 # word, or a bullet or quote before a letter ("- 5 degrees", "> 3 items",
-# "# of items" stay). A piece the segmenter cut mid-line (a first clause, a
-# run-on) can start with "* then 0": a bullet to this, a rare loss.
+# "# of items" stay). A star is a bullet only before a capital: a piece the
+# segmenter cut mid-line (a first clause, a run-on) can start with the
+# keypad's star ("* then 0"), and a caller told "press then 0" dials wrong.
 _EMPHASIS = re.compile(r"(?<![\w*~])(\*\*|__|~~|\*)(?=[^\s*~])([^\n]+?)(?<=[^\s*~])\1(?![\w*~])")
 _LINE_MARKUP = re.compile(
-    r"^[ \t]*(?:#{1,6}[ \t]+(?=[A-Z])|[-*•+][ \t]+(?=[^\W\d_])|>[ \t]*(?=[^\W\d_]))", re.MULTILINE
+    r"^[ \t]*(?:#{1,6}[ \t]+(?=[A-Z])|\*[ \t]+(?=[A-Z])|[-•+][ \t]+(?=[^\W\d_])|>[ \t]*(?=[^\W\d_]))",
+    re.MULTILINE,
 )
+# A fence closed on its own line is inline code ("Type ```ls``` and press
+# enter."): its words are said, as a single backtick's are. The segmenter
+# ends a piece at every line break, so an open fence is a code block.
+_INLINE_FENCE = re.compile(r"(```|~~~)([^\n]*?)\1")
 _CODE_FENCE = re.compile(r"```|~~~")
 
 
@@ -46,6 +52,7 @@ def speakable(sentence: str) -> tuple[str, bool]:
     1."); from a code fence on nothing is speakable, so only the words
     before it are kept and the reply should end there (SmolLM2-135M writes
     Python on a phone call: benchmarks/reply_quality.py)."""
+    sentence = _INLINE_FENCE.sub(r"\2", sentence)
     fence = _CODE_FENCE.search(sentence)
     text = sentence[: fence.start()] if fence else sentence
     text = _LINE_MARKUP.sub("", text)
