@@ -51,7 +51,14 @@ from aiohttp import web
 
 from llm.base import EngineError, GenerationRequest, LLMEngine, PromptTooLong, SentenceEndUnsupported
 from llm.config import LLMConfig, SpeculationConfig
-from llm.sampling import SamplingError, SamplingParams, add_sampling_arguments, did_you_mean, sampling_from_args
+from llm.sampling import (
+    SamplingError,
+    SamplingParams,
+    add_sampling_arguments,
+    did_you_mean,
+    sampling_from_args,
+    shown_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +181,8 @@ def _check_fields(body: dict[str, Any]) -> None:
                 raise BadRequest(f"'{name}' {why}", name)
             continue
         known = sampling_fields | _PROTOCOL_FIELDS | _IGNORED_FIELDS | set(_ONLY_OFF)
-        raise BadRequest(f"unsupported field '{name}'{did_you_mean(name, known)}", name)
+        shown = shown_name(name)
+        raise BadRequest(f"unsupported field '{shown}'{did_you_mean(name, known)}", shown)
 
 
 def _parse(body: Any, defaults: SamplingParams) -> tuple[GenerationRequest, bool, bool]:

@@ -165,7 +165,8 @@ class SamplingParams:
         known = self.field_names()
         for key in overrides:
             if key not in known:
-                raise SamplingError(str(key), f"unknown sampling field {key!r}{did_you_mean(str(key), known)}")
+                name = shown_name(str(key))
+                raise SamplingError(name, f"unknown sampling field {name!r}{did_you_mean(str(key), known)}")
         changes = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, **changes) if changes else self
 
@@ -316,9 +317,21 @@ def sampling_alias(name: str) -> property:
 # -- validation helpers -----------------------------------------------------
 
 
+# No field name is longer; a client's unknown key is cut to this in errors.
+MAX_FIELD_NAME_CHARS = 64
+
+
+def shown_name(key: str) -> str:
+    """An unknown field name as an error repeats it: cut, since a client
+    chooses it (a megabyte key would come back, and be logged, whole)."""
+    return key if len(key) <= MAX_FIELD_NAME_CHARS else key[:MAX_FIELD_NAME_CHARS] + "..."
+
+
 def did_you_mean(key: str, known: tuple[str, ...] | frozenset[str] | set[str]) -> str:
     """`` (did you mean 'x'?)`` for a misspelt field name, else the known names."""
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    # difflib is quadratic in the key's length, on the event loop every
+    # call shares: a megabyte key took 0.24 s. Nothing that long is a typo.
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6) if len(key) <= MAX_FIELD_NAME_CHARS else []
     # llama.cpp's names for the same things, which close-match misses.
     aliases = {"repeat_penalty": "repetition_penalty", "n_predict": "max_tokens", "temp": "temperature"}
     hint = aliases.get(key) or (close[0] if close else None)

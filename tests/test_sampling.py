@@ -13,6 +13,7 @@ import math
 
 import pytest
 
+from llm import sampling
 from llm.base import GenerationRequest
 from llm.config import LLMConfig, SpeculationConfig
 from llm.openai_server import BadRequest, _check_fields, _parse, build_parser, config_from_args, config_from_json
@@ -93,7 +94,7 @@ def test_json_numbers_are_normalised() -> None:
     assert params.stop == ("END",)
 
 
-def test_merged_applies_overrides_and_rejects_unknown_keys() -> None:
+def test_merged_applies_overrides_and_rejects_unknown_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     base = SamplingParams(repetition_penalty=1.1)
     call = base.merged({"temperature": 0.5, "stop": ["bye"], "seed": 7, "max_tokens": None})
     assert call == dataclasses.replace(base, temperature=0.5, stop=("bye",), seed=7)
@@ -110,6 +111,15 @@ def test_merged_applies_overrides_and_rejects_unknown_keys() -> None:
         base.merged({"colour": "red"})
     with pytest.raises(SamplingError, match="sampling overrides must be an object, got list"):
         base.merged([("temperature", 1.0)])  # type: ignore[arg-type]
+    # A client's megabyte key: no fuzzy match (quadratic, on the shared event
+    # loop), and the error and its field repeat 64 characters of it, not all.
+    matched: list[str] = []
+    monkeypatch.setattr(sampling.difflib, "get_close_matches", lambda key, *a, **k: matched.append(key) or [])
+    with pytest.raises(SamplingError) as refused:
+        base.merged({"temperature" + "x" * 1_000_000: 1.0})
+    assert matched == []  # difflib took 0.24 s on this key
+    assert refused.value.field == "temperature" + "x" * 53 + "..."
+    assert len(str(refused.value)) < 1000 and "did you mean" not in str(refused.value)
 
 
 def test_llamacpp_field_names() -> None:
@@ -268,6 +278,7 @@ def test_openai_server_parses_every_sampling_field() -> None:
         ({"response_format": {"type": "json_object"}}, "response_format", "no structured output"),
         ({"modalities": ["text", "audio"]}, "modalities", "text replies only"),
         ({"best_of": 2}, "best_of", "unsupported field 'best_of'"),
+        ({"k" * 100_000: 1}, "k" * 64 + "...", "unsupported field 'k{64}\\.\\.\\.'; known fields"),
         ({"repeat_penalty": 1.1}, "repeat_penalty", r"did you mean 'repetition_penalty'\?"),
         ({"temperature": 5}, "temperature", r"'temperature' must be in \[0, 2\], got 5"),
         ({"max_tokens": -3}, "max_tokens", "'max_tokens' must be an integer"),
