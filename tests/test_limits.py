@@ -5,6 +5,7 @@ stall anyone else)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -239,6 +240,15 @@ def _twilio_media(track: str) -> str:
     return json.dumps({"event": "media", "streamSid": "MZ1", "media": {"track": track, "payload": ""}})
 
 
+def _padded(frame: str, inner: str | None, field: str, audio_bytes: int) -> str:
+    """``frame`` with ``audio_bytes`` of silence as its audio and 200 KB of padding beside it."""
+    msg = json.loads(frame)
+    target = msg[inner] if inner else msg
+    target[field] = base64.b64encode(bytes(audio_bytes)).decode()
+    msg["pad"] = "x" * 200_000
+    return json.dumps(msg)
+
+
 @pytest.mark.parametrize(
     "carrier_kind, frame, count",
     [
@@ -252,8 +262,20 @@ def _twilio_media(track: str) -> str:
         # metered, and 300 KB of JSON is parsed on the shared loop: charged
         # by its size, and refused unread once the allowance is spent.
         ("telnyx", json.dumps({"event": "connected", "pad": [0] * 100_000}), 400),
+        # An audio event with 20 ms of audio padded to 200 KB: the audio
+        # budget paid for the audio, nothing for the parse of the rest
+        # (600 such frames a second passed).
+        ("twilio", _padded(_twilio_media("inbound"), "media", "payload", 160), 400),
+        ("realtime", _padded(json.dumps({"type": "input_audio_buffer.append"}), None, "audio", 960), 400),
     ],
-    ids=["twilio-outbound-track", "realtime-empty-append", "asterisk-xon", "telnyx-big-connected"],
+    ids=[
+        "twilio-outbound-track",
+        "realtime-empty-append",
+        "asterisk-xon",
+        "telnyx-big-connected",
+        "twilio-padded-media",
+        "realtime-padded-append",
+    ],
 )
 async def test_messages_that_bring_no_audio_take_the_message_allowance(
     server: VoiceServer, carrier_kind: str, frame: str, count: int
@@ -273,7 +295,7 @@ async def test_messages_that_bring_no_audio_take_the_message_allowance(
                 for _ in range(count):
                     await carrier.ws.send(frame)
             await asyncio.wait_for(carrier.closed.wait(), 20)
-            assert carrier.ws.close_code == 1008, (carrier.ws.close_code, carrier.ws.close_reason)
+            assert (carrier.ws.close_code, carrier.ws.close_reason) == (1008, "too many malformed messages")
     limits = server.config.limits
     assert call.malformed <= limits.malformed_burst + 50, call.malformed
 

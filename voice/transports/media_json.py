@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CallEnd, CallGuard
 from voice.transports.telephony import (
+    CONTROL_FREE_CHARS,
     NO_AUDIO_COST,
     CallEnded,
     CallRefused,
@@ -231,7 +232,7 @@ class WebSocketCall(TelephonyCall):
         metered = event not in self.unmetered_events
         if metered:
             self.take_control_event(len(frame))
-        audio_before = self.audio_messages
+        audio_before, bytes_before = self.audio_messages, self.audio_bytes
         try:
             await handler(msg)
         except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
@@ -245,6 +246,14 @@ class WebSocketCall(TelephonyCall):
             # chunk, an empty payload) reached no audio budget: a message
             # other than audio, by its size. (The hang-up never gets here.)
             self.take_control_event(len(frame), cost=NO_AUDIO_COST)
+        elif not metered:
+            # The audio budget pays for the audio; the rest of the frame
+            # (any other field, padded to a megabyte) is parsing work it does
+            # not see: charged like a message of that size beyond its first
+            # CONTROL_FREE_CHARS. base64: 4 characters per 3 bytes.
+            rest = len(frame) - 4 * -(-(self.audio_bytes - bytes_before) // 3)
+            if rest > CONTROL_FREE_CHARS:
+                self.take_control_event(rest, cost=0.0)
 
     def handler_for(self, event: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         """The handler of a message type: ``on_<type>`` (``.`` and ``:`` as

@@ -181,6 +181,7 @@ class TelephonyCall:
         # Messages that reached the audio budget (WebSocketCall meters an
         # audio event that did not as a control message).
         self.audio_messages = 0
+        self.audio_bytes = 0  # decoded audio, all messages
         self.finished = False
         self.ending = False  # end_for has ended the call; the end has not landed yet
         self._counted = False
@@ -290,6 +291,7 @@ class TelephonyCall:
 
     async def audio(self, payload: bytes, message_s: float | None = None) -> None:
         self.audio_messages += 1
+        self.audio_bytes += len(payload)
         if not self.session.started:
             raise MalformedMessage("media before start")
         try:
