@@ -59,6 +59,22 @@ def test_a_token_in_a_logged_url_is_redacted_however_it_was_encoded() -> None:
                                "< GET /v1/realtime?model=x&resume=%s HTTP/1.1", ("Zq3_k9",), None)  # fmt: skip
     assert ContextFilter([]).filter(record)
     assert record.getMessage() == f"< GET /v1/realtime?model=x&resume={REDACTED} HTTP/1.1"
+    # A token offered as a subprotocol, base64url as a browser sends one the
+    # header cannot hold ("openssl rand -base64" makes "/", "+", "="):
+    # websockets logs the header at DEBUG, where no secret's form matched it.
+    record = logging.LogRecord(
+        "websockets.server",
+        logging.DEBUG,
+        __file__,
+        1,
+        "%s",
+        ("< Sec-WebSocket-Protocol: firstline, firstline-token-b64.YS9iK2M9, openai-insecure-api-key.k1",),
+        None,
+    )
+    assert ContextFilter(["a/b+c="]).filter(record)
+    assert record.getMessage() == (
+        f"< Sec-WebSocket-Protocol: firstline, firstline-token-b64.{REDACTED}, openai-insecure-api-key.{REDACTED}"
+    )
 
 
 async def test_digits_and_malformed_frames_stay_out_of_info_logs(server: VoiceServer, caplog) -> None:

@@ -36,6 +36,10 @@ _AUTH_HEADER = re.compile(
 # conversation for the state's TTL (an hour): a credential too.
 _TOKEN_QUERY = re.compile(r"(?i)([?&](?:token|access_token|resume)=)[^&\s#]*")
 _CLIENT_SECRET = re.compile(r"fl_ek_[A-Za-z0-9._-]*")
+# A token offered as a websocket subprotocol (voice/server/app.py
+# TOKEN_SUBPROTOCOLS): websockets logs the Sec-WebSocket-Protocol header at
+# DEBUG, and the base64url form matches no secret's own forms.
+_TOKEN_SUBPROTOCOL = re.compile(r"(?i)((?:openai-insecure-api-key|firstline-token(?:-b64)?)\.)[^,\s]*")
 # A quoted snippet in a message about input (a repr of what the caller sent).
 _QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
 
@@ -107,7 +111,10 @@ class ContextFilter(logging.Filter):
                 message, changed = message.replace(secret, REDACTED), True
         if "fl_ek_" in message:  # a browser's client secret (client_secrets.py): a credential until it expires
             message, changed = _CLIENT_SECRET.sub(REDACTED, message), True
-        if "token=" in (lowered := message.lower()) or "resume=" in lowered:
+        if "token" in (lowered := message.lower()) or "api-key." in lowered:
+            scrubbed = _TOKEN_SUBPROTOCOL.sub(lambda m: m.group(1) + REDACTED, message)
+            message, changed = scrubbed, changed or scrubbed != message
+        if "token=" in lowered or "resume=" in lowered:
             scrubbed = _TOKEN_QUERY.sub(lambda m: m.group(1) + REDACTED, message)
             message, changed = scrubbed, changed or scrubbed != message
         if changed:
