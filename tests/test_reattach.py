@@ -553,6 +553,11 @@ async def test_twiml_re_attach_endpoint(server) -> None:
     # A stream that keeps failing is not re-attached forever.
     _, _, body = await http_get(server.port, f"{RECONNECT_PATH}?attempt={MAX_REATTACH + 1}")
     assert "<Hangup/>" in body.decode() and "<Stream" not in body.decode()
+    # A Host no URL can hold is the request's fault: a 400, not a 500 with
+    # an ERROR traceback for each one anybody sends.
+    for host in ("[x", "voice.example.com:99999"):
+        status, _, body = await http_get(server.port, RECONNECT_PATH + "?attempt=1", headers={"Host": host})
+        assert status == 400 and b"Host" in body, (host, status, body)
 
 
 async def test_twiml_re_attach_needs_twilios_signature_when_configured(server) -> None:

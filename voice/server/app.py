@@ -214,7 +214,12 @@ def _origin_of(host: str | None, forwarded_proto: str | None) -> str | None:
     if not host or any(c in host for c in "/?#@ \\<>\"'"):
         return None
     proto = (forwarded_proto or "").split(",", 1)[0].strip().lower()
-    return f"{'https' if proto == 'https' else 'http'}://{host}"
+    origin = f"{'https' if proto == 'https' else 'http'}://{host}"
+    try:
+        urlsplit(origin).port  # noqa: B018 (parses it: "[x" or ":99999" raise ValueError)
+    except ValueError:
+        return None  # a 400, not a 500 with an ERROR traceback per request
+    return origin
 
 
 def _query_int(path: str, name: str, default: int) -> int:
@@ -484,7 +489,7 @@ class VoiceServer:
             parameters[RESUME_PARAMETER] = twilio.resume_proof(self.config.twilio_auth_token, call_sid)
         origin = self.config.public_url or _origin_of(host, proto)
         if origin is None:
-            return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": "no Host header and no --public-url"})
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": "no usable Host header and no --public-url"})
         attempt = _query_int(path, "attempt", default=1)
         return _twiml(twilio.reattach_twiml(origin.rstrip("/"), attempt, parameters))
 
