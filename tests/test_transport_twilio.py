@@ -151,6 +151,21 @@ async def test_twilio_an_unsupported_media_format_is_refused_at_once_not_as_abus
     await refused_at_once(carrier, "unsupported media format 'audio/opus' at 48000 Hz")
 
 
+async def test_a_refusal_logs_no_number_the_caller_chose(server, caplog):
+    """A refusal's WARNING names the reason, not a sample rate the caller
+    made up (a card number, or 4,000 digits): unquoted, it was logged whole.
+    (Read at DEBUG too: the WARNING comes once a minute per address, and an
+    earlier test's refusal may have had it.)"""
+    carrier = FakeTwilio(server_base(server))
+    good = carrier.wire.opening()
+    good[1]["start"]["mediaFormat"] = {"encoding": "audio/x-mulaw", "sampleRate": "4111111111111111" + "9" * 4000}
+    carrier.opening = lambda: good  # type: ignore[method-assign]
+    caplog.set_level(logging.DEBUG, logger="voice")
+    await refused_at_once(carrier, "unsupported media format 'audio/x-mulaw' at")
+    lines = [r.getMessage() for r in caplog.records if "unsupported media format" in r.getMessage()]
+    assert lines and all("4111111" not in line and len(line) < 400 for line in lines), lines
+
+
 async def test_a_keypad_flood_carries_only_the_first_presses(server):
     """Presses wait in the next turn's text; a flood of them before any
     speech keeps the first MAX_CARRIED_KEYPRESSES (a card number, twice

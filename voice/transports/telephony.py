@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -67,6 +68,8 @@ def ttfa_histogram(runtime: Runtime) -> Histogram:
 # How much of an ignored message's error a WARNING line keeps: the reason, not
 # the message (which a caller controls and may make a megabyte long).
 MALFORMED_LOGGED_CHARS = 160
+# Longer than any rate, bit depth or frame size a refusal names (48000).
+_LONG_NUMBER = re.compile(r"\d{7,}")
 
 
 # Messages a call's read loop handles in a row before it lets the event
@@ -200,8 +203,10 @@ class TelephonyCall:
         """The call is refused after admission: the registry counts and logs
         it (``watch.refused``), at most once a minute per address, as a
         refusal at the door (anyone can provoke one as fast as they connect).
-        The text may quote what the peer sent: quoted values are caller data."""
-        said = redact_quoted(refusal.text)
+        The text may quote what the peer sent: quoted values are caller data,
+        and so is a number no format has ("sampleRate": a card number, or
+        4,000 digits); the line is cut short as a malformed message's is."""
+        said = _LONG_NUMBER.sub("…", redact_quoted(refusal.text))[:MALFORMED_LOGGED_CHARS]
         log.debug("call %s (%s): refused: %s", self.call_id, self.transport, said)
         watch.refused = (str(refusal), said)
 
