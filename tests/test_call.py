@@ -396,3 +396,31 @@ async def test_words_carried_over_turn_after_turn_stay_bounded(server) -> None:
         assert session.carry_over.endswith("item 199 of the list I was reading out")
     finally:
         await session.stop()
+
+
+async def test_words_carried_over_keep_the_order_they_came_in(server) -> None:
+    """A turn taken back (the caller resumed) hands its words on: keys
+    pressed while it replied came after them, keys it never took (talked
+    over before its decode was read) before them. Both went in before."""
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+    from voice.call.turn import TurnOutcome
+
+    async def emit(event: dict) -> None:
+        return None
+
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    await session.start(Start(encoding="pcm16", sample_rate=16000, server_greeting=False))
+    try:
+        session.carry_over = "[caller pressed 5]"  # pressed while turn 1 replied
+        session._turn_finished(
+            TurnOutcome(
+                1, "my account number is", "", cancelled=True, replied=True, premature=True, took_carry_over=True
+            )
+        )
+        assert session.carry_over == "my account number is [caller pressed 5]"
+        session.carry_over = "[caller pressed 7]"  # pressed before turn 2, which never read it
+        session._turn_finished(TurnOutcome(2, "and my pin is", "", cancelled=True, replied=False))
+        assert session.carry_over == "[caller pressed 7] and my pin is"
+    finally:
+        await session.stop()

@@ -31,6 +31,10 @@ async def test_audiosocket_call_paced_frames_and_reply(server):
     tcp = await listener(server)
     port = tcp.sockets[0].getsockname()[1]
     clip = prompt_clip(29)
+    config = server.runtime.config
+    # The key pressed while the reply plays waits for the caller's words
+    # here (a settle no test waits out): the frames heard are turn 1's reply.
+    keypad_answer_s, config.keypad_answer_s = config.keypad_answer_s, 300.0
     try:
         with CallWatcher() as watcher:
             async with FakeAsterisk(port) as asterisk:
@@ -59,6 +63,7 @@ async def test_audiosocket_call_paced_frames_and_reply(server):
                 assert call.session.carry_over == "[caller pressed 4]"
                 assert 1 in call.audio_metrics
     finally:
+        config.keypad_answer_s = keypad_answer_s
         tcp.close()
         await tcp.wait_closed()
 

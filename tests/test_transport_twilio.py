@@ -187,6 +187,38 @@ async def test_a_keypad_flood_carries_only_the_first_presses(server):
             assert not call.finished
 
 
+async def test_keys_pressed_without_speech_are_answered_as_a_turn(server):
+    """ "Press 1 to confirm": the caller presses 1 and says nothing. Keys
+    used to wait, in silence, for words that never came; once no key has
+    come for keypad_answer_s they are a turn of their own (keys pressed
+    close together one turn), answered; "#" answers at once."""
+    carrier = FakeTwilio(server_base(server))
+    config = server.runtime.config
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            await _until(lambda: call.session.started)
+            await carrier.press("1")
+            await carrier.press("2")
+            final = await watcher.wait_event(call, "transcript.final", timeout=30)
+            assert final["text"] == "[caller pressed 1] [caller pressed 2]", final
+            done = await watcher.wait_event(call, "response.done", turn=final["turn"], timeout=60)
+            assert done["text"] and not done["cancelled"], done
+            assert call.session.carry_over == ""
+            await _until(lambda: not call.session.reply_in_flight(), timeout_s=30)
+            old, config.keypad_answer_s = config.keypad_answer_s, 300.0  # a settle no test waits out
+            try:
+                await carrier.press("4")
+                await carrier.press("#")
+                final = await watcher.wait_event(call, "transcript.final", turn=final["turn"] + 1, timeout=30)
+            finally:
+                config.keypad_answer_s = old
+            assert final["text"] == "[caller pressed 4] [caller pressed #]", final
+            await watcher.wait_event(call, "response.done", turn=final["turn"], timeout=60)
+            said = [m["content"] for m in call.session.history.messages_so_far if m["role"] == "user"]
+            assert said == ["[caller pressed 1] [caller pressed 2]", "[caller pressed 4] [caller pressed #]"], said
+
+
 async def test_twilio_hangup_mid_reply_releases_everything(server):
     await hangups_release_everything(
         server, lambda: FakeTwilio(server_base(server)), [prompt_clip(40), prompt_clip(41)]

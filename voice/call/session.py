@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -73,6 +72,8 @@ PROMPT_TOO_LONG_STEP = 1.25
 # a 16-digit card number and its "#" twice over; more are dropped.
 KEYPRESS_PREFIX = "[caller pressed "
 MAX_CARRIED_KEYPRESSES = 32
+# How often keypresses waiting for a reply in flight look again.
+KEYPAD_RECHECK_S = 0.25
 # Ends that say the call is over (the client's stop, the carrier's stop or
 # hang-up), not that its connection was lost: its stored conversation goes.
 HUNG_UP = ("client_stop", "carrier_stop")
@@ -147,6 +148,8 @@ class CallSession:
         self._turn_index = 0
         self._active: Turn | None = None  # committed turn whose reply may still be streaming
         self._pending: Turn | None = None  # preemptive turn held behind its gate
+        # Answers keypresses nobody spoke after (ServerConfig.keypad_answer_s).
+        self._keypad_timer: asyncio.TimerHandle | None = None
         self._wasted = 0  # preemptive turns aborted since the last commit
         self._last_partial = ""
         # End-of-turn inputs of the current pause (asr/end_of_turn.py): the
@@ -597,6 +600,7 @@ class CallSession:
         if self.closed:
             return
         self.closed = True
+        self._disarm_keypad_answer()
         self.runtime.asr.forget(self.call_id, ended=True)
         self.runtime.low_priority.forget(self.call_id)
         # A stream that may come back (lost, drained) keeps the words its
@@ -615,9 +619,13 @@ class CallSession:
             turn.cancel()
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            # asyncio.wait: a cancel of stop() itself (a drain's deadline, the
+            # handler cancelled) is not swallowed as one of the turns' own.
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.exception()  # retrieved: each turn logs its own failure
         if may_come_back:
             # A committed turn cancelled mid-decode hands its words on when
             # the decode is done (Turn._talked_over -> _turn_finished).
@@ -664,6 +672,7 @@ class CallSession:
             self._pause_id += 1
             self._eot_rule = self._eot_prob = self._eot_llm = self._eot_whisper = None
         if isinstance(ev, SpeechStarted):
+            self._disarm_keypad_answer()  # keys pressed before the words lead their turn
             audio_ms = round((ev.audio_s + self._cleared_s) * 1000)
             if self._start is not None and not self._start.barge_in:
                 # The client decides whether speech stops the reply.
@@ -964,7 +973,13 @@ class CallSession:
             # Bounded as a turn's words are: a line whose turns are talked
             # over one after another grew it, and every saved state with it,
             # until a turn took it (past the store's size, none was saved).
-            self.carry_over = newest_words(" ".join(filter(None, [self.carry_over, outcome.user_text])))
+            # In the order they came: keys pressed while the turn replied
+            # follow its words; words it never took (talked over before its
+            # decode was read) came before them.
+            parts = [self.carry_over, outcome.user_text]
+            if outcome.took_carry_over:
+                parts.reverse()
+            self.carry_over = newest_words(" ".join(filter(None, parts)))
         else:
             # History keeps only what the caller was sent, so the model never
             # believes it said words that were cut off.
@@ -982,6 +997,7 @@ class CallSession:
         task.add_done_callback(self._tasks.discard)
 
     async def _partial(self, audio: np.ndarray, turn: int) -> None:
+        tracker = self._tracker  # a clear_input makes a new one: this audio is then gone
         try:
             result = await self.runtime.asr.submit(self.call_id, audio, final=False)
         except asyncio.CancelledError:
@@ -991,6 +1007,10 @@ class CallSession:
         # While the turn ends (the turn number moves on only after its waits)
         # a partial is late: a Realtime client would get it under the next item.
         if turn != self._turn_index or self._turn_ending or not result.text or self.closed:
+            return
+        if tracker is not self._tracker:
+            # Decoding when the client cleared the buffer (forget cancels only a
+            # queued partial): its words are of audio that no longer exists.
             return
         self._last_partial = result.text
         await self.emit({"type": "transcript.partial", "turn": turn + 1, "text": result.text})
@@ -1158,3 +1178,40 @@ class CallSession:
                       MAX_CARRIED_KEYPRESSES)  # fmt: skip
             return
         self.carry_over = " ".join(filter(None, [self.carry_over, f"{KEYPRESS_PREFIX}{digit}]"]))
+        self._save_state()  # a call that re-attaches still has them
+        self._arm_keypad_answer(at_once=digit == "#")
+
+    def _arm_keypad_answer(self, at_once: bool = False) -> None:
+        """Answer the keypresses waiting in carry_over as a turn of their
+        own once no key has come for keypad_answer_s (at once after "#"):
+        a caller told "press 1 to confirm" presses 1 and waits, and their
+        keys used to wait, in silence, for words they would never say.
+        Speech first takes them into its turn (SpeechStarted disarms this)."""
+        settle = self.runtime.config.keypad_answer_s
+        if settle <= 0 or self.closed or not self.started:
+            return
+        if self._keypad_timer is not None:
+            self._keypad_timer.cancel()
+        self._keypad_timer = asyncio.get_running_loop().call_later(0.0 if at_once else settle, self._keypad_answer)
+
+    def _disarm_keypad_answer(self) -> None:
+        if self._keypad_timer is not None:
+            self._keypad_timer.cancel()
+            self._keypad_timer = None
+
+    def _keypad_answer(self) -> None:
+        self._keypad_timer = None
+        if self.closed or KEYPRESS_PREFIX not in self.carry_over:
+            return  # a turn took them
+        if (self._tracker is not None and self._tracker.in_speech) or self._pending is not None:
+            return  # the caller is talking, or paused mid-turn: their turn takes the keys
+        if self.reply_in_flight():
+            # Answered after it: a turn past its decode takes no more keys.
+            self._keypad_timer = asyncio.get_running_loop().call_later(KEYPAD_RECHECK_S, self._keypad_answer)
+            return
+        self._turn_index += 1
+        now = time.monotonic()
+        times = TurnTimes(speech_end=now, endpoint=now)
+        end_s = (self._tracker.position_s if self._tracker is not None else 0.0) + self._cleared_s
+        self._active = Turn(self._turn_context(), self._turn_index, np.zeros(0, np.float32), times, committed=True,
+                            audio_end_s=end_s, keys_only=True)  # fmt: skip

@@ -103,6 +103,10 @@ class TurnOutcome:
     # The client stopped the reply (Realtime response.cancel), not the caller
     # by talking: the caller's words were a turn (the client has its item).
     client_cancelled: bool = False
+    # The turn took the session's carried-over words into ``user_text``:
+    # any carried over now came after it (keys pressed while it replied),
+    # else they came before its speech. Their order when the two join.
+    took_carry_over: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,10 +221,14 @@ class Turn:
         on_window: Callable[[Turn, Decoded], None] | None = None,
         audio_end_s: float = 0.0,
         spoken_first: SpokenFirst | None = None,
+        keys_only: bool = False,
     ) -> None:
         self.ctx = ctx
         # A reply nobody spoke for (a greeting, a reply to text context): no ASR.
         self.spoken_first = spoken_first
+        # The caller pressed keys and said nothing: the keys (carried over)
+        # are the turn's words, and there is no audio to decode.
+        self.keys_only = keys_only
         # Stream position (s of call audio) just after the turn's last voiced chunk.
         self.audio_end_s = audio_end_s
         self.index = index
@@ -322,7 +330,15 @@ class Turn:
         which that client waits for."""
         self.outcome_given = True
         self.ctx.finished(
-            TurnOutcome(self.index, self.user_text, "", cancelled=True, replied=replied, premature=self.premature)
+            TurnOutcome(
+                self.index,
+                self.user_text,
+                "",
+                cancelled=True,
+                replied=replied,
+                premature=self.premature,
+                took_carry_over=self.carry_over is not None,
+            )
         )
         if told:
             self.reply_end = "cancelled"
@@ -332,7 +348,7 @@ class Turn:
         """A committed turn talked over before its final was asked for: it is
         decoded now, and its words lead the next turn (as for a turn talked
         over mid-decode)."""
-        if self.committed and self._final is None and self.spoken_first is None:
+        if self.committed and self._final is None and self.spoken_first is None and not self.keys_only:
             self._final = self.ctx.asr.submit(self.ctx.call_id, self.audio, final=True)
             self._final.add_done_callback(self._talked_over)
 
@@ -348,7 +364,8 @@ class Turn:
         if pending.cancelled() or pending.exception() is not None or not pending.result().text:
             return
         text = " ".join(filter(None, [self.carry_over or "", pending.result().text]))
-        self.ctx.finished(TurnOutcome(self.index, text, "", cancelled=True, replied=False))
+        took = self.carry_over is not None
+        self.ctx.finished(TurnOutcome(self.index, text, "", cancelled=True, replied=False, took_carry_over=took))
 
     # ---- the work ------------------------------------------------------
 
@@ -408,6 +425,32 @@ class Turn:
         if self.spoken_first is not None:
             await self._reply()
             return
+        decoded: Decoded | None = None
+        if self.keys_only:
+            self.times.asr_start = self.times.asr_final = time.monotonic()
+        else:
+            decoded = await self._decode()
+            if decoded is None:
+                return
+        # A committed turn owns the words now; a preemptive one only reads them
+        # (if the caller resumes it is dropped, and they wait for the next).
+        self.carry_over = ctx.take_carry_over(self.committed)
+        heard = decoded.text if decoded is not None else ""
+        self.user_text = newest_words(" ".join(filter(None, [self.carry_over, heard])).strip())
+        if decoded is not None and self._on_window is not None and not self.committed:
+            self._on_window(self, decoded)
+        if not self.user_text:
+            # VAD heard something Whisper found no words in: no turn. Said
+            # once the turn is committed (held until then, like any event): a
+            # push-to-talk client waits for an answer to its commit.
+            await self._out({"type": "turn.empty", "turn": self.index, "audio_end_ms": round(self.audio_end_s * 1000)})
+            return
+        await self._transcript_then_reply()
+
+    async def _decode(self) -> Decoded | None:
+        """The turn's final decode (None: no words come of it here: the
+        caller talked over it, or it failed and the client was told)."""
+        ctx = self.ctx
         self.times.asr_start = time.monotonic()
         # A preemptive turn's decode is its pause's: Whisper's marks there are
         # an end-of-turn input where the policy reads them.
@@ -423,7 +466,7 @@ class Turn:
                 # next turn, as for a cancel mid-decode, with no transcript of
                 # their own (it went out under the item the new speech reopened).
                 self._talked_over(pending)
-                return
+                return None
         except asyncio.CancelledError:
             if self.committed:
                 pending.add_done_callback(self._talked_over)
@@ -436,24 +479,16 @@ class Turn:
         except Exception:
             log.exception("ASR failed on call %s turn %d", ctx.call_id, self.index)
             if self.committed and self.talked_over:
-                return  # stopped by the caller's new speech: its failure is not told, as on a cancel
+                return None  # stopped by the caller's new speech: its failure is not told, as on a cancel
             await self._gate.wait()
             message = plain_error("asr_failed", self.index)
             await ctx.emit({"type": "error", "code": "asr_failed", "message": message, "turn": self.index})
-            return
+            return None
         self.times.asr_final = time.monotonic()
-        # A committed turn owns the words now; a preemptive one only reads them
-        # (if the caller resumes it is dropped, and they wait for the next).
-        self.carry_over = ctx.take_carry_over(self.committed)
-        self.user_text = newest_words(" ".join(filter(None, [self.carry_over, decoded.text])).strip())
-        if self._on_window is not None and not self.committed:
-            self._on_window(self, decoded)
-        if not self.user_text:
-            # VAD heard something Whisper found no words in: no turn. Said
-            # once the turn is committed (held until then, like any event): a
-            # push-to-talk client waits for an answer to its commit.
-            await self._out({"type": "turn.empty", "turn": self.index, "audio_end_ms": round(self.audio_end_s * 1000)})
-            return
+        return decoded
+
+    async def _transcript_then_reply(self) -> None:
+        """The turn's words go out as its transcript, then its reply."""
         said = False
         final = {"type": "transcript.final", "turn": self.index, "text": self.user_text,
                  "audio_end_ms": round(self.audio_end_s * 1000)}  # fmt: skip
@@ -656,6 +691,7 @@ class Turn:
                 replied=self.times.llm_first_token is not None,
                 premature=self.premature,
                 client_cancelled=self.client_cancelled,
+                took_carry_over=self.carry_over is not None,
             )
         )
         await self._report(cancelled, failed)

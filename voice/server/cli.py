@@ -344,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--greeting", default=_env("GREETING"), help="say this when a call is picked up")
     serve.add_argument(
+        "--keypad-answer-ms",
+        type=float,
+        default=ServerConfig.keypad_answer_s * 1000,
+        help="answer keypresses the caller made without speaking once no key has come for this long, at once "
+        "after '#' (0: they join the caller's next spoken turn)",
+    )
+    serve.add_argument(
         "--greeting-instructions",
         default=None,
         help="generate a greeting on pickup with these instructions (e.g. 'Greet the caller and ask how to help.')",
@@ -877,6 +884,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.otel_endpoint = args.otel_endpoint
     config.demo_page = not args.no_demo
     config.greeting = args.greeting or None
+    if args.keypad_answer_ms < 0:
+        raise SystemExit("firstline: --keypad-answer-ms must be 0 (off) or more")
+    config.keypad_answer_s = args.keypad_answer_ms / 1000
     config.first_sentences_first = args.first_sentences_first
     config.hold_for_resume = args.hold_for_resume
     if args.first_sentence_lanes is not None:

@@ -56,6 +56,14 @@ class ServerConfig:
     # instructions (None: the caller speaks first). Calls may set their own.
     greeting: str | None = None
     greeting_instructions: str | None = None
+    # Keypresses with no speech after them are answered as a turn of their
+    # own once no key has come for this long ("Press 1 to confirm": the
+    # caller presses 1 and waits), at once after "#"; speech before then
+    # takes them into its turn. 0: they wait for the caller's next words.
+    # Twilio's <Gather> waits 5 s for another key; a one-key menu answer
+    # should not, and 2 s still lets a caller key in a card number at an
+    # ordinary pace (a key every 0.3-1 s).
+    keypad_answer_s: float = 2.0
     asr: ASRConfig = field(default_factory=ASRConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     # Per-call limits (idle timeout, stuck readers, drain deadline): voice/server/limits.py.
