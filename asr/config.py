@@ -248,6 +248,11 @@ class ASRConfig:
     # waits the longest window. 0.95 was chosen on the labelled set's
     # recorded half before any run of the policy; read it as tuned there.
     whisper_sentence_end_threshold: float = 0.95
+    # A share below this waits the longest window; one between it and
+    # whisper_sentence_end_threshold waits at least endpoint_unsure_s (the
+    # marks are unsure, not against an end). 0: the sentence-end threshold
+    # (no middle: every share below it waits the longest window).
+    whisper_hold_threshold: float = 0.0
     # A caller who starts speaking again this soon after the reply's first
     # sentence went out was not done: the reply was premature. It stops, it
     # leaves the history, and their two halves are answered as one turn
@@ -275,6 +280,11 @@ class ASRConfig:
             raise ValueError("endpoint_answer_s and endpoint_sure_s are seconds, 0 or more (0: off)")
         if not 0.0 <= self.whisper_sure_threshold <= 1.0:
             raise ValueError(f"whisper_sure_threshold is a share, 0 to 1: got {self.whisper_sure_threshold}")
+        if not 0.0 <= self.whisper_hold_threshold <= self.whisper_sentence_end_threshold:
+            raise ValueError(
+                f"whisper_hold_threshold is a share from 0 (off) to whisper_sentence_end_threshold "
+                f"({self.whisper_sentence_end_threshold:g}): got {self.whisper_hold_threshold}"
+            )
         if self.compute_type == "auto":
             self.compute_type = "float16" if on_gpu(self.device) else "int8"
         if self.batch_size <= 0 or self.partial_budget is None or self.decoder_process is None:

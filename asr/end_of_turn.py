@@ -247,8 +247,21 @@ def whisper_marks(words: str, share: float | None) -> float | None:
 
 def marks_hold(whisper_end: float | None, config: ASRConfig) -> bool:
     """Whisper's marks (as ``whisper_marks`` gives them) hold the turn the
-    longest window: its share of a full stop is below the threshold."""
-    return whisper_end is not None and whisper_end < config.whisper_sentence_end_threshold
+    longest window: its share of a full stop is below the threshold (the
+    hold threshold where one is set)."""
+    hold = config.whisper_hold_threshold or config.whisper_sentence_end_threshold
+    return whisper_end is not None and whisper_end < hold
+
+
+def marks_unsure(whisper_end: float | None, config: ASRConfig) -> bool:
+    """Whisper's share is between the hold threshold and the sentence-end
+    threshold: not a finished sentence, nor held the longest: the turn waits
+    at least the unsure window."""
+    return (
+        whisper_end is not None
+        and whisper_end < config.whisper_sentence_end_threshold
+        and not marks_hold(whisper_end, config)
+    )
 
 
 def sure_end(rule_window: float, whisper_end: float | None, config: ASRConfig) -> bool:
@@ -314,6 +327,8 @@ def decide_window(
         # Whisper heard a voice that goes on, whatever mark it wrote.
         if marks_hold(whisper_end, config):
             return config.endpoint_max_s
+        if marks_unsure(whisper_end, config):
+            return max(rule_window, config.endpoint_unsure_s)
         if sure_end(rule_window, whisper_end, config):
             return min(config.endpoint_sure_s, rule_window)  # never longer for being sure
         return rule_window

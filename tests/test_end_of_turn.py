@@ -276,6 +276,15 @@ def test_decide_window_whisper_table() -> None:
     assert decide_window("whisper+rules", lo, None, cfg, None, sure) == lo
     assert decide_window("whisper+rules", mid, None, cfg, None, sure) == mid  # a short sentence waits as the rules say
     assert decide_window("whisper+rules", lo, None, cfg, None, unsure) == hi  # a voice that goes on
+    # A hold threshold splits the doubt: below it the longest window, above
+    # it (still under the sentence-end threshold) at least the unsure one.
+    middle = dataclasses.replace(cfg, whisper_hold_threshold=unsure + 0.05)
+    assert decide_window("whisper+rules", lo, None, middle, None, unsure + 0.05) == mid
+    assert decide_window("whisper+rules", hi, None, middle, None, unsure + 0.05) == hi  # the rules' veto stands
+    assert decide_window("whisper+rules", lo, None, middle, None, unsure) == hi
+    assert decide_window("whisper+rules", lo, None, middle, None, sure) == lo
+    with pytest.raises(ValueError, match="whisper_hold_threshold"):
+        dataclasses.replace(cfg, whisper_hold_threshold=cfg.whisper_sentence_end_threshold + 0.01)
     assert decide_window("whisper+rules", hi, None, cfg, None, sure) == hi  # the rules' veto stands
     assert decide_window("whisper+rules", lo, None, cfg, None, None) == lo  # no marks read: the rules alone
     assert decide_window("whisper+rules", lo, 0.0, cfg, 0.0, sure) == lo  # neither Smart Turn nor the LLM counts

@@ -485,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "could write after the caller's last word, wait the longest window (default %(default)s)",
     )
     serve.add_argument(
+        "--whisper-hold-threshold",
+        type=float,
+        default=ASRConfig.whisper_hold_threshold,
+        help="under --end-of-turn whisper+rules(+llm): below this share wait the longest window, between it and "
+        "--whisper-sentence-end-threshold the unsure one (0: the sentence-end threshold, no middle)",
+    )
+    serve.add_argument(
         "--endpoint-sure-ms",
         type=int,
         default=0,
@@ -801,6 +808,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("firstline: --llm-home-slack must be 0 (always the least busy copy) or more")
     if llm.engine == "remote" and not llm.remote_urls:
         raise SystemExit("firstline: --engine remote needs at least one --remote-url")
+    sentence_end_share = min(1.0, max(0.0, args.whisper_sentence_end_threshold))
     asr = ASRConfig(
         model=args.asr_model,
         device=args.asr_device,
@@ -819,7 +827,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         end_of_turn=args.end_of_turn,
         resume_grace_s=max(0.0, args.resume_grace_s),
         llm_sentence_end_threshold=min(1.0, max(0.0, args.llm_sentence_end_threshold)),
-        whisper_sentence_end_threshold=min(1.0, max(0.0, args.whisper_sentence_end_threshold)),
+        whisper_sentence_end_threshold=sentence_end_share,
+        whisper_hold_threshold=min(sentence_end_share, max(0.0, args.whisper_hold_threshold)),
         endpoint_sure_s=max(0, args.endpoint_sure_ms) / 1000.0,
         whisper_sure_threshold=min(1.0, max(0.0, args.whisper_sure_threshold)),
         endpoint_answer_s=max(0, args.endpoint_answer_ms) / 1000.0,
