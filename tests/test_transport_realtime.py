@@ -808,6 +808,19 @@ async def test_realtime_a_failed_reply_not_yet_asked_for_keeps_its_error(server)
         assert err["error"]["code"] == "llm_unavailable", err
 
 
+async def test_realtime_a_reply_not_yet_asked_for_is_saved_as_not_said(server):
+    """A reply held for the client's response.create (create_response
+    false) was saved whole, as heard, when the socket dropped: a client that
+    re-attached had a model that believed it said what nobody was shown."""
+    from voice.transports.realtime import response as response_family
+
+    async with _started_call(server) as (_carrier, call):
+        call.responses[9] = response_family.Response(9, user_item_id="item_x")  # held
+        call.responses[10] = response_family.Response(10, user_item_id="item_y", released=True)  # shown
+        heard = call.heard_so_far()
+        assert heard.get(9) == "" and 10 not in heard, heard
+
+
 async def test_realtime_the_servers_greeting_is_not_spoken_unseen(server, monkeypatch):
     """With --greeting set, a Realtime session generated the greeting with no
     response to carry it (never seen, never heard, yet in the history) and

@@ -251,6 +251,18 @@ class RealtimeCall(WebSocketCall):
         if response is not None and not response.finished:
             response.cut_short = True
 
+    def heard_so_far(self) -> dict[int, str]:
+        """As the base class, and a reply held for a response.create that has
+        not come (create_response false, push-to-talk) as not said: a
+        snapshot or the end of the call saved it whole, and a client that
+        re-attached with its resume token had a model that believed it had
+        said what the client was never shown."""
+        heard = super().heard_so_far()
+        for response in self.responses.values():
+            if not response.released and not response.dropped:
+                heard.setdefault(response.turn, "")
+        return heard
+
     # ---- session events -> Realtime events ------------------------------------
 
     async def _on_session_event(self, ev: dict[str, Any]) -> None:
