@@ -321,12 +321,14 @@ class SentenceSegmenter:
         self._cand_token = token.lstrip("".join(_OPENERS))
         is_first_word = len(self._word_starts) == 1
         # After a colon only "1." opens a list ("Steps: 1. Open the app"):
-        # "Your total is: 15. Anything else?" ends at the number.
+        # "Your total is: 15. Anything else?" ends at the number. Read
+        # without its openers: "**1.** Open the app" is a list number too.
+        marker = self._cand_token
         self._cand_list_marker = (
             self._in_word
-            and (is_first_word or (self._after_colon and token == "1"))
-            and token.isdigit()
-            and len(token) <= _MAX_LIST_MARKER_DIGITS
+            and (is_first_word or (self._after_colon and marker == "1"))
+            and marker.isdigit()
+            and len(marker) <= _MAX_LIST_MARKER_DIGITS
         )
         # The word before a lone initial says whether it labels something
         # ("option A.") or is part of a name or list ("J. A. Smith", "or B.").

@@ -186,6 +186,13 @@ CASES = [
         id="after-a-colon-only-1-opens-a-list",
     ),
     pytest.param(
+        # A bold list number was a sentence of its own: "One." and a pause.
+        "**1.** Open the app. **2.** Tap Settings. Steps: **1.** Open it.",
+        ["**1.** Open the app.", "**2.** Tap Settings.", "Steps: **1.** Open it."],
+        {},
+        id="a-bold-list-number-opens-its-item",
+    ),
+    pytest.param(
         "I work at Acme Inc. It is a great place. Acme Inc. shares rose.",
         ["I work at Acme Inc.", "It is a great place.", "Acme Inc. shares rose."],
         {},
