@@ -32,11 +32,17 @@ def cut_loop(text: str) -> str:
     n = len(norm)
     for k in range(1, min(MAX_PHRASE_WORDS, n // 2) + 1):
         # Walk back while each word equals the one a phrase length after it:
-        # the tail from ``start`` on repeats a k-word phrase.
-        i = n - 1 - k
+        # the tail from ``start`` on repeats a k-word phrase. The cap falls
+        # between tokens, so the last word may be cut inside itself ("Hello.
+        # Hello. Hello. Hel"): a start of its counterpart of two letters or
+        # more counts, where two whole passes come before it.
+        cut_word = n >= k + 1 and len(norm[-1]) >= 2 and norm[-1] != norm[-1 - k]
+        cut_word = cut_word and norm[-1 - k].startswith(norm[-1])
+        i = n - 1 - k - (1 if cut_word else 0)
         while i >= 0 and norm[i] == norm[i + k]:
             i -= 1
         start = i + 1
-        if n - start >= 2 * k and any(norm[start : start + k]):
+        whole_passes = (n - start - (1 if cut_word else 0)) // k
+        if n - start >= 2 * k and any(norm[start : start + k]) and (not cut_word or whole_passes >= 2):
             return " ".join(words[: start + k])
     return text

@@ -40,7 +40,13 @@ def test_a_repetition_loop_is_cut_back_to_its_first_pass():
     assert cut_loop(looped) == "I will try to locate them for you. 8. The Press Yard"
     assert cut_loop("for you. 8. The Press Yard. 8. The Press Yard. 8") == "for you. 8. The Press Yard."
     assert cut_loop("Please hold. Please hold. Please hold.") == "Please hold."
-    for text in ("Press 0 for help.", "", "a b a b a b c", "Seven thirty."):
+    # The cap falls between tokens: the last pass may end inside a word.
+    assert cut_loop("Hello. Hello. Hello. Hel") == "Hello."
+    assert cut_loop(looped + " Pre") == "I will try to locate them for you. 8. The Press Yard"
+    # Not on one pass and a bit ("Hello. Hel"), nor a word that merely
+    # starts like the one before it ("and a", "go go g": one letter).
+    for text in ("Press 0 for help.", "", "a b a b a b c", "Seven thirty.", "Hello. Hel", "this and that and a",
+                 "go go g"):  # fmt: skip
         assert cut_loop(text) == text
 
 
