@@ -23,10 +23,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from streaming.codecs import SAMPLE_BYTES, StreamResampler, encode, float_to_int16
 from streaming.tts import TextToSpeech
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,9 @@ class Playout:
         # (from then()) runs in order instead of speaking.
         self._queue: asyncio.Queue[tuple[int, int, str, int, AfterAudio | None]] = asyncio.Queue()
         self._generation = 0  # bumped by interrupt(): older queued or in-flight audio is dropped
+        # The sentence being synthesized: a barge-in cancels it, so a job still
+        # queued for the TTS thread every call shares never runs.
+        self._synthesis: asyncio.Future[np.ndarray] | None = None
         self._resampler = StreamResampler(tts.sample_rate, fmt.sample_rate)
         self._pending = b""  # encoded bytes short of one chunk
         self._clock_end = 0.0  # when everything sent so far will have played
@@ -177,6 +183,8 @@ class Playout:
         late echo of their mark counts for nothing."""
         self._generation += 1
         self._cut_turn = self.current_turn
+        if self._synthesis is not None:
+            self._synthesis.cancel()
         callbacks = []
         while not self._queue.empty():
             item = self._queue.get_nowait()
@@ -289,7 +297,17 @@ class Playout:
                 self._busy = False
 
     async def _play(self, turn: int, index: int, text: str, generation: int) -> None:
-        audio = await self.tts.synthesize(text)
+        self._synthesis = asyncio.ensure_future(self.tts.synthesize(text))
+        try:
+            audio = await self._synthesis
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if generation != self._generation and task is not None and not task.cancelling():
+                return  # interrupt() cancelled the sentence, not the worker
+            self._synthesis.cancel()
+            raise
+        finally:
+            self._synthesis = None
         if generation != self._generation or len(audio) == 0:
             return
         resampled = self._resampler.process_whole(audio, TAIL_PAD_S)

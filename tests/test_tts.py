@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -139,6 +140,38 @@ async def wait_marks(sink: Recorder, n: int) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"fewer than {n} marks")
+
+
+async def test_a_sentence_cut_by_a_barge_in_is_not_synthesized_behind_other_calls(monkeypatch):
+    """Every call's synthesis goes through one TTS thread. A barge-in while a
+    sentence waited there for another call's left the job queued, run and
+    thrown away, ahead of the next call's sentences; it is cancelled now,
+    and the playout goes on with the next turn."""
+    tts = shared_tts()
+    assert isinstance(tts, HibariTTS)
+    await tts.warm()
+    ran: list[str] = []
+    synthesize = tts._synthesize
+
+    def spied(text: str) -> np.ndarray:
+        ran.append(text)
+        return synthesize(text)
+
+    monkeypatch.setattr(tts, "_synthesize", spied)
+    sink = Recorder()
+    playout = Playout(tts, OutFormat("mulaw", 8000, 160), sink)
+    release = threading.Event()
+    other_call = asyncio.get_running_loop().run_in_executor(tts._executor, release.wait, 10.0)  # holds the thread
+    playout.say(1, 0, "The caller talks over this sentence before it is made.")
+    await asyncio.sleep(0.2)
+    playout.interrupt()
+    release.set()
+    await other_call
+    playout.say(2, 0, "Yes.")
+    await wait_marks(sink, 1)
+    assert ran == ["Yes."], ran
+    assert [v for k, v in sink.items if k == "mark"] == ["t2s0"]
+    await playout.close()
 
 
 async def test_a_stall_moves_what_was_queued_by_the_stall_and_what_came_after_by_the_queue():
