@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from asr.config import ASRConfig
-from asr.lanes import DecoderDied, DecoderLane, make_lane
+from asr.lanes import DecoderCrashed, DecoderDied, DecoderLane, make_lane
 from asr.whisper import MAX_WINDOW_S, SAMPLE_RATE, Decoded, WhisperDecoder, keep_longer, window_for
 from streaming.fair_share import LowPriority
 from streaming.rate import TokenBucket
@@ -375,14 +375,22 @@ class ASRWorker:
             results = await self._lane(batch).decode_batch(
                 [job.audio for job in batch], [job.priority == FINAL for job in batch], [job.marks for job in batch]
             )
-        except Exception:
+        except Exception as exc:
             # One malformed item or an out-of-memory on the batch: decode each
             # item alone (in serving order), so only a bad item fails its job.
             log.warning("batched ASR decode of %d failed; decoding one by one", len(batch), exc_info=True)
             self.batch_fallbacks += 1
+            # A hung batch (killed at its limit): one item may hang each child
+            # it meets, so only the finals, which a caller waits on, are tried
+            # again; a partial is superseded by its turn's final anyway.
+            hung = isinstance(exc, DecoderCrashed) and not isinstance(exc, DecoderDied)
             for job in batch:
-                if job.live:
-                    await self._decode_one(job, time.monotonic())
+                if not job.live:
+                    continue
+                if hung and job.priority != FINAL:
+                    job.future.set_exception(exc)
+                    continue
+                await self._decode_one(job, time.monotonic())
             return
         self.batches += 1
         self.batched_items += len(batch)

@@ -343,6 +343,37 @@ async def test_one_bad_item_fails_alone_its_batch_mates_succeed(batched, quilter
         assert word_error_rate(reference, result.text) <= 0.2, result.text
 
 
+async def test_a_hung_batch_tries_only_its_finals_again(batched, quilter, jfk_audio, monkeypatch):
+    """A batch killed for running over its limit (a hung decoder child:
+    injected here, no audio hangs tiny.en on demand) was decoded again item
+    by item, the item that hung too: every call's finals waited out a
+    second limit. Its partials fail now (their turn's final brings the
+    words); its finals, which callers wait on, are decoded alone."""
+    from asr.lanes import DecoderCrashed
+
+    lane = batched.lane
+    batches: list[int] = []
+
+    async def hangs(audios, finals, marks):
+        batches.append(len(audios))
+        raise DecoderCrashed("the decoder ran over its 60 s limit and was killed")
+
+    monkeypatch.setattr(lane, "decode_batch", hangs)
+    reference = shared_clip("librispeech_quilter.wav").reference
+    for final in (False, True):
+        busy = await _busy(batched, jfk_audio)
+        jobs = [batched.submit(f"hung-{final}-{i}", quilter, final=final) for i in range(2)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        await busy
+        assert batches[-1] == 2, (batches, results)  # the two shared a batch, which hung
+        if final:  # decoded alone, on the lane's own decode
+            for result in results:
+                assert not isinstance(result, BaseException), result
+                assert word_error_rate(reference, result.text) <= 0.2, result.text
+        else:
+            assert all(isinstance(result, DecoderCrashed) for result in results), results
+
+
 async def test_batching_off_is_one_decode_at_a_time(unbatched, speech):
     results = await asyncio.gather(*(unbatched.submit(f"off{i}", a, final=True) for i, (_, a) in enumerate(speech[:4])))
     assert [r.batch_size for r in results] == [1, 1, 1, 1]
