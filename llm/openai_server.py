@@ -286,6 +286,10 @@ class OpenAIServer:
         self._working = 0  # engine calls in progress (replies and probes)
         self._progress_at = time.monotonic()
         self._stuck_said_at: float | None = None  # the stuck episode already logged
+        # When a wait on the engine that gave up without a word (its client's
+        # first-token timeout) began; cleared by the engine's next output.
+        self._unanswered_since: float | None = None
+        self._probe: asyncio.Task[None] | None = None
         # Requests in progress (body read included) past which a new one is
         # answered 429 before its body is read: each may carry 4 MiB and
         # waits in the engine's queue, which has no bound of its own. 0: none
@@ -345,14 +349,24 @@ class OpenAIServer:
 
     @contextlib.contextmanager
     def _engine_work(self) -> Any:
+        started = time.monotonic()
         if not self._working:
-            self._progress_at = time.monotonic()  # the clock starts with the work
+            self._progress_at = started  # the clock starts with the work
         self._working += 1
+        answered = False
         try:
             yield
+            answered = True
         finally:
             self._working -= 1
-            self._progress_at = time.monotonic()
+            now = self._progress_at = time.monotonic()
+            if answered:
+                self._unanswered_since = None
+            elif now - started >= min(SUSPECT_WAIT_S, self.stuck_after_s) and self._unanswered_since is None:
+                # Its client gave up (a first-token timeout closes the request):
+                # with nobody waiting any more the clock above sees no work, so a
+                # wedged engine looked healthy for good. /health probes it.
+                self._unanswered_since = started
 
     async def _watched(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
         """``stream``'s deltas, the time spent waiting on the engine for each
@@ -373,9 +387,28 @@ class OpenAIServer:
         idle = time.monotonic() - self._progress_at
         return 0 < self.stuck_after_s < idle and self._working > 0
 
+    def _probe_if_unanswered(self) -> None:
+        """A wait gave up without a word and nothing waits now: one tiny
+        request, so a wedged engine has work again and the clock can see it
+        (a healthy one answers at once and clears the doubt)."""
+        if self._unanswered_since is None or self._working or (self._probe is not None and not self._probe.done()):
+            return
+        if self.stuck_after_s <= 0:
+            return
+        self._probe = asyncio.ensure_future(self._probe_engine())
+
+    async def _probe_engine(self) -> None:
+        request = GenerationRequest("health-probe", [{"role": "user", "content": "Hello."}], max_tokens=1)
+        try:
+            async for _ in self._watched(self.engine.stream(request)):
+                pass
+        except Exception:
+            log.debug("the engine probe failed", exc_info=True)  # /health says so if it never answers
+
     async def health(self, _request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "loading"}, status=503)
+        self._probe_if_unanswered()
         if not getattr(self.engine, "available", True):
             return web.json_response({"status": "engine dead"}, status=503)
         if self.stuck:
@@ -575,9 +608,17 @@ class OpenAIServer:
 
     async def close(self) -> None:
         self.ready = False
+        if self._probe is not None:
+            self._probe.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.engine.close()
+
+
+# A wait on the engine this long that ends without a word (or stuck_after_s,
+# if shorter) makes /health probe it: a reply cut by a barge-in waits tens of
+# ms between tokens; a client's first-token timeout gives up after seconds.
+SUSPECT_WAIT_S = 5.0
 
 
 def default_stuck_after_s(config: LLMConfig) -> float:

@@ -862,3 +862,33 @@ async def test_an_engine_with_work_and_no_progress_says_so_on_health():
         await engine.close()
     finally:
         server.stop()
+
+
+async def test_an_engine_its_clients_gave_up_on_is_probed_and_said_stuck():
+    """A wedged engine's clients give up at their first-token timeout and
+    close their requests; with nothing waiting any more, /health said 200
+    for good and the supervisor never restarted it. A wait that gave up
+    without a word makes /health send the engine a one-token probe, whose
+    wait the clock sees: 503 "engine stuck" while the engine gives nothing,
+    200 once it answers. (A long prompt pass on one thread stands in for
+    the wedge; the client gives up long before it ends.)"""
+    server = await ServerProcess("--stuck-after-s", "0.3", "--threads", "1", "--parallel", "1").wait_healthy()
+    try:
+        engine = RemoteEngine(server.url, system_prompt=None, first_token_timeout_s=0.4)
+        long = "I would like to talk about my account and the bill I got. " * 80
+        request = GenerationRequest("long", _messages(long), sampling=SamplingParams(max_tokens=4))
+        with pytest.raises(EngineError):
+            await _collect(engine, request)  # gave up: nothing waits on the engine now
+        said: list[tuple[int, str]] = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(400):
+                async with s.get(server.root + "/health") as r:
+                    said.append((r.status, (await r.json()).get("status")))
+                if (503, "engine stuck") in said and said[-1][0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+        assert (503, "engine stuck") in said, said
+        assert said[-1] == (200, "ok"), said  # the pass ended, the probe was answered
+        await engine.close()
+    finally:
+        server.stop()
