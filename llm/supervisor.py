@@ -348,7 +348,14 @@ class SupervisedEngine(LLMEngine):
                 await self.secondary.start()
             except EngineError as exc:
                 # A secondary is a fallback; the primary is up, so serve anyway.
+                # It is watched until it answers, as a primary that was not up
+                # at start is (voice/server/runtime.py): left alone, it counted
+                # as down until one of its own requests got through, and none
+                # was sent to a server counted as down.
                 log.warning("secondary LLM engine not available at start: %s", exc)
+                await_server = getattr(self.secondary, "await_server", None)
+                if await_server is not None and not exc.refused:
+                    await_server()
         self.startup_s = time.perf_counter() - started
         log.info("supervised %s engine warm in %.2f s (pid %s)", self.config.engine, self.startup_s, self.pid)
 

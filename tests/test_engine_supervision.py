@@ -402,3 +402,30 @@ def test_the_child_serves_its_one_client_without_a_request_bound() -> None:
     command = SupervisedEngine(LLMConfig(isolation="process")).command(8123)
     args = build_parser().parse_args(command[command.index("llm.openai_server") + 1 :])
     assert args.max_requests == 0 and build_parser().parse_args([]).max_requests == 256
+
+
+async def test_a_secondary_down_at_start_is_watched_until_it_answers() -> None:
+    """A secondary that was not up when the server started counted as down
+    until one of its own requests got through, and none is sent to a server
+    counted as down: a primary that failed later left the fallback unused
+    and every new call refused. It is watched from the start now."""
+    from llm.engines import build_engine
+    from tests.openai_servers import free_port
+
+    port = free_port()
+    config = LLMConfig(isolation="process", secondary_urls=[f"http://127.0.0.1:{port}/v1"], health_interval_s=0.2)
+    engine = build_engine(config)
+    assert isinstance(engine, SupervisedEngine)
+    await engine.start()
+    later = ServerProcess(port=port)
+    try:
+        assert engine.secondary is not None and not engine.secondary.available
+        await later.wait_healthy()
+        for _ in range(150):
+            if engine.secondary.available:
+                break
+            await asyncio.sleep(0.1)
+        assert engine.secondary.available, "the secondary answered /health and is still counted as down"
+    finally:
+        later.stop()
+        await engine.close()
