@@ -3,6 +3,8 @@ peers benchmark's looping replies), and the policy's edges."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from voice.call.reply_policy import (
@@ -271,6 +273,24 @@ async def test_a_reply_that_turns_to_code_stops_before_it_on_the_wire(call_url):
     sent, done = await _greeting_said(call_url, markdown)
     assert sent == ["Sure.", "Here is how:"], sent
     assert done["reply_end"] == STOP_CODE and done["text"] == " ".join(sent), done
+
+
+async def test_a_fixed_greeting_is_no_llm_request(server, call_url):
+    """An operator's fixed greeting never reaches the engine: it was counted
+    as an LLM request (firstline_llm_requests_total{purpose="spoken_first"}),
+    one per call, inflating what operators tune preemption by."""
+
+    def spoken_first_requests() -> float:
+        for line in server.runtime.metrics.render().decode().splitlines():
+            if line.startswith('firstline_llm_requests_total{purpose="spoken_first"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = spoken_first_requests()
+    sent, _ = await _greeting_said(call_url, "Hello, thanks for calling Acme.")
+    assert sent == ["Hello, thanks for calling Acme."], sent
+    await asyncio.sleep(0.2)  # the turn reports its LLM work as it ends
+    assert spoken_first_requests() == before
 
 
 async def test_a_looping_reply_is_cut_on_the_wire(call_url):

@@ -267,6 +267,9 @@ class Turn:
         # sentence may be queued behind the carrier's clear. The cancel follows.
         self.talked_over = False
         self._accounted = False  # its LLM work told to ctx.llm_used
+        # The engine was asked (not an operator's fixed text, not cancelled
+        # while waiting for its lane): only then is there LLM work to count.
+        self._llm_asked = False
         self._gate = asyncio.Event()
         self._final: asyncio.Future[Any] | None = None  # its final decode, once asked for
         self._started = False  # its task has taken its first step
@@ -536,8 +539,8 @@ class Turn:
         reply over within the resume grace after its first sentence went
         out may still be taken back (voice/call/session.py): it is told
         when the grace has passed."""
-        if self.request is None or self.ctx.llm_used is None or self._accounted:
-            return
+        if self.request is None or not self._llm_asked or self.ctx.llm_used is None or self._accounted:
+            return  # not one (an operator's fixed text; cancelled before the engine was asked)
         if self.spoken_first is not None:
             purpose = "spoken_first"
         elif self.premature:
@@ -605,6 +608,7 @@ class Turn:
                 # One first sentence at a time where the cores are shared:
                 # this reply starts when the turns ahead have theirs.
                 self.lane_wait_s = await self._waiting.lane(self, lambda: self.committed)
+            self._llm_asked = first_needs_generating
             async with contextlib.aclosing(source) as stream:
                 async for delta in stream:
                     if self.times.llm_first_token is None:
