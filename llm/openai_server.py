@@ -260,8 +260,13 @@ def _usage_body(request: GenerationRequest) -> dict[str, Any]:
     }
 
 
-def _finish_reason(request: GenerationRequest) -> str:
-    return "length" if request.usage.completion_tokens >= request.sampling.max_tokens else "stop"
+def _finish_reason(request: GenerationRequest, context_tokens: int | None = None) -> str:
+    """ "length" where the reply was cut: at its max_tokens, or where it
+    filled the context (vLLM lowers max_tokens to what the context leaves;
+    llama.cpp stops when the slot is full): a client reads "stop" as whole."""
+    usage = request.usage
+    full = context_tokens is not None and usage.prompt_tokens + usage.completion_tokens >= context_tokens
+    return "length" if usage.completion_tokens >= request.sampling.max_tokens or full else "stop"
 
 
 class OpenAIServer:
@@ -380,6 +385,11 @@ class OpenAIServer:
                 except StopAsyncIteration:
                     return
             yield delta
+
+    @property
+    def _context_tokens(self) -> int | None:
+        config = getattr(self.engine, "config", None)
+        return getattr(config, "context_tokens", None)
 
     @property
     def stuck(self) -> bool:
@@ -510,7 +520,7 @@ class OpenAIServer:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "finish_reason": _finish_reason(request),
+                        "finish_reason": _finish_reason(request, self._context_tokens),
                     }
                 ],
                 "usage": _usage_body(request),
@@ -551,7 +561,7 @@ class OpenAIServer:
             if first:
                 await response.prepare(http)
                 await response.write(chunk({"role": "assistant", "content": ""}))
-            await response.write(chunk({}, _finish_reason(request)))
+            await response.write(chunk({}, _finish_reason(request, self._context_tokens)))
             if include_usage:
                 usage: dict[str, Any] = {
                     "id": request.request_id,

@@ -892,3 +892,20 @@ async def test_an_engine_its_clients_gave_up_on_is_probed_and_said_stuck():
         await engine.close()
     finally:
         server.stop()
+
+
+async def test_a_reply_cut_by_a_full_context_finishes_for_length():
+    """A reply that filled the context (fewer tokens than its max_tokens)
+    said finish_reason "stop", which an OpenAI client reads as whole."""
+    server = await ServerProcess("--context-tokens", "256", "--parallel", "1").wait_healthy()
+    try:
+        long = "I would like to talk about my account and the bill I got. " * 13
+        body = {"model": "x", "messages": [{"role": "user", "content": long + " Tell me a long story."}],
+                "max_tokens": 200, "temperature": 0}  # fmt: skip
+        async with aiohttp.ClientSession() as s, s.post(server.url + "/chat/completions", json=body) as r:
+            answer = await r.json()
+        usage = answer["usage"]
+        assert usage["total_tokens"] == 256 and usage["completion_tokens"] < 200, usage
+        assert answer["choices"][0]["finish_reason"] == "length", answer
+    finally:
+        server.stop()
