@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from asr.wer import word_error_rate
@@ -422,5 +423,53 @@ async def test_words_carried_over_keep_the_order_they_came_in(server) -> None:
         session.carry_over = "[caller pressed 7]"  # pressed before turn 2, which never read it
         session._turn_finished(TurnOutcome(2, "and my pin is", "", cancelled=True, replied=False))
         assert session.carry_over == "[caller pressed 7] and my pin is"
+    finally:
+        await session.stop()
+
+
+async def test_keys_pressed_after_a_turns_pause_decode_are_still_answered(server, phone_prompts) -> None:
+    """The caller speaks, pauses (the pause decode reads the waiting keys:
+    none), presses 1 and # inside the endpoint window, and says no more.
+    The turn is answered without the keys; they used to wait, unanswered,
+    for the caller's next words. They are answered as a turn of their own."""
+    from streaming.codecs import float_to_int16
+    from voice.call.session import CallSession
+    from voice.call.start import Start
+
+    sent: list[dict] = []
+
+    async def emit(event: dict) -> None:
+        sent.append(event)
+
+    session = CallSession(server.runtime, emit)  # type: ignore[arg-type]
+    await session.start(Start(encoding="pcm16", sample_rate=16000, server_greeting=False))
+
+    async def feed(audio: np.ndarray) -> None:  # in real time: a preemptive turn needs a real-time caller
+        pcm = float_to_int16(audio).tobytes()
+        for i in range(0, len(pcm), 640):
+            await session.audio(pcm[i : i + 640])
+            await asyncio.sleep(0.02)
+
+    def finals() -> list[str]:
+        return [e["text"] for e in sent if e.get("type") == "transcript.final"]
+
+    try:
+        await feed(phone_prompts[2].load(16000))
+        await feed(np.zeros(1600, np.float32))  # 0.1 s: the pause, and its decode
+        for _ in range(200):
+            pending = session._pending
+            if pending is not None and pending.carry_over is not None:
+                break  # the pause decode read the carried-over words: none
+            await asyncio.sleep(0.02)
+        assert session._pending is not None and session._pending.carry_over == ""
+        session.dtmf("1")
+        session.dtmf("#")
+        await feed(np.zeros(16000 * 2, np.float32))  # the turn ends; the caller says no more
+        for _ in range(1500):
+            if any("[caller pressed" in text for text in finals()):
+                break
+            await asyncio.sleep(0.02)
+        assert len(finals()) == 2 and "[caller pressed" not in finals()[0], finals()
+        assert finals()[1] == "[caller pressed 1] [caller pressed #]", finals()
     finally:
         await session.stop()

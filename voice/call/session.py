@@ -270,6 +270,8 @@ class CallSession:
             await self._resume(start)
         self.started = True
         self._last_audio_at = time.monotonic()
+        if KEYPRESS_PREFIX in self.carry_over:
+            self._arm_keypad_answer()  # keys a re-attached call brought back, still unanswered
         if self.asr_config.auto_turns and self.asr_config.silent_line_s > 0:
             self._spawn(self._fill_silent_line())
         # A call that re-attached mid-conversation is not picked up again:
@@ -619,12 +621,18 @@ class CallSession:
             turn.cancel()
         for task in tasks:
             task.cancel()
+        cancelled = False
         if tasks:
-            # asyncio.wait: a cancel of stop() itself (a drain's deadline, the
-            # handler cancelled) is not swallowed as one of the turns' own.
-            await asyncio.wait(tasks)
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:
+                # stop() itself was cancelled (a drain's deadline, the handler
+                # cancelled): the release below still runs (bounded: the store
+                # forgets a hung-up call, a drained one is flushed for its
+                # re-attach), then the cancel goes on, not swallowed.
+                cancelled = True
             for task in tasks:
-                if not task.cancelled():
+                if task.done() and not task.cancelled():
                     task.exception()  # retrieved: each turn logs its own failure
         if may_come_back:
             # A committed turn cancelled mid-decode hands its words on when
@@ -657,6 +665,8 @@ class CallSession:
             else:  # a lost socket, a drain: the call may re-attach
                 await self._state.flush()
         log.info("call %s ended (%s)", self.call_id, reason)
+        if cancelled:
+            raise asyncio.CancelledError
 
     def reply_heard(self, turn: int, heard: str) -> None:
         """Audio transports call this when playout tracking (marks, checkpoints)
@@ -672,7 +682,6 @@ class CallSession:
             self._pause_id += 1
             self._eot_rule = self._eot_prob = self._eot_llm = self._eot_whisper = None
         if isinstance(ev, SpeechStarted):
-            self._disarm_keypad_answer()  # keys pressed before the words lead their turn
             audio_ms = round((ev.audio_s + self._cleared_s) * 1000)
             if self._start is not None and not self._start.barge_in:
                 # The client decides whether speech stops the reply.
@@ -699,8 +708,8 @@ class CallSession:
         """The caller starts again within the grace after ``turn``'s reply
         began (or before any of it went out): they were not done."""
         grace = self.asr_config.resume_grace_s
-        if grace <= 0 or turn.premature or turn.spoken_first is not None or not turn.user_text:
-            return False
+        if grace <= 0 or turn.premature or turn.spoken_first is not None or turn.keys_only or not turn.user_text:
+            return False  # keys the caller pressed and waited on ended their turn: not a pause
         if turn.client_cancelled:
             return False  # the client ended its reply: the caller's words were a turn
         left = turn.resume_grace_left(now)
@@ -1186,7 +1195,7 @@ class CallSession:
         own once no key has come for keypad_answer_s (at once after "#"):
         a caller told "press 1 to confirm" presses 1 and waits, and their
         keys used to wait, in silence, for words they would never say.
-        Speech first takes them into its turn (SpeechStarted disarms this)."""
+        Speech first takes them into its turn (_keypad_answer waits it out)."""
         settle = self.runtime.config.keypad_answer_s
         if settle <= 0 or self.closed or not self.started:
             return
@@ -1203,10 +1212,13 @@ class CallSession:
         self._keypad_timer = None
         if self.closed or KEYPRESS_PREFIX not in self.carry_over:
             return  # a turn took them
-        if (self._tracker is not None and self._tracker.in_speech) or self._pending is not None:
-            return  # the caller is talking, or paused mid-turn: their turn takes the keys
-        if self.reply_in_flight():
-            # Answered after it: a turn past its decode takes no more keys.
+        talking = (self._tracker is not None and self._tracker.in_speech) or self._pending is not None
+        if talking or self.reply_in_flight():
+            # The caller's turn (talking, or paused mid-turn) takes the keys at
+            # its decode; a reply past its decode takes no more: look again
+            # until one took them or none is under way (keys pressed in a
+            # turn's endpoint window, after its pause decode read them, or a
+            # turn whose speech recognition failed, left them waiting).
             self._keypad_timer = asyncio.get_running_loop().call_later(KEYPAD_RECHECK_S, self._keypad_answer)
             return
         self._turn_index += 1
