@@ -413,14 +413,17 @@ class OpenAIServer:
             async for _ in self._watched(self.engine.stream(request)):
                 pass
         except Exception:
-            log.debug("the engine probe failed", exc_info=True)  # /health says so if it never answers
+            # It answered, with an error: not wedged (a dead engine is said
+            # by its own availability), and not probed again for it.
+            log.debug("the engine probe failed", exc_info=True)
+            self._unanswered_since = None
 
     async def health(self, _request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "loading"}, status=503)
-        self._probe_if_unanswered()
         if not getattr(self.engine, "available", True):
             return web.json_response({"status": "engine dead"}, status=503)
+        self._probe_if_unanswered()
         if self.stuck:
             # Once per episode: /health is open, and anything on the host
             # asking it in a loop wrote an ERROR line per request.
@@ -626,9 +629,10 @@ class OpenAIServer:
 
 
 # A wait on the engine this long that ends without a word (or stuck_after_s,
-# if shorter) makes /health probe it: a reply cut by a barge-in waits tens of
-# ms between tokens; a client's first-token timeout gives up after seconds.
-SUSPECT_WAIT_S = 5.0
+# if shorter) makes /health probe it once nothing else waits on it: a reply
+# cut by a barge-in waits tens of ms between tokens; a client's first-token
+# timeout gives up after seconds. A healthy engine answers the probe at once.
+SUSPECT_WAIT_S = 1.0
 
 
 def default_stuck_after_s(config: LLMConfig) -> float:
