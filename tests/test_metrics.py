@@ -108,3 +108,19 @@ def test_secrets_and_bytes_never_reach_a_log_line() -> None:
     assert "s3cr3t-token" not in text and "other-token" not in text
     assert "\\x7f" not in text and "7f ff" not in text
     assert "<160 bytes>" in text and "[redacted]" in text
+
+
+async def test_metrics_are_rendered_again_for_an_exempt_address_only(server: VoiceServer, monkeypatch) -> None:
+    """/metrics is open, and each render takes the loop every call shares
+    for milliseconds: a flood of scrapes held it. An address that is not
+    exempt gets the last render again for METRICS_REUSE_S; an exempt one
+    (a local Prometheus; loopback by default) always a fresh one."""
+    from tests.conftest import side_server
+    from voice.server import app
+
+    monkeypatch.setattr(app, "METRICS_REUSE_S", 60.0)  # no test waits it out
+    async with side_server(server, per_address_exempt=[]) as open_to_all:
+        first = value(await scrape(open_to_all.port), "firstline_calls_admitted_total")
+        server.runtime.metrics.call_admitted()  # the count moves on
+        assert value(await scrape(open_to_all.port), "firstline_calls_admitted_total") == first
+        assert value(await scrape(server.port), "firstline_calls_admitted_total") == first + 1  # loopback: exempt

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
@@ -150,6 +151,10 @@ def page_url(host: str, port: int) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}/"
+
+
+# How long a /metrics render is served again to addresses not exempt.
+METRICS_REUSE_S = 1.0
 
 
 def _address_of(connection: ServerConnection) -> str | None:
@@ -339,6 +344,12 @@ class VoiceServer:
         # all slip past max_calls before the first handler runs.
         self._tickets: dict[ServerConnection, CallTicket] = {}
         self._trusted_proxies = parse_networks(config.trusted_proxies)
+        # /metrics is open (docs/security.md: block it at the proxy); past an
+        # exempt address (a local Prometheus, --per-address-exempt) a render
+        # is served again for METRICS_REUSE_S: a flood of scrapes from
+        # anywhere else costs the shared loop one render a second, not each.
+        self._metrics_fresh_for = parse_networks(config.per_address_exempt)
+        self._metrics_rendered: tuple[float, bytes] | None = None
         if self._owns_runtime:  # the gauge counts every listener's calls, not one transport family's
             self.runtime.metrics.active.set_function(self.registry.live_calls)
         self._hurry = asyncio.Event()
@@ -356,6 +367,19 @@ class VoiceServer:
         if grace is None:  # admission never refuses for the LLM: readiness still says whether one is up
             return self.runtime.ready and not self.draining and self.runtime.llm_available
         return self.runtime.ready and not self.draining and self.runtime.llm_refusal(grace) is None
+
+    def _metrics_body(self, address: str | None) -> bytes:
+        """The metrics as now, or (asked from an address not exempt) as
+        rendered up to METRICS_REUSE_S ago: each render takes the loop
+        every call shares for milliseconds."""
+        now = time.monotonic()
+        fresh = (
+            address is not None and bool(self._metrics_fresh_for) and address_allowed(address, self._metrics_fresh_for)
+        )
+        rendered = self._metrics_rendered
+        if fresh or rendered is None or now - rendered[0] >= METRICS_REUSE_S:
+            rendered = self._metrics_rendered = (now, self.runtime.metrics.render())
+        return rendered[1]
 
     def _live_calls(self) -> int:
         """Calls up on every listener (websockets and AudioSocket together)."""
@@ -376,7 +400,7 @@ class VoiceServer:
         if path == "/metrics":
             response = Response(http.HTTPStatus.OK.value, "OK", Headers())
             response.headers["Content-Type"] = CONTENT_TYPE
-            response.body = self.runtime.metrics.render()
+            response.body = self._metrics_body(_caller_address(connection, request, self._trusted_proxies))
             response.headers["Content-Length"] = str(len(response.body))
             return response
         if self.config.demo_page and path in DEMO_FILES and "Upgrade" not in request.headers:
