@@ -291,9 +291,9 @@ class OpenAIServer:
         self._working = 0  # engine calls in progress (replies and probes)
         self._progress_at = time.monotonic()
         self._stuck_said_at: float | None = None  # the stuck episode already logged
-        # When a wait on the engine that gave up without a word (its client's
-        # first-token timeout) began; cleared by the engine's next output.
-        self._unanswered_since: float | None = None
+        # A wait on the engine gave up without a word (its client's first-token
+        # timeout); cleared by the engine's next output.
+        self._unanswered = False
         self._probe: asyncio.Task[None] | None = None
         # Requests in progress (body read included) past which a new one is
         # answered 429 before its body is read: each may carry 4 MiB and
@@ -366,12 +366,12 @@ class OpenAIServer:
             self._working -= 1
             now = self._progress_at = time.monotonic()
             if answered:
-                self._unanswered_since = None
-            elif now - started >= min(SUSPECT_WAIT_S, self.stuck_after_s) and self._unanswered_since is None:
+                self._unanswered = False
+            elif now - started >= min(SUSPECT_WAIT_S, self.stuck_after_s):
                 # Its client gave up (a first-token timeout closes the request):
                 # with nobody waiting any more the clock above sees no work, so a
                 # wedged engine looked healthy for good. /health probes it.
-                self._unanswered_since = started
+                self._unanswered = True
 
     async def _watched(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
         """``stream``'s deltas, the time spent waiting on the engine for each
@@ -401,7 +401,7 @@ class OpenAIServer:
         """A wait gave up without a word and nothing waits now: one tiny
         request, so a wedged engine has work again and the clock can see it
         (a healthy one answers at once and clears the doubt)."""
-        if self._unanswered_since is None or self._working or (self._probe is not None and not self._probe.done()):
+        if not self._unanswered or self._working or (self._probe is not None and not self._probe.done()):
             return
         if self.stuck_after_s <= 0:
             return
@@ -416,7 +416,7 @@ class OpenAIServer:
             # It answered, with an error: not wedged (a dead engine is said
             # by its own availability), and not probed again for it.
             log.debug("the engine probe failed", exc_info=True)
-            self._unanswered_since = None
+            self._unanswered = False
 
     async def health(self, _request: web.Request) -> web.Response:
         if not self.ready:

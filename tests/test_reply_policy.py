@@ -18,9 +18,9 @@ from voice.call.reply_policy import (
     asks_about_it,
     asks_to_repeat,
     is_complete,
-    speakable,
     split_sentences,
     stutters,
+    without_markdown,
     words_of,
 )
 
@@ -224,17 +224,17 @@ async def test_a_reply_with_no_sentence_says_the_fallback(call_url, phone_prompt
 
 
 def test_markdown_is_not_read_out_and_code_ends_the_reply() -> None:
-    assert speakable("**Note:** press 1 for `billing`.") == ("Note: press 1 for billing.", False)
-    assert speakable("## Steps\n- Open the app\n- Tap *Settings*") == ("Steps Open the app Tap Settings", False)
-    assert speakable("To exit the menu: ```python def get_menu():") == ("To exit the menu:", True)
-    assert speakable("```python print('hi')") == ("", True)
-    assert speakable("~~~ ls") == ("", True)
-    assert speakable("> Quoted, as said.") == ("Quoted, as said.", False)
-    assert speakable("**Both *ways* at once.**") == ("Both ways at once.", False)
+    assert without_markdown("**Note:** press 1 for `billing`.") == ("Note: press 1 for billing.", False)
+    assert without_markdown("## Steps\n- Open the app\n- Tap *Settings*") == ("Steps Open the app Tap Settings", False)
+    assert without_markdown("To exit the menu: ```python def get_menu():") == ("To exit the menu:", True)
+    assert without_markdown("```python print('hi')") == ("", True)
+    assert without_markdown("~~~ ls") == ("", True)
+    assert without_markdown("> Quoted, as said.") == ("Quoted, as said.", False)
+    assert without_markdown("**Both *ways* at once.**") == ("Both ways at once.", False)
     # A fence closed on the same line is inline code: said, the reply goes on.
-    assert speakable("Type ```ls``` and press enter.") == ("Type ls and press enter.", False)
-    assert speakable("Type ~~~ls~~~, then ```python") == ("Type ls, then", True)
-    assert speakable("* Open the app") == ("Open the app", False)
+    assert without_markdown("Type ```ls``` and press enter.") == ("Type ls and press enter.", False)
+    assert without_markdown("Type ~~~ls~~~, then ```python") == ("Type ls, then", True)
+    assert without_markdown("* Open the app") == ("Open the app", False)
     # What a caller must hear as written stays.
     for kept in (
         "Press * to go back, or 1. to repeat.",
@@ -251,7 +251,7 @@ def test_markdown_is_not_read_out_and_code_ends_the_reply() -> None:
         "Call 1-800-555-0199.",
         "C# is fine.",
     ):
-        assert speakable(kept) == (kept, False), kept
+        assert without_markdown(kept) == (kept, False), kept
 
 
 async def _greeting_said(call_url: str, greeting: str) -> tuple[list[str], dict]:

@@ -46,12 +46,14 @@ _INLINE_FENCE = re.compile(r"(```|~~~)([^\n]*?)\1")
 _CODE_FENCE = re.compile(r"```|~~~")
 
 
-def speakable(sentence: str) -> tuple[str, bool]:
+def without_markdown(sentence: str) -> tuple[str, bool]:
     """The sentence as a voice says it, and whether a code block begins in
     it. Markdown's marks come out ("**Note:** press 1." -> "Note: press
     1."); from a code fence on nothing is speakable, so only the words
     before it are kept and the reply should end there (SmolLM2-135M writes
-    Python on a phone call: benchmarks/reply_quality.py)."""
+    Python on a phone call: benchmarks/reply_quality.py). What goes out is
+    still text: streaming/tts.py ``speakable`` reads its numbers for our
+    own TTS."""
     sentence = _INLINE_FENCE.sub(r"\2", sentence)
     fence = _CODE_FENCE.search(sentence)
     text = sentence[: fence.start()] if fence else sentence

@@ -1166,11 +1166,18 @@ class CallSession:
         # A preemptive turn held for this pause would take the same number;
         # the caller's words stay in the tracker's turn and are decoded again.
         self._abort_pending()
+        return self._start_audioless_turn(spoken_first=first)
+
+    def _start_audioless_turn(self, **kind: Any) -> int:
+        """A committed turn with no audio of its own (``spoken_first``: a
+        reply nobody spoke for; ``keys_only``: the caller's keypresses), timed
+        from now; returns its number."""
         self._turn_index += 1
         now = time.monotonic()
         times = TurnTimes(speech_end=now, endpoint=now)
+        end_s = (self._tracker.position_s if self._tracker is not None else 0.0) + self._cleared_s
         self._active = Turn(self._turn_context(), self._turn_index, np.zeros(0, np.float32), times, committed=True,
-                            spoken_first=first)  # fmt: skip
+                            audio_end_s=end_s, **kind)  # fmt: skip
         return self._turn_index
 
     def dtmf(self, digit: str) -> None:
@@ -1221,9 +1228,4 @@ class CallSession:
             # turn whose speech recognition failed, left them waiting).
             self._keypad_timer = asyncio.get_running_loop().call_later(KEYPAD_RECHECK_S, self._keypad_answer)
             return
-        self._turn_index += 1
-        now = time.monotonic()
-        times = TurnTimes(speech_end=now, endpoint=now)
-        end_s = (self._tracker.position_s if self._tracker is not None else 0.0) + self._cleared_s
-        self._active = Turn(self._turn_context(), self._turn_index, np.zeros(0, np.float32), times, committed=True,
-                            audio_end_s=end_s, keys_only=True)  # fmt: skip
+        self._start_audioless_turn(keys_only=True)

@@ -40,7 +40,7 @@ from voice.call.reply_policy import (
     ReplyGuard,
     ReplyPolicy,
     is_complete,
-    speakable,
+    without_markdown,
 )
 
 if TYPE_CHECKING:
@@ -704,10 +704,10 @@ class Turn:
 
     async def _sentence(self, text: str, guard: ReplyGuard, *, clause: bool = False, cut_by_cap: bool = False) -> bool:
         """Send one sentence (or the first clause, ``clause``) if the reply
-        policy lets it out, as a voice says it (``speakable``); False ends
+        policy lets it out, as a voice says it (``without_markdown``); False ends
         the reply. ``cut_by_cap``: the token cap ended the generation, so
         an unfinished sentence is where it cut."""
-        spoken, code = speakable(text)
+        spoken, code = without_markdown(text)
         if cut_by_cap and not code and not is_complete(spoken):
             # The reply ends at its last whole sentence, not mid-word.
             self.reply_end = "token_cap"

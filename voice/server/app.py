@@ -348,7 +348,6 @@ class VoiceServer:
         # exempt address (a local Prometheus, --per-address-exempt) a render
         # is served again for METRICS_REUSE_S: a flood of scrapes from
         # anywhere else costs the shared loop one render a second, not each.
-        self._metrics_fresh_for = parse_networks(config.per_address_exempt)
         self._metrics_rendered: tuple[float, bytes] | None = None
         if self._owns_runtime:  # the gauge counts every listener's calls, not one transport family's
             self.runtime.metrics.active.set_function(self.registry.live_calls)
@@ -373,11 +372,8 @@ class VoiceServer:
         rendered up to METRICS_REUSE_S ago: each render takes the loop
         every call shares for milliseconds."""
         now = time.monotonic()
-        fresh = (
-            address is not None and bool(self._metrics_fresh_for) and address_allowed(address, self._metrics_fresh_for)
-        )
         rendered = self._metrics_rendered
-        if fresh or rendered is None or now - rendered[0] >= METRICS_REUSE_S:
+        if self.registry.exempt_address(address) or rendered is None or now - rendered[0] >= METRICS_REUSE_S:
             rendered = self._metrics_rendered = (now, self.runtime.metrics.render())
         return rendered[1]
 

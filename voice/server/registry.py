@@ -234,7 +234,7 @@ class CallRegistry:
         """A slot for a new call, or why not. Counted at once (before any
         handler runs), so a burst of connections cannot all slip past the cap."""
         refusal: Refusal | None
-        exempt = self._exempt_address(address)
+        exempt = self.exempt_address(address)
         address = normalize_address(address)
         live = self.live()
         per_address = self.config.max_calls_per_address
@@ -294,7 +294,7 @@ class CallRegistry:
             log.info("%s: %s ended a call (%s): no new call from it for %g s",
                      ticket.listener, ticket.address, end.reason, cooldown)  # fmt: skip
 
-    def _exempt_address(self, address: str | None) -> bool:
+    def exempt_address(self, address: str | None) -> bool:
         """No per-address limit applies (unknown, or a proxy/gateway carrying many callers)."""
         return address is None or bool(self._exempt and address_allowed(address, self._exempt))
 
