@@ -165,6 +165,11 @@ async def test_a_sentence_cut_by_a_barge_in_is_not_synthesized_behind_other_call
     playout.say(1, 0, "The caller talks over this sentence before it is made.")
     await asyncio.sleep(0.2)
     playout.interrupt()
+    # The cancel reaches the thread pool's job on the loop's next turn (an
+    # asyncio future's done callbacks are scheduled, not run at once): a
+    # release before it races the thread to the job, as another call's
+    # sentence ending at that very moment would.
+    await asyncio.sleep(0.05)
     release.set()
     await other_call
     playout.say(2, 0, "Yes.")
