@@ -9,6 +9,7 @@ decodes."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,33 @@ async def test_finals_of_one_call_reach_the_worker_one_at_a_time() -> None:
     # With nothing queued, a final goes straight through.
     fourth = asr.submit("c", audio, final=True)
     assert len(worker.finals()) == 3 and fourth is worker.finals()[2]
+
+
+async def test_finals_superseded_while_one_decodes_keep_one_copy_of_audio() -> None:
+    """A client committing turn after turn while its final decodes: each
+    superseding final used to add a callback to the decoding one holding its
+    own audio (up to 15 s carried in front), all kept until that decode
+    ended. 100 commits of 1 s each pinned about 100 MB; the waiting final's
+    audio is held once now, and the newest final is still the one handed on."""
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    asr.submit("c", np.zeros(16000, np.float32), final=True)  # decoding, never settled here
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        last = None
+        for i in range(100):
+            last = asr.submit("c", np.full(16000, i, np.float32), final=True)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 8 << 20, f"{held / 2**20:.0f} MiB held by 100 superseded finals"
+    worker.finals()[0].set_result("first")
+    await asyncio.sleep(0)
+    assert len(worker.finals()) == 2 and worker.audio[1][-1] == 99  # the newest, carrying the others' 15 s
+    assert len(worker.audio[1]) == 16 * 16000
+    worker.finals()[1].set_result("newest")
+    assert await last == "newest"
 
 
 async def test_a_waiting_final_given_up_is_never_decoded_and_errors_pass_through() -> None:

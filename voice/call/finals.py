@@ -40,6 +40,12 @@ class OneFinalPerCall:
         self._queued: asyncio.Future[Any] | None = None  # this call's final on the worker
         self._waiting: asyncio.Future[Any] | None = None  # the one next in line
         self._waiting_audio = np.zeros(0, np.float32)
+        self._waiting_marks = False
+        # The queued final whose end hands the waiting one over: one callback
+        # per queued final, reading the newest waiting one when it fires. One
+        # per superseding final held each one's audio (up to 15 s) until the
+        # decode ended: a client committing 40 times a second pinned ~1 MB each.
+        self._hands_over: asyncio.Future[Any] | None = None
         # Audio of talked-over turns that a waiting final carried in front of
         # its own when its owner gave it up (a preemptive turn aborted): it
         # leads the next final instead of being lost with that future.
@@ -80,18 +86,21 @@ class OneFinalPerCall:
             self.superseded += 1
         audio = np.concatenate([carried, audio]) if len(carried) else audio
         waiting: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting, self._waiting_audio = waiting, audio
+        self._waiting, self._waiting_audio, self._waiting_marks = waiting, audio, marks
         self._carry(waiting, carried)
-
-        def hand_over(_: object) -> None:
-            if waiting.done() or self._closed:  # superseded, given up, or the call hung up
-                return
-            inner = self._asr.submit(call_id, audio, True, marks)
-            self._queued = inner
-            _chain(inner, waiting)
-
-        self._queued.add_done_callback(hand_over)
+        if self._hands_over is not self._queued:
+            self._hands_over = self._queued
+            self._queued.add_done_callback(lambda _: self._hand_over(call_id))
         return waiting
+
+    def _hand_over(self, call_id: str) -> None:
+        """This call's final on the worker is done: the one waiting, if any, goes next."""
+        waiting = self._waiting
+        if waiting is None or waiting.done() or self._closed:  # given up, or the call hung up
+            return
+        inner = self._asr.submit(call_id, self._waiting_audio, True, self._waiting_marks)
+        self._queued = inner
+        _chain(inner, waiting)
 
     def _carry(self, future: asyncio.Future[Any], carried: np.ndarray) -> None:
         """``future`` decodes ``carried`` (talked-over turns' audio) in front
