@@ -138,6 +138,29 @@ async def test_finals_superseded_while_one_decodes_keep_one_copy_of_audio() -> N
     assert await last == "newest"
 
 
+async def test_a_final_done_hands_over_only_if_it_is_still_the_calls_newest() -> None:
+    """The waiting final is given up; the decoding one ends, and before its
+    hand-over runs two finals come: the first goes straight to the worker,
+    the second waits behind it. The old decode's hand-over must not send the
+    second too (two finals of one call on the worker, and the same one
+    decoded twice)."""
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    first = asr.submit("c", np.full(10, 1.0, np.float32), final=True)
+    asr.submit("c", np.full(10, 2.0, np.float32), final=True).cancel()  # given up by its owner
+    await asyncio.sleep(0)
+    first.set_result("one")  # its hand-over is scheduled, not yet run
+    asr.submit("c", np.full(10, 3.0, np.float32), final=True)  # nothing waits: straight to the worker
+    last = asr.submit("c", np.full(10, 4.0, np.float32), final=True)  # waits behind it
+    await asyncio.sleep(0)
+    assert [a[0] for a in worker.audio] == [1.0, 3.0]
+    worker.finals()[1].set_result("three")
+    await asyncio.sleep(0)
+    assert [a[0] for a in worker.audio] == [1.0, 3.0, 4.0]
+    worker.finals()[2].set_result("four")
+    assert await last == "four"
+
+
 async def test_a_waiting_final_given_up_is_never_decoded_and_errors_pass_through() -> None:
     worker = FakeWorker()
     asr = OneFinalPerCall(worker)

@@ -90,11 +90,16 @@ class OneFinalPerCall:
         self._carry(waiting, carried)
         if self._hands_over is not self._queued:
             self._hands_over = self._queued
-            self._queued.add_done_callback(lambda _: self._hand_over(call_id))
+            self._queued.add_done_callback(lambda done: self._hand_over(call_id, done))
         return waiting
 
-    def _hand_over(self, call_id: str) -> None:
+    def _hand_over(self, call_id: str, done: asyncio.Future[Any]) -> None:
         """This call's final on the worker is done: the one waiting, if any, goes next."""
+        if done is not self._queued:
+            # A newer final reached the worker in the meantime (the waiting
+            # one was given up, then a final went straight through before
+            # this callback ran): the waiting one goes after that one.
+            return
         waiting = self._waiting
         if waiting is None or waiting.done() or self._closed:  # given up, or the call hung up
             return
