@@ -5,6 +5,7 @@ configuration is the one under test."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sys
 import threading
@@ -86,9 +87,14 @@ async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.002)
 
 
+_busy_calls = itertools.count()
+
+
 async def _busy(worker: ASRWorker, audio: np.ndarray) -> asyncio.Future[Decoded]:
-    """Occupy the worker with one partial decode, so what follows queues."""
-    fut = worker.submit("busy", audio, final=False)
+    """Occupy the worker with one partial decode, so what follows queues. A
+    fresh call each time: one name charged for every test's decode could
+    pass its fair share, and its next partial was shed, not decoded."""
+    fut = worker.submit(f"busy-{next(_busy_calls)}", audio, final=False)
     await _until(lambda: worker.in_flight == 1)
     return fut
 

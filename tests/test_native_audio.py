@@ -168,7 +168,13 @@ async def test_a_reply_waits_out_the_resume_grace_before_its_second_sentence(
     async def resumed_reply(url: str) -> tuple[list[str], float]:
         before = premature_generated()
         async with NativeCaller(url) as caller:
-            await caller.start("pcm16", 16000, system_prompt=STORY, options={"max_tokens": 400})
+            # A grace of 1.5 s, not the default 1 s: the caller goes on ~1.1 s
+            # after the first sentence (the sleep below, VAD onset, a loaded
+            # loop), and a resume past the grace is a new turn, not this test.
+            # The hold is the grace or the sentence's pacing, whichever ends
+            # first: a longer grace does not let the reply run on.
+            options = {"max_tokens": 400, "resume_grace_ms": 1500}
+            await caller.start("pcm16", 16000, system_prompt=STORY, options=options)
             await caller.play(with_silence(first.load(16000), 16000, 1.5), 16000, "pcm16", realtime=True, speed=4.0)
             sentence = await caller.wait_for("response.sentence", timeout=60)
             turn = sentence["turn"]

@@ -604,23 +604,25 @@ async def test_memory_store_expires_and_bounds() -> None:
 async def test_memory_store_drops_expired_conversations_unread() -> None:
     """A caller's transcript goes at its TTL though nobody reads it again
     (a quiet server: the runtime sweeps it every STORE_SWEEP_INTERVAL_S)."""
-    store = MemoryStore(ttl_s=0.2)
+    # Seconds, not tenths: the claim below must land inside the TTL and the
+    # renewed owner outlive the sweep, on a loop other work may hold up.
+    store = MemoryStore(ttl_s=1.0)
     await store.save("twilio:CA1", CallState("p", [{"role": "user", "content": "my card is 4111"}], "", 1), "c1")
     await store.claim("twilio:CA2", "c2")  # an owner with nothing stored yet
     await store.save("twilio:CA3", CallState("p"), "c3")
     assert store.sweep() == 0 and len(store._states) == 2
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.2)
     await store.save("twilio:CA4", CallState("p"), "c4")  # a write sweeps too
     assert list(store._states) == ["twilio:CA4"] and list(store._owners) == ["twilio:CA4"]
     assert store.bytes == len(encode_state(CallState("p")).encode())
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.2)
     assert store.sweep() == 1 and not store._states and not store._owners and store.bytes == 0
     # A claim after the last write renews the owner: the sweep of the state
     # leaves that fence up.
     await store.save("twilio:CA5", CallState("p"), "c5")
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.6)
     await store.claim("twilio:CA5", "c6")
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.6)
     assert store.sweep() == 1 and store._owners["twilio:CA5"][1] == "c6"
     assert not await store.save("twilio:CA5", CallState("p"), "c5")
 
@@ -917,7 +919,8 @@ async def test_a_new_calls_key_is_its_own_from_its_start(redis_url) -> None:
 
         real = writer("call-real")
         real.own_now()
-        await asyncio.sleep(0.05)
+        assert real._owning is not None
+        await asyncio.wait({real._owning})  # the real call's claim landed (Redis: a round trip, or a connect)
         intruder = writer("call-x")
         intruder.own_now()
         intruder.write(CallState("p", [{"role": "user", "content": "not yours"}], "", 1))
