@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import random
 
 from asr.wer import word_error_rate
@@ -90,6 +91,14 @@ async def test_telnyx_malformed_messages_are_ignored(server):
         "{",
         {"event": "media", "stream_id": sid, "media": {"chunk": "x", "payload": "AAAA"}},
         {"event": "media", "stream_id": sid, "media": {"chunk": "3", "payload": "!!"}},
+        # Over the frame limit and numbered far ahead: refused, not held in
+        # the reorder buffer (until the stream's end; and the stream's own
+        # chunks, numbered from 1, then all came too late).
+        {
+            "event": "media",
+            "stream_id": sid,
+            "media": {"chunk": "900000", "payload": base64.b64encode(bytes(70_000)).decode()},
+        },
         {"event": "dtmf", "dtmf": {"digit": "12"}},
         {"event": "error", "payload": {"code": 100002, "title": "Unknown Error"}},  # logged, not malformed
         {"event": "mystery"},

@@ -18,6 +18,7 @@ import logging
 from typing import Any
 
 from streaming.playout import OutFormat
+from voice.call.start import MAX_AUDIO_FRAME
 from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import (
     MarkStyleCall,
@@ -122,6 +123,11 @@ class TelnyxCall(MarkStyleCall):
         if media.get("track", "inbound") != "inbound":
             return
         payload = b64decode(media.get("payload"))
+        if len(payload) > MAX_AUDIO_FRAME:
+            # Checked before the reorder buffer holds it: chunks numbered
+            # ahead wait there until the stream's end, each up to the
+            # websocket frame's size.
+            raise MalformedMessage(f"audio frame of {len(payload)} bytes; the limit is {MAX_AUDIO_FRAME}")
         number = media.get("chunk", msg.get("sequence_number"))
         if number is None:
             await self.audio(payload)  # unnumbered: nothing to reorder by
