@@ -168,9 +168,10 @@ class Session:
     """One call's websocket to firstline (Twilio Media Streams dialect) and
     its audio buffers. Holds no pj object: it may outlive the SIP call."""
 
-    def __init__(self, bridge: Bridge, info: dict[str, str]) -> None:
+    def __init__(self, bridge: Bridge, info: dict[str, str], serial: int = 0) -> None:
         self.bridge = bridge
         self.info = info
+        self.serial = serial  # what logs name it by: the SIP Call-ID is the far end's text
         params = {**bridge.parameters, **{k: v for k, v in info.items() if v}}
         # The Twilio side of the call; used on the asyncio thread only (it numbers the messages).
         self.wire = Twilio(call_sid=info.get("sipCallId", ""), parameters=params)
@@ -222,7 +223,13 @@ class Session:
     async def run(self) -> None:
         reason = "ws_closed"
         try:
-            async with connect(self.bridge.ws_url, open_timeout=10, compression=None, max_size=1 << 20) as ws:
+            async with connect(
+                self.bridge.ws_url,
+                open_timeout=10,
+                compression=None,
+                max_size=1 << 20,
+                additional_headers=self.bridge.auth_headers,
+            ) as ws:
                 for msg in self.wire.opening():
                     await ws.send(to_wire(msg))
                 reader = asyncio.create_task(self._read(ws))
@@ -233,17 +240,18 @@ class Session:
                     with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                         await reader
         except (OSError, ConnectionClosed, TimeoutError) as exc:
-            log.warning("sip call %s: websocket: %r", self.info.get("sipCallId"), exc)
+            log.warning("sip call %d: websocket: %s", self.serial, type(exc).__name__)
+            log.debug("sip call %d: websocket: %r", self.serial, exc)
         finally:
             log.info(
-                "sip call %s: websocket done: %d frames sent, %d reply frames played, %d left unplayed",
-                self.info.get("sipCallId"),
+                "sip call %d: websocket done: %d frames sent, %d reply frames played, %d left unplayed",
+                self.serial,
                 self.frames_in,
                 self.frames_out,
                 sum(1 for item, _ in list(self.out) if not isinstance(item, Mark)),
             )
             if not self.sip_ended.is_set():  # firstline (or the network) ended it: hang up the SIP side
-                log.info("sip call %s: websocket closed (%s): hanging up", self.info.get("sipCallId"), reason)
+                log.info("sip call %d: websocket closed (%s): hanging up", self.serial, reason)
                 self.bridge.pj_soon(lambda: self.bridge.hangup(self))
 
     async def _write(self, ws: Any, reader: asyncio.Task[None]) -> str:
@@ -306,7 +314,10 @@ class BridgeCall(pj.Call):
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         ci = self.getInfo()
-        log.info("sip call %s: %s (%s %s)", ci.callIdString, ci.stateText, ci.lastStatusCode, ci.lastReason)
+        # The SIP Call-ID and the far end's reason phrase are the caller
+        # side's text: INFO says the state and the code only.
+        log.info("sip call %d: %s (%s)", self.serial, ci.stateText, ci.lastStatusCode)
+        log.debug("sip call %d is %s: %s", self.serial, ci.callIdString, ci.lastReason)
         if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
             if self.session is not None:
@@ -325,13 +336,13 @@ class BridgeCall(pj.Call):
             with contextlib.suppress(pj.Error):
                 codec = self.getStreamInfo(i).codecName
             info = {"sipCallId": ci.callIdString, "from": ci.remoteUri, "to": ci.localUri, "codec": codec}
-            self.session = Session(self.bridge, info)
+            self.session = Session(self.bridge, info, self.serial)
             self.port = self.bridge.take_port()
             self.port.session = self.session
             aud.startTransmit(self.port)
             self.port.startTransmit(aud)
             self.session.task = asyncio.run_coroutine_threadsafe(self.session.run(), self.bridge.loop)
-            log.info("sip call %s: media up (%s), bridging to %s", ci.callIdString, codec, self.bridge.ws_url)
+            log.info("sip call %d: media up (%s), bridging to %s", self.serial, codec, self.bridge.shown_url)
             return
 
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
@@ -386,6 +397,12 @@ class Bridge:
         log_level: int = 1,
     ) -> None:
         self.ws_url = ws_url
+        # A ?token= in the URL is a credential: logged without its query.
+        self.shown_url = ws_url.split("?", 1)[0] + ("?…" if "?" in ws_url else "")
+        # FIRSTLINE_AUTH_TOKEN (the server's own variable) goes as a header,
+        # kept out of the URL, its logs and the process list.
+        token = os.environ.get("FIRSTLINE_AUTH_TOKEN")
+        self.auth_headers = {"Authorization": f"Bearer {token}"} if token else None
         self.sip_port = sip_port
         self.rtp_port = rtp_port
         self.max_calls = max_calls
@@ -505,9 +522,13 @@ class Bridge:
         self.account.create(acfg, True)
         threading.Thread(target=self._run_loop, name="asyncio", daemon=True).start()
         log.info(
-            "SIP UA on udp:%s:%d (codecs %s), bridging to %s", LOOPBACK, self.sip_port, ", ".join(CODECS), self.ws_url
+            "SIP UA on udp:%s:%d (codecs %s), bridging to %s",
+            LOOPBACK,
+            self.sip_port,
+            ", ".join(CODECS),
+            self.shown_url,
         )
-        print(f"READY sip=udp:{LOOPBACK}:{self.sip_port} ws={self.ws_url}", flush=True)
+        print(f"READY sip=udp:{LOOPBACK}:{self.sip_port} ws={self.shown_url}", flush=True)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
