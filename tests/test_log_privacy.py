@@ -77,6 +77,59 @@ def test_a_token_in_a_logged_url_is_redacted_however_it_was_encoded() -> None:
     )
 
 
+def test_a_line_of_caller_text_stays_one_line_without_its_numbers() -> None:
+    """A field name is the caller's text: one holding a newline forged a log
+    line of its own in the text format, with a card number at WARNING."""
+    from voice.server.log_format import PlainFormatter, loggable
+
+    forged = "sampling.\nERROR fake: 4111111111111111: unknown sampling field 'x'"
+    assert loggable(forged) == "sampling.\\nERROR fake: …: unknown sampling field '…'"
+    assert len(loggable("x" * 1000)) == 160
+    said = "a\r\nB\x85C\u2028D\x1b[2J\tE"  # line breaks of every kind, a terminal escape, a tab
+    record = logging.LogRecord("voice", logging.WARNING, __file__, 1, "ignored: %s", (said,), None)
+    line = PlainFormatter().format(record)
+    assert len(line.splitlines()) == 1 and line.endswith("ignored: a\\r\\nB\\x85C\\u2028D\\x1b[2J\tE"), line
+
+
+async def test_a_forged_line_in_a_sampling_field_name_is_not_logged_as_one(call_url, caplog) -> None:
+    """The native start's sampling block, an unknown field whose name holds a
+    newline and a card number: the error names it (quoted) to the client;
+    the WARNING line holds neither the line break nor the number."""
+    caplog.set_level(logging.DEBUG)
+    async with NativeCaller(call_url) as caller:
+        await caller.send_json({"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000},
+                                "options": {"sampling": {"\nERROR fake: 4111111111111111": 1}}})  # fmt: skip
+        error = await caller.wait_for("error", timeout=10)
+    assert error["code"] == "invalid_sampling" and error["message"].startswith("sampling: unknown sampling field")
+    lines = loud(caplog)
+    assert any("invalid_sampling" in line for line in lines), lines
+    assert not [line for line in lines if "4111111111111111" in line or "\n" in line], lines
+
+
+async def test_sampling_nested_past_the_recursion_limit_is_a_bad_message_not_a_dead_call(call_url) -> None:
+    """A value nested just shallow enough for the JSON parser: its repr in
+    the error recursed past Python's limit, and the call ended as an
+    internal error (no cool-down, a traceback per connection). Each depth is
+    a bad message now, and the call goes on to start."""
+    async with NativeCaller(call_url) as caller:
+        depths = [(field, depth) for field in ("temperature", "stop") for depth in range(800, 1000, 20)]
+        for field, depth in depths:
+            nested = "[" * depth + "1" + "]" * depth
+            frame = '{"type": "start", "audio": {"encoding": "pcm16", "sample_rate": 16000}, '
+            await caller.send_raw(frame + '"options": {"sampling": {"' + field + '": ' + nested + "}}}")
+
+        def errors() -> list[dict]:
+            return [r.event for r in caller.result.events if r.event.get("type") == "error"]
+
+        async with asyncio.timeout(20):
+            while len(errors()) < len(depths):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        codes = {e["code"] for e in errors()}
+        assert codes <= {"invalid_json", "invalid_sampling"} and "invalid_sampling" in codes, errors()
+        ready = await caller.start("pcm16", 16000)
+        assert ready["type"] == "ready", ready
+
+
 async def test_digits_and_malformed_frames_stay_out_of_info_logs(server: VoiceServer, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     twilio = Twilio(sid="MZ1", call_sid="CA1")  # the one Twilio client (benchmarks/callers)

@@ -1072,7 +1072,10 @@ class CallSession:
             sampling = self.sampling.merged(overrides)
             self.runtime.engine.check_sampling(sampling)
         except SamplingError as exc:
-            raise ProtocolError("invalid_sampling", f"sampling.{exc.field:.40}: {str(exc)[:200]}") from None
+            # Only a field we know is named outside the message's quotes: an
+            # unknown one is the caller's text (the message quotes it).
+            where = f"sampling.{exc.field}" if exc.field in SamplingParams.field_names() else "sampling"
+            raise ProtocolError("invalid_sampling", f"{where}: {str(exc)[:200]}") from None
         except EngineError as exc:
             raise ProtocolError("invalid_sampling", str(exc)[:200]) from None
         if sampling.max_tokens > MAX_REPLY_TOKENS:

@@ -51,6 +51,31 @@ def redact_quoted(text: str) -> str:
     return _QUOTED.sub("'…'", text)
 
 
+# How much of an error about a caller's input an INFO/WARNING line keeps: the
+# reason, not the input (which a caller controls and may make a megabyte long).
+CALLER_TEXT_LOGGED_CHARS = 160
+# Longer than any rate, bit depth or frame size an error names (48000): a
+# card or phone number a caller put where a field name or value goes.
+_LONG_NUMBER = re.compile(r"\d{7,}")
+# What a terminal or a log reader may take for a new line or a command: C0
+# and C1 controls (ESC sequences, NEL) and Unicode's line and paragraph
+# separators; a tab stays.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def loggable(text: str, limit: int = CALLER_TEXT_LOGGED_CHARS) -> str:
+    """An error that may hold what a caller sent, fit for INFO/WARNING:
+    quoted snippets and long numbers replaced, control characters escaped (a
+    field name holding a newline forged a log line of its own), cut short.
+    Redacted whole first: a cut may split a quote."""
+    text = _LONG_NUMBER.sub("…", redact_quoted(text))
+    return _CONTROL.sub(_escaped, text)[:limit]
+
+
 class WarningBudget:
     """Malformed-input warnings per call: the first ``first`` are logged,
     then silence, then one summary when the call ends. A client sending
@@ -160,6 +185,13 @@ class JsonFormatter(logging.Formatter):
 class PlainFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(ctx)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: a message carrying a newline or a terminal
+        # escape (any library's, with a caller's text in it) would forge a
+        # line of its own.
+        record.message = _CONTROL.sub(_escaped, record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         parts = [p for p in (getattr(record, "call_id", None), getattr(record, "turn", None)) if p is not None]

@@ -235,12 +235,15 @@ class WebSocketCall(TelephonyCall):
         audio_before, bytes_before = self.audio_messages, self.audio_bytes
         try:
             await handler(msg)
-        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError, RecursionError) as exc:
             # ArithmeticError: a number JSON allows that float() cannot hold
-            # (a 400-digit integer) must be a bad message, not a dead call.
+            # (a 400-digit integer) must be a bad message, not a dead call;
+            # RecursionError: a value nested just shallow enough to parse,
+            # walked (or shown) deeper by a check.
             if isinstance(exc, MalformedMessage):
                 raise
-            raise MalformedMessage(f"bad {event!r}: {exc!r}") from None
+            shown = type(exc).__name__ if isinstance(exc, RecursionError) else repr(exc)
+            raise MalformedMessage(f"bad {event!r}: {shown}") from None
         if not metered and self.audio_messages == audio_before:
             # An audio event that brought no audio (another track, a late
             # chunk, an empty payload) reached no audio budget: a message

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from voice.call.audio_budget import AudioFlood
 from voice.call.session import CallSession
 from voice.call.start import ProtocolError, Start
 from voice.server.limits import AUDIO_FLOOD, MALFORMED_FLOOD, MAX_CALL_LENGTH, SUPERSEDED, CallEnd, CallWatch
-from voice.server.log_format import WarningBudget, redact_quoted
+from voice.server.log_format import WarningBudget, loggable
 from voice.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -63,13 +62,6 @@ def ttfa_histogram(runtime: Runtime) -> Histogram:
             registry=registry,
         )
     return _ttfa[key]
-
-
-# How much of an ignored message's error a WARNING line keeps: the reason, not
-# the message (which a caller controls and may make a megabyte long).
-MALFORMED_LOGGED_CHARS = 160
-# Longer than any rate, bit depth or frame size a refusal names (48000).
-_LONG_NUMBER = re.compile(r"\d{7,}")
 
 
 # Messages a call's read loop handles in a row before it lets the event
@@ -206,7 +198,7 @@ class TelephonyCall:
         The text may quote what the peer sent: quoted values are caller data,
         and so is a number no format has ("sampleRate": a card number, or
         4,000 digits); the line is cut short as a malformed message's is."""
-        said = _LONG_NUMBER.sub("…", redact_quoted(refusal.text))[:MALFORMED_LOGGED_CHARS]
+        said = loggable(refusal.text)
         log.debug("call %s (%s): refused: %s", self.call_id, self.transport, said)
         watch.refused = (str(refusal), said)
 
@@ -215,7 +207,7 @@ class TelephonyCall:
         caller's content (quoted snippets redacted), everything at DEBUG; each
         line cut short, so no message can put its bulk into the log."""
         if self._warnings.take():
-            said = redact_quoted(str(exc))[:MALFORMED_LOGGED_CHARS]  # redacted whole: a cut may split a quote
+            said = loggable(str(exc))
             log.warning("call %s (%s): ignored message: %s", self.call_id, self.transport, said)
         log.debug("call %s (%s): ignored message: %s", self.call_id, self.transport, str(exc)[:500])
         self.count_bad_input()
@@ -262,7 +254,7 @@ class TelephonyCall:
         event): the first few at WARNING without the peer's words (quoted
         parts redacted, free text at DEBUG only), so no caller can fill the log."""
         if self._warnings.take():
-            log.warning("call %s (%s): %s", self.call_id, self.transport, what)
+            log.warning("call %s (%s): %s", self.call_id, self.transport, loggable(what))
         log.debug("call %s (%s): %s: %s", self.call_id, self.transport, what, str(detail)[:500])
 
     def admit(self) -> None:
@@ -410,7 +402,7 @@ class TelephonyCall:
             self._ttfs_ms[int(ev["turn"])] = float(ev["ttfs_ms"])
             await self._publish_ttfa(int(ev["turn"]))
         elif kind == "error":
-            self.note_peer_report(f"error {ev.get('code')}: {redact_quoted(str(ev.get('message')))}", ev.get("message"))
+            self.note_peer_report(f"error {ev.get('code')}: {ev.get('message')}", ev.get("message"))
             if ev.get("code") == "asr_failed" and isinstance(ev.get("turn"), int):
                 self._say_fallback(int(ev["turn"]))
         await self.on_session_event(ev)

@@ -92,7 +92,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
     rate = audio.get("sample_rate", 16000)
     if isinstance(rate, bool) or rate not in SAMPLE_RATES:
         raise ProtocolError(
-            "unsupported_sample_rate", f"sample_rate {str(rate)[:16]} not supported; use one of {SAMPLE_RATES}"
+            "unsupported_sample_rate", f"sample_rate {str(rate)[:16]!r} not supported; use one of {SAMPLE_RATES}"
         )
     if encoding in ("mulaw", "alaw") and rate != 8000:
         raise ProtocolError("unsupported_sample_rate", f"{encoding} is defined at 8000 Hz only")
