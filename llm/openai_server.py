@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -84,6 +85,16 @@ def _session_key(http: web.Request) -> str | None:
 # Requests in progress at once (MAX_REQUESTS, --max-requests): far above what
 # a voice tier sends (two per live call at most), far below what exhausts memory.
 MAX_REQUESTS = 256
+# A request body's limit: a long call's whole history is tens of KiB.
+MAX_BODY_BYTES = 4 << 20
+# How long a request's body may take to arrive (--body-timeout-s): a client
+# trickling one byte a minute held one of the --max-requests for good.
+BODY_TIMEOUT_S = 30.0
+# A connection with no request in progress is closed after this long (also
+# one that never sends its first): aiohttp's default kept an idle socket an
+# hour. Above the client pools' idle times (aiohttp's 15 s, RemoteEngine's
+# 30 s), so a pooled connection is closed by its client first, not raced.
+KEEPALIVE_S = 75.0
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
@@ -281,8 +292,10 @@ class OpenAIServer:
         api_key: str | None = None,
         max_requests: int = MAX_REQUESTS,
         stuck_after_s: float = 0.0,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         self.engine = engine
+        self.body_timeout_s = body_timeout_s
         # An engine with work and no progress (no token, no answer) for this
         # long is stuck (a hung CUDA kernel, deadlocked slot threads) while
         # this loop still answers: /health says 503, so a supervisor restarts
@@ -343,7 +356,7 @@ class OpenAIServer:
 
     def app(self) -> web.Application:
         # The key first: a caller without it is not counted against the bound.
-        app = web.Application(client_max_size=4 << 20, middlewares=[self._require_key, self._bounded])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._require_key, self._bounded])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         # firstline's own: what RemoteEngine.sentence_end_probability asks
@@ -456,9 +469,18 @@ class OpenAIServer:
         if not self.ready:
             return None, _error(503, "model is loading", "unavailable")
         try:
-            return await http.json(), None
+            async with asyncio.timeout(self.body_timeout_s or None):
+                return await http.json(), None
+        except TimeoutError:
+            return None, _error(408, f"the body did not arrive within {self.body_timeout_s:g} s")
+        except web.HTTPRequestEntityTooLarge:
+            # aiohttp's own answer is plain text: an OpenAI client reads
+            # error.message from JSON.
+            return None, _error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", param="messages")
         except (ValueError, UnicodeDecodeError) as exc:
             return None, _error(400, f"the body is not valid JSON: {exc}")
+        except RecursionError:  # JSON nested ~1,000 deep: a bad request, not a 500 and a traceback
+            return None, _error(400, "the body is nested too deep")
 
     async def chat_completions(self, http: web.Request) -> web.StreamResponse:
         body, refused = await self._body(http)
@@ -467,6 +489,8 @@ class OpenAIServer:
         try:
             request, stream, include_usage = _parse(body, self.sampling)
             self.engine.check_sampling(request.sampling)
+        except RecursionError:  # a value nested just shallow enough to parse, walked deeper
+            return _error(400, "a field is nested too deep")
         except BadRequest as exc:
             return _error(400, str(exc), param=exc.param)
         except EngineError as exc:  # e.g. DRY asked of a vLLM engine
@@ -605,7 +629,9 @@ class OpenAIServer:
         supervisor binds it and hands it over)."""
         # handler_cancellation: a client disconnect cancels its handler, which
         # is how a hang-up reaches the engine as an abort.
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            self.app(), handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE_S
+        )
         await self._runner.setup()
         site: web.BaseSite
         if sock is not None:
@@ -684,8 +710,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="/health says 503 once the engine has work and no progress this long "
         "(default: four first-token timeouts, at least 60 s; 0: never)",
     )
+    p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=BODY_TIMEOUT_S,
+        help="a request body must arrive within this long, or 408 (0: no limit)",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help=f"listen beyond loopback with no {ENGINE_KEY_ENV} set: refused otherwise, since "
+        "anyone who reaches the port could drive the engine",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def open_to_all(host: str, keyed: bool, no_auth: bool) -> str | None:
+    """Why a server on ``host`` must not start, or None: listening beyond
+    loopback with no key means anyone who reaches it drives the engine (its
+    GPU, every call's replies) and reads nothing back but tokens."""
+    if keyed or no_auth:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"--host {host or '(all)'} listens beyond this machine and {ENGINE_KEY_ENV} is not set: anyone who "
+        f"reaches the port could drive the engine. Set {ENGINE_KEY_ENV} (clients send it as a bearer key; "
+        "firstline serve --engine remote sends FIRSTLINE_REMOTE_API_KEY), or pass --no-auth for a private network"
+    )
 
 
 def config_from_json(text: str) -> LLMConfig:
@@ -769,6 +826,7 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
         api_key=api_key,
         max_requests=max(0, args.max_requests),
         stuck_after_s=default_stuck_after_s(config) if args.stuck_after_s is None else args.stuck_after_s,
+        body_timeout_s=max(0.0, args.body_timeout_s),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -802,6 +860,14 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:  # a sampling flag out of range, bad --config-json
         parser.error(str(exc))
+    # A handed-over socket (the supervisor's) is bound to loopback already.
+    refused = (
+        None
+        if args.listen_fd is not None
+        else open_to_all(args.host, bool(os.environ.get(ENGINE_KEY_ENV)), args.no_auth)
+    )
+    if refused is not None:
+        parser.error(refused)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop

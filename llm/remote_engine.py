@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -51,6 +52,11 @@ from llm.base import (
 from llm.config import DEFAULT_SYSTEM_PROMPT, LLMConfig, prompt_head
 
 log = logging.getLogger(__name__)
+
+# The bearer key remote servers want (`vllm serve --api-key`, a standalone
+# llm.openai_server's FIRSTLINE_ENGINE_KEY): by environment only, not a flag
+# (argv is in `ps`) nor the LLMConfig (a supervised child gets it as argv).
+REMOTE_KEY_ENV = "FIRSTLINE_REMOTE_API_KEY"
 
 # Pins kept per pool (LRU): far more than concurrent calls, bounded anyway.
 MAX_PINS = 10_000
@@ -184,6 +190,7 @@ class RemoteEngine(LLMEngine):
     ) -> RemoteEngine:
         return cls(
             url,
+            api_key=os.environ.get(REMOTE_KEY_ENV) or None,
             retry_before_text=retry_before_text,
             health_interval_s=config.health_interval_s if watch_health else None,
             model=config.remote_model,

@@ -5,8 +5,9 @@ per-process key, which travels by environment, not argv."""
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
-from llm.base import GenerationRequest
+from llm.base import EngineError, GenerationRequest
 from llm.config import LLMConfig
 from llm.supervisor import SupervisedEngine
 
@@ -41,3 +42,62 @@ async def test_the_engine_child_answers_only_the_supervisors_key() -> None:
         assert text.strip()
     finally:
         await engine.close()
+
+
+def test_a_standalone_engine_server_open_beyond_loopback_without_a_key_is_refused() -> None:
+    """`python -m llm.openai_server --host 0.0.0.0` with no key served anyone
+    who reached the port (the voice server refuses the same at start). It
+    exits with the reason before loading any model; a key, --no-auth or a
+    loopback host starts it."""
+    import os
+    import subprocess
+    import sys
+
+    from llm.openai_server import ENGINE_KEY_ENV, open_to_all
+
+    env = {k: v for k, v in os.environ.items() if k != ENGINE_KEY_ENV}
+    done = subprocess.run(
+        [sys.executable, "-m", "llm.openai_server", "--host", "0.0.0.0", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and f"{ENGINE_KEY_ENV} is not set" in done.stderr, done.stderr
+    assert open_to_all("10.0.0.5", keyed=False, no_auth=False) is not None
+    assert open_to_all("", keyed=False, no_auth=False) is not None  # every address
+    assert open_to_all("10.0.0.5", keyed=True, no_auth=False) is None
+    assert open_to_all("10.0.0.5", keyed=False, no_auth=True) is None
+    assert open_to_all("127.0.0.1", keyed=False, no_auth=False) is None
+    assert open_to_all("::1", keyed=False, no_auth=False) is None
+    assert open_to_all("localhost", keyed=False, no_auth=False) is None
+
+
+async def test_a_keyed_standalone_engine_server_answers_firstlines_remote_engine(monkeypatch) -> None:
+    """A standalone engine server with FIRSTLINE_ENGINE_KEY (as one beyond
+    loopback must have): `firstline serve --engine remote` sends the key
+    from FIRSTLINE_REMOTE_API_KEY; without it every request is refused 401,
+    a misconfiguration said as such (a voice replica does not start on it)."""
+    from llm.openai_server import ENGINE_KEY_ENV
+    from llm.remote_engine import REMOTE_KEY_ENV, RemoteEngine
+    from tests.openai_servers import ServerProcess
+
+    monkeypatch.setenv(ENGINE_KEY_ENV, "k-3f9a")  # the child inherits it (and pops it from its own env)
+    server = ServerProcess()
+    monkeypatch.delenv(ENGINE_KEY_ENV)
+    try:
+        await server.wait_healthy()
+        request = GenerationRequest("key", [{"role": "user", "content": "Say hi."}], 8)
+        monkeypatch.setenv(REMOTE_KEY_ENV, "k-3f9a")
+        keyed = RemoteEngine.from_config(server.url, LLMConfig(engine="remote"))
+        monkeypatch.delenv(REMOTE_KEY_ENV)
+        unkeyed = RemoteEngine.from_config(server.url, LLMConfig(engine="remote"))
+        try:
+            assert "".join([delta async for delta in keyed.stream(request)]).strip()
+            with pytest.raises(EngineError, match="answered HTTP 401"):  # asking for the model name first
+                _ = [delta async for delta in unkeyed.stream(request)]
+        finally:
+            await keyed.close()
+            await unkeyed.close()
+    finally:
+        server.stop()

@@ -133,6 +133,46 @@ async def test_per_address_cap_refuses_the_next_call_from_that_address(server: V
         await wait_live(srv, 0)
 
 
+@pytest.mark.skipif(not loopback_alias_works(), reason="no 127.0.0.2 on this loopback")
+async def test_an_address_calling_again_and_again_is_held_to_a_call_rate(server: VoiceServer) -> None:
+    """Each call's allowances (audio budget, message allowances, ASR share)
+    are its own: an address that hung up and called again got them fresh
+    each time, as often as it could reconnect. Past a burst of twice the
+    per-address cap, new calls from it come at --call-rate-per-address;
+    another address is not held to its rate, nor an exempt one."""
+    config = {"max_calls_per_address": 2, "per_address_exempt": [], "call_rate_per_address": 0.01}
+    async with side_server(server, **config) as srv:
+        for _ in range(4):  # one at a time: the cap on calls at once is not what refuses
+            ws = await ws_call(srv)
+            await wait_live(srv, 1)
+            await ws.close()
+            await wait_live(srv, 0)
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_call(srv)
+        assert refused.value.response.status_code == 429
+        assert json.loads(refused.value.response.body)["reason"] == "call_rate"
+        assert int(refused.value.response.headers["Retry-After"]) >= 60
+        reader, writer = await asterisk(srv, source="127.0.0.1")  # every listener
+        assert await until_eof(reader) == REFUSED
+        writer.close()
+        _, other = await asterisk(srv, source="127.0.0.2")
+        await wait_live(srv, 1)
+        other.write(message(KIND_HANGUP))
+        other.close()
+        await wait_live(srv, 0)
+    unlimited = [
+        {"max_calls_per_address": 2, "call_rate_per_address": 0.01},  # loopback, exempt by default
+        {"max_calls_per_address": 0, "call_rate_per_address": 0.01, "per_address_exempt": []},  # no per-address limits
+    ]
+    for config in unlimited:
+        async with side_server(server, **config) as srv:
+            for _ in range(6):
+                ws = await ws_call(srv)
+                await wait_live(srv, 1)
+                await ws.close()
+                await wait_live(srv, 0)
+
+
 async def test_audiosocket_connections_count_toward_the_sources_connection_cap(server: VoiceServer) -> None:
     """The cap on open connections per source holds for every listener: an
     AudioSocket connection past it is closed before a byte of it is read

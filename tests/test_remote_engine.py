@@ -34,7 +34,7 @@ async def _collect(engine, request) -> str:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def replicas() -> list[ServerProcess]:
-    servers = await start_servers(2)
+    servers = await start_servers(2, "--body-timeout-s", "2")
     yield servers
     for s in servers:
         s.stop()
@@ -72,6 +72,35 @@ async def test_openai_server_speaks_the_openai_protocol(replicas):
         assert whole["choices"][0]["message"]["content"].strip() and whole["usage"]["completion_tokens"] > 0
         async with s.post(root + "/v1/chat/completions", json={"messages": []}) as r:
             assert r.status == 400 and "messages" in (await r.json())["error"]["message"]
+        # A body past the server's limit is refused in the same JSON shape.
+        huge = {**body, "messages": _messages("x" * (5 << 20))}
+        async with s.post(root + "/v1/chat/completions", json=huge) as r:
+            assert r.status == 413 and "over 4 MiB" in (await r.json())["error"]["message"]
+        async with s.post(root + "/v1/chat/completions", data=b"{not json") as r:
+            assert r.status == 400 and "not valid JSON" in (await r.json())["error"]["message"]
+        for depth in (5000, *range(800, 1000, 25)):  # past the parser's limit, and just inside it
+            nested = b'{"messages": [{"role": "user", "content": "hi"}], "stop": ' + b"[" * depth + b"]" * depth + b"}"
+            async with s.post(root + "/v1/chat/completions", data=nested) as r:
+                message = (await r.json())["error"]["message"]  # JSON: not aiohttp's plain 500
+                assert r.status == 400, (depth, message)
+                assert depth < 5000 or "nested too deep" in message, message
+    # A body that trickles in (here: stops) is answered 408 once
+    # --body-timeout-s (2 s here) is over: it held one of --max-requests.
+    port = int(root.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"messages": ['
+        )
+        await writer.drain()
+        answer = b""
+        async with asyncio.timeout(15):
+            while b"did not arrive" not in answer and (chunk := await reader.read(4096)):
+                answer += chunk
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer
 
 
 async def test_remote_engine_streams_with_usage(replicas):

@@ -1422,6 +1422,47 @@ async def test_realtime_response_create_without_a_caller_turn_is_rate_limited(se
             assert not call.finished and len(carrier.of("response.created")) == UNSPOKEN_REPLY_BURST
 
 
+async def test_realtime_unspoken_replies_are_kept_per_source_not_per_connection(server):
+    """The allowance of replies with no caller turn was the connection's: a
+    client reconnecting got a fresh burst of LLM generations each time (as
+    many connections at once as the per-address cap allows). It is the
+    source address's now; an exempt source (a gateway carrying many
+    callers; loopback by default) keeps one per connection."""
+    from tests.conftest import side_server
+
+    async def nth_call(watcher: CallWatcher, n: int):
+        async with asyncio.timeout(10):
+            while len(watcher.calls) < n:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        return watcher.calls[n - 1]
+
+    async with side_server(server, per_address_exempt=[]) as srv:
+        with CallWatcher() as watcher:
+            async with FakeRealtime(server_base(srv), fmt="audio/pcmu", audio_out=False) as first:
+                call = await nth_call(watcher, 1)
+                await first.next_event("session.created", timeout=10)
+                allowance = call.unspoken_replies  # this side server's, not the shared runtime's
+                allowance.per_s = 0.0  # no refill while the test runs
+                while allowance.take():  # spent, as by eight quick replies
+                    pass
+            async with FakeRealtime(server_base(srv), fmt="audio/pcmu", audio_out=False) as second:
+                again = await nth_call(watcher, 2)
+                await second.next_event("session.created", timeout=10)
+                assert again.unspoken_replies is allowance
+                await second.send({"type": "response.create"})
+                error = await second.next_event("error", timeout=10)
+                assert error["error"]["code"] == "rate_limit_exceeded", error
+                assert not second.of("response.created")
+    # On the default (exempt loopback) server each connection has its own.
+    with CallWatcher() as watcher:
+        async with FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False) as one:
+            await one.next_event("session.created", timeout=10)
+        async with FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False) as other:
+            await other.next_event("session.created", timeout=10)
+        first_call, second_call = await nth_call(watcher, 1), await nth_call(watcher, 2)
+    assert first_call.unspoken_replies is not second_call.unspoken_replies
+
+
 async def test_realtime_a_response_cancelled_before_its_task_ran_still_ends(server):
     """response.create then response.cancel in one socket read: the reply
     (nobody spoke for it) is cancelled before its task's first step, so no

@@ -45,7 +45,8 @@ class AdmissionConfig:
 @dataclass(frozen=True)
 class Refusal:
     # machine-readable: at_capacity, overloaded_ttfs, overloaded_asr,
-    # llm_unavailable, draining, warming_up, abuse_cooldown, per_address_limit
+    # llm_unavailable, draining, warming_up, abuse_cooldown, per_address_limit,
+    # call_rate
     reason: str
     message: str
     retry_after_s: int = 1

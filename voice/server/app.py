@@ -31,7 +31,7 @@ from voice.call.store import StoreError
 from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
-from voice.server.limits import MALFORMED_FLOOD, CallEnd, FloodGuardedConnection, guard_of
+from voice.server.limits import MALFORMED_FLOOD, CallEnd, FloodGuardedConnection, bind_source, guard_of
 from voice.server.metrics import CONTENT_TYPE
 from voice.server.registry import (
     CallRegistry,
@@ -423,6 +423,7 @@ class VoiceServer:
         if isinstance(ticket, Refusal):
             return _refused(ticket)
         ticket.stop = lambda end: self._end_ws(connection, end)
+        bind_source(connection, None if ticket.exempt else ticket.address, self.registry.per_source)
         if isinstance(connection, FloodGuardedConnection):
             # Flooded before its call has a guard (pings in the same write as
             # the upgrade, read while this ran or before the handler built

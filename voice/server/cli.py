@@ -33,6 +33,7 @@ from llm.config import (
     slots_for,
     threads_for,
 )
+from llm.remote_engine import REMOTE_KEY_ENV
 from llm.sampling import add_sampling_arguments, sampling_from_args
 from voice.call.reply_policy import ReplyPolicy
 from voice.call.store import STORE_SCHEMES
@@ -626,6 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrent calls from one source address, all listeners together (0: no cap)",
     )
     serve.add_argument(
+        "--call-rate-per-address",
+        type=float,
+        default=ServerConfig.call_rate_per_address,
+        metavar="PER_MIN",
+        help="new calls a minute from one source address, after a burst of twice --max-calls-per-address (0: no limit)",
+    )
+    serve.add_argument(
         "--per-address-exempt",
         action="append",
         type=_network,
@@ -864,6 +872,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config.admission.llm_down_grace_s = None if args.llm_down_grace_s < 0 else args.llm_down_grace_s
     config.auth_token = args.auth_token or None
     config.max_calls_per_address = max(0, args.max_calls_per_address)
+    config.call_rate_per_address = max(0.0, args.call_rate_per_address)
     if args.per_address_exempt is not None:
         config.per_address_exempt = list(args.per_address_exempt)
     if args.trusted_proxy is not None:
@@ -950,7 +959,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         getattr(args, "log_level", "INFO"),
         getattr(args, "log_format", "text"),
-        [getattr(args, name, "") or "" for name in ("auth_token", "twilio_auth_token", "carrier_secret")],
+        [getattr(args, name, "") or "" for name in ("auth_token", "twilio_auth_token", "carrier_secret")]
+        + [os.environ.get(REMOTE_KEY_ENV, "")],
     )
     if args.command == "serve":
         from voice.server.app import VoiceServer

@@ -108,6 +108,12 @@ class ServerConfig:
     audiosocket_allow: list[str] = field(default_factory=list)
     # Concurrent calls from one source address, all listeners together (0: no cap).
     max_calls_per_address: int = 8
+    # New calls a minute from one source address, after a burst of twice the
+    # cap above (0: no limit; off with the cap). A call's allowances (its audio budget, its
+    # malformed and message allowances, its ASR share) are its own: an
+    # address hanging up and calling again, eight at a time, got them all
+    # fresh each time, as often as it could reconnect.
+    call_rate_per_address: float = 60.0
     # Open TCP connections from one source address on the websocket listener,
     # counted at accept, before the peer sends a byte (handshakes under way,
     # HTTP requests and calls together; 0: no cap). None: four per call the

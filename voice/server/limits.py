@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event
 
-from streaming.rate import TokenBucket
+from streaming.rate import KeyedBuckets, TokenBucket
 
 if TYPE_CHECKING:
     from voice.server.registry import ConnectionSlot
@@ -148,6 +148,29 @@ _guards: weakref.WeakKeyDictionary[ServerConnection, CallGuard] = weakref.WeakKe
 
 def guard_of(ws: ServerConnection) -> CallGuard | None:
     return _guards.get(ws)
+
+
+# Connection -> the source its allowances are kept under (the address the
+# per-address cap counts) and the server's table of them, set at admission;
+# none for an exempt source, whose connections carry many callers.
+PerSource = Callable[[str, float, float], KeyedBuckets]  # (name, burst, per_s) -> that allowance's table
+_sources: weakref.WeakKeyDictionary[ServerConnection, tuple[str, PerSource]] = weakref.WeakKeyDictionary()
+
+
+def bind_source(ws: ServerConnection, source: str | None, per_source: PerSource) -> None:
+    if source is not None:
+        _sources[ws] = (source, per_source)
+
+
+def source_allowance(ws: ServerConnection | None, name: str, burst: float, per_s: float) -> TokenBucket:
+    """The allowance ``name`` of ``ws``'s source, shared by all its
+    connections; one of the connection's own where there is no source to
+    keep it under (exempt, or not through the server's door)."""
+    bound = _sources.get(ws) if ws is not None else None
+    if bound is None:
+        return TokenBucket(burst, per_s)
+    source, per_source = bound
+    return per_source(name, burst, per_s).bucket(source)
 
 
 class CallWatch:

@@ -19,10 +19,12 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from streaming.rate import KeyedBuckets
 from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
@@ -142,6 +144,13 @@ class CallRegistry:
         # listeners (an entry lives as long as one of its connections).
         self._connections: dict[str, int] = {}
         self._connection_exempt = self._exempt + parse_networks(config.trusted_proxies)
+        # source -> its allowance of new calls (ServerConfig.call_rate_per_address).
+        # The burst: twice the per-address cap (off with the cap).
+        self._call_starts = KeyedBuckets(max(1, 2 * config.max_calls_per_address), config.call_rate_per_address / 60)
+        # Allowances a transport keeps per source across all its connections,
+        # by name (limits.source_allowance): one kept per connection is reset
+        # by reconnecting.
+        self._per_source: dict[str, KeyedBuckets] = {}
 
     # ---- auth ----------------------------------------------------------
 
@@ -257,6 +266,14 @@ class CallRegistry:
             refusal = Refusal("per_address_limit", f"too many calls from one address (limit {per_address})", status=429)
         else:
             refusal = self.admission.check(len(live), self.runtime.asr.queue_depth)
+        rate = self.config.call_rate_per_address if per_address > 0 else 0.0  # no cap: no per-address limits
+        if refusal is None and rate > 0 and not exempt and not self._call_starts.bucket(address).take():
+            refusal = Refusal(
+                "call_rate",
+                f"too many new calls from one address (limit {rate:g} a minute)",
+                retry_after_s=max(1, math.ceil(60 / rate)),
+                status=429,
+            )
         if refusal is not None:
             self.runtime.metrics.call_refused(refusal.reason)
             self._log_refusal(logging.INFO, listener, address, refusal.reason)
@@ -293,6 +310,10 @@ class CallRegistry:
             self._cooldown[ticket.address] = time.monotonic() + cooldown
             log.info("%s: %s ended a call (%s): no new call from it for %g s",
                      ticket.listener, ticket.address, end.reason, cooldown)  # fmt: skip
+
+    def per_source(self, name: str, burst: float, per_s: float) -> KeyedBuckets:
+        """The allowance ``name`` of every source on this server (made on first use)."""
+        return self._per_source.setdefault(name, KeyedBuckets(burst, per_s))
 
     def exempt_address(self, address: str | None) -> bool:
         """No per-address limit applies (unknown, or a proxy/gateway carrying many callers)."""

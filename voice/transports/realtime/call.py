@@ -54,9 +54,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from streaming.playout import OutFormat
-from streaming.rate import TokenBucket
 from voice.call.audio_budget import frame_seconds
 from voice.call.start import RESUME_TOKEN, Start, new_resume_token
+from voice.server.limits import source_allowance
 from voice.transports.media_json import WebSocketCall, b64encode, header_values, query_param
 from voice.transports.realtime import conversation, input_audio_buffer, session
 from voice.transports.realtime import response as response_family
@@ -146,7 +146,11 @@ class RealtimeCall(WebSocketCall):
         # client looping create/cancel could otherwise keep the engine busy
         # for every other call, and with no audio it never counts as a
         # fast feeder (streaming/fair_share.py).
-        self.unspoken_replies = TokenBucket(UNSPOKEN_REPLY_BURST, UNSPOKEN_REPLIES_PER_S)
+        # Kept per source address: a client reconnecting got a fresh burst
+        # each time, as many at once as it may hold calls.
+        self.unspoken_replies = source_allowance(
+            self.ws, "realtime_unspoken_replies", UNSPOKEN_REPLY_BURST, UNSPOKEN_REPLIES_PER_S
+        )
 
     def handler_for(self, event: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         handler = HANDLERS.get(event)

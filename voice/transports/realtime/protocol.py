@@ -34,7 +34,8 @@ MAX_OUTPUT_TOKENS = MAX_REPLY_TOKENS
 
 
 # response.create that starts a new reply (no caller turn behind it): 8 at
-# once, then one every 2 s (a text chat asks for one per message it sends).
+# once, then one every 2 s (a text chat asks for one per message it sends),
+# for all of a source address's connections together (not for an exempt one's).
 UNSPOKEN_REPLY_BURST = 8
 UNSPOKEN_REPLIES_PER_S = 0.5
 
