@@ -214,7 +214,10 @@ class ASRWorker:
         future: asyncio.Future[Decoded] = loop.create_future()
         now = time.monotonic()
         priority = FINAL if final else PARTIAL
-        self._ended.pop(call_id, None)  # the call goes on (a carrier call re-attached under its id)
+        # No pop of _ended here: a call's id is never reused (a re-attached
+        # call is a new session with its own), and an ended call's last
+        # finals, handed on by its session after the end, cleared it and
+        # charged the dead call's use back for a minute.
         if self.config.scheduler == "fifo":
             # Arrival order for everything (_due ignores the priority here).
             self._enqueue(_Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, now, marks))

@@ -230,6 +230,11 @@ async def _share_checks(unbatched: ASRWorker, quilter: np.ndarray) -> None:
     unbatched.forget("share-late", ended=True)
     await late
     assert "share-late" not in unbatched._used
+    # Nor one its session hands on after the end (a talked-over turn's final
+    # taken back, a waiting final let through): submitted after forget, it
+    # cleared the end and the dead call's use came back.
+    await unbatched.submit("share-late", quilter, final=True)
+    assert "share-late" not in unbatched._used
 
 
 async def test_partials_past_their_decoder_budget_are_shed_until_it_refills_finals_never(quilter):
@@ -558,14 +563,18 @@ async def test_a_final_that_stopped_early_is_done_again_through_the_decoder_proc
     assert metrics.registry.get_sample_value("firstline_asr_redecodes_total", {"kind": "final"}) == 1
 
 
-async def test_a_re_decode_in_a_batch_is_charged_to_its_own_call_and_holds_no_one_back(quilter):
+async def test_a_re_decode_in_a_batch_is_charged_to_its_own_call_and_holds_no_one_back(quilter, monkeypatch):
     """A final decoded again in the 30 s window (asr/whisper.py cut_short)
     inside a batch: its second decode is charged to its own call's share of
     the decoder, not split with the call it happened to be batched with, and
     is done after that call has its words (Decoded.retry_alone), through the
     decoder process."""
+    import asr.worker
     from tests.conftest import menu_that_stops_early
 
+    # The two calls are charged a re-decode apart, and usage halves every
+    # 10 s: on a slow machine the decay alone passed the 10 % compared.
+    monkeypatch.setattr(asr.worker, "USAGE_HALF_LIFE_S", 1e9)
     worker = await _worker(batch_size=2, batch_wait_ms=BUDGET_MS, batch_windows="pad", decoder_process=True)
     done_at: dict[str, float] = {}
     try:
