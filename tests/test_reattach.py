@@ -230,6 +230,27 @@ async def test_a_call_that_hangs_up_leaves_no_stored_conversation(server, call_u
     assert await store.load(key) is None
 
 
+async def test_a_native_call_the_server_ended_leaves_nothing_stored(server, call_url) -> None:
+    """A call the server ends (its length, a flood) is not picked up again.
+    A carrier's call id needs a tombstone to say so (the test below); a
+    resume token does not (nothing under it is a fresh conversation too),
+    and one tombstone per flooding client filled the store for an hour."""
+    store = server.runtime.store
+    with CallWatcher() as watcher:
+        async with NativeCaller(call_url) as caller:
+            ready = await caller.start("mulaw", 8000)
+            call = await watcher.one()
+            key = f"native:{ready['resume_token']}"
+            await store.save(key, CallState("p", [{"role": "user", "content": "my PIN is 4321"}], "", 1))
+            call.end_call(MAX_CALL_LENGTH)  # what the call's watch does at --max-call-s
+            assert (await caller.wait_for("call.ended", timeout=10))["reason"] == "max_call_length"
+    for _ in range(50):
+        if await store.load(key) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await store.load(key) is None
+
+
 async def test_a_bad_or_unknown_resume_token(call_url) -> None:
     async with NativeCaller(call_url) as caller:
         await caller.send_json({"type": "start", "audio": {"encoding": "mulaw", "sample_rate": 8000},

@@ -1463,6 +1463,51 @@ async def test_realtime_unspoken_replies_are_kept_per_source_not_per_connection(
     assert first_call.unspoken_replies is not second_call.unspoken_replies
 
 
+async def test_realtime_a_clean_close_finishes_the_engine_session_a_dropped_one_keeps_it(server, monkeypatch):
+    """A Realtime session has no stop message: a clean close is its end, and
+    vllm-router's session for it (sticky routing) is finished. It was kept,
+    as for a socket that may come back, and every Realtime call stayed in
+    the router's table for its TTL. A dropped socket keeps it for the resume."""
+    engine = server.runtime.engine
+    ended: list[str] = []
+    real_end = engine.end_session
+
+    def ending(key: str) -> None:  # the real engine's, watched
+        ended.append(key)
+        real_end(key)
+
+    monkeypatch.setattr(engine, "end_session", ending)
+
+    async def released() -> None:
+        # The call's count comes off after its session stopped (the registry
+        # stops counting a call as soon as its socket is closed).
+        async with asyncio.timeout(15):
+            while server.runtime.active_calls:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+    async def started(client: FakeRealtime, n: int):
+        """The n-th call, once its first audio started it (its conversation is
+        kept from then on, for a resume)."""
+        await client.next_event("session.created", timeout=10)
+        await client.say(np.zeros(4000, np.float32), speed=None)
+        async with asyncio.timeout(10):
+            while len(watcher.calls) < n or not watcher.calls[n - 1].session.started:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        return watcher.calls[n - 1]
+
+    with CallWatcher() as watcher:
+        async with FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False) as client:
+            call = await started(client, 1)
+        await released()
+        assert ended == [call.session.llm_session_key], ended
+        async with FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False) as client:
+            dropped = await started(client, 2)
+            assert client.ws is not None
+            client.ws.transport.abort()  # no close frame: connection_lost
+        await released()
+    assert dropped.session.closed and len(ended) == 1, ended
+
+
 async def test_realtime_a_response_cancelled_before_its_task_ran_still_ends(server):
     """response.create then response.cancel in one socket read: the reply
     (nobody spoke for it) is cancelled before its task's first step, so no

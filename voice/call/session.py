@@ -77,6 +77,11 @@ KEYPAD_RECHECK_S = 0.25
 # Ends that say the call is over (the client's stop, the carrier's stop or
 # hang-up), not that its connection was lost: its stored conversation goes.
 HUNG_UP = ("client_stop", "carrier_stop")
+# A Realtime session closed by its client: how a Realtime call ends (it has
+# no stop message). Its conversation is kept for a resume token, but the
+# engine's session (vllm-router's table) is finished: kept, every Realtime
+# call's stayed in the router's table for its TTL.
+SESSION_CLOSED = "session_closed"
 # A resume claim the store did not answer is asked this many times in all,
 # this far apart (each is bounded by the store's own load timeout).
 CLAIM_ATTEMPTS = 2
@@ -206,6 +211,7 @@ class CallSession:
         # Ends this call its transport's way when another connection has
         # re-attached it (set by the transport: voice/server/limits.py SUPERSEDED).
         self.on_superseded: Callable[[], None] | None = None
+        self.replaced = False  # another connection took the call over (_superseded)
         # What the caller has heard so far of replies still going out (set by
         # the transport: its carrier's marks, else the playout clock). The
         # state a re-attach reads holds only that: a socket lost mid-reply is
@@ -389,6 +395,7 @@ class CallSession:
     def _superseded(self) -> None:
         """The call re-attached on another connection, which now owns its
         conversation: this one (a socket the client gave up on) ends."""
+        self.replaced = True
         log.info("call %s re-attached elsewhere: ending this connection", self.call_id)
         if self.on_superseded is not None:
             self.on_superseded()
@@ -610,7 +617,11 @@ class CallSession:
         # and its words wait for the re-attached call's next turn. Otherwise
         # no decode of this call may start after it hung up.
         may_come_back = self._state is not None and reason not in HUNG_UP and not ended_by_server
-        if not may_come_back:
+        # Replaced by a re-attach elsewhere, this connection's writes are
+        # refused: its caller's last words could not be kept, and decoding
+        # them only took the shared worker ahead of the new connection's.
+        keeps_last_words = may_come_back and not self.replaced
+        if not keeps_last_words:
             self._finals.close()
         turns = [t for t in (self._active, self._pending) if t is not None]
         tasks = [*self._tasks, *(t.task for t in turns)]
@@ -634,10 +645,13 @@ class CallSession:
             for task in tasks:
                 if task.done() and not task.cancelled():
                     task.exception()  # retrieved: each turn logs its own failure
-        if may_come_back:
+        if keeps_last_words:
             # A committed turn cancelled mid-decode hands its words on when
             # the decode is done (Turn._talked_over -> _turn_finished).
-            await self._finals.settle(LAST_WORDS_WAIT_S)
+            try:
+                await self._finals.settle(LAST_WORDS_WAIT_S)
+            except asyncio.CancelledError:
+                cancelled = True  # the release below still runs, as above
             self._finals.close()
         for turn, words in (heard or {}).items():
             self.history.heard(turn, words)
@@ -650,8 +664,8 @@ class CallSession:
             # clock would count more as heard than the history keeps.
             self.heard_now = None
             self._save_state()
-        if not may_come_back:
-            # e.g. vllm-router's session table. A stream that may come back
+        if not may_come_back or reason == SESSION_CLOSED:
+            # e.g. vllm-router's session table. A stream about to come back
             # keeps its session: the re-attach goes on under the same key.
             self.runtime.engine.end_session(self.llm_session_key)
         key = self._owned_key
@@ -661,7 +675,13 @@ class CallSession:
             if reason in HUNG_UP:
                 await self._state.forget()
             elif ended_by_server:
-                await self._state.forget(ended=reason)
+                # A carrier's call id comes back with the same call (Twilio
+                # re-attaches under its callSid): a tombstone tells it no. A
+                # resume token does not need one (nothing stored under it is
+                # a fresh conversation too), so the entry goes: one per
+                # flooding client filled the store's caps for an hour.
+                token_call = self._start is not None and self._start.resume_token is not None
+                await self._state.forget(ended="" if token_call else reason)
             else:  # a lost socket, a drain: the call may re-attach
                 await self._state.flush()
         log.info("call %s ended (%s)", self.call_id, reason)

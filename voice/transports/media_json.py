@@ -133,13 +133,15 @@ class WebSocketCall(TelephonyCall):
     starts_with_message = True
 
     async def serve(self) -> None:
-        self.admit()
-        await self.on_open()
         reason = self.closed_reason
         refused: CallRefused | None = None
         guard = self.guard
         assert guard is not None, "serve() needs a connection"
         try:
+            # Inside: a failure or cancel while opening (a Realtime re-attach's
+            # store round trips) still releases the call and its count.
+            self.admit()
+            await self.on_open()
             async with guard:
                 handled = 0
                 async for frame in self.ws:

@@ -311,9 +311,14 @@ class TelephonyCall:
             log.warning("call %s (%s): %s", self.call_id, self.transport, summary)
         try:
             heard = self.heard_so_far()
-            if self.playout is not None:
-                await self.playout.close()
-            await self.session.stop(reason, heard, ended_by_server=reason in ENDED_BY_SERVER)
+            try:
+                if self.playout is not None:
+                    await self.playout.close()
+            finally:
+                # Stopped however the playout's close ended (a cancel landing
+                # in its wait): skipped, the call's turns, its silent-line
+                # filler and its engine session ran on for good.
+                await self.session.stop(reason, heard, ended_by_server=reason in ENDED_BY_SERVER)
         finally:
             # Counted off whatever the release raised: a call that leaves its
             # count behind holds a --max-calls slot for the server's life.

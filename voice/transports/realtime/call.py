@@ -55,6 +55,7 @@ from typing import Any
 
 from streaming.playout import OutFormat
 from voice.call.audio_budget import frame_seconds
+from voice.call.session import SESSION_CLOSED
 from voice.call.start import RESUME_TOKEN, Start, new_resume_token
 from voice.server.limits import source_allowance
 from voice.transports.media_json import WebSocketCall, b64encode, header_values, query_param
@@ -106,6 +107,9 @@ class RealtimeCall(WebSocketCall):
     # The session is the connection (session.created at open); its call
     # starts with the first audio, which a client may hold back for long.
     starts_with_message = False
+    # A clean close is how a Realtime session ends: it finishes the engine's
+    # session (a dropped socket, connection_lost, keeps it for the resume).
+    closed_reason = SESSION_CLOSED
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
