@@ -345,25 +345,39 @@ def test_cpu_meter_splits_cpu_by_stage() -> None:
     from benchmarks.bench import CpuMeter
     from streaming.threads import name_os_thread
 
+    burned, read = threading.Event(), threading.Event()
+
     def burn_then_idle() -> None:
         name_os_thread("asr")  # as the ASR worker's pool names its thread
         end = time.thread_time() + 0.4
         while time.thread_time() < end:
             pass
-        time.sleep(2.0)  # still alive when the meter reads: /proc lists live threads only
+        burned.set()
+        read.wait(30)  # still alive when the meter reads: /proc lists live threads only
 
-    engine = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    # Each burner says when its 0.4 s of CPU is spent: on a loaded machine a
+    # fixed wait could read them part-way (interpreter start included).
+    engine = (
+        "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\n"
+        "print('burned', flush=True)\ntime.sleep(60)"
+    )
     # A Whisper decoder process (--asr-process): its thread carries the name.
     decoder = "from streaming.threads import name_os_thread\nname_os_thread('asr')\n" + engine
     meter = CpuMeter([os.getpid()])
     root = Path(__file__).resolve().parents[1]
-    children = [subprocess.Popen([sys.executable, "-c", code], cwd=root) for code in (engine, decoder)]
+    children = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True)
+        for code in (engine, decoder)
+    ]
     asr = threading.Thread(target=burn_then_idle, name="asr_probe")
     try:
         asr.start()
-        time.sleep(1.5)
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "burned"
+        assert burned.wait(30)
         by = meter.read(answered=2)["cpu_s_per_turn_by_stage"]
     finally:
+        read.set()
         for child in children:
             child.kill()
             child.wait()

@@ -56,7 +56,11 @@ async def test_audiosocket_call_paced_frames_and_reply(server):
                 assert voiced > 10 and call.silence_written > 0  # silence generated between
                 times = [t for t, k, _ in asterisk.received if k == 0x10]
                 span = times[-1] - times[0]
-                assert abs(span - 0.02 * (len(times) - 1)) < 0.25, (span, len(times))  # real-time pacing
+                # Real-time pacing: 20 ms apart, never ahead of real time. A
+                # loop stall of over 100 ms skips its slots rather than burst
+                # them (audiosocket.py), so stalls may only lengthen the span.
+                assert 0.017 <= float(np.median(np.diff(times))) <= 0.023, np.diff(times)
+                assert span >= 0.02 * (len(times) - 1) - 0.25, (span, len(times))
                 pcm = np.frombuffer(b"".join(frames), "<i2")
                 heard = await asr_text(server, StreamResampler(8000, 16000).process(int16_to_float(pcm), last=True))
                 assert word_error_rate(done["text"], heard) <= 0.5, (done["text"], heard)
