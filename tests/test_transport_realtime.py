@@ -1499,13 +1499,14 @@ async def test_realtime_a_clean_close_finishes_the_engine_session_a_dropped_one_
         async with FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False) as client:
             call = await started(client, 1)
         await released()
-        assert ended == [call.session.llm_session_key], ended
+        # (The test before may have left calls of its own ending meanwhile.)
+        assert call.session.llm_session_key in ended, ended
         async with FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False) as client:
             dropped = await started(client, 2)
             assert client.ws is not None
             client.ws.transport.abort()  # no close frame: connection_lost
         await released()
-    assert dropped.session.closed and len(ended) == 1, ended
+    assert dropped.session.closed and dropped.session.llm_session_key not in ended, ended
 
 
 async def test_realtime_a_response_cancelled_before_its_task_ran_still_ends(server):

@@ -645,13 +645,14 @@ class CallSession:
             for task in tasks:
                 if task.done() and not task.cancelled():
                     task.exception()  # retrieved: each turn logs its own failure
-        if keeps_last_words:
+        if keeps_last_words and not cancelled:
             # A committed turn cancelled mid-decode hands its words on when
             # the decode is done (Turn._talked_over -> _turn_finished).
             try:
                 await self._finals.settle(LAST_WORDS_WAIT_S)
             except asyncio.CancelledError:
                 cancelled = True  # the release below still runs, as above
+        if keeps_last_words:
             self._finals.close()
         for turn, words in (heard or {}).items():
             self.history.heard(turn, words)
@@ -664,11 +665,16 @@ class CallSession:
             # clock would count more as heard than the history keeps.
             self.heard_now = None
             self._save_state()
-        if not may_come_back or reason == SESSION_CLOSED:
+        key = self._owned_key
+        # The key's session is the call's, not this connection's: once a
+        # re-attach took the call over (on this server, or on another one the
+        # store has said so already) it is that connection's to end.
+        owner = self.runtime.writers.get(key) if key is not None else None
+        taken_over = self.replaced or owner not in (None, self._superseded)
+        if (not may_come_back or reason == SESSION_CLOSED) and not taken_over:
             # e.g. vllm-router's session table. A stream about to come back
             # keeps its session: the re-attach goes on under the same key.
             self.runtime.engine.end_session(self.llm_session_key)
-        key = self._owned_key
         if key is not None and self.runtime.writers.get(key) == self._superseded:
             del self.runtime.writers[key]
         if self._state is not None:

@@ -310,8 +310,9 @@ class TelephonyCall:
         if summary is not None:
             log.warning("call %s (%s): %s", self.call_id, self.transport, summary)
         try:
-            heard = self.heard_so_far()
+            heard: dict[int, str] = {}
             try:
+                heard = self.heard_so_far()
                 if self.playout is not None:
                     await self.playout.close()
             finally:
