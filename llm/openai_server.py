@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import ipaddress
 import itertools
 import json
 import logging
@@ -60,6 +59,7 @@ from llm.sampling import (
     sampling_from_args,
     shown_name,
 )
+from streaming.addresses import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -730,13 +730,7 @@ def open_to_all(host: str, keyed: bool, no_auth: bool) -> str | None:
     """Why a server on ``host`` must not start, or None: listening beyond
     loopback with no key means anyone who reaches it drives the engine (its
     GPU, every call's replies) and reads nothing back but tokens."""
-    if keyed or no_auth:
-        return None
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if loopback:
+    if keyed or no_auth or is_loopback(host):
         return None
     return (
         f"--host {host or '(all)'} listens beyond this machine and {ENGINE_KEY_ENV} is not set: anyone who "

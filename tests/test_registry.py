@@ -55,6 +55,28 @@ async def ws_call(srv: VoiceServer) -> ClientConnection:
     return await connect(f"ws://127.0.0.1:{srv.port}/v1/call")
 
 
+async def calls_one_at_a_time(srv: VoiceServer, n: int) -> None:
+    """``n`` websocket calls from 127.0.0.1, each hung up before the next."""
+    for _ in range(n):
+        ws = await ws_call(srv)
+        await wait_live(srv, 1)
+        await ws.close()
+        await wait_live(srv, 0)
+
+
+async def refused_on_audiosocket_too(srv: VoiceServer, live: int) -> None:
+    """An AudioSocket call from 127.0.0.1 is refused (a per-address limit
+    holds on every listener), one from 127.0.0.2 gets in; ``live``: the
+    calls up before."""
+    reader, writer = await asterisk(srv, source="127.0.0.1")
+    assert await until_eof(reader) == REFUSED
+    writer.close()
+    _, other = await asterisk(srv, source="127.0.0.2")
+    await wait_live(srv, live + 1)
+    other.write(message(KIND_HANGUP))
+    other.close()
+
+
 async def test_audiosocket_and_websockets_share_one_max_calls(server: VoiceServer) -> None:
     async with side_server(server, max_calls=2) as srv:
         ws = await ws_call(srv)
@@ -119,15 +141,9 @@ async def test_per_address_cap_refuses_the_next_call_from_that_address(server: V
         assert refused.value.response.status_code == 429  # this caller's limit, not a busy server
         body = json.loads(refused.value.response.body)
         assert body["reason"] == "per_address_limit" and "too many calls from one address" in body["error"]
-        # The cap is per address across listeners: AudioSocket from the same one is refused too...
-        reader, writer = await asterisk(srv, source="127.0.0.1")
-        assert await until_eof(reader) == REFUSED
-        writer.close()
-        # ...while another address still gets in.
-        _, other = await asterisk(srv, source="127.0.0.2")
-        await wait_live(srv, 3)
-        other.write(message(KIND_HANGUP))
-        other.close()
+        # The cap is per address across listeners: AudioSocket from the same
+        # one is refused too, while another address still gets in.
+        await refused_on_audiosocket_too(srv, live=2)
         await first.close()
         await second.close()
         await wait_live(srv, 0)
@@ -142,23 +158,13 @@ async def test_an_address_calling_again_and_again_is_held_to_a_call_rate(server:
     another address is not held to its rate, nor an exempt one."""
     config = {"max_calls_per_address": 2, "per_address_exempt": [], "call_rate_per_address": 0.01}
     async with side_server(server, **config) as srv:
-        for _ in range(4):  # one at a time: the cap on calls at once is not what refuses
-            ws = await ws_call(srv)
-            await wait_live(srv, 1)
-            await ws.close()
-            await wait_live(srv, 0)
+        await calls_one_at_a_time(srv, 4)  # the cap on calls at once is not what refuses
         with pytest.raises(InvalidStatus) as refused:
             await ws_call(srv)
         assert refused.value.response.status_code == 429
         assert json.loads(refused.value.response.body)["reason"] == "call_rate"
         assert int(refused.value.response.headers["Retry-After"]) >= 60
-        reader, writer = await asterisk(srv, source="127.0.0.1")  # every listener
-        assert await until_eof(reader) == REFUSED
-        writer.close()
-        _, other = await asterisk(srv, source="127.0.0.2")
-        await wait_live(srv, 1)
-        other.write(message(KIND_HANGUP))
-        other.close()
+        await refused_on_audiosocket_too(srv, live=0)  # every listener
         await wait_live(srv, 0)
     unlimited = [
         {"max_calls_per_address": 2, "call_rate_per_address": 0.01},  # loopback, exempt by default
@@ -166,11 +172,7 @@ async def test_an_address_calling_again_and_again_is_held_to_a_call_rate(server:
     ]
     for config in unlimited:
         async with side_server(server, **config) as srv:
-            for _ in range(6):
-                ws = await ws_call(srv)
-                await wait_live(srv, 1)
-                await ws.close()
-                await wait_live(srv, 0)
+            await calls_one_at_a_time(srv, 6)
 
 
 async def test_audiosocket_connections_count_toward_the_sources_connection_cap(server: VoiceServer) -> None:

@@ -35,6 +35,7 @@ from llm.config import (
 )
 from llm.remote_engine import REMOTE_KEY_ENV
 from llm.sampling import add_sampling_arguments, sampling_from_args
+from streaming.addresses import is_loopback
 from voice.call.reply_policy import ReplyPolicy
 from voice.call.store import STORE_SCHEMES
 from voice.server.admission import AdmissionConfig
@@ -162,19 +163,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--audiosocket-port {audiosocket} is --port's on the same address")
         _refuse_open_doors(parser, args)
     return args
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether a bind address is reachable from this machine alone (a name
-    other than localhost may resolve anywhere: not loopback)."""
-    if host is None:
-        return False
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _refuse_open_doors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -67,13 +67,13 @@ def _escaped(match: re.Match[str]) -> str:
     return match.group().encode("unicode_escape").decode("ascii")
 
 
-def loggable(text: str, limit: int = CALLER_TEXT_LOGGED_CHARS) -> str:
+def loggable(text: str) -> str:
     """An error that may hold what a caller sent, fit for INFO/WARNING:
     quoted snippets and long numbers replaced, control characters escaped (a
     field name holding a newline forged a log line of its own), cut short.
     Redacted whole first: a cut may split a quote."""
     text = _LONG_NUMBER.sub("…", redact_quoted(text))
-    return _CONTROL.sub(_escaped, text)[:limit]
+    return _CONTROL.sub(_escaped, text)[:CALLER_TEXT_LOGGED_CHARS]
 
 
 class WarningBudget:

@@ -313,7 +313,10 @@ class CallRegistry:
 
     def per_source(self, name: str, burst: float, per_s: float) -> KeyedBuckets:
         """The allowance ``name`` of every source on this server (made on first use)."""
-        return self._per_source.setdefault(name, KeyedBuckets(burst, per_s))
+        table = self._per_source.get(name)
+        if table is None:  # made once per name, not per call asking
+            table = self._per_source[name] = KeyedBuckets(burst, per_s)
+        return table
 
     def exempt_address(self, address: str | None) -> bool:
         """No per-address limit applies (unknown, or a proxy/gateway carrying many callers)."""
