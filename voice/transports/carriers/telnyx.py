@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from streaming.playout import OutFormat
-from voice.call.start import MAX_AUDIO_FRAME
+from voice.call.start import ProtocolError, check_audio_frame
 from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import (
     MarkStyleCall,
@@ -81,6 +81,7 @@ class TelnyxCall(MarkStyleCall):
     ignored_events = frozenset({"connected"})
 
     stream_id: str | None = None
+    inbound_encoding = "mulaw"  # the start's media_format, once it came
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -111,6 +112,7 @@ class TelnyxCall(MarkStyleCall):
             # start counts as malformed too, and the flood cooled the Telnyx
             # media server's address down for every call from it.
             raise UnsupportedMedia(f"unsupported bidirectional_codec {named_out[:24]!r}; use PCMU or PCMA")
+        self.inbound_encoding = encoding
         await self.begin(
             start_from_parameters(
                 encoding, rate, {**params, "call_control_id": start.get("call_control_id")}, self.runtime.config
@@ -123,11 +125,13 @@ class TelnyxCall(MarkStyleCall):
         if media.get("track", "inbound") != "inbound":
             return
         payload = b64decode(media.get("payload"))
-        if len(payload) > MAX_AUDIO_FRAME:
-            # Checked before the reorder buffer holds it: chunks numbered
-            # ahead wait there until the stream's end, each up to the
-            # websocket frame's size.
-            raise MalformedMessage(f"audio frame of {len(payload)} bytes; the limit is {MAX_AUDIO_FRAME}")
+        try:
+            # Checked before the reorder buffer holds it (the session checks
+            # again on release): chunks numbered ahead wait there until the
+            # stream's end, each up to the websocket frame's size.
+            check_audio_frame(payload, self.inbound_encoding)
+        except ProtocolError as exc:
+            raise MalformedMessage(exc.message) from None
         number = media.get("chunk", msg.get("sequence_number"))
         if number is None:
             await self.audio(payload)  # unnumbered: nothing to reorder by
