@@ -9,6 +9,7 @@ import base64
 import contextlib
 import dataclasses
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -600,7 +601,8 @@ async def test_realtime_a_fallback_reply_opens_before_its_audio(server, audio_ou
     """A 1-token cap leaves no sentence, so the reply policy speaks its
     fallback: a reply whose words no model delta carried. Its
     response.created and item still come before its first audio delta,
-    and a delta carries its words."""
+    and a delta carries its words. The cap cut the reply: it is
+    ``incomplete`` (max_output_tokens), as OpenAI says of one."""
     carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=audio_out)
     async with carrier:
         await carrier.next_event("session.updated", timeout=10)
@@ -613,6 +615,9 @@ async def test_realtime_a_fallback_reply_opens_before_its_audio(server, audio_ou
     content = done["response"]["output"][0]["content"][0]
     said = content["transcript"] if audio_out else content["text"]
     assert said, done
+    assert done["response"]["status"] == "incomplete", done
+    assert done["response"]["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}, done
+    assert done["response"]["output"][0]["status"] == "incomplete", done
     deltas = carrier.of("response.output_audio_transcript.delta" if audio_out else "response.output_text.delta")
     assert "".join(d["delta"] for d in deltas).endswith(said), (deltas, said)
     if audio_out:
@@ -1140,10 +1145,12 @@ async def test_realtime_an_error_names_only_the_event_that_caused_it(server):
             assert error["error"]["event_id"] is None, (bad, error)
 
 
-async def test_realtime_session_update_says_what_it_could_not_serve(server):
+async def test_realtime_session_update_leaves_out_what_it_cannot_serve_without_an_error(server, caplog):
     """Tools, a forced tool choice, a reply speed and noise reduction are not
-    served: the rest of the update takes, and an ``unsupported_parameter``
-    error names each one left out, without counting as a malformed event."""
+    served: the rest of the update takes, session.updated reports what is
+    served, and no ``error`` event comes (pipecat's client ends its session
+    on one, so a bot with tools lost every call); the log names the fields."""
+    caplog.set_level(logging.INFO, logger="voice.transports.realtime.session")
     carrier = FakeRealtime(server_base(server), fmt="audio/pcmu", audio_out=False)
     tool = {"type": "function", "name": "lookup_order", "parameters": {"type": "object", "properties": {}}}
     with CallWatcher() as watcher:
@@ -1157,20 +1164,48 @@ async def test_realtime_session_update_says_what_it_could_not_serve(server):
                 "tool_choice": "required", "audio": {"input": {"noise_reduction": {"type": "near_field"}},
                                                      "output": {"speed": 1.5}}}})  # fmt: skip
             updated = await carrier.next_event("session.updated", timeout=10, after=mark)
-            err = await carrier.next_event("error", timeout=10, after=mark)
             mark = len(carrier.events)
-            # An update asking only for what is served says nothing more.
+            # Any error for the first update is on the wire before the
+            # second update's answer.
             await carrier.send({"type": "session.update", "session": {"type": "realtime", "tools": [],
                                 "tool_choice": "auto", "audio": {"output": {"speed": 1.0}}}})  # fmt: skip
             await carrier.next_event("session.updated", timeout=10, after=mark)
             assert call.malformed == 0
     assert updated["session"]["instructions"] == "You are Ada's assistant."
     assert updated["session"]["tools"] == [] and updated["session"]["audio"]["output"]["speed"] == 1.0
-    error = err["error"]
-    assert (error["code"], error["param"], error["event_id"]) == ("unsupported_parameter", "tools", "evt_tools")
+    assert carrier.of("error") == []
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 1, left_out
     for name in ("tools", "tool_choice", "audio.output.speed", "audio.input.noise_reduction"):
-        assert name in error["message"], error["message"]
-    assert len(carrier.of("error")) == 1, carrier.of("error")
+        assert name in left_out[0], left_out[0]
+    assert "lookup_order" not in left_out[0]  # names only, never the client's values
+
+
+async def test_realtime_a_response_it_cannot_give_is_refused_not_spoken(server):
+    """An out-of-band response (``conversation: "none"``, a classification
+    the caller must not hear), one with its own input items, or one in
+    another modality than the session's is refused with an error naming
+    the field, and nothing is generated or said; a create with the
+    session's own modality is answered."""
+    async with _started_call(server, turn_detection=None) as (carrier, call):
+        refused = [
+            ({"conversation": "none", "instructions": "Classify the caller's intent."}, "response.conversation"),
+            ({"input": [{"type": "message", "role": "user", "content": []}]}, "response.input"),
+            ({"output_modalities": ["audio"]}, "response.output_modalities"),
+        ]
+        for options, param in refused:
+            mark = len(carrier.events)
+            await carrier.send({"type": "response.create", "event_id": f"evt_{param}", "response": options})
+            error = (await carrier.next_event("error", timeout=10, after=mark))["error"]
+            assert (error["code"], error["param"]) == ("unsupported_parameter", param), error
+            assert error["event_id"] == f"evt_{param}", error
+        assert not carrier.of("response.created") and not call.session.history.replies
+        mark = len(carrier.events)
+        same = {"output_modalities": ["text"], "conversation": "auto"}
+        await carrier.send({"type": "response.create", "response": same})
+        done = await carrier.next_event("response.done", timeout=60, after=mark)
+    assert done["response"]["status"] == "completed", done
+    assert len(carrier.of("error")) == len(refused), carrier.of("error")
 
 
 async def test_realtime_turn_detection_changes_mid_call_are_applied(server):

@@ -70,6 +70,7 @@ class Response:
 
 
 async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    _refuse_unserved(call, msg)
     instructions = _instructions(msg)
     if instructions:
         try:
@@ -129,6 +130,33 @@ async def create(call: RealtimeCall, msg: dict[str, Any]) -> None:
     response = Response(turn, user_item_id=call.last_item_id or "", released=True)
     call.responses[turn] = response
     await start(call, response)
+
+
+def _refuse_unserved(call: RealtimeCall, msg: dict[str, Any]) -> None:
+    """Refuse a response.create asking for a response firstline cannot give:
+    answered as a usual reply, an out-of-band one (a classification, a
+    summary) was spoken to the caller and kept in the conversation, and a
+    text-only one in an audio session came as audio a text client never
+    read. Refused, the client is told and the caller hears nothing."""
+    options = msg.get("response")
+    if not isinstance(options, dict):
+        return
+    conversation = options.get("conversation")
+    if conversation is not None and conversation != "auto":
+        raise RealtimeError(
+            "out-of-band responses (conversation other than 'auto') are not served", "unsupported_parameter",
+            "response.conversation",
+        )  # fmt: skip
+    if options.get("input") is not None:
+        raise RealtimeError("a response's own input items are not served", "unsupported_parameter", "response.input")
+    modalities = options.get("output_modalities", options.get("modalities"))
+    if modalities is not None:
+        asked = isinstance(modalities, list) and bool(modalities) and set(modalities) <= {"text", "audio"}
+        if not asked or ("audio" in modalities) != call.settings.audio_out:
+            raise RealtimeError(
+                f"a response's output_modalities must be the session's ({call.settings.output_modalities})",
+                "unsupported_parameter", "response.output_modalities",
+            )  # fmt: skip
 
 
 def own_instructions(msg: dict[str, Any]) -> bool:
@@ -280,6 +308,10 @@ async def finish(call: RealtimeCall, response: Response) -> None:
         done.get("reply_end") == "failed" and not response.cut_short and not (response.metrics or {}).get("fallback")
     )
     status = "failed" if failed else "cancelled" if done.get("cancelled") or response.cut_short else "completed"
+    if status == "completed" and done.get("reply_end") == "token_cap":
+        # OpenAI's word for a reply max_output_tokens cut short: a client
+        # that set the cap can tell its reply was not finished.
+        status = "incomplete"
     text = str(done.get("text") or response.text)
     ref = content_ref(response)
     if call.settings.audio_out:
@@ -295,6 +327,8 @@ async def finish(call: RealtimeCall, response: Response) -> None:
     body = response_obj(call, response, status, [item])
     if status == "cancelled":
         body["status_details"] = {"type": "cancelled", "reason": response.cancel_reason}
+    elif status == "incomplete":
+        body["status_details"] = {"type": "incomplete", "reason": "max_output_tokens"}
     elif status == "failed":
         code = str(done.get("error_code") or "server_error")
         message = PLAIN_ERRORS.get(code, "the reply could not be generated")
