@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
-from benchmarks.callers import AsteriskWS, Exotel, Plivo, Realtime, Telnyx, Twilio, Vonage
+from benchmarks.callers import AsteriskWS, Exotel, FreeSwitch, Plivo, Realtime, Telnyx, Twilio, Vonage
 from benchmarks.callers.audiosocket import AudioSocket, read_frame
 from benchmarks.callers.base import (
     Audio,
@@ -400,6 +400,13 @@ class FakeVonage(FakeCarrier):
 
     wire_class = Vonage
     defaults: ClassVar[dict[str, Any]] = {"headers": {"caller": "test"}}
+
+
+class FakeFreeSwitch(FakeCarrier):
+    """FreeSWITCH's mod_audio_stream. Options: ``rate`` (16000/8000),
+    ``metadata`` (custom parameters beside ``sample_rate``), ``token``."""
+
+    wire_class = FreeSwitch
 
 
 class FakeAsteriskWS(FakeCarrier):

@@ -61,7 +61,7 @@ def test_the_layout_has_its_three_concerns() -> None:
     assert {"voice.call.session", "voice.call.turn", "voice.call.history"} <= MODULES.keys()
     assert {"voice.server.app", "voice.server.admission", "voice.server.limits", "voice.server.cli"} <= MODULES.keys()
     transports = {_transport_of(m) for m in MODULES} - {None}
-    assert len(transports) == 9, sorted(t for t in transports if t)
+    assert len(transports) == 10, sorted(t for t in transports if t)
 
 
 def test_no_transport_imports_a_sibling_transport() -> None:

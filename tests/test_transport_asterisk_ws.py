@@ -36,6 +36,14 @@ async def test_asterisk_slin16_json_control(server):
     await reply_call(server, carrier, prompt_clip(26), multiple_of=640, dtmf="3")
 
 
+async def test_asterisk_slin48_call_is_heard_and_answered_in_whole_frames(server):
+    """A 48 kHz leg (a WebRTC caller bridged to chan_websocket): heard
+    through the resampler, answered in whole 20 ms frames at 48 kHz. It was
+    refused at MEDIA_START."""
+    carrier = FakeAsteriskWS(server_base(server), format="slin48")
+    await reply_call(server, carrier, prompt_clip(28), multiple_of=1920, dtmf=None)
+
+
 async def test_asterisk_xoff_pauses_sending_until_xon(server):
     carrier = FakeAsteriskWS(server_base(server))
     with CallWatcher() as watcher:

@@ -129,10 +129,36 @@ async def test_audiosocket_a_stalled_loop_delays_the_playout_clock_with_the_fram
         await tcp.wait_closed()
 
 
-@pytest.mark.parametrize("kind", [0x15, 0x17, 0x1A])
+async def test_audiosocket_48k_call_is_heard_and_answered_at_48k(server):
+    """slin at 48 kHz (kind 0x16, a WebRTC leg bridged to AudioSocket): the
+    caller is heard through the resampler and the reply comes back as whole
+    20 ms frames of the same kind. It was hung up as unsupported."""
+    tcp = await listener(server)
+    clip = prompt_clip(29)
+    try:
+        with CallWatcher() as watcher:
+            async with FakeAsterisk(tcp.sockets[0].getsockname()[1], kind=0x16, rate=48000) as asterisk:
+                call = await watcher.one()
+                call.session.max_tokens = 24
+                await asterisk.say(with_silence(clip.load(48000), 48000, 1.0))
+                final = await watcher.wait_event(call, "transcript.final", timeout=60)
+                assert word_error_rate(clip.reference, final["text"]) <= 0.35, final
+                await watcher.wait_event(call, "response.sentence", turn=1, timeout=60)
+                async with asyncio.timeout(30):
+                    while not asterisk.speech()[1]:  # noqa: ASYNC110 - voiced reply frames
+                        await asyncio.sleep(0.1)
+                replies = [p for _, k, p in asterisk.received if k == 0x16]
+                assert replies and all(len(p) == 1920 for p in replies)
+                assert call.malformed == 0
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
+@pytest.mark.parametrize("kind", [0x17, 0x18, 0x1A])
 async def test_audiosocket_an_unsupported_rate_is_hung_up_at_once_not_as_abuse(server, caplog, kind):
-    """slin at 44.1 kHz (kind 0x15), at 96 kHz (0x17, which was not known as
-    audio at all), an audio kind no Asterisk has yet (0x1A): the call is hung
+    """slin at 96 kHz (0x17, which was not known as audio at all), at 192
+    kHz (0x18), an audio kind no Asterisk has yet (0x1A): the call is hung
     up at once with its reason. Each frame retried the start (or was an
     unknown kind) as a malformed message until the flood ended the call as
     abuse and cooled the PBX's address, every caller behind it, down."""

@@ -1,7 +1,7 @@
 """Asterisk chan_websocket: Asterisk's side (docs/telephony.md).
 
 Audio in binary frames both ways, in the channel's format (``ulaw``,
-``alaw`` or ``slin16``); control as plain-text commands
+``alaw``, ``slin16`` or ``slin48``); control as plain-text commands
 (``MEDIA_START key:value …``, ``DTMF_END digit:5``), or as JSON objects
 with ``json=True``. The server's commands (``FLUSH_MEDIA`` on barge-in,
 ``MEDIA_XOFF``…) parse as :class:`~benchmarks.callers.base.Control`;
@@ -14,7 +14,7 @@ from typing import Any
 
 from benchmarks.callers.base import Clear, Control, Message, ServerEvent, Wire
 
-FORMATS = {"ulaw": ("mulaw", 8000), "alaw": ("alaw", 8000), "slin16": ("pcm16", 16000)}
+FORMATS = {"ulaw": ("mulaw", 8000), "alaw": ("alaw", 8000), "slin16": ("pcm16", 16000), "slin48": ("pcm16", 48000)}
 
 
 class AsteriskWS(Wire):
@@ -32,7 +32,7 @@ class AsteriskWS(Wire):
         token: str | None = None,
         strict: bool = False,
     ) -> None:
-        """``format``: ``ulaw``, ``alaw`` or ``slin16``; ``json``: control
+        """``format``: ``ulaw``, ``alaw``, ``slin16`` or ``slin48``; ``json``: control
         messages as JSON objects instead of plain text."""
         super().__init__(token=token, strict=strict)
         self.format = format

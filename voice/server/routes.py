@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from websockets.asyncio.server import ServerConnection
 
 from voice.server.runtime import Runtime
-from voice.transports.carriers import asterisk_ws, exotel, plivo, telnyx, twilio, vonage
+from voice.transports.carriers import asterisk_ws, exotel, freeswitch, plivo, telnyx, twilio, vonage
 from voice.transports.native import call as native
 from voice.transports.realtime import call as realtime
 
@@ -25,5 +25,6 @@ WS_ROUTES: dict[str, CallHandler] = {
     exotel.PATH: exotel.handle_exotel,
     vonage.PATH: vonage.handle_vonage,
     asterisk_ws.PATH: asterisk_ws.handle_asterisk_ws,
+    freeswitch.PATH: freeswitch.handle_freeswitch,
     realtime.PATH: realtime.handle_realtime,
 }

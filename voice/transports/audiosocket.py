@@ -42,7 +42,11 @@ AUDIO_KINDS = {
 # not counted as malformed frames until the flood ends the call as abuse and
 # cools the PBX's address (every caller behind it) down.
 AUDIO_KIND_RANGE = range(0x10, 0x20)
-SUPPORTED_RATES = (8000, 16000, 24000)
+# Every slin rate up to 48 kHz (a WebRTC or wideband channel bridged to
+# AudioSocket arrives at 48 kHz): the call is resampled to the ASR's 16 kHz
+# and the reply from the TTS's rate. 96 and 192 kHz are refused: studio
+# rates no phone leg carries, at 4-8x the bytes of 48 kHz per call.
+SUPPORTED_RATES = (8000, 12000, 16000, 24000, 32000, 44100, 48000)
 FRAME_S = 0.02
 
 
@@ -170,9 +174,9 @@ class AudioSocketCall(TelephonyCall):
     async def _start(self, kind: int) -> None:
         rate = AUDIO_KINDS.get(kind)
         if rate is None:
-            raise UnsupportedMedia(f"audio kind {kind:#x} is not supported; use slin at 8, 16 or 24 kHz")
+            raise UnsupportedMedia(f"audio kind {kind:#x} is not supported; use slin at 8 to 48 kHz")
         if rate not in SUPPORTED_RATES:
-            raise UnsupportedMedia(f"slin at {rate} Hz is not supported; use 8, 16 or 24 kHz")
+            raise UnsupportedMedia(f"slin at {rate} Hz is not supported; use 8 to 48 kHz")
         self.kind = kind
         self.frame_bytes = round(rate * FRAME_S) * 2
         await self.begin(

@@ -31,8 +31,12 @@ FORMATS = {
     "ulaw": ("mulaw", 8000),
     "alaw": ("alaw", 8000),
     "slin": ("pcm16", 8000),
+    "slin12": ("pcm16", 12000),
     "slin16": ("pcm16", 16000),
     "slin24": ("pcm16", 24000),
+    "slin32": ("pcm16", 32000),
+    "slin44": ("pcm16", 44100),
+    "slin48": ("pcm16", 48000),  # a WebRTC (Opus) leg's native rate
 }
 MAX_MESSAGE = 65500  # Asterisk's largest websocket message
 MIN_MESSAGE_S = 0.02  # the least audio one reply message carries
