@@ -15,8 +15,9 @@ Out: the open-source module has no audio channel back. A ``streamAudio``
 message (``audioDataType: raw`` at the stream's rate, base64) is written to
 a file and announced as the ESL event ``mod_audio_stream::play``, which the
 application plays (``uuid_broadcast``). So each sentence goes as one such
-message as soon as it is synthesized (20 ms messages would be 50 files a
-second), and on barge-in firstline sends ``{"type": "clear"}``, surfaced as
+message (20 ms messages would be 50 files a second; a sentence over
+MAX_MESSAGE_S in parts), at most ``lead_s`` ahead of playback, and on
+barge-in firstline sends ``{"type": "clear"}``, surfaced as
 ``mod_audio_stream::json``, on which the application stops its playback
 (``uuid_break <uuid> all``). No marks: what the caller heard is the
 playout clock's. The call ends when FreeSWITCH closes the socket
@@ -37,11 +38,24 @@ from voice.transports.telephony import MalformedMessage, UnsupportedMedia
 log = logging.getLogger(__name__)
 
 PATH = "/freeswitch"
-RATES = {8000: 8000, 16000: 16000, "8k": 8000, "16k": 16000}
+# The command's rates, as a number or as the command spells them.
+RATES = {"8000": 8000, "16000": 16000, "8k": 8000, "16k": 16000}
 FRAME_S = 0.02
-# The longest sentence one streamAudio message carries before it is sent in
-# parts (a run-on the segmenter cut at its word cap is a few seconds).
-MAX_MESSAGE_S = 10.0
+# The most audio one streamAudio message carries: a longer sentence goes in
+# parts (each a file the application plays in turn). 4 s at 16 kHz is
+# 171 KB of base64, inside the connection's write buffer.
+MAX_MESSAGE_S = 4.0
+
+
+def _scalar(value: object) -> bool:
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    """A refused value for the close reason: a number or a string cut short;
+    of anything else its type only (a repr of a value nested ~900 deep
+    raised RecursionError)."""
+    return repr(str(value)[:16]) if _scalar(value) else type(value).__name__
 
 
 def parse_metadata(text: str) -> tuple[int, dict[str, Any]]:
@@ -53,19 +67,29 @@ def parse_metadata(text: str) -> tuple[int, dict[str, Any]]:
         meta = None
     if not isinstance(meta, dict):
         raise UnsupportedMedia('metadata must be a JSON object with "sample_rate" (8000 or 16000)')
-    rate = meta.get("sample_rate")
-    if isinstance(rate, bool) or rate not in RATES:
-        raise UnsupportedMedia(f"metadata sample_rate {str(rate)[:16]!r} is not 8000 or 16000")
-    return RATES[rate], {k: v for k, v in meta.items() if k != "sample_rate"}
+    given = meta.get("sample_rate")
+    # A number or a string only: a list or an object is no rate (and is
+    # not hashable: looked up as it is, it ended the call as a server error).
+    rate = RATES.get(str(given).lower()) if _scalar(given) else None
+    if rate is None:
+        raise UnsupportedMedia(f"metadata sample_rate {_shown(given)} is not 8000 or 16000")
+    channels = meta.get("channels", 1)
+    if not _scalar(channels) or channels != 1:
+        # "stereo" interleaves two channels, read here as one: garbage the
+        # ASR would answer. ("mixed" is one channel with the agent's own
+        # voice in it: the docs say to stream "mono".)
+        raise UnsupportedMedia(f"metadata channels {_shown(channels)}: stream the caller alone ('mono')")
+    return rate, {k: v for k, v in meta.items() if k not in ("sample_rate", "channels")}
 
 
 class FreeSwitchCall(WebSocketCall):
     transport = "freeswitch"
     echoes_marks = False
-    # Every sentence goes as soon as it exists: the application plays the
-    # files in turn, and one held back for pacing would leave a gap after
-    # the one before it.
-    lead_s = None
+    # At most this far ahead of the playout clock. Pacing holds back each
+    # 20 ms chunk, and a message goes when its sentence (or part) is whole,
+    # so with a lead of a message's length and 2 s more the next file is
+    # always in before the one before it ends: no gap between sentences.
+    lead_s = MAX_MESSAGE_S + 2.0
 
     rate = 8000
 
