@@ -128,6 +128,7 @@ class RealtimeCall(WebSocketCall):
         self.resuming = given is not None and not self.bad_resume
         self.resume_token = given if self.resuming else new_resume_token()
         self.responses: dict[int, Response] = {}
+        self.unserved_logged = False  # a session.update's unserved fields were logged at INFO
         # The items the client was told of, as last sent (conversation.item.
         # added/done), for conversation.item.retrieve: OpenAI's agents SDKs
         # ask for every user item once its transcript is in. The newest

@@ -49,6 +49,15 @@ class RealtimeError(MalformedMessage):
         self.param = param
 
 
+def output_modalities(value: object, param: str) -> list[str]:
+    """A session's or a response's ``output_modalities`` (beta
+    ``modalities``): ``["audio"]`` (with or without "text": audio comes with
+    its transcript) or ``["text"]``."""
+    if not isinstance(value, list) or not value or not set(value) <= {"text", "audio"}:
+        raise RealtimeError("output_modalities must be ['text'] or ['audio']", "invalid_value", param)
+    return ["audio"] if "audio" in value else ["text"]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 

@@ -15,6 +15,7 @@ from voice.transports.realtime.protocol import (
     UNSPOKEN_REPLY_BURST,
     RealtimeError,
     new_id,
+    output_modalities,
 )
 
 if TYPE_CHECKING:
@@ -151,8 +152,7 @@ def _refuse_unserved(call: RealtimeCall, msg: dict[str, Any]) -> None:
         raise RealtimeError("a response's own input items are not served", "unsupported_parameter", "response.input")
     modalities = options.get("output_modalities", options.get("modalities"))
     if modalities is not None:
-        asked = isinstance(modalities, list) and bool(modalities) and set(modalities) <= {"text", "audio"}
-        if not asked or ("audio" in modalities) != call.settings.audio_out:
+        if output_modalities(modalities, "response.output_modalities") != call.settings.output_modalities:
             raise RealtimeError(
                 f"a response's output_modalities must be the session's ({call.settings.output_modalities})",
                 "unsupported_parameter", "response.output_modalities",
@@ -308,9 +308,11 @@ async def finish(call: RealtimeCall, response: Response) -> None:
         done.get("reply_end") == "failed" and not response.cut_short and not (response.metrics or {}).get("fallback")
     )
     status = "failed" if failed else "cancelled" if done.get("cancelled") or response.cut_short else "completed"
-    if status == "completed" and done.get("reply_end") == "token_cap":
-        # OpenAI's word for a reply max_output_tokens cut short: a client
-        # that set the cap can tell its reply was not finished.
+    generated = int((done.get("usage") or {}).get("completion_tokens") or 0)
+    if status == "completed" and (done.get("reply_end") == "token_cap" or generated >= call.session.max_tokens):
+        # OpenAI's word for a reply max_output_tokens cut short (mid-sentence
+        # or, by chance, at a sentence's end): a client that set the cap can
+        # tell its reply was not finished.
         status = "incomplete"
     text = str(done.get("text") or response.text)
     ref = content_ref(response)

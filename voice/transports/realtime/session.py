@@ -15,6 +15,7 @@ from voice.transports.realtime.protocol import (
     MAX_OUTPUT_TOKENS,
     RealtimeError,
     format_obj,
+    output_modalities,
 )
 from voice.transports.realtime.response import context_changed
 
@@ -109,9 +110,12 @@ async def session_update(call: RealtimeCall, msg: dict[str, Any]) -> None:
         # served (no tools, speed 1.0, no noise reduction). No ``error`` event:
         # pipecat's client ends its session on any error but two, and a
         # pipecat bot with tools in its context lost every call at setup.
-        # The operator's log says what was left out (names only).
-        log.info("realtime call %s: session.update left out %s", call.call_id,
-                 ", ".join(f"{name} ({why})" for name, why in ignored))  # fmt: skip
+        # The operator's log says what was left out (names only), once a
+        # session at INFO: a client may send updates 50 times a second.
+        level = logging.DEBUG if call.unserved_logged else logging.INFO
+        call.unserved_logged = True
+        log.log(level, "realtime call %s: session.update left out %s", call.call_id,
+                ", ".join(f"{name} ({why})" for name, why in ignored))  # fmt: skip
 
 
 def unserved_fields(update: dict[str, Any]) -> list[tuple[str, str]]:
@@ -210,9 +214,7 @@ def apply_update(current: RealtimeSettings, update: dict[str, Any]) -> RealtimeS
     new = RealtimeSettings(**{f: getattr(current, f) for f in current.__dataclass_fields__})
     modalities = update.get("output_modalities", update.get("modalities"))
     if modalities is not None:
-        if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "audio"}:
-            raise RealtimeError("output_modalities must be ['text'] or ['audio']", "invalid_value", "output_modalities")
-        new.output_modalities = ["audio"] if "audio" in modalities else ["text"]
+        new.output_modalities = output_modalities(modalities, "output_modalities")
     if "instructions" in update:
         text = update["instructions"]
         if text is not None and (not isinstance(text, str) or len(text) > MAX_INSTRUCTIONS):
