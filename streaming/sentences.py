@@ -33,7 +33,10 @@ _TERMINATORS = _WESTERN_TERMINATORS | _CJK_TERMINATORS
 # `(see above.)`, markdown `**Note.**`.
 _CLOSERS = frozenset("\"'”’»)]}」』）】〕*_`")
 # Characters that may open the next sentence before its first letter.
-_OPENERS = frozenset("\"'“‘«([{「『（【¿¡*_`")
+# Also a dash, a number sign or a bullet: "Done. - Next item.", "Sure. #1
+# is best." (each dropped the end: the first sentence waited for the next).
+_OPENERS = frozenset("\"'“‘«([{「『（【¿¡*_`-–—#•")
+_SPACED_OPENERS = frozenset("-–—•")
 _CURRENCY = frozenset("$€£¥")
 
 # A "word." that never ends a sentence: titles precede a name, Latin
@@ -45,6 +48,11 @@ _ABBREVIATIONS = frozenset(
         "vs", "e.g", "i.e", "cf", "approx", "ph.d",
     }
 )  # fmt: skip
+# Of those, the ones that may also end a sentence: a word that starts one
+# comes next ("King Jr. He was great.", "a Ph.D. It helps."); a name does
+# not ("John Smith Jr. Both know", "Sr. Garcia"). As dotted initialisms:
+# "in the U.S. We ship." ends, "the U.S. Army" goes on.
+_MAY_END_ABBREVIATIONS = frozenset({"jr", "sr", "ph.d"})
 # Company suffixes end a name, and often the sentence with it: a capital after
 # them starts a new one ("I work at Acme Inc. It is great."); anything else
 # goes on ("Acme Inc., the maker", "Acme Inc. shares").
@@ -78,7 +86,8 @@ _ADDRESS_UNITS = frozenset({"suite", "ste", "apt", "unit", "floor", "fl", "bldg"
 # starts a sentence: "Meet at 5 p.m. Bring snacks." ("U.S. Army" does not.)
 _CLAUSE_FINAL_DOTTED = frozenset({"a.m", "p.m"})
 # Nouns that name a thing by a letter ("option A.", "vitamin C.", "plan B.",
-# "gate D."): a sentence may end on that letter. After any other word a lone
+# "gate D."), and the few words a grade or an answer follows ("is C.",
+# "got an A."): a sentence may end on that letter. After any other word a lone
 # capital is an initial ("J. A. Smith") or a list letter ("or B. The premium
 # plan") and goes on, as before.
 _LETTER_LABELS = frozenset(
@@ -86,6 +95,7 @@ _LETTER_LABELS = frozenset(
     option plan vitamin grade press type letter section part group class category zone gate
     terminal platform row seat level building wing block team channel step phase form schedule
     appendix exhibit tier model size line lane door hall floor unit suite choice answer
+    is was an a got get gets
     """.split()
 )
 # Words that start a sentence and almost never follow a person's initial:
@@ -242,6 +252,8 @@ class SentenceSegmenter:
         self._cand_token = ""  # the word the terminator is attached to
         self._cand_street = False  # "St." after a name or number: a street, see _start_candidate
         self._cand_list_marker = False  # "1." opening a list item
+        self._cand_dotless = False  # the run is "?", "!" or "…", with no "."
+        self._opener_spaced = False  # the opener read last is a dash or bullet: a space may follow
         self._cand_after_label = False  # the lone capital follows "option", "vitamin"... (_LETTER_LABELS)
         self._next_word_start = 0  # NEXT_WORD: where the word after "a.m." starts
         # NEXT_WORD: the candidate ends unless that word is in the first set
@@ -302,6 +314,11 @@ class SentenceSegmenter:
             # the voice as one. A sentence has ended by now: cut here.
             self._emit(pos + 1, force=True)
             self._mode = _Mode.TEXT
+        elif self._mode in (_Mode.SPACE, _Mode.OPENERS) and pos + 1 - self._seg_start >= self.max_chars:
+            # Emoji and spaces after the end ("Sure! 😊 😊 😊 ..."): the end is
+            # known, and nothing after it came to decide it.
+            self._emit(self._cand_end, force=True)
+            self._mode = _Mode.TEXT
         self._pos = pos + 1
 
     def _scan_text(self, ch: str, pos: int) -> None:
@@ -316,6 +333,7 @@ class SentenceSegmenter:
         self._mode = _Mode.TERMINATOR
         self._cand_cjk = ch in _CJK_TERMINATORS
         self._cand_single_dot = ch == "."
+        self._cand_dotless = ch != "."  # "?", "!", "…" (or a run of them)
         # The terminator is part of the current word, which started earlier.
         token = self._text(self._word_start, pos) if self._in_word else ""
         self._cand_token = token.lstrip("".join(_OPENERS))
@@ -324,8 +342,10 @@ class SentenceSegmenter:
         # "Your total is: 15. Anything else?" ends at the number. Read
         # without its openers: "**1.** Open the app" is a list number too.
         marker = self._cand_token
+        # Only before a ".": "10? That seems high." ends at the "?".
         self._cand_list_marker = (
-            self._in_word
+            ch == "."
+            and self._in_word
             and (is_first_word or (self._after_colon and marker == "1"))
             and marker.isdigit()
             and len(marker) <= _MAX_LIST_MARKER_DIGITS
@@ -343,6 +363,14 @@ class SentenceSegmenter:
         before = self._word_before() if self._cand_token.lower() == "st" else ""
         self._cand_street = bool(before) and (before[0].isupper() or before[0].isdigit())
 
+    def _ends_without_space(self) -> bool:
+        """The "?" or "!" ends a word ("Really?"), and the sentence is long
+        enough to go out on its own (too short, it would join the next one
+        with no space between)."""
+        token = self._cand_token
+        sentence = self._text(self._seg_start, self._cand_end).strip()
+        return bool(token) and token[-1].isalnum() and len(sentence) >= self.min_chars
+
     def _word_before(self) -> str:
         """The word before the candidate's ("" at the start)."""
         if len(self._word_starts) < 2:
@@ -353,6 +381,7 @@ class SentenceSegmenter:
         if ch in _TERMINATORS:
             self._cand_cjk = self._cand_cjk or ch in _CJK_TERMINATORS
             self._cand_single_dot = False
+            self._cand_dotless = self._cand_dotless and ch != "."
             return
         self._cand_end = pos
         self._mode = _Mode.CLOSERS
@@ -373,6 +402,13 @@ class SentenceSegmenter:
             self._scan_text(ch, pos)
         elif ch.isspace():
             self._mode = _Mode.SPACE
+            self._opener_spaced = False
+        elif ch.isupper() and self._cand_dotless and self._ends_without_space():
+            # "Really?Yes it is.", "Sure!How can I help?": a model that drops
+            # the space still ended its sentence (after a "." it may be a
+            # name: "ASP.NET").
+            self._emit(self._cand_end)
+            self._scan_text(ch, pos)
         else:
             # "3.5", "example.com", "U.S": no space, no sentence end.
             self._scan_text(ch, pos)
@@ -380,10 +416,12 @@ class SentenceSegmenter:
     def _scan_after_space(self, ch: str, pos: int) -> None:
         if ch == "\n":
             self._emit(self._cand_end)
-        elif self._mode is _Mode.SPACE and ch.isspace():
+        elif ch.isspace() and (self._mode is _Mode.SPACE or self._opener_spaced):
             return
         elif ch in _OPENERS:
             self._mode = _Mode.OPENERS
+            # A dash or bullet stands apart from its sentence ("- Next item").
+            self._opener_spaced = ch in _SPACED_OPENERS
             return
         elif self._mode is _Mode.SPACE and unicodedata.category(ch) in _EMOJI_PARTS:
             # An emoji or other symbol ("Sure! 😊 I can help"): the next
@@ -397,10 +435,13 @@ class SentenceSegmenter:
                     self._wait_next_word(pos, ends_unless=goes_on_into)
                     return
             self._emit(self._cand_end)
-        elif ch.isupper() and (self._cand_is_initial() or (self._cand_street and self._cand_single_dot)):
+        elif ch.isupper() and (
+            self._cand_is_initial() or (self._cand_single_dot and (self._cand_street or self._cand_may_end()))
+        ):
             # "option A. Then..." ends; "J. Smith" does not: the next word
             # says. So for a street's "St.": "Main St. We open" ends, "Visit
-            # St. Paul" goes on.
+            # St. Paul" goes on; and "the U.S. We ship" ends, "the U.S. Army"
+            # goes on.
             self._wait_next_word(pos, ends_if=_SENTENCE_STARTERS)
             return
         self._scan_text(ch, pos)
@@ -413,6 +454,14 @@ class SentenceSegmenter:
         self._next_word_ends_unless = ends_unless
         self._next_word_ends_if = ends_if
 
+    def _cand_may_end(self) -> bool:
+        """An abbreviation or dotted initialism that ends a sentence when a
+        word that starts one comes next (_MAY_END_ABBREVIATIONS)."""
+        key = self._cand_token.lower()
+        parts = key.split(".")
+        dotted = len(parts) > 1 and all(len(p) == 1 and p.isalpha() for p in parts)
+        return key in _MAY_END_ABBREVIATIONS or dotted
+
     def _cand_is_initial(self) -> bool:
         """A lone capital that a label word names ("option A."): it may end
         the sentence; any other lone capital is an initial or list letter."""
@@ -424,7 +473,8 @@ class SentenceSegmenter:
             return
         word = self._text(self._next_word_start, pos).lower()
         if self._next_word_ends_if is not None:
-            ends = word in self._next_word_ends_if
+            # One letter is another initial ("J. A. Smith"), not "a" or "I".
+            ends = word in self._next_word_ends_if and not (len(word) == 1 and ch == ".")
         else:
             ends = word not in self._next_word_ends_unless
         if ends:
