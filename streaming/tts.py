@@ -63,6 +63,17 @@ _CURRENCY = "$€£¥"
 # phone. (hibari's own phone rule misses one right before a full stop, and
 # every sentence ends in one.)
 _PHONE_NUMBER = re.compile(r"(?<![\w-])(?:1-)?(?:\(\d{3}\) ?|\d{3}-)?\d{3}-\d{4}(?![\w-])")
+# The same with dots ("415.555.0100": no amount has two decimal points), and
+# an international number ("+44 20 7946 0958", "+1 (415) 555-0100"): read
+# as they are, "four hundred fifteen point five..." or a string of amounts.
+_DOTTED_PHONE = re.compile(r"(?<![\w.])(?:1\.)?\d{3}\.\d{3}\.\d{4}(?!\w|\.\d)")
+_INTERNATIONAL_PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}(?![\w-])")
+# E.164: a country code and the number, at most 15 digits; fewer than 8 is
+# no phone number ("+12 50").
+_PHONE_DIGITS = range(8, 16)
+# With spaces ("415 555 0100") it is a phone number only after a phone word
+# ("Call us at 415 555 0100."): three numbers in a row may be anything.
+_SPACED_PHONE = re.compile(r"(?<![\w.,])\d{3} \d{3} \d{4}(?![\w]|[.,]\d)")
 # A number written with thousands separators is an amount ("1,250,000": one
 # million two hundred fifty thousand) up to the trillions; past that nobody
 # says it as one number, and hibari fails on 37 digits however written.
@@ -124,10 +135,28 @@ def _phone_number(match: re.Match[str]) -> str:
     return ", ".join(" ".join(group) for group in groups)
 
 
+def _digit_groups(match: re.Match[str]) -> str:
+    """A phone number digit by digit, a pause between its groups."""
+    number = match.group()
+    groups = re.findall(r"\d+", number)
+    if number.startswith("+") and len("".join(groups)) not in _PHONE_DIGITS:
+        return number
+    read = ", ".join(" ".join(group) for group in groups)
+    return f"plus {read}" if number.startswith("+") else read
+
+
+def _spaced_phone(match: re.Match[str]) -> str:
+    before = match.string[max(0, match.start() - PHONE_CONTEXT_CHARS) : match.start()]
+    return _digit_groups(match) if _PHONE_CONTEXT.search(before) else match.group()
+
+
 def speakable(text: str) -> str:
     """``text`` as the voice should read it: phone numbers and long digit
     runs digit by digit, amounts (separators, a currency sign, decimals) as
     amounts unless they run past the trillions."""
+    text = _INTERNATIONAL_PHONE.sub(_digit_groups, text)
+    text = _DOTTED_PHONE.sub(_digit_groups, text)
+    text = _SPACED_PHONE.sub(_spaced_phone, text)
     text = _PHONE_NUMBER.sub(_phone_number, text)
     return _LONG_DIGIT_RUN.sub(_digit_run, _GROUPED_NUMBER.sub(_grouped, text))
 

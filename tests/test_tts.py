@@ -308,6 +308,15 @@ async def test_a_long_number_is_read_digit_by_digit():
         "Call 4 1 5, 5 5 5, 0 1 0 0 or 1, 8 0 0, 5 5 5, 0 1 0 0."
     )
     assert speakable("Open 9-5, 2023-2024, order ABC-555-1234.") == "Open 9-5, 2023-2024, order ABC-555-1234."
+    # Dots, a plus sign, or spaces after a phone word: a phone number too
+    # (each went to the voice as amounts: "four hundred fifteen point...").
+    assert speakable("Call 415.555.0100 now.") == "Call 4 1 5, 5 5 5, 0 1 0 0 now."
+    assert speakable("Dial +44 20 7946 0958.") == "Dial plus 4 4, 2 0, 7 9 4 6, 0 9 5 8."
+    assert speakable("Call us at 415 555 0100.") == "Call us at 4 1 5, 5 5 5, 0 1 0 0."
+    # Not phone numbers: a version, decimals, numbers with no phone word.
+    for kept in ("Update to 1.2.3 today.", "It is 3.14 or 2.71.", "We had 100 200 3000 visitors.", "Score +5 now.",
+                 "That is +12.50 dollars.", "Up +12 50 points."):  # fmt: skip
+        assert speakable(kept) == kept, speakable(kept)
     grouped = ",".join(["123"] * 13)
     assert speakable(f"Ref {grouped}.") == "Ref " + " ".join("123" * 13) + "."
     tts = shared_tts()
