@@ -315,6 +315,11 @@ class RemoteEngine(LLMEngine):
     def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         return self._stream(request)
 
+    @property
+    def scores_sentence_end(self) -> bool:
+        """Not yet known unable to score sentence ends (see below)."""
+        return self._scores_sentence_end
+
     async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
         """Asked of firstline's own engine server (llm/openai_server.py); any
         other server has no such route and is remembered as unable."""
@@ -348,8 +353,12 @@ class RemoteEngine(LLMEngine):
         behind vllm-router the next try lands on a live replica."""
         for attempt in range(2):  # once more at most: a cut that repeats is the request's
             try:
-                async for delta in self._stream_once(request):
-                    yield delta
+                # aclosing: a consumer that stops here (a barge-in) closes the
+                # HTTP stream now, which aborts the generation in the server,
+                # not whenever the loop finalizes the generator.
+                async with contextlib.aclosing(self._stream_once(request)) as stream:
+                    async for delta in stream:
+                        yield delta
                 return
             except CutBeforeText as exc:
                 if not self.retry_before_text or attempt:
@@ -472,6 +481,14 @@ class RemoteEngine(LLMEngine):
         try:
             async with asyncio.timeout_at(deadline):
                 response = await self._client().post(url, json=body, headers=self._headers(request))
+        except aiohttp.ConnectionTimeoutError as exc:
+            # A host that drops packets (off, a firewall). Caught before
+            # TimeoutError, which it also is: read as the first-token deadline,
+            # it left the server "up", and every turn waited and failed.
+            self._mark_down()
+            raise EngineUnavailable(
+                f"cannot connect to LLM server {self.root} within {self.connect_timeout_s:g} s"
+            ) from exc
         except TimeoutError:
             limit = self.first_token_timeout_s
             raise EngineError(f"LLM server {self.root} did not answer within {limit} s") from None
@@ -716,15 +733,18 @@ class RemotePool(LLMEngine):
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
-            for replica in self.replicas:
-                was = replica.healthy
-                ok = await replica.check_health()
+            # All at once: one after another, a replica whose host drops
+            # packets (up to ~6 s a check) kept a recovered one out that long.
+            was = [replica.healthy for replica in self.replicas]
+            results = await asyncio.gather(*(r.check_health() for r in self.replicas), return_exceptions=True)
+            for replica, was_up, result in zip(self.replicas, was, results, strict=True):
+                ok = result is True
                 if ok and replica.model is None:
                     try:
                         replica.model = await replica._resolve_model()
                     except Exception as exc:  # whatever a replica answers, the loop goes on for the others
                         log.warning("replica %s: model not resolved (%s)", replica.base_url, type(exc).__name__)
-                if ok != was:
+                if ok != was_up:
                     log.warning("replica %s is %s", replica.base_url, "back" if ok else "down")
 
     def pinned(self, key: str) -> RemoteEngine | None:
@@ -754,18 +774,26 @@ class RemotePool(LLMEngine):
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         key = session_key_of(request)
         errors: list[str] = []
-        for attempt, index in enumerate(self.order(key)):
+        order = self.order(key)
+        healthy = [i for i in order if self.replicas[i].healthy]
+        if healthy:
+            # After the healthy ones, one replica marked down as a last resort
+            # (health may lag behind a recovery), not every one: each dead one
+            # cost the turn its connect timeout more.
+            order = healthy + [i for i in order if i not in healthy][:1]
+        for attempt, index in enumerate(order):
             replica = self.replicas[index]
             if attempt:
                 self.failovers += 1
                 request.usage = Usage()
             started = False
             try:
-                async for delta in replica.stream(request):
-                    if not started:
-                        started = True
-                        self._pin(key, index)
-                    yield delta
+                async with contextlib.aclosing(replica.stream(request)) as stream:  # see RemoteEngine._stream
+                    async for delta in stream:
+                        if not started:
+                            started = True
+                            self._pin(key, index)
+                        yield delta
                 self._pin(key, index)
                 return
             except RequestRefused:
@@ -784,7 +812,15 @@ class RemotePool(LLMEngine):
         # The call's own replica (its prefix cache holds this prompt); no
         # failover: a probe that fails only costs the pause its LLM input.
         index = self.order(session_key or "")[0]
-        return await self.replicas[index].sentence_end_probability(messages, session_key)
+        try:
+            return await self.replicas[index].sentence_end_probability(messages, session_key)
+        except SentenceEndUnsupported:
+            if not any(r.scores_sentence_end for r in self.replicas):
+                raise
+            # One replica that cannot (another server, mid rolling upgrade):
+            # unsupported would switch the probe off for every call of this
+            # process for good; this pause goes without it.
+            raise EngineError(f"LLM replica {self.replicas[index].root} cannot score where a sentence ends") from None
 
     def end_session(self, session_key: str) -> None:
         index = self._pins.pop(session_key, None)

@@ -376,9 +376,12 @@ class SupervisedEngine(LLMEngine):
         if self.primary_up and remote is not None:
             started = False
             try:
-                async for delta in remote.stream(request):
-                    started = True
-                    yield delta
+                # aclosing: a barge-in closes the stream (and the child's
+                # generation) now, not when the generator is finalized.
+                async with contextlib.aclosing(remote.stream(request)) as stream:
+                    async for delta in stream:
+                        started = True
+                        yield delta
                 return
             except EngineError as exc:
                 if exc.refused:
@@ -392,8 +395,9 @@ class SupervisedEngine(LLMEngine):
             raise EngineUnavailable(f"the {self.config.engine} engine process is restarting (no secondary configured)")
         assert self.secondary is not None
         self.secondary_requests += 1
-        async for delta in self.secondary.stream(request):
-            yield delta
+        async with contextlib.aclosing(self.secondary.stream(request)) as stream:
+            async for delta in stream:
+                yield delta
 
     async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
         remote = self._remote

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import socket
 import time
 
 import aiohttp
@@ -155,6 +157,35 @@ async def test_unreachable_server_is_a_clear_engine_error():
     with pytest.raises(EngineUnavailable, match="cannot connect"):
         await engine.start()  # resolving the model fails the same way
     await engine.close()
+
+
+async def test_a_server_whose_host_drops_the_connect_is_marked_down():
+    """A host that drops packets (powered off, a firewall): the connect times
+    out, and aiohttp's ConnectionTimeoutError is also a TimeoutError. It was
+    read as the first-token deadline: the lone engine stayed available,
+    /readyz said ready, and every turn waited and failed. (A listener whose
+    accept queue is full drops new connection attempts, as such a host does.)"""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    engine = RemoteEngine(f"http://127.0.0.1:{port}", model="m", connect_timeout_s=0.5)
+    engine.healthy = True  # it answered before its host went away
+    try:
+        with pytest.raises(EngineUnavailable, match=r"cannot connect to LLM server .* within 0\.5 s"):
+            await _collect(engine, GenerationRequest("x", _messages("hi")))
+        assert not engine.available
+    finally:
+        await engine.close()
+        for sock in [*fillers, listener]:
+            sock.close()
 
 
 async def test_http_error_is_a_clear_engine_error(replicas):
@@ -327,9 +358,10 @@ class Upstream:
     one does these on purpose): ``chat`` answers /v1/chat/completions;
     /health answers 200; ``calls`` counts the chat requests."""
 
-    def __init__(self, chat, models=None) -> None:
+    def __init__(self, chat, models=None, posts=None) -> None:
         self.chat = chat
         self.models = models  # answers /v1/models when given
+        self.posts = posts or {}  # other POST routes: path -> handler
         self.calls = 0
         self.runner = None
         self.url = ""
@@ -349,6 +381,8 @@ class Upstream:
         app.router.add_get("/health", health)
         if self.models is not None:
             app.router.add_get("/v1/models", self.models)
+        for path, handler in self.posts.items():
+            app.router.add_post(path, handler)
         self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # stalled handlers are cut at cleanup
         await self.runner.setup()
         port = free_port()
@@ -422,6 +456,71 @@ async def test_a_misbehaving_upstream_fails_the_turn_in_time(chat, error):
             await asyncio.wait_for(_collect(engine, request), 5)
         assert re.search(error, f"{failed.value}: {failed.value.detail}"), (str(failed.value), failed.value.detail)
         await engine.close()
+
+
+async def test_one_replica_that_cannot_score_sentence_ends_does_not_turn_the_probe_off():
+    """A pool where one replica has no sentence-end route (another server, a
+    rolling upgrade): a call pinned there gets an engine error for that
+    pause, not "unsupported", which switched the LLM end-of-turn input off
+    for every call of the process until a restart. Only when no replica can
+    score is it unsupported."""
+    from aiohttp import web
+
+    from llm.base import SentenceEndUnsupported
+    from llm.openai_server import SENTENCE_END_PATH
+
+    async def scores(_request):
+        return web.json_response({"probability": 0.7})
+
+    async def unused(_request):
+        return web.Response(status=500)
+
+    messages = _messages("I would like to")
+    async with Upstream(unused, posts={SENTENCE_END_PATH: scores}) as able, Upstream(unused) as unable:
+        pool = RemotePool([RemoteEngine(u.url, model="m", system_prompt=None) for u in (able, unable)])
+        keys = [f"call-{i}" for i in range(64)]
+        on_able = next(k for k in keys if pool.order(k)[0] == 0)
+        on_unable = next(k for k in keys if pool.order(k)[0] == 1)
+        for _ in range(2):  # the second time the replica is known unable
+            with pytest.raises(EngineError) as failed:
+                await pool.sentence_end_probability(messages, on_unable)
+            assert not isinstance(failed.value, SentenceEndUnsupported)
+        assert await pool.sentence_end_probability(messages, on_able) == 0.7
+        await pool.close()
+    async with Upstream(unused) as one, Upstream(unused) as two:
+        pool = RemotePool([RemoteEngine(u.url, model="m", system_prompt=None) for u in (one, two)])
+        for key in keys[:8]:  # each replica asked once: both known unable
+            with contextlib.suppress(EngineError):
+                await pool.sentence_end_probability(messages, key)
+        assert not any(r.scores_sentence_end for r in pool.replicas)
+        with pytest.raises(SentenceEndUnsupported):
+            await pool.sentence_end_probability(messages, keys[0])
+        await pool.close()
+
+
+async def test_a_pool_tries_one_replica_marked_down_after_the_healthy_ones_not_all():
+    """The healthy replica fails a turn: one replica marked down is tried as a
+    last resort (health may lag behind a recovery), not every one of them:
+    each dead one cost the turn its connect timeout more, so a pool with
+    several down replicas took seconds per turn to say it failed."""
+    from aiohttp import web
+
+    async def restarting(_request):
+        return web.Response(status=503, text="restarting")
+
+    async with Upstream(restarting) as up, Upstream(restarting) as down1, Upstream(restarting) as down2:
+        upstreams = (up, down1, down2)
+        engines = [RemoteEngine(u.url, model="m", system_prompt=None, health_interval_s=None) for u in upstreams]
+        pool = RemotePool(engines, health_interval_s=3600)
+        engines[0].healthy = True
+        with pytest.raises(EngineUnavailable, match="no LLM replica could serve"):
+            await _collect(pool, GenerationRequest("x", _messages("hi"), session_key="call-1"))
+        assert up.calls == 1 and down1.calls + down2.calls == 1, (up.calls, down1.calls, down2.calls)
+        # With none up, every one is a last resort.
+        with pytest.raises(EngineUnavailable):
+            await _collect(pool, GenerationRequest("y", _messages("hi"), session_key="call-2"))
+        assert up.calls + down1.calls + down2.calls == 2 + 3
+        await pool.close()
 
 
 async def test_a_lone_engine_that_failed_once_is_available_again():
