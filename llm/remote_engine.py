@@ -84,6 +84,11 @@ class CutBeforeText(FailedBeforeText):
     headers first): nothing was said, so it may be sent again."""
 
 
+class ConnectTimedOut(EngineUnavailable):
+    """The connection was not even set up within the connect timeout (a host
+    that drops packets): down, and not worth waiting for again this turn."""
+
+
 class Overloaded(FailedBeforeText):
     """HTTP 429: the server is up but turned this request away; another
     replica may take it, and this one is not marked down."""
@@ -273,6 +278,10 @@ class RemoteEngine(LLMEngine):
                 return r.status, json.loads(await _read_at_most(r, MAX_JSON_BYTES, url))
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnavailable(f"cannot connect to LLM server {self.root}: {exc}") from exc
+        except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError, which it also is
+            raise EngineUnavailable(
+                f"cannot connect to LLM server {self.root} within {self.connect_timeout_s:g} s"
+            ) from exc
         except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError, HttpProcessingError) as exc:
             # The text of a parse error may quote the answer: its type only.
             raise EngineError(f"LLM server {url}: {type(exc).__name__}") from exc
@@ -467,7 +476,10 @@ class RemoteEngine(LLMEngine):
             try:
                 return await self._post_once(url, body, request, deadline)
             except EngineError as exc:
-                retryable = isinstance(exc, (EngineUnavailable, FailedBeforeText))
+                # Not a connect that timed out: the host is not answering at
+                # all, and a second wait only doubled the turn's.
+                retryable = isinstance(exc, EngineUnavailable | FailedBeforeText)
+                retryable = retryable and not isinstance(exc, ConnectTimedOut)
                 if not (self.retry_before_text and retryable) or loop.time() + backoff >= give_up:
                     raise
                 log.debug("LLM server %s: %s; retrying in %.1f s", self.root, exc, backoff)
@@ -486,7 +498,7 @@ class RemoteEngine(LLMEngine):
             # TimeoutError, which it also is: read as the first-token deadline,
             # it left the server "up", and every turn waited and failed.
             self._mark_down()
-            raise EngineUnavailable(
+            raise ConnectTimedOut(
                 f"cannot connect to LLM server {self.root} within {self.connect_timeout_s:g} s"
             ) from exc
         except TimeoutError:
@@ -738,6 +750,8 @@ class RemotePool(LLMEngine):
             was = [replica.healthy for replica in self.replicas]
             results = await asyncio.gather(*(r.check_health() for r in self.replicas), return_exceptions=True)
             for replica, was_up, result in zip(self.replicas, was, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning("replica %s: health check failed (%s)", replica.base_url, type(result).__name__)
                 ok = result is True
                 if ok and replica.model is None:
                     try:
@@ -779,8 +793,14 @@ class RemotePool(LLMEngine):
         if healthy:
             # After the healthy ones, one replica marked down as a last resort
             # (health may lag behind a recovery), not every one: each dead one
-            # cost the turn its connect timeout more.
-            order = healthy + [i for i in order if i not in healthy][:1]
+            # cost the turn its connect timeout more. The call's own first:
+            # its prompt is in that one's cache.
+            down = [i for i in order if i not in healthy]
+            pinned = self._pins.get(key)
+            if pinned in down:
+                down.remove(pinned)
+                down.insert(0, pinned)
+            order = healthy + down[:1]
         for attempt, index in enumerate(order):
             replica = self.replicas[index]
             if attempt:

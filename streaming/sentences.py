@@ -37,6 +37,7 @@ _CLOSERS = frozenset("\"'”’»)]}」』）】〕*_`")
 # is best." (each dropped the end: the first sentence waited for the next).
 _OPENERS = frozenset("\"'“‘«([{「『（【¿¡*_`-–—#•")
 _SPACED_OPENERS = frozenset("-–—•")
+_SIGN_OPENERS = frozenset("-#")
 _CURRENCY = frozenset("$€£¥")
 
 # A "word." that never ends a sentence: titles precede a name, Latin
@@ -336,7 +337,8 @@ class SentenceSegmenter:
         self._cand_dotless = ch != "."  # "?", "!", "…" (or a run of them)
         # The terminator is part of the current word, which started earlier.
         token = self._text(self._word_start, pos) if self._in_word else ""
-        self._cand_token = token.lstrip("".join(_OPENERS))
+        # Not the dash or number sign: "-1." is a number, not a list's "1.".
+        self._cand_token = token.lstrip("".join(_OPENERS - _SIGN_OPENERS))
         is_first_word = len(self._word_starts) == 1
         # After a colon only "1." opens a list ("Steps: 1. Open the app"):
         # "Your total is: 15. Anything else?" ends at the number. Read
@@ -460,7 +462,8 @@ class SentenceSegmenter:
         key = self._cand_token.lower()
         parts = key.split(".")
         dotted = len(parts) > 1 and all(len(p) == 1 and p.isalpha() for p in parts)
-        return key in _MAY_END_ABBREVIATIONS or dotted
+        # Not "e.g." or "i.e.": they introduce what follows.
+        return key in _MAY_END_ABBREVIATIONS or (dotted and key not in _ABBREVIATIONS)
 
     def _cand_is_initial(self) -> bool:
         """A lone capital that a label word names ("option A."): it may end

@@ -67,7 +67,10 @@ _PHONE_NUMBER = re.compile(r"(?<![\w-])(?:1-)?(?:\(\d{3}\) ?|\d{3}-)?\d{3}-\d{4}
 # an international number ("+44 20 7946 0958", "+1 (415) 555-0100"): read
 # as they are, "four hundred fifteen point five..." or a string of amounts.
 _DOTTED_PHONE = re.compile(r"(?<![\w.])(?:1\.)?\d{3}\.\d{3}\.\d{4}(?!\w|\.\d)")
-_INTERNATIONAL_PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}(?![\w-])")
+_INTERNATIONAL_PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]\(?\d{1,8}\)?){1,5}(?![\w-])")
+# A North American number (+1) has ten digits after the 1: a number after
+# them is not part of it ("+1 800 555 0100 24/7").
+NANP_DIGITS = 10
 # E.164: a country code and the number, at most 15 digits; fewer than 8 is
 # no phone number ("+12 50").
 _PHONE_DIGITS = range(8, 16)
@@ -137,11 +140,20 @@ def _phone_number(match: re.Match[str]) -> str:
 
 def _digit_groups(match: re.Match[str]) -> str:
     """A phone number digit by digit, a pause between its groups."""
-    number = match.group()
-    groups = re.findall(r"\d+", number)
+    number, rest = match.group(), ""
+    spans = list(re.finditer(r"\d+", number))
+    if number.startswith("+") and spans[0].group() == "1":
+        count = 0
+        for at, span in enumerate(spans[1:], start=1):
+            count += len(span.group())
+            if count >= NANP_DIGITS:
+                number, rest = number[: span.end()], number[span.end() :]
+                spans = spans[: at + 1]
+                break
+    groups = [span.group() for span in spans]
     if number.startswith("+") and len("".join(groups)) not in _PHONE_DIGITS:
-        return number
-    read = ", ".join(" ".join(group) for group in groups)
+        return match.group()
+    read = ", ".join(" ".join(group) for group in groups) + rest
     return f"plus {read}" if number.startswith("+") else read
 
 

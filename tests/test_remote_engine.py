@@ -176,12 +176,14 @@ async def test_a_server_whose_host_drops_the_connect_is_marked_down():
         with contextlib.suppress(BlockingIOError):
             filler.connect(("127.0.0.1", port))
         fillers.append(filler)
-    engine = RemoteEngine(f"http://127.0.0.1:{port}", model="m", connect_timeout_s=0.5)
+    # retry_before_text as for one URL behind a router: a connect that timed
+    # out is not tried again (it doubled the turn's wait for nothing).
+    engine = RemoteEngine(f"http://127.0.0.1:{port}", model="m", connect_timeout_s=0.5, retry_before_text=True)
     engine.healthy = True  # it answered before its host went away
     try:
         with pytest.raises(EngineUnavailable, match=r"cannot connect to LLM server .* within 0\.5 s"):
             await _collect(engine, GenerationRequest("x", _messages("hi")))
-        assert not engine.available
+        assert not engine.available and engine.retries == 0
     finally:
         await engine.close()
         for sock in [*fillers, listener]:

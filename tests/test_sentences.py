@@ -405,6 +405,8 @@ CASES = [
     pytest.param("Done. - Next item here.", ["Done.", "- Next item here."], {}, id="dash-opens"),
     pytest.param("Okay. — Let me check.", ["Okay.", "— Let me check."], {}, id="em-dash-opens"),
     pytest.param("Sure. #1 is best.", ["Sure.", "#1 is best."], {}, id="number-sign-opens"),
+    pytest.param("Take one, e.g. The red one. Okay.", ["Take one, e.g. The red one.", "Okay."], {}, id="e-g-goes-on"),
+    pytest.param("Reply: -1. Does that work?", ["Reply: -1.", "Does that work?"], {}, id="negative-number-ends"),
 ]
 
 

@@ -313,6 +313,8 @@ async def test_a_long_number_is_read_digit_by_digit():
     assert speakable("Call 415.555.0100 now.") == "Call 4 1 5, 5 5 5, 0 1 0 0 now."
     assert speakable("Dial +44 20 7946 0958.") == "Dial plus 4 4, 2 0, 7 9 4 6, 0 9 5 8."
     assert speakable("Call us at 415 555 0100.") == "Call us at 4 1 5, 5 5 5, 0 1 0 0."
+    assert speakable("Call +1 800 555 0100 24 hours a day.") == "Call plus 1, 8 0 0, 5 5 5, 0 1 0 0 24 hours a day."
+    assert speakable("Dial +49 30 12345678.") == "Dial plus 4 9, 3 0, 1 2 3 4 5 6 7 8."
     # Not phone numbers: a version, decimals, numbers with no phone word.
     for kept in ("Update to 1.2.3 today.", "It is 3.14 or 2.71.", "We had 100 200 3000 visitors.", "Score +5 now.",
                  "That is +12.50 dollars.", "Up +12 50 points."):  # fmt: skip
