@@ -211,6 +211,12 @@ class LLMEngine(abc.ABC):
     async def close(self) -> None:
         """Release the engine (threads, processes, memory)."""
 
+    def lingering_requests(self) -> int:
+        """Requests whose caller has gone (a barge-in, a timed-out probe) that
+        still hold the engine's compute: llama.cpp finishes a prompt pass it
+        began. The base engine stops a request when its caller goes: 0."""
+        return 0
+
     def describe(self) -> dict[str, object]:
         """Model, device and speculation settings, for logs and benchmarks."""
         return {"engine": self.name}

@@ -44,6 +44,43 @@ _SPECULATION_TYPES = {
 _DONE = object()
 
 
+class _ThreadWork:
+    """One request's work on a llama.cpp thread, counted as lingering once its
+    caller has gone while the thread still runs it (llama.cpp looks at the
+    cancel only between chunks, so a prompt pass it began runs to its end).
+    A copy so busy is not idle to llm/replicas.py's balancer."""
+
+    def __init__(self, engine: LlamaCppEngine, cancelled: threading.Event | None = None) -> None:
+        self.engine = engine
+        self.cancelled = cancelled
+        self.started = self.done = self.left = False
+
+    def begin(self) -> bool:
+        """In the thread: False if the caller left before it started."""
+        with self.engine._work_lock:
+            if self.cancelled is not None and self.cancelled.is_set():
+                return False
+            self.started = True
+            return True
+
+    def end(self) -> None:
+        """In the thread, however the call into llama.cpp ended."""
+        with self.engine._work_lock:
+            self.done = True
+            if self.left:
+                self.engine._lingering -= 1
+
+    def leave(self) -> None:
+        """On the loop: the caller has gone (the cancel is set here, under the
+        same lock as begin's check, so no start slips between the two)."""
+        with self.engine._work_lock:
+            if self.cancelled is not None:
+                self.cancelled.set()
+            if self.started and not self.done and not self.left:
+                self.left = True
+                self.engine._lingering += 1
+
+
 def resolve_gguf(model: str | None, embedded_quant: str | None = None) -> Path:
     """The GGUF to load: ``model``, or the embedded one (requantized to
     ``embedded_quant`` once, cached: llm/models.py)."""
@@ -77,6 +114,11 @@ class LlamaCppEngine(LLMEngine):
             initargs=("llamacpp",),
         )
         self.startup_s: float | None = None
+        self._work_lock = threading.Lock()
+        self._lingering = 0  # _ThreadWork
+
+    def lingering_requests(self) -> int:
+        return self._lingering
 
     def _params(self) -> Any:
         import xllamacpp
@@ -181,12 +223,17 @@ class LlamaCppEngine(LLMEngine):
             loop.call_soon_threadsafe(queue.put_nowait, chunk)
             return cancelled.is_set()
 
+        work = _ThreadWork(self, cancelled)
+
         def run() -> None:
             try:
                 # Cancelled while queued for a slot's thread (a preemptive
                 # turn the caller talked over): no prefill at all.
-                if not cancelled.is_set():
-                    self._server.handle_chat_completions(body, on_chunk)
+                if work.begin():
+                    try:
+                        self._server.handle_chat_completions(body, on_chunk)
+                    finally:
+                        work.end()
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
@@ -204,7 +251,7 @@ class LlamaCppEngine(LLMEngine):
             # Barge-in / hang-up: the next callback returns True, which makes
             # llama.cpp drop the request and free its slot; one still queued
             # for the pool never starts.
-            cancelled.set()
+            work.leave()
             future.cancel()
 
     @staticmethod
@@ -248,12 +295,20 @@ class LlamaCppEngine(LLMEngine):
         prompt = open_prompt(template.render, messages)
         body = {"prompt": prompt, "n_predict": 1, "n_probs": TOP_TOKENS, "temperature": 0, "cache_prompt": True}
 
-        def run() -> Any:
-            return self._server.handle_completions(body)
+        work = _ThreadWork(self)
 
-        result = await self.answer_within_limits(
-            asyncio.get_running_loop().run_in_executor(self._pool, run), self._probed, "llama.cpp sentence-end probe"
-        )
+        def run() -> Any:
+            work.begin()
+            try:
+                return self._server.handle_completions(body)
+            finally:
+                work.end()
+
+        answer = asyncio.get_running_loop().run_in_executor(self._pool, run)
+        try:
+            result = await self.answer_within_limits(answer, self._probed, "llama.cpp sentence-end probe")
+        finally:
+            work.leave()  # timed out or cancelled: the thread runs the probe to its end
         if not isinstance(result, dict) or "error" in result:
             raise EngineError(f"llama.cpp: {result.get('error') if isinstance(result, dict) else result!r:.200}")
         self._probed = True

@@ -57,11 +57,15 @@ class ReplicaSet(LLMEngine):
     def pick(self, key: str | None) -> int:
         """The copy a request of call ``key`` goes to (see the module doc)."""
         home = self._homes.get(key) if key else None
-        fewest = min(self.active)
-        if home is not None and self.active[home] <= fewest + self.home_slack:
+        # With the work a copy still runs for callers gone (a prompt pass a
+        # barge-in cancelled): counted idle, it got the next turn, which
+        # waited behind it.
+        load = [n + copy.lingering_requests() for n, copy in zip(self.active, self.copies, strict=True)]
+        fewest = min(load)
+        if home is not None and load[home] <= fewest + self.home_slack:
             index = home
         else:
-            idle = [i for i, n in enumerate(self.active) if n == fewest]
+            idle = [i for i, n in enumerate(load) if n == fewest]
             index = idle[next(self._next) % len(idle)]
         self.served[index] += 1
         if key:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -141,3 +142,38 @@ def test_a_request_without_a_call_id_is_routed_by_a_digest() -> None:
     assert len(key) <= 64 and long[:20] not in key
     assert key == session_key_of(_request(None, long)) != session_key_of(_request(None, "Hello?"))
     assert session_key_of(_request("call-a", long)) == "call-a"
+
+
+async def test_a_copy_still_running_a_cancelled_prompt_pass_is_not_picked_as_idle() -> None:
+    """A barge-in cancels a reply during its prompt pass: llama.cpp runs the
+    pass to its end (it looks at the cancel only between chunks), so the
+    copy is busy for a while after the reply's caller has gone. It counted
+    as idle, and the next call's turn was sent there to wait behind it."""
+    engine = build_local_engine(LLMConfig(isolation="inprocess", parallel=1, threads=1, replicas=2))
+    assert isinstance(engine, ReplicaSet)
+    await engine.start()
+    try:
+        # A long prompt no slot has cached: a prompt pass of a good part of a second.
+        words = " ".join(f"item{n} costs {n * 7 % 97} dollars" for n in range(200))
+        request = _request("call-a", f"Here is my order: {words}. What is the total?", max_tokens=8)
+        reply = asyncio.ensure_future(_say(engine, request))
+        async with asyncio.timeout(30):
+            while not any(engine.active):  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)  # inside the prompt pass
+        assert not reply.done()
+        reply.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reply
+        home = engine._homes["call-a"]
+        assert engine.active == [0, 0]
+        lingering = engine.copies[home].lingering_requests()
+        assert lingering == 1, "the prompt pass ended before the check: make the prompt longer"
+        # Not the copy still working, for any call (counted idle, every
+        # other call went there in turn).
+        assert [engine.pick(f"call-{n}") for n in "bcde"] == [1 - home] * 4
+        async with asyncio.timeout(30):
+            while engine.copies[home].lingering_requests():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        await engine.close()
