@@ -144,7 +144,7 @@ class SamplingParams:
             raise SamplingError("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(stop)}")
         for s in stop:
             if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
-                message = f"each 'stop' entry must be a string of 1..{MAX_STOP_CHARS} characters, got {_shown(s)}"
+                message = f"each 'stop' entry must be a string of 1..{MAX_STOP_CHARS} characters, got {shown_value(s)}"
                 raise SamplingError("stop", message)
 
     # -- building ---------------------------------------------------------
@@ -347,7 +347,7 @@ def _range(low: float, high: float | None, low_open: bool) -> str:
     return f"in {'(' if low_open else '['}{fmt(low)}, {fmt(high)}]"
 
 
-def _shown(value: object) -> str:
+def shown_value(value: object) -> str:
     """A wrong value as an error repeats it: a string cut short, any other
     kind by its type (the repr of a list nested 900 deep recursed past
     Python's limit, and ended the call as an internal error)."""
@@ -363,7 +363,7 @@ def _number(obj: SamplingParams, name: str, low: float, high: float, low_open: b
     value = getattr(obj, name)
     where = f"{_range(low, high, low_open)}" + (f" ({hint})" if hint else "")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SamplingError(name, f"'{name}' must be a number {where}, got {_shown(value)}")
+        raise SamplingError(name, f"'{name}' must be a number {where}, got {shown_value(value)}")
     try:
         finite = math.isfinite(value)
     except OverflowError:  # an integer too large for a float (JSON allows 10**400)
@@ -380,7 +380,7 @@ def _integer(obj: SamplingParams, name: str, low: int, high: int | None, hint: s
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SamplingError(name, f"'{name}' must be an integer {where}, got {_shown(value)}")
+        raise SamplingError(name, f"'{name}' must be an integer {where}, got {shown_value(value)}")
     if value < low or (high is not None and value > high):
         raise SamplingError(name, f"'{name}' must be an integer {where}, got {value}")
     object.__setattr__(obj, name, value)

@@ -128,6 +128,11 @@ def _looks_like_a_range(text: str, match: re.Match[str], low: str, high: str) ->
     return high.endswith("00") and int(high) > int(low)
 
 
+def _read_groups(groups: list[str]) -> str:
+    """Digit by digit, a pause between the groups, as on the phone."""
+    return ", ".join(" ".join(group) for group in groups)
+
+
 def _phone_number(match: re.Match[str]) -> str:
     text, number = match.string, match.group()
     groups = re.findall(r"\d+", number)
@@ -135,7 +140,7 @@ def _phone_number(match: re.Match[str]) -> str:
         return number  # money, whatever its shape
     if len(groups) == 2 and _looks_like_a_range(text, match, groups[0], groups[1]):
         return number
-    return ", ".join(" ".join(group) for group in groups)
+    return _read_groups(groups)
 
 
 def _digit_groups(match: re.Match[str]) -> str:
@@ -153,7 +158,7 @@ def _digit_groups(match: re.Match[str]) -> str:
     groups = [span.group() for span in spans]
     if number.startswith("+") and len("".join(groups)) not in _PHONE_DIGITS:
         return match.group()
-    read = ", ".join(" ".join(group) for group in groups) + rest
+    read = _read_groups(groups) + rest
     return f"plus {read}" if number.startswith("+") else read
 
 

@@ -30,6 +30,7 @@ import json
 import logging
 from typing import Any
 
+from llm.sampling import shown_value
 from streaming.playout import OutFormat
 from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import MAX_TEXT_FRAME, WebSocketCall, b64encode
@@ -51,13 +52,6 @@ def _scalar(value: object) -> bool:
     return isinstance(value, int | str) and not isinstance(value, bool)
 
 
-def _shown(value: object) -> str:
-    """A refused value for the close reason: a number or a string cut short;
-    of anything else its type only (a repr of a value nested ~900 deep
-    raised RecursionError)."""
-    return repr(str(value)[:16]) if _scalar(value) else type(value).__name__
-
-
 def parse_metadata(text: str) -> tuple[int, dict[str, Any]]:
     """The metadata text -> (sample rate, the rest); refused if it does not
     say the rate."""
@@ -72,13 +66,13 @@ def parse_metadata(text: str) -> tuple[int, dict[str, Any]]:
     # not hashable: looked up as it is, it ended the call as a server error).
     rate = RATES.get(str(given).lower()) if _scalar(given) else None
     if rate is None:
-        raise UnsupportedMedia(f"metadata sample_rate {_shown(given)} is not 8000 or 16000")
+        raise UnsupportedMedia(f"metadata sample_rate {shown_value(given)} is not 8000 or 16000")
     channels = meta.get("channels", 1)
     if not _scalar(channels) or channels != 1:
         # "stereo" interleaves two channels, read here as one: garbage the
         # ASR would answer. ("mixed" is one channel with the agent's own
         # voice in it: the docs say to stream "mono".)
-        raise UnsupportedMedia(f"metadata channels {_shown(channels)}: stream the caller alone ('mono')")
+        raise UnsupportedMedia(f"metadata channels {shown_value(channels)}: stream the caller alone ('mono')")
     return rate, {k: v for k, v in meta.items() if k not in ("sample_rate", "channels")}
 
 
