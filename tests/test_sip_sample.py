@@ -53,12 +53,23 @@ pytestmark = [
 sys.path.insert(0, str(SAMPLE))
 import sipp  # noqa: E402  (samples/sip/sipp.py)
 
+# The bridges' RTP ports sit below Linux's ephemeral range (32768-60999), so a
+# free port picked for SIPp's media can never be one a bridge call is given:
+# a caller sending from a bridge port reads as a second reply stream.
+BRIDGE_RTP_BASE = 20000
+
+
+def bridge_rtp_port() -> int:
+    return BRIDGE_RTP_BASE + (os.getpid() % 500) * 20
+
 
 def free_udp_port(even: bool = False) -> int:
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((LOOPBACK, 0))
             port = s.getsockname()[1]
+        if BRIDGE_RTP_BASE <= port < BRIDGE_RTP_BASE + 500 * 20 + 400:
+            continue
         if not even or port % 2 == 0:
             return port
     raise RuntimeError("no free UDP port")
@@ -149,7 +160,7 @@ class BridgeProc:
 @pytest.fixture(scope="module")
 def bridge(server, tmp_path_factory):
     work = tmp_path_factory.mktemp("sipbridge")
-    sip_port, rtp_port = free_udp_port(), 41000 + (os.getpid() % 500) * 20
+    sip_port, rtp_port = free_udp_port(), bridge_rtp_port()
     log_path = work / "bridge.log"
     cmd = [
         sys.executable,
