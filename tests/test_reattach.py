@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import shutil
 import subprocess
@@ -780,8 +781,18 @@ async def check_ownership(store) -> None:
     assert await store.claim("native:T", "call-new", when_empty=False) is None
     assert await store.save("native:T", one, "call-old")
     assert await store.delete("twilio:CA9", "call-new") and await store.load("twilio:CA9") is None
-    # A lost writer whose key is gone may write again (an unowned key).
-    assert await store.save("twilio:CA9", one, "call-old")
+    # The hung-up call's fence stays: the connection it replaced cannot
+    # write the conversation back, nor claim it as a re-attach older than
+    # the last claim; a resume of it finds nothing.
+    assert not await store.save("twilio:CA9", one, "call-old")
+    assert not await store.claim_unless_claimed_since("twilio:CA9", "call-old", time.time() - 60)
+    assert await store.load("twilio:CA9") is None
+    assert await store.claim("twilio:CA9", "call-3", when_empty=False) is None
+    assert not await store.save("twilio:CA9", one, "call-old")
+    # A new stream of the same carrier call (no re-attach proof) may own it.
+    assert await store.own_if_free("twilio:CA9", "call-4")
+    assert not await store.save("twilio:CA9", one, "call-old")
+    assert await store.save("twilio:CA9", two, "call-4")
 
 
 async def test_memory_store_keeps_one_writer_per_call() -> None:
@@ -829,6 +840,33 @@ async def test_a_writer_whose_call_re_attached_elsewhere_stops() -> None:
     assert ended == ["x"] and (await store.load("native:T")).turn == 1
     await writer.forget()  # its hang-up leaves the new owner's conversation
     assert (await store.load("native:T")).turn == 1
+
+
+async def test_the_connection_a_re_attach_replaced_cannot_write_back_a_call_that_hung_up(redis_url) -> None:
+    """A client re-attached on replica B and hung up there (its conversation
+    deleted); a minute later replica A's half-open connection ends and
+    writes its last snapshot. That write put the hung-up conversation back
+    for the TTL (a resume with the token got it); now A is told it was
+    replaced, and nothing is stored."""
+    for store in (MemoryStore(), RedisStore(redis_url)):
+        key = f"native:{uuid.uuid4().hex}"
+        ended: list[str] = []
+        old = StateWriter(store, key, "call-a", min_interval_s=0, on_superseded=functools.partial(ended.append, "a"))
+        old.write(CallState("p", [{"role": "user", "content": "my card is 4111"}], "", 3))
+        await old.flush()
+        assert (await store.claim(key, "call-b", when_empty=False)).turn == 3
+        new = StateWriter(store, key, "call-b", min_interval_s=0)
+        new.write(CallState("p", [], "", 4))
+        await new.flush()
+        await new.forget()  # B's caller hung up
+        assert await store.load(key) is None
+        old.write(CallState("p", [{"role": "user", "content": "my card is 4111"}], "", 5))
+        await old.flush()
+        assert old.superseded and ended == ["a"]
+        assert await store.load(key) is None
+        assert await store.claim(key, "call-c", when_empty=False) is None  # a resume finds nothing
+        await old.forget()
+        await store.close()
 
 
 async def test_a_re_attach_the_store_did_not_answer_claims_at_its_first_write(redis_url) -> None:

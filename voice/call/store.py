@@ -64,6 +64,7 @@ _CLAIM_AS_OWNER = """
 local function claim_as_owner(owner)
   local now = redis.call('TIME')
   redis.call('HSET', KEYS[1], 'owner', owner, 'claimed_at', now[1] .. '.' .. string.format('%06d', now[2]))
+  redis.call('HDEL', KEYS[1], 'gone')
 end
 """
 CLAIM_SCRIPT = (
@@ -90,11 +91,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 )
-# ARGV: the owner, ttl. 1: the owner writes the key now.
+# ARGV: the owner, ttl. 1: the owner writes the key now. The fence of a
+# call that hung up (gone) is free: a new stream of the same carrier call
+# (a TwiML <Stream> after the first one stopped) starts as any new call.
 OWN_IF_FREE_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and owner ~= ARGV[1] then return 0 end
+if owner and owner ~= ARGV[1] and not redis.call('HGET', KEYS[1], 'gone') then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('HDEL', KEYS[1], 'gone')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -103,15 +107,28 @@ SAVE_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2])
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'owner', ARGV[1]) end
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'gone')
+end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-# ARGV: the owner.
+# ARGV: the owner, ttl. The owner's delete takes the state and keeps the
+# fence (owner, claimed_at) for the TTL, marked gone: without it the
+# connection a re-attach replaced (a half-open socket its idle guard ends
+# a minute later) wrote the hung-up conversation back as an unowned key,
+# and a re-attach older than the last claim took it.
 DELETE_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+redis.call('HDEL', KEYS[1], 'state')
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'gone', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 # A stored state larger than this is refused (a history is bounded by
@@ -221,7 +238,12 @@ class CallStore(Protocol):
         claimed ``key``. An empty owner writes only a key nobody owns."""
         ...
 
-    async def delete(self, key: str, owner: str = "") -> bool: ...
+    async def delete(self, key: str, owner: str = "") -> bool:
+        """Delete what is stored; False when another owner has claimed
+        ``key``. ``owner``'s fence stays for the TTL: the connection a
+        re-attach replaced still cannot write the hung-up call back, and
+        only a new stream of the call (``own_if_free``) or a claim takes it."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -243,6 +265,9 @@ class MemoryStore:
         self._owners: OrderedDict[str, tuple[float, str]] = OrderedDict()
         # key -> when it was last claimed (Unix seconds), kept while its owner is.
         self._claimed_at: dict[str, float] = {}
+        # Keys whose owner hung up (deleted): the fence holds against other
+        # writers, and a new stream of the call may own it (DELETE_SCRIPT).
+        self._gone: set[str] = set()
 
     def sweep(self) -> int:
         """Drop every state past its TTL (oldest first: each write moves its
@@ -285,12 +310,13 @@ class MemoryStore:
         return True
 
     async def own_if_free(self, key: str, owner: str) -> bool:
-        if self._owned_by_another(key, owner):
+        if self._owned_by_another(key, owner) and key not in self._gone:
             return False
         self._own(key, owner, time.monotonic() + self.ttl_s)
         return True
 
     def _own(self, key: str, owner: str, expires: float) -> None:
+        self._gone.discard(key)
         self._owners[key] = (expires, owner)
         self._owners.move_to_end(key)
         # Oldest first: drop the lapsed, and keep as many as states at most.
@@ -327,12 +353,17 @@ class MemoryStore:
         if self._owned_by_another(key, owner):
             return False
         self._drop(key)
-        self._drop_owner(key)
+        if not owner:
+            self._drop_owner(key)
+            return True
+        self._own(key, owner, time.monotonic() + self.ttl_s)  # the fence stays (DELETE_SCRIPT)
+        self._gone.add(key)
         return True
 
     def _drop_owner(self, key: str) -> None:
         self._owners.pop(key, None)
         self._claimed_at.pop(key, None)
+        self._gone.discard(key)
 
     def _drop(self, key: str) -> None:
         entry = self._states.pop(key, None)
@@ -343,6 +374,7 @@ class MemoryStore:
         self._states.clear()
         self._owners.clear()
         self._claimed_at.clear()
+        self._gone.clear()
         self.bytes = 0
 
     def describe(self) -> str:
@@ -404,7 +436,7 @@ class RedisStore:
         return bool(written)
 
     async def delete(self, key: str, owner: str = "") -> bool:
-        return bool(await self._bounded(self._delete(keys=[redis_key(key)], args=[owner])))
+        return bool(await self._bounded(self._delete(keys=[redis_key(key)], args=[owner, self._ttl()])))
 
     def _ttl(self) -> int:
         return max(1, int(self.ttl_s))
