@@ -60,6 +60,7 @@ from llm.sampling import (
     shown_name,
 )
 from streaming.addresses import is_loopback
+from streaming.open_files import raise_open_files_limit
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,12 @@ BODY_TIMEOUT_S = 30.0
 # hour. Above the client pools' idle times (aiohttp's 15 s, RemoteEngine's
 # 30 s), so a pooled connection is closed by its client first, not raced.
 KEEPALIVE_S = 75.0
+# Connections one address may hold open at once (--max-connections-per-peer):
+# twice the requests in progress a voice tier may send it, so a replica's
+# pool never meets it. Without one, a peer without the key held sockets by
+# the thousand (one request each 75 s keeps one) until accept() failed for
+# every client, the voice servers' included.
+MAX_CONNECTIONS_PER_PEER = 2 * MAX_REQUESTS
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
@@ -293,8 +300,13 @@ class OpenAIServer:
         max_requests: int = MAX_REQUESTS,
         stuck_after_s: float = 0.0,
         body_timeout_s: float = BODY_TIMEOUT_S,
+        max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
     ) -> None:
         self.engine = engine
+        self.max_connections_per_peer = max_connections_per_peer
+        self._open_by_peer: dict[str, int] = {}
+        self._peer_of: dict[Any, str] = {}
+        self.refused_connections = 0  # closed at accept: their address was at its cap
         self.body_timeout_s = body_timeout_s
         # An engine with work and no progress (no token, no answer) for this
         # long is stuck (a hung CUDA kernel, deadlocked slot threads) while
@@ -336,6 +348,7 @@ class OpenAIServer:
         if 0 < self.max_requests <= self._in_progress:
             response = _error(429, f"busy: {self.max_requests} requests in progress", "rate_limit_exceeded")
             response.headers["Retry-After"] = "1"
+            response.force_close()  # its body is unread
             return response
         self._in_progress += 1
         try:
@@ -351,7 +364,11 @@ class OpenAIServer:
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode("utf-8", "surrogateescape"), self.api_key.encode()
             ):
-                return _error(401, "missing or wrong API key", "authentication_error")
+                refused = _error(401, "missing or wrong API key", "authentication_error")
+                # Closed: a connection without the key holds nothing here
+                # (kept alive, one request a minute held its socket for good).
+                refused.force_close()
+                return refused
         return await handler(request)
 
     def app(self) -> web.Application:
@@ -472,11 +489,15 @@ class OpenAIServer:
             async with asyncio.timeout(self.body_timeout_s or None):
                 return await http.json(), None
         except TimeoutError:
-            return None, _error(408, f"the body did not arrive within {self.body_timeout_s:g} s")
+            late = _error(408, f"the body did not arrive within {self.body_timeout_s:g} s")
+            late.force_close()  # the rest of it may still come
+            return None, late
         except web.HTTPRequestEntityTooLarge:
             # aiohttp's own answer is plain text: an OpenAI client reads
             # error.message from JSON.
-            return None, _error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", param="messages")
+            large = _error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", param="messages")
+            large.force_close()
+            return None, large
         except (ValueError, UnicodeDecodeError) as exc:
             return None, _error(400, f"the body is not valid JSON: {exc}")
         except RecursionError:  # JSON nested ~1,000 deep: a bad request, not a 500 and a traceback
@@ -633,6 +654,7 @@ class OpenAIServer:
             self.app(), handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE_S
         )
         await self._runner.setup()
+        self._cap_connections(self._runner.server)
         site: web.BaseSite
         if sock is not None:
             site = web.SockSite(self._runner, sock)
@@ -644,6 +666,39 @@ class OpenAIServer:
         await self.engine.start()
         self.ready = True
         return bound
+
+    def _cap_connections(self, server: Any) -> None:
+        """Count each address's open connections from accept; past
+        ``max_connections_per_peer`` a new one is closed before a byte of it
+        is read. (aiohttp's Server is told of each connection first thing;
+        its own connection_made/lost still run.)"""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            count = self._open_by_peer.get(host, 0)
+            if 0 < self.max_connections_per_peer <= count:
+                self.refused_connections += 1
+                level = logging.WARNING if self.refused_connections == 1 else logging.DEBUG
+                log.log(level, "connection closed at accept: %d already open from one address", count)
+                transport.abort()
+                return
+            self._open_by_peer[host] = count + 1
+            self._peer_of[handler] = host
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            host = self._peer_of.pop(handler, None)
+            if host is not None:
+                left = self._open_by_peer[host] - 1
+                if left:
+                    self._open_by_peer[host] = left
+                else:
+                    del self._open_by_peer[host]
+            lost(handler, exc)
+
+        server.connection_made, server.connection_lost = connection_made, connection_lost
 
     async def close(self) -> None:
         self.ready = False
@@ -699,6 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-json", default=None, help="a whole LLMConfig as JSON (overrides the flags above)")
     p.add_argument(
         "--max-requests", type=int, default=MAX_REQUESTS, help="requests in progress at once, more get 429 (0: none)"
+    )
+    p.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=MAX_CONNECTIONS_PER_PEER,
+        help="connections one address may hold open, more are closed at accept (0: no cap)",
     )
     p.add_argument(
         "--listen-fd", type=int, default=None, help="serve on this inherited listening socket (the supervisor's)"
@@ -821,7 +882,9 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
         max_requests=max(0, args.max_requests),
         stuck_after_s=default_stuck_after_s(config) if args.stuck_after_s is None else args.stuck_after_s,
         body_timeout_s=max(0.0, args.body_timeout_s),
+        max_connections_per_peer=max(0, args.max_connections_per_peer),
     )
+    log.debug("open files limit: %d", raise_open_files_limit())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -107,7 +107,7 @@ def test_the_open_files_limit_is_raised_toward_what_a_server_needs() -> None:
     of 1,024 is what many systems start a process with."""
     import resource
 
-    from voice.server.cli import raise_open_files_limit
+    from streaming.open_files import raise_open_files_limit
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:

@@ -83,7 +83,7 @@ async def test_a_keyed_standalone_engine_server_answers_firstlines_remote_engine
     from tests.openai_servers import ServerProcess
 
     monkeypatch.setenv(ENGINE_KEY_ENV, "k-3f9a")  # the child inherits it (and pops it from its own env)
-    server = ServerProcess()
+    server = ServerProcess("--max-connections-per-peer", "6")
     monkeypatch.delenv(ENGINE_KEY_ENV)
     try:
         await server.wait_healthy()
@@ -96,8 +96,40 @@ async def test_a_keyed_standalone_engine_server_answers_firstlines_remote_engine
             assert "".join([delta async for delta in keyed.stream(request)]).strip()
             with pytest.raises(EngineError, match="answered HTTP 401"):  # asking for the model name first
                 _ = [delta async for delta in unkeyed.stream(request)]
+            await keyed.close()
+            await unkeyed.close()  # their pools' sockets: gone before the count below
+            await peer_without_the_key_holds_nothing(server.port)
+            again = RemoteEngine(server.url, api_key="k-3f9a")  # the cap let go of them: served
+            try:
+                assert "".join([delta async for delta in again.stream(request)]).strip()
+            finally:
+                await again.close()
         finally:
             await keyed.close()
             await unkeyed.close()
     finally:
         server.stop()
+
+
+async def peer_without_the_key_holds_nothing(port: int) -> None:
+    """A request without the key is answered 401 and its connection closed
+    (kept alive, one request a minute held a socket for good), and one
+    address's open connections are capped at accept: past the cap the next
+    is closed before a byte of it is read."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: engine\r\n\r\n")
+    async with asyncio.timeout(10):
+        answer = await reader.read()  # to EOF: the server closed it
+    assert answer.startswith(b"HTTP/1.1 401") and b"Connection: close" in answer, answer[:200]
+    writer.close()
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+    extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", port)
+    async with asyncio.timeout(10):
+        assert await extra_reader.read() == b""  # closed at accept
+    extra_writer.close()
+    for _, w in held:
+        w.close()
+        await w.wait_closed()
+    await asyncio.sleep(0.3)  # the server sees them go

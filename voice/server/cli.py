@@ -36,6 +36,7 @@ from llm.config import (
 from llm.remote_engine import REMOTE_KEY_ENV
 from llm.sampling import add_sampling_arguments, sampling_from_args
 from streaming.addresses import is_loopback
+from streaming.open_files import raise_open_files_limit
 from voice.call.reply_policy import ReplyPolicy
 from voice.call.store import STORE_SCHEMES
 from voice.server.admission import AdmissionConfig
@@ -915,30 +916,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     otel_env = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     config.tracing = bool(args.otel_endpoint or any(os.environ.get(name) for name in otel_env))
     return config
-
-
-# Descriptors the server asks for (up to the hard limit): each call, each
-# handshake under way and each HTTP request holds one, and the soft limit
-# is often 1,024, which many sources' connections could use up together.
-OPEN_FILES_WANTED = 65536
-
-
-def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
-    """Raise the soft RLIMIT_NOFILE toward ``wanted`` (never past the hard
-    limit, never down); the soft limit in force after."""
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return -1
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
-    return soft
 
 
 def main(argv: list[str] | None = None) -> int:
