@@ -278,3 +278,49 @@ async def test_twilio_an_asr_failure_is_said_not_silence(server, monkeypatch):
             heard = await asr_text(server, carrier.audio16k())
             assert word_error_rate(line, heard) <= 0.4, (line, heard)
             assert not call.finished
+
+
+async def test_twilio_one_long_media_message_lets_other_calls_run_while_it_is_fed(server):
+    """A media message may hold 8 s of mu-law (64 KiB): its VAD work ran in
+    one go on the shared event loop (only Realtime's appends were cut into
+    frames). The session feeds it in steps of FEED_STEP_SAMPLES, and a task
+    counting its turns on the loop moves on between them."""
+    import itertools
+
+    from voice.call.session import ASR_RATE, FEED_STEP_SAMPLES
+
+    carrier = FakeTwilio(server_base(server))
+    with CallWatcher() as watcher:
+        async with carrier:
+            call = await watcher.one()
+            for _ in range(200):
+                if call.session.started:
+                    break
+                await asyncio.sleep(0.02)
+            session = call.session
+            ticks, seen_at_step, fed = 0, [], []
+            feed_locked = session._feed_locked
+
+            async def counted(samples):
+                seen_at_step.append(ticks)
+                fed.append(len(samples))
+                return await feed_locked(samples)
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            session._feed_locked = counted
+            counting = asyncio.ensure_future(ticker())
+            try:
+                await carrier.send(carrier.wire.media(b"\xff" * 8000 * 8))  # 8 s of mu-law silence
+                async with asyncio.timeout(10):
+                    while sum(fed) < 8 * ASR_RATE - FEED_STEP_SAMPLES:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+            finally:
+                counting.cancel()
+            assert max(fed) <= FEED_STEP_SAMPLES and len(seen_at_step) >= 8, fed
+            assert all(b > a for a, b in itertools.pairwise(seen_at_step)), seen_at_step
+            assert not call.finished

@@ -56,6 +56,9 @@ from voice.server.runtime import Runtime
 log = logging.getLogger(__name__)
 
 ASR_RATE = 16000
+# The most audio fed to VAD (and the turn tracker) without letting other
+# calls run: 0.5 s, a few ms of Silero on one core.
+FEED_STEP_SAMPLES = ASR_RATE // 2
 # Tokens the chat template adds around the whole prompt (generation prompt, BOS).
 PROMPT_MARGIN_TOKENS = 16
 # token_scale's bounds: what a prompt really cost against its estimate, with
@@ -459,7 +462,21 @@ class CallSession:
 
     async def _feed(self, samples: np.ndarray) -> None:
         async with self._feed_lock:
-            await self._feed_locked(samples)
+            await self._feed_in_steps(samples)
+
+    async def _feed_in_steps(self, samples: np.ndarray) -> bool:
+        """``_feed_locked`` a step at a time, other calls running between
+        steps: one carrier message may hold 8 s of audio (64 KiB of mu-law),
+        a silent line's fill a minute, and their VAD work held the shared
+        loop at once. True when a turn ended."""
+        ended = False
+        for start in range(0, max(len(samples), 1), FEED_STEP_SAMPLES):
+            if start:
+                await asyncio.sleep(0)
+                if self.closed:
+                    break
+            ended = await self._feed_locked(samples[start : start + FEED_STEP_SAMPLES]) or ended
+        return ended
 
     async def _feed_locked(self, samples: np.ndarray) -> bool:
         """Feed the tracker and act on its events; True when a turn ended."""
@@ -511,7 +528,7 @@ class CallSession:
                 # All of it: a message carries audio captured before it was
                 # sent, so none of the time since covers the quiet line.
                 silence = max(0, round(idle_s * ASR_RATE) - len(tail))
-                await self._feed_locked(np.concatenate([tail, np.zeros(silence, dtype=np.float32)]))
+                await self._feed_in_steps(np.concatenate([tail, np.zeros(silence, dtype=np.float32)]))
 
     def _held_back(self) -> np.ndarray:
         """What the input resampler still holds of the caller's audio."""
