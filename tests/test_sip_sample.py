@@ -276,7 +276,8 @@ async def test_sip_call_transcript_dtmf_and_reply_over_rtp(server, bridge, tmp_p
             await wait_for(lambda: server.runtime.active_calls == 0, 10, "active_calls back to 0")
             assert call.finished
             meta = call.session._start.metadata
-            assert meta["codec"] == "PCMU" and meta["sipCallId"] and meta["callSid"] == meta["sipCallId"]
+            assert meta["codec"] == "PCMU" and meta["sipCallId"]
+            assert meta["callSid"].startswith("CA") and meta["callSid"] != meta["sipCallId"]
             assert call.playout is not None and call.playout.segments
         if capture.available:
             reply_rtp_checks(capture, 1)
