@@ -793,10 +793,18 @@ async def check_ownership(store) -> None:
     assert await store.own_if_free("twilio:CA9", "call-4")
     assert not await store.save("twilio:CA9", one, "call-old")
     assert await store.save("twilio:CA9", two, "call-4")
+    # A key no re-attach claimed has no replaced connection to fence off: its
+    # hang-up leaves nothing (a fence per call, an hour each, filled the caps).
+    assert await store.save("twilio:CA-unclaimed", one, "call-6")
+    assert await store.delete("twilio:CA-unclaimed", "call-6")
+    assert await store.save("twilio:CA-unclaimed", two, "call-7")
+    assert await store.delete("twilio:CA-never", "call-8")  # nothing there: nothing written
 
 
 async def test_memory_store_keeps_one_writer_per_call() -> None:
-    await check_ownership(MemoryStore())
+    store = MemoryStore()
+    await check_ownership(store)
+    assert "twilio:CA-never" not in store._owners
     # Claims of keys with nothing stored are bounded like the states.
     store = MemoryStore(max_calls=3)
     for n in range(10):
@@ -807,6 +815,7 @@ async def test_memory_store_keeps_one_writer_per_call() -> None:
 async def test_redis_store_keeps_one_writer_per_call(redis_url) -> None:
     store = RedisStore(redis_url)
     await check_ownership(store)
+    assert not await store._redis.exists(redis_key("twilio:CA-never"))
     # State and owner are one key with one expiry: maxmemory's volatile-ttl
     # eviction, which drops keys one by one, cannot take the owner (the
     # fence) and leave the conversation for a replaced connection to write.

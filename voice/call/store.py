@@ -114,15 +114,16 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-# ARGV: the owner, ttl. The owner's delete takes the state and keeps the
-# fence (owner, claimed_at) for the TTL, marked gone: without it the
-# connection a re-attach replaced (a half-open socket its idle guard ends
-# a minute later) wrote the hung-up conversation back as an unowned key,
-# and a re-attach older than the last claim took it.
+# ARGV: the owner, ttl. The owner's delete of a key a re-attach claimed
+# takes the state and keeps the fence (owner, claimed_at) for the TTL,
+# marked gone: without it the connection the re-attach replaced (a
+# half-open socket its idle guard ends a minute later) wrote the hung-up
+# conversation back as an unowned key, and a re-attach older than the last
+# claim took it. A key never claimed has no replaced connection: it goes.
 DELETE_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return 0 end
-if ARGV[1] == '' then
+if ARGV[1] == '' or not redis.call('HGET', KEYS[1], 'claimed_at') then
   redis.call('DEL', KEYS[1])
   return 1
 end
@@ -240,9 +241,10 @@ class CallStore(Protocol):
 
     async def delete(self, key: str, owner: str = "") -> bool:
         """Delete what is stored; False when another owner has claimed
-        ``key``. ``owner``'s fence stays for the TTL: the connection a
-        re-attach replaced still cannot write the hung-up call back, and
-        only a new stream of the call (``own_if_free``) or a claim takes it."""
+        ``key``. Where a re-attach claimed it, ``owner``'s fence stays for
+        the TTL: the connection it replaced still cannot write the hung-up
+        call back, and only a new stream of the call (``own_if_free``) or a
+        claim takes it. A key never claimed goes whole."""
         ...
 
     async def close(self) -> None: ...
@@ -353,7 +355,7 @@ class MemoryStore:
         if self._owned_by_another(key, owner):
             return False
         self._drop(key)
-        if not owner:
+        if not owner or key not in self._claimed_at:
             self._drop_owner(key)
             return True
         self._own(key, owner, time.monotonic() + self.ttl_s)  # the fence stays (DELETE_SCRIPT)
