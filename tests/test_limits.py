@@ -389,9 +389,9 @@ async def test_a_message_cut_into_thousands_of_fragments_ends_the_call_as_abuse(
     if not loopback_alias_works():
         pytest.skip("127.0.0.5 does not reach this machine's loopback")
 
-    async def fragments(count: int):
+    async def fragments(count: int, size: int = 2):
         for _ in range(count):
-            yield b"\x00\x00"
+            yield b"\x00" * size
 
     async with side_server(server, limits=CallLimits(abuse_cooldown_s=30.0), per_address_exempt=[]) as srv:
         url = f"ws://127.0.0.1:{srv.port}/v1/call"
@@ -401,6 +401,9 @@ async def test_a_message_cut_into_thousands_of_fragments_ends_the_call_as_abuse(
                 assert json.loads(await ws.recv())["type"] == "ready"
                 call = await watcher.one()
                 await ws.send(fragments(8))  # a client that fragments a little
+                # websocket-sharp (Unity) cuts every message into 1016-byte
+                # fragments: 300 of them (9.5 s of audio) are a message too.
+                await ws.send(fragments(CONTINUATION_FRAME_BURST + 44, size=1016))
                 await (await ws.ping())
                 assert not call.finished
                 with contextlib.suppress(ConnectionClosed):

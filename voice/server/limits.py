@@ -308,16 +308,20 @@ class CallGuard(CallWatch):
 # as a malformed flood (its address cooled down).
 CONTROL_FRAME_BURST = 50
 CONTROL_FRAMES_PER_S = 10.0
-# Continuation frames (the second and later fragments of one message) a
-# websocket may send: this many at once, this many more a second. Only the
-# finished message reaches a call's allowances, and websockets parses and
-# joins each fragment in the shared loop: a message cut into 4096 empty
-# fragments cost 13 ms of CPU for 24 KB on the wire and one audio budget
-# charge, so 75 a second filled a core (before websockets 17.1 a message
-# that never finished piled them up without end). No client here fragments
-# what it sends; past it the call ends as a malformed flood.
+# Small continuation frames (the second and later fragments of one message,
+# under SMALL_FRAGMENT_BYTES) a websocket may send: this many at once, this
+# many more a second. Only the finished message reaches a call's
+# allowances, and websockets parses and joins each fragment in the shared
+# loop: a message cut into 4096 empty fragments cost 13 ms of CPU for 24 KB
+# on the wire and one audio budget charge, so 75 a second filled a core
+# (before websockets 17.1 a message that never finished piled them up
+# without end). Larger fragments are bounded by the bytes they carry, which
+# the audio budget counts: websocket-sharp (Unity) cuts every message into
+# 1016-byte fragments, 63 a second for a Realtime client at real time. Past
+# it the call ends as a malformed flood.
 CONTINUATION_FRAME_BURST = 256
 CONTINUATION_FRAMES_PER_S = 64.0
+SMALL_FRAGMENT_BYTES = 512
 # Unsent bytes (pongs a peer does not read) past this many times the write
 # buffer's limit: the same. Replies wait for the buffer to drain; pongs do not.
 UNSENT_PAST_LIMIT = 4
@@ -373,9 +377,13 @@ class FloodGuardedConnection(ServerConnection):
         if not self.flooded and isinstance(event, Frame):
             if event.opcode in (Opcode.PING, Opcode.PONG) and not self._control_frames.take():
                 self._flood(f"websocket pings past {CONTROL_FRAME_BURST} at once and {CONTROL_FRAMES_PER_S:g} a second")
-            elif event.opcode is Opcode.CONT and not self._continuations.take():
+            elif (
+                event.opcode is Opcode.CONT
+                and len(event.data) < SMALL_FRAGMENT_BYTES
+                and not self._continuations.take()
+            ):
                 self._flood(
-                    f"message fragments past {CONTINUATION_FRAME_BURST} at once"
+                    f"small message fragments past {CONTINUATION_FRAME_BURST} at once"
                     f" and {CONTINUATION_FRAMES_PER_S:g} a second"
                 )
         super().process_event(event)
