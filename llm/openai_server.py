@@ -102,6 +102,24 @@ KEEPALIVE_S = 75.0
 # the thousand (one request each 75 s keeps one) until accept() failed for
 # every client, the voice servers' included.
 MAX_CONNECTIONS_PER_PEER = 2 * MAX_REQUESTS
+# What a connection past the cap gets before it is closed: a 429 in OpenAI's
+# shape, which a client reads as busy (RemoteEngine tries the next replica),
+# not a dropped socket, which reads as the engine down. Everything behind a
+# router comes from its one address.
+_TOO_MANY_CONNECTIONS_BODY = json.dumps(
+    {
+        "error": {
+            "message": "too many connections open from one address",
+            "type": "rate_limit_exceeded",
+            "param": None,
+            "code": 429,
+        }
+    }
+).encode()
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_TOO_MANY_CONNECTIONS_BODY), _TOO_MANY_CONNECTIONS_BODY)
+)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
@@ -670,8 +688,8 @@ class OpenAIServer:
     def _cap_connections(self, server: Any) -> None:
         """Count each address's open connections from accept; past
         ``max_connections_per_peer`` a new one is closed before a byte of it
-        is read. (aiohttp's Server is told of each connection first thing;
-        its own connection_made/lost still run.)"""
+        is read, answered 429. (aiohttp's Server is told of each connection
+        first thing; its own connection_made/lost still run.)"""
         made, lost = server.connection_made, server.connection_lost
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
@@ -683,7 +701,10 @@ class OpenAIServer:
                 self.refused_connections += 1
                 level = logging.WARNING if self.refused_connections == 1 else logging.DEBUG
                 log.log(level, "connection closed at accept: %d already open from one address", count)
-                transport.abort()
+                # Nothing of it is read: answered and closed.
+                transport.pause_reading()
+                transport.write(TOO_MANY_CONNECTIONS)
+                transport.close()
                 return
             self._open_by_peer[host] = count + 1
             self._peer_of[handler] = host
