@@ -284,7 +284,8 @@ async def test_twilio_one_long_media_message_lets_other_calls_run_while_it_is_fe
     """A media message may hold 8 s of mu-law (64 KiB): its VAD work ran in
     one go on the shared event loop (only Realtime's appends were cut into
     frames). The session feeds it in steps of FEED_STEP_SAMPLES, and a task
-    counting its turns on the loop moves on between them."""
+    counting its turns on the loop moves on between them; the steps are all
+    timed from the message's arrival (TTFS starts there)."""
     import itertools
 
     from voice.call.session import ASR_RATE, FEED_STEP_SAMPLES
@@ -298,13 +299,14 @@ async def test_twilio_one_long_media_message_lets_other_calls_run_while_it_is_fe
                     break
                 await asyncio.sleep(0.02)
             session = call.session
-            ticks, seen_at_step, fed = 0, [], []
+            ticks, seen_at_step, fed, timed = 0, [], [], []
             feed_locked = session._feed_locked
 
-            async def counted(samples):
+            async def counted(samples, now=None):
                 seen_at_step.append(ticks)
                 fed.append(len(samples))
-                return await feed_locked(samples)
+                timed.append(now)
+                return await feed_locked(samples, now)
 
             async def ticker():
                 nonlocal ticks
@@ -323,4 +325,6 @@ async def test_twilio_one_long_media_message_lets_other_calls_run_while_it_is_fe
                 counting.cancel()
             assert max(fed) <= FEED_STEP_SAMPLES and len(seen_at_step) >= 8, fed
             assert all(b > a for a, b in itertools.pairwise(seen_at_step)), seen_at_step
+            # Every step is timed from when the message came, not when it ran.
+            assert timed[0] is not None and len(set(timed)) == 1, timed
             assert not call.finished

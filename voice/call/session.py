@@ -461,27 +461,32 @@ class CallSession:
         await self._feed(samples)
 
     async def _feed(self, samples: np.ndarray) -> None:
+        arrived = time.monotonic()
         async with self._feed_lock:
-            await self._feed_in_steps(samples)
+            await self._feed_in_steps(samples, arrived)
 
-    async def _feed_in_steps(self, samples: np.ndarray) -> bool:
+    async def _feed_in_steps(self, samples: np.ndarray, arrived: float | None = None) -> bool:
         """``_feed_locked`` a step at a time, other calls running between
         steps: one carrier message may hold 8 s of audio (64 KiB of mu-law),
         a silent line's fill a minute, and their VAD work held the shared
-        loop at once. True when a turn ended."""
+        loop at once. True when a turn ended. Every step is timed from when
+        the audio came (``arrived``), not from when its step ran: under load
+        that made a turn's speech end late and its TTFS short."""
+        arrived = time.monotonic() if arrived is None else arrived
         ended = False
         for start in range(0, max(len(samples), 1), FEED_STEP_SAMPLES):
             if start:
                 await asyncio.sleep(0)
                 if self.closed:
                     break
-            ended = await self._feed_locked(samples[start : start + FEED_STEP_SAMPLES]) or ended
+            ended = await self._feed_locked(samples[start : start + FEED_STEP_SAMPLES], arrived) or ended
         return ended
 
-    async def _feed_locked(self, samples: np.ndarray) -> bool:
-        """Feed the tracker and act on its events; True when a turn ended."""
+    async def _feed_locked(self, samples: np.ndarray, now: float | None = None) -> bool:
+        """Feed the tracker and act on its events (``now``: when the audio
+        came); True when a turn ended."""
         assert self._tracker is not None
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         self._fed_s += len(samples) / ASR_RATE
         self._arrivals.append((self._fed_s, now))
         ended = False
