@@ -67,6 +67,9 @@ class TurnTracker:
         self._pre: deque[np.ndarray] = deque(maxlen=self._pre_chunks)
         self._pending = np.zeros(0, dtype=np.float32)
         self._position_chunks = 0
+        # The last turn was cut by the length cap mid-speech: the next voiced
+        # chunk continues it (cleared by a silent chunk in between).
+        self._continues_cut_turn = False
         self._reset_turn()
 
     def _reset_turn(self) -> None:
@@ -128,6 +131,7 @@ class TurnTracker:
             silent = self._soft_held * CHUNK_S > cfg.vad_soft_hold_max_s + 1e-9
         if not self._in_turn:
             if not voiced:
+                self._continues_cut_turn = False
                 self._pre.append(chunk)
                 return None
             self._in_turn = True
@@ -148,20 +152,24 @@ class TurnTracker:
                 event = Resumed()
         elif silent:
             self._silent_run += 1
-        if not self._confirmed and self._voiced_chunks * CHUNK_S >= cfg.min_speech_s:
+        if not self._confirmed and (self._voiced_chunks * CHUNK_S >= cfg.min_speech_s or self._continues_cut_turn):
+            self._continues_cut_turn = False
             self._confirmed = True
             event = SpeechStarted(self._first_voiced * CHUNK_S)
         if self._confirmed and not self._paused and self._silent_run * CHUNK_S >= cfg.pause_s - 1e-9:
             self._paused = True
             event = Paused(self._turn_audio(), self._last_voiced_end * CHUNK_S)
         if self._silent_run * CHUNK_S >= self.endpoint_s - 1e-9:
-            if self._confirmed:
-                if cfg.auto_turns:
-                    return self._end_turn(forced=False)
+            if self._confirmed and cfg.auto_turns:
+                return self._end_turn(forced=False)
+            if self._confirmed or not cfg.auto_turns:
                 # Push-to-talk: the turn lasts until the client commits, but
                 # not its silence: kept, minutes of it grew the buffer without
                 # bound, and the length cap then fired on the next word with
                 # a turn whose last 30 s (all Whisper hears) were silence.
+                # Also a turn shorter than min_speech_s: the client, not the
+                # window, says what was speech ("Yes" is 0.2 s of voice, and
+                # was dropped before a commit 0.8 s later found it).
                 self._chunks.pop()
                 self._held_silence += 1
                 return event
@@ -170,7 +178,12 @@ class TurnTracker:
         if self._confirmed and len(self._chunks) * CHUNK_S >= cfg.max_utterance_s:
             # Reached in a pause, the turn's words are the pause's: not forced,
             # so the work started at the pause is kept, not thrown away.
-            return self._end_turn(forced=not self._paused)
+            forced = not self._paused
+            ended = self._end_turn(forced=forced)
+            # Cut mid-speech: the words right after are the same speech, a
+            # turn however short (a last word under min_speech_s was dropped).
+            self._continues_cut_turn = forced
+            return ended
         if not self._confirmed and len(self._chunks) * CHUNK_S >= UNCONFIRMED_CAP_S:
             # VAD hovering just under the threshold for seconds: noise, not a
             # turn. Drop it so the buffer cannot grow without bound.

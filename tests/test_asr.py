@@ -197,6 +197,37 @@ def test_noise_in_the_hysteresis_band_does_not_hold_the_endpoint_for_ever() -> N
     assert waited == pytest.approx(cfg.vad_soft_hold_max_s + cfg.endpoint_silence_s, abs=0.07)  # a chunk each side
 
 
+def test_push_to_talk_keeps_an_answer_shorter_than_min_speech_until_the_commit() -> None:
+    """Push-to-talk: "Yes" is about 0.2 s of voice, under min_speech_s. Once
+    the endpoint window had passed the tracker dropped it as a click, and a
+    commit 0.8 s later found no turn (input_audio_buffer_commit_empty): the
+    client, not the window, says what was speech. Its silence is not kept."""
+    cfg = ASRConfig(auto_turns=False, adaptive_endpoint=False, endpoint_silence_s=0.7)
+    assert 5 * 0.032 < cfg.min_speech_s
+    tracker = TurnTracker(cfg, BandVAD([0.0] * 10 + [0.9] * 5 + [0.0] * 200))  # type: ignore[arg-type]
+    for _ in range(215):
+        assert not [e for e in tracker.feed(np.full(512, 0.01, np.float32)) if isinstance(e, TurnEnded)]
+    held_s = len(tracker._chunks) * 0.032
+    assert held_s < cfg.pre_speech_pad_s + 5 * 0.032 + cfg.endpoint_silence_s + 0.1, held_s  # not 6 s of silence
+    ended = tracker.commit()
+    assert ended is not None and len(ended.audio) >= 5 * 512, ended
+    assert ended.speech_end_audio_s == pytest.approx(15 * 0.032)
+
+
+def test_a_last_word_after_the_length_cap_is_a_turn_however_short() -> None:
+    """The 28 s cap ends a turn mid-speech; the words right after are the
+    same speech. A last word under min_speech_s was dropped as a click."""
+    cfg = ASRConfig(adaptive_endpoint=False, endpoint_silence_s=0.7)
+    cap_chunks = round(cfg.max_utterance_s / 0.032)
+    probs = [0.9] * (cap_chunks + 4) + [0.0] * 40 + [0.9] * 4 + [0.0] * 40  # then a lone click: dropped
+    tracker = TurnTracker(cfg, BandVAD(probs))  # type: ignore[arg-type]
+    ends = []
+    for _ in range(len(probs)):
+        ends += [e for e in tracker.feed(np.full(512, 0.01, np.float32)) if isinstance(e, TurnEnded)]
+    assert [e.forced for e in ends] == [True, False], ends
+    assert len(ends[1].audio) >= 4 * 512
+
+
 def test_the_band_hold_cap_moves_no_turn_end_on_real_prompts(server, phone_prompts) -> None:
     """The cap sits above what real speech holds: on real prompts through the
     phone line every turn ends where it would with no cap at all."""
