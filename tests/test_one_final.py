@@ -210,6 +210,29 @@ async def test_a_talked_over_turns_audio_outlives_the_final_that_carried_it() ->
     assert not len(asr._orphaned)
 
 
+async def test_a_talked_over_turns_audio_leads_a_final_submitted_as_its_carrier_is_cancelled() -> None:
+    """As above, but the next final comes in the same step as the cancel (a
+    forced end: the client's commit, or the length cap mid-speech, cancels
+    the preemptive turn and submits the committed one at once), before the
+    cancelled final's done-callback ran: turn 2's words went without it."""
+    worker = FakeWorker()
+    asr = OneFinalPerCall(worker)
+    one, two, three, four = (np.full(n, v, np.float32) for n, v in ((100, 1), (160, 2), (200, 3), (240, 4)))
+    asr.submit("c", one, final=True)
+    asr.submit("c", two, final=True)  # talked over while it waits
+    preemptive = asr.submit("c", three, final=True)  # carries turn 2's audio
+    preemptive.cancel()
+    asr.submit("c", four, final=True)  # no yield in between
+    worker.finals()[0].set_result("one")
+    await asyncio.sleep(0)
+    assert np.array_equal(worker.audio[-1], np.concatenate([two, four]))
+    await asyncio.sleep(0)  # the late done-callback adds nothing twice
+    worker.finals()[-1].set_result("two four")
+    await asyncio.sleep(0)
+    asr.submit("c", one, final=True)
+    assert np.array_equal(worker.audio[-1], one)
+
+
 async def test_a_talked_over_turns_audio_outlives_a_final_dropped_after_its_decode() -> None:
     """As above, but the preemptive turn is dropped after its final was
     decoded (the caller went on while its reply was being generated): its

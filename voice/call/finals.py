@@ -68,6 +68,12 @@ class OneFinalPerCall:
             gone: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             gone.cancel()
             return gone
+        # A final cancelled just now (a forced end cancels the preemptive
+        # turn, whose final carried talked-over audio, and submits its own
+        # in the same step) has not run its done-callback yet: its carried
+        # audio is taken here, or this final went without those words.
+        for future in [f for f in self._carrying if f.cancelled()]:
+            self._settled(future)
         carried = self._orphaned
         self._orphaned = np.zeros(0, np.float32)
         nothing_waits = self._waiting is None or self._waiting.done()
