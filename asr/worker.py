@@ -223,14 +223,15 @@ class ASRWorker:
             self._enqueue(_Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, now, marks))
             return future
         since = now
-        old = self._pending_partial.pop(call_id, None)
-        if old is not None and old.live:
-            since = old.waiting_since
-            old.future.cancel()
-            self._waiting.pop(old.seq, None)
+        old = self._pending_partial.get(call_id)
+        old_live = old is not None and old.live
         shed_at = self.config.shed_partials_above * max(1, self.config.batch_size)
         finals_block = self._finals_waiting > 0 and not self.config.partials_behind_finals
-        if not final and (finals_block or self.queue_depth >= shed_at or self._over_share(call_id, now)):
+        # The call's queued partial is replaced only by a decode that is
+        # taken: shed after it was cancelled, the call had neither (its
+        # caption, or the pause decode that chooses its endpoint window).
+        depth = self.queue_depth - int(old_live)
+        if not final and (finals_block or depth >= shed_at or self._over_share(call_id, now)):
             # Under load, partials are the first thing to go: a caller waiting
             # for a reply matters more than a live caption.
             self.shed_partials += 1
@@ -245,6 +246,12 @@ class ASRWorker:
                 self.on_over_budget()
             future.cancel()
             return future
+        if old is not None:
+            del self._pending_partial[call_id]
+            if old_live:
+                since = old.waiting_since
+                old.future.cancel()
+                self._waiting.pop(old.seq, None)
         job = _Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, since, marks)
         if final:
             self._finals_waiting += 1

@@ -336,6 +336,23 @@ async def test_deep_backlog_sheds_partials_never_finals(batched, quilter, jfk_au
     await _until(lambda: batched.queue_depth == 0 and batched.in_flight == 0, timeout=30)
 
 
+async def test_a_shed_partial_leaves_the_calls_queued_one_in_place(unbatched, quilter, jfk_audio):
+    """A call's newer partial replaced its queued one before the shedding
+    rules looked at it: shed (another call's final waits), the call had
+    neither its caption nor the pause decode that picks its endpoint window.
+    Now the queued one stays and is decoded."""
+    assert not unbatched.config.partials_behind_finals
+    busy = await _busy(unbatched, jfk_audio)
+    queued = unbatched.submit("keep-a", quilter, final=False)
+    final = unbatched.submit("keep-b", quilter, final=True)
+    shed_before = unbatched.shed_partials
+    newer = unbatched.submit("keep-a", quilter, final=False, marks=True)  # finals wait: shed
+    assert newer.cancelled() and unbatched.shed_partials == shed_before + 1
+    assert not queued.done()
+    results = await asyncio.gather(queued, final, busy)
+    assert results[0].text and results[1].text
+
+
 async def test_one_bad_item_fails_alone_its_batch_mates_succeed(batched, quilter, jfk_audio):
     """A malformed item (stereo samples x channels) makes the batched call
     raise; the worker decodes the batch one by one and only that job fails."""
