@@ -172,15 +172,28 @@ async def test_a_line_that_goes_quiet_mid_turn_still_gets_its_turn_ended(call_ur
     suppression on a SIP line, a client that streams only speech). These
     prompts end on an unfinished phrase, so the adaptive window is at its
     longest; with no audio to count it in, the server must count the silent
-    line instead, and the caller gets a transcript and a reply."""
+    line instead, and the caller gets a transcript and a reply. Its TTFS
+    counts from the caller's last frame: the speech end, in the last VAD
+    chunk that the filled silence completed, was read as the fill's time,
+    and the TTFS came out 0.5-0.75 s shorter than the caller waited."""
+    from benchmarks.client import last_voiced_s
+
     clip = next(p for p in asterisk_prompts(min_words=5) if p.name == name)
+    audio = clip.load(8000)
+    # Cut a few ms into the last voiced VAD chunk: the silence filled in completes it.
+    audio = audio[: int((last_voiced_s(clip.load(16000)) - 0.02) * 8000)]
     async with NativeCaller(call_url) as caller:
         await caller.start("mulaw", 8000)
-        await caller.play(clip.load(8000), 8000, "mulaw", realtime=True, speed=4.0)  # no trailing silence at all
+        await caller.play(audio, 8000, "mulaw", realtime=True, speed=4.0)  # no trailing silence at all
+        last_frame_sent = caller.result.audio_done_at
         final = await caller.wait_for("transcript.final", timeout=20)
         assert word_error_rate(clip.reference, final["text"]) <= 0.5, (clip.reference, final["text"])
         done = await caller.wait_for("response.done", timeout=60)
         assert done["text"] and not done["cancelled"]
+        metrics = await caller.wait_for("turn.metrics", timeout=10, turn=final["turn"])
+        first_at = next(r.at for r in caller.result.events if r.event["type"] == "response.sentence")
+        waited_ms = (first_at - last_frame_sent) * 1000
+        assert metrics["ttfs_ms"] >= waited_ms - 250, (metrics["ttfs_ms"], waited_ms)
         await caller.send_json({"type": "stop"})
         await caller.wait_for("call.ended", timeout=10)
 

@@ -103,6 +103,14 @@ async def test_a_stream_lost_while_its_turn_decodes_keeps_the_callers_words(serv
             await asyncio.sleep(0.05)
     assert word_error_rate(clip.reference, state.carry_over) <= 0.5, (clip.reference, state.carry_over)
     assert not state.messages  # not answered: the words lead the next turn
+    # The call comes back and the caller, who asked, waits: their words are
+    # answered (they used to wait, in silence, for the next thing said).
+    async with NativeCaller(call_url) as again:
+        assert (await again.start("mulaw", 8000, options={"resume": token}))["resumed"] is True
+        final = await again.wait_for("transcript.final", timeout=30)
+        assert final["text"] == state.carry_over
+        done = await again.wait_for("response.done", timeout=90, turn=final["turn"])
+        assert done["text"]
 
 
 async def test_a_snapshot_taken_mid_reply_keeps_the_words_being_answered(server, call_url) -> None:

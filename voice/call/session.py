@@ -37,7 +37,7 @@ from asr.end_of_turn import (
     whisper_marks,
 )
 from asr.endpointing import endpoint_window
-from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
+from asr.turns import CHUNK_S, PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
 from asr.whisper import Decoded
 from llm.base import EngineError, GenerationRequest, PromptTooLong, SentenceEndUnsupported, Usage
 from llm.config import example_messages
@@ -75,6 +75,12 @@ PROMPT_TOO_LONG_STEP = 1.25
 # a 16-digit card number and its "#" twice over; more are dropped.
 KEYPRESS_PREFIX = "[caller pressed "
 MAX_CARRIED_KEYPRESSES = 32
+# The instructions of a reply that goes on after a noise cut the last one
+# (go_on_after_noise): the history holds what the caller heard of it.
+GO_ON_AFTER_NOISE = (
+    "A noise on the line cut off your last reply; the caller did not speak. "
+    "Finish what you were saying, briefly, without repeating what you already said."
+)
 # How often keypresses waiting for a reply in flight look again.
 KEYPAD_RECHECK_S = 0.25
 # Ends that say the call is over (the client's stop, the carrier's stop or
@@ -172,6 +178,9 @@ class CallSession:
         self._smart_turn_busy = False
         self._sentence_end_busy = False
         self._prefilling = False
+        # A re-attached call brought words back unanswered (start): the
+        # keypad answer's timer answers them too.
+        self._answer_carried = False
         self._tasks: set[asyncio.Task[None]] = set()
         # (stream position in s at the end of a fed frame, monotonic arrival)
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)
@@ -181,6 +190,8 @@ class CallSession:
         self._cleared_s = 0.0
         self._fed_s = 0.0
         self._last_audio_at = 0.0  # monotonic arrival of the last frame
+        self._last_frame_arrived = 0.0  # the same, never moved on by a feed that waited or a fill
+        self._filled_to = 0.0  # the line's time a silent-line fill reached (_fill_silent_line)
         self._message_s = 0.0  # audio seconds in the client's last message
         self._turn_ending = False  # _on_turn_end waits for the old turn: see reply_in_flight
         # Audio frames and the silent-line filler feed the tracker in turn.
@@ -281,6 +292,13 @@ class CallSession:
         self._last_audio_at = time.monotonic()
         if KEYPRESS_PREFIX in self.carry_over:
             self._arm_keypad_answer()  # keys a re-attached call brought back, still unanswered
+        elif self.carry_over and self.asr_config.auto_turns:
+            # Words the caller said before the line dropped (the turn being
+            # decoded or answered): answered as the keys are, once the caller
+            # has not gone on; they used to wait, in silence, for the next
+            # thing the caller said. (Push-to-talk: the client says when.)
+            self._answer_carried = True
+            self._arm_keypad_answer()
         if self.asr_config.auto_turns and self.asr_config.silent_line_s > 0:
             self._spawn(self._fill_silent_line())
         # A call that re-attached mid-conversation is not picked up again:
@@ -461,15 +479,14 @@ class CallSession:
         await self._feed(samples)
 
     async def _feed(self, samples: np.ndarray) -> None:
-        arrived = time.monotonic()
+        arrived = self._last_frame_arrived = time.monotonic()
         async with self._feed_lock:
             await self._feed_in_steps(samples, arrived)
 
     async def _feed_in_steps(self, samples: np.ndarray, arrived: float | None = None) -> bool:
         """``_feed_locked`` a step at a time, other calls running between
         steps: one carrier message may hold 8 s of audio (64 KiB of mu-law),
-        a silent line's fill a minute, and their VAD work held the shared
-        loop at once. True when a turn ended. Every step is timed from when
+        and its VAD work held the shared loop at once. True when a turn ended. Every step is timed from when
         the audio came (``arrived``), not from when its step ran: under load
         that made a turn's speech end late and its TTFS short."""
         arrived = time.monotonic() if arrived is None else arrived
@@ -533,7 +550,25 @@ class CallSession:
                 # All of it: a message carries audio captured before it was
                 # sent, so none of the time since covers the quiet line.
                 silence = max(0, round(idle_s * ASR_RATE) - len(tail))
-                await self._feed_in_steps(np.concatenate([tail, np.zeros(silence, dtype=np.float32)]))
+                fill = np.concatenate([tail, np.zeros(silence, dtype=np.float32)])
+                # Timed as the line's own time: the tail at the last real
+                # frame, each filled chunk as much later as the silence before
+                # it (never past now). Timed at the fill, a speech end in the
+                # caller's last VAD chunks read 0.5-0.75 s late, and the turn's
+                # TTFS that much shorter than the caller waited.
+                # Chunk by chunk for its first second, where the caller's last
+                # word ends; then in feed steps, other calls running between.
+                line_at = max(self._last_frame_arrived, self._filled_to) or time.monotonic()
+                chunk = round(CHUNK_S * ASR_RATE)
+                fine = min(len(fill), ASR_RATE)
+                starts = [*range(0, fine, chunk), *range(fine, len(fill), FEED_STEP_SAMPLES)]
+                for start, end in zip(starts, [*starts[1:], len(fill)], strict=True):
+                    if self.closed or self._tracker is not tracker:
+                        break
+                    await self._feed_locked(fill[start:end], min(time.monotonic(), line_at + start / ASR_RATE))
+                    if start >= fine:
+                        await asyncio.sleep(0)
+                self._filled_to = line_at + len(fill) / ASR_RATE
 
     def _held_back(self) -> np.ndarray:
         """What the input resampler still holds of the caller's audio."""
@@ -1219,6 +1254,24 @@ class CallSession:
         self._abort_pending()
         return self._start_audioless_turn(spoken_first=first)
 
+    def go_on_after_noise(self) -> None:
+        """A barge-in cut the reply, and the speech that cut it held no
+        words (a cough, a door, the TV): the reply goes on from what the
+        caller heard, once the empty turn is over, unless the caller has
+        started again or something else is being answered. Before, the
+        caller heard half an answer and then silence."""
+        if self.asr_config.auto_turns:  # push-to-talk: the client says when to answer
+            self._spawn(self._go_on_after_noise(self._active))
+
+    async def _go_on_after_noise(self, empty: Turn | None) -> None:
+        if empty is not None:
+            await asyncio.wait({empty.task})  # it reports turn.empty before it ends
+        talking = (self._tracker is not None and self._tracker.in_speech) or self._pending is not None
+        if self.closed or talking or self.carry_over or self.reply_in_flight() or self._active is not empty:
+            return
+        log.info("call %s: the reply cut by a noise goes on", self.call_id)
+        self.speak_first(SpokenFirst(instructions=GO_ON_AFTER_NOISE, goes_on=True))
+
     def _start_audioless_turn(self, **kind: Any) -> int:
         """A committed turn with no audio of its own (``spoken_first``: a
         reply nobody spoke for; ``keys_only``: the caller's keypresses), timed
@@ -1268,7 +1321,8 @@ class CallSession:
 
     def _keypad_answer(self) -> None:
         self._keypad_timer = None
-        if self.closed or KEYPRESS_PREFIX not in self.carry_over:
+        if self.closed or not (KEYPRESS_PREFIX in self.carry_over or (self._answer_carried and self.carry_over)):
+            self._answer_carried = False
             return  # a turn took them
         talking = (self._tracker is not None and self._tracker.in_speech) or self._pending is not None
         if talking or self.reply_in_flight():
@@ -1279,4 +1333,5 @@ class CallSession:
             # turn whose speech recognition failed, left them waiting).
             self._keypad_timer = asyncio.get_running_loop().call_later(KEYPAD_RECHECK_S, self._keypad_answer)
             return
+        self._answer_carried = False
         self._start_audioless_turn(keys_only=True)
