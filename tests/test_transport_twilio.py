@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 
+import numpy as np
 import pytest
 
 from asr.wer import word_error_rate
@@ -328,3 +329,41 @@ async def test_twilio_one_long_media_message_lets_other_calls_run_while_it_is_fe
             # Every step is timed from when the message came, not when it ran.
             assert timed[0] is not None and len(set(timed)) == 1, timed
             assert not call.finished
+
+
+def line_noise() -> np.ndarray:
+    """A third of a second of real sound that Silero calls speech and
+    Whisper finds no words in: an Asterisk prompt played backwards (a
+    cough or a door is the same to the pipeline), at 8 kHz."""
+    from tests.transport_checks import by_name
+
+    audio = by_name("conf-adminmenu-18").load(8000)[::-1]
+    return np.ascontiguousarray(audio[int(4.4 * 8000) : int(4.75 * 8000)])
+
+
+async def test_twilio_a_reply_cut_by_a_noise_goes_on(server):
+    """Past the resume grace, speech cuts the reply (the buffer is cleared);
+    that speech held no words (turn.empty). The caller heard half an answer
+    and then silence; now the reply goes on from what they heard, as a
+    reply of its own, and a real interruption (words) still ends it."""
+    from tests.transport_checks import STORY, by_name
+
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server)) as carrier:
+            call = await watcher.one()
+            call.session.history.system_prompt = STORY
+            call.session.max_tokens = 400
+            question = by_name("all-circuits-busy-now")
+            await carrier.say(with_silence(question.load(8000), 8000, 0.7), speed=None)
+            await watcher.wait_event(call, "response.sentence", turn=1, index=1, timeout=60)
+            await carrier.wait_audio(timeout=60)
+            async with asyncio.timeout(30):  # the first sentence played (its mark came back) ...
+                while not carrier.played.marks_echoed:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # ... and past resume_grace_s: a barge-in, not the caller going on
+            await carrier.say(with_silence(line_noise(), 8000, 1.5), speed=None)
+            await watcher.wait_event(call, "turn.empty", turn=2, timeout=30)
+            assert call.barge_ins == 1 and carrier.played.clears >= 1
+            going_on = await watcher.wait_event(call, "response.sentence", turn=3, timeout=60)
+            assert going_on["text"]
+            assert call.session.history.replies.get(1), "what the caller heard of the cut reply is kept"

@@ -119,6 +119,10 @@ class SpokenFirst:
 
     text: str | None = None
     instructions: str | None = None
+    # It goes on with a reply a noise cut (CallSession.go_on_after_noise):
+    # with nothing new to say it says nothing, not the fallback nor the
+    # reply it would repeat.
+    goes_on: bool = False
 
 
 async def _fixed(text: str) -> AsyncIterator[str]:
@@ -585,6 +589,9 @@ class Turn:
             # An operator's fixed text is said whole (no sentence cap), still
             # never with a sentence twice.
             policy = dataclasses.replace(policy, max_sentences=0)
+        goes_on = first is not None and first.goes_on
+        if goes_on:
+            policy = dataclasses.replace(policy, fallback="")
         guard = ReplyGuard.for_turn(policy, self.user_text, ctx.previous_reply)
         first_needs_generating = first is None or first.text is None
         can_refit = ctx.prompt_too_long is not None
@@ -634,7 +641,7 @@ class Turn:
                 for sentence in segmenter.flush():
                     if not await self._sentence(sentence, guard, cut_by_cap=cut_by_cap):
                         break
-            if not self.sent and guard.repeated_previous is not None and not self.talked_over:
+            if not self.sent and guard.repeated_previous is not None and not self.talked_over and not goes_on:
                 # All it had was the last reply said again: heard again, not
                 # "Sorry, could you say that again?" for an answer the model
                 # gave (a caller's "Okay, Monday then." got the fallback).

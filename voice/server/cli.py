@@ -334,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--greeting", default=_env("GREETING"), help="say this when a call is picked up")
     serve.add_argument(
+        "--no-go-on-after-noise",
+        action="store_true",
+        help="a reply that speech with no words (a cough, a door) cut stays cut; by default it goes on "
+        "from what the caller heard",
+    )
+    serve.add_argument(
         "--keypad-answer-ms",
         type=float,
         default=ServerConfig.keypad_answer_s * 1000,
@@ -894,6 +900,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.keypad_answer_ms < 0:
         raise SystemExit("firstline: --keypad-answer-ms must be 0 (off) or more")
     config.keypad_answer_s = args.keypad_answer_ms / 1000
+    config.go_on_after_noise = not args.no_go_on_after_noise
     config.first_sentences_first = args.first_sentences_first
     config.hold_for_resume = args.hold_for_resume
     if args.first_sentence_lanes is not None:

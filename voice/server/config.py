@@ -64,6 +64,10 @@ class ServerConfig:
     # should not, and 2 s still lets a caller key in a card number at an
     # ordinary pace (a key every 0.3-1 s).
     keypad_answer_s: float = 2.0
+    # A barge-in whose speech held no words (a cough, a door, the TV) cut the
+    # reply for nothing: on audio transports the reply goes on from what the
+    # caller heard (CallSession.go_on_after_noise). False: it stays cut.
+    go_on_after_noise: bool = True
     asr: ASRConfig = field(default_factory=ASRConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     # Per-call limits (idle timeout, stuck readers, drain deadline): voice/server/limits.py.

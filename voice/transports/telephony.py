@@ -147,6 +147,9 @@ class TelephonyCall:
     # a dropped call. Realtime and the native protocol put asr_failed on
     # the wire, and their client decides.
     says_asr_failures = True
+    # A reply a noise cut goes on (ServerConfig.go_on_after_noise). Not where
+    # the client asks for each reply (Realtime: response.create).
+    goes_on_after_noise = True
     # Called with every new call: lets tests and tooling watch calls that
     # carriers cannot show (they carry no transcript events on the wire).
     observers: ClassVar[list[Callable[[TelephonyCall], None]]] = []
@@ -167,6 +170,9 @@ class TelephonyCall:
         self._heard_pending: dict[int, str] = {}
         self._settle_timer: asyncio.TimerHandle | None = None
         self.barge_ins = 0
+        # The turn whose reply the caller's speech cut last, until that speech
+        # turns out to hold words (or held none: go_on_after_noise).
+        self._cut_by_speech: int | None = None
         self.malformed = 0
         # Malformed-input warnings: a few per call, then a summary at the end.
         self._warnings = WarningBudget()
@@ -393,7 +399,15 @@ class TelephonyCall:
             metrics.observe_event(ev, low_priority=self.call_id in self.runtime.low_priority)
         if kind == "speech.started" and ev.get("barge_in", True):
             await self.barge_in()
-        elif kind == "response.sentence" and self.playout is not None:
+        elif kind == "turn.empty" and self._cut_by_speech is not None:
+            # The speech that cut the reply held no words: a noise.
+            self._cut_by_speech = None
+            if self.goes_on_after_noise and self.runtime.config.go_on_after_noise:
+                self.session.go_on_after_noise()
+        elif kind in ("transcript.final", "response.sentence", "error"):
+            # The caller said something, another reply began, or the turn failed.
+            self._cut_by_speech = None
+        if kind == "response.sentence" and self.playout is not None:
             turn = int(ev["turn"])
             self._first_sentence_at.setdefault(turn, time.monotonic())
             self.playout.say(turn, int(ev["index"]), str(ev["text"]))
@@ -451,8 +465,10 @@ class TelephonyCall:
 
     async def barge_in(self) -> None:
         """The caller talks: stop the reply's audio if any is still out there."""
-        if await self.cut_reply("barge-in") is not None:
+        cut = await self.cut_reply("barge-in")
+        if cut is not None:
             self.barge_ins += 1
+            self._cut_by_speech = cut
 
     def playing(self) -> int | None:
         """The turn whose reply audio is queued or (by the clock) still
