@@ -321,7 +321,7 @@ async def test_asterisk_ws_reports_and_odd_fields_are_not_failures(server: Voice
     whose optimal_frame_size is a digit only to str.isdigit ("²") is read as
     no size (the default frame), not a crash that ends the call 1011."""
     from tests.fake_carrier import CallWatcher, FakeAsteriskWS
-    from tests.transport_checks import server_base
+    from tests.transport_checks import server_base, until_started
 
     with CallWatcher() as watcher:
         async with FakeAsteriskWS(server_base(server)) as carrier:
@@ -338,11 +338,18 @@ async def test_asterisk_ws_reports_and_odd_fields_are_not_failures(server: Voice
         wire.opening = lambda: [odd]  # type: ignore[method-assign]
         async with carrier:
             call = await watcher.one()
-            for _ in range(100):
-                if call.session.started:
-                    break
-                await asyncio.sleep(0.02)
-            assert call.session.started and call.frame_bytes == 160 and not call.finished
+            await until_started(call, timeout=2.0)
+            assert call.frame_bytes == 160 and not call.finished
+
+
+async def assert_cooled_down(url: str, address: str) -> None:
+    """A call from ``address``, once its flooding connection is released, is
+    refused 429 for the abuse cool-down."""
+    from tests.conftest import refused_once_released
+
+    refused = await refused_once_released(lambda: connect(url, local_addr=(address, 0)))
+    assert refused.response.status_code == 429
+    assert json.loads(refused.response.body)["reason"] == "abuse_cooldown"
 
 
 async def test_a_ping_flood_ends_the_call_as_abuse_and_cools_its_address_down(server: VoiceServer) -> None:
@@ -351,7 +358,7 @@ async def test_a_ping_flood_ends_the_call_as_abuse_and_cools_its_address_down(se
     the pongs) held the event loop and queued pongs without bound. Past
     CONTROL_FRAME_BURST the call is ended as a malformed flood and its
     address cooled down; another address still gets in."""
-    from tests.conftest import assert_gets_a_call, loopback_alias_works, refused_once_released, side_server
+    from tests.conftest import assert_gets_a_call, loopback_alias_works, side_server
     from voice.server.limits import CONTROL_FRAME_BURST
 
     if not loopback_alias_works():
@@ -366,9 +373,7 @@ async def test_a_ping_flood_ends_the_call_as_abuse_and_cools_its_address_down(se
                     await ws.ping(i.to_bytes(4, "big"))
                 while True:
                     await ws.recv()
-        refused = await refused_once_released(lambda: connect(url, local_addr=("127.0.0.2", 0)))
-        assert refused.response.status_code == 429
-        assert json.loads(refused.response.body)["reason"] == "abuse_cooldown"
+        await assert_cooled_down(url, "127.0.0.2")
         await assert_gets_a_call(url)  # another address: unaffected
         async with connect(url) as other:  # and pings at a client's pace are answered
             for i in range(CONTROL_FRAME_BURST // 2):
@@ -382,7 +387,7 @@ async def test_a_message_cut_into_thousands_of_fragments_ends_the_call_as_abuse(
     the call is ended as a malformed flood and its address cooled down; a
     message in a few fragments is still a message, and another address
     still gets in."""
-    from tests.conftest import assert_gets_a_call, loopback_alias_works, refused_once_released, side_server
+    from tests.conftest import assert_gets_a_call, loopback_alias_works, side_server
     from tests.fake_carrier import CallWatcher
     from voice.server.limits import CONTINUATION_FRAME_BURST
 
@@ -410,9 +415,7 @@ async def test_a_message_cut_into_thousands_of_fragments_ends_the_call_as_abuse(
                     await ws.send(fragments(CONTINUATION_FRAME_BURST * 16))
                     while True:
                         await ws.recv()
-        refused = await refused_once_released(lambda: connect(url, local_addr=("127.0.0.5", 0)))
-        assert refused.response.status_code == 429
-        assert json.loads(refused.response.body)["reason"] == "abuse_cooldown"
+        await assert_cooled_down(url, "127.0.0.5")
         await assert_gets_a_call(url)  # another address: unaffected
 
 

@@ -210,17 +210,24 @@ async def test_a_talked_over_turns_audio_outlives_the_final_that_carried_it() ->
     assert not len(asr._orphaned)
 
 
-async def test_a_talked_over_turns_audio_leads_a_final_submitted_as_its_carrier_is_cancelled() -> None:
-    """As above, but the next final comes in the same step as the cancel (a
-    forced end: the client's commit, or the length cap mid-speech, cancels
-    the preemptive turn and submits the committed one at once), before the
-    cancelled final's done-callback ran: turn 2's words went without it."""
+def a_final_carrying_talked_over_audio() -> tuple[FakeWorker, OneFinalPerCall, tuple[np.ndarray, ...], asyncio.Future]:
+    """The worker decodes turn 1's final; turn 2's waits (talked over); a
+    preemptive turn's final then carries turn 2's audio in front of its own."""
     worker = FakeWorker()
     asr = OneFinalPerCall(worker)
     one, two, three, four = (np.full(n, v, np.float32) for n, v in ((100, 1), (160, 2), (200, 3), (240, 4)))
     asr.submit("c", one, final=True)
     asr.submit("c", two, final=True)  # talked over while it waits
     preemptive = asr.submit("c", three, final=True)  # carries turn 2's audio
+    return worker, asr, (one, two, three, four), preemptive
+
+
+async def test_a_talked_over_turns_audio_leads_a_final_submitted_as_its_carrier_is_cancelled() -> None:
+    """As above, but the next final comes in the same step as the cancel (a
+    forced end: the client's commit, or the length cap mid-speech, cancels
+    the preemptive turn and submits the committed one at once), before the
+    cancelled final's done-callback ran: turn 2's words went without it."""
+    worker, asr, (one, two, _, four), preemptive = a_final_carrying_talked_over_audio()
     preemptive.cancel()
     asr.submit("c", four, final=True)  # no yield in between
     worker.finals()[0].set_result("one")
@@ -237,12 +244,7 @@ async def test_a_talked_over_turns_audio_outlives_a_final_dropped_after_its_deco
     """As above, but the preemptive turn is dropped after its final was
     decoded (the caller went on while its reply was being generated): its
     owner gives it up, and turn 2's audio still leads the next final."""
-    worker = FakeWorker()
-    asr = OneFinalPerCall(worker)
-    one, two, three, four = (np.full(n, v, np.float32) for n, v in ((100, 1), (160, 2), (200, 3), (240, 4)))
-    asr.submit("c", one, final=True)
-    asr.submit("c", two, final=True)  # talked over while it waits
-    preemptive = asr.submit("c", three, final=True)  # carries turn 2's audio
+    worker, asr, (one, two, three, four), preemptive = a_final_carrying_talked_over_audio()
     worker.finals()[0].set_result("one")
     await asyncio.sleep(0)
     assert np.array_equal(worker.audio[-1], np.concatenate([two, three]))

@@ -22,6 +22,7 @@ from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher, FakeRealtime
 from tests.transport_checks import (
     STORY,
+    LoopTurns,
     barge_in_call,
     by_name,
     hangups_release_everything,
@@ -521,29 +522,20 @@ async def test_realtime_a_long_append_lets_other_calls_run_between_its_frames(se
         async with carrier:
             call = await watcher.one()
             await carrier.next_event("session.updated", timeout=10)
-            ticks, seen_at_frame = 0, []
+            seen_at_frame: list[int] = []
             feed = call.audio
+            with LoopTurns() as turns:
 
-            async def counted(payload, message_s=None):
-                seen_at_frame.append(ticks)
-                await feed(payload, message_s)
+                async def counted(payload, message_s=None):
+                    seen_at_frame.append(turns.count)
+                    await feed(payload, message_s)
 
-            async def ticker():
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await asyncio.sleep(0)
-
-            call.audio = counted
-            counting = asyncio.ensure_future(ticker())
-            try:
+                call.audio = counted
                 audio = float_to_int16(np.zeros(24000 * 5, np.float32)).tobytes()  # 5 s: several frames
                 await carrier.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode()})
                 async with asyncio.timeout(10):
                     while len(seen_at_frame) < 4:  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
-            finally:
-                counting.cancel()
             assert all(b > a for a, b in itertools.pairwise(seen_at_frame)), seen_at_frame
 
 

@@ -13,6 +13,7 @@ from asr.wer import word_error_rate
 from tests.conftest import with_silence
 from tests.fake_carrier import CallWatcher, FakeTwilio
 from tests.transport_checks import (
+    LoopTurns,
     asr_text,
     barge_in_call,
     check_audio_frames,
@@ -23,6 +24,7 @@ from tests.transport_checks import (
     refused_at_once,
     reply_call,
     server_base,
+    until_started,
 )
 
 
@@ -295,35 +297,24 @@ async def test_twilio_one_long_media_message_lets_other_calls_run_while_it_is_fe
     with CallWatcher() as watcher:
         async with carrier:
             call = await watcher.one()
-            for _ in range(200):
-                if call.session.started:
-                    break
-                await asyncio.sleep(0.02)
+            await until_started(call)
             session = call.session
-            ticks, seen_at_step, fed, timed = 0, [], [], []
+            seen_at_step, fed, timed = [], [], []
             feed_locked = session._feed_locked
 
-            async def counted(samples, now=None):
-                seen_at_step.append(ticks)
-                fed.append(len(samples))
-                timed.append(now)
-                return await feed_locked(samples, now)
+            with LoopTurns() as turns:
 
-            async def ticker():
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await asyncio.sleep(0)
+                async def counted(samples, now=None):
+                    seen_at_step.append(turns.count)
+                    fed.append(len(samples))
+                    timed.append(now)
+                    return await feed_locked(samples, now)
 
-            session._feed_locked = counted
-            counting = asyncio.ensure_future(ticker())
-            try:
+                session._feed_locked = counted
                 await carrier.send(carrier.wire.media(b"\xff" * 8000 * 8))  # 8 s of mu-law silence
                 async with asyncio.timeout(10):
                     while sum(fed) < 8 * ASR_RATE - FEED_STEP_SAMPLES:  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
-            finally:
-                counting.cancel()
             assert max(fed) <= FEED_STEP_SAMPLES and len(seen_at_step) >= 8, fed
             assert all(b > a for a, b in itertools.pairwise(seen_at_step)), seen_at_step
             # Every step is timed from when the message came, not when it ran.

@@ -39,6 +39,36 @@ def fail_next_final_decode(server: VoiceServer, monkeypatch: object) -> list[int
     return failed
 
 
+async def until_started(call: object, timeout: float = 4.0) -> None:
+    """Wait for ``call``'s session to have taken its start."""
+    async with asyncio.timeout(timeout):
+        while not call.session.started:  # type: ignore[attr-defined]  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+class LoopTurns:
+    """Counts the shared event loop's turns while it is entered (a task that
+    yields each time): a step that reads ``count`` sees it move on only if
+    other tasks ran since the last step."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Future[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    def __enter__(self) -> LoopTurns:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 def by_name(name: str) -> Utterance:
     return {p.name: p for p in asterisk_prompts(min_words=1)}[f"asterisk/{name}"]
 
