@@ -175,6 +175,13 @@ class Playout:
         unconfirmed = any(not s.played and s.end_s > time.monotonic() - UNCONFIRMED_GRACE_S for s in self.segments)
         return self._busy or not self._queue.empty() or self._clock_end > time.monotonic() or unconfirmed
 
+    @property
+    def unplayed(self) -> bool:
+        """Audio queued, being synthesized, or still playing by the clock:
+        :attr:`busy` without the grace an unconfirmed last sentence gets (a
+        cut now drops something the caller has not heard)."""
+        return self._busy or not self._queue.empty() or self._clock_end > time.monotonic()
+
     def interrupt(self, by_clock: bool = False) -> None:
         """Barge-in: drop queued and in-flight sentences; the transport sends
         its carrier's clear. What had played is settled now, from the marks

@@ -181,6 +181,10 @@ class CallSession:
         # A re-attached call brought words back unanswered (start): the
         # keypad answer's timer answers them too.
         self._answer_carried = False
+        # The server answers without being asked (carried words after a
+        # re-attach, a reply a noise cut): False where the client asks for
+        # every reply (Realtime's response.create), set by its transport.
+        self.answers_unasked = True
         self._tasks: set[asyncio.Task[None]] = set()
         # (stream position in s at the end of a fed frame, monotonic arrival)
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)
@@ -292,7 +296,7 @@ class CallSession:
         self._last_audio_at = time.monotonic()
         if KEYPRESS_PREFIX in self.carry_over:
             self._arm_keypad_answer()  # keys a re-attached call brought back, still unanswered
-        elif self.carry_over and self.asr_config.auto_turns:
+        elif self.carry_over and self.asr_config.auto_turns and self.answers_unasked:
             # Words the caller said before the line dropped (the turn being
             # decoded or answered): answered as the keys are, once the caller
             # has not gone on; they used to wait, in silence, for the next
@@ -1260,7 +1264,7 @@ class CallSession:
         caller heard, once the empty turn is over, unless the caller has
         started again or something else is being answered. Before, the
         caller heard half an answer and then silence."""
-        if self.asr_config.auto_turns:  # push-to-talk: the client says when to answer
+        if self.asr_config.auto_turns and self.answers_unasked:  # push-to-talk: the client says when
             self._spawn(self._go_on_after_noise(self._active))
 
     async def _go_on_after_noise(self, empty: Turn | None) -> None:

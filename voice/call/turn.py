@@ -119,7 +119,7 @@ class SpokenFirst:
 
     text: str | None = None
     instructions: str | None = None
-    # It goes on with a reply a noise cut (CallSession.go_on_after_noise):
+    # It goes on with a reply a noise cut (the session's go_on_after_noise):
     # with nothing new to say it says nothing, not the fallback nor the
     # reply it would repeat.
     goes_on: bool = False

@@ -147,9 +147,11 @@ class TelephonyCall:
     # a dropped call. Realtime and the native protocol put asr_failed on
     # the wire, and their client decides.
     says_asr_failures = True
-    # A reply a noise cut goes on (ServerConfig.go_on_after_noise). Not where
-    # the client asks for each reply (Realtime: response.create).
-    goes_on_after_noise = True
+    # The server answers without being asked: words a re-attached call
+    # brought back, a reply a noise cut going on (ServerConfig
+    # .go_on_after_noise). Not where the client asks for each reply
+    # (Realtime: response.create).
+    answers_unasked = True
     # Called with every new call: lets tests and tooling watch calls that
     # carriers cannot show (they carry no transcript events on the wire).
     observers: ClassVar[list[Callable[[TelephonyCall], None]]] = []
@@ -159,6 +161,7 @@ class TelephonyCall:
         self.session = CallSession(runtime, self._on_session_event)
         self.session.on_superseded = lambda: self.end_call(SUPERSEDED)
         self.session.heard_now = self.heard_so_far
+        self.session.answers_unasked = self.answers_unasked
         self.call_id = self.session.call_id
         self._tts = tts
         self.playout: Playout | None = None
@@ -402,10 +405,13 @@ class TelephonyCall:
         elif kind == "turn.empty" and self._cut_by_speech is not None:
             # The speech that cut the reply held no words: a noise.
             self._cut_by_speech = None
-            if self.goes_on_after_noise and self.runtime.config.go_on_after_noise:
+            if self.answers_unasked and self.runtime.config.go_on_after_noise:
                 self.session.go_on_after_noise()
-        elif kind in ("transcript.final", "response.sentence", "error"):
-            # The caller said something, another reply began, or the turn failed.
+        elif kind in ("transcript.final", "error") or (
+            kind == "response.sentence" and ev.get("turn") != self._cut_by_speech
+        ):
+            # The caller said something, the turn failed, or another reply
+            # began (not a late sentence of the reply cut).
             self._cut_by_speech = None
         if kind == "response.sentence" and self.playout is not None:
             turn = int(ev["turn"])
@@ -465,10 +471,15 @@ class TelephonyCall:
 
     async def barge_in(self) -> None:
         """The caller talks: stop the reply's audio if any is still out there."""
+        # Something the caller had not heard yet is dropped: audio still to
+        # play, or a reply still being written. Not the grace an unconfirmed
+        # last sentence keeps the playout busy for: a cough just after a reply
+        # ended would have it "go on" with a reply heard in full.
+        dropping = self.playout is not None and (self.playout.unplayed or self.session.reply_in_flight())
         cut = await self.cut_reply("barge-in")
         if cut is not None:
             self.barge_ins += 1
-            self._cut_by_speech = cut
+            self._cut_by_speech = cut if dropping else None
 
     def playing(self) -> int | None:
         """The turn whose reply audio is queued or (by the clock) still

@@ -104,7 +104,7 @@ class RealtimeCall(WebSocketCall):
     unmetered_events = frozenset({"input_audio_buffer.append"})
     refuse_bad_start = False  # an error event says why
     says_asr_failures = False  # transcription.failed: the client decides what the caller hears
-    goes_on_after_noise = False  # each reply is the client's to create
+    answers_unasked = False  # each reply is the client's to create
     # The session is the connection (session.created at open); its call
     # starts with the first audio, which a client may hold back for long.
     starts_with_message = False
