@@ -123,7 +123,9 @@ class NaiveSession:
             if ended is not None:
                 await self._on_event(ended, time.monotonic())
 
-    async def stop(self, reason: str = "client_stop", heard: dict[int, str] | None = None) -> None:
+    async def stop(
+        self, reason: str = "client_stop", heard: dict[int, str] | None = None, ended_by_server: bool = False
+    ) -> None:
         if self.closed:
             return
         self.closed = True
@@ -137,6 +139,12 @@ class NaiveSession:
 
     def reply_heard(self, turn: int, heard: str) -> None:
         keep_heard(self.history, self._replies, turn, heard)
+
+    def reply_in_flight(self) -> bool:
+        return self._reply is not None and not self._reply.done()
+
+    def go_on_after_noise(self) -> None:
+        """A naive cascade leaves a reply a noise cut as it is."""
 
     def dtmf(self, digit: str) -> None:
         self._pending_text = " ".join(filter(None, [self._pending_text, f"[caller pressed {digit}]"]))
