@@ -222,7 +222,6 @@ class ASRWorker:
             # Arrival order for everything (_due ignores the priority here).
             self._enqueue(_Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, now, marks))
             return future
-        since = now
         old = self._pending_partial.get(call_id)
         old_live = old is not None and old.live
         shed_at = self.config.shed_partials_above * max(1, self.config.batch_size)
@@ -230,8 +229,7 @@ class ASRWorker:
         # The call's queued partial is replaced only by a decode that is
         # taken: shed after it was cancelled, the call had neither (its
         # caption, or the pause decode that chooses its endpoint window).
-        depth = self.queue_depth - int(old_live)
-        if not final and (finals_block or depth >= shed_at or self._over_share(call_id, now)):
+        if not final and (finals_block or self.queue_depth - old_live >= shed_at or self._over_share(call_id, now)):
             # Under load, partials are the first thing to go: a caller waiting
             # for a reply matters more than a live caption.
             self.shed_partials += 1
@@ -246,12 +244,8 @@ class ASRWorker:
                 self.on_over_budget()
             future.cancel()
             return future
-        if old is not None:
-            del self._pending_partial[call_id]
-            if old_live:
-                since = old.waiting_since
-                old.future.cancel()
-                self._waiting.pop(old.seq, None)
+        replaced = self._drop_partial(call_id)
+        since = now if replaced is None else replaced.waiting_since
         job = _Job(priority, next(self._seq), call_id, audio, future, self._window(audio), now, since, marks)
         if final:
             self._finals_waiting += 1
@@ -272,10 +266,16 @@ class ASRWorker:
             self._ended[call_id] = now
             if len(self._ended) > USAGE_MAX_CALLS:  # bounded: only the last minute's are read
                 self._ended = {c: at for c, at in self._ended.items() if now - at < ENDED_KEPT_S}
+        self._drop_partial(call_id)
+
+    def _drop_partial(self, call_id: str) -> _Job | None:
+        """Cancel the call's queued partial; the one cancelled, if it was live."""
         job = self._pending_partial.pop(call_id, None)
-        if job is not None and job.live:
-            job.future.cancel()
-            self._waiting.pop(job.seq, None)
+        if job is None or not job.live:
+            return None
+        job.future.cancel()
+        self._waiting.pop(job.seq, None)
+        return job
 
     def _window(self, audio: np.ndarray) -> int:
         seconds = min(len(audio), MAX_WINDOW_S * SAMPLE_RATE) / SAMPLE_RATE  # the decoder keeps the last 30 s
