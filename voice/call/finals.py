@@ -68,13 +68,14 @@ class OneFinalPerCall:
             gone: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             gone.cancel()
             return gone
-        # A final cancelled just now (a forced end cancels the preemptive
-        # turn, whose final carried talked-over audio, and submits its own
-        # in the same step) has not run its done-callback yet: its carried
-        # audio is taken here, or this final went without those words.
-        for future in [f for f in self._carrying if f.cancelled()]:
-            self._settled(future)
+        # Finals given up since the last one (cancelled by their owner)
+        # hand on the talked-over audio they carried, in the order they were
+        # submitted. Taken here, not in a done-callback: a forced end cancels
+        # the preemptive turn and submits its own final in the same step,
+        # before any callback runs, and this final went without those words.
         carried = self._orphaned
+        for future in [f for f in self._carrying if f.cancelled()]:
+            carried = newest(np.concatenate([carried, self._carrying.pop(future)]))
         self._orphaned = np.zeros(0, np.float32)
         nothing_waits = self._waiting is None or self._waiting.done()
         if (self._queued is None or self._queued.done()) and nothing_waits:
@@ -124,12 +125,10 @@ class OneFinalPerCall:
             future.add_done_callback(self._settled)
 
     def _settled(self, future: asyncio.Future[Any]) -> None:
-        carried = self._carrying.pop(future, None)
-        if carried is None or self._closed:
-            return
         if future.cancelled():
-            self._orphaned = newest(np.concatenate([self._orphaned, carried]))
-        else:
+            return  # its carried audio leads the next final (submit takes it)
+        carried = self._carrying.pop(future, None)
+        if carried is not None and not self._closed:
             self._decoded_carry = (future, carried)
 
     def abandon(self, future: asyncio.Future[Any]) -> None:
@@ -151,6 +150,7 @@ class OneFinalPerCall:
     def close(self) -> None:
         """The call is over: nothing of it is handed to the worker any more."""
         self._closed = True
+        self._carrying.clear()
         for future in (self._waiting, self._queued):
             if future is not None and not future.done():
                 future.cancel()
