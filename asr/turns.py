@@ -67,9 +67,9 @@ class TurnTracker:
         self._pre: deque[np.ndarray] = deque(maxlen=self._pre_chunks)
         self._pending = np.zeros(0, dtype=np.float32)
         self._position_chunks = 0
-        # The last turn was cut by the length cap mid-speech: the next voiced
-        # chunk continues it (cleared by a silent chunk in between).
-        self._continues_cut_turn = False
+        # Where (in chunks) the length cap last cut a turn mid-speech: voice
+        # again within the endpoint window of it is the same speech going on.
+        self._cut_at: int | None = None
         self._reset_turn()
 
     def _reset_turn(self) -> None:
@@ -131,7 +131,6 @@ class TurnTracker:
             silent = self._soft_held * CHUNK_S > cfg.vad_soft_hold_max_s + 1e-9
         if not self._in_turn:
             if not voiced:
-                self._continues_cut_turn = False
                 self._pre.append(chunk)
                 return None
             self._in_turn = True
@@ -152,8 +151,7 @@ class TurnTracker:
                 event = Resumed()
         elif silent:
             self._silent_run += 1
-        if not self._confirmed and (self._voiced_chunks * CHUNK_S >= cfg.min_speech_s or self._continues_cut_turn):
-            self._continues_cut_turn = False
+        if not self._confirmed and (self._voiced_chunks * CHUNK_S >= cfg.min_speech_s or self._goes_on_after_cut()):
             self._confirmed = True
             event = SpeechStarted(self._first_voiced * CHUNK_S)
         if self._confirmed and not self._paused and self._silent_run * CHUNK_S >= cfg.pause_s - 1e-9:
@@ -182,7 +180,7 @@ class TurnTracker:
             ended = self._end_turn(forced=forced)
             # Cut mid-speech: the words right after are the same speech, a
             # turn however short (a last word under min_speech_s was dropped).
-            self._continues_cut_turn = forced
+            self._cut_at = self._position_chunks if forced else None
             return ended
         if not self._confirmed and len(self._chunks) * CHUNK_S >= UNCONFIRMED_CAP_S:
             # VAD hovering just under the threshold for seconds: noise, not a
@@ -190,6 +188,13 @@ class TurnTracker:
             self._reset_turn()
             return None
         return event
+
+    def _goes_on_after_cut(self) -> bool:
+        """This turn's voice began within the endpoint window of a cut by
+        the length cap: it is the speech that was cut, going on."""
+        if self._cut_at is None:
+            return False
+        return (self._first_voiced - self._cut_at) * CHUNK_S < self._initial_window()
 
     def _partial_if_due(self) -> PartialDue | None:
         cfg = self.config

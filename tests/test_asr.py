@@ -214,12 +214,15 @@ def test_push_to_talk_keeps_an_answer_shorter_than_min_speech_until_the_commit()
     assert ended.speech_end_audio_s == pytest.approx(15 * 0.032)
 
 
-def test_a_last_word_after_the_length_cap_is_a_turn_however_short() -> None:
+@pytest.mark.parametrize("gap_chunks", [0, 3])
+def test_a_last_word_after_the_length_cap_is_a_turn_however_short(gap_chunks: int) -> None:
     """The 28 s cap ends a turn mid-speech; the words right after are the
-    same speech. A last word under min_speech_s was dropped as a click."""
+    same speech, also after a short gap between words. A last word under
+    min_speech_s was dropped as a click."""
     cfg = ASRConfig(adaptive_endpoint=False, endpoint_silence_s=0.7)
     cap_chunks = round(cfg.max_utterance_s / 0.032)
-    probs = [0.9] * (cap_chunks + 4) + [0.0] * 40 + [0.9] * 4 + [0.0] * 40  # then a lone click: dropped
+    probs = [0.9] * cap_chunks + [0.0] * gap_chunks + [0.9] * 4
+    probs += [0.0] * 40 + [0.9] * 4 + [0.0] * 40  # then a lone click: dropped
     tracker = TurnTracker(cfg, BandVAD(probs))  # type: ignore[arg-type]
     ends = []
     for _ in range(len(probs)):
