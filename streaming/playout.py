@@ -171,9 +171,12 @@ class Playout:
 
     @property
     def busy(self) -> bool:
-        """Audio queued, being synthesized, or (by the clock) still playing."""
-        unconfirmed = any(not s.played and s.end_s > time.monotonic() - UNCONFIRMED_GRACE_S for s in self.segments)
-        return self._busy or not self._queue.empty() or self._clock_end > time.monotonic() or unconfirmed
+        """:attr:`unplayed`, or a sentence whose mark has not come back within
+        UNCONFIRMED_GRACE_S of its end by the clock."""
+        if self.unplayed:
+            return True
+        since = time.monotonic() - UNCONFIRMED_GRACE_S
+        return any(not s.played and s.end_s > since for s in self.segments)
 
     @property
     def unplayed(self) -> bool:

@@ -36,7 +36,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,12 +174,12 @@ class Session:
         self.serial = serial  # what logs name it by: the SIP Call-ID is the far end's text
         params = {**bridge.parameters, **{k: v for k, v in info.items() if v}}
         # The Twilio side of the call; used on the asyncio thread only (it
-        # numbers the messages). Its callSid is minted per leg, never the
-        # SIP Call-ID: firstline keys a call's stored conversation by its
+        # numbers the messages). Its callSid is its own per leg (Twilio mints
+        # one), never the SIP Call-ID: firstline keys a call's stored conversation by its
         # callSid, and the Call-ID is the far end's choice (an INVITE reusing
         # another call's took that call over; SIPp's default repeats). The
         # Call-ID goes along as a custom parameter.
-        self.wire = Twilio(call_sid="CA" + uuid.uuid4().hex, parameters=params)
+        self.wire = Twilio(parameters=params)
         # Caller audio (μ-law), or ("mark", name) / ("dtmf", digit) to send in order with it.
         self.inbound: asyncio.Queue[tuple[float, bytes | tuple[str, str]] | None] = asyncio.Queue(maxsize=500)
         # Reply audio waiting for its 20 ms slot, with the time its websocket
