@@ -358,3 +358,12 @@ async def test_twilio_a_reply_cut_by_a_noise_goes_on(server):
             going_on = await watcher.wait_event(call, "response.sentence", turn=3, timeout=60)
             assert going_on["text"]
             assert call.session.history.replies.get(1), "what the caller heard of the cut reply is kept"
+            written = " ".join(e["text"] for e in CallWatcher.of(call, "response.sentence") if e["turn"] == 1)
+            heard = call.session.history.replies[1]["content"]
+            assert heard != written and written.startswith(heard), "the history keeps only what was heard"
+            # Once per reply: a go-on that a noise cuts again stays cut (a TV
+            # on the line had the engine writing go-ons without end).
+            call.session.go_on_after_noise(3)
+            await watcher.wait_event(call, "response.done", turn=3, timeout=60)
+            await asyncio.sleep(1.0)
+            assert not [e for e in CallWatcher.of(call, "response.sentence") if e["turn"] > 3]

@@ -143,7 +143,7 @@ class NaiveSession:
     def reply_in_flight(self) -> bool:
         return self._reply is not None and not self._reply.done()
 
-    def go_on_after_noise(self) -> None:
+    def go_on_after_noise(self, cut: int) -> None:
         """A naive cascade leaves a reply a noise cut as it is."""
 
     def dtmf(self, digit: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import functools
 import hashlib
 import logging
 import secrets
@@ -37,7 +38,8 @@ from asr.end_of_turn import (
     whisper_marks,
 )
 from asr.endpointing import endpoint_window
-from asr.turns import CHUNK_S, PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
+from asr.turns import PartialDue, Paused, Resumed, SpeechStarted, TurnEnded, TurnTracker
+from asr.vad import CHUNK
 from asr.whisper import Decoded
 from llm.base import EngineError, GenerationRequest, PromptTooLong, SentenceEndUnsupported, Usage
 from llm.config import example_messages
@@ -136,6 +138,12 @@ def llm_session_key(resume_key: str) -> str:
     return "call-" + hashlib.sha256(resume_key.encode()).hexdigest()[:32]
 
 
+def _line_time(line_at: float, offset: int) -> float:
+    """When the line's audio at sample ``offset`` after ``line_at`` was
+    said, never later than now (a silent-line fill's clock)."""
+    return min(time.monotonic(), line_at + offset / ASR_RATE)
+
+
 class CallSession:
     def __init__(self, runtime: Runtime, emit: Emit, call_id: str | None = None) -> None:
         self.runtime = runtime
@@ -178,9 +186,7 @@ class CallSession:
         self._smart_turn_busy = False
         self._sentence_end_busy = False
         self._prefilling = False
-        # A re-attached call brought words back unanswered (start): the
-        # keypad answer's timer answers them too.
-        self._answer_carried = False
+        self._gone_on: int | None = None  # the last turn that went on after a noise
         # The server answers without being asked (carried words after a
         # re-attach, a reply a noise cut): False where the client asks for
         # every reply (Realtime's response.create), set by its transport.
@@ -194,8 +200,9 @@ class CallSession:
         self._cleared_s = 0.0
         self._fed_s = 0.0
         self._last_audio_at = 0.0  # monotonic arrival of the last frame
-        self._last_frame_arrived = 0.0  # the same, never moved on by a feed that waited or a fill
-        self._filled_to = 0.0  # the line's time a silent-line fill reached (_fill_silent_line)
+        # The line's own time: the last real frame's arrival, or where a
+        # silent-line fill since has taken it (_fill_silent_line).
+        self._line_at = 0.0
         self._message_s = 0.0  # audio seconds in the client's last message
         self._turn_ending = False  # _on_turn_end waits for the old turn: see reply_in_flight
         # Audio frames and the silent-line filler feed the tracker in turn.
@@ -298,11 +305,10 @@ class CallSession:
             self._arm_keypad_answer()  # keys a re-attached call brought back, still unanswered
         elif self.carry_over and self.asr_config.auto_turns and self.answers_unasked:
             # Words the caller said before the line dropped (the turn being
-            # decoded or answered): answered as the keys are, once the caller
-            # has not gone on; they used to wait, in silence, for the next
+            # decoded or answered): answered now, as keys are, unless the
+            # caller has gone on; they used to wait, in silence, for the next
             # thing the caller said. (Push-to-talk: the client says when.)
-            self._answer_carried = True
-            self._arm_keypad_answer()
+            self._arm_keypad_answer(carried=self.carry_over)
         if self.asr_config.auto_turns and self.asr_config.silent_line_s > 0:
             self._spawn(self._fill_silent_line())
         # A call that re-attached mid-conversation is not picked up again:
@@ -483,25 +489,26 @@ class CallSession:
         await self._feed(samples)
 
     async def _feed(self, samples: np.ndarray) -> None:
-        arrived = self._last_frame_arrived = time.monotonic()
+        arrived = self._line_at = time.monotonic()
         async with self._feed_lock:
-            await self._feed_in_steps(samples, arrived)
+            # Every step is timed from when the audio came, not from when it
+            # ran: under load that made a speech end late and its TTFS short.
+            await self._feed_steps(samples, lambda _offset: arrived)
 
-    async def _feed_in_steps(self, samples: np.ndarray, arrived: float | None = None) -> bool:
-        """``_feed_locked`` a step at a time, other calls running between
-        steps: one carrier message may hold 8 s of audio (64 KiB of mu-law),
-        and its VAD work held the shared loop at once. True when a turn ended. Every step is timed from when
-        the audio came (``arrived``), not from when its step ran: under load
-        that made a turn's speech end late and its TTFS short."""
-        arrived = time.monotonic() if arrived is None else arrived
-        ended = False
-        for start in range(0, max(len(samples), 1), FEED_STEP_SAMPLES):
-            if start:
+    async def _feed_steps(self, samples: np.ndarray, timed: Callable[[int], float], fine: int = 0) -> None:
+        """``_feed_locked`` a step at a time (under the feed lock), other
+        calls running between steps: one carrier message may hold 8 s of
+        audio (64 KiB of mu-law), and its VAD work held the shared loop at
+        once. ``timed``: when the audio at a sample offset came; its first
+        ``fine`` samples go a VAD chunk at a time, each with its own time."""
+        fine = min(fine, len(samples))
+        starts = [*range(0, fine, CHUNK), *range(fine, max(len(samples), 1), FEED_STEP_SAMPLES)]
+        for start, end in zip(starts, [*starts[1:], len(samples)], strict=True):
+            if start > fine:
                 await asyncio.sleep(0)
                 if self.closed:
-                    break
-            ended = await self._feed_locked(samples[start : start + FEED_STEP_SAMPLES], arrived) or ended
-        return ended
+                    return
+            await self._feed_locked(samples[start:end], timed(start))
 
     async def _feed_locked(self, samples: np.ndarray, now: float | None = None) -> bool:
         """Feed the tracker and act on its events (``now``: when the audio
@@ -557,22 +564,13 @@ class CallSession:
                 fill = np.concatenate([tail, np.zeros(silence, dtype=np.float32)])
                 # Timed as the line's own time: the tail at the last real
                 # frame, each filled chunk as much later as the silence before
-                # it (never past now). Timed at the fill, a speech end in the
-                # caller's last VAD chunks read 0.5-0.75 s late, and the turn's
-                # TTFS that much shorter than the caller waited.
-                # Chunk by chunk for its first second, where the caller's last
-                # word ends; then in feed steps, other calls running between.
-                line_at = max(self._last_frame_arrived, self._filled_to) or time.monotonic()
-                chunk = round(CHUNK_S * ASR_RATE)
-                fine = min(len(fill), ASR_RATE)
-                starts = [*range(0, fine, chunk), *range(fine, len(fill), FEED_STEP_SAMPLES)]
-                for start, end in zip(starts, [*starts[1:], len(fill)], strict=True):
-                    if self.closed or self._tracker is not tracker:
-                        break
-                    await self._feed_locked(fill[start:end], min(time.monotonic(), line_at + start / ASR_RATE))
-                    if start >= fine:
-                        await asyncio.sleep(0)
-                self._filled_to = line_at + len(fill) / ASR_RATE
+                # it (never past now), chunk by chunk for the first second,
+                # where the caller's last word ends. Timed at the fill, a
+                # speech end in the caller's last VAD chunks read 0.5-0.75 s
+                # late, and the turn's TTFS that much shorter than they waited.
+                line_at = self._line_at
+                await self._feed_steps(fill, functools.partial(_line_time, line_at), fine=ASR_RATE)
+                self._line_at = line_at + len(fill) / ASR_RATE
 
     def _held_back(self) -> np.ndarray:
         """What the input resampler still holds of the caller's audio."""
@@ -1258,23 +1256,32 @@ class CallSession:
         self._abort_pending()
         return self._start_audioless_turn(spoken_first=first)
 
-    def go_on_after_noise(self) -> None:
-        """A barge-in cut the reply, and the speech that cut it held no
-        words (a cough, a door, the TV): the reply goes on from what the
-        caller heard, once the empty turn is over, unless the caller has
-        started again or something else is being answered. Before, the
-        caller heard half an answer and then silence."""
-        if self.asr_config.auto_turns and self.answers_unasked:  # push-to-talk: the client says when
+    def go_on_after_noise(self, cut: int) -> None:
+        """A barge-in cut turn ``cut``'s reply before the caller heard it
+        all, and the speech that cut it held no words (a cough, a door, the
+        TV): the reply goes on from what the caller heard, once the empty
+        turn is over, unless the caller has started again or something else
+        is being answered. Before, the caller heard half an answer and then
+        silence. Once per reply: a go-on a noise cuts again stays cut (a TV
+        on the line would have the engine writing go-ons without end). Not
+        under push-to-talk, nor where the client asks for every reply."""
+        config = self.runtime.config
+        if config.go_on_after_noise and self.asr_config.auto_turns and self.answers_unasked and cut != self._gone_on:
             self._spawn(self._go_on_after_noise(self._active))
 
     async def _go_on_after_noise(self, empty: Turn | None) -> None:
         if empty is not None:
             await asyncio.wait({empty.task})  # it reports turn.empty before it ends
-        talking = (self._tracker is not None and self._tracker.in_speech) or self._pending is not None
-        if self.closed or talking or self.carry_over or self.reply_in_flight() or self._active is not empty:
+        if self.closed or self._caller_talking() or self.carry_over or self.reply_in_flight():
+            return
+        if self._active is not empty:
             return
         log.info("call %s: the reply cut by a noise goes on", self.call_id)
-        self.speak_first(SpokenFirst(instructions=GO_ON_AFTER_NOISE, goes_on=True))
+        self._gone_on = self.speak_first(SpokenFirst(instructions=GO_ON_AFTER_NOISE, goes_on=True))
+
+    def _caller_talking(self) -> bool:
+        """The caller is in a turn: speaking, or paused inside it."""
+        return (self._tracker is not None and self._tracker.in_speech) or self._pending is not None
 
     def _start_audioless_turn(self, **kind: Any) -> int:
         """A committed turn with no audio of its own (``spoken_first``: a
@@ -1305,37 +1312,39 @@ class CallSession:
         self._save_state()  # a call that re-attaches still has them
         self._arm_keypad_answer(at_once=digit == "#")
 
-    def _arm_keypad_answer(self, at_once: bool = False) -> None:
+    def _arm_keypad_answer(self, at_once: bool = False, carried: str = "") -> None:
         """Answer the keypresses waiting in carry_over as a turn of their
         own once no key has come for keypad_answer_s (at once after "#"):
         a caller told "press 1 to confirm" presses 1 and waits, and their
         keys used to wait, in silence, for words they would never say.
-        Speech first takes them into its turn (_keypad_answer waits it out)."""
+        Speech first takes them into its turn (_keypad_answer waits it out).
+        ``carried``: words a re-attached call brought back, answered at once
+        the same way while they still wait."""
         settle = self.runtime.config.keypad_answer_s
-        if settle <= 0 or self.closed or not self.started:
+        if (settle <= 0 and not carried) or self.closed or not self.started:
             return
         if self._keypad_timer is not None:
             self._keypad_timer.cancel()
-        self._keypad_timer = asyncio.get_running_loop().call_later(0.0 if at_once else settle, self._keypad_answer)
+        delay = 0.0 if at_once or carried else settle
+        self._keypad_timer = asyncio.get_running_loop().call_later(delay, self._keypad_answer, carried)
 
     def _disarm_keypad_answer(self) -> None:
         if self._keypad_timer is not None:
             self._keypad_timer.cancel()
             self._keypad_timer = None
 
-    def _keypad_answer(self) -> None:
+    def _keypad_answer(self, carried: str = "") -> None:
         self._keypad_timer = None
-        if self.closed or not (KEYPRESS_PREFIX in self.carry_over or (self._answer_carried and self.carry_over)):
-            self._answer_carried = False
+        waiting = KEYPRESS_PREFIX in self.carry_over or (carried and self.carry_over.startswith(carried))
+        if self.closed or not waiting:
             return  # a turn took them
-        talking = (self._tracker is not None and self._tracker.in_speech) or self._pending is not None
-        if talking or self.reply_in_flight():
+        if self._caller_talking() or self.reply_in_flight():
             # The caller's turn (talking, or paused mid-turn) takes the keys at
             # its decode; a reply past its decode takes no more: look again
             # until one took them or none is under way (keys pressed in a
             # turn's endpoint window, after its pause decode read them, or a
             # turn whose speech recognition failed, left them waiting).
-            self._keypad_timer = asyncio.get_running_loop().call_later(KEYPAD_RECHECK_S, self._keypad_answer)
+            loop = asyncio.get_running_loop()
+            self._keypad_timer = loop.call_later(KEYPAD_RECHECK_S, self._keypad_answer, carried)
             return
-        self._answer_carried = False
         self._start_audioless_turn(keys_only=True)

@@ -147,11 +147,6 @@ class TelephonyCall:
     # a dropped call. Realtime and the native protocol put asr_failed on
     # the wire, and their client decides.
     says_asr_failures = True
-    # The server answers without being asked: words a re-attached call
-    # brought back, a reply a noise cut going on (ServerConfig
-    # .go_on_after_noise). Not where the client asks for each reply
-    # (Realtime: response.create).
-    answers_unasked = True
     # Called with every new call: lets tests and tooling watch calls that
     # carriers cannot show (they carry no transcript events on the wire).
     observers: ClassVar[list[Callable[[TelephonyCall], None]]] = []
@@ -161,7 +156,6 @@ class TelephonyCall:
         self.session = CallSession(runtime, self._on_session_event)
         self.session.on_superseded = lambda: self.end_call(SUPERSEDED)
         self.session.heard_now = self.heard_so_far
-        self.session.answers_unasked = self.answers_unasked
         self.call_id = self.session.call_id
         self._tts = tts
         self.playout: Playout | None = None
@@ -404,9 +398,8 @@ class TelephonyCall:
             await self.barge_in()
         elif kind == "turn.empty" and self._cut_by_speech is not None:
             # The speech that cut the reply held no words: a noise.
-            self._cut_by_speech = None
-            if self.answers_unasked and self.runtime.config.go_on_after_noise:
-                self.session.go_on_after_noise()
+            cut, self._cut_by_speech = self._cut_by_speech, None
+            self.session.go_on_after_noise(cut)
         elif kind in ("transcript.final", "error") or (
             kind == "response.sentence" and ev.get("turn") != self._cut_by_speech
         ):

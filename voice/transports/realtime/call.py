@@ -104,7 +104,6 @@ class RealtimeCall(WebSocketCall):
     unmetered_events = frozenset({"input_audio_buffer.append"})
     refuse_bad_start = False  # an error event says why
     says_asr_failures = False  # transcription.failed: the client decides what the caller hears
-    answers_unasked = False  # each reply is the client's to create
     # The session is the connection (session.created at open); its call
     # starts with the first audio, which a client may hold back for long.
     starts_with_message = False
@@ -114,6 +113,7 @@ class RealtimeCall(WebSocketCall):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.session.answers_unasked = False  # each reply is the client's to create
         request = getattr(self.ws, "request", None)
         # The beta vocabulary: the OpenAI-Beta header, or from a browser
         # (which cannot set headers) the subprotocol OpenAI's clients offer.
