@@ -308,17 +308,16 @@ class CallGuard(CallWatch):
 # as a malformed flood (its address cooled down).
 CONTROL_FRAME_BURST = 50
 CONTROL_FRAMES_PER_S = 10.0
-# Small continuation frames (the second and later fragments of one message,
-# under SMALL_FRAGMENT_BYTES) a websocket may send: this many at once, this
-# many more a second. Only the finished message reaches a call's
-# allowances, and websockets parses and joins each fragment in the shared
-# loop: a message cut into 4096 empty fragments cost 13 ms of CPU for 24 KB
-# on the wire and one audio budget charge, so 75 a second filled a core
-# (before websockets 17.1 a message that never finished piled them up
-# without end). Larger fragments are bounded by the bytes they carry, which
-# the audio budget counts: websocket-sharp (Unity) cuts every message into
-# 1016-byte fragments, 63 a second for a Realtime client at real time. Past
-# it the call ends as a malformed flood.
+# Small continuation frames that do not end their message (under
+# SMALL_FRAGMENT_BYTES) a websocket may send: this many at once, this many
+# more a second. Only the finished message reaches a call's allowances, and
+# websockets parses and joins each fragment in the shared loop: a message
+# cut into thousands of empty fragments was one audio budget charge for as
+# much parsing as thousands of messages. Larger fragments are bounded by the
+# bytes they carry, which the audio budget counts (websocket-sharp, in
+# Unity, cuts every message into 1016-byte fragments), and a message's last
+# fragment by the message allowances. Past it the call ends as a malformed
+# flood.
 CONTINUATION_FRAME_BURST = 256
 CONTINUATION_FRAMES_PER_S = 64.0
 SMALL_FRAGMENT_BYTES = 512
@@ -379,6 +378,7 @@ class FloodGuardedConnection(ServerConnection):
                 self._flood(f"websocket pings past {CONTROL_FRAME_BURST} at once and {CONTROL_FRAMES_PER_S:g} a second")
             elif (
                 event.opcode is Opcode.CONT
+                and not event.fin
                 and len(event.data) < SMALL_FRAGMENT_BYTES
                 and not self._continuations.take()
             ):
