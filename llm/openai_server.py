@@ -59,7 +59,7 @@ from llm.sampling import (
     sampling_from_args,
     shown_name,
 )
-from streaming.addresses import is_loopback
+from streaming.addresses import ConnectionCounts, ConnectionSlot, is_loopback, refusal_bytes
 from streaming.open_files import raise_open_files_limit
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,14 @@ BODY_TIMEOUT_S = 30.0
 # hour. Above the client pools' idle times (aiohttp's 15 s, RemoteEngine's
 # 30 s), so a pooled connection is closed by its client first, not raced.
 KEEPALIVE_S = 75.0
-# Connections one address may hold open at once (--max-connections-per-peer):
-# twice the requests in progress a voice tier may send it, so a replica's
-# pool never meets it. Without one, a peer without the key held sockets by
-# the thousand (one request each 75 s keeps one) until accept() failed for
-# every client, the voice servers' included.
-MAX_CONNECTIONS_PER_PEER = 2 * MAX_REQUESTS
-# What a connection past the cap gets before it is closed: a 429 in OpenAI's
-# shape, which a client reads as busy (RemoteEngine tries the next replica),
-# not a dropped socket, which reads as the engine down. Everything behind a
-# router comes from its one address.
-_TOO_MANY_CONNECTIONS_BODY = json.dumps(
+# What a connection past its address's cap gets before it is closed
+# (--max-connections-per-peer): a 429 in OpenAI's shape, which a client
+# reads as busy (RemoteEngine tries the next replica), not a dropped socket,
+# which reads as the engine down. Everything behind a router comes from its
+# one address.
+TOO_MANY_CONNECTIONS = refusal_bytes(
+    429,
+    "Too Many Requests",
     {
         "error": {
             "message": "too many connections open from one address",
@@ -114,12 +111,17 @@ _TOO_MANY_CONNECTIONS_BODY = json.dumps(
             "param": None,
             "code": 429,
         }
-    }
-).encode()
-TOO_MANY_CONNECTIONS = (
-    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_TOO_MANY_CONNECTIONS_BODY), _TOO_MANY_CONNECTIONS_BODY)
+    },
+    retry_after_s=1,
 )
+
+
+def default_connections_per_peer(max_requests: int) -> int:
+    """Twice the requests in progress a voice tier may send (``max_requests``,
+    MAX_REQUESTS where unbounded), so a replica's pool never meets the cap.
+    Without one, a peer without the key held sockets by the thousand (one
+    request each 75 s keeps one) until accept() failed for every client."""
+    return 2 * (max_requests if max_requests > 0 else MAX_REQUESTS)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
@@ -318,12 +320,14 @@ class OpenAIServer:
         max_requests: int = MAX_REQUESTS,
         stuck_after_s: float = 0.0,
         body_timeout_s: float = BODY_TIMEOUT_S,
-        max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
+        max_connections_per_peer: int | None = None,
     ) -> None:
         self.engine = engine
-        self.max_connections_per_peer = max_connections_per_peer
-        self._open_by_peer: dict[str, int] = {}
-        self._peer_of: dict[Any, str] = {}
+        cap = (
+            default_connections_per_peer(max_requests) if max_connections_per_peer is None else max_connections_per_peer
+        )
+        self._connections = ConnectionCounts(cap)
+        self._slots: dict[Any, ConnectionSlot] = {}  # aiohttp's handler -> its count
         self.refused_connections = 0  # closed at accept: their address was at its cap
         self.body_timeout_s = body_timeout_s
         # An engine with work and no progress (no token, no answer) for this
@@ -366,7 +370,6 @@ class OpenAIServer:
         if 0 < self.max_requests <= self._in_progress:
             response = _error(429, f"busy: {self.max_requests} requests in progress", "rate_limit_exceeded")
             response.headers["Retry-After"] = "1"
-            response.force_close()  # its body is unread
             return response
         self._in_progress += 1
         try:
@@ -695,28 +698,23 @@ class OpenAIServer:
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             made(handler, transport)
             peer = transport.get_extra_info("peername")
-            host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-            count = self._open_by_peer.get(host, 0)
-            if 0 < self.max_connections_per_peer <= count:
+            slot = self._connections.open(str(peer[0]) if isinstance(peer, tuple) and peer else None)
+            if slot is None:
                 self.refused_connections += 1
                 level = logging.WARNING if self.refused_connections == 1 else logging.DEBUG
-                log.log(level, "connection closed at accept: %d already open from one address", count)
+                log.log(level, "connection from %s closed at accept: %d already open from it", peer[0],
+                        self._connections.cap)  # fmt: skip
                 # Nothing of it is read: answered and closed.
                 transport.pause_reading()
                 transport.write(TOO_MANY_CONNECTIONS)
                 transport.close()
                 return
-            self._open_by_peer[host] = count + 1
-            self._peer_of[handler] = host
+            self._slots[handler] = slot
 
         def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-            host = self._peer_of.pop(handler, None)
-            if host is not None:
-                left = self._open_by_peer[host] - 1
-                if left:
-                    self._open_by_peer[host] = left
-                else:
-                    del self._open_by_peer[host]
+            slot = self._slots.pop(handler, None)
+            if slot is not None:
+                slot.close()
             lost(handler, exc)
 
         server.connection_made, server.connection_lost = connection_made, connection_lost
@@ -779,8 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-connections-per-peer",
         type=int,
-        default=MAX_CONNECTIONS_PER_PEER,
-        help="connections one address may hold open, more are closed at accept (0: no cap)",
+        default=None,
+        help="connections one address (an IPv6 /64) may hold open, more are answered 429 at accept "
+        "(default: twice --max-requests; 0: no cap)",
     )
     p.add_argument(
         "--listen-fd", type=int, default=None, help="serve on this inherited listening socket (the supervisor's)"
@@ -903,7 +902,9 @@ async def serve(args: argparse.Namespace, config: LLMConfig) -> int:
         max_requests=max(0, args.max_requests),
         stuck_after_s=default_stuck_after_s(config) if args.stuck_after_s is None else args.stuck_after_s,
         body_timeout_s=max(0.0, args.body_timeout_s),
-        max_connections_per_peer=max(0, args.max_connections_per_peer),
+        max_connections_per_peer=None
+        if args.max_connections_per_peer is None
+        else max(0, args.max_connections_per_peer),
     )
     log.debug("open files limit: %d", raise_open_files_limit())
     stop = asyncio.Event()

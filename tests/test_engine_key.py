@@ -125,6 +125,10 @@ async def peer_without_the_key_holds_nothing(port: int) -> None:
     assert answer.startswith(b"HTTP/1.1 401") and b"Connection: close" in answer, answer[:200]
     writer.close()
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+    reading = asyncio.ensure_future(held[-1][0].read(1))
+    done, _ = await asyncio.wait({reading}, timeout=0.3)
+    reading.cancel()
+    assert not done, "the cap's last connection was refused too (an idle accepted one hears nothing)"
     extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", port)
     async with asyncio.timeout(10):
         refused = await extra_reader.read()  # answered at accept (busy, not down) and closed

@@ -14,10 +14,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from streaming.addresses import address_allowed, normalize_address, parse_networks
 from tests.conftest import loopback_alias_works, refused_once_released
 from tests.conftest import side_server as shared_side_server
 from voice.server.app import VoiceServer
-from voice.server.registry import address_allowed, normalize_address, parse_networks
 from voice.transports.audiosocket import KIND_HANGUP, KIND_UUID, message
 
 REFUSED = message(KIND_HANGUP)  # a hang-up alone: the dialplan goes on to its fallback

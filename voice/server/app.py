@@ -27,19 +27,14 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from streaming.addresses import Network, address_allowed, parse_networks
 from voice.call.store import StoreError
 from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
 from voice.server.config import ServerConfig
 from voice.server.limits import MALFORMED_FLOOD, CallEnd, FloodGuardedConnection, bind_source, guard_of
 from voice.server.metrics import CONTENT_TYPE
-from voice.server.registry import (
-    CallRegistry,
-    CallTicket,
-    Network,
-    address_allowed,
-    parse_networks,
-)
+from voice.server.registry import CallRegistry, CallTicket
 from voice.server.routes import NATIVE_PATH, WS_ROUTES, CallHandler
 from voice.server.runtime import Runtime
 from voice.server.signatures import SIGNATURE_HEADER, candidate_urls

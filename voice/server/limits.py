@@ -25,10 +25,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event
 
+from streaming.addresses import refusal_bytes
 from streaming.rate import KeyedBuckets, TokenBucket
 
 if TYPE_CHECKING:
-    from voice.server.registry import ConnectionSlot
+    from streaming.addresses import ConnectionSlot
 
 log = logging.getLogger(__name__)
 
@@ -328,10 +329,10 @@ UNSENT_PAST_LIMIT = 4
 
 # What a connection past its source's cap gets before it is closed: no
 # handshake is read, but a client (or the operator's curl) is told why.
-_TOO_MANY_BODY = b'{"reason": "connection_limit", "error": "too many connections open from one address"}'
-TOO_MANY_CONNECTIONS = (
-    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
+TOO_MANY_CONNECTIONS = refusal_bytes(
+    429,
+    "Too Many Requests",
+    {"reason": "connection_limit", "error": "too many connections open from one address"},
 )
 
 

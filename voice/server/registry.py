@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from streaming.addresses import (
+    ConnectionCounts,
+    ConnectionSlot,
+    Network,
+    address_allowed,
+    normalize_address,
+    parse_networks,
+)
 from streaming.rate import KeyedBuckets
 from voice.server import client_secrets
 from voice.server.admission import AdmissionController, Refusal
@@ -39,57 +46,6 @@ WARN_EVERY_S = 60.0
 # Ends that put the caller's address in the cool-down (CallLimits.abuse_cooldown_s).
 ABUSE_ENDS = (AUDIO_FLOOD, SLOW_READER, MALFORMED_FLOOD)
 COOLDOWN_MAX_ADDRESSES = 4096
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(values: Iterable[str]) -> list[Network]:
-    """``--audiosocket-allow`` values: CIDRs or single addresses."""
-    return [ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip()]
-
-
-def _ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if address is None:
-        return None
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # no IPv6 zone
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
-    return ip
-
-
-# An IPv6 host gets a whole /64 (RFC 6177 and every ISP's practice) and may
-# pick a new address in it per connection: per-address limits and logs count
-# the /64 as one source, or a cap of 8 calls would be a cap of 2^64.
-IPV6_SOURCE_PREFIX = 64
-
-
-def normalize_address(address: str | None) -> str | None:
-    """One spelling per source, so the per-address cap counts it once: an
-    IPv4 address, or an IPv6 address's /64 (loopback stays itself)."""
-    ip = _ip(address)
-    if ip is None:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:
-        return str(ipaddress.IPv6Network((ip, IPV6_SOURCE_PREFIX), strict=False))
-    return str(ip)
-
-
-def address_allowed(address: str | None, allow: list[Network]) -> bool:
-    """Whether ``address`` (or a source as normalize_address keys it, an IPv6
-    /64: all of it) is in one of ``allow`` (an empty list allows all)."""
-    if not allow:
-        return True
-    if address is not None and "/" in address:
-        try:
-            source = ipaddress.ip_network(address, strict=False)
-        except ValueError:
-            return False
-        return any(source.version == net.version and source.subnet_of(net) for net in allow)  # type: ignore[arg-type]
-    ip = _ip(address)
-    return ip is not None and any(ip.version == net.version and ip in net for net in allow)
 
 
 @dataclass(eq=False)
@@ -109,24 +65,6 @@ class CallTicket:
     task: asyncio.Task[object] | None = None
 
 
-@dataclass(eq=False)
-class ConnectionSlot:
-    """One open connection counted against its source (closed once)."""
-
-    key: str | None
-    counts: dict[str, int]
-
-    def close(self) -> None:
-        if self.key is None:
-            return
-        left = self.counts.get(self.key, 1) - 1
-        if left > 0:
-            self.counts[self.key] = left
-        else:
-            self.counts.pop(self.key, None)
-        self.key = None
-
-
 class CallRegistry:
     def __init__(self, runtime: Runtime, admission: AdmissionController, config: ServerConfig) -> None:
         self.runtime = runtime
@@ -142,7 +80,7 @@ class CallRegistry:
         self._cooldown: dict[str, float] = {}
         # source -> connections open on the websocket and AudioSocket
         # listeners (an entry lives as long as one of its connections).
-        self._connections: dict[str, int] = {}
+        self._connections = ConnectionCounts()
         self._connection_exempt = self._exempt + parse_networks(config.trusted_proxies)
         # source -> its allowance of new calls (ServerConfig.call_rate_per_address).
         # The burst: twice the per-address cap (off with the cap).
@@ -212,20 +150,18 @@ class CallRegistry:
         """Count a connection from ``address`` at accept; None when its
         source already holds the cap (ServerConfig.max_connections_per_address),
         and the listener turns it away before reading a byte of it."""
-        cap = self.config.connections_per_address
-        exempt = bool(self._connection_exempt) and address_allowed(address, self._connection_exempt)
-        if cap <= 0 or address is None or exempt:
-            return ConnectionSlot(None, self._connections)
-        key = normalize_address(address) or address
-        if self._connections.get(key, 0) >= cap:
+        cap = self._connections.cap = self.config.connections_per_address
+        if self._connection_exempt and address_allowed(address, self._connection_exempt):
+            return ConnectionSlot(None, self._connections.counts)
+        slot = self._connections.open(address)
+        if slot is None:
             self.runtime.metrics.call_refused("connection_limit")
+            key = normalize_address(address) or address or "?"
             self._log_refusal(logging.INFO, listener, key, f"over {cap} connections open from one address")
-            return None
-        self._connections[key] = self._connections.get(key, 0) + 1
-        return ConnectionSlot(key, self._connections)
+        return slot
 
     def connections_open(self, address: str) -> int:
-        return self._connections.get(normalize_address(address) or address, 0)
+        return self._connections.open_from(address)
 
     # ---- admission -----------------------------------------------------
 
