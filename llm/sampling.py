@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from streaming.shown import shown_value
+
 # llama.cpp reads a seed as uint32 and takes 0xFFFFFFFF as "random"; the same
 # range everywhere keeps a seeded reply reproducible on every engine.
 MAX_SEED = 2**32 - 2
@@ -345,18 +347,6 @@ def _range(low: float, high: float | None, low_open: bool) -> str:
     if high is None:
         return f">= {fmt(low)}"
     return f"in {'(' if low_open else '['}{fmt(low)}, {fmt(high)}]"
-
-
-def shown_value(value: object) -> str:
-    """A wrong value as an error repeats it: a string cut short, any other
-    kind by its type (the repr of a list nested 900 deep recursed past
-    Python's limit, and ended the call as an internal error)."""
-    if isinstance(value, str):
-        return repr(value[:60])
-    if value is None or isinstance(value, bool | int | float):
-        return repr(value)[:60]
-    kind = {list: "array", dict: "object"}.get(type(value), type(value).__name__)
-    return f"a JSON {kind}"
 
 
 def _number(obj: SamplingParams, name: str, low: float, high: float, low_open: bool = False, hint: str = "") -> None:

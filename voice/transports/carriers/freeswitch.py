@@ -30,8 +30,8 @@ import json
 import logging
 from typing import Any
 
-from llm.sampling import shown_value
 from streaming.playout import OutFormat
+from streaming.shown import shown_value
 from voice.transports.carriers.parameters import start_from_parameters
 from voice.transports.media_json import MAX_TEXT_FRAME, WebSocketCall, b64encode
 from voice.transports.telephony import MalformedMessage, UnsupportedMedia
