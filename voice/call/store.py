@@ -128,7 +128,7 @@ if ARGV[1] == '' or not redis.call('HGET', KEYS[1], 'claimed_at') then
   return 1
 end
 redis.call('HDEL', KEYS[1], 'state')
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'gone', '1')
+redis.call('HSET', KEYS[1], 'gone', '1')  -- the owner is ARGV[1] already
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
