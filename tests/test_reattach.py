@@ -359,16 +359,19 @@ async def test_a_stream_lost_mid_reply_keeps_only_what_the_caller_heard(server) 
     with CallWatcher() as watcher:
         async with FakeTwilio(server_base(server), call_sid=call_sid):
             call = await watcher.one()
-            async with asyncio.timeout(5):
-                while not call.session.started:  # noqa: ASYNC110
+            # Nothing of the reply; the caller's words kept: in the history,
+            # or (a snapshot taken while the reply was written) carried, and
+            # answered at once by the re-attached call as a turn of its own,
+            # whose reply is then this connection's.
+            history = call.session.history
+            async with asyncio.timeout(60):
+                while not history.messages_so_far:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             assert call.session.resumed
-            # Nothing of the reply; the caller's words kept: in the history,
-            # or (a snapshot taken while the reply was written) carried to
-            # lead the next turn.
-            history = call.session.history.messages_so_far
-            assert history in ([{"role": "user", "content": asked}], []), history
-            assert (call.session.carry_over if not history else "") == ("" if history else asked)
+            assert history.messages_so_far[0] == {"role": "user", "content": asked}, history.messages_so_far
+            answered_here = [id(message) for message in history.replies.values()]
+            later = history.messages_so_far[1:]
+            assert all(m["role"] == "assistant" and id(m) in answered_here for m in later), later
 
 
 async def test_the_stored_state_holds_only_what_the_caller_has_heard_of_a_reply_going_out() -> None:
