@@ -208,6 +208,11 @@ async def test_keys_pressed_without_speech_are_answered_as_a_turn(server):
             done = await watcher.wait_event(call, "response.done", turn=final["turn"], timeout=60)
             assert done["text"] and not done["cancelled"], done
             assert call.session.carry_over == ""
+            # Timed from the last key, as a spoken turn is from its last word:
+            # the settle the caller waited is in its endpoint and TTFS.
+            metrics = await watcher.wait_event(call, "turn.metrics", turn=final["turn"], timeout=30)
+            settle_ms = config.keypad_answer_s * 1000
+            assert settle_ms - 50 <= metrics["endpoint_ms"] <= metrics["ttfs_ms"], metrics
             await _until(lambda: not call.session.reply_in_flight(), timeout_s=30)
             old, config.keypad_answer_s = config.keypad_answer_s, 300.0  # a settle no test waits out
             try:
@@ -218,6 +223,8 @@ async def test_keys_pressed_without_speech_are_answered_as_a_turn(server):
                 config.keypad_answer_s = old
             assert final["text"] == "[caller pressed 4] [caller pressed #]", final
             await watcher.wait_event(call, "response.done", turn=final["turn"], timeout=60)
+            metrics = await watcher.wait_event(call, "turn.metrics", turn=final["turn"], timeout=30)
+            assert metrics["endpoint_ms"] < settle_ms, metrics  # "#": at once, from the "#"
             said = [m["content"] for m in call.session.history.messages_so_far if m["role"] == "user"]
             assert said == ["[caller pressed 1] [caller pressed 2]", "[caller pressed 4] [caller pressed #]"], said
 

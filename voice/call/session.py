@@ -172,6 +172,9 @@ class CallSession:
         self._pending: Turn | None = None  # preemptive turn held behind its gate
         # Answers keypresses nobody spoke after (ServerConfig.keypad_answer_s).
         self._keypad_timer: asyncio.TimerHandle | None = None
+        # When the caller last pressed a key: a keys-only turn is timed from
+        # it (the settle it waited is part of its TTFS, as a pause is).
+        self._last_key_at: float | None = None
         self._wasted = 0  # preemptive turns aborted since the last commit
         self._last_partial = ""
         # End-of-turn inputs of the current pause (asr/end_of_turn.py): the
@@ -1283,13 +1286,14 @@ class CallSession:
         """The caller is in a turn: speaking, or paused inside it."""
         return (self._tracker is not None and self._tracker.in_speech) or self._pending is not None
 
-    def _start_audioless_turn(self, **kind: Any) -> int:
+    def _start_audioless_turn(self, since: float | None = None, **kind: Any) -> int:
         """A committed turn with no audio of its own (``spoken_first``: a
         reply nobody spoke for; ``keys_only``: the caller's keypresses), timed
-        from now; returns its number."""
+        from ``since`` (the caller's last key), else from now; returns its
+        number."""
         self._turn_index += 1
         now = time.monotonic()
-        times = TurnTimes(speech_end=now, endpoint=now)
+        times = TurnTimes(speech_end=now if since is None else min(since, now), endpoint=now)
         end_s = (self._tracker.position_s if self._tracker is not None else 0.0) + self._cleared_s
         self._active = Turn(self._turn_context(), self._turn_index, np.zeros(0, np.float32), times, committed=True,
                             audio_end_s=end_s, **kind)  # fmt: skip
@@ -1309,6 +1313,7 @@ class CallSession:
                       MAX_CARRIED_KEYPRESSES)  # fmt: skip
             return
         self.carry_over = " ".join(filter(None, [self.carry_over, f"{KEYPRESS_PREFIX}{digit}]"]))
+        self._last_key_at = time.monotonic()
         self._save_state()  # a call that re-attaches still has them
         self._arm_keypad_answer(at_once=digit == "#")
 
@@ -1347,4 +1352,7 @@ class CallSession:
             loop = asyncio.get_running_loop()
             self._keypad_timer = loop.call_later(KEYPAD_RECHECK_S, self._keypad_answer, carried)
             return
-        self._start_audioless_turn(keys_only=True)
+        # Keys: timed from the last one pressed. Words carried over a
+        # re-attach: from now (they were said on a connection that is gone).
+        keys = KEYPRESS_PREFIX in self.carry_over
+        self._start_audioless_turn(since=self._last_key_at if keys else None, keys_only=True)
