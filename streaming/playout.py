@@ -139,6 +139,9 @@ class Playout:
         # moment later, and the sends in between may wait).
         self._cut_turn: int | None = None
         self.failed: str | None = None
+        # Turns with a sentence that did not go out whole (its TTS or its
+        # send failed): the caller never heard it, whatever the text says.
+        self.failed_turns: set[int] = set()
         self._worker = asyncio.create_task(self._run())
 
     # ---- control -------------------------------------------------------
@@ -157,6 +160,7 @@ class Playout:
         """A call of hours has thousands of turns: keep the last few's records."""
         self._said_at = {t: at for t, at in self._said_at.items() if t >= turn}
         self._first_audio_sent = {t for t in self._first_audio_sent if t >= turn}
+        self.failed_turns = {t for t in self.failed_turns if t >= turn}
 
     def then(self, callback: AfterAudio) -> None:
         """Run ``callback`` once everything queued before it has been sent
@@ -255,6 +259,15 @@ class Playout:
                 break
         return hit
 
+    @property
+    def generation(self) -> int:
+        """Moves on at each :meth:`interrupt`."""
+        return self._generation
+
+    def sent(self, turn: int) -> str:
+        """The sentences of ``turn`` whose audio went out whole, in order."""
+        return " ".join(s.text for s in self.segments if s.turn == turn)
+
     def heard(self, turn: int) -> str:
         """The sentences of ``turn`` the caller heard in full (after
         :meth:`interrupt`: confirmed by a mark or by the playout clock)."""
@@ -302,6 +315,7 @@ class Playout:
                 # A TTS or send failure loses this call's audio, not the call:
                 # the transcript and text reply still flow.
                 self.failed = str(exc)
+                self.failed_turns.add(turn)
                 log.warning("playout of turn %d sentence %d failed: %s", turn, index, exc)
             finally:
                 self._busy = False

@@ -374,3 +374,44 @@ async def test_twilio_a_reply_cut_by_a_noise_goes_on(server):
             await watcher.wait_event(call, "response.done", turn=3, timeout=60)
             await asyncio.sleep(1.0)
             assert not [e for e in CallWatcher.of(call, "response.sentence") if e["turn"] > 3]
+
+
+async def test_a_sentence_whose_audio_failed_leaves_the_history(server, monkeypatch):
+    """The voice fails on the reply's first sentence (fault injected into
+    the real TTS: nothing here makes it fail on its own). The caller never
+    heard that sentence, so the history the next turn is answered from
+    does not hold it (it used to keep the whole text, and the agent went on
+    as if it had been said); the sentences after it, and the call, go on."""
+    from streaming.tts import TTSError
+
+    failed: list[str] = []
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server)) as carrier:
+            call = await watcher.one()
+            await until_started(call)
+            await _until(lambda: call.playout is not None)
+            real = call.playout.tts.synthesize
+
+            async def first_fails(text: str) -> np.ndarray:
+                if not failed:
+                    failed.append(text)
+                    raise TTSError("injected: the voice cannot say this")
+                return await real(text)
+
+            clip = prompt_clip(3).load(8000)
+            await carrier.say(clip, speed=4.0)
+            # Armed before the silence that ends the turn: its reply is the
+            # first thing the voice is asked to say.
+            monkeypatch.setattr(call.playout.tts, "synthesize", first_fails)
+            await carrier.say(np.zeros(8000 * 2, np.float32), speed=4.0)
+            done = await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            assert done["text"] and not done["cancelled"], done
+            sentences = [e["text"] for e in watcher.of(call, "response.sentence") if e["turn"] == 1]
+            assert failed == sentences[:1], (failed, sentences)
+            went_out = " ".join(sentences[1:])
+            history = call.session.history
+            replies = lambda: [m["content"] for m in history.messages_so_far if m["role"] == "assistant"]  # noqa: E731
+            await _until(lambda: replies() == ([went_out] if went_out else []), timeout_s=30)
+            assert replies() == ([went_out] if went_out else []), (replies(), sentences)
+            assert [m["role"] for m in history.messages_so_far][:1] == ["user"]
+            assert call.playout.failed is not None and not call.finished

@@ -20,6 +20,7 @@ parts that must behave the same on every carrier:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -415,6 +416,8 @@ class TelephonyCall:
             self._done_turns.add(turn)
             if turn in self._heard_pending:
                 self.session.reply_heard(turn, self._heard_pending.pop(turn))
+            if self.playout is not None:
+                self.playout.then(functools.partial(self._keep_what_went_out, turn, self.playout.generation))
             self._forget_turns_before(turn - KEEP_TURNS)
             self._save_when_played()
         elif kind == "turn.metrics" and ev.get("ttfs_ms") is not None:
@@ -425,6 +428,18 @@ class TelephonyCall:
             if ev.get("code") == "asr_failed" and isinstance(ev.get("turn"), int):
                 self._say_fallback(int(ev["turn"]))
         await self.on_session_event(ev)
+
+    async def _keep_what_went_out(self, turn: int, generation: int) -> None:
+        """Every sentence of ``turn`` has been through the playout: one whose
+        audio failed (the TTS could not say it, a send broke) was never
+        heard, and the history the next turns are answered from drops it.
+        Not after a cut (``generation`` moved on): the cut kept what was
+        heard already."""
+        playout = self.playout
+        if playout is None or playout.generation != generation or turn not in playout.failed_turns:
+            return
+        log.info("call %s: turn %d's reply audio failed in part; the history keeps what went out", self.call_id, turn)
+        self.heard_up_to(turn, playout.sent(turn))
 
     def _say_fallback(self, turn: int) -> None:
         """Speak the reply policy's fallback for a turn that has no reply (its
