@@ -25,6 +25,7 @@ from urllib.parse import parse_qs
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from streaming.shown import shown_value
 from voice.server.limits import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CallEnd, CallGuard
 from voice.transports.telephony import (
     CONTROL_FREE_CHARS,
@@ -97,7 +98,7 @@ def as_int(value: object, what: str) -> int:
     try:
         return int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
-        raise MalformedMessage(f"{what} is not a number: {str(value)[:16]!r}") from None
+        raise MalformedMessage(f"{what} is not a number: {shown_value(value)}") from None
 
 
 class WebSocketCall(TelephonyCall):

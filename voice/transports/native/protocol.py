@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streaming.codecs import ENCODINGS, SAMPLE_RATES
+from streaming.shown import shown_value
 from voice.call.start import (
     MAX_GREETING,
     MAX_REPLY_TOKENS,
@@ -87,12 +88,12 @@ def _parse_start(msg: dict[str, Any]) -> Start:
     encoding = audio.get("encoding", "pcm16")
     if encoding not in ENCODINGS:
         raise ProtocolError(
-            "unsupported_encoding", f"encoding {str(encoding)[:32]!r} not supported; use one of {', '.join(ENCODINGS)}"
+            "unsupported_encoding", f"encoding {shown_value(encoding)} not supported; use one of {', '.join(ENCODINGS)}"
         )
     rate = audio.get("sample_rate", 16000)
     if isinstance(rate, bool) or rate not in SAMPLE_RATES:
         raise ProtocolError(
-            "unsupported_sample_rate", f"sample_rate {str(rate)[:16]!r} not supported; use one of {SAMPLE_RATES}"
+            "unsupported_sample_rate", f"sample_rate {shown_value(rate)} not supported; use one of {SAMPLE_RATES}"
         )
     if encoding in ("mulaw", "alaw") and rate != 8000:
         raise ProtocolError("unsupported_sample_rate", f"{encoding} is defined at 8000 Hz only")
