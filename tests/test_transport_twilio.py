@@ -376,6 +376,30 @@ async def test_twilio_a_reply_cut_by_a_noise_goes_on(server):
             assert not [e for e in CallWatcher.of(call, "response.sentence") if e["turn"] > 3]
 
 
+async def test_a_noise_once_the_reply_has_played_does_not_go_on(server):
+    """The reply has played out by the clock; its last mark has not come
+    back (a carrier's echo runs late: the playout still counts it as
+    playing for a grace). A cough then cuts nothing the caller had not
+    heard, so no "go on" reply follows it (one did: the cut of a reply heard
+    in full was taken for a reply cut short)."""
+    with CallWatcher() as watcher:
+        async with FakeTwilio(server_base(server), echo_marks=False) as carrier:
+            call = await watcher.one()
+            await carrier.say(with_silence(prompt_clip(3).load(8000), 8000, 1.5), speed=4.0)
+            await watcher.wait_event(call, "response.done", turn=1, timeout=90)
+            playout = call.playout
+            async with asyncio.timeout(60):
+                while playout.unplayed:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert playout.busy, "the noise must come inside the unconfirmed sentence's grace"
+            await carrier.say(with_silence(line_noise(), 8000, 1.5), speed=None)
+            await watcher.wait_event(call, "turn.empty", turn=2, timeout=30)
+            assert call.barge_ins == 1, "the noise came while the playout still counted the reply as playing"
+            await asyncio.sleep(0.5)  # a go-on starts its turn as soon as the empty one has ended
+            assert not call.session.reply_in_flight()
+            assert not [e for e in call.events if isinstance(e.get("turn"), int) and e["turn"] > 2], call.events[-5:]
+
+
 async def test_a_sentence_whose_audio_failed_leaves_the_history(server, monkeypatch):
     """The voice fails on the reply's first sentence (fault injected into
     the real TTS: nothing here makes it fail on its own). The caller never
