@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -190,6 +191,34 @@ async def test_a_keypad_flood_carries_only_the_first_presses(server):
             assert not call.finished
 
 
+async def test_a_key_pressed_during_a_long_reply_is_timed_from_the_reply_not_the_key(server):
+    """A key pressed early in a long reply waits for the reply to end, then
+    for no more than the settle: its turn's endpoint counts that settle, not
+    the reply the caller was listening to (it read the whole reply)."""
+    from tests.transport_checks import STORY
+
+    config = server.runtime.config
+    with CallWatcher() as watcher, contextlib.ExitStack() as undo:
+        undo.callback(setattr, config, "keypad_answer_s", config.keypad_answer_s)
+        config.keypad_answer_s = 0.3  # shorter than the reply's generation after the key
+        async with FakeTwilio(server_base(server)) as carrier:
+            call = await watcher.one()
+            call.session.history.system_prompt = STORY
+            call.session.max_tokens = 300
+            await carrier.say(with_silence(prompt_clip(3).load(8000), 8000, 1.5), speed=4.0)
+            await watcher.wait_event(call, "response.sentence", turn=1, index=0, timeout=60)
+            await carrier.press("5")
+            done = await watcher.wait_event(call, "response.done", turn=1, timeout=120)
+            first = await watcher.wait_event(call, "turn.metrics", turn=1, timeout=30)
+            keys = await watcher.wait_event(call, "transcript.final", turn=2, timeout=60)
+            assert keys["text"] == "[caller pressed 5]", keys
+            metrics = await watcher.wait_event(call, "turn.metrics", turn=2, timeout=60)
+            settle_ms = config.keypad_answer_s * 1000
+            reply_ms = first["done_ms"] - first["first_sentence_ms"]
+            assert reply_ms > 3 * settle_ms, ("the reply must outlast the settle", done, first)
+            assert settle_ms - 50 <= metrics["endpoint_ms"] <= settle_ms + 100, metrics
+
+
 async def test_keys_pressed_without_speech_are_answered_as_a_turn(server):
     """ "Press 1 to confirm": the caller presses 1 and says nothing. Keys
     used to wait, in silence, for words that never came; once no key has
@@ -197,7 +226,10 @@ async def test_keys_pressed_without_speech_are_answered_as_a_turn(server):
     close together one turn), answered; "#" answers at once."""
     carrier = FakeTwilio(server_base(server))
     config = server.runtime.config
-    with CallWatcher() as watcher:
+    admission_read: list[float] = []  # the TTFS admission's target reads
+    server.runtime.metrics.ttfs_listeners.append(admission_read.append)
+    with CallWatcher() as watcher, contextlib.ExitStack() as undo:
+        undo.callback(server.runtime.metrics.ttfs_listeners.remove, admission_read.append)
         async with carrier:
             call = await watcher.one()
             await _until(lambda: call.session.started)
@@ -213,6 +245,9 @@ async def test_keys_pressed_without_speech_are_answered_as_a_turn(server):
             metrics = await watcher.wait_event(call, "turn.metrics", turn=final["turn"], timeout=30)
             settle_ms = config.keypad_answer_s * 1000
             assert settle_ms - 50 <= metrics["endpoint_ms"] <= metrics["ttfs_ms"], metrics
+            # ... and kept out of admission's TTFS (a few "press 1" turns
+            # with their 2 s settle read as an overload).
+            assert metrics["keys_only"] is True and admission_read == [], (metrics, admission_read)
             await _until(lambda: not call.session.reply_in_flight(), timeout_s=30)
             old, config.keypad_answer_s = config.keypad_answer_s, 300.0  # a settle no test waits out
             try:

@@ -172,9 +172,12 @@ class CallSession:
         self._pending: Turn | None = None  # preemptive turn held behind its gate
         # Answers keypresses nobody spoke after (ServerConfig.keypad_answer_s).
         self._keypad_timer: asyncio.TimerHandle | None = None
-        # When the caller last pressed a key: a keys-only turn is timed from
-        # it (the settle it waited is part of its TTFS, as a pause is).
+        # When the caller last pressed a key, and the settle armed after it:
+        # a keys-only turn is timed from the key (the settle it waited is
+        # part of its TTFS, as a pause is), at most the settle back (keys
+        # left waiting behind a reply were not waited on for all of it).
         self._last_key_at: float | None = None
+        self._keypad_settle_s = 0.0
         self._wasted = 0  # preemptive turns aborted since the last commit
         self._last_partial = ""
         # End-of-turn inputs of the current pause (asr/end_of_turn.py): the
@@ -1331,6 +1334,7 @@ class CallSession:
         if self._keypad_timer is not None:
             self._keypad_timer.cancel()
         delay = 0.0 if at_once or carried else settle
+        self._keypad_settle_s = delay
         self._keypad_timer = asyncio.get_running_loop().call_later(delay, self._keypad_answer, carried)
 
     def _disarm_keypad_answer(self) -> None:
@@ -1354,5 +1358,7 @@ class CallSession:
             return
         # Keys: timed from the last one pressed. Words carried over a
         # re-attach: from now (they were said on a connection that is gone).
-        keys = KEYPRESS_PREFIX in self.carry_over
-        self._start_audioless_turn(since=self._last_key_at if keys else None, keys_only=True)
+        since = None
+        if KEYPRESS_PREFIX in self.carry_over and self._last_key_at is not None:
+            since = max(self._last_key_at, time.monotonic() - self._keypad_settle_s)
+        self._start_audioless_turn(since=since, keys_only=True)

@@ -808,6 +808,7 @@ class Turn:
             "lane_wait_ms": round(self.lane_wait_s * 1000, 1),
             "reply_end": self.reply_end,
             "fallback": self.fell_back,
+            "keys_only": self.keys_only,
         }
         with contextlib.suppress(Exception):
             if failed is not None:  # the detail was logged where it happened

@@ -197,6 +197,11 @@ class Metrics:
 
     def _observe_turn(self, ev: dict[str, Any], low_priority: bool) -> None:
         self.turns.inc()
+        if ev.get("keys_only"):
+            # Timed from the caller's last key, the keypad settle (2 s by
+            # default) included: kept out of the latency histograms and
+            # admission's TTFS, or a few "press 1" turns read as an overload.
+            return
         for field, stage in STAGES.items():
             ms = _number(ev.get(field))
             if ms is not None and ms >= 0:
