@@ -79,6 +79,11 @@ _MONTHS = frozenset(
         "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
     }
 )  # fmt: skip
+# A "word." that a range goes on from after a spaced dash ("9 a.m. – 5 p.m.",
+# "Mon. - Fri."): the dash ends the sentence only before a word that starts
+# one ("until 5 p.m. - Please call back"). The pieces of a range, each sent
+# as a sentence, spent a reply's sentence cap ("Mon." | "- Fri.").
+_RANGE_FROM = _NUMBER_ABBREVIATIONS | {"a.m", "p.m"}
 # A street suffix goes on into the rest of an address ("10 Oak Rd. Suite 5");
 # before any other capital it ends the sentence ("at 42 Elm Ave. Parking is free.").
 _STREET_SUFFIXES = frozenset({"ave", "rd", "blvd", "ln", "hwy", "pkwy", "ct", "pl"})
@@ -255,6 +260,7 @@ class SentenceSegmenter:
         self._cand_list_marker = False  # "1." opening a list item
         self._cand_dotless = False  # the run is "?", "!" or "…", with no "."
         self._opener_spaced = False  # the opener read last is a dash or bullet: a space may follow
+        self._range_dash = False  # that dash follows a word a range goes on from (_RANGE_FROM)
         self._cand_after_label = False  # the lone capital follows "option", "vitamin"... (_LETTER_LABELS)
         self._next_word_start = 0  # NEXT_WORD: where the word after "a.m." starts
         # NEXT_WORD: the candidate ends unless that word is in the first set
@@ -332,6 +338,7 @@ class SentenceSegmenter:
 
     def _start_candidate(self, ch: str, pos: int) -> None:
         self._mode = _Mode.TERMINATOR
+        self._range_dash = False
         self._cand_cjk = ch in _CJK_TERMINATORS
         self._cand_single_dot = ch == "."
         self._cand_dotless = ch != "."  # "?", "!", "…" (or a run of them)
@@ -420,7 +427,17 @@ class SentenceSegmenter:
             self._emit(self._cand_end)
         elif ch.isspace() and (self._mode is _Mode.SPACE or self._opener_spaced):
             return
+        elif self._range_dash:
+            self._range_dash = False
+            self._wait_next_word(pos, ends_if=_SENTENCE_STARTERS)
+            return
         elif ch in _OPENERS:
+            self._range_dash = (
+                ch in _DASHES
+                and self._mode is _Mode.SPACE
+                and self._cand_single_dot
+                and self._cand_token.lower() in _RANGE_FROM
+            )
             self._mode = _Mode.OPENERS
             # A dash or bullet stands apart from its sentence ("- Next item").
             self._opener_spaced = ch in _SPACED_OPENERS

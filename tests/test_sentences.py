@@ -162,6 +162,12 @@ CASES = [
         id="weekday-abbreviation-goes-on-into-a-date-only",
     ),
     pytest.param(
+        "We're open 9 a.m. – 5 p.m., Mon. - Fri. Anything else? We close at 5 p.m. - Please call back.",
+        ["We're open 9 a.m. – 5 p.m., Mon. - Fri.", "Anything else?", "We close at 5 p.m.", "- Please call back."],
+        {},
+        id="a-range-goes-on-after-a-spaced-dash-unless-a-sentence-starts",
+    ),
+    pytest.param(
         "Send it to 10 Oak Rd. Suite 5, Austin. The store is at 42 Elm Ave. Parking is free.",
         ["Send it to 10 Oak Rd. Suite 5, Austin.", "The store is at 42 Elm Ave.", "Parking is free."],
         {},
