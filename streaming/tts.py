@@ -84,6 +84,30 @@ MAX_GROUPED_DIGITS = 15
 _GROUPED_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+")
 
 
+# A code is read digit by digit however short ("Your code is 123456", "PIN
+# 4321", "zip code 94107", "card ending in 4242"): hibari reads a digit run
+# as one number ("one hundred twenty-three thousand..."), which nobody says
+# of a code. After one of these words, with only "number", "is", "#" and
+# the like between; not an amount ("claim is 500 dollars").
+_CODE_WORDS = (
+    r"code|pin|passcode|otp|zip|postcode|confirmation|reference|ref|verification|tracking|ticket|booking|"
+    r"reservation|account|card|order|member|membership|policy|claim|case|invoice|extension|ext"
+)
+_CODE_NUMBER = re.compile(
+    rf"\b(?:{_CODE_WORDS})\b\.?(?:\s+(?:(?:number|num|id|is|ending in|ends in)\b|no\.)|\s*[:#])*\s*"
+    rf"(\d{{3,{MAX_DIGITS_AS_NUMBER}}})(?![\w-]|[.,]\d|\s*(?:%|percent|dollars|euros|pounds|cents)\b)",
+    re.I,
+)
+# A card or account number in groups of four ("4111 1111 1111 1111",
+# "4111-1111-1111-1111"): each group digit by digit, a pause between them.
+_FOUR_DIGIT_GROUPS = re.compile(r"(?<![\w.,-])\d{4}(?:[ -]\d{4}){2,3}(?![\w-]|[.,]\d)")
+
+
+def _code_number(match: re.Match[str]) -> str:
+    digits = match.group(1)
+    return match.group()[: match.start(1) - match.start()] + " ".join(digits)
+
+
 def _grouped(match: re.Match[str]) -> str:
     digits = match.group().replace(",", "")
     return " ".join(digits) if len(digits) > MAX_GROUPED_DIGITS else match.group()
@@ -171,6 +195,8 @@ def speakable(text: str) -> str:
     """``text`` as the voice should read it: phone numbers and long digit
     runs digit by digit, amounts (separators, a currency sign, decimals) as
     amounts unless they run past the trillions."""
+    text = _FOUR_DIGIT_GROUPS.sub(lambda m: _read_groups(re.findall(r"\d+", m.group())), text)
+    text = _CODE_NUMBER.sub(_code_number, text)
     text = _INTERNATIONAL_PHONE.sub(_digit_groups, text)
     text = _DOTTED_PHONE.sub(_digit_groups, text)
     text = _SPACED_PHONE.sub(_spaced_phone, text)

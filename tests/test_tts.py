@@ -285,8 +285,23 @@ async def test_a_long_number_is_read_digit_by_digit():
     number: "four quadrillion...") and fails outright from 37 digits on, so
     that sentence went out as silence while the history counted it said."""
     assert speakable("Card 4111111111111111, order 45291, year 2024.") == (
-        "Card 4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1, order 45291, year 2024."
+        "Card 4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1, order 4 5 2 9 1, year 2024."
     )
+    # A code however short, after a word that names one ("one hundred
+    # twenty-three thousand..." for a code), and a card in groups of four;
+    # not an amount, nor a number no such word names.
+    assert speakable("Your code is 123456. Your PIN is 4321, zip code 94107.") == (
+        "Your code is 1 2 3 4 5 6. Your PIN is 4 3 2 1, zip code 9 4 1 0 7."
+    )
+    assert speakable("The confirmation number is 482193, ext. 204.") == (
+        "The confirmation number is 4 8 2 1 9 3, ext. 2 0 4."
+    )
+    assert speakable("The card ending in 4242, or 4111 1111 1111 1111.") == (
+        "The card ending in 4 2 4 2, or 4 1 1 1, 1 1 1 1, 1 1 1 1, 1 1 1 1."
+    )
+    for amount in ("Your claim is 500 dollars.", "Your order total is 450.", "Your account has 300 points.",
+                   "Your code is 12.5 wide."):  # fmt: skip
+        assert speakable(amount) == amount, speakable(amount)
     # With thousands separators it is an amount, unless past the trillions
     # (13 groups of 123 made hibari raise as 37 plain digits do).
     assert speakable("That is 1,250,000 dollars.") == "That is 1,250,000 dollars."
