@@ -215,27 +215,40 @@ class HibariTTS:
             max_workers=1, thread_name_prefix="tts", initializer=name_os_thread, initargs=("tts",)
         )
         self.load_s: float | None = None
+        # A load that failed (not installed, no such voice) fails the same way
+        # each time: remembered, so each call's start does not wait for it again.
+        self._failed: TTSError | None = None
 
     def _load(self) -> Any:
         with self._lock:
+            if self._failed is not None:
+                raise self._failed
             if self._model is None:
                 t0 = time.perf_counter()
                 try:
-                    from hibari import Hibari
-                except ImportError as exc:
-                    raise TTSError("hibari-tts is not installed: pip install 'firstline[tts]'") from exc
-                try:
-                    model = Hibari(voice=self.config.voice, threads=self.config.threads)
-                    # The first run allocates onnxruntime buffers and loads the
-                    # G2P lexicon: its failure too is a TTSError, which the
-                    # call survives without audio (anything else ended it).
-                    model("Ready.")
-                except Exception as exc:  # a voice that is not in the wheel needs a download we never do
-                    raise TTSError(f"cannot load hibari voice {self.config.voice!r}: {exc}") from exc
+                    model = self._new_model()
+                except TTSError as exc:
+                    self._failed = exc
+                    raise
                 self._model = model
                 self.load_s = round(time.perf_counter() - t0, 3)
                 log.info("hibari TTS warm in %.2f s", self.load_s)
             return self._model
+
+    def _new_model(self) -> Any:
+        try:
+            from hibari import Hibari
+        except ImportError as exc:
+            raise TTSError("hibari-tts is not installed: pip install 'firstline[tts]'") from exc
+        try:
+            model = Hibari(voice=self.config.voice, threads=self.config.threads)
+            # The first run allocates onnxruntime buffers and loads the
+            # G2P lexicon: its failure too is a TTSError, which the
+            # call survives without audio (anything else ended it).
+            model("Ready.")
+        except Exception as exc:  # a voice that is not in the wheel needs a download we never do
+            raise TTSError(f"cannot load hibari voice {self.config.voice!r}: {exc}") from exc
+        return model
 
     def _synthesize(self, text: str) -> np.ndarray:
         model = self._load()

@@ -49,14 +49,27 @@ def test_unknown_engine_and_voice_fail_clearly():
     else:
         raise AssertionError("no error")
     tts = HibariTTS(TTSConfig(voice="no-such-voice"))
+    failures = []
     try:
-        asyncio.run(tts.warm())
-    except TTSError as exc:
-        assert "no-such-voice" in str(exc)
-    else:
-        raise AssertionError("no error")
+        for _ in range(2):
+            try:
+                asyncio.run(tts.warm())
+            except TTSError as exc:
+                failures.append(exc)
     finally:
         tts.close()
+    assert len(failures) == 2 and "no-such-voice" in str(failures[0]), failures
+    # Remembered: the next call's start does not try (and wait for) the load again.
+    assert failures[1] is failures[0]
+
+
+async def test_the_server_loads_the_voice_before_it_says_ready(server):
+    """Phone calls' voice is loaded by the runtime's start (its time in
+    /readyz's startup_s), not by the first call's start, whose caller
+    waited for 'ready' while it loaded, with calls starting meanwhile
+    queued behind it on the one TTS thread."""
+    assert "tts" in server.runtime.startup_s, server.runtime.startup_s
+    assert shared_tts(server.runtime.config.tts)._model is not None
 
 
 async def test_playout_orders_sentences_frames_and_marks():

@@ -17,6 +17,7 @@ from llm.base import EngineError, LLMEngine
 from llm.config import LLMConfig
 from streaming.fair_share import FirstSentences, LowPriority, ReplyGate
 from streaming.threads import one_blas_thread
+from streaming.tts import TTSError, shared_tts
 from voice.call.store import MemoryStore, RedisStore, StoreError, build_store
 from voice.server.config import ServerConfig
 from voice.server.metrics import Metrics
@@ -155,10 +156,24 @@ class Runtime:
             log.error("%s; starting without an LLM until it answers /health", exc)
             await_server()
         t2 = time.perf_counter()
-        self.startup_s = {"asr": round(t1 - t0, 3), "llm": round(t2 - t1, 3), "total": round(t2 - t0, 3)}
+        await self._warm_voice()
+        t3 = time.perf_counter()
+        self.startup_s = {"asr": round(t1 - t0, 3), "llm": round(t2 - t1, 3), "tts": round(t3 - t2, 3),
+                          "total": round(t3 - t0, 3)}  # fmt: skip
         self.ready = True
         self._llm_watch = asyncio.create_task(self._watch_llm(), name="llm-availability")
         log.info("runtime warm: %s", self.startup_s)
+
+    async def _warm_voice(self) -> None:
+        """Load the voice phone calls speak with before the server says it is
+        ready: the first call used to load it in its start (its caller
+        waited seconds for 'ready', and calls starting meanwhile queued
+        behind it on the one TTS thread). Without one the server still
+        serves: those calls get transcripts and text, no audio."""
+        try:
+            await shared_tts(getattr(self.config, "tts", None)).warm()
+        except TTSError as exc:
+            log.warning("phone calls will have no voice: %s", exc)
 
     async def close(self) -> None:
         self.ready = False
