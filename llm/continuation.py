@@ -91,12 +91,16 @@ async def stream_continuing(
                 refit = None  # once: a prompt that still does not fit fails the turn
                 log.warning("%s: the prompt did not fit the engine's context; sent again shorter", request.request_id)
                 continue
-            if not said or exc.refused:
+            if not (said or request.continue_final) or exc.refused:
                 # A refused continuation (a server without continue_final_message,
                 # a prompt plus what was said past the context) would be
                 # refused again every RETRY_EVERY_S until wait_s: silence.
                 # A part that carries a reply on (after a yield) is carried
-                # on like any: most of a stepping-aside reply is such parts.
+                # on like any: most of a stepping-aside reply is such parts,
+                # and its reply was said before it, so it waits for an engine
+                # down when it starts too (a child restarting while the
+                # reply stood aside: the caller heard the first sentence,
+                # then silence, and no failure line).
                 raise
             now = time.monotonic()
             if got_text or deadline is None:  # a new cut

@@ -448,6 +448,13 @@ class RemoteEngine(LLMEngine):
                     # From when the reader is back: a reply held by its
                     # consumer (a gate, a yield to another call) is not stalled.
                     deadline = loop.time() + self.stall_timeout_s
+                ended = _ended_by_engine(chunk)
+                if ended is not None:
+                    # vLLM ends a reply it drops (a pause, a shutdown, a
+                    # scale-down behind the router) with 200, this reason and
+                    # [DONE]: a cut reply, for the carry-on and the pool, as
+                    # the in-process engine reads it; not a reply that ended.
+                    raise EngineError(f"LLM server {self.root} ended the reply itself ({ended})")
         finally:
             if response is not None:
                 self._open.pop(response, None)
@@ -633,6 +640,11 @@ async def _read_at_most(response: aiohttp.ClientResponse, limit: int, url: str) 
     return bytes(body)
 
 
+# Finish reasons of a reply the engine itself dropped (vLLM: a request it
+# aborted, or one that failed inside it).
+ENDED_BY_ENGINE = frozenset({"abort", "error"})
+
+
 def _count(value: Any) -> int:
     """A token count a server sent, believed only as a whole number in
     0..MAX_COUNT (JSON lets a server send -1, NaN, Infinity or a string)."""
@@ -685,6 +697,15 @@ def _absorb(chunk: Any, usage: Usage, server: str) -> str:
         if content:
             parts.append(content)
     return "".join(parts)
+
+
+def _ended_by_engine(chunk: dict[str, Any]) -> str | None:
+    """The finish reason of a chunk whose reply the engine dropped, else None."""
+    for choice in chunk.get("choices") or []:
+        reason = _object(choice).get("finish_reason")
+        if reason in ENDED_BY_ENGINE:
+            return str(reason)
+    return None
 
 
 def _score(key: str, url: str) -> int:

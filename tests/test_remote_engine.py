@@ -927,6 +927,67 @@ async def test_a_part_that_carries_a_reply_on_is_itself_carried_on_when_cut():
         await engine.close()
 
 
+async def test_a_part_after_a_yield_waits_for_an_engine_down_when_it_starts():
+    """A reply stepped aside (llm/yielding.py) and the engine went down
+    meanwhile (a child restarting): the next part failed before its first
+    word and the turn with it, though the caller had heard the first
+    sentence (silence, and no failure line: the reply had begun). It is
+    carried on once the engine answers. The upstream is a stand-in for the
+    engine that is down, then back."""
+    from aiohttp import web
+
+    from llm.continuation import stream_continuing
+
+    async def down_then_back(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if upstream.calls == 1:
+            request.transport.close()  # gone before the part's first token
+            return response
+        await response.write(_text_chunk(" help.") + b"data: [DONE]\n\n")
+        return response
+
+    async with Upstream(down_then_back) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        messages = [*_messages("hi"), {"role": "assistant", "content": "Sure, I can"}]
+        part = GenerationRequest("x-y1", messages, sampling=SamplingParams(max_tokens=16), continue_final=True)
+        text = "".join([d async for d in stream_continuing(engine, part, wait_s=5.0)])
+        assert text == " help." and part.usage.continuations == 1 and upstream.calls == 2
+        await engine.close()
+
+
+async def test_a_reply_the_engine_aborted_is_carried_on_not_taken_as_done():
+    """vLLM ends a reply it drops (a pause, a shutdown, a scale-down behind
+    the router) with 200, finish_reason "abort" and [DONE]: it was read as
+    a reply that ended, cut mid-sentence with no carry-on. The upstream is
+    a stand-in that sends what vLLM sends then."""
+    from aiohttp import web
+
+    from llm.continuation import stream_continuing
+
+    seen: list[list[dict]] = []
+
+    async def abort_once(request: web.Request) -> web.StreamResponse:
+        seen.append((await request.json())["messages"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if len(seen) == 1:
+            aborted = {"choices": [{"delta": {"content": " I"}, "finish_reason": "abort"}]}
+            await response.write(_text_chunk("Sure,") + b"data: " + json.dumps(aborted).encode() + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            return response
+        await response.write(_text_chunk(" can help.") + b"data: [DONE]\n\n")
+        return response
+
+    async with Upstream(abort_once) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        request = GenerationRequest("x", _messages("hi"), sampling=SamplingParams(max_tokens=16))
+        text = "".join([d async for d in stream_continuing(engine, request, wait_s=5.0)])
+        assert text == "Sure, I can help." and request.usage.continuations == 1, text
+        assert seen[1][-1] == {"role": "assistant", "content": "Sure, I"}, seen[1]
+        await engine.close()
+
+
 def test_a_continuation_gets_the_tokens_left_by_the_engines_count():
     """A cut reply is carried on with what is left of max_tokens: counted
     by the engine where it said (speculative decoding streams several
