@@ -166,6 +166,14 @@ class SupervisedEngine(LLMEngine):
             # replica with a hundred calls up must not get 429s from its own engine.
             "--max-requests",
             "0",
+            # Nor a per-address connection cap: everything here comes from
+            # 127.0.0.1, the voice server's pool has no limit, and a call
+            # holds a reply, a prefill and a probe at once, so near 256 calls
+            # its own connections met the default cap (twice 256) and its
+            # turns failed as overloaded. The key and the handed-over socket
+            # keep others out.
+            "--max-connections-per-peer",
+            "0",
         ]
 
     def _listener(self) -> socket.socket:

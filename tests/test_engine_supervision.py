@@ -396,12 +396,15 @@ def test_the_child_serves_its_one_client_without_a_request_bound() -> None:
     """The standalone server answers 429 past 256 requests in progress; the
     supervised child's one client is the voice server, whose calls
     admission bounds, so a replica with a hundred calls up (a stream, a
-    sentence-end probe and a preemptive reply each) gets no 429s from it."""
+    sentence-end probe and a preemptive reply each) gets no 429s from it,
+    nor from the per-address connection cap (twice 256 by default: all of
+    its connections come from 127.0.0.1)."""
     from llm.openai_server import build_parser
 
     command = SupervisedEngine(LLMConfig(isolation="process")).command(8123)
     args = build_parser().parse_args(command[command.index("llm.openai_server") + 1 :])
     assert args.max_requests == 0 and build_parser().parse_args([]).max_requests == 256
+    assert args.max_connections_per_peer == 0, args
 
 
 async def test_a_secondary_down_at_start_is_watched_until_it_answers() -> None:
