@@ -34,6 +34,8 @@ def test_a_variable_outside_a_flags_choices_is_refused(monkeypatch, capsys, vari
         (["--max-asr-queue", "-1"], "--max-asr-queue must be 0 or more"),
         (["--llm-prompt-cache-mib", "-1"], "--llm-prompt-cache-mib must be 0 or more"),
         (["--port", "70000"], "--port must be 0-65535"),
+        (["--llm-first-token-timeout-s", "0"], "--llm-first-token-timeout-s must be more than 0"),
+        (["--llm-first-token-timeout-s", "nan"], "--llm-first-token-timeout-s must be more than 0"),
         (["--audiosocket-port", "8765"], "--audiosocket-port 8765 is --port's on the same address"),
         (["--host", "0.0.0.0", "--audiosocket-port", "8765"], "is --port's on the same address"),
         (["--audiosocket-port", "70000"], "--audiosocket-port must be 0-65535"),

@@ -129,6 +129,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Flags whose value must be at least this (a value below would start a server
 # that refuses every call, or hand a library a number it reads otherwise).
 AT_LEAST = {"max_calls": 1, "max_asr_queue": 0, "llm_prompt_cache_mib": 0, "max_tokens": 1}
+# Timeouts that must be above zero: 0 failed every turn at once, and the
+# engine's own requests (aiohttp reads a total of 0 as none) waited forever.
+ABOVE_ZERO = ("llm_first_token_timeout_s",)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             value = getattr(args, dest, None)
             if value is not None and value < least:
                 parser.error(f"--{dest.replace('_', '-')} must be {least} or more (got {value})")
+        for dest in ABOVE_ZERO:
+            value = getattr(args, dest)
+            if not value > 0:  # NaN too
+                parser.error(f"--{dest.replace('_', '-')} must be more than 0 (got {value})")
         if not 0 <= args.port <= 65535:
             parser.error(f"--port must be 0-65535 (got {args.port})")
         audiosocket = args.audiosocket_port
