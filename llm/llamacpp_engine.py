@@ -44,6 +44,19 @@ _SPECULATION_TYPES = {
 _DONE = object()
 
 
+def check_speculation(config: LLMConfig) -> None:
+    """The speculation llama.cpp cannot run, said before any model loads
+    (the supervisor asks in the voice server: its child only exited while
+    starting, and the reason was the child's)."""
+    spec = config.speculation
+    if spec.method == "none":
+        return
+    if spec.method not in _SPECULATION_TYPES:
+        raise EngineError(f"llama.cpp does not support speculation method {spec.method!r}")
+    if spec.method != "ngram" and not spec.draft_model:
+        raise EngineError(f"speculation {spec.method!r} needs speculation.draft_model")
+
+
 class _ThreadWork:
     """One request's work on a llama.cpp thread, counted as lingering once its
     caller has gone while the thread still runs it (llama.cpp looks at the
@@ -144,16 +157,13 @@ class LlamaCppEngine(LLMEngine):
         # llama.cpp logs every slot event at the default verbosity; keep errors.
         params.verbosity = -1
         spec = cfg.speculation
+        check_speculation(cfg)
         if spec.method != "none":
-            if spec.method not in _SPECULATION_TYPES:
-                raise EngineError(f"llama.cpp does not support speculation method {spec.method!r}")
             params.speculative.types = [getattr(xllamacpp.common_speculative_type, _SPECULATION_TYPES[spec.method])]
             if spec.method == "ngram":
                 params.speculative.ngram_simple.size_n = spec.ngram_max
                 params.speculative.ngram_simple.size_m = spec.num_tokens * 2
             else:
-                if not spec.draft_model:
-                    raise EngineError(f"speculation {spec.method!r} needs speculation.draft_model")
                 params.speculative.draft.mparams.path = spec.draft_model
                 params.speculative.draft.n_max = spec.num_tokens
         return params

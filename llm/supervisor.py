@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 
 from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, SentenceEndUnsupported, Usage
 from llm.config import LLMConfig
+from llm.llamacpp_engine import check_speculation
 from llm.openai_server import ENGINE_KEY_ENV
 from llm.remote_engine import RemoteEngine
 from llm.sampling import SamplingError, SamplingParams
@@ -84,9 +85,11 @@ class SupervisedEngine(LLMEngine):
         self.secondary = secondary
         self.host = host
         self.name = config.engine
-        # Sampling the child's engine cannot honour fails here, in the parent,
-        # with the reason (not as a child that exits while starting).
+        # Sampling or speculation the child's engine cannot honour fails here,
+        # in the parent, with the reason (not as a child that exits while starting).
         self.check_sampling(config.sampling)
+        if config.engine == "llamacpp":
+            check_speculation(config)
         self.restarts = 0  # children started after the first one died
         self.crashes = 0  # children that died while they were meant to run
         self.secondary_requests = 0  # requests served by the secondary

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import time
 
@@ -21,7 +22,7 @@ import pytest_asyncio
 from websockets.exceptions import InvalidStatus
 
 from benchmarks.client import NativeCaller
-from llm.base import EngineUnavailable, GenerationRequest
+from llm.base import EngineError, EngineUnavailable, GenerationRequest
 from llm.config import LLMConfig
 from llm.supervisor import SupervisedEngine
 from tests.conftest import with_silence
@@ -405,6 +406,21 @@ def test_the_child_serves_its_one_client_without_a_request_bound() -> None:
     args = build_parser().parse_args(command[command.index("llm.openai_server") + 1 :])
     assert args.max_requests == 0 and build_parser().parse_args([]).max_requests == 256
     assert args.max_connections_per_peer == 0, args
+
+
+@pytest.mark.parametrize(
+    ("method", "says"),
+    [("suffix", "does not support speculation method 'suffix'"), ("eagle3", "needs speculation.draft_model")],
+)
+def test_speculation_llamacpp_cannot_run_is_refused_in_the_voice_server(method: str, says: str) -> None:
+    """The child would exit while starting, and the parent said only that
+    (its status); the reason is the voice server's own error now, before a
+    child is spawned or a model loaded."""
+    from llm.config import SpeculationConfig
+
+    config = LLMConfig(isolation="process", speculation=SpeculationConfig(method=method))
+    with pytest.raises(EngineError, match=re.escape(says)):
+        SupervisedEngine(config)
 
 
 async def test_a_secondary_down_at_start_is_watched_until_it_answers() -> None:
