@@ -23,6 +23,7 @@ import asyncio
 import itertools
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import Any
 
 from llm.base import GenerationRequest, LLMEngine
 from llm.config import LLMConfig
@@ -47,6 +48,12 @@ class ReplicaSet(LLMEngine):
         self.served = [0] * len(copies)  # requests routed to each copy (describe: /health)
         self._homes: OrderedDict[str, int] = OrderedDict()
         self._next = itertools.count()  # requests with no call key take turns
+
+    @property
+    def config(self) -> Any:
+        """The copies' config (copies: one config), as a lone engine's: the
+        engine server reads its context from it (finish_reason "length")."""
+        return getattr(self.copies[0], "config", None)
 
     async def start(self) -> None:
         # One after another: loading is CPU-bound, and a failure stops early.

@@ -1085,10 +1085,13 @@ async def test_an_engine_its_clients_gave_up_on_is_probed_and_said_stuck():
         server.stop()
 
 
-async def test_a_reply_cut_by_a_full_context_finishes_for_length():
+@pytest.mark.parametrize("replicas", ["1", "2"])
+async def test_a_reply_cut_by_a_full_context_finishes_for_length(replicas):
     """A reply that filled the context (fewer tokens than its max_tokens)
-    said finish_reason "stop", which an OpenAI client reads as whole."""
-    server = await ServerProcess("--context-tokens", "256", "--parallel", "1").wait_healthy()
+    said finish_reason "stop", which an OpenAI client reads as whole; so
+    did every reply of an engine with copies (the CPU default), whose
+    replica set had no config to read the context from."""
+    server = await ServerProcess("--context-tokens", "256", "--parallel", "1", "--replicas", replicas).wait_healthy()
     try:
         long = "I would like to talk about my account and the bill I got. " * 13
         body = {"model": "x", "messages": [{"role": "user", "content": long + " Tell me a long story."}],
