@@ -21,7 +21,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from llm.base import EngineError, GenerationRequest, LLMEngine, PromptTooLong
+from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, PromptTooLong
+from llm.remote_engine import CutBeforeText
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,20 @@ async def stream_continuing(
                 refit = None  # once: a prompt that still does not fit fails the turn
                 log.warning("%s: the prompt did not fit the engine's context; sent again shorter", request.request_id)
                 continue
-            if not (said or request.continue_final) or exc.refused:
+            # A part that carries a reply on (after a yield) had its reply
+            # said before it: an engine gone when it starts (a child
+            # restarting while the reply stood aside) is waited for as a
+            # cut is (the caller heard the first sentence, then silence and
+            # no failure line). Not a busy one (429s, five a second from
+            # every call standing aside) nor an answer that would come back
+            # the same.
+            gone = request.continue_final and isinstance(exc, EngineUnavailable | CutBeforeText)
+            if not (said or gone) or exc.refused:
                 # A refused continuation (a server without continue_final_message,
                 # a prompt plus what was said past the context) would be
                 # refused again every RETRY_EVERY_S until wait_s: silence.
                 # A part that carries a reply on (after a yield) is carried
-                # on like any: most of a stepping-aside reply is such parts,
-                # and its reply was said before it, so it waits for an engine
-                # down when it starts too (a child restarting while the
-                # reply stood aside: the caller heard the first sentence,
-                # then silence, and no failure line).
+                # on like any: most of a stepping-aside reply is such parts.
                 raise
             now = time.monotonic()
             if got_text or deadline is None:  # a new cut

@@ -454,7 +454,9 @@ class RemoteEngine(LLMEngine):
                     # scale-down behind the router) with 200, this reason and
                     # [DONE]: a cut reply, for the carry-on and the pool, as
                     # the in-process engine reads it; not a reply that ended.
-                    raise EngineError(f"LLM server {self.root} ended the reply itself ({ended})")
+                    # Before any text, one that may be sent again.
+                    what = f"LLM server {self.root} ended the reply itself ({ended})"
+                    raise EngineError(what) if got_text else CutBeforeText(what)
         finally:
             if response is not None:
                 self._open.pop(response, None)
@@ -703,8 +705,8 @@ def _ended_by_engine(chunk: dict[str, Any]) -> str | None:
     """The finish reason of a chunk whose reply the engine dropped, else None."""
     for choice in chunk.get("choices") or []:
         reason = _object(choice).get("finish_reason")
-        if reason in ENDED_BY_ENGINE:
-            return str(reason)
+        if isinstance(reason, str) and reason in ENDED_BY_ENGINE:
+            return reason
     return None
 
 

@@ -955,6 +955,19 @@ async def test_a_part_after_a_yield_waits_for_an_engine_down_when_it_starts():
         assert text == " help." and part.usage.continuations == 1 and upstream.calls == 2
         await engine.close()
 
+    # A busy engine (429) is not waited for: every call standing aside would
+    # ask five times a second while it is busy. The part fails at once.
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "busy"}}, status=429)
+
+    async with Upstream(busy) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None)
+        part = GenerationRequest("x-y1", messages, sampling=SamplingParams(max_tokens=16), continue_final=True)
+        with pytest.raises(EngineError):
+            _ = [d async for d in stream_continuing(engine, part, wait_s=5.0)]
+        assert upstream.calls == 1 and part.usage.continuations == 0
+        await engine.close()
+
 
 async def test_a_reply_the_engine_aborted_is_carried_on_not_taken_as_done():
     """vLLM ends a reply it drops (a pause, a shutdown, a scale-down behind
@@ -985,6 +998,25 @@ async def test_a_reply_the_engine_aborted_is_carried_on_not_taken_as_done():
         text = "".join([d async for d in stream_continuing(engine, request, wait_s=5.0)])
         assert text == "Sure, I can help." and request.usage.continuations == 1, text
         assert seen[1][-1] == {"role": "assistant", "content": "Sure, I"}, seen[1]
+        await engine.close()
+
+    # Aborted before its first word: nothing was said, so it is sent again
+    # (behind vllm-router the retry lands on a live replica), as a stream
+    # cut before any text is.
+    async def abort_first(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if upstream.calls == 1:
+            aborted = {"choices": [{"delta": {}, "finish_reason": "abort"}]}
+            await response.write(b"data: " + json.dumps(aborted).encode() + b"\n\ndata: [DONE]\n\n")
+            return response
+        await response.write(_text_chunk("Hi.") + b"data: [DONE]\n\n")
+        return response
+
+    async with Upstream(abort_first) as upstream:
+        engine = RemoteEngine(upstream.url, model="m", system_prompt=None, retry_before_text=True)
+        assert await _collect(engine, GenerationRequest("x", _messages("hi"))) == "Hi."
+        assert upstream.calls == 2 and engine.retries == 1
         await engine.close()
 
 
