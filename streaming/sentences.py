@@ -80,8 +80,9 @@ _MONTHS = frozenset(
     }
 )  # fmt: skip
 # A "word." that a range goes on from after a spaced dash ("9 a.m. – 5 p.m.",
-# "Mon. - Fri."): the dash ends the sentence only before a word that starts
-# one ("until 5 p.m. - Please call back"). The pieces of a range, each sent
+# "Mon. - Fri."), where the dash comes before a number or a day, month or
+# time of day (_RANGE_TO); before anything else it ends the sentence as any
+# dash does ("at 3 p.m. - See you then!"). The pieces of a range, each sent
 # as a sentence, spent a reply's sentence cap ("Mon." | "- Fri.").
 _RANGE_FROM = _NUMBER_ABBREVIATIONS | {"a.m", "p.m"}
 # A street suffix goes on into the rest of an address ("10 Oak Rd. Suite 5");
@@ -131,6 +132,13 @@ _AFTER_CLOCK_TIME: frozenset[str] = _MONTHS | _WEEKDAY_ABBREVIATIONS | frozenset
         "gmt", "utc", "bst", "cet", "cest", "ist", "aest",
     }
 )  # fmt: skip
+_RANGE_TO: frozenset[str] = (
+    _MONTHS
+    | _WEEKDAY_ABBREVIATIONS
+    | frozenset(
+        {"monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "sat", "sun", "noon", "midnight"}
+    )
+)
 # A "word." before a capital that ends the sentence unless that capital
 # starts one of the words it goes on into.
 _GOES_ON_INTO: dict[str, frozenset[str]] = {
@@ -427,9 +435,13 @@ class SentenceSegmenter:
             self._emit(self._cand_end)
         elif ch.isspace() and (self._mode is _Mode.SPACE or self._opener_spaced):
             return
-        elif self._range_dash:
+        elif self._range_dash and ch.isdigit():
             self._range_dash = False
-            self._wait_next_word(pos, ends_if=_SENTENCE_STARTERS)
+            self._scan_text(ch, pos)  # "9 a.m. – 5 p.m.": the range goes on
+            return
+        elif self._range_dash and ch.isupper():
+            self._range_dash = False
+            self._wait_next_word(pos, ends_unless=_RANGE_TO)  # "Mon. - Fri." goes on, "- See you" ends
             return
         elif ch in _OPENERS:
             self._range_dash = (

@@ -168,6 +168,12 @@ CASES = [
         id="a-range-goes-on-after-a-spaced-dash-unless-a-sentence-starts",
     ),
     pytest.param(
+        "See you at 3 p.m. - See you then! No. - Sorry. Open 9 a.m. - noon.",
+        ["See you at 3 p.m.", "- See you then!", "No.", "- Sorry.", "Open 9 a.m. - noon."],
+        {},
+        id="a-dash-after-a-time-before-anything-but-a-range-still-ends-it",
+    ),
+    pytest.param(
         "Send it to 10 Oak Rd. Suite 5, Austin. The store is at 42 Elm Ave. Parking is free.",
         ["Send it to 10 Oak Rd. Suite 5, Austin.", "The store is at 42 Elm Ave.", "Parking is free."],
         {},
