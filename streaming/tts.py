@@ -87,20 +87,31 @@ _GROUPED_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+")
 # A code is read digit by digit however short ("Your code is 123456", "PIN
 # 4321", "zip code 94107", "card ending in 4242"): hibari reads a digit run
 # as one number ("one hundred twenty-three thousand..."), which nobody says
-# of a code. After one of these words, with only "number", "is", "#" and
-# the like between; not an amount ("claim is 500 dollars").
-_CODE_WORDS = (
-    r"code|pin|passcode|otp|zip|postcode|confirmation|reference|ref|verification|tracking|ticket|booking|"
-    r"reservation|account|card|order|member|membership|policy|claim|case|invoice|extension|ext"
-)
+# of a code. After a word that is always a code's, with "is", ":" or
+# "number" between or nothing; after a word that may count something
+# ("order", "claim", "account": "the minimum order is 250", "your claim is
+# 2500") only with a marker that makes it an identifier ("order number",
+# "case #", "card ending in"). Never an amount ("is 500 dollars").
+_CODE_ALWAYS = r"code|pin|passcode|otp|zip|postcode|confirmation|verification|tracking|reference|extension|ext"
+_CODE_IF_MARKED = r"ref|ticket|booking|reservation|account|card|order|member|membership|policy|claim|case|invoice"
+_CODE_MARKER = r"(?:\s+(?:(?:number|num|id|ending in|ends in)\b|no\.)|\s*#)"
+_CODE_FILLER = rf"(?:{_CODE_MARKER}|\s+is\b|\s*:)"
+_NOT_AN_AMOUNT = r"(?![\w-]|[.,]\d|\s*(?:%|percent|dollars|euros|pounds|cents|usd|eur|gbp|lbs?|kg|units)\b)"
 _CODE_NUMBER = re.compile(
-    rf"\b(?:{_CODE_WORDS})\b\.?(?:\s+(?:(?:number|num|id|is|ending in|ends in)\b|no\.)|\s*[:#])*\s*"
-    rf"(\d{{3,{MAX_DIGITS_AS_NUMBER}}})(?![\w-]|[.,]\d|\s*(?:%|percent|dollars|euros|pounds|cents)\b)",
+    rf"(?:\b(?:{_CODE_ALWAYS})\b\.?{_CODE_FILLER}*|\b(?:{_CODE_IF_MARKED})\b\.?{_CODE_FILLER}*{_CODE_MARKER}"
+    rf"{_CODE_FILLER}*)\s*(\d{{3,{MAX_DIGITS_AS_NUMBER}}}){_NOT_AN_AMOUNT}",
     re.I,
 )
 # A card or account number in groups of four ("4111 1111 1111 1111",
-# "4111-1111-1111-1111"): each group digit by digit, a pause between them.
+# "4111-1111-1111-1111"): each group digit by digit, a pause between them;
+# not a list of years ("in 2019 2020 2021").
 _FOUR_DIGIT_GROUPS = re.compile(r"(?<![\w.,-])\d{4}(?:[ -]\d{4}){2,3}(?![\w-]|[.,]\d)")
+_YEAR = re.compile(r"(?:19|20)\d\d")
+
+
+def _four_digit_groups(match: re.Match[str]) -> str:
+    groups = re.findall(r"\d+", match.group())
+    return match.group() if all(_YEAR.fullmatch(g) for g in groups) else _read_groups(groups)
 
 
 def _code_number(match: re.Match[str]) -> str:
@@ -195,7 +206,7 @@ def speakable(text: str) -> str:
     """``text`` as the voice should read it: phone numbers and long digit
     runs digit by digit, amounts (separators, a currency sign, decimals) as
     amounts unless they run past the trillions."""
-    text = _FOUR_DIGIT_GROUPS.sub(lambda m: _read_groups(re.findall(r"\d+", m.group())), text)
+    text = _FOUR_DIGIT_GROUPS.sub(_four_digit_groups, text)
     text = _CODE_NUMBER.sub(_code_number, text)
     text = _INTERNATIONAL_PHONE.sub(_digit_groups, text)
     text = _DOTTED_PHONE.sub(_digit_groups, text)
@@ -215,8 +226,9 @@ class HibariTTS:
             max_workers=1, thread_name_prefix="tts", initializer=name_os_thread, initargs=("tts",)
         )
         self.load_s: float | None = None
-        # A load that failed (not installed, no such voice) fails the same way
-        # each time: remembered, so each call's start does not wait for it again.
+        # hibari not installed fails the same way each time: remembered, so
+        # each call's start does not try again. (Another failure may pass: a
+        # voice fetched over a slow link; it is tried again.)
         self._failed: TTSError | None = None
 
     def _load(self) -> Any:
@@ -225,11 +237,7 @@ class HibariTTS:
                 raise self._failed
             if self._model is None:
                 t0 = time.perf_counter()
-                try:
-                    model = self._new_model()
-                except TTSError as exc:
-                    self._failed = exc
-                    raise
+                model = self._new_model()
                 self._model = model
                 self.load_s = round(time.perf_counter() - t0, 3)
                 log.info("hibari TTS warm in %.2f s", self.load_s)
@@ -239,14 +247,15 @@ class HibariTTS:
         try:
             from hibari import Hibari
         except ImportError as exc:
-            raise TTSError("hibari-tts is not installed: pip install 'firstline[tts]'") from exc
+            self._failed = TTSError("hibari-tts is not installed: pip install 'firstline[tts]'")
+            raise self._failed from exc
         try:
             model = Hibari(voice=self.config.voice, threads=self.config.threads)
             # The first run allocates onnxruntime buffers and loads the
             # G2P lexicon: its failure too is a TTSError, which the
             # call survives without audio (anything else ended it).
             model("Ready.")
-        except Exception as exc:  # a voice that is not in the wheel needs a download we never do
+        except Exception as exc:  # no such voice, or one hibari could not fetch
             raise TTSError(f"cannot load hibari voice {self.config.voice!r}: {exc}") from exc
         return model
 

@@ -38,6 +38,8 @@ STAGES = {
     "asr_decode_ms": "asr_decode",
     "llm_ttft_ms": "llm_ttft",
 }
+# The stages timed from the caller's last word (a keys-only turn: its last key).
+FROM_LAST_WORD = frozenset({"endpoint_ms", "asr_final_ms", "llm_first_token_ms", "first_sentence_ms", "done_ms"})
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -197,16 +199,18 @@ class Metrics:
 
     def _observe_turn(self, ev: dict[str, Any], low_priority: bool) -> None:
         self.turns.inc()
-        if ev.get("keys_only"):
-            # Timed from the caller's last key, the keypad settle (2 s by
-            # default) included: kept out of the latency histograms and
-            # admission's TTFS, or a few "press 1" turns read as an overload.
-            return
+        # A keys-only turn is timed from the caller's last key, the keypad
+        # settle (2 s by default) included: its times from there stay out of
+        # the histograms and admission's TTFS, or a few "press 1" turns read
+        # as an overload. Its decode and LLM times count as any turn's.
+        keys_only = bool(ev.get("keys_only"))
         for field, stage in STAGES.items():
+            if keys_only and field in FROM_LAST_WORD:
+                continue
             ms = _number(ev.get(field))
             if ms is not None and ms >= 0:
                 self.stage.labels(stage).observe(ms / 1000)
-        ttfs = _number(ev.get("ttfs_ms"))
+        ttfs = None if keys_only else _number(ev.get("ttfs_ms"))
         if ttfs is not None and ttfs >= 0:
             self.ttfs.observe(ttfs / 1000)
             if not low_priority:

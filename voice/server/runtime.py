@@ -36,6 +36,10 @@ def build_engine(config: LLMConfig) -> LLMEngine:
     return engines.build_engine(config)
 
 
+# How long readiness waits for the phone voice to load (0.7 s here).
+TTS_WARM_TIMEOUT_S = 30.0
+
+
 class Runtime:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -171,7 +175,11 @@ class Runtime:
         behind it on the one TTS thread). Without one the server still
         serves: those calls get transcripts and text, no audio."""
         try:
-            await shared_tts(getattr(self.config, "tts", None)).warm()
+            await asyncio.wait_for(shared_tts(getattr(self.config, "tts", None)).warm(), TTS_WARM_TIMEOUT_S)
+        except TimeoutError:
+            # A voice hibari fetches over a slow link: readiness does not wait
+            # for it; the load goes on, and the first calls' starts wait.
+            log.warning("the phone voice is still loading after %.0f s; serving without waiting", TTS_WARM_TIMEOUT_S)
         except TTSError as exc:
             log.warning("phone calls will have no voice: %s", exc)
 
