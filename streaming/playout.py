@@ -321,7 +321,7 @@ class Playout:
                 self._busy = False
 
     async def _play(self, turn: int, index: int, text: str, generation: int) -> None:
-        self._synthesis = asyncio.ensure_future(self.tts.synthesize(text))
+        self._synthesis = asyncio.ensure_future(self.tts.synthesize(text, first=index == 0))
         try:
             audio = await self._synthesis
         except asyncio.CancelledError:

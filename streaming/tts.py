@@ -15,13 +15,12 @@ import logging
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from streaming.threads import name_os_thread
+from streaming.priority_worker import FIRST, LATER, PriorityWorker
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,10 @@ class TextToSpeech(Protocol):
     async def warm(self) -> None:
         """Load and run once, so the first caller does not pay the load."""
 
-    async def synthesize(self, text: str) -> np.ndarray:
-        """Text -> mono float32 in [-1, 1] at :attr:`sample_rate`."""
+    async def synthesize(self, text: str, first: bool = False) -> np.ndarray:
+        """Text -> mono float32 in [-1, 1] at :attr:`sample_rate`. ``first``:
+        a reply's first sentence (the caller waits in silence for it): it
+        goes ahead of other calls' later sentences."""
         ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -222,9 +223,8 @@ class HibariTTS:
         self.config = config or TTSConfig()
         self._model: Any = None
         self._lock = threading.Lock()  # one load, even if two calls warm at once
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="tts", initializer=name_os_thread, initargs=("tts",)
-        )
+        # One thread, first sentences ahead of later ones (streaming/priority_worker.py).
+        self._executor = PriorityWorker("tts")
         self.load_s: float | None = None
         # hibari not installed fails the same way each time: remembered, so
         # each call's start does not try again. (Another failure may pass: a
@@ -269,12 +269,13 @@ class HibariTTS:
             # Loaded: a new call's start must not queue behind every sentence
             # other calls have waiting on the one TTS thread.
             return
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+        await asyncio.wrap_future(self._executor.submit_at(FIRST, self._load))
 
-    async def synthesize(self, text: str) -> np.ndarray:
+    async def synthesize(self, text: str, first: bool = False) -> np.ndarray:
         if not text.strip():
             return np.zeros(0, dtype=np.float32)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._synthesize, text)
+        job = self._executor.submit_at(FIRST if first else LATER, self._synthesize, text)
+        return await asyncio.wrap_future(job)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "hibari", "voice": self.config.voice, "sample_rate": self.sample_rate}
@@ -294,7 +295,8 @@ _shared: dict[TTSConfig, TextToSpeech] = {}
 
 def shared_tts(config: TTSConfig | None = None) -> TextToSpeech:
     """One engine per process and config: the model is loaded once and every
-    call's synthesis goes through its single worker thread, in arrival order."""
+    call's synthesis goes through its single worker thread: replies' first
+    sentences first, then in arrival order."""
     config = config or TTSConfig()
     if config not in _shared:
         _shared[config] = build_tts(config)

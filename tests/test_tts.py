@@ -408,3 +408,50 @@ async def test_a_barge_in_cuts_an_earlier_reply_still_playing_ahead_of_the_new_o
     finally:
         call.finished = True  # its settle timer does nothing now
         await call.playout.close()
+
+
+def test_the_priority_worker_runs_first_sentences_ahead_and_skips_cancelled_jobs() -> None:
+    from streaming.priority_worker import FIRST, LATER, PriorityWorker
+
+    worker = PriorityWorker("test-prio")
+    release = threading.Event()
+    ran: list[str] = []
+    try:
+        holding = worker.submit(release.wait, 10.0)  # another call's sentence on the thread
+        later = [worker.submit_at(LATER, ran.append, name) for name in ("b-later", "c-later")]
+        dropped = worker.submit_at(LATER, ran.append, "cut-by-barge-in")
+        first = worker.submit_at(FIRST, ran.append, "a-first")
+        assert dropped.cancel()
+        release.set()
+        for job in (holding, *later, first):
+            job.result(timeout=10)
+        assert ran == ["a-first", "b-later", "c-later"], ran
+        assert dropped.cancelled()
+    finally:
+        worker.shutdown(cancel_futures=True)
+
+
+async def test_a_replys_first_sentence_goes_ahead_of_other_calls_later_ones(monkeypatch):
+    """One TTS thread for every call: a first sentence (the caller waits in
+    silence) queued behind other replies' later sentences, which had audio
+    still playing ahead of them; it goes ahead of them now."""
+    tts = shared_tts()
+    assert isinstance(tts, HibariTTS)
+    await tts.warm()
+    ran: list[str] = []
+    synthesize = tts._synthesize
+
+    def spied(text: str) -> np.ndarray:
+        ran.append(text)
+        return synthesize(text)
+
+    monkeypatch.setattr(tts, "_synthesize", spied)
+    release = threading.Event()
+    holding = asyncio.get_running_loop().run_in_executor(tts._executor, release.wait, 10.0)
+    later = [asyncio.ensure_future(tts.synthesize(f"Sentence {n} of a reply already playing.")) for n in (2, 3)]
+    first = asyncio.ensure_future(tts.synthesize("Hello, how can I help?", first=True))
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.gather(holding, *later, first)
+    assert ran == ["Hello, how can I help?", "Sentence 2 of a reply already playing.",
+                   "Sentence 3 of a reply already playing."], ran  # fmt: skip
