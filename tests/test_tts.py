@@ -164,6 +164,21 @@ async def test_audio_still_going_out_is_labelled_with_its_own_turn():
     await playout.close()
 
 
+async def spied_synthesis(tts: object, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts the shared voice's thread synthesizes from now on, in order."""
+    assert isinstance(tts, HibariTTS)
+    await tts.warm()
+    ran: list[str] = []
+    synthesize = tts._synthesize
+
+    def spied(text: str) -> np.ndarray:
+        ran.append(text)
+        return synthesize(text)
+
+    monkeypatch.setattr(tts, "_synthesize", spied)
+    return ran
+
+
 async def wait_marks(sink: Recorder, n: int) -> None:
     for _ in range(1500):
         if sum(1 for k, _ in sink.items if k == "mark") >= n:
@@ -178,16 +193,7 @@ async def test_a_sentence_cut_by_a_barge_in_is_not_synthesized_behind_other_call
     thrown away, ahead of the next call's sentences; it is cancelled now,
     and the playout goes on with the next turn."""
     tts = shared_tts()
-    assert isinstance(tts, HibariTTS)
-    await tts.warm()
-    ran: list[str] = []
-    synthesize = tts._synthesize
-
-    def spied(text: str) -> np.ndarray:
-        ran.append(text)
-        return synthesize(text)
-
-    monkeypatch.setattr(tts, "_synthesize", spied)
+    ran = await spied_synthesis(tts, monkeypatch)
     sink = Recorder()
     playout = Playout(tts, OutFormat("mulaw", 8000, 160), sink)
     release = threading.Event()
@@ -436,16 +442,7 @@ async def test_a_replys_first_sentence_goes_ahead_of_other_calls_later_ones(monk
     silence) queued behind other replies' later sentences, which had audio
     still playing ahead of them; it goes ahead of them now."""
     tts = shared_tts()
-    assert isinstance(tts, HibariTTS)
-    await tts.warm()
-    ran: list[str] = []
-    synthesize = tts._synthesize
-
-    def spied(text: str) -> np.ndarray:
-        ran.append(text)
-        return synthesize(text)
-
-    monkeypatch.setattr(tts, "_synthesize", spied)
+    ran = await spied_synthesis(tts, monkeypatch)
     release = threading.Event()
     holding = asyncio.get_running_loop().run_in_executor(tts._executor, release.wait, 10.0)
     later = [asyncio.ensure_future(tts.synthesize(f"Sentence {n} of a reply already playing.")) for n in (2, 3)]
