@@ -321,7 +321,11 @@ class Playout:
                 self._busy = False
 
     async def _play(self, turn: int, index: int, text: str, generation: int) -> None:
-        self._synthesis = asyncio.ensure_future(self.tts.synthesize(text, first=index == 0))
+        # Due when the audio ahead of it runs out: now for a reply's first
+        # sentence (or any whose call has gone quiet), later for one with
+        # audio still playing ahead of it.
+        due = max(time.monotonic(), self._clock_end)
+        self._synthesis = asyncio.ensure_future(self.tts.synthesize(text, due=due))
         try:
             audio = await self._synthesis
         except asyncio.CancelledError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from streaming.priority_worker import FIRST, LATER, PriorityWorker
+from streaming.priority_worker import PriorityWorker
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,11 @@ class TextToSpeech(Protocol):
     async def warm(self) -> None:
         """Load and run once, so the first caller does not pay the load."""
 
-    async def synthesize(self, text: str, first: bool = False) -> np.ndarray:
-        """Text -> mono float32 in [-1, 1] at :attr:`sample_rate`. ``first``:
-        a reply's first sentence (the caller waits in silence for it): it
-        goes ahead of other calls' later sentences."""
+    async def synthesize(self, text: str, due: float | None = None) -> np.ndarray:
+        """Text -> mono float32 in [-1, 1] at :attr:`sample_rate`. ``due``:
+        when (``time.monotonic()``) its audio is needed, the audio ahead of
+        it run out (None: now); the one voice thread every call shares
+        takes the sentence due soonest first."""
         ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -216,6 +218,10 @@ def speakable(text: str) -> str:
     return _LONG_DIGIT_RUN.sub(_digit_run, _GROUPED_NUMBER.sub(_grouped, text))
 
 
+# How long a voice that failed to load (not for want of hibari) is not tried again.
+LOAD_RETRY_S = 60.0
+
+
 class HibariTTS:
     sample_rate = 24000
 
@@ -223,21 +229,28 @@ class HibariTTS:
         self.config = config or TTSConfig()
         self._model: Any = None
         self._lock = threading.Lock()  # one load, even if two calls warm at once
-        # One thread, first sentences ahead of later ones (streaming/priority_worker.py).
+        # One thread, the sentence due soonest first (streaming/priority_worker.py).
         self._executor = PriorityWorker("tts")
         self.load_s: float | None = None
-        # hibari not installed fails the same way each time: remembered, so
-        # each call's start does not try again. (Another failure may pass: a
-        # voice fetched over a slow link; it is tried again.)
+        # A failed load, and until when it is not tried again: hibari not
+        # installed for good; another failure (a voice hibari fetches, its
+        # link down) for LOAD_RETRY_S, or every call's start tried it again,
+        # one after another on the one voice thread, before its greeting.
         self._failed: TTSError | None = None
+        self._failed_until = 0.0
 
     def _load(self) -> Any:
         with self._lock:
-            if self._failed is not None:
+            if self._failed is not None and time.monotonic() < self._failed_until:
                 raise self._failed
             if self._model is None:
                 t0 = time.perf_counter()
-                model = self._new_model()
+                try:
+                    model = self._new_model()
+                except TTSError as exc:
+                    if self._failed is not exc:  # not installed: set, for good
+                        self._failed, self._failed_until = exc, time.monotonic() + LOAD_RETRY_S
+                    raise
                 self._model = model
                 self.load_s = round(time.perf_counter() - t0, 3)
                 log.info("hibari TTS warm in %.2f s", self.load_s)
@@ -248,6 +261,7 @@ class HibariTTS:
             from hibari import Hibari
         except ImportError as exc:
             self._failed = TTSError("hibari-tts is not installed: pip install 'firstline[tts]'")
+            self._failed_until = math.inf
             raise self._failed from exc
         try:
             model = Hibari(voice=self.config.voice, threads=self.config.threads)
@@ -269,12 +283,13 @@ class HibariTTS:
             # Loaded: a new call's start must not queue behind every sentence
             # other calls have waiting on the one TTS thread.
             return
-        await asyncio.wrap_future(self._executor.submit_at(FIRST, self._load))
+        # Ahead of every sentence: a call's start waits on it.
+        await asyncio.wrap_future(self._executor.submit_due(-math.inf, self._load))
 
-    async def synthesize(self, text: str, first: bool = False) -> np.ndarray:
+    async def synthesize(self, text: str, due: float | None = None) -> np.ndarray:
         if not text.strip():
             return np.zeros(0, dtype=np.float32)
-        job = self._executor.submit_at(FIRST if first else LATER, self._synthesize, text)
+        job = self._executor.submit_due(time.monotonic() if due is None else due, self._synthesize, text)
         return await asyncio.wrap_future(job)
 
     def describe(self) -> dict[str, Any]:
@@ -295,8 +310,8 @@ _shared: dict[TTSConfig, TextToSpeech] = {}
 
 def shared_tts(config: TTSConfig | None = None) -> TextToSpeech:
     """One engine per process and config: the model is loaded once and every
-    call's synthesis goes through its single worker thread: replies' first
-    sentences first, then in arrival order."""
+    call's synthesis goes through its single worker thread, the sentence
+    whose audio is needed soonest first."""
     config = config or TTSConfig()
     if config not in _shared:
         _shared[config] = build_tts(config)

@@ -454,11 +454,11 @@ async def test_a_sentence_whose_audio_failed_leaves_the_history(server, monkeypa
             await _until(lambda: call.playout is not None)
             real = call.playout.tts.synthesize
 
-            async def first_fails(text: str, first: bool = False) -> np.ndarray:
+            async def first_fails(text: str, due: float | None = None) -> np.ndarray:
                 if not failed:
                     failed.append(text)
                     raise TTSError("injected: the voice cannot say this")
-                return await real(text, first=first)
+                return await real(text, due=due)
 
             clip = prompt_clip(3).load(8000)
             await carrier.say(clip, speed=4.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -416,25 +417,37 @@ async def test_a_barge_in_cuts_an_earlier_reply_still_playing_ahead_of_the_new_o
         await call.playout.close()
 
 
-def test_the_priority_worker_runs_first_sentences_ahead_and_skips_cancelled_jobs() -> None:
-    from streaming.priority_worker import FIRST, LATER, PriorityWorker
+def test_the_voice_thread_runs_the_job_due_soonest_and_skips_cancelled_ones() -> None:
+    from streaming.priority_worker import PriorityWorker
 
-    worker = PriorityWorker("test-prio")
+    worker = PriorityWorker("test-due")
     release = threading.Event()
     ran: list[str] = []
+    now = time.monotonic()
     try:
         holding = worker.submit(release.wait, 10.0)  # another call's sentence on the thread
-        later = [worker.submit_at(LATER, ran.append, name) for name in ("b-later", "c-later")]
-        dropped = worker.submit_at(LATER, ran.append, "cut-by-barge-in")
-        first = worker.submit_at(FIRST, ran.append, "a-first")
+        later = [worker.submit_due(now + 2.0, ran.append, "c-due-in-2s"), worker.submit_due(now + 1.0, ran.append,
+                 "b-due-in-1s")]  # fmt: skip
+        dropped = worker.submit_due(now, ran.append, "cut-by-barge-in")
+        first = worker.submit_due(now, ran.append, "a-due-now")
         assert dropped.cancel()
         release.set()
         for job in (holding, *later, first):
             job.result(timeout=10)
-        assert ran == ["a-first", "b-later", "c-later"], ran
+        assert ran == ["a-due-now", "b-due-in-1s", "c-due-in-2s"], ran
         assert dropped.cancelled()
     finally:
         worker.shutdown(cancel_futures=True)
+    # A shutdown that does not cancel runs what waits, and leaves nothing pending.
+    worker = PriorityWorker("test-due")
+    release = threading.Event()
+    holding = worker.submit(release.wait, 10.0)
+    waiting = worker.submit(ran.append, "after-shutdown")
+    stopper = threading.Thread(target=worker.shutdown)
+    stopper.start()
+    release.set()
+    stopper.join(10)
+    assert waiting.result(timeout=0) is None and ran[-1] == "after-shutdown" and holding.done()
 
 
 async def test_a_replys_first_sentence_goes_ahead_of_other_calls_later_ones(monkeypatch):
@@ -445,8 +458,10 @@ async def test_a_replys_first_sentence_goes_ahead_of_other_calls_later_ones(monk
     ran = await spied_synthesis(tts, monkeypatch)
     release = threading.Event()
     holding = asyncio.get_running_loop().run_in_executor(tts._executor, release.wait, 10.0)
-    later = [asyncio.ensure_future(tts.synthesize(f"Sentence {n} of a reply already playing.")) for n in (2, 3)]
-    first = asyncio.ensure_future(tts.synthesize("Hello, how can I help?", first=True))
+    playing_until = time.monotonic() + 3.0  # those calls have 3 s of audio ahead of their next sentence
+    later = [asyncio.ensure_future(tts.synthesize(f"Sentence {n} of a reply already playing.", due=playing_until))
+             for n in (2, 3)]  # fmt: skip
+    first = asyncio.ensure_future(tts.synthesize("Hello, how can I help?"))  # due now: a caller waits in silence
     await asyncio.sleep(0.05)
     release.set()
     await asyncio.gather(holding, *later, first)
