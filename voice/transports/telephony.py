@@ -164,6 +164,9 @@ class TelephonyCall:
         self._first_sentence_at: dict[int, float] = {}
         self._first_audio: dict[int, tuple[float, float]] = {}  # turn -> (monotonic, tts+encode s)
         self._ttfs_ms: dict[int, float] = {}
+        # Turns that answer keys alone: timed from the last key, the keypad
+        # settle included, so kept out of the TTFA histogram (as of TTFS's).
+        self._keys_only: set[int] = set()
         self._done_turns: set[int] = set()
         self._heard_pending: dict[int, str] = {}
         self._settle_timer: asyncio.TimerHandle | None = None
@@ -422,6 +425,8 @@ class TelephonyCall:
             self._save_when_played()
         elif kind == "turn.metrics" and ev.get("ttfs_ms") is not None:
             self._ttfs_ms[int(ev["turn"])] = float(ev["ttfs_ms"])
+            if ev.get("keys_only"):
+                self._keys_only.add(int(ev["turn"]))
             await self._publish_ttfa(int(ev["turn"]))
         elif kind == "error":
             self.note_peer_report(f"error {ev.get('code')}: {ev.get('message')}", ev.get("message"))
@@ -476,6 +481,7 @@ class TelephonyCall:
             for old in [t for t in records if t < turn]:
                 del records[old]
         self._done_turns = {t for t in self._done_turns if t >= turn}
+        self._keys_only = {t for t in self._keys_only if t >= turn}
 
     async def barge_in(self) -> None:
         """The caller talks: stop the reply's audio if any is still out there."""
@@ -546,5 +552,6 @@ class TelephonyCall:
         log.info(
             "call %s (%s) turn %d: time to first audio %.0f ms", self.call_id, self.transport, turn, metrics["ttfa_ms"]
         )
-        ttfa_histogram(self.runtime).labels(self.transport).observe(metrics["ttfa_ms"] / 1000)
+        if turn not in self._keys_only:
+            ttfa_histogram(self.runtime).labels(self.transport).observe(metrics["ttfa_ms"] / 1000)
         await self.on_audio_metrics(turn, metrics)
