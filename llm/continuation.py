@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from llm.base import EngineError, EngineUnavailable, GenerationRequest, LLMEngine, PromptTooLong
-from llm.remote_engine import FailedBeforeText, Overloaded, ServerMisconfigured
+from llm.remote_engine import FailedBeforeText, ServerMisconfigured
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,17 @@ async def stream_continuing(
                 log.warning("%s: the prompt did not fit the engine's context; sent again shorter", request.request_id)
                 continue
             # A part that carries a reply on (after a yield) had its reply
-            # said before it: an engine gone when it starts (a child
-            # restarting while the reply stood aside, a 5xx from a proxy in
-            # front of one, a stream cut before text) is waited for as a
-            # cut is (the caller heard the first sentence, then silence and
-            # no failure line). Not a busy one (429s, five a second from
-            # every call standing aside) nor an answer that would come back
-            # the same.
+            # said before it: an engine it cannot reach when it starts (a
+            # child restarting while the reply stood aside, a busy or failing
+            # server, a stream cut before text) is waited for as a cut
+            # mid-reply is (the caller heard the first sentence, then
+            # silence and no failure line). Not a server that refuses every
+            # request, nor an answer that would come back the same (a
+            # malformed one).
             gone = (
                 request.continue_final
                 and isinstance(exc, EngineUnavailable | FailedBeforeText)
-                and not isinstance(exc, Overloaded | ServerMisconfigured)
+                and not isinstance(exc, ServerMisconfigured)
             )
             if not (said or gone) or exc.refused:
                 # A refused continuation (a server without continue_final_message,

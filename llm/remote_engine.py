@@ -824,7 +824,6 @@ class RemotePool(LLMEngine):
                 down.remove(pinned)
                 down.insert(0, pinned)
             order = healthy + down[:1]
-        busy = 0
         for attempt, index in enumerate(order):
             replica = self.replicas[index]
             if attempt:
@@ -850,11 +849,6 @@ class RemotePool(LLMEngine):
                     raise
                 log.warning("replica %s failed (%s); trying the next", replica.base_url, exc)
                 errors.append(str(exc))
-                busy += isinstance(exc, Overloaded)
-        if errors and busy == len(errors):
-            # Every replica up and busy: not down (a reply standing aside
-            # waits for an engine that is gone, not for one that is busy).
-            raise Overloaded("every LLM replica is busy: " + "; ".join(errors))
         raise EngineUnavailable("no LLM replica could serve the request: " + "; ".join(errors))
 
     async def sentence_end_probability(self, messages: list[dict[str, str]], session_key: str | None = None) -> float:
