@@ -16,6 +16,7 @@ as ``asyncio.wrap_future`` does when the awaiting task is) is skipped.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import queue
@@ -27,10 +28,10 @@ from typing import Any
 
 from streaming.threads import name_os_thread
 
-# How often an idle worker looks whether the interpreter is exiting: its
-# thread is not a daemon, so a synthesis running at exit finishes (as a
-# ThreadPoolExecutor's does) instead of being killed inside native code.
-_IDLE_CHECK_S = 0.25
+# At exit the jobs waiting are cancelled and the one running is given this
+# long to finish (a synthesis inside native code), not for ever: a voice
+# still downloading held a stopped server up until the download ended.
+EXIT_WAIT_S = 5.0
 
 _Job = tuple[float, int, Future[Any] | None, Callable[..., Any] | None, tuple[Any, ...], dict[str, Any]]
 
@@ -56,8 +57,9 @@ class PriorityWorker(Executor):
             if self._shut:
                 raise RuntimeError("cannot schedule new work after shutdown")
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.thread_name)
+                self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
                 self._thread.start()
+                atexit.register(self._at_exit)
             self._jobs.put((due, next(self._order), future, fn, args, kwargs))
         return future
 
@@ -65,12 +67,7 @@ class PriorityWorker(Executor):
         name_os_thread(self.thread_name)
         try:
             while True:
-                try:
-                    _, _, future, fn, args, kwargs = self._jobs.get(timeout=_IDLE_CHECK_S)
-                except queue.Empty:
-                    if not threading.main_thread().is_alive():
-                        return  # the interpreter is exiting and nothing is left to do
-                    continue
+                _, _, future, fn, args, kwargs = self._jobs.get()
                 if future is None or fn is None:
                     return  # shutdown
                 if not future.set_running_or_notify_cancel():
@@ -92,6 +89,11 @@ class PriorityWorker(Executor):
                 return
             if future is not None:
                 future.cancel()
+
+    def _at_exit(self) -> None:
+        self.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(EXIT_WAIT_S)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """As an executor's: the jobs waiting run first unless
