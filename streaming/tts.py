@@ -99,7 +99,13 @@ _CODE_ALWAYS = r"code|pin|passcode|otp|zip|postcode|confirmation|verification|tr
 _CODE_IF_MARKED = r"ref|ticket|booking|reservation|account|card|order|member|membership|policy|claim|case|invoice"
 _CODE_MARKER = r"(?:\s+(?:(?:number|num|id|ending in|ends in)\b|no\.)|\s*#)"
 _CODE_FILLER = rf"(?:{_CODE_MARKER}|\s+is\b|\s*:)"
-_NOT_AN_AMOUNT = r"(?![\w-]|[.,]\d|\s*(?:%|percent|dollars|euros|pounds|cents|usd|eur|gbp|lbs?|kg|units)\b)"
+# Units after a number make it a quantity: a range's upper end ("200-1000
+# mg"), or an amount, not a code ("order number 300 lbs" is still a weight).
+_UNITS = (
+    r"%|percent|mg|kg|ml|lbs?|pounds|oz|km|cm|mm|miles|feet|ft|mph|people|persons|dollars|euros|cents|usd|eur|gbp|"
+    r"calories|words|pages|hours|minutes|seconds|days|weeks|months|years|times|units|items"
+)
+_NOT_AN_AMOUNT = rf"(?![\w-]|[.,]\d|\s*(?:{_UNITS})\b)"
 _CODE_NUMBER = re.compile(
     rf"(?:\b(?:{_CODE_ALWAYS})\b\.?{_CODE_FILLER}*|\b(?:{_CODE_IF_MARKED})\b\.?{_CODE_FILLER}*{_CODE_MARKER}"
     rf"{_CODE_FILLER}*)\s*(\d{{3,{MAX_DIGITS_AS_NUMBER}}}){_NOT_AN_AMOUNT}",
@@ -147,11 +153,7 @@ def _digit_run(match: re.Match[str]) -> str:
 _PHONE_CONTEXT = re.compile(r"\b(call|phone|number|dial|reach|text|fax|line|ext|extension|contact)\w*\b", re.I)
 PHONE_CONTEXT_CHARS = 48
 _RANGE_BEFORE = re.compile(r"\b(between|from)\s+$", re.I)
-_RANGE_AFTER = re.compile(
-    r"^\s*(%|percent|mg|kg|ml|lbs?|pounds|oz|km|cm|mm|miles|feet|ft|mph|people|persons|dollars|euros|"
-    r"calories|words|pages|hours|minutes|seconds|days|weeks|months|years|times|units|items)\b",
-    re.I,
-)
+_RANGE_AFTER = re.compile(rf"^\s*({_UNITS})\b", re.I)
 
 
 def _looks_like_a_range(text: str, match: re.Match[str], low: str, high: str) -> bool:
