@@ -234,13 +234,14 @@ def wants_marks(config: ASRConfig) -> bool:
     return config.adaptive_endpoint and config.auto_turns and config.end_of_turn in WHISPER_END_OF_TURN_POLICIES
 
 
-def whisper_marks(words: str, share: float | None) -> float | None:
+def whisper_marks(words: str, share: float | None, asked: str | None = None) -> float | None:
     """Whisper's sentence-end share at a pause as an end-of-turn input, or
     None where it must not hold the turn: a short answer on its own ("Yes.",
     "Tuesday.") or a number read out in full, which the word rules know are
     complete and Whisper, hearing one word or a string of digits, is unsure
-    of (as the LLM is not asked about them: ``asks_llm``)."""
-    if share is None or short_answer(words) or number_read_out(words):
+    of (as the LLM is not asked about them: ``asks_llm``). ``asked``: the
+    agent's line the caller answers (``number_read_out``)."""
+    if share is None or short_answer(words) or number_read_out(words, asked):
         return None
     return share
 
@@ -277,7 +278,13 @@ def sure_end(rule_window: float, whisper_end: float | None, config: ASRConfig) -
     )
 
 
-def asks_llm(words: str, rule_window: float | None, config: ASRConfig, whisper_end: float | None = None) -> bool:
+def asks_llm(
+    words: str,
+    rule_window: float | None,
+    config: ASRConfig,
+    whisper_end: float | None = None,
+    asked: str | None = None,
+) -> bool:
     """Whether this pause's words go to the LLM for P(the sentence ends
     here): only under an LLM policy, and not where the answer could not
     change the window: the words already wait the longest one, end on a
@@ -285,13 +292,14 @@ def asks_llm(words: str, rule_window: float | None, config: ASRConfig, whisper_e
     and would hold "my zip code is 94107" as unfinished), or are a short
     answer on their own ("Yes.", "Tuesday.": SmolLM2 reads those as going
     on, benchmarks/end_of_turn.py), nor where Whisper's marks
-    (``whisper_end``, as ``whisper_marks`` gives them) already hold it."""
+    (``whisper_end``, as ``whisper_marks`` gives them) already hold it.
+    ``asked``: the agent's line the caller answers."""
     return (
         config.end_of_turn in LLM_END_OF_TURN_POLICIES
         and bool(words)
         and not marks_hold(whisper_end, config)
         and not (rule_window is not None and rule_window >= config.endpoint_max_s)
-        and not number_read_out(words)
+        and not number_read_out(words, asked)
         and not short_answer(words)
     )
 

@@ -75,16 +75,31 @@ _GOES_ON = (",", "-", "...", "…", ":")
 # Fields read out digit by digit whose length says when they are complete,
 # as (what names the field, how many digits complete it). A field of free
 # length (an order or account number) is not here: its end cannot be told
-# from the digits, and it keeps the long window. The field's name must come
-# right before the digits ("my zip code is 941 07").
-NUMBER_FIELDS: tuple[tuple[re.Pattern[str], frozenset[int]], ...] = (
-    (re.compile(r"\blast (?:four|4)(?: digits)?$"), frozenset({4})),
-    (re.compile(r"\b(?:zip|zip code|postal code|post code|postcode)$"), frozenset({5, 9})),
-    (re.compile(r"\b(?:phone|telephone|cell|mobile|callback|call back|contact) number$"), frozenset({10, 11})),
-    (re.compile(r"\b(?:card|credit card|debit card) number$"), frozenset({15, 16})),
-    (re.compile(r"\b(?:social security number|social|ssn)$"), frozenset({9})),
-    (re.compile(r"\brouting number$"), frozenset({9})),
+# from the digits, and it keeps the long window. The field is named right
+# before the digits ("my zip code is 941 07") or in the question the caller
+# answers ("What's your zip code?" "It's 94107.").
+_FIELD_NAMES: tuple[tuple[str, frozenset[int]], ...] = (
+    (r"last (?:four|4)(?: digits)?", frozenset({4})),
+    (r"zip|zip code|postal code|post code|postcode", frozenset({5, 9})),
+    (
+        r"(?:phone|telephone|cell|mobile|callback|call back|contact) number|number to (?:reach|call|text) you",
+        frozenset({10, 11}),
+    ),
+    (r"(?:card|credit card|debit card) number", frozenset({15, 16})),
+    (r"social security number|social|ssn", frozenset({9})),
+    (r"routing number", frozenset({9})),
 )
+NUMBER_FIELDS: tuple[tuple[re.Pattern[str], frozenset[int]], ...] = tuple(
+    (re.compile(rf"\b(?:{name})$"), lengths) for name, lengths in _FIELD_NAMES
+)
+_ASKED_FIELDS: tuple[tuple[re.Pattern[str], frozenset[int]], ...] = tuple(
+    (re.compile(rf"\b(?:{name})\b"), lengths) for name, lengths in _FIELD_NAMES
+)
+# A question about when ("What time would suit you?", "When would you like
+# to come in?"): the answer's clock time is complete without its colon,
+# where on its own "at 730" may be a house number going on ("I live at 730
+# | Main Street").
+_ASKS_WHEN = re.compile(r"\b(?:when|time)\b")
 # Between the field's name and its digits ("my zip code is", "it's").
 _LINKING = frozenset({"is", "are", "was", "it's", "its", "it", "that's", "should", "be", "would"})
 # Digits spoken as words: Whisper writes most as numerals, a few not.
@@ -100,11 +115,38 @@ _TIME_OR_DATE = re.compile(
 )
 
 
-def number_read_out(text: str) -> bool:
+def asked_question(agent_line: str | None) -> str:
+    """The last sentence of the agent's line, lower-cased: the question the
+    caller is answering ("...Thanks. What's your zip code?" -> "what's your
+    zip code?"); "" when there is none."""
+    if not agent_line:
+        return ""
+    sentences = [s for s in re.split(r"(?<=[.?!])\s+", agent_line.strip().lower().replace("\u2019", "'")) if s]
+    return sentences[-1] if sentences else ""
+
+
+def _clock_time(tokens: list[str]) -> bool:
+    """The last tokens are a clock time with its minutes: "7 30", "7:30"
+    (split at the colon), "730", "1045"."""
+    if len(tokens) >= 2 and tokens[-2].isdigit() and tokens[-1].isdigit():
+        hour, minutes = tokens[-2], tokens[-1]
+    elif tokens and tokens[-1].isdigit() and len(tokens[-1]) in (3, 4):
+        hour, minutes = tokens[-1][:-2], tokens[-1][-2:]
+    else:
+        return False
+    return len(minutes) == 2 and 1 <= int(hour) <= 12 and len(hour) <= 2 and int(minutes) < 60
+
+
+def number_read_out(text: str, asked: str | None = None) -> bool:
     """The words stop on the last digit of a fixed-length field read out in
     full ("my phone number is 555-212-4498"), or on a clock time or a date
     with its year; False for a field cut short ("my zip code is 941") or a
-    number of free length ("the order number is 45291")."""
+    number of free length ("the order number is 45291").
+
+    ``asked``: the agent's line the caller answers (its last sentence counts):
+    a field it names needs no name in the answer ("What's your zip code?"
+    "94107."), and after a question about when a clock time is complete
+    without its colon ("What time would suit you?" "730.")."""
     lowered = text.strip().lower().replace("\u2019", "'")
     if lowered.endswith(_GOES_ON):
         return False  # Whisper heard the line go on
@@ -116,10 +158,21 @@ def number_read_out(text: str) -> bool:
     while at > 0 and (tokens[at - 1].isdigit() or tokens[at - 1] in DIGIT_WORDS):
         at -= 1
         digits += len(tokens[at]) if tokens[at].isdigit() else 1
+    if not digits:
+        return False
+    number = tokens[at:]
     while at > 0 and tokens[at - 1] in _LINKING:
         at -= 1
     name = " ".join(tokens[:at])
-    return any(pattern.search(name) and digits in lengths for pattern, lengths in NUMBER_FIELDS)
+    named = [lengths for pattern, lengths in NUMBER_FIELDS if pattern.search(name)]
+    if named:
+        return any(digits in lengths for lengths in named)
+    question = asked_question(asked)
+    if not question:
+        return False
+    if _ASKS_WHEN.search(question) and _clock_time(number):
+        return True
+    return any(pattern.search(question) and digits in lengths for pattern, lengths in _ASKED_FIELDS)
 
 
 # A whole turn made of these is an answer in itself ("Yes.", "No, thanks.",
@@ -172,12 +225,13 @@ def ends_unfinished(text: str) -> bool:
     return word in CONTINUATION_WORDS or word.isdigit()
 
 
-def endpoint_window(text: str, config: ASRConfig) -> float:
-    """Silence (s) after which a turn whose words so far are ``text`` ends."""
+def endpoint_window(text: str, config: ASRConfig, asked: str | None = None) -> float:
+    """Silence (s) after which a turn whose words so far are ``text`` ends;
+    ``asked``: the agent's line the caller answers (``number_read_out``)."""
     stripped = text.strip()
     if not stripped:
         return config.endpoint_unsure_s
-    if number_read_out(stripped):
+    if number_read_out(stripped, asked):
         return config.endpoint_min_s
     if short_answer(stripped):
         # Not held as unfinished ("No."): an answer in itself, but one the

@@ -264,6 +264,9 @@ class Inputs:
     # Whisper's P(. ? !) against P(. ? ! , ...) after its last word, from
     # the pause decode itself (asr/whisper.py): no compute of its own.
     whisper_end_p: float | None = None
+    # The agent's line the caller answers (the word rules read the field or
+    # the "when" it asks for, as the session does); None without one.
+    agent: str | None = None
 
 
 class TextEndOfTurn:
@@ -325,7 +328,7 @@ class Features:
         if key in self._cache:
             return self._cache[key]
         decoded = self.decoder.decode(audio, marks=True)  # the words are the same either way
-        inputs = Inputs(decoded.text, decoded.decode_s, whisper_end_p=decoded.sentence_end_p)
+        inputs = Inputs(decoded.text, decoded.decode_s, whisper_end_p=decoded.sentence_end_p, agent=case.agent)
         if self.smart is not None:
             c0, t0 = time.process_time(), time.perf_counter()
             inputs.smart_p = self.smart.probability(audio)
@@ -359,7 +362,7 @@ class Candidate:
 
 
 def _adaptive(i: Inputs, cfg: ASRConfig) -> Updates:
-    return [(i.decode_s, endpoint_window(i.text, cfg))]
+    return [(i.decode_s, endpoint_window(i.text, cfg, i.agent))]
 
 
 def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
@@ -367,11 +370,11 @@ def _policy(policy: str) -> Callable[[Inputs, ASRConfig], Updates]:
     # LLM's after the pause decode and its own prefill, as the session asks).
     def decide(i: Inputs, cfg: ASRConfig) -> Updates:
         arrivals = [(i.decode_s, "rule"), (i.smart_s, "smart")]
-        rule_window = endpoint_window(i.text, cfg)  # known once the pause decode is in
+        rule_window = endpoint_window(i.text, cfg, i.agent)  # known once the pause decode is in
         # Each candidate's cfg names its policy; the marks are read (in the
         # same decode as the words) only where it uses them, as the server does.
-        marks = whisper_marks(i.text, i.whisper_end_p) if wants_marks(cfg) else None
-        if asks_llm(i.text, rule_window, cfg, marks):
+        marks = whisper_marks(i.text, i.whisper_end_p, i.agent) if wants_marks(cfg) else None
+        if asks_llm(i.text, rule_window, cfg, marks, i.agent):
             arrivals.append((i.decode_s + i.text_s, "llm"))
         rule: float | None = None
         prob: float | None = None
@@ -437,10 +440,11 @@ def _sentence_end(threshold: float) -> Callable[[Inputs, ASRConfig], Updates]:
 
 
 def _without_agent(decide: Callable[[Inputs, ASRConfig], Updates]) -> Callable[[Inputs, ASRConfig], Updates]:
-    # The same rule on the LLM's view of the words alone, as if the call had
-    # no history: what the agent's line adds, measured beside it.
+    # The same rule as if the call had no history (the LLM's view of the
+    # words alone, no field or "when" asked): what the agent's line adds,
+    # measured beside it.
     def without(i: Inputs, cfg: ASRConfig) -> Updates:
-        return decide(dataclasses.replace(i, sentence_end_p=i.sentence_end_p_alone), cfg)
+        return decide(dataclasses.replace(i, sentence_end_p=i.sentence_end_p_alone, agent=None), cfg)
 
     return without
 
@@ -458,7 +462,7 @@ def _scaled_with_both(i: Inputs, cfg: ASRConfig) -> Updates:
     # The window grows with the doubt of both, min + (1 - Ps * Pt) (max - min),
     # the word rules' veto standing.
     assert i.smart_p is not None and i.sentence_end_p is not None
-    if endpoint_window(i.text, cfg) >= cfg.endpoint_max_s:
+    if endpoint_window(i.text, cfg, i.agent) >= cfg.endpoint_max_s:
         window = cfg.endpoint_max_s
     else:
         window = cfg.endpoint_min_s + (1.0 - i.smart_p * i.sentence_end_p) * (cfg.endpoint_max_s - cfg.endpoint_min_s)
@@ -488,6 +492,14 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
         )
         for t in WHISPER_THRESHOLDS
     ]
+    out.append(
+        Candidate(
+            f"whisper+rules, threshold {ASRConfig.whisper_sentence_end_threshold:g}, without the agent's line",
+            ASRConfig(end_of_turn="whisper+rules"),
+            _without_agent(_policy("whisper+rules")),
+            zero,
+        )
+    )
     # Shorter windows where the inputs agree: a short answer on its own at
     # the shortest window, and a finished sentence Whisper is surer of than
     # the threshold (sure_end) at 0.2 s, alone and together.
@@ -750,7 +762,7 @@ def labelled_inputs(case: Case, vad: SileroVAD, features: Features) -> list[dict
                 "complete": complete,
                 "pause_s": pause_s,
                 "text": i.text,
-                "rule_window_s": endpoint_window(i.text, ASRConfig()),
+                "rule_window_s": endpoint_window(i.text, ASRConfig(), case.agent),
                 "smart_p": i.smart_p,
                 "sentence_end_p": i.sentence_end_p,
                 "sentence_end_p_alone": i.sentence_end_p_alone,
@@ -819,7 +831,7 @@ def whisper_rules_window(x: dict[str, Any], cfg: ASRConfig, whisper: float, lo: 
     in: the server's own ``decide_window``, at these thresholds (``lo`` 0:
     without the LLM), the marks as the session reads them."""
     knobs = dataclasses.replace(cfg, whisper_sentence_end_threshold=whisper, llm_sentence_end_threshold=lo)
-    marks = whisper_marks(x["text"], x["whisper_end_p"])
+    marks = whisper_marks(x["text"], x["whisper_end_p"], x.get("agent"))
     rule = float(x["rule_window_s"])
     return decide_window("whisper+rules+llm", rule, None, knobs, x["sentence_end_p"], marks)
 

@@ -27,7 +27,7 @@ def changed_windows(results: dict, config: ASRConfig) -> list[dict]:
     """The labelled items whose word-rule window differs from the recorded one."""
     changed = []
     for item in results.get("labelled_inputs", []):
-        now = endpoint_window(item["text"], config)
+        now = endpoint_window(item["text"], config, item.get("agent"))
         if abs(now - item["rule_window_s"]) > 1e-9:
             changed.append({**item, "rule_window_now_s": now})
     return changed

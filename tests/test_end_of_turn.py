@@ -48,8 +48,9 @@ def _model_path() -> str:
 def cases() -> dict[str, Case]:
     spec = json.loads(SPEC.read_text())
     builder = Builder(spec)
-    # account number, last four digits, a list, "and" before the rest, a finished question
-    wanted = {"tts-00", "tts-01", "tts-09", "tts-10", "tts-18"}
+    # account number, last four digits, a list, "and" before the rest, a
+    # finished question, "seven thirty" answering "What time would suit you?"
+    wanted = {"tts-00", "tts-01", "tts-09", "tts-10", "tts-18", "tts-28"}
     return {item["id"]: builder.spoken(item) for item in spec["spoken"] if item["id"] in wanted}
 
 
@@ -189,6 +190,42 @@ def test_a_number_read_out_in_full_ends_the_turn() -> None:
     ]
     assert [t for t in done if not number_read_out(t)] == []
     assert [t for t in not_done if number_read_out(t)] == []
+
+
+def test_the_agents_question_says_when_a_number_is_whole() -> None:
+    """The caller answers the agent's question: a field it names needs no
+    name in the answer, and after a question about when a clock time is
+    whole without its colon; the question is the line's last sentence."""
+    zip_code, when = "And what's your zip code?", "When would you like to come in?"
+    what_time = "What time would suit you?"
+    done = [
+        ("94107.", zip_code),
+        ("Sure, it's 941 07.", zip_code),
+        ("7703", "What are the last four digits of the card?"),
+        ("It's 555-212-4498.", "What's the best number to reach you on?"),
+        ("730.", what_time),
+        ("Tomorrow at 730.", when),
+        ("At 7 30", what_time),
+        ("10.45", what_time),
+    ]
+    not_done = [
+        ("941", zip_code),  # cut short
+        ("94107,", zip_code),  # Whisper heard it go on
+        ("My phone number is 94107", zip_code),  # the caller named another field
+        ("4445291.", "Can I have your account number, please?"),  # free length
+        ("7.", what_time),  # "seven | thirty"
+        ("1985.", "When were you born?"),  # no clock time
+        ("2019", "When did you move in?"),
+        ("I live at 730", "Great. I'll book it when you're ready. What's your address?"),  # not the last sentence
+        ("730.", None),
+        ("94107.", None),
+    ]
+    assert [x for x in done if not number_read_out(*x)] == []
+    assert [x for x in not_done if number_read_out(*x)] == []
+    assert endpoint_window("730.", CFG, what_time) == CFG.endpoint_min_s
+    assert endpoint_window("730.", CFG) == CFG.endpoint_max_s
+    # Whisper, hearing a lone number, is unsure of its end: a whole one is not held by it.
+    assert whisper_marks("730.", 0.6, what_time) is None and whisper_marks("730.", 0.6) == 0.6
 
 
 def test_a_short_answer_is_a_turn_of_its_own() -> None:
@@ -406,11 +443,12 @@ def test_missing_model_is_a_clear_error(tmp_path: object) -> None:
 
 @contextlib.asynccontextmanager
 async def _fed_session(
-    server: object, audio: np.ndarray, greeting: bool = True, **asr: object
+    server: object, audio: np.ndarray, greeting: bool = True, agent: str | None = None, **asr: object
 ) -> AsyncIterator[CallSession]:
     """A call on the shared server with these ASR settings, ``audio`` fed at
     once as 20 ms frames; stopped on the way out. No silent-line filler: the
-    test decides how much silence the tracker hears."""
+    test decides how much silence the tracker hears. ``agent``: a line the
+    agent said before the audio (as a greeting or a reply would)."""
     from voice.call.session import CallSession
     from voice.call.start import Start
 
@@ -424,6 +462,8 @@ async def _fed_session(
         **asr,
     )
     await session.start(Start(encoding="pcm16", sample_rate=RATE, server_greeting=greeting))
+    if agent is not None:
+        session.history.remember(0, "", agent)
     try:
         pcm = float_to_int16(audio).tobytes()
         for i in range(0, len(pcm), 640):
@@ -518,8 +558,8 @@ async def test_whisper_marks_choose_the_window_in_the_session(server: object, ca
     as a finished "...and check.", which the rules alone end in 0.3 s) waits
     the longest window; the finished question the shortest."""
 
-    async def window_at(audio: np.ndarray) -> tuple[float, float | None]:
-        async with _fed_session(server, audio, greeting=False, end_of_turn="whisper+rules") as session:
+    async def window_at(audio: np.ndarray, agent: str | None = None) -> tuple[float, float | None]:
+        async with _fed_session(server, audio, greeting=False, agent=agent, end_of_turn="whisper+rules") as session:
             async with asyncio.timeout(20):
                 while session._eot_rule is None or session._eot_whisper is None:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
@@ -530,6 +570,22 @@ async def test_whisper_marks_choose_the_window_in_the_session(server: object, ca
     assert window == CFG.endpoint_max_s, share
     window, share = await window_at(_at_pause(cases["tts-18"], None, after_s=0.25))
     assert window == CFG.endpoint_min_s, share
+    # "Seven thirty." answering "What time would suit you?" is a whole answer;
+    # the same words with no question before them may be a house number going on.
+    # (With the question, Whisper's marks are not read for a whole number:
+    # the window is waited for, as the marks never come.)
+    seven_thirty = _at_pause(cases["tts-28"], None, after_s=0.25)
+    async with _fed_session(
+        server, seven_thirty, greeting=False, agent=cases["tts-28"].agent, end_of_turn="whisper+rules"
+    ) as session:
+        assert session._tracker is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(20):
+                while session._tracker.endpoint_s != CFG.endpoint_min_s:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        assert session._tracker.endpoint_s == CFG.endpoint_min_s, (session._last_partial, session._eot_whisper)
+    window, share = await window_at(seven_thirty)
+    assert window == CFG.endpoint_max_s, share
 
 
 def test_a_past_run_is_checked_against_todays_word_rules() -> None:

@@ -854,7 +854,7 @@ class CallSession:
             # finished-looking phrase in 0.3 s before the marks are read (and a
             # shed pause decode never reads them): at least the unsure window
             # until the pause's own decode is in.
-            self._eot_rule = endpoint_window(self._last_partial, cfg)
+            self._eot_rule = endpoint_window(self._last_partial, cfg, self._agent_line())
             if wants_marks(cfg) and not self._low_priority:
                 self._eot_rule = max(self._eot_rule, cfg.endpoint_unsure_s)
             self._set_window()
@@ -886,10 +886,18 @@ class CallSession:
         """The pause's decode is in (a preemptive turn's or its own): its
         words and Whisper's marks choose how long to wait; ``words`` (with
         any carried over) may go to the LLM."""
-        self._eot_rule = endpoint_window(decoded.text, self.asr_config)
-        self._eot_whisper = whisper_marks(decoded.text, decoded.sentence_end_p)
+        asked = self._agent_line()
+        self._eot_rule = endpoint_window(decoded.text, self.asr_config, asked)
+        self._eot_whisper = whisper_marks(decoded.text, decoded.sentence_end_p, asked)
         self._set_window()
         self._ask_sentence_end(words)
+
+    def _agent_line(self) -> str | None:
+        """The agent's line the caller is answering: the newest message, where
+        it is the agent's ("What's your zip code?" makes "94107." a whole
+        answer). None after the caller's own words (a reply that failed)."""
+        said = self.history.messages_so_far
+        return said[-1]["content"] if said and said[-1]["role"] == "assistant" else None
 
     def _set_window(self) -> None:
         """The pause's endpoint window from every input in so far."""
@@ -909,7 +917,7 @@ class CallSession:
         call fed faster than real time gets no probes: they would take the
         engine from the real-time calls' replies."""
         if (
-            not asks_llm(words, self._eot_rule, self.asr_config, self._eot_whisper)
+            not asks_llm(words, self._eot_rule, self.asr_config, self._eot_whisper, self._agent_line())
             or self._low_priority
             or self._sentence_end_busy
             or self.runtime.sentence_end_unsupported
