@@ -504,7 +504,7 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
     # the shortest window, and a finished sentence Whisper is surer of than
     # the threshold (sure_end) at 0.2 s, alone and together.
     threshold = ASRConfig.whisper_sentence_end_threshold
-    for answer_s, sure_at in ((0.3, None), (None, 0.98), (0.3, 0.98), (0.3, 0.95)):
+    for answer_s, sure_at in ((0.3, None), (None, 0.98), (None, 0.95), (0.3, 0.98), (0.3, 0.95)):
         knobs: dict[str, float] = {}
         label = []
         if answer_s is not None:
