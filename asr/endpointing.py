@@ -99,7 +99,8 @@ _ASKED_FIELDS: tuple[tuple[re.Pattern[str], frozenset[int]], ...] = tuple(
 # to come in?"): the answer's clock time is complete without its colon,
 # where on its own "at 730" may be a house number going on ("I live at 730
 # | Main Street").
-_ASKS_WHEN = re.compile(r"\b(?:when|time)\b")
+# Not any "time": "Take your time." asks for nothing.
+_ASKS_WHEN = re.compile(r"\b(?:when|what time|which time)\b|\b(?:a|the|good|best|better|convenient|preferred) time\b")
 # Between the field's name and its digits ("my zip code is", "it's").
 _LINKING = frozenset({"is", "are", "was", "it's", "its", "it", "that's", "should", "be", "would"})
 # Digits spoken as words: Whisper writes most as numerals, a few not.
@@ -116,13 +117,14 @@ _TIME_OR_DATE = re.compile(
 
 
 def asked_question(agent_line: str | None) -> str:
-    """The last sentence of the agent's line, lower-cased: the question the
-    caller is answering ("...Thanks. What's your zip code?" -> "what's your
-    zip code?"); "" when there is none."""
+    """What the caller is answering, lower-cased: the agent's line's last
+    question, else its last sentence ("Thanks. What's your zip code? Take
+    your time." -> "what's your zip code?"); "" when there is none."""
     if not agent_line:
         return ""
     sentences = [s for s in re.split(r"(?<=[.?!])\s+", agent_line.strip().lower().replace("\u2019", "'")) if s]
-    return sentences[-1] if sentences else ""
+    questions = [s for s in sentences if s.endswith("?")]
+    return (questions or sentences or [""])[-1]
 
 
 def _clock_time(tokens: list[str]) -> bool:
@@ -168,11 +170,10 @@ def number_read_out(text: str, asked: str | None = None) -> bool:
     if named:
         return any(digits in lengths for lengths in named)
     question = asked_question(asked)
-    if not question:
-        return False
-    if _ASKS_WHEN.search(question) and _clock_time(number):
-        return True
-    return any(pattern.search(question) and digits in lengths for pattern, lengths in _ASKED_FIELDS)
+    asked_for = [lengths for pattern, lengths in _ASKED_FIELDS if pattern.search(question)]
+    if asked_for:  # a field's length, even where the question says "when" too
+        return any(digits in lengths for lengths in asked_for)
+    return bool(_ASKS_WHEN.search(question)) and _clock_time(number)
 
 
 # A whole turn made of these is an answer in itself ("Yes.", "No, thanks.",
@@ -232,7 +233,9 @@ def endpoint_window(text: str, config: ASRConfig, asked: str | None = None) -> f
     if not stripped:
         return config.endpoint_unsure_s
     if number_read_out(stripped, asked):
-        return config.endpoint_min_s
+        # The field's length says it is whole, surer than any mark Whisper
+        # writes after a string of digits: the sure window where one is set.
+        return min(config.endpoint_sure_s or config.endpoint_min_s, config.endpoint_min_s)
     if short_answer(stripped):
         # Not held as unfinished ("No."): an answer in itself, but one the
         # caller may go on from ("yes, | and...").

@@ -188,8 +188,12 @@ SYSTEMS: dict[str, System] = {
         System("firstline-eot-rules", "firstline", "firstline ending turns by the word rules alone (--end-of-turn "
                "adaptive, the default before whisper+rules)", ["--end-of-turn", "adaptive"], ALL_PROTOCOLS),
         System("firstline-eot-sure", "firstline", "firstline ending a finished sentence Whisper closes with a full "
-               "stop's share of at least 0.95 after 0.2 s (--endpoint-sure-ms 200 --whisper-sure-threshold 0.95)",
+               "stop's share of at least 0.95 after 0.2 s (--endpoint-sure-ms 200 --whisper-sure-threshold 0.95, "
+               "the default since 0a79084's run)",
                ["--endpoint-sure-ms", "200", "--whisper-sure-threshold", "0.95"], ALL_PROTOCOLS),
+        System("firstline-eot-no-sure", "firstline", "firstline with no sure tier: a finished sentence waits 0.3 s "
+               "however sure Whisper is (--endpoint-sure-ms 0, the default before)",
+               ["--endpoint-sure-ms", "0"], ALL_PROTOCOLS),
         System("firstline-eot-as-filed", "firstline", "firstline ending turns as before issue 14: the word rules "
                "alone, and a caller who goes on after the reply began is a new turn (--end-of-turn adaptive "
                "--resume-grace-s 0)", ["--end-of-turn", "adaptive", "--resume-grace-s", "0"], ALL_PROTOCOLS),

@@ -502,15 +502,20 @@ def candidates(smart: bool, text: bool, text_threshold: float) -> list[Candidate
     )
     # Shorter windows where the inputs agree: a short answer on its own at
     # the shortest window, and a finished sentence Whisper is surer of than
-    # the threshold (sure_end) at 0.2 s, alone and together.
+    # a share (sure_end) at 0.2 s, alone and together. The default is 0.2 s
+    # at 0.95 (the "threshold 0.95" row above); None: no sure tier (the
+    # default before), measured beside it.
     threshold = ASRConfig.whisper_sentence_end_threshold
-    for answer_s, sure_at in ((0.3, None), (None, 0.98), (None, 0.95), (0.3, 0.98), (0.3, 0.95)):
+    for answer_s, sure_at in ((None, None), (0.3, None), (None, 0.98), (0.3, 0.98), (0.3, 0.95)):
         knobs: dict[str, float] = {}
         label = []
         if answer_s is not None:
             knobs["endpoint_answer_s"] = answer_s
             label.append(f"short answers {answer_s:g} s")
-        if sure_at is not None:
+        if sure_at is None:
+            knobs["endpoint_sure_s"] = 0.0
+            label.append("no sure tier")
+        else:
             knobs |= {"endpoint_sure_s": 0.2, "whisper_sure_threshold": sure_at}
             label.append(f">= {sure_at:g} at 0.2 s")
         out.append(

@@ -114,8 +114,9 @@ def test_a_finished_question_is_the_end(cases: dict[str, Case], smart: SmartTurn
 def test_word_rule_windows() -> None:
     """The word rule (asr/endpointing.py): a finished sentence waits the
     least, a turn that stops on "and", a number or "can you" the most; an
-    object pronoun that ends a sentence ("thank you.") does not hold it."""
-    lo, mid, hi = CFG.endpoint_min_s, CFG.endpoint_unsure_s, CFG.endpoint_max_s
+    object pronoun that ends a sentence ("thank you.") does not hold it; a
+    number read out in full waits the sure window (on by default)."""
+    lo, mid, hi, sure = CFG.endpoint_min_s, CFG.endpoint_unsure_s, CFG.endpoint_max_s, CFG.endpoint_sure_s
     table = {
         "Please hold while we try to connect you.": lo,
         "No, that's all, thank you.": lo,
@@ -125,9 +126,9 @@ def test_word_rule_windows() -> None:
         "Hi, I was wondering if you": hi,
         "The order number is 45291": hi,  # free length: more digits may follow
         "My zip code is 941.": hi,
-        "My zip code is 941-07.": lo,  # five digits complete a zip code
-        "My zip code it\u2019s 94107.": lo,  # a typographic apostrophe reads as a plain one
-        "The last four digits are 7703": lo,
+        "My zip code is 941-07.": sure,  # five digits complete a zip code
+        "My zip code it\u2019s 94107.": sure,  # a typographic apostrophe reads as a plain one
+        "The last four digits are 7703": sure,
         "My phone number is 555-212-": hi,
         "I need eggs and": hi,
         "Is it": hi,
@@ -217,12 +218,16 @@ def test_the_agents_question_says_when_a_number_is_whole() -> None:
         ("1985.", "When were you born?"),  # no clock time
         ("2019", "When did you move in?"),
         ("I live at 730", "Great. I'll book it when you're ready. What's your address?"),  # not the last sentence
+        ("941", "What's your zip code? Take your time."),  # the question, not the last sentence
+        ("941", "When you're ready, what's your zip code?"),  # a field's length, whatever else it says
         ("730.", None),
         ("94107.", None),
     ]
     assert [x for x in done if not number_read_out(*x)] == []
     assert [x for x in not_done if number_read_out(*x)] == []
-    assert endpoint_window("730.", CFG, what_time) == CFG.endpoint_min_s
+    # Whole: the sure window (on by default) from the rules alone.
+    assert endpoint_window("730.", CFG, what_time) == CFG.endpoint_sure_s < CFG.endpoint_min_s
+    assert endpoint_window("730.", dataclasses.replace(CFG, endpoint_sure_s=0.0), what_time) == CFG.endpoint_min_s
     assert endpoint_window("730.", CFG) == CFG.endpoint_max_s
     # Whisper, hearing a lone number, is unsure of its end: a whole one is not held by it.
     assert whisper_marks("730.", 0.6, what_time) is None and whisper_marks("730.", 0.6) == 0.6
@@ -305,10 +310,12 @@ def test_decide_window_table() -> None:
 def test_decide_window_whisper_table() -> None:
     """whisper+rules: the rules' window unless Whisper's share of a
     sentence end is below its threshold (or the rules already wait the
-    longest); +llm adds the LLM's veto."""
-    cfg = CFG
+    longest); +llm adds the LLM's veto. (The sure tier, on by default,
+    shortens the rules' shortest window: test_sure_tier_and_short_answer_window.)"""
+    cfg = dataclasses.replace(CFG, endpoint_sure_s=0.0)
     lo, mid, hi = cfg.endpoint_min_s, cfg.endpoint_unsure_s, cfg.endpoint_max_s
     sure, unsure = 0.99, cfg.whisper_sentence_end_threshold - 0.1
+    assert decide_window("whisper+rules", lo, None, CFG, None, sure) == CFG.endpoint_sure_s  # the default
     assert decide_window("whisper+rules", None, None, cfg) == mid  # the pause decode is not in
     assert decide_window("whisper+rules", lo, None, cfg, None, sure) == lo
     assert decide_window("whisper+rules", mid, None, cfg, None, sure) == mid  # a short sentence waits as the rules say
@@ -360,11 +367,14 @@ def test_sure_tier_and_short_answer_window() -> None:
     assert decide_window("whisper+rules", mid, None, cfg, None, 0.99) == mid  # a short fragment: the rules' window
     assert decide_window("whisper+rules", hi, None, cfg, None, 0.99) == hi
     assert decide_window("adaptive", lo, None, cfg, None, 0.99) == lo  # the rules alone read no marks
-    # Off by default: a shortest window set above 0.2 s stays the shortest.
-    slower = dataclasses.replace(CFG, end_of_turn="whisper+rules", endpoint_min_s=0.5)
+    # Off (0), a shortest window set above 0.2 s stays the shortest; on by
+    # default, at 0.2 s for a share of 0.95.
+    slower = dataclasses.replace(CFG, end_of_turn="whisper+rules", endpoint_min_s=0.5, endpoint_sure_s=0.0)
     assert decide_window("whisper+rules", 0.5, None, slower, None, 0.99) == 0.5
-    # A short answer or a number read out reads no marks, so never the sure tier.
-    for words, window in (("Yes.", mid), ("My zip code is 94107.", lo)):
+    assert (ASRConfig().endpoint_sure_s, ASRConfig().whisper_sure_threshold) == (0.2, 0.95)
+    # A short answer reads no marks, so never the sure tier; a number read
+    # out in full reads none either, and is sure by the rules alone.
+    for words, window in (("Yes.", mid), ("My zip code is 94107.", 0.2)):
         marks = whisper_marks(words, 0.99)
         assert decide_window("whisper+rules", endpoint_window(words, cfg), None, cfg, None, marks) == window
     # The LLM's veto beats it; before the LLM answers, it stands.
@@ -382,7 +392,8 @@ def test_sure_tier_and_short_answer_window() -> None:
     def asr(*flags: str) -> ASRConfig:
         return config_from_args(build_parser().parse_args(["serve", *flags])).asr
 
-    assert (asr().endpoint_sure_s, asr().endpoint_answer_s) == (0.0, 0.0)  # both off
+    assert (asr().endpoint_sure_s, asr().endpoint_answer_s) == (0.2, 0.0)  # the sure tier on, the answer one off
+    assert asr("--endpoint-sure-ms", "0").endpoint_sure_s == 0.0
     tuned = asr("--endpoint-sure-ms", "200", "--whisper-sure-threshold", "0.97", "--endpoint-answer-ms", "400")
     assert (tuned.endpoint_sure_s, tuned.whisper_sure_threshold, tuned.endpoint_answer_s) == (0.2, 0.97, 0.4)
     with pytest.raises(ValueError, match="whisper_sure_threshold"):
@@ -569,7 +580,7 @@ async def test_whisper_marks_choose_the_window_in_the_session(server: object, ca
     window, share = await window_at(_at_pause(cases["tts-10"], 0, after_s=0.25))
     assert window == CFG.endpoint_max_s, share
     window, share = await window_at(_at_pause(cases["tts-18"], None, after_s=0.25))
-    assert window == CFG.endpoint_min_s, share
+    assert share is not None and share >= CFG.whisper_sure_threshold and window == CFG.endpoint_sure_s, share
     # "Seven thirty." answering "What time would suit you?" is a whole answer;
     # the same words with no question before them may be a house number going on.
     # (With the question, Whisper's marks are not read for a whole number:
@@ -581,9 +592,9 @@ async def test_whisper_marks_choose_the_window_in_the_session(server: object, ca
         assert session._tracker is not None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(20):
-                while session._tracker.endpoint_s != CFG.endpoint_min_s:  # noqa: ASYNC110
+                while session._tracker.endpoint_s != CFG.endpoint_sure_s:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
-        assert session._tracker.endpoint_s == CFG.endpoint_min_s, (session._last_partial, session._eot_whisper)
+        assert session._tracker.endpoint_s == CFG.endpoint_sure_s, (session._last_partial, session._eot_whisper)
     window, share = await window_at(seven_thirty)
     assert window == CFG.endpoint_max_s, share
 

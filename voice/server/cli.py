@@ -497,10 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--endpoint-sure-ms",
         type=int,
-        default=0,
+        default=round(ASRConfig.endpoint_sure_s * 1000),
         help="under --end-of-turn whisper+rules(+llm): a finished sentence Whisper closes with at least "
-        "--whisper-sure-threshold of the marks ends after this much silence (0: off, the default; README "
-        "'Shorter windows': worth 5-6 ms on 2 cores, more where the decode is fast)",
+        "--whisper-sure-threshold of the marks, or a number read out in full, ends after this much silence "
+        "(0: off; default %(default)s; README 'Shorter windows': worth little where the pause decode is slow)",
     )
     serve.add_argument(
         "--whisper-sure-threshold",
