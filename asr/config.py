@@ -220,11 +220,11 @@ class ASRConfig:
     # endpoint_sure_s, or the rules' window if shorter; so does a number
     # read out in full (asr/endpointing.py number_read_out), under every
     # policy that reads the rules' window. 0: no such tier. On by default
-    # since the agent's question joined the rules: 0.2 s at 0.95 took the
-    # labelled set from 4.0 % cut-offs at 522 ms to 2.7 % (and one turn ended
-    # in a recording's own gap) at 455 ms on a 2-core Xeon whose pause
-    # decode takes 80 ms; where it takes 160 ms or more it is worth a few ms
-    # (the decode lands after 0.2 s). README "Shorter windows".
+    # since e22dc17: 0.2 s at 0.95 took the labelled set from 4.0 % cut-offs
+    # at 522 ms to 2.7 % (and one turn ended in a recording's own gap) at
+    # 448 ms on a 2-core Xeon whose pause decode takes 80 ms; where it takes
+    # 160 ms or more it is worth a few ms (the decode lands after 0.2 s);
+    # TTFS on whole calls did not move. README "The target, on this set".
     endpoint_sure_s: float = 0.2
     whisper_sure_threshold: float = 0.95
     # How the window is chosen at a pause (asr/end_of_turn.py, measured by

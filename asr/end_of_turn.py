@@ -9,7 +9,8 @@ end-of-turn model, 8.7 MB ONNX, Whisper-tiny encoder + classifier) hears the
 Policies (``ASRConfig.end_of_turn``), each choosing the endpoint window at a
 pause:
 
-* ``adaptive``: the word rules alone (0.3 / 0.7 / 1.2 s).
+* ``adaptive``: the word rules alone (0.3 / 0.7 / 1.2 s; a number read
+  out in full ``endpoint_sure_s``).
 * ``smart_turn``: the model alone: done -> ``endpoint_min_s``, else
   ``endpoint_max_s``.
 * ``smart_turn+rules``: a word that cannot end a sentence (conjunction,

@@ -95,12 +95,31 @@ NUMBER_FIELDS: tuple[tuple[re.Pattern[str], frozenset[int]], ...] = tuple(
 _ASKED_FIELDS: tuple[tuple[re.Pattern[str], frozenset[int]], ...] = tuple(
     (re.compile(rf"\b(?:{name})\b"), lengths) for name, lengths in _FIELD_NAMES
 )
-# A question about when ("What time would suit you?", "When would you like
-# to come in?"): the answer's clock time is complete without its colon,
-# where on its own "at 730" may be a house number going on ("I live at 730
-# | Main Street").
-# Not any "time": "Take your time." asks for nothing.
-_ASKS_WHEN = re.compile(r"\b(?:when|what time|which time)\b|\b(?:a|the|good|best|better|convenient|preferred) time\b")
+# A question about when, to come ("What time would suit you?", "When would
+# you like to come in?", "What's a good time?"): the answer's clock time is
+# complete without its colon, where on its own "at 730" may be a house
+# number going on ("I live at 730 | Main Street"). Not a "when" inside the
+# question ("When you have it, what's the order number?"), one about the
+# past ("When did the charge show up?" "3 15 | 2024"), nor any "time"
+# ("Take your time.", "at the time").
+_ASKS_WHEN = re.compile(
+    r"^(?:(?:and|so|okay|ok|great|alright|perfect|thanks|thank you)\W+)*"
+    r"(?:what time|which time|when (?:would|will|can|could|should|shall|do|does|are|works?)\b)"
+    r"|\b(?:good|best|better|convenient|preferred) time\b"
+)
+# Words before the digits that say the number is not a clock time.
+_NOT_A_TIME = frozenset(
+    """
+    number order account id code room unit apartment apt suite address street avenue live house card pin
+    zip member ticket reference confirmation extension ext floor flight invoice policy claim case
+    """.split()
+)
+# An answer that leads into the digits with only these takes the field the
+# question named ("Sure, it's 94107."); other words name a number of their
+# own ("my account number is 555 123 4567" answering "What's your phone number?").
+_ANSWER_LEAD = frozenset(
+    "sure yeah yes yep yup ok okay um uh er so well oh right alright it it's its that's that is my the number".split()
+)
 # Between the field's name and its digits ("my zip code is", "it's").
 _LINKING = frozenset({"is", "are", "was", "it's", "its", "it", "that's", "should", "be", "would"})
 # Digits spoken as words: Whisper writes most as numerals, a few not.
@@ -136,7 +155,8 @@ def _clock_time(tokens: list[str]) -> bool:
         hour, minutes = tokens[-1][:-2], tokens[-1][-2:]
     else:
         return False
-    return len(minutes) == 2 and 1 <= int(hour) <= 12 and len(hour) <= 2 and int(minutes) < 60
+    # Lengths first: int() of a digit run thousands long raises.
+    return len(hour) <= 2 and len(minutes) == 2 and 1 <= int(hour) <= 12 and int(minutes) < 60
 
 
 def number_read_out(text: str, asked: str | None = None) -> bool:
@@ -145,8 +165,8 @@ def number_read_out(text: str, asked: str | None = None) -> bool:
     with its year; False for a field cut short ("my zip code is 941") or a
     number of free length ("the order number is 45291").
 
-    ``asked``: the agent's line the caller answers (its last sentence counts):
-    a field it names needs no name in the answer ("What's your zip code?"
+    ``asked``: the agent's line the caller answers (``asked_question``): the
+    one field it names needs no name in an answer that names no other ("What's your zip code?"
     "94107."), and after a question about when a clock time is complete
     without its colon ("What time would suit you?" "730.")."""
     lowered = text.strip().lower().replace("\u2019", "'")
@@ -170,10 +190,13 @@ def number_read_out(text: str, asked: str | None = None) -> bool:
     if named:
         return any(digits in lengths for lengths in named)
     question = asked_question(asked)
+    before = tokens[:at]
     asked_for = [lengths for pattern, lengths in _ASKED_FIELDS if pattern.search(question)]
-    if asked_for:  # a field's length, even where the question says "when" too
-        return any(digits in lengths for lengths in asked_for)
-    return bool(_ASKS_WHEN.search(question)) and _clock_time(number)
+    if asked_for:
+        # One field asked for, and an answer that names no other number:
+        # its length, even where the question says "when" too.
+        return len(asked_for) == 1 and set(before) <= _ANSWER_LEAD and digits in asked_for[0]
+    return bool(_ASKS_WHEN.search(question)) and not _NOT_A_TIME.intersection(before) and _clock_time(number)
 
 
 # A whole turn made of these is an answer in itself ("Yes.", "No, thanks.",

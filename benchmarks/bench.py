@@ -189,7 +189,7 @@ SYSTEMS: dict[str, System] = {
                "adaptive, the default before whisper+rules)", ["--end-of-turn", "adaptive"], ALL_PROTOCOLS),
         System("firstline-eot-sure", "firstline", "firstline ending a finished sentence Whisper closes with a full "
                "stop's share of at least 0.95 after 0.2 s (--endpoint-sure-ms 200 --whisper-sure-threshold 0.95, "
-               "the default since 0a79084's run)",
+               "the default since e22dc17)",
                ["--endpoint-sure-ms", "200", "--whisper-sure-threshold", "0.95"], ALL_PROTOCOLS),
         System("firstline-eot-no-sure", "firstline", "firstline with no sure tier: a finished sentence waits 0.3 s "
                "however sure Whisper is (--endpoint-sure-ms 0, the default before)",

@@ -194,9 +194,10 @@ def test_a_number_read_out_in_full_ends_the_turn() -> None:
 
 
 def test_the_agents_question_says_when_a_number_is_whole() -> None:
-    """The caller answers the agent's question: a field it names needs no
-    name in the answer, and after a question about when a clock time is
-    whole without its colon; the question is the line's last sentence."""
+    """The caller answers the agent's question: the one field it names
+    needs no name in an answer that names no other number, and after a
+    question about when a clock time is whole without its colon; the
+    question is the line's last question, else its last sentence."""
     zip_code, when = "And what's your zip code?", "When would you like to come in?"
     what_time = "What time would suit you?"
     done = [
@@ -208,6 +209,8 @@ def test_the_agents_question_says_when_a_number_is_whole() -> None:
         ("Tomorrow at 730.", when),
         ("At 7 30", what_time),
         ("10.45", what_time),
+        ("94107", "What's your zip code? Take your time."),  # the question, not the last sentence
+        ("730", "And what's a good time for you?"),
     ]
     not_done = [
         ("941", zip_code),  # cut short
@@ -218,8 +221,17 @@ def test_the_agents_question_says_when_a_number_is_whole() -> None:
         ("1985.", "When were you born?"),  # no clock time
         ("2019", "When did you move in?"),
         ("I live at 730", "Great. I'll book it when you're ready. What's your address?"),  # not the last sentence
-        ("941", "What's your zip code? Take your time."),  # the question, not the last sentence
+        ("941", "What's your zip code? Take your time."),
         ("941", "When you're ready, what's your zip code?"),  # a field's length, whatever else it says
+        ("730", "Take your time."),  # no time asked for
+        ("Sure, 1045", "Take all the time you need."),
+        ("It was 3 15", "When did the charge show up?"),  # the past: a date may go on
+        ("The order number is 1045", "When you have it handy, what's the order number?"),
+        ("room 730", what_time),  # the caller named another number
+        ("The order number is 45291", zip_code),
+        ("my account number is 555 123 4567", "What's your phone number?"),
+        ("94107", "What are your zip code and phone number?"),  # which one is this?
+        ("1" * 5000 + " 30", what_time),  # no crash on a digit run thousands long
         ("730.", None),
         ("94107.", None),
     ]

@@ -895,7 +895,11 @@ class CallSession:
     def _agent_line(self) -> str | None:
         """The agent's line the caller is answering: the newest message, where
         it is the agent's ("What's your zip code?" makes "94107." a whole
-        answer). None after the caller's own words (a reply that failed)."""
+        answer). None after the caller's own words (a reply that failed), and
+        while a reply is under way: the history holds the one before it (it
+        joins at its end), or what was sent of it, not what was heard."""
+        if self.reply_in_flight():
+            return None
         said = self.history.messages_so_far
         return said[-1]["content"] if said and said[-1]["role"] == "assistant" else None
 

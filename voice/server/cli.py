@@ -498,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint-sure-ms",
         type=int,
         default=round(ASRConfig.endpoint_sure_s * 1000),
-        help="under --end-of-turn whisper+rules(+llm): a finished sentence Whisper closes with at least "
-        "--whisper-sure-threshold of the marks, or a number read out in full, ends after this much silence "
+        help="a finished sentence Whisper closes with at least --whisper-sure-threshold of the marks (under "
+        "--end-of-turn whisper+rules(+llm)), or a number read out in full (any policy), ends after this much silence "
         "(0: off; default %(default)s; README 'Shorter windows': worth little where the pause decode is slow)",
     )
     serve.add_argument(
