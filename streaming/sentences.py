@@ -139,6 +139,14 @@ _RANGE_TO: frozenset[str] = (
         {"monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "sat", "sun", "noon", "midnight"}
     )
 )
+# A "word." that a letter code goes on from ("Apt. B", "No. A12", "Ext.
+# B7"): before a capital the next word decides, going on where it is a
+# code: letters then a digit, or after an address unit one letter alone
+# (True). "No. I think so." and "No. A lot of people" end.
+_CODE_AFTER: dict[str, bool] = {
+    "apt": True, "ste": True, "rm": True, "bldg": True, "fl": True,
+    "no": False, "nos": False, "ext": False,
+}  # fmt: skip
 # A "word." before a capital that ends the sentence unless that capital
 # starts one of the words it goes on into.
 _GOES_ON_INTO: dict[str, frozenset[str]] = {
@@ -276,6 +284,9 @@ class SentenceSegmenter:
         # ("option A. Then").
         self._next_word_ends_unless: frozenset[str] = frozenset()
         self._next_word_ends_if: frozenset[str] | None = None
+        # NEXT_WORD after "Apt." / "No.": whether the word is a code (None:
+        # not waiting for one; True: one letter alone is one too).
+        self._next_word_code: bool | None = None
         # Word tracking for the run-on cap, within the pending text.
         self._in_word = False
         self._word_start = 0
@@ -461,6 +472,10 @@ class SentenceSegmenter:
             return
         elif _can_start_sentence(ch) and not self._is_false_end(ch):
             if ch.isupper() and self._cand_single_dot:
+                code_letter = _CODE_AFTER.get(self._cand_token.lower())
+                if code_letter is not None:
+                    self._wait_next_word(pos, code=code_letter)
+                    return
                 goes_on_into = _GOES_ON_INTO.get(self._cand_token.lower())
                 if goes_on_into is not None:
                     self._wait_next_word(pos, ends_unless=goes_on_into)
@@ -478,12 +493,17 @@ class SentenceSegmenter:
         self._scan_text(ch, pos)
 
     def _wait_next_word(
-        self, pos: int, ends_unless: frozenset[str] = frozenset(), ends_if: frozenset[str] | None = None
+        self,
+        pos: int,
+        ends_unless: frozenset[str] = frozenset(),
+        ends_if: frozenset[str] | None = None,
+        code: bool | None = None,
     ) -> None:
         self._mode = _Mode.NEXT_WORD
         self._next_word_start = pos
         self._next_word_ends_unless = ends_unless
         self._next_word_ends_if = ends_if
+        self._next_word_code = code
 
     def _cand_may_end(self) -> bool:
         """An abbreviation or dotted initialism that ends a sentence when a
@@ -504,7 +524,11 @@ class SentenceSegmenter:
         if ch.isalpha() and pos - self._next_word_start < _LONGEST_AFTER_CLOCK_TIME:
             return
         word = self._text(self._next_word_start, pos).lower()
-        if self._next_word_ends_if is not None:
+        if self._next_word_code is not None:
+            # The word's letters stop here: at a digit it is a code ("A12"),
+            # and after an address unit so is one letter ("Apt. B is").
+            ends = not (ch.isdigit() or (self._next_word_code and len(word) == 1 and not ch.isalpha()))
+        elif self._next_word_ends_if is not None:
             # One letter is another initial ("J. A. Smith"), not "a" or "I".
             ends = word in self._next_word_ends_if and not (len(word) == 1 and ch == ".")
         else:

@@ -241,6 +241,18 @@ CASES = [
     ),
     pytest.param("No. Thanks anyway.", ["No.", "Thanks anyway."], {}, id="no-answer"),
     pytest.param(
+        "Your ticket is No. A12 and it is ready. Call Ext. B7 today. It is at Apt. B on the left. Done.",
+        ["Your ticket is No. A12 and it is ready.", "Call Ext. B7 today.", "It is at Apt. B on the left.", "Done."],
+        {},
+        id="letter-codes-after-no-ext-apt",
+    ),
+    pytest.param(
+        "No. I think so. No. A lot of people came. Ok.",
+        ["No.", "I think so.", "No.", "A lot of people came.", "Ok."],
+        {},
+        id="no-before-a-one-letter-word-ends",
+    ),
+    pytest.param(
         "Shares of Acme Inc. rose while Widgets Ltd. fell. Odd day.",
         ["Shares of Acme Inc. rose while Widgets Ltd. fell.", "Odd day."],
         {},
