@@ -784,6 +784,46 @@ async def test_realtime_a_reply_the_engine_failed_is_failed_not_cancelled(server
         assert line in (content.get("text"), content.get("transcript")), done
 
 
+async def test_realtime_a_sentence_whose_audio_failed_leaves_the_item(server, monkeypatch):
+    """The voice fails on the reply's first sentence (fault injected into
+    the real TTS). The caller never heard it: the reply item the client
+    keeps (its transcript, response.done's output) says what went out, as
+    the server's history does; it used to keep the whole text."""
+    from streaming.tts import TTSError
+
+    failed: list[str] = []
+    carrier = FakeRealtime(server_base(server), fmt="audio/pcm")
+    with CallWatcher() as watcher:
+        async with carrier:
+            await carrier.next_event("session.updated", timeout=10)
+            await carrier.say(np.zeros(2400, np.float32), speed=None)  # starts the call
+            call = await watcher.one()
+            call.session.history.system_prompt = STORY  # sentences after the one that fails
+            async with asyncio.timeout(10):
+                while call.playout is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            real = call.playout.tts.synthesize
+
+            async def first_fails(text: str, due: float | None = None) -> np.ndarray:
+                if not failed:
+                    failed.append(text)
+                    raise TTSError("injected: the voice cannot say this")
+                return await real(text, due=due)
+
+            monkeypatch.setattr(call.playout.tts, "synthesize", first_fails)
+            await carrier.say(with_silence(prompt_clip(15).load(carrier.rate), carrier.rate, 1.3), speed=None)
+            done = await carrier.next_event("response.done", timeout=120)
+            sentences = [e["text"] for e in watcher.of(call, "response.sentence")]
+            assert failed == sentences[:1] and len(sentences) > 1, (failed, sentences)
+            went_out = " ".join(sentences[1:])
+            transcript = carrier.of("response.output_audio_transcript.done")[0]["transcript"]
+            assert transcript == went_out, (transcript, sentences)
+            assert done["response"]["output"][0]["content"][0]["transcript"] == went_out, done
+            assert done["response"]["status"] in ("completed", "incomplete"), done
+            replies = [m["content"] for m in call.session.history.messages_so_far if m["role"] == "assistant"]
+            assert replies == [went_out], replies
+
+
 async def test_realtime_a_failed_reply_not_yet_asked_for_keeps_its_error(server):
     """With create_response false the caller's turn is answered but held
     until the client's response.create. Its engine failure went out at once

@@ -307,7 +307,8 @@ async def finish(call: RealtimeCall, response: Response) -> None:
     failed = (
         done.get("reply_end") == "failed" and not response.cut_short and not (response.metrics or {}).get("fallback")
     )
-    status = "failed" if failed else "cancelled" if done.get("cancelled") or response.cut_short else "completed"
+    cut = bool(done.get("cancelled") or response.cut_short)  # a cut keeps what it found heard
+    status = "failed" if failed else "cancelled" if cut else "completed"
     generated = int((done.get("usage") or {}).get("completion_tokens") or 0)
     if status == "completed" and (done.get("reply_end") == "token_cap" or generated >= call.session.max_tokens):
         # OpenAI's word for a reply max_output_tokens cut short (mid-sentence
@@ -315,6 +316,13 @@ async def finish(call: RealtimeCall, response: Response) -> None:
         # tell its reply was not finished.
         status = "incomplete"
     text = str(done.get("text") or response.text)
+    playout = call.playout
+    if call.settings.audio_out and playout is not None and response.turn in playout.failed_turns and not cut:
+        # A sentence's audio failed (the voice could not say it, a send
+        # broke): the caller never heard it and the history left it out
+        # (TelephonyCall._keep_what_went_out), so the item the client keeps
+        # says what went out, not what was written.
+        text = playout.sent(response.turn)
     ref = content_ref(response)
     if call.settings.audio_out:
         await call.send_event("response.output_audio.done", **ref)
