@@ -25,6 +25,7 @@ from tests.transport_checks import (
     LoopTurns,
     barge_in_call,
     by_name,
+    fail_next_sentence_voice,
     hangups_release_everything,
     malformed_then_call,
     prompt_clip,
@@ -789,9 +790,6 @@ async def test_realtime_a_sentence_whose_audio_failed_leaves_the_item(server, mo
     the real TTS). The caller never heard it: the reply item the client
     keeps (its transcript, response.done's output) says what went out, as
     the server's history does; it used to keep the whole text."""
-    from streaming.tts import TTSError
-
-    failed: list[str] = []
     carrier = FakeRealtime(server_base(server), fmt="audio/pcm")
     with CallWatcher() as watcher:
         async with carrier:
@@ -802,15 +800,7 @@ async def test_realtime_a_sentence_whose_audio_failed_leaves_the_item(server, mo
             async with asyncio.timeout(10):
                 while call.playout is None:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
-            real = call.playout.tts.synthesize
-
-            async def first_fails(text: str, due: float | None = None) -> np.ndarray:
-                if not failed:
-                    failed.append(text)
-                    raise TTSError("injected: the voice cannot say this")
-                return await real(text, due=due)
-
-            monkeypatch.setattr(call.playout.tts, "synthesize", first_fails)
+            failed = fail_next_sentence_voice(call, monkeypatch)
             await carrier.say(with_silence(prompt_clip(15).load(carrier.rate), carrier.rate, 1.3), speed=None)
             done = await carrier.next_event("response.done", timeout=120)
             sentences = [e["text"] for e in watcher.of(call, "response.sentence")]

@@ -441,10 +441,8 @@ async def test_a_sentence_whose_audio_failed_leaves_the_history(server, monkeypa
     heard that sentence, so the history the next turn is answered from
     does not hold it (it used to keep the whole text, and the agent went on
     as if it had been said); the sentences after it, and the call, go on."""
-    from streaming.tts import TTSError
-    from tests.transport_checks import STORY
+    from tests.transport_checks import STORY, fail_next_sentence_voice
 
-    failed: list[str] = []
     with CallWatcher() as watcher:
         async with FakeTwilio(server_base(server)) as carrier:
             call = await watcher.one()
@@ -452,19 +450,11 @@ async def test_a_sentence_whose_audio_failed_leaves_the_history(server, monkeypa
             call.session.history.system_prompt = STORY  # sentences after the one that fails
             call.session.max_tokens = 120
             await _until(lambda: call.playout is not None)
-            real = call.playout.tts.synthesize
-
-            async def first_fails(text: str, due: float | None = None) -> np.ndarray:
-                if not failed:
-                    failed.append(text)
-                    raise TTSError("injected: the voice cannot say this")
-                return await real(text, due=due)
-
             clip = prompt_clip(3).load(8000)
             await carrier.say(clip, speed=4.0)
             # Armed before the silence that ends the turn: its reply is the
             # first thing the voice is asked to say.
-            monkeypatch.setattr(call.playout.tts, "synthesize", first_fails)
+            failed = fail_next_sentence_voice(call, monkeypatch)
             await carrier.say(np.zeros(8000 * 2, np.float32), speed=4.0)
             done = await watcher.wait_event(call, "response.done", turn=1, timeout=90)
             assert done["text"] and not done["cancelled"], done

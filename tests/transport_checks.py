@@ -39,6 +39,27 @@ def fail_next_final_decode(server: VoiceServer, monkeypatch: object) -> list[int
     return failed
 
 
+def fail_next_sentence_voice(call: object, monkeypatch: object) -> list[str]:
+    """Fault injection into the real TTS the call's playout speaks with: the
+    next sentence it is asked to say fails (what a voice that cannot say a
+    text does), the others are said. Returns the list that sentence's text
+    lands in."""
+    from streaming.tts import TTSError
+
+    tts = call.playout.tts  # type: ignore[attr-defined]
+    real = tts.synthesize
+    failed: list[str] = []
+
+    async def first_fails(text: str, due: float | None = None) -> np.ndarray:
+        if not failed:
+            failed.append(text)
+            raise TTSError("injected: the voice cannot say this")
+        return await real(text, due=due)
+
+    monkeypatch.setattr(tts, "synthesize", first_fails)  # type: ignore[attr-defined]
+    return failed
+
+
 async def until_started(call: object, timeout: float = 4.0) -> None:
     """Wait for ``call``'s session to have taken its start."""
     async with asyncio.timeout(timeout):
